@@ -1,0 +1,3 @@
+"""AMGI: the Asynchronous Messaging Gateway Interface for Python."""
+
+__version__ = "0.1.0"

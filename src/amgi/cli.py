@@ -1,0 +1,295 @@
+"""The ``amgi`` command: ``amgi run`` serves an app, ``amgi send`` publishes one message.
+
+Server options are flags named after the server's own settings; which flags exist depends
+on ``--server`` (default: the embedded SQLite server). Every failure a user can cause
+prints one ``amgi: error: ...`` line and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from amgi import __version__
+from amgi.errors import AMGIError, ConfigurationError, StartupFailed
+from amgi.options import add_flags, build
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
+from amgi.transport import Transport
+from amgi.types import AMGIApplication
+
+__all__ = ["import_app", "main"]
+
+logger = logging.getLogger("amgi.cli")
+
+_SERVER_PREFIX = "server__"
+_RUNTIME_PREFIX = "runtime__"
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+def import_app(reference: str) -> AMGIApplication:
+    """Import ``MODULE:ATTRIBUTE`` (attribute may be dotted) and check it is callable."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"application must be given as MODULE:APP, not {reference!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(f"cannot import module {module_name!r}: {exc}") from None
+        raise ConfigurationError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    except Exception as exc:
+        raise ConfigurationError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise ConfigurationError(f"{reference!r} is not callable (got {type(target).__name__})")
+    app: AMGIApplication = target
+    return app
+
+
+def _server_from_argv(argv: Sequence[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--server" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--server="):
+            return arg.split("=", 1)[1]
+    return DEFAULT_SERVER
+
+
+def _servers_epilog() -> str:
+    lines = ["servers (choose with --server; options of each):"]
+    for name, transport in installed().items():
+        missing = missing_requirements(transport)
+        status = f"  [not installed: pip install 'amgi[{transport.extra}]']" if missing else ""
+        default = "  (default)" if name == DEFAULT_SERVER else ""
+        lines.append(f"  {name}{default}{status}")
+        for f in dataclasses.fields(transport.options):
+            flag = "--" + f.name.replace("_", "-")
+            lines.append(f"      {flag:<28} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    server = DEFAULT_SERVER
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message += f" (not options of the {self.server!r} server)"
+        self.exit(2, f"amgi: error: {message} (see '{self.prog} --help')\n")
+
+
+def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | None]:
+    try:
+        transport: type[Transport] | None = load(server)
+    except ConfigurationError:
+        transport = None
+    _Parser.server = server
+    parser = _Parser(
+        prog="amgi",
+        description="Run AMGI applications on message brokers, or send them messages.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_servers_epilog(),
+    )
+    parser.add_argument("--version", action="version", version=f"amgi {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: info)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{run,send}")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--server",
+            default=DEFAULT_SERVER,
+            metavar="NAME",
+            help=f"protocol server: {', '.join(SERVERS)} (default: {DEFAULT_SERVER})",
+        )
+        if transport is not None:
+            group = sub.add_argument_group(f"options of the {server!r} server")
+            add_flags(group, transport.options, dest_prefix=_SERVER_PREFIX)
+
+    run = commands.add_parser(
+        "run",
+        help="serve an application",
+        description="Serve the AMGI application MODULE:APP, consuming ADDRESS... "
+        "(queue, topic or topic filter names, as the server understands them).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_servers_epilog(),
+    )
+    run.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
+    run.add_argument("addresses", metavar="ADDRESS", nargs="*", help="addresses to consume")
+    common(run)
+    runtime_group = run.add_argument_group("runtime options (every server)")
+    add_flags(runtime_group, RuntimeConfig, dest_prefix=_RUNTIME_PREFIX)
+
+    send = commands.add_parser(
+        "send",
+        help="send one message",
+        description="Send one message to ADDRESS.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_servers_epilog(),
+    )
+    send.add_argument("address", metavar="ADDRESS")
+    send.add_argument("payload", metavar="PAYLOAD", nargs="?", help="payload text (UTF-8)")
+    send.add_argument("--file", metavar="F", help="read the payload from file F ('-': stdin)")
+    send.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a header (repeatable)",
+    )
+    send.add_argument(
+        "--binding",
+        action="append",
+        default=[],
+        metavar="PROTOCOL.KEY=JSON",
+        help="a binding value, e.g. kafka.key='\"k1\"' (repeatable; JSON strings are UTF-8 "
+        "encoded to bytes for keys named key)",
+    )
+    common(send)
+    return parser, transport
+
+
+def _transport(
+    name: str,
+    transport_cls: type[Transport] | None,
+    values: dict[str, Any],
+    addresses: Sequence[str],
+) -> Transport:
+    if transport_cls is None:
+        load(name)  # raises the clear error
+        raise AssertionError("unreachable")
+    missing = missing_requirements(transport_cls)
+    if missing:
+        raise ConfigurationError(
+            f"server {name!r} needs {', '.join(missing)}: pip install 'amgi[{transport_cls.extra}]'"
+        )
+    options = build(transport_cls.options, values, dest_prefix=_SERVER_PREFIX)
+    return transport_cls(addresses, options)
+
+
+def _parse_headers(items: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--header takes NAME=VALUE, got {item!r}")
+        headers.append((name.encode(), value.encode()))
+    return headers
+
+
+def _parse_bindings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    bindings: dict[str, dict[str, Any]] = {}
+    for item in items:
+        path, sep, raw = item.partition("=")
+        protocol, dot, key = path.partition(".")
+        if not sep or not dot or not protocol or not key:
+            raise UsageError(f"--binding takes PROTOCOL.KEY=JSON, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key in ("key", "correlation_data") and isinstance(value, str):
+            value = value.encode()
+        bindings.setdefault(protocol, {})[key] = value
+    return bindings
+
+
+async def _send(transport: Transport, args: argparse.Namespace) -> None:
+    if args.file is not None and args.payload is not None:
+        raise UsageError("give PAYLOAD or --file, not both")
+    if args.file == "-":
+        payload: bytes | None = sys.stdin.buffer.read()
+    elif args.file is not None:
+        try:
+            payload = Path(args.file).read_bytes()  # noqa: ASYNC240 - before any I/O starts
+        except OSError as exc:
+            raise UsageError(f"cannot read --file {args.file!r}: {exc.strerror}") from None
+    elif args.payload is not None:
+        payload = args.payload.encode()
+    else:
+        payload = None
+    headers = _parse_headers(args.header)
+    bindings = _parse_bindings(args.binding)
+    await transport.connect()
+    try:
+        await transport.publish(args.address, headers, payload, bindings)
+    finally:
+        await transport.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``amgi`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    server = _server_from_argv(argv)
+    parser, transport_cls = _parser(server)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    values = vars(args)
+    try:
+        if transport_cls is None:
+            load(server)
+        if args.command == "run":
+            app = import_app(args.app)
+            if not args.addresses:
+                raise UsageError("amgi run needs at least one ADDRESS to consume")
+            config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
+            transport = _transport(server, transport_cls, values, args.addresses)
+            runtime = Runtime(app, transport, config, handle_signals=True)
+            return asyncio.run(runtime.serve())
+        transport = _transport(server, transport_cls, values, [])
+        asyncio.run(_send(transport, args))
+        print(f"sent 1 message to {args.address!r} ({server})")
+        return 0
+    except UsageError as exc:
+        print(f"amgi: error: {exc}", file=sys.stderr)
+        return 2
+    except StartupFailed as exc:
+        print(f"amgi: error: application startup failed: {exc}", file=sys.stderr)
+        return 1
+    except (AMGIError, OSError) as exc:
+        print(f"amgi: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        logger.debug("unexpected error", exc_info=True)
+        print(
+            f"amgi: error: unexpected {type(exc).__name__}: {exc} "
+            "(run with --log-level debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

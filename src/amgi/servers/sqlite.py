@@ -1,0 +1,413 @@
+"""Embedded server: a durable queue in one SQLite file, shared by any number of processes.
+
+How AMGI maps onto it:
+
+=================  ==============================================================
+address            a queue name (rows of ``amgi_messages`` with that address)
+batch              up to ``batch_size`` visible rows of one queue, oldest first;
+                   fetching leases them: invisible for ``visibility_timeout``
+ordering key       the queue: batches of one queue run one after another
+attempt            the row's delivery counter, raised by each fetch
+ack                the row is deleted (one statement per batch)
+nack (retry)       the row becomes visible again after the runtime's delay
+nack (dead)        the row moves to ``amgi_dead_letters`` with the reason
+crash              a leased row becomes visible again when its lease runs out
+long batch         the runtime renews the lease while the batch runs
+send               one insert; any process may send to the file
+=================  ==============================================================
+
+Headers, payload and bindings are stored byte-exact. The database runs in WAL mode; each
+write is its own short transaction, so producers and consumers in other processes wait
+at most ``busy_timeout`` for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+
+__all__ = ["DeadLetterRow", "SqliteOptions", "SqliteQueue", "SqliteSendError", "SqliteTransport"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS amgi_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL,
+    headers BLOB NOT NULL,
+    payload BLOB,
+    bindings BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL,
+    lease TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS amgi_messages_ready ON amgi_messages (address, visible_at, id);
+CREATE INDEX IF NOT EXISTS amgi_messages_lease ON amgi_messages (lease);
+CREATE TABLE IF NOT EXISTS amgi_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    headers BLOB NOT NULL,
+    payload BLOB,
+    bindings BLOB,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS amgi_dead_letters_address ON amgi_dead_letters (address, id);
+"""
+
+_U32 = struct.Struct(">I")
+
+
+def encode_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Headers as length-prefixed byte strings: name, value, name, value ..."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts += (_U32.pack(len(name)), name, _U32.pack(len(value)), value)
+    return b"".join(parts)
+
+
+def decode_headers(data: bytes) -> HeaderList:
+    """Inverse of :func:`encode_headers`."""
+    out: HeaderList = []
+    pos, end = 0, len(data)
+    unpack = _U32.unpack_from
+    while pos < end:
+        (n,) = unpack(data, pos)
+        name = data[pos + 4 : pos + 4 + n]
+        pos += 4 + n
+        (n,) = unpack(data, pos)
+        value = data[pos + 4 : pos + 4 + n]
+        pos += 4 + n
+        out.append((name, value))
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    raise TypeError(f"binding value of type {type(value).__name__} cannot be stored")
+
+
+def _json_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and "$bytes" in obj:
+        return base64.b64decode(obj["$bytes"])
+    return obj
+
+
+def encode_bindings(bindings: Bindings) -> bytes | None:
+    """Bindings as JSON, bytes values tagged so they come back as bytes."""
+    if not bindings:
+        return None
+    return json.dumps(bindings, default=_json_default, separators=(",", ":")).encode()
+
+
+def decode_bindings(data: bytes | None) -> Bindings:
+    """Inverse of :func:`encode_bindings`."""
+    if not data:
+        return {}
+    decoded: Bindings = json.loads(data, object_hook=_json_hook)
+    return decoded
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetterRow:
+    """A message that used up its attempts."""
+
+    message_id: int
+    address: str
+    headers: HeaderList
+    payload: bytes | None
+    bindings: Bindings
+    attempts: int
+    reason: str
+
+
+class SqliteQueue:
+    """Blocking access to the queue file; the transport calls it from one worker thread."""
+
+    def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise BrokerUnavailable(f"sqlite: cannot open database {path!r}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def put(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> int:
+        """Append one message; returns its row id."""
+        now = time.time()
+        cursor = self.db.execute(
+            "INSERT INTO amgi_messages (address, headers, payload, bindings, visible_at,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (address, encode_headers(headers), payload, encode_bindings(bindings), now, now),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def put_many(
+        self, address: str, messages: Iterable[tuple[HeaderList, bytes | None, Bindings]]
+    ) -> None:
+        """Append many messages in one transaction."""
+        now = time.time()
+        rows = (
+            (address, encode_headers(h), p, encode_bindings(b), now, now) for h, p, b in messages
+        )
+        with self._transaction():
+            self.db.executemany(
+                "INSERT INTO amgi_messages (address, headers, payload, bindings, visible_at,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def lease(self, address: str, limit: int, visibility: float) -> tuple[str, list[Message]]:
+        """Take up to ``limit`` visible messages of ``address`` for ``visibility`` seconds."""
+        now = time.time()
+        token = uuid.uuid4().hex
+        rows = self.db.execute(
+            "UPDATE amgi_messages SET lease = ?, visible_at = ?, attempts = attempts + 1"
+            " WHERE id IN (SELECT id FROM amgi_messages WHERE address = ? AND visible_at <= ?"
+            " ORDER BY id LIMIT ?)"
+            " RETURNING id, headers, payload, bindings, attempts",
+            (token, now + visibility, address, now, limit),
+        ).fetchall()
+        rows.sort()
+        messages = [
+            Message(str(rid), decode_headers(h), p, decode_bindings(b), attempts, rid)
+            for rid, h, p, b, attempts in rows
+        ]
+        return token, messages
+
+    def settle(
+        self,
+        token: str,
+        total: int,
+        acked: Sequence[int],
+        retry: Sequence[tuple[int, float]],
+        dead: Sequence[tuple[int, str]],
+    ) -> None:
+        """Apply a batch's settlement in one transaction (only rows still under ``token``)."""
+        now = time.time()
+        db = self.db
+        with self._transaction():
+            if len(acked) == total:
+                db.execute("DELETE FROM amgi_messages WHERE lease = ?", (token,))
+            elif acked:
+                db.executemany(
+                    "DELETE FROM amgi_messages WHERE id = ? AND lease = ?",
+                    [(rid, token) for rid in acked],
+                )
+            if retry:
+                db.executemany(
+                    "UPDATE amgi_messages SET visible_at = ?, lease = NULL"
+                    " WHERE id = ? AND lease = ?",
+                    [(now + delay, rid, token) for rid, delay in retry],
+                )
+            if dead:
+                db.executemany(
+                    "INSERT INTO amgi_dead_letters (message_id, address, headers, payload,"
+                    " bindings, attempts, reason, dead_at) SELECT id, address, headers, payload,"
+                    " bindings, attempts, ?, ? FROM amgi_messages WHERE id = ? AND lease = ?",
+                    [(reason, now, rid, token) for rid, reason in dead],
+                )
+                db.executemany(
+                    "DELETE FROM amgi_messages WHERE id = ? AND lease = ?",
+                    [(rid, token) for rid, _ in dead],
+                )
+
+    def extend(self, tokens: Sequence[str], visibility: float) -> None:
+        """Push back the visibility of every row still leased under ``tokens``."""
+        until = time.time() + visibility
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE amgi_messages SET visible_at = ? WHERE lease = ?",
+                [(until, t) for t in tokens],
+            )
+
+    def release(self, tokens: Sequence[str]) -> None:
+        """Make rows leased under ``tokens`` visible again now (clean shutdown)."""
+        now = time.time()
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE amgi_messages SET visible_at = ?, lease = NULL WHERE lease = ?",
+                [(now, t) for t in tokens],
+            )
+
+    def count(self, address: str) -> int:
+        """Messages of ``address`` not yet acked or dead-lettered (leased ones included)."""
+        (n,) = self.db.execute(
+            "SELECT count(*) FROM amgi_messages WHERE address = ?", (address,)
+        ).fetchone()
+        return int(n)
+
+    def dead_letters(self, address: str) -> list[DeadLetterRow]:
+        """The dead letters of ``address``, oldest first."""
+        rows = self.db.execute(
+            "SELECT message_id, address, headers, payload, bindings, attempts, reason"
+            " FROM amgi_dead_letters WHERE address = ? ORDER BY id",
+            (address,),
+        ).fetchall()
+        return [
+            DeadLetterRow(mid, a, decode_headers(h), p, decode_bindings(b), n, r)
+            for mid, a, h, p, b, n, r in rows
+        ]
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+class SqliteSendError(SendError):
+    """A send to the SQLite queue failed."""
+
+
+@dataclass(slots=True)
+class SqliteOptions:
+    """Options of the embedded SQLite server."""
+
+    database: str = field(default="amgi.db", metadata={"help": "path of the SQLite queue file"})
+    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
+    visibility_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds a fetched message stays hidden before it is redelivered"},
+    )
+    poll_interval: float = field(
+        default=0.05, metadata={"help": "seconds between polls of an empty queue"}
+    )
+    busy_timeout: float = field(
+        default=5.0, metadata={"help": "seconds to wait for another process's write lock"}
+    )
+
+
+class SqliteTransport(Transport):
+    """The AMGI transport of :class:`SqliteQueue`."""
+
+    name = "sqlite"
+    options = SqliteOptions
+    send_error = SqliteSendError
+
+    def __init__(self, addresses: Sequence[str], options: SqliteOptions | None = None) -> None:
+        super().__init__(addresses, options or SqliteOptions())
+        self.config: SqliteOptions
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: SqliteQueue | None = None
+        self._leases: set[str] = set()
+        self._next = 0
+        self.lease_interval = max(0.05, self.config.visibility_timeout / 3)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._executor is not None, "the sqlite transport is not connected"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def connect(self) -> None:
+        c = self.config
+        if c.batch_size < 1:
+            raise ConfigurationError("sqlite: --batch-size must be at least 1")
+        if c.visibility_timeout <= 0 or c.poll_interval <= 0:
+            raise ConfigurationError("sqlite: timeouts and intervals must be positive")
+        folder = os.path.dirname(os.path.abspath(c.database))  # noqa: ASYNC240
+        if not os.path.isdir(folder):  # noqa: ASYNC240 - one stat at startup
+            raise BrokerUnavailable(f"sqlite: folder of --database {c.database!r} does not exist")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="amgi-sqlite")
+        try:
+            self._queue = await self._run(SqliteQueue, c.database, c.busy_timeout)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def fetch(self) -> Sequence[Batch]:
+        queue = self._queue
+        assert queue is not None
+        c = self.config
+        addresses = self.addresses
+        while True:
+            # Round-robin over the addresses so that one busy queue cannot starve others.
+            for _ in range(len(addresses)):
+                address = addresses[self._next % len(addresses)]
+                self._next += 1
+                token, messages = await self._run(
+                    queue.lease, address, c.batch_size, c.visibility_timeout
+                )
+                if messages:
+                    self._leases.add(token)
+                    return [Batch(address, messages, key=address, context=token)]
+            await asyncio.sleep(c.poll_interval)
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        assert self._queue is not None
+        token: str = batch.context
+        await self._run(
+            self._queue.settle,
+            token,
+            len(batch.messages),
+            [m.token for m in settlement.acked],
+            [(r.message.token, r.delay) for r in settlement.retry],
+            [(d.message.token, d.reason) for d in settlement.dead],
+        )
+        self._leases.discard(token)
+
+    async def extend(self, batches: Sequence[Batch]) -> None:
+        assert self._queue is not None
+        tokens = [b.context for b in batches]
+        await self._run(self._queue.extend, tokens, self.config.visibility_timeout)
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        if self._queue is None:
+            raise SqliteSendError("sqlite: cannot send: the server is not connected")
+        try:
+            await self._run(self._queue.put, address, headers, payload, bindings)
+        except (sqlite3.Error, TypeError) as exc:
+            raise SqliteSendError(f"sqlite: could not send to {address!r}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Release leases still held (the runtime settled all it could) and close the file."""
+        if self._executor is None:
+            return
+        queue = self._queue
+        try:
+            if queue is not None:
+                if self._leases:
+                    await self._run(queue.release, sorted(self._leases))
+                    self._leases.clear()
+                await self._run(queue.close)
+        finally:
+            self._queue = None
+            self._executor.shutdown(wait=True)
+            self._executor = None

@@ -1,0 +1,204 @@
+"""The contract between the AMGI runtime and a protocol server ("transport").
+
+A transport maps one broker onto five calls: ``connect``, ``fetch`` a batch, ``settle``
+acks and nacks in bulk, ``publish``, and ``close``. Everything an application can observe
+beyond the broker's own semantics (lifespan, the batch call, validation, retries and dead
+letters policy, ordering, concurrency, shutdown, logging, metrics) belongs to the runtime
+in :mod:`amgi.runtime` and is written once.
+
+Rules every transport keeps:
+
+* ``fetch`` waits until at least one message is on hand and returns batches; every
+  batch has one address (the scope address) and, optionally, an ordering ``key``: the
+  runtime never runs two batches with the same non-``None`` key at once and runs them in
+  fetch order. ``fetch`` may be cancelled (at shutdown); messages it had taken must then
+  stay unacknowledged on the broker (they come back by redelivery).
+* ``settle`` is called once per batch, after the application's call ended, with every
+  message of the batch in exactly one of ``acked``, ``retry`` or ``dead``. It acknowledges
+  ``acked`` in as few broker round trips as the broker allows, schedules ``retry`` for
+  redelivery after its delay (natively where possible, otherwise by republishing with the
+  attempt header), and moves ``dead`` to the dead-letter destination with the reason.
+  It must never acknowledge past a message that is neither acked nor safely retried or
+  dead-lettered (e.g. Kafka commits only the highest contiguous settled offset).
+* ``publish`` raises the transport's :attr:`Transport.send_error` (a subclass of
+  :class:`amgi.errors.SendError`, itself an ``OSError``) when the broker did not take it.
+* ``connect`` raises :class:`amgi.errors.BrokerUnavailable` or
+  :class:`amgi.errors.ConfigurationError` with a one-line message a user can act on.
+* A transport module must be importable without its client library: import the client
+  inside methods (and under ``TYPE_CHECKING`` for annotations) and list the modules it
+  needs in :attr:`Transport.requires`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from amgi.errors import SendError
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "DEAD_LETTER_REASON_HEADER",
+    "ORIGINAL_ADDRESS_HEADER",
+    "Batch",
+    "Bindings",
+    "DeadLetter",
+    "HeaderList",
+    "Message",
+    "Retry",
+    "Settlement",
+    "Transport",
+    "attempt_from_headers",
+    "headers_with_attempt",
+]
+
+ATTEMPT_HEADER = b"amgi-attempt"
+"""Header carrying the delivery attempt when a transport retries by republishing."""
+DEAD_LETTER_REASON_HEADER = b"amgi-dead-letter-reason"
+"""Header carrying the nack reason on a message republished to a dead-letter address."""
+ORIGINAL_ADDRESS_HEADER = b"amgi-original-address"
+"""Header carrying the address a retried or dead-lettered message was first consumed from."""
+
+Bindings = dict[str, dict[str, Any]]
+HeaderList = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """One message a transport fetched.
+
+    ``id`` is unique within its batch and is what the application acks or nacks.
+    ``attempt`` counts deliveries, starting at 1; the runtime shows it to the application
+    as ``bindings["amgi"]["attempt"]``. ``token`` is the transport's own handle (offset,
+    delivery tag, receipt handle, row id ...), opaque to the runtime.
+    """
+
+    id: str
+    headers: HeaderList
+    payload: bytes | None
+    bindings: Bindings = field(default_factory=dict)
+    attempt: int = 1
+    token: Any = None
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """Messages of one address that form one application call.
+
+    ``key`` is the ordering key (Kafka partition, FIFO group ...): batches with the same
+    non-``None`` key run one after another, in fetch order. ``context`` is the transport's
+    own per-batch data (lease token, channel generation ...).
+    """
+
+    address: str
+    messages: list[Message]
+    key: Hashable | None = None
+    context: Any = None
+
+
+@dataclass(slots=True)
+class Retry:
+    """A nacked message to deliver again after ``delay`` seconds."""
+
+    message: Message
+    reason: str
+    delay: float
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A nacked message that used up its attempts, with the last nack reason."""
+
+    message: Message
+    reason: str
+
+
+@dataclass(slots=True)
+class Settlement:
+    """The outcome of one batch: every message is in exactly one of the three lists."""
+
+    acked: list[Message] = field(default_factory=list)
+    retry: list[Retry] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class Transport(abc.ABC):
+    """Base class of protocol servers; see the module docstring for the rules.
+
+    Subclasses set :attr:`name` (the ``--server`` value), :attr:`options` (a dataclass
+    whose fields become ``--kebab-case`` command-line flags; put a ``help`` string in each
+    field's metadata and ``secret=True`` for values that must never be logged) and
+    :attr:`send_error`, and are constructed as ``Transport(addresses, options)``.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[type[Any]]
+    send_error: ClassVar[type[SendError]] = SendError
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Modules that must import for this server to be usable (its client library)."""
+    extra: ClassVar[str] = ""
+    """The pip extra that installs the client library, e.g. ``kafka``."""
+    extensions: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Extensions advertised in every message scope."""
+    lease_interval: float | None = None
+    """When set, the runtime calls :meth:`extend` this often for batches still in flight."""
+
+    def __init__(self, addresses: Sequence[str], options: Any) -> None:
+        self.addresses = list(addresses)
+        self.config = options
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and prepare to consume :attr:`addresses` (none when only sending)."""
+
+    @abc.abstractmethod
+    async def fetch(self) -> Sequence[Batch]:
+        """Wait for messages and return them as one or more batches."""
+
+    @abc.abstractmethod
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        """Acknowledge, retry and dead-letter the messages of a finished batch."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings,
+    ) -> None:
+        """Publish one message; raise :attr:`send_error` if the broker did not take it."""
+
+    async def extend(self, batches: Sequence[Batch]) -> None:  # noqa: B027
+        """Keep the given in-flight batches from being redelivered (visibility, lease)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop consuming and release the connection; unsettled messages stay unacked."""
+
+
+def attempt_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, HeaderList]:
+    """Split the attempt header off ``headers``: ``(attempt, other_headers)``.
+
+    A message without the header (or with a malformed one) is on its first attempt.
+    """
+    attempt = 1
+    rest: HeaderList = []
+    for name, value in headers:
+        if name == ATTEMPT_HEADER:
+            try:
+                attempt = max(1, int(value))
+            except ValueError:
+                attempt = 1
+        else:
+            rest.append((name, value))
+    return attempt, rest
+
+
+def headers_with_attempt(headers: Iterable[tuple[bytes, bytes]], attempt: int) -> HeaderList:
+    """Return ``headers`` with the attempt header set to ``attempt``."""
+    out = [(n, v) for n, v in headers if n != ATTEMPT_HEADER]
+    out.append((ATTEMPT_HEADER, str(attempt).encode()))
+    return out
