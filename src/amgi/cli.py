@@ -124,6 +124,12 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
+            "--log-level",
+            default=argparse.SUPPRESS,
+            choices=["debug", "info", "warning", "error"],
+            help="log level (default: info)",
+        )
+        sub.add_argument(
             "--server",
             default=DEFAULT_SERVER,
             metavar="NAME",

@@ -237,7 +237,9 @@ def validate_send(
             raise InvalidEvent(
                 f"message.send 'payload' must be bytes or None, got {type(payload).__name__}"
             )
-    bindings = event.get("bindings") or {}
+    bindings = event.get("bindings")
+    if bindings is None:
+        bindings = {}
     if not isinstance(bindings, Mapping) or not all(
         type(k) is str and isinstance(v, Mapping) for k, v in bindings.items()
     ):

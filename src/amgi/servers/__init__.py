@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 
 from amgi.errors import ConfigurationError
 from amgi.transport import Transport
 
 __all__ = ["DEFAULT_SERVER", "SERVERS", "installed", "load"]
+
+logger = logging.getLogger("amgi.servers")
 
 DEFAULT_SERVER = "sqlite"
 
@@ -58,4 +61,6 @@ def installed() -> dict[str, type[Transport]]:
             found[name] = load(name)
         except ConfigurationError:
             continue
+        except Exception as exc:  # a broken server module must not break the others
+            logger.warning("server %r cannot be loaded: %s: %s", name, type(exc).__name__, exc)
     return found

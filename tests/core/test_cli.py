@@ -1,0 +1,168 @@
+"""The amgi command, run as a user runs it: a subprocess, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amgi.servers.sqlite import SqliteQueue
+
+APP = """
+import os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                if os.environ.get("FAIL_STARTUP"):
+                    await send({"type": "lifespan.startup.failed", "message": "no db"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        m = await receive()
+        with open(os.environ["OUT"], "a") as f:
+            f.write(repr((scope["address"], m["payload"], m["headers"])) + "\\n")
+        await send({"type": "message.ack", "id": m["id"]})
+        more = m.get("more_messages")
+not_callable = 3
+"""
+
+
+def amgi(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30):
+    return subprocess.run(
+        [sys.executable, "-m", "amgi", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "myapp.py").write_text(APP)
+    return tmp_path
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("amgi: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_version_and_help_list_servers_and_options(project: Path) -> None:
+    version = amgi("--version", cwd=project)
+    assert version.returncode == 0
+    assert version.stdout.startswith("amgi ")
+    help_text = amgi("run", "--help", cwd=project).stdout
+    for name in ("sqlite", "memory", "kafka", "amqp", "mqtt", "sqs", "amp"):
+        assert f"\n  {name}" in help_text
+    assert "--database" in help_text
+    assert "--max-attempts" in help_text
+    assert "--concurrency" in help_text
+    assert "--shutdown-timeout" in help_text
+
+
+def test_send_then_run_on_the_default_sqlite_server(project: Path) -> None:
+    out = project / "out.txt"
+    sent = amgi("send", "orders", '{"id": 1}', "--header", "h=v", cwd=project)
+    assert sent.returncode == 0, sent.stderr
+    assert (project / "amgi.db").exists(), "the default database is ./amgi.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "myapp:app", "orders"],
+        cwd=project,
+        env={**os.environ, "OUT": str(out)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (out.exists() and out.read_text()):
+            assert time.monotonic() < deadline, "message not consumed"
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+    assert out.read_text() == "('orders', b'{\"id\": 1}', [(b'h', b'v')])\n"
+    queue = SqliteQueue(str(project / "amgi.db"))
+    assert queue.count("orders") == 0
+    queue.close()
+
+
+def test_send_from_file_and_stdin(project: Path) -> None:
+    (project / "body.bin").write_bytes(b"\x00\xffraw")
+    assert amgi("send", "q", "--file", "body.bin", cwd=project).returncode == 0
+    piped = subprocess.run(
+        [sys.executable, "-m", "amgi", "send", "q", "--file", "-"],
+        cwd=project,
+        input=b"from stdin",
+        capture_output=True,
+        timeout=30,
+    )
+    assert piped.returncode == 0
+    queue = SqliteQueue(str(project / "amgi.db"))
+    _, messages = queue.lease("q", 10, 30)
+    queue.close()
+    assert [m.payload for m in messages] == [b"\x00\xffraw", b"from stdin"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "nosuchmodule:app", "q"], "cannot import module 'nosuchmodule'"),
+        (["run", "myapp:missing", "q"], "has no attribute 'missing'"),
+        (["run", "myapp:not_callable", "q"], "is not callable"),
+        (["run", "myapp", "q"], "MODULE:APP"),
+        (["run", "myapp:app", "q", "--server", "nosuch"], "unknown server 'nosuch'"),
+        (["run", "myapp:app", "q", "--group-id", "g"], "--group-id"),
+        (["run", "myapp:app", "q", "--concurrency", "0"], "concurrency must be at least 1"),
+        (["run", "myapp:app", "q", "--batch-size", "many"], "invalid int value"),
+        (["run", "myapp:app"], "at least one ADDRESS"),
+        (["run", "myapp:app", "q", "--database", "/nonexistent/dir/x.db"], "does not exist"),
+        (["send", "q", "--file", "nothere"], "cannot read --file"),
+        (["send", "q", "p", "--file", "x"], "not both"),
+        (["send", "q", "--header", "novalue"], "NAME=VALUE"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(project: Path, args: list[str], expected: str) -> None:
+    line = one_line_error(amgi(*args, cwd=project, env={"OUT": str(project / "o")}))
+    assert expected in line
+
+
+def test_startup_failure_exits_non_zero_and_consumes_nothing(project: Path) -> None:
+    assert amgi("send", "q", "keep me", cwd=project).returncode == 0
+    result = amgi("run", "myapp:app", "q", cwd=project, env={"FAIL_STARTUP": "1", "OUT": "o"})
+    assert "application startup failed: no db" in one_line_error(result)
+    queue = SqliteQueue(str(project / "amgi.db"))
+    assert queue.count("q") == 1
+    queue.close()
+
+
+def test_unreachable_broker_is_one_line(project: Path) -> None:
+    result = amgi(
+        "send",
+        "q",
+        "x",
+        "--server",
+        "amqp",
+        "--url",
+        "amqp://guest:guest@127.0.0.1:1/",
+        cwd=project,
+        timeout=60,
+    )
+    assert "127.0.0.1" in one_line_error(result) or "refused" in result.stderr

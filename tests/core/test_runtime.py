@@ -1,0 +1,579 @@
+"""The runtime's own behaviour, on the in-memory server and on a scripted transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from amgi.errors import ConfigurationError, InvalidEvent, SendError, StartupFailed
+from amgi.runtime import BatchStats, MetricsHook, Runtime, RuntimeConfig
+from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+
+
+class Scripted(Transport):
+    """A transport that hands out prepared batches and records settlements."""
+
+    name = "scripted"
+    options = MemoryOptions
+
+    def __init__(self, batches: Sequence[Batch], publish_error: Exception | None = None) -> None:
+        super().__init__(["a"], MemoryOptions())
+        self.pending = list(batches)
+        self.settled: list[tuple[Batch, Settlement]] = []
+        self.published: list[tuple[str, HeaderList, bytes | None, Bindings]] = []
+        self.publish_error = publish_error
+        self.all_settled = asyncio.Event()
+        self.closed = False
+        self.fetches = 0
+
+    async def connect(self) -> None:
+        pass
+
+    async def fetch(self) -> Sequence[Batch]:
+        self.fetches += 1
+        if self.pending:
+            return [self.pending.pop(0)]
+        await asyncio.sleep(3600)
+        return []
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        self.settled.append((batch, settlement))
+        if not self.pending and len(self.settled) >= self.expected:
+            self.all_settled.set()
+
+    expected = 1
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        if self.publish_error is not None:
+            raise self.publish_error
+        self.published.append((address, headers, payload, bindings))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def batch(address: str, *payloads: bytes, key: Any = None, attempt: int = 1) -> Batch:
+    return Batch(
+        address,
+        [Message(f"{address}-{i}", [], p, {}, attempt) for i, p in enumerate(payloads)],
+        key=key,
+    )
+
+
+async def serve_until_settled(
+    app: Any, transport: Scripted, expected: int, **config: Any
+) -> Runtime:
+    transport.expected = expected
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off", **config))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(transport.all_settled.wait(), 10)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    return runtime
+
+
+async def ack_all(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+    if scope["type"] != "message":
+        return
+    more = True
+    while more:
+        m = await receive()
+        await send({"type": "message.ack", "id": m["id"]})
+        more = m.get("more_messages", False)
+
+
+async def test_receive_hands_out_in_order_with_more_messages() -> None:
+    seen: list[tuple[bytes | None, bool]] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        for _ in range(3):
+            m: Any = await receive()
+            seen.append((m["payload"], m["more_messages"]))
+            await send({"type": "message.ack", "id": m["id"]})
+
+    t = Scripted([batch("a", b"1", b"2", b"3")])
+    await serve_until_settled(app, t, 1)
+    assert seen == [(b"1", True), (b"2", True), (b"3", False)]
+    assert [m.payload for m in t.settled[0][1].acked] == [b"1", b"2", b"3"]
+
+
+async def test_receive_after_last_waits_until_the_call_ends() -> None:
+    outcome: list[str] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+        async def late() -> None:
+            try:
+                await receive()
+            except InvalidEvent as exc:
+                outcome.append(str(exc))
+
+        waiter = asyncio.create_task(late())
+        await asyncio.sleep(0.05)
+        assert not waiter.done(), "receive() after the last message must wait"
+        outcome.append("returning")
+        # The call ends when we return; the waiter then gets a clear error.
+        asyncio.get_running_loop().call_later(0.01, lambda: None)
+        app.waiter = waiter  # type: ignore[attr-defined]
+
+    t = Scripted([batch("a", b"x")])
+    await serve_until_settled(app, t, 1)
+    await asyncio.wait_for(app.waiter, 1)  # type: ignore[attr-defined]
+    assert outcome[0] == "returning"
+    assert "after the batch call ended" in outcome[1]
+
+
+async def test_unsettled_and_exceptions_become_nacks_with_reasons() -> None:
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        await send({"type": "message.nack", "id": m["id"], "message": "bad data"})  # type: ignore[typeddict-item]
+        m = await receive()
+        if scope["address"] == "raise":
+            raise ValueError("kaput")
+
+    t = Scripted([batch("leave", b"1", b"2", b"3"), batch("raise", b"1", b"2")])
+    await serve_until_settled(app, t, 2, max_attempts=3)
+    leave, raised = (s for _, s in t.settled)
+    assert leave.acked == []
+    reasons = [r.reason for r in leave.retry]
+    assert reasons[0] == "bad data"
+    assert reasons[1] == "not acked or nacked by the application"
+    assert reasons[2] == "not received by the application before its call ended"
+    assert "ValueError: kaput" in raised.retry[1].reason
+    assert all(r.delay > 0 for r in leave.retry)
+
+
+async def test_retry_policy_backoff_then_dead_letter() -> None:
+    config = RuntimeConfig(retry_delay=0.5, retry_delay_max=3.0, max_attempts=4)
+    assert [config.retry_delay_for(a) for a in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+    async def nack(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        await send({"type": "message.nack", "id": m["id"], "message": "no"})  # type: ignore[typeddict-item]
+
+    t = Scripted([batch("a", b"x", attempt=3), batch("b", b"y", attempt=4)])
+    await serve_until_settled(nack, t, 2, max_attempts=4, retry_delay=0.5, retry_delay_max=3.0)
+    first, last = (s for _, s in t.settled)
+    assert [(r.reason, r.delay) for r in first.retry] == [("no", 2.0)]
+    assert first.dead == []
+    assert [(d.message.payload, d.reason) for d in last.dead] == [(b"y", "no")]
+
+
+async def test_exhausted_messages_are_dead_lettered_before_the_app_sees_them() -> None:
+    seen: list[bytes | None] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            m: Any = await receive()
+            seen.append(m["payload"])
+            await send({"type": "message.ack", "id": m["id"]})
+            more = m["more_messages"]
+
+    b = Batch("a", [Message("1", [], b"ok", {}, 1), Message("2", [], b"crashy", {}, 9)])
+    t = Scripted([b])
+    await serve_until_settled(app, t, 1, max_attempts=5)
+    settlement = t.settled[0][1]
+    assert seen == [b"ok"]
+    assert [m.payload for m in settlement.acked] == [b"ok"]
+    assert [d.message.payload for d in settlement.dead] == [b"crashy"]
+    assert t.settled[0][0].messages == b.messages, "settle must see the whole batch"
+
+
+async def test_attempt_reaches_the_app_in_bindings() -> None:
+    attempts: list[int] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m: Any = await receive()
+        attempts.append(m["bindings"]["amgi"]["attempt"])
+        await send({"type": "message.ack", "id": m["id"]})
+
+    await serve_until_settled(app, Scripted([batch("a", b"x", attempt=2)]), 1)
+    assert attempts == [2]
+
+
+@pytest.mark.parametrize(
+    ("event", "match"),
+    [
+        ({"type": "message.frobnicate", "id": "a-0"}, "unknown event type"),
+        ({"type": "lifespan.startup.complete"}, "unknown event type"),
+        ({"type": "message.ack", "id": "nope"}, "unknown message id"),
+        ({"type": "message.ack", "id": 7}, "needs 'id': str"),
+        ({"type": "message.ack"}, "needs 'id': str"),
+        ({"type": "message.nack", "id": "a-0"}, "needs 'message': str"),
+        ({"type": "message.nack", "id": "a-0", "message": 3}, "needs 'message': str"),
+        ({"type": "message.send", "headers": []}, "needs 'address'"),
+        ({"type": "message.send", "address": "x", "headers": [("a", b"b")]}, "(bytes, bytes)"),
+        ({"type": "message.send", "address": "x", "headers": 5}, "iterable"),
+        ({"type": "message.send", "address": "x", "headers": [], "payload": "s"}, "bytes or None"),
+        ({"type": "message.send", "address": "x", "headers": [], "bindings": []}, "bindings"),
+        ({"id": "a-0"}, "needs 'type'"),
+        (["message.ack"], "event dict"),
+    ],
+)
+async def test_bad_events_raise_invalid_event_and_leave_broker_state(
+    event: Any, match: str
+) -> None:
+    errors: list[InvalidEvent] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        try:
+            await send(event)
+        except InvalidEvent as exc:
+            errors.append(exc)
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+    t = Scripted([batch("a", b"x")])
+    await serve_until_settled(app, t, 1)
+    assert len(errors) == 1
+    assert match in str(errors[0])
+    assert isinstance(errors[0], TypeError)
+    assert [m.payload for m in t.settled[0][1].acked] == [b"x"]
+    assert t.published == []
+
+
+async def test_double_settlement_is_rejected() -> None:
+    errors: list[str] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m: Any = await receive()
+        await send({"type": "message.nack", "id": m["id"], "message": "x"})
+        for again in ("message.ack", "message.nack"):
+            try:
+                await send({"type": again, "id": m["id"], "message": "y"})  # type: ignore[misc]
+            except InvalidEvent as exc:
+                errors.append(str(exc))
+
+    t = Scripted([batch("a", b"x")])
+    await serve_until_settled(app, t, 1)
+    assert len(errors) == 2
+    assert all("already nacked" in e for e in errors)
+    assert [r.reason for r in t.settled[0][1].retry] == ["x"]
+
+
+async def test_ack_of_a_message_not_yet_received_is_rejected() -> None:
+    errors: list[str] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        try:
+            await send({"type": "message.ack", "id": "a-1"})
+        except InvalidEvent as exc:
+            errors.append(str(exc))
+        await ack_all(scope, receive, send)
+
+    t = Scripted([batch("a", b"x", b"y")])
+    await serve_until_settled(app, t, 1)
+    assert errors
+    assert "unknown message id 'a-1'" in errors[0]
+    assert len(t.settled[0][1].acked) == 2
+
+
+async def test_send_publishes_and_failures_raise_the_servers_oserror() -> None:
+    class ScriptedSendError(SendError):
+        pass
+
+    class Failing(Scripted):
+        send_error = ScriptedSendError
+
+    caught: list[BaseException] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        try:
+            await send(
+                {
+                    "type": "message.send",
+                    "address": "out",
+                    "headers": [(b"h", b"v")],
+                    "payload": b"p",
+                    "bindings": {"kafka": {"key": b"k"}},
+                }
+            )
+        except OSError as exc:
+            caught.append(exc)
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+    ok = Scripted([batch("a", b"x")])
+    await serve_until_settled(app, ok, 1)
+    assert ok.published == [("out", [(b"h", b"v")], b"p", {"kafka": {"key": b"k"}})]
+    assert caught == []
+
+    failing = Failing([batch("a", b"x")], publish_error=RuntimeError("broker said no"))
+    await serve_until_settled(app, failing, 1)
+    assert len(caught) == 1
+    assert isinstance(caught[0], ScriptedSendError)
+    assert isinstance(caught[0], OSError)
+    assert "broker said no" in str(caught[0])
+    assert len(failing.settled[0][1].acked) == 1
+
+
+async def test_same_key_runs_in_order_different_keys_concurrently() -> None:
+    log: list[str] = []
+    gate = asyncio.Event()
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m: Any = await receive()
+        log.append(f"start {m['payload'].decode()}")
+        if m["payload"] == b"k1-first":
+            await asyncio.wait_for(gate.wait(), 5)
+        if m["payload"] == b"k2-only":
+            gate.set()
+        log.append(f"end {m['payload'].decode()}")
+        await send({"type": "message.ack", "id": m["id"]})
+
+    t = Scripted(
+        [
+            batch("a", b"k1-first", key=1),
+            batch("b", b"k1-second", key=1),
+            batch("c", b"k2-only", key=2),
+        ]
+    )
+    await serve_until_settled(app, t, 3, concurrency=4)
+    # k2 ran while k1's first batch was blocked; k1's second waited for its first.
+    assert log.index("start k2-only") < log.index("end k1-first")
+    assert log.index("end k1-first") < log.index("start k1-second")
+
+
+async def test_concurrency_bounds_batches_in_flight() -> None:
+    running = 0
+    peak = 0
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        nonlocal running, peak
+        if scope["type"] != "message":
+            return
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        await ack_all(scope, receive, send)
+
+    t = Scripted([batch(f"q{i}", b"x", key=i) for i in range(12)])
+    await serve_until_settled(app, t, 12, concurrency=3)
+    assert peak == 3
+
+
+async def test_shutdown_waits_for_in_flight_then_cancels_after_timeout() -> None:
+    started = asyncio.Event()
+
+    async def slow(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+        await receive()
+        started.set()
+        await asyncio.sleep(60)
+
+    t = Scripted([batch("a", b"acked", b"stuck")])
+    runtime = Runtime(slow, t, RuntimeConfig(lifespan="off", shutdown_timeout=0.2))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(started.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 5) == 0
+    settlement = t.settled[0][1]
+    assert [m.payload for m in settlement.acked] == [b"acked"]
+    assert "cancelled" in settlement.retry[0].reason
+    assert t.closed
+
+
+async def test_metrics_hook_counts_per_batch() -> None:
+    stats: list[BatchStats] = []
+    sends: list[tuple[str, bool]] = []
+
+    class Hook(MetricsHook):
+        def batch_settled(self, s: BatchStats) -> None:
+            stats.append(s)
+
+        def message_sent(self, address: str, ok: bool) -> None:
+            sends.append((address, ok))
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        a: Any = await receive()
+        b: Any = await receive()
+        await send({"type": "message.send", "address": "o", "headers": []})
+        await send({"type": "message.ack", "id": a["id"]})
+        await send({"type": "message.nack", "id": b["id"], "message": "x"})
+
+    t = Scripted([batch("a", b"1", b"2", attempt=5)])
+    runtime = Runtime(app, t, RuntimeConfig(lifespan="off", max_attempts=5), metrics=Hook())
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(t.all_settled.wait(), 5)
+    runtime.request_stop()
+    await task
+    assert stats[0].received == 2
+    assert (stats[0].acked, stats[0].retried, stats[0].dead_lettered) == (1, 0, 1)
+    assert stats[0].nacked == 1
+    assert stats[0].duration >= 0
+    assert sends == [("o", True)]
+
+
+async def test_failures_are_logged_one_line_per_message(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        await send({"type": "message.nack", "id": m["id"], "message": "why not"})  # type: ignore[typeddict-item]
+
+    caplog.set_level(logging.WARNING, "amgi.runtime")
+    await serve_until_settled(app, Scripted([batch("a", b"x")]), 1)
+    lines = [r.getMessage() for r in caplog.records if "nacked" in r.getMessage()]
+    assert len(lines) == 1
+    assert "a-0" in lines[0]
+    assert "why not" in lines[0]
+
+
+# -- lifespan ------------------------------------------------------------------------
+
+
+def lifespan_app(log: list[str], *, fail: str | None = None, raise_in: str | None = None) -> Any:
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                log.append(event["type"])
+                if event["type"] == "lifespan.startup":
+                    if raise_in == "startup":
+                        raise RuntimeError("db down")
+                    if fail:
+                        await send({"type": "lifespan.startup.failed", "message": fail})
+                        return
+                    scope["state"]["pool"] = "ready"
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        else:
+            log.append(f"message state={scope.get('state')}")
+            await ack_all(scope, receive, send)
+
+    return app
+
+
+async def test_lifespan_runs_first_and_last_and_shares_state() -> None:
+    log: list[str] = []
+    t = Scripted([batch("a", b"x")])
+    runtime = Runtime(lifespan_app(log), t, RuntimeConfig())
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(t.all_settled.wait(), 5)
+    runtime.request_stop()
+    assert await task == 0
+    assert log == [
+        "lifespan.startup",
+        "message state={'pool': 'ready'}",
+        "lifespan.shutdown",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"fail": "no database"}, "no database"), ({"raise_in": "startup"}, "db down")],
+)
+async def test_startup_failure_delivers_nothing(kwargs: dict[str, Any], match: str) -> None:
+    log: list[str] = []
+    t = Scripted([batch("a", b"x")])
+    runtime = Runtime(lifespan_app(log, **kwargs), t, RuntimeConfig())
+    with pytest.raises(StartupFailed, match=match):
+        await runtime.serve()
+    assert t.fetches == 0
+    assert t.settled == []
+
+
+async def test_app_without_lifespan_is_tolerated_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        assert scope["type"] == "message"
+        await ack_all(scope, receive, send)
+
+    caplog.set_level(logging.INFO, "amgi.runtime")
+    t = Scripted([batch("a", b"x")])
+    runtime = Runtime(app, t, RuntimeConfig(lifespan="auto"))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(t.all_settled.wait(), 5)
+    runtime.request_stop()
+    assert await task == 0
+    notes = [r for r in caplog.records if "does not speak lifespan" in r.getMessage()]
+    assert len(notes) == 1
+
+
+async def test_lifespan_on_requires_support() -> None:
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        return
+
+    with pytest.raises(StartupFailed, match="does not speak lifespan"):
+        await Runtime(app, Scripted([]), RuntimeConfig(lifespan="on")).serve()
+
+
+async def test_connect_failure_runs_lifespan_shutdown_and_raises() -> None:
+    log: list[str] = []
+
+    class Down(Scripted):
+        async def connect(self) -> None:
+            raise OSError("connection refused")
+
+    with pytest.raises(OSError, match="connection refused"):
+        await Runtime(lifespan_app(log), Down([]), RuntimeConfig()).serve()
+    assert log == ["lifespan.startup", "lifespan.shutdown"]
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ConfigurationError):
+        RuntimeConfig(concurrency=0)
+    with pytest.raises(ConfigurationError):
+        RuntimeConfig(max_attempts=0)
+    with pytest.raises(ConfigurationError):
+        RuntimeConfig(lifespan="maybe")  # type: ignore[arg-type]
+
+
+# -- memory server specifics ------------------------------------------------------------
+
+
+async def test_memory_close_returns_unsettled_messages() -> None:
+    name = uuid.uuid4().hex
+    broker = MemoryBroker.reset(name)
+    broker.put("q", [], b"1")
+    broker.put("q", [], b"2")
+    t = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=10))
+    await t.connect()
+    (b,) = await t.fetch()
+    assert [m.payload for m in b.messages] == [b"1", b"2"]
+    await t.settle(b, Settlement(acked=[b.messages[0]]))
+    await t.close()
+    assert [(m.payload, m.attempt) for m in broker.queues["q"]] == [(b"2", 2)]

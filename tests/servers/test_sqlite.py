@@ -1,0 +1,125 @@
+"""SQLite server specifics: leases, visibility, byte-exactness, several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from amgi.servers.sqlite import (
+    SqliteOptions,
+    SqliteQueue,
+    SqliteTransport,
+    decode_bindings,
+    decode_headers,
+    encode_bindings,
+    encode_headers,
+)
+from amgi.transport import Retry, Settlement
+
+
+def test_headers_and_bindings_round_trip_byte_exact() -> None:
+    headers = [(b"", b""), (b"a", b"\x00\xff" * 100), (b"a", b"dup")]
+    assert decode_headers(encode_headers(headers)) == headers
+    bindings = {"kafka": {"key": b"\x00k", "partition": 2}, "amqp": {"headers": {"x": [1, "y"]}}}
+    assert decode_bindings(encode_bindings(bindings)) == bindings
+    assert encode_bindings({}) is None
+    assert decode_bindings(None) == {}
+
+
+async def test_expired_lease_comes_back_and_stale_ack_is_ignored(tmp_path: Path) -> None:
+    db = str(tmp_path / "q.db")
+    options = SqliteOptions(database=db, visibility_timeout=0.2, poll_interval=0.01)
+    first = SqliteTransport(["q"], options)
+    second = SqliteTransport(["q"], options)
+    await first.connect()
+    await second.connect()
+    try:
+        await first.publish("q", [], b"m", {})
+        (b1,) = await first.fetch()
+        await asyncio.sleep(0.3)  # the lease runs out: another consumer gets it
+        (b2,) = await asyncio.wait_for(second.fetch(), 5)
+        assert b2.messages[0].attempt == 2
+        await first.settle(b1, Settlement(acked=b1.messages))  # stale: must not delete
+        queue = SqliteQueue(db)
+        assert queue.count("q") == 1
+        await second.settle(b2, Settlement(acked=b2.messages))
+        assert queue.count("q") == 0
+        queue.close()
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_extend_keeps_a_long_batch_hidden(tmp_path: Path) -> None:
+    db = str(tmp_path / "q.db")
+    options = SqliteOptions(database=db, visibility_timeout=0.3, poll_interval=0.01)
+    holder = SqliteTransport(["q"], options)
+    other = SqliteTransport(["q"], options)
+    await holder.connect()
+    await other.connect()
+    try:
+        await holder.publish("q", [], b"long", {})
+        (batch,) = await holder.fetch()
+        for _ in range(4):
+            await asyncio.sleep(0.15)
+            await holder.extend([batch])
+        fetch = asyncio.create_task(other.fetch())
+        await asyncio.sleep(0.1)
+        assert not fetch.done(), "an extended lease was redelivered"
+        fetch.cancel()
+        await holder.settle(batch, Settlement(acked=batch.messages))
+    finally:
+        await holder.close()
+        await other.close()
+
+
+async def test_retry_delay_hides_the_message_until_due(tmp_path: Path) -> None:
+    options = SqliteOptions(database=str(tmp_path / "q.db"), poll_interval=0.01)
+    t = SqliteTransport(["q"], options)
+    await t.connect()
+    try:
+        await t.publish("q", [(b"h", b"v")], None, {"kafka": {"key": b"k"}})
+        (b,) = await t.fetch()
+        started = time.monotonic()
+        await t.settle(b, Settlement(retry=[Retry(b.messages[0], "later", 0.3)]))
+        (again,) = await asyncio.wait_for(t.fetch(), 5)
+        assert time.monotonic() - started >= 0.25
+        m = again.messages[0]
+        assert (m.attempt, m.headers, m.payload, m.bindings) == (
+            2,
+            [(b"h", b"v")],
+            None,
+            {"kafka": {"key": b"k"}},
+        )
+    finally:
+        await t.close()
+
+
+async def test_another_process_sends_while_this_one_consumes(tmp_path: Path) -> None:
+    db = str(tmp_path / "shared.db")
+    t = SqliteTransport(["jobs"], SqliteOptions(database=db, poll_interval=0.01, batch_size=500))
+    await t.connect()
+    try:
+        sender = subprocess.Popen(  # noqa: ASYNC220 - a peer process, waited for below
+            [
+                sys.executable,
+                "-c",
+                "import sys\nfrom amgi.servers.sqlite import SqliteQueue\n"
+                "q = SqliteQueue(sys.argv[1])\n"
+                "for i in range(200): q.put('jobs', [], str(i).encode(), {})\n",
+                db,
+            ],
+        )
+        got: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while len(got) < 200 and time.monotonic() < deadline:
+            for b in await asyncio.wait_for(t.fetch(), 20):
+                got += [m.payload or b"" for m in b.messages]
+                await t.settle(b, Settlement(acked=b.messages))
+        assert sender.wait(20) == 0
+        assert got == [str(i).encode() for i in range(200)]
+    finally:
+        await t.close()
