@@ -18,21 +18,8 @@ import os
 import time
 from typing import Any
 
-from amgi.runtime import BatchStats, MetricsHook, Runtime, RuntimeConfig
+from _common import HEADERS, PAYLOAD, ack_all, drain
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
-
-HEADERS = [(b"content-type", b"application/json"), (b"trace-id", b"0123456789abcdef")]
-PAYLOAD = b"x" * 100
-
-
-async def ack_all(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] != "message":
-        return
-    more = True
-    while more:
-        message = await receive()
-        await send({"type": "message.ack", "id": message["id"]})
-        more = message.get("more_messages", False)
 
 
 async def floor(n: int, batch: int) -> float:
@@ -68,24 +55,8 @@ async def runtime(n: int, batch: int) -> float:
     broker = MemoryBroker.reset("bench")
     for _ in range(n):
         broker.put("q", HEADERS, PAYLOAD, {})
-    done = asyncio.Event()
-    acked = 0
-
-    class Count(MetricsHook):
-        def batch_settled(self, stats: BatchStats) -> None:
-            nonlocal acked
-            acked += stats.acked
-            if acked >= n:
-                done.set()
-
     transport = MemoryTransport(["q"], MemoryOptions(broker="bench", batch_size=batch))
-    rt = Runtime(ack_all, transport, RuntimeConfig(lifespan="off"), metrics=Count())
-    started = time.perf_counter()
-    task = asyncio.create_task(rt.serve())
-    await done.wait()
-    elapsed = time.perf_counter() - started
-    rt.request_stop()
-    await task
+    elapsed, _ = await drain(transport, n)
     return elapsed
 
 

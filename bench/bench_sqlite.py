@@ -14,13 +14,9 @@ import asyncio
 import os
 import tempfile
 import time
-from typing import Any
 
-from amgi.runtime import BatchStats, MetricsHook, Runtime, RuntimeConfig
+from _common import HEADERS, PAYLOAD, drain
 from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
-
-HEADERS = [(b"content-type", b"application/json"), (b"trace-id", b"0123456789abcdef")]
-PAYLOAD = b"x" * 100
 
 
 def fill(path: str, n: int) -> None:
@@ -42,35 +38,9 @@ def raw(path: str, n: int, batch: int) -> float:
     return elapsed
 
 
-async def ack_all(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] != "message":
-        return
-    more = True
-    while more:
-        message = await receive()
-        await send({"type": "message.ack", "id": message["id"]})
-        more = message.get("more_messages", False)
-
-
 async def served(path: str, n: int, batch: int) -> float:
-    done = asyncio.Event()
-    acked = 0
-
-    class Count(MetricsHook):
-        def batch_settled(self, stats: BatchStats) -> None:
-            nonlocal acked
-            acked += stats.acked
-            if acked >= n:
-                done.set()
-
     transport = SqliteTransport(["q"], SqliteOptions(database=path, batch_size=batch))
-    runtime = Runtime(ack_all, transport, RuntimeConfig(lifespan="off"), metrics=Count())
-    started = time.perf_counter()
-    task = asyncio.create_task(runtime.serve())
-    await done.wait()
-    elapsed = time.perf_counter() - started
-    runtime.request_stop()
-    await task
+    elapsed, _ = await drain(transport, n)
     return elapsed
 
 

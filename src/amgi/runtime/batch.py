@@ -120,9 +120,23 @@ class BatchCall:
 
     async def send(self, event: AMGISendEvent) -> None:
         """Take an ack, nack or send from the application; reject anything malformed."""
-        if type(event) is not dict and not isinstance(event, Mapping):
+        if type(event) is dict:
+            kind = event.get("type")
+            if kind == "message.ack":
+                # The hot path, inlined: a valid ack of a received, unsettled message.
+                mid = event.get("id")
+                i = self._index.get(mid) if type(mid) is str else None
+                if i is not None and i < self._next and not self._ended:
+                    outcome = self._outcome
+                    if outcome[i] is None:
+                        outcome[i] = True
+                        return
+                self._settle(event, _ACK)
+                return
+        elif isinstance(event, Mapping):
+            kind = event.get("type")
+        else:
             raise InvalidEvent(f"send() takes an event dict, not {type(event).__name__}")
-        kind = event.get("type")
         if kind == "message.ack":
             self._settle(event, _ACK)
         elif kind == "message.nack":

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Hashable
+from operator import attrgetter
 
 from amgi.errors import ConfigurationError, SendError
 from amgi.runtime.batch import CallCancelled, call_app, place
@@ -25,6 +26,7 @@ logger = logging.getLogger("amgi.runtime")
 _FETCH_BACKOFF_FIRST = 0.1
 _FETCH_BACKOFF_MAX = 5.0
 _SIGNAL_DEBOUNCE = 0.2
+_attempt = attrgetter("attempt")
 
 
 class Runtime:
@@ -236,7 +238,7 @@ class Runtime:
         started = time.monotonic()
         messages = batch.messages
         exhausted: Settlement | None = None
-        if any(m.attempt > config.max_attempts for m in messages):
+        if max(map(_attempt, messages)) > config.max_attempts:
             # Delivered more often than allowed without being settled (e.g. the consumer
             # crashed on it each time): dead-letter before the app sees it again.
             exhausted = Settlement()
