@@ -166,3 +166,47 @@ def test_unreachable_broker_is_one_line(project: Path) -> None:
         timeout=60,
     )
     assert "127.0.0.1" in one_line_error(result) or "refused" in result.stderr
+
+
+SLOW_APP = """
+import asyncio, os
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    m = await receive()
+    open(os.environ["OUT"], "w").write("started")
+    await asyncio.sleep(60)
+    await send({"type": "message.ack", "id": m["id"]})
+"""
+
+
+def test_second_signal_exits_at_once_acking_nothing(project: Path) -> None:
+    (project / "slowapp.py").write_text(SLOW_APP)
+    out = project / "started"
+    assert amgi("send", "q", "work", cwd=project).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "slowapp:app", "q", "--shutdown-timeout", "30"],
+        cwd=project,
+        env={**os.environ, "OUT": str(out)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not out.exists():
+            assert time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the first signal must wait for the batch in flight"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        assert time.monotonic() - started < 5
+        assert code != 0
+        assert "exiting now" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        proc.kill()
+    queue = SqliteQueue(str(project / "amgi.db"))
+    assert queue.count("q") == 1, "nothing may be acked after the second signal"
+    queue.close()
