@@ -577,3 +577,52 @@ async def test_memory_close_returns_unsettled_messages() -> None:
     await t.settle(b, Settlement(acked=[b.messages[0]]))
     await t.close()
     assert [(m.payload, m.attempt) for m in broker.queues["q"]] == [(b"2", 2)]
+
+
+async def test_transient_fetch_errors_are_retried_and_fatal_ones_stop_with_1(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Flaky(Scripted):
+        failures = 2
+
+        async def fetch(self) -> Sequence[Batch]:
+            if self.failures:
+                self.failures -= 1
+                raise OSError("connection reset")
+            return await super().fetch()
+
+    caplog.set_level(logging.INFO, "amgi.runtime")
+    flaky = Flaky([batch("a", b"x")])
+    await serve_until_settled(ack_all, flaky, 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("connection reset" in m for m in messages) == 1, "one line per failure streak"
+    assert any("recovered" in m for m in messages)
+
+    class Broken(Scripted):
+        async def fetch(self) -> Sequence[Batch]:
+            raise ConfigurationError("topic 'x' does not exist")
+
+    broken = Broken([])
+    code = await asyncio.wait_for(Runtime(ack_all, broken, RuntimeConfig()).serve(), 5)
+    assert code == 1
+    assert broken.closed
+
+
+async def test_leases_of_running_batches_are_renewed() -> None:
+    extended: list[list[str]] = []
+
+    class Leasing(Scripted):
+        lease_interval = 0.05
+
+        async def extend(self, batches: Sequence[Batch]) -> None:
+            extended.append([b.address for b in batches])
+
+    async def slow(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        await asyncio.sleep(0.3)
+        await ack_all(scope, receive, send)
+
+    await serve_until_settled(slow, Leasing([batch("long", b"x")]), 1)
+    assert len(extended) >= 3
+    assert all(e == ["long"] for e in extended)
