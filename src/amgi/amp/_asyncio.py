@@ -1,0 +1,501 @@
+"""The asyncio layer: an :class:`asyncio.Protocol` around the sans-IO connection."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar, cast
+
+from ._command import RESPONDER_ATTRIBUTE, Command, StartTLS
+from ._connection import (
+    AnswerDropped,
+    AnswerReceived,
+    CallReceived,
+    CallRejected,
+    Connection,
+    ErrorReceived,
+    ProtocolViolation,
+)
+from ._errors import (
+    TLS_ERROR_CODE,
+    UNKNOWN_ERROR_CODE,
+    AmpError,
+    ConnectionLost,
+)
+
+__all__ = ["AMP", "connect", "serve"]
+
+log = logging.getLogger("amgi.amp")
+
+P = TypeVar("P", bound="AMP")
+
+Responder = Callable[..., Any]
+
+
+class AMP(asyncio.Protocol):
+    """One AMP connection: it calls the peer and answers the peer's calls.
+
+    Subclass it and decorate methods with ``@SomeCommand.responder``; a
+    responder takes the command's arguments as keywords and returns the
+    response dict (or ``None`` for an empty response), directly or from a
+    coroutine.
+
+    ``max_outstanding_calls`` bounds calls awaiting an answer (more callers
+    wait for a slot); ``max_concurrent_responders`` bounds running async
+    responders (reading from the peer pauses while the limit is reached);
+    ``call_timeout`` is the default timeout of :meth:`call_remote`;
+    ``tls_context`` lets the peer switch this connection to TLS with
+    ``StartTLS`` (this side acts as the TLS server).
+    """
+
+    _responders: ClassVar[dict[bytes, tuple[type[Command], str]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[bytes, tuple[type[Command], str]] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                command = getattr(value, RESPONDER_ATTRIBUTE, None)
+                if isinstance(command, type) and issubclass(command, Command):
+                    found[command.name] = (command, attr)
+        cls._responders = found
+
+    def __init__(
+        self,
+        *,
+        max_outstanding_calls: int = 1024,
+        max_concurrent_responders: int = 256,
+        call_timeout: float | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if max_outstanding_calls < 1 or max_concurrent_responders < 1:
+            raise ValueError("limits must be at least 1")
+        self._core = Connection()
+        self._handlers: dict[bytes, Responder] = {}
+        for command, attr in self._responders.values():
+            self.add_responder(command, getattr(self, attr))
+        self._core.commands[StartTLS.name] = StartTLS
+        self.tls_context = tls_context
+        self.call_timeout = call_timeout
+        self.max_concurrent_responders = max_concurrent_responders
+        self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._slots = asyncio.Semaphore(max_outstanding_calls)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: deque[CallReceived] = deque()
+        self._running = 0
+        self._paused = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._hold_output = False
+        self._hold_input = False
+        self._held_input: list[bytes] = []
+        self._tls_started = False
+        self._tls_task: asyncio.Task[None] | None = None
+        self._lost = False
+        self._closed: asyncio.Future[None] | None = None
+
+    # ---------------------------------------------------------------- responders
+
+    def add_responder(self, command: type[Command], responder: Responder) -> None:
+        """Answer ``command`` with ``responder`` on this connection."""
+        self._core.commands[command.name] = command
+        self._handlers[command.name] = responder
+
+    # ------------------------------------------------------------- asyncio hooks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self._hold_input:
+            self._held_input.append(data)
+            return
+        try:
+            self._process(data)
+        except Exception:
+            # A bug here must not escape into the event loop; the stream is now unusable.
+            log.exception("internal error while processing AMP data; closing")
+            if self.transport is not None:
+                self.transport.close()
+
+    def _process(self, data: bytes) -> None:
+        waiters = self._waiters
+        for event in self._core.receive_data(data):
+            kind = type(event)
+            if kind is AnswerReceived:
+                answer = cast(AnswerReceived, event)
+                if answer.command is StartTLS:
+                    self._begin_tls_switch()
+                fut = waiters.pop(answer.tag, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer.response)
+            elif kind is CallReceived:
+                self._dispatch(cast(CallReceived, event))
+            elif kind is ErrorReceived:
+                error = cast(ErrorReceived, event)
+                if error.command is StartTLS:
+                    self._hold_output = False
+                fut = waiters.pop(error.tag, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(error.error)
+            elif kind is CallRejected:
+                rejected = cast(CallRejected, event)
+                log.warning(
+                    "rejected call %r: %s %s",
+                    rejected.name,
+                    rejected.code.decode("ascii", "replace"),
+                    rejected.description,
+                )
+            elif kind is AnswerDropped:
+                dropped = cast(AnswerDropped, event)
+                if dropped.late:
+                    log.debug("dropped late answer for abandoned call %r", dropped.tag)
+                else:
+                    log.warning("dropped answer for unknown tag %r", dropped.tag[:40])
+            else:
+                reason = cast(ProtocolViolation, event).reason
+                log.warning("closing AMP connection: %s", reason)
+                self._flush()
+                if self.transport is not None:
+                    self.transport.close()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._core.connection_lost()
+        waiters, self._waiters = self._waiters, {}
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionLost(reason))
+        self._queue.clear()
+        for task in self._tasks:
+            task.cancel()
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    # --------------------------------------------------------------------- calls
+
+    async def call_remote(
+        self,
+        command: type[Command] | Command,
+        /,
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | None:
+        """Call ``command`` on the peer and return its response dict.
+
+        Accepts a command class with keyword arguments, or a command instance.
+        Returns ``None`` at once for commands with ``requires_answer = False``.
+        Raises the declared exception for a declared error code,
+        :class:`UnknownRemoteError`, :class:`UnhandledCommand`,
+        :class:`ConnectionLost`, or :class:`TimeoutError` after ``timeout``
+        seconds (default: ``call_timeout``). A late answer is dropped.
+        """
+        if isinstance(command, Command):
+            kwargs = {**command.kwargs, **kwargs}
+            command = type(command)
+        if self._lost or self.transport is None:
+            raise ConnectionLost("not connected")
+        if not command.requires_answer:
+            self._core.send_call(command, kwargs)
+            self._flush_soon()
+            return None
+        if timeout is None:
+            timeout = self.call_timeout
+        if timeout is None:
+            return await self._call(command, kwargs)
+        async with asyncio.timeout(timeout):
+            return await self._call(command, kwargs)
+
+    async def _call(
+        self, command: type[Command], kwargs: Mapping[str, Any], tls: bool = False
+    ) -> dict[str, Any]:
+        slots = self._slots
+        await slots.acquire()
+        try:
+            if self._lost:
+                raise ConnectionLost("connection closed")
+            tag = self._core.send_call(command, kwargs)
+            assert tag is not None
+            fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()  # type: ignore[union-attr]
+            self._waiters[tag] = fut
+            if tls:
+                self._flush()
+                self._hold_output = True
+            else:
+                self._flush_soon()
+            try:
+                return await fut
+            except BaseException:
+                if self._waiters.pop(tag, None) is not None:
+                    self._core.abandon(tag)
+                raise
+        finally:
+            slots.release()
+
+    # ---------------------------------------------------------------- dispatching
+
+    def _dispatch(self, event: CallReceived) -> None:
+        if event.command is StartTLS:
+            self._answer_start_tls(event)
+            return
+        if self._running >= self.max_concurrent_responders or self._queue:
+            self._queue.append(event)
+            self._pause()
+            return
+        self._run(event)
+
+    def _run(self, event: CallReceived) -> None:
+        handler = self._handlers[event.command.name]
+        try:
+            result = handler(**event.arguments)
+        except Exception as exc:
+            self._respond_error(event, exc)
+            return
+        if type(result) is not dict and inspect.isawaitable(result):
+            self._running += 1
+            task = self._loop.create_task(self._await_responder(event, result))  # type: ignore[union-attr]
+            self._tasks.add(task)
+            task.add_done_callback(self._responder_done)
+            if self._running >= self.max_concurrent_responders:
+                self._pause()
+        else:
+            self._respond(event, result)
+
+    async def _await_responder(self, event: CallReceived, awaitable: Awaitable[Any]) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            if not self._lost:
+                self._respond_error(event, RuntimeError("responder cancelled"))
+                self._flush_soon()
+            raise
+        except Exception as exc:
+            self._respond_error(event, exc)
+        else:
+            self._respond(event, result)
+        self._flush_soon()
+
+    def _responder_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._running -= 1
+        if self._lost:
+            return
+        while self._queue and self._running < self.max_concurrent_responders:
+            self._run(self._queue.popleft())
+        if not self._queue and self._running < self.max_concurrent_responders:
+            self._resume()
+        self._flush_soon()
+
+    def _respond(self, event: CallReceived, result: Any) -> None:
+        if event.tag is None or self._lost:
+            return
+        try:
+            self._core.send_answer(event.tag, event.command, result or {})
+        except Exception:
+            log.exception(
+                "responder for %s returned a response that cannot be encoded: %.200r",
+                event.command.__name__,
+                result,
+            )
+            self._core.send_error(event.tag, UNKNOWN_ERROR_CODE, "Unknown Error")
+
+    def _respond_error(self, event: CallReceived, exc: BaseException) -> None:
+        found = event.command.code_for(exc)
+        if found is None:
+            log.error("responder for %s failed", event.command.__name__, exc_info=exc)
+            code, fatal, description = UNKNOWN_ERROR_CODE, False, "Unknown Error"
+        else:
+            code, fatal = found
+            description = str(exc)
+        if self._lost:
+            return
+        if event.tag is not None:
+            self._core.send_error(event.tag, code, description)
+        if fatal:
+            log.warning("closing AMP connection after fatal error %r", code)
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self._hold_input:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self._hold_input:
+            self._paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------- output
+
+    def _flush_soon(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._hold_output or self.transport is None or self._lost:
+            return
+        data = self._core.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    # ---------------------------------------------------------------------- TLS
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``StartTLS`` and, once answered, handshake as the TLS client."""
+        if self._tls_started:
+            raise AmpError("TLS already started on this connection")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._call(StartTLS, {}, tls=True)
+                await self._switch_to_tls(ssl_context, False, server_hostname)
+        except BaseException:
+            if self._hold_input and self.transport is not None:
+                self.transport.close()
+            raise
+
+    def _begin_tls_switch(self) -> None:
+        self._tls_started = True
+        self._hold_output = True
+        self._hold_input = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _answer_start_tls(self, event: CallReceived) -> None:
+        if event.tag is None:
+            return
+        if self.tls_context is None or self._tls_started:
+            reason = "TLS already started" if self._tls_started else "TLS not available"
+            self._core.send_error(event.tag, TLS_ERROR_CODE, reason)
+            return
+        self._core.send_answer(event.tag, StartTLS, {})
+        self._flush()
+        self._begin_tls_switch()
+        self._tls_task = self._loop.create_task(  # type: ignore[union-attr]
+            self._server_tls(self.tls_context)
+        )
+
+    async def _server_tls(self, context: ssl.SSLContext) -> None:
+        try:
+            await self._switch_to_tls(context, True, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("TLS handshake failed: %s", exc)
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _switch_to_tls(
+        self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None
+    ) -> None:
+        loop = self._loop
+        transport = self.transport
+        assert loop is not None
+        assert transport is not None
+        new_transport = await loop.start_tls(
+            transport,
+            self,
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        if new_transport is None:
+            raise ConnectionLost("connection closed during the TLS handshake")
+        self.transport = new_transport
+        self._hold_output = False
+        self._hold_input = False
+        held, self._held_input = self._held_input, []
+        if self._paused:
+            self.transport.pause_reading()
+        self._flush()
+        if held:
+            self.data_received(b"".join(held))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is lost."""
+        return self._lost
+
+    def close(self) -> None:
+        """Close the connection (queued bytes are still sent)."""
+        if self.transport is not None and not self._lost:
+            self._flush()
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is lost and its responder tasks have finished."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+        tasks = list(self._tasks)
+        if self._tls_task is not None:
+            tasks.append(self._tls_task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self: P) -> P:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def connect(
+    host: str,
+    port: int,
+    protocol_factory: Callable[[], P] = AMP,  # type: ignore[assignment]
+    **kwargs: Any,
+) -> P:
+    """Open a TCP connection and return the connected protocol instance.
+
+    Extra keyword arguments go to :meth:`asyncio.loop.create_connection`
+    (for example ``ssl=``).
+    """
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(protocol_factory, host, port, **kwargs)
+    return protocol
+
+
+async def serve(
+    protocol_factory: Callable[[], AMP],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """Start a TCP server; each connection gets ``protocol_factory()``.
+
+    Extra keyword arguments go to :meth:`asyncio.loop.create_server`.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(protocol_factory, host, port, **kwargs)

@@ -1,0 +1,185 @@
+"""Box framing: encode a mapping to bytes, and parse a byte stream into boxes.
+
+A box is a sequence of key/value pairs, each written as a 2-byte big-endian
+length followed by that many bytes; an empty key (two zero bytes) ends it.
+Keys are 1..255 bytes, values 0..65,535 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ._errors import ProtocolError, TooLong
+
+__all__ = ["MAX_KEY_LENGTH", "MAX_VALUE_LENGTH", "Box", "BoxParser", "encode_box", "parse_boxes"]
+
+MAX_KEY_LENGTH = 0xFF
+MAX_VALUE_LENGTH = 0xFFFF
+
+Box = dict[bytes, bytes]
+
+_END = b"\x00\x00"
+# Length prefixes for short values, so encoding a small box allocates nothing new.
+_SHORT = [n.to_bytes(2, "big") for n in range(4096)]
+_SHORT_LIMIT = len(_SHORT)
+# Length-prefixed keys, computed once per distinct key.
+_KEYS: dict[bytes, bytes] = {}
+_KEYS_LIMIT = 10_000
+
+
+def _prefixed_key(key: bytes) -> bytes:
+    if type(key) is not bytes:
+        raise TypeError(f"box keys must be bytes, not {type(key).__name__}")
+    n = len(key)
+    if n == 0:
+        raise TooLong("box keys must not be empty")
+    if n > MAX_KEY_LENGTH:
+        raise TooLong(f"key of {n} bytes is longer than {MAX_KEY_LENGTH}: {key[:40]!r}...")
+    prefixed = _SHORT[n] + key
+    if len(_KEYS) < _KEYS_LIMIT:
+        _KEYS[key] = prefixed
+    return prefixed
+
+
+# A precomputed encoding recipe for boxes whose keys are known in advance:
+# (length-prefixed key, python name or None, encoder or None, special index).
+Plan = tuple[tuple[bytes, str | None, Callable[[Any], bytes] | None, int], ...]
+
+
+def make_plan(
+    fields: Sequence[tuple[bytes, str, Callable[[Any], bytes]]], specials: Sequence[bytes]
+) -> Plan | None:
+    """Precompute the sorted key order of a box with fixed keys (None if keys clash)."""
+    entries: list[tuple[bytes, str | None, Callable[[Any], bytes] | None, int]] = [
+        (key, name, encoder, -1) for key, name, encoder in fields
+    ]
+    entries += [(key, None, None, index) for index, key in enumerate(specials)]
+    if len({entry[0] for entry in entries}) != len(entries):
+        return None
+    entries.sort(key=lambda entry: entry[0])
+    return tuple((_prefixed_key(key), name, enc, index) for key, name, enc, index in entries)
+
+
+def encode_planned(plan: Plan, values: Mapping[str, Any], specials: Sequence[bytes]) -> bytes:
+    """Encode ``values`` (exactly the plan's fields, none None) plus special values.
+
+    Raises on anything unusual; callers fall back to the general path.
+    """
+    short = _SHORT
+    parts: list[bytes] = []
+    append = parts.append
+    for prefixed, name, encoder, index in plan:
+        if encoder is None:
+            value = specials[index]
+        else:
+            raw = values[name]  # type: ignore[index]
+            if raw is None:
+                raise ValueError("None value")
+            value = encoder(raw)
+        n = len(value)
+        if n >= _SHORT_LIMIT:
+            raise ValueError("long value")
+        append(prefixed)
+        append(short[n])
+        append(value)
+    append(_END)
+    return b"".join(parts)
+
+
+def encode_box(box: Mapping[bytes, bytes]) -> bytes:
+    """Serialise one box, keys sorted by their bytes (as Twisted does)."""
+    keys = _KEYS
+    short = _SHORT
+    parts: list[bytes] = []
+    append = parts.append
+    for key in sorted(box):
+        value = box[key]
+        prefixed = keys.get(key)
+        if prefixed is None:
+            prefixed = _prefixed_key(key)
+        n = len(value)
+        if n < _SHORT_LIMIT:
+            size = short[n]
+        elif n <= MAX_VALUE_LENGTH:
+            size = n.to_bytes(2, "big")
+        else:
+            raise TooLong(f"value of {n} bytes for key {key!r} is longer than {MAX_VALUE_LENGTH}")
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"box values must be bytes, not {type(value).__name__} for {key!r}")
+        append(prefixed)
+        append(size)
+        append(value)
+    append(_END)
+    return b"".join(parts)
+
+
+class BoxParser:
+    """Incremental parser: :meth:`feed` bytes, get back the boxes they complete.
+
+    Incomplete input is kept until more arrives. A key longer than 255 bytes
+    sets :attr:`error` (the boxes completed before it are still returned);
+    after that, :meth:`feed` raises :class:`ProtocolError`.
+    """
+
+    __slots__ = ("_box", "_buffer", "error")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._box: Box = {}
+        self.error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Number of bytes held that do not yet form a complete box."""
+        return len(self._buffer) + sum(len(k) + len(v) + 4 for k, v in self._box.items())
+
+    def take_unparsed(self) -> bytes:
+        """Return and forget the raw bytes not yet parsed (used when switching to TLS)."""
+        data = self._buffer
+        self._buffer = b""
+        return data
+
+    def feed(self, data: bytes) -> list[Box]:
+        """Consume ``data``; return the list of boxes it completes (often empty)."""
+        if self.error is not None:
+            raise self.error
+        buf = self._buffer + data if self._buffer else bytes(data)
+        n = len(buf)
+        pos = 0
+        box = self._box
+        boxes: list[Box] = []
+        while n - pos >= 2:
+            klen = (buf[pos] << 8) | buf[pos + 1]
+            if klen == 0:
+                boxes.append(box)
+                box = {}
+                pos += 2
+                continue
+            if klen > MAX_KEY_LENGTH:
+                self.error = ProtocolError(f"key length {klen} is longer than {MAX_KEY_LENGTH}")
+                self._buffer = b""
+                self._box = {}
+                return boxes
+            vpos = pos + 2 + klen
+            if n < vpos + 2:
+                break
+            end = vpos + 2 + ((buf[vpos] << 8) | buf[vpos + 1])
+            if n < end:
+                break
+            box[buf[pos + 2 : vpos]] = buf[vpos + 2 : end]
+            pos = end
+        self._box = box
+        self._buffer = buf[pos:] if pos < n else b""
+        return boxes
+
+
+def parse_boxes(data: bytes) -> list[Box]:
+    """Parse a complete byte string into boxes; trailing partial data is an error."""
+    parser = BoxParser()
+    boxes = parser.feed(data)
+    if parser.error is not None:
+        raise parser.error
+    if parser.buffered:
+        raise ProtocolError("truncated box")
+    return boxes

@@ -1,0 +1,123 @@
+"""Command declarations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+from ._arguments import Argument, Spec, compile_arguments, decode_arguments, encode_arguments
+from ._box import Box, Plan, make_plan
+from ._errors import TLS_ERROR_CODE, TLSNotAvailable
+
+__all__ = ["Command", "StartTLS"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RESPONDER_ATTRIBUTE = "__amp_command__"
+
+
+def _code(value: bytes | str) -> bytes:
+    return value.encode("ascii") if isinstance(value, str) else bytes(value)
+
+
+def _plan(specs: tuple[Spec, ...], specials: tuple[bytes, ...]) -> Plan | None:
+    if any(not argument.single_key for _, _, argument in specs):
+        return None
+    return make_plan([(key, name, argument.to_bytes) for key, name, argument in specs], specials)
+
+
+class Command:
+    """Declare a remote call: subclass and set the class attributes.
+
+    ``arguments`` and ``response`` are lists of ``(name, Argument)`` pairs
+    (names as ``bytes`` or ``str``); ``errors`` and ``fatal_errors`` map
+    exception classes to error codes; ``requires_answer = False`` sends the
+    call without an ``_ask`` tag; ``command_name`` defaults to the class name.
+
+    Call it with ``await conn.call_remote(Cmd, **kwargs)`` (or ``Cmd(**kwargs)``)
+    and answer it with a method decorated by ``@Cmd.responder``.
+    """
+
+    arguments: ClassVar[Iterable[tuple[bytes | str, Argument[Any]]]] = ()
+    response: ClassVar[Iterable[tuple[bytes | str, Argument[Any]]]] = ()
+    errors: ClassVar[Mapping[type[BaseException], bytes | str]] = {}
+    fatal_errors: ClassVar[Mapping[type[BaseException], bytes | str]] = {}
+    requires_answer: ClassVar[bool] = True
+    command_name: ClassVar[bytes | str | None] = None
+
+    # Compiled by __init_subclass__.
+    name: ClassVar[bytes] = b"Command"
+    argument_specs: ClassVar[tuple[Spec, ...]] = ()
+    response_specs: ClassVar[tuple[Spec, ...]] = ()
+    error_codes: ClassVar[dict[type[BaseException], tuple[bytes, bool]]] = {}
+    error_types: ClassVar[dict[bytes, type[BaseException]]] = {}
+    call_plan: ClassVar[Plan | None] = None
+    answer_plan: ClassVar[Plan | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own_name = cls.__dict__.get("command_name")
+        cls.name = _code(own_name) if own_name is not None else cls.__name__.encode("ascii")
+        cls.argument_specs = compile_arguments(cls.arguments)
+        cls.response_specs = compile_arguments(cls.response)
+        codes: dict[type[BaseException], tuple[bytes, bool]] = {}
+        for exc_type, code in cls.errors.items():
+            codes[exc_type] = (_code(code), False)
+        for exc_type, code in cls.fatal_errors.items():
+            codes[exc_type] = (_code(code), True)
+        cls.error_codes = codes
+        cls.error_types = {code: exc_type for exc_type, (code, _) in codes.items()}
+        call_specials = (b"_command", b"_ask") if cls.requires_answer else (b"_command",)
+        cls.call_plan = _plan(cls.argument_specs, call_specials)
+        cls.answer_plan = _plan(cls.response_specs, (b"_answer",))
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(**{self.kwargs!r})"
+
+    @classmethod
+    def responder(cls, func: F) -> F:
+        """Mark a method (sync or async) as the responder for this command."""
+        setattr(func, RESPONDER_ATTRIBUTE, cls)
+        return func
+
+    @classmethod
+    def encode_arguments(cls, values: Mapping[str, Any]) -> Box:
+        """Encode call arguments into a box (without the special keys)."""
+        return encode_arguments(cls.argument_specs, values)
+
+    @classmethod
+    def decode_arguments(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+        """Decode call arguments from a received box."""
+        return decode_arguments(cls.argument_specs, box)
+
+    @classmethod
+    def encode_response(cls, values: Mapping[str, Any]) -> Box:
+        """Encode a responder's result into a box (without the special keys)."""
+        return encode_arguments(cls.response_specs, values)
+
+    @classmethod
+    def decode_response(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+        """Decode an answer box into the result dict."""
+        return decode_arguments(cls.response_specs, box)
+
+    @classmethod
+    def code_for(cls, exc: BaseException) -> tuple[bytes, bool] | None:
+        """The declared ``(code, fatal)`` for an exception (subclasses match), or None."""
+        codes = cls.error_codes
+        if not codes:
+            return None
+        for klass in type(exc).__mro__:
+            found = codes.get(klass)
+            if found is not None:
+                return found
+        return None
+
+
+class StartTLS(Command):
+    """Twisted's ``StartTLS`` command: TLS begins right after the (empty) answer."""
+
+    command_name = b"StartTLS"
+    errors: ClassVar[Mapping[type[BaseException], bytes | str]] = {TLSNotAvailable: TLS_ERROR_CODE}

@@ -1,0 +1,260 @@
+"""The sans-IO core: framing, commands, bookkeeping and every bad-input outcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from amp_commands import Big, DeclaredError, Fail, Notify, Ping
+
+from amgi import amp
+
+
+def box(**items: bytes) -> bytes:
+    return amp.encode_box({k.encode(): v for k, v in items.items()})
+
+
+class Typed(amp.Command):
+    arguments = [(b"n", amp.Integer()), (b"flag", amp.Boolean()), (b"u", amp.Unicode())]
+    response = [(b"ok", amp.Boolean())]
+
+
+def test_parser_byte_by_byte_equals_whole() -> None:
+    data = b"".join(
+        amp.encode_box({b"k%d" % i: b"v" * i, b"_command": b"X"}) for i in range(0, 300, 37)
+    )
+    whole = amp.BoxParser().feed(data)
+    parser = amp.BoxParser()
+    pieces: list[amp.Box] = []
+    for i in range(len(data)):
+        pieces.extend(parser.feed(data[i : i + 1]))
+    assert pieces == whole
+    assert len(whole) == 9
+    assert parser.buffered == 0
+
+
+def test_duplicate_keys_last_wins_and_empty_box() -> None:
+    data = b"\x00\x01a\x00\x011\x00\x01a\x00\x012\x00\x00\x00\x00"
+    assert amp.parse_boxes(data) == [{b"a": b"2"}, {}]
+
+
+def test_truncated_box_waits_then_parse_boxes_refuses() -> None:
+    parser = amp.BoxParser()
+    assert parser.feed(b"\x00\x01a\x00\x05abc") == []
+    assert parser.buffered > 0
+    with pytest.raises(amp.ProtocolError):
+        amp.parse_boxes(b"\x00\x01a\x00\x05abc")
+    with pytest.raises(amp.ProtocolError):
+        amp.parse_boxes(b"\x00\x01a\x00\x01b")  # pairs but no terminator
+
+
+def test_oversized_key_is_a_protocol_violation_and_stops_input() -> None:
+    conn = amp.Connection({b"Ping": Ping})
+    events = conn.receive_data(b"\x01\x00" + b"k" * 256)
+    assert events == [amp.ProtocolViolation("key length 256 is longer than 255")]
+    assert conn.failed
+    assert conn.receive_data(box(_command=b"Ping", _ask=b"1", text=b"x")) == []
+
+
+def test_box_without_special_key_is_a_protocol_violation() -> None:
+    conn = amp.Connection()
+    events = conn.receive_data(box(hello=b"world") + box(_command=b"Ping", _ask=b"1"))
+    assert len(events) == 1
+    assert isinstance(events[0], amp.ProtocolViolation)
+
+
+def test_unknown_command_answers_unhandled() -> None:
+    conn = amp.Connection()
+    events = conn.receive_data(box(_command=b"Nope", _ask=b"7"))
+    assert events == [amp.CallRejected(b"7", b"Nope", b"UNHANDLED", "Unhandled Command: b'Nope'")]
+    assert amp.parse_boxes(conn.data_to_send()) == [
+        {
+            b"_error": b"7",
+            b"_error_code": b"UNHANDLED",
+            b"_error_description": b"Unhandled Command: b'Nope'",
+        }
+    ]
+    # Without _ask nothing is answered.
+    conn.receive_data(box(_command=b"Nope"))
+    assert conn.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("items", "reason"),
+    [
+        ({"flag": b"True", "u": b"x"}, "missing argument 'n'"),
+        ({"n": b"12x", "flag": b"True", "u": b"x"}, "cannot decode 'n'"),
+        ({"n": b"1", "flag": b"yes", "u": b"x"}, "cannot decode 'flag'"),
+        ({"n": b"1", "flag": b"True", "u": b"\xff"}, "cannot decode 'u'"),
+    ],
+)
+def test_bad_arguments_answer_unknown_with_reason(items: dict[str, bytes], reason: str) -> None:
+    conn = amp.Connection({b"Typed": Typed})
+    events = conn.receive_data(box(_command=b"Typed", _ask=b"3", **items))
+    assert len(events) == 1
+    event = events[0]
+    assert isinstance(event, amp.CallRejected)
+    assert event.code == b"UNKNOWN"
+    assert reason in event.description
+    (answer,) = amp.parse_boxes(conn.data_to_send())
+    assert answer[b"_error"] == b"3"
+    assert answer[b"_error_code"] == b"UNKNOWN"
+    assert reason in answer[b"_error_description"].decode()
+
+
+def test_call_received_with_arguments() -> None:
+    conn = amp.Connection({b"Typed": Typed})
+    (event,) = conn.receive_data(
+        box(_command=b"Typed", _ask=b"z9", n=b"-4", flag=b"False", u=b"ok")
+    )
+    assert event == amp.CallReceived(b"z9", Typed, {"n": -4, "flag": False, "u": "ok"})
+
+
+def test_answers_errors_and_unknown_tags() -> None:
+    conn = amp.Connection()
+    t1 = conn.send_call(Typed, {"n": 1, "flag": True, "u": "a"})
+    t2 = conn.send_call(Fail, {"mode": "m"})
+    t3 = conn.send_call(Typed, {"n": 2, "flag": False, "u": "b"})
+    assert (t1, t2, t3) == (b"1", b"2", b"3")
+    assert conn.pending_tags == [b"1", b"2", b"3"]
+    conn.abandon(b"3")
+    events = conn.receive_data(
+        box(_answer=b"1", ok=b"True")
+        + box(_error=b"2", _error_code=b"DECLARED", _error_description=b"why")
+        + box(_answer=b"3", ok=b"True")
+        + box(_answer=b"99", ok=b"True")
+        + box(_error=b"1", _error_code=b"X", _error_description=b"again")
+    )
+    assert events[0] == amp.AnswerReceived(b"1", Typed, {"ok": True})
+    assert isinstance(events[1], amp.ErrorReceived)
+    assert isinstance(events[1].error, DeclaredError)
+    assert events[2:] == [
+        amp.AnswerDropped(b"3", late=True),
+        amp.AnswerDropped(b"99", late=False),
+        amp.AnswerDropped(b"1", late=False),
+    ]
+    assert conn.pending_tags == []
+
+
+def test_error_codes_map_to_library_exceptions() -> None:
+    conn = amp.Connection()
+    for _ in range(3):
+        conn.send_call(Ping, {"text": "x"})
+    events = conn.receive_data(
+        box(_error=b"1", _error_code=b"UNHANDLED", _error_description=b"Unhandled Command: b'Ping'")
+        + box(_error=b"2", _error_code=b"UNKNOWN", _error_description=b"Unknown Error")
+        + box(_error=b"3", _error_code=b"WEIRD", _error_description=b"\xff")
+    )
+    errors = [e.error for e in events if isinstance(e, amp.ErrorReceived)]
+    assert isinstance(errors[0], amp.UnhandledCommand)
+    assert isinstance(errors[1], amp.UnknownRemoteError)
+    assert errors[1].description == "Unknown Error"
+    assert isinstance(errors[2], amp.UnknownRemoteError)
+    assert errors[2].code == b"WEIRD"
+    assert errors[2].description == "\ufffd"
+
+
+def test_invalid_answer_fails_the_call() -> None:
+    conn = amp.Connection()
+    conn.send_call(Typed, {"n": 1, "flag": True, "u": "a"})
+    (event,) = conn.receive_data(box(_answer=b"1", ok=b"maybe"))
+    assert isinstance(event, amp.ErrorReceived)
+    assert isinstance(event.error, amp.ArgumentError)
+
+
+def test_connection_lost_reports_pending() -> None:
+    conn = amp.Connection()
+    conn.send_call(Ping, {"text": "a"})
+    conn.send_call(Notify, {"text": "b"})
+    conn.send_call(Ping, {"text": "c"})
+    assert conn.connection_lost() == [b"1", b"3"]
+    assert conn.receive_data(box(_answer=b"1", text=b"x")) == []
+
+
+def test_start_tls_followed_by_data_is_a_violation() -> None:
+    conn = amp.Connection()
+    for trailing in (b"\x16\x03\x01", b"\x00", box(_command=b"Ping")):
+        conn = amp.Connection({b"StartTLS": amp.StartTLS})
+        events = conn.receive_data(box(_command=b"StartTLS", _ask=b"1") + trailing)
+        assert isinstance(events[0], amp.CallReceived)
+        assert events[0].command is amp.StartTLS
+        assert isinstance(events[-1], amp.ProtocolViolation)
+        assert conn.failed
+
+
+def test_boxes_before_a_framing_error_are_delivered() -> None:
+    conn = amp.Connection({b"Ping": Ping})
+    events = conn.receive_data(box(_command=b"Ping", _ask=b"1", text=b"a") + b"\x01\x00")
+    assert events == [
+        amp.CallReceived(b"1", Ping, {"text": "a"}),
+        amp.ProtocolViolation("key length 256 is longer than 255"),
+    ]
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65535 * 3, 300_001])
+def test_big_bytes_chunks(size: int) -> None:
+    data = bytes(i % 251 for i in range(size))
+    encoded = Big.encode_arguments({"data": data})
+    chunks = -(-size // 65535) or 1
+    assert len(encoded) == chunks
+    assert encoded[b"data"] == data[:65535]
+    if chunks > 1:
+        assert encoded[b"data.%d" % chunks] == data[(chunks - 1) * 65535 :]
+    assert all(len(v) <= 65535 for v in encoded.values())
+    assert Big.decode_arguments(encoded) == {"data": data}
+
+
+def test_command_declarations() -> None:
+    class Named(amp.Command):
+        command_name = "other-name"
+        arguments = [(b"dashed-key", amp.Integer()), (b"from", amp.Integer(optional=True))]
+
+    assert Named.name == b"other-name"
+    assert Ping.name == b"Ping"
+    box_ = Named.encode_arguments({"dashed_key": 1, "From": None})
+    assert box_ == {b"dashed-key": b"1"}
+    assert Named.decode_arguments({b"dashed-key": b"2", b"from": b"3"}) == {
+        "dashed_key": 2,
+        "From": 3,
+    }
+    with pytest.raises(amp.ArgumentError, match="missing argument 'dashed_key'"):
+        Named.encode_arguments({})
+    with pytest.raises(amp.ArgumentError, match="unexpected argument"):
+        Named.encode_arguments({"dashed_key": 1, "bogus": 2})
+    with pytest.raises(amp.ArgumentError, match="cannot encode"):
+        Named.encode_arguments({"dashed_key": "not an int"})
+    assert Fail.code_for(DeclaredError()) == (b"DECLARED", False)
+
+    class SubError(DeclaredError):
+        pass
+
+    assert Fail.code_for(SubError()) == (b"DECLARED", False)
+    assert Fail.code_for(ValueError()) is None
+    assert repr(Ping(text="x")) == "Ping(**{'text': 'x'})"
+
+
+def test_send_call_rejects_oversized_values_without_queueing() -> None:
+    conn = amp.Connection()
+    with pytest.raises(amp.TooLong):
+        conn.send_call(Ping, {"text": "x" * 70000})
+    assert conn.data_to_send() == b""
+    assert conn.pending_tags == []
+
+
+def test_naive_datetime_and_bad_types_refused() -> None:
+    import datetime
+
+    with pytest.raises(ValueError, match="naive"):
+        amp.DateTime().to_bytes(datetime.datetime(2020, 1, 1))
+    with pytest.raises(ValueError, match="32"):
+        amp.DateTime().from_bytes(b"2020")
+    bad: list[tuple[amp.Argument[Any], Any]] = [
+        (amp.Float(), 1),
+        (amp.Decimal(), 1.5),
+        (amp.String(), "text"),
+    ]
+    for argument, value in bad:
+        with pytest.raises(TypeError):
+            argument.to_bytes(value)
+    with pytest.raises(ValueError, match="truncated"):
+        amp.ListOf(amp.Integer()).from_bytes(b"\x00\x05ab")

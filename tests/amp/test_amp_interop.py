@@ -1,0 +1,139 @@
+"""Live interop with real Twisted: our client with a Twisted server, Twisted's client with ours."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import pytest
+from amp_commands import (
+    CASES,
+    AllTypes,
+    Big,
+    DeclaredError,
+    Fail,
+    FatalError,
+    GetNotes,
+    IsSecure,
+    Nope,
+    Notify,
+    Peer,
+    Ping,
+    case_source,
+    norm,
+)
+from amp_helpers import TWISTED_PEER, Cert
+
+from amgi import amp
+
+
+def expected(case: dict[str, Any]) -> Any:
+    return norm({**case, "opt": case.get("opt")})
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+async def test_all_types_with_twisted_server(twisted_server: int, index: int) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        result = await conn.call_remote(AllTypes, **CASES[index])
+        assert norm(result) == expected(CASES[index])
+
+
+async def test_errors_with_twisted_server(twisted_server: int) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        with pytest.raises(DeclaredError, match=r"^declared text$"):
+            await conn.call_remote(Fail, mode="declared")
+        with pytest.raises(amp.UnhandledCommand) as unhandled:
+            await conn.call_remote(Nope)
+        assert unhandled.value.code == b"UNHANDLED"
+        assert unhandled.value.description == "Unhandled Command: b'Nope'"
+        # Twisted closes the connection after an undeclared error.
+        with pytest.raises(amp.UnknownRemoteError) as unknown:
+            await conn.call_remote(Fail, mode="undeclared")
+        assert unknown.value.code == b"UNKNOWN"
+        assert unknown.value.description == "Unknown Error"
+        await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+async def test_fatal_error_with_twisted_server(twisted_server: int) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        with pytest.raises(FatalError, match=r"^fatal text$"):
+            await conn.call_remote(Fail, mode="fatal")
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        assert conn.is_closed
+        with pytest.raises(amp.ConnectionLost):
+            await conn.call_remote(Ping, text="after")
+
+
+async def test_bidirectional_big_and_notify_with_twisted_server(twisted_server: int) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        assert await conn.call_remote(Ping(text="hello")) == {"text": "ping:pong:hello"}
+        data = bytes(range(256)) * 1100
+        result = await conn.call_remote(Big, data=data)
+        assert result == {"data": data[::-1], "size": len(data)}
+        assert await conn.call_remote(Notify, text="n1") is None
+        assert await conn.call_remote(Notify, text="n2") is None
+        assert await conn.call_remote(GetNotes) == {"notes": ["n1", "n2"]}
+        # Many calls in flight at once, answered by tag.
+        results = await asyncio.gather(*(conn.call_remote(Ping, text=str(i)) for i in range(50)))
+        assert [r["text"] for r in results if r] == [f"ping:pong:{i}" for i in range(50)]
+
+
+async def test_start_tls_with_twisted_server(twisted_server: int, cert: Cert) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        assert await conn.call_remote(IsSecure) == {"secure": False}
+        await conn.start_tls(cert.client_context(), server_hostname="localhost")
+        assert conn.transport is not None
+        assert conn.transport.get_extra_info("ssl_object") is not None
+        assert await conn.call_remote(IsSecure) == {"secure": True}
+        assert await conn.call_remote(Ping, text="tls") == {"text": "ping:pong:tls"}
+        data = b"\xab" * 200_000
+        assert await conn.call_remote(Big, data=data) == {"data": data, "size": 200_000}
+
+
+async def test_twisted_client_with_our_server(cert: Cert) -> None:
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peer = Peer(tls_context=cert.server_context())
+        peers.append(peer)
+        return peer
+
+    server = await amp.serve(factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "client",
+            str(port),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        values = json.dumps([case_source(case) for case in CASES]).encode()
+        out, err = await asyncio.wait_for(proc.communicate(values), 30)
+        assert proc.returncode == 0, err.decode()
+        report = json.loads(out)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert report["all_types"] == [expected(case) for case in CASES]
+    assert report["declared"] == {"error": "DeclaredError", "text": "declared text"}
+    assert report["undeclared"]["error"] == "UnknownRemoteError"
+    assert "Unknown Error" in report["undeclared"]["text"]
+    assert "secret" not in report["undeclared"]["text"]
+    assert report["unhandled"]["error"] == "UnhandledCommand"
+    assert "Nope" in report["unhandled"]["text"]
+    assert report["ping"] == {"text": "ping:pong:hello"}
+    assert report["big"] == [281_600, True]
+    assert report["notes"] == {"notes": ["n1", "n2"]}
+    assert report["secure_before"] is False
+    assert report["secure_after"] is True
+    assert report["ping_tls"] == {"text": "ping:pong:tls"}
+    assert report["big_tls"] == [281_600, True]
+    assert report["fatal"] == {"error": "FatalError", "text": "fatal text"}
+    assert report["closed_after_fatal"] is True
+    assert len(peers) == 1
+    await asyncio.wait_for(peers[0].wait_closed(), 5)

@@ -1,0 +1,244 @@
+"""A Twisted AMP peer for the interop tests (runs in a subprocess).
+
+    python twisted_peer.py server CERT_PEM       prints "PORT <n>", serves until killed
+    python twisted_peer.py client PORT           runs the scenario, prints a JSON report
+
+Only Twisted is imported here: these are Twisted's own declarations of the
+commands in commands.py, so the two sides meet only on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from twisted.internet import defer, endpoints, protocol, reactor, ssl, task
+from twisted.internet.interfaces import ISSLTransport
+from twisted.protocols import amp
+
+
+class TwistedBigBytes(amp.Argument):
+    """Twisted side of BigBytes: keys name, name.2, name.3, ... of <= 65,535 bytes each."""
+
+    def fromBox(self, name, strings, objects, proto):
+        first = strings.get(name)
+        if first is None:
+            objects[name.decode()] = None
+            return
+        chunks = [first]
+        counter = 2
+        while (chunk := strings.get(b"%s.%d" % (name, counter))) is not None:
+            chunks.append(chunk)
+            counter += 1
+        objects[name.decode()] = b"".join(chunks)
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects.pop(name.decode(), None)
+        if value is None:
+            return
+        strings[name] = value[:0xFFFF]
+        for counter, start in enumerate(range(0xFFFF, len(value), 0xFFFF), start=2):
+            strings[b"%s.%d" % (name, counter)] = value[start : start + 0xFFFF]
+
+
+class DeclaredError(Exception):
+    pass
+
+
+class FatalError(Exception):
+    pass
+
+
+TYPES = [
+    (b"i", amp.Integer()),
+    (b"s", amp.String()),
+    (b"u", amp.Unicode()),
+    (b"fl", amp.Float()),
+    (b"b", amp.Boolean()),
+    (b"d", amp.Decimal()),
+    (b"dt", amp.DateTime()),
+    (b"li", amp.ListOf(amp.Integer())),
+    (b"lu", amp.ListOf(amp.Unicode())),
+    (b"al", amp.AmpList([(b"x", amp.Integer()), (b"y", amp.Unicode(optional=True))])),
+    (b"opt", amp.Unicode(optional=True)),
+]
+
+
+class AllTypes(amp.Command):
+    arguments = TYPES
+    response = TYPES
+
+
+class Fail(amp.Command):
+    arguments = [(b"mode", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+    fatalErrors = {FatalError: b"FATAL"}
+
+
+class Ping(amp.Command):
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"text", amp.Unicode())]
+
+
+class Pong(amp.Command):
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"text", amp.Unicode())]
+
+
+class Big(amp.Command):
+    arguments = [(b"data", TwistedBigBytes())]
+    response = [(b"data", TwistedBigBytes()), (b"size", amp.Integer())]
+
+
+class Notify(amp.Command):
+    arguments = [(b"text", amp.Unicode())]
+    requiresAnswer = False
+
+
+class GetNotes(amp.Command):
+    response = [(b"notes", amp.ListOf(amp.Unicode()))]
+
+
+class IsSecure(amp.Command):
+    response = [(b"secure", amp.Boolean())]
+
+
+class Nope(amp.Command):
+    pass
+
+
+class Peer(amp.AMP):
+    certificate: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: list[str] = []
+
+    @AllTypes.responder
+    def all_types(self, **kwargs):
+        return kwargs
+
+    @Fail.responder
+    def fail(self, mode):
+        if mode == "declared":
+            raise DeclaredError("declared text")
+        if mode == "fatal":
+            raise FatalError("fatal text")
+        raise ZeroDivisionError("secret detail")
+
+    @Ping.responder
+    async def ping(self, text):
+        answer = await self.callRemote(Pong, text=text)
+        return {"text": "ping:" + answer["text"]}
+
+    @Pong.responder
+    def pong(self, text):
+        return {"text": "pong:" + text}
+
+    @Big.responder
+    def big(self, data):
+        return {"data": data[::-1], "size": len(data)}
+
+    @Notify.responder
+    def notify(self, text):
+        self.notes.append(text)
+        return {}
+
+    @GetNotes.responder
+    def get_notes(self):
+        return {"notes": self.notes}
+
+    @IsSecure.responder
+    def is_secure(self):
+        return {"secure": ISSLTransport.providedBy(self.transport)}
+
+    @amp.StartTLS.responder
+    def start_tls(self):
+        return {"tls_localCertificate": self.certificate}
+
+
+def serve(cert_path: str) -> None:
+    with open(cert_path) as f:
+        Peer.certificate = ssl.PrivateCertificate.loadPEM(f.read())
+    factory = protocol.Factory.forProtocol(Peer)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    print("PORT", port.getHost().port, flush=True)
+    reactor.run()
+
+
+def describe(failure_or_value: Any) -> Any:
+    if isinstance(failure_or_value, Exception):
+        return {"error": type(failure_or_value).__name__, "text": str(failure_or_value)}
+    return failure_or_value
+
+
+def norm(value: Any) -> Any:
+    """JSON-friendly form of a value, so floats, decimals and datetimes compare exactly."""
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return "DT:" + value.isoformat()
+    if isinstance(value, list):
+        return [norm(item) for item in value]
+    if isinstance(value, dict):
+        return {key: norm(item) for key, item in sorted(value.items())}
+    return repr(value)
+
+
+async def call(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> Any:
+    try:
+        return await proto.callRemote(command, **kwargs)
+    except Exception as exc:
+        return describe(exc)
+
+
+async def scenario(reactor_: Any, port: int, values_json: str) -> None:
+    import datetime
+    import decimal
+
+    report: dict[str, Any] = {}
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_, "127.0.0.1", port)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    cases = json.loads(values_json)
+    report["all_types"] = []
+    for case in cases:
+        kwargs = {
+            k: eval(v, {"datetime": datetime, "Decimal": decimal.Decimal}) for k, v in case.items()
+        }
+        result = await proto.callRemote(AllTypes, **kwargs)
+        report["all_types"].append(norm(result))
+    report["declared"] = await call(proto, Fail, mode="declared")
+    report["undeclared"] = await call(proto, Fail, mode="undeclared")
+    report["unhandled"] = await call(proto, Nope)
+    report["ping"] = await call(proto, Ping, text="hello")
+    data = bytes(range(256)) * 1100  # 281,600 bytes: five chunks
+    big = await proto.callRemote(Big, data=data)
+    report["big"] = [big["size"], big["data"] == data[::-1]]
+    proto.callRemote(Notify, text="n1")
+    proto.callRemote(Notify, text="n2")
+    report["notes"] = await call(proto, GetNotes)
+    report["secure_before"] = (await proto.callRemote(IsSecure))["secure"]
+    await proto.callRemote(amp.StartTLS)
+    report["secure_after"] = (await proto.callRemote(IsSecure))["secure"]
+    report["ping_tls"] = await call(proto, Ping, text="tls")
+    big = await proto.callRemote(Big, data=data)
+    report["big_tls"] = [big["size"], big["data"] == data[::-1]]
+    lost = defer.Deferred()
+    proto.connectionLost = lambda reason: lost.callback(None)
+    report["fatal"] = await call(proto, Fail, mode="fatal")
+    await lost
+    report["closed_after_fatal"] = True
+    print(json.dumps(report, sort_keys=True), flush=True)
+
+
+def client(port: int) -> None:
+    values_json = sys.stdin.read()
+    task.react(lambda r: defer.ensureDeferred(scenario(r, port, values_json)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "server":
+        serve(sys.argv[2])
+    else:
+        client(int(sys.argv[2]))
