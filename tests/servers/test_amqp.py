@@ -1,0 +1,401 @@
+"""The AMQP server against a real RabbitMQ: transport calls, the runtime on top, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.amqp import (
+    AmqpOptions,
+    AmqpSendError,
+    AmqpTransport,
+    headers_to_table,
+    table_to_headers,
+)
+from amgi.transport import Batch, DeadLetter, Retry, Settlement
+from tests.servers.test_amqp_support import (
+    URL,
+    broker_restarted_at_exit,
+    delete_exchange,
+    drain,
+    new_queue,
+    queue_depth,
+    rabbitmq,
+    rabbitmqctl,
+)
+
+__all__ = ["rabbitmq"]
+
+pytestmark = pytest.mark.usefixtures("rabbitmq")
+
+
+@pytest.fixture
+async def queue() -> str:
+    return new_queue()
+
+
+@pytest.fixture
+async def transport(queue: str) -> AsyncIterator[AmqpTransport]:
+    t = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=10, linger=0.01))
+    await t.connect()
+    yield t
+    await t.close()
+
+
+async def fetch_n(t: AmqpTransport, n: int, timeout: float = 10) -> list[Batch]:
+    batches: list[Batch] = []
+    async with asyncio.timeout(timeout):
+        while sum(len(b.messages) for b in batches) < n:
+            batches.extend(await t.fetch())
+    return batches
+
+
+# -- pure conversions ---------------------------------------------------------------------
+
+
+def test_headers_round_trip_through_a_table() -> None:
+    headers = [(b"a", b"1"), (b"b", b"\xff\x00"), (b"a", b"2"), (b"c", b"")]
+    attempt, back = table_to_headers(headers_to_table(headers))
+    assert attempt == 1
+    assert sorted(back) == sorted(headers)
+
+
+def test_attempt_and_broker_headers_are_split_off() -> None:
+    table = {"amgi-attempt": "3", "x-death": [{"count": 1}], "x-delivery-count": 2, "k": 7}
+    attempt, headers = table_to_headers(table)
+    assert attempt == 5
+    assert headers == [(b"k", b"7")]
+
+
+# -- the transport ------------------------------------------------------------------------
+
+
+async def test_publish_fetch_ack_with_headers_and_bindings(
+    transport: AmqpTransport, queue: str
+) -> None:
+    stamp = datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC)
+    binding = {
+        "contentType": "application/json",
+        "contentEncoding": "utf-8",
+        "correlationId": "corr-1",
+        "replyTo": "answers",
+        "expiration": 60000,
+        "messageId": "m-1",
+        "timestamp": int(stamp.timestamp()),
+        "messageType": "order.created",
+        "userId": "guest",
+        "appId": "tests",
+        "priority": 4,
+        "deliveryMode": 2,
+    }
+    await transport.publish(queue, [(b"h1", b"v1"), (b"h2", b"v2")], b'{"n":1}', {"amqp": binding})
+    [batch] = await fetch_n(transport, 1)
+    [m] = batch.messages
+    assert batch.address == queue
+    assert batch.key == queue
+    assert m.payload == b'{"n":1}'
+    assert m.headers == [(b"h1", b"v1"), (b"h2", b"v2")]
+    assert m.attempt == 1
+    got = m.bindings["amqp"]
+    assert got == {**binding, "exchange": "", "routingKey": queue, "redelivered": False}
+    await transport.settle(batch, Settlement(acked=[m]))
+    assert await queue_depth(queue) == 0
+
+
+async def test_batches_respect_size_and_order(transport: AmqpTransport, queue: str) -> None:
+    for i in range(25):
+        await transport.publish(queue, [], b"%d" % i, {})
+    batches = await fetch_n(transport, 25)
+    assert all(len(b.messages) <= 10 for b in batches)
+    payloads = [m.payload for b in batches for m in b.messages]
+    assert payloads == [b"%d" % i for i in range(25)]
+    for b in batches:
+        await transport.settle(b, Settlement(acked=list(b.messages)))
+    assert await queue_depth(queue) == 0
+
+
+async def test_an_ack_never_covers_an_earlier_unsettled_batch(queue: str) -> None:
+    options = AmqpOptions(url=URL, batch_size=5, linger=0.05)
+    first = AmqpTransport([queue], options)
+    await first.connect()
+    try:
+        for i in range(10):
+            await first.publish(queue, [], b"%d" % i, {})
+        batches = await fetch_n(first, 10)
+        early, late = batches[0], batches[-1]
+        assert early is not late
+        await first.settle(late, Settlement(acked=list(late.messages)))
+    finally:
+        await first.close()
+    # Nothing was acked: the later batch waited for the earlier one, which never settled.
+    assert await queue_depth(queue) == 10
+
+    second = AmqpTransport([queue], options)
+    await second.connect()
+    try:
+        batches = await fetch_n(second, 10)
+        assert all(m.bindings["amqp"]["redelivered"] for b in batches for m in b.messages)
+        for b in reversed(batches):  # settled out of order: acked once the gap closes
+            await second.settle(b, Settlement(acked=list(b.messages)))
+    finally:
+        await second.close()
+    assert await queue_depth(queue) == 0
+
+
+async def test_retry_comes_back_after_the_delay_with_the_next_attempt(
+    transport: AmqpTransport, queue: str
+) -> None:
+    await transport.publish(queue, [(b"k", b"v")], b"again", {})
+    [batch] = await fetch_n(transport, 1)
+    [m] = batch.messages
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await transport.settle(batch, Settlement(retry=[Retry(m, "try later", 0.3)]))
+    [batch] = await fetch_n(transport, 1)
+    elapsed = loop.time() - started
+    [again] = batch.messages
+    assert elapsed >= 0.25
+    assert again.attempt == 2
+    assert again.payload == b"again"
+    assert again.headers == [(b"k", b"v")]
+    await transport.settle(batch, Settlement(acked=[again]))
+    assert await queue_depth(queue) == 0
+    assert await queue_depth(f"{queue}.retry.300") == 0
+
+
+async def test_dead_letter_lands_in_the_dead_letter_queue_with_the_reason(
+    transport: AmqpTransport, queue: str
+) -> None:
+    await transport.publish(queue, [(b"k", b"v")], b"poison", {"amqp": {"correlationId": "c"}})
+    [batch] = await fetch_n(transport, 1)
+    [m] = batch.messages
+    await transport.settle(batch, Settlement(dead=[DeadLetter(m, "bad input")]))
+    [dead] = await drain(f"{queue}.dead-letter", 1, timeout=5)
+    assert dead.body == b"poison"
+    props = dead.header.properties
+    assert props.correlation_id == "c"
+    assert props.headers["amgi-dead-letter-reason"] == "bad input"
+    assert props.headers["amgi-original-address"] == queue
+    assert props.headers["k"] == "v"
+    assert await queue_depth(queue) == 0
+
+
+async def test_unroutable_send_raises_the_send_error(transport: AmqpTransport) -> None:
+    with pytest.raises(AmqpSendError, match="unroutable"):
+        await transport.publish(new_queue(), [], b"x", {})
+
+
+async def test_send_to_a_missing_exchange_raises_and_consuming_goes_on(
+    transport: AmqpTransport, queue: str
+) -> None:
+    await transport.publish(queue, [], b"before", {})
+    [before] = await fetch_n(transport, 1)
+    with pytest.raises(AmqpSendError, match="NOT_FOUND"):
+        await transport.publish(queue, [], b"x", {"amqp": {"exchange": "amgi-test-no-such-x"}})
+    # The consuming channel is untouched: the earlier delivery can still be acked.
+    await transport.settle(before, Settlement(acked=list(before.messages)))
+    await transport.publish(queue, [], b"after", {})
+    [after] = await fetch_n(transport, 1)
+    assert [m.payload for m in after.messages] == [b"after"]
+    await transport.settle(after, Settlement(acked=list(after.messages)))
+    assert await queue_depth(queue) == 0
+
+
+async def test_exchange_topology_and_send_routing(queue: str) -> None:
+    exchange = queue + "-x"
+    options = AmqpOptions(url=URL, exchange=exchange, exchange_type="topic", routing_keys=["o.*"])
+    t = AmqpTransport([queue], options)
+    await t.connect()
+    try:
+        await t.publish("o.created", [], b"routed", {})
+        [batch] = await fetch_n(t, 1)
+        [m] = batch.messages
+        assert m.payload == b"routed"
+        assert m.bindings["amqp"]["exchange"] == exchange
+        assert m.bindings["amqp"]["routingKey"] == "o.created"
+        await t.settle(batch, Settlement(acked=[m]))
+        with pytest.raises(AmqpSendError, match="unroutable"):
+            await t.publish("p.created", [], b"nowhere", {})
+    finally:
+        await t.close()
+        await delete_exchange(exchange)
+
+
+async def test_quorum_queue_counts_redeliveries_as_attempts(queue: str) -> None:
+    options = AmqpOptions(url=URL, queue_type="quorum", batch_size=1)
+    t = AmqpTransport([queue], options)
+    await t.connect()
+    try:
+        await t.publish(queue, [], b"q", {})
+        [batch] = await fetch_n(t, 1)
+        assert batch.messages[0].attempt == 1
+    finally:
+        await t.close()  # unsettled: the broker redelivers and counts it
+    t = AmqpTransport([queue], options)
+    await t.connect()
+    try:
+        [batch] = await fetch_n(t, 1)
+        assert batch.messages[0].attempt == 2
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+async def test_wrong_credentials_give_one_clear_error() -> None:
+    t = AmqpTransport([new_queue()], AmqpOptions(url="amqp://guest:wrong@127.0.0.1:5672/"))
+    with pytest.raises(BrokerUnavailable, match="refused the credentials") as info:
+        await t.connect()
+    assert "wrong" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+async def test_unreachable_broker_gives_one_clear_error() -> None:
+    t = AmqpTransport([new_queue()], AmqpOptions(url="amqp://guest:guest@127.0.0.1:1/"))
+    with pytest.raises(BrokerUnavailable, match="cannot connect to amqp://guest:\\*\\*\\*@"):
+        await t.connect()
+
+
+async def test_missing_queue_in_passive_mode_gives_one_clear_error() -> None:
+    name = new_queue()
+    t = AmqpTransport([name], AmqpOptions(url=URL, passive=True))
+    with pytest.raises(ConfigurationError, match=f"queue '{name}' does not exist"):
+        await t.connect()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("queue_type", "stream"), ("batch_size", 0), ("prefetch", 70000)],
+)
+async def test_bad_options_are_configuration_errors(field: str, value: Any) -> None:
+    options = AmqpOptions(url=URL)
+    setattr(options, field, value)
+    with pytest.raises(ConfigurationError, match=field.split("_")[0]):
+        await AmqpTransport([new_queue()], options).connect()
+
+
+# -- the runtime on top -------------------------------------------------------------------
+
+
+class Recorder:
+    """A raw AMGI app that acks everything (or nacks what ``poison`` says) and records it."""
+
+    def __init__(self, poison: bytes | None = None, pause: float = 0.0) -> None:
+        self.seen: list[bytes] = []
+        self.attempts: list[int] = []
+        self.poison = poison
+        self.pause = pause
+        self.changed = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        while True:
+            event = await receive()
+            payload = event.get("payload") or b""
+            self.seen.append(payload)
+            self.attempts.append(event["bindings"]["amgi"]["attempt"])
+            if payload == self.poison:
+                await send({"type": "message.nack", "id": event["id"], "message": "poisoned"})
+            else:
+                await send({"type": "message.ack", "id": event["id"]})
+            if not event.get("more_messages"):
+                break
+        self.changed.set()
+        if self.pause:
+            await asyncio.sleep(self.pause)
+
+    async def wait(self, predicate: Any, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def run_in_background(runtime: Runtime) -> asyncio.Task[int]:
+    task = asyncio.create_task(runtime.serve())
+    async with asyncio.timeout(15):
+        await runtime.started.wait()
+    return task
+
+
+async def test_poison_message_is_dead_lettered_after_max_attempts(queue: str) -> None:
+    app = Recorder(poison=b"poison")
+    transport = AmqpTransport([queue], AmqpOptions(url=URL))
+    config = RuntimeConfig(max_attempts=3, retry_delay=0.05, retry_delay_max=0.2)
+    runtime = Runtime(app, transport, config)
+    task = await run_in_background(runtime)
+    try:
+        await transport.publish(queue, [], b"poison", {})
+        await transport.publish(queue, [], b"fine", {})
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=10)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert dead.body == b"poison"
+    headers = dead.header.properties.headers
+    assert headers["amgi-dead-letter-reason"] == "poisoned"
+    assert headers["amgi-attempt"] == "3"
+    poisoned = [a for p, a in zip(app.seen, app.attempts, strict=True) if p == b"poison"]
+    assert poisoned == [1, 2, 3]
+    assert app.seen.count(b"fine") == 1
+    assert await queue_depth(queue) == 0
+
+
+async def test_broker_restart_mid_stream_loses_nothing(queue: str) -> None:
+    total = 200
+    app = Recorder(pause=0.05)
+    transport = AmqpTransport(
+        [queue], AmqpOptions(url=URL, batch_size=10, prefetch=20, reconnect_delay_max=0.5)
+    )
+    for i in range(total):
+        await transport_publish_once(queue, b"%d" % i)
+    runtime = Runtime(app, transport, RuntimeConfig(retry_delay=0.05))
+    task = await run_in_background(runtime)
+    try:
+        await app.wait(lambda: len(app.seen) >= 40, timeout=20)
+        assert len(set(app.seen)) < total, "the stream ended before the restart"
+        async with broker_restarted_at_exit():
+            await rabbitmqctl("stop_app")
+        expected = {b"%d" % i for i in range(total)}
+        await app.wait(lambda: expected <= set(app.seen), timeout=60)
+        assert transport._generation >= 2, "the transport never reconnected"
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert await queue_depth(queue) == 0
+
+
+_publisher: dict[str, AmqpTransport] = {}
+
+
+async def transport_publish_once(queue: str, payload: bytes) -> None:
+    """Publish with a throwaway send-only transport (as ``amgi send`` does)."""
+    t = _publisher.get(queue)
+    if t is None:
+        t = _publisher[queue] = AmqpTransport([], AmqpOptions(url=URL))
+        await t.connect()
+        # the queue must exist before the first send is routable
+        import aiormq
+
+        connection = await aiormq.connect(URL)
+        channel = await connection.channel()
+        await channel.queue_declare(queue, durable=True)
+        await connection.close()
+    await t.publish(queue, [], payload, {})
+
+
+@pytest.fixture(autouse=True)
+async def _close_publishers() -> AsyncIterator[None]:
+    yield
+    while _publisher:
+        _, t = _publisher.popitem()
+        await t.close()

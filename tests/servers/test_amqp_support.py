@@ -1,0 +1,140 @@
+"""Shared helpers of the AMQP tests: the broker, fresh queue names, clean-up, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+PREFIX = "amgi-test-"
+
+
+def _port_open(port: int = 5672) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ensure_broker() -> None:
+    """Start RabbitMQ with the project's script unless it already answers."""
+    if _port_open():
+        return
+    subprocess.run(["bash", "scripts/brokers/rabbitmq.sh"], cwd=ROOT, check=True, timeout=300)
+
+
+def new_queue() -> str:
+    """A queue name no other test uses."""
+    return PREFIX + uuid.uuid4().hex[:12]
+
+
+async def delete_test_queues() -> None:
+    """Delete every queue a test created (names start with the test prefix)."""
+    import aiormq
+
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        "list_queues",
+        "name",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await listing.communicate()
+    names = [n for n in out.decode().split() if n.startswith(PREFIX)]
+    if not names:
+        return
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
+async def rabbitmqctl(*args: str, timeout: float = 60) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode().strip()}")
+
+
+@contextlib.asynccontextmanager
+async def broker_restarted_at_exit() -> AsyncIterator[None]:
+    """Make sure the broker app runs again when the block ends, even on failure."""
+    try:
+        yield
+    finally:
+        await rabbitmqctl("start_app")
+        await rabbitmqctl("await_startup", "--timeout", "60")
+
+
+async def delete_exchange(name: str) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def queue_depth(queue: str) -> int:
+    """Ready + unacked messages of ``queue``, as the broker counts them."""
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(queue, passive=True)
+        return int(ok.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def drain(queue: str, count: int, timeout: float) -> list[Any]:
+    """Take ``count`` messages off ``queue`` with basic.get, waiting up to ``timeout``."""
+    import aiormq
+    from pamqp.commands import Basic
+
+    connection = await aiormq.connect(URL)
+    found: list[Any] = []
+    try:
+        channel = await connection.channel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(found) < count:
+            got = await channel.basic_get(queue, no_ack=True)
+            if isinstance(got.delivery, Basic.GetOk):
+                found.append(got)
+                continue
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    return found
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[str]:
+    """The broker URL; deletes the test queues at the end of the session."""
+    ensure_broker()
+    yield URL
+    asyncio.run(delete_test_queues())
