@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Start moto's server (an SQS stand-in for tests) on 127.0.0.1:5000, in the background.
+# Idempotent: does nothing when it already answers. Run from the repository root.
+set -euo pipefail
+
+HOST=127.0.0.1
+PORT="${AMGI_MOTO_PORT:-5000}"
+URL="http://${HOST}:${PORT}/moto-api/"
+VENV="${VENV:-.venv}"
+LOG_DIR=.brokers
+WAIT_SECONDS="${AMGI_MOTO_WAIT:-60}"
+
+answers() {
+    "$VENV/bin/python" - "$URL" <<'PY'
+import sys
+import urllib.request
+
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=2) as response:
+        sys.exit(0 if response.status == 200 else 1)
+except OSError:
+    sys.exit(1)
+PY
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "moto.sh: no virtual environment at $VENV (create it first)" >&2
+    exit 1
+fi
+
+if answers; then
+    echo "moto: already running on ${HOST}:${PORT}"
+    exit 0
+fi
+
+if [ ! -x "$VENV/bin/moto_server" ]; then
+    echo "moto: installing moto[server] into $VENV"
+    "$VENV/bin/python" -m pip install --quiet "moto[server]>=5" "aiobotocore[boto3]>=2.13"
+fi
+
+mkdir -p "$LOG_DIR"
+nohup "$VENV/bin/moto_server" -H "$HOST" -p "$PORT" >"$LOG_DIR/moto.log" 2>&1 &
+echo $! >"$LOG_DIR/moto.pid"
+
+deadline=$((SECONDS + WAIT_SECONDS))
+until answers; do
+    if ! kill -0 "$(cat "$LOG_DIR/moto.pid")" 2>/dev/null; then
+        echo "moto: the server exited during startup; see $LOG_DIR/moto.log" >&2
+        tail -n 20 "$LOG_DIR/moto.log" >&2 || true
+        exit 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "moto: not answering on ${URL} after ${WAIT_SECONDS}s; see $LOG_DIR/moto.log" >&2
+        exit 1
+    fi
+    sleep 0.5
+done
+echo "moto: running on ${HOST}:${PORT} (pid $(cat "$LOG_DIR/moto.pid"))"

@@ -1,0 +1,227 @@
+"""What the Lambda adapters share: one event loop, lifespan and publisher per container.
+
+A Lambda container runs invocations one after another in one process. The adapter keeps
+one asyncio event loop for the life of the container, so the application's lifespan call
+(started on the first invocation) and its connections survive between invocations. Each
+invocation runs its batches through :func:`amgi.runtime.call_app`, the same batch call
+the long-lived runtime makes, bounded by the invocation's remaining time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import Any, Protocol
+
+from amgi.errors import AMGIError, SendError
+from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig, call_app
+from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
+from amgi.types import AMGIApplication
+
+__all__ = ["BatchFailed", "LambdaAdapter", "LambdaContext", "MalformedEvent"]
+
+logger = logging.getLogger("amgi.serverless")
+
+
+class LambdaContext(Protocol):
+    """The part of the Lambda context object the adapters use."""
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+class MalformedEvent(AMGIError, ValueError):
+    """The invocation event is not of the documented shape; nothing was processed."""
+
+
+class BatchFailed(AMGIError):
+    """Raised from an invocation so that Lambda retries the whole batch."""
+
+
+PublisherFactory = Callable[[Mapping[str, Any]], Transport]
+"""Makes the transport ``message.send`` goes through, from the first event that needs it."""
+
+
+class LambdaAdapter:
+    """Base of the Lambda handlers: call it as ``handler(event, context)``.
+
+    ``config`` supplies ``max_attempts`` (a nacked message on its last attempt counts as
+    dead) and ``lifespan``. ``publisher`` is the transport that ``message.send`` uses;
+    it is connected on the first send and closed at shutdown. ``deadline_margin`` is the
+    time kept back from the invocation's remaining time to report the outcome.
+    """
+
+    def __init__(
+        self,
+        app: AMGIApplication,
+        *,
+        config: RuntimeConfig | None = None,
+        publisher: Transport | PublisherFactory | None = None,
+        deadline_margin: float = 1.0,
+        handle_sigterm: bool = True,
+    ) -> None:
+        self.app = app
+        self.config = config or RuntimeConfig()
+        self.deadline_margin = deadline_margin
+        self.handle_sigterm = handle_sigterm
+        self._publisher_spec = publisher
+        self._publisher: Transport | None = None
+        self._publisher_lock: asyncio.Lock | None = None
+        self._event: Mapping[str, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lifespan: Lifespan | None = None
+        self._closing = False
+
+    # -- the Lambda entry point ------------------------------------------------------
+
+    def __call__(self, event: Any, context: LambdaContext | None = None) -> Any:
+        """Handle one invocation on the container's event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.new_event_loop()
+            if self.handle_sigterm:
+                self._install_sigterm()
+        result = loop.run_until_complete(self.handle(event, context))
+        if self._closing:
+            self.close()
+        return result
+
+    async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
+        """Handle one invocation (the coroutine behind ``__call__``)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Run lifespan shutdown, close the publisher and the event loop (container end)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if loop.is_running():
+            self._closing = True  # at the end of the invocation in progress
+            return
+        try:
+            loop.run_until_complete(self.aclose())
+        finally:
+            loop.close()
+            self._loop = None
+
+    async def aclose(self) -> None:
+        """The asynchronous part of :meth:`close`, for use on a loop you own."""
+        lifespan, self._lifespan = self._lifespan, None
+        if lifespan is not None:
+            await lifespan.shutdown(self.config.shutdown_timeout)
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            try:
+                await publisher.close()
+            except Exception:
+                logger.exception("closing the %s publisher failed", publisher.name)
+
+    def _install_sigterm(self) -> None:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            logger.info("SIGTERM: shutting the application down")
+            self.close()
+            if previous not in (signal.SIG_DFL, signal.SIG_IGN, None) and callable(previous):
+                previous(signum, frame)
+            else:
+                raise SystemExit(0)
+
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: the host shuts us down itself
+            logger.debug("not on the main thread: SIGTERM left to the host")
+
+    # -- one invocation ----------------------------------------------------------------
+
+    async def _startup(self) -> None:
+        if self._lifespan is None:
+            lifespan = Lifespan(self.app, self.config.lifespan)
+            await lifespan.startup()  # raises StartupFailed; tried again next time
+            self._lifespan = lifespan
+
+    def _deadline(self, context: LambdaContext | None) -> float | None:
+        """Seconds this invocation may spend in the application, or None (no limit)."""
+        if context is None:
+            return None
+        remaining = context.get_remaining_time_in_millis() / 1000.0
+        return max(0.0, remaining - self.deadline_margin)
+
+    async def run_batches(
+        self, batches: Sequence[Batch], event: Mapping[str, Any], timeout: float | None
+    ) -> list[Settlement]:
+        """Call the app once per batch, concurrently, within ``timeout`` seconds.
+
+        Batches still running at the deadline are cancelled: what their app acked stays
+        acked, the rest is nacked ("cancelled (shutdown or deadline)").
+        """
+        await self._startup()
+        self._event = event
+        lifespan = self._lifespan
+        state = lifespan.state if lifespan is not None and lifespan.supported else None
+        tasks = [
+            asyncio.create_task(call_app(self.app, b, self._publish, self.config, state=state))
+            for b in batches
+        ]
+        if not tasks:
+            return []
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            logger.warning(
+                "%d batch(es) still running at the invocation deadline: cancelling them",
+                len(pending),
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+        settlements = []
+        for task in tasks:
+            try:
+                settlements.append(task.result())
+            except CallCancelled as exc:
+                settlements.append(exc.settlement)
+        return settlements
+
+    # -- message.send --------------------------------------------------------------------
+
+    def default_publisher(self, event: Mapping[str, Any]) -> Transport:
+        """The transport ``message.send`` uses when none was given."""
+        raise NotImplementedError
+
+    async def _publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        publisher = self._publisher or await self._connect_publisher()
+        try:
+            await publisher.publish(address, headers, payload, bindings)
+        except SendError:
+            raise
+        except Exception as exc:
+            raise publisher.send_error(
+                f"{publisher.name}: could not send to {address!r}: {exc}"
+            ) from exc
+
+    async def _connect_publisher(self) -> Transport:
+        if self._publisher_lock is None:
+            self._publisher_lock = asyncio.Lock()
+        async with self._publisher_lock:
+            if self._publisher is not None:
+                return self._publisher
+            spec = self._publisher_spec
+            if spec is None:
+                publisher = self.default_publisher(self._event)
+            elif isinstance(spec, Transport):
+                publisher = spec
+            else:
+                publisher = spec(self._event)
+            try:
+                await publisher.connect()
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await publisher.close()
+                raise publisher.send_error(
+                    f"{publisher.name}: cannot connect to send: {exc}"
+                ) from exc
+            self._publisher = publisher
+            return publisher

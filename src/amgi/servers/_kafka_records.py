@@ -1,0 +1,122 @@
+"""How one Kafka record maps onto an AMGI :class:`~amgi.transport.Message`.
+
+Pure functions, no client library: shared by the Kafka server and the Lambda Kafka adapter.
+
+===================  ==========================================================
+Kafka record         AMGI
+===================  ==========================================================
+offset               ``Message.id`` (as text) and ``Message.token``
+value                ``payload`` (``None`` for a tombstone)
+headers              ``headers`` as ``(bytes, bytes)`` pairs, minus AMGI's own
+key                  ``bindings["kafka"]["key"]`` (bytes or ``None``)
+partition, offset    ``bindings["kafka"]["partition"]``, ``["offset"]``
+timestamp            ``bindings["kafka"]["timestamp"]`` (ms since the epoch)
+``amgi-attempt``     ``Message.attempt`` (1 when absent)
+===================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from amgi.transport import ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, HeaderList, Message
+
+__all__ = [
+    "RETRY_DUE_HEADER",
+    "InternalHeaders",
+    "message_from_record",
+    "split_internal_headers",
+]
+
+RETRY_DUE_HEADER = b"amgi-retry-due"
+"""On a record of a retry topic: when (ms since the epoch) it may be delivered again."""
+
+RawHeaders = Iterable[tuple[str | bytes, bytes | None]] | None
+
+
+class InternalHeaders:
+    """AMGI's own headers found on a record, split off what the application sees."""
+
+    __slots__ = ("attempt", "due_ms", "headers", "original_address")
+
+    def __init__(
+        self, headers: HeaderList, attempt: int, original_address: str | None, due_ms: int | None
+    ) -> None:
+        self.headers = headers
+        self.attempt = attempt
+        self.original_address = original_address
+        self.due_ms = due_ms
+
+
+def _as_bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return value.encode()
+    return value
+
+
+def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
+    """Normalise ``raw`` headers to bytes and split off the attempt/retry headers."""
+    headers: HeaderList = []
+    attempt = 1
+    original: str | None = None
+    due: int | None = None
+    if raw:
+        for name, value in raw:
+            n = _as_bytes(name)
+            v = _as_bytes(value)
+            if n == ATTEMPT_HEADER:
+                try:
+                    attempt = max(1, int(v))
+                except ValueError:
+                    attempt = 1
+            elif n == ORIGINAL_ADDRESS_HEADER:
+                original = v.decode("utf-8", "replace")
+            elif n == RETRY_DUE_HEADER:
+                try:
+                    due = int(v)
+                except ValueError:
+                    due = None
+            else:
+                headers.append((n, v))
+    return InternalHeaders(headers, attempt, original, due)
+
+
+def message_from_record(
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    headers: RawHeaders,
+) -> Message:
+    """Build the :class:`Message` the application sees for one Kafka record.
+
+    ``headers`` may carry ``str`` or ``bytes`` names and ``None`` values (as Kafka clients
+    return them). ``topic`` is not part of the message: it is the scope address.
+    """
+    del topic  # the batch's address
+    if not headers:
+        hdrs: HeaderList = []
+        attempt = 1
+    else:
+        split = split_internal_headers(headers)
+        hdrs = split.headers
+        attempt = split.attempt
+    kafka: dict[str, Any] = {
+        "key": key,
+        "partition": partition,
+        "offset": offset,
+        "timestamp": timestamp,
+    }
+    return Message(
+        id=str(offset),
+        headers=hdrs,
+        payload=value,
+        bindings={"kafka": kafka},
+        attempt=attempt,
+        token=offset,
+    )

@@ -1,0 +1,204 @@
+"""The Lambda adapters with real SQS behaviour (moto, scripts/brokers/moto.sh): records
+built from messages the SQS server sent, sends from inside a handler, and SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.serverless import KafkaHandler, SqsHandler
+from amgi.servers.sqs import SqsOptions, SqsTransport
+from amgi.testing.conformance import Recorder
+
+ENDPOINT = "http://127.0.0.1:5000"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", ENDPOINT)  # what the default publisher uses
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+async def sqs() -> AsyncIterator[SqsTransport]:
+    transport = SqsTransport([], SqsOptions(endpoint_url=ENDPOINT))
+    await transport.connect()
+    yield transport
+    await transport.close()
+
+
+async def new_queue(sqs: SqsTransport) -> tuple[str, str]:
+    name = f"lambda-{uuid.uuid4().hex[:10]}"
+    url = (await sqs.client.create_queue(QueueName=name))["QueueUrl"]
+    return name, url
+
+
+async def receive_all(sqs: SqsTransport, url: str, n: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 15
+    while len(got) < n and time.monotonic() < deadline:
+        response = await sqs.client.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+        )
+        got.extend(response.get("Messages", []))
+    return got
+
+
+def lambda_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
+    """The event record Lambda makes of a received SQS message (documented shape)."""
+    attributes = {}
+    for name, a in message.get("MessageAttributes", {}).items():
+        entry: dict[str, Any] = {
+            "stringListValues": [],
+            "binaryListValues": [],
+            "dataType": a["DataType"],
+        }
+        if "BinaryValue" in a:
+            entry["binaryValue"] = base64.b64encode(a["BinaryValue"]).decode()
+        else:
+            entry["stringValue"] = a["StringValue"]
+        attributes[name] = entry
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": message.get("Attributes", {}),
+        "messageAttributes": attributes,
+        "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs",
+        "eventSourceARN": arn,
+        "awsRegion": "us-east-1",
+    }
+
+
+async def test_an_app_sees_the_same_message_on_the_server_and_in_lambda(
+    sqs: SqsTransport,
+) -> None:
+    name, url = await new_queue(sqs)
+    sent = [
+        ([(b"trace", b"1"), (b"trace", b"2")], b"\x00\xff binary"),
+        ([(b"n", b"5"), (b"bin", b"\x01\x02")], None),
+        ([], b"plain"),
+    ]
+    for headers, payload in sent:
+        await sqs.publish(name, headers, payload, {"sqs": {"attribute_types": {"n": "Number"}}})
+    raw = await receive_all(sqs, url, len(sent))
+    arn = f"arn:aws:sqs:us-east-1:123456789012:{name}"
+    for m in raw:  # moto's md5 is the one Lambda passes on
+        assert m["MD5OfBody"] == hashlib.md5(m["Body"].encode()).hexdigest()
+    app = Recorder()
+    result = await SqsHandler(app, handle_sigterm=False).handle(
+        {"Records": [lambda_record(m, arn) for m in raw]}
+    )
+    assert result == {"batchItemFailures": []}
+    got = {r.payload: r.headers for r in app.received}
+    assert got == {payload: headers for headers, payload in sent}
+    assert app.scopes[0]["address"] == name
+
+
+async def test_message_send_from_handlers_reaches_sqs(sqs: SqsTransport) -> None:
+    name, url = await new_queue(sqs)
+    app = Recorder()
+    app.sends = [(name, [(b"from", b"lambda")], b"reply", {"sqs": {"delay_seconds": 0}})]
+    # The default publisher: SQS from the function's environment.
+    sqs_handler = SqsHandler(app, handle_sigterm=False)
+    event = json.loads((FIXTURES / "sqs_standard.json").read_text())
+    assert await sqs_handler.handle(event) == {"batchItemFailures": []}
+    await sqs_handler.aclose()
+    # A Kafka-triggered function sending to SQS.
+    kafka_handler = KafkaHandler(
+        app, handle_sigterm=False, publisher=SqsTransport([], SqsOptions(endpoint_url=ENDPOINT))
+    )
+    msk = json.loads((FIXTURES / "self_managed_kafka.json").read_text())
+    await kafka_handler.handle(msk)
+    await kafka_handler.aclose()
+    got = await receive_all(sqs, url, 4)
+    assert len(got) == 4  # one send per record: 3 SQS records + 1 Kafka record
+    assert {m["Body"] for m in got} == {"reply"}
+    assert got[0]["MessageAttributes"]["from"]["StringValue"] == "lambda"
+
+
+async def test_a_failed_send_raises_the_send_error_into_the_app() -> None:
+    errors: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        event = await receive()
+        try:
+            await send({"type": "message.send", "address": "no-such-queue-x", "headers": []})
+        except OSError as exc:
+            errors.append(exc)
+            await send({"type": "message.nack", "id": event["id"], "message": str(exc)})
+
+    event = json.loads((FIXTURES / "sqs_standard.json").read_text())
+    result = await SqsHandler(app, handle_sigterm=False).handle(event)
+    assert len(result["batchItemFailures"]) == 3
+    assert "does not exist" in str(errors[0])
+
+
+def test_sigterm_runs_lifespan_shutdown_once(tmp_path: Path) -> None:
+    script = tmp_path / "container.py"
+    record = tmp_path / "record.txt"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, os, signal, sys
+            from amgi.serverless import SqsHandler
+
+            async def app(scope, receive, send):
+                with open({str(record)!r}, "a") as f:
+                    if scope["type"] == "lifespan":
+                        while True:
+                            event = await receive()
+                            f.write(event["type"] + "\\n"); f.flush()
+                            kind = event["type"] + ".complete"
+                            await send({{"type": kind}})
+                            if event["type"] == "lifespan.shutdown":
+                                return
+                    event = await receive()
+                    f.write("message\\n")
+                    await send({{"type": "message.ack", "id": event["id"]}})
+
+            handler = SqsHandler(app)
+            event = json.load(open({str(FIXTURES / "sqs_standard.json")!r}))
+            event["Records"] = event["Records"][:1]
+            for _ in range(2):
+                assert handler(event, None) == {{"batchItemFailures": []}}
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("not reached")
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not reached" not in done.stdout
+    assert record.read_text().split() == [
+        "lifespan.startup",
+        "message",
+        "message",
+        "lifespan.shutdown",
+    ]

@@ -1,0 +1,184 @@
+"""The Lambda SQS adapter on the documented event shapes (fixtures/)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.runtime import RuntimeConfig
+from amgi.serverless import MalformedEvent, SqsHandler
+from amgi.testing.conformance import Received, Recorder
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load(name: str) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return event
+
+
+class Context:
+    """A Lambda context whose deadline is ``seconds`` from now."""
+
+    def __init__(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._end = loop.time() + seconds
+        self._loop = loop
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self._end - self._loop.time()) * 1000)
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    return [f["itemIdentifier"] for f in result["batchItemFailures"]]
+
+
+def handler_for(app: Any, **kwargs: Any) -> SqsHandler:
+    return SqsHandler(app, handle_sigterm=False, **kwargs)
+
+
+async def test_records_reach_the_app_as_the_sqs_server_maps_them() -> None:
+    app = Recorder()
+    handler = handler_for(app)
+    result = await handler.handle(load("sqs_standard.json"))
+    assert result == {"batchItemFailures": []}
+    assert len(app.scopes) == 1, "one app call per batch of records"
+    assert app.scopes[0]["address"] == "my-queue"
+    first, second, third = app.received
+    assert first.payload == b"Test message."
+    assert first.headers == [(b"myAttribute", b"myValue")]
+    assert first.attempt == 1
+    assert first.bindings["sqs"]["message_id"] == "059f36b4-87a3-44ab-83d2-661975830a7d"
+    assert first.bindings["sqs"]["attributes"]["SentTimestamp"] == "1545082649183"
+    assert second.headers == [(b"count", b"42"), (b"blob", b"\x00\x01\xfe")]
+    assert second.bindings["sqs"]["attribute_types"] == {"count": "Number", "blob": "Binary"}
+    assert second.attempt == 2
+    assert third.payload == b"\xff\xfe binary payload"
+    assert third.headers == []
+    assert [r.more_messages for r in app.received] == [True, True, False]
+    await handler.aclose()
+
+
+async def test_nacked_unsettled_and_raising_records_are_batch_item_failures() -> None:
+    event = load("sqs_standard.json")
+    ids = [r["messageId"] for r in event["Records"]]
+
+    def decide(r: Received) -> str:
+        return {ids[0]: "ack", ids[1]: "nack:bad", ids[2]: "leave"}[r.id]
+
+    handler = handler_for(Recorder(decide))
+    assert failures(await handler.handle(event)) == ids[1:]
+
+    raising = handler_for(Recorder(lambda r: "ack" if r.id == ids[0] else "raise"))
+    assert failures(await raising.handle(event)) == ids[1:]
+
+
+async def test_a_body_md5_mismatch_fails_that_record_only() -> None:
+    event = load("sqs_standard.json")
+    event["Records"][1]["body"] = "tampered"
+    app = Recorder()
+    result = await handler_for(app).handle(event)
+    assert failures(result) == [event["Records"][1]["messageId"]]
+    assert [r.payload for r in app.received] == [b"Test message.", b"\xff\xfe binary payload"]
+
+
+async def test_fifo_stops_a_group_at_its_first_failure() -> None:
+    event = load("sqs_fifo.json")
+    records = event["Records"]  # groups: a0 b0 a1 a2 b1 a3
+    app = Recorder(lambda r: "nack:a1 broke" if r.payload == b"a1" else "ack")
+    result = await handler_for(app).handle(event)
+    by_body = {r["messageId"]: r["body"] for r in records}
+    assert [by_body[i] for i in failures(result)] == ["a1", "a2", "a3"]
+    assert app.received[0].bindings["sqs"]["message_group_id"] == "a"
+
+
+async def test_records_unfinished_at_the_deadline_are_failures() -> None:
+    event = load("sqs_standard.json")
+    ids = [r["messageId"] for r in event["Records"]]
+    stuck = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        first = await receive()
+        await send({"type": "message.ack", "id": first["id"]})
+        await receive()
+        await stuck.wait()  # never set: the deadline has to end this call
+
+    handler = handler_for(app, deadline_margin=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await handler.handle(event, Context(0.7))
+    assert failures(result) == ids[1:]
+    assert 0.4 < loop.time() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda e: e.clear(), "'Records' list"),
+        (lambda e: e.update(Records="nope"), "'Records' list"),
+        (lambda e: e["Records"].append("x"), r"Records\[3\] is not an object"),
+        (lambda e: e["Records"][0].pop("body"), r"Records\[0\] has no string 'body'"),
+        (
+            lambda e: e["Records"][1]["messageAttributes"]["blob"].update(binaryValue="**"),
+            "not base64",
+        ),
+        (lambda e: e["Records"][0].update(eventSource="aws:sns"), "not from SQS"),
+        (lambda e: e["Records"][1].update(messageId=e["Records"][0]["messageId"]), "repeats"),
+        (
+            lambda e: e["Records"][0]["attributes"].update(ApproximateReceiveCount="x"),
+            "not a number",
+        ),
+    ],
+)
+async def test_a_malformed_event_is_a_clear_error_and_nothing_is_processed(
+    mutate: Any, message: str
+) -> None:
+    event = copy.deepcopy(load("sqs_standard.json"))
+    mutate(event)
+    app = Recorder()
+    with pytest.raises(MalformedEvent, match=message):
+        await handler_for(app).handle(event)
+    assert app.received == []
+
+
+async def test_lifespan_runs_once_per_container() -> None:
+    app = Recorder()
+    handler = handler_for(app)
+    for _ in range(3):
+        assert failures(await handler.handle(load("sqs_standard.json"))) == []
+    assert app.lifespan == ["lifespan.startup"]
+    assert all(s["state"]["ready"] is True for s in app.scopes)
+    await handler.aclose()
+    assert app.lifespan == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_the_last_allowed_attempt_still_fails_so_the_redrive_policy_acts() -> None:
+    event = load("sqs_standard.json")
+    app = Recorder(lambda r: "nack:no")
+    handler = handler_for(app, config=RuntimeConfig(max_attempts=2))
+    result = await handler.handle(event)
+    assert len(failures(result)) == 3
+
+
+def test_sync_entry_point_keeps_one_event_loop_across_invocations() -> None:
+    loops: list[asyncio.AbstractEventLoop] = []
+    app = Recorder()
+
+    async def spy(scope: Any, receive: Any, send: Any) -> None:
+        loops.append(asyncio.get_running_loop())
+        await app(scope, receive, send)
+
+    handler = SqsHandler(spy, handle_sigterm=False)
+    for _ in range(2):
+        assert handler(load("sqs_standard.json"), None) == {"batchItemFailures": []}
+    assert len(set(map(id, loops))) == 1
+    assert app.lifespan == ["lifespan.startup"]
+    handler.close()
+    assert app.lifespan == ["lifespan.startup", "lifespan.shutdown"]

@@ -1,0 +1,439 @@
+"""The SQS transport against moto's server (scripts/brokers/moto.sh): mapping and semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
+from amgi.transport import Batch, DeadLetter, Retry, Settlement
+
+ENDPOINT = "http://127.0.0.1:5000"
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy credentials for moto; nothing from the machine's own AWS setup."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def options(**overrides: Any) -> SqsOptions:
+    base: dict[str, Any] = {"endpoint_url": ENDPOINT, "wait_time": 2, "visibility_timeout": 30}
+    base.update(overrides)
+    return SqsOptions(**base)
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[SqsTransport]:
+    """A sending-only transport whose client also creates and inspects queues."""
+    transport = SqsTransport([], options())
+    await transport.connect()
+    yield transport
+    await transport.close()
+
+
+NewQueue = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def new_queue(admin: SqsTransport) -> NewQueue:
+    async def create(fifo: bool = False, **attributes: str) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}" + (".fifo" if fifo else "")
+        if fifo:
+            attributes["FifoQueue"] = "true"
+        await admin.client.create_queue(QueueName=name, Attributes=attributes)
+        return name
+
+    return create
+
+
+@pytest.fixture
+async def consumer() -> AsyncIterator[Callable[..., Awaitable[SqsTransport]]]:
+    made: list[SqsTransport] = []
+
+    async def make(*queues: str, **overrides: Any) -> SqsTransport:
+        transport = SqsTransport(list(queues), options(**overrides))
+        await transport.connect()
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        await transport.close()
+
+
+async def counts(admin: SqsTransport, name: str) -> tuple[int, int]:
+    """(visible, in flight) messages of queue ``name``."""
+    url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
+    found = (
+        await admin.client.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+    )["Attributes"]
+    return (
+        int(found["ApproximateNumberOfMessages"]),
+        int(found["ApproximateNumberOfMessagesNotVisible"]),
+    )
+
+
+async def fetch_n(transport: SqsTransport, n: int, timeout: float = 15) -> list[Batch]:
+    """Fetch until ``n`` messages arrived (or fail after ``timeout``)."""
+    batches: list[Batch] = []
+    async with asyncio.timeout(timeout):
+        while sum(len(b.messages) for b in batches) < n:
+            batches.extend(await transport.fetch())
+    return batches
+
+
+async def receive_raw(admin: SqsTransport, name: str, n: int, timeout: float = 15) -> list[Any]:
+    """Receive ``n`` raw messages of queue ``name`` (which may not exist yet)."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    url = None
+    while url is None:
+        try:
+            url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)  # poll with a deadline
+    while len(got) < n and time.monotonic() < deadline:
+        response = await admin.client.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+        )
+        got.extend(response.get("Messages", []))
+    return got
+
+
+# -- the message mapping ---------------------------------------------------------------
+
+
+async def test_headers_payload_and_bindings_round_trip(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue()
+    sent: list[tuple[list[tuple[bytes, bytes]], bytes | None]] = [
+        ([(b"text", b"hello"), (b"count", b"42"), (b"raw", b"\xff\x00\x01")], b"plain text"),
+        ([], b"\x00\x01\xfe binary"),
+        ([(b"k", b"v")], b""),
+        ([], None),
+    ]
+    for headers, payload in sent:
+        await admin.publish(
+            name, headers, payload, {"sqs": {"attribute_types": {"count": "Number"}}}
+        )
+    transport = await consumer(name)
+    batches = await fetch_n(transport, len(sent))
+    received = {m.payload: m for b in batches for m in b.messages}
+    assert set(received) == {p for _, p in sent}
+    first = received[b"plain text"]
+    assert sorted(first.headers) == sorted(sent[0][0])
+    assert first.attempt == 1
+    sqs = first.bindings["sqs"]
+    assert sqs["attribute_types"] == {"text": "String", "count": "Number", "raw": "Binary"}
+    assert sqs["message_id"] == first.id
+    assert sqs["attributes"]["ApproximateReceiveCount"] == "1"
+    assert received[b""].headers == [(b"k", b"v")]
+    assert received[None].headers == []
+    for b in batches:
+        assert b.key is None  # standard queue: no ordering key
+        await transport.settle(b, Settlement(acked=list(b.messages)))
+
+
+async def test_headers_sqs_cannot_carry_one_by_one_travel_packed(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue()
+    cases = [
+        [(b"trace", b"1"), (b"trace", b"2"), (b"bin", b"\x00\x01")],
+        [(b"bad name!", b"1"), (b"\xff", b"x")],
+        [(f"h{i}".encode(), b"v") for i in range(11)],
+    ]
+    for i, headers in enumerate(cases):
+        await admin.publish(name, headers, b"%d" % i, {})
+    transport = await consumer(name)
+    batches = await fetch_n(transport, len(cases))
+    got = {m.payload: m.headers for b in batches for m in b.messages}
+    assert got == {b"%d" % i: headers for i, headers in enumerate(cases)}
+
+
+async def test_send_errors_are_send_errors(admin: SqsTransport, new_queue: NewQueue) -> None:
+    name = await new_queue()
+    with pytest.raises(SqsSendError, match="not valid SQS text"):
+        await admin.publish(
+            name, [(b"n", b"\xff")], b"x", {"sqs": {"attribute_types": {"n": "Number"}}}
+        )
+    with pytest.raises(SqsSendError, match="does not exist"):
+        await admin.publish(f"missing-{uuid.uuid4().hex[:8]}", [], b"x", {})
+    with pytest.raises(SqsSendError, match="could not send"):
+        await admin.publish(name, [], b"x", {"sqs": {"delay_seconds": 9999}})
+    assert await counts(admin, name) == (0, 0)
+
+
+async def test_send_bindings_delay_and_fifo_ids(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue(fifo=True)
+    await admin.publish(
+        name,
+        [],
+        b"one",
+        {"sqs": {"message_group_id": "g1", "message_deduplication_id": "d1"}},
+    )
+    # Same deduplication id: SQS drops it.
+    await admin.publish(
+        name, [], b"dup", {"sqs": {"message_group_id": "g1", "message_deduplication_id": "d1"}}
+    )
+    await admin.publish(name, [], b"no ids given", {})
+    transport = await consumer(name)
+    batches = await fetch_n(transport, 2)
+    by_payload = {m.payload: (b, m) for b in batches for m in b.messages}
+    assert set(by_payload) == {b"one", b"no ids given"}
+    batch, m = by_payload[b"one"]
+    assert m.bindings["sqs"]["message_group_id"] == "g1"
+    assert m.bindings["sqs"]["message_deduplication_id"] == "d1"
+    assert "sequence_number" in m.bindings["sqs"]
+    assert batch.key == (name, "g1")
+    for b in batches:
+        await transport.settle(b, Settlement(acked=list(b.messages)))
+
+    plain = await new_queue()
+    started = time.monotonic()
+    await admin.publish(plain, [], b"later", {"sqs": {"delay_seconds": 2}})
+    reader = await consumer(plain)
+    (delayed,) = await fetch_n(reader, 1)
+    assert time.monotonic() - started >= 1.5
+    await reader.settle(delayed, Settlement(acked=list(delayed.messages)))
+
+
+# -- settlement ------------------------------------------------------------------------
+
+
+async def test_ack_deletes_and_retry_comes_back_with_the_next_attempt(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue()
+    for i in range(25):
+        await admin.publish(name, [], b"%d" % i, {})
+    transport = await consumer(name)
+    batches = await fetch_n(transport, 25)
+    assert all(len(b.messages) <= 10 for b in batches)
+    retried = None
+    for b in batches:
+        if retried is None:
+            retried = b.messages[0]
+            await transport.settle(
+                b, Settlement(acked=b.messages[1:], retry=[Retry(retried, "try again", 1.0)])
+            )
+        else:
+            await transport.settle(b, Settlement(acked=list(b.messages)))
+    assert retried is not None
+    (again,) = await fetch_n(transport, 1)
+    assert [m.payload for m in again.messages] == [retried.payload]
+    assert again.messages[0].attempt == 2
+    await transport.settle(again, Settlement(acked=list(again.messages)))
+    assert await counts(admin, name) == (0, 0)
+
+
+async def test_dead_letter_without_redrive_goes_to_the_dlq_with_reason(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue()
+    await admin.publish(
+        name,
+        [(b"h", b"1"), (b"n", b"7")],
+        b"\xff bad",
+        {"sqs": {"attribute_types": {"n": "Number"}}},
+    )
+    transport = await consumer(name)
+    (batch,) = await fetch_n(transport, 1)
+    await transport.settle(batch, Settlement(dead=[DeadLetter(batch.messages[0], "it broke")]))
+    assert await counts(admin, name) == (0, 0)
+    # The dead letter reads back as the original message, plus the reason and source.
+    reader = await consumer(f"{name}-dlq")
+    (again,) = await fetch_n(reader, 1)
+    dead = again.messages[0]
+    assert dead.payload == b"\xff bad"
+    assert sorted(dead.headers) == [
+        (b"amgi-dead-letter-reason", b"it broke"),
+        (b"amgi-original-address", name.encode()),
+        (b"h", b"1"),
+        (b"n", b"7"),
+    ]
+    assert dead.bindings["sqs"]["attribute_types"]["n"] == "Number"
+
+
+async def test_dead_letter_uses_the_queues_redrive_target(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    target = await new_queue()
+    target_url = (await admin.client.get_queue_url(QueueName=target))["QueueUrl"]
+    arn = (
+        await admin.client.get_queue_attributes(QueueUrl=target_url, AttributeNames=["QueueArn"])
+    )["Attributes"]["QueueArn"]
+    name = await new_queue(
+        RedrivePolicy=json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "10"})
+    )
+    await admin.publish(name, [], b"doomed", {})
+    transport = await consumer(name)
+    (batch,) = await fetch_n(transport, 1)
+    await transport.settle(batch, Settlement(dead=[DeadLetter(batch.messages[0], "no way")]))
+    (dead,) = await receive_raw(admin, target, 1)
+    assert dead["Body"] == "doomed"
+    assert dead["MessageAttributes"]["amgi-dead-letter-reason"]["StringValue"] == "no way"
+
+
+async def test_fifo_keeps_group_order_and_stops_a_group_at_its_first_failure(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue(fifo=True)
+    for i in range(4):
+        for group in ("a", "b"):
+            await admin.publish(
+                name, [], f"{group}{i}".encode(), {"sqs": {"message_group_id": group}}
+            )
+    transport = await consumer(name)
+    batches = await fetch_n(transport, 8)
+    by_group: dict[str, list[bytes | None]] = {}
+    for b in batches:
+        assert isinstance(b.key, tuple)
+        by_group.setdefault(b.key[1], []).extend(m.payload for m in b.messages)
+    assert by_group == {"a": [b"a0", b"a1", b"a2", b"a3"], "b": [b"b0", b"b1", b"b2", b"b3"]}
+    for b in batches:
+        if b.key == (name, "a"):
+            # a1 fails; a2 and a3 were acked by the app but must wait behind it.
+            ms = b.messages
+            await transport.settle(
+                b, Settlement(acked=[ms[0], *ms[2:]], retry=[Retry(ms[1], "a1 failed", 0.0)])
+            )
+        else:
+            await transport.settle(b, Settlement(acked=list(b.messages)))
+    again = await fetch_n(transport, 3)
+    assert [m.payload for b in again for m in b.messages] == [b"a1", b"a2", b"a3"]
+    assert again[0].messages[0].attempt == 2
+    for b in again:
+        await transport.settle(b, Settlement(acked=list(b.messages)))
+    assert await counts(admin, name) == (0, 0)
+
+
+async def test_extend_keeps_a_long_batch_invisible(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue()
+    url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
+    await admin.publish(name, [], b"slow", {})
+    transport = await consumer(name, visibility_timeout=2)
+    assert transport.lease_interval == 1.0
+    (batch,) = await fetch_n(transport, 1)
+    for _ in range(4):  # 4 s in all: twice the visibility timeout
+        await asyncio.sleep(1)  # time passing is what is under test
+        await transport.extend([batch])
+        stolen = await admin.client.receive_message(QueueUrl=url, WaitTimeSeconds=0)
+        assert stolen.get("Messages", []) == []
+    await transport.settle(batch, Settlement(acked=list(batch.messages)))
+    assert await counts(admin, name) == (0, 0)
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+async def test_unknown_queue_is_one_clear_error() -> None:
+    transport = SqsTransport([f"missing-{uuid.uuid4().hex[:8]}"], options())
+    with pytest.raises(ConfigurationError, match=r"queue 'missing-\w+' does not exist"):
+        await transport.connect()
+
+
+async def test_unreachable_endpoint_is_one_clear_error() -> None:
+    transport = SqsTransport(
+        ["orders"], options(endpoint_url="http://127.0.0.1:9", connect_timeout=0.5)
+    )
+    with pytest.raises(BrokerUnavailable, match="cannot reach the SQS endpoint"):
+        await transport.connect()
+
+
+async def test_missing_credentials_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    transport = SqsTransport(["orders"], options())
+    with pytest.raises(BrokerUnavailable, match="no usable AWS credentials"):
+        await transport.connect()
+
+
+async def test_unknown_profile_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    transport = SqsTransport(["orders"], options(profile="nobody"))
+    with pytest.raises(ConfigurationError, match="profile 'nobody' not found"):
+        await transport.connect()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("wait_time", 21), ("max_messages", 11), ("receivers", 0)]
+)
+async def test_bad_options_are_rejected(field: str, value: int) -> None:
+    transport = SqsTransport(["orders"], options(**{field: value}))
+    with pytest.raises(ConfigurationError, match=field):
+        await transport.connect()
+
+
+# -- with the runtime ------------------------------------------------------------------
+
+
+async def test_runtime_acks_retries_and_dead_letters(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    name = await new_queue()
+    for i in range(20):
+        await admin.publish(name, [], b"bad" if i == 7 else b"ok %d" % i, {})
+    seen: list[tuple[bytes, int]] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        while True:
+            event = await receive()
+            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            if event["payload"] == b"bad":
+                await send({"type": "message.nack", "id": event["id"], "message": "bad payload"})
+            else:
+                await send({"type": "message.ack", "id": event["id"]})
+            if len(seen) >= 22:
+                done.set()
+            if not event.get("more_messages"):
+                return
+
+    transport = SqsTransport([name], options())
+    runtime = Runtime(
+        app, transport, RuntimeConfig(max_attempts=3, retry_delay=0.2, retry_delay_max=1.0)
+    )
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(done.wait(), 30)
+        dead = await receive_raw(admin, f"{name}-dlq", 1)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    assert [a for p, a in seen if p == b"bad"] == [1, 2, 3]
+    assert len({p for p, _ in seen}) == 20
+    assert dead[0]["MessageAttributes"]["amgi-dead-letter-reason"]["StringValue"] == "bad payload"
+    assert await counts(admin, name) == (0, 0)
