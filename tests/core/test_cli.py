@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from amgi.servers import installed
 from amgi.servers.sqlite import SqliteQueue
 
 APP = """
@@ -68,8 +70,12 @@ def test_version_and_help_list_servers_and_options(project: Path) -> None:
     assert version.returncode == 0
     assert version.stdout.startswith("amgi ")
     help_text = amgi("run", "--help", cwd=project).stdout
-    for name in ("sqlite", "memory", "kafka", "amqp", "mqtt", "sqs", "amp"):
+    present = installed()
+    assert {"sqlite", "memory"} <= set(present)
+    for name, transport in present.items():
         assert f"\n  {name}" in help_text
+        for f in dataclasses.fields(transport.options):
+            assert "--" + f.name.replace("_", "-") in help_text
     assert "--database" in help_text
     assert "--max-attempts" in help_text
     assert "--concurrency" in help_text
