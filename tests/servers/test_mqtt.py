@@ -1,0 +1,542 @@
+"""The MQTT server against a real Mosquitto: mapping, sessions, QoS 2, restarts, sharing, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
+from amgi.transport import (
+    DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_ADDRESS_HEADER,
+    Batch,
+    Settlement,
+)
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+
+_spec = importlib.util.spec_from_file_location(
+    "amgi_test_mosquitto", Path(__file__).parent / "mosquitto" / "broker.py"
+)
+assert _spec is not None
+assert _spec.loader is not None
+broker_module = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = broker_module
+_spec.loader.exec_module(broker_module)
+Mosquitto = broker_module.Mosquitto
+
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def options(mosquitto: Any) -> MqttOptions:
+    return MqttOptions(port=mosquitto.port)
+
+
+def topic() -> str:
+    return f"amgi-test/{uuid.uuid4().hex}"
+
+
+@contextlib.asynccontextmanager
+async def connected(addresses: list[str], options: MqttOptions) -> AsyncIterator[MqttTransport]:
+    transport = MqttTransport(addresses, options)
+    await transport.connect()
+    try:
+        yield transport
+    finally:
+        await transport.close()
+
+
+async def publish(options: MqttOptions, address: str, payloads: list[bytes], **kw: Any) -> None:
+    async with connected([], options) as sender:
+        for payload in payloads:
+            await sender.publish(address, kw.get("headers", []), payload, kw.get("bindings", {}))
+
+
+async def fetch_n(transport: MqttTransport, n: int, timeout: float = 10.0) -> list[Batch]:
+    batches: list[Batch] = []
+    async with asyncio.timeout(timeout):
+        while sum(len(b.messages) for b in batches) < n:
+            batches.extend(await transport.fetch())
+    return batches
+
+
+async def nothing_more(transport: MqttTransport, wait: float = 0.3) -> None:
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(wait):
+            await transport.fetch()
+
+
+class Collector:
+    """A raw AMGI app recording payloads; acks all, or nacks by ``decide``."""
+
+    def __init__(self, decide: Callable[[bytes, int], bool] | None = None) -> None:
+        self.decide = decide or (lambda payload, attempt: True)
+        self.seen: list[tuple[bytes, int]] = []
+        self.changed = asyncio.Event()
+        self.delay = 0.0
+
+    async def __call__(
+        self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable
+    ) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            event = await receive()
+            assert event["type"] == "message.receive"
+            payload = event.get("payload") or b""
+            attempt = int((event.get("bindings") or {})["amgi"]["attempt"])
+            self.seen.append((payload, attempt))
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.decide(payload, attempt):
+                await send({"type": "message.ack", "id": event["id"]})
+            else:
+                await send({"type": "message.nack", "id": event["id"], "message": "no thanks"})
+            more = bool(event.get("more_messages", False))
+        self.changed.set()
+
+    def payloads(self) -> list[bytes]:
+        return [p for p, _ in self.seen]
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"timed out; saw {len(self.seen)} message(s)"
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.2))
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: Any, addresses: list[str], options: MqttOptions, **config: Any
+) -> AsyncIterator[Runtime]:
+    settings = {"retry_delay": 0.02, "retry_delay_max": 0.1, "shutdown_timeout": 5.0, **config}
+    runtime = Runtime(app, MqttTransport(addresses, options), RuntimeConfig(**settings))
+    task = asyncio.create_task(runtime.serve())
+    started = asyncio.create_task(runtime.started.wait())
+    await asyncio.wait({task, started}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()
+    assert started.done(), "the server did not start"
+    try:
+        yield runtime
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 20) == 0
+
+
+def payloads(prefix: str, n: int) -> list[bytes]:
+    return [f"{prefix}-{i:04d}".encode() for i in range(n)]
+
+
+# -- mapping ------------------------------------------------------------------------------
+
+
+async def test_wildcards_batch_per_topic_with_headers_and_bindings(options: MqttOptions) -> None:
+    base = topic()
+    options.batch_size = 2
+    headers = [(b"k", b"1"), (b"k", b"2"), (b"bin\x00", b"\xff\x00")]
+    async with connected([f"{base}/+/t", f"{base}/x/#"], options) as server:
+        await publish(
+            options,
+            f"{base}/a/t",
+            payloads("a", 3),
+            headers=headers,
+            bindings={"mqtt": {"contentType": "text/plain", "responseTopic": "r/1"}},
+        )
+        await publish(options, f"{base}/x/deep/er", payloads("x", 2))
+        batches = await fetch_n(server, 5)
+        for batch in batches:
+            assert 1 <= len(batch.messages) <= 2
+            assert batch.key == batch.address
+            assert {m.bindings["mqtt"]["topic"] for m in batch.messages} == {batch.address}
+            await server.settle(batch, Settlement(acked=list(batch.messages)))
+        by_topic: dict[str, list[Any]] = {}
+        for batch in batches:
+            by_topic.setdefault(batch.address, []).extend(batch.messages)
+        assert [m.payload for m in by_topic[f"{base}/a/t"]] == payloads("a", 3)
+        assert [m.payload for m in by_topic[f"{base}/x/deep/er"]] == payloads("x", 2)
+        first = by_topic[f"{base}/a/t"][0]
+        assert first.headers == headers
+        assert first.attempt == 1
+        assert first.bindings["mqtt"] == {
+            "qos": 1,
+            "retain": False,
+            "topic": f"{base}/a/t",
+            "contentType": "text/plain",
+            "responseTopic": "r/1",
+        }
+        assert by_topic[f"{base}/x/deep/er"][0].headers == []
+        await nothing_more(server)
+
+
+async def test_puback_only_after_ack_and_session_redelivers(options: MqttOptions) -> None:
+    address = topic()
+    async with connected([address], options):
+        pass  # the persistent session now exists
+    await publish(options, address, [b"one", b"two"])
+    async with connected([address], options) as server:
+        batches = await fetch_n(server, 2)
+    # Closed without settling: the broker still holds both.
+    async with connected([address], options) as server:
+        batches = await fetch_n(server, 2)
+        assert [m.payload for b in batches for m in b.messages] == [b"one", b"two"]
+        for batch in batches:
+            await server.settle(batch, Settlement(acked=list(batch.messages)))
+    await publish(options, address, [b"marker"])
+    async with connected([address], options) as server:
+        batches = await fetch_n(server, 1)
+        assert [m.payload for b in batches for m in b.messages] == [b"marker"]
+        await nothing_more(server)
+
+
+async def test_qos2_pubrec_only_after_ack(options: MqttOptions) -> None:
+    address = topic()
+    options.qos = 2
+    async with connected([address], options):
+        pass
+    await publish(options, address, [b"exactly"], bindings={"mqtt": {"qos": 2}})
+    async with connected([address], options) as server:
+        (batch,) = await fetch_n(server, 1)
+        assert batch.messages[0].bindings["mqtt"]["qos"] == 2
+    async with connected([address], options) as server:
+        (batch,) = await fetch_n(server, 1)
+        assert batch.messages[0].payload == b"exactly"
+        await server.settle(batch, Settlement(acked=list(batch.messages)))
+        await publish(options, address, [b"after"], bindings={"mqtt": {"qos": 2}})
+        (batch,) = await fetch_n(server, 1)
+        await server.settle(batch, Settlement(acked=list(batch.messages)))
+    async with connected([address], options) as server:
+        await nothing_more(server)
+
+
+async def test_retained_message_once_per_session(options: MqttOptions) -> None:
+    address = topic()
+    await publish(options, address, [b"last-known"], bindings={"mqtt": {"retain": True}})
+    try:
+        async with connected([address], options) as server:
+            (batch,) = await fetch_n(server, 1)
+            assert batch.messages[0].bindings["mqtt"]["retain"] is True
+            await server.settle(batch, Settlement(acked=list(batch.messages)))
+        async with connected([address], options) as server:
+            await nothing_more(server)  # resuming the session does not deliver it again
+    finally:
+        await publish(options, address, [b""], bindings={"mqtt": {"retain": True}})
+
+
+async def test_nack_republishes_with_attempt_then_dead_letters(options: MqttOptions) -> None:
+    address = topic()
+    dead_topic = f"{options.dead_letter_prefix}/{address}"
+    app = Collector(lambda payload, attempt: payload != b"poison")
+    async with connected([dead_topic], options) as dead:
+        async with serving(app, [address], options, max_attempts=3):
+            await publish(options, address, [b"poison", b"fine"], headers=[(b"h", b"v")])
+            (batch,) = await fetch_n(dead, 1)
+        letter = batch.messages[0]
+        await dead.settle(batch, Settlement(acked=list(batch.messages)))
+    assert [a for p, a in app.seen if p == b"poison"] == [1, 2, 3]
+    assert [a for p, a in app.seen if p == b"fine"] == [1]
+    assert letter.payload == b"poison"
+    assert (b"h", b"v") in letter.headers
+    assert (DEAD_LETTER_REASON_HEADER, b"no thanks") in letter.headers
+    assert (ORIGINAL_ADDRESS_HEADER, address.encode()) in letter.headers
+
+
+async def test_mqtt_311_without_headers(options: MqttOptions) -> None:
+    options.protocol = "3.1.1"
+    address = topic()
+    async with connected([address], options):
+        pass
+    await publish(options, address, [b"old-school"], headers=[(b"dropped", b"x")])
+    app = Collector(lambda payload, attempt: attempt >= 2)
+    async with serving(app, [address], options):
+        await app.wait(lambda: len(app.seen) >= 2)
+    assert app.seen == [(b"old-school", 1), (b"old-school", 2)]
+
+
+# -- sessions, restarts, sharing -------------------------------------------------------------
+
+
+async def test_messages_sent_while_down_arrive_after_start(options: MqttOptions) -> None:
+    address = topic()
+    async with connected([address], options):
+        pass
+    await publish(options, address, payloads("offline", 50))
+    app = Collector()
+    async with serving(app, [address], options):
+        await app.wait(lambda: len(app.seen) >= 50)
+    assert app.payloads() == payloads("offline", 50)
+
+
+async def test_broker_restart_reconnects_and_loses_nothing(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, reconnect_delay_max=0.5)
+        address = topic()
+        app = Collector()
+        app.delay = 0.02  # batches are in flight when the broker goes away
+        async with serving(app, [address], options, concurrency=1):
+            await publish(options, address, payloads("before", 40))
+            await app.wait(lambda: len(app.seen) >= 10)
+            broker.stop()
+            assert len(set(app.payloads())) < 40, "all done before the restart"
+            broker.start()
+            await publish(options, address, payloads("after", 40))
+            await app.wait(
+                lambda: set(payloads("before", 40) + payloads("after", 40)) <= set(app.payloads())
+            )
+    finally:
+        broker.stop()
+
+
+async def test_shared_subscription_splits_without_duplicates(options: MqttOptions) -> None:
+    address = topic()
+    shared = f"$share/g/{address}"
+    first, second = Collector(), Collector()
+    one = MqttOptions(port=options.port, client_id=f"one-{uuid.uuid4().hex}")
+    two = MqttOptions(port=options.port, client_id=f"two-{uuid.uuid4().hex}")
+    expected = payloads("shared", 200)
+    async with serving(first, [shared], one), serving(second, [shared], two):
+        await publish(options, address, expected)
+        await first.wait(lambda: len(first.seen) + len(second.seen) >= 200)
+        await asyncio.sleep(0.2)
+    got = first.payloads() + second.payloads()
+    assert sorted(got) == expected, "lost or duplicated messages"
+    assert first.seen, "the second server got everything"
+    assert second.seen, "the first server got everything"
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+async def test_bad_credentials_refused(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "auth", users={"amgi": "right"})
+    broker.start()
+    try:
+        good = MqttOptions(port=broker.port, username="amgi", password="right")
+        async with connected([topic()], good):
+            pass
+        bad = MqttOptions(port=broker.port, username="amgi", password="wrong")
+        with pytest.raises(BrokerUnavailable, match="refused the connection"):
+            await MqttTransport([topic()], bad).connect()
+    finally:
+        broker.stop()
+
+
+async def test_unreachable_broker() -> None:
+    port = broker_module.free_port()
+    with pytest.raises(BrokerUnavailable, match=f"cannot reach 127.0.0.1:{port}"):
+        await MqttTransport(["a"], MqttOptions(port=port, connect_timeout=2)).connect()
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a+", "", "$share/g", "$share/+/a", "a/b#"])
+async def test_invalid_topic_filter(options: MqttOptions, bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid topic filter"):
+        await MqttTransport([bad], options).connect()
+
+
+async def test_shared_subscription_needs_a_client_id(options: MqttOptions) -> None:
+    with pytest.raises(ConfigurationError, match="needs --client-id"):
+        await MqttTransport(["$share/g/a"], options).connect()
+
+
+async def test_send_to_wildcard_raises_send_error(options: MqttOptions) -> None:
+    async with connected([], options) as sender:
+        with pytest.raises(MqttSendError) as info:
+            await sender.publish("a/+/b", [], b"x", {})
+        assert isinstance(info.value, OSError)
+        with pytest.raises(MqttSendError, match="qos must be"):
+            await sender.publish("a/b", [], b"x", {"mqtt": {"qos": 3}})
+        with pytest.raises(MqttSendError, match="messageExpiryInterval must be"):
+            await sender.publish("a/b", [], b"x", {"mqtt": {"messageExpiryInterval": "soon"}})
+    with pytest.raises(MqttSendError, match="closed"):
+        await sender.publish("a/b", [], b"x", {})
+
+
+def test_cli_unreachable_broker_gives_one_clear_error(tmp_path: Path) -> None:
+    port = broker_module.free_port()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "amgi",
+            "run",
+            "amgi.testing.apps:recorder",
+            "a/b",
+            "--server",
+            "mqtt",
+            "--port",
+            str(port),
+            "--connect-timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "AMGI_TEST_RECORD": str(tmp_path / "record.jsonl")},
+    )
+    assert result.returncode != 0
+    assert f"cannot reach 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- crash ---------------------------------------------------------------------------------------
+
+
+def _acked(record: Path) -> set[str]:
+    if not record.exists():
+        return set()
+    lines = record.read_text().splitlines()
+    return {json.loads(x)["payload"] for x in lines if x.endswith("}") and '"ack"' in x}
+
+
+def _server(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _until(
+    predicate: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_sigkill_mid_stream_then_restart_loses_nothing(
+    options: MqttOptions, tmp_path: Path
+) -> None:
+    """kill -9 while messages keep arriving; those sent while it is down wait in the session."""
+    address = topic()
+    record = tmp_path / "record.jsonl"
+    env = {**os.environ, "AMGI_TEST_RECORD": str(record), "AMGI_TEST_DELAY": "0.01"}
+    argv = [
+        sys.executable,
+        "-m",
+        "amgi",
+        "run",
+        "amgi.testing.apps:recorder",
+        address,
+        "--server",
+        "mqtt",
+        "--port",
+        str(options.port),
+    ]
+    async with connected([address], options):
+        pass
+    first = _server(argv, env)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        await publish(options, address, payloads("a", 100))
+        await _until(lambda: len(_acked(record)) >= 20, 30, first)
+        first.kill()
+        first.wait()
+        assert len(_acked(record)) < 100, "finished before the kill"
+        await publish(options, address, payloads("b", 50))
+        second = _server(argv, env)
+        expected = {p.decode() for p in payloads("a", 100) + payloads("b", 50)}
+        await _until(lambda: _acked(record) >= expected, 30, second)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# -- the PUBLISH decoder ------------------------------------------------------------------------
+
+
+def test_decode_publish_reads_every_mapped_property() -> None:
+    def s(text: str) -> bytes:
+        return struct.pack("!H", len(text)) + text.encode()
+
+    props = (
+        b"\x01\x01"
+        + b"\x02"
+        + struct.pack("!I", 60)
+        + b"\x03"
+        + s("text/plain")
+        + b"\x08"
+        + s("re/ply")
+        + b"\x09"
+        + struct.pack("!H", 2)
+        + b"\x00\xff"
+        + b"\x0b\x81\x01"
+        + b"\x26"
+        + s("k")
+        + s("v")
+        + b"\x26"
+        + s("k")
+        + s("w")
+    )
+    body = s("a/b") + struct.pack("!H", 7) + bytes([len(props)]) + props + b"payload"
+    publish = decode_publish(0x30 | 0x02 | 0x01, body, v5=True)
+    assert (publish.topic, publish.mid, publish.qos, publish.retain) == ("a/b", 7, 1, True)
+    assert publish.payload == b"payload"
+    assert publish.user_properties == [("k", "v"), ("k", "w")]
+    assert publish.bindings == {
+        "qos": 1,
+        "retain": True,
+        "topic": "a/b",
+        "payloadFormatIndicator": 1,
+        "messageExpiryInterval": 60,
+        "contentType": "text/plain",
+        "responseTopic": "re/ply",
+        "correlationData": b"\x00\xff",
+    }
+    old = decode_publish(0x30, s("t") + b"\x00raw", v5=False)
+    assert (old.topic, old.mid, old.qos, old.payload, old.user_properties) == (
+        "t",
+        0,
+        0,
+        b"\x00raw",
+        [],
+    )
+    with pytest.raises(ValueError, match="property 0x7f"):
+        decode_publish(0x32, s("t") + b"\x00\x01" + b"\x02\x7f\x00", v5=True)
+
+
+async def test_tls_round_trip_and_untrusted_certificate(tmp_path: Path) -> None:
+    cert, key = broker_module.self_signed(tmp_path / "tls")
+    broker = Mosquitto(tmp_path / "broker", tls=(cert, key))
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, tls=True, ca_file=str(cert))
+        address = topic()
+        async with connected([address], options) as server:
+            await publish(options, address, [b"secret"])
+            (batch,) = await fetch_n(server, 1)
+            assert batch.messages[0].payload == b"secret"
+            await server.settle(batch, Settlement(acked=list(batch.messages)))
+        untrusted = MqttOptions(port=broker.port, tls=True)
+        with pytest.raises(BrokerUnavailable, match="TLS"):
+            await MqttTransport([address], untrusted).connect()
+    finally:
+        broker.stop()
