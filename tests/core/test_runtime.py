@@ -626,3 +626,31 @@ async def test_leases_of_running_batches_are_renewed() -> None:
     await serve_until_settled(slow, Leasing([batch("long", b"x")]), 1)
     assert len(extended) >= 3
     assert all(e == ["long"] for e in extended)
+
+
+async def test_concurrency_holds_when_one_fetch_returns_many_batches() -> None:
+    running = 0
+    peak = 0
+
+    class Wide(Scripted):
+        async def fetch(self) -> Sequence[Batch]:
+            if self.pending:
+                batches, self.pending = self.pending, []
+                return batches
+            await asyncio.sleep(3600)
+            return []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        nonlocal running, peak
+        if scope["type"] != "message":
+            return
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        await ack_all(scope, receive, send)
+
+    t = Wide([batch(f"topic{i}", b"x", key=i) for i in range(10)])
+    await serve_until_settled(app, t, 10, concurrency=2)
+    assert peak == 2
+    assert len(t.settled) == 10

@@ -194,8 +194,16 @@ class Runtime:
                 failing = False
                 backoff = _FETCH_BACKOFF_FIRST
             for batch in batches:
-                if batch.messages:
-                    self._start(batch)
+                if not batch.messages:
+                    continue
+                # One fetch may return more batches than there are free slots (a batch
+                # per topic, per partition ...): start each only when a slot is free.
+                # Batches not started when a stop cancels this wait stay unacknowledged
+                # on the broker and come back by redelivery.
+                while len(self._tasks) >= limit:
+                    self._capacity.clear()
+                    await self._capacity.wait()
+                self._start(batch)
 
     def _start(self, batch: Batch) -> None:
         key = batch.key
