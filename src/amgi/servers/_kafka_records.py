@@ -18,7 +18,6 @@ timestamp            ``bindings["kafka"]["timestamp"]`` (ms since the epoch)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from amgi.transport import ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, HeaderList, Message
 
@@ -84,6 +83,22 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
     return InternalHeaders(headers, attempt, original, due)
 
 
+_INTERNAL = frozenset({ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER})
+_NAMES: dict[str | bytes, bytes] = {}
+"""Header names seen before, as bytes (AMGI's own names are never cached)."""
+
+
+def _learn_headers(headers: Iterable[tuple[str | bytes, bytes | None]]) -> tuple[HeaderList, int]:
+    """Slow path of :func:`message_from_record`: new names, or AMGI's own headers."""
+    split = split_internal_headers(headers)
+    if len(_NAMES) < 10_000:
+        for name, _ in headers:
+            n = _as_bytes(name)
+            if n not in _INTERNAL:
+                _NAMES[name] = n
+    return split.headers, split.attempt
+
+
 def message_from_record(
     topic: str,
     partition: int,
@@ -98,25 +113,18 @@ def message_from_record(
     ``headers`` may carry ``str`` or ``bytes`` names and ``None`` values (as Kafka clients
     return them). ``topic`` is not part of the message: it is the scope address.
     """
-    del topic  # the batch's address
+    attempt = 1
     if not headers:
         hdrs: HeaderList = []
-        attempt = 1
     else:
-        split = split_internal_headers(headers)
-        hdrs = split.headers
-        attempt = split.attempt
-    kafka: dict[str, Any] = {
-        "key": key,
-        "partition": partition,
-        "offset": offset,
-        "timestamp": timestamp,
+        if not isinstance(headers, list | tuple):
+            headers = list(headers)
+        try:  # fast path: every name seen before and none of them AMGI's own
+            names = _NAMES
+            hdrs = [(names[name], v or b"") for name, v in headers]
+        except KeyError:
+            hdrs, attempt = _learn_headers(headers)
+    bindings = {
+        "kafka": {"key": key, "partition": partition, "offset": offset, "timestamp": timestamp}
     }
-    return Message(
-        id=str(offset),
-        headers=hdrs,
-        payload=value,
-        bindings={"kafka": kafka},
-        attempt=attempt,
-        token=offset,
-    )
+    return Message(str(offset), hdrs, value, bindings, attempt, offset)

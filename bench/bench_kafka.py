@@ -1,0 +1,367 @@
+"""Drain a pre-filled Kafka topic: our server beside the raw client loop and the peers.
+
+Run after ``scripts/brokers/kafka.sh``: ``.venv/bin/python bench/bench_kafka.py``.
+
+One topic of ``--count`` 100-byte records with 2 headers on 4 partitions is produced once;
+each contender then drains it in its own process with a fresh consumer group, counting
+until every record is acked and its offset committed. Time to first message (group join
+included) is reported apart from the throughput, which is measured after the first message.
+
+Contenders: ``amgi-kafka`` (this project's server through ``amgi.runtime.Runtime``, an app
+that acks everything), ``raw-confluent`` (confluent-kafka consume + one commit per
+partition batch), and the peers a user would pick instead, run from a separate venv
+(``.venv-bench``, created here on first use): ``faststream-batch`` (FastStream Kafka
+subscriber, batch mode) and ``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_VENV = ROOT / ".venv-bench"
+PEERS = ["faststream[kafka]", "amgi-aiokafka"]
+PARTITIONS = 4
+
+
+# -- the contenders (each runs in its own process) ------------------------------------------
+
+
+def _done(committed: dict[int, int], ends: dict[int, int]) -> bool:
+    return all(committed.get(p, -1) >= end for p, end in ends.items())
+
+
+def run_raw(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    t0 = time.perf_counter()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+            "fetch.queue.backoff.ms": 10,  # as the amgi server sets it (default: 1000)
+        }
+    )
+    consumer.subscribe([topic])
+    first = 0.0
+    seen = 0
+    committed: dict[int, int] = {}
+    while not _done(committed, ends):
+        records = consumer.consume(2000, 0)  # what is on hand, else wait for one
+        if not records:
+            records = consumer.consume(1, 0.1)
+            if not records:
+                continue
+            records += consumer.consume(1999, 0)
+        if not first:
+            first = time.perf_counter()
+        last: dict[int, int] = {}
+        for r in records:
+            if r.error() is None:
+                r.value()
+                r.headers()
+                last[r.partition()] = r.offset()
+                seen += 1
+        for p, off in last.items():  # one commit per partition batch
+            consumer.commit(offsets=[TopicPartition(topic, p, off + 1)], asynchronous=False)
+            committed[p] = off + 1
+    end = time.perf_counter()
+    consumer.close()
+    return {"first": first - t0, "drain": end - first, "seen": seen}
+
+
+def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+    from amgi.runtime import Runtime, RuntimeConfig
+    from amgi.servers.kafka import KafkaOptions, KafkaTransport
+
+    async def main() -> dict[str, float]:
+        first = 0.0
+        seen = 0
+        committed: dict[int, int] = {}
+        finished = asyncio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal first, seen
+            if scope["type"] != "message":
+                return
+            if not first:
+                first = time.perf_counter()
+            more = True
+            while more:
+                event = await receive()
+                more = event.get("more_messages", False)
+                await send({"type": "message.ack", "id": event["id"]})
+                seen += 1
+
+        class Counting(KafkaTransport):
+            async def settle(self, batch: Any, settlement: Any) -> None:
+                await super().settle(batch, settlement)  # returns once committed
+                p = batch.key[1]
+                committed[p] = max(committed.get(p, 0), batch.messages[-1].token + 1)
+                if _done(committed, ends):
+                    finished.set()
+
+        options = KafkaOptions(
+            bootstrap_servers=bootstrap,
+            group_id=f"bench-amgi-{uuid.uuid4().hex[:8]}",
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=500,
+        )
+        t0 = time.perf_counter()
+        runtime = Runtime(app, Counting([topic], options), RuntimeConfig(lifespan="off"))
+        server = asyncio.create_task(runtime.serve())
+        await finished.wait()
+        end = time.perf_counter()
+        runtime.request_stop()
+        await server
+        return {"first": first - t0, "drain": end - first, "seen": seen}
+
+    return asyncio.run(main())
+
+
+def _watch_aiokafka_commits(ends: dict[int, int], finished: Any) -> None:
+    """Wrap aiokafka's commit to learn when every partition is committed to its end."""
+    from aiokafka import AIOKafkaConsumer
+
+    committed: dict[int, int] = {}
+    original = AIOKafkaConsumer.commit
+
+    async def commit(self: Any, offsets: Any = None) -> None:
+        if offsets is None:  # commit() of everything consumed: the positions
+            offsets = {tp: await self.position(tp) for tp in self.assignment()}
+        await original(self, offsets)
+        for tp, value in offsets.items():
+            offset = value if isinstance(value, int) else value.offset
+            committed[tp.partition] = max(committed.get(tp.partition, 0), offset)
+        if _done(committed, ends):
+            finished.set()
+
+    AIOKafkaConsumer.commit = commit  # type: ignore[method-assign]
+
+
+def run_upstream(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+    import amgi_aiokafka
+
+    async def main() -> dict[str, float]:
+        first = 0.0
+        seen = 0
+        finished = asyncio.Event()
+        _watch_aiokafka_commits(ends, finished)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal first, seen
+            if scope["type"] != "message":
+                if scope["type"] == "lifespan":
+                    while True:
+                        event = await receive()
+                        kind = event["type"].rsplit(".", 1)[-1]
+                        await send({"type": f"lifespan.{kind}.complete"})
+                        if kind == "shutdown":
+                            return
+                return
+            if not first:
+                first = time.perf_counter()
+            seen += 1
+            await send({"type": "message.ack", "id": ""})
+
+        t0 = time.perf_counter()
+        server = amgi_aiokafka.Server(
+            app,
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=f"bench-up-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest",
+        )
+        task = asyncio.create_task(server.serve())
+        await finished.wait()
+        end = time.perf_counter()
+        server.stop()
+        await asyncio.wait_for(task, 30)
+        return {"first": first - t0, "drain": end - first, "seen": seen}
+
+    return asyncio.run(main())
+
+
+def run_faststream(
+    bootstrap: str, topic: str, ends: dict[int, int], count: int
+) -> dict[str, float]:
+    from faststream import AckPolicy
+    from faststream.kafka import KafkaBroker
+
+    async def main() -> dict[str, float]:
+        first = 0.0
+        seen = 0
+        finished = asyncio.Event()
+        _watch_aiokafka_commits(ends, finished)
+        broker = KafkaBroker(bootstrap)
+
+        @broker.subscriber(  # type: ignore[misc]
+            topic,
+            batch=True,
+            group_id=f"bench-fs-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest",
+            max_records=2000,
+            ack_policy=AckPolicy.ACK,  # commit after processing, as the others do
+        )
+        async def handle(messages: list[bytes]) -> None:
+            nonlocal first, seen
+            if not first:
+                first = time.perf_counter()
+            seen += len(messages)
+
+        t0 = time.perf_counter()
+        await broker.start()
+        await finished.wait()
+        end = time.perf_counter()
+        await broker.stop()
+        return {"first": first - t0, "drain": end - first, "seen": seen}
+
+    return asyncio.run(main())
+
+
+def run_amgi_gc(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+    """Our server with the collector tuned (process-wide, so the runtime's call, not ours).
+
+    ``gc.freeze()`` after the imports keeps full collections from walking every module
+    object again and again; a larger young-generation threshold makes them rarer.
+    """
+    import gc
+
+    import confluent_kafka  # noqa: F401
+
+    import amgi.runtime
+    import amgi.servers.kafka
+
+    del amgi
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    return run_amgi(bootstrap, topic, ends, count)
+
+
+CONTENDERS = {
+    "amgi-kafka": (run_amgi, False),
+    "amgi-kafka-gc50k": (run_amgi_gc, False),
+    "raw-confluent": (run_raw, False),
+    "faststream-batch": (run_faststream, True),
+    "upstream-amgi-aiokafka": (run_upstream, True),
+}
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def ensure_bench_venv() -> Path:
+    """Create ``.venv-bench`` with the peers unless it already has them."""
+    python = BENCH_VENV / "bin" / "python"
+    check = [str(python), "-c", "import faststream.kafka, amgi_aiokafka"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
+    return python
+
+
+def prefill(bootstrap: str, count: int) -> tuple[str, dict[int, int]]:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, PARTITIONS)])[topic].result(10)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1000000})
+    ends: dict[int, int] = {}
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            raise RuntimeError(err)
+        ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
+
+    payload = b"x" * 100
+    headers = [("content-type", b"application/octet-stream"), ("trace-id", b"0123456789abcdef")]
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(
+                    topic, payload, headers=headers, partition=i % PARTITIONS, on_delivery=delivered
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+    return topic, ends
+
+
+def run_child(args: argparse.Namespace) -> None:
+    fn, _ = CONTENDERS[args.child]
+    ends = {int(k): v for k, v in json.loads(args.ends).items()}
+    result = fn(args.bootstrap, args.topic, ends, args.count)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=1, help="runs per contender (best kept)")
+    parser.add_argument("--only", nargs="*", choices=sorted(CONTENDERS))
+    parser.add_argument("--child-timeout", type=float, default=180, help="seconds per run")
+    parser.add_argument("--child", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument("--ends", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args)
+        return
+    names = args.only or list(CONTENDERS)
+    peer_python = ensure_bench_venv() if any(CONTENDERS[n][1] for n in names) else None
+    print(f"pre-filling {args.count} records on {PARTITIONS} partitions ...", flush=True)
+    topic, ends = prefill(args.bootstrap, args.count)
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.rounds):
+        for name in names:
+            python = peer_python if CONTENDERS[name][1] else Path(sys.executable)
+            cmd = [str(python), __file__, "--child", name, "--bootstrap", args.bootstrap]
+            cmd += ["--topic", topic, "--ends", json.dumps(ends), "--count", str(args.count)]
+            env = (
+                {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+                if python == Path(sys.executable)
+                else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            )
+            try:
+                out = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=args.child_timeout, env=env
+                )
+            except subprocess.TimeoutExpired:
+                print(f"{name}: did not finish within {args.child_timeout:g} s", file=sys.stderr)
+                continue
+            if out.returncode != 0:
+                print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            if name not in best or result["drain"] < best[name]["drain"]:
+                best[name] = result
+    raw = best.get("raw-confluent")
+    print(f"\n{args.count} records x 100 B, 2 headers, {PARTITIONS} partitions, acked + committed")
+    print(f"{'contender':<24}{'msgs/s':>12}{'first msg (s)':>15}{'vs raw':>9}{'seen':>9}")
+    for name, r in sorted(best.items(), key=lambda kv: kv[1]["drain"]):
+        rate = args.count / r["drain"]
+        ratio = f"{rate / (args.count / raw['drain']):.0%}" if raw else "-"
+        print(f"{name:<24}{rate:>12,.0f}{r['first']:>15.2f}{ratio:>9}{int(r['seen']):>9}")
+
+
+if __name__ == "__main__":
+    main()

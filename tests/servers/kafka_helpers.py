@@ -1,0 +1,167 @@
+"""Helpers for the Kafka server tests: the test broker, topics, records, committed offsets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = int(os.environ.get("KAFKA_PORT", "9092"))
+BOOTSTRAP = f"127.0.0.1:{PORT}"
+FAST_GROUP = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200}
+"""Short group timeouts: a join takes about a second instead of five."""
+
+
+def ensure_broker() -> None:
+    """Start the test broker with the project's script unless it already listens."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        if s.connect_ex(("127.0.0.1", PORT)) == 0:
+            return
+    subprocess.run(
+        ["bash", "scripts/brokers/kafka.sh"],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "KAFKA_PORT": str(PORT)},
+    )
+
+
+def fresh(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def options(**overrides: Any) -> dict[str, Any]:
+    """Transport option values for a test: the test broker, a fresh group, fast joins."""
+    values: dict[str, Any] = {
+        "bootstrap_servers": BOOTSTRAP,
+        "group_id": fresh("group"),
+        **FAST_GROUP,
+    }
+    values.update(overrides)
+    return values
+
+
+def create_topic(name: str, partitions: int = 3) -> str:
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_topics([NewTopic(name, partitions)])[name].result(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        md = admin.list_topics(name, timeout=5)
+        if name in md.topics and len(md.topics[name].partitions) == partitions:
+            return name
+        time.sleep(0.05)
+    raise AssertionError(f"topic {name} did not appear")
+
+
+def produce(
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+    partition: int | None = None,
+) -> int:
+    """Produce ``(key, value, headers)`` records and wait until all are acknowledged."""
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5})
+    errors: list[Any] = []
+    count = 0
+    for key, value, headers in records:
+        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers}
+        if partition is not None:
+            kwargs["partition"] = partition
+        kwargs["on_delivery"] = lambda err, _msg: err and errors.append(err)
+        while True:
+            try:
+                producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        count += 1
+    assert producer.flush(30) == 0
+    assert not errors, errors
+    return count
+
+
+def read_all(topic: str, count: int, timeout: float = 20.0) -> list[Any]:
+    """Read ``count`` records of ``topic`` from the beginning (no group commits)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": BOOTSTRAP,
+            "group.id": fresh("reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            **{"session.timeout.ms": 1000, "heartbeat.interval.ms": 200},
+        }
+    )
+    out: list[Any] = []
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < deadline:
+            for m in consumer.consume(500, 0.2):
+                if m.error() is None:
+                    out.append(m)
+    finally:
+        consumer.close()
+    return out
+
+
+def end_offsets(topic: str, idle: float = 1.0) -> dict[int, int]:
+    """Next offset of every non-empty partition, found by reading the topic to its end.
+
+    (The test broker's high watermark is the last batch's base offset + 1, so it is not used.)
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": BOOTSTRAP,
+            "group.id": fresh("probe"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 1000,
+            "heartbeat.interval.ms": 200,
+        }
+    )
+    ends: dict[int, int] = {}
+    try:
+        consumer.subscribe([topic])
+        assigned = time.monotonic() + 15
+        last = time.monotonic()
+        while time.monotonic() - last < idle or (not ends and time.monotonic() < assigned):
+            for m in consumer.consume(1000, 0.1):
+                if m.error() is None:
+                    ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
+                    last = time.monotonic()
+    finally:
+        consumer.close()
+    return ends
+
+
+def committed(group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets of every partition (negative: none)."""
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+        parts = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def wait_committed(group: str, topic: str, timeout: float = 20.0) -> dict[int, int]:
+    """Poll until the group's committed offsets reach the end of every partition."""
+    want = end_offsets(topic)
+    deadline = time.monotonic() + timeout
+    got: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        got = committed(group, topic)
+        if all(got.get(p, -1) >= high for p, high in want.items()):
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"committed {got}, want {want}")

@@ -1,0 +1,295 @@
+"""The Kafka server against the real test broker, driven through the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers._kafka_records import message_from_record
+from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
+from amgi.transport import DEAD_LETTER_REASON_HEADER
+from tests.servers.kafka_helpers import (
+    BOOTSTRAP,
+    ROOT,
+    committed,
+    create_topic,
+    end_offsets,
+    ensure_broker,
+    fresh,
+    options,
+    produce,
+    read_all,
+    wait_committed,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+def transport(topics: list[str], **overrides: Any) -> KafkaTransport:
+    return KafkaTransport(topics, KafkaOptions(**options(**overrides)))
+
+
+async def run_until(
+    app: App, kafka: KafkaTransport, done: Callable[[], bool], timeout: float = 30.0, **cfg: Any
+) -> None:
+    """Serve ``app`` until ``done()`` holds (polled), then stop gracefully."""
+    runtime = Runtime(app, kafka, RuntimeConfig(lifespan="off", **cfg))
+    server = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
+
+
+def test_message_from_record_maps_key_headers_and_attempt() -> None:
+    m = message_from_record(
+        "t", 2, 41, 1700, b"k", b"v", [("a", b"1"), ("amgi-attempt", b"3"), (b"b", None)]
+    )
+    assert (m.id, m.token, m.payload, m.attempt) == ("41", 41, b"v", 3)
+    assert m.headers == [(b"a", b"1"), (b"b", b"")]
+    assert m.bindings == {"kafka": {"key": b"k", "partition": 2, "offset": 41, "timestamp": 1700}}
+
+
+async def test_batches_per_partition_in_order_and_committed() -> None:
+    topic = create_topic(fresh("orders"), partitions=3)
+    n = 90
+    produce(topic, ((b"k%d" % (i % 6), b"%d" % i, [("h", b"%d" % i)]) for i in range(n)))
+    seen: list[tuple[int, int, bytes]] = []
+    batch_sizes: list[int] = []
+    addresses: set[str] = set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        addresses.add(scope["address"])
+        count = 0
+        while True:
+            event = await receive()
+            k = event["bindings"]["kafka"]
+            assert event["headers"] == [(b"h", event["payload"])]
+            assert k["key"].startswith(b"k")
+            assert k["timestamp"] > 0
+            assert event["bindings"]["amgi"]["attempt"] == 1
+            seen.append((k["partition"], k["offset"], event["payload"]))
+            await send({"type": "message.ack", "id": event["id"]})
+            count += 1
+            if not event.get("more_messages"):
+                break
+        batch_sizes.append(count)
+
+    kafka = transport([topic])
+    await run_until(app, kafka, lambda: len(seen) >= n)
+    assert addresses == {topic}
+    assert sorted(int(p) for _, _, p in seen) == list(range(n))  # each exactly once
+    by_partition = collections.defaultdict(list)
+    for partition, offset, _ in seen:
+        by_partition[partition].append(offset)
+    assert len(by_partition) == 3
+    for offsets in by_partition.values():
+        assert offsets == sorted(offsets) == list(range(len(offsets)))
+    # Batches, not one call per message, and one commit at the end of every partition.
+    assert len(batch_sizes) < n
+    assert committed(kafka.config.group_id, topic) == end_offsets(topic) == {0: 30, 1: 30, 2: 30}
+
+
+async def test_nack_is_retried_with_attempts_then_dead_lettered() -> None:
+    topic = create_topic(fresh("pay"), partitions=2)
+    produce(
+        topic, [(b"a", b"good-1", []), (b"a", b"bad", [("trace", b"t1")]), (b"a", b"good-2", [])]
+    )
+    attempts: list[int] = []
+    good: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["address"] == topic
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            if event["payload"] == b"bad":
+                attempts.append(event["bindings"]["amgi"]["attempt"])
+                assert event["headers"] == [(b"trace", b"t1")]
+                await send({"type": "message.nack", "id": event["id"], "message": "no funds"})
+            else:
+                good.append(event["payload"])
+                await send({"type": "message.ack", "id": event["id"]})
+
+    kafka = transport([topic])
+    await run_until(
+        app, kafka, lambda: len(attempts) >= 3, max_attempts=3, retry_delay=0.2, retry_delay_max=1
+    )
+    assert attempts == [1, 2, 3]
+    assert sorted(good) == [b"good-1", b"good-2"]
+    dead = read_all(f"{topic}.dlq", 1)
+    assert len(dead) == 1
+    assert dead[0].value() == b"bad"
+    assert dead[0].key() == b"a"
+    headers = dict(dead[0].headers())
+    assert headers[DEAD_LETTER_REASON_HEADER.decode()] == b"no funds"
+    assert headers["trace"] == b"t1"
+    # Nothing left behind: source and retry topics are committed to their ends.
+    wait_committed(kafka.config.group_id, topic)
+    wait_committed(kafka.config.group_id, f"{topic}.retry")
+
+
+async def test_unsettled_is_never_committed_past() -> None:
+    topic = create_topic(fresh("gap"), partitions=1)
+    produce(topic, [(None, b"%d" % i, []) for i in range(10)])
+    calls = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        calls += 1
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            if event["payload"] != b"4":
+                await send({"type": "message.ack", "id": event["id"]})
+        # offset 4 is left unsettled: nacked by the runtime and retried via the retry topic
+
+    kafka = transport([topic])
+    retry = f"{topic}.retry"
+    await run_until(app, kafka, lambda: calls >= 2, max_attempts=2, retry_delay=0.1)
+    wait_committed(kafka.config.group_id, topic)
+    assert len(read_all(retry, 1)) == 1
+
+
+async def test_send_with_key_partition_and_headers() -> None:
+    source = create_topic(fresh("in"), partitions=1)
+    target = create_topic(fresh("out"), partitions=3)
+    produce(source, [(None, b"go", [])])
+    sent = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        event = await receive()
+        await send(
+            {
+                "type": "message.send",
+                "address": target,
+                "headers": [(b"x", b"1")],
+                "payload": b"hello",
+                "bindings": {"kafka": {"key": "user-1", "partition": 2}, "amqp": {"x": 1}},
+            }
+        )
+        await send({"type": "message.ack", "id": event["id"]})
+        sent.set()
+
+    await run_until(app, transport([source]), sent.is_set)
+    [record] = read_all(target, 1)
+    assert (record.partition(), record.key(), record.value()) == (2, b"user-1", b"hello")
+    assert record.headers() == [("x", b"1")]
+
+
+async def test_send_failure_raises_kafka_send_error() -> None:
+    kafka = transport([], delivery_timeout_ms=2000)
+    await kafka.connect()
+    try:
+        with pytest.raises(KafkaSendError, match="partition"):
+            await kafka.publish("t", [], b"x", {"kafka": {"partition": "two"}})
+        topic = create_topic(fresh("one"), partitions=1)
+        with pytest.raises(KafkaSendError) as info:
+            await kafka.publish(topic, [], b"x", {"kafka": {"partition": 7}})
+        assert isinstance(info.value, OSError)
+    finally:
+        await kafka.close()
+
+
+async def test_unreachable_broker_is_one_clear_error() -> None:
+    kafka = transport(["t"], bootstrap_servers="127.0.0.1:1", connect_timeout=1.0)
+    with pytest.raises(BrokerUnavailable, match=r"cannot reach Kafka at 127\.0\.0\.1:1"):
+        await kafka.connect()
+    await kafka.close()
+
+
+async def test_unknown_topic_is_a_configuration_error() -> None:
+    missing = fresh("missing")
+    kafka = transport([missing])
+    with pytest.raises(ConfigurationError, match=f"{missing}.*does not exist"):
+        await kafka.connect()
+    await kafka.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"auto_offset_reset": "sideways"}, "--auto-offset-reset"),
+        ({"config": ["no-equals-sign"]}, "NAME=VALUE"),
+        ({"config": ["no.such.setting=1"]}, "invalid Kafka producer option"),
+        ({"compression_type": "rar"}, "invalid Kafka producer option"),
+        ({"dead_letter_topic": "dead"}, "must contain"),
+    ],
+)
+async def test_bad_option_is_a_configuration_error(overrides: dict[str, Any], message: str) -> None:
+    kafka = transport(["t"], **overrides)
+    with pytest.raises(ConfigurationError, match=message):
+        await kafka.connect()
+    await kafka.close()
+
+
+def amgi_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "amgi", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_send_produces_with_headers_and_key() -> None:
+    topic = create_topic(fresh("cli"), partitions=2)
+    out = amgi_cli(
+        "send", topic, '{"id": 1}', "--server", "kafka", "--bootstrap-servers", BOOTSTRAP,
+        "--header", "trace=t-9", "--binding", 'kafka.key="order-1"',
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    [record] = read_all(topic, 1)
+    assert (record.value(), record.key()) == (b'{"id": 1}', b"order-1")
+    assert record.headers() == [("trace", b"t-9")]
+
+
+def test_cli_run_against_unreachable_broker_is_one_clear_line() -> None:
+    out = amgi_cli(
+        "run", "tests.servers.kafka_app:app", "orders", "--server", "kafka",
+        "--bootstrap-servers", "127.0.0.1:1", "--connect-timeout", "1",
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "cannot reach Kafka at 127.0.0.1:1" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+async def test_topic_pattern_address_consumes_matching_topics() -> None:
+    stem = fresh("pat")
+    first = create_topic(f"{stem}-a", partitions=1)
+    second = create_topic(f"{stem}-b", partitions=1)
+    produce(first, [(None, b"a", [])])
+    produce(second, [(None, b"b", [])])
+    seen: dict[str, bytes] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        event = await receive()
+        seen[scope["address"]] = event["payload"]
+        await send({"type": "message.ack", "id": event["id"]})
+
+    await run_until(app, transport([f"^{stem}-.*"]), lambda: len(seen) >= 2)
+    assert seen == {first: b"a", second: b"b"}
