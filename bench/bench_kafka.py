@@ -85,7 +85,10 @@ def run_raw(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dic
 
 def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
     from amgi.runtime import Runtime, RuntimeConfig
+    from amgi.runtime.gc import tune_for_server
     from amgi.servers.kafka import KafkaOptions, KafkaTransport
+
+    tune_for_server()  # as `amgi run` does
 
     async def main() -> dict[str, float]:
         first = 0.0
@@ -106,13 +109,15 @@ def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> di
                 await send({"type": "message.ack", "id": event["id"]})
                 seen += 1
 
+        loop = asyncio.get_running_loop()
+
         class Counting(KafkaTransport):
-            async def settle(self, batch: Any, settlement: Any) -> None:
-                await super().settle(batch, settlement)  # returns once committed
-                p = batch.key[1]
-                committed[p] = max(committed.get(p, 0), batch.messages[-1].token + 1)
+            def _commit_offsets(self, offsets: list[Any]) -> None:  # the commit thread
+                super()._commit_offsets(offsets)  # returns once the broker confirmed
+                for tp in offsets:
+                    committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
                 if _done(committed, ends):
-                    finished.set()
+                    loop.call_soon_threadsafe(finished.set)
 
         options = KafkaOptions(
             bootstrap_servers=bootstrap,
@@ -232,28 +237,8 @@ def run_faststream(
     return asyncio.run(main())
 
 
-def run_amgi_gc(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
-    """Our server with the collector tuned (process-wide, so the runtime's call, not ours).
-
-    ``gc.freeze()`` after the imports keeps full collections from walking every module
-    object again and again; a larger young-generation threshold makes them rarer.
-    """
-    import gc
-
-    import confluent_kafka  # noqa: F401
-
-    import amgi.runtime
-    import amgi.servers.kafka
-
-    del amgi
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    return run_amgi(bootstrap, topic, ends, count)
-
-
 CONTENDERS = {
     "amgi-kafka": (run_amgi, False),
-    "amgi-kafka-gc50k": (run_amgi_gc, False),
     "raw-confluent": (run_raw, False),
     "faststream-batch": (run_faststream, True),
     "upstream-amgi-aiokafka": (run_upstream, True),

@@ -23,6 +23,7 @@ from amgi import __version__
 from amgi.errors import AMGIError, ConfigurationError, StartupFailed
 from amgi.options import add_flags, build
 from amgi.runtime import Runtime, RuntimeConfig
+from amgi.runtime.gc import tune_for_server
 from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
 from amgi.transport import Transport
 from amgi.types import AMGIApplication
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
             transport = _transport(server, transport_cls, values, args.addresses)
             runtime = Runtime(app, transport, config, handle_signals=True)
+            tune_for_server()
             return asyncio.run(runtime.serve())
         transport = _transport(server, transport_cls, values, [])
         asyncio.run(_send(transport, args))

@@ -14,7 +14,7 @@ import pytest
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
-from amgi.servers._kafka_records import message_from_record
+from amgi.servers._kafka_records import message_from_record, messages_from_records
 from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
 from amgi.transport import DEAD_LETTER_REASON_HEADER
 from tests.servers.kafka_helpers import (
@@ -293,3 +293,44 @@ async def test_topic_pattern_address_consumes_matching_topics() -> None:
 
     await run_until(app, transport([f"^{stem}-.*"]), lambda: len(seen) >= 2)
     assert seen == {first: b"a", second: b"b"}
+
+
+class _FakeRecord:
+    """The accessors of a confluent-kafka record."""
+
+    def __init__(self, offset: int, headers: Any, key: bytes | None, value: bytes | None) -> None:
+        self._offset, self._headers, self._key, self._value = offset, headers, key, value
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000 + self._offset)
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> Any:
+        return self._headers
+
+
+def test_the_consumer_loop_maps_records_like_message_from_record() -> None:
+    records = [
+        _FakeRecord(7, [("trace", b"t1"), ("dup", None), ("dup", b"2")], b"k", b"v"),
+        _FakeRecord(8, None, None, None),
+        _FakeRecord(9, [("amgi-attempt", b"3"), ("x", b"y")], b"k2", b"\x00"),
+        _FakeRecord(10, [("x", b"z")], b"k3", b"w"),
+    ]
+    fast = messages_from_records(2, records)
+    slow = [
+        message_from_record("t", 2, r.offset(), r.timestamp()[1], r.key(), r.value(), r.headers())
+        for r in records
+    ]
+    assert [(m.id, m.headers, m.payload, m.bindings, m.attempt, m.token) for m in fast] == [
+        (m.id, m.headers, m.payload, m.bindings, m.attempt, m.token) for m in slow
+    ]
+    assert fast[2].attempt == 3
+    assert fast[2].headers == [(b"x", b"y")]
