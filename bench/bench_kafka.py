@@ -109,15 +109,13 @@ def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> di
                 await send({"type": "message.ack", "id": event["id"]})
                 seen += 1
 
-        loop = asyncio.get_running_loop()
-
         class Counting(KafkaTransport):
-            def _commit_offsets(self, offsets: list[Any]) -> None:  # the commit thread
-                super()._commit_offsets(offsets)  # returns once the broker confirmed
-                for tp in offsets:
-                    committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
+            async def settle(self, batch: Any, settlement: Any) -> None:
+                await super().settle(batch, settlement)  # returns once committed
+                p = batch.key[1]
+                committed[p] = max(committed.get(p, 0), batch.messages[-1].token + 1)
                 if _done(committed, ends):
-                    loop.call_soon_threadsafe(finished.set)
+                    finished.set()
 
         options = KafkaOptions(
             bootstrap_servers=bootstrap,

@@ -225,10 +225,8 @@ class KafkaTransport(Transport):
         self._epoch = 0
         self._revoked_in_call: set[TopicPartition] = set()
         self._rewind: dict[TopicPartition, int] = {}
-        # Offsets settled and not yet sent in a commit, by partition; the committer (one
-        # job at a time in the commit thread) sends them all in one request.
-        self._to_commit: dict[TopicPartition, int] = {}
-        self._committer: asyncio.Future[None] | None = None
+        self._revoking: asyncio.Event | None = None
+        self._commits: set[asyncio.Future[None]] = set()
         self._sources: list[str] = []
         self._retry_topics: dict[str, str] = {}
         self._retry_re: re.Pattern[str] | None = None
@@ -329,6 +327,7 @@ class KafkaTransport(Transport):
 
         self._check_options()
         self._loop = asyncio.get_running_loop()
+        self._revoking = asyncio.Event()
         try:
             self._producer = Producer(self._producer_config())
         except (KafkaException, ValueError, TypeError) as exc:
@@ -439,13 +438,14 @@ class KafkaTransport(Transport):
         if self._poll_future is not None:
             await asyncio.wait([self._poll_future])
             self._poll_future = None
-        await self._flush_commits()
         consumer, self._consumer = self._consumer, None
         if consumer is not None and self._poll_thread is not None:
             try:
                 await loop.run_in_executor(self._poll_thread, consumer.close)
             except Exception as exc:  # closing must not hide the caller's error
                 log.warning("kafka consumer close: %s", exc)
+        if self._commits:
+            await asyncio.wait(set(self._commits))
         for pool in (self._poll_thread, self._commit_thread):
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -482,36 +482,42 @@ class KafkaTransport(Transport):
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
 
-        librdkafka holds other commits until this callback returns; the revoked
-        partitions' queued offsets are dropped from the committer and committed here.
+        librdkafka holds other commits until this callback returns, so settles stop
+        waiting for their own commit meanwhile and this callback commits for them.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
         keys = [(tp.topic, tp.partition) for tp in partitions]
         deadline = time.monotonic() + self.config.rebalance_timeout
-        with self._lock:
-            while not self._closing:
-                busy = [k for k in keys if k in self._partitions and self._partitions[k].pending]
-                remaining = deadline - time.monotonic()
-                if not busy or remaining <= 0:
-                    if busy:
-                        log.warning("revoking %s with batches still in flight", busy)
-                    break
-                self._lock.wait(remaining)
-            offsets = [
-                TP(k[0], k[1], s.commit_to)
-                for k in keys
-                if (s := self._partitions.get(k)) is not None and s.commit_to is not None
-            ]
-            for k in keys:
-                self._to_commit.pop(k, None)
-            self._forget(keys)
-        if offsets and not self._closing:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("kafka commit on revoke failed: %s", exc)
+        if self._loop is not None and self._revoking is not None:
+            self._loop.call_soon_threadsafe(self._revoking.set)
+        try:
+            with self._lock:
+                while not self._closing:
+                    busy = [
+                        k for k in keys if k in self._partitions and self._partitions[k].pending
+                    ]
+                    remaining = deadline - time.monotonic()
+                    if not busy or remaining <= 0:
+                        if busy:
+                            log.warning("revoking %s with batches still in flight", busy)
+                        break
+                    self._lock.wait(remaining)
+                offsets = [
+                    TP(k[0], k[1], s.commit_to)
+                    for k in keys
+                    if (s := self._partitions.get(k)) is not None and s.commit_to is not None
+                ]
+                self._forget(keys)
+            if offsets and not self._closing:
+                try:
+                    consumer.commit(offsets=offsets, asynchronous=False)
+                except KafkaException as exc:
+                    log.warning("kafka commit on revoke failed: %s", exc)
+        finally:
+            if self._loop is not None and self._revoking is not None:
+                self._loop.call_soon_threadsafe(self._revoking.clear)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         with self._lock:
@@ -706,61 +712,37 @@ class KafkaTransport(Transport):
                 ctx.state.commit_to = commit
             self._lock.notify_all()
         if commit is not None and current:
-            self._request_commit(ctx.tp, commit)
+            await self._commit(ctx.tp, commit)
 
-    def _request_commit(self, tp: TopicPartition, offset: int) -> None:
-        """Queue ``offset`` for ``tp``; the committer sends it with whatever else is due.
-
-        Settling does not wait for the commit: the next batch of the partition may run
-        while it is in flight (the offset is already the highest contiguous settled one,
-        so nothing unsettled is ever covered). A crash before it lands means redelivery.
-        """
-        with self._lock:
-            self._to_commit[tp] = offset
-        if self._committer is None and self._commit_thread is not None:
-            loop = asyncio.get_running_loop()
-            self._committer = loop.run_in_executor(self._commit_thread, self._commit_due)
-            self._committer.add_done_callback(self._committer_done)
-
-    def _committer_done(self, future: asyncio.Future[None]) -> None:
-        self._committer = None
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("kafka committer failed: %s", future.exception())
-        with self._lock:
-            again = bool(self._to_commit)
-        if again and self._commit_thread is not None and not self._closing:
-            loop = future.get_loop()
-            self._committer = loop.run_in_executor(self._commit_thread, self._commit_due)
-            self._committer.add_done_callback(self._committer_done)
-
-    def _commit_due(self) -> None:
-        """Commit every queued offset of a partition still ours, in one request (thread)."""
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
-        with self._lock:
-            due, self._to_commit = self._to_commit, {}
-            owned = [(tp, off) for tp, off in due.items() if tp in self._partitions]
-        if owned:
-            self._commit_offsets([TP(tp[0], tp[1], off) for tp, off in owned])
-
-    def _commit_offsets(self, offsets: list[Any]) -> None:
-        """One synchronous commit of ``offsets`` (commit thread)."""
-        from confluent_kafka import KafkaException
-
         consumer = self._consumer
-        if consumer is None:
+        if consumer is None or self._commit_thread is None:
             return
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # Not ours any more (rebalance): the next owner starts from the last commit.
-            log.warning("kafka commit of %d partition(s) failed: %s", len(offsets), exc)
+        loop = asyncio.get_running_loop()
+        offsets = [TP(tp[0], tp[1], offset)]
 
-    async def _flush_commits(self) -> None:
-        """Wait until every queued offset was sent (before leaving the group)."""
-        while self._committer is not None:
-            await asyncio.wait([self._committer])
-            await asyncio.sleep(0)
+        def commit() -> None:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                # Not ours any more (rebalance): the next owner starts from the last commit.
+                log.warning("kafka commit of %s[%d]@%d failed: %s", tp[0], tp[1], offset, exc)
+
+        done = loop.run_in_executor(self._commit_thread, commit)
+        self._commits.add(done)
+        done.add_done_callback(self._commits.discard)
+        revoking = self._revoking
+        if revoking is None or revoking.is_set():
+            return  # the revoke callback commits this partition itself
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(revoking.wait())
+        racing: list[asyncio.Future[Any]] = [done, waiter]
+        try:
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
 
     async def _republish(self, address: str, settlement: Settlement) -> None:
         if not settlement.retry and not settlement.dead:
