@@ -216,3 +216,24 @@ def test_second_signal_exits_at_once_acking_nothing(project: Path) -> None:
     queue = SqliteQueue(str(project / "amgi.db"))
     assert queue.count("q") == 1, "nothing may be acked after the second signal"
     queue.close()
+
+
+def test_a_server_whose_client_is_missing_is_listed_and_refused_clearly(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amgi.cli import main
+    from amgi.servers import load, missing_requirements
+
+    memory = load("memory")
+    monkeypatch.setattr(memory, "requires", ("no_such_client.sub.module", "no_such_other"))
+    monkeypatch.setattr(memory, "extra", "memoryx")
+    monkeypatch.chdir(project)
+    assert missing_requirements(memory) == ["no_such_client.sub.module", "no_such_other"]
+    with pytest.raises(SystemExit) as shown:
+        main(["run", "--help"])
+    assert shown.value.code == 0
+    assert "memory  [not installed: pip install 'amgi[memoryx]']" in capsys.readouterr().out
+    assert main(["send", "q", "x", "--server", "memory"]) == 1
+    err = capsys.readouterr().err
+    assert "server 'memory' needs no_such_client.sub.module, no_such_other" in err
+    assert "pip install 'amgi[memoryx]'" in err

@@ -48,9 +48,16 @@ def load(name: str) -> type[Transport]:
     return transport
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package of a dotted name is missing
+        return False
+
+
 def missing_requirements(transport: type[Transport]) -> list[str]:
     """The client modules ``transport`` needs that are not installed."""
-    return [mod for mod in transport.requires if importlib.util.find_spec(mod) is None]
+    return [mod for mod in transport.requires if not _installed(mod)]
 
 
 def installed() -> dict[str, type[Transport]]:
