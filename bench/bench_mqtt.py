@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +222,10 @@ async def run_amgi(port: int, topic: str, client_id: str, n: int) -> dict[str, f
     return {"first": state["first"] - start, "total": end - start, "count": state["count"]}
 
 
-async def run_paho_async(port: int, topic: str, client_id: str, n: int) -> dict[str, float]:
-    """paho driven by the asyncio loop (as the server does); ack after handling."""
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    state = {"count": 0, "first": 0.0}
+def _acking_paho_handler(
+    state: dict[str, Any], n: int, finished: Callable[[], None]
+) -> Callable[[Any, Any, Any], None]:
+    """A paho on_message that acks after handling, counts, and calls ``finished`` at ``n``."""
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         if not state["count"]:
@@ -233,7 +233,18 @@ async def run_paho_async(port: int, topic: str, client_id: str, n: int) -> dict[
         state["count"] += 1
         client.ack(msg.mid, msg.qos)
         if state["count"] >= n:
-            done.set()
+            finished()
+
+    return on_message
+
+
+async def run_paho_async(port: int, topic: str, client_id: str, n: int) -> dict[str, float]:
+    """paho driven by the asyncio loop (as the server does); ack after handling."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    state = {"count": 0, "first": 0.0}
+
+    on_message = _acking_paho_handler(state, n, done.set)
 
     client = _paho(client_id)
     client.manual_ack_set(True)
@@ -256,13 +267,7 @@ def run_paho_thread(port: int, topic: str, client_id: str, n: int) -> dict[str, 
     done = threading.Event()
     state = {"count": 0, "first": 0.0}
 
-    def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        if not state["count"]:
-            state["first"] = time.perf_counter()
-        state["count"] += 1
-        client.ack(msg.mid, msg.qos)
-        if state["count"] >= n:
-            done.set()
+    on_message = _acking_paho_handler(state, n, done.set)
 
     client = _paho(client_id)
     client.manual_ack_set(True)

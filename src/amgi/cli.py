@@ -185,13 +185,10 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
 
 def _transport(
     name: str,
-    transport_cls: type[Transport] | None,
+    transport_cls: type[Transport],
     values: dict[str, Any],
     addresses: Sequence[str],
 ) -> Transport:
-    if transport_cls is None:
-        load(name)  # raises the clear error
-        raise AssertionError("unreachable")
     missing = missing_requirements(transport_cls)
     if missing:
         raise ConfigurationError(
@@ -268,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = vars(args)
     try:
         if transport_cls is None:
-            load(server)
+            transport_cls = load(server)  # raises the one-line error of an unknown server
         if args.command == "run":
             app = import_app(args.app)
             if not args.addresses:

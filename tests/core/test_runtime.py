@@ -368,23 +368,30 @@ async def test_same_key_runs_in_order_different_keys_concurrently() -> None:
     assert log.index("end k1-first") < log.index("start k1-second")
 
 
-async def test_concurrency_bounds_batches_in_flight() -> None:
-    running = 0
-    peak = 0
+class PeakApp:
+    """Acks everything after a short pause and records the most calls running at once."""
 
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        nonlocal running, peak
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+
+    async def __call__(
+        self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable
+    ) -> None:
         if scope["type"] != "message":
             return
-        running += 1
-        peak = max(peak, running)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
         await asyncio.sleep(0.02)
-        running -= 1
+        self.running -= 1
         await ack_all(scope, receive, send)
 
+
+async def test_concurrency_bounds_batches_in_flight() -> None:
+    app = PeakApp()
     t = Scripted([batch(f"q{i}", b"x", key=i) for i in range(12)])
     await serve_until_settled(app, t, 12, concurrency=3)
-    assert peak == 3
+    assert app.peak == 3
 
 
 async def test_shutdown_waits_for_in_flight_then_cancels_after_timeout() -> None:
@@ -629,9 +636,6 @@ async def test_leases_of_running_batches_are_renewed() -> None:
 
 
 async def test_concurrency_holds_when_one_fetch_returns_many_batches() -> None:
-    running = 0
-    peak = 0
-
     class Wide(Scripted):
         async def fetch(self) -> Sequence[Batch]:
             if self.pending:
@@ -640,17 +644,8 @@ async def test_concurrency_holds_when_one_fetch_returns_many_batches() -> None:
             await asyncio.sleep(3600)
             return []
 
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        nonlocal running, peak
-        if scope["type"] != "message":
-            return
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.02)
-        running -= 1
-        await ack_all(scope, receive, send)
-
+    app = PeakApp()
     t = Wide([batch(f"topic{i}", b"x", key=i) for i in range(10)])
     await serve_until_settled(app, t, 10, concurrency=2)
-    assert peak == 2
+    assert app.peak == 2
     assert len(t.settled) == 10

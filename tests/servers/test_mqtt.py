@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import struct
@@ -12,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +27,8 @@ from amgi.transport import (
     Settlement,
 )
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
-
-_spec = importlib.util.spec_from_file_location(
-    "amgi_test_mosquitto", Path(__file__).parent / "mosquitto" / "broker.py"
-)
-assert _spec is not None
-assert _spec.loader is not None
-broker_module = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = broker_module
-_spec.loader.exec_module(broker_module)
-Mosquitto = broker_module.Mosquitto
-
-
-@pytest.fixture(scope="module")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    yield broker
-    broker.stop()
+from tests.servers.mosquitto import broker as broker_module
+from tests.servers.mosquitto.broker import Mosquitto
 
 
 @pytest.fixture

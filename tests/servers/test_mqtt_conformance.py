@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -15,24 +11,6 @@ import pytest
 from amgi.servers.mqtt import MqttOptions, MqttTransport
 from amgi.testing.conformance import ConformanceSuite, DurabilitySuite, Harness
 from amgi.transport import DEAD_LETTER_REASON_HEADER, Bindings, HeaderList, Settlement
-
-_spec = importlib.util.spec_from_file_location(
-    "amgi_test_mosquitto", Path(__file__).parent / "mosquitto" / "broker.py"
-)
-assert _spec is not None
-assert _spec.loader is not None
-broker_module = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = broker_module
-_spec.loader.exec_module(broker_module)
-Mosquitto = broker_module.Mosquitto
-
-
-@pytest.fixture(scope="module")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 async def ensure_session(options: MqttOptions, topic_filter: str) -> None:
