@@ -173,9 +173,7 @@ class Runtime:
         failing = False
         limit = self.config.concurrency
         while True:
-            while len(self._tasks) >= limit:
-                self._capacity.clear()
-                await self._capacity.wait()
+            await self._free_slot(limit)
             try:
                 batches = await self.transport.fetch()
             except ConfigurationError as exc:
@@ -200,10 +198,14 @@ class Runtime:
                 # per topic, per partition ...): start each only when a slot is free.
                 # Batches not started when a stop cancels this wait stay unacknowledged
                 # on the broker and come back by redelivery.
-                while len(self._tasks) >= limit:
-                    self._capacity.clear()
-                    await self._capacity.wait()
+                await self._free_slot(limit)
                 self._start(batch)
+
+    async def _free_slot(self, limit: int) -> None:
+        """Wait until fewer than ``limit`` batches are in flight."""
+        while len(self._tasks) >= limit:
+            self._capacity.clear()
+            await self._capacity.wait()
 
     def _start(self, batch: Batch) -> None:
         key = batch.key
