@@ -8,16 +8,19 @@ until every record is acked and its offset committed. Time to first message (gro
 included) is reported apart from the throughput, which is measured after the first message.
 
 Contenders: ``amgi-kafka`` (this project's server through ``amgi.runtime.Runtime``, an app
-that acks everything), ``raw-confluent`` (confluent-kafka consume + one commit per
-partition batch), and the peers a user would pick instead, run from a separate venv
-(``.venv-bench``, created here on first use): ``faststream-batch`` (FastStream Kafka
-subscriber, batch mode) and ``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package).
+that acks everything), ``raw-confluent`` (confluent-kafka consume + one synchronous commit
+per partition batch), ``raw-confluent-async`` (the same loop with asynchronous commits, as
+the server sends them, done when the broker confirmed them), and the peers a user would
+pick instead, run from a separate venv (``.venv-bench``, created here on first use):
+``faststream-batch`` (FastStream Kafka subscriber, batch mode) and
+``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -40,8 +43,19 @@ def _done(committed: dict[int, int], ends: dict[int, int]) -> bool:
     return all(committed.get(p, -1) >= end for p, end in ends.items())
 
 
-def run_raw(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+def run_raw(
+    bootstrap: str, topic: str, ends: dict[int, int], count: int, asynchronous: bool = False
+) -> dict[str, float]:
+    """consume + one commit per partition batch: synchronous, or asynchronous (as the amgi
+    server commits) with the broker's confirmations counted in the commit callback."""
     from confluent_kafka import Consumer, TopicPartition
+
+    committed: dict[int, int] = {}
+
+    def confirmed(err: Any, partitions: list[Any]) -> None:
+        for tp in partitions if err is None else ():
+            if tp.error is None:
+                committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
 
     t0 = time.perf_counter()
     consumer = Consumer(
@@ -53,12 +67,12 @@ def run_raw(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dic
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 500,
             "fetch.queue.backoff.ms": 10,  # as the amgi server sets it (default: 1000)
+            "on_commit": confirmed,
         }
     )
     consumer.subscribe([topic])
     first = 0.0
     seen = 0
-    committed: dict[int, int] = {}
     while not _done(committed, ends):
         records = consumer.consume(2000, 0)  # what is on hand, else wait for one
         if not records:
@@ -76,8 +90,9 @@ def run_raw(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dic
                 last[r.partition()] = r.offset()
                 seen += 1
         for p, off in last.items():  # one commit per partition batch
-            consumer.commit(offsets=[TopicPartition(topic, p, off + 1)], asynchronous=False)
-            committed[p] = off + 1
+            consumer.commit(offsets=[TopicPartition(topic, p, off + 1)], asynchronous=asynchronous)
+            if not asynchronous:
+                committed[p] = off + 1
     end = time.perf_counter()
     consumer.close()
     return {"first": first - t0, "drain": end - first, "seen": seen}
@@ -109,13 +124,18 @@ def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> di
                 await send({"type": "message.ack", "id": event["id"]})
                 seen += 1
 
+        loop = asyncio.get_running_loop()
+
         class Counting(KafkaTransport):
-            async def settle(self, batch: Any, settlement: Any) -> None:
-                await super().settle(batch, settlement)  # returns once committed
-                p = batch.key[1]
-                committed[p] = max(committed.get(p, 0), batch.messages[-1].token + 1)
+            def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+                super()._on_commit(err, partitions)  # the broker confirmed these commits
+                if err is None:
+                    for tp in partitions:
+                        if tp.error is None:
+                            p = tp.partition
+                            committed[p] = max(committed.get(p, 0), tp.offset)
                 if _done(committed, ends):
-                    finished.set()
+                    loop.call_soon_threadsafe(finished.set)
 
         options = KafkaOptions(
             bootstrap_servers=bootstrap,
@@ -238,6 +258,7 @@ def run_faststream(
 CONTENDERS = {
     "amgi-kafka": (run_amgi, False),
     "raw-confluent": (run_raw, False),
+    "raw-confluent-async": (functools.partial(run_raw, asynchronous=True), False),
     "faststream-batch": (run_faststream, True),
     "upstream-amgi-aiokafka": (run_upstream, True),
 }
@@ -337,13 +358,26 @@ def main() -> None:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             if name not in best or result["drain"] < best[name]["drain"]:
                 best[name] = result
-    raw = best.get("raw-confluent")
+    raws = {
+        k: args.count / best[k]["drain"]
+        for k in ("raw-confluent", "raw-confluent-async")
+        if k in best
+    }
     print(f"\n{args.count} records x 100 B, 2 headers, {PARTITIONS} partitions, acked + committed")
-    print(f"{'contender':<24}{'msgs/s':>12}{'first msg (s)':>15}{'vs raw':>9}{'seen':>9}")
+    print(
+        f"{'contender':<24}{'msgs/s':>12}{'first msg (s)':>15}"
+        f"{'vs raw sync':>13}{'vs raw async':>14}{'seen':>9}"
+    )
     for name, r in sorted(best.items(), key=lambda kv: kv[1]["drain"]):
         rate = args.count / r["drain"]
-        ratio = f"{rate / (args.count / raw['drain']):.0%}" if raw else "-"
-        print(f"{name:<24}{rate:>12,.0f}{r['first']:>15.2f}{ratio:>9}{int(r['seen']):>9}")
+        ratios = [
+            f"{rate / raws[k]:.0%}" if k in raws else "-"
+            for k in ("raw-confluent", "raw-confluent-async")
+        ]
+        print(
+            f"{name:<24}{rate:>12,.0f}{r['first']:>15.2f}"
+            f"{ratios[0]:>13}{ratios[1]:>14}{int(r['seen']):>9}"
+        )
 
 
 if __name__ == "__main__":

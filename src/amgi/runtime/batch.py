@@ -70,6 +70,7 @@ class BatchCall:
         "_count",
         "_ended",
         "_ended_event",
+        "_guess",
         "_index",
         "_messages",
         "_next",
@@ -84,11 +85,10 @@ class BatchCall:
         self._messages = messages
         self._count = len(messages)
         self._next = 0
-        self._index = {m.id: i for i, m in enumerate(messages)}
-        if len(self._index) != self._count:
-            raise ValueError(
-                f"transport returned duplicate message ids in a batch of {batch.address!r}"
-            )
+        # Apps mostly settle in the order they receive: the next id expected, tried
+        # before the id -> position index, which is only built on the first miss.
+        self._guess = 0
+        self._index: dict[str, int] | None = None
         # None: unsettled; True: acked; str: nacked with that reason.
         self._outcome: list[bool | str | None] = [None] * self._count
         self._publish = publish
@@ -125,11 +125,12 @@ class BatchCall:
             if kind == "message.ack":
                 # The hot path, inlined: a valid ack of a received, unsettled message.
                 mid = event.get("id")
-                i = self._index.get(mid) if type(mid) is str else None
-                if i is not None and i < self._next and not self._ended:
+                i = self._guess
+                if i < self._next and self._messages[i].id == mid and not self._ended:
                     outcome = self._outcome
                     if outcome[i] is None:
                         outcome[i] = True
+                        self._guess = i + 1
                         return
                 self._settle(event, _ACK)
                 return
@@ -160,7 +161,7 @@ class BatchCall:
         mid = event.get("id")
         if type(mid) is not str:
             raise InvalidEvent(f"{event.get('type')} needs 'id': str, got {type(mid).__name__}")
-        i = self._index.get(mid)
+        i = self._position(mid)
         if i is None or i >= self._next:
             raise InvalidEvent(f"{event['type']}: unknown message id {mid!r} in this batch")
         if self._ended:
@@ -170,6 +171,18 @@ class BatchCall:
             was = "acked" if previous is True else "nacked"
             raise InvalidEvent(f"{event['type']}: message {mid!r} was already {was}")
         self._outcome[i] = outcome
+        if i == self._guess:
+            self._guess = i + 1
+
+    def _position(self, mid: str) -> int | None:
+        index = self._index
+        if index is None:
+            index = self._index = {m.id: i for i, m in enumerate(self._messages)}
+            if len(index) != self._count:
+                raise ValueError(
+                    f"transport returned duplicate message ids in a batch of {self.address!r}"
+                )
+        return index.get(mid)
 
     async def _send_message(self, event: Mapping[str, Any]) -> None:
         if self._ended:

@@ -6,8 +6,9 @@ AMGI                    Kafka
 address                 topic (``^regex`` addresses subscribe to a topic pattern)
 batch                   one partition's records from one fetch (``consume``)
 ``Batch.key``           ``(topic, partition)``: partitions run concurrently, in order
-ack                     one synchronous commit per batch of the highest contiguous
-                        settled offset + 1 (never past an unsettled record)
+ack                     one commit per batch of the highest contiguous settled
+                        offset + 1 (never past an unsettled record), sent without
+                        waiting; the last ones are committed synchronously at close
 nack -> retry           republished to ``retry_topic`` with ``amgi-attempt`` and a due
                         time; the retry topic's partition pauses until the head is due
 nack -> dead            republished to ``dead_letter_topic`` with the reason header
@@ -19,9 +20,12 @@ rebalance               revoked partitions stop being fetched; the revoke waits 
 ======================  ===============================================================
 
 librdkafka calls block, so the consumer lives on one dedicated thread (fetch, seek,
-pause, rebalance callbacks), commits run on a second thread, and producer delivery
-reports are served by a third; the event loop only awaits their results, once per fetch
-or batch, never once per message.
+pause, rebalance callbacks) and producer delivery reports are served by a second; the
+event loop awaits their results once per fetch, never once per message. Commits are
+sent from the consumer thread too, before each ``consume``: one asynchronous request for
+every partition whose settled offset moved. librdkafka blocks commits from other threads
+while a rebalance callback runs and lets them land after the callback's own commit, so
+committing from that one thread is what keeps a revoked partition's last commit last.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
 log = logging.getLogger("amgi.servers.kafka")
 
 TopicPartition = tuple[str, int]
+
+_IDLE_SLICE = 0.02
+"""Seconds of one wait for records when none are on hand; commits go out between them."""
+_IDLE_SLICES = 5
 
 
 class KafkaSendError(SendError):
@@ -170,6 +178,8 @@ class _Partition:
     resume_at: float | None = None
     commit_to: int | None = None
     """The offset to commit: every batch before it is settled."""
+    committed: int | None = None
+    """The last offset queued for commit."""
 
 
 @dataclass(slots=True)
@@ -213,7 +223,6 @@ class KafkaTransport(Transport):
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._poll_thread: concurrent.futures.ThreadPoolExecutor | None = None
-        self._commit_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._delivery_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._closing = False
@@ -225,8 +234,6 @@ class KafkaTransport(Transport):
         self._epoch = 0
         self._revoked_in_call: set[TopicPartition] = set()
         self._rewind: dict[TopicPartition, int] = {}
-        self._revoking: asyncio.Event | None = None
-        self._commits: set[asyncio.Future[None]] = set()
         self._sources: list[str] = []
         self._retry_topics: dict[str, str] = {}
         self._retry_re: re.Pattern[str] | None = None
@@ -281,6 +288,7 @@ class KafkaTransport(Transport):
                 "fetch.max.bytes": o.fetch_max_bytes,
                 "max.partition.fetch.bytes": o.max_partition_fetch_bytes,
                 "error_cb": self._on_client_error,
+                "on_commit": self._on_commit,
             }
         )
         return conf
@@ -327,7 +335,6 @@ class KafkaTransport(Transport):
 
         self._check_options()
         self._loop = asyncio.get_running_loop()
-        self._revoking = asyncio.Event()
         try:
             self._producer = Producer(self._producer_config())
         except (KafkaException, ValueError, TypeError) as exc:
@@ -370,7 +377,6 @@ class KafkaTransport(Transport):
             raise ConfigurationError(f"invalid Kafka consumer option: {exc}") from None
         self._consumer = consumer
         self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
-        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-commit")
         try:
             await self._loop.run_in_executor(
                 self._poll_thread,
@@ -441,15 +447,13 @@ class KafkaTransport(Transport):
         consumer, self._consumer = self._consumer, None
         if consumer is not None and self._poll_thread is not None:
             try:
+                await loop.run_in_executor(self._poll_thread, self._final_commit, consumer)
                 await loop.run_in_executor(self._poll_thread, consumer.close)
             except Exception as exc:  # closing must not hide the caller's error
                 log.warning("kafka consumer close: %s", exc)
-        if self._commits:
-            await asyncio.wait(set(self._commits))
-        for pool in (self._poll_thread, self._commit_thread):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._poll_thread = self._commit_thread = None
+        if self._poll_thread is not None:
+            self._poll_thread.shutdown(wait=True)
+            self._poll_thread = None
         producer, self._producer = self._producer, None
         if producer is not None:
             timeout = self.config.delivery_timeout_ms / 1000
@@ -482,42 +486,35 @@ class KafkaTransport(Transport):
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
 
-        librdkafka holds other commits until this callback returns, so settles stop
-        waiting for their own commit meanwhile and this callback commits for them.
+        Settles queue their commits under the same lock and only for partitions not yet
+        forgotten, so this commit is the last one of each revoked partition.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
         keys = [(tp.topic, tp.partition) for tp in partitions]
         deadline = time.monotonic() + self.config.rebalance_timeout
-        if self._loop is not None and self._revoking is not None:
-            self._loop.call_soon_threadsafe(self._revoking.set)
-        try:
-            with self._lock:
-                while not self._closing:
-                    busy = [
-                        k for k in keys if k in self._partitions and self._partitions[k].pending
-                    ]
-                    remaining = deadline - time.monotonic()
-                    if not busy or remaining <= 0:
-                        if busy:
-                            log.warning("revoking %s with batches still in flight", busy)
-                        break
-                    self._lock.wait(remaining)
-                offsets = [
-                    TP(k[0], k[1], s.commit_to)
-                    for k in keys
-                    if (s := self._partitions.get(k)) is not None and s.commit_to is not None
-                ]
-                self._forget(keys)
-            if offsets and not self._closing:
-                try:
-                    consumer.commit(offsets=offsets, asynchronous=False)
-                except KafkaException as exc:
-                    log.warning("kafka commit on revoke failed: %s", exc)
-        finally:
-            if self._loop is not None and self._revoking is not None:
-                self._loop.call_soon_threadsafe(self._revoking.clear)
+        with self._lock:
+            while not self._closing:
+                busy = [k for k in keys if k in self._partitions and self._partitions[k].pending]
+                remaining = deadline - time.monotonic()
+                if not busy or remaining <= 0:
+                    if busy:
+                        log.warning("revoking %s with batches still in flight", busy)
+                    break
+                self._lock.wait(remaining)
+            offsets = [
+                TP(k[0], k[1], s.commit_to)
+                for k in keys
+                if (s := self._partitions.get(k)) is not None and s.commit_to is not None
+            ]
+            # Forgotten under the lock: no settle queues a commit for them after this.
+            self._forget(keys)
+        if offsets and not self._closing:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("kafka commit on revoke failed: %s", exc)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         with self._lock:
@@ -567,12 +564,18 @@ class KafkaTransport(Transport):
             return []
         self._prepare_poll(consumer)
         self._revoked_in_call.clear()
+        self._send_commits(consumer)
         limit = self.config.max_batch_size
         # Take what is on hand without waiting; otherwise wait for one record only, so that
-        # a trickle is handed out at once instead of after the whole timeout.
+        # a trickle is handed out at once instead of after the whole timeout. The wait is
+        # cut in short slices so that offsets settled meanwhile are committed promptly.
         records = consumer.consume(limit, 0)
         if not records:
-            records = consumer.consume(1, 0.1)
+            for _ in range(_IDLE_SLICES):
+                records = consumer.consume(1, _IDLE_SLICE)
+                if records or self._closing:
+                    break
+                self._send_commits(consumer)
             if not records:
                 return []
             if limit > 1:
@@ -701,48 +704,76 @@ class KafkaTransport(Transport):
                 ctx.pending.done = True
                 self._lock.notify_all()
             return
-        commit: int | None = None
         with self._lock:
             ctx.pending.done = True
             pending = ctx.state.pending
+            commit: int | None = None
             while pending and pending[0].done:
                 commit = pending.popleft().next_offset
-            current = self._partitions.get(ctx.tp) is ctx.state and ctx.tp not in self._rewind
-            if commit is not None and current:
+            if (
+                commit is not None
+                and self._partitions.get(ctx.tp) is ctx.state
+                and ctx.tp not in self._rewind
+            ):
+                # Sent by the consumer thread before its next consume (_send_commits).
                 ctx.state.commit_to = commit
             self._lock.notify_all()
-        if commit is not None and current:
-            await self._commit(ctx.tp, commit)
 
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+    def _send_commits(self, consumer: Any) -> None:
+        """Commit every partition whose settled offset moved, in one request (consumer thread).
+
+        Nothing waits for the broker's answer: each offset is the highest contiguous
+        settled one, so a commit that fails or is lost in a crash only means redelivery,
+        and the next commit (or the revoke's, or the one at close) covers it.
+        """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
-        consumer = self._consumer
-        if consumer is None or self._commit_thread is None:
+        with self._lock:
+            offsets = []
+            for k, s in self._partitions.items():
+                offset = s.commit_to
+                if offset is not None and offset != s.committed and k not in self._rewind:
+                    offsets.append(TP(k[0], k[1], offset))
+                    s.committed = offset
+        if not offsets:
             return
-        loop = asyncio.get_running_loop()
-        offsets = [TP(tp[0], tp[1], offset)]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            log.warning("kafka commit failed: %s", exc)
 
-        def commit() -> None:
+    def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+        """The broker's answer to a commit (consumer thread)."""
+        if err is not None:
+            log.warning("kafka commit failed: %s", err)
+            return
+        for tp in partitions:
+            if tp.error is not None:
+                log.warning(
+                    "kafka commit of %s[%d]@%d failed: %s",
+                    tp.topic,
+                    tp.partition,
+                    tp.offset,
+                    tp.error,
+                )
+
+    def _final_commit(self, consumer: Any) -> None:
+        """Commit every settled offset synchronously before leaving (consumer thread)."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        with self._lock:
+            offsets = [
+                TP(k[0], k[1], s.commit_to)
+                for k, s in self._partitions.items()
+                if s.commit_to is not None and k not in self._rewind
+            ]
+        if offsets:
             try:
                 consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:
-                # Not ours any more (rebalance): the next owner starts from the last commit.
-                log.warning("kafka commit of %s[%d]@%d failed: %s", tp[0], tp[1], offset, exc)
-
-        done = loop.run_in_executor(self._commit_thread, commit)
-        self._commits.add(done)
-        done.add_done_callback(self._commits.discard)
-        revoking = self._revoking
-        if revoking is None or revoking.is_set():
-            return  # the revoke callback commits this partition itself
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(revoking.wait())
-        racing: list[asyncio.Future[Any]] = [done, waiter]
-        try:
-            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
+                log.warning("kafka commit at close failed: %s", exc)
 
     async def _republish(self, address: str, settlement: Settlement) -> None:
         if not settlement.retry and not settlement.dead:
