@@ -156,11 +156,11 @@ def messages_from_records(partition: int, records: Sequence[ClientRecord]) -> li
         kind, ts = r.timestamp()
         raw = r.headers()
         attempt = 1
-        if not raw:
-            hdrs: HeaderList = []
-        else:
+        hdrs: HeaderList = []
+        if raw:
             try:
-                hdrs = [(names[name], v or b"") for name, v in raw]
+                for name, v in raw:  # a loop, not a comprehension: no call per record
+                    hdrs.append((names[name], v or b""))
             except KeyError:
                 hdrs, attempt = _learn_headers(raw)
         bindings = {
