@@ -71,6 +71,15 @@ async def test_msk_records_are_decoded_partition_by_partition() -> None:
     assert {s["address"] for s in app.scopes} == {"mytopic"}
 
 
+async def test_header_bytes_may_be_signed_as_java_writes_them() -> None:
+    event = copy.deepcopy(load("msk.json"))
+    event["records"]["mytopic-0"][0]["headers"] = [{"sig": [-1, -128, 0, 127]}]
+    app = Recorder()
+    await KafkaHandler(app, handle_sigterm=False).handle(event)
+    first = next(r for r in app.received if r.bindings["kafka"]["offset"] == 15)
+    assert first.headers == [(b"sig", bytes([0xFF, 0x80, 0x00, 0x7F]))]
+
+
 async def test_partitions_run_concurrently_and_in_order_within() -> None:
     both_started = asyncio.Event()
     running: set[int] = set()
@@ -162,8 +171,13 @@ async def test_unfinished_partitions_at_the_deadline_fail_the_invocation() -> No
     [
         (lambda e: e.pop("records"), "'records' object"),
         (lambda e: e.update(eventSource="aws:sqs"), "not a Kafka event"),
-        (lambda e: e["records"]["mytopic-0"][0].update(value="%%%"), "not valid base64"),
+        (
+            lambda e: e["records"]["mytopic-0"][0].update(value="%%%"),
+            "value is not a base64 string",
+        ),
         (lambda e: e["records"]["mytopic-0"][0].update(headers=[{"h": "text"}]), "byte array"),
+        (lambda e: e["records"]["mytopic-0"][0].update(headers=[{"h": [1, 256]}]), "byte array"),
+        (lambda e: e["records"]["mytopic-0"][0].update(headers=[{"h": [1, "2"]}]), "byte array"),
         (lambda e: e["records"]["mytopic-0"][1].update(partition=1), "not of partition"),
         (lambda e: e["records"]["mytopic-0"][0].pop("offset"), "integer 'offset'"),
         (lambda e: e["records"].update({"mytopic-0": {}}), "is not a list"),

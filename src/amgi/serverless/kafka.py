@@ -19,10 +19,10 @@ malformed event        :class:`MalformedEvent`, nothing processed
 
 from __future__ import annotations
 
-import base64
 import binascii
 import logging
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Any
 
 from amgi.options import build
@@ -52,18 +52,16 @@ logger = logging.getLogger("amgi.serverless")
 _SOURCES = ("aws:kafka", "SelfManagedKafka", None)
 
 
-def _b64(value: Any, where: str) -> bytes | None:
+def _b64(value: Any, where: Any, field: str) -> bytes | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise MalformedEvent(f"{where} is not a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise MalformedEvent(f"{where} is not valid base64") from None
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise MalformedEvent(f"{where}.{field} is not a base64 string") from None
 
 
-def _headers(raw: Any, where: str) -> list[tuple[bytes, bytes]]:
+def _headers(raw: Any, where: Any) -> list[tuple[bytes, bytes]]:
     """``[{"name": [byte, ...]}, ...]`` as (name, value) pairs, in order."""
     if raw is None:
         return []
@@ -74,19 +72,41 @@ def _headers(raw: Any, where: str) -> list[tuple[bytes, bytes]]:
         if not isinstance(item, Mapping):
             raise MalformedEvent(f"{where}.headers[{j}] is not an object")
         for name, value in item.items():
-            if not isinstance(value, list) or not all(
-                isinstance(b, int) and -128 <= b <= 255 for b in value
-            ):
+            if type(value) is not list:
                 raise MalformedEvent(f"{where}.headers[{j}][{name!r}] is not a byte array")
-            out.append((str(name).encode("utf-8"), bytes(b & 0xFF for b in value)))
+            try:
+                data = bytes(value)  # unsigned bytes: the common case, done in C
+            except (TypeError, ValueError):
+                if not all(type(b) is int and -128 <= b <= 255 for b in value):
+                    raise MalformedEvent(
+                        f"{where}.headers[{j}][{name!r}] is not a byte array"
+                    ) from None
+                data = bytes(b & 0xFF for b in value)  # Java's signed bytes
+            out.append((str(name).encode("utf-8"), data))
     return out
 
 
-def _int(record: Mapping[str, Any], key: str, where: str) -> int:
+class _Where:
+    """A record's place in the event, formatted only for an error message."""
+
+    __slots__ = ("group", "index")
+
+    def __init__(self, group: str, index: int) -> None:
+        self.group = group
+        self.index = index
+
+    def __str__(self) -> str:
+        return f"records[{self.group!r}][{self.index}]"
+
+
+def _int(record: Mapping[str, Any], key: str, where: Any) -> int:
     value = record.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int:
         raise MalformedEvent(f"{where} has no integer {key!r}")
     return value
+
+
+_TOKEN = attrgetter("token")
 
 
 def kafka_batches(event: Any) -> list[Batch]:
@@ -103,8 +123,8 @@ def kafka_batches(event: Any) -> list[Batch]:
         topic: str | None = None
         partition: int | None = None
         for i, record in enumerate(records):
-            where = f"records[{group!r}][{i}]"
-            if not isinstance(record, Mapping) or not isinstance(record.get("topic"), str):
+            where = _Where(group, i)
+            if not isinstance(record, Mapping) or type(record.get("topic")) is not str:
                 raise MalformedEvent(f"{where} has no string 'topic'")
             this = (record["topic"], _int(record, "partition", where))
             if topic is None:
@@ -112,20 +132,20 @@ def kafka_batches(event: Any) -> list[Batch]:
             elif this != (topic, partition):
                 raise MalformedEvent(f"{where} is not of partition {topic}-{partition}")
             timestamp = record.get("timestamp")
-            if timestamp is not None and not isinstance(timestamp, int):
+            if timestamp is not None and type(timestamp) is not int:
                 raise MalformedEvent(f"{where}.timestamp is not an integer")
             m = message_from_record(
-                record["topic"],
+                this[0],
                 this[1],
                 _int(record, "offset", where),
                 timestamp,
-                _b64(record.get("key"), f"{where}.key"),
-                _b64(record.get("value"), f"{where}.value"),
+                _b64(record.get("key"), where, "key"),
+                _b64(record.get("value"), where, "value"),
                 _headers(record.get("headers"), where),
             )
             messages.append(m)
         if messages and topic is not None:
-            messages.sort(key=lambda m: int(m.token))
+            messages.sort(key=_TOKEN)
             if len({m.id for m in messages}) != len(messages):
                 raise MalformedEvent(f"records[{group!r}] repeats an offset")
             batches.append(Batch(topic, messages, (topic, partition)))

@@ -21,7 +21,6 @@ The function's event source mapping must have ``ReportBatchItemFailures`` turned
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import logging
@@ -47,39 +46,45 @@ def _is_object(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def _record_attributes(raw: Mapping[str, Any], where: str) -> list[tuple[str, str, bytes]]:
+def _name(where: str | int) -> str:
+    return f"Records[{where}]" if type(where) is int else str(where)
+
+
+def _record_attributes(raw: Mapping[str, Any], where: str | int) -> list[tuple[str, str, bytes]]:
     out = []
     for name, attribute in raw.items():
-        if not _is_object(attribute):
-            raise MalformedEvent(f"{where}: messageAttributes[{name!r}] is not an object")
-        data_type = attribute.get("dataType", "String")
+        if type(attribute) is not dict and not isinstance(attribute, Mapping):
+            raise MalformedEvent(f"{_name(where)}: messageAttributes[{name!r}] is not an object")
         binary = attribute.get("binaryValue")
-        if binary is not None:
+        if binary is None:
+            value = str(attribute.get("stringValue", "")).encode("utf-8")
+        else:
             try:
-                value = base64.b64decode(binary, validate=True)
+                value = binascii.a2b_base64(binary, strict_mode=True)
             except (binascii.Error, TypeError, ValueError):
                 raise MalformedEvent(
-                    f"{where}: messageAttributes[{name!r}].binaryValue is not base64"
+                    f"{_name(where)}: messageAttributes[{name!r}].binaryValue is not base64"
                 ) from None
-        else:
-            value = str(attribute.get("stringValue", "")).encode("utf-8")
-        out.append((name, str(data_type), value))
+        out.append((name, str(attribute.get("dataType", "String")), value))
     return out
 
 
-def sqs_message(record: Any, where: str = "record") -> Message:
-    """The message an app sees for one SQS event record; :class:`MalformedEvent` if bad."""
-    if not _is_object(record):
-        raise MalformedEvent(f"{where} is not an object")
+def sqs_message(record: Any, where: str | int = "record") -> Message:
+    """The message an app sees for one SQS event record; :class:`MalformedEvent` if bad.
+
+    ``where`` names the record in errors; an int ``i`` stands for ``Records[i]``.
+    """
+    if type(record) is not dict and not isinstance(record, Mapping):
+        raise MalformedEvent(f"{_name(where)} is not an object")
     message_id = record.get("messageId")
     body = record.get("body")
     if type(message_id) is not str or type(body) is not str:
         missing = "messageId" if type(message_id) is not str else "body"
-        raise MalformedEvent(f"{where} has no string {missing!r}")
+        raise MalformedEvent(f"{_name(where)} has no string {missing!r}")
     system = record.get("attributes") or {}
     raw_attributes = record.get("messageAttributes") or {}
     if not _is_object(system) or not _is_object(raw_attributes):
-        raise MalformedEvent(f"{where}: attributes and messageAttributes must be objects")
+        raise MalformedEvent(f"{_name(where)}: attributes and messageAttributes must be objects")
     if raw_attributes:
         headers, encoding, types = headers_from_attributes(
             _record_attributes(raw_attributes, where)
@@ -92,20 +97,14 @@ def sqs_message(record: Any, where: str = "record") -> Message:
         try:
             payload = decode_body(body, encoding)
         except (ValueError, binascii.Error) as exc:
-            raise MalformedEvent(f"{where}: body does not decode: {exc}") from None
+            raise MalformedEvent(f"{_name(where)}: body does not decode: {exc}") from None
     count = system.get("ApproximateReceiveCount", "1")
     try:
         attempt = int(count)
     except (TypeError, ValueError):
-        raise MalformedEvent(f"{where}: ApproximateReceiveCount is not a number") from None
-    return Message(
-        id=message_id,
-        headers=headers,
-        payload=payload,
-        bindings={"sqs": message_bindings(message_id, system, types)},
-        attempt=attempt if attempt > 1 else 1,
-        token=record,
-    )
+        raise MalformedEvent(f"{_name(where)}: ApproximateReceiveCount is not a number") from None
+    bindings = {"sqs": message_bindings(message_id, system, types)}
+    return Message(message_id, headers, payload, bindings, attempt if attempt > 1 else 1, record)
 
 
 class SqsHandler(LambdaAdapter):
@@ -124,12 +123,13 @@ class SqsHandler(LambdaAdapter):
         records = self._records(event)
         failed: set[str] = set()
         messages: list[Message] = []
+        md5 = hashlib.md5
         for m in records:
             expected = m.token.get("md5OfBody")
-            body = m.token["body"].encode("utf-8")
             if (
                 expected is not None
-                and hashlib.md5(body, usedforsecurity=False).hexdigest() != expected
+                and md5(m.token["body"].encode("utf-8"), usedforsecurity=False).hexdigest()
+                != expected
             ):
                 logger.error("record %s: body md5 does not match md5OfBody; failing it", m.id)
                 failed.add(m.id)
@@ -152,10 +152,10 @@ class SqsHandler(LambdaAdapter):
         messages = []
         sources = set()
         for i, record in enumerate(event["Records"]):
-            where = f"Records[{i}]"
-            if _is_object(record) and record.get("eventSource") not in (None, "aws:sqs"):
-                raise MalformedEvent(f"{where} is not from SQS ({record.get('eventSource')!r})")
-            m = sqs_message(record, where)
+            m = sqs_message(record, i)
+            if record.get("eventSource") not in (None, "aws:sqs"):
+                source = record.get("eventSource")
+                raise MalformedEvent(f"Records[{i}] is not from SQS ({source!r})")
             sources.add(record.get("eventSourceARN"))
             messages.append(m)
         if len(sources) > 1:

@@ -261,11 +261,12 @@ def _native_attributes(
 def message_bindings(
     message_id: str, system: Mapping[str, str], types: Mapping[str, str]
 ) -> dict[str, Any]:
-    """The ``sqs`` bindings of a received message."""
+    """The ``sqs`` bindings of a received message (``system`` and ``types`` are kept, not
+    copied: pass mappings the message may own)."""
     binding: dict[str, Any] = {
         "message_id": message_id,
-        "attributes": dict(system),
-        "attribute_types": dict(types),
+        "attributes": system,
+        "attribute_types": types,
     }
     for key, attribute in _SYSTEM_BINDINGS:
         if attribute in system:
