@@ -6,7 +6,9 @@ Each row runs invocations of one event shape through the same persistent event l
   receives and acks every message;
 * ``hand-written``: the minimal asyncio handler a user would write without AMGI: it loops
   over the records, decodes body/attributes (SQS) or base64 key/value/headers (Kafka),
-  calls an async no-op per record and returns the (empty) failure list.
+  calls an async no-op per record and returns the (empty) failure list;
+* ``batch protocol``: the AMGI batch call alone (``call_app``) over the same records
+  already mapped to messages: what any AMGI adapter pays before reading a single record.
 
 Run: ``.venv/bin/python bench/bench_serverless.py [--seconds S]``.
 """
@@ -21,8 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from amgi.runtime import RuntimeConfig
+from amgi.runtime import RuntimeConfig, call_app
 from amgi.serverless import KafkaHandler, SqsHandler
+from amgi.serverless.kafka import kafka_batches
+from amgi.transport import Batch
 
 
 async def acking_app(scope: Any, receive: Any, send: Any) -> None:
@@ -118,6 +122,21 @@ def hand_written_kafka(loop: asyncio.AbstractEventLoop) -> Callable[[Any, Any], 
     return lambda event, context: loop.run_until_complete(run(event))
 
 
+def batch_protocol(
+    loop: asyncio.AbstractEventLoop, batches: list[Batch], config: RuntimeConfig
+) -> Callable[[Any, Any], Any]:
+    """``call_app`` over pre-mapped messages, one call per batch, as the adapters make it."""
+
+    async def publish(*args: Any) -> None:
+        return None
+
+    async def run() -> None:
+        for batch in batches:
+            await call_app(acking_app, Batch(batch.address, batch.messages), publish, config)
+
+    return lambda event, context: loop.run_until_complete(run())
+
+
 def measure(handler: Callable[[Any, Any], Any], event: Any, records: int, seconds: float) -> float:
     """Records per second over repeated invocations (best of three rounds)."""
     for _ in range(20):
@@ -148,7 +167,11 @@ def main() -> None:
         handler = SqsHandler(acking_app, config=config, handle_sigterm=False)
         ours = measure(handler, event, n, args.seconds)
         handler.close()
-        rows.append((f"SQS, {n} records", ours, raw))
+        loop = asyncio.new_event_loop()
+        premapped = [Batch("q", SqsHandler._records(event))]
+        floor = measure(batch_protocol(loop, premapped, config), event, n, args.seconds)
+        loop.close()
+        rows.append((f"SQS, {n} records", ours, raw, floor))
     for n in (100, 500):
         event = kafka_event(n)
         loop = asyncio.new_event_loop()
@@ -157,16 +180,19 @@ def main() -> None:
         kafka = KafkaHandler(acking_app, config=config, handle_sigterm=False)
         ours = measure(kafka, event, n, args.seconds)
         kafka.close()
-        rows.append((f"Kafka, {n} records, 2 partitions", ours, raw))
+        loop = asyncio.new_event_loop()
+        floor = measure(batch_protocol(loop, kafka_batches(event), config), event, n, args.seconds)
+        loop.close()
+        rows.append((f"Kafka, {n} records, 2 partitions", ours, raw, floor))
 
     print(
         f"{'event':<32} {'amgi rec/s':>12} {'hand rec/s':>12} {'amgi us/rec':>12} "
-        f"{'hand us/rec':>12} {'amgi/hand':>10}"
+        f"{'hand us/rec':>12} {'protocol us/rec':>16} {'amgi/hand':>10} {'protocol/hand':>14}"
     )
-    for name, ours, raw in rows:
+    for name, ours, raw, floor in rows:
         print(
             f"{name:<32} {ours:>12,.0f} {raw:>12,.0f} {1e6 / ours:>12.2f} "
-            f"{1e6 / raw:>12.2f} {ours / raw:>9.0%}"
+            f"{1e6 / raw:>12.2f} {1e6 / floor:>16.2f} {ours / raw:>10.0%} {floor / raw:>14.0%}"
         )
 
 

@@ -52,98 +52,95 @@ logger = logging.getLogger("amgi.serverless")
 _SOURCES = ("aws:kafka", "SelfManagedKafka", None)
 
 
-def _b64(value: Any, where: Any, field: str) -> bytes | None:
-    if value is None:
-        return None
+def _where(group: str, index: int) -> str:
+    return f"records[{group!r}][{index}]"
+
+
+def _b64(value: Any, group: str, index: int, field: str) -> bytes:
     try:
         return binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, TypeError, ValueError):
-        raise MalformedEvent(f"{where}.{field} is not a base64 string") from None
+        raise MalformedEvent(f"{_where(group, index)}.{field} is not a base64 string") from None
 
 
-def _headers(raw: Any, where: Any) -> list[tuple[bytes, bytes]]:
+def _headers(raw: Any, group: str, index: int) -> list[tuple[str, bytes]]:
     """``[{"name": [byte, ...]}, ...]`` as (name, value) pairs, in order."""
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise MalformedEvent(f"{where}.headers is not a list")
+    if type(raw) is not list:
+        raise MalformedEvent(f"{_where(group, index)}.headers is not a list")
     out = []
     for j, item in enumerate(raw):
-        if not isinstance(item, Mapping):
-            raise MalformedEvent(f"{where}.headers[{j}] is not an object")
+        if type(item) is not dict and not isinstance(item, Mapping):
+            raise MalformedEvent(f"{_where(group, index)}.headers[{j}] is not an object")
         for name, value in item.items():
-            if type(value) is not list:
-                raise MalformedEvent(f"{where}.headers[{j}][{name!r}] is not a byte array")
             try:
+                if type(value) is not list:
+                    raise TypeError
                 data = bytes(value)  # unsigned bytes: the common case, done in C
             except (TypeError, ValueError):
-                if not all(type(b) is int and -128 <= b <= 255 for b in value):
+                if type(value) is not list or not all(
+                    type(b) is int and -128 <= b <= 255 for b in value
+                ):
                     raise MalformedEvent(
-                        f"{where}.headers[{j}][{name!r}] is not a byte array"
+                        f"{_where(group, index)}.headers[{j}][{name!r}] is not a byte array"
                     ) from None
                 data = bytes(b & 0xFF for b in value)  # Java's signed bytes
-            out.append((str(name).encode("utf-8"), data))
+            out.append((str(name), data))
     return out
-
-
-class _Where:
-    """A record's place in the event, formatted only for an error message."""
-
-    __slots__ = ("group", "index")
-
-    def __init__(self, group: str, index: int) -> None:
-        self.group = group
-        self.index = index
-
-    def __str__(self) -> str:
-        return f"records[{self.group!r}][{self.index}]"
-
-
-def _int(record: Mapping[str, Any], key: str, where: Any) -> int:
-    value = record.get(key)
-    if type(value) is not int:
-        raise MalformedEvent(f"{where} has no integer {key!r}")
-    return value
 
 
 _TOKEN = attrgetter("token")
 
 
 def kafka_batches(event: Any) -> list[Batch]:
-    """One batch per partition of a Lambda Kafka event; :class:`MalformedEvent` if bad."""
+    """One batch per partition of a Lambda Kafka event; :class:`MalformedEvent` if bad.
+
+    Every record is checked before anything runs: a malformed event fails whole. Error
+    messages name the record as ``records['topic-0'][i]``.
+    """
     if not isinstance(event, Mapping) or not isinstance(event.get("records"), Mapping):
         raise MalformedEvent("not a Kafka event: expected an object with a 'records' object")
     if event.get("eventSource") not in _SOURCES:
         raise MalformedEvent(f"not a Kafka event (eventSource {event.get('eventSource')!r})")
     batches = []
     for group, records in event["records"].items():
-        if not isinstance(records, list):
+        if type(records) is not list:
             raise MalformedEvent(f"records[{group!r}] is not a list")
         messages: list[Message] = []
         topic: str | None = None
         partition: int | None = None
         for i, record in enumerate(records):
-            where = _Where(group, i)
-            if not isinstance(record, Mapping) or type(record.get("topic")) is not str:
-                raise MalformedEvent(f"{where} has no string 'topic'")
-            this = (record["topic"], _int(record, "partition", where))
-            if topic is None:
-                topic, partition = this
-            elif this != (topic, partition):
-                raise MalformedEvent(f"{where} is not of partition {topic}-{partition}")
+            if type(record) is not dict and not isinstance(record, Mapping):
+                raise MalformedEvent(f"{_where(group, i)} is not an object")
+            this_topic = record.get("topic")
+            this_partition = record.get("partition")
+            offset = record.get("offset")
             timestamp = record.get("timestamp")
+            if type(this_topic) is not str:
+                raise MalformedEvent(f"{_where(group, i)} has no string 'topic'")
+            if type(this_partition) is not int:
+                raise MalformedEvent(f"{_where(group, i)} has no integer 'partition'")
+            if type(offset) is not int:
+                raise MalformedEvent(f"{_where(group, i)} has no integer 'offset'")
             if timestamp is not None and type(timestamp) is not int:
-                raise MalformedEvent(f"{where}.timestamp is not an integer")
-            m = message_from_record(
-                this[0],
-                this[1],
-                _int(record, "offset", where),
-                timestamp,
-                _b64(record.get("key"), where, "key"),
-                _b64(record.get("value"), where, "value"),
-                _headers(record.get("headers"), where),
+                raise MalformedEvent(f"{_where(group, i)}.timestamp is not an integer")
+            if topic is None:
+                topic, partition = this_topic, this_partition
+            elif this_topic != topic or this_partition != partition:
+                raise MalformedEvent(f"{_where(group, i)} is not of partition {topic}-{partition}")
+            key = record.get("key")
+            value = record.get("value")
+            headers = record.get("headers")
+            messages.append(
+                message_from_record(
+                    topic,
+                    this_partition,
+                    offset,
+                    timestamp,
+                    None if key is None else _b64(key, group, i, "key"),
+                    None if value is None else _b64(value, group, i, "value"),
+                    None if headers is None else _headers(headers, group, i),
+                )
             )
-            messages.append(m)
         if messages and topic is not None:
             messages.sort(key=_TOKEN)
             if len({m.id for m in messages}) != len(messages):

@@ -117,14 +117,14 @@ def message_from_record(
     return them). ``topic`` is not part of the message: it is the scope address.
     """
     attempt = 1
-    if not headers:
-        hdrs: HeaderList = []
-    else:
-        if not isinstance(headers, list | tuple):
+    hdrs: HeaderList = []
+    if headers:
+        if type(headers) is not list and type(headers) is not tuple:
             headers = list(headers)
+        names = _NAMES
         try:  # fast path: every name seen before and none of them AMGI's own
-            names = _NAMES
-            hdrs = [(names[name], v or b"") for name, v in headers]
+            for name, v in headers:
+                hdrs.append((names[name], v or b""))
         except KeyError:
             hdrs, attempt = _learn_headers(headers)
     bindings = {
