@@ -6,9 +6,10 @@ AMGI                    Kafka
 address                 topic (``^regex`` addresses subscribe to a topic pattern)
 batch                   one partition's records from one fetch (``consume``)
 ``Batch.key``           ``(topic, partition)``: partitions run concurrently, in order
-ack                     one commit per batch of the highest contiguous settled
-                        offset + 1 (never past an unsettled record), sent without
-                        waiting; the last ones are committed synchronously at close
+ack                     the highest contiguous settled offset + 1 of each partition
+                        (never past an unsettled record), committed before the next
+                        fetch in one request for all partitions, never per message;
+                        synchronously at close
 nack -> retry           republished to ``retry_topic`` with ``amgi-attempt`` and a due
                         time; the retry topic's partition pauses until the head is due
 nack -> dead            republished to ``dead_letter_topic`` with the reason header
@@ -486,8 +487,9 @@ class KafkaTransport(Transport):
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
 
-        Settles queue their commits under the same lock and only for partitions not yet
-        forgotten, so this commit is the last one of each revoked partition.
+        Commits are only sent from this thread (``_send_commits``, between ``consume``
+        calls) and only for partitions not yet forgotten, so this commit is the last one
+        of each revoked partition.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
