@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import re
 import threading
@@ -437,7 +438,7 @@ class KafkaTransport(Transport):
         return self.config.dead_letter_topic.replace("{topic}", topic)
 
     async def close(self) -> None:
-        """Leave the group (committing nothing more), flush sends, stop the threads."""
+        """Commit what is settled, leave the group, flush sends, stop the threads."""
         self._closing = True
         with self._lock:
             self._lock.notify_all()
@@ -448,7 +449,9 @@ class KafkaTransport(Transport):
         consumer, self._consumer = self._consumer, None
         if consumer is not None and self._poll_thread is not None:
             try:
-                await loop.run_in_executor(self._poll_thread, self._final_commit, consumer)
+                await loop.run_in_executor(
+                    self._poll_thread, functools.partial(self._send_commits, consumer, final=True)
+                )
                 await loop.run_in_executor(self._poll_thread, consumer.close)
             except Exception as exc:  # closing must not hide the caller's error
                 log.warning("kafka consumer close: %s", exc)
@@ -510,7 +513,7 @@ class KafkaTransport(Transport):
                 for k in keys
                 if (s := self._partitions.get(k)) is not None and s.commit_to is not None
             ]
-            # Forgotten under the lock: no settle queues a commit for them after this.
+            # Forgotten under the lock: _send_commits sends nothing more for them.
             self._forget(keys)
         if offsets and not self._closing:
             try:
@@ -721,12 +724,13 @@ class KafkaTransport(Transport):
                 ctx.state.commit_to = commit
             self._lock.notify_all()
 
-    def _send_commits(self, consumer: Any) -> None:
+    def _send_commits(self, consumer: Any, *, final: bool = False) -> None:
         """Commit every partition whose settled offset moved, in one request (consumer thread).
 
         Nothing waits for the broker's answer: each offset is the highest contiguous
         settled one, so a commit that fails or is lost in a crash only means redelivery,
-        and the next commit (or the revoke's, or the one at close) covers it.
+        and the next commit (or the revoke's, or the one at close) covers it. ``final``
+        (at close) commits every settled offset again and waits for the answer.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
@@ -735,15 +739,16 @@ class KafkaTransport(Transport):
             offsets = []
             for k, s in self._partitions.items():
                 offset = s.commit_to
-                if offset is not None and offset != s.committed and k not in self._rewind:
-                    offsets.append(TP(k[0], k[1], offset))
-                    s.committed = offset
+                if offset is None or k in self._rewind or (offset == s.committed and not final):
+                    continue
+                offsets.append(TP(k[0], k[1], offset))
+                s.committed = offset
         if not offsets:
             return
         try:
-            consumer.commit(offsets=offsets, asynchronous=True)
+            consumer.commit(offsets=offsets, asynchronous=not final)
         except KafkaException as exc:
-            log.warning("kafka commit failed: %s", exc)
+            log.warning("kafka commit%s failed: %s", " at close" if final else "", exc)
 
     def _on_commit(self, err: Any, partitions: list[Any]) -> None:
         """The broker's answer to a commit (consumer thread)."""
@@ -759,23 +764,6 @@ class KafkaTransport(Transport):
                     tp.offset,
                     tp.error,
                 )
-
-    def _final_commit(self, consumer: Any) -> None:
-        """Commit every settled offset synchronously before leaving (consumer thread)."""
-        from confluent_kafka import KafkaException
-        from confluent_kafka import TopicPartition as TP
-
-        with self._lock:
-            offsets = [
-                TP(k[0], k[1], s.commit_to)
-                for k, s in self._partitions.items()
-                if s.commit_to is not None and k not in self._rewind
-            ]
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("kafka commit at close failed: %s", exc)
 
     async def _republish(self, address: str, settlement: Settlement) -> None:
         if not settlement.retry and not settlement.dead:
