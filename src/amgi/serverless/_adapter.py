@@ -22,7 +22,7 @@ from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig, call_app
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 from amgi.types import AMGIApplication
 
-__all__ = ["BatchFailed", "LambdaAdapter", "LambdaContext", "MalformedEvent"]
+__all__ = ["BatchFailed", "LambdaAdapter", "LambdaContext", "MalformedEvent", "is_object"]
 
 logger = logging.getLogger("amgi.serverless")
 
@@ -31,6 +31,11 @@ class LambdaContext(Protocol):
     """The part of the Lambda context object the adapters use."""
 
     def get_remaining_time_in_millis(self) -> int: ...
+
+
+def is_object(value: Any) -> bool:
+    """Whether an event part is a JSON object (a dict, checked first, or any mapping)."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 class MalformedEvent(AMGIError, ValueError):

@@ -33,6 +33,7 @@ from amgi.serverless._adapter import (
     LambdaContext,
     MalformedEvent,
     PublisherFactory,
+    is_object,
 )
 from amgi.servers import load
 from amgi.servers._kafka_records import message_from_record
@@ -69,7 +70,7 @@ def _headers(raw: Any, group: str, index: int) -> list[tuple[str, bytes]]:
         raise MalformedEvent(f"{_where(group, index)}.headers is not a list")
     out = []
     for j, item in enumerate(raw):
-        if type(item) is not dict and not isinstance(item, Mapping):
+        if not is_object(item):
             raise MalformedEvent(f"{_where(group, index)}.headers[{j}] is not an object")
         for name, value in item.items():
             try:
@@ -109,7 +110,7 @@ def kafka_batches(event: Any) -> list[Batch]:
         topic: str | None = None
         partition: int | None = None
         for i, record in enumerate(records):
-            if type(record) is not dict and not isinstance(record, Mapping):
+            if not is_object(record):
                 raise MalformedEvent(f"{_where(group, i)} is not an object")
             this_topic = record.get("topic")
             this_partition = record.get("partition")

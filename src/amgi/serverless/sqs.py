@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from amgi.options import build
-from amgi.serverless._adapter import LambdaAdapter, LambdaContext, MalformedEvent
+from amgi.serverless._adapter import LambdaAdapter, LambdaContext, MalformedEvent, is_object
 from amgi.servers import load
 from amgi.servers.sqs import decode_body, headers_from_attributes, message_bindings
 from amgi.transport import Batch, Message, Transport
@@ -42,10 +42,6 @@ def _queue_name(arn: str) -> str:
     return arn.rsplit(":", 1)[-1]
 
 
-def _is_object(value: Any) -> bool:
-    return type(value) is dict or isinstance(value, Mapping)
-
-
 def _name(where: str | int) -> str:
     return f"Records[{where}]" if type(where) is int else str(where)
 
@@ -53,7 +49,7 @@ def _name(where: str | int) -> str:
 def _record_attributes(raw: Mapping[str, Any], where: str | int) -> list[tuple[str, str, bytes]]:
     out = []
     for name, attribute in raw.items():
-        if type(attribute) is not dict and not isinstance(attribute, Mapping):
+        if not is_object(attribute):
             raise MalformedEvent(f"{_name(where)}: messageAttributes[{name!r}] is not an object")
         binary = attribute.get("binaryValue")
         if binary is None:
@@ -74,7 +70,7 @@ def sqs_message(record: Any, where: str | int = "record") -> Message:
 
     ``where`` names the record in errors; an int ``i`` stands for ``Records[i]``.
     """
-    if type(record) is not dict and not isinstance(record, Mapping):
+    if not is_object(record):
         raise MalformedEvent(f"{_name(where)} is not an object")
     message_id = record.get("messageId")
     body = record.get("body")
@@ -83,7 +79,7 @@ def sqs_message(record: Any, where: str | int = "record") -> Message:
         raise MalformedEvent(f"{_name(where)} has no string {missing!r}")
     system = record.get("attributes") or {}
     raw_attributes = record.get("messageAttributes") or {}
-    if not _is_object(system) or not _is_object(raw_attributes):
+    if not is_object(system) or not is_object(raw_attributes):
         raise MalformedEvent(f"{_name(where)}: attributes and messageAttributes must be objects")
     if raw_attributes:
         headers, encoding, types = headers_from_attributes(
