@@ -21,19 +21,14 @@ import pytest
 from amgi.serverless import KafkaHandler, SqsHandler
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from amgi.testing.conformance import Recorder
+from tests.moto_env import ENDPOINT, use_moto_credentials
 
-ENDPOINT = "http://127.0.0.1:5000"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", ENDPOINT)  # what the default publisher uses
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    use_moto_credentials(monkeypatch, sqs_endpoint=True)
 
 
 @pytest.fixture

@@ -15,19 +15,12 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
-
-ENDPOINT = "http://127.0.0.1:5000"
+from tests.moto_env import ENDPOINT, use_moto_credentials
 
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy credentials for moto; nothing from the machine's own AWS setup."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS"):
-        monkeypatch.delenv(name, raising=False)
+    use_moto_credentials(monkeypatch)
 
 
 def options(**overrides: Any) -> SqsOptions:
