@@ -153,6 +153,30 @@ def measure(handler: Callable[[Any, Any], Any], event: Any, records: int, second
     return best
 
 
+def row(
+    name: str,
+    event: dict[str, Any],
+    records: int,
+    hand_written: Callable[[asyncio.AbstractEventLoop], Callable[[Any, Any], Any]],
+    adapter: type[SqsHandler] | type[KafkaHandler],
+    premapped: list[Batch],
+    config: RuntimeConfig,
+    args: argparse.Namespace,
+) -> tuple[str, float, float, float]:
+    """One table row: the adapter, the hand-written loop and the batch protocol alone."""
+    loop = asyncio.new_event_loop()
+    raw = measure(hand_written(loop), event, records, args.seconds)
+    premapped = (
+        [Batch("q", SqsHandler._records(event))] if adapter is SqsHandler else kafka_batches(event)
+    )
+    floor = measure(batch_protocol(loop, premapped, config), event, records, args.seconds)
+    loop.close()
+    handler = adapter(acking_app, config=config, handle_sigterm=False)
+    ours = measure(handler, event, records, args.seconds)
+    handler.close()
+    return name, ours, raw, floor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per row")
@@ -161,29 +185,14 @@ def main() -> None:
     rows = []
     for n in (10, 100):
         event = sqs_event(n)
-        loop = asyncio.new_event_loop()
-        raw = measure(hand_written_sqs(loop), event, n, args.seconds)
-        loop.close()
-        handler = SqsHandler(acking_app, config=config, handle_sigterm=False)
-        ours = measure(handler, event, n, args.seconds)
-        handler.close()
-        loop = asyncio.new_event_loop()
         premapped = [Batch("q", SqsHandler._records(event))]
-        floor = measure(batch_protocol(loop, premapped, config), event, n, args.seconds)
-        loop.close()
-        rows.append((f"SQS, {n} records", ours, raw, floor))
+        name = f"SQS, {n} records"
+        rows.append(row(name, event, n, hand_written_sqs, SqsHandler, premapped, config, args))
     for n in (100, 500):
         event = kafka_event(n)
-        loop = asyncio.new_event_loop()
-        raw = measure(hand_written_kafka(loop), event, n, args.seconds)
-        loop.close()
-        kafka = KafkaHandler(acking_app, config=config, handle_sigterm=False)
-        ours = measure(kafka, event, n, args.seconds)
-        kafka.close()
-        loop = asyncio.new_event_loop()
-        floor = measure(batch_protocol(loop, kafka_batches(event), config), event, n, args.seconds)
-        loop.close()
-        rows.append((f"Kafka, {n} records, 2 partitions", ours, raw, floor))
+        name = f"Kafka, {n} records, 2 partitions"
+        batches = kafka_batches(event)
+        rows.append(row(name, event, n, hand_written_kafka, KafkaHandler, batches, config, args))
 
     print(
         f"{'event':<32} {'amgi rec/s':>12} {'hand rec/s':>12} {'amgi us/rec':>12} "
