@@ -11,26 +11,14 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 LOG_DIR=".brokers"
 LOG="$LOG_DIR/kafka-$PORT.log"
 
-port_open() {
-    "$PYTHON" - "$PORT" <<'PY'
-import socket, sys
-s = socket.socket()
-s.settimeout(0.5)
-try:
-    s.connect(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-PY
-}
+source "$(dirname "$0")/../lib/ports.sh"
 
 if [ ! -x "$PYTHON" ]; then
     echo "kafka.sh: $PYTHON not found; create the project venv first" >&2
     exit 1
 fi
 
-if port_open; then
+if port_open "$PORT"; then
     echo "kafka: already listening on 127.0.0.1:$PORT"
     exit 0
 fi
@@ -59,7 +47,7 @@ PID=$!
 echo "$PID" >"$LOG_DIR/kafka-$PORT.pid"
 
 for _ in $(seq 1 100); do
-    if port_open; then
+    if port_open "$PORT"; then
         echo "kafka: tansu (pid $PID) listening on 127.0.0.1:$PORT, log in $LOG"
         exit 0
     fi

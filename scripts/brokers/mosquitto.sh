@@ -11,9 +11,7 @@ ROOT="$(pwd)"
 DATA_DIR="$ROOT/.brokers/mosquitto/$PORT"
 TEMPLATE="$ROOT/scripts/brokers/mosquitto/mosquitto.conf.in"
 
-port_open() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null
-}
+source "$(dirname "$0")/../lib/ports.sh"
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -24,7 +22,7 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 
-if port_open; then
+if port_open "$PORT"; then
     echo "mosquitto: already running on 127.0.0.1:$PORT"
     exit 0
 fi
@@ -35,7 +33,7 @@ sed -e "s|@PORT@|$PORT|" -e "s|@DATA_DIR@|$DATA_DIR|g" -e "s|@PERSISTENCE@|true|
 "$MOSQUITTO" -c "$DATA_DIR/mosquitto.conf" -d 2>>"$DATA_DIR/stderr.log"
 
 for _ in $(seq 1 100); do
-    if port_open; then
+    if port_open "$PORT"; then
         echo "mosquitto: running on 127.0.0.1:$PORT"
         exit 0
     fi

@@ -4,11 +4,10 @@
 # Idempotent: does nothing when the broker already answers. Runs as root from the
 # repository root on Debian 12 (no systemd needed: the server is started detached and
 # switches to the rabbitmq user itself). Waits until the node has booted and AMQP answers.
-# Environment: RABBITMQ_PORT (default 5672), PYTHON (default .venv/bin/python).
+# Environment: RABBITMQ_PORT (default 5672).
 set -euo pipefail
 
 PORT="${RABBITMQ_PORT:-5672}"
-PYTHON="${PYTHON:-.venv/bin/python}"
 WAIT_SECONDS=90
 
 # Loopback only: AMQP listener, Erlang port mapper and distribution port.
@@ -17,24 +16,7 @@ export RABBITMQ_NODE_PORT="$PORT"
 export ERL_EPMD_ADDRESS=127.0.0.1
 export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 
-port_open() {
-    "$PYTHON" - "$PORT" <<'PY'
-import socket, sys
-s = socket.socket()
-s.settimeout(0.5)
-try:
-    s.connect(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-PY
-}
-
-if [ ! -x "$PYTHON" ]; then
-    echo "rabbitmq.sh: $PYTHON not found; create the project venv first" >&2
-    exit 1
-fi
+source "$(dirname "$0")/../lib/ports.sh"
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
@@ -45,7 +27,7 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null
 fi
 
-if port_open && rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then
+if port_open "$PORT" && rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then
     echo "rabbitmq: already running on 127.0.0.1:$PORT"
     exit 0
 fi
@@ -64,10 +46,10 @@ until rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1; do
     sleep 1
 done
 # A node stopped with `rabbitmqctl stop_app` is up but not serving: start the app.
-if ! port_open; then
+if ! port_open "$PORT"; then
     rabbitmqctl -q start_app >/dev/null 2>&1 || true
 fi
-until port_open; do
+until port_open "$PORT"; do
     if [ "$SECONDS" -ge "$deadline" ]; then
         echo "rabbitmq.sh: AMQP did not answer on 127.0.0.1:$PORT within ${WAIT_SECONDS} s" >&2
         exit 1
