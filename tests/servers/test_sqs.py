@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -367,6 +373,45 @@ async def test_missing_credentials_is_one_clear_error(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     transport = SqsTransport(["orders"], options())
     with pytest.raises(BrokerUnavailable, match="no usable AWS credentials"):
+        await transport.connect()
+
+
+@pytest.fixture
+def checking_moto() -> Iterator[str]:
+    """A second moto server, on its own port, that checks every request's credentials."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(
+                        "the credential-checking moto server did not start"
+                    ) from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_rejected_credentials_are_one_clear_error(checking_moto: str) -> None:
+    transport = SqsTransport(["orders"], options(endpoint_url=checking_moto))
+    with pytest.raises(
+        BrokerUnavailable, match=r"rejected the AWS credentials \(InvalidClientTokenId\)"
+    ):
         await transport.connect()
 
 

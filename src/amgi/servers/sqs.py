@@ -109,6 +109,7 @@ _CREDENTIAL_CODES: Final = frozenset(
 # Characters SQS accepts in a body or String attribute (the XML 1.0 character set).
 _NOT_SQS_TEXT: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _ATTRIBUTE_NAME: Final = re.compile(r"[A-Za-z0-9_\-.]{1,256}")
+_XML_ERROR_CODE: Final = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
 
 
 class SqsSendError(SendError):
@@ -781,6 +782,27 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
+def _rejected_credentials(exc: BaseException) -> str | None:
+    """The reason an endpoint refused the request's credentials, or None if it did not.
+
+    A service that answers the JSON protocol in XML (some SQS stand-ins) leaves botocore
+    with only the HTTP status as the code; the XML's own code is then read from the text.
+    """
+    code = _error_code(exc)
+    if code in _CREDENTIAL_CODES:
+        return code
+    response = getattr(exc, "response", None)
+    status = (
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(response, dict)
+        else None
+    )
+    if status != 403 and code != "403":
+        return None
+    embedded = _XML_ERROR_CODE.search(str(exc))
+    return embedded.group(1) if embedded else "HTTP 403"
+
+
 def _connect_error(exc: Exception, queue: str, endpoint: str) -> Exception:
     """One clear error for a failed queue lookup."""
     from botocore.exceptions import (
@@ -793,8 +815,9 @@ def _connect_error(exc: Exception, queue: str, endpoint: str) -> Exception:
     code = _error_code(exc)
     if code in _MISSING_QUEUE_CODES:
         return ConfigurationError(f"sqs: queue {queue!r} does not exist at {where}")
-    if code in _CREDENTIAL_CODES:
-        return BrokerUnavailable(f"sqs: {where} rejected the AWS credentials ({code})")
+    rejected = _rejected_credentials(exc)
+    if rejected is not None:
+        return BrokerUnavailable(f"sqs: {where} rejected the AWS credentials ({rejected})")
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return BrokerUnavailable(
             "sqs: no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
