@@ -10,7 +10,9 @@ included) is reported apart from the throughput, which is measured after the fir
 Contenders: ``amgi-kafka`` (this project's server through ``amgi.runtime.Runtime``, an app
 that acks everything), ``raw-confluent`` (confluent-kafka consume + one synchronous commit
 per partition batch), ``raw-confluent-async`` (the same loop with asynchronous commits, as
-the server sends them, done when the broker confirmed them), and the peers a user would
+the server sends them, done when the broker confirmed them), ``protocol-minimum`` (that
+loop plus the AMGI protocol's bare per-record work: event dicts and one app call per
+batch, see :func:`run_floor`), and the peers a user would
 pick instead, run from a separate venv (``.venv-bench``, created here on first use):
 ``faststream-batch`` (FastStream Kafka subscriber, batch mode) and
 ``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package).
@@ -96,6 +98,117 @@ def run_raw(
     end = time.perf_counter()
     consumer.close()
     return {"first": first - t0, "drain": end - first, "seen": seen}
+
+
+class _FloorCall:
+    """receive/send over prepared events: hand out the next, accept its ack."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.position = 0
+
+    async def receive(self) -> dict[str, Any]:
+        return self.events[self.position]
+
+    async def send(self, event: dict[str, Any]) -> None:
+        if event["type"] != "message.ack" or event["id"] != self.events[self.position]["id"]:
+            raise ValueError(f"not the ack of the record handed out: {event!r}")
+        self.position += 1
+
+
+def run_floor(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+    """``raw-confluent-async`` plus the least per-record work the AMGI protocol asks of
+    any server, and nothing else: the receive event the spec defines (text id,
+    ``(bytes, bytes)`` headers, the Kafka bindings), one app call per partition batch
+    that awaits ``receive`` and ``send`` per record, and a check that each ack names the
+    record just handed out. No runtime, no validation beyond that, no retries.
+
+    It runs in one thread; the server overlaps the client's fetching with this work in a
+    second thread, so it can beat this row. What the row shows is what the protocol's
+    own per-record Python costs beside the raw loop."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    committed: dict[int, int] = {}
+
+    def confirmed(err: Any, partitions: list[Any]) -> None:
+        for tp in partitions if err is None else ():
+            if tp.error is None:
+                committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            event = await receive()
+            more = event["more_messages"]
+            await send({"type": "message.ack", "id": event["id"]})
+
+    async def main() -> dict[str, float]:
+        t0 = time.perf_counter()
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"bench-floor-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 500,
+                "fetch.queue.backoff.ms": 10,
+                "on_commit": confirmed,
+            }
+        )
+        consumer.subscribe([topic])
+        first = 0.0
+        seen = 0
+        names = {"content-type": b"content-type", "trace-id": b"trace-id"}
+        while not _done(committed, ends):
+            records = consumer.consume(2000, 0)
+            if not records:
+                records = consumer.consume(1, 0.1)
+                if not records:
+                    continue
+                records += consumer.consume(1999, 0)
+            if not first:
+                first = time.perf_counter()
+            runs: dict[int, list[Any]] = {}
+            for r in records:
+                if r.error() is None:
+                    runs.setdefault(r.partition(), []).append(r)
+            for p, run in runs.items():
+                events = []
+                for r in run:
+                    off = r.offset()
+                    headers = []
+                    for n, v in r.headers() or ():
+                        headers.append((names.get(n) or n.encode(), v))
+                    events.append(
+                        {
+                            "type": "message.receive",
+                            "id": str(off),
+                            "headers": headers,
+                            "payload": r.value(),
+                            "bindings": {
+                                "kafka": {
+                                    "key": r.key(),
+                                    "partition": p,
+                                    "offset": off,
+                                    "timestamp": r.timestamp()[1],
+                                },
+                                "amgi": {"attempt": 1},
+                            },
+                            "more_messages": True,
+                        }
+                    )
+                events[-1]["more_messages"] = False
+                call = _FloorCall(events)
+                await app({"type": "message", "address": topic}, call.receive, call.send)
+                seen += call.position
+                last = run[-1].offset()
+                consumer.commit(offsets=[TopicPartition(topic, p, last + 1)], asynchronous=True)
+        end = time.perf_counter()
+        consumer.close()
+        return {"first": first - t0, "drain": end - first, "seen": seen}
+
+    return asyncio.run(main())
 
 
 def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
@@ -259,6 +372,7 @@ CONTENDERS = {
     "amgi-kafka": (run_amgi, False),
     "raw-confluent": (run_raw, False),
     "raw-confluent-async": (functools.partial(run_raw, asynchronous=True), False),
+    "protocol-minimum": (run_floor, False),
     "faststream-batch": (run_faststream, True),
     "upstream-amgi-aiokafka": (run_upstream, True),
 }
