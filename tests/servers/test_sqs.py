@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.moto_env import ENDPOINT, use_moto_credentials
+from tests.net import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -379,9 +379,7 @@ async def test_missing_credentials_is_one_clear_error(
 @pytest.fixture
 def checking_moto() -> Iterator[str]:
     """A second moto server, on its own port, that checks every request's credentials."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers._kafka_client_log import CLIENT_LOGGER, ClientErrors
 from amgi.servers._kafka_records import RETRY_DUE_HEADER, messages_from_records
 from amgi.transport import (
     ATTEMPT_HEADER,
@@ -224,6 +225,7 @@ class KafkaTransport(Transport):
         super().__init__(addresses, options)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._client_errors = ClientErrors(log)
         self._poll_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._delivery_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -249,6 +251,8 @@ class KafkaTransport(Transport):
             "bootstrap.servers": o.bootstrap_servers,
             "client.id": o.client_id,
             "security.protocol": o.security_protocol,
+            "logger": CLIENT_LOGGER,
+            "error_cb": self._client_errors,
         }
         optional = {
             "sasl.mechanism": o.sasl_mechanism,
@@ -289,7 +293,6 @@ class KafkaTransport(Transport):
                 "fetch.queue.backoff.ms": o.fetch_queue_backoff_ms,
                 "fetch.max.bytes": o.fetch_max_bytes,
                 "max.partition.fetch.bytes": o.max_partition_fetch_bytes,
-                "error_cb": self._on_client_error,
                 "on_commit": self._on_commit,
             }
         )
@@ -305,14 +308,9 @@ class KafkaTransport(Transport):
                 "linger.ms": o.linger_ms,
                 "enable.idempotence": o.enable_idempotence,
                 "delivery.timeout.ms": o.delivery_timeout_ms,
-                "error_cb": self._on_client_error,
             }
         )
         return conf
-
-    @staticmethod
-    def _on_client_error(err: Any) -> None:
-        log.warning("kafka client: %s", err)
 
     def _check_options(self) -> None:
         o = self.config
@@ -402,9 +400,9 @@ class KafkaTransport(Transport):
                 None, lambda: client.list_topics(timeout=timeout)
             )
         except KafkaException as exc:
+            why = self._client_errors.latest or (exc.args[0].str() if exc.args else str(exc))
             raise BrokerUnavailable(
-                f"cannot reach Kafka at {self.config.bootstrap_servers} "
-                f"within {timeout:g} s: {exc.args[0].str() if exc.args else exc}"
+                f"cannot reach Kafka at {self.config.bootstrap_servers} within {timeout:g} s: {why}"
             ) from None
 
     async def _create_topics(self, metadata: Any, topics: list[str]) -> None:
