@@ -14,8 +14,9 @@ the server sends them, done when the broker confirmed them), ``protocol-minimum`
 loop plus the AMGI protocol's bare per-record work: event dicts and one app call per
 batch, see :func:`run_floor`), and the peers a user would
 pick instead, run from a separate venv (``.venv-bench``, created here on first use):
-``faststream-batch`` (FastStream Kafka subscriber, batch mode) and
-``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package).
+``faststream-batch`` (FastStream Kafka subscriber, batch mode),
+``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package) and ``raw-aiokafka`` (the raw
+loop of the client those two use: ``getmany`` + one commit per partition batch).
 """
 
 from __future__ import annotations
@@ -288,6 +289,47 @@ def _watch_aiokafka_commits(ends: dict[int, int], finished: Any) -> None:
     AIOKafkaConsumer.commit = commit  # type: ignore[method-assign]
 
 
+def run_raw_aiokafka(
+    bootstrap: str, topic: str, ends: dict[int, int], count: int
+) -> dict[str, float]:
+    """aiokafka ``getmany`` + one commit per partition batch: the raw loop the issue's
+    reference figures were taken with (the client the upstream package uses)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def main() -> dict[str, float]:
+        t0 = time.perf_counter()
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=f"bench-rawaio-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=500,
+        )
+        await consumer.start()
+        first = 0.0
+        seen = 0
+        committed: dict[int, int] = {}
+        while not _done(committed, ends):
+            fetched = await consumer.getmany(timeout_ms=100, max_records=2000)
+            if fetched and not first:
+                first = time.perf_counter()
+            for tp, records in fetched.items():
+                for r in records:
+                    r.value  # noqa: B018  (touch what an app would read)
+                    r.headers  # noqa: B018
+                seen += len(records)
+                offset = records[-1].offset + 1
+                await consumer.commit({TopicPartition(topic, tp.partition): offset})
+                committed[tp.partition] = offset
+        end = time.perf_counter()
+        await consumer.stop()
+        return {"first": first - t0, "drain": end - first, "seen": seen}
+
+    return asyncio.run(main())
+
+
 def run_upstream(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
     import amgi_aiokafka
 
@@ -373,6 +415,7 @@ CONTENDERS = {
     "raw-confluent": (run_raw, False),
     "raw-confluent-async": (functools.partial(run_raw, asynchronous=True), False),
     "protocol-minimum": (run_floor, False),
+    "raw-aiokafka": (run_raw_aiokafka, True),
     "faststream-batch": (run_faststream, True),
     "upstream-amgi-aiokafka": (run_upstream, True),
 }
@@ -472,25 +515,19 @@ def main() -> None:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             if name not in best or result["drain"] < best[name]["drain"]:
                 best[name] = result
-    raws = {
-        k: args.count / best[k]["drain"]
-        for k in ("raw-confluent", "raw-confluent-async")
-        if k in best
-    }
+    baselines = ("raw-confluent", "raw-confluent-async", "raw-aiokafka")
+    raws = {k: args.count / best[k]["drain"] for k in baselines if k in best}
     print(f"\n{args.count} records x 100 B, 2 headers, {PARTITIONS} partitions, acked + committed")
     print(
         f"{'contender':<24}{'msgs/s':>12}{'first msg (s)':>15}"
-        f"{'vs raw sync':>13}{'vs raw async':>14}{'seen':>9}"
+        f"{'vs raw sync':>13}{'vs raw async':>14}{'vs raw aiokafka':>17}{'seen':>9}"
     )
     for name, r in sorted(best.items(), key=lambda kv: kv[1]["drain"]):
         rate = args.count / r["drain"]
-        ratios = [
-            f"{rate / raws[k]:.0%}" if k in raws else "-"
-            for k in ("raw-confluent", "raw-confluent-async")
-        ]
+        ratios = [f"{rate / raws[k]:.0%}" if k in raws else "-" for k in baselines]
         print(
             f"{name:<24}{rate:>12,.0f}{r['first']:>15.2f}"
-            f"{ratios[0]:>13}{ratios[1]:>14}{int(r['seen']):>9}"
+            f"{ratios[0]:>13}{ratios[1]:>14}{ratios[2]:>17}{int(r['seen']):>9}"
         )
 
 
