@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from amgi.servers.amqp import (
     table_to_headers,
 )
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
+from tests.net import TlsFront, free_port, self_signed
 from tests.servers.test_amqp_support import (
     URL,
     broker_restarted_at_exit,
@@ -399,3 +401,33 @@ async def _close_publishers() -> AsyncIterator[None]:
     while _publisher:
         _, t = _publisher.popitem()
         await t.close()
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+async def test_amqps_with_client_certificate_and_untrusted_broker(tmp_path: Path) -> None:
+    """amqps:// through a TLS front on the test broker that demands a client certificate:
+    the URL's cafile/certfile/keyfile reach the client; a broker certificate the CA file
+    does not trust is one clear error."""
+    server_cert, server_key = self_signed(tmp_path, "server")
+    client_cert, client_key = self_signed(tmp_path, "client")
+    port = free_port()
+    files = f"certfile={client_cert}&keyfile={client_key}"
+    with TlsFront(port, 5672, server_cert, server_key, client_ca=client_cert):
+        url = f"amqps://guest:guest@127.0.0.1:{port}/?cafile={server_cert}&{files}"
+        t = AmqpTransport([new_queue()], AmqpOptions(url=url, batch_size=10, linger=0.01))
+        await t.connect()
+        try:
+            await t.publish(t.addresses[0], [(b"trace", b"t-1")], b"over tls", {})
+            (batch,) = await fetch_n(t, 1)
+            assert batch.messages[0].payload == b"over tls"
+            assert batch.messages[0].headers == [(b"trace", b"t-1")]
+            await t.settle(batch, Settlement(acked=list(batch.messages)))
+        finally:
+            await t.close()
+        untrusted = f"amqps://guest:guest@127.0.0.1:{port}/?cafile={client_cert}&{files}"
+        t = AmqpTransport([new_queue()], AmqpOptions(url=untrusted))
+        with pytest.raises(BrokerUnavailable, match="certificate verify failed") as info:
+            await t.connect()
+        assert "guest:guest" not in str(info.value)

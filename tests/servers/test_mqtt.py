@@ -506,20 +506,47 @@ def test_decode_publish_reads_every_mapped_property() -> None:
         decode_publish(0x32, s("t") + b"\x00\x01" + b"\x02\x7f\x00", v5=True)
 
 
+async def round_trip(options: MqttOptions, payload: bytes) -> str:
+    """Publish ``payload`` to a fresh topic, consume and ack it; return the topic."""
+    address = topic()
+    async with connected([address], options) as server:
+        await publish(options, address, [payload])
+        (batch,) = await fetch_n(server, 1)
+        assert batch.messages[0].payload == payload
+        await server.settle(batch, Settlement(acked=list(batch.messages)))
+    return address
+
+
 async def test_tls_round_trip_and_untrusted_certificate(tmp_path: Path) -> None:
     cert, key = broker_module.self_signed(tmp_path / "tls")
     broker = Mosquitto(tmp_path / "broker", tls=(cert, key))
     broker.start()
     try:
         options = MqttOptions(port=broker.port, tls=True, ca_file=str(cert))
-        address = topic()
-        async with connected([address], options) as server:
-            await publish(options, address, [b"secret"])
-            (batch,) = await fetch_n(server, 1)
-            assert batch.messages[0].payload == b"secret"
-            await server.settle(batch, Settlement(acked=list(batch.messages)))
+        address = await round_trip(options, b"secret")
         untrusted = MqttOptions(port=broker.port, tls=True)
         with pytest.raises(BrokerUnavailable, match="TLS"):
             await MqttTransport([address], untrusted).connect()
+    finally:
+        broker.stop()
+
+
+async def test_mutual_tls_client_certificate_required(tmp_path: Path) -> None:
+    cert, key = broker_module.self_signed(tmp_path / "tls", "server")
+    client_cert, client_key = broker_module.self_signed(tmp_path / "tls", "client")
+    broker = Mosquitto(tmp_path / "broker", tls=(cert, key), client_ca=client_cert)
+    broker.start()
+    try:
+        options = MqttOptions(
+            port=broker.port,
+            tls=True,
+            ca_file=str(cert),
+            cert_file=str(client_cert),
+            key_file=str(client_key),
+        )
+        address = await round_trip(options, b"mutual")
+        anonymous = MqttOptions(port=broker.port, tls=True, ca_file=str(cert), connect_timeout=3)
+        with pytest.raises(BrokerUnavailable, match="requires a client certificate"):
+            await MqttTransport([address], anonymous).connect()
     finally:
         broker.stop()

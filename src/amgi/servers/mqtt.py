@@ -286,6 +286,13 @@ def _client_class() -> type[paho.Client]:
     return Client
 
 
+class _ClosedBeforeConnack:
+    """The broker dropped the connection while CONNECT waited for its CONNACK."""
+
+    def __init__(self, reason: Any) -> None:
+        self.reason = reason
+
+
 class MqttTransport(Transport):
     """The AMGI transport of an MQTT broker (see the module docstring for the mapping)."""
 
@@ -458,6 +465,13 @@ class MqttTransport(Transport):
             raise BrokerUnavailable(
                 f"mqtt: no answer from {self._where()} within {c.connect_timeout}s"
             ) from None
+        if isinstance(reason, _ClosedBeforeConnack):
+            hint = ""
+            if c.tls and not c.cert_file:
+                hint = " (if it requires a client certificate: --cert-file and --key-file)"
+            raise BrokerUnavailable(
+                f"mqtt: {self._where()} closed the connection before answering CONNECT{hint}"
+            )
         if reason is not None:
             raise BrokerUnavailable(
                 f"mqtt: broker at {self._where()} refused the connection: {reason}"
@@ -592,7 +606,7 @@ class MqttTransport(Transport):
     ) -> None:
         waiter = self._connack
         if waiter is not None and not waiter.done():
-            waiter.set_result((False, reason or "connection closed"))
+            waiter.set_result((False, _ClosedBeforeConnack(reason)))
         self._lost(str(reason))
 
     def _on_subscribe(

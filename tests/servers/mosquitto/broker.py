@@ -25,6 +25,7 @@ class Mosquitto:
         persistence: bool = True,
         users: dict[str, str] | None = None,
         tls: tuple[Path, Path] | None = None,
+        client_ca: Path | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
@@ -32,6 +33,8 @@ class Mosquitto:
         self.users = users
         self.tls = tls
         """(certificate file, key file) to serve TLS instead of plain MQTT."""
+        self.client_ca = client_ca
+        """With TLS: clients must show a certificate this CA file trusts."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> Path:
@@ -49,6 +52,8 @@ class Mosquitto:
         if self.tls is not None:
             cert, key = self.tls
             lines += [f"certfile {cert}", f"keyfile {key}"]
+            if self.client_ca is not None:
+                lines += [f"cafile {self.client_ca}", "require_certificate true"]
         text = (
             TEMPLATE.read_text()
             .replace("@PORT@", str(self.port))
