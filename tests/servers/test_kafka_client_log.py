@@ -9,19 +9,53 @@ import pytest
 from amgi.servers._kafka_client_log import CLIENT_LOGGER, ClientErrors
 
 
+class Err:
+    """What librdkafka hands the error callback: a code and a text."""
+
+    def __init__(self, code: int, text: str) -> None:
+        self._code, self._text = code, text
+
+    def code(self) -> int:
+        return self._code
+
+    def str(self) -> str:
+        return self._text
+
+
 def test_repeated_errors_are_logged_once_and_the_latest_is_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     errors = ClientErrors(logging.getLogger("test.kafka"))
     for ms in (1, 2, 7):
-        errors(f"b/bootstrap: SSL handshake failed (after {ms}ms in state SSL_HANDSHAKE)")
-    errors("1/1 brokers are down")
+        errors(Err(-181, f"b/bootstrap: SSL handshake failed (after {ms}ms in state CONNECT)"))
+    errors(Err(-187, "1/1 brokers are down"))
     logged = [r.getMessage() for r in caplog.records if r.name == "test.kafka"]
     assert logged == [
         "kafka client: b/bootstrap: SSL handshake failed",
         "kafka client: 1/1 brokers are down",
     ]
-    assert errors.latest == "1/1 brokers are down"
+    assert errors.latest == "b/bootstrap: SSL handshake failed"  # not "brokers are down"
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "hopeless"),
+    [
+        (-181, "SSL handshake failed: certificate verify failed (after 2ms in state X)", True),
+        (-169, "SASL authentication error: Authentication failed", True),
+        (-195, "Connect to ipv4#127.0.0.1:1 failed: Connection refused", False),
+        (-181, "SSL handshake failed: Disconnected", False),
+    ],
+)
+def test_only_a_refused_certificate_or_credentials_with_every_broker_down_is_hopeless(
+    code: int, text: str, hopeless: bool
+) -> None:
+    errors = ClientErrors(logging.getLogger("test.kafka"))
+    errors(Err(code, text))
+    assert errors.hopeless() is None  # some broker may still answer
+    errors(Err(-187, "1/1 brokers are down"))
+    assert (errors.hopeless() is not None) is hopeless
+    assert errors.latest is not None
+    assert "brokers are down" not in errors.latest
 
 
 def test_client_log_drops_connection_failures_and_repeats(

@@ -62,17 +62,40 @@ CLIENT_LOGGER: Final = logging.getLogger("amgi.servers.kafka.client")
 CLIENT_LOGGER.addFilter(_ClientLogFilter())
 
 
+# librdkafka error codes (stable parts of its ABI), so that this module needs no client.
+_ALL_BROKERS_DOWN: Final = -187
+_AUTHENTICATION: Final = -169
+
+
 class ClientErrors:
-    """The client's ``error_cb``: logs each distinct error once a minute, keeps the latest."""
+    """The client's ``error_cb``: logs each distinct error once a minute, keeps the latest.
+
+    :attr:`latest` is the latest error other than "all brokers down", which says nothing
+    of why. :meth:`hopeless` tells a connect to stop waiting: every broker is down and
+    the last reason was a refused certificate or refused credentials, which retrying
+    the same settings cannot fix.
+    """
 
     def __init__(self, log: logging.Logger) -> None:
         self._log = log
         self._repeats = _Repeats()
         self.latest: str | None = None
+        self._all_down = False
+        self._refused: str | None = None
 
     def __call__(self, err: Any) -> None:
         text = err.str() if hasattr(err, "str") else str(err)
+        code = err.code() if hasattr(err, "code") else None
         reason = _TIMING.sub("", text)
-        self.latest = reason
+        if code == _ALL_BROKERS_DOWN:
+            self._all_down = True
+        else:
+            self.latest = reason
+            refused = code == _AUTHENTICATION or "certificate verify failed" in reason
+            self._refused = reason if refused else None
         if self._repeats.fresh(reason):
             self._log.warning("kafka client: %s", reason)
+
+    def hopeless(self) -> str | None:
+        """Why waiting longer to connect cannot help, or None while it still might."""
+        return self._refused if self._all_down else None

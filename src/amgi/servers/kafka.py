@@ -64,6 +64,9 @@ __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
 
 log = logging.getLogger("amgi.servers.kafka")
 
+_METADATA_SLICE = 0.5
+"""Seconds per metadata request while connecting (see ``_metadata``)."""
+
 TopicPartition = tuple[str, int]
 
 _IDLE_SLICE = 0.02
@@ -393,17 +396,32 @@ class KafkaTransport(Transport):
     async def _metadata(self, client: Any) -> Any:
         from confluent_kafka import KafkaException
 
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
         timeout = self.config.connect_timeout
-        try:
-            return await self._loop.run_in_executor(
-                None, lambda: client.list_topics(timeout=timeout)
-            )
-        except KafkaException as exc:
-            why = self._client_errors.latest or (exc.args[0].str() if exc.args else str(exc))
-            raise BrokerUnavailable(
-                f"cannot reach Kafka at {self.config.bootstrap_servers} within {timeout:g} s: {why}"
-            ) from None
+        deadline = loop.time() + timeout
+        # Asked in slices, so that a refused certificate or refused credentials end the
+        # wait at once instead of at the deadline.
+        while True:
+            slice_ = min(_METADATA_SLICE, max(deadline - loop.time(), 0.01))
+            try:
+                return await loop.run_in_executor(
+                    None, functools.partial(client.list_topics, timeout=slice_)
+                )
+            except KafkaException as exc:
+                hopeless = self._client_errors.hopeless()
+                if hopeless is not None:
+                    raise BrokerUnavailable(
+                        f"cannot connect to Kafka at {self.config.bootstrap_servers}: {hopeless}"
+                    ) from None
+                if loop.time() >= deadline:
+                    why = self._client_errors.latest or (
+                        exc.args[0].str() if exc.args else str(exc)
+                    )
+                    raise BrokerUnavailable(
+                        f"cannot reach Kafka at {self.config.bootstrap_servers} "
+                        f"within {timeout:g} s: {why}"
+                    ) from None
 
     async def _create_topics(self, metadata: Any, topics: list[str]) -> None:
         from confluent_kafka import KafkaException
