@@ -46,12 +46,10 @@ def _done(committed: dict[int, int], ends: dict[int, int]) -> bool:
     return all(committed.get(p, -1) >= end for p, end in ends.items())
 
 
-def run_raw(
-    bootstrap: str, topic: str, ends: dict[int, int], count: int, asynchronous: bool = False
-) -> dict[str, float]:
-    """consume + one commit per partition batch: synchronous, or asynchronous (as the amgi
-    server commits) with the broker's confirmations counted in the commit callback."""
-    from confluent_kafka import Consumer, TopicPartition
+def _raw_consumer(bootstrap: str, topic: str, name: str) -> tuple[Any, dict[int, int]]:
+    """A subscribed confluent-kafka consumer for the raw loops, and the offsets per
+    partition that the broker confirmed as committed (filled by its commit callback)."""
+    from confluent_kafka import Consumer
 
     committed: dict[int, int] = {}
 
@@ -60,11 +58,10 @@ def run_raw(
             if tp.error is None:
                 committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
 
-    t0 = time.perf_counter()
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
+            "group.id": f"bench-{name}-{uuid.uuid4().hex[:8]}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "session.timeout.ms": 6000,
@@ -74,15 +71,34 @@ def run_raw(
         }
     )
     consumer.subscribe([topic])
+    return consumer, committed
+
+
+def _take(consumer: Any) -> list[Any]:
+    """Up to 2000 records: what is on hand, else wait up to 0.1 s for one and what follows."""
+    records: list[Any] = consumer.consume(2000, 0)
+    if not records:
+        records = consumer.consume(1, 0.1)
+        if records:
+            records += consumer.consume(1999, 0)
+    return records
+
+
+def run_raw(
+    bootstrap: str, topic: str, ends: dict[int, int], count: int, asynchronous: bool = False
+) -> dict[str, float]:
+    """consume + one commit per partition batch: synchronous, or asynchronous (as the amgi
+    server commits) with the broker's confirmations counted in the commit callback."""
+    from confluent_kafka import TopicPartition
+
+    t0 = time.perf_counter()
+    consumer, committed = _raw_consumer(bootstrap, topic, "raw")
     first = 0.0
     seen = 0
     while not _done(committed, ends):
-        records = consumer.consume(2000, 0)  # what is on hand, else wait for one
+        records = _take(consumer)
         if not records:
-            records = consumer.consume(1, 0.1)
-            if not records:
-                continue
-            records += consumer.consume(1999, 0)
+            continue
         if not first:
             first = time.perf_counter()
         last: dict[int, int] = {}
@@ -127,14 +143,7 @@ def run_floor(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> d
     It runs in one thread; the server overlaps the client's fetching with this work in a
     second thread, so it can beat this row. What the row shows is what the protocol's
     own per-record Python costs beside the raw loop."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    committed: dict[int, int] = {}
-
-    def confirmed(err: Any, partitions: list[Any]) -> None:
-        for tp in partitions if err is None else ():
-            if tp.error is None:
-                committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
+    from confluent_kafka import TopicPartition
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         more = True
@@ -145,29 +154,14 @@ def run_floor(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> d
 
     async def main() -> dict[str, float]:
         t0 = time.perf_counter()
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"bench-floor-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "session.timeout.ms": 6000,
-                "heartbeat.interval.ms": 500,
-                "fetch.queue.backoff.ms": 10,
-                "on_commit": confirmed,
-            }
-        )
-        consumer.subscribe([topic])
+        consumer, committed = _raw_consumer(bootstrap, topic, "floor")
         first = 0.0
         seen = 0
         names = {"content-type": b"content-type", "trace-id": b"trace-id"}
         while not _done(committed, ends):
-            records = consumer.consume(2000, 0)
+            records = _take(consumer)
             if not records:
-                records = consumer.consume(1, 0.1)
-                if not records:
-                    continue
-                records += consumer.consume(1999, 0)
+                continue
             if not first:
                 first = time.perf_counter()
             runs: dict[int, list[Any]] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from tests.net import port_open
+
 ROOT = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("KAFKA_PORT", "9092"))
 BOOTSTRAP = f"127.0.0.1:{PORT}"
@@ -25,10 +26,8 @@ FAST_GROUP = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200}
 
 def ensure_broker() -> None:
     """Start the test broker with the project's script unless it already listens."""
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        if s.connect_ex(("127.0.0.1", PORT)) == 0:
-            return
+    if port_open(PORT):
+        return
     subprocess.run(
         ["bash", "scripts/brokers/kafka.sh"],
         cwd=ROOT,
@@ -204,12 +203,9 @@ def start_private_broker(port: int, advertised_port: int, log: Path) -> subproce
             stderr=subprocess.STDOUT,
         )  # fmt: skip
     deadline = time.monotonic() + 20
-    while True:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return broker
+    while not port_open(port):
         if broker.poll() is not None or time.monotonic() > deadline:
             broker.kill()
             raise RuntimeError(f"private tansu did not start: {log.read_text()[-2000:]}")
         time.sleep(0.05)
+    return broker

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,20 +12,16 @@ from typing import Any
 
 import pytest
 
+from tests.net import port_open
+
 ROOT = Path(__file__).resolve().parents[2]
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 PREFIX = "amgi-test-"
 
 
-def _port_open(port: int = 5672) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def ensure_broker() -> None:
     """Start RabbitMQ with the project's script unless it already answers."""
-    if _port_open():
+    if port_open(5672):
         return
     subprocess.run(["bash", "scripts/brokers/rabbitmq.sh"], cwd=ROOT, check=True, timeout=300)
 

@@ -22,7 +22,8 @@ from amgi.errors import BrokerUnavailable
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from tests.net import TlsFront, free_port, self_signed
-from tests.servers.kafka_helpers import FAST_GROUP, amgi_cli, fresh, start_private_broker
+from tests.servers.kafka_helpers import amgi_cli, fresh, start_private_broker
+from tests.servers.kafka_helpers import options as base_options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,18 +72,17 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 
 
 def options(broker: TlsBroker, **overrides: Any) -> KafkaOptions:
-    values: dict[str, Any] = {
+    """The test options (fresh group, fast joins) for the TLS front, with our client
+    certificate and the broker's CA."""
+    tls: dict[str, Any] = {
         "bootstrap_servers": broker.bootstrap,
-        "group_id": fresh("tls"),
         "security_protocol": "ssl",
         "ssl_ca_location": str(broker.server_cert),
         "ssl_certificate_location": str(broker.client_cert),
         "ssl_key_location": str(broker.client_key),
         "connect_timeout": 5.0,
-        **FAST_GROUP,
     }
-    values.update(overrides)
-    return KafkaOptions(**values)
+    return KafkaOptions(**base_options(**{**tls, **overrides}))
 
 
 async def test_cli_send_and_server_consume_over_mutual_tls(tls_broker: TlsBroker) -> None:

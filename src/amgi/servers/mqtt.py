@@ -42,7 +42,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.transport import (
@@ -286,11 +286,8 @@ def _client_class() -> type[paho.Client]:
     return Client
 
 
-class _ClosedBeforeConnack:
-    """The broker dropped the connection while CONNECT waited for its CONNACK."""
-
-    def __init__(self, reason: Any) -> None:
-        self.reason = reason
+_CLOSED_BEFORE_CONNACK: Final = object()
+"""The CONNACK outcome when the broker dropped the connection before sending one."""
 
 
 class MqttTransport(Transport):
@@ -465,7 +462,7 @@ class MqttTransport(Transport):
             raise BrokerUnavailable(
                 f"mqtt: no answer from {self._where()} within {c.connect_timeout}s"
             ) from None
-        if isinstance(reason, _ClosedBeforeConnack):
+        if reason is _CLOSED_BEFORE_CONNACK:
             hint = ""
             if c.tls and not c.cert_file:
                 hint = " (if it requires a client certificate: --cert-file and --key-file)"
@@ -606,7 +603,7 @@ class MqttTransport(Transport):
     ) -> None:
         waiter = self._connack
         if waiter is not None and not waiter.done():
-            waiter.set_result((False, _ClosedBeforeConnack(reason)))
+            waiter.set_result((False, _CLOSED_BEFORE_CONNACK))
         self._lost(str(reason))
 
     def _on_subscribe(

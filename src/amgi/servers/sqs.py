@@ -782,13 +782,13 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
-def _rejected_credentials(exc: BaseException) -> str | None:
-    """The reason an endpoint refused the request's credentials, or None if it did not.
+def _rejected_credentials(exc: BaseException, code: str) -> str | None:
+    """The reason an endpoint refused the request's credentials, or None if it did not;
+    ``code`` is the exception's :func:`_error_code`.
 
     A service that answers the JSON protocol in XML (some SQS stand-ins) leaves botocore
     with only the HTTP status as the code; the XML's own code is then read from the text.
     """
-    code = _error_code(exc)
     if code in _CREDENTIAL_CODES:
         return code
     response = getattr(exc, "response", None)
@@ -815,7 +815,7 @@ def _connect_error(exc: Exception, queue: str, endpoint: str) -> Exception:
     code = _error_code(exc)
     if code in _MISSING_QUEUE_CODES:
         return ConfigurationError(f"sqs: queue {queue!r} does not exist at {where}")
-    rejected = _rejected_credentials(exc)
+    rejected = _rejected_credentials(exc, code)
     if rejected is not None:
         return BrokerUnavailable(f"sqs: {where} rejected the AWS credentials ({rejected})")
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
