@@ -144,6 +144,18 @@ class Transport(abc.ABC):
     """Extensions advertised in every message scope."""
     lease_interval: float | None = None
     """When set, the runtime calls :meth:`extend` this often for batches still in flight."""
+    stable_ids: ClassVar[bool] = False
+    """A message redelivered after a crash keeps its :attr:`Message.id` (row id, offset,
+    broker message id ...): the runtime's crash ledger can then recognise it."""
+    counts_deliveries: ClassVar[bool] = False
+    """The broker counts every delivery, crashes included, so :attr:`Message.attempt`
+    rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues)."""
+    outlives_process: ClassVar[bool] = True
+    """Messages survive the consuming process (false only for the in-memory broker)."""
+
+    def ledger_namespace(self) -> str:
+        """What names this message source in the crash ledger (ids are unique within it)."""
+        return self.name
 
     def __init__(self, addresses: Sequence[str], options: Any) -> None:
         self.addresses = list(addresses)

@@ -139,25 +139,57 @@ async def test_receive_after_last_waits_until_the_call_ends() -> None:
 
 
 async def test_unsettled_and_exceptions_become_nacks_with_reasons() -> None:
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        if scope["type"] != "message":
-            return
-        m = await receive()
-        await send({"type": "message.nack", "id": m["id"], "message": "bad data"})  # type: ignore[typeddict-item]
-        m = await receive()
-        if scope["address"] == "raise":
-            raise ValueError("kaput")
+    calls: list[list[bytes]] = []
 
-    t = Scripted([batch("leave", b"1", b"2", b"3"), batch("raise", b"1", b"2")])
-    await serve_until_settled(app, t, 2, max_attempts=3)
-    leave, raised = (s for _, s in t.settled)
-    assert leave.acked == []
-    reasons = [r.reason for r in leave.retry]
-    assert reasons[0] == "bad data"
-    assert reasons[1] == "not acked or nacked by the application"
-    assert reasons[2] == "not received by the application before its call ended"
-    assert "ValueError: kaput" in raised.retry[1].reason
-    assert all(r.delay > 0 for r in leave.retry)
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message" or scope["address"] == "idle":
+            return
+        seen: list[bytes] = []
+        calls.append(seen)
+        more = True
+        while more:
+            m: Any = await receive()
+            more = m["more_messages"]
+            seen.append(m["payload"])
+            if m["payload"] == b"nack":
+                await send({"type": "message.nack", "id": m["id"], "message": "bad data"})
+            elif m["payload"] == b"raise":
+                raise ValueError("kaput")
+            elif m["payload"] == b"return":
+                return
+            elif m["payload"] != b"leave":
+                await send({"type": "message.ack", "id": m["id"]})
+
+    t = Scripted(
+        [
+            batch("a", b"nack", b"leave", b"return", b"ok"),
+            batch("b", b"ok", b"raise", b"ok2"),
+            batch("idle", b"x", b"y"),
+        ]
+    )
+    await serve_until_settled(app, t, 3, max_attempts=3)
+    a, b, idle = (s for _, s in t.settled)
+    reasons = {r.message.payload: r.reason for r in a.retry}
+    assert reasons == {
+        b"nack": "bad data",
+        b"leave": "not acked or nacked by the application",
+        b"return": "not acked or nacked by the application",
+    }
+    assert [m.payload for m in a.acked] == [b"ok"], "a message never received is called again"
+    assert [m.payload for m in b.acked] == [b"ok", b"ok2"]
+    assert [r.message.payload for r in b.retry] == [b"raise"]
+    assert "ValueError: kaput" in b.retry[0].reason
+    assert [r.reason for r in idle.retry] == [
+        "not received by the application before its call ended"
+    ] * 2, "a call that receives nothing is not repeated"
+    assert calls == [
+        [b"nack", b"leave", b"return"],
+        [b"ok"],
+        [b"ok", b"raise"],
+        [b"raise"],
+        [b"ok2"],
+    ]
+    assert all(r.delay > 0 for r in a.retry)
 
 
 async def test_retry_policy_backoff_then_dead_letter() -> None:
@@ -227,7 +259,7 @@ async def test_attempt_reaches_the_app_in_bindings() -> None:
         ({"type": "message.nack", "id": "a-0", "message": 3}, "needs 'message': str"),
         ({"type": "message.send", "headers": []}, "needs 'address'"),
         ({"type": "message.send", "address": "x", "headers": [("a", b"b")]}, "(bytes, bytes)"),
-        ({"type": "message.send", "address": "x", "headers": 5}, "iterable"),
+        ({"type": "message.send", "address": "x", "headers": 5}, "sequence of (bytes, bytes)"),
         ({"type": "message.send", "address": "x", "headers": [], "payload": "s"}, "bytes or None"),
         ({"type": "message.send", "address": "x", "headers": [], "bindings": []}, "bindings"),
         ({"id": "a-0"}, "needs 'type'"),
@@ -266,9 +298,13 @@ async def test_double_settlement_is_rejected() -> None:
             return
         m: Any = await receive()
         await send({"type": "message.nack", "id": m["id"], "message": "x"})
-        for again in ("message.ack", "message.nack"):
+        again: Any
+        for again in (
+            {"type": "message.ack", "id": m["id"]},
+            {"type": "message.nack", "id": m["id"], "message": "y"},
+        ):
             try:
-                await send({"type": again, "id": m["id"], "message": "y"})  # type: ignore[misc]
+                await send(again)
             except InvalidEvent as exc:
                 errors.append(str(exc))
 
@@ -436,9 +472,9 @@ async def test_metrics_hook_counts_per_batch() -> None:
         b: Any = await receive()
         await send({"type": "message.send", "address": "o", "headers": []})
         await send({"type": "message.ack", "id": a["id"]})
-        await send({"type": "message.nack", "id": b["id"], "message": "x"})
+        await send({"type": "message.nack", "id": b["id"], "message": "x", "retry": False})  # type: ignore[typeddict-unknown-key]
 
-    t = Scripted([batch("a", b"1", b"2", attempt=5)])
+    t = Scripted([batch("a", b"1", b"2")])
     runtime = Runtime(app, t, RuntimeConfig(lifespan="off", max_attempts=5), metrics=Hook())
     task = asyncio.create_task(runtime.serve())
     await asyncio.wait_for(t.all_settled.wait(), 5)

@@ -1,15 +1,19 @@
-"""One application call over one batch: ``receive()``, ``send()`` and the outcome.
+"""Delivering one fetched batch to the application: ``receive()``, ``send()``, outcomes.
 
 This is the hot path of every server: ``receive()`` and an ack through ``send()`` do no
-I/O and allocate one event dict per message.
+I/O and allocate one event dict per message. A batch whose call ends with every message
+acked is settled after one call; only a call that raised, or left messages it never
+received, costs more (see :class:`Delivery`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
 
 from amgi.errors import InvalidEvent
 from amgi.runtime.config import RuntimeConfig
@@ -24,8 +28,11 @@ from amgi.types import (
 
 __all__ = [
     "AMGI_VERSIONS",
+    "NACK_RETRY_EXTENSION",
     "BatchCall",
     "CallCancelled",
+    "CallHooks",
+    "Delivery",
     "Publisher",
     "call_app",
     "message_scope",
@@ -37,12 +44,25 @@ logger = logging.getLogger("amgi.runtime")
 
 AMGI_VERSIONS: Final[AMGIVersions] = {"version": "1.0", "spec_version": "1.0"}
 
+NACK_RETRY_EXTENSION: Final = "message.nack.retry"
+"""The extension that lets ``message.nack`` carry ``"retry": False`` (dead-letter now)."""
+
 Publisher = Callable[[str, HeaderList, "bytes | None", dict[str, dict[str, Any]]], Awaitable[None]]
 """``publish(address, headers, payload, bindings)``; raises an ``OSError`` subclass on failure."""
 
 _ACK: Final = True
 _NOT_RECEIVED = "not received by the application before its call ended"
 _UNSETTLED = "not acked or nacked by the application"
+_CANCELLED = "the application call was cancelled (shutdown or deadline)"
+_ACK_KEYS: Final = frozenset(("type", "id"))
+_NACK_KEYS: Final = frozenset(("type", "id", "message", "retry"))
+_SEND_KEYS: Final = frozenset(("type", "address", "headers", "payload", "bindings"))
+
+
+class _Final(str):
+    """The reason of a nack the application marked ``"retry": False``."""
+
+    __slots__ = ()
 
 
 def message_scope(
@@ -61,6 +81,15 @@ def message_scope(
     if extensions:
         scope["extensions"] = extensions
     return scope
+
+
+def _unknown_keys(event: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    extra = sorted(str(k) for k in event if k not in allowed)
+    if extra:
+        raise InvalidEvent(
+            f"{event.get('type')}: unknown key(s) {', '.join(map(repr, extra))} "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
 
 
 class BatchCall:
@@ -89,11 +118,16 @@ class BatchCall:
         # before the id -> position index, which is only built on the first miss.
         self._guess = 0
         self._index: dict[str, int] | None = None
-        # None: unsettled; True: acked; str: nacked with that reason.
+        # None: unsettled; True: acked; str: nacked with that reason (_Final: no retry).
         self._outcome: list[bool | str | None] = [None] * self._count
         self._publish = publish
         self._ended = False
         self._ended_event: asyncio.Event | None = None
+
+    @property
+    def received(self) -> int:
+        """How many messages ``receive()`` has handed out."""
+        return self._next
 
     async def receive(self) -> AMGIReceiveEvent:
         """Hand out the next message; after the last one, wait until the call ends."""
@@ -122,7 +156,7 @@ class BatchCall:
         """Take an ack, nack or send from the application; reject anything malformed."""
         if type(event) is dict:
             kind = event.get("type")
-            if kind == "message.ack":
+            if kind == "message.ack" and len(event) == 2:
                 # The hot path, inlined: a valid ack of a received, unsettled message.
                 mid = event.get("id")
                 i = self._guess
@@ -132,21 +166,26 @@ class BatchCall:
                         outcome[i] = True
                         self._guess = i + 1
                         return
-                self._settle(event, _ACK)
-                return
         elif isinstance(event, Mapping):
             kind = event.get("type")
         else:
             raise InvalidEvent(f"send() takes an event dict, not {type(event).__name__}")
         if kind == "message.ack":
+            _unknown_keys(event, _ACK_KEYS)
             self._settle(event, _ACK)
         elif kind == "message.nack":
+            _unknown_keys(event, _NACK_KEYS)
             reason = event.get("message")
             if type(reason) is not str:
                 raise InvalidEvent(
                     f"message.nack needs 'message': str (the reason), got {type(reason).__name__}"
                 )
-            self._settle(event, reason)
+            retry = event.get("retry", True)
+            if type(retry) is not bool:
+                raise InvalidEvent(
+                    f"message.nack 'retry' must be a bool, got {type(retry).__name__}"
+                )
+            self._settle(event, reason if retry else _Final(reason))
         elif kind == "message.send":
             await self._send_message(event)
         elif isinstance(kind, str):
@@ -194,6 +233,10 @@ class BatchCall:
         """Per message, in batch order: True (acked), the nack reason, or None (unsettled)."""
         return list(self._outcome)
 
+    def all_acked(self) -> bool:
+        """Whether the application acked every message of the call."""
+        return self._outcome.count(_ACK) == self._count
+
     def end(self) -> None:
         """Mark the call as over: later events are rejected, waiting receives return."""
         self._ended = True
@@ -201,61 +244,89 @@ class BatchCall:
             self._ended_event.set()
 
     def settlement(self, config: RuntimeConfig, failure: str | None = None) -> Settlement:
-        """Sort every message into acked, retry or dead, by the runtime's retry policy.
+        """Sort every message into acked, retry or dead after this one call alone.
 
-        ``failure`` describes why the call ended abnormally (the app raised); it becomes
-        the nack reason of the messages the app left unsettled.
+        ``failure`` describes why the call ended abnormally; it becomes the nack reason of
+        the messages the app left unsettled. (:class:`Delivery` goes further: it calls the
+        app again before placing what this call did not settle.)
         """
-        outcome = self._outcome
-        messages = self._messages
-        if outcome.count(_ACK) == self._count:
-            return Settlement(acked=list(messages))
+        if self.all_acked():
+            return Settlement(acked=list(self._messages))
         settlement = Settlement()
-        acked = settlement.acked
         received = self._next
-        for i, (m, o) in enumerate(zip(messages, outcome, strict=True)):
+        for i, (m, o) in enumerate(zip(self._messages, self._outcome, strict=True)):
             if o is True:
-                acked.append(m)
-                continue
-            if o is None:
+                settlement.acked.append(m)
+            elif o is None:
                 if i >= received:
                     reason = f"{_NOT_RECEIVED} ({failure})" if failure else _NOT_RECEIVED
                 else:
                     reason = failure or _UNSETTLED
-            else:
-                reason = str(o)
-            place(settlement, m, reason, config)
+                place(settlement, m, reason, config)
+            elif isinstance(o, str):
+                place(settlement, m, o, config)
         return settlement
 
 
 def place(settlement: Settlement, message: Message, reason: str, config: RuntimeConfig) -> None:
-    """Put a failed ``message`` in the retry or dead list according to its attempt."""
-    if message.attempt < config.max_attempts:
+    """Put a failed ``message`` in the retry or dead list according to its attempt.
+
+    A reason the application marked final (``"retry": False``) goes to the dead list
+    whatever the attempt.
+    """
+    if type(reason) is _Final:
+        settlement.dead.append(DeadLetter(message, str(reason)))
+    elif message.attempt < config.max_attempts:
         settlement.retry.append(Retry(message, reason, config.retry_delay_for(message.attempt)))
     else:
         settlement.dead.append(DeadLetter(message, reason))
+
+
+def _release(settlement: Settlement, messages: Sequence[Message], reason: str) -> None:
+    """Hand back messages the application never had: redelivered at once, never dead here."""
+    settlement.retry.extend(Retry(m, reason, 0.0) for m in messages)
 
 
 def validate_send(
     event: Mapping[str, Any],
 ) -> tuple[str, HeaderList, bytes | None, dict[str, dict[str, Any]]]:
     """Check a ``message.send`` event and return its parts in canonical types."""
+    _unknown_keys(event, _SEND_KEYS)
     address = event.get("address")
     if type(address) is not str or not address:
         raise InvalidEvent(f"message.send needs 'address': a non-empty str, got {address!r:.100}")
-    raw_headers = event.get("headers", ())
+    if "headers" not in event:
+        raise InvalidEvent("message.send needs 'headers': a sequence of (bytes, bytes) pairs")
+    raw_headers = event["headers"]
+    if isinstance(raw_headers, str | bytes | Mapping):
+        raise InvalidEvent(
+            "message.send 'headers' must be a sequence of (bytes, bytes) pairs, "
+            f"not {type(raw_headers).__name__}"
+        )
     headers: HeaderList = []
     try:
-        for pair in raw_headers:
-            name, value = pair
-            if type(name) is not bytes or type(value) is not bytes:
-                raise InvalidEvent(
-                    "message.send 'headers' must hold (bytes, bytes) pairs, "
-                    f"got ({type(name).__name__}, {type(value).__name__})"
-                )
-            headers.append((name, value))
-    except (TypeError, ValueError):
-        raise InvalidEvent("message.send 'headers' must be an iterable of (bytes, bytes)") from None
+        pairs = list(raw_headers)
+    except TypeError:
+        raise InvalidEvent(
+            "message.send 'headers' must be a sequence of (bytes, bytes) pairs, "
+            f"not {type(raw_headers).__name__}"
+        ) from None
+    for pair in pairs:
+        if type(pair) is not tuple and not isinstance(pair, list | tuple):
+            raise InvalidEvent(
+                f"message.send 'headers' must hold (bytes, bytes) pairs, got {pair!r:.100}"
+            )
+        if len(pair) != 2:
+            raise InvalidEvent(
+                f"message.send 'headers' must hold (bytes, bytes) pairs, got {len(pair)} item(s)"
+            )
+        name, value = pair
+        if type(name) is not bytes or type(value) is not bytes:
+            raise InvalidEvent(
+                "message.send 'headers' must hold (bytes, bytes) pairs, "
+                f"got ({type(name).__name__}, {type(value).__name__})"
+            )
+        headers.append((name, value))
     payload = event.get("payload")
     if payload is not None and type(payload) is not bytes:
         if isinstance(payload, bytes | bytearray | memoryview):
@@ -274,6 +345,232 @@ def validate_send(
     return address, headers, payload, {k: dict(v) for k, v in bindings.items()}
 
 
+class CallHooks(Protocol):
+    """What the runtime does around each application call of a delivery (crash ledger)."""
+
+    async def enter(self, address: str, messages: Sequence[Message], exclusive: bool) -> Any:
+        """Wait for the app's hands to be free enough; return a token for :meth:`leave`."""
+
+    def leave(self, token: Any) -> None:
+        """The call ended (or was abandoned)."""
+
+
+async def call_once(app: AMGIApplication, scope: MessageScope, call: BatchCall) -> str | None:
+    """Run one application call; return why it failed, or None. Cancellation propagates."""
+    try:
+        result = app(scope, call.receive, call.send)
+        if not inspect.isawaitable(result):
+            raise TypeError(
+                f"calling the application returned {type(result).__name__}, not an awaitable "
+                "(is it an 'async def'?)"
+            )
+        await result
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.exception(
+            "application raised on a batch of %d message(s) from %r",
+            call._count,
+            call.address,
+        )
+        return f"the application raised {type(exc).__name__}: {exc}"
+    finally:
+        call.end()
+    return None
+
+
+class Delivery:
+    """Delivers one fetched batch to the application and says how to settle it.
+
+    The first call gets the whole batch (or the ``groups`` given). After a call:
+
+    * acked messages are acked; messages the app nacked in a call that did not raise are
+      placed by its verdict (retry, or dead at the last attempt or with ``retry: False``);
+      messages it received but neither acked nor nacked, in a call that returned, are
+      nacked as unsettled;
+    * messages the call never received are delivered again in a new call at once: they
+      use up no attempt (unless the call received nothing at all: then they are nacked);
+    * when the call raised, the messages it received and did not ack are suspects: they
+      are delivered again in halves, down to one message, and only a message whose call
+      fails when it is delivered alone is nacked with the exception.
+
+    Every new call holds fewer messages than the call it comes from, so a batch of n
+    messages costs at most 2n - 1 calls. :meth:`abandon` settles what is left when the
+    runtime gives up on a call that ignores cancellation.
+    """
+
+    __slots__ = (
+        "_abandoned",
+        "_app",
+        "_batch",
+        "_call",
+        "_config",
+        "_current",
+        "_extensions",
+        "_groups",
+        "_hooks",
+        "_publish",
+        "_settlement",
+        "_state",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        app: AMGIApplication,
+        batch: Batch,
+        publish: Publisher,
+        config: RuntimeConfig,
+        *,
+        state: dict[str, Any] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        groups: Sequence[tuple[list[Message], bool]] | None = None,
+        hooks: CallHooks | None = None,
+    ) -> None:
+        self._app = app
+        self._batch = batch
+        self._publish = publish
+        self._config = config
+        self._state = state
+        self._extensions = extensions
+        self._groups: deque[tuple[list[Message], bool]] = deque(
+            groups if groups is not None else [(batch.messages, False)]
+        )
+        self._hooks = hooks
+        self._settlement = Settlement()
+        self._call: BatchCall | None = None
+        self._current: list[Message] = []
+        self._token: Any = None
+        self._abandoned = False
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    async def run(self) -> Settlement:
+        """Call the app until every message is placed; see the class docstring.
+
+        Cancellation settles what the app did, nacks what it had in hand, hands back what
+        it never received, and raises :class:`CallCancelled` with that settlement.
+        """
+        groups = self._groups
+        settlement = self._settlement
+        while groups:
+            messages, exclusive = groups.popleft()
+            try:
+                call = await self._start(messages, exclusive)
+                failure = await call_once(self._app, self._scope(), call)
+            except asyncio.CancelledError:
+                if self._call is None:  # cancelled before the call started
+                    groups.appendleft((messages, exclusive))
+                if self._abandoned:
+                    raise
+                raise CallCancelled(self.abandon(_CANCELLED)) from None
+            finally:
+                self._finish()
+            if self._abandoned:
+                return settlement
+            if failure is None and call.all_acked():
+                if not groups and messages is self._batch.messages:
+                    return Settlement(acked=list(messages))  # the whole batch, in one call
+                settlement.acked.extend(messages)
+                continue
+            self._sort(call, messages, exclusive, failure)
+        return settlement
+
+    def abandon(self, reason: str) -> Settlement:
+        """Give up: settle the call in progress and everything not yet called, now."""
+        settlement = self._settlement
+        if self._abandoned:
+            return settlement
+        self._abandoned = True
+        call = self._call
+        if call is not None:
+            call.end()
+            received = call.received
+            for i, (m, o) in enumerate(zip(self._current, call.outcomes(), strict=True)):
+                if o is True:
+                    settlement.acked.append(m)
+                elif isinstance(o, str):
+                    place(settlement, m, o, self._config)
+                elif i < received:
+                    place(settlement, m, reason, self._config)
+                else:
+                    _release(settlement, [m], f"{_NOT_RECEIVED} ({reason})")
+            self._finish()
+        for messages, _ in self._groups:
+            _release(settlement, messages, f"{_NOT_RECEIVED} ({reason})")
+        self._groups.clear()
+        return settlement
+
+    def _scope(self) -> MessageScope:
+        return message_scope(self._batch, self._state, self._extensions)
+
+    async def _start(self, messages: list[Message], exclusive: bool) -> BatchCall:
+        hooks = self._hooks
+        token = None
+        if hooks is not None:
+            token = await hooks.enter(self._batch.address, messages, exclusive)
+        batch = self._batch
+        if messages is not batch.messages:
+            batch = Batch(batch.address, messages, batch.key, batch.context)
+        call = BatchCall(batch, self._publish)
+        self._call = call
+        self._current = messages
+        self._token = token
+        return call
+
+    def _finish(self) -> None:
+        if self._call is None:
+            return
+        self._call = None
+        if self._hooks is not None:
+            self._hooks.leave(self._token)
+
+    def _sort(
+        self, call: BatchCall, messages: list[Message], exclusive: bool, failure: str | None
+    ) -> None:
+        settlement = self._settlement
+        config = self._config
+        received = call.received
+        outcomes = call.outcomes()
+        rest = messages[received:]
+        if failure is None:
+            for m, o in zip(messages[:received], outcomes, strict=False):
+                if o is True:
+                    settlement.acked.append(m)
+                else:
+                    place(settlement, m, o if isinstance(o, str) else _UNSETTLED, config)
+            if rest:
+                if received:
+                    self._groups.appendleft((rest, exclusive))
+                else:
+                    for m in rest:
+                        place(settlement, m, _NOT_RECEIVED, config)
+            return
+        suspects = []
+        for m, o in zip(messages[:received], outcomes, strict=False):
+            if o is True:
+                settlement.acked.append(m)
+            else:
+                suspects.append(m)
+        if len(messages) == 1 or not received:
+            # Failed alone, or before taking any message: nothing left to isolate.
+            for m, o in zip(messages, outcomes, strict=True):
+                if o is not True:
+                    place(settlement, m, failure, config)
+            return
+        again: list[tuple[list[Message], bool]] = []
+        if len(suspects) > 1:
+            half = len(suspects) // 2
+            again += [(suspects[:half], exclusive), (suspects[half:], exclusive)]
+        elif suspects:
+            again.append((suspects, exclusive))
+        if rest:
+            again.append((rest, exclusive))
+        self._groups.extendleft(reversed(again))
+
+
 async def call_app(
     app: AMGIApplication,
     batch: Batch,
@@ -283,35 +580,13 @@ async def call_app(
     state: dict[str, Any] | None = None,
     extensions: dict[str, dict[str, Any]] | None = None,
 ) -> Settlement:
-    """Run ``app`` once over ``batch`` and return how every message is to be settled.
+    """Deliver ``batch`` to ``app`` and return how every message is to be settled.
 
-    This is the whole AMGI batch protocol; the long-lived runtime, the serverless adapters
-    and :mod:`amgi.testing` all go through it. An exception from the app is logged and
-    turns every message it left unsettled into a nack; cancellation does the same and is
-    then re-raised.
+    This is the whole AMGI batch protocol, with the isolation of :class:`Delivery`; the
+    long-lived runtime, the serverless adapters and :mod:`amgi.testing` all go through
+    it. Cancellation raises :class:`CallCancelled`, which carries the settlement.
     """
-    call = BatchCall(batch, publish)
-    scope = message_scope(batch, state, extensions)
-    failure: str | None = None
-    cancelled = False
-    try:
-        await app(scope, call.receive, call.send)
-    except asyncio.CancelledError:
-        failure = "the application call was cancelled (shutdown or deadline)"
-        cancelled = True
-    except Exception as exc:
-        failure = f"the application raised {type(exc).__name__}: {exc}"
-        logger.exception(
-            "application raised on a batch of %d message(s) from %r",
-            len(batch.messages),
-            batch.address,
-        )
-    finally:
-        call.end()
-    settlement = call.settlement(config, failure)
-    if cancelled:
-        raise CallCancelled(settlement)
-    return settlement
+    return await Delivery(app, batch, publish, config, state=state, extensions=extensions).run()
 
 
 class CallCancelled(asyncio.CancelledError):

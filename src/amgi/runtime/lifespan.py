@@ -24,9 +24,12 @@ class Lifespan:
     failed startup (:class:`amgi.errors.StartupFailed`).
     """
 
-    def __init__(self, app: AMGIApplication, mode: LifespanMode = "auto") -> None:
+    def __init__(
+        self, app: AMGIApplication, mode: LifespanMode = "auto", *, cancel_grace: float = 5.0
+    ) -> None:
         self._app = app
         self._mode = mode
+        self._grace = cancel_grace
         self.state: dict[str, Any] = {}
         self.supported = mode != "off"
         self._events: asyncio.Queue[LifespanReceiveEvent] = asyncio.Queue()
@@ -35,16 +38,31 @@ class Lifespan:
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._phase = "startup"
+        self.abandoned = False
+        """True when the lifespan call ignored cancellation and was left running."""
 
-    async def startup(self) -> None:
-        """Run the app until it reports startup; raise ``StartupFailed`` if it failed."""
+    async def startup(self, timeout: float | None = None) -> None:
+        """Run the app until it reports startup; raise ``StartupFailed`` if it failed.
+
+        An app that has not answered within ``timeout`` seconds has failed to start (its
+        call is cancelled). Cancelling ``startup`` cancels the app's call as well.
+        """
         if self._mode == "off":
             return
         loop = asyncio.get_running_loop()
         self._reply = loop.create_future()
         self._task = asyncio.create_task(self._main(), name="amgi-lifespan")
         await self._events.put({"type": "lifespan.startup"})
-        reply = await self._wait_reply()
+        try:
+            reply = await asyncio.wait_for(self._wait_reply(), timeout)
+        except TimeoutError:
+            await self.cancel()
+            raise StartupFailed(
+                f"the application did not complete lifespan startup within {timeout:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            await self.cancel()
+            raise
         if reply is None:
             return
         if reply["type"] == "lifespan.startup.failed":
@@ -64,7 +82,7 @@ class Lifespan:
         try:
             reply = await asyncio.wait_for(self._wait_reply(), timeout)
         except TimeoutError:
-            logger.error("application did not complete lifespan shutdown in %.1fs", timeout)
+            logger.error("application did not complete lifespan shutdown in %gs", timeout)
             await self.cancel()
             return False
         except StartupFailed as exc:
@@ -79,11 +97,24 @@ class Lifespan:
         return True
 
     async def cancel(self) -> None:
-        """Stop the lifespan call if it is still running (it owns no more work)."""
+        """Stop the lifespan call if it is still running (it owns no more work).
+
+        A call that ignores cancellation for ``cancel_grace`` seconds is abandoned (and
+        logged): the process is about to stop and no longer waits for it.
+        """
         task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=self._grace)
+        if not task.done():
+            self.abandoned = True
+            logger.error(
+                "the application's lifespan call ignored cancellation for %gs: abandoned",
+                self._grace,
+            )
+        elif not task.cancelled():
+            task.exception()  # retrieved: its failure was handled in _main
 
     async def _wait_reply(self) -> LifespanSendEvent | None:
         """The app's answer, or None when its call ended without one."""
@@ -141,8 +172,11 @@ class Lifespan:
             raise InvalidEvent(
                 f"unknown event {kind!r} in a lifespan call (expected one of {sorted(_ANSWERS)})"
             )
-        if kind.endswith(".failed") and type(event.get("message", "")) is not str:
-            raise InvalidEvent(f"{kind} needs 'message': str")
+        if kind.endswith(".failed") and type(event.get("message")) is not str:
+            raise InvalidEvent(
+                f"{kind} needs 'message': str (why it failed), "
+                f"got {type(event.get('message')).__name__}"
+            )
         reply = self._reply
         if reply is None or reply.done() or _ANSWERS[kind] != self._phase:
             raise InvalidEvent(f"{kind} does not answer a pending lifespan event")

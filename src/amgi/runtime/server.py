@@ -7,16 +7,35 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Hashable
 from operator import attrgetter
+from types import FrameType
+from typing import Any
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.runtime.batch import CallCancelled, call_app, place
+from amgi.runtime.app import check_app
+from amgi.runtime.batch import (
+    NACK_RETRY_EXTENSION,
+    CallCancelled,
+    CallHooks,
+    Delivery,
+    place,
+)
 from amgi.runtime.config import RuntimeConfig
+from amgi.runtime.ledger import CallGuard, CrashLedger
 from amgi.runtime.lifespan import Lifespan
 from amgi.runtime.metrics import BatchStats, MetricsHook
-from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
+from amgi.transport import (
+    Batch,
+    Bindings,
+    DeadLetter,
+    HeaderList,
+    Message,
+    Settlement,
+    Transport,
+)
 from amgi.types import AMGIApplication
 
 __all__ = ["Runtime"]
@@ -40,6 +59,9 @@ class Runtime:
     ``config.shutdown_timeout``, settles them, runs lifespan shutdown and closes the
     transport. ``serve`` returns the process exit code (0 after a clean shutdown) and
     raises :class:`amgi.errors.AMGIError` (or ``OSError``) when it cannot start.
+    A call that ignores cancellation for ``config.cancel_grace`` seconds is abandoned:
+    its batch is settled without it and :attr:`abandoned` becomes true (:meth:`run`
+    then ends the process without waiting for it).
     """
 
     def __init__(
@@ -51,6 +73,7 @@ class Runtime:
         metrics: MetricsHook | None = None,
         handle_signals: bool = False,
     ) -> None:
+        check_app(app)
         self.app = app
         self.transport = transport
         self.config = config or RuntimeConfig()
@@ -61,7 +84,16 @@ class Runtime:
         self._stop: asyncio.Event | None = None
         self._signals = 0
         self._first_signal = 0.0
-        self._lifespan = Lifespan(app, self.config.lifespan)
+        self._lifespan = Lifespan(app, self.config.lifespan, cancel_grace=self.config.cancel_grace)
+        self.extensions: dict[str, dict[str, Any]] = {
+            **transport.extensions,
+            NACK_RETRY_EXTENSION: {},
+        }
+        """Extensions advertised in every message scope: the server's and the runtime's."""
+        self._ledger: CrashLedger | None = None
+        self._hooks: CallHooks | None = None
+        self._deliveries: dict[asyncio.Task[None], tuple[Delivery, Batch, Settlement | None]] = {}
+        self._abandoned: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[asyncio.Task[None], Batch] = {}
         self._tails: dict[Hashable, asyncio.Future[None]] = {}
@@ -77,6 +109,33 @@ class Runtime:
             self._stop = asyncio.Event()
         self._stop.set()
 
+    @property
+    def abandoned(self) -> bool:
+        """True when an application call (or the lifespan call) ignored cancellation."""
+        return bool(self._abandoned) or self._lifespan.abandoned
+
+    def run(self) -> int:
+        """Serve on a new event loop until stopped and return the exit code (``amgi run``).
+
+        When the application ignored cancellation, its abandoned call cannot be waited
+        for: the process then exits at once, after the runtime settled and closed.
+        """
+        runner = asyncio.Runner()
+        try:
+            code = runner.run(self.serve())
+        except BaseException:
+            if not self.abandoned:
+                runner.close()
+            raise
+        if self.abandoned:
+            logger.error("exiting without waiting for application code that ignored cancellation")
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 1)
+        runner.close()
+        return code
+
     async def serve(self) -> int:
         """Run until stopped; return the exit code. See the class docstring."""
         if self._stop is None:
@@ -86,40 +145,98 @@ class Runtime:
         if self.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+                # The loop runs the handler above only when it gets control back; this
+                # one runs even while the application blocks the loop (time.sleep ...),
+                # so that a second signal always ends the process.
+                signal.signal(sig, self._on_signal_now)
                 installed.append(sig)
         try:
-            await self._lifespan.startup()
+            if not await self._startup():
+                return 0
             try:
                 await self.transport.connect()
             except BaseException:
-                await self._lifespan.shutdown(self.config.shutdown_timeout)
+                await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
                 with contextlib.suppress(Exception):
                     await self.transport.close()
                 raise
+            self._open_ledger()
             self.started.set()
             logger.info(
                 "serving %s on %s",
                 ", ".join(self.transport.addresses) or "(no address)",
                 self.transport.name,
             )
-            await self._run()
+            try:
+                await self._run()
+            finally:
+                if self._ledger is not None:
+                    self._ledger.close()
+            if self.abandoned and self._exit_code == 0:
+                self._exit_code = 1
             return self._exit_code
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
-    def _on_signal(self, sig: signal.Signals) -> None:
+    async def _startup(self) -> bool:
+        """Lifespan startup, given up when a stop is requested meanwhile; False if stopped."""
+        assert self._stop is not None
+        startup = asyncio.create_task(self._lifespan.startup(self.config.startup_timeout))
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            if not startup.done():
+                startup.cancel()
+            await asyncio.gather(startup, stop_wait, return_exceptions=True)
+        if startup.cancelled():
+            logger.info("stopped during application startup: nothing was delivered")
+            return False
+        startup.result()  # raises StartupFailed
+        return True
+
+    def _open_ledger(self) -> None:
+        transport = self.transport
+        directory = self.config.crash_ledger
+        if not (directory and transport.stable_ids and transport.outlives_process):
+            return
+        if not CrashLedger.available():
+            logger.info("no crash ledger on this platform (it needs flock)")
+            return
+        ledger = CrashLedger(directory, transport.ledger_namespace())
+        try:
+            ledger.open()
+        except OSError as exc:
+            logger.warning(
+                "crash ledger %r unusable (%s): a message that kills the process is "
+                "bounded by the broker's delivery count only",
+                directory,
+                exc,
+            )
+            return
+        self._ledger = ledger
+        self._hooks = CallGuard(ledger)
+
+    def _on_signal_now(self, signum: int, frame: FrameType | None) -> None:
+        """Counts signals as they arrive; the second one ends the process at once."""
         now = time.monotonic()
         if self._signals and now - self._first_signal < _SIGNAL_DEBOUNCE:
             return  # the same signal delivered to the process and to its group
         self._signals += 1
         if self._signals == 1:
             self._first_signal = now
+            return  # the graceful stop is started by _on_signal, on the loop
+        name = signal.Signals(signum).name
+        # No logging here: a lock held by the interrupted code would deadlock it.
+        os.write(2, f"amgi: {name} received again: exiting now, settling nothing more\n".encode())
+        os._exit(1)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._stop or not self._stop.is_set():
             logger.info("%s received: shutting down gracefully (again to exit now)", sig.name)
-            self.request_stop()
-        else:
-            logger.warning("%s received again: exiting now, settling nothing more", sig.name)
-            os._exit(1)
+        self.request_stop()
 
     async def _run(self) -> None:
         assert self._stop is not None
@@ -140,7 +257,7 @@ class Runtime:
             if leaser is not None:
                 leaser.cancel()
                 await asyncio.gather(leaser, return_exceptions=True)
-            ok = await self._lifespan.shutdown(self.config.shutdown_timeout)
+            ok = await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
             try:
                 await self.transport.close()
             except Exception:
@@ -151,20 +268,42 @@ class Runtime:
             self._exit_code = 1
 
     async def _drain(self) -> None:
-        """Let in-flight batches finish within the shutdown timeout, then cancel them."""
+        """Let in-flight batches finish within the shutdown timeout, then cancel them.
+
+        Calls that ignore cancellation for ``cancel_grace`` seconds are abandoned: their
+        batches are settled from what the app did so far, and they are left running.
+        """
         if not self._tasks:
             return
+        config = self.config
         logger.info("waiting for %d batch(es) in flight", len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_timeout)
-        if pending:
-            logger.warning(
-                "%d batch(es) still running after %.1fs: cancelling them",
-                len(pending),
-                self.config.shutdown_timeout,
+        _, pending = await asyncio.wait(set(self._tasks), timeout=config.shutdown_timeout)
+        if not pending:
+            return
+        logger.warning(
+            "%d batch(es) still running after %gs: cancelling them",
+            len(pending),
+            config.shutdown_timeout,
+        )
+        for task in pending:
+            task.cancel()
+        _, stuck = await asyncio.wait(pending, timeout=config.cancel_grace)
+        for task in stuck:
+            self._abandoned.add(task)
+            entry = self._deliveries.get(task)
+            if entry is None:
+                continue
+            delivery, batch, exhausted = entry
+            logger.error(
+                "a call on %r ignored cancellation for %gs: settling its batch without it",
+                batch.address,
+                config.cancel_grace,
             )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            reason = f"the application ignored cancellation for {config.cancel_grace:g}s"
+            settlement = delivery.abandon(reason)
+            if exhausted is not None:
+                settlement.dead.extend(exhausted.dead)
+            await self._settle(batch, settlement, time.monotonic())
 
     # -- fetching and dispatch ---------------------------------------------------------
 
@@ -244,56 +383,113 @@ class Runtime:
                     del self._tails[batch.key]
 
     async def _process(self, batch: Batch) -> None:
-        config = self.config
         started = time.monotonic()
         messages = batch.messages
+        ledger = self._ledger
         exhausted: Settlement | None = None
-        if max(map(_attempt, messages)) > config.max_attempts:
-            # Delivered more often than allowed without being settled (e.g. the consumer
-            # crashed on it each time): dead-letter before the app sees it again.
-            exhausted = Settlement()
-            keep = []
-            for m in messages:
-                if m.attempt > config.max_attempts:
-                    place(
-                        exhausted, m, f"delivered {m.attempt} times without being settled", config
-                    )
-                else:
-                    keep.append(m)
-            batch = Batch(batch.address, keep, batch.key, batch.context)
+        groups: list[tuple[list[Message], bool]] | None = None
+        suspects: list[str] = []
+        if (ledger is not None and ledger.suspects) or max(map(_attempt, messages)) > 1:
+            exhausted, groups, suspects = self._triage(batch)
+            if exhausted.dead:
+                keep = [m for g, _ in groups for m in g]
+                batch = Batch(batch.address, keep, batch.key, batch.context)
         cancelled = False
+        settlement = Settlement()
         if batch.messages:
+            delivery = Delivery(
+                self.app,
+                batch,
+                self._publish,
+                self.config,
+                state=self._lifespan.state if self._lifespan.supported else None,
+                extensions=self.extensions,
+                groups=groups,
+                hooks=self._hooks,
+            )
+            task = asyncio.current_task()
+            assert task is not None
+            self._deliveries[task] = (
+                delivery,
+                Batch(batch.address, messages, batch.key, batch.context),
+                exhausted,
+            )
             try:
-                settlement = await call_app(
-                    self.app,
-                    batch,
-                    self._publish,
-                    config,
-                    state=self._lifespan.state if self._lifespan.supported else None,
-                    extensions=self.transport.extensions,
-                )
+                settlement = await delivery.run()
             except CallCancelled as exc:
                 settlement = exc.settlement
                 cancelled = True
-        else:
-            settlement = Settlement()
-        if exhausted is not None:
+            finally:
+                del self._deliveries[task]
+            if delivery.abandoned and not cancelled:
+                return  # settled by _drain when it gave up on this call
+        if exhausted is not None and exhausted.dead:
             settlement.dead.extend(exhausted.dead)
             batch = Batch(batch.address, messages, batch.key, batch.context)
+        await self._settle(batch, settlement, started)
+        if suspects and ledger is not None:
+            ledger.forget(batch.address, suspects)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _triage(
+        self, batch: Batch
+    ) -> tuple[Settlement, list[tuple[list[Message], bool]], list[str]]:
+        """Sort a batch holding redelivered messages into dead, suspects and the rest.
+
+        Redelivered messages (attempt > 1) are delivered one per call; messages the crash
+        ledger saw in the hands of a process that died are delivered one per call with
+        no other call in the app's hands. Returns the messages dead-lettered before
+        delivery, the calls to make, and the ledger suspects among them.
+        """
+        config = self.config
+        ledger = self._ledger
+        exhausted = Settlement()
+        groups: list[tuple[list[Message], bool]] = []
+        suspects: list[str] = []
+        plain: list[Message] = []
+        address = batch.address
+        for m in batch.messages:
+            known = ledger.known(address, m.id) if ledger is not None else None
+            if known is not None:
+                suspects.append(m.id)
+                crashes, alone = known
+                if crashes >= config.max_attempts and alone:
+                    reason = (
+                        f"the process died {crashes} times while it held this message "
+                        f"({alone} of them with this message alone in its hands)"
+                    )
+                    exhausted.dead.append(DeadLetter(m, reason))
+                    continue
+            elif ledger is None and m.attempt > config.max_attempts:
+                # Delivered more often than allowed without being settled (e.g. the
+                # consumer crashed on it each time): dead-letter before the app sees it.
+                place(exhausted, m, f"delivered {m.attempt} times without being settled", config)
+                continue
+            elif m.attempt == 1:
+                plain.append(m)
+                continue
+            if plain:
+                groups.append((plain, False))
+                plain = []
+            groups.append(([m], known is not None))
+        if plain:
+            groups.append((plain, False))
+        return exhausted, groups, suspects
+
+    async def _settle(self, batch: Batch, settlement: Settlement, started: float) -> None:
         try:
             await self.transport.settle(batch, settlement)
         except Exception as exc:
             logger.error(
                 "settling %d message(s) from %r on %s failed: %s; "
                 "unacknowledged messages will be redelivered",
-                len(messages),
+                len(batch.messages),
                 batch.address,
                 self.transport.name,
                 exc,
             )
         self._report(batch, settlement, time.monotonic() - started)
-        if cancelled:
-            raise asyncio.CancelledError
 
     def _report(self, batch: Batch, settlement: Settlement, duration: float) -> None:
         for r in settlement.retry:

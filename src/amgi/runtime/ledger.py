@@ -1,0 +1,286 @@
+"""The crash ledger: which messages were in the application's hands when a process died.
+
+Each runtime process that uses a ledger owns one small file in the ledger directory and
+holds an exclusive ``flock`` on it for its whole life. Before each application call it
+appends one line naming the call's messages, and one line when the call is over. A file
+whose lock can be taken belongs to a process that is gone: a new process reads it at
+startup, and every message of a call that had not ended is a *suspect*. Suspects are
+carried into the new process's own file until they are settled, so crash counts survive
+any number of restarts.
+
+The runtime delivers a suspect alone, with no other call in the application's hands
+(:class:`CallGuard`), so a process that dies during that call convicts the one message
+it held. A message is dead-lettered before delivery once it has been in the hands of
+``max_attempts`` processes that died, at least once alone: only the message that kills
+the process gets there, not the messages fetched or delivered beside it.
+
+The ledger works for every broker whose message ids survive a redelivery
+(:attr:`amgi.transport.Transport.stable_ids`), whether or not the broker counts
+deliveries. It costs two short appends per call and nothing else on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from amgi.transport import Message
+
+__all__ = ["CallGuard", "CrashLedger"]
+
+logger = logging.getLogger("amgi.runtime")
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system
+    fcntl = None  # type: ignore[assignment]
+
+_SUFFIX = ".ledger"
+_MAX_AGE = 24 * 3600.0
+"""Suspects not seen again for this long are forgotten (settled by another process)."""
+_COMPACT_AT = 256 * 1024
+_COMPACT_BUSY_AT = 4 * 1024 * 1024
+
+Key = tuple[str, str]
+
+
+class CrashLedger:
+    """One process's ledger file in ``directory``, for the broker named by ``namespace``.
+
+    ``namespace`` identifies the message source (server and, e.g., database file), so
+    processes of unrelated queues sharing a directory never see each other's ids.
+    """
+
+    def __init__(self, directory: str, namespace: str) -> None:
+        self.directory = directory
+        self.namespace = namespace
+        self.suspects: dict[Key, list[float]] = {}
+        """(address, id) -> [crashes, crashes alone, time of the last crash]."""
+        self._prefix = hashlib.sha256(namespace.encode()).hexdigest()[:16]
+        self._fd: int | None = None
+        self._path = ""
+        self._calls: dict[int, bytes] = {}
+        self._next_call = 0
+        self._size = 0
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform has the file locks the ledger relies on."""
+        return fcntl is not None
+
+    # -- life ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take over the files of dead processes, then create and lock this one's."""
+        assert fcntl is not None
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        now = time.time()
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith(self._prefix + "-") and name.endswith(_SUFFIX):
+                self._inherit(os.path.join(self.directory, name), now)
+        name = f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
+        self._path = os.path.join(self.directory, name)
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._fd = fd
+        self._rewrite()
+        if self.suspects:
+            logger.warning(
+                "crash ledger: %d message(s) were in the hands of a process that died; "
+                "each is delivered alone",
+                len(self.suspects),
+            )
+
+    def close(self) -> None:
+        """Release the file: removed when nothing is suspect, else left for the next process."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if not self.suspects:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
+            else:
+                self._calls.clear()
+                self._rewrite_fd(fd)
+        finally:
+            os.close(fd)
+
+    def _inherit(self, path: str, now: float) -> None:
+        assert fcntl is not None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # its process is alive
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    return  # taken over and removed by another process meanwhile
+            except FileNotFoundError:
+                return
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+            self._merge(data, now)
+            os.unlink(path)
+        finally:
+            os.close(fd)
+
+    def _merge(self, data: bytes, now: float) -> None:
+        suspects: dict[Key, list[float]] = {}
+        calls: dict[int, tuple[bool, str, list[str]]] = {}
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+                kind = record[0]
+                if kind == "S":
+                    _, address, mid, crashes, alone, since = record
+                    suspects[(address, mid)] = [crashes, alone, since]
+                elif kind == "B":
+                    _, call, exclusive, address, ids = record
+                    calls[call] = (bool(exclusive), address, ids)
+                elif kind == "E":
+                    calls.pop(record[1], None)
+                elif kind == "F":
+                    for mid in record[2]:
+                        suspects.pop((record[1], mid), None)
+            except (ValueError, TypeError, IndexError, KeyError):
+                continue  # a line cut short by the crash
+        for exclusive, address, ids in calls.values():
+            alone = 1 if exclusive and len(ids) == 1 else 0
+            for mid in ids:
+                entry = suspects.setdefault((address, mid), [0, 0, now])
+                entry[0] += 1
+                entry[1] += alone
+                entry[2] = now
+        mine = self.suspects
+        for key, (crashes, alone, since) in suspects.items():
+            if now - since > _MAX_AGE:
+                continue
+            entry = mine.setdefault(key, [0, 0, since])
+            entry[0] += crashes
+            entry[1] += alone
+            entry[2] = max(entry[2], since)
+
+    # -- the hot path ----------------------------------------------------------------
+
+    def known(self, address: str, mid: str) -> tuple[int, int] | None:
+        """``(crashes, crashes alone)`` of a suspect, or None for an ordinary message."""
+        entry = self.suspects.get((address, mid))
+        return None if entry is None else (int(entry[0]), int(entry[1]))
+
+    def begin(self, address: str, messages: Sequence[Message], exclusive: bool) -> int:
+        """Record that ``messages`` are about to be in the application's hands."""
+        call = self._next_call = self._next_call + 1
+        line = (
+            json.dumps(["B", call, int(exclusive), address, [m.id for m in messages]]) + "\n"
+        ).encode()
+        self._calls[call] = line
+        self._write(line)
+        return call
+
+    def end(self, call: int) -> None:
+        """Record that call ``call`` is over (its messages are settled or handed back)."""
+        del self._calls[call]
+        if self._size > (_COMPACT_BUSY_AT if self._calls else _COMPACT_AT):
+            self._rewrite()
+        else:
+            self._write(b'["E",%d]\n' % call)
+
+    def forget(self, address: str, ids: Sequence[str]) -> None:
+        """Suspects that were delivered and settled are ordinary messages again."""
+        suspects = self.suspects
+        for mid in ids:
+            suspects.pop((address, mid), None)
+        self._write((json.dumps(["F", address, list(ids)]) + "\n").encode())
+
+    def _write(self, data: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            self._size += os.write(fd, data)
+        except OSError as exc:
+            logger.error("crash ledger %s: write failed (%s); ledger turned off", self._path, exc)
+            self._fd = None
+            os.close(fd)
+
+    def _rewrite(self) -> None:
+        if self._fd is not None:
+            self._rewrite_fd(self._fd)
+
+    def _rewrite_fd(self, fd: int) -> None:
+        parts = [(json.dumps(["N", self.namespace]) + "\n").encode()]
+        parts += [
+            (json.dumps(["S", a, mid, *entry]) + "\n").encode()
+            for (a, mid), entry in self.suspects.items()
+        ]
+        parts += self._calls.values()
+        data = b"".join(parts)
+        os.ftruncate(fd, 0)
+        os.write(fd, data)
+        self._size = len(data)
+
+
+class CallGuard:
+    """Runs around every application call when a ledger is kept (see the module doc).
+
+    An *exclusive* call (a suspect delivered alone) waits until no other call is in the
+    application's hands, and no other call starts until it ends.
+    """
+
+    def __init__(self, ledger: CrashLedger) -> None:
+        self.ledger = ledger
+        self._active = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def enter(self, address: str, messages: Sequence[Message], exclusive: bool) -> Any:
+        if exclusive:
+            self._waiting += 1
+            try:
+                while self._active or self._exclusive:
+                    await self._changed()
+            except BaseException:
+                self._waiting -= 1
+                self._wake()
+                raise
+            self._waiting -= 1
+            self._exclusive = True
+        else:
+            while self._exclusive or self._waiting:
+                await self._changed()
+        self._active += 1
+        return (exclusive, self.ledger.begin(address, messages, exclusive))
+
+    def leave(self, token: Any) -> None:
+        exclusive, call = token
+        self._active -= 1
+        if exclusive:
+            self._exclusive = False
+        self.ledger.end(call)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def _changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
