@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             transport = _transport(server, transport_cls, values, args.addresses)
             runtime = Runtime(app, transport, config, handle_signals=True)
             tune_for_server()
-            return asyncio.run(runtime.serve())
+            return runtime.run()
         transport = _transport(server, transport_cls, values, [])
         asyncio.run(_send(transport, args))
         print(f"sent 1 message to {args.address!r} ({server})")

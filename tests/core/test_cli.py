@@ -237,3 +237,22 @@ def test_a_server_whose_client_is_missing_is_listed_and_refused_clearly(
     err = capsys.readouterr().err
     assert "server 'memory' needs no_such_client.sub.module, no_such_other" in err
     assert "pip install 'amgi[memoryx]'" in err
+
+
+SYNC_APP = """
+def app(scope, receive, send):
+    open("called", "w").write("called")
+"""
+
+
+def test_a_sync_app_is_refused_before_lifespan_with_one_line(project: Path) -> None:
+    (project / "syncapp.py").write_text(SYNC_APP)
+    assert amgi("send", "q", "work", cwd=project).returncode == 0
+    result = amgi("run", "syncapp:app", "q", cwd=project)
+    assert result.returncode == 1
+    line = one_line_error(result)
+    assert "syncapp:app is a plain function ('def'), not an async callable" in line
+    assert not (project / "called").exists(), "the app was called"
+    queue = SqliteQueue(str(project / "amgi.db"))
+    assert queue.count("q") == 1
+    queue.close()

@@ -35,6 +35,8 @@ __all__ = [
     "Delivery",
     "Publisher",
     "call_app",
+    "call_once",
+    "failure_reason",
     "message_scope",
     "place",
     "validate_send",
@@ -355,8 +357,11 @@ class CallHooks(Protocol):
         """The call ended (or was abandoned)."""
 
 
-async def call_once(app: AMGIApplication, scope: MessageScope, call: BatchCall) -> str | None:
-    """Run one application call; return why it failed, or None. Cancellation propagates."""
+async def call_once(app: AMGIApplication, scope: MessageScope, call: BatchCall) -> Exception | None:
+    """Run one application call; return the exception it raised, or None.
+
+    Cancellation propagates. The call is ended (``call.end()``) whatever happens.
+    """
     try:
         result = app(scope, call.receive, call.send)
         if not inspect.isawaitable(result):
@@ -373,10 +378,15 @@ async def call_once(app: AMGIApplication, scope: MessageScope, call: BatchCall) 
             call._count,
             call.address,
         )
-        return f"the application raised {type(exc).__name__}: {exc}"
+        return exc
     finally:
         call.end()
     return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The nack reason of messages left unsettled by a call that raised ``exc``."""
+    return f"the application raised {type(exc).__name__}: {exc}"
 
 
 class Delivery:
@@ -459,7 +469,7 @@ class Delivery:
             messages, exclusive = groups.popleft()
             try:
                 call = await self._start(messages, exclusive)
-                failure = await call_once(self._app, self._scope(), call)
+                error = await call_once(self._app, self._scope(), call)
             except asyncio.CancelledError:
                 if self._call is None:  # cancelled before the call started
                     groups.appendleft((messages, exclusive))
@@ -470,12 +480,12 @@ class Delivery:
                 self._finish()
             if self._abandoned:
                 return settlement
-            if failure is None and call.all_acked():
+            if error is None and call.all_acked():
                 if not groups and messages is self._batch.messages:
                     return Settlement(acked=list(messages))  # the whole batch, in one call
                 settlement.acked.extend(messages)
                 continue
-            self._sort(call, messages, exclusive, failure)
+            self._sort(call, messages, exclusive, None if error is None else failure_reason(error))
         return settlement
 
     def abandon(self, reason: str) -> Settlement:

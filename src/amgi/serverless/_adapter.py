@@ -18,7 +18,9 @@ from types import FrameType
 from typing import Any, Protocol
 
 from amgi.errors import AMGIError, SendError
-from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig, call_app
+from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig
+from amgi.runtime.app import check_app
+from amgi.runtime.batch import NACK_RETRY_EXTENSION, Delivery
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 from amgi.types import AMGIApplication
 
@@ -68,6 +70,7 @@ class LambdaAdapter:
         deadline_margin: float = 1.0,
         handle_sigterm: bool = True,
     ) -> None:
+        check_app(app)
         self.app = app
         self.config = config or RuntimeConfig()
         self.deadline_margin = deadline_margin
@@ -165,13 +168,24 @@ class LambdaAdapter:
         self._event = event
         lifespan = self._lifespan
         state = lifespan.state if lifespan is not None and lifespan.supported else None
-        tasks = [
-            asyncio.create_task(call_app(self.app, b, self._publish, self.config, state=state))
+        deliveries = [
+            Delivery(
+                self.app,
+                b,
+                self._publish,
+                self.config,
+                state=state,
+                extensions={NACK_RETRY_EXTENSION: {}},
+            )
             for b in batches
         ]
+        tasks = [asyncio.create_task(d.run()) for d in deliveries]
         if not tasks:
             return []
         _, pending = await asyncio.wait(tasks, timeout=timeout)
+        grace = self.config.cancel_grace
+        if timeout is not None:
+            grace = min(grace, self.deadline_margin / 2)
         if pending:
             logger.warning(
                 "%d batch(es) still running at the invocation deadline: cancelling them",
@@ -179,9 +193,13 @@ class LambdaAdapter:
             )
             for task in pending:
                 task.cancel()
-            await asyncio.wait(pending)
+            await asyncio.wait(pending, timeout=grace)
         settlements = []
-        for task in tasks:
+        for task, delivery in zip(tasks, deliveries, strict=True):
+            if not task.done():
+                logger.error("a call ignored cancellation for %gs: abandoned", grace)
+                settlements.append(delivery.abandon("the application ignored cancellation"))
+                continue
             try:
                 settlements.append(task.result())
             except CallCancelled as exc:

@@ -3,9 +3,9 @@
 >>> result = await run_batch(app, [message(b"hello")])
 >>> assert result.acked == ["1"]
 
-The batch goes through the same code as on every server (:func:`amgi.runtime.call_app`
-semantics: validation, unsettled means nack), so what passes here behaves the same in
-production. Sends are recorded instead of published.
+The call goes through the same code as on every server (:class:`amgi.runtime.BatchCall`
+and the call the runtime makes: validation, unsettled means nack), so what passes here
+behaves the same in production. Sends are recorded instead of published.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amgi.errors import InvalidEvent
-from amgi.runtime.batch import BatchCall, message_scope
+from amgi.runtime.app import check_app
+from amgi.runtime.batch import (
+    NACK_RETRY_EXTENSION,
+    BatchCall,
+    call_once,
+    failure_reason,
+    message_scope,
+)
 from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.lifespan import Lifespan
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement
@@ -66,7 +73,9 @@ class BatchResult:
     error: BaseException | None = None
     """The exception the application raised, if it did."""
     settlement: Settlement = field(default_factory=Settlement)
-    """What a server would do with each message, under the given RuntimeConfig."""
+    """How a server places each message after this one call, under the given RuntimeConfig
+    (a server then calls the app again with messages it never received, and delivers
+    the messages of a call that raised again in smaller batches before nacking them)."""
 
 
 async def run_batch(
@@ -83,8 +92,14 @@ async def run_batch(
 
     ``send_error``, when given, is raised into the app by every ``message.send`` (it
     should be an ``OSError``, as a server's would be). Exceptions the app raises are
-    captured in :attr:`BatchResult.error`, not raised.
+    captured in :attr:`BatchResult.error`, not raised. A call still running after
+    ``timeout`` seconds is cancelled (a :class:`TimeoutError` in ``error``); if it ignores
+    the cancellation for ``config.cancel_grace`` seconds it is left behind and
+    ``run_batch`` returns anyway. An app that is not async raises
+    :class:`amgi.errors.ConfigurationError`.
     """
+    check_app(app)
+    config = config or RuntimeConfig()
     numbered = [
         m if m.id else Message(str(i), m.headers, m.payload, m.bindings, m.attempt, m.token)
         for i, m in enumerate(messages, start=1)
@@ -100,16 +115,22 @@ async def run_batch(
 
     batch = Batch(address, numbered)
     call = BatchCall(batch, publish)
+    scope = message_scope(batch, state, {NACK_RETRY_EXTENSION: {}})
+    task = asyncio.create_task(call_once(app, scope, call))
+    done, _ = await asyncio.wait({task}, timeout=timeout)
     failure: str | None = None
-    try:
-        await asyncio.wait_for(
-            app(message_scope(batch, state, None), call.receive, call.send), timeout
-        )
-    except Exception as exc:
-        result.error = exc
-        failure = f"the application raised {type(exc).__name__}: {exc}"
-    finally:
-        call.end()
+    if done:
+        result.error = task.result()
+        if result.error is not None:
+            failure = failure_reason(result.error)
+    else:
+        task.cancel()
+        await asyncio.wait({task}, timeout=config.cancel_grace)
+        failure = f"the application timed out after {timeout:g}s"
+        if not task.done():
+            call.end()
+            failure += f" and ignored cancellation for {config.cancel_grace:g}s"
+        result.error = TimeoutError(failure)
     for m, outcome in zip(numbered, call.outcomes(), strict=True):
         if outcome is True:
             result.acked.append(m.id)
@@ -117,7 +138,7 @@ async def run_batch(
             result.unsettled.append(m.id)
         else:
             result.nacked[m.id] = str(outcome)
-    result.settlement = call.settlement(config or RuntimeConfig(), failure)
+    result.settlement = call.settlement(config, failure)
     return result
 
 
@@ -131,6 +152,7 @@ class LifespanRunner:
     def __init__(self, app: AMGIApplication, mode: str = "auto") -> None:
         if mode not in ("auto", "on", "off"):
             raise InvalidEvent(f"lifespan mode must be auto, on or off, not {mode!r}")
+        check_app(app)
         self._lifespan = Lifespan(app, mode)  # type: ignore[arg-type]
         self.shutdown_ok: bool | None = None
 
