@@ -6,7 +6,7 @@ receive events and scopes; applications build the send events.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
     "Scope",
 ]
 
-Headers = Iterable[tuple[bytes, bytes]]
+Headers = Sequence[tuple[bytes, bytes]]
 """Message headers: ordered ``(name, value)`` byte pairs; a name may repeat."""
 
 
@@ -80,11 +80,16 @@ class MessageAckEvent(TypedDict):
 
 
 class MessageNackEvent(TypedDict):
-    """Sent by the app: message ``id`` failed; ``message`` says why."""
+    """Sent by the app: message ``id`` failed; ``message`` says why.
+
+    ``retry`` (only where ``scope["extensions"]`` has ``"message.nack.retry"``): False
+    dead-letters the message at once instead of retrying it.
+    """
 
     type: Literal["message.nack"]
     id: str
     message: str
+    retry: NotRequired[bool]
 
 
 class MessageSendEvent(TypedDict):

@@ -157,7 +157,7 @@ async def test_nack_without_retry_dead_letters_at_once_and_is_advertised() -> No
             more = m["more_messages"]
             if m["payload"] == b"final":
                 await send(
-                    {"type": "message.nack", "id": m["id"], "message": "schema", "retry": False}  # type: ignore[typeddict-unknown-key]
+                    {"type": "message.nack", "id": m["id"], "message": "schema", "retry": False}
                 )
             else:
                 await send({"type": "message.ack", "id": m["id"]})

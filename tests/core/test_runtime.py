@@ -472,7 +472,7 @@ async def test_metrics_hook_counts_per_batch() -> None:
         b: Any = await receive()
         await send({"type": "message.send", "address": "o", "headers": []})
         await send({"type": "message.ack", "id": a["id"]})
-        await send({"type": "message.nack", "id": b["id"], "message": "x", "retry": False})  # type: ignore[typeddict-unknown-key]
+        await send({"type": "message.nack", "id": b["id"], "message": "x", "retry": False})
 
     t = Scripted([batch("a", b"1", b"2")])
     runtime = Runtime(app, t, RuntimeConfig(lifespan="off", max_attempts=5), metrics=Hook())

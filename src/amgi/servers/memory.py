@@ -134,6 +134,9 @@ class MemoryTransport(Transport):
     name = "memory"
     options = MemoryOptions
     send_error = MemorySendError
+    stable_ids = True
+    counts_deliveries = True
+    outlives_process = False
 
     def __init__(self, addresses: Sequence[str], options: MemoryOptions | None = None) -> None:
         super().__init__(addresses, options or MemoryOptions())

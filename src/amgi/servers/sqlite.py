@@ -184,10 +184,12 @@ class SqliteQueue:
                 rows,
             )
 
-    def lease(self, address: str, limit: int, visibility: float) -> tuple[str, list[Message]]:
+    def lease(
+        self, address: str, limit: int, visibility: float, token: str | None = None
+    ) -> tuple[str, list[Message]]:
         """Take up to ``limit`` visible messages of ``address`` for ``visibility`` seconds."""
         now = time.time()
-        token = uuid.uuid4().hex
+        token = token or uuid.uuid4().hex
         rows = self.db.execute(
             "UPDATE amgi_messages SET lease = ?, visible_at = ?, attempts = attempts + 1"
             " WHERE id IN (SELECT id FROM amgi_messages WHERE address = ? AND visible_at <= ?"
@@ -319,6 +321,8 @@ class SqliteTransport(Transport):
     name = "sqlite"
     options = SqliteOptions
     send_error = SqliteSendError
+    stable_ids = True
+    counts_deliveries = True
 
     def __init__(self, addresses: Sequence[str], options: SqliteOptions | None = None) -> None:
         super().__init__(addresses, options or SqliteOptions())
@@ -328,6 +332,9 @@ class SqliteTransport(Transport):
         self._leases: set[str] = set()
         self._next = 0
         self.lease_interval = max(0.05, self.config.visibility_timeout / 3)
+
+    def ledger_namespace(self) -> str:
+        return f"sqlite:{os.path.abspath(self.config.database)}"
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._executor is not None, "the sqlite transport is not connected"
@@ -360,12 +367,21 @@ class SqliteTransport(Transport):
             for _ in range(len(addresses)):
                 address = addresses[self._next % len(addresses)]
                 self._next += 1
-                token, messages = await self._run(
-                    queue.lease, address, c.batch_size, c.visibility_timeout
-                )
+                # The token is recorded before the lease runs: if this fetch is cancelled
+                # while the worker thread still waits for the write lock, the lease may
+                # commit afterwards, and close() must release it.
+                token = uuid.uuid4().hex
+                self._leases.add(token)
+                try:
+                    _, messages = await self._run(
+                        queue.lease, address, c.batch_size, c.visibility_timeout, token
+                    )
+                except Exception:
+                    self._leases.discard(token)  # the lease failed: nothing was taken
+                    raise
                 if messages:
-                    self._leases.add(token)
                     return [Batch(address, messages, key=address, context=token)]
+                self._leases.discard(token)
             await asyncio.sleep(c.poll_interval)
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:

@@ -1,0 +1,191 @@
+"""Poison isolation, crash loops and shutdown on the embedded SQLite server, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
+from tests.core.test_isolation import PoisonApp, payloads_with_poison
+
+CONFIG = dict(lifespan="off", max_attempts=5, retry_delay=0.01, retry_delay_max=0.02)
+
+
+async def serve_until_settled(app: Any, db: str, batch_size: int, **config: Any) -> SqliteQueue:
+    transport = SqliteTransport(
+        ["q"], SqliteOptions(database=db, batch_size=batch_size, poll_interval=0.01)
+    )
+    runtime = Runtime(app, transport, RuntimeConfig(**{**CONFIG, **config}))
+    task = asyncio.create_task(runtime.serve())
+    queue = SqliteQueue(db)
+    deadline = time.monotonic() + 60
+    while queue.count("q"):
+        assert time.monotonic() < deadline, "the queue was not settled"
+        assert not task.done(), task
+        await asyncio.sleep(0.02)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    return queue
+
+
+async def test_one_poison_in_300_leaves_exactly_one_dead_letter(tmp_path: Path) -> None:
+    db = str(tmp_path / "q.db")
+    payloads = payloads_with_poison(300, 150)
+    queue = SqliteQueue(db)
+    queue.put_many("q", [([], p, {}) for p in payloads])
+    app = PoisonApp()
+    queue = await serve_until_settled(app, db, 100, crash_ledger=str(tmp_path / "ledger"))
+    dead = queue.dead_letters("q")
+    queue.close()
+    assert [(d.payload, d.attempts) for d in dead] == [(b"bad", 5)]
+    assert "ValueError: cannot parse" in dead[0].reason
+    assert sorted(app.acked) == sorted(p for p in payloads if p != b"bad")
+    assert {a for p, a in app.seen if p != b"bad"} == {1}
+
+
+async def test_nack_without_retry_is_dead_at_once(tmp_path: Path) -> None:
+    db = str(tmp_path / "q.db")
+    queue = SqliteQueue(db)
+    queue.put_many("q", [([], b"ok", {}), ([], b"final", {})])
+    extensions: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        extensions.append(scope["extensions"])
+        more = True
+        while more:
+            m = await receive()
+            more = m["more_messages"]
+            if m["payload"] == b"final":
+                await send({"type": "message.nack", "id": m["id"], "message": "no", "retry": False})
+            else:
+                await send({"type": "message.ack", "id": m["id"]})
+
+    queue = await serve_until_settled(app, db, 10, crash_ledger="")
+    dead = queue.dead_letters("q")
+    queue.close()
+    assert [(d.payload, d.attempts, d.reason) for d in dead] == [(b"final", 1, "no")]
+    assert extensions == [{"message.nack.retry": {}}]
+
+
+LOGGING_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    more = True
+    while more:
+        m = await receive()
+        more = m["more_messages"]
+        await send({"type": "message.ack", "id": m["id"]})
+"""
+
+
+def test_sigterm_while_the_lease_waits_for_the_write_lock_releases_it(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(LOGGING_APP)
+    db = str(tmp_path / "amgi.db")
+    SqliteQueue(db).close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "app:app", "q", "--busy-timeout", "20"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    holder = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "serving q on sqlite" in line:
+                break
+        else:
+            raise AssertionError("the server did not start")
+        # Another process takes the write lock and adds a message: the server's next
+        # lease UPDATE now waits for the lock (busy timeout 20 s).
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute(
+            "INSERT INTO amgi_messages (address, headers, payload, visible_at, created_at)"
+            " VALUES ('q', x'', x'01', 0, 0)"
+        )
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        holder.execute("COMMIT")  # the waiting lease now takes the row
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        holder.close()
+    queue = SqliteQueue(db)
+    try:
+        rows = queue.db.execute("SELECT lease, visible_at FROM amgi_messages").fetchall()
+    finally:
+        queue.close()
+    assert len(rows) == 1
+    lease, visible_at = rows[0]
+    assert lease is None, "the lease taken after the stop was not released"
+    assert visible_at <= time.time()
+
+
+KILLER_APP = """
+import os, signal
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    more = True
+    while more:
+        m = await receive()
+        more = m["more_messages"]
+        if m["payload"] == b"kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        await send({"type": "message.ack", "id": m["id"]})
+        with open(os.environ["ACKS"], "a") as f:
+            f.write(m["payload"].decode() + "\\n")
+"""
+
+
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    (tmp_path / "killer.py").write_text(KILLER_APP)
+    db = str(tmp_path / "amgi.db")
+    acks = tmp_path / "acks"
+    payloads = [b"kill" if i == 10 else f"m{i:02d}".encode() for i in range(60)]
+    queue = SqliteQueue(db)
+    queue.put_many("q", [([], p, {}) for p in payloads])
+    argv = [
+        sys.executable, "-m", "amgi", "run", "killer:app", "q",
+        "--batch-size", "50", "--max-attempts", "5", "--visibility-timeout", "1",
+        "--poll-interval", "0.02", "--retry-delay", "0.05",
+        "--crash-ledger", str(tmp_path / "ledger"),
+    ]  # fmt: skip
+    env = {**os.environ, "ACKS": str(acks)}
+    kills = 0
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+            try:
+                while proc.poll() is None and queue.count("q"):
+                    assert time.monotonic() < deadline, "the crash loop did not end"
+                    time.sleep(0.05)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(30) == 0
+                    break
+            finally:
+                proc.kill()
+                proc.wait()
+            assert proc.returncode == -signal.SIGKILL
+            kills += 1
+            assert kills <= 10, "the killer was not dead-lettered"
+        dead = queue.dead_letters("q")
+    finally:
+        queue.close()
+    assert [d.payload for d in dead] == [b"kill"], [d.payload for d in dead]
+    assert "died 5 times" in dead[0].reason
+    assert kills == 5
+    acked = set(acks.read_text().split())
+    assert acked == {p.decode() for p in payloads if p != b"kill"}
