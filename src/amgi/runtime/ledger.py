@@ -84,8 +84,13 @@ class CrashLedger:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         now = time.time()
         for name in sorted(os.listdir(self.directory)):
-            if name.startswith(self._prefix + "-") and name.endswith(_SUFFIX):
-                self._inherit(os.path.join(self.directory, name), now)
+            if not name.endswith(_SUFFIX):
+                continue
+            path = os.path.join(self.directory, name)
+            if name.startswith(self._prefix + "-"):
+                self._inherit(path, now)
+            else:
+                _remove_if_stale(path, now)
         name = f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
         self._path = os.path.join(self.directory, name)
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -231,6 +236,24 @@ class CrashLedger:
         os.ftruncate(fd, 0)
         os.write(fd, data)
         self._size = len(data)
+
+
+def _remove_if_stale(path: str, now: float) -> None:
+    """Remove another source's file left by a dead process and untouched for a day."""
+    assert fcntl is not None
+    try:
+        if now - os.stat(path).st_mtime < _MAX_AGE:
+            return
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass  # alive, or already gone
+    finally:
+        os.close(fd)
 
 
 class CallGuard:

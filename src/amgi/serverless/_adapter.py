@@ -119,7 +119,7 @@ class LambdaAdapter:
         """The asynchronous part of :meth:`close`, for use on a loop you own."""
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
-            await lifespan.shutdown(self.config.shutdown_timeout)
+            await lifespan.shutdown(self.config.lifespan_shutdown_timeout)
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             try:
@@ -145,8 +145,11 @@ class LambdaAdapter:
 
     async def _startup(self) -> None:
         if self._lifespan is None:
-            lifespan = Lifespan(self.app, self.config.lifespan)
-            await lifespan.startup()  # raises StartupFailed; tried again next time
+            lifespan = Lifespan(
+                self.app, self.config.lifespan, cancel_grace=self.config.cancel_grace
+            )
+            # Raises StartupFailed (also after startup_timeout); tried again next time.
+            await lifespan.startup(self.config.startup_timeout)
             self._lifespan = lifespan
 
     def _deadline(self, context: LambdaContext | None) -> float | None:
