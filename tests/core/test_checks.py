@@ -11,7 +11,7 @@ import pytest
 from amgi.errors import ConfigurationError, InvalidEvent
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.app import check_app
-from amgi.serverless import SqsHandler
+from amgi.serverless import KafkaHandler, SqsHandler
 from amgi.servers.memory import MemoryOptions, MemoryTransport
 from amgi.testing import LifespanRunner, message, run_batch
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
@@ -158,8 +158,9 @@ async def test_a_sync_app_is_refused_everywhere_with_one_line(app: Any) -> None:
         await run_batch(app, [message(b"x")])
     with pytest.raises(ConfigurationError, match="async"):
         LifespanRunner(app)
-    with pytest.raises(ConfigurationError, match="async"):
-        SqsHandler(app, handle_sigterm=False)
+    for handler in (SqsHandler, KafkaHandler):
+        with pytest.raises(ConfigurationError, match="async"):
+            handler(app, handle_sigterm=False)
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,24 @@ def test_sigterm_during_a_startup_that_never_finishes_stops_the_process(project:
     queue.close()
 
 
+def test_a_startup_that_never_finishes_fails_after_the_startup_timeout(project: Path) -> None:
+    proc = start(project, "endless_startup", "--startup-timeout", "0.5")
+    try:
+        code = proc.wait(30)
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert code == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("amgi: error:")]
+    assert errors == [
+        "amgi: error: application startup failed: "
+        "the application did not complete lifespan startup within 0.5s"
+    ]
+    queue = SqliteQueue(str(project / "amgi.db"))
+    assert queue.count("q") == 1
+    queue.close()
+
+
 def test_a_second_signal_ends_a_process_whose_loop_is_blocked(project: Path) -> None:
     proc = start(project, "blocking", "--shutdown-timeout", "30")
     wait_for_mark(project, "in batch", proc)
