@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
+
+import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
@@ -165,3 +168,38 @@ async def test_nack_without_retry_dead_letters_at_once_and_is_advertised() -> No
     broker = await run_on_memory(app, [b"ok", b"final"], batch_size=10)
     assert [(m.payload, m.attempt, r) for m, r in broker.dead["q"]] == [(b"final", 1, "schema")]
     assert all(s["extensions"]["message.nack.retry"] == {} for s in scopes)
+
+
+async def test_a_failure_that_is_no_messages_fault_costs_few_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls = 0
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        nonlocal calls
+        if scope["type"] != "message":
+            return
+        calls += 1
+        more = True
+        while more:
+            m: Any = await receive()
+            more = m["more_messages"]
+        raise ConnectionError("database down")
+
+    name = f"iso-{uuid.uuid4().hex[:8]}"
+    broker = MemoryBroker.reset(name)
+    for i in range(100):
+        broker.put("q", [], b"%d" % i)
+    transport = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=100))
+    config = RuntimeConfig(lifespan="off", max_attempts=2, retry_delay=30)
+    runtime = Runtime(app, transport, config)
+    task = asyncio.create_task(runtime.serve())
+    while broker.pending("q") < 100:
+        await asyncio.sleep(0.01)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    # The first call, then at most 2 * (100).bit_length() = 14 failing calls while
+    # isolating, plus one last call per group still queued: far below 2n - 1 = 199.
+    assert calls <= 1 + 14 + 7, calls
+    tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+    assert len(tracebacks) == 1, "one traceback per delivery, not one per isolating call"

@@ -357,8 +357,10 @@ class CallHooks(Protocol):
         """The call ended (or was abandoned)."""
 
 
-async def call_once(app: AMGIApplication, scope: MessageScope, call: BatchCall) -> Exception | None:
-    """Run one application call; return the exception it raised, or None.
+async def call_once(
+    app: AMGIApplication, scope: MessageScope, call: BatchCall, *, log_level: int = logging.ERROR
+) -> Exception | None:
+    """Run one application call; return the exception it raised (logged), or None.
 
     Cancellation propagates. The call is ended (``call.end()``) whatever happens.
     """
@@ -373,10 +375,12 @@ async def call_once(app: AMGIApplication, scope: MessageScope, call: BatchCall) 
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        logger.exception(
+        logger.log(
+            log_level,
             "application raised on a batch of %d message(s) from %r",
             call._count,
             call.address,
+            exc_info=exc,
         )
         return exc
     finally:
@@ -404,9 +408,14 @@ class Delivery:
       are delivered again in halves, down to one message, and only a message whose call
       fails when it is delivered alone is nacked with the exception.
 
-    Every new call holds fewer messages than the call it comes from, so a batch of n
-    messages costs at most 2n - 1 calls. :meth:`abandon` settles what is left when the
-    runtime gives up on a call that ignores cancellation.
+    Every new call holds fewer messages than the call it comes from, and at most
+    ``2 * n.bit_length()`` calls of a delivery may raise (enough to find one culprit
+    among n): after that, the suspects left are nacked with the exception (a retry then
+    delivers each alone). So a failure that is not any one message's fault (a database
+    down) costs a few calls, not 2n. The first exception of a delivery is logged with its
+    traceback, the ones while isolating at debug level (each nacked message is logged
+    anyway). :meth:`abandon` settles what is left when the runtime gives up on a call
+    that ignores cancellation.
     """
 
     __slots__ = (
@@ -417,6 +426,7 @@ class Delivery:
         "_config",
         "_current",
         "_extensions",
+        "_failures_left",
         "_groups",
         "_hooks",
         "_publish",
@@ -447,6 +457,7 @@ class Delivery:
             groups if groups is not None else [(batch.messages, False)]
         )
         self._hooks = hooks
+        self._failures_left = 2 * len(batch.messages).bit_length()
         self._settlement = Settlement()
         self._call: BatchCall | None = None
         self._current: list[Message] = []
@@ -469,7 +480,12 @@ class Delivery:
             messages, exclusive = groups.popleft()
             try:
                 call = await self._start(messages, exclusive)
-                error = await call_once(self._app, self._scope(), call)
+                error = await call_once(
+                    self._app,
+                    self._scope(),
+                    call,
+                    log_level=logging.ERROR if self._no_failure_yet() else logging.DEBUG,
+                )
             except asyncio.CancelledError:
                 if self._call is None:  # cancelled before the call started
                     groups.appendleft((messages, exclusive))
@@ -512,6 +528,10 @@ class Delivery:
             _release(settlement, messages, f"{_NOT_RECEIVED} ({reason})")
         self._groups.clear()
         return settlement
+
+    def _no_failure_yet(self) -> bool:
+        """True until the first call failed (the first exception is logged loudly)."""
+        return self._failures_left == 2 * len(self._batch.messages).bit_length()
 
     def _scope(self) -> MessageScope:
         return message_scope(self._batch, self._state, self._extensions)
@@ -564,13 +584,19 @@ class Delivery:
                 settlement.acked.append(m)
             else:
                 suspects.append(m)
+        self._failures_left -= 1
         if len(messages) == 1 or not received:
-            # Failed alone, or before taking any message: nothing left to isolate.
+            # Failed alone, or before taking any message: nothing to isolate.
             for m, o in zip(messages, outcomes, strict=True):
                 if o is not True:
                     place(settlement, m, failure, config)
             return
         again: list[tuple[list[Message], bool]] = []
+        if self._failures_left <= 0:
+            # Failing too often to be one message's fault: stop isolating.
+            for m in suspects:
+                place(settlement, m, failure, config)
+            suspects = []
         if len(suspects) > 1:
             half = len(suspects) // 2
             again += [(suspects[:half], exclusive), (suspects[half:], exclusive)]
