@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
 from tests.core.test_isolation import PoisonApp, payloads_with_poison
@@ -148,19 +150,52 @@ async def app(scope, receive, send):
 """
 
 
-def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+NO_COUNTER_SERVER = """
+import sys
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.sqlite import SqliteOptions, SqliteTransport
+from killer import app
+
+
+class NoDeliveryCounter(SqliteTransport):
+    \"\"\"SQLite as a broker that does not count deliveries (Kafka, MQTT ...) would look.\"\"\"
+
+    counts_deliveries = False
+
+    async def fetch(self):
+        batches = await super().fetch()
+        for batch in batches:
+            for m in batch.messages:
+                m.attempt = 1
+        return batches
+
+
+options = SqliteOptions(batch_size=50, visibility_timeout=1, poll_interval=0.02)
+config = RuntimeConfig(max_attempts=5, retry_delay=0.05, crash_ledger=sys.argv[1])
+sys.exit(Runtime(app, NoDeliveryCounter(["q"], options), config, handle_signals=True).run())
+"""
+
+
+@pytest.mark.parametrize("broker", ["sqlite", "without a delivery counter"])
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(
+    tmp_path: Path, broker: str
+) -> None:
     (tmp_path / "killer.py").write_text(KILLER_APP)
+    (tmp_path / "no_counter.py").write_text(NO_COUNTER_SERVER)
     db = str(tmp_path / "amgi.db")
     acks = tmp_path / "acks"
     payloads = [b"kill" if i == 10 else f"m{i:02d}".encode() for i in range(60)]
     queue = SqliteQueue(db)
     queue.put_many("q", [([], p, {}) for p in payloads])
-    argv = [
-        sys.executable, "-m", "amgi", "run", "killer:app", "q",
-        "--batch-size", "50", "--max-attempts", "5", "--visibility-timeout", "1",
-        "--poll-interval", "0.02", "--retry-delay", "0.05",
-        "--crash-ledger", str(tmp_path / "ledger"),
-    ]  # fmt: skip
+    ledger = str(tmp_path / "ledger")
+    if broker == "sqlite":
+        argv = [
+            sys.executable, "-m", "amgi", "run", "killer:app", "q",
+            "--batch-size", "50", "--max-attempts", "5", "--visibility-timeout", "1",
+            "--poll-interval", "0.02", "--retry-delay", "0.05", "--crash-ledger", ledger,
+        ]  # fmt: skip
+    else:
+        argv = [sys.executable, "no_counter.py", ledger]
     env = {**os.environ, "ACKS": str(acks)}
     kills = 0
     deadline = time.monotonic() + 120
