@@ -5,6 +5,7 @@ Each test runs a real ``amgi run`` process on the embedded SQLite server and sig
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -200,3 +201,39 @@ async def test_lifespan_startup_timeout_fails_startup() -> None:
     runtime = Runtime(app, MemoryTransport(["q"], MemoryOptions()), config)
     with pytest.raises(StartupFailed, match=r"did not complete lifespan startup within 0.2s"):
         await runtime.serve()
+
+
+async def test_a_lambda_invocation_answers_in_time_when_the_app_swallows_cancellation() -> None:
+    import json
+
+    from amgi.serverless import SqsHandler
+
+    release = asyncio.Event()
+
+    async def stubborn(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        await receive()
+        while not release.is_set():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)
+
+    class Context:
+        def __init__(self, seconds: float) -> None:
+            self.end = asyncio.get_running_loop().time() + seconds
+
+        def get_remaining_time_in_millis(self) -> int:
+            return int((self.end - asyncio.get_running_loop().time()) * 1000)
+
+    fixture = Path(__file__).parent.parent / "serverless" / "fixtures" / "sqs_standard.json"
+    event = json.loads(fixture.read_text())
+    handler = SqsHandler(stubborn, handle_sigterm=False, config=RuntimeConfig(lifespan="off"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await asyncio.wait_for(handler.handle(event, Context(1.5)), 10)
+    release.set()
+    assert loop.time() - started < 1.5, "the invocation must answer before its deadline"
+    ids = [r["messageId"] for r in event["Records"]]
+    assert sorted(f["itemIdentifier"] for f in result["batchItemFailures"]) == sorted(ids)
