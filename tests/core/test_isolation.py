@@ -203,3 +203,31 @@ async def test_a_failure_that_is_no_messages_fault_costs_few_calls(
     assert calls <= 1 + 14 + 7, calls
     tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     assert len(tracebacks) == 1, "one traceback per delivery, not one per isolating call"
+
+
+async def test_at_shutdown_messages_never_received_are_handed_back_not_dead_lettered() -> None:
+    from tests.core.test_runtime import Scripted, batch
+
+    in_hands = asyncio.Event()
+
+    async def slow(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        await receive()
+        in_hands.set()
+        await asyncio.sleep(3600)
+
+    # On their last attempt: redelivered messages are delivered one per call, so only
+    # the first is in the app's hands when the shutdown cancels the call.
+    t = Scripted([batch("a", b"1", b"2", b"3", attempt=5)])
+    runtime = Runtime(slow, t, RuntimeConfig(lifespan="off", max_attempts=5, shutdown_timeout=0.1))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(in_hands.wait(), 10)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    ((_, settlement),) = t.settled
+    assert [(d.message.payload, d.reason) for d in settlement.dead] == [
+        (b"1", "the application call was cancelled (shutdown or deadline)")
+    ]
+    assert [(r.message.payload, r.delay) for r in settlement.retry] == [(b"2", 0.0), (b"3", 0.0)]
+    assert all(r.reason.startswith("not received by the application") for r in settlement.retry)

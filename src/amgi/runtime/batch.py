@@ -477,9 +477,10 @@ class Delivery:
         groups = self._groups
         settlement = self._settlement
         while groups:
-            messages, exclusive = groups.popleft()
+            messages, exclusive = groups[0]
             try:
                 call = await self._start(messages, exclusive)
+                groups.popleft()  # taken off only once in the app's hands
                 error = await call_once(
                     self._app,
                     self._scope(),
@@ -487,8 +488,6 @@ class Delivery:
                     log_level=logging.ERROR if self._no_failure_yet() else logging.DEBUG,
                 )
             except asyncio.CancelledError:
-                if self._call is None:  # cancelled before the call started
-                    groups.appendleft((messages, exclusive))
                 if self._abandoned:
                     raise
                 raise CallCancelled(self.abandon(_CANCELLED)) from None
