@@ -160,9 +160,10 @@ class BatchCall:
             kind = event.get("type")
             if kind == "message.ack" and len(event) == 2:
                 # The hot path, inlined: a valid ack of a received, unsettled message.
+                # (end() moves _guess past the last message, so no ended check here.)
                 mid = event.get("id")
                 i = self._guess
-                if i < self._next and self._messages[i].id == mid and not self._ended:
+                if i < self._next and self._messages[i].id == mid:
                     outcome = self._outcome
                     if outcome[i] is None:
                         outcome[i] = True
@@ -242,6 +243,7 @@ class BatchCall:
     def end(self) -> None:
         """Mark the call as over: later events are rejected, waiting receives return."""
         self._ended = True
+        self._guess = self._count
         if self._ended_event is not None:
             self._ended_event.set()
 
