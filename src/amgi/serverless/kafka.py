@@ -37,9 +37,8 @@ from amgi.serverless._adapter import (
 )
 from amgi.servers import load
 from amgi.servers._kafka_records import message_from_record
+from amgi.servers.kit import dead_letter_headers
 from amgi.transport import (
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
     Batch,
     Message,
     Transport,
@@ -200,11 +199,9 @@ class KafkaHandler(LambdaAdapter):
                 f"{first[1].id}: {first[2]}); failing the invocation so Lambda retries"
             )
         for address, m, reason in failures:
-            headers = [
-                *m.headers,
-                (DEAD_LETTER_REASON_HEADER, reason.encode("utf-8", "replace")),
-                (ORIGINAL_ADDRESS_HEADER, address.encode("utf-8")),
-            ]
+            headers = dead_letter_headers(
+                m.headers, attempt=m.attempt, address=address, reason=reason
+            )
             # A send error propagates: the invocation fails and Lambda retries the batch.
             await self._publish(self.dead_letter_address, headers, m.payload, dict(m.bindings))
         logger.warning("%d record(s) dead-lettered to %r", len(failures), self.dead_letter_address)

@@ -33,20 +33,24 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
-from amgi.transport import (
+from amgi.servers.kit import (
     ATTEMPT_HEADER,
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
+    Backoff,
+    Watermark,
+    dead_letter_headers,
+    invalid,
+    retry_headers,
+)
+from amgi.transport import (
     Batch,
     Bindings,
     HeaderList,
     Message,
     Settlement,
     Transport,
-    headers_with_attempt,
 )
 
 if TYPE_CHECKING:
@@ -92,13 +96,15 @@ class AmqpOptions:
         metadata={"help": "broker URL, amqp://user:password@host:port/vhost", "secret": True},
     )
     prefetch: int = field(
-        default=1000, metadata={"help": "unacknowledged deliveries per queue (basic.qos)"}
+        default=1000,
+        metadata={"ge": 1, "le": 65535, "help": "unacknowledged deliveries per queue (basic.qos)"},
     )
-    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
+    batch_size: int = field(default=100, metadata={"ge": 1, "help": "most messages per batch"})
     linger: float = field(
-        default=0.002, metadata={"help": "seconds to wait for a fuller batch once one arrived"}
+        default=0.002,
+        metadata={"ge": 0, "help": "seconds to wait for a fuller batch once one arrived"},
     )
-    queue_type: str = field(
+    queue_type: Literal["classic", "quorum"] = field(
         default="classic", metadata={"help": "type of declared queues: classic or quorum"}
     )
     durable: bool = field(default=True, metadata={"help": "declare durable queues/exchange"})
@@ -122,11 +128,17 @@ class AmqpOptions:
         metadata={"help": "exchange receiving dead letters, routed by their queue name"},
     )
     confirm_timeout: float = field(
-        default=30.0, metadata={"help": "seconds to wait for a publish confirm"}
+        default=30.0, metadata={"gt": 0, "help": "seconds to wait for a publish confirm"}
     )
     reconnect_delay_max: float = field(
-        default=5.0, metadata={"help": "longest pause between reconnection attempts, seconds"}
+        default=5.0,
+        metadata={"gt": 0, "help": "longest pause between reconnection attempts, seconds"},
     )
+
+    def check_together(self) -> None:
+        """Quorum queues exist only durable."""
+        if self.queue_type == "quorum" and not self.durable:
+            raise invalid(self, "durable", "cannot be off for quorum queues")
 
 
 # -- headers and bindings -----------------------------------------------------------------
@@ -293,10 +305,8 @@ class _Channel:
 
     channel: AbstractChannel
     generation: int
-    next_tag: int = 1
-    """Lowest delivery tag not yet settled: every tag below it is acked or rejected."""
-    settled: set[int] = field(default_factory=set)
-    """Settled tags above ``next_tag`` (their predecessors are still in flight)."""
+    acked: Watermark = field(default_factory=lambda: Watermark(first=1))
+    """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
 
 
 class AmqpTransport(Transport):
@@ -326,26 +336,15 @@ class AmqpTransport(Transport):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _check_options(self) -> None:
-        c = self.config
-        if c.batch_size < 1 or c.prefetch < 1:
-            raise ConfigurationError("amqp: batch_size and prefetch must be at least 1")
-        if c.prefetch > 65535:
-            raise ConfigurationError("amqp: prefetch must be at most 65535")
-        if c.queue_type not in ("classic", "quorum"):
-            raise ConfigurationError(
-                f"amqp: queue_type must be classic or quorum, not {c.queue_type!r}"
-            )
-        if c.queue_type == "quorum" and not c.durable:
-            raise ConfigurationError("amqp: quorum queues are always durable")
-        if c.linger < 0 or c.confirm_timeout <= 0:
-            raise ConfigurationError("amqp: linger must be >= 0 and confirm_timeout > 0")
+    def check(self) -> None:
+        """The options, then the addresses: queue names of 1 to 255 bytes."""
+        super().check()
         for address in self.addresses:
             if not address or len(address.encode()) > 255:
                 raise ConfigurationError(f"amqp: {address!r} is not a queue name (1-255 bytes)")
 
     async def connect(self) -> None:
-        self._check_options()
+        self.check()
         self._closed = False
         await self._open()
         self._supervisor = asyncio.create_task(self._supervise(), name="amgi-amqp-reconnect")
@@ -436,7 +435,7 @@ class AmqpTransport(Transport):
 
     async def _supervise(self) -> None:
         """Reconnect with backoff whenever the connection or the consuming channel closes."""
-        delay = _RECONNECT_FIRST
+        backoff = Backoff(_RECONNECT_FIRST, self.config.reconnect_delay_max)
         while True:
             waits: list[asyncio.Future[Any]] = []
             if self._connection is not None:
@@ -460,18 +459,17 @@ class AmqpTransport(Transport):
             while True:
                 try:
                     await self._open()
-                except (BrokerUnavailable, ConfigurationError, OSError) as exc:
-                    logger.warning("amqp: reconnect failed: %s (next try in %.1fs)", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.config.reconnect_delay_max)
-                    continue
                 except Exception as exc:
-                    logger.warning("amqp: reconnect failed: %r (next try in %.1fs)", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.config.reconnect_delay_max)
+                    known = isinstance(exc, (BrokerUnavailable, ConfigurationError, OSError))
+                    logger.warning(
+                        "amqp: reconnect failed: %s (next try in %.1fs)",
+                        exc if known else repr(exc),
+                        backoff.delay,
+                    )
+                    await backoff.sleep()
                     continue
                 logger.info("amqp: reconnected; consuming again")
-                delay = _RECONNECT_FIRST
+                backoff.reset()
                 break
 
     async def close(self) -> None:
@@ -569,17 +567,11 @@ class AmqpTransport(Transport):
                 await channel.basic_reject(tag, requeue=True)
         except Exception:
             return  # channel lost: everything unacked comes back
-        settled = consumer.settled
-        settled.update(m.token.delivery.delivery_tag for m in batch.messages)
-        start = tag = consumer.next_tag
-        while tag in settled:
-            settled.discard(tag)
-            tag += 1
-        if tag == start:
+        mark = consumer.acked.settle(m.token.delivery.delivery_tag for m in batch.messages)
+        if mark is None:
             return
-        consumer.next_tag = tag
         with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
-            await channel.basic_ack(tag - 1, multiple=True)
+            await channel.basic_ack(mark, multiple=True)
 
     async def _publish_retry(self, queue: str, message: Message, delay: float) -> None:
         delay_ms = max(1, round(delay * 1000))
@@ -596,13 +588,13 @@ class AmqpTransport(Transport):
                 },
             )
             self._retry_queues.add(retry_queue)
-        headers = headers_with_attempt(message.headers, message.attempt + 1)
+        headers = retry_headers(message.headers, attempt=message.attempt + 1)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 
     async def _publish_dead(self, queue: str, message: Message, reason: str) -> None:
-        headers = headers_with_attempt(message.headers, message.attempt)
-        headers.append((DEAD_LETTER_REASON_HEADER, reason.encode()))
-        headers.append((ORIGINAL_ADDRESS_HEADER, queue.encode()))
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=queue, reason=reason
+        )
         channel = await self._channel()
         await self._confirm(
             channel, message.token, self.config.dead_letter_exchange, queue, headers

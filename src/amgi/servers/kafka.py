@@ -38,18 +38,21 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers._kafka_client_log import CLIENT_LOGGER, ClientErrors
 from amgi.servers._kafka_records import RETRY_DUE_HEADER, messages_from_records
-from amgi.transport import (
-    ATTEMPT_HEADER,
-    DEAD_LETTER_REASON_HEADER,
+from amgi.servers.kit import (
     ORIGINAL_ADDRESS_HEADER,
+    Watermark,
+    dead_letter_headers,
+    invalid,
+    retry_headers,
+)
+from amgi.transport import (
     Batch,
     Bindings,
     HeaderList,
@@ -90,43 +93,53 @@ class KafkaOptions:
         default_factory=list,
         metadata={"help": "topics to consume besides the addresses; '^regex' is a pattern"},
     )
-    auto_offset_reset: str = field(
+    auto_offset_reset: Literal["earliest", "latest"] = field(
         default="earliest",
         metadata={"help": "where a group without committed offsets starts: earliest|latest"},
     )
     client_id: str = field(default="amgi", metadata={"help": "client id sent to the broker"})
     max_batch_size: int = field(
-        default=2000, metadata={"help": "most records taken by one fetch (all partitions)"}
+        default=2000, metadata={"ge": 1, "help": "most records taken by one fetch (all partitions)"}
     )
     fetch_wait_max_ms: int = field(
-        default=100, metadata={"help": "longest wait of the broker for fetch_min_bytes"}
+        default=100, metadata={"ge": 0, "help": "longest wait of the broker for fetch_min_bytes"}
     )
-    fetch_min_bytes: int = field(default=1, metadata={"help": "fetch.min.bytes"})
+    fetch_min_bytes: int = field(default=1, metadata={"ge": 1, "help": "fetch.min.bytes"})
     fetch_queue_backoff_ms: int = field(
         default=10,
-        metadata={"help": "pause of a partition's fetching while its local queue is full"},
+        metadata={"ge": 0, "help": "pause of a partition's fetching while its local queue is full"},
     )
-    fetch_max_bytes: int = field(default=52428800, metadata={"help": "fetch.max.bytes"})
+    fetch_max_bytes: int = field(default=52428800, metadata={"ge": 1, "help": "fetch.max.bytes"})
     max_partition_fetch_bytes: int = field(
-        default=1048576, metadata={"help": "max.partition.fetch.bytes"}
+        default=1048576, metadata={"ge": 1, "help": "max.partition.fetch.bytes"}
     )
-    session_timeout_ms: int = field(default=45000, metadata={"help": "group session timeout"})
-    heartbeat_interval_ms: int = field(default=3000, metadata={"help": "group heartbeat interval"})
+    session_timeout_ms: int = field(
+        default=45000, metadata={"ge": 1, "help": "group session timeout"}
+    )
+    heartbeat_interval_ms: int = field(
+        default=3000, metadata={"ge": 1, "help": "group heartbeat interval"}
+    )
     max_poll_interval_ms: int = field(
-        default=300000, metadata={"help": "longest gap between fetches before leaving the group"}
+        default=300000,
+        metadata={"ge": 1, "help": "longest gap between fetches before leaving the group"},
     )
     rebalance_timeout: float = field(
         default=30.0,
-        metadata={"help": "seconds a revoke waits for in-flight batches to settle and commit"},
+        metadata={
+            "ge": 0,
+            "help": "seconds a revoke waits for in-flight batches to settle and commit",
+        },
     )
-    acks: str = field(default="all", metadata={"help": "producer acks: 0, 1 or all"})
+    acks: Literal["0", "1", "-1", "all"] = field(
+        default="all", metadata={"help": "producer acks: 0, 1 or all (-1)"}
+    )
     compression_type: str = field(
         default="none", metadata={"help": "producer compression: none|gzip|snappy|lz4|zstd"}
     )
-    linger_ms: int = field(default=5, metadata={"help": "producer linger.ms"})
+    linger_ms: int = field(default=5, metadata={"ge": 0, "help": "producer linger.ms"})
     enable_idempotence: bool = field(default=True, metadata={"help": "idempotent producer"})
     delivery_timeout_ms: int = field(
-        default=30000, metadata={"help": "how long a send may take before it fails"}
+        default=30000, metadata={"ge": 0, "help": "how long a send may take before it fails"}
     )
     retry_topic: str = field(
         default="{topic}.retry", metadata={"help": "retry topic of a topic ({topic} is replaced)"}
@@ -138,12 +151,12 @@ class KafkaOptions:
         default=True, metadata={"help": "create missing retry and dead-letter topics at startup"}
     )
     connect_timeout: float = field(
-        default=10.0, metadata={"help": "seconds to reach the broker at startup"}
+        default=10.0, metadata={"gt": 0, "help": "seconds to reach the broker at startup"}
     )
-    security_protocol: str = field(
+    security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = field(
         default="plaintext", metadata={"help": "plaintext|ssl|sasl_plaintext|sasl_ssl"}
     )
-    sasl_mechanism: str | None = field(
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = field(
         default=None, metadata={"help": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"}
     )
     sasl_username: str | None = field(default=None, metadata={"help": "SASL user name"})
@@ -166,13 +179,13 @@ class KafkaOptions:
         metadata={"help": "extra librdkafka setting NAME=VALUE (repeatable)", "secret": True},
     )
 
-
-@dataclass(slots=True)
-class _Pending:
-    """A batch handed out and not yet settled: the offset to commit once it is."""
-
-    next_offset: int
-    done: bool = False
+    def check_together(self) -> None:
+        """Some broker to reach; retry and dead-letter topic templates with ``{topic}``."""
+        if not self.bootstrap_servers.strip():
+            raise invalid(self, "bootstrap_servers", "is empty")
+        for name in ("retry_topic", "dead_letter_topic"):
+            if "{topic}" not in getattr(self, name):
+                raise invalid(self, name, "must contain {topic}")
 
 
 @dataclass(slots=True)
@@ -180,7 +193,8 @@ class _Partition:
     """What the transport tracks of one assigned partition."""
 
     epoch: int
-    pending: deque[_Pending] = field(default_factory=deque)
+    settled: Watermark = field(default_factory=Watermark)
+    """The offset after each batch handed out; its high mark is the offset to commit."""
     resume_at: float | None = None
     commit_to: int | None = None
     """The offset to commit: every batch before it is settled."""
@@ -193,7 +207,7 @@ class _BatchContext:
     tp: TopicPartition
     state: _Partition
     epoch: int
-    pending: _Pending
+    next_offset: int
     first_offset: int
 
 
@@ -315,28 +329,13 @@ class KafkaTransport(Transport):
         )
         return conf
 
-    def _check_options(self) -> None:
-        o = self.config
-        if not o.bootstrap_servers.strip():
-            raise ConfigurationError("--bootstrap-servers is empty")
-        if o.auto_offset_reset not in ("earliest", "latest"):
-            raise ConfigurationError(
-                f"--auto-offset-reset must be earliest or latest, got {o.auto_offset_reset!r}"
-            )
-        if o.max_batch_size < 1:
-            raise ConfigurationError("--max-batch-size must be at least 1")
-        for name in ("retry_topic", "dead_letter_topic"):
-            if "{topic}" not in getattr(o, name):
-                flag = "--" + name.replace("_", "-")
-                raise ConfigurationError(f"{flag} must contain {{topic}}")
-
     # -- lifecycle -----------------------------------------------------------------------
 
     async def connect(self) -> None:
         """Check the options, reach the broker, then subscribe to the addresses."""
         from confluent_kafka import Consumer, KafkaException, Producer
 
-        self._check_options()
+        self.check()
         self._loop = asyncio.get_running_loop()
         try:
             self._producer = Producer(self._producer_config())
@@ -517,7 +516,11 @@ class KafkaTransport(Transport):
         deadline = time.monotonic() + self.config.rebalance_timeout
         with self._lock:
             while not self._closing:
-                busy = [k for k in keys if k in self._partitions and self._partitions[k].pending]
+                busy = [
+                    k
+                    for k in keys
+                    if k in self._partitions and self._partitions[k].settled.outstanding
+                ]
                 remaining = deadline - time.monotonic()
                 if not busy or remaining <= 0:
                     if busy:
@@ -661,12 +664,12 @@ class KafkaTransport(Transport):
         elif self._is_dead_letter_topic(topic):
             return None
         messages = messages_from_records(partition, records)
-        pending = _Pending(records[-1].offset() + 1)
+        next_offset = records[-1].offset() + 1
         with self._lock:
             if self._partitions.get(key) is not state:
                 return None
-            state.pending.append(pending)
-        context = _BatchContext(key, state, state.epoch, pending, records[0].offset())
+            state.settled.add(next_offset)
+        context = _BatchContext(key, state, state.epoch, next_offset, records[0].offset())
         batch_key: Hashable = key
         return Batch(address, messages, batch_key, context)
 
@@ -722,15 +725,11 @@ class KafkaTransport(Transport):
             with self._lock:
                 if self._partitions.get(ctx.tp) is ctx.state and ctx.state.epoch == ctx.epoch:
                     self._rewind[ctx.tp] = ctx.first_offset
-                ctx.pending.done = True
+                ctx.state.settled.settle([ctx.next_offset])
                 self._lock.notify_all()
             return
         with self._lock:
-            ctx.pending.done = True
-            pending = ctx.state.pending
-            commit: int | None = None
-            while pending and pending[0].done:
-                commit = pending.popleft().next_offset
+            commit = ctx.state.settled.settle([ctx.next_offset])
             if (
                 commit is not None
                 and self._partitions.get(ctx.tp) is ctx.state
@@ -789,22 +788,19 @@ class KafkaTransport(Transport):
         original = address.encode()
         for retry in settlement.retry:
             m = retry.message
-            headers = [
-                *m.headers,
-                (ATTEMPT_HEADER, str(m.attempt + 1).encode()),
-                (ORIGINAL_ADDRESS_HEADER, original),
-                (RETRY_DUE_HEADER, str(now_ms + int(retry.delay * 1000)).encode()),
-            ]
+            due = str(now_ms + int(retry.delay * 1000)).encode()
+            headers = retry_headers(
+                m.headers,
+                attempt=m.attempt + 1,
+                extra=[(ORIGINAL_ADDRESS_HEADER, original), (RETRY_DUE_HEADER, due)],
+            )
             key = m.bindings.get("kafka", {}).get("key")
             waits.append(self._produce(self._retry_name(address), headers, m.payload, key, None))
         for dead in settlement.dead:
             m = dead.message
-            headers = [
-                *m.headers,
-                (ATTEMPT_HEADER, str(m.attempt).encode()),
-                (ORIGINAL_ADDRESS_HEADER, original),
-                (DEAD_LETTER_REASON_HEADER, dead.reason.encode("utf-8", "replace")),
-            ]
+            headers = dead_letter_headers(
+                m.headers, attempt=m.attempt, address=address, reason=dead.reason
+            )
             key = m.bindings.get("kafka", {}).get("key")
             waits.append(self._produce(self._dead_name(address), headers, m.payload, key, None))
         await asyncio.gather(*waits)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
@@ -45,18 +46,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.kit import (
+    Backoff,
+    DelayedRepublisher,
+    attempt_from_headers,
+    dead_letter_headers,
+    invalid,
+    retry_headers,
+)
 from amgi.transport import (
-    ATTEMPT_HEADER,
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
     Batch,
     Bindings,
     HeaderList,
     Message,
     Settlement,
     Transport,
-    attempt_from_headers,
-    headers_with_attempt,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +70,6 @@ __all__ = ["MqttOptions", "MqttSendError", "MqttTransport", "Publish", "decode_p
 
 logger = logging.getLogger("amgi.servers.mqtt")
 
-_PROTOCOLS = ("5", "3.1.1")
 _MISC_INTERVAL = 1.0
 _RECONNECT_FIRST = 0.1
 
@@ -80,7 +83,9 @@ class MqttOptions:
     """Options of the MQTT server; each becomes a ``--kebab-case`` flag."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "broker host name or address"})
-    port: int = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
+    port: int = field(
+        default=1883, metadata={"ge": 1, "le": 65535, "help": "broker port (8883 is usual for TLS)"}
+    )
     protocol: Literal["5", "3.1.1"] = field(
         default="5", metadata={"help": "MQTT protocol version: 5 or 3.1.1"}
     )
@@ -91,18 +96,25 @@ class MqttOptions:
             "filters; give each server of a shared subscription its own)"
         },
     )
-    qos: int = field(default=1, metadata={"help": "subscription QoS: 0, 1 or 2"})
+    qos: int = field(default=1, metadata={"ge": 0, "le": 2, "help": "subscription QoS: 0, 1 or 2"})
     session_expiry: int = field(
         default=3600,
-        metadata={"help": "seconds the broker keeps the session while disconnected (MQTT 5)"},
+        metadata={
+            "ge": 0,
+            "help": "seconds the broker keeps the session while disconnected (MQTT 5)",
+        },
     )
-    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
+    batch_size: int = field(default=100, metadata={"ge": 1, "help": "most messages per batch"})
     batch_linger: float = field(
-        default=0.005, metadata={"help": "seconds to wait for a batch to fill up"}
+        default=0.005, metadata={"ge": 0, "help": "seconds to wait for a batch to fill up"}
     )
     receive_maximum: int = field(
         default=1000,
-        metadata={"help": "unacknowledged messages the broker may send at once (MQTT 5)"},
+        metadata={
+            "ge": 1,
+            "le": 65535,
+            "help": "unacknowledged messages the broker may send at once (MQTT 5)",
+        },
     )
     dead_letter_prefix: str = field(
         default="amgi/dead-letter",
@@ -123,16 +135,27 @@ class MqttOptions:
     tls_insecure: bool = field(
         default=False, metadata={"help": "do not check the broker's certificate host name"}
     )
-    keepalive: int = field(default=60, metadata={"help": "keepalive interval, seconds"})
+    keepalive: int = field(default=60, metadata={"ge": 0, "help": "keepalive interval, seconds"})
     connect_timeout: float = field(
-        default=10.0, metadata={"help": "seconds to wait for the broker to accept a connection"}
+        default=10.0,
+        metadata={"gt": 0, "help": "seconds to wait for the broker to accept a connection"},
     )
     send_timeout: float = field(
-        default=30.0, metadata={"help": "seconds a send waits for the broker's acknowledgement"}
+        default=30.0,
+        metadata={"gt": 0, "help": "seconds a send waits for the broker's acknowledgement"},
     )
     reconnect_delay_max: float = field(
-        default=30.0, metadata={"help": "upper bound of the doubling reconnect delay, seconds"}
+        default=30.0,
+        metadata={"gt": 0, "help": "upper bound of the doubling reconnect delay, seconds"},
     )
+
+    def check_together(self) -> None:
+        """A password needs a user name; the dead-letter prefix must be a topic."""
+        if self.password is not None and self.username is None:
+            raise invalid(self, "password", "needs --username")
+        problem = _topic_problem(self.dead_letter_prefix)
+        if problem:
+            raise invalid(self, "dead_letter_prefix", f"is not a topic: {problem}")
 
 
 def validate_filter(topic_filter: str) -> str | None:
@@ -315,7 +338,7 @@ class MqttTransport(Transport):
         self._connack: asyncio.Future[tuple[bool, Any]] | None = None
         self._suback: dict[int, asyncio.Future[list[Any]]] = {}
         self._puback: dict[int, asyncio.Future[Any]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._retries = DelayedRepublisher("mqtt")
         self._reconnector: asyncio.Task[None] | None = None
         self._misc: asyncio.Task[None] | None = None
         self._closing = False
@@ -326,23 +349,10 @@ class MqttTransport(Transport):
 
     # -- connection ------------------------------------------------------------------
 
-    def _check_options(self) -> None:
+    def check(self) -> None:
+        """The options, then the addresses: topic filters, a client id for shared ones."""
+        super().check()
         c = self.config
-        if c.protocol not in _PROTOCOLS:
-            raise ConfigurationError(f"mqtt: protocol must be 5 or 3.1.1, not {c.protocol!r}")
-        if c.qos not in (0, 1, 2):
-            raise ConfigurationError(f"mqtt: qos must be 0, 1 or 2, not {c.qos}")
-        if c.batch_size < 1:
-            raise ConfigurationError("mqtt: batch_size must be at least 1")
-        if not 1 <= c.receive_maximum <= 65535:
-            raise ConfigurationError("mqtt: receive_maximum must be between 1 and 65535")
-        if not 0 < c.port < 65536:
-            raise ConfigurationError(f"mqtt: port {c.port} is not a TCP port")
-        if c.password is not None and c.username is None:
-            raise ConfigurationError("mqtt: a password needs a username")
-        problem = _topic_problem(c.dead_letter_prefix)
-        if problem:
-            raise ConfigurationError(f"mqtt: bad dead_letter_prefix: {problem}")
         for address in self.addresses:
             problem = validate_filter(address)
             if problem:
@@ -367,7 +377,8 @@ class MqttTransport(Transport):
 
     async def connect(self) -> None:
         """Connect, resume (or create) the persistent session and subscribe."""
-        self._check_options()
+        self.check()
+        self._retries = DelayedRepublisher("mqtt")
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -521,15 +532,16 @@ class MqttTransport(Transport):
         self._reconnector = asyncio.create_task(self._reconnect(), name="amgi-mqtt-reconnect")
 
     async def _reconnect(self) -> None:
-        delay = _RECONNECT_FIRST
+        backoff = Backoff(_RECONNECT_FIRST, self.config.reconnect_delay_max)
         try:
             while not self._closing:
-                await asyncio.sleep(delay)
+                await backoff.sleep()
                 try:
                     await self._open()
                 except (OSError, ConfigurationError) as exc:
-                    logger.warning("mqtt: reconnect failed: %s (next try in %.1fs)", exc, delay)
-                    delay = min(delay * 2, self.config.reconnect_delay_max)
+                    logger.warning(
+                        "mqtt: reconnect failed: %s (next try in %.1fs)", exc, backoff.delay
+                    )
                     continue
                 logger.info("mqtt: reconnected to %s", self._where())
                 return
@@ -682,9 +694,8 @@ class MqttTransport(Transport):
         for message in settlement.acked:
             self._ack(message)
         for retry in settlement.retry:
-            task = asyncio.create_task(self._retry(batch.address, retry.message, retry.delay))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            send = functools.partial(self._retry, batch.address, retry.message)
+            self._retries.schedule(retry.delay, send)
         if settlement.dead:
             await asyncio.gather(
                 *(self._dead_letter(batch.address, d.message, d.reason) for d in settlement.dead)
@@ -696,14 +707,17 @@ class MqttTransport(Transport):
         if qos and generation == self._generation and client is not None:
             client.ack(mid, qos)
 
-    async def _retry(self, topic: str, message: Message, delay: float) -> None:
-        await asyncio.sleep(delay)
+    async def _retry(self, topic: str, message: Message) -> None:
+        """Republish ``message`` as its next attempt, then PUBACK the original."""
         attempt = message.attempt + 1
         bindings = {"mqtt": {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}}
         try:
             if self._v5:
                 await self.publish(
-                    topic, headers_with_attempt(message.headers, attempt), message.payload, bindings
+                    topic,
+                    retry_headers(message.headers, attempt=attempt),
+                    message.payload,
+                    bindings,
                 )
             else:
                 self._retry_attempts[(topic, message.payload or b"")] = attempt
@@ -719,10 +733,9 @@ class MqttTransport(Transport):
         self._ack(message)
 
     async def _dead_letter(self, topic: str, message: Message, reason: str) -> None:
-        headers = list(message.headers)
-        headers.append((DEAD_LETTER_REASON_HEADER, reason.encode()))
-        headers.append((ORIGINAL_ADDRESS_HEADER, topic.encode()))
-        headers.append((ATTEMPT_HEADER, str(message.attempt).encode()))
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=topic, reason=reason
+        )
         binding = {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}
         binding["qos"] = max(1, int(binding.get("qos", 1)))
         target = f"{self.config.dead_letter_prefix}/{topic}"
@@ -823,11 +836,13 @@ class MqttTransport(Transport):
     async def close(self) -> None:
         """Disconnect, keeping the session (and every unacknowledged message) on the broker."""
         self._closing = True
-        tasks = [t for t in (self._reconnector, self._misc, *self._tasks) if t is not None]
+        # Retries still waiting are dropped (their originals stay unacknowledged and come
+        # back); those publishing get the send timeout to finish.
+        await self._retries.close(timeout=self.config.send_timeout)
+        tasks = [t for t in (self._reconnector, self._misc) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
         self._misc = None
         client, self._client = self._client, None
         if client is not None:

@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.kit import attempt_from_headers, dead_letter_headers
+from amgi.servers.kit.fifo import held_behind
 from amgi.transport import (
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
     Batch,
     Bindings,
     DeadLetter,
@@ -300,6 +300,9 @@ def _message(raw: Mapping[str, Any]) -> Message:
     headers, encoding, types = headers_from_attributes(
         _api_attributes(raw.get("MessageAttributes") or {})
     )
+    # A dead letter carries its last attempt: the later of that and SQS's receive count.
+    attempt, headers = attempt_from_headers(headers)
+    received = max(1, int(system.get("ApproximateReceiveCount", "1")))
     try:
         payload = decode_body(raw["Body"], encoding)
     except ValueError as exc:
@@ -311,7 +314,7 @@ def _message(raw: Mapping[str, Any]) -> Message:
         headers=headers,
         payload=payload,
         bindings={"sqs": message_bindings(raw["MessageId"], system, types)},
-        attempt=max(1, int(system.get("ApproximateReceiveCount", "1"))),
+        attempt=max(attempt, received),
         token=raw["ReceiptHandle"],
     )
 
@@ -335,20 +338,29 @@ class SqsOptions:
         default=None, metadata={"help": "AWS profile for credentials (default: the standard chain)"}
     )
     wait_time: int = field(
-        default=20, metadata={"help": "long-poll seconds per ReceiveMessage (0-20)"}
+        default=20,
+        metadata={"ge": 0, "le": 20, "help": "long-poll seconds per ReceiveMessage (0-20)"},
     )
-    max_messages: int = field(default=10, metadata={"help": "messages per receive (1-10)"})
-    receivers: int = field(default=2, metadata={"help": "receive calls in flight per queue"})
+    max_messages: int = field(
+        default=10, metadata={"ge": 1, "le": 10, "help": "messages per receive (1-10)"}
+    )
+    receivers: int = field(
+        default=2, metadata={"ge": 1, "help": "receive calls in flight per queue"}
+    )
     visibility_timeout: int = field(
         default=30,
-        metadata={"help": "seconds a received message stays hidden; extended while in flight"},
+        metadata={
+            "ge": 0,
+            "le": 43200,
+            "help": "seconds a received message stays hidden; extended while in flight",
+        },
     )
     dead_letter_suffix: str = field(
         default="-dlq",
         metadata={"help": "dead-letter queue name suffix for queues without a redrive policy"},
     )
     connect_timeout: float = field(
-        default=5.0, metadata={"help": "seconds to wait for a connection to the endpoint"}
+        default=5.0, metadata={"gt": 0, "help": "seconds to wait for a connection to the endpoint"}
     )
 
 
@@ -394,7 +406,7 @@ class SqsTransport(Transport):
 
     async def connect(self) -> None:
         """Create the client and look up every consumed queue (clear errors if it cannot)."""
-        self._check_options()
+        self.check()
         from aiobotocore.config import AioConfig
         from aiobotocore.session import AioSession
         from botocore.exceptions import BotoCoreError, ProfileNotFound
@@ -434,16 +446,9 @@ class SqsTransport(Transport):
             await self.close()
             raise
 
-    def _check_options(self) -> None:
-        c = self.config
-        if not 0 <= c.wait_time <= 20:
-            raise ConfigurationError("sqs: wait_time must be 0 to 20 seconds")
-        if not 1 <= c.max_messages <= _MAX_BATCH:
-            raise ConfigurationError("sqs: max_messages must be 1 to 10")
-        if c.receivers < 1:
-            raise ConfigurationError("sqs: receivers must be at least 1")
-        if not 0 <= c.visibility_timeout <= _MAX_VISIBILITY:
-            raise ConfigurationError("sqs: visibility_timeout must be 0 to 43200 seconds")
+    def check(self) -> None:
+        """The options, then the addresses: non-empty queue names."""
+        super().check()
         for address in self.addresses:
             if not address:
                 raise ConfigurationError("sqs: an address must be a queue name")
@@ -729,14 +734,15 @@ def _stop_group_at_first_failure(
     acked: list[Message] = []
     retry: list[Retry] = []
     dead: list[DeadLetter] = []
-    held: Retry | None = None
+    # A batch is one group (Batch.key): everything after its first retry is held back.
+    blocked = held_behind(batch.messages, lambda m: id(m) in retries, lambda m: batch.key)
     for m in batch.messages:
         key = id(m)
-        if held is not None:
+        if key in blocked:
+            held = retries[id(blocked[key])]
             retry.append(Retry(m, f"held behind {held.message.id} (FIFO group)", held.delay))
         elif key in retries:
-            held = retries[key]
-            retry.append(held)
+            retry.append(retries[key])
         elif key in acked_ids:
             acked.append(m)
         elif key in deads:
@@ -749,11 +755,7 @@ def _dead_letter_attributes(
 ) -> dict[str, dict[str, Any]]:
     """The original headers (with their data types), the reason and the source queue."""
     types = m.bindings.get("sqs", {}).get("attribute_types", {})
-    headers = [
-        *m.headers,
-        (DEAD_LETTER_REASON_HEADER, reason.encode("utf-8", "replace")),
-        (ORIGINAL_ADDRESS_HEADER, source.encode("utf-8")),
-    ]
+    headers = dead_letter_headers(m.headers, attempt=m.attempt, address=source, reason=reason)
     return headers_to_attributes(headers, types, body_encoding)
 
 
