@@ -44,7 +44,9 @@ def test_every_key_a_server_reads_is_in_the_table() -> None:
 
 
 def test_property_maps_name_only_keys_of_the_table() -> None:
-    from amgi.servers import amqp, mqtt, sqs
+    from amgi.servers.amqp import _codec as amqp
+    from amgi.servers.mqtt import _codec as mqtt
+    from amgi.servers.sqs import records as sqs
 
     # (client attribute, binding key) pairs for AMQP and MQTT; (key, attribute) for SQS
     keys = {

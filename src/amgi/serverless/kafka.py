@@ -5,7 +5,7 @@ How a Kafka event maps onto AMGI:
 =====================  ================================================================
 ``records[topic-N]``   one batch per partition, its records in offset order; partitions
                        run concurrently (address: the topic)
-record                 mapped by :mod:`amgi.servers._kafka_records`, as the Kafka server
+record                 mapped by :mod:`amgi.servers.kafka.records`, as the Kafka server
                        does: base64 ``key``/``value`` decoded, header byte arrays joined,
                        ``bindings["kafka"]``: key, partition, offset, timestamp
 ack                    nothing to do: Lambda commits the batch when the invocation succeeds
@@ -36,7 +36,7 @@ from amgi.serverless._adapter import (
     is_object,
 )
 from amgi.servers import load
-from amgi.servers._kafka_records import message_from_record
+from amgi.servers.kafka.records import message_from_record
 from amgi.servers.kit import dead_letter_headers
 from amgi.transport import (
     Batch,

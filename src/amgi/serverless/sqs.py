@@ -31,7 +31,7 @@ from amgi.options import build
 from amgi.serverless._adapter import LambdaAdapter, LambdaContext, MalformedEvent, is_object
 from amgi.servers import load
 from amgi.servers.kit.fifo import held_behind
-from amgi.servers.sqs import decode_body, headers_from_attributes, message_bindings
+from amgi.servers.sqs.records import decode_body, headers_from_attributes, message_bindings
 from amgi.transport import Batch, Message, Transport
 
 __all__ = ["SqsHandler", "sqs_message"]
