@@ -267,6 +267,9 @@ def add_flags(parser: argparse._ActionsContainer, cls: type[Any], *, dest_prefix
                 help=f"{help_text} (default: {default})",
             )
         elif kind in (str, int, float):
+            bounds = bounds_text(f.metadata)
+            if bounds:
+                help_text = f"{help_text}, {bounds}"
             shown = "*****" if f.metadata.get("secret") and default else default
             parser.add_argument(
                 *names,
