@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+from amgi.options import check, option
+from amgi.servers.kit.backoff import doubling_delay
 
 __all__ = ["LifespanMode", "RuntimeConfig"]
 
@@ -18,65 +21,41 @@ _DEFAULT_LEDGER = os.path.join(
 
 @dataclass(slots=True)
 class RuntimeConfig:
-    """Every runtime option once; the ``amgi run`` flags map one-to-one onto these fields."""
+    """Every runtime option once; the ``amgi run`` flags map one-to-one onto these fields.
 
-    concurrency: int = field(
-        default=8, metadata={"help": "batches in flight at once (different ordering keys)"}
+    Declare an option with :func:`amgi.options.option` and its bounds (``ge``, ``gt``,
+    ``le``, ``lt``); floats are refused when not finite. Construction checks them all.
+    """
+
+    concurrency: int = option(8, "batches in flight at once (different ordering keys)", ge=1)
+    max_attempts: int = option(5, "deliveries of a message before it is dead-lettered", ge=1)
+    retry_delay: float = option(1.0, "seconds before the first retry of a nacked message", ge=0)
+    retry_delay_max: float = option(60.0, "upper bound of the doubling retry delay, seconds", ge=0)
+    shutdown_timeout: float = option(
+        30.0, "seconds in-flight batches get to finish at shutdown", ge=0
     )
-    max_attempts: int = field(
-        default=5, metadata={"help": "deliveries of a message before it is dead-lettered"}
+    startup_timeout: float = option(
+        60.0, "seconds the application gets to complete lifespan startup", ge=0
     )
-    retry_delay: float = field(
-        default=1.0, metadata={"help": "seconds before the first retry of a nacked message"}
+    lifespan_shutdown_timeout: float = option(
+        30.0, "seconds the application gets to complete lifespan shutdown", ge=0
     )
-    retry_delay_max: float = field(
-        default=60.0, metadata={"help": "upper bound of the doubling retry delay, seconds"}
+    cancel_grace: float = option(
+        5.0,
+        "seconds a cancelled application call gets to stop before the runtime gives up on "
+        "it, nacks what it left unsettled and exits",
+        ge=0,
     )
-    shutdown_timeout: float = field(
-        default=30.0, metadata={"help": "seconds in-flight batches get to finish at shutdown"}
+    crash_ledger: str = option(
+        _DEFAULT_LEDGER,
+        "directory of the local crash ledger that tells which messages were in the "
+        "application's hands when a process died ('' turns it off)",
     )
-    lifespan: LifespanMode = field(
-        default="auto", metadata={"help": "lifespan protocol: auto, on or off"}
-    )
-    startup_timeout: float = field(
-        default=60.0, metadata={"help": "seconds the application gets to complete lifespan startup"}
-    )
-    lifespan_shutdown_timeout: float = field(
-        default=30.0,
-        metadata={"help": "seconds the application gets to complete lifespan shutdown"},
-    )
-    cancel_grace: float = field(
-        default=5.0,
-        metadata={
-            "help": "seconds a cancelled application call gets to stop before the runtime "
-            "gives up on it, nacks what it left unsettled and exits"
-        },
-    )
-    crash_ledger: str = field(
-        default=_DEFAULT_LEDGER,
-        metadata={
-            "help": "directory of the local crash ledger that tells which messages were in "
-            "the application's hands when a process died ('' turns it off)"
-        },
-    )
+    lifespan: LifespanMode = option("auto", "lifespan protocol: auto, on or off")
 
     def __post_init__(self) -> None:
-        from amgi.errors import ConfigurationError
-
-        if self.concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
-        if self.max_attempts < 1:
-            raise ConfigurationError("max_attempts must be at least 1")
-        if self.retry_delay < 0 or self.retry_delay_max < 0:
-            raise ConfigurationError("retry delays must not be negative")
-        for name in ("shutdown_timeout", "startup_timeout", "lifespan_shutdown_timeout"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"{name} must not be negative")
-        if self.cancel_grace < 0:
-            raise ConfigurationError("cancel_grace must not be negative")
-        if self.lifespan not in ("auto", "on", "off"):
-            raise ConfigurationError(f"lifespan must be auto, on or off, not {self.lifespan!r}")
+        check(self)
 
     def retry_delay_for(self, attempt: int) -> float:
         """Delay before redelivering a message whose ``attempt``-th delivery was nacked."""
-        return float(min(self.retry_delay * 2.0 ** max(0, attempt - 1), self.retry_delay_max))
+        return doubling_delay(self.retry_delay, attempt, self.retry_delay_max)

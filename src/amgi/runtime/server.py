@@ -27,6 +27,7 @@ from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.ledger import CallGuard, CrashLedger
 from amgi.runtime.lifespan import Lifespan
 from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.servers.kit.backoff import Backoff
 from amgi.transport import (
     Batch,
     Bindings,
@@ -138,6 +139,7 @@ class Runtime:
 
     async def serve(self) -> int:
         """Run until stopped; return the exit code. See the class docstring."""
+        self.transport.check()  # bad options fail before the app's lifespan startup
         if self._stop is None:
             self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -308,7 +310,7 @@ class Runtime:
     # -- fetching and dispatch ---------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        backoff = _FETCH_BACKOFF_FIRST
+        backoff = Backoff(_FETCH_BACKOFF_FIRST, _FETCH_BACKOFF_MAX)
         failing = False
         limit = self.config.concurrency
         while True:
@@ -323,13 +325,12 @@ class Runtime:
                 if not failing:
                     logger.error("fetch from %s failed: %s (retrying)", self.transport.name, exc)
                 failing = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _FETCH_BACKOFF_MAX)
+                await backoff.sleep()
                 continue
             if failing:
                 logger.info("fetch from %s recovered", self.transport.name)
                 failing = False
-                backoff = _FETCH_BACKOFF_FIRST
+                backoff.reset()
             for batch in batches:
                 if not batch.messages:
                     continue
