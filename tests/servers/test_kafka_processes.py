@@ -118,14 +118,24 @@ def test_two_processes_rebalance_without_loss_or_duplicates(
     until(lambda: len(lines(log)) >= 40, 30, "the first process to consume", a)
     b = Server(topic, group, log, delay=0.2, batch=20)
     servers.append(b)
-    produce(topic, ((b"k%d" % (i % 16), b"%d" % i, []) for i in range(300, 600)))
-    until(lambda: len({p for _, p in lines(log)}) >= 600, 60, "every message", a, b)
+    # Keep the topic fed until the second process has taken part (however long its start
+    # and the rebalance take on a loaded machine), then let both drain.
+    n = 300
+    deadline = time.monotonic() + 60
+    while b.proc.pid not in {pid for pid, _ in lines(log)}:
+        assert time.monotonic() < deadline, "the second process never consumed"
+        assert a.proc.poll() is None, "the first server exited"
+        assert b.proc.poll() is None, "the second server exited"
+        produce(topic, ((b"k%d" % (i % 16), b"%d" % i, []) for i in range(n, n + 20)))
+        n += 20
+        time.sleep(0.2)
+    until(lambda: len({p for _, p in lines(log)}) >= n, 60, "every message", a, b)
     wait_committed(group, topic)
     assert a.stop() == 0
     assert b.stop() == 0
     seen = lines(log)
     counts = collections.Counter(p for _, p in seen)
-    assert set(counts) == {str(i) for i in range(600)}
+    assert set(counts) == {str(i) for i in range(n)}
     assert [p for p, c in counts.items() if c > 1] == []
     # Both processes took part after the rebalance.
     assert len({pid for pid, _ in seen}) == 2
