@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             transport_cls = load(server)  # raises the one-line error of an unknown server
         if args.command == "run":
             app = import_app(args.app)
-            if not args.addresses:
+            if not args.addresses and not getattr(transport_cls, "addresses_optional", False):
                 raise UsageError("amgi run needs at least one ADDRESS to consume")
             config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
             transport = _transport(server, transport_cls, values, args.addresses)

@@ -16,6 +16,7 @@ from amgi.runtime.batch import CallCancelled, call_app, place
 from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.lifespan import Lifespan
 from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.runtime.routing import Router
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 from amgi.types import AMGIApplication
 
@@ -50,8 +51,11 @@ class Runtime:
         *,
         metrics: MetricsHook | None = None,
         handle_signals: bool = False,
+        routes: Router | None = None,
     ) -> None:
         self.app = app
+        self.routes = routes
+        """Send routing: sends whose address a route matches go to that route's transport."""
         self.transport = transport
         self.config = config or RuntimeConfig()
         self.metrics = metrics or MetricsHook()
@@ -91,6 +95,8 @@ class Runtime:
             await self._lifespan.startup()
             try:
                 await self.transport.connect()
+                if self.routes is not None:
+                    await self.routes.connect()
             except BaseException:
                 await self._lifespan.shutdown(self.config.shutdown_timeout)
                 with contextlib.suppress(Exception):
@@ -145,6 +151,8 @@ class Runtime:
                 await self.transport.close()
             except Exception:
                 logger.exception("error while closing the %s transport", self.transport.name)
+            if self.routes is not None:
+                await self.routes.close()
             if not ok and self._exit_code == 0:
                 self._exit_code = 1
         if self._fatal is not None:
@@ -329,6 +337,8 @@ class Runtime:
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
     ) -> None:
         transport = self.transport
+        if self.routes is not None:
+            transport = self.routes.target(address) or transport
         try:
             await transport.publish(address, headers, payload, bindings)
         except SendError:

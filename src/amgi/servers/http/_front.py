@@ -1,0 +1,211 @@
+"""The ASGI side of the HTTP push server: one request in, one answer out.
+
+Per request, in this order, stopping at the first refusal: method (405), shutdown (503),
+bearer token (401/403), declared size (413), body read within the limit (413), body
+signature (401/403), content mode (415), event parse (400), address (400/404); then the
+messages go to the :class:`~amgi.servers.http._inbox.Inbox` and the answer waits for
+their settlement: 204 when every message was acked, ``nack_status`` with the reasons
+otherwise, 503 when the server shut down before the app took them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from amgi.servers.http._auth import Refused, RequestCheck
+from amgi.servers.http._events import (
+    BATCH,
+    JSON,
+    STRUCTURED,
+    BadRequest,
+    Parsed,
+    binary_event,
+    media_type,
+    pubsub_envelope,
+    structured_batch,
+    structured_event,
+)
+from amgi.servers.http._inbox import Inbox, Item
+
+__all__ = ["Answer", "Front"]
+
+logger = logging.getLogger("amgi.servers.http")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_ACKED: Answer = (204, b"", [])
+
+
+def _text(status: int, reason: str, *extra: tuple[bytes, bytes]) -> Answer:
+    body = reason.encode("utf-8", "replace") + b"\n"
+    return status, body, [*_TEXT, (b"content-length", str(len(body)).encode()), *extra]
+
+
+_METHOD = _text(405, "only POST is accepted", (b"allow", b"POST"))
+_UNAVAILABLE = _text(503, "shutting down: send again later")
+
+
+class Front:
+    """The ASGI application bound to one inbox (see the module docstring)."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        *,
+        addresses: list[str],
+        address_from: str,
+        pubsub_address_from: str,
+        max_body: int,
+        nack_status: int,
+        check: RequestCheck,
+    ) -> None:
+        self.inbox = inbox
+        self.addresses = frozenset(addresses)
+        self.address_from = address_from
+        self.pubsub_address_from = pubsub_address_from
+        self.max_body = max_body
+        self.nack_status = nack_status
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            status, body, headers = await self.answer(scope, receive)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        elif kind == "lifespan":  # served alone: the AMGI lifespan is the runtime's
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def answer(self, scope: Scope, receive: Receive) -> Answer:
+        """The answer to one HTTP request (the app runs meanwhile, through the inbox)."""
+        if scope["method"] != "POST":
+            return _METHOD
+        inbox = self.inbox
+        if inbox.closed:
+            return _UNAVAILABLE
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        content_type = b""
+        length = -1
+        binary = False
+        for name, value in headers:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else -2
+            elif name == b"ce-specversion":
+                binary = True
+        check = self.check
+        signature = None
+        if check.enabled:
+            try:
+                signature = check.headers(headers)
+            except Refused as exc:
+                return _text(exc.status, exc.reason)
+        limit = self.max_body
+        if length > limit:
+            return _text(413, f"body of {length} bytes is over the limit of {limit}")
+        if length == -2:
+            return _text(400, "Content-Length is not a number")
+        body = await self._body(receive, limit)
+        if body is None:
+            return _text(413, f"body is over the limit of {limit} bytes")
+        if check.enabled:
+            try:
+                check.body(signature, body)
+            except Refused as exc:
+                return _text(exc.status, exc.reason)
+        try:
+            items = self._items(scope, content_type, binary, body)
+        except BadRequest as exc:
+            return _text(400, str(exc))
+        except _Answered as exc:
+            return exc.answer
+        reasons = await inbox.submit(items)
+        if not reasons:
+            return _ACKED if reasons is not None else _UNAVAILABLE
+        return _text(self.nack_status, "nacked: " + "; ".join(reasons))
+
+    @staticmethod
+    async def _body(receive: Receive, limit: int) -> bytes | None:
+        event = await receive()
+        body: bytes = event.get("body", b"")
+        if not event.get("more_body", False):
+            return body if len(body) <= limit else None
+        chunks = [body]
+        size = len(body)
+        while event.get("more_body", False):
+            event = await receive()
+            chunk = event.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _items(self, scope: Scope, content_type: bytes, binary: bool, body: bytes) -> list[Item]:
+        mode = media_type(content_type) if content_type else ""
+        path_address = self.address_from == "path"
+        if mode == STRUCTURED:
+            parsed = [structured_event(body, self.address_from)]
+        elif mode == BATCH:
+            parsed = structured_batch(body, self.address_from)
+            if not parsed:
+                raise BadRequest("event batch: the array is empty")
+        elif binary:
+            parsed = [binary_event(scope["headers"], body, self.address_from)]
+        elif mode == JSON:
+            parsed = [pubsub_envelope(body, self.pubsub_address_from)]
+            path_address = self.pubsub_address_from == "path"
+        else:
+            shown = content_type.decode("latin-1") or "none"
+            raise _Answered(
+                _text(
+                    415,
+                    f"Content-Type {shown} is not a CloudEvent or a Pub/Sub push "
+                    "(binary mode needs ce-specversion; structured: "
+                    "application/cloudevents+json; batched: application/cloudevents-batch+json;"
+                    " Pub/Sub: application/json)",
+                )
+            )
+        fixed = self._path_address(scope) if path_address else None
+        return [self._addressed(p, fixed) for p in parsed]
+
+    def _addressed(self, parsed: Parsed, fixed: str | None) -> Item:
+        address, headers, payload, bindings, attempt = parsed
+        if fixed is not None:
+            address = fixed
+        if not address:
+            raise BadRequest("the event names no address")
+        served = self.addresses
+        if served and address not in served:
+            raise _Answered(_text(404, f"address {address!r} is not served here"))
+        return address, headers, payload, bindings, attempt
+
+    @staticmethod
+    def _path_address(scope: Scope) -> str:
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        address = path.strip("/")
+        if not address:
+            raise BadRequest("the request path names no address")
+        return address
+
+
+class _Answered(Exception):
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer[0])
+        self.answer = answer
