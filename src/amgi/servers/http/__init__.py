@@ -14,8 +14,8 @@ headers             ``ce-<attribute>`` for every CloudEvents attribute and exten
                     ``content-type`` for ``datacontenttype``; Pub/Sub: the attributes
 payload             the event data (binary: the body as received); Pub/Sub: ``data``
                     base64-decoded
-bindings            Pub/Sub: ``googlepubsub`` (message_id, publish_time, subscription,
-                    ordering_key)
+bindings            Pub/Sub: ``googlepubsub`` (messageId, publishTime, subscription,
+                    orderingKey)
 batch               the requests waiting while the app was busy, up to ``batch_size``
                     messages (a batched-mode request is never split), one per address
 ordering key        none: requests are independent, batches run concurrently
@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.options import check, invalid, option
 from amgi.servers.http._auth import RequestCheck
 from amgi.servers.http._front import Front
 from amgi.servers.http._inbox import Inbox
@@ -55,70 +56,48 @@ __all__ = ["HttpOptions", "HttpSendError", "HttpTransport"]
 class HttpOptions:
     """Options of the HTTP push server (and of the CloudEvents sender)."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8080, metadata={"help": "TCP port to listen on"})
-    address_from: Literal["type", "source", "path"] = field(
-        default="type", metadata={"help": "where a CloudEvent's address comes from"}
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8080, "TCP port to listen on", ge=0, le=65535)
+    address_from: Literal["type", "source", "path"] = option(
+        "type", "where a CloudEvent's address comes from"
     )
-    pubsub_address_from: Literal["subscription", "path"] = field(
-        default="subscription", metadata={"help": "where a Pub/Sub push's address comes from"}
+    pubsub_address_from: Literal["subscription", "path"] = option(
+        "subscription", "where a Pub/Sub push's address comes from"
     )
-    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
-    max_body: int = field(default=1_048_576, metadata={"help": "largest request body, bytes"})
-    nack_status: int = field(default=500, metadata={"help": "HTTP status of a nacked request"})
-    token: str | None = field(
-        default=None,
-        repr=False,
-        metadata={"help": "require 'Authorization: Bearer TOKEN'", "secret": True},
+    batch_size: int = option(100, "most messages per batch", ge=1)
+    max_body: int = option(1_048_576, "largest request body, bytes", ge=1)
+    nack_status: int = option(500, "HTTP status of a nacked request (5xx, 408 or 429)")
+    token: str | None = option(None, "require 'Authorization: Bearer TOKEN'", secret=True)
+    hmac_secret: str | None = option(
+        None, "require an HMAC signature of the body with this key", secret=True
     )
-    hmac_secret: str | None = field(
-        default=None,
-        repr=False,
-        metadata={"help": "require an HMAC signature of the body with this key", "secret": True},
+    hmac_header: str = option("x-signature", "header holding the body's HMAC signature")
+    hmac_algorithm: Literal["sha256", "sha512", "sha1"] = option(
+        "sha256", "hash of the HMAC signature"
     )
-    hmac_header: str = field(
-        default="x-signature", metadata={"help": "header holding the body's HMAC signature"}
+    ssl_certfile: str | None = option(None, "TLS certificate (PEM)")
+    ssl_keyfile: str | None = option(None, "TLS private key (PEM)")
+    ssl_ca_certs: str | None = option(None, "CA bundle: require client certificates it signed")
+    close_timeout: float = option(30.0, "seconds open connections get to close at shutdown", ge=0)
+    send_url: str | None = option(None, "URL message.send POSTs CloudEvents to ({address} ok)")
+    send_mode: Literal["binary", "structured"] = option(
+        "binary", "CloudEvents content mode of sent events"
     )
-    hmac_algorithm: Literal["sha256", "sha512", "sha1"] = field(
-        default="sha256", metadata={"help": "hash of the HMAC signature"}
-    )
-    ssl_certfile: str | None = field(default=None, metadata={"help": "TLS certificate (PEM)"})
-    ssl_keyfile: str | None = field(default=None, metadata={"help": "TLS private key (PEM)"})
-    ssl_ca_certs: str | None = field(
-        default=None, metadata={"help": "CA bundle: require client certificates it signed"}
-    )
-    close_timeout: float = field(
-        default=30.0, metadata={"help": "seconds open connections get to close at shutdown"}
-    )
-    send_url: str | None = field(
-        default=None, metadata={"help": "URL message.send POSTs CloudEvents to ({address} ok)"}
-    )
-    send_mode: Literal["binary", "structured"] = field(
-        default="binary", metadata={"help": "CloudEvents content mode of sent events"}
-    )
-    send_source: str = field(default="amgi", metadata={"help": "source of sent events"})
-    send_token: str | None = field(
-        default=None,
-        repr=False,
-        metadata={"help": "bearer token sent with each event", "secret": True},
-    )
-    send_timeout: float = field(default=30.0, metadata={"help": "seconds to wait for an answer"})
+    send_source: str = option("amgi", "source of sent events")
+    send_token: str | None = option(None, "bearer token sent with each event", secret=True)
+    send_timeout: float = option(30.0, "seconds to wait for an answer", gt=0)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigurationError(f"port {self.port} is out of range (0-65535)")
-        if self.batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1")
-        if self.max_body < 1:
-            raise ConfigurationError("max_body must be at least 1 byte")
+    def __repr__(self) -> str:
+        return "HttpOptions(...)"  # secrets never reach a log through a repr
+
+    def check_together(self) -> None:
+        """Rules that involve the value of a field beyond its bounds."""
         if not 500 <= self.nack_status <= 599 and self.nack_status not in (408, 429):
-            raise ConfigurationError("nack_status must be a 5xx, 408 or 429 (a retry status)")
+            raise invalid(self, "nack_status", "must be a 5xx, 408 or 429 (a retry status)")
         if self.ssl_keyfile and not self.ssl_certfile:
-            raise ConfigurationError("ssl_keyfile needs ssl_certfile")
-        if self.send_timeout <= 0 or self.close_timeout < 0:
-            raise ConfigurationError("send_timeout must be positive, close_timeout not negative")
+            raise invalid(self, "ssl_keyfile", "needs --ssl-certfile")
         if self.send_url is not None and not self.send_url.startswith(("http://", "https://")):
-            raise ConfigurationError("send_url must start with http:// or https://")
+            raise invalid(self, "send_url", "must start with http:// or https://")
 
 
 class HttpTransport(Transport):
@@ -138,8 +117,9 @@ class HttpTransport(Transport):
         super().__init__(addresses, options or HttpOptions())
         self.config: HttpOptions
         o = self.config
+        check(o)
         try:
-            check = RequestCheck(o.token, o.hmac_secret, o.hmac_header, o.hmac_algorithm)
+            request_check = RequestCheck(o.token, o.hmac_secret, o.hmac_header, o.hmac_algorithm)
         except ValueError as exc:
             raise ConfigurationError(f"http: {exc}") from None
         self.inbox = Inbox()
@@ -150,7 +130,7 @@ class HttpTransport(Transport):
             pubsub_address_from=o.pubsub_address_from,
             max_body=o.max_body,
             nack_status=o.nack_status,
-            check=check,
+            check=request_check,
         )
         """The ASGI application that feeds this transport."""
         self._listen = listen

@@ -183,8 +183,8 @@ def pubsub_envelope(body: bytes, address_from: str) -> Parsed:
 
     Headers are the message attributes (name and value in UTF-8, in JSON order); the
     payload is ``message.data`` base64-decoded (``None`` when absent); bindings
-    ``googlepubsub`` hold ``message_id``, ``publish_time``, ``subscription`` and
-    ``ordering_key`` when given; ``deliveryAttempt`` (set when the subscription has a
+    ``googlepubsub`` hold ``messageId``, ``publishTime``, ``subscription`` and
+    ``orderingKey`` when given; ``deliveryAttempt`` (set when the subscription has a
     dead-letter policy) is the attempt. The address is the subscription's short name.
     """
     envelope = _load_json(body, "Pub/Sub push")
@@ -212,14 +212,14 @@ def pubsub_envelope(body: bytes, address_from: str) -> Parsed:
     if subscription is not None and type(subscription) is not str:
         raise BadRequest("Pub/Sub push: subscription is not a string")
     binding: dict[str, Any] = {}
-    for key, alias, field in (
-        ("messageId", "message_id", "message_id"),
-        ("publishTime", "publish_time", "publish_time"),
-        ("orderingKey", "ordering_key", "ordering_key"),
+    for key, alias in (
+        ("messageId", "message_id"),
+        ("publishTime", "publish_time"),
+        ("orderingKey", "ordering_key"),
     ):
         value = message.get(key, message.get(alias))
         if value is not None:
-            binding[field] = value
+            binding[key] = value
     if subscription is not None:
         binding["subscription"] = subscription
     attempt = envelope.get("deliveryAttempt", 1)
