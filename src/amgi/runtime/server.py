@@ -143,6 +143,7 @@ class Runtime:
             stop_wait.cancel()
             fetcher.cancel()
             await asyncio.gather(fetcher, stop_wait, return_exceptions=True)
+            self.transport.stop_fetching()
             await self._drain()
             if leaser is not None:
                 leaser.cancel()

@@ -35,7 +35,6 @@ serves the same inside any ASGI stack.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -174,13 +173,12 @@ class HttpTransport(Transport):
                 await self._start_listener()
             except BrokerUnavailable as exc:
                 raise ConfigurationError(str(exc)) from None  # fatal: no retry loop
-        try:
-            return await self.inbox.take(self.config.batch_size)
-        except asyncio.CancelledError:
-            # Cancelled: the runtime is stopping. Requests no batch took are answered
-            # 503 now (the sender still owns them); new ones the same.
-            self.inbox.close()
-            raise
+        return await self.inbox.take(self.config.batch_size)
+
+    def stop_fetching(self) -> None:
+        # Shutdown: requests no batch took are answered 503 now (the sender still owns
+        # them), and so are new ones; batches in flight finish and are answered.
+        self.inbox.close()
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         self.inbox.settle(settlement)
