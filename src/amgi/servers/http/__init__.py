@@ -96,7 +96,8 @@ class HttpOptions:
         if self.ssl_keyfile and not self.ssl_certfile:
             raise invalid(self, "ssl_keyfile", "needs --ssl-certfile")
         if self.send_url is not None and not self.send_url.startswith(("http://", "https://")):
-            raise invalid(self, "send_url", "must start with http:// or https://")
+            # not invalid(): its message shows the value, and a URL may hold a password
+            raise ConfigurationError("--send-url must start with http:// or https://")
 
 
 class HttpTransport(Transport):

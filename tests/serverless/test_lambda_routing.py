@@ -1,0 +1,68 @@
+"""Send routing in a Lambda adapter: an SQS-triggered function publishes to the real Kafka
+broker for the addresses its routes match, and to its usual publisher for the rest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from amgi.options import build
+from amgi.runtime.routing import Router
+from amgi.serverless import SqsHandler
+from amgi.servers import load
+from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.serverless.test_lambda_on_kafka import BROKER, consume
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_an_sqs_handler_routes_sends_to_kafka() -> None:
+    event = copy.deepcopy(json.loads((FIXTURES / "sqs_standard.json").read_text()))
+    count = len(event["Records"])
+    topic = f"sqs-to-kafka-{uuid.uuid4().hex[:8]}"
+    fallback = MemoryBroker.reset("lambda-fallback")
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            message: Any = await receive()
+            for address in (topic, "local.audit"):
+                await send(
+                    {
+                        "type": "message.send",
+                        "address": address,
+                        "headers": [(b"from", b"sqs")],
+                        "payload": message.get("payload"),
+                        "bindings": {"kafka": {"key": message["id"].encode()}},
+                    }
+                )
+            await send({"type": "message.ack", "id": message["id"]})
+            more = message.get("more_messages", False)
+
+    kafka = load("kafka")
+    routes = Router(
+        [("sqs-to-kafka-*", kafka([], build(kafka.options, {"bootstrap_servers": BROKER})))]
+    )
+    handler = SqsHandler(
+        app,
+        routes=routes,
+        publisher=MemoryTransport([], MemoryOptions(broker="lambda-fallback")),
+        handle_sigterm=False,
+    )
+    try:
+        result = handler(event, None)
+    finally:
+        handler.close()
+    assert result == {"batchItemFailures": []}
+    records = consume(topic, count)
+    assert len(records) == count
+    assert {r.key().decode() for r in records} == {r["messageId"] for r in event["Records"]}
+    assert all(r.headers() == [("from", b"sqs")] for r in records)
+    assert fallback.pending("local.audit") == count
+    assert fallback.pending(topic) == 0
