@@ -66,34 +66,29 @@ def _decode_header(value: bytes) -> bytes:
     return unquote_to_bytes(value) if b"%" in value else value
 
 
-def binary_event(headers: list[tuple[bytes, bytes]], body: bytes, address_from: str) -> Parsed:
-    """A binary-mode event: attributes in ``ce-`` headers, the body is the data."""
-    out: HeaderList = []
-    address: str | None = None
-    version = b""
-    have = 0
-    want = b"ce-" + address_from.encode() if address_from in ("type", "source") else b""
-    for name, value in headers:
-        if name.startswith(_CE):
-            value = _decode_header(value)
-            if name == b"ce-specversion":
-                version = value
-            if name == want:
-                address = value.decode("utf-8", "replace")
-            if name in (b"ce-id", b"ce-source", b"ce-type"):
-                if not value:
-                    raise BadRequest(f"binary event: header {name.decode()} is empty")
-                have += 1
-            out.append((name, value))
-        elif name == _CONTENT_TYPE:
-            out.append((name, value))
+def binary_event(kept: HeaderList, body: bytes, want: bytes) -> Parsed:
+    """A binary-mode event: ``kept`` holds the request's ``ce-`` headers and its
+    Content-Type, in order; the body is the data; ``want`` names the address header."""
+    for i, (name, value) in enumerate(kept):
+        if b"%" in value and name != _CONTENT_TYPE:
+            kept[i] = (name, unquote_to_bytes(value))
+    attributes = dict(kept)
+    version = attributes.get(b"ce-specversion", b"")
     if version != b"1.0":
         raise BadRequest(f"binary event: ce-specversion {version.decode('latin-1')!r} is not 1.0")
-    if have < 3:
-        present = {n for n, _ in out}
-        missing = [f"ce-{a}" for a in _REQUIRED[1:] if f"ce-{a}".encode() not in present]
-        raise BadRequest(f"binary event: missing header(s) {', '.join(missing)}")
-    return address, out, body, {}, 1
+    if not (
+        attributes.get(b"ce-id") and attributes.get(b"ce-source") and attributes.get(b"ce-type")
+    ):
+        missing = [f"ce-{a}" for a in _REQUIRED[1:] if not attributes.get(f"ce-{a}".encode())]
+        raise BadRequest(f"binary event: missing or empty header(s) {', '.join(missing)}")
+    address = attributes.get(want)
+    return (
+        address.decode("utf-8", "replace") if address is not None else None,
+        kept,
+        body,
+        {},
+        1,
+    )
 
 
 def _attribute_value(name: str, value: Any) -> bytes:

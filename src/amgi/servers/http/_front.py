@@ -72,6 +72,7 @@ class Front:
         self.max_body = max_body
         self.nack_status = nack_status
         self.check = check
+        self._want = f"ce-{address_from}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -96,16 +97,20 @@ class Front:
         if inbox.closed:
             return _UNAVAILABLE
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        kept: list[tuple[bytes, bytes]] = []  # ce- headers and Content-Type, in order
         content_type = b""
         length = -1
         binary = False
-        for name, value in headers:
-            if name == b"content-type":
+        for name, value in headers:  # one pass over the headers, nothing else parsed
+            if name[:3] == b"ce-":
+                kept.append((name, value))
+                if name == b"ce-specversion":
+                    binary = True
+            elif name == b"content-type":
                 content_type = value
+                kept.append((name, value))
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else -2
-            elif name == b"ce-specversion":
-                binary = True
         check = self.check
         signature = None
         if check.enabled:
@@ -118,8 +123,14 @@ class Front:
             return _text(413, f"body of {length} bytes is over the limit of {limit}")
         if length == -2:
             return _text(400, "Content-Length is not a number")
-        body = await self._body(receive, limit)
-        if body is None:
+        event = await receive()
+        body: bytes = event.get("body", b"")
+        if event.get("more_body", False):
+            whole = await self._rest(receive, body, limit)
+            if whole is None:
+                return _text(413, f"body is over the limit of {limit} bytes")
+            body = whole
+        elif len(body) > limit:
             return _text(413, f"body is over the limit of {limit} bytes")
         if check.enabled:
             try:
@@ -127,7 +138,10 @@ class Front:
             except Refused as exc:
                 return _text(exc.status, exc.reason)
         try:
-            items = self._items(scope, content_type, binary, body)
+            if binary and not content_type.startswith(b"application/cloudevents"):
+                items = [self._addressed(binary_event(kept, body, self._want), scope, False)]
+            else:
+                items = self._items(scope, content_type, binary, kept, body)
         except BadRequest as exc:
             return _text(400, str(exc))
         except _Answered as exc:
@@ -138,25 +152,31 @@ class Front:
         return _text(self.nack_status, "nacked: " + "; ".join(reasons))
 
     @staticmethod
-    async def _body(receive: Receive, limit: int) -> bytes | None:
-        event = await receive()
-        body: bytes = event.get("body", b"")
-        if not event.get("more_body", False):
-            return body if len(body) <= limit else None
+    async def _rest(receive: Receive, body: bytes, limit: int) -> bytes | None:
+        """The whole of a body sent in parts; None (reading stops) once over ``limit``."""
         chunks = [body]
         size = len(body)
-        while event.get("more_body", False):
+        more = True
+        while more:
             event = await receive()
             chunk = event.get("body", b"")
             size += len(chunk)
             if size > limit:
                 return None
             chunks.append(chunk)
+            more = event.get("more_body", False)
         return b"".join(chunks)
 
-    def _items(self, scope: Scope, content_type: bytes, binary: bool, body: bytes) -> list[Item]:
+    def _items(
+        self,
+        scope: Scope,
+        content_type: bytes,
+        binary: bool,
+        kept: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> list[Item]:
         mode = media_type(content_type) if content_type else ""
-        path_address = self.address_from == "path"
+        pubsub = False
         if mode == STRUCTURED:
             parsed = [structured_event(body, self.address_from)]
         elif mode == BATCH:
@@ -164,10 +184,10 @@ class Front:
             if not parsed:
                 raise BadRequest("event batch: the array is empty")
         elif binary:
-            parsed = [binary_event(scope["headers"], body, self.address_from)]
+            parsed = [binary_event(kept, body, self._want)]
         elif mode == JSON:
             parsed = [pubsub_envelope(body, self.pubsub_address_from)]
-            path_address = self.pubsub_address_from == "path"
+            pubsub = True
         else:
             shown = content_type.decode("latin-1") or "none"
             raise _Answered(
@@ -179,13 +199,12 @@ class Front:
                     " Pub/Sub: application/json)",
                 )
             )
-        fixed = self._path_address(scope) if path_address else None
-        return [self._addressed(p, fixed) for p in parsed]
+        return [self._addressed(p, scope, pubsub) for p in parsed]
 
-    def _addressed(self, parsed: Parsed, fixed: str | None) -> Item:
+    def _addressed(self, parsed: Parsed, scope: Scope, pubsub: bool) -> Item:
         address, headers, payload, bindings, attempt = parsed
-        if fixed is not None:
-            address = fixed
+        if (self.pubsub_address_from if pubsub else self.address_from) == "path":
+            address = self._path_address(scope)
         if not address:
             raise BadRequest("the event names no address")
         served = self.addresses

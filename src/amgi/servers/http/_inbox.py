@@ -39,12 +39,16 @@ class Inbox:
         self._parcels: deque[tuple[str, list[Message]]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         """Set at shutdown: no request is taken any more."""
 
     def submit(self, items: list[Item]) -> asyncio.Future[list[str] | None]:
         """Queue one request's messages; the future resolves when all are settled."""
-        future: asyncio.Future[list[str] | None] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[str] | None] = loop.create_future()
         if self.closed:
             future.set_result(None)
             return future

@@ -65,7 +65,12 @@ class Listener:
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, lifespan="off", log_config=None, server_header=False, **self.options
+            self.app,
+            lifespan="off",
+            log_config=None,
+            server_header=False,
+            proxy_headers=False,  # the app never sees the client address
+            **self.options,
         )
         try:
             config.load()
