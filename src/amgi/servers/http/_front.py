@@ -40,6 +40,8 @@ Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ACKED: Answer = (204, b"", [])
+_ACKED_START = {"type": "http.response.start", "status": 204, "headers": []}
+_EMPTY_BODY = {"type": "http.response.body", "body": b""}
 
 
 def _text(status: int, reason: str, *extra: tuple[bytes, bytes]) -> Answer:
@@ -77,7 +79,12 @@ class Front:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            status, body, headers = await self.answer(scope, receive)
+            answer = await self.answer(scope, receive)
+            if answer is _ACKED:  # the hot path: two constant events
+                await send(_ACKED_START)
+                await send(_EMPTY_BODY)
+                return
+            status, body, headers = answer
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         elif kind == "lifespan":  # served alone: the AMGI lifespan is the runtime's
