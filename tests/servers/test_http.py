@@ -396,6 +396,55 @@ async def test_own_listener_over_tls(tmp_path: Path) -> None:
     assert app.received[0]["payload"] == body
 
 
+async def test_own_listener_requires_client_certificates_from_its_ca(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    client_cert, client_key = self_signed(tmp_path, "client")
+    other_cert, other_key = self_signed(tmp_path, "other")
+    app = Recorder()
+    options = HttpOptions(
+        port=0, ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(client_cert)
+    )
+    transport = HttpTransport(["orders"], options)
+    runtime = Runtime(app, transport, FAST)
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    headers, body = binary(cloud_event("orders", "mutual tls"))
+    url = f"https://127.0.0.1:{transport.port}/"
+
+    def context(chain: tuple[Path, Path] | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=cert)
+        if chain is not None:
+            ctx.load_cert_chain(*chain)
+        return ctx
+
+    try:
+        async with httpx.AsyncClient(verify=context((client_cert, client_key))) as client:
+            answer = await client.post(url, headers=headers, content=body)
+        for chain in (None, (other_cert, other_key)):
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient(verify=context(chain)) as refused:
+                    await refused.post(url, headers=headers, content=body)
+    finally:
+        runtime.request_stop()
+        assert await serving == 0
+    assert answer.status_code == 204
+    assert len(app.received) == 1
+
+
+async def test_an_open_listener_without_checks_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    for host, checked, warned in (
+        ("0.0.0.0", {}, True),
+        ("0.0.0.0", {"token": "t"}, False),
+        ("127.0.0.1", {}, False),
+    ):
+        caplog.clear()
+        transport = HttpTransport(["orders"], HttpOptions(host=host, port=0, **checked))
+        await transport.connect()
+        await transport.close()
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("without TLS or authentication" in line for line in lines) is warned
+
+
 async def test_own_listener_on_a_busy_port_is_one_error_line() -> None:
     blocker = HttpTransport(["orders"], HttpOptions(port=0))
     await blocker.connect()

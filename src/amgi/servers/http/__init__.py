@@ -35,6 +35,8 @@ serves the same inside any ASGI stack.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -49,6 +51,17 @@ from amgi.servers.http._sender import CloudEventSender, HttpSendError
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
 __all__ = ["HttpOptions", "HttpSendError", "HttpTransport"]
+
+logger = logging.getLogger("amgi.servers.http")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 @dataclass(slots=True)
@@ -167,6 +180,12 @@ class HttpTransport(Transport):
         )
         await listener.start()
         self._listener = listener
+        if not (o.ssl_certfile or o.token or o.hmac_secret) and not _loopback(o.host):
+            logger.warning(
+                "http: listening on %s without TLS or authentication: any peer that reaches "
+                "it can push messages into the app (see --token, --hmac-secret, --ssl-certfile)",
+                o.host,
+            )
 
     async def fetch(self) -> Sequence[Batch]:
         if self._listener is None:
