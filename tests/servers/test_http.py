@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -521,3 +522,22 @@ async def test_a_refused_send_is_an_error_in_the_app_and_a_retry_for_the_pusher(
     assert answer.status_code == 500
     assert app.send_errors
     assert "answered 500" in app.send_errors[0]
+
+
+async def test_amgi_send_posts_one_cloudevent(tmp_path: Path) -> None:
+    sink = _Sink()
+    async with uvicorn_serving(sink) as sink_url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "amgi", "send", "orders.created", '{"id": 1}',
+            "--header", "content-type=application/json", "--header", "ce-subject=order/1",
+            "--server", "http", "--send-url", sink_url + "/", "--send-mode", "structured",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "sent 1 message" in out.decode()
+    (event,) = sink.events
+    assert event.get_type() == "orders.created"
+    assert event.get_subject() == "order/1"
+    assert event.get_data() == {"id": 1}

@@ -156,6 +156,7 @@ class HttpTransport(Transport):
         return self._listener.port if self._listener is not None else None
 
     async def connect(self) -> None:
+        self.check()
         if self.addresses:
             await self._start_listener()
 
