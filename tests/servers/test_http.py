@@ -24,7 +24,7 @@ from starlette.routing import Mount
 from amgi.http import PushApp
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.routing import Router
-from amgi.servers.http import HttpOptions, HttpTransport
+from amgi.servers.http import HttpOptions, HttpSendError, HttpTransport
 from tests.net import self_signed
 from tests.servers.http_helpers import (
     Recorder,
@@ -541,3 +541,35 @@ async def test_amgi_send_posts_one_cloudevent(tmp_path: Path) -> None:
     assert event.get_type() == "orders.created"
     assert event.get_subject() == "order/1"
     assert event.get_data() == {"id": 1}
+
+
+async def test_the_sender_reconnects_after_the_server_closed_an_idle_connection() -> None:
+    sink = _Sink()
+    async with uvicorn_serving(sink, timeout_keep_alive=0.1) as sink_url:
+        sender = HttpTransport([], HttpOptions(send_url=sink_url + "/"))
+        await sender.connect()
+        try:
+            await sender.publish("a", [], b"1", {})
+            await asyncio.sleep(0.5)  # the server closes the idle keep-alive connection
+            await sender.publish("b", [], b"2", {})
+        finally:
+            await sender.close()
+    assert [e.get_type() for e in sink.events] == ["a", "b"]
+
+
+async def test_the_sender_gives_up_after_send_timeout() -> None:
+    never = asyncio.Event()
+
+    async def silent(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await never.wait()
+
+    async with uvicorn_serving(silent, timeout_graceful_shutdown=1) as url:
+        sender = HttpTransport([], HttpOptions(send_url=url + "/", send_timeout=0.3))
+        await sender.connect()
+        try:
+            with pytest.raises(HttpSendError, match=r"no answer from .* within 0\.3s"):
+                await sender.publish("a", [], b"1", {})
+        finally:
+            await sender.close()
+            never.set()

@@ -87,14 +87,8 @@ class Front:
             status, body, headers = answer
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
-        elif kind == "lifespan":  # served alone: the AMGI lifespan is the runtime's
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+        # other scopes: the listener runs without the ASGI lifespan (the AMGI lifespan is
+        # the runtime's) and websockets are not served
 
     async def answer(self, scope: Scope, receive: Receive) -> Answer:
         """The answer to one HTTP request (the app runs meanwhile, through the inbox)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import Iterable
 
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement
 
@@ -102,8 +101,9 @@ class Inbox:
             request.left -= 1
             if request.left == 0 and not request.future.done():
                 request.future.set_result(request.reasons)
-        nacked: Iterable[tuple[Message, str]] = [(r.message, r.reason) for r in settlement.retry]
-        for message, reason in [*nacked, *((d.message, d.reason) for d in settlement.dead)]:
+        nacked = [(r.message, r.reason) for r in settlement.retry]
+        nacked += [(d.message, d.reason) for d in settlement.dead]
+        for message, reason in nacked:
             request = message.token
             request.reasons.append(reason)
             request.left -= 1
