@@ -69,19 +69,23 @@ def _decode_header(value: bytes) -> bytes:
 def binary_event(kept: HeaderList, body: bytes, want: bytes) -> Parsed:
     """A binary-mode event: ``kept`` holds the request's ``ce-`` headers and its
     Content-Type, in order; the body is the data; ``want`` names the address header."""
-    for i, (name, value) in enumerate(kept):
-        if b"%" in value and name != _CONTENT_TYPE:
-            kept[i] = (name, unquote_to_bytes(value))
     attributes = dict(kept)
-    version = attributes.get(b"ce-specversion", b"")
-    if version != b"1.0":
-        raise BadRequest(f"binary event: ce-specversion {version.decode('latin-1')!r} is not 1.0")
-    if not (
-        attributes.get(b"ce-id") and attributes.get(b"ce-source") and attributes.get(b"ce-type")
+    if b"%" in b"".join(attributes.values()):  # rare: percent-encoded values
+        for i, (name, value) in enumerate(kept):
+            if b"%" in value and name != _CONTENT_TYPE:
+                kept[i] = (name, unquote_to_bytes(value))
+        attributes = dict(kept)
+    get = attributes.get
+    if get(b"ce-specversion") != b"1.0" or not (
+        get(b"ce-id") and get(b"ce-source") and get(b"ce-type")
     ):
-        missing = [f"ce-{a}" for a in _REQUIRED[1:] if not attributes.get(f"ce-{a}".encode())]
+        version = get(b"ce-specversion", b"")
+        if version != b"1.0":
+            shown = version.decode("latin-1")
+            raise BadRequest(f"binary event: ce-specversion {shown!r} is not 1.0")
+        missing = [f"ce-{a}" for a in _REQUIRED[1:] if not get(f"ce-{a}".encode())]
         raise BadRequest(f"binary event: missing or empty header(s) {', '.join(missing)}")
-    address = attributes.get(want)
+    address = get(want)
     return (
         address.decode("utf-8", "replace") if address is not None else None,
         kept,

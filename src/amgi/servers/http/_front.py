@@ -39,7 +39,6 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
-_ACKED: Answer = (204, b"", [])
 _ACKED_START = {"type": "http.response.start", "status": 204, "headers": []}
 _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 
@@ -77,26 +76,18 @@ class Front:
         self._want = f"ce-{address_from}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            answer = await self.answer(scope, receive)
-            if answer is _ACKED:  # the hot path: two constant events
-                await send(_ACKED_START)
-                await send(_EMPTY_BODY)
-                return
-            status, body, headers = answer
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        # other scopes: the listener runs without the ASGI lifespan (the AMGI lifespan is
-        # the runtime's) and websockets are not served
+        """Answer one HTTP request (the app runs meanwhile, through the inbox).
 
-    async def answer(self, scope: Scope, receive: Receive) -> Answer:
-        """The answer to one HTTP request (the app runs meanwhile, through the inbox)."""
+        Only ``http`` scopes are served: the listener runs without the ASGI lifespan (the
+        AMGI lifespan is the runtime's) and websockets are not served.
+        """
+        if scope["type"] != "http":
+            return
         if scope["method"] != "POST":
-            return _METHOD
+            return await _respond(send, _METHOD)
         inbox = self.inbox
         if inbox.closed:
-            return _UNAVAILABLE
+            return await _respond(send, _UNAVAILABLE)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         kept: list[tuple[bytes, bytes]] = []  # ce- headers and Content-Type, in order
         content_type = b""
@@ -118,39 +109,45 @@ class Front:
             try:
                 signature = check.headers(headers)
             except Refused as exc:
-                return _text(exc.status, exc.reason)
+                return await _respond(send, _text(exc.status, exc.reason))
         limit = self.max_body
         if length > limit:
-            return _text(413, f"body of {length} bytes is over the limit of {limit}")
+            return await _respond(
+                send, _text(413, f"body of {length} bytes is over the limit of {limit}")
+            )
         if length == -2:
-            return _text(400, "Content-Length is not a number")
+            return await _respond(send, _text(400, "Content-Length is not a number"))
         event = await receive()
         body: bytes = event.get("body", b"")
         if event.get("more_body", False):
             whole = await self._rest(receive, body, limit)
             if whole is None:
-                return _text(413, f"body is over the limit of {limit} bytes")
+                return await _respond(send, _text(413, f"body is over the limit of {limit} bytes"))
             body = whole
         elif len(body) > limit:
-            return _text(413, f"body is over the limit of {limit} bytes")
+            return await _respond(send, _text(413, f"body is over the limit of {limit} bytes"))
         if check.enabled:
             try:
                 check.body(signature, body)
             except Refused as exc:
-                return _text(exc.status, exc.reason)
+                return await _respond(send, _text(exc.status, exc.reason))
         try:
             if binary and not content_type.startswith(b"application/cloudevents"):
                 items = [self._addressed(binary_event(kept, body, self._want), scope, False)]
             else:
                 items = self._items(scope, content_type, binary, kept, body)
         except BadRequest as exc:
-            return _text(400, str(exc))
+            return await _respond(send, _text(400, str(exc)))
         except _Answered as exc:
-            return exc.answer
+            return await _respond(send, exc.answer)
         reasons = await inbox.submit(items)
-        if not reasons:
-            return _ACKED if reasons is not None else _UNAVAILABLE
-        return _text(self.nack_status, "nacked: " + "; ".join(reasons))
+        if reasons == []:  # the hot path: every message acked, two constant events
+            await send(_ACKED_START)
+            await send(_EMPTY_BODY)
+        elif reasons is None:
+            await _respond(send, _UNAVAILABLE)
+        else:
+            await _respond(send, _text(self.nack_status, "nacked: " + "; ".join(reasons)))
 
     @staticmethod
     async def _rest(receive: Receive, body: bytes, limit: int) -> bytes | None:
@@ -223,6 +220,12 @@ class Front:
         if not address:
             raise BadRequest("the request path names no address")
         return address
+
+
+async def _respond(send: Send, answer: Answer) -> None:
+    status, body, headers = answer
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _Answered(Exception):

@@ -1,8 +1,9 @@
 """Where pushed requests wait for the runtime: parcels in, batches out, answers back.
 
-A request becomes one or more parcels (its messages of one address) and one future. The
-runtime's ``fetch`` takes every parcel on hand (up to the batch size, a request's parcel
-never split), grouped into one batch per address; ``settle`` counts each message off its
+A request becomes one or more parcels (its messages of one address) and one future (the
+message's token when it holds one message, else a counter around it). The runtime's
+``fetch`` takes every parcel on hand (up to the batch size, a request's parcel never
+split), grouped into one batch per address; ``settle`` counts each message off its
 request, and when the last is settled the request's future gets the nack reasons (an
 empty list: every message acked). At shutdown the parcels no batch took are answered
 "unavailable" (future result ``None``) and new requests are refused the same way.
@@ -20,6 +21,10 @@ __all__ = ["Inbox", "Item"]
 
 Item = tuple[str, HeaderList, "bytes | None", Bindings, int]
 """``(address, headers, payload, bindings, attempt)`` of one pushed message."""
+
+
+_NONE: list[str] = []
+"""The reasons of an acked single-message request (never modified)."""
 
 
 class _Request:
@@ -51,14 +56,14 @@ class Inbox:
         if self.closed:
             future.set_result(None)
             return future
-        request = _Request(future, len(items))
         ids = self._ids
         parcels = self._parcels
-        if len(items) == 1:
+        if len(items) == 1:  # the common case: the future itself is the message's token
             address, headers, payload, bindings, attempt = items[0]
-            message = Message(str(next(ids)), headers, payload, bindings, attempt, request)
+            message = Message(str(next(ids)), headers, payload, bindings, attempt, future)
             parcels.append((address, [message]))
         else:
+            request = _Request(future, len(items))
             grouped: dict[str, list[Message]] = {}
             for address, headers, payload, bindings, attempt in items:
                 message = Message(str(next(ids)), headers, payload, bindings, attempt, request)
@@ -97,18 +102,24 @@ class Inbox:
     def settle(settlement: Settlement) -> None:
         """Count the settled messages off their requests; answer the finished ones."""
         for message in settlement.acked:
-            request: _Request = message.token
-            request.left -= 1
-            if request.left == 0 and not request.future.done():
-                request.future.set_result(request.reasons)
+            token = message.token
+            if type(token) is _Request:
+                token.left -= 1
+                if token.left == 0 and not token.future.done():
+                    token.future.set_result(token.reasons)
+            elif not token.done():
+                token.set_result(_NONE)
         nacked = [(r.message, r.reason) for r in settlement.retry]
         nacked += [(d.message, d.reason) for d in settlement.dead]
         for message, reason in nacked:
-            request = message.token
-            request.reasons.append(reason)
-            request.left -= 1
-            if request.left == 0 and not request.future.done():
-                request.future.set_result(request.reasons)
+            token = message.token
+            if type(token) is _Request:
+                token.reasons.append(reason)
+                token.left -= 1
+                if token.left == 0 and not token.future.done():
+                    token.future.set_result(token.reasons)
+            elif not token.done():
+                token.set_result([reason])
 
     def close(self) -> None:
         """Refuse new requests and answer the queued ones "unavailable"."""
@@ -116,6 +127,7 @@ class Inbox:
         while self._parcels:
             _, messages = self._parcels.popleft()
             for message in messages:
-                future = message.token.future
+                token = message.token
+                future = token.future if type(token) is _Request else token
                 if not future.done():
                     future.set_result(None)
