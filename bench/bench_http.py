@@ -18,7 +18,8 @@ keep-alive connections. Contenders:
 Every round runs each contender once, in alternating order, for ``--seconds`` after a
 one-second warm-up; any non-2xx answer invalidates the run. Besides each contender's
 median and range, the table shows the ratios within each round (ours to bare, ours to
-upstream), which a machine shared with other work disturbs less than the absolute rates. Run
+upstream), which a machine shared with other work disturbs less than the absolute rates,
+and the server process's CPU time per request (from /proc, over the measured run). Run
 ``.venv/bin/python bench/bench_http.py`` (``--rounds``, ``--seconds``, ``--connections``).
 """
 
@@ -130,8 +131,16 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 2
             time.sleep(0.05)
 
 
-def measure(wrk: str, argv: list[str], port: int, seconds: float, connections: int) -> float:
-    """Requests per second of one server process under wrk."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process ``pid`` used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    wrk: str, argv: list[str], port: int, seconds: float, connections: int
+) -> tuple[float, float]:
+    """Requests per second of one server process under wrk, and its CPU µs per request."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
@@ -145,9 +154,11 @@ def measure(wrk: str, argv: list[str], port: int, seconds: float, connections: i
             url = f"http://127.0.0.1:{port}/"
             load = ["taskset", "-c", LOAD_CPU, wrk, "-t1", f"-c{connections}", "-s", str(script)]
             subprocess.run([*load, "-d1s", url], check=True, capture_output=True)
+            cpu = _cpu_seconds(server.pid)
             done = subprocess.run(
                 [*load, f"-d{seconds:g}s", url], check=True, capture_output=True, text=True
             )
+            cpu = _cpu_seconds(server.pid) - cpu
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -159,9 +170,10 @@ def measure(wrk: str, argv: list[str], port: int, seconds: float, connections: i
         if "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
             raise SystemExit(f"bench_http: errors under load ({argv[0]}):\n{done.stdout}")
         found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
-        if found is None:
+        count = re.search(r"(\d+) requests in", done.stdout)
+        if found is None or count is None:
             raise SystemExit(f"bench_http: no rate in wrk's output:\n{done.stdout}")
-        return float(found.group(1))
+        return float(found.group(1)), cpu / int(count.group(1)) * 1e6
 
 
 def main() -> None:
@@ -173,15 +185,20 @@ def main() -> None:
     wrk = ensure_wrk()
     runs = contenders(ensure_bench_venv())
     rates: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
     load_before = f"{os.getloadavg()[0]:.1f}"
     names = list(runs)
     for round_ in range(args.rounds):
         order = names if round_ % 2 == 0 else names[::-1]
         for name in order:
             port = _free_port()
-            rate = measure(wrk, runs[name](port), port, args.seconds, args.connections)
+            rate, cpu = measure(wrk, runs[name](port), port, args.seconds, args.connections)
             rates[name].append(rate)
-            print(f"round {round_ + 1}: {name}: {rate:,.0f} requests/s", file=sys.stderr)
+            cpus[name].append(cpu)
+            print(
+                f"round {round_ + 1}: {name}: {rate:,.0f} requests/s, {cpu:.1f} µs CPU/request",
+                file=sys.stderr,
+            )
     bare = rates["bare uvicorn (204)"]
     upstream = rates["upstream amgi-cloudevents 0.51"]
     print(
@@ -191,17 +208,20 @@ def main() -> None:
     )
     print(
         "| contender | requests/s (median) | min - max | vs bare, same round "
-        "(median, min - max) | vs upstream, same round |"
+        "(median, min - max) | vs upstream, same round | server CPU µs/request | "
+        "bare's CPU / this CPU |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    bare_cpu = statistics.median(cpus["bare uvicorn (204)"])
     for name in names:
         own = rates[name]
         to_bare = [r / b for r, b in zip(own, bare, strict=True)]
         to_upstream = [r / u for r, u in zip(own, upstream, strict=True)]
+        cpu = statistics.median(cpus[name])
         print(
             f"| {name} | {statistics.median(own):,.0f} | {min(own):,.0f} - {max(own):,.0f} | "
             f"{statistics.median(to_bare):.0%} ({min(to_bare):.0%} - {max(to_bare):.0%}) | "
-            f"{statistics.median(to_upstream):.2f}x |"
+            f"{statistics.median(to_upstream):.2f}x | {cpu:.1f} | {bare_cpu / cpu:.0%} |"
         )
 
 

@@ -20,7 +20,6 @@ from amgi.servers.http._events import (
     JSON,
     STRUCTURED,
     BadRequest,
-    Parsed,
     binary_event,
     media_type,
     pubsub_envelope,
@@ -133,14 +132,15 @@ class Front:
                 return await _respond(send, _text(exc.status, exc.reason))
         try:
             if binary and not content_type.startswith(b"application/cloudevents"):
-                items = [self._addressed(binary_event(kept, body, self._want), scope, False)]
+                address, kept, _, _, _ = binary_event(kept, body, self._want)  # the hot path
+                future = inbox.submit_one(self._address(address, scope, False), kept, body)
             else:
-                items = self._items(scope, content_type, binary, kept, body)
+                future = inbox.submit(self._items(scope, content_type, binary, kept, body))
         except BadRequest as exc:
             return await _respond(send, _text(400, str(exc)))
         except _Answered as exc:
             return await _respond(send, exc.answer)
-        reasons = await inbox.submit(items)
+        reasons = await future
         if reasons == []:  # the hot path: every message acked, two constant events
             await send(_ACKED_START)
             await send(_EMPTY_BODY)
@@ -197,10 +197,10 @@ class Front:
                     " Pub/Sub: application/json)",
                 )
             )
-        return [self._addressed(p, scope, pubsub) for p in parsed]
+        return [(self._address(p[0], scope, pubsub), *p[1:]) for p in parsed]
 
-    def _addressed(self, parsed: Parsed, scope: Scope, pubsub: bool) -> Item:
-        address, headers, payload, bindings, attempt = parsed
+    def _address(self, address: str | None, scope: Scope, pubsub: bool) -> str:
+        """The address of a parsed message: from the event or the path; served here?"""
         if (self.pubsub_address_from if pubsub else self.address_from) == "path":
             address = self._path_address(scope)
         if not address:
@@ -208,7 +208,7 @@ class Front:
         served = self.addresses
         if served and address not in served:
             raise _Answered(_text(404, f"address {address!r} is not served here"))
-        return address, headers, payload, bindings, attempt
+        return address
 
     @staticmethod
     def _path_address(scope: Scope) -> str:

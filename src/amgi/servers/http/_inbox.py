@@ -47,31 +47,54 @@ class Inbox:
         self.closed = False
         """Set at shutdown: no request is taken any more."""
 
-    def submit(self, items: list[Item]) -> asyncio.Future[list[str] | None]:
-        """Queue one request's messages; the future resolves when all are settled."""
+    def _future(self) -> asyncio.Future[list[str] | None]:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[list[str] | None] = loop.create_future()
         if self.closed:
             future.set_result(None)
-            return future
-        ids = self._ids
-        parcels = self._parcels
-        if len(items) == 1:  # the common case: the future itself is the message's token
-            address, headers, payload, bindings, attempt = items[0]
-            message = Message(str(next(ids)), headers, payload, bindings, attempt, future)
-            parcels.append((address, [message]))
-        else:
-            request = _Request(future, len(items))
-            grouped: dict[str, list[Message]] = {}
-            for address, headers, payload, bindings, attempt in items:
-                message = Message(str(next(ids)), headers, payload, bindings, attempt, request)
-                grouped.setdefault(address, []).append(message)
-            parcels.extend(grouped.items())
+        return future
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def submit_one(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings | None = None,
+        attempt: int = 1,
+    ) -> asyncio.Future[list[str] | None]:
+        """Queue a request of one message (its future is the message's token)."""
+        future = self._future()
+        if not self.closed:
+            message = Message(
+                str(next(self._ids)), headers, payload, {} if bindings is None else bindings,
+                attempt, future,
+            )  # fmt: skip
+            self._parcels.append((address, [message]))
+            self._wake()
+        return future
+
+    def submit(self, items: list[Item]) -> asyncio.Future[list[str] | None]:
+        """Queue one request's messages; the future resolves when all are settled."""
+        if len(items) == 1:
+            return self.submit_one(*items[0])
+        future = self._future()
+        if not self.closed:
+            request = _Request(future, len(items))
+            grouped: dict[str, list[Message]] = {}
+            for address, headers, payload, bindings, attempt in items:
+                message = Message(
+                    str(next(self._ids)), headers, payload, bindings, attempt, request
+                )
+                grouped.setdefault(address, []).append(message)
+            self._parcels.extend(grouped.items())
+            self._wake()
         return future
 
     async def take(self, limit: int) -> list[Batch]:
