@@ -335,9 +335,16 @@ async def test_bearer_token_refuses_missing_and_wrong_tokens() -> None:
         good = await client.post(
             url + "/", headers={**headers, "authorization": "Bearer s3cret-token"}, content=body
         )
-    assert (missing.status_code, wrong.status_code, good.status_code) == (401, 403, 204)
-    assert "s3cret" not in missing.text + wrong.text
-    assert len(app.received) == 1
+        basic = await client.post(
+            url + "/", headers={**headers, "authorization": "Basic s3cret-token"}, content=body
+        )
+        lower = await client.post(
+            url + "/", headers={**headers, "authorization": "bearer s3cret-token"}, content=body
+        )
+    statuses = [a.status_code for a in (missing, wrong, good, basic, lower)]
+    assert statuses == [401, 403, 204, 401, 204]
+    assert "s3cret" not in missing.text + wrong.text + basic.text
+    assert len(app.received) == 2
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "sha512"])

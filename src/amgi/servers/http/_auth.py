@@ -26,7 +26,8 @@ class Refused(Exception):
 class RequestCheck:
     """The checks configured for a server, applied to one request's headers and body.
 
-    ``token``: the request must carry ``Authorization: Bearer <token>``.
+    ``token``: the request must carry ``Authorization: Bearer <token>`` (the scheme in
+    any case, RFC 6750).
     ``hmac_secret``: header ``hmac_header`` must hold the hex HMAC-``algorithm`` of the
     body under the secret, optionally prefixed ``<algorithm>=`` (as GitHub sends it).
     """
@@ -40,7 +41,7 @@ class RequestCheck:
         hmac_header: str,
         algorithm: str,
     ) -> None:
-        self._bearer = b"Bearer " + token.encode("utf-8") if token else None
+        self._bearer = token.encode("utf-8") if token else None
         self._secret = hmac_secret.encode("utf-8") if hmac_secret else None
         self._header = hmac_header.lower().encode("latin-1")
         self._algorithm = algorithm
@@ -59,9 +60,9 @@ class RequestCheck:
             elif name == self._header:
                 signature = value
         if bearer is not None:
-            if authorization is None:
+            if authorization is None or authorization[:7].lower() != b"bearer ":
                 raise Refused(401, "missing bearer token")
-            if not hmac.compare_digest(authorization, bearer):
+            if not hmac.compare_digest(authorization[7:].strip(), bearer):
                 raise Refused(403, "wrong bearer token")
         if self._secret is not None and signature is None:
             raise Refused(401, f"missing signature header {self._header.decode('latin-1')}")

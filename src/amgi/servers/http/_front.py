@@ -131,7 +131,7 @@ class Front:
             except Refused as exc:
                 return await _respond(send, _text(exc.status, exc.reason))
         try:
-            if binary and not content_type.startswith(b"application/cloudevents"):
+            if binary and not content_type.lower().startswith(b"application/cloudevents"):
                 address, kept, _, _, _ = binary_event(kept, body, self._want)  # the hot path
                 future = inbox.submit_one(self._address(address, scope, False), kept, body)
             else:

@@ -61,7 +61,6 @@ class Listener:
             raise BrokerUnavailable(
                 f"http: cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
             ) from None
-        sock.set_inheritable(True)
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
