@@ -1,8 +1,9 @@
 """Requests to messages: CloudEvents 1.0 (binary, structured, batched) and Pub/Sub push.
 
-Pure functions, no I/O. Each parser returns ``(address_or_None, headers, payload,
-bindings, attempt)`` tuples and raises :class:`BadRequest` (answered 400) or
-:class:`UnsupportedMediaType` (415) with a one-line reason.
+Pure functions, no I/O. The structured, batched and Pub/Sub parsers return
+``(address_or_None, headers, payload, bindings, attempt)`` tuples (binary mode, whose
+payload is the body as it is, returns the address and headers); they raise
+:class:`BadRequest` (answered 400) with a one-line reason.
 
 Header rules (byte-exact, the same in every mode):
 
@@ -28,7 +29,6 @@ from amgi.transport import Bindings, HeaderList
 __all__ = [
     "BadRequest",
     "Parsed",
-    "UnsupportedMediaType",
     "binary_event",
     "media_type",
     "pubsub_envelope",
@@ -53,10 +53,6 @@ class BadRequest(ValueError):
     """The request is not a valid event of the mode it claims (HTTP 400)."""
 
 
-class UnsupportedMediaType(ValueError):
-    """The request's Content-Type is not one the server accepts (HTTP 415)."""
-
-
 def media_type(content_type: bytes) -> str:
     """``b"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
     return content_type.split(b";", 1)[0].strip().decode("latin-1").lower()
@@ -66,10 +62,14 @@ def _decode_header(value: bytes) -> bytes:
     return unquote_to_bytes(value) if b"%" in value else value
 
 
-def binary_event(kept: HeaderList, body: bytes, want: bytes) -> Parsed:
-    """A binary-mode event: ``kept`` holds the request's ``ce-`` headers and its
-    Content-Type, in order; the body is the data; ``want`` names the address header."""
-    attributes = dict(kept)
+def binary_event(
+    kept: HeaderList, attributes: dict[bytes, bytes], want: bytes
+) -> tuple[str | None, HeaderList]:
+    """The address and headers of a binary-mode event (its payload is the body).
+
+    ``kept`` holds the request's ``ce-`` headers and its Content-Type, in order, and
+    ``attributes`` the same as a dict; ``want`` names the address header.
+    """
     if b"%" in b"".join(attributes.values()):  # rare: percent-encoded values
         for i, (name, value) in enumerate(kept):
             if b"%" in value and name != _CONTENT_TYPE:
@@ -86,13 +86,7 @@ def binary_event(kept: HeaderList, body: bytes, want: bytes) -> Parsed:
         missing = [f"ce-{a}" for a in _REQUIRED[1:] if not get(f"ce-{a}".encode())]
         raise BadRequest(f"binary event: missing or empty header(s) {', '.join(missing)}")
     address = get(want)
-    return (
-        address.decode("utf-8", "replace") if address is not None else None,
-        kept,
-        body,
-        {},
-        1,
-    )
+    return (address.decode("utf-8", "replace") if address is not None else None), kept
 
 
 def _attribute_value(name: str, value: Any) -> bytes:

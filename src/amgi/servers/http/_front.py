@@ -90,18 +90,18 @@ class Front:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         kept: list[tuple[bytes, bytes]] = []  # ce- headers and Content-Type, in order
         content_type = b""
-        length = -1
-        binary = False
-        for name, value in headers:  # one pass over the headers, nothing else parsed
-            if name[:3] == b"ce-":
-                kept.append((name, value))
-                if name == b"ce-specversion":
-                    binary = True
+        declared = None
+        for header in headers:  # one pass over the headers, nothing else parsed
+            name = header[0]
+            if name.startswith(b"ce-"):
+                kept.append(header)
             elif name == b"content-type":
-                content_type = value
-                kept.append((name, value))
+                content_type = header[1]
+                kept.append(header)
             elif name == b"content-length":
-                length = int(value) if value.isdigit() else -2
+                declared = header[1]
+        attributes = dict(kept)
+        length = -1 if declared is None else int(declared) if declared.isdigit() else -2
         check = self.check
         signature = None
         if check.enabled:
@@ -131,8 +131,9 @@ class Front:
             except Refused as exc:
                 return await _respond(send, _text(exc.status, exc.reason))
         try:
+            binary = b"ce-specversion" in attributes
             if binary and not content_type.lower().startswith(b"application/cloudevents"):
-                address, kept, _, _, _ = binary_event(kept, body, self._want)  # the hot path
+                address, kept = binary_event(kept, attributes, self._want)  # the hot path
                 future = inbox.submit_one(self._address(address, scope, False), kept, body)
             else:
                 future = inbox.submit(self._items(scope, content_type, binary, kept, body))
@@ -182,7 +183,8 @@ class Front:
             if not parsed:
                 raise BadRequest("event batch: the array is empty")
         elif binary:
-            parsed = [binary_event(kept, body, self._want)]
+            address, kept = binary_event(kept, dict(kept), self._want)
+            parsed = [(address, kept, body, {}, 1)]
         elif mode == JSON:
             parsed = [pubsub_envelope(body, self.pubsub_address_from)]
             pubsub = True
