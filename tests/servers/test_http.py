@@ -183,7 +183,7 @@ async def test_concurrent_requests_are_batched_in_the_runtime() -> None:
             asyncio.create_task(client.post(url + "/", headers=h, content=b))
             for h, b in (binary(cloud_event("orders", i)) for i in range(1, 11))
         ]
-        while len(push.transport.inbox._parcels) < 10:  # every request queued
+        while push.transport.inbox.waiting < 10:  # every request queued
             await asyncio.sleep(0.01)
         gate.set()
         answers = await asyncio.gather(first, *rest)
@@ -202,7 +202,7 @@ async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503() -
         in_flight = asyncio.create_task(client.post(url + "/", headers=h1, content=b1))
         await asyncio.wait_for(app.entered.wait(), 10)
         queued = asyncio.create_task(client.post(url + "/", headers=h2, content=b2))
-        while not push.transport.inbox._parcels:
+        while not push.transport.inbox.waiting:
             await asyncio.sleep(0.01)
         stopping = asyncio.create_task(push.shutdown())
         assert (await queued).status_code == 503  # not taken by the app: the sender keeps it
