@@ -580,3 +580,26 @@ async def test_the_sender_gives_up_after_send_timeout() -> None:
         finally:
             await sender.close()
             never.set()
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+async def test_a_client_gone_before_its_body_ends_never_reaches_the_app(parts: int) -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    headers, _ = binary(cloud_event("orders"))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    async with uvicorn_serving(push) as url:
+        port = int(url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST / HTTP/1.1\r\nhost: x\r\n{head}content-length: 100\r\n\r\n".encode())
+        for _ in range(parts):
+            writer.write(b"x" * 10)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.close()
+        await writer.wait_closed()
+        headers, body = binary(cloud_event("orders", "next"))
+        async with httpx.AsyncClient() as client:  # the server still serves the next one
+            answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 204
+    assert [m["payload"] for m in app.received] == [body]

@@ -10,7 +10,6 @@ otherwise, 503 when the server shut down before the app took them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -29,8 +28,6 @@ from amgi.servers.http._events import (
 from amgi.servers.http._inbox import Inbox, Item
 
 __all__ = ["Answer", "Front"]
-
-logger = logging.getLogger("amgi.servers.http")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -117,9 +114,14 @@ class Front:
         if length == -2:
             return await _respond(send, _text(400, "Content-Length is not a number"))
         event = await receive()
+        if event["type"] != "http.request":
+            return  # the client went away before its body arrived: nobody to answer
         body: bytes = event.get("body", b"")
         if event.get("more_body", False):
-            whole = await self._rest(receive, body, limit)
+            try:
+                whole = await self._rest(receive, body, limit)
+            except _Gone:
+                return
             if whole is None:
                 return await _respond(send, _text(413, f"body is over the limit of {limit} bytes"))
             body = whole
@@ -152,12 +154,17 @@ class Front:
 
     @staticmethod
     async def _rest(receive: Receive, body: bytes, limit: int) -> bytes | None:
-        """The whole of a body sent in parts; None (reading stops) once over ``limit``."""
+        """The whole of a body sent in parts; None (reading stops) once over ``limit``.
+
+        Raises :class:`_Gone` when the client disconnects before the end.
+        """
         chunks = [body]
         size = len(body)
         more = True
         while more:
             event = await receive()
+            if event["type"] != "http.request":
+                raise _Gone
             chunk = event.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -228,6 +235,10 @@ async def _respond(send: Send, answer: Answer) -> None:
     status, body, headers = answer
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class _Gone(Exception):
+    """The client disconnected while its body was being read."""
 
 
 class _Answered(Exception):
