@@ -98,7 +98,9 @@ class Front:
             elif name == b"content-length":
                 declared = header[1]
         attributes = dict(kept)
-        length = -1 if declared is None else int(declared) if declared.isdigit() else -2
+        # a malformed Content-Length is the HTTP server's to refuse; here it only
+        # allows refusing a body over the limit before reading it
+        length = int(declared) if declared is not None and declared.isdigit() else -1
         check = self.check
         signature = None
         if check.enabled:
@@ -111,8 +113,6 @@ class Front:
             return await _respond(
                 send, _text(413, f"body of {length} bytes is over the limit of {limit}")
             )
-        if length == -2:
-            return await _respond(send, _text(400, "Content-Length is not a number"))
         event = await receive()
         if event["type"] != "http.request":
             return  # the client went away before its body arrived: nobody to answer
