@@ -21,6 +21,7 @@ from cloudevents.core.formats.json import JSONFormat
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from amgi.errors import StartupFailed
 from amgi.http import PushApp
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.routing import Router
@@ -634,3 +635,24 @@ async def test_a_client_gone_before_its_body_ends_never_reaches_the_app(parts: i
             answer = await client.post(url + "/", headers=headers, content=body)
     assert answer.status_code == 204
     assert [m["payload"] for m in app.received] == [body]
+
+
+async def test_a_failed_app_startup_fails_the_asgi_lifespan() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    with pytest.raises(StartupFailed, match="no database"):
+        await PushApp(failing, config=RuntimeConfig(lifespan="on")).startup()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await events.put({"type": "lifespan.startup"})
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    push = PushApp(failing, config=RuntimeConfig(lifespan="on"))
+    await asyncio.wait_for(push({"type": "lifespan"}, events.get, send), 10)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "no database" in sent[0]["message"]
