@@ -11,7 +11,7 @@ from typing import Any
 
 from amgi.options import build
 from amgi.runtime.routing import Router
-from amgi.serverless import SqsHandler
+from amgi.serverless import KafkaHandler, SqsHandler
 from amgi.servers import load
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
@@ -66,3 +66,35 @@ def test_an_sqs_handler_routes_sends_to_kafka() -> None:
     assert all(r.headers() == [("from", b"sqs")] for r in records)
     assert fallback.pending("local.audit") == count
     assert fallback.pending(topic) == 0
+
+
+def test_a_kafka_handler_routes_sends_too() -> None:
+    event = copy.deepcopy(json.loads((FIXTURES / "msk.json").read_text()))
+    event["bootstrapServers"] = BROKER
+    count = sum(len(records) for records in event["records"].values())
+    routed = MemoryBroker.reset("lambda-routed")
+    topic = f"kafka-default-{uuid.uuid4().hex[:8]}"
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        batch: list[Any] = []
+        while not batch or batch[-1].get("more_messages", False):
+            batch.append(await receive())
+        for message in batch:
+            for address in ("audit.kafka", topic):
+                payload = message.get("payload")
+                await send(
+                    {"type": "message.send", "address": address, "headers": [], "payload": payload}
+                )
+            await send({"type": "message.ack", "id": message["id"]})
+
+    routes = Router([("audit.*", MemoryTransport([], MemoryOptions(broker="lambda-routed")))])
+    handler = KafkaHandler(app, routes=routes, handle_sigterm=False)
+    try:
+        result = handler(event, None)
+    finally:
+        handler.close()
+    assert not result or not result.get("batchItemFailures")
+    assert routed.pending("audit.kafka") == count
+    assert len(consume(topic, count)) == count  # unrouted: the event's own cluster
