@@ -1,9 +1,9 @@
 """An AMGI app for the ``amgi run --server http`` process tests.
 
-A payload ``slow`` makes its batch take ``HTTP_TEST_DELAY`` seconds (default 1) and
-writes a line to ``HTTP_TEST_LOG`` when the batch starts, so a test knows it is in
-flight. A message with header ``ce-target`` is echoed there (``message.send``) before it
-is acked; a failed send nacks it.
+Each call first receives its whole batch and writes one line per ``slow`` payload to
+``HTTP_TEST_LOG`` (so a test knows those requests are in flight), then, if there was one,
+sleeps ``HTTP_TEST_DELAY`` seconds (default 1). A message with header ``ce-target`` is
+echoed there (``message.send``) before it is acked; a failed send nacks it.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ DELAY = float(os.environ.get("HTTP_TEST_DELAY", "1"))
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "message":
         return
-    more = True
-    while more:
-        message = await receive()
-        more = message.get("more_messages", False)
-        payload = message.get("payload") or b""
-        if payload == b"slow":
-            with open(LOG, "a") as f:  # noqa: ASYNC230 - a test log line
-                f.write("started\n")
-            await asyncio.sleep(DELAY)
+    batch = [await receive()]
+    while batch[-1].get("more_messages", False):
+        batch.append(await receive())
+    slow = sum(1 for m in batch if m.get("payload") == b"slow")
+    if slow:
+        with open(LOG, "a") as f:  # noqa: ASYNC230 - a test log line
+            f.write("started\n" * slow)
+        await asyncio.sleep(DELAY)
+    for message in batch:
         headers = dict(message["headers"])
         target = headers.get(b"ce-target")
         if target is not None:
@@ -37,7 +37,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
                         "type": "message.send",
                         "address": target.decode(),
                         "headers": [(b"via", b"http")],
-                        "payload": payload,
+                        "payload": message.get("payload"),
                         "bindings": {"kafka": {"key": headers.get(b"ce-id", b"")}},
                     }
                 )

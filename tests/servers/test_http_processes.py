@@ -91,9 +91,12 @@ async def test_sigterm_finishes_requests_in_flight_and_answers_new_ones_503(
             asyncio.create_task(client.post(server.url, headers=h, content=b"slow"))
             for h, _ in (binary(cloud_event("orders", i)) for i in range(3))
         ]
-        await _wait_for_line(server.log, 1)
+        await _wait_for_line(server.log, 3)  # all three taken by the app
         server.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while "batch(es) in flight" not in server.output():  # fetching has stopped
+            assert time.monotonic() < deadline, server.output()
+            await asyncio.sleep(0.02)
         headers, _ = binary(cloud_event("orders", "late"))
         try:
             late = await client.post(server.url, headers=headers, content=b"late")
