@@ -98,3 +98,38 @@ def test_a_kafka_handler_routes_sends_too() -> None:
     assert not result or not result.get("batchItemFailures")
     assert routed.pending("audit.kafka") == count
     assert len(consume(topic, count)) == count  # unrouted: the event's own cluster
+
+
+def test_an_unreachable_route_is_a_send_error_in_the_app_and_the_records_fail() -> None:
+    event = copy.deepcopy(json.loads((FIXTURES / "sqs_standard.json").read_text()))
+    errors: list[str] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            message: Any = await receive()
+            more = message.get("more_messages", False)
+            try:
+                await send(
+                    {"type": "message.send", "address": "out-1", "headers": [], "payload": b"x"}
+                )
+            except OSError as exc:
+                errors.append(str(exc))
+                await send({"type": "message.nack", "id": message["id"], "message": str(exc)})
+            else:
+                await send({"type": "message.ack", "id": message["id"]})
+
+    kafka = load("kafka")
+    options = build(kafka.options, {"bootstrap_servers": "127.0.0.1:1", "connect_timeout": 1.0})
+    handler = SqsHandler(app, routes=Router([("out-*", kafka([], options))]), handle_sigterm=False)
+    try:
+        first = handler(event, None)
+        second = handler(event, None)  # tried again on the next invocation, fails again
+    finally:
+        handler.close()
+    ids = [{"itemIdentifier": r["messageId"]} for r in event["Records"]]
+    assert first == second == {"batchItemFailures": ids}
+    assert errors
+    assert all("cannot connect to send" in e and "127.0.0.1:1" in e for e in errors)
