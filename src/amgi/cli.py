@@ -23,6 +23,7 @@ from amgi.errors import AMGIError, ConfigurationError, StartupFailed
 from amgi.options import add_flags, build, flag_name
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
+from amgi.runtime.routing import Router, parse_route
 from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
 from amgi.servers.kit.bindings import UnknownBinding
 from amgi.servers.kit.bindings import parse as parse_binding
@@ -111,7 +112,9 @@ def _log_level(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | None]:
+def _parser(
+    server: str, send_targets: Sequence[str] = ()
+) -> tuple[argparse.ArgumentParser, type[Transport] | None]:
     try:
         transport: type[Transport] | None = load(server)
     except ConfigurationError:
@@ -152,6 +155,7 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
     common(run)
     runtime_group = run.add_argument_group("runtime options (every server)")
     add_flags(runtime_group, RuntimeConfig, dest_prefix=_RUNTIME_PREFIX)
+    _add_send_routing(run, send_targets)
 
     send = commands.add_parser(
         "send",
@@ -181,6 +185,70 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
     )
     common(send)
     return parser, transport
+
+
+# -- send routing (--send-to PATTERN=SERVER plus --SERVER-OPTION flags) ----------------
+
+_SEND_PREFIX = "send__"
+
+
+def _send_targets_from_argv(argv: Sequence[str]) -> list[str]:
+    """The servers named by ``--send-to`` values, in order, each once."""
+    targets: list[str] = []
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--send-to" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--send-to="):
+            value = arg.split("=", 1)[1]
+        if value is not None and "=" in value:
+            name = value.rpartition("=")[2].strip()
+            if name and name not in targets:
+                targets.append(name)
+    return targets
+
+
+def _add_send_routing(run: argparse.ArgumentParser, targets: Sequence[str]) -> None:
+    group = run.add_argument_group("send routing")
+    group.add_argument(
+        "--send-to",
+        action="append",
+        default=[],
+        metavar="PATTERN=SERVER",
+        help="send messages whose address matches PATTERN (shell-style, e.g. 'invoices.*') "
+        "through SERVER instead; that server's options follow as --SERVER-OPTION, e.g. "
+        "--kafka-bootstrap-servers (repeatable; first match wins)",
+    )
+    for name in targets:
+        try:
+            cls = load(name)
+        except ConfigurationError:
+            continue  # reported when the routes are built
+        add_flags(
+            run.add_argument_group(f"options of the {name!r} send target"),
+            cls.options,
+            dest_prefix=f"{_SEND_PREFIX}{name}__",
+            flag_prefix=f"{name}-",
+        )
+
+
+def _send_routes(values: dict[str, Any]) -> Router | None:
+    routes = [parse_route(text) for text in values.get("send_to", [])]
+    if not routes:
+        return None
+    transports: dict[str, Transport] = {}
+    for _, name in routes:
+        if name not in transports:
+            cls = load(name)
+            missing = missing_requirements(cls)
+            if missing:
+                raise ConfigurationError(
+                    f"send target {name!r} needs {', '.join(missing)}: "
+                    f"pip install 'amgi[{cls.extra}]'"
+                )
+            options = build(cls.options, values, dest_prefix=f"{_SEND_PREFIX}{name}__")
+            transports[name] = cls([], options)
+    return Router((pattern, transports[name]) for pattern, name in routes)
 
 
 def _transport(
@@ -250,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``amgi`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     server = _server_from_argv(argv)
-    parser, transport_cls = _parser(server)
+    parser, transport_cls = _parser(server, _send_targets_from_argv(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -266,11 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             transport_cls = load(server)  # raises the one-line error of an unknown server
         if args.command == "run":
             app = import_app(args.app)
-            if not args.addresses:
+            if not args.addresses and not getattr(transport_cls, "addresses_optional", False):
                 raise UsageError("amgi run needs at least one ADDRESS to consume")
             config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
             transport = _transport(server, transport_cls, values, args.addresses)
-            runtime = Runtime(app, transport, config, handle_signals=True)
+            routes = _send_routes(values)
+            runtime = Runtime(app, transport, config, handle_signals=True, routes=routes)
             tune_for_server()
             return runtime.run()
         transport = _transport(server, transport_cls, values, [])

@@ -225,8 +225,17 @@ def _split_list(values: list[str] | None) -> list[str]:
     return out
 
 
-def add_flags(parser: argparse._ActionsContainer, cls: type[Any], *, dest_prefix: str = "") -> None:
-    """Add one flag per field of dataclass ``cls`` to ``parser``."""
+def add_flags(
+    parser: argparse._ActionsContainer,
+    cls: type[Any],
+    *,
+    dest_prefix: str = "",
+    flag_prefix: str = "",
+) -> None:
+    """Add one flag per field of dataclass ``cls`` to ``parser``.
+
+    ``flag_prefix`` goes before each flag's name: ``kafka-`` makes ``--kafka-group-id``.
+    """
     hints = _resolve(cls)
     for f in dataclasses.fields(cls):
         kind, optional = _base(hints[f.name])
@@ -239,7 +248,7 @@ def add_flags(parser: argparse._ActionsContainer, cls: type[Any], *, dest_prefix
             else None
         )
         dest = dest_prefix + f.name
-        names = [flag_name(f.name)]
+        names = [flag_name(flag_prefix + f.name)]
         if kind is bool:
             parser.add_argument(
                 *names,

@@ -182,6 +182,14 @@ class Transport(abc.ABC):
     ) -> None:
         """Publish one message; raise :attr:`send_error` if the broker did not take it."""
 
+    def stop_fetching(self) -> None:  # noqa: B027
+        """Called once when the runtime stops fetching (shutdown begins).
+
+        Batches in flight still finish and settle after it. A push-style server (the
+        sender waits for the answer) refuses new and queued deliveries from here on, so
+        their senders learn at once to send again later.
+        """
+
     async def extend(self, batches: Sequence[Batch]) -> None:  # noqa: B027
         """Keep the given in-flight batches from being redelivered (visibility, lease)."""
 

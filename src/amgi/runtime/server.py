@@ -27,6 +27,7 @@ from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.ledger import CallGuard, CrashLedger
 from amgi.runtime.lifespan import Lifespan
 from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.runtime.routing import Router
 from amgi.servers.kit.backoff import Backoff
 from amgi.transport import (
     Batch,
@@ -73,9 +74,12 @@ class Runtime:
         *,
         metrics: MetricsHook | None = None,
         handle_signals: bool = False,
+        routes: Router | None = None,
     ) -> None:
         check_app(app)
         self.app = app
+        self.routes = routes
+        """Send routing: sends whose address a route matches go to that route's transport."""
         self.transport = transport
         self.config = config or RuntimeConfig()
         self.metrics = metrics or MetricsHook()
@@ -157,6 +161,8 @@ class Runtime:
                 return 0
             try:
                 await self.transport.connect()
+                if self.routes is not None:
+                    await self.routes.connect()
             except BaseException:
                 await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
                 with contextlib.suppress(Exception):
@@ -255,6 +261,7 @@ class Runtime:
             stop_wait.cancel()
             fetcher.cancel()
             await asyncio.gather(fetcher, stop_wait, return_exceptions=True)
+            self.transport.stop_fetching()
             await self._drain()
             if leaser is not None:
                 leaser.cancel()
@@ -264,6 +271,8 @@ class Runtime:
                 await self.transport.close()
             except Exception:
                 logger.exception("error while closing the %s transport", self.transport.name)
+            if self.routes is not None:
+                await self.routes.close()
             if not ok and self._exit_code == 0:
                 self._exit_code = 1
         if self._fatal is not None:
@@ -526,6 +535,8 @@ class Runtime:
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
     ) -> None:
         transport = self.transport
+        if self.routes is not None:
+            transport = self.routes.target(address) or transport
         try:
             await transport.publish(address, headers, payload, bindings)
         except SendError:

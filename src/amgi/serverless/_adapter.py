@@ -21,6 +21,7 @@ from amgi.errors import AMGIError, SendError
 from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig
 from amgi.runtime.app import check_app
 from amgi.runtime.batch import NACK_RETRY_EXTENSION, Delivery
+from amgi.runtime.routing import Router
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 from amgi.types import AMGIApplication
 
@@ -57,7 +58,9 @@ class LambdaAdapter:
 
     ``config`` supplies ``max_attempts`` (a nacked message on its last attempt counts as
     dead) and ``lifespan``. ``publisher`` is the transport that ``message.send`` uses;
-    it is connected on the first send and closed at shutdown. ``deadline_margin`` is the
+    it is connected on the first send and closed at shutdown. ``routes`` sends the
+    addresses its patterns match elsewhere (e.g. to Kafka), connected on the first send
+    that needs them and closed at shutdown. ``deadline_margin`` is the
     time kept back from the invocation's remaining time to report the outcome.
     """
 
@@ -69,9 +72,12 @@ class LambdaAdapter:
         publisher: Transport | PublisherFactory | None = None,
         deadline_margin: float = 1.0,
         handle_sigterm: bool = True,
+        routes: Router | None = None,
     ) -> None:
         check_app(app)
         self.app = app
+        self.routes = routes
+        self._routes_connected = False
         self.config = config or RuntimeConfig()
         self.deadline_margin = deadline_margin
         self.handle_sigterm = handle_sigterm
@@ -120,6 +126,9 @@ class LambdaAdapter:
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
             await lifespan.shutdown(self.config.lifespan_shutdown_timeout)
+        if self.routes is not None and self._routes_connected:
+            self._routes_connected = False
+            await self.routes.close()
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             try:
@@ -218,7 +227,11 @@ class LambdaAdapter:
     async def _publish(
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
     ) -> None:
-        publisher = self._publisher or await self._connect_publisher()
+        routed = self.routes.target(address) if self.routes is not None else None
+        if routed is not None:
+            publisher = routed if self._routes_connected else await self._connect_routes(routed)
+        else:
+            publisher = self._publisher or await self._connect_publisher()
         try:
             await publisher.publish(address, headers, payload, bindings)
         except SendError:
@@ -227,6 +240,21 @@ class LambdaAdapter:
             raise publisher.send_error(
                 f"{publisher.name}: could not send to {address!r}: {exc}"
             ) from exc
+
+    async def _connect_routes(self, target: Transport) -> Transport:
+        assert self.routes is not None
+        if self._publisher_lock is None:
+            self._publisher_lock = asyncio.Lock()
+        async with self._publisher_lock:
+            if not self._routes_connected:
+                try:
+                    await self.routes.connect()
+                except Exception as exc:
+                    raise target.send_error(
+                        f"{target.name}: cannot connect to send: {exc}"
+                    ) from exc
+                self._routes_connected = True
+        return target
 
     async def _connect_publisher(self) -> Transport:
         if self._publisher_lock is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from amgi.options import build
 from amgi.runtime import RuntimeConfig
+from amgi.runtime.routing import Router
 from amgi.serverless._adapter import (
     BatchFailed,
     LambdaAdapter,
@@ -153,7 +154,8 @@ class KafkaHandler(LambdaAdapter):
     """Lambda handler for MSK and self-managed Kafka events: ``handler = KafkaHandler(app)``.
 
     ``message.send`` goes to the event's Kafka cluster (``bootstrapServers``) by default;
-    pass ``publisher=`` another transport (e.g. SQS) to send elsewhere.
+    pass ``publisher=`` another transport (e.g. SQS) to send elsewhere, or ``routes=``
+    (:class:`amgi.runtime.routing.Router`) to send some addresses elsewhere.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class KafkaHandler(LambdaAdapter):
         deadline_margin: float = 1.0,
         handle_sigterm: bool = True,
         dead_letter_address: str | None = None,
+        routes: Router | None = None,
     ) -> None:
         super().__init__(
             app,
@@ -172,6 +175,7 @@ class KafkaHandler(LambdaAdapter):
             publisher=publisher,
             deadline_margin=deadline_margin,
             handle_sigterm=handle_sigterm,
+            routes=routes,
         )
         self.dead_letter_address = dead_letter_address
 

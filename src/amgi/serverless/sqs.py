@@ -109,7 +109,8 @@ class SqsHandler(LambdaAdapter):
 
     Returns ``{"batchItemFailures": [{"itemIdentifier": id}, ...]}``. ``message.send``
     goes to SQS by default (credentials and region from the function's environment);
-    pass ``publisher=`` another transport (e.g. Kafka) to send elsewhere.
+    pass ``publisher=`` another transport (e.g. Kafka) to send elsewhere, or ``routes=``
+    (:class:`amgi.runtime.routing.Router`) to send some addresses elsewhere.
     """
 
     def default_publisher(self, event: Mapping[str, Any]) -> Transport:

@@ -30,6 +30,7 @@ SERVERS: dict[str, str] = {
     "mqtt": "amgi.servers.mqtt:MqttTransport",
     "sqs": "amgi.servers.sqs:SqsTransport",
     "amp": "amgi.servers.amp:AmpTransport",
+    "http": "amgi.servers.http:HttpTransport",
 }
 
 

@@ -99,6 +99,12 @@ BINDINGS: dict[str, dict[str, BindingKey]] = {
         BindingKey("sequence_number", "str", "in", "FIFO sequence number"),
         BindingKey("delay_seconds", "int", "out", "delivery delay, 0-900 seconds"),
     ),
+    "googlepubsub": _keys(
+        BindingKey("messageId", "str", "in", "the Pub/Sub message id (HTTP push)"),
+        BindingKey("publishTime", "str", "in", "when Pub/Sub took the message, RFC 3339"),
+        BindingKey("orderingKey", "str", "in", "the message's ordering key, when it has one"),
+        BindingKey("subscription", "str", "in", "the pushing subscription's full name"),
+    ),
 }
 """Protocol -> key -> :class:`BindingKey`."""
 

@@ -1,0 +1,226 @@
+"""Requests to messages: CloudEvents 1.0 (binary, structured, batched) and Pub/Sub push.
+
+Pure functions, no I/O. The structured, batched and Pub/Sub parsers return
+``(address_or_None, headers, payload, bindings, attempt)`` tuples (binary mode, whose
+payload is the body as it is, returns the address and headers); they raise
+:class:`BadRequest` (answered 400) with a one-line reason.
+
+Header rules (byte-exact, the same in every mode):
+
+* every CloudEvents context attribute ``x`` is the header ``ce-x`` (lower case, as the
+  HTTP binding names it), its value the attribute's text in UTF-8: binary mode takes the
+  ``ce-`` header value as received, percent-decoded when it holds a ``%``; structured
+  and batched mode take the JSON string, or ``true``/``false``/the decimal digits for
+  boolean and integer extension values; a JSON ``null`` attribute is left out;
+* ``datacontenttype`` is the header ``content-type`` (binary mode: the request's
+  Content-Type), so the app reads it under one name in every mode;
+* headers keep the order of the request (binary) or of the JSON object (structured).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from amgi.transport import Bindings, HeaderList
+
+__all__ = [
+    "BadRequest",
+    "Parsed",
+    "binary_event",
+    "media_type",
+    "pubsub_envelope",
+    "structured_batch",
+    "structured_event",
+]
+
+Parsed = tuple[str | None, HeaderList, bytes | None, Bindings, int]
+"""``(address, headers, payload, bindings, attempt)``; address None: not from the event."""
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+JSON = "application/json"
+
+_REQUIRED = ("specversion", "id", "source", "type")
+_CE = b"ce-"
+_CONTENT_TYPE = b"content-type"
+_json_loads = json.loads
+
+
+class BadRequest(ValueError):
+    """The request is not a valid event of the mode it claims (HTTP 400)."""
+
+
+def media_type(content_type: bytes) -> str:
+    """``b"Application/JSON; charset=utf-8"`` -> ``"application/json"``."""
+    return content_type.split(b";", 1)[0].strip().decode("latin-1").lower()
+
+
+def _decode_header(value: bytes) -> bytes:
+    return unquote_to_bytes(value) if b"%" in value else value
+
+
+def binary_event(
+    kept: HeaderList, attributes: dict[bytes, bytes], want: bytes
+) -> tuple[str | None, HeaderList]:
+    """The address and headers of a binary-mode event (its payload is the body).
+
+    ``kept`` holds the request's ``ce-`` headers and its Content-Type, in order, and
+    ``attributes`` the same as a dict; ``want`` names the address header.
+    """
+    if b"%" in b"".join(attributes.values()):  # rare: percent-encoded values
+        for i, (name, value) in enumerate(kept):
+            if b"%" in value and name != _CONTENT_TYPE:
+                kept[i] = (name, unquote_to_bytes(value))
+        attributes = dict(kept)
+    get = attributes.get
+    if get(b"ce-specversion") != b"1.0" or not (
+        get(b"ce-id") and get(b"ce-source") and get(b"ce-type")
+    ):
+        version = get(b"ce-specversion", b"")
+        if version != b"1.0":
+            shown = version.decode("latin-1")
+            raise BadRequest(f"binary event: ce-specversion {shown!r} is not 1.0")
+        missing = [f"ce-{a}" for a in _REQUIRED[1:] if not get(f"ce-{a}".encode())]
+        raise BadRequest(f"binary event: missing or empty header(s) {', '.join(missing)}")
+    address = get(want)
+    return (address.decode("utf-8", "replace") if address is not None else None), kept
+
+
+def _attribute_value(name: str, value: Any) -> bytes:
+    kind = type(value)
+    if kind is str:
+        return value.encode("utf-8")  # type: ignore[no-any-return]
+    if kind is bool:
+        return b"true" if value else b"false"
+    if kind is int:
+        return str(value).encode()
+    raise BadRequest(f"structured event: attribute {name!r} is not a string, boolean or integer")
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    if content_type is None:
+        return True
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base == JSON or base.endswith("+json") or base == "text/json"
+
+
+def _from_object(event: Any, address_from: str, where: str) -> Parsed:
+    if type(event) is not dict:
+        raise BadRequest(f"{where} is not a JSON object")
+    for name in _REQUIRED:
+        value = event.get(name)
+        if type(value) is not str or not value:
+            raise BadRequest(f"{where}: attribute {name!r} is missing or not a non-empty string")
+    if event["specversion"] != "1.0":
+        raise BadRequest(f"{where}: specversion {event['specversion']!r} is not 1.0")
+    headers: HeaderList = []
+    payload: bytes | None = None
+    content_type: str | None = None
+    data: Any = None
+    has_data = False
+    for name, value in event.items():
+        if name == "data":
+            data, has_data = value, True
+        elif name == "data_base64":
+            if type(value) is not str:
+                raise BadRequest(f"{where}: data_base64 is not a string")
+            try:
+                payload = binascii.a2b_base64(value, strict_mode=True)
+            except binascii.Error:
+                raise BadRequest(f"{where}: data_base64 is not valid base64") from None
+        elif value is None:
+            continue
+        elif name == "datacontenttype":
+            if type(value) is not str:
+                raise BadRequest(f"{where}: datacontenttype is not a string")
+            content_type = value
+            headers.append((_CONTENT_TYPE, value.encode("utf-8")))
+        else:
+            headers.append((b"ce-" + name.encode("utf-8"), _attribute_value(name, value)))
+    if has_data:
+        if payload is not None:
+            raise BadRequest(f"{where} has both data and data_base64")
+        if type(data) is str and not _is_json_type(content_type):
+            payload = data.encode("utf-8")
+        elif data is not None:
+            payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    address = event[address_from] if address_from in ("type", "source") else None
+    return address, headers, payload, {}, 1
+
+
+def _load_json(body: bytes, what: str) -> Any:
+    try:
+        return _json_loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what}: body is not JSON ({exc})") from None
+
+
+def structured_event(body: bytes, address_from: str) -> Parsed:
+    """A structured-mode event: one JSON object (``application/cloudevents+json``)."""
+    return _from_object(_load_json(body, "structured event"), address_from, "structured event")
+
+
+def structured_batch(body: bytes, address_from: str) -> list[Parsed]:
+    """A batched-mode request: a JSON array of structured events."""
+    events = _load_json(body, "event batch")
+    if type(events) is not list:
+        raise BadRequest("event batch: body is not a JSON array")
+    return [_from_object(e, address_from, f"event batch[{i}]") for i, e in enumerate(events)]
+
+
+def pubsub_envelope(body: bytes, address_from: str) -> Parsed:
+    """A Google Pub/Sub push request (wrapped): ``{"message": {...}, "subscription": ...}``.
+
+    Headers are the message attributes (name and value in UTF-8, in JSON order); the
+    payload is ``message.data`` base64-decoded (``None`` when absent); bindings
+    ``googlepubsub`` hold ``messageId``, ``publishTime``, ``subscription`` and
+    ``orderingKey`` when given; ``deliveryAttempt`` (set when the subscription has a
+    dead-letter policy) is the attempt. The address is the subscription's short name.
+    """
+    envelope = _load_json(body, "Pub/Sub push")
+    message = envelope.get("message") if type(envelope) is dict else None
+    if type(message) is not dict:
+        raise BadRequest("Pub/Sub push: body has no 'message' object")
+    attributes = message.get("attributes") or {}
+    if type(attributes) is not dict:
+        raise BadRequest("Pub/Sub push: message.attributes is not an object")
+    headers: HeaderList = []
+    for name, value in attributes.items():
+        if type(value) is not str:
+            raise BadRequest(f"Pub/Sub push: attribute {name!r} is not a string")
+        headers.append((name.encode("utf-8"), value.encode("utf-8")))
+    data = message.get("data")
+    payload: bytes | None = None
+    if data is not None:
+        if type(data) is not str:
+            raise BadRequest("Pub/Sub push: message.data is not a string")
+        try:
+            payload = binascii.a2b_base64(data, strict_mode=True)
+        except binascii.Error:
+            raise BadRequest("Pub/Sub push: message.data is not valid base64") from None
+    subscription = envelope.get("subscription")
+    if subscription is not None and type(subscription) is not str:
+        raise BadRequest("Pub/Sub push: subscription is not a string")
+    binding: dict[str, Any] = {}
+    for key, alias in (
+        ("messageId", "message_id"),
+        ("publishTime", "publish_time"),
+        ("orderingKey", "ordering_key"),
+    ):
+        value = message.get(key, message.get(alias))
+        if value is not None:
+            binding[key] = value
+    if subscription is not None:
+        binding["subscription"] = subscription
+    attempt = envelope.get("deliveryAttempt", 1)
+    if type(attempt) is not int or attempt < 1:
+        attempt = 1
+    address = None
+    if address_from == "subscription":
+        if not subscription:
+            raise BadRequest("Pub/Sub push: no subscription to take the address from")
+        address = subscription.rsplit("/", 1)[-1]
+    return address, headers, payload, {"googlepubsub": binding}, attempt

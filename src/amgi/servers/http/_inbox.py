@@ -1,0 +1,172 @@
+"""Where pushed requests wait for the runtime: parcels in, batches out, answers back.
+
+A request's messages wait per address; the request has one future (the message's token
+when it holds one message, else a counter around it shared by its messages). The
+runtime's ``fetch`` takes every message waiting, one batch per address (up to the batch
+size, a request never split); ``settle`` counts each message off its
+request, and when the last is settled the request's future gets the nack reasons (an
+empty list: every message acked). At shutdown the messages no batch took are answered
+"unavailable" (future result ``None``) and new requests are refused the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement
+
+__all__ = ["Inbox", "Item"]
+
+Item = tuple[str, HeaderList, "bytes | None", Bindings, int]
+"""``(address, headers, payload, bindings, attempt)`` of one pushed message."""
+
+
+_NONE: list[str] = []
+"""The reasons of an acked single-message request (never modified)."""
+
+
+class _Request:
+    __slots__ = ("future", "left", "reasons")
+
+    def __init__(self, future: asyncio.Future[list[str] | None], left: int) -> None:
+        self.future = future
+        self.left = left
+        self.reasons: list[str] = []
+
+
+class Inbox:
+    """The queue between the HTTP front and the runtime (one event loop).
+
+    Waiting messages are kept per address, in arrival order, so that taking them is one
+    step per address, not per message.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[Message]] = {}
+        self._waiter: asyncio.Future[None] | None = None
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        """Set at shutdown: no request is taken any more."""
+
+    @property
+    def waiting(self) -> int:
+        """How many messages wait for the runtime."""
+        return sum(map(len, self._waiting.values()))
+
+    def _queue(self, address: str, messages: list[Message]) -> None:
+        waiting = self._waiting.get(address)
+        if waiting is None:
+            self._waiting[address] = messages
+        else:
+            waiting.extend(messages)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def submit_one(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings | None = None,
+        attempt: int = 1,
+    ) -> asyncio.Future[list[str] | None]:
+        """Queue a request of one message (its future is the message's token)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[str] | None] = loop.create_future()
+        if self.closed:
+            future.set_result(None)
+            return future
+        message = Message(
+            str(next(self._ids)), headers, payload, {} if bindings is None else bindings,
+            attempt, future,
+        )  # fmt: skip
+        self._queue(address, [message])
+        return future
+
+    def submit(self, items: list[Item]) -> asyncio.Future[list[str] | None]:
+        """Queue one request's messages; the future resolves when all are settled."""
+        if len(items) == 1:
+            return self.submit_one(*items[0])
+        future: asyncio.Future[list[str] | None] = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_result(None)
+            return future
+        request = _Request(future, len(items))
+        grouped: dict[str, list[Message]] = {}
+        for address, headers, payload, bindings, attempt in items:
+            message = Message(str(next(self._ids)), headers, payload, bindings, attempt, request)
+            grouped.setdefault(address, []).append(message)
+        for address, messages in grouped.items():
+            self._queue(address, messages)
+        return future
+
+    async def take(self, limit: int) -> list[Batch]:
+        """Wait for messages; return them as one batch per address.
+
+        A batch holds at most ``limit`` messages unless one request alone has more (a
+        request's messages of one address are never split); the rest waits for the next
+        call.
+        """
+        while not self._waiting:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        waiting, self._waiting = self._waiting, {}
+        batches = []
+        for address, messages in waiting.items():
+            if len(messages) > limit:
+                cut = _boundary(messages, limit)
+                if cut < len(messages):
+                    self._waiting[address] = messages[cut:]
+                    messages = messages[:cut]
+            batches.append(Batch(address, messages))
+        return batches
+
+    @staticmethod
+    def settle(settlement: Settlement) -> None:
+        """Count the settled messages off their requests; answer the finished ones."""
+        for message in settlement.acked:
+            token = message.token
+            if type(token) is _Request:
+                token.left -= 1
+                if token.left == 0 and not token.future.done():
+                    token.future.set_result(token.reasons)
+            elif not token.done():
+                token.set_result(_NONE)
+        nacked = [(r.message, r.reason) for r in settlement.retry]
+        nacked += [(d.message, d.reason) for d in settlement.dead]
+        for message, reason in nacked:
+            token = message.token
+            if type(token) is _Request:
+                token.reasons.append(reason)
+                token.left -= 1
+                if token.left == 0 and not token.future.done():
+                    token.future.set_result(token.reasons)
+            elif not token.done():
+                token.set_result([reason])
+
+    def close(self) -> None:
+        """Refuse new requests and answer the queued ones "unavailable"."""
+        self.closed = True
+        waiting, self._waiting = self._waiting, {}
+        for messages in waiting.values():
+            for message in messages:
+                token = message.token
+                future = token.future if type(token) is _Request else token
+                if not future.done():
+                    future.set_result(None)
+
+
+def _boundary(messages: list[Message], limit: int) -> int:
+    """The first index at or after ``limit`` that does not split a request."""
+    cut = max(1, limit)
+    while cut < len(messages) and messages[cut].token is messages[cut - 1].token:
+        cut += 1  # only a multi-message request shares its token between messages
+    return cut

@@ -1,0 +1,217 @@
+"""The CloudEvents HTTP sender: ``message.send`` as a POST in binary or structured mode.
+
+A small HTTP/1.1 client on asyncio streams (responses parsed by httptools) with a pool
+of keep-alive connections, so that sends in flight at once each have a connection and
+sequential sends reuse them. Message -> CloudEvent:
+
+* headers ``ce-x`` are the attributes ``x`` (binary mode: sent as they are, values
+  percent-encoded where the HTTP binding asks; structured: JSON strings);
+  ``content-type`` is ``datacontenttype``; other headers are not sent;
+* missing required attributes are filled in: ``specversion`` 1.0, ``id`` a random UUID,
+  ``source`` the ``send_source`` option, ``type`` the send address;
+* structured mode puts a JSON payload (``datacontenttype`` JSON or absent, payload valid
+  JSON) in ``data`` and any other payload in ``data_base64``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import json
+import ssl
+import uuid
+from typing import Any
+from urllib.parse import quote_from_bytes, urlsplit
+
+from amgi.errors import SendError
+from amgi.transport import HeaderList
+
+__all__ = ["CloudEventSender", "HttpSendError", "safe_url"]
+
+_SAFE = bytes(range(0x21, 0x7F)).replace(b'"', b"").replace(b"%", b"")
+
+
+class HttpSendError(SendError):
+    """A CloudEvent could not be delivered over HTTP (no answer, or not a 2xx)."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` without user information (credentials never reach a log or an error)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _percent(value: bytes) -> bytes:
+    return quote_from_bytes(value, safe=_SAFE).encode("ascii")
+
+
+def encode_binary(
+    address: str, headers: HeaderList, payload: bytes | None, source: str
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Request headers and body of a binary-mode CloudEvent."""
+    out: list[tuple[bytes, bytes]] = []
+    seen: set[bytes] = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower.startswith(b"ce-"):
+            seen.add(lower)
+            out.append((lower, _percent(value)))
+        elif lower == b"content-type":
+            out.append((b"content-type", value))
+    for name, default in (
+        (b"ce-specversion", b"1.0"),
+        (b"ce-id", str(uuid.uuid4()).encode()),
+        (b"ce-source", source.encode("utf-8")),
+        (b"ce-type", address.encode("utf-8")),
+    ):
+        if name not in seen:
+            out.append((name, _percent(default)))
+    return out, payload or b""
+
+
+def encode_structured(
+    address: str, headers: HeaderList, payload: bytes | None, source: str
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Request headers and body of a structured-mode CloudEvent."""
+    event: dict[str, Any] = {}
+    content_type: str | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower.startswith(b"ce-"):
+            event[lower[3:].decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        elif lower == b"content-type":
+            content_type = value.decode("utf-8", "replace")
+            event["datacontenttype"] = content_type
+    event.setdefault("specversion", "1.0")
+    event.setdefault("id", str(uuid.uuid4()))
+    event.setdefault("source", source)
+    event.setdefault("type", address)
+    if payload is not None:
+        base = (content_type or "application/json").split(";", 1)[0].strip().lower()
+        data: Any = None
+        if base == "application/json" or base.endswith("+json"):
+            try:
+                data = json.loads(payload)
+                event["data"] = data
+            except ValueError:
+                data = None
+        if "data" not in event:
+            event["data_base64"] = binascii.b2a_base64(payload, newline=False).decode()
+    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return [(b"content-type", b"application/cloudevents+json; charset=utf-8")], body
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+
+class _Response:
+    def __init__(self) -> None:
+        self.done = False
+        self.keep_alive = True
+        self.body: list[bytes] = []
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class CloudEventSender:
+    """POSTs CloudEvents to ``url`` (``{address}`` in it is replaced by the address)."""
+
+    def __init__(self, url: str, mode: str, source: str, token: str | None, timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"send_url must be an http:// or https:// URL, not {safe_url(url)!r}")
+        self.url = url
+        self.shown = safe_url(url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._authority = (parts.netloc.rsplit("@", 1)[-1]).encode("idna")
+        self._path_template = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._encode = encode_structured if mode == "structured" else encode_binary
+        self._source = source
+        self._token = b"Bearer " + token.encode() if token else None
+        self.timeout = timeout
+        self._idle: list[_Connection] = []
+
+    async def send(self, address: str, headers: HeaderList, payload: bytes | None) -> None:
+        """POST one event; :class:`HttpSendError` unless the answer is a 2xx."""
+        request_headers, body = self._encode(address, headers, payload, self._source)
+        path = self._path_template.replace("{address}", quote_from_bytes(address.encode()))
+        lines = [
+            b"POST " + path.encode("ascii") + b" HTTP/1.1",
+            b"host: " + self._authority,
+            b"content-length: " + str(len(body)).encode(),
+        ]
+        if self._token is not None:
+            lines.append(b"authorization: " + self._token)
+        lines.extend(name + b": " + value for name, value in request_headers)
+        request = b"\r\n".join(lines) + b"\r\n\r\n" + body
+        try:
+            status, text = await asyncio.wait_for(self._exchange(request), self.timeout)
+        except TimeoutError:
+            raise HttpSendError(
+                f"http: no answer from {self.shown} within {self.timeout:g}s"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise HttpSendError(f"http: cannot POST to {self.shown}: {exc}") from None
+        if not 200 <= status < 300:
+            raise HttpSendError(
+                f"http: {self.shown} answered {status} for {address!r}: {text[:200]!r}"
+            )
+
+    async def _exchange(self, request: bytes) -> tuple[int, str]:
+        import httptools
+
+        reused = bool(self._idle)
+        connection = self._idle.pop() if reused else await self._open()
+        try:
+            connection.writer.write(request)
+            await connection.writer.drain()
+            response = _Response()
+            parser = httptools.HttpResponseParser(response)
+            while not response.done:
+                data = await connection.reader.read(65536)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection")
+                parser.feed_data(data)
+            status = parser.get_status_code()
+            keep = parser.should_keep_alive()
+        except (OSError, httptools.HttpParserError) as exc:
+            connection.writer.close()
+            if reused and isinstance(exc, ConnectionResetError | BrokenPipeError):
+                return await self._exchange(request)  # an idle connection the peer had closed
+            raise OSError(str(exc) or type(exc).__name__) from None
+        except BaseException:
+            connection.writer.close()
+            raise
+        if keep:
+            self._idle.append(connection)
+        else:
+            connection.writer.close()
+        return status, b"".join(response.body).decode("utf-8", "replace")
+
+    async def _open(self) -> _Connection:
+        context = ssl.create_default_context() if self._https else None
+        reader, writer = await asyncio.open_connection(self._host, self._port, ssl=context)
+        return _Connection(reader, writer)
+
+    async def close(self) -> None:
+        """Close the idle connections."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.writer.close()
+        for connection in idle:
+            with contextlib.suppress(OSError):
+                await connection.writer.wait_closed()

@@ -1,0 +1,135 @@
+"""Send routing in a Lambda adapter: an SQS-triggered function publishes to the real Kafka
+broker for the addresses its routes match, and to its usual publisher for the rest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from amgi.options import build
+from amgi.runtime.routing import Router
+from amgi.serverless import KafkaHandler, SqsHandler
+from amgi.servers import load
+from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.serverless.test_lambda_on_kafka import BROKER, consume
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_an_sqs_handler_routes_sends_to_kafka() -> None:
+    event = copy.deepcopy(json.loads((FIXTURES / "sqs_standard.json").read_text()))
+    count = len(event["Records"])
+    topic = f"sqs-to-kafka-{uuid.uuid4().hex[:8]}"
+    fallback = MemoryBroker.reset("lambda-fallback")
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            message: Any = await receive()
+            for address in (topic, "local.audit"):
+                await send(
+                    {
+                        "type": "message.send",
+                        "address": address,
+                        "headers": [(b"from", b"sqs")],
+                        "payload": message.get("payload"),
+                        "bindings": {"kafka": {"key": message["id"].encode()}},
+                    }
+                )
+            await send({"type": "message.ack", "id": message["id"]})
+            more = message.get("more_messages", False)
+
+    kafka = load("kafka")
+    routes = Router(
+        [("sqs-to-kafka-*", kafka([], build(kafka.options, {"bootstrap_servers": BROKER})))]
+    )
+    handler = SqsHandler(
+        app,
+        routes=routes,
+        publisher=MemoryTransport([], MemoryOptions(broker="lambda-fallback")),
+        handle_sigterm=False,
+    )
+    try:
+        result = handler(event, None)
+    finally:
+        handler.close()
+    assert result == {"batchItemFailures": []}
+    records = consume(topic, count)
+    assert len(records) == count
+    assert {r.key().decode() for r in records} == {r["messageId"] for r in event["Records"]}
+    assert all(r.headers() == [("from", b"sqs")] for r in records)
+    assert fallback.pending("local.audit") == count
+    assert fallback.pending(topic) == 0
+
+
+def test_a_kafka_handler_routes_sends_too() -> None:
+    event = copy.deepcopy(json.loads((FIXTURES / "msk.json").read_text()))
+    event["bootstrapServers"] = BROKER
+    count = sum(len(records) for records in event["records"].values())
+    routed = MemoryBroker.reset("lambda-routed")
+    topic = f"kafka-default-{uuid.uuid4().hex[:8]}"
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        batch: list[Any] = []
+        while not batch or batch[-1].get("more_messages", False):
+            batch.append(await receive())
+        for message in batch:
+            for address in ("audit.kafka", topic):
+                payload = message.get("payload")
+                await send(
+                    {"type": "message.send", "address": address, "headers": [], "payload": payload}
+                )
+            await send({"type": "message.ack", "id": message["id"]})
+
+    routes = Router([("audit.*", MemoryTransport([], MemoryOptions(broker="lambda-routed")))])
+    handler = KafkaHandler(app, routes=routes, handle_sigterm=False)
+    try:
+        result = handler(event, None)
+    finally:
+        handler.close()
+    assert not result or not result.get("batchItemFailures")
+    assert routed.pending("audit.kafka") == count
+    assert len(consume(topic, count)) == count  # unrouted: the event's own cluster
+
+
+def test_an_unreachable_route_is_a_send_error_in_the_app_and_the_records_fail() -> None:
+    event = copy.deepcopy(json.loads((FIXTURES / "sqs_standard.json").read_text()))
+    errors: list[str] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            message: Any = await receive()
+            more = message.get("more_messages", False)
+            try:
+                await send(
+                    {"type": "message.send", "address": "out-1", "headers": [], "payload": b"x"}
+                )
+            except OSError as exc:
+                errors.append(str(exc))
+                await send({"type": "message.nack", "id": message["id"], "message": str(exc)})
+            else:
+                await send({"type": "message.ack", "id": message["id"]})
+
+    kafka = load("kafka")
+    options = build(kafka.options, {"bootstrap_servers": "127.0.0.1:1", "connect_timeout": 1.0})
+    handler = SqsHandler(app, routes=Router([("out-*", kafka([], options))]), handle_sigterm=False)
+    try:
+        first = handler(event, None)
+        second = handler(event, None)  # tried again on the next invocation, fails again
+    finally:
+        handler.close()
+    ids = [{"itemIdentifier": r["messageId"]} for r in event["Records"]]
+    assert first == second == {"batchItemFailures": ids}
+    assert errors
+    assert all("cannot connect to send" in e and "127.0.0.1:1" in e for e in errors)

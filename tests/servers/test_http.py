@@ -1,0 +1,658 @@
+"""The HTTP push server against real peers: uvicorn serving ``amgi.http.PushApp`` (and the
+server's own listener), events built with the official CloudEvents SDK, posted with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pytest
+from cloudevents.core.bindings.http import HTTPMessage, from_http
+from cloudevents.core.formats.json import JSONFormat
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from amgi.errors import StartupFailed
+from amgi.http import PushApp
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.runtime.routing import Router
+from amgi.servers.http import HttpOptions, HttpSendError, HttpTransport
+from tests.net import self_signed
+from tests.servers.http_helpers import (
+    Recorder,
+    batched,
+    binary,
+    cloud_event,
+    structured,
+    uvicorn_serving,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = RuntimeConfig(shutdown_timeout=5.0)
+
+
+def _ce_headers(received: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    return list(received["headers"])
+
+
+# -- content modes ---------------------------------------------------------------------------------
+
+
+async def test_binary_mode_headers_are_the_attributes_byte_for_byte() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    event = cloud_event(
+        "orders.created",
+        {"id": 7},
+        subject="order/7",
+        datacontenttype="application/json",
+        tenant="zürich 100%",  # an extension the SDK percent-encodes
+    )
+    headers, body = binary(event)
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 204
+    (message,) = app.received
+    assert app.scopes[0]["address"] == "orders.created"
+    expected = [
+        (name.lower().encode(), unquote(value).encode("utf-8"))
+        for name, value in headers.items()
+        if name.lower().startswith("ce-") or name.lower() == "content-type"
+    ]
+    assert _ce_headers(message) == expected
+    assert (b"ce-tenant", "zürich 100%".encode()) in message["headers"]
+    assert message["payload"] == body
+    assert json.loads(message["payload"]) == {"id": 7}
+
+
+async def test_structured_mode_maps_attributes_and_data() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    json_event = cloud_event("orders.created", {"id": 8, "name": "ä"}, subject="s", count=3)
+    bytes_event = cloud_event(
+        "orders.created", b"\x00\x01raw", datacontenttype="application/octet-stream"
+    )
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        for event in (json_event, bytes_event):
+            headers, body = structured(event)
+            answer = await client.post(url + "/", headers=headers, content=body)
+            assert answer.status_code == 204, answer.text
+    first, second = app.received
+    doc = json.loads(structured(json_event)[1])
+    expected = [
+        (b"content-type" if k == "datacontenttype" else b"ce-" + k.encode(), str(v).encode())
+        for k, v in doc.items()
+        if k != "data"
+    ]
+    assert first["headers"] == expected
+    assert (b"ce-count", b"3") in first["headers"]
+    assert json.loads(first["payload"]) == {"id": 8, "name": "ä"}
+    assert second["payload"] == b"\x00\x01raw"
+    assert (b"content-type", b"application/octet-stream") in second["headers"]
+
+
+async def test_batched_mode_is_one_app_call_per_address() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    events = [cloud_event("orders", {"n": i}) for i in range(3)] + [cloud_event("refunds", 1)]
+    headers, body = batched(*events)
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 204
+    assert sorted(s["address"] for s in app.scopes) == ["orders", "refunds"]
+    orders = [m for m in app.received if json.loads(m["payload"]) != 1]
+    assert [json.loads(m["payload"])["n"] for m in orders] == [0, 1, 2]
+    assert [m["more_messages"] for m in orders] == [True, True, False]
+
+
+async def test_a_batch_with_one_nack_is_answered_as_a_retry() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    headers, body = batched(cloud_event("orders", "ok"), cloud_event("orders", "nack me"))
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 500
+    assert "told to" in answer.text
+    assert len(app.received) == 2
+
+
+async def test_pubsub_push_envelope() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    envelope = {
+        "message": {
+            "attributes": {"kind": "invoice", "région": "eu"},
+            "data": base64.b64encode(b'{"total": 12}').decode(),
+            "messageId": "136969346945",
+            "publishTime": "2026-11-30T10:00:00.000Z",
+            "orderingKey": "customer-1",
+        },
+        "subscription": "projects/demo/subscriptions/billing-push",
+        "deliveryAttempt": 2,
+    }
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/", json=envelope)
+    assert answer.status_code == 204
+    (message,) = app.received
+    assert app.scopes[0]["address"] == "billing-push"
+    assert message["headers"] == [(b"kind", b"invoice"), ("région".encode(), b"eu")]
+    assert message["payload"] == b'{"total": 12}'
+    assert message["bindings"]["googlepubsub"] == {
+        "messageId": "136969346945",
+        "publishTime": "2026-11-30T10:00:00.000Z",
+        "orderingKey": "customer-1",
+        "subscription": "projects/demo/subscriptions/billing-push",
+    }
+    assert message["bindings"]["amgi"]["attempt"] == 2
+
+
+# -- settlement, retries, batching -----------------------------------------------------------------
+
+
+async def test_nack_answers_5xx_and_the_retried_request_is_processed() -> None:
+    headers, body = binary(cloud_event("orders", "first try fails"))
+    app = Recorder(nack_once={body})
+    push = PushApp(app, config=FAST)
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        first = await client.post(url + "/", headers=headers, content=body)
+        again = await client.post(url + "/", headers=headers, content=body)  # the sender retries
+    assert first.status_code == 500
+    assert first.text == "nacked: told to\n"
+    assert again.status_code == 204
+    assert [m["payload"] for m in app.received] == [body, body]
+
+
+async def test_concurrent_requests_are_batched_in_the_runtime() -> None:
+    gate = asyncio.Event()
+    app = Recorder(gate=gate)
+    push = PushApp(app, config=RuntimeConfig(concurrency=1, shutdown_timeout=5.0))
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        headers, body = binary(cloud_event("orders", 0))
+        first = asyncio.create_task(client.post(url + "/", headers=headers, content=body))
+        await asyncio.wait_for(app.entered.wait(), 10)
+        rest = [
+            asyncio.create_task(client.post(url + "/", headers=h, content=b))
+            for h, b in (binary(cloud_event("orders", i)) for i in range(1, 11))
+        ]
+        while push.transport.inbox.waiting < 10:  # every request queued
+            await asyncio.sleep(0.01)
+        gate.set()
+        answers = await asyncio.gather(first, *rest)
+    assert [a.status_code for a in answers] == [204] * 11
+    assert len(app.scopes) == 2  # the first request alone, then the ten queued as one batch
+    assert len(app.received) == 11
+
+
+async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503() -> None:
+    gate = asyncio.Event()
+    app = Recorder(gate=gate)
+    push = PushApp(app, config=RuntimeConfig(concurrency=1, shutdown_timeout=10.0))
+    async with uvicorn_serving(push, lifespan="off") as url, httpx.AsyncClient() as client:
+        h1, b1 = binary(cloud_event("orders", "in flight"))
+        h2, b2 = binary(cloud_event("orders", "queued"))
+        in_flight = asyncio.create_task(client.post(url + "/", headers=h1, content=b1))
+        await asyncio.wait_for(app.entered.wait(), 10)
+        queued = asyncio.create_task(client.post(url + "/", headers=h2, content=b2))
+        while not push.transport.inbox.waiting:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(push.shutdown())
+        assert (await queued).status_code == 503  # not taken by the app: the sender keeps it
+        late = await client.post(url + "/", headers=h2, content=b2)
+        assert late.status_code == 503
+        assert not in_flight.done()
+        gate.set()
+        assert (await in_flight).status_code == 204
+        assert await stopping == 0
+    assert [m["payload"] for m in app.received] == [b1]
+
+
+# -- bad input: the app is never called ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "says"),
+    [
+        ({"content-type": "application/cloudevents+json"}, b"{not json", 400, "not JSON"),
+        (
+            {"content-type": "application/cloudevents+json"},
+            b'{"specversion": "1.0", "id": "1", "type": "t"}',
+            400,
+            "'source'",
+        ),
+        (
+            {"content-type": "application/cloudevents+json"},
+            b'{"specversion": "0.3", "id": "1", "source": "s", "type": "t"}',
+            400,
+            "not 1.0",
+        ),
+        (
+            {"content-type": "application/cloudevents+json"},
+            b'{"specversion":"1.0","id":"1","source":"s","type":"t","data_base64":"@@"}',
+            400,
+            "base64",
+        ),
+        ({"content-type": "application/cloudevents-batch+json"}, b"{}", 400, "array"),
+        ({"content-type": "application/cloudevents-batch+json"}, b"[]", 400, "empty"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "t"}, b"x", 400, "ce-source"),
+        ({"content-type": "application/json"}, b'{"no": "message"}', 400, "message"),
+        (
+            {"content-type": "application/json"},
+            b'{"message": {"data": "not base64!"}, "subscription": "projects/p/subscriptions/s"}',
+            400,
+            "base64",
+        ),
+        (
+            {"content-type": "application/json"},
+            b'{"message": {"attributes": {"a": 1}}, "subscription": "s"}',
+            400,
+            "attribute 'a'",
+        ),
+        ({"content-type": "application/json"}, b'{"message": {}}', 400, "no subscription"),
+        (
+            {"content-type": "application/cloudevents+json"},
+            b'{"specversion":"1.0","id":"1","source":"s","type":"t","ext":{"a":1}}',
+            400,
+            "attribute 'ext'",
+        ),
+        (
+            {"content-type": "application/cloudevents+json"},
+            b'{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data_base64":"AA=="}',
+            400,
+            "both",
+        ),
+        (
+            {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "s", "ce-type": ""},
+            b"x",
+            400,
+            "empty",
+        ),
+        ({"content-type": "text/plain"}, b"hello", 415, "text/plain"),
+        ({}, b"hello", 415, "none"),
+        ({"content-type": "application/xml", "ce-id": "1"}, b"<a/>", 415, "xml"),
+    ],
+)
+async def test_malformed_events_and_wrong_content_types_never_reach_the_app(
+    headers: dict[str, str], body: bytes, status: int, says: str
+) -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == status
+    assert says in answer.text
+    assert app.received == []
+
+
+async def test_oversize_bodies_get_413_declared_or_streamed() -> None:
+    app = Recorder()
+    push = PushApp(app, HttpOptions(max_body=100), config=FAST)
+    headers, _ = binary(cloud_event("orders"))
+
+    async def chunks() -> Any:
+        for _ in range(10):
+            yield b"x" * 50
+
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        declared = await client.post(url + "/", headers=headers, content=b"x" * 101)
+        streamed = await client.post(url + "/", headers=headers, content=chunks())
+        fits = await client.post(url + "/", headers=headers, content=b"x" * 100)
+    assert declared.status_code == 413
+    assert streamed.status_code == 413
+    assert fits.status_code == 204
+    assert len(app.received) == 1
+
+
+async def test_wrong_method_and_unserved_address() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST, addresses=["orders"])
+    headers, body = binary(cloud_event("refunds"))
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        get = await client.get(url + "/")
+        unserved = await client.post(url + "/", headers=headers, content=body)
+    assert get.status_code == 405
+    assert get.headers["allow"] == "POST"
+    assert unserved.status_code == 404
+    assert app.received == []
+
+
+# -- inside an ASGI stack --------------------------------------------------------------------------
+
+
+async def test_mounted_in_starlette_with_the_address_from_the_path() -> None:
+    app = Recorder()
+    push = PushApp(app, HttpOptions(address_from="path"), config=FAST)
+    api = Starlette(routes=[Mount("/events", push)], lifespan=push.lifespan_context)
+    headers, body = binary(cloud_event("ignored.type", "hi"))
+    async with uvicorn_serving(api) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/events/orders", headers=headers, content=body)
+        missing = await client.post(url + "/events/", headers=headers, content=body)
+    assert answer.status_code == 204
+    assert missing.status_code == 400
+    assert app.scopes[0]["address"] == "orders"
+
+
+async def test_mounted_without_lifespan_starts_on_the_first_request() -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    api = Starlette(routes=[Mount("/events", push)])
+    headers, body = binary(cloud_event("orders", "hi"))
+    async with uvicorn_serving(api) as url, httpx.AsyncClient() as client:
+        answer = await client.post(url + "/events/", headers=headers, content=body)
+    assert answer.status_code == 204
+    assert await push.shutdown() == 0
+
+
+# -- who may push ----------------------------------------------------------------------------------
+
+
+async def test_bearer_token_refuses_missing_and_wrong_tokens() -> None:
+    app = Recorder()
+    push = PushApp(app, HttpOptions(token="s3cret-token"), config=FAST)
+    headers, body = binary(cloud_event("orders", "x"))
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        missing = await client.post(url + "/", headers=headers, content=body)
+        wrong = await client.post(
+            url + "/", headers={**headers, "authorization": "Bearer nope"}, content=body
+        )
+        good = await client.post(
+            url + "/", headers={**headers, "authorization": "Bearer s3cret-token"}, content=body
+        )
+        basic = await client.post(
+            url + "/", headers={**headers, "authorization": "Basic s3cret-token"}, content=body
+        )
+        lower = await client.post(
+            url + "/", headers={**headers, "authorization": "bearer s3cret-token"}, content=body
+        )
+    statuses = [a.status_code for a in (missing, wrong, good, basic, lower)]
+    assert statuses == [401, 403, 204, 401, 204]
+    assert "s3cret" not in missing.text + wrong.text + basic.text
+    assert len(app.received) == 2
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+async def test_hmac_signature_of_the_body(algorithm: str) -> None:
+    app = Recorder()
+    options = HttpOptions(
+        hmac_secret="k3y", hmac_header="X-Hub-Signature", hmac_algorithm=algorithm
+    )
+    push = PushApp(app, options, config=FAST)
+    headers, body = binary(cloud_event("orders", "signed"))
+    digest = hmac.new(b"k3y", body, getattr(hashlib, algorithm)).hexdigest()
+    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+        missing = await client.post(url + "/", headers=headers, content=body)
+        bad = await client.post(
+            url + "/", headers={**headers, "x-hub-signature": "0" * len(digest)}, content=body
+        )
+        tampered = await client.post(
+            url + "/", headers={**headers, "x-hub-signature": digest}, content=body + b" "
+        )
+        good = await client.post(
+            url + "/",
+            headers={**headers, "x-hub-signature": f"{algorithm}={digest}"},
+            content=body,
+        )
+        plain = await client.post(
+            url + "/", headers={**headers, "x-hub-signature": digest}, content=body
+        )
+    statuses = [a.status_code for a in (missing, bad, tampered, good, plain)]
+    assert statuses == [401, 403, 403, 204, 204]
+    assert len(app.received) == 2
+
+
+# -- the server's own listener (what amgi run --server http uses) ----------------------------------
+
+
+async def test_own_listener_over_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    app = Recorder()
+    options = HttpOptions(port=0, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    transport = HttpTransport(["orders"], options)
+    runtime = Runtime(app, transport, FAST)
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    headers, body = binary(cloud_event("orders", "over tls"))
+    try:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=cert)) as client:
+            answer = await client.post(
+                f"https://127.0.0.1:{transport.port}/", headers=headers, content=body
+            )
+        with pytest.raises(httpx.HTTPError):
+            async with httpx.AsyncClient() as plain:
+                await plain.post(f"http://127.0.0.1:{transport.port}/", content=body)
+    finally:
+        runtime.request_stop()
+        assert await serving == 0
+    assert answer.status_code == 204
+    assert app.received[0]["payload"] == body
+
+
+async def test_own_listener_requires_client_certificates_from_its_ca(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    client_cert, client_key = self_signed(tmp_path, "client")
+    other_cert, other_key = self_signed(tmp_path, "other")
+    app = Recorder()
+    options = HttpOptions(
+        port=0, ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(client_cert)
+    )
+    transport = HttpTransport(["orders"], options)
+    runtime = Runtime(app, transport, FAST)
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    headers, body = binary(cloud_event("orders", "mutual tls"))
+    url = f"https://127.0.0.1:{transport.port}/"
+
+    def context(chain: tuple[Path, Path] | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=cert)
+        if chain is not None:
+            ctx.load_cert_chain(*chain)
+        return ctx
+
+    try:
+        async with httpx.AsyncClient(verify=context((client_cert, client_key))) as client:
+            answer = await client.post(url, headers=headers, content=body)
+        for chain in (None, (other_cert, other_key)):
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient(verify=context(chain)) as refused:
+                    await refused.post(url, headers=headers, content=body)
+    finally:
+        runtime.request_stop()
+        assert await serving == 0
+    assert answer.status_code == 204
+    assert len(app.received) == 1
+
+
+async def test_an_open_listener_without_checks_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    for host, checked, warned in (
+        ("0.0.0.0", {}, True),
+        ("0.0.0.0", {"token": "t"}, False),
+        ("127.0.0.1", {}, False),
+    ):
+        caplog.clear()
+        transport = HttpTransport(["orders"], HttpOptions(host=host, port=0, **checked))
+        await transport.connect()
+        await transport.close()
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("without TLS or authentication" in line for line in lines) is warned
+
+
+async def test_own_listener_on_a_busy_port_is_one_error_line() -> None:
+    blocker = HttpTransport(["orders"], HttpOptions(port=0))
+    await blocker.connect()
+    try:
+        busy = HttpTransport(["orders"], HttpOptions(port=blocker.port or 0))
+        with pytest.raises(OSError, match=r"http: cannot listen on 127\.0\.0\.1:\d+"):
+            await busy.connect()
+    finally:
+        await blocker.close()
+
+
+# -- the CloudEvents HTTP sender -------------------------------------------------------------------
+
+
+class _Sink:
+    """An ASGI app that parses each request with the CloudEvents SDK."""
+
+    def __init__(self, status: int = 202) -> None:
+        self.events: list[Any] = []
+        self.paths: list[str] = []
+        self.authorization: list[bytes] = []
+        self.status = status
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        more = True
+        while more:
+            event = await receive()
+            body += event.get("body", b"")
+            more = event.get("more_body", False)
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
+        self.events.append(from_http(HTTPMessage(headers, body), JSONFormat()))
+        self.paths.append(scope["path"])
+        self.authorization.append(dict(scope["headers"]).get(b"authorization", b""))
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_sends_routed_to_the_cloudevents_sender(mode: str) -> None:
+    sink = _Sink()
+    app = Recorder(sends={"orders": "audit.orders"})
+    async with uvicorn_serving(sink) as sink_url:
+        sender = HttpTransport(
+            [],
+            HttpOptions(send_url=sink_url + "/in/{address}", send_mode=mode, send_token="t0ken"),
+        )
+        push = PushApp(app, config=FAST, routes=Router([("audit.*", sender)]))
+        headers, body = binary(cloud_event("orders", "payload"))
+        async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+            answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 204
+    (event,) = sink.events
+    assert event.get_type() == "audit.orders"
+    assert event.get_source() == "amgi"
+    assert event.get_extension("via") is None  # only ce- headers become attributes
+    data = event.get_data()
+    assert (data if isinstance(data, bytes) else str(data).encode()) == b"echo:" + body
+    assert sink.paths == ["/in/audit.orders"]
+    assert sink.authorization == [b"Bearer t0ken"]
+
+
+async def test_a_refused_send_is_an_error_in_the_app_and_a_retry_for_the_pusher() -> None:
+    sink = _Sink(status=500)
+    app = Recorder(sends={"orders": "audit.orders"})
+    async with uvicorn_serving(sink) as sink_url:
+        sender = HttpTransport([], HttpOptions(send_url=sink_url + "/"))
+        push = PushApp(app, config=FAST, routes=Router([("audit.*", sender)]))
+        headers, body = binary(cloud_event("orders", "payload"))
+        async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+            answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 500
+    assert app.send_errors
+    assert "answered 500" in app.send_errors[0]
+
+
+async def test_amgi_send_posts_one_cloudevent(tmp_path: Path) -> None:
+    sink = _Sink()
+    async with uvicorn_serving(sink) as sink_url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "amgi", "send", "orders.created", '{"id": 1}',
+            "--header", "content-type=application/json", "--header", "ce-subject=order/1",
+            "--server", "http", "--send-url", sink_url + "/", "--send-mode", "structured",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "sent 1 message" in out.decode()
+    (event,) = sink.events
+    assert event.get_type() == "orders.created"
+    assert event.get_subject() == "order/1"
+    assert event.get_data() == {"id": 1}
+
+
+async def test_the_sender_reconnects_after_the_server_closed_an_idle_connection() -> None:
+    sink = _Sink()
+    async with uvicorn_serving(sink, timeout_keep_alive=0.1) as sink_url:
+        sender = HttpTransport([], HttpOptions(send_url=sink_url + "/"))
+        await sender.connect()
+        try:
+            await sender.publish("a", [], b"1", {})
+            await asyncio.sleep(0.5)  # the server closes the idle keep-alive connection
+            await sender.publish("b", [], b"2", {})
+        finally:
+            await sender.close()
+    assert [e.get_type() for e in sink.events] == ["a", "b"]
+
+
+async def test_the_sender_gives_up_after_send_timeout() -> None:
+    never = asyncio.Event()
+
+    async def silent(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await never.wait()
+
+    async with uvicorn_serving(silent, timeout_graceful_shutdown=1) as url:
+        sender = HttpTransport([], HttpOptions(send_url=url + "/", send_timeout=0.3))
+        await sender.connect()
+        try:
+            with pytest.raises(HttpSendError, match=r"no answer from .* within 0\.3s"):
+                await sender.publish("a", [], b"1", {})
+        finally:
+            await sender.close()
+            never.set()
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+async def test_a_client_gone_before_its_body_ends_never_reaches_the_app(parts: int) -> None:
+    app = Recorder()
+    push = PushApp(app, config=FAST)
+    headers, _ = binary(cloud_event("orders"))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    async with uvicorn_serving(push) as url:
+        port = int(url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST / HTTP/1.1\r\nhost: x\r\n{head}content-length: 100\r\n\r\n".encode())
+        for _ in range(parts):
+            writer.write(b"x" * 10)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.close()
+        await writer.wait_closed()
+        headers, body = binary(cloud_event("orders", "next"))
+        async with httpx.AsyncClient() as client:  # the server still serves the next one
+            answer = await client.post(url + "/", headers=headers, content=body)
+    assert answer.status_code == 204
+    assert [m["payload"] for m in app.received] == [body]
+
+
+async def test_a_failed_app_startup_fails_the_asgi_lifespan() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    with pytest.raises(StartupFailed, match="no database"):
+        await PushApp(failing, config=RuntimeConfig(lifespan="on")).startup()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await events.put({"type": "lifespan.startup"})
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    push = PushApp(failing, config=RuntimeConfig(lifespan="on"))
+    await asyncio.wait_for(push({"type": "lifespan"}, events.get, send), 10)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "no database" in sent[0]["message"]

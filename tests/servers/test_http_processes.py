@@ -1,0 +1,202 @@
+"""``amgi run --server http`` processes: SIGTERM during requests, send routing to the real
+Kafka broker from the command line, and no secret in any output."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.net import free_port, port_open
+from tests.servers.http_helpers import binary, cloud_event
+from tests.servers.kafka_helpers import (
+    BOOTSTRAP,
+    ROOT,
+    create_topic,
+    ensure_broker,
+    fresh,
+    read_all,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Server:
+    """One ``python -m amgi run tests.servers.http_app:app --server http`` process."""
+
+    def __init__(self, tmp: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log = tmp / "app.log"
+        self.out = tmp / f"server-{self.port}.out"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "amgi", "run", "tests.servers.http_app:app",
+                "--server", "http", "--port", str(self.port), "--lifespan", "off", *flags,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "HTTP_TEST_LOG": str(self.log), **(env or {})},
+            stdout=open(self.out, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start:\n{self.output()}")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def output(self) -> str:
+        return self.out.read_text()
+
+    def stop(self) -> int:
+        """SIGTERM (a graceful shutdown); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        """At the end of a test: no process outlives it, passed or failed."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+async def _wait_for_line(path: Path, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _lines(path) < count:
+        assert time.monotonic() < deadline, f"{path} never had {count} line(s)"
+        await asyncio.sleep(0.02)
+
+
+async def test_sigterm_finishes_requests_in_flight_and_answers_new_ones_503(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    server = Server(tmp_path, env={"HTTP_TEST_DELAY": "1.5"})
+    request.addfinalizer(server.kill)
+    async with httpx.AsyncClient(timeout=30) as client:
+        in_flight = [
+            asyncio.create_task(client.post(server.url, headers=h, content=b"slow"))
+            for h, _ in (binary(cloud_event("orders", i)) for i in range(3))
+        ]
+        await _wait_for_line(server.log, 3)  # all three taken by the app
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while "batch(es) in flight" not in server.output():  # fetching has stopped
+            assert time.monotonic() < deadline, server.output()
+            await asyncio.sleep(0.02)
+        headers, _ = binary(cloud_event("orders", "late"))
+        try:
+            late = await client.post(server.url, headers=headers, content=b"late")
+            assert late.status_code == 503
+        except httpx.TransportError:
+            pass  # already closed: the sender keeps the message just the same
+        answers = await asyncio.gather(*in_flight)
+    assert [a.status_code for a in answers] == [204, 204, 204]
+    assert server.proc.wait(30) == 0
+    output = server.output()
+    assert "Traceback" not in output
+    assert "SIGTERM received" in output
+
+
+async def test_send_routing_from_the_command_line_to_kafka(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    ensure_broker()
+    topic = create_topic(fresh("http-out"), partitions=1)
+    server = Server(
+        tmp_path,
+        "--send-to", "http-out-*=kafka", "--kafka-bootstrap-servers", BOOTSTRAP,
+    )  # fmt: skip
+    request.addfinalizer(server.kill)
+    async with httpx.AsyncClient(timeout=30) as client:
+        routed = [binary(cloud_event("orders", None, id=f"e{i}", target=topic)) for i in range(3)]
+        answers = [
+            await client.post(server.url, headers=h, content=f"body {i}".encode())
+            for i, (h, _) in enumerate(routed)
+        ]
+        unrouted_headers, _ = binary(cloud_event("orders", None, target="elsewhere"))
+        unrouted = await client.post(server.url, headers=unrouted_headers, content=b"x")
+    assert [a.status_code for a in answers] == [204, 204, 204]
+    assert unrouted.status_code == 500  # the http server itself has no send_url
+    assert "no send_url" in unrouted.text
+    records = await asyncio.to_thread(read_all, topic, 3)
+    assert sorted(r.value() for r in records) == [b"body 0", b"body 1", b"body 2"]
+    assert {r.key() for r in records} == {b"e0", b"e1", b"e2"}
+    assert all(r.headers() == [("via", b"http")] for r in records)
+    assert server.stop() == 0
+    assert "sending to kafka for 'http-out-*'" in server.output()
+
+
+async def test_no_secret_reaches_the_output_or_an_answer(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    marker = "MARKER-5f0c2a"
+    token, key = f"tok-{marker}", f"key-{marker}"
+    closed = free_port()
+    server = Server(
+        tmp_path,
+        "--log-level", "debug",
+        "--token", token, "--hmac-secret", key,
+        "--send-to", "out-*=http",
+        "--http-send-url", f"http://user:{marker}@127.0.0.1:{closed}/",
+        "--http-send-token", f"send-{marker}",
+    )  # fmt: skip
+    request.addfinalizer(server.kill)
+    headers, _ = binary(cloud_event("orders", None, target="out-1"))
+    body = b"routed"
+    signature = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    good = {**headers, "authorization": f"Bearer {token}", "x-signature": signature}
+    answers = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for extra in (
+            {},
+            {"authorization": f"Bearer {marker}"},
+            {"authorization": f"Bearer {token}"},
+            {"authorization": f"Bearer {token}", "x-signature": "00" * 32},
+            good,
+        ):
+            answers.append(
+                await client.post(server.url, headers={**headers, **extra}, content=body)
+            )
+    assert [a.status_code for a in answers] == [401, 403, 401, 403, 500]
+    assert "cannot POST to http://127.0.0.1" in answers[-1].text  # the send failed, nacked
+    assert server.stop() == 0
+    for text in [server.output(), *(a.text for a in answers)]:
+        assert marker not in text
+
+
+def test_no_secret_in_option_errors_or_help() -> None:
+    marker = "MARKER-91d3e7"
+    token = f"tok-{marker}"
+    texts = []
+    for argv in (
+        ["--server", "http", "--token", token, "--nack-status", "200"],
+        ["--server", "http", "--send-to", "x=http", "--http-send-url", f"ftp://u:{marker}@h/"],
+        ["--server", "http", "--token", token, "--help"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "amgi", "run", "tests.servers.http_app:app", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        texts += [done.stdout, done.stderr]
+        assert done.returncode in (0, 1, 2)
+    assert "--nack-status must be" in "".join(texts)
+    assert "--send-url must start with" in "".join(texts)
+    for text in texts:
+        assert marker not in text
