@@ -73,6 +73,13 @@ class TestClient:
         self._lifespan: LifespanRunner | None = None
         self._count = 0
 
+    @property
+    def state(self) -> dict[str, Any]:
+        """The lifespan state (what the app's lifespan yielded), once started."""
+        if self._state is None:
+            raise RuntimeError("the TestClient is not started: use 'async with TestClient(app)'")
+        return self._state
+
     async def __aenter__(self) -> TestClient:
         self._lifespan = LifespanRunner(self.app)
         self._state = await self._lifespan.__aenter__()
