@@ -6,7 +6,7 @@ import inspect
 import re
 import typing
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import TypeAdapter
 
@@ -29,9 +29,22 @@ def _key(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "_"
 
 
+Mode = Literal["validation", "serialization"]
+
+
 class _Builder:
-    def __init__(self) -> None:
-        self.schemas: dict[str, Any] = {}
+    def __init__(self, types: list[tuple[Any, Mode]]) -> None:
+        # One pydantic pass over every type, so a model used both ways gets two names
+        # (Invoice-Input, Invoice-Output) and shared models are defined once.
+        self._index: dict[tuple[int, Mode], int] = {}
+        inputs: list[tuple[int, Mode, TypeAdapter[Any]]] = []
+        for annotation, mode in types:
+            if (id(annotation), mode) not in self._index:
+                self._index[(id(annotation), mode)] = len(inputs)
+                inputs.append((len(inputs), mode, TypeAdapter(annotation)))
+        mapping, definitions = TypeAdapter.json_schemas(inputs, ref_template=_REF)
+        self._mapping = mapping
+        self.schemas: dict[str, Any] = dict(definitions.get("$defs", {}))
         self.messages: dict[str, Any] = {}
         self.channels: dict[str, Any] = {}
         self.operations: dict[str, Any] = {}
@@ -46,26 +59,15 @@ class _Builder:
             n += 1
         return candidate
 
-    def schema(self, annotation: Any) -> dict[str, Any]:
-        """The JSON Schema of ``annotation``; named types go to components/schemas."""
-        adapter: TypeAdapter[Any] = TypeAdapter(annotation)
-        schema = adapter.json_schema(ref_template=_REF)
-        for name, sub in schema.pop("$defs", {}).items():
-            self.schemas.setdefault(name, sub)
-        named = (
-            isinstance(annotation, type) and "title" in schema and schema.get("type") == "object"
-        )
-        if named:
-            name = _key(annotation.__name__)
-            self.schemas.setdefault(name, schema)
-            return {"$ref": _REF.format(model=name)}
-        return schema
+    def schema(self, annotation: Any, mode: Mode = "validation") -> dict[str, Any]:
+        """The JSON Schema of ``annotation`` (serialization mode: what the app publishes)."""
+        return dict(self._mapping[(self._index[(id(annotation), mode)], mode)])
 
     def channel(self, address: str, parameters: Mapping[str, Any]) -> str:
         found = self._channel_ids.get(address)
         if found is not None:
             return found
-        cid = self.unique(self.channels, address)
+        cid = self.unique(self.channels, address.replace("{", "").replace("}", ""))
         channel: dict[str, Any] = {"address": address, "messages": {}}
         if parameters:
             channel["parameters"] = {
@@ -107,9 +109,7 @@ class _Builder:
             if required:
                 header_schema["required"] = required
             message["headers"] = header_schema
-        kafka_key = next(
-            (p for p in bindings if p.source.protocol == "kafka" and p.source.key == "key"), None
-        )
+        kafka_key = _kafka_key(bindings)
         if kafka_key is not None:
             message["bindings"] = {
                 "kafka": {
@@ -145,9 +145,37 @@ def _operation_name(handler: Handler) -> str:
     return getattr(handler.func, "__name__", None) or handler.name
 
 
+def _kafka_key(params: list[Parameter]) -> Parameter | None:
+    return next(
+        (
+            p
+            for p in params
+            if p.kind == "binding" and p.source.protocol == "kafka" and p.source.key == "key"
+        ),
+        None,
+    )
+
+
+def _types(handlers: list[Handler]) -> list[tuple[Any, Mode]]:
+    """Every type the document describes, with the direction it travels."""
+    found: list[tuple[Any, Mode]] = []
+    for handler in handlers:
+        assert handler.plan is not None
+        params = handler.plan.all_parameters()
+        if handler.payload is not None:
+            found.append((handler.payload_type, "validation"))
+        found.extend((p.annotation, "validation") for p in params if p.kind == "header")
+        key = _kafka_key(params)
+        if key is not None:
+            found.append((strip_none(key.annotation), "validation"))
+        if handler.publish_to is not None:
+            found.append((handler.output_type, "serialization"))
+    return found
+
+
 def document(app: App) -> dict[str, Any]:
     """Build the AsyncAPI 3.0 document of ``app`` (its handlers must be prepared)."""
-    b = _Builder()
+    b = _Builder(_types(app.handlers))
     for handler in app.handlers:
         plan = handler.plan
         assert plan is not None
@@ -184,7 +212,7 @@ def document(app: App) -> dict[str, Any]:
         b.operations[op] = operation
         if handler.publish_to is not None:
             out_cid = b.channel(handler.publish_to, {})
-            out_payload = b.schema(handler.output_type)
+            out_payload = b.schema(handler.output_type, "serialization")
             out_mid = b.message(
                 out_cid,
                 f"{op}.result",
