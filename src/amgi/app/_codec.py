@@ -32,8 +32,8 @@ JSON = "application/json"
 _TEXT = "text/plain"
 _OCTETS = "application/octet-stream"
 
-Decoder = Callable[[Any, "str | None"], Any]
-"""``decode(payload, content_type)`` -> value; raises ValidationError or PayloadError."""
+Decoder = Callable[[Any, Any], Any]
+"""``decode(payload, headers)`` -> value; raises ValidationError or PayloadError."""
 Encoder = Callable[[Any], "tuple[bytes, str]"]
 """``encode(value)`` -> (payload, content type)."""
 
@@ -75,28 +75,44 @@ def make_decoder(annotation: Any, decoders: Mapping[str, Callable[[bytes], Any]]
         from_json = adapter.validate_json
         from_python = adapter.validate_python
 
-    def decode(payload: bytes | None, content_type: str | None) -> Any:
+    def other(payload: bytes | None, value: bytes) -> Any:
+        content_type = value.split(b";", 1)[0].strip().lower().decode("latin-1")
         if payload is None:
-            if optional:
-                return None
-            raise PayloadError("the message has no payload")
-        if content_type is None or content_type == JSON:
+            return none(payload)
+        if content_type == JSON or content_type.endswith("+json"):
             return from_json(payload)
-        other = decoders.get(content_type)
-        if other is not None:
-            return from_python(other(payload))
-        if content_type.endswith("+json"):
-            return from_json(payload)
+        decoder = decoders.get(content_type)
+        if decoder is not None:
+            return from_python(decoder(payload))
         raise PayloadError(f"no decoder for content-type {content_type!r}")
+
+    def none(payload: None) -> Any:
+        if optional:
+            return None
+        raise PayloadError("the message has no payload")
+
+    def decode(payload: bytes | None, headers: Any) -> Any:
+        # The hot path: a JSON payload, no content-type or application/json.
+        if headers:
+            for name, value in headers:
+                if (
+                    len(name) == 12
+                    and value != b"application/json"
+                    and name.lower() == b"content-type"
+                ):
+                    return other(payload, value)
+        if payload is None:
+            return none(payload)
+        return from_json(payload)
 
     return decode
 
 
-def _decode_bytes(payload: bytes | None, content_type: str | None) -> bytes:
+def _decode_bytes(payload: bytes | None, headers: Any) -> bytes:
     return payload if payload is not None else b""
 
 
-def _decode_str(payload: bytes | None, content_type: str | None) -> str:
+def _decode_str(payload: bytes | None, headers: Any) -> str:
     if payload is None:
         return ""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,14 +63,6 @@ class _Invalid(Exception):
     """The message does not fit the handler: nacked at once, never worth a retry."""
 
 
-def content_type(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """The media type of a ``content-type`` header (parameters dropped), or None."""
-    for name, value in headers:
-        if len(name) == 12 and name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().lower().decode("latin-1")
-    return None
-
-
 class Handler:
     """A function subscribed to an address pattern."""
 
@@ -118,6 +111,9 @@ class Handler:
         self._invoke: Callable[[Any, Context | None], Awaitable[Any]] | None = None
         self._middleware: Sequence[Middleware] = ()
         self._is_async = function_kind(func) == "async"
+        self._fast = False
+        self._needs_infos = False
+        self._needs_failures = False
 
     # -- startup -----------------------------------------------------------------------
 
@@ -170,12 +166,20 @@ class Handler:
         )
         func = self.func
         if simple and self._is_async:
-            name = payload.name if payload is not None else ""
+            assert payload is not None
+            name = payload.name
+            if inspect.signature(func).parameters[name].kind is inspect.Parameter.KEYWORD_ONLY:
 
-            async def call_simple(value: Any) -> Any:
-                return await func(**{name: value})
+                async def call_simple(value: Any) -> Any:
+                    return await func(**{name: value})
 
-            self._call = call_simple
+                self._call = call_simple
+            else:
+                self._call = func  # the payload is its only parameter
+        self._fast = self._call is not None and self.publish_to is None and self.concurrency == 1
+        kinds = {p.kind for p in plan.parameters}
+        self._needs_infos = "info" in kinds
+        self._needs_failures = "failures" in kinds
         self._invoke = self._invoke_batch if self.batch else self._invoke_one
 
     def _prepare_output(self) -> None:
@@ -236,7 +240,9 @@ class Handler:
     ) -> None:
         """Handle every message of one AMGI message call."""
         call = _BatchState(self, send, address, params, state, dead_letter_ok)
-        if self.batch:
+        if self._fast:
+            await call.run_fast(receive)
+        elif self.batch:
             events = await _receive_all(receive)
             await call.run_batch(events)
         elif self.concurrency > 1:
@@ -262,9 +268,8 @@ class Handler:
         decode = self._decode
         value: Any = None
         if decode is not None:
-            headers = event.get("headers")
             try:
-                value = decode(event.get("payload"), content_type(headers) if headers else None)
+                value = decode(event.get("payload"), event.get("headers"))
             except (ValidationError, PayloadError) as exc:
                 raise _Invalid(self._invalid_reason(exc)) from None
             call = self._call
@@ -415,6 +420,33 @@ class _BatchState:
             }
         )
 
+    async def run_fast(self, receive: AMGIReceiveCallable) -> None:
+        """The loop of a handler that takes only the payload and publishes nothing."""
+        handler = self.handler
+        decode = handler._decode
+        call = handler._call
+        assert decode is not None
+        assert call is not None
+        send = self.send
+        more = True
+        while more:
+            event: Any = await receive()
+            mid = event["id"]
+            try:
+                value = decode(event.get("payload"), event.get("headers"))
+            except (ValidationError, PayloadError) as exc:
+                await self.nack(mid, handler._invalid_reason(exc), True)
+            else:
+                try:
+                    await call(value)
+                except DeadLetter as exc:
+                    await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
+                except Exception as exc:
+                    await self.nack(mid, f"{handler.name} raised {_describe(exc)}", False)
+                else:
+                    await send({"type": "message.ack", "id": mid})
+            more = event.get("more_messages", False)
+
     async def run_one(self, event: Any) -> None:
         handler = self.handler
         mid = event["id"]
@@ -460,9 +492,8 @@ class _BatchState:
         values: list[Any] = []
         for event in events:
             if decode is not None:
-                headers = event.get("headers")
                 try:
-                    value = decode(event.get("payload"), content_type(headers) if headers else None)
+                    value = decode(event.get("payload"), event.get("headers"))
                 except (ValidationError, PayloadError) as exc:
                     await self.nack(event["id"], handler._invalid_reason(exc), True)
                     continue
@@ -471,14 +502,18 @@ class _BatchState:
         if not good:
             return
         ctx = self.context(None)
-        failures = ctx.failures = Failures(len(good))
-        ctx.infos = [message_info(e, self.address) for e in good]
+        failures = ctx.failures = Failures(len(good)) if handler._needs_failures else None
+        if handler._needs_infos or handler._middleware:
+            ctx.infos = [message_info(e, self.address) for e in good]
         invoke = handler._invoke_batch
         try:
-            result = await handler.with_middleware(
-                lambda: invoke(values, ctx),
-                lambda: HandlerCall(handler.name, self.address, list(ctx.infos or ())),
-            )()
+            if handler._middleware:
+                result = await handler.with_middleware(
+                    lambda: invoke(values, ctx),
+                    lambda: HandlerCall(handler.name, self.address, list(ctx.infos or ())),
+                )()
+            else:
+                result = await invoke(values, ctx)
             outputs = []
             if result is not None and handler.publish_to is not None:
                 try:
@@ -504,6 +539,10 @@ class _BatchState:
                 await self.nack(event["id"], reason, False)
             return
         send = self.send
+        if failures is None or not failures:
+            for event in good:
+                await send({"type": "message.ack", "id": event["id"]})
+            return
         for i, event in enumerate(good):
             failed = failures.get(i)
             if failed is None:
