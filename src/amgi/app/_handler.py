@@ -243,8 +243,7 @@ class Handler:
         if self._fast:
             await call.run_fast(receive)
         elif self.batch:
-            events = await _receive_all(receive)
-            await call.run_batch(events)
+            await call.run_batch(receive)
         elif self.concurrency > 1:
             events = await _receive_all(receive)
             limit = asyncio.Semaphore(self.concurrency)
@@ -485,12 +484,15 @@ class _BatchState:
         else:
             await self.send({"type": "message.ack", "id": mid})
 
-    async def run_batch(self, events: list[Any]) -> None:
+    async def run_batch(self, receive: AMGIReceiveCallable) -> None:
         handler = self.handler
         decode = handler._decode
         good: list[Any] = []
         values: list[Any] = []
-        for event in events:
+        more = True
+        while more:
+            event: Any = await receive()
+            more = event.get("more_messages", False)
             if decode is not None:
                 try:
                     value = decode(event.get("payload"), event.get("headers"))
