@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -169,3 +172,29 @@ async def test_first_message_checks_the_app_when_lifespan_is_off() -> None:
     result = await run_batch(app, [message(b"{}")], address="in")
     assert isinstance(result.error, AppDefinitionError)
     assert result.unsettled == ["1"]
+
+
+def test_amgi_run_stops_with_one_line_naming_function_and_parameter(tmp_path: Path) -> None:
+    (tmp_path / "badapp.py").write_text(
+        "from pydantic import BaseModel\n"
+        "from amgi.app import App\n"
+        "class Order(BaseModel):\n"
+        "    id: int\n"
+        "app = App()\n"
+        "@app.subscriber('orders')\n"
+        "async def on_order(order: Order, other: Order) -> None: ...\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "amgi", "run", "badapp:app", "orders", "--server", "memory"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "amgi: error: application startup failed: on_order, parameter 'other': a second "
+        "payload parameter (the payload is 'order'); mark one with Header, Binding, Meta, "
+        "State or Depends"
+    )
+    assert "Traceback" not in run.stderr
