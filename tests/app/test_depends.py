@@ -169,3 +169,13 @@ async def test_pytest_fixture(amgi_client: TestClient) -> None:
     result = await amgi_client.publish("in", b'{"id": "x"}')
     assert result.dead_lettered
     assert "id: Input should be a valid integer" in (result.reason or "")
+
+
+async def test_lifespan_that_yields_no_mapping_fails_startup() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[Any]:
+        yield ["not", "a", "mapping"]
+
+    with pytest.raises(StartupFailed, match=r"the lifespan must yield a mapping .* not list"):
+        async with TestClient(App(lifespan=lifespan)):
+            pass

@@ -175,7 +175,13 @@ class App:
             self.prepare()
             manager = self._lifespan(self) if self._lifespan else _no_lifespan()
             stack = contextlib.AsyncExitStack()
-            state = await stack.enter_async_context(manager)
+            state: Any = await stack.enter_async_context(manager)
+            if state is not None and not isinstance(state, Mapping):
+                await stack.aclose()
+                raise TypeError(
+                    f"the lifespan must yield a mapping (the state) or None, "
+                    f"not {type(state).__name__}"
+                )
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": _one_line(exc)})
             return

@@ -90,7 +90,7 @@ class Handler:
             raise AppDefinitionError(f"{self.name}: concurrency must be at least 1")
         if batch and concurrency != 1:
             raise AppDefinitionError(f"{self.name}: a batch handler gets the batch in one call")
-        if inspect_kind(func) in ("asyncgen", "gen"):
+        if function_kind(func) in ("asyncgen", "gen"):
             raise AppDefinitionError(f"{self.name}: a handler cannot be a generator")
         self.publish_to = publish_to
         self.batch = batch
@@ -352,11 +352,6 @@ def _bind(
         return await mw(info, call_next)
 
     return step
-
-
-def inspect_kind(func: Callable[..., Any]) -> str:
-    """async, sync, asyncgen or gen."""
-    return function_kind(func)
 
 
 async def _receive_all(receive: AMGIReceiveCallable) -> list[Any]:
