@@ -10,6 +10,13 @@ Needs pydantic v2 (``pip install "amgi[app]"``).
 
 from __future__ import annotations
 
+try:
+    import pydantic
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("amgi.app needs pydantic v2: pip install 'amgi[app]'") from exc
+if not pydantic.VERSION.startswith("2."):  # pragma: no cover
+    raise ImportError(f"amgi.app needs pydantic v2, found {pydantic.VERSION}")
+
 from amgi.app._app import NACK_RETRY, App, Lifespan
 from amgi.app._errors import AppDefinitionError, DeadLetter, PayloadError
 from amgi.app._handler import HandlerCall, Middleware

@@ -23,6 +23,7 @@ __all__ = [
     "adapter_for",
     "describe_validation_error",
     "encode_any",
+    "foreign_content_type",
     "make_decoder",
     "make_encoder",
     "strip_none",
@@ -67,13 +68,11 @@ def make_decoder(annotation: Any, decoders: Mapping[str, Callable[[bytes], Any]]
         return _decode_bytes
     if annotation is str:
         return _decode_str
-    adapter = adapter_for(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        from_json: Callable[[Any], Any] = annotation.model_validate_json
-        from_python: Callable[[Any], Any] = annotation.model_validate
-    else:
-        from_json = adapter.validate_json
-        from_python = adapter.validate_python
+    # The core validator itself: the same object a model's model_validate_json calls,
+    # without the Python wrapper around it (about 0.3 us per message).
+    validator = adapter_for(annotation).validator
+    from_json: Callable[[Any], Any] = validator.validate_json
+    from_python: Callable[[Any], Any] = validator.validate_python
 
     def other(payload: bytes | None, value: bytes) -> Any:
         content_type = value.split(b";", 1)[0].strip().lower().decode("latin-1")
@@ -92,20 +91,23 @@ def make_decoder(annotation: Any, decoders: Mapping[str, Callable[[bytes], Any]]
         raise PayloadError("the message has no payload")
 
     def decode(payload: bytes | None, headers: Any) -> Any:
-        # The hot path: a JSON payload, no content-type or application/json.
         if headers:
-            for name, value in headers:
-                if (
-                    len(name) == 12
-                    and value != b"application/json"
-                    and name.lower() == b"content-type"
-                ):
-                    return other(payload, value)
+            value = foreign_content_type(headers)
+            if value is not None:
+                return other(payload, value)
         if payload is None:
             return none(payload)
         return from_json(payload)
 
     return decode
+
+
+def foreign_content_type(headers: Any) -> bytes | None:
+    """The ``content-type`` header's value unless it is absent or ``application/json``."""
+    for name, value in headers:
+        if value != b"application/json" and len(name) == 12 and name.lower() == b"content-type":
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 def _decode_bytes(payload: bytes | None, headers: Any) -> bytes:
