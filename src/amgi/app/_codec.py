@@ -23,7 +23,6 @@ __all__ = [
     "adapter_for",
     "describe_validation_error",
     "encode_any",
-    "foreign_content_type",
     "make_decoder",
     "make_encoder",
     "strip_none",
@@ -91,23 +90,20 @@ def make_decoder(annotation: Any, decoders: Mapping[str, Callable[[bytes], Any]]
         raise PayloadError("the message has no payload")
 
     def decode(payload: bytes | None, headers: Any) -> Any:
+        # A content-type header other than application/json picks another decoder.
         if headers:
-            value = foreign_content_type(headers)
-            if value is not None:
-                return other(payload, value)
+            for name, value in headers:
+                if (
+                    value != b"application/json"
+                    and len(name) == 12
+                    and name.lower() == b"content-type"
+                ):
+                    return other(payload, value)
         if payload is None:
             return none(payload)
         return from_json(payload)
 
     return decode
-
-
-def foreign_content_type(headers: Any) -> bytes | None:
-    """The ``content-type`` header's value unless it is absent or ``application/json``."""
-    for name, value in headers:
-        if value != b"application/json" and len(name) == 12 and name.lower() == b"content-type":
-            return value  # type: ignore[no-any-return]
-    return None
 
 
 def _decode_bytes(payload: bytes | None, headers: Any) -> bytes:
