@@ -530,3 +530,61 @@ async def test_middleware_runs_in_declared_order_around_the_handler() -> None:
         "inner out",
         "outer out",
     ]
+
+
+async def test_batch_handler_dead_letter_and_unserializable_output() -> None:
+    app = App()
+
+    @app.subscriber("dead", batch=True)
+    async def on_dead(items: list[int]) -> None:
+        raise DeadLetter("whole batch is poison")
+
+    @app.subscriber("bad-output", batch=True, publish_to="out")
+    async def on_bad(items: list[int]) -> list[Invoice]:
+        return [Invoice(order_id=1, total=1, region="x"), "nope"]  # type: ignore[list-item]
+
+    async with TestClient(app) as client:
+        dead = await client.publish_batch("dead", [1, 2])
+        bad = await client.publish_batch("bad-output", [1, 2])
+    assert all(r.dead_lettered for r in dead)
+    assert all("could not be serialized, nothing was published" in (r.reason or "") for r in bad)
+    assert not any(r.dead_lettered for r in bad)
+    assert client.sent == []
+
+
+async def test_sync_handler_result_is_published_and_middleware_sees_batches() -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def count(call: Any, call_next: Any) -> Any:
+        seen.append((call.address, len(call.messages)))
+        return await call_next()
+
+    app = App(middleware=[count])
+
+    @app.subscriber("in", publish_to="out")
+    def on_in(order: Order) -> Invoice:
+        return Invoice(order_id=order.id, total=order.amount, region="sync")
+
+    @app.subscriber("many", batch=True)
+    async def on_many(items: list[int]) -> None: ...
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", Order(id=9, amount=1))
+        assert all(r.acked for r in await client.publish_batch("many", [1, 2, 3]))
+    assert result.acked
+    assert json.loads(result.sent[0].payload or b"")["region"] == "sync"
+    assert seen == [("in", 1), ("many", 3)]
+
+
+async def test_concurrent_handler_publishes_each_result() -> None:
+    app = App()
+
+    @app.subscriber("in", publish_to="out", concurrency=3)
+    async def on_in(n: int) -> int:
+        await asyncio.sleep(0.001 * (3 - n))
+        return n * 10
+
+    async with TestClient(app) as client:
+        results = await client.publish_batch("in", [1, 2, 3])
+    assert all(r.acked for r in results)
+    assert sorted(json.loads(s.payload or b"") for s in client.sent) == [10, 20, 30]

@@ -108,7 +108,6 @@ class Handler:
         self._encode: Encoder | None = None
         self._converters: dict[str, Callable[[str], Any]] = {}
         self._call: Callable[[Any], Awaitable[Any]] | None = None
-        self._invoke: Callable[[Any, Context | None], Awaitable[Any]] | None = None
         self._middleware: Sequence[Middleware] = ()
         self._is_async = function_kind(func) == "async"
         self._fast = False
@@ -180,7 +179,6 @@ class Handler:
         kinds = {p.kind for p in plan.parameters}
         self._needs_infos = "info" in kinds
         self._needs_failures = "failures" in kinds
-        self._invoke = self._invoke_batch if self.batch else self._invoke_one
 
     def _prepare_output(self) -> None:
         hints = type_hints(self.func, self.localns)
