@@ -17,8 +17,10 @@ defaults, logging on): ``app-per-message`` (``@app.subscriber`` taking ``Order``
 (upstream AsyncFast 0.49 on amgi-aiokafka 0.51; their PyPI pins name an amgi-types release
 that is not published, so both go in with ``--no-deps`` beside amgi-types 0.49).
 
-In-process rows (memory server, no broker): the same three handlers of ours, and the
-per-message cost of the layer in microseconds over the raw app.
+In-process rows (no broker): the same three handlers of ours on the memory server, with
+the per-message cost of the layer in microseconds over the raw app; and the runtime's
+batch call alone, best of many alternating calls, the estimate least disturbed by other
+load on the machine.
 """
 
 from __future__ import annotations
@@ -247,6 +249,36 @@ async def memory_rate(kind: str, count: int) -> float:
     return count / (counter.last - counter.first)
 
 
+async def batch_call_costs(batches: int, size: int = 1000) -> dict[str, float]:
+    """Microseconds per message of each of our handlers in the runtime's batch call alone
+    (``call_app``, no server): the best of ``batches`` calls, alternating, so that load from
+    elsewhere on the machine affects the figures least."""
+    from amgi.runtime import RuntimeConfig
+    from amgi.runtime.batch import call_app
+    from amgi.transport import Batch, Message
+
+    async def publish(*_: Any) -> None:
+        raise AssertionError("nothing is published")
+
+    headers = [(b"content-type", b"application/json")]
+    messages = [Message(str(i), headers, payload(i), {}, 1) for i in range(size)]
+    config = RuntimeConfig()
+    apps = {
+        k: our_app(k, "orders", Counter(1 << 62))
+        for k in ("app-per-message", "app-batch", "raw-app")
+    }
+    best = dict.fromkeys(apps, float("inf"))
+    for _ in range(batches):
+        for kind, app in apps.items():
+            for m in messages:
+                m.bindings = {}
+            started = time.perf_counter()
+            settlement = await call_app(app, Batch("orders", messages), publish, config)
+            best[kind] = min(best[kind], time.perf_counter() - started)
+            assert len(settlement.acked) == size
+    return {kind: seconds / size * 1e6 for kind, seconds in best.items()}
+
+
 # -- the driver ------------------------------------------------------------------------------
 
 
@@ -296,6 +328,7 @@ def main() -> None:
     parser.add_argument("--memory-count", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-rounds", type=int, default=5)
+    parser.add_argument("--batch-calls", type=int, default=300)
     parser.add_argument("--only", nargs="*", choices=sorted(CONTENDERS))
     parser.add_argument("--child-timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--child", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
@@ -368,6 +401,14 @@ def main() -> None:
         over = 1e6 / statistics.median(values) - 1e6 / raw_median
         best = 1e6 / max(values) - 1e6 / raw_best
         print(f"{kind:<22}{spread(values):>34}{over:>17.2f}{best:>9.2f}")
+    costs = asyncio.run(batch_call_costs(args.batch_calls))
+    print(
+        f"\nthe batch call alone (call_app, batches of 1,000), best of {args.batch_calls} "
+        "alternating calls"
+    )
+    print(f"{'contender':<22}{'us/msg':>10}{'over raw':>10}")
+    for kind, us in costs.items():
+        print(f"{kind:<22}{us:>10.3f}{us - costs['raw-app']:>10.3f}")
 
 
 if __name__ == "__main__":

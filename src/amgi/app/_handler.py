@@ -480,7 +480,11 @@ class _BatchState:
     async def run_batch(self, receive: AMGIReceiveCallable) -> None:
         handler = self.handler
         decode = handler._decode
-        good: list[Any] = []
+        # Only the ids are kept (the events are let go as they come) unless the handler or
+        # a middleware asks for the messages' metadata.
+        keep = handler._needs_infos or bool(handler._middleware)
+        ids: list[str] = []
+        kept: list[Any] = []
         values: list[Any] = []
         more = True
         while more:
@@ -493,13 +497,15 @@ class _BatchState:
                     await self.nack(event["id"], handler._invalid_reason(exc), True)
                     continue
                 values.append(value)
-            good.append(event)
-        if not good:
+            ids.append(event["id"])
+            if keep:
+                kept.append(event)
+        if not ids:
             return
         ctx = self.context(None)
-        failures = ctx.failures = Failures(len(good)) if handler._needs_failures else None
-        if handler._needs_infos or handler._middleware:
-            ctx.infos = [message_info(e, self.address) for e in good]
+        failures = ctx.failures = Failures(len(ids)) if handler._needs_failures else None
+        if keep:
+            ctx.infos = [message_info(e, self.address) for e in kept]
         invoke = handler._invoke_batch
         try:
             if handler._middleware:
@@ -521,8 +527,8 @@ class _BatchState:
             for address, headers, payload, bindings in outputs:
                 await self.publish(address, headers, payload, bindings)
         except DeadLetter as exc:
-            for event in good:
-                await self.nack(event["id"], f"{handler.name}: dead-lettered: {exc}", True)
+            for mid in ids:
+                await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
             return
         except Exception as exc:
             reason = (
@@ -530,20 +536,20 @@ class _BatchState:
                 if isinstance(exc, _OutputError)
                 else f"{handler.name} raised {_describe(exc)}"
             )
-            for event in good:
-                await self.nack(event["id"], reason, False)
+            for mid in ids:
+                await self.nack(mid, reason, False)
             return
         send = self.send
         if failures is None or not failures:
-            for event in good:
-                await send({"type": "message.ack", "id": event["id"]})
+            for mid in ids:
+                await send({"type": "message.ack", "id": mid})
             return
-        for i, event in enumerate(good):
+        for i, mid in enumerate(ids):
             failed = failures.get(i)
             if failed is None:
-                await send({"type": "message.ack", "id": event["id"]})
+                await send({"type": "message.ack", "id": mid})
             else:
-                await self.nack(event["id"], f"{handler.name}: {failed[0]}", failed[1])
+                await self.nack(mid, f"{handler.name}: {failed[0]}", failed[1])
 
 
 class _OutputError(Exception):
