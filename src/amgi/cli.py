@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import sys
@@ -128,7 +129,7 @@ def _parser(
     )
     parser.add_argument("--version", action="version", version=f"amgi {__version__}")
     _log_level(parser, default="info")
-    commands = parser.add_subparsers(dest="command", metavar="{run,send}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,send,asyncapi,docs}")
 
     def common(sub: argparse.ArgumentParser) -> None:
         _log_level(sub, default=argparse.SUPPRESS)  # also accepted after the command
@@ -184,6 +185,22 @@ def _parser(
         "mqtt.correlationData is UTF-8 encoded); the keys are listed in docs/spec.md",
     )
     common(send)
+
+    asyncapi = commands.add_parser(
+        "asyncapi",
+        help="print the AsyncAPI 3.0 document of an amgi.app App",
+        description="Print the AsyncAPI 3.0 document of MODULE:APP (an amgi.app.App) as JSON.",
+    )
+    asyncapi.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
+    asyncapi.add_argument("--yaml", action="store_true", help="print YAML instead of JSON")
+    docs = commands.add_parser(
+        "docs",
+        help="serve the documentation page of an amgi.app App",
+        description="Serve an HTML page of the AsyncAPI document of MODULE:APP (an amgi.app.App).",
+    )
+    docs.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
+    docs.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    docs.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     return parser, transport
 
 
@@ -249,6 +266,46 @@ def _send_routes(values: dict[str, Any]) -> Router | None:
             options = build(cls.options, values, dest_prefix=f"{_SEND_PREFIX}{name}__")
             transports[name] = cls([], options)
     return Router((pattern, transports[name]) for pattern, name in routes)
+
+
+def _app_document(reference: str) -> dict[str, Any]:
+    """The AsyncAPI document of the amgi.app App at ``reference``."""
+    try:
+        from amgi.app import App
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"this command needs amgi.app: pip install 'amgi[app]' ({exc})"
+        ) from None
+    app = import_app(reference)
+    if not isinstance(app, App):
+        raise ConfigurationError(
+            f"{reference!r} is not an amgi.app.App (got {type(app).__name__}); "
+            "AsyncAPI documents come from the typed layer"
+        )
+    from amgi.app import AppDefinitionError
+
+    try:
+        return app.asyncapi()
+    except AppDefinitionError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _app_command(args: argparse.Namespace) -> int:
+    document = _app_document(args.app)
+    if args.command == "asyncapi":
+        if args.yaml:
+            from amgi.app._yaml import to_yaml
+
+            sys.stdout.write(to_yaml(document))
+        else:
+            print(json.dumps(document, indent=2))
+        return 0
+    from amgi.app._docs import DocsServer
+
+    server = DocsServer(document, args.host, args.port)
+    print(f"amgi docs: serving {server.url} (Ctrl-C to stop)", flush=True)
+    server.serve_forever()
+    return 0
 
 
 def _transport(
@@ -330,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     values = vars(args)
     try:
+        if args.command in ("asyncapi", "docs"):
+            return _app_command(args)
         if transport_cls is None:
             transport_cls = load(server)  # raises the one-line error of an unknown server
         if args.command == "run":

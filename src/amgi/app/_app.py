@@ -1,0 +1,208 @@
+"""The App: an ordinary AMGI application that routes each batch to a typed handler."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from amgi.app._address import Router
+from amgi.app._errors import AppDefinitionError, PayloadError
+from amgi.app._handler import Handler, Middleware
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+
+__all__ = ["NACK_RETRY", "App", "Lifespan"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+Lifespan = Callable[["App"], contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None]]
+"""``@asynccontextmanager async def lifespan(app): ...; yield {"db": pool}; ...``"""
+
+NACK_RETRY = "message.nack.retry"
+"""The extension that lets a nack say ``"retry": False`` (dead-letter now)."""
+
+
+class App:
+    """A typed AMGI application: ``app = App(title=..., version=...)``; decorate handlers.
+
+    The App is the AMGI callable (``amgi run myapp:app ADDRESS``). ``lifespan`` is an
+    async context manager factory; the mapping it yields becomes the AMGI lifespan state,
+    injectable with ``State``. ``middleware`` wraps every handler call, first declared
+    outermost. ``decoders`` maps a content type to ``bytes -> object`` for payloads that
+    are not JSON.
+    """
+
+    def __init__(
+        self,
+        *,
+        title: str = "AMGI application",
+        version: str = "0.1.0",
+        description: str | None = None,
+        lifespan: Lifespan | None = None,
+        middleware: Sequence[Middleware] = (),
+        decoders: Mapping[str, Callable[[bytes], Any]] | None = None,
+    ) -> None:
+        self.title = title
+        self.version = version
+        self.description = description
+        self.handlers: list[Handler] = []
+        self._lifespan = lifespan
+        self._middleware = list(middleware)
+        self._decoders = {k.lower(): v for k, v in (decoders or {}).items()}
+        self._router: Router[Handler] = Router()
+        self._prepared = False
+
+    def subscriber(
+        self,
+        address: str,
+        *,
+        publish_to: str | None = None,
+        batch: bool = False,
+        concurrency: int = 1,
+        summary: str | None = None,
+        description: str | None = None,
+        examples: Sequence[Any] = (),
+    ) -> Callable[[F], F]:
+        """Subscribe the decorated function to ``address`` (may hold ``{name}`` parameters).
+
+        ``publish_to``: the address its return value is published to (``None`` returned:
+        nothing is published). ``batch``: the function takes ``list[T]``, a whole AMGI
+        batch per call. ``concurrency``: messages of one batch handled at once (default 1:
+        in order).
+        """
+
+        # Names of the declaring scope, for annotations naming classes defined there.
+        caller = sys._getframe(1)
+        localns = dict(caller.f_locals) if caller.f_code.co_name != "<module>" else None
+        del caller
+
+        def register(func: F) -> F:
+            handler = Handler(
+                func,
+                address,
+                publish_to=publish_to,
+                batch=batch,
+                concurrency=concurrency,
+                summary=summary,
+                description=description,
+                examples=examples,
+                localns=localns,
+            )
+            try:
+                self._router.add(handler.pattern, handler, handler.name)
+            except ValueError as exc:
+                raise AppDefinitionError(f"{handler.name}: {exc}") from None
+            self.handlers.append(handler)
+            self._prepared = False
+            return func
+
+        return register
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Append ``middleware`` (innermost so far)."""
+        self._middleware.append(middleware)
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Check every handler (raises AppDefinitionError naming function and parameter).
+
+        Runs at lifespan startup, or at the first message when the server has no lifespan.
+        """
+        if self._prepared:
+            return
+        for handler in self.handlers:
+            handler.prepare(self._decoders, self._middleware)
+        self._prepared = True
+
+    @property
+    def addresses(self) -> list[str]:
+        """The subscribed addresses (patterns as written)."""
+        return [h.pattern.text for h in self.handlers]
+
+    def asyncapi(self) -> dict[str, Any]:
+        """The AsyncAPI 3.0 document of this application."""
+        from amgi.app._asyncapi import document
+
+        self.prepare()
+        return document(self)
+
+    async def __call__(
+        self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable
+    ) -> None:
+        if scope["type"] == "message":
+            if not self._prepared:
+                self.prepare()
+            address = scope["address"]
+            found = self._router.route(address)
+            if found is None:
+                await self._reject_all(receive, send, f"no handler for address {address!r}")
+                return
+            handler, raw = found
+            try:
+                params = handler.convert_address(raw)
+            except PayloadError as exc:
+                await self._reject_all(receive, send, f"{handler.name}: {exc}")
+                return
+            await handler.serve(
+                receive,
+                send,
+                address,
+                params,
+                scope.get("state") or {},
+                NACK_RETRY in (scope.get("extensions") or {}),
+            )
+        elif scope["type"] == "lifespan":
+            await self._run_lifespan(scope, receive, send)
+
+    async def _reject_all(
+        self, receive: AMGIReceiveCallable, send: AMGISendCallable, reason: str
+    ) -> None:
+        known = ", ".join(self.addresses) or "none"
+        more = True
+        while more:
+            event = await receive()
+            mid: str = event["id"]  # type: ignore[typeddict-item]
+            await send(
+                {"type": "message.nack", "id": mid, "message": f"{reason} (handlers: {known})"}
+            )
+            more = bool(event.get("more_messages", False))
+
+    async def _run_lifespan(
+        self, scope: Any, receive: AMGIReceiveCallable, send: AMGISendCallable
+    ) -> None:
+        await receive()  # lifespan.startup
+        try:
+            self.prepare()
+            manager = self._lifespan(self) if self._lifespan else _no_lifespan()
+            stack = contextlib.AsyncExitStack()
+            state: Any = await stack.enter_async_context(manager)
+            if state is not None and not isinstance(state, Mapping):
+                await stack.aclose()
+                raise TypeError(
+                    f"the lifespan must yield a mapping (the state) or None, "
+                    f"not {type(state).__name__}"
+                )
+        except Exception as exc:
+            await send({"type": "lifespan.startup.failed", "message": _one_line(exc)})
+            return
+        if state:
+            scope.setdefault("state", {}).update(state)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await stack.aclose()
+        except Exception as exc:
+            await send({"type": "lifespan.shutdown.failed", "message": _one_line(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+@contextlib.asynccontextmanager
+async def _no_lifespan() -> AsyncIterator[None]:
+    yield None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, AppDefinitionError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,27 @@
+"""Exceptions of the application layer."""
+
+from __future__ import annotations
+
+__all__ = ["AppDefinitionError", "DeadLetter", "PayloadError", "first_line"]
+
+
+class AppDefinitionError(TypeError):
+    """A handler the layer cannot serve; the message names the function and the parameter."""
+
+
+class DeadLetter(Exception):
+    """Raise from a handler to dead-letter the message now, without further retries.
+
+    Where the server does not advertise the ``message.nack.retry`` extension, the message
+    is nacked as for any other exception (the server retries it, then dead-letters it).
+    """
+
+
+class PayloadError(ValueError):
+    """A payload (or header, binding, address parameter) that does not fit its type."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (pydantic's run over several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

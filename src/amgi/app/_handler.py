@@ -1,0 +1,562 @@
+"""One subscriber: its plan (built once at startup) and how it serves a batch.
+
+The hot path is :meth:`Handler.serve`: per message it decodes the payload, runs the
+precomputed getters, calls the function, publishes its result and settles, with no
+reflection per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pydantic import ValidationError
+
+from amgi.app._address import AddressPattern
+from amgi.app._codec import (
+    Decoder,
+    Encoder,
+    describe_validation_error,
+    make_decoder,
+    make_encoder,
+    strip_none,
+)
+from amgi.app._errors import AppDefinitionError, DeadLetter, PayloadError, first_line
+from amgi.app._inject import (
+    Context,
+    Parameter,
+    Plan,
+    analyse,
+    checked_adapter,
+    function_kind,
+    message_info,
+    name_of,
+    type_hints,
+    unwrap_annotated,
+)
+from amgi.app._params import Failures, MessageInfo, Outgoing
+from amgi.app._publisher import Publisher, encode_headers
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, MessageNackEvent
+
+__all__ = ["Handler", "HandlerCall", "Middleware"]
+
+
+@dataclass(slots=True)
+class HandlerCall:
+    """What a middleware sees of one handler call."""
+
+    handler: str
+    address: str
+    messages: list[MessageInfo]
+
+
+Middleware = Callable[[HandlerCall, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+"""``async def mw(call, call_next): ...; return await call_next()`` (first declared: outermost)."""
+
+
+class _Invalid(Exception):
+    """The message does not fit the handler: nacked at once, never worth a retry."""
+
+
+class Handler:
+    """A function subscribed to an address pattern."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        address: str,
+        *,
+        publish_to: str | None,
+        batch: bool,
+        concurrency: int,
+        summary: str | None,
+        description: str | None,
+        examples: Sequence[Any],
+        localns: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.func = func
+        self.localns = localns
+        self.name = name_of(func)
+        try:
+            self.pattern = AddressPattern.parse(address)
+        except ValueError as exc:
+            raise AppDefinitionError(f"{self.name}: {exc}") from None
+        if concurrency < 1:
+            raise AppDefinitionError(f"{self.name}: concurrency must be at least 1")
+        if batch and concurrency != 1:
+            raise AppDefinitionError(f"{self.name}: a batch handler gets the batch in one call")
+        if function_kind(func) in ("asyncgen", "gen"):
+            raise AppDefinitionError(f"{self.name}: a handler cannot be a generator")
+        self.publish_to = publish_to
+        self.batch = batch
+        self.concurrency = concurrency
+        self.summary = summary
+        self.description = description if description is not None else (func.__doc__ or None)
+        self.examples = list(examples)
+        # Filled by prepare():
+        self.plan: Plan | None = None
+        self.payload: Parameter | None = None
+        self.payload_type: Any = None
+        self.output_type: Any = None
+        self.address_types: dict[str, Any] = {}
+        self._decode: Decoder | None = None
+        self._encode: Encoder | None = None
+        self._converters: dict[str, Callable[[str], Any]] = {}
+        self._call: Callable[[Any], Awaitable[Any]] | None = None
+        self._middleware: Sequence[Middleware] = ()
+        self._is_async = function_kind(func) == "async"
+        self._fast = False
+        self._needs_infos = False
+        self._needs_failures = False
+
+    # -- startup -----------------------------------------------------------------------
+
+    def prepare(
+        self, decoders: Mapping[str, Callable[[bytes], Any]], middleware: Sequence[Middleware]
+    ) -> None:
+        """Analyse the function once; raise AppDefinitionError naming what cannot be served."""
+        plan, payload = analyse(
+            self.func,
+            address_params=self.pattern.params,
+            allow_payload=True,
+            batch=self.batch,
+            localns=self.localns,
+        )
+        self.plan, self.payload = plan, payload
+        self._middleware = tuple(middleware)
+        if payload is not None:
+            item = payload.annotation
+            if self.batch:
+                base, _ = unwrap_annotated(item)
+                if typing.get_origin(base) not in (list, Sequence, typing.Sequence):
+                    raise AppDefinitionError(
+                        f"{self.name}, parameter {payload.name!r}: a batch handler takes "
+                        f"list[T] (one T per message), not {base!r}"
+                    )
+                (item,) = typing.get_args(base) or (Any,)
+            self.payload_type = item
+            try:
+                self._decode = make_decoder(item, decoders)
+            except Exception as exc:
+                raise AppDefinitionError(
+                    f"{self.name}, parameter {payload.name!r}: cannot decode payloads into "
+                    f"{item!r}: {first_line(exc)}"
+                ) from None
+        for p in plan.parameters:
+            if p.kind == "address":
+                self.address_types[p.name] = p.annotation
+        for name in self.pattern.params:
+            annotation = self.address_types.setdefault(name, str)
+            if annotation is not str:
+                where = f"{self.name}, parameter {name!r}"
+                self._converters[name] = checked_adapter(annotation, where).validate_strings
+        self._prepare_output()
+        simple = (
+            payload is not None
+            and not plan.getters
+            and not plan.dependencies
+            and not self._middleware
+            and not self.batch
+        )
+        func = self.func
+        if simple and self._is_async:
+            assert payload is not None
+            name = payload.name
+            if inspect.signature(func).parameters[name].kind is inspect.Parameter.KEYWORD_ONLY:
+
+                async def call_simple(value: Any) -> Any:
+                    return await func(**{name: value})
+
+                self._call = call_simple
+            else:
+                self._call = func  # the payload is its only parameter
+        self._fast = self._call is not None and self.publish_to is None and self.concurrency == 1
+        kinds = {p.kind for p in plan.parameters}
+        self._needs_infos = "info" in kinds
+        self._needs_failures = "failures" in kinds
+
+    def _prepare_output(self) -> None:
+        hints = type_hints(self.func, self.localns)
+        returned = hints.get("return", None)
+        if self.publish_to is None:
+            self.output_type = None
+            return
+        if "return" not in hints or returned is None or returned is type(None):
+            raise AppDefinitionError(
+                f"{self.name}, return: publish_to={self.publish_to!r} needs a return "
+                "annotation (the type of the message to publish)"
+            )
+        base, _ = unwrap_annotated(returned)
+        base = strip_none(base)
+        if self.batch:
+            if typing.get_origin(base) not in (list, Sequence, typing.Sequence):
+                raise AppDefinitionError(
+                    f"{self.name}, return: a batch handler with publish_to returns list[T], "
+                    f"not {base!r}"
+                )
+            (base,) = typing.get_args(base) or (Any,)
+        if typing.get_origin(base) is Outgoing or base is Outgoing:
+            (base,) = typing.get_args(base) or (Any,)
+        try:
+            self._encode = make_encoder(base)
+        except Exception as exc:
+            raise AppDefinitionError(
+                f"{self.name}, return: cannot serialize {base!r}: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            ) from None
+        self.output_type = base
+
+    def convert_address(self, raw: dict[str, str]) -> dict[str, Any]:
+        """Address parameter values in their annotated types; PayloadError if one does not fit."""
+        if not self._converters:
+            return raw
+        values = dict(raw)
+        for name, convert in self._converters.items():
+            try:
+                values[name] = convert(raw[name])
+            except ValidationError as exc:
+                raise PayloadError(
+                    f"address parameter {name!r}={raw[name]!r}: {describe_validation_error(exc)}"
+                ) from None
+        return values
+
+    # -- one call ------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        receive: AMGIReceiveCallable,
+        send: AMGISendCallable,
+        address: str,
+        params: dict[str, Any],
+        state: Mapping[str, Any],
+        dead_letter_ok: bool,
+    ) -> None:
+        """Handle every message of one AMGI message call."""
+        call = _BatchState(self, send, address, params, state, dead_letter_ok)
+        if self._fast:
+            await call.run_fast(receive)
+        elif self.batch:
+            await call.run_batch(receive)
+        elif self.concurrency > 1:
+            events = await _receive_all(receive)
+            limit = asyncio.Semaphore(self.concurrency)
+
+            async def one(event: Mapping[str, Any]) -> None:
+                async with limit:
+                    await call.run_one(event)
+
+            async with asyncio.TaskGroup() as group:
+                for event in events:
+                    group.create_task(one(event))
+        else:
+            run_one = call.run_one
+            more = True
+            while more:
+                event = await receive()
+                await run_one(event)
+                more = event.get("more_messages", False)  # type: ignore[assignment]
+
+    async def _invoke_one(self, event: Any, ctx: Context | None) -> Any:
+        decode = self._decode
+        value: Any = None
+        if decode is not None:
+            try:
+                value = decode(event.get("payload"), event.get("headers"))
+            except (ValidationError, PayloadError) as exc:
+                raise _Invalid(self._invalid_reason(exc)) from None
+            call = self._call
+            if call is not None:
+                return await call(value)
+        plan = self.plan
+        assert plan is not None
+        assert ctx is not None
+        ctx.event = event
+        if plan.needs_stack:
+            async with contextlib.AsyncExitStack() as stack:
+                ctx.stack = stack
+                return await self._run(await self._kwargs(plan, ctx, value))
+        return await self._run(await self._kwargs(plan, ctx, value))
+
+    async def _kwargs(self, plan: Plan, ctx: Context, value: Any) -> dict[str, Any]:
+        try:
+            kwargs = await plan.kwargs(ctx)
+        except PayloadError as exc:
+            raise _Invalid(f"{self.name}: {exc}") from None
+        if self.payload is not None:
+            kwargs[self.payload.name] = value
+        return kwargs
+
+    async def _invoke_batch(self, values: list[Any], ctx: Context | None) -> Any:
+        plan = self.plan
+        assert plan is not None
+        assert ctx is not None
+        if plan.needs_stack:
+            async with contextlib.AsyncExitStack() as stack:
+                ctx.stack = stack
+                return await self._run(await self._kwargs(plan, ctx, values))
+        return await self._run(await self._kwargs(plan, ctx, values))
+
+    async def _run(self, kwargs: dict[str, Any]) -> Any:
+        if self._is_async:
+            return await self.func(**kwargs)
+        return await asyncio.to_thread(self.func, **kwargs)
+
+    def _invalid_reason(self, exc: Exception) -> str:
+        where = f"{self.name}, parameter {self.payload.name!r}" if self.payload else self.name
+        if isinstance(exc, ValidationError):
+            return f"invalid payload for {where}: {describe_validation_error(exc)}"
+        return f"invalid payload for {where}: {exc}"
+
+    def encode_output(
+        self, result: Any
+    ) -> tuple[str, list[tuple[bytes, bytes]], bytes, dict[str, Any]]:
+        """The ``message.send`` parts of a returned value (raises if it cannot be serialized)."""
+        assert self._encode is not None
+        assert self.publish_to is not None
+        if isinstance(result, Outgoing):
+            data, ctype = self._encode(result.payload)
+            bindings = {k: dict(v) for k, v in (result.bindings or {}).items()}
+            return (
+                result.address or self.publish_to,
+                encode_headers(result.headers, ctype),
+                data,
+                bindings,
+            )
+        data, ctype = self._encode(result)
+        return self.publish_to, [(b"content-type", ctype.encode())], data, {}
+
+    def with_middleware(
+        self, invoke: Callable[[], Awaitable[Any]], call: Callable[[], HandlerCall]
+    ) -> Callable[[], Awaitable[Any]]:
+        """``invoke`` wrapped in the app's middleware, first declared outermost."""
+        if not self._middleware:
+            return invoke
+        info = call()
+        wrapped = invoke
+        for mw in reversed(self._middleware):
+            wrapped = _bind(mw, info, wrapped)
+        return wrapped
+
+
+def _bind(
+    mw: Middleware, info: HandlerCall, call_next: Callable[[], Awaitable[Any]]
+) -> Callable[[], Awaitable[Any]]:
+    async def step() -> Any:
+        return await mw(info, call_next)
+
+    return step
+
+
+async def _receive_all(receive: AMGIReceiveCallable) -> list[Any]:
+    events = []
+    more = True
+    while more:
+        event = await receive()
+        events.append(event)
+        more = bool(event.get("more_messages", False))
+    return events
+
+
+class _BatchState:
+    """One AMGI call's shared state: send, address, parameters, lifespan state."""
+
+    __slots__ = ("address", "dead_letter_ok", "handler", "params", "publisher", "send", "state")
+
+    def __init__(
+        self,
+        handler: Handler,
+        send: AMGISendCallable,
+        address: str,
+        params: dict[str, Any],
+        state: Mapping[str, Any],
+        dead_letter_ok: bool,
+    ) -> None:
+        self.handler = handler
+        self.send = send
+        self.address = address
+        self.params = params
+        self.state = state
+        self.dead_letter_ok = dead_letter_ok
+        self.publisher = Publisher(send)
+
+    def context(self, event: Any) -> Context:
+        return Context(event, self.address, self.params, self.state, self.publisher)
+
+    async def nack(self, mid: str, reason: str, dead: bool) -> None:
+        if dead and self.dead_letter_ok:
+            # The message.nack.retry extension: dead-letter now, no more attempts.
+            event = {"type": "message.nack", "id": mid, "message": reason, "retry": False}
+            await self.send(cast(MessageNackEvent, event))
+        else:
+            await self.send({"type": "message.nack", "id": mid, "message": reason})
+
+    async def publish(
+        self,
+        address: str,
+        headers: list[tuple[bytes, bytes]],
+        payload: bytes,
+        bindings: dict[str, Any],
+    ) -> None:
+        await self.send(
+            {
+                "type": "message.send",
+                "address": address,
+                "headers": headers,
+                "payload": payload,
+                "bindings": bindings,
+            }
+        )
+
+    async def run_fast(self, receive: AMGIReceiveCallable) -> None:
+        """The loop of a handler that takes only the payload and publishes nothing."""
+        handler = self.handler
+        decode = handler._decode
+        call = handler._call
+        assert decode is not None
+        assert call is not None
+        send = self.send
+        more = True
+        while more:
+            event: Any = await receive()
+            mid = event["id"]
+            try:
+                value = decode(event.get("payload"), event.get("headers"))
+            except (ValidationError, PayloadError) as exc:
+                await self.nack(mid, handler._invalid_reason(exc), True)
+            else:
+                try:
+                    await call(value)
+                except DeadLetter as exc:
+                    await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
+                except Exception as exc:
+                    await self.nack(mid, f"{handler.name} raised {_describe(exc)}", False)
+                else:
+                    await send({"type": "message.ack", "id": mid})
+            more = event.get("more_messages", False)
+
+    async def run_one(self, event: Any) -> None:
+        handler = self.handler
+        mid = event["id"]
+        try:
+            if handler._call is not None:
+                result = await handler._invoke_one(event, None)
+            else:
+                ctx = self.context(event)
+                invoke = handler._invoke_one
+                if handler._middleware:
+                    result = await handler.with_middleware(
+                        lambda: invoke(event, ctx),
+                        lambda: HandlerCall(
+                            handler.name, self.address, [message_info(event, self.address)]
+                        ),
+                    )()
+                else:
+                    result = await invoke(event, ctx)
+            if result is not None and handler.publish_to is not None:
+                try:
+                    address, headers, payload, bindings = handler.encode_output(result)
+                except Exception as exc:
+                    raise _OutputError(
+                        f"{handler.name}: its result could not be serialized, nothing was "
+                        f"published: {_describe(exc)}"
+                    ) from None
+                await self.publish(address, headers, payload, bindings)
+        except _Invalid as exc:
+            await self.nack(mid, str(exc), True)
+        except DeadLetter as exc:
+            await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
+        except _OutputError as exc:
+            await self.nack(mid, str(exc), False)
+        except Exception as exc:
+            await self.nack(mid, f"{handler.name} raised {_describe(exc)}", False)
+        else:
+            await self.send({"type": "message.ack", "id": mid})
+
+    async def run_batch(self, receive: AMGIReceiveCallable) -> None:
+        handler = self.handler
+        decode = handler._decode
+        # Only the ids are kept (the events are let go as they come) unless the handler or
+        # a middleware asks for the messages' metadata.
+        keep = handler._needs_infos or bool(handler._middleware)
+        ids: list[str] = []
+        kept: list[Any] = []
+        values: list[Any] = []
+        more = True
+        while more:
+            event: Any = await receive()
+            more = event.get("more_messages", False)
+            if decode is not None:
+                try:
+                    value = decode(event.get("payload"), event.get("headers"))
+                except (ValidationError, PayloadError) as exc:
+                    await self.nack(event["id"], handler._invalid_reason(exc), True)
+                    continue
+                values.append(value)
+            ids.append(event["id"])
+            if keep:
+                kept.append(event)
+        if not ids:
+            return
+        ctx = self.context(None)
+        failures = ctx.failures = Failures(len(ids)) if handler._needs_failures else None
+        if keep:
+            ctx.infos = [message_info(e, self.address) for e in kept]
+        invoke = handler._invoke_batch
+        try:
+            if handler._middleware:
+                result = await handler.with_middleware(
+                    lambda: invoke(values, ctx),
+                    lambda: HandlerCall(handler.name, self.address, list(ctx.infos or ())),
+                )()
+            else:
+                result = await invoke(values, ctx)
+            outputs = []
+            if result is not None and handler.publish_to is not None:
+                try:
+                    outputs = [handler.encode_output(r) for r in result if r is not None]
+                except Exception as exc:
+                    raise _OutputError(
+                        f"{handler.name}: its result could not be serialized, nothing was "
+                        f"published: {_describe(exc)}"
+                    ) from None
+            for address, headers, payload, bindings in outputs:
+                await self.publish(address, headers, payload, bindings)
+        except DeadLetter as exc:
+            for mid in ids:
+                await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
+            return
+        except Exception as exc:
+            reason = (
+                str(exc)
+                if isinstance(exc, _OutputError)
+                else f"{handler.name} raised {_describe(exc)}"
+            )
+            for mid in ids:
+                await self.nack(mid, reason, False)
+            return
+        send = self.send
+        if failures is None or not failures:
+            for mid in ids:
+                await send({"type": "message.ack", "id": mid})
+            return
+        for i, mid in enumerate(ids):
+            failed = failures.get(i)
+            if failed is None:
+                await send({"type": "message.ack", "id": mid})
+            else:
+                await self.nack(mid, f"{handler.name}: {failed[0]}", failed[1])
+
+
+class _OutputError(Exception):
+    pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return f"{type(exc).__name__}: {describe_validation_error(exc)}"
+    return f"{type(exc).__name__}: {exc}"

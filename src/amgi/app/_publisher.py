@@ -1,0 +1,62 @@
+"""The injectable publisher: send any number of messages to any address from a handler."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from amgi.app._codec import encode_any
+from amgi.app._params import Outgoing
+from amgi.types import AMGISendCallable
+
+__all__ = ["Publisher", "encode_headers"]
+
+
+def encode_headers(
+    headers: Mapping[str, str | bytes] | None, content_type: str
+) -> list[tuple[bytes, bytes]]:
+    """AMGI header pairs: ``content-type`` first, then ``headers`` (str values UTF-8 encoded)."""
+    pairs = [(b"content-type", content_type.encode())]
+    if headers:
+        for name, value in headers.items():
+            pairs.append((name.encode(), value if isinstance(value, bytes) else value.encode()))
+    return pairs
+
+
+class Publisher:
+    """Publishes messages from inside a handler (annotate a parameter with ``Publisher``).
+
+    ``await publisher.publish("audit", Event(...), headers={"k": "v"})``: the payload is
+    serialized from its type (pydantic models, dataclasses, TypedDicts, primitives as
+    JSON; ``bytes`` and ``str`` as they are) and the call returns once the server has
+    handed it to the broker (a failure raises the server's ``OSError``).
+    """
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: AMGISendCallable) -> None:
+        self._send = send
+
+    async def publish(
+        self,
+        address: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str | bytes] | None = None,
+        bindings: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Serialize ``payload`` and send it to ``address``."""
+        if isinstance(payload, Outgoing):
+            headers = {**(payload.headers or {}), **(headers or {})}
+            bindings = {**(payload.bindings or {}), **(bindings or {})}
+            payload = payload.payload
+        data, content_type = encode_any(payload)
+        await self._send(
+            {
+                "type": "message.send",
+                "address": address,
+                "headers": encode_headers(headers, content_type),
+                "payload": data,
+                "bindings": {k: dict(v) for k, v in (bindings or {}).items()},
+            }
+        )

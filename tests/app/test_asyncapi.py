@@ -1,0 +1,216 @@
+"""The AsyncAPI 3.0 document, its YAML form, the CLI commands and the docs page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import jsonschema
+import pytest
+import yaml
+from examples.orders import app as orders_app
+from pydantic import BaseModel
+
+from amgi.app import App, Binding, Header
+from amgi.app._docs import DocsServer, render_page
+from amgi.app._yaml import to_yaml
+from tests.servers.kafka_helpers import amgi_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / ".brokers/npm/node_modules/@asyncapi/specs/schemas/3.0.0.json"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def official_validator() -> Any:
+    assert SPEC.is_file(), f"{SPEC} is missing: run bash scripts/docs-tools.sh"
+    schema = json.loads(SPEC.read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def errors_of(document: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+        for e in official_validator().iter_errors(document)
+    ]
+
+
+class Reading(BaseModel):
+    sensor: str
+    celsius: float
+
+
+def sensor_app() -> App:
+    app = App(title="sensors", version="2.1.0")
+
+    @app.subscriber(
+        "sensors.{site}.{kind}", publish_to="alerts", examples=[Reading(sensor="a", celsius=1.5)]
+    )
+    async def on_reading(
+        reading: Reading,
+        site: str,
+        kind: int,
+        unit: Annotated[str, Header("unit", "measurement unit")],
+        key: Annotated[bytes | None, Binding("kafka", "key")] = None,
+    ) -> Reading | None:
+        """Forward hot readings."""
+        return reading if reading.celsius > 40 else None
+
+    @app.subscriber("batch", batch=True)
+    async def on_batch(readings: list[Reading]) -> None: ...
+
+    return app
+
+
+def test_example_document_validates_against_the_official_schema() -> None:
+    document = orders_app.asyncapi()
+    assert errors_of(document) == []
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"] == {
+        "title": "orders",
+        "version": "1.0.0",
+        "description": "Turns orders into invoices.",
+    }
+    addresses = {c["address"] for c in document["channels"].values()}
+    assert addresses == {"orders.{region}", "invoices"}
+    actions = {k: v["action"] for k, v in document["operations"].items()}
+    assert actions == {"on_order": "receive", "on_order.publish": "send", "on_invoice": "receive"}
+    order_message = document["components"]["messages"]["on_order.message"]
+    assert order_message["payload"] == {"$ref": "#/components/schemas/Order"}
+    assert (
+        order_message["headers"]["properties"]["trace-id"]["description"] == "the caller's trace id"
+    )
+    assert document["components"]["schemas"]["Line"]["properties"]["qty"]["exclusiveMinimum"] == 0
+
+
+def test_the_validator_rejects_a_broken_document() -> None:
+    document = orders_app.asyncapi()
+    document["operations"]["on_order"]["action"] = "consume"
+    del document["info"]["version"]
+    found = errors_of(document)
+    assert found, "the official schema accepted a broken document"
+
+
+def test_parameters_headers_bindings_examples() -> None:
+    document = sensor_app().asyncapi()
+    assert errors_of(document) == []
+    (channel,) = [c for c in document["channels"].values() if c["address"].startswith("sensors")]
+    assert channel["parameters"] == {
+        "site": {"description": "address parameter site (str)"},
+        "kind": {"description": "address parameter kind (int)"},
+    }
+    message = document["components"]["messages"]["on_reading.message"]
+    assert message["headers"] == {
+        "type": "object",
+        "properties": {"unit": {"type": "string", "description": "measurement unit"}},
+        "required": ["unit"],
+    }
+    assert message["bindings"]["kafka"]["key"] == {"type": "string", "format": "binary"}
+    assert message["examples"] == [{"payload": {"sensor": "a", "celsius": 1.5}}]
+    assert document["operations"]["on_reading"]["description"] == "Forward hot readings."
+    assert document["operations"]["on_batch"]["x-amgi-batch"] is True
+    sent = document["operations"]["on_reading.publish"]
+    assert sent["channel"] == {"$ref": "#/channels/alerts"}
+
+
+def test_yaml_is_the_same_document() -> None:
+    document = sensor_app().asyncapi()
+    assert yaml.safe_load(to_yaml(document)) == json.loads(json.dumps(document))
+    tricky = {"a": ["yes", "x: y", "", "#", "1.0", None, True, [], {}], "b": {"c": [{"d": [1]}]}}
+    assert yaml.safe_load(to_yaml(tricky)) == tricky
+
+
+def test_cli_prints_the_document() -> None:
+    as_json = amgi_cli("asyncapi", "examples.orders:app")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == json.loads(json.dumps(orders_app.asyncapi()))
+    as_yaml = amgi_cli("asyncapi", "examples.orders:app", "--yaml")
+    assert yaml.safe_load(as_yaml.stdout) == json.loads(as_json.stdout)
+    wrong = amgi_cli("asyncapi", "examples.hello:app")
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip() == (
+        "amgi: error: 'examples.hello:app' is not an amgi.app.App (got function); "
+        "AsyncAPI documents come from the typed layer"
+    )
+
+
+def test_cli_docs_serves_the_page() -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "docs", "examples.orders:app", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"amgi docs: serving http://127.0.0.1:{port}/ (Ctrl-C to stop)"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            page = r.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/asyncapi.json", timeout=10) as r:
+            assert json.loads(r.read())["info"]["title"] == "orders"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "orders.{region}" in page
+    assert "<script" not in page
+    assert "http" not in page.split("<body>", 1)[0]
+
+
+def test_page_is_self_contained() -> None:
+    page = render_page(orders_app.asyncapi())
+    assert "<script" not in page
+    assert "src=" not in page
+    assert "://" not in page  # no link or asset from elsewhere
+
+
+@pytest.mark.timeout(90)
+def test_docs_page_in_headless_chromium() -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    server = DocsServer(orders_app.asyncapi(), "127.0.0.1", 0)
+    server.start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    with tempfile.TemporaryDirectory() as profile:
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--window-size=1280,2400",
+            f"--user-data-dir={profile}",
+        ):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+        try:
+            driver.get(server.url)
+            channels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "h3.address")]
+            assert "orders.{region}" in channels
+            assert "invoices" in channels
+            fields = [
+                e for e in driver.find_elements(By.CSS_SELECTOR, "td.field") if e.is_displayed()
+            ]
+            names = {e.text.replace("required", "").strip() for e in fields}
+            assert {"customer", "lines[].qty", "trace-id", "total"} <= names
+            order = driver.find_element(By.ID, "op-on_order")
+            assert "RECEIVE" in order.text
+            assert "lines[].sku" in order.text
+            assert "product code" in order.text
+            assert driver.save_screenshot(str(ARTIFACTS / "asyncapi-docs.png"))
+        finally:
+            driver.quit()
+            server.stop()
+    assert (ARTIFACTS / "asyncapi-docs.png").stat().st_size > 10_000

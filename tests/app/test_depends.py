@@ -1,0 +1,181 @@
+"""Depends (sync, async, generators with cleanup, cached, nested), lifespan state, fixture."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+import pytest
+from pydantic import BaseModel
+
+from amgi.app import App, Depends, Header, State
+from amgi.app.testing import TestClient
+from amgi.errors import StartupFailed
+
+pytest_plugins = ["amgi.app.pytest_plugin"]
+
+
+class Order(BaseModel):
+    id: int
+
+
+async def test_dependencies_nested_cached_with_cleanup_after_the_handler() -> None:
+    log: list[str] = []
+    calls = {"settings": 0}
+
+    def settings(region: Annotated[str, Header("region")]) -> dict[str, str]:
+        calls["settings"] += 1
+        log.append(
+            f"settings in thread {threading.current_thread() is not threading.main_thread()}"
+        )
+        return {"region": region}
+
+    async def connection(s: Annotated[dict[str, str], Depends(settings)]) -> AsyncIterator[str]:
+        log.append("connect")
+        try:
+            yield f"conn-{s['region']}"
+        except Exception as exc:
+            log.append(f"rollback {exc}")
+            raise
+        finally:
+            log.append("disconnect")
+
+    def sync_session(conn: Annotated[str, Depends(connection)]) -> Iterator[str]:
+        log.append("session open")
+        yield f"session({conn})"
+        log.append("session close")
+
+    async def user(s: Annotated[dict[str, str], Depends(settings)]) -> str:
+        return f"user@{s['region']}"
+
+    app = App()
+
+    @app.subscriber("orders")
+    async def on_order(
+        order: Order,
+        session: Annotated[str, Depends(sync_session)],
+        who: str = Depends(user),
+        again: dict[str, str] = Depends(settings),
+    ) -> None:
+        log.append(f"handler {order.id} {session} {who} {again['region']}")
+        if order.id == 0:
+            raise ValueError("zero")
+
+    async with TestClient(app) as client:
+        ok = await client.publish("orders", Order(id=1), headers={"region": "eu"})
+        assert ok.acked
+        assert calls["settings"] == 1  # cached within the message
+        assert log == [
+            "settings in thread True",
+            "connect",
+            "session open",
+            "handler 1 session(conn-eu) user@eu eu",
+            "session close",
+            "disconnect",
+        ]
+        log.clear()
+        failed = await client.publish("orders", Order(id=0), headers={"region": "us"})
+    assert not failed.acked
+    assert (failed.reason or "").endswith("raised ValueError: zero")
+    assert calls["settings"] == 2  # a new message computes it again
+    assert log[-2:] == ["rollback zero", "disconnect"]
+
+
+async def test_use_cache_false_computes_per_use() -> None:
+    counter = {"n": 0}
+
+    async def tick() -> int:
+        counter["n"] += 1
+        return counter["n"]
+
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(
+        body: bytes,
+        a: int = Depends(tick, use_cache=False),
+        b: int = Depends(tick, use_cache=False),
+    ) -> None:
+        assert a != b
+
+    async with TestClient(app) as client:
+        assert (await client.publish("in", b"")).acked
+
+
+def make_app(events: list[str]) -> App:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[dict[str, Any]]:
+        events.append(f"start {app.title}")
+        yield {"pool": ["conn"], "rate": 3}
+        events.append("stop")
+
+    app = App(title="billing", lifespan=lifespan)
+
+    async def rate_dep(rate: Annotated[int, State()]) -> int:
+        return rate * 10
+
+    @app.subscriber("in")
+    async def on_in(
+        order: Order,
+        pool: Annotated[list[str], State("pool")],
+        scaled: int = Depends(rate_dep),
+    ) -> None:
+        events.append(f"handle {order.id} {pool} {scaled}")
+
+    return app
+
+
+async def test_lifespan_state_is_injectable_and_travels_as_amgi_state() -> None:
+    events: list[str] = []
+    app = make_app(events)
+    async with TestClient(app) as client:
+        assert (await client.publish("in", Order(id=4))).acked
+    assert events == ["start billing", "handle 4 ['conn'] 30", "stop"]
+
+
+async def test_lifespan_failure_fails_startup() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[None]:
+        raise ConnectionError("database unreachable")
+        yield
+
+    app = App(lifespan=lifespan)
+    with pytest.raises(StartupFailed, match="ConnectionError: database unreachable"):
+        async with TestClient(app):
+            pass
+
+
+async def test_missing_state_key_nacks() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(body: bytes, pool: Annotated[Any, State("pool")]) -> None: ...
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", b"")
+    assert "the lifespan state has no 'pool'" in (result.reason or "")
+
+
+@pytest.fixture
+def amgi_app() -> App:
+    return make_app([])
+
+
+async def test_pytest_fixture(amgi_client: TestClient) -> None:
+    result = await amgi_client.publish("in", Order(id=1))
+    assert result.acked
+    result = await amgi_client.publish("in", b'{"id": "x"}')
+    assert result.dead_lettered
+    assert "id: Input should be a valid integer" in (result.reason or "")
+
+
+async def test_lifespan_that_yields_no_mapping_fails_startup() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[Any]:
+        yield ["not", "a", "mapping"]
+
+    with pytest.raises(StartupFailed, match=r"the lifespan must yield a mapping .* not list"):
+        async with TestClient(App(lifespan=lifespan)):
+            pass

@@ -1,0 +1,590 @@
+"""amgi.app handlers: routing, payload decoding, injection, publishing, errors, batches."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from typing import Annotated, Any
+
+import pytest
+from pydantic import BaseModel
+from typing_extensions import TypedDict
+
+from amgi.app import (
+    App,
+    Binding,
+    DeadLetter,
+    Failures,
+    Header,
+    MessageInfo,
+    Meta,
+    Outgoing,
+    Publisher,
+)
+from amgi.app.testing import TestClient
+
+
+class Order(BaseModel):
+    id: int
+    amount: float
+    customer: str = "anon"
+
+
+class Invoice(BaseModel):
+    order_id: int
+    total: float
+    region: str
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Pair(TypedDict):
+    a: str
+    b: int
+
+
+async def test_pydantic_payload_address_params_and_publish_to() -> None:
+    app = App()
+
+    @app.subscriber("orders.{region}", publish_to="invoices")
+    async def on_order(
+        order: Order,
+        region: str,
+        trace_id: Annotated[str, Header("trace-id")],
+        key: Annotated[bytes | None, Binding("kafka", "key")] = None,
+    ) -> Invoice:
+        assert trace_id == "t-1"
+        assert key == b"k1"
+        return Invoice(order_id=order.id, total=order.amount * 2, region=region)
+
+    async with TestClient(app) as client:
+        result = await client.publish(
+            "orders.eu",
+            Order(id=7, amount=2.5),
+            headers={"trace-id": "t-1"},
+            bindings={"kafka": {"key": b"k1"}},
+        )
+    assert result.acked, result.reason
+    (sent,) = result.sent
+    assert sent.address == "invoices"
+    assert json.loads(sent.payload or b"") == {"order_id": 7, "total": 5.0, "region": "eu"}
+    assert (b"content-type", b"application/json") in sent.headers
+
+
+async def test_typed_address_parameter_and_mismatch() -> None:
+    app = App()
+    seen: list[int] = []
+
+    @app.subscriber("shard.{n}")
+    async def on_shard(body: str, n: int) -> None:
+        seen.append(n)
+
+    async with TestClient(app) as client:
+        assert (await client.publish("shard.12", b"x")).acked
+        bad = await client.publish("shard.abc", b"x")
+    assert seen == [12]
+    assert not bad.acked
+    assert "address parameter 'n'='abc'" in (bad.reason or "")
+
+
+async def test_no_handler_for_address_nacks_with_reason() -> None:
+    app = App()
+
+    @app.subscriber("orders")
+    async def on_order(order: Order) -> None: ...
+
+    async with TestClient(app) as client:
+        result = await client.publish("payments", b"{}")
+    assert not result.acked
+    assert result.reason == "no handler for address 'payments' (handlers: orders)"
+
+
+async def test_routing_rule_exact_then_most_literal_then_error() -> None:
+    app = App()
+    hits: list[str] = []
+
+    @app.subscriber("a.{x}.c")
+    async def long_pattern(body: bytes, x: str) -> None:
+        hits.append("a.{x}.c")
+
+    @app.subscriber("a.{x}.{y}")
+    async def short_pattern(body: bytes, x: str, y: str) -> None:
+        hits.append("a.{x}.{y}")
+
+    @app.subscriber("a.b.c")
+    async def exact(body: bytes) -> None:
+        hits.append("a.b.c")
+
+    async with TestClient(app) as client:
+        for address in ("a.b.c", "a.z.c", "a.z.d"):
+            assert (await client.publish(address, b"")).acked
+    assert hits == ["a.b.c", "a.{x}.c", "a.{x}.{y}"]
+
+    with pytest.raises(TypeError, match=r"other: address pattern 'a\.\{q\}\.c' .* overlaps"):
+
+        @app.subscriber("a.{q}.c")
+        async def other(body: bytes) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("annotation", "payload", "expected"),
+    [
+        (Point, b'{"x": 1, "y": 2}', Point(1, 2)),
+        (Pair, b'{"a": "s", "b": 3}', {"a": "s", "b": 3}),
+        (int, b"42", 42),
+        (list[int], b"[1, 2]", [1, 2]),
+        (bytes, b"\x00raw", b"\x00raw"),
+        (str, "héllo".encode(), "héllo"),
+        (dict[str, Any], b'{"k": [1]}', {"k": [1]}),
+    ],
+)
+async def test_payload_types(annotation: Any, payload: bytes, expected: Any) -> None:
+    app = App()
+    got: list[Any] = []
+
+    async def handler(value: Any) -> None:
+        got.append(value)
+
+    handler.__annotations__["value"] = annotation
+    app.subscriber("in")(handler)
+    async with TestClient(app) as client:
+        result = await client.publish("in", payload)
+    assert result.acked, result.reason
+    assert got == [expected]
+
+
+async def test_content_type_chooses_the_decoder() -> None:
+    def parse_kv(data: bytes) -> dict[str, str]:
+        return dict(part.split("=", 1) for part in data.decode().split(","))
+
+    app = App(decoders={"application/x-kv": parse_kv})
+    got: list[Pair] = []
+
+    @app.subscriber("in")
+    async def handler(value: Pair) -> None:
+        got.append(value)
+
+    async with TestClient(app) as client:
+        ok = await client.publish(
+            "in", b"a=x,b=5", headers={"content-type": "application/x-kv; charset=utf-8"}
+        )
+        json_ok = await client.publish("in", b'{"a": "y", "b": 6}')
+        unknown = await client.publish("in", b"?", headers={"content-type": "application/xml"})
+    assert ok.acked
+    assert json_ok.acked
+    assert got == [{"a": "x", "b": 5}, {"a": "y", "b": 6}]
+    assert not unknown.acked
+    assert "no decoder for content-type 'application/xml'" in (unknown.reason or "")
+
+
+async def test_validation_error_names_the_field_path_and_dead_letters_now() -> None:
+    class Line(BaseModel):
+        price: float
+
+    class Cart(BaseModel):
+        items: list[Line]
+
+    app = App()
+
+    @app.subscriber("carts")
+    async def on_cart(cart: Cart) -> None: ...
+
+    async with TestClient(app) as client:
+        result = await client.publish("carts", b'{"items": [{"price": 1}, {"price": "x"}]}')
+        broken = await client.publish("carts", b"{not json")
+    assert not result.acked
+    assert result.reason is not None
+    assert result.reason.startswith("invalid payload for ")
+    assert "parameter 'cart': items.1.price: Input should be a valid number" in result.reason
+    assert result.dead_lettered
+    assert broken.dead_lettered
+    assert "Invalid JSON" in (broken.reason or "")
+
+
+async def test_without_the_extension_a_poison_message_is_a_plain_nack() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(order: Order) -> None:
+        raise DeadLetter("never valid")
+
+    async with TestClient(app, extensions={}) as client:
+        result = await client.publish("in", Order(id=1, amount=1))
+    assert not result.acked
+    assert not result.dead_lettered  # attempt 1 of 3: the runtime retries it
+    assert result.reason is not None
+    assert result.reason.endswith("<locals>.on_in: dead-lettered: never valid")
+
+
+async def test_exception_nacks_with_reason_and_retries() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(order: Order) -> None:
+        raise RuntimeError("database is down")
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", Order(id=1, amount=1))
+        last = await client.publish("in", Order(id=1, amount=1), attempt=3)
+    assert not result.acked
+    assert not result.dead_lettered
+    assert result.reason is not None
+    assert result.reason.endswith("on_in raised RuntimeError: database is down")
+    assert last.dead_lettered  # the runtime's last attempt
+
+
+async def test_dead_letter_now() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(order: Order) -> None:
+        if order.amount < 0:
+            raise DeadLetter("negative amount")
+
+    async with TestClient(app) as client:
+        bad = await client.publish("in", Order(id=1, amount=-1))
+        good = await client.publish("in", Order(id=2, amount=1))
+    assert bad.dead_lettered
+    assert bad.reason is not None
+    assert bad.reason.endswith("negative amount")
+    assert good.acked
+
+
+async def test_missing_header_and_bad_header_type() -> None:
+    app = App()
+    seen: list[int] = []
+
+    @app.subscriber("in")
+    async def on_in(body: bytes, n: Annotated[int, Header("n")]) -> None:
+        seen.append(n)
+
+    async with TestClient(app) as client:
+        missing = await client.publish("in", b"")
+        wrong = await client.publish("in", b"", headers={"n": "x"})
+        ok = await client.publish("in", b"", headers={"N": "5"})
+    assert "missing header 'n'" in (missing.reason or "")
+    assert "header 'n': (root): Input should be a valid integer" in (wrong.reason or "")
+    assert ok.acked
+    assert seen == [5]
+
+
+async def test_metadata_injection() -> None:
+    app = App()
+    seen: list[Any] = []
+
+    @app.subscriber("in.{x}")
+    async def on_in(
+        body: bytes,
+        info: MessageInfo,
+        mid: Annotated[str, Meta("id")],
+        attempt: Annotated[int, Meta("attempt")],
+        address: Annotated[str, Meta("address")],
+    ) -> None:
+        seen.append((info.id, info.attempt, info.address, mid, attempt, address, info.header("h")))
+
+    async with TestClient(app) as client:
+        result = await client.publish("in.q", b"", headers={"h": "v"}, attempt=2)
+    assert result.acked
+    assert seen == [(result.id, 2, "in.q", result.id, 2, "in.q", "v")]
+
+
+async def test_sync_handler_runs_in_a_thread() -> None:
+    app = App()
+    threads: list[int] = []
+
+    @app.subscriber("in")
+    def on_in(order: Order) -> None:
+        threads.append(threading.get_ident())
+
+    async with TestClient(app) as client:
+        assert (await client.publish("in", Order(id=1, amount=1))).acked
+    assert threads
+    assert threads[0] != threading.get_ident()
+
+
+async def test_sync_handler_does_not_block_the_loop() -> None:
+    app = App()
+    release = threading.Event()
+
+    @app.subscriber("in")
+    def on_in(body: bytes) -> None:
+        assert release.wait(10)
+
+    async with TestClient(app) as client:
+        task = asyncio.create_task(client.publish("in", b""))
+        await asyncio.sleep(0)  # the loop still runs while the handler blocks its thread
+        release.set()
+        assert (await task).acked
+
+
+async def test_outgoing_sets_headers_bindings_and_address() -> None:
+    app = App()
+
+    @app.subscriber("in", publish_to="out")
+    async def on_in(order: Order) -> Outgoing[Order] | None:
+        if order.id == 0:
+            return None
+        return Outgoing(
+            order,
+            headers={"x-id": str(order.id)},
+            bindings={"kafka": {"key": b"k"}},
+            address="special" if order.id == 2 else None,
+        )
+
+    async with TestClient(app) as client:
+        none = await client.publish("in", Order(id=0, amount=1))
+        one = await client.publish("in", Order(id=1, amount=1))
+        two = await client.publish("in", Order(id=2, amount=1))
+    assert none.acked
+    assert not none.sent
+    assert [s.address for s in client.sent] == ["out", "special"]
+    assert (b"x-id", b"1") in one.sent[0].headers
+    assert one.sent[0].bindings == {"kafka": {"key": b"k"}}
+    assert two.acked
+
+
+async def test_publisher_sends_several_to_any_address() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(order: Order, publisher: Publisher) -> None:
+        await publisher.publish("audit", {"seen": order.id})
+        if order.amount > 10:
+            await publisher.publish("alerts", order, headers={"level": "high"})
+        await publisher.publish("raw", b"\x01")
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", Order(id=3, amount=20))
+    assert result.acked
+    assert [(s.address, s.payload) for s in result.sent] == [
+        ("audit", b'{"seen":3}'),
+        ("alerts", b'{"id":3,"amount":20.0,"customer":"anon"}'),
+        ("raw", b"\x01"),
+    ]
+    assert (b"level", b"high") in result.sent[1].headers
+
+
+async def test_output_that_fails_serialization_nacks_and_sends_nothing() -> None:
+    app = App()
+
+    @app.subscriber("in", publish_to="out")
+    async def on_in(body: bytes) -> Invoice:
+        return "not an invoice"  # type: ignore[return-value]
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", b"")
+    assert not result.acked
+    assert "its result could not be serialized, nothing was published" in (result.reason or "")
+    assert client.sent == []
+
+
+async def test_failed_send_nacks_the_input() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(body: bytes, publisher: Publisher) -> None:
+        await publisher.publish("out", b"x")
+
+    async def refuse(*args: Any) -> None:
+        raise ConnectionRefusedError("broker refused")
+
+    async with TestClient(app):
+        from amgi.runtime.batch import call_app
+        from amgi.runtime.config import RuntimeConfig
+        from amgi.transport import Batch, Message
+
+        settlement = await call_app(
+            app, Batch("in", [Message("1", [], b"", {}, 1)]), refuse, RuntimeConfig()
+        )
+    assert settlement.retry[0].reason.endswith("raised ConnectionRefusedError: broker refused")
+
+
+class Priced(BaseModel):
+    id: int
+    price: float
+
+
+async def test_batch_handler_gets_the_batch_and_fails_single_items() -> None:
+    app = App()
+    calls: list[list[int]] = []
+
+    @app.subscriber("prices", batch=True, publish_to="out")
+    async def on_prices(
+        items: list[Priced], failures: Failures, infos: list[MessageInfo]
+    ) -> list[Priced]:
+        calls.append([p.id for p in items])
+        assert [i.address for i in infos] == ["prices"] * len(items)
+        for i, p in enumerate(items):
+            if p.price < 0:
+                failures.fail(i, "negative price", dead_letter=p.price < -100)
+        return [p for p in items if p.price >= 0]
+
+    async with TestClient(app) as client:
+        results = await client.publish_batch(
+            "prices",
+            [
+                Priced(id=1, price=1),
+                b'{"id": 2, "price": "bad"}',
+                Priced(id=3, price=-1),
+                Priced(id=4, price=-500),
+                Priced(id=5, price=2),
+            ],
+        )
+    assert calls == [[1, 3, 4, 5]]  # one call, the invalid item left out
+    assert [r.acked for r in results] == [True, False, False, False, True]
+    assert "items.price" not in (results[1].reason or "")
+    assert "price: Input should be a valid number" in (results[1].reason or "")
+    assert results[1].dead_lettered
+    assert results[2].reason is not None
+    assert results[2].reason.endswith("negative price")
+    assert not results[2].dead_lettered
+    assert results[3].dead_lettered
+    assert [json.loads(s.payload or b"")["id"] for s in client.sent] == [1, 5]
+
+
+async def test_batch_handler_exception_nacks_every_item() -> None:
+    app = App()
+
+    @app.subscriber("in", batch=True)
+    async def on_in(items: list[int]) -> None:
+        raise ValueError("boom")
+
+    async with TestClient(app) as client:
+        results = await client.publish_batch("in", [1, 2])
+    assert all(
+        not r.acked and (r.reason or "").endswith("raised ValueError: boom") for r in results
+    )
+
+
+async def test_messages_are_handled_in_order_by_default() -> None:
+    app = App()
+    log: list[str] = []
+
+    @app.subscriber("in")
+    async def on_in(n: int) -> None:
+        log.append(f"start {n}")
+        await asyncio.sleep(0.01 if n == 1 else 0)
+        log.append(f"end {n}")
+
+    async with TestClient(app) as client:
+        assert all(r.acked for r in await client.publish_batch("in", [1, 2]))
+    assert log == ["start 1", "end 1", "start 2", "end 2"]
+
+
+async def test_concurrency_opt_in_runs_messages_of_a_batch_at_once() -> None:
+    app = App()
+    running = 0
+    peak = 0
+    both = asyncio.Event()
+
+    @app.subscriber("in", concurrency=4)
+    async def on_in(n: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if running == 3:
+            both.set()
+        await asyncio.wait_for(both.wait(), 5)
+        running -= 1
+        if n == 2:
+            raise ValueError("two")
+
+    async with TestClient(app) as client:
+        results = await client.publish_batch("in", [1, 2, 3])
+    assert peak == 3
+    assert [r.acked for r in results] == [True, False, True]
+
+
+async def test_middleware_runs_in_declared_order_around_the_handler() -> None:
+    log: list[str] = []
+
+    def named(name: str) -> Any:
+        async def middleware(call: Any, call_next: Any) -> Any:
+            log.append(f"{name} in {call.handler.rsplit('.', 1)[-1]} {call.messages[0].id}")
+            try:
+                return await call_next()
+            finally:
+                log.append(f"{name} out")
+
+        return middleware
+
+    app = App(middleware=[named("outer"), named("inner")])
+
+    @app.subscriber("in")
+    async def on_in(n: int) -> None:
+        log.append(f"handler {n}")
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", 5)
+    assert result.acked
+    assert log == [
+        f"outer in on_in {result.id}",
+        f"inner in on_in {result.id}",
+        "handler 5",
+        "inner out",
+        "outer out",
+    ]
+
+
+async def test_batch_handler_dead_letter_and_unserializable_output() -> None:
+    app = App()
+
+    @app.subscriber("dead", batch=True)
+    async def on_dead(items: list[int]) -> None:
+        raise DeadLetter("whole batch is poison")
+
+    @app.subscriber("bad-output", batch=True, publish_to="out")
+    async def on_bad(items: list[int]) -> list[Invoice]:
+        return [Invoice(order_id=1, total=1, region="x"), "nope"]  # type: ignore[list-item]
+
+    async with TestClient(app) as client:
+        dead = await client.publish_batch("dead", [1, 2])
+        bad = await client.publish_batch("bad-output", [1, 2])
+    assert all(r.dead_lettered for r in dead)
+    assert all("could not be serialized, nothing was published" in (r.reason or "") for r in bad)
+    assert not any(r.dead_lettered for r in bad)
+    assert client.sent == []
+
+
+async def test_sync_handler_result_is_published_and_middleware_sees_batches() -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def count(call: Any, call_next: Any) -> Any:
+        seen.append((call.address, len(call.messages)))
+        return await call_next()
+
+    app = App(middleware=[count])
+
+    @app.subscriber("in", publish_to="out")
+    def on_in(order: Order) -> Invoice:
+        return Invoice(order_id=order.id, total=order.amount, region="sync")
+
+    @app.subscriber("many", batch=True)
+    async def on_many(items: list[int]) -> None: ...
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", Order(id=9, amount=1))
+        assert all(r.acked for r in await client.publish_batch("many", [1, 2, 3]))
+    assert result.acked
+    assert json.loads(result.sent[0].payload or b"")["region"] == "sync"
+    assert seen == [("in", 1), ("many", 3)]
+
+
+async def test_concurrent_handler_publishes_each_result() -> None:
+    app = App()
+
+    @app.subscriber("in", publish_to="out", concurrency=3)
+    async def on_in(n: int) -> int:
+        await asyncio.sleep(0.001 * (3 - n))
+        return n * 10
+
+    async with TestClient(app) as client:
+        results = await client.publish_batch("in", [1, 2, 3])
+    assert all(r.acked for r in results)
+    assert sorted(json.loads(s.payload or b"") for s in client.sent) == [10, 20, 30]
