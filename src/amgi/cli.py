@@ -25,6 +25,7 @@ from amgi.options import add_flags, build, flag_name
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
 from amgi.runtime.routing import Router, parse_route
+from amgi.secrets import hide_flag_values, unrecognized_flags
 from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
 from amgi.servers.kit.bindings import UnknownBinding
 from amgi.servers.kit.bindings import parse as parse_binding
@@ -98,7 +99,18 @@ def _servers_epilog() -> str:
 class _Parser(argparse.ArgumentParser):
     server = DEFAULT_SERVER
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog == "amgi":  # the top parser reports them, without values
+            self.error(f"unrecognized arguments: {unrecognized_flags(extras)}")
+        return parsed, extras
+
     def error(self, message: str) -> NoReturn:
+        # A usage error quotes command-line words, and a word may be a password: flags
+        # are shown, values are not (amgi.secrets).
+        message = hide_flag_values(message)
         if message.startswith("unrecognized arguments"):
             message += f" (not options of the {self.server!r} server)"
         self.exit(2, f"amgi: error: {message} (see '{self.prog} --help')\n")

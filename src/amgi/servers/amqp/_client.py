@@ -15,6 +15,7 @@ from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
     Backoff,
     Watermark,
+    mask_url,
 )
 from amgi.transport import HeaderList
 
@@ -54,16 +55,6 @@ def _reply_text(exc: BaseException) -> str:
     return str(text) if text else str(exc)
 
 
-def _safe_url(url: str) -> str:
-    """``url`` with the password masked, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, hostpart = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
-
-
 class AmqpClient:
     """The connection, its consuming and publishing channels, and the delivery buffer."""
 
@@ -95,18 +86,18 @@ class AmqpClient:
             connection = await aiormq.connect(c.url)
         except (amqp_errors.AuthenticationError, amqp_errors.ProbableAuthenticationError):
             raise BrokerUnavailable(
-                f"amqp: the broker at {_safe_url(c.url)} refused the credentials"
+                f"amqp: the broker at {mask_url(c.url)} refused the credentials"
             ) from None
         except amqp_errors.ConnectionNotAllowed:
             raise BrokerUnavailable(
-                f"amqp: access to the virtual host of {_safe_url(c.url)} was refused"
+                f"amqp: access to the virtual host of {mask_url(c.url)} was refused"
             ) from None
         except (OSError, amqp_errors.AMQPError, TimeoutError) as exc:
             raise BrokerUnavailable(
-                f"amqp: cannot connect to {_safe_url(c.url)}: {exc or type(exc).__name__}"
+                f"amqp: cannot connect to {mask_url(c.url)}: {exc or type(exc).__name__}"
             ) from None
         except ValueError as exc:
-            raise ConfigurationError(f"amqp: bad url {_safe_url(c.url)}: {exc}") from None
+            raise ConfigurationError(f"amqp: bad url {mask_url(c.url)}: {exc}") from None
         try:
             if self.addresses:
                 channel = await connection.channel(publisher_confirms=False)

@@ -37,6 +37,11 @@ Options (:mod:`amgi.options`) - declared once, checked before startup
     (the runtime and ``amgi run`` call it through ``Transport.check()`` before lifespan
     startup); every message reads ``--flag problem (got field=value)``.
 
+Secrets (:mod:`amgi.secrets`) - never shown
+    ``mask_url(url)`` for a URL in a message (its password masked); ``masked(value)`` is
+    how a ``secret=True`` option value appears; ``redact_client_logs(*logger_names)``
+    masks credentials a client library writes to its loggers.
+
 Bindings (:mod:`.bindings`) - the binding keys of each protocol
     ``BINDINGS[protocol][key]`` is a ``BindingKey(name, type, direction, doc)``, named
     after AsyncAPI's message bindings; a server emits and reads only keys listed there
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
+from amgi.secrets import mask_url, masked, redact_client_logs
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
 from amgi.servers.kit.fifo import held_behind
@@ -87,6 +93,9 @@ __all__ = [
     "headers_with_attempt",
     "held_behind",
     "invalid",
+    "mask_url",
+    "masked",
     "option",
+    "redact_client_logs",
     "retry_headers",
 ]

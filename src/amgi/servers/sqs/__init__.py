@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.servers.kit import redact_client_logs
 from amgi.servers.sqs._client import (
     SqsClient,
     SqsSendError,
@@ -78,6 +79,10 @@ logger = logging.getLogger("amgi.servers.sqs")
 # -- the transport -----------------------------------------------------------------------
 
 
+_WIRE_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
+"""The loggers that write signed requests (headers and canonical request) at DEBUG."""
+
+
 class SqsTransport(SqsClient, Transport):
     """The AMGI transport of Amazon SQS (and services speaking its API)."""
 
@@ -101,6 +106,8 @@ class SqsTransport(SqsClient, Transport):
         from botocore.exceptions import BotoCoreError, ProfileNotFound
 
         c = self.config
+        # botocore's DEBUG wire trace writes the session token of temporary credentials.
+        redact_client_logs(*_WIRE_LOGGERS)
         try:
             session = AioSession(profile=c.profile)
             region = c.region or session.get_config_variable("region") or "us-east-1"
