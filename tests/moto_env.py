@@ -1,8 +1,20 @@
-"""moto's address, and the dummy AWS environment the tests that talk to it run in."""
+"""moto's address, the dummy AWS environment the tests that talk to it run in, and
+private moto servers (one that checks credentials, one a test may stop)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from tests.net import free_port
 
 ENDPOINT = "http://127.0.0.1:5000"
 
@@ -19,3 +31,37 @@ def use_moto_credentials(monkeypatch: pytest.MonkeyPatch, *, sqs_endpoint: bool 
         monkeypatch.delenv(name, raising=False)
     if sqs_endpoint:
         monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", ENDPOINT)
+
+
+@contextlib.contextmanager
+def private_moto(*, check_credentials: bool = False) -> Iterator[str]:
+    """A moto server of the caller's own on a free port (its URL), stopped at the end.
+
+    ``check_credentials``: every request's credentials are checked, so unknown keys are
+    refused (InvalidClientTokenId) as AWS refuses them.
+    """
+    port = free_port()
+    env = dict(os.environ)
+    if check_credentials:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the private moto server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

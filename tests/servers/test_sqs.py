@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +15,7 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
-from tests.moto_env import ENDPOINT, use_moto_credentials
-from tests.net import free_port
+from tests.moto_env import ENDPOINT, private_moto, use_moto_credentials
 
 
 @pytest.fixture(autouse=True)
@@ -379,30 +373,8 @@ async def test_missing_credentials_is_one_clear_error(
 @pytest.fixture
 def checking_moto() -> Iterator[str]:
     """A second moto server, on its own port, that checks every request's credentials."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(
-                        "the credential-checking moto server did not start"
-                    ) from None
-                time.sleep(0.1)
+    with private_moto(check_credentials=True) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 async def test_rejected_credentials_are_one_clear_error(checking_moto: str) -> None:

@@ -1,0 +1,130 @@
+"""No secret reaches a log record, an exception or the command line's output, per server.
+
+Each test puts a unique marker into the server's password, token or key, drives its
+failure paths against the real broker (refused credentials, unreachable broker, TLS
+failure, send failure, reconnects), captures every log record at DEBUG (client
+libraries' included) and runs ``amgi run`` / ``amgi send`` processes with the marker in
+their options, then looks for the marker everywhere. (The http server's test is in
+test_http_processes.py; sqlite and memory take no secrets, see tests/core/test_secrets.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.amqp import AmqpOptions, AmqpTransport
+from tests.cli import amgi
+from tests.net import free_port
+from tests.secrets import assert_hidden, capture_debug, exception_text, log_texts, new_marker
+from tests.servers.test_amqp_support import new_queue, rabbitmq, rabbitmqctl
+
+__all__ = ["rabbitmq"]
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = "tests.servers.http_app:app"
+"""An app for the command-line runs (it never gets a message: they fail before)."""
+
+
+async def failure_text(call: Callable[[], Awaitable[Any]], *kinds: type[BaseException]) -> str:
+    """Run ``call``, which must raise one of ``kinds``; the exception's whole text."""
+    with pytest.raises(kinds) as info:
+        await call()
+    return exception_text(info.value)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.05)
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> Callable[[], bool]:
+    return lambda: any(text in line for line in log_texts(caplog))
+
+
+def cli_texts(*runs: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """stdout and stderr of each ``amgi`` run (each must end: no run hangs)."""
+    texts: list[str] = []
+    for argv in runs:
+        done = amgi(*argv, env=env)
+        assert done.returncode in (0, 1, 2), done
+        texts += [done.stdout, done.stderr]
+    return texts
+
+
+# -- AMQP ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rabbitmq")
+async def test_amqp_password_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    capture_debug(caplog)
+    marker = new_marker()
+    user, password = f"amgi-secret-{uuid.uuid4().hex[:8]}", f"pw-{marker}"
+    await rabbitmqctl("add_user", user, password)
+    try:
+        await rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        good = f"amqp://{user}:{password}@127.0.0.1:5672/"
+        wrong = f"amqp://{user}:wrong-{marker}@127.0.0.1:5672/"
+        closed = f"amqp://{user}:{password}@127.0.0.1:{free_port()}/"
+        texts = [
+            await failure_text(
+                AmqpTransport([new_queue()], AmqpOptions(url=wrong)).connect, BrokerUnavailable
+            ),
+            await failure_text(
+                AmqpTransport([], AmqpOptions(url=closed)).connect, BrokerUnavailable
+            ),
+            await failure_text(  # TLS to a plaintext port
+                AmqpTransport([], AmqpOptions(url="amqps" + good[4:])).connect, BrokerUnavailable
+            ),
+            await failure_text(
+                AmqpTransport([], AmqpOptions(url=good.replace(":5672", ":port"))).connect,
+                ConfigurationError,
+            ),
+        ]
+        assert "refused the credentials" in texts[0]
+
+        # Consuming, then the broker drops the connection and refuses the password for a
+        # while: the reconnect attempts fail, then one succeeds.
+        transport = AmqpTransport(
+            [new_queue()], AmqpOptions(url=good, reconnect_delay_max=0.2, exchange="")
+        )
+        await transport.connect()
+        try:
+            texts.append(
+                await failure_text(
+                    lambda: transport.publish("no-such-exchange-x", [], b"x", {"amqp": {}}),
+                    SendError,
+                )
+            )
+            generation = transport._generation
+            await rabbitmqctl("change_password", user, f"other-{marker}")
+            await rabbitmqctl("close_all_user_connections", user, "test: connection dropped")
+            await until(logged(caplog, "refused the credentials"))
+            await rabbitmqctl("change_password", user, password)
+            await until(lambda: transport._generation > generation)
+        finally:
+            await transport.close()
+    finally:
+        await rabbitmqctl("delete_user", user)
+    assert logged(caplog, "lost the connection")()
+    texts += log_texts(caplog)
+    texts += cli_texts(
+        ["run", APP, "q", "--server", "amqp", "--url", wrong, "--log-level", "debug"],
+        ["send", "q", "x", "--server", "amqp", "--url", closed, "--log-level", "debug"],
+        ["run", APP, "q", "--server", "amqp", "--url", good, "--prefetch", "0"],
+        ["run", APP, "q", "--server", "amqp", "--url", good, "--help"],
+        ["run", APP, "q", "--send-to", "x=amqp", "--amqp-url", good, "--amqp-prefetch", "0"],
+        ["run", APP, "q", "--send-to", "x=amqp", "--amqp-url", good, "--help"],
+        ["run", APP, "q", "--server", "amqp", "--ur", good],
+    )
+    assert "--prefetch must be 1 to 65535" in "".join(texts)
+    assert_hidden(marker, texts)
