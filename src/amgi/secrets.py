@@ -3,6 +3,8 @@
 * :func:`masked` is how the value of a ``secret=True`` option appears in help texts and
   errors: a URL keeps everything but its password, any other value is :data:`MASK`;
 * :func:`mask_url` takes the password out of a URL (``amqp://user:*****@host/``);
+* :func:`redact` masks the secret option values of an options object wherever they
+  occur in a text (a client library's error that quotes a setting's value);
 * :func:`hide_flag_values` and :func:`unrecognized_flags` keep the values of
   command-line words out of usage errors (``--sasl-password=x``, an unknown flag);
 * :func:`redact_client_logs` puts a filter on a client library's loggers that masks
@@ -11,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -22,6 +26,7 @@ __all__ = [
     "hide_flag_values",
     "mask_url",
     "masked",
+    "redact",
     "redact_client_logs",
     "unrecognized_flags",
 ]
@@ -52,6 +57,34 @@ def masked(value: Any) -> str:
             return MASK
         return mask_url(value)
     return MASK
+
+
+def _secret_values(options: Any) -> list[str]:
+    """The texts that give away a secret option of ``options``: each value, each
+    ``NAME=VALUE`` item's value and the parts of a comma-separated one (librdkafka
+    quotes the bad part of a list), each URL's password; longest first."""
+    found: set[str] = set()
+    for f in dataclasses.fields(options):
+        if not f.metadata.get("secret"):
+            continue
+        value = getattr(options, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or not item:
+                continue
+            found.add(item)
+            found.update(item.partition("=")[2].split(","))
+            found.add(item.partition("=")[2])
+            with contextlib.suppress(ValueError):  # not a URL
+                found.add(urlsplit(item).password or "")
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, options: Any) -> str:
+    """``text`` with every secret option value of dataclass ``options`` masked."""
+    for value in _secret_values(options):
+        text = text.replace(value, MASK)
+    return text
 
 
 _FLAG_VALUE: Final = re.compile(r"(--[A-Za-z0-9][\w-]*)=\S*?(?=['\",\s]|$)")

@@ -16,10 +16,13 @@ from amgi.secrets import (
     hide_flag_values,
     mask_url,
     masked,
+    redact,
     redact_client_logs,
     unrecognized_flags,
 )
 from amgi.servers import SERVERS, load
+from amgi.servers.amqp import AmqpOptions
+from amgi.servers.kafka import KafkaOptions
 from tests.secrets import assert_hidden, new_marker
 
 
@@ -137,3 +140,15 @@ def test_client_log_filter_masks_credential_headers(caplog: pytest.LogCaptureFix
     assert f"x-amz-security-token:{MASK}" in text
     assert f"'X-Amz-Security-Token': b'{MASK}'" in text
     assert "b'kept'" in text
+
+
+def test_redact_masks_every_form_of_a_secret_option_value() -> None:
+    options = KafkaOptions(
+        sasl_password="pw1", config=["sasl.oauthbearer.config=tok2", "debug=broker,part3"]
+    )
+    text = 'bad "pw1", "tok2", "part3", "sasl.oauthbearer.config=tok2"; a part too: broker'
+    assert redact(text, options) == (
+        f'bad "{MASK}", "{MASK}", "{MASK}", "{MASK}"; a part too: {MASK}'
+    )
+    url = AmqpOptions(url="amqp://u:pw4@h/")
+    assert redact("at amqp://u:pw4@h/ and pw4", url) == f"at {MASK} and {MASK}"

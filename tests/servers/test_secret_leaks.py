@@ -14,15 +14,19 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
+from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from tests.cli import amgi
 from tests.net import free_port
 from tests.secrets import assert_hidden, capture_debug, exception_text, log_texts, new_marker
+from tests.servers.kafka_helpers import ensure_broker, fresh, start_private_broker
+from tests.servers.kafka_helpers import options as kafka_options
 from tests.servers.test_amqp_support import new_queue, rabbitmq, rabbitmqctl
 
 __all__ = ["rabbitmq"]
@@ -128,3 +132,106 @@ async def test_amqp_password_never_shown(caplog: pytest.LogCaptureFixture) -> No
     )
     assert "--prefetch must be 1 to 65535" in "".join(texts)
     assert_hidden(marker, texts)
+
+
+# -- Kafka --------------------------------------------------------------------------------
+
+
+async def test_kafka_sasl_password_never_shown(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """SASL against the test broker (it refuses the handshake), an unreachable broker,
+    TLS to a plaintext port, a failed send, and a broker that goes away and comes back
+    while the client reconnects; librdkafka's own debug lines routed through logging."""
+    ensure_broker()
+    capture_debug(caplog)
+    marker = new_marker()
+    secret: dict[str, Any] = {
+        "sasl_mechanism": "PLAIN",
+        "sasl_username": "amgi",
+        "sasl_password": f"pw-{marker}",
+        "ssl_key_password": f"key-{marker}",
+        "connect_timeout": 3.0,
+        "config": ["debug=security,broker,conf"],
+    }
+
+    def kafka(addresses: list[str], **values: Any) -> KafkaTransport:
+        return KafkaTransport(addresses, KafkaOptions(**kafka_options(**{**secret, **values})))
+
+    texts = [
+        await failure_text(
+            kafka([fresh("sasl")], security_protocol="sasl_plaintext").connect, BrokerUnavailable
+        ),
+        await failure_text(
+            kafka([], security_protocol="sasl_plaintext", bootstrap_servers=unreachable()).connect,
+            BrokerUnavailable,
+        ),
+        await failure_text(
+            kafka([], security_protocol="sasl_ssl", connect_timeout=1.5).connect,
+            BrokerUnavailable,
+        ),
+        await failure_text(
+            kafka([], config=[f"debug=broker,conf,{marker}"]).connect, ConfigurationError
+        ),
+    ]
+    # A plaintext producer with the secrets set (librdkafka ignores them): a send the
+    # broker refuses, then the broker goes away while it is connected.
+    port = free_port()
+    broker = start_private_broker(port, port, tmp_path / "tansu.log")
+    sender = kafka(
+        [],
+        bootstrap_servers=f"127.0.0.1:{port}",
+        delivery_timeout_ms=20000,
+        enable_idempotence=False,
+        config=["debug=security,broker,conf", "reconnect.backoff.max.ms=200"],
+    )
+    try:
+        await sender.connect()
+        texts.append(
+            await failure_text(
+                lambda: sender.publish("t", [], b"x", {"kafka": {"partition": 99}}), SendError
+            )
+        )
+        broker.kill()
+        broker.wait(10)
+        await until(logged(caplog, "Connection refused"))
+        broker = start_private_broker(port, port, tmp_path / "tansu-again.log")
+        create_private_topic(port, "back")
+        await sender.publish("back", [], b"after the restart", {})
+    finally:
+        await sender.close()
+        broker.kill()
+        broker.wait(10)
+    assert logged(caplog, "sasl.password = [redacted]")()  # librdkafka's debug lines came
+    texts += log_texts(caplog)
+    sasl = ["--security-protocol", "sasl_plaintext", "--sasl-mechanism", "PLAIN"]
+    sasl += ["--sasl-username", "amgi", "--sasl-password", f"pw-{marker}"]
+    texts += cli_texts(
+        ["run", APP, "t", "--server", "kafka", *sasl, "--connect-timeout", "3",
+         "--log-level", "debug", "--config", "debug=security"],
+        ["send", "t", "x", "--server", "kafka", *sasl, "--bootstrap-servers", unreachable(),
+         "--connect-timeout", "1", "--log-level", "debug"],
+        ["run", APP, "t", "--server", "kafka", *sasl, "--max-batch-size", "0"],
+        ["run", APP, "t", "--server", "kafka", "--config", f"sasl.password:{marker}"],
+        ["run", APP, "t", "--server", "kafka", *sasl, "--help"],
+        ["run", APP, "t", "--send-to", "x=kafka", "--kafka-sasl-password", marker,
+         "--kafka-max-batch-size", "0"],
+        ["run", APP, "t", "--send-to", "x=kafka", "--kafka-sasl-password", marker, "--help"],
+        ["run", APP, "t", "--kafka-sasl-password", marker],
+    )  # fmt: skip
+    joined = "".join(texts)
+    assert "--max-batch-size must be at least 1" in joined
+    assert "--config expects NAME=VALUE items" in joined
+    assert_hidden(marker, texts)
+
+
+def unreachable() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+def create_private_topic(port: int, name: str) -> None:
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"})
+    admin.create_topics([NewTopic(name, 1)])[name].result(timeout=10)

@@ -51,6 +51,7 @@ from amgi.servers.kafka._client import (
 from amgi.servers.kafka._consumer import Consuming
 from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.options import KafkaOptions
+from amgi.servers.kit import redact
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
 __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
@@ -84,7 +85,8 @@ class KafkaTransport(Consuming, Producing, Transport):
         try:
             self._producer = Producer(self._producer_config())
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka producer option: {exc}") from None
+            why = redact(str(exc), self.config)  # librdkafka quotes a bad value
+            raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
         self._delivery_thread = threading.Thread(
             target=self._serve_deliveries, name="amgi-kafka-delivery", daemon=True
         )
@@ -120,7 +122,8 @@ class KafkaTransport(Consuming, Producing, Transport):
         try:
             consumer = Consumer(self._consumer_config())
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka consumer option: {exc}") from None
+            why = redact(str(exc), self.config)
+            raise ConfigurationError(f"invalid Kafka consumer option: {why}") from None
         self._consumer = consumer
         self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
         try:

@@ -39,7 +39,8 @@ Options (:mod:`amgi.options`) - declared once, checked before startup
 
 Secrets (:mod:`amgi.secrets`) - never shown
     ``mask_url(url)`` for a URL in a message (its password masked); ``masked(value)`` is
-    how a ``secret=True`` option value appears; ``redact_client_logs(*logger_names)``
+    how a ``secret=True`` option value appears; ``redact(text, options)`` masks the
+    secret option values a client library's error quotes; ``redact_client_logs(*names)``
     masks credentials a client library writes to its loggers.
 
 Bindings (:mod:`.bindings`) - the binding keys of each protocol
@@ -56,7 +57,7 @@ from __future__ import annotations
 
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
-from amgi.secrets import mask_url, masked, redact_client_logs
+from amgi.secrets import mask_url, masked, redact, redact_client_logs
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
 from amgi.servers.kit.fifo import held_behind
@@ -96,6 +97,7 @@ __all__ = [
     "mask_url",
     "masked",
     "option",
+    "redact",
     "redact_client_logs",
     "retry_headers",
 ]
