@@ -22,11 +22,13 @@ import pytest
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from amgi.servers.mqtt import MqttOptions, MqttTransport
 from tests.cli import amgi
 from tests.net import free_port
 from tests.secrets import assert_hidden, capture_debug, exception_text, log_texts, new_marker
 from tests.servers.kafka_helpers import ensure_broker, fresh, start_private_broker
 from tests.servers.kafka_helpers import options as kafka_options
+from tests.servers.mosquitto.broker import Mosquitto
 from tests.servers.test_amqp_support import new_queue, rabbitmq, rabbitmqctl
 
 __all__ = ["rabbitmq"]
@@ -235,3 +237,66 @@ def create_private_topic(port: int, name: str) -> None:
 
     admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"})
     admin.create_topics([NewTopic(name, 1)])[name].result(timeout=10)
+
+
+# -- MQTT ---------------------------------------------------------------------------------
+
+
+async def test_mqtt_password_never_shown(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A private Mosquitto with a password file: a wrong password, an unreachable broker,
+    TLS to a plaintext listener, a refused send, and a broker restarted with another
+    password (reconnects refused) and then with the right one (reconnected)."""
+    capture_debug(caplog)
+    marker = new_marker()
+    password = f"pw-{marker}"
+    broker = Mosquitto(tmp_path / "a", users={"amgi": password}, persistence=False)
+    broker.start()
+    port = broker.port
+    try:
+
+        def mqtt(addresses: list[str], **values: Any) -> MqttTransport:
+            options = {"port": port, "username": "amgi", "password": password, **values}
+            return MqttTransport(addresses, MqttOptions(connect_timeout=3, **options))
+
+        texts = [
+            await failure_text(
+                mqtt(["a/b"], password=f"wrong-{marker}").connect, BrokerUnavailable
+            ),
+            await failure_text(mqtt(["a/b"], port=free_port()).connect, BrokerUnavailable),
+            await failure_text(mqtt([], tls=True).connect, BrokerUnavailable),
+        ]
+        assert "refused the connection" in texts[0]
+        transport = mqtt([f"secrets/{uuid.uuid4().hex[:8]}"], reconnect_delay_max=0.3)
+        await transport.connect()
+        try:
+            texts.append(
+                await failure_text(lambda: transport.publish("a/#", [], b"x", {}), SendError)
+            )
+            broker.stop()
+            await until(logged(caplog, "reconnecting"))
+            broker = Mosquitto(tmp_path / "b", port, users={"amgi": "other"}, persistence=False)
+            broker.start()
+            await until(logged(caplog, "reconnect failed"))
+            broker.stop()
+            broker = Mosquitto(tmp_path / "c", port, users={"amgi": password}, persistence=False)
+            broker.start()
+            await until(logged(caplog, "reconnected to"))
+        finally:
+            await transport.close()
+    finally:
+        broker.stop()
+    texts += log_texts(caplog)
+    closed = str(free_port())
+    login = ["--server", "mqtt", "--username", "amgi", "--password", password]
+    texts += cli_texts(
+        ["run", APP, "a/b", *login, "--port", closed, "--log-level", "debug",
+         "--connect-timeout", "2"],
+        ["send", "a/b", "x", *login, "--port", closed, "--log-level", "debug",
+         "--connect-timeout", "2"],
+        ["run", APP, "a/b", "--server", "mqtt", "--password", password],  # needs --username
+        ["run", APP, "a/b", *login, "--help"],
+        ["run", APP, "a/b", "--send-to", "x=mqtt", "--mqtt-password", password],
+        ["run", APP, "a/b", "--send-to", "x=mqtt", "--mqtt-password", password, "--help"],
+    )  # fmt: skip
+    assert "--password needs --username" in "".join(texts)
+    assert_hidden(marker, texts)
