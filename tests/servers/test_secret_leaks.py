@@ -23,7 +23,9 @@ from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from amgi.servers.mqtt import MqttOptions, MqttTransport
+from amgi.servers.sqs import SqsOptions, SqsTransport
 from tests.cli import amgi
+from tests.moto_env import private_moto, use_moto_credentials
 from tests.net import free_port
 from tests.secrets import assert_hidden, capture_debug, exception_text, log_texts, new_marker
 from tests.servers.kafka_helpers import ensure_broker, fresh, start_private_broker
@@ -299,4 +301,66 @@ async def test_mqtt_password_never_shown(caplog: pytest.LogCaptureFixture, tmp_p
         ["run", APP, "a/b", "--send-to", "x=mqtt", "--mqtt-password", password, "--help"],
     )  # fmt: skip
     assert "--password needs --username" in "".join(texts)
+    assert_hidden(marker, texts)
+
+
+# -- SQS ----------------------------------------------------------------------------------
+
+
+def secret_aws_env(monkeypatch: pytest.MonkeyPatch, marker: str) -> dict[str, str]:
+    """Dummy AWS credentials whose secret key and session token hold ``marker``."""
+    use_moto_credentials(monkeypatch)
+    env = {"AWS_SECRET_ACCESS_KEY": f"sk-{marker}", "AWS_SESSION_TOKEN": f"st-{marker}"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+async def test_sqs_aws_secret_key_and_session_token_never_shown(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials a checking moto refuses, an unreachable endpoint, a refused send, and
+    receives that fail when the endpoint goes away; botocore's wire trace at DEBUG."""
+    capture_debug(caplog)
+    marker = new_marker()
+    secret_aws_env(monkeypatch, marker)
+
+    def sqs(addresses: list[str], endpoint: str, **values: Any) -> SqsTransport:
+        return SqsTransport(addresses, SqsOptions(endpoint_url=endpoint, wait_time=0, **values))
+
+    texts: list[str] = []
+    with private_moto(check_credentials=True) as checking:
+        refused = await failure_text(sqs(["q"], checking).connect, BrokerUnavailable)
+        assert "rejected the AWS credentials" in refused
+        texts.append(refused)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    texts.append(
+        await failure_text(sqs(["q"], nowhere, connect_timeout=0.5).connect, BrokerUnavailable)
+    )
+    queue = f"secrets-{uuid.uuid4().hex[:8]}"
+    with private_moto() as url:
+        admin = sqs([], url)
+        await admin.connect()
+        await admin.client.create_queue(QueueName=queue)
+        await admin.close()
+        transport = sqs([queue], url, connect_timeout=0.5)
+        await transport.connect()
+        texts.append(
+            await failure_text(lambda: transport.publish("no-such-queue", [], b"x", {}), SendError)
+        )
+    try:  # the endpoint is gone: receiving fails
+        texts.append(await failure_text(transport.fetch, BrokerUnavailable))
+    finally:
+        await transport.close()
+    assert logged(caplog, "x-amz-security-token:*****")()  # the wire trace was there, masked
+    texts += log_texts(caplog)
+    with private_moto(check_credentials=True) as checking:
+        texts += cli_texts(
+            ["run", APP, "q", "--server", "sqs", "--endpoint-url", checking,
+             "--log-level", "debug"],
+            ["send", "q", "x", "--server", "sqs", "--endpoint-url", nowhere, "--log-level", "debug",
+             "--connect-timeout", "0.5"],
+            ["send", "q", "x", "--server", "sqs", "--endpoint-url", checking, "--help"],
+        )  # fmt: skip
+    assert "rejected the AWS credentials" in "".join(texts)
     assert_hidden(marker, texts)
