@@ -19,18 +19,24 @@ from tests.net import free_port
 ENDPOINT = "http://127.0.0.1:5000"
 
 
-def use_moto_credentials(monkeypatch: pytest.MonkeyPatch, *, sqs_endpoint: bool = False) -> None:
+def use_moto_credentials(
+    monkeypatch: pytest.MonkeyPatch, *, sqs_endpoint: str | bool = False, secret: str = ""
+) -> None:
     """Dummy credentials for moto, inherited by server processes; nothing from the
     machine's own AWS setup. ``sqs_endpoint`` also points SQS clients that take no
-    endpoint option (the Lambda adapter's default publisher) at moto."""
+    endpoint option (the Lambda adapter's default publisher) at moto (True) or at the
+    URL given. ``secret``: the secret key and a session token hold this text."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"sk-{secret}" if secret else "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS"):
         monkeypatch.delenv(name, raising=False)
+    if secret:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", f"st-{secret}")
     if sqs_endpoint:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", ENDPOINT)
+        url = ENDPOINT if sqs_endpoint is True else str(sqs_endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", url)
 
 
 @contextlib.contextmanager

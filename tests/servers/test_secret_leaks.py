@@ -307,15 +307,6 @@ async def test_mqtt_password_never_shown(caplog: pytest.LogCaptureFixture, tmp_p
 # -- SQS ----------------------------------------------------------------------------------
 
 
-def secret_aws_env(monkeypatch: pytest.MonkeyPatch, marker: str) -> dict[str, str]:
-    """Dummy AWS credentials whose secret key and session token hold ``marker``."""
-    use_moto_credentials(monkeypatch)
-    env = {"AWS_SECRET_ACCESS_KEY": f"sk-{marker}", "AWS_SESSION_TOKEN": f"st-{marker}"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
 async def test_sqs_aws_secret_key_and_session_token_never_shown(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,7 +314,7 @@ async def test_sqs_aws_secret_key_and_session_token_never_shown(
     receives that fail when the endpoint goes away; botocore's wire trace at DEBUG."""
     capture_debug(caplog)
     marker = new_marker()
-    secret_aws_env(monkeypatch, marker)
+    use_moto_credentials(monkeypatch, secret=marker)
 
     def sqs(addresses: list[str], endpoint: str, **values: Any) -> SqsTransport:
         return SqsTransport(addresses, SqsOptions(endpoint_url=endpoint, wait_time=0, **values))
