@@ -18,47 +18,15 @@ from amgi.runtime.routing import Router
 from amgi.serverless import BatchFailed, KafkaHandler, SqsHandler
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
-from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 from tests.moto_env import private_moto, use_moto_credentials
 from tests.secrets import assert_hidden, capture_debug, exception_text, log_texts, new_marker
+from tests.serverless.sending_app import SendingApp
 from tests.servers.kafka_helpers import BOOTSTRAP, ensure_broker
 from tests.servers.test_amqp_support import ensure_broker as ensure_rabbitmq
 
 pytestmark = pytest.mark.timeout(90)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-class SendingApp:
-    """Sends one message per record to ``address``; a send error nacks the record."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.errors: list[str] = []
-
-    async def __call__(
-        self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable
-    ) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            message: Any = await receive()
-            more = message.get("more_messages", False)
-            try:
-                await send(
-                    {
-                        "type": "message.send",
-                        "address": self.address,
-                        "headers": [],
-                        "payload": b"x",
-                    }
-                )
-            except OSError as exc:
-                self.errors.append(exception_text(exc))
-                await send({"type": "message.nack", "id": message["id"], "message": str(exc)})
-            else:
-                await send({"type": "message.ack", "id": message["id"]})
 
 
 def event(name: str) -> dict[str, Any]:
@@ -83,8 +51,8 @@ async def test_publisher_secrets_never_shown(
         finally:
             await handler.aclose()
         assert len(result["batchItemFailures"]) == 3
-        assert "rejected the AWS credentials" in app.errors[0]
-        texts += [*app.errors, json.dumps(result)]
+        assert "rejected the AWS credentials" in str(app.errors[0])
+        texts += [*map(exception_text, app.errors), json.dumps(result)]
 
     sasl = KafkaOptions(
         bootstrap_servers=BOOTSTRAP,
@@ -109,7 +77,7 @@ async def test_publisher_secrets_never_shown(
         finally:
             await kafka_handler.aclose()
         assert app.errors
-        texts += [*app.errors, exception_text(failed.value)]
+        texts += [*map(exception_text, app.errors), exception_text(failed.value)]
     assert "refused the credentials" in "".join(texts)  # the AMQP route
     assert "SASL" in "".join(texts)  # the Kafka publisher
     texts += log_texts(caplog)
