@@ -39,6 +39,8 @@ pytestmark = pytest.mark.timeout(120)
 
 APP = "tests.servers.http_app:app"
 """An app for the command-line runs (it never gets a message: they fail before)."""
+ROUTED = ["--server", "memory", "--lifespan", "off", "--log-level", "debug"]
+"""A run that consumes from memory and sends through a route (connected at startup)."""
 
 
 async def failure_text(call: Callable[[], Awaitable[Any]], *kinds: type[BaseException]) -> str:
@@ -133,6 +135,7 @@ async def test_amqp_password_never_shown(caplog: pytest.LogCaptureFixture) -> No
         ["run", APP, "q", "--send-to", "x=amqp", "--amqp-url", good, "--amqp-prefetch", "0"],
         ["run", APP, "q", "--send-to", "x=amqp", "--amqp-url", good, "--help"],
         ["run", APP, "q", "--server", "amqp", "--ur", good],
+        ["run", APP, "q", *ROUTED, "--send-to", "x=amqp", "--amqp-url", wrong],
     )
     assert "--prefetch must be 1 to 65535" in "".join(texts)
     assert_hidden(marker, texts)
@@ -222,6 +225,9 @@ async def test_kafka_sasl_password_never_shown(
          "--kafka-max-batch-size", "0"],
         ["run", APP, "t", "--send-to", "x=kafka", "--kafka-sasl-password", marker, "--help"],
         ["run", APP, "t", "--kafka-sasl-password", marker],
+        ["run", APP, "t", *ROUTED, "--send-to", "x=kafka", "--kafka-security-protocol",
+         "sasl_plaintext", "--kafka-sasl-mechanism", "PLAIN", "--kafka-sasl-username", "amgi",
+         "--kafka-sasl-password", marker, "--kafka-connect-timeout", "3"],
     )  # fmt: skip
     joined = "".join(texts)
     assert "--max-batch-size must be at least 1" in joined
@@ -299,6 +305,8 @@ async def test_mqtt_password_never_shown(caplog: pytest.LogCaptureFixture, tmp_p
         ["run", APP, "a/b", *login, "--help"],
         ["run", APP, "a/b", "--send-to", "x=mqtt", "--mqtt-password", password],
         ["run", APP, "a/b", "--send-to", "x=mqtt", "--mqtt-password", password, "--help"],
+        ["run", APP, "a/b", *ROUTED, "--send-to", "x=mqtt", "--mqtt-username", "amgi",
+         "--mqtt-password", password, "--mqtt-port", closed, "--mqtt-connect-timeout", "2"],
     )  # fmt: skip
     assert "--password needs --username" in "".join(texts)
     assert_hidden(marker, texts)
