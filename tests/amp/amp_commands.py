@@ -76,6 +76,10 @@ class Nope(amp.Command):
     pass
 
 
+class ListCall(amp.Command):
+    arguments = [(b"items", amp.ListOf(amp.Unicode()))]
+
+
 class Peer(amp.AMP):
     """Our peer, answering exactly like twisted_peer.Peer."""
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from amp_commands import DeclaredError, Fail, IsSecure, Nope, Notify, Peer, Ping
@@ -226,8 +228,11 @@ async def raw_exchange(port: int, data: bytes, wait: float = 0.3) -> tuple[bytes
             closed = True
     except TimeoutError:
         pass
+    except ConnectionResetError:  # closed with our bytes still unread
+        closed = True
     writer.close()
-    await writer.wait_closed()
+    with contextlib.suppress(ConnectionResetError):
+        await writer.wait_closed()
     return received, closed
 
 
@@ -240,7 +245,7 @@ def raw(**items: bytes) -> bytes:
     [
         (b"\x01\x00" + b"k" * 300, True, None),  # oversized key
         (raw(hello=b"x"), True, None),  # no _command/_answer/_error
-        (raw(_answer=b"77", text=b"x"), False, None),  # unknown tag: ignored
+        (raw(_answer=b"77", text=b"x"), True, None),  # no call waits for the tag
         (raw(_command=b"Ping", _ask=b"1"), False, b"UNKNOWN"),  # missing argument
         (raw(_command=b"Slow", _ask=b"1", delay=b"soon"), False, b"UNKNOWN"),  # undecodable
         (raw(_command=b"Nope", _ask=b"1"), False, b"UNHANDLED"),
@@ -280,3 +285,122 @@ async def test_invalid_response_from_responder_becomes_unknown(serve: Any) -> No
     async with await amp.connect("127.0.0.1", server.port, Peer) as conn:
         with pytest.raises(amp.UnknownRemoteError):
             await conn.call_remote(Ping, text="x")
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_box_limits_close_with_one_clear_line(
+    serve: Any, caplog: pytest.LogCaptureFixture, loop_errors: list[Any]
+) -> None:
+    server = await serve(lambda: Counting(max_box_size=4096, max_keys_per_box=8))
+    ok = raw(_command=b"IsSecure", _ask=b"1")
+    too_big = raw(_command=b"IsSecure", _ask=b"2", pad=b"x" * 5000)
+    with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+        received, closed = await raw_exchange(server.port, ok + too_big + ok, wait=2)
+    assert closed
+    assert [box[b"_answer"] for box in amp.parse_boxes(received)] == [b"1"]  # before the limit
+    (line,) = warnings_of(caplog)
+    assert "closing AMP connection with 127.0.0.1:" in line
+    assert line.endswith("box larger than 4096 bytes (max_box_size)")
+    caplog.clear()
+    flood = b"".join(b"\x00\x04k%03d\x00\x00" % i for i in range(1000))
+    with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+        received, closed = await raw_exchange(server.port, flood, wait=2)
+    assert closed
+    assert received == b""
+    (line,) = warnings_of(caplog)
+    assert line.endswith("box with more than 8 keys (max_keys_per_box)")
+    assert loop_errors == []
+
+
+async def test_bogus_answers_close_after_one_warning(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await serve()
+    flood = b"".join(raw(_answer=b"%x" % i, text=b"x") for i in range(1, 20_001))
+    with caplog.at_level(logging.DEBUG, logger="amgi.amp"):
+        received, closed = await raw_exchange(server.port, flood, wait=2)
+    assert closed
+    assert received == b""
+    (line,) = warnings_of(caplog)
+    assert "answer for tag b'1', which no call waits for" in line
+    assert len([r for r in caplog.records if r.name == "amgi.amp"]) == 1
+
+
+class QuietFail(amp.Command):
+    """Like Fail, without an answer: a declared error can only be logged."""
+
+    arguments = [(b"mode", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+    requires_answer = False
+
+
+class QuietFailing(Counting):
+    @QuietFail.responder
+    async def quiet_fail(self, mode: str) -> None:
+        raise DeclaredError(f"declared {mode}")
+
+
+async def test_declared_error_of_a_call_without_answer_is_logged(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await serve(QuietFailing)
+    async with await amp.connect("127.0.0.1", server.port, Peer) as conn:
+        with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+            assert await conn.call_remote(QuietFail, mode="one") is None
+            assert await conn.call_remote(Ping, text="after") == {"text": "ping:pong:after"}
+    (line,) = warnings_of(caplog)
+    assert "responder for QuietFail raised DeclaredError (DECLARED: declared one)" in line
+
+
+class Echo(amp.Command):
+    arguments = [(b"data", amp.String())]
+    response = [(b"data", amp.String())]
+
+
+class Echoing(Counting):
+    transports: ClassVar[list[asyncio.Transport]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transports.append(self.transport)
+
+    @Echo.responder
+    def echo(self, data: bytes) -> dict[str, bytes]:
+        return {"data": data}
+
+
+async def test_peer_that_never_reads_cannot_grow_the_answer_buffer(serve: Any) -> None:
+    # The client writes echo calls and never reads: answers must stop piling up in
+    # the server's write buffer; reading pauses until the peer reads again.
+    server = await serve(Echoing)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    call = raw(_command=b"Echo", _ask=b"1", data=b"z" * 60_000)
+    (transport,) = Echoing.transports[-1:]
+    peak = 0
+    sent = 0
+    # Write until our own writes stall: that is the server no longer reading.
+    while sent < 200 * 1024 * 1024:
+        writer.write(call * 16)
+        sent += len(call) * 16
+        try:
+            await asyncio.wait_for(writer.drain(), 1.0)
+        except TimeoutError:
+            break
+        peak = max(peak, transport.get_write_buffer_size())
+    peak = max(peak, transport.get_write_buffer_size())
+    assert sent < 200 * 1024 * 1024, "the server kept reading"
+    # Bounded by one read's worth of answers beyond the high-water mark.
+    assert peak < 2 * 1024 * 1024, peak
+    # Once the client reads, the server resumes and answers every call.
+    parser = amp.BoxParser()
+    answers = 0
+    async with asyncio.timeout(30):
+        while answers < sent // len(call):
+            answers += len(parser.feed(await reader.read(1 << 20)))
+    writer.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from amp_commands import Big, DeclaredError, Fail, Notify, Ping
+from amp_commands import Big, DeclaredError, Fail, ListCall, Notify, Ping
 
 from amgi import amp
 
@@ -110,7 +110,7 @@ def test_call_received_with_arguments() -> None:
     assert event == amp.CallReceived(b"z9", Typed, {"n": -4, "flag": False, "u": "ok"})
 
 
-def test_answers_errors_and_unknown_tags() -> None:
+def test_answers_errors_and_late_answers() -> None:
     conn = amp.Connection()
     t1 = conn.send_call(Typed, {"n": 1, "flag": True, "u": "a"})
     t2 = conn.send_call(Fail, {"mode": "m"})
@@ -122,18 +122,104 @@ def test_answers_errors_and_unknown_tags() -> None:
         box(_answer=b"1", ok=b"True")
         + box(_error=b"2", _error_code=b"DECLARED", _error_description=b"why")
         + box(_answer=b"3", ok=b"True")
-        + box(_answer=b"99", ok=b"True")
-        + box(_error=b"1", _error_code=b"X", _error_description=b"again")
     )
     assert events[0] == amp.AnswerReceived(b"1", Typed, {"ok": True})
     assert isinstance(events[1], amp.ErrorReceived)
     assert isinstance(events[1].error, DeclaredError)
-    assert events[2:] == [
-        amp.AnswerDropped(b"3", late=True),
-        amp.AnswerDropped(b"99", late=False),
-        amp.AnswerDropped(b"1", late=False),
-    ]
+    assert events[2:] == [amp.AnswerDropped(b"3")]
     assert conn.pending_tags == []
+    assert not conn.failed
+
+
+@pytest.mark.parametrize(
+    "bogus",
+    [
+        box(_answer=b"99", ok=b"True"),  # never asked
+        box(_error=b"1", _error_code=b"X", _error_description=b"again"),  # answered twice
+        box(_answer=b"3", ok=b"True") + box(_answer=b"3", ok=b"True"),  # late, then again
+    ],
+)
+def test_answer_for_a_tag_no_call_waits_for_closes(bogus: bytes) -> None:
+    # Like Twisted (a KeyError there drops the connection): one violation, no more input.
+    conn = amp.Connection()
+    for _ in range(3):
+        conn.send_call(Typed, {"n": 1, "flag": True, "u": "a"})
+    conn.abandon(b"3")
+    conn.receive_data(box(_answer=b"1", ok=b"True"))
+    events = conn.receive_data(bogus + box(_answer=b"2", ok=b"True") * 1000)
+    assert isinstance(events[-1], amp.ProtocolViolation)
+    assert "no call waits for" in events[-1].reason
+    assert [e for e in events if isinstance(e, amp.ProtocolViolation)] == [events[-1]]
+    assert conn.failed
+    assert conn.receive_data(box(_answer=b"2", ok=b"True")) == []
+
+
+def test_box_size_limit_closes_before_the_value_arrives() -> None:
+    conn = amp.Connection({b"Ping": Ping}, max_box_size=1000)
+    ok = box(_command=b"Ping", _ask=b"1", text=b"x" * 900)
+    assert len(ok) < 1000
+    assert conn.receive_data(ok) == [amp.CallReceived(b"1", Ping, {"text": "x" * 900})]
+    # Only the length prefix of the value is needed to refuse the box.
+    header = b"\x00\x04text\xff\xff"
+    events = conn.receive_data(box(_command=b"Ping")[:-2] + header)
+    assert events == [amp.ProtocolViolation("box larger than 1000 bytes (max_box_size)")]
+    assert conn.failed
+
+
+def test_box_size_limit_counts_across_feeds_and_repeated_keys() -> None:
+    parser = amp.BoxParser(max_box_size=100)
+    pair = b"\x00\x01k\x00\x05vvvvv"  # 10 bytes on the wire
+    for _ in range(10):
+        assert parser.feed(pair) == []
+    assert parser.error is None
+    assert parser.buffered == 100
+    assert parser.feed(pair[:3]) == []
+    assert parser.feed(pair[3:]) == []
+    assert str(parser.error) == "box larger than 100 bytes (max_box_size)"
+    with pytest.raises(amp.ProtocolError):
+        parser.feed(b"\x00\x00")
+    # A box exactly at the limit passes, and the count restarts with each box.
+    parser = amp.BoxParser(max_box_size=100)
+    assert parser.feed((pair * 10 + b"\x00\x00") * 3) == [{b"k": b"vvvvv"}] * 3
+
+
+def test_keys_per_box_limit() -> None:
+    parser = amp.BoxParser(max_keys_per_box=3)
+    three = b"".join(b"\x00\x01%c\x00\x00" % c for c in b"abc")
+    assert parser.feed(three + b"\x00\x00") == [{b"a": b"", b"b": b"", b"c": b""}]
+    assert parser.feed(three + b"\x00\x01d\x00\x00" + b"\x00\x00") == []
+    assert str(parser.error) == "box with more than 3 keys (max_keys_per_box)"
+
+
+def test_default_limits_stop_a_flood_of_tiny_keys() -> None:
+    # 4-byte keys with empty values: without a limit every pair is a dict entry.
+    conn = amp.Connection()
+    flood = b"".join(b"\x00\x04%04x\x00\x00" % (i & 0xFFFF) for i in range(20_000))
+    events = conn.receive_data(flood)
+    assert events == [
+        amp.ProtocolViolation(
+            f"box with more than {amp.DEFAULT_MAX_KEYS_PER_BOX} keys (max_keys_per_box)"
+        )
+    ]
+    assert conn._parser.buffered == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        amp.BoxParser(max_box_size=0)
+
+
+def test_tag_numbering_after_refused_calls_follows_twisted() -> None:
+    # Twisted takes the tag, then frames the box: a value over 65,535 bytes (TooLong
+    # from the framing) uses up a tag; a bad argument (refused while encoding) does not.
+    conn = amp.Connection()
+    with pytest.raises(amp.TooLong):
+        conn.send_call(Ping, {"text": "x" * 70000})
+    assert conn.send_call(Ping, {"text": "a"}) == b"2"
+    with pytest.raises(amp.ArgumentError):
+        conn.send_call(Ping, {})
+    with pytest.raises(amp.TooLong):
+        conn.send_call(ListCall, {"items": ["y" * 70000]})
+    assert conn.send_call(Ping, {"text": "b"}) == b"3"
+    assert conn.send_call(Notify, {"text": "n"}) is None
+    assert conn.send_call(Ping, {"text": "c"}) == b"5"
 
 
 def test_error_codes_map_to_library_exceptions() -> None:

@@ -17,6 +17,7 @@ from amp_commands import (
     FatalError,
     GetNotes,
     IsSecure,
+    ListCall,
     Nope,
     Notify,
     Peer,
@@ -137,3 +138,70 @@ async def test_twisted_client_with_our_server(cert: Cert) -> None:
     assert report["closed_after_fatal"] is True
     assert len(peers) == 1
     await asyncio.wait_for(peers[0].wait_closed(), 5)
+
+
+class TagRecorder(asyncio.Protocol):
+    """A raw AMP server: records the ``_ask`` of each call and answers Ping at once."""
+
+    def __init__(self, tags: list[bytes | None]) -> None:
+        self.tags = tags
+        self.parser = amp.BoxParser()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for box in self.parser.feed(data):
+            tag = box.get(b"_ask")
+            self.tags.append(tag)
+            if tag is not None:
+                reply = {b"_answer": tag, b"text": b"pong"}
+                self.transport.write(amp.encode_box(reply))  # type: ignore[attr-defined]
+
+
+async def record_tags(run: Any) -> list[bytes | None]:
+    tags: list[bytes | None] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: TagRecorder(tags), "127.0.0.1", 0)
+    try:
+        await run(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+    return tags
+
+
+async def test_tags_after_refused_calls_match_twisted() -> None:
+    async def twisted_client(port: int) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "tags",
+            str(port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        outcomes = json.loads(out)
+        assert outcomes[0] == "TooLong"
+        assert outcomes[2] == "InvalidSignature"  # the missing argument
+        assert outcomes[3] == "error"  # struct.error: the list element is too long
+
+    async def our_client(port: int) -> None:
+        async with await amp.connect("127.0.0.1", port) as conn:
+            with pytest.raises(amp.TooLong):
+                await conn.call_remote(Ping, text="x" * 70000)
+            await conn.call_remote(Ping, text="a")
+            with pytest.raises(amp.ArgumentError):
+                await conn.call_remote(Ping)
+            with pytest.raises(amp.TooLong):
+                await conn.call_remote(ListCall, items=["y" * 70000])
+            await conn.call_remote(Ping, text="b")
+            await conn.call_remote(Notify, text="n")
+            await conn.call_remote(Ping, text="c")
+
+    theirs = await record_tags(twisted_client)
+    ours = await record_tags(our_client)
+    assert theirs == [b"2", b"3", None, b"5"]
+    assert ours == theirs

@@ -108,6 +108,10 @@ class Nope(amp.Command):
     pass
 
 
+class ListCall(amp.Command):
+    arguments = [(b"items", amp.ListOf(amp.Unicode()))]
+
+
 class Peer(amp.AMP):
     certificate: Any = None
 
@@ -232,6 +236,30 @@ async def scenario(reactor_: Any, port: int, values_json: str) -> None:
     print(json.dumps(report, sort_keys=True), flush=True)
 
 
+async def tags_scenario(reactor_: Any, port: int) -> None:
+    """Calls that fail before or while framing, between good ones (see test_tags_...)."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_, "127.0.0.1", port)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    outcomes = []
+    calls = [
+        (Ping, {"text": "x" * 70000}),
+        (Ping, {"text": "a"}),
+        (Ping, {}),
+        (ListCall, {"items": ["y" * 70000]}),
+        (Ping, {"text": "b"}),
+        (Notify, {"text": "n"}),
+        (Ping, {"text": "c"}),
+    ]
+    for command, kwargs in calls:
+        try:
+            result = proto.callRemote(command, **kwargs)
+            outcomes.append("sent" if result is None else describe(await result))
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+    print(json.dumps(outcomes), flush=True)
+    proto.transport.loseConnection()
+
+
 def client(port: int) -> None:
     values_json = sys.stdin.read()
     task.react(lambda r: defer.ensureDeferred(scenario(r, port, values_json)))
@@ -240,5 +268,7 @@ def client(port: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "tags":
+        task.react(lambda r: defer.ensureDeferred(tags_scenario(r, int(sys.argv[2]))))
     else:
         client(int(sys.argv[2]))

@@ -19,7 +19,16 @@ from ._arguments import (
     Unicode,
 )
 from ._asyncio import AMP, connect, serve
-from ._box import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, BoxParser, encode_box, parse_boxes
+from ._box import (
+    DEFAULT_MAX_BOX_SIZE,
+    DEFAULT_MAX_KEYS_PER_BOX,
+    MAX_KEY_LENGTH,
+    MAX_VALUE_LENGTH,
+    Box,
+    BoxParser,
+    encode_box,
+    parse_boxes,
+)
 from ._command import Command, StartTLS
 from ._connection import (
     AnswerDropped,
@@ -48,6 +57,8 @@ from ._errors import (
 
 __all__ = [
     "AMP",
+    "DEFAULT_MAX_BOX_SIZE",
+    "DEFAULT_MAX_KEYS_PER_BOX",
     "MAX_KEY_LENGTH",
     "MAX_VALUE_LENGTH",
     "TLS_ERROR_CODE",

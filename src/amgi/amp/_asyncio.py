@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar, cast
 
+from ._box import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS_PER_BOX
 from ._command import RESPONDER_ATTRIBUTE, Command, StartTLS
 from ._connection import (
     AnswerDropped,
@@ -50,7 +51,13 @@ class AMP(asyncio.Protocol):
     responders (reading from the peer pauses while the limit is reached);
     ``call_timeout`` is the default timeout of :meth:`call_remote`;
     ``tls_context`` lets the peer switch this connection to TLS with
-    ``StartTLS`` (this side acts as the TLS server).
+    ``StartTLS`` (this side acts as the TLS server); ``max_box_size`` and
+    ``max_keys_per_box`` bound each box received (a peer exceeding them is
+    disconnected with a WARNING).
+
+    Writing is flow-controlled: while the transport asks to pause writing,
+    reading from the peer pauses too (so answers stop piling up) and
+    :meth:`call_remote` waits before sending.
     """
 
     _responders: ClassVar[dict[bytes, tuple[type[Command], str]]] = {}
@@ -72,10 +79,12 @@ class AMP(asyncio.Protocol):
         max_concurrent_responders: int = 256,
         call_timeout: float | None = None,
         tls_context: ssl.SSLContext | None = None,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
     ) -> None:
         if max_outstanding_calls < 1 or max_concurrent_responders < 1:
             raise ValueError("limits must be at least 1")
-        self._core = Connection()
+        self._core = Connection(max_box_size=max_box_size, max_keys_per_box=max_keys_per_box)
         self._handlers: dict[bytes, Responder] = {}
         for command, attr in self._responders.values():
             self.add_responder(command, getattr(self, attr))
@@ -90,7 +99,9 @@ class AMP(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: deque[CallReceived] = deque()
         self._running = 0
-        self._paused = False
+        self._paused = False  # reading is paused (responders busy or writing paused)
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._hold_output = False
         self._hold_input = False
@@ -155,21 +166,40 @@ class AMP(asyncio.Protocol):
                     rejected.description,
                 )
             elif kind is AnswerDropped:
-                dropped = cast(AnswerDropped, event)
-                if dropped.late:
-                    log.debug("dropped late answer for abandoned call %r", dropped.tag)
-                else:
-                    log.warning("dropped answer for unknown tag %r", dropped.tag[:40])
+                tag = cast(AnswerDropped, event).tag
+                log.debug("dropped late answer for abandoned call %r", tag)
             else:
                 reason = cast(ProtocolViolation, event).reason
-                log.warning("closing AMP connection: %s", reason)
+                log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
                 self._flush()
                 if self.transport is not None:
                     self.transport.close()
         self._flush()
 
+    def _peer_name(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer) if peer else "peer"
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._wake_drain_waiters()
         self._core.connection_lost()
         waiters, self._waiters = self._waiters, {}
         reason = f"connection lost: {exc}" if exc else "connection closed"
@@ -209,6 +239,8 @@ class AMP(asyncio.Protocol):
         if isinstance(command, Command):
             kwargs = {**command.kwargs, **kwargs}
             command = type(command)
+        if self._write_paused:
+            await self._drain()
         if self._lost or self.transport is None:
             raise ConnectionLost("not connected")
         if not command.requires_answer:
@@ -221,6 +253,12 @@ class AMP(asyncio.Protocol):
             return await self._call(command, kwargs)
         async with asyncio.timeout(timeout):
             return await self._call(command, kwargs)
+
+    async def _drain(self) -> None:
+        while self._write_paused and not self._lost:
+            fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+            self._drain_waiters.append(fut)
+            await fut
 
     async def _call(
         self, command: type[Command], kwargs: Mapping[str, Any], tls: bool = False
@@ -256,7 +294,7 @@ class AMP(asyncio.Protocol):
             return
         if self._running >= self.max_concurrent_responders or self._queue:
             self._queue.append(event)
-            self._pause()
+            self._update_reading()
             return
         self._run(event)
 
@@ -273,7 +311,7 @@ class AMP(asyncio.Protocol):
             self._tasks.add(task)
             task.add_done_callback(self._responder_done)
             if self._running >= self.max_concurrent_responders:
-                self._pause()
+                self._update_reading()
         else:
             self._respond(event, result)
 
@@ -298,8 +336,7 @@ class AMP(asyncio.Protocol):
             return
         while self._queue and self._running < self.max_concurrent_responders:
             self._run(self._queue.popleft())
-        if not self._queue and self._running < self.max_concurrent_responders:
-            self._resume()
+        self._update_reading()
         self._flush_soon()
 
     def _respond(self, event: CallReceived, result: Any) -> None:
@@ -323,6 +360,15 @@ class AMP(asyncio.Protocol):
         else:
             code, fatal = found
             description = str(exc)
+            if event.tag is None:
+                log.warning(
+                    "responder for %s raised %s (%s: %.200s); the call asked no answer, so "
+                    "the peer is not told",
+                    event.command.__name__,
+                    type(exc).__name__,
+                    code.decode("ascii", "replace"),
+                    description,
+                )
         if self._lost:
             return
         if event.tag is not None:
@@ -333,14 +379,21 @@ class AMP(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
-    def _pause(self) -> None:
-        if not self._paused and self.transport is not None and not self._hold_input:
-            self._paused = True
+    def _update_reading(self) -> None:
+        """Pause reading while responders are at their limit or writing is paused."""
+        pause = (
+            self._write_paused
+            or bool(self._queue)
+            or self._running >= self.max_concurrent_responders
+        )
+        if pause is self._paused or self.transport is None or self._lost:
+            return
+        self._paused = pause
+        if self._hold_input:
+            return  # the TLS switch resumes reading itself and honours _paused
+        if pause:
             self.transport.pause_reading()
-
-    def _resume(self) -> None:
-        if self._paused and self.transport is not None and not self._hold_input:
-            self._paused = False
+        else:
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------- output

@@ -2,7 +2,9 @@
 
 A box is a sequence of key/value pairs, each written as a 2-byte big-endian
 length followed by that many bytes; an empty key (two zero bytes) ends it.
-Keys are 1..255 bytes, values 0..65,535 bytes.
+Keys are 1..255 bytes, values 0..65,535 bytes. The protocol bounds neither the
+number of keys nor the size of a box; :class:`BoxParser` does (``max_box_size``,
+``max_keys_per_box``), so a peer cannot make a reader hold unbounded memory.
 """
 
 from __future__ import annotations
@@ -12,10 +14,23 @@ from typing import Any
 
 from ._errors import ProtocolError, TooLong
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_VALUE_LENGTH", "Box", "BoxParser", "encode_box", "parse_boxes"]
+__all__ = [
+    "DEFAULT_MAX_BOX_SIZE",
+    "DEFAULT_MAX_KEYS_PER_BOX",
+    "MAX_KEY_LENGTH",
+    "MAX_VALUE_LENGTH",
+    "Box",
+    "BoxParser",
+    "encode_box",
+    "parse_boxes",
+]
 
 MAX_KEY_LENGTH = 0xFF
 MAX_VALUE_LENGTH = 0xFFFF
+# Default limits of a received box: its wire size (keys, values and their length
+# prefixes) and its number of key/value pairs.
+DEFAULT_MAX_BOX_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_KEYS_PER_BOX = 1024
 
 Box = dict[bytes, bytes]
 
@@ -117,22 +132,34 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
 class BoxParser:
     """Incremental parser: :meth:`feed` bytes, get back the boxes they complete.
 
-    Incomplete input is kept until more arrives. A key longer than 255 bytes
-    sets :attr:`error` (the boxes completed before it are still returned);
-    after that, :meth:`feed` raises :class:`ProtocolError`.
+    Incomplete input is kept until more arrives. A key longer than 255 bytes, a
+    box whose pairs take more than ``max_box_size`` bytes on the wire, or one with
+    more than ``max_keys_per_box`` pairs sets :attr:`error` (the boxes completed
+    before it are still returned); after that, :meth:`feed` raises
+    :class:`ProtocolError`. Pairs of a repeated key count each time.
     """
 
-    __slots__ = ("_box", "_buffer", "error")
+    __slots__ = ("_box", "_buffer", "_keys", "_size", "error", "max_box_size", "max_keys_per_box")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
+    ) -> None:
+        if max_box_size < 1 or max_keys_per_box < 1:
+            raise ValueError("box limits must be at least 1")
+        self.max_box_size = max_box_size
+        self.max_keys_per_box = max_keys_per_box
         self._buffer = b""
         self._box: Box = {}
+        self._size = 0  # wire bytes of the pairs of the current box so far
+        self._keys = 0  # pairs of the current box so far
         self.error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Number of bytes held that do not yet form a complete box."""
-        return len(self._buffer) + sum(len(k) + len(v) + 4 for k, v in self._box.items())
+        return len(self._buffer) + self._size
 
     def take_unparsed(self) -> bytes:
         """Return and forget the raw bytes not yet parsed (used when switching to TLS)."""
@@ -148,6 +175,12 @@ class BoxParser:
         n = len(buf)
         pos = 0
         box = self._box
+        # ``start`` is where the current box began in ``buf`` (negative when it began
+        # in an earlier feed), so its size so far is ``pos - start``.
+        start = -self._size
+        keys = self._keys
+        max_size = self.max_box_size
+        max_keys = self.max_keys_per_box
         boxes: list[Box] = []
         while n - pos >= 2:
             klen = (buf[pos] << 8) | buf[pos + 1]
@@ -155,22 +188,35 @@ class BoxParser:
                 boxes.append(box)
                 box = {}
                 pos += 2
+                start = pos
+                keys = 0
                 continue
             if klen > MAX_KEY_LENGTH:
-                self.error = ProtocolError(f"key length {klen} is longer than {MAX_KEY_LENGTH}")
-                self._buffer = b""
-                self._box = {}
-                return boxes
+                return self._fail(boxes, f"key length {klen} is longer than {MAX_KEY_LENGTH}")
             vpos = pos + 2 + klen
             if n < vpos + 2:
                 break
             end = vpos + 2 + ((buf[vpos] << 8) | buf[vpos + 1])
+            if end - start > max_size:
+                return self._fail(boxes, f"box larger than {max_size} bytes (max_box_size)")
+            if keys >= max_keys:
+                return self._fail(boxes, f"box with more than {max_keys} keys (max_keys_per_box)")
             if n < end:
                 break
             box[buf[pos + 2 : vpos]] = buf[vpos + 2 : end]
+            keys += 1
             pos = end
         self._box = box
+        self._size = pos - start
+        self._keys = keys
         self._buffer = buf[pos:] if pos < n else b""
+        return boxes
+
+    def _fail(self, boxes: list[Box], reason: str) -> list[Box]:
+        self.error = ProtocolError(reason)
+        self._buffer = b""
+        self._box = {}
+        self._size = self._keys = 0
         return boxes
 
 

@@ -11,12 +11,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._box import Box, BoxParser, encode_box, encode_planned
+from ._box import (
+    DEFAULT_MAX_BOX_SIZE,
+    DEFAULT_MAX_KEYS_PER_BOX,
+    Box,
+    BoxParser,
+    encode_box,
+    encode_planned,
+)
 from ._command import Command, StartTLS
 from ._errors import (
     UNHANDLED_ERROR_CODE,
     UNKNOWN_ERROR_CODE,
     ArgumentError,
+    TooLong,
     UnhandledCommand,
     UnknownRemoteError,
 )
@@ -83,10 +91,9 @@ class CallRejected:
 
 @dataclass(slots=True)
 class AnswerDropped:
-    """An answer or error for a tag with no pending call (late or bogus); ignored."""
+    """A late answer or error, for a call abandoned (cancelled or timed out); ignored."""
 
     tag: bytes
-    late: bool
 
 
 @dataclass(slots=True)
@@ -104,12 +111,20 @@ Event = (
 class Connection:
     """State of one AMP connection, symmetric: both sides call and answer.
 
-    ``commands`` maps command names to the classes this side answers.
+    ``commands`` maps command names to the classes this side answers;
+    ``max_box_size`` and ``max_keys_per_box`` bound each received box (see
+    :class:`BoxParser`).
     """
 
-    def __init__(self, commands: Mapping[bytes, type[Command]] | None = None) -> None:
+    def __init__(
+        self,
+        commands: Mapping[bytes, type[Command]] | None = None,
+        *,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
+    ) -> None:
         self.commands: dict[bytes, type[Command]] = dict(commands or {})
-        self._parser = BoxParser()
+        self._parser = BoxParser(max_box_size, max_keys_per_box)
         self._counter = 0
         self._pending: dict[bytes, type[Command]] = {}
         self._abandoned: dict[bytes, None] = {}
@@ -127,8 +142,11 @@ class Connection:
         """Queue a call; return its tag (``None`` when the command needs no answer).
 
         Raises :class:`ArgumentError` or :class:`TooLong` (nothing queued) on bad values.
+        As in Twisted, a call without answer still consumes a tag number, and so
+        does a call whose box cannot be framed (a value over 65,535 bytes or a key
+        over 255): Twisted takes the tag before framing the box, but after encoding
+        each argument (so a bad argument value consumes none).
         """
-        # Like Twisted, a call without answer still consumes a tag number.
         counter = self._counter + 1
         tag = b"%x" % counter if command.requires_answer else None
         data = None
@@ -143,7 +161,11 @@ class Connection:
             box[COMMAND] = command.name
             if tag is not None:
                 box[ASK] = tag
-            data = encode_box(box)
+            try:
+                data = encode_box(box)
+            except TooLong:
+                self._counter = counter
+                raise
         self._counter = counter
         if tag is not None:
             self._pending[tag] = command
@@ -234,7 +256,7 @@ class Connection:
         if tag is not None:
             command = self._pending.pop(tag, None)
             if command is None:
-                return self._dropped(tag)
+                return self._unexpected(tag, "answer")
             try:
                 return AnswerReceived(tag, command, command.decode_response(box))
             except ArgumentError as exc:
@@ -243,7 +265,7 @@ class Connection:
         if tag is not None:
             command = self._pending.pop(tag, None)
             if command is None:
-                return self._dropped(tag)
+                return self._unexpected(tag, "error")
             code = box.get(ERROR_CODE, UNKNOWN_ERROR_CODE)
             description = box.get(ERROR_DESCRIPTION, b"").decode("utf-8", "replace")
             return ErrorReceived(tag, command, self._remote_error(command, code, description))
@@ -260,9 +282,12 @@ class Connection:
             return self._reject(ask, name, UNKNOWN_ERROR_CODE, f"Invalid arguments: {exc}")
         return CallReceived(ask, command, arguments)
 
-    def _dropped(self, tag: bytes) -> AnswerDropped:
-        late = self._abandoned.pop(tag, False) is None
-        return AnswerDropped(tag, late)
+    def _unexpected(self, tag: bytes, kind: str) -> AnswerDropped | ProtocolViolation:
+        # A late answer to an abandoned call is expected; any other tag was never
+        # asked or is answered twice, which Twisted treats as fatal too.
+        if self._abandoned.pop(tag, False) is None:
+            return AnswerDropped(tag)
+        return ProtocolViolation(f"{kind} for tag {tag[:40]!r}, which no call waits for")
 
     def _reject(
         self, ask: bytes | None, name: bytes, code: bytes, description: str
