@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import pathlib
 import ssl
 from typing import Any
 
@@ -76,6 +77,11 @@ class Nope(amp.Command):
     pass
 
 
+class Where(amp.Command):
+    arguments = [(b"path", amp.Path())]
+    response = [(b"path", amp.Path()), (b"name", amp.Unicode())]
+
+
 class ListCall(amp.Command):
     arguments = [(b"items", amp.ListOf(amp.Unicode()))]
 
@@ -120,6 +126,10 @@ class Peer(amp.AMP):
     @GetNotes.responder
     def get_notes(self) -> dict[str, Any]:
         return {"notes": self.notes}
+
+    @Where.responder
+    def where(self, path: pathlib.Path) -> dict[str, Any]:
+        return {"path": path / "child", "name": path.name}
 
     @IsSecure.responder
     def is_secure(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import sys
 from typing import Any
 
@@ -22,6 +23,7 @@ from amp_commands import (
     Notify,
     Peer,
     Ping,
+    Where,
     case_source,
     norm,
 )
@@ -81,6 +83,21 @@ async def test_bidirectional_big_and_notify_with_twisted_server(twisted_server: 
         assert [r["text"] for r in results if r] == [f"ping:pong:{i}" for i in range(50)]
 
 
+async def test_path_with_twisted_server(twisted_server: int) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        result = await conn.call_remote(Where, path=pathlib.Path("/tmp/d\u00e9j\u00e0 vu"))
+        assert result == {
+            "path": pathlib.Path("/tmp/d\u00e9j\u00e0 vu/child"),
+            "name": "d\u00e9j\u00e0 vu",
+        }
+        # str and bytes paths are sent as the same text.
+        assert await conn.call_remote(Where, path="/a b") == {
+            "path": pathlib.Path("/a b/child"),
+            "name": "a b",
+        }
+        assert (await conn.call_remote(Where, path=b"/c"))["name"] == "c"  # type: ignore[index]
+
+
 async def test_start_tls_with_twisted_server(twisted_server: int, cert: Cert) -> None:
     async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
         assert await conn.call_remote(IsSecure) == {"secure": False}
@@ -128,6 +145,7 @@ async def test_twisted_client_with_our_server(cert: Cert) -> None:
     assert report["unhandled"]["error"] == "UnhandledCommand"
     assert "Nope" in report["unhandled"]["text"]
     assert report["ping"] == {"text": "ping:pong:hello"}
+    assert report["where"] == ["/tmp/d\u00e9j\u00e0 vu/child", "d\u00e9j\u00e0 vu"]
     assert report["big"] == [281_600, True]
     assert report["notes"] == {"notes": ["n1", "n2"]}
     assert report["secure_before"] is False

@@ -108,6 +108,11 @@ class Nope(amp.Command):
     pass
 
 
+class Where(amp.Command):
+    arguments = [(b"path", amp.Path())]
+    response = [(b"path", amp.Path()), (b"name", amp.Unicode())]
+
+
 class ListCall(amp.Command):
     arguments = [(b"items", amp.ListOf(amp.Unicode()))]
 
@@ -156,6 +161,10 @@ class Peer(amp.AMP):
     @IsSecure.responder
     def is_secure(self):
         return {"secure": ISSLTransport.providedBy(self.transport)}
+
+    @Where.responder
+    def where(self, path):
+        return {"path": path.child("child"), "name": path.basename()}
 
     @amp.StartTLS.responder
     def start_tls(self):
@@ -216,6 +225,10 @@ async def scenario(reactor_: Any, port: int, values_json: str) -> None:
     report["undeclared"] = await call(proto, Fail, mode="undeclared")
     report["unhandled"] = await call(proto, Nope)
     report["ping"] = await call(proto, Ping, text="hello")
+    from twisted.python.filepath import FilePath
+
+    where = await proto.callRemote(Where, path=FilePath("/tmp/d\u00e9j\u00e0 vu"))
+    report["where"] = [where["path"].path, where["name"]]
     data = bytes(range(256)) * 1100  # 281,600 bytes: five chunks
     big = await proto.callRemote(Big, data=data)
     report["big"] = [big["size"], big["data"] == data[::-1]]

@@ -15,6 +15,7 @@ from ._arguments import (
     Float,
     Integer,
     ListOf,
+    Path,
     String,
     Unicode,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "Float",
     "Integer",
     "ListOf",
+    "Path",
     "ProtocolError",
     "ProtocolViolation",
     "RemoteAmpError",

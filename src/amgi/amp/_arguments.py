@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as _dt
 import decimal as _decimal
 import keyword
+import os
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +23,7 @@ __all__ = [
     "Float",
     "Integer",
     "ListOf",
+    "Path",
     "String",
     "Unicode",
     "compile_arguments",
@@ -96,6 +99,18 @@ class Unicode(Argument[str]):
 
     def from_bytes(self, data: bytes) -> str:
         return data.decode("utf-8")
+
+
+class Path(Argument[pathlib.Path]):
+    """A filesystem path, on the wire as UTF-8 text (Twisted's ``Path``, whose values
+    are ``FilePath`` objects). Sends ``str``, ``bytes`` or any ``os.PathLike``;
+    receives a :class:`pathlib.Path`."""
+
+    def to_bytes(self, value: str | os.PathLike[str] | os.PathLike[bytes] | bytes) -> bytes:
+        return os.fsdecode(value).encode("utf-8")
+
+    def from_bytes(self, data: bytes) -> pathlib.Path:
+        return pathlib.Path(data.decode("utf-8"))
 
 
 class Float(Argument[float]):
