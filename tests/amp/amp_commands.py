@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import pathlib
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from amgi import amp
 
@@ -82,6 +83,48 @@ class Where(amp.Command):
     response = [(b"path", amp.Path()), (b"name", amp.Unicode())]
 
 
+class SwitchToEcho(amp.ProtocolSwitchCommand):
+    arguments = [(b"greeting", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+
+
+class Echo(asyncio.Protocol):
+    """What a switched connection speaks: a greeting line, then data echoed upper-cased."""
+
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.greeting.encode() + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+
+class Collect(asyncio.Protocol):
+    """The caller's side after a switch: collects what arrives."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.arrived = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.arrived.set()
+
+    async def until(self, ending: bytes) -> bytes:
+        async with asyncio.timeout(10):
+            while not self.data.endswith(ending):
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.data
+
+
 class ListCall(amp.Command):
     arguments = [(b"items", amp.ListOf(amp.Unicode()))]
 
@@ -130,6 +173,13 @@ class Peer(amp.AMP):
     @Where.responder
     def where(self, path: pathlib.Path) -> dict[str, Any]:
         return {"path": path / "child", "name": path.name}
+
+    @SwitchToEcho.responder
+    async def switch_to_echo(self, greeting: str) -> Echo:
+        await asyncio.sleep(0)  # an async responder: input is held meanwhile
+        if greeting == "refuse":
+            raise DeclaredError("not switching")
+        return Echo(greeting)
 
     @IsSecure.responder
     def is_secure(self) -> dict[str, Any]:

@@ -11,7 +11,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import pytest
-from amp_commands import DeclaredError, Fail, IsSecure, Nope, Notify, Peer, Ping
+from amp_commands import (
+    Collect,
+    DeclaredError,
+    Fail,
+    IsSecure,
+    Nope,
+    Notify,
+    Peer,
+    Ping,
+    SwitchToEcho,
+)
 from amp_helpers import Cert
 
 from amgi import amp
@@ -404,3 +414,23 @@ async def test_peer_that_never_reads_cannot_grow_the_answer_buffer(serve: Any) -
         while answers < sent // len(call):
             answers += len(parser.feed(await reader.read(1 << 20)))
     writer.close()
+
+
+async def test_protocol_switch_between_our_peers(serve: Any) -> None:
+    server = await serve(Peer)
+    conn = await amp.connect("127.0.0.1", server.port, Peer)
+    async with conn:
+        with pytest.raises(TypeError, match="switch_protocol"):
+            await conn.call_remote(SwitchToEcho, greeting="x")
+        with pytest.raises(DeclaredError):
+            await conn.switch_protocol(SwitchToEcho, Collect, greeting="refuse")
+        assert await conn.call_remote(Ping, text="amp") == {"text": "ping:pong:amp"}
+        new = await conn.switch_protocol(SwitchToEcho, Collect, greeting="ours")
+        assert isinstance(new, Collect)
+        assert await new.until(b"ours\n") == b"ours\n"
+        assert new.transport is not None
+        new.transport.write(b"q")
+        assert await new.until(b"Q") == b"ours\nQ"
+        await asyncio.wait_for(server.peers[0].wait_closed(), 5)
+        assert server.peers[0].is_closed
+        new.transport.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from amp_commands import Big, DeclaredError, Fail, ListCall, Notify, Ping
+from amp_commands import Big, DeclaredError, Fail, ListCall, Notify, Ping, SwitchToEcho
 
 from amgi import amp
 
@@ -344,3 +344,70 @@ def test_naive_datetime_and_bad_types_refused() -> None:
             argument.to_bytes(value)
     with pytest.raises(ValueError, match="truncated"):
         amp.ListOf(amp.Integer()).from_bytes(b"\x00\x05ab")
+
+
+def test_protocol_switch_caller_side() -> None:
+    conn = amp.Connection({b"Ping": Ping})
+    tag = conn.send_call(SwitchToEcho, {"greeting": "hi"})
+    assert tag == b"1"
+    assert amp.parse_boxes(conn.data_to_send()) == [
+        {b"_command": b"SwitchToEcho", b"_ask": b"1", b"greeting": b"hi"}
+    ]
+    # Locked until answered, as in Twisted: no calls, answers dropped.
+    with pytest.raises(amp.ProtocolSwitched):
+        conn.send_call(Ping, {"text": "x"})
+    (ping,) = conn.receive_data(box(_command=b"Ping", _ask=b"9", text=b"t"))
+    assert ping == amp.CallReceived(b"9", Ping, {"text": "t"})
+    conn.send_answer(b"9", Ping, {"text": "dropped"})
+    assert conn.data_to_send() == b""
+    # The answer, then the new protocol's first bytes in the same read.
+    events = conn.receive_data(box(_answer=b"1") + b"hi\n" + b"\x00\x00more")
+    assert events == [amp.AnswerReceived(b"1", SwitchToEcho, {}), amp.Switched(b"hi\n\x00\x00more")]
+    assert conn.switched
+    assert conn.receive_data(b"anything") == []
+
+
+def test_protocol_switch_refused_keeps_speaking_amp() -> None:
+    conn = amp.Connection({b"Ping": Ping})
+    conn.send_call(SwitchToEcho, {"greeting": "hi"})
+    events = conn.receive_data(
+        box(_error=b"1", _error_code=b"DECLARED", _error_description=b"no")
+        + box(_command=b"Ping", _ask=b"5", text=b"t")
+    )
+    assert isinstance(events[0], amp.ErrorReceived)
+    assert isinstance(events[0].error, DeclaredError)
+    assert events[1] == amp.CallReceived(b"5", Ping, {"text": "t"})
+    assert conn.send_call(Ping, {"text": "again"}) == b"2"
+    assert not conn.switched
+
+
+def test_protocol_switch_responder_side_holds_input() -> None:
+    def received(tail: bytes) -> amp.Connection:
+        conn = amp.Connection({b"SwitchToEcho": SwitchToEcho, b"Ping": Ping})
+        events = conn.receive_data(box(_command=b"SwitchToEcho", _ask=b"3", greeting=b"g") + tail)
+        assert events == [amp.CallReceived(b"3", SwitchToEcho, {"greeting": "g"})]
+        assert conn.switch_pending
+        assert conn.receive_data(box(_command=b"Ping", _ask=b"4", text=b"t")) == []
+        return conn
+
+    ping = box(_command=b"Ping", _ask=b"4", text=b"t")
+    conn = received(b"raw")
+    conn.send_answer(b"3", SwitchToEcho, {})
+    assert conn.switch_accepted() == b"raw" + ping
+    assert conn.receive_data(b"late") == []
+    conn = received(ping)
+    conn.send_error(b"3", b"DECLARED", "no")
+    assert conn.switch_refused() == [amp.CallReceived(b"4", Ping, {"text": "t"})] * 2
+    assert not conn.switch_pending
+
+
+def test_protocol_switch_declarations() -> None:
+    with pytest.raises(TypeError, match="no response"):
+
+        class WithResponse(amp.ProtocolSwitchCommand):
+            response = [(b"x", amp.Integer())]
+
+    with pytest.raises(TypeError, match="needs an answer"):
+
+        class NoAnswer(amp.ProtocolSwitchCommand):
+            requires_answer = False

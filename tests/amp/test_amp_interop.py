@@ -13,6 +13,7 @@ from amp_commands import (
     CASES,
     AllTypes,
     Big,
+    Collect,
     DeclaredError,
     Fail,
     FatalError,
@@ -23,6 +24,7 @@ from amp_commands import (
     Notify,
     Peer,
     Ping,
+    SwitchToEcho,
     Where,
     case_source,
     norm,
@@ -223,3 +225,45 @@ async def test_tags_after_refused_calls_match_twisted() -> None:
     ours = await record_tags(our_client)
     assert theirs == [b"2", b"3", None, b"5"]
     assert ours == theirs
+
+
+async def test_protocol_switch_with_twisted_server(twisted_server: int) -> None:
+    conn = await amp.connect("127.0.0.1", twisted_server, Peer)
+    async with conn:
+        with pytest.raises(DeclaredError, match="not switching"):
+            await conn.switch_protocol(SwitchToEcho, Collect, greeting="refuse")
+        assert await conn.call_remote(Ping, text="amp") == {"text": "ping:pong:amp"}
+        new = await conn.switch_protocol(SwitchToEcho, Collect, greeting="hello")
+        assert isinstance(new, Collect)
+        # Twisted writes the greeting right behind its answer, often in the same segment.
+        assert await new.until(b"hello\n") == b"hello\n"
+        assert new.transport is not None
+        new.transport.write(b"abc")
+        assert await new.until(b"ABC") == b"hello\nABC"
+        with pytest.raises(amp.ProtocolSwitched):
+            await conn.call_remote(Ping, text="after")
+        await asyncio.wait_for(conn.wait_closed(), 5)  # the AMP side is over
+        new.transport.close()
+
+
+async def test_protocol_switch_from_twisted_client() -> None:
+    server = await amp.serve(Peer, "127.0.0.1", 0)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "switch",
+            str(server.sockets[0].getsockname()[1]),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        server.close()
+        await server.wait_closed()
+    report = json.loads(out)
+    assert report["refused"] == {"error": "DeclaredError", "text": "not switching"}
+    assert report["ping"] == {"text": "ping:pong:still amp"}
+    assert report["answer"] == {}
+    assert report["echo"] == "hi\nXYZ"

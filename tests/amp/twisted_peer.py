@@ -113,6 +113,24 @@ class Where(amp.Command):
     response = [(b"path", amp.Path()), (b"name", amp.Unicode())]
 
 
+class SwitchToEcho(amp.ProtocolSwitchCommand):
+    arguments = [(b"greeting", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+
+
+class Echo(protocol.Protocol):
+    """What a switched connection speaks: a greeting line, then data echoed upper-cased."""
+
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting.encode() + b"\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+
 class ListCall(amp.Command):
     arguments = [(b"items", amp.ListOf(amp.Unicode()))]
 
@@ -162,6 +180,12 @@ class Peer(amp.AMP):
     def is_secure(self):
         return {"secure": ISSLTransport.providedBy(self.transport)}
 
+    @SwitchToEcho.responder
+    def switch_to_echo(self, greeting):
+        if greeting == "refuse":
+            raise DeclaredError("not switching")
+        return Echo(greeting)
+
     @Where.responder
     def where(self, path):
         return {"path": path.child("child"), "name": path.basename()}
@@ -199,9 +223,9 @@ def norm(value: Any) -> Any:
     return repr(value)
 
 
-async def call(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> Any:
+async def call(proto: amp.AMP, command: type[amp.Command], *args: Any, **kwargs: Any) -> Any:
     try:
-        return await proto.callRemote(command, **kwargs)
+        return await proto.callRemote(command, *args, **kwargs)
     except Exception as exc:
         return describe(exc)
 
@@ -273,6 +297,44 @@ async def tags_scenario(reactor_: Any, port: int) -> None:
     proto.transport.loseConnection()
 
 
+class Collect(protocol.Protocol):
+    """The client side after a switch: sends ``xyz`` and collects what comes back."""
+
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+        self.data = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"xyz")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.data.endswith(b"XYZ") and not self.done.called:
+            self.done.callback(self.data)
+
+
+class CollectFactory(protocol.ClientFactory):
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred()
+
+    def buildProtocol(self, addr: Any) -> Collect:
+        return Collect(self.done)
+
+
+async def switch_scenario(reactor_: Any, port: int) -> None:
+    """Switch our server's connection to its echo protocol, refused once first."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_, "127.0.0.1", port)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    report: dict[str, Any] = {}
+    report["refused"] = await call(proto, SwitchToEcho, CollectFactory(), greeting="refuse")
+    report["ping"] = await call(proto, Ping, text="still amp")
+    factory = CollectFactory()
+    report["answer"] = await call(proto, SwitchToEcho, factory, greeting="hi")
+    report["echo"] = (await factory.done).decode()
+    print(json.dumps(report), flush=True)
+    proto.transport.loseConnection()
+
+
 def client(port: int) -> None:
     values_json = sys.stdin.read()
     task.react(lambda r: defer.ensureDeferred(scenario(r, port, values_json)))
@@ -281,6 +343,8 @@ def client(port: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "switch":
+        task.react(lambda r: defer.ensureDeferred(switch_scenario(r, int(sys.argv[2]))))
     elif sys.argv[1] == "tags":
         task.react(lambda r: defer.ensureDeferred(tags_scenario(r, int(sys.argv[2]))))
     else:

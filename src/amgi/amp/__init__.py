@@ -30,7 +30,7 @@ from ._box import (
     encode_box,
     parse_boxes,
 )
-from ._command import Command, StartTLS
+from ._command import Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
     AnswerDropped,
     AnswerReceived,
@@ -40,6 +40,7 @@ from ._connection import (
     ErrorReceived,
     Event,
     ProtocolViolation,
+    Switched,
 )
 from ._errors import (
     TLS_ERROR_CODE,
@@ -49,6 +50,7 @@ from ._errors import (
     ArgumentError,
     ConnectionLost,
     ProtocolError,
+    ProtocolSwitched,
     RemoteAmpError,
     TLSNotAvailable,
     TooLong,
@@ -89,10 +91,13 @@ __all__ = [
     "ListOf",
     "Path",
     "ProtocolError",
+    "ProtocolSwitchCommand",
+    "ProtocolSwitched",
     "ProtocolViolation",
     "RemoteAmpError",
     "StartTLS",
     "String",
+    "Switched",
     "TLSNotAvailable",
     "TooLong",
     "UnhandledCommand",

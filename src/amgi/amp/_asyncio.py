@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any, ClassVar, TypeVar, cast
 
 from ._box import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS_PER_BOX
-from ._command import RESPONDER_ATTRIBUTE, Command, StartTLS
+from ._command import RESPONDER_ATTRIBUTE, Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
     AnswerDropped,
     AnswerReceived,
@@ -20,13 +20,16 @@ from ._connection import (
     CallRejected,
     Connection,
     ErrorReceived,
+    Event,
     ProtocolViolation,
+    Switched,
 )
 from ._errors import (
     TLS_ERROR_CODE,
     UNKNOWN_ERROR_CODE,
     AmpError,
     ConnectionLost,
+    ProtocolSwitched,
 )
 
 __all__ = ["AMP", "connect", "serve"]
@@ -88,7 +91,7 @@ class AMP(asyncio.Protocol):
         self._handlers: dict[bytes, Responder] = {}
         for command, attr in self._responders.values():
             self.add_responder(command, getattr(self, attr))
-        self._core.commands[StartTLS.name] = StartTLS
+        self._core.add_command(StartTLS)
         self.tls_context = tls_context
         self.call_timeout = call_timeout
         self.max_concurrent_responders = max_concurrent_responders
@@ -110,12 +113,15 @@ class AMP(asyncio.Protocol):
         self._tls_task: asyncio.Task[None] | None = None
         self._lost = False
         self._closed: asyncio.Future[None] | None = None
+        self._switch_factory: Callable[[], asyncio.BaseProtocol] | None = None
+        self._switch_waiter: asyncio.Future[dict[str, Any]] | None = None
+        self._switched_to: asyncio.BaseProtocol | None = None
 
     # ---------------------------------------------------------------- responders
 
     def add_responder(self, command: type[Command], responder: Responder) -> None:
         """Answer ``command`` with ``responder`` on this connection."""
-        self._core.commands[command.name] = command
+        self._core.add_command(command)
         self._handlers[command.name] = responder
 
     # ------------------------------------------------------------- asyncio hooks
@@ -138,13 +144,18 @@ class AMP(asyncio.Protocol):
                 self.transport.close()
 
     def _process(self, data: bytes) -> None:
+        self._handle(self._core.receive_data(data))
+
+    def _handle(self, events: list[Event]) -> None:
         waiters = self._waiters
-        for event in self._core.receive_data(data):
+        for event in events:
             kind = type(event)
             if kind is AnswerReceived:
                 answer = cast(AnswerReceived, event)
                 if answer.command is StartTLS:
                     self._begin_tls_switch()
+                elif answer.command.switches_protocol:
+                    continue  # the Switched event follows: the waiter gets the new protocol
                 fut = waiters.pop(answer.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(answer.response)
@@ -168,6 +179,9 @@ class AMP(asyncio.Protocol):
             elif kind is AnswerDropped:
                 tag = cast(AnswerDropped, event).tag
                 log.debug("dropped late answer for abandoned call %r", tag)
+            elif kind is Switched:
+                self._switched(cast(Switched, event).data)
+                return
             else:
                 reason = cast(ProtocolViolation, event).reason
                 log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
@@ -198,14 +212,18 @@ class AMP(asyncio.Protocol):
                 fut.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        self._finish(ConnectionLost(reason))
+
+    def _finish(self, error: AmpError) -> None:
+        """This AMP connection is over (lost, or switched): fail calls, stop responders."""
         self._lost = True
         self._wake_drain_waiters()
         self._core.connection_lost()
         waiters, self._waiters = self._waiters, {}
-        reason = f"connection lost: {exc}" if exc else "connection closed"
         for fut in waiters.values():
             if not fut.done():
-                fut.set_exception(ConnectionLost(reason))
+                fut.set_exception(error)
         self._queue.clear()
         for task in self._tasks:
             task.cancel()
@@ -239,10 +257,12 @@ class AMP(asyncio.Protocol):
         if isinstance(command, Command):
             kwargs = {**command.kwargs, **kwargs}
             command = type(command)
+        if command.switches_protocol:
+            raise TypeError(f"{command.__name__} switches protocols: use switch_protocol()")
         if self._write_paused:
             await self._drain()
         if self._lost or self.transport is None:
-            raise ConnectionLost("not connected")
+            raise self._gone()
         if not command.requires_answer:
             self._core.send_call(command, kwargs)
             self._flush_soon()
@@ -253,6 +273,86 @@ class AMP(asyncio.Protocol):
             return await self._call(command, kwargs)
         async with asyncio.timeout(timeout):
             return await self._call(command, kwargs)
+
+    def _gone(self) -> AmpError:
+        if self._switched_to is not None:
+            return ProtocolSwitched("the connection switched to another protocol")
+        return ConnectionLost("not connected")
+
+    async def switch_protocol(
+        self,
+        command: type[ProtocolSwitchCommand],
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        /,
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> asyncio.BaseProtocol:
+        """Call ``command`` (a :class:`ProtocolSwitchCommand`); once answered, hand the
+        connection to ``protocol_factory()`` and return that protocol.
+
+        From the call on, this side sends no other AMP box (further calls raise
+        :class:`ProtocolSwitched`, answers are dropped, as in Twisted); an error
+        answer raises the declared exception and the connection speaks AMP again.
+        A timeout or cancellation closes the connection (its state is unknown).
+        """
+        if not command.switches_protocol:
+            raise TypeError(f"{command.__name__} is not a ProtocolSwitchCommand")
+        if self._write_paused:
+            await self._drain()
+        if self._lost or self.transport is None:
+            raise self._gone()
+        tag = self._core.send_call(command, kwargs)
+        assert tag is not None
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()  # type: ignore[union-attr]
+        self._waiters[tag] = fut
+        self._switch_factory = protocol_factory
+        self._switch_waiter = fut
+        self._flush()
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.call_timeout):
+                await fut
+        except BaseException:
+            if tag in self._core.pending_tags:  # no answer yet: the state is unknown
+                self.close()
+            raise
+        finally:
+            self._switch_factory = self._switch_waiter = None
+        assert self._switched_to is not None
+        return self._switched_to
+
+    def _switched(self, data: bytes) -> None:
+        """Our switch was answered: hand the transport (and ``data``) to the new protocol."""
+        factory, fut = self._switch_factory, self._switch_waiter
+        assert factory is not None
+        assert fut is not None
+        self._waiters = {tag: f for tag, f in self._waiters.items() if f is not fut}
+        try:
+            protocol = factory()
+        except Exception as exc:
+            log.error("protocol factory of a switch failed; closing", exc_info=exc)
+            self._finish(ProtocolSwitched("the protocol factory failed"))
+            if self.transport is not None:
+                self.transport.close()
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        self._hand_over(protocol, data)
+        if not fut.done():
+            fut.set_result({})
+
+    def _hand_over(self, protocol: asyncio.BaseProtocol, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._switched_to = protocol
+        self._finish(ProtocolSwitched("the connection switched to another protocol"))
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if data:
+            cast(asyncio.Protocol, protocol).data_received(data)
 
     async def _drain(self) -> None:
         while self._write_paused and not self._lost:
@@ -292,6 +392,12 @@ class AMP(asyncio.Protocol):
         if event.command is StartTLS:
             self._answer_start_tls(event)
             return
+        if event.command.switches_protocol and event.tag is not None:
+            self._update_reading()  # input is held until the switch is answered
+            task = self._loop.create_task(self._answer_switch(event))  # type: ignore[union-attr]
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         if self._running >= self.max_concurrent_responders or self._queue:
             self._queue.append(event)
             self._update_reading()
@@ -328,6 +434,33 @@ class AMP(asyncio.Protocol):
         else:
             self._respond(event, result)
         self._flush_soon()
+
+    async def _answer_switch(self, event: CallReceived) -> None:
+        tag = event.tag
+        assert tag is not None
+        try:
+            result = self._handlers[event.command.name](**event.arguments)
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, asyncio.BaseProtocol):
+                raise TypeError(
+                    f"the responder of {event.command.__name__} must return an "
+                    f"asyncio protocol, not {type(result).__name__}"
+                )
+        except Exception as exc:
+            if self._lost:
+                return
+            self._respond_error(event, exc)
+            self._flush()
+            self._handle(self._core.switch_refused())
+            self._update_reading()
+            self._flush()
+            return
+        if self._lost:
+            return
+        self._core.send_answer(tag, event.command, {})
+        self._flush()
+        self._hand_over(result, self._core.switch_accepted())
 
     def _responder_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -385,6 +518,7 @@ class AMP(asyncio.Protocol):
             self._write_paused
             or bool(self._queue)
             or self._running >= self.max_concurrent_responders
+            or self._core.switch_pending
         )
         if pause is self._paused or self.transport is None or self._lost:
             return

@@ -139,7 +139,16 @@ class BoxParser:
     :class:`ProtocolError`. Pairs of a repeated key count each time.
     """
 
-    __slots__ = ("_box", "_buffer", "_keys", "_size", "error", "max_box_size", "max_keys_per_box")
+    __slots__ = (
+        "_box",
+        "_buffer",
+        "_keys",
+        "_size",
+        "error",
+        "max_box_size",
+        "max_keys_per_box",
+        "stop",
+    )
 
     def __init__(
         self,
@@ -155,6 +164,9 @@ class BoxParser:
         self._size = 0  # wire bytes of the pairs of the current box so far
         self._keys = 0  # pairs of the current box so far
         self.error: ProtocolError | None = None
+        # When set, called with each completed box; True stops parsing right after
+        # it, leaving the rest unparsed (see :meth:`take_unparsed`).
+        self.stop: Callable[[Box], bool] | None = None
 
     @property
     def buffered(self) -> int:
@@ -162,7 +174,10 @@ class BoxParser:
         return len(self._buffer) + self._size
 
     def take_unparsed(self) -> bytes:
-        """Return and forget the raw bytes not yet parsed (used when switching to TLS)."""
+        """Return and forget the raw bytes not yet parsed (for a protocol switch).
+
+        Only meaningful between boxes: pairs of a box already parsed are not returned.
+        """
         data = self._buffer
         self._buffer = b""
         return data
@@ -181,15 +196,19 @@ class BoxParser:
         keys = self._keys
         max_size = self.max_box_size
         max_keys = self.max_keys_per_box
+        stop = self.stop
         boxes: list[Box] = []
         while n - pos >= 2:
             klen = (buf[pos] << 8) | buf[pos + 1]
             if klen == 0:
                 boxes.append(box)
-                box = {}
                 pos += 2
                 start = pos
                 keys = 0
+                if stop is not None and stop(box):
+                    box = {}
+                    break
+                box = {}
                 continue
             if klen > MAX_KEY_LENGTH:
                 return self._fail(boxes, f"key length {klen} is longer than {MAX_KEY_LENGTH}")

@@ -9,7 +9,7 @@ from ._arguments import Argument, Spec, compile_arguments, decode_arguments, enc
 from ._box import Box, Plan, make_plan
 from ._errors import TLS_ERROR_CODE, TLSNotAvailable
 
-__all__ = ["Command", "StartTLS"]
+__all__ = ["Command", "ProtocolSwitchCommand", "StartTLS"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +44,7 @@ class Command:
     fatal_errors: ClassVar[Mapping[type[BaseException], bytes | str]] = {}
     requires_answer: ClassVar[bool] = True
     command_name: ClassVar[bytes | str | None] = None
+    switches_protocol: ClassVar[bool] = False
 
     # Compiled by __init_subclass__.
     name: ClassVar[bytes] = b"Command"
@@ -70,6 +71,10 @@ class Command:
         call_specials = (b"_command", b"_ask") if cls.requires_answer else (b"_command",)
         cls.call_plan = _plan(cls.argument_specs, call_specials)
         cls.answer_plan = _plan(cls.response_specs, (b"_answer",))
+        if cls.switches_protocol and (cls.response_specs or not cls.requires_answer):
+            raise TypeError(
+                f"{cls.__name__}: a protocol switch needs an answer and has no response"
+            )
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
@@ -121,3 +126,16 @@ class StartTLS(Command):
 
     command_name = b"StartTLS"
     errors: ClassVar[Mapping[type[BaseException], bytes | str]] = {TLSNotAvailable: TLS_ERROR_CODE}
+
+
+class ProtocolSwitchCommand(Command):
+    """Twisted's ``ProtocolSwitchCommand``: once answered, the connection carries another protocol.
+
+    Subclass it with ``arguments`` (and ``errors``). The responder returns the
+    :class:`asyncio.Protocol` that takes the connection over right after the (empty)
+    answer; the caller uses :meth:`AMP.switch_protocol`. Until the answer, the caller
+    sends nothing else and the responder reads nothing else; an error answer leaves
+    the connection speaking AMP.
+    """
+
+    switches_protocol = True

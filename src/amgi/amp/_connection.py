@@ -24,6 +24,7 @@ from ._errors import (
     UNHANDLED_ERROR_CODE,
     UNKNOWN_ERROR_CODE,
     ArgumentError,
+    ProtocolSwitched,
     TooLong,
     UnhandledCommand,
     UnknownRemoteError,
@@ -38,6 +39,7 @@ __all__ = [
     "ErrorReceived",
     "Event",
     "ProtocolViolation",
+    "Switched",
 ]
 
 COMMAND = b"_command"
@@ -103,8 +105,22 @@ class ProtocolViolation:
     reason: str
 
 
+@dataclass(slots=True)
+class Switched:
+    """Our protocol switch was accepted: the connection now carries another protocol,
+    whose first bytes are ``data``. No further events follow."""
+
+    data: bytes
+
+
 Event = (
-    CallReceived | AnswerReceived | ErrorReceived | CallRejected | AnswerDropped | ProtocolViolation
+    CallReceived
+    | AnswerReceived
+    | ErrorReceived
+    | CallRejected
+    | AnswerDropped
+    | ProtocolViolation
+    | Switched
 )
 
 
@@ -123,13 +139,24 @@ class Connection:
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
     ) -> None:
-        self.commands: dict[bytes, type[Command]] = dict(commands or {})
+        self.commands: dict[bytes, type[Command]] = {}
+        self._switch_commands = False  # some command we answer switches protocols
+        for command in (commands or {}).values():
+            self.add_command(command)
         self._parser = BoxParser(max_box_size, max_keys_per_box)
+        self._switch_tag: bytes | None = None  # our pending protocol switch call
+        self._held: list[bytes] | None = None  # input held while we answer a switch
+        self.switched = False
         self._counter = 0
         self._pending: dict[bytes, type[Command]] = {}
         self._abandoned: dict[bytes, None] = {}
         self._outbox: list[bytes] = []
         self.failed = False
+
+    def add_command(self, command: type[Command]) -> None:
+        """Answer ``command`` (by its name) on this connection."""
+        self.commands[command.name] = command
+        self._switch_commands = self._switch_commands or command.switches_protocol
 
     # ------------------------------------------------------------------ output
 
@@ -145,8 +172,11 @@ class Connection:
         As in Twisted, a call without answer still consumes a tag number, and so
         does a call whose box cannot be framed (a value over 65,535 bytes or a key
         over 255): Twisted takes the tag before framing the box, but after encoding
-        each argument (so a bad argument value consumes none).
+        each argument (so a bad argument value consumes none). Raises
+        :class:`ProtocolSwitched` once a protocol switch is pending or done.
         """
+        if self._switch_tag is not None or self.switched:
+            raise ProtocolSwitched("this connection is switching protocols: no AMP calls")
         counter = self._counter + 1
         tag = b"%x" % counter if command.requires_answer else None
         data = None
@@ -169,11 +199,18 @@ class Connection:
         self._counter = counter
         if tag is not None:
             self._pending[tag] = command
+            if command.switches_protocol:
+                self._switch_tag = tag
         self._outbox.append(data)
         return tag
 
     def send_answer(self, tag: bytes, command: type[Command], values: Mapping[str, Any]) -> None:
-        """Queue the answer to call ``tag``; raises (nothing queued) if ``values`` are invalid."""
+        """Queue the answer to call ``tag``; raises (nothing queued) if ``values`` are invalid.
+
+        While our protocol switch is pending, answers are dropped (as Twisted does).
+        """
+        if self._switch_tag is not None or self.switched:
+            return
         plan = command.answer_plan
         if plan is not None and len(values) == len(command.response_specs):
             try:
@@ -186,13 +223,33 @@ class Connection:
         self._outbox.append(encode_box(box))
 
     def send_error(self, tag: bytes, code: bytes, description: str) -> None:
-        """Queue an error answer to call ``tag``."""
+        """Queue an error answer to call ``tag`` (dropped while our switch is pending)."""
+        if self._switch_tag is not None or self.switched:
+            return
         desc = description.encode("utf-8", "replace")[:0xFFFF]
         self._outbox.append(encode_box({ERROR: tag, ERROR_CODE: code, ERROR_DESCRIPTION: desc}))
 
     def send_box(self, box: Box) -> None:
         """Queue an arbitrary box (for extensions; no bookkeeping)."""
         self._outbox.append(encode_box(box))
+
+    def switch_accepted(self) -> bytes:
+        """We answered a switch call: return the input held since, for the new protocol."""
+        held = b"".join(self._held or [])
+        self._held = None
+        self.switched = self.failed = True
+        return held
+
+    def switch_refused(self) -> list[Event]:
+        """We answered a switch call with an error: parse the held input as AMP again."""
+        held = b"".join(self._held or [])
+        self._held = None
+        return self.receive_data(held)
+
+    @property
+    def switch_pending(self) -> bool:
+        """A switch call was received and not answered yet (input is held meanwhile)."""
+        return self._held is not None
 
     def data_to_send(self) -> bytes:
         """Return (and forget) all bytes queued for the peer."""
@@ -230,26 +287,63 @@ class Connection:
         """Parse received bytes and return the resulting events, in order."""
         if self.failed:
             return []
+        if self._held is not None:
+            self._held.append(data)
+            return []
         parser = self._parser
-        boxes = parser.feed(data)
+        switching = self._switch_tag is not None or self._switch_commands
+        parser.stop = self._stops_parsing if switching else None
         events: list[Event] = []
+        while True:
+            boxes = parser.feed(data)
+            if self._events_of(boxes, events) or not switching or not boxes:
+                return events
+            data = b""  # parsing stopped at a switch box; go on with the rest
+
+    def _events_of(self, boxes: list[Box], events: list[Event]) -> bool:
+        """Append the events of ``boxes``; True when no more input must be parsed."""
+        parser = self._parser
         last = len(boxes) - 1
         for index, box in enumerate(boxes):
             event = self._box_received(box)
             events.append(event)
-            if type(event) is ProtocolViolation:
+            kind = type(event)
+            if kind is ProtocolViolation:
                 self.failed = True
-                return events
-            if getattr(event, "command", None) is StartTLS and (
-                index != last or parser.buffered or parser.error is not None
-            ):
-                self.failed = True
-                events.append(ProtocolViolation("data received after StartTLS"))
-                return events
+                return True
+            command = getattr(event, "command", None)
+            if command is None or not (command is StartTLS or command.switches_protocol):
+                continue
+            if command is StartTLS:
+                if index != last or parser.buffered or parser.error is not None:
+                    self.failed = True
+                    events.append(ProtocolViolation("data received after StartTLS"))
+                    return True
+            elif kind is CallReceived:
+                if event.tag is not None:  # type: ignore[union-attr]
+                    self._held = [parser.take_unparsed()]
+                    return True
+            elif event.tag == self._switch_tag:  # type: ignore[union-attr]
+                self._switch_tag = None
+                if kind is AnswerReceived:
+                    self.switched = self.failed = True
+                    events.append(Switched(parser.take_unparsed()))
+                    return True
         if parser.error is not None:
             self.failed = True
             events.append(ProtocolViolation(str(parser.error)))
-        return events
+            return True
+        return False
+
+    def _stops_parsing(self, box: Box) -> bool:
+        tag = self._switch_tag
+        if tag is not None and (box.get(ANSWER) == tag or box.get(ERROR) == tag):
+            return True
+        name = box.get(COMMAND)
+        if name is None or ASK not in box:
+            return False
+        command = self.commands.get(name)
+        return command is not None and command.switches_protocol
 
     def _box_received(self, box: Box) -> Event:
         tag = box.get(ANSWER)
