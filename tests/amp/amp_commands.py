@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
+import os
 import pathlib
 import ssl
 from typing import Any, cast
@@ -125,6 +126,20 @@ class Collect(asyncio.Protocol):
         return self.data
 
 
+class Hand(amp.Command):
+    """The caller hands over a descriptor; the responder writes ``text`` to it."""
+
+    arguments = [(b"fd", amp.Descriptor()), (b"text", amp.Unicode())]
+    response = [(b"written", amp.Integer())]
+
+
+class Ask(amp.Command):
+    """The responder answers with the read end of a pipe holding ``text``."""
+
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"fd", amp.Descriptor())]
+
+
 class ListCall(amp.Command):
     arguments = [(b"items", amp.ListOf(amp.Unicode()))]
 
@@ -135,6 +150,13 @@ class Peer(amp.AMP):
     def __init__(self, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(tls_context=tls_context, **kwargs)
         self.notes: list[str] = []
+        self.sent_fds: list[int] = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for fd in self.sent_fds:
+            os.close(fd)
+        self.sent_fds.clear()
 
     @AllTypes.responder
     def all_types(self, **kwargs: Any) -> dict[str, Any]:
@@ -173,6 +195,21 @@ class Peer(amp.AMP):
     @Where.responder
     def where(self, path: pathlib.Path) -> dict[str, Any]:
         return {"path": path / "child", "name": path.name}
+
+    @Hand.responder
+    def hand(self, fd: int, text: str) -> dict[str, Any]:
+        try:
+            return {"written": os.write(fd, text.encode())}
+        finally:
+            os.close(fd)
+
+    @Ask.responder
+    def ask(self, text: str) -> dict[str, Any]:
+        read, write = os.pipe()
+        os.write(write, text.encode())
+        os.close(write)
+        self.sent_fds.append(read)  # ours to close once sent
+        return {"fd": read}
 
     @SwitchToEcho.responder
     async def switch_to_echo(self, greeting: str) -> Echo:

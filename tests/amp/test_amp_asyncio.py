@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from amp_commands import (
+    Ask,
+    Big,
     Collect,
     DeclaredError,
     Fail,
+    Hand,
     IsSecure,
     Nope,
     Notify,
@@ -405,8 +410,11 @@ async def test_peer_that_never_reads_cannot_grow_the_answer_buffer(serve: Any) -
         peak = max(peak, transport.get_write_buffer_size())
     peak = max(peak, transport.get_write_buffer_size())
     assert sent < 200 * 1024 * 1024, "the server kept reading"
-    # Bounded by one read's worth of answers beyond the high-water mark.
+    # Bounded: one read's worth of answers beyond the high-water mark, and at most
+    # max_concurrent_responders calls waiting.
     assert peak < 2 * 1024 * 1024, peak
+    (peer,) = [p for p in server.peers if p.transport is transport]
+    assert 0 < len(peer._queue) <= peer.max_concurrent_responders + 300_000 // len(call)
     # Once the client reads, the server resumes and answers every call.
     parser = amp.BoxParser()
     answers = 0
@@ -434,3 +442,35 @@ async def test_protocol_switch_between_our_peers(serve: Any) -> None:
         await asyncio.wait_for(server.peers[0].wait_closed(), 5)
         assert server.peers[0].is_closed
         new.transport.close()
+
+
+async def test_descriptors_between_our_peers_with_big_boxes(tmp_path: Path) -> None:
+    path = tmp_path / "amp.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer())
+        return peers[-1]
+
+    async with await amp.serve_unix(factory, path):
+        conn = await amp.connect_unix(path, Peer)
+        async with conn:
+            pipes = [os.pipe() for _ in range(20)]
+            data = bytes(range(256)) * 2000  # large boxes between the descriptors
+            calls = []
+            for i, (_, write) in enumerate(pipes):
+                calls.append(conn.call_remote(Hand, fd=write, text=f"p{i:02d}"))
+                calls.append(conn.call_remote(Big, data=data))
+            results = await asyncio.gather(*calls)
+            assert results[0::2] == [{"written": 3}] * 20
+            assert results[1::2] == [{"data": data[::-1], "size": len(data)}] * 20
+            for i, (read, write) in enumerate(pipes):
+                os.close(write)
+                assert os.read(read, 10) == b"p%02d" % i
+                os.close(read)
+            answer = await conn.call_remote(Ask, text="ours")
+            assert answer is not None
+            with os.fdopen(answer["fd"], "rb") as received:
+                assert received.read() == b"ours"
+        await asyncio.wait_for(peers[0].wait_closed(), 5)
+    assert not path.exists() or path.is_socket()

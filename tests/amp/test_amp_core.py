@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from amp_commands import Big, DeclaredError, Fail, ListCall, Notify, Ping, SwitchToEcho
+from amp_commands import (
+    Ask,
+    Big,
+    DeclaredError,
+    Fail,
+    Hand,
+    ListCall,
+    Notify,
+    Ping,
+    SwitchToEcho,
+)
 
 from amgi import amp
 
@@ -411,3 +421,45 @@ def test_protocol_switch_declarations() -> None:
 
         class NoAnswer(amp.ProtocolSwitchCommand):
             requires_answer = False
+
+
+def test_descriptors_travel_as_ordinals() -> None:
+    sender = amp.Connection()
+    sender.send_call(Hand, {"fd": 7, "text": "a"})
+    with pytest.raises(amp.TooLong):  # refused: neither the descriptor nor an ordinal used
+        sender.send_call(Hand, {"fd": 8, "text": "x" * 70000})
+    with pytest.raises(amp.ArgumentError, match="file descriptor"):
+        sender.send_call(Hand, {"fd": "9", "text": "a"})
+    sender.send_call(Hand, {"fd": 9, "text": "b"})
+    assert sender.fds_to_send() == [7, 9]
+    assert sender.fds_to_send() == []
+    calls = amp.parse_boxes(sender.data_to_send())
+    assert [(c[b"_ask"], c[b"fd"]) for c in calls] == [(b"1", b"0"), (b"3", b"1")]
+
+    receiver = amp.Connection({b"Hand": Hand})
+    receiver.receive_fds([30, 31, 32])
+    events = receiver.receive_data(b"".join(amp.encode_box(c) for c in calls))
+    assert events == [
+        amp.CallReceived(b"1", Hand, {"fd": 30, "text": "a"}),
+        amp.CallReceived(b"3", Hand, {"fd": 31, "text": "b"}),
+    ]
+    # A box naming a descriptor that never arrived is refused; unclaimed ones are handed back.
+    (rejected,) = receiver.receive_data(box(_command=b"Hand", _ask=b"4", fd=b"5", text=b"c"))
+    assert isinstance(rejected, amp.CallRejected)
+    assert "no file descriptor #5 received for 'fd'" in rejected.description
+    assert receiver.unclaimed_fds() == [32]
+    assert receiver.unclaimed_fds() == []
+
+
+def test_descriptor_in_an_answer() -> None:
+    caller = amp.Connection()
+    caller.send_call(Ask, {"text": "t"})
+    responder = amp.Connection({b"Ask": Ask})
+    (call,) = responder.receive_data(caller.data_to_send())
+    assert isinstance(call, amp.CallReceived)
+    assert call.tag is not None
+    responder.send_answer(call.tag, Ask, {"fd": 12})
+    assert responder.fds_to_send() == [12]
+    caller.receive_fds([40])
+    (answer,) = caller.receive_data(responder.data_to_send())
+    assert answer == amp.AnswerReceived(b"1", Ask, {"fd": 40})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pathlib
 import sys
 from typing import Any
@@ -12,12 +13,14 @@ import pytest
 from amp_commands import (
     CASES,
     AllTypes,
+    Ask,
     Big,
     Collect,
     DeclaredError,
     Fail,
     FatalError,
     GetNotes,
+    Hand,
     IsSecure,
     ListCall,
     Nope,
@@ -267,3 +270,64 @@ async def test_protocol_switch_from_twisted_client() -> None:
     assert report["ping"] == {"text": "ping:pong:still amp"}
     assert report["answer"] == {}
     assert report["echo"] == "hi\nXYZ"
+
+
+async def test_descriptors_with_twisted_unix_server(twisted_unix_server: str) -> None:
+    async with await amp.connect_unix(twisted_unix_server, Peer) as conn:
+        pipes = [os.pipe() for _ in range(4)]
+        try:
+            # Several in flight at once: ordinals keep each descriptor with its call.
+            results = await asyncio.gather(
+                *(
+                    conn.call_remote(Hand, fd=write, text=f"pipe {i}")
+                    for i, (_, write) in enumerate(pipes)
+                )
+            )
+            assert results == [{"written": 6}] * 4
+            for _, write in pipes:
+                os.close(write)
+            assert [os.read(read, 100) for read, _ in pipes] == [b"pipe %d" % i for i in range(4)]
+        finally:
+            for read, _ in pipes:
+                os.close(read)
+        answer = await conn.call_remote(Ask, text="from twisted")
+        assert answer is not None
+        with os.fdopen(answer["fd"], "rb") as received:
+            assert received.read() == b"from twisted"
+        assert await conn.call_remote(Ping, text="unix") == {"text": "ping:pong:unix"}
+
+
+async def test_descriptors_from_twisted_unix_client(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "ours.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer())
+        return peers[-1]
+
+    async with await amp.serve_unix(factory, path):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "unix-client",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report == {"hand": {"written": 12}, "handed": "from twisted", "asked": "to twisted"}
+    await asyncio.wait_for(peers[0].wait_closed(), 5)
+
+
+async def test_descriptor_over_tcp_is_refused_clearly(twisted_server: int) -> None:
+    read, write = os.pipe()
+    try:
+        async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+            with pytest.raises(amp.AmpError, match="needs a UNIX connection"):
+                await conn.call_remote(Hand, fd=write, text="x")
+            assert await conn.call_remote(Ping, text="tcp") == {"text": "ping:pong:tcp"}
+    finally:
+        os.close(read)
+        os.close(write)

@@ -2,6 +2,8 @@
 
     python twisted_peer.py server CERT_PEM       prints "PORT <n>", serves until killed
     python twisted_peer.py client PORT           runs the scenario, prints a JSON report
+    python twisted_peer.py unix-server PATH      prints "READY", serves on a UNIX socket
+    python twisted_peer.py unix-client PATH      passes descriptors to PATH, prints JSON
 
 Only Twisted is imported here: these are Twisted's own declarations of the
 commands in commands.py, so the two sides meet only on the wire.
@@ -10,6 +12,7 @@ commands in commands.py, so the two sides meet only on the wire.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -131,6 +134,20 @@ class Echo(protocol.Protocol):
         self.transport.write(data.upper())
 
 
+class Hand(amp.Command):
+    """The caller hands over a descriptor; the responder writes ``text`` to it."""
+
+    arguments = [(b"fd", amp.Descriptor()), (b"text", amp.Unicode())]
+    response = [(b"written", amp.Integer())]
+
+
+class Ask(amp.Command):
+    """The responder answers with the read end of a pipe holding ``text``."""
+
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"fd", amp.Descriptor())]
+
+
 class ListCall(amp.Command):
     arguments = [(b"items", amp.ListOf(amp.Unicode()))]
 
@@ -185,6 +202,20 @@ class Peer(amp.AMP):
         if greeting == "refuse":
             raise DeclaredError("not switching")
         return Echo(greeting)
+
+    @Hand.responder
+    def hand(self, fd, text):
+        written = os.write(fd, text.encode())
+        os.close(fd)
+        return {"written": written}
+
+    @Ask.responder
+    def ask(self, text):
+        read, write = os.pipe()
+        os.write(write, text.encode())
+        os.close(write)
+        reactor.callLater(1, os.close, read)  # sent by then
+        return {"fd": read}
 
     @Where.responder
     def where(self, path):
@@ -335,6 +366,28 @@ async def switch_scenario(reactor_: Any, port: int) -> None:
     proto.transport.loseConnection()
 
 
+def serve_unix(path: str) -> None:
+    reactor.listenUNIX(path, protocol.Factory.forProtocol(Peer))
+    print("READY", flush=True)
+    reactor.run()
+
+
+async def unix_scenario(reactor_: Any, path: str) -> None:
+    endpoint = endpoints.UNIXClientEndpoint(reactor_, path)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    report: dict[str, Any] = {}
+    read, write = os.pipe()
+    report["hand"] = await proto.callRemote(Hand, fd=write, text="from twisted")
+    os.close(write)
+    report["handed"] = os.read(read, 100).decode()
+    os.close(read)
+    answer = await proto.callRemote(Ask, text="to twisted")
+    report["asked"] = os.read(answer["fd"], 100).decode()
+    os.close(answer["fd"])
+    print(json.dumps(report), flush=True)
+    proto.transport.loseConnection()
+
+
 def client(port: int) -> None:
     values_json = sys.stdin.read()
     task.react(lambda r: defer.ensureDeferred(scenario(r, port, values_json)))
@@ -343,6 +396,10 @@ def client(port: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "unix-server":
+        serve_unix(sys.argv[2])
+    elif sys.argv[1] == "unix-client":
+        task.react(lambda r: defer.ensureDeferred(unix_scenario(r, sys.argv[2])))
     elif sys.argv[1] == "switch":
         task.react(lambda r: defer.ensureDeferred(switch_scenario(r, int(sys.argv[2]))))
     elif sys.argv[1] == "tags":

@@ -12,6 +12,7 @@ from ._arguments import (
     Boolean,
     DateTime,
     Decimal,
+    Descriptor,
     Float,
     Integer,
     ListOf,
@@ -19,7 +20,7 @@ from ._arguments import (
     String,
     Unicode,
 )
-from ._asyncio import AMP, connect, serve
+from ._asyncio import AMP, connect, connect_unix, serve, serve_unix
 from ._box import (
     DEFAULT_MAX_BOX_SIZE,
     DEFAULT_MAX_KEYS_PER_BOX,
@@ -57,6 +58,7 @@ from ._errors import (
     UnhandledCommand,
     UnknownRemoteError,
 )
+from ._unix import UnixServer
 
 __all__ = [
     "AMP",
@@ -84,6 +86,7 @@ __all__ = [
     "ConnectionLost",
     "DateTime",
     "Decimal",
+    "Descriptor",
     "ErrorReceived",
     "Event",
     "Float",
@@ -102,9 +105,12 @@ __all__ = [
     "TooLong",
     "UnhandledCommand",
     "Unicode",
+    "UnixServer",
     "UnknownRemoteError",
     "connect",
+    "connect_unix",
     "encode_box",
     "parse_boxes",
     "serve",
+    "serve_unix",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "Boolean",
     "DateTime",
     "Decimal",
+    "Descriptor",
     "Float",
     "Integer",
     "ListOf",
@@ -77,6 +78,17 @@ class Integer(Argument[int]):
 
     def from_bytes(self, data: bytes) -> int:
         return int(data)
+
+
+class Descriptor(Integer):
+    """A file descriptor, passed over a UNIX socket (Twisted's ``Descriptor``).
+
+    The descriptor itself travels beside the bytes (``SCM_RIGHTS``); the box holds
+    its ordinal among the descriptors sent on the connection, from 0. The
+    :class:`Connection` swaps descriptors and ordinals; the sender keeps its
+    descriptor, the receiver owns the copy it gets. Only at the top level of a
+    command's arguments or response.
+    """
 
 
 class String(Argument[bytes]):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import os
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,8 +33,9 @@ from ._errors import (
     ConnectionLost,
     ProtocolSwitched,
 )
+from ._unix import UnixServer, open_unix_connection, start_unix_server
 
-__all__ = ["AMP", "connect", "serve"]
+__all__ = ["AMP", "connect", "connect_unix", "serve", "serve_unix"]
 
 log = logging.getLogger("amgi.amp")
 
@@ -58,8 +61,9 @@ class AMP(asyncio.Protocol):
     ``max_keys_per_box`` bound each box received (a peer exceeding them is
     disconnected with a WARNING).
 
-    Writing is flow-controlled: while the transport asks to pause writing,
-    reading from the peer pauses too (so answers stop piling up) and
+    Writing is flow-controlled: while the transport asks to pause writing, the
+    peer's calls are not run but queued (reading pauses once
+    ``max_concurrent_responders`` wait), so answers stop piling up, and
     :meth:`call_remote` waits before sending.
     """
 
@@ -196,14 +200,27 @@ class AMP(asyncio.Protocol):
             return f"{peer[0]}:{peer[1]}"
         return str(peer) if peer else "peer"
 
+    def fds_received(self, fds: list[int]) -> None:
+        """File descriptors from the peer (UNIX connections), for Descriptor arguments."""
+        self._core.receive_fds(fds)
+
+    def _check_fds(self, command: type[Command], names: tuple[str, ...]) -> None:
+        if names and not hasattr(self.transport, "send_fds"):
+            raise AmpError(
+                f"{command.__name__} passes file descriptors: it needs a UNIX connection "
+                "made with amp.connect_unix or amp.serve_unix"
+            )
+
     def pause_writing(self) -> None:
         self._write_paused = True
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._run_queued()
         self._update_reading()
         self._wake_drain_waiters()
+        self._flush_soon()
 
     def _wake_drain_waiters(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -220,6 +237,9 @@ class AMP(asyncio.Protocol):
         self._lost = True
         self._wake_drain_waiters()
         self._core.connection_lost()
+        for fd in self._core.unclaimed_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
         waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():
@@ -259,6 +279,8 @@ class AMP(asyncio.Protocol):
             command = type(command)
         if command.switches_protocol:
             raise TypeError(f"{command.__name__} switches protocols: use switch_protocol()")
+        if command.argument_descriptors:
+            self._check_fds(command, command.argument_descriptors)
         if self._write_paused:
             await self._drain()
         if self._lost or self.transport is None:
@@ -398,7 +420,7 @@ class AMP(asyncio.Protocol):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        if self._running >= self.max_concurrent_responders or self._queue:
+        if self._write_paused or self._queue or self._running >= self.max_concurrent_responders:
             self._queue.append(event)
             self._update_reading()
             return
@@ -467,15 +489,20 @@ class AMP(asyncio.Protocol):
         self._running -= 1
         if self._lost:
             return
-        while self._queue and self._running < self.max_concurrent_responders:
-            self._run(self._queue.popleft())
+        self._run_queued()
         self._update_reading()
         self._flush_soon()
+
+    def _run_queued(self) -> None:
+        queue = self._queue
+        while queue and not self._write_paused and self._running < self.max_concurrent_responders:
+            self._run(queue.popleft())
 
     def _respond(self, event: CallReceived, result: Any) -> None:
         if event.tag is None or self._lost:
             return
         try:
+            self._check_fds(event.command, event.command.response_descriptors)
             self._core.send_answer(event.tag, event.command, result or {})
         except Exception:
             log.exception(
@@ -513,13 +540,13 @@ class AMP(asyncio.Protocol):
                 self.transport.close()
 
     def _update_reading(self) -> None:
-        """Pause reading while responders are at their limit or writing is paused."""
-        pause = (
-            self._write_paused
-            or bool(self._queue)
-            or self._running >= self.max_concurrent_responders
-            or self._core.switch_pending
-        )
+        """Pause reading while ``max_concurrent_responders`` calls wait to be run.
+
+        Calls wait while the responders are at their limit or writing is paused;
+        reading goes on until then, so answers to our own calls still arrive (two
+        peers that both stopped writing must not stop reading each other).
+        """
+        pause = len(self._queue) >= self.max_concurrent_responders or self._core.switch_pending
         if pause is self._paused or self.transport is None or self._lost:
             return
         self._paused = pause
@@ -542,6 +569,9 @@ class AMP(asyncio.Protocol):
             return
         data = self._core.data_to_send()
         if data:
+            fds = self._core.fds_to_send()
+            if fds:
+                cast(Any, self.transport).send_fds(fds)
             self.transport.write(data)
 
     # ---------------------------------------------------------------------- TLS
@@ -686,3 +716,21 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     return await loop.create_server(protocol_factory, host, port, **kwargs)
+
+
+async def connect_unix(
+    path: str | os.PathLike[str],
+    protocol_factory: Callable[[], P] = AMP,  # type: ignore[assignment]
+) -> P:
+    """Connect to the UNIX socket ``path``; the connection can pass file descriptors
+    (:class:`Descriptor` arguments), like Twisted's ``connectUNIX``."""
+    _, protocol = await open_unix_connection(path, protocol_factory)
+    return cast(P, protocol)
+
+
+async def serve_unix(
+    protocol_factory: Callable[[], AMP], path: str | os.PathLike[str]
+) -> UnixServer:
+    """Listen on the UNIX socket ``path`` (created; must not exist); each connection
+    gets ``protocol_factory()`` and can pass file descriptors."""
+    return await start_unix_server(protocol_factory, path)

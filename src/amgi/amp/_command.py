@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from ._arguments import Argument, Spec, compile_arguments, decode_arguments, encode_arguments
+from ._arguments import (
+    Argument,
+    Descriptor,
+    Spec,
+    compile_arguments,
+    decode_arguments,
+    encode_arguments,
+)
 from ._box import Box, Plan, make_plan
 from ._errors import TLS_ERROR_CODE, TLSNotAvailable
 
@@ -24,6 +31,10 @@ def _plan(specs: tuple[Spec, ...], specials: tuple[bytes, ...]) -> Plan | None:
     if any(not argument.single_key for _, _, argument in specs):
         return None
     return make_plan([(key, name, argument.to_bytes) for key, name, argument in specs], specials)
+
+
+def _descriptors(specs: tuple[Spec, ...]) -> tuple[str, ...]:
+    return tuple(name for _, name, argument in specs if isinstance(argument, Descriptor))
 
 
 class Command:
@@ -54,6 +65,8 @@ class Command:
     error_types: ClassVar[dict[bytes, type[BaseException]]] = {}
     call_plan: ClassVar[Plan | None] = None
     answer_plan: ClassVar[Plan | None] = None
+    argument_descriptors: ClassVar[tuple[str, ...]] = ()
+    response_descriptors: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -71,6 +84,8 @@ class Command:
         call_specials = (b"_command", b"_ask") if cls.requires_answer else (b"_command",)
         cls.call_plan = _plan(cls.argument_specs, call_specials)
         cls.answer_plan = _plan(cls.response_specs, (b"_answer",))
+        cls.argument_descriptors = _descriptors(cls.argument_specs)
+        cls.response_descriptors = _descriptors(cls.response_specs)
         if cls.switches_protocol and (cls.response_specs or not cls.requires_answer):
             raise TypeError(
                 f"{cls.__name__}: a protocol switch needs an answer and has no response"

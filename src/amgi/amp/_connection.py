@@ -147,6 +147,12 @@ class Connection:
         self._switch_tag: bytes | None = None  # our pending protocol switch call
         self._held: list[bytes] | None = None  # input held while we answer a switch
         self.switched = False
+        # File descriptors (Descriptor arguments): queued to send beside the next
+        # bytes, and received ones by ordinal until an argument claims them.
+        self._fds_out: list[int] = []
+        self._fds_sent = 0
+        self._fds_in: dict[int, int] = {}
+        self._fds_received = 0
         self._counter = 0
         self._pending: dict[bytes, type[Command]] = {}
         self._abandoned: dict[bytes, None] = {}
@@ -179,6 +185,9 @@ class Connection:
             raise ProtocolSwitched("this connection is switching protocols: no AMP calls")
         counter = self._counter + 1
         tag = b"%x" % counter if command.requires_answer else None
+        fds: list[int] = []
+        if command.argument_descriptors:
+            values, fds = self._ordinals(command.argument_descriptors, values)
         data = None
         plan = command.call_plan
         if plan is not None and len(values) == len(command.argument_specs):
@@ -201,6 +210,8 @@ class Connection:
             self._pending[tag] = command
             if command.switches_protocol:
                 self._switch_tag = tag
+        if fds:
+            self._queue_fds(fds)
         self._outbox.append(data)
         return tag
 
@@ -211,16 +222,23 @@ class Connection:
         """
         if self._switch_tag is not None or self.switched:
             return
+        fds: list[int] = []
+        if command.response_descriptors:
+            values, fds = self._ordinals(command.response_descriptors, values)
+        data = None
         plan = command.answer_plan
         if plan is not None and len(values) == len(command.response_specs):
             try:
-                self._outbox.append(encode_planned(plan, values, (tag,)))
-                return
+                data = encode_planned(plan, values, (tag,))
             except Exception:
-                pass
-        box = command.encode_response(values)
-        box[ANSWER] = tag
-        self._outbox.append(encode_box(box))
+                data = None
+        if data is None:
+            box = command.encode_response(values)
+            box[ANSWER] = tag
+            data = encode_box(box)
+        if fds:
+            self._queue_fds(fds)
+        self._outbox.append(data)
 
     def send_error(self, tag: bytes, code: bytes, description: str) -> None:
         """Queue an error answer to call ``tag`` (dropped while our switch is pending)."""
@@ -232,6 +250,60 @@ class Connection:
     def send_box(self, box: Box) -> None:
         """Queue an arbitrary box (for extensions; no bookkeeping)."""
         self._outbox.append(encode_box(box))
+
+    # ---------------------------------------------------------- file descriptors
+
+    def _ordinals(
+        self, names: tuple[str, ...], values: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[int]]:
+        """``values`` with each descriptor replaced by its ordinal (not yet committed)."""
+        out = dict(values)
+        fds: list[int] = []
+        for name in names:
+            fd = out.get(name)
+            if fd is None:
+                continue
+            if type(fd) is not int or fd < 0:
+                raise ArgumentError(f"{name!r} must be a file descriptor (an int >= 0)")
+            out[name] = self._fds_sent + len(fds)
+            fds.append(fd)
+        return out, fds
+
+    def _queue_fds(self, fds: list[int]) -> None:
+        self._fds_out.extend(fds)
+        self._fds_sent += len(fds)
+
+    def fds_to_send(self) -> list[int]:
+        """Return (and forget) the descriptors to send beside the next bytes.
+
+        Send them before or with the bytes of :meth:`data_to_send` (``SCM_RIGHTS``);
+        the caller keeps ownership of them.
+        """
+        fds, self._fds_out = self._fds_out, []
+        return fds
+
+    def receive_fds(self, fds: list[int]) -> None:
+        """Descriptors received from the peer, in order; the connection owns them
+        until an argument claims them (see :meth:`unclaimed_fds`)."""
+        for fd in fds:
+            self._fds_in[self._fds_received] = fd
+            self._fds_received += 1
+
+    def unclaimed_fds(self) -> list[int]:
+        """Return (and forget) received descriptors no argument claimed; close them."""
+        fds = list(self._fds_in.values())
+        self._fds_in.clear()
+        return fds
+
+    def _claim(self, names: tuple[str, ...], values: dict[str, Any]) -> None:
+        for name in names:
+            ordinal = values.get(name)
+            if ordinal is None:
+                continue
+            fd = self._fds_in.pop(ordinal, None)
+            if fd is None:
+                raise ArgumentError(f"no file descriptor #{ordinal} received for {name!r}")
+            values[name] = fd
 
     def switch_accepted(self) -> bytes:
         """We answered a switch call: return the input held since, for the new protocol."""
@@ -352,7 +424,10 @@ class Connection:
             if command is None:
                 return self._unexpected(tag, "answer")
             try:
-                return AnswerReceived(tag, command, command.decode_response(box))
+                response = command.decode_response(box)
+                if command.response_descriptors:
+                    self._claim(command.response_descriptors, response)
+                return AnswerReceived(tag, command, response)
             except ArgumentError as exc:
                 return ErrorReceived(tag, command, ArgumentError(f"invalid answer: {exc}"))
         tag = box.get(ERROR)
@@ -372,6 +447,8 @@ class Connection:
             return self._reject(ask, name, UNHANDLED_ERROR_CODE, f"Unhandled Command: {name!r}")
         try:
             arguments = command.decode_arguments(box)
+            if command.argument_descriptors:
+                self._claim(command.argument_descriptors, arguments)
         except ArgumentError as exc:
             return self._reject(ask, name, UNKNOWN_ERROR_CODE, f"Invalid arguments: {exc}")
         return CallReceived(ask, command, arguments)
