@@ -474,3 +474,68 @@ async def test_descriptors_between_our_peers_with_big_boxes(tmp_path: Path) -> N
                 assert received.read() == b"ours"
         await asyncio.wait_for(peers[0].wait_closed(), 5)
     assert not path.exists() or path.is_socket()
+
+
+async def raw_unix(path: Path, data: bytes, fds: list[int]) -> bytes:
+    """Send ``data`` with ``fds`` from a plain UNIX socket; return all it gets back."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(path))
+        await loop.run_in_executor(None, socket.send_fds, sock, [data], fds)
+        received = b""
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
+                if amp.BoxParser().feed(received):
+                    break
+        return received
+
+
+async def test_unix_descriptor_failure_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "amp.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer())
+        return peers[-1]
+
+    async with await amp.serve_unix(factory, path):
+        # A box naming a descriptor that never came: an error answer, nothing else.
+        hand = raw(_command=b"Hand", _ask=b"1", fd=b"3", text=b"x")
+        (answer,) = amp.parse_boxes(await raw_unix(path, hand, []))
+        assert answer[b"_error_code"] == b"UNKNOWN"
+        assert b"no file descriptor #3" in answer[b"_error_description"]
+        # Descriptors no box claims are closed when the connection ends: once the
+        # server's copy is closed, closing ours gives the read end its EOF.
+        read, write = os.pipe()
+        try:
+            ping = raw(_command=b"IsSecure", _ask=b"1")
+            assert amp.parse_boxes(await raw_unix(path, ping, [write]))[0][b"_answer"] == b"1"
+            await asyncio.wait_for(peers[-1].wait_closed(), 5)
+            os.close(write)
+            assert os.read(read, 10) == b""
+        finally:
+            os.close(read)
+        # More descriptors in one read than it takes: closed, with one clear line.
+        pipes = [os.pipe() for _ in range(35)]  # 70 descriptors
+        try:
+            fds = [fd for pair in pipes for fd in pair]
+            with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+                assert await raw_unix(path, ping, fds) == b""
+            assert "more than 64 file descriptors at once" in caplog.text
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+async def test_descriptor_answer_on_tcp_is_an_error(serve: Any) -> None:
+    server = await serve(Peer)
+    async with await amp.connect("127.0.0.1", server.port, Peer) as conn:
+        with pytest.raises(amp.UnknownRemoteError):
+            await conn.call_remote(Ask, text="x")
+    for fd in server.peers[0].sent_fds:
+        os.close(fd)
+    server.peers[0].sent_fds.clear()

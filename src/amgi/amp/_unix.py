@@ -97,7 +97,11 @@ class FdTransport(asyncio.Transport):
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
-            self._force_close(ConnectionError("more file descriptors than one read can take"))
+            log.warning(
+                "closing UNIX connection: the peer sent more than %d file descriptors at once",
+                _MAX_FDS_PER_READ,
+            )
+            self._force_close(ConnectionError("too many file descriptors in one read"))
             return
         if fds:
             receiver: Callable[[list[int]], None] | None = getattr(
