@@ -7,7 +7,7 @@ import decimal as _decimal
 import keyword
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._box import MAX_VALUE_LENGTH, Box, encode_box, parse_boxes
@@ -366,4 +366,36 @@ def decode_arguments(specs: Sequence[Spec], box: Mapping[bytes, bytes]) -> dict[
         if value is None and not argument.optional:
             raise ArgumentError(f"missing argument {name!r}")
         out[name] = value
+    return out
+
+
+# A decoding recipe for boxes of single-key arguments:
+# (wire key, python name, from_bytes, optional) for each argument.
+DecodePlan = tuple[tuple[bytes, str, Callable[[bytes], Any], bool], ...]
+
+
+def make_decode_plan(specs: Sequence[Spec]) -> DecodePlan | None:
+    """The recipe of :func:`decode_planned`, or None if an argument spans several keys."""
+    if any(not argument.single_key for _, _, argument in specs):
+        return None
+    return tuple(
+        (key, name, argument.from_bytes, argument.optional) for key, name, argument in specs
+    )
+
+
+def decode_planned(plan: DecodePlan, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """:func:`decode_arguments` for single-key arguments, without per-argument lookups."""
+    out: dict[str, Any] = {}
+    get = box.get
+    for key, name, from_bytes, optional in plan:
+        raw = get(key)
+        if raw is None:
+            if not optional:
+                raise ArgumentError(f"missing argument {name!r}")
+            out[name] = None
+            continue
+        try:
+            out[name] = from_bytes(raw)
+        except Exception as exc:
+            raise ArgumentError(f"cannot decode {name!r}: {exc}") from exc
     return out

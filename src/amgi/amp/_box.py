@@ -142,8 +142,8 @@ class BoxParser:
     __slots__ = (
         "_box",
         "_buffer",
-        "_keys",
-        "_size",
+        "_bytes_left",
+        "_keys_left",
         "error",
         "max_box_size",
         "max_keys_per_box",
@@ -161,8 +161,9 @@ class BoxParser:
         self.max_keys_per_box = max_keys_per_box
         self._buffer = b""
         self._box: Box = {}
-        self._size = 0  # wire bytes of the pairs of the current box so far
-        self._keys = 0  # pairs of the current box so far
+        # Room left in the current box: bytes of pairs, and pairs.
+        self._bytes_left = max_box_size
+        self._keys_left = max_keys_per_box
         self.error: ProtocolError | None = None
         # When set, called with each completed box; True stops parsing right after
         # it, leaving the rest unparsed (see :meth:`take_unparsed`).
@@ -171,7 +172,7 @@ class BoxParser:
     @property
     def buffered(self) -> int:
         """Number of bytes held that do not yet form a complete box."""
-        return len(self._buffer) + self._size
+        return len(self._buffer) + self.max_box_size - self._bytes_left
 
     def take_unparsed(self) -> bytes:
         """Return and forget the raw bytes not yet parsed (for a protocol switch).
@@ -190,52 +191,57 @@ class BoxParser:
         n = len(buf)
         pos = 0
         box = self._box
-        # ``start`` is where the current box began in ``buf`` (negative when it began
-        # in an earlier feed), so its size so far is ``pos - start``.
-        start = -self._size
-        keys = self._keys
+        # The current box's pairs may not end past ``limit`` in ``buf``; ``room``
+        # more pairs fit in it.
+        limit = self._bytes_left
+        room = self._keys_left
         max_size = self.max_box_size
         max_keys = self.max_keys_per_box
         stop = self.stop
         boxes: list[Box] = []
-        while n - pos >= 2:
-            klen = (buf[pos] << 8) | buf[pos + 1]
-            if klen == 0:
-                boxes.append(box)
-                pos += 2
-                start = pos
-                keys = 0
-                if stop is not None and stop(box):
+        try:  # an IndexError means the rest is incomplete (no length check per pair)
+            while True:
+                if buf[pos]:  # a key length over 255
+                    klen = (buf[pos] << 8) | buf[pos + 1]
+                    return self._fail(boxes, f"key length {klen} is longer than {MAX_KEY_LENGTH}")
+                vpos = pos + 2 + buf[pos + 1]
+                if vpos == pos + 2:  # the empty key: end of box
+                    boxes.append(box)
+                    pos = vpos
+                    limit = pos + max_size
+                    room = max_keys
                     box = {}
+                    if pos == n or (stop is not None and stop(boxes[-1])):
+                        break
+                    continue
+                end = vpos + 2 + ((buf[vpos] << 8) | buf[vpos + 1])
+                if end > limit or not room:
+                    return self._over_limit(boxes, end > limit)
+                if n < end:
                     break
-                box = {}
-                continue
-            if klen > MAX_KEY_LENGTH:
-                return self._fail(boxes, f"key length {klen} is longer than {MAX_KEY_LENGTH}")
-            vpos = pos + 2 + klen
-            if n < vpos + 2:
-                break
-            end = vpos + 2 + ((buf[vpos] << 8) | buf[vpos + 1])
-            if end - start > max_size:
-                return self._fail(boxes, f"box larger than {max_size} bytes (max_box_size)")
-            if keys >= max_keys:
-                return self._fail(boxes, f"box with more than {max_keys} keys (max_keys_per_box)")
-            if n < end:
-                break
-            box[buf[pos + 2 : vpos]] = buf[vpos + 2 : end]
-            keys += 1
-            pos = end
+                box[buf[pos + 2 : vpos]] = buf[vpos + 2 : end]
+                room -= 1
+                pos = end
+        except IndexError:
+            pass
         self._box = box
-        self._size = pos - start
-        self._keys = keys
+        self._bytes_left = limit - pos
+        self._keys_left = room
         self._buffer = buf[pos:] if pos < n else b""
         return boxes
+
+    def _over_limit(self, boxes: list[Box], too_large: bool) -> list[Box]:
+        if too_large:
+            return self._fail(boxes, f"box larger than {self.max_box_size} bytes (max_box_size)")
+        reason = f"box with more than {self.max_keys_per_box} keys (max_keys_per_box)"
+        return self._fail(boxes, reason)
 
     def _fail(self, boxes: list[Box], reason: str) -> list[Box]:
         self.error = ProtocolError(reason)
         self._buffer = b""
         self._box = {}
-        self._size = self._keys = 0
+        self._bytes_left = self.max_box_size
+        self._keys_left = self.max_keys_per_box
         return boxes
 
 

@@ -7,11 +7,14 @@ from typing import Any, ClassVar, TypeVar
 
 from ._arguments import (
     Argument,
+    DecodePlan,
     Descriptor,
     Spec,
     compile_arguments,
     decode_arguments,
+    decode_planned,
     encode_arguments,
+    make_decode_plan,
 )
 from ._box import Box, Plan, make_plan
 from ._errors import TLS_ERROR_CODE, TLSNotAvailable
@@ -65,8 +68,14 @@ class Command:
     error_types: ClassVar[dict[bytes, type[BaseException]]] = {}
     call_plan: ClassVar[Plan | None] = None
     answer_plan: ClassVar[Plan | None] = None
+    argument_decoder: ClassVar[DecodePlan | None] = None
+    response_decoder: ClassVar[DecodePlan | None] = None
     argument_descriptors: ClassVar[tuple[str, ...]] = ()
     response_descriptors: ClassVar[tuple[str, ...]] = ()
+    # Whether the connection must look twice at this command's boxes (StartTLS, a
+    # protocol switch); ``plain``: neither that nor descriptors.
+    special: ClassVar[bool] = False
+    plain: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -84,8 +93,14 @@ class Command:
         call_specials = (b"_command", b"_ask") if cls.requires_answer else (b"_command",)
         cls.call_plan = _plan(cls.argument_specs, call_specials)
         cls.answer_plan = _plan(cls.response_specs, (b"_answer",))
+        cls.argument_decoder = make_decode_plan(cls.argument_specs)
+        cls.response_decoder = make_decode_plan(cls.response_specs)
         cls.argument_descriptors = _descriptors(cls.argument_specs)
         cls.response_descriptors = _descriptors(cls.response_specs)
+        # Set on each class itself, so the lookups on the hot path stop at once.
+        cls.switches_protocol = cls.switches_protocol
+        cls.special = cls.switches_protocol or cls.__dict__.get("special", False)
+        cls.plain = not (cls.special or cls.argument_descriptors or cls.response_descriptors)
         if cls.switches_protocol and (cls.response_specs or not cls.requires_answer):
             raise TypeError(
                 f"{cls.__name__}: a protocol switch needs an answer and has no response"
@@ -111,6 +126,9 @@ class Command:
     @classmethod
     def decode_arguments(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
         """Decode call arguments from a received box."""
+        plan = cls.argument_decoder
+        if plan is not None:
+            return decode_planned(plan, box)
         return decode_arguments(cls.argument_specs, box)
 
     @classmethod
@@ -121,6 +139,9 @@ class Command:
     @classmethod
     def decode_response(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
         """Decode an answer box into the result dict."""
+        plan = cls.response_decoder
+        if plan is not None:
+            return decode_planned(plan, box)
         return decode_arguments(cls.response_specs, box)
 
     @classmethod
@@ -140,6 +161,7 @@ class StartTLS(Command):
     """Twisted's ``StartTLS`` command: TLS begins right after the (empty) answer."""
 
     command_name = b"StartTLS"
+    special = True
     errors: ClassVar[Mapping[type[BaseException], bytes | str]] = {TLSNotAvailable: TLS_ERROR_CODE}
 
 

@@ -141,12 +141,14 @@ class Connection:
     ) -> None:
         self.commands: dict[bytes, type[Command]] = {}
         self._switch_commands = False  # some command we answer switches protocols
-        for command in (commands or {}).values():
-            self.add_command(command)
         self._parser = BoxParser(max_box_size, max_keys_per_box)
         self._switch_tag: bytes | None = None  # our pending protocol switch call
         self._held: list[bytes] | None = None  # input held while we answer a switch
         self.switched = False
+        self._locked = False  # our switch is pending or done: no AMP boxes out
+        self._special = False  # the last box received needs a second look
+        for command in (commands or {}).values():
+            self.add_command(command)
         # File descriptors (Descriptor arguments): queued to send beside the next
         # bytes, and received ones by ordinal until an argument claims them.
         self._fds_out: list[int] = []
@@ -162,7 +164,9 @@ class Connection:
     def add_command(self, command: type[Command]) -> None:
         """Answer ``command`` (by its name) on this connection."""
         self.commands[command.name] = command
-        self._switch_commands = self._switch_commands or command.switches_protocol
+        if command.switches_protocol:
+            self._switch_commands = True
+            self._parser.stop = self._stops_parsing
 
     # ------------------------------------------------------------------ output
 
@@ -181,12 +185,12 @@ class Connection:
         each argument (so a bad argument value consumes none). Raises
         :class:`ProtocolSwitched` once a protocol switch is pending or done.
         """
-        if self._switch_tag is not None or self.switched:
+        if self._locked:
             raise ProtocolSwitched("this connection is switching protocols: no AMP calls")
         counter = self._counter + 1
         tag = b"%x" % counter if command.requires_answer else None
         fds: list[int] = []
-        if command.argument_descriptors:
+        if not command.plain and command.argument_descriptors:
             values, fds = self._ordinals(command.argument_descriptors, values)
         data = None
         plan = command.call_plan
@@ -210,6 +214,8 @@ class Connection:
             self._pending[tag] = command
             if command.switches_protocol:
                 self._switch_tag = tag
+                self._locked = True
+                self._parser.stop = self._stops_parsing
         if fds:
             self._queue_fds(fds)
         self._outbox.append(data)
@@ -220,10 +226,10 @@ class Connection:
 
         While our protocol switch is pending, answers are dropped (as Twisted does).
         """
-        if self._switch_tag is not None or self.switched:
+        if self._locked:
             return
         fds: list[int] = []
-        if command.response_descriptors:
+        if not command.plain and command.response_descriptors:
             values, fds = self._ordinals(command.response_descriptors, values)
         data = None
         plan = command.answer_plan
@@ -242,7 +248,7 @@ class Connection:
 
     def send_error(self, tag: bytes, code: bytes, description: str) -> None:
         """Queue an error answer to call ``tag`` (dropped while our switch is pending)."""
-        if self._switch_tag is not None or self.switched:
+        if self._locked:
             return
         desc = description.encode("utf-8", "replace")[:0xFFFF]
         self._outbox.append(encode_box({ERROR: tag, ERROR_CODE: code, ERROR_DESCRIPTION: desc}))
@@ -309,7 +315,7 @@ class Connection:
         """We answered a switch call: return the input held since, for the new protocol."""
         held = b"".join(self._held or [])
         self._held = None
-        self.switched = self.failed = True
+        self.switched = self.failed = self._locked = True
         return held
 
     def switch_refused(self) -> list[Event]:
@@ -363,48 +369,61 @@ class Connection:
             self._held.append(data)
             return []
         parser = self._parser
-        switching = self._switch_tag is not None or self._switch_commands
-        parser.stop = self._stops_parsing if switching else None
         events: list[Event] = []
-        while True:
-            boxes = parser.feed(data)
-            if self._events_of(boxes, events) or not switching or not boxes:
-                return events
-            data = b""  # parsing stopped at a switch box; go on with the rest
+        # With a stop hook, parsing may halt after a switch box: then go on with the
+        # rest, unless that box ended AMP input.
+        may_stop = parser.stop is not None
+        boxes = parser.feed(data)
+        while not self._events_of(boxes, events) and may_stop and boxes:
+            boxes = parser.feed(b"")
+        return events
 
     def _events_of(self, boxes: list[Box], events: list[Event]) -> bool:
         """Append the events of ``boxes``; True when no more input must be parsed."""
-        parser = self._parser
-        last = len(boxes) - 1
-        for index, box in enumerate(boxes):
-            event = self._box_received(box)
-            events.append(event)
-            kind = type(event)
-            if kind is ProtocolViolation:
+        box_received = self._box_received
+        append = events.append
+        for box in boxes:
+            event = box_received(box)
+            append(event)
+            if self._special:
+                self._special = False
+                if self._second_look(event, box is not boxes[-1], events):
+                    return True
+            elif type(event) is ProtocolViolation:
                 self.failed = True
                 return True
-            command = getattr(event, "command", None)
-            if command is None or not (command is StartTLS or command.switches_protocol):
-                continue
-            if command is StartTLS:
-                if index != last or parser.buffered or parser.error is not None:
-                    self.failed = True
-                    events.append(ProtocolViolation("data received after StartTLS"))
-                    return True
-            elif kind is CallReceived:
-                if event.tag is not None:  # type: ignore[union-attr]
-                    self._held = [parser.take_unparsed()]
-                    return True
-            elif event.tag == self._switch_tag:  # type: ignore[union-attr]
-                self._switch_tag = None
-                if kind is AnswerReceived:
-                    self.switched = self.failed = True
-                    events.append(Switched(parser.take_unparsed()))
-                    return True
+        parser = self._parser
         if parser.error is not None:
             self.failed = True
             events.append(ProtocolViolation(str(parser.error)))
             return True
+        return False
+
+    def _second_look(self, event: Event, more_boxes: bool, events: list[Event]) -> bool:
+        """StartTLS and protocol-switch boxes; True when AMP input ends here."""
+        parser = self._parser
+        kind = type(event)
+        command: type[Command] = event.command  # type: ignore[union-attr]
+        if command is StartTLS:
+            if more_boxes or parser.buffered or parser.error is not None:
+                self.failed = True
+                events.append(ProtocolViolation("data received after StartTLS"))
+                return True
+            return False
+        tag: bytes | None = event.tag  # type: ignore[union-attr]
+        if kind is CallReceived:
+            if tag is not None:
+                self._held = [parser.take_unparsed()]
+                return True
+        elif tag == self._switch_tag:
+            self._switch_tag = None
+            if kind is AnswerReceived:
+                self.switched = self.failed = True
+                events.append(Switched(parser.take_unparsed()))
+                return True
+            self._locked = False
+            if not self._switch_commands:
+                parser.stop = None
         return False
 
     def _stops_parsing(self, box: Box) -> bool:
@@ -423,9 +442,11 @@ class Connection:
             command = self._pending.pop(tag, None)
             if command is None:
                 return self._unexpected(tag, "answer")
+            if not command.plain:
+                self._special = command.special
             try:
                 response = command.decode_response(box)
-                if command.response_descriptors:
+                if not command.plain and command.response_descriptors:
                     self._claim(command.response_descriptors, response)
                 return AnswerReceived(tag, command, response)
             except ArgumentError as exc:
@@ -435,6 +456,8 @@ class Connection:
             command = self._pending.pop(tag, None)
             if command is None:
                 return self._unexpected(tag, "error")
+            if not command.plain:
+                self._special = command.special
             code = box.get(ERROR_CODE, UNKNOWN_ERROR_CODE)
             description = box.get(ERROR_DESCRIPTION, b"").decode("utf-8", "replace")
             return ErrorReceived(tag, command, self._remote_error(command, code, description))
@@ -447,10 +470,12 @@ class Connection:
             return self._reject(ask, name, UNHANDLED_ERROR_CODE, f"Unhandled Command: {name!r}")
         try:
             arguments = command.decode_arguments(box)
-            if command.argument_descriptors:
+            if not command.plain and command.argument_descriptors:
                 self._claim(command.argument_descriptors, arguments)
         except ArgumentError as exc:
             return self._reject(ask, name, UNKNOWN_ERROR_CODE, f"Invalid arguments: {exc}")
+        if not command.plain:
+            self._special = command.special
         return CallReceived(ask, command, arguments)
 
     def _unexpected(self, tag: bytes, kind: str) -> AnswerDropped | ProtocolViolation:
