@@ -140,15 +140,12 @@ class AMP(asyncio.Protocol):
             self._held_input.append(data)
             return
         try:
-            self._process(data)
+            self._handle(self._core.receive_data(data))
         except Exception:
             # A bug here must not escape into the event loop; the stream is now unusable.
             log.exception("internal error while processing AMP data; closing")
             if self.transport is not None:
                 self.transport.close()
-
-    def _process(self, data: bytes) -> None:
-        self._handle(self._core.receive_data(data))
 
     def _handle(self, events: list[Event]) -> None:
         waiters = self._waiters
@@ -156,10 +153,11 @@ class AMP(asyncio.Protocol):
             kind = type(event)
             if kind is AnswerReceived:
                 answer = cast(AnswerReceived, event)
-                if answer.command is StartTLS:
-                    self._begin_tls_switch()
-                elif answer.command.switches_protocol:
-                    continue  # the Switched event follows: the waiter gets the new protocol
+                if not answer.command.plain:
+                    if answer.command is StartTLS:
+                        self._begin_tls_switch()
+                    elif answer.command.switches_protocol:
+                        continue  # the Switched event follows: the waiter gets the new protocol
                 fut = waiters.pop(answer.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(answer.response)
@@ -277,9 +275,9 @@ class AMP(asyncio.Protocol):
         if isinstance(command, Command):
             kwargs = {**command.kwargs, **kwargs}
             command = type(command)
-        if command.switches_protocol:
-            raise TypeError(f"{command.__name__} switches protocols: use switch_protocol()")
-        if command.argument_descriptors:
+        if not command.plain:
+            if command.switches_protocol:
+                raise TypeError(f"{command.__name__} switches protocols: use switch_protocol()")
             self._check_fds(command, command.argument_descriptors)
         if self._write_paused:
             await self._drain()
@@ -411,15 +409,17 @@ class AMP(asyncio.Protocol):
     # ---------------------------------------------------------------- dispatching
 
     def _dispatch(self, event: CallReceived) -> None:
-        if event.command is StartTLS:
-            self._answer_start_tls(event)
-            return
-        if event.command.switches_protocol and event.tag is not None:
-            self._update_reading()  # input is held until the switch is answered
-            task = self._loop.create_task(self._answer_switch(event))  # type: ignore[union-attr]
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
+        command = event.command
+        if not command.plain:
+            if command is StartTLS:
+                self._answer_start_tls(event)
+                return
+            if command.switches_protocol and event.tag is not None:
+                self._update_reading()  # input is held until the switch is answered
+                task = self._loop.create_task(self._answer_switch(event))  # type: ignore[union-attr]
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
         if self._write_paused or self._queue or self._running >= self.max_concurrent_responders:
             self._queue.append(event)
             self._update_reading()
@@ -502,7 +502,8 @@ class AMP(asyncio.Protocol):
         if event.tag is None or self._lost:
             return
         try:
-            self._check_fds(event.command, event.command.response_descriptors)
+            if not event.command.plain:
+                self._check_fds(event.command, event.command.response_descriptors)
             self._core.send_answer(event.tag, event.command, result or {})
         except Exception:
             log.exception(
@@ -569,9 +570,8 @@ class AMP(asyncio.Protocol):
             return
         data = self._core.data_to_send()
         if data:
-            fds = self._core.fds_to_send()
-            if fds:
-                cast(Any, self.transport).send_fds(fds)
+            if self._core.fds_waiting:
+                cast(Any, self.transport).send_fds(self._core.fds_to_send())
             self.transport.write(data)
 
     # ---------------------------------------------------------------------- TLS

@@ -152,6 +152,7 @@ class Connection:
         # File descriptors (Descriptor arguments): queued to send beside the next
         # bytes, and received ones by ordinal until an argument claims them.
         self._fds_out: list[int] = []
+        self.fds_waiting = False  # fds_to_send() has descriptors
         self._fds_sent = 0
         self._fds_in: dict[int, int] = {}
         self._fds_received = 0
@@ -278,6 +279,7 @@ class Connection:
     def _queue_fds(self, fds: list[int]) -> None:
         self._fds_out.extend(fds)
         self._fds_sent += len(fds)
+        self.fds_waiting = True
 
     def fds_to_send(self) -> list[int]:
         """Return (and forget) the descriptors to send beside the next bytes.
@@ -286,6 +288,7 @@ class Connection:
         the caller keeps ownership of them.
         """
         fds, self._fds_out = self._fds_out, []
+        self.fds_waiting = False
         return fds
 
     def receive_fds(self, fds: list[int]) -> None:
