@@ -74,10 +74,10 @@ def client_ours(port: int, rounds: int, in_flight: int) -> None:
                 await call(Sum, a=i, b=1)
 
         await worker(200)  # warm up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(rounds // in_flight) for _ in range(in_flight)))
-        elapsed = time.perf_counter() - start
-        print(f"RATE {rounds / elapsed:.0f}", flush=True)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"RATE {rounds / elapsed:.0f} CPU {cpu / rounds * 1e6:.2f}", flush=True)
         conn.close()
         await conn.wait_closed()
 
@@ -128,12 +128,12 @@ def client_twisted(port: int, rounds: int, in_flight: int) -> None:
                 await proto.callRemote(Sum, a=i, b=1)
 
         await worker(200)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await defer.gatherResults(
             [defer.ensureDeferred(worker(rounds // in_flight)) for _ in range(in_flight)]
         )
-        elapsed = time.perf_counter() - start
-        print(f"RATE {rounds / elapsed:.0f}", flush=True)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"RATE {rounds / elapsed:.0f} CPU {cpu / rounds * 1e6:.2f}", flush=True)
         proto.transport.loseConnection()
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
@@ -205,8 +205,19 @@ def start_server(contender: Contender) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.split()[1])
 
 
-def run_client(contender: Contender, port: int, rounds: int, in_flight: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_client(
+    contender: Contender, server: subprocess.Popen[str], port: int, rounds: int, in_flight: int
+) -> tuple[float, float, float]:
+    """Calls/s, client CPU µs per call, server CPU µs per call (the whole client run)."""
     _, kind, path = contender
+    server_cpu = cpu_seconds(server.pid)
     out = subprocess.run(
         [sys.executable, __file__, f"client-{kind}", str(port), str(rounds), str(in_flight)],
         capture_output=True,
@@ -214,12 +225,14 @@ def run_client(contender: Contender, port: int, rounds: int, in_flight: int) -> 
         timeout=300,
         check=True,
         env=environment(path),
-    ).stdout
-    return float(out.split("RATE")[1])
+    ).stdout.split()
+    server_us = (cpu_seconds(server.pid) - server_cpu) / rounds * 1e6
+    return float(out[out.index("RATE") + 1]), float(out[out.index("CPU") + 1]), server_us
 
 
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):>9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+def summary(values: list[float], digits: int = 0) -> str:
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
 
 def main() -> None:
@@ -237,25 +250,35 @@ def main() -> None:
         pairs[1:1] = [(before, before)]
         pairs[4:4] = [(twisted, before)]
     servers = {c[0]: start_server(c) for c in contenders}
-    results: dict[tuple[str, str], tuple[list[float], list[float]]] = {
-        (c[0], s[0]): ([], []) for c, s in pairs
+    # Per pair: sequential calls/s, in-flight calls/s, client and server CPU µs per call.
+    results: dict[tuple[str, str], tuple[list[float], ...]] = {
+        (c[0], s[0]): ([], [], [], []) for c, s in pairs
     }
     try:
         for round_ in range(args.rounds):
             order = pairs if round_ % 2 == 0 else pairs[::-1]
             for client, server in order:
-                port = servers[server[0]][1]
-                seq, par = results[client[0], server[0]]
-                seq.append(run_client(client, port, ROUNDS_SEQ, 1))
-                par.append(run_client(client, port, ROUNDS_PAR, IN_FLIGHT))
+                proc, port = servers[server[0]]
+                seq, par, client_cpu, server_cpu = results[client[0], server[0]]
+                seq.append(run_client(client, proc, port, ROUNDS_SEQ, 1)[0])
+                rate, client_us, server_us = run_client(client, proc, port, ROUNDS_PAR, IN_FLIGHT)
+                par.append(rate)
+                client_cpu.append(client_us)
+                server_cpu.append(server_us)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
-    print(f"calls/s, median (min-max) of {args.rounds} rounds")
-    print(f"{'client':<10} {'server':<10} {'sequential':>26} {'100 in flight':>26}")
-    for (client_label, server_label), (seq, par) in results.items():
-        print(f"{client_label:<10} {server_label:<10} {summary(seq):>26} {summary(par):>26}")
+    print(f"median (min-max) of {args.rounds} rounds; CPU µs per call with 100 in flight")
+    print(
+        f"{'client':<9} {'server':<9} {'sequential calls/s':>24} {'100 in flight calls/s':>26}"
+        f" {'client CPU µs':>21} {'server CPU µs':>21}"
+    )
+    for (client_label, server_label), (seq, par, c_cpu, s_cpu) in results.items():
+        print(
+            f"{client_label:<9} {server_label:<9} {summary(seq):>24} {summary(par):>26}"
+            f" {summary(c_cpu, 1):>21} {summary(s_cpu, 1):>21}"
+        )
     print()
     print(f"{'4-key box':<10} {'encode µs':>10} {'parse µs':>10}  (best of {args.rounds} runs)")
     rows = box_timings()

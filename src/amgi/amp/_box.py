@@ -195,8 +195,6 @@ class BoxParser:
         # more pairs fit in it.
         limit = self._bytes_left
         room = self._keys_left
-        max_size = self.max_box_size
-        max_keys = self.max_keys_per_box
         stop = self.stop
         boxes: list[Box] = []
         try:  # an IndexError means the rest is incomplete (no length check per pair)
@@ -208,8 +206,8 @@ class BoxParser:
                 if vpos == pos + 2:  # the empty key: end of box
                     boxes.append(box)
                     pos = vpos
-                    limit = pos + max_size
-                    room = max_keys
+                    limit = pos + self.max_box_size
+                    room = self.max_keys_per_box
                     box = {}
                     if pos == n or (stop is not None and stop(boxes[-1])):
                         break
