@@ -270,6 +270,15 @@ async def test_token_refuses_twisted_clients_without_it(caplog: pytest.LogCaptur
     assert b"twisted" in [r.payload for r in app.received]
 
 
+async def test_authenticate_without_a_server_token_is_refused() -> None:
+    async with serving(AmpHarness(), Recorder(), ["orders"]) as runtime:
+        conn = await amp.connect("127.0.0.1", port_of(runtime))
+        async with conn:
+            with pytest.raises(Unauthenticated, match="takes no token"):
+                await conn.call_remote(Authenticate, token=b"anything")
+            await asyncio.wait_for(conn.wait_closed(), 5)
+
+
 async def test_token_with_our_client_and_unauthorised_subscribe() -> None:
     app = Recorder()
     token = "tok-" + uuid.uuid4().hex
@@ -397,55 +406,53 @@ async def test_token_never_reaches_a_log_an_exception_or_the_cli(
     caplog.set_level(logging.DEBUG)
     async with serving(AmpHarness(auth_token=token), app, ["orders"]) as runtime:
         port = str(port_of(runtime))
-        # A wrong token, from the CLI and from the Python API.
-        code, out = await run_cli(
-            "send", "orders", "x", "--server", "amp", "--port", port, "--auth-token", wrong
-        )
-        assert code != 0
-        assert "authentication refused" in out
-        outputs.append(out)
+        # Started together (each CLI start takes a while); awaited below.
+        cli_runs = asyncio.gather(
+            # A wrong token.
+            run_cli(
+                "send", "orders", "x", "--server", "amp", "--port", port,
+                "--auth-token", wrong,
+            ),
+            # TLS towards a plaintext server, with the token.
+            run_cli(
+                "send", "orders", "x", "--server", "amp", "--port", port, "--tls",
+                "--ca-file", str(cert), "--auth-token", token,
+            ),
+            # Nothing listens there.
+            run_cli(
+                "send", "orders", "x", "--server", "amp", "--port", str(free_port()),
+                "--auth-token", token,
+            ),
+            # A server that cannot load its certificate, and one given a bad option.
+            run_cli(
+                "run", "tests.servers.test_amp_server:never_called", "orders", "--server",
+                "amp", "--port", str(free_port()), "--tls", "--cert-file",
+                str(tmp_path / "missing.pem"), "--key-file", str(key), "--auth-token", token,
+            ),
+            run_cli(
+                "run", "tests.servers.test_amp_server:never_called", "orders", "--server",
+                "amp", "--port", "70000", "--auth-token", token,
+            ),
+            run_cli("run", "--server", "amp", "--help"),
+        )  # fmt: skip
+        # A wrong token from the Python API.
         sender = AmpTransport([], AmpOptions(port=int(port), auth_token=wrong))
         with pytest.raises(AmpSendError) as info:
             await sender.publish("orders", [], b"x", {})
         exceptions.append(info.value)
         await sender.close()
         outputs.append(repr(sender.config))
-        # TLS towards a plaintext server, with the token.
-        code, out = await run_cli(
-            "send", "orders", "x", "--server", "amp", "--port", port, "--tls",
-            "--ca-file", str(cert), "--auth-token", token,
-        )  # fmt: skip
-        assert code != 0
-        outputs.append(out)
         # Calls before authenticating.
         async with await amp.connect("127.0.0.1", int(port)) as conn:
             with pytest.raises(Unauthenticated) as refused:
                 await conn.call_remote(Deliver, address="orders", headers=[], payload=b"x")
             exceptions.append(refused.value)
-    # Nothing listens there any more.
-    code, out = await run_cli(
-        "send", "orders", "x", "--server", "amp", "--port", str(free_port()),
-        "--auth-token", token,
-    )  # fmt: skip
-    assert code != 0
-    outputs.append(out)
-    # A server that cannot load its certificate, and one given a bad option.
-    code, out = await run_cli(
-        "run", "tests.servers.test_amp_server:never_called", "orders", "--server", "amp",
-        "--port", str(free_port()), "--tls", "--cert-file", str(tmp_path / "missing.pem"),
-        "--key-file", str(key), "--auth-token", token,
-    )  # fmt: skip
-    assert code != 0
-    assert "cannot load the TLS files" in out
-    outputs.append(out)
-    code, out = await run_cli(
-        "run", "tests.servers.test_amp_server:never_called", "orders", "--server", "amp",
-        "--port", "70000", "--auth-token", token,
-    )  # fmt: skip
-    assert code != 0
-    outputs.append(out)
-    code, out = await run_cli("run", "--server", "amp", "--help")
-    outputs.append(out)
+        results = await cli_runs
+    assert "authentication refused" in results[0][1]
+    assert "cannot load the TLS files" in results[3][1]
+    assert all(code != 0 for code, _ in results[:5])
+    assert results[5][0] == 0  # --help
+    outputs += [out for _, out in results]
     assert app.received == []
     records = caplog.records
     assert any("refused" in r.getMessage() for r in records)

@@ -171,7 +171,10 @@ class _Peer(amp.AMP):
     @Authenticate.responder
     def authenticate(self, token: bytes) -> None:
         expected = self.owner._token
-        if expected is None or not hmac.compare_digest(token, expected):
+        if expected is None:
+            log.warning("amp: refused Authenticate from %s: no token set", self._peer_name())
+            raise Unauthenticated("this server takes no token (no --auth-token)")
+        if not hmac.compare_digest(token, expected):
             log.warning("amp: refused Authenticate from %s: wrong token", self._peer_name())
             raise Unauthenticated("authentication failed")
         self.authenticated = True
