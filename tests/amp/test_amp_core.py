@@ -278,6 +278,20 @@ def test_start_tls_followed_by_data_is_a_violation() -> None:
         assert conn.failed
 
 
+def test_start_tls_refusal_followed_by_data_is_fine() -> None:
+    conn = amp.Connection()
+    conn.send_call(amp.StartTLS, {})
+    conn.send_call(Ping, {"text": "x"})
+    events = conn.receive_data(
+        box(_error=b"1", _error_code=b"TLS_ERROR", _error_description=b"TLS not available")
+        + box(_answer=b"2", text=b"y")
+    )
+    assert isinstance(events[0], amp.ErrorReceived)
+    assert isinstance(events[0].error, amp.TLSNotAvailable)
+    assert events[1] == amp.AnswerReceived(b"2", Ping, {"text": "y"})
+    assert not conn.failed
+
+
 def test_boxes_before_a_framing_error_are_delivered() -> None:
     conn = amp.Connection({b"Ping": Ping})
     events = conn.receive_data(box(_command=b"Ping", _ask=b"1", text=b"a") + b"\x01\x00")

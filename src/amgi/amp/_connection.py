@@ -408,7 +408,11 @@ class Connection:
         kind = type(event)
         command: type[Command] = event.command  # type: ignore[union-attr]
         if command is StartTLS:
-            if more_boxes or parser.buffered or parser.error is not None:
+            # After a StartTLS call or answer the next bytes are TLS (an error answer
+            # leaves the connection as it was).
+            if kind is not ErrorReceived and (
+                more_boxes or parser.buffered or parser.error is not None
+            ):
                 self.failed = True
                 events.append(ProtocolViolation("data received after StartTLS"))
                 return True
