@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from amgi import amp
+from amgi.errors import ConfigurationError
 from amgi.runtime import Runtime
 from amgi.servers.amp import (
     AmpOptions,
@@ -377,6 +378,24 @@ async def test_warning_when_listening_beyond_loopback_unprotected(
     assert "without authentication:" in line
     assert await warnings(host="0.0.0.0", auth_token="t", **tls) == []
     assert await warnings() == []  # loopback
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tls": True}, "--tls needs --cert-file and --key-file"),
+        ({"auth_token": ""}, "auth_token must not be empty"),
+        ({"max_box_size": 0}, "must be at least 1"),
+        ({"tls": True, "cert_file": "/no.pem", "key_file": "/no.pem"}, "cannot load the TLS files"),
+    ],
+)
+async def test_bad_security_options_refused_at_startup(
+    options: dict[str, Any], message: str
+) -> None:
+    transport = AmpTransport(["orders"], AmpOptions(port=0, **options))
+    with pytest.raises(ConfigurationError, match=message):
+        await transport.connect()
+    await transport.close()
 
 
 async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str]:

@@ -238,8 +238,6 @@ class AmpTransport(Transport):
             raise ConfigurationError("max_box_size and max_keys_per_box must be at least 1")
         if c.auth_token == "":
             raise ConfigurationError("auth_token must not be empty")
-        if c.tls and self.addresses and not (c.cert_file and c.key_file):
-            raise ConfigurationError("amp: --tls needs --cert-file and --key-file to listen")
         if self.addresses:
             await self._listen()
 
