@@ -271,6 +271,24 @@ async def test_token_refuses_twisted_clients_without_it(caplog: pytest.LogCaptur
     assert b"twisted" in [r.payload for r in app.received]
 
 
+async def test_connection_that_never_authenticates_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness = AmpHarness(auth_token="t", auth_timeout=0.3)
+    async with serving(harness, Recorder(), ["orders"]) as runtime:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(runtime))
+        with caplog.at_level(logging.WARNING, logger="amgi"):
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+        writer.close()
+        assert "no Authenticate within 0.3s" in caplog.text
+        # Authenticated in time: stays open past the deadline.
+        conn = await amp.connect("127.0.0.1", port_of(runtime))
+        async with conn:
+            await conn.call_remote(Authenticate, token=b"t")
+            await asyncio.sleep(0.5)
+            assert not conn.is_closed
+
+
 async def test_authenticate_without_a_server_token_is_refused() -> None:
     async with serving(AmpHarness(), Recorder(), ["orders"]) as runtime:
         conn = await amp.connect("127.0.0.1", port_of(runtime))
@@ -386,6 +404,7 @@ async def test_warning_when_listening_beyond_loopback_unprotected(
         ({"tls": True}, "--tls needs --cert-file and --key-file"),
         ({"auth_token": ""}, "auth_token must not be empty"),
         ({"max_box_size": 0}, "must be at least 1"),
+        ({"auth_timeout": float("nan")}, "auth_timeout must be a positive"),
         ({"tls": True, "cert_file": "/no.pem", "key_file": "/no.pem"}, "cannot load the TLS files"),
     ],
 )

@@ -136,6 +136,10 @@ class AmpOptions:
             "secret": True,
         },
     )
+    auth_timeout: float = field(
+        default=10.0,
+        metadata={"help": "seconds a connection may take to Authenticate (with --auth-token)"},
+    )
     subscribe_addresses: list[str] = field(
         default_factory=list,
         metadata={"help": "addresses clients may Subscribe to (default: none)"},
@@ -162,6 +166,22 @@ class _Peer(amp.AMP):
         self.owner = transport
         self.subscriptions: set[str] = set()
         self.authenticated = transport._token is None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.authenticated:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self.owner.config.auth_timeout, self._too_late)
+
+    def _too_late(self) -> None:
+        if not self.authenticated and not self.is_closed:
+            log.warning(
+                "amp: closing the connection from %s: no Authenticate within %ss",
+                self._peer_name(),
+                self.owner.config.auth_timeout,
+            )
+            self.close()
 
     def _check_authenticated(self, command: str) -> None:
         if not self.authenticated:
@@ -178,6 +198,8 @@ class _Peer(amp.AMP):
             log.warning("amp: refused Authenticate from %s: wrong token", self._peer_name())
             raise Unauthenticated("authentication failed")
         self.authenticated = True
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     @Deliver.responder
     async def deliver(
@@ -201,6 +223,8 @@ class _Peer(amp.AMP):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.owner._peers.discard(self)
         for address in self.subscriptions:
             self.owner._subscribers.get(address, set()).discard(self)
@@ -238,6 +262,8 @@ class AmpTransport(Transport):
             raise ConfigurationError("max_box_size and max_keys_per_box must be at least 1")
         if c.auth_token == "":
             raise ConfigurationError("auth_token must not be empty")
+        if not 0 < c.auth_timeout < float("inf"):
+            raise ConfigurationError("auth_timeout must be a positive number of seconds")
         if self.addresses:
             await self._listen()
 
