@@ -229,18 +229,34 @@ async def test_start_tls_refused_without_context(serve: Any) -> None:
         assert await conn.call_remote(Ping, text="plain") == {"text": "ping:pong:plain"}
 
 
-async def raw_exchange(port: int, data: bytes, wait: float = 0.3) -> tuple[bytes, bool]:
-    """Send raw bytes; return what came back and whether the server closed the connection."""
+async def raw_exchange(
+    port: int, data: bytes, wait: float = 0.3, *, expect: bool = False
+) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back and whether the server closed the connection.
+
+    With ``expect`` the server is known to answer or close: wait up to 30 s for that
+    (a loaded machine is slow), then ``wait`` seconds more to see whether it closes.
+    Without it, ``wait`` seconds is all it gets (for outcomes where nothing happens).
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
     received = b""
     closed = False
     try:
-        async with asyncio.timeout(wait):
-            while chunk := await reader.read(65536):
-                received += chunk
-            closed = True
+        if expect:
+            async with asyncio.timeout(30):
+                while not received:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        closed = True
+                        break
+                    received += chunk
+        if not closed:
+            async with asyncio.timeout(wait):
+                while chunk := await reader.read(65536):
+                    received += chunk
+                closed = True
     except TimeoutError:
         pass
     except ConnectionResetError:  # closed with our bytes still unread
@@ -271,7 +287,7 @@ async def test_bad_input_outcomes(
     serve: Any, loop_errors: list[Any], data: bytes, closes: bool, answer: bytes | None
 ) -> None:
     server = await serve()
-    received, closed = await raw_exchange(server.port, data)
+    received, closed = await raw_exchange(server.port, data, expect=closes or answer is not None)
     assert closed is closes
     if answer is None:
         assert received == b""
