@@ -27,6 +27,8 @@ SERVERS: dict[str, str] = {
     "mqtt": "amgi.servers.mqtt:MqttTransport",
     "sqs": "amgi.servers.sqs:SqsTransport",
     "amp": "amgi.servers.amp:AmpTransport",
+    "redis": "amgi.servers.redis:RedisTransport",
+    "nats": "amgi.servers.nats:NatsTransport",
 }
 
 
