@@ -32,11 +32,19 @@ Rules every transport keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from amgi.errors import SendError
+from amgi.options import check as check_options
+from amgi.servers.kit.headers import (
+    ATTEMPT_HEADER,
+    DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_ADDRESS_HEADER,
+    attempt_from_headers,
+    headers_with_attempt,
+)
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -53,13 +61,6 @@ __all__ = [
     "attempt_from_headers",
     "headers_with_attempt",
 ]
-
-ATTEMPT_HEADER = b"amgi-attempt"
-"""Header carrying the delivery attempt when a transport retries by republishing."""
-DEAD_LETTER_REASON_HEADER = b"amgi-dead-letter-reason"
-"""Header carrying the nack reason on a message republished to a dead-letter address."""
-ORIGINAL_ADDRESS_HEADER = b"amgi-original-address"
-"""Header carrying the address a retried or dead-lettered message was first consumed from."""
 
 Bindings = dict[str, dict[str, Any]]
 HeaderList = list[tuple[bytes, bytes]]
@@ -149,6 +150,16 @@ class Transport(abc.ABC):
         self.addresses = list(addresses)
         self.config = options
 
+    def check(self) -> None:
+        """Raise :class:`amgi.errors.ConfigurationError` if the options are bad.
+
+        Called before lifespan startup (by the runtime and ``amgi run``) and at the start
+        of :meth:`connect`. The default checks the options dataclass (types, choices,
+        bounds, finite floats, its ``check_together``); a server may extend it with
+        checks of :attr:`addresses`.
+        """
+        check_options(self.config)
+
     @abc.abstractmethod
     async def connect(self) -> None:
         """Connect and prepare to consume :attr:`addresses` (none when only sending)."""
@@ -177,28 +188,3 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop consuming and release the connection; unsettled messages stay unacked."""
-
-
-def attempt_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, HeaderList]:
-    """Split the attempt header off ``headers``: ``(attempt, other_headers)``.
-
-    A message without the header (or with a malformed one) is on its first attempt.
-    """
-    attempt = 1
-    rest: HeaderList = []
-    for name, value in headers:
-        if name == ATTEMPT_HEADER:
-            try:
-                attempt = max(1, int(value))
-            except ValueError:
-                attempt = 1
-        else:
-            rest.append((name, value))
-    return attempt, rest
-
-
-def headers_with_attempt(headers: Iterable[tuple[bytes, bytes]], attempt: int) -> HeaderList:
-    """Return ``headers`` with the attempt header set to ``attempt``."""
-    out = [(n, v) for n, v in headers if n != ATTEMPT_HEADER]
-    out.append((ATTEMPT_HEADER, str(attempt).encode()))
-    return out

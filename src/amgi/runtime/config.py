@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+from amgi.options import check, option
+from amgi.servers.kit.backoff import doubling_delay
 
 __all__ = ["LifespanMode", "RuntimeConfig"]
 
@@ -12,41 +15,24 @@ LifespanMode = Literal["auto", "on", "off"]
 
 @dataclass(slots=True)
 class RuntimeConfig:
-    """Every runtime option once; the ``amgi run`` flags map one-to-one onto these fields."""
+    """Every runtime option once; the ``amgi run`` flags map one-to-one onto these fields.
 
-    concurrency: int = field(
-        default=8, metadata={"help": "batches in flight at once (different ordering keys)"}
+    Declare an option with :func:`amgi.options.option` and its bounds (``ge``, ``gt``,
+    ``le``, ``lt``); floats are refused when not finite. Construction checks them all.
+    """
+
+    concurrency: int = option(8, "batches in flight at once (different ordering keys)", ge=1)
+    max_attempts: int = option(5, "deliveries of a message before it is dead-lettered", ge=1)
+    retry_delay: float = option(1.0, "seconds before the first retry of a nacked message", ge=0)
+    retry_delay_max: float = option(60.0, "upper bound of the doubling retry delay, seconds", ge=0)
+    shutdown_timeout: float = option(
+        30.0, "seconds in-flight batches get to finish at shutdown", ge=0
     )
-    max_attempts: int = field(
-        default=5, metadata={"help": "deliveries of a message before it is dead-lettered"}
-    )
-    retry_delay: float = field(
-        default=1.0, metadata={"help": "seconds before the first retry of a nacked message"}
-    )
-    retry_delay_max: float = field(
-        default=60.0, metadata={"help": "upper bound of the doubling retry delay, seconds"}
-    )
-    shutdown_timeout: float = field(
-        default=30.0, metadata={"help": "seconds in-flight batches get to finish at shutdown"}
-    )
-    lifespan: LifespanMode = field(
-        default="auto", metadata={"help": "lifespan protocol: auto, on or off"}
-    )
+    lifespan: LifespanMode = option("auto", "lifespan protocol: auto, on or off")
 
     def __post_init__(self) -> None:
-        from amgi.errors import ConfigurationError
-
-        if self.concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
-        if self.max_attempts < 1:
-            raise ConfigurationError("max_attempts must be at least 1")
-        if self.retry_delay < 0 or self.retry_delay_max < 0:
-            raise ConfigurationError("retry delays must not be negative")
-        if self.shutdown_timeout < 0:
-            raise ConfigurationError("shutdown_timeout must not be negative")
-        if self.lifespan not in ("auto", "on", "off"):
-            raise ConfigurationError(f"lifespan must be auto, on or off, not {self.lifespan!r}")
+        check(self)
 
     def retry_delay_for(self, attempt: int) -> float:
         """Delay before redelivering a message whose ``attempt``-th delivery was nacked."""
-        return float(min(self.retry_delay * 2.0 ** max(0, attempt - 1), self.retry_delay_max))
+        return doubling_delay(self.retry_delay, attempt, self.retry_delay_max)

@@ -79,6 +79,7 @@ class Runtime:
 
     async def serve(self) -> int:
         """Run until stopped; return the exit code. See the class docstring."""
+        self.transport.check()  # bad options fail before the app's lifespan startup
         if self._stop is None:
             self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
-from amgi.transport import Transport
+
+if TYPE_CHECKING:
+    from amgi.transport import Transport
 
 __all__ = ["DEFAULT_SERVER", "SERVERS", "installed", "load"]
 

@@ -24,10 +24,11 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from amgi.errors import ConfigurationError, SendError
+from amgi.options import option
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = ["MemoryBroker", "MemoryOptions", "MemorySendError", "MemoryTransport"]
@@ -124,8 +125,8 @@ class MemoryBroker:
 class MemoryOptions:
     """Options of the in-memory server."""
 
-    broker: str = field(default="default", metadata={"help": "name of the in-process broker"})
-    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
+    broker: str = option("default", "name of the in-process broker")
+    batch_size: int = option(100, "most messages per batch", ge=1)
 
 
 class MemoryTransport(Transport):
@@ -143,8 +144,7 @@ class MemoryTransport(Transport):
         self._closed = False
 
     async def connect(self) -> None:
-        if self.config.batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1")
+        self.check()
         for address in self.addresses:
             if not address:
                 raise ConfigurationError("an address must be a non-empty queue name")

@@ -33,10 +33,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.errors import BrokerUnavailable, SendError
+from amgi.options import option
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = ["DeadLetterRow", "SqliteOptions", "SqliteQueue", "SqliteSendError", "SqliteTransport"]
@@ -299,18 +300,13 @@ class SqliteSendError(SendError):
 class SqliteOptions:
     """Options of the embedded SQLite server."""
 
-    database: str = field(default="amgi.db", metadata={"help": "path of the SQLite queue file"})
-    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
-    visibility_timeout: float = field(
-        default=30.0,
-        metadata={"help": "seconds a fetched message stays hidden before it is redelivered"},
+    database: str = option("amgi.db", "path of the SQLite queue file")
+    batch_size: int = option(100, "most messages per batch", ge=1)
+    visibility_timeout: float = option(
+        30.0, "seconds a fetched message stays hidden before it is redelivered", gt=0
     )
-    poll_interval: float = field(
-        default=0.05, metadata={"help": "seconds between polls of an empty queue"}
-    )
-    busy_timeout: float = field(
-        default=5.0, metadata={"help": "seconds to wait for another process's write lock"}
-    )
+    poll_interval: float = option(0.05, "seconds between polls of an empty queue", gt=0)
+    busy_timeout: float = option(5.0, "seconds to wait for another process's write lock", ge=0)
 
 
 class SqliteTransport(Transport):
@@ -334,11 +330,8 @@ class SqliteTransport(Transport):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def connect(self) -> None:
+        self.check()
         c = self.config
-        if c.batch_size < 1:
-            raise ConfigurationError("sqlite: --batch-size must be at least 1")
-        if c.visibility_timeout <= 0 or c.poll_interval <= 0:
-            raise ConfigurationError("sqlite: timeouts and intervals must be positive")
         folder = os.path.dirname(os.path.abspath(c.database))  # noqa: ASYNC240
         if not os.path.isdir(folder):  # noqa: ASYNC240 - one stat at startup
             raise BrokerUnavailable(f"sqlite: folder of --database {c.database!r} does not exist")

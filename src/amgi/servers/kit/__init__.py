@@ -1,0 +1,86 @@
+"""The servers kit: the rules every protocol server and Lambda adapter shares, written once.
+
+A server is a :class:`amgi.transport.Transport` that maps one broker onto ``connect``,
+``fetch``, ``settle``, ``publish`` and ``close``; everything it would otherwise write
+again is here. The API (stable; import from ``amgi.servers.kit``):
+
+Headers (:mod:`.headers`) - what a republished retry or dead letter carries
+    ``retry_headers(headers, attempt=, extra=())``, ``dead_letter_headers(headers,
+    attempt=, address=, reason=)``: one order (the app's headers, ``amgi-attempt``, then
+    the rest) and one encoding (UTF-8, never failing); ``attempt_from_headers(headers)``
+    splits the attempt off a received message; ``headers_with_attempt``; the names
+    ``ATTEMPT_HEADER``, ``ORIGINAL_ADDRESS_HEADER``, ``DEAD_LETTER_REASON_HEADER``.
+
+Watermark (:mod:`.watermark`) - cumulative acknowledgement
+    ``Watermark()``: ``add(position)`` as messages or batches are handed out,
+    ``settle(positions)`` returns the highest position up to which everything is
+    settled (or None): acknowledge / commit that, never past an unsettled message.
+
+Backoff (:mod:`.backoff`) - reconnect and retry loops
+    ``Backoff(first, maximum)``: ``delay``, ``failed()``, ``await sleep()``, ``reset()``;
+    ``doubling_delay(first, attempt, maximum)`` for per-attempt retry delays.
+
+Delayed republisher (:mod:`.republisher`) - retries on brokers without delayed delivery
+    ``DelayedRepublisher(name)``: ``schedule(delay, send)`` runs ``await send()`` later
+    in a task it owns; ``await close(timeout)`` cancels the waiting ones and waits for
+    those publishing. Call ``close`` from the transport's ``close``.
+
+Options (:mod:`amgi.options`) - declared once, checked before startup
+    ``option(default, help, ge=, gt=, le=, lt=, secret=, factory=)`` declares a field
+    with its bounds; ``Literal[...]`` types give choices; floats must be finite. An
+    options class may add ``check_together(self)`` for rules over several fields,
+    raising ``invalid(self, field, problem)``. ``check_options(options)`` runs all of it
+    (the runtime and ``amgi run`` call it through ``Transport.check()`` before lifespan
+    startup); every message reads ``--flag problem (got field=value)``.
+
+Bindings (:mod:`.bindings`) - the binding keys of each protocol
+    ``BINDINGS[protocol][key]`` is a ``BindingKey(name, type, direction, doc)``, named
+    after AsyncAPI's message bindings; a server emits and reads only keys listed there
+    (add yours when writing a server); ``parse(protocol, key, text)`` is what ``amgi
+    send --binding`` uses.
+
+Logging: a server logs to ``logging.getLogger("amgi.servers.<name>")`` and does not
+repeat its name in the text (the logger name says it).
+"""
+
+from __future__ import annotations
+
+from amgi.options import bounds_text, invalid, option
+from amgi.options import check as check_options
+from amgi.servers.kit.backoff import Backoff, doubling_delay
+from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.headers import (
+    ATTEMPT_HEADER,
+    DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_ADDRESS_HEADER,
+    attempt_from_headers,
+    dead_letter_headers,
+    encode_text,
+    headers_with_attempt,
+    retry_headers,
+)
+from amgi.servers.kit.republisher import DelayedRepublisher
+from amgi.servers.kit.watermark import Watermark
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "BINDINGS",
+    "DEAD_LETTER_REASON_HEADER",
+    "ORIGINAL_ADDRESS_HEADER",
+    "Backoff",
+    "BindingKey",
+    "DelayedRepublisher",
+    "UnknownBinding",
+    "Watermark",
+    "attempt_from_headers",
+    "binding_key",
+    "bounds_text",
+    "check_options",
+    "dead_letter_headers",
+    "doubling_delay",
+    "encode_text",
+    "headers_with_attempt",
+    "invalid",
+    "option",
+    "retry_headers",
+]

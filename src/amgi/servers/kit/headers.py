@@ -1,0 +1,97 @@
+"""The headers a server adds when it retries or dead-letters a message by republishing.
+
+One order and one encoding everywhere: the application's headers (without any earlier
+``amgi-attempt``), then ``amgi-attempt``, then what the case adds (``amgi-original-address``
+and ``amgi-dead-letter-reason`` for a dead letter). Text is UTF-8; a reason that cannot
+be encoded (lone surrogates) is encoded with replacement characters rather than failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "DEAD_LETTER_REASON_HEADER",
+    "ORIGINAL_ADDRESS_HEADER",
+    "attempt_from_headers",
+    "dead_letter_headers",
+    "encode_text",
+    "headers_with_attempt",
+    "retry_headers",
+]
+
+ATTEMPT_HEADER = b"amgi-attempt"
+"""Header carrying the delivery attempt when a transport retries by republishing."""
+DEAD_LETTER_REASON_HEADER = b"amgi-dead-letter-reason"
+"""Header carrying the nack reason on a message republished to a dead-letter address."""
+ORIGINAL_ADDRESS_HEADER = b"amgi-original-address"
+"""Header carrying the address a retried or dead-lettered message was first consumed from."""
+
+_Headers = list[tuple[bytes, bytes]]
+
+
+def encode_text(text: str) -> bytes:
+    """``text`` as header bytes: UTF-8, never failing (unencodable characters become ``?``)."""
+    return text.encode("utf-8", "replace")
+
+
+def attempt_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, _Headers]:
+    """Split the attempt header off ``headers``: ``(attempt, other_headers)``.
+
+    A message without the header (or with a malformed one) is on its first attempt.
+    """
+    attempt = 1
+    rest: _Headers = []
+    for name, value in headers:
+        if name == ATTEMPT_HEADER:
+            try:
+                attempt = max(1, int(value))
+            except ValueError:
+                attempt = 1
+        else:
+            rest.append((name, value))
+    return attempt, rest
+
+
+def headers_with_attempt(headers: Iterable[tuple[bytes, bytes]], attempt: int) -> _Headers:
+    """``headers`` without any attempt header, then ``amgi-attempt: attempt``."""
+    out = [(n, v) for n, v in headers if n != ATTEMPT_HEADER]
+    out.append((ATTEMPT_HEADER, str(attempt).encode()))
+    return out
+
+
+def retry_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    attempt: int,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> _Headers:
+    """Headers of the copy that redelivers a nacked message as delivery ``attempt``.
+
+    ``attempt`` is the number of the delivery the copy will be (the nacked one's + 1);
+    ``extra`` are server-specific headers appended after it (Kafka's original address and
+    due time).
+    """
+    out = headers_with_attempt(headers, attempt)
+    out.extend(extra)
+    return out
+
+
+def dead_letter_headers(
+    headers: Iterable[tuple[bytes, bytes]], *, attempt: int, address: str, reason: str
+) -> _Headers:
+    """Headers of a dead letter: the message's own, then attempt, address and reason.
+
+    ``attempt`` is the last delivery's number, ``address`` the address the message was
+    consumed from, ``reason`` the last nack reason.
+    """
+    out = [
+        (n, v)
+        for n, v in headers
+        if n not in (ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, DEAD_LETTER_REASON_HEADER)
+    ]
+    out.append((ATTEMPT_HEADER, str(attempt).encode()))
+    out.append((ORIGINAL_ADDRESS_HEADER, encode_text(address)))
+    out.append((DEAD_LETTER_REASON_HEADER, encode_text(reason)))
+    return out

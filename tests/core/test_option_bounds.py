@@ -1,0 +1,121 @@
+"""Bad option values fail before lifespan startup, with one line naming the flag.
+
+nan and inf used to get through: a nacked message sat in the memory server's delay heap
+forever with ``--retry-delay nan``, sqlite's settle failed with "NOT NULL constraint
+failed", and ``--visibility-timeout inf`` hid leased rows for good.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.errors import ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.memory import MemoryOptions, MemoryTransport
+from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
+from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.core.test_cli import amgi, one_line_error
+
+APP = """
+import os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        event = await receive()
+        open(os.environ["STARTED"], "w").close()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    m = await receive()
+    await send({"type": "message.ack", "id": m["id"]})
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "startup.py").write_text(APP)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("server", "flags", "expected"),
+    [
+        ("memory", ["--batch-size", "0"], "--batch-size must be at least 1 (got batch_size=0)"),
+        ("memory", ["--retry-delay", "nan"], "--retry-delay must be a finite number"),
+        ("memory", ["--retry-delay-max", "inf"], "--retry-delay-max must be a finite number"),
+        ("memory", ["--shutdown-timeout", "-1"], "--shutdown-timeout must be at least 0"),
+        ("sqlite", ["--retry-delay", "nan"], "--retry-delay must be a finite number"),
+        ("sqlite", ["--visibility-timeout", "inf"], "--visibility-timeout must be a finite"),
+        ("sqlite", ["--visibility-timeout", "nan"], "--visibility-timeout must be a finite"),
+        ("sqlite", ["--visibility-timeout", "0"], "--visibility-timeout must be above 0"),
+        ("sqlite", ["--poll-interval=-inf"], "--poll-interval must be a finite number"),
+        ("sqlite", ["--busy-timeout", "nan"], "--busy-timeout must be a finite number"),
+        ("sqlite", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_amgi_run_refuses_bad_values_before_the_apps_startup(
+    project: Path, server: str, flags: list[str], expected: str
+) -> None:
+    sent = amgi("send", "q", "keep me", cwd=project)
+    assert sent.returncode == 0, sent.stderr
+    started = project / "started"
+    result = amgi(
+        "run", "startup:app", "q", "--server", server, *flags,
+        cwd=project, env={"STARTED": str(started)},
+    )  # fmt: skip
+    assert expected in one_line_error(result)
+    assert not started.exists(), "the app's lifespan startup ran before the options were checked"
+    queue = SqliteQueue(str(project / "amgi.db"))
+    assert queue.count("q") == 1  # nothing consumed, nothing leased away
+    _, leased = queue.lease("q", 10, 30)
+    queue.close()
+    assert [m.payload for m in leased] == [b"keep me"]
+
+
+class Startup:
+    """A lifespan-aware app that records whether its startup ran."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    async def __call__(
+        self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            self.started = True
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        lambda tmp: MemoryTransport(["q"], MemoryOptions(batch_size=0)),
+        lambda tmp: SqliteTransport(
+            ["q"], SqliteOptions(database=str(tmp / "x.db"), visibility_timeout=math.inf)
+        ),
+        lambda tmp: SqliteTransport(
+            ["q"], SqliteOptions(database=str(tmp / "x.db"), poll_interval=math.nan)
+        ),
+    ],
+)
+async def test_the_python_api_refuses_bad_options_before_startup(
+    tmp_path: Path, transport: Any
+) -> None:
+    app = Startup()
+    runtime = Runtime(app, transport(tmp_path))
+    with pytest.raises(ConfigurationError, match="must be"):
+        await runtime.serve()
+    assert not app.started
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_runtime_config_with_nan_cannot_be_built() -> None:
+    with pytest.raises(ConfigurationError, match="--retry-delay must be a finite number"):
+        RuntimeConfig(retry_delay=math.nan)

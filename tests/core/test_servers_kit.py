@@ -1,0 +1,211 @@
+"""Unit tests of the servers kit: headers, watermark, backoff, republisher, bindings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from amgi.servers.kit import (
+    ATTEMPT_HEADER,
+    BINDINGS,
+    DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_ADDRESS_HEADER,
+    Backoff,
+    DelayedRepublisher,
+    UnknownBinding,
+    Watermark,
+    attempt_from_headers,
+    dead_letter_headers,
+    doubling_delay,
+    retry_headers,
+)
+from amgi.servers.kit.bindings import markdown_table, parse
+
+# -- headers -------------------------------------------------------------------------------
+
+
+def test_dead_letter_headers_have_one_order_and_replace_earlier_internal_headers() -> None:
+    headers = [(b"a", b"1"), (ATTEMPT_HEADER, b"2"), (DEAD_LETTER_REASON_HEADER, b"old")]
+    out = dead_letter_headers(headers, attempt=5, address="orders", reason="bad input")
+    assert out == [
+        (b"a", b"1"),
+        (ATTEMPT_HEADER, b"5"),
+        (ORIGINAL_ADDRESS_HEADER, b"orders"),
+        (DEAD_LETTER_REASON_HEADER, b"bad input"),
+    ]
+
+
+def test_a_reason_that_is_not_encodable_is_replaced_not_an_error() -> None:
+    out = dead_letter_headers([], attempt=1, address="q", reason="bad \udcff byte")
+    assert dict(out)[DEAD_LETTER_REASON_HEADER] == b"bad ? byte"
+
+
+def test_retry_headers_set_the_attempt_then_the_extras() -> None:
+    out = retry_headers([(ATTEMPT_HEADER, b"1"), (b"k", b"v")], attempt=2, extra=[(b"x", b"y")])
+    assert out == [(b"k", b"v"), (ATTEMPT_HEADER, b"2"), (b"x", b"y")]
+    assert attempt_from_headers(out) == (2, [(b"k", b"v"), (b"x", b"y")])
+
+
+@pytest.mark.parametrize("value", [b"x", b"0", b"-3", b""])
+def test_a_malformed_attempt_header_means_the_first_attempt(value: bytes) -> None:
+    assert attempt_from_headers([(ATTEMPT_HEADER, value)]) == (1, [])
+
+
+# -- watermark -----------------------------------------------------------------------------
+
+
+def test_watermark_never_passes_an_unsettled_position() -> None:
+    mark = Watermark()
+    for position in (10, 20, 30, 40):
+        mark.add(position)
+    assert mark.settle([20, 30]) is None  # 10 is still out
+    assert mark.settle([10]) == 30
+    assert mark.outstanding == 1
+    assert mark.settle([40]) == 40
+    assert mark.outstanding == 0
+
+
+def test_watermark_ignores_positions_never_handed_out_and_forgets_on_clear() -> None:
+    mark = Watermark()
+    mark.add(1)
+    mark.add(2)
+    assert mark.settle([7]) is None
+    mark.clear()
+    assert mark.settle([1, 2]) is None
+    mark.add(3)
+    assert mark.settle([3]) == 3
+
+
+# -- backoff -------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_maximum_and_resets() -> None:
+    backoff = Backoff(0.5, 3.0)
+    assert [backoff.failed() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.delay == 0.5
+
+
+def test_backoff_refuses_a_zero_delay_and_caps_the_first_by_the_maximum() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Backoff(0, 1)
+    assert Backoff(1.0, 0.25).failed() == 0.25
+
+
+def test_doubling_delay_per_attempt() -> None:
+    assert [doubling_delay(1.0, a, 5.0) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+
+
+async def test_backoff_sleep_waits_then_doubles() -> None:
+    backoff = Backoff(0.01, 1.0)
+    await backoff.sleep()
+    assert backoff.delay == 0.02
+
+
+# -- delayed republisher -------------------------------------------------------------------
+
+
+async def test_republisher_runs_a_send_after_its_delay() -> None:
+    republisher = DelayedRepublisher("test")
+    sent = asyncio.Event()
+
+    async def send() -> None:
+        sent.set()
+
+    republisher.schedule(0.01, send)
+    assert republisher.pending == 1
+    await asyncio.wait_for(sent.wait(), 5)
+    await republisher.close()
+    assert republisher.pending == 0
+
+
+async def test_close_cancels_waiting_retries_and_waits_for_publishing_ones() -> None:
+    republisher = DelayedRepublisher("test")
+    started = asyncio.Event()
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow_send() -> None:
+        started.set()
+        await release.wait()
+        finished.append("slow")
+
+    async def never() -> None:  # pragma: no cover - must be cancelled before it runs
+        finished.append("never")
+
+    republisher.schedule(0, slow_send)
+    republisher.schedule(3600, never)
+    await asyncio.wait_for(started.wait(), 5)
+    closing = asyncio.create_task(republisher.close(timeout=5))
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # waits for the publishing one
+    release.set()
+    await asyncio.wait_for(closing, 5)
+    assert finished == ["slow"]
+    assert republisher.pending == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        republisher.schedule(0, never)
+
+
+async def test_close_cancels_a_publish_that_outlives_the_timeout() -> None:
+    republisher = DelayedRepublisher("test")
+    started = asyncio.Event()
+
+    async def stuck() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    republisher.schedule(0, stuck)
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(republisher.close(timeout=0.01), 5)
+    assert republisher.pending == 0
+
+
+async def test_a_failing_send_is_logged_and_does_not_escape(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    republisher = DelayedRepublisher("test-server")
+    done = asyncio.Event()
+
+    async def broken() -> None:
+        done.set()
+        raise OSError("gone")
+
+    republisher.schedule(0, broken)
+    await asyncio.wait_for(done.wait(), 5)
+    await republisher.close(timeout=5)
+    assert "test-server: a delayed republish failed" in caplog.text
+
+
+# -- bindings ------------------------------------------------------------------------------
+
+
+def test_binding_values_parse_as_json_and_bytes_keys_take_text() -> None:
+    assert parse("kafka", "key", "k1") == b"k1"
+    assert parse("kafka", "key", '"k1"') == b"k1"
+    assert parse("kafka", "partition", "3") == 3
+    assert parse("mqtt", "correlationData", "abc") == b"abc"
+    assert parse("amqp", "routingKey", "rk") == "rk"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "key", "message"),
+    [
+        ("mqtt", "correlation_data", "mqtt has no binding 'correlation_data'"),
+        ("nosuch", "key", "unknown binding protocol 'nosuch'"),
+        ("kafka", "offset", "set by the server on receive"),
+    ],
+)
+def test_unknown_or_receive_only_binding_keys_are_refused(
+    protocol: str, key: str, message: str
+) -> None:
+    with pytest.raises(UnknownBinding, match=message):
+        parse(protocol, key, "1")
+
+
+def test_the_bindings_table_renders_one_row_per_protocol() -> None:
+    table = markdown_table()
+    for protocol in BINDINGS:
+        assert f"| `{protocol}` |" in table
+    assert "`correlationData`" in table
