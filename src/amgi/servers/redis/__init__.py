@@ -36,11 +36,11 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers._rules import dead_letter_headers
+from amgi.servers.kit import dead_letter_headers, invalid, option
 from amgi.servers.redis._client import open_client
 from amgi.servers.redis._fields import decode, encode
 from amgi.servers.redis._pubsub import PubSub
@@ -58,62 +58,33 @@ class RedisSendError(SendError):
 class RedisOptions:
     """Options of the Redis server."""
 
-    url: str = field(
-        default="redis://127.0.0.1:6379/0",
-        metadata={
-            "help": "redis://[user:password@]host:port/db, rediss:// for TLS",
-            "secret": True,
-        },
+    url: str = option(
+        "redis://127.0.0.1:6379/0",
+        "redis://[user:password@]host:port/db, rediss:// for TLS",
+        secret=True,
     )
-    mode: Literal["streams", "pubsub"] = field(
-        default="streams",
-        metadata={"help": "streams (consumer groups, at-least-once) or pubsub (at-most-once)"},
+    mode: Literal["streams", "pubsub"] = option(
+        "streams", "streams (consumer groups, at-least-once) or pubsub (at-most-once)"
     )
-    group: str = field(default="amgi", metadata={"help": "consumer group of the streams"})
-    consumer: str = field(
-        default="", metadata={"help": "consumer name in the group (default: host-pid-random)"}
+    group: str = option("amgi", "consumer group of the streams")
+    consumer: str = option("", "consumer name in the group (default: host-pid-random)")
+    batch_size: int = option(500, "most entries per batch (XREADGROUP COUNT)", ge=1, le=100_000)
+    block: float = option(1.0, "seconds one XREADGROUP waits for entries", ge=0.001, le=3600)
+    claim_idle: float = option(
+        30.0, "seconds an entry is pending on a silent consumer before it is taken", ge=0.1
     )
-    batch_size: int = field(default=500, metadata={"help": "most entries per batch (COUNT)"})
-    block: float = field(
-        default=1.0, metadata={"help": "seconds one XREADGROUP waits for entries (BLOCK)"}
-    )
-    claim_idle: float = field(
-        default=30.0,
-        metadata={"help": "seconds an entry is pending on a silent consumer before it is taken"},
-    )
-    start: str = field(
-        default="0",
-        metadata={"help": "where a new group starts: 0 (whole stream), $ (new entries), an id"},
-    )
-    dead_letter_stream: str = field(
-        default="{address}.dlq", metadata={"help": "stream of dead letters ({address} allowed)"}
-    )
-    maxlen: int = field(
-        default=0, metadata={"help": "trim streams to about this many entries on send (0: never)"}
-    )
-    connect_timeout: float = field(default=10.0, metadata={"help": "seconds to reach the server"})
+    start: str = option("0", "where a new group starts: 0 (whole stream), $ (new only), an id")
+    dead_letter_stream: str = option("{address}.dlq", "stream of dead letters ({address})")
+    maxlen: int = option(0, "trim streams to about this many entries on send (0: never)", ge=0)
+    connect_timeout: float = option(10.0, "seconds to reach the server", gt=0)
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("streams", "pubsub"):
-            raise ConfigurationError(f"redis: mode must be streams or pubsub, not {self.mode!r}")
-        if not 1 <= self.batch_size <= 100_000:
-            raise ConfigurationError("redis: batch_size must be between 1 and 100000")
-        if not 0.001 <= self.block <= 3600:
-            raise ConfigurationError("redis: block must be between 0.001 and 3600 seconds")
-        if not 0.1 <= self.claim_idle <= 86_400:
-            raise ConfigurationError("redis: claim_idle must be between 0.1 and 86400 seconds")
-        if self.maxlen < 0:
-            raise ConfigurationError("redis: maxlen must not be negative")
-        if self.connect_timeout <= 0:
-            raise ConfigurationError("redis: connect_timeout must be positive")
+    def check_together(self) -> None:
         if not self.group:
-            raise ConfigurationError("redis: group must not be empty")
+            raise invalid(self, "group", "must not be empty")
         if self.start not in ("0", "$") and not _is_entry_id(self.start):
-            raise ConfigurationError(
-                f"redis: start must be 0, $ or an entry id like 1700000000000-0, not {self.start!r}"
-            )
+            raise invalid(self, "start", "must be 0, $ or an entry id like 1700000000000-0")
         if not self.dead_letter_stream:
-            raise ConfigurationError("redis: dead_letter_stream must not be empty")
+            raise invalid(self, "dead_letter_stream", "must not be empty")
 
 
 def _is_entry_id(text: str) -> bool:
@@ -146,12 +117,18 @@ class RedisTransport(Transport):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def connect(self) -> None:
+    def check(self) -> None:
+        super().check()
         for address in self.addresses:
             if not address:
                 raise ConfigurationError("redis: an address must not be empty")
-            if self.dead_letter_address(address) == address:
-                raise ConfigurationError(f"redis: {address!r} would be its own dead-letter stream")
+            if self.dead_letter_address(address) in self.addresses:
+                raise ConfigurationError(
+                    f"redis: the dead-letter stream of {address!r} is consumed too"
+                )
+
+    async def connect(self) -> None:
+        self.check()
         c = self.config
         self._client = await open_client(c.url, c.connect_timeout)
         try:
@@ -216,7 +193,15 @@ class RedisTransport(Transport):
         dead = [
             (
                 self.dead_letter_address(batch.address),
-                encode(dead_letter_headers(d.message, batch.address, d.reason), d.message.payload),
+                encode(
+                    dead_letter_headers(
+                        d.message.headers,
+                        attempt=d.message.attempt,
+                        address=batch.address,
+                        reason=d.reason,
+                    ),
+                    d.message.payload,
+                ),
             )
             for d in settlement.dead
         ]

@@ -114,7 +114,7 @@ class Streams:
             except redis_errors.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
-                logger.warning("redis: a stream or its group vanished (%s); creating it again", exc)
+                logger.warning("a stream or its group vanished (%s); creating it again", exc)
                 await self.start()
                 continue
             if reply:
