@@ -169,6 +169,7 @@ class RedisTransport(Transport):
 
     @staticmethod
     def _batch(stream: str, entries: list[Any], attempts: dict[bytes, int] | None) -> Batch:
+        """Entries as messages; ``attempts`` by entry id (``None``: first deliveries)."""
         messages: list[Message] = []
         append = messages.append
         for entry_id, fields in entries:
@@ -176,17 +177,9 @@ class RedisTransport(Transport):
                 continue  # deleted while pending
             headers, payload = decode(fields)
             mid = entry_id.decode()
-            attempt = attempts.get(entry_id, 1) if attempts is not None else 1
-            append(
-                Message(
-                    mid,
-                    headers,
-                    payload,
-                    {"redis": {"stream": stream, "id": mid}},
-                    attempt,
-                    entry_id,
-                )
-            )
+            attempt = 1 if attempts is None else attempts.get(entry_id, 1)
+            binding = {"redis": {"stream": stream, "id": mid}}
+            append(Message(mid, headers, payload, binding, attempt, entry_id))
         return Batch(stream, messages, key=stream)
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:

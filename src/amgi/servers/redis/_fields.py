@@ -40,6 +40,12 @@ def encode(headers: Iterable[tuple[bytes, bytes]], payload: bytes | None) -> lis
 
 def decode(fields: Sequence[bytes]) -> tuple[HeaderList, bytes | None]:
     """``(headers, payload)`` of an entry's flat field/value list."""
+    n = len(fields)
+    if n >= 2 and fields[n - 2] == PAYLOAD:
+        # The layout this server writes: headers, then the payload last.
+        names = fields[0 : n - 2 : 2]
+        if PAYLOAD not in names and _RESERVED not in b"\n".join(names):
+            return list(zip(names, fields[1 : n - 2 : 2], strict=True)), fields[n - 1]
     headers: HeaderList = []
     payload: bytes | None = None
     it = iter(fields)
