@@ -25,15 +25,11 @@ import argparse
 import asyncio
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import HEADERS, PAYLOAD  # noqa: E402
-from _drain_race import Contender, Progress, bench_python, run_rounds, table  # noqa: E402
-
-from amgi.servers.nats._headers import encode  # noqa: E402
+from _common import HEADERS, PAYLOAD
+from _drain_race import Contender, Progress, bench_python, run_rounds, table
+from amgi.servers.nats._headers import encode
 
 URL = "nats://127.0.0.1:4222"
 PEERS = ["faststream[nats]>=0.6", "nats-py>=2.10", "amgi-nats==0.51.0"]
@@ -179,10 +175,21 @@ def contenders(count: int, only: list[str] | None) -> list[Contender]:
         Contender(
             "amgi nats (`amgi run` defaults)",
             lambda a: [
-                python, "-m", "amgi", "run", "bench._common:ack_all", parts(a)[1],
-                "--server", "nats", "--servers", URL, "--stream", parts(a)[0],
-                "--durable", parts(a)[2],
-            ],  # fmt: skip
+                python,
+                "-m",
+                "amgi",
+                "run",
+                "bench._common:ack_all",
+                parts(a)[1],
+                "--server",
+                "nats",
+                "--servers",
+                URL,
+                "--stream",
+                parts(a)[0],
+                "--durable",
+                parts(a)[2],
+            ],
             "pull",
         ),
     ]
@@ -193,8 +200,15 @@ def contenders(count: int, only: list[str] | None) -> list[Contender]:
                 Contender(
                     f"FastStream JetStream subscriber, {mode}",
                     lambda a, m=mode: [  # type: ignore[misc]
-                        str(peer), "-c", FASTSTREAM, URL, parts(a)[1], parts(a)[0], parts(a)[2], m,
-                    ],  # fmt: skip
+                        str(peer),
+                        "-c",
+                        FASTSTREAM,
+                        URL,
+                        parts(a)[1],
+                        parts(a)[0],
+                        parts(a)[2],
+                        m,
+                    ],
                     mode,
                 )
             )

@@ -22,15 +22,11 @@ import argparse
 import asyncio
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import HEADERS, PAYLOAD  # noqa: E402
-from _drain_race import Contender, Progress, bench_python, run_rounds, table  # noqa: E402
-
-from amgi.servers.redis._fields import encode  # noqa: E402
+from _common import HEADERS, PAYLOAD
+from _drain_race import Contender, Progress, bench_python, run_rounds, table
+from amgi.servers.redis._fields import encode
 
 URL = "redis://127.0.0.1:6379/0"
 PEERS = ["faststream[redis]>=0.6", "redis[hiredis]>=5"]
@@ -131,9 +127,19 @@ def contenders(count: int, only: list[str] | None) -> list[Contender]:
         Contender(
             "amgi redis (`amgi run` defaults)",
             lambda s: [
-                python, "-m", "amgi", "run", "bench._common:ack_all", s,
-                "--server", "redis", "--url", URL, "--group", group_of(s),
-            ],  # fmt: skip
+                python,
+                "-m",
+                "amgi",
+                "run",
+                "bench._common:ack_all",
+                s,
+                "--server",
+                "redis",
+                "--url",
+                URL,
+                "--group",
+                group_of(s),
+            ],
         ),
     ]
     peer = bench_python(PEERS, "import faststream.redis, hiredis")
