@@ -36,8 +36,10 @@ def fresh(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def ensure_stream(url: str = URL, name: str = STREAM, subjects: Any = None) -> None:
-    """The stream the tests publish to (memory storage), created when missing."""
+async def ensure_stream(
+    url: str = URL, name: str = STREAM, subjects: Any = None, *, on_disk: bool = False
+) -> None:
+    """The stream the tests publish to (in memory unless ``on_disk``), created when missing."""
     import nats
     from nats.js import api
     from nats.js.errors import NotFoundError
@@ -52,7 +54,7 @@ async def ensure_stream(url: str = URL, name: str = STREAM, subjects: Any = None
                 api.StreamConfig(
                     name=name,
                     subjects=subjects or [f"{PREFIX}.>"],
-                    storage=api.StorageType.MEMORY,
+                    storage=api.StorageType.FILE if on_disk else api.StorageType.MEMORY,
                     max_age=3600,
                 )
             )

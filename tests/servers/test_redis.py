@@ -228,6 +228,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
         processes.append(server)
         await asyncio.to_thread(until, lambda: len(server.acked()) >= 20, 30, "a start", server)
         await asyncio.to_thread(broker.restart)
+        assert len(set(server.acked())) < len(expected), "the restart came too late to test"
         await asyncio.to_thread(
             until, lambda: set(server.acked()) >= set(expected), 60, "every message", server
         )

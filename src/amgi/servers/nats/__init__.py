@@ -209,7 +209,7 @@ class NatsTransport(Transport):
             await client.jetstream().publish(
                 address, payload or b"", timeout=self.config.publish_timeout, headers=header or None
             )
-        except nats_errors.NoRespondersError:
+        except (nats_errors.NoRespondersError, js_errors.NoStreamResponseError):
             raise NatsSendError(f"nats: no JetStream stream captures subject {address!r}") from None
         except js_errors.APIError as exc:
             raise NatsSendError(

@@ -96,6 +96,8 @@ class Subscriptions:
         now = asyncio.get_running_loop().time()
         for r in settlement.retry:
             self._retries.add(now + r.delay, (subject, r.message))
+        if settlement.retry:
+            self._arrived.set()  # the reader sleeps until its next due time: wake it
         if not dead:
             return
         js = self.client.jetstream()
