@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
-import json
 import logging
 import os
 import sys
@@ -21,10 +20,12 @@ from typing import Any, NoReturn
 
 from amgi import __version__
 from amgi.errors import AMGIError, ConfigurationError, StartupFailed
-from amgi.options import add_flags, build
+from amgi.options import add_flags, build, flag_name
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
 from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
+from amgi.servers.kit.bindings import UnknownBinding
+from amgi.servers.kit.bindings import parse as parse_binding
 from amgi.transport import Transport
 from amgi.types import AMGIApplication
 
@@ -88,8 +89,7 @@ def _servers_epilog() -> str:
         default = "  (default)" if name == DEFAULT_SERVER else ""
         lines.append(f"  {name}{default}{status}")
         for f in dataclasses.fields(transport.options):
-            flag = "--" + f.name.replace("_", "-")
-            lines.append(f"      {flag:<28} {f.metadata.get('help', '')}")
+            lines.append(f"      {flag_name(f.name):<28} {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -100,6 +100,15 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments"):
             message += f" (not options of the {self.server!r} server)"
         self.exit(2, f"amgi: error: {message} (see '{self.prog} --help')\n")
+
+
+def _log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: info)",
+    )
 
 
 def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | None]:
@@ -115,21 +124,11 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
         epilog=_servers_epilog(),
     )
     parser.add_argument("--version", action="version", version=f"amgi {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log level (default: info)",
-    )
+    _log_level(parser, default="info")
     commands = parser.add_subparsers(dest="command", metavar="{run,send}")
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--log-level",
-            default=argparse.SUPPRESS,
-            choices=["debug", "info", "warning", "error"],
-            help="log level (default: info)",
-        )
+        _log_level(sub, default=argparse.SUPPRESS)  # also accepted after the command
         sub.add_argument(
             "--server",
             default=DEFAULT_SERVER,
@@ -176,8 +175,9 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
         action="append",
         default=[],
         metavar="PROTOCOL.KEY=JSON",
-        help="a binding value, e.g. kafka.key='\"k1\"' (repeatable; JSON strings are UTF-8 "
-        "encoded to bytes for keys named key)",
+        help="a binding value, e.g. kafka.key=k1 or amqp.priority=5 (repeatable; the value "
+        "is JSON if it parses, else text; text of a bytes key such as kafka.key or "
+        "mqtt.correlationData is UTF-8 encoded); the keys are listed in docs/spec.md",
     )
     common(send)
     return parser, transport
@@ -216,11 +216,9 @@ def _parse_bindings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not sep or not dot or not protocol or not key:
             raise UsageError(f"--binding takes PROTOCOL.KEY=JSON, got {item!r}")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if key in ("key", "correlation_data") and isinstance(value, str):
-            value = value.encode()
+            value = parse_binding(protocol, key, raw)
+        except UnknownBinding as exc:
+            raise UsageError(f"--binding {path}: {exc}") from None
         bindings.setdefault(protocol, {})[key] = value
     return bindings
 

@@ -47,6 +47,7 @@ __all__ = [
     "flag_name",
     "invalid",
     "option",
+    "option_table",
     "to_argv",
 ]
 
@@ -111,6 +112,28 @@ def bounds_text(metadata: Mapping[str, Any]) -> str:
     if lt is not None:
         parts.append(f"below {_shown(lt)}")
     return " and ".join(parts)
+
+
+def option_table(cls: type[Any]) -> str:
+    """A Markdown table of the options of dataclass ``cls``: flag, default, meaning.
+
+    The meaning is the field's help text and its bounds; docs/servers pages start
+    from this and may explain more (a test keeps flags and defaults in step).
+    """
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            default = f"`{f.default}`"
+            if isinstance(f.default, bool):
+                default = "on" if f.default else "off"
+        else:
+            default = "(none)"
+        meaning = f.metadata.get("help", "")
+        bounds = bounds_text(f.metadata)
+        if bounds:
+            meaning += f" ({bounds})"
+        rows.append(f"| `{flag_name(f.name)}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 def invalid(options: Any, name: str, problem: str) -> ConfigurationError:
@@ -244,6 +267,9 @@ def add_flags(parser: argparse._ActionsContainer, cls: type[Any], *, dest_prefix
                 help=f"{help_text} (default: {default})",
             )
         elif kind in (str, int, float):
+            bounds = bounds_text(f.metadata)
+            if bounds:
+                help_text = f"{help_text}, {bounds}"
             shown = "*****" if f.metadata.get("secret") and default else default
             parser.add_argument(
                 *names,

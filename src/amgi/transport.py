@@ -38,18 +38,8 @@ from typing import Any, ClassVar
 
 from amgi.errors import SendError
 from amgi.options import check as check_options
-from amgi.servers.kit.headers import (
-    ATTEMPT_HEADER,
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
-    attempt_from_headers,
-    headers_with_attempt,
-)
 
 __all__ = [
-    "ATTEMPT_HEADER",
-    "DEAD_LETTER_REASON_HEADER",
-    "ORIGINAL_ADDRESS_HEADER",
     "Batch",
     "Bindings",
     "DeadLetter",
@@ -58,8 +48,6 @@ __all__ = [
     "Retry",
     "Settlement",
     "Transport",
-    "attempt_from_headers",
-    "headers_with_attempt",
 ]
 
 Bindings = dict[str, dict[str, Any]]

@@ -98,3 +98,11 @@ def test_runtime_config_refuses_bad_values_at_construction(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         RuntimeConfig(**{field: value})
+
+
+def test_option_table_shows_flags_defaults_help_and_bounds() -> None:
+    from amgi.options import option_table
+
+    table = option_table(Sample)
+    assert "| `--size` | `10` | most per batch (1 to 100) |" in table
+    assert "| `--password` | (none) | password |" in table

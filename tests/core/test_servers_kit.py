@@ -66,15 +66,35 @@ def test_watermark_never_passes_an_unsettled_position() -> None:
     assert mark.outstanding == 0
 
 
-def test_watermark_ignores_positions_never_handed_out_and_forgets_on_clear() -> None:
+def test_watermark_forgets_on_clear() -> None:
     mark = Watermark()
     mark.add(1)
     mark.add(2)
-    assert mark.settle([7]) is None
     mark.clear()
-    assert mark.settle([1, 2]) is None
+    assert mark.outstanding == 0
     mark.add(3)
     assert mark.settle([3]) == 3
+
+
+def test_a_position_handed_out_twice_must_be_settled_twice() -> None:
+    mark = Watermark()
+    for position in (100, 200, 200):  # the batch ending at 200 was refetched
+        mark.add(position)
+    assert mark.settle([200]) is None
+    assert mark.settle([200]) is None
+    assert mark.settle([100]) == 200
+    assert mark.outstanding == 0
+
+
+def test_watermark_of_consecutive_positions_needs_no_add() -> None:
+    mark = Watermark(first=1)
+    assert mark.settle([2, 3]) is None
+    assert mark.outstanding == 2
+    assert mark.settle([1]) == 3
+    assert mark.settle([5]) is None
+    assert mark.settle([4]) == 5
+    with pytest.raises(TypeError):
+        mark.add(6)
 
 
 # -- backoff -------------------------------------------------------------------------------
@@ -209,3 +229,15 @@ def test_the_bindings_table_renders_one_row_per_protocol() -> None:
     for protocol in BINDINGS:
         assert f"| `{protocol}` |" in table
     assert "`correlationData`" in table
+
+
+# -- FIFO groups ---------------------------------------------------------------------------
+
+
+def test_held_behind_holds_the_rest_of_a_group_after_its_first_failure() -> None:
+    from amgi.servers.kit.fifo import held_behind
+
+    messages = [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("b", 5), ("c", 6)]
+    failed = {3, 5}
+    held = held_behind(messages, lambda m: m[1] in failed, lambda m: m[0])
+    assert {m[1]: held[id(m)][1] for m in messages if id(m) in held} == {4: 3}

@@ -12,9 +12,9 @@ import pytest
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
-from amgi.servers._kafka_records import message_from_record, messages_from_records
 from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
-from amgi.transport import DEAD_LETTER_REASON_HEADER
+from amgi.servers.kafka.records import message_from_record, messages_from_records
+from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     amgi_cli,

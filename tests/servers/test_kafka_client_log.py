@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from amgi.servers._kafka_client_log import CLIENT_LOGGER, ClientErrors
+from amgi.servers.kafka._client_log import CLIENT_LOGGER, ClientErrors
 
 
 class Err:

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import pytest
 
+from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
 from amgi.testing.conformance import ConformanceSuite, DeadLetterView, DurabilitySuite, Harness
-from amgi.transport import DEAD_LETTER_REASON_HEADER
 from tests.servers.kafka_helpers import BOOTSTRAP, create_topic, ensure_broker, fresh, read_all
 
 

@@ -19,13 +19,9 @@ import pytest
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
-from amgi.transport import (
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
-    Batch,
-    Settlement,
-)
+from amgi.transport import Batch, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 from tests.servers.mosquitto import broker as broker_module
 from tests.servers.mosquitto.broker import Mosquitto

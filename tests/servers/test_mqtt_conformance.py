@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 
 import pytest
 
+from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttTransport
 from amgi.testing.conformance import ConformanceSuite, DurabilitySuite, Harness
-from amgi.transport import DEAD_LETTER_REASON_HEADER, Bindings, HeaderList, Settlement
+from amgi.transport import Bindings, HeaderList, Settlement
 
 
 async def ensure_session(options: MqttOptions, topic_filter: str) -> None:

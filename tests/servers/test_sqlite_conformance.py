@@ -16,7 +16,7 @@ from amgi.testing.conformance import ConformanceSuite, DeadLetterView, Durabilit
 
 class SqliteHarness(Harness):
     server = "sqlite"
-    send_bindings = {"kafka": {"key": b"k\x00"}, "amqp": {"routing_key": "rk", "priority": 3}}
+    send_bindings = {"kafka": {"key": b"k\x00"}, "amqp": {"routingKey": "rk", "priority": 3}}
     redelivery_timeout = 10.0
     startup_timeout = 15.0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from amgi.testing.conformance import (
     ConformanceSuite,
@@ -22,7 +23,6 @@ from amgi.testing.conformance import (
     DurabilitySuite,
     Harness,
 )
-from amgi.transport import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from tests.moto_env import ENDPOINT, use_moto_credentials
 
 

@@ -53,7 +53,7 @@ def message_scope(
     """The scope of the call for ``batch``; ``state`` is copied so calls cannot share it."""
     scope: MessageScope = {
         "type": "message",
-        "amgi": {"version": "1.0", "spec_version": "1.0"},
+        "amgi": AMGI_VERSIONS.copy(),
         "address": batch.address,
     }
     if state is not None:

@@ -16,6 +16,7 @@ from amgi.runtime.batch import CallCancelled, call_app, place
 from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.lifespan import Lifespan
 from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.servers.kit.backoff import Backoff
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 from amgi.types import AMGIApplication
 
@@ -170,7 +171,7 @@ class Runtime:
     # -- fetching and dispatch ---------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        backoff = _FETCH_BACKOFF_FIRST
+        backoff = Backoff(_FETCH_BACKOFF_FIRST, _FETCH_BACKOFF_MAX)
         failing = False
         limit = self.config.concurrency
         while True:
@@ -185,13 +186,12 @@ class Runtime:
                 if not failing:
                     logger.error("fetch from %s failed: %s (retrying)", self.transport.name, exc)
                 failing = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _FETCH_BACKOFF_MAX)
+                await backoff.sleep()
                 continue
             if failing:
                 logger.info("fetch from %s recovered", self.transport.name)
                 failing = False
-                backoff = _FETCH_BACKOFF_FIRST
+                backoff.reset()
             for batch in batches:
                 if not batch.messages:
                     continue

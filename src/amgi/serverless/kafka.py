@@ -5,7 +5,7 @@ How a Kafka event maps onto AMGI:
 =====================  ================================================================
 ``records[topic-N]``   one batch per partition, its records in offset order; partitions
                        run concurrently (address: the topic)
-record                 mapped by :mod:`amgi.servers._kafka_records`, as the Kafka server
+record                 mapped by :mod:`amgi.servers.kafka.records`, as the Kafka server
                        does: base64 ``key``/``value`` decoded, header byte arrays joined,
                        ``bindings["kafka"]``: key, partition, offset, timestamp
 ack                    nothing to do: Lambda commits the batch when the invocation succeeds
@@ -36,10 +36,9 @@ from amgi.serverless._adapter import (
     is_object,
 )
 from amgi.servers import load
-from amgi.servers._kafka_records import message_from_record
+from amgi.servers.kafka.records import message_from_record
+from amgi.servers.kit import dead_letter_headers
 from amgi.transport import (
-    DEAD_LETTER_REASON_HEADER,
-    ORIGINAL_ADDRESS_HEADER,
     Batch,
     Message,
     Transport,
@@ -200,11 +199,9 @@ class KafkaHandler(LambdaAdapter):
                 f"{first[1].id}: {first[2]}); failing the invocation so Lambda retries"
             )
         for address, m, reason in failures:
-            headers = [
-                *m.headers,
-                (DEAD_LETTER_REASON_HEADER, reason.encode("utf-8", "replace")),
-                (ORIGINAL_ADDRESS_HEADER, address.encode("utf-8")),
-            ]
+            headers = dead_letter_headers(
+                m.headers, attempt=m.attempt, address=address, reason=reason
+            )
             # A send error propagates: the invocation fails and Lambda retries the batch.
             await self._publish(self.dead_letter_address, headers, m.payload, dict(m.bindings))
         logger.warning("%d record(s) dead-lettered to %r", len(failures), self.dead_letter_address)

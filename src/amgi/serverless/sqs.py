@@ -30,7 +30,8 @@ from typing import Any
 from amgi.options import build
 from amgi.serverless._adapter import LambdaAdapter, LambdaContext, MalformedEvent, is_object
 from amgi.servers import load
-from amgi.servers.sqs import decode_body, headers_from_attributes, message_bindings
+from amgi.servers.kit.fifo import held_behind
+from amgi.servers.sqs.records import decode_body, headers_from_attributes, message_bindings
 from amgi.transport import Batch, Message, Transport
 
 __all__ = ["SqsHandler", "sqs_message"]
@@ -167,12 +168,7 @@ def _is_fifo(m: Message) -> bool:
 
 def _stop_groups(records: list[Message], failed: set[str]) -> set[str]:
     """FIFO: every record after a group's first failure fails too, keeping the order."""
-    stopped: set[str | None] = set()
-    out = set(failed)
-    for m in records:
-        group = m.bindings["sqs"].get("message_group_id")
-        if group in stopped:
-            out.add(m.id)
-        elif m.id in failed:
-            stopped.add(group)
-    return out
+    blocked = held_behind(
+        records, lambda m: m.id in failed, lambda m: m.bindings["sqs"].get("message_group_id")
+    )
+    return failed | {m.id for m in records if id(m) in blocked}

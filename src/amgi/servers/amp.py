@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amgi import amp
-from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.errors import BrokerUnavailable, SendError
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = ["AmpOptions", "AmpSendError", "AmpTransport", "Deliver", "Nacked", "Subscribe"]
@@ -65,10 +65,13 @@ class AmpOptions:
     """Options of the AMP server."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on / connect to"})
-    port: int = field(default=7000, metadata={"help": "TCP port to listen on / connect to"})
-    batch_size: int = field(default=100, metadata={"help": "most messages per batch"})
+    port: int = field(
+        default=7000, metadata={"ge": 0, "le": 65535, "help": "TCP port to listen on / connect to"}
+    )
+    batch_size: int = field(default=100, metadata={"ge": 1, "help": "most messages per batch"})
     call_timeout: float = field(
-        default=30.0, metadata={"help": "seconds to wait for a Deliver answer when sending"}
+        default=30.0,
+        metadata={"gt": 0, "help": "seconds to wait for a Deliver answer when sending"},
     )
 
 
@@ -119,10 +122,7 @@ class AmpTransport(Transport):
     # ------------------------------------------------------------------ listener
 
     async def connect(self) -> None:
-        if self.config.batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1")
-        if not 0 <= self.config.port <= 65535:
-            raise ConfigurationError(f"port {self.config.port} is out of range")
+        self.check()
         if self.addresses:
             await self._listen()
 

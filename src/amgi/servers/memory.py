@@ -75,8 +75,8 @@ class MemoryBroker:
         """Append a message to ``address`` and return its id."""
         message_id = str(next(self._ids))
         message = Message(message_id, headers, payload, bindings if bindings is not None else {})
-        self._queue(address).append(message)
-        self._wake()
+        self.queue(address).append(message)
+        self.wake()
         return message_id
 
     def pending(self, address: str) -> int:
@@ -84,33 +84,37 @@ class MemoryBroker:
         ready = len(self.queues.get(address, ()))
         return ready + sum(1 for _, _, a, _ in self._delayed if a == address)
 
-    def _queue(self, address: str) -> deque[Message]:
+    def queue(self, address: str) -> deque[Message]:
+        """The ready messages of ``address`` (created empty on first use)."""
         queue = self.queues.get(address)
         if queue is None:
             queue = self.queues[address] = deque()
         return queue
 
-    def _later(self, address: str, message: Message, delay: float) -> None:
+    def put_later(self, address: str, message: Message, delay: float) -> None:
+        """Make ``message`` ready on ``address`` after ``delay`` seconds (a retry)."""
         due = time.monotonic() + delay
         heapq.heappush(self._delayed, (due, next(self._order), address, message))
-        self._wake()
+        self.wake()
 
-    def _promote(self) -> float | None:
+    def promote_due(self) -> float | None:
         """Move due delayed messages to their queues; seconds until the next one is due."""
         delayed = self._delayed
         now = time.monotonic()
         while delayed and delayed[0][0] <= now:
             _, _, address, message = heapq.heappop(delayed)
-            self._queue(address).append(message)
+            self.queue(address).append(message)
         return delayed[0][0] - now if delayed else None
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake every consumer waiting in :meth:`wait`."""
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until a message arrives or ``timeout`` seconds pass."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
         try:
@@ -155,7 +159,7 @@ class MemoryTransport(Transport):
         size = self.config.batch_size
         in_flight = self._in_flight
         while True:
-            next_due = broker._promote()
+            next_due = broker.promote_due()
             batches = []
             for address in self.addresses:
                 queue = broker.queues.get(address)
@@ -168,7 +172,7 @@ class MemoryTransport(Transport):
                 batches.append(Batch(address, messages, key=address))
             if batches:
                 return batches
-            await broker._wait(next_due)
+            await broker.wait(next_due)
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         in_flight = self._in_flight
@@ -177,7 +181,7 @@ class MemoryTransport(Transport):
         for r in settlement.retry:
             if in_flight.pop(r.message.id, None) is not None:
                 r.message.attempt += 1
-                self.broker._later(batch.address, r.message, r.delay)
+                self.broker.put_later(batch.address, r.message, r.delay)
         for d in settlement.dead:
             if in_flight.pop(d.message.id, None) is not None:
                 self.broker.dead.setdefault(batch.address, []).append((d.message, d.reason))
@@ -198,6 +202,6 @@ class MemoryTransport(Transport):
             returned.setdefault(address, []).append(m)
         self._in_flight.clear()
         for address, messages in returned.items():
-            self.broker._queue(address).extendleft(reversed(messages))
+            self.broker.queue(address).extendleft(reversed(messages))
         if returned:
-            self.broker._wake()
+            self.broker.wake()

@@ -45,6 +45,7 @@ from amgi.errors import InvalidEvent
 from amgi.options import build, to_argv
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers import load
+from amgi.servers.kit.bindings import unknown_keys
 from amgi.transport import Bindings, HeaderList, Transport
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 
@@ -403,6 +404,10 @@ class ConformanceSuite:
         assert got.payload == payload
         assert got.headers == headers
         harness.check_bindings(harness.send_bindings, got.bindings)
+        # Every binding key read on the send and emitted on receive is in the one table.
+        assert not unknown_keys(harness.send_bindings, sent=True)
+        for received in (app.received[0], got):
+            assert not unknown_keys(received.bindings), received.bindings
 
     async def test_lifespan_order_and_state(self, harness: Harness) -> None:
         address = await harness.new_address()

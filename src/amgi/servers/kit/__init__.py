@@ -25,6 +25,10 @@ Delayed republisher (:mod:`.republisher`) - retries on brokers without delayed d
     in a task it owns; ``await close(timeout)`` cancels the waiting ones and waits for
     those publishing. Call ``close`` from the transport's ``close``.
 
+FIFO groups (:mod:`.fifo`)
+    ``held_behind(messages, failed, group)``: the messages held back behind the first
+    failure of their group (SQS FIFO, server and Lambda adapter).
+
 Options (:mod:`amgi.options`) - declared once, checked before startup
     ``option(default, help, ge=, gt=, le=, lt=, secret=, factory=)`` declares a field
     with its bounds; ``Literal[...]`` types give choices; floats must be finite. An
@@ -49,6 +53,7 @@ from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.fifo import held_behind
 from amgi.servers.kit.headers import (
     ATTEMPT_HEADER,
     DEAD_LETTER_REASON_HEADER,
@@ -80,6 +85,7 @@ __all__ = [
     "doubling_delay",
     "encode_text",
     "headers_with_attempt",
+    "held_behind",
     "invalid",
     "option",
     "retry_headers",

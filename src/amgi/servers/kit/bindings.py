@@ -14,10 +14,19 @@ received, ``"out"`` for keys only read on a send, ``"both"`` otherwise).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["BINDINGS", "BindingKey", "UnknownBinding", "binding_key", "markdown_table", "parse"]
+__all__ = [
+    "BINDINGS",
+    "BindingKey",
+    "UnknownBinding",
+    "binding_key",
+    "markdown_table",
+    "parse",
+    "unknown_keys",
+]
 
 Direction = Literal["in", "out", "both"]
 
@@ -140,6 +149,22 @@ def parse(protocol: str, key: str, raw: str) -> Any:
     if entry.is_bytes and isinstance(value, str):
         value = value.encode()
     return value
+
+
+def unknown_keys(bindings: Mapping[str, Mapping[str, Any]], *, sent: bool = False) -> list[str]:
+    """``protocol.key`` names in ``bindings`` that the table does not list.
+
+    With ``sent=True`` the bindings are those of a send, where receive-only keys are
+    unknown too.
+    """
+    out = []
+    for protocol, values in bindings.items():
+        keys = BINDINGS.get(protocol, {})
+        for key in values:
+            entry = keys.get(key)
+            if entry is None or (sent and entry.direction == "in"):
+                out.append(f"{protocol}.{key}")
+    return out
 
 
 def markdown_table() -> str:

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from amgi.transport import ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, HeaderList, Message
+from amgi.servers.kit import ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER
+from amgi.transport import HeaderList, Message
 
 __all__ = [
     "RETRY_DUE_HEADER",

@@ -1,0 +1,249 @@
+"""AMQP 0-9-1 server (RabbitMQ), on the aiormq client.
+
+How AMGI maps onto AMQP:
+
+=================  ==================================================================
+address            a queue name; ``message.send`` publishes to ``exchange`` (default:
+                   the default exchange) with the address as routing key
+consume            ``basic.consume`` on one channel with ``basic.qos(prefetch)``;
+                   deliveries are buffered until the runtime fetches them
+batch              the deliveries on hand, up to ``batch_size``, after ``linger``
+ordering key       the queue: batches of one queue run one after another
+ack                one ``basic.ack(multiple=True)`` up to the highest delivery tag below
+                   which every delivery of the channel is settled
+nack (retry)       republished (confirmed) to ``<queue>.retry.<ms>``, a queue with that
+                   message TTL whose dead-letter target is the queue, attempt + 1 in the
+                   ``amgi-attempt`` header; then the original is acked
+nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the queue as
+                   routing key (bound to ``<queue>.dead-letter``) and the reason header
+attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quorum queues)
+send               ``basic.publish`` with publisher confirms, mandatory by default
+connection loss    reconnect with backoff and consume again on a new channel; batches of
+                   the old channel are not acked (the broker redelivers them)
+=================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from amgi.errors import ConfigurationError
+from amgi.servers.amqp._client import AmqpClient, AmqpSendError, _check_confirm, _reply_text
+from amgi.servers.amqp._codec import (
+    _message,
+    delivery_bindings,
+    headers_to_table,
+    publish_properties,
+    table_to_headers,
+)
+from amgi.servers.amqp.options import AmqpOptions
+from amgi.servers.kit import (
+    dead_letter_headers,
+    retry_headers,
+)
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "AmqpOptions",
+    "AmqpSendError",
+    "AmqpTransport",
+    "delivery_bindings",
+    "headers_to_table",
+    "publish_properties",
+    "table_to_headers",
+]
+
+logger = logging.getLogger("amgi.servers.amqp")
+
+# Headers the broker adds when our retry queues dead-letter a message back: bookkeeping
+# of the retry mechanism, not part of the message the app sent.
+# -- headers and bindings -----------------------------------------------------------------
+
+
+# -- the transport ------------------------------------------------------------------------
+
+
+class AmqpTransport(AmqpClient, Transport):
+    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ)."""
+
+    name = "amqp"
+    options = AmqpOptions
+    send_error = AmqpSendError
+    requires = ("aiormq",)
+    extra = "amqp"
+
+    def __init__(self, addresses: Sequence[str], options: AmqpOptions | None = None) -> None:
+        super().__init__(addresses, options or AmqpOptions())
+        self._init_client()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """The options, then the addresses: queue names of 1 to 255 bytes."""
+        super().check()
+        for address in self.addresses:
+            if not address or len(address.encode()) > 255:
+                raise ConfigurationError(f"amqp: {address!r} is not a queue name (1-255 bytes)")
+
+    async def connect(self) -> None:
+        self.check()
+        self._closed = False
+        await self._open()
+        self._supervisor = asyncio.create_task(self._supervise(), name="amgi-amqp-reconnect")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        self._ready.clear()
+        connection, self._connection = self._connection, None
+        self._consumer = None
+        self._publisher = None
+        self._buffer.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def fetch(self) -> Sequence[Batch]:
+        size = self.config.batch_size
+        buffer = self._buffer
+        while True:
+            await self._wait_for(1, None)
+            if self.config.linger > 0:
+                await self._wait_for(size, self.config.linger)
+            if buffer:
+                break
+        generation = self._generation
+        grouped: dict[str, list[Message]] = {}
+        for _ in range(min(size, len(buffer))):
+            queue, delivered = buffer.popleft()
+            grouped.setdefault(queue, []).append(_message(delivered))
+        return [
+            Batch(queue, msgs, key=queue, context=generation) for queue, msgs in grouped.items()
+        ]
+
+    # -- settling -------------------------------------------------------------------------
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        consumer = self._consumer
+        if consumer is None or consumer.generation != batch.context:
+            return  # the channel is gone: the broker redelivers every message of the batch
+        republish = [
+            self._publish_retry(batch.address, r.message, r.delay) for r in settlement.retry
+        ]
+        republish += [
+            self._publish_dead(batch.address, d.message, d.reason) for d in settlement.dead
+        ]
+        rejected: list[int] = []
+        if republish:
+            moved = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
+            results = await asyncio.gather(*republish, return_exceptions=True)
+            if self._consumer is not consumer:
+                return
+            for message, result in zip(moved, results, strict=True):
+                if isinstance(result, BaseException):
+                    logger.error(
+                        "amqp: could not move a nacked message of %r aside (%s); requeued",
+                        batch.address,
+                        result,
+                    )
+                    rejected.append(message.token.delivery.delivery_tag)
+        channel = consumer.channel
+        try:
+            for tag in rejected:
+                await channel.basic_reject(tag, requeue=True)
+        except Exception:
+            return  # channel lost: everything unacked comes back
+        mark = consumer.acked.settle(m.token.delivery.delivery_tag for m in batch.messages)
+        if mark is None:
+            return
+        with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
+            await channel.basic_ack(mark, multiple=True)
+
+    async def _publish_retry(self, queue: str, message: Message, delay: float) -> None:
+        delay_ms = max(1, round(delay * 1000))
+        retry_queue = f"{queue}.retry.{delay_ms}"
+        channel = await self._channel()
+        if retry_queue not in self._retry_queues:
+            await channel.queue_declare(
+                retry_queue,
+                durable=True,
+                arguments={
+                    "x-message-ttl": delay_ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                },
+            )
+            self._retry_queues.add(retry_queue)
+        headers = retry_headers(message.headers, attempt=message.attempt + 1)
+        await self._confirm(channel, message.token, "", retry_queue, headers)
+
+    async def _publish_dead(self, queue: str, message: Message, reason: str) -> None:
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=queue, reason=reason
+        )
+        channel = await self._channel()
+        await self._confirm(
+            channel, message.token, self.config.dead_letter_exchange, queue, headers
+        )
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def publish(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings,
+    ) -> None:
+        from aiormq import exceptions as amqp_errors
+
+        binding = bindings.get("amqp") or {}
+        exchange = binding.get("exchange", self.config.exchange)
+        routing_key = binding.get("routingKey", address)
+        try:
+            properties = publish_properties(headers, binding)
+        except (TypeError, ValueError) as exc:
+            raise AmqpSendError(f"amqp: bad amqp bindings for {address!r}: {exc}") from None
+        where = f"exchange {exchange!r}" if exchange else "the default exchange"
+        try:
+            channel = await self._channel()
+            result = await channel.basic_publish(
+                payload or b"",
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=bool(binding.get("mandatory", True)),
+                timeout=self.config.confirm_timeout,
+            )
+        except amqp_errors.PublishError:
+            raise AmqpSendError(
+                f"amqp: message to {where} with routing key {routing_key!r} is unroutable "
+                "(no queue bound)"
+            ) from None
+        except amqp_errors.ChannelNotFoundEntity as exc:
+            raise AmqpSendError(f"amqp: cannot publish to {where}: {_reply_text(exc)}") from None
+        except TimeoutError:
+            raise AmqpSendError(f"amqp: no publish confirm from the broker for {where}") from None
+        except AmqpSendError:
+            raise
+        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError) as exc:
+            raise AmqpSendError(
+                f"amqp: publishing to {where} failed: {exc or type(exc).__name__}"
+            ) from None
+        try:
+            _check_confirm(result)
+        except AmqpSendError as exc:
+            raise AmqpSendError(f"amqp: publishing to {where} failed: {exc}") from None

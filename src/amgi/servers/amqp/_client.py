@@ -1,0 +1,292 @@
+"""The aiormq connection: channels, declarations, reconnection, confirms (private)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.amqp._codec import headers_to_table
+from amgi.servers.amqp.options import AmqpOptions
+from amgi.servers.kit import (
+    Backoff,
+    Watermark,
+)
+from amgi.transport import HeaderList
+
+if TYPE_CHECKING:
+    from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+
+logger = logging.getLogger("amgi.servers.amqp")
+
+
+_RECONNECT_FIRST = 0.1
+
+
+class AmqpSendError(SendError):
+    """A publish was not confirmed by the broker (unroutable, nacked, connection lost)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Channel:
+    """The consuming channel of one connection, with its acknowledgement watermark."""
+
+    channel: AbstractChannel
+    generation: int
+    acked: Watermark = field(default_factory=lambda: Watermark(first=1))
+    """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
+
+
+def _check_confirm(result: object) -> None:
+    from pamqp.commands import Basic
+
+    if not isinstance(result, Basic.Ack):
+        raise AmqpSendError("the broker did not confirm the message (basic.nack)")
+
+
+def _reply_text(exc: BaseException) -> str:
+    frame = exc.args[0] if exc.args else None
+    text = getattr(frame, "reply_text", None)
+    return str(text) if text else str(exc)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with the password masked, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, hostpart = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+class AmqpClient:
+    """The connection, its consuming and publishing channels, and the delivery buffer."""
+
+    addresses: list[str]
+    config: AmqpOptions
+
+    def _init_client(self) -> None:
+        """Set up the state (called by the transport's ``__init__``)."""
+        self._connection: AbstractConnection | None = None
+        self._consumer: _Channel | None = None
+        self._publisher: AbstractChannel | None = None
+        self._publisher_lock = asyncio.Lock()
+        self._generation = 0
+        self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._want = 1
+        self._ready = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._retry_queues: set[str] = set()
+        self._closed = False
+
+    async def _open(self) -> None:
+        """Connect, declare the topology, open the publisher and start consuming."""
+        import aiormq
+        from aiormq import exceptions as amqp_errors
+
+        c = self.config
+        try:
+            connection = await aiormq.connect(c.url)
+        except (amqp_errors.AuthenticationError, amqp_errors.ProbableAuthenticationError):
+            raise BrokerUnavailable(
+                f"amqp: the broker at {_safe_url(c.url)} refused the credentials"
+            ) from None
+        except amqp_errors.ConnectionNotAllowed:
+            raise BrokerUnavailable(
+                f"amqp: access to the virtual host of {_safe_url(c.url)} was refused"
+            ) from None
+        except (OSError, amqp_errors.AMQPError, TimeoutError) as exc:
+            raise BrokerUnavailable(
+                f"amqp: cannot connect to {_safe_url(c.url)}: {exc or type(exc).__name__}"
+            ) from None
+        except ValueError as exc:
+            raise ConfigurationError(f"amqp: bad url {_safe_url(c.url)}: {exc}") from None
+        try:
+            if self.addresses:
+                channel = await connection.channel(publisher_confirms=False)
+                await self._declare(channel)
+                await channel.basic_qos(prefetch_count=c.prefetch)
+            self._connection = connection
+            self._publisher = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            if self.addresses:
+                self._generation += 1
+                self._buffer.clear()
+                self._consumer = _Channel(channel, self._generation)
+                for queue in self.addresses:
+                    await channel.basic_consume(queue, self._consumer_for(queue, self._generation))
+        except BaseException:
+            self._consumer = None
+            self._publisher = None
+            self._connection = None
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._ready.set()
+
+    async def _declare(self, channel: AbstractChannel) -> None:
+        """Declare (or, when passive, check) the queues, exchange, bindings and dead letters."""
+        from aiormq import exceptions as amqp_errors
+
+        c = self.config
+        arguments: dict[str, Any] | None = (
+            {"x-queue-type": "quorum"} if c.queue_type == "quorum" else None
+        )
+        what = ""
+        try:
+            if c.exchange:
+                what = f"exchange {c.exchange!r}"
+                await channel.exchange_declare(
+                    c.exchange, exchange_type=c.exchange_type, durable=c.durable, passive=c.passive
+                )
+            for queue in self.addresses:
+                what = f"queue {queue!r}"
+                await channel.queue_declare(
+                    queue, durable=c.durable, passive=c.passive, arguments=arguments
+                )
+                if c.exchange and not c.passive:
+                    for key in c.routing_keys or [queue]:
+                        await channel.queue_bind(queue, c.exchange, routing_key=key)
+            what = f"dead-letter exchange {c.dead_letter_exchange!r}"
+            await channel.exchange_declare(
+                c.dead_letter_exchange, exchange_type="direct", durable=True
+            )
+            for queue in self.addresses:
+                what = f"dead-letter queue {queue + '.dead-letter'!r}"
+                await channel.queue_declare(queue + ".dead-letter", durable=True)
+                await channel.queue_bind(
+                    queue + ".dead-letter", c.dead_letter_exchange, routing_key=queue
+                )
+        except amqp_errors.ChannelNotFoundEntity:
+            raise ConfigurationError(f"amqp: {what} does not exist (passive mode)") from None
+        except (amqp_errors.ChannelPreconditionFailed, amqp_errors.ChannelAccessRefused) as exc:
+            raise ConfigurationError(f"amqp: cannot declare {what}: {_reply_text(exc)}") from None
+
+    async def _supervise(self) -> None:
+        """Reconnect with backoff whenever the connection or the consuming channel closes."""
+        backoff = Backoff(_RECONNECT_FIRST, self.config.reconnect_delay_max)
+        while True:
+            waits: list[asyncio.Future[Any]] = []
+            if self._connection is not None:
+                waits.append(self._connection.closing)
+            if self._consumer is not None:
+                waits.append(self._consumer.channel.closing)
+            if waits:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for future in waits:
+                    if future.done() and not future.cancelled():
+                        future.exception()  # mark retrieved
+                logger.warning("amqp: lost the connection to the broker; reconnecting")
+            self._ready.clear()
+            self._consumer = None
+            self._publisher = None
+            self._buffer.clear()
+            old, self._connection = self._connection, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
+            while True:
+                try:
+                    await self._open()
+                except Exception as exc:
+                    known = isinstance(exc, (BrokerUnavailable, ConfigurationError, OSError))
+                    logger.warning(
+                        "amqp: reconnect failed: %s (next try in %.1fs)",
+                        exc if known else repr(exc),
+                        backoff.delay,
+                    )
+                    await backoff.sleep()
+                    continue
+                logger.info("amqp: reconnected; consuming again")
+                backoff.reset()
+                break
+
+    def _consumer_for(self, queue: str, generation: int) -> Any:
+        buffer = self._buffer
+
+        async def on_message(delivered: DeliveredMessage) -> None:
+            if generation != self._generation:
+                return  # a late delivery of a closed channel: the broker redelivers it
+            buffer.append((queue, delivered))
+            waiter = self._waiter
+            if waiter is not None and len(buffer) >= self._want and not waiter.done():
+                waiter.set_result(None)
+
+        return on_message
+
+    async def _wait_for(self, count: int, timeout: float | None) -> None:
+        if len(self._buffer) >= count:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter, self._want = waiter, count
+        try:
+            if timeout is None:
+                await waiter
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._waiter = None
+
+    async def _confirm(
+        self,
+        channel: AbstractChannel,
+        delivered: DeliveredMessage,
+        exchange: str,
+        routing_key: str,
+        headers: HeaderList,
+    ) -> None:
+        from pamqp.commands import Basic
+
+        props = delivered.header.properties
+        properties = Basic.Properties(
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            headers=headers_to_table(headers),
+            delivery_mode=2,
+            priority=props.priority,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+            message_type=props.message_type,
+            user_id=props.user_id,
+            app_id=props.app_id,
+        )
+        result = await channel.basic_publish(
+            delivered.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=True,
+            timeout=self.config.confirm_timeout,
+        )
+        _check_confirm(result)
+
+    async def _channel(self) -> AbstractChannel:
+        """The confirm-mode publishing channel, reopened if the broker closed it."""
+        publisher = self._publisher
+        if publisher is not None and not publisher.is_closed:
+            return publisher
+        if self._closed:
+            raise AmqpSendError("amqp: the server is closed")
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.config.confirm_timeout)
+        except TimeoutError:
+            raise AmqpSendError("amqp: not connected to the broker") from None
+        async with self._publisher_lock:
+            publisher = self._publisher
+            if publisher is None or publisher.is_closed:
+                connection = self._connection
+                if connection is None:
+                    raise AmqpSendError("amqp: not connected to the broker")
+                publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._publisher = publisher
+            return publisher

@@ -1,0 +1,211 @@
+"""AMQP header tables and basic properties <-> AMGI headers and bindings (private)."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+from amgi.servers.kit import (
+    ATTEMPT_HEADER,
+)
+from amgi.transport import HeaderList, Message
+
+if TYPE_CHECKING:
+    from aiormq.abc import DeliveredMessage
+    from pamqp.commands import Basic
+
+logger = logging.getLogger("amgi.servers.amqp")
+
+
+_ATTEMPT_KEY = ATTEMPT_HEADER.decode()
+
+
+_DELIVERY_COUNT_KEY = "x-delivery-count"
+
+
+_ORDER_KEY = "amgi-header-order"
+
+
+_BROKER_KEYS = frozenset(
+    {
+        _ATTEMPT_KEY,
+        _DELIVERY_COUNT_KEY,
+        _ORDER_KEY,
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+def _header_value(value: Any) -> Iterable[bytes]:
+    """The AMGI header values of one AMQP table value (an array repeats the name)."""
+    if isinstance(value, str):
+        yield value.encode()
+    elif isinstance(value, bytes | bytearray):
+        yield bytes(value)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _header_value(item)
+    else:
+        yield str(value).encode()
+
+
+def _table_value(value: bytes) -> str | bytearray:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return bytearray(value)
+
+
+def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """AMGI headers as an AMQP headers table; a repeated name becomes an array.
+
+    RabbitMQ hands tables out sorted by name, so when the names are not in that order
+    the original order travels in an ``amgi-header-order`` array.
+    """
+    table: dict[str, Any] = {}
+    names: list[str] = []
+    for name, value in headers:
+        key = name.decode("utf-8", "replace")
+        item = _table_value(value)
+        if key not in _BROKER_KEYS:
+            names.append(key)
+        if key in table:
+            previous = table[key]
+            if isinstance(previous, list):
+                previous.append(item)
+            else:
+                table[key] = [previous, item]
+        else:
+            table[key] = item
+    if any(a > b for a, b in itertools.pairwise(names)):
+        table[_ORDER_KEY] = names
+    return table
+
+
+def table_to_headers(table: dict[str, Any] | None) -> tuple[int, HeaderList]:
+    """Split an AMQP headers table into ``(attempt, AMGI headers)``."""
+    if not table:
+        return 1, []
+    headers: HeaderList = []
+    attempt = 1
+    for key, value in table.items():
+        if key in _BROKER_KEYS:
+            if key == _ATTEMPT_KEY:
+                attempt += _attempt_value(value) - 1
+            elif key == _DELIVERY_COUNT_KEY and isinstance(value, int):
+                attempt += value
+            continue
+        name = key.encode()
+        headers.extend((name, v) for v in _header_value(value))
+    order = table.get(_ORDER_KEY)
+    if isinstance(order, list):
+        headers = _reorder(headers, order)
+    return attempt, headers
+
+
+def _reorder(headers: HeaderList, order: list[Any]) -> HeaderList:
+    """``headers`` in the name order of ``order`` (unknown or extra names go last)."""
+    by_name: dict[bytes, deque[bytes]] = {}
+    for name, value in headers:
+        by_name.setdefault(name, deque()).append(value)
+    out: HeaderList = []
+    for item in order:
+        name = item.encode() if isinstance(item, str) else bytes(item)
+        values = by_name.get(name)
+        if values:
+            out.append((name, values.popleft()))
+    out.extend((name, v) for name, values in by_name.items() for v in values)
+    return out
+
+
+def _attempt_value(value: Any) -> int:
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1
+
+
+_PROPERTY_BINDINGS = (
+    ("content_type", "contentType"),
+    ("content_encoding", "contentEncoding"),
+    ("correlation_id", "correlationId"),
+    ("reply_to", "replyTo"),
+    ("message_id", "messageId"),
+    ("message_type", "messageType"),
+    ("user_id", "userId"),
+    ("app_id", "appId"),
+    ("priority", "priority"),
+    ("delivery_mode", "deliveryMode"),
+)
+
+
+def delivery_bindings(delivered: DeliveredMessage) -> dict[str, Any]:
+    """The ``amqp`` bindings of a delivery: routing data and basic properties."""
+    delivery = delivered.delivery
+    props = delivered.header.properties
+    out: dict[str, Any] = {
+        "exchange": getattr(delivery, "exchange", ""),
+        "routingKey": getattr(delivery, "routing_key", ""),
+        "redelivered": bool(getattr(delivery, "redelivered", False)),
+    }
+    for attr, key in _PROPERTY_BINDINGS:
+        value = getattr(props, attr)
+        if value is not None:
+            out[key] = value
+    if props.expiration is not None:
+        out["expiration"] = (
+            int(props.expiration) if props.expiration.isdigit() else props.expiration
+        )
+    if props.timestamp is not None:
+        out["timestamp"] = int(props.timestamp.timestamp())
+    return out
+
+
+def publish_properties(
+    headers: Iterable[tuple[bytes, bytes]], binding: dict[str, Any]
+) -> Basic.Properties:
+    """Basic properties of an outgoing message from AMGI headers and ``amqp`` bindings."""
+    from pamqp.commands import Basic
+
+    kwargs: dict[str, Any] = {"delivery_mode": 2}
+    for attr, key in _PROPERTY_BINDINGS:
+        value = binding.get(key)
+        if value is not None:
+            kwargs[attr] = value
+    expiration = binding.get("expiration")
+    if expiration is not None:
+        kwargs["expiration"] = str(expiration)
+    timestamp = binding.get("timestamp")
+    if timestamp is not None:
+        if not isinstance(timestamp, datetime.datetime):
+            timestamp = datetime.datetime.fromtimestamp(float(timestamp), datetime.UTC)
+        kwargs["timestamp"] = timestamp
+    table = headers_to_table(headers)
+    if table:
+        kwargs["headers"] = table
+    return Basic.Properties(**kwargs)
+
+
+def _message(delivered: DeliveredMessage) -> Message:
+    attempt, headers = table_to_headers(delivered.header.properties.headers)
+    delivery = cast("Basic.Deliver", delivered.delivery)
+    return Message(
+        str(delivery.delivery_tag),
+        headers,
+        delivered.body,
+        {"amqp": delivery_bindings(delivered)},
+        attempt,
+        delivered,
+    )

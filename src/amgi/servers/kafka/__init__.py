@@ -1,0 +1,232 @@
+"""AMGI over Kafka, with confluent-kafka (librdkafka).
+
+======================  ===============================================================
+AMGI                    Kafka
+======================  ===============================================================
+address                 topic (``^regex`` addresses subscribe to a topic pattern)
+batch                   one partition's records from one fetch (``consume``)
+``Batch.key``           ``(topic, partition)``: partitions run concurrently, in order
+ack                     the highest contiguous settled offset + 1 of each partition
+                        (never past an unsettled record), committed before the next
+                        fetch in one request for all partitions, never per message;
+                        synchronously at close
+nack -> retry           republished to ``retry_topic`` with ``amgi-attempt`` and a due
+                        time; the retry topic's partition pauses until the head is due
+nack -> dead            republished to ``dead_letter_topic`` with the reason header
+bindings in             ``kafka``: key, partition, offset, timestamp
+bindings out            ``kafka``: key (bytes or str), partition (int)
+send failure            :class:`KafkaSendError`
+rebalance               revoked partitions stop being fetched; the revoke waits (up to
+                        ``rebalance_timeout``) for their batches to settle and commit
+======================  ===============================================================
+
+librdkafka calls block, so the consumer lives on one dedicated thread (fetch, seek,
+pause, rebalance callbacks) and producer delivery reports are served by a second; the
+event loop awaits their results once per fetch, never once per message. Commits are
+sent from the consumer thread too, before each ``consume``: one asynchronous request for
+every partition whose settled offset moved. librdkafka blocks commits from other threads
+while a rebalance callback runs and lets them land after the callback's own commit, so
+committing from that one thread is what keeps a revoked partition's last commit last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from amgi.errors import ConfigurationError, SendError
+from amgi.servers.kafka._client import (
+    KafkaSendError,
+    _BatchContext,
+    _escape,
+    _strip_anchors,
+    _template_regex,
+)
+from amgi.servers.kafka._consumer import Consuming
+from amgi.servers.kafka._producer import Producing
+from amgi.servers.kafka.options import KafkaOptions
+from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
+
+__all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
+
+logger = logging.getLogger("amgi.servers.kafka")
+
+
+class KafkaTransport(Consuming, Producing, Transport):
+    """The ``kafka`` server: consumes topics with a consumer group, produces records."""
+
+    name: ClassVar[str] = "kafka"
+    options: ClassVar[type[Any]] = KafkaOptions
+    send_error: ClassVar[type[SendError]] = KafkaSendError
+    requires: ClassVar[tuple[str, ...]] = ("confluent_kafka",)
+    extra: ClassVar[str] = "kafka"
+
+    config: KafkaOptions
+
+    def __init__(self, addresses: Sequence[str], options: KafkaOptions) -> None:
+        super().__init__(addresses, options)
+        self._init_client()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Check the options, reach the broker, then subscribe to the addresses."""
+        from confluent_kafka import Consumer, KafkaException, Producer
+
+        self.check()
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._producer = Producer(self._producer_config())
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"invalid Kafka producer option: {exc}") from None
+        self._delivery_thread = threading.Thread(
+            target=self._serve_deliveries, name="amgi-kafka-delivery", daemon=True
+        )
+        self._delivery_thread.start()
+        metadata = await self._metadata(self._producer)
+
+        self._sources = list(dict.fromkeys([*self.addresses, *self.config.topics]))
+        if not self._sources:
+            return
+        literal = [t for t in self._sources if not t.startswith("^")]
+        missing = [t for t in literal if t not in metadata.topics]
+        if missing:
+            names = ", ".join(repr(t) for t in missing)
+            raise ConfigurationError(
+                f"Kafka topic {names} does not exist on {self.config.bootstrap_servers}"
+            )
+        self._retry_topics = {self._retry_name(t): t for t in literal}
+        self._dead_re = re.compile(
+            "|".join(_template_regex(self.config.dead_letter_topic, _escape(t)) for t in literal)
+            or "(?!)"
+        )
+        patterns = [_strip_anchors(p) for p in self._sources if p.startswith("^")]
+        subscription = [*literal, *self._retry_topics]
+        if patterns:
+            body = "|".join(f"({p})" for p in patterns)
+            retry_pattern = _template_regex(self.config.retry_topic, body)
+            dead_pattern = _template_regex(self.config.dead_letter_topic, body)
+            self._retry_re = re.compile(retry_pattern)
+            self._dead_re = re.compile(f"{self._dead_re.pattern}|{dead_pattern}")
+            subscription += [f"^({p})$" for p in patterns] + [retry_pattern]
+        if self.config.create_topics:
+            await self._create_topics(metadata, literal)
+        try:
+            consumer = Consumer(self._consumer_config())
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"invalid Kafka consumer option: {exc}") from None
+        self._consumer = consumer
+        self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
+        try:
+            await self._loop.run_in_executor(
+                self._poll_thread,
+                lambda: consumer.subscribe(
+                    subscription,
+                    on_assign=self._on_assign,
+                    on_revoke=self._on_revoke,
+                    on_lost=self._on_lost,
+                ),
+            )
+        except KafkaException as exc:
+            raise ConfigurationError(f"cannot subscribe to {subscription}: {exc}") from None
+
+    async def close(self) -> None:
+        """Commit what is settled, leave the group, flush sends, stop the threads."""
+        self._closing = True
+        with self._lock:
+            self._lock.notify_all()
+        loop = asyncio.get_running_loop()
+        if self._poll_future is not None:
+            await asyncio.wait([self._poll_future])
+            self._poll_future = None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and self._poll_thread is not None:
+            try:
+                await loop.run_in_executor(
+                    self._poll_thread, functools.partial(self._send_commits, consumer, final=True)
+                )
+                await loop.run_in_executor(self._poll_thread, consumer.close)
+            except Exception as exc:  # closing must not hide the caller's error
+                logger.warning("kafka consumer close: %s", exc)
+        if self._poll_thread is not None:
+            self._poll_thread.shutdown(wait=True)
+            self._poll_thread = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            timeout = self.config.delivery_timeout_ms / 1000
+            remaining = await loop.run_in_executor(None, producer.flush, timeout)
+            if remaining:
+                logger.warning("%d Kafka record(s) were not delivered before close", remaining)
+        self._stopping.set()
+        if self._delivery_thread is not None:
+            await loop.run_in_executor(None, self._delivery_thread.join)
+            self._delivery_thread = None
+
+    # -- consuming (the consumer thread) -------------------------------------------------
+
+    async def fetch(self) -> Sequence[Batch]:
+        """Wait for records; return one batch per partition that had some."""
+        if self._consumer is None or self._poll_thread is None:
+            raise ConfigurationError("no Kafka topic to consume: give an ADDRESS or --topics")
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._poll_future is None:
+                self._poll_future = loop.run_in_executor(self._poll_thread, self._poll)
+            # Shielded: a cancelled fetch leaves the consume call's batches for the next one.
+            batches = await asyncio.shield(self._poll_future)
+            self._poll_future = None
+            if batches:
+                return batches
+
+    # -- settling ------------------------------------------------------------------------
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        """Republish retries and dead letters, then commit what is contiguous."""
+        ctx: _BatchContext = batch.context
+        try:
+            await self._republish(batch.address, settlement)
+        except KafkaSendError as exc:
+            logger.error("could not republish nacked records of %s: %s; rewinding", ctx.tp, exc)
+            with self._lock:
+                if self._partitions.get(ctx.tp) is ctx.state and ctx.state.epoch == ctx.epoch:
+                    self._rewind[ctx.tp] = ctx.first_offset
+                ctx.state.settled.settle([ctx.next_offset])
+                self._lock.notify_all()
+            return
+        with self._lock:
+            commit = ctx.state.settled.settle([ctx.next_offset])
+            if (
+                commit is not None
+                and self._partitions.get(ctx.tp) is ctx.state
+                and ctx.tp not in self._rewind
+            ):
+                # Sent by the consumer thread before its next consume (_send_commits).
+                ctx.state.commit_to = commit
+            self._lock.notify_all()
+
+    # -- producing -----------------------------------------------------------------------
+
+    async def publish(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings,
+    ) -> None:
+        """Produce one record and wait for the broker's acknowledgement."""
+        kafka = bindings.get("kafka") or {}
+        key = kafka.get("key")
+        partition = kafka.get("partition")
+        if key is not None and not isinstance(key, (bytes, str)):
+            raise KafkaSendError(f"kafka.key must be bytes or str, got {type(key).__name__}")
+        if partition is not None and (
+            isinstance(partition, bool) or not isinstance(partition, int)
+        ):
+            raise KafkaSendError(f"kafka.partition must be an int, got {partition!r}")
+        await self._produce(address, list(headers), payload, key, partition)

@@ -1,0 +1,262 @@
+"""The consumer thread: assignment, rebalance, fetching batches, commits (private)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable
+from typing import Any
+
+from amgi.errors import BrokerUnavailable
+from amgi.servers.kafka._client import KafkaClient, TopicPartition, _BatchContext, _Partition
+from amgi.servers.kafka.records import messages_from_records
+from amgi.transport import Batch
+
+logger = logging.getLogger("amgi.servers.kafka")
+
+_IDLE_SLICE = 0.02
+"""Seconds of one wait for records when none are on hand; commits go out between them."""
+_IDLE_SLICES = 5
+
+
+class Consuming(KafkaClient):
+    """What runs on the consumer thread (librdkafka's consumer calls block)."""
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        with self._lock:
+            for tp in partitions:
+                self._epoch += 1
+                key = (tp.topic, tp.partition)
+                self._partitions[key] = _Partition(self._epoch)
+                self._rewind.pop(key, None)
+        # A retry partition paused under an earlier assignment must not stay paused.
+        live = [tp for tp in partitions if not self._is_dead_letter_topic(tp.topic)]
+        dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
+        consumer.assign(partitions)  # now, so that pause and resume apply to them
+        if live:
+            consumer.resume(live)
+        if dead:
+            consumer.pause(dead)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        """Let the revoked partitions' batches settle, commit them here, then forget them.
+
+        Commits are only sent from this thread (``_send_commits``, between ``consume``
+        calls) and only for partitions not yet forgotten, so this commit is the last one
+        of each revoked partition.
+        """
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        deadline = time.monotonic() + self.config.rebalance_timeout
+        with self._lock:
+            while not self._closing:
+                busy = [
+                    k
+                    for k in keys
+                    if k in self._partitions and self._partitions[k].settled.outstanding
+                ]
+                remaining = deadline - time.monotonic()
+                if not busy or remaining <= 0:
+                    if busy:
+                        logger.warning("revoking %s with batches still in flight", busy)
+                    break
+                self._lock.wait(remaining)
+            offsets = [
+                TP(k[0], k[1], s.commit_to)
+                for k in keys
+                if (s := self._partitions.get(k)) is not None and s.commit_to is not None
+            ]
+            # Forgotten under the lock: _send_commits sends nothing more for them.
+            self._forget(keys)
+        if offsets and not self._closing:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                logger.warning("kafka commit on revoke failed: %s", exc)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        with self._lock:
+            self._forget([(tp.topic, tp.partition) for tp in partitions])
+
+    def _forget(self, keys: list[TopicPartition]) -> None:
+        for key in keys:
+            self._partitions.pop(key, None)
+            self._rewind.pop(key, None)
+            self._revoked_in_call.add(key)
+
+    def _is_dead_letter_topic(self, topic: str) -> bool:
+        return self._dead_re is not None and self._dead_re.match(topic) is not None
+
+    def _is_retry_topic(self, topic: str) -> bool:
+        if topic in self._retry_topics:
+            return True
+        return self._retry_re is not None and self._retry_re.match(topic) is not None
+
+    def _prepare_poll(self, consumer: Any) -> None:
+        """Apply rewinds and resume retry partitions that are due (consumer thread)."""
+        from confluent_kafka import TopicPartition as TP
+
+        now = time.monotonic()
+        with self._lock:
+            rewinds = list(self._rewind.items())
+            self._rewind.clear()
+            due = [k for k, s in self._partitions.items() if s.resume_at and s.resume_at <= now]
+            for key in due:
+                self._partitions[key].resume_at = None
+            for key, _ in rewinds:
+                # Batches fetched before the rewind commit nothing any more.
+                self._epoch += 1
+                self._partitions[key] = _Partition(self._epoch)
+        for (topic, partition), offset in rewinds:
+            try:
+                consumer.seek(TP(topic, partition, offset))
+            except Exception as exc:
+                logger.warning("kafka seek %s[%d] to %d failed: %s", topic, partition, offset, exc)
+        if due:
+            consumer.resume([TP(t, p) for t, p in due])
+
+    def _poll(self) -> list[Batch]:
+        """One ``consume`` call turned into batches, one per partition (consumer thread)."""
+        consumer = self._consumer
+        if consumer is None or self._closing:
+            return []
+        self._prepare_poll(consumer)
+        self._revoked_in_call.clear()
+        self._send_commits(consumer)
+        limit = self.config.max_batch_size
+        # Take what is on hand without waiting; otherwise wait for one record only, so that
+        # a trickle is handed out at once instead of after the whole timeout. The wait is
+        # cut in short slices so that offsets settled meanwhile are committed promptly.
+        records = consumer.consume(limit, 0)
+        if not records:
+            for _ in range(_IDLE_SLICES):
+                records = consumer.consume(1, _IDLE_SLICE)
+                if records or self._closing:
+                    break
+                self._send_commits(consumer)
+            if not records:
+                return []
+            if limit > 1:
+                records += consumer.consume(limit - 1, 0)
+        groups: dict[TopicPartition, list[Any]] = {}
+        group: list[Any] = []
+        last: tuple[Any, Any] = (None, None)
+        for record in records:
+            if record.error() is not None:
+                self._record_error(record)
+                continue
+            # Records come in runs of one partition: look the group up once per run.
+            partition = record.partition()
+            topic = record.topic()
+            if partition != last[1] or topic != last[0]:
+                last = (topic, partition)
+                group = groups.setdefault((topic, partition), [])  # type: ignore[arg-type]
+            group.append(record)
+        batches: list[Batch] = []
+        for key, group in groups.items():
+            batch = self._make_batch(consumer, key, group)
+            if batch is not None:
+                batches.append(batch)
+        return batches
+
+    def _record_error(self, record: Any) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        err = record.error()
+        if err.fatal():
+            raise BrokerUnavailable(f"Kafka consumer failed: {err.str()}")
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            logger.warning("kafka: %s", err.str())
+        elif err.code() in (
+            KafkaError.TOPIC_AUTHORIZATION_FAILED,
+            KafkaError.GROUP_AUTHORIZATION_FAILED,
+        ):
+            raise BrokerUnavailable(f"Kafka refused access: {err.str()}") from KafkaException(err)
+        else:
+            logger.warning("kafka consumer: %s", err.str())
+
+    def _make_batch(self, consumer: Any, key: TopicPartition, records: list[Any]) -> Batch | None:
+        from confluent_kafka import TopicPartition as TP
+
+        topic, partition = key
+        with self._lock:
+            state = self._partitions.get(key)
+            revoked = key in self._revoked_in_call
+        if state is None or revoked:
+            if state is not None:
+                # Revoked and assigned again within one consume call: the records seen
+                # may predate the new assignment, so fetch again from the commit.
+                committed = consumer.committed([TP(topic, partition)], timeout=10)[0].offset
+                with self._lock:
+                    self._rewind[key] = committed if committed >= 0 else records[0].offset()
+            return None
+        address = topic
+        if self._is_retry_topic(topic):
+            records, address = self._due_records(consumer, key, state, records)
+            if not records:
+                return None
+        elif self._is_dead_letter_topic(topic):
+            return None
+        messages = messages_from_records(partition, records)
+        next_offset = records[-1].offset() + 1
+        with self._lock:
+            if self._partitions.get(key) is not state:
+                return None
+            state.settled.add(next_offset)
+        context = _BatchContext(key, state, state.epoch, next_offset, records[0].offset())
+        batch_key: Hashable = key
+        return Batch(address, messages, batch_key, context)
+
+    def _due_records(
+        self, consumer: Any, key: TopicPartition, state: _Partition, records: list[Any]
+    ) -> tuple[list[Any], str]:
+        """Keep a retry partition's records that are due; pause it at the first that is not."""
+        from confluent_kafka import TopicPartition as TP
+
+        from amgi.servers.kafka.records import split_internal_headers
+
+        now_ms = time.time() * 1000
+        address = key[0]
+        for i, record in enumerate(records):
+            info = split_internal_headers(record.headers())
+            if i == 0:
+                address = info.original_address or self._retry_topics.get(key[0], key[0])
+            elif (info.original_address or address) != address:
+                # One address per batch: the rest comes again with the next fetch.
+                consumer.seek(TP(key[0], key[1], record.offset()))
+                return records[:i], address
+            if info.due_ms is not None and info.due_ms > now_ms:
+                consumer.seek(TP(key[0], key[1], record.offset()))
+                consumer.pause([TP(key[0], key[1])])
+                with self._lock:
+                    state.resume_at = time.monotonic() + (info.due_ms - now_ms) / 1000
+                return records[:i], address
+        return records, address
+
+    def _send_commits(self, consumer: Any, *, final: bool = False) -> None:
+        """Commit every partition whose settled offset moved, in one request (consumer thread).
+
+        Nothing waits for the broker's answer: each offset is the highest contiguous
+        settled one, so a commit that fails or is lost in a crash only means redelivery,
+        and the next commit (or the revoke's, or the one at close) covers it. ``final``
+        (at close) commits every settled offset again and waits for the answer.
+        """
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        with self._lock:
+            offsets = []
+            for k, s in self._partitions.items():
+                offset = s.commit_to
+                if offset is None or k in self._rewind or (offset == s.committed and not final):
+                    continue
+                offsets.append(TP(k[0], k[1], offset))
+                s.committed = offset
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=not final)
+        except KafkaException as exc:
+            logger.warning("kafka commit%s failed: %s", " at close" if final else "", exc)

@@ -1,0 +1,96 @@
+"""The producer: delivery reports on their own thread, republishing nacked records (private)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from amgi.servers.kafka._client import KafkaClient, KafkaSendError
+from amgi.servers.kafka.records import RETRY_DUE_HEADER
+from amgi.servers.kit import ORIGINAL_ADDRESS_HEADER, dead_letter_headers, retry_headers
+from amgi.transport import HeaderList, Settlement
+
+logger = logging.getLogger("amgi.servers.kafka")
+
+
+class Producing(KafkaClient):
+    """Produce records and await the broker's acknowledgement without blocking the loop."""
+
+    def _serve_deliveries(self) -> None:
+        producer = self._producer
+        while producer is not None and not self._stopping.is_set():
+            producer.poll(0.1)
+
+    def _produce(
+        self,
+        topic: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        key: Any,
+        partition: int | None,
+    ) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        producer = self._producer
+        if producer is None:
+            done.set_exception(KafkaSendError(f"cannot send to {topic!r}: not connected"))
+            return done
+
+        def settle_future(err: Any, record: Any) -> None:
+            if done.done():
+                return
+            if err is None:
+                done.set_result(None)
+            else:
+                done.set_exception(
+                    KafkaSendError(f"Kafka did not take a record for {topic!r}: {err.str()}")
+                )
+
+        def on_delivery(err: Any, record: Any) -> None:
+            loop.call_soon_threadsafe(settle_future, err, record)
+
+        # Kafka header names are strings; the client would str() a bytes name.
+        names = [
+            (n.decode("utf-8", "replace") if isinstance(n, bytes) else n, v) for n, v in headers
+        ]
+        kwargs: dict[str, Any] = {"value": payload, "headers": names, "on_delivery": on_delivery}
+        if key is not None:
+            kwargs["key"] = key.encode() if isinstance(key, str) else key
+        if partition is not None:
+            kwargs["partition"] = partition
+        try:
+            producer.produce(topic, **kwargs)
+        except BufferError:
+            done.set_exception(
+                KafkaSendError(f"Kafka producer queue is full (sending to {topic!r})")
+            )
+        except Exception as exc:
+            done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {exc}"))
+        return done
+
+    async def _republish(self, address: str, settlement: Settlement) -> None:
+        if not settlement.retry and not settlement.dead:
+            return
+        waits = []
+        now_ms = int(time.time() * 1000)
+        original = address.encode()
+        for retry in settlement.retry:
+            m = retry.message
+            due = str(now_ms + int(retry.delay * 1000)).encode()
+            headers = retry_headers(
+                m.headers,
+                attempt=m.attempt + 1,
+                extra=[(ORIGINAL_ADDRESS_HEADER, original), (RETRY_DUE_HEADER, due)],
+            )
+            key = m.bindings.get("kafka", {}).get("key")
+            waits.append(self._produce(self._retry_name(address), headers, m.payload, key, None))
+        for dead in settlement.dead:
+            m = dead.message
+            headers = dead_letter_headers(
+                m.headers, attempt=m.attempt, address=address, reason=dead.reason
+            )
+            key = m.bindings.get("kafka", {}).get("key")
+            waits.append(self._produce(self._dead_name(address), headers, m.payload, key, None))
+        await asyncio.gather(*waits)

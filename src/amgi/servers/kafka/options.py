@@ -1,0 +1,117 @@
+"""The options of the Kafka server: one ``--kebab-case`` flag per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from amgi.servers.kit import invalid
+
+__all__ = ["KafkaOptions"]
+
+
+@dataclass
+class KafkaOptions:
+    """Options of the Kafka server; each field is a ``--kebab-case`` flag."""
+
+    bootstrap_servers: str = field(
+        default="127.0.0.1:9092", metadata={"help": "comma-separated host:port list"}
+    )
+    group_id: str = field(default="amgi", metadata={"help": "consumer group id"})
+    topics: list[str] = field(
+        default_factory=list,
+        metadata={"help": "topics to consume besides the addresses; '^regex' is a pattern"},
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = field(
+        default="earliest",
+        metadata={"help": "where a group without committed offsets starts: earliest|latest"},
+    )
+    client_id: str = field(default="amgi", metadata={"help": "client id sent to the broker"})
+    max_batch_size: int = field(
+        default=2000, metadata={"ge": 1, "help": "most records taken by one fetch (all partitions)"}
+    )
+    fetch_wait_max_ms: int = field(
+        default=100, metadata={"ge": 0, "help": "longest wait of the broker for fetch_min_bytes"}
+    )
+    fetch_min_bytes: int = field(default=1, metadata={"ge": 1, "help": "fetch.min.bytes"})
+    fetch_queue_backoff_ms: int = field(
+        default=10,
+        metadata={"ge": 0, "help": "pause of a partition's fetching while its local queue is full"},
+    )
+    fetch_max_bytes: int = field(default=52428800, metadata={"ge": 1, "help": "fetch.max.bytes"})
+    max_partition_fetch_bytes: int = field(
+        default=1048576, metadata={"ge": 1, "help": "max.partition.fetch.bytes"}
+    )
+    session_timeout_ms: int = field(
+        default=45000, metadata={"ge": 1, "help": "group session timeout"}
+    )
+    heartbeat_interval_ms: int = field(
+        default=3000, metadata={"ge": 1, "help": "group heartbeat interval"}
+    )
+    max_poll_interval_ms: int = field(
+        default=300000,
+        metadata={"ge": 1, "help": "longest gap between fetches before leaving the group"},
+    )
+    rebalance_timeout: float = field(
+        default=30.0,
+        metadata={
+            "ge": 0,
+            "help": "seconds a revoke waits for in-flight batches to settle and commit",
+        },
+    )
+    acks: Literal["0", "1", "-1", "all"] = field(
+        default="all", metadata={"help": "producer acks: 0, 1 or all (-1)"}
+    )
+    compression_type: str = field(
+        default="none", metadata={"help": "producer compression: none|gzip|snappy|lz4|zstd"}
+    )
+    linger_ms: int = field(default=5, metadata={"ge": 0, "help": "producer linger.ms"})
+    enable_idempotence: bool = field(default=True, metadata={"help": "idempotent producer"})
+    delivery_timeout_ms: int = field(
+        default=30000, metadata={"ge": 0, "help": "how long a send may take before it fails"}
+    )
+    retry_topic: str = field(
+        default="{topic}.retry", metadata={"help": "retry topic of a topic ({topic} is replaced)"}
+    )
+    dead_letter_topic: str = field(
+        default="{topic}.dlq", metadata={"help": "dead-letter topic ({topic} is replaced)"}
+    )
+    create_topics: bool = field(
+        default=True, metadata={"help": "create missing retry and dead-letter topics at startup"}
+    )
+    connect_timeout: float = field(
+        default=10.0, metadata={"gt": 0, "help": "seconds to reach the broker at startup"}
+    )
+    security_protocol: Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] = field(
+        default="plaintext", metadata={"help": "plaintext|ssl|sasl_plaintext|sasl_ssl"}
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = field(
+        default=None, metadata={"help": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"}
+    )
+    sasl_username: str | None = field(default=None, metadata={"help": "SASL user name"})
+    sasl_password: str | None = field(
+        default=None, metadata={"help": "SASL password", "secret": True}
+    )
+    ssl_ca_location: str | None = field(default=None, metadata={"help": "CA certificate file"})
+    ssl_certificate_location: str | None = field(
+        default=None, metadata={"help": "client certificate file"}
+    )
+    ssl_key_location: str | None = field(default=None, metadata={"help": "client key file"})
+    ssl_key_password: str | None = field(
+        default=None, metadata={"help": "client key password", "secret": True}
+    )
+    ssl_check_hostname: bool = field(
+        default=True, metadata={"help": "verify the broker's host name in its certificate"}
+    )
+    config: list[str] = field(
+        default_factory=list,
+        metadata={"help": "extra librdkafka setting NAME=VALUE (repeatable)", "secret": True},
+    )
+
+    def check_together(self) -> None:
+        """Some broker to reach; retry and dead-letter topic templates with ``{topic}``."""
+        if not self.bootstrap_servers.strip():
+            raise invalid(self, "bootstrap_servers", "is empty")
+        for name in ("retry_topic", "dead_letter_topic"):
+            if "{topic}" not in getattr(self, name):
+                raise invalid(self, name, "must contain {topic}")

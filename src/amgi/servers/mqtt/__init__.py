@@ -1,0 +1,284 @@
+"""MQTT 3.1.1 and 5 server, on paho-mqtt 2 driven by the asyncio event loop.
+
+How AMGI maps onto MQTT:
+
+=================  ==================================================================
+address            a topic filter to subscribe to (``+``, ``#``, ``$share/GROUP/...``);
+                   the scope address is the topic each message was published to
+batch              the messages on hand for one topic, up to ``batch_size``, after a
+                   linger of ``batch_linger`` seconds for more to arrive
+ordering key       the topic: batches of one topic run one after another
+ack                PUBACK (QoS 1), PUBREC then PUBCOMP (QoS 2), sent only now
+nack (retry)       after the delay, republish to the topic with ``amgi-attempt`` + 1,
+                   wait for the broker's PUBACK, then acknowledge the original
+nack (dead)        publish to ``<dead_letter_prefix>/<topic>`` with the reason, wait for
+                   the broker's PUBACK, then acknowledge the original
+headers            MQTT 5 user properties (repeated names kept; a name or value that is
+                   not UTF-8 without NUL travels base64-encoded); none on MQTT 3.1.1
+bindings           ``mqtt``: qos, retain, topic, messageExpiryInterval, contentType,
+                   correlationData, responseTopic, payloadFormatIndicator
+send               PUBLISH at ``bindings["mqtt"]["qos"]`` (default 1), awaiting PUBACK
+close / crash      the persistent session keeps every unacknowledged message; the
+                   broker sends them again when the server reconnects
+=================  ==================================================================
+
+MQTT has no negative acknowledgement and a broker redelivers an unacknowledged message
+only when the client reconnects, so retries and dead letters are republished. The
+session is persistent (clean start off, ``session_expiry`` seconds) so messages published
+while the server is down wait for it, and the client id defaults to one derived from the
+topic filters so that a restarted server finds its session again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Sequence
+
+from amgi.errors import ConfigurationError
+from amgi.servers.kit import (
+    DelayedRepublisher,
+    dead_letter_headers,
+    retry_headers,
+)
+from amgi.servers.mqtt._client import MqttClient, MqttSendError
+from amgi.servers.mqtt._codec import Publish, decode_publish
+from amgi.servers.mqtt.options import MqttOptions, _topic_problem, validate_filter
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+
+__all__ = [
+    "MqttOptions",
+    "MqttSendError",
+    "MqttTransport",
+    "Publish",
+    "decode_publish",
+    "validate_filter",
+]
+
+logger = logging.getLogger("amgi.servers.mqtt")
+
+"""The CONNACK outcome when the broker dropped the connection before sending one."""
+
+
+class MqttTransport(MqttClient, Transport):
+    """The AMGI transport of an MQTT broker (see the module docstring for the mapping)."""
+
+    name = "mqtt"
+    options = MqttOptions
+    send_error = MqttSendError
+    requires = ("paho.mqtt",)
+    extra = "mqtt"
+
+    def __init__(self, addresses: Sequence[str], options: MqttOptions | None = None) -> None:
+        super().__init__(addresses, options or MqttOptions())
+        self._init_client()
+
+    # -- connection ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """The options, then the addresses: topic filters, a client id for shared ones."""
+        super().check()
+        c = self.config
+        for address in self.addresses:
+            problem = validate_filter(address)
+            if problem:
+                raise ConfigurationError(f"mqtt: invalid topic filter {address!r}: {problem}")
+        if not c.client_id and any(a.startswith("$share/") for a in self.addresses):
+            # The default id comes from the filters: every server of the group would get
+            # the same one and take the session over from the others, again and again.
+            raise ConfigurationError(
+                "mqtt: a shared subscription needs --client-id, a different one per server"
+            )
+
+    async def connect(self) -> None:
+        """Connect, resume (or create) the persistent session and subscribe."""
+        self.check()
+        self._retries = DelayedRepublisher("mqtt")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._closing = False
+        self._v5 = self.config.protocol == "5"
+        client = self._new_client()
+        self._client = client
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+        self._misc = asyncio.create_task(self._misc_loop(), name="amgi-mqtt-misc")
+
+    # -- the contract -------------------------------------------------------------------
+
+    async def fetch(self) -> Sequence[Batch]:
+        """Wait for messages, linger briefly, return one batch per topic on hand."""
+        size = self.config.batch_size
+        while not self._count:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self._count < size and self.config.batch_linger > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.batch_linger
+            while self._count < size:
+                self._arrived.clear()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+        batches: list[Batch] = []
+        on_hand = self._on_hand
+        for topic in list(on_hand):
+            queue = on_hand[topic]
+            if len(queue) <= size:
+                del on_hand[topic]
+                taken = queue
+            else:
+                taken = queue[:size]
+                del queue[:size]
+            self._count -= len(taken)
+            batches.append(Batch(topic, taken, key=topic))
+        return batches
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        """PUBACK the acked; republish retries (later) and dead letters, then PUBACK them."""
+        for message in settlement.acked:
+            self._ack(message)
+        for retry in settlement.retry:
+            send = functools.partial(self._retry, batch.address, retry.message)
+            self._retries.schedule(retry.delay, send)
+        if settlement.dead:
+            await asyncio.gather(
+                *(self._dead_letter(batch.address, d.message, d.reason) for d in settlement.dead)
+            )
+
+    async def _retry(self, topic: str, message: Message) -> None:
+        """Republish ``message`` as its next attempt, then PUBACK the original."""
+        attempt = message.attempt + 1
+        bindings = {"mqtt": {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}}
+        try:
+            if self._v5:
+                await self.publish(
+                    topic,
+                    retry_headers(message.headers, attempt=attempt),
+                    message.payload,
+                    bindings,
+                )
+            else:
+                self._retry_attempts[(topic, message.payload or b"")] = attempt
+                await self.publish(topic, [], message.payload, bindings)
+        except MqttSendError as exc:
+            logger.error(
+                "mqtt: could not republish message %s for a retry (%s); it stays "
+                "unacknowledged until the server reconnects",
+                message.id,
+                exc,
+            )
+            return
+        self._ack(message)
+
+    async def _dead_letter(self, topic: str, message: Message, reason: str) -> None:
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=topic, reason=reason
+        )
+        binding = {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}
+        binding["qos"] = max(1, int(binding.get("qos", 1)))
+        target = f"{self.config.dead_letter_prefix}/{topic}"
+        try:
+            await self.publish(target, headers, message.payload, {"mqtt": binding})
+        except MqttSendError as exc:
+            logger.error(
+                "mqtt: could not dead-letter message %s to %r (%s); it stays "
+                "unacknowledged until the server reconnects",
+                message.id,
+                target,
+                exc,
+            )
+            return
+        self._ack(message)
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        """PUBLISH to topic ``address``; for QoS 1 and 2 wait until the broker has it."""
+        problem = _topic_problem(address)
+        if problem:
+            raise MqttSendError(f"mqtt: cannot send to {address!r}: {problem}")
+        binding = bindings.get("mqtt") or {}
+        qos = binding.get("qos", 1)
+        if type(qos) is not int or qos not in (0, 1, 2):
+            raise MqttSendError(f"mqtt: cannot send to {address!r}: qos must be 0, 1 or 2")
+        props = self._publish_properties(address, headers, binding)
+        if not self._connected.is_set():
+            if self._client is None or self._closing:
+                raise MqttSendError(f"mqtt: cannot send to {address!r}: the server is closed")
+            try:
+                await asyncio.wait_for(self._connected.wait(), self.config.send_timeout)
+            except TimeoutError:
+                raise MqttSendError(
+                    f"mqtt: cannot send to {address!r}: not connected to {self._where()}"
+                ) from None
+        client = self._client
+        assert client is not None
+        assert self._loop is not None
+        info = client.publish(
+            address,
+            payload if payload is not None else b"",
+            qos=qos,
+            retain=bool(binding.get("retain", False)),
+            properties=props,
+        )
+        if info.rc not in (0, 4):  # success, or queued while reconnecting (NO_CONN)
+            raise MqttSendError(f"mqtt: could not send to {address!r}: error code {info.rc}")
+        if qos == 0:
+            return
+        if info.is_published():
+            return
+        waiter = self._puback[info.mid] = self._loop.create_future()
+        try:
+            reason = await asyncio.wait_for(waiter, self.config.send_timeout)
+        except TimeoutError:
+            raise MqttSendError(
+                f"mqtt: {self._where()} did not acknowledge the send to {address!r} "
+                f"within {self.config.send_timeout}s"
+            ) from None
+        finally:
+            self._puback.pop(info.mid, None)
+        if getattr(reason, "is_failure", False):
+            raise MqttSendError(f"mqtt: broker refused the send to {address!r}: {reason}")
+
+    async def close(self) -> None:
+        """Disconnect, keeping the session (and every unacknowledged message) on the broker."""
+        self._closing = True
+        # Retries still waiting are dropped (their originals stay unacknowledged and come
+        # back); those publishing get the send timeout to finish.
+        await self._retries.close(timeout=self.config.send_timeout)
+        tasks = [t for t in (self._reconnector, self._misc) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._misc = None
+        client, self._client = self._client, None
+        if client is not None:
+            if self._connected.is_set():
+                client.disconnect()
+                client.loop_write()
+            sock = client.socket()
+            if sock is not None and self._loop is not None:
+                self._forget_socket(sock)
+            with contextlib.suppress(Exception):
+                client._sock_close()
+        self._connected.clear()
+        self._generation += 1
+        self._on_hand.clear()
+        self._count = 0
+        for waiter in (*self._puback.values(), *self._suback.values()):
+            if not waiter.done():
+                waiter.cancel()
+        self._puback.clear()
+        self._suback.clear()
+
+
+"""MQTT 5 PUBLISH properties carried as ``mqtt`` bindings, by AsyncAPI's names."""

@@ -1,0 +1,434 @@
+"""The paho client on the event loop: connection, callbacks, reconnection (private)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+import struct
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any, Final
+
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.kit import (
+    Backoff,
+    DelayedRepublisher,
+    attempt_from_headers,
+)
+from amgi.servers.mqtt._codec import (
+    _BINDING_TYPE_NAMES,
+    _BINDING_TYPES,
+    _PROPERTY_BINDINGS,
+    Publish,
+    _headers,
+    _user_properties,
+    decode_publish,
+)
+from amgi.servers.mqtt.options import MqttOptions
+from amgi.transport import HeaderList, Message
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as paho
+
+logger = logging.getLogger("amgi.servers.mqtt")
+
+
+def _client_class() -> type[paho.Client]:
+    """A paho client that hands each PUBLISH over at once and acknowledges it on :meth:`ack`.
+
+    Acknowledgement is always manual: PUBACK for QoS 1; for QoS 2 PUBREC (paho would send
+    it on receipt and hand the message over only on PUBREL, so a crash in between would
+    lose it), then PUBCOMP when the broker answers with PUBREL.
+    """
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+
+    class Client(paho.Client):
+        on_publish_packet: Any = None
+
+        def _handle_publish(self) -> MQTTErrorCode:
+            packet = self._in_packet
+            v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+            try:
+                publish = decode_publish(packet["command"], packet["packet"], v5)
+            except (ValueError, IndexError, struct.error) as exc:
+                logger.error("mqtt: malformed PUBLISH from the broker: %s", exc)
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            self.on_publish_packet(publish)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+        def _handle_pubrel(self) -> MQTTErrorCode:
+            (mid,) = struct.unpack_from("!H", self._in_packet["packet"], 0)
+            return self._send_pubcomp(mid)
+
+        def ack(self, mid: int, qos: int) -> MQTTErrorCode:
+            if qos == 1:
+                return self._send_puback(mid)
+            if qos == 2:
+                return self._send_pubrec(mid)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    return Client
+
+
+_CLOSED_BEFORE_CONNACK: Final = object()
+
+
+_MISC_INTERVAL = 1.0
+
+
+_RECONNECT_FIRST = 0.1
+
+
+class MqttSendError(SendError):
+    """The MQTT broker did not take a message (not connected, refused, timed out)."""
+
+
+class MqttClient:
+    """The paho client driven by the event loop, its callbacks and connection state."""
+
+    addresses: list[str]
+    config: MqttOptions
+
+    def _init_client(self) -> None:
+        """Set up the state (called by the transport's ``__init__``)."""
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._generation = 0
+        """Bumped on every connection loss: acks of older deliveries are not sent."""
+        self._connected = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._on_hand: dict[str, list[Message]] = {}
+        self._count = 0
+        self._ids = 0
+        self._connack: asyncio.Future[tuple[bool, Any]] | None = None
+        self._suback: dict[int, asyncio.Future[list[Any]]] = {}
+        self._puback: dict[int, asyncio.Future[Any]] = {}
+        self._retries = DelayedRepublisher("mqtt")
+        self._reconnector: asyncio.Task[None] | None = None
+        self._misc: asyncio.Task[None] | None = None
+        self._closing = False
+        self._v5 = True
+        self._warned_headers = False
+        self._retry_attempts: dict[tuple[str, bytes], int] = {}
+        """MQTT 3.1.1 only: attempts of republished retries, by topic and payload."""
+
+    def _client_id(self) -> str:
+        if self.config.client_id:
+            return self.config.client_id
+        if not self.addresses:
+            return f"amgi-send-{uuid.uuid4().hex[:16]}"
+        digest = hashlib.sha256("\n".join(sorted(self.addresses)).encode()).hexdigest()
+        return f"amgi-{digest[:20]}"
+
+    def _where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def _connect_properties(self) -> Any:
+        if not self._v5:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.config.session_expiry if self.addresses else 0
+        props.ReceiveMaximum = self.config.receive_maximum
+        return props
+
+    async def _open(self) -> None:
+        """One connection attempt: TCP (and TLS), CONNECT/CONNACK, SUBSCRIBE/SUBACK."""
+        client = self._client
+        assert client is not None
+        assert self._loop is not None
+        c = self.config
+        import paho.mqtt.client as paho
+
+        self._connack = self._loop.create_future()
+        if self._v5:
+            client.connect_async(
+                c.host,
+                c.port,
+                keepalive=c.keepalive,
+                clean_start=not self.addresses,
+                properties=self._connect_properties(),
+            )
+        else:
+            client.connect_async(c.host, c.port, keepalive=c.keepalive)
+        old = client.socket()
+        if old is not None:
+            self._forget_socket(old)  # paho closes it in reconnect(), off the loop
+        try:
+            # The blocking socket connect (and TLS handshake) runs off the loop; paho's
+            # socket callbacks hop back onto it.
+            await asyncio.to_thread(client.reconnect)
+        except ssl.SSLError as exc:
+            raise BrokerUnavailable(f"mqtt: TLS with {self._where()} failed: {exc}") from None
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            raise BrokerUnavailable(f"mqtt: cannot reach {self._where()}: {why}") from None
+        try:
+            _, reason = await asyncio.wait_for(self._connack, c.connect_timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"mqtt: no answer from {self._where()} within {c.connect_timeout}s"
+            ) from None
+        if reason is _CLOSED_BEFORE_CONNACK:
+            hint = ""
+            if c.tls and not c.cert_file:
+                hint = " (if it requires a client certificate: --cert-file and --key-file)"
+            raise BrokerUnavailable(
+                f"mqtt: {self._where()} closed the connection before answering CONNECT{hint}"
+            )
+        if reason is not None:
+            raise BrokerUnavailable(
+                f"mqtt: broker at {self._where()} refused the connection: {reason}"
+            )
+        if self.addresses:
+            # Always (re)subscribe: the filters may have changed since the session began.
+            await self._subscribe(client, paho)
+        self._connected.set()
+
+    async def _subscribe(self, client: paho.Client, paho_module: Any) -> None:
+        assert self._loop is not None
+        qos = self.config.qos
+        topics: list[tuple[str, Any]]
+        if self._v5:
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            # Retain handling 1: retained messages only when the subscription is new,
+            # so resuming a session does not deliver them again.
+            topics = [(a, SubscribeOptions(qos=qos, retainHandling=1)) for a in self.addresses]
+        else:
+            topics = [(a, qos) for a in self.addresses]
+        rc, mid = client.subscribe(topics)
+        if rc != paho_module.MQTT_ERR_SUCCESS or mid is None:
+            raise BrokerUnavailable(f"mqtt: could not subscribe at {self._where()}: rc={rc}")
+        waiter = self._suback[mid] = self._loop.create_future()
+        try:
+            codes = await asyncio.wait_for(waiter, self.config.connect_timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"mqtt: {self._where()} did not confirm the subscription in time"
+            ) from None
+        finally:
+            self._suback.pop(mid, None)
+        for address, code in zip(self.addresses, codes, strict=False):
+            if getattr(code, "is_failure", False) or getattr(code, "value", 0) >= 0x80:
+                raise ConfigurationError(
+                    f"mqtt: broker at {self._where()} refused the subscription to "
+                    f"{address!r}: {code}"
+                )
+
+    def _lost(self, why: str) -> None:
+        """The connection is gone: forget deliveries on hand and reconnect in the background."""
+        self._connected.clear()
+        self._generation += 1
+        self._on_hand.clear()
+        self._count = 0
+        if self._closing or self._reconnector is not None or self._misc is None:
+            return  # closing, already reconnecting, or still in the first connect
+        logger.warning("mqtt: connection to %s lost (%s); reconnecting", self._where(), why)
+        self._reconnector = asyncio.create_task(self._reconnect(), name="amgi-mqtt-reconnect")
+
+    async def _reconnect(self) -> None:
+        backoff = Backoff(_RECONNECT_FIRST, self.config.reconnect_delay_max)
+        try:
+            while not self._closing:
+                await backoff.sleep()
+                try:
+                    await self._open()
+                except (OSError, ConfigurationError) as exc:
+                    logger.warning(
+                        "mqtt: reconnect failed: %s (next try in %.1fs)", exc, backoff.delay
+                    )
+                    continue
+                logger.info("mqtt: reconnected to %s", self._where())
+                return
+        finally:
+            self._reconnector = None
+
+    async def _misc_loop(self) -> None:
+        """paho's periodic duties (keepalive pings) on the event loop."""
+        while True:
+            await asyncio.sleep(_MISC_INTERVAL)
+            client = self._client
+            if client is not None and self._connected.is_set():
+                client.loop_misc()
+
+    def _soon(self, callback: Any, *args: Any) -> None:
+        """Run ``callback`` on the event loop: now if on its thread, else hop onto it."""
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._soon(self._loop_add_reader, client, sock)
+
+    def _loop_add_reader(self, client: paho.Client, sock: Any) -> None:
+        assert self._loop is not None
+        if client is not self._client:
+            sock.close()  # a connect that finished after close(): drop it
+        elif sock.fileno() >= 0:
+            self._loop.add_reader(sock, client.loop_read)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._soon(self._forget_socket, sock)
+
+    def _forget_socket(self, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(sock)
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(sock)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._soon(self._loop_add_writer, client, sock)
+
+    def _loop_add_writer(self, client: paho.Client, sock: Any) -> None:
+        assert self._loop is not None
+        if client is self._client and sock.fileno() >= 0:
+            self._loop.add_writer(sock, client.loop_write)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._soon(self._remove_writer, sock)
+
+    def _remove_writer(self, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(sock)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        waiter = self._connack
+        if waiter is not None and not waiter.done():
+            failed = getattr(reason, "is_failure", False)
+            waiter.set_result((bool(flags.session_present), reason if failed else None))
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        waiter = self._connack
+        if waiter is not None and not waiter.done():
+            waiter.set_result((False, _CLOSED_BEFORE_CONNACK))
+        self._lost(str(reason))
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, codes: list[Any], props: Any
+    ) -> None:
+        waiter = self._suback.get(mid)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(list(codes))
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        waiter = self._puback.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reason)
+
+    def _on_publish_packet(self, publish: Publish) -> None:
+        topic = publish.topic
+        headers: HeaderList = []
+        attempt = 1
+        if publish.user_properties:
+            attempt, headers = attempt_from_headers(_headers(publish.user_properties))
+        elif self._retry_attempts and not self._v5:
+            attempt = self._retry_attempts.pop((topic, publish.payload), 1)
+        self._ids += 1
+        message = Message(
+            str(self._ids),
+            headers,
+            publish.payload,
+            {"mqtt": publish.bindings},
+            attempt,
+            (self._generation, publish.mid, publish.qos),
+        )
+        queue = self._on_hand.get(topic)
+        if queue is None:
+            self._on_hand[topic] = [message]
+        else:
+            queue.append(message)
+        self._count += 1
+        self._arrived.set()
+
+    def _publish_properties(
+        self, address: str, headers: HeaderList, binding: dict[str, Any]
+    ) -> Any:
+        if not self._v5:
+            if headers and not self._warned_headers:
+                self._warned_headers = True
+                logger.warning("mqtt: MQTT 3.1.1 has no user properties; headers are dropped")
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if headers:
+            props.UserProperty = _user_properties(headers)
+        for prop, key in _PROPERTY_BINDINGS:
+            value = binding.get(key)
+            if value is None:
+                continue
+            if key == "correlationData" and isinstance(value, str):
+                value = value.encode()
+            kind = _BINDING_TYPES[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise MqttSendError(
+                    f"mqtt: cannot send to {address!r}: binding {key} must be "
+                    f"{_BINDING_TYPE_NAMES[key]}, not {value!r}"
+                )
+            if isinstance(value, int) and not 0 <= value < 2**32:
+                raise MqttSendError(f"mqtt: cannot send to {address!r}: {key} is out of range")
+            setattr(props, prop, value)
+        return props
+
+    def _ack(self, message: Message) -> None:
+        generation, mid, qos = message.token
+        client = self._client
+        if qos and generation == self._generation and client is not None:
+            client.ack(mid, qos)
+
+    def _new_client(self) -> paho.Client:
+        """A paho client set up from the options, its callbacks pointing here."""
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = self.config
+        consuming = bool(self.addresses)
+        client = _client_class()(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._client_id(),
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else not consuming,
+            manual_ack=True,
+        )
+        client.max_inflight_messages_set(1000)
+        client.connect_timeout = c.connect_timeout
+        client.max_queued_messages_set(0)
+        if c.username is not None:
+            client.username_pw_set(c.username, c.password)
+        if c.tls:
+            context = ssl.create_default_context(cafile=c.ca_file)
+            if c.cert_file:
+                context.load_cert_chain(c.cert_file, c.key_file)
+            if c.tls_insecure:
+                context.check_hostname = False
+            client.tls_set_context(context)
+            client.tls_insecure_set(c.tls_insecure)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_publish_packet = self._on_publish_packet  # type: ignore[attr-defined]
+        return client

@@ -1,0 +1,127 @@
+"""The options of the MQTT server, and topic and filter checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from amgi.servers.kit import (
+    invalid,
+)
+
+__all__ = ["MqttOptions", "validate_filter"]
+
+
+@dataclass(slots=True)
+class MqttOptions:
+    """Options of the MQTT server; each becomes a ``--kebab-case`` flag."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "broker host name or address"})
+    port: int = field(
+        default=1883, metadata={"ge": 1, "le": 65535, "help": "broker port (8883 is usual for TLS)"}
+    )
+    protocol: Literal["5", "3.1.1"] = field(
+        default="5", metadata={"help": "MQTT protocol version: 5 or 3.1.1"}
+    )
+    client_id: str = field(
+        default="",
+        metadata={
+            "help": "client id of the persistent session (default: derived from the topic "
+            "filters; give each server of a shared subscription its own)"
+        },
+    )
+    qos: int = field(default=1, metadata={"ge": 0, "le": 2, "help": "subscription QoS: 0, 1 or 2"})
+    session_expiry: int = field(
+        default=3600,
+        metadata={
+            "ge": 0,
+            "help": "seconds the broker keeps the session while disconnected (MQTT 5)",
+        },
+    )
+    batch_size: int = field(default=100, metadata={"ge": 1, "help": "most messages per batch"})
+    batch_linger: float = field(
+        default=0.005, metadata={"ge": 0, "help": "seconds to wait for a batch to fill up"}
+    )
+    receive_maximum: int = field(
+        default=1000,
+        metadata={
+            "ge": 1,
+            "le": 65535,
+            "help": "unacknowledged messages the broker may send at once (MQTT 5)",
+        },
+    )
+    dead_letter_prefix: str = field(
+        default="amgi/dead-letter",
+        metadata={"help": "dead letters of topic T are published to PREFIX/T"},
+    )
+    username: str | None = field(default=None, metadata={"help": "user name to log in with"})
+    password: str | None = field(
+        default=None, metadata={"help": "password to log in with", "secret": True}
+    )
+    tls: bool = field(default=False, metadata={"help": "connect with TLS"})
+    ca_file: str | None = field(
+        default=None, metadata={"help": "CA certificates file (default: the system's)"}
+    )
+    cert_file: str | None = field(
+        default=None, metadata={"help": "client certificate file for TLS"}
+    )
+    key_file: str | None = field(default=None, metadata={"help": "client key file for TLS"})
+    tls_insecure: bool = field(
+        default=False, metadata={"help": "do not check the broker's certificate host name"}
+    )
+    keepalive: int = field(default=60, metadata={"ge": 0, "help": "keepalive interval, seconds"})
+    connect_timeout: float = field(
+        default=10.0,
+        metadata={"gt": 0, "help": "seconds to wait for the broker to accept a connection"},
+    )
+    send_timeout: float = field(
+        default=30.0,
+        metadata={"gt": 0, "help": "seconds a send waits for the broker's acknowledgement"},
+    )
+    reconnect_delay_max: float = field(
+        default=30.0,
+        metadata={"gt": 0, "help": "upper bound of the doubling reconnect delay, seconds"},
+    )
+
+    def check_together(self) -> None:
+        """A password needs a user name; the dead-letter prefix must be a topic."""
+        if self.password is not None and self.username is None:
+            raise invalid(self, "password", "needs --username")
+        problem = _topic_problem(self.dead_letter_prefix)
+        if problem:
+            raise invalid(self, "dead_letter_prefix", f"is not a topic: {problem}")
+
+
+def validate_filter(topic_filter: str) -> str | None:
+    """Why ``topic_filter`` is not a valid MQTT topic filter, or ``None`` when it is."""
+    text = topic_filter
+    if text.startswith("$share/"):
+        parts = text.split("/", 2)
+        if len(parts) < 3 or not parts[1] or not parts[2]:
+            return "a shared subscription is $share/GROUP/FILTER"
+        if "+" in parts[1] or "#" in parts[1]:
+            return "the share group name must not contain '+' or '#'"
+        text = parts[2]
+    if not text:
+        return "a topic filter must not be empty"
+    if "\x00" in text:
+        return "a topic filter must not contain NUL"
+    if len(text.encode()) > 65535:
+        return "a topic filter is at most 65535 bytes"
+    levels = text.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be the whole last level of a topic filter"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level of a topic filter"
+    return None
+
+
+def _topic_problem(topic: str) -> str | None:
+    if not topic:
+        return "a topic must not be empty"
+    if "+" in topic or "#" in topic:
+        return "a topic to publish to must not contain '+' or '#'"
+    if "\x00" in topic:
+        return "a topic must not contain NUL"
+    return None

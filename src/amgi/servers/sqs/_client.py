@@ -1,0 +1,353 @@
+"""The aiobotocore client: queue lookup, receiving, deleting, visibility (private)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.kit.fifo import held_behind
+from amgi.servers.sqs.options import SqsOptions
+from amgi.servers.sqs.records import (
+    _dead_letter_attributes,
+    _message,
+    encode_body,
+)
+from amgi.transport import (
+    Batch,
+    DeadLetter,
+    Message,
+    Retry,
+    Settlement,
+)
+
+logger = logging.getLogger("amgi.servers.sqs")
+
+SQSClient = Any
+"""The aiobotocore SQS client (untyped: the library ships no stubs)."""
+
+_MAX_BATCH: Final = 10
+
+
+_MAX_VISIBILITY: Final = 43200
+
+
+_MISSING_QUEUE_CODES: Final = frozenset(
+    {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
+)
+
+
+_CREDENTIAL_CODES: Final = frozenset(
+    {
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "InvalidSecurity",
+        "AccessDenied",
+        "AccessDeniedException",
+        "ExpiredToken",
+        "MissingAuthenticationToken",
+    }
+)
+
+
+_XML_ERROR_CODE: Final = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
+
+
+class SqsSendError(SendError):
+    """SQS did not take a ``message.send``."""
+
+
+@dataclass(slots=True, eq=False)
+class _Queue:
+    """What the transport knows about one queue, looked up once."""
+
+    name: str
+    url: str
+    fifo: bool
+    content_deduplication: bool
+    redrive_target: str | None  # the ARN of the queue's dead-letter queue, if any
+
+
+@dataclass(slots=True, eq=False)
+class _Receive:
+    """One ReceiveMessage call in flight for a queue."""
+
+    queue: _Queue
+    task: asyncio.Task[list[dict[str, Any]]]
+
+
+def _stop_group_at_first_failure(
+    batch: Batch, settlement: Settlement
+) -> tuple[list[Message], list[Retry], list[DeadLetter]]:
+    """FIFO: hold back everything after a group's first retried message, with it."""
+    retries = {id(r.message): r for r in settlement.retry}
+    acked_ids = {id(m) for m in settlement.acked}
+    deads = {id(d.message): d for d in settlement.dead}
+    acked: list[Message] = []
+    retry: list[Retry] = []
+    dead: list[DeadLetter] = []
+    # A batch is one group (Batch.key): everything after its first retry is held back.
+    blocked = held_behind(batch.messages, lambda m: id(m) in retries, lambda m: batch.key)
+    for m in batch.messages:
+        key = id(m)
+        if key in blocked:
+            held = retries[id(blocked[key])]
+            retry.append(Retry(m, f"held behind {held.message.id} (FIFO group)", held.delay))
+        elif key in retries:
+            retry.append(retries[key])
+        elif key in acked_ids:
+            acked.append(m)
+        elif key in deads:
+            dead.append(deads[key])
+    return acked, retry, dead
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    return [items[i : i + _MAX_BATCH] for i in range(0, len(items), _MAX_BATCH)]
+
+
+def _log_failed(response: Mapping[str, Any], action: str, queue: _Queue) -> None:
+    failed = response.get("Failed") or []
+    if failed:
+        first = failed[0]
+        logger.warning(
+            "could not %s %d message(s) of %r: %s %s (they will be redelivered)",
+            action,
+            len(failed),
+            queue.name,
+            first.get("Code"),
+            first.get("Message", ""),
+        )
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _rejected_credentials(exc: BaseException, code: str) -> str | None:
+    """The reason an endpoint refused the request's credentials, or None if it did not;
+    ``code`` is the exception's :func:`_error_code`.
+
+    A service that answers the JSON protocol in XML (some SQS stand-ins) leaves botocore
+    with only the HTTP status as the code; the XML's own code is then read from the text.
+    """
+    if code in _CREDENTIAL_CODES:
+        return code
+    response = getattr(exc, "response", None)
+    status = (
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(response, dict)
+        else None
+    )
+    if status != 403 and code != "403":
+        return None
+    embedded = _XML_ERROR_CODE.search(str(exc))
+    return embedded.group(1) if embedded else "HTTP 403"
+
+
+def _connect_error(exc: Exception, queue: str, endpoint: str) -> Exception:
+    """One clear error for a failed queue lookup."""
+    from botocore.exceptions import (
+        ConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    where = endpoint or "AWS"
+    code = _error_code(exc)
+    if code in _MISSING_QUEUE_CODES:
+        return ConfigurationError(f"sqs: queue {queue!r} does not exist at {where}")
+    rejected = _rejected_credentials(exc, code)
+    if rejected is not None:
+        return BrokerUnavailable(f"sqs: {where} rejected the AWS credentials ({rejected})")
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return BrokerUnavailable(
+            "sqs: no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "or a profile)"
+        )
+    if isinstance(exc, ConnectionError):
+        return BrokerUnavailable(f"sqs: cannot reach the SQS endpoint {where}: {exc}")
+    if code:
+        return BrokerUnavailable(f"sqs: looking up queue {queue!r} failed: {code}: {exc}")
+    return BrokerUnavailable(f"sqs: looking up queue {queue!r} failed: {exc}")
+
+
+class SqsClient:
+    """The SQS client, the queues looked up, and the long polls in flight."""
+
+    addresses: list[str]
+    config: SqsOptions
+    lease_interval: float | None
+
+    def _init_client(self) -> None:
+        """Set up the state (called by the transport's ``__init__``)."""
+        self.lease_interval = max(1.0, self.config.visibility_timeout / 3)
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: SQSClient | None = None
+        self._queues: dict[str, _Queue] = {}
+        self._consumed: list[_Queue] = []
+        self._receives: list[_Receive] = []
+
+    @property
+    def client(self) -> SQSClient:
+        """The aiobotocore SQS client (after :meth:`connect`)."""
+        if self._client is None:
+            raise BrokerUnavailable("sqs: not connected")
+        return self._client
+
+    async def _queue(self, name: str, *, create: bool, fifo: bool | None = None) -> _Queue:
+        """Look up ``name`` once (URL and attributes); raise clear errors for bad input."""
+        queue = self._queues.get(name)
+        if queue is not None:
+            return queue
+        client = self.client
+        try:
+            try:
+                url = (await client.get_queue_url(QueueName=name))["QueueUrl"]
+            except Exception as exc:
+                if not (create and _error_code(exc) in _MISSING_QUEUE_CODES):
+                    raise
+                attributes = {"FifoQueue": "true"} if fifo else {}
+                url = (await client.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
+                logger.info("created SQS queue %r", name)
+            found = (
+                await client.get_queue_attributes(
+                    QueueUrl=url,
+                    AttributeNames=["FifoQueue", "ContentBasedDeduplication", "RedrivePolicy"],
+                )
+            ).get("Attributes", {})
+        except Exception as exc:
+            raise _connect_error(exc, name, self.config.endpoint_url) from None
+        redrive = found.get("RedrivePolicy")
+        queue = _Queue(
+            name=name,
+            url=url,
+            fifo=found.get("FifoQueue") == "true" or name.endswith(".fifo"),
+            content_deduplication=found.get("ContentBasedDeduplication") == "true",
+            redrive_target=json.loads(redrive).get("deadLetterTargetArn") if redrive else None,
+        )
+        self._queues[name] = queue
+        return queue
+
+    async def _dead_letter_queue(self, queue: _Queue) -> _Queue:
+        """The queue's redrive target, else ``<name><suffix>`` (created when missing)."""
+        if queue.redrive_target:
+            name = queue.redrive_target.rsplit(":", 1)[-1]
+            return await self._queue(name, create=False)
+        suffix = self.config.dead_letter_suffix
+        if queue.fifo:
+            name = queue.name.removesuffix(".fifo") + suffix + ".fifo"
+        else:
+            name = queue.name + suffix
+        return await self._queue(name, create=True, fifo=queue.fifo)
+
+    def _fill(self) -> None:
+        per_queue: dict[str, int] = {}
+        for receive in self._receives:
+            per_queue[receive.queue.url] = per_queue.get(receive.queue.url, 0) + 1
+        for queue in self._consumed:
+            for _ in range(self.config.receivers - per_queue.get(queue.url, 0)):
+                task = asyncio.create_task(self._receive(queue), name=f"amgi-sqs-{queue.name}")
+                self._receives.append(_Receive(queue, task))
+
+    async def _receive(self, queue: _Queue) -> list[dict[str, Any]]:
+        c = self.config
+        try:
+            response = await self.client.receive_message(
+                QueueUrl=queue.url,
+                MaxNumberOfMessages=c.max_messages,
+                WaitTimeSeconds=c.wait_time,
+                VisibilityTimeout=c.visibility_timeout,
+                MessageSystemAttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if _error_code(exc) in _MISSING_QUEUE_CODES:
+                raise ConfigurationError(f"sqs: queue {queue.name!r} no longer exists") from None
+            raise BrokerUnavailable(f"sqs: receive from {queue.name!r} failed: {exc}") from exc
+        messages: list[dict[str, Any]] = response.get("Messages", [])
+        return messages
+
+    def _batches(self, queue: _Queue, raw: list[dict[str, Any]]) -> list[Batch]:
+        if not raw:
+            return []
+        messages = [_message(m) for m in raw]
+        if not queue.fifo:
+            return [Batch(queue.name, messages, None, queue)]
+        groups: dict[str, list[Message]] = {}
+        for m in messages:
+            group = m.bindings["sqs"].get("message_group_id", "")
+            groups.setdefault(group, []).append(m)
+        return [Batch(queue.name, ms, (queue.name, g), queue) for g, ms in groups.items()]
+
+    async def _delete(self, queue: _Queue, handles: list[str]) -> None:
+        async def one(chunk: list[str]) -> None:
+            response = await self.client.delete_message_batch(
+                QueueUrl=queue.url,
+                Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)],
+            )
+            _log_failed(response, "delete", queue)
+
+        await asyncio.gather(*(one(c) for c in _chunks(handles)))
+
+    async def _change_visibility(self, queue: _Queue, entries: list[tuple[str, float]]) -> None:
+        async def one(chunk: list[tuple[str, float]]) -> None:
+            response = await self.client.change_message_visibility_batch(
+                QueueUrl=queue.url,
+                Entries=[
+                    {
+                        "Id": str(i),
+                        "ReceiptHandle": handle,
+                        "VisibilityTimeout": min(_MAX_VISIBILITY, math.ceil(delay)),
+                    }
+                    for i, (handle, delay) in enumerate(chunk)
+                ],
+            )
+            _log_failed(response, "change the visibility of", queue)
+
+        await asyncio.gather(*(one(c) for c in _chunks(entries)))
+
+    async def _dead_letter(self, queue: _Queue, dead: list[DeadLetter]) -> None:
+        """Send each message to the dead-letter queue with its reason, then delete it."""
+        target = await self._dead_letter_queue(queue)
+
+        async def send(d: DeadLetter) -> str:
+            m = d.message
+            body, encoding = encode_body(m.payload)
+            attributes = _dead_letter_attributes(m, queue.name, d.reason, encoding)
+            params: dict[str, Any] = {
+                "QueueUrl": target.url,
+                "MessageBody": body,
+                "MessageAttributes": attributes,
+            }
+            if target.fifo:
+                sqs = m.bindings.get("sqs", {})
+                params["MessageGroupId"] = sqs.get("message_group_id") or "dead-letters"
+                params["MessageDeduplicationId"] = m.id
+            await self.client.send_message(**params)
+            token: str = m.token
+            return token
+
+        sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
+        handles = [h for h in sent if isinstance(h, str)]
+        if handles:
+            await self._delete(queue, handles)
+        failures = [e for e in sent if isinstance(e, BaseException)]
+        if failures:
+            raise BrokerUnavailable(
+                f"sqs: {len(failures)} dead letter(s) of {queue.name!r} not sent to "
+                f"{target.name!r} ({failures[0]}); they will be redelivered"
+            )
