@@ -109,7 +109,7 @@ BINDINGS: dict[str, dict[str, BindingKey]] = {
         BindingKey("subject", "str", "in", "the subject it was published to"),
         BindingKey("stream", "str", "in", "the JetStream stream holding it"),
         BindingKey("sequence", "int", "in", "its stream sequence, the same on redelivery"),
-        BindingKey("msgId", "str", "out", "Nats-Msg-Id, for JetStream de-duplication"),
+        BindingKey("msgId", "str", "both", "Nats-Msg-Id, for JetStream de-duplication"),
     ),
 }
 """Protocol -> key -> :class:`BindingKey`."""

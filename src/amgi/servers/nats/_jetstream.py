@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
 from amgi.servers.nats._headers import decode
+from amgi.servers.nats._pull import Puller
 from amgi.transport import Batch, Message
 
 if TYPE_CHECKING:
@@ -30,8 +31,8 @@ class Consumers:
         self.js = client.jetstream()
         self.subjects = list(subjects)
         self.options = options
-        self._subs: list[tuple[str, Any]] = []
-        self._turn = 0
+        self._subjects_by_index: list[str] = []
+        self._puller = Puller(client, options.batch_size, options.fetch_expiry)
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``."""
@@ -80,35 +81,25 @@ class Consumers:
                 filter_subject=subject,
             )
             try:
-                sub = await self.js.pull_subscribe(
-                    subject, durable=name, stream=stream, config=config
-                )
+                try:  # an existing consumer is used as it is configured
+                    await jsm.consumer_info(stream, name)
+                except js_errors.NotFoundError:
+                    await jsm.add_consumer(stream, config)
             except js_errors.APIError as exc:
                 raise ConfigurationError(
                     f"nats: cannot create consumer {name!r} on {stream!r}: {exc.description or exc}"
                 ) from None
-            self._subs.append((subject, sub))
+            self._puller.add(stream, name)
+            self._subjects_by_index.append(subject)
+        await self._puller.start()
 
     async def stop(self) -> None:
-        subs, self._subs = self._subs, []
-        for _, sub in subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # the connection may be gone already
-                logger.debug("unsubscribe failed: %s", exc)
+        await self._puller.stop()
 
     async def read(self) -> list[Batch]:
-        subs = self._subs
-        expiry = self.options.fetch_expiry
-        size = self.options.batch_size
-        while True:
-            subject, sub = subs[self._turn % len(subs)]
-            self._turn += 1
-            try:
-                msgs = await sub.fetch(size, timeout=expiry)
-            except TimeoutError:  # nats-py's, or asyncio's when the wait itself ran out
-                continue
-            return [Batch(subject, [_message(m) for m in msgs], key=subject)]
+        index, msgs = await self._puller.take()
+        subject = self._subjects_by_index[index]
+        return [Batch(subject, [_message(m) for m in msgs], key=subject)]
 
     async def settle(
         self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]]
@@ -142,10 +133,15 @@ class Consumers:
 
 
 def _message(msg: Any) -> Message:
-    meta = msg.metadata
-    seq = meta.sequence.stream
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>,
+    # or with <domain>.<account hash> after ACK and a token at the end (nats-server 2.9+).
+    tokens = msg.reply.split(".")
+    at = 2 if len(tokens) == 9 else 4
+    stream = tokens[at]
+    delivered = int(tokens[at + 2])
+    seq = int(tokens[at + 3])
     headers, msg_id = decode(msg.headers)
-    binding: dict[str, Any] = {"subject": msg.subject, "stream": meta.stream, "sequence": seq}
+    binding: dict[str, Any] = {"subject": msg.subject, "stream": stream, "sequence": seq}
     if msg_id is not None:
         binding["msgId"] = msg_id
-    return Message(str(seq), headers, msg.data, {"nats": binding}, meta.num_delivered, msg)
+    return Message(str(seq), headers, msg.data, {"nats": binding}, delivered, msg)
