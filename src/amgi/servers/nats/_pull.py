@@ -63,10 +63,15 @@ class Puller:
             self._subs.append(await self.client.subscribe(request.reply, cb=self._receiver(index)))
 
     async def stop(self) -> None:
+        """Unsubscribe; messages that arrived but were never handed out go back at once."""
         subs, self._subs = self._subs, []
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        for arrived in self._arrived:
+            while arrived:
+                with contextlib.suppress(Exception):
+                    await arrived.popleft().nak()
 
     def _receiver(self, index: int) -> Any:
         async def on_message(msg: Any) -> None:

@@ -68,7 +68,7 @@ class RedisOptions:
     )
     group: str = option("amgi", "consumer group of the streams")
     consumer: str = option("", "consumer name in the group (default: host-pid-random)")
-    batch_size: int = option(500, "most entries per batch (XREADGROUP COUNT)", ge=1, le=100_000)
+    batch_size: int = option(1000, "most entries per batch (XREADGROUP COUNT)", ge=1, le=100_000)
     block: float = option(1.0, "seconds one XREADGROUP waits for entries", ge=0.001, le=3600)
     claim_idle: float = option(
         30.0, "seconds an entry is pending on a silent consumer before it is taken", ge=0.1
@@ -205,7 +205,10 @@ class RedisTransport(Transport):
 
     async def extend(self, batches: Sequence[Batch]) -> None:
         if self._streams is not None:
-            await self._streams.touch({b.address: [m.token for m in b.messages] for b in batches})
+            held: dict[str, list[bytes]] = {}
+            for b in batches:
+                held.setdefault(b.address, []).extend(m.token for m in b.messages)
+            await self._streams.hold(held)
 
     # -- sending --------------------------------------------------------------------------
 

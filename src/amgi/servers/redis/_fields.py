@@ -42,11 +42,16 @@ def decode(fields: Sequence[bytes]) -> tuple[HeaderList, bytes | None]:
     """``(headers, payload)`` of an entry's flat field/value list."""
     n = len(fields)
     if n >= 2 and fields[n - 2] == PAYLOAD:
-        # The layout this server writes: headers, then the payload last.
-        names = fields[0 : n - 2 : 2]
-        if PAYLOAD not in names and _RESERVED not in b"\n".join(names):
-            return list(zip(names, fields[1 : n - 2 : 2], strict=True)), fields[n - 1]
-    headers: HeaderList = []
+        # The layout this server writes: plain headers, then the payload last.
+        headers: HeaderList = []
+        for i in range(0, n - 2, 2):
+            name = fields[i]
+            if name == PAYLOAD or name.startswith(_RESERVED):
+                break
+            headers.append((name, fields[i + 1]))
+        else:
+            return headers, fields[n - 1]
+    headers = []
     payload: bytes | None = None
     it = iter(fields)
     for name, value in zip(it, it, strict=True):

@@ -187,11 +187,17 @@ class Streams:
                 pipe.execute_command("XCLAIM", stream, self.group, self.consumer, 0, *ids, "JUSTID")
             await pipe.execute()
 
-    async def _touch_waiting(self) -> None:
-        waiting: dict[str, list[bytes]] = {}
+    async def _touch_waiting(self, held: Mapping[str, list[bytes]] | None = None) -> None:
+        """Touch the entries waiting for their retry, and ``held`` (in flight) with them."""
+        entries: dict[str, list[bytes]] = {s: list(ids) for s, ids in (held or {}).items()}
         for stream, entry_id, _ in self._retries.items():
-            waiting.setdefault(stream, []).append(entry_id)
-        await self.touch(waiting)
+            entries.setdefault(stream, []).append(entry_id)
+        await self.touch(entries)
+
+    async def hold(self, in_flight: Mapping[str, list[bytes]]) -> None:
+        """The lease: keep in-flight entries and waiting retries from being claimed."""
+        await self._touch_waiting(in_flight)
+        self._next_touch = asyncio.get_running_loop().time() + self.options.claim_idle / 3
 
     async def settle(
         self, stream: str, settlement: Settlement, dead: list[tuple[str, list[bytes]]]
