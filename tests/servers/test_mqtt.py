@@ -21,7 +21,7 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
-from amgi.transport import Batch, Settlement
+from amgi.transport import Batch, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 from tests.servers.mosquitto import broker as broker_module
 from tests.servers.mosquitto.broker import Mosquitto
@@ -192,6 +192,31 @@ async def test_puback_only_after_ack_and_session_redelivers(options: MqttOptions
         batches = await fetch_n(server, 1)
         assert [m.payload for b in batches for m in b.messages] == [b"marker"]
         await nothing_more(server)
+
+
+async def test_close_drops_waiting_retries_and_the_broker_redelivers(
+    options: MqttOptions,
+) -> None:
+    address = topic()
+    async with connected([address], options):
+        pass  # the persistent session now exists
+    await publish(options, address, [b"retry me"])
+    server = MqttTransport([address], options)
+    await server.connect()
+    try:
+        (batch,) = await fetch_n(server, 1)
+        message = batch.messages[0]
+        await server.settle(batch, Settlement(retry=[Retry(message, "later", 3600.0)]))
+    finally:
+        async with asyncio.timeout(10):  # the hour-long retry wait must not hold close up
+            await server.close()
+    # Nothing was republished and the original was never acknowledged: it comes back once.
+    async with connected([address], options) as again:
+        batches = await fetch_n(again, 1)
+        assert [(m.payload, m.attempt) for b in batches for m in b.messages] == [(b"retry me", 1)]
+        for b in batches:
+            await again.settle(b, Settlement(acked=list(b.messages)))
+        await nothing_more(again)
 
 
 async def test_qos2_pubrec_only_after_ack(options: MqttOptions) -> None:
