@@ -193,6 +193,30 @@ async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> No
     assert app.received[0].headers == [(b"h", b"\x00")]
 
 
+async def test_a_deleted_consumer_is_created_again(
+    subject: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    durable = fresh("d")
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"before", {})
+        (first,) = await fetch_all(t, 1)
+        await t.settle(Batch(subject, [first]), Settlement(acked=[first]))
+        import nats
+
+        admin = await nats.connect(URL)
+        await admin.jsm().delete_consumer(STREAM, durable)
+        await admin.close()
+        await t.publish(subject, [], b"after", {})
+        # The new consumer starts at the stream's beginning: "before" comes again first.
+        got = await fetch_all(t, 2)
+        assert [m.payload for m in got] == [b"before", b"after"]
+    finally:
+        await t.close()
+    assert "was gone; created it again" in caplog.text
+
+
 async def test_send_to_a_subject_no_stream_captures_raises_the_send_error() -> None:
     t = NatsTransport([], NatsOptions(servers=URL, publish_timeout=2))
     await t.connect()

@@ -32,7 +32,8 @@ class Consumers:
         self.subjects = list(subjects)
         self.options = options
         self._subjects_by_index: list[str] = []
-        self._puller = Puller(client, options.batch_size, options.fetch_expiry)
+        self._puller = Puller(client, options.batch_size, options.fetch_expiry, self._unanswered)
+        self._configs: list[tuple[str, Any]] = []
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``."""
@@ -81,17 +82,35 @@ class Consumers:
                 filter_subject=subject,
             )
             try:
-                try:  # an existing consumer is used as it is configured
-                    await jsm.consumer_info(stream, name)
-                except js_errors.NotFoundError:
-                    await jsm.add_consumer(stream, config)
+                await self._ensure_consumer(stream, config)
             except js_errors.APIError as exc:
                 raise ConfigurationError(
                     f"nats: cannot create consumer {name!r} on {stream!r}: {exc.description or exc}"
                 ) from None
             self._puller.add(stream, name)
             self._subjects_by_index.append(subject)
+            self._configs.append((stream, config))
         await self._puller.start()
+
+    async def _ensure_consumer(self, stream: str, config: Any) -> bool:
+        """Create the consumer if it is missing (an existing one is used as it is)."""
+        from nats.js import errors as js_errors
+
+        jsm = self.client.jsm()
+        try:
+            await jsm.consumer_info(stream, config.durable_name)
+        except js_errors.NotFoundError:
+            await jsm.add_consumer(stream, config)
+            return True
+        return False
+
+    async def _unanswered(self, index: int) -> None:
+        """A pull request got no answer at all: a deleted consumer is created again."""
+        stream, config = self._configs[index]
+        if await self._ensure_consumer(stream, config):
+            logger.warning(
+                "consumer %r of stream %r was gone; created it again", config.durable_name, stream
+            )
 
     async def stop(self) -> None:
         await self._puller.stop()

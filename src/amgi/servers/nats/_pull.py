@@ -4,8 +4,10 @@ Each consumer has at most one open pull request (``batch`` messages, ``expires``
 messages land in its inbox subscription, whose callback queues them, so taking a batch touches no
 per-message task. A request closes when its last message arrived or JetStream ends it
 with a status (404 no messages, 408 expired, 409 e.g. consumer deleted); one that the
-server never ends (connection lost) counts as closed after its expiry. The next read
-opens a new one, so at most ``batch`` messages wait here unasked-for.
+server never ends counts as closed after its expiry, and is reported to ``unanswered``
+(JetStream answers every request, so silence means a lost connection or a deleted
+consumer). The next read opens a new one, so at most ``batch`` messages wait here
+unasked-for.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +36,21 @@ class _Request:
     reply: str
     open_until: float = 0.0
     remaining: int = 0
+    answered: bool = False
 
 
 class Puller:
     """Open pull requests for consumers and hand out what arrived, per consumer."""
 
-    def __init__(self, client: Any, batch: int, expires: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        batch: int,
+        expires: float,
+        unanswered: Callable[[int], Awaitable[None]],
+    ) -> None:
         self.client = client
+        self.unanswered = unanswered
         self.batch = batch
         self.expires = expires
         self._requests: list[_Request] = []
@@ -81,6 +92,7 @@ class Puller:
 
     def _on_message(self, index: int, msg: Any) -> None:
         request = self._requests[index]
+        request.answered = True
         if msg.reply:  # a message; a status has no reply subject
             self._arrived[index].append(msg)
             request.remaining -= 1
@@ -103,8 +115,10 @@ class Puller:
         turn = 0
         while True:
             now = loop.time()
-            for request in self._requests:
+            for index, request in enumerate(self._requests):
                 if request.open_until <= now:
+                    if request.open_until and not request.answered:
+                        await self.unanswered(index)
                     await self._ask(request, now)
             for step in range(count):
                 index = (turn + step) % count
@@ -120,5 +134,6 @@ class Puller:
 
     async def _ask(self, request: _Request, now: float) -> None:
         request.remaining = self.batch
+        request.answered = False
         request.open_until = now + self.expires + _SLACK
         await self.client.publish(request.api, self._payload, reply=request.reply)
