@@ -104,6 +104,26 @@ async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_coun
         await other.close()
 
 
+async def test_a_deleted_stream_and_group_are_created_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream, group = fresh("deleted"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    await t.connect()
+    try:
+        c = await client()
+        await c.delete(stream)
+        await c.aclose()
+        reading = asyncio.create_task(fetch_all(t, 1))
+        await asyncio.sleep(0.3)  # the read meets NOGROUP and creates both again
+        await t.publish(stream, [], b"after", {})
+        (got,) = await reading
+        assert got.payload == b"after"
+    finally:
+        await t.close()
+    assert "creating it again" in caplog.text
+
+
 async def test_dead_letters_carry_reason_attempt_and_stream_and_are_acked() -> None:
     stream, group = fresh("dead"), fresh("g")
 

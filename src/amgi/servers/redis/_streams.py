@@ -86,40 +86,41 @@ class Streams:
         """Wait for entries: due retries, entries of silent consumers, then new entries."""
         from redis import exceptions as redis_errors
 
-        loop = asyncio.get_running_loop()
-        options = self.options
         while True:
-            now = loop.time()
-            replies: list[Reply] = []
-            if now >= self._next_touch:
-                await self._touch_waiting()
-                self._next_touch = now + options.claim_idle / 3
-            due = self._retries.pop_due(now)
-            if due:
-                replies += await self._reclaim(due)
-            if now >= self._next_sweep:
-                replies += await self._sweep(now)
-            if replies:
-                return replies
-            wake = min(self._next_sweep, self._next_touch)
-            next_retry = self._retries.next_due()
-            if next_retry is not None:
-                wake = min(wake, next_retry)
-            block = max(1, round(min(options.block, wake - now) * 1000))
-            raise_if_cancelled()
             try:
-                reply = await self.client.execute_command(
-                    *self._read_args, "BLOCK", block, *self._tail
-                )
+                replies = await self._read_once()
             except redis_errors.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
                 logger.warning("a stream or its group vanished (%s); creating it again", exc)
                 await self.start()
                 continue
-            if reply:
-                return [(stream.decode(), entries, None) for stream, entries in reply]
+            if replies:
+                return replies
             raise_if_cancelled()
+
+    async def _read_once(self) -> list[Reply]:
+        now = asyncio.get_running_loop().time()
+        options = self.options
+        replies: list[Reply] = []
+        if now >= self._next_touch:
+            await self._touch_waiting()
+            self._next_touch = now + options.claim_idle / 3
+        due = self._retries.pop_due(now)
+        if due:
+            replies += await self._reclaim(due)
+        if now >= self._next_sweep:
+            replies += await self._sweep(now)
+        if replies:
+            return replies
+        wake = min(self._next_sweep, self._next_touch)
+        next_retry = self._retries.next_due()
+        if next_retry is not None:
+            wake = min(wake, next_retry)
+        block = max(1, round(min(options.block, wake - now) * 1000))
+        raise_if_cancelled()
+        reply = await self.client.execute_command(*self._read_args, "BLOCK", block, *self._tail)
+        return [(stream.decode(), entries, None) for stream, entries in reply or ()]
 
     async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> list[Reply]:
         """Take back entries whose retry delay is over; their delivery counter goes up."""
