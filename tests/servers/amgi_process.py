@@ -75,3 +75,19 @@ def processes() -> Iterator[list[AmgiProcess]]:
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+# A lifespan-aware app that writes the file named by STARTED when its startup runs.
+STARTUP_APP = """
+import os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        open(os.environ["STARTED"], "w").close()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    m = await receive()
+    await send({"type": "message.ack", "id": m["id"]})
+"""

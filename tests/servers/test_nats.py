@@ -15,7 +15,7 @@ from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
 from tests.core.test_cli import amgi, one_line_error
 from tests.net import free_port
-from tests.servers.amgi_process import AmgiProcess, processes, until
+from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
 from tests.servers.nats_helpers import (
     PREFIX,
     STREAM,
@@ -27,7 +27,6 @@ from tests.servers.nats_helpers import (
     read_subject,
 )
 from tests.servers.private_brokers import private_nats
-from tests.servers.test_redis import STARTUP_APP
 
 __all__ = ["processes"]
 

@@ -16,7 +16,7 @@ from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
 from tests.core.test_cli import amgi, one_line_error
 from tests.net import free_port
-from tests.servers.amgi_process import AmgiProcess, processes, until
+from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
 from tests.servers.private_brokers import private_redis
 from tests.servers.redis_helpers import URL, client, ensure_broker, entries, fresh, pending
 
@@ -314,18 +314,3 @@ async def test_connect_to_nothing_raises_broker_unavailable() -> None:
     t = RedisTransport(["s"], RedisOptions(url=f"redis://127.0.0.1:{free_port()}/0"))
     with pytest.raises(BrokerUnavailable, match="cannot connect"):
         await t.connect()
-
-
-STARTUP_APP = """
-import os
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        await receive()
-        open(os.environ["STARTED"], "w").close()
-        await send({"type": "lifespan.startup.complete"})
-        await receive()
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    m = await receive()
-    await send({"type": "message.ack", "id": m["id"]})
-"""
