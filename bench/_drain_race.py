@@ -65,7 +65,9 @@ async def race(
     timeout: float,
 ) -> tuple[float, float]:
     """Run one contender on ``address``; return ``(msgs/s after the first, first seconds)``."""
-    log = open(ROOT / ".brokers" / "bench-contender.log", "ab")  # noqa: ASYNC230, SIM115
+    slug = "".join(c if c.isalnum() else "-" for c in contender.name.lower())[:40]
+    log_path = ROOT / ".brokers" / f"bench-{slug}.log"
+    log = open(log_path, "wb")  # noqa: ASYNC230, SIM115 - one log per contender, last round
     started = time.perf_counter()
     proc = subprocess.Popen(  # noqa: ASYNC220 - polled below, never waited on in the loop
         contender.argv(address), cwd=ROOT, stdout=log, stderr=log, start_new_session=True
@@ -74,9 +76,7 @@ async def race(
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"exited with {proc.returncode} (see .brokers/bench-contender.log)"
-                )
+                raise RuntimeError(f"exited with {proc.returncode} (see {log_path})")
             now = time.perf_counter()
             if now - started > timeout:
                 raise RuntimeError(f"not drained within {timeout:.0f}s")
