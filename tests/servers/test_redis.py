@@ -234,6 +234,35 @@ async def test_two_processes_share_a_group_without_duplicates(
     assert await pending(stream, group) == 0
 
 
+async def test_a_named_consumer_takes_back_its_own_pending_entries_at_restart(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    stream, group = fresh("named"), fresh("g")
+    expected = [f"n{i}" for i in range(60)]
+    await produce(URL, stream, expected)
+    # claim-idle far beyond the test: only the restart's own-pending read can recover.
+    args = flags(URL, group, "--consumer", "worker-1", "--batch-size", "10", "--claim-idle", "600")
+    first = AmgiProcess(stream, args, tmp_path, delay=0.05)
+    processes.append(first)
+    await asyncio.to_thread(until, lambda: len(first.acked()) >= 10, 30, "a start", first)
+    first.proc.kill()
+    first.proc.wait()
+    assert await pending(stream, group) > 0, "killed too late to leave anything pending"
+    second = AmgiProcess(stream, args, tmp_path)
+    processes.append(second)
+    await asyncio.to_thread(
+        until,
+        lambda: set(first.acked()) | set(second.acked()) >= set(expected),
+        30,
+        "every message after the restart",
+        second,
+    )
+    assert second.stop() == 0
+    attempts = [r["attempt"] for r in second.records() if r["event"] == "receive"]
+    assert max(attempts) == 2, "entries taken back must count their earlier delivery"
+    assert await pending(stream, group) == 0
+
+
 async def test_broker_restart_mid_stream_loses_nothing(
     tmp_path: Path, processes: list[AmgiProcess]
 ) -> None:

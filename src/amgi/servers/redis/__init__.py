@@ -16,7 +16,9 @@ nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream 
 attempt            the entry's delivery counter
 crash recovery     entries idle longer than ``--claim-idle`` on any consumer are taken
                    over with ``XAUTOCLAIM``; entries this process holds (in flight or
-                   waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``
+                   waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
+                   a ``--consumer`` named again after a restart reads its own
+                   pending entries first (``XREADGROUP ... 0``)
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
 =================  ==================================================================

@@ -45,6 +45,12 @@ class Streams:
         self._cursors = dict.fromkeys(self.streams, b"0-0")
         self._next_sweep = 0.0
         self._next_touch = 0.0
+        # A consumer named on the command line may be a restart of itself: what is
+        # pending on that name was left by its previous run and is taken back at once.
+        self._history: dict[str, bytes] = (
+            dict.fromkeys(self.streams, b"0") if options.consumer else {}
+        )
+        """Per stream, the id after which this consumer's earlier pending entries are read."""
 
     async def start(self) -> None:
         for stream in self.streams:
@@ -106,6 +112,8 @@ class Streams:
         if now >= self._next_touch:
             await self._touch_waiting()
             self._next_touch = now + options.claim_idle / 3
+        if self._history:
+            replies += await self._own_pending()
         due = self._retries.pop_due(now)
         if due:
             replies += await self._reclaim(due)
@@ -121,6 +129,28 @@ class Streams:
         raise_if_cancelled()
         reply = await self.client.execute_command(*self._read_args, "BLOCK", block, *self._tail)
         return [(stream.decode(), entries, None) for stream, entries in reply or ()]
+
+    async def _own_pending(self) -> list[Reply]:
+        """Entries pending on this consumer's name from before it started, batch by batch."""
+        history = self._history
+        reply = await self.client.execute_command(
+            *self._read_args, "STREAMS", *history, *history.values()
+        )
+        replies: list[Reply] = []
+        done = set(history)
+        for raw_stream, entries in reply or ():
+            stream = raw_stream.decode()
+            if not entries:
+                continue
+            done.discard(stream)
+            history[stream] = entries[-1][0]
+            entries = [e for e in entries if e[1] is not None]
+            if entries:
+                attempts = await self._attempts(stream, {e[0] for e in entries})
+                replies.append((stream, entries, attempts))
+        for stream in done:
+            del history[stream]
+        return replies
 
     async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> list[Reply]:
         """Take back entries whose retry delay is over; their delivery counter goes up."""
