@@ -193,6 +193,30 @@ async def test_pubsub_mode_delivers_retries_in_memory_then_dead_letters() -> Non
     assert app.received[0].bindings["redis"] == {"channel": channel}
 
 
+async def test_pubsub_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
+    with private_redis(tmp_path / "redis") as broker:
+        url = f"redis://127.0.0.1:{broker.port}/0"
+        app = Recorder()
+        t = RedisTransport(["ch"], RedisOptions(url=url, mode="pubsub"))
+        runtime = Runtime(app, t, RuntimeConfig(lifespan="off"))
+        task = asyncio.create_task(runtime.serve())
+        sender = RedisTransport([], RedisOptions(url=url, mode="pubsub"))
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 10)
+            await asyncio.to_thread(broker.restart)
+            await sender.connect()
+            async with asyncio.timeout(20):
+                # Pub/Sub keeps nothing: publish until the server is subscribed again.
+                while not app.acked:
+                    await sender.publish("ch", [], b"after", {})
+                    await asyncio.sleep(0.2)
+        finally:
+            await sender.close()
+            runtime.request_stop()
+            assert await task == 0
+        assert app.acked[0].payload == b"after"
+
+
 # -- processes ----------------------------------------------------------------------------
 
 
