@@ -216,6 +216,32 @@ async def test_a_deleted_consumer_is_created_again(
     assert "was gone; created it again" in caplog.text
 
 
+async def test_core_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
+    with private_nats(tmp_path / "nats") as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        app = Recorder()
+        options = NatsOptions(servers=url, mode="core")
+        runtime = Runtime(app, NatsTransport(["signals"], options), RuntimeConfig(lifespan="off"))
+        task = asyncio.create_task(runtime.serve())
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 10)
+            await asyncio.to_thread(broker.restart)
+            sender = NatsTransport([], options)
+            await sender.connect()
+            try:
+                async with asyncio.timeout(20):
+                    # Core NATS keeps nothing: publish until the server listens again.
+                    while not app.acked:
+                        await sender.publish("signals", [], b"after", {})
+                        await asyncio.sleep(0.2)
+            finally:
+                await sender.close()
+        finally:
+            runtime.request_stop()
+            assert await task == 0
+        assert app.acked[0].payload == b"after"
+
+
 async def test_send_to_a_subject_no_stream_captures_raises_the_send_error() -> None:
     t = NatsTransport([], NatsOptions(servers=URL, publish_timeout=2))
     await t.connect()
