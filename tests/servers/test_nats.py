@@ -13,7 +13,8 @@ from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
-from tests.core.test_cli import amgi, one_line_error
+from tests.cli import amgi
+from tests.core.test_cli import one_line_error
 from tests.net import free_port
 from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
 from tests.servers.nats_helpers import (

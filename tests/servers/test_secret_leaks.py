@@ -5,7 +5,8 @@ failure paths against the real broker (refused credentials, unreachable broker, 
 failure, send failure, reconnects), captures every log record at DEBUG (client
 libraries' included) and runs ``amgi run`` / ``amgi send`` processes with the marker in
 their options, then looks for the marker everywhere. (The http server's test is in
-test_http_processes.py; sqlite and memory take no secrets, see tests/core/test_secrets.py.)
+test_http_processes.py, the AMP server's beside its own tests; sqlite and memory take no
+secrets; every server's options are checked in tests/core/test_secrets.py.)
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from amgi.servers.mqtt import MqttOptions, MqttTransport
+from amgi.servers.nats import NatsOptions, NatsTransport
+from amgi.servers.redis import RedisOptions, RedisTransport
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from tests.cli import amgi
 from tests.moto_env import private_moto, use_moto_credentials
@@ -31,6 +34,7 @@ from tests.secrets import assert_hidden, capture_debug, exception_text, log_text
 from tests.servers.kafka_helpers import ensure_broker, fresh, start_private_broker
 from tests.servers.kafka_helpers import options as kafka_options
 from tests.servers.mosquitto.broker import Mosquitto
+from tests.servers.private_brokers import private_nats, private_redis
 from tests.servers.test_amqp_support import new_queue, rabbitmq, rabbitmqctl
 
 __all__ = ["rabbitmq"]
@@ -362,4 +366,119 @@ async def test_sqs_aws_secret_key_and_session_token_never_shown(
             ["send", "q", "x", "--server", "sqs", "--endpoint-url", checking, "--help"],
         )  # fmt: skip
     assert "rejected the AWS credentials" in "".join(texts)
+    assert_hidden(marker, texts)
+
+
+# -- Redis and NATS -----------------------------------------------------------------------
+
+
+async def test_redis_password_never_shown(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A private redis-server with a password: a wrong one, an unreachable server, TLS to
+    a plaintext port, a send while the server is down, and a restart."""
+    capture_debug(caplog)
+    marker = new_marker()
+    password = f"pw-{marker}"
+    with private_redis(tmp_path / "redis", password=password) as broker:
+        good = f"redis://:{password}@127.0.0.1:{broker.port}/0"
+
+        def redis(url: str) -> RedisTransport:
+            return RedisTransport([fresh("secrets")], RedisOptions(url=url, connect_timeout=2))
+
+        texts = [
+            await failure_text(redis(good.replace("pw-", "no-")).connect, BrokerUnavailable),
+            await failure_text(redis(good.replace(str(broker.port), str(free_port()))).connect,
+                               BrokerUnavailable),
+            await failure_text(redis("rediss" + good[5:]).connect, BrokerUnavailable),
+        ]  # fmt: skip
+        assert "refused the credentials" in texts[0]
+        transport = redis(good)
+        await transport.connect()
+        try:
+            broker.stop()
+            texts.append(
+                await failure_text(
+                    lambda: transport.publish("s", [], b"x", {}), SendError, BrokerUnavailable
+                )
+            )
+            broker.start()
+            deadline = time.monotonic() + 30
+            while True:  # the server loads its data first ("LOADING"): a send error
+                try:
+                    await transport.publish("s", [], b"after the restart", {})
+                    break
+                except SendError as exc:
+                    texts.append(exception_text(exc))
+                    assert time.monotonic() < deadline, "no send after the restart"
+                    await asyncio.sleep(0.1)
+        finally:
+            await transport.close()
+    texts += log_texts(caplog)
+    closed = f"redis://:{password}@127.0.0.1:{free_port()}/0"
+    texts += cli_texts(
+        ["run", APP, "s", "--server", "redis", "--url", closed, "--log-level", "debug",
+         "--connect-timeout", "1"],
+        ["send", "s", "x", "--server", "redis", "--url", closed, "--log-level", "debug",
+         "--connect-timeout", "1"],
+        ["run", APP, "s", "--server", "redis", "--url", closed, "--batch-size", "0"],
+        ["run", APP, "s", "--server", "redis", "--url", closed, "--help"],
+        ["run", APP, "s", *ROUTED, "--send-to", "x=redis", "--redis-url", closed,
+         "--redis-connect-timeout", "1"],
+    )  # fmt: skip
+    assert "--batch-size must be" in "".join(texts)
+    assert_hidden(marker, texts)
+
+
+async def test_nats_password_and_token_never_shown(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A private nats-server with a user and password: a wrong password, credentials in
+    the server URL, a token, an unreachable server, a restart. (Not TLS to a plaintext
+    port: nats-py then connects without TLS, see the NATS server's docs.)"""
+    capture_debug(caplog)
+    marker = new_marker()
+    password = f"pw-{marker}"
+    with private_nats(tmp_path / "nats", user="app", password=password) as broker:
+        here = f"nats://127.0.0.1:{broker.port}"
+
+        def nats(**values: Any) -> NatsTransport:
+            options = NatsOptions(
+                **{"servers": here, "mode": "core", "connect_timeout": 2, **values}
+            )
+            return NatsTransport([f"secrets.{uuid.uuid4().hex[:8]}"], options)
+
+        texts = [
+            await failure_text(nats(user="app", password=f"no-{marker}").connect,
+                               BrokerUnavailable),
+            await failure_text(nats(token=f"tok-{marker}").connect, BrokerUnavailable),
+            await failure_text(
+                nats(servers=f"nats://app:no-{marker}@127.0.0.1:{broker.port}").connect,
+                BrokerUnavailable,
+            ),
+            await failure_text(
+                nats(servers=f"nats://app:{password}@127.0.0.1:{free_port()}").connect,
+                BrokerUnavailable,
+            ),
+        ]  # fmt: skip
+        assert "refused the credentials" in texts[0]
+        transport = nats(user="app", password=password)
+        await transport.connect()
+        try:
+            broker.restart()
+            await until(logged(caplog, "reconnected to the NATS server"))
+        finally:
+            await transport.close()
+    texts += log_texts(caplog)
+    closed = f"nats://127.0.0.1:{free_port()}"
+    login = ["--servers", closed, "--user", "app", "--password", password]
+    texts += cli_texts(
+        ["run", APP, "s", "--server", "nats", *login, "--log-level", "debug",
+         "--connect-timeout", "1"],
+        ["send", "s", "x", "--server", "nats", "--servers", f"nats://a:{password}@127.0.0.1:1",
+         "--log-level", "debug", "--connect-timeout", "1"],
+        ["run", APP, "s", "--server", "nats", "--password", password],  # needs --user
+        ["run", APP, "s", "--server", "nats", "--token", password, "--help"],
+        ["run", APP, "s", *ROUTED, "--send-to", "x=nats", "--nats-servers", closed,
+         "--nats-user", "app", "--nats-password", password, "--nats-connect-timeout", "1"],
+    )  # fmt: skip
+    assert "--password needs --user" in "".join(texts)
     assert_hidden(marker, texts)

@@ -7,6 +7,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.servers.kit import mask_url
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -70,7 +71,7 @@ async def open_connection(options: NatsOptions) -> Client:
         kwargs["tls"] = _tls(options)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(f"nats: cannot load the TLS files: {exc}") from None
-    shown = ", ".join(servers)
+    shown = ", ".join(mask_url(s) for s in servers)  # a server URL may hold user:password
     first_error: list[BaseException] = []
 
     async def on_first_error(exc: Exception) -> None:

@@ -6,11 +6,12 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.servers.kit import mask_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["RAW_COMMANDS", "open_client", "raise_if_cancelled", "safe_url"]
+__all__ = ["RAW_COMMANDS", "open_client", "raise_if_cancelled"]
 
 RAW_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING", "XADD", "XACK", "XGROUP CREATE")
 """Commands whose replies are taken as the server sent them (entry fields may repeat)."""
@@ -20,22 +21,12 @@ def _raw(response: Any, **_: Any) -> Any:
     return response
 
 
-def safe_url(url: str) -> str:
-    """``url`` with the password masked, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, hostpart = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
-
-
 async def open_client(url: str, connect_timeout: float) -> Redis:
     """A connected client for ``url`` (RESP2, bytes replies), checked with PING."""
     import redis.asyncio as aioredis
     from redis import exceptions as redis_errors
 
-    shown = safe_url(url)
+    shown = mask_url(url)
     try:
         client = aioredis.Redis.from_url(
             url, protocol=2, socket_connect_timeout=connect_timeout, health_check_interval=0
