@@ -15,9 +15,9 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
 from amgi.servers.kafka.records import message_from_record, messages_from_records
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
+from tests.cli import amgi as amgi_cli
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
-    amgi_cli,
     committed,
     create_topic,
     end_offsets,
