@@ -452,6 +452,12 @@ def _committed(watcher: Any, partitions: list[Any]) -> dict[int, int]:
         return {}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     name: str,
     cmd: list[str],
@@ -472,15 +478,19 @@ def measure(
     )
     partitions = [TopicPartition(topic, p) for p in ends]
     end = 0.0
+    cpu_first = cpu_end = None
     with log.open("w") as out:
         started = time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + args.child_timeout
         try:
             while time.monotonic() < deadline and proc.poll() is None:
+                if cpu_first is None and first_file.exists():
+                    cpu_first = _cpu_seconds(proc.pid)
                 committed = _committed(watcher, partitions)
                 if committed and all(committed.get(p, -1) >= e for p, e in ends.items()):
                     end = time.time()
+                    cpu_end = _cpu_seconds(proc.pid)
                     break
                 time.sleep(WATCH_EVERY)
         finally:
@@ -499,7 +509,8 @@ def measure(
         print(f"{name} {why} before its commits reached the end:\n{tail}", file=sys.stderr)
         return None
     first = float(first_file.read_text())
-    return {"first": first - started, "drain": end - first}
+    cpu = cpu_end - cpu_first if cpu_end is not None and cpu_first is not None else float("nan")
+    return {"first": first - started, "drain": end - first, "cpu": cpu}
 
 
 def run_child(name: str, bootstrap: str, topic: str, group: str) -> None:
@@ -521,15 +532,17 @@ def report(results: dict[str, list[dict[str, float]]], count: int, loads: list[f
     print(f"load average (1 min) during the runs: {_span(loads, '.1f')}")
     print(
         f"{'contender':<24}{'msgs/s median':>14}{'min-max':>18}{'max/min':>9}"
-        f"{'first msg (s)':>15}{'first min-max':>15}{'vs best raw':>13}{'runs':>6}"
+        f"{'first msg (s)':>15}{'first min-max':>15}{'vs best raw':>13}"
+        f"{'CPU µs/msg':>12}{'runs':>6}"
     )
     for name in sorted(medians, key=lambda n: -medians[n]):
         firsts = [r["first"] for r in results[name]]
         share = f"{medians[name] / best_raw:.0%}" if best_raw else "-"
+        cpu = statistics.median(r["cpu"] for r in results[name]) / count * 1e6
         print(
             f"{name:<24}{medians[name]:>14,.0f}{_span(rates[name], ',.0f'):>18}"
             f"{max(rates[name]) / min(rates[name]):>9.2f}{statistics.median(firsts):>15.2f}"
-            f"{_span(firsts, '.2f'):>15}{share:>13}{len(rates[name]):>6}"
+            f"{_span(firsts, '.2f'):>15}{share:>13}{cpu:>12.2f}{len(rates[name]):>6}"
         )
     print("\nmsgs/s per round:")
     for name in sorted(medians, key=lambda n: -medians[n]):
@@ -568,7 +581,8 @@ def main() -> None:
                     results[name].append(result)
                     print(
                         f"round {round_ + 1} {name}: {args.count / result['drain']:,.0f} msgs/s,"
-                        f" first message {result['first']:.2f} s",
+                        f" first message {result['first']:.2f} s,"
+                        f" CPU {result['cpu'] / args.count * 1e6:.2f} µs/msg",
                         flush=True,
                     )
                 loads.append(os.getloadavg()[0])
