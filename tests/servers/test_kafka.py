@@ -6,6 +6,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -219,12 +220,31 @@ async def test_unreachable_broker_is_one_clear_error() -> None:
     await kafka.close()
 
 
+def _client_threads() -> int:
+    """librdkafka's threads in this process (each client runs a few)."""
+    count = 0
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            count += comm.read_text().startswith("rdk:")
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count
+
+
 async def test_unknown_topic_is_a_configuration_error() -> None:
+    before = _client_threads()
     missing = fresh("missing")
     kafka = transport([missing])
-    with pytest.raises(ConfigurationError, match=f"{missing}.*does not exist"):
+    with pytest.raises(ConfigurationError, match=f"{missing}.*does not exist") as info:
         await kafka.connect()
+    del info  # its traceback would keep connect's locals alive
     await kafka.close()
+    # The consumer made before the metadata check is closed with the producer: no
+    # client thread is left behind.
+    deadline = time.monotonic() + 10
+    while _client_threads() > before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _client_threads() <= before
 
 
 @pytest.mark.parametrize(

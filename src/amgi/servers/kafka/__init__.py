@@ -89,11 +89,43 @@ class KafkaTransport(Consuming, Producing, Transport):
             target=self._serve_deliveries, name="amgi-kafka-delivery", daemon=True
         )
         self._delivery_thread.start()
-        metadata = await self._metadata(self._producer)
-
         self._sources = list(dict.fromkeys([*self.addresses, *self.config.topics]))
-        if not self._sources:
+        consumer = None
+        if self._sources:
+            # Created now, so that it reaches the broker while the metadata is asked for.
+            try:
+                consumer = Consumer(self._consumer_config())
+            except (KafkaException, ValueError, TypeError) as exc:
+                raise ConfigurationError(f"invalid Kafka consumer option: {exc}") from None
+        try:
+            subscription = await self._prepare_subscription()
+        except BaseException:
+            if consumer is not None:
+                await self._loop.run_in_executor(None, consumer.close)
+            raise
+        if consumer is None:
             return
+        self._consumer = consumer
+        self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
+        try:
+            await self._loop.run_in_executor(
+                self._poll_thread,
+                lambda: consumer.subscribe(
+                    subscription,
+                    on_assign=self._on_assign,
+                    on_revoke=self._on_revoke,
+                    on_lost=self._on_lost,
+                ),
+            )
+        except KafkaException as exc:
+            raise ConfigurationError(f"cannot subscribe to {subscription}: {exc}") from None
+
+    async def _prepare_subscription(self) -> list[str]:
+        """Check the literal topics exist, create the retry and dead-letter topics, and
+        return what to subscribe to (topics and patterns)."""
+        metadata = await self._metadata(self._producer)
+        if not self._sources:
+            return []
         literal = [t for t in self._sources if not t.startswith("^")]
         missing = [t for t in literal if t not in metadata.topics]
         if missing:
@@ -117,24 +149,7 @@ class KafkaTransport(Consuming, Producing, Transport):
             subscription += [f"^({p})$" for p in patterns] + [retry_pattern]
         if self.config.create_topics:
             await self._create_topics(metadata, literal)
-        try:
-            consumer = Consumer(self._consumer_config())
-        except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka consumer option: {exc}") from None
-        self._consumer = consumer
-        self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
-        try:
-            await self._loop.run_in_executor(
-                self._poll_thread,
-                lambda: consumer.subscribe(
-                    subscription,
-                    on_assign=self._on_assign,
-                    on_revoke=self._on_revoke,
-                    on_lost=self._on_lost,
-                ),
-            )
-        except KafkaException as exc:
-            raise ConfigurationError(f"cannot subscribe to {subscription}: {exc}") from None
+        return subscription
 
     async def close(self) -> None:
         """Commit what is settled, leave the group, flush sends, stop the threads."""
