@@ -13,6 +13,9 @@ ack                     the highest contiguous settled offset + 1 of each partit
 nack -> retry           republished to ``retry_topic`` with ``amgi-attempt`` and a due
                         time; the retry topic's partition pauses until the head is due
 nack -> dead            republished to ``dead_letter_topic`` with the reason header
+refused copy            a retry copy refused (too large ...) is dead-lettered instead; a
+                        refused dead letter is tried again with backoff, holding the
+                        partition's commit (``amgi.servers.kit.move_aside``)
 bindings in             ``kafka``: key, partition, offset, timestamp
 bindings out            ``kafka``: key (bytes or str), partition (int)
 send failure            :class:`KafkaSendError`
@@ -189,16 +192,16 @@ class KafkaTransport(Consuming, Producing, Transport):
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         """Republish retries and dead letters, then commit what is contiguous."""
         ctx: _BatchContext = batch.context
-        try:
-            await self._republish(batch.address, settlement)
-        except KafkaSendError as exc:
-            logger.error("could not republish nacked records of %s: %s; rewinding", ctx.tp, exc)
+
+        def gone() -> bool:  # revoked, rewound or closing: the records come back anyway
             with self._lock:
-                if self._partitions.get(ctx.tp) is ctx.state and ctx.state.epoch == ctx.epoch:
-                    self._rewind[ctx.tp] = ctx.first_offset
-                ctx.state.settled.settle([ctx.next_offset])
-                self._lock.notify_all()
-            return
+                current = self._partitions.get(ctx.tp) is ctx.state
+                return self._closing or not current or ctx.state.epoch != ctx.epoch
+
+        if (settlement.retry or settlement.dead) and not await self._republish(
+            batch.address, settlement, gone
+        ):
+            return  # never committed past: the records come back
         with self._lock:
             commit = ctx.state.settled.settle([ctx.next_offset])
             if (

@@ -1,0 +1,86 @@
+"""Kafka failure paths of retries and dead letters, against the real test broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.servers.kafka_helpers import (
+    committed,
+    create_topic,
+    ensure_broker,
+    fresh,
+    options,
+    produce,
+    read_all,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A nacked record too large for the producer: no hot loop, batch-mates copied once.
+
+    Its retry copy and its dead letter are both refused (over ``message.max.bytes``), so
+    it stays uncommitted and is tried again with a doubling delay, loudly; the record
+    nacked beside it is copied to the retry topic exactly once and retried from there.
+    """
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    topic = create_topic(fresh("big"), partitions=1)
+    produce(topic, [(b"k", b"small", []), (b"k", b"x" * 3000, []), (b"k", b"ok", [])])
+    calls: dict[bytes, list[int]] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            payload = event["payload"][:5]
+            calls.setdefault(payload, []).append(event["bindings"]["amgi"]["attempt"])
+            if payload == b"ok" or event["bindings"]["amgi"]["attempt"] > 1:
+                await send({"type": "message.ack", "id": event["id"]})
+            else:
+                await send({"type": "message.nack", "id": event["id"], "message": "no"})
+
+    kafka = KafkaTransport([topic], KafkaOptions(**options(config=["message.max.bytes=1000"])))
+    runtime = Runtime(
+        app,
+        kafka,
+        RuntimeConfig(lifespan="off", max_attempts=3, retry_delay=0.1, shutdown_timeout=1),
+    )
+    server = asyncio.create_task(runtime.serve())
+    deadline = time.monotonic() + 30
+    while not (calls.get(b"small") == [1, 2] and len(_refusals(caplog)) >= 3):
+        assert not server.done(), server.result()
+        assert time.monotonic() < deadline, (calls, _refusals(caplog))
+        await asyncio.sleep(0.05)
+    runtime.request_stop()
+    assert await asyncio.wait_for(server, 60) == 0
+
+    assert calls[b"x" * 5] == [1]  # delivered once, never again while it waits
+    assert calls[b"small"] == [1, 2]
+    assert calls[b"ok"] == [1]
+    retried = read_all(f"{topic}.retry", 5, timeout=3)
+    assert [r.value() for r in retried] == [b"small"]  # copied once, not on every try
+    assert not read_all(f"{topic}.dlq", 1, timeout=2)
+    # Nothing committed past the record that could not be moved: it is not lost.
+    assert committed(kafka.config.group_id, topic).get(0, 0) <= 1
+    # Tried again after 0.5 s, 1 s, 2 s ...: no hot loop.
+    assert len(_refusals(caplog)) < 8
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tried again in" in r.getMessage()]
