@@ -571,3 +571,35 @@ async def test_mutual_tls_client_certificate_required(tmp_path: Path) -> None:
             await MqttTransport([address], anonymous).connect()
     finally:
         broker.stop()
+
+
+async def test_a_refused_retry_is_dead_lettered_not_left_to_loop(tmp_path: Path) -> None:
+    """The broker refuses the retry copy (not authorised): the message is dead-lettered.
+
+    Before, the original stayed unacknowledged and came back at the same attempt after
+    every reconnect, never reaching the dead letters.
+    """
+    acl = "user amgi\ntopic read orders/#\ntopic write amgi/dead-letter/#\n"
+    acl += "user producer\ntopic write orders/#\n\nuser reader\ntopic read amgi/dead-letter/#\n"
+    users = {"amgi": "a", "producer": "p", "reader": "r"}
+    broker = Mosquitto(tmp_path / "acl", users=users, acl=acl)
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, username="amgi", password="a")
+        address = f"orders/{uuid.uuid4().hex[:8]}"
+        reader = MqttOptions(port=broker.port, username="reader", password="r")
+        app = Collector(lambda payload, attempt: payload != b"bad")
+        async with connected([f"amgi/dead-letter/{address}"], reader) as dead:
+            async with serving(app, [address], options, max_attempts=5):
+                sender = MqttOptions(port=broker.port, username="producer", password="p")
+                await publish(sender, address, [b"bad", b"good"])
+                (batch,) = await fetch_n(dead, 1)
+                await nothing_more(dead, 1.0)  # dead-lettered once, not after every resend
+            await dead.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        broker.stop()
+    [letter] = batch.messages
+    assert letter.payload == b"bad"
+    reason = dict(letter.headers)[DEAD_LETTER_REASON_HEADER]
+    assert reason.startswith(b"no thanks (its retry could not be published: ")
+    assert sorted(app.seen) == [(b"bad", 1), (b"good", 1)]

@@ -116,6 +116,12 @@ class MqttClient:
         self._warned_headers = False
         self._retry_attempts: dict[tuple[str, bytes], int] = {}
         """MQTT 3.1.1 only: attempts of republished retries, by topic and payload."""
+        self._unsent_acks: dict[int, str] = {}
+        """Packet id -> topic of messages settled after their connection was lost: the
+        broker sends them again (DUP, same packet id) and they are acknowledged at once."""
+        self._moving: dict[int, tuple[str, asyncio.Future[bool]]] = {}
+        """Packet id -> (topic, outcome) of messages whose retry or dead-letter copy is
+        being published: a resend of one waits for the outcome."""
 
     def _client_id(self) -> str:
         if self.config.client_id:
@@ -306,6 +312,8 @@ class MqttClient:
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        if not flags.session_present:
+            self._unsent_acks.clear()  # a new session: nothing will be sent again
         waiter = self._connack
         if waiter is not None and not waiter.done():
             failed = getattr(reason, "is_failure", False)
@@ -334,6 +342,49 @@ class MqttClient:
             waiter.set_result(reason)
 
     def _on_publish_packet(self, publish: Publish) -> None:
+        if (
+            publish.dup
+            and publish.qos
+            and (self._unsent_acks or self._moving)
+            and self._settled_before(publish)
+        ):
+            return
+        self._deliver(publish)
+
+    def _settled_before(self, publish: Publish) -> bool:
+        """A resend of a message already settled (or being moved aside): PUBACK it then.
+
+        A session keeps an unacknowledged message's packet id until it is acknowledged,
+        so a DUP PUBLISH with that id on that topic is the same message.
+        """
+        mid, topic = publish.mid, publish.topic
+        if self._unsent_acks.get(mid) == topic:
+            del self._unsent_acks[mid]
+            self._ack_resend(publish, self._generation)
+            return True
+        moving = self._moving.get(mid)
+        if moving is None or moving[0] != topic:
+            return False
+        generation = self._generation
+
+        def decided(outcome: asyncio.Future[bool]) -> None:
+            if outcome.cancelled() or not outcome.result():
+                if generation == self._generation:
+                    self._deliver(publish)  # not moved: the app gets it again
+            else:
+                self._ack_resend(publish, generation)
+
+        moving[1].add_done_callback(decided)
+        return True
+
+    def _ack_resend(self, publish: Publish, generation: int) -> None:
+        client = self._client
+        if generation == self._generation and client is not None:
+            client.ack(publish.mid, publish.qos)
+        else:
+            self._unsent_acks[publish.mid] = publish.topic
+
+    def _deliver(self, publish: Publish) -> None:
         topic = publish.topic
         headers: HeaderList = []
         attempt = 1
@@ -392,8 +443,12 @@ class MqttClient:
     def _ack(self, message: Message) -> None:
         generation, mid, qos = message.token
         client = self._client
-        if qos and generation == self._generation and client is not None:
+        if not qos:
+            return
+        if generation == self._generation and client is not None:
             client.ack(mid, qos)
+        else:
+            self._unsent_acks[mid] = message.bindings["mqtt"]["topic"]
 
     def _new_client(self) -> paho.Client:
         """A paho client set up from the options, its callbacks pointing here."""
