@@ -5,17 +5,22 @@ How AMGI maps onto AMQP:
 =================  ==================================================================
 address            a queue name; ``message.send`` publishes to ``exchange`` (default:
                    the default exchange) with the address as routing key
-consume            ``basic.consume`` on one channel with ``basic.qos(prefetch)``;
+consume            ``basic.consume`` on one channel per queue with ``basic.qos(prefetch)``;
                    deliveries are buffered until the runtime fetches them
 batch              the deliveries on hand, up to ``batch_size``, after ``linger``
 ordering key       the queue: batches of one queue run one after another
 ack                one ``basic.ack(multiple=True)`` up to the highest delivery tag below
-                   which every delivery of the channel is settled
+                   which every delivery of the queue's channel is settled (each queue
+                   settles on its own)
 nack (retry)       republished (confirmed) to ``<queue>.retry.<ms>``, a queue with that
                    message TTL whose dead-letter target is the queue, attempt + 1 in the
                    ``amgi-attempt`` header; then the original is acked
 nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the queue as
                    routing key (bound to ``<queue>.dead-letter``) and the reason header
+refused copy       a retry the broker refuses (its retry queue exists with another
+                   TTL, access refused ...) is dead-lettered instead; a refused dead
+                   letter stays unacked and is tried again with backoff
+                   (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quorum queues)
 send               ``basic.publish`` with publisher confirms, mandatory by default
 connection loss    reconnect with backoff and consume again on a new channel; batches of
@@ -41,10 +46,7 @@ from amgi.servers.amqp._codec import (
     table_to_headers,
 )
 from amgi.servers.amqp.options import AmqpOptions
-from amgi.servers.kit import (
-    dead_letter_headers,
-    retry_headers,
-)
+from amgi.servers.kit import dead_letter_headers, move_aside, retry_headers
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 if TYPE_CHECKING:
@@ -107,7 +109,7 @@ class AmqpTransport(AmqpClient, Transport):
             self._supervisor = None
         self._ready.clear()
         connection, self._connection = self._connection, None
-        self._consumer = None
+        self._consumers = {}
         self._publisher = None
         self._buffer.clear()
         if connection is not None:
@@ -137,56 +139,36 @@ class AmqpTransport(AmqpClient, Transport):
     # -- settling -------------------------------------------------------------------------
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
-        consumer = self._consumer
+        queue = batch.address
+        consumer = self._consumers.get(queue)
         if consumer is None or consumer.generation != batch.context:
             return  # the channel is gone: the broker redelivers every message of the batch
-        republish = [
-            self._publish_retry(batch.address, r.message, r.delay) for r in settlement.retry
-        ]
-        republish += [
-            self._publish_dead(batch.address, d.message, d.reason) for d in settlement.dead
-        ]
-        rejected: list[int] = []
-        if republish:
-            moved = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
-            results = await asyncio.gather(*republish, return_exceptions=True)
-            if self._consumer is not consumer:
+
+        def gone() -> bool:  # the channel closed: the broker redelivers the originals
+            return self._closed or self._consumers.get(queue) is not consumer
+
+        if settlement.retry or settlement.dead:
+            stranded = await move_aside(
+                settlement,
+                retry=lambda r: self._publish_retry(queue, r.message, r.delay),
+                dead=lambda d: self._publish_dead(queue, d.message, d.reason),
+                address=queue,
+                give_up=gone,
+            )
+            if stranded or gone():
                 return
-            for message, result in zip(moved, results, strict=True):
-                if isinstance(result, BaseException):
-                    logger.error(
-                        "amqp: could not move a nacked message of %r aside (%s); requeued",
-                        batch.address,
-                        result,
-                    )
-                    rejected.append(message.token.delivery.delivery_tag)
-        channel = consumer.channel
-        try:
-            for tag in rejected:
-                await channel.basic_reject(tag, requeue=True)
-        except Exception:
-            return  # channel lost: everything unacked comes back
         mark = consumer.acked.settle(m.token.delivery.delivery_tag for m in batch.messages)
         if mark is None:
             return
         with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
-            await channel.basic_ack(mark, multiple=True)
+            await consumer.channel.basic_ack(mark, multiple=True)
 
     async def _publish_retry(self, queue: str, message: Message, delay: float) -> None:
         delay_ms = max(1, round(delay * 1000))
         retry_queue = f"{queue}.retry.{delay_ms}"
-        channel = await self._channel()
         if retry_queue not in self._retry_queues:
-            await channel.queue_declare(
-                retry_queue,
-                durable=True,
-                arguments={
-                    "x-message-ttl": delay_ms,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue,
-                },
-            )
-            self._retry_queues.add(retry_queue)
+            await self._declare_retry_queue(retry_queue, queue, delay_ms)
+        channel = await self._channel()
         headers = retry_headers(message.headers, attempt=message.attempt + 1)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 

@@ -1,0 +1,106 @@
+"""AMQP failure paths of settling, against a real RabbitMQ: refused retries, two queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.amqp import AmqpOptions, AmqpTransport
+from amgi.transport import Batch, Settlement
+from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
+
+__all__ = ["rabbitmq"]
+
+pytestmark = [pytest.mark.usefixtures("rabbitmq"), pytest.mark.timeout(60)]
+
+
+async def declare(queue: str, arguments: dict[str, Any]) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(queue, durable=True, arguments=arguments)
+    finally:
+        await connection.close()
+
+
+async def test_a_refused_retry_is_dead_lettered_at_once_not_requeued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``<queue>.retry.<ms>`` exists with another TTL: the nack ends in the dead letters.
+
+    Before, the message was rejected with requeue and came back at the same attempt,
+    hundreds of times a second.
+    """
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    await declare(f"{queue}.retry.100", {"x-message-ttl": 99999})
+    seen: list[tuple[bytes, int]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            if event["payload"] == b"bad":
+                await send({"type": "message.nack", "id": event["id"], "message": "no"})
+            else:
+                await send({"type": "message.ack", "id": event["id"]})
+
+    transport = AmqpTransport([queue], AmqpOptions(url=URL))
+    runtime = Runtime(app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(15):
+            await runtime.started.wait()
+        await transport.publish(queue, [], b"bad", {})
+        await transport.publish(queue, [], b"fine", {})
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=10)
+        await asyncio.sleep(0.5)  # time enough for a loop to show
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert dead.body == b"bad"
+    reason = dead.header.properties.headers["amgi-dead-letter-reason"]
+    assert reason.startswith("no (its retry could not be published: ")
+    assert "retry.100" in reason
+    assert dead.header.properties.headers["amgi-attempt"] == "1"
+    assert sorted(seen) == [(b"bad", 1), (b"fine", 1)]
+    assert await queue_depth(queue) == 0
+    assert any("dead-lettering it" in r.getMessage() for r in caplog.records)
+
+
+async def test_each_queue_settles_on_its_own() -> None:
+    """An unsettled batch of queue A never holds back the acks of queue B.
+
+    The transport closes (as a crash would) with A's batch unsettled: B's acked messages
+    must not come back. Before, one watermark per channel kept B's acks behind A's tag.
+    """
+    a, b = new_queue(), new_queue()
+    transport = AmqpTransport([a, b], AmqpOptions(url=URL, batch_size=10, linger=0.05))
+    await transport.connect()
+    try:
+        await transport.publish(a, [], b"slow", {})
+        await asyncio.sleep(0.2)  # A's delivery gets the lower tag
+        for i in range(5):
+            await transport.publish(b, [], b"%d" % i, {})
+        batches: list[Batch] = []
+        async with asyncio.timeout(10):
+            while sum(len(x.messages) for x in batches) < 6:
+                batches.extend(await transport.fetch())
+        for batch in batches:
+            if batch.address == b:
+                await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        await asyncio.sleep(0.3)
+    finally:
+        await transport.close()
+    assert await queue_depth(b) == 0
+    assert await queue_depth(a) == 1
