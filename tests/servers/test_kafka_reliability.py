@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.servers.crash_loop import CrashLoop
 from tests.servers.kafka_helpers import (
+    BOOTSTRAP,
     committed,
     create_topic,
     ensure_broker,
@@ -84,3 +87,42 @@ async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
 
 def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "tried again in" in r.getMessage()]
+
+
+def test_a_record_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    """Kafka counts no deliveries: the crash ledger (stable ids) bounds the crash loop."""
+    topic = create_topic(fresh("killer"), partitions=1)
+    payloads = [b"kill" if i == 4 else b"m%02d" % i for i in range(20)]
+    produce(topic, [(None, p, []) for p in payloads])
+    loop = CrashLoop(
+        tmp_path, topic, "--server", "kafka", "--bootstrap-servers", BOOTSTRAP,
+        "--group-id", fresh("group"), "--session-timeout-ms", "1000",
+        "--heartbeat-interval-ms", "200",
+    )  # fmt: skip
+    innocent = {p.decode() for p in payloads if p != b"kill"}
+    dead: list[Any] = []
+
+    def done() -> bool:
+        if set(loop.acked()) != innocent:
+            return False
+        dead.extend(read_assigned(f"{topic}.dlq"))
+        return bool(dead)
+
+    kills = loop.run(done)
+    assert kills == loop.max_attempts, loop
+    assert [d.value() for d in dead] == [b"kill"]
+    reason = dict(dead[0].headers())["amgi-dead-letter-reason"]
+    assert b"died 3 times" in reason
+    assert set(loop.acked()) == innocent
+
+
+def read_assigned(topic: str) -> list[Any]:
+    """The records of partition 0 of ``topic`` on hand now (assigned: no group join)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": fresh("peek")})
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        return [r for r in consumer.consume(10, 1.0) if r.error() is None]
+    finally:
+        consumer.close()

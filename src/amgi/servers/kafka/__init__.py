@@ -69,12 +69,19 @@ class KafkaTransport(Consuming, Producing, Transport):
     send_error: ClassVar[type[SendError]] = KafkaSendError
     requires: ClassVar[tuple[str, ...]] = ("confluent_kafka",)
     extra: ClassVar[str] = "kafka"
+    stable_ids: ClassVar[bool] = True
+    """``topic/partition/offset``: the crash ledger bounds a record that kills the process."""
+    counts_deliveries: ClassVar[bool] = False
 
     config: KafkaOptions
 
     def __init__(self, addresses: Sequence[str], options: KafkaOptions) -> None:
         super().__init__(addresses, options)
         self._init_client()
+
+    def ledger_namespace(self) -> str:
+        """The cluster and the consumer group: each group consumes every record."""
+        return f"kafka {self.config.bootstrap_servers} {self.config.group_id}"
 
     # -- lifecycle -----------------------------------------------------------------------
 
