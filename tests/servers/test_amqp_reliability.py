@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.transport import Batch, Settlement
+from tests.servers.crash_loop import CrashLoop
 from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
@@ -104,3 +106,43 @@ async def test_each_queue_settles_on_its_own() -> None:
         await transport.close()
     assert await queue_depth(b) == 0
     assert await queue_depth(a) == 1
+
+
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    """A classic queue counts no deliveries: stable ids let the crash ledger bound the loop."""
+    queue = new_queue()
+
+    async def fill() -> None:
+        transport = AmqpTransport([queue], AmqpOptions(url=URL))
+        await transport.connect()  # declares the queue and its dead letters
+        try:
+            for i in range(20):
+                await transport.publish(queue, [], b"kill" if i == 4 else b"m%02d" % i, {})
+        finally:
+            await transport.close()
+
+    asyncio.run(fill())
+    loop = CrashLoop(tmp_path, queue, "--server", "amqp", "--url", URL)
+    innocent = {f"m{i:02d}" for i in range(20) if i != 4}
+    kills = loop.run(
+        lambda: (
+            set(loop.acked()) == innocent and asyncio.run(queue_depth(f"{queue}.dead-letter")) == 1
+        )
+    )
+    assert kills == loop.max_attempts, loop
+    [dead] = asyncio.run(drain(f"{queue}.dead-letter", 1, timeout=5))
+    assert dead.body == b"kill"
+    assert "died 3 times" in dead.header.properties.headers["amgi-dead-letter-reason"]
+    assert asyncio.run(queue_depth(queue)) == 0
+
+
+def test_ids_are_stable_and_unique_within_a_batch() -> None:
+    from amgi.servers.amqp._codec import stable_id, unique_ids
+    from amgi.transport import Message
+
+    first = stable_id(None, [(b"h", b"v")], b"body")
+    assert stable_id(None, [(b"h", b"v")], b"body") == first
+    assert stable_id("m-1", [(b"h", b"v")], b"body") != first
+    assert stable_id(None, [(b"h", b"v2")], b"body") != first
+    batch = unique_ids([Message(first, [], b""), Message(first, [], b""), Message("x", [], b"")])
+    assert [m.id for m in batch] == [first, f"{first}#2", "x"]

@@ -22,6 +22,10 @@ refused copy       a retry the broker refuses (its retry queue exists with anoth
                    letter stays unacked and is tried again with backoff
                    (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quorum queues)
+message id         a hash of the ``message-id`` property (if set), headers and body, the
+                   same on every delivery (the crash ledger bounds a message that kills
+                   the process on classic queues too); ``#2`` ... tells identical
+                   messages of one batch apart
 send               ``basic.publish`` with publisher confirms, mandatory by default
 connection loss    reconnect with backoff and consume again on a new channel; batches of
                    the old channel are not acked (the broker redelivers them)
@@ -37,13 +41,20 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
-from amgi.servers.amqp._client import AmqpClient, AmqpSendError, _check_confirm, _reply_text
+from amgi.servers.amqp._client import (
+    AmqpClient,
+    AmqpSendError,
+    _check_confirm,
+    _reply_text,
+    _safe_url,
+)
 from amgi.servers.amqp._codec import (
     _message,
     delivery_bindings,
     headers_to_table,
     publish_properties,
     table_to_headers,
+    unique_ids,
 )
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import dead_letter_headers, move_aside, retry_headers
@@ -80,10 +91,16 @@ class AmqpTransport(AmqpClient, Transport):
     send_error = AmqpSendError
     requires = ("aiormq",)
     extra = "amqp"
+    stable_ids = True
+    """Ids hash the message-id property, headers and body: the same on every delivery."""
 
     def __init__(self, addresses: Sequence[str], options: AmqpOptions | None = None) -> None:
         super().__init__(addresses, options or AmqpOptions())
         self._init_client()
+
+    def ledger_namespace(self) -> str:
+        """The broker and virtual host (the URL without its password)."""
+        return f"amqp {_safe_url(self.config.url)}"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -133,7 +150,8 @@ class AmqpTransport(AmqpClient, Transport):
             queue, delivered = buffer.popleft()
             grouped.setdefault(queue, []).append(_message(delivered))
         return [
-            Batch(queue, msgs, key=queue, context=generation) for queue, msgs in grouped.items()
+            Batch(queue, unique_ids(msgs), key=queue, context=generation)
+            for queue, msgs in grouped.items()
         ]
 
     # -- settling -------------------------------------------------------------------------
