@@ -23,6 +23,7 @@ from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
 from amgi.transport import Batch, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.servers.crash_loop import CrashLoop
 from tests.servers.mosquitto import broker as broker_module
 from tests.servers.mosquitto.broker import Mosquitto
 
@@ -603,3 +604,38 @@ async def test_a_refused_retry_is_dead_lettered_not_left_to_loop(tmp_path: Path)
     reason = dict(letter.headers)[DEAD_LETTER_REASON_HEADER]
     assert reason.startswith(b"no thanks (its retry could not be published: ")
     assert sorted(app.seen) == [(b"bad", 1), (b"good", 1)]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(
+    tmp_path: Path, mosquitto: Any, protocol: str
+) -> None:
+    """MQTT counts no deliveries; a resend keeps its packet id, so the crash ledger works."""
+    address = topic()
+    client_id = f"killer-{uuid.uuid4().hex[:8]}"
+    options = MqttOptions(port=mosquitto.port, protocol=protocol)  # type: ignore[arg-type]
+    dead_topic = f"{options.dead_letter_prefix}/{address}"
+    reader = MqttOptions(port=mosquitto.port, client_id=f"{client_id}-dead")
+
+    async def prepare() -> None:
+        own = MqttOptions(port=mosquitto.port, protocol=protocol, client_id=client_id)  # type: ignore[arg-type]
+        async with connected([address], own), connected([dead_topic], reader):
+            pass  # both sessions exist: what is published now waits for them
+        await publish(options, address, [b"kill" if i == 4 else b"m%02d" % i for i in range(20)])
+
+    asyncio.run(prepare())
+    loop = CrashLoop(
+        tmp_path, address, "--server", "mqtt", "--port", str(mosquitto.port),
+        "--client-id", client_id, "--protocol", protocol,
+    )  # fmt: skip
+    innocent = {f"m{i:02d}" for i in range(20) if i != 4}
+    kills = loop.run(lambda: set(loop.acked()) == innocent and "dead-lettered" in loop.stderr())
+    assert kills == loop.max_attempts, loop
+
+    async def dead_letters() -> list[bytes | None]:
+        async with connected([dead_topic], reader) as dead:
+            batches = await fetch_n(dead, 1)
+            await nothing_more(dead, 0.5)
+            return [m.payload for b in batches for m in b.messages]
+
+    assert asyncio.run(dead_letters()) == [b"kill"]

@@ -17,6 +17,9 @@ refused copy       a retry the broker refuses (MQTT 5 PUBACK failure, e.g. not
                    authorised) is dead-lettered instead; a refused dead letter is tried
                    again with backoff while the connection lasts
                    (``amgi.servers.kit.move_aside``)
+message id         the packet id (QoS 1 and 2): a resend after a reconnect or a crash keeps
+                   it (MQTT 3.1.1 and 5 alike), so the crash ledger bounds a message that
+                   kills the process; QoS 0 messages get a counter (never redelivered)
 headers            MQTT 5 user properties (repeated names kept; a name or value that is
                    not UTF-8 without NUL travels base64-encoded); none on MQTT 3.1.1
 bindings           ``mqtt``: qos, retain, topic, messageExpiryInterval, contentType,
@@ -71,10 +74,16 @@ class MqttTransport(MqttClient, Transport):
     send_error = MqttSendError
     requires = ("paho.mqtt",)
     extra = "mqtt"
+    stable_ids = True
+    """QoS 1 and 2 messages are identified by topic and packet id, which a resend keeps."""
 
     def __init__(self, addresses: Sequence[str], options: MqttOptions | None = None) -> None:
         super().__init__(addresses, options or MqttOptions())
         self._init_client()
+
+    def ledger_namespace(self) -> str:
+        """The broker and the session (client id): packet ids are the session's."""
+        return f"mqtt {self._where()} {self._client_id()}"
 
     # -- connection ------------------------------------------------------------------
 

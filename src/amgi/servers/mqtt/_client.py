@@ -392,9 +392,15 @@ class MqttClient:
             attempt, headers = attempt_from_headers(_headers(publish.user_properties))
         elif self._retry_attempts and not self._v5:
             attempt = self._retry_attempts.pop((topic, publish.payload), 1)
-        self._ids += 1
+        if publish.qos:
+            # The session keeps the packet id until the message is acknowledged, and a
+            # resend (after a reconnect or a crash) carries it again: a stable id.
+            mid = str(publish.mid)
+        else:
+            self._ids += 1
+            mid = f"q0-{self._ids}"
         message = Message(
-            str(self._ids),
+            mid,
             headers,
             publish.payload,
             {"mqtt": publish.bindings},
