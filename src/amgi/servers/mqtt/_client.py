@@ -105,6 +105,8 @@ class MqttClient:
         self._on_hand: dict[str, list[Message]] = {}
         self._count = 0
         self._ids = 0
+        self._q0_prefix = f"q0-{uuid.uuid4().hex[:8]}-"
+        """QoS 0 ids: never redelivered, so unique to this process (not the ledger's)."""
         self._connack: asyncio.Future[tuple[bool, Any]] | None = None
         self._suback: dict[int, asyncio.Future[list[Any]]] = {}
         self._puback: dict[int, asyncio.Future[Any]] = {}
@@ -398,7 +400,7 @@ class MqttClient:
             mid = str(publish.mid)
         else:
             self._ids += 1
-            mid = f"q0-{self._ids}"
+            mid = f"{self._q0_prefix}{self._ids}"
         message = Message(
             mid,
             headers,
