@@ -88,6 +88,10 @@ class SqsTransport(SqsClient, Transport):
     send_error = SqsSendError
     requires = ("aiobotocore",)
     extra = "sqs"
+    stable_ids = True
+    """``MessageId`` is the same on every receive: the crash ledger isolates a killer."""
+    counts_deliveries = True
+    """``ApproximateReceiveCount`` rises on every receive, crashes included."""
 
     def __init__(self, addresses: Sequence[str], options: SqsOptions | None = None) -> None:
         super().__init__(addresses, options or SqsOptions())
