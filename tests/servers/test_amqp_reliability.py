@@ -146,3 +146,83 @@ def test_ids_are_stable_and_unique_within_a_batch() -> None:
     assert stable_id(None, [(b"h", b"v2")], b"body") != first
     batch = unique_ids([Message(first, [], b""), Message(first, [], b""), Message("x", [], b"")])
     assert [m.id for m in batch] == [first, f"{first}#2", "x"]
+
+
+SLOW_ON_A = """
+import asyncio, os
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    more = True
+    while more:
+        m = await receive()
+        more = m.get("more_messages", False)
+        if scope["address"] == os.environ["SLOW_QUEUE"]:
+            await asyncio.sleep(600)
+        await send({"type": "message.ack", "id": m["id"]})
+        with open(os.environ["ACKS"], "a") as f:
+            f.write(m["payload"].decode() + "\\n")
+"""
+
+
+async def unacked(queue: str) -> int | None:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == queue:
+            return int(parts[1])
+    return None  # not listed (yet)
+
+
+async def test_a_kill_after_b_was_acked_redelivers_nothing_of_b(tmp_path: Path) -> None:
+    """One ``amgi run`` on queues A and B; A's batch hangs; B's acked messages are acked
+    on the broker (kill -9 redelivers none of them). Before, 5 of 5 came back."""
+    import os
+    import sys
+
+    a, b = new_queue(), new_queue()
+    (tmp_path / "slow_on_a.py").write_text(SLOW_ON_A)
+    acks = tmp_path / "acks"
+    env = {**os.environ, "ACKS": str(acks), "SLOW_QUEUE": a, "PYTHONPATH": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "amgi", "run", "slow_on_a:app", a, b, "--server", "amqp",
+        "--url", URL, "--lifespan", "off",
+        cwd=tmp_path, env=env, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    try:
+        async with asyncio.timeout(30):
+            while proc.returncode is None and not await _declared(b):
+                await asyncio.sleep(0.1)
+        await sender.connect()
+        await sender.publish(a, [], b"slow", {})
+        await asyncio.sleep(0.3)  # A's delivery comes first
+        for i in range(5):
+            await sender.publish(b, [], b"b%d" % i, {})
+        async with asyncio.timeout(30):
+            while len(acks.read_text().split() if acks.exists() else []) < 5:
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+            while await unacked(b) != 0:
+                await asyncio.sleep(0.2)
+        assert await unacked(a) == 1
+    finally:
+        proc.kill()
+        await proc.wait()
+        await sender.close()
+    async with asyncio.timeout(30):
+        while await queue_depth(a) < 1:
+            await asyncio.sleep(0.1)
+    assert await queue_depth(b) == 0
+
+
+async def _declared(queue: str) -> bool:
+    try:
+        await queue_depth(queue)
+    except Exception:
+        return False
+    return True
