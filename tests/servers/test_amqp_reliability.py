@@ -226,3 +226,67 @@ async def _declared(queue: str) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retry queue refused and dead-letter exchange gone: the message waits, unacked,
+    tried again with a doubling delay (logged); once the exchange is back it lands."""
+    from tests.servers.test_amqp_support import delete_exchange
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    dlx = f"amgi-test-dlx-{queue}"
+    await declare(f"{queue}.retry.100", {"x-message-ttl": 99999})
+    calls: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        event = await receive()
+        calls.append(event["bindings"]["amgi"]["attempt"])
+        await send({"type": "message.nack", "id": event["id"], "message": "no"})
+
+    options = AmqpOptions(url=URL, dead_letter_exchange=dlx)
+    transport = AmqpTransport([queue], options)
+    runtime = Runtime(
+        app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1, shutdown_timeout=1)
+    )
+    task = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(15):
+            await runtime.started.wait()
+        await delete_exchange(dlx)
+        await transport.publish(queue, [], b"bad", {})
+        async with asyncio.timeout(20):
+            while len(_tried_again(caplog)) < 2:
+                await asyncio.sleep(0.05)
+        assert calls == [1]  # not delivered again while it waits
+        assert await queue_depth(f"{queue}.dead-letter") == 0
+        await declare_exchange_bound(dlx, f"{queue}.dead-letter", queue)
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=15)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+        await delete_exchange(dlx)
+    assert dead.body == b"bad"
+    assert calls == [1]
+    assert len(_tried_again(caplog)) < 8
+    assert await queue_depth(queue) == 0
+
+
+def _tried_again(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tried again in" in r.getMessage()]
+
+
+async def declare_exchange_bound(exchange: str, queue: str, routing_key: str) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+        await channel.queue_bind(queue, exchange, routing_key=routing_key)
+    finally:
+        await connection.close()
