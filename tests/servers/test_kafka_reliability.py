@@ -38,8 +38,9 @@ async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
     """A nacked record too large for the producer: no hot loop, batch-mates copied once.
 
     Its retry copy and its dead letter are both refused (over ``message.max.bytes``), so
-    it stays uncommitted and is tried again with a doubling delay, loudly; the record
-    nacked beside it is copied to the retry topic exactly once and retried from there.
+    it stays uncommitted and is tried again with a doubling delay, loudly, while the
+    partition's later records go on; the record nacked beside it is copied to the retry
+    topic exactly once and retried from there.
     """
     caplog.set_level(logging.ERROR, "amgi.servers.kit")
     topic = create_topic(fresh("big"), partitions=1)
@@ -53,7 +54,7 @@ async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
             more = event.get("more_messages", False)
             payload = event["payload"][:5]
             calls.setdefault(payload, []).append(event["bindings"]["amgi"]["attempt"])
-            if payload == b"ok" or event["bindings"]["amgi"]["attempt"] > 1:
+            if payload in (b"ok", b"later") or event["bindings"]["amgi"]["attempt"] > 1:
                 await send({"type": "message.ack", "id": event["id"]})
             else:
                 await send({"type": "message.nack", "id": event["id"], "message": "no"})
@@ -66,7 +67,12 @@ async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
     )
     server = asyncio.create_task(runtime.serve())
     deadline = time.monotonic() + 30
-    while not (calls.get(b"small") == [1, 2] and len(_refusals(caplog)) >= 3):
+    while not _refusals(caplog):
+        assert not server.done(), server.result()
+        assert time.monotonic() < deadline, (calls, _refusals(caplog))
+        await asyncio.sleep(0.05)
+    produce(topic, [(b"k", b"later", [])])  # the partition goes on meanwhile
+    while not (calls.get(b"small") == [1, 2] and b"later" in calls and len(_refusals(caplog)) >= 3):
         assert not server.done(), server.result()
         assert time.monotonic() < deadline, (calls, _refusals(caplog))
         await asyncio.sleep(0.05)
@@ -76,6 +82,7 @@ async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
     assert calls[b"x" * 5] == [1]  # delivered once, never again while it waits
     assert calls[b"small"] == [1, 2]
     assert calls[b"ok"] == [1]
+    assert calls[b"later"] == [1]
     retried = read_all(f"{topic}.retry", 5, timeout=3)
     assert [r.value() for r in retried] == [b"small"]  # copied once, not on every try
     assert not read_all(f"{topic}.dlq", 1, timeout=2)

@@ -15,7 +15,7 @@ from amgi.servers.kit import (
     move_aside,
     retry_headers,
 )
-from amgi.transport import DeadLetter, HeaderList, Retry, Settlement
+from amgi.transport import DeadLetter, HeaderList, Message, Retry, Settlement
 
 logger = logging.getLogger("amgi.servers.kafka")
 
@@ -75,8 +75,8 @@ class Producing(KafkaClient):
             done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {exc}"))
         return done
 
-    async def _republish(self, address: str, settlement: Settlement, give_up: Any) -> bool:
-        """Copy retries and dead letters (kit rule); False if some could not be moved."""
+    async def _republish(self, address: str, settlement: Settlement, give_up: Any) -> list[Message]:
+        """Copy retries and dead letters (kit rule); the messages that could not be moved."""
         original = address.encode()
 
         async def retry(r: Retry) -> None:
@@ -98,7 +98,6 @@ class Producing(KafkaClient):
             key = m.bindings.get("kafka", {}).get("key")
             await self._produce(self._dead_name(address), headers, m.payload, key, None)
 
-        stranded = await move_aside(
+        return await move_aside(
             settlement, retry=retry, dead=dead, address=address, give_up=give_up
         )
-        return not stranded
