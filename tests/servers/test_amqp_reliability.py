@@ -232,7 +232,8 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Retry queue refused and dead-letter exchange gone: the message waits, unacked,
-    tried again with a doubling delay (logged); once the exchange is back it lands."""
+    tried again with a doubling delay (logged) while the queue goes on; once the
+    exchange is back it lands."""
     from tests.servers.test_amqp_support import delete_exchange
 
     caplog.set_level(logging.ERROR, "amgi.servers.kit")
@@ -240,11 +241,16 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
     dlx = f"amgi-test-dlx-{queue}"
     await declare(f"{queue}.retry.100", {"x-message-ttl": 99999})
     calls: list[int] = []
+    fine: list[bytes] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "message":
             return
         event = await receive()
+        if event["payload"] != b"bad":
+            fine.append(event["payload"])
+            await send({"type": "message.ack", "id": event["id"]})
+            return
         calls.append(event["bindings"]["amgi"]["attempt"])
         await send({"type": "message.nack", "id": event["id"], "message": "no"})
 
@@ -260,7 +266,10 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
         await delete_exchange(dlx)
         await transport.publish(queue, [], b"bad", {})
         async with asyncio.timeout(20):
-            while len(_tried_again(caplog)) < 2:
+            while not _tried_again(caplog):
+                await asyncio.sleep(0.05)
+            await transport.publish(queue, [], b"fine", {})  # the queue goes on meanwhile
+            while len(_tried_again(caplog)) < 2 or not fine:
                 await asyncio.sleep(0.05)
         assert calls == [1]  # not delivered again while it waits
         assert await queue_depth(f"{queue}.dead-letter") == 0
@@ -272,6 +281,7 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
         await delete_exchange(dlx)
     assert dead.body == b"bad"
     assert calls == [1]
+    assert fine == [b"fine"]
     assert len(_tried_again(caplog)) < 8
     assert await queue_depth(queue) == 0
 

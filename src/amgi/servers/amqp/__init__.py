@@ -19,7 +19,8 @@ nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the 
                    routing key (bound to ``<queue>.dead-letter``) and the reason header
 refused copy       a retry the broker refuses (its retry queue exists with another
                    TTL, access refused ...) is dead-lettered instead; a refused dead
-                   letter stays unacked and is tried again with backoff
+                   letter stays unacked and is tried again with backoff in the
+                   background
                    (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quorum queues)
 message id         a hash of the ``message-id`` property (if set), headers and body, the
@@ -36,14 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
 from amgi.servers.amqp._client import (
     AmqpClient,
     AmqpSendError,
+    _Channel,
     _check_confirm,
     _reply_text,
     _safe_url,
@@ -57,7 +60,13 @@ from amgi.servers.amqp._codec import (
     unique_ids,
 )
 from amgi.servers.amqp.options import AmqpOptions
-from amgi.servers.kit import dead_letter_headers, move_aside, retry_headers
+from amgi.servers.kit import (
+    DelayedRepublisher,
+    dead_letter_headers,
+    move_aside,
+    retry_headers,
+    unmoved,
+)
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 if TYPE_CHECKING:
@@ -97,6 +106,8 @@ class AmqpTransport(AmqpClient, Transport):
     def __init__(self, addresses: Sequence[str], options: AmqpOptions | None = None) -> None:
         super().__init__(addresses, options or AmqpOptions())
         self._init_client()
+        self._moves = DelayedRepublisher("amqp")
+        """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
 
     def ledger_namespace(self) -> str:
         """The broker and virtual host (the URL without its password)."""
@@ -114,11 +125,13 @@ class AmqpTransport(AmqpClient, Transport):
     async def connect(self) -> None:
         self.check()
         self._closed = False
+        self._moves = DelayedRepublisher("amqp")
         await self._open()
         self._supervisor = asyncio.create_task(self._supervise(), name="amgi-amqp-reconnect")
 
     async def close(self) -> None:
         self._closed = True
+        await self._moves.close(timeout=1.0)  # their messages stay unacked
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -162,19 +175,41 @@ class AmqpTransport(AmqpClient, Transport):
         if consumer is None or consumer.generation != batch.context:
             return  # the channel is gone: the broker redelivers every message of the batch
 
-        def gone() -> bool:  # the channel closed: the broker redelivers the originals
-            return self._closed or self._consumers.get(queue) is not consumer
-
         if settlement.retry or settlement.dead:
-            stranded = await move_aside(
-                settlement,
-                retry=lambda r: self._publish_retry(queue, r.message, r.delay),
-                dead=lambda d: self._publish_dead(queue, d.message, d.reason),
-                address=queue,
-                give_up=gone,
-            )
-            if stranded or gone():
+            stranded = await self._move(queue, settlement, lambda: True)
+            if stranded:
+                # Tried again in the background: the queue's later batches go on (their
+                # acks wait behind this batch's delivery tags, the watermark sees to it).
+                move = functools.partial(
+                    self._move_later, batch, consumer, unmoved(settlement, stranded)
+                )
+                self._moves.schedule(0, move)
                 return
+        await self._ack_batch(batch, consumer)
+
+    def _gone(self, consumer: _Channel) -> bool:
+        """The channel closed: the broker redelivers its unacked messages."""
+        return self._closed or self._consumers.get(consumer.queue) is not consumer
+
+    async def _move(
+        self, queue: str, settlement: Settlement, give_up: Callable[[], bool]
+    ) -> list[Message]:
+        return await move_aside(
+            settlement,
+            retry=lambda r: self._publish_retry(queue, r.message, r.delay),
+            dead=lambda d: self._publish_dead(queue, d.message, d.reason),
+            address=queue,
+            give_up=give_up,
+        )
+
+    async def _move_later(self, batch: Batch, consumer: _Channel, left: Settlement) -> None:
+        stranded = await self._move(batch.address, left, lambda: self._gone(consumer))
+        if not stranded:
+            await self._ack_batch(batch, consumer)
+
+    async def _ack_batch(self, batch: Batch, consumer: _Channel) -> None:
+        if self._gone(consumer):
+            return
         mark = consumer.acked.settle(m.token.delivery.delivery_tag for m in batch.messages)
         if mark is None:
             return

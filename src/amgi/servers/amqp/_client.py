@@ -42,6 +42,7 @@ class _Channel:
 
     channel: AbstractChannel
     generation: int
+    queue: str
     acked: Watermark = field(default_factory=lambda: Watermark(first=1))
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
 
@@ -129,7 +130,7 @@ class AmqpClient:
                 self._buffer.clear()
                 self._consumers = {}
                 for queue, channel in zip(self.addresses, channels, strict=True):
-                    self._consumers[queue] = _Channel(channel, self._generation)
+                    self._consumers[queue] = _Channel(channel, self._generation, queue)
                     await channel.basic_consume(queue, self._consumer_for(queue, self._generation))
         except BaseException:
             self._consumers = {}

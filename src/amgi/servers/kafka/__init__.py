@@ -55,7 +55,7 @@ from amgi.servers.kafka._client import (
 from amgi.servers.kafka._consumer import Consuming
 from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.options import KafkaOptions
-from amgi.servers.kit import DelayedRepublisher
+from amgi.servers.kit import DelayedRepublisher, unmoved
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
 __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
@@ -95,6 +95,7 @@ class KafkaTransport(Consuming, Producing, Transport):
 
         self.check()
         self._loop = asyncio.get_running_loop()
+        self._moves = DelayedRepublisher("kafka")
         try:
             self._producer = Producer(self._producer_config())
         except (KafkaException, ValueError, TypeError) as exc:
@@ -209,10 +210,7 @@ class KafkaTransport(Consuming, Producing, Transport):
             if stranded:
                 # Tried again in the background; the partition's later batches go on, but
                 # nothing is committed past this batch until its copies are on the broker.
-                left = Settlement(
-                    retry=[r for r in settlement.retry if r.message in stranded],
-                    dead=[d for d in settlement.dead if d.message in stranded],
-                )
+                left = unmoved(settlement, stranded)
                 self._moves.schedule(0, functools.partial(self._move_later, batch, left))
                 return
         self._commit(ctx)

@@ -29,6 +29,7 @@ Moving nacked messages aside (:mod:`.aside`) - retry copies and dead letters
     ``await move_aside(settlement, retry=, dead=, address=, give_up=)`` publishes the
     copies; a retry the broker refuses is dead-lettered instead, a refused dead letter
     is tried again with backoff (loudly) until ``give_up()``; returns what was not moved.
+    ``unmoved(settlement, stranded)`` is the part to try again in the background.
 
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
@@ -56,7 +57,7 @@ from __future__ import annotations
 
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
-from amgi.servers.kit.aside import move_aside
+from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
 from amgi.servers.kit.fifo import held_behind
@@ -96,4 +97,5 @@ __all__ = [
     "move_aside",
     "option",
     "retry_headers",
+    "unmoved",
 ]

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from amgi.servers.kit.backoff import Backoff
 from amgi.transport import DeadLetter, Message, Retry, Settlement
 
-__all__ = ["move_aside"]
+__all__ = ["move_aside", "unmoved"]
 
 logger = logging.getLogger("amgi.servers.kit")
 
@@ -101,3 +101,16 @@ async def _move(
     except Exception as exc:
         logger.error("message %s of %r could not be dead-lettered: %s", d.message.id, address, exc)
         return False
+
+
+def unmoved(settlement: Settlement, stranded: list[Message]) -> Settlement:
+    """The part of ``settlement`` whose messages are in ``stranded`` (to try again later).
+
+    A server tries the copies once in ``settle`` (``give_up=lambda: True``) and hands
+    what the broker refused to a background task that calls :func:`move_aside` again,
+    so that a refused copy does not hold up the batches after it.
+    """
+    return Settlement(
+        retry=[r for r in settlement.retry if r.message in stranded],
+        dead=[d for d in settlement.dead if d.message in stranded],
+    )
