@@ -639,3 +639,45 @@ def test_a_message_that_kills_the_process_is_the_only_dead_letter(
             return [m.payload for b in batches for m in b.messages]
 
     assert asyncio.run(dead_letters()) == [b"kill"]
+
+
+async def test_a_refused_dead_letter_waits_and_lands_once_the_broker_takes_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retry copy and dead letter both refused (each refusal drops the connection): the
+    copy is tried again with a doubling delay, the broker's resends of the original are
+    held back from the app, and once the ACL allows it the dead letter lands, once."""
+    import logging
+    import signal
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    acl = "user amgi\ntopic read orders/#\n"
+    acl += "user producer\ntopic write orders/#\n\nuser reader\ntopic read amgi/dead-letter/#\n"
+    broker = Mosquitto(
+        tmp_path / "acl", users={"amgi": "a", "producer": "p", "reader": "r"}, acl=acl
+    )
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, username="amgi", password="a")
+        address = f"orders/{uuid.uuid4().hex[:8]}"
+        reader = MqttOptions(port=broker.port, username="reader", password="r")
+        app = Collector(lambda payload, attempt: payload != b"bad")
+        async with connected([f"amgi/dead-letter/{address}"], reader) as dead:
+            async with serving(app, [address], options, max_attempts=5):
+                sender = MqttOptions(port=broker.port, username="producer", password="p")
+                await publish(sender, address, [b"bad"])
+                deadline = time.monotonic() + 20
+                while len([r for r in caplog.records if "tried again in" in r.message]) < 2:
+                    assert time.monotonic() < deadline, app.seen
+                    await asyncio.sleep(0.05)
+                assert app.seen == [(b"bad", 1)]
+                (tmp_path / "acl" / "acl").write_text(acl + "user amgi\ntopic write amgi/#\n")
+                assert broker.process is not None
+                broker.process.send_signal(signal.SIGHUP)  # Mosquitto reloads its ACL
+                (batch,) = await fetch_n(dead, 1, timeout=40)
+                await nothing_more(dead, 1.0)
+            await dead.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        broker.stop()
+    assert [m.payload for m in batch.messages] == [b"bad"]
+    assert app.seen == [(b"bad", 1)]

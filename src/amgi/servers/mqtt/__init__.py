@@ -15,7 +15,8 @@ nack (dead)        publish to ``<dead_letter_prefix>/<topic>`` with the reason, 
                    the broker's PUBACK, then acknowledge the original
 refused copy       a retry the broker refuses (MQTT 5 PUBACK failure, e.g. not
                    authorised) is dead-lettered instead; a refused dead letter is tried
-                   again with backoff while the connection lasts
+                   again with backoff in the background; resends of the original
+                   wait meanwhile and are acknowledged once the copy is taken
                    (``amgi.servers.kit.move_aside``)
 message id         the packet id (QoS 1 and 2): a resend after a reconnect or a crash keeps
                    it (MQTT 3.1.1 and 5 alike), so the crash ledger bounds a message that
@@ -46,7 +47,13 @@ import threading
 from collections.abc import Sequence
 
 from amgi.errors import ConfigurationError
-from amgi.servers.kit import DelayedRepublisher, dead_letter_headers, move_aside, retry_headers
+from amgi.servers.kit import (
+    DelayedRepublisher,
+    dead_letter_headers,
+    move_aside,
+    retry_headers,
+    unmoved,
+)
 from amgi.servers.mqtt._client import MqttClient, MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
 from amgi.servers.mqtt.options import MqttOptions, _topic_problem, validate_filter
@@ -159,44 +166,54 @@ class MqttTransport(MqttClient, Transport):
             move = functools.partial(self._move, batch.address, Settlement(retry=[retry]))
             self._retries.schedule(retry.delay, move)
         if settlement.dead:
-            await self._move(batch.address, Settlement(dead=settlement.dead))
+            await self._move(batch.address, Settlement(dead=settlement.dead), inline=True)
 
-    async def _move(self, topic: str, settlement: Settlement) -> None:
+    async def _move(self, topic: str, settlement: Settlement, *, inline: bool = False) -> None:
         """Publish the copies (the kit's rule for refused ones), then PUBACK the originals.
 
-        A copy that cannot be published while the connection that delivered the original
-        is gone is given up: the broker sends the original again after the reconnect. A
-        resend that arrives while the copy is being published waits for the outcome.
+        A resend of the original (after a reconnect: same packet id, DUP) that arrives
+        while its copy is being published waits for the outcome instead of reaching the
+        app, and is acknowledged once the copy is on the broker. ``inline`` (from
+        ``settle``) tries once and leaves what the broker refused to a background task,
+        which tries again with backoff until the server closes.
         """
         messages = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
-        generation = messages[0].token[0]
         loop = asyncio.get_running_loop()
         outcomes: dict[int, tuple[str, asyncio.Future[bool]]] = {}
         for m in messages:
             _, mid, qos = m.token
             if qos:
-                outcomes[mid] = self._moving[mid] = (topic, loop.create_future())
+                entry = self._moving.get(mid)
+                if entry is None or entry[0] != topic or entry[1].done():
+                    entry = self._moving[mid] = (topic, loop.create_future())
+                outcomes[mid] = entry
         stranded: list[Message] = messages
+        later = False
         try:
             stranded = await move_aside(
                 settlement,
                 retry=lambda r: self._retry(topic, r.message),
                 dead=lambda d: self._dead_letter(topic, d.message, d.reason),
                 address=topic,
-                give_up=lambda: self._closing or self._generation != generation,
+                give_up=(lambda: True) if inline else (lambda: self._closing),
             )
+            later = bool(stranded) and inline and not self._closing
         finally:
             for m in messages:
                 moved = m not in stranded
                 if moved:
                     self._ack(m)
                 entry = outcomes.get(m.token[1])
-                if entry is None:
-                    continue
+                if entry is None or (later and not moved):
+                    continue  # the background task carries on with it
                 if self._moving.get(m.token[1]) is entry:
                     del self._moving[m.token[1]]
-                entry[1].set_result(moved)
-        if stranded:
+                if not entry[1].done():
+                    entry[1].set_result(moved)
+        if later:
+            again = functools.partial(self._move, topic, unmoved(settlement, stranded))
+            self._retries.schedule(0, again)
+        elif stranded:
             logger.error(
                 "mqtt: %d message(s) of %r stay unacknowledged until the server reconnects",
                 len(stranded),

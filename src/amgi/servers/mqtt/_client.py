@@ -121,6 +121,9 @@ class MqttClient:
         self._unsent_acks: dict[int, str] = {}
         """Packet id -> topic of messages settled after their connection was lost: the
         broker sends them again (DUP, same packet id) and they are acknowledged at once."""
+        self._arrivals: dict[int, int] = {}
+        """Packet id -> connection generation of the last message delivered with it: an
+        ack that could not be sent is remembered only while no newer message took the id."""
         self._moving: dict[int, tuple[str, asyncio.Future[bool]]] = {}
         """Packet id -> (topic, outcome) of messages whose retry or dead-letter copy is
         being published: a resend of one waits for the outcome."""
@@ -374,6 +377,10 @@ class MqttClient:
                 if generation == self._generation:
                     self._deliver(publish)  # not moved: the app gets it again
             else:
+                # The copy is on the broker: this resend is the original to acknowledge
+                # (not a later one, which _ack may have expected when it could not).
+                if self._unsent_acks.get(mid) == topic:
+                    del self._unsent_acks[mid]
                 self._ack_resend(publish, generation)
 
         moving[1].add_done_callback(decided)
@@ -388,6 +395,10 @@ class MqttClient:
 
     def _deliver(self, publish: Publish) -> None:
         topic = publish.topic
+        if publish.qos:
+            # This packet id now names the message delivered here.
+            self._unsent_acks.pop(publish.mid, None)
+            self._arrivals[publish.mid] = self._generation
         headers: HeaderList = []
         attempt = 1
         if publish.user_properties:
@@ -455,7 +466,9 @@ class MqttClient:
             return
         if generation == self._generation and client is not None:
             client.ack(mid, qos)
-        else:
+        elif self._arrivals.get(mid) == generation:
+            # The connection is gone; the broker sends it again with this packet id,
+            # unless it already did and that resend was delivered (a newer arrival).
             self._unsent_acks[mid] = message.bindings["mqtt"]["topic"]
 
     def _new_client(self) -> paho.Client:
