@@ -574,31 +574,43 @@ async def test_mutual_tls_client_certificate_required(tmp_path: Path) -> None:
         broker.stop()
 
 
+ACL_USERS = "user producer\ntopic write orders/#\n\nuser reader\ntopic read amgi/dead-letter/#\n"
+
+
+class AclBroker:
+    """A private Mosquitto whose user ``amgi`` may read ``orders/#`` and do what
+    ``amgi_acl`` adds; ``producer`` writes there, ``reader`` reads the dead letters."""
+
+    def __init__(self, directory: Path, amgi_acl: str) -> None:
+        self.acl = f"user amgi\ntopic read orders/#\n{amgi_acl}{ACL_USERS}"
+        users = {"amgi": "a", "producer": "p", "reader": "r"}
+        self.broker = Mosquitto(directory, users=users, acl=self.acl)
+        self.broker.start()
+        port = self.broker.port
+        self.server = MqttOptions(port=port, username="amgi", password="a")
+        self.sender = MqttOptions(port=port, username="producer", password="p")
+        self.reader = MqttOptions(port=port, username="reader", password="r")
+        self.address = f"orders/{uuid.uuid4().hex[:8]}"
+        self.dead_topic = f"amgi/dead-letter/{self.address}"
+
+
 async def test_a_refused_retry_is_dead_lettered_not_left_to_loop(tmp_path: Path) -> None:
     """The broker refuses the retry copy (not authorised): the message is dead-lettered.
 
     Before, the original stayed unacknowledged and came back at the same attempt after
     every reconnect, never reaching the dead letters.
     """
-    acl = "user amgi\ntopic read orders/#\ntopic write amgi/dead-letter/#\n"
-    acl += "user producer\ntopic write orders/#\n\nuser reader\ntopic read amgi/dead-letter/#\n"
-    users = {"amgi": "a", "producer": "p", "reader": "r"}
-    broker = Mosquitto(tmp_path / "acl", users=users, acl=acl)
-    broker.start()
+    acl = AclBroker(tmp_path / "acl", "topic write amgi/dead-letter/#\n")
     try:
-        options = MqttOptions(port=broker.port, username="amgi", password="a")
-        address = f"orders/{uuid.uuid4().hex[:8]}"
-        reader = MqttOptions(port=broker.port, username="reader", password="r")
         app = Collector(lambda payload, attempt: payload != b"bad")
-        async with connected([f"amgi/dead-letter/{address}"], reader) as dead:
-            async with serving(app, [address], options, max_attempts=5):
-                sender = MqttOptions(port=broker.port, username="producer", password="p")
-                await publish(sender, address, [b"bad", b"good"])
+        async with connected([acl.dead_topic], acl.reader) as dead:
+            async with serving(app, [acl.address], acl.server, max_attempts=5):
+                await publish(acl.sender, acl.address, [b"bad", b"good"])
                 (batch,) = await fetch_n(dead, 1)
                 await nothing_more(dead, 1.0)  # dead-lettered once, not after every resend
             await dead.settle(batch, Settlement(acked=list(batch.messages)))
     finally:
-        broker.stop()
+        acl.broker.stop()
     [letter] = batch.messages
     assert letter.payload == b"bad"
     reason = dict(letter.headers)[DEAD_LETTER_REASON_HEADER]
@@ -651,27 +663,19 @@ async def test_a_refused_dead_letter_waits_and_lands_once_the_broker_takes_it(
     import signal
 
     caplog.set_level(logging.ERROR, "amgi.servers.kit")
-    acl = "user amgi\ntopic read orders/#\n"
-    acl += "user producer\ntopic write orders/#\n\nuser reader\ntopic read amgi/dead-letter/#\n"
-    broker = Mosquitto(
-        tmp_path / "acl", users={"amgi": "a", "producer": "p", "reader": "r"}, acl=acl
-    )
-    broker.start()
+    acl = AclBroker(tmp_path / "acl", "")
+    broker = acl.broker
     try:
-        options = MqttOptions(port=broker.port, username="amgi", password="a")
-        address = f"orders/{uuid.uuid4().hex[:8]}"
-        reader = MqttOptions(port=broker.port, username="reader", password="r")
         app = Collector(lambda payload, attempt: payload != b"bad")
-        async with connected([f"amgi/dead-letter/{address}"], reader) as dead:
-            async with serving(app, [address], options, max_attempts=5):
-                sender = MqttOptions(port=broker.port, username="producer", password="p")
-                await publish(sender, address, [b"bad"])
+        async with connected([acl.dead_topic], acl.reader) as dead:
+            async with serving(app, [acl.address], acl.server, max_attempts=5):
+                await publish(acl.sender, acl.address, [b"bad"])
                 deadline = time.monotonic() + 20
                 while len([r for r in caplog.records if "tried again in" in r.message]) < 2:
                     assert time.monotonic() < deadline, app.seen
                     await asyncio.sleep(0.05)
                 assert app.seen == [(b"bad", 1)]
-                (tmp_path / "acl" / "acl").write_text(acl + "user amgi\ntopic write amgi/#\n")
+                (tmp_path / "acl" / "acl").write_text(acl.acl + "user amgi\ntopic write amgi/#\n")
                 assert broker.process is not None
                 broker.process.send_signal(signal.SIGHUP)  # Mosquitto reloads its ACL
                 (batch,) = await fetch_n(dead, 1, timeout=40)
