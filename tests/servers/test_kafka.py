@@ -65,7 +65,7 @@ def test_message_from_record_maps_key_headers_and_attempt() -> None:
     m = message_from_record(
         "t", 2, 41, 1700, b"k", b"v", [("a", b"1"), ("amgi-attempt", b"3"), (b"b", None)]
     )
-    assert (m.id, m.token, m.payload, m.attempt) == ("41", 41, b"v", 3)
+    assert (m.id, m.token, m.payload, m.attempt) == ("t/2/41", 41, b"v", 3)
     assert m.headers == [(b"a", b"1"), (b"b", b"")]
     assert m.bindings == {"kafka": {"key": b"k", "partition": 2, "offset": 41, "timestamp": 1700}}
 
@@ -332,7 +332,7 @@ def test_the_consumer_loop_maps_records_like_message_from_record() -> None:
         _FakeRecord(9, [("amgi-attempt", b"3"), ("x", b"y")], b"k2", b"\x00"),
         _FakeRecord(10, [("x", b"z")], b"k3", b"w"),
     ]
-    fast = messages_from_records(2, records)
+    fast = messages_from_records("t", 2, records)
     slow = [
         message_from_record("t", 2, r.offset(), r.timestamp()[1], r.key(), r.value(), r.headers())
         for r in records

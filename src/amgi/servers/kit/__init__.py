@@ -25,6 +25,12 @@ Delayed republisher (:mod:`.republisher`) - retries on brokers without delayed d
     in a task it owns; ``await close(timeout)`` cancels the waiting ones and waits for
     those publishing. Call ``close`` from the transport's ``close``.
 
+Moving nacked messages aside (:mod:`.aside`) - retry copies and dead letters
+    ``await move_aside(settlement, retry=, dead=, address=, give_up=)`` publishes the
+    copies; a retry the broker refuses is dead-lettered instead, a refused dead letter
+    is tried again with backoff (loudly) until ``give_up()``; returns what was not moved.
+    ``unmoved(settlement, stranded)`` is the part to try again in the background.
+
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
+from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
 from amgi.servers.kit.fifo import held_behind
@@ -87,6 +94,8 @@ __all__ = [
     "headers_with_attempt",
     "held_behind",
     "invalid",
+    "move_aside",
     "option",
     "retry_headers",
+    "unmoved",
 ]
