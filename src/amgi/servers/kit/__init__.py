@@ -31,6 +31,10 @@ Moving nacked messages aside (:mod:`.aside`) - retry copies and dead letters
     is tried again with backoff (loudly) until ``give_up()``; returns what was not moved.
     ``unmoved(settlement, stranded)`` is the part to try again in the background.
 
+Due list (:mod:`.due`) - in-memory retry schedules without tasks of their own
+    ``DueList()``: items ordered by due time; the owner's fetch loop asks what is due
+    and how long until the next one (Redis and core NATS retries).
+
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
@@ -60,6 +64,7 @@ from amgi.options import check as check_options
 from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.due import DueList
 from amgi.servers.kit.fifo import held_behind
 from amgi.servers.kit.headers import (
     ATTEMPT_HEADER,
@@ -82,6 +87,7 @@ __all__ = [
     "Backoff",
     "BindingKey",
     "DelayedRepublisher",
+    "DueList",
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",
