@@ -96,6 +96,11 @@ def _servers_epilog() -> str:
     return "\n".join(lines)
 
 
+_SERVERS_EPILOG = "\0servers"
+"""Epilog placeholder: the list of servers imports every server module, so it is built
+only when help is shown, not at each ``amgi run`` start."""
+
+
 class _Parser(argparse.ArgumentParser):
     server = DEFAULT_SERVER
 
@@ -106,6 +111,11 @@ class _Parser(argparse.ArgumentParser):
         if extras and self.prog == "amgi":  # the top parser reports them, without values
             self.error(f"unrecognized arguments: {unrecognized_flags(extras)}")
         return parsed, extras
+
+    def format_help(self) -> str:
+        if self.epilog == _SERVERS_EPILOG:
+            self.epilog = _servers_epilog()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         # A usage error quotes command-line words, and a word may be a password: flags
@@ -137,7 +147,7 @@ def _parser(
         prog="amgi",
         description="Run AMGI applications on message brokers, or send them messages.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_servers_epilog(),
+        epilog=_SERVERS_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"amgi {__version__}")
     _log_level(parser, default="info")
@@ -161,7 +171,7 @@ def _parser(
         description="Serve the AMGI application MODULE:APP, consuming ADDRESS... "
         "(queue, topic or topic filter names, as the server understands them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_servers_epilog(),
+        epilog=_SERVERS_EPILOG,
     )
     run.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
     run.add_argument("addresses", metavar="ADDRESS", nargs="*", help="addresses to consume")
@@ -175,7 +185,7 @@ def _parser(
         help="send one message",
         description="Send one message to ADDRESS.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_servers_epilog(),
+        epilog=_SERVERS_EPILOG,
     )
     send.add_argument("address", metavar="ADDRESS")
     send.add_argument("payload", metavar="PAYLOAD", nargs="?", help="payload text (UTF-8)")

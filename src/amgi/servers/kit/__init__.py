@@ -25,6 +25,16 @@ Delayed republisher (:mod:`.republisher`) - retries on brokers without delayed d
     in a task it owns; ``await close(timeout)`` cancels the waiting ones and waits for
     those publishing. Call ``close`` from the transport's ``close``.
 
+Moving nacked messages aside (:mod:`.aside`) - retry copies and dead letters
+    ``await move_aside(settlement, retry=, dead=, address=, give_up=)`` publishes the
+    copies; a retry the broker refuses is dead-lettered instead, a refused dead letter
+    is tried again with backoff (loudly) until ``give_up()``; returns what was not moved.
+    ``unmoved(settlement, stranded)`` is the part to try again in the background.
+
+Due list (:mod:`.due`) - in-memory retry schedules without tasks of their own
+    ``DueList()``: items ordered by due time; the owner's fetch loop asks what is due
+    and how long until the next one (Redis and core NATS retries).
+
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
@@ -58,8 +68,10 @@ from __future__ import annotations
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
 from amgi.secrets import mask_url, masked, redact, redact_client_logs
+from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.due import DueList
 from amgi.servers.kit.fifo import held_behind
 from amgi.servers.kit.headers import (
     ATTEMPT_HEADER,
@@ -82,6 +94,7 @@ __all__ = [
     "Backoff",
     "BindingKey",
     "DelayedRepublisher",
+    "DueList",
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",
@@ -96,8 +109,10 @@ __all__ = [
     "invalid",
     "mask_url",
     "masked",
+    "move_aside",
     "option",
     "redact",
     "redact_client_logs",
     "retry_headers",
+    "unmoved",
 ]

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from amgi.servers._due import DueList
+from amgi.servers.kit import DueList
 from amgi.servers.nats._headers import decode
 from amgi.transport import Batch, Message
 

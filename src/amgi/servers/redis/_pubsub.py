@@ -8,7 +8,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from amgi.servers._due import DueList
+from amgi.servers.kit import DueList
 from amgi.servers.redis._client import raise_if_cancelled
 from amgi.transport import Batch, Message
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
-from amgi.servers._due import DueList
+from amgi.servers.kit import DueList
 from amgi.servers.redis._client import raise_if_cancelled
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Items held back until a due time (in-memory retry schedules of the Redis and NATS servers).
+"""Items held back until a due time (in-memory retry schedules, e.g. Redis Pub/Sub and core NATS).
 
 No tasks: the owner's fetch loop asks what is due and how long until the next item.
 """
