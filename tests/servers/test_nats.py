@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from amgi.errors import BrokerUnavailable
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
@@ -383,3 +384,32 @@ def test_unreachable_server_wrong_credentials_and_missing_streams(tmp_path: Path
                                   "--password", "wrong")  # fmt: skip
         assert "refused the credentials" in line
         assert "wrong" not in line
+
+
+async def test_tls_against_a_server_that_does_not_require_it_sends_no_credentials() -> None:
+    """A plaintext server (or anything between) must never see CONNECT when TLS is on."""
+    received = bytearray()
+
+    async def plaintext_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"fake","version":"2.9.0","max_payload":1048576}\r\n')
+        await writer.drain()
+        while chunk := await reader.read(4096):
+            received.extend(chunk)
+        writer.close()
+
+    server = await asyncio.start_server(plaintext_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    marker = "pw-marker-7f3a"
+    options = NatsOptions(
+        servers=f"nats://127.0.0.1:{port}", user="u", password=marker, tls=True, mode="core"
+    )
+    transport = NatsTransport(["orders"], options)
+    try:
+        with pytest.raises(BrokerUnavailable, match="refusing to send the credentials"):
+            await transport.connect()
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert marker.encode() not in received
+    assert b"CONNECT" not in received

@@ -28,10 +28,36 @@ def _tls(options: NatsOptions) -> ssl.SSLContext | None:
     return context
 
 
+def _tls_only_client() -> Client:
+    """A nats-py client that never sends CONNECT (and its credentials) outside TLS.
+
+    nats-py upgrades to TLS only when the server's INFO line says ``tls_required``; a
+    server, or anything in between, that leaves it out would get the credentials in
+    plaintext. This client refuses such a server instead, on every (re)connect.
+    """
+    from nats import errors as nats_errors
+    from nats.aio.client import Client as NatsClient
+
+    class TlsOnly(NatsClient):
+        async def _process_info(
+            self, info: dict[str, Any], initial_connection: bool = False
+        ) -> None:
+            if initial_connection and not (
+                info.get("tls_required") or self.options.get("tls_handshake_first")
+            ):
+                raise nats_errors.Error(
+                    "the server does not require TLS although TLS is configured: "
+                    "refusing to send the credentials in plaintext"
+                )
+            await super()._process_info(info, initial_connection)
+
+    return TlsOnly()
+
+
 async def open_connection(options: NatsOptions) -> Client:
     """Connect to ``options.servers`` (reconnecting by itself afterwards, without limit)."""
-    import nats
     from nats import errors as nats_errors
+    from nats.aio.client import Client as NatsClient
 
     servers = [s.strip() for s in options.servers.split(",") if s.strip()]
 
@@ -78,11 +104,11 @@ async def open_connection(options: NatsOptions) -> Client:
         first_error.append(exc)
 
     kwargs["error_cb"] = on_first_error
+    wants_tls = kwargs["tls"] is not None or any(s.startswith("tls://") for s in servers)
+    client = _tls_only_client() if wants_tls else NatsClient()
     try:
         # Two tries per server at startup (nats-py would otherwise retry for ever).
-        client = await nats.connect(
-            **{**kwargs, "allow_reconnect": False, "max_reconnect_attempts": 1}
-        )
+        await client.connect(**{**kwargs, "allow_reconnect": False, "max_reconnect_attempts": 1})
     except nats_errors.NoServersError:
         reason = first_error[0] if first_error else "no server answered"
         if (
