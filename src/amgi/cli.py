@@ -21,6 +21,12 @@ from typing import Any, NoReturn
 
 from amgi import __version__
 from amgi.errors import AMGIError, ConfigurationError, StartupFailed
+from amgi.ops.config import OpsConfig
+from amgi.ops.dead_letters import add_dead_letter_commands, run_dead_letters
+from amgi.ops.env import annotate_help, apply_environment, env_name
+from amgi.ops.logs import LOG_FORMATS, configure_logging
+from amgi.ops.run import check_workers, prepare, serve
+from amgi.ops.workers import Supervisor, worker_index
 from amgi.options import add_flags, build
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
@@ -34,6 +40,11 @@ logger = logging.getLogger("amgi.cli")
 
 _SERVER_PREFIX = "server__"
 _RUNTIME_PREFIX = "runtime__"
+_OPS_PREFIX = "ops__"
+_ENV_NOTE = (
+    "Every option can also be set by an environment variable: AMGI_ and the flag's name "
+    "in upper case with - as _ (e.g. AMGI_MAX_ATTEMPTS=3); a flag on the command line wins."
+)
 
 
 class UsageError(Exception):
@@ -77,7 +88,7 @@ def _server_from_argv(argv: Sequence[str]) -> str:
             return argv[i + 1]
         if arg.startswith("--server="):
             return arg.split("=", 1)[1]
-    return DEFAULT_SERVER
+    return os.environ.get(env_name("--server"), DEFAULT_SERVER)
 
 
 def _servers_epilog() -> str:
@@ -121,7 +132,7 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
         choices=["debug", "info", "warning", "error"],
         help="log level (default: info)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{run,send}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,send,dead-letters}")
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -129,6 +140,12 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
             default=argparse.SUPPRESS,
             choices=["debug", "info", "warning", "error"],
             help="log level (default: info)",
+        )
+        sub.add_argument(
+            "--log-format",
+            default="text",
+            choices=LOG_FORMATS,
+            help="log lines as text or one JSON object per line (default: text)",
         )
         sub.add_argument(
             "--server",
@@ -144,7 +161,7 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
         "run",
         help="serve an application",
         description="Serve the AMGI application MODULE:APP, consuming ADDRESS... "
-        "(queue, topic or topic filter names, as the server understands them).",
+        "(queue, topic or topic filter names, as the server understands them). " + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_servers_epilog(),
     )
@@ -153,11 +170,13 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
     common(run)
     runtime_group = run.add_argument_group("runtime options (every server)")
     add_flags(runtime_group, RuntimeConfig, dest_prefix=_RUNTIME_PREFIX)
+    ops_group = run.add_argument_group("operations (metrics, probes, tracing, workers)")
+    add_flags(ops_group, OpsConfig, dest_prefix=_OPS_PREFIX)
 
     send = commands.add_parser(
         "send",
         help="send one message",
-        description="Send one message to ADDRESS.",
+        description="Send one message to ADDRESS. " + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_servers_epilog(),
     )
@@ -180,6 +199,8 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
         "encoded to bytes for keys named key)",
     )
     common(send)
+    add_dead_letter_commands(commands, common, _ENV_NOTE, _servers_epilog())
+    annotate_help(parser)
     return parser, transport
 
 
@@ -253,15 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     server = _server_from_argv(argv)
     parser, transport_cls = _parser(server)
-    args = parser.parse_args(argv)
+    try:
+        full_argv = apply_environment(parser, argv, os.environ)
+    except ConfigurationError as exc:
+        print(f"amgi: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(full_argv)
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     values = vars(args)
     try:
         if transport_cls is None:
@@ -271,10 +293,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.addresses:
                 raise UsageError("amgi run needs at least one ADDRESS to consume")
             config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
+            ops_config: OpsConfig = build(OpsConfig, values, dest_prefix=_OPS_PREFIX)
             transport = _transport(server, transport_cls, values, args.addresses)
-            runtime = Runtime(app, transport, config, handle_signals=True)
+            worker = worker_index()
+            if ops_config.workers > 1 and worker is None:
+                check_workers(server, ops_config)
+                return Supervisor(argv, ops_config.workers).run()
+            ops = prepare(ops_config, app, server, worker)
+            runtime = Runtime(ops.app, transport, config, metrics=ops.metrics, handle_signals=True)
             tune_for_server()
-            return asyncio.run(runtime.serve())
+            return asyncio.run(serve(runtime, ops))
+        if args.command == "dead-letters":
+            transport = _transport(server, transport_cls, values, [])
+            return asyncio.run(run_dead_letters(transport, args))
         transport = _transport(server, transport_cls, values, [])
         asyncio.run(_send(transport, args))
         print(f"sent 1 message to {args.address!r} ({server})")

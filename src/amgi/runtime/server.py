@@ -29,6 +29,11 @@ _SIGNAL_DEBOUNCE = 0.2
 _attempt = attrgetter("attempt")
 
 
+def _failure_fields(address: str, mid: str, attempt: int, reason: str) -> dict[str, object]:
+    """Structured fields of a message-failure log record (shown by ``--log-format json``)."""
+    return {"amgi": {"address": address, "id": mid, "attempt": attempt, "reason": reason}}
+
+
 class Runtime:
     """Runs one AMGI application on one transport until asked to stop.
 
@@ -70,6 +75,16 @@ class Runtime:
         self._exit_code = 0
 
     # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Batches being processed now (read by the metrics gauge at scrape time)."""
+        return len(self._tasks)
+
+    @property
+    def draining(self) -> bool:
+        """True once a stop was requested (the readiness probe reports not ready)."""
+        return self._stop is not None and self._stop.is_set()
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (safe to call more than once, from the loop's thread)."""
@@ -305,6 +320,7 @@ class Runtime:
                 self.config.max_attempts,
                 r.reason,
                 r.delay,
+                extra=_failure_fields(batch.address, r.message.id, r.message.attempt, r.reason),
             )
         for d in settlement.dead:
             logger.error(
@@ -313,6 +329,7 @@ class Runtime:
                 batch.address,
                 d.message.attempt,
                 d.reason,
+                extra=_failure_fields(batch.address, d.message.id, d.message.attempt, d.reason),
             )
         self.metrics.batch_settled(
             BatchStats(
