@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from amgi.errors import ConfigurationError
 from amgi.transport import StoredDeadLetter, Transport
 
 __all__ = ["add_dead_letter_commands", "format_dead_letter", "run_dead_letters"]
@@ -89,7 +90,11 @@ def format_dead_letter(d: StoredDeadLetter) -> str:
 async def run_dead_letters(transport: Transport, args: argparse.Namespace) -> int:
     """Carry out ``amgi dead-letters list|replay``; returns the exit code."""
     if args.limit < 1:
-        raise ValueError("--limit must be at least 1")
+        raise ConfigurationError("--limit must be at least 1")
+    method = "list_dead_letters" if args.dead_letters_command == "list" else "replay_dead_letters"
+    if getattr(type(transport), method) is getattr(Transport, method):
+        # The base class's answer, before connecting to anything.
+        await getattr(transport, method)(args.address, args.limit)
     await transport.connect()
     try:
         if args.dead_letters_command == "list":

@@ -58,9 +58,14 @@ _GETTER = _HeaderGetter()
 _SETTER = _HeaderSetter()
 
 
-def instrument(app: AMGIApplication, server: str) -> AMGIApplication:
-    """``app`` with a consumer span per message, a batch span and producer spans."""
-    tracer = trace.get_tracer("amgi", __version__)
+def instrument(
+    app: AMGIApplication, server: str, tracer_provider: trace.TracerProvider | None = None
+) -> AMGIApplication:
+    """``app`` with a consumer span per message, a batch span and producer spans.
+
+    Spans go to ``tracer_provider``, by default the global one.
+    """
+    tracer = trace.get_tracer("amgi", __version__, tracer_provider=tracer_provider)
     system = messaging_system(server)
 
     async def traced(scope: Scope, receive: Any, send: Any) -> None:
