@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers._kafka_client_log import CLIENT_LOGGER, ClientErrors
+from amgi.servers._kafka_dead_letters import DeadLetterReader
 from amgi.servers._kafka_records import RETRY_DUE_HEADER, messages_from_records
 from amgi.transport import (
     ATTEMPT_HEADER,
@@ -54,6 +55,7 @@ from amgi.transport import (
     Bindings,
     HeaderList,
     Settlement,
+    StoredDeadLetter,
     Transport,
 )
 
@@ -862,6 +864,54 @@ class KafkaTransport(Transport):
         except Exception as exc:
             done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {exc}"))
         return done
+
+    # -- dead letters (see _kafka_dead_letters) -------------------------------------------
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Records of the dead-letter topic not yet replayed."""
+        reader = await self._dead_letter_reader(address)
+        try:
+            found = await asyncio.to_thread(reader.read, limit)
+        finally:
+            await asyncio.to_thread(reader.close)
+        return [d.stored for d in found]
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Produce each record again to its topic, then commit it as replayed."""
+        reader = await self._dead_letter_reader(address)
+        moved = 0
+        try:
+            while moved < limit:
+                chunk = await asyncio.to_thread(reader.read, min(500, limit - moved))
+                if not chunk:
+                    break
+                sends = []
+                for d in chunk:
+                    target = d.stored.address or address
+                    sends.append(
+                        self._produce(target, d.stored.headers, d.stored.payload, d.key, None)
+                    )
+                await asyncio.gather(*sends)
+                ends: dict[int, int] = {}
+                for d in chunk:
+                    ends[d.partition] = max(ends.get(d.partition, 0), d.offset + 1)
+                await asyncio.to_thread(reader.commit, ends)
+                moved += len(chunk)
+        finally:
+            await asyncio.to_thread(reader.close)
+        return moved
+
+    async def _dead_letter_reader(self, address: str) -> DeadLetterReader:
+        assert self._producer is not None, "connect() first"
+        metadata = await self._metadata(self._producer)
+        if address not in metadata.topics:
+            raise ConfigurationError(
+                f"Kafka topic {address!r} does not exist on {self.config.bootstrap_servers}"
+            )
+        topic = self._dead_name(address)
+        return await asyncio.to_thread(
+            DeadLetterReader, self._common_config(), topic, self.config.connect_timeout
+        )
 
     async def publish(
         self,
