@@ -203,6 +203,14 @@ class Transport(abc.ABC):
     async def close(self) -> None:
         """Stop consuming and release the connection; unsettled messages stay unacked."""
 
+    def backlog(self) -> dict[str, int] | None:
+        """Messages waiting to be processed, per address, when the broker tells it cheaply.
+
+        Called from the event loop when metrics are scraped: it must not block or do I/O.
+        ``None`` (the default) means this server cannot tell.
+        """
+        return None
+
     # -- dead letters (optional): both methods are called after connect() ----------------
 
     async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:

@@ -13,6 +13,7 @@ import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,3 +183,57 @@ async def test_readyz_is_not_ready_while_draining() -> None:
             await served
     assert broker.pending("q") == 0
     assert not _up(port), "the listener outlived the runtime"
+
+
+async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
+    from amgi.servers.kafka import KafkaOptions, KafkaTransport
+    from tests.servers.kafka_helpers import create_topic, ensure_broker, fresh, options, produce
+
+    ensure_broker()
+    topic = create_topic(fresh("lag"), partitions=1)
+    for i in range(30):  # one record per produce: one record batch each
+        produce(topic, [(None, b"%d" % i, [])])
+    release = asyncio.Event()
+    acked = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal acked
+        if scope["type"] != "message":
+            return
+        await release.wait()
+        more = True
+        while more:
+            m = await receive()
+            await send({"type": "message.ack", "id": m["id"]})
+            acked += 1
+            more = m.get("more_messages", False)
+
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "kafka")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/metrics"
+    transport = KafkaTransport([topic], KafkaOptions(**options(max_batch_size=2)))
+    runtime = Runtime(
+        ops.app, transport, RuntimeConfig(lifespan="off", concurrency=1), metrics=ops.metrics
+    )
+    served = asyncio.create_task(serve(runtime, ops))
+    labels = {"messaging_system": "kafka", "messaging_destination_name": topic}
+
+    async def lag() -> float | None:
+        text = (await asyncio.to_thread(get, url))[1]
+        try:
+            return sample(text, "amgi_consumer_lag_messages", **labels)
+        except AssertionError:
+            return None
+
+    try:
+        async with asyncio.timeout(30):
+            while not (await lag() or 0) > 0:
+                await asyncio.sleep(0.1)
+        release.set()
+        async with asyncio.timeout(30):
+            while acked < 30 or await lag() != 0:
+                await asyncio.sleep(0.1)
+    finally:
+        release.set()
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 30) == 0

@@ -7,12 +7,15 @@ spells them (dots become underscores, counters end in ``_total``, units are suff
 the settlement counters AMGI adds are prefixed ``amgi_``. Every series carries
 ``messaging_system`` and ``messaging_destination_name``.
 
-Counts are updated once per settled batch; the in-flight gauge is read at scrape time.
+Counts are updated once per settled batch; the in-flight gauge and the consumer lag
+(``amgi_consumer_lag_messages``, for servers whose :meth:`~amgi.transport.Transport.backlog`
+can tell it without a broker round trip: Kafka, memory) are read at scrape time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics import Counter, Histogram
 
 __all__ = ["PrometheusMetrics"]
+
+logger = logging.getLogger("amgi.ops")
 
 _LABELS = ("messaging_system", "messaging_destination_name")
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -118,6 +123,32 @@ class PrometheusMetrics(MetricsHook):
 
     def message_sent(self, address: str, ok: bool) -> None:
         self._sent.labels(self.system, address, "" if ok else "send_error").inc()
+
+    def track_backlog(self, read: Callable[[], dict[str, int] | None]) -> None:
+        """Report ``read()`` (called at scrape time) as the consumer-lag gauge, per address."""
+        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.registry import Collector
+
+        system = self.system
+
+        class Backlog(Collector):
+            def collect(self) -> Iterator[GaugeMetricFamily]:
+                family = GaugeMetricFamily(
+                    "amgi_consumer_lag_messages",
+                    "Messages waiting on the broker for this consumer, where the broker "
+                    "tells it cheaply (Kafka: high watermark minus processed offset)",
+                    labels=_LABELS,
+                )
+                try:
+                    values = read()
+                except Exception:  # a failing probe must not break the scrape
+                    logger.warning("reading the consumer lag failed", exc_info=True)
+                    values = None
+                for address, lag in sorted((values or {}).items()):
+                    family.add_metric([system, address], lag)
+                yield family
+
+        self.registry.register(Backlog())
 
     def track_in_flight(self, read: Callable[[], float]) -> None:
         """Report ``read()`` (called at scrape time) as the batches-in-flight gauge."""

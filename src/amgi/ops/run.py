@@ -13,6 +13,7 @@ from amgi.errors import ConfigurationError
 from amgi.ops.config import OpsConfig, TracingMode
 from amgi.runtime.metrics import MetricsHook
 from amgi.runtime.server import Runtime
+from amgi.transport import Transport
 from amgi.types import AMGIApplication
 
 __all__ = ["Operations", "check_workers", "prepare", "serve", "tracing_enabled"]
@@ -81,6 +82,8 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
     exposition = None
     if isinstance(metrics, PrometheusMetrics):
         metrics.track_in_flight(lambda: runtime.in_flight)
+        if type(runtime.transport).backlog is not Transport.backlog:
+            metrics.track_backlog(runtime.transport.backlog)
         exposition = metrics.exposition
 
     def readiness() -> str | None:

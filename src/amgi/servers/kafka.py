@@ -865,6 +865,37 @@ class KafkaTransport(Transport):
             done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {exc}"))
         return done
 
+    def backlog(self) -> dict[str, int] | None:
+        """Per topic: the partitions' high watermarks (as last fetched, no broker call)
+        minus the offset processed up to (the offset to commit, else the fetch position).
+        Retry topics count towards their topic."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        with self._lock:
+            done = {
+                key: s.commit_to if s.commit_to is not None else s.committed
+                for key, s in self._partitions.items()
+            }
+        lag: dict[str, int] = {}
+        for (topic, partition), offset in done.items():
+            if self._is_dead_letter_topic(topic):
+                continue
+            try:
+                _, high = consumer.get_watermark_offsets(TP(topic, partition), cached=True)
+                if offset is None:
+                    offset = consumer.position([TP(topic, partition)])[0].offset
+            except KafkaException:
+                continue
+            if high is None or high < 0 or offset is None or offset < 0:
+                continue
+            address = self._retry_topics.get(topic, topic)
+            lag[address] = lag.get(address, 0) + max(0, high - offset)
+        return lag
+
     # -- dead letters (see _kafka_dead_letters) -------------------------------------------
 
     async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:

@@ -197,6 +197,10 @@ class MemoryTransport(Transport):
             raise MemorySendError(f"memory: cannot send to {address!r}: the server is closed")
         self.broker.put(address, list(headers), payload, dict(bindings))
 
+    def backlog(self) -> dict[str, int]:
+        """Ready and delayed messages of each consumed queue."""
+        return {address: self.broker.pending(address) for address in self.addresses}
+
     async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
         """The entries of ``MemoryBroker.dead[address]``."""
         return [
