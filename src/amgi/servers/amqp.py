@@ -45,6 +45,7 @@ from amgi.transport import (
     HeaderList,
     Message,
     Settlement,
+    StoredDeadLetter,
     Transport,
     headers_with_attempt,
 )
@@ -77,6 +78,7 @@ _BROKER_KEYS = frozenset(
     }
 )
 _RECONNECT_FIRST = 0.1
+_REPLAY_CHUNK = 100
 
 
 class AmqpSendError(SendError):
@@ -713,6 +715,67 @@ class AmqpTransport(Transport):
         except AmqpSendError as exc:
             raise AmqpSendError(f"amqp: publishing to {where} failed: {exc}") from None
 
+    # -- dead letters: the queue <queue>.dead-letter ----------------------------------------
+
+    async def _dead_letter_channel(self, queue: str) -> AbstractChannel:
+        """A channel on which ``queue`` and its dead-letter queue were found to exist."""
+        from aiormq import exceptions as amqp_errors
+
+        connection = self._connection
+        if connection is None:
+            raise AmqpSendError("amqp: not connected to the broker")
+        for name in (queue, queue + ".dead-letter"):
+            channel = await connection.channel()
+            try:
+                await channel.queue_declare(name, passive=True)
+            except amqp_errors.ChannelNotFoundEntity:
+                raise ConfigurationError(f"amqp: queue {name!r} does not exist") from None
+            if name != queue:
+                return channel
+            await channel.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_dead(self, channel: AbstractChannel, queue: str, limit: int) -> list[Any]:
+        from pamqp.commands import Basic
+
+        got: list[Any] = []
+        while len(got) < limit:
+            delivered = await channel.basic_get(queue + ".dead-letter", no_ack=False)
+            if not isinstance(delivered.delivery, Basic.GetOk):
+                break
+            got.append(delivered)
+        return got
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Taken with basic.get and put back (the channel closes without acking)."""
+        channel = await self._dead_letter_channel(address)
+        try:
+            return [_stored_dead_letter(d) for d in await self._get_dead(channel, address, limit)]
+        finally:
+            await channel.close()
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Republish each to the queue (confirmed), then ack it off the dead-letter queue."""
+        channel = await self._dead_letter_channel(address)
+        moved = 0
+        try:
+            while moved < limit:
+                chunk = await self._get_dead(channel, address, min(_REPLAY_CHUNK, limit - moved))
+                if not chunk:
+                    break
+                publisher = await self._channel()
+                await asyncio.gather(
+                    *(
+                        self._confirm(publisher, d, "", address, _stored_dead_letter(d).headers)
+                        for d in chunk
+                    )
+                )
+                await channel.basic_ack(chunk[-1].delivery.delivery_tag, multiple=True)
+                moved += len(chunk)
+        finally:
+            await channel.close()
+        return moved
+
 
 def _message(delivered: DeliveredMessage) -> Message:
     attempt, headers = table_to_headers(delivered.header.properties.headers)
@@ -724,6 +787,23 @@ def _message(delivered: DeliveredMessage) -> Message:
         {"amqp": delivery_bindings(delivered)},
         attempt,
         delivered,
+    )
+
+
+def _stored_dead_letter(delivered: DeliveredMessage) -> StoredDeadLetter:
+    attempt, raw = table_to_headers(delivered.header.properties.headers)
+    headers: HeaderList = []
+    reason, original = "", ""
+    for name, value in raw:
+        if name == DEAD_LETTER_REASON_HEADER:
+            reason = value.decode("utf-8", "replace")
+        elif name == ORIGINAL_ADDRESS_HEADER:
+            original = value.decode("utf-8", "replace")
+        else:
+            headers.append((name, value))
+    delivery = cast("Basic.GetOk", delivered.delivery)
+    return StoredDeadLetter(
+        str(delivery.delivery_tag), original, headers, delivered.body, {}, attempt, reason
     )
 
 
