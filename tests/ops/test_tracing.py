@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -176,3 +177,65 @@ def test_auto_tracing_follows_a_configured_provider() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+TRACED_APP = """
+import json, os
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+
+class ToFile(SpanExporter):
+    def export(self, spans):
+        with open(os.environ["SPANS"], "a") as f:
+            for s in spans:
+                parent = s.parent.span_id if s.parent else None
+                f.write(json.dumps([s.name, s.kind.name, s.context.trace_id, parent]) + "\\n")
+        return SpanExportResult.SUCCESS
+
+
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(ToFile()))
+trace.set_tracer_provider(provider)
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    m = await receive()
+    await send({"type": "message.ack", "id": m["id"]})
+"""
+
+
+def test_amgi_run_traces_when_the_app_configures_a_provider(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+
+    from tests.ops.helpers import amgi, until
+
+    (tmp_path / "traced.py").write_text(TRACED_APP)
+    spans = tmp_path / "spans.jsonl"
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = "00f067aa0ba902b7"
+    sent = amgi(
+        "send", "q", "x", "--header", f"traceparent=00-{trace_id}-{parent}-01", cwd=tmp_path
+    )
+    assert sent.returncode == 0, sent.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "traced:app", "q", "--lifespan", "off"],
+        cwd=tmp_path,
+        env={**os.environ, "SPANS": str(spans)},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        until(lambda: spans.exists() and len(spans.read_text().splitlines()) >= 2, 30, "spans")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    recorded = [json.loads(line) for line in spans.read_text().splitlines()]
+    consumer = [r for r in recorded if r[0] == "process q" and r[3] == int(parent, 16)]
+    assert len(consumer) == 1, recorded
+    assert consumer[0][1] == "CONSUMER"
+    assert consumer[0][2] == int(trace_id, 16)
