@@ -26,7 +26,7 @@ from amgi.ops.dead_letters import add_dead_letter_commands, run_dead_letters
 from amgi.ops.env import annotate_help, apply_environment, env_name
 from amgi.ops.logs import LOG_FORMATS, configure_logging
 from amgi.ops.run import check_workers, prepare, serve
-from amgi.ops.workers import Supervisor, worker_index
+from amgi.ops.workers import Supervisor, follow_supervisor, worker_index
 from amgi.options import add_flags, build
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
@@ -299,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ops_config.workers > 1 and worker is None:
                 check_workers(server, ops_config)
                 return Supervisor(argv, ops_config.workers).run()
+            if worker is not None:
+                follow_supervisor()
             ops = prepare(ops_config, app, server, worker)
             runtime = Runtime(ops.app, transport, config, metrics=ops.metrics, handle_signals=True)
             tune_for_server()

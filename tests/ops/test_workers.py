@@ -160,3 +160,35 @@ def test_a_worker_that_keeps_failing_at_startup_is_given_up_on(tmp_path: Path) -
     assert result.returncode == 1
     assert "exited with code 1 5 times within 5s of starting: giving up" in result.stderr
     assert result.stderr.count("application startup failed: no database") >= 5
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    seen = tmp_path / "seen"
+    env = {**os.environ, "SEEN": str(seen)}
+    for i in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+        )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1", "--shutdown-timeout", "0.5"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
+        workers = [int(p) for p in seen.read_text().split()]
+        supervisor.kill()
+        supervisor.wait(10)
+        until(lambda: not any(_alive(pid) for pid in workers), 30, "the workers to exit")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 2, "the cancelled batches were not acked"
+    queue.close()

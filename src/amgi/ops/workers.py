@@ -14,7 +14,8 @@ supervisor:
 * on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1.
 
 Workers run in their own process groups (a terminal's Ctrl-C reaches only the supervisor,
-which forwards it once) and are sent SIGTERM by the kernel if the supervisor dies.
+which forwards it once) and are sent SIGTERM by the kernel if the supervisor dies
+(:func:`follow_supervisor`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
-__all__ = ["MAX_QUICK_FAILURES", "WORKER_INDEX_ENV", "Supervisor", "worker_index"]
+__all__ = [
+    "MAX_QUICK_FAILURES",
+    "WORKER_INDEX_ENV",
+    "Supervisor",
+    "follow_supervisor",
+    "worker_index",
+]
 
 logger = logging.getLogger("amgi.workers")
 
 WORKER_INDEX_ENV = "AMGI_WORKER_INDEX"
+SUPERVISOR_PID_ENV = "AMGI_SUPERVISOR_PID"
 MAX_QUICK_FAILURES = 5
 _QUICK = 5.0
 """A worker that dies sooner than this after its start counts as failing at startup."""
@@ -56,11 +64,20 @@ def worker_index() -> int | None:
         return None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def follow_supervisor() -> None:
+    """In a worker: get SIGTERM (a graceful drain) when the supervisor dies (Linux).
+
+    Called early in the worker; a supervisor already gone by then is noticed through the
+    parent process id it passed down.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    if expected is not None and expected != str(os.getppid()):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass(slots=True)
@@ -93,12 +110,13 @@ class Supervisor:
         self._failed = False
 
     def _spawn(self, worker: _Worker) -> None:
-        env = {**os.environ, WORKER_INDEX_ENV: str(worker.index)}
+        env = {
+            **os.environ,
+            WORKER_INDEX_ENV: str(worker.index),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
+        }
         worker.process = subprocess.Popen(
-            [sys.executable, "-m", "amgi", *self.argv],
-            env=env,
-            process_group=0,
-            preexec_fn=_die_with_parent,  # the supervisor runs no threads
+            [sys.executable, "-m", "amgi", *self.argv], env=env, process_group=0
         )
         worker.started = time.monotonic()
         worker.restart_at = None
