@@ -80,7 +80,7 @@ def format_dead_letter(d: StoredDeadLetter) -> str:
         f"{n.decode(errors='replace')}={v.decode(errors='replace')}" for n, v in d.headers
     )
     return (
-        f"{d.id}  attempts={d.attempts}  dead-lettered={when}\n"
+        f"{d.id}  attempts={d.attempts or 'unknown'}  dead-lettered={when}\n"
         f"    reason:  {d.reason}\n"
         f"    headers: {headers or '(none)'}\n"
         f"    payload: {_preview(d.payload)}"

@@ -56,6 +56,7 @@ from amgi.transport import (
     Message,
     Retry,
     Settlement,
+    StoredDeadLetter,
     Transport,
 )
 
@@ -91,6 +92,7 @@ AWS_DEFAULT_ENDPOINT: Final = ("", "aws")
 
 _MAX_BATCH: Final = 10
 _MAX_VISIBILITY: Final = 43200
+_ATTRIBUTE_FIELDS: Final = frozenset({"DataType", "StringValue", "BinaryValue"})
 _MISSING_QUEUE_CODES: Final = frozenset(
     {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 )
@@ -681,6 +683,102 @@ class SqsTransport(Transport):
                 f"sqs: {len(failures)} dead letter(s) of {queue.name!r} not sent to "
                 f"{target.name!r} ({failures[0]}); they will be redelivered"
             )
+
+    # -- dead letters: the redrive target or <queue><suffix> ------------------------------
+
+    async def _existing_dead_letter_queue(self, address: str) -> tuple[_Queue, _Queue]:
+        queue = await self._queue(address, create=False)
+        if queue.redrive_target:
+            name = queue.redrive_target.rsplit(":", 1)[-1]
+        elif queue.fifo:
+            name = queue.name.removesuffix(".fifo") + self.config.dead_letter_suffix + ".fifo"
+        else:
+            name = queue.name + self.config.dead_letter_suffix
+        return queue, await self._queue(name, create=False)
+
+    async def _take_dead(self, dlq: _Queue, limit: int, hold: float) -> list[dict[str, Any]]:
+        """Receive up to ``limit`` dead letters, hidden for ``hold`` seconds (what a listing
+        or replay that dies holds comes back after that)."""
+        taken: list[dict[str, Any]] = []
+        while len(taken) < limit:
+            response = await self.client.receive_message(
+                QueueUrl=dlq.url,
+                MaxNumberOfMessages=min(_MAX_BATCH, limit - len(taken)),
+                WaitTimeSeconds=1,
+                VisibilityTimeout=int(hold),
+                MessageSystemAttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            )
+            got = response.get("Messages", [])
+            if not got:
+                break
+            taken += got
+        return taken
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Received (hidden for a moment), then made visible again at once."""
+        _, dlq = await self._existing_dead_letter_queue(address)
+        taken = await self._take_dead(dlq, limit, self.config.visibility_timeout)
+        if taken:
+            await self._change_visibility(dlq, [(m["ReceiptHandle"], 0) for m in taken])
+        out = []
+        for raw in taken:
+            m = _message(raw)
+            headers = [
+                (n, v)
+                for n, v in m.headers
+                if n not in (DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER)
+            ]
+            reason = dict(m.headers).get(DEAD_LETTER_REASON_HEADER, b"").decode()
+            sent = (raw.get("Attributes") or {}).get("SentTimestamp")
+            out.append(
+                StoredDeadLetter(
+                    m.id,
+                    address,
+                    headers,
+                    m.payload,
+                    {},
+                    0,
+                    reason,
+                    int(sent) / 1000 if sent else None,
+                )
+            )
+        return out
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Send each back to the queue (body and attributes as they were, less AMGI's
+        reason and origin), then delete it from the dead-letter queue."""
+        queue, dlq = await self._existing_dead_letter_queue(address)
+        moved = 0
+        while moved < limit:
+            chunk = await self._take_dead(
+                dlq, min(_MAX_BATCH, limit - moved), self.config.visibility_timeout
+            )
+            if not chunk:
+                break
+            await asyncio.gather(*(self._send_back(queue, raw) for raw in chunk))
+            await self._delete(dlq, [raw["ReceiptHandle"] for raw in chunk])
+            moved += len(chunk)
+        return moved
+
+    async def _send_back(self, queue: _Queue, raw: dict[str, Any]) -> None:
+        dropped = {DEAD_LETTER_REASON_HEADER.decode(), ORIGINAL_ADDRESS_HEADER.decode()}
+        attributes = {
+            name: {k: v for k, v in value.items() if k in _ATTRIBUTE_FIELDS}
+            for name, value in (raw.get("MessageAttributes") or {}).items()
+            if name not in dropped
+        }
+        params: dict[str, Any] = {"QueueUrl": queue.url, "MessageBody": raw["Body"]}
+        if attributes:
+            params["MessageAttributes"] = attributes
+        if queue.fifo:
+            system = raw.get("Attributes") or {}
+            params["MessageGroupId"] = system.get("MessageGroupId") or "dead-letters"
+            params["MessageDeduplicationId"] = raw["MessageId"]
+        try:
+            await self.client.send_message(**params)
+        except Exception as exc:
+            raise SqsSendError(f"sqs: could not send back to {queue.name!r}: {exc}") from exc
 
     # -- sending ---------------------------------------------------------------------
 
