@@ -237,3 +237,33 @@ async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
         release.set()
         runtime.request_stop()
         assert await asyncio.wait_for(served, 30) == 0
+
+
+async def test_listener_answers_bad_requests_and_head() -> None:
+    from amgi.ops.listener import OpsListener, bind
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    listener = OpsListener(sock, lambda: None)  # probes only: no /metrics
+
+    async def ask(request: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        writer.write_eof()
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    await listener.start()
+    try:
+        assert (await ask(b"POST /healthz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")
+        head = await ask(b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert head.endswith(b"\r\n\r\n"), "HEAD has no body"
+        assert (await ask(b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+        huge = b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 10_000 + b"\r\n\r\n"
+        assert (await ask(huge)).startswith(b"HTTP/1.1 431 ")
+        assert await ask(b"GET /healthz") == b"", "a request cut short is dropped"
+    finally:
+        await listener.close()
