@@ -11,7 +11,8 @@ the median and min-max over the rounds, contenders alternating within each round
              its default (no metrics port, tracing auto without a tracer provider);
 * + metrics - Prometheus metrics on (what ``--metrics-port`` adds);
 * + tracing - OpenTelemetry tracing with the SDK's tracer provider and no exporter
-             (a consumer span per message, a batch span per call).
+             (a consumer span per message, a batch span per call), for messages without
+             and with a ``traceparent`` header (extracted, linked from the batch span).
 
     .venv/bin/python bench/bench_runtime.py [--messages 500000] [--batch 1000] [--rounds 3]
 """
@@ -63,10 +64,10 @@ async def floor(n: int, batch: int) -> float:
     return time.perf_counter() - started
 
 
-async def _runtime(n: int, batch: int, **kwargs: Any) -> float:
+async def _runtime(n: int, batch: int, headers: Any = HEADERS, **kwargs: Any) -> float:
     broker = MemoryBroker.reset("bench")
     for _ in range(n):
-        broker.put("q", HEADERS, PAYLOAD, {})
+        broker.put("q", headers, PAYLOAD, {})
     transport = MemoryTransport(["q"], MemoryOptions(broker="bench", batch_size=batch))
     elapsed, _ = await drain(transport, n, **kwargs)
     return elapsed
@@ -91,12 +92,22 @@ async def tracing_on(n: int, batch: int) -> float:
     return await _runtime(n, batch, app=instrument(ack_all, "memory", TracerProvider()))
 
 
+async def tracing_on_traced(n: int, batch: int) -> float:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    app = instrument(ack_all, "memory", TracerProvider())
+    return await _runtime(n, batch, [*HEADERS, TRACEPARENT], app=app)
+
+
+TRACEPARENT = (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+
 CONTENDERS: list[tuple[str, Callable[[int, int], Awaitable[float]]]] = [
     ("floor (app loop only)", floor),
     ("runtime + memory server", runtime),
     ("  + ops prepared, all off", ops_off),
     ("  + Prometheus metrics", metrics_on),
     ("  + tracing (SDK, no export)", tracing_on),
+    ("  + tracing, traceparent in", tracing_on_traced),
 ]
 
 
@@ -125,9 +136,10 @@ def main() -> None:
             f"{med / n * 1e6:>9.2f}{ratio:>12}"
         )
     floor_us = statistics.median(times["floor (app loop only)"]) / n * 1e6
-    tracing_us = statistics.median(times["  + tracing (SDK, no export)"]) / n * 1e6
     print(f"\nruntime cost per message (runtime - floor): {base / n * 1e6 - floor_us:.2f} us")
-    print(f"tracing cost per message (tracing - runtime): {tracing_us - base / n * 1e6:.2f} us")
+    for label in ("  + tracing (SDK, no export)", "  + tracing, traceparent in"):
+        us = statistics.median(times[label]) / n * 1e6 - base / n * 1e6
+        print(f"tracing cost per message ({label.strip(' +')}): {us:.2f} us")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class _TracedCall:
             },
         )
         self._batch_context = trace.set_span_in_context(self._batch)
+        self._fields = {f.lower().encode() for f in propagate.get_global_textmap().fields}
         self._open: dict[str, trace.Span] = {}
         self._count = 0
         self._token: object | None = None
@@ -113,12 +114,16 @@ class _TracedCall:
     async def receive(self) -> AMGIReceiveEvent:
         event: Any = await self._receive()
         self._count += 1
-        parent = propagate.extract(event["headers"], getter=_GETTER)
-        remote = trace.get_current_span(parent).get_span_context()
-        if remote.is_valid:
-            self._batch.add_link(remote)
-        else:
-            parent = self._batch_context
+        parent = self._batch_context
+        headers = event["headers"]
+        fields = self._fields
+        # Extract only when a header could carry context (the propagators' own names).
+        if headers and any(type(n) is bytes and n.lower() in fields for n, _ in headers):
+            extracted = propagate.extract(headers, getter=_GETTER)
+            remote = trace.get_current_span(extracted).get_span_context()
+            if remote.is_valid:
+                self._batch.add_link(remote)
+                parent = extracted
         attributes: dict[str, Any] = {
             **self._attributes,
             "messaging.operation.type": "process",
