@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -41,9 +42,10 @@ logger = logging.getLogger("amgi.cli")
 _SERVER_PREFIX = "server__"
 _RUNTIME_PREFIX = "runtime__"
 _OPS_PREFIX = "ops__"
-_ENV_NOTE = (
+_ENV_NOTE = "\n\n" + textwrap.fill(
     "Every option can also be set by an environment variable: AMGI_ and the flag's name "
-    "in upper case with - as _ (e.g. AMGI_MAX_ATTEMPTS=3); a flag on the command line wins."
+    "in upper case with - as _ (e.g. AMGI_MAX_ATTEMPTS=3); a flag on the command line wins.",
+    width=78,
 )
 
 
@@ -161,7 +163,7 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
         "run",
         help="serve an application",
         description="Serve the AMGI application MODULE:APP, consuming ADDRESS... "
-        "(queue, topic or topic filter names, as the server understands them). " + _ENV_NOTE,
+        "(queue, topic or topic filter names, as the server understands them)." + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_servers_epilog(),
     )
@@ -176,7 +178,7 @@ def _parser(server: str) -> tuple[argparse.ArgumentParser, type[Transport] | Non
     send = commands.add_parser(
         "send",
         help="send one message",
-        description="Send one message to ADDRESS. " + _ENV_NOTE,
+        description="Send one message to ADDRESS." + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_servers_epilog(),
     )

@@ -9,6 +9,7 @@ with one error line.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -37,16 +38,12 @@ def add_dead_letter_commands(
     actions.required = True
     for name, text, default in (
         ("list", "show the dead letters of ADDRESS (id, reason, attempts, headers, payload)", 20),
-        (
-            "replay",
-            "send dead letters back to ADDRESS, each removed once its send is confirmed",
-            1_000_000,
-        ),
+        ("replay", "send dead letters back to ADDRESS, each removed once its send is confirmed", 0),
     ):
         sub = actions.add_parser(
             name,
             help=text,
-            description=f"{text[0].upper()}{text[1:]}. {note}",
+            description=f"{text[0].upper()}{text[1:]}.{note}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog=epilog,
         )
@@ -56,7 +53,7 @@ def add_dead_letter_commands(
             type=int,
             default=default,
             metavar="N",
-            help=f"at most N dead letters, oldest first (default: {default})",
+            help=f"at most N dead letters, oldest first; 0: all (default: {default or 'all'})",
         )
         common(sub)
 
@@ -89,21 +86,22 @@ def format_dead_letter(d: StoredDeadLetter) -> str:
 
 async def run_dead_letters(transport: Transport, args: argparse.Namespace) -> int:
     """Carry out ``amgi dead-letters list|replay``; returns the exit code."""
-    if args.limit < 1:
-        raise ConfigurationError("--limit must be at least 1")
+    if args.limit < 0:
+        raise ConfigurationError("--limit must not be negative")
+    limit = args.limit or sys.maxsize
     method = "list_dead_letters" if args.dead_letters_command == "list" else "replay_dead_letters"
     if getattr(type(transport), method) is getattr(Transport, method):
         # The base class's answer, before connecting to anything.
-        await getattr(transport, method)(args.address, args.limit)
+        await getattr(transport, method)(args.address, limit)
     await transport.connect()
     try:
         if args.dead_letters_command == "list":
-            found = await transport.list_dead_letters(args.address, args.limit)
+            found = await transport.list_dead_letters(args.address, limit)
             for d in found:
                 print(format_dead_letter(d))
             print(f"{len(found)} dead letter(s) of {args.address!r} shown ({transport.name})")
             return 0
-        moved = await transport.replay_dead_letters(args.address, args.limit)
+        moved = await transport.replay_dead_letters(args.address, limit)
         print(f"replayed {moved} dead letter(s) to {args.address!r} ({transport.name})")
         return 0
     finally:
