@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             transport = _transport(server, transport_cls, values, args.addresses)
             worker = worker_index()
             if ops_config.workers > 1 and worker is None:
-                check_workers(server, ops_config)
+                check_workers(transport_cls, ops_config)
                 return Supervisor(argv, ops_config.workers).run()
             if worker is not None:
                 follow_supervisor()

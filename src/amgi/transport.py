@@ -169,6 +169,9 @@ class Transport(abc.ABC):
     """Extensions advertised in every message scope."""
     lease_interval: float | None = None
     """When set, the runtime calls :meth:`extend` this often for batches still in flight."""
+    single_process_reason: ClassVar[str | None] = None
+    """Why only one process can consume here (``amgi run --workers`` is refused), or
+    ``None`` when several can consume together."""
 
     def __init__(self, addresses: Sequence[str], options: Any) -> None:
         self.addresses = list(addresses)

@@ -124,5 +124,7 @@ def test_bad_operations_options_fail_before_lifespan_startup(project: Path) -> N
     zero = amgi("run", "opsapp:app", "q", "--workers", "0", cwd=project)
     assert "--workers must be at least 1, not 0" in one_line_error(zero)
     memory = amgi("run", "opsapp:app", "q", "--workers", "2", "--server", "memory", cwd=project)
-    assert "--workers needs a broker shared by processes" in one_line_error(memory)
+    assert "--workers: the memory server runs in one process" in one_line_error(memory)
+    amp = amgi("run", "opsapp:app", "q", "--workers", "2", "--server", "amp", cwd=project)
+    assert "--workers: the amp server runs in one process" in one_line_error(amp)
     assert not (project / "started").exists()

@@ -103,11 +103,12 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
         await listener.close()
 
 
-def check_workers(server: str, config: OpsConfig) -> None:
+def check_workers(transport: type[Transport], config: OpsConfig) -> None:
     """Refuse ``--workers N`` where N processes cannot work: before any worker starts."""
-    if server == "memory":
+    why = transport.single_process_reason
+    if why is not None:
         raise ConfigurationError(
-            "--workers needs a broker shared by processes; the memory server lives inside one"
+            f"--workers: the {transport.name} server runs in one process: {why}"
         )
     if config.metrics_port:
         from amgi.ops.listener import bind

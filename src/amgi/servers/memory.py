@@ -142,6 +142,7 @@ class MemoryTransport(Transport):
     name = "memory"
     options = MemoryOptions
     send_error = MemorySendError
+    single_process_reason = "its broker lives inside one process"
 
     def __init__(self, addresses: Sequence[str], options: MemoryOptions | None = None) -> None:
         super().__init__(addresses, options or MemoryOptions())
