@@ -128,7 +128,7 @@ def test_replay_to_a_topic_that_does_not_exist_is_one_line() -> None:
 def test_replay_killed_half_way_loses_no_dead_letter() -> None:
     ensure_broker()
     topic = create_topic(fresh("dlkill"), partitions=2)
-    n = 3000
+    n = 2000
     asyncio.run(nack_everything(topic, n))
     originals = end_offsets(topic)
     dlq = f"{topic}.dlq"

@@ -134,7 +134,7 @@ def test_replay_to_a_queue_that_does_not_exist_is_one_line() -> None:
 
 
 async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
-    n = 100
+    n = 60
     queue = await dead_letter(n)
     hold = 2  # seconds the killed replay's last chunk stays hidden in the dead letters
     replay = await asyncio.create_subprocess_exec(
