@@ -192,3 +192,33 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) ->
     queue = SqliteQueue(str(tmp_path / "amgi.db"))
     assert queue.count("q") == 2, "the cancelled batches were not acked"
     queue.close()
+
+
+def test_each_worker_serves_probes_on_its_own_port(tmp_path: Path) -> None:
+    from tests.net import free_port, port_open
+    from tests.ops.helpers import get
+
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    port = free_port()
+    while port_open(port + 1):
+        port = free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+        cwd=tmp_path,
+        env={**os.environ, "SEEN": str(tmp_path / "seen")},
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for p in (port, port + 1):
+            until(lambda p=p: port_open(p) and get(f"http://127.0.0.1:{p}/readyz")[0] == 200,
+                  30, f"worker on port {p} to be ready")  # fmt: skip
+            status, text = get(f"http://127.0.0.1:{p}/metrics")
+            assert status == 200
+            assert "amgi_batches_in_flight" in text
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
