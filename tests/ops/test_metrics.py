@@ -267,3 +267,46 @@ async def test_listener_answers_bad_requests_and_head() -> None:
         assert await ask(b"GET /healthz") == b"", "a request cut short is dropped"
     finally:
         await listener.close()
+
+
+async def test_readyz_is_not_ready_while_the_broker_cannot_be_reached(tmp_path: Path) -> None:
+    import sqlite3
+
+    from amgi.servers.sqlite import SqliteOptions, SqliteTransport
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":  # nack: the message comes back every 20 ms
+            m = await receive()
+            await send({"type": "message.nack", "id": m["id"], "message": "again"})
+
+    db = tmp_path / "amgi.db"
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "sqlite")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/readyz"
+    options = SqliteOptions(database=str(db), busy_timeout=0.1, poll_interval=0.02)
+    config = RuntimeConfig(
+        lifespan="off", max_attempts=1_000_000, retry_delay=0.02, retry_delay_max=0.02
+    )
+    runtime = Runtime(ops.app, SqliteTransport(["q"], options), config, metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+
+    async def readyz_becomes(answer: tuple[int, str]) -> None:
+        async with asyncio.timeout(30):
+            while await asyncio.to_thread(get, url) != answer:
+                await asyncio.sleep(0.05)
+
+    try:
+        await readyz_becomes((200, "ready\n"))
+        await runtime.transport.publish("q", [], b"x", {})
+        lock = sqlite3.connect(db, isolation_level=None)
+        # Every lease (a write) of the server now fails: "database is locked".
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            await readyz_becomes((503, "not ready: broker unreachable\n"))
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        await readyz_becomes((200, "ready\n"))
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 30) == 0

@@ -93,6 +93,8 @@ class PrometheusMetrics(MetricsHook):
             ("messaging_system",),
             registry=r,
         )
+        self.broker_ok = True
+        """False while fetching from the broker fails (the readiness probe reports it)."""
         self._children: dict[str, tuple[Counter, ...]] = {}
         self._histograms: dict[str, tuple[Histogram, Histogram]] = {}
 
@@ -120,6 +122,9 @@ class PrometheusMetrics(MetricsHook):
         size, duration = self._histograms[address]
         size.observe(stats.received)
         duration.observe(stats.duration)
+
+    def broker_reachable(self, ok: bool) -> None:
+        self.broker_ok = ok
 
     def message_sent(self, address: str, ok: bool) -> None:
         self._sent.labels(self.system, address, "" if ok else "send_error").inc()

@@ -78,9 +78,9 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
     from amgi.ops.listener import OpsListener
     from amgi.ops.metrics import PrometheusMetrics
 
-    metrics = ops.metrics
+    metrics = ops.metrics if isinstance(ops.metrics, PrometheusMetrics) else None
     exposition = None
-    if isinstance(metrics, PrometheusMetrics):
+    if metrics is not None:
         metrics.track_in_flight(lambda: runtime.in_flight)
         if type(runtime.transport).backlog is not Transport.backlog:
             metrics.track_backlog(runtime.transport.backlog)
@@ -91,6 +91,8 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
             return "draining"
         if not runtime.started.is_set():
             return "starting"
+        if metrics is not None and not metrics.broker_ok:
+            return "broker unreachable"
         return None
 
     listener = OpsListener(ops.sock, readiness, exposition)

@@ -198,12 +198,14 @@ class Runtime:
             except Exception as exc:
                 if not failing:
                     logger.error("fetch from %s failed: %s (retrying)", self.transport.name, exc)
+                    self.metrics.broker_reachable(False)
                 failing = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _FETCH_BACKOFF_MAX)
                 continue
             if failing:
                 logger.info("fetch from %s recovered", self.transport.name)
+                self.metrics.broker_reachable(True)
                 failing = False
                 backoff = _FETCH_BACKOFF_FIRST
             for batch in batches:
