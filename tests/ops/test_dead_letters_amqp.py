@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.metrics import BatchStats, MetricsHook
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from tests.ops.helpers import ROOT, amgi, one_line_error
-from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
+from tests.servers.test_amqp_support import URL, drain, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
 
@@ -72,8 +73,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return amgi(*args, *AMQP, cwd=ROOT)
 
 
-async def test_list_and_replay_from_the_command_line() -> None:
-    queue = new_queue()
+async def test_list_and_replay_from_the_command_line(amqp_queue: Callable[[], str]) -> None:
+    queue = amqp_queue()
     await dead_letter(queue, 5)
     listed = await asyncio.to_thread(run, "dead-letters", "list", queue, "--limit", "3")
     assert listed.returncode == 0, listed.stderr
@@ -94,12 +95,14 @@ async def test_list_and_replay_from_the_command_line() -> None:
 
 
 def test_replay_to_a_queue_that_does_not_exist_is_one_line() -> None:
-    result = run("dead-letters", "replay", new_queue())
+    result = run("dead-letters", "replay", "amgi-ops-never-declared")
     assert "does not exist" in one_line_error(result)
 
 
-async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
-    queue = new_queue()
+async def test_replay_killed_half_way_loses_no_dead_letter(
+    amqp_queue: Callable[[], str],
+) -> None:
+    queue = amqp_queue()
     n = 2000
     await dead_letter(queue, n)
     replay = await asyncio.create_subprocess_exec(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.transport import Message
 from tests.ops.helpers import ROOT
-from tests.servers.test_amqp_support import URL, new_queue, rabbitmq
+from tests.servers.test_amqp_support import URL, rabbitmq
 
 __all__ = ["rabbitmq"]
 
@@ -42,12 +43,14 @@ async def fetch_n(t: AmqpTransport, n: int) -> list[Message]:
     return found
 
 
-async def test_trace_flows_from_sender_through_consumer_to_the_apps_send() -> None:
+async def test_trace_flows_from_sender_through_consumer_to_the_apps_send(
+    amqp_queue: Callable[[], str],
+) -> None:
     provider = TracerProvider()
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("sender")
-    inbox, outbox = new_queue(), new_queue()
+    inbox, outbox = amqp_queue(), amqp_queue()
     options = AmqpOptions(url=URL, batch_size=10, linger=0.05)
 
     declare = AmqpTransport([inbox, outbox], options)  # declares both queues
