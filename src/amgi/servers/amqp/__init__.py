@@ -20,6 +20,8 @@ attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quoru
 send               ``basic.publish`` with publisher confirms, mandatory by default
 connection loss    reconnect with backoff and consume again on a new channel; batches of
                    the old channel are not acked (the broker redelivers them)
+dead letters       list: ``basic.get`` from ``<queue>.dead-letter``, put back unacked;
+(CLI)              replay: republished (confirmed) to the queue, then acked off it
 =================  ==================================================================
 """
 
@@ -40,6 +42,7 @@ from amgi.servers.amqp._codec import (
     publish_properties,
     table_to_headers,
 )
+from amgi.servers.amqp._dead_letters import DeadLetters
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
     dead_letter_headers,
@@ -70,8 +73,9 @@ logger = logging.getLogger("amgi.servers.amqp")
 # -- the transport ------------------------------------------------------------------------
 
 
-class AmqpTransport(AmqpClient, Transport):
-    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ)."""
+class AmqpTransport(DeadLetters, AmqpClient, Transport):
+    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ); lists and replays dead
+    letters (:mod:`._dead_letters`)."""
 
     name = "amqp"
     options = AmqpOptions
