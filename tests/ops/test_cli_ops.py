@@ -4,17 +4,19 @@ logs, and bad operations options failing in one line before lifespan startup."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from amgi.servers.sqlite import SqliteQueue
-from tests.ops.helpers import amgi, one_line_error, write_app
+from tests.ops.helpers import amgi, one_line_error, until, write_app
 
 
 @pytest.fixture
@@ -128,3 +130,74 @@ def test_bad_operations_options_fail_before_lifespan_startup(project: Path) -> N
     amp = amgi("run", "opsapp:app", "q", "--workers", "2", "--server", "amp", cwd=project)
     assert "--workers: the amp server runs in one process" in one_line_error(amp)
     assert not (project / "started").exists()
+
+
+def test_metrics_listener_binds_loopback_unless_told_otherwise() -> None:
+    from amgi.ops.config import OpsConfig
+    from amgi.ops.run import prepare
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    ops = prepare(OpsConfig(metrics_port=0), app, "memory")
+    assert ops.sock is not None
+    try:
+        assert ops.sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        ops.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"metrics_port": 70000}, "--metrics-port must be 0 to 65535 (got metrics_port=70000)"),
+        ({"metrics_port": -1}, "--metrics-port must be 0 to 65535"),
+        ({"workers": 2000}, "--workers must be 1 to 1024 (got workers=2000)"),
+        ({"tracing": "maybe"}, "--tracing must be one of auto, on, off"),
+        (
+            {"metrics_port": 65535, "workers": 2},
+            "--metrics-port leaves no port for worker 1 (PORT+1 must be at most 65535)",
+        ),
+    ],
+)
+def test_operations_options_are_checked_in_one_line(values: dict[str, Any], error: str) -> None:
+    from amgi.errors import ConfigurationError
+    from amgi.ops.config import OpsConfig
+
+    with pytest.raises(ConfigurationError) as caught:
+        OpsConfig(**values)
+    assert error in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_send_routes_and_their_options_come_from_the_environment(project: Path) -> None:
+    (project / "router.py").write_text(ROUTER_APP)
+    amgi("send", "in", "x", cwd=project)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "router:app", "in", "--lifespan", "off"],
+        cwd=project,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("AMGI_")},
+            "AMGI_SEND_TO": "audit.*=sqlite, other.*=memory",
+            "AMGI_SQLITE_DATABASE": str(project / "audit.db"),
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        until(lambda: count(project / "audit.db", "audit.in") == 1, 30, "the routed send")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert count(project / "amgi.db", "audit.in") == 0, "the route was not taken"
+    assert count(project / "amgi.db", "in") == 0
+
+
+ROUTER_APP = """
+async def app(scope, receive, send):
+    m = await receive()
+    await send({"type": "message.send", "address": "audit." + scope["address"],
+                "headers": [], "payload": m["payload"]})
+    await send({"type": "message.ack", "id": m["id"]})
+"""

@@ -35,15 +35,18 @@ def options() -> SqsOptions:
     return SqsOptions(endpoint_url=ENDPOINT, wait_time=1, visibility_timeout=30)
 
 
-async def dead_letter(n: int) -> str:
-    """A new queue whose ``n`` messages the runtime dead-lettered to ``<queue>-dlq``."""
+async def dead_letter(
+    n: int, headers: list[tuple[bytes, bytes]] | None = None, attempts: int = 1
+) -> str:
+    """A new queue whose ``n`` messages the runtime dead-lettered to ``<queue>-dlq``
+    (headers ``n: i``, or ``headers``) after ``attempts`` deliveries."""
     queue = f"t-{uuid.uuid4().hex[:12]}"
     admin = SqsTransport([], options())
     await admin.connect()
     try:
         await admin.client.create_queue(QueueName=queue)
         await asyncio.gather(
-            *(admin.publish(queue, [(b"n", b"%d" % i)], b"%d" % i, {}) for i in range(n))
+            *(admin.publish(queue, headers or [(b"n", b"%d" % i)], b"%d" % i, {}) for i in range(n))
         )
     finally:
         await admin.close()
@@ -67,7 +70,7 @@ async def dead_letter(n: int) -> str:
             more = m.get("more_messages", False)
 
     transport = SqsTransport([queue], options())
-    config = RuntimeConfig(lifespan="off", max_attempts=1)
+    config = RuntimeConfig(lifespan="off", max_attempts=attempts, retry_delay=0)
     runtime = Runtime(app, transport, config, metrics=Count())
     served = asyncio.create_task(runtime.serve())
     try:
@@ -118,6 +121,7 @@ async def test_list_and_replay_from_the_command_line() -> None:
     assert listed.returncode == 0, listed.stderr
     assert f"4 dead letter(s) of {queue!r} shown (sqs)" in listed.stdout
     assert listed.stdout.count("reason:  refused") == 4
+    assert listed.stdout.count("attempts=1 ") == 4, "the dead letter's last attempt"
     assert "headers: n=" in listed.stdout
     again = await asyncio.to_thread(run, "dead-letters", "list", queue, "--limit", "10")
     assert f"4 dead letter(s) of {queue!r} shown" in again.stdout, "listing must leave them"
@@ -173,3 +177,33 @@ async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
     assert set(moved) | set(later) == {str(i) for i in range(n)}, "a dead letter was lost"
     assert len(moved) + len(later) <= n + 10, "more duplicates than one unconfirmed chunk"
     assert await bodies(queue + "-dlq") == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"kind", b"order"), (b"count", b"3")],  # one attribute each
+        [(b"n", b"1"), (b"n", b"2")],  # a repeated name: packed into one attribute
+    ],
+)
+async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    queue = await dead_letter(2, headers, attempts=2)
+    listed = await asyncio.to_thread(run, "dead-letters", "list", queue)
+    assert listed.stdout.count("attempts=2 ") == 2, listed.stdout
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
+    assert replay.returncode == 0, replay.stderr
+    consumer = SqsTransport([queue], options())
+    await consumer.connect()
+    try:
+        messages = []
+        while len(messages) < 2:
+            batches = await asyncio.wait_for(consumer.fetch(), 30)
+            messages += [m for b in batches for m in b.messages]
+    finally:
+        await consumer.close()
+    assert sorted(m.payload for m in messages) == [b"0", b"1"]
+    for m in messages:
+        assert m.attempt == 1
+        assert m.headers == headers

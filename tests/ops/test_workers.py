@@ -84,7 +84,12 @@ async def app(scope, receive, send):
     message = await receive()
     with open(os.environ["SEEN"], "a") as f:
         f.write(f"{os.getpid()}\\n")
-    await asyncio.sleep(3600)
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if not os.environ.get("SWALLOW"):
+                raise
 """
 
 
@@ -222,3 +227,51 @@ def test_each_worker_serves_probes_on_its_own_port(tmp_path: Path) -> None:
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+def test_workers_whose_app_ignores_cancellation_still_exit(tmp_path: Path) -> None:
+    # Each worker's runtime gives up on the stubborn call after --cancel-grace and ends
+    # its process itself (Runtime.run), also with the probe listener beside it; the
+    # supervisor then reports the workers' failure instead of waiting forever.
+    from tests.net import free_port, port_open
+
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    seen = tmp_path / "seen"
+    env = {**os.environ, "SEEN": str(seen), "SWALLOW": "1"}
+    for i in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+        )
+    port = free_port()
+    while port_open(port + 1):
+        port = free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1", "--shutdown-timeout", "0.5",
+         "--cancel-grace", "0.5", "--metrics-port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
+        workers = [int(p) for p in seen.read_text().split()]
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 1
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert supervisor.stderr is not None
+    err = supervisor.stderr.read()
+    for pid in workers:
+        assert not _alive(pid)
+    assert err.count("exiting without waiting for application code") == 2, err
+    assert "exited with code 1 while stopping" in err
+    assert "Traceback" not in err
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 2, "the abandoned batches were not acked"
+    queue.close()
