@@ -127,8 +127,9 @@ def test_bad_operations_options_fail_before_lifespan_startup(project: Path) -> N
     assert "--workers must be 1 to 1024 (got workers=0)" in one_line_error(zero)
     memory = amgi("run", "opsapp:app", "q", "--workers", "2", "--server", "memory", cwd=project)
     assert "--workers: the memory server runs in one process" in one_line_error(memory)
-    amp = amgi("run", "opsapp:app", "q", "--workers", "2", "--server", "amp", cwd=project)
-    assert "--workers: the amp server runs in one process" in one_line_error(amp)
+    for server in ("amp", "http", "mqtt"):
+        refused = amgi("run", "opsapp:app", "q", "--workers", "2", "--server", server, cwd=project)
+        assert f"--workers: the {server} server runs in one process" in one_line_error(refused)
     assert not (project / "started").exists()
 
 

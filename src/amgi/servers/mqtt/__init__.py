@@ -71,6 +71,10 @@ class MqttTransport(MqttClient, Transport):
     send_error = MqttSendError
     requires = ("paho.mqtt",)
     extra = "mqtt"
+    single_process_reason = (
+        "processes sharing one --client-id take its session from each other (run one "
+        "'amgi run' per client id, on a $share/GROUP/ subscription)"
+    )
 
     def __init__(self, addresses: Sequence[str], options: MqttOptions | None = None) -> None:
         super().__init__(addresses, options or MqttOptions())
