@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,6 +11,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.transport import Transport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,3 +88,41 @@ def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+async def dead_letter_all(
+    transport: Transport, n: int, *, with_id: bool = False, **config: Any
+) -> None:
+    """Serve ``transport`` with an app that nacks every message (reason ``refused``, plus
+    `` <id>`` when ``with_id``) until the runtime dead-lettered ``n`` of them.
+
+    ``config`` goes to :class:`RuntimeConfig` (default: one attempt, no lifespan).
+    """
+    done = asyncio.Event()
+    dead = 0
+
+    class Count(MetricsHook):
+        def batch_settled(self, stats: BatchStats) -> None:
+            nonlocal dead
+            dead += stats.dead_lettered
+            if dead >= n:
+                done.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            m = await receive()
+            reason = f"refused {m['id']}" if with_id else "refused"
+            await send({"type": "message.nack", "id": m["id"], "message": reason})
+            more = m.get("more_messages", False)
+
+    settings = RuntimeConfig(**{"lifespan": "off", "max_attempts": 1, **config})
+    runtime = Runtime(app, transport, settings, metrics=Count())
+    served = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 60) == 0

@@ -10,14 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from amgi.runtime import Runtime, RuntimeConfig
-from amgi.runtime.metrics import BatchStats, MetricsHook
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
-from tests.ops.helpers import ROOT, amgi, one_line_error
+from tests.ops.helpers import ROOT, amgi, dead_letter_all, one_line_error
 from tests.servers.test_amqp_support import URL, drain, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
@@ -38,35 +35,7 @@ async def dead_letter(queue: str, n: int) -> None:
         *(sender.publish(queue, [(b"n", b"%d" % i)], b"%d" % i, {}) for i in range(n))
     )
     await sender.close()
-    done = asyncio.Event()
-    dead = 0
-
-    class Count(MetricsHook):
-        def batch_settled(self, stats: BatchStats) -> None:
-            nonlocal dead
-            dead += stats.dead_lettered
-            if dead >= n:
-                done.set()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            m = await receive()
-            await send({"type": "message.nack", "id": m["id"], "message": "refused"})
-            more = m.get("more_messages", False)
-
-    transport = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=100))
-    runtime = Runtime(
-        app, transport, RuntimeConfig(lifespan="off", max_attempts=1), metrics=Count()
-    )
-    served = asyncio.create_task(runtime.serve())
-    try:
-        await asyncio.wait_for(done.wait(), 60)
-    finally:
-        runtime.request_stop()
-        assert await asyncio.wait_for(served, 30) == 0
+    await dead_letter_all(AmqpTransport([queue], AmqpOptions(url=URL, batch_size=100)), n)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

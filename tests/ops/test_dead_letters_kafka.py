@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
-from tests.ops.helpers import one_line_error
+from tests.ops.helpers import dead_letter_all, one_line_error
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     ROOT,
@@ -38,38 +37,7 @@ pytestmark = pytest.mark.timeout(150)
 async def nack_everything(topic: str, n: int) -> None:
     """Produce ``n`` records to ``topic`` and let the runtime dead-letter every one."""
     produce(topic, ((b"k%d" % (i % 4), b"%d" % i, [("n", b"%d" % i)]) for i in range(n)))
-    settled = 0
-    done = asyncio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal settled
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            m = await receive()
-            await send({"type": "message.nack", "id": m["id"], "message": "refused " + m["id"]})
-            more = m.get("more_messages", False)
-
-    from amgi.runtime.metrics import BatchStats, MetricsHook
-
-    class Count(MetricsHook):
-        def batch_settled(self, stats: BatchStats) -> None:
-            nonlocal settled
-            settled += stats.dead_lettered
-            if settled >= n:
-                done.set()
-
-    transport = KafkaTransport([topic], KafkaOptions(**options()))
-    runtime = Runtime(
-        app, transport, RuntimeConfig(lifespan="off", max_attempts=1), metrics=Count()
-    )
-    served = asyncio.create_task(runtime.serve())
-    try:
-        await asyncio.wait_for(done.wait(), 60)
-    finally:
-        runtime.request_stop()
-        assert await asyncio.wait_for(served, 60) == 0
+    await dead_letter_all(KafkaTransport([topic], KafkaOptions(**options())), n, with_id=True)
 
 
 def records_after(topic: str, before: dict[int, int]) -> list[Any]:

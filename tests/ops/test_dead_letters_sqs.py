@@ -11,15 +11,12 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
 
 import pytest
 
-from amgi.runtime import Runtime, RuntimeConfig
-from amgi.runtime.metrics import BatchStats, MetricsHook
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from tests.moto_env import ENDPOINT, use_moto_credentials
-from tests.ops.helpers import ROOT, amgi, one_line_error
+from tests.ops.helpers import ROOT, amgi, dead_letter_all, one_line_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,35 +47,35 @@ async def dead_letter(
         )
     finally:
         await admin.close()
-    done = asyncio.Event()
-    dead = 0
-
-    class Count(MetricsHook):
-        def batch_settled(self, stats: BatchStats) -> None:
-            nonlocal dead
-            dead += stats.dead_lettered
-            if dead >= n:
-                done.set()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            m = await receive()
-            await send({"type": "message.nack", "id": m["id"], "message": "refused"})
-            more = m.get("more_messages", False)
-
-    transport = SqsTransport([queue], options())
-    config = RuntimeConfig(lifespan="off", max_attempts=attempts, retry_delay=0)
-    runtime = Runtime(app, transport, config, metrics=Count())
-    served = asyncio.create_task(runtime.serve())
-    try:
-        await asyncio.wait_for(done.wait(), 60)
-    finally:
-        runtime.request_stop()
-        assert await asyncio.wait_for(served, 30) == 0
+    await dead_letter_all(SqsTransport([queue], options()), n, max_attempts=attempts, retry_delay=0)
+    # The runtime counts a dead letter when it settles the batch, also when moving it
+    # failed (it then waits in the queue, hidden): check where every message is.
+    assert await depths(queue) == (0, 0), "not every message left the queue"
+    assert await depths(queue + "-dlq") == (n, 0), "not every message reached the dead letters"
     return queue
+
+
+async def depths(queue: str) -> tuple[int, int]:
+    """``(visible, in flight)`` messages of ``queue``."""
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        url = (await admin.client.get_queue_url(QueueName=queue))["QueueUrl"]
+        found = (
+            await admin.client.get_queue_attributes(
+                QueueUrl=url,
+                AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible",
+                ],
+            )
+        )["Attributes"]
+    finally:
+        await admin.close()
+    return (
+        int(found["ApproximateNumberOfMessages"]),
+        int(found["ApproximateNumberOfMessagesNotVisible"]),
+    )
 
 
 async def bodies(queue: str) -> list[str]:
