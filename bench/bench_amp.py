@@ -1,16 +1,23 @@
 """AMP benchmark: amgi.amp against Twisted's AMP, side by side, in one run.
 
-    python bench/bench_amp.py [--seconds 2]
+    python bench/bench_amp.py [--rounds 3] [--baseline DIR]
 
 Every server and client runs in its own subprocess on 127.0.0.1. Prints calls
 per second for a small command (sequential, and with 100 calls in flight) for
-each client/server pair, and the encode/parse time of one 4-key box.
+each client/server pair, median and min-max over the rounds (the pairs alternate
+within each round), and the encode/parse time of one 4-key box.
+
+``--baseline DIR`` adds "before" contenders: amgi.amp imported from ``DIR/src``
+(e.g. an older checkout: ``git archive REV src | tar -x -C DIR``), to compare a
+change with its base in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -67,10 +74,10 @@ def client_ours(port: int, rounds: int, in_flight: int) -> None:
                 await call(Sum, a=i, b=1)
 
         await worker(200)  # warm up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(rounds // in_flight) for _ in range(in_flight)))
-        elapsed = time.perf_counter() - start
-        print(f"RATE {rounds / elapsed:.0f}", flush=True)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"RATE {rounds / elapsed:.0f} CPU {cpu / rounds * 1e6:.2f}", flush=True)
         conn.close()
         await conn.wait_closed()
 
@@ -121,18 +128,31 @@ def client_twisted(port: int, rounds: int, in_flight: int) -> None:
                 await proto.callRemote(Sum, a=i, b=1)
 
         await worker(200)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await defer.gatherResults(
             [defer.ensureDeferred(worker(rounds // in_flight)) for _ in range(in_flight)]
         )
-        elapsed = time.perf_counter() - start
-        print(f"RATE {rounds / elapsed:.0f}", flush=True)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"RATE {rounds / elapsed:.0f} CPU {cpu / rounds * 1e6:.2f}", flush=True)
         proto.transport.loseConnection()
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 
 
 # ----------------------------------------------------------------------- box timing
+
+
+def box_timing_of(contender: Contender) -> tuple[float, float]:
+    """Encode/parse µs of amgi.amp in a subprocess (so a baseline can be imported)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "boxes"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=environment(contender[2]),
+    ).stdout.split()
+    return float(out[0]), float(out[1])
 
 
 def box_timings(number: int = 100_000) -> list[tuple[str, float, float]]:
@@ -159,59 +179,126 @@ def box_timings(number: int = 100_000) -> list[tuple[str, float, float]]:
 # ---------------------------------------------------------------------------- driver
 
 
-def start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
+# A contender: (label, implementation, PYTHONPATH prefix or None).
+Contender = tuple[str, str, str | None]
+
+
+def environment(path: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def start_server(contender: Contender) -> tuple[subprocess.Popen[str], int]:
+    label, kind, path = contender
     proc = subprocess.Popen(
-        [sys.executable, __file__, f"serve-{kind}"], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, f"serve-{kind}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment(path),
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
-        raise RuntimeError(f"{kind} server failed to start")
+        raise RuntimeError(f"{label} server failed to start")
     return proc, int(line.split()[1])
 
 
-def run_client(kind: str, port: int, rounds: int, in_flight: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_client(
+    contender: Contender, server: subprocess.Popen[str], port: int, rounds: int, in_flight: int
+) -> tuple[float, float, float]:
+    """Calls/s, client CPU µs per call, server CPU µs per call (the whole client run)."""
+    _, kind, path = contender
+    server_cpu = cpu_seconds(server.pid)
     out = subprocess.run(
         [sys.executable, __file__, f"client-{kind}", str(port), str(rounds), str(in_flight)],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
-    ).stdout
-    return float(out.split("RATE")[1])
+        env=environment(path),
+    ).stdout.split()
+    server_us = (cpu_seconds(server.pid) - server_cpu) / rounds * 1e6
+    return float(out[out.index("RATE") + 1]), float(out[out.index("CPU") + 1]), server_us
+
+
+def summary(values: list[float], digits: int = 0) -> str:
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=1, help="best of N runs per cell")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (pairs alternate)")
+    parser.add_argument("--baseline", help="a checkout whose src/ is the 'before' amgi.amp")
     args = parser.parse_args()
-    servers = {kind: start_server(kind) for kind in ("ours", "twisted")}
-    rows = []
+    ours: Contender = ("amgi.amp", "ours", None)
+    twisted: Contender = ("Twisted", "twisted", None)
+    contenders = [ours, twisted]
+    pairs = [(ours, ours), (ours, twisted), (twisted, ours), (twisted, twisted)]
+    if args.baseline:
+        before: Contender = ("before", "ours", os.path.join(args.baseline, "src"))
+        contenders.append(before)
+        pairs[1:1] = [(before, before)]
+        pairs[4:4] = [(twisted, before)]
+    servers = {c[0]: start_server(c) for c in contenders}
+    # Per pair: sequential calls/s, in-flight calls/s, client and server CPU µs per call.
+    results: dict[tuple[str, str], tuple[list[float], ...]] = {
+        (c[0], s[0]): ([], [], [], []) for c, s in pairs
+    }
     try:
-        for client in ("ours", "twisted"):
-            for server in ("ours", "twisted"):
-                port = servers[server][1]
-                seq = max(run_client(client, port, ROUNDS_SEQ, 1) for _ in range(args.repeat))
-                par = max(
-                    run_client(client, port, ROUNDS_PAR, IN_FLIGHT) for _ in range(args.repeat)
-                )
-                rows.append((client, server, seq, par))
+        for round_ in range(args.rounds):
+            order = pairs if round_ % 2 == 0 else pairs[::-1]
+            for client, server in order:
+                proc, port = servers[server[0]]
+                seq, par, client_cpu, server_cpu = results[client[0], server[0]]
+                seq.append(run_client(client, proc, port, ROUNDS_SEQ, 1)[0])
+                rate, client_us, server_us = run_client(client, proc, port, ROUNDS_PAR, IN_FLIGHT)
+                par.append(rate)
+                client_cpu.append(client_us)
+                server_cpu.append(server_us)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
-    names = {"ours": "amgi.amp", "twisted": "Twisted"}
-    print(f"{'client':<10} {'server':<10} {'sequential calls/s':>20} {'100 in flight calls/s':>23}")
-    for client, server, seq, par in rows:
-        print(f"{names[client]:<10} {names[server]:<10} {seq:>20,.0f} {par:>23,.0f}")
+    print(f"median (min-max) of {args.rounds} rounds; CPU µs per call with 100 in flight")
+    print(
+        f"{'client':<9} {'server':<9} {'sequential calls/s':>24} {'100 in flight calls/s':>26}"
+        f" {'client CPU µs':>21} {'server CPU µs':>21}"
+    )
+    for (client_label, server_label), (seq, par, c_cpu, s_cpu) in results.items():
+        print(
+            f"{client_label:<9} {server_label:<9} {summary(seq):>24} {summary(par):>26}"
+            f" {summary(c_cpu, 1):>21} {summary(s_cpu, 1):>21}"
+        )
     print()
-    print(f"{'4-key box':<10} {'encode µs':>10} {'parse µs':>10}")
-    for name, enc, parse in box_timings():
+    print(f"{'4-key box':<10} {'encode µs':>10} {'parse µs':>10}  (best of {args.rounds} runs)")
+    rows = box_timings()
+    if args.baseline:
+        mine: list[tuple[float, float]] = []
+        theirs: list[tuple[float, float]] = []
+        for _ in range(args.rounds):  # alternating processes
+            mine.append(box_timing_of(ours))
+            theirs.append(box_timing_of(before))
+        rows[0] = ("amgi.amp", min(t[0] for t in mine), min(t[1] for t in mine))
+        rows.insert(1, ("before", min(t[0] for t in theirs), min(t[1] for t in theirs)))
+    for name, enc, parse in rows:
         print(f"{name:<10} {enc:>10.2f} {parse:>10.2f}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1].startswith(("serve-", "client-")):
+    if sys.argv[1:] == ["boxes"]:
+        _, encode_us, parse_us = box_timings()[0]
+        print(encode_us, parse_us)
+    elif len(sys.argv) > 1 and sys.argv[1].startswith(("serve-", "client-")):
         mode = sys.argv[1]
         if mode == "serve-ours":
             serve_ours()

@@ -1,33 +1,49 @@
-"""Drain a pre-filled Kafka topic: our server beside the raw client loop and the peers.
+"""Drain a pre-filled Kafka topic: our server beside the raw client loops and the peers.
 
 Run after ``scripts/brokers/kafka.sh``: ``.venv/bin/python bench/bench_kafka.py``.
 
-One topic of ``--count`` 100-byte records with 2 headers on 4 partitions is produced once;
-each contender then drains it in its own process with a fresh consumer group, counting
-until every record is acked and its offset committed. Time to first message (group join
-included) is reported apart from the throughput, which is measured after the first message.
+One topic of ``--count`` 100-byte records with 2 headers on 4 partitions is produced once.
+Each contender then drains it in its own process with a fresh consumer group, contenders
+alternating over ``--rounds`` rounds (the order rotates each round). Every contender is
+timed the same way, from outside: the driver starts its process and asks the broker every
+10 ms for the group's committed offsets; a run ends when the broker reports every
+partition committed to its end. The contender writes the wall time of its first message
+to a file; time to first message is counted from the process start (interpreter start,
+imports and group join included) and throughput from the first message to the end.
+Every consumer gets ``session.timeout.ms`` 1000 and ``heartbeat.interval.ms`` 200.
 
-Contenders: ``amgi-kafka`` (this project's server through ``amgi.runtime.Runtime``, an app
-that acks everything), ``raw-confluent`` (confluent-kafka consume + one synchronous commit
-per partition batch), ``raw-confluent-async`` (the same loop with asynchronous commits, as
-the server sends them, done when the broker confirmed them), ``protocol-minimum`` (that
-loop plus the AMGI protocol's bare per-record work: event dicts and one app call per
-batch, see :func:`run_floor`), and the peers a user would
-pick instead, run from a separate venv (``.venv-bench``, created here on first use):
-``faststream-batch`` (FastStream Kafka subscriber, batch mode),
-``upstream-amgi-aiokafka`` (the ``amgi-aiokafka`` package) and ``raw-aiokafka`` (the raw
-loop of the client those two use: ``getmany`` + one commit per partition batch).
+Contenders:
+
+- ``amgi-run``: our server as a user runs it, the ``amgi run`` command (Runtime with
+  signal handling, GC tuning, logging at INFO, lifespan auto), defaults except the group
+  timings above; the app (:func:`app`) reads until ``more_messages`` is false and acks each id;
+- ``amgi-run-ledger``: the same command with the Kafka transport declaring stable ids, so
+  that the runtime's crash ledger is on (what it costs on Kafka);
+- ``amgi-inprocess``: the server embedded in a script (``Runtime(...).serve()``, lifespan
+  off, GC tuning, no logging set up): the configuration this benchmark used before;
+- ``raw-confluent`` / ``raw-confluent-async``: confluent-kafka ``consume`` + one commit per
+  partition batch, synchronous or asynchronous (the latter as the server commits);
+- ``protocol-minimum``: the asynchronous raw loop plus only the AMGI protocol's own
+  per-record work (see :func:`run_floor`);
+- from a separate venv (``.venv-bench``, created here on first use): ``raw-aiokafka``
+  (``getmany`` + one commit per partition batch), ``upstream-amgi-aiokafka`` (the
+  ``amgi-aiokafka`` 0.51 server, one app call per record) and ``faststream-batch``
+  (FastStream's Kafka subscriber in batch mode, committing after each batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import functools
-import json
 import os
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,43 +51,58 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench"
-PEERS = ["faststream[kafka]", "amgi-aiokafka"]
+UPSTREAM = "0.51.0"
 PARTITIONS = 4
+SESSION_MS = 1000
+HEARTBEAT_MS = 200
+WATCH_EVERY = 0.01
 
 
-# -- the contenders (each runs in its own process) ------------------------------------------
+# -- what every contender reports -----------------------------------------------------------
+
+_first_written = False
 
 
-def _done(committed: dict[int, int], ends: dict[int, int]) -> bool:
-    return all(committed.get(p, -1) >= end for p, end in ends.items())
+def first_message() -> None:
+    """Write the wall time of the first message to ``$BENCH_FIRST`` (once)."""
+    global _first_written
+    if not _first_written:
+        _first_written = True
+        Path(os.environ["BENCH_FIRST"]).write_text(repr(time.time()))
 
 
-def _raw_consumer(bootstrap: str, topic: str, name: str) -> tuple[Any, dict[int, int]]:
-    """A subscribed confluent-kafka consumer for the raw loops, and the offsets per
-    partition that the broker confirmed as committed (filled by its commit callback)."""
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """The app ``amgi run`` serves: read until ``more_messages`` is false, ack each id."""
+    if scope["type"] != "message":
+        return
+    first_message()
+    more = True
+    while more:
+        event = await receive()
+        more = event["more_messages"]
+        await send({"type": "message.ack", "id": event["id"]})
+
+
+# -- the contenders (each runs in its own process until the driver stops it) ----------------
+
+
+def _raw_consumer(bootstrap: str, topic: str, group: str) -> Any:
+    """A subscribed confluent-kafka consumer for the raw loops."""
     from confluent_kafka import Consumer
-
-    committed: dict[int, int] = {}
-
-    def confirmed(err: Any, partitions: list[Any]) -> None:
-        for tp in partitions if err is None else ():
-            if tp.error is None:
-                committed[tp.partition] = max(committed.get(tp.partition, 0), tp.offset)
 
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"bench-{name}-{uuid.uuid4().hex[:8]}",
+            "group.id": group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 500,
+            "session.timeout.ms": SESSION_MS,
+            "heartbeat.interval.ms": HEARTBEAT_MS,
             "fetch.queue.backoff.ms": 10,  # as the amgi server sets it (default: 1000)
-            "on_commit": confirmed,
         }
     )
     consumer.subscribe([topic])
-    return consumer, committed
+    return consumer
 
 
 def _take(consumer: Any) -> list[Any]:
@@ -84,37 +115,24 @@ def _take(consumer: Any) -> list[Any]:
     return records
 
 
-def run_raw(
-    bootstrap: str, topic: str, ends: dict[int, int], count: int, asynchronous: bool = False
-) -> dict[str, float]:
-    """consume + one commit per partition batch: synchronous, or asynchronous (as the amgi
-    server commits) with the broker's confirmations counted in the commit callback."""
+def run_raw(bootstrap: str, topic: str, group: str, asynchronous: bool = False) -> None:
+    """consume + one commit per partition batch, synchronous or asynchronous."""
     from confluent_kafka import TopicPartition
 
-    t0 = time.perf_counter()
-    consumer, committed = _raw_consumer(bootstrap, topic, "raw")
-    first = 0.0
-    seen = 0
-    while not _done(committed, ends):
+    consumer = _raw_consumer(bootstrap, topic, group)
+    while True:
         records = _take(consumer)
         if not records:
             continue
-        if not first:
-            first = time.perf_counter()
+        first_message()
         last: dict[int, int] = {}
         for r in records:
             if r.error() is None:
                 r.value()
                 r.headers()
                 last[r.partition()] = r.offset()
-                seen += 1
         for p, off in last.items():  # one commit per partition batch
             consumer.commit(offsets=[TopicPartition(topic, p, off + 1)], asynchronous=asynchronous)
-            if not asynchronous:
-                committed[p] = off + 1
-    end = time.perf_counter()
-    consumer.close()
-    return {"first": first - t0, "drain": end - first, "seen": seen}
 
 
 class _FloorCall:
@@ -133,37 +151,22 @@ class _FloorCall:
         self.position += 1
 
 
-def run_floor(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+def run_floor(bootstrap: str, topic: str, group: str) -> None:
     """``raw-confluent-async`` plus the least per-record work the AMGI protocol asks of
     any server, and nothing else: the receive event the spec defines (text id,
     ``(bytes, bytes)`` headers, the Kafka bindings), one app call per partition batch
     that awaits ``receive`` and ``send`` per record, and a check that each ack names the
-    record just handed out. No runtime, no validation beyond that, no retries.
-
-    It runs in one thread; the server overlaps the client's fetching with this work in a
-    second thread, so it can beat this row. What the row shows is what the protocol's
-    own per-record Python costs beside the raw loop."""
+    record just handed out. No runtime, no validation beyond that, no retries, one thread.
+    """
     from confluent_kafka import TopicPartition
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        more = True
-        while more:
-            event = await receive()
-            more = event["more_messages"]
-            await send({"type": "message.ack", "id": event["id"]})
-
-    async def main() -> dict[str, float]:
-        t0 = time.perf_counter()
-        consumer, committed = _raw_consumer(bootstrap, topic, "floor")
-        first = 0.0
-        seen = 0
+    async def main() -> None:
+        consumer = _raw_consumer(bootstrap, topic, group)
         names = {"content-type": b"content-type", "trace-id": b"trace-id"}
-        while not _done(committed, ends):
+        while True:
             records = _take(consumer)
             if not records:
                 continue
-            if not first:
-                first = time.perf_counter()
             runs: dict[int, list[Any]] = {}
             for r in records:
                 if r.error() is None:
@@ -196,223 +199,175 @@ def run_floor(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> d
                 events[-1]["more_messages"] = False
                 call = _FloorCall(events)
                 await app({"type": "message", "address": topic}, call.receive, call.send)
-                seen += call.position
                 last = run[-1].offset()
                 consumer.commit(offsets=[TopicPartition(topic, p, last + 1)], asynchronous=True)
-        end = time.perf_counter()
-        consumer.close()
-        return {"first": first - t0, "drain": end - first, "seen": seen}
 
-    return asyncio.run(main())
+    asyncio.run(main())
 
 
-def run_amgi(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+def _amgi_options(bootstrap: str, group: str) -> list[str]:
+    """The ``amgi run`` flags of the benchmark: defaults but the group timings."""
+    return [
+        "--server",
+        "kafka",
+        "--bootstrap-servers",
+        bootstrap,
+        "--group-id",
+        group,
+        "--auto-offset-reset",
+        "earliest",
+        "--session-timeout-ms",
+        str(SESSION_MS),
+        "--heartbeat-interval-ms",
+        str(HEARTBEAT_MS),
+    ]
+
+
+def run_amgi_ledger(bootstrap: str, topic: str, group: str) -> None:
+    """``amgi run`` (its ``main``, as the command calls it) with the Kafka transport
+    declaring stable ids, which turns the runtime's crash ledger on."""
+    from amgi.cli import main
+    from amgi.servers.kafka import KafkaTransport
+
+    ledger = tempfile.mkdtemp(prefix="bench-ledger-")
+    KafkaTransport.stable_ids = True
+    try:
+        argv = ["run", "bench_kafka:app", topic, *_amgi_options(bootstrap, group)]
+        main([*argv, "--crash-ledger", ledger])
+    finally:
+        shutil.rmtree(ledger, ignore_errors=True)
+
+
+def run_amgi_inprocess(bootstrap: str, topic: str, group: str) -> None:
+    """The server embedded in a script: Runtime in-process, lifespan off, GC tuned."""
     from amgi.runtime import Runtime, RuntimeConfig
     from amgi.runtime.gc import tune_for_server
     from amgi.servers.kafka import KafkaOptions, KafkaTransport
 
-    tune_for_server()  # as `amgi run` does
-
-    async def main() -> dict[str, float]:
-        first = 0.0
-        seen = 0
-        committed: dict[int, int] = {}
-        finished = asyncio.Event()
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            nonlocal first, seen
-            if scope["type"] != "message":
-                return
-            if not first:
-                first = time.perf_counter()
-            more = True
-            while more:
-                event = await receive()
-                more = event.get("more_messages", False)
-                await send({"type": "message.ack", "id": event["id"]})
-                seen += 1
-
-        loop = asyncio.get_running_loop()
-
-        class Counting(KafkaTransport):
-            def _on_commit(self, err: Any, partitions: list[Any]) -> None:
-                super()._on_commit(err, partitions)  # the broker confirmed these commits
-                if err is None:
-                    for tp in partitions:
-                        if tp.error is None:
-                            p = tp.partition
-                            committed[p] = max(committed.get(p, 0), tp.offset)
-                if _done(committed, ends):
-                    loop.call_soon_threadsafe(finished.set)
-
-        options = KafkaOptions(
-            bootstrap_servers=bootstrap,
-            group_id=f"bench-amgi-{uuid.uuid4().hex[:8]}",
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=500,
-        )
-        t0 = time.perf_counter()
-        runtime = Runtime(app, Counting([topic], options), RuntimeConfig(lifespan="off"))
-        server = asyncio.create_task(runtime.serve())
-        await finished.wait()
-        end = time.perf_counter()
-        runtime.request_stop()
-        await server
-        return {"first": first - t0, "drain": end - first, "seen": seen}
-
-    return asyncio.run(main())
+    options = KafkaOptions(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        session_timeout_ms=SESSION_MS,
+        heartbeat_interval_ms=HEARTBEAT_MS,
+    )
+    runtime = Runtime(app, KafkaTransport([topic], options), RuntimeConfig(lifespan="off"))
+    tune_for_server()
+    asyncio.run(runtime.serve())
 
 
-def _watch_aiokafka_commits(ends: dict[int, int], finished: Any) -> None:
-    """Wrap aiokafka's commit to learn when every partition is committed to its end."""
+def _aiokafka_group_timings() -> None:
+    """Give every AIOKafkaConsumer of this process the benchmark's group timings."""
     from aiokafka import AIOKafkaConsumer
 
-    committed: dict[int, int] = {}
-    original = AIOKafkaConsumer.commit
+    init = AIOKafkaConsumer.__init__
 
-    async def commit(self: Any, offsets: Any = None) -> None:
-        if offsets is None:  # commit() of everything consumed: the positions
-            offsets = {tp: await self.position(tp) for tp in self.assignment()}
-        await original(self, offsets)
-        for tp, value in offsets.items():
-            offset = value if isinstance(value, int) else value.offset
-            committed[tp.partition] = max(committed.get(tp.partition, 0), offset)
-        if _done(committed, ends):
-            finished.set()
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("session_timeout_ms", SESSION_MS)
+        kwargs.setdefault("heartbeat_interval_ms", HEARTBEAT_MS)
+        init(self, *args, **kwargs)
 
-    AIOKafkaConsumer.commit = commit  # type: ignore[method-assign]
+    AIOKafkaConsumer.__init__ = patched  # type: ignore[method-assign]
 
 
-def run_raw_aiokafka(
-    bootstrap: str, topic: str, ends: dict[int, int], count: int
-) -> dict[str, float]:
-    """aiokafka ``getmany`` + one commit per partition batch: the raw loop the issue's
-    reference figures were taken with (the client the upstream package uses)."""
+def run_raw_aiokafka(bootstrap: str, topic: str, group: str) -> None:
+    """aiokafka ``getmany`` + one commit per partition batch (the peers' client)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    async def main() -> dict[str, float]:
-        t0 = time.perf_counter()
+    async def main() -> None:
         consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=bootstrap,
-            group_id=f"bench-rawaio-{uuid.uuid4().hex[:8]}",
+            group_id=group,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=500,
+            session_timeout_ms=SESSION_MS,
+            heartbeat_interval_ms=HEARTBEAT_MS,
         )
         await consumer.start()
-        first = 0.0
-        seen = 0
-        committed: dict[int, int] = {}
-        while not _done(committed, ends):
+        while True:
             fetched = await consumer.getmany(timeout_ms=100, max_records=2000)
-            if fetched and not first:
-                first = time.perf_counter()
+            if fetched:
+                first_message()
             for tp, records in fetched.items():
                 for r in records:
                     r.value  # noqa: B018  (touch what an app would read)
                     r.headers  # noqa: B018
-                seen += len(records)
                 offset = records[-1].offset + 1
                 await consumer.commit({TopicPartition(topic, tp.partition): offset})
-                committed[tp.partition] = offset
-        end = time.perf_counter()
-        await consumer.stop()
-        return {"first": first - t0, "drain": end - first, "seen": seen}
 
-    return asyncio.run(main())
+    asyncio.run(main())
 
 
-def run_upstream(bootstrap: str, topic: str, ends: dict[int, int], count: int) -> dict[str, float]:
+def run_upstream(bootstrap: str, topic: str, group: str) -> None:
+    """The ``amgi-aiokafka`` server, one app call per record, acked."""
     import amgi_aiokafka
 
-    async def main() -> dict[str, float]:
-        first = 0.0
-        seen = 0
-        finished = asyncio.Event()
-        _watch_aiokafka_commits(ends, finished)
+    _aiokafka_group_timings()
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            nonlocal first, seen
-            if scope["type"] != "message":
-                if scope["type"] == "lifespan":
-                    while True:
-                        event = await receive()
-                        kind = event["type"].rsplit(".", 1)[-1]
-                        await send({"type": f"lifespan.{kind}.complete"})
-                        if kind == "shutdown":
-                            return
-                return
-            if not first:
-                first = time.perf_counter()
-            seen += 1
+    async def upstream_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                kind = event["type"].rsplit(".", 1)[-1]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        if scope["type"] == "message":
+            first_message()
             await send({"type": "message.ack", "id": ""})
 
-        t0 = time.perf_counter()
-        server = amgi_aiokafka.Server(
-            app,
-            topic,
-            bootstrap_servers=bootstrap,
-            group_id=f"bench-up-{uuid.uuid4().hex[:8]}",
-            auto_offset_reset="earliest",
-        )
-        task = asyncio.create_task(server.serve())
-        await finished.wait()
-        end = time.perf_counter()
-        server.stop()
-        await asyncio.wait_for(task, 30)
-        return {"first": first - t0, "drain": end - first, "seen": seen}
-
-    return asyncio.run(main())
+    server = amgi_aiokafka.Server(
+        upstream_app,
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+    )
+    asyncio.run(server.serve())
 
 
-def run_faststream(
-    bootstrap: str, topic: str, ends: dict[int, int], count: int
-) -> dict[str, float]:
+def run_faststream(bootstrap: str, topic: str, group: str) -> None:
+    """FastStream's Kafka subscriber in batch mode, committing after each batch."""
     from faststream import AckPolicy
     from faststream.kafka import KafkaBroker
 
-    async def main() -> dict[str, float]:
-        first = 0.0
-        seen = 0
-        finished = asyncio.Event()
-        _watch_aiokafka_commits(ends, finished)
+    async def main() -> None:
         broker = KafkaBroker(bootstrap)
 
         @broker.subscriber(  # type: ignore[misc]
             topic,
             batch=True,
-            group_id=f"bench-fs-{uuid.uuid4().hex[:8]}",
+            group_id=group,
             auto_offset_reset="earliest",
             max_records=2000,
+            session_timeout_ms=SESSION_MS,
+            heartbeat_interval_ms=HEARTBEAT_MS,
             ack_policy=AckPolicy.ACK,  # commit after processing, as the others do
         )
         async def handle(messages: list[bytes]) -> None:
-            nonlocal first, seen
-            if not first:
-                first = time.perf_counter()
-            seen += len(messages)
+            first_message()
 
-        t0 = time.perf_counter()
         await broker.start()
-        await finished.wait()
-        end = time.perf_counter()
-        await broker.stop()
-        return {"first": first - t0, "drain": end - first, "seen": seen}
+        await asyncio.Event().wait()
 
-    return asyncio.run(main())
+    asyncio.run(main())
 
 
-CONTENDERS = {
-    "amgi-kafka": (run_amgi, False),
+AMGI_RUN = "amgi-run"
+"""Not a function: the driver starts the ``amgi`` command itself."""
+
+CONTENDERS: dict[str, tuple[Any, bool]] = {
+    AMGI_RUN: (None, False),
+    "amgi-run-ledger": (run_amgi_ledger, False),
+    "amgi-inprocess": (run_amgi_inprocess, False),
     "raw-confluent": (run_raw, False),
     "raw-confluent-async": (functools.partial(run_raw, asynchronous=True), False),
     "protocol-minimum": (run_floor, False),
     "raw-aiokafka": (run_raw_aiokafka, True),
-    "faststream-batch": (run_faststream, True),
     "upstream-amgi-aiokafka": (run_upstream, True),
+    "faststream-batch": (run_faststream, True),
 }
+RAW = ("raw-confluent", "raw-confluent-async", "raw-aiokafka")
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -421,11 +376,21 @@ CONTENDERS = {
 def ensure_bench_venv() -> Path:
     """Create ``.venv-bench`` with the peers unless it already has them."""
     python = BENCH_VENV / "bin" / "python"
-    check = [str(python), "-c", "import faststream.kafka, amgi_aiokafka"]
+    check = [
+        str(python),
+        "-c",
+        "import faststream.kafka, importlib.metadata as m; "
+        f"assert m.version('amgi-aiokafka') == {UPSTREAM!r}",
+    ]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python
+    pip = [str(python), "-m", "pip", "install", "-q"]
     subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
+    subprocess.run([*pip, "faststream[kafka]", "aiokafka", "amgi-types"], check=True)
+    upstream = [f"amgi-aiokafka=={UPSTREAM}", f"amgi-common=={UPSTREAM}"]
+    if subprocess.run([*pip, *upstream]).returncode != 0:
+        # Its amgi-types pin may not be published where pip looks; the newest one serves.
+        subprocess.run([*pip, "--no-deps", *upstream], check=True)
     return python
 
 
@@ -460,69 +425,172 @@ def prefill(bootstrap: str, count: int) -> tuple[str, dict[int, int]]:
     return topic, ends
 
 
-def run_child(args: argparse.Namespace) -> None:
-    fn, _ = CONTENDERS[args.child]
-    ends = {int(k): v for k, v in json.loads(args.ends).items()}
-    result = fn(args.bootstrap, args.topic, ends, args.count)
-    print(json.dumps(result))
+def _command(
+    name: str, peer_python: Path | None, bootstrap: str, topic: str, group: str
+) -> list[str]:
+    if name == AMGI_RUN:
+        amgi = Path(sys.executable).with_name("amgi")
+        return [str(amgi), "run", "bench_kafka:app", topic, *_amgi_options(bootstrap, group)]
+    python = peer_python if CONTENDERS[name][1] else Path(sys.executable)
+    assert python is not None
+    return [str(python), __file__, "--child", name, bootstrap, topic, group]
+
+
+def _environment(name: str, first_file: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["BENCH_FIRST"] = str(first_file)
+    if not CONTENDERS[name][1]:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])
+    return env
+
+
+def _committed(watcher: Any, partitions: list[Any]) -> dict[int, int]:
+    from confluent_kafka import KafkaException
+
+    try:
+        return {tp.partition: tp.offset for tp in watcher.committed(partitions, timeout=5)}
+    except KafkaException:
+        return {}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    topic: str,
+    group: str,
+    ends: dict[int, int],
+    first_file: Path,
+    log: Path,
+) -> dict[str, float] | None:
+    """Start one contender, wait until the broker reports its group committed to every
+    partition's end, stop it; ``None`` (and the reason on stderr) when it did not get there."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    watcher = Consumer(
+        {"bootstrap.servers": args.bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    partitions = [TopicPartition(topic, p) for p in ends]
+    end = 0.0
+    cpu_first = cpu_end = None
+    with log.open("w") as out:
+        started = time.time()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + args.child_timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                if cpu_first is None and first_file.exists():
+                    cpu_first = _cpu_seconds(proc.pid)
+                committed = _committed(watcher, partitions)
+                if committed and all(committed.get(p, -1) >= e for p, e in ends.items()):
+                    end = time.time()
+                    cpu_end = _cpu_seconds(proc.pid)
+                    break
+                time.sleep(WATCH_EVERY)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            watcher.close()
+    if not end:
+        why = (
+            "exited" if proc.returncode is not None and time.monotonic() < deadline else "timed out"
+        )
+        tail = log.read_text()[-1500:]
+        print(f"{name} {why} before its commits reached the end:\n{tail}", file=sys.stderr)
+        return None
+    first = float(first_file.read_text())
+    cpu = cpu_end - cpu_first if cpu_end is not None and cpu_first is not None else float("nan")
+    return {"first": first - started, "drain": end - first, "cpu": cpu}
+
+
+def run_child(name: str, bootstrap: str, topic: str, group: str) -> None:
+    fn, _ = CONTENDERS[name]
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the driver is done with it
+    fn(bootstrap, topic, group)
+
+
+def _span(values: list[float], fmt: str) -> str:
+    return f"{format(min(values), fmt)}-{format(max(values), fmt)}"
+
+
+def report(results: dict[str, list[dict[str, float]]], count: int, loads: list[float]) -> None:
+    rates = {n: [count / r["drain"] for r in rs] for n, rs in results.items() if rs}
+    medians = {n: statistics.median(v) for n, v in rates.items()}
+    raws = [medians[n] for n in RAW if n in medians]
+    best_raw = max(raws) if raws else 0.0
+    print(f"\n{count} records x 100 B, 2 headers, {PARTITIONS} partitions, committed to the end")
+    print(f"load average (1 min) during the runs: {_span(loads, '.1f')}")
+    print(
+        f"{'contender':<24}{'msgs/s median':>14}{'min-max':>18}{'max/min':>9}"
+        f"{'first msg (s)':>15}{'first min-max':>15}{'vs best raw':>13}"
+        f"{'CPU µs/msg':>12}{'runs':>6}"
+    )
+    for name in sorted(medians, key=lambda n: -medians[n]):
+        firsts = [r["first"] for r in results[name]]
+        share = f"{medians[name] / best_raw:.0%}" if best_raw else "-"
+        cpu = statistics.median(r["cpu"] for r in results[name]) / count * 1e6
+        print(
+            f"{name:<24}{medians[name]:>14,.0f}{_span(rates[name], ',.0f'):>18}"
+            f"{max(rates[name]) / min(rates[name]):>9.2f}{statistics.median(firsts):>15.2f}"
+            f"{_span(firsts, '.2f'):>15}{share:>13}{cpu:>12.2f}{len(rates[name]):>6}"
+        )
+    print("\nmsgs/s per round:")
+    for name in sorted(medians, key=lambda n: -medians[n]):
+        print(f"  {name:<24}" + "".join(f"{r:>10,.0f}" for r in rates[name]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--count", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=1, help="runs per contender (best kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per contender, alternating")
     parser.add_argument("--only", nargs="*", choices=sorted(CONTENDERS))
     parser.add_argument("--child-timeout", type=float, default=180, help="seconds per run")
-    parser.add_argument("--child", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
-    parser.add_argument("--topic", help=argparse.SUPPRESS)
-    parser.add_argument("--ends", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(args)
+        run_child(*args.child)
         return
     names = args.only or list(CONTENDERS)
     peer_python = ensure_bench_venv() if any(CONTENDERS[n][1] for n in names) else None
+    # pip compiles an installed package's modules; a source tree started with
+    # PYTHONDONTWRITEBYTECODE set would compile them at each start instead (~0.1-0.2 s).
+    compileall.compile_dir(str(ROOT / "src" / "amgi"), quiet=1)
     print(f"pre-filling {args.count} records on {PARTITIONS} partitions ...", flush=True)
     topic, ends = prefill(args.bootstrap, args.count)
-    best: dict[str, dict[str, float]] = {}
-    for _ in range(args.rounds):
-        for name in names:
-            python = peer_python if CONTENDERS[name][1] else Path(sys.executable)
-            cmd = [str(python), __file__, "--child", name, "--bootstrap", args.bootstrap]
-            cmd += ["--topic", topic, "--ends", json.dumps(ends), "--count", str(args.count)]
-            env = (
-                {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-                if python == Path(sys.executable)
-                else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-            )
-            try:
-                out = subprocess.run(
-                    cmd, capture_output=True, text=True, timeout=args.child_timeout, env=env
-                )
-            except subprocess.TimeoutExpired:
-                print(f"{name}: did not finish within {args.child_timeout:g} s", file=sys.stderr)
-                continue
-            if out.returncode != 0:
-                print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            if name not in best or result["drain"] < best[name]["drain"]:
-                best[name] = result
-    baselines = ("raw-confluent", "raw-confluent-async", "raw-aiokafka")
-    raws = {k: args.count / best[k]["drain"] for k in baselines if k in best}
-    print(f"\n{args.count} records x 100 B, 2 headers, {PARTITIONS} partitions, acked + committed")
-    print(
-        f"{'contender':<24}{'msgs/s':>12}{'first msg (s)':>15}"
-        f"{'vs raw sync':>13}{'vs raw async':>14}{'vs raw aiokafka':>17}{'seen':>9}"
-    )
-    for name, r in sorted(best.items(), key=lambda kv: kv[1]["drain"]):
-        rate = args.count / r["drain"]
-        ratios = [f"{rate / raws[k]:.0%}" if k in raws else "-" for k in baselines]
-        print(
-            f"{name:<24}{rate:>12,.0f}{r['first']:>15.2f}"
-            f"{ratios[0]:>13}{ratios[1]:>14}{ratios[2]:>17}{int(r['seen']):>9}"
-        )
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
+        for round_ in range(args.rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                group = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+                first_file = Path(tmp) / f"{name}-{round_}.first"
+                cmd = _command(name, peer_python, args.bootstrap, topic, group)
+                env = _environment(name, first_file)
+                log = Path(tmp) / f"{name}-{round_}.log"
+                result = measure(name, cmd, env, args, topic, group, ends, first_file, log)
+                if result is not None:
+                    results[name].append(result)
+                    print(
+                        f"round {round_ + 1} {name}: {args.count / result['drain']:,.0f} msgs/s,"
+                        f" first message {result['first']:.2f} s,"
+                        f" CPU {result['cpu'] / args.count * 1e6:.2f} µs/msg",
+                        flush=True,
+                    )
+                loads.append(os.getloadavg()[0])
+    report(results, args.count, loads)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from amgi.options import add_flags, build, flag_name
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
 from amgi.runtime.routing import Router, parse_route
+from amgi.secrets import hide_flag_values, unrecognized_flags
 from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
 from amgi.servers.kit.bindings import UnknownBinding
 from amgi.servers.kit.bindings import parse as parse_binding
@@ -109,10 +110,31 @@ def _servers_epilog() -> str:
     return "\n".join(lines)
 
 
+_SERVERS_EPILOG = "\0servers"
+"""Epilog placeholder: the list of servers imports every server module, so it is built
+only when help is shown, not at each ``amgi run`` start."""
+
+
 class _Parser(argparse.ArgumentParser):
     server = DEFAULT_SERVER
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog == "amgi":  # the top parser reports them, without values
+            self.error(f"unrecognized arguments: {unrecognized_flags(extras)}")
+        return parsed, extras
+
+    def format_help(self) -> str:
+        if self.epilog == _SERVERS_EPILOG:
+            self.epilog = _servers_epilog()
+        return super().format_help()
+
     def error(self, message: str) -> NoReturn:
+        # A usage error quotes command-line words, and a word may be a password: flags
+        # are shown, values are not (amgi.secrets).
+        message = hide_flag_values(message)
         if message.startswith("unrecognized arguments"):
             message += f" (not options of the {self.server!r} server)"
         self.exit(2, f"amgi: error: {message} (see '{self.prog} --help')\n")
@@ -146,7 +168,7 @@ def _parser(
         prog="amgi",
         description="Run AMGI applications on message brokers, or send them messages.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_servers_epilog(),
+        epilog=_SERVERS_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"amgi {__version__}")
     _log_options(parser, top=True)
@@ -172,7 +194,7 @@ def _parser(
         description="Serve the AMGI application MODULE:APP, consuming ADDRESS... "
         "(queue, topic or topic filter names, as the server understands them)." + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_servers_epilog(),
+        epilog=_SERVERS_EPILOG,
     )
     run.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
     run.add_argument("addresses", metavar="ADDRESS", nargs="*", help="addresses to consume")
@@ -188,7 +210,7 @@ def _parser(
         help="send one message",
         description="Send one message to ADDRESS." + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_servers_epilog(),
+        epilog=_SERVERS_EPILOG,
     )
     send.add_argument("address", metavar="ADDRESS")
     send.add_argument("payload", metavar="PAYLOAD", nargs="?", help="payload text (UTF-8)")
@@ -210,7 +232,7 @@ def _parser(
         "mqtt.correlationData is UTF-8 encoded); the keys are listed in docs/spec.md",
     )
     common(send)
-    add_dead_letter_commands(commands, common, _ENV_NOTE, _servers_epilog())
+    add_dead_letter_commands(commands, common, _ENV_NOTE, _SERVERS_EPILOG)
 
     asyncapi = commands.add_parser(
         "asyncapi",

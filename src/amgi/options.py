@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
 from amgi.errors import ConfigurationError
+from amgi.secrets import masked
 
 __all__ = [
     "add_flags",
@@ -78,9 +79,10 @@ def option(
     """A dataclass field for an option: default (or ``factory``), help text, bounds.
 
     ``ge``/``gt``/``le``/``lt`` bound a number (>=, >, <=, <); ``secret=True`` keeps the
-    value out of help texts and logs. The result is an ordinary ``dataclasses.field``
-    whose metadata holds the rest, so ``field(default=1, metadata={"help": "…",
-    "ge": 1})`` is the same declaration.
+    value out of help texts, errors and the class's repr (:func:`amgi.secrets.masked`).
+    The result is an ordinary ``dataclasses.field`` whose metadata holds the rest, so
+    ``field(default=1, repr=False, metadata={"help": "…", "secret": True})`` is the same
+    declaration as ``option(1, "…", secret=True)``.
     """
     metadata: dict[str, Any] = {"help": help}
     for name, bound in zip(_BOUNDS, (ge, gt, le, lt), strict=True):
@@ -89,8 +91,8 @@ def option(
     if secret:
         metadata["secret"] = True
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return dataclasses.field(default_factory=factory, repr=not secret, metadata=metadata)
+    return dataclasses.field(default=default, repr=not secret, metadata=metadata)
 
 
 def _shown(value: Any) -> str:
@@ -143,7 +145,7 @@ def invalid(options: Any, name: str, problem: str) -> ConfigurationError:
     field is secret); raise the result.
     """
     secret = any(f.name == name and f.metadata.get("secret") for f in dataclasses.fields(options))
-    value = "*****" if secret else repr(getattr(options, name, None))
+    value = masked(getattr(options, name, None)) if secret else repr(getattr(options, name, None))
     return ConfigurationError(f"{flag_name(name)} {problem} (got {name}={value})")
 
 
@@ -279,7 +281,7 @@ def add_flags(
             bounds = bounds_text(f.metadata)
             if bounds:
                 help_text = f"{help_text}, {bounds}"
-            shown = "*****" if f.metadata.get("secret") and default else default
+            shown = masked(default) if f.metadata.get("secret") and default else default
             parser.add_argument(
                 *names,
                 dest=dest,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
+import os
+import pathlib
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from amgi import amp
 
@@ -76,12 +79,84 @@ class Nope(amp.Command):
     pass
 
 
+class Where(amp.Command):
+    arguments = [(b"path", amp.Path())]
+    response = [(b"path", amp.Path()), (b"name", amp.Unicode())]
+
+
+class SwitchToEcho(amp.ProtocolSwitchCommand):
+    arguments = [(b"greeting", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+
+
+class Echo(asyncio.Protocol):
+    """What a switched connection speaks: a greeting line, then data echoed upper-cased."""
+
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.greeting.encode() + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+
+class Collect(asyncio.Protocol):
+    """The caller's side after a switch: collects what arrives."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.arrived = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.arrived.set()
+
+    async def until(self, ending: bytes) -> bytes:
+        async with asyncio.timeout(10):
+            while not self.data.endswith(ending):
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.data
+
+
+class Hand(amp.Command):
+    """The caller hands over a descriptor; the responder writes ``text`` to it."""
+
+    arguments = [(b"fd", amp.Descriptor()), (b"text", amp.Unicode())]
+    response = [(b"written", amp.Integer())]
+
+
+class Ask(amp.Command):
+    """The responder answers with the read end of a pipe holding ``text``."""
+
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"fd", amp.Descriptor())]
+
+
+class ListCall(amp.Command):
+    arguments = [(b"items", amp.ListOf(amp.Unicode()))]
+
+
 class Peer(amp.AMP):
     """Our peer, answering exactly like twisted_peer.Peer."""
 
     def __init__(self, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(tls_context=tls_context, **kwargs)
         self.notes: list[str] = []
+        self.sent_fds: list[int] = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for fd in self.sent_fds:
+            os.close(fd)
+        self.sent_fds.clear()
 
     @AllTypes.responder
     def all_types(self, **kwargs: Any) -> dict[str, Any]:
@@ -116,6 +191,32 @@ class Peer(amp.AMP):
     @GetNotes.responder
     def get_notes(self) -> dict[str, Any]:
         return {"notes": self.notes}
+
+    @Where.responder
+    def where(self, path: pathlib.Path) -> dict[str, Any]:
+        return {"path": path / "child", "name": path.name}
+
+    @Hand.responder
+    def hand(self, fd: int, text: str) -> dict[str, Any]:
+        try:
+            return {"written": os.write(fd, text.encode())}
+        finally:
+            os.close(fd)
+
+    @Ask.responder
+    def ask(self, text: str) -> dict[str, Any]:
+        read, write = os.pipe()
+        os.write(write, text.encode())
+        os.close(write)
+        self.sent_fds.append(read)  # ours to close once sent
+        return {"fd": read}
+
+    @SwitchToEcho.responder
+    async def switch_to_echo(self, greeting: str) -> Echo:
+        await asyncio.sleep(0)  # an async responder: input is held meanwhile
+        if greeting == "refuse":
+            raise DeclaredError("not switching")
+        return Echo(greeting)
 
     @IsSecure.responder
     def is_secure(self) -> dict[str, Any]:

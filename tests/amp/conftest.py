@@ -39,3 +39,24 @@ def twisted_server(cert: Cert) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def twisted_unix_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Path of a Twisted AMP server (twisted_peer.Peer) on a UNIX socket."""
+    path = str(tmp_path_factory.mktemp("unix") / "amp.sock")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(TWISTED_PEER), "unix-server", path],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), f"Twisted UNIX server did not start: {line!r}"
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
-from amp_commands import DeclaredError, Fail, IsSecure, Nope, Notify, Peer, Ping
+from amp_commands import (
+    Ask,
+    Big,
+    Collect,
+    DeclaredError,
+    Fail,
+    Hand,
+    IsSecure,
+    Nope,
+    Notify,
+    Peer,
+    Ping,
+    SwitchToEcho,
+)
 from amp_helpers import Cert
 
 from amgi import amp
@@ -212,22 +229,41 @@ async def test_start_tls_refused_without_context(serve: Any) -> None:
         assert await conn.call_remote(Ping, text="plain") == {"text": "ping:pong:plain"}
 
 
-async def raw_exchange(port: int, data: bytes, wait: float = 0.3) -> tuple[bytes, bool]:
-    """Send raw bytes; return what came back and whether the server closed the connection."""
+async def raw_exchange(
+    port: int, data: bytes, wait: float = 0.3, *, expect: bool = False
+) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back and whether the server closed the connection.
+
+    With ``expect`` the server is known to answer or close: wait up to 30 s for that
+    (a loaded machine is slow), then ``wait`` seconds more to see whether it closes.
+    Without it, ``wait`` seconds is all it gets (for outcomes where nothing happens).
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
     received = b""
     closed = False
     try:
-        async with asyncio.timeout(wait):
-            while chunk := await reader.read(65536):
-                received += chunk
-            closed = True
+        if expect:
+            async with asyncio.timeout(30):
+                while not received:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        closed = True
+                        break
+                    received += chunk
+        if not closed:
+            async with asyncio.timeout(wait):
+                while chunk := await reader.read(65536):
+                    received += chunk
+                closed = True
     except TimeoutError:
         pass
+    except ConnectionResetError:  # closed with our bytes still unread
+        closed = True
     writer.close()
-    await writer.wait_closed()
+    with contextlib.suppress(ConnectionResetError):
+        await writer.wait_closed()
     return received, closed
 
 
@@ -240,7 +276,7 @@ def raw(**items: bytes) -> bytes:
     [
         (b"\x01\x00" + b"k" * 300, True, None),  # oversized key
         (raw(hello=b"x"), True, None),  # no _command/_answer/_error
-        (raw(_answer=b"77", text=b"x"), False, None),  # unknown tag: ignored
+        (raw(_answer=b"77", text=b"x"), True, None),  # no call waits for the tag
         (raw(_command=b"Ping", _ask=b"1"), False, b"UNKNOWN"),  # missing argument
         (raw(_command=b"Slow", _ask=b"1", delay=b"soon"), False, b"UNKNOWN"),  # undecodable
         (raw(_command=b"Nope", _ask=b"1"), False, b"UNHANDLED"),
@@ -251,7 +287,7 @@ async def test_bad_input_outcomes(
     serve: Any, loop_errors: list[Any], data: bytes, closes: bool, answer: bytes | None
 ) -> None:
     server = await serve()
-    received, closed = await raw_exchange(server.port, data)
+    received, closed = await raw_exchange(server.port, data, expect=closes or answer is not None)
     assert closed is closes
     if answer is None:
         assert received == b""
@@ -280,3 +316,242 @@ async def test_invalid_response_from_responder_becomes_unknown(serve: Any) -> No
     async with await amp.connect("127.0.0.1", server.port, Peer) as conn:
         with pytest.raises(amp.UnknownRemoteError):
             await conn.call_remote(Ping, text="x")
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_box_limits_close_with_one_clear_line(
+    serve: Any, caplog: pytest.LogCaptureFixture, loop_errors: list[Any]
+) -> None:
+    server = await serve(lambda: Counting(max_box_size=4096, max_keys_per_box=8))
+    ok = raw(_command=b"IsSecure", _ask=b"1")
+    too_big = raw(_command=b"IsSecure", _ask=b"2", pad=b"x" * 5000)
+    with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+        received, closed = await raw_exchange(server.port, ok + too_big + ok, wait=2)
+    assert closed
+    assert [box[b"_answer"] for box in amp.parse_boxes(received)] == [b"1"]  # before the limit
+    (line,) = warnings_of(caplog)
+    assert "closing AMP connection with 127.0.0.1:" in line
+    assert line.endswith("box larger than 4096 bytes (max_box_size)")
+    caplog.clear()
+    flood = b"".join(b"\x00\x04k%03d\x00\x00" % i for i in range(1000))
+    with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+        received, closed = await raw_exchange(server.port, flood, wait=2)
+    assert closed
+    assert received == b""
+    (line,) = warnings_of(caplog)
+    assert line.endswith("box with more than 8 keys (max_keys_per_box)")
+    assert loop_errors == []
+
+
+async def test_bogus_answers_close_after_one_warning(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await serve()
+    flood = b"".join(raw(_answer=b"%x" % i, text=b"x") for i in range(1, 20_001))
+    with caplog.at_level(logging.DEBUG, logger="amgi.amp"):
+        received, closed = await raw_exchange(server.port, flood, wait=2)
+    assert closed
+    assert received == b""
+    (line,) = warnings_of(caplog)
+    assert "answer for tag b'1', which no call waits for" in line
+    assert len([r for r in caplog.records if r.name == "amgi.amp"]) == 1
+
+
+class QuietFail(amp.Command):
+    """Like Fail, without an answer: a declared error can only be logged."""
+
+    arguments = [(b"mode", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+    requires_answer = False
+
+
+class QuietFailing(Counting):
+    @QuietFail.responder
+    async def quiet_fail(self, mode: str) -> None:
+        raise DeclaredError(f"declared {mode}")
+
+
+async def test_declared_error_of_a_call_without_answer_is_logged(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await serve(QuietFailing)
+    async with await amp.connect("127.0.0.1", server.port, Peer) as conn:
+        with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+            assert await conn.call_remote(QuietFail, mode="one") is None
+            assert await conn.call_remote(Ping, text="after") == {"text": "ping:pong:after"}
+    (line,) = warnings_of(caplog)
+    assert "responder for QuietFail raised DeclaredError (DECLARED: declared one)" in line
+
+
+class Echo(amp.Command):
+    arguments = [(b"data", amp.String())]
+    response = [(b"data", amp.String())]
+
+
+class Echoing(Counting):
+    transports: ClassVar[list[asyncio.Transport]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transports.append(self.transport)
+
+    @Echo.responder
+    def echo(self, data: bytes) -> dict[str, bytes]:
+        return {"data": data}
+
+
+async def test_peer_that_never_reads_cannot_grow_the_answer_buffer(serve: Any) -> None:
+    # The client writes echo calls and never reads: answers must stop piling up in
+    # the server's write buffer; reading pauses until the peer reads again.
+    server = await serve(Echoing)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 16)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    call = raw(_command=b"Echo", _ask=b"1", data=b"z" * 60_000)
+    (transport,) = Echoing.transports[-1:]
+    peak = 0
+    sent = 0
+    # Write until our own writes stall: that is the server no longer reading.
+    while sent < 200 * 1024 * 1024:
+        writer.write(call * 16)
+        sent += len(call) * 16
+        try:
+            await asyncio.wait_for(writer.drain(), 1.0)
+        except TimeoutError:
+            break
+        peak = max(peak, transport.get_write_buffer_size())
+    peak = max(peak, transport.get_write_buffer_size())
+    assert sent < 200 * 1024 * 1024, "the server kept reading"
+    # Bounded: one read's worth of answers beyond the high-water mark, and at most
+    # max_concurrent_responders calls waiting.
+    assert peak < 2 * 1024 * 1024, peak
+    (peer,) = [p for p in server.peers if p.transport is transport]
+    assert 0 < len(peer._queue) <= peer.max_concurrent_responders + 300_000 // len(call)
+    # Once the client reads, the server resumes and answers every call.
+    parser = amp.BoxParser()
+    answers = 0
+    async with asyncio.timeout(30):
+        while answers < sent // len(call):
+            answers += len(parser.feed(await reader.read(1 << 20)))
+    writer.close()
+
+
+async def test_protocol_switch_between_our_peers(serve: Any) -> None:
+    server = await serve(Peer)
+    conn = await amp.connect("127.0.0.1", server.port, Peer)
+    async with conn:
+        with pytest.raises(TypeError, match="switch_protocol"):
+            await conn.call_remote(SwitchToEcho, greeting="x")
+        with pytest.raises(DeclaredError):
+            await conn.switch_protocol(SwitchToEcho, Collect, greeting="refuse")
+        assert await conn.call_remote(Ping, text="amp") == {"text": "ping:pong:amp"}
+        new = await conn.switch_protocol(SwitchToEcho, Collect, greeting="ours")
+        assert isinstance(new, Collect)
+        assert await new.until(b"ours\n") == b"ours\n"
+        assert new.transport is not None
+        new.transport.write(b"q")
+        assert await new.until(b"Q") == b"ours\nQ"
+        await asyncio.wait_for(server.peers[0].wait_closed(), 5)
+        assert server.peers[0].is_closed
+        new.transport.close()
+
+
+async def test_descriptors_between_our_peers_with_big_boxes(tmp_path: Path) -> None:
+    path = tmp_path / "amp.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer())
+        return peers[-1]
+
+    async with await amp.serve_unix(factory, path):
+        conn = await amp.connect_unix(path, Peer)
+        async with conn:
+            pipes = [os.pipe() for _ in range(20)]
+            data = bytes(range(256)) * 2000  # large boxes between the descriptors
+            calls = []
+            for i, (_, write) in enumerate(pipes):
+                calls.append(conn.call_remote(Hand, fd=write, text=f"p{i:02d}"))
+                calls.append(conn.call_remote(Big, data=data))
+            results = await asyncio.gather(*calls)
+            assert results[0::2] == [{"written": 3}] * 20
+            assert results[1::2] == [{"data": data[::-1], "size": len(data)}] * 20
+            for i, (read, write) in enumerate(pipes):
+                os.close(write)
+                assert os.read(read, 10) == b"p%02d" % i
+                os.close(read)
+            answer = await conn.call_remote(Ask, text="ours")
+            assert answer is not None
+            with os.fdopen(answer["fd"], "rb") as received:
+                assert received.read() == b"ours"
+        await asyncio.wait_for(peers[0].wait_closed(), 5)
+    assert not path.exists() or path.is_socket()
+
+
+async def raw_unix(path: Path, data: bytes, fds: list[int]) -> bytes:
+    """Send ``data`` with ``fds`` from a plain UNIX socket; return all it gets back."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(path))
+        await loop.run_in_executor(None, socket.send_fds, sock, [data], fds)
+        received = b""
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
+                if amp.BoxParser().feed(received):
+                    break
+        return received
+
+
+async def test_unix_descriptor_failure_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "amp.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer())
+        return peers[-1]
+
+    async with await amp.serve_unix(factory, path):
+        # A box naming a descriptor that never came: an error answer, nothing else.
+        hand = raw(_command=b"Hand", _ask=b"1", fd=b"3", text=b"x")
+        (answer,) = amp.parse_boxes(await raw_unix(path, hand, []))
+        assert answer[b"_error_code"] == b"UNKNOWN"
+        assert b"no file descriptor #3" in answer[b"_error_description"]
+        # Descriptors no box claims are closed when the connection ends: once the
+        # server's copy is closed, closing ours gives the read end its EOF.
+        read, write = os.pipe()
+        try:
+            ping = raw(_command=b"IsSecure", _ask=b"1")
+            assert amp.parse_boxes(await raw_unix(path, ping, [write]))[0][b"_answer"] == b"1"
+            await asyncio.wait_for(peers[-1].wait_closed(), 5)
+            os.close(write)
+            assert os.read(read, 10) == b""
+        finally:
+            os.close(read)
+        # More descriptors in one read than it takes: closed, with one clear line.
+        pipes = [os.pipe() for _ in range(35)]  # 70 descriptors
+        try:
+            fds = [fd for pair in pipes for fd in pair]
+            with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+                assert await raw_unix(path, ping, fds) == b""
+            assert "more than 64 file descriptors at once" in caplog.text
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+async def test_descriptor_answer_on_tcp_is_an_error(serve: Any) -> None:
+    server = await serve(Peer)
+    async with await amp.connect("127.0.0.1", server.port, Peer) as conn:
+        with pytest.raises(amp.UnknownRemoteError):
+            await conn.call_remote(Ask, text="x")
+    for fd in server.peers[0].sent_fds:
+        os.close(fd)
+    server.peers[0].sent_fds.clear()

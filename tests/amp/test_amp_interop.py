@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pathlib
 import sys
 from typing import Any
 
@@ -11,16 +13,22 @@ import pytest
 from amp_commands import (
     CASES,
     AllTypes,
+    Ask,
     Big,
+    Collect,
     DeclaredError,
     Fail,
     FatalError,
     GetNotes,
+    Hand,
     IsSecure,
+    ListCall,
     Nope,
     Notify,
     Peer,
     Ping,
+    SwitchToEcho,
+    Where,
     case_source,
     norm,
 )
@@ -80,6 +88,21 @@ async def test_bidirectional_big_and_notify_with_twisted_server(twisted_server: 
         assert [r["text"] for r in results if r] == [f"ping:pong:{i}" for i in range(50)]
 
 
+async def test_path_with_twisted_server(twisted_server: int) -> None:
+    async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+        result = await conn.call_remote(Where, path=pathlib.Path("/tmp/d\u00e9j\u00e0 vu"))
+        assert result == {
+            "path": pathlib.Path("/tmp/d\u00e9j\u00e0 vu/child"),
+            "name": "d\u00e9j\u00e0 vu",
+        }
+        # str and bytes paths are sent as the same text.
+        assert await conn.call_remote(Where, path="/a b") == {
+            "path": pathlib.Path("/a b/child"),
+            "name": "a b",
+        }
+        assert (await conn.call_remote(Where, path=b"/c"))["name"] == "c"  # type: ignore[index]
+
+
 async def test_start_tls_with_twisted_server(twisted_server: int, cert: Cert) -> None:
     async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
         assert await conn.call_remote(IsSecure) == {"secure": False}
@@ -127,6 +150,7 @@ async def test_twisted_client_with_our_server(cert: Cert) -> None:
     assert report["unhandled"]["error"] == "UnhandledCommand"
     assert "Nope" in report["unhandled"]["text"]
     assert report["ping"] == {"text": "ping:pong:hello"}
+    assert report["where"] == ["/tmp/d\u00e9j\u00e0 vu/child", "d\u00e9j\u00e0 vu"]
     assert report["big"] == [281_600, True]
     assert report["notes"] == {"notes": ["n1", "n2"]}
     assert report["secure_before"] is False
@@ -137,3 +161,173 @@ async def test_twisted_client_with_our_server(cert: Cert) -> None:
     assert report["closed_after_fatal"] is True
     assert len(peers) == 1
     await asyncio.wait_for(peers[0].wait_closed(), 5)
+
+
+class TagRecorder(asyncio.Protocol):
+    """A raw AMP server: records the ``_ask`` of each call and answers Ping at once."""
+
+    def __init__(self, tags: list[bytes | None]) -> None:
+        self.tags = tags
+        self.parser = amp.BoxParser()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for box in self.parser.feed(data):
+            tag = box.get(b"_ask")
+            self.tags.append(tag)
+            if tag is not None:
+                reply = {b"_answer": tag, b"text": b"pong"}
+                self.transport.write(amp.encode_box(reply))  # type: ignore[attr-defined]
+
+
+async def record_tags(run: Any) -> list[bytes | None]:
+    tags: list[bytes | None] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: TagRecorder(tags), "127.0.0.1", 0)
+    try:
+        await run(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+    return tags
+
+
+async def test_tags_after_refused_calls_match_twisted() -> None:
+    async def twisted_client(port: int) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "tags",
+            str(port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        outcomes = json.loads(out)
+        assert outcomes[0] == "TooLong"
+        assert outcomes[2] == "InvalidSignature"  # the missing argument
+        assert outcomes[3] == "error"  # struct.error: the list element is too long
+
+    async def our_client(port: int) -> None:
+        async with await amp.connect("127.0.0.1", port) as conn:
+            with pytest.raises(amp.TooLong):
+                await conn.call_remote(Ping, text="x" * 70000)
+            await conn.call_remote(Ping, text="a")
+            with pytest.raises(amp.ArgumentError):
+                await conn.call_remote(Ping)
+            with pytest.raises(amp.TooLong):
+                await conn.call_remote(ListCall, items=["y" * 70000])
+            await conn.call_remote(Ping, text="b")
+            await conn.call_remote(Notify, text="n")
+            await conn.call_remote(Ping, text="c")
+
+    theirs = await record_tags(twisted_client)
+    ours = await record_tags(our_client)
+    assert theirs == [b"2", b"3", None, b"5"]
+    assert ours == theirs
+
+
+async def test_protocol_switch_with_twisted_server(twisted_server: int) -> None:
+    conn = await amp.connect("127.0.0.1", twisted_server, Peer)
+    async with conn:
+        with pytest.raises(DeclaredError, match="not switching"):
+            await conn.switch_protocol(SwitchToEcho, Collect, greeting="refuse")
+        assert await conn.call_remote(Ping, text="amp") == {"text": "ping:pong:amp"}
+        new = await conn.switch_protocol(SwitchToEcho, Collect, greeting="hello")
+        assert isinstance(new, Collect)
+        # Twisted writes the greeting right behind its answer, often in the same segment.
+        assert await new.until(b"hello\n") == b"hello\n"
+        assert new.transport is not None
+        new.transport.write(b"abc")
+        assert await new.until(b"ABC") == b"hello\nABC"
+        with pytest.raises(amp.ProtocolSwitched):
+            await conn.call_remote(Ping, text="after")
+        await asyncio.wait_for(conn.wait_closed(), 5)  # the AMP side is over
+        new.transport.close()
+
+
+async def test_protocol_switch_from_twisted_client() -> None:
+    server = await amp.serve(Peer, "127.0.0.1", 0)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "switch",
+            str(server.sockets[0].getsockname()[1]),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        server.close()
+        await server.wait_closed()
+    report = json.loads(out)
+    assert report["refused"] == {"error": "DeclaredError", "text": "not switching"}
+    assert report["ping"] == {"text": "ping:pong:still amp"}
+    assert report["answer"] == {}
+    assert report["echo"] == "hi\nXYZ"
+
+
+async def test_descriptors_with_twisted_unix_server(twisted_unix_server: str) -> None:
+    async with await amp.connect_unix(twisted_unix_server, Peer) as conn:
+        pipes = [os.pipe() for _ in range(4)]
+        try:
+            # Several in flight at once: ordinals keep each descriptor with its call.
+            results = await asyncio.gather(
+                *(
+                    conn.call_remote(Hand, fd=write, text=f"pipe {i}")
+                    for i, (_, write) in enumerate(pipes)
+                )
+            )
+            assert results == [{"written": 6}] * 4
+            for _, write in pipes:
+                os.close(write)
+            assert [os.read(read, 100) for read, _ in pipes] == [b"pipe %d" % i for i in range(4)]
+        finally:
+            for read, _ in pipes:
+                os.close(read)
+        answer = await conn.call_remote(Ask, text="from twisted")
+        assert answer is not None
+        with os.fdopen(answer["fd"], "rb") as received:
+            assert received.read() == b"from twisted"
+        assert await conn.call_remote(Ping, text="unix") == {"text": "ping:pong:unix"}
+
+
+async def test_descriptors_from_twisted_unix_client(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "ours.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer())
+        return peers[-1]
+
+    async with await amp.serve_unix(factory, path):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(TWISTED_PEER),
+            "unix-client",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report == {"hand": {"written": 12}, "handed": "from twisted", "asked": "to twisted"}
+    await asyncio.wait_for(peers[0].wait_closed(), 5)
+
+
+async def test_descriptor_over_tcp_is_refused_clearly(twisted_server: int) -> None:
+    read, write = os.pipe()
+    try:
+        async with await amp.connect("127.0.0.1", twisted_server, Peer) as conn:
+            with pytest.raises(amp.AmpError, match="needs a UNIX connection"):
+                await conn.call_remote(Hand, fd=write, text="x")
+            assert await conn.call_remote(Ping, text="tcp") == {"text": "ping:pong:tcp"}
+    finally:
+        os.close(read)
+        os.close(write)

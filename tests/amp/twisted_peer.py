@@ -2,6 +2,8 @@
 
     python twisted_peer.py server CERT_PEM       prints "PORT <n>", serves until killed
     python twisted_peer.py client PORT           runs the scenario, prints a JSON report
+    python twisted_peer.py unix-server PATH      prints "READY", serves on a UNIX socket
+    python twisted_peer.py unix-client PATH      passes descriptors to PATH, prints JSON
 
 Only Twisted is imported here: these are Twisted's own declarations of the
 commands in commands.py, so the two sides meet only on the wire.
@@ -10,6 +12,7 @@ commands in commands.py, so the two sides meet only on the wire.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -108,6 +111,47 @@ class Nope(amp.Command):
     pass
 
 
+class Where(amp.Command):
+    arguments = [(b"path", amp.Path())]
+    response = [(b"path", amp.Path()), (b"name", amp.Unicode())]
+
+
+class SwitchToEcho(amp.ProtocolSwitchCommand):
+    arguments = [(b"greeting", amp.Unicode())]
+    errors = {DeclaredError: b"DECLARED"}
+
+
+class Echo(protocol.Protocol):
+    """What a switched connection speaks: a greeting line, then data echoed upper-cased."""
+
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting.encode() + b"\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data.upper())
+
+
+class Hand(amp.Command):
+    """The caller hands over a descriptor; the responder writes ``text`` to it."""
+
+    arguments = [(b"fd", amp.Descriptor()), (b"text", amp.Unicode())]
+    response = [(b"written", amp.Integer())]
+
+
+class Ask(amp.Command):
+    """The responder answers with the read end of a pipe holding ``text``."""
+
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"fd", amp.Descriptor())]
+
+
+class ListCall(amp.Command):
+    arguments = [(b"items", amp.ListOf(amp.Unicode()))]
+
+
 class Peer(amp.AMP):
     certificate: Any = None
 
@@ -153,6 +197,30 @@ class Peer(amp.AMP):
     def is_secure(self):
         return {"secure": ISSLTransport.providedBy(self.transport)}
 
+    @SwitchToEcho.responder
+    def switch_to_echo(self, greeting):
+        if greeting == "refuse":
+            raise DeclaredError("not switching")
+        return Echo(greeting)
+
+    @Hand.responder
+    def hand(self, fd, text):
+        written = os.write(fd, text.encode())
+        os.close(fd)
+        return {"written": written}
+
+    @Ask.responder
+    def ask(self, text):
+        read, write = os.pipe()
+        os.write(write, text.encode())
+        os.close(write)
+        reactor.callLater(1, os.close, read)  # sent by then
+        return {"fd": read}
+
+    @Where.responder
+    def where(self, path):
+        return {"path": path.child("child"), "name": path.basename()}
+
     @amp.StartTLS.responder
     def start_tls(self):
         return {"tls_localCertificate": self.certificate}
@@ -186,9 +254,9 @@ def norm(value: Any) -> Any:
     return repr(value)
 
 
-async def call(proto: amp.AMP, command: type[amp.Command], **kwargs: Any) -> Any:
+async def call(proto: amp.AMP, command: type[amp.Command], *args: Any, **kwargs: Any) -> Any:
     try:
-        return await proto.callRemote(command, **kwargs)
+        return await proto.callRemote(command, *args, **kwargs)
     except Exception as exc:
         return describe(exc)
 
@@ -212,6 +280,10 @@ async def scenario(reactor_: Any, port: int, values_json: str) -> None:
     report["undeclared"] = await call(proto, Fail, mode="undeclared")
     report["unhandled"] = await call(proto, Nope)
     report["ping"] = await call(proto, Ping, text="hello")
+    from twisted.python.filepath import FilePath
+
+    where = await proto.callRemote(Where, path=FilePath("/tmp/d\u00e9j\u00e0 vu"))
+    report["where"] = [where["path"].path, where["name"]]
     data = bytes(range(256)) * 1100  # 281,600 bytes: five chunks
     big = await proto.callRemote(Big, data=data)
     report["big"] = [big["size"], big["data"] == data[::-1]]
@@ -232,6 +304,90 @@ async def scenario(reactor_: Any, port: int, values_json: str) -> None:
     print(json.dumps(report, sort_keys=True), flush=True)
 
 
+async def tags_scenario(reactor_: Any, port: int) -> None:
+    """Calls that fail before or while framing, between good ones (see test_tags_...)."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_, "127.0.0.1", port)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    outcomes = []
+    calls = [
+        (Ping, {"text": "x" * 70000}),
+        (Ping, {"text": "a"}),
+        (Ping, {}),
+        (ListCall, {"items": ["y" * 70000]}),
+        (Ping, {"text": "b"}),
+        (Notify, {"text": "n"}),
+        (Ping, {"text": "c"}),
+    ]
+    for command, kwargs in calls:
+        try:
+            result = proto.callRemote(command, **kwargs)
+            outcomes.append("sent" if result is None else describe(await result))
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+    print(json.dumps(outcomes), flush=True)
+    proto.transport.loseConnection()
+
+
+class Collect(protocol.Protocol):
+    """The client side after a switch: sends ``xyz`` and collects what comes back."""
+
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+        self.data = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"xyz")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.data.endswith(b"XYZ") and not self.done.called:
+            self.done.callback(self.data)
+
+
+class CollectFactory(protocol.ClientFactory):
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred()
+
+    def buildProtocol(self, addr: Any) -> Collect:
+        return Collect(self.done)
+
+
+async def switch_scenario(reactor_: Any, port: int) -> None:
+    """Switch our server's connection to its echo protocol, refused once first."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_, "127.0.0.1", port)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    report: dict[str, Any] = {}
+    report["refused"] = await call(proto, SwitchToEcho, CollectFactory(), greeting="refuse")
+    report["ping"] = await call(proto, Ping, text="still amp")
+    factory = CollectFactory()
+    report["answer"] = await call(proto, SwitchToEcho, factory, greeting="hi")
+    report["echo"] = (await factory.done).decode()
+    print(json.dumps(report), flush=True)
+    proto.transport.loseConnection()
+
+
+def serve_unix(path: str) -> None:
+    reactor.listenUNIX(path, protocol.Factory.forProtocol(Peer))
+    print("READY", flush=True)
+    reactor.run()
+
+
+async def unix_scenario(reactor_: Any, path: str) -> None:
+    endpoint = endpoints.UNIXClientEndpoint(reactor_, path)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    report: dict[str, Any] = {}
+    read, write = os.pipe()
+    report["hand"] = await proto.callRemote(Hand, fd=write, text="from twisted")
+    os.close(write)
+    report["handed"] = os.read(read, 100).decode()
+    os.close(read)
+    answer = await proto.callRemote(Ask, text="to twisted")
+    report["asked"] = os.read(answer["fd"], 100).decode()
+    os.close(answer["fd"])
+    print(json.dumps(report), flush=True)
+    proto.transport.loseConnection()
+
+
 def client(port: int) -> None:
     values_json = sys.stdin.read()
     task.react(lambda r: defer.ensureDeferred(scenario(r, port, values_json)))
@@ -240,5 +396,13 @@ def client(port: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "unix-server":
+        serve_unix(sys.argv[2])
+    elif sys.argv[1] == "unix-client":
+        task.react(lambda r: defer.ensureDeferred(unix_scenario(r, sys.argv[2])))
+    elif sys.argv[1] == "switch":
+        task.react(lambda r: defer.ensureDeferred(switch_scenario(r, int(sys.argv[2]))))
+    elif sys.argv[1] == "tags":
+        task.react(lambda r: defer.ensureDeferred(tags_scenario(r, int(sys.argv[2]))))
     else:
         client(int(sys.argv[2]))

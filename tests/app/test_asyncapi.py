@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from amgi.app import App, Binding, Header
 from amgi.app._docs import DocsServer, render_page
 from amgi.app._yaml import to_yaml
-from tests.servers.kafka_helpers import amgi_cli
+from tests.cli import amgi as amgi_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / ".brokers/npm/node_modules/@asyncapi/specs/schemas/3.0.0.json"

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from amgi.servers.kit.bindings import BINDINGS, markdown_table
-from tests.core.test_cli import amgi, one_line_error
+from tests.cli import amgi
+from tests.core.test_cli import one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "src" / "amgi").glob("server*/**/*.py"))

@@ -14,6 +14,7 @@ import pytest
 
 from amgi.servers import installed
 from amgi.servers.sqlite import SqliteQueue
+from tests.cli import amgi
 
 APP = """
 import os
@@ -38,17 +39,6 @@ async def app(scope, receive, send):
         more = m.get("more_messages")
 not_callable = 3
 """
-
-
-def amgi(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30):
-    return subprocess.run(
-        [sys.executable, "-m", "amgi", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.memory import MemoryOptions, MemoryTransport
 from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
-from tests.core.test_cli import amgi, one_line_error
+from tests.cli import amgi
+from tests.core.test_cli import one_line_error
 
 APP = """
 import os

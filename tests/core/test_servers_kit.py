@@ -241,3 +241,53 @@ def test_held_behind_holds_the_rest_of_a_group_after_its_first_failure() -> None
     failed = {3, 5}
     held = held_behind(messages, lambda m: m[1] in failed, lambda m: m[0])
     assert {m[1]: held[id(m)][1] for m in messages if id(m) in held} == {4: 3}
+
+
+async def test_move_aside_dead_letters_a_refused_retry_and_backs_off_a_refused_dead_letter() -> (
+    None
+):
+    from amgi.servers.kit import Backoff, move_aside
+    from amgi.transport import DeadLetter, Message, Retry, Settlement
+
+    a, b, c = (Message(x, [], b"") for x in "abc")
+    settlement = Settlement(retry=[Retry(a, "nope", 1.0), Retry(b, "no", 1.0)])
+    settlement.dead.append(DeadLetter(c, "bad"))
+    retried: list[str] = []
+    dead: list[tuple[str, str]] = []
+    refusals = {"c": 2}
+
+    async def retry(r: Retry) -> None:
+        if r.message.id == "a":
+            raise OSError("too large")
+        retried.append(r.message.id)
+
+    async def dead_letter(d: DeadLetter) -> None:
+        if refusals.get(d.message.id):
+            refusals[d.message.id] -= 1
+            raise OSError("refused")
+        dead.append((d.message.id, d.reason))
+
+    left = await move_aside(
+        settlement, retry=retry, dead=dead_letter, address="q", backoff=Backoff(0.01, 0.02)
+    )
+    assert left == []
+    assert retried == ["b"]  # b copied once, not again while c was tried again
+    assert dead == [("a", "nope (its retry could not be published: too large)"), ("c", "bad")]
+
+    refusals["c"] = 100
+    tries = 0
+
+    def give_up() -> bool:
+        nonlocal tries
+        tries += 1
+        return tries > 3
+
+    left = await move_aside(
+        Settlement(dead=[DeadLetter(c, "bad")]),
+        retry=retry,
+        dead=dead_letter,
+        address="q",
+        give_up=give_up,
+        backoff=Backoff(0.01, 0.02),
+    )
+    assert left == [c]

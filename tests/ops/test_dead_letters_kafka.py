@@ -16,11 +16,11 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.cli import amgi as amgi_cli
 from tests.ops.helpers import dead_letter_all, one_line_error
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     ROOT,
-    amgi_cli,
     committed,
     create_topic,
     end_offsets,

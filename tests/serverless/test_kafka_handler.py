@@ -64,7 +64,7 @@ async def test_msk_records_are_decoded_partition_by_partition() -> None:
     assert [r.bindings["kafka"]["offset"] for r in p0] == [15, 16, 17, 18]
     assert p0[0].bindings["kafka"]["key"] == b"key-0"
     assert p0[0].headers == [(b"headerKey", b"headerValue")]
-    assert p0[0].id == "15"
+    assert p0[0].id == "mytopic/0/15"
     assert p1[0].bindings["kafka"]["key"] is None
     assert p1[1].headers == [(b"trace", b"t1"), (b"trace", b"t2")]
     assert p1[2].payload is None  # tombstone

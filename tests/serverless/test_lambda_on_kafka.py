@@ -79,3 +79,39 @@ def test_message_send_from_a_kafka_handler_reaches_the_broker() -> None:
         assert record.value().startswith(b"echo:")
         assert record.headers() == [("via", b"lambda")]
         assert record.key().startswith(b"k-")
+
+
+def test_a_dead_letter_does_not_inherit_the_source_partition() -> None:
+    """A record of partition 3 dead-lettered to a one-partition topic lands in partition 0."""
+    from tests.servers.kafka_helpers import create_topic
+
+    dead = create_topic(f"lambda-dlq-{uuid.uuid4().hex[:8]}", partitions=1)
+    record = {
+        "topic": "orders",
+        "partition": 3,
+        "offset": 41,
+        "timestamp": 1545084651002,
+        "timestampType": "CREATE_TIME",
+        "key": "a2V5",
+        "value": "cG9pc29u",
+        "headers": [],
+    }
+    event = {"eventSource": "aws:kafka", "bootstrapServers": BROKER}
+    event["records"] = {"orders-3": [record]}
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        message: Any = await receive()
+        await send({"type": "message.nack", "id": message["id"], "message": "bad"})
+
+    handler = KafkaHandler(app, handle_sigterm=False, dead_letter_address=dead)
+    try:
+        result = handler(event, None)
+    finally:
+        handler.close()
+    assert result == {"processed": 1, "dead_lettered": 1}
+    (letter,) = consume(dead, 1)
+    assert letter.partition() == 0
+    assert letter.key() == b"key"
+    assert letter.value() == b"poison"

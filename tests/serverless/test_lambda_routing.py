@@ -15,6 +15,7 @@ from amgi.serverless import KafkaHandler, SqsHandler
 from amgi.servers import load
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.serverless.sending_app import SendingApp
 from tests.serverless.test_lambda_on_kafka import BROKER, consume
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -102,24 +103,7 @@ def test_a_kafka_handler_routes_sends_too() -> None:
 
 def test_an_unreachable_route_is_a_send_error_in_the_app_and_the_records_fail() -> None:
     event = copy.deepcopy(json.loads((FIXTURES / "sqs_standard.json").read_text()))
-    errors: list[str] = []
-
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            message: Any = await receive()
-            more = message.get("more_messages", False)
-            try:
-                await send(
-                    {"type": "message.send", "address": "out-1", "headers": [], "payload": b"x"}
-                )
-            except OSError as exc:
-                errors.append(str(exc))
-                await send({"type": "message.nack", "id": message["id"], "message": str(exc)})
-            else:
-                await send({"type": "message.ack", "id": message["id"]})
+    app = SendingApp("out-1")
 
     kafka = load("kafka")
     options = build(kafka.options, {"bootstrap_servers": "127.0.0.1:1", "connect_timeout": 1.0})
@@ -131,5 +115,6 @@ def test_an_unreachable_route_is_a_send_error_in_the_app_and_the_records_fail() 
         handler.close()
     ids = [{"itemIdentifier": r["messageId"]} for r in event["Records"]]
     assert first == second == {"batchItemFailures": ids}
+    errors = [str(e) for e in app.errors]
     assert errors
     assert all("cannot connect to send" in e and "127.0.0.1:1" in e for e in errors)

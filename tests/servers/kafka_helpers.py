@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -165,17 +164,6 @@ def wait_committed(group: str, topic: str, timeout: float = 20.0) -> dict[int, i
             return got
         time.sleep(0.1)
     raise AssertionError(f"committed {got}, want {want}")
-
-
-def amgi_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``amgi`` command line in a subprocess from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "amgi", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def tansu_binary() -> Path:

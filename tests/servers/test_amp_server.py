@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from amgi import amp
+from amgi.errors import ConfigurationError
 from amgi.runtime import Runtime
-from amgi.servers.amp import AmpTransport, Deliver, Nacked, Subscribe
+from amgi.servers.amp import (
+    AmpOptions,
+    AmpSendError,
+    AmpTransport,
+    Authenticate,
+    Deliver,
+    Forbidden,
+    Nacked,
+    Subscribe,
+    Unauthenticated,
+)
 from amgi.testing.conformance import DeadLetterView, Harness, Received, Recorder, serving
+from tests.net import free_port, self_signed
 
 HERE = Path(__file__).parent
 
@@ -21,8 +35,17 @@ HERE = Path(__file__).parent
 class AmpHarness(Harness):
     server = "amp"
 
+    def __init__(self, **extra: Any) -> None:
+        self.extra = extra
+
     def options(self) -> dict[str, Any]:
-        return {"host": "127.0.0.1", "port": 0, "batch_size": 50}
+        return {
+            "host": "127.0.0.1",
+            "port": 0,
+            "batch_size": 50,
+            "subscribe_addresses": ["replies"],
+            **self.extra,
+        }
 
     async def new_address(self) -> str:
         return "orders"
@@ -192,3 +215,290 @@ async def test_cli_send() -> None:
         assert await send("bad") != 0
     assert [r.payload for r in app.received] == [b"hello", b"bad"]
     assert app.received[0].headers == [(b"a", b"b")]
+
+
+# ------------------------------------------------------------------------- security
+
+
+async def twisted_client(port: int, *args: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HERE / "amp_twisted_client.py"),
+        str(port),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+async def test_listens_on_loopback_unless_told_otherwise() -> None:
+    assert AmpOptions().host == "127.0.0.1"
+    transport = AmpTransport(["orders"], AmpOptions(port=0))
+    await transport.connect()
+    try:
+        assert transport._server is not None
+        hosts = {sock.getsockname()[0] for sock in transport._server.sockets}
+        assert hosts == {"127.0.0.1"}
+    finally:
+        await transport.close()
+
+
+async def test_token_refuses_twisted_clients_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    app = Recorder(decide)
+    app.sends = [("replies", [], b"pong", {})]
+    token = "s3cret-" + uuid.uuid4().hex
+    async with serving(AmpHarness(auth_token=token), app, ["orders"]) as runtime:
+        port = port_of(runtime)
+        with caplog.at_level(logging.WARNING, logger="amgi"):
+            refused = await twisted_client(port, "--only-deliver")
+            wrong = await twisted_client(port, "--token", "guess", "--only-deliver")
+        assert refused == {
+            "deliver": {"error": "Unauthenticated", "text": "authenticate first"},
+            "closed": True,
+        }
+        assert wrong == {"authenticate": {"error": "Unauthenticated"}}
+        assert app.received == []
+        assert "refused Deliver from 127.0.0.1:" in caplog.text
+        assert "refused Authenticate from 127.0.0.1:" in caplog.text
+        report = await twisted_client(port, "--token", token)
+    assert report["ack"] == {}
+    assert report["nack"] == "bad payload"
+    assert report["received"]["payload"] == "pong"
+    assert b"twisted" in [r.payload for r in app.received]
+
+
+async def test_connection_that_never_authenticates_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness = AmpHarness(auth_token="t", auth_timeout=0.3)
+    async with serving(harness, Recorder(), ["orders"]) as runtime:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(runtime))
+        with caplog.at_level(logging.WARNING, logger="amgi"):
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+        writer.close()
+        assert "no Authenticate within 0.3s" in caplog.text
+        # Authenticated in time: stays open past the deadline.
+        conn = await amp.connect("127.0.0.1", port_of(runtime))
+        async with conn:
+            await conn.call_remote(Authenticate, token=b"t")
+            await asyncio.sleep(0.5)
+            assert not conn.is_closed
+
+
+async def test_authenticate_without_a_server_token_is_refused() -> None:
+    async with serving(AmpHarness(), Recorder(), ["orders"]) as runtime:
+        conn = await amp.connect("127.0.0.1", port_of(runtime))
+        async with conn:
+            with pytest.raises(Unauthenticated, match="takes no token"):
+                await conn.call_remote(Authenticate, token=b"anything")
+            await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+async def test_token_with_our_client_and_unauthorised_subscribe() -> None:
+    app = Recorder()
+    token = "tok-" + uuid.uuid4().hex
+    async with serving(AmpHarness(auth_token=token), app, ["orders"]) as runtime:
+        port = port_of(runtime)
+        async with await amp.connect("127.0.0.1", port) as conn:
+            with pytest.raises(Unauthenticated, match="authenticate first"):
+                await conn.call_remote(Subscribe, address="replies")
+            await asyncio.wait_for(conn.wait_closed(), 5)
+        async with await amp.connect("127.0.0.1", port) as conn:
+            assert await conn.call_remote(Authenticate, token=token.encode()) == {}
+            assert await conn.call_remote(Subscribe, address="replies") == {}
+            with pytest.raises(Forbidden, match="'orders' is not allowed"):
+                await conn.call_remote(Subscribe, address="orders")
+            await asyncio.wait_for(conn.wait_closed(), 5)
+        # amgi send authenticates by itself when given the token.
+        sender = AmpTransport([], AmpOptions(port=port, auth_token=token))
+        try:
+            await sender.publish("orders", [], b"by token", {})
+        finally:
+            await sender.close()
+        wrong = AmpTransport([], AmpOptions(port=port, auth_token="nope"))
+        try:
+            with pytest.raises(AmpSendError, match="authentication refused"):
+                await wrong.publish("orders", [], b"never", {})
+        finally:
+            await wrong.close()
+    assert [r.payload for r in app.received] == [b"by token"]
+
+
+async def test_tls_with_and_without_client_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path, "server")
+    client_cert, client_key = self_signed(tmp_path, "client")
+    client_pem = tmp_path / "client-both.pem"
+    client_pem.write_bytes(client_cert.read_bytes() + client_key.read_bytes())
+    app = Recorder()
+    options = {
+        "tls": True,
+        "cert_file": str(cert),
+        "key_file": str(key),
+        "ca_file": str(client_cert),
+    }
+    async with serving(AmpHarness(**options), app, ["orders"]) as runtime:
+        port = port_of(runtime)
+        refused = await twisted_client(port, "--ca", str(cert), "--only-deliver")
+        assert refused["deliver"]["error"] in {"ConnectionLost", "ConnectionDone", "Error"}
+        assert app.received == []
+        with_cert = await twisted_client(
+            port, "--ca", str(cert), "--cert", str(client_pem), "--only-deliver"
+        )
+        assert with_cert == {"deliver": {}}
+        # Our own sending side over TLS, with and without its certificate.
+        ours = AmpTransport(
+            [],
+            AmpOptions(
+                port=port,
+                tls=True,
+                ca_file=str(cert),
+                cert_file=str(client_cert),
+                key_file=str(client_key),
+            ),
+        )
+        try:
+            await ours.publish("orders", [], b"over tls", {})
+        finally:
+            await ours.close()
+        plain = AmpTransport([], AmpOptions(port=port))
+        try:
+            with pytest.raises(AmpSendError):
+                await plain.publish("orders", [], b"plaintext", {})
+        finally:
+            await plain.close()
+    assert [r.payload for r in app.received] == [b"from twisted", b"over tls"]
+
+
+async def test_warning_when_listening_beyond_loopback_unprotected(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+
+    async def warnings(**options: Any) -> list[str]:
+        caplog.clear()
+        transport = AmpTransport(["orders"], AmpOptions(port=0, **options))
+        with caplog.at_level(logging.WARNING, logger="amgi"):
+            await transport.connect()
+        await transport.close()
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    (line,) = await warnings(host="0.0.0.0")
+    assert line.startswith("amp: listening on 0.0.0.0:")
+    assert "without TLS or authentication" in line
+    (line,) = await warnings(host="0.0.0.0", auth_token="t")
+    assert "without TLS:" in line
+    tls = {"tls": True, "cert_file": str(cert), "key_file": str(key)}
+    (line,) = await warnings(host="0.0.0.0", **tls)
+    assert "without authentication:" in line
+    assert await warnings(host="0.0.0.0", auth_token="t", **tls) == []
+    assert await warnings() == []  # loopback
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tls": True}, "--tls needs --cert-file and --key-file"),
+        ({"auth_token": ""}, "--auth-token must not be empty"),
+        ({"max_box_size": 0}, "must be at least 1"),
+        ({"auth_timeout": float("nan")}, "--auth-timeout must be a finite number"),
+        ({"tls": True, "cert_file": "/no.pem", "key_file": "/no.pem"}, "cannot load the TLS files"),
+    ],
+)
+async def test_bad_security_options_refused_at_startup(
+    options: dict[str, Any], message: str
+) -> None:
+    transport = AmpTransport(["orders"], AmpOptions(port=0, **options))
+    with pytest.raises(ConfigurationError, match=message):
+        await transport.connect()
+    await transport.close()
+
+
+async def run_cli(*args: str, timeout: float = 30) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "amgi",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def test_token_never_reaches_a_log_an_exception_or_the_cli(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    marker = "MARK" + uuid.uuid4().hex
+    token = f"server-{marker}"
+    wrong = f"client-{marker}"
+    cert, key = self_signed(tmp_path)
+    outputs: list[str] = []
+    exceptions: list[BaseException] = []
+    app = Recorder()
+    caplog.set_level(logging.DEBUG)
+    async with serving(AmpHarness(auth_token=token), app, ["orders"]) as runtime:
+        port = str(port_of(runtime))
+        # Started together (each CLI start takes a while); awaited below.
+        cli_runs = asyncio.gather(
+            # A wrong token.
+            run_cli(
+                "send", "orders", "x", "--server", "amp", "--port", port,
+                "--auth-token", wrong,
+            ),
+            # TLS towards a plaintext server, with the token.
+            run_cli(
+                "send", "orders", "x", "--server", "amp", "--port", port, "--tls",
+                "--ca-file", str(cert), "--auth-token", token,
+            ),
+            # Nothing listens there.
+            run_cli(
+                "send", "orders", "x", "--server", "amp", "--port", str(free_port()),
+                "--auth-token", token,
+            ),
+            # A server that cannot load its certificate, and one given a bad option.
+            run_cli(
+                "run", "tests.servers.test_amp_server:never_called", "orders", "--server",
+                "amp", "--port", str(free_port()), "--tls", "--cert-file",
+                str(tmp_path / "missing.pem"), "--key-file", str(key), "--auth-token", token,
+            ),
+            run_cli(
+                "run", "tests.servers.test_amp_server:never_called", "orders", "--server",
+                "amp", "--port", "70000", "--auth-token", token,
+            ),
+            run_cli("run", "--server", "amp", "--help"),
+        )  # fmt: skip
+        # A wrong token from the Python API.
+        sender = AmpTransport([], AmpOptions(port=int(port), auth_token=wrong))
+        with pytest.raises(AmpSendError) as info:
+            await sender.publish("orders", [], b"x", {})
+        exceptions.append(info.value)
+        await sender.close()
+        outputs.append(repr(sender.config))
+        # Calls before authenticating.
+        async with await amp.connect("127.0.0.1", int(port)) as conn:
+            with pytest.raises(Unauthenticated) as refused:
+                await conn.call_remote(Deliver, address="orders", headers=[], payload=b"x")
+            exceptions.append(refused.value)
+        results = await cli_runs
+    assert "authentication refused" in results[0][1]
+    assert "cannot load the TLS files" in results[3][1]
+    assert all(code != 0 for code, _ in results[:5])
+    assert results[5][0] == 0  # --help
+    outputs += [out for _, out in results]
+    assert app.received == []
+    records = caplog.records
+    assert any("refused" in r.getMessage() for r in records)
+    texts = [r.getMessage() for r in records] + [r.exc_text or "" for r in records]
+    texts += [str(e) + repr(e) + repr(e.__cause__) + repr(e.__context__) for e in exceptions]
+    texts += outputs
+    assert all(marker not in text for text in texts)
+
+
+async def never_called(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("the app must not be called")

@@ -262,7 +262,7 @@ async def test_wrong_credentials_give_one_clear_error() -> None:
 
 async def test_unreachable_broker_gives_one_clear_error() -> None:
     t = AmqpTransport([new_queue()], AmqpOptions(url="amqp://guest:guest@127.0.0.1:1/"))
-    with pytest.raises(BrokerUnavailable, match="cannot connect to amqp://guest:\\*\\*\\*@"):
+    with pytest.raises(BrokerUnavailable, match=r"cannot connect to amqp://guest:\*\*\*\*\*@"):
         await t.connect()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +16,9 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
 from amgi.servers.kafka.records import message_from_record, messages_from_records
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
+from tests.cli import amgi as amgi_cli
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
-    amgi_cli,
     committed,
     create_topic,
     end_offsets,
@@ -64,7 +65,7 @@ def test_message_from_record_maps_key_headers_and_attempt() -> None:
     m = message_from_record(
         "t", 2, 41, 1700, b"k", b"v", [("a", b"1"), ("amgi-attempt", b"3"), (b"b", None)]
     )
-    assert (m.id, m.token, m.payload, m.attempt) == ("41", 41, b"v", 3)
+    assert (m.id, m.token, m.payload, m.attempt) == ("t/2/41", 41, b"v", 3)
     assert m.headers == [(b"a", b"1"), (b"b", b"")]
     assert m.bindings == {"kafka": {"key": b"k", "partition": 2, "offset": 41, "timestamp": 1700}}
 
@@ -219,12 +220,31 @@ async def test_unreachable_broker_is_one_clear_error() -> None:
     await kafka.close()
 
 
+def _client_threads() -> int:
+    """librdkafka's threads in this process (each client runs a few)."""
+    count = 0
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            count += comm.read_text().startswith("rdk:")
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count
+
+
 async def test_unknown_topic_is_a_configuration_error() -> None:
+    before = _client_threads()
     missing = fresh("missing")
     kafka = transport([missing])
-    with pytest.raises(ConfigurationError, match=f"{missing}.*does not exist"):
+    with pytest.raises(ConfigurationError, match=f"{missing}.*does not exist") as info:
         await kafka.connect()
+    del info  # its traceback would keep connect's locals alive
     await kafka.close()
+    # The consumer made before the metadata check is closed with the producer: no
+    # client thread is left behind.
+    deadline = time.monotonic() + 10
+    while _client_threads() > before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _client_threads() <= before
 
 
 @pytest.mark.parametrize(
@@ -312,7 +332,7 @@ def test_the_consumer_loop_maps_records_like_message_from_record() -> None:
         _FakeRecord(9, [("amgi-attempt", b"3"), ("x", b"y")], b"k2", b"\x00"),
         _FakeRecord(10, [("x", b"z")], b"k3", b"w"),
     ]
-    fast = messages_from_records(2, records)
+    fast = messages_from_records("t", 2, records)
     slow = [
         message_from_record("t", 2, r.offset(), r.timestamp()[1], r.key(), r.value(), r.headers())
         for r in records

@@ -21,8 +21,9 @@ import pytest
 from amgi.errors import BrokerUnavailable
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.cli import amgi as amgi_cli
 from tests.net import TlsFront, free_port, self_signed
-from tests.servers.kafka_helpers import amgi_cli, fresh, start_private_broker
+from tests.servers.kafka_helpers import fresh, start_private_broker
 from tests.servers.kafka_helpers import options as base_options
 
 pytestmark = pytest.mark.timeout(60)

@@ -23,6 +23,7 @@ from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
 from amgi.transport import Batch, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.servers.crash_loop import CrashLoop
 from tests.servers.mosquitto import broker as broker_module
 from tests.servers.mosquitto.broker import Mosquitto
 
@@ -571,3 +572,116 @@ async def test_mutual_tls_client_certificate_required(tmp_path: Path) -> None:
             await MqttTransport([address], anonymous).connect()
     finally:
         broker.stop()
+
+
+ACL_USERS = "user producer\ntopic write orders/#\n\nuser reader\ntopic read amgi/dead-letter/#\n"
+
+
+class AclBroker:
+    """A private Mosquitto whose user ``amgi`` may read ``orders/#`` and do what
+    ``amgi_acl`` adds; ``producer`` writes there, ``reader`` reads the dead letters."""
+
+    def __init__(self, directory: Path, amgi_acl: str) -> None:
+        self.acl = f"user amgi\ntopic read orders/#\n{amgi_acl}{ACL_USERS}"
+        users = {"amgi": "a", "producer": "p", "reader": "r"}
+        self.broker = Mosquitto(directory, users=users, acl=self.acl)
+        self.broker.start()
+        port = self.broker.port
+        self.server = MqttOptions(port=port, username="amgi", password="a")
+        self.sender = MqttOptions(port=port, username="producer", password="p")
+        self.reader = MqttOptions(port=port, username="reader", password="r")
+        self.address = f"orders/{uuid.uuid4().hex[:8]}"
+        self.dead_topic = f"amgi/dead-letter/{self.address}"
+
+
+async def test_a_refused_retry_is_dead_lettered_not_left_to_loop(tmp_path: Path) -> None:
+    """The broker refuses the retry copy (not authorised): the message is dead-lettered.
+
+    Before, the original stayed unacknowledged and came back at the same attempt after
+    every reconnect, never reaching the dead letters.
+    """
+    acl = AclBroker(tmp_path / "acl", "topic write amgi/dead-letter/#\n")
+    try:
+        app = Collector(lambda payload, attempt: payload != b"bad")
+        async with connected([acl.dead_topic], acl.reader) as dead:
+            async with serving(app, [acl.address], acl.server, max_attempts=5):
+                await publish(acl.sender, acl.address, [b"bad", b"good"])
+                (batch,) = await fetch_n(dead, 1)
+                await nothing_more(dead, 1.0)  # dead-lettered once, not after every resend
+            await dead.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        acl.broker.stop()
+    [letter] = batch.messages
+    assert letter.payload == b"bad"
+    reason = dict(letter.headers)[DEAD_LETTER_REASON_HEADER]
+    assert reason.startswith(b"no thanks (its retry could not be published: ")
+    assert sorted(app.seen) == [(b"bad", 1), (b"good", 1)]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(
+    tmp_path: Path, mosquitto: Any, protocol: str
+) -> None:
+    """MQTT counts no deliveries; a resend keeps its packet id, so the crash ledger works."""
+    address = topic()
+    client_id = f"killer-{uuid.uuid4().hex[:8]}"
+    options = MqttOptions(port=mosquitto.port, protocol=protocol)  # type: ignore[arg-type]
+    dead_topic = f"{options.dead_letter_prefix}/{address}"
+    reader = MqttOptions(port=mosquitto.port, client_id=f"{client_id}-dead")
+
+    async def prepare() -> None:
+        own = MqttOptions(port=mosquitto.port, protocol=protocol, client_id=client_id)  # type: ignore[arg-type]
+        async with connected([address], own), connected([dead_topic], reader):
+            pass  # both sessions exist: what is published now waits for them
+        await publish(options, address, [b"kill" if i == 4 else b"m%02d" % i for i in range(20)])
+
+    asyncio.run(prepare())
+    loop = CrashLoop(
+        tmp_path, address, "--server", "mqtt", "--port", str(mosquitto.port),
+        "--client-id", client_id, "--protocol", protocol,
+    )  # fmt: skip
+    innocent = {f"m{i:02d}" for i in range(20) if i != 4}
+    kills = loop.run(lambda: set(loop.acked()) == innocent and "dead-lettered" in loop.stderr())
+    assert kills == loop.max_attempts, loop
+
+    async def dead_letters() -> list[bytes | None]:
+        async with connected([dead_topic], reader) as dead:
+            batches = await fetch_n(dead, 1)
+            await nothing_more(dead, 0.5)
+            return [m.payload for b in batches for m in b.messages]
+
+    assert asyncio.run(dead_letters()) == [b"kill"]
+
+
+async def test_a_refused_dead_letter_waits_and_lands_once_the_broker_takes_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retry copy and dead letter both refused (each refusal drops the connection): the
+    copy is tried again with a doubling delay, the broker's resends of the original are
+    held back from the app, and once the ACL allows it the dead letter lands, once."""
+    import logging
+    import signal
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    acl = AclBroker(tmp_path / "acl", "")
+    broker = acl.broker
+    try:
+        app = Collector(lambda payload, attempt: payload != b"bad")
+        async with connected([acl.dead_topic], acl.reader) as dead:
+            async with serving(app, [acl.address], acl.server, max_attempts=5):
+                await publish(acl.sender, acl.address, [b"bad"])
+                deadline = time.monotonic() + 20
+                while len([r for r in caplog.records if "tried again in" in r.message]) < 2:
+                    assert time.monotonic() < deadline, app.seen
+                    await asyncio.sleep(0.05)
+                assert app.seen == [(b"bad", 1)]
+                (tmp_path / "acl" / "acl").write_text(acl.acl + "user amgi\ntopic write amgi/#\n")
+                assert broker.process is not None
+                broker.process.send_signal(signal.SIGHUP)  # Mosquitto reloads its ACL
+                (batch,) = await fetch_n(dead, 1, timeout=40)
+                await nothing_more(dead, 1.0)
+            await dead.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        broker.stop()
+    assert [m.payload for m in batch.messages] == [b"bad"]
+    assert app.seen == [(b"bad", 1)]

@@ -17,6 +17,7 @@ import pytest
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
 from tests.core.test_isolation import PoisonApp, payloads_with_poison
+from tests.servers.crash_loop import KILLER_APP
 
 CONFIG = dict(lifespan="off", max_attempts=5, retry_delay=0.01, retry_delay_max=0.02)
 
@@ -131,23 +132,6 @@ def test_sigterm_while_the_lease_waits_for_the_write_lock_releases_it(tmp_path: 
     lease, visible_at = rows[0]
     assert lease is None, "the lease taken after the stop was not released"
     assert visible_at <= time.time()
-
-
-KILLER_APP = """
-import os, signal
-async def app(scope, receive, send):
-    if scope["type"] != "message":
-        return
-    more = True
-    while more:
-        m = await receive()
-        more = m["more_messages"]
-        if m["payload"] == b"kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        await send({"type": "message.ack", "id": m["id"]})
-        with open(os.environ["ACKS"], "a") as f:
-            f.write(m["payload"].decode() + "\\n")
-"""
 
 
 NO_COUNTER_SERVER = """

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,8 +16,7 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
-from tests.moto_env import ENDPOINT, use_moto_credentials
-from tests.net import free_port
+from tests.moto_env import ENDPOINT, private_moto, use_moto_credentials
 
 
 @pytest.fixture(autouse=True)
@@ -379,30 +374,8 @@ async def test_missing_credentials_is_one_clear_error(
 @pytest.fixture
 def checking_moto() -> Iterator[str]:
     """A second moto server, on its own port, that checks every request's credentials."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(
-                        "the credential-checking moto server did not start"
-                    ) from None
-                time.sleep(0.1)
+    with private_moto(check_credentials=True) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 async def test_rejected_credentials_are_one_clear_error(checking_moto: str) -> None:
@@ -473,3 +446,94 @@ async def test_runtime_acks_retries_and_dead_letters(
     assert len({p for p, _ in seen}) == 20
     assert dead[0]["MessageAttributes"]["amgi-dead-letter-reason"]["StringValue"] == "bad payload"
     assert await counts(admin, name) == (0, 0)
+
+
+async def test_a_slow_app_gets_no_message_twice(
+    admin: SqsTransport, new_queue: NewQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages a background long poll took, waiting for the app, stay invisible too.
+
+    3 s per batch, visibility timeout 2 s, one call at a time: before, the messages the
+    second long poll held while the first batch ran came back and were delivered twice.
+    """
+    name = await new_queue()
+    for i in range(20):
+        await admin.publish(name, [], b"m%02d" % i, {})
+    seen: list[tuple[bytes, int]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        events = []
+        more = True
+        while more:
+            event = await receive()
+            events.append(event)
+            more = event.get("more_messages", False)
+        await asyncio.sleep(3)
+        for event in events:
+            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            await send({"type": "message.ack", "id": event["id"]})
+
+    transport = SqsTransport([name], options(visibility_timeout=2, wait_time=1))
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off", concurrency=1))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + 40
+        while len({p for p, _ in seen}) < 20:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.5)  # a message that came back would be delivered by now
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    assert sorted(seen) == [(b"m%02d" % i, 1) for i in range(20)]
+    assert not [r for r in caplog.records if "ReceiptHandle" in r.getMessage()]
+    assert await counts(admin, name) == (0, 0)
+
+
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    """The receive count rises for every message of the killed batch: the crash ledger
+    (stable MessageIds) makes sure only the killer reaches the dead letters."""
+    from tests.servers.crash_loop import CrashLoop
+
+    async def prepare() -> str:
+        admin = SqsTransport([], options())
+        await admin.connect()
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        await admin.client.create_queue(QueueName=name)
+        for i in range(20):
+            await admin.publish(name, [], b"kill" if i == 4 else b"m%02d" % i, {})
+        await admin.close()
+        return name
+
+    name = asyncio.run(prepare())
+
+    async def dead_letters() -> list[Any]:
+        admin = SqsTransport([], options())
+        await admin.connect()
+        try:
+            url = (await admin.client.get_queue_url(QueueName=f"{name}-dlq"))["QueueUrl"]
+            got = await admin.client.receive_message(QueueUrl=url, MaxNumberOfMessages=10)
+            return list(got.get("Messages", []))
+        except Exception:
+            return []
+        finally:
+            await admin.close()
+
+    loop = CrashLoop(
+        tmp_path, name, "--server", "sqs", "--endpoint-url", ENDPOINT,
+        "--visibility-timeout", "1", "--wait-time", "1",
+    )  # fmt: skip
+    innocent = {f"m{i:02d}" for i in range(20) if i != 4}
+    dead: list[Any] = []
+
+    def done() -> bool:
+        if set(loop.acked()) != innocent:
+            return False
+        dead.extend(asyncio.run(dead_letters()))
+        return bool(dead)
+
+    kills = loop.run(done)
+    assert kills == loop.max_attempts, loop
+    assert [d["Body"] for d in dead] == ["kill"]

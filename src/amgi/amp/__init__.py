@@ -12,15 +12,26 @@ from ._arguments import (
     Boolean,
     DateTime,
     Decimal,
+    Descriptor,
     Float,
     Integer,
     ListOf,
+    Path,
     String,
     Unicode,
 )
-from ._asyncio import AMP, connect, serve
-from ._box import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, Box, BoxParser, encode_box, parse_boxes
-from ._command import Command, StartTLS
+from ._asyncio import AMP, connect, connect_unix, serve, serve_unix
+from ._box import (
+    DEFAULT_MAX_BOX_SIZE,
+    DEFAULT_MAX_KEYS_PER_BOX,
+    MAX_KEY_LENGTH,
+    MAX_VALUE_LENGTH,
+    Box,
+    BoxParser,
+    encode_box,
+    parse_boxes,
+)
+from ._command import Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
     AnswerDropped,
     AnswerReceived,
@@ -30,6 +41,7 @@ from ._connection import (
     ErrorReceived,
     Event,
     ProtocolViolation,
+    Switched,
 )
 from ._errors import (
     TLS_ERROR_CODE,
@@ -39,15 +51,19 @@ from ._errors import (
     ArgumentError,
     ConnectionLost,
     ProtocolError,
+    ProtocolSwitched,
     RemoteAmpError,
     TLSNotAvailable,
     TooLong,
     UnhandledCommand,
     UnknownRemoteError,
 )
+from ._unix import UnixServer
 
 __all__ = [
     "AMP",
+    "DEFAULT_MAX_BOX_SIZE",
+    "DEFAULT_MAX_KEYS_PER_BOX",
     "MAX_KEY_LENGTH",
     "MAX_VALUE_LENGTH",
     "TLS_ERROR_CODE",
@@ -70,23 +86,31 @@ __all__ = [
     "ConnectionLost",
     "DateTime",
     "Decimal",
+    "Descriptor",
     "ErrorReceived",
     "Event",
     "Float",
     "Integer",
     "ListOf",
+    "Path",
     "ProtocolError",
+    "ProtocolSwitchCommand",
+    "ProtocolSwitched",
     "ProtocolViolation",
     "RemoteAmpError",
     "StartTLS",
     "String",
+    "Switched",
     "TLSNotAvailable",
     "TooLong",
     "UnhandledCommand",
     "Unicode",
+    "UnixServer",
     "UnknownRemoteError",
     "connect",
+    "connect_unix",
     "encode_box",
     "parse_boxes",
     "serve",
+    "serve_unix",
 ]

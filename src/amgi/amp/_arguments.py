@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import decimal as _decimal
 import keyword
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._box import MAX_VALUE_LENGTH, Box, encode_box, parse_boxes
@@ -18,9 +20,11 @@ __all__ = [
     "Boolean",
     "DateTime",
     "Decimal",
+    "Descriptor",
     "Float",
     "Integer",
     "ListOf",
+    "Path",
     "String",
     "Unicode",
     "compile_arguments",
@@ -76,6 +80,17 @@ class Integer(Argument[int]):
         return int(data)
 
 
+class Descriptor(Integer):
+    """A file descriptor, passed over a UNIX socket (Twisted's ``Descriptor``).
+
+    The descriptor itself travels beside the bytes (``SCM_RIGHTS``); the box holds
+    its ordinal among the descriptors sent on the connection, from 0. The
+    :class:`Connection` swaps descriptors and ordinals; the sender keeps its
+    descriptor, the receiver owns the copy it gets. Only at the top level of a
+    command's arguments or response.
+    """
+
+
 class String(Argument[bytes]):
     """Raw bytes, unchanged."""
 
@@ -96,6 +111,18 @@ class Unicode(Argument[str]):
 
     def from_bytes(self, data: bytes) -> str:
         return data.decode("utf-8")
+
+
+class Path(Argument[pathlib.Path]):
+    """A filesystem path, on the wire as UTF-8 text (Twisted's ``Path``, whose values
+    are ``FilePath`` objects). Sends ``str``, ``bytes`` or any ``os.PathLike``;
+    receives a :class:`pathlib.Path`."""
+
+    def to_bytes(self, value: str | os.PathLike[str] | os.PathLike[bytes] | bytes) -> bytes:
+        return os.fsdecode(value).encode("utf-8")
+
+    def from_bytes(self, data: bytes) -> pathlib.Path:
+        return pathlib.Path(data.decode("utf-8"))
 
 
 class Float(Argument[float]):
@@ -339,4 +366,36 @@ def decode_arguments(specs: Sequence[Spec], box: Mapping[bytes, bytes]) -> dict[
         if value is None and not argument.optional:
             raise ArgumentError(f"missing argument {name!r}")
         out[name] = value
+    return out
+
+
+# A decoding recipe for boxes of single-key arguments:
+# (wire key, python name, from_bytes, optional) for each argument.
+DecodePlan = tuple[tuple[bytes, str, Callable[[bytes], Any], bool], ...]
+
+
+def make_decode_plan(specs: Sequence[Spec]) -> DecodePlan | None:
+    """The recipe of :func:`decode_planned`, or None if an argument spans several keys."""
+    if any(not argument.single_key for _, _, argument in specs):
+        return None
+    return tuple(
+        (key, name, argument.from_bytes, argument.optional) for key, name, argument in specs
+    )
+
+
+def decode_planned(plan: DecodePlan, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """:func:`decode_arguments` for single-key arguments, without per-argument lookups."""
+    out: dict[str, Any] = {}
+    get = box.get
+    for key, name, from_bytes, optional in plan:
+        raw = get(key)
+        if raw is None:
+            if not optional:
+                raise ArgumentError(f"missing argument {name!r}")
+            out[name] = None
+            continue
+        try:
+            out[name] = from_bytes(raw)
+        except Exception as exc:
+            raise ArgumentError(f"cannot decode {name!r}: {exc}") from exc
     return out

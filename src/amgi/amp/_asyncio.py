@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import os
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar, cast
 
-from ._command import RESPONDER_ATTRIBUTE, Command, StartTLS
+from ._box import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS_PER_BOX
+from ._command import RESPONDER_ATTRIBUTE, Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
     AnswerDropped,
     AnswerReceived,
@@ -19,16 +22,20 @@ from ._connection import (
     CallRejected,
     Connection,
     ErrorReceived,
+    Event,
     ProtocolViolation,
+    Switched,
 )
 from ._errors import (
     TLS_ERROR_CODE,
     UNKNOWN_ERROR_CODE,
     AmpError,
     ConnectionLost,
+    ProtocolSwitched,
 )
+from ._unix import UnixServer, open_unix_connection, start_unix_server
 
-__all__ = ["AMP", "connect", "serve"]
+__all__ = ["AMP", "connect", "connect_unix", "serve", "serve_unix"]
 
 log = logging.getLogger("amgi.amp")
 
@@ -50,7 +57,14 @@ class AMP(asyncio.Protocol):
     responders (reading from the peer pauses while the limit is reached);
     ``call_timeout`` is the default timeout of :meth:`call_remote`;
     ``tls_context`` lets the peer switch this connection to TLS with
-    ``StartTLS`` (this side acts as the TLS server).
+    ``StartTLS`` (this side acts as the TLS server); ``max_box_size`` and
+    ``max_keys_per_box`` bound each box received (a peer exceeding them is
+    disconnected with a WARNING).
+
+    Writing is flow-controlled: while the transport asks to pause writing, the
+    peer's calls are not run but queued (reading pauses once
+    ``max_concurrent_responders`` wait), so answers stop piling up, and
+    :meth:`call_remote` waits before sending.
     """
 
     _responders: ClassVar[dict[bytes, tuple[type[Command], str]]] = {}
@@ -72,14 +86,16 @@ class AMP(asyncio.Protocol):
         max_concurrent_responders: int = 256,
         call_timeout: float | None = None,
         tls_context: ssl.SSLContext | None = None,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
     ) -> None:
         if max_outstanding_calls < 1 or max_concurrent_responders < 1:
             raise ValueError("limits must be at least 1")
-        self._core = Connection()
+        self._core = Connection(max_box_size=max_box_size, max_keys_per_box=max_keys_per_box)
         self._handlers: dict[bytes, Responder] = {}
         for command, attr in self._responders.values():
             self.add_responder(command, getattr(self, attr))
-        self._core.commands[StartTLS.name] = StartTLS
+        self._core.add_command(StartTLS)
         self.tls_context = tls_context
         self.call_timeout = call_timeout
         self.max_concurrent_responders = max_concurrent_responders
@@ -90,7 +106,9 @@ class AMP(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: deque[CallReceived] = deque()
         self._running = 0
-        self._paused = False
+        self._paused = False  # reading is paused (responders busy or writing paused)
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._hold_output = False
         self._hold_input = False
@@ -99,12 +117,15 @@ class AMP(asyncio.Protocol):
         self._tls_task: asyncio.Task[None] | None = None
         self._lost = False
         self._closed: asyncio.Future[None] | None = None
+        self._switch_factory: Callable[[], asyncio.BaseProtocol] | None = None
+        self._switch_waiter: asyncio.Future[dict[str, Any]] | None = None
+        self._switched_to: asyncio.BaseProtocol | None = None
 
     # ---------------------------------------------------------------- responders
 
     def add_responder(self, command: type[Command], responder: Responder) -> None:
         """Answer ``command`` with ``responder`` on this connection."""
-        self._core.commands[command.name] = command
+        self._core.add_command(command)
         self._handlers[command.name] = responder
 
     # ------------------------------------------------------------- asyncio hooks
@@ -119,21 +140,24 @@ class AMP(asyncio.Protocol):
             self._held_input.append(data)
             return
         try:
-            self._process(data)
+            self._handle(self._core.receive_data(data))
         except Exception:
             # A bug here must not escape into the event loop; the stream is now unusable.
             log.exception("internal error while processing AMP data; closing")
             if self.transport is not None:
                 self.transport.close()
 
-    def _process(self, data: bytes) -> None:
+    def _handle(self, events: list[Event]) -> None:
         waiters = self._waiters
-        for event in self._core.receive_data(data):
+        for event in events:
             kind = type(event)
             if kind is AnswerReceived:
                 answer = cast(AnswerReceived, event)
-                if answer.command is StartTLS:
-                    self._begin_tls_switch()
+                if not answer.command.plain:
+                    if answer.command is StartTLS:
+                        self._begin_tls_switch()
+                    elif answer.command.switches_protocol:
+                        continue  # the Switched event follows: the waiter gets the new protocol
                 fut = waiters.pop(answer.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(answer.response)
@@ -155,27 +179,69 @@ class AMP(asyncio.Protocol):
                     rejected.description,
                 )
             elif kind is AnswerDropped:
-                dropped = cast(AnswerDropped, event)
-                if dropped.late:
-                    log.debug("dropped late answer for abandoned call %r", dropped.tag)
-                else:
-                    log.warning("dropped answer for unknown tag %r", dropped.tag[:40])
+                tag = cast(AnswerDropped, event).tag
+                log.debug("dropped late answer for abandoned call %r", tag)
+            elif kind is Switched:
+                self._switched(cast(Switched, event).data)
+                return
             else:
                 reason = cast(ProtocolViolation, event).reason
-                log.warning("closing AMP connection: %s", reason)
+                log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
                 self._flush()
                 if self.transport is not None:
                     self.transport.close()
         self._flush()
 
+    def _peer_name(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer) if peer else "peer"
+
+    def fds_received(self, fds: list[int]) -> None:
+        """File descriptors from the peer (UNIX connections), for Descriptor arguments."""
+        self._core.receive_fds(fds)
+
+    def _check_fds(self, command: type[Command], names: tuple[str, ...]) -> None:
+        if names and not hasattr(self.transport, "send_fds"):
+            raise AmpError(
+                f"{command.__name__} passes file descriptors: it needs a UNIX connection "
+                "made with amp.connect_unix or amp.serve_unix"
+            )
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._run_queued()
+        self._update_reading()
+        self._wake_drain_waiters()
+        self._flush_soon()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._core.connection_lost()
-        waiters, self._waiters = self._waiters, {}
         reason = f"connection lost: {exc}" if exc else "connection closed"
+        self._finish(ConnectionLost(reason))
+
+    def _finish(self, error: AmpError) -> None:
+        """This AMP connection is over (lost, or switched): fail calls, stop responders."""
+        self._lost = True
+        self._wake_drain_waiters()
+        self._core.connection_lost()
+        for fd in self._core.unclaimed_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():
-                fut.set_exception(ConnectionLost(reason))
+                fut.set_exception(error)
         self._queue.clear()
         for task in self._tasks:
             task.cancel()
@@ -209,8 +275,14 @@ class AMP(asyncio.Protocol):
         if isinstance(command, Command):
             kwargs = {**command.kwargs, **kwargs}
             command = type(command)
+        if not command.plain:
+            if command.switches_protocol:
+                raise TypeError(f"{command.__name__} switches protocols: use switch_protocol()")
+            self._check_fds(command, command.argument_descriptors)
+        if self._write_paused:
+            await self._drain()
         if self._lost or self.transport is None:
-            raise ConnectionLost("not connected")
+            raise self._gone()
         if not command.requires_answer:
             self._core.send_call(command, kwargs)
             self._flush_soon()
@@ -221,6 +293,92 @@ class AMP(asyncio.Protocol):
             return await self._call(command, kwargs)
         async with asyncio.timeout(timeout):
             return await self._call(command, kwargs)
+
+    def _gone(self) -> AmpError:
+        if self._switched_to is not None:
+            return ProtocolSwitched("the connection switched to another protocol")
+        return ConnectionLost("not connected")
+
+    async def switch_protocol(
+        self,
+        command: type[ProtocolSwitchCommand],
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        /,
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> asyncio.BaseProtocol:
+        """Call ``command`` (a :class:`ProtocolSwitchCommand`); once answered, hand the
+        connection to ``protocol_factory()`` and return that protocol.
+
+        From the call on, this side sends no other AMP box (further calls raise
+        :class:`ProtocolSwitched`, answers are dropped, as in Twisted); an error
+        answer raises the declared exception and the connection speaks AMP again.
+        A timeout or cancellation closes the connection (its state is unknown).
+        """
+        if not command.switches_protocol:
+            raise TypeError(f"{command.__name__} is not a ProtocolSwitchCommand")
+        if self._write_paused:
+            await self._drain()
+        if self._lost or self.transport is None:
+            raise self._gone()
+        tag = self._core.send_call(command, kwargs)
+        assert tag is not None
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()  # type: ignore[union-attr]
+        self._waiters[tag] = fut
+        self._switch_factory = protocol_factory
+        self._switch_waiter = fut
+        self._flush()
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.call_timeout):
+                await fut
+        except BaseException:
+            if tag in self._core.pending_tags:  # no answer yet: the state is unknown
+                self.close()
+            raise
+        finally:
+            self._switch_factory = self._switch_waiter = None
+        assert self._switched_to is not None
+        return self._switched_to
+
+    def _switched(self, data: bytes) -> None:
+        """Our switch was answered: hand the transport (and ``data``) to the new protocol."""
+        factory, fut = self._switch_factory, self._switch_waiter
+        assert factory is not None
+        assert fut is not None
+        self._waiters = {tag: f for tag, f in self._waiters.items() if f is not fut}
+        try:
+            protocol = factory()
+        except Exception as exc:
+            log.error("protocol factory of a switch failed; closing", exc_info=exc)
+            self._finish(ProtocolSwitched("the protocol factory failed"))
+            if self.transport is not None:
+                self.transport.close()
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        self._hand_over(protocol, data)
+        if not fut.done():
+            fut.set_result({})
+
+    def _hand_over(self, protocol: asyncio.BaseProtocol, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._switched_to = protocol
+        self._finish(ProtocolSwitched("the connection switched to another protocol"))
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if data:
+            cast(asyncio.Protocol, protocol).data_received(data)
+
+    async def _drain(self) -> None:
+        while self._write_paused and not self._lost:
+            fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+            self._drain_waiters.append(fut)
+            await fut
 
     async def _call(
         self, command: type[Command], kwargs: Mapping[str, Any], tls: bool = False
@@ -251,12 +409,20 @@ class AMP(asyncio.Protocol):
     # ---------------------------------------------------------------- dispatching
 
     def _dispatch(self, event: CallReceived) -> None:
-        if event.command is StartTLS:
-            self._answer_start_tls(event)
-            return
-        if self._running >= self.max_concurrent_responders or self._queue:
+        command = event.command
+        if not command.plain:
+            if command is StartTLS:
+                self._answer_start_tls(event)
+                return
+            if command.switches_protocol and event.tag is not None:
+                self._update_reading()  # input is held until the switch is answered
+                task = self._loop.create_task(self._answer_switch(event))  # type: ignore[union-attr]
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        if self._write_paused or self._queue or self._running >= self.max_concurrent_responders:
             self._queue.append(event)
-            self._pause()
+            self._update_reading()
             return
         self._run(event)
 
@@ -273,7 +439,7 @@ class AMP(asyncio.Protocol):
             self._tasks.add(task)
             task.add_done_callback(self._responder_done)
             if self._running >= self.max_concurrent_responders:
-                self._pause()
+                self._update_reading()
         else:
             self._respond(event, result)
 
@@ -291,21 +457,53 @@ class AMP(asyncio.Protocol):
             self._respond(event, result)
         self._flush_soon()
 
+    async def _answer_switch(self, event: CallReceived) -> None:
+        tag = event.tag
+        assert tag is not None
+        try:
+            result = self._handlers[event.command.name](**event.arguments)
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, asyncio.BaseProtocol):
+                raise TypeError(
+                    f"the responder of {event.command.__name__} must return an "
+                    f"asyncio protocol, not {type(result).__name__}"
+                )
+        except Exception as exc:
+            if self._lost:
+                return
+            self._respond_error(event, exc)
+            self._flush()
+            self._handle(self._core.switch_refused())
+            self._update_reading()
+            self._flush()
+            return
+        if self._lost:
+            return
+        self._core.send_answer(tag, event.command, {})
+        self._flush()
+        self._hand_over(result, self._core.switch_accepted())
+
     def _responder_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._running -= 1
         if self._lost:
             return
-        while self._queue and self._running < self.max_concurrent_responders:
-            self._run(self._queue.popleft())
-        if not self._queue and self._running < self.max_concurrent_responders:
-            self._resume()
+        self._run_queued()
+        self._update_reading()
         self._flush_soon()
+
+    def _run_queued(self) -> None:
+        queue = self._queue
+        while queue and not self._write_paused and self._running < self.max_concurrent_responders:
+            self._run(queue.popleft())
 
     def _respond(self, event: CallReceived, result: Any) -> None:
         if event.tag is None or self._lost:
             return
         try:
+            if not event.command.plain:
+                self._check_fds(event.command, event.command.response_descriptors)
             self._core.send_answer(event.tag, event.command, result or {})
         except Exception:
             log.exception(
@@ -323,6 +521,15 @@ class AMP(asyncio.Protocol):
         else:
             code, fatal = found
             description = str(exc)
+            if event.tag is None:
+                log.warning(
+                    "responder for %s raised %s (%s: %.200s); the call asked no answer, so "
+                    "the peer is not told",
+                    event.command.__name__,
+                    type(exc).__name__,
+                    code.decode("ascii", "replace"),
+                    description,
+                )
         if self._lost:
             return
         if event.tag is not None:
@@ -333,14 +540,22 @@ class AMP(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
-    def _pause(self) -> None:
-        if not self._paused and self.transport is not None and not self._hold_input:
-            self._paused = True
-            self.transport.pause_reading()
+    def _update_reading(self) -> None:
+        """Pause reading while ``max_concurrent_responders`` calls wait to be run.
 
-    def _resume(self) -> None:
-        if self._paused and self.transport is not None and not self._hold_input:
-            self._paused = False
+        Calls wait while the responders are at their limit or writing is paused;
+        reading goes on until then, so answers to our own calls still arrive (two
+        peers that both stopped writing must not stop reading each other).
+        """
+        pause = len(self._queue) >= self.max_concurrent_responders or self._core.switch_pending
+        if pause is self._paused or self.transport is None or self._lost:
+            return
+        self._paused = pause
+        if self._hold_input:
+            return  # the TLS switch resumes reading itself and honours _paused
+        if pause:
+            self.transport.pause_reading()
+        else:
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------- output
@@ -355,6 +570,8 @@ class AMP(asyncio.Protocol):
             return
         data = self._core.data_to_send()
         if data:
+            if self._core.fds_waiting:
+                cast(Any, self.transport).send_fds(self._core.fds_to_send())
             self.transport.write(data)
 
     # ---------------------------------------------------------------------- TLS
@@ -499,3 +716,21 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     return await loop.create_server(protocol_factory, host, port, **kwargs)
+
+
+async def connect_unix(
+    path: str | os.PathLike[str],
+    protocol_factory: Callable[[], P] = AMP,  # type: ignore[assignment]
+) -> P:
+    """Connect to the UNIX socket ``path``; the connection can pass file descriptors
+    (:class:`Descriptor` arguments), like Twisted's ``connectUNIX``."""
+    _, protocol = await open_unix_connection(path, protocol_factory)
+    return cast(P, protocol)
+
+
+async def serve_unix(
+    protocol_factory: Callable[[], AMP], path: str | os.PathLike[str]
+) -> UnixServer:
+    """Listen on the UNIX socket ``path`` (created; must not exist); each connection
+    gets ``protocol_factory()`` and can pass file descriptors."""
+    return await start_unix_server(protocol_factory, path)

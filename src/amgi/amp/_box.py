@@ -2,7 +2,9 @@
 
 A box is a sequence of key/value pairs, each written as a 2-byte big-endian
 length followed by that many bytes; an empty key (two zero bytes) ends it.
-Keys are 1..255 bytes, values 0..65,535 bytes.
+Keys are 1..255 bytes, values 0..65,535 bytes. The protocol bounds neither the
+number of keys nor the size of a box; :class:`BoxParser` does (``max_box_size``,
+``max_keys_per_box``), so a peer cannot make a reader hold unbounded memory.
 """
 
 from __future__ import annotations
@@ -12,10 +14,23 @@ from typing import Any
 
 from ._errors import ProtocolError, TooLong
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_VALUE_LENGTH", "Box", "BoxParser", "encode_box", "parse_boxes"]
+__all__ = [
+    "DEFAULT_MAX_BOX_SIZE",
+    "DEFAULT_MAX_KEYS_PER_BOX",
+    "MAX_KEY_LENGTH",
+    "MAX_VALUE_LENGTH",
+    "Box",
+    "BoxParser",
+    "encode_box",
+    "parse_boxes",
+]
 
 MAX_KEY_LENGTH = 0xFF
 MAX_VALUE_LENGTH = 0xFFFF
+# Default limits of a received box: its wire size (keys, values and their length
+# prefixes) and its number of key/value pairs.
+DEFAULT_MAX_BOX_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_KEYS_PER_BOX = 1024
 
 Box = dict[bytes, bytes]
 
@@ -117,25 +132,53 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
 class BoxParser:
     """Incremental parser: :meth:`feed` bytes, get back the boxes they complete.
 
-    Incomplete input is kept until more arrives. A key longer than 255 bytes
-    sets :attr:`error` (the boxes completed before it are still returned);
-    after that, :meth:`feed` raises :class:`ProtocolError`.
+    Incomplete input is kept until more arrives. A key longer than 255 bytes, a
+    box whose pairs take more than ``max_box_size`` bytes on the wire, or one with
+    more than ``max_keys_per_box`` pairs sets :attr:`error` (the boxes completed
+    before it are still returned); after that, :meth:`feed` raises
+    :class:`ProtocolError`. Pairs of a repeated key count each time.
     """
 
-    __slots__ = ("_box", "_buffer", "error")
+    __slots__ = (
+        "_box",
+        "_buffer",
+        "_bytes_left",
+        "_keys_left",
+        "error",
+        "max_box_size",
+        "max_keys_per_box",
+        "stop",
+    )
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
+    ) -> None:
+        if max_box_size < 1 or max_keys_per_box < 1:
+            raise ValueError("box limits must be at least 1")
+        self.max_box_size = max_box_size
+        self.max_keys_per_box = max_keys_per_box
         self._buffer = b""
         self._box: Box = {}
+        # Room left in the current box: bytes of pairs, and pairs.
+        self._bytes_left = max_box_size
+        self._keys_left = max_keys_per_box
         self.error: ProtocolError | None = None
+        # When set, called with each completed box; True stops parsing right after
+        # it, leaving the rest unparsed (see :meth:`take_unparsed`).
+        self.stop: Callable[[Box], bool] | None = None
 
     @property
     def buffered(self) -> int:
         """Number of bytes held that do not yet form a complete box."""
-        return len(self._buffer) + sum(len(k) + len(v) + 4 for k, v in self._box.items())
+        return len(self._buffer) + self.max_box_size - self._bytes_left
 
     def take_unparsed(self) -> bytes:
-        """Return and forget the raw bytes not yet parsed (used when switching to TLS)."""
+        """Return and forget the raw bytes not yet parsed (for a protocol switch).
+
+        Only meaningful between boxes: pairs of a box already parsed are not returned.
+        """
         data = self._buffer
         self._buffer = b""
         return data
@@ -148,29 +191,55 @@ class BoxParser:
         n = len(buf)
         pos = 0
         box = self._box
+        # The current box's pairs may not end past ``limit`` in ``buf``; ``room``
+        # more pairs fit in it.
+        limit = self._bytes_left
+        room = self._keys_left
+        stop = self.stop
         boxes: list[Box] = []
-        while n - pos >= 2:
-            klen = (buf[pos] << 8) | buf[pos + 1]
-            if klen == 0:
-                boxes.append(box)
-                box = {}
-                pos += 2
-                continue
-            if klen > MAX_KEY_LENGTH:
-                self.error = ProtocolError(f"key length {klen} is longer than {MAX_KEY_LENGTH}")
-                self._buffer = b""
-                self._box = {}
-                return boxes
-            vpos = pos + 2 + klen
-            if n < vpos + 2:
-                break
-            end = vpos + 2 + ((buf[vpos] << 8) | buf[vpos + 1])
-            if n < end:
-                break
-            box[buf[pos + 2 : vpos]] = buf[vpos + 2 : end]
-            pos = end
+        try:  # an IndexError means the rest is incomplete (no length check per pair)
+            while True:
+                if buf[pos]:  # a key length over 255
+                    klen = (buf[pos] << 8) | buf[pos + 1]
+                    return self._fail(boxes, f"key length {klen} is longer than {MAX_KEY_LENGTH}")
+                vpos = pos + 2 + buf[pos + 1]
+                if vpos == pos + 2:  # the empty key: end of box
+                    boxes.append(box)
+                    pos = vpos
+                    limit = pos + self.max_box_size
+                    room = self.max_keys_per_box
+                    box = {}
+                    if pos == n or (stop is not None and stop(boxes[-1])):
+                        break
+                    continue
+                end = vpos + 2 + ((buf[vpos] << 8) | buf[vpos + 1])
+                if end > limit or not room:
+                    return self._over_limit(boxes, end > limit)
+                if n < end:
+                    break
+                box[buf[pos + 2 : vpos]] = buf[vpos + 2 : end]
+                room -= 1
+                pos = end
+        except IndexError:
+            pass
         self._box = box
+        self._bytes_left = limit - pos
+        self._keys_left = room
         self._buffer = buf[pos:] if pos < n else b""
+        return boxes
+
+    def _over_limit(self, boxes: list[Box], too_large: bool) -> list[Box]:
+        if too_large:
+            return self._fail(boxes, f"box larger than {self.max_box_size} bytes (max_box_size)")
+        reason = f"box with more than {self.max_keys_per_box} keys (max_keys_per_box)"
+        return self._fail(boxes, reason)
+
+    def _fail(self, boxes: list[Box], reason: str) -> list[Box]:
+        self.error = ProtocolError(reason)
+        self._buffer = b""
+        self._box = {}
+        self._bytes_left = self.max_box_size
+        self._keys_left = self.max_keys_per_box
         return boxes
 
 

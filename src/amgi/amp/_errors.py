@@ -7,6 +7,7 @@ __all__ = [
     "ArgumentError",
     "ConnectionLost",
     "ProtocolError",
+    "ProtocolSwitched",
     "RemoteAmpError",
     "TLSNotAvailable",
     "TooLong",
@@ -25,6 +26,10 @@ class AmpError(Exception):
 
 class ProtocolError(AmpError):
     """The peer broke the wire protocol; the connection cannot continue."""
+
+
+class ProtocolSwitched(AmpError):
+    """No AMP traffic: the connection switched protocols, or a switch is pending."""
 
 
 class TooLong(AmpError, ValueError):

@@ -11,7 +11,8 @@ record                 mapped by :mod:`amgi.servers.kafka.records`, as the Kafka
 ack                    nothing to do: Lambda commits the batch when the invocation succeeds
 nack / unsettled       :class:`BatchFailed` is raised so that Lambda retries the batch,
                        unless ``dead_letter_address`` is set: then each one is sent there
-                       (with the reason header) and the invocation succeeds
+                       (with the reason header and the record's key, never its
+                       partition) and the invocation succeeds
 deadline               batches not finished in time fail the invocation (Lambda retries)
 malformed event        :class:`MalformedEvent`, nothing processed
 =====================  ================================================================
@@ -206,7 +207,10 @@ class KafkaHandler(LambdaAdapter):
             headers = dead_letter_headers(
                 m.headers, attempt=m.attempt, address=address, reason=reason
             )
+            # Only the key goes along: the source's partition need not exist in the
+            # dead-letter topic, which partitions by key like any producer would.
+            bindings = {"kafka": {"key": m.bindings.get("kafka", {}).get("key")}}
             # A send error propagates: the invocation fails and Lambda retries the batch.
-            await self._publish(self.dead_letter_address, headers, m.payload, dict(m.bindings))
+            await self._publish(self.dead_letter_address, headers, m.payload, bindings)
         logger.warning("%d record(s) dead-lettered to %r", len(failures), self.dead_letter_address)
         return {"processed": processed, "dead_lettered": len(failures)}

@@ -31,6 +31,8 @@ SERVERS: dict[str, str] = {
     "sqs": "amgi.servers.sqs:SqsTransport",
     "amp": "amgi.servers.amp:AmpTransport",
     "http": "amgi.servers.http:HttpTransport",
+    "redis": "amgi.servers.redis:RedisTransport",
+    "nats": "amgi.servers.nats:NatsTransport",
 }
 
 

@@ -13,6 +13,9 @@ nack (retry/dead)   the ``Deliver`` call fails with error code ``NACK`` and the 
 send                a ``Deliver`` call to every connection that sent ``Subscribe`` for
                     the address; fails (``AmpSendError``) if there is none or one nacks
 close / crash       connections close; unanswered senders see the connection drop
+security            TLS from the first byte (``--tls``, optionally client certificates);
+                    ``--auth-token``: ``Authenticate`` first, else error and close;
+                    ``Subscribe`` only to ``--subscribe-addresses``
 ==================  ================================================================
 
 Roles: ``amgi run`` listens on ``--host``/``--port`` (at ``connect`` when it consumes
@@ -23,16 +26,33 @@ named addresses, otherwise at the first ``fetch``, accepting every address).
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import itertools
+import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from amgi import amp
-from amgi.errors import BrokerUnavailable, SendError
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.options import invalid
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
-__all__ = ["AmpOptions", "AmpSendError", "AmpTransport", "Deliver", "Nacked", "Subscribe"]
+__all__ = [
+    "AmpOptions",
+    "AmpSendError",
+    "AmpTransport",
+    "Authenticate",
+    "Deliver",
+    "Forbidden",
+    "Nacked",
+    "Subscribe",
+    "Unauthenticated",
+]
+
+log = logging.getLogger("amgi.servers.amp")
 
 
 class AmpSendError(SendError):
@@ -41,6 +61,27 @@ class AmpSendError(SendError):
 
 class Nacked(Exception):
     """The receiving app nacked the message (error code ``NACK``); the text is the reason."""
+
+
+class Unauthenticated(Exception):
+    """Code ``UNAUTHENTICATED``: a wrong token, or a call before ``Authenticate``; closes."""
+
+
+class Forbidden(Exception):
+    """Code ``FORBIDDEN``: ``Subscribe`` to an address not allowed; the connection closes."""
+
+
+_REFUSALS: dict[type[BaseException], bytes | str] = {
+    Unauthenticated: b"UNAUTHENTICATED",
+    Forbidden: b"FORBIDDEN",
+}
+
+
+class Authenticate(amp.Command):
+    """Present the server's token (``--auth-token``); must precede every other call."""
+
+    arguments = [(b"token", amp.String())]
+    fatal_errors = _REFUSALS
 
 
 class Deliver(amp.Command):
@@ -52,12 +93,14 @@ class Deliver(amp.Command):
         (b"payload", amp.BigBytes(optional=True)),
     ]
     errors = {Nacked: b"NACK"}
+    fatal_errors = _REFUSALS
 
 
 class Subscribe(amp.Command):
     """Receive, as ``Deliver`` calls, every message the app sends to ``address``."""
 
     arguments = [(b"address", amp.Unicode())]
+    fatal_errors = _REFUSALS
 
 
 @dataclass(slots=True)
@@ -73,29 +116,127 @@ class AmpOptions:
         default=30.0,
         metadata={"gt": 0, "help": "seconds to wait for a Deliver answer when sending"},
     )
+    tls: bool = field(
+        default=False,
+        metadata={"help": "TLS from the first byte (listening: needs --cert-file and --key-file)"},
+    )
+    cert_file: str | None = field(
+        default=None,
+        metadata={"help": "certificate (PEM): the server's, or the client's when sending"},
+    )
+    key_file: str | None = field(default=None, metadata={"help": "key of --cert-file (PEM)"})
+    ca_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "CA certificates (PEM): listening, require client certificates signed "
+            "by them; sending, verify the server with them (default: the system's)"
+        },
+    )
+    auth_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "token a client must present with Authenticate before any other call",
+            "secret": True,
+        },
+    )
+    auth_timeout: float = field(
+        default=10.0,
+        metadata={
+            "gt": 0,
+            "help": "seconds a connection may take to Authenticate (with --auth-token)",
+        },
+    )
+    subscribe_addresses: list[str] = field(
+        default_factory=list,
+        metadata={"help": "addresses clients may Subscribe to (default: none)"},
+    )
+    max_box_size: int = field(
+        default=amp.DEFAULT_MAX_BOX_SIZE,
+        metadata={"ge": 1, "help": "largest AMP box accepted, bytes (bounds a message's size)"},
+    )
+    max_keys_per_box: int = field(
+        default=amp.DEFAULT_MAX_KEYS_PER_BOX, metadata={"ge": 1, "help": "most keys in an AMP box"}
+    )
+
+    def check_together(self) -> None:
+        """Rules that involve several fields (and a present-but-empty token)."""
+        if self.auth_token == "":
+            raise invalid(self, "auth_token", "must not be empty")
 
 
 class _Peer(amp.AMP):
     """One connection to the AMGI-over-AMP server."""
 
     def __init__(self, transport: AmpTransport) -> None:
-        super().__init__(max_concurrent_responders=transport.config.batch_size * 10)
+        config = transport.config
+        super().__init__(
+            max_concurrent_responders=config.batch_size * 10,
+            max_box_size=config.max_box_size,
+            max_keys_per_box=config.max_keys_per_box,
+        )
         self.owner = transport
         self.subscriptions: set[str] = set()
+        self.authenticated = transport._token is None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.authenticated:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self.owner.config.auth_timeout, self._too_late)
+
+    def _too_late(self) -> None:
+        if not self.authenticated and not self.is_closed:
+            log.warning(
+                "amp: closing the connection from %s: no Authenticate within %ss",
+                self._peer_name(),
+                self.owner.config.auth_timeout,
+            )
+            self.close()
+
+    def _check_authenticated(self, command: str) -> None:
+        if not self.authenticated:
+            log.warning("amp: refused %s from %s: not authenticated", command, self._peer_name())
+            raise Unauthenticated("authenticate first")
+
+    @Authenticate.responder
+    def authenticate(self, token: bytes) -> None:
+        expected = self.owner._token
+        if expected is None:
+            log.warning("amp: refused Authenticate from %s: no token set", self._peer_name())
+            raise Unauthenticated("this server takes no token (no --auth-token)")
+        if not hmac.compare_digest(token, expected):
+            log.warning("amp: refused Authenticate from %s: wrong token", self._peer_name())
+            raise Unauthenticated("authentication failed")
+        self.authenticated = True
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     @Deliver.responder
     async def deliver(
         self, address: str, headers: list[dict[str, Any]], payload: bytes | None
     ) -> None:
+        self._check_authenticated("Deliver")
         await self.owner._received(address, [(h["name"], h["value"]) for h in headers], payload)
 
     @Subscribe.responder
     def subscribe(self, address: str) -> None:
+        self._check_authenticated("Subscribe")
+        if address not in self.owner.config.subscribe_addresses:
+            log.warning(
+                "amp: refused Subscribe to %r from %s: not in --subscribe-addresses",
+                address[:200],
+                self._peer_name(),
+            )
+            raise Forbidden(f"subscribing to {address[:200]!r} is not allowed")
         self.subscriptions.add(address)
         self.owner._subscribers.setdefault(address, set()).add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.owner._peers.discard(self)
         for address in self.subscriptions:
             self.owner._subscribers.get(address, set()).discard(self)
@@ -119,6 +260,8 @@ class AmpTransport(Transport):
         self._ready: asyncio.Queue[Message] = asyncio.Queue()
         self._ids = itertools.count(1)
         self._address_of: dict[str, str] = {}
+        token = self.config.auth_token
+        self._token = token.encode("utf-8") if token is not None else None
 
     # ------------------------------------------------------------------ listener
 
@@ -127,9 +270,33 @@ class AmpTransport(Transport):
         if self.addresses:
             await self._listen()
 
+    def _ssl_context(self, server_side: bool) -> ssl.SSLContext | None:
+        c = self.config
+        if not c.tls:
+            return None
+        try:
+            if server_side:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(c.cert_file or "", c.key_file)
+                if c.ca_file:
+                    context.verify_mode = ssl.CERT_REQUIRED
+                    context.load_verify_locations(c.ca_file)
+            else:
+                context = ssl.create_default_context(cafile=c.ca_file)
+                if c.cert_file:
+                    context.load_cert_chain(c.cert_file, c.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigurationError(f"amp: cannot load the TLS files: {reason}") from None
+        return context
+
     async def _listen(self) -> None:
         if self._server is not None:
             return
+        c = self.config
+        if c.tls and not (c.cert_file and c.key_file):
+            raise ConfigurationError("amp: --tls needs --cert-file and --key-file to listen")
+        context = self._ssl_context(server_side=True)
 
         def factory() -> _Peer:
             peer = _Peer(self)
@@ -137,11 +304,20 @@ class AmpTransport(Transport):
             return peer
 
         try:
-            self._server = await amp.serve(factory, self.config.host, self.config.port)
+            self._server = await amp.serve(factory, c.host, c.port, ssl=context)
         except OSError as exc:
             raise BrokerUnavailable(
-                f"amp: cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}"
+                f"amp: cannot listen on {c.host}:{c.port}: {exc.strerror}"
             ) from None
+        missing = [n for n, on in (("TLS", c.tls), ("authentication", self._token)) if not on]
+        if missing and not _is_loopback(c.host):
+            log.warning(
+                "amp: listening on %s:%s without %s: any peer that reaches this port can "
+                "deliver messages to the application",
+                c.host,
+                self.port,
+                " or ".join(missing),
+            )
 
     @property
     def port(self) -> int | None:
@@ -220,13 +396,24 @@ class AmpTransport(Transport):
 
     async def _client_connection(self) -> amp.AMP:
         if self._client is None or self._client.is_closed:
+            c = self.config
+            context = self._ssl_context(server_side=False)
             try:
-                self._client = await amp.connect(self.config.host, self.config.port)
-            except OSError as exc:
+                client: amp.AMP = await amp.connect(c.host, c.port, ssl=context)
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
                 raise BrokerUnavailable(
-                    f"amp: cannot connect to {self.config.host}:{self.config.port}: "
-                    f"{exc.strerror or exc}"
+                    f"amp: cannot connect to {c.host}:{c.port}: {reason}"
                 ) from None
+            if self._token is not None:
+                try:
+                    await client.call_remote(
+                        Authenticate, token=self._token, timeout=c.call_timeout
+                    )
+                except (amp.AmpError, Unauthenticated, OSError, TimeoutError) as exc:
+                    client.close()
+                    raise AmpSendError(f"amp: authentication refused: {exc}") from None
+            self._client = client
         return self._client
 
     async def close(self) -> None:
@@ -247,3 +434,12 @@ class AmpTransport(Transport):
             message = self._ready.get_nowait()
             if not message.token.done():
                 message.token.cancel()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

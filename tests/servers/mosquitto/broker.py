@@ -26,6 +26,7 @@ class Mosquitto:
         users: dict[str, str] | None = None,
         tls: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
+        acl: str | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
@@ -35,6 +36,8 @@ class Mosquitto:
         """(certificate file, key file) to serve TLS instead of plain MQTT."""
         self.client_ca = client_ca
         """With TLS: clients must show a certificate this CA file trusts."""
+        self.acl = acl
+        """The text of an ACL file (``user NAME`` / ``topic read|write FILTER`` lines)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> Path:
@@ -49,6 +52,11 @@ class Mosquitto:
                 )
             password_file.chmod(0o600)
             lines.append(f"password_file {password_file}")
+        if self.acl is not None:
+            acl_file = self.directory / "acl"
+            acl_file.write_text(self.acl)
+            acl_file.chmod(0o600)
+            lines.append(f"acl_file {acl_file}")
         if self.tls is not None:
             cert, key = self.tls
             lines += [f"certfile {cert}", f"keyfile {key}"]

@@ -5,18 +5,28 @@ How AMGI maps onto AMQP:
 =================  ==================================================================
 address            a queue name; ``message.send`` publishes to ``exchange`` (default:
                    the default exchange) with the address as routing key
-consume            ``basic.consume`` on one channel with ``basic.qos(prefetch)``;
+consume            ``basic.consume`` on one channel per queue with ``basic.qos(prefetch)``;
                    deliveries are buffered until the runtime fetches them
 batch              the deliveries on hand, up to ``batch_size``, after ``linger``
 ordering key       the queue: batches of one queue run one after another
 ack                one ``basic.ack(multiple=True)`` up to the highest delivery tag below
-                   which every delivery of the channel is settled
+                   which every delivery of the queue's channel is settled (each queue
+                   settles on its own)
 nack (retry)       republished (confirmed) to ``<queue>.retry.<ms>``, a queue with that
                    message TTL whose dead-letter target is the queue, attempt + 1 in the
                    ``amgi-attempt`` header; then the original is acked
 nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the queue as
                    routing key (bound to ``<queue>.dead-letter``) and the reason header
+refused copy       a retry the broker refuses (its retry queue exists with another
+                   TTL, access refused ...) is dead-lettered instead; a refused dead
+                   letter stays unacked and is tried again with backoff in the
+                   background
+                   (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quorum queues)
+message id         a hash of the ``message-id`` property (if set), headers and body, the
+                   same on every delivery (the crash ledger bounds a message that kills
+                   the process on classic queues too); ``#2`` ... tells identical
+                   messages of one batch apart
 send               ``basic.publish`` with publisher confirms, mandatory by default
 connection loss    reconnect with backoff and consume again on a new channel; batches of
                    the old channel are not acked (the broker redelivers them)
@@ -29,24 +39,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
-from amgi.servers.amqp._client import AmqpClient, AmqpSendError, _check_confirm, _reply_text
+from amgi.servers.amqp._client import (
+    AmqpClient,
+    AmqpSendError,
+    _Channel,
+    _check_confirm,
+    _reply_text,
+)
 from amgi.servers.amqp._codec import (
     _message,
     delivery_bindings,
     headers_to_table,
     publish_properties,
     table_to_headers,
+    unique_ids,
 )
 from amgi.servers.amqp._dead_letters import DeadLetters
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
+    DelayedRepublisher,
     dead_letter_headers,
+    mask_url,
+    move_aside,
     retry_headers,
+    unmoved,
 )
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
@@ -82,10 +104,18 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     send_error = AmqpSendError
     requires = ("aiormq",)
     extra = "amqp"
+    stable_ids = True
+    """Ids hash the message-id property, headers and body: the same on every delivery."""
 
     def __init__(self, addresses: Sequence[str], options: AmqpOptions | None = None) -> None:
         super().__init__(addresses, options or AmqpOptions())
         self._init_client()
+        self._moves = DelayedRepublisher("amqp")
+        """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
+
+    def ledger_namespace(self) -> str:
+        """The broker and virtual host (the URL without its password)."""
+        return f"amqp {mask_url(self.config.url)}"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -99,11 +129,13 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     async def connect(self) -> None:
         self.check()
         self._closed = False
+        self._moves = DelayedRepublisher("amqp")
         await self._open()
         self._supervisor = asyncio.create_task(self._supervise(), name="amgi-amqp-reconnect")
 
     async def close(self) -> None:
         self._closed = True
+        await self._moves.close(timeout=1.0)  # their messages stay unacked
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -111,7 +143,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             self._supervisor = None
         self._ready.clear()
         connection, self._connection = self._connection, None
-        self._consumer = None
+        self._consumers = {}
         self._publisher = None
         self._buffer.clear()
         if connection is not None:
@@ -135,62 +167,65 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             queue, delivered = buffer.popleft()
             grouped.setdefault(queue, []).append(_message(delivered))
         return [
-            Batch(queue, msgs, key=queue, context=generation) for queue, msgs in grouped.items()
+            Batch(queue, unique_ids(msgs), key=queue, context=generation)
+            for queue, msgs in grouped.items()
         ]
 
     # -- settling -------------------------------------------------------------------------
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
-        consumer = self._consumer
+        queue = batch.address
+        consumer = self._consumers.get(queue)
         if consumer is None or consumer.generation != batch.context:
             return  # the channel is gone: the broker redelivers every message of the batch
-        republish = [
-            self._publish_retry(batch.address, r.message, r.delay) for r in settlement.retry
-        ]
-        republish += [
-            self._publish_dead(batch.address, d.message, d.reason) for d in settlement.dead
-        ]
-        rejected: list[int] = []
-        if republish:
-            moved = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
-            results = await asyncio.gather(*republish, return_exceptions=True)
-            if self._consumer is not consumer:
+
+        if settlement.retry or settlement.dead:
+            stranded = await self._move(queue, settlement, lambda: True)
+            if stranded:
+                # Tried again in the background: the queue's later batches go on (their
+                # acks wait behind this batch's delivery tags, the watermark sees to it).
+                move = functools.partial(
+                    self._move_later, batch, consumer, unmoved(settlement, stranded)
+                )
+                self._moves.schedule(0, move)
                 return
-            for message, result in zip(moved, results, strict=True):
-                if isinstance(result, BaseException):
-                    logger.error(
-                        "amqp: could not move a nacked message of %r aside (%s); requeued",
-                        batch.address,
-                        result,
-                    )
-                    rejected.append(message.token.delivery.delivery_tag)
-        channel = consumer.channel
-        try:
-            for tag in rejected:
-                await channel.basic_reject(tag, requeue=True)
-        except Exception:
-            return  # channel lost: everything unacked comes back
+        await self._ack_batch(batch, consumer)
+
+    def _gone(self, consumer: _Channel) -> bool:
+        """The channel closed: the broker redelivers its unacked messages."""
+        return self._closed or self._consumers.get(consumer.queue) is not consumer
+
+    async def _move(
+        self, queue: str, settlement: Settlement, give_up: Callable[[], bool]
+    ) -> list[Message]:
+        return await move_aside(
+            settlement,
+            retry=lambda r: self._publish_retry(queue, r.message, r.delay),
+            dead=lambda d: self._publish_dead(queue, d.message, d.reason),
+            address=queue,
+            give_up=give_up,
+        )
+
+    async def _move_later(self, batch: Batch, consumer: _Channel, left: Settlement) -> None:
+        stranded = await self._move(batch.address, left, lambda: self._gone(consumer))
+        if not stranded:
+            await self._ack_batch(batch, consumer)
+
+    async def _ack_batch(self, batch: Batch, consumer: _Channel) -> None:
+        if self._gone(consumer):
+            return
         mark = consumer.acked.settle(m.token.delivery.delivery_tag for m in batch.messages)
         if mark is None:
             return
         with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
-            await channel.basic_ack(mark, multiple=True)
+            await consumer.channel.basic_ack(mark, multiple=True)
 
     async def _publish_retry(self, queue: str, message: Message, delay: float) -> None:
         delay_ms = max(1, round(delay * 1000))
         retry_queue = f"{queue}.retry.{delay_ms}"
-        channel = await self._channel()
         if retry_queue not in self._retry_queues:
-            await channel.queue_declare(
-                retry_queue,
-                durable=True,
-                arguments={
-                    "x-message-ttl": delay_ms,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue,
-                },
-            )
-            self._retry_queues.add(retry_queue)
+            await self._declare_retry_queue(retry_queue, queue, delay_ms)
+        channel = await self._channel()
         headers = retry_headers(message.headers, attempt=message.attempt + 1)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 

@@ -15,6 +15,7 @@ from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
     Backoff,
     Watermark,
+    mask_url,
 )
 from amgi.transport import HeaderList
 
@@ -33,10 +34,16 @@ class AmqpSendError(SendError):
 
 @dataclass(slots=True, eq=False)
 class _Channel:
-    """The consuming channel of one connection, with its acknowledgement watermark."""
+    """The consuming channel of one queue, with its acknowledgement watermark.
+
+    One channel per queue: delivery tags and ``basic.ack(multiple=True)`` are per
+    channel, so each queue settles on its own and a slow batch of one never holds back
+    the acknowledgements (and the prefetch window) of another.
+    """
 
     channel: AbstractChannel
     generation: int
+    queue: str
     acked: Watermark = field(default_factory=lambda: Watermark(first=1))
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
 
@@ -54,16 +61,6 @@ def _reply_text(exc: BaseException) -> str:
     return str(text) if text else str(exc)
 
 
-def _safe_url(url: str) -> str:
-    """``url`` with the password masked, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, hostpart = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
-
-
 class AmqpClient:
     """The connection, its consuming and publishing channels, and the delivery buffer."""
 
@@ -73,7 +70,7 @@ class AmqpClient:
     def _init_client(self) -> None:
         """Set up the state (called by the transport's ``__init__``)."""
         self._connection: AbstractConnection | None = None
-        self._consumer: _Channel | None = None
+        self._consumers: dict[str, _Channel] = {}
         self._publisher: AbstractChannel | None = None
         self._publisher_lock = asyncio.Lock()
         self._generation = 0
@@ -95,23 +92,26 @@ class AmqpClient:
             connection = await aiormq.connect(c.url)
         except (amqp_errors.AuthenticationError, amqp_errors.ProbableAuthenticationError):
             raise BrokerUnavailable(
-                f"amqp: the broker at {_safe_url(c.url)} refused the credentials"
+                f"amqp: the broker at {mask_url(c.url)} refused the credentials"
             ) from None
         except amqp_errors.ConnectionNotAllowed:
             raise BrokerUnavailable(
-                f"amqp: access to the virtual host of {_safe_url(c.url)} was refused"
+                f"amqp: access to the virtual host of {mask_url(c.url)} was refused"
             ) from None
         except (OSError, amqp_errors.AMQPError, TimeoutError) as exc:
             raise BrokerUnavailable(
-                f"amqp: cannot connect to {_safe_url(c.url)}: {exc or type(exc).__name__}"
+                f"amqp: cannot connect to {mask_url(c.url)}: {exc or type(exc).__name__}"
             ) from None
         except ValueError as exc:
-            raise ConfigurationError(f"amqp: bad url {_safe_url(c.url)}: {exc}") from None
+            raise ConfigurationError(f"amqp: bad url {mask_url(c.url)}: {exc}") from None
         try:
-            if self.addresses:
+            channels = []
+            for i, _ in enumerate(self.addresses):
                 channel = await connection.channel(publisher_confirms=False)
-                await self._declare(channel)
+                if i == 0:
+                    await self._declare(channel)
                 await channel.basic_qos(prefetch_count=c.prefetch)
+                channels.append(channel)
             self._connection = connection
             self._publisher = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
@@ -119,11 +119,12 @@ class AmqpClient:
             if self.addresses:
                 self._generation += 1
                 self._buffer.clear()
-                self._consumer = _Channel(channel, self._generation)
-                for queue in self.addresses:
+                self._consumers = {}
+                for queue, channel in zip(self.addresses, channels, strict=True):
+                    self._consumers[queue] = _Channel(channel, self._generation, queue)
                     await channel.basic_consume(queue, self._consumer_for(queue, self._generation))
         except BaseException:
-            self._consumer = None
+            self._consumers = {}
             self._publisher = None
             self._connection = None
             with contextlib.suppress(Exception):
@@ -176,8 +177,7 @@ class AmqpClient:
             waits: list[asyncio.Future[Any]] = []
             if self._connection is not None:
                 waits.append(self._connection.closing)
-            if self._consumer is not None:
-                waits.append(self._consumer.channel.closing)
+            waits.extend(c.channel.closing for c in self._consumers.values())
             if waits:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for future in waits:
@@ -185,7 +185,7 @@ class AmqpClient:
                         future.exception()  # mark retrieved
                 logger.warning("amqp: lost the connection to the broker; reconnecting")
             self._ready.clear()
-            self._consumer = None
+            self._consumers = {}
             self._publisher = None
             self._buffer.clear()
             old, self._connection = self._connection, None
@@ -269,6 +269,31 @@ class AmqpClient:
             timeout=self.config.confirm_timeout,
         )
         _check_confirm(result)
+
+    async def _declare_retry_queue(self, retry_queue: str, queue: str, delay_ms: int) -> None:
+        """Declare a retry queue on a channel of its own: a refusal closes only that one."""
+        connection = self._connection
+        if connection is None:
+            raise AmqpSendError("amqp: not connected to the broker")
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.queue_declare(
+                retry_queue,
+                durable=True,
+                arguments={
+                    "x-message-ttl": delay_ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                },
+            )
+        except Exception as exc:
+            raise AmqpSendError(
+                f"amqp: cannot declare the retry queue {retry_queue!r}: {_reply_text(exc)}"
+            ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._retry_queues.add(retry_queue)
 
     async def _channel(self) -> AbstractChannel:
         """The confirm-mode publishing channel, reopened if the broker closed it."""

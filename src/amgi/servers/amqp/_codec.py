@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import logging
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from amgi.servers.kit import (
     ATTEMPT_HEADER,
@@ -199,13 +200,40 @@ def publish_properties(
 
 
 def _message(delivered: DeliveredMessage) -> Message:
-    attempt, headers = table_to_headers(delivered.header.properties.headers)
-    delivery = cast("Basic.Deliver", delivered.delivery)
+    props = delivered.header.properties
+    attempt, headers = table_to_headers(props.headers)
     return Message(
-        str(delivery.delivery_tag),
+        stable_id(props.message_id, headers, delivered.body),
         headers,
         delivered.body,
         {"amqp": delivery_bindings(delivered)},
         attempt,
         delivered,
     )
+
+
+def stable_id(message_id: str | None, headers: HeaderList, body: bytes) -> str:
+    """The id of a delivery that stays the same when the broker delivers it again.
+
+    A hash of the ``message-id`` property (when the publisher set one), the headers and
+    the body: delivery tags change on every delivery, and publishers may leave
+    ``message-id`` unset or reuse it. Identical messages get the same id; a batch tells
+    them apart (:func:`unique_ids`).
+    """
+    digest = hashlib.blake2b(body, digest_size=12)
+    for name, value in headers:
+        digest.update(b"\0%d:%b=%d:%b" % (len(name), name, len(value), value))
+    if message_id:
+        digest.update(b"\0id=" + message_id.encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+def unique_ids(messages: list[Message]) -> list[Message]:
+    """Suffix ``#2``, ``#3`` ... to ids repeated within one batch (identical messages)."""
+    seen: dict[str, int] = {}
+    for m in messages:
+        n = seen.get(m.id, 0) + 1
+        seen[m.id] = n
+        if n > 1:
+            m.id = f"{m.id}#{n}"
+    return messages

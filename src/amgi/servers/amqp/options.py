@@ -18,6 +18,7 @@ class AmqpOptions:
 
     url: str = field(
         default="amqp://guest:guest@127.0.0.1:5672/",
+        repr=False,
         metadata={"help": "broker URL, amqp://user:password@host:port/vhost", "secret": True},
     )
     prefetch: int = field(

@@ -91,16 +91,15 @@ class HttpOptions:
     ssl_keyfile: str | None = option(None, "TLS private key (PEM)")
     ssl_ca_certs: str | None = option(None, "CA bundle: require client certificates it signed")
     close_timeout: float = option(30.0, "seconds open connections get to close at shutdown", ge=0)
-    send_url: str | None = option(None, "URL message.send POSTs CloudEvents to ({address} ok)")
+    send_url: str | None = option(
+        None, "URL message.send POSTs CloudEvents to ({address} ok)", secret=True
+    )
     send_mode: Literal["binary", "structured"] = option(
         "binary", "CloudEvents content mode of sent events"
     )
     send_source: str = option("amgi", "source of sent events")
     send_token: str | None = option(None, "bearer token sent with each event", secret=True)
     send_timeout: float = option(30.0, "seconds to wait for an answer", gt=0)
-
-    def __repr__(self) -> str:
-        return "HttpOptions(...)"  # secrets never reach a log through a repr
 
     def check_together(self) -> None:
         """Rules that involve the value of a field beyond its bounds."""
@@ -109,8 +108,7 @@ class HttpOptions:
         if self.ssl_keyfile and not self.ssl_certfile:
             raise invalid(self, "ssl_keyfile", "needs --ssl-certfile")
         if self.send_url is not None and not self.send_url.startswith(("http://", "https://")):
-            # not invalid(): its message shows the value, and a URL may hold a password
-            raise ConfigurationError("--send-url must start with http:// or https://")
+            raise invalid(self, "send_url", "must start with http:// or https://")
 
 
 class HttpTransport(Transport):

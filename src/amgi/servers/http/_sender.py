@@ -25,23 +25,16 @@ from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit
 
 from amgi.errors import SendError
+from amgi.servers.kit import mask_url
 from amgi.transport import HeaderList
 
-__all__ = ["CloudEventSender", "HttpSendError", "safe_url"]
+__all__ = ["CloudEventSender", "HttpSendError"]
 
 _SAFE = bytes(range(0x21, 0x7F)).replace(b'"', b"").replace(b"%", b"")
 
 
 class HttpSendError(SendError):
     """A CloudEvent could not be delivered over HTTP (no answer, or not a 2xx)."""
-
-
-def safe_url(url: str) -> str:
-    """``url`` without user information (credentials never reach a log or an error)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _percent(value: bytes) -> bytes:
@@ -131,9 +124,9 @@ class CloudEventSender:
     def __init__(self, url: str, mode: str, source: str, token: str | None, timeout: float) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"send_url must be an http:// or https:// URL, not {safe_url(url)!r}")
+            raise ValueError(f"send_url must be an http:// or https:// URL, not {mask_url(url)!r}")
         self.url = url
-        self.shown = safe_url(url)
+        self.shown = mask_url(url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)

@@ -13,6 +13,10 @@ ack                     the highest contiguous settled offset + 1 of each partit
 nack -> retry           republished to ``retry_topic`` with ``amgi-attempt`` and a due
                         time; the retry topic's partition pauses until the head is due
 nack -> dead            republished to ``dead_letter_topic`` with the reason header
+refused copy            a retry copy refused (too large ...) is dead-lettered instead; a
+                        refused dead letter is tried again with backoff in the
+                        background; the partition goes on but commits nothing past it
+                        (``amgi.servers.kit.move_aside``)
 bindings in             ``kafka``: key, partition, offset, timestamp
 bindings out            ``kafka``: key (bytes or str), partition (int)
 send failure            :class:`KafkaSendError`
@@ -55,6 +59,7 @@ from amgi.servers.kafka._consumer import Consuming
 from amgi.servers.kafka._dead_letters import DeadLetters
 from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.options import KafkaOptions
+from amgi.servers.kit import DelayedRepublisher, redact, unmoved
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
 __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
@@ -71,12 +76,21 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     send_error: ClassVar[type[SendError]] = KafkaSendError
     requires: ClassVar[tuple[str, ...]] = ("confluent_kafka",)
     extra: ClassVar[str] = "kafka"
+    stable_ids: ClassVar[bool] = True
+    """``topic/partition/offset``: the crash ledger bounds a record that kills the process."""
+    counts_deliveries: ClassVar[bool] = False
 
     config: KafkaOptions
 
     def __init__(self, addresses: Sequence[str], options: KafkaOptions) -> None:
         super().__init__(addresses, options)
         self._init_client()
+        self._moves = DelayedRepublisher("kafka")
+        """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
+
+    def ledger_namespace(self) -> str:
+        """The cluster and the consumer group: each group consumes every record."""
+        return f"kafka {self.config.bootstrap_servers} {self.config.group_id}"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -86,19 +100,54 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
 
         self.check()
         self._loop = asyncio.get_running_loop()
+        self._moves = DelayedRepublisher("kafka")
         try:
             self._producer = Producer(self._producer_config())
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka producer option: {exc}") from None
+            why = redact(str(exc), self.config)  # librdkafka quotes a bad value
+            raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
         self._delivery_thread = threading.Thread(
             target=self._serve_deliveries, name="amgi-kafka-delivery", daemon=True
         )
         self._delivery_thread.start()
-        metadata = await self._metadata(self._producer)
-
         self._sources = list(dict.fromkeys([*self.addresses, *self.config.topics]))
-        if not self._sources:
+        consumer = None
+        if self._sources:
+            # Created now, so that it reaches the broker while the metadata is asked for.
+            try:
+                consumer = Consumer(self._consumer_config())
+            except (KafkaException, ValueError, TypeError) as exc:
+                why = redact(str(exc), self.config)
+                raise ConfigurationError(f"invalid Kafka consumer option: {why}") from None
+        try:
+            subscription = await self._prepare_subscription()
+        except BaseException:
+            if consumer is not None:
+                await self._loop.run_in_executor(None, consumer.close)
+            raise
+        if consumer is None:
             return
+        self._consumer = consumer
+        self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
+        try:
+            await self._loop.run_in_executor(
+                self._poll_thread,
+                lambda: consumer.subscribe(
+                    subscription,
+                    on_assign=self._on_assign,
+                    on_revoke=self._on_revoke,
+                    on_lost=self._on_lost,
+                ),
+            )
+        except KafkaException as exc:
+            raise ConfigurationError(f"cannot subscribe to {subscription}: {exc}") from None
+
+    async def _prepare_subscription(self) -> list[str]:
+        """Check the literal topics exist, create the retry and dead-letter topics, and
+        return what to subscribe to (topics and patterns)."""
+        metadata = await self._metadata(self._producer)
+        if not self._sources:
+            return []
         literal = [t for t in self._sources if not t.startswith("^")]
         missing = [t for t in literal if t not in metadata.topics]
         if missing:
@@ -122,30 +171,14 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             subscription += [f"^({p})$" for p in patterns] + [retry_pattern]
         if self.config.create_topics:
             await self._create_topics(metadata, literal)
-        try:
-            consumer = Consumer(self._consumer_config())
-        except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka consumer option: {exc}") from None
-        self._consumer = consumer
-        self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
-        try:
-            await self._loop.run_in_executor(
-                self._poll_thread,
-                lambda: consumer.subscribe(
-                    subscription,
-                    on_assign=self._on_assign,
-                    on_revoke=self._on_revoke,
-                    on_lost=self._on_lost,
-                ),
-            )
-        except KafkaException as exc:
-            raise ConfigurationError(f"cannot subscribe to {subscription}: {exc}") from None
+        return subscription
 
     async def close(self) -> None:
         """Commit what is settled, leave the group, flush sends, stop the threads."""
         self._closing = True
         with self._lock:
             self._lock.notify_all()
+        await self._moves.close(timeout=1.0)  # their records stay uncommitted
         loop = asyncio.get_running_loop()
         if self._poll_future is not None:
             await asyncio.wait([self._poll_future])
@@ -194,16 +227,29 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         """Republish retries and dead letters, then commit what is contiguous."""
         ctx: _BatchContext = batch.context
-        try:
-            await self._republish(batch.address, settlement)
-        except KafkaSendError as exc:
-            logger.error("could not republish nacked records of %s: %s; rewinding", ctx.tp, exc)
+        if settlement.retry or settlement.dead:
+            stranded = await self._republish(batch.address, settlement, lambda: True)
+            if stranded:
+                # Tried again in the background; the partition's later batches go on, but
+                # nothing is committed past this batch until its copies are on the broker.
+                left = unmoved(settlement, stranded)
+                self._moves.schedule(0, functools.partial(self._move_later, batch, left))
+                return
+        self._commit(ctx)
+
+    async def _move_later(self, batch: Batch, left: Settlement) -> None:
+        ctx: _BatchContext = batch.context
+
+        def gone() -> bool:  # revoked, rewound or closing: the records come back anyway
             with self._lock:
-                if self._partitions.get(ctx.tp) is ctx.state and ctx.state.epoch == ctx.epoch:
-                    self._rewind[ctx.tp] = ctx.first_offset
-                ctx.state.settled.settle([ctx.next_offset])
-                self._lock.notify_all()
-            return
+                current = self._partitions.get(ctx.tp) is ctx.state
+                return self._closing or not current or ctx.state.epoch != ctx.epoch
+
+        if not await self._republish(batch.address, left, gone):
+            self._commit(ctx)
+
+    def _commit(self, ctx: _BatchContext) -> None:
+        """Mark the batch settled; commit what is contiguous (before the next consume)."""
         with self._lock:
             commit = ctx.state.settled.settle([ctx.next_offset])
             if (

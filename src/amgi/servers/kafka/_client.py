@@ -11,10 +11,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.errors import BrokerUnavailable, SendError
 from amgi.servers.kafka._client_log import CLIENT_LOGGER, ClientErrors
 from amgi.servers.kafka.options import KafkaOptions
-from amgi.servers.kit import Watermark
+from amgi.servers.kit import Watermark, invalid
 from amgi.transport import Batch
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class KafkaClient:
         for item in o.config:
             name, sep, value = item.partition("=")
             if not sep or not name.strip():
-                raise ConfigurationError(f"--config expects NAME=VALUE, got {item!r}")
+                raise invalid(o, "config", "expects NAME=VALUE items")  # values are secret
             conf[name.strip()] = value.strip()
         return conf
 

@@ -230,7 +230,7 @@ class Consuming(KafkaClient):
                 return None
         elif self._is_dead_letter_topic(topic):
             return None
-        messages = messages_from_records(partition, records)
+        messages = messages_from_records(topic, partition, records)
         next_offset = records[-1].offset() + 1
         with self._lock:
             if self._partitions.get(key) is not state:

@@ -9,8 +9,13 @@ from typing import Any
 
 from amgi.servers.kafka._client import KafkaClient, KafkaSendError
 from amgi.servers.kafka.records import RETRY_DUE_HEADER
-from amgi.servers.kit import ORIGINAL_ADDRESS_HEADER, dead_letter_headers, retry_headers
-from amgi.transport import HeaderList, Settlement
+from amgi.servers.kit import (
+    ORIGINAL_ADDRESS_HEADER,
+    dead_letter_headers,
+    move_aside,
+    retry_headers,
+)
+from amgi.transport import DeadLetter, HeaderList, Message, Retry, Settlement
 
 logger = logging.getLogger("amgi.servers.kafka")
 
@@ -70,27 +75,29 @@ class Producing(KafkaClient):
             done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {exc}"))
         return done
 
-    async def _republish(self, address: str, settlement: Settlement) -> None:
-        if not settlement.retry and not settlement.dead:
-            return
-        waits = []
-        now_ms = int(time.time() * 1000)
+    async def _republish(self, address: str, settlement: Settlement, give_up: Any) -> list[Message]:
+        """Copy retries and dead letters (kit rule); the messages that could not be moved."""
         original = address.encode()
-        for retry in settlement.retry:
-            m = retry.message
-            due = str(now_ms + int(retry.delay * 1000)).encode()
+
+        async def retry(r: Retry) -> None:
+            m = r.message
+            due = str(int(time.time() * 1000) + int(r.delay * 1000)).encode()
             headers = retry_headers(
                 m.headers,
                 attempt=m.attempt + 1,
                 extra=[(ORIGINAL_ADDRESS_HEADER, original), (RETRY_DUE_HEADER, due)],
             )
             key = m.bindings.get("kafka", {}).get("key")
-            waits.append(self._produce(self._retry_name(address), headers, m.payload, key, None))
-        for dead in settlement.dead:
-            m = dead.message
+            await self._produce(self._retry_name(address), headers, m.payload, key, None)
+
+        async def dead(d: DeadLetter) -> None:
+            m = d.message
             headers = dead_letter_headers(
-                m.headers, attempt=m.attempt, address=address, reason=dead.reason
+                m.headers, attempt=m.attempt, address=address, reason=d.reason
             )
             key = m.bindings.get("kafka", {}).get("key")
-            waits.append(self._produce(self._dead_name(address), headers, m.payload, key, None))
-        await asyncio.gather(*waits)
+            await self._produce(self._dead_name(address), headers, m.payload, key, None)
+
+        return await move_aside(
+            settlement, retry=retry, dead=dead, address=address, give_up=give_up
+        )

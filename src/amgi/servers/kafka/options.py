@@ -28,7 +28,7 @@ class KafkaOptions:
     )
     client_id: str = field(default="amgi", metadata={"help": "client id sent to the broker"})
     max_batch_size: int = field(
-        default=2000, metadata={"ge": 1, "help": "most records taken by one fetch (all partitions)"}
+        default=1000, metadata={"ge": 1, "help": "most records taken by one fetch (all partitions)"}
     )
     fetch_wait_max_ms: int = field(
         default=100, metadata={"ge": 0, "help": "longest wait of the broker for fetch_min_bytes"}
@@ -90,7 +90,7 @@ class KafkaOptions:
     )
     sasl_username: str | None = field(default=None, metadata={"help": "SASL user name"})
     sasl_password: str | None = field(
-        default=None, metadata={"help": "SASL password", "secret": True}
+        default=None, repr=False, metadata={"help": "SASL password", "secret": True}
     )
     ssl_ca_location: str | None = field(default=None, metadata={"help": "CA certificate file"})
     ssl_certificate_location: str | None = field(
@@ -98,13 +98,14 @@ class KafkaOptions:
     )
     ssl_key_location: str | None = field(default=None, metadata={"help": "client key file"})
     ssl_key_password: str | None = field(
-        default=None, metadata={"help": "client key password", "secret": True}
+        default=None, repr=False, metadata={"help": "client key password", "secret": True}
     )
     ssl_check_hostname: bool = field(
         default=True, metadata={"help": "verify the broker's host name in its certificate"}
     )
     config: list[str] = field(
         default_factory=list,
+        repr=False,
         metadata={"help": "extra librdkafka setting NAME=VALUE (repeatable)", "secret": True},
     )
 

@@ -5,7 +5,9 @@ Pure functions, no client library: shared by the Kafka server and the Lambda Kaf
 ===================  ==========================================================
 Kafka record         AMGI
 ===================  ==========================================================
-offset               ``Message.id`` (as text) and ``Message.token``
+topic, partition,    ``Message.id`` as ``topic/partition/offset`` (the topic the record
+offset               was read from: a retry topic's own for a retry copy), the same on
+                     every redelivery; the offset is ``Message.token``
 value                ``payload`` (``None`` for a tombstone)
 headers              ``headers`` as ``(bytes, bytes)`` pairs, minus AMGI's own
 key                  ``bindings["kafka"]["key"]`` (bytes or ``None``)
@@ -131,7 +133,7 @@ def message_from_record(
     bindings = {
         "kafka": {"key": key, "partition": partition, "offset": offset, "timestamp": timestamp}
     }
-    return Message(str(offset), hdrs, value, bindings, attempt, offset)
+    return Message(f"{topic}/{partition}/{offset}", hdrs, value, bindings, attempt, offset)
 
 
 class ClientRecord(Protocol):
@@ -144,11 +146,14 @@ class ClientRecord(Protocol):
     def headers(self) -> Any: ...
 
 
-def messages_from_records(partition: int, records: Sequence[ClientRecord]) -> list[Message]:
+def messages_from_records(
+    topic: str, partition: int, records: Sequence[ClientRecord]
+) -> list[Message]:
     """:func:`message_from_record` for a run of one partition's client records.
 
     The same mapping in one loop, for the consumer's hot path: no call per record.
     """
+    prefix = f"{topic}/{partition}/"
     names = _NAMES
     out: list[Message] = []
     append = out.append
@@ -172,5 +177,5 @@ def messages_from_records(partition: int, records: Sequence[ClientRecord]) -> li
                 "timestamp": ts if kind else None,
             }
         }
-        append(Message(str(offset), hdrs, r.value(), bindings, attempt, offset))
+        append(Message(prefix + str(offset), hdrs, r.value(), bindings, attempt, offset))
     return out

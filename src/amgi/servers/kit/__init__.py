@@ -27,6 +27,16 @@ Delayed republisher (:mod:`.republisher`) - retries on brokers without delayed d
     in a task it owns; ``await close(timeout)`` cancels the waiting ones and waits for
     those publishing. Call ``close`` from the transport's ``close``.
 
+Moving nacked messages aside (:mod:`.aside`) - retry copies and dead letters
+    ``await move_aside(settlement, retry=, dead=, address=, give_up=)`` publishes the
+    copies; a retry the broker refuses is dead-lettered instead, a refused dead letter
+    is tried again with backoff (loudly) until ``give_up()``; returns what was not moved.
+    ``unmoved(settlement, stranded)`` is the part to try again in the background.
+
+Due list (:mod:`.due`) - in-memory retry schedules without tasks of their own
+    ``DueList()``: items ordered by due time; the owner's fetch loop asks what is due
+    and how long until the next one (Redis and core NATS retries).
+
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
@@ -38,6 +48,12 @@ Options (:mod:`amgi.options`) - declared once, checked before startup
     raising ``invalid(self, field, problem)``. ``check_options(options)`` runs all of it
     (the runtime and ``amgi run`` call it through ``Transport.check()`` before lifespan
     startup); every message reads ``--flag problem (got field=value)``.
+
+Secrets (:mod:`amgi.secrets`) - never shown
+    ``mask_url(url)`` for a URL in a message (its password masked); ``masked(value)`` is
+    how a ``secret=True`` option value appears; ``redact(text, options)`` masks the
+    secret option values a client library's error quotes; ``redact_client_logs(*names)``
+    masks credentials a client library writes to its loggers.
 
 Bindings (:mod:`.bindings`) - the binding keys of each protocol
     ``BINDINGS[protocol][key]`` is a ``BindingKey(name, type, direction, doc)``, named
@@ -53,8 +69,11 @@ from __future__ import annotations
 
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
+from amgi.secrets import mask_url, masked, redact, redact_client_logs
+from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.due import DueList
 from amgi.servers.kit.fifo import held_behind
 from amgi.servers.kit.headers import (
     ATTEMPT_HEADER,
@@ -78,6 +97,7 @@ __all__ = [
     "Backoff",
     "BindingKey",
     "DelayedRepublisher",
+    "DueList",
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",
@@ -90,7 +110,13 @@ __all__ = [
     "headers_with_attempt",
     "held_behind",
     "invalid",
+    "mask_url",
+    "masked",
+    "move_aside",
     "option",
+    "redact",
+    "redact_client_logs",
     "retry_headers",
     "split_dead_letter_headers",
+    "unmoved",
 ]

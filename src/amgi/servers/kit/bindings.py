@@ -105,6 +105,18 @@ BINDINGS: dict[str, dict[str, BindingKey]] = {
         BindingKey("orderingKey", "str", "in", "the message's ordering key, when it has one"),
         BindingKey("subscription", "str", "in", "the pushing subscription's full name"),
     ),
+    "redis": _keys(
+        BindingKey("stream", "str", "in", "the stream the entry came from (streams mode)"),
+        BindingKey("id", "str", "in", "the stream entry id, the same on every redelivery"),
+        BindingKey("channel", "str", "in", "the channel it came from (Pub/Sub mode)"),
+        BindingKey("maxlen", "int", "out", "trim the stream to about this many entries"),
+    ),
+    "nats": _keys(
+        BindingKey("subject", "str", "in", "the subject it was published to"),
+        BindingKey("stream", "str", "in", "the JetStream stream holding it"),
+        BindingKey("sequence", "int", "in", "its stream sequence, the same on redelivery"),
+        BindingKey("msgId", "str", "both", "Nats-Msg-Id, for JetStream de-duplication"),
+    ),
 }
 """Protocol -> key -> :class:`BindingKey`."""
 

@@ -13,6 +13,14 @@ nack (retry)       after the delay, republish to the topic with ``amgi-attempt``
                    wait for the broker's PUBACK, then acknowledge the original
 nack (dead)        publish to ``<dead_letter_prefix>/<topic>`` with the reason, wait for
                    the broker's PUBACK, then acknowledge the original
+refused copy       a retry the broker refuses (MQTT 5 PUBACK failure, e.g. not
+                   authorised) is dead-lettered instead; a refused dead letter is tried
+                   again with backoff in the background; resends of the original
+                   wait meanwhile and are acknowledged once the copy is taken
+                   (``amgi.servers.kit.move_aside``)
+message id         the packet id (QoS 1 and 2): a resend after a reconnect or a crash keeps
+                   it (MQTT 3.1.1 and 5 alike), so the crash ledger bounds a message that
+                   kills the process; QoS 0 messages get a counter (never redelivered)
 headers            MQTT 5 user properties (repeated names kept; a name or value that is
                    not UTF-8 without NUL travels base64-encoded); none on MQTT 3.1.1
 bindings           ``mqtt``: qos, retain, topic, messageExpiryInterval, contentType,
@@ -42,7 +50,9 @@ from amgi.errors import ConfigurationError
 from amgi.servers.kit import (
     DelayedRepublisher,
     dead_letter_headers,
+    move_aside,
     retry_headers,
+    unmoved,
 )
 from amgi.servers.mqtt._client import MqttClient, MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
@@ -71,6 +81,8 @@ class MqttTransport(MqttClient, Transport):
     send_error = MqttSendError
     requires = ("paho.mqtt",)
     extra = "mqtt"
+    stable_ids = True
+    """QoS 1 and 2 messages are identified by topic and packet id, which a resend keeps."""
     single_process_reason = (
         "processes sharing one --client-id take its session from each other (run one "
         "'amgi run' per client id, on a $share/GROUP/ subscription)"
@@ -79,6 +91,10 @@ class MqttTransport(MqttClient, Transport):
     def __init__(self, addresses: Sequence[str], options: MqttOptions | None = None) -> None:
         super().__init__(addresses, options or MqttOptions())
         self._init_client()
+
+    def ledger_namespace(self) -> str:
+        """The broker and the session (client id): packet ids are the session's."""
+        return f"mqtt {self._where()} {self._client_id()}"
 
     # -- connection ------------------------------------------------------------------
 
@@ -151,37 +167,78 @@ class MqttTransport(MqttClient, Transport):
         for message in settlement.acked:
             self._ack(message)
         for retry in settlement.retry:
-            send = functools.partial(self._retry, batch.address, retry.message)
-            self._retries.schedule(retry.delay, send)
+            move = functools.partial(self._move, batch.address, Settlement(retry=[retry]))
+            self._retries.schedule(retry.delay, move)
         if settlement.dead:
-            await asyncio.gather(
-                *(self._dead_letter(batch.address, d.message, d.reason) for d in settlement.dead)
+            await self._move(batch.address, Settlement(dead=settlement.dead), inline=True)
+
+    async def _move(self, topic: str, settlement: Settlement, *, inline: bool = False) -> None:
+        """Publish the copies (the kit's rule for refused ones), then PUBACK the originals.
+
+        A resend of the original (after a reconnect: same packet id, DUP) that arrives
+        while its copy is being published waits for the outcome instead of reaching the
+        app, and is acknowledged once the copy is on the broker. ``inline`` (from
+        ``settle``) tries once and leaves what the broker refused to a background task,
+        which tries again with backoff until the server closes.
+        """
+        messages = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
+        loop = asyncio.get_running_loop()
+        outcomes: dict[int, tuple[str, asyncio.Future[bool]]] = {}
+        for m in messages:
+            _, mid, qos = m.token
+            if qos:
+                entry = self._moving.get(mid)
+                if entry is None or entry[0] != topic or entry[1].done():
+                    entry = self._moving[mid] = (topic, loop.create_future())
+                outcomes[mid] = entry
+        stranded: list[Message] = messages
+        later = False
+        try:
+            stranded = await move_aside(
+                settlement,
+                retry=lambda r: self._retry(topic, r.message),
+                dead=lambda d: self._dead_letter(topic, d.message, d.reason),
+                address=topic,
+                give_up=(lambda: True) if inline else (lambda: self._closing),
+            )
+            later = bool(stranded) and inline and not self._closing
+        finally:
+            for m in messages:
+                moved = m not in stranded
+                if moved:
+                    self._ack(m)
+                entry = outcomes.get(m.token[1])
+                if entry is None or (later and not moved):
+                    continue  # the background task carries on with it
+                if self._moving.get(m.token[1]) is entry:
+                    del self._moving[m.token[1]]
+                if not entry[1].done():
+                    entry[1].set_result(moved)
+        if later:
+            again = functools.partial(self._move, topic, unmoved(settlement, stranded))
+            self._retries.schedule(0, again)
+        elif stranded:
+            logger.error(
+                "mqtt: %d message(s) of %r stay unacknowledged until the server reconnects",
+                len(stranded),
+                topic,
             )
 
     async def _retry(self, topic: str, message: Message) -> None:
-        """Republish ``message`` as its next attempt, then PUBACK the original."""
+        """Republish ``message`` as its next attempt."""
         attempt = message.attempt + 1
         bindings = {"mqtt": {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}}
-        try:
-            if self._v5:
-                await self.publish(
-                    topic,
-                    retry_headers(message.headers, attempt=attempt),
-                    message.payload,
-                    bindings,
-                )
-            else:
-                self._retry_attempts[(topic, message.payload or b"")] = attempt
-                await self.publish(topic, [], message.payload, bindings)
-        except MqttSendError as exc:
-            logger.error(
-                "mqtt: could not republish message %s for a retry (%s); it stays "
-                "unacknowledged until the server reconnects",
-                message.id,
-                exc,
-            )
+        if self._v5:
+            headers = retry_headers(message.headers, attempt=attempt)
+            await self.publish(topic, headers, message.payload, bindings)
             return
-        self._ack(message)
+        key = (topic, message.payload or b"")
+        self._retry_attempts[key] = attempt
+        try:
+            await self.publish(topic, [], message.payload, bindings)
+        except MqttSendError:
+            self._retry_attempts.pop(key, None)
+            raise
 
     async def _dead_letter(self, topic: str, message: Message, reason: str) -> None:
         headers = dead_letter_headers(
@@ -190,18 +247,7 @@ class MqttTransport(MqttClient, Transport):
         binding = {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}
         binding["qos"] = max(1, int(binding.get("qos", 1)))
         target = f"{self.config.dead_letter_prefix}/{topic}"
-        try:
-            await self.publish(target, headers, message.payload, {"mqtt": binding})
-        except MqttSendError as exc:
-            logger.error(
-                "mqtt: could not dead-letter message %s to %r (%s); it stays "
-                "unacknowledged until the server reconnects",
-                message.id,
-                target,
-                exc,
-            )
-            return
-        self._ack(message)
+        await self.publish(target, headers, message.payload, {"mqtt": binding})
 
     async def publish(
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings

@@ -105,6 +105,8 @@ class MqttClient:
         self._on_hand: dict[str, list[Message]] = {}
         self._count = 0
         self._ids = 0
+        self._q0_prefix = f"q0-{uuid.uuid4().hex[:8]}-"
+        """QoS 0 ids: never redelivered, so unique to this process (not the ledger's)."""
         self._connack: asyncio.Future[tuple[bool, Any]] | None = None
         self._suback: dict[int, asyncio.Future[list[Any]]] = {}
         self._puback: dict[int, asyncio.Future[Any]] = {}
@@ -116,6 +118,15 @@ class MqttClient:
         self._warned_headers = False
         self._retry_attempts: dict[tuple[str, bytes], int] = {}
         """MQTT 3.1.1 only: attempts of republished retries, by topic and payload."""
+        self._unsent_acks: dict[int, str] = {}
+        """Packet id -> topic of messages settled after their connection was lost: the
+        broker sends them again (DUP, same packet id) and they are acknowledged at once."""
+        self._arrivals: dict[int, int] = {}
+        """Packet id -> connection generation of the last message delivered with it: an
+        ack that could not be sent is remembered only while no newer message took the id."""
+        self._moving: dict[int, tuple[str, asyncio.Future[bool]]] = {}
+        """Packet id -> (topic, outcome) of messages whose retry or dead-letter copy is
+        being published: a resend of one waits for the outcome."""
 
     def _client_id(self) -> str:
         if self.config.client_id:
@@ -306,6 +317,8 @@ class MqttClient:
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        if not flags.session_present:
+            self._unsent_acks.clear()  # a new session: nothing will be sent again
         waiter = self._connack
         if waiter is not None and not waiter.done():
             failed = getattr(reason, "is_failure", False)
@@ -334,16 +347,73 @@ class MqttClient:
             waiter.set_result(reason)
 
     def _on_publish_packet(self, publish: Publish) -> None:
+        if (
+            publish.dup
+            and publish.qos
+            and (self._unsent_acks or self._moving)
+            and self._settled_before(publish)
+        ):
+            return
+        self._deliver(publish)
+
+    def _settled_before(self, publish: Publish) -> bool:
+        """A resend of a message already settled (or being moved aside): PUBACK it then.
+
+        A session keeps an unacknowledged message's packet id until it is acknowledged,
+        so a DUP PUBLISH with that id on that topic is the same message.
+        """
+        mid, topic = publish.mid, publish.topic
+        if self._unsent_acks.get(mid) == topic:
+            del self._unsent_acks[mid]
+            self._ack_resend(publish, self._generation)
+            return True
+        moving = self._moving.get(mid)
+        if moving is None or moving[0] != topic:
+            return False
+        generation = self._generation
+
+        def decided(outcome: asyncio.Future[bool]) -> None:
+            if outcome.cancelled() or not outcome.result():
+                if generation == self._generation:
+                    self._deliver(publish)  # not moved: the app gets it again
+            else:
+                # The copy is on the broker: this resend is the original to acknowledge
+                # (not a later one, which _ack may have expected when it could not).
+                if self._unsent_acks.get(mid) == topic:
+                    del self._unsent_acks[mid]
+                self._ack_resend(publish, generation)
+
+        moving[1].add_done_callback(decided)
+        return True
+
+    def _ack_resend(self, publish: Publish, generation: int) -> None:
+        client = self._client
+        if generation == self._generation and client is not None:
+            client.ack(publish.mid, publish.qos)
+        else:
+            self._unsent_acks[publish.mid] = publish.topic
+
+    def _deliver(self, publish: Publish) -> None:
         topic = publish.topic
+        if publish.qos:
+            # This packet id now names the message delivered here.
+            self._unsent_acks.pop(publish.mid, None)
+            self._arrivals[publish.mid] = self._generation
         headers: HeaderList = []
         attempt = 1
         if publish.user_properties:
             attempt, headers = attempt_from_headers(_headers(publish.user_properties))
         elif self._retry_attempts and not self._v5:
             attempt = self._retry_attempts.pop((topic, publish.payload), 1)
-        self._ids += 1
+        if publish.qos:
+            # The session keeps the packet id until the message is acknowledged, and a
+            # resend (after a reconnect or a crash) carries it again: a stable id.
+            mid = str(publish.mid)
+        else:
+            self._ids += 1
+            mid = f"{self._q0_prefix}{self._ids}"
         message = Message(
-            str(self._ids),
+            mid,
             headers,
             publish.payload,
             {"mqtt": publish.bindings},
@@ -392,8 +462,14 @@ class MqttClient:
     def _ack(self, message: Message) -> None:
         generation, mid, qos = message.token
         client = self._client
-        if qos and generation == self._generation and client is not None:
+        if not qos:
+            return
+        if generation == self._generation and client is not None:
             client.ack(mid, qos)
+        elif self._arrivals.get(mid) == generation:
+            # The connection is gone; the broker sends it again with this packet id,
+            # unless it already did and that resend was delivered (a newer arrival).
+            self._unsent_acks[mid] = message.bindings["mqtt"]["topic"]
 
     def _new_client(self) -> paho.Client:
         """A paho client set up from the options, its callbacks pointing here."""

@@ -28,6 +28,8 @@ class Publish:
     payload: bytes
     user_properties: list[tuple[str, str]]
     bindings: dict[str, Any]
+    dup: bool = False
+    """The broker sends it again (after a reconnect), with its original packet id."""
 
 
 def _varint(data: bytes | bytearray, pos: int) -> tuple[int, int]:
@@ -92,7 +94,9 @@ def decode_publish(command: int, packet: bytes | bytearray, v5: bool) -> Publish
                 pos += 2
             else:
                 raise ValueError(f"unexpected PUBLISH property 0x{ident:02x}")
-    return Publish(topic, mid, qos, bool(command & 0x01), bytes(packet[pos:]), user, bindings)
+    retain = bool(command & 0x01)
+    dup = bool(command & 0x08)
+    return Publish(topic, mid, qos, retain, bytes(packet[pos:]), user, bindings, dup)
 
 
 def _user_properties(headers: HeaderList) -> list[tuple[str, str]]:

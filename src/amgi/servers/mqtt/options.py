@@ -56,7 +56,7 @@ class MqttOptions:
     )
     username: str | None = field(default=None, metadata={"help": "user name to log in with"})
     password: str | None = field(
-        default=None, metadata={"help": "password to log in with", "secret": True}
+        default=None, repr=False, metadata={"help": "password to log in with", "secret": True}
     )
     tls: bool = field(default=False, metadata={"help": "connect with TLS"})
     ca_file: str | None = field(

@@ -16,7 +16,9 @@ nack (dead)          SendMessage to the queue's redrive target (or ``<queue>-dlq
                      also applies when it triggers first
 FIFO failure         the rest of a group after its first retried message is not deleted
                      but made visible again with it, so the group keeps its order
-long batches         ChangeMessageVisibilityBatch every third of the visibility timeout
+long batches         ChangeMessageVisibilityBatch every third of the visibility timeout, for
+                     every message the server holds: in the app's hands, waiting for a
+                     free slot, or taken by a background long poll
 headers              message attributes: String, Number (value as text) and Binary; all
                      packed in one ``amgi-headers`` attribute when SQS cannot carry them
                      one by one (a repeated name, more than ten)
@@ -43,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.servers.kit import redact_client_logs
 from amgi.servers.sqs._client import (
     SqsClient,
     SqsSendError,
@@ -81,6 +84,10 @@ logger = logging.getLogger("amgi.servers.sqs")
 # -- the transport -----------------------------------------------------------------------
 
 
+_WIRE_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
+"""The loggers that write signed requests (headers and canonical request) at DEBUG."""
+
+
 class SqsTransport(DeadLetters, SqsClient, Transport):
     """The AMGI transport of Amazon SQS (and services speaking its API); lists and
     replays dead letters (:mod:`._dead_letters`)."""
@@ -90,6 +97,10 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
     send_error = SqsSendError
     requires = ("aiobotocore",)
     extra = "sqs"
+    stable_ids = True
+    """``MessageId`` is the same on every receive: the crash ledger isolates a killer."""
+    counts_deliveries = True
+    """``ApproximateReceiveCount`` rises on every receive, crashes included."""
 
     def __init__(self, addresses: Sequence[str], options: SqsOptions | None = None) -> None:
         super().__init__(addresses, options or SqsOptions())
@@ -105,6 +116,8 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         from botocore.exceptions import BotoCoreError, ProfileNotFound
 
         c = self.config
+        # botocore's DEBUG wire trace writes the session token of temporary credentials.
+        redact_client_logs(*_WIRE_LOGGERS)
         try:
             session = AioSession(profile=c.profile)
             region = c.region or session.get_config_variable("region") or "us-east-1"
@@ -162,6 +175,7 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
             for queue, handles in unclaimed.values():
                 with contextlib.suppress(Exception):
                     await self._change_visibility(queue, [(h, 0) for h in handles])
+        self._held.clear()
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
@@ -200,6 +214,9 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         """Delete acked, delay retried, dead-letter dead: concurrently, 10 per call."""
         queue: _Queue = batch.context
+        held = self._held
+        for m in batch.messages:
+            held.pop(m.token, None)
         acked, retry, dead = settlement.acked, settlement.retry, settlement.dead
         if queue.fifo and retry:
             acked, retry, dead = _stop_group_at_first_failure(batch, settlement)
@@ -218,13 +235,16 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
                 raise result
 
     async def extend(self, batches: Sequence[Batch]) -> None:
-        """Push back the visibility timeout of every message still in flight."""
+        """Push back the visibility timeout of every message the server holds.
+
+        Not only ``batches`` (in the app's hands): batches waiting for a free slot and
+        messages a long poll took in the background must not come back meanwhile either.
+        """
         by_queue: dict[str, tuple[_Queue, list[tuple[str, float]]]] = {}
         timeout = self.config.visibility_timeout
-        for batch in batches:
-            queue: _Queue = batch.context
+        for handle, queue in list(self._held.items()):
             entry = by_queue.setdefault(queue.url, (queue, []))
-            entry[1].extend((m.token, timeout) for m in batch.messages)
+            entry[1].append((handle, timeout))
         await asyncio.gather(*(self._change_visibility(q, e) for q, e in by_queue.values()))
 
     # -- sending ---------------------------------------------------------------------

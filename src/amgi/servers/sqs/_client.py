@@ -198,6 +198,9 @@ class SqsClient:
         self._queues: dict[str, _Queue] = {}
         self._consumed: list[_Queue] = []
         self._receives: list[_Receive] = []
+        self._held: dict[str, _Queue] = {}
+        """Receipt handle -> queue of every message received and not yet settled: in the
+        app's hands, waiting for a free slot, or taken by a long poll not yet fetched."""
 
     @property
     def client(self) -> SQSClient:
@@ -280,6 +283,8 @@ class SqsClient:
                 raise ConfigurationError(f"sqs: queue {queue.name!r} no longer exists") from None
             raise BrokerUnavailable(f"sqs: receive from {queue.name!r} failed: {exc}") from exc
         messages: list[dict[str, Any]] = response.get("Messages", [])
+        for m in messages:
+            self._held[m["ReceiptHandle"]] = queue
         return messages
 
     def _batches(self, queue: _Queue, raw: list[dict[str, Any]]) -> list[Batch]:

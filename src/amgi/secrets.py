@@ -1,0 +1,145 @@
+"""How a secret is shown: never. One owner for every masking rule.
+
+* :func:`masked` is how the value of a ``secret=True`` option appears in help texts and
+  errors: a URL keeps everything but its password, any other value is :data:`MASK`;
+* :func:`mask_url` takes the password out of a URL (``amqp://user:*****@host/``);
+* :func:`redact` masks the secret option values of an options object wherever they
+  occur in a text (a client library's error that quotes a setting's value);
+* :func:`hide_flag_values` and :func:`unrecognized_flags` keep the values of
+  command-line words out of usage errors (``--sasl-password=x``, an unknown flag);
+* :func:`redact_client_logs` puts a filter on a client library's loggers that masks
+  credentials they write at DEBUG (botocore's wire trace shows the session token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+__all__ = [
+    "MASK",
+    "hide_flag_values",
+    "mask_url",
+    "masked",
+    "redact",
+    "redact_client_logs",
+    "unrecognized_flags",
+]
+
+MASK: Final = "*****"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user information replaced by :data:`MASK`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, host = authority.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:{MASK}" if colon else MASK  # no colon: the user part may be a token
+    return f"{scheme}://{shown}@{host}{slash}{path}"
+
+
+def masked(value: Any) -> str:
+    """How the value of a secret option is shown: a URL without its password, else MASK."""
+    if isinstance(value, str) and "://" in value:
+        try:
+            urlsplit(value)
+        except ValueError:
+            return MASK
+        return mask_url(value)
+    return MASK
+
+
+def _secret_values(options: Any) -> list[str]:
+    """The texts that give away a secret option of ``options``: each value, each
+    ``NAME=VALUE`` item's value and the parts of a comma-separated one (librdkafka
+    quotes the bad part of a list), each URL's password; longest first."""
+    found: set[str] = set()
+    for f in dataclasses.fields(options):
+        if not f.metadata.get("secret"):
+            continue
+        value = getattr(options, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or not item:
+                continue
+            found.add(item)
+            found.update(item.partition("=")[2].split(","))
+            found.add(item.partition("=")[2])
+            with contextlib.suppress(ValueError):  # not a URL
+                found.add(urlsplit(item).password or "")
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, options: Any) -> str:
+    """``text`` with every secret option value of dataclass ``options`` masked."""
+    for value in _secret_values(options):
+        text = text.replace(value, MASK)
+    return text
+
+
+_FLAG_VALUE: Final = re.compile(r"(--[A-Za-z0-9][\w-]*)=\S*?(?=['\",\s]|$)")
+
+
+def hide_flag_values(message: str) -> str:
+    """``message`` with the value of every ``--flag=value`` word masked."""
+    return _FLAG_VALUE.sub(rf"\1={MASK}", message)
+
+
+def unrecognized_flags(words: Sequence[str]) -> str:
+    """Unknown command-line words as an error shows them: the flags, and the words before
+    the first flag; a word after an unknown flag may be its value, so it is counted."""
+    shown: list[str] = []
+    hidden = 0
+    for word in words:
+        if word.startswith("-"):
+            shown.append(word.split("=", 1)[0])
+        elif any(w.startswith("-") for w in shown):
+            hidden += 1
+        else:
+            shown.append(word)
+    text = " ".join(shown)
+    return f"{text} (and {hidden} value(s) not shown)" if hidden else text
+
+
+# Credential headers as botocore writes them at DEBUG: the canonical request
+# ("x-amz-security-token:TOKEN") and the prepared request's header dict
+# ("'X-Amz-Security-Token': b'TOKEN'").
+_CREDENTIAL_HEADERS: Final = re.compile(
+    r"(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,}]+", re.IGNORECASE
+)
+
+
+class _CredentialFilter(logging.Filter):
+    """Masks the values of credential headers in a record's text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = _CREDENTIAL_HEADERS.sub(rf"\1{MASK}", text)
+        if clean != text:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_FILTER: Final = _CredentialFilter()
+
+
+def redact_client_logs(*names: str) -> None:
+    """Mask credential headers in what the loggers ``names`` write (idempotent).
+
+    A logger's filters see the records it creates, so name the loggers that write the
+    credentials, not a parent.
+    """
+    for name in names:
+        log = logging.getLogger(name)
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)

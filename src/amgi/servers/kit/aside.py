@@ -1,0 +1,116 @@
+"""Move nacked messages aside (retry copies, dead letters), and what a failed copy becomes.
+
+Servers that retry or dead-letter by publishing a copy (Kafka's retry topic, AMQP's
+retry queues, MQTT's republish) acknowledge the original only once its copy is on the
+broker. When a copy cannot be published, sending the original back unchanged would be
+a hot loop: the attempt number travels only in the copy, so the message would come
+back at the same attempt, forever. One rule for every such server:
+
+* A retry whose copy the broker refuses goes to the dead letters instead, at its
+  current attempt, with a reason that says the retry could not be published.
+* A dead letter the broker refuses stays unacknowledged and is tried again (the retry
+  copy first when it was a retry) after a doubling delay, with an ERROR line per try,
+  until it is published or the server gives up on it (connection, partition or server
+  gone: the broker then redelivers the original). Its batch-mates are never copied
+  again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from amgi.servers.kit.backoff import Backoff
+from amgi.transport import DeadLetter, Message, Retry, Settlement
+
+__all__ = ["move_aside", "unmoved"]
+
+logger = logging.getLogger("amgi.servers.kit")
+
+FIRST_DELAY = 0.5
+"""Seconds before a dead letter the broker refused is tried again (then doubling)."""
+MAX_DELAY = 30.0
+
+
+async def move_aside(
+    settlement: Settlement,
+    *,
+    retry: Callable[[Retry], Awaitable[None]],
+    dead: Callable[[DeadLetter], Awaitable[None]],
+    address: str,
+    give_up: Callable[[], bool] = lambda: False,
+    backoff: Backoff | None = None,
+) -> list[Message]:
+    """Publish the copies of ``settlement.retry`` and ``settlement.dead``.
+
+    ``retry(r)`` and ``dead(d)`` publish one copy and raise an ``Exception`` (the
+    server's send error) when the broker did not take it. Returns once every message is
+    moved; returns the messages not moved only when ``give_up()`` turned true between
+    tries (acknowledge none of them). Cancellation leaves them unmoved too.
+    """
+    pending: list[tuple[Retry | None, DeadLetter]] = [
+        (r, DeadLetter(r.message, r.reason)) for r in settlement.retry
+    ]
+    pending += [(None, d) for d in settlement.dead]
+    if not pending:
+        return []
+    backoff = backoff or Backoff(FIRST_DELAY, MAX_DELAY)
+    while True:
+        results = await asyncio.gather(*(_move(r, d, retry, dead, address) for r, d in pending))
+        pending = [p for p, moved in zip(pending, results, strict=True) if not moved]
+        if not pending:
+            return []
+        if give_up():
+            return [d.message for _, d in pending]
+        delay = backoff.failed()
+        logger.error(
+            "%d nacked message(s) of %r could not be moved to a retry or the dead letters; "
+            "they stay unacknowledged and are tried again in %.1fs",
+            len(pending),
+            address,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        if give_up():
+            return [d.message for _, d in pending]
+
+
+async def _move(
+    r: Retry | None,
+    d: DeadLetter,
+    retry: Callable[[Retry], Awaitable[None]],
+    dead: Callable[[DeadLetter], Awaitable[None]],
+    address: str,
+) -> bool:
+    if r is not None:
+        try:
+            await retry(r)
+            return True
+        except Exception as exc:
+            d.reason = f"{r.reason} (its retry could not be published: {exc})"
+            logger.error(
+                "message %s of %r: its retry could not be published (%s); dead-lettering it",
+                r.message.id,
+                address,
+                exc,
+            )
+    try:
+        await dead(d)
+        return True
+    except Exception as exc:
+        logger.error("message %s of %r could not be dead-lettered: %s", d.message.id, address, exc)
+        return False
+
+
+def unmoved(settlement: Settlement, stranded: list[Message]) -> Settlement:
+    """The part of ``settlement`` whose messages are in ``stranded`` (to try again later).
+
+    A server tries the copies once in ``settle`` (``give_up=lambda: True``) and hands
+    what the broker refused to a background task that calls :func:`move_aside` again,
+    so that a refused copy does not hold up the batches after it.
+    """
+    return Settlement(
+        retry=[r for r in settlement.retry if r.message in stranded],
+        dead=[d for d in settlement.dead if d.message in stranded],
+    )

@@ -1,0 +1,221 @@
+"""NATS server: JetStream durable pull consumers (at-least-once), or core NATS (at-most-once).
+
+How AMGI maps onto JetStream (``--mode jetstream``, the default):
+
+=================  ==================================================================
+address            a subject (wildcards allowed), captured by a stream that must exist
+                   (``--stream``, or the stream that captures the subject)
+consume            a durable pull consumer per address (``--durable``; with several
+                   addresses ``{durable}_{subject}``), filtered on the address,
+                   explicit acks, no delivery limit (the runtime counts attempts)
+batch              one fetch of up to ``--batch-size`` messages (``--fetch-expiry``)
+ordering key       the address
+message id         the stream sequence (the same on every redelivery)
+ack                one ``+ACK`` per message, published without waiting, flushed once
+                   per batch; never AckAll (it would ack past a nacked message)
+nack (retry)       ``-NAK`` with the retry delay; JetStream redelivers it
+attempt            the delivery count in the message metadata
+nack (dead)        published (ack awaited) to ``{subject}.dlq`` with the reason, attempt
+                   and address headers, then ``+TERM``
+lease              ``+WPI`` (in progress) for batches still running, every
+                   ``--ack-wait`` / 3 seconds
+send               JetStream publish, its ack awaited; headers as in ``_headers``;
+                   binding ``msgId`` becomes ``Nats-Msg-Id`` (de-duplication)
+bindings in        ``nats``: ``subject``, ``stream``, ``sequence`` (``msgId`` if set)
+connection loss    nats-py reconnects by itself; acks of the lost connection are not
+                   applied and JetStream redelivers after the ack wait
+=================  ==================================================================
+
+``--mode core``: addresses are subjects subscribed in queue group ``--queue``; a batch
+is the messages on hand; acks do nothing; a nack is retried in memory, then
+dead-lettered with a JetStream publish (stored only if a stream captures the subject).
+A message published while no server listens, or held when it stops, is lost: core NATS
+delivers at most once. ``message.send`` is a core publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from amgi.errors import ConfigurationError, SendError
+from amgi.servers.kit import dead_letter_headers, invalid, option
+from amgi.servers.nats._client import open_connection
+from amgi.servers.nats._core import Subscriptions
+from amgi.servers.nats._headers import encode
+from amgi.servers.nats._jetstream import Consumers
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+
+__all__ = ["NatsOptions", "NatsSendError", "NatsTransport"]
+
+
+class NatsSendError(SendError):
+    """NATS did not take a message (no stream for the subject, no ack, connection lost)."""
+
+
+@dataclass(slots=True)
+class NatsOptions:
+    """Options of the NATS server."""
+
+    servers: str = option("nats://127.0.0.1:4222", "server URLs, comma-separated")
+    mode: Literal["jetstream", "core"] = option(
+        "jetstream", "jetstream (durable consumers, at-least-once) or core (at-most-once)"
+    )
+    stream: str = option("", "JetStream stream (default: the one capturing the subject)")
+    durable: str = option("amgi", "durable consumer name (JetStream)")
+    queue: str = option("amgi", "queue group (core mode)")
+    batch_size: int = option(500, "most messages per fetch", ge=1, le=100_000)
+    fetch_expiry: float = option(1.0, "seconds one fetch waits for messages", gt=0, le=3600)
+    ack_wait: float = option(30.0, "seconds before JetStream redelivers an unacked message", gt=0)
+    max_ack_pending: int = option(20_000, "unacked messages a consumer may hold", ge=1)
+    dead_letter_subject: str = option("{subject}.dlq", "subject of dead letters ({subject})")
+    publish_timeout: float = option(10.0, "seconds to wait for a JetStream publish ack", gt=0)
+    user: str = option("", "user name")
+    password: str = option("", "password", secret=True)
+    token: str = option("", "authentication token", secret=True)
+    creds: str = option("", "path of a .creds file (JWT and nkey seed)")
+    nkey_seed: str = option("", "path of an nkey seed file")
+    tls: bool = option(False, "use TLS (implied by the TLS files)")
+    tls_ca: str = option("", "CA file to verify the server")
+    tls_cert: str = option("", "client certificate file")
+    tls_key: str = option("", "client key file")
+    connect_timeout: float = option(5.0, "seconds to reach a server", gt=0)
+
+    def check_together(self) -> None:
+        if not self.durable or any(c in self.durable for c in ".*> "):
+            raise invalid(self, "durable", "must be a name without . * > or spaces")
+        if self.stream and any(c in self.stream for c in ".*> "):
+            raise invalid(self, "stream", "must be a name without . * > or spaces")
+        if not self.dead_letter_subject:
+            raise invalid(self, "dead_letter_subject", "must not be empty")
+        if self.password and not self.user:
+            raise invalid(self, "password", "needs --user")
+        if self.tls_key and not self.tls_cert:
+            raise invalid(self, "tls_key", "needs --tls-cert")
+
+
+class NatsTransport(Transport):
+    """The AMGI transport of NATS JetStream (and core NATS)."""
+
+    name = "nats"
+    options = NatsOptions
+    send_error = NatsSendError
+    requires = ("nats",)
+    extra = "nats"
+
+    def __init__(self, addresses: Sequence[str], options: NatsOptions | None = None) -> None:
+        super().__init__(addresses, options or NatsOptions())
+        self.config: NatsOptions
+        self._client: Any = None  # nats.aio.client.Client
+        self._consumers: Consumers | None = None
+        self._subscriptions: Subscriptions | None = None
+        if self.config.mode == "jetstream" and addresses:
+            self.lease_interval = self.config.ack_wait / 3
+
+    def dead_letter_subject(self, subject: str) -> str:
+        return self.config.dead_letter_subject.replace("{subject}", subject)
+
+    def check(self) -> None:
+        super().check()
+        for address in self.addresses:
+            if not address or " " in address or ".." in address:
+                raise ConfigurationError(f"nats: {address!r} is not a subject")
+            if ">" in address and self.config.dead_letter_subject.startswith("{subject}"):
+                raise ConfigurationError(
+                    f"nats: the dead letters of {address!r} would match it again; "
+                    "set --dead-letter-subject, e.g. dlq.{subject}"
+                )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self.check()
+        self._client = await open_connection(self.config)
+        try:
+            if not self.addresses:
+                return
+            if self.config.mode == "jetstream":
+                self._consumers = Consumers(self._client, self.addresses, self.config)
+                await self._consumers.start()
+            else:
+                self._subscriptions = Subscriptions(self._client, self.addresses, self.config)
+                await self._subscriptions.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        consumers, self._consumers = self._consumers, None
+        subscriptions, self._subscriptions = self._subscriptions, None
+        client, self._client = self._client, None
+        if consumers is not None:
+            await consumers.stop()
+        if subscriptions is not None:
+            await subscriptions.stop()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.flush(self.config.connect_timeout)
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def fetch(self) -> Sequence[Batch]:
+        if self._consumers is not None:
+            return await self._consumers.read()
+        if self._subscriptions is not None:
+            return await self._subscriptions.read()
+        await asyncio.Event().wait()  # nothing to consume: wait until cancelled
+        return []
+
+    def _dead(self, message: Message, address: str, reason: str) -> tuple[Message, str, Any]:
+        subject = message.bindings.get("nats", {}).get("subject", address)
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=subject, reason=reason
+        )
+        return message, self.dead_letter_subject(subject), encode(headers)
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        dead = [self._dead(d.message, batch.address, d.reason) for d in settlement.dead]
+        if self._consumers is not None:
+            await self._consumers.settle(settlement, dead)
+        elif self._subscriptions is not None:
+            await self._subscriptions.settle(settlement, dead, batch.address)
+
+    async def extend(self, batches: Sequence[Batch]) -> None:
+        if self._consumers is not None:
+            await self._consumers.touch([m for b in batches for m in b.messages])
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        from nats import errors as nats_errors
+        from nats.js import errors as js_errors
+
+        client = self._client
+        if client is None:
+            raise NatsSendError("nats: the server is not connected")
+        msg_id = (bindings.get("nats") or {}).get("msgId")
+        header = encode(headers, None if msg_id is None else str(msg_id))
+        try:
+            if self.config.mode == "core":
+                await client.publish(address, payload or b"", headers=header or None)
+                return
+            await client.jetstream().publish(
+                address, payload or b"", timeout=self.config.publish_timeout, headers=header or None
+            )
+        except (nats_errors.NoRespondersError, js_errors.NoStreamResponseError):
+            raise NatsSendError(f"nats: no JetStream stream captures subject {address!r}") from None
+        except js_errors.APIError as exc:
+            raise NatsSendError(
+                f"nats: the stream refused the message for {address!r}: {exc.description or exc}"
+            ) from None
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise NatsSendError(
+                f"nats: could not send to {address!r}: {exc or type(exc).__name__}"
+            ) from None

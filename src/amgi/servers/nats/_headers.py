@@ -1,0 +1,83 @@
+"""How AMGI headers travel as NATS headers (byte-exact).
+
+NATS headers are ``Name: value`` lines: a name is a token, a value is text without line
+breaks whose outer whitespace does not survive, and the client keeps one value per name.
+So a header goes out as it is when its name is a token not used before in the message
+(and not starting with ``Amgi-H-``) and its value is UTF-8 text without control
+characters or outer whitespace. Any other header, the ``i``-th of the message, goes out
+as ``Amgi-H-<i>: <base64url(name)>.<base64url(value)>`` (no padding) at its place, so
+order, repeated names and binary values come back exactly. ``Nats-Msg-Id`` is the
+``msgId`` binding, not a header.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable, Mapping
+
+from amgi.transport import HeaderList
+
+__all__ = ["MSG_ID", "decode", "encode"]
+
+MSG_ID = "Nats-Msg-Id"
+_ENCODED = "Amgi-H-"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PLAIN_VALUE = re.compile(
+    r"(?:[^\x00-\x20\x7f]|[^\x00-\x20\x7f][^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?"
+)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode(headers: Iterable[tuple[bytes, bytes]], msg_id: str | None = None) -> dict[str, str]:
+    """The NATS header dict (insertion order is wire order) of AMGI ``headers``."""
+    out: dict[str, str] = {}
+    for i, (name, value) in enumerate(headers):
+        key = name.decode("ascii", "replace")
+        text: str | None
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            text = None
+        if (
+            text is not None
+            and key not in out
+            and _TOKEN.fullmatch(name)
+            and not key.startswith(_ENCODED)
+            and key.lower() != MSG_ID.lower()
+            and _PLAIN_VALUE.fullmatch(text)
+        ):
+            out[key] = text
+        else:
+            out[f"{_ENCODED}{i}"] = f"{_b64(name)}.{_b64(value)}"
+    if msg_id is not None:
+        out[MSG_ID] = msg_id
+    return out
+
+
+def decode(header: Mapping[str, str] | None) -> tuple[HeaderList, str | None]:
+    """``(headers, msg_id)`` of a received NATS header dict."""
+    if not header:
+        return [], None
+    headers: HeaderList = []
+    msg_id = None
+    for key, value in header.items():
+        if key.startswith(_ENCODED):
+            name, _, data = value.partition(".")
+            try:
+                headers.append((_unb64(name), _unb64(data)))
+                continue
+            except ValueError:
+                pass
+        elif key == MSG_ID:
+            msg_id = value
+            continue
+        headers.append((key.encode(), value.encode()))
+    return headers, msg_id

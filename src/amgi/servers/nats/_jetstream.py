@@ -1,0 +1,166 @@
+"""JetStream machinery of the NATS server: durable pull consumers, fetch, settle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from amgi.errors import ConfigurationError
+from amgi.servers.nats._headers import decode
+from amgi.servers.nats._pull import Puller
+from amgi.transport import Batch, Message
+
+if TYPE_CHECKING:
+    from amgi.servers.nats import NatsOptions
+
+__all__ = ["Consumers"]
+
+logger = logging.getLogger("amgi.servers.nats")
+
+_NAME_UNSAFE = re.compile(r"[.*>\s/\\]")
+
+
+class Consumers:
+    """One durable pull consumer per subject, read one fetch at a time."""
+
+    def __init__(self, client: Any, subjects: Sequence[str], options: NatsOptions) -> None:
+        self.client = client
+        self.js = client.jetstream()
+        self.subjects = list(subjects)
+        self.options = options
+        self._subjects_by_index: list[str] = []
+        self._puller = Puller(client, options.batch_size, options.fetch_expiry, self._unanswered)
+        self._configs: list[tuple[str, Any]] = []
+
+    async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
+        """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``."""
+        from nats.js import errors as js_errors
+
+        durable = self.options.durable
+        if len(self.subjects) == 1:
+            try:
+                info = await jsm.consumer_info(stream, durable)
+            except js_errors.NotFoundError:
+                return durable
+            if info.config.filter_subject in (None, "", subject):
+                return durable
+        return f"{durable}_{_NAME_UNSAFE.sub('_', subject)}"
+
+    async def start(self) -> None:
+        from nats.js import api
+        from nats.js import errors as js_errors
+
+        o = self.options
+        jsm = self.client.jsm()
+        for subject in self.subjects:
+            try:
+                if o.stream:
+                    await jsm.stream_info(o.stream)
+                    stream = o.stream
+                else:
+                    stream = await jsm.find_stream_name_by_subject(subject)
+            except js_errors.NotFoundError:
+                if o.stream:
+                    raise ConfigurationError(f"nats: stream {o.stream!r} does not exist") from None
+                raise ConfigurationError(
+                    f"nats: no JetStream stream captures subject {subject!r} "
+                    "(create one or pass --stream)"
+                ) from None
+            except js_errors.ServiceUnavailableError:
+                raise ConfigurationError("nats: JetStream is not enabled on the server") from None
+            name = await self.durable_name(jsm, stream, subject)
+            config = api.ConsumerConfig(
+                durable_name=name,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=o.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=o.max_ack_pending,
+                filter_subject=subject,
+            )
+            try:
+                await self._ensure_consumer(stream, config)
+            except js_errors.APIError as exc:
+                raise ConfigurationError(
+                    f"nats: cannot create consumer {name!r} on {stream!r}: {exc.description or exc}"
+                ) from None
+            self._puller.add(stream, name)
+            self._subjects_by_index.append(subject)
+            self._configs.append((stream, config))
+        await self._puller.start()
+
+    async def _ensure_consumer(self, stream: str, config: Any) -> bool:
+        """Create the consumer if it is missing (an existing one is used as it is)."""
+        from nats.js import errors as js_errors
+
+        jsm = self.client.jsm()
+        try:
+            await jsm.consumer_info(stream, config.durable_name)
+        except js_errors.NotFoundError:
+            await jsm.add_consumer(stream, config)
+            return True
+        return False
+
+    async def _unanswered(self, index: int) -> None:
+        """A pull request got no answer at all: a deleted consumer is created again."""
+        stream, config = self._configs[index]
+        if await self._ensure_consumer(stream, config):
+            logger.warning(
+                "consumer %r of stream %r was gone; created it again", config.durable_name, stream
+            )
+
+    async def stop(self) -> None:
+        await self._puller.stop()
+
+    async def read(self) -> list[Batch]:
+        index, msgs = await self._puller.take()
+        subject = self._subjects_by_index[index]
+        return [Batch(subject, [_message(m) for m in msgs], key=subject)]
+
+    async def settle(
+        self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]]
+    ) -> None:
+        for m in settlement.acked:
+            await m.token.ack()
+        for r in settlement.retry:
+            await r.message.token.nak(delay=r.delay)
+        if dead:
+            results = await asyncio.gather(
+                *(self.js.publish(subject, m.payload or b"", headers=h) for m, subject, h in dead),
+                return_exceptions=True,
+            )
+            for (m, subject, _), result in zip(dead, results, strict=True):
+                if isinstance(result, BaseException):
+                    logger.error(
+                        "could not dead-letter message %s to %r (%s); it comes back later",
+                        m.id,
+                        subject,
+                        result,
+                    )
+                    await m.token.nak(delay=self.options.ack_wait)
+                else:
+                    await m.token.term()
+        await self.client.flush(self.options.ack_wait)
+
+    async def touch(self, messages: list[Message]) -> None:
+        for m in messages:
+            await m.token.in_progress()
+        await self.client.flush(self.options.ack_wait)
+
+
+def _message(msg: Any) -> Message:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>,
+    # or with <domain>.<account hash> after ACK and a token at the end (nats-server 2.9+).
+    tokens = msg.reply.split(".")
+    at = 2 if len(tokens) == 9 else 4
+    stream = tokens[at]
+    delivered = int(tokens[at + 2])
+    seq = int(tokens[at + 3])
+    headers, msg_id = decode(msg.headers)
+    binding: dict[str, Any] = {"subject": msg.subject, "stream": stream, "sequence": seq}
+    if msg_id is not None:
+        binding["msgId"] = msg_id
+    return Message(str(seq), headers, msg.data, {"nats": binding}, delivered, msg)

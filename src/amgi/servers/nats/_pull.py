@@ -1,0 +1,139 @@
+"""Pull requests to JetStream consumers, each answered into its own inbox.
+
+Each consumer has at most one open pull request (``batch`` messages, ``expires``); the
+messages land in its inbox subscription, whose callback queues them, so taking a batch touches no
+per-message task. A request closes when its last message arrived or JetStream ends it
+with a status (404 no messages, 408 expired, 409 e.g. consumer deleted); one that the
+server never ends counts as closed after its expiry, and is reported to ``unanswered``
+(JetStream answers every request, so silence means a lost connection or a deleted
+consumer). The next read opens a new one, so at most ``batch`` messages wait here
+unasked-for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Puller"]
+
+logger = logging.getLogger("amgi.servers.nats")
+
+_SLACK = 0.5
+"""Seconds after its expiry that an unanswered request counts as closed."""
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    api: str
+    """``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``."""
+    reply: str
+    open_until: float = 0.0
+    remaining: int = 0
+    answered: bool = False
+
+
+class Puller:
+    """Open pull requests for consumers and hand out what arrived, per consumer."""
+
+    def __init__(
+        self,
+        client: Any,
+        batch: int,
+        expires: float,
+        unanswered: Callable[[int], Awaitable[None]],
+    ) -> None:
+        self.client = client
+        self.unanswered = unanswered
+        self.batch = batch
+        self.expires = expires
+        self._requests: list[_Request] = []
+        self._arrived: list[deque[Any]] = []
+        self._ready = asyncio.Event()
+        self._subs: list[Any] = []
+        self._payload = json.dumps(
+            {"batch": batch, "expires": max(1, int(expires * 1e9) - 10_000_000)}
+        ).encode()
+
+    def add(self, stream: str, consumer: str) -> int:
+        """Register a consumer; returns its index."""
+        index = len(self._requests)
+        api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._requests.append(_Request(api, self.client.new_inbox()))
+        self._arrived.append(deque())
+        return index
+
+    async def start(self) -> None:
+        for index, request in enumerate(self._requests):
+            self._subs.append(await self.client.subscribe(request.reply, cb=self._receiver(index)))
+
+    async def stop(self) -> None:
+        """Unsubscribe; messages that arrived but were never handed out go back at once."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for arrived in self._arrived:
+            while arrived:
+                with contextlib.suppress(Exception):
+                    await arrived.popleft().nak()
+
+    def _receiver(self, index: int) -> Any:
+        async def on_message(msg: Any) -> None:
+            self._on_message(index, msg)
+
+        return on_message
+
+    def _on_message(self, index: int, msg: Any) -> None:
+        request = self._requests[index]
+        request.answered = True
+        if msg.reply:  # a message; a status has no reply subject
+            self._arrived[index].append(msg)
+            request.remaining -= 1
+            if request.remaining <= 0:
+                request.open_until = 0.0
+            self._ready.set()
+            return
+        status = (msg.headers or {}).get("Status", "")
+        if status in ("404", "408", "409"):
+            request.open_until = 0.0
+            self._ready.set()
+            if status == "409":
+                description = (msg.headers or {}).get("Description", "")
+                logger.warning("pull request on %s ended: %s", request.api, description)
+
+    async def take(self) -> tuple[int, list[Any]]:
+        """Wait until a consumer has messages; return its index and up to ``batch`` of them."""
+        loop = asyncio.get_running_loop()
+        count = len(self._requests)
+        turn = 0
+        while True:
+            now = loop.time()
+            for index, request in enumerate(self._requests):
+                if request.open_until <= now:
+                    if request.open_until and not request.answered:
+                        await self.unanswered(index)
+                    await self._ask(request, now)
+            for step in range(count):
+                index = (turn + step) % count
+                arrived = self._arrived[index]
+                if arrived:
+                    n = min(self.batch, len(arrived))
+                    return index, [arrived.popleft() for _ in range(n)]
+            turn += 1
+            self._ready.clear()
+            wait = min(r.open_until for r in self._requests) - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), max(0.001, wait))
+
+    async def _ask(self, request: _Request, now: float) -> None:
+        request.remaining = self.batch
+        request.answered = False
+        request.open_until = now + self.expires + _SLACK
+        await self.client.publish(request.api, self._payload, reply=request.reply)

@@ -1,0 +1,240 @@
+"""Redis server: streams with consumer groups (at-least-once), or Pub/Sub (at-most-once).
+
+How AMGI maps onto Redis Streams (``--mode streams``, the default):
+
+=================  ==================================================================
+address            a stream; its consumer group is created if missing (``--start``)
+batch              one ``XREADGROUP GROUP group consumer COUNT batch_size BLOCK block``
+                   answer for one stream
+ordering key       the stream
+message id         the stream entry id (the same on every redelivery)
+ack                one ``XACK`` per batch with every acked id
+nack (retry)       the entry stays pending; after the retry delay it is ``XCLAIM``-ed
+                   again (the delivery counter goes up)
+nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream added as
+                   fields) and ``XACK``, in one ``MULTI``/``EXEC``
+attempt            the entry's delivery counter
+crash recovery     entries idle longer than ``--claim-idle`` on any consumer are taken
+                   over with ``XAUTOCLAIM``; entries this process holds (in flight or
+                   waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
+                   a ``--consumer`` named again after a restart reads its own
+                   pending entries first (``XREADGROUP ... 0``)
+send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
+bindings in        ``redis``: ``stream``, ``id``
+=================  ==================================================================
+
+``--mode pubsub``: addresses are channels (``SUBSCRIBE``); a batch is the messages on
+hand; acks do nothing; a nack is retried in memory, then dead-lettered with ``XADD``. A
+message published while the server is not subscribed, or held when it stops, is lost:
+this is Redis Pub/Sub's at-most-once delivery. ``message.send`` is ``PUBLISH`` of the
+payload (a channel message has no headers: sending headers raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from amgi.errors import ConfigurationError, SendError
+from amgi.servers.kit import dead_letter_headers, invalid, option
+from amgi.servers.redis._client import open_client
+from amgi.servers.redis._fields import decode, encode
+from amgi.servers.redis._pubsub import PubSub
+from amgi.servers.redis._streams import Streams
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+
+__all__ = ["RedisOptions", "RedisSendError", "RedisTransport"]
+
+
+class RedisSendError(SendError):
+    """Redis did not take a message (connection lost, wrong key type, headers on Pub/Sub)."""
+
+
+@dataclass(slots=True)
+class RedisOptions:
+    """Options of the Redis server."""
+
+    url: str = option(
+        "redis://127.0.0.1:6379/0",
+        "redis://[user:password@]host:port/db, rediss:// for TLS",
+        secret=True,
+    )
+    mode: Literal["streams", "pubsub"] = option(
+        "streams", "streams (consumer groups, at-least-once) or pubsub (at-most-once)"
+    )
+    group: str = option("amgi", "consumer group of the streams")
+    consumer: str = option("", "consumer name in the group (default: host-pid-random)")
+    batch_size: int = option(1000, "most entries per batch (XREADGROUP COUNT)", ge=1, le=100_000)
+    block: float = option(1.0, "seconds one XREADGROUP waits for entries", ge=0.001, le=3600)
+    claim_idle: float = option(
+        30.0, "seconds an entry is pending on a silent consumer before it is taken", ge=0.1
+    )
+    start: str = option("0", "where a new group starts: 0 (whole stream), $ (new only), an id")
+    dead_letter_stream: str = option("{address}.dlq", "stream of dead letters ({address})")
+    maxlen: int = option(0, "trim streams to about this many entries on send (0: never)", ge=0)
+    connect_timeout: float = option(10.0, "seconds to reach the server", gt=0)
+
+    def check_together(self) -> None:
+        if not self.group:
+            raise invalid(self, "group", "must not be empty")
+        if self.start not in ("0", "$") and not _is_entry_id(self.start):
+            raise invalid(self, "start", "must be 0, $ or an entry id like 1700000000000-0")
+        if not self.dead_letter_stream:
+            raise invalid(self, "dead_letter_stream", "must not be empty")
+
+
+def _is_entry_id(text: str) -> bool:
+    ms, _, seq = text.partition("-")
+    return ms.isdigit() and (not seq or seq.isdigit())
+
+
+class RedisTransport(Transport):
+    """The AMGI transport of Redis Streams (and Pub/Sub)."""
+
+    name = "redis"
+    options = RedisOptions
+    send_error = RedisSendError
+    requires = ("redis",)
+    extra = "redis"
+
+    def __init__(self, addresses: Sequence[str], options: RedisOptions | None = None) -> None:
+        super().__init__(addresses, options or RedisOptions())
+        self.config: RedisOptions
+        c = self.config
+        self.consumer = c.consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self._client: Any = None  # redis.asyncio.Redis (its commands are untyped)
+        self._streams: Streams | None = None
+        self._pubsub: PubSub | None = None
+        if c.mode == "streams" and addresses:
+            self.lease_interval = c.claim_idle / 3
+
+    def dead_letter_address(self, address: str) -> str:
+        return self.config.dead_letter_stream.replace("{address}", address)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        super().check()
+        for address in self.addresses:
+            if not address:
+                raise ConfigurationError("redis: an address must not be empty")
+            if self.dead_letter_address(address) in self.addresses:
+                raise ConfigurationError(
+                    f"redis: the dead-letter stream of {address!r} is consumed too"
+                )
+
+    async def connect(self) -> None:
+        self.check()
+        c = self.config
+        self._client = await open_client(c.url, c.connect_timeout)
+        try:
+            if not self.addresses:
+                return
+            if c.mode == "streams":
+                self._streams = Streams(self._client, self.addresses, c, self.consumer)
+                await self._streams.start()
+            else:
+                self._pubsub = PubSub(self._client, self.addresses, c.batch_size)
+                await self._pubsub.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        streams, self._streams = self._streams, None
+        pubsub, self._pubsub = self._pubsub, None
+        client, self._client = self._client, None
+        if streams is not None:
+            await streams.stop()
+        if pubsub is not None:
+            await pubsub.stop()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def fetch(self) -> Sequence[Batch]:
+        if self._streams is not None:
+            replies = await self._streams.read()
+            return [self._batch(stream, entries, attempts) for stream, entries, attempts in replies]
+        if self._pubsub is not None:
+            return await self._pubsub.read()
+        await asyncio.Event().wait()  # nothing to consume: wait until cancelled
+        return []
+
+    @staticmethod
+    def _batch(stream: str, entries: list[Any], attempts: dict[bytes, int] | None) -> Batch:
+        """Entries as messages; ``attempts`` by entry id (``None``: first deliveries)."""
+        messages: list[Message] = []
+        append = messages.append
+        for entry_id, fields in entries:
+            if fields is None:
+                continue  # deleted while pending
+            headers, payload = decode(fields)
+            mid = entry_id.decode()
+            attempt = 1 if attempts is None else attempts.get(entry_id, 1)
+            binding = {"redis": {"stream": stream, "id": mid}}
+            append(Message(mid, headers, payload, binding, attempt, entry_id))
+        return Batch(stream, messages, key=stream)
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        dead = [
+            (
+                self.dead_letter_address(batch.address),
+                encode(
+                    dead_letter_headers(
+                        d.message.headers,
+                        attempt=d.message.attempt,
+                        address=batch.address,
+                        reason=d.reason,
+                    ),
+                    d.message.payload,
+                ),
+            )
+            for d in settlement.dead
+        ]
+        if self._streams is not None:
+            await self._streams.settle(batch.address, settlement, dead)
+        elif self._pubsub is not None:
+            await self._pubsub.settle(batch.address, settlement, dead)
+
+    async def extend(self, batches: Sequence[Batch]) -> None:
+        if self._streams is not None:
+            held: dict[str, list[bytes]] = {}
+            for b in batches:
+                held.setdefault(b.address, []).extend(m.token for m in b.messages)
+            await self._streams.hold(held)
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        from redis import exceptions as redis_errors
+
+        client = self._client
+        if client is None:
+            raise RedisSendError("redis: the server is not connected")
+        try:
+            if self.config.mode == "pubsub":
+                if headers:
+                    raise RedisSendError(
+                        f"redis: cannot send headers on Pub/Sub channel {address!r} "
+                        "(channel messages carry the payload only)"
+                    )
+                await client.execute_command("PUBLISH", address, payload or b"")
+                return
+            maxlen = (bindings.get("redis") or {}).get("maxlen", self.config.maxlen)
+            trim: tuple[Any, ...] = ("MAXLEN", "~", int(maxlen)) if maxlen else ()
+            await client.execute_command("XADD", address, *trim, "*", *encode(headers, payload))
+        except redis_errors.RedisError as exc:
+            raise RedisSendError(f"redis: could not send to {address!r}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise RedisSendError(f"redis: bad redis bindings for {address!r}: {exc}") from None

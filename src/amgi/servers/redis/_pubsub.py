@@ -1,0 +1,91 @@
+"""Pub/Sub mode of the Redis server: at-most-once, retries held in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from amgi.servers.kit import DueList
+from amgi.servers.redis._client import raise_if_cancelled
+from amgi.transport import Batch, Message
+
+if TYPE_CHECKING:
+    from amgi.transport import Settlement
+
+__all__ = ["PubSub"]
+
+
+class PubSub:
+    """A subscription to channels; a nacked message waits here for its retry."""
+
+    def __init__(self, client: Any, channels: Sequence[str], batch_size: int) -> None:
+        self.client = client
+        self.channels = list(channels)
+        self.batch_size = batch_size
+        self._pubsub: Any = None  # redis.asyncio.client.PubSub
+        self._retries: DueList[tuple[str, Message]] = DueList()
+        self._ids = itertools.count(1)
+
+    async def start(self) -> None:
+        self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(*self.channels)
+
+    async def stop(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._retries.clear()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def read(self) -> list[Batch]:
+        pubsub = self._pubsub
+        assert pubsub is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            due = self._retries.pop_due(now)
+            if due:
+                grouped: dict[str, list[Message]] = {}
+                for channel, message in due:
+                    message.attempt += 1
+                    grouped.setdefault(channel, []).append(message)
+                return [Batch(c, msgs, key=c) for c, msgs in grouped.items()]
+            next_due = self._retries.next_due()
+            timeout = 1.0 if next_due is None else max(0.0, min(1.0, next_due - now))
+            raise_if_cancelled()
+            first = await pubsub.get_message(timeout=timeout)
+            if first is None:
+                continue
+            batches: dict[str, list[Message]] = {}
+            self._add(batches, first)
+            for _ in range(self.batch_size - 1):
+                more = await pubsub.get_message(timeout=0.0)
+                if more is None:
+                    break
+                self._add(batches, more)
+            return [Batch(c, msgs, key=c) for c, msgs in batches.items() if msgs]
+
+    def _add(self, batches: dict[str, list[Message]], raw: dict[str, Any]) -> None:
+        if raw.get("type") != "message":
+            return
+        channel = raw["channel"].decode()
+        data = raw["data"]
+        mid = str(next(self._ids))
+        batches.setdefault(channel, []).append(
+            Message(mid, [], data, {"redis": {"channel": channel}}, 1, None)
+        )
+
+    async def settle(
+        self, channel: str, settlement: Settlement, dead: list[tuple[str, list[bytes]]]
+    ) -> None:
+        now = asyncio.get_running_loop().time()
+        for r in settlement.retry:
+            self._retries.add(now + r.delay, (channel, r.message))
+        if dead:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for target, fields in dead:
+                    pipe.execute_command("XADD", target, "*", *fields)
+                await pipe.execute()

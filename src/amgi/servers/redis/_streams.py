@@ -1,0 +1,256 @@
+"""The consumer-group machinery of the Redis server: read, claim, retry, acknowledge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from amgi.errors import ConfigurationError
+from amgi.servers.kit import DueList
+from amgi.servers.redis._client import raise_if_cancelled
+
+if TYPE_CHECKING:
+    from amgi.servers.redis import RedisOptions
+    from amgi.transport import Settlement
+
+__all__ = ["Streams"]
+
+logger = logging.getLogger("amgi.servers.redis")
+
+Entries = list[Any]
+"""``[[entry_id, [field, value, ...]], ...]`` as Redis sends it."""
+Reply = tuple[str, Entries, "dict[bytes, int] | None"]
+"""One stream's entries and their attempts (``None``: all first deliveries)."""
+
+
+class Streams:
+    """One consumer of one group on several streams."""
+
+    def __init__(
+        self, client: Any, streams: Sequence[str], options: RedisOptions, consumer: str
+    ) -> None:
+        self.client = client
+        self.streams = list(streams)
+        self.group = options.group
+        self.consumer = consumer
+        self.options = options
+        self._read_args = (
+            "XREADGROUP", "GROUP", self.group, consumer, "COUNT", options.batch_size,
+        )  # fmt: skip
+        self._tail = ("STREAMS", *self.streams, *(">" for _ in self.streams))
+        self._retries: DueList[tuple[str, bytes, int]] = DueList()
+        self._cursors = dict.fromkeys(self.streams, b"0-0")
+        self._next_sweep = 0.0
+        self._next_touch = 0.0
+        # A consumer named on the command line may be a restart of itself: what is
+        # pending on that name was left by its previous run and is taken back at once.
+        self._history: dict[str, bytes] = (
+            dict.fromkeys(self.streams, b"0") if options.consumer else {}
+        )
+        """Per stream, the id after which this consumer's earlier pending entries are read."""
+
+    async def start(self) -> None:
+        for stream in self.streams:
+            await self._create_group(stream)
+
+    async def _create_group(self, stream: str) -> None:
+        from redis import exceptions as redis_errors
+
+        try:
+            await self.client.execute_command(
+                "XGROUP CREATE", stream, self.group, self.options.start, "MKSTREAM"
+            )
+        except redis_errors.ResponseError as exc:
+            text = str(exc)
+            if text.startswith("BUSYGROUP"):
+                return
+            if text.startswith("WRONGTYPE"):
+                raise ConfigurationError(
+                    f"redis: key {stream!r} exists and is not a stream"
+                ) from None
+            raise ConfigurationError(f"redis: cannot create group on {stream!r}: {text}") from None
+
+    async def stop(self) -> None:
+        """Forget this consumer in its groups when nothing is pending on it."""
+        self._retries.clear()
+        for stream in self.streams:
+            with contextlib.suppress(Exception):
+                pending = await self.client.execute_command(
+                    "XPENDING", stream, self.group, "-", "+", 1, self.consumer
+                )
+                if not pending:
+                    await self.client.execute_command(
+                        "XGROUP", "DELCONSUMER", stream, self.group, self.consumer
+                    )
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def read(self) -> list[Reply]:
+        """Wait for entries: due retries, entries of silent consumers, then new entries."""
+        from redis import exceptions as redis_errors
+
+        while True:
+            try:
+                replies = await self._read_once()
+            except redis_errors.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                logger.warning("a stream or its group vanished (%s); creating it again", exc)
+                await self.start()
+                continue
+            if replies:
+                return replies
+            raise_if_cancelled()
+
+    async def _read_once(self) -> list[Reply]:
+        now = asyncio.get_running_loop().time()
+        options = self.options
+        replies: list[Reply] = []
+        if now >= self._next_touch:
+            await self._touch_waiting()
+            self._next_touch = now + options.claim_idle / 3
+        if self._history:
+            replies += await self._own_pending()
+        due = self._retries.pop_due(now)
+        if due:
+            replies += await self._reclaim(due)
+        if now >= self._next_sweep:
+            replies += await self._sweep(now)
+        if replies:
+            return replies
+        wake = min(self._next_sweep, self._next_touch)
+        next_retry = self._retries.next_due()
+        if next_retry is not None:
+            wake = min(wake, next_retry)
+        block = max(1, round(min(options.block, wake - now) * 1000))
+        raise_if_cancelled()
+        reply = await self.client.execute_command(*self._read_args, "BLOCK", block, *self._tail)
+        return [(stream.decode(), entries, None) for stream, entries in reply or ()]
+
+    async def _own_pending(self) -> list[Reply]:
+        """Entries pending on this consumer's name from before it started, batch by batch."""
+        history = self._history
+        reply = await self.client.execute_command(
+            *self._read_args, "STREAMS", *history, *history.values()
+        )
+        replies: list[Reply] = []
+        done = set(history)
+        for raw_stream, entries in reply or ():
+            stream = raw_stream.decode()
+            if not entries:
+                continue
+            done.discard(stream)
+            history[stream] = entries[-1][0]
+            entries = [e for e in entries if e[1] is not None]
+            if entries:
+                attempts = await self._attempts(stream, {e[0] for e in entries})
+                replies.append((stream, entries, attempts))
+        for stream in done:
+            del history[stream]
+        return replies
+
+    async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> list[Reply]:
+        """Take back entries whose retry delay is over; their delivery counter goes up."""
+        by_stream: dict[str, dict[bytes, int]] = {}
+        for stream, entry_id, attempt in due:
+            by_stream.setdefault(stream, {})[entry_id] = attempt + 1
+        replies: list[Reply] = []
+        for stream, attempts in by_stream.items():
+            try:
+                entries = await self.client.execute_command(
+                    "XCLAIM", stream, self.group, self.consumer, 0, *attempts
+                )
+            except Exception:
+                for entry_id, attempt in attempts.items():  # try again a little later
+                    self._retries.add(
+                        asyncio.get_running_loop().time() + 1.0, (stream, entry_id, attempt - 1)
+                    )
+                raise
+            if entries:
+                replies.append((stream, entries, attempts))
+        return replies
+
+    async def _sweep(self, now: float) -> list[Reply]:
+        """``XAUTOCLAIM`` entries left pending on silent consumers (a crash, a lost ack)."""
+        idle = round(self.options.claim_idle * 1000)
+        replies: list[Reply] = []
+        again = False
+        for stream in self.streams:
+            cursor, entries, *_ = await self.client.execute_command(
+                "XAUTOCLAIM", stream, self.group, self.consumer, idle, self._cursors[stream],
+                "COUNT", self.options.batch_size,
+            )  # fmt: skip
+            self._cursors[stream] = cursor
+            again = again or cursor != b"0-0"
+            entries = [e for e in entries if e[1] is not None]
+            if not entries:
+                continue
+            claimed = {e[0] for e in entries}
+            self._retries.discard(_among(stream, claimed))
+            replies.append((stream, entries, await self._attempts(stream, claimed)))
+        self._next_sweep = now if again and replies else now + self.options.claim_idle / 2
+        return replies
+
+    async def _attempts(self, stream: str, ids: set[bytes]) -> dict[bytes, int]:
+        """The delivery counters of ``ids``, from the group's pending list."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.execute_command("XPENDING", stream, self.group, entry_id, entry_id, 1)
+            results = await pipe.execute()
+        attempts: dict[bytes, int] = {}
+        for rows in results:
+            for entry_id, _consumer, _idle, count in rows:
+                attempts[entry_id] = int(count)
+        return attempts
+
+    # -- holding and settling -------------------------------------------------------------
+
+    async def touch(self, held: Mapping[str, list[bytes]]) -> None:
+        """Reset the idle time of entries this consumer holds, so no one else claims them."""
+        held = {s: ids for s, ids in held.items() if ids}
+        if not held:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in held.items():
+                pipe.execute_command("XCLAIM", stream, self.group, self.consumer, 0, *ids, "JUSTID")
+            await pipe.execute()
+
+    async def _touch_waiting(self, held: Mapping[str, list[bytes]] | None = None) -> None:
+        """Touch the entries waiting for their retry, and ``held`` (in flight) with them."""
+        entries: dict[str, list[bytes]] = {s: list(ids) for s, ids in (held or {}).items()}
+        for stream, entry_id, _ in self._retries.items():
+            entries.setdefault(stream, []).append(entry_id)
+        await self.touch(entries)
+
+    async def hold(self, in_flight: Mapping[str, list[bytes]]) -> None:
+        """The lease: keep in-flight entries and waiting retries from being claimed."""
+        await self._touch_waiting(in_flight)
+        self._next_touch = asyncio.get_running_loop().time() + self.options.claim_idle / 3
+
+    async def settle(
+        self, stream: str, settlement: Settlement, dead: list[tuple[str, list[bytes]]]
+    ) -> None:
+        if settlement.retry:  # they stay pending on this consumer until they are due
+            now = asyncio.get_running_loop().time()
+            for r in settlement.retry:
+                self._retries.add(now + r.delay, (stream, r.message.token, r.message.attempt))
+        ids = [m.token for m in settlement.acked]
+        if dead:
+            ids += [d.message.token for d in settlement.dead]
+            async with self.client.pipeline(transaction=True) as pipe:
+                for target, fields in dead:
+                    pipe.execute_command("XADD", target, "*", *fields)
+                pipe.execute_command("XACK", stream, self.group, *ids)
+                await pipe.execute()
+        elif ids:
+            await self.client.execute_command("XACK", stream, self.group, *ids)
+
+
+def _among(stream: str, ids: set[bytes]) -> Callable[[tuple[str, bytes, int]], bool]:
+    def test(item: tuple[str, bytes, int]) -> bool:
+        return item[0] == stream and item[1] in ids
+
+    return test

@@ -1,0 +1,154 @@
+"""Secret option values are masked wherever options are shown: repr, errors, --help."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from typing import Any
+
+import pytest
+
+from amgi.cli import main
+from amgi.options import invalid
+from amgi.secrets import (
+    MASK,
+    hide_flag_values,
+    mask_url,
+    masked,
+    redact,
+    redact_client_logs,
+    unrecognized_flags,
+)
+from amgi.servers import SERVERS, load
+from amgi.servers.amqp import AmqpOptions
+from amgi.servers.kafka import KafkaOptions
+from tests.secrets import assert_hidden, new_marker
+
+
+def _secret_fields(server: str) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(load(server).options) if f.metadata.get("secret")]
+
+
+WITH_SECRETS = [name for name in sorted(SERVERS) if _secret_fields(name)]
+
+
+def _value(f: dataclasses.Field[Any], marker: str) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # a list of NAME=VALUE settings
+        return [f"sasl.password={marker}"]
+    if "url" in f.name:
+        return f"http://user:{marker}@127.0.0.1:1/"
+    return marker
+
+
+def test_the_servers_with_secret_options() -> None:
+    assert {"amqp", "http", "kafka", "mqtt"} <= set(WITH_SECRETS)
+
+
+@pytest.mark.parametrize("server", WITH_SECRETS)
+def test_secret_values_are_masked_in_repr_and_option_errors(server: str) -> None:
+    marker = new_marker()
+    cls = load(server).options
+    secrets = {f.name: _value(f, marker) for f in _secret_fields(server)}
+    if server == "mqtt":
+        secrets["username"] = "user"  # a password needs one
+    options = cls(**secrets)
+    texts = [repr(options), str(options)]
+    texts += [str(invalid(options, name, "is refused")) for name in secrets]
+    assert all("(got " in text for text in texts[2:])
+    assert_hidden(marker, texts)
+
+
+@pytest.mark.parametrize("server", WITH_SECRETS)
+def test_secret_values_are_masked_in_help_and_usage_errors(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = new_marker()
+    fields = _secret_fields(server)
+    flags = [
+        "--" + f.name.replace("_", "-") if f.default_factory is dataclasses.MISSING else ""
+        for f in fields
+    ]
+    flags = [flag for flag in flags if flag]
+    texts: list[str] = []
+    for argv in (
+        ["run", "app:app", "q", "--server", server, flags[0], marker, "--help"],
+        ["run", "app:app", "q", "--send-to", f"x={server}", f"--{server}{flags[0][1:]}", marker,
+         "--help"],
+        ["run", "app:app", "q", "--server", server, f"{flags[0][:-2]}={marker}"],  # abbreviated
+        ["run", "app:app", "q", "--server", server, f"{flags[0]}x", marker],  # a typo
+        ["send", "q", "--server", server, f"--{server}{flags[0][1:]}", marker],  # no --send-to
+    ):  # fmt: skip
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        assert code in (0, 1, 2)
+        out = capsys.readouterr()
+        texts += [out.out, out.err]
+    assert_hidden(marker, texts)
+    assert "unrecognized arguments: " + f"{flags[0]}x (and 1 value(s) not shown)" in "".join(texts)
+
+
+def test_a_secret_default_is_shown_masked_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "app:app", "q", "--server", "amqp", "--help"])
+    assert f"(default: amqp://guest:{MASK}@127.0.0.1:5672/)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:pw@127.0.0.1:5672/vh?cafile=a@b", f"amqp://guest:{MASK}@127.0.0.1:5672/vh?cafile=a@b"),
+        ("https://token@example.test/hook", f"https://{MASK}@example.test/hook"),
+        ("http://u:p:q@[::1]:80/", f"http://u:{MASK}@[::1]:80/"),
+        ("http://127.0.0.1:80/a@b", "http://127.0.0.1:80/a@b"),
+        ("not a url", "not a url"),
+    ],
+)  # fmt: skip
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_masked_keeps_only_what_is_not_secret() -> None:
+    assert masked("s3cret") == MASK
+    assert masked(["a=b"]) == MASK
+    assert masked("amqp://u:p@h/") == f"amqp://u:{MASK}@h/"
+
+
+def test_usage_errors_show_flags_not_values() -> None:
+    assert hide_flag_values("ambiguous option: --sasl=pw could match --sasl-x, --sasl-y") == (
+        f"ambiguous option: --sasl={MASK} could match --sasl-x, --sasl-y"
+    )
+    assert unrecognized_flags(["a", "b"]) == "a b"
+    assert unrecognized_flags(["--pasword", "pw", "--x=pw"]) == (
+        "--pasword --x (and 1 value(s) not shown)"
+    )
+
+
+def test_client_log_filter_masks_credential_headers(caplog: pytest.LogCaptureFixture) -> None:
+    marker = new_marker()
+    name = f"test.wire.{uuid.uuid4().hex}"
+    redact_client_logs(name, name)
+    assert len(logging.getLogger(name).filters) == 1  # idempotent
+    caplog.set_level(logging.DEBUG)
+    log = logging.getLogger(name)
+    log.debug("CanonicalRequest:\n%s", f"host:h\nx-amz-security-token:{marker}\nx-amz-target:T")
+    log.debug("Sending: %s", {"X-Amz-Security-Token": marker.encode(), "Other": b"kept"})
+    text = caplog.text
+    assert_hidden(marker, [text])
+    assert f"x-amz-security-token:{MASK}" in text
+    assert f"'X-Amz-Security-Token': b'{MASK}'" in text
+    assert "b'kept'" in text
+
+
+def test_redact_masks_every_form_of_a_secret_option_value() -> None:
+    options = KafkaOptions(
+        sasl_password="pw1", config=["sasl.oauthbearer.config=tok2", "debug=broker,part3"]
+    )
+    text = 'bad "pw1", "tok2", "part3", "sasl.oauthbearer.config=tok2"; a part too: broker'
+    assert redact(text, options) == (
+        f'bad "{MASK}", "{MASK}", "{MASK}", "{MASK}"; a part too: {MASK}'
+    )
+    url = AmqpOptions(url="amqp://u:pw4@h/")
+    assert redact("at amqp://u:pw4@h/ and pw4", url) == f"at {MASK} and {MASK}"

@@ -1,0 +1,100 @@
+"""Shared by the NATS server tests: the broker, the test stream, fresh subjects, dead letters."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.servers.nats._headers import decode
+from amgi.transport import HeaderList
+from tests.net import port_open
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = 4222
+URL = f"nats://127.0.0.1:{PORT}"
+STREAM = "AMGI_TEST"
+PREFIX = "amgi-test"
+
+
+def ensure_broker() -> None:
+    """Start the shared nats-server with the project's script when it does not answer."""
+    if port_open(PORT):
+        return
+    done = subprocess.run(
+        ["bash", "scripts/brokers/nats.sh"], cwd=ROOT, capture_output=True, text=True
+    )
+    if done.returncode != 0 or not port_open(PORT):
+        pytest.fail(f"could not start nats-server:\n{done.stdout}\n{done.stderr}")
+
+
+def fresh(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def ensure_stream(
+    url: str = URL, name: str = STREAM, subjects: Any = None, *, on_disk: bool = False
+) -> None:
+    """The stream the tests publish to (in memory unless ``on_disk``), created when missing."""
+    import nats
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    nc = await nats.connect(url)
+    try:
+        jsm = nc.jsm()
+        try:
+            await jsm.stream_info(name)
+        except NotFoundError:
+            await jsm.add_stream(
+                api.StreamConfig(
+                    name=name,
+                    subjects=subjects or [f"{PREFIX}.>"],
+                    storage=api.StorageType.FILE if on_disk else api.StorageType.MEMORY,
+                    max_age=3600,
+                )
+            )
+    finally:
+        await nc.close()
+
+
+async def read_subject(
+    subject: str, count: int, timeout: float, url: str = URL
+) -> list[tuple[HeaderList, bytes, Any]]:
+    """The first ``count`` messages stored on ``subject``: ``(headers, payload, msg)``."""
+    import nats
+    from nats import errors as nats_errors
+
+    nc = await nats.connect(url)
+    found: list[tuple[HeaderList, bytes, Any]] = []
+    try:
+        sub = await nc.jetstream().pull_subscribe(subject, durable=None)
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{subject}: {len(found)} of {count} messages after {timeout}s")
+            try:
+                msgs = await sub.fetch(count - len(found), timeout=0.5)
+            except nats_errors.TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+                headers, _ = decode(m.headers)
+                found.append((headers, m.data, m))
+    finally:
+        await nc.close()
+    return found
+
+
+async def consumer_state(stream: str, durable: str, url: str = URL) -> Any:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        return await nc.jsm().consumer_info(stream, durable)
+    finally:
+        await nc.close()

@@ -1,0 +1,302 @@
+"""AMQP failure paths of settling, against a real RabbitMQ: refused retries, two queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.amqp import AmqpOptions, AmqpTransport
+from amgi.transport import Batch, Settlement
+from tests.servers.crash_loop import CrashLoop
+from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
+
+__all__ = ["rabbitmq"]
+
+pytestmark = [pytest.mark.usefixtures("rabbitmq"), pytest.mark.timeout(60)]
+
+
+async def declare(queue: str, arguments: dict[str, Any]) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(queue, durable=True, arguments=arguments)
+    finally:
+        await connection.close()
+
+
+async def test_a_refused_retry_is_dead_lettered_at_once_not_requeued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``<queue>.retry.<ms>`` exists with another TTL: the nack ends in the dead letters.
+
+    Before, the message was rejected with requeue and came back at the same attempt,
+    hundreds of times a second.
+    """
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    await declare(f"{queue}.retry.100", {"x-message-ttl": 99999})
+    seen: list[tuple[bytes, int]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            if event["payload"] == b"bad":
+                await send({"type": "message.nack", "id": event["id"], "message": "no"})
+            else:
+                await send({"type": "message.ack", "id": event["id"]})
+
+    transport = AmqpTransport([queue], AmqpOptions(url=URL))
+    runtime = Runtime(app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(15):
+            await runtime.started.wait()
+        await transport.publish(queue, [], b"bad", {})
+        await transport.publish(queue, [], b"fine", {})
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=10)
+        await asyncio.sleep(0.5)  # time enough for a loop to show
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert dead.body == b"bad"
+    reason = dead.header.properties.headers["amgi-dead-letter-reason"]
+    assert reason.startswith("no (its retry could not be published: ")
+    assert "retry.100" in reason
+    assert dead.header.properties.headers["amgi-attempt"] == "1"
+    assert sorted(seen) == [(b"bad", 1), (b"fine", 1)]
+    assert await queue_depth(queue) == 0
+    assert any("dead-lettering it" in r.getMessage() for r in caplog.records)
+
+
+async def test_each_queue_settles_on_its_own() -> None:
+    """An unsettled batch of queue A never holds back the acks of queue B.
+
+    The transport closes (as a crash would) with A's batch unsettled: B's acked messages
+    must not come back. Before, one watermark per channel kept B's acks behind A's tag.
+    """
+    a, b = new_queue(), new_queue()
+    transport = AmqpTransport([a, b], AmqpOptions(url=URL, batch_size=10, linger=0.05))
+    await transport.connect()
+    try:
+        await transport.publish(a, [], b"slow", {})
+        await asyncio.sleep(0.2)  # A's delivery gets the lower tag
+        for i in range(5):
+            await transport.publish(b, [], b"%d" % i, {})
+        batches: list[Batch] = []
+        async with asyncio.timeout(10):
+            while sum(len(x.messages) for x in batches) < 6:
+                batches.extend(await transport.fetch())
+        for batch in batches:
+            if batch.address == b:
+                await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        await asyncio.sleep(0.3)
+    finally:
+        await transport.close()
+    assert await queue_depth(b) == 0
+    assert await queue_depth(a) == 1
+
+
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    """A classic queue counts no deliveries: stable ids let the crash ledger bound the loop."""
+    queue = new_queue()
+
+    async def fill() -> None:
+        transport = AmqpTransport([queue], AmqpOptions(url=URL))
+        await transport.connect()  # declares the queue and its dead letters
+        try:
+            for i in range(20):
+                await transport.publish(queue, [], b"kill" if i == 4 else b"m%02d" % i, {})
+        finally:
+            await transport.close()
+
+    asyncio.run(fill())
+    loop = CrashLoop(tmp_path, queue, "--server", "amqp", "--url", URL)
+    innocent = {f"m{i:02d}" for i in range(20) if i != 4}
+    kills = loop.run(
+        lambda: (
+            set(loop.acked()) == innocent and asyncio.run(queue_depth(f"{queue}.dead-letter")) == 1
+        )
+    )
+    assert kills == loop.max_attempts, loop
+    [dead] = asyncio.run(drain(f"{queue}.dead-letter", 1, timeout=5))
+    assert dead.body == b"kill"
+    assert "died 3 times" in dead.header.properties.headers["amgi-dead-letter-reason"]
+    assert asyncio.run(queue_depth(queue)) == 0
+
+
+def test_ids_are_stable_and_unique_within_a_batch() -> None:
+    from amgi.servers.amqp._codec import stable_id, unique_ids
+    from amgi.transport import Message
+
+    first = stable_id(None, [(b"h", b"v")], b"body")
+    assert stable_id(None, [(b"h", b"v")], b"body") == first
+    assert stable_id("m-1", [(b"h", b"v")], b"body") != first
+    assert stable_id(None, [(b"h", b"v2")], b"body") != first
+    batch = unique_ids([Message(first, [], b""), Message(first, [], b""), Message("x", [], b"")])
+    assert [m.id for m in batch] == [first, f"{first}#2", "x"]
+
+
+SLOW_ON_A = """
+import asyncio, os
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    more = True
+    while more:
+        m = await receive()
+        more = m.get("more_messages", False)
+        if scope["address"] == os.environ["SLOW_QUEUE"]:
+            await asyncio.sleep(600)
+        await send({"type": "message.ack", "id": m["id"]})
+        with open(os.environ["ACKS"], "a") as f:
+            f.write(m["payload"].decode() + "\\n")
+"""
+
+
+async def unacked(queue: str) -> int | None:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == queue:
+            return int(parts[1])
+    return None  # not listed (yet)
+
+
+async def test_a_kill_after_b_was_acked_redelivers_nothing_of_b(tmp_path: Path) -> None:
+    """One ``amgi run`` on queues A and B; A's batch hangs; B's acked messages are acked
+    on the broker (kill -9 redelivers none of them). Before, 5 of 5 came back."""
+    import os
+    import sys
+
+    a, b = new_queue(), new_queue()
+    (tmp_path / "slow_on_a.py").write_text(SLOW_ON_A)
+    acks = tmp_path / "acks"
+    env = {**os.environ, "ACKS": str(acks), "SLOW_QUEUE": a, "PYTHONPATH": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "amgi", "run", "slow_on_a:app", a, b, "--server", "amqp",
+        "--url", URL, "--lifespan", "off",
+        cwd=tmp_path, env=env, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    try:
+        async with asyncio.timeout(30):
+            while proc.returncode is None and not await _declared(b):
+                await asyncio.sleep(0.1)
+        await sender.connect()
+        await sender.publish(a, [], b"slow", {})
+        await asyncio.sleep(0.3)  # A's delivery comes first
+        for i in range(5):
+            await sender.publish(b, [], b"b%d" % i, {})
+        async with asyncio.timeout(30):
+            while len(acks.read_text().split() if acks.exists() else []) < 5:
+                assert proc.returncode is None
+                await asyncio.sleep(0.05)
+            while await unacked(b) != 0:
+                await asyncio.sleep(0.2)
+        assert await unacked(a) == 1
+    finally:
+        proc.kill()
+        await proc.wait()
+        await sender.close()
+    async with asyncio.timeout(30):
+        while await queue_depth(a) < 1:
+            await asyncio.sleep(0.1)
+    assert await queue_depth(b) == 0
+
+
+async def _declared(queue: str) -> bool:
+    try:
+        await queue_depth(queue)
+    except Exception:
+        return False
+    return True
+
+
+async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retry queue refused and dead-letter exchange gone: the message waits, unacked,
+    tried again with a doubling delay (logged) while the queue goes on; once the
+    exchange is back it lands."""
+    from tests.servers.test_amqp_support import delete_exchange
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    dlx = f"amgi-test-dlx-{queue}"
+    await declare(f"{queue}.retry.100", {"x-message-ttl": 99999})
+    calls: list[int] = []
+    fine: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        event = await receive()
+        if event["payload"] != b"bad":
+            fine.append(event["payload"])
+            await send({"type": "message.ack", "id": event["id"]})
+            return
+        calls.append(event["bindings"]["amgi"]["attempt"])
+        await send({"type": "message.nack", "id": event["id"], "message": "no"})
+
+    options = AmqpOptions(url=URL, dead_letter_exchange=dlx)
+    transport = AmqpTransport([queue], options)
+    runtime = Runtime(
+        app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1, shutdown_timeout=1)
+    )
+    task = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(15):
+            await runtime.started.wait()
+        await delete_exchange(dlx)
+        await transport.publish(queue, [], b"bad", {})
+        async with asyncio.timeout(20):
+            while not _tried_again(caplog):
+                await asyncio.sleep(0.05)
+            await transport.publish(queue, [], b"fine", {})  # the queue goes on meanwhile
+            while len(_tried_again(caplog)) < 2 or not fine:
+                await asyncio.sleep(0.05)
+        assert calls == [1]  # not delivered again while it waits
+        assert await queue_depth(f"{queue}.dead-letter") == 0
+        await declare_exchange_bound(dlx, f"{queue}.dead-letter", queue)
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=15)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+        await delete_exchange(dlx)
+    assert dead.body == b"bad"
+    assert calls == [1]
+    assert fine == [b"fine"]
+    assert len(_tried_again(caplog)) < 8
+    assert await queue_depth(queue) == 0
+
+
+def _tried_again(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tried again in" in r.getMessage()]
+
+
+async def declare_exchange_bound(exchange: str, queue: str, routing_key: str) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+        await channel.queue_bind(queue, exchange, routing_key=routing_key)
+    finally:
+        await connection.close()

@@ -1,0 +1,135 @@
+"""Kafka failure paths of retries and dead letters, against the real test broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.servers.crash_loop import CrashLoop
+from tests.servers.kafka_helpers import (
+    BOOTSTRAP,
+    committed,
+    create_topic,
+    ensure_broker,
+    fresh,
+    options,
+    produce,
+    read_all,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+async def test_a_copy_the_broker_refuses_backs_off_and_copies_batch_mates_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A nacked record too large for the producer: no hot loop, batch-mates copied once.
+
+    Its retry copy and its dead letter are both refused (over ``message.max.bytes``), so
+    it stays uncommitted and is tried again with a doubling delay, loudly, while the
+    partition's later records go on; the record nacked beside it is copied to the retry
+    topic exactly once and retried from there.
+    """
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    topic = create_topic(fresh("big"), partitions=1)
+    produce(topic, [(b"k", b"small", []), (b"k", b"x" * 3000, []), (b"k", b"ok", [])])
+    calls: dict[bytes, list[int]] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            payload = event["payload"][:5]
+            calls.setdefault(payload, []).append(event["bindings"]["amgi"]["attempt"])
+            if payload in (b"ok", b"later") or event["bindings"]["amgi"]["attempt"] > 1:
+                await send({"type": "message.ack", "id": event["id"]})
+            else:
+                await send({"type": "message.nack", "id": event["id"], "message": "no"})
+
+    kafka = KafkaTransport([topic], KafkaOptions(**options(config=["message.max.bytes=1000"])))
+    runtime = Runtime(
+        app,
+        kafka,
+        RuntimeConfig(lifespan="off", max_attempts=3, retry_delay=0.1, shutdown_timeout=1),
+    )
+    server = asyncio.create_task(runtime.serve())
+    deadline = time.monotonic() + 30
+    while not _refusals(caplog):
+        assert not server.done(), server.result()
+        assert time.monotonic() < deadline, (calls, _refusals(caplog))
+        await asyncio.sleep(0.05)
+    produce(topic, [(b"k", b"later", [])])  # the partition goes on meanwhile
+    while not (calls.get(b"small") == [1, 2] and b"later" in calls and len(_refusals(caplog)) >= 3):
+        assert not server.done(), server.result()
+        assert time.monotonic() < deadline, (calls, _refusals(caplog))
+        await asyncio.sleep(0.05)
+    runtime.request_stop()
+    assert await asyncio.wait_for(server, 60) == 0
+
+    assert calls[b"x" * 5] == [1]  # delivered once, never again while it waits
+    assert calls[b"small"] == [1, 2]
+    assert calls[b"ok"] == [1]
+    assert calls[b"later"] == [1]
+    retried = read_all(f"{topic}.retry", 5, timeout=3)
+    assert [r.value() for r in retried] == [b"small"]  # copied once, not on every try
+    assert not read_all(f"{topic}.dlq", 1, timeout=2)
+    # Nothing committed past the record that could not be moved: it is not lost.
+    assert committed(kafka.config.group_id, topic).get(0, 0) <= 1
+    # Tried again after 0.5 s, 1 s, 2 s ...: no hot loop.
+    assert len(_refusals(caplog)) < 8
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tried again in" in r.getMessage()]
+
+
+def test_a_record_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    """Kafka counts no deliveries: the crash ledger (stable ids) bounds the crash loop."""
+    topic = create_topic(fresh("killer"), partitions=1)
+    payloads = [b"kill" if i == 4 else b"m%02d" % i for i in range(20)]
+    produce(topic, [(None, p, []) for p in payloads])
+    loop = CrashLoop(
+        tmp_path, topic, "--server", "kafka", "--bootstrap-servers", BOOTSTRAP,
+        "--group-id", fresh("group"), "--session-timeout-ms", "1000",
+        "--heartbeat-interval-ms", "200",
+    )  # fmt: skip
+    innocent = {p.decode() for p in payloads if p != b"kill"}
+    dead: list[Any] = []
+
+    def done() -> bool:
+        if set(loop.acked()) != innocent:
+            return False
+        dead.extend(read_assigned(f"{topic}.dlq"))
+        return bool(dead)
+
+    kills = loop.run(done)
+    assert kills == loop.max_attempts, loop
+    assert [d.value() for d in dead] == [b"kill"]
+    reason = dict(dead[0].headers())["amgi-dead-letter-reason"]
+    assert b"died 3 times" in reason
+    assert set(loop.acked()) == innocent
+
+
+def read_assigned(topic: str) -> list[Any]:
+    """The records of partition 0 of ``topic`` on hand now (assigned: no group join)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": fresh("peek")})
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        return [r for r in consumer.consume(10, 1.0) if r.error() is None]
+    finally:
+        consumer.close()

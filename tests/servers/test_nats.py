@@ -1,0 +1,385 @@
+"""The NATS server against a real nats-server: headers, attempts, lease, processes, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
+from amgi.servers.nats._headers import decode, encode
+from amgi.testing.conformance import Received, Recorder
+from amgi.transport import Batch, Message, Retry, Settlement
+from tests.cli import amgi
+from tests.core.test_cli import one_line_error
+from tests.net import free_port
+from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
+from tests.servers.nats_helpers import (
+    PREFIX,
+    STREAM,
+    URL,
+    consumer_state,
+    ensure_broker,
+    ensure_stream,
+    fresh,
+    read_subject,
+)
+from tests.servers.private_brokers import private_nats
+
+__all__ = ["processes"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+@pytest.fixture
+async def subject() -> str:
+    await ensure_stream()
+    return f"{PREFIX}.{fresh('subject')}"
+
+
+# -- headers (pure) -----------------------------------------------------------------------
+
+
+def test_plain_headers_go_as_they_are_and_the_rest_encoded_in_place() -> None:
+    headers = [
+        (b"trace", b"abc"),
+        (b"trace", b"second"),
+        (b"bin", b"\x00\xff"),
+        (b"pad", b" x"),
+        (b"empty", b""),
+        (b"bad name", b"v"),
+    ]
+    wire = encode(headers, "id-1")
+    assert wire == {
+        "trace": "abc",
+        "Amgi-H-1": "dHJhY2U.c2Vjb25k",
+        "Amgi-H-2": "Ymlu.AP8",
+        "Amgi-H-3": "cGFk.IHg",
+        "empty": "",
+        "Amgi-H-5": "YmFkIG5hbWU.dg",
+        "Nats-Msg-Id": "id-1",
+    }
+    assert decode(wire) == (headers, "id-1")
+
+
+def test_headers_from_other_clients_read_as_they_are() -> None:
+    assert decode({"Content-Type": "text/plain"}) == ([(b"Content-Type", b"text/plain")], None)
+    assert decode(None) == ([], None)
+
+
+# -- the transport ------------------------------------------------------------------------
+
+
+async def fetch_all(t: NatsTransport, n: int) -> list[Message]:
+    got: list[Message] = []
+    async with asyncio.timeout(15):
+        while len(got) < n:
+            for batch in await t.fetch():
+                got.extend(batch.messages)
+    return got
+
+
+async def test_a_retry_keeps_the_stream_sequence_and_counts_the_delivery(subject: str) -> None:
+    t = NatsTransport(
+        [subject], NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2, ack_wait=5)
+    )
+    await t.connect()
+    try:
+        await t.publish(subject, [(b"h", b"1")], b"again", {})
+        (first,) = await fetch_all(t, 1)
+        assert first.attempt == 1
+        await t.settle(Batch(subject, [first]), Settlement(retry=[Retry(first, "later", 0.2)]))
+        (again,) = await fetch_all(t, 1)
+        assert again.id == first.id
+        assert again.attempt == 2
+        assert again.bindings["nats"]["sequence"] == int(first.id)
+        await t.settle(Batch(subject, [again]), Settlement(acked=[again]))
+    finally:
+        await t.close()
+
+
+async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject: str) -> None:
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=1.0)
+    app = Recorder()
+    app.delay = 2.5  # longer than the ack wait
+    runtime = Runtime(app, NatsTransport([subject], options), RuntimeConfig(lifespan="off"))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        producer = NatsTransport([], NatsOptions(servers=URL))
+        await producer.connect()
+        await producer.publish(subject, [], b"slow", {})
+        await producer.close()
+        await app.wait_for(lambda: len(app.acked) >= 1, 15, "the slow message")
+        await asyncio.sleep(1.2)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert [r.attempt for r in app.received] == [1], "redelivered while still in progress"
+    info = await consumer_state(STREAM, durable)
+    assert info.num_ack_pending == 0
+
+
+async def test_dead_letters_carry_reason_and_attempt_and_are_terminated(subject: str) -> None:
+    durable = fresh("d")
+
+    def decide(r: Received) -> str:
+        return "nack:cannot parse"
+
+    app = Recorder(decide)
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2)
+    runtime = Runtime(
+        app, NatsTransport([subject], options), RuntimeConfig(max_attempts=2, retry_delay=0.05)
+    )
+    producer = NatsTransport([], NatsOptions(servers=URL))
+    await producer.connect()
+    await producer.publish(subject, [(b"k", b"v")], b"poison", {})
+    await producer.close()
+    task = asyncio.create_task(runtime.serve())
+    try:
+        ((headers, payload, _),) = await read_subject(f"{subject}.dlq", 1, 15)
+        await asyncio.sleep(0.3)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert payload == b"poison"
+    assert headers == [
+        (b"k", b"v"),
+        (b"amgi-attempt", b"2"),
+        (b"amgi-original-address", subject.encode()),
+        (b"amgi-dead-letter-reason", b"cannot parse"),
+    ]
+    assert [r.attempt for r in app.received] == [1, 2]
+    info = await consumer_state(STREAM, durable)
+    assert info.num_ack_pending == 0
+    assert info.num_redelivered == 0
+
+
+async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> None:
+    def decide(r: Received) -> str:
+        return "ack" if r.payload == b"fine" else "nack:no"
+
+    app = Recorder(decide)
+    options = NatsOptions(servers=URL, mode="core", queue=fresh("q"))
+    runtime = Runtime(
+        app, NatsTransport([subject], options), RuntimeConfig(max_attempts=2, retry_delay=0.05)
+    )
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        sender = NatsTransport([], NatsOptions(servers=URL, mode="core"))
+        await sender.connect()
+        await sender.publish(subject, [(b"h", b"\x00")], b"fine", {})
+        await sender.publish(subject, [], b"bad", {})
+        await sender.close()
+        ((headers, payload, _),) = await read_subject(f"{subject}.dlq", 1, 15)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert payload == b"bad"
+    assert (b"amgi-dead-letter-reason", b"no") in headers
+    assert [(r.payload, r.attempt) for r in app.received] == [
+        (b"fine", 1),
+        (b"bad", 1),
+        (b"bad", 2),
+    ]
+    assert app.received[0].headers == [(b"h", b"\x00")]
+
+
+async def test_a_deleted_consumer_is_created_again(
+    subject: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    durable = fresh("d")
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"before", {})
+        (first,) = await fetch_all(t, 1)
+        await t.settle(Batch(subject, [first]), Settlement(acked=[first]))
+        import nats
+
+        admin = await nats.connect(URL)
+        await admin.jsm().delete_consumer(STREAM, durable)
+        await admin.close()
+        await t.publish(subject, [], b"after", {})
+        # The new consumer starts at the stream's beginning: "before" comes again first.
+        got = await fetch_all(t, 2)
+        assert [m.payload for m in got] == [b"before", b"after"]
+    finally:
+        await t.close()
+    assert "was gone; created it again" in caplog.text
+
+
+async def test_core_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
+    with private_nats(tmp_path / "nats") as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        app = Recorder()
+        options = NatsOptions(servers=url, mode="core")
+        runtime = Runtime(app, NatsTransport(["signals"], options), RuntimeConfig(lifespan="off"))
+        task = asyncio.create_task(runtime.serve())
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 10)
+            await asyncio.to_thread(broker.restart)
+            sender = NatsTransport([], options)
+            await sender.connect()
+            try:
+                async with asyncio.timeout(20):
+                    # Core NATS keeps nothing: publish until the server listens again.
+                    while not app.acked:
+                        await sender.publish("signals", [], b"after", {})
+                        await asyncio.sleep(0.2)
+            finally:
+                await sender.close()
+        finally:
+            runtime.request_stop()
+            assert await task == 0
+        assert app.acked[0].payload == b"after"
+
+
+async def test_send_to_a_subject_no_stream_captures_raises_the_send_error() -> None:
+    t = NatsTransport([], NatsOptions(servers=URL, publish_timeout=2))
+    await t.connect()
+    try:
+        with pytest.raises(NatsSendError, match="no JetStream stream captures"):
+            await t.publish(f"nowhere.{fresh('x')}", [], b"x", {})
+    finally:
+        await t.close()
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def flags(url: str, durable: str, *extra: str) -> list[str]:
+    return [
+        "--server",
+        "nats",
+        "--servers",
+        url,
+        "--durable",
+        durable,
+        "--fetch-expiry",
+        "0.2",
+        *extra,
+    ]
+
+
+async def produce(url: str, subject: str, payloads: list[str]) -> None:
+    t = NatsTransport([], NatsOptions(servers=url))
+    await t.connect()
+    try:
+        for p in payloads:
+            await t.publish(subject, [], p.encode(), {})
+    finally:
+        await t.close()
+
+
+async def test_two_processes_share_a_durable_without_duplicates(
+    tmp_path: Path, subject: str, processes: list[AmgiProcess]
+) -> None:
+    durable = fresh("d")
+    expected = [f"m{i}" for i in range(200)]
+    await produce(URL, subject, expected[:100])
+    args = flags(URL, durable, "--batch-size", "10")
+    a = AmgiProcess(subject, args, tmp_path, delay=0.01)
+    b = AmgiProcess(subject, args, tmp_path, delay=0.01)
+    processes += [a, b]
+    await produce(URL, subject, expected[100:])
+    await asyncio.to_thread(
+        until, lambda: len(a.acked()) + len(b.acked()) >= 200, 60, "every message", a, b
+    )
+    assert a.stop() == 0
+    assert b.stop() == 0
+    counts = collections.Counter(a.acked() + b.acked())
+    assert sorted(counts) == sorted(expected)
+    assert [p for p, c in counts.items() if c > 1] == [], "a message was processed twice"
+    assert a.acked(), "the second process took everything"
+    assert b.acked(), "the first process took everything"
+    assert (await consumer_state(STREAM, durable)).num_ack_pending == 0
+
+
+async def test_broker_restart_mid_stream_loses_nothing(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    with private_nats(tmp_path / "nats") as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        await ensure_stream(url, "RESTART", ["restart.>"], on_disk=True)
+        subject = "restart.orders"
+        expected = [f"r{i}" for i in range(120)]
+        await produce(url, subject, expected)
+        server = AmgiProcess(
+            subject,
+            flags(url, "restart", "--batch-size", "5", "--ack-wait", "2"),
+            tmp_path,
+            0.02,
+        )
+        processes.append(server)
+        await asyncio.to_thread(until, lambda: len(server.acked()) >= 20, 30, "a start", server)
+        await asyncio.to_thread(broker.restart)
+        assert len(set(server.acked())) < len(expected), "the restart came too late to test"
+        await asyncio.to_thread(
+            until, lambda: set(server.acked()) >= set(expected), 60, "every message", server
+        )
+        assert server.stop() == 0, server.output()
+        info = await consumer_state("RESTART", "restart", url)
+        assert info.num_ack_pending == 0
+        assert info.num_pending == 0
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def run_startup_app(tmp_path: Path, address: str, *extra: str) -> tuple[str, bool]:
+    (tmp_path / "startup.py").write_text(STARTUP_APP)
+    started = tmp_path / "started"
+    result = amgi(
+        "run", "startup:app", address, "--server", "nats", *extra,
+        cwd=tmp_path, env={"STARTED": str(started)},
+    )  # fmt: skip
+    return one_line_error(result), started.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--batch-size", "0"], "--batch-size must be 1 to 100000 (got batch_size=0)"),
+        (["--ack-wait", "inf"], "--ack-wait must be a finite number"),
+        (["--durable", "a.b"], "--durable must be a name without"),
+        (["--password", "secret"], "--password needs --user (got password=*****)"),
+    ],
+)
+def test_bad_options_fail_before_the_apps_startup(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    line, started = run_startup_app(tmp_path, "amgi-test.x", "--servers", URL, *extra)
+    assert expected in line
+    assert not started
+
+
+def test_a_wildcard_address_whose_dead_letters_it_would_consume_is_refused(
+    tmp_path: Path,
+) -> None:
+    line, started = run_startup_app(tmp_path, "amgi-test.>", "--servers", URL)
+    assert "set --dead-letter-subject" in line
+    assert not started
+
+
+def test_unreachable_server_wrong_credentials_and_missing_streams(tmp_path: Path) -> None:
+    line, _ = run_startup_app(tmp_path, "s", "--servers", f"nats://127.0.0.1:{free_port()}")
+    assert "nats: cannot connect to nats://127.0.0.1:" in line
+    line, _ = run_startup_app(tmp_path, "amgi-test.x", "--servers", URL, "--stream", "NOPE")
+    assert "nats: stream 'NOPE' does not exist" in line
+    line, _ = run_startup_app(tmp_path, f"nowhere.{fresh('x')}", "--servers", URL)
+    assert "no JetStream stream captures subject" in line
+    with private_nats(tmp_path / "nats", user="app", password="right") as broker:
+        server = f"nats://127.0.0.1:{broker.port}"
+        line, _ = run_startup_app(tmp_path, "s", "--servers", server, "--user", "app",
+                                  "--password", "wrong")  # fmt: skip
+        assert "refused the credentials" in line
+        assert "wrong" not in line

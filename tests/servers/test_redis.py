@@ -1,0 +1,370 @@
+"""The Redis server against real Redis: field layout, recovery, processes, restarts, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+
+import pytest
+
+from amgi.errors import BrokerUnavailable
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.redis import RedisOptions, RedisSendError, RedisTransport
+from amgi.servers.redis._fields import decode, encode
+from amgi.testing.conformance import Received, Recorder
+from amgi.transport import Batch, Message, Retry, Settlement
+from tests.cli import amgi
+from tests.core.test_cli import one_line_error
+from tests.net import free_port
+from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
+from tests.servers.private_brokers import private_redis
+from tests.servers.redis_helpers import URL, client, ensure_broker, entries, fresh, pending
+
+__all__ = ["processes"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+# -- the field layout (pure) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "payload", "fields"),
+    [
+        ([(b"a", b"1"), (b"a", b"2")], b"p", [b"a", b"1", b"a", b"2", b"payload", b"p"]),
+        ([], None, [b"amgi.none", b""]),
+        ([(b"k", b"v")], None, [b"k", b"v"]),
+        ([], b"", [b"payload", b""]),
+        ([(b"payload", b"h")], b"p", [b"amgi.header.payload", b"h", b"payload", b"p"]),
+        ([(b"amgi.x", b"\x00")], b"", [b"amgi.header.amgi.x", b"\x00", b"payload", b""]),
+    ],
+)
+def test_entry_fields_are_byte_exact_and_round_trip(
+    headers: list[tuple[bytes, bytes]], payload: bytes | None, fields: list[bytes]
+) -> None:
+    assert encode(headers, payload) == fields
+    assert decode(fields) == (headers, payload)
+
+
+def test_entries_written_by_others_read_as_headers_and_payload() -> None:
+    # redis-cli XADD orders * source cli payload '{"id": 1}' amgi.unknown x
+    fields = [b"source", b"cli", b"payload", b'{"id": 1}', b"amgi.unknown", b"x"]
+    assert decode(fields) == ([(b"source", b"cli"), (b"amgi.unknown", b"x")], b'{"id": 1}')
+
+
+# -- the transport: ids, attempts, recovery -----------------------------------------------
+
+
+async def fetch_all(t: RedisTransport, n: int) -> list[Message]:
+    got: list[Message] = []
+    async with asyncio.timeout(15):
+        while len(got) < n:
+            for batch in await t.fetch():
+                got.extend(batch.messages)
+    return got
+
+
+async def test_a_retry_keeps_the_entry_id_and_counts_the_delivery() -> None:
+    stream, group = fresh("retry"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    await t.connect()
+    try:
+        await t.publish(stream, [(b"h", b"1")], b"again", {})
+        (first,) = await fetch_all(t, 1)
+        assert first.attempt == 1
+        await t.settle(Batch(stream, [first]), Settlement(retry=[Retry(first, "not yet", 0.1)]))
+        assert await pending(stream, group) == 1, "a retry must stay pending, not be acked"
+        (again,) = await fetch_all(t, 1)
+        assert again.id == first.id
+        assert again.attempt == 2
+        assert again.bindings["redis"] == {"stream": stream, "id": first.id}
+    finally:
+        await t.close()
+
+
+async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_count() -> None:
+    stream, group = fresh("claim"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)
+    crashed = RedisTransport([stream], options)
+    await crashed.connect()
+    await crashed.publish(stream, [], b"one", {})
+    await crashed.publish(stream, [], b"two", {})
+    taken = await fetch_all(crashed, 2)
+    await crashed.close()  # never settled: the entries stay pending on that consumer
+    other = RedisTransport([stream], options)
+    await other.connect()
+    try:
+        again = await fetch_all(other, 2)
+        assert [m.id for m in again] == [m.id for m in taken]
+        assert [m.attempt for m in again] == [2, 2]
+    finally:
+        await other.close()
+
+
+async def test_a_deleted_stream_and_group_are_created_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream, group = fresh("deleted"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    await t.connect()
+    try:
+        c = await client()
+        await c.delete(stream)
+        await c.aclose()
+        reading = asyncio.create_task(fetch_all(t, 1))
+        await asyncio.sleep(0.3)  # the read meets NOGROUP and creates both again
+        await t.publish(stream, [], b"after", {})
+        (got,) = await reading
+        assert got.payload == b"after"
+    finally:
+        await t.close()
+    assert "creating it again" in caplog.text
+
+
+async def test_dead_letters_carry_reason_attempt_and_stream_and_are_acked() -> None:
+    stream, group = fresh("dead"), fresh("g")
+
+    def decide(r: Received) -> str:
+        return "nack:bad input: no id"
+
+    app = Recorder(decide)
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    producer = RedisTransport([], RedisOptions(url=URL))
+    await producer.connect()
+    await producer.publish(stream, [(b"k", b"v")], b"poison", {})
+    await producer.close()
+    runtime = Runtime(app, t, RuntimeConfig(max_attempts=2, retry_delay=0.05))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(15):
+            while not await entries(f"{stream}.dlq"):
+                await asyncio.sleep(0.05)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    ((_, headers, payload),) = await entries(f"{stream}.dlq")
+    assert payload == b"poison"
+    assert headers == [
+        (b"k", b"v"),
+        (b"amgi-attempt", b"2"),
+        (b"amgi-original-address", stream.encode()),
+        (b"amgi-dead-letter-reason", b"bad input: no id"),
+    ]
+    assert [r.attempt for r in app.received] == [1, 2]
+    assert len({r.id for r in app.received}) == 1, "the entry id changed between deliveries"
+    assert await pending(stream, group) == 0
+
+
+async def test_pubsub_mode_delivers_retries_in_memory_then_dead_letters() -> None:
+    channel = fresh("channel")
+    attempts: list[int] = []
+
+    def decide(r: Received) -> str:
+        attempts.append(r.attempt)
+        return "ack" if r.payload == b"fine" else "nack:no"
+
+    app = Recorder(decide)
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub"))
+    runtime = Runtime(app, t, RuntimeConfig(max_attempts=2, retry_delay=0.05))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+        await sender.connect()
+        with pytest.raises(RedisSendError, match="carry the payload only"):
+            await sender.publish(channel, [(b"h", b"v")], b"x", {})
+        await sender.publish(channel, [], b"fine", {})
+        await sender.publish(channel, [], b"bad", {})
+        await sender.close()
+        async with asyncio.timeout(15):
+            while not await entries(f"{channel}.dlq"):
+                await asyncio.sleep(0.05)
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+    assert [r.payload for r in app.acked] == [b"fine"]
+    assert sorted(attempts) == [1, 1, 2]
+    ((_, headers, payload),) = await entries(f"{channel}.dlq")
+    assert payload == b"bad"
+    assert (b"amgi-dead-letter-reason", b"no") in headers
+    assert app.received[0].bindings["redis"] == {"channel": channel}
+
+
+async def test_pubsub_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
+    with private_redis(tmp_path / "redis") as broker:
+        url = f"redis://127.0.0.1:{broker.port}/0"
+        app = Recorder()
+        t = RedisTransport(["ch"], RedisOptions(url=url, mode="pubsub"))
+        runtime = Runtime(app, t, RuntimeConfig(lifespan="off"))
+        task = asyncio.create_task(runtime.serve())
+        sender = RedisTransport([], RedisOptions(url=url, mode="pubsub"))
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 10)
+            await asyncio.to_thread(broker.restart)
+            await sender.connect()
+            async with asyncio.timeout(20):
+                # Pub/Sub keeps nothing: publish until the server is subscribed again.
+                while not app.acked:
+                    await sender.publish("ch", [], b"after", {})
+                    await asyncio.sleep(0.2)
+        finally:
+            await sender.close()
+            runtime.request_stop()
+            assert await task == 0
+        assert app.acked[0].payload == b"after"
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def flags(url: str, group: str, *extra: str) -> list[str]:
+    return ["--server", "redis", "--url", url, "--group", group, "--block", "0.2", *extra]
+
+
+async def produce(url: str, stream: str, payloads: list[str]) -> None:
+    t = RedisTransport([], RedisOptions(url=url))
+    await t.connect()
+    try:
+        for p in payloads:
+            await t.publish(stream, [], p.encode(), {})
+    finally:
+        await t.close()
+
+
+async def test_two_processes_share_a_group_without_duplicates(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    stream, group = fresh("shared"), fresh("g")
+    expected = [f"m{i}" for i in range(200)]
+    await produce(URL, stream, expected[:100])
+    args = flags(URL, group, "--batch-size", "10", "--claim-idle", "30")
+    a = AmgiProcess(stream, args, tmp_path, delay=0.01)
+    b = AmgiProcess(stream, args, tmp_path, delay=0.01)
+    processes += [a, b]
+    await produce(URL, stream, expected[100:])
+    await asyncio.to_thread(
+        until, lambda: len(a.acked()) + len(b.acked()) >= 200, 60, "every message", a, b
+    )
+    assert a.stop() == 0
+    assert b.stop() == 0
+    counts = collections.Counter(a.acked() + b.acked())
+    assert sorted(counts) == sorted(expected)
+    assert [p for p, c in counts.items() if c > 1] == [], "a message was processed twice"
+    assert a.acked(), "the second process took everything"
+    assert b.acked(), "the first process took everything"
+    assert await pending(stream, group) == 0
+
+
+async def test_a_named_consumer_takes_back_its_own_pending_entries_at_restart(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    stream, group = fresh("named"), fresh("g")
+    expected = [f"n{i}" for i in range(60)]
+    await produce(URL, stream, expected)
+    # claim-idle far beyond the test: only the restart's own-pending read can recover.
+    args = flags(URL, group, "--consumer", "worker-1", "--batch-size", "10", "--claim-idle", "600")
+    first = AmgiProcess(stream, args, tmp_path, delay=0.05)
+    processes.append(first)
+    await asyncio.to_thread(until, lambda: len(first.acked()) >= 10, 30, "a start", first)
+    first.proc.kill()
+    first.proc.wait()
+    assert await pending(stream, group) > 0, "killed too late to leave anything pending"
+    second = AmgiProcess(stream, args, tmp_path)
+    processes.append(second)
+    await asyncio.to_thread(
+        until,
+        lambda: set(first.acked()) | set(second.acked()) >= set(expected),
+        30,
+        "every message after the restart",
+        second,
+    )
+    assert second.stop() == 0
+    attempts = [r["attempt"] for r in second.records() if r["event"] == "receive"]
+    assert max(attempts) == 2, "entries taken back must count their earlier delivery"
+    assert await pending(stream, group) == 0
+
+
+async def test_broker_restart_mid_stream_loses_nothing(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    with private_redis(tmp_path / "redis") as broker:
+        url = f"redis://127.0.0.1:{broker.port}/0"
+        stream, group = fresh("restart"), fresh("g")
+        expected = [f"r{i}" for i in range(120)]
+        await produce(url, stream, expected)
+        server = AmgiProcess(
+            stream, flags(url, group, "--batch-size", "5", "--claim-idle", "1"), tmp_path, 0.02
+        )
+        processes.append(server)
+        await asyncio.to_thread(until, lambda: len(server.acked()) >= 20, 30, "a start", server)
+        await asyncio.to_thread(broker.restart)
+        assert len(set(server.acked())) < len(expected), "the restart came too late to test"
+        await asyncio.to_thread(
+            until, lambda: set(server.acked()) >= set(expected), 60, "every message", server
+        )
+        assert server.stop() == 0, server.output()
+        assert await pending(stream, group, url) == 0
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--batch-size", "0"], "--batch-size must be 1 to 100000 (got batch_size=0)"),
+        (["--claim-idle", "nan"], "--claim-idle must be a finite number"),
+        (["--start", "yesterday"], "--start must be 0, $ or an entry id"),
+        (["--block", "0"], "--block must be 0.001 to 3600"),
+    ],
+)
+def test_bad_options_fail_before_the_apps_startup(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    (tmp_path / "startup.py").write_text(STARTUP_APP)
+    started = tmp_path / "started"
+    result = amgi(
+        "run", "startup:app", fresh("s"), "--server", "redis", "--url", URL, *extra,
+        cwd=tmp_path, env={"STARTED": str(started)},
+    )  # fmt: skip
+    assert expected in one_line_error(result)
+    assert not started.exists()
+
+
+def test_unreachable_server_and_wrong_password_are_one_line_each(tmp_path: Path) -> None:
+    (tmp_path / "startup.py").write_text(STARTUP_APP)
+    result = amgi(
+        "run", "startup:app", "s", "--server", "redis",
+        "--url", f"redis://127.0.0.1:{free_port()}/0", "--connect-timeout", "2",
+        cwd=tmp_path, env={"STARTED": str(tmp_path / "started")},
+    )  # fmt: skip
+    assert "redis: cannot connect to redis://127.0.0.1:" in one_line_error(result)
+    with private_redis(tmp_path / "redis", password="right") as broker:
+        result = amgi(
+            "run", "startup:app", "s", "--server", "redis",
+            "--url", f"redis://:wrong@127.0.0.1:{broker.port}/0",
+            cwd=tmp_path, env={"STARTED": str(tmp_path / "started")},
+        )  # fmt: skip
+        line = one_line_error(result)
+        assert "refused the credentials" in line
+        assert "wrong" not in line, "the password was shown"
+
+
+async def test_a_key_that_is_not_a_stream_is_a_configuration_error() -> None:
+    key = fresh("string")
+    c = await client()
+    await c.set(key, b"x")
+    await c.aclose()
+    t = RedisTransport([key], RedisOptions(url=URL))
+    with pytest.raises(Exception, match="exists and is not a stream"):
+        await t.connect()
+
+
+async def test_connect_to_nothing_raises_broker_unavailable() -> None:
+    t = RedisTransport(["s"], RedisOptions(url=f"redis://127.0.0.1:{free_port()}/0"))
+    with pytest.raises(BrokerUnavailable, match="cannot connect"):
+        await t.connect()
