@@ -27,13 +27,16 @@ async def ack_all(scope: Any, receive: Any, send: Any) -> None:
 class DrainTimer(MetricsHook):
     """Counts acks settled by the runtime; ``done`` is set once ``expected`` were settled."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, also: MetricsHook | None = None) -> None:
         self.expected = expected
+        self.also = also
         self.acked = 0
         self.first: float | None = None
         self.done = asyncio.Event()
 
     def batch_settled(self, stats: BatchStats) -> None:
+        if self.also is not None:
+            self.also.batch_settled(stats)
         if self.first is None:
             self.first = time.perf_counter()
         self.acked += stats.acked
@@ -41,13 +44,21 @@ class DrainTimer(MetricsHook):
             self.done.set()
 
 
-async def drain(transport: Transport, expected: int, **config: Any) -> tuple[float, float]:
-    """Run ``ack_all`` on ``transport`` until ``expected`` acks are settled.
+async def drain(
+    transport: Transport,
+    expected: int,
+    *,
+    app: Any = ack_all,
+    metrics: MetricsHook | None = None,
+    **config: Any,
+) -> tuple[float, float]:
+    """Run ``app`` (default ``ack_all``) on ``transport`` until ``expected`` acks are settled;
+    ``metrics`` also receives every batch report.
 
     Returns ``(seconds in all, seconds to the first settled batch)``.
     """
-    timer = DrainTimer(expected)
-    runtime = Runtime(ack_all, transport, RuntimeConfig(lifespan="off", **config), metrics=timer)
+    timer = DrainTimer(expected, metrics)
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off", **config), metrics=timer)
     started = time.perf_counter()
     task = asyncio.create_task(runtime.serve())
     done = asyncio.create_task(timer.done.wait())

@@ -1,4 +1,5 @@
-"""The ``amgi`` command: ``amgi run`` serves an app, ``amgi send`` publishes one message.
+"""The ``amgi`` command: ``amgi run`` serves an app, ``amgi send`` publishes one message,
+``amgi dead-letters`` lists or replays dead letters, ``amgi asyncapi``/``docs`` describe an app.
 
 Server options are flags named after the server's own settings; which flags exist depends
 on ``--server`` (default: the embedded SQLite server). Every failure a user can cause
@@ -15,12 +16,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from amgi import __version__
 from amgi.errors import AMGIError, ConfigurationError, StartupFailed
+from amgi.ops.config import OpsConfig
+from amgi.ops.dead_letters import add_dead_letter_commands, run_dead_letters
+from amgi.ops.env import annotate_help, apply_environment, env_name
+from amgi.ops.logs import LOG_FORMATS, configure_logging
+from amgi.ops.run import check_workers, prepare, serve
+from amgi.ops.workers import Supervisor, follow_supervisor, worker_index
 from amgi.options import add_flags, build, flag_name
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.gc import tune_for_server
@@ -38,6 +46,12 @@ logger = logging.getLogger("amgi.cli")
 
 _SERVER_PREFIX = "server__"
 _RUNTIME_PREFIX = "runtime__"
+_OPS_PREFIX = "ops__"
+_ENV_NOTE = "\n\n" + textwrap.fill(
+    "Every option can also be set by an environment variable: AMGI_ and the flag's name "
+    "in upper case with - as _ (e.g. AMGI_MAX_ATTEMPTS=3); a flag on the command line wins.",
+    width=78,
+)
 
 
 class UsageError(Exception):
@@ -81,7 +95,7 @@ def _server_from_argv(argv: Sequence[str]) -> str:
             return argv[i + 1]
         if arg.startswith("--server="):
             return arg.split("=", 1)[1]
-    return DEFAULT_SERVER
+    return os.environ.get(env_name("--server"), DEFAULT_SERVER)
 
 
 def _servers_epilog() -> str:
@@ -126,12 +140,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"amgi: error: {message} (see '{self.prog} --help')\n")
 
 
-def _log_level(parser: argparse.ArgumentParser, default: str) -> None:
+def _log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--log-level`` and ``--log-format``, before the command (``top``) or after it."""
     parser.add_argument(
         "--log-level",
-        default=default,
+        default="info" if top else argparse.SUPPRESS,
         choices=["debug", "info", "warning", "error"],
         help="log level (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text" if top else argparse.SUPPRESS,
+        choices=LOG_FORMATS,
+        help="log lines as text or one JSON object per line (default: text)",
     )
 
 
@@ -150,11 +171,13 @@ def _parser(
         epilog=_SERVERS_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"amgi {__version__}")
-    _log_level(parser, default="info")
-    commands = parser.add_subparsers(dest="command", metavar="{run,send,asyncapi,docs}")
+    _log_options(parser, top=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="{run,send,dead-letters,asyncapi,docs}"
+    )
 
     def common(sub: argparse.ArgumentParser) -> None:
-        _log_level(sub, default=argparse.SUPPRESS)  # also accepted after the command
+        _log_options(sub, top=False)  # also accepted after the command
         sub.add_argument(
             "--server",
             default=DEFAULT_SERVER,
@@ -169,7 +192,7 @@ def _parser(
         "run",
         help="serve an application",
         description="Serve the AMGI application MODULE:APP, consuming ADDRESS... "
-        "(queue, topic or topic filter names, as the server understands them).",
+        "(queue, topic or topic filter names, as the server understands them)." + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_SERVERS_EPILOG,
     )
@@ -178,12 +201,14 @@ def _parser(
     common(run)
     runtime_group = run.add_argument_group("runtime options (every server)")
     add_flags(runtime_group, RuntimeConfig, dest_prefix=_RUNTIME_PREFIX)
+    ops_group = run.add_argument_group("operations (metrics, probes, tracing, workers)")
+    add_flags(ops_group, OpsConfig, dest_prefix=_OPS_PREFIX)
     _add_send_routing(run, send_targets)
 
     send = commands.add_parser(
         "send",
         help="send one message",
-        description="Send one message to ADDRESS.",
+        description="Send one message to ADDRESS." + _ENV_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_SERVERS_EPILOG,
     )
@@ -207,6 +232,7 @@ def _parser(
         "mqtt.correlationData is UTF-8 encoded); the keys are listed in docs/spec.md",
     )
     common(send)
+    add_dead_letter_commands(commands, common, _ENV_NOTE, _SERVERS_EPILOG)
 
     asyncapi = commands.add_parser(
         "asyncapi",
@@ -223,6 +249,7 @@ def _parser(
     docs.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
     docs.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     docs.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    annotate_help(parser)
     return parser, transport
 
 
@@ -231,17 +258,25 @@ def _parser(
 _SEND_PREFIX = "send__"
 
 
-def _send_targets_from_argv(argv: Sequence[str]) -> list[str]:
-    """The servers named by ``--send-to`` values, in order, each once."""
-    targets: list[str] = []
+def _route_texts(values: Sequence[str]) -> list[str]:
+    """``--send-to`` values, each may hold several comma-separated routes."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _send_targets(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """The servers named by ``--send-to`` (or ``AMGI_SEND_TO``), in order, each once."""
+    given: list[str] = []
     for i, arg in enumerate(argv):
-        value = None
         if arg == "--send-to" and i + 1 < len(argv):
-            value = argv[i + 1]
+            given.append(argv[i + 1])
         elif arg.startswith("--send-to="):
-            value = arg.split("=", 1)[1]
-        if value is not None and "=" in value:
-            name = value.rpartition("=")[2].strip()
+            given.append(arg.split("=", 1)[1])
+    if not given and env_name("--send-to") in environ:
+        given.append(environ[env_name("--send-to")])
+    targets: list[str] = []
+    for text in _route_texts(given):
+        if "=" in text:
+            name = text.rpartition("=")[2].strip()
             if name and name not in targets:
                 targets.append(name)
     return targets
@@ -256,7 +291,7 @@ def _add_send_routing(run: argparse.ArgumentParser, targets: Sequence[str]) -> N
         metavar="PATTERN=SERVER",
         help="send messages whose address matches PATTERN (shell-style, e.g. 'invoices.*') "
         "through SERVER instead; that server's options follow as --SERVER-OPTION, e.g. "
-        "--kafka-bootstrap-servers (repeatable; first match wins)",
+        "--kafka-bootstrap-servers (repeatable or comma-separated; first match wins)",
     )
     for name in targets:
         try:
@@ -272,7 +307,7 @@ def _add_send_routing(run: argparse.ArgumentParser, targets: Sequence[str]) -> N
 
 
 def _send_routes(values: dict[str, Any]) -> Router | None:
-    routes = [parse_route(text) for text in values.get("send_to", [])]
+    routes = [parse_route(text) for text in _route_texts(values.get("send_to", []))]
     if not routes:
         return None
     transports: dict[str, Transport] = {}
@@ -397,16 +432,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``amgi`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     server = _server_from_argv(argv)
-    parser, transport_cls = _parser(server, _send_targets_from_argv(argv))
-    args = parser.parse_args(argv)
+    parser, transport_cls = _parser(server, _send_targets(argv, os.environ))
+    try:
+        full_argv = apply_environment(parser, argv, os.environ)
+    except ConfigurationError as exc:
+        print(f"amgi: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(full_argv)
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     values = vars(args)
     try:
         if args.command in ("asyncapi", "docs"):
@@ -418,11 +454,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.addresses and not getattr(transport_cls, "addresses_optional", False):
                 raise UsageError("amgi run needs at least one ADDRESS to consume")
             config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
+            ops_config: OpsConfig = build(OpsConfig, values, dest_prefix=_OPS_PREFIX)
             transport = _transport(server, transport_cls, values, args.addresses)
             routes = _send_routes(values)
-            runtime = Runtime(app, transport, config, handle_signals=True, routes=routes)
+            worker = worker_index()
+            if ops_config.workers > 1 and worker is None:
+                check_workers(transport_cls, ops_config)
+                return Supervisor(argv, ops_config.workers).run()
+            if worker is not None:
+                follow_supervisor()
+            ops = prepare(ops_config, app, server, worker)
+            runtime = Runtime(
+                ops.app,
+                transport,
+                config,
+                metrics=ops.metrics,
+                handle_signals=True,
+                routes=routes,
+            )
             tune_for_server()
-            return runtime.run()
+            return runtime.run(serve(runtime, ops))
+        if args.command == "dead-letters":
+            transport = _transport(server, transport_cls, values, [])
+            return asyncio.run(run_dead_letters(transport, args))
         transport = _transport(server, transport_cls, values, [])
         asyncio.run(_send(transport, args))
         print(f"sent 1 message to {args.address!r} ({server})")

@@ -36,17 +36,19 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from amgi.errors import SendError
+from amgi.errors import ConfigurationError, SendError
 from amgi.options import check as check_options
 
 __all__ = [
     "Batch",
     "Bindings",
     "DeadLetter",
+    "DeadLettersUnsupported",
     "HeaderList",
     "Message",
     "Retry",
     "Settlement",
+    "StoredDeadLetter",
     "Transport",
 ]
 
@@ -113,6 +115,29 @@ class Settlement:
     dead: list[DeadLetter] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class StoredDeadLetter:
+    """A dead letter as the broker keeps it: what ``amgi dead-letters list`` shows.
+
+    ``id`` is the transport's handle of the stored dead letter (row id, offset ...);
+    ``address`` is the address it was consumed from, where a replay sends it back.
+    """
+
+    id: str
+    address: str
+    headers: HeaderList
+    payload: bytes | None
+    bindings: Bindings
+    attempts: int
+    reason: str
+    dead_at: float | None = None
+    """Seconds since the epoch when it was dead-lettered, if the broker records it."""
+
+
+class DeadLettersUnsupported(ConfigurationError):
+    """This server cannot list or replay its dead letters."""
+
+
 class Transport(abc.ABC):
     """Base class of protocol servers; see the module docstring for the rules.
 
@@ -141,6 +166,9 @@ class Transport(abc.ABC):
     rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues)."""
     outlives_process: ClassVar[bool] = True
     """Messages survive the consuming process (false only for the in-memory broker)."""
+    single_process_reason: ClassVar[str | None] = None
+    """Why only one process can consume here (``amgi run --workers`` is refused), or
+    ``None`` when several can consume together."""
 
     def ledger_namespace(self) -> str:
         """What names this message source in the crash ledger (ids are unique within it)."""
@@ -196,3 +224,26 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop consuming and release the connection; unsettled messages stay unacked."""
+
+    def backlog(self) -> dict[str, int] | None:
+        """Messages waiting to be processed, per address, when the broker tells it cheaply.
+
+        Called from the event loop when metrics are scraped: it must not block or do I/O.
+        ``None`` (the default) means this server cannot tell.
+        """
+        return None
+
+    # -- dead letters (optional): both methods are called after connect() ----------------
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Up to ``limit`` dead letters of ``address``, oldest first, left in place."""
+        raise DeadLettersUnsupported(f"the {self.name} server cannot list its dead letters")
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Send up to ``limit`` dead letters of ``address`` back to it, oldest first.
+
+        Each dead letter is removed only once the broker confirmed its send (a crash
+        half-way leaves it in the dead letters, possibly also back in the queue: at least
+        once). It comes back as a first attempt. Returns how many were replayed.
+        """
+        raise DeadLettersUnsupported(f"the {self.name} server cannot replay its dead letters")

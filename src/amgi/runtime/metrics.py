@@ -35,3 +35,6 @@ class MetricsHook:
 
     def message_sent(self, address: str, ok: bool) -> None:
         """The application sent a message; ``ok`` is false when the send raised."""
+
+    def broker_reachable(self, ok: bool) -> None:
+        """Fetching from the broker started failing (``False``) or works again (``True``)."""

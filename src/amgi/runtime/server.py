@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Hashable
+from collections.abc import Coroutine, Hashable
 from operator import attrgetter
 from types import FrameType
 from typing import Any
@@ -48,6 +48,11 @@ _FETCH_BACKOFF_FIRST = 0.1
 _FETCH_BACKOFF_MAX = 5.0
 _SIGNAL_DEBOUNCE = 0.2
 _attempt = attrgetter("attempt")
+
+
+def _failure_fields(address: str, mid: str, attempt: int, reason: str) -> dict[str, object]:
+    """Structured fields of a message-failure log record (shown by ``--log-format json``)."""
+    return {"amgi": {"address": address, "id": mid, "attempt": attempt, "reason": reason}}
 
 
 class Runtime:
@@ -108,6 +113,16 @@ class Runtime:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    @property
+    def in_flight(self) -> int:
+        """Batches being processed now (read by the metrics gauge at scrape time)."""
+        return len(self._tasks)
+
+    @property
+    def draining(self) -> bool:
+        """True once a stop was requested (the readiness probe reports not ready)."""
+        return self._stop is not None and self._stop.is_set()
+
     def request_stop(self) -> None:
         """Begin a graceful shutdown (safe to call more than once, from the loop's thread)."""
         if self._stop is None:
@@ -119,15 +134,17 @@ class Runtime:
         """True when an application call (or the lifespan call) ignored cancellation."""
         return bool(self._abandoned) or self._lifespan.abandoned
 
-    def run(self) -> int:
+    def run(self, main: Coroutine[Any, Any, int] | None = None) -> int:
         """Serve on a new event loop until stopped and return the exit code (``amgi run``).
 
+        ``main`` runs in place of :meth:`serve`: a coroutine that awaits ``serve()`` with
+        something beside it (the operations listener of ``amgi run --metrics-port``).
         When the application ignored cancellation, its abandoned call cannot be waited
         for: the process then exits at once, after the runtime settled and closed.
         """
         runner = asyncio.Runner()
         try:
-            code = runner.run(self.serve())
+            code = runner.run(self.serve() if main is None else main)
         except BaseException:
             if not self.abandoned:
                 runner.close()
@@ -333,11 +350,13 @@ class Runtime:
             except Exception as exc:
                 if not failing:
                     logger.error("fetch from %s failed: %s (retrying)", self.transport.name, exc)
+                    self.metrics.broker_reachable(False)
                 failing = True
                 await backoff.sleep()
                 continue
             if failing:
                 logger.info("fetch from %s recovered", self.transport.name)
+                self.metrics.broker_reachable(True)
                 failing = False
                 backoff.reset()
             for batch in batches:
@@ -511,6 +530,7 @@ class Runtime:
                 self.config.max_attempts,
                 r.reason,
                 r.delay,
+                extra=_failure_fields(batch.address, r.message.id, r.message.attempt, r.reason),
             )
         for d in settlement.dead:
             logger.error(
@@ -519,6 +539,7 @@ class Runtime:
                 batch.address,
                 d.message.attempt,
                 d.reason,
+                extra=_failure_fields(batch.address, d.message.id, d.message.attempt, d.reason),
             )
         self.metrics.batch_settled(
             BatchStats(

@@ -248,6 +248,7 @@ class AmpTransport(Transport):
     name = "amp"
     options = AmpOptions
     send_error = AmpSendError
+    single_process_reason = "it listens on one --port itself"
 
     def __init__(self, addresses: Sequence[str], options: AmpOptions | None = None) -> None:
         super().__init__(addresses, options or AmpOptions())

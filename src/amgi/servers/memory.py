@@ -29,7 +29,15 @@ from typing import ClassVar
 
 from amgi.errors import ConfigurationError, SendError
 from amgi.options import option
-from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+from amgi.transport import (
+    Batch,
+    Bindings,
+    HeaderList,
+    Message,
+    Settlement,
+    StoredDeadLetter,
+    Transport,
+)
 
 __all__ = ["MemoryBroker", "MemoryOptions", "MemorySendError", "MemoryTransport"]
 
@@ -142,6 +150,7 @@ class MemoryTransport(Transport):
     stable_ids = True
     counts_deliveries = True
     outlives_process = False
+    single_process_reason = "its broker lives inside one process"
 
     def __init__(self, addresses: Sequence[str], options: MemoryOptions | None = None) -> None:
         super().__init__(addresses, options or MemoryOptions())
@@ -195,6 +204,26 @@ class MemoryTransport(Transport):
         if self._closed:
             raise MemorySendError(f"memory: cannot send to {address!r}: the server is closed")
         self.broker.put(address, list(headers), payload, dict(bindings))
+
+    def backlog(self) -> dict[str, int]:
+        """Ready and delayed messages of each consumed queue."""
+        return {address: self.broker.pending(address) for address in self.addresses}
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """The entries of ``MemoryBroker.dead[address]``."""
+        return [
+            StoredDeadLetter(m.id, address, list(m.headers), m.payload, m.bindings, m.attempt, r)
+            for m, r in self.broker.dead.get(address, [])[:limit]
+        ]
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Back to the end of the queue as new first attempts."""
+        dead = self.broker.dead.get(address, [])
+        taken, dead[:limit] = dead[:limit], []
+        for m, _ in taken:
+            bindings = {k: v for k, v in m.bindings.items() if k != "amgi"}
+            self.broker.put(address, list(m.headers), m.payload, bindings)
+        return len(taken)
 
     async def close(self) -> None:
         """Give unsettled messages back to their queues, as a broker does on disconnect."""

@@ -38,7 +38,15 @@ from typing import Any, TypeVar
 
 from amgi.errors import BrokerUnavailable, SendError
 from amgi.options import option
-from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+from amgi.transport import (
+    Batch,
+    Bindings,
+    HeaderList,
+    Message,
+    Settlement,
+    StoredDeadLetter,
+    Transport,
+)
 
 __all__ = ["DeadLetterRow", "SqliteOptions", "SqliteQueue", "SqliteSendError", "SqliteTransport"]
 
@@ -73,6 +81,7 @@ CREATE INDEX IF NOT EXISTS amgi_dead_letters_address ON amgi_dead_letters (addre
 """
 
 _U32 = struct.Struct(">I")
+_REPLAY_CHUNK = 100
 
 
 def encode_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -279,6 +288,42 @@ class SqliteQueue:
             for mid, a, h, p, b, n, r in rows
         ]
 
+    def stored_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Up to ``limit`` dead letters of ``address``, oldest first, with their row ids."""
+        rows = self.db.execute(
+            "SELECT id, address, headers, payload, bindings, attempts, reason, dead_at"
+            " FROM amgi_dead_letters WHERE address = ? ORDER BY id LIMIT ?",
+            (address, limit),
+        ).fetchall()
+        return [
+            StoredDeadLetter(str(i), a, decode_headers(h), p, decode_bindings(b), n, r, t)
+            for i, a, h, p, b, n, r, t in rows
+        ]
+
+    def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Move up to ``limit`` dead letters of ``address`` back into its queue.
+
+        Each move is one transaction (insert and delete together), so a crash leaves every
+        dead letter exactly once: still dead, or back in the queue as a first attempt.
+        """
+        now = time.time()
+        with self._transaction():
+            ids = [
+                i
+                for (i,) in self.db.execute(
+                    "SELECT id FROM amgi_dead_letters WHERE address = ? ORDER BY id LIMIT ?",
+                    (address, limit),
+                )
+            ]
+            self.db.executemany(
+                "INSERT INTO amgi_messages (address, headers, payload, bindings, visible_at,"
+                " created_at) SELECT address, headers, payload, bindings, ?, ?"
+                " FROM amgi_dead_letters WHERE id = ?",
+                [(now, now, i) for i in ids],
+            )
+            self.db.executemany("DELETE FROM amgi_dead_letters WHERE id = ?", [(i,) for i in ids])
+        return len(ids)
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
 
@@ -404,6 +449,24 @@ class SqliteTransport(Transport):
             await self._run(self._queue.put, address, headers, payload, bindings)
         except (sqlite3.Error, TypeError) as exc:
             raise SqliteSendError(f"sqlite: could not send to {address!r}: {exc}") from exc
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Rows of ``amgi_dead_letters`` of ``address``."""
+        assert self._queue is not None
+        return await self._run(self._queue.stored_dead_letters, address, limit)
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Move rows back into ``amgi_messages``, a chunk per transaction."""
+        assert self._queue is not None
+        moved = 0
+        while moved < limit:
+            n = await self._run(
+                self._queue.replay_dead_letters, address, min(_REPLAY_CHUNK, limit - moved)
+            )
+            if n == 0:
+                break
+            moved += n
+        return moved
 
     async def close(self) -> None:
         """Release leases still held (the runtime settled all it could) and close the file."""

@@ -30,6 +30,8 @@ message id         a hash of the ``message-id`` property (if set), headers and b
 send               ``basic.publish`` with publisher confirms, mandatory by default
 connection loss    reconnect with backoff and consume again on a new channel; batches of
                    the old channel are not acked (the broker redelivers them)
+dead letters       list: ``basic.get`` from ``<queue>.dead-letter``, put back unacked;
+(CLI)              replay: republished (confirmed) to the queue, then acked off it
 =================  ==================================================================
 """
 
@@ -58,6 +60,7 @@ from amgi.servers.amqp._codec import (
     table_to_headers,
     unique_ids,
 )
+from amgi.servers.amqp._dead_letters import DeadLetters
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
     DelayedRepublisher,
@@ -92,8 +95,9 @@ logger = logging.getLogger("amgi.servers.amqp")
 # -- the transport ------------------------------------------------------------------------
 
 
-class AmqpTransport(AmqpClient, Transport):
-    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ)."""
+class AmqpTransport(DeadLetters, AmqpClient, Transport):
+    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ); lists and replays dead
+    letters (:mod:`._dead_letters`)."""
 
     name = "amqp"
     options = AmqpOptions

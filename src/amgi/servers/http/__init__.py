@@ -119,6 +119,7 @@ class HttpTransport(Transport):
     send_error = HttpSendError
     requires = ("uvicorn", "httptools")
     extra = "http"
+    single_process_reason = "it listens on one --port itself"
     addresses_optional: ClassVar[bool] = True
     """``amgi run --server http`` without addresses serves every address."""
 

@@ -22,6 +22,9 @@ bindings out            ``kafka``: key (bytes or str), partition (int)
 send failure            :class:`KafkaSendError`
 rebalance               revoked partitions stop being fetched; the revoke waits (up to
                         ``rebalance_timeout``) for their batches to settle and commit
+dead letters (CLI)      list: the dead-letter topic from the ``amgi-dead-letters``
+                        group's offsets; replay: produced back, then that group commits
+backlog (metrics)       high watermark as last fetched minus the offset processed up to
 ======================  ===============================================================
 
 librdkafka calls block, so the consumer lives on one dedicated thread (fetch, seek,
@@ -53,6 +56,7 @@ from amgi.servers.kafka._client import (
     _template_regex,
 )
 from amgi.servers.kafka._consumer import Consuming
+from amgi.servers.kafka._dead_letters import DeadLetters
 from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.options import KafkaOptions
 from amgi.servers.kit import DelayedRepublisher, redact, unmoved
@@ -63,8 +67,9 @@ __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
 logger = logging.getLogger("amgi.servers.kafka")
 
 
-class KafkaTransport(Consuming, Producing, Transport):
-    """The ``kafka`` server: consumes topics with a consumer group, produces records."""
+class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
+    """The ``kafka`` server: consumes topics with a consumer group, produces records;
+    lists and replays dead letters (:mod:`._dead_letters`), reports lag (``backlog``)."""
 
     name: ClassVar[str] = "kafka"
     options: ClassVar[type[Any]] = KafkaOptions

@@ -80,6 +80,37 @@ class Consuming(KafkaClient):
         with self._lock:
             self._forget([(tp.topic, tp.partition) for tp in partitions])
 
+    def backlog(self) -> dict[str, int] | None:
+        """Per topic: the partitions' high watermarks (as last fetched, no broker call)
+        minus the offset processed up to (the offset to commit, else the fetch position).
+        Retry topics count towards their topic."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        with self._lock:
+            done = {
+                key: s.commit_to if s.commit_to is not None else s.committed
+                for key, s in self._partitions.items()
+            }
+        lag: dict[str, int] = {}
+        for (topic, partition), offset in done.items():
+            if self._is_dead_letter_topic(topic):
+                continue
+            try:
+                _, high = consumer.get_watermark_offsets(TP(topic, partition), cached=True)
+                if offset is None:
+                    offset = consumer.position([TP(topic, partition)])[0].offset
+            except KafkaException:
+                continue
+            if high is None or high < 0 or offset is None or offset < 0:
+                continue
+            address = self._retry_topics.get(topic, topic)
+            lag[address] = lag.get(address, 0) + max(0, high - offset)
+        return lag
+
     def _forget(self, keys: list[TopicPartition]) -> None:
         for key in keys:
             self._partitions.pop(key, None)

@@ -8,7 +8,9 @@ Headers (:mod:`.headers`) - what a republished retry or dead letter carries
     ``retry_headers(headers, attempt=, extra=())``, ``dead_letter_headers(headers,
     attempt=, address=, reason=)``: one order (the app's headers, ``amgi-attempt``, then
     the rest) and one encoding (UTF-8, never failing); ``attempt_from_headers(headers)``
-    splits the attempt off a received message; ``headers_with_attempt``; the names
+    splits the attempt off a received message; ``headers_with_attempt``;
+    ``split_dead_letter_headers(headers)`` undoes ``dead_letter_headers`` for ``amgi
+    dead-letters`` (the message's headers, reason, original address); the names
     ``ATTEMPT_HEADER``, ``ORIGINAL_ADDRESS_HEADER``, ``DEAD_LETTER_REASON_HEADER``.
 
 Watermark (:mod:`.watermark`) - cumulative acknowledgement
@@ -82,6 +84,7 @@ from amgi.servers.kit.headers import (
     encode_text,
     headers_with_attempt,
     retry_headers,
+    split_dead_letter_headers,
 )
 from amgi.servers.kit.republisher import DelayedRepublisher
 from amgi.servers.kit.watermark import Watermark
@@ -114,5 +117,6 @@ __all__ = [
     "redact",
     "redact_client_logs",
     "retry_headers",
+    "split_dead_letter_headers",
     "unmoved",
 ]

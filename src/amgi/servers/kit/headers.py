@@ -19,6 +19,7 @@ __all__ = [
     "encode_text",
     "headers_with_attempt",
     "retry_headers",
+    "split_dead_letter_headers",
 ]
 
 ATTEMPT_HEADER = b"amgi-attempt"
@@ -95,3 +96,23 @@ def dead_letter_headers(
     out.append((ORIGINAL_ADDRESS_HEADER, encode_text(address)))
     out.append((DEAD_LETTER_REASON_HEADER, encode_text(reason)))
     return out
+
+
+def split_dead_letter_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> tuple[_Headers, str, str]:
+    """Undo :func:`dead_letter_headers` on a stored dead letter (``amgi dead-letters``):
+    ``(the message's own headers, reason, original address)``, text decoded leniently.
+
+    The attempt header, when still there, is left for the server to read its own way.
+    """
+    rest: _Headers = []
+    reason = address = ""
+    for name, value in headers:
+        if name == DEAD_LETTER_REASON_HEADER:
+            reason = value.decode("utf-8", "replace")
+        elif name == ORIGINAL_ADDRESS_HEADER:
+            address = value.decode("utf-8", "replace")
+        else:
+            rest.append((name, value))
+    return rest, reason, address

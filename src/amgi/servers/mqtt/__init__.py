@@ -83,6 +83,10 @@ class MqttTransport(MqttClient, Transport):
     extra = "mqtt"
     stable_ids = True
     """QoS 1 and 2 messages are identified by topic and packet id, which a resend keeps."""
+    single_process_reason = (
+        "processes sharing one --client-id take its session from each other (run one "
+        "'amgi run' per client id, on a $share/GROUP/ subscription)"
+    )
 
     def __init__(self, addresses: Sequence[str], options: MqttOptions | None = None) -> None:
         super().__init__(addresses, options or MqttOptions())

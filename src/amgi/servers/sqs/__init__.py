@@ -26,6 +26,8 @@ body                 text as is; other payloads base64 with ``amgi-body-encoding
 send                 SendMessage; bindings ``sqs``: message_group_id,
                      message_deduplication_id, delay_seconds, attribute_types
 close / crash        unsettled messages come back when their visibility timeout ends
+dead letters (CLI)   list: received from the dead-letter queue, made visible again at
+                     once; replay: sent back (attributes less AMGI's), then deleted
 ===================  ==================================================================
 
 Credentials come from the standard AWS chain (environment, profile, instance role) and
@@ -51,6 +53,7 @@ from amgi.servers.sqs._client import (
     _Receive,
     _stop_group_at_first_failure,
 )
+from amgi.servers.sqs._dead_letters import DeadLetters
 from amgi.servers.sqs.options import AWS_DEFAULT_ENDPOINT, SqsOptions
 from amgi.servers.sqs.records import (
     encode_body,
@@ -85,8 +88,9 @@ _WIRE_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
 """The loggers that write signed requests (headers and canonical request) at DEBUG."""
 
 
-class SqsTransport(SqsClient, Transport):
-    """The AMGI transport of Amazon SQS (and services speaking its API)."""
+class SqsTransport(DeadLetters, SqsClient, Transport):
+    """The AMGI transport of Amazon SQS (and services speaking its API); lists and
+    replays dead letters (:mod:`._dead_letters`)."""
 
     name = "sqs"
     options = SqsOptions

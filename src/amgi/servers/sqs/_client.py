@@ -243,8 +243,9 @@ class SqsClient:
         self._queues[name] = queue
         return queue
 
-    async def _dead_letter_queue(self, queue: _Queue) -> _Queue:
-        """The queue's redrive target, else ``<name><suffix>`` (created when missing)."""
+    async def _dead_letter_queue(self, queue: _Queue, *, create: bool = True) -> _Queue:
+        """The queue's redrive target, else ``<name><suffix>`` (created when missing,
+        if ``create``)."""
         if queue.redrive_target:
             name = queue.redrive_target.rsplit(":", 1)[-1]
             return await self._queue(name, create=False)
@@ -253,7 +254,7 @@ class SqsClient:
             name = queue.name.removesuffix(".fifo") + suffix + ".fifo"
         else:
             name = queue.name + suffix
-        return await self._queue(name, create=True, fifo=queue.fifo)
+        return await self._queue(name, create=create, fifo=queue.fifo)
 
     def _fill(self) -> None:
         per_queue: dict[str, int] = {}

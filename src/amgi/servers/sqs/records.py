@@ -12,11 +12,13 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from amgi.servers.kit import attempt_from_headers, dead_letter_headers
-from amgi.transport import (
-    HeaderList,
-    Message,
+from amgi.servers.kit import (
+    ATTEMPT_HEADER,
+    attempt_from_headers,
+    dead_letter_headers,
+    split_dead_letter_headers,
 )
+from amgi.transport import HeaderList, Message, StoredDeadLetter
 
 logger = logging.getLogger("amgi.servers.sqs")
 
@@ -259,3 +261,42 @@ def _dead_letter_attributes(
     types = m.bindings.get("sqs", {}).get("attribute_types", {})
     headers = dead_letter_headers(m.headers, attempt=m.attempt, address=source, reason=reason)
     return headers_to_attributes(headers, types, body_encoding)
+
+
+def stored_dead_letter(raw: Mapping[str, Any], address: str) -> StoredDeadLetter:
+    """What ``amgi dead-letters list`` shows of a message received from the dead-letter
+    queue of ``address``: the app's headers, the reason, the last attempt (0: unknown,
+    when SQS's own redrive policy moved it) and when it was sent there."""
+    headers, encoding, _ = headers_from_attributes(
+        _api_attributes(raw.get("MessageAttributes") or {})
+    )
+    counted = any(name == ATTEMPT_HEADER for name, _ in headers)
+    attempt, headers = attempt_from_headers(headers)
+    headers, reason, original = split_dead_letter_headers(headers)
+    try:
+        payload = decode_body(raw["Body"], encoding)
+    except ValueError:
+        payload = raw["Body"].encode("utf-8")
+    sent = (raw.get("Attributes") or {}).get("SentTimestamp")
+    return StoredDeadLetter(
+        id=raw["MessageId"],
+        address=original or address,
+        headers=headers,
+        payload=payload,
+        bindings={},
+        attempts=attempt if counted else 0,
+        reason=reason,
+        dead_at=int(sent) / 1000 if sent else None,
+    )
+
+
+def replay_attributes(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``MessageAttributes`` that send a dead letter back as a first attempt: its
+    headers with their data types and its body encoding, less AMGI's attempt, reason and
+    original address (wherever they travel, one by one or packed)."""
+    headers, encoding, types = headers_from_attributes(
+        _api_attributes(raw.get("MessageAttributes") or {})
+    )
+    _, headers = attempt_from_headers(headers)
+    headers, _, _ = split_dead_letter_headers(headers)
+    return headers_to_attributes(headers, types, encoding)

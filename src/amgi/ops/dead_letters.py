@@ -1,0 +1,108 @@
+"""``amgi dead-letters list|replay ADDRESS``: look at dead letters and send them back.
+
+Both go through the server's optional transport methods
+(:meth:`amgi.transport.Transport.list_dead_letters` and
+:meth:`~amgi.transport.Transport.replay_dead_letters`); a server without them answers
+with one error line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from amgi.errors import ConfigurationError
+from amgi.transport import StoredDeadLetter, Transport
+
+__all__ = ["add_dead_letter_commands", "format_dead_letter", "run_dead_letters"]
+
+_PREVIEW = 80
+
+
+def add_dead_letter_commands(
+    commands: Any,
+    common: Callable[[argparse.ArgumentParser], None],
+    note: str,
+    epilog: str,
+) -> None:
+    """Add ``dead-letters list`` and ``dead-letters replay`` to the ``amgi`` subcommands."""
+    group = commands.add_parser(
+        "dead-letters",
+        help="list or replay dead-lettered messages",
+        description="Inspect the dead letters of an address, or send them back to it.",
+    )
+    actions = group.add_subparsers(dest="dead_letters_command", metavar="{list,replay}")
+    actions.required = True
+    for name, text, default in (
+        ("list", "show the dead letters of ADDRESS (id, reason, attempts, headers, payload)", 20),
+        ("replay", "send dead letters back to ADDRESS, each removed once its send is confirmed", 0),
+    ):
+        sub = actions.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}.{note}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=epilog,
+        )
+        sub.add_argument("address", metavar="ADDRESS", help="the address they were consumed from")
+        sub.add_argument(
+            "--limit",
+            type=int,
+            default=default,
+            metavar="N",
+            help=f"at most N dead letters, oldest first; 0: all (default: {default or 'all'})",
+        )
+        common(sub)
+
+
+def _preview(payload: bytes | None) -> str:
+    if payload is None:
+        return "(none)"
+    shown = repr(payload[:_PREVIEW])
+    more = f" ... ({len(payload)} bytes)" if len(payload) > _PREVIEW else ""
+    return shown + more
+
+
+def format_dead_letter(d: StoredDeadLetter) -> str:
+    """A few indented lines describing one dead letter."""
+    when = (
+        datetime.fromtimestamp(d.dead_at, UTC).isoformat(timespec="seconds")
+        if d.dead_at is not None
+        else "unknown"
+    )
+    headers = ", ".join(
+        f"{n.decode(errors='replace')}={v.decode(errors='replace')}" for n, v in d.headers
+    )
+    return (
+        f"{d.id}  attempts={d.attempts or 'unknown'}  dead-lettered={when}\n"
+        f"    reason:  {d.reason}\n"
+        f"    headers: {headers or '(none)'}\n"
+        f"    payload: {_preview(d.payload)}"
+    )
+
+
+async def run_dead_letters(transport: Transport, args: argparse.Namespace) -> int:
+    """Carry out ``amgi dead-letters list|replay``; returns the exit code."""
+    if args.limit < 0:
+        raise ConfigurationError("--limit must not be negative")
+    limit = args.limit or sys.maxsize
+    method = "list_dead_letters" if args.dead_letters_command == "list" else "replay_dead_letters"
+    if getattr(type(transport), method) is getattr(Transport, method):
+        # The base class's answer, before connecting to anything.
+        await getattr(transport, method)(args.address, limit)
+    await transport.connect()
+    try:
+        if args.dead_letters_command == "list":
+            found = await transport.list_dead_letters(args.address, limit)
+            for d in found:
+                print(format_dead_letter(d))
+            print(f"{len(found)} dead letter(s) of {args.address!r} shown ({transport.name})")
+            return 0
+        moved = await transport.replay_dead_letters(args.address, limit)
+        print(f"replayed {moved} dead letter(s) to {args.address!r} ({transport.name})")
+        return 0
+    finally:
+        await transport.close()

@@ -1,0 +1,126 @@
+"""Options from environment variables: ``--group-id`` may also come from ``AMGI_GROUP_ID``.
+
+:func:`apply_environment` turns the variables into flags placed right after the
+subcommand, for options the command line does not give, so the command line wins and
+argparse checks an environment value exactly as it checks a flag. A list option takes
+comma-separated values; an on/off option takes 1/0, true/false, yes/no or on/off.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+
+from amgi.errors import ConfigurationError
+
+__all__ = ["ENV_PREFIX", "annotate_help", "apply_environment", "env_name"]
+
+ENV_PREFIX = "AMGI_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_SKIP = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+
+
+def env_name(flag: str) -> str:
+    """``--group-id`` -> ``AMGI_GROUP_ID``."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _flag(action: argparse.Action) -> str | None:
+    if isinstance(action, _SKIP):
+        return None
+    longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+    return longs[0] if longs else None
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            choices: dict[str, argparse.ArgumentParser] = action.choices
+            return choices
+    return {}
+
+
+def annotate_help(parser: argparse.ArgumentParser) -> None:
+    """Add ``[env: AMGI_X]`` to the help of every option of every subcommand."""
+    for sub in _subparsers(parser).values():
+        for action in sub._actions:
+            flag = _flag(action)
+            if flag is not None and action.help != argparse.SUPPRESS:
+                action.help = f"{action.help or ''} [env: {env_name(flag)}]".lstrip()
+        annotate_help(sub)
+
+
+def _given(action: argparse.Action, argv: Sequence[str]) -> bool:
+    for token in argv:
+        for option in action.option_strings:
+            if token == option or token.startswith(option + "="):
+                return True
+    return False
+
+
+def _not_on_off(name: str, value: str) -> ConfigurationError:
+    return ConfigurationError(f"environment variable {name}={value!r}: expected 1/0 or true/false")
+
+
+def _tokens(action: argparse.Action, flag: str, name: str, value: str) -> list[str]:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return [flag]
+        if word in _FALSE:
+            return ["--no-" + flag[2:]]
+        raise _not_on_off(name, value)
+    if action.nargs == 0:
+        word = value.strip().lower()
+        if word in _TRUE:
+            return [flag]
+        if word in _FALSE:
+            return []
+        raise _not_on_off(name, value)
+    converted: object = value
+    if callable(action.type):
+        try:
+            converted = action.type(value)
+        except (TypeError, ValueError):
+            kind = getattr(action.type, "__name__", "value")
+            raise ConfigurationError(
+                f"environment variable {name}={value!r}: not a valid {kind}"
+            ) from None
+    if action.choices is not None and converted not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ConfigurationError(f"environment variable {name}={value!r}: must be one of {choices}")
+    return [flag + "=" + value]
+
+
+def apply_environment(
+    parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mapping[str, str]
+) -> list[str]:
+    """``argv`` with a flag added for each ``AMGI_*`` variable whose option it lacks."""
+    out = list(argv)
+    position = 0
+    current = parser
+    while True:
+        subs = _subparsers(current)
+        if not subs:
+            break
+        for i in range(position, len(out)):
+            if out[i] in subs:
+                position = i + 1
+                current = subs[out[i]]
+                break
+        else:
+            return out
+        added: list[str] = []
+        for action in current._actions:
+            flag = _flag(action)
+            if flag is None:
+                continue
+            name = env_name(flag)
+            value = environ.get(name)
+            if value is None or _given(action, out):
+                continue
+            added += _tokens(action, flag, name, value)
+        out[position:position] = added
+        position += len(added)
+    return out

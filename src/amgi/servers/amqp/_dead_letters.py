@@ -1,0 +1,95 @@
+"""Dead letters of the AMQP server: the queue ``<queue>.dead-letter`` (private).
+
+``list`` takes them with ``basic.get`` and closes its channel without acking, so the
+broker puts them back in their order; a replay republishes each (confirmed) to the
+queue through the default exchange, then acks it off the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, cast
+
+from amgi.errors import ConfigurationError
+from amgi.servers.amqp._client import AmqpClient, AmqpSendError
+from amgi.servers.amqp._codec import table_to_headers
+from amgi.servers.kit import split_dead_letter_headers
+from amgi.transport import StoredDeadLetter
+
+if TYPE_CHECKING:
+    from aiormq.abc import AbstractChannel, DeliveredMessage
+    from pamqp.commands import Basic
+
+_REPLAY_CHUNK = 100
+
+
+class DeadLetters(AmqpClient):
+    """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on AMQP."""
+
+    async def _dead_letter_channel(self, queue: str) -> AbstractChannel:
+        """A channel on which ``queue`` and its dead-letter queue were found to exist."""
+        from aiormq import exceptions as amqp_errors
+
+        connection = self._connection
+        if connection is None:
+            raise AmqpSendError("amqp: not connected to the broker")
+        for name in (queue, queue + ".dead-letter"):
+            channel = await connection.channel()
+            try:
+                await channel.queue_declare(name, passive=True)
+            except amqp_errors.ChannelNotFoundEntity:
+                raise ConfigurationError(f"amqp: queue {name!r} does not exist") from None
+            if name != queue:
+                return channel
+            await channel.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_dead(self, channel: AbstractChannel, queue: str, limit: int) -> list[Any]:
+        from pamqp.commands import Basic
+
+        got: list[Any] = []
+        while len(got) < limit:
+            delivered = await channel.basic_get(queue + ".dead-letter", no_ack=False)
+            if not isinstance(delivered.delivery, Basic.GetOk):
+                break
+            got.append(delivered)
+        return got
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Taken with basic.get and put back (the channel closes without acking)."""
+        channel = await self._dead_letter_channel(address)
+        try:
+            return [_stored_dead_letter(d) for d in await self._get_dead(channel, address, limit)]
+        finally:
+            await channel.close()
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Republish each to the queue (confirmed), then ack it off the dead-letter queue."""
+        channel = await self._dead_letter_channel(address)
+        moved = 0
+        try:
+            while moved < limit:
+                chunk = await self._get_dead(channel, address, min(_REPLAY_CHUNK, limit - moved))
+                if not chunk:
+                    break
+                publisher = await self._channel()
+                await asyncio.gather(
+                    *(
+                        self._confirm(publisher, d, "", address, _stored_dead_letter(d).headers)
+                        for d in chunk
+                    )
+                )
+                await channel.basic_ack(chunk[-1].delivery.delivery_tag, multiple=True)
+                moved += len(chunk)
+        finally:
+            await channel.close()
+        return moved
+
+
+def _stored_dead_letter(delivered: DeliveredMessage) -> StoredDeadLetter:
+    attempt, raw = table_to_headers(delivered.header.properties.headers)
+    headers, reason, original = split_dead_letter_headers(raw)
+    delivery = cast("Basic.GetOk", delivered.delivery)
+    return StoredDeadLetter(
+        str(delivery.delivery_tag), original, headers, delivered.body, {}, attempt, reason
+    )

@@ -1,0 +1,195 @@
+"""Dead letters of the Kafka server: reading ``{topic}.dlq`` and replaying it.
+
+A dead letter of topic T is a record of T's dead-letter topic (``--dead-letter-topic``,
+``{topic}.dlq`` by default) carrying the reason and attempt headers. Replaying it produces
+it again to T (its original address), as a first attempt, and then commits its offset
+for the consumer group ``amgi-dead-letters`` on the dead-letter topic: that committed
+offset is what "removed from the dead letters" means on Kafka (records are never
+deleted), and listing starts from it. A replay killed between a confirmed send and its
+commit sends those records again on the next replay: at least once.
+
+:class:`DeadLetterReader` makes blocking client calls; :class:`DeadLetters` (mixed into
+the transport) runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from amgi.errors import ConfigurationError
+from amgi.servers.kafka._producer import Producing
+from amgi.servers.kafka.records import split_internal_headers
+from amgi.servers.kit import split_dead_letter_headers
+from amgi.transport import StoredDeadLetter
+
+__all__ = ["REPLAY_GROUP", "DeadLetterReader", "DeadLetters", "ReadDeadLetter"]
+
+REPLAY_GROUP = "amgi-dead-letters"
+_POLL = 0.5
+_REPLAY_CHUNK = 500
+
+
+@dataclass(slots=True)
+class ReadDeadLetter:
+    """One record of a dead-letter topic, with what a replay needs."""
+
+    stored: StoredDeadLetter
+    partition: int
+    offset: int
+    key: bytes | None
+
+
+class DeadLetterReader:
+    """A consumer assigned every partition of one dead-letter topic, from the replay
+    group's committed offsets on."""
+
+    def __init__(self, conf: dict[str, Any], topic: str, timeout: float) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self.topic = topic
+        self._timeout = timeout
+        self._consumer = Consumer(
+            {
+                **conf,
+                "group.id": REPLAY_GROUP,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=timeout)
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None or not found.partitions:
+                raise ConfigurationError(f"there is no dead-letter topic {topic!r}")
+            parts = [TopicPartition(topic, p) for p in sorted(found.partitions)]
+            committed = self._consumer.committed(parts, timeout=timeout)
+            self._next: dict[int, int] = {}
+            self._end: dict[int, int] = {}
+            starts = []
+            for tp in committed:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, tp.partition), timeout=timeout
+                )
+                start = tp.offset if tp.offset >= 0 else low
+                self._next[tp.partition] = start
+                self._end[tp.partition] = high
+                starts.append(
+                    TopicPartition(topic, tp.partition, start if start >= 0 else OFFSET_BEGINNING)
+                )
+            self._consumer.assign(starts)
+        except BaseException:
+            self._consumer.close()
+            raise
+
+    def read(self, limit: int) -> list[ReadDeadLetter]:
+        """Up to ``limit`` more dead letters, in partition order; none when all are read.
+
+        Reads until every partition reached the end it had when the reader was opened and
+        then one poll brings nothing more (some brokers report the end of a partition as
+        the start of its last record batch, so the end alone is not trusted).
+        """
+        out: list[ReadDeadLetter] = []
+        idle = 0.0
+        while len(out) < limit:
+            records = self._consumer.consume(min(500, limit - len(out)), timeout=_POLL)
+            if not records:
+                if all(self._next[p] >= end for p, end in self._end.items()):
+                    break
+                idle += _POLL
+                if idle >= self._timeout:
+                    raise ConfigurationError(
+                        f"reading the dead-letter topic {self.topic!r} stalled for {idle:g} s"
+                    )
+                continue
+            idle = 0.0
+            for r in records:
+                error = r.error()
+                if error is not None:
+                    raise ConfigurationError(f"reading {self.topic!r} failed: {error.str()}")
+                p, offset = int(r.partition() or 0), int(r.offset() or 0)
+                self._next[p] = max(self._next.get(p, 0), offset + 1)
+                out.append(_dead_letter(r, p, offset))
+        return out
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Mark every record below ``offsets[partition]`` as replayed (synchronously)."""
+        from confluent_kafka import TopicPartition
+
+        if offsets:
+            self._consumer.commit(
+                offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
+                asynchronous=False,
+            )
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _dead_letter(record: Any, partition: int, offset: int) -> ReadDeadLetter:
+    split = split_internal_headers(record.headers())
+    headers, reason, _ = split_dead_letter_headers(split.headers)
+    kind, ts = record.timestamp()
+    stored = StoredDeadLetter(
+        id=f"{partition}:{offset}",
+        address=split.original_address or "",
+        headers=headers,
+        payload=record.value(),
+        bindings={"kafka": {"key": record.key()}} if record.key() is not None else {},
+        attempts=split.attempt,
+        reason=reason,
+        dead_at=ts / 1000 if kind else None,
+    )
+    return ReadDeadLetter(stored, partition, offset, record.key())
+
+
+class DeadLetters(Producing):
+    """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on Kafka."""
+
+    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
+        """Records of the dead-letter topic not yet replayed."""
+        reader = await self._dead_letter_reader(address)
+        try:
+            found = await asyncio.to_thread(reader.read, limit)
+        finally:
+            await asyncio.to_thread(reader.close)
+        return [d.stored for d in found]
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Produce each record again to its topic, then commit it as replayed."""
+        reader = await self._dead_letter_reader(address)
+        moved = 0
+        try:
+            while moved < limit:
+                chunk = await asyncio.to_thread(reader.read, min(_REPLAY_CHUNK, limit - moved))
+                if not chunk:
+                    break
+                sends = []
+                for d in chunk:
+                    target = d.stored.address or address
+                    sends.append(
+                        self._produce(target, d.stored.headers, d.stored.payload, d.key, None)
+                    )
+                await asyncio.gather(*sends)
+                ends: dict[int, int] = {}
+                for d in chunk:
+                    ends[d.partition] = max(ends.get(d.partition, 0), d.offset + 1)
+                await asyncio.to_thread(reader.commit, ends)
+                moved += len(chunk)
+        finally:
+            await asyncio.to_thread(reader.close)
+        return moved
+
+    async def _dead_letter_reader(self, address: str) -> DeadLetterReader:
+        assert self._producer is not None, "connect() first"
+        metadata = await self._metadata(self._producer)
+        if address not in metadata.topics:
+            raise ConfigurationError(
+                f"Kafka topic {address!r} does not exist on {self.config.bootstrap_servers}"
+            )
+        topic = self._dead_name(address)
+        return await asyncio.to_thread(
+            DeadLetterReader, self._common_config(), topic, self.config.connect_timeout
+        )

@@ -1,0 +1,128 @@
+"""Helpers of the operations tests: the ``amgi`` command in a subprocess, test apps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.transport import Transport
+
+ROOT = Path(__file__).resolve().parents[2]
+
+APP = """
+import os
+from pathlib import Path
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                Path(os.environ["STARTED"]).write_text("started")
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        m = await receive()
+        if m["payload"].startswith(b"bad"):
+            await send({"type": "message.nack", "id": m["id"], "message": "bad payload"})
+        else:
+            await send({"type": "message.ack", "id": m["id"]})
+        more = m.get("more_messages")
+"""
+
+
+def write_app(folder: Path) -> Path:
+    """``opsapp.py`` in ``folder``: acks, nacks payloads starting with ``bad``."""
+    (folder / "opsapp.py").write_text(APP)
+    return folder
+
+
+def amgi(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AMGI_")}
+    return subprocess.run(
+        [sys.executable, "-m", "amgi", *args],
+        cwd=cwd,
+        env={**environ, "STARTED": str(cwd / "started"), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("amgi: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """HTTP GET: ``(status, body)``, also for error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+async def dead_letter_all(
+    transport: Transport, n: int, *, with_id: bool = False, **config: Any
+) -> None:
+    """Serve ``transport`` with an app that nacks every message (reason ``refused``, plus
+    `` <id>`` when ``with_id``) until the runtime dead-lettered ``n`` of them.
+
+    ``config`` goes to :class:`RuntimeConfig` (default: one attempt, no lifespan).
+    """
+    done = asyncio.Event()
+    dead = 0
+
+    class Count(MetricsHook):
+        def batch_settled(self, stats: BatchStats) -> None:
+            nonlocal dead
+            dead += stats.dead_lettered
+            if dead >= n:
+                done.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            m = await receive()
+            reason = f"refused {m['id']}" if with_id else "refused"
+            await send({"type": "message.nack", "id": m["id"], "message": reason})
+            more = m.get("more_messages", False)
+
+    settings = RuntimeConfig(**{"lifespan": "off", "max_attempts": 1, **config})
+    runtime = Runtime(app, transport, settings, metrics=Count())
+    served = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 60) == 0

@@ -1,0 +1,206 @@
+"""``amgi dead-letters`` on SQS (moto): messages the runtime moved to ``<queue>-dlq`` are
+listed (and stay), replayed to the queue (sent, then deleted from the dead-letter
+queue); a replay killed with SIGKILL half-way loses none."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from amgi.servers.sqs import SqsOptions, SqsTransport
+from tests.moto_env import ENDPOINT, use_moto_credentials
+from tests.ops.helpers import ROOT, amgi, dead_letter_all, one_line_error
+
+pytestmark = pytest.mark.timeout(120)
+
+SQS = ("--server", "sqs", "--endpoint-url", ENDPOINT)
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_moto_credentials(monkeypatch)
+
+
+def options() -> SqsOptions:
+    return SqsOptions(endpoint_url=ENDPOINT, wait_time=1, visibility_timeout=30)
+
+
+async def dead_letter(
+    n: int, headers: list[tuple[bytes, bytes]] | None = None, attempts: int = 1
+) -> str:
+    """A new queue whose ``n`` messages the runtime dead-lettered to ``<queue>-dlq``
+    (headers ``n: i``, or ``headers``) after ``attempts`` deliveries."""
+    queue = f"t-{uuid.uuid4().hex[:12]}"
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        await admin.client.create_queue(QueueName=queue)
+        await asyncio.gather(
+            *(admin.publish(queue, headers or [(b"n", b"%d" % i)], b"%d" % i, {}) for i in range(n))
+        )
+    finally:
+        await admin.close()
+    await dead_letter_all(SqsTransport([queue], options()), n, max_attempts=attempts, retry_delay=0)
+    # The runtime counts a dead letter when it settles the batch, also when moving it
+    # failed (it then waits in the queue, hidden): check where every message is.
+    assert await depths(queue) == (0, 0), "not every message left the queue"
+    assert await depths(queue + "-dlq") == (n, 0), "not every message reached the dead letters"
+    return queue
+
+
+async def depths(queue: str) -> tuple[int, int]:
+    """``(visible, in flight)`` messages of ``queue``."""
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        url = (await admin.client.get_queue_url(QueueName=queue))["QueueUrl"]
+        found = (
+            await admin.client.get_queue_attributes(
+                QueueUrl=url,
+                AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible",
+                ],
+            )
+        )["Attributes"]
+    finally:
+        await admin.close()
+    return (
+        int(found["ApproximateNumberOfMessages"]),
+        int(found["ApproximateNumberOfMessagesNotVisible"]),
+    )
+
+
+async def bodies(queue: str) -> list[str]:
+    """Take every message off ``queue`` (deleting them) and return their bodies."""
+    transport = SqsTransport([], options())
+    await transport.connect()
+    found: list[str] = []
+    try:
+        url = (await transport.client.get_queue_url(QueueName=queue))["QueueUrl"]
+        while True:
+            got = (
+                await transport.client.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
+            ).get("Messages", [])
+            if not got:
+                return found
+            found += [m["Body"] for m in got]
+            await transport.client.delete_message_batch(
+                QueueUrl=url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)
+                ],
+            )
+    finally:
+        await transport.close()
+
+
+def aws() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS")}
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return amgi(*args, *SQS, cwd=ROOT, env=aws())
+
+
+async def test_list_and_replay_from_the_command_line() -> None:
+    queue = await dead_letter(4)
+    listed = await asyncio.to_thread(run, "dead-letters", "list", queue, "--limit", "10")
+    assert listed.returncode == 0, listed.stderr
+    assert f"4 dead letter(s) of {queue!r} shown (sqs)" in listed.stdout
+    assert listed.stdout.count("reason:  refused") == 4
+    assert listed.stdout.count("attempts=1 ") == 4, "the dead letter's last attempt"
+    assert "headers: n=" in listed.stdout
+    again = await asyncio.to_thread(run, "dead-letters", "list", queue, "--limit", "10")
+    assert f"4 dead letter(s) of {queue!r} shown" in again.stdout, "listing must leave them"
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", queue, "--limit", "3")
+    assert replay.returncode == 0, replay.stderr
+    assert f"replayed 3 dead letter(s) to {queue!r}" in replay.stdout
+    assert len(await bodies(queue)) == 3
+    assert len(await bodies(queue + "-dlq")) == 1
+
+
+def test_replay_to_a_queue_that_does_not_exist_is_one_line() -> None:
+    result = run("dead-letters", "replay", f"gone-{uuid.uuid4().hex[:8]}")
+    assert "does not exist" in one_line_error(result)
+
+
+async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
+    n = 60
+    queue = await dead_letter(n)
+    hold = 2  # seconds the killed replay's last chunk stays hidden in the dead letters
+    replay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "amgi", "dead-letters", "replay", queue, *SQS,
+        "--visibility-timeout", str(hold), cwd=ROOT, env={**os.environ, **aws()},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        url = (await admin.client.get_queue_url(QueueName=queue))["QueueUrl"]
+
+        async def depth() -> int:
+            found = await admin.client.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+            return int(found["Attributes"]["ApproximateNumberOfMessages"])
+
+        deadline = time.monotonic() + 60
+        while await depth() == 0:
+            assert replay.returncode is None, "the replay ended before it was killed"
+            assert time.monotonic() < deadline, "the replay moved nothing"
+        replay.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(replay.wait(), 10)
+    finally:
+        if replay.returncode is None:
+            replay.kill()
+            await replay.wait()
+        await admin.close()
+    moved = await bodies(queue)
+    assert 0 < len(moved) < n, "killed too late to test anything"
+    await asyncio.sleep(hold + 0.5)  # what the killed replay held becomes visible again
+    finish = await asyncio.to_thread(run, "dead-letters", "replay", queue)
+    assert finish.returncode == 0, finish.stderr
+    later = await bodies(queue)
+    assert set(moved) | set(later) == {str(i) for i in range(n)}, "a dead letter was lost"
+    assert len(moved) + len(later) <= n + 10, "more duplicates than one unconfirmed chunk"
+    assert await bodies(queue + "-dlq") == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"kind", b"order"), (b"count", b"3")],  # one attribute each
+        [(b"n", b"1"), (b"n", b"2")],  # a repeated name: packed into one attribute
+    ],
+)
+async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    queue = await dead_letter(2, headers, attempts=2)
+    listed = await asyncio.to_thread(run, "dead-letters", "list", queue)
+    assert listed.stdout.count("attempts=2 ") == 2, listed.stdout
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
+    assert replay.returncode == 0, replay.stderr
+    consumer = SqsTransport([queue], options())
+    await consumer.connect()
+    try:
+        messages = []
+        while len(messages) < 2:
+            batches = await asyncio.wait_for(consumer.fetch(), 30)
+            messages += [m for b in batches for m in b.messages]
+    finally:
+        await consumer.close()
+    assert sorted(m.payload for m in messages) == [b"0", b"1"]
+    for m in messages:
+        assert m.attempt == 1
+        assert m.headers == headers

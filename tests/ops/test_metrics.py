@@ -1,0 +1,312 @@
+"""Metrics and probes: a real ``amgi run`` scraped by ``promtool`` and a real Prometheus
+server, and ``/readyz`` flipping to not-ready while the runtime drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.ops.config import OpsConfig
+from amgi.ops.run import prepare, serve
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from tests.net import free_port
+from tests.ops.helpers import ROOT, amgi, get, until, write_app
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _ensure_prometheus() -> None:
+    if shutil.which("promtool") is None or shutil.which("prometheus") is None:
+        subprocess.run(["bash", "scripts/brokers/prometheus.sh"], cwd=ROOT, check=True)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the series ``name{labels}`` in a Prometheus text exposition."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{labels} in the exposition")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, int, subprocess.Popen[bytes]]]:
+    """``amgi run`` on the SQLite server with --metrics-port; yields (folder, port, proc)."""
+    write_app(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "opsapp:app", "q", "--metrics-port", str(port),
+         "--metrics-host", "127.0.0.1", "--max-attempts", "2", "--retry-delay", "0",
+         "--poll-interval", "0.02"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "STARTED": str(tmp_path / "started")},
+        stderr=open(tmp_path / "amgi.err", "w"),  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        until(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200 if _up(port) else False,
+              30, "the server to be ready")  # fmt: skip
+        yield tmp_path, port, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, (tmp_path / "amgi.err").read_text()
+
+
+def _up(port: int) -> bool:
+    from tests.net import port_open
+
+    return port_open(port)
+
+
+def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_the_acked_count(
+    served: tuple[Path, int, subprocess.Popen[bytes]],
+) -> None:
+    _ensure_prometheus()
+    folder, port, _ = served
+    for i in range(5):
+        assert amgi("send", "q", f"good {i}", cwd=folder).returncode == 0
+    assert amgi("send", "q", "bad", cwd=folder).returncode == 0
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def settled() -> bool:
+        text = get(url)[1]
+        try:
+            return sample(text, "amgi_messages_dead_lettered_total") == 1
+        except AssertionError:
+            return False
+
+    until(settled, 30, "the bad message to be dead-lettered")
+    status, text = get(url)
+    assert status == 200
+    labels = {"messaging_system": "sqlite", "messaging_destination_name": "q"}
+    assert sample(text, "amgi_messages_acked_total", **labels) == 5
+    assert sample(text, "amgi_messages_retried_total", **labels) == 1
+    assert sample(text, "amgi_messages_nacked_total", **labels) == 2
+    assert sample(text, "messaging_client_consumed_messages_total", **labels) == 7
+    assert sample(text, "amgi_batches_in_flight", messaging_system="sqlite") == 0
+    assert sample(text, "messaging_process_duration_seconds_count", **labels) >= 2
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    prom_port = free_port()
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: amgi\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{port}']\n"
+    )
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "prometheus.log", "w"),  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        query = urllib.parse.quote('sum(amgi_messages_acked_total{messaging_destination_name="q"})')
+        api = f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}"
+        answer: dict[str, object] = {}
+
+        def scraped() -> bool:
+            nonlocal answer
+            if not _up(prom_port):
+                return False
+            status, body = get(api)
+            answer = json.loads(body) if status == 200 else {}
+            return bool(answer.get("data", {}).get("result"))  # type: ignore[attr-defined]
+
+        until(scraped, 45, "Prometheus to scrape the amgi server")
+        result = answer["data"]["result"]  # type: ignore[index]
+        assert float(result[0]["value"][1]) == 5
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+
+
+def test_probes_and_404(served: tuple[Path, int, subprocess.Popen[bytes]]) -> None:
+    _, port, _ = served
+    assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+    assert get(f"http://127.0.0.1:{port}/readyz") == (200, "ready\n")
+    assert get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+
+
+async def test_readyz_is_not_ready_while_draining() -> None:
+    broker = MemoryBroker.reset("readyz")
+    broker.put("q", [], b"slow")
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "message":
+            return
+        message = await receive()  # type: ignore[operator]
+        entered.set()
+        await release.wait()
+        await send({"type": "message.ack", "id": message["id"]})  # type: ignore[operator]
+
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "memory")
+    assert ops.sock is not None
+    port = ops.sock.getsockname()[1]
+    transport = MemoryTransport(["q"], MemoryOptions(broker="readyz"))
+    runtime = Runtime(ops.app, transport, RuntimeConfig(lifespan="off"), metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        url = f"http://127.0.0.1:{port}"
+        assert await asyncio.to_thread(get, url + "/readyz") == (200, "ready\n")
+        text = (await asyncio.to_thread(get, url + "/metrics"))[1]
+        assert sample(text, "amgi_batches_in_flight") == 1
+        runtime.request_stop()
+        assert await asyncio.to_thread(get, url + "/readyz") == (503, "not ready: draining\n")
+        assert await asyncio.to_thread(get, url + "/healthz") == (200, "ok\n")
+        release.set()
+        assert await asyncio.wait_for(served, 10) == 0
+    finally:
+        release.set()
+        if not served.done():
+            runtime.request_stop()
+            await served
+    assert broker.pending("q") == 0
+    assert not _up(port), "the listener outlived the runtime"
+
+
+async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
+    from amgi.servers.kafka import KafkaOptions, KafkaTransport
+    from tests.servers.kafka_helpers import create_topic, ensure_broker, fresh, options, produce
+
+    ensure_broker()
+    topic = create_topic(fresh("lag"), partitions=1)
+    for i in range(30):  # one record per produce: one record batch each
+        produce(topic, [(None, b"%d" % i, [])])
+    release = asyncio.Event()
+    acked = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal acked
+        if scope["type"] != "message":
+            return
+        await release.wait()
+        more = True
+        while more:
+            m = await receive()
+            await send({"type": "message.ack", "id": m["id"]})
+            acked += 1
+            more = m.get("more_messages", False)
+
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "kafka")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/metrics"
+    transport = KafkaTransport([topic], KafkaOptions(**options(max_batch_size=2)))
+    runtime = Runtime(
+        ops.app, transport, RuntimeConfig(lifespan="off", concurrency=1), metrics=ops.metrics
+    )
+    served = asyncio.create_task(serve(runtime, ops))
+    labels = {"messaging_system": "kafka", "messaging_destination_name": topic}
+
+    async def lag() -> float | None:
+        text = (await asyncio.to_thread(get, url))[1]
+        try:
+            return sample(text, "amgi_consumer_lag_messages", **labels)
+        except AssertionError:
+            return None
+
+    try:
+        async with asyncio.timeout(30):
+            while not (await lag() or 0) > 0:
+                await asyncio.sleep(0.1)
+        release.set()
+        async with asyncio.timeout(30):
+            while acked < 30 or await lag() != 0:
+                await asyncio.sleep(0.1)
+    finally:
+        release.set()
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 30) == 0
+
+
+async def test_listener_answers_bad_requests_and_head() -> None:
+    from amgi.ops.listener import OpsListener, bind
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    listener = OpsListener(sock, lambda: None)  # probes only: no /metrics
+
+    async def ask(request: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        writer.write_eof()
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    await listener.start()
+    try:
+        assert (await ask(b"POST /healthz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")
+        head = await ask(b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert head.endswith(b"\r\n\r\n"), "HEAD has no body"
+        assert (await ask(b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+        huge = b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 10_000 + b"\r\n\r\n"
+        assert (await ask(huge)).startswith(b"HTTP/1.1 431 ")
+        assert await ask(b"GET /healthz") == b"", "a request cut short is dropped"
+    finally:
+        await listener.close()
+
+
+async def test_readyz_is_not_ready_while_the_broker_cannot_be_reached(tmp_path: Path) -> None:
+    import sqlite3
+
+    from amgi.servers.sqlite import SqliteOptions, SqliteTransport
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":  # nack: the message comes back every 20 ms
+            m = await receive()
+            await send({"type": "message.nack", "id": m["id"], "message": "again"})
+
+    db = tmp_path / "amgi.db"
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "sqlite")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/readyz"
+    options = SqliteOptions(database=str(db), busy_timeout=0.1, poll_interval=0.02)
+    config = RuntimeConfig(
+        lifespan="off", max_attempts=1_000_000, retry_delay=0.02, retry_delay_max=0.02
+    )
+    runtime = Runtime(ops.app, SqliteTransport(["q"], options), config, metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+
+    async def readyz_becomes(answer: tuple[int, str]) -> None:
+        async with asyncio.timeout(30):
+            while await asyncio.to_thread(get, url) != answer:
+                await asyncio.sleep(0.05)
+
+    try:
+        await readyz_becomes((200, "ready\n"))
+        await runtime.transport.publish("q", [], b"x", {})
+        lock = sqlite3.connect(db, isolation_level=None)
+        # Every lease (a write) of the server now fails: "database is locked".
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            await readyz_becomes((503, "not ready: broker unreachable\n"))
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        await readyz_becomes((200, "ready\n"))
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 30) == 0

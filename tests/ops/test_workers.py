@@ -1,0 +1,277 @@
+"""``amgi run --workers 2`` on Kafka: the workers split a topic's partitions, a worker
+killed with SIGKILL is restarted and nothing is lost, SIGTERM drains both and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ops.helpers import until
+from tests.servers.kafka_helpers import BOOTSTRAP, ROOT, create_topic, ensure_broker, fresh, produce
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def processed(log: Path) -> list[tuple[int, str]]:
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        pid, _, payload = line.partition(" ")
+        out.append((int(pid), payload))
+    return out
+
+
+def test_two_workers_split_partitions_survive_sigkill_and_drain(tmp_path: Path) -> None:
+    supervisor_log = tmp_path / "supervisor.err"
+    ensure_broker()
+    topic = create_topic(fresh("workers"), partitions=2)
+    group = fresh("group")
+    log = tmp_path / "processed.log"
+    env = {**os.environ, "KAFKA_TEST_LOG": str(log), "KAFKA_TEST_DELAY": "0.2"}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "tests.servers.kafka_app:app", topic,
+         "--server", "kafka", "--bootstrap-servers", BOOTSTRAP, "--group-id", group,
+         "--session-timeout-ms", "1000", "--heartbeat-interval-ms", "200",
+         "--max-batch-size", "10", "--lifespan", "off", "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        stderr=supervisor_log.open("w"),
+    )  # fmt: skip
+    try:
+        produce(topic, ((b"k%d" % (i % 8), b"%d" % i, []) for i in range(400)))
+        until(lambda: len({pid for pid, _ in processed(log)}) >= 2, 60, "both workers to consume")
+        assert supervisor.poll() is None
+        first_pids = {pid for pid, _ in processed(log)}
+        victim = sorted(first_pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        produce(topic, ((b"k%d" % (i % 8), b"%d" % i, []) for i in range(400, 600)))
+        want = {str(i) for i in range(600)}
+        until(lambda: {p for _, p in processed(log)} >= want, 90, "every message after the kill")
+        pids = {pid for pid, _ in processed(log)}
+        assert len(pids - first_pids) >= 1, "no restarted worker consumed anything"
+        err = supervisor_log.read_text()
+        assert "killed by SIGKILL: restarting it" in err
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(60) == 0, supervisor_log.read_text()
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert {p for _, p in processed(log)} == want
+    err = supervisor_log.read_text()
+    assert "SIGTERM received: stopping 2 worker(s) gracefully" in err
+    assert "Traceback" not in err
+
+
+STUCK_APP = """
+import asyncio, os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        event = await receive()
+        if os.environ.get("FAIL_STARTUP"):
+            await send({"type": "lifespan.startup.failed", "message": "no database"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    message = await receive()
+    with open(os.environ["SEEN"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if not os.environ.get("SWALLOW"):
+                raise
+"""
+
+
+def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    seen = tmp_path / "seen"
+    env = {**os.environ, "SEEN": str(seen)}
+    for i in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+        )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1", "--shutdown-timeout", "60"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
+        workers = [int(p) for p in seen.read_text().split()]
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.stderr is not None
+        err = ""
+        for line in supervisor.stderr:  # until the supervisor took the first signal
+            err += line
+            if "SIGTERM received: stopping 2 worker(s)" in line:
+                break
+        # the workers now drain batches that never end; a second signal ends them all
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(20) == 1
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    for pid in workers:
+        assert not _alive(pid)
+    err += supervisor.stderr.read()
+    assert "SIGTERM received again: killing every worker now" in err
+    # nothing was acked: both messages are still in the queue
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 2
+    queue.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too: it has exited but its parent has not reaped it
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_worker_that_keeps_failing_at_startup_is_given_up_on(tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    env = {**os.environ, "SEEN": str(tmp_path / "seen"), "FAIL_STARTUP": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "exited with code 1 5 times within 5s of starting: giving up" in result.stderr
+    assert result.stderr.count("application startup failed: no database") >= 5
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    seen = tmp_path / "seen"
+    env = {**os.environ, "SEEN": str(seen)}
+    for i in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+        )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1", "--shutdown-timeout", "0.5"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
+        workers = [int(p) for p in seen.read_text().split()]
+        supervisor.kill()
+        supervisor.wait(10)
+        until(lambda: not any(_alive(pid) for pid in workers), 30, "the workers to exit")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 2, "the cancelled batches were not acked"
+    queue.close()
+
+
+def test_each_worker_serves_probes_on_its_own_port(tmp_path: Path) -> None:
+    from tests.net import free_port, port_open
+    from tests.ops.helpers import get
+
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    port = free_port()
+    while port_open(port + 1):
+        port = free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+        cwd=tmp_path,
+        env={**os.environ, "SEEN": str(tmp_path / "seen")},
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for p in (port, port + 1):
+            until(lambda p=p: port_open(p) and get(f"http://127.0.0.1:{p}/readyz")[0] == 200,
+                  30, f"worker on port {p} to be ready")  # fmt: skip
+            status, text = get(f"http://127.0.0.1:{p}/metrics")
+            assert status == 200
+            assert "amgi_batches_in_flight" in text
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+
+
+def test_workers_whose_app_ignores_cancellation_still_exit(tmp_path: Path) -> None:
+    # Each worker's runtime gives up on the stubborn call after --cancel-grace and ends
+    # its process itself (Runtime.run), also with the probe listener beside it; the
+    # supervisor then reports the workers' failure instead of waiting forever.
+    from tests.net import free_port, port_open
+
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    seen = tmp_path / "seen"
+    env = {**os.environ, "SEEN": str(seen), "SWALLOW": "1"}
+    for i in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+        )
+    port = free_port()
+    while port_open(port + 1):
+        port = free_port()
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1", "--shutdown-timeout", "0.5",
+         "--cancel-grace", "0.5", "--metrics-port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
+        workers = [int(p) for p in seen.read_text().split()]
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 1
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert supervisor.stderr is not None
+    err = supervisor.stderr.read()
+    for pid in workers:
+        assert not _alive(pid)
+    assert err.count("exiting without waiting for application code") == 2, err
+    assert "exited with code 1 while stopping" in err
+    assert "Traceback" not in err
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 2, "the abandoned batches were not acked"
+    queue.close()
