@@ -171,11 +171,6 @@ class Connection:
 
     # ------------------------------------------------------------------ output
 
-    def next_tag(self) -> bytes:
-        """Allocate the next ``_ask`` tag: lowercase hex counter, from ``1``."""
-        self._counter += 1
-        return b"%x" % self._counter
-
     def send_call(self, command: type[Command], values: Mapping[str, Any]) -> bytes | None:
         """Queue a call; return its tag (``None`` when the command needs no answer).
 
@@ -253,10 +248,6 @@ class Connection:
             return
         desc = description.encode("utf-8", "replace")[:0xFFFF]
         self._outbox.append(encode_box({ERROR: tag, ERROR_CODE: code, ERROR_DESCRIPTION: desc}))
-
-    def send_box(self, box: Box) -> None:
-        """Queue an arbitrary box (for extensions; no bookkeeping)."""
-        self._outbox.append(encode_box(box))
 
     # ---------------------------------------------------------- file descriptors
 

@@ -104,8 +104,8 @@ class Runtime:
         self._hooks: CallHooks | None = None
         self._deliveries: dict[asyncio.Task[None], tuple[Delivery, Batch, Settlement | None]] = {}
         self._abandoned: set[asyncio.Task[None]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._active: dict[asyncio.Task[None], Batch] = {}
+        self._tasks: dict[asyncio.Task[None], Batch] = {}
+        """Batches in flight, by the task that processes them (the lease loop extends them)."""
         self._tails: dict[Hashable, asyncio.Future[None]] = {}
         self._capacity = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -384,13 +384,11 @@ class Runtime:
             turn = asyncio.get_running_loop().create_future()
             self._tails[key] = turn
         task = asyncio.create_task(self._run_batch(batch, previous, turn))
-        self._tasks.add(task)
-        self._active[task] = batch
+        self._tasks[task] = batch
         task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._active.pop(task, None)
+        self._tasks.pop(task, None)
         self._capacity.set()
         if not task.cancelled() and task.exception() is not None:
             logger.error("batch task failed", exc_info=task.exception())
@@ -575,7 +573,7 @@ class Runtime:
         assert interval
         while True:
             await asyncio.sleep(interval)
-            batches = list(self._active.values())
+            batches = list(self._tasks.values())
             if not batches:
                 continue
             try:
