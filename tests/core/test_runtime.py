@@ -584,16 +584,37 @@ async def test_lifespan_on_requires_support() -> None:
         await Runtime(app, Scripted([]), RuntimeConfig(lifespan="on")).serve()
 
 
-async def test_connect_failure_runs_lifespan_shutdown_and_raises() -> None:
+async def test_connect_failure_raises_before_lifespan_startup() -> None:
     log: list[str] = []
+    closed: list[bool] = []
 
     class Down(Scripted):
         async def connect(self) -> None:
             raise OSError("connection refused")
 
+        async def close(self) -> None:
+            closed.append(True)
+
     with pytest.raises(OSError, match="connection refused"):
         await Runtime(lifespan_app(log), Down([]), RuntimeConfig()).serve()
-    assert log == ["lifespan.startup", "lifespan.shutdown"]
+    assert log == []  # the application's startup never ran
+    assert closed == [True]
+
+
+async def test_failed_startup_closes_the_connected_transport() -> None:
+    closed: list[bool] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    class Up(Scripted):
+        async def close(self) -> None:
+            closed.append(True)
+
+    with pytest.raises(StartupFailed, match="no database"):
+        await Runtime(app, Up([]), RuntimeConfig()).serve()
+    assert closed == [True]
 
 
 def test_config_rejects_nonsense() -> None:

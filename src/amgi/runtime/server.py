@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -58,7 +57,7 @@ def _failure_fields(address: str, mid: str, attempt: int, reason: str) -> dict[s
 class Runtime:
     """Runs one AMGI application on one transport until asked to stop.
 
-    ``await runtime.serve()`` runs lifespan startup, connects the transport, then loops:
+    ``await runtime.serve()`` connects the transport, runs lifespan startup, then loops:
     fetch batches while fewer than ``config.concurrency`` are in flight, call the app once
     per batch (batches with the same ordering key one after another), settle each batch
     in one transport call. :meth:`request_stop` (or SIGINT/SIGTERM when
@@ -174,17 +173,23 @@ class Runtime:
                 signal.signal(sig, self._on_signal_now)
                 installed.append(sig)
         try:
-            if not await self._startup():
-                return 0
+            # Connect first, so that an unreachable broker, refused credentials or a
+            # missing stream fail before the application's lifespan startup runs.
             try:
                 await self.transport.connect()
                 if self.routes is not None:
                     await self.routes.connect()
             except BaseException:
-                await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
-                with contextlib.suppress(Exception):
-                    await self.transport.close()
+                await self._close_connections()
                 raise
+            try:
+                started = await self._startup()
+            except BaseException:
+                await self._close_connections()
+                raise
+            if not started:
+                await self._close_connections()
+                return 0
             self._open_ledger()
             self.started.set()
             logger.info(
@@ -203,6 +208,18 @@ class Runtime:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+
+    async def _close_connections(self) -> None:
+        """Close the transport and the send routes; a failure is logged, never raised."""
+        try:
+            await self.transport.close()
+        except Exception:
+            logger.exception("error while closing the %s transport", self.transport.name)
+        if self.routes is not None:
+            try:
+                await self.routes.close()
+            except Exception:
+                logger.exception("error while closing the send routes")
 
     async def _startup(self) -> bool:
         """Lifespan startup, given up when a stop is requested meanwhile; False if stopped."""
@@ -284,12 +301,7 @@ class Runtime:
                 leaser.cancel()
                 await asyncio.gather(leaser, return_exceptions=True)
             ok = await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
-            try:
-                await self.transport.close()
-            except Exception:
-                logger.exception("error while closing the %s transport", self.transport.name)
-            if self.routes is not None:
-                await self.routes.close()
+            await self._close_connections()
             if not ok and self._exit_code == 0:
                 self._exit_code = 1
         if self._fatal is not None:
