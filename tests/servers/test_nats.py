@@ -372,17 +372,20 @@ def test_a_wildcard_address_whose_dead_letters_it_would_consume_is_refused(
 
 
 def test_unreachable_server_wrong_credentials_and_missing_streams(tmp_path: Path) -> None:
-    line, _ = run_startup_app(tmp_path, "s", "--servers", f"nats://127.0.0.1:{free_port()}")
+    line, started = run_startup_app(tmp_path, "s", "--servers", f"nats://127.0.0.1:{free_port()}")
     assert "nats: cannot connect to nats://127.0.0.1:" in line
-    line, _ = run_startup_app(tmp_path, "amgi-test.x", "--servers", URL, "--stream", "NOPE")
+    assert not started  # found before the application's lifespan startup
+    line, started = run_startup_app(tmp_path, "amgi-test.x", "--servers", URL, "--stream", "NOPE")
     assert "nats: stream 'NOPE' does not exist" in line
-    line, _ = run_startup_app(tmp_path, f"nowhere.{fresh('x')}", "--servers", URL)
+    assert not started
+    line, started = run_startup_app(tmp_path, f"nowhere.{fresh('x')}", "--servers", URL)
     assert "no JetStream stream captures subject" in line
     with private_nats(tmp_path / "nats", user="app", password="right") as broker:
         server = f"nats://127.0.0.1:{broker.port}"
-        line, _ = run_startup_app(tmp_path, "s", "--servers", server, "--user", "app",
+        line, started = run_startup_app(tmp_path, "s", "--servers", server, "--user", "app",
                                   "--password", "wrong")  # fmt: skip
         assert "refused the credentials" in line
+        assert not started
         assert "wrong" not in line
 
 

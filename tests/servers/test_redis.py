@@ -343,6 +343,7 @@ def test_unreachable_server_and_wrong_password_are_one_line_each(tmp_path: Path)
         cwd=tmp_path, env={"STARTED": str(tmp_path / "started")},
     )  # fmt: skip
     assert "redis: cannot connect to redis://127.0.0.1:" in one_line_error(result)
+    assert not (tmp_path / "started").exists()  # before the application's lifespan startup
     with private_redis(tmp_path / "redis", password="right") as broker:
         result = amgi(
             "run", "startup:app", "s", "--server", "redis",
@@ -352,6 +353,7 @@ def test_unreachable_server_and_wrong_password_are_one_line_each(tmp_path: Path)
         line = one_line_error(result)
         assert "refused the credentials" in line
         assert "wrong" not in line, "the password was shown"
+        assert not (tmp_path / "started").exists()
 
 
 async def test_a_key_that_is_not_a_stream_is_a_configuration_error() -> None:
