@@ -133,3 +133,18 @@ def read_assigned(topic: str) -> list[Any]:
         return [r for r in consumer.consume(10, 1.0) if r.error() is None]
     finally:
         consumer.close()
+
+
+async def test_a_topic_whose_retry_topic_name_is_invalid_is_refused_at_connect() -> None:
+    """A 244-character topic would need a 250-character retry topic, which the broker
+    refuses: the server used to subscribe and then consume nothing, silently."""
+    from amgi.errors import ConfigurationError
+
+    name = fresh("long")
+    topic = create_topic(name + "x" * (244 - len(name)), partitions=1)
+    kafka = KafkaTransport([topic], KafkaOptions(**options()))
+    try:
+        with pytest.raises(ConfigurationError, match="not a valid Kafka topic name"):
+            await kafka.connect()
+    finally:
+        await kafka.close()

@@ -62,6 +62,9 @@ from amgi.servers.kafka.options import KafkaOptions
 from amgi.servers.kit import DelayedRepublisher, redact, unmoved
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+"""What a Kafka broker accepts as a topic name."""
+
 __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
 
 logger = logging.getLogger("amgi.servers.kafka")
@@ -155,6 +158,15 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             raise ConfigurationError(
                 f"Kafka topic {names} does not exist on {self.config.bootstrap_servers}"
             )
+        for t in literal:
+            for name in (self._retry_name(t), self._dead_name(t)):
+                if not _TOPIC_NAME.fullmatch(name):
+                    raise ConfigurationError(
+                        f"the retry or dead-letter topic of {t!r} would be {name[:60]!r}"
+                        f"{'...' if len(name) > 60 else ''} ({len(name)} characters), not a "
+                        "valid Kafka topic name (at most 249 of a-z A-Z 0-9 . _ -): "
+                        "set --retry-topic / --dead-letter-topic"
+                    )
         self._retry_topics = {self._retry_name(t): t for t in literal}
         self._dead_re = re.compile(
             "|".join(_template_regex(self.config.dead_letter_topic, _escape(t)) for t in literal)
