@@ -392,8 +392,10 @@ def test_unreachable_server_wrong_credentials_and_missing_streams(tmp_path: Path
 async def test_tls_against_a_server_that_does_not_require_it_sends_no_credentials() -> None:
     """A plaintext server (or anything between) must never see CONNECT when TLS is on."""
     received = bytearray()
+    connections: list[asyncio.StreamWriter] = []
 
     async def plaintext_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
         writer.write(b'INFO {"server_id":"fake","version":"2.9.0","max_payload":1048576}\r\n')
         await writer.drain()
         while chunk := await reader.read(4096):
@@ -413,6 +415,8 @@ async def test_tls_against_a_server_that_does_not_require_it_sends_no_credential
     finally:
         await transport.close()
         server.close()
-        await server.wait_closed()
+        for writer in connections:  # 3.12+: wait_closed waits for every connection
+            writer.close()
+        await asyncio.wait_for(server.wait_closed(), 10)
     assert marker.encode() not in received
     assert b"CONNECT" not in received
