@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,33 @@ class AmgiProcess:
             self.proc.kill()
             self.proc.wait()
             pytest.fail(f"amgi run did not stop within 30s:\n{self.output()}")
+
+
+async def share_without_duplicates(
+    address: str,
+    args: list[str],
+    tmp_path: Path,
+    processes: list[AmgiProcess],
+    produce: Callable[[list[str]], Awaitable[None]],
+) -> None:
+    """Two ``amgi run`` processes with the same ``args`` (one group / durable) drain 200
+    messages, half produced before they start: each takes part, none is processed twice."""
+    expected = [f"m{i}" for i in range(200)]
+    await produce(expected[:100])
+    a = AmgiProcess(address, args, tmp_path, delay=0.01)
+    b = AmgiProcess(address, args, tmp_path, delay=0.01)
+    processes += [a, b]
+    await produce(expected[100:])
+    await asyncio.to_thread(
+        until, lambda: len(a.acked()) + len(b.acked()) >= 200, 60, "every message", a, b
+    )
+    assert a.stop() == 0
+    assert b.stop() == 0
+    counts = collections.Counter(a.acked() + b.acked())
+    assert sorted(counts) == sorted(expected)
+    assert [p for p, c in counts.items() if c > 1] == [], "a message was processed twice"
+    assert a.acked(), "the second process took everything"
+    assert b.acked(), "the first process took everything"
 
 
 def until(condition: Callable[[], bool], timeout: float, what: str, *procs: AmgiProcess) -> None:

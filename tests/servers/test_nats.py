@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,13 @@ from amgi.transport import Batch, Message, Retry, Settlement
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
-from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
+from tests.servers.amgi_process import (
+    STARTUP_APP,
+    AmgiProcess,
+    processes,
+    share_without_duplicates,
+    until,
+)
 from tests.servers.nats_helpers import (
     PREFIX,
     STREAM,
@@ -285,23 +290,10 @@ async def test_two_processes_share_a_durable_without_duplicates(
     tmp_path: Path, subject: str, processes: list[AmgiProcess]
 ) -> None:
     durable = fresh("d")
-    expected = [f"m{i}" for i in range(200)]
-    await produce(URL, subject, expected[:100])
     args = flags(URL, durable, "--batch-size", "10")
-    a = AmgiProcess(subject, args, tmp_path, delay=0.01)
-    b = AmgiProcess(subject, args, tmp_path, delay=0.01)
-    processes += [a, b]
-    await produce(URL, subject, expected[100:])
-    await asyncio.to_thread(
-        until, lambda: len(a.acked()) + len(b.acked()) >= 200, 60, "every message", a, b
+    await share_without_duplicates(
+        subject, args, tmp_path, processes, lambda ps: produce(URL, subject, ps)
     )
-    assert a.stop() == 0
-    assert b.stop() == 0
-    counts = collections.Counter(a.acked() + b.acked())
-    assert sorted(counts) == sorted(expected)
-    assert [p for p, c in counts.items() if c > 1] == [], "a message was processed twice"
-    assert a.acked(), "the second process took everything"
-    assert b.acked(), "the first process took everything"
     assert (await consumer_state(STREAM, durable)).num_ack_pending == 0
 
 

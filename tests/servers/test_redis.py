@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,13 @@ from amgi.transport import Batch, Message, Retry, Settlement
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
-from tests.servers.amgi_process import STARTUP_APP, AmgiProcess, processes, until
+from tests.servers.amgi_process import (
+    STARTUP_APP,
+    AmgiProcess,
+    processes,
+    share_without_duplicates,
+    until,
+)
 from tests.servers.private_brokers import private_redis
 from tests.servers.redis_helpers import URL, client, ensure_broker, entries, fresh, pending
 
@@ -239,23 +244,10 @@ async def test_two_processes_share_a_group_without_duplicates(
     tmp_path: Path, processes: list[AmgiProcess]
 ) -> None:
     stream, group = fresh("shared"), fresh("g")
-    expected = [f"m{i}" for i in range(200)]
-    await produce(URL, stream, expected[:100])
     args = flags(URL, group, "--batch-size", "10", "--claim-idle", "30")
-    a = AmgiProcess(stream, args, tmp_path, delay=0.01)
-    b = AmgiProcess(stream, args, tmp_path, delay=0.01)
-    processes += [a, b]
-    await produce(URL, stream, expected[100:])
-    await asyncio.to_thread(
-        until, lambda: len(a.acked()) + len(b.acked()) >= 200, 60, "every message", a, b
+    await share_without_duplicates(
+        stream, args, tmp_path, processes, lambda ps: produce(URL, stream, ps)
     )
-    assert a.stop() == 0
-    assert b.stop() == 0
-    counts = collections.Counter(a.acked() + b.acked())
-    assert sorted(counts) == sorted(expected)
-    assert [p for p, c in counts.items() if c > 1] == [], "a message was processed twice"
-    assert a.acked(), "the second process took everything"
-    assert b.acked(), "the first process took everything"
     assert await pending(stream, group) == 0
 
 
