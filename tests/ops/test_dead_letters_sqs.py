@@ -158,6 +158,7 @@ async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
         while await depth() == 0:
             assert replay.returncode is None, "the replay ended before it was killed"
             assert time.monotonic() < deadline, "the replay moved nothing"
+            await asyncio.sleep(0.02)
         replay.send_signal(signal.SIGKILL)
         await asyncio.wait_for(replay.wait(), 10)
     finally:
@@ -167,10 +168,18 @@ async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
         await admin.close()
     moved = await bodies(queue)
     assert 0 < len(moved) < n, "killed too late to test anything"
-    await asyncio.sleep(hold + 0.5)  # what the killed replay held becomes visible again
+    # What the killed replay held becomes visible again after ``hold`` seconds, counted
+    # from when the broker served its last receive, which can lag the kill on a busy
+    # machine: wait until the dead-letter queue holds nothing in flight.
+    await asyncio.sleep(hold)
+    deadline = time.monotonic() + 30
+    while (await depths(queue + "-dlq"))[1]:
+        assert time.monotonic() < deadline, "the killed replay's chunk never came back"
+        await asyncio.sleep(0.2)
     finish = await asyncio.to_thread(run, "dead-letters", "replay", queue)
     assert finish.returncode == 0, finish.stderr
     later = await bodies(queue)
+    assert await depths(queue + "-dlq") == (0, 0), "the replay left dead letters behind"
     assert set(moved) | set(later) == {str(i) for i in range(n)}, "a dead letter was lost"
     assert len(moved) + len(later) <= n + 10, "more duplicates than one unconfirmed chunk"
     assert await bodies(queue + "-dlq") == []
