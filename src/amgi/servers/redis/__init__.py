@@ -21,6 +21,8 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    pending entries first (``XREADGROUP ... 0``)
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
+dead letters       list: ``XRANGE`` of the dead-letter stream; replay: ``XADD`` back
+(CLI)              to the stream, then ``XDEL`` of the confirmed entries
 =================  ==================================================================
 
 ``--mode pubsub``: addresses are channels (``SUBSCRIBE``); a batch is the messages on
@@ -44,6 +46,7 @@ from typing import Any, Literal
 from amgi.errors import ConfigurationError, SendError
 from amgi.servers.kit import dead_letter_headers, invalid, option
 from amgi.servers.redis._client import open_client
+from amgi.servers.redis._dead_letters import DeadLetters
 from amgi.servers.redis._fields import decode, encode
 from amgi.servers.redis._pubsub import PubSub
 from amgi.servers.redis._streams import Streams
@@ -94,8 +97,9 @@ def _is_entry_id(text: str) -> bool:
     return ms.isdigit() and (not seq or seq.isdigit())
 
 
-class RedisTransport(Transport):
-    """The AMGI transport of Redis Streams (and Pub/Sub)."""
+class RedisTransport(DeadLetters, Transport):
+    """The AMGI transport of Redis Streams (and Pub/Sub); lists and replays dead letters
+    (:mod:`._dead_letters`)."""
 
     name = "redis"
     options = RedisOptions
@@ -232,9 +236,13 @@ class RedisTransport(Transport):
                 await client.execute_command("PUBLISH", address, payload or b"")
                 return
             maxlen = (bindings.get("redis") or {}).get("maxlen", self.config.maxlen)
-            trim: tuple[Any, ...] = ("MAXLEN", "~", int(maxlen)) if maxlen else ()
+            trim = self._trim(int(maxlen))
             await client.execute_command("XADD", address, *trim, "*", *encode(headers, payload))
         except redis_errors.RedisError as exc:
             raise RedisSendError(f"redis: could not send to {address!r}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise RedisSendError(f"redis: bad redis bindings for {address!r}: {exc}") from None
+
+    def _trim(self, maxlen: int) -> tuple[Any, ...]:
+        """The ``XADD`` arguments that trim a stream to about ``maxlen`` entries (0: none)."""
+        return ("MAXLEN", "~", maxlen) if maxlen else ()
