@@ -1,0 +1,203 @@
+"""``amgi dead-letters`` on NATS JetStream: messages the runtime dead-lettered to
+``{subject}.dlq`` are read from the stream capturing it (and stay), replayed to their
+subject (JetStream publish, ack awaited, then deleted from the stream); a replay killed
+with SIGKILL between the two loses none."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from amgi.servers.nats import NatsOptions, NatsTransport
+from amgi.servers.nats._dead_letters import subject_matches
+from tests.ops.helpers import ROOT, HoldingFront, amgi, dead_letter_all, one_line_error
+from tests.servers.nats_helpers import (
+    PORT,
+    PREFIX,
+    STREAM,
+    URL,
+    ensure_broker,
+    ensure_stream,
+    fresh,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+def options(durable: str = "amgi") -> NatsOptions:
+    return NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2)
+
+
+async def dead_letter(
+    n: int, headers: list[tuple[bytes, bytes]] | None = None, attempts: int = 1
+) -> tuple[str, str]:
+    """A new subject whose ``n`` messages (headers ``n: i``, or ``headers``; payload ``i``)
+    the runtime dead-lettered to ``{subject}.dlq`` after ``attempts`` deliveries; and the
+    durable consumer that did it."""
+    await ensure_stream()
+    subject, durable = f"{PREFIX}.{fresh('dl')}", fresh("d")
+    admin = NatsTransport([], options())
+    await admin.connect()
+    try:
+        for i in range(n):
+            await admin.publish(subject, headers or [(b"n", b"%d" % i)], b"%d" % i, {})
+    finally:
+        await admin.close()
+    await dead_letter_all(
+        NatsTransport([subject], options(durable)), n, max_attempts=attempts, retry_delay=0
+    )
+    assert await count(subject + ".dlq") == n
+    return subject, durable
+
+
+async def count(subject: str) -> int:
+    """Messages stored on ``subject`` in the test stream."""
+    import nats
+
+    nc = await nats.connect(URL)
+    try:
+        info = await nc.jsm().stream_info(STREAM, subjects_filter=subject)
+    finally:
+        await nc.close()
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def payloads(subject: str) -> list[bytes]:
+    """The payloads stored on ``subject``, in order (read without changing anything)."""
+    import nats
+    from nats.js import api
+
+    nc = await nats.connect(URL)
+    found: list[bytes] = []
+    try:
+        total = await count(subject)
+        if not total:
+            return []
+        sub = await nc.jetstream().pull_subscribe(
+            subject, stream=STREAM, config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE)
+        )
+        while len(found) < total:
+            found += [m.data for m in await sub.fetch(total - len(found), timeout=5)]
+    finally:
+        await nc.close()
+    return found
+
+
+def run(*args: str, url: str = URL) -> subprocess.CompletedProcess[str]:
+    return amgi(*args, "--server", "nats", "--servers", url, cwd=ROOT)
+
+
+async def test_list_and_replay_from_the_command_line() -> None:
+    subject, _ = await dead_letter(4)
+    listed = await asyncio.to_thread(run, "dead-letters", "list", subject, "--limit", "10")
+    assert listed.returncode == 0, listed.stderr
+    assert f"4 dead letter(s) of {subject!r} shown (nats)" in listed.stdout
+    assert listed.stdout.count("reason:  refused") == 4
+    assert listed.stdout.count("attempts=1 ") == 4, "the dead letter's last attempt"
+    assert "headers: n=0\n" in listed.stdout, "only the message's own headers"
+    assert "dead-lettered=unknown" not in listed.stdout
+    again = await asyncio.to_thread(run, "dead-letters", "list", subject, "--limit", "2")
+    assert f"2 dead letter(s) of {subject!r} shown" in again.stdout, "listing must leave them"
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", subject, "--limit", "3")
+    assert replay.returncode == 0, replay.stderr
+    assert f"replayed 3 dead letter(s) to {subject!r}" in replay.stdout
+    assert (await payloads(subject))[4:] == [b"0", b"1", b"2"], "oldest first, after the 4"
+    assert await payloads(subject + ".dlq") == [b"3"]
+
+
+def test_replay_to_a_subject_no_stream_captures_is_one_line() -> None:
+    result = run("dead-letters", "replay", f"nowhere.{fresh('gone')}")
+    assert "does not exist" in one_line_error(result)
+
+
+async def test_dead_letters_no_stream_captures_are_one_line() -> None:
+    await ensure_stream()
+    subject = f"{PREFIX}.{fresh('nodlq')}"
+    result = await asyncio.to_thread(
+        run, "dead-letters", "list", subject, "--dead-letter-subject", "nowhere.{subject}"
+    )
+    line = one_line_error(result)
+    assert f"no JetStream stream captures the dead-letter subject 'nowhere.{subject}'" in line
+
+
+def test_subject_patterns() -> None:
+    assert subject_matches("a.b", "a.*")
+    assert subject_matches("a.b.c", "a.>")
+    assert not subject_matches("a", "a.>")
+    assert not subject_matches("a.b.c", "a.*")
+    assert not subject_matches("a.c", "a.b")
+
+
+async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
+    n = 250  # three chunks of at most 100
+    subject, _ = await dead_letter(n)
+    # The broker never sees the second chunk's deletes: its messages are back on the
+    # subject and still in the dead letters when the replay is killed.
+    async with HoldingFront(PORT, b"MSG.DELETE", 100) as front:
+        replay = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "amgi", "dead-letters", "replay", subject, "--server", "nats",
+            "--servers", f"nats://127.0.0.1:{front.port}", cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(front.held.wait(), 60)
+            assert replay.returncode is None, "the replay ended before it was killed"
+            replay.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(replay.wait(), 10)
+        finally:
+            if replay.returncode is None:
+                replay.kill()
+                await replay.wait()
+    moved = (await payloads(subject))[n:]
+    still = await payloads(subject + ".dlq")
+    assert (len(moved), len(still)) == (200, n - 100), "one chunk done, one sent only"
+    assert set(moved) | set(still) == {b"%d" % i for i in range(n)}, "a dead letter was lost"
+    finish = await asyncio.to_thread(run, "dead-letters", "replay", subject)
+    assert finish.returncode == 0, finish.stderr
+    assert f"replayed {n - 100} dead letter(s)" in finish.stdout
+    assert await count(subject + ".dlq") == 0
+    back = (await payloads(subject))[n:]
+    assert len(back) == n + 100, "duplicates: exactly the chunk sent but not deleted"
+    assert set(back) == {b"%d" % i for i in range(n)}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"kind", b"order"), (b"count", b"3")],
+        [(b"n", b"1"), (b"n", b"2"), (b"bin", b"\x00\xff")],
+    ],
+)
+async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    subject, durable = await dead_letter(2, headers, attempts=2)
+    listed = await asyncio.to_thread(run, "dead-letters", "list", subject)
+    assert listed.stdout.count("attempts=2 ") == 2, listed.stdout
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", subject)
+    assert replay.returncode == 0, replay.stderr
+    consumer = NatsTransport([subject], options(durable))  # the consumer that gave up
+    await consumer.connect()
+    try:
+        messages = []
+        while len(messages) < 2:
+            batches = await asyncio.wait_for(consumer.fetch(), 30)
+            messages += [m for b in batches for m in b.messages]
+            for b in batches:
+                for m in b.messages:
+                    await m.token.ack()
+    finally:
+        await consumer.close()
+    assert sorted(m.payload or b"" for m in messages) == [b"0", b"1"]
+    for m in messages:
+        assert m.attempt == 1
+        assert m.headers == headers
