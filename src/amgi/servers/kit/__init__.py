@@ -37,6 +37,11 @@ Due list (:mod:`.due`) - in-memory retry schedules without tasks of their own
     ``DueList()``: items ordered by due time; the owner's fetch loop asks what is due
     and how long until the next one (Redis and core NATS retries).
 
+Refreshed figures (:mod:`.refreshed`) - consumer lag and depth for metrics
+    ``Refreshed(name, every, read)``: ``get()`` returns the last ``await read()`` and
+    starts, on its first call, a task re-reading it every ``every`` seconds (nothing is
+    read while metrics are off); ``await close()`` from the transport's ``close``.
+
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
@@ -86,6 +91,7 @@ from amgi.servers.kit.headers import (
     retry_headers,
     split_dead_letter_headers,
 )
+from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.kit.republisher import DelayedRepublisher
 from amgi.servers.kit.watermark import Watermark
 
@@ -98,6 +104,7 @@ __all__ = [
     "BindingKey",
     "DelayedRepublisher",
     "DueList",
+    "Refreshed",
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",

@@ -22,6 +22,7 @@ lease              ``+WPI`` (in progress) for batches still running, every
 send               JetStream publish, its ack awaited; headers as in ``_headers``;
                    binding ``msgId`` becomes ``Nats-Msg-Id`` (de-duplication)
 bindings in        ``nats``: ``subject``, ``stream``, ``sequence`` (``msgId`` if set)
+backlog (metrics)  the pending count in the last fetched message's ack subject
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
 dead letters       read from the stream capturing the dead-letter subject (a stream
@@ -189,6 +190,11 @@ class NatsTransport(DeadLetters, Transport):
             await self._consumers.settle(settlement, dead)
         elif self._subscriptions is not None:
             await self._subscriptions.settle(settlement, dead, batch.address)
+
+    def backlog(self) -> dict[str, int] | None:
+        """Per subject, the consumer's pending count carried by the last message fetched
+        (JetStream mode; free: it is in every message's ack subject)."""
+        return dict(self._consumers.backlog) if self._consumers is not None else None
 
     async def extend(self, batches: Sequence[Batch]) -> None:
         if self._consumers is not None:

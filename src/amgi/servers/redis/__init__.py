@@ -21,6 +21,8 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    pending entries first (``XREADGROUP ... 0``)
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
+backlog (metrics)  the group's ``lag`` plus ``pending`` from ``XINFO GROUPS``, read
+                   once a second by an owned task once metrics ask for it
 dead letters       list: ``XRANGE`` of the dead-letter stream; replay: ``XADD`` back
 (CLI)              to the stream, then ``XDEL`` of the confirmed entries
 =================  ==================================================================
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers.kit import dead_letter_headers, invalid, option
+from amgi.servers.kit import Refreshed, dead_letter_headers, invalid, option
 from amgi.servers.redis._client import open_client
 from amgi.servers.redis._dead_letters import DeadLetters
 from amgi.servers.redis._fields import decode, encode
@@ -115,6 +117,7 @@ class RedisTransport(DeadLetters, Transport):
         self._client: Any = None  # redis.asyncio.Redis (its commands are untyped)
         self._streams: Streams | None = None
         self._pubsub: PubSub | None = None
+        self._backlog: Refreshed[dict[str, int]] | None = None
         if c.mode == "streams" and addresses:
             self.lease_interval = c.claim_idle / 3
 
@@ -143,6 +146,7 @@ class RedisTransport(DeadLetters, Transport):
             if c.mode == "streams":
                 self._streams = Streams(self._client, self.addresses, c, self.consumer)
                 await self._streams.start()
+                self._backlog = Refreshed("redis consumer lag", 1.0, self._streams.backlog)
             else:
                 self._pubsub = PubSub(self._client, self.addresses, c.batch_size)
                 await self._pubsub.start()
@@ -154,6 +158,9 @@ class RedisTransport(DeadLetters, Transport):
         streams, self._streams = self._streams, None
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None:
+            await backlog.close()
         if streams is not None:
             await streams.stop()
         if pubsub is not None:
@@ -208,6 +215,11 @@ class RedisTransport(DeadLetters, Transport):
             await self._streams.settle(batch.address, settlement, dead)
         elif self._pubsub is not None:
             await self._pubsub.settle(batch.address, settlement, dead)
+
+    def backlog(self) -> dict[str, int] | None:
+        """Per stream, the group's ``lag`` plus ``pending`` (``XINFO GROUPS``), re-read
+        every second by a task started on the first call; ``None`` before its first read."""
+        return self._backlog.get() if self._backlog is not None else None
 
     async def extend(self, batches: Sequence[Batch]) -> None:
         if self._streams is not None:
