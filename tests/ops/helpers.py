@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.metrics import BatchStats, MetricsHook
-from amgi.transport import Transport
+from amgi.transport import Message, Transport
+from tests.net import pipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,6 +130,44 @@ async def dead_letter_all(
         assert await asyncio.wait_for(served, 60) == 0
 
 
+async def kill_replay_when(
+    ready: Callable[[], Awaitable[bool]], *args: str, env: dict[str, str] | None = None
+) -> None:
+    """Run ``amgi dead-letters replay ARGS`` and kill it (SIGKILL) as soon as ``await
+    ready()`` holds (asked every 20 ms, for 60 s at most); fail if it ended before."""
+    replay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "amgi", "dead-letters", "replay", *args,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not await ready():
+            assert replay.returncode is None, "the replay ended before it was killed"
+            assert time.monotonic() < deadline, "the replay moved nothing"
+            await asyncio.sleep(0.02)
+        assert replay.returncode is None, "the replay ended before it was killed"
+        replay.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(replay.wait(), 10)
+    finally:
+        if replay.returncode is None:
+            replay.kill()
+            await replay.wait()
+
+
+async def take(transport: Transport, n: int) -> list[Message]:
+    """Connect ``transport``, fetch until ``n`` messages came (30 s each fetch), close."""
+    await transport.connect()
+    try:
+        messages: list[Message] = []
+        while len(messages) < n:
+            batches = await asyncio.wait_for(transport.fetch(), 30)
+            messages += [m for b in batches for m in b.messages]
+    finally:
+        await transport.close()
+    return messages
+
+
 class HoldingFront:
     """A TCP relay to 127.0.0.1:``upstream`` that stops a client at a chosen command.
 
@@ -203,6 +243,4 @@ class HoldingFront:
             await dst.drain()
 
     async def _down(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()
+        await pipe(src, dst)

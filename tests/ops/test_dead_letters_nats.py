@@ -6,15 +6,21 @@ with SIGKILL between the two loses none."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
 
 import pytest
 
 from amgi.servers.nats import NatsOptions, NatsTransport
 from amgi.servers.nats._dead_letters import subject_matches
-from tests.ops.helpers import ROOT, HoldingFront, amgi, dead_letter_all, one_line_error
+from tests.ops.helpers import (
+    ROOT,
+    HoldingFront,
+    amgi,
+    dead_letter_all,
+    kill_replay_when,
+    one_line_error,
+    take,
+)
 from tests.servers.nats_helpers import (
     PORT,
     PREFIX,
@@ -143,20 +149,13 @@ async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
     # The broker never sees the second chunk's deletes: its messages are back on the
     # subject and still in the dead letters when the replay is killed.
     async with HoldingFront(PORT, b"MSG.DELETE", 100) as front:
-        replay = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "amgi", "dead-letters", "replay", subject, "--server", "nats",
-            "--servers", f"nats://127.0.0.1:{front.port}", cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            await asyncio.wait_for(front.held.wait(), 60)
-            assert replay.returncode is None, "the replay ended before it was killed"
-            replay.send_signal(signal.SIGKILL)
-            await asyncio.wait_for(replay.wait(), 10)
-        finally:
-            if replay.returncode is None:
-                replay.kill()
-                await replay.wait()
+
+        async def held() -> bool:
+            return front.held.is_set()
+
+        await kill_replay_when(
+            held, subject, "--server", "nats", "--servers", f"nats://127.0.0.1:{front.port}"
+        )
     moved = (await payloads(subject))[n:]
     still = await payloads(subject + ".dlq")
     assert (len(moved), len(still)) == (200, n - 100), "one chunk done, one sent only"
@@ -185,18 +184,7 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
     assert listed.stdout.count("attempts=2 ") == 2, listed.stdout
     replay = await asyncio.to_thread(run, "dead-letters", "replay", subject)
     assert replay.returncode == 0, replay.stderr
-    consumer = NatsTransport([subject], options(durable))  # the consumer that gave up
-    await consumer.connect()
-    try:
-        messages = []
-        while len(messages) < 2:
-            batches = await asyncio.wait_for(consumer.fetch(), 30)
-            messages += [m for b in batches for m in b.messages]
-            for b in batches:
-                for m in b.messages:
-                    await m.token.ack()
-    finally:
-        await consumer.close()
+    messages = await take(NatsTransport([subject], options(durable)), 2)  # the one that gave up
     assert sorted(m.payload or b"" for m in messages) == [b"0", b"1"]
     for m in messages:
         assert m.attempt == 1

@@ -5,14 +5,20 @@ between the two loses none."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
 
 import pytest
 
 from amgi.servers.redis import RedisOptions, RedisTransport
-from tests.ops.helpers import ROOT, HoldingFront, amgi, dead_letter_all, one_line_error
+from tests.ops.helpers import (
+    ROOT,
+    HoldingFront,
+    amgi,
+    dead_letter_all,
+    kill_replay_when,
+    one_line_error,
+    take,
+)
 from tests.servers.redis_helpers import PORT, URL, ensure_broker, entries, fresh
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,20 +97,13 @@ async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
     # The broker never sees the second chunk's XDEL: its entries are back in the stream
     # and still in the dead letters when the replay is killed.
     async with HoldingFront(PORT, b"XDEL", 1) as front:
-        replay = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "amgi", "dead-letters", "replay", stream, "--server", "redis",
-            "--url", f"redis://127.0.0.1:{front.port}/0", cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            await asyncio.wait_for(front.held.wait(), 60)
-            assert replay.returncode is None, "the replay ended before it was killed"
-            replay.send_signal(signal.SIGKILL)
-            await asyncio.wait_for(replay.wait(), 10)
-        finally:
-            if replay.returncode is None:
-                replay.kill()
-                await replay.wait()
+
+        async def held() -> bool:
+            return front.held.is_set()
+
+        await kill_replay_when(
+            held, stream, "--server", "redis", "--url", f"redis://127.0.0.1:{front.port}/0"
+        )
     moved = await payloads(stream, skip=n)
     still = await payloads(stream + ".dlq")
     assert (len(moved), len(still)) == (200, n - 100), "one chunk done, one sent only"
@@ -133,15 +132,7 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
     assert listed.stdout.count("attempts=2 ") == 2, listed.stdout
     replay = await asyncio.to_thread(run, "dead-letters", "replay", stream)
     assert replay.returncode == 0, replay.stderr
-    consumer = RedisTransport([stream], options())  # the group that dead-lettered them
-    await consumer.connect()
-    try:
-        messages = []
-        while len(messages) < 2:
-            batches = await asyncio.wait_for(consumer.fetch(), 30)
-            messages += [m for b in batches for m in b.messages]
-    finally:
-        await consumer.close()
+    messages = await take(RedisTransport([stream], options()), 2)  # the group that gave up
     assert sorted(m.payload or b"" for m in messages) == [b"0", b"1"]
     for m in messages:
         assert m.attempt == 1

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
-from amgi.servers.kit import attempt_from_headers, split_dead_letter_headers
+from amgi.servers.kit import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
 from amgi.servers.nats._headers import decode, encode
 from amgi.transport import StoredDeadLetter
 
@@ -39,11 +39,8 @@ _CHUNK = 100
 _STALLS = 5
 """Fetches in a row that may bring nothing while the consumer still reports messages."""
 
-_Read = tuple[int, StoredDeadLetter]
-"""A dead letter's stream sequence and what it holds."""
 
-
-class DeadLetters:
+class DeadLetters(ChunkedDeadLetters):
     """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on JetStream."""
 
     config: NatsOptions
@@ -53,19 +50,12 @@ class DeadLetters:
     def dead_letter_subject(self, subject: str) -> str:
         raise NotImplementedError  # pragma: no cover - the transport's
 
-    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
-        """Messages of the dead-letter subject from ``address``, left in the stream."""
-        found: list[StoredDeadLetter] = []
-        async for _, chunk in self._chunks(address, limit, replay=False):
-            found += [d for _, d in chunk]
-        return found
-
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Publish each back (ack awaited), then delete the confirmed ones from the stream."""
         js = self._client.jetstream(timeout=self.config.publish_timeout)
         jsm = self._client.jsm()
         moved = 0
-        async for stream, chunk in self._chunks(address, limit, replay=True):
+        async for chunk in self._dead_letter_chunks(address, limit, replay=True):
             sent = await asyncio.gather(
                 *(
                     js.publish(d.address, d.payload or b"", headers=encode(d.headers) or None)
@@ -73,23 +63,24 @@ class DeadLetters:
                 ),
                 return_exceptions=True,
             )
-            confirmed = [seq for (seq, _), r in zip(chunk, sent, strict=True) if _ok(r)]
+            confirmed = [handle for (handle, _), r in zip(chunk, sent, strict=True) if _ok(r)]
             deleted = await asyncio.gather(
-                *(jsm.delete_msg(stream, seq) for seq in confirmed), return_exceptions=True
+                *(jsm.delete_msg(stream, seq) for stream, seq in confirmed),
+                return_exceptions=True,
             )
             moved += len(confirmed)
             failed = [r for r in (*sent, *deleted) if not _ok(r)]
             if failed:
                 raise self.send_error(
                     f"nats: replay to {address!r} stopped after {moved} dead letter(s): "
-                    f"{_text(failed[0])}; the rest stay in stream {stream!r}"
+                    f"{_text(failed[0])}; the rest stay in stream {chunk[0][0][0]!r}"
                 )
         return moved
 
-    async def _chunks(
+    async def _dead_letter_chunks(
         self, address: str, limit: int, *, replay: bool
-    ) -> AsyncIterator[tuple[str, list[_Read]]]:
-        """Up to ``limit`` dead letters of ``address``, oldest first, a chunk at a time."""
+    ) -> AsyncIterator[DeadLetterChunk]:
+        """Handles are ``(stream, sequence)``."""
         from nats import errors as nats_errors
         from nats.js import api
 
@@ -126,7 +117,7 @@ class DeadLetters:
                         ) from None
                     continue
                 stalls = 0
-                chunk: list[_Read] = []
+                chunk: DeadLetterChunk = []
                 for m in msgs:
                     meta = m.metadata
                     pending = meta.num_pending
@@ -135,11 +126,11 @@ class DeadLetters:
                         break
                     d = _stored(m, address)
                     if subject_matches(d.address, address):
-                        chunk.append((meta.sequence.stream, d))
+                        chunk.append(((stream, meta.sequence.stream), d))
                 chunk = chunk[:left]
                 if chunk:
                     left -= len(chunk)
-                    yield stream, chunk
+                    yield chunk
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -204,17 +195,9 @@ def _text(result: object) -> str:
 
 
 def _stored(msg: Any, address: str) -> StoredDeadLetter:
-    raw, _ = decode(msg.headers)
-    attempt, rest = attempt_from_headers(raw)
-    own, reason, origin = split_dead_letter_headers(rest)
+    headers, _ = decode(msg.headers)
     meta = msg.metadata
-    return StoredDeadLetter(
-        id=str(meta.sequence.stream),
-        address=origin or address,
-        headers=own,
-        payload=msg.data,
-        bindings={},
-        attempts=attempt,
-        reason=reason,
-        dead_at=meta.timestamp.timestamp() if meta.timestamp else None,
+    dead_at = meta.timestamp.timestamp() if meta.timestamp else None
+    return stored_dead_letter(
+        str(meta.sequence.stream), headers, msg.data, address=address, dead_at=dead_at
     )

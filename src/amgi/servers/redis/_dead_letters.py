@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
-from amgi.servers.kit import attempt_from_headers, split_dead_letter_headers
+from amgi.servers.kit import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
 from amgi.servers.redis._fields import decode, encode
 from amgi.transport import StoredDeadLetter
 
@@ -34,11 +34,8 @@ __all__ = ["DeadLetters"]
 _CHUNK = 100
 """Entries read per ``XRANGE`` (and replayed per pipeline)."""
 
-_Read = tuple[bytes, StoredDeadLetter]
-"""A dead-letter entry's id and what it holds."""
 
-
-class DeadLetters:
+class DeadLetters(ChunkedDeadLetters):
     """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on Redis."""
 
     config: RedisOptions
@@ -51,13 +48,6 @@ class DeadLetters:
     def _trim(self, maxlen: int) -> tuple[Any, ...]:
         raise NotImplementedError  # pragma: no cover - the transport's
 
-    async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
-        """Entries of the dead-letter stream dead-lettered from ``address``, left in place."""
-        found: list[StoredDeadLetter] = []
-        async for chunk in self._chunks(address, limit, replay=False):
-            found += [d for _, d in chunk]
-        return found
-
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """``XADD`` each back to ``address``, then ``XDEL`` the confirmed ones."""
         from redis import exceptions as redis_errors
@@ -65,7 +55,7 @@ class DeadLetters:
         dlq = self.dead_letter_address(address)
         trim = self._trim(self.config.maxlen)
         moved = 0
-        async for chunk in self._chunks(address, limit, replay=True):
+        async for chunk in self._dead_letter_chunks(address, limit, replay=True):
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for _, d in chunk:
@@ -89,10 +79,9 @@ class DeadLetters:
                 )
         return moved
 
-    async def _chunks(
+    async def _dead_letter_chunks(
         self, address: str, limit: int, *, replay: bool
-    ) -> AsyncIterator[list[_Read]]:
-        """Up to ``limit`` dead letters of ``address``, oldest first, a chunk at a time."""
+    ) -> AsyncIterator[DeadLetterChunk]:
         from redis import exceptions as redis_errors
 
         try:
@@ -163,16 +152,6 @@ def _after(entry_id: bytes) -> bytes:
 
 def _stored(entry_id: bytes, fields: list[bytes], address: str) -> StoredDeadLetter:
     headers, payload = decode(fields)
-    attempt, rest = attempt_from_headers(headers)
-    own, reason, origin = split_dead_letter_headers(rest)
     ms = entry_id.partition(b"-")[0]
-    return StoredDeadLetter(
-        id=entry_id.decode(),
-        address=origin or address,
-        headers=own,
-        payload=payload,
-        bindings={},
-        attempts=attempt,
-        reason=reason,
-        dead_at=int(ms) / 1000 if ms.isdigit() else None,
-    )
+    dead_at = int(ms) / 1000 if ms.isdigit() else None
+    return stored_dead_letter(entry_id.decode(), headers, payload, address=address, dead_at=dead_at)
