@@ -189,3 +189,50 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
     for m in messages:
         assert m.attempt == 1
         assert m.headers == headers
+
+
+def test_a_replay_in_core_mode_is_one_line() -> None:
+    result = run("dead-letters", "replay", f"{PREFIX}.{fresh('core')}", "--mode", "core")
+    assert "cannot be replayed in core mode" in one_line_error(result)
+
+
+async def test_a_refused_replay_stops_with_one_line_and_keeps_every_dead_letter() -> None:
+    import nats
+    from nats.js import api
+
+    from amgi.servers.kit import dead_letter_headers
+    from amgi.servers.nats._headers import encode
+
+    # A stream that is full and discards new messages: it refuses every send back.
+    name, prefix = fresh("FULL").replace("-", "_"), fresh("full")
+    subject = f"{prefix}.orders"
+    nc = await nats.connect(URL)
+    try:
+        await nc.jsm().add_stream(
+            api.StreamConfig(
+                name=name, subjects=[f"{prefix}.>"], storage=api.StorageType.MEMORY,
+                max_msgs=2, discard=api.DiscardPolicy.NEW,
+            )
+        )  # fmt: skip
+        for i in range(2):
+            headers = dead_letter_headers([], attempt=3, address=subject, reason="refused")
+            await nc.jetstream().publish(subject + ".dlq", b"%d" % i, headers=encode(headers))
+        result = await asyncio.to_thread(run, "dead-letters", "replay", subject)
+        line = one_line_error(result)
+        assert "stopped after 0 dead letter(s)" in line
+        assert "maximum messages exceeded" in line
+        assert (await nc.jsm().stream_info(name)).state.messages == 2, "every one stays"
+    finally:
+        await nc.jsm().delete_stream(name)
+        await nc.close()
+
+
+async def test_a_server_that_stops_answering_is_one_line() -> None:
+    subject, _ = await dead_letter(1)
+    # The broker never sees the first pull request, nor anything after it.
+    async with HoldingFront(PORT, b"MSG.NEXT", 0) as front:
+        result = await asyncio.to_thread(
+            run, "dead-letters", "list", subject, "--publish-timeout", "1",
+            "--connect-timeout", "1", url=f"nats://127.0.0.1:{front.port}",
+        )  # fmt: skip
+    assert f"reading stream {STREAM!r} failed: nats: timeout" in one_line_error(result)

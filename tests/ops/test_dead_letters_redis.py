@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.ops.helpers import (
     one_line_error,
     take,
 )
-from tests.servers.redis_helpers import PORT, URL, ensure_broker, entries, fresh
+from tests.servers.redis_helpers import PORT, URL, client, ensure_broker, entries, fresh
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,3 +138,47 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
     for m in messages:
         assert m.attempt == 1
         assert m.headers == headers
+
+
+def test_bad_addresses_are_one_line() -> None:
+    stream = fresh("dl")
+    assert "cannot be replayed to a Pub/Sub channel" in one_line_error(
+        run("dead-letters", "replay", stream, "--mode", "pubsub")
+    )
+    assert "is its own dead-letter stream" in one_line_error(
+        run("dead-letters", "list", stream, "--dead-letter-stream", "{address}")
+    )
+
+
+async def test_a_key_that_is_not_a_stream_is_one_line() -> None:
+    key = fresh("text")
+    redis = await client()
+    try:
+        await redis.set(key, "x")
+        result = await asyncio.to_thread(run, "dead-letters", "list", key)
+        assert f"key {key!r} is a string, not a stream" in one_line_error(result)
+    finally:
+        await redis.delete(key)
+        await redis.aclose()
+
+
+async def test_a_refused_replay_stops_with_one_line_and_keeps_every_dead_letter() -> None:
+    stream = await dead_letter(2)
+    user, password = fresh("user"), uuid.uuid4().hex
+    redis = await client()
+    # A user who may read and delete but not XADD: Redis refuses every send back.
+    await redis.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "-xadd"
+    )
+    try:
+        url = f"redis://{user}:{password}@127.0.0.1:{PORT}/0"
+        result = await asyncio.to_thread(run, "dead-letters", "replay", stream, url=url)
+    finally:
+        await redis.execute_command("ACL", "DELUSER", user)
+        await redis.aclose()
+    line = one_line_error(result)
+    assert "stopped after 0 dead letter(s)" in line
+    assert "no permissions to run the 'xadd' command" in line
+    assert password not in result.stderr
+    assert await payloads(stream + ".dlq") == [b"0", b"1"], "every dead letter stays"
+    assert len(await entries(stream)) == 2, "nothing was sent back"

@@ -53,7 +53,7 @@ class DeadLetters(ChunkedDeadLetters):
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Publish each back (ack awaited), then delete the confirmed ones from the stream."""
         js = self._client.jetstream(timeout=self.config.publish_timeout)
-        jsm = self._client.jsm()
+        jsm = self._jsm()
         moved = 0
         async for chunk in self._dead_letter_chunks(address, limit, replay=True):
             sent = await asyncio.gather(
@@ -85,7 +85,7 @@ class DeadLetters(ChunkedDeadLetters):
         from nats.js import api
 
         stream, subject = await self._dead_letter_stream(address, replay=replay)
-        jsm = self._client.jsm()
+        jsm = self._jsm()
         name = f"amgi-dead-letters-{secrets.token_hex(6)}"
         try:
             last = (await jsm.stream_info(stream)).state.last_seq
@@ -100,17 +100,23 @@ class DeadLetters(ChunkedDeadLetters):
                     mem_storage=True,
                 ),
             )
-            sub = await self._client.jetstream().pull_subscribe_bind(name=name, stream=stream)
-        except (nats_errors.Error, OSError) as exc:
-            raise BrokerUnavailable(f"nats: cannot read stream {stream!r}: {exc}") from None
+            js = self._client.jetstream(timeout=self.config.publish_timeout)
+            sub = await js.pull_subscribe_bind(name=name, stream=stream)
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot read stream {stream!r}: {_text(exc)}") from None
         try:
             left, stalls, pending = limit, 0, 1
             while left > 0 and pending > 0:
                 try:
                     msgs = await sub.fetch(min(_CHUNK, left), timeout=1.0)
                 except nats_errors.TimeoutError:
-                    pending = (await sub.consumer_info()).num_pending
                     stalls += 1
+                    try:
+                        pending = (await sub.consumer_info()).num_pending
+                    except (nats_errors.Error, OSError, TimeoutError) as exc:
+                        raise BrokerUnavailable(
+                            f"nats: reading stream {stream!r} failed: {_text(exc)}"
+                        ) from None
                     if stalls >= _STALLS and pending:
                         raise BrokerUnavailable(
                             f"nats: reading the dead letters of {address!r} stalled"
@@ -139,6 +145,7 @@ class DeadLetters(ChunkedDeadLetters):
 
     async def _dead_letter_stream(self, address: str, *, replay: bool) -> tuple[str, str]:
         """The stream holding the dead letters of ``address``, and their subject."""
+        from nats import errors as nats_errors
         from nats.js import errors as js_errors
 
         if self._client is None:
@@ -149,7 +156,7 @@ class DeadLetters(ChunkedDeadLetters):
                 "confirmed); replay in jetstream mode"
             )
         subject = self.dead_letter_subject(address)
-        jsm = self._client.jsm()
+        jsm = self._jsm()
         try:
             if self.config.mode == "jetstream":
                 if self.config.stream:
@@ -163,6 +170,8 @@ class DeadLetters(ChunkedDeadLetters):
             ) from None
         except js_errors.ServiceUnavailableError:
             raise ConfigurationError("nats: JetStream is not enabled on the server") from None
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot look up {address!r}: {_text(exc)}") from None
         try:
             return await jsm.find_stream_name_by_subject(subject), subject
         except js_errors.NotFoundError:
@@ -171,6 +180,12 @@ class DeadLetters(ChunkedDeadLetters):
                 f"no dead letter of {address!r} was stored (they wait unacknowledged on "
                 "their subject); create a stream covering it"
             ) from None
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot look up {subject!r}: {_text(exc)}") from None
+
+    def _jsm(self) -> Any:
+        """The JetStream API, its requests bounded by ``--publish-timeout``."""
+        return self._client.jsm(timeout=self.config.publish_timeout)
 
 
 def subject_matches(subject: str, pattern: str) -> bool:
