@@ -182,3 +182,15 @@ async def test_a_refused_replay_stops_with_one_line_and_keeps_every_dead_letter(
     assert password not in result.stderr
     assert await payloads(stream + ".dlq") == [b"0", b"1"], "every dead letter stays"
     assert len(await entries(stream)) == 2, "nothing was sent back"
+
+
+async def test_a_server_that_stops_answering_is_one_line() -> None:
+    stream = await dead_letter(1)
+    # The broker never sees the first XRANGE, nor anything after it.
+    async with HoldingFront(PORT, b"XRANGE", 0) as front:
+        result = await asyncio.to_thread(
+            run, "dead-letters", "list", stream, "--connect-timeout", "1",
+            url=f"redis://127.0.0.1:{front.port}/0",
+        )  # fmt: skip
+    line = one_line_error(result)
+    assert f"cannot read {stream + '.dlq'!r}: no answer within 1 s" in line

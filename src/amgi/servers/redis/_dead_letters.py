@@ -18,6 +18,7 @@ Several streams may share one dead-letter stream (a ``--dead-letter-stream`` wit
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,7 +58,7 @@ class DeadLetters(ChunkedDeadLetters):
         moved = 0
         async for chunk in self._dead_letter_chunks(address, limit, replay=True):
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
+                async with self._answer(), self._client.pipeline(transaction=False) as pipe:
                     for _, d in chunk:
                         pipe.execute_command(
                             "XADD", address, *trim, "*", *encode(d.headers, d.payload)
@@ -65,10 +66,12 @@ class DeadLetters(ChunkedDeadLetters):
                     results = await pipe.execute(raise_on_error=False)
                 sent = [i for (i, _), r in zip(chunk, results, strict=True) if _confirmed(r)]
                 if sent:
-                    await self._client.execute_command("XDEL", dlq, *sent)
-            except redis_errors.RedisError as exc:
+                    async with self._answer():
+                        await self._client.execute_command("XDEL", dlq, *sent)
+            except (redis_errors.RedisError, TimeoutError) as exc:
                 raise self.send_error(
-                    f"redis: replay to {address!r} stopped after {moved} dead letter(s): {exc}"
+                    f"redis: replay to {address!r} stopped after {moved} dead letter(s): "
+                    f"{self._why(exc)}; the rest stay in {dlq!r}"
                 ) from None
             moved += len(sent)
             if len(sent) < len(chunk):
@@ -85,10 +88,13 @@ class DeadLetters(ChunkedDeadLetters):
         from redis import exceptions as redis_errors
 
         try:
-            dlq = await self._dead_letter_stream(address, replay=replay)
-            newest = await self._client.execute_command("XREVRANGE", dlq, "+", "-", "COUNT", 1)
-        except redis_errors.RedisError as exc:
-            raise BrokerUnavailable(f"redis: cannot look at {address!r}: {exc}") from None
+            async with self._answer():
+                dlq = await self._dead_letter_stream(address, replay=replay)
+                newest = await self._client.execute_command("XREVRANGE", dlq, "+", "-", "COUNT", 1)
+        except (redis_errors.RedisError, TimeoutError) as exc:
+            raise BrokerUnavailable(
+                f"redis: cannot look at {address!r}: {self._why(exc)}"
+            ) from None
         if not newest:
             return
         end = newest[0][0]  # entries added after the start are left for the next run
@@ -96,11 +102,12 @@ class DeadLetters(ChunkedDeadLetters):
         left = limit
         while left > 0:
             try:
-                rows = await self._client.execute_command(
-                    "XRANGE", dlq, start, end, "COUNT", _CHUNK
-                )
-            except redis_errors.RedisError as exc:
-                raise BrokerUnavailable(f"redis: cannot read {dlq!r}: {exc}") from None
+                async with self._answer():
+                    rows = await self._client.execute_command(
+                        "XRANGE", dlq, start, end, "COUNT", _CHUNK
+                    )
+            except (redis_errors.RedisError, TimeoutError) as exc:
+                raise BrokerUnavailable(f"redis: cannot read {dlq!r}: {self._why(exc)}") from None
             chunk = [
                 (entry_id, d)
                 for entry_id, fields in rows or ()
@@ -112,6 +119,16 @@ class DeadLetters(ChunkedDeadLetters):
             if len(rows or ()) < _CHUNK:
                 return
             start = _after(rows[-1][0])
+
+    def _answer(self) -> asyncio.Timeout:
+        """Bounds one exchange with Redis by ``--connect-timeout``: no hang on a silent
+        server (the client itself waits for an answer forever)."""
+        return asyncio.timeout(self.config.connect_timeout)
+
+    def _why(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return f"no answer within {self.config.connect_timeout:g} s"
+        return str(exc)
 
     async def _dead_letter_stream(self, address: str, *, replay: bool) -> str:
         """The dead-letter stream of ``address``, after checking both keys' types."""
