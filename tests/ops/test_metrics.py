@@ -304,6 +304,7 @@ async def test_sqs_queue_depth_is_reported_and_drains_to_zero(
     finally:
         await sender.close()
     # Two long polls of up to 10 messages run beside the held batch: 20 or more stay visible.
+    monkeypatch.setattr("amgi.servers.sqs.DEPTH_EVERY", 0.5)  # re-read sooner than every 5 s
     options = SqsOptions(endpoint_url=ENDPOINT, wait_time=1, max_messages=10, receivers=2)
     await lag_shows_and_drains(SqsTransport([queue], options), queue, 40)
 
