@@ -228,8 +228,10 @@ class Transport(abc.ABC):
     def backlog(self) -> dict[str, int] | None:
         """Messages waiting to be processed, per address, when the broker tells it cheaply.
 
-        Called from the event loop when metrics are scraped: it must not block or do I/O.
-        ``None`` (the default) means this server cannot tell.
+        Called from the event loop when metrics are scraped: it must not block or do I/O
+        (read it from what fetching brings, or keep it fresh in a task the server owns,
+        e.g. :class:`amgi.servers.kit.Refreshed`). ``None`` (the default) means this
+        server cannot tell.
         """
         return None
 
