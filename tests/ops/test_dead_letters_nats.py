@@ -236,3 +236,37 @@ async def test_a_server_that_stops_answering_is_one_line() -> None:
             "--connect-timeout", "1", url=f"nats://127.0.0.1:{front.port}",
         )  # fmt: skip
     assert f"reading stream {STREAM!r} failed: nats: timeout" in one_line_error(result)
+
+
+async def test_a_wildcard_address_lists_and_replays_the_dead_letters_of_each_subject() -> None:
+    import nats
+    from nats.js import api
+
+    from amgi.servers.kit import dead_letter_headers
+    from amgi.servers.nats._headers import encode
+
+    prefix = fresh("wild")
+    name = prefix.replace("-", "_").upper()
+    nc = await nats.connect(URL)
+    transport = NatsTransport([], options())
+    try:
+        await nc.jsm().add_stream(
+            api.StreamConfig(name=name, subjects=[f"{prefix}.>"], storage=api.StorageType.MEMORY)
+        )
+        for token in ("eu", "us"):
+            subject = f"{prefix}.{token}"
+            headers = dead_letter_headers([], attempt=2, address=subject, reason="refused")
+            await nc.jetstream().publish(subject + ".dlq", token.encode(), headers=encode(headers))
+        await transport.connect()
+        listed = await transport.list_dead_letters(f"{prefix}.*", 10)
+        assert [(d.address, d.payload) for d in listed] == [
+            (f"{prefix}.eu", b"eu"),
+            (f"{prefix}.us", b"us"),
+        ]
+        assert await transport.replay_dead_letters(f"{prefix}.*", 10) == 2
+        state = (await nc.jsm().stream_info(name, subjects_filter=">")).state
+        assert state.subjects == {f"{prefix}.eu": 1, f"{prefix}.us": 1}, "each to its subject"
+    finally:
+        await transport.close()
+        await nc.jsm().delete_stream(name)
+        await nc.close()
