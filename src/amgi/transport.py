@@ -174,6 +174,11 @@ class Transport(abc.ABC):
         """What names this message source in the crash ledger (ids are unique within it)."""
         return self.name
 
+    def workers_refusal(self) -> str | None:
+        """Why several processes cannot consume with these options (``amgi run --workers``
+        is refused), or ``None``; the class's :attr:`single_process_reason` by default."""
+        return self.single_process_reason
+
     def __init__(self, addresses: Sequence[str], options: Any) -> None:
         self.addresses = list(addresses)
         self.config = options
