@@ -319,6 +319,49 @@ def test_cli_send_produces_with_headers_and_key() -> None:
     assert record.headers() == [("trace", b"t-9")]
 
 
+def test_config_settings_keep_their_commas() -> None:
+    """Each ``--config`` (each line of ``AMGI_CONFIG``) is one setting, split at its first
+    ``=`` only: a librdkafka list or a password with commas arrives whole."""
+    from amgi.cli import _SERVER_PREFIX, _parser
+    from amgi.ops.env import apply_environment
+    from amgi.options import build
+
+    def options(args: Any) -> KafkaOptions:
+        built: KafkaOptions = build(KafkaOptions, vars(args), dest_prefix=_SERVER_PREFIX)
+        return built
+
+    parser, _ = _parser("kafka")
+    argv = ["send", "t", "x", "--server", "kafka", "--config", "sasl.password=p,w=x "]
+    argv += ["--config", "debug=broker,topic"]
+    given = options(parser.parse_args(argv))
+    assert given.config == ["sasl.password=p,w=x ", "debug=broker,topic"]
+    conf = KafkaTransport([], given)._common_config()
+    assert (conf["sasl.password"], conf["debug"]) == ("p,w=x ", "broker,topic")
+    env = {"AMGI_CONFIG": "sasl.password=p,w\ndebug=broker,topic\n"}
+    from_env = parser.parse_args(apply_environment(parser, argv[:5], env))
+    assert options(from_env).config == ["sasl.password=p,w", "debug=broker,topic"]
+    flag_wins = parser.parse_args(apply_environment(parser, argv, env))
+    assert options(flag_wins).config == given.config
+
+
+@pytest.mark.parametrize("given_by", ["flags", "environment"])
+def test_cli_config_value_with_commas_reaches_the_client(given_by: str) -> None:
+    """A librdkafka list setting (``debug``) and a value with a comma (``client.id``) given
+    to ``amgi send`` reach the client whole: it logs them back and the record is sent."""
+    topic = create_topic(fresh("cli-config"), partitions=1)
+    argv = ["send", topic, "x", "--server", "kafka", "--bootstrap-servers", BOOTSTRAP]
+    argv += ["--log-level", "debug"]
+    settings = ["debug=broker,conf", f"client.id=amgi,{given_by}"]
+    if given_by == "flags":
+        out = amgi_cli(*argv, "--config", settings[0], "--config", settings[1])
+    else:
+        out = amgi_cli(*argv, env={"AMGI_CONFIG": "\n".join(settings)})
+    assert out.returncode == 0, out.stderr
+    assert f"client.id = amgi,{given_by}" in out.stderr
+    [record] = read_all(topic, 1)
+    assert record.value() == b"x"
+
+
 def test_cli_run_against_unreachable_broker_is_one_clear_line() -> None:
     out = amgi_cli(
         "run", "tests.servers.kafka_app:app", "orders", "--server", "kafka",
