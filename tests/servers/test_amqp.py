@@ -20,16 +20,15 @@ from amgi.servers.amqp import (
     table_to_headers,
 )
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
-from tests.net import TlsFront, free_port, self_signed
+from tests.net import TlsFront, free_port, port_open, self_signed
+from tests.servers.private_brokers import private_rabbitmq
 from tests.servers.test_amqp_support import (
     URL,
-    broker_restarted_at_exit,
     delete_exchange,
     drain,
     new_queue,
     queue_depth,
     rabbitmq,
-    rabbitmqctl,
 )
 
 __all__ = ["rabbitmq"]
@@ -352,28 +351,42 @@ async def test_poison_message_is_dead_lettered_after_max_attempts(queue: str) ->
     assert await queue_depth(queue) == 0
 
 
-async def test_broker_restart_mid_stream_loses_nothing(queue: str) -> None:
+async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    """The broker's app stops mid-stream and starts again: the transport reconnects and
+    every message is processed. On a private node: stopping the shared one would break
+    every other test using it meanwhile."""
     total = 200
+    queue = new_queue()
     app = Recorder(pause=0.05)
-    transport = AmqpTransport(
-        [queue], AmqpOptions(url=URL, batch_size=10, prefetch=20, reconnect_delay_max=0.5)
-    )
-    for i in range(total):
-        await transport_publish_once(queue, b"%d" % i)
-    runtime = Runtime(app, transport, RuntimeConfig(retry_delay=0.05))
-    task = await run_in_background(runtime)
-    try:
-        await app.wait(lambda: len(app.seen) >= 40, timeout=20)
-        assert len(set(app.seen)) < total, "the stream ended before the restart"
-        async with broker_restarted_at_exit():
-            await rabbitmqctl("stop_app")
-        expected = {b"%d" % i for i in range(total)}
-        await app.wait(lambda: expected <= set(app.seen), timeout=60)
-        assert transport._generation >= 2, "the transport never reconnected"
-    finally:
-        runtime.request_stop()
-        assert await task == 0
-    assert await queue_depth(queue) == 0
+    with private_rabbitmq(tmp_path / "rabbitmq") as broker:
+        sender = AmqpTransport([queue], AmqpOptions(url=broker.url))  # declares the queue
+        await sender.connect()
+        try:
+            for i in range(total):
+                await sender.publish(queue, [], b"%d" % i, {})
+        finally:
+            await sender.close()
+        transport = AmqpTransport(
+            [queue],
+            AmqpOptions(url=broker.url, batch_size=10, prefetch=20, reconnect_delay_max=0.5),
+        )
+        runtime = Runtime(app, transport, RuntimeConfig(retry_delay=0.05))
+        task = await run_in_background(runtime)
+        try:
+            await app.wait(lambda: len(app.seen) >= 40, timeout=20)
+            assert len(set(app.seen)) < total, "the stream ended before the restart"
+            try:
+                await asyncio.to_thread(broker.ctl, "stop_app")
+                assert port_open(5672), "the shared broker stopped too"
+            finally:
+                await asyncio.to_thread(broker.ctl, "start_app")
+            expected = {b"%d" % i for i in range(total)}
+            await app.wait(lambda: expected <= set(app.seen), timeout=60)
+            assert transport._generation >= 2, "the transport never reconnected"
+        finally:
+            runtime.request_stop()
+            assert await task == 0
+        assert await queue_depth(queue, url=broker.url) == 0
 
 
 _publisher: dict[str, AmqpTransport] = {}
