@@ -81,7 +81,6 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     extra: ClassVar[str] = "kafka"
     stable_ids: ClassVar[bool] = True
     """``topic/partition/offset``: the crash ledger bounds a record that kills the process."""
-    counts_deliveries: ClassVar[bool] = False
 
     config: KafkaOptions
 
