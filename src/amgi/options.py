@@ -273,7 +273,7 @@ def add_flags(
                 action=AppendWhole,
                 default=argparse.SUPPRESS,
                 metavar="VALUE",
-                help=f"{help_text} (repeatable, one per flag; commas are part of the value)",
+                help=f"{help_text} (repeatable; commas are part of the value)",
             )
         elif get_origin(kind) is list:
             parser.add_argument(

@@ -107,7 +107,7 @@ class KafkaOptions:
         default_factory=list,
         repr=False,
         metadata={
-            "help": "extra librdkafka setting NAME=VALUE, one per flag (the value may hold commas)",
+            "help": "extra librdkafka setting NAME=VALUE, one per flag",
             "secret": True,
             "whole": True,
         },
