@@ -121,6 +121,18 @@ class RedisTransport(DeadLetters, Transport):
         if c.mode == "streams" and addresses:
             self.lease_interval = c.claim_idle / 3
 
+    def workers_refusal(self) -> str | None:
+        """Pub/Sub hands every process every message; one ``--consumer`` name shared by
+        processes lets each take back what the others hold."""
+        if self.config.mode == "pubsub":
+            return "--mode pubsub gives every process every message"
+        if self.config.consumer:
+            return (
+                f"one --consumer name ({self.config.consumer!r}) shared by processes lets "
+                "each take back what the others hold (leave --consumer unset)"
+            )
+        return None
+
     def dead_letter_address(self, address: str) -> str:
         return self.config.dead_letter_stream.replace("{address}", address)
 
