@@ -56,6 +56,7 @@ from amgi.servers.kit import (
 )
 from amgi.servers.mqtt._client import MqttClient, MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
+from amgi.servers.mqtt._linger import linger_until_peer_closes
 from amgi.servers.mqtt.options import MqttOptions, _topic_problem, validate_filter
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
@@ -69,6 +70,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("amgi.servers.mqtt")
+
+_CLOSE_WAIT = 2.0
+"""Seconds ``close`` waits for the broker to end the connection after DISCONNECT."""
 
 """The CONNACK outcome when the broker dropped the connection before sending one."""
 
@@ -312,12 +316,16 @@ class MqttTransport(MqttClient, Transport):
         self._misc = None
         client, self._client = self._client, None
         if client is not None:
-            if self._connected.is_set():
-                client.disconnect()
-                client.loop_write()
             sock = client.socket()
             if sock is not None and self._loop is not None:
                 self._forget_socket(sock)
+            if sock is not None and self._connected.is_set():
+                # paho closes its socket right after writing DISCONNECT; a copy keeps the
+                # connection open until the broker has read everything before it.
+                with linger_until_peer_closes(sock.fileno(), _CLOSE_WAIT) as drained:
+                    client.disconnect()
+                    client.loop_write()
+                    await drained
             with contextlib.suppress(Exception):
                 client._sock_close()
         self._connected.clear()
