@@ -17,6 +17,9 @@ logger = logging.getLogger("amgi.servers.kafka")
 _IDLE_SLICE = 0.02
 """Seconds of one wait for records when none are on hand; commits go out between them."""
 _IDLE_SLICES = 5
+_START_OFFSETS_TIMEOUT = 5.0
+"""Seconds the assignment waits for the group's committed offsets before leaving the
+lookup to librdkafka."""
 
 
 class Consuming(KafkaClient):
@@ -32,11 +35,35 @@ class Consuming(KafkaClient):
         # A retry partition paused under an earlier assignment must not stay paused.
         live = [tp for tp in partitions if not self._is_dead_letter_topic(tp.topic)]
         dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
-        consumer.assign(partitions)  # now, so that pause and resume apply to them
+        # Now, so that pause and resume apply to them; with explicit start offsets.
+        consumer.assign(self._start_offsets(consumer, partitions))
         if live:
             consumer.resume(live)
         if dead:
             consumer.pause(dead)
+
+    def _start_offsets(self, consumer: Any, partitions: list[Any]) -> list[Any]:
+        """The partitions at their committed offsets, else at the reset end.
+
+        Left to itself, librdkafka assigns a partition without a committed offset, then
+        waits ~0.1 s before it asks for the reset offset: a new group's first message came
+        that much later. Asked here (one OffsetFetch), the first fetch goes out at once.
+        Should the question fail, librdkafka's own lookup (the same rule) takes over.
+        """
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException
+
+        try:
+            committed = consumer.committed(partitions, timeout=_START_OFFSETS_TIMEOUT)
+        except KafkaException as exc:
+            logger.debug("kafka: committed offsets not fetched at assignment: %s", exc)
+            return partitions
+        reset = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+        for tp in committed:
+            if tp.error is not None:
+                return partitions
+            if tp.offset < 0:
+                tp.offset = reset
+        return list(committed)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
