@@ -114,7 +114,7 @@ async def test_committed_partition_resumes_there_the_other_starts_at_the_reset_e
 
 
 class _Offset:
-    """A committed offset as the client reports it, with a per-partition error."""
+    """An offset as the client reports it, with a per-partition error."""
 
     def __init__(self, partition: int, offset: int, error: Any = None) -> None:
         self.topic = "t"
@@ -124,39 +124,63 @@ class _Offset:
 
 
 class _Consumer:
-    """Stands in for librdkafka's consumer: ``committed`` fails or answers as told."""
+    """Stands in for librdkafka's consumer: each lookup fails or answers as told."""
 
-    def __init__(self, answer: Any) -> None:
-        self.answer = answer
+    def __init__(self, committed: Any, ends: Any = ()) -> None:
+        self.answers = {"committed": committed, "ends": ends}
+        self.asked_ends: list[tuple[int, int]] = []
+
+    def _answer(self, which: str) -> list[Any]:
+        answer = self.answers[which]
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
 
     def committed(self, partitions: list[Any], timeout: float) -> list[Any]:
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return list(self.answer)
+        return self._answer("committed")
+
+    def offsets_for_times(self, partitions: list[Any], timeout: float) -> list[Any]:
+        self.asked_ends += [(tp.partition, tp.offset) for tp in partitions]
+        return self._answer("ends")
+
+
+_TIMED_OUT = KafkaException(KafkaError(KafkaError._TIMED_OUT))
 
 
 @pytest.mark.parametrize(
     ("reset", "logical"), [("earliest", OFFSET_BEGINNING), ("latest", OFFSET_END)]
 )
-def test_start_offsets_fill_the_reset_end_where_nothing_is_committed(
+def test_start_offsets_ask_the_log_for_partitions_without_a_commit(
     reset: str, logical: int
 ) -> None:
     kafka = KafkaTransport(["t"], KafkaOptions(**options(auto_offset_reset=reset)))
-    asked = [TP("t", 0), TP("t", 1)]
-    answer = [TP("t", 0, 7), TP("t", 1, -1001)]
-    got = kafka._start_offsets(_Consumer(answer), asked)
-    assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, logical)]
+    asked = [TP("t", 0), TP("t", 1), TP("t", 2)]
+    consumer = _Consumer(
+        committed=[TP("t", 0, 7), TP("t", 1, -1001), TP("t", 2, -1001)],
+        ends=[_Offset(1, 40), _Offset(2, -1, KafkaError(KafkaError._TIMED_OUT))],
+    )
+    got = kafka._start_offsets(consumer, asked)
+    # Partition 1 from the log; partition 2's answer failed, so librdkafka resolves it.
+    assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, 40), (2, logical)]
+    assert consumer.asked_ends == [(1, logical), (2, logical)]  # -2: log start, -1: end
+
+
+def test_start_offsets_fall_back_to_the_logical_end_when_the_log_lookup_fails() -> None:
+    kafka = KafkaTransport(["t"], KafkaOptions(**options()))
+    consumer = _Consumer(committed=[TP("t", 0, 7), TP("t", 1, -1001)], ends=_TIMED_OUT)
+    got = kafka._start_offsets(consumer, [TP("t", 0), TP("t", 1)])
+    assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, OFFSET_BEGINNING)]
 
 
 @pytest.mark.parametrize(
     "answer",
     [
-        KafkaException(KafkaError(KafkaError._TIMED_OUT)),
+        _TIMED_OUT,
         [_Offset(0, 7), _Offset(1, -1001, KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE))],
     ],
     ids=["lookup-failed", "partition-error"],
 )
-def test_start_offsets_leave_the_lookup_to_librdkafka_when_it_fails(answer: Any) -> None:
+def test_start_offsets_leave_the_lookup_to_librdkafka_when_committed_fails(answer: Any) -> None:
     kafka = KafkaTransport(["t"], KafkaOptions(**options()))
     asked = [TP("t", 0), TP("t", 1)]
     assert kafka._start_offsets(_Consumer(answer), asked) is asked

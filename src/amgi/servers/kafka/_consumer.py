@@ -43,26 +43,45 @@ class Consuming(KafkaClient):
             consumer.pause(dead)
 
     def _start_offsets(self, consumer: Any, partitions: list[Any]) -> list[Any]:
-        """The partitions at their committed offsets, else at the reset end.
+        """The partitions at their committed offsets, else at the reset end, as numbers.
 
         Left to itself, librdkafka assigns a partition without a committed offset, then
-        waits ~0.1 s before it asks for the reset offset: a new group's first message came
-        that much later. Asked here (one OffsetFetch), the first fetch goes out at once.
-        Should the question fail, librdkafka's own lookup (the same rule) takes over.
+        waits ~0.1 s before it asks for the reset offset, and it resolves each partition's
+        start in a request of its own: a fetch for the first partitions ready (an empty
+        retry topic's) then holds the others back for ``fetch.wait.max.ms``. Asked here,
+        in two requests (the committed offsets, then the log start or end of the rest in
+        one ListOffsets), every partition starts at a number and the first fetch goes out
+        at once for all. Should the first question fail, librdkafka's own lookup (the same
+        rule) takes over; should the second, the logical start or end does.
         """
         from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException
+        from confluent_kafka import TopicPartition as TP
 
         try:
             committed = consumer.committed(partitions, timeout=_START_OFFSETS_TIMEOUT)
         except KafkaException as exc:
             logger.debug("kafka: committed offsets not fetched at assignment: %s", exc)
             return partitions
+        if any(tp.error is not None for tp in committed):
+            return partitions
         reset = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+        missing = [TP(tp.topic, tp.partition, reset) for tp in committed if tp.offset < 0]
+        found: dict[TopicPartition, int] = {}
+        if missing:
+            # A ListOffsets "timestamp" of -2 asks for the log start, -1 for its end.
+            try:
+                ends = consumer.offsets_for_times(missing, timeout=_START_OFFSETS_TIMEOUT)
+            except KafkaException as exc:
+                logger.debug("kafka: start offsets not fetched at assignment: %s", exc)
+                ends = []
+            found = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in ends
+                if tp.error is None and tp.offset >= 0
+            }
         for tp in committed:
-            if tp.error is not None:
-                return partitions
             if tp.offset < 0:
-                tp.offset = reset
+                tp.offset = found.get((tp.topic, tp.partition), reset)
         return list(committed)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
