@@ -18,8 +18,9 @@ Contenders:
 - ``amgi-run``: our server as a user runs it, the ``amgi run`` command (Runtime with
   signal handling, GC tuning, logging at INFO, lifespan auto), defaults except the group
   timings above; the app (:func:`app`) reads until ``more_messages`` is false and acks each id;
-- ``amgi-run-ledger``: the same command with the Kafka transport declaring stable ids, so
-  that the runtime's crash ledger is on (what it costs on Kafka);
+- ``amgi-run-ledger``: the same command with a fresh crash-ledger directory of its own (the
+  Kafka transport declares stable ids, so ``amgi run`` keeps the ledger in its default
+  directory too: the two differ in nothing else);
 - ``amgi-inprocess``: the server embedded in a script (``Runtime(...).serve()``, lifespan
   off, GC tuning, no logging set up): the configuration this benchmark used before;
 - ``raw-confluent`` / ``raw-confluent-async``: confluent-kafka ``consume`` + one commit per
