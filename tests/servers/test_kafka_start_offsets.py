@@ -1,7 +1,8 @@
 """Where an assigned partition starts: the group's committed offset, else the reset end.
 
-The transport looks the committed offsets up itself when the assignment arrives, so the
-first fetch goes out at once (librdkafka's own lookup waits ~0.1 s first).
+The transport looks the committed offsets up itself when the assignment arrives, and the log
+start (or end) of the partitions without one, so the first fetch goes out at once for every
+partition (librdkafka's own lookup waits ~0.1 s, then resolves partitions one by one).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ _IDLE_SLICE = 0.02
 """Seconds of one wait for records when none are on hand; commits go out between them."""
 _IDLE_SLICES = 5
 _START_OFFSETS_TIMEOUT = 5.0
-"""Seconds the assignment waits for the group's committed offsets before leaving the
-lookup to librdkafka."""
+"""Seconds each lookup at assignment (committed offsets, then log start or end) may take
+before librdkafka's own lookup takes over."""
 
 
 class Consuming(KafkaClient):
