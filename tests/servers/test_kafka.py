@@ -428,3 +428,16 @@ def test_the_consumer_loop_maps_records_like_message_from_record() -> None:
     ]
     assert fast[2].attempt == 3
     assert fast[2].headers == [(b"x", b"y")]
+
+
+def test_repeated_header_values_share_one_pair_and_new_values_get_their_own() -> None:
+    values = [b"json", b"json", b"json", b"xml", None, b"json"]
+    records = [
+        _FakeRecord(i, [("ctype", v), ("n", b"%d" % i)], None, b"") for i, v in enumerate(values)
+    ]
+    fast = messages_from_records("t", 0, records)
+    expected = [[(b"ctype", v or b""), (b"n", b"%d" % i)] for i, v in enumerate(values)]
+    assert [m.headers for m in fast] == expected
+    assert fast[1].headers[0] is fast[2].headers[0]  # the same value again: one tuple
+    single = message_from_record("t", 0, 9, None, None, b"", [("ctype", b"json")])
+    assert single.headers == [(b"ctype", b"json")]
