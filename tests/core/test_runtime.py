@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -706,3 +707,57 @@ async def test_concurrency_holds_when_one_fetch_returns_many_batches() -> None:
     await serve_until_settled(app, t, 10, concurrency=2)
     assert app.peak == 2
     assert len(t.settled) == 10
+
+
+async def test_a_fetch_that_swallows_the_stop_ends_the_loop_and_starts_nothing() -> None:
+    """As a client's ``asyncio.wait_for`` does on 3.11 when its future completes just as
+    it is cancelled: the fetch returns a batch instead of raising CancelledError."""
+    fetching = asyncio.Event()
+
+    class Swallowing(Scripted):
+        async def fetch(self) -> Sequence[Batch]:
+            self.fetches += 1
+            fetching.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+            return [batch("late", b"x")]
+
+    called: list[Scope] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        called.append(scope)
+
+    t = Swallowing([])
+    runtime = Runtime(app, t, RuntimeConfig(lifespan="off", cancel_grace=30))
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(fetching.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 5) == 0, "the stop waited on the fetch loop"
+    assert t.fetches == 1, "fetched again after the stop"
+    assert called == [], "a batch fetched after the stop reached the app"
+    assert t.settled == []
+    assert t.closed
+
+
+async def test_a_fetch_that_ignores_cancellation_is_left_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fetching = asyncio.Event()
+
+    class Stubborn(Scripted):
+        async def fetch(self) -> Sequence[Batch]:
+            fetching.set()
+            while not self.closed:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.01)
+            return []
+
+    t = Stubborn([])
+    runtime = Runtime(ack_all, t, RuntimeConfig(lifespan="off", cancel_grace=0.2))
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(fetching.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 5) == 0
+    assert t.closed
+    assert any("ignored cancellation" in r.getMessage() for r in caplog.records)
+    assert not runtime.abandoned, "closing the transport ended the fetch"

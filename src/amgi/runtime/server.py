@@ -294,7 +294,8 @@ class Runtime:
         finally:
             stop_wait.cancel()
             fetcher.cancel()
-            await asyncio.gather(fetcher, stop_wait, return_exceptions=True)
+            await asyncio.gather(stop_wait, return_exceptions=True)
+            fetching = await self._end_fetching(fetcher)
             self.transport.stop_fetching()
             await self._drain()
             if leaser is not None:
@@ -302,10 +303,29 @@ class Runtime:
                 await asyncio.gather(leaser, return_exceptions=True)
             ok = await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
             await self._close_connections()
+            if fetching is not None:
+                # Closing the transport ends a fetch that ignored cancellation, or not.
+                _, stuck = await asyncio.wait({fetching}, timeout=self.config.cancel_grace)
+                self._abandoned.update(stuck)
             if not ok and self._exit_code == 0:
                 self._exit_code = 1
         if self._fatal is not None:
             self._exit_code = 1
+
+    async def _end_fetching(self, fetcher: asyncio.Task[None]) -> asyncio.Task[None] | None:
+        """Wait for the cancelled fetch loop; a fetch that ignores the cancellation for
+        ``cancel_grace`` seconds is returned, the stop goes on without it."""
+        _, stuck = await asyncio.wait({fetcher}, timeout=self.config.cancel_grace)
+        if stuck:
+            logger.warning(
+                "a fetch from %s ignored cancellation for %gs: stopping without it",
+                self.transport.name,
+                self.config.cancel_grace,
+            )
+            return fetcher
+        if not fetcher.cancelled() and fetcher.exception() is not None:
+            logger.error("the fetch loop failed", exc_info=fetcher.exception())
+        return None
 
     async def _drain(self) -> None:
         """Let in-flight batches finish within the shutdown timeout, then cancel them.
@@ -351,7 +371,12 @@ class Runtime:
         backoff = Backoff(_FETCH_BACKOFF_FIRST, _FETCH_BACKOFF_MAX)
         failing = False
         limit = self.config.concurrency
-        while True:
+        stop = self._stop
+        assert stop is not None
+        # A client library may swallow the cancellation that ends this loop (on 3.11,
+        # asyncio.wait_for does when its inner future completes at the same moment):
+        # the stop flag is checked too, and nothing fetched after a stop is started.
+        while not stop.is_set():
             await self._free_slot(limit)
             try:
                 batches = await self.transport.fetch()
@@ -379,6 +404,8 @@ class Runtime:
                 # Batches not started when a stop cancels this wait stay unacknowledged
                 # on the broker and come back by redelivery.
                 await self._free_slot(limit)
+                if stop.is_set():
+                    return
                 self._start(batch)
 
     async def _free_slot(self, limit: int) -> None:
