@@ -20,8 +20,11 @@ BINARY = [
 ]
 
 
-async def _post(max_body: int, declared: bytes, body: bytes) -> tuple[int, list[str], list[Any]]:
-    """Post one binary event to a front; its status, the bodies read, the messages queued."""
+async def _post(
+    max_body: int, declared: bytes, body: bytes, headers: list[tuple[bytes, bytes]] = BINARY
+) -> tuple[int, list[str], list[Any]]:
+    """Post one event (binary by default) to a front; its status, the bodies read, the
+    messages queued (each acked)."""
     transport = HttpTransport([], HttpOptions(max_body=max_body), listen=False)
     read: list[str] = []
     sent: list[dict[str, Any]] = []
@@ -37,7 +40,7 @@ async def _post(max_body: int, declared: bytes, body: bytes) -> tuple[int, list[
         "type": "http",
         "method": "POST",
         "path": "/",
-        "headers": [(b"content-length", declared), *BINARY],
+        "headers": [(b"content-length", declared), *headers],
     }
     answer = asyncio.ensure_future(transport.front(scope, receive, send))
     await asyncio.sleep(0)
@@ -102,3 +105,18 @@ def test_binary_events_missing_an_attribute_are_refused(drop: bytes, says: str) 
     kept = [h for h in BINARY if h[0] != drop]
     with pytest.raises(BadRequest, match=says.replace("(", r"\(").replace(")", r"\)")):
         binary_event(kept, dict(kept), b"ce-type")
+
+
+async def test_a_structured_content_type_in_any_case_wins_over_ce_headers() -> None:
+    body = b'{"specversion": "1.0", "id": "9", "source": "/j", "type": "json-type"}'
+    headers = [(b"content-type", b"Application/CloudEvents+JSON; charset=utf-8"), *BINARY[1:]]
+    status, _, queued = await _post(1000, str(len(body)).encode(), body, headers)
+    assert status == 204
+    assert [m.headers for m in queued] == [
+        [
+            (b"ce-specversion", b"1.0"),
+            (b"ce-id", b"9"),
+            (b"ce-source", b"/j"),
+            (b"ce-type", b"json-type"),
+        ]
+    ]

@@ -35,6 +35,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_CE_MEDIA = b"application/cloudevents"
+"""The start of the structured and batched content types (any case)."""
+_CE_MEDIA_LEN = len(_CE_MEDIA)
 _ACKED_START = {"type": "http.response.start", "status": 204, "headers": []}
 _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 
@@ -93,7 +96,7 @@ class Front:
         declared = None
         for header in headers:  # one pass over the headers, nothing else parsed
             name = header[0]
-            if name.startswith(b"ce-"):
+            if name[:3] == b"ce-":  # (a slice compares cheaper than startswith)
                 kept.append(header)
             elif name == b"content-type":
                 content_type = header[1]
@@ -139,7 +142,7 @@ class Front:
         attributes = dict(kept)
         try:
             binary = b"ce-specversion" in attributes
-            if binary and not content_type.lower().startswith(b"application/cloudevents"):
+            if binary and content_type[:_CE_MEDIA_LEN].lower() != _CE_MEDIA:
                 address, kept = binary_event(kept, attributes, self._want)  # the hot path
                 served = self.addresses
                 if not (self._from_event and address and (not served or address in served)):
