@@ -155,13 +155,13 @@ class Front:
         except _Answered as exc:
             return await _respond(send, exc.answer)
         reasons = await future
-        if reasons == []:  # the hot path: every message acked, two constant events
-            await send(_ACKED_START)
-            await send(_EMPTY_BODY)
+        if reasons:
+            await _respond(send, _text(self.nack_status, "nacked: " + "; ".join(reasons)))
         elif reasons is None:
             await _respond(send, _UNAVAILABLE)
-        else:
-            await _respond(send, _text(self.nack_status, "nacked: " + "; ".join(reasons)))
+        else:  # the hot path: every message acked, two constant events
+            await send(_ACKED_START)
+            await send(_EMPTY_BODY)
 
     @staticmethod
     async def _rest(receive: Receive, body: bytes, limit: int) -> bytes | None:
