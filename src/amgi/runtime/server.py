@@ -87,7 +87,9 @@ class Runtime:
         self.transport = transport
         self.config = config or RuntimeConfig()
         self.metrics = metrics or MetricsHook()
-        self._reports_batches = type(self.metrics).batch_settled is not MetricsHook.batch_settled
+        self._reports_batches = (
+            getattr(self.metrics.batch_settled, "__func__", None) is not MetricsHook.batch_settled
+        )
         """False when the hook's batch_settled is the no-op: no BatchStats is built."""
         self.handle_signals = handle_signals
         self.started = asyncio.Event()
