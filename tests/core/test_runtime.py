@@ -488,6 +488,20 @@ async def test_metrics_hook_counts_per_batch() -> None:
     assert sends == [("o", True)]
 
 
+async def test_a_batch_settled_set_on_the_hook_instance_is_called() -> None:
+    # The runtime skips building BatchStats only for the base class's no-op.
+    stats: list[BatchStats] = []
+    hook = MetricsHook()
+    hook.batch_settled = stats.append  # type: ignore[method-assign]
+    t = Scripted([batch("a", b"1")])
+    runtime = Runtime(ack_all, t, RuntimeConfig(lifespan="off"), metrics=hook)
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(t.all_settled.wait(), 5)
+    runtime.request_stop()
+    await task
+    assert [(s.address, s.received, s.acked) for s in stats] == [("a", 1, 1)]
+
+
 async def test_failures_are_logged_one_line_per_message(caplog: pytest.LogCaptureFixture) -> None:
     async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
         if scope["type"] != "message":

@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import CoroutineType
 from typing import Any, Final, Protocol
 
 from amgi.errors import InvalidEvent
@@ -368,7 +369,7 @@ async def call_once(
     """
     try:
         result = app(scope, call.receive, call.send)
-        if not inspect.isawaitable(result):
+        if type(result) is not CoroutineType and not inspect.isawaitable(result):
             raise TypeError(
                 f"calling the application returned {type(result).__name__}, not an awaitable "
                 "(is it an 'async def'?)"
@@ -481,7 +482,10 @@ class Delivery:
         while groups:
             messages, exclusive = groups[0]
             try:
-                call = await self._start(messages, exclusive)
+                token = None
+                if self._hooks is not None:
+                    token = await self._hooks.enter(self._batch.address, messages, exclusive)
+                call = self._start(messages, exclusive, token)
                 groups.popleft()  # taken off only once in the app's hands
                 error = await call_once(
                     self._app,
@@ -537,11 +541,7 @@ class Delivery:
     def _scope(self) -> MessageScope:
         return message_scope(self._batch, self._state, self._extensions)
 
-    async def _start(self, messages: list[Message], exclusive: bool) -> BatchCall:
-        hooks = self._hooks
-        token = None
-        if hooks is not None:
-            token = await hooks.enter(self._batch.address, messages, exclusive)
+    def _start(self, messages: list[Message], exclusive: bool, token: Any) -> BatchCall:
         batch = self._batch
         if messages is not batch.messages:
             batch = Batch(batch.address, messages, batch.key, batch.context)

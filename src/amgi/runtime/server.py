@@ -87,6 +87,10 @@ class Runtime:
         self.transport = transport
         self.config = config or RuntimeConfig()
         self.metrics = metrics or MetricsHook()
+        self._reports_batches = (
+            getattr(self.metrics.batch_settled, "__func__", None) is not MetricsHook.batch_settled
+        )
+        """False when the hook's batch_settled is the no-op: no BatchStats is built."""
         self.handle_signals = handle_signals
         self.started = asyncio.Event()
         """Set once lifespan startup is done and the transport is connected."""
@@ -373,11 +377,13 @@ class Runtime:
         limit = self.config.concurrency
         stop = self._stop
         assert stop is not None
+        tasks = self._tasks
         # A client library may swallow the cancellation that ends this loop (on 3.11,
         # asyncio.wait_for does when its inner future completes at the same moment):
         # the stop flag is checked too, and nothing fetched after a stop is started.
         while not stop.is_set():
-            await self._free_slot(limit)
+            if len(tasks) >= limit:
+                await self._free_slot(limit)
             try:
                 batches = await self.transport.fetch()
             except ConfigurationError as exc:
@@ -403,7 +409,8 @@ class Runtime:
                 # per topic, per partition ...): start each only when a slot is free.
                 # Batches not started when a stop cancels this wait stay unacknowledged
                 # on the broker and come back by redelivery.
-                await self._free_slot(limit)
+                if len(tasks) >= limit:
+                    await self._free_slot(limit)
                 if stop.is_set():
                     return
                 self._start(batch)
@@ -450,6 +457,7 @@ class Runtime:
 
     async def _process(self, batch: Batch) -> None:
         started = time.monotonic()
+        fetched = batch
         messages = batch.messages
         ledger = self._ledger
         exhausted: Settlement | None = None
@@ -475,11 +483,7 @@ class Runtime:
             )
             task = asyncio.current_task()
             assert task is not None
-            self._deliveries[task] = (
-                delivery,
-                Batch(batch.address, messages, batch.key, batch.context),
-                exhausted,
-            )
+            self._deliveries[task] = (delivery, fetched, exhausted)
             try:
                 settlement = await delivery.run()
             except CallCancelled as exc:
@@ -491,7 +495,7 @@ class Runtime:
                 return  # settled by _drain when it gave up on this call
         if exhausted is not None and exhausted.dead:
             settlement.dead.extend(exhausted.dead)
-            batch = Batch(batch.address, messages, batch.key, batch.context)
+            batch = fetched
         await self._settle(batch, settlement, started)
         if suspects and ledger is not None:
             ledger.forget(batch.address, suspects)
@@ -578,6 +582,8 @@ class Runtime:
                 d.reason,
                 extra=_failure_fields(batch.address, d.message.id, d.message.attempt, d.reason),
             )
+        if not self._reports_batches:
+            return
         self.metrics.batch_settled(
             BatchStats(
                 address=batch.address,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement
 
@@ -46,7 +47,7 @@ class Inbox:
         self._waiting: dict[str, list[Message]] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._create_future: Callable[[], asyncio.Future[list[str] | None]] | None = None
         self.closed = False
         """Set at shutdown: no request is taken any more."""
 
@@ -74,10 +75,10 @@ class Inbox:
         attempt: int = 1,
     ) -> asyncio.Future[list[str] | None]:
         """Queue a request of one message (its future is the message's token)."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[str] | None] = loop.create_future()
+        create_future = self._create_future
+        if create_future is None:
+            create_future = self._create_future = asyncio.get_running_loop().create_future
+        future: asyncio.Future[list[str] | None] = create_future()
         if self.closed:
             future.set_result(None)
             return future
@@ -85,7 +86,14 @@ class Inbox:
             str(next(self._ids)), headers, payload, {} if bindings is None else bindings,
             attempt, future,
         )  # fmt: skip
-        self._queue(address, [message])
+        waiting = self._waiting.get(address)  # _queue, inlined: this is once per request
+        if waiting is None:
+            self._waiting[address] = [message]
+        else:
+            waiting.append(message)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         return future
 
     def submit(self, items: list[Item]) -> asyncio.Future[list[str] | None]:
@@ -140,6 +148,8 @@ class Inbox:
                     token.future.set_result(token.reasons)
             elif not token.done():
                 token.set_result(_NONE)
+        if not (settlement.retry or settlement.dead):
+            return
         nacked = [(r.message, r.reason) for r in settlement.retry]
         nacked += [(d.message, d.reason) for d in settlement.dead]
         for message, reason in nacked:
