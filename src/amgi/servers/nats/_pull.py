@@ -129,8 +129,11 @@ class Puller:
             turn += 1
             self._ready.clear()
             wait = min(r.open_until for r in self._requests) - now
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation
+            # that comes as the event is set, and the stop would wait for the next one.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), max(0.001, wait))
+                async with asyncio.timeout(max(0.001, wait)):
+                    await self._ready.wait()
 
     async def _ask(self, request: _Request, now: float) -> None:
         request.remaining = self.batch
