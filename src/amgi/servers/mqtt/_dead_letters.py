@@ -197,20 +197,25 @@ class DeadLetters(MqttClient):
         """Create or renew the dead-letter session of every consumed filter."""
         if not self.config.keep_dead_letters or not self.addresses:
             return
-        sessions = [
-            DeadLetterSession(a, self.config, receive_maximum=1, create=True)
-            for a in self.addresses
-        ]
+        outcomes = await asyncio.gather(
+            *(self._keep_dead_letters_of(a) for a in self.addresses), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _keep_dead_letters_of(self, address: str) -> None:
+        session = DeadLetterSession(address, self.config, receive_maximum=1, create=True)
         try:
-            await asyncio.gather(*(s.open() for s in sessions))
-        except ConfigurationError as exc:
-            raise ConfigurationError(
-                f"{exc} (the session that keeps the dead letters: let the server read "
-                f"{self.config.dead_letter_prefix}/#, or pass --no-keep-dead-letters)"
+            await session.open()
+        except (ConfigurationError, BrokerUnavailable) as exc:
+            raise type(exc)(
+                f"{exc} (session {session.config.client_id}, which keeps the dead letters of "
+                f"{address!r}: it must be allowed to connect and to read "
+                f"{self.config.dead_letter_prefix}/#; or pass --no-keep-dead-letters)"
             ) from None
         finally:
-            for s in sessions:
-                await s.close()
+            await session.close()
 
     async def _dead_letter_session(self, address: str, receive_maximum: int) -> DeadLetterSession:
         problem = validate_filter(address)
@@ -232,8 +237,11 @@ class DeadLetters(MqttClient):
             await session.close()
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
-        """Publish each back to its topic (QoS 1, acknowledged), then acknowledge it."""
-        session = await self._dead_letter_session(address, min(limit, _REPLAY_CHUNK))
+        """Publish each back to its topic (QoS 1, acknowledged), then acknowledge it.
+
+        Chunk by chunk, with the next chunk on its way meanwhile (Receive Maximum).
+        """
+        session = await self._dead_letter_session(address, min(limit, 2 * _REPLAY_CHUNK))
         moved = 0
         try:
             while moved < limit:
