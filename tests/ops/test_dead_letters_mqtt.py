@@ -308,3 +308,39 @@ async def test_a_broker_that_refuses_the_dead_letter_session_is_one_error(
         await server.close()
     finally:
         broker.stop()
+
+
+async def test_a_replay_the_broker_refuses_is_one_line_and_keeps_the_dead_letters(
+    tmp_path: Path,
+) -> None:
+    """The replaying user may read the dead letters but not publish to their topic."""
+    acl = "user amgi\ntopic read orders/#\ntopic readwrite amgi/dead-letter/#\n"
+    broker = Mosquitto(tmp_path, users={"amgi": "a"}, acl=acl)
+    broker.start()
+    try:
+        address = f"orders/{uuid.uuid4().hex[:8]}"
+        login = {"username": "amgi", "password": "a"}
+        server = MqttTransport([address], options(broker, **login))
+        await server.connect()
+        await server.close()
+        sender = MqttTransport([], options(broker, **login))
+        await sender.connect()
+        try:
+            for i in range(3):
+                await sender.publish(f"amgi/dead-letter/{address}", [], b"%d" % i, {})
+        finally:
+            await sender.close()
+        result = await asyncio.to_thread(
+            run, broker, "dead-letters", "replay", address, "--username", "amgi",
+            "--password", "a", "--send-timeout", "5",
+        )  # fmt: skip
+        assert "refused the send to" in one_line_error(result)
+        reader = MqttTransport([], options(broker, **login))
+        await reader.connect()
+        try:
+            left = await reader.list_dead_letters(address, 10)
+        finally:
+            await reader.close()
+        assert [d.payload for d in left] == [b"0", b"1", b"2"]
+    finally:
+        broker.stop()
