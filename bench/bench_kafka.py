@@ -2,7 +2,8 @@
 
 Run after ``scripts/brokers/kafka.sh``: ``.venv/bin/python bench/bench_kafka.py``.
 
-One topic of ``--count`` 100-byte records with 2 headers on 4 partitions is produced once.
+One topic of ``--count`` 100-byte records with 2 headers (a content type, the same on every
+record, and a trace id, new on each) on 4 partitions is produced once.
 Each contender then drains it in its own process with a fresh consumer group, contenders
 alternating over ``--rounds`` rounds (the order rotates each round). Every contender is
 timed the same way, from outside: the driver starts its process and asks the broker every
@@ -17,8 +18,9 @@ Contenders:
 - ``amgi-run``: our server as a user runs it, the ``amgi run`` command (Runtime with
   signal handling, GC tuning, logging at INFO, lifespan auto), defaults except the group
   timings above; the app (:func:`app`) reads until ``more_messages`` is false and acks each id;
-- ``amgi-run-ledger``: the same command with the Kafka transport declaring stable ids, so
-  that the runtime's crash ledger is on (what it costs on Kafka);
+- ``amgi-run-ledger``: the same command with a fresh crash-ledger directory of its own (the
+  Kafka transport declares stable ids, so ``amgi run`` keeps the ledger in its default
+  directory too: the two differ in nothing else);
 - ``amgi-inprocess``: the server embedded in a script (``Runtime(...).serve()``, lifespan
   off, GC tuning, no logging set up): the configuration this benchmark used before;
 - ``raw-confluent`` / ``raw-confluent-async``: confluent-kafka ``consume`` + one commit per
@@ -411,8 +413,9 @@ def prefill(bootstrap: str, count: int) -> tuple[str, dict[int, int]]:
         ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
 
     payload = b"x" * 100
-    headers = [("content-type", b"application/octet-stream"), ("trace-id", b"0123456789abcdef")]
     for i in range(count):
+        # One header repeats its value (a content type), the other is new on each record.
+        headers = [("content-type", b"application/octet-stream"), ("trace-id", b"%016x" % i)]
         while True:
             try:
                 producer.produce(

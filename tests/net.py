@@ -16,7 +16,7 @@ import ssl
 import threading
 from pathlib import Path
 
-__all__ = ["TlsFront", "free_port", "port_open", "self_signed"]
+__all__ = ["TlsFront", "free_port", "pipe", "port_open", "self_signed"]
 
 
 def free_port() -> int:
@@ -44,6 +44,19 @@ def port_open(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy ``src`` to ``dst`` until ``src`` ends or fails, then close ``dst``."""
+    try:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, ssl.SSLError, RuntimeError):
+            dst.close()
 
 
 def self_signed(directory: Path, stem: str = "cert") -> tuple[Path, Path]:
@@ -157,16 +170,5 @@ class TlsFront:
         except OSError:
             writer.close()
             return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                with contextlib.suppress(OSError, ssl.SSLError, RuntimeError):
-                    dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

@@ -2,7 +2,9 @@
 
 Supported field types: ``str``, ``int``, ``float``, ``bool`` (``--x``/``--no-x``), those
 with ``| None``, ``Literal[...]`` of strings (choices) and ``list[str]`` (a repeatable
-flag that also takes comma-separated values).
+flag that also takes comma-separated values; with ``"whole": True`` in the field's
+metadata each flag is one item, commas included, e.g. a ``NAME=VALUE`` setting whose
+value may hold a comma).
 
 Declaring an option, its bounds and its checks::
 
@@ -41,6 +43,7 @@ from amgi.errors import ConfigurationError
 from amgi.secrets import masked
 
 __all__ = [
+    "AppendWhole",
     "add_flags",
     "bounds_text",
     "build",
@@ -220,6 +223,10 @@ def _base(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+class AppendWhole(argparse._AppendAction):
+    """A repeatable flag of a ``"whole"`` list option: each flag is one item, kept whole."""
+
+
 def _split_list(values: list[str] | None) -> list[str]:
     out: list[str] = []
     for value in values or []:
@@ -258,6 +265,15 @@ def add_flags(
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=f"{help_text} (default: {'on' if default else 'off'})",
+            )
+        elif get_origin(kind) is list and f.metadata.get("whole"):
+            parser.add_argument(
+                *names,
+                dest=dest,
+                action=AppendWhole,
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=f"{help_text} (repeatable; commas are part of the value)",
             )
         elif get_origin(kind) is list:
             parser.add_argument(
@@ -305,8 +321,8 @@ def build(cls: type[Any], values: Mapping[str, Any], *, dest_prefix: str = "") -
             continue
         value = values[key]
         kind, _ = _base(hints[f.name])
-        if get_origin(kind) is list:
-            value = _split_list(value) if isinstance(value, list) else value
+        if get_origin(kind) is list and isinstance(value, list) and not f.metadata.get("whole"):
+            value = _split_list(value)
         kwargs[f.name] = value
     try:
         built = cls(**kwargs)

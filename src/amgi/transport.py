@@ -161,9 +161,10 @@ class Transport(abc.ABC):
     stable_ids: ClassVar[bool] = False
     """A message redelivered after a crash keeps its :attr:`Message.id` (row id, offset,
     broker message id ...): the runtime's crash ledger can then recognise it."""
-    counts_deliveries: ClassVar[bool] = False
+    counts_deliveries: bool = False
     """The broker counts every delivery, crashes included, so :attr:`Message.attempt`
-    rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues)."""
+    rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues).
+    A server where it depends on the options (AMQP: the queue type) sets it per instance."""
     outlives_process: ClassVar[bool] = True
     """Messages survive the consuming process (false only for the in-memory broker)."""
     single_process_reason: ClassVar[str | None] = None
@@ -173,6 +174,11 @@ class Transport(abc.ABC):
     def ledger_namespace(self) -> str:
         """What names this message source in the crash ledger (ids are unique within it)."""
         return self.name
+
+    def workers_refusal(self) -> str | None:
+        """Why several processes cannot consume with these options (``amgi run --workers``
+        is refused), or ``None``; the class's :attr:`single_process_reason` by default."""
+        return self.single_process_reason
 
     def __init__(self, addresses: Sequence[str], options: Any) -> None:
         self.addresses = list(addresses)
@@ -228,8 +234,10 @@ class Transport(abc.ABC):
     def backlog(self) -> dict[str, int] | None:
         """Messages waiting to be processed, per address, when the broker tells it cheaply.
 
-        Called from the event loop when metrics are scraped: it must not block or do I/O.
-        ``None`` (the default) means this server cannot tell.
+        Called from the event loop when metrics are scraped: it must not block or do I/O
+        (read it from what fetching brings, or keep it fresh in a task the server owns,
+        e.g. :class:`amgi.servers.kit.Refreshed`). ``None`` (the default) means this
+        server cannot tell.
         """
         return None
 

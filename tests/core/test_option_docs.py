@@ -51,3 +51,21 @@ def test_the_option_table_matches_the_dataclass(server: str) -> None:
         assert written in _shown(f.default), (
             f"docs/servers/{server}.md: {flag} default {documented[flag]!r}, code {f.default!r}"
         )
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_whole_list_options_are_documented_as_one_item_per_flag(server: str) -> None:
+    """A list option whose items may hold commas (``"whole"``) takes one item per flag:
+    its row must say so, not that it splits on commas."""
+    rows = {
+        flag: line
+        for line in (DOCS / f"{server}.md").read_text().splitlines()
+        if line.startswith("| `--")
+        for flag in FLAG.findall(line.split(" | ")[0])
+    }
+    for f in dataclasses.fields(load(server).options):
+        if f.metadata.get("whole"):
+            row = rows[flag_name(f.name)]
+            assert "one per flag" in row, row
+            assert "commas included" in row, row
+            assert "comma-separated" not in row, row

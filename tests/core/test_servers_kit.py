@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -13,6 +14,7 @@ from amgi.servers.kit import (
     ORIGINAL_ADDRESS_HEADER,
     Backoff,
     DelayedRepublisher,
+    Refreshed,
     UnknownBinding,
     Watermark,
     attempt_from_headers,
@@ -291,3 +293,38 @@ async def test_move_aside_dead_letters_a_refused_retry_and_backs_off_a_refused_d
         backoff=Backoff(0.01, 0.02),
     )
     assert left == [c]
+
+
+async def test_refreshed_reads_only_once_asked_keeps_the_last_value_and_stops_on_close() -> None:
+    current: int | Exception = 1
+    count = 0
+
+    async def read() -> int:
+        nonlocal count
+        count += 1
+        if isinstance(current, Exception):
+            raise current
+        return current
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                await asyncio.sleep(0.001)
+
+    figure = Refreshed("test figure", 0.001, read)
+    await asyncio.sleep(0.01)
+    assert count == 0, "nothing is read before anyone asks"
+    assert figure.get() is None, "nothing read yet"
+    await until(lambda: figure.get() == 1)
+    current = RuntimeError("broker gone")
+    failing_from = count
+    await until(lambda: count > failing_from + 1)
+    assert figure.get() == 1, "a failed read keeps the last value"
+    current = 3
+    await until(lambda: figure.get() == 3)
+    await figure.close()
+    stopped_at = count
+    await asyncio.sleep(0.01)
+    assert figure.get() == 3
+    await asyncio.sleep(0.01)
+    assert count == stopped_at, "no read after close, and get() starts none"

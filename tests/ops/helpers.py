@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.metrics import BatchStats, MetricsHook
-from amgi.transport import Transport
+from amgi.transport import Message, Transport
+from tests.net import pipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,3 +128,119 @@ async def dead_letter_all(
     finally:
         runtime.request_stop()
         assert await asyncio.wait_for(served, 60) == 0
+
+
+async def kill_replay_when(
+    ready: Callable[[], Awaitable[bool]], *args: str, env: dict[str, str] | None = None
+) -> None:
+    """Run ``amgi dead-letters replay ARGS`` and kill it (SIGKILL) as soon as ``await
+    ready()`` holds (asked every 20 ms, for 60 s at most); fail if it ended before."""
+    replay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "amgi", "dead-letters", "replay", *args,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not await ready():
+            assert replay.returncode is None, "the replay ended before it was killed"
+            assert time.monotonic() < deadline, "the replay moved nothing"
+            await asyncio.sleep(0.02)
+        assert replay.returncode is None, "the replay ended before it was killed"
+        replay.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(replay.wait(), 10)
+    finally:
+        if replay.returncode is None:
+            replay.kill()
+            await replay.wait()
+
+
+async def take(transport: Transport, n: int) -> list[Message]:
+    """Connect ``transport``, fetch until ``n`` messages came (30 s each fetch), close."""
+    await transport.connect()
+    try:
+        messages: list[Message] = []
+        while len(messages) < n:
+            batches = await asyncio.wait_for(transport.fetch(), 30)
+            messages += [m for b in batches for m in b.messages]
+    finally:
+        await transport.close()
+    return messages
+
+
+class HoldingFront:
+    """A TCP relay to 127.0.0.1:``upstream`` that stops a client at a chosen command.
+
+    Bytes from the clients pass until ``marker`` (a command name, e.g. ``XDEL``) has
+    passed ``count`` times, counted over every connection; from its next occurrence on,
+    nothing more reaches the broker (which sees a command cut short and waits), and
+    :attr:`held` is set. Use as ``async with HoldingFront(...) as front`` in the test's
+    event loop; clients connect to ``front.port``.
+    """
+
+    def __init__(self, upstream: int, marker: bytes, count: int) -> None:
+        self.upstream = upstream
+        self.marker = marker
+        self.count = count
+        self.seen = 0
+        self.held = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> HoldingFront:
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._relays):
+            task.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._relay(reader, writer))
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        try:
+            await asyncio.gather(self._up(reader, up_writer), self._down(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            up_writer.close()
+
+    async def _up(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        keep = len(self.marker) - 1
+        tail = b""  # too short to hold a whole marker: none is counted twice
+        while data := await src.read(65536):
+            if self.held.is_set():
+                continue
+            window = tail + data
+            cut = None
+            at = window.find(self.marker)
+            while at != -1:
+                self.seen += 1
+                if self.seen > self.count:
+                    cut = max(0, at - len(tail))
+                    break
+                at = window.find(self.marker, at + 1)
+            tail = window[-keep:] if keep else b""
+            if cut is not None:
+                dst.write(data[:cut])
+                self.held.set()
+            else:
+                dst.write(data)
+            await dst.drain()
+
+    async def _down(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        await pipe(src, dst)

@@ -133,6 +133,29 @@ def test_bad_operations_options_fail_before_lifespan_startup(project: Path) -> N
     assert not (project / "started").exists()
 
 
+def test_redis_options_that_cannot_share_work_refuse_workers(project: Path) -> None:
+    """Pub/Sub mode (every process gets every message) and one fixed --consumer name
+    (processes take back each other's entries): refused before lifespan startup."""
+    from amgi.servers.redis import RedisOptions, RedisTransport
+
+    redis = ["--server", "redis", "--url", "redis://127.0.0.1:1/0"]
+    pubsub = amgi("run", "opsapp:app", "q", *redis, "--mode", "pubsub", "--workers", "2",
+                  cwd=project)  # fmt: skip
+    assert pubsub.returncode == 1
+    assert (
+        "--workers: the redis server runs in one process: --mode pubsub gives every process "
+        "every message" in one_line_error(pubsub)
+    )
+    named = amgi("run", "opsapp:app", "q", *redis, "--consumer", "c1", "--workers", "3",
+                 cwd=project)  # fmt: skip
+    assert named.returncode == 1
+    assert "one --consumer name ('c1') shared by processes" in one_line_error(named)
+    assert not (project / "started").exists()
+    # Streams with a consumer name of its own in each process share the work.
+    assert RedisTransport(["q"], RedisOptions()).workers_refusal() is None
+    assert RedisTransport(["q"], RedisOptions(mode="pubsub")).workers_refusal() is not None
+
+
 def test_metrics_listener_binds_loopback_unless_told_otherwise() -> None:
     from amgi.ops.config import OpsConfig
     from amgi.ops.run import prepare

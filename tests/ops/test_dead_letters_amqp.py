@@ -5,16 +5,14 @@ then acked off the dead-letter queue); a replay killed with SIGKILL loses none."
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
-from tests.ops.helpers import ROOT, amgi, dead_letter_all, one_line_error
+from tests.ops.helpers import ROOT, amgi, dead_letter_all, kill_replay_when, one_line_error
 from tests.servers.test_amqp_support import URL, drain, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
@@ -74,23 +72,11 @@ async def test_replay_killed_half_way_loses_no_dead_letter(
     queue = amqp_queue()
     n = 2000
     await dead_letter(queue, n)
-    replay = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "amgi", "dead-letters", "replay", queue, *AMQP,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while await queue_depth(queue) == 0:
-            assert replay.returncode is None, "the replay ended before it was killed"
-            assert time.monotonic() < deadline, "the replay moved nothing"
-        replay.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(replay.wait(), 10)
-    finally:
-        if replay.returncode is None:
-            replay.kill()
-            await replay.wait()
+
+    async def moved_some() -> bool:
+        return await queue_depth(queue) > 0
+
+    await kill_replay_when(moved_some, queue, *AMQP)
     # the broker requeues what the killed replay held unacked
     deadline = time.monotonic() + 20
     while (await queue_depth(queue)) + (await queue_depth(queue + ".dead-letter")) < n:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -16,7 +14,7 @@ import pytest
 
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from tests.moto_env import ENDPOINT, use_moto_credentials
-from tests.ops.helpers import ROOT, amgi, dead_letter_all, one_line_error
+from tests.ops.helpers import ROOT, amgi, dead_letter_all, kill_replay_when, one_line_error, take
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,33 +136,21 @@ async def test_replay_killed_half_way_loses_no_dead_letter() -> None:
     n = 60
     queue = await dead_letter(n)
     hold = 2  # seconds the killed replay's last chunk stays hidden in the dead letters
-    replay = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "amgi", "dead-letters", "replay", queue, *SQS,
-        "--visibility-timeout", str(hold), cwd=ROOT, env={**os.environ, **aws()},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     admin = SqsTransport([], options())
     await admin.connect()
     try:
         url = (await admin.client.get_queue_url(QueueName=queue))["QueueUrl"]
 
-        async def depth() -> int:
+        async def moved_some() -> bool:
             found = await admin.client.get_queue_attributes(
                 QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
             )
-            return int(found["Attributes"]["ApproximateNumberOfMessages"])
+            return int(found["Attributes"]["ApproximateNumberOfMessages"]) > 0
 
-        deadline = time.monotonic() + 60
-        while await depth() == 0:
-            assert replay.returncode is None, "the replay ended before it was killed"
-            assert time.monotonic() < deadline, "the replay moved nothing"
-            await asyncio.sleep(0.02)
-        replay.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(replay.wait(), 10)
+        await kill_replay_when(
+            moved_some, queue, *SQS, "--visibility-timeout", str(hold), env=aws()
+        )
     finally:
-        if replay.returncode is None:
-            replay.kill()
-            await replay.wait()
         await admin.close()
     moved = await bodies(queue)
     assert 0 < len(moved) < n, "killed too late to test anything"
@@ -200,15 +186,7 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
     assert listed.stdout.count("attempts=2 ") == 2, listed.stdout
     replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
     assert replay.returncode == 0, replay.stderr
-    consumer = SqsTransport([queue], options())
-    await consumer.connect()
-    try:
-        messages = []
-        while len(messages) < 2:
-            batches = await asyncio.wait_for(consumer.fetch(), 30)
-            messages += [m for b in batches for m in b.messages]
-    finally:
-        await consumer.close()
+    messages = await take(SqsTransport([queue], options()), 2)
     assert sorted(m.payload for m in messages) == [b"0", b"1"]
     for m in messages:
         assert m.attempt == 1

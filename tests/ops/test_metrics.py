@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ import pytest
 
 from amgi.ops.config import OpsConfig
 from amgi.ops.run import prepare, serve
+from amgi.ops.semconv import messaging_system
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from amgi.transport import Transport
 from tests.net import free_port
 from tests.ops.helpers import ROOT, amgi, get, until, write_app
 
@@ -185,14 +188,10 @@ async def test_readyz_is_not_ready_while_draining() -> None:
     assert not _up(port), "the listener outlived the runtime"
 
 
-async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
-    from amgi.servers.kafka import KafkaOptions, KafkaTransport
-    from tests.servers.kafka_helpers import create_topic, ensure_broker, fresh, options, produce
-
-    ensure_broker()
-    topic = create_topic(fresh("lag"), partitions=1)
-    for i in range(30):  # one record per produce: one record batch each
-        produce(topic, [(None, b"%d" % i, [])])
+async def lag_shows_and_drains(transport: Transport, address: str, n: int) -> None:
+    """Serve ``transport`` (``n`` messages waiting on ``address``) with metrics on and an
+    app that holds its first batch: the lag gauge must show a backlog; once the app acks
+    everything, it must drain to zero."""
     release = asyncio.Event()
     acked = 0
 
@@ -208,15 +207,15 @@ async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
             acked += 1
             more = m.get("more_messages", False)
 
-    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "kafka")
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, transport.name)
     assert ops.sock is not None
     url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/metrics"
-    transport = KafkaTransport([topic], KafkaOptions(**options(max_batch_size=2)))
     runtime = Runtime(
         ops.app, transport, RuntimeConfig(lifespan="off", concurrency=1), metrics=ops.metrics
     )
     served = asyncio.create_task(serve(runtime, ops))
-    labels = {"messaging_system": "kafka", "messaging_destination_name": topic}
+    system = messaging_system(transport.name)
+    labels = {"messaging_system": system, "messaging_destination_name": address}
 
     async def lag() -> float | None:
         text = (await asyncio.to_thread(get, url))[1]
@@ -231,12 +230,83 @@ async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
                 await asyncio.sleep(0.1)
         release.set()
         async with asyncio.timeout(30):
-            while acked < 30 or await lag() != 0:
+            while acked < n or await lag() != 0:
                 await asyncio.sleep(0.1)
     finally:
         release.set()
         runtime.request_stop()
         assert await asyncio.wait_for(served, 30) == 0
+
+
+async def test_kafka_consumer_lag_is_reported_and_drains_to_zero() -> None:
+    from amgi.servers.kafka import KafkaOptions, KafkaTransport
+    from tests.servers.kafka_helpers import create_topic, ensure_broker, fresh, options, produce
+
+    ensure_broker()
+    topic = create_topic(fresh("lag"), partitions=1)
+    for i in range(30):  # one record per produce: one record batch each
+        produce(topic, [(None, b"%d" % i, [])])
+    transport = KafkaTransport([topic], KafkaOptions(**options(max_batch_size=2)))
+    await lag_shows_and_drains(transport, topic, 30)
+
+
+async def test_redis_consumer_lag_is_reported_and_drains_to_zero() -> None:
+    from amgi.servers.redis import RedisOptions, RedisTransport
+    from tests.servers.redis_helpers import URL, ensure_broker, fresh
+
+    ensure_broker()
+    stream = fresh("lag")
+    sender = RedisTransport([], RedisOptions(url=URL))
+    await sender.connect()
+    try:
+        for i in range(30):
+            await sender.publish(stream, [], b"%d" % i, {})
+    finally:
+        await sender.close()
+    transport = RedisTransport([stream], RedisOptions(url=URL, batch_size=2, block=0.1))
+    await lag_shows_and_drains(transport, stream, 30)
+
+
+async def test_nats_consumer_lag_is_reported_and_drains_to_zero() -> None:
+    from amgi.servers.nats import NatsOptions, NatsTransport
+    from tests.servers.nats_helpers import PREFIX, URL, ensure_broker, ensure_stream, fresh
+
+    ensure_broker()
+    await ensure_stream()
+    subject = f"{PREFIX}.{fresh('lag')}"
+    sender = NatsTransport([], NatsOptions(servers=URL))
+    await sender.connect()
+    try:
+        for i in range(30):
+            await sender.publish(subject, [], b"%d" % i, {})
+    finally:
+        await sender.close()
+    options = NatsOptions(servers=URL, durable=fresh("lag"), batch_size=2, fetch_expiry=0.2)
+    await lag_shows_and_drains(NatsTransport([subject], options), subject, 30)
+
+
+async def test_sqs_queue_depth_is_reported_and_drains_to_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from amgi.servers.sqs import SqsOptions, SqsTransport
+    from tests.moto_env import ENDPOINT, use_moto_credentials
+
+    use_moto_credentials(monkeypatch)
+    queue = f"lag-{uuid.uuid4().hex[:12]}"
+    sender = SqsTransport([], SqsOptions(endpoint_url=ENDPOINT))
+    await sender.connect()
+    try:
+        await sender.client.create_queue(QueueName=queue)
+        for i in range(0, 40, 10):
+            await asyncio.gather(
+                *(sender.publish(queue, [], b"%d" % j, {}) for j in range(i, i + 10))
+            )
+    finally:
+        await sender.close()
+    # Two long polls of up to 10 messages run beside the held batch: 20 or more stay visible.
+    monkeypatch.setattr("amgi.servers.sqs.DEPTH_EVERY", 0.5)  # re-read sooner than every 5 s
+    options = SqsOptions(endpoint_url=ENDPOINT, wait_time=1, max_messages=10, receivers=2)
+    await lag_shows_and_drains(SqsTransport([queue], options), queue, 40)
 
 
 async def test_listener_answers_bad_requests_and_head() -> None:

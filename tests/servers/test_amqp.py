@@ -20,16 +20,15 @@ from amgi.servers.amqp import (
     table_to_headers,
 )
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
-from tests.net import TlsFront, free_port, self_signed
+from tests.net import TlsFront, free_port, port_open, self_signed
+from tests.servers.private_brokers import private_rabbitmq
 from tests.servers.test_amqp_support import (
     URL,
-    broker_restarted_at_exit,
     delete_exchange,
     drain,
     new_queue,
     queue_depth,
     rabbitmq,
-    rabbitmqctl,
 )
 
 __all__ = ["rabbitmq"]
@@ -352,28 +351,145 @@ async def test_poison_message_is_dead_lettered_after_max_attempts(queue: str) ->
     assert await queue_depth(queue) == 0
 
 
-async def test_broker_restart_mid_stream_loses_nothing(queue: str) -> None:
-    total = 200
-    app = Recorder(pause=0.05)
-    transport = AmqpTransport(
-        [queue], AmqpOptions(url=URL, batch_size=10, prefetch=20, reconnect_delay_max=0.5)
-    )
-    for i in range(total):
-        await transport_publish_once(queue, b"%d" % i)
-    runtime = Runtime(app, transport, RuntimeConfig(retry_delay=0.05))
+async def publish_to_quorum_queue(queue: str, options: AmqpOptions, payload: bytes) -> None:
+    """Declare ``queue`` (a consumer that takes nothing), then send from a send-only
+    transport: a consuming one would hold the message and hand it back, counted."""
+    declaring = AmqpTransport([queue], options)
+    await declaring.connect()
+    await declaring.close()
+    sender = AmqpTransport([], AmqpOptions(url=options.url))
+    await sender.connect()
+    try:
+        await sender.publish(queue, [], payload, {})
+    finally:
+        await sender.close()
+
+
+async def crash_holding(queue: str, options: AmqpOptions, times: int) -> None:
+    """Consumers that take the message and die holding it: the channel closes unacked."""
+    for crash in range(times):
+        t = AmqpTransport([queue], options)
+        await t.connect()
+        try:
+            [batch] = await fetch_n(t, 1)
+            assert batch.messages[0].attempt == crash + 1
+        finally:
+            await t.close()
+
+
+async def requeue_once(queue: str) -> None:
+    """Another consumer takes the message and hands it back (basic.nack, requeue)."""
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=1)
+        got: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def on_message(message: Any) -> None:
+            if not got.done():
+                got.set_result(message)
+
+        ok = await channel.basic_consume(queue, on_message)
+        message = await asyncio.wait_for(got, 10)
+        await channel.basic_cancel(ok.consumer_tag)  # so that it does not come back here
+        await channel.basic_nack(message.delivery.delivery_tag, requeue=True)
+    finally:
+        await connection.close()
+
+
+async def serve_until_dead_lettered(
+    app: Recorder, transport: AmqpTransport, config: RuntimeConfig
+) -> Any:
+    """Run the runtime until the transport's queue has one dead letter; that message."""
+    runtime = Runtime(app, transport, config)
     task = await run_in_background(runtime)
     try:
-        await app.wait(lambda: len(app.seen) >= 40, timeout=20)
-        assert len(set(app.seen)) < total, "the stream ended before the restart"
-        async with broker_restarted_at_exit():
-            await rabbitmqctl("stop_app")
-        expected = {b"%d" % i for i in range(total)}
-        await app.wait(lambda: expected <= set(app.seen), timeout=60)
-        assert transport._generation >= 2, "the transport never reconnected"
+        [dead] = await drain(f"{transport.addresses[0]}.dead-letter", 1, timeout=15)
     finally:
         runtime.request_stop()
         assert await task == 0
+    return dead
+
+
+@pytest.mark.parametrize(("crashes", "requeues"), [(0, 0), (1, 1), (2, 0)])
+async def test_quorum_queue_redeliveries_count_as_attempts_up_to_the_dead_letter(
+    queue: str, crashes: int, requeues: int
+) -> None:
+    """On a quorum queue the broker counts deliveries (x-delivery-count): a consumer that
+    died holding the message, or one that handed it back, used up an attempt; with the
+    app nacking, the message is dead-lettered at attempt --max-attempts, counted with the
+    runtime's own retries."""
+    options = AmqpOptions(url=URL, queue_type="quorum", batch_size=1)
+    assert AmqpTransport([queue], options).counts_deliveries
+    assert not AmqpTransport([queue], AmqpOptions(url=URL)).counts_deliveries
+    await publish_to_quorum_queue(queue, options, b"poison")
+    await crash_holding(queue, options, crashes)
+    for _ in range(requeues):
+        await requeue_once(queue)
+    app = Recorder(poison=b"poison")
+    config = RuntimeConfig(max_attempts=4, retry_delay=0.05, retry_delay_max=0.2, crash_ledger="")
+    dead = await serve_until_dead_lettered(app, AmqpTransport([queue], options), config)
+    first = 1 + crashes + requeues
+    assert app.attempts == list(range(first, 5))
+    assert dead.header.properties.headers["amgi-attempt"] == "4"
     assert await queue_depth(queue) == 0
+
+
+async def test_quorum_queue_message_delivered_too_often_is_dead_lettered_unseen(
+    queue: str,
+) -> None:
+    """Consumers died holding it --max-attempts times: the next delivery goes to the dead
+    letters before the app sees it."""
+    options = AmqpOptions(url=URL, queue_type="quorum", batch_size=1)
+    await publish_to_quorum_queue(queue, options, b"killer")
+    await crash_holding(queue, options, 3)
+    app = Recorder()
+    config = RuntimeConfig(max_attempts=3, crash_ledger="")
+    dead = await serve_until_dead_lettered(app, AmqpTransport([queue], options), config)
+    assert app.seen == []
+    headers = dead.header.properties.headers
+    assert headers["amgi-attempt"] == "4"
+    assert "delivered 4 times" in headers["amgi-dead-letter-reason"]
+
+
+async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    """The broker's app stops mid-stream and starts again: the transport reconnects and
+    every message is processed. On a private node: stopping the shared one would break
+    every other test using it meanwhile."""
+    total = 200
+    queue = new_queue()
+    app = Recorder(pause=0.05)
+    with private_rabbitmq(tmp_path / "rabbitmq") as broker:
+        sender = AmqpTransport([queue], AmqpOptions(url=broker.url))  # declares the queue
+        await sender.connect()
+        try:
+            for i in range(total):
+                await sender.publish(queue, [], b"%d" % i, {})
+        finally:
+            await sender.close()
+        transport = AmqpTransport(
+            [queue],
+            AmqpOptions(url=broker.url, batch_size=10, prefetch=20, reconnect_delay_max=0.5),
+        )
+        runtime = Runtime(app, transport, RuntimeConfig(retry_delay=0.05))
+        task = await run_in_background(runtime)
+        try:
+            await app.wait(lambda: len(app.seen) >= 40, timeout=20)
+            assert len(set(app.seen)) < total, "the stream ended before the restart"
+            try:
+                await asyncio.to_thread(broker.ctl, "stop_app")
+                assert port_open(5672), "the shared broker stopped too"
+            finally:
+                await asyncio.to_thread(broker.ctl, "start_app")
+            expected = {b"%d" % i for i in range(total)}
+            await app.wait(lambda: expected <= set(app.seen), timeout=60)
+            assert transport._generation >= 2, "the transport never reconnected"
+        finally:
+            runtime.request_stop()
+            assert await task == 0
+        assert await queue_depth(queue, url=broker.url) == 0
 
 
 _publisher: dict[str, AmqpTransport] = {}

@@ -1,12 +1,11 @@
-"""Shared helpers of the AMQP tests: the broker, fresh queue names, clean-up, restarts."""
+"""Shared helpers of the AMQP tests: the broker, fresh queue names, clean-up."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +68,6 @@ async def rabbitmqctl(*args: str, timeout: float = 60) -> None:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode().strip()}")
 
 
-@contextlib.asynccontextmanager
-async def broker_restarted_at_exit() -> AsyncIterator[None]:
-    """Make sure the broker app runs again when the block ends, even on failure."""
-    try:
-        yield
-    finally:
-        await rabbitmqctl("start_app")
-        await rabbitmqctl("await_startup", "--timeout", "60")
-
-
 async def delete_exchange(name: str) -> None:
     import aiormq
 
@@ -90,11 +79,11 @@ async def delete_exchange(name: str) -> None:
         await connection.close()
 
 
-async def queue_depth(queue: str) -> int:
+async def queue_depth(queue: str, url: str = URL) -> int:
     """Ready + unacked messages of ``queue``, as the broker counts them."""
     import aiormq
 
-    connection = await aiormq.connect(URL)
+    connection = await aiormq.connect(url)
     try:
         channel = await connection.channel()
         ok = await channel.queue_declare(queue, passive=True)

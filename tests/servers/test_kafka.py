@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
 from amgi.servers.kafka.records import message_from_record, messages_from_records
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
 from tests.cli import amgi as amgi_cli
+from tests.net import free_port
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     committed,
@@ -220,15 +223,20 @@ async def test_unreachable_broker_is_one_clear_error() -> None:
     await kafka.close()
 
 
-def _client_threads() -> int:
+def _client_thread_ids() -> set[str]:
     """librdkafka's threads in this process (each client runs a few)."""
-    count = 0
+    found = set()
     for comm in Path("/proc/self/task").glob("*/comm"):
         try:
-            count += comm.read_text().startswith("rdk:")
+            if comm.read_text().startswith("rdk:"):
+                found.add(comm.parent.name)
         except OSError:  # the thread ended meanwhile
             continue
-    return count
+    return found
+
+
+def _client_threads() -> int:
+    return len(_client_thread_ids())
 
 
 async def test_unknown_topic_is_a_configuration_error() -> None:
@@ -245,6 +253,41 @@ async def test_unknown_topic_is_a_configuration_error() -> None:
     while _client_threads() > before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert _client_threads() <= before
+
+
+@pytest.mark.parametrize("refused", ["sasl", "unreachable"])
+async def test_failed_connect_leaves_no_client_running(
+    refused: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connect that fails (refused SASL credentials, no broker) closes every client it
+    made by itself: no thread of ours or of the client library is left, and nothing is
+    logged afterwards (a client left running reconnects and logs every attempt)."""
+    caplog.set_level(logging.DEBUG, logger="amgi")
+    before = _client_thread_ids()
+    chatty = ["debug=broker", "reconnect.backoff.ms=50", "reconnect.backoff.max.ms=100"]
+    if refused == "sasl":  # the test broker refuses the SASL handshake
+        kafka = transport(
+            [fresh("sasl")],
+            security_protocol="sasl_plaintext",
+            sasl_mechanism="PLAIN",
+            sasl_username="amgi",
+            sasl_password="wrong",
+            connect_timeout=5.0,
+            config=chatty,
+        )
+    else:
+        kafka = transport(
+            [], bootstrap_servers=f"127.0.0.1:{free_port()}", connect_timeout=1.0, config=chatty
+        )
+    with pytest.raises(BrokerUnavailable) as info:
+        await kafka.connect()
+    del info  # its traceback would keep connect's locals alive
+    logged = len(caplog.records)
+    assert logged > 0  # the client's own lines do reach logging
+    assert [t.name for t in threading.enumerate() if t.name.startswith("amgi-kafka")] == []
+    assert _client_thread_ids() - before == set()
+    await asyncio.sleep(1.0)  # ten reconnect attempts of a client left running
+    assert [r.getMessage() for r in caplog.records[logged:]] == []
 
 
 @pytest.mark.parametrize(
@@ -274,6 +317,49 @@ def test_cli_send_produces_with_headers_and_key() -> None:
     [record] = read_all(topic, 1)
     assert (record.value(), record.key()) == (b'{"id": 1}', b"order-1")
     assert record.headers() == [("trace", b"t-9")]
+
+
+def test_config_settings_keep_their_commas() -> None:
+    """Each ``--config`` (each line of ``AMGI_CONFIG``) is one setting, split at its first
+    ``=`` only: a librdkafka list or a password with commas arrives whole."""
+    from amgi.cli import _SERVER_PREFIX, _parser
+    from amgi.ops.env import apply_environment
+    from amgi.options import build
+
+    def options(args: Any) -> KafkaOptions:
+        built: KafkaOptions = build(KafkaOptions, vars(args), dest_prefix=_SERVER_PREFIX)
+        return built
+
+    parser, _ = _parser("kafka")
+    argv = ["send", "t", "x", "--server", "kafka", "--config", "sasl.password=p,w=x "]
+    argv += ["--config", "debug=broker,topic"]
+    given = options(parser.parse_args(argv))
+    assert given.config == ["sasl.password=p,w=x ", "debug=broker,topic"]
+    conf = KafkaTransport([], given)._common_config()
+    assert (conf["sasl.password"], conf["debug"]) == ("p,w=x ", "broker,topic")
+    env = {"AMGI_CONFIG": "sasl.password=p,w\ndebug=broker,topic\n"}
+    from_env = parser.parse_args(apply_environment(parser, argv[:5], env))
+    assert options(from_env).config == ["sasl.password=p,w", "debug=broker,topic"]
+    flag_wins = parser.parse_args(apply_environment(parser, argv, env))
+    assert options(flag_wins).config == given.config
+
+
+@pytest.mark.parametrize("given_by", ["flags", "environment"])
+def test_cli_config_value_with_commas_reaches_the_client(given_by: str) -> None:
+    """A librdkafka list setting (``debug``) and a value with a comma (``client.id``) given
+    to ``amgi send`` reach the client whole: it logs them back and the record is sent."""
+    topic = create_topic(fresh("cli-config"), partitions=1)
+    argv = ["send", topic, "x", "--server", "kafka", "--bootstrap-servers", BOOTSTRAP]
+    argv += ["--log-level", "debug"]
+    settings = ["debug=broker,conf", f"client.id=amgi,{given_by}"]
+    if given_by == "flags":
+        out = amgi_cli(*argv, "--config", settings[0], "--config", settings[1])
+    else:
+        out = amgi_cli(*argv, env={"AMGI_CONFIG": "\n".join(settings)})
+    assert out.returncode == 0, out.stderr
+    assert f"client.id = amgi,{given_by}" in out.stderr
+    [record] = read_all(topic, 1)
+    assert record.value() == b"x"
 
 
 def test_cli_run_against_unreachable_broker_is_one_clear_line() -> None:
@@ -342,3 +428,16 @@ def test_the_consumer_loop_maps_records_like_message_from_record() -> None:
     ]
     assert fast[2].attempt == 3
     assert fast[2].headers == [(b"x", b"y")]
+
+
+def test_repeated_header_values_share_one_pair_and_new_values_get_their_own() -> None:
+    values = [b"json", b"json", b"json", b"xml", None, b"json"]
+    records = [
+        _FakeRecord(i, [("ctype", v), ("n", b"%d" % i)], None, b"") for i, v in enumerate(values)
+    ]
+    fast = messages_from_records("t", 0, records)
+    expected = [[(b"ctype", v or b""), (b"n", b"%d" % i)] for i, v in enumerate(values)]
+    assert [m.headers for m in fast] == expected
+    assert fast[1].headers[0] is fast[2].headers[0]  # the same value again: one tuple
+    single = message_from_record("t", 0, 9, None, None, b"", [("ctype", b"json")])
+    assert single.headers == [(b"ctype", b"json")]

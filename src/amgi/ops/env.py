@@ -3,7 +3,8 @@
 :func:`apply_environment` turns the variables into flags placed right after the
 subcommand, for options the command line does not give, so the command line wins and
 argparse checks an environment value exactly as it checks a flag. A list option takes
-comma-separated values; an on/off option takes 1/0, true/false, yes/no or on/off.
+comma-separated values, except one whose items may hold commas (Kafka's ``--config``):
+that one takes one item per line; an on/off option takes 1/0, true/false, yes/no or on/off.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 from amgi.errors import ConfigurationError
+from amgi.options import AppendWhole
 
 __all__ = ["ENV_PREFIX", "annotate_help", "apply_environment", "env_name"]
 
@@ -71,6 +73,8 @@ def _tokens(action: argparse.Action, flag: str, name: str, value: str) -> list[s
         if word in _FALSE:
             return ["--no-" + flag[2:]]
         raise _not_on_off(name, value)
+    if isinstance(action, AppendWhole):
+        return [flag + "=" + line for line in value.splitlines() if line.strip()]
     if action.nargs == 0:
         word = value.strip().lower()
         if word in _TRUE:

@@ -141,7 +141,9 @@ class PrometheusMetrics(MetricsHook):
                 family = GaugeMetricFamily(
                     "amgi_consumer_lag_messages",
                     "Messages waiting on the broker for this consumer, where the broker "
-                    "tells it cheaply (Kafka: high watermark minus processed offset)",
+                    "tells it cheaply (Kafka: high watermark minus processed offset; Redis: "
+                    "group lag plus pending; NATS: consumer pending; SQS: approximate "
+                    "visible messages)",
                     labels=_LABELS,
                 )
                 try:

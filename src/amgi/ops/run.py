@@ -105,9 +105,9 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
         await listener.close()
 
 
-def check_workers(transport: type[Transport], config: OpsConfig) -> None:
+def check_workers(transport: Transport, config: OpsConfig) -> None:
     """Refuse ``--workers N`` where N processes cannot work: before any worker starts."""
-    why = transport.single_process_reason
+    why = transport.workers_refusal()
     if why is not None:
         raise ConfigurationError(
             f"--workers: the {transport.name} server runs in one process: {why}"

@@ -435,7 +435,10 @@ class ConformanceSuite:
                 lambda: len(rest.acked) + len(app.acked) >= 3, 30, "the remaining messages"
             )
             await asyncio.sleep(0.3)
-        assert sorted(p for p in app.payloads() + rest.payloads() if p) == _payloads("drain", 3)
+        got = sorted(p for p in app.payloads() + rest.payloads() if p)
+        assert got == _payloads("drain", 3), (
+            f"before the stop {app.payloads()}, after it {rest.payloads()}"
+        )
 
 
 class _Process:

@@ -22,7 +22,9 @@ refused copy       a retry the broker refuses (its retry queue exists with anoth
                    letter stays unacked and is tried again with backoff in the
                    background
                    (``amgi.servers.kit.move_aside``)
-attempt            the ``amgi-attempt`` header, plus ``x-delivery-count`` (quorum queues)
+attempt            the ``amgi-attempt`` header (our retries), plus the broker's
+                   ``x-delivery-count`` on quorum queues (deliveries handed back by a
+                   consumer that died, closed or requeued): ``counts_deliveries``
 message id         a hash of the ``message-id`` property (if set), headers and body, the
                    same on every delivery (the crash ledger bounds a message that kills
                    the process on classic queues too); ``#2`` ... tells identical
@@ -112,6 +114,9 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         self._init_client()
         self._moves = DelayedRepublisher("amqp")
         """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
+        self.counts_deliveries = self.config.queue_type == "quorum"
+        """Quorum queues count every delivery (``x-delivery-count``), crashes included;
+        classic queues only flag a redelivery, so there the crash ledger bounds a loop."""
 
     def ledger_namespace(self) -> str:
         """The broker and virtual host (the URL without its password)."""

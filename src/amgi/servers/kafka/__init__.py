@@ -81,7 +81,6 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     extra: ClassVar[str] = "kafka"
     stable_ids: ClassVar[bool] = True
     """``topic/partition/offset``: the crash ledger bounds a record that kills the process."""
-    counts_deliveries: ClassVar[bool] = False
 
     config: KafkaOptions
 
@@ -98,12 +97,26 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Check the options, reach the broker, then subscribe to the addresses."""
-        from confluent_kafka import Consumer, KafkaException, Producer
+        """Check the options, reach the broker, then subscribe to the addresses.
 
+        A connect that fails closes every client it created and stops their threads, so
+        nothing keeps reconnecting (and logging) after it.
+        """
         self.check()
         self._loop = asyncio.get_running_loop()
         self._moves = DelayedRepublisher("kafka")
+        self._closing = False
+        self._stopping.clear()
+        try:
+            await self._open_clients()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_clients(self) -> None:
+        from confluent_kafka import Consumer, KafkaException, Producer
+
+        assert self._loop is not None
         try:
             self._producer = Producer(self._producer_config())
         except (KafkaException, ValueError, TypeError) as exc:
@@ -114,24 +127,18 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         )
         self._delivery_thread.start()
         self._sources = list(dict.fromkeys([*self.addresses, *self.config.topics]))
-        consumer = None
-        if self._sources:
-            # Created now, so that it reaches the broker while the metadata is asked for.
-            try:
-                consumer = Consumer(self._consumer_config())
-            except (KafkaException, ValueError, TypeError) as exc:
-                why = redact(str(exc), self.config)
-                raise ConfigurationError(f"invalid Kafka consumer option: {why}") from None
-        try:
-            subscription = await self._prepare_subscription()
-        except BaseException:
-            if consumer is not None:
-                await self._loop.run_in_executor(None, consumer.close)
-            raise
-        if consumer is None:
+        if not self._sources:
+            await self._prepare_subscription()
             return
+        # Created now, so that it reaches the broker while the metadata is asked for.
+        try:
+            consumer = Consumer(self._consumer_config())
+        except (KafkaException, ValueError, TypeError) as exc:
+            why = redact(str(exc), self.config)
+            raise ConfigurationError(f"invalid Kafka consumer option: {why}") from None
         self._consumer = consumer
         self._poll_thread = concurrent.futures.ThreadPoolExecutor(1, "amgi-kafka-consumer")
+        subscription = await self._prepare_subscription()
         try:
             await self._loop.run_in_executor(
                 self._poll_thread,

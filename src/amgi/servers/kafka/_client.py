@@ -121,10 +121,11 @@ class KafkaClient:
         if not o.ssl_check_hostname:
             conf["ssl.endpoint.identification.algorithm"] = "none"
         for item in o.config:
+            # Split at the first '=' only: the value is taken whole (commas, '=' and all).
             name, sep, value = item.partition("=")
             if not sep or not name.strip():
                 raise invalid(o, "config", "expects NAME=VALUE items")  # values are secret
-            conf[name.strip()] = value.strip()
+            conf[name.strip()] = value
         return conf
 
     def _consumer_config(self) -> dict[str, Any]:

@@ -17,6 +17,9 @@ logger = logging.getLogger("amgi.servers.kafka")
 _IDLE_SLICE = 0.02
 """Seconds of one wait for records when none are on hand; commits go out between them."""
 _IDLE_SLICES = 5
+_START_OFFSETS_TIMEOUT = 5.0
+"""Seconds each lookup at assignment (committed offsets, then log start or end) may take
+before librdkafka's own lookup takes over."""
 
 
 class Consuming(KafkaClient):
@@ -32,11 +35,54 @@ class Consuming(KafkaClient):
         # A retry partition paused under an earlier assignment must not stay paused.
         live = [tp for tp in partitions if not self._is_dead_letter_topic(tp.topic)]
         dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
-        consumer.assign(partitions)  # now, so that pause and resume apply to them
+        # Now, so that pause and resume apply to them; with explicit start offsets.
+        consumer.assign(self._start_offsets(consumer, partitions))
         if live:
             consumer.resume(live)
         if dead:
             consumer.pause(dead)
+
+    def _start_offsets(self, consumer: Any, partitions: list[Any]) -> list[Any]:
+        """The partitions at their committed offsets, else at the reset end, as numbers.
+
+        Left to itself, librdkafka assigns a partition without a committed offset, then
+        waits ~0.1 s before it asks for the reset offset, and it resolves each partition's
+        start in a request of its own: a fetch for the first partitions ready (an empty
+        retry topic's) then holds the others back for ``fetch.wait.max.ms``. Asked here,
+        in two requests (the committed offsets, then the log start or end of the rest in
+        one ListOffsets), every partition starts at a number and the first fetch goes out
+        at once for all. Should the first question fail, librdkafka's own lookup (the same
+        rule) takes over; should the second, the logical start or end does.
+        """
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        try:
+            committed = consumer.committed(partitions, timeout=_START_OFFSETS_TIMEOUT)
+        except KafkaException as exc:
+            logger.debug("kafka: committed offsets not fetched at assignment: %s", exc)
+            return partitions
+        if any(tp.error is not None for tp in committed):
+            return partitions
+        reset = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+        missing = [TP(tp.topic, tp.partition, reset) for tp in committed if tp.offset < 0]
+        found: dict[TopicPartition, int] = {}
+        if missing:
+            # A ListOffsets "timestamp" of -2 asks for the log start, -1 for its end.
+            try:
+                ends = consumer.offsets_for_times(missing, timeout=_START_OFFSETS_TIMEOUT)
+            except KafkaException as exc:
+                logger.debug("kafka: start offsets not fetched at assignment: %s", exc)
+                ends = []
+            found = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in ends
+                if tp.error is None and tp.offset >= 0
+            }
+        for tp in committed:
+            if tp.offset < 0:
+                tp.offset = found.get((tp.topic, tp.partition), reset)
+        return list(committed)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.

@@ -106,7 +106,11 @@ class KafkaOptions:
     config: list[str] = field(
         default_factory=list,
         repr=False,
-        metadata={"help": "extra librdkafka setting NAME=VALUE (repeatable)", "secret": True},
+        metadata={
+            "help": "extra librdkafka setting NAME=VALUE, one per flag",
+            "secret": True,
+            "whole": True,
+        },
     )
 
     def check_together(self) -> None:

@@ -90,19 +90,40 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
 
 
 _INTERNAL = frozenset({ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER})
-_NAMES: dict[str | bytes, bytes] = {}
-"""Header names seen before, as bytes (AMGI's own names are never cached)."""
+_PAIRS: dict[str | bytes, tuple[bytes, bytes]] = {}
+"""Per header name seen before (AMGI's own names never): the last ``(name, value)`` pair
+made for it. Tuples are immutable, so records whose header repeats the value (a content
+type, say) share one pair instead of allocating one each; a new value makes a new pair."""
 
 
 def _learn_headers(headers: Iterable[tuple[str | bytes, bytes | None]]) -> tuple[HeaderList, int]:
-    """Slow path of :func:`message_from_record`: new names, or AMGI's own headers."""
+    """Slow path of the mapping: new names, or AMGI's own headers."""
     split = split_internal_headers(headers)
-    if len(_NAMES) < 10_000:
+    if len(_PAIRS) < 10_000:
         for name, _ in headers:
             n = _as_bytes(name)
-            if n not in _INTERNAL:
-                _NAMES[name] = n
+            if n not in _INTERNAL and name not in _PAIRS:
+                _PAIRS[name] = (n, b"")
     return split.headers, split.attempt
+
+
+def _pairs(headers: RawHeaders) -> tuple[HeaderList, int]:
+    """``headers`` as ``(bytes, bytes)`` pairs, and the attempt they carry."""
+    hdrs: HeaderList = []
+    if not headers:
+        return hdrs, 1
+    if type(headers) is not list and type(headers) is not tuple:
+        headers = list(headers)
+    pairs = _PAIRS
+    try:  # fast path: every name seen before and none of them AMGI's own
+        for name, v in headers:
+            pair = pairs[name]
+            if pair[1] != v:
+                pair = pairs[name] = (pair[0], v or b"")
+            hdrs.append(pair)
+    except KeyError:
+        return _learn_headers(headers)
+    return hdrs, 1
 
 
 def message_from_record(
@@ -119,17 +140,7 @@ def message_from_record(
     ``headers`` may carry ``str`` or ``bytes`` names and ``None`` values (as Kafka clients
     return them). ``topic`` is not part of the message: it is the scope address.
     """
-    attempt = 1
-    hdrs: HeaderList = []
-    if headers:
-        if type(headers) is not list and type(headers) is not tuple:
-            headers = list(headers)
-        names = _NAMES
-        try:  # fast path: every name seen before and none of them AMGI's own
-            for name, v in headers:
-                hdrs.append((names[name], v or b""))
-        except KeyError:
-            hdrs, attempt = _learn_headers(headers)
+    hdrs, attempt = _pairs(headers)
     bindings = {
         "kafka": {"key": key, "partition": partition, "offset": offset, "timestamp": timestamp}
     }
@@ -151,10 +162,11 @@ def messages_from_records(
 ) -> list[Message]:
     """:func:`message_from_record` for a run of one partition's client records.
 
-    The same mapping in one loop, for the consumer's hot path: no call per record.
+    The same mapping in one loop, for the consumer's hot path: no call per record
+    (:func:`_pairs` inlined).
     """
     prefix = f"{topic}/{partition}/"
-    names = _NAMES
+    pairs = _PAIRS
     out: list[Message] = []
     append = out.append
     for r in records:
@@ -166,7 +178,10 @@ def messages_from_records(
         if raw:
             try:
                 for name, v in raw:  # a loop, not a comprehension: no call per record
-                    hdrs.append((names[name], v or b""))
+                    pair = pairs[name]
+                    if pair[1] != v:
+                        pair = pairs[name] = (pair[0], v or b"")
+                    hdrs.append(pair)
             except KeyError:
                 hdrs, attempt = _learn_headers(raw)
         bindings = {
@@ -177,5 +192,5 @@ def messages_from_records(
                 "timestamp": ts if kind else None,
             }
         }
-        append(Message(prefix + str(offset), hdrs, r.value(), bindings, attempt, offset))
+        append(Message(f"{prefix}{offset}", hdrs, r.value(), bindings, attempt, offset))
     return out

@@ -13,6 +13,11 @@ Headers (:mod:`.headers`) - what a republished retry or dead letter carries
     dead-letters`` (the message's headers, reason, original address); the names
     ``ATTEMPT_HEADER``, ``ORIGINAL_ADDRESS_HEADER``, ``DEAD_LETTER_REASON_HEADER``.
 
+Dead letters for ``amgi dead-letters`` (:mod:`.dead_letters`)
+    ``stored_dead_letter(id, headers, payload, address=, dead_at=)`` reads back a dead
+    letter stored with the headers above; ``ChunkedDeadLetters`` gives a server
+    ``list_dead_letters`` over its ``_dead_letter_chunks(address, limit, replay=)``.
+
 Watermark (:mod:`.watermark`) - cumulative acknowledgement
     ``Watermark()``: ``add(position)`` as messages or batches are handed out,
     ``settle(positions)`` returns the highest position up to which everything is
@@ -36,6 +41,11 @@ Moving nacked messages aside (:mod:`.aside`) - retry copies and dead letters
 Due list (:mod:`.due`) - in-memory retry schedules without tasks of their own
     ``DueList()``: items ordered by due time; the owner's fetch loop asks what is due
     and how long until the next one (Redis and core NATS retries).
+
+Refreshed figures (:mod:`.refreshed`) - consumer lag and depth for metrics
+    ``Refreshed(name, every, read)``: ``get()`` returns the last ``await read()`` and
+    starts, on its first call, a task re-reading it every ``every`` seconds (nothing is
+    read while metrics are off); ``await close()`` from the transport's ``close``.
 
 FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
@@ -73,6 +83,7 @@ from amgi.secrets import mask_url, masked, redact, redact_client_logs
 from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.dead_letters import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
 from amgi.servers.kit.due import DueList
 from amgi.servers.kit.fifo import held_behind
 from amgi.servers.kit.headers import (
@@ -86,6 +97,7 @@ from amgi.servers.kit.headers import (
     retry_headers,
     split_dead_letter_headers,
 )
+from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.kit.republisher import DelayedRepublisher
 from amgi.servers.kit.watermark import Watermark
 
@@ -96,8 +108,11 @@ __all__ = [
     "ORIGINAL_ADDRESS_HEADER",
     "Backoff",
     "BindingKey",
+    "ChunkedDeadLetters",
+    "DeadLetterChunk",
     "DelayedRepublisher",
     "DueList",
+    "Refreshed",
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",
@@ -118,5 +133,6 @@ __all__ = [
     "redact_client_logs",
     "retry_headers",
     "split_dead_letter_headers",
+    "stored_dead_letter",
     "unmoved",
 ]

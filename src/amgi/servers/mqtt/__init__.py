@@ -314,7 +314,7 @@ class MqttTransport(DeadLetters, Transport):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._misc = None
-        self._hang_up()
+        await self._hang_up()
         self._on_hand.clear()
         self._count = 0
         for waiter in (*self._puback.values(), *self._suback.values()):

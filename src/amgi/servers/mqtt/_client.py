@@ -27,6 +27,7 @@ from amgi.servers.mqtt._codec import (
     _user_properties,
     decode_publish,
 )
+from amgi.servers.mqtt._linger import linger_until_peer_closes
 from amgi.servers.mqtt.options import MqttOptions
 from amgi.transport import HeaderList, Message
 
@@ -85,6 +86,10 @@ _CLOSED_BEFORE_CONNACK: Final = object()
 
 
 _MISC_INTERVAL = 1.0
+
+
+_CLOSE_WAIT = 2.0
+"""Seconds a hang-up waits for the broker to end the connection after DISCONNECT."""
 
 
 _RECONNECT_FIRST = 0.1
@@ -221,16 +226,21 @@ class MqttClient:
         self._v5 = self.config.protocol == "5"
         self._client = self._new_client()
 
-    def _hang_up(self, properties: Any = None) -> None:
-        """Send DISCONNECT (with MQTT 5 ``properties``) if connected and drop the client."""
+    async def _hang_up(self, properties: Any = None) -> None:
+        """Send DISCONNECT (with MQTT 5 ``properties``) if connected, wait until the broker
+        has read everything before it, and drop the client."""
         client, self._client = self._client, None
         if client is not None:
-            if self._connected.is_set():
-                client.disconnect(properties=properties)
-                client.loop_write()
             sock = client.socket()
             if sock is not None and self._loop is not None:
                 self._forget_socket(sock)
+            if sock is not None and self._connected.is_set():
+                # paho closes its socket right after writing DISCONNECT; a copy keeps the
+                # connection open until the broker has read everything before it.
+                with linger_until_peer_closes(sock.fileno(), _CLOSE_WAIT) as drained:
+                    client.disconnect(properties=properties)
+                    client.loop_write()
+                    await drained
             with contextlib.suppress(Exception):
                 client._sock_close()
         self._connected.clear()

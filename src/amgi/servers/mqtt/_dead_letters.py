@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
-from amgi.servers.kit import split_dead_letter_headers
+from amgi.servers.kit import stored_dead_letter
 from amgi.servers.mqtt._client import MqttClient
 from amgi.servers.mqtt.options import MqttOptions, validate_filter
 from amgi.transport import Bindings, HeaderList, Message, StoredDeadLetter
@@ -108,14 +108,14 @@ class DeadLetterSession(MqttClient):
 
             props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
-            self._hang_up(props)
+            await self._hang_up(props)
             return
         # MQTT 3.1.1 cannot change that at DISCONNECT; a clean session with the same id ends it.
-        self._hang_up()
+        await self._hang_up()
         self.addresses = []
         self._start_client()
         await self._open()
-        self._hang_up()
+        await self._hang_up()
 
     async def _subscribe(self, client: paho.Client, paho_module: Any) -> None:
         if self._create:
@@ -183,7 +183,7 @@ class DeadLetterSession(MqttClient):
     async def close(self) -> None:
         """Hang up; the session keeps every dead letter not acknowledged."""
         self._closing = True
-        self._hang_up()
+        await self._hang_up()
         while self._pings:
             self._pings.popleft().cancel()
 
@@ -272,20 +272,20 @@ class DeadLetters(MqttClient):
         return moved
 
     def _stored(self, message: Message) -> StoredDeadLetter:
-        headers, reason, original = split_dead_letter_headers(message.headers)
         binding = dict(message.bindings["mqtt"])
         topic = binding.pop("topic")
         for key in ("qos", "retain"):
             binding.pop(key, None)
         prefix = self.config.dead_letter_prefix + "/"
-        if not original:
-            original = topic[len(prefix) :] if topic.startswith(prefix) else topic
-        return StoredDeadLetter(
-            id=message.id,
-            address=original,
-            headers=headers,
-            payload=message.payload,
-            bindings={"mqtt": binding} if binding else {},
-            attempts=message.attempt if reason else 0,
-            reason=reason or _NO_REASON,
+        # The server removed amgi-attempt already (it is message.attempt).
+        stored = stored_dead_letter(
+            message.id,
+            message.headers,
+            message.payload,
+            address=topic.removeprefix(prefix),
+            dead_at=None,
         )
+        stored.bindings = {"mqtt": binding} if binding else {}
+        stored.attempts = message.attempt if stored.reason else 0
+        stored.reason = stored.reason or _NO_REASON
+        return stored

@@ -22,8 +22,12 @@ lease              ``+WPI`` (in progress) for batches still running, every
 send               JetStream publish, its ack awaited; headers as in ``_headers``;
                    binding ``msgId`` becomes ``Nats-Msg-Id`` (de-duplication)
 bindings in        ``nats``: ``subject``, ``stream``, ``sequence`` (``msgId`` if set)
+backlog (metrics)  the pending count in the last fetched message's ack subject
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
+dead letters       read from the stream capturing the dead-letter subject (a stream
+(CLI)              must: none means none stored); replay: JetStream publish (ack
+                   awaited), then delete from that stream
 =================  ==================================================================
 
 ``--mode core``: addresses are subjects subscribed in queue group ``--queue``; a batch
@@ -45,6 +49,7 @@ from amgi.errors import ConfigurationError, SendError
 from amgi.servers.kit import dead_letter_headers, invalid, option
 from amgi.servers.nats._client import open_connection
 from amgi.servers.nats._core import Subscriptions
+from amgi.servers.nats._dead_letters import DeadLetters
 from amgi.servers.nats._headers import encode
 from amgi.servers.nats._jetstream import Consumers
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
@@ -97,8 +102,9 @@ class NatsOptions:
             raise invalid(self, "tls_key", "needs --tls-cert")
 
 
-class NatsTransport(Transport):
-    """The AMGI transport of NATS JetStream (and core NATS)."""
+class NatsTransport(DeadLetters, Transport):
+    """The AMGI transport of NATS JetStream (and core NATS); lists and replays dead
+    letters (:mod:`._dead_letters`)."""
 
     name = "nats"
     options = NatsOptions
@@ -184,6 +190,11 @@ class NatsTransport(Transport):
             await self._consumers.settle(settlement, dead)
         elif self._subscriptions is not None:
             await self._subscriptions.settle(settlement, dead, batch.address)
+
+    def backlog(self) -> dict[str, int] | None:
+        """Per subject, the consumer's pending count carried by the last message fetched
+        (JetStream mode; free: it is in every message's ack subject)."""
+        return dict(self._consumers.backlog) if self._consumers is not None else None
 
     async def extend(self, batches: Sequence[Batch]) -> None:
         if self._consumers is not None:

@@ -34,6 +34,8 @@ class Consumers:
         self._subjects_by_index: list[str] = []
         self._puller = Puller(client, options.batch_size, options.fetch_expiry, self._unanswered)
         self._configs: list[tuple[str, Any]] = []
+        self.backlog: dict[str, int] = {}
+        """Per subject, the consumer's pending count carried by the last message fetched."""
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``."""
@@ -118,6 +120,8 @@ class Consumers:
     async def read(self) -> list[Batch]:
         index, msgs = await self._puller.take()
         subject = self._subjects_by_index[index]
+        if msgs:
+            self.backlog[subject] = int(_ack_fields(msgs[-1].reply)[6])
         return [Batch(subject, [_message(m) for m in msgs], key=subject)]
 
     async def settle(
@@ -151,14 +155,20 @@ class Consumers:
         await self.client.flush(self.options.ack_wait)
 
 
-def _message(msg: Any) -> Message:
+def _ack_fields(reply: str) -> list[str]:
+    """``[stream, consumer, delivered, stream seq, consumer seq, time, pending]`` of a
+    JetStream ack subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>,
     # or with <domain>.<account hash> after ACK and a token at the end (nats-server 2.9+).
-    tokens = msg.reply.split(".")
+    tokens = reply.split(".")
     at = 2 if len(tokens) == 9 else 4
-    stream = tokens[at]
-    delivered = int(tokens[at + 2])
-    seq = int(tokens[at + 3])
+    return tokens[at : at + 7]
+
+
+def _message(msg: Any) -> Message:
+    stream, _, delivered_text, seq_text, *_ = _ack_fields(msg.reply)
+    delivered = int(delivered_text)
+    seq = int(seq_text)
     headers, msg_id = decode(msg.headers)
     binding: dict[str, Any] = {"subject": msg.subject, "stream": stream, "sequence": seq}
     if msg_id is not None:

@@ -21,6 +21,10 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    pending entries first (``XREADGROUP ... 0``)
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
+backlog (metrics)  the group's ``lag`` plus ``pending`` from ``XINFO GROUPS``, read
+                   once a second by an owned task once metrics ask for it
+dead letters       list: ``XRANGE`` of the dead-letter stream; replay: ``XADD`` back
+(CLI)              to the stream, then ``XDEL`` of the confirmed entries
 =================  ==================================================================
 
 ``--mode pubsub``: addresses are channels (``SUBSCRIBE``); a batch is the messages on
@@ -42,8 +46,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers.kit import dead_letter_headers, invalid, option
+from amgi.servers.kit import Refreshed, dead_letter_headers, invalid, option
 from amgi.servers.redis._client import open_client
+from amgi.servers.redis._dead_letters import DeadLetters
 from amgi.servers.redis._fields import decode, encode
 from amgi.servers.redis._pubsub import PubSub
 from amgi.servers.redis._streams import Streams
@@ -94,8 +99,9 @@ def _is_entry_id(text: str) -> bool:
     return ms.isdigit() and (not seq or seq.isdigit())
 
 
-class RedisTransport(Transport):
-    """The AMGI transport of Redis Streams (and Pub/Sub)."""
+class RedisTransport(DeadLetters, Transport):
+    """The AMGI transport of Redis Streams (and Pub/Sub); lists and replays dead letters
+    (:mod:`._dead_letters`)."""
 
     name = "redis"
     options = RedisOptions
@@ -111,8 +117,21 @@ class RedisTransport(Transport):
         self._client: Any = None  # redis.asyncio.Redis (its commands are untyped)
         self._streams: Streams | None = None
         self._pubsub: PubSub | None = None
+        self._backlog: Refreshed[dict[str, int]] | None = None
         if c.mode == "streams" and addresses:
             self.lease_interval = c.claim_idle / 3
+
+    def workers_refusal(self) -> str | None:
+        """Pub/Sub hands every process every message; one ``--consumer`` name shared by
+        processes lets each take back what the others hold."""
+        if self.config.mode == "pubsub":
+            return "--mode pubsub gives every process every message"
+        if self.config.consumer:
+            return (
+                f"one --consumer name ({self.config.consumer!r}) shared by processes lets "
+                "each take back what the others hold (leave --consumer unset)"
+            )
+        return None
 
     def dead_letter_address(self, address: str) -> str:
         return self.config.dead_letter_stream.replace("{address}", address)
@@ -139,6 +158,7 @@ class RedisTransport(Transport):
             if c.mode == "streams":
                 self._streams = Streams(self._client, self.addresses, c, self.consumer)
                 await self._streams.start()
+                self._backlog = Refreshed("redis consumer lag", 1.0, self._streams.backlog)
             else:
                 self._pubsub = PubSub(self._client, self.addresses, c.batch_size)
                 await self._pubsub.start()
@@ -150,6 +170,9 @@ class RedisTransport(Transport):
         streams, self._streams = self._streams, None
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None:
+            await backlog.close()
         if streams is not None:
             await streams.stop()
         if pubsub is not None:
@@ -205,6 +228,11 @@ class RedisTransport(Transport):
         elif self._pubsub is not None:
             await self._pubsub.settle(batch.address, settlement, dead)
 
+    def backlog(self) -> dict[str, int] | None:
+        """Per stream, the group's ``lag`` plus ``pending`` (``XINFO GROUPS``), re-read
+        every second by a task started on the first call; ``None`` before its first read."""
+        return self._backlog.get() if self._backlog is not None else None
+
     async def extend(self, batches: Sequence[Batch]) -> None:
         if self._streams is not None:
             held: dict[str, list[bytes]] = {}
@@ -232,9 +260,13 @@ class RedisTransport(Transport):
                 await client.execute_command("PUBLISH", address, payload or b"")
                 return
             maxlen = (bindings.get("redis") or {}).get("maxlen", self.config.maxlen)
-            trim: tuple[Any, ...] = ("MAXLEN", "~", int(maxlen)) if maxlen else ()
+            trim = self._trim(int(maxlen))
             await client.execute_command("XADD", address, *trim, "*", *encode(headers, payload))
         except redis_errors.RedisError as exc:
             raise RedisSendError(f"redis: could not send to {address!r}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise RedisSendError(f"redis: bad redis bindings for {address!r}: {exc}") from None
+
+    def _trim(self, maxlen: int) -> tuple[Any, ...]:
+        """The ``XADD`` arguments that trim a stream to about ``maxlen`` entries (0: none)."""
+        return ("MAXLEN", "~", maxlen) if maxlen else ()

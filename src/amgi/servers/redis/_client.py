@@ -13,7 +13,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RAW_COMMANDS", "open_client", "raise_if_cancelled"]
 
-RAW_COMMANDS = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING", "XADD", "XACK", "XGROUP CREATE")
+RAW_COMMANDS = (
+    "XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING", "XADD", "XACK", "XGROUP CREATE", "XRANGE",
+    "XREVRANGE", "XINFO GROUPS",
+)  # fmt: skip
 """Commands whose replies are taken as the server sent them (entry fields may repeat)."""
 
 

@@ -26,6 +26,8 @@ body                 text as is; other payloads base64 with ``amgi-body-encoding
 send                 SendMessage; bindings ``sqs``: message_group_id,
                      message_deduplication_id, delay_seconds, attribute_types
 close / crash        unsettled messages come back when their visibility timeout ends
+backlog (metrics)    ``ApproximateNumberOfMessages`` per queue, read every 5 s by an owned
+                     task, once metrics asked for it
 dead letters (CLI)   list: received from the dead-letter queue, made visible again at
                      once; replay: sent back (attributes less AMGI's), then deleted
 ===================  ==================================================================
@@ -45,8 +47,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
-from amgi.servers.kit import redact_client_logs
+from amgi.servers.kit import Refreshed, redact_client_logs
 from amgi.servers.sqs._client import (
+    DEPTH_EVERY,
     SqsClient,
     SqsSendError,
     _Queue,
@@ -148,6 +151,8 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         try:
             for address in self.addresses:
                 self._consumed.append(await self._queue(address, create=False))
+            if self._consumed:
+                self._depths = Refreshed("sqs queue depth", DEPTH_EVERY, self._read_depths)
         except BaseException:
             await self.close()
             raise
@@ -176,6 +181,9 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
                 with contextlib.suppress(Exception):
                     await self._change_visibility(queue, [(h, 0) for h in handles])
         self._held.clear()
+        depths, self._depths = self._depths, None
+        if depths is not None:
+            await depths.close()
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
@@ -208,6 +216,11 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
                 return batches
             if error is not None:
                 raise error
+
+    def backlog(self) -> dict[str, int] | None:
+        """Per queue, ``ApproximateNumberOfMessages`` (visible, waiting), re-read every
+        ``DEPTH_EVERY`` seconds by a task started on the first call; ``None`` before."""
+        return self._depths.get() if self._depths is not None else None
 
     # -- settling --------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.kit.fifo import held_behind
+from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.sqs.options import SqsOptions
 from amgi.servers.sqs.records import (
     _dead_letter_attributes,
@@ -34,6 +35,8 @@ SQSClient = Any
 """The aiobotocore SQS client (untyped: the library ships no stubs)."""
 
 _MAX_BATCH: Final = 10
+DEPTH_EVERY: Final = 5.0
+"""Seconds between two reads of the queues' depth for metrics (SQS bills each call)."""
 
 
 _MAX_VISIBILITY: Final = 43200
@@ -201,6 +204,28 @@ class SqsClient:
         self._held: dict[str, _Queue] = {}
         """Receipt handle -> queue of every message received and not yet settled: in the
         app's hands, waiting for a free slot, or taken by a long poll not yet fetched."""
+        self._depths: Refreshed[dict[str, int]] | None = None
+        """Per consumed queue, ``ApproximateNumberOfMessages`` (metrics)."""
+
+    async def _read_depths(self) -> dict[str, int]:
+        """One GetQueueAttributes per consumed queue; a queue that fails is left out."""
+        queues = self._consumed
+        answers = await asyncio.gather(
+            *(
+                self.client.get_queue_attributes(
+                    QueueUrl=q.url, AttributeNames=["ApproximateNumberOfMessages"]
+                )
+                for q in queues
+            ),
+            return_exceptions=True,
+        )
+        depths: dict[str, int] = {}
+        for queue, answer in zip(queues, answers, strict=True):
+            if isinstance(answer, BaseException):
+                logger.debug("reading the depth of %r failed: %s", queue.name, answer)
+                continue
+            depths[queue.name] = int(answer["Attributes"]["ApproximateNumberOfMessages"])
+        return depths
 
     @property
     def client(self) -> SQSClient:

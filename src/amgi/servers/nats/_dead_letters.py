@@ -1,0 +1,218 @@
+"""Dead letters of the NATS server: the JetStream stream capturing ``--dead-letter-subject``.
+
+A dead letter is published to ``{subject}.dlq`` with a JetStream publish whose ack the
+server awaits; only then is the original terminated. So dead letters live in whichever
+stream captures that subject (the test setup's ``amgi-test.>`` stream holds both), and
+when no stream does, no dead letter is ever stored or lost: each stays unacknowledged on
+its own subject and comes back after ``--ack-wait``, with an error line per try.
+
+``list`` and replay read that stream through a short-lived ephemeral consumer filtered on
+the dead-letter subject (no acks, nothing changes; it is deleted at the end and expires by
+itself if the process dies). A replay publishes each message back to the subject it was
+consumed from (JetStream publish, ack awaited), then deletes exactly the confirmed ones
+from the stream: a replay killed between the two leaves those in both places (at least
+once). Messages stored after the command started are left for the next run, so a replay
+always ends. Where several subjects share one dead-letter subject, an address sees only
+its own dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
+from amgi.servers.kit import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
+from amgi.servers.nats._headers import decode, encode
+from amgi.transport import StoredDeadLetter
+
+if TYPE_CHECKING:
+    from amgi.servers.nats import NatsOptions
+
+__all__ = ["DeadLetters", "subject_matches"]
+
+_CHUNK = 100
+"""Messages fetched (and replayed) at a time."""
+_STALLS = 5
+"""Fetches in a row that may bring nothing while the consumer still reports messages."""
+
+
+class DeadLetters(ChunkedDeadLetters):
+    """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on JetStream."""
+
+    config: NatsOptions
+    _client: Any
+    send_error: ClassVar[type[SendError]]
+
+    def dead_letter_subject(self, subject: str) -> str:
+        raise NotImplementedError  # pragma: no cover - the transport's
+
+    async def replay_dead_letters(self, address: str, limit: int) -> int:
+        """Publish each back (ack awaited), then delete the confirmed ones from the stream."""
+        js = self._client.jetstream(timeout=self.config.publish_timeout)
+        jsm = self._jsm()
+        moved = 0
+        async for chunk in self._dead_letter_chunks(address, limit, replay=True):
+            sent = await asyncio.gather(
+                *(
+                    js.publish(d.address, d.payload or b"", headers=encode(d.headers) or None)
+                    for _, d in chunk
+                ),
+                return_exceptions=True,
+            )
+            confirmed = [handle for (handle, _), r in zip(chunk, sent, strict=True) if _ok(r)]
+            deleted = await asyncio.gather(
+                *(jsm.delete_msg(stream, seq) for stream, seq in confirmed),
+                return_exceptions=True,
+            )
+            moved += len(confirmed)
+            failed = [r for r in (*sent, *deleted) if not _ok(r)]
+            if failed:
+                raise self.send_error(
+                    f"nats: replay to {address!r} stopped after {moved} dead letter(s): "
+                    f"{_text(failed[0])}; the rest stay in stream {chunk[0][0][0]!r}"
+                )
+        return moved
+
+    async def _dead_letter_chunks(
+        self, address: str, limit: int, *, replay: bool
+    ) -> AsyncIterator[DeadLetterChunk]:
+        """Handles are ``(stream, sequence)``."""
+        from nats import errors as nats_errors
+        from nats.js import api
+
+        stream, subject = await self._dead_letter_stream(address, replay=replay)
+        jsm = self._jsm()
+        name = f"amgi-dead-letters-{secrets.token_hex(6)}"
+        try:
+            last = (await jsm.stream_info(stream)).state.last_seq
+            await jsm.add_consumer(
+                stream,
+                api.ConsumerConfig(
+                    name=name,
+                    filter_subject=subject,
+                    ack_policy=api.AckPolicy.NONE,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    inactive_threshold=30.0,
+                    mem_storage=True,
+                ),
+            )
+            js = self._client.jetstream(timeout=self.config.publish_timeout)
+            sub = await js.pull_subscribe_bind(name=name, stream=stream)
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot read stream {stream!r}: {_text(exc)}") from None
+        try:
+            left, stalls, pending = limit, 0, 1
+            while left > 0 and pending > 0:
+                try:
+                    msgs = await sub.fetch(min(_CHUNK, left), timeout=1.0)
+                except nats_errors.TimeoutError:
+                    stalls += 1
+                    try:
+                        pending = (await sub.consumer_info()).num_pending
+                    except (nats_errors.Error, OSError, TimeoutError) as exc:
+                        raise BrokerUnavailable(
+                            f"nats: reading stream {stream!r} failed: {_text(exc)}"
+                        ) from None
+                    if stalls >= _STALLS and pending:
+                        raise BrokerUnavailable(
+                            f"nats: reading the dead letters of {address!r} stalled"
+                        ) from None
+                    continue
+                stalls = 0
+                chunk: DeadLetterChunk = []
+                for m in msgs:
+                    meta = m.metadata
+                    pending = meta.num_pending
+                    if meta.sequence.stream > last:
+                        pending = 0  # stored after we started: left for the next run
+                        break
+                    d = _stored(m, address)
+                    if subject_matches(d.address, address):
+                        chunk.append(((stream, meta.sequence.stream), d))
+                chunk = chunk[:left]
+                if chunk:
+                    left -= len(chunk)
+                    yield chunk
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await jsm.delete_consumer(stream, name)
+
+    async def _dead_letter_stream(self, address: str, *, replay: bool) -> tuple[str, str]:
+        """The stream holding the dead letters of ``address``, and their subject."""
+        from nats import errors as nats_errors
+        from nats.js import errors as js_errors
+
+        if self._client is None:
+            raise ConfigurationError("nats: not connected")
+        if self.config.mode == "core" and replay:
+            raise ConfigurationError(
+                "nats: dead letters cannot be replayed in core mode (a core publish is not "
+                "confirmed); replay in jetstream mode"
+            )
+        subject = self.dead_letter_subject(address)
+        jsm = self._jsm()
+        try:
+            if self.config.mode == "jetstream":
+                if self.config.stream:
+                    await jsm.stream_info(self.config.stream)
+                else:
+                    await jsm.find_stream_name_by_subject(address)
+        except js_errors.NotFoundError:
+            raise ConfigurationError(
+                f"nats: subject {address!r} does not exist: no JetStream stream captures it"
+                + (f" (stream {self.config.stream!r} is missing)" if self.config.stream else "")
+            ) from None
+        except js_errors.ServiceUnavailableError:
+            raise ConfigurationError("nats: JetStream is not enabled on the server") from None
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot look up {address!r}: {_text(exc)}") from None
+        try:
+            return await jsm.find_stream_name_by_subject(subject), subject
+        except js_errors.NotFoundError:
+            raise ConfigurationError(
+                f"nats: no JetStream stream captures the dead-letter subject {subject!r}, so "
+                f"no dead letter of {address!r} was stored (they wait unacknowledged on "
+                "their subject); create a stream covering it"
+            ) from None
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot look up {subject!r}: {_text(exc)}") from None
+
+    def _jsm(self) -> Any:
+        """The JetStream API, its requests bounded by ``--publish-timeout``."""
+        return self._client.jsm(timeout=self.config.publish_timeout)
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """Whether ``subject`` matches NATS subject ``pattern`` (``*`` one token, ``>`` the rest)."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for i, want in enumerate(wanted):
+        if want == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (want != "*" and want != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def _ok(result: object) -> bool:
+    return not isinstance(result, BaseException) and result is not False
+
+
+def _text(result: object) -> str:
+    if isinstance(result, BaseException):
+        return str(getattr(result, "description", None) or result or type(result).__name__)
+    return "the server did not delete it"
+
+
+def _stored(msg: Any, address: str) -> StoredDeadLetter:
+    headers, _ = decode(msg.headers)
+    meta = msg.metadata
+    dead_at = meta.timestamp.timestamp() if meta.timestamp else None
+    return stored_dead_letter(
+        str(meta.sequence.stream), headers, msg.data, address=address, dead_at=dead_at
+    )

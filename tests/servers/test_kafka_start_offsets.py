@@ -1,0 +1,187 @@
+"""Where an assigned partition starts: the group's committed offset, else the reset end.
+
+The transport looks the committed offsets up itself when the assignment arrives, and the log
+start (or end) of the partitions without one, so the first fetch goes out at once for every
+partition (librdkafka's own lookup waits ~0.1 s, then resolves partitions one by one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException
+from confluent_kafka import TopicPartition as TP
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.servers.kafka_helpers import (
+    BOOTSTRAP,
+    create_topic,
+    ensure_broker,
+    fresh,
+    options,
+    produce,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+def commit(group: str, topic: str, offsets: dict[int, int]) -> None:
+    """Commit ``offsets`` for ``group`` as another member would have."""
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
+    try:
+        consumer.commit(offsets=[TP(topic, p, o) for p, o in offsets.items()], asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def records(partition: int, first: int, count: int) -> list[tuple[bytes, bytes, list[Any]]]:
+    return [(b"k", b"%d-%d" % (partition, i), []) for i in range(first, first + count)]
+
+
+async def serve_until(kafka: KafkaTransport, seen: list[tuple[int, int]], done: Any) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            event = await receive()
+            more = event["more_messages"]
+            k = event["bindings"]["kafka"]
+            seen.append((k["partition"], k["offset"]))
+            await send({"type": "message.ack", "id": event["id"]})
+
+    runtime = Runtime(app, kafka, RuntimeConfig(lifespan="off", crash_ledger=""))
+    server = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + 30
+        while not await done():
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, f"timed out; seen {sorted(seen)}"
+            await asyncio.sleep(0.02)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
+
+
+@pytest.mark.parametrize("reset", ["earliest", "latest"])
+async def test_committed_partition_resumes_there_the_other_starts_at_the_reset_end(
+    reset: str,
+) -> None:
+    topic = create_topic(fresh("start"), partitions=2)
+    produce(topic, records(0, 0, 10), partition=0)
+    for record in records(1, 0, 10):
+        # One request each: the test broker puts a partition's end just after the start
+        # of its last record batch.
+        produce(topic, [record], partition=1)
+    group = fresh("group")
+    commit(group, topic, {0: 4})
+    kafka = KafkaTransport(
+        [topic], KafkaOptions(**options(group_id=group, auto_offset_reset=reset))
+    )
+    seen: list[tuple[int, int]] = []
+    next_new = 10
+    last_sent = 0.0
+
+    async def done() -> bool:
+        nonlocal next_new, last_sent
+        if reset == "earliest":
+            return len(seen) >= 16
+        if any(p == 1 for p, _ in seen):
+            return True
+        if len(seen) >= 6 and time.monotonic() - last_sent > 0.2:
+            # New records on partition 1, until one arrives (its start is the end as it
+            # was when the assignment came, which is not observable from outside).
+            produce(topic, records(1, next_new, 1), partition=1)
+            next_new += 1
+            last_sent = time.monotonic()
+        return False
+
+    await serve_until(kafka, seen, done)
+    assert sorted(o for p, o in seen if p == 0) == list(range(4, 10))  # from the commit
+    of_1 = sorted(o for p, o in seen if p == 1)
+    if reset == "earliest":
+        assert of_1 == list(range(10))
+    else:  # nothing produced before the assignment, then contiguous
+        assert of_1
+        assert of_1[0] >= 10
+        assert of_1 == list(range(of_1[0], of_1[0] + len(of_1)))
+
+
+class _Offset:
+    """An offset as the client reports it, with a per-partition error."""
+
+    def __init__(self, partition: int, offset: int, error: Any = None) -> None:
+        self.topic = "t"
+        self.partition = partition
+        self.offset = offset
+        self.error = error
+
+
+class _Consumer:
+    """Stands in for librdkafka's consumer: each lookup fails or answers as told."""
+
+    def __init__(self, committed: Any, ends: Any = ()) -> None:
+        self.answers = {"committed": committed, "ends": ends}
+        self.asked_ends: list[tuple[int, int]] = []
+
+    def _answer(self, which: str) -> list[Any]:
+        answer = self.answers[which]
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+    def committed(self, partitions: list[Any], timeout: float) -> list[Any]:
+        return self._answer("committed")
+
+    def offsets_for_times(self, partitions: list[Any], timeout: float) -> list[Any]:
+        self.asked_ends += [(tp.partition, tp.offset) for tp in partitions]
+        return self._answer("ends")
+
+
+_TIMED_OUT = KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+
+@pytest.mark.parametrize(
+    ("reset", "logical"), [("earliest", OFFSET_BEGINNING), ("latest", OFFSET_END)]
+)
+def test_start_offsets_ask_the_log_for_partitions_without_a_commit(
+    reset: str, logical: int
+) -> None:
+    kafka = KafkaTransport(["t"], KafkaOptions(**options(auto_offset_reset=reset)))
+    asked = [TP("t", 0), TP("t", 1), TP("t", 2)]
+    consumer = _Consumer(
+        committed=[TP("t", 0, 7), TP("t", 1, -1001), TP("t", 2, -1001)],
+        ends=[_Offset(1, 40), _Offset(2, -1, KafkaError(KafkaError._TIMED_OUT))],
+    )
+    got = kafka._start_offsets(consumer, asked)
+    # Partition 1 from the log; partition 2's answer failed, so librdkafka resolves it.
+    assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, 40), (2, logical)]
+    assert consumer.asked_ends == [(1, logical), (2, logical)]  # -2: log start, -1: end
+
+
+def test_start_offsets_fall_back_to_the_logical_end_when_the_log_lookup_fails() -> None:
+    kafka = KafkaTransport(["t"], KafkaOptions(**options()))
+    consumer = _Consumer(committed=[TP("t", 0, 7), TP("t", 1, -1001)], ends=_TIMED_OUT)
+    got = kafka._start_offsets(consumer, [TP("t", 0), TP("t", 1)])
+    assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, OFFSET_BEGINNING)]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _TIMED_OUT,
+        [_Offset(0, 7), _Offset(1, -1001, KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE))],
+    ],
+    ids=["lookup-failed", "partition-error"],
+)
+def test_start_offsets_leave_the_lookup_to_librdkafka_when_committed_fails(answer: Any) -> None:
+    kafka = KafkaTransport(["t"], KafkaOptions(**options()))
+    asked = [TP("t", 0), TP("t", 1)]
+    assert kafka._start_offsets(_Consumer(answer), asked) is asked
