@@ -22,7 +22,9 @@ once the PINGRESP is in, everything the broker would send now has arrived.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -125,6 +127,13 @@ class DeadLetterSession(MqttClient):
         client = super()._new_client()
         client.on_pingresp = self._on_pingresp  # type: ignore[attr-defined]
         return client
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # A PUBACK or PINGREQ goes out at once (no Nagle wait for the broker's delayed ACK):
+        # a replay waits for the broker's answer after each chunk.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super()._on_socket_open(client, userdata, sock)
 
     def _deliver(self, publish: Publish) -> None:
         super()._deliver(publish)
@@ -239,18 +248,19 @@ class DeadLetters(MqttClient):
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Publish each back to its topic (QoS 1, acknowledged), then acknowledge it.
 
-        Chunk by chunk, with the next chunk on its way meanwhile (Receive Maximum).
+        Chunk by chunk; the next chunk is published only once the broker has handled the
+        acknowledgements of the last (a PINGREQ round trip): a killed process's
+        connection is reset, and a broker drops what it had not read of it yet, so a
+        killed replay sends at most one chunk twice.
         """
-        session = await self._dead_letter_session(address, min(limit, 2 * _REPLAY_CHUNK))
+        session = await self._dead_letter_session(address, min(limit, _REPLAY_CHUNK))
         moved = 0
         try:
+            await session.all_sent()
             while moved < limit:
                 chunk = session.take(min(_REPLAY_CHUNK, limit - moved))
                 if not chunk:
-                    await session.all_sent()
-                    chunk = session.take(min(_REPLAY_CHUNK, limit - moved))
-                    if not chunk:
-                        break
+                    break
                 letters = [self._stored(m) for m in chunk]
                 await asyncio.gather(
                     *(
@@ -265,8 +275,7 @@ class DeadLetters(MqttClient):
                 )
                 session.ack(chunk)
                 moved += len(chunk)
-            if moved:
-                await session.all_sent()  # the broker has every PUBACK before the hang-up
+                await session.all_sent()
         finally:
             await session.close()
         return moved
