@@ -148,7 +148,7 @@ def test_sqlite_replay_killed_half_way_keeps_every_dead_letter_exactly_once(
 
 
 def test_a_server_without_dead_letter_support_says_so(tmp_path: Path) -> None:
-    result = amgi("dead-letters", "list", "q", "--server", "mqtt", cwd=tmp_path)
-    assert "the mqtt server cannot list its dead letters" in one_line_error(result)
+    result = amgi("dead-letters", "list", "q", "--server", "amp", cwd=tmp_path)
+    assert "the amp server cannot list its dead letters" in one_line_error(result)
     limit = amgi("dead-letters", "replay", "q", "--limit", "-1", cwd=tmp_path)
     assert "--limit must not be negative" in one_line_error(limit)

@@ -27,6 +27,7 @@ class Mosquitto:
         tls: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
         acl: str | None = None,
+        extra: str = "",
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
@@ -38,6 +39,8 @@ class Mosquitto:
         """With TLS: clients must show a certificate this CA file trusts."""
         self.acl = acl
         """The text of an ACL file (``user NAME`` / ``topic read|write FILTER`` lines)."""
+        self.extra = extra
+        """More configuration lines."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def _config(self) -> Path:
@@ -62,6 +65,8 @@ class Mosquitto:
             lines += [f"certfile {cert}", f"keyfile {key}"]
             if self.client_ca is not None:
                 lines += [f"cafile {self.client_ca}", "require_certificate true"]
+        if self.extra:
+            lines.append(self.extra)
         text = (
             TEMPLATE.read_text()
             .replace("@PORT@", str(self.port))

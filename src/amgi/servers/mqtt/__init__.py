@@ -13,6 +13,9 @@ nack (retry)       after the delay, republish to the topic with ``amgi-attempt``
                    wait for the broker's PUBACK, then acknowledge the original
 nack (dead)        publish to ``<dead_letter_prefix>/<topic>`` with the reason, wait for
                    the broker's PUBACK, then acknowledge the original
+dead letters kept  in a persistent session per topic filter, ``amgi-dl-<hash>``, that
+                   the server subscribes at connect; ``amgi dead-letters`` reads and
+                   replays it (``_dead_letters``)
 refused copy       a retry the broker refuses (MQTT 5 PUBACK failure, e.g. not
                    authorised) is dead-lettered instead; a refused dead letter is tried
                    again with backoff in the background; resends of the original
@@ -43,7 +46,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Sequence
 
 from amgi.errors import ConfigurationError
@@ -54,9 +56,9 @@ from amgi.servers.kit import (
     retry_headers,
     unmoved,
 )
-from amgi.servers.mqtt._client import MqttClient, MqttSendError
+from amgi.servers.mqtt._client import MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
-from amgi.servers.mqtt._linger import linger_until_peer_closes
+from amgi.servers.mqtt._dead_letters import DeadLetters
 from amgi.servers.mqtt.options import MqttOptions, _topic_problem, validate_filter
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
@@ -71,13 +73,10 @@ __all__ = [
 
 logger = logging.getLogger("amgi.servers.mqtt")
 
-_CLOSE_WAIT = 2.0
-"""Seconds ``close`` waits for the broker to end the connection after DISCONNECT."""
-
 """The CONNACK outcome when the broker dropped the connection before sending one."""
 
 
-class MqttTransport(MqttClient, Transport):
+class MqttTransport(DeadLetters, Transport):
     """The AMGI transport of an MQTT broker (see the module docstring for the mapping)."""
 
     name = "mqtt"
@@ -121,14 +120,10 @@ class MqttTransport(MqttClient, Transport):
         """Connect, resume (or create) the persistent session and subscribe."""
         self.check()
         self._retries = DelayedRepublisher("mqtt")
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._closing = False
-        self._v5 = self.config.protocol == "5"
-        client = self._new_client()
-        self._client = client
+        self._start_client()
         try:
             await self._open()
+            await self._keep_dead_letters()
         except BaseException:
             await self.close()
             raise
@@ -248,7 +243,12 @@ class MqttTransport(MqttClient, Transport):
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=topic, reason=reason
         )
-        binding = {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}
+        # Not retained, and no expiry: a dead letter waits until someone looks at it.
+        binding = {
+            k: v
+            for k, v in message.bindings["mqtt"].items()
+            if k not in ("retain", "messageExpiryInterval")
+        }
         binding["qos"] = max(1, int(binding.get("qos", 1)))
         target = f"{self.config.dead_letter_prefix}/{topic}"
         await self.publish(target, headers, message.payload, {"mqtt": binding})
@@ -314,22 +314,7 @@ class MqttTransport(MqttClient, Transport):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._misc = None
-        client, self._client = self._client, None
-        if client is not None:
-            sock = client.socket()
-            if sock is not None and self._loop is not None:
-                self._forget_socket(sock)
-            if sock is not None and self._connected.is_set():
-                # paho closes its socket right after writing DISCONNECT; a copy keeps the
-                # connection open until the broker has read everything before it.
-                with linger_until_peer_closes(sock.fileno(), _CLOSE_WAIT) as drained:
-                    client.disconnect()
-                    client.loop_write()
-                    await drained
-            with contextlib.suppress(Exception):
-                client._sock_close()
-        self._connected.clear()
-        self._generation += 1
+        await self._hang_up()
         self._on_hand.clear()
         self._count = 0
         for waiter in (*self._puback.values(), *self._suback.values()):

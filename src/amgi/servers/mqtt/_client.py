@@ -27,6 +27,7 @@ from amgi.servers.mqtt._codec import (
     _user_properties,
     decode_publish,
 )
+from amgi.servers.mqtt._linger import linger_until_peer_closes
 from amgi.servers.mqtt.options import MqttOptions
 from amgi.transport import HeaderList, Message
 
@@ -48,6 +49,7 @@ def _client_class() -> type[paho.Client]:
 
     class Client(paho.Client):
         on_publish_packet: Any = None
+        on_pingresp: Any = None
 
         def _handle_publish(self) -> MQTTErrorCode:
             packet = self._in_packet
@@ -59,6 +61,12 @@ def _client_class() -> type[paho.Client]:
                 return MQTTErrorCode.MQTT_ERR_PROTOCOL
             self.on_publish_packet(publish)
             return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+        def _handle_pingresp(self) -> MQTTErrorCode:
+            rc = super()._handle_pingresp()
+            if self.on_pingresp is not None:
+                self.on_pingresp()
+            return rc
 
         def _handle_pubrel(self) -> MQTTErrorCode:
             (mid,) = struct.unpack_from("!H", self._in_packet["packet"], 0)
@@ -78,6 +86,10 @@ _CLOSED_BEFORE_CONNACK: Final = object()
 
 
 _MISC_INTERVAL = 1.0
+
+
+_CLOSE_WAIT = 2.0
+"""Seconds a hang-up waits for the broker to end the connection after DISCONNECT."""
 
 
 _RECONNECT_FIRST = 0.1
@@ -108,6 +120,8 @@ class MqttClient:
         self._q0_prefix = f"q0-{uuid.uuid4().hex[:8]}-"
         """QoS 0 ids: never redelivered, so unique to this process (not the ledger's)."""
         self._connack: asyncio.Future[tuple[bool, Any]] | None = None
+        self._session_present = False
+        """The broker resumed a session (CONNACK) on the last connection."""
         self._suback: dict[int, asyncio.Future[list[Any]]] = {}
         self._puback: dict[int, asyncio.Future[Any]] = {}
         self._retries = DelayedRepublisher("mqtt")
@@ -182,7 +196,7 @@ class MqttClient:
             why = exc.strerror or str(exc) or type(exc).__name__
             raise BrokerUnavailable(f"mqtt: cannot reach {self._where()}: {why}") from None
         try:
-            _, reason = await asyncio.wait_for(self._connack, c.connect_timeout)
+            present, reason = await asyncio.wait_for(self._connack, c.connect_timeout)
         except TimeoutError:
             raise BrokerUnavailable(
                 f"mqtt: no answer from {self._where()} within {c.connect_timeout}s"
@@ -198,10 +212,39 @@ class MqttClient:
             raise BrokerUnavailable(
                 f"mqtt: broker at {self._where()} refused the connection: {reason}"
             )
+        self._session_present = present
         if self.addresses:
             # Always (re)subscribe: the filters may have changed since the session began.
             await self._subscribe(client, paho)
         self._connected.set()
+
+    def _start_client(self) -> None:
+        """A new paho client for :meth:`_open`, bound to the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._closing = False
+        self._v5 = self.config.protocol == "5"
+        self._client = self._new_client()
+
+    async def _hang_up(self, properties: Any = None) -> None:
+        """Send DISCONNECT (with MQTT 5 ``properties``) if connected, wait until the broker
+        has read everything before it, and drop the client."""
+        client, self._client = self._client, None
+        if client is not None:
+            sock = client.socket()
+            if sock is not None and self._loop is not None:
+                self._forget_socket(sock)
+            if sock is not None and self._connected.is_set():
+                # paho closes its socket right after writing DISCONNECT; a copy keeps the
+                # connection open until the broker has read everything before it.
+                with linger_until_peer_closes(sock.fileno(), _CLOSE_WAIT) as drained:
+                    client.disconnect(properties=properties)
+                    client.loop_write()
+                    await drained
+            with contextlib.suppress(Exception):
+                client._sock_close()
+        self._connected.clear()
+        self._generation += 1
 
     async def _subscribe(self, client: paho.Client, paho_module: Any) -> None:
         assert self._loop is not None

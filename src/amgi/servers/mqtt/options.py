@@ -54,6 +54,13 @@ class MqttOptions:
         default="amgi/dead-letter",
         metadata={"help": "dead letters of topic T are published to PREFIX/T"},
     )
+    keep_dead_letters: bool = field(
+        default=True,
+        metadata={
+            "help": "keep the dead letters of each topic filter in a persistent session on "
+            "the broker (client id amgi-dl-...), for amgi dead-letters list|replay"
+        },
+    )
     username: str | None = field(default=None, metadata={"help": "user name to log in with"})
     password: str | None = field(
         default=None, repr=False, metadata={"help": "password to log in with", "secret": True}
