@@ -191,3 +191,22 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
     for m in messages:
         assert m.attempt == 1
         assert m.headers == headers
+
+
+async def test_a_replay_says_how_many_dead_letters_another_reader_holds() -> None:
+    queue = await dead_letter(3)
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        url = (await admin.client.get_queue_url(QueueName=queue + "-dlq"))["QueueUrl"]
+        held = await admin.client.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=60
+        )
+        assert len(held.get("Messages", [])) == 1
+    finally:
+        await admin.close()
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
+    assert replay.returncode == 0, replay.stderr
+    assert f"replayed 2 dead letter(s) to {queue!r}" in replay.stdout
+    assert "about 1 dead letter(s)" in replay.stderr
+    assert "held by another reader" in replay.stderr

@@ -9,11 +9,14 @@ killed replay held reappears after ``visibility_timeout``: at least once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from amgi.servers.sqs._client import _MAX_BATCH, SqsClient, SqsSendError, _Queue
 from amgi.servers.sqs.records import replay_attributes, stored_dead_letter
 from amgi.transport import StoredDeadLetter
+
+logger = logging.getLogger("amgi.servers.sqs")
 
 
 class DeadLetters(SqsClient):
@@ -62,7 +65,28 @@ class DeadLetters(SqsClient):
             await asyncio.gather(*(self._send_back(queue, raw) for raw in chunk))
             await self._delete(dlq, [raw["ReceiptHandle"] for raw in chunk])
             moved += len(chunk)
+        if moved < limit:
+            await self._report_held(dlq)
         return moved
+
+    async def _report_held(self, dlq: _Queue) -> None:
+        """Warn about dead letters another reader holds (in flight): a replay cannot see
+        them until their visibility timeout ends."""
+        try:
+            found = await self.client.get_queue_attributes(
+                QueueUrl=dlq.url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
+            )
+            held = int(found["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+        except Exception as exc:
+            logger.debug("reading the in-flight count of %r failed: %s", dlq.name, exc)
+            return
+        if held:
+            logger.warning(
+                "about %d dead letter(s) in %r are held by another reader and were not "
+                "replayed; they become visible again after their visibility timeout",
+                held,
+                dlq.name,
+            )
 
     async def _send_back(self, queue: _Queue, raw: dict[str, Any]) -> None:
         params: dict[str, Any] = {"QueueUrl": queue.url, "MessageBody": raw["Body"]}
