@@ -10,6 +10,7 @@ import pytest
 from amgi.errors import BrokerUnavailable
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.redis import RedisOptions, RedisSendError, RedisTransport
+from amgi.servers.redis._client import execute_packed, open_client, pack
 from amgi.servers.redis._fields import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
@@ -59,6 +60,49 @@ def test_entries_written_by_others_read_as_headers_and_payload() -> None:
     # redis-cli XADD orders * source cli payload '{"id": 1}' amgi.unknown x
     fields = [b"source", b"cli", b"payload", b'{"id": 1}', b"amgi.unknown", b"x"]
     assert decode(fields) == ([(b"source", b"cli"), (b"amgi.unknown", b"x")], b'{"id": 1}')
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [b"XACK", b"orders", b"billing", b"1700000000000-0", b"1700000000000-1"],
+        [b"PING"],
+        [b"SET", b"k", b""],
+        [b"SET", b"\r\n\x00", b"\xff" * 7000],
+    ],
+)
+def test_a_packed_command_is_what_redis_py_sends(args: list[bytes]) -> None:
+    from redis.asyncio.connection import Connection
+
+    assert pack(args) == b"".join(Connection().pack_command(*args))
+
+
+async def test_a_packed_xack_acks_and_reconnects_over_a_killed_connection() -> None:
+    from redis.exceptions import ResponseError
+
+    stream, group = fresh("packed"), fresh("g")
+    c = await open_client(URL, 5)
+    other = await client()
+    try:
+        await c.execute_command("XGROUP CREATE", stream, group, "0", "MKSTREAM")
+        ids = [await c.execute_command("XADD", stream, "*", "payload", b"x") for _ in range(3)]
+        await c.execute_command("XREADGROUP", "GROUP", group, "me", "STREAMS", stream, ">")
+        assert (
+            await execute_packed(c, pack([b"XACK", stream.encode(), group.encode(), ids[0]])) == 1
+        )
+        # The pooled connection dies (a broker restart, a proxy timeout): one retry on a
+        # new connection, as redis-py's own commands do.
+        own = await c.execute_command("CLIENT ID")
+        assert await other.execute_command("CLIENT KILL", "ID", own) == 1
+        assert await execute_packed(c, pack([b"XACK", stream.encode(), group.encode(), *ids])) == 2
+        assert await pending(stream, group) == 0
+        await c.execute_command("SET", f"{stream}-plain", "v")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await execute_packed(c, pack([b"XACK", f"{stream}-plain".encode(), b"g", ids[0]]))
+    finally:
+        await c.delete(stream, f"{stream}-plain")
+        await c.aclose()
+        await other.aclose()
 
 
 # -- the transport: ids, attempts, recovery -----------------------------------------------

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
 from amgi.servers.kit import DueList
-from amgi.servers.redis._client import raise_if_cancelled
+from amgi.servers.redis._client import execute_packed, pack, raise_if_cancelled
 
 if TYPE_CHECKING:
     from amgi.servers.redis import RedisOptions
@@ -41,6 +41,7 @@ class Streams:
             "XREADGROUP", "GROUP", self.group, consumer, "COUNT", options.batch_size,
         )  # fmt: skip
         self._tail = ("STREAMS", *self.streams, *(">" for _ in self.streams))
+        self._xack = {s: (b"XACK", s.encode(), self.group.encode()) for s in self.streams}
         self._retries: DueList[tuple[str, bytes, int]] = DueList()
         self._cursors = dict.fromkeys(self.streams, b"0-0")
         self._next_sweep = 0.0
@@ -246,7 +247,7 @@ class Streams:
                 pipe.execute_command("XACK", stream, self.group, *ids)
                 await pipe.execute()
         elif ids:
-            await self.client.execute_command("XACK", stream, self.group, *ids)
+            await execute_packed(self.client, pack((*self._xack[stream], *ids)))
 
 
 def _among(stream: str, ids: set[bytes]) -> Callable[[tuple[str, bytes, int]], bool]:
