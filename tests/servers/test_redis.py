@@ -135,6 +135,34 @@ async def test_a_retry_keeps_the_entry_id_and_counts_the_delivery() -> None:
         await t.close()
 
 
+async def test_a_stream_is_read_ahead_by_one_batch_and_others_keep_flowing() -> None:
+    one, two, group = fresh("ahead1"), fresh("ahead2"), fresh("g")
+    t = RedisTransport([one, two], RedisOptions(url=URL, group=group, batch_size=1, block=0.1))
+    await t.connect()
+    try:
+        for payload in (b"a1", b"a2", b"a3"):
+            await t.publish(one, [], payload, {})
+        held = [b for _ in range(2) for b in await t.fetch() if b.address == one]
+        assert [b.messages[0].payload for b in held] == [b"a1", b"a2"]
+        # Two batches of ``one`` are in the runtime's hands: only ``two`` is read.
+        await t.publish(two, [], b"b1", {})
+        async with asyncio.timeout(15):
+            got = [b for b in await t.fetch() if b.messages]
+        assert [(b.address, b.messages[0].payload) for b in got] == [(two, b"b1")]
+        await t.publish(two, [], b"b2", {})
+        (b2,) = await t.fetch()
+        assert b2.messages[0].payload == b"b2"
+        with pytest.raises(TimeoutError):  # both streams wait for a settlement
+            await asyncio.wait_for(t.fetch(), 0.5)
+        await t.settle(held[0], Settlement(acked=list(held[0].messages)))
+        async with asyncio.timeout(15):
+            (a3,) = await t.fetch()
+        assert (a3.address, a3.messages[0].payload) == (one, b"a3")
+        assert await pending(one, group) == 2
+    finally:
+        await t.close()
+
+
 async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_count() -> None:
     stream, group = fresh("claim"), fresh("g")
     options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)
