@@ -10,6 +10,7 @@ import pytest
 from amgi.errors import BrokerUnavailable
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.redis import RedisOptions, RedisSendError, RedisTransport
+from amgi.servers.redis._client import execute_packed, open_client, pack
 from amgi.servers.redis._fields import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
@@ -61,6 +62,49 @@ def test_entries_written_by_others_read_as_headers_and_payload() -> None:
     assert decode(fields) == ([(b"source", b"cli"), (b"amgi.unknown", b"x")], b'{"id": 1}')
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        [b"XACK", b"orders", b"billing", b"1700000000000-0", b"1700000000000-1"],
+        [b"PING"],
+        [b"SET", b"k", b""],
+        [b"SET", b"\r\n\x00", b"\xff" * 7000],
+    ],
+)
+def test_a_packed_command_is_what_redis_py_sends(args: list[bytes]) -> None:
+    from redis.asyncio.connection import Connection
+
+    assert pack(args) == b"".join(Connection().pack_command(*args))
+
+
+async def test_a_packed_xack_acks_and_reconnects_over_a_killed_connection() -> None:
+    from redis.exceptions import ResponseError
+
+    stream, group = fresh("packed"), fresh("g")
+    c = await open_client(URL, 5)
+    other = await client()
+    try:
+        await c.execute_command("XGROUP CREATE", stream, group, "0", "MKSTREAM")
+        ids = [await c.execute_command("XADD", stream, "*", "payload", b"x") for _ in range(3)]
+        await c.execute_command("XREADGROUP", "GROUP", group, "me", "STREAMS", stream, ">")
+        assert (
+            await execute_packed(c, pack([b"XACK", stream.encode(), group.encode(), ids[0]])) == 1
+        )
+        # The pooled connection dies (a broker restart, a proxy timeout): one retry on a
+        # new connection, as redis-py's own commands do.
+        own = await c.execute_command("CLIENT ID")
+        assert await other.execute_command("CLIENT KILL", "ID", own) == 1
+        assert await execute_packed(c, pack([b"XACK", stream.encode(), group.encode(), *ids])) == 2
+        assert await pending(stream, group) == 0
+        await c.execute_command("SET", f"{stream}-plain", "v")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await execute_packed(c, pack([b"XACK", f"{stream}-plain".encode(), b"g", ids[0]]))
+    finally:
+        await c.delete(stream, f"{stream}-plain")
+        await c.aclose()
+        await other.aclose()
+
+
 # -- the transport: ids, attempts, recovery -----------------------------------------------
 
 
@@ -87,6 +131,34 @@ async def test_a_retry_keeps_the_entry_id_and_counts_the_delivery() -> None:
         assert again.id == first.id
         assert again.attempt == 2
         assert again.bindings["redis"] == {"stream": stream, "id": first.id}
+    finally:
+        await t.close()
+
+
+async def test_a_stream_is_read_ahead_by_one_batch_and_others_keep_flowing() -> None:
+    one, two, group = fresh("ahead1"), fresh("ahead2"), fresh("g")
+    t = RedisTransport([one, two], RedisOptions(url=URL, group=group, batch_size=1, block=0.1))
+    await t.connect()
+    try:
+        for payload in (b"a1", b"a2", b"a3"):
+            await t.publish(one, [], payload, {})
+        held = [b for _ in range(2) for b in await t.fetch() if b.address == one]
+        assert [b.messages[0].payload for b in held] == [b"a1", b"a2"]
+        # Two batches of ``one`` are in the runtime's hands: only ``two`` is read.
+        await t.publish(two, [], b"b1", {})
+        async with asyncio.timeout(15):
+            got = [b for b in await t.fetch() if b.messages]
+        assert [(b.address, b.messages[0].payload) for b in got] == [(two, b"b1")]
+        await t.publish(two, [], b"b2", {})
+        (b2,) = await t.fetch()
+        assert b2.messages[0].payload == b"b2"
+        with pytest.raises(TimeoutError):  # both streams wait for a settlement
+            await asyncio.wait_for(t.fetch(), 0.5)
+        await t.settle(held[0], Settlement(acked=list(held[0].messages)))
+        async with asyncio.timeout(15):
+            (a3,) = await t.fetch()
+        assert (a3.address, a3.messages[0].payload) == (one, b"a3")
+        assert await pending(one, group) == 2
     finally:
         await t.close()
 

@@ -184,9 +184,15 @@ class RedisTransport(DeadLetters, Transport):
     # -- consuming ------------------------------------------------------------------------
 
     async def fetch(self) -> Sequence[Batch]:
-        if self._streams is not None:
-            replies = await self._streams.read()
-            return [self._batch(stream, entries, attempts) for stream, entries, attempts in replies]
+        streams = self._streams
+        if streams is not None:
+            batches = [
+                self._batch(s, entries, attempts) for s, entries, attempts in await streams.read()
+            ]
+            for batch in batches:
+                if batch.messages:  # the runtime settles every batch it is given but an empty one
+                    streams.taken(batch.address)
+            return batches
         if self._pubsub is not None:
             return await self._pubsub.read()
         await asyncio.Event().wait()  # nothing to consume: wait until cancelled
@@ -224,7 +230,10 @@ class RedisTransport(DeadLetters, Transport):
             for d in settlement.dead
         ]
         if self._streams is not None:
-            await self._streams.settle(batch.address, settlement, dead)
+            try:
+                await self._streams.settle(batch.address, settlement, dead)
+            finally:
+                self._streams.settled(batch.address)
         elif self._pubsub is not None:
             await self._pubsub.settle(batch.address, settlement, dead)
 

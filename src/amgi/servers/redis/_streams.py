@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
 from amgi.servers.kit import DueList
-from amgi.servers.redis._client import raise_if_cancelled
+from amgi.servers.redis._client import execute_packed, pack, raise_if_cancelled
 
 if TYPE_CHECKING:
     from amgi.servers.redis import RedisOptions
@@ -24,6 +24,11 @@ Entries = list[Any]
 """``[[entry_id, [field, value, ...]], ...]`` as Redis sends it."""
 Reply = tuple[str, Entries, "dict[bytes, int] | None"]
 """One stream's entries and their attempts (``None``: all first deliveries)."""
+
+READ_AHEAD = 2
+"""Batches of one stream in the runtime's hands before new entries of it are read again:
+one in the application's call, one waiting for it (the stream is the ordering key, so a
+third would only wait too, and hold its entries and memory longer)."""
 
 
 class Streams:
@@ -41,6 +46,10 @@ class Streams:
             "XREADGROUP", "GROUP", self.group, consumer, "COUNT", options.batch_size,
         )  # fmt: skip
         self._tail = ("STREAMS", *self.streams, *(">" for _ in self.streams))
+        self._xack = {s: (b"XACK", s.encode(), self.group.encode()) for s in self.streams}
+        self._held = dict.fromkeys(self.streams, 0)
+        """Per stream, batches handed to the runtime and not settled yet."""
+        self._released = asyncio.Event()
         self._retries: DueList[tuple[str, bytes, int]] = DueList()
         self._cursors = dict.fromkeys(self.streams, b"0-0")
         self._next_sweep = 0.0
@@ -125,9 +134,19 @@ class Streams:
         next_retry = self._retries.next_due()
         if next_retry is not None:
             wake = min(wake, next_retry)
-        block = max(1, round(min(options.block, wake - now) * 1000))
+        wait = min(options.block, wake - now)
+        held = self._held
+        ready = [s for s in self.streams if held[s] < READ_AHEAD]
+        if not ready:  # every stream has a batch waiting already
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), max(wait, 0.001))
+            return []
+        tail = self._tail if len(ready) == len(held) else ("STREAMS", *ready, *(">",) * len(ready))
         raise_if_cancelled()
-        reply = await self.client.execute_command(*self._read_args, "BLOCK", block, *self._tail)
+        reply = await self.client.execute_command(
+            *self._read_args, "BLOCK", max(1, round(wait * 1000)), *tail
+        )
         return [(stream.decode(), entries, None) for stream, entries in reply or ()]
 
     async def backlog(self) -> dict[str, int]:
@@ -145,6 +164,16 @@ class Streams:
                 if info.get(b"name") == group and info.get(b"lag") is not None:
                     backlog[stream] = int(info[b"lag"]) + int(info.get(b"pending") or 0)
         return backlog
+
+    def taken(self, stream: str) -> None:
+        """A batch of ``stream`` went to the runtime."""
+        self._held[stream] += 1
+
+    def settled(self, stream: str) -> None:
+        """A batch of ``stream`` was settled: its stream may be read ahead again."""
+        if self._held.get(stream):
+            self._held[stream] -= 1
+        self._released.set()
 
     async def _own_pending(self) -> list[Reply]:
         """Entries pending on this consumer's name from before it started, batch by batch."""
@@ -262,7 +291,7 @@ class Streams:
                 pipe.execute_command("XACK", stream, self.group, *ids)
                 await pipe.execute()
         elif ids:
-            await self.client.execute_command("XACK", stream, self.group, *ids)
+            await execute_packed(self.client, pack((*self._xack[stream], *ids)))
 
 
 def _among(stream: str, ids: set[bytes]) -> Callable[[tuple[str, bytes, int]], bool]:
