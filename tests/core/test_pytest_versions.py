@@ -1,57 +1,15 @@
-"""scripts/pytest-versions, scripts/lib/pythons.sh and the tests.durations plugin, driven
-for real: subprocesses of bash and pytest on small test files in a temporary directory."""
+"""scripts/pytest-versions and scripts/lib/pythons.sh, driven for real: subprocesses of
+bash and pytest on small test files in a temporary directory."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # the small test files below need no plugin: pytest starts in a fraction of the time
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-
-TWO_TESTS = """
-import time
-
-
-def test_quick():
-    pass
-
-
-def test_slow():
-    time.sleep(0.3)
-"""
-
-
-def pytest_in(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """pytest with the durations plugin on ``directory``, its cache kept there."""
-    cmd = [sys.executable, "-m", "pytest", "-p", "tests.durations", "-o"]
-    cmd += [f"cache_dir={directory / '.cache'}", "-q", "-rA", str(directory)]
-    return subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, timeout=60, cwd=directory, env=ENV
-    )
-
-
-def test_recorded_slow_tests_are_left_out_and_unrecorded_ones_run(tmp_path: Path) -> None:
-    (tmp_path / "test_two.py").write_text(TWO_TESTS)
-    recorded = pytest_in(tmp_path, "--record-durations")
-    assert recorded.returncode == 0, recorded.stdout
-    assert "2 passed" in recorded.stdout
-
-    (tmp_path / "test_new.py").write_text("def test_not_recorded():\n    pass\n")
-    left_out = pytest_in(tmp_path, "--leave-out-slower-than", "0.2")
-    assert left_out.returncode == 0, left_out.stdout
-    assert "PASSED test_two.py::test_quick" in left_out.stdout
-    assert "PASSED test_new.py::test_not_recorded" in left_out.stdout
-    assert "test_slow" not in left_out.stdout
-    assert left_out.stdout.strip().splitlines()[-1].startswith("2 passed, 1 deselected")
-
-    without_cache = pytest_in(tmp_path, "-p", "no:cacheprovider", "--leave-out-slower-than", "0.2")
-    assert without_cache.returncode == 0, without_cache.stdout
-    assert "3 passed" in without_cache.stdout
-    assert "deselected" not in without_cache.stdout
 
 
 def find_python(version: str, pyenv_root: Path) -> subprocess.CompletedProcess[str]:
@@ -110,3 +68,44 @@ def test_a_failing_run_makes_the_exit_status_non_zero(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "1 failed in " in run.stdout
     assert run.stderr.strip().splitlines()[-1].startswith("scripts/test: FAILED on Python 3.")
+
+
+MEET = """
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def test_the_versions_run_at_the_same_time():
+    folder = Path(os.environ["MEET_DIR"])
+    (folder / ("%d.%d" % sys.version_info[:2])).touch()
+    want = set(os.environ["MEET_VERSIONS"].split())
+    deadline = time.monotonic() + 60
+    while {p.name for p in folder.iterdir()} < want:
+        assert time.monotonic() < deadline, "the other versions did not run meanwhile"
+        time.sleep(0.05)
+"""
+
+
+def test_newer_versions_run_beside_the_first_and_print_in_order(tmp_path: Path) -> None:
+    """The versions whose venv is ready here (scripts/test makes them before pytest runs)
+    meet while running; each one's output follows the first one's, in order."""
+    version = "import sys; print('%d.%d' % sys.version_info[:2])"
+    base = subprocess.check_output([ROOT / ".venv/bin/python", "-c", version], text=True).strip()
+    ready = [v for v in ("3.12", "3.13") if (ROOT / f".venv-{v}" / ".amgi-installed").exists()]
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_meet.py").write_text(MEET)
+    env = {**ENV, "AMGI_TEST_PYTHONS": " ".join(ready), "MEET_DIR": str(meet)}
+    env["MEET_VERSIONS"] = " ".join([base, *ready])
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    cmd = ["bash", "scripts/pytest-versions", str(tmp_path / "tests"), "-q", "-o", cache]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    headers = [line for line in run.stdout.splitlines() if line.startswith("scripts/test: pytest")]
+    assert [h.split()[4] for h in headers] == [base, *ready]
+    closing = [line for line in run.stdout.splitlines() if line.startswith("1 passed in ")]
+    assert len(closing) == 1 + len(ready)
+    assert run.stdout.strip().splitlines()[-1] == closing[-1]

@@ -15,7 +15,7 @@ from tests.net import port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "amqp://guest:guest@127.0.0.1:5672/"
-PREFIX = "amgi-test-"
+PREFIX = f"amgi-test-{uuid.uuid4().hex[:6]}-"  # this session's own: others sweep theirs
 
 
 def ensure_broker() -> None:
@@ -31,7 +31,7 @@ def new_queue() -> str:
 
 
 async def delete_test_queues() -> None:
-    """Delete every queue a test created (names start with the test prefix)."""
+    """Delete every queue a test of this session created (names start with its prefix)."""
     import aiormq
 
     listing = await asyncio.create_subprocess_exec(

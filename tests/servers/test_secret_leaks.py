@@ -332,32 +332,33 @@ async def test_sqs_aws_secret_key_and_session_token_never_shown(
         return SqsTransport(addresses, SqsOptions(endpoint_url=endpoint, wait_time=0, **values))
 
     texts: list[str] = []
-    with private_moto(check_credentials=True) as checking:
+    with private_moto(check_credentials=True) as checking:  # one for the library and the CLI
         refused = await failure_text(sqs(["q"], checking).connect, BrokerUnavailable)
         assert "rejected the AWS credentials" in refused
         texts.append(refused)
-    nowhere = f"http://127.0.0.1:{free_port()}"
-    texts.append(
-        await failure_text(sqs(["q"], nowhere, connect_timeout=0.5).connect, BrokerUnavailable)
-    )
-    queue = f"secrets-{uuid.uuid4().hex[:8]}"
-    with private_moto() as url:
-        admin = sqs([], url)
-        await admin.connect()
-        await admin.client.create_queue(QueueName=queue)
-        await admin.close()
-        transport = sqs([queue], url, connect_timeout=0.5)
-        await transport.connect()
+        nowhere = f"http://127.0.0.1:{free_port()}"
         texts.append(
-            await failure_text(lambda: transport.publish("no-such-queue", [], b"x", {}), SendError)
+            await failure_text(sqs(["q"], nowhere, connect_timeout=0.5).connect, BrokerUnavailable)
         )
-    try:  # the endpoint is gone: receiving fails
-        texts.append(await failure_text(transport.fetch, BrokerUnavailable))
-    finally:
-        await transport.close()
-    assert logged(caplog, "x-amz-security-token:*****")()  # the wire trace was there, masked
-    texts += log_texts(caplog)
-    with private_moto(check_credentials=True) as checking:
+        queue = f"secrets-{uuid.uuid4().hex[:8]}"
+        with private_moto() as url:
+            admin = sqs([], url)
+            await admin.connect()
+            await admin.client.create_queue(QueueName=queue)
+            await admin.close()
+            transport = sqs([queue], url, connect_timeout=0.5)
+            await transport.connect()
+            texts.append(
+                await failure_text(
+                    lambda: transport.publish("no-such-queue", [], b"x", {}), SendError
+                )
+            )
+        try:  # the endpoint is gone: receiving fails
+            texts.append(await failure_text(transport.fetch, BrokerUnavailable))
+        finally:
+            await transport.close()
+        assert logged(caplog, "x-amz-security-token:*****")()  # the wire trace was there, masked
+        texts += log_texts(caplog)
         texts += cli_texts(
             ["run", APP, "q", "--server", "sqs", "--endpoint-url", checking,
              "--log-level", "debug"],
