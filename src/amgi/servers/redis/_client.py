@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import mask_url
@@ -59,12 +62,39 @@ def _raw(response: Any, **_: Any) -> Any:
     return response
 
 
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+"""``rediss://`` query arguments that name files: the CA, the client certificate and key."""
+
+
+def check_tls_files(url: str, shown: str) -> None:
+    """Fail before connecting when a TLS file named in ``url``'s query cannot be read."""
+    query = parse_qs(urlsplit(url).query)
+    for name in TLS_FILES:
+        for value in query.get(name, []):
+            if not Path(value).is_file():
+                raise ConfigurationError(f"redis: {name} {value!r} of {shown} is not a file")
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connection failed, in words: an untrusted TLS certificate said as such."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"the server's TLS certificate is not trusted ({cause.verify_message}); "
+                "name the CA that signed it with ?ssl_ca_certs=FILE"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
 async def open_client(url: str, connect_timeout: float) -> Redis:
     """A connected client for ``url`` (RESP2, bytes replies), checked with PING."""
     import redis.asyncio as aioredis
     from redis import exceptions as redis_errors
 
     shown = mask_url(url)
+    check_tls_files(url, shown)
     try:
         client = aioredis.Redis.from_url(
             url, protocol=2, socket_connect_timeout=connect_timeout, health_check_interval=0
@@ -88,7 +118,7 @@ async def open_client(url: str, connect_timeout: float) -> Redis:
     except (redis_errors.RedisError, OSError) as exc:
         await client.aclose()
         raise BrokerUnavailable(
-            f"redis: cannot connect to {shown}: {exc or type(exc).__name__}"
+            f"redis: cannot connect to {shown}: {_connect_failure(exc)}"
         ) from None
     return client
 
