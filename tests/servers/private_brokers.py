@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -76,8 +76,18 @@ class PrivateBroker:
 
 
 @contextlib.contextmanager
-def private_redis(folder: Path, *, password: str = "") -> Iterator[PrivateBroker]:
-    """A redis-server with an append-only file (nothing lost over a restart)."""
+def private_redis(
+    folder: Path,
+    *,
+    password: str = "",
+    tls: tuple[Path, Path] | None = None,
+    users: Sequence[str] = (),
+) -> Iterator[PrivateBroker]:
+    """A redis-server with an append-only file (nothing lost over a restart).
+
+    With ``tls`` (certificate, key) it speaks TLS only, on :attr:`PrivateBroker.port`, and
+    asks clients for no certificate; ``users`` are ACL rules, ``"alice on >pw ~* +@all"``.
+    """
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -86,6 +96,15 @@ def private_redis(folder: Path, *, password: str = "") -> Iterator[PrivateBroker
     ]  # fmt: skip
     if password:
         argv += ["--requirepass", password]
+    if tls is not None:
+        cert, key = tls
+        argv[4] = "0"  # no plaintext port
+        argv += [
+            "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        ]  # fmt: skip
+    for rule in users:
+        argv += ["--user", *rule.split()]
     broker = PrivateBroker(argv, port, folder)
     broker.start()
     try:
