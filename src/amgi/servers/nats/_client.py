@@ -28,6 +28,39 @@ def _tls(options: NatsOptions) -> ssl.SSLContext | None:
     return context
 
 
+def _check_credential_files(options: NatsOptions) -> None:
+    """Read ``--nkey-seed`` and ``--creds`` before connecting: nats-py reads them only when
+    the server asks (a missing file would pass unnoticed until then) and fails with
+    errors that do not name the file."""
+    import nkeys
+
+    if options.nkey_seed:
+        seed = _read(options.nkey_seed, "nkey-seed")
+        try:
+            nkeys.from_seed(bytearray(seed.strip())).wipe()
+        except (nkeys.NkeysError, ValueError) as exc:
+            raise ConfigurationError(
+                f"nats: --nkey-seed {options.nkey_seed} is not an nkey seed ({exc})"
+            ) from None
+    if options.creds:
+        text = _read(options.creds, "creds")
+        for block in ("NATS USER JWT", "USER NKEY SEED"):
+            if f"-----BEGIN {block}-----" not in text.decode(errors="replace"):
+                raise ConfigurationError(
+                    f"nats: --creds {options.creds} is not a .creds file (no {block} block)"
+                )
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"nats: cannot read --{flag} {path}: {exc.strerror or exc}"
+        ) from None
+
+
 def _tls_only_client() -> Client:
     """A nats-py client that never sends CONNECT (and its credentials) outside TLS.
 
@@ -93,6 +126,7 @@ async def open_connection(options: NatsOptions) -> Client:
         kwargs["user_credentials"] = options.creds
     if options.nkey_seed:
         kwargs["nkeys_seed"] = options.nkey_seed
+    _check_credential_files(options)
     try:
         kwargs["tls"] = _tls(options)
     except (OSError, ssl.SSLError) as exc:
