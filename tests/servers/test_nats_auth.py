@@ -17,6 +17,7 @@ from amgi.servers.nats import NatsOptions, NatsTransport
 from tests.net import self_signed
 from tests.servers.amgi_process import AmgiProcess, processes, until
 from tests.servers.nats_helpers import consumer_state, ensure_stream, fresh
+from tests.servers.nats_jwt import operator_setup
 from tests.servers.private_brokers import private_nats
 from tests.servers.test_nats import flags, run_startup_app
 
@@ -209,3 +210,27 @@ def test_unreadable_or_malformed_seed_and_creds_files_are_one_line(tmp_path: Pat
             line, started = run_startup_app(tmp_path, "auth.x", "--servers", url, *flags)
             assert expected in line
             assert not started
+
+
+# -- creds --------------------------------------------------------------------------------
+
+
+async def test_a_creds_user_end_to_end_and_an_unknown_account_refused(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    config, creds, stranger = operator_setup(tmp_path)
+    with private_nats(tmp_path / "nats", config=config) as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        await send_and_consume(
+            tmp_path,
+            processes,
+            url,
+            {"user_credentials": str(creds)},
+            NatsOptions(servers=url, creds=str(creds)),
+            ["--creds", str(creds)],
+        )
+        line, started = await asyncio.to_thread(
+            run_startup_app, tmp_path, "auth.x", "--servers", url, "--creds", str(stranger)
+        )
+        assert f"nats: nats://127.0.0.1:{broker.port} refused the credentials" in line
+        assert not started
