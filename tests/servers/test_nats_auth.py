@@ -170,27 +170,42 @@ def nkey_seed(folder: Path, name: str) -> tuple[Path, str]:
     return path, nkeys.from_seed(bytearray(seed)).public_key.decode()
 
 
-async def test_an_nkey_user_end_to_end_and_a_wrong_seed_refused(
-    tmp_path: Path, processes: list[AmgiProcess]
+async def accepted_and_refused(
+    tmp_path: Path,
+    processes: list[AmgiProcess],
+    config: str,
+    option: str,
+    connect: str,
+    good: Path,
+    bad: Path,
 ) -> None:
-    seed, public = nkey_seed(tmp_path, "user")
-    wrong, _ = nkey_seed(tmp_path, "wrong")
-    config = f'authorization {{\n  users = [ {{ nkey: "{public}" }} ]\n}}\n'
+    """With ``--{option} good`` a message goes end to end (the admin client connects with
+    ``nats.connect({connect}=good)``); with ``--{option} bad`` one line, before startup."""
+    flag = "--" + option.replace("_", "-")
     with private_nats(tmp_path / "nats", config=config) as broker:
         url = f"nats://127.0.0.1:{broker.port}"
         await send_and_consume(
             tmp_path,
             processes,
             url,
-            {"nkeys_seed": str(seed)},
-            NatsOptions(servers=url, nkey_seed=str(seed)),
-            ["--nkey-seed", str(seed)],
+            {connect: str(good)},
+            NatsOptions(servers=url, **{option: str(good)}),
+            [flag, str(good)],
         )
         line, started = await asyncio.to_thread(
-            run_startup_app, tmp_path, "auth.x", "--servers", url, "--nkey-seed", str(wrong)
+            run_startup_app, tmp_path, "auth.x", "--servers", url, flag, str(bad)
         )
         assert f"nats: nats://127.0.0.1:{broker.port} refused the credentials" in line
         assert not started
+
+
+async def test_an_nkey_user_end_to_end_and_a_wrong_seed_refused(
+    tmp_path: Path, processes: list[AmgiProcess]
+) -> None:
+    seed, public = nkey_seed(tmp_path, "user")
+    wrong, _ = nkey_seed(tmp_path, "wrong")
+    config = f'authorization {{\n  users = [ {{ nkey: "{public}" }} ]\n}}\n'
+    await accepted_and_refused(tmp_path, processes, config, "nkey_seed", "nkeys_seed", seed, wrong)
 
 
 def test_unreadable_or_malformed_seed_and_creds_files_are_one_line(tmp_path: Path) -> None:
@@ -219,18 +234,6 @@ async def test_a_creds_user_end_to_end_and_an_unknown_account_refused(
     tmp_path: Path, processes: list[AmgiProcess]
 ) -> None:
     config, creds, stranger = operator_setup(tmp_path)
-    with private_nats(tmp_path / "nats", config=config) as broker:
-        url = f"nats://127.0.0.1:{broker.port}"
-        await send_and_consume(
-            tmp_path,
-            processes,
-            url,
-            {"user_credentials": str(creds)},
-            NatsOptions(servers=url, creds=str(creds)),
-            ["--creds", str(creds)],
-        )
-        line, started = await asyncio.to_thread(
-            run_startup_app, tmp_path, "auth.x", "--servers", url, "--creds", str(stranger)
-        )
-        assert f"nats: nats://127.0.0.1:{broker.port} refused the credentials" in line
-        assert not started
+    await accepted_and_refused(
+        tmp_path, processes, config, "creds", "user_credentials", creds, stranger
+    )
