@@ -139,8 +139,11 @@ def test_an_untrusted_server_certificate_is_one_line_before_startup(
     line, started = run_startup_app(
         tmp_path, "auth.x", "--servers", tls_server, "--tls-ca", str(certs.stranger)
     )
-    assert "nats: cannot connect to" in line
-    assert "certificate verify failed" in line
+    assert "the server's certificate is not trusted (self-signed certificate)" in line
+    assert "give its CA with --tls-ca" in line
+    assert not started
+    line, started = run_startup_app(tmp_path, "auth.x", "--servers", tls_server)  # system CAs
+    assert "the server's certificate is not trusted" in line
     assert not started
 
 

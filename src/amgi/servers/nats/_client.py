@@ -87,6 +87,16 @@ def _tls_only_client() -> Client:
     return TlsOnly()
 
 
+def _why(reason: object, otherwise: str) -> str:
+    """``reason`` as the end of a connect error line; ``otherwise`` if nothing is clearer."""
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (
+            f"the server's certificate is not trusted ({reason.verify_message}); "
+            "give its CA with --tls-ca"
+        )
+    return otherwise
+
+
 async def open_connection(options: NatsOptions) -> Client:
     """Connect to ``options.servers`` (reconnecting by itself afterwards, without limit)."""
     from nats import errors as nats_errors
@@ -150,11 +160,13 @@ async def open_connection(options: NatsOptions) -> Client:
             or "authorization" in str(reason).lower()
         ):
             raise BrokerUnavailable(f"nats: {shown} refused the credentials") from None
-        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {reason}") from None
+        why = _why(reason, str(reason))
+        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {why}") from None
     except (nats_errors.Error, OSError, TimeoutError) as exc:
         if "authorization" in str(exc).lower():
             raise BrokerUnavailable(f"nats: {shown} refused the credentials") from None
-        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {exc!r}") from None
+        why = _why(exc, repr(exc))
+        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {why}") from None
     connected.append(client)
     # Connected once: from now on reconnect without limit.
     client.options["allow_reconnect"] = True
