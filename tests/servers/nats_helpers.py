@@ -37,14 +37,20 @@ def fresh(prefix: str) -> str:
 
 
 async def ensure_stream(
-    url: str = URL, name: str = STREAM, subjects: Any = None, *, on_disk: bool = False
+    url: str = URL,
+    name: str = STREAM,
+    subjects: Any = None,
+    *,
+    on_disk: bool = False,
+    **connect: Any,
 ) -> None:
-    """The stream the tests publish to (in memory unless ``on_disk``), created when missing."""
+    """The stream the tests publish to (in memory unless ``on_disk``), created when missing;
+    ``connect``: more arguments of ``nats.connect`` (TLS, credentials)."""
     import nats
     from nats.js import api
     from nats.js.errors import NotFoundError
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **connect)
     try:
         jsm = nc.jsm()
         try:
@@ -90,10 +96,10 @@ async def read_subject(
     return found
 
 
-async def consumer_state(stream: str, durable: str, url: str = URL) -> Any:
+async def consumer_state(stream: str, durable: str, url: str = URL, **connect: Any) -> Any:
     import nats
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **connect)
     try:
         return await nc.jsm().consumer_info(stream, durable)
     finally:

@@ -114,8 +114,11 @@ def private_redis(
 
 
 @contextlib.contextmanager
-def private_nats(folder: Path, *, user: str = "", password: str = "") -> Iterator[PrivateBroker]:
-    """A nats-server with JetStream, its store in ``folder``."""
+def private_nats(
+    folder: Path, *, user: str = "", password: str = "", config: str = ""
+) -> Iterator[PrivateBroker]:
+    """A nats-server with JetStream, its store in ``folder``; ``config`` (the text of a
+    configuration file, e.g. ``tls {...}`` or ``authorization {...}``) on top."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -124,6 +127,9 @@ def private_nats(folder: Path, *, user: str = "", password: str = "") -> Iterato
     ]  # fmt: skip
     if user:
         argv += ["--user", user, "--pass", password]
+    if config:
+        (folder / "nats.conf").write_text(config)
+        argv += ["--config", str(folder / "nats.conf")]
     broker = PrivateBroker(argv, port, folder)
     broker.start()
     try:

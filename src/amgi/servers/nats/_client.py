@@ -28,6 +28,39 @@ def _tls(options: NatsOptions) -> ssl.SSLContext | None:
     return context
 
 
+def _check_credential_files(options: NatsOptions) -> None:
+    """Read ``--nkey-seed`` and ``--creds`` before connecting: nats-py reads them only when
+    the server asks (a missing file would pass unnoticed until then) and fails with
+    errors that do not name the file."""
+    import nkeys
+
+    if options.nkey_seed:
+        seed = _read(options.nkey_seed, "nkey-seed")
+        try:
+            nkeys.from_seed(bytearray(seed.strip())).wipe()
+        except (nkeys.NkeysError, ValueError) as exc:
+            raise ConfigurationError(
+                f"nats: --nkey-seed {options.nkey_seed} is not an nkey seed ({exc})"
+            ) from None
+    if options.creds:
+        text = _read(options.creds, "creds")
+        for block in ("NATS USER JWT", "USER NKEY SEED"):
+            if f"-----BEGIN {block}-----" not in text.decode(errors="replace"):
+                raise ConfigurationError(
+                    f"nats: --creds {options.creds} is not a .creds file (no {block} block)"
+                )
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"nats: cannot read --{flag} {path}: {exc.strerror or exc}"
+        ) from None
+
+
 def _tls_only_client() -> Client:
     """A nats-py client that never sends CONNECT (and its credentials) outside TLS.
 
@@ -52,6 +85,16 @@ def _tls_only_client() -> Client:
             await super()._process_info(info, initial_connection)
 
     return TlsOnly()
+
+
+def _why(reason: object, otherwise: str) -> str:
+    """``reason`` as the end of a connect error line; ``otherwise`` if nothing is clearer."""
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (
+            f"the server's certificate is not trusted ({reason.verify_message}); "
+            "give its CA with --tls-ca"
+        )
+    return otherwise
 
 
 async def open_connection(options: NatsOptions) -> Client:
@@ -93,6 +136,7 @@ async def open_connection(options: NatsOptions) -> Client:
         kwargs["user_credentials"] = options.creds
     if options.nkey_seed:
         kwargs["nkeys_seed"] = options.nkey_seed
+    _check_credential_files(options)
     try:
         kwargs["tls"] = _tls(options)
     except (OSError, ssl.SSLError) as exc:
@@ -116,11 +160,13 @@ async def open_connection(options: NatsOptions) -> Client:
             or "authorization" in str(reason).lower()
         ):
             raise BrokerUnavailable(f"nats: {shown} refused the credentials") from None
-        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {reason}") from None
+        why = _why(reason, str(reason))
+        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {why}") from None
     except (nats_errors.Error, OSError, TimeoutError) as exc:
         if "authorization" in str(exc).lower():
             raise BrokerUnavailable(f"nats: {shown} refused the credentials") from None
-        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {exc!r}") from None
+        why = _why(exc, repr(exc))
+        raise BrokerUnavailable(f"nats: cannot connect to {shown}: {why}") from None
     connected.append(client)
     # Connected once: from now on reconnect without limit.
     client.options["allow_reconnect"] = True
