@@ -328,3 +328,19 @@ async def test_refreshed_reads_only_once_asked_keeps_the_last_value_and_stops_on
     assert figure.get() == 3
     await asyncio.sleep(0.01)
     assert count == stopped_at, "no read after close, and get() starts none"
+
+
+def test_an_untrusted_certificate_is_found_in_the_chain_of_causes() -> None:
+    import ssl
+
+    from amgi.servers.kit import untrusted_certificate
+
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    refused.verify_message = "self-signed certificate"
+    outer = ConnectionError("Error 1 connecting")
+    outer.__cause__ = ConnectionError("wrapped")
+    outer.__cause__.__context__ = refused
+    assert untrusted_certificate(outer) == "self-signed certificate"
+    assert untrusted_certificate(refused) == "self-signed certificate"
+    assert untrusted_certificate(ConnectionError("refused")) is None
+    assert untrusted_certificate("no server answered") is None

@@ -18,6 +18,10 @@ Dead letters for ``amgi dead-letters`` (:mod:`.dead_letters`)
     letter stored with the headers above; ``ChunkedDeadLetters`` gives a server
     ``list_dead_letters`` over its ``_dead_letter_chunks(address, limit, replay=)``.
 
+TLS (:mod:`.tls`) - connect errors
+    ``untrusted_certificate(error)`` says why the server's certificate was refused when
+    ``error`` (or what it was raised from) failed verification, else None.
+
 Watermark (:mod:`.watermark`) - cumulative acknowledgement
     ``Watermark()``: ``add(position)`` as messages or batches are handed out,
     ``settle(positions)`` returns the highest position up to which everything is
@@ -99,6 +103,7 @@ from amgi.servers.kit.headers import (
 )
 from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.kit.republisher import DelayedRepublisher
+from amgi.servers.kit.tls import untrusted_certificate
 from amgi.servers.kit.watermark import Watermark
 
 __all__ = [
@@ -135,4 +140,5 @@ __all__ = [
     "split_dead_letter_headers",
     "stored_dead_letter",
     "unmoved",
+    "untrusted_certificate",
 ]

@@ -7,7 +7,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
-from amgi.servers.kit import mask_url
+from amgi.servers.kit import mask_url, untrusted_certificate
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -89,11 +89,9 @@ def _tls_only_client() -> Client:
 
 def _why(reason: object, otherwise: str) -> str:
     """``reason`` as the end of a connect error line; ``otherwise`` if nothing is clearer."""
-    if isinstance(reason, ssl.SSLCertVerificationError):
-        return (
-            f"the server's certificate is not trusted ({reason.verify_message}); "
-            "give its CA with --tls-ca"
-        )
+    refused = untrusted_certificate(reason)
+    if refused is not None:
+        return f"the server's certificate is not trusted ({refused}); give its CA with --tls-ca"
     return otherwise
 
 

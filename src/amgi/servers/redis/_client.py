@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
-from amgi.servers.kit import mask_url
+from amgi.servers.kit import mask_url, untrusted_certificate
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -77,14 +76,12 @@ def check_tls_files(url: str, shown: str) -> None:
 
 def _connect_failure(exc: BaseException) -> str:
     """Why a connection failed, in words: an untrusted TLS certificate said as such."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return (
-                f"the server's TLS certificate is not trusted ({cause.verify_message}); "
-                "name the CA that signed it with ?ssl_ca_certs=FILE"
-            )
-        cause = cause.__cause__ or cause.__context__
+    refused = untrusted_certificate(exc)
+    if refused is not None:
+        return (
+            f"the server's TLS certificate is not trusted ({refused}); "
+            "name the CA that signed it with ?ssl_ca_certs=FILE"
+        )
     return str(exc) or type(exc).__name__
 
 
