@@ -6,16 +6,14 @@
 # Prints nothing on success; on failure, the log of the failed step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/apt.sh
 mkdir -p .brokers
 log=.brokers/docs-tools.log
 : >"$log"
 
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    {
-        apt-cache show chromium-driver >/dev/null 2>&1 || apt-get update -qq
-        apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core
-    } >>"$log" 2>&1 || { cat "$log" >&2; echo "docs-tools: installing chromium failed" >&2; exit 1; }
+    apt_install chromium chromium-driver fonts-dejavu-core >>"$log" 2>&1 \
+        || { cat "$log" >&2; echo "docs-tools: installing chromium failed" >&2; exit 1; }
 fi
 
 SPECS_VERSION=6.11.1
@@ -23,9 +21,7 @@ npm_dir=.brokers/npm
 if [ ! -f "$npm_dir/node_modules/@asyncapi/specs/package.json" ] \
     || ! grep -q "\"version\": \"$SPECS_VERSION\"" "$npm_dir/node_modules/@asyncapi/specs/package.json"; then
     command -v npm >/dev/null 2>&1 || {
-        export DEBIAN_FRONTEND=noninteractive
-        { apt-cache show npm >/dev/null 2>&1 || apt-get update -qq
-          apt-get install -y -qq --no-install-recommends npm; } >>"$log" 2>&1 \
+        apt_install npm >>"$log" 2>&1 \
             || { cat "$log" >&2; echo "docs-tools: installing npm failed" >&2; exit 1; }
     }
     mkdir -p "$npm_dir"

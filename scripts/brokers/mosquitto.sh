@@ -12,13 +12,11 @@ DATA_DIR="$ROOT/.brokers/mosquitto/$PORT"
 TEMPLATE="$ROOT/scripts/brokers/mosquitto/mosquitto.conf.in"
 
 source "$(dirname "$0")/../lib/ports.sh"
+source "$(dirname "$0")/../lib/apt.sh"
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y --no-install-recommends mosquitto >/dev/null 2>&1; then
-        apt-get update >/dev/null
-        apt-get install -y --no-install-recommends mosquitto >/dev/null
-    fi
+    echo "mosquitto: installing mosquitto"
+    apt_install mosquitto
 fi
 MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 

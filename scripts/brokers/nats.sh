@@ -11,14 +11,11 @@ DATA_DIR="$(pwd)/.brokers/nats/$PORT"
 LOG="$DATA_DIR/nats.log"
 
 source "$(dirname "$0")/../lib/ports.sh"
+source "$(dirname "$0")/../lib/apt.sh"
 
 if ! command -v nats-server >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-cache show nats-server >/dev/null 2>&1; then
-        apt-get update -qq
-    fi
     echo "nats: installing nats-server"
-    apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+    apt_install nats-server
 fi
 
 if port_open "$PORT"; then

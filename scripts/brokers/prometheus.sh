@@ -5,12 +5,9 @@
 # free loopback port with a configuration that scrapes the amgi server under test, and
 # stops it afterwards.
 set -euo pipefail
+source "$(dirname "$0")/../lib/apt.sh"
 
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1; then
-        apt-get update >/dev/null
-        apt-get install -y --no-install-recommends prometheus >/dev/null
-    fi
+    apt_install prometheus
 fi
 echo "prometheus: $(prometheus --version 2>&1 | head -n 1) and promtool installed"

@@ -17,14 +17,11 @@ export ERL_EPMD_ADDRESS=127.0.0.1
 export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 
 source "$(dirname "$0")/../lib/ports.sh"
+source "$(dirname "$0")/../lib/apt.sh"
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-cache show rabbitmq-server >/dev/null 2>&1; then
-        apt-get update -qq
-    fi
     echo "rabbitmq: installing rabbitmq-server"
-    apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null
+    apt_install rabbitmq-server
 fi
 
 if port_open "$PORT" && rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; then

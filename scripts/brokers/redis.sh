@@ -11,14 +11,11 @@ APPENDONLY="${AMGI_REDIS_APPENDONLY:-no}"
 DATA_DIR="$(pwd)/.brokers/redis/$PORT"
 
 source "$(dirname "$0")/../lib/ports.sh"
+source "$(dirname "$0")/../lib/apt.sh"
 
 if ! command -v redis-server >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-cache show redis-server >/dev/null 2>&1; then
-        apt-get update -qq
-    fi
     echo "redis: installing redis-server"
-    apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    apt_install redis-server
 fi
 
 if port_open "$PORT"; then
