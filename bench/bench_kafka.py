@@ -12,6 +12,8 @@ partition committed to its end. The contender writes the wall time of its first 
 to a file; time to first message is counted from the process start (interpreter start,
 imports and group join included) and throughput from the first message to the end.
 Every consumer gets ``session.timeout.ms`` 1000 and ``heartbeat.interval.ms`` 200.
+CPU per message is read from ``/proc`` over the same span, in all and per round split by
+thread: the main thread, the process's other threads and librdkafka's.
 
 Contenders:
 
@@ -39,6 +41,7 @@ import argparse
 import asyncio
 import compileall
 import functools
+import math
 import os
 import shutil
 import signal
@@ -462,6 +465,34 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+THREAD_KINDS = ("main", "other", "librdkafka")
+"""How :func:`_thread_cpu` sorts a contender's threads: the main thread (the one running
+Python's event loop or loop), its other threads (Python ones, e.g. our consumer thread,
+and any other library's), and librdkafka's own (named ``rdk:...``)."""
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of process ``pid`` so far, by :data:`THREAD_KINDS` (threads that
+    ended are not counted: none end during a drain)."""
+    seconds = dict.fromkeys(THREAD_KINDS, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        if int(task.name) == pid:
+            kind = "main"
+        elif name.startswith("rdk:"):
+            kind = "librdkafka"
+        else:
+            kind = "other"
+        seconds[kind] += (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 def measure(
     name: str,
     cmd: list[str],
@@ -483,6 +514,8 @@ def measure(
     partitions = [TopicPartition(topic, p) for p in ends]
     end = 0.0
     cpu_first = cpu_end = None
+    threads_first: dict[str, float] = {}
+    threads_end: dict[str, float] = {}
     with log.open("w") as out:
         started = time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -491,10 +524,12 @@ def measure(
             while time.monotonic() < deadline and proc.poll() is None:
                 if cpu_first is None and first_file.exists():
                     cpu_first = _cpu_seconds(proc.pid)
+                    threads_first = _thread_cpu(proc.pid)
                 committed = _committed(watcher, partitions)
                 if committed and all(committed.get(p, -1) >= e for p, e in ends.items()):
                     end = time.time()
                     cpu_end = _cpu_seconds(proc.pid)
+                    threads_end = _thread_cpu(proc.pid)
                     break
                 time.sleep(WATCH_EVERY)
         finally:
@@ -514,7 +549,10 @@ def measure(
         return None
     first = float(first_file.read_text())
     cpu = cpu_end - cpu_first if cpu_end is not None and cpu_first is not None else float("nan")
-    return {"first": first - started, "drain": end - first, "cpu": cpu}
+    result = {"first": first - started, "drain": end - first, "cpu": cpu}
+    for kind in THREAD_KINDS:
+        result[kind] = threads_end.get(kind, math.nan) - threads_first.get(kind, math.nan)
+    return result
 
 
 def run_child(name: str, bootstrap: str, topic: str, group: str) -> None:
@@ -551,6 +589,12 @@ def report(results: dict[str, list[dict[str, float]]], count: int, loads: list[f
     print("\nmsgs/s per round:")
     for name in sorted(medians, key=lambda n: -medians[n]):
         print(f"  {name:<24}" + "".join(f"{r:>10,.0f}" for r in rates[name]))
+    print("\nCPU µs/msg by thread, per round (main thread / other threads / librdkafka's):")
+    for name in sorted(medians, key=lambda n: -medians[n]):
+        split = [
+            "/".join(f"{r[kind] / count * 1e6:.1f}" for kind in THREAD_KINDS) for r in results[name]
+        ]
+        print(f"  {name:<24}" + "".join(f"{s:>16}" for s in split))
 
 
 def main() -> None:
