@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -20,35 +19,7 @@ from amgi.runtime import Lifespan
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
 from amgi.transport import Message
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
-
-STEPS = 6  # loop iterations between completion and cancel: past the longest hand-off
-
-
-async def settle_loop(iterations: int) -> None:
-    for _ in range(iterations):
-        await asyncio.sleep(0)
-
-
-async def cancel_after_completion(
-    call: Awaitable[Any], complete: Callable[[], object], steps: int
-) -> bool:
-    """Run ``call`` until it waits, ``complete()`` what it waits for, cancel it ``steps``
-    iterations later. True when the task accepted the cancel (it was still running); the
-    test fails if it then ends any other way than cancelled."""
-    task = asyncio.ensure_future(call)
-    await settle_loop(STEPS)
-    assert not task.done(), "the call must be waiting before it is completed"
-    complete()
-    await settle_loop(steps)
-    accepted = task.cancel()
-    try:
-        async with asyncio.timeout(5):
-            result = await task
-    except asyncio.CancelledError:
-        assert accepted, "nobody else cancels this task"
-        return True
-    assert not accepted, f"the cancel was lost: the call returned {result!r}"
-    return False
+from tests.races import STEPS, cancel_after_completion
 
 
 @pytest.mark.parametrize("steps", range(STEPS))
