@@ -16,10 +16,10 @@ async def settle_loop(iterations: int) -> None:
 
 async def cancel_after_completion(
     call: Awaitable[Any], complete: Callable[[], object], steps: int
-) -> bool:
+) -> asyncio.Future[Any]:
     """Run ``call`` until it waits, ``complete()`` what it waits for, cancel it ``steps``
-    iterations later. True when the task accepted the cancel (it was still running); the
-    test fails if it then ends any other way than cancelled."""
+    iterations later, and return its finished task: cancelled when it accepted the cancel
+    (it was still running); the test fails if it accepted it and then ended otherwise."""
     task = asyncio.ensure_future(call)
     await settle_loop(STEPS)
     assert not task.done(), "the call must be waiting before it is completed"
@@ -31,8 +31,8 @@ async def cancel_after_completion(
             result = await task
     except asyncio.CancelledError:
         assert accepted, "nobody else cancels this task"
-        return True
+        return task
     except TimeoutError:
         raise AssertionError("the cancel was lost: the call went on waiting") from None
     assert not accepted, f"the cancel was lost: the call returned {result!r}"
-    return False
+    return task

@@ -31,10 +31,10 @@ async def test_memory_fetch_keeps_a_cancel_that_meets_an_arriving_message(steps:
     # a retry due later makes the fetch wait with a timeout (the hazard needs one)
     broker.put_later("q", Message("retry", [], b"later", {}), 60)
     try:
-        accepted = await cancel_after_completion(
+        fetch = await cancel_after_completion(
             transport.fetch(), lambda: broker.put("q", [], b"m"), steps
         )
-        if accepted:  # a cancelled fetch took nothing: the message waits for the next one
+        if fetch.cancelled():  # a cancelled fetch took nothing: the message waits for the next one
             async with asyncio.timeout(5):
                 batches = await transport.fetch()
             assert [m.payload for b in batches for m in b.messages] == [b"m"]
@@ -43,7 +43,7 @@ async def test_memory_fetch_keeps_a_cancel_that_meets_an_arriving_message(steps:
     finally:
         await transport.close()
     if steps == 0:
-        assert accepted, "a cancel in the completing iteration lands while the fetch waits"
+        assert fetch.cancelled(), "a cancel in the completing iteration lands while it waits"
 
 
 class GatedApp:
@@ -74,11 +74,11 @@ async def test_lifespan_startup_keeps_a_cancel_that_meets_the_answer(steps: int)
     app = GatedApp()
     lifespan = Lifespan(app, "on")
     try:
-        accepted = await cancel_after_completion(lifespan.startup(5), app.open("startup"), steps)
+        call = await cancel_after_completion(lifespan.startup(5), app.open("startup"), steps)
     finally:
         await lifespan.cancel()
     if steps == 0:
-        assert accepted, "a cancel in the completing iteration lands while the call waits"
+        assert call.cancelled(), "a cancel in the completing iteration lands while it waits"
 
 
 @pytest.mark.parametrize("steps", range(STEPS))
@@ -88,8 +88,8 @@ async def test_lifespan_shutdown_keeps_a_cancel_that_meets_the_answer(steps: int
     app.open("startup")()
     await lifespan.startup(5)
     try:
-        accepted = await cancel_after_completion(lifespan.shutdown(5), app.open("shutdown"), steps)
+        call = await cancel_after_completion(lifespan.shutdown(5), app.open("shutdown"), steps)
     finally:
         await lifespan.cancel()
     if steps == 0:
-        assert accepted, "a cancel in the completing iteration lands while the call waits"
+        assert call.cancelled(), "a cancel in the completing iteration lands while it waits"

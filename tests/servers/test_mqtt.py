@@ -191,7 +191,8 @@ async def test_a_stop_that_meets_a_wake_in_the_linger_is_not_lost(
             while not server._count:
                 await asyncio.sleep(0.01)
         # fetch() now lingers: one message on hand, fewer than batch_size
-        assert await cancel_after_completion(server.fetch(), server._arrived.set, steps)
+        fetch = await cancel_after_completion(server.fetch(), server._arrived.set, steps)
+        assert fetch.cancelled(), "woken early, it lingers on: the cancel lands while it waits"
         await publish(options, address, payloads("more", 9))
         batches = await fetch_n(server, 10)
         assert [m.payload for b in batches for m in b.messages] == [b"one", *payloads("more", 9)]
