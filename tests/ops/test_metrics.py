@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -335,6 +336,27 @@ async def test_listener_answers_bad_requests_and_head() -> None:
         huge = b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 10_000 + b"\r\n\r\n"
         assert (await ask(huge)).startswith(b"HTTP/1.1 431 ")
         assert await ask(b"GET /healthz") == b"", "a request cut short is dropped"
+    finally:
+        await listener.close()
+
+
+async def test_listener_drops_a_client_that_never_finishes_its_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from amgi.ops.listener import OpsListener, bind
+
+    monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 0.2)
+    sock = bind("127.0.0.1", 0)
+    listener = OpsListener(sock, lambda: None)
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # and then nothing, connection left open
+        await writer.drain()
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "closed without an answer"
+        assert time.monotonic() - started >= 0.15, "dropped only when the timeout ran out"
+        writer.close()
     finally:
         await listener.close()
 

@@ -21,6 +21,7 @@ from amgi.servers.amqp import (
 )
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.net import TlsFront, free_port, port_open, self_signed
+from tests.races import STEPS, cancel_after_completion
 from tests.servers.private_brokers import private_rabbitmq
 from tests.servers.test_amqp_support import (
     URL,
@@ -119,6 +120,44 @@ async def test_batches_respect_size_and_order(transport: AmqpTransport, queue: s
     for b in batches:
         await transport.settle(b, Settlement(acked=list(b.messages)))
     assert await queue_depth(queue) == 0
+
+
+@pytest.mark.parametrize("steps", range(STEPS))
+async def test_a_stop_that_meets_a_wake_in_the_linger_is_not_lost(queue: str, steps: int) -> None:
+    """The fetch lingers for a fuller batch; a cancel landing as it is woken ends it, and
+    the delivery on hand stays for the next fetch. (White-box: the test fires the
+    transport's own waiter.)"""
+    t = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=10, linger=30))
+    await t.connect()
+    try:
+        await t.publish(queue, [], b"one", {})
+        async with asyncio.timeout(10):
+            while not t._buffer:
+                await asyncio.sleep(0.01)
+        # fetch() now lingers: one delivery on hand, fewer than batch_size
+
+        def wake() -> None:
+            assert t._waiter is not None
+            t._waiter.set_result(None)
+
+        fetch = await cancel_after_completion(t.fetch(), wake, steps)
+        if steps == 0:
+            assert fetch.cancelled(), "a cancel in the waking iteration lands while it waits"
+        # cancelled, it took nothing; woken before the cancel, it returned what it had
+        batches = [] if fetch.cancelled() else list(fetch.result())
+        more = 9 if fetch.cancelled() else 10  # a full batch on hand: no linger next
+        for i in range(more):
+            await t.publish(queue, [], b"%d" % i, {})
+        batches += await fetch_n(t, 10)
+        assert [m.payload for b in batches for m in b.messages] == [
+            b"one",
+            *(b"%d" % i for i in range(more)),
+        ]
+        for b in batches:
+            await t.settle(b, Settlement(acked=list(b.messages)))
+        assert await queue_depth(queue) == 0
+    finally:
+        await t.close()
 
 
 async def test_an_ack_never_covers_an_earlier_unsettled_batch(queue: str) -> None:

@@ -23,6 +23,7 @@ from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
 from amgi.transport import Batch, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.races import STEPS, cancel_after_completion
 from tests.servers.crash_loop import CrashLoop
 from tests.servers.mosquitto import broker as broker_module
 from tests.servers.mosquitto.broker import Mosquitto
@@ -173,6 +174,30 @@ async def test_wildcards_batch_per_topic_with_headers_and_bindings(options: Mqtt
         }
         assert by_topic[f"{base}/x/deep/er"][0].headers == []
         await nothing_more(server)
+
+
+@pytest.mark.parametrize("steps", range(STEPS))
+async def test_a_stop_that_meets_a_wake_in_the_linger_is_not_lost(
+    options: MqttOptions, steps: int
+) -> None:
+    """The fetch lingers for more messages; a cancel landing as it is woken ends it, and
+    the message on hand stays for the next fetch. (White-box: it waits on the transport's
+    own arrival event, which the test fires.)"""
+    address = topic()
+    options.batch_size, options.batch_linger = 10, 30
+    async with connected([address], options) as server:
+        await publish(options, address, [b"one"])
+        async with asyncio.timeout(10):
+            while not server._count:
+                await asyncio.sleep(0.01)
+        # fetch() now lingers: one message on hand, fewer than batch_size
+        fetch = await cancel_after_completion(server.fetch(), server._arrived.set, steps)
+        assert fetch.cancelled(), "woken early, it lingers on: the cancel lands while it waits"
+        await publish(options, address, payloads("more", 9))
+        batches = await fetch_n(server, 10)
+        assert [m.payload for b in batches for m in b.messages] == [b"one", *payloads("more", 9)]
+        for batch in batches:
+            await server.settle(batch, Settlement(acked=list(batch.messages)))
 
 
 async def test_puback_only_after_ack_and_session_redelivers(options: MqttOptions) -> None:

@@ -16,6 +16,7 @@ from amgi.transport import Batch, Message, Retry, Settlement
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
+from tests.races import STEPS, cancel_after_completion
 from tests.servers.amgi_process import (
     STARTUP_APP,
     AmgiProcess,
@@ -197,6 +198,26 @@ async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> No
         (b"bad", 2),
     ]
     assert app.received[0].headers == [(b"h", b"\x00")]
+
+
+@pytest.mark.parametrize("steps", range(STEPS))
+async def test_core_mode_a_stop_that_meets_a_wake_is_not_lost(subject: str, steps: int) -> None:
+    """With a retry waiting, the core-mode fetch sleeps with a timeout; a cancel landing as
+    it is woken ends it. (White-box: the test fires the subscriptions' arrival event.)"""
+    t = NatsTransport([subject], NatsOptions(servers=URL, mode="core", queue=fresh("q")))
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"one", {})
+        (first,) = await fetch_all(t, 1)
+        await t.settle(Batch(subject, [first]), Settlement(retry=[Retry(first, "later", 60)]))
+        subscriptions = t._subscriptions
+        assert subscriptions is not None
+        fetch = await cancel_after_completion(t.fetch(), subscriptions._arrived.set, steps)
+        assert fetch.cancelled(), "nothing to return, it sleeps on: the cancel lands"
+        await t.publish(subject, [], b"two", {})
+        assert [m.payload for m in await fetch_all(t, 1)] == [b"two"]
+    finally:
+        await t.close()
 
 
 async def test_a_deleted_consumer_is_created_again(

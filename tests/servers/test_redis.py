@@ -17,6 +17,7 @@ from amgi.transport import Batch, Message, Retry, Settlement
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
+from tests.races import STEPS, cancel_after_completion
 from tests.servers.amgi_process import (
     STARTUP_APP,
     AmgiProcess,
@@ -131,6 +132,30 @@ async def test_a_retry_keeps_the_entry_id_and_counts_the_delivery() -> None:
         assert again.id == first.id
         assert again.attempt == 2
         assert again.bindings["redis"] == {"stream": stream, "id": first.id}
+    finally:
+        await t.close()
+
+
+@pytest.mark.parametrize("steps", range(STEPS))
+async def test_a_stop_that_meets_a_settlement_wake_is_not_lost(steps: int) -> None:
+    """With its read-ahead full, the fetch waits for a settlement; a cancel landing as it
+    is woken ends it. (White-box: the test fires the streams' release event. The read
+    loop's own cancellation check covered this before the wait used asyncio.timeout.)"""
+    stream, group = fresh("race"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, batch_size=1, block=5))
+    await t.connect()
+    try:
+        for payload in (b"a1", b"a2"):
+            await t.publish(stream, [], payload, {})
+        held = [b for _ in range(2) for b in await t.fetch()]
+        assert [b.messages[0].payload for b in held] == [b"a1", b"a2"]
+        streams = t._streams
+        assert streams is not None
+        fetch = await cancel_after_completion(t.fetch(), streams._released.set, steps)
+        assert fetch.cancelled(), "nothing to return, it waits on: the cancel lands"
+        for batch in held:
+            await t.settle(batch, Settlement(acked=list(batch.messages)))
+        assert await pending(stream, group) == 0
     finally:
         await t.close()
 

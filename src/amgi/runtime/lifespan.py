@@ -54,7 +54,8 @@ class Lifespan:
         self._task = asyncio.create_task(self._main(), name="amgi-lifespan")
         await self._events.put({"type": "lifespan.startup"})
         try:
-            reply = await asyncio.wait_for(self._wait_reply(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self._wait_reply()
         except TimeoutError:
             await self.cancel()
             raise StartupFailed(
@@ -80,7 +81,8 @@ class Lifespan:
         self._phase = "shutdown"
         await self._events.put({"type": "lifespan.shutdown"})
         try:
-            reply = await asyncio.wait_for(self._wait_reply(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self._wait_reply()
         except TimeoutError:
             logger.error("application did not complete lifespan shutdown in %gs", timeout)
             await self.cancel()

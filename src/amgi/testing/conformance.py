@@ -235,7 +235,8 @@ class Recorder:
                 )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
+                async with asyncio.timeout(min(remaining, 0.2)):
+                    await self._changed.wait()
 
 
 _TEST_DEFAULTS: dict[str, Any] = {
@@ -270,7 +271,8 @@ async def serving(
         yield runtime
     finally:
         runtime.request_stop()
-        code = await asyncio.wait_for(task, config.shutdown_timeout + 30)
+        async with asyncio.timeout(config.shutdown_timeout + 30):
+            code = await task
         assert code == 0, f"the server exited with {code}"
 
 
@@ -379,7 +381,8 @@ class ConformanceSuite:
             done.set()
 
         async with serving(harness, app, [address]):
-            await asyncio.wait_for(done.wait(), 30)
+            async with asyncio.timeout(30):
+                await done.wait()
         assert len(errors) == 7, errors
         assert "already acked" in errors[-1]
         # The message was acked exactly once and nothing else happened to it.

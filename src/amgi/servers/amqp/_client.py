@@ -227,11 +227,9 @@ class AmqpClient:
         waiter = asyncio.get_running_loop().create_future()
         self._waiter, self._want = waiter, count
         try:
-            if timeout is None:
-                await waiter
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, timeout)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter
         finally:
             self._waiter = None
 
@@ -303,7 +301,8 @@ class AmqpClient:
         if self._closed:
             raise AmqpSendError("amqp: the server is closed")
         try:
-            await asyncio.wait_for(self._ready.wait(), self.config.confirm_timeout)
+            async with asyncio.timeout(self.config.confirm_timeout):
+                await self._ready.wait()
         except TimeoutError:
             raise AmqpSendError("amqp: not connected to the broker") from None
         async with self._publisher_lock:

@@ -152,7 +152,8 @@ class CloudEventSender:
         lines.extend(name + b": " + value for name, value in request_headers)
         request = b"\r\n".join(lines) + b"\r\n\r\n" + body
         try:
-            status, text = await asyncio.wait_for(self._exchange(request), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                status, text = await self._exchange(request)
         except TimeoutError:
             raise HttpSendError(
                 f"http: no answer from {self.shown} within {self.timeout:g}s"

@@ -146,7 +146,8 @@ class MqttTransport(DeadLetters, Transport):
                 if remaining <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
         batches: list[Batch] = []
         on_hand = self._on_hand
         for topic in list(on_hand):
@@ -269,7 +270,8 @@ class MqttTransport(DeadLetters, Transport):
             if self._client is None or self._closing:
                 raise MqttSendError(f"mqtt: cannot send to {address!r}: the server is closed")
             try:
-                await asyncio.wait_for(self._connected.wait(), self.config.send_timeout)
+                async with asyncio.timeout(self.config.send_timeout):
+                    await self._connected.wait()
             except TimeoutError:
                 raise MqttSendError(
                     f"mqtt: cannot send to {address!r}: not connected to {self._where()}"
@@ -292,7 +294,8 @@ class MqttTransport(DeadLetters, Transport):
             return
         waiter = self._puback[info.mid] = self._loop.create_future()
         try:
-            reason = await asyncio.wait_for(waiter, self.config.send_timeout)
+            async with asyncio.timeout(self.config.send_timeout):
+                reason = await waiter
         except TimeoutError:
             raise MqttSendError(
                 f"mqtt: {self._where()} did not acknowledge the send to {address!r} "

@@ -196,7 +196,8 @@ class MqttClient:
             why = exc.strerror or str(exc) or type(exc).__name__
             raise BrokerUnavailable(f"mqtt: cannot reach {self._where()}: {why}") from None
         try:
-            present, reason = await asyncio.wait_for(self._connack, c.connect_timeout)
+            async with asyncio.timeout(c.connect_timeout):
+                present, reason = await self._connack
         except TimeoutError:
             raise BrokerUnavailable(
                 f"mqtt: no answer from {self._where()} within {c.connect_timeout}s"
@@ -263,7 +264,8 @@ class MqttClient:
             raise BrokerUnavailable(f"mqtt: could not subscribe at {self._where()}: rc={rc}")
         waiter = self._suback[mid] = self._loop.create_future()
         try:
-            codes = await asyncio.wait_for(waiter, self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):
+                codes = await waiter
         except TimeoutError:
             raise BrokerUnavailable(
                 f"mqtt: {self._where()} did not confirm the subscription in time"

@@ -170,7 +170,8 @@ class DeadLetterSession(MqttClient):
         self._pings.append(pong)
         client._send_pingreq()
         try:
-            answered = await asyncio.wait_for(pong, self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):
+                answered = await pong
         except TimeoutError:
             raise BrokerUnavailable(
                 f"mqtt: {self._where()} did not answer within {self.config.connect_timeout}s"

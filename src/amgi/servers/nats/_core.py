@@ -81,7 +81,8 @@ class Subscriptions:
             next_due = self._retries.next_due()
             timeout = None if next_due is None else max(0.0, next_due - now)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
 
     def _message(self, msg: Any) -> Message:
         headers, msg_id = decode(msg.headers)

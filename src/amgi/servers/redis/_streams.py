@@ -140,7 +140,8 @@ class Streams:
         if not ready:  # every stream has a batch waiting already
             self._released.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), max(wait, 0.001))
+                async with asyncio.timeout(max(wait, 0.001)):
+                    await self._released.wait()
             return []
         tail = self._tail if len(ready) == len(held) else ("STREAMS", *ready, *(">",) * len(ready))
         raise_if_cancelled()
