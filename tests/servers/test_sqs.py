@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -340,6 +341,65 @@ async def test_extend_keeps_a_long_batch_invisible(
         assert stolen.get("Messages", []) == []
     await transport.settle(batch, Settlement(acked=list(batch.messages)))
     assert await counts(admin, name) == (0, 0)
+
+
+def hold_the_lease(transport: SqsTransport) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold back the transport's next visibility change (that one only) on its way to
+    moto; returns ``sent`` (set once the call is made) and ``release`` (lets it go on)."""
+    client = transport.client
+    real = client.change_message_visibility_batch
+    sent, release = asyncio.Event(), asyncio.Event()
+
+    async def held(**kwargs: Any) -> Any:
+        client.change_message_visibility_batch = real  # the next calls go straight through
+        sent.set()
+        await release.wait()
+        return await real(**kwargs)
+
+    client.change_message_visibility_batch = held
+    return sent, release
+
+
+async def test_a_lease_that_meets_an_ack_reports_nothing(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An extension on its way when the batch is acked lands after the delete: SQS refuses
+    it (the handles are gone), which is expected and not a warning."""
+    name = await new_queue()
+    await admin.publish(name, [], b"a", {})
+    transport = await consumer(name)
+    (batch,) = await fetch_n(transport, 1)
+    sent, release = hold_the_lease(transport)
+    lease = asyncio.create_task(transport.extend([batch]))
+    await sent.wait()
+    await transport.settle(batch, Settlement(acked=list(batch.messages)))
+    release.set()
+    await lease
+    assert await counts(admin, name) == (0, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+async def test_a_retry_settled_while_a_lease_is_on_its_way_keeps_its_delay(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    """The retry's 1 s delay is sent after the extension (30 s) lands, not undone by it."""
+    name = await new_queue()
+    await admin.publish(name, [], b"r", {})
+    transport = await consumer(name, visibility_timeout=30)
+    (batch,) = await fetch_n(transport, 1)
+    sent, release = hold_the_lease(transport)
+    lease = asyncio.create_task(transport.extend([batch]))
+    await sent.wait()
+    retry = Retry(batch.messages[0], "later", 1.0)
+    settling = asyncio.create_task(transport.settle(batch, Settlement(retry=[retry])))
+    await asyncio.sleep(0.2)  # the settle is waiting for the extension, not sending yet
+    assert not settling.done()
+    release.set()
+    await asyncio.gather(lease, settling)
+    (again,) = await fetch_n(transport, 1, timeout=10)  # 30 s had the order been wrong
+    assert [m.payload for m in again.messages] == [b"r"]
+    assert again.messages[0].attempt == 2
+    await transport.settle(again, Settlement(acked=list(again.messages)))
 
 
 # -- bad input -------------------------------------------------------------------------

@@ -177,6 +177,7 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
                 entry = unclaimed.setdefault(receive.queue.url, (receive.queue, []))
                 entry[1].extend(m["ReceiptHandle"] for m in result)
         if self._client is not None:
+            await self._after_lease()
             for queue, handles in unclaimed.values():
                 with contextlib.suppress(Exception):
                     await self._change_visibility(queue, [(h, 0) for h in handles])
@@ -237,6 +238,7 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         if acked:
             steps.append(self._delete(queue, [m.token for m in acked]))
         if retry:
+            await self._after_lease()  # which may still hold these messages back
             steps.append(
                 self._change_visibility(queue, [(r.message.token, r.delay) for r in retry])
             )
@@ -252,13 +254,25 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
 
         Not only ``batches`` (in the app's hands): batches waiting for a free slot and
         messages a long poll took in the background must not come back meanwhile either.
+        A message settled while the extension is on its way is not extended any more:
+        SQS refusing it is expected and not reported, and a retry delay or a release at
+        close waits for the extension so that it lands last.
         """
         by_queue: dict[str, tuple[_Queue, list[tuple[str, float]]]] = {}
         timeout = self.config.visibility_timeout
         for handle, queue in list(self._held.items()):
             entry = by_queue.setdefault(queue.url, (queue, []))
             entry[1].append((handle, timeout))
-        await asyncio.gather(*(self._change_visibility(q, e) for q, e in by_queue.values()))
+        lease = self._lease = asyncio.ensure_future(
+            asyncio.gather(
+                *(self._change_visibility(q, e, lease=True) for q, e in by_queue.values())
+            )
+        )
+        try:
+            await lease
+        finally:
+            if self._lease is lease:
+                self._lease = None
 
     # -- sending ---------------------------------------------------------------------
 

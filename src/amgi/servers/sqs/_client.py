@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -117,8 +117,16 @@ def _chunks(items: list[Any]) -> list[list[Any]]:
     return [items[i : i + _MAX_BATCH] for i in range(0, len(items), _MAX_BATCH)]
 
 
-def _log_failed(response: Mapping[str, Any], action: str, queue: _Queue) -> None:
+def _log_failed(
+    response: Mapping[str, Any],
+    action: str,
+    queue: _Queue,
+    expected: Callable[[int], bool] | None = None,
+) -> None:
+    """Warn of the entries SQS refused, less those ``expected`` (given an entry's index)."""
     failed = response.get("Failed") or []
+    if expected is not None:
+        failed = [f for f in failed if not expected(int(f.get("Id", -1)))]
     if failed:
         first = failed[0]
         logger.warning(
@@ -206,6 +214,8 @@ class SqsClient:
         app's hands, waiting for a free slot, or taken by a long poll not yet fetched."""
         self._depths: Refreshed[dict[str, int]] | None = None
         """Per consumed queue, ``ApproximateNumberOfMessages`` (metrics)."""
+        self._lease: asyncio.Future[Any] | None = None
+        """The lease extension on its way to SQS, if any (``extend``)."""
 
     async def _read_depths(self) -> dict[str, int]:
         """One GetQueueAttributes per consumed queue; a queue that fails is left out."""
@@ -324,6 +334,13 @@ class SqsClient:
             groups.setdefault(group, []).append(m)
         return [Batch(queue.name, ms, (queue.name, g), queue) for g, ms in groups.items()]
 
+    async def _after_lease(self) -> None:
+        """Wait for the lease extension on its way, if any: a visibility change sent now
+        (a retry delay, visible again at close) must land after it, not be undone by it."""
+        lease = self._lease
+        if lease is not None:
+            await asyncio.wait([lease])
+
     async def _delete(self, queue: _Queue, handles: list[str]) -> None:
         async def one(chunk: list[str]) -> None:
             response = await self.client.delete_message_batch(
@@ -334,7 +351,15 @@ class SqsClient:
 
         await asyncio.gather(*(one(c) for c in _chunks(handles)))
 
-    async def _change_visibility(self, queue: _Queue, entries: list[tuple[str, float]]) -> None:
+    async def _change_visibility(
+        self, queue: _Queue, entries: list[tuple[str, float]], *, lease: bool = False
+    ) -> None:
+        """ChangeMessageVisibilityBatch, 10 entries per call, concurrently.
+
+        ``lease``: the entries extend held messages; one settled while the call was on its
+        way (deleted, or given its retry delay) may be refused, and that is not reported.
+        """
+
         async def one(chunk: list[tuple[str, float]]) -> None:
             response = await self.client.change_message_visibility_batch(
                 QueueUrl=queue.url,
@@ -347,7 +372,13 @@ class SqsClient:
                     for i, (handle, delay) in enumerate(chunk)
                 ],
             )
-            _log_failed(response, "change the visibility of", queue)
+            settled = None
+            if lease:
+
+                def settled(i: int) -> bool:
+                    return not 0 <= i < len(chunk) or chunk[i][0] not in self._held
+
+            _log_failed(response, "change the visibility of", queue, settled)
 
         await asyncio.gather(*(one(c) for c in _chunks(entries)))
 
