@@ -40,7 +40,7 @@ def test_a_requirement_without_a_minimum_is_refused_in_one_line(tmp_path: Path) 
     assert run.stderr == (
         "scripts/test-minimums: 'otherlib<3' (extra broker) declares no minimum\n"
     )
-    assert run.stdout == "somelib==1.2\n"
+    assert run.stdout == ""
 
 
 def test_an_unknown_extra_is_refused_before_anything_is_installed() -> None:
@@ -54,3 +54,16 @@ def test_an_unknown_extra_is_refused_before_anything_is_installed() -> None:
     assert run.returncode == 2
     assert run.stderr.startswith("scripts/test-minimums: no extra nosuch (one of: ")
     assert len(run.stderr.splitlines()) == 1
+
+
+def test_of_several_requirements_on_one_name_the_highest_that_applies_here_counts(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        "[project.optional-dependencies]\n"
+        'broker = ["lib[fast]>=1.2", "lib>=1.10; python_version >= \'3.0\'",'
+        " \"lib>=9; python_version < '3.0'\"]\n"
+    )
+    run = minimums(tmp_path, "broker")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "lib[fast]==1.10\n"
