@@ -120,3 +120,40 @@ async def test_a_structured_content_type_in_any_case_wins_over_ce_headers() -> N
             (b"ce-type", b"json-type"),
         ]
     ]
+
+
+async def test_a_front_answers_each_binary_event_alike_however_often_its_address_came() -> None:
+    """The front remembers address headers it saw: the answers, addresses and headers
+    must not change from one request to the next, served or not, percent-encoded or not."""
+    transport = HttpTransport(["orders"], HttpOptions(), listen=False)
+
+    async def post(type_: bytes, drop: bytes = b"", version: bytes = b"1.0") -> Any:
+        headers = [
+            (n, {b"ce-type": type_, b"ce-specversion": version}.get(n, v))
+            for n, v in BINARY
+            if n != drop
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(event: dict[str, Any]) -> None:
+            sent.append(event)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+        answer = asyncio.ensure_future(transport.front(scope, receive, send))
+        await asyncio.sleep(0)
+        taken = await _taken(transport)
+        for batch in taken:
+            for message in batch.messages:
+                message.token.set_result([])
+        await asyncio.wait_for(answer, 5)
+        return sent[0]["status"], [(b.address, m.headers[-1]) for b in taken for m in b.messages]
+
+    for _ in range(3):
+        assert await post(b"orders") == (204, [("orders", (b"ce-type", b"orders"))])
+        assert await post(b"or%64ers") == (204, [("orders", (b"ce-type", b"orders"))])
+        assert await post(b"other") == (404, [])
+        assert await post(b"orders", drop=b"ce-id") == (400, [])
+        assert await post(b"orders", version=b"0.3") == (400, [])

@@ -40,6 +40,9 @@ _CE_MEDIA = b"application/cloudevents"
 _CE_MEDIA_LEN = len(_CE_MEDIA)
 _ACKED_START = {"type": "http.response.start", "status": 204, "headers": []}
 _EMPTY_BODY = {"type": "http.response.body", "body": b""}
+_PERCENT = ord("%")
+_KNOWN_MOST = 1024
+"""The most address header values a front remembers (each names a served address)."""
 
 
 def _text(status: int, reason: str, *extra: tuple[bytes, bytes]) -> Answer:
@@ -76,6 +79,8 @@ class Front:
         self._from_event = address_from != "path"
         """Whether a binary event's address is its own attribute (not the path)."""
         self._limit_digits = len(str(max_body))
+        self._known: dict[bytes, str] = {}
+        """Address header values of valid binary events -> the served address they name."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one HTTP request (the app runs meanwhile, through the inbox).
@@ -140,13 +145,20 @@ class Front:
             except Refused as exc:
                 return await _respond(send, _text(exc.status, exc.reason))
         attributes = dict(kept)
+        get = attributes.get
+        version = get(b"ce-specversion")
         try:
-            binary = b"ce-specversion" in attributes
+            binary = version is not None
             if binary and content_type[:_CE_MEDIA_LEN].lower() != _CE_MEDIA:
-                address, kept = binary_event(kept, attributes, self._want)  # the hot path
-                served = self.addresses
-                if not (self._from_event and address and (not served or address in served)):
-                    address = self._address(address, scope, False)  # refuses, or the path
+                # The hot path: a valid binary event whose address header was seen before.
+                address = self._known.get(get(self._want, b""))
+                if (
+                    address is None
+                    or version != b"1.0"
+                    or not (get(b"ce-id") and get(b"ce-source") and get(b"ce-type"))
+                    or _PERCENT in b"".join(attributes.values())
+                ):
+                    address = self._binary_address(kept, attributes, scope)
                 future = inbox.submit_one(address, kept, body)
             else:
                 future = inbox.submit(self._items(scope, content_type, binary, kept, body))
@@ -162,6 +174,21 @@ class Front:
         else:  # the hot path: every message acked, two constant events
             await send(_ACKED_START)
             await send(_EMPTY_BODY)
+
+    def _binary_address(
+        self, kept: list[tuple[bytes, bytes]], attributes: dict[bytes, bytes], scope: Scope
+    ) -> str:
+        """The address of a binary event, checking the event (400 if invalid) and the
+        address (404 if not served); an address header value that named a served address
+        as it is (no percent-encoding) is remembered for the hot path."""
+        raw = attributes.get(self._want)
+        address, _ = binary_event(kept, attributes, self._want)  # decodes ``kept`` in place
+        served = self.addresses
+        if self._from_event and address and (not served or address in served):
+            if raw is not None and _PERCENT not in raw and len(self._known) < _KNOWN_MOST:
+                self._known[raw] = address
+            return address
+        return self._address(address, scope, False)  # refuses, or the path
 
     @staticmethod
     async def _rest(receive: Receive, body: bytes, limit: int) -> bytes | None:
