@@ -29,7 +29,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from _common import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench-http"
@@ -160,12 +161,7 @@ def measure(
             )
             cpu = _cpu_seconds(server.pid) - cpu
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server)
             log.close()
         if "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
             raise SystemExit(f"bench_http: errors under load ({argv[0]}):\n{done.stdout}")

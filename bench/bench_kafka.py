@@ -508,6 +508,8 @@ def measure(
     partition's end, stop it; ``None`` (and the reason on stderr) when it did not get there."""
     from confluent_kafka import Consumer, TopicPartition
 
+    from _common import stop  # the driver's venv only: _common imports amgi
+
     watcher = Consumer(
         {"bootstrap.servers": args.bootstrap, "group.id": group, "enable.auto.commit": False}
     )
@@ -533,12 +535,7 @@ def measure(
                     break
                 time.sleep(WATCH_EVERY)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             watcher.close()
     if not end:
         why = (

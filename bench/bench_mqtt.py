@@ -1,25 +1,55 @@
-"""Drain benchmark of the MQTT server against the raw client loop and FastStream.
+"""Drain benchmark of the MQTT server against the raw client loops and the peers.
 
-For each contender: create a persistent session (MQTT 5, QoS 1 subscription), publish N
-QoS 1 messages of 100 bytes with 2 user properties while the consumer is offline, then
-start the consumer and time the first message and the whole drain. Every contender
-acknowledges a message only after handling it, except where the table says otherwise.
+For each run: create a persistent session (MQTT 5, QoS 1 subscription) under a fresh client
+id and topic, publish N QoS 1 messages of 100 bytes with 2 user properties while it is
+offline, then start the contender in its own process, resuming that session, and stop it
+(SIGTERM) once it has handled all N. Contenders alternate over ``--rounds`` rounds (the
+order rotates each round); the table gives the median and the range over the rounds.
 
-    .venv/bin/python bench/bench_mqtt.py [--n 20000] [--port 1883] [--rounds 2]
+    .venv/bin/python bench/bench_mqtt.py [--n 20000] [--port 1883] [--rounds 3]
+        [--only amgi-run,paho-async,...] [--child-timeout 60]
 
-Run ``scripts/brokers/mosquitto.sh`` first. Peers (FastStream, gmqtt, aiomqtt) run in a
-subprocess of a separate virtual environment, ``.venv-bench``, which this script creates
-and fills on first use (the upstream packages could clash with this project's ``amgi``).
+Every contender is timed the same way. Each calls :func:`handled` once a message is
+handled and acknowledged (the ack handed to its client library or runtime); that writes
+the wall time and the process's CPU time of the first message to ``$BENCH_FIRST`` and of
+the N-th to ``$BENCH_DONE``. The driver starts the process, polls for ``$BENCH_DONE`` and
+then stops it. Time to first message counts from the process start (interpreter start,
+imports and connect included); msgs/s is the N-1 messages after the first over the time
+from the first to the N-th; CPU per message is the process's CPU time (all threads) over
+the same span. Every contender acknowledges a message only after handling it, except
+where its label says otherwise.
+
+Contenders:
+
+- ``amgi-run``: our server as a user starts it, ``amgi run bench_mqtt:app TOPIC --server
+  mqtt --host H --port P --client-id ID`` (defaults otherwise: logging at INFO, GC tuning,
+  lifespan auto, QoS 1); the app (:func:`app`) acks each message;
+- ``amgi-inprocess``: the same app and transport embedded in a script (``Runtime(...)``
+  in-process, lifespan off, no logging set up, no GC tuning): this benchmark's former setup;
+- ``paho-async`` / ``paho-thread``: raw paho-mqtt 2 with manual acks, driven by the asyncio
+  loop (as the server drives it) or by paho's own network thread;
+- from a separate virtual environment, ``.venv-bench``, created and filled here on first
+  use (the upstream packages could clash with this project's ``amgi``): ``gmqtt``,
+  ``aiomqtt`` and ``faststream``. FastStream's MQTT subscriber stalls (no CPU, no
+  progress) when it resumes a session with a backlog of 2,000 or more; a run that does
+  not finish within ``--child-timeout`` counts as stalled, and the contender is then
+  measured on a backlog of 1,000 (marked in the table).
+
+Run ``scripts/brokers/mosquitto.sh`` first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import compileall
+import inspect
 import os
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -33,19 +63,56 @@ BENCH_PACKAGES = ["faststream[mqtt]", "gmqtt", "aiomqtt", "paho-mqtt>=2.1"]
 HOST = "127.0.0.1"
 PAYLOAD = b"x" * 100
 USER_PROPERTIES = [("trace", "abc123"), ("kind", "bench")]
+WATCH_EVERY = 0.005
+FALLBACK_N = 1000
 
 
-# -- shared by both interpreters (keep to the standard library and paho) ----------------------
+# -- what every contender reports (standard library only: the peers' venv imports it too) ---
+
+_handled = 0
+_target = 0
 
 
-def report(first: float, total: float, count: int) -> None:
-    print(json.dumps({"first": first, "total": total, "count": count}), flush=True)
+def _stamp(variable: str) -> None:
+    path = Path(os.environ[variable])
+    part = path.with_suffix(".part")
+    part.write_text(f"{time.time()!r} {time.process_time()!r}")
+    part.replace(path)
 
 
-# -- peers, run in the bench venv --------------------------------------------------------------
+def handled() -> None:
+    """Count one handled and acked message; stamp the first and the ``$BENCH_N``-th."""
+    global _handled, _target
+    _handled += 1
+    if _handled == 1:
+        _target = int(os.environ["BENCH_N"])
+        _stamp("BENCH_FIRST")
+    if _handled == _target:
+        _stamp("BENCH_DONE")
 
 
-async def peer_faststream(port: int, topic: str, client_id: str, n: int) -> None:
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """The app ``amgi run`` serves: read until ``more_messages`` is false, ack each id."""
+    if scope["type"] != "message":
+        return
+    more = True
+    while more:
+        event = await receive()
+        await send({"type": "message.ack", "id": event["id"]})
+        handled()
+        more = event.get("more_messages", False)
+
+
+def _forever() -> None:
+    """Block until the driver's SIGTERM ends the process."""
+    while True:
+        time.sleep(1)
+
+
+# -- peers, run in the bench venv -------------------------------------------------------------
+
+
+async def peer_faststream(port: int, topic: str, client_id: str) -> None:
     from faststream.mqtt import MQTTBroker, QoS
 
     broker = MQTTBroker(
@@ -54,41 +121,24 @@ async def peer_faststream(port: int, topic: str, client_id: str, n: int) -> None
         clean_session=False,
         session_expiry_interval=3600,
         # The backlog arrives before the subscriber is registered; let zmqtt hold it all.
-        session_replay_buffer_size=n + 1000,
+        session_replay_buffer_size=int(os.environ["BENCH_N"]) + 1000,
         keepalive=600,
         logger=None,
     )
-    done = asyncio.Event()
-    state = {"count": 0, "first": 0.0}
 
     @broker.subscriber(topic, qos=QoS.AT_LEAST_ONCE)
     async def handle(body: bytes) -> None:
-        if not state["count"]:
-            state["first"] = time.perf_counter()
-        state["count"] += 1
-        if state["count"] >= n:
-            done.set()
+        handled()  # FastStream acks after the handler returns
 
-    start = time.perf_counter()
     await broker.start()
-    await asyncio.wait_for(done.wait(), 600)
-    end = time.perf_counter()
-    await broker.stop()
-    report(state["first"] - start, end - start, int(state["count"]))
+    await asyncio.Event().wait()
 
 
-async def peer_gmqtt(port: int, topic: str, client_id: str, n: int) -> None:
+async def peer_gmqtt(port: int, topic: str, client_id: str) -> None:
     import gmqtt
 
-    done = asyncio.Event()
-    state = {"count": 0, "first": 0.0}
-
     async def on_message(client: Any, t: str, payload: bytes, qos: int, props: Any) -> int:
-        if not state["count"]:
-            state["first"] = time.perf_counter()
-        state["count"] += 1
-        if state["count"] >= n:
-            done.set()
+        handled()
         return 0  # PUBACK is sent when this coroutine returns
 
     client = gmqtt.Client(
@@ -98,25 +148,17 @@ async def peer_gmqtt(port: int, topic: str, client_id: str, n: int) -> None:
         session_expiry_interval=3600,
     )
     client.on_message = on_message
-    start = time.perf_counter()
     await client.connect(HOST, port)
-    await asyncio.wait_for(done.wait(), 600)
-    end = time.perf_counter()
-    await client.disconnect()
-    report(state["first"] - start, end - start, int(state["count"]))
+    await asyncio.Event().wait()
 
 
-async def peer_aiomqtt(port: int, topic: str, client_id: str, n: int) -> None:
+async def peer_aiomqtt(port: int, topic: str, client_id: str) -> None:
     import aiomqtt
-    import paho.mqtt.client as paho
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-    count = 0
-    first = 0.0
-    start = time.perf_counter()
     async with aiomqtt.Client(
         HOST,
         port,
@@ -126,17 +168,7 @@ async def peer_aiomqtt(port: int, topic: str, client_id: str, n: int) -> None:
         properties=props,
     ) as client:
         async for _ in client.messages:
-            if not count:
-                first = time.perf_counter()
-            count += 1
-            if count >= n:
-                break
-        end = time.perf_counter()
-    del paho
-    report(first - start, end - start, count)
-
-
-PEERS = {"faststream": peer_faststream, "gmqtt": peer_gmqtt, "aiomqtt": peer_aiomqtt}
+            handled()  # acked on receipt by paho underneath
 
 
 # -- the broker side: sessions and the backlog ---------------------------------------------------
@@ -187,102 +219,88 @@ def prime(port: int, topic: str, client_id: str, n: int) -> None:
     publisher.loop_stop()
 
 
-# -- contenders in this interpreter --------------------------------------------------------------
+# -- contenders in this project's venv ----------------------------------------------------------
 
 
-async def run_amgi(port: int, topic: str, client_id: str, n: int) -> dict[str, float]:
+def run_amgi_inprocess(port: int, topic: str, client_id: str) -> None:
+    """The server embedded in a script: Runtime in-process, lifespan off, no logging."""
     from amgi.runtime import Runtime, RuntimeConfig
     from amgi.servers.mqtt import MqttOptions, MqttTransport
 
-    state = {"count": 0, "first": 0.0}
-    done = asyncio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            event = await receive()
-            if not state["count"]:
-                state["first"] = time.perf_counter()
-            state["count"] += 1
-            await send({"type": "message.ack", "id": event["id"]})
-            more = event.get("more_messages", False)
-        if state["count"] >= n:
-            done.set()
-
-    transport = MqttTransport([topic], MqttOptions(port=port, client_id=client_id))
-    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
-    start = time.perf_counter()
-    task = asyncio.create_task(runtime.serve())
-    await asyncio.wait_for(done.wait(), 600)
-    end = time.perf_counter()
-    runtime.request_stop()
-    await task
-    return {"first": state["first"] - start, "total": end - start, "count": state["count"]}
+    options = MqttOptions(host=HOST, port=port, client_id=client_id)
+    transport = MqttTransport([topic], options)
+    asyncio.run(Runtime(app, transport, RuntimeConfig(lifespan="off")).serve())
 
 
-def _acking_paho_handler(
-    state: dict[str, Any], n: int, finished: Callable[[], None]
-) -> Callable[[Any, Any, Any], None]:
-    """A paho on_message that acks after handling, counts, and calls ``finished`` at ``n``."""
-
-    def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        if not state["count"]:
-            state["first"] = time.perf_counter()
-        state["count"] += 1
-        client.ack(msg.mid, msg.qos)
-        if state["count"] >= n:
-            finished()
-
-    return on_message
+def _on_message(client: Any, userdata: Any, msg: Any) -> None:
+    """paho's on_message of the raw loops: ack after handling."""
+    client.ack(msg.mid, msg.qos)
+    handled()
 
 
-async def run_paho_async(port: int, topic: str, client_id: str, n: int) -> dict[str, float]:
-    """paho driven by the asyncio loop (as the server does); ack after handling."""
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    state = {"count": 0, "first": 0.0}
-
-    on_message = _acking_paho_handler(state, n, done.set)
-
+def _raw_paho(client_id: str) -> Any:
     client = _paho(client_id)
     client.manual_ack_set(True)
-    client.on_message = on_message
+    client.on_message = _on_message
+    return client
+
+
+async def run_paho_async(port: int, topic: str, client_id: str) -> None:
+    """paho driven by the asyncio loop (as the server drives it); ack after handling."""
+    loop = asyncio.get_running_loop()
+    client = _raw_paho(client_id)
     client.on_socket_open = lambda c, u, s: loop.add_reader(s, c.loop_read)
     client.on_socket_close = lambda c, u, s: loop.remove_reader(s)
     client.on_socket_register_write = lambda c, u, s: loop.add_writer(s, c.loop_write)
     client.on_socket_unregister_write = lambda c, u, s: loop.remove_writer(s)
-    start = time.perf_counter()
     client.connect(HOST, port, clean_start=False, properties=_session_props())
-    await asyncio.wait_for(done.wait(), 600)
-    end = time.perf_counter()
-    client.disconnect()
-    client.loop_write()
-    return {"first": state["first"] - start, "total": end - start, "count": state["count"]}
+    await asyncio.Event().wait()
 
 
-def run_paho_thread(port: int, topic: str, client_id: str, n: int) -> dict[str, float]:
+def run_paho_thread(port: int, topic: str, client_id: str) -> None:
     """paho with its network thread (loop_start); ack after handling."""
-    done = threading.Event()
-    state = {"count": 0, "first": 0.0}
-
-    on_message = _acking_paho_handler(state, n, done.set)
-
-    client = _paho(client_id)
-    client.manual_ack_set(True)
-    client.on_message = on_message
-    start = time.perf_counter()
+    client = _raw_paho(client_id)
     client.connect(HOST, port, clean_start=False, properties=_session_props())
     client.loop_start()
-    done.wait(600)
-    end = time.perf_counter()
-    client.disconnect()
-    client.loop_stop()
-    return {"first": state["first"] - start, "total": end - start, "count": state["count"]}
+    _forever()
 
 
-# -- driver ----------------------------------------------------------------------------------------
+AMGI_RUN = "amgi-run"
+"""Not a function: the driver starts the ``amgi`` command itself."""
+
+CONTENDERS: dict[str, tuple[Callable[[int, str, str], Any] | None, bool]] = {
+    AMGI_RUN: (None, False),
+    "amgi-inprocess": (run_amgi_inprocess, False),
+    "paho-async": (run_paho_async, False),
+    "paho-thread": (run_paho_thread, False),
+    "gmqtt": (peer_gmqtt, True),
+    "aiomqtt": (peer_aiomqtt, True),
+    "faststream": (peer_faststream, True),
+}
+"""name: (what its process runs, whether it runs in the bench venv)."""
+
+RAW = "paho-async"
+LABELS = {
+    AMGI_RUN: "amgi run (mqtt server, defaults, app acking all)",
+    "amgi-inprocess": "amgi Runtime in-process (lifespan off, no logging)",
+    "paho-async": "raw paho-mqtt 2, asyncio-driven, manual ack",
+    "paho-thread": "raw paho-mqtt 2, loop_start thread, manual ack",
+    "gmqtt": "raw gmqtt, ack when the async callback returns",
+    "aiomqtt": "raw aiomqtt (acks on receipt: not at-least-once)",
+    "faststream": "FastStream MQTT subscriber (zmqtt), ack after handler",
+}
+
+
+def run_child(name: str, port: int, topic: str, client_id: str) -> None:
+    fn, _ = CONTENDERS[name]
+    assert fn is not None
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the driver is done with it
+    result = fn(port, topic, client_id)
+    if inspect.iscoroutine(result):
+        asyncio.run(result)
+
+
+# -- the driver ---------------------------------------------------------------------------------
 
 
 def ensure_bench_venv() -> Path:
@@ -296,111 +314,197 @@ def ensure_bench_venv() -> Path:
     return python
 
 
-def run_peer(
-    python: Path, name: str, port: int, topic: str, client_id: str, n: int
-) -> dict[str, Any] | None:
-    """Run peer ``name`` in the bench venv; ``None`` when it made no progress in time."""
-    argv = [str(python), __file__, "--peer", name, "--port", str(port), "--topic", topic]
-    argv += ["--client-id", client_id, "--n", str(n)]
+def forget_session(port: int, client_id: str) -> None:
+    """Discard the broker's session of ``client_id`` (and what it still holds)."""
+    connected = threading.Event()
+    client = _paho(client_id)
+    client.on_connect = lambda *a: connected.set()
+    client.connect(HOST, port, clean_start=True)  # no expiry property: gone on disconnect
+    client.loop_start()
+    connected.wait(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _command(
+    name: str, peer_python: Path | None, port: int, topic: str, client_id: str
+) -> list[str]:
+    if name == AMGI_RUN:
+        amgi = str(Path(sys.executable).with_name("amgi"))
+        where = ["--host", HOST, "--port", str(port), "--client-id", client_id]
+        return [amgi, "run", "bench_mqtt:app", topic, "--server", "mqtt", *where]
+    python = peer_python if CONTENDERS[name][1] else Path(sys.executable)
+    assert python is not None
+    argv = [str(python), __file__, "--child", name, "--port", str(port), "--topic", topic]
+    return [*argv, "--client-id", client_id]
+
+
+def _environment(name: str, n: int, first: Path, done: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(BENCH_N=str(n), BENCH_FIRST=str(first), BENCH_DONE=str(done))
+    if not CONTENDERS[name][1]:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])
+    return env
+
+
+def _read_stamp(path: Path) -> tuple[float, float]:
+    wall, cpu = path.read_text().split()
+    return float(wall), float(cpu)
+
+
+def measure(
+    name: str, peer_python: Path | None, port: int, n: int, timeout: float, tmp: Path
+) -> dict[str, float] | str:
+    """Queue ``n`` messages for a fresh session and time contender ``name`` draining them;
+    the reason instead when it did not (``"stalled"`` when it ran out of time)."""
+    from _common import stop  # the driver's venv only: _common imports amgi
+
+    topic = f"bench/{uuid.uuid4().hex}"
+    client_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+    prime(port, topic, client_id, n)
+    first_file, done_file, log = (tmp / f"{client_id}.{x}" for x in ("first", "done", "log"))
+    cmd = _command(name, peer_python, port, topic, client_id)
+    env = _environment(name, n, first_file, done_file)
+    cwd = "/" if CONTENDERS[name][1] else str(ROOT)
     try:
-        out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=PEER_TIMEOUT, env=env, cwd="/"
+        with log.open("w") as out:
+            started = time.time()
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            deadline = time.monotonic() + timeout
+            try:
+                while not done_file.exists() and proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        return "stalled"
+                    time.sleep(WATCH_EVERY)
+            finally:
+                stop(proc)
+        if not done_file.exists():
+            return f"exited with {proc.returncode}:\n{log.read_text()[-1500:]}"
+    finally:
+        forget_session(port, client_id)
+    first_wall, first_cpu = _read_stamp(first_file)
+    done_wall, done_cpu = _read_stamp(done_file)
+    return {
+        "n": n,
+        "first": first_wall - started,
+        "rate": (n - 1) / (done_wall - first_wall),
+        "cpu": (done_cpu - first_cpu) / (n - 1),
+    }
+
+
+def _span(values: list[float], fmt: str) -> str:
+    return f"{format(min(values), fmt)}-{format(max(values), fmt)}"
+
+
+def report(
+    results: dict[str, list[dict[str, float]]],
+    failures: dict[str, str],
+    n: int,
+    rounds: int,
+    port: int,
+    loads: list[float],
+) -> None:
+    medians = {k: statistics.median(r["rate"] for r in rs) for k, rs in results.items() if rs}
+    raw = medians.get(RAW)
+    print(
+        f"\nDrain of {n:,} QoS 1 messages (100 B, 2 user properties) queued for a persistent"
+        f" session, Mosquitto on {HOST}:{port}; contenders alternating, rounds: {rounds}"
+    )
+    print(f"load average (1 min) during the runs: {_span(loads, '.1f')}\n")
+    print(
+        f"| {'contender':<55} | {'backlog':>7} | {'msgs/s median':>13} | {'min-max':>15} |"
+        f" {'max/min':>7} | {'first msg':>9} | {'vs raw paho':>11} | {'CPU µs/msg':>10} |"
+        f" {'runs':>4} |"
+    )
+    numeric = "|".join("-" * (w - 1) + ":" for w in (9, 15, 17, 9, 11, 13, 12, 6))
+    print(f"|{'-' * 57}|{numeric}|")
+    for name, rs in results.items():
+        if not rs:
+            why = failures.get(name, "no result").splitlines()[0]
+            print(f"| {LABELS[name]:<55} | {'-':>7} | {why:>13} |" + " - |" * 6)
+            continue
+        rates = [r["rate"] for r in rs]
+        backlog = f"{int(rs[0]['n']):,}" + ("*" if rs[0]["n"] != n else "")
+        first = statistics.median(r["first"] for r in rs) * 1000
+        ratio = f"{medians[name] / raw:.2f}x" if raw else "-"
+        cpu = statistics.median(r["cpu"] for r in rs) * 1e6
+        print(
+            f"| {LABELS[name]:<55} | {backlog:>7} | {medians[name]:>13,.0f} |"
+            f" {_span(rates, ',.0f'):>15} | {max(rates) / min(rates):>7.2f} |"
+            f" {first:>7.0f}ms | {ratio:>11} | {cpu:>10.1f} | {len(rs):>4} |"
         )
-    except subprocess.TimeoutExpired:
-        return None
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
-PEER_TIMEOUT = 60.0
-FALLBACK_N = 1000
-"""FastStream's MQTT subscriber stalls (no CPU, no progress) when it resumes a session with a
-backlog of 2,000 or more messages; it is then measured on a backlog it can drain."""
-
-LABELS = {
-    "amgi": "amgi mqtt server (Runtime, raw app acking all)",
-    "paho-async": "raw paho-mqtt 2, asyncio-driven, manual ack",
-    "paho-thread": "raw paho-mqtt 2, loop_start thread, manual ack",
-    "faststream": "FastStream MQTT subscriber (zmqtt), ack after handler",
-    "gmqtt": "raw gmqtt, ack when the async callback returns",
-    "aiomqtt": "raw aiomqtt (acks on receipt: not at-least-once)",
-}
+    if any(r["n"] != n for rs in results.values() for r in rs):
+        print(
+            f"\n* stalled on {n:,} (no progress within --child-timeout), measured on {FALLBACK_N:,}"
+        )
+    print("\nfirst msg: median time from process start to the first handled message")
+    print("\nmsgs/s per round:")
+    for name, rs in results.items():
+        print(f"  {name:<16}" + "".join(f"{r['rate']:>10,.0f}" for r in rs))
+    for name, why in failures.items():
+        print(f"\n{name}: {why}", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--n", type=int, default=20000, help="messages queued per run")
     parser.add_argument("--port", type=int, default=1883)
-    parser.add_argument("--rounds", type=int, default=2, help="best of this many runs each")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per contender, alternating")
     parser.add_argument("--only", default="", help="comma-separated contenders")
-    parser.add_argument("--peer", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child-timeout", type=float, default=60, help="seconds before a run counts as stalled"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--client-id", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.peer:
-        asyncio.run(PEERS[args.peer](args.port, args.topic, args.client_id, args.n))
+    if args.child:
+        run_child(args.child, args.port, args.topic, args.client_id)
         return
 
-    python = ensure_bench_venv()
-    names = [x for x in args.only.split(",") if x] or list(LABELS)
-    best: dict[str, dict[str, Any]] = {}
-    for _ in range(args.rounds):
-        for name in names:
-            result = measure(python, name, args.port, args.n)
-            if result is None:
-                print(
-                    f"  {name}: stalled on {args.n:,}; retrying on {FALLBACK_N:,}", file=sys.stderr
-                )
-                result = measure(python, name, args.port, FALLBACK_N)
-                if result is None:
-                    continue
-            if result["count"] < result["n"]:
-                raise SystemExit(f"bench: {name} handled {result['count']} of {result['n']}")
-            result["rate"] = result["n"] / result["total"]
-            if name not in best or result["rate"] > best[name]["rate"]:
-                best[name] = result
-            print(f"  {name}: {result['rate']:,.0f} msgs/s", file=sys.stderr)
-
-    raw = best.get("paho-async")
-    print(
-        f"\nDrain of {args.n:,} QoS 1 messages (100 B, 2 user properties) queued for a "
-        f"persistent session, Mosquitto on {HOST}:{args.port}, best of {args.rounds}\n"
-    )
-    head = ("contender", "backlog", "msgs/s", "first msg", "vs raw paho")
-    print(f"| {head[0]:<56} | {head[1]:>7} | {head[2]:>9} | {head[3]:>9} | {head[4]:>11} |")
-    print(f"|{'-' * 58}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 13}|")
-    for name in names:
-        r = best.get(name)
-        if r is None:
-            print(f"| {LABELS[name]:<56} | {'-':>7} | {'stalled':>9} | {'-':>9} | {'-':>11} |")
-            continue
-        ratio = f"{r['rate'] / raw['rate']:.2f}x" if raw else "-"
-        print(
-            f"| {LABELS[name]:<56} | {r['n']:>7,} | {r['rate']:>9,.0f} | "
-            f"{r['first'] * 1000:>7.1f}ms | {ratio:>11} |"
+    names = [x for x in args.only.split(",") if x] or list(CONTENDERS)
+    unknown = [x for x in names if x not in CONTENDERS]
+    if unknown:
+        parser.error(
+            f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}"
         )
-
-
-def measure(python: Path, name: str, port: int, n: int) -> dict[str, Any] | None:
-    """Queue ``n`` messages for a fresh session and time contender ``name`` draining them."""
-    topic = f"bench/{uuid.uuid4().hex}"
-    client_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
-    prime(port, topic, client_id, n)
-    result: dict[str, Any] | None
-    if name == "amgi":
-        result = asyncio.run(run_amgi(port, topic, client_id, n))
-    elif name == "paho-async":
-        result = asyncio.run(run_paho_async(port, topic, client_id, n))
-    elif name == "paho-thread":
-        result = run_paho_thread(port, topic, client_id, n)
-    else:
-        result = run_peer(python, name, port, topic, client_id, n)
-    if result is not None:
-        result["n"] = n
-    return result
+    if args.n < 2:
+        parser.error("--n must be at least 2")
+    peer_python = ensure_bench_venv() if any(CONTENDERS[x][1] for x in names) else None
+    # pip compiles an installed package's modules; a source tree started with
+    # PYTHONDONTWRITEBYTECODE set would compile them at each start instead.
+    compileall.compile_dir(str(ROOT / "src" / "amgi"), quiet=1)
+    compileall.compile_file(__file__, quiet=1)
+    results: dict[str, list[dict[str, float]]] = {x: [] for x in names}
+    failures: dict[str, str] = {}
+    stalled: set[str] = set()
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
+        for round_ in range(args.rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                if name in failures:
+                    continue
+                n = FALLBACK_N if name in stalled else args.n
+                result = measure(name, peer_python, args.port, n, args.child_timeout, Path(tmp))
+                if result == "stalled" and n != FALLBACK_N:
+                    print(f"  {name}: stalled on {n:,}; measuring it on {FALLBACK_N:,}", flush=True)
+                    stalled.add(name)
+                    n = FALLBACK_N
+                    result = measure(name, peer_python, args.port, n, args.child_timeout, Path(tmp))
+                if isinstance(result, str):
+                    failures[name] = result
+                    print(f"  {name}: {result.splitlines()[0]}", flush=True)
+                    continue
+                results[name].append(result)
+                print(
+                    f"  round {round_ + 1} {name}: {result['rate']:,.0f} msgs/s on {n:,},"
+                    f" first message {result['first']:.3f} s,"
+                    f" CPU {result['cpu'] * 1e6:.1f} µs/msg",
+                    flush=True,
+                )
+                loads.append(os.getloadavg()[0])
+    report(results, failures, args.n, args.rounds, args.port, loads)
 
 
 if __name__ == "__main__":
