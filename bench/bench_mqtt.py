@@ -382,6 +382,11 @@ def measure(
             return f"exited with {proc.returncode}:\n{log.read_text()[-1500:]}"
     finally:
         forget_session(port, client_id)
+        if name.startswith("amgi"):  # and the session our server keeps dead letters in
+            from amgi.servers.mqtt import MqttOptions
+            from amgi.servers.mqtt._dead_letters import dead_letter_client_id
+
+            forget_session(port, dead_letter_client_id(MqttOptions().dead_letter_prefix, topic))
     first_wall, first_cpu = _read_stamp(first_file)
     done_wall, done_cpu = _read_stamp(done_file)
     return {

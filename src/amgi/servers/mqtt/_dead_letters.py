@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from amgi.servers.mqtt._codec import Publish
 
-__all__ = ["DeadLetterSession", "DeadLetters", "dead_letter_filter"]
+__all__ = ["DeadLetterSession", "DeadLetters", "dead_letter_client_id", "dead_letter_filter"]
 
 _NEVER = 0xFFFFFFFF
 """MQTT 5 session expiry interval of a session that never expires."""
@@ -49,6 +49,12 @@ _MOST = 65535
 """The largest Receive Maximum: what one listing can show at most."""
 _REPLAY_CHUNK = 100
 _NO_REASON = "(not recorded: MQTT 3.1.1 carries no user properties)"
+
+
+def dead_letter_client_id(prefix: str, address: str) -> str:
+    """The client id of the session keeping the dead letters of consumed filter ``address``."""
+    digest = hashlib.sha256(dead_letter_filter(prefix, address).encode()).hexdigest()[:20]
+    return f"amgi-dl-{digest}"
 
 
 def dead_letter_filter(prefix: str, address: str) -> str:
@@ -71,11 +77,10 @@ class DeadLetterSession(MqttClient):
     ) -> None:
         self.address = address
         dead = dead_letter_filter(options.dead_letter_prefix, address)
-        digest = hashlib.sha256(dead.encode()).hexdigest()[:20]
         self.addresses = [dead]
         self.config = replace(
             options,
-            client_id=f"amgi-dl-{digest}",
+            client_id=dead_letter_client_id(options.dead_letter_prefix, address),
             qos=1,
             session_expiry=_NEVER,
             receive_maximum=receive_maximum,
