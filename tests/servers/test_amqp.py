@@ -328,11 +328,16 @@ async def test_bad_options_are_configuration_errors(field: str, value: Any) -> N
 class Recorder:
     """A raw AMGI app that acks everything (or nacks what ``poison`` says) and records it."""
 
-    def __init__(self, poison: bytes | None = None, pause: float = 0.0) -> None:
+    def __init__(
+        self, poison: bytes | None = None, pause: float = 0.0, hold_after: int | None = None
+    ) -> None:
         self.seen: list[bytes] = []
         self.attempts: list[int] = []
         self.poison = poison
         self.pause = pause
+        self.hold_after = hold_after
+        """Once this many messages were seen, settle nothing until ``release`` is set."""
+        self.release = asyncio.Event()
         self.changed = asyncio.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -343,6 +348,9 @@ class Recorder:
             payload = event.get("payload") or b""
             self.seen.append(payload)
             self.attempts.append(event["bindings"]["amgi"]["attempt"])
+            if self.hold_after is not None and len(self.seen) >= self.hold_after:
+                self.changed.set()
+                await self.release.wait()
             if payload == self.poison:
                 await send({"type": "message.nack", "id": event["id"], "message": "poisoned"})
             else:
@@ -499,7 +507,9 @@ async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
     every other test using it meanwhile."""
     total = 200
     queue = new_queue()
-    app = Recorder(pause=0.05)
+    # Holds after 40 messages until the broker was restarted: the stream cannot end before
+    # the stop lands (rabbitmqctl takes seconds on a loaded machine).
+    app = Recorder(pause=0.05, hold_after=40)
     with private_rabbitmq(tmp_path / "rabbitmq") as broker:
         sender = AmqpTransport([queue], AmqpOptions(url=broker.url))  # declares the queue
         await sender.connect()
@@ -522,6 +532,7 @@ async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
                 assert port_open(5672), "the shared broker stopped too"
             finally:
                 await asyncio.to_thread(broker.ctl, "start_app")
+                app.release.set()
             expected = {b"%d" % i for i in range(total)}
             await app.wait(lambda: expected <= set(app.seen), timeout=60)
             assert transport._generation >= 2, "the transport never reconnected"
