@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tests.servers.mosquitto.broker import mosquitto
+
+__all__ = ["amqp_queue", "mosquitto"]
+
 
 @pytest.fixture
 async def amqp_queue() -> AsyncIterator[Callable[[], str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,14 +23,6 @@ from tests.servers.mosquitto.broker import Mosquitto
 pytestmark = pytest.mark.timeout(120)
 
 Protocol = Literal["5", "3.1.1"]
-
-
-@pytest.fixture(scope="module")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def topic() -> str:
