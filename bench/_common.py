@@ -1,10 +1,8 @@
-"""Pieces every benchmark shares: the raw ack-everything app, a drain timer, a child's stop."""
+"""Pieces every benchmark shares: the raw ack-everything app and a drain timer."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import time
 from typing import Any
 
@@ -74,13 +72,3 @@ async def drain(
     await task
     first = (timer.first or started) - started
     return elapsed, first
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM a contender's process and reap it; SIGKILL it after 30 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import stop
+from _proc import cpu_seconds, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench-http"
@@ -132,12 +132,6 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 2
             time.sleep(0.05)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process ``pid`` used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     wrk: str, argv: list[str], port: int, seconds: float, connections: int
 ) -> tuple[float, float]:
@@ -155,11 +149,11 @@ def measure(
             url = f"http://127.0.0.1:{port}/"
             load = ["taskset", "-c", LOAD_CPU, wrk, "-t1", f"-c{connections}", "-s", str(script)]
             subprocess.run([*load, "-d1s", url], check=True, capture_output=True)
-            cpu = _cpu_seconds(server.pid)
+            cpu = cpu_seconds(server.pid)
             done = subprocess.run(
                 [*load, f"-d{seconds:g}s", url], check=True, capture_output=True, text=True
             )
-            cpu = _cpu_seconds(server.pid) - cpu
+            cpu = cpu_seconds(server.pid) - cpu
         finally:
             stop(server)
             log.close()

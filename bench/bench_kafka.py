@@ -54,6 +54,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from _proc import cpu_seconds, stat_seconds, stop
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench"
 UPSTREAM = "0.51.0"
@@ -459,12 +461,6 @@ def _committed(watcher: Any, partitions: list[Any]) -> dict[int, int]:
         return {}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and all its threads so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 THREAD_KINDS = ("main", "other", "librdkafka")
 """How :func:`_thread_cpu` sorts a contender's threads: the main thread (the one running
 Python's event loop or loop), its other threads (Python ones, e.g. our consumer thread,
@@ -475,21 +471,19 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of process ``pid`` so far, by :data:`THREAD_KINDS` (threads that
     ended are not counted: none end during a drain)."""
     seconds = dict.fromkeys(THREAD_KINDS, 0.0)
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             raw = (task / "stat").read_text()
         except OSError:
             continue  # ended meanwhile
         name = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw.rsplit(")", 1)[1].split()
         if int(task.name) == pid:
             kind = "main"
         elif name.startswith("rdk:"):
             kind = "librdkafka"
         else:
             kind = "other"
-        seconds[kind] += (int(fields[11]) + int(fields[12])) / tick
+        seconds[kind] += stat_seconds(raw)
     return seconds
 
 
@@ -508,8 +502,6 @@ def measure(
     partition's end, stop it; ``None`` (and the reason on stderr) when it did not get there."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from _common import stop  # the driver's venv only: _common imports amgi
-
     watcher = Consumer(
         {"bootstrap.servers": args.bootstrap, "group.id": group, "enable.auto.commit": False}
     )
@@ -525,12 +517,12 @@ def measure(
         try:
             while time.monotonic() < deadline and proc.poll() is None:
                 if cpu_first is None and first_file.exists():
-                    cpu_first = _cpu_seconds(proc.pid)
+                    cpu_first = cpu_seconds(proc.pid)
                     threads_first = _thread_cpu(proc.pid)
                 committed = _committed(watcher, partitions)
                 if committed and all(committed.get(p, -1) >= e for p, e in ends.items()):
                     end = time.time()
-                    cpu_end = _cpu_seconds(proc.pid)
+                    cpu_end = cpu_seconds(proc.pid)
                     threads_end = _thread_cpu(proc.pid)
                     break
                 time.sleep(WATCH_EVERY)

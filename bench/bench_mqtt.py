@@ -57,6 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _proc import stop
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench"
 BENCH_PACKAGES = ["faststream[mqtt]", "gmqtt", "aiomqtt", "paho-mqtt>=2.1"]
@@ -357,8 +359,6 @@ def measure(
 ) -> dict[str, float] | str:
     """Queue ``n`` messages for a fresh session and time contender ``name`` draining them;
     the reason instead when it did not (``"stalled"`` when it ran out of time)."""
-    from _common import stop  # the driver's venv only: _common imports amgi
-
     topic = f"bench/{uuid.uuid4().hex}"
     client_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     prime(port, topic, client_id, n)
