@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -117,16 +117,8 @@ def _chunks(items: list[Any]) -> list[list[Any]]:
     return [items[i : i + _MAX_BATCH] for i in range(0, len(items), _MAX_BATCH)]
 
 
-def _log_failed(
-    response: Mapping[str, Any],
-    action: str,
-    queue: _Queue,
-    expected: Callable[[int], bool] | None = None,
-) -> None:
-    """Warn of the entries SQS refused, less those ``expected`` (given an entry's index)."""
-    failed = response.get("Failed") or []
-    if expected is not None:
-        failed = [f for f in failed if not expected(int(f.get("Id", -1)))]
+def _log_failed(failed: list[Mapping[str, Any]], action: str, queue: _Queue) -> None:
+    """Warn of the entries of a batch call that SQS refused (its ``Failed`` list)."""
     if failed:
         first = failed[0]
         logger.warning(
@@ -347,7 +339,7 @@ class SqsClient:
                 QueueUrl=queue.url,
                 Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)],
             )
-            _log_failed(response, "delete", queue)
+            _log_failed(response.get("Failed") or [], "delete", queue)
 
         await asyncio.gather(*(one(c) for c in _chunks(handles)))
 
@@ -372,13 +364,10 @@ class SqsClient:
                     for i, (handle, delay) in enumerate(chunk)
                 ],
             )
-            settled = None
-            if lease:
-
-                def settled(i: int) -> bool:
-                    return not 0 <= i < len(chunk) or chunk[i][0] not in self._held
-
-            _log_failed(response, "change the visibility of", queue, settled)
+            failed = response.get("Failed") or []
+            if lease:  # a message settled since the call left is refused, as expected
+                failed = [f for f in failed if chunk[int(f["Id"])][0] in self._held]
+            _log_failed(failed, "change the visibility of", queue)
 
         await asyncio.gather(*(one(c) for c in _chunks(entries)))
 
