@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -45,7 +46,10 @@ async def dead_letter(
         )
     finally:
         await admin.close()
-    await dead_letter_all(SqsTransport([queue], options()), n, max_attempts=attempts, retry_delay=0)
+    # One receive at a time: moto hands a message to two receives in flight at once now and
+    # then (it marks messages received without its lock), which dead-letters it twice.
+    dead_lettering = SqsTransport([queue], replace(options(), receivers=1))
+    await dead_letter_all(dead_lettering, n, max_attempts=attempts, retry_delay=0)
     # The runtime counts a dead letter when it settles the batch, also when moving it
     # failed (it then waits in the queue, hidden): check where every message is.
     assert await depths(queue) == (0, 0), "not every message left the queue"
