@@ -1,13 +1,13 @@
-"""Helpers for the HTTP push tests: uvicorn serving an ASGI app, a recording AMGI app,
-events built with the official CloudEvents SDK."""
+"""Helpers for the HTTP push tests: uvicorn serving an ASGI app, the server's own listener,
+a recording AMGI app, events built with the official CloudEvents SDK."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -15,7 +15,13 @@ from cloudevents.core.bindings.http import to_binary, to_structured
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from amgi.http import PushApp
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.http import HttpOptions, HttpTransport
+from amgi.types import AMGIApplication, AMGIReceiveCallable, AMGISendCallable, Scope
+
+WAYS = ["asgi", "own"]
+"""How a test serves the app: ``PushApp`` under uvicorn, or the server's own listener."""
 
 
 def cloud_event(type_: str, data: Any = None, **attributes: Any) -> CloudEvent:
@@ -119,3 +125,50 @@ async def uvicorn_serving(app: Any, **options: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
         sock.close()
+
+
+@dataclass
+class Served:
+    """An app being served: its base URL, its transport, and its graceful stop."""
+
+    url: str
+    transport: HttpTransport
+    stop: Callable[[], Awaitable[int]]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    way: str,
+    app: AMGIApplication,
+    options: HttpOptions | None = None,
+    *,
+    config: RuntimeConfig,
+    addresses: Sequence[str] = (),
+) -> AsyncIterator[Served]:
+    """Serve ``app`` the ``way`` given (see :data:`WAYS`) on a free loopback port."""
+    if way == "asgi":
+        push = PushApp(app, options, config=config, addresses=addresses)
+        async with uvicorn_serving(push, lifespan="off") as url:
+            try:
+                yield Served(url, push.transport, push.shutdown)
+            finally:
+                await push.shutdown()
+        return
+    transport = HttpTransport(addresses, replace(options or HttpOptions(), port=0))
+    runtime = Runtime(app, transport, config)
+    task = asyncio.create_task(runtime.serve())
+
+    async def stop() -> int:
+        runtime.request_stop()
+        return await asyncio.wait_for(task, 30)
+
+    try:
+        async with asyncio.timeout(10):
+            while transport.port is None:
+                if task.done():
+                    raise AssertionError(f"the runtime ended at startup: {task.result()}")
+                await asyncio.sleep(0.01)
+        yield Served(f"http://127.0.0.1:{transport.port}", transport, stop)
+    finally:
+        if not task.done():
+            await stop()

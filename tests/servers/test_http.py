@@ -28,10 +28,12 @@ from amgi.runtime.routing import Router
 from amgi.servers.http import HttpOptions, HttpSendError, HttpTransport
 from tests.net import self_signed
 from tests.servers.http_helpers import (
+    WAYS,
     Recorder,
     batched,
     binary,
     cloud_event,
+    serving,
     structured,
     uvicorn_serving,
 )
@@ -41,6 +43,12 @@ pytestmark = pytest.mark.timeout(60)
 FAST = RuntimeConfig(shutdown_timeout=5.0)
 
 
+@pytest.fixture(params=WAYS)
+def way(request: pytest.FixtureRequest) -> str:
+    """Each test of this kind runs under uvicorn (``PushApp``) and on the own listener."""
+    return str(request.param)
+
+
 def _ce_headers(received: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     return list(received["headers"])
 
@@ -48,9 +56,8 @@ def _ce_headers(received: dict[str, Any]) -> list[tuple[bytes, bytes]]:
 # -- content modes ---------------------------------------------------------------------------------
 
 
-async def test_binary_mode_headers_are_the_attributes_byte_for_byte() -> None:
+async def test_binary_mode_headers_are_the_attributes_byte_for_byte(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
     event = cloud_event(
         "orders.created",
         {"id": 7},
@@ -59,8 +66,8 @@ async def test_binary_mode_headers_are_the_attributes_byte_for_byte() -> None:
         tenant="zürich 100%",  # an extension the SDK percent-encodes
     )
     headers, body = binary(event)
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        answer = await client.post(url + "/", headers=headers, content=body)
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", headers=headers, content=body)
     assert answer.status_code == 204
     (message,) = app.received
     assert app.scopes[0]["address"] == "orders.created"
@@ -75,17 +82,16 @@ async def test_binary_mode_headers_are_the_attributes_byte_for_byte() -> None:
     assert json.loads(message["payload"]) == {"id": 7}
 
 
-async def test_structured_mode_maps_attributes_and_data() -> None:
+async def test_structured_mode_maps_attributes_and_data(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
     json_event = cloud_event("orders.created", {"id": 8, "name": "ä"}, subject="s", count=3)
     bytes_event = cloud_event(
         "orders.created", b"\x00\x01raw", datacontenttype="application/octet-stream"
     )
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
         for event in (json_event, bytes_event):
             headers, body = structured(event)
-            answer = await client.post(url + "/", headers=headers, content=body)
+            answer = await client.post(served.url + "/", headers=headers, content=body)
             assert answer.status_code == 204, answer.text
     first, second = app.received
     doc = json.loads(structured(json_event)[1])
@@ -101,13 +107,12 @@ async def test_structured_mode_maps_attributes_and_data() -> None:
     assert (b"content-type", b"application/octet-stream") in second["headers"]
 
 
-async def test_batched_mode_is_one_app_call_per_address() -> None:
+async def test_batched_mode_is_one_app_call_per_address(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
     events = [cloud_event("orders", {"n": i}) for i in range(3)] + [cloud_event("refunds", 1)]
     headers, body = batched(*events)
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        answer = await client.post(url + "/", headers=headers, content=body)
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", headers=headers, content=body)
     assert answer.status_code == 204
     assert sorted(s["address"] for s in app.scopes) == ["orders", "refunds"]
     orders = [m for m in app.received if json.loads(m["payload"]) != 1]
@@ -115,20 +120,18 @@ async def test_batched_mode_is_one_app_call_per_address() -> None:
     assert [m["more_messages"] for m in orders] == [True, True, False]
 
 
-async def test_a_batch_with_one_nack_is_answered_as_a_retry() -> None:
+async def test_a_batch_with_one_nack_is_answered_as_a_retry(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
     headers, body = batched(cloud_event("orders", "ok"), cloud_event("orders", "nack me"))
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        answer = await client.post(url + "/", headers=headers, content=body)
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", headers=headers, content=body)
     assert answer.status_code == 500
     assert "told to" in answer.text
     assert len(app.received) == 2
 
 
-async def test_pubsub_push_envelope() -> None:
+async def test_pubsub_push_envelope(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
     envelope = {
         "message": {
             "attributes": {"kind": "invoice", "région": "eu"},
@@ -140,8 +143,8 @@ async def test_pubsub_push_envelope() -> None:
         "subscription": "projects/demo/subscriptions/billing-push",
         "deliveryAttempt": 2,
     }
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        answer = await client.post(url + "/", json=envelope)
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", json=envelope)
     assert answer.status_code == 204
     (message,) = app.received
     assert app.scopes[0]["address"] == "billing-push"
@@ -159,32 +162,35 @@ async def test_pubsub_push_envelope() -> None:
 # -- settlement, retries, batching -----------------------------------------------------------------
 
 
-async def test_nack_answers_5xx_and_the_retried_request_is_processed() -> None:
+async def test_nack_answers_5xx_and_the_retried_request_is_processed(way: str) -> None:
     headers, body = binary(cloud_event("orders", "first try fails"))
     app = Recorder(nack_once={body})
-    push = PushApp(app, config=FAST)
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        first = await client.post(url + "/", headers=headers, content=body)
-        again = await client.post(url + "/", headers=headers, content=body)  # the sender retries
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        first = await client.post(served.url + "/", headers=headers, content=body)
+        again = await client.post(
+            served.url + "/", headers=headers, content=body
+        )  # the sender retries
     assert first.status_code == 500
     assert first.text == "nacked: told to\n"
     assert again.status_code == 204
     assert [m["payload"] for m in app.received] == [body, body]
 
 
-async def test_concurrent_requests_are_batched_in_the_runtime() -> None:
+async def test_concurrent_requests_are_batched_in_the_runtime(way: str) -> None:
     gate = asyncio.Event()
     app = Recorder(gate=gate)
-    push = PushApp(app, config=RuntimeConfig(concurrency=1, shutdown_timeout=5.0))
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
+    async with (
+        serving(way, app, config=RuntimeConfig(concurrency=1, shutdown_timeout=5.0)) as served,
+        httpx.AsyncClient() as client,
+    ):
         headers, body = binary(cloud_event("orders", 0))
-        first = asyncio.create_task(client.post(url + "/", headers=headers, content=body))
+        first = asyncio.create_task(client.post(served.url + "/", headers=headers, content=body))
         await asyncio.wait_for(app.entered.wait(), 10)
         rest = [
-            asyncio.create_task(client.post(url + "/", headers=h, content=b))
+            asyncio.create_task(client.post(served.url + "/", headers=h, content=b))
             for h, b in (binary(cloud_event("orders", i)) for i in range(1, 11))
         ]
-        while push.transport.inbox.waiting < 10:  # every request queued
+        while served.transport.inbox.waiting < 10:  # every request queued
             await asyncio.sleep(0.01)
         gate.set()
         answers = await asyncio.gather(first, *rest)
@@ -193,21 +199,23 @@ async def test_concurrent_requests_are_batched_in_the_runtime() -> None:
     assert len(app.received) == 11
 
 
-async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503() -> None:
+async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503(way: str) -> None:
     gate = asyncio.Event()
     app = Recorder(gate=gate)
-    push = PushApp(app, config=RuntimeConfig(concurrency=1, shutdown_timeout=10.0))
-    async with uvicorn_serving(push, lifespan="off") as url, httpx.AsyncClient() as client:
+    async with (
+        serving(way, app, config=RuntimeConfig(concurrency=1, shutdown_timeout=10.0)) as served,
+        httpx.AsyncClient() as client,
+    ):
         h1, b1 = binary(cloud_event("orders", "in flight"))
         h2, b2 = binary(cloud_event("orders", "queued"))
-        in_flight = asyncio.create_task(client.post(url + "/", headers=h1, content=b1))
+        in_flight = asyncio.create_task(client.post(served.url + "/", headers=h1, content=b1))
         await asyncio.wait_for(app.entered.wait(), 10)
-        queued = asyncio.create_task(client.post(url + "/", headers=h2, content=b2))
-        while not push.transport.inbox.waiting:
+        queued = asyncio.create_task(client.post(served.url + "/", headers=h2, content=b2))
+        while not served.transport.inbox.waiting:
             await asyncio.sleep(0.01)
-        stopping = asyncio.create_task(push.shutdown())
+        stopping = asyncio.create_task(served.stop())
         assert (await queued).status_code == 503  # not taken by the app: the sender keeps it
-        late = await client.post(url + "/", headers=h2, content=b2)
+        late = await client.post(served.url + "/", headers=h2, content=b2)
         assert late.status_code == 503
         assert not in_flight.done()
         gate.set()
@@ -282,43 +290,46 @@ async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503() -
     ],
 )
 async def test_malformed_events_and_wrong_content_types_never_reach_the_app(
-    headers: dict[str, str], body: bytes, status: int, says: str
+    headers: dict[str, str], body: bytes, status: int, says: str, way: str
 ) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        answer = await client.post(url + "/", headers=headers, content=body)
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", headers=headers, content=body)
     assert answer.status_code == status
     assert says in answer.text
     assert app.received == []
 
 
-async def test_oversize_bodies_get_413_declared_or_streamed() -> None:
+async def test_oversize_bodies_get_413_declared_or_streamed(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, HttpOptions(max_body=100), config=FAST)
     headers, _ = binary(cloud_event("orders"))
 
     async def chunks() -> Any:
         for _ in range(10):
             yield b"x" * 50
 
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        declared = await client.post(url + "/", headers=headers, content=b"x" * 101)
-        streamed = await client.post(url + "/", headers=headers, content=chunks())
-        fits = await client.post(url + "/", headers=headers, content=b"x" * 100)
+    async with (
+        serving(way, app, HttpOptions(max_body=100), config=FAST) as served,
+        httpx.AsyncClient() as client,
+    ):
+        declared = await client.post(served.url + "/", headers=headers, content=b"x" * 101)
+        streamed = await client.post(served.url + "/", headers=headers, content=chunks())
+        fits = await client.post(served.url + "/", headers=headers, content=b"x" * 100)
     assert declared.status_code == 413
     assert streamed.status_code == 413
     assert fits.status_code == 204
     assert len(app.received) == 1
 
 
-async def test_wrong_method_and_unserved_address() -> None:
+async def test_wrong_method_and_unserved_address(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST, addresses=["orders"])
     headers, body = binary(cloud_event("refunds"))
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        get = await client.get(url + "/")
-        unserved = await client.post(url + "/", headers=headers, content=body)
+    async with (
+        serving(way, app, config=FAST, addresses=["orders"]) as served,
+        httpx.AsyncClient() as client,
+    ):
+        get = await client.get(served.url + "/")
+        unserved = await client.post(served.url + "/", headers=headers, content=body)
     assert get.status_code == 405
     assert get.headers["allow"] == "POST"
     assert unserved.status_code == 404
@@ -355,23 +366,31 @@ async def test_mounted_without_lifespan_starts_on_the_first_request() -> None:
 # -- who may push ----------------------------------------------------------------------------------
 
 
-async def test_bearer_token_refuses_missing_and_wrong_tokens() -> None:
+async def test_bearer_token_refuses_missing_and_wrong_tokens(way: str) -> None:
     app = Recorder()
-    push = PushApp(app, HttpOptions(token="s3cret-token"), config=FAST)
     headers, body = binary(cloud_event("orders", "x"))
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        missing = await client.post(url + "/", headers=headers, content=body)
+    async with (
+        serving(way, app, HttpOptions(token="s3cret-token"), config=FAST) as served,
+        httpx.AsyncClient() as client,
+    ):
+        missing = await client.post(served.url + "/", headers=headers, content=body)
         wrong = await client.post(
-            url + "/", headers={**headers, "authorization": "Bearer nope"}, content=body
+            served.url + "/", headers={**headers, "authorization": "Bearer nope"}, content=body
         )
         good = await client.post(
-            url + "/", headers={**headers, "authorization": "Bearer s3cret-token"}, content=body
+            served.url + "/",
+            headers={**headers, "authorization": "Bearer s3cret-token"},
+            content=body,
         )
         basic = await client.post(
-            url + "/", headers={**headers, "authorization": "Basic s3cret-token"}, content=body
+            served.url + "/",
+            headers={**headers, "authorization": "Basic s3cret-token"},
+            content=body,
         )
         lower = await client.post(
-            url + "/", headers={**headers, "authorization": "bearer s3cret-token"}, content=body
+            served.url + "/",
+            headers={**headers, "authorization": "bearer s3cret-token"},
+            content=body,
         )
     statuses = [a.status_code for a in (missing, wrong, good, basic, lower)]
     assert statuses == [401, 403, 204, 401, 204]
@@ -380,29 +399,30 @@ async def test_bearer_token_refuses_missing_and_wrong_tokens() -> None:
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
-async def test_hmac_signature_of_the_body(algorithm: str) -> None:
+async def test_hmac_signature_of_the_body(algorithm: str, way: str) -> None:
     app = Recorder()
     options = HttpOptions(
         hmac_secret="k3y", hmac_header="X-Hub-Signature", hmac_algorithm=algorithm
     )
-    push = PushApp(app, options, config=FAST)
     headers, body = binary(cloud_event("orders", "signed"))
     digest = hmac.new(b"k3y", body, getattr(hashlib, algorithm)).hexdigest()
-    async with uvicorn_serving(push) as url, httpx.AsyncClient() as client:
-        missing = await client.post(url + "/", headers=headers, content=body)
+    async with serving(way, app, options, config=FAST) as served, httpx.AsyncClient() as client:
+        missing = await client.post(served.url + "/", headers=headers, content=body)
         bad = await client.post(
-            url + "/", headers={**headers, "x-hub-signature": "0" * len(digest)}, content=body
+            served.url + "/",
+            headers={**headers, "x-hub-signature": "0" * len(digest)},
+            content=body,
         )
         tampered = await client.post(
-            url + "/", headers={**headers, "x-hub-signature": digest}, content=body + b" "
+            served.url + "/", headers={**headers, "x-hub-signature": digest}, content=body + b" "
         )
         good = await client.post(
-            url + "/",
+            served.url + "/",
             headers={**headers, "x-hub-signature": f"{algorithm}={digest}"},
             content=body,
         )
         plain = await client.post(
-            url + "/", headers={**headers, "x-hub-signature": digest}, content=body
+            served.url + "/", headers={**headers, "x-hub-signature": digest}, content=body
         )
     statuses = [a.status_code for a in (missing, bad, tampered, good, plain)]
     assert statuses == [401, 403, 403, 204, 204]
@@ -615,13 +635,14 @@ async def test_the_sender_gives_up_after_send_timeout() -> None:
 
 
 @pytest.mark.parametrize("parts", [1, 2])
-async def test_a_client_gone_before_its_body_ends_never_reaches_the_app(parts: int) -> None:
+async def test_a_client_gone_before_its_body_ends_never_reaches_the_app(
+    parts: int, way: str
+) -> None:
     app = Recorder()
-    push = PushApp(app, config=FAST)
     headers, _ = binary(cloud_event("orders"))
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    async with uvicorn_serving(push) as url:
-        port = int(url.rsplit(":", 1)[1])
+    async with serving(way, app, config=FAST) as served:
+        port = int(served.url.rsplit(":", 1)[1])
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"POST / HTTP/1.1\r\nhost: x\r\n{head}content-length: 100\r\n\r\n".encode())
         for _ in range(parts):
@@ -632,7 +653,7 @@ async def test_a_client_gone_before_its_body_ends_never_reaches_the_app(parts: i
         await writer.wait_closed()
         headers, body = binary(cloud_event("orders", "next"))
         async with httpx.AsyncClient() as client:  # the server still serves the next one
-            answer = await client.post(url + "/", headers=headers, content=body)
+            answer = await client.post(served.url + "/", headers=headers, content=body)
     assert answer.status_code == 204
     assert [m["payload"] for m in app.received] == [body]
 

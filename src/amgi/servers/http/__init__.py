@@ -1,4 +1,4 @@
-"""AMGI over HTTP push: CloudEvents 1.0 and Google Pub/Sub push requests (uvicorn).
+"""AMGI over HTTP push: CloudEvents 1.0 and Google Pub/Sub push requests.
 
 How AMGI maps onto HTTP push (see docs/servers/http.md for every header, byte by byte):
 
@@ -39,14 +39,14 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.options import check, invalid, option
 from amgi.servers.http._auth import RequestCheck
 from amgi.servers.http._front import Front
 from amgi.servers.http._inbox import Inbox
-from amgi.servers.http._listener import Listener
+from amgi.servers.http._listener import Listener, server_tls
 from amgi.servers.http._sender import CloudEventSender, HttpSendError
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
@@ -91,6 +91,8 @@ class HttpOptions:
     ssl_keyfile: str | None = option(None, "TLS private key (PEM)")
     ssl_ca_certs: str | None = option(None, "CA bundle: require client certificates it signed")
     close_timeout: float = option(30.0, "seconds open connections get to close at shutdown", ge=0)
+    keep_alive: float = option(5.0, "seconds an idle connection stays open", gt=0)
+    read_timeout: float = option(30.0, "seconds a request may pause before its end (408)", gt=0)
     send_url: str | None = option(
         None, "URL message.send POSTs CloudEvents to ({address} ok)", secret=True
     )
@@ -117,7 +119,7 @@ class HttpTransport(Transport):
     name = "http"
     options = HttpOptions
     send_error = HttpSendError
-    requires = ("uvicorn", "httptools")
+    requires = ("httptools",)
     extra = "http"
     single_process_reason = "it listens on one --port itself"
     addresses_optional: ClassVar[bool] = True
@@ -163,20 +165,17 @@ class HttpTransport(Transport):
         if not self._listen or self._listener is not None:
             return
         o = self.config
-        tls: dict[str, Any] = {}
+        tls = None
         if o.ssl_certfile:
-            tls = {"ssl_certfile": o.ssl_certfile, "ssl_keyfile": o.ssl_keyfile}
-            if o.ssl_ca_certs:
-                import ssl
-
-                tls |= {"ssl_ca_certs": o.ssl_ca_certs, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+            tls = server_tls(o.ssl_certfile, o.ssl_keyfile, o.ssl_ca_certs)
         listener = Listener(
             self.front,
             o.host,
             o.port,
-            access_log=False,
-            timeout_graceful_shutdown=o.close_timeout,
-            **tls,
+            tls=tls,
+            keep_alive=o.keep_alive,
+            read_timeout=o.read_timeout,
+            close_timeout=o.close_timeout,
         )
         await listener.start()
         self._listener = listener

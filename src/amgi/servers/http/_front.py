@@ -10,8 +10,9 @@ otherwise, 503 when the server shut down before the app took them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 from amgi.servers.http._auth import Refused, RequestCheck
 from amgi.servers.http._events import (
@@ -25,9 +26,17 @@ from amgi.servers.http._events import (
     structured_batch,
     structured_event,
 )
-from amgi.servers.http._inbox import Inbox, Item
+from amgi.servers.http._inbox import Inbox, Item, Reply
 
-__all__ = ["Answer", "Front"]
+__all__ = [
+    "METHOD_NOT_ALLOWED",
+    "UNAVAILABLE",
+    "Answer",
+    "Front",
+    "Head",
+    "over_limit",
+    "text_answer",
+]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -45,13 +54,28 @@ _KNOWN_MOST = 1024
 """The most address header values a front remembers (each names a served address)."""
 
 
-def _text(status: int, reason: str, *extra: tuple[bytes, bytes]) -> Answer:
+def text_answer(status: int, reason: str, *extra: tuple[bytes, bytes]) -> Answer:
+    """An answer of ``status`` with ``reason`` as its plain-text body."""
     body = reason.encode("utf-8", "replace") + b"\n"
     return status, body, [*_TEXT, (b"content-length", str(len(body)).encode()), *extra]
 
 
-_METHOD = _text(405, "only POST is accepted", (b"allow", b"POST"))
-_UNAVAILABLE = _text(503, "shutting down: send again later")
+METHOD_NOT_ALLOWED = text_answer(405, "only POST is accepted", (b"allow", b"POST"))
+UNAVAILABLE = text_answer(503, "shutting down: send again later")
+
+
+class Head:
+    """What a request's headers leave for its body: the ``ce-`` headers and Content-Type
+    (in order), the content type, the signature to check the body against."""
+
+    __slots__ = ("content_type", "kept", "signature")
+
+    def __init__(
+        self, kept: list[tuple[bytes, bytes]], content_type: bytes, signature: Any
+    ) -> None:
+        self.kept = kept
+        self.content_type = content_type
+        self.signature = signature
 
 
 class Front:
@@ -81,6 +105,8 @@ class Front:
         self._limit_digits = len(str(max_body))
         self._known: dict[bytes, str] = {}
         """Address header values of valid binary events -> the served address they name."""
+        self.needs_path = "path" in (address_from, pubsub_address_from)
+        """Whether :meth:`complete` reads the request path (an address may come from it)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one HTTP request (the app runs meanwhile, through the inbox).
@@ -91,11 +117,41 @@ class Front:
         if scope["type"] != "http":
             return
         if scope["method"] != "POST":
-            return await _respond(send, _METHOD)
-        inbox = self.inbox
-        if inbox.closed:
-            return await _respond(send, _UNAVAILABLE)
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
+            return await _respond(send, METHOD_NOT_ALLOWED)
+        head = self.head(scope["headers"])
+        if not isinstance(head, Head):
+            return await _respond(send, head)
+        event = await receive()
+        if event["type"] != "http.request":
+            return  # the client went away before its body arrived: nobody to answer
+        body: bytes = event.get("body", b"")
+        limit = self.max_body
+        if event.get("more_body", False):
+            try:
+                whole = await self._rest(receive, body, limit)
+            except _Gone:
+                return
+            if whole is None:
+                return await _respond(send, over_limit(limit))
+            body = whole
+        elif len(body) > limit:
+            return await _respond(send, over_limit(limit))
+        path = _scope_path(scope) if self.needs_path else ""
+        outcome = self.complete(head, body, path)
+        if isinstance(outcome, tuple):
+            return await _respond(send, outcome)
+        reasons = await cast("asyncio.Future[list[str] | None]", outcome)
+        if reasons is not None and not reasons:  # the hot path: all acked, two constant events
+            await send(_ACKED_START)
+            await send(_EMPTY_BODY)
+        else:
+            await _respond(send, self.settled(reasons))
+
+    def head(self, headers: list[tuple[bytes, bytes]]) -> Head | Answer:
+        """What a POST's headers decide before its body is read: a refusal (shutdown
+        503, bearer token 401/403, declared size 413) or what the body needs."""
+        if self.inbox.closed:
+            return UNAVAILABLE
         kept: list[tuple[bytes, bytes]] = []  # ce- headers and Content-Type, in order
         content_type = b""
         declared = None
@@ -114,36 +170,35 @@ class Front:
             try:
                 signature = check.headers(headers)
             except Refused as exc:
-                return await _respond(send, _text(exc.status, exc.reason))
-        limit = self.max_body
+                return text_answer(exc.status, exc.reason)
         # a malformed Content-Length is the HTTP server's to refuse; here it only
         # allows refusing a body over the limit before reading it (a value shorter than
         # the limit's digits is under it, and needs no parsing)
         if declared is not None and len(declared) >= self._limit_digits and declared.isdigit():
             length = int(declared)
+            limit = self.max_body
             if length > limit:
-                return await _respond(
-                    send, _text(413, f"body of {length} bytes is over the limit of {limit}")
-                )
-        event = await receive()
-        if event["type"] != "http.request":
-            return  # the client went away before its body arrived: nobody to answer
-        body: bytes = event.get("body", b"")
-        if event.get("more_body", False):
-            try:
-                whole = await self._rest(receive, body, limit)
-            except _Gone:
-                return
-            if whole is None:
-                return await _respond(send, _text(413, f"body is over the limit of {limit} bytes"))
-            body = whole
-        elif len(body) > limit:
-            return await _respond(send, _text(413, f"body is over the limit of {limit} bytes"))
+                return text_answer(413, f"body of {length} bytes is over the limit of {limit}")
+        return Head(kept, content_type, signature)
+
+    def complete(
+        self, head: Head, body: bytes, path: str, reply: Reply | None = None
+    ) -> Answer | Reply:
+        """The request's messages handed to the inbox, answered through the returned
+        ``reply`` (``reply`` itself when given, else a new future) with the nack reasons
+        (``[]``: every message acked; ``None``: the server shut down first), or the
+        answer refusing the request (body signature 401/403, content mode 415, event
+        400, address 400/404). ``path`` (root path removed) is used when
+        :attr:`needs_path`."""
+        check = self.check
         if check.enabled:
             try:
-                check.body(signature, body)
+                check.body(head.signature, body)
             except Refused as exc:
-                return await _respond(send, _text(exc.status, exc.reason))
+                return text_answer(exc.status, exc.reason)
+        kept = head.kept
+        content_type = head.content_type
+        inbox = self.inbox
         attributes = dict(kept)
         get = attributes.get
         version = get(b"ce-specversion")
@@ -158,25 +213,24 @@ class Front:
                     or not (get(b"ce-id") and get(b"ce-source") and get(b"ce-type"))
                     or _PERCENT in b"".join(attributes.values())
                 ):
-                    address = self._binary_address(kept, attributes, scope)
-                future = inbox.submit_one(address, kept, body)
-            else:
-                future = inbox.submit(self._items(scope, content_type, binary, kept, body))
+                    address = self._binary_address(kept, attributes, path)
+                return inbox.submit_one(address, kept, body, reply=reply)
+            return inbox.submit(self._items(path, content_type, binary, kept, body), reply)
         except BadRequest as exc:
-            return await _respond(send, _text(400, str(exc)))
+            return text_answer(400, str(exc))
         except _Answered as exc:
-            return await _respond(send, exc.answer)
-        reasons = await future
-        if reasons:
-            await _respond(send, _text(self.nack_status, "nacked: " + "; ".join(reasons)))
-        elif reasons is None:
-            await _respond(send, _UNAVAILABLE)
-        else:  # the hot path: every message acked, two constant events
-            await send(_ACKED_START)
-            await send(_EMPTY_BODY)
+            return exc.answer
+
+    def settled(self, reasons: list[str] | None) -> Answer:
+        """The answer to a request whose messages were not all acked: ``nack_status``
+        with the reasons, or 503 (``None``: the server shut down before the app took
+        them)."""
+        if reasons is None:
+            return UNAVAILABLE
+        return text_answer(self.nack_status, "nacked: " + "; ".join(reasons))
 
     def _binary_address(
-        self, kept: list[tuple[bytes, bytes]], attributes: dict[bytes, bytes], scope: Scope
+        self, kept: list[tuple[bytes, bytes]], attributes: dict[bytes, bytes], path: str
     ) -> str:
         """The address of a binary event, checking the event (400 if invalid) and the
         address (404 if not served); an address header value that named a served address
@@ -188,7 +242,7 @@ class Front:
             if raw is not None and _PERCENT not in raw and len(self._known) < _KNOWN_MOST:
                 self._known[raw] = address
             return address
-        return self._address(address, scope, False)  # refuses, or the path
+        return self._address(address, path, False)  # refuses, or the path
 
     @staticmethod
     async def _rest(receive: Receive, body: bytes, limit: int) -> bytes | None:
@@ -213,7 +267,7 @@ class Front:
 
     def _items(
         self,
-        scope: Scope,
+        path: str,
         content_type: bytes,
         binary: bool,
         kept: list[tuple[bytes, bytes]],
@@ -236,7 +290,7 @@ class Front:
         else:
             shown = content_type.decode("latin-1") or "none"
             raise _Answered(
-                _text(
+                text_answer(
                     415,
                     f"Content-Type {shown} is not a CloudEvent or a Pub/Sub push "
                     "(binary mode needs ce-specversion; structured: "
@@ -244,29 +298,34 @@ class Front:
                     " Pub/Sub: application/json)",
                 )
             )
-        return [(self._address(p[0], scope, pubsub), *p[1:]) for p in parsed]
+        return [(self._address(p[0], path, pubsub), *p[1:]) for p in parsed]
 
-    def _address(self, address: str | None, scope: Scope, pubsub: bool) -> str:
+    def _address(self, address: str | None, path: str, pubsub: bool) -> str:
         """The address of a parsed message: from the event or the path; served here?"""
         if (self.pubsub_address_from if pubsub else self.address_from) == "path":
-            address = self._path_address(scope)
+            address = path.strip("/")
+            if not address:
+                raise BadRequest("the request path names no address")
         if not address:
             raise BadRequest("the event names no address")
         served = self.addresses
         if served and address not in served:
-            raise _Answered(_text(404, f"address {address!r} is not served here"))
+            raise _Answered(text_answer(404, f"address {address!r} is not served here"))
         return address
 
-    @staticmethod
-    def _path_address(scope: Scope) -> str:
-        path: str = scope["path"]
-        root: str = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        address = path.strip("/")
-        if not address:
-            raise BadRequest("the request path names no address")
-        return address
+
+def _scope_path(scope: Scope) -> str:
+    """The request path of an ASGI scope, less the root path it is mounted at."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path
+
+
+def over_limit(limit: int) -> Answer:
+    """413 for a body found over ``limit`` while reading it."""
+    return text_answer(413, f"body is over the limit of {limit} bytes")
 
 
 async def _respond(send: Send, answer: Answer) -> None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from typing import Protocol
 
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement
 
-__all__ = ["Inbox", "Item"]
+__all__ = ["Inbox", "Item", "Reply"]
 
 Item = tuple[str, HeaderList, "bytes | None", Bindings, int]
 """``(address, headers, payload, bindings, attempt)`` of one pushed message."""
@@ -27,10 +28,19 @@ _NONE: list[str] = []
 """The reasons of an acked single-message request (never modified)."""
 
 
+class Reply(Protocol):
+    """Where a request's outcome goes: an :class:`asyncio.Future`, or the listener's
+    answer slot (which writes the HTTP answer as soon as it is set)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: list[str] | None, /) -> None: ...
+
+
 class _Request:
     __slots__ = ("future", "left", "reasons")
 
-    def __init__(self, future: asyncio.Future[list[str] | None], left: int) -> None:
+    def __init__(self, future: Reply, left: int) -> None:
         self.future = future
         self.left = left
         self.reasons: list[str] = []
@@ -47,7 +57,7 @@ class Inbox:
         self._waiting: dict[str, list[Message]] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
-        self._create_future: Callable[[], asyncio.Future[list[str] | None]] | None = None
+        self._create_future: Callable[[], Reply] | None = None
         self.closed = False
         """Set at shutdown: no request is taken any more."""
 
@@ -73,12 +83,17 @@ class Inbox:
         payload: bytes | None,
         bindings: Bindings | None = None,
         attempt: int = 1,
-    ) -> asyncio.Future[list[str] | None]:
-        """Queue a request of one message (its future is the message's token)."""
-        create_future = self._create_future
-        if create_future is None:
-            create_future = self._create_future = asyncio.get_running_loop().create_future
-        future: asyncio.Future[list[str] | None] = create_future()
+        *,
+        reply: Reply | None = None,
+    ) -> Reply:
+        """Queue a request of one message; ``reply`` (default: a new future) is the
+        message's token and gets the outcome."""
+        future = reply
+        if future is None:
+            create_future = self._create_future
+            if create_future is None:
+                create_future = self._create_future = asyncio.get_running_loop().create_future
+            future = create_future()
         if self.closed:
             future.set_result(None)
             return future
@@ -96,11 +111,12 @@ class Inbox:
             waiter.set_result(None)
         return future
 
-    def submit(self, items: list[Item]) -> asyncio.Future[list[str] | None]:
-        """Queue one request's messages; the future resolves when all are settled."""
+    def submit(self, items: list[Item], reply: Reply | None = None) -> Reply:
+        """Queue one request's messages; ``reply`` (default: a new future) gets the
+        outcome when all are settled."""
         if len(items) == 1:
-            return self.submit_one(*items[0])
-        future: asyncio.Future[list[str] | None] = asyncio.get_running_loop().create_future()
+            return self.submit_one(*items[0], reply=reply)
+        future = reply if reply is not None else asyncio.get_running_loop().create_future()
         if self.closed:
             future.set_result(None)
             return future

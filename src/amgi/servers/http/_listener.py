@@ -1,8 +1,11 @@
-"""uvicorn inside the runtime's event loop: bind, serve the front, stop gracefully.
+"""The server's own HTTP/1.1 listener (``amgi run --server http``), in the runtime's loop.
 
-The socket is bound here (so a busy port is a one-line error, and port 0 works), and
-uvicorn's own signal handling is turned off: SIGINT/SIGTERM belong to the runtime,
-which stops fetching, finishes in-flight batches and then closes the listener.
+The socket is bound here (so a busy port is a one-line error, and port 0 works); each
+accepted connection is a :class:`~amgi.servers.http._connection.Connection`, parsing
+with httptools and answering through the front. A sweep once a second refreshes the
+``Date`` header and closes connections idle for ``keep_alive`` seconds (and, with 408,
+those silent mid-request for ``read_timeout``). Signals belong to the runtime, which
+stops fetching, finishes in-flight batches and then calls :meth:`Listener.stop`.
 """
 
 from __future__ import annotations
@@ -10,41 +13,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
-from collections.abc import Generator
-from typing import Any
+import ssl
+from email.utils import formatdate
 
 from amgi.errors import BrokerUnavailable
+from amgi.servers.http._connection import Connection
+from amgi.servers.http._front import Front
 
 __all__ = ["Listener"]
 
 logger = logging.getLogger("amgi.servers.http")
 
-_STARTED_POLL = 0.01
+_BACKLOG = 2048
 
 
 class Listener:
-    """One uvicorn server serving ``app`` on ``host``:``port`` until :meth:`stop`."""
+    """Serves ``front`` on ``host``:``port`` until :meth:`stop` (see the module docstring)."""
 
-    def __init__(self, app: Any, host: str, port: int, **uvicorn_options: Any) -> None:
-        self.app = app
+    def __init__(
+        self,
+        front: Front,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        keep_alive: float = 5.0,
+        read_timeout: float = 30.0,
+        close_timeout: float = 30.0,
+    ) -> None:
+        self.front = front
         self.host = host
         self.requested_port = port
-        self.options = uvicorn_options
+        self.tls = tls
+        self.keep_alive = max(1, math.ceil(keep_alive))
+        self.read_timeout = max(1, math.ceil(read_timeout))
+        self.close_timeout = close_timeout
         self.port: int | None = None
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._socket: socket.socket | None = None
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self.date = b""
+        """The ``date`` header line of answers (refreshed by the sweep)."""
+        self.acked = b""
+        """The whole answer to an acked request kept alive (refreshed with the date)."""
+        self._refresh_date()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._all_closed: asyncio.Event | None = None
 
-    async def start(self, startup_timeout: float = 10.0) -> None:
+    async def start(self) -> None:
         """Bind and start serving; :class:`BrokerUnavailable` if that fails."""
-        import uvicorn
-
-        class _Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Generator[None, None, None]:
-                yield  # the runtime owns the signals
-
         try:
             infos = socket.getaddrinfo(
                 self.host, self.requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -61,43 +80,78 @@ class Listener:
             raise BrokerUnavailable(
                 f"http: cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc}"
             ) from None
-        self._socket = sock
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            server_header=False,
-            proxy_headers=False,  # the app never sees the client address
-            **self.options,
-        )
+        loop = asyncio.get_running_loop()
         try:
-            config.load()
-        except Exception as exc:
+            self._server = await loop.create_server(
+                lambda: Connection(self), sock=sock, backlog=_BACKLOG, ssl=self.tls
+            )
+        except OSError as exc:
             sock.close()
             raise BrokerUnavailable(f"http: cannot start the listener: {exc}") from None
-        server = self._server = _Server(config)
-        task = self._task = asyncio.create_task(server.serve(sockets=[sock]), name="amgi-http")
-        deadline = asyncio.get_running_loop().time() + startup_timeout
-        while not server.started:
-            if task.done():
-                error = task.exception() if not task.cancelled() else None
-                raise BrokerUnavailable(f"http: the listener stopped at startup: {error}")
-            if asyncio.get_running_loop().time() > deadline:
-                await self.stop()
-                raise BrokerUnavailable("http: the listener did not start in time")
-            await asyncio.sleep(_STARTED_POLL)
+        self._sweeper = asyncio.create_task(self._sweep(), name="amgi-http-sweep")
         logger.info("http: listening on %s:%d", self.host, self.port)
 
+    def lost(self) -> None:
+        """A connection closed (called by it)."""
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
     async def stop(self) -> None:
-        """Stop accepting, let open requests finish (they are answered by now), close."""
-        task, self._task = self._task, None
-        if task is not None and self._server is not None:
-            self._server.should_exit = True
+        """Stop accepting; close idle connections now and the others after their last
+        answer (new requests on them are answered 503 by the front); after
+        ``close_timeout`` seconds, drop what is still open."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.stopping = True
+        server.close()
+        self._all_closed = asyncio.Event()
+        for connection in list(self.connections):
+            connection.close_when_idle()
+        if self.connections:
             try:
-                await task
-            except (Exception, SystemExit) as exc:
-                logger.warning("http: the listener stopped with an error: %s", exc)
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+                async with asyncio.timeout(self.close_timeout):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                logger.warning(
+                    "http: %d connection(s) still open after %.0f s; closing them",
+                    len(self.connections),
+                    self.close_timeout,
+                )
+                for connection in list(self.connections):
+                    if connection.transport is not None:
+                        connection.transport.abort()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await server.wait_closed()
+
+    def _refresh_date(self) -> None:
+        self.date = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        self.acked = b"HTTP/1.1 204 No Content\r\n" + self.date + b"\r\n"
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            self._refresh_date()
+            for connection in list(self.connections):
+                connection.sweep(self.keep_alive, self.read_timeout)
+
+
+def server_tls(certfile: str, keyfile: str | None, ca_certs: str | None) -> ssl.SSLContext:
+    """The TLS context of the listener; client certificates signed by ``ca_certs`` are
+    required when it is given. :class:`BrokerUnavailable` when a file does not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+        if ca_certs:
+            context.load_verify_locations(ca_certs)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerUnavailable(f"http: cannot load the TLS files: {exc}") from None
+    return context

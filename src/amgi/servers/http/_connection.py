@@ -1,0 +1,358 @@
+"""One HTTP/1.1 connection of the server's own listener: httptools parses, the front decides.
+
+Per request: the headers go to :meth:`Front.head` as soon as they are complete (a
+refusal that needs no body, such as a declared size over the limit, is answered
+before the body is read), the body is gathered up to ``max_body``, and
+:meth:`Front.complete` hands the messages to the inbox with an :class:`_Slot`
+as their reply. Settlement fills the slot, which writes the HTTP answer at once: no
+task and no future per request. Answers leave in request order (pipelining).
+
+Connection rules: keep-alive unless the client or the server closes it; HTTP/1.0
+closes after each answer unless it asked for keep-alive; an ``Expect: 100-continue``
+request gets its ``100 Continue`` once its headers are accepted; a malformed request
+gets 400, headers over :data:`MAX_HEAD` bytes 431, an ``Upgrade`` request 400 (the
+body would be lost to the upgrade), and the connection closes after each of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+import httptools
+
+from amgi.servers.http._front import (
+    METHOD_NOT_ALLOWED,
+    Answer,
+    Front,
+    Head,
+    over_limit,
+    text_answer,
+)
+
+if TYPE_CHECKING:
+    from amgi.servers.http._listener import Listener
+
+__all__ = ["MAX_HEAD", "Connection", "encode"]
+
+logger = logging.getLogger("amgi.servers.http")
+
+MAX_HEAD = 65_536
+"""The most bytes of request line and headers a request may have (431 beyond)."""
+MAX_HEADERS = 200
+"""The most header fields a request may have (431 beyond)."""
+MAX_PENDING = 32
+"""Unanswered pipelined requests after which the connection stops reading."""
+LINGER = 5
+"""The most seconds a refused request's connection stays open for the rest of it."""
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_ACKED: Answer = (204, b"", [])
+_NO_UPGRADE = text_answer(400, "protocol upgrades are not supported")
+_TOO_LARGE = text_answer(
+    431, f"request line and headers over {MAX_HEAD} bytes, or over {MAX_HEADERS} fields"
+)
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: this connection reads no further."""
+
+
+def encode(answer: Answer, date: bytes, connection: bytes | None) -> bytes:
+    """The bytes of an HTTP/1.1 answer (``connection``: the Connection header's value)."""
+    status, body, headers = answer
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b"")), date]
+    lines += [b"%s: %s\r\n" % header for header in headers]
+    if connection is not None:
+        lines.append(b"connection: " + connection + b"\r\n")
+    lines += [b"\r\n", body]
+    return b"".join(lines)
+
+
+class _Slot:
+    """One request's place in the connection's answer order; the inbox's reply."""
+
+    __slots__ = ("answer", "connection", "keep_alive", "old", "outcome", "settled")
+
+    def __init__(self, connection: Connection, keep_alive: bool, old: bool = False) -> None:
+        self.connection = connection
+        self.keep_alive = keep_alive
+        self.old = old
+        """An HTTP/1.0 request kept alive: its answer says so (``connection: keep-alive``)."""
+        self.settled = False
+        self.outcome: list[str] | None = None
+        self.answer: Answer | None = None
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, outcome: list[str] | None, /) -> None:
+        """The nack reasons (``[]``: all acked; ``None``: shut down): answer now."""
+        self.settled = True
+        self.outcome = outcome
+        self.connection.flush()
+
+    def refuse(self, answer: Answer) -> None:
+        self.settled = True
+        self.answer = answer
+        self.connection.flush()
+
+
+class Connection(asyncio.Protocol):
+    """The protocol of one accepted connection (see the module docstring)."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.front: Front = listener.front
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.slots: deque[_Slot] = deque()
+        self.reading = False
+        """Inside a request (its first bytes came, its end did not)."""
+        self.idle = 0
+        """Sweeps of the listener since the last bytes came."""
+        self.closing = False
+        """No request is read any more; the connection closes after the last answer."""
+        self._paused_writing = False
+        self._paused_pending = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head: Head | None = None
+        self._refusal: Answer | None = None
+        self._body: list[bytes] = []
+        self._size = 0
+        self._head_size = 0
+        self._expect = False
+        self._keep_alive = True
+        self._old = False
+        self._unread = False
+        self.lingering: int | None = None
+        """Sweeps since the last answer was written, while waiting to close."""
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.listener.connections.add(self)
+        if self.listener.stopping:
+            self.closing = True
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Requests in flight stay with the runtime; their answers have nowhere to go
+        # and the sender, having no answer, pushes them again.
+        self.transport = None
+        self.closing = True
+        self.listener.connections.discard(self)
+        self.listener.lost()
+
+    def data_received(self, data: bytes) -> None:
+        self.idle = 0
+        if self.closing:
+            return  # dropped: the connection closes after its last answer
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Stop):
+                logger.exception("http: a request failed in the server", exc_info=exc.__context__)
+                self._finish(text_answer(500, "internal server error"))
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # the request was refused (see on_headers_complete)
+        except httptools.HttpParserError as exc:
+            self._finish(text_answer(400, f"malformed HTTP request: {exc}"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        self._pause_or_resume()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self._pause_or_resume()
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.reading = True
+        self._url = b""
+        self._headers = []
+        self._head = None
+        self._refusal = None
+        self._body = []
+        self._size = 0
+        self._head_size = 0
+        self._expect = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD:
+            self._finish(_TOO_LARGE)
+            raise _Stop
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD or len(self._headers) > MAX_HEADERS:
+            self._finish(_TOO_LARGE)
+            raise _Stop
+        if name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self._keep_alive = keep_alive = parser.should_keep_alive()
+        self._old = keep_alive and parser.get_http_version() == "1.0"
+        if parser.get_method() != b"POST":
+            self._refusal = METHOD_NOT_ALLOWED
+        elif parser.should_upgrade():  # its body would be handed over as the new protocol
+            self._refusal = _NO_UPGRADE
+            self._keep_alive = False
+            self._unread = True
+        else:
+            head = self.front.head(self._headers)
+            if isinstance(head, Head):
+                self._head = head
+            else:
+                self._refusal = head
+        if self._expect:
+            if self._refusal is not None:  # the body is not sent: answer now, and close
+                self._finish(self._refusal)
+                raise _Stop
+            assert self.transport is not None
+            self.transport.write(_CONTINUE)
+        elif self._refusal is not None and self._refusal[0] == 413:
+            self._finish(self._refusal)  # declared over the limit: its body is not read
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.front.max_body:
+            self._finish(self._refusal or over_limit(self.front.max_body))
+            raise _Stop
+        if self._refusal is None:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reading = False
+        slot = _Slot(self, self._keep_alive, self._old)
+        self.slots.append(slot)
+        head = self._head
+        if head is None:
+            slot.refuse(self._refusal or METHOD_NOT_ALLOWED)
+        else:
+            body = self._body
+            whole = body[0] if len(body) == 1 else b"".join(body)
+            front = self.front
+            path = self._path() if front.needs_path else ""
+            try:
+                outcome = front.complete(head, whole, path, slot)
+            except Exception:
+                logger.exception("http: a request failed in the server")
+                outcome = text_answer(500, "internal server error")
+            if isinstance(outcome, tuple):
+                slot.refuse(outcome)
+        if len(self.slots) > MAX_PENDING and not self._paused_pending:
+            self._paused_pending = True
+            self._pause_or_resume()
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write the answers that are ready, in request order."""
+        slots = self.slots
+        transport = self.transport
+        listener = self.listener
+        stopping = self.front.inbox  # closed at shutdown: answers then close their connection
+        while slots and slots[0].settled:
+            slot = slots.popleft()
+            if transport is None:
+                continue  # the client went away: nobody to answer
+            last = not slot.keep_alive or stopping.closed or (self.closing and not slots)
+            answer = slot.answer
+            if answer is None:
+                outcome = slot.outcome
+                if outcome is not None and not outcome:  # every message acked
+                    if not last and not slot.old:
+                        transport.write(listener.acked)  # the hot path: constant bytes
+                        continue
+                    answer = _ACKED
+                else:
+                    answer = self.front.settled(outcome)
+            connection = b"close" if last else b"keep-alive" if slot.old else None
+            transport.write(encode(answer, listener.date, connection))
+            if last:
+                self.closing = True
+                if self._unread:
+                    self._linger(transport)
+                else:
+                    transport.close()
+                transport = None
+        if self._paused_pending and len(slots) <= MAX_PENDING // 2:
+            self._paused_pending = False
+            self._pause_or_resume()
+
+    def _finish(self, answer: Answer) -> None:
+        """Answer with ``answer`` after the answers before it, and close (lingering:
+        the client may still be sending the request this answer refuses)."""
+        self.reading = False
+        self.closing = True
+        self._unread = True
+        slot = _Slot(self, keep_alive=False)
+        self.slots.append(slot)
+        slot.refuse(answer)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close once the client stopped sending: closing with unread bytes would reset
+        the connection, and the client might lose the answer. What still comes is
+        dropped; the sweep closes the connection after a quiet second, or after
+        :data:`LINGER` seconds in any case."""
+        self.lingering = 0
+        self.idle = 0
+        if transport.can_write_eof():
+            transport.write_eof()
+
+    def close_when_idle(self) -> None:
+        """At shutdown: close now if no request is open, else after its answer."""
+        self.closing = True
+        if not self.reading and not self.slots and self.transport is not None:
+            self.transport.close()
+
+    def sweep(self, keep_alive: int, read_timeout: int) -> None:
+        """Once a second: close a connection idle too long (408 when mid-request)."""
+        self.idle += 1
+        if self.lingering is not None and self.transport is not None:
+            self.lingering += 1
+            if self.idle >= 1 or self.lingering >= LINGER:
+                self.transport.close()
+            return
+        if self.slots or self.transport is None:
+            return  # the app has its requests: the sender's timeout governs
+        if self.reading:
+            if self.idle >= read_timeout:
+                self._finish(text_answer(408, f"no bytes of the request for {read_timeout} s"))
+        elif self.idle >= keep_alive:
+            self.closing = True
+            self.transport.close()
+
+    def _pause_or_resume(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self._paused_writing or self._paused_pending:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _path(self) -> str:
+        """The request path, percent-decoded (the address may come from it)."""
+        try:
+            raw = httptools.parse_url(self._url).path or b"/"
+        except httptools.HttpParserInvalidURLError:
+            return ""
+        return unquote(raw.decode("latin-1"))

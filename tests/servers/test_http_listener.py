@@ -1,0 +1,310 @@
+"""The server's own HTTP/1.1 listener on raw sockets: keep-alive, pipelining in order,
+chunked bodies, ``Expect: 100-continue``, HTTP/1.0, malformed and oversize requests,
+timeouts, shutdown, clients that go away, and a failure inside the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from amgi.runtime import RuntimeConfig
+from amgi.servers.http import HttpOptions
+from amgi.servers.http._connection import MAX_HEAD
+from tests.servers.http_helpers import Recorder, Served, serving
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = RuntimeConfig(shutdown_timeout=5.0)
+
+
+def request(
+    payload: bytes = b"{}",
+    *,
+    type_: str = "orders",
+    version: bytes = b"HTTP/1.1",
+    extra: bytes = b"",
+    chunked: bool = False,
+) -> bytes:
+    """A binary-mode CloudEvent POST of ``payload`` to ``type_``."""
+    head = (
+        b"POST / " + version + b"\r\nhost: test\r\nce-specversion: 1.0\r\nce-id: 1\r\n"
+        b"ce-source: /tests\r\nce-type: " + type_.encode() + b"\r\n" + extra
+    )
+    if chunked:
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (payload[:2], payload[2:]) if p)
+        return head + b"transfer-encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(payload) + payload
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer: status, headers (lower-case names), body."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+async def closed(reader: asyncio.StreamReader, within: float = 10) -> bool:
+    """Whether the server closes the connection (EOF) within ``within`` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            return await reader.read() == b""
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+async def connect(served: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = int(served.url.rsplit(":", 1)[1])
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+class Paced(Recorder):
+    """Acks ``fast``, nacks ``slow`` once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message" and scope["address"] == "slow":
+            self.holding.set()
+            await self.release.wait()
+        await super().__call__(scope, receive, send)
+
+
+async def test_keep_alive_serves_one_request_after_another_on_one_connection() -> None:
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        answers = []
+        for i in range(3):
+            writer.write(request(b"%d" % i))
+            answers.append(await read_answer(reader))
+        writer.close()
+    assert [status for status, _, _ in answers] == [204, 204, 204]
+    assert all("date" in headers and "connection" not in headers for _, headers, _ in answers)
+    assert [m["payload"] for m in app.received] == [b"0", b"1", b"2"]
+
+
+async def test_pipelined_requests_are_answered_in_request_order() -> None:
+    app = Paced()
+    async with serving("own", app, config=RuntimeConfig(concurrency=2)) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"nack slow", type_="slow") + request(b"quick", type_="fast"))
+        while not any(m["payload"] == b"quick" for m in app.received):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the second answer is ready; it must wait for the first
+        assert not reader.at_eof()
+        assert len(reader._buffer) == 0  # type: ignore[attr-defined]
+        app.release.set()
+        first, second = await read_answer(reader), await read_answer(reader)
+        writer.close()
+    assert (first[0], second[0]) == (500, 204)
+    assert first[2] == b"nacked: told to\n"
+
+
+async def test_more_pipelined_requests_than_the_reading_limit_are_all_answered() -> None:
+    app = Paced()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        payloads = [b"nack %d" % i if i % 2 else b"%d" % i for i in range(80)]
+        writer.write(b"".join(request(p, type_="slow") for p in payloads))
+        await asyncio.sleep(0.3)
+        app.release.set()
+        statuses = [(await read_answer(reader))[0] for _ in payloads]
+        writer.close()
+    assert statuses == [500 if i % 2 else 204 for i in range(80)]
+    assert sorted(m["payload"] for m in app.received) == sorted(payloads)
+
+
+async def test_a_chunked_body_arrives_whole() -> None:
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b'{"order": 12}', chunked=True))
+        status, _, _ = await read_answer(reader)
+        writer.close()
+    assert status == 204
+    assert app.received[0]["payload"] == b'{"order": 12}'
+
+
+async def test_expect_100_continue_is_answered_before_the_body() -> None:
+    app = Recorder()
+    async with serving("own", app, HttpOptions(token="t0ken"), config=FAST) as served:
+        reader, writer = await connect(served)
+        whole = request(b"later", extra=b"authorization: Bearer t0ken\r\nexpect: 100-continue\r\n")
+        head, body = whole.split(b"\r\n\r\n", 1)
+        writer.write(head + b"\r\n\r\n")
+        assert (await read_answer(reader))[0] == 100
+        writer.write(body)
+        assert (await read_answer(reader))[0] == 204
+        # refused by its headers: the final answer at once, no 100, and the connection closes
+        refused = request(b"never", extra=b"expect: 100-continue\r\n")
+        writer.write(refused.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+        status, headers, _ = await read_answer(reader)
+        assert await closed(reader)
+        writer.close()
+    assert (status, headers["connection"]) == (401, "close")
+    assert [m["payload"] for m in app.received] == [b"later"]
+
+
+async def test_http_1_0_closes_unless_it_asks_for_keep_alive() -> None:
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"a", version=b"HTTP/1.0"))
+        status, headers, _ = await read_answer(reader)
+        assert (status, headers["connection"]) == (204, "close")
+        assert await closed(reader)
+        writer.close()
+        reader, writer = await connect(served)
+        for payload in (b"b", b"c"):
+            writer.write(request(payload, version=b"HTTP/1.0", extra=b"connection: keep-alive\r\n"))
+            status, headers, _ = await read_answer(reader)
+            assert (status, headers["connection"]) == (204, "keep-alive")
+        writer.close()
+    assert [m["payload"] for m in app.received] == [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "says"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
+        (b"POST / HTTP/1.1\r\ncontent-length: x\r\n\r\n", 400, "malformed HTTP request"),
+        (
+            request(b"x", extra=b"x-big: " + b"a" * MAX_HEAD + b"\r\n"),
+            431,
+            "request line and headers over",
+        ),
+        (
+            request(b"x", extra=b"connection: upgrade\r\nupgrade: h2c\r\n"),
+            400,
+            "upgrades are not supported",
+        ),
+    ],
+)
+async def test_a_request_the_server_cannot_read_is_refused_and_closed(
+    raw: bytes, status: int, says: str
+) -> None:
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(raw)
+        answer = await read_answer(reader)
+        assert await closed(reader)
+        writer.close()
+        reader, writer = await connect(served)  # the server serves the next connection
+        writer.write(request(b"next"))
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+    assert answer[0] == status
+    assert says in answer[2].decode()
+    assert [m["payload"] for m in app.received] == [b"next"]
+
+
+async def test_a_body_over_the_limit_sent_at_once_still_gets_its_413() -> None:
+    app = Recorder()
+    async with serving("own", app, HttpOptions(max_body=1000), config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"x" * 200_000, chunked=True))  # read until over the limit
+        status, headers, body = await read_answer(reader)
+        assert await closed(reader)
+        writer.close()
+    assert (status, headers["connection"]) == (413, "close")
+    assert b"over the limit of 1000" in body
+    assert app.received == []
+
+
+async def test_an_idle_connection_closes_after_keep_alive_and_a_silent_request_gets_408() -> None:
+    app = Recorder()
+    options = HttpOptions(keep_alive=1, read_timeout=1)
+    async with serving("own", app, options, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"one"))
+        assert (await read_answer(reader))[0] == 204
+        assert await closed(reader, within=4)
+        writer.close()
+        reader, writer = await connect(served)
+        writer.write(request(b"never ends")[:-3])
+        status, _, body = await read_answer(reader)
+        assert await closed(reader, within=4)
+        writer.close()
+    assert status == 408
+    assert b"no bytes of the request for 1 s" in body
+    assert [m["payload"] for m in app.received] == [b"one"]
+
+
+async def test_shutdown_closes_idle_connections_and_answers_open_requests_then_closes() -> None:
+    app = Paced()
+    async with serving("own", app, config=FAST) as served:
+        idle_reader, idle_writer = await connect(served)
+        idle_writer.write(request(b"before"))
+        assert (await read_answer(idle_reader))[0] == 204
+        reader, writer = await connect(served)
+        writer.write(request(b"in flight", type_="slow"))
+        await asyncio.wait_for(app.holding.wait(), 10)
+        stopping = asyncio.create_task(served.stop())
+        assert await closed(idle_reader, within=5)
+        assert not stopping.done()
+        app.release.set()
+        status, headers, _ = await read_answer(reader)
+        assert await closed(reader)
+        assert await stopping == 0
+        for w in (writer, idle_writer):
+            w.close()
+    assert (status, headers["connection"]) == (204, "close")
+
+
+async def test_a_client_gone_with_its_request_in_flight_changes_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Paced()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"orphan", type_="slow"))
+        await asyncio.wait_for(app.holding.wait(), 10)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.1)
+        app.release.set()
+        while not app.received:
+            await asyncio.sleep(0.01)
+        reader, writer = await connect(served)
+        writer.write(request(b"next"))
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+    assert [m["payload"] for m in app.received] == [b"orphan", b"next"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_failure_inside_the_server_is_a_500_and_one_log_record(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(served.transport.front, "complete", broken)
+        reader, writer = await connect(served)
+        writer.write(request(b"x"))
+        status, _, body = await read_answer(reader)
+        monkeypatch.undo()
+        writer.write(request(b"after"))  # the connection still serves
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+    assert (status, body) == (500, b"internal server error\n")
+    failures = [r for r in caplog.records if "a request failed in the server" in r.getMessage()]
+    assert len(failures) == 1
+    assert "a bug" in str(failures[0].exc_info)
+    assert [m["payload"] for m in app.received] == [b"after"]
