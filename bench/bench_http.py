@@ -6,7 +6,11 @@ one binary-mode CloudEvent (four ``ce-`` headers, a 100-byte JSON body) over ``-
 keep-alive connections. Contenders:
 
 * ``amgi http``: ``amgi run bench._http_apps:ack --server http`` with its defaults (as a
-  user starts it, logging on), an app that acks every message;
+  user starts it, logging on), an app that acks every message; our own HTTP/1.1
+  listener (asyncio and httptools, no uvicorn);
+* ``amgi.http PushApp (uvicorn)``: the same app as an ASGI application
+  (``amgi.http.PushApp``), served by uvicorn with the bare app's settings: what a user
+  mounting it in an ASGI stack gets;
 * ``upstream amgi-cloudevents 0.51``: upstream's ``Server`` (a Starlette app) around an
   app that acks, served by uvicorn (same version, httptools, no access log), from a
   separate venv (``.venv-bench-http``, created here). Upstream 0.51 pins
@@ -111,6 +115,9 @@ def contenders(peer_python: Path) -> dict[str, Callable[[int], list[str]]]:
         "amgi http": lambda port: [
             *(ours, "run", "bench._http_apps:ack", "--server", "http", "--port", str(port))
         ],
+        "amgi.http PushApp (uvicorn)": _uvicorn(
+            str(ROOT / ".venv" / "bin" / "python"), "bench._http_apps:push", "--factory"
+        ),
         "upstream amgi-cloudevents 0.51": _uvicorn(
             str(peer_python), "bench._http_upstream:upstream", "--factory"
         ),
