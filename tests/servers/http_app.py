@@ -3,7 +3,8 @@
 Each call first receives its whole batch and writes one line per ``slow`` payload to
 ``HTTP_TEST_LOG`` (so a test knows those requests are in flight), then, if there was one,
 sleeps ``HTTP_TEST_DELAY`` seconds (default 1). A message with header ``ce-target`` is
-echoed there (``message.send``) before it is acked; a failed send nacks it.
+echoed there (``message.send``) before it is acked; a failed send nacks it. With
+``HTTP_TEST_DONE`` set, each message's payload is written there (one line) before its ack.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 LOG = os.environ.get("HTTP_TEST_LOG", "http-test.log")
 DELAY = float(os.environ.get("HTTP_TEST_DELAY", "1"))
+DONE = os.environ.get("HTTP_TEST_DONE")
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -44,4 +46,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
             except OSError as exc:
                 await send({"type": "message.nack", "id": message["id"], "message": str(exc)})
                 continue
+        if DONE is not None:
+            with open(DONE, "ab") as f:  # noqa: ASYNC230 - a test log line
+                f.write(message.get("payload", b"") + b"\n")
         await send({"type": "message.ack", "id": message["id"]})
