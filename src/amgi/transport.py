@@ -224,6 +224,18 @@ class Transport(abc.ABC):
         their senders learn at once to send again later.
         """
 
+    async def hand_over(self) -> Sequence[Batch]:
+        """Called once after :meth:`stop_fetching`: stop the broker's deliveries and return
+        what it delivered to this process that :meth:`fetch` has not returned yet.
+
+        The runtime runs these batches before it stops (within its shutdown timeout).
+        Only a broker that counts a delivery handed back unprocessed as an attempt needs
+        it (a quorum queue's ``x-delivery-count``): each stop would use up one attempt of
+        every message prefetched, and enough stops would dead-letter innocent messages.
+        Default: nothing (prefetched messages go back to the broker at :meth:`close`).
+        """
+        return ()
+
     async def extend(self, batches: Sequence[Batch]) -> None:  # noqa: B027
         """Keep the given in-flight batches from being redelivered (visibility, lease)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -775,3 +776,74 @@ async def test_a_fetch_that_ignores_cancellation_is_left_behind(
     assert t.closed
     assert any("ignored cancellation" in r.getMessage() for r in caplog.records)
     assert not runtime.abandoned, "closing the transport ended the fetch"
+
+
+class HandingOver(Scripted):
+    """Hands ``held`` over at the stop (or raises ``error``)."""
+
+    def __init__(self, first: Batch, held: list[Batch], error: Exception | None = None) -> None:
+        super().__init__([first])
+        self.held = held
+        self.error = error
+        self.handed = 0
+
+    async def hand_over(self) -> Sequence[Batch]:
+        self.handed += 1
+        if self.error is not None:
+            raise self.error
+        return self.held
+
+
+async def test_a_stop_runs_the_batches_handed_over_within_the_shutdown_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Held batches start as slots free up; one still running at the deadline is
+    cancelled like any batch in flight, and the deadline is one for both steps."""
+    started = asyncio.Event()
+    seen: list[bytes | None] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        seen.append(m["payload"])  # type: ignore[typeddict-item]
+        started.set()
+        if m["payload"] == b"slow":  # type: ignore[typeddict-item]
+            await asyncio.sleep(60)
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+    held = [batch("a", b"held"), batch("b", b"slow"), batch("c", b"never")]
+    t = HandingOver(batch("a", b"first"), held)
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=0.5)
+    runtime = Runtime(app, t, config)
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(started.wait(), 5)
+    stopping = time.monotonic()
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 5) == 0
+    took = time.monotonic() - stopping
+    assert seen == [b"first", b"held", b"slow"]  # "never" waited for a slot past the deadline
+    outcomes = {b.messages[0].payload: s for b, s in t.settled}
+    assert [m.payload for m in outcomes[b"held"].acked] == [b"held"]
+    assert "cancelled" in outcomes[b"slow"].retry[0].reason
+    assert b"never" not in outcomes  # not started: it goes back to the broker at close
+    assert took < 0.5 + 1.0, "the deadline is shared by the hand-over and the drain"
+    assert t.handed == 1
+    assert t.closed
+    assert "every delivered message was processed" in caplog.text
+
+
+async def test_a_failed_hand_over_is_one_warning_and_the_stop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] == "message":
+            m = await receive()
+            await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+    t = HandingOver(batch("a", b"first"), [], error=OSError("channel closed"))
+    await serve_until_settled(app, t, 1)  # stops it, and checks the exit code is 0
+    assert t.handed == 1
+    assert t.closed
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == ["taking the delivered messages at the stop failed: channel closed"]

@@ -412,6 +412,53 @@ async def publish_to_quorum_queue(queue: str, options: AmqpOptions, payload: byt
         await sender.close()
 
 
+async def test_a_stop_uses_up_no_attempt_of_the_messages_prefetched_from_a_quorum_queue(
+    queue: str,
+) -> None:
+    """Closing with deliveries unacked hands them back counted (``x-delivery-count``):
+    at the stop the transport cancels its consumer and the runtime processes what the
+    broker had delivered, so every message reaches the app on its first attempt."""
+    options = AmqpOptions(url=URL, queue_type="quorum", batch_size=5, prefetch=20)
+    declaring = AmqpTransport([queue], options)
+    await declaring.connect()
+    await declaring.close()
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    await sender.connect()
+    try:
+        await asyncio.gather(*(sender.publish(queue, [], b"%d" % i, {}) for i in range(30)))
+    finally:
+        await sender.close()
+    seen: list[tuple[bytes, int]] = []
+    first_call = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            event = await receive()
+            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            await send({"type": "message.ack", "id": event["id"]})
+            more = event.get("more_messages", False)
+        first_call.set()
+        await asyncio.sleep(0.05)
+
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
+    runs = 0
+    while len(seen) < 30 and runs < 10:  # each stops while more is delivered than taken
+        runs += 1
+        first_call.clear()
+        runtime = Runtime(app, AmqpTransport([queue], options), config)
+        serving = asyncio.create_task(runtime.serve())
+        await asyncio.wait_for(first_call.wait(), 10)
+        runtime.request_stop()
+        assert await asyncio.wait_for(serving, 20) == 0
+    assert {attempt for _, attempt in seen} == {1}
+    assert sorted(p for p, _ in seen) == sorted(b"%d" % i for i in range(30))
+    assert runs == 2, "the first stop took all or only its first batch"
+    assert await queue_depth(queue) == 0
+
+
 async def crash_holding(queue: str, options: AmqpOptions, times: int) -> None:
     """Consumers that take the message and die holding it: the channel closes unacked."""
     for crash in range(times):

@@ -301,7 +301,9 @@ class Runtime:
             await asyncio.gather(stop_wait, return_exceptions=True)
             fetching = await self._end_fetching(fetcher)
             self.transport.stop_fetching()
-            await self._drain()
+            deadline = time.monotonic() + self.config.shutdown_timeout
+            await self._run_handed_over(deadline)
+            await self._drain(deadline)
             if leaser is not None:
                 leaser.cancel()
                 await asyncio.gather(leaser, return_exceptions=True)
@@ -331,8 +333,35 @@ class Runtime:
             logger.error("the fetch loop failed", exc_info=fetcher.exception())
         return None
 
-    async def _drain(self) -> None:
-        """Let in-flight batches finish within the shutdown timeout, then cancel them.
+    async def _run_handed_over(self, deadline: float) -> None:
+        """Start the batches the transport hands over at the stop (see
+        :meth:`Transport.hand_over`), as slots free up, until ``deadline``; those not
+        started by then go back to the broker at close."""
+        if self._fatal is not None:
+            return
+        limit = self.config.concurrency
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                batches = [b for b in await self.transport.hand_over() if b.messages]
+                if not batches:
+                    return
+                count = sum(len(b.messages) for b in batches)
+                logger.info("processing %d message(s) the broker delivered before the stop", count)
+                for batch in batches:
+                    if len(self._tasks) >= limit:
+                        await self._free_slot(limit)
+                    self._start(batch)
+        except TimeoutError:
+            logger.warning(
+                "the shutdown timeout ended before every delivered message was processed: "
+                "the rest goes back to the broker"
+            )
+        except Exception as exc:
+            logger.warning("taking the delivered messages at the stop failed: %s", exc)
+
+    async def _drain(self, deadline: float) -> None:
+        """Let in-flight batches finish until ``deadline`` (the shutdown timeout), then
+        cancel them.
 
         Calls that ignore cancellation for ``cancel_grace`` seconds are abandoned: their
         batches are settled from what the app did so far, and they are left running.
@@ -341,7 +370,8 @@ class Runtime:
             return
         config = self.config
         logger.info("waiting for %d batch(es) in flight", len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=config.shutdown_timeout)
+        left = max(0.0, deadline - time.monotonic())
+        _, pending = await asyncio.wait(set(self._tasks), timeout=left)
         if not pending:
             return
         logger.warning(

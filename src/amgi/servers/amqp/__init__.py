@@ -89,6 +89,9 @@ __all__ = [
 
 logger = logging.getLogger("amgi.servers.amqp")
 
+_CANCEL_TIMEOUT = 5.0
+"""Seconds a ``basic.cancel`` at the stop may take."""
+
 # Headers the broker adds when our retry queues dead-letter a message back: bookkeeping
 # of the retry mechanism, not part of the message the app sent.
 # -- headers and bindings -----------------------------------------------------------------
@@ -166,6 +169,11 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
                 await self._wait_for(size, self.config.linger)
             if buffer:
                 break
+        return self._take(size)
+
+    def _take(self, size: int) -> list[Batch]:
+        """Up to ``size`` buffered deliveries, one batch per queue."""
+        buffer = self._buffer
         generation = self._generation
         grouped: dict[str, list[Message]] = {}
         for _ in range(min(size, len(buffer))):
@@ -175,6 +183,24 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             Batch(queue, unique_ids(msgs), key=queue, context=generation)
             for queue, msgs in grouped.items()
         ]
+
+    async def hand_over(self) -> Sequence[Batch]:
+        """On a quorum queue, where a delivery handed back counts as an attempt: cancel
+        the consumers (``basic.cancel``: nothing more is delivered), then return every
+        delivery received so far, for the runtime to process before it stops. On a
+        classic queue nothing (they go back uncounted at close, which is quicker)."""
+        if not self.counts_deliveries or self._closed:
+            return []
+        for consumer in list(self._consumers.values()):
+            try:
+                async with asyncio.timeout(_CANCEL_TIMEOUT):
+                    await consumer.channel.basic_cancel(consumer.tag)
+            except Exception as exc:  # the channel is gone: its deliveries go back anyway
+                logger.debug("amqp: cancelling the consumer of %r failed: %s", consumer.queue, exc)
+        batches: list[Batch] = []
+        while self._buffer:
+            batches += self._take(self.config.batch_size)
+        return batches
 
     # -- settling -------------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ class _Channel:
     queue: str
     acked: Watermark = field(default_factory=lambda: Watermark(first=1))
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
+    tag: str = ""
+    """The consumer tag of its ``basic.consume``."""
 
 
 def _check_confirm(result: object) -> None:
@@ -121,8 +123,11 @@ class AmqpClient:
                 self._buffer.clear()
                 self._consumers = {}
                 for queue, channel in zip(self.addresses, channels, strict=True):
-                    self._consumers[queue] = _Channel(channel, self._generation, queue)
-                    await channel.basic_consume(queue, self._consumer_for(queue, self._generation))
+                    consumer = self._consumers[queue] = _Channel(channel, self._generation, queue)
+                    ok = await channel.basic_consume(
+                        queue, self._consumer_for(queue, self._generation)
+                    )
+                    consumer.tag = str(ok.consumer_tag)
         except BaseException:
             self._consumers = {}
             self._publisher = None
