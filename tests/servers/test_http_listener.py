@@ -308,3 +308,22 @@ async def test_a_failure_inside_the_server_is_a_500_and_one_log_record(
     assert len(failures) == 1
     assert "a bug" in str(failures[0].exc_info)
     assert [m["payload"] for m in app.received] == [b"after"]
+
+
+async def test_other_methods_get_405_and_head_gets_no_body() -> None:
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        status, headers, body = await read_answer(reader)
+        assert (status, headers["allow"]) == (405, "POST")
+        assert body == b"only POST is accepted\n"
+        writer.write(b"HEAD / HTTP/1.1\r\nhost: test\r\n\r\n" + request(b"after"))
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405 ")
+        assert b"content-length: 22" in head
+        # no body follows: the next bytes are the next answer
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+    assert [m["payload"] for m in app.received] == [b"after"]

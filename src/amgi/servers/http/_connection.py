@@ -63,27 +63,30 @@ class _Stop(Exception):
     """Raised in a parser callback: this connection reads no further."""
 
 
-def encode(answer: Answer, date: bytes, connection: bytes | None) -> bytes:
-    """The bytes of an HTTP/1.1 answer (``connection``: the Connection header's value)."""
-    status, body, headers = answer
+def encode(answer: Answer, date: bytes, connection: bytes | None, body: bool = True) -> bytes:
+    """The bytes of an HTTP/1.1 answer (``connection``: the Connection header's value;
+    ``body`` false for an answer to HEAD, which has the headers only)."""
+    status, content, headers = answer
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b"")), date]
     lines += [b"%s: %s\r\n" % header for header in headers]
     if connection is not None:
         lines.append(b"connection: " + connection + b"\r\n")
-    lines += [b"\r\n", body]
+    lines += [b"\r\n", content if body else b""]
     return b"".join(lines)
 
 
 class _Slot:
     """One request's place in the connection's answer order; the inbox's reply."""
 
-    __slots__ = ("answer", "connection", "keep_alive", "old", "outcome", "settled")
+    __slots__ = ("answer", "bodiless", "connection", "keep_alive", "old", "outcome", "settled")
 
     def __init__(self, connection: Connection, keep_alive: bool, old: bool = False) -> None:
         self.connection = connection
         self.keep_alive = keep_alive
         self.old = old
         """An HTTP/1.0 request kept alive: its answer says so (``connection: keep-alive``)."""
+        self.bodiless = False
+        """The answer to a HEAD request: its headers only."""
         self.settled = False
         self.outcome: list[str] | None = None
         self.answer: Answer | None = None
@@ -130,6 +133,7 @@ class Connection(asyncio.Protocol):
         self._expect = False
         self._keep_alive = True
         self._old = False
+        self._bodiless = False
         self._unread = False
         self.lingering: int | None = None
         """Sweeps since the last answer was written, while waiting to close."""
@@ -186,6 +190,7 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._head_size = 0
         self._expect = False
+        self._bodiless = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -208,8 +213,10 @@ class Connection(asyncio.Protocol):
         parser = self.parser
         self._keep_alive = keep_alive = parser.should_keep_alive()
         self._old = keep_alive and parser.get_http_version() == "1.0"
-        if parser.get_method() != b"POST":
+        method = parser.get_method()
+        if method != b"POST":
             self._refusal = METHOD_NOT_ALLOWED
+            self._bodiless = method == b"HEAD"
         elif parser.should_upgrade():  # its body would be handed over as the new protocol
             self._refusal = _NO_UPGRADE
             self._keep_alive = False
@@ -241,6 +248,7 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.reading = False
         slot = _Slot(self, self._keep_alive, self._old)
+        slot.bodiless = self._bodiless
         self.slots.append(slot)
         head = self._head
         if head is None:
@@ -285,7 +293,7 @@ class Connection(asyncio.Protocol):
                 else:
                     answer = self.front.settled(outcome)
             connection = b"close" if last else b"keep-alive" if slot.old else None
-            transport.write(encode(answer, listener.date, connection))
+            transport.write(encode(answer, listener.date, connection, not slot.bodiless))
             if last:
                 self.closing = True
                 if self._unread:
