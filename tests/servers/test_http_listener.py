@@ -327,3 +327,20 @@ async def test_other_methods_get_405_and_head_gets_no_body() -> None:
         assert (await read_answer(reader))[0] == 204
         writer.close()
     assert [m["payload"] for m in app.received] == [b"after"]
+
+
+async def test_the_address_from_the_path_is_percent_decoded_without_the_query() -> None:
+    app = Recorder()
+    options = HttpOptions(address_from="path")
+    async with serving("own", app, options, config=FAST) as served:
+        reader, writer = await connect(served)
+        for target in (b"/orders%2Eeu?from=test", b"/"):
+            writer.write(request(b"x").replace(b"POST / ", b"POST " + target + b" ", 1))
+            answer = await read_answer(reader)
+            if target == b"/":
+                assert answer[0] == 400
+                assert b"the request path names no address" in answer[2]
+            else:
+                assert answer[0] == 204
+        writer.close()
+    assert [s["address"] for s in app.scopes] == ["orders.eu"]
