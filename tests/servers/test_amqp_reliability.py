@@ -259,16 +259,21 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
     runtime = Runtime(
         app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1, shutdown_timeout=1)
     )
+    # The test's messages go through a connection of their own: on the server's publishing
+    # channel, the broker refusing a dead letter (no exchange) closes the channel, and a
+    # publish still waiting there for its confirmation fails with that error.
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    await sender.connect()
     task = asyncio.create_task(runtime.serve())
     try:
         async with asyncio.timeout(15):
             await runtime.started.wait()
         await delete_exchange(dlx)
-        await transport.publish(queue, [], b"bad", {})
+        await sender.publish(queue, [], b"bad", {})
         async with asyncio.timeout(20):
             while not _tried_again(caplog):
                 await asyncio.sleep(0.05)
-            await transport.publish(queue, [], b"fine", {})  # the queue goes on meanwhile
+            await sender.publish(queue, [], b"fine", {})  # the queue goes on meanwhile
             while len(_tried_again(caplog)) < 2 or not fine:
                 await asyncio.sleep(0.05)
         assert calls == [1]  # not delivered again while it waits
@@ -276,6 +281,7 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
         await declare_exchange_bound(dlx, f"{queue}.dead-letter", queue)
         [dead] = await drain(f"{queue}.dead-letter", 1, timeout=15)
     finally:
+        await sender.close()
         runtime.request_stop()
         assert await task == 0
         await delete_exchange(dlx)

@@ -215,8 +215,13 @@ async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503(way
             await asyncio.sleep(0.01)
         stopping = asyncio.create_task(served.stop())
         assert (await queued).status_code == 503  # not taken by the app: the sender keeps it
-        late = await client.post(served.url + "/", headers=h2, content=b2)
-        assert late.status_code == 503
+        try:
+            late = await client.post(served.url + "/", headers=h2, content=b2)
+            assert late.status_code == 503
+        except httpx.TransportError:
+            # the own listener closes connections as they fall idle, and new ones at once:
+            # the sender keeps the message just the same
+            assert way == "own"
         assert not in_flight.done()
         gate.set()
         assert (await in_flight).status_code == 204

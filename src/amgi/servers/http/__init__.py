@@ -196,8 +196,11 @@ class HttpTransport(Transport):
 
     def stop_fetching(self) -> None:
         # Shutdown: requests no batch took are answered 503 now (the sender still owns
-        # them), and so are new ones; batches in flight finish and are answered.
+        # them), and so are new ones; batches in flight finish and are answered, and the
+        # listener closes its connections as they fall idle.
         self.inbox.close()
+        if self._listener is not None:
+            self._listener.begin_stop()
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         self.inbox.settle(settlement)

@@ -97,18 +97,23 @@ class Listener:
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
 
+    def begin_stop(self) -> None:
+        """Shutdown begins: close idle connections now and the others after their last
+        answer (a request that arrives meanwhile is answered 503 by the front); a new
+        connection is closed as it comes. The socket still listens until :meth:`stop`."""
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close_when_idle()
+
     async def stop(self) -> None:
-        """Stop accepting; close idle connections now and the others after their last
-        answer (new requests on them are answered 503 by the front); after
+        """Stop accepting, close connections as :meth:`begin_stop` does; after
         ``close_timeout`` seconds, drop what is still open."""
         server, self._server = self._server, None
         if server is None:
             return
-        self.stopping = True
         server.close()
         self._all_closed = asyncio.Event()
-        for connection in list(self.connections):
-            connection.close_when_idle()
+        self.begin_stop()
         if self.connections:
             try:
                 async with asyncio.timeout(self.close_timeout):
