@@ -30,7 +30,9 @@ Contenders:
 - ``protocol-minimum``: the asynchronous raw loop plus only the AMGI protocol's own
   per-record work (see :func:`run_floor`);
 - from a separate venv (``.venv-bench``, created here on first use): ``raw-aiokafka``
-  (``getmany`` + one commit per partition batch), ``upstream-amgi-aiokafka`` (the
+  (``getmany`` + one commit per partition batch), ``amgi-aiokafka-prototype`` (our
+  runtime over aiokafka, single-threaded: a measuring prototype, ``_kafka_aiokafka.py``,
+  started like ``amgi run``), ``upstream-amgi-aiokafka`` (the
   ``amgi-aiokafka`` 0.51 server, one app call per record) and ``faststream-batch``
   (FastStream's Kafka subscriber in batch mode, committing after each batch).
 """
@@ -360,6 +362,13 @@ def run_faststream(bootstrap: str, topic: str, group: str) -> None:
     asyncio.run(main())
 
 
+def run_amgi_aiokafka(bootstrap: str, topic: str, group: str) -> None:
+    """Our runtime over aiokafka (a measuring prototype, see ``_kafka_aiokafka.py``)."""
+    from _kafka_aiokafka import run
+
+    run(app, bootstrap, topic, group, SESSION_MS, HEARTBEAT_MS)
+
+
 AMGI_RUN = "amgi-run"
 """Not a function: the driver starts the ``amgi`` command itself."""
 
@@ -371,10 +380,13 @@ CONTENDERS: dict[str, tuple[Any, bool]] = {
     "raw-confluent-async": (functools.partial(run_raw, asynchronous=True), False),
     "protocol-minimum": (run_floor, False),
     "raw-aiokafka": (run_raw_aiokafka, True),
+    "amgi-aiokafka-prototype": (run_amgi_aiokafka, True),
     "upstream-amgi-aiokafka": (run_upstream, True),
     "faststream-batch": (run_faststream, True),
 }
 RAW = ("raw-confluent", "raw-confluent-async", "raw-aiokafka")
+WITH_SRC = ("amgi-aiokafka-prototype",)
+"""Peers' venv contenders that also import ``amgi`` from this tree."""
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -447,7 +459,7 @@ def _command(
 def _environment(name: str, first_file: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["BENCH_FIRST"] = str(first_file)
-    if not CONTENDERS[name][1]:
+    if not CONTENDERS[name][1] or name in WITH_SRC:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])
     return env
 
