@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, cast
+from typing import Any
 
 from amgi.servers.http._auth import Refused, RequestCheck
 from amgi.servers.http._events import (
@@ -140,7 +140,8 @@ class Front:
         outcome = self.complete(head, body, path)
         if isinstance(outcome, tuple):
             return await _respond(send, outcome)
-        reasons = await cast("asyncio.Future[list[str] | None]", outcome)
+        future: asyncio.Future[list[str] | None] = outcome  # type: ignore[assignment]
+        reasons = await future  # (complete made the future: no reply was given)
         if reasons is not None and not reasons:  # the hot path: all acked, two constant events
             await send(_ACKED_START)
             await send(_EMPTY_BODY)
