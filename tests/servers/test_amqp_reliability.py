@@ -259,9 +259,7 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
     runtime = Runtime(
         app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1, shutdown_timeout=1)
     )
-    # The test's messages go through a connection of their own: on the server's publishing
-    # channel, the broker refusing a dead letter (no exchange) closes the channel, and a
-    # publish still waiting there for its confirmation fails with that error.
+    # The test's messages come from a connection of its own, not from the server tested.
     sender = AmqpTransport([], AmqpOptions(url=URL))
     await sender.connect()
     task = asyncio.create_task(runtime.serve())
@@ -306,3 +304,40 @@ async def declare_exchange_bound(exchange: str, queue: str, routing_key: str) ->
         await channel.queue_bind(queue, exchange, routing_key=routing_key)
     finally:
         await connection.close()
+
+
+async def test_a_dead_letter_the_broker_refuses_fails_no_send_of_the_application(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dead-letter exchange is gone: the broker closes the channel the dead letter
+    went out on. The application's sends have a channel of their own: it stays open and
+    a send goes through (on one shared channel, a send waiting for its confirmation
+    failed with the dead letter's error)."""
+    from amgi.transport import DeadLetter
+    from tests.servers.test_amqp_support import delete_exchange
+
+    queue = new_queue()
+    dlx = f"amgi-test-dlx-{queue}"
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, dead_letter_exchange=dlx))
+    await transport.connect()
+    try:
+        await delete_exchange(dlx)
+        await transport.publish(queue, [], b"doomed", {})
+        sends = await transport._channel()
+        batches: list[Batch] = []
+        async with asyncio.timeout(10):
+            while not batches:
+                batches = list(await transport.fetch())
+        [message] = batches[0].messages
+        await transport.settle(batches[0], Settlement(dead=[DeadLetter(message, "no")]))
+        async with asyncio.timeout(10):  # the dead letter was refused: its channel closed
+            while "could not be dead-lettered" not in caplog.text:
+                await asyncio.sleep(0.01)
+        assert not sends.is_closed
+        await transport.publish(queue, [], b"after", {})
+        assert await transport._channel() is sends
+    finally:
+        await transport.close()
+        await delete_exchange(dlx)
+    # the refused dead letter stayed unacked (it went back at close), the send landed
+    assert sorted(m.body for m in await drain(queue, 2, timeout=10)) == [b"after", b"doomed"]

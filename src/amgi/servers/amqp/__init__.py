@@ -152,7 +152,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         self._ready.clear()
         connection, self._connection = self._connection, None
         self._consumers = {}
-        self._publisher = None
+        self._publisher = self._mover = None
         self._buffer.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -256,7 +256,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         retry_queue = f"{queue}.retry.{delay_ms}"
         if retry_queue not in self._retry_queues:
             await self._declare_retry_queue(retry_queue, queue, delay_ms)
-        channel = await self._channel()
+        channel = await self._channel(moves=True)
         headers = retry_headers(message.headers, attempt=message.attempt + 1)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 
@@ -264,7 +264,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=queue, reason=reason
         )
-        channel = await self._channel()
+        channel = await self._channel(moves=True)
         await self._confirm(
             channel, message.token, self.config.dead_letter_exchange, queue, headers
         )

@@ -74,6 +74,7 @@ class AmqpClient:
         self._connection: AbstractConnection | None = None
         self._consumers: dict[str, _Channel] = {}
         self._publisher: AbstractChannel | None = None
+        self._mover: AbstractChannel | None = None
         self._publisher_lock = asyncio.Lock()
         self._generation = 0
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
@@ -130,7 +131,7 @@ class AmqpClient:
                     consumer.tag = str(ok.consumer_tag)
         except BaseException:
             self._consumers = {}
-            self._publisher = None
+            self._publisher = self._mover = None
             self._connection = None
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -191,7 +192,7 @@ class AmqpClient:
                 logger.warning("amqp: lost the connection to the broker; reconnecting")
             self._ready.clear()
             self._consumers = {}
-            self._publisher = None
+            self._publisher = self._mover = None
             self._buffer.clear()
             old, self._connection = self._connection, None
             if old is not None:
@@ -298,9 +299,15 @@ class AmqpClient:
                 await channel.close()
         self._retry_queues.add(retry_queue)
 
-    async def _channel(self) -> AbstractChannel:
-        """The confirm-mode publishing channel, reopened if the broker closed it."""
-        publisher = self._publisher
+    async def _channel(self, moves: bool = False) -> AbstractChannel:
+        """A confirm-mode publishing channel, reopened if the broker closed it.
+
+        The application's sends and the server's own moves (retry copies, dead letters)
+        have one each: a publish the broker refuses at channel level (an exchange gone)
+        closes its channel, and every publish waiting there for its confirmation fails
+        with that error, so a move the broker refuses never fails an application's send.
+        """
+        publisher = self._mover if moves else self._publisher
         if publisher is not None and not publisher.is_closed:
             return publisher
         if self._closed:
@@ -311,11 +318,14 @@ class AmqpClient:
         except TimeoutError:
             raise AmqpSendError("amqp: not connected to the broker") from None
         async with self._publisher_lock:
-            publisher = self._publisher
+            publisher = self._mover if moves else self._publisher
             if publisher is None or publisher.is_closed:
                 connection = self._connection
                 if connection is None:
                     raise AmqpSendError("amqp: not connected to the broker")
                 publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                self._publisher = publisher
+                if moves:
+                    self._mover = publisher
+                else:
+                    self._publisher = publisher
             return publisher
