@@ -344,3 +344,23 @@ async def test_the_address_from_the_path_is_percent_decoded_without_the_query() 
                 assert answer[0] == 204
         writer.close()
     assert [s["address"] for s in app.scopes] == ["orders.eu"]
+
+
+async def test_headers_that_trickle_in_for_longer_than_the_read_timeout_get_408() -> None:
+    app = Recorder()
+    async with serving("own", app, HttpOptions(read_timeout=1), config=FAST) as served:
+        reader, writer = await connect(served)
+        head = request(b"x").split(b"\r\n\r\n")[0]
+        answer = None
+        for i in range(len(head)):  # a byte every 0.2 s: never silent for a whole second
+            writer.write(head[i : i + 1])
+            await asyncio.sleep(0.2)
+            if reader._buffer:  # type: ignore[attr-defined]
+                answer = await read_answer(reader)
+                break
+        assert await closed(reader)
+        writer.close()
+    assert answer is not None, "the server waited for the whole trickle"
+    assert answer[0] == 408
+    assert b"request headers not complete within 1 s" in answer[2]
+    assert app.received == []

@@ -134,6 +134,8 @@ class Connection(asyncio.Protocol):
         self._keep_alive = True
         self._old = False
         self._bodiless = False
+        self._head_sweeps = 0
+        """Sweeps since the request began, while its headers are not complete."""
         self._unread = False
         self.lingering: int | None = None
         """Sweeps since the last answer was written, while waiting to close."""
@@ -191,6 +193,7 @@ class Connection(asyncio.Protocol):
         self._head_size = 0
         self._expect = False
         self._bodiless = False
+        self._head_sweeps = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -332,7 +335,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def sweep(self, keep_alive: int, read_timeout: int) -> None:
-        """Once a second: close a connection idle too long (408 when mid-request)."""
+        """Once a second: close a connection idle too long (408 when mid-request, or
+        when a request's headers take longer than ``read_timeout`` in all)."""
         self.idle += 1
         if self.lingering is not None and self.transport is not None:
             self.lingering += 1
@@ -342,9 +346,15 @@ class Connection(asyncio.Protocol):
         if self.slots or self.transport is None:
             return  # the app has its requests: the sender's timeout governs
         if self.reading:
-            if self.idle >= read_timeout:
+            if self._head is None and self._refusal is None:
+                self._head_sweeps += 1  # its headers are not complete yet
+            if self.idle > read_timeout:  # (a sweep may come just after the last bytes)
                 self._finish(text_answer(408, f"no bytes of the request for {read_timeout} s"))
-        elif self.idle >= keep_alive:
+            elif self._head_sweeps > read_timeout:  # bytes trickle in, never a whole head
+                self._finish(
+                    text_answer(408, f"request headers not complete within {read_timeout} s")
+                )
+        elif self.idle > keep_alive:
             self.closing = True
             self.transport.close()
 
