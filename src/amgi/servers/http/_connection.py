@@ -80,12 +80,14 @@ class _Slot:
 
     __slots__ = ("answer", "bodiless", "connection", "keep_alive", "old", "outcome", "settled")
 
-    def __init__(self, connection: Connection, keep_alive: bool, old: bool = False) -> None:
+    def __init__(
+        self, connection: Connection, keep_alive: bool, old: bool = False, bodiless: bool = False
+    ) -> None:
         self.connection = connection
         self.keep_alive = keep_alive
         self.old = old
         """An HTTP/1.0 request kept alive: its answer says so (``connection: keep-alive``)."""
-        self.bodiless = False
+        self.bodiless = bodiless
         """The answer to a HEAD request: its headers only."""
         self.settled = False
         self.outcome: list[str] | None = None
@@ -250,8 +252,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.reading = False
-        slot = _Slot(self, self._keep_alive, self._old)
-        slot.bodiless = self._bodiless
+        slot = _Slot(self, self._keep_alive, self._old, self._bodiless)
         self.slots.append(slot)
         head = self._head
         if head is None:
@@ -279,12 +280,12 @@ class Connection(asyncio.Protocol):
         slots = self.slots
         transport = self.transport
         listener = self.listener
-        stopping = self.front.inbox  # closed at shutdown: answers then close their connection
+        inbox = self.front.inbox  # closed at shutdown: answers then close their connection
         while slots and slots[0].settled:
             slot = slots.popleft()
             if transport is None:
                 continue  # the client went away: nobody to answer
-            last = not slot.keep_alive or stopping.closed or (self.closing and not slots)
+            last = not slot.keep_alive or inbox.closed or (self.closing and not slots)
             answer = slot.answer
             if answer is None:
                 outcome = slot.outcome
@@ -340,7 +341,7 @@ class Connection(asyncio.Protocol):
         self.idle += 1
         if self.lingering is not None and self.transport is not None:
             self.lingering += 1
-            if self.idle >= 1 or self.lingering >= LINGER:
+            if self.idle > 1 or self.lingering >= LINGER:  # a whole quiet second, as above
                 self.transport.close()
             return
         if self.slots or self.transport is None:
