@@ -459,6 +459,60 @@ async def test_a_stop_uses_up_no_attempt_of_the_messages_prefetched_from_a_quoru
     assert await queue_depth(queue) == 0
 
 
+async def test_a_stop_whose_deadline_ends_the_hand_over_returns_the_rest_and_loses_none(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shutdown timeout runs out while the handed-over messages are processed: the
+    stop still ends in time, the messages not started go back to the quorum queue
+    (counted, as after a crash) and the next consumer gets every one of them."""
+    options = AmqpOptions(url=URL, queue_type="quorum", batch_size=5, prefetch=20)
+    declaring = AmqpTransport([queue], options)
+    await declaring.connect()
+    await declaring.close()
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    await sender.connect()
+    try:
+        await asyncio.gather(*(sender.publish(queue, [], b"%d" % i, {}) for i in range(30)))
+    finally:
+        await sender.close()
+    seen: list[tuple[bytes, int]] = []
+    first_call = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            event = await receive()
+            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            await send({"type": "message.ack", "id": event["id"]})
+            more = event.get("more_messages", False)
+        first_call.set()
+        await asyncio.sleep(0.3)
+
+    slow = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=0.5)
+    runtime = Runtime(app, AmqpTransport([queue], options), slow)
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(first_call.wait(), 10)
+    stopping = asyncio.get_running_loop().time()
+    runtime.request_stop()
+    assert await asyncio.wait_for(serving, 20) == 0
+    assert asyncio.get_running_loop().time() - stopping < 10
+    assert "the shutdown timeout ended before every delivered message" in caplog.text
+    first = len(seen)
+    assert 5 <= first < 30
+    rest = Runtime(app, AmqpTransport([queue], options), RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(rest.serve())
+    async with asyncio.timeout(20):
+        while len({p for p, _ in seen}) < 30:
+            await asyncio.sleep(0.05)
+    rest.request_stop()
+    assert await asyncio.wait_for(serving, 20) == 0
+    assert {p for p, _ in seen} == {b"%d" % i for i in range(30)}
+    assert {a for _, a in seen[:first]} == {1}
+    assert await queue_depth(queue) == 0
+
+
 async def crash_holding(queue: str, options: AmqpOptions, times: int) -> None:
     """Consumers that take the message and die holding it: the channel closes unacked."""
     for crash in range(times):
