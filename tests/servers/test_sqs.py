@@ -467,14 +467,8 @@ async def test_bad_options_are_rejected(field: str, value: int) -> None:
 # -- with the runtime ------------------------------------------------------------------
 
 
-async def test_runtime_acks_retries_and_dead_letters(
-    admin: SqsTransport, new_queue: NewQueue
-) -> None:
-    name = await new_queue()
-    for i in range(20):
-        await admin.publish(name, [], b"bad" if i == 7 else b"ok %d" % i, {})
-    seen: list[tuple[bytes, int]] = []
-    done = asyncio.Event()
+def recording_app(seen: list[tuple[bytes, int]], nack: bytes | None = None) -> Any:
+    """An app that records (payload, attempt) and acks every message (nacks ``nack``)."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "message":
@@ -482,22 +476,32 @@ async def test_runtime_acks_retries_and_dead_letters(
         while True:
             event = await receive()
             seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
-            if event["payload"] == b"bad":
+            if event["payload"] == nack:
                 await send({"type": "message.nack", "id": event["id"], "message": "bad payload"})
             else:
                 await send({"type": "message.ack", "id": event["id"]})
-            if len(seen) >= 22:
-                done.set()
             if not event.get("more_messages"):
                 return
 
+    return app
+
+
+async def test_runtime_acks_retries_and_dead_letters(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    name = await new_queue()
+    for i in range(20):
+        await admin.publish(name, [], b"bad" if i == 7 else b"ok %d" % i, {})
+    seen: list[tuple[bytes, int]] = []
+
     transport = SqsTransport([name], options())
-    runtime = Runtime(
-        app, transport, RuntimeConfig(max_attempts=3, retry_delay=0.2, retry_delay_max=1.0)
-    )
+    config = RuntimeConfig(max_attempts=3, retry_delay=0.2, retry_delay_max=1.0)
+    runtime = Runtime(recording_app(seen, nack=b"bad"), transport, config)
     task = asyncio.create_task(runtime.serve())
     try:
-        await asyncio.wait_for(done.wait(), 30)
+        async with asyncio.timeout(30):
+            while len(seen) < 22:
+                await asyncio.sleep(0.05)
         dead = await receive_raw(admin, f"{name}-dlq", 1)
     finally:
         runtime.request_stop()
@@ -549,6 +553,78 @@ async def test_a_slow_app_gets_no_message_twice(
         assert await asyncio.wait_for(task, 30) == 0
     assert sorted(seen) == [(b"m%02d" % i, 1) for i in range(20)]
     assert not [r for r in caplog.records if "ReceiptHandle" in r.getMessage()]
+    assert await counts(admin, name) == (0, 0)
+
+
+async def stop_while_polling(
+    admin: SqsTransport, name: str, runtime: Runtime, seen: list[tuple[bytes, int]]
+) -> float:
+    """Serve until a first message went through (the polls are in flight again), then
+    stop and send ``late`` at once: a poll in flight takes it. Seconds the stop took."""
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await admin.publish(name, [], b"first", {})
+        async with asyncio.timeout(15):
+            while not seen:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # the poll that brought it is out again
+    finally:
+        started = time.monotonic()
+        runtime.request_stop()
+    await admin.publish(name, [], b"late", {})
+    assert await asyncio.wait_for(task, 30) == 0
+    return time.monotonic() - started
+
+
+async def test_a_stop_processes_what_the_long_polls_in_flight_bring(
+    admin: SqsTransport, new_queue: NewQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQS cannot call a long poll off: cut off at the client, it still took messages
+    (hidden for the visibility timeout, a receive counted each). The stop waits for the
+    polls in flight and processes what they bring, on its first attempt."""
+    caplog.set_level(logging.INFO, "amgi")
+    name = await new_queue()
+    seen: list[tuple[bytes, int]] = []
+    transport = SqsTransport([name], options(wait_time=3))
+    runtime = Runtime(recording_app(seen), transport, RuntimeConfig(lifespan="off"))
+    took = await stop_while_polling(admin, name, runtime, seen)
+    assert seen == [(b"first", 1), (b"late", 1)]
+    assert await counts(admin, name) == (0, 0)
+    assert took < 10
+    assert "long poll(s) in flight" in caplog.text
+
+
+async def test_a_stop_whose_timeout_ends_first_cuts_the_polls_off_and_loses_nothing(
+    admin: SqsTransport, new_queue: NewQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shutdown timeout bounds the wait: the stop ends in time with one warning and a
+    message a cut-off poll took comes back after the visibility timeout."""
+    name = await new_queue()
+    seen: list[tuple[bytes, int]] = []
+    transport = SqsTransport([name], options(wait_time=10, visibility_timeout=2))
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.5)
+    runtime = Runtime(recording_app(seen), transport, config)
+    took = await stop_while_polling(admin, name, runtime, seen)
+    assert took < 5
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "the shutdown timeout ended before every delivered message was processed: "
+        "the rest goes back to the broker"
+    ]
+    later: list[tuple[bytes, int]] = []
+    again = Runtime(
+        recording_app(later),
+        SqsTransport([name], options(wait_time=1, visibility_timeout=2)),
+        RuntimeConfig(lifespan="off"),
+    )
+    task = asyncio.create_task(again.serve())
+    try:
+        async with asyncio.timeout(20):
+            while not later:
+                await asyncio.sleep(0.05)
+    finally:
+        again.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    assert [p for p, _ in later] == [b"late"]
     assert await counts(admin, name) == (0, 0)
 
 

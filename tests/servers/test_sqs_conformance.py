@@ -2,8 +2,8 @@
 
 Addresses are FIFO queues with one message group, the SQS way of keeping one producer's
 order (a standard queue does not promise order). ``wait_time`` is short because moto
-checks a FIFO group's in-flight state once per long poll, and a long poll cut off at
-shutdown may still take messages (they come back after ``visibility_timeout``).
+checks a FIFO group's in-flight state once per long poll, and each stop waits for the
+long polls in flight.
 """
 
 from __future__ import annotations

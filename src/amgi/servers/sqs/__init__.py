@@ -25,6 +25,10 @@ headers              message attributes: String, Number (value as text) and Bina
 body                 text as is; other payloads base64 with ``amgi-body-encoding``
 send                 SendMessage; bindings ``sqs``: message_group_id,
                      message_deduplication_id, delay_seconds, attribute_types
+stop                 the long polls in flight are awaited (at most ``wait_time`` seconds,
+                     within the shutdown timeout) and what they bring is processed: a
+                     poll cut off would still take messages, hidden for the visibility
+                     timeout with one receive counted
 close / crash        unsettled messages come back when their visibility timeout ends
 backlog (metrics)    ``ApproximateNumberOfMessages`` per queue, read every 5 s by an owned
                      task, once metrics asked for it
@@ -164,8 +168,42 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
             if not address:
                 raise ConfigurationError("sqs: an address must be a queue name")
 
+    async def hand_over(self) -> Sequence[Batch]:
+        """Wait for the long polls in flight (at most ``wait_time`` seconds), then return
+        what they received, for the runtime to process before it stops.
+
+        SQS cannot call a ReceiveMessage off: cut off at the client, it goes on waiting on
+        the service's side and the messages it then takes are hidden for the visibility
+        timeout, each with one receive counted (``ApproximateReceiveCount``, the attempt):
+        enough deploys would dead-letter innocent messages. Cancelled (the shutdown timeout
+        ended first), the polls are left to :meth:`close`, which cuts them off as before.
+        """
+        receives = list(self._receives)
+        if not receives:
+            return []
+        pending = [r.task for r in receives if not r.task.done()]
+        if pending:
+            logger.info(
+                "waiting up to %ds for %d long poll(s) in flight (--wait-time)",
+                self.config.wait_time,
+                len(pending),
+            )
+            await asyncio.wait(pending)
+        self._receives = [r for r in self._receives if r not in receives]
+        batches: list[Batch] = []
+        for receive in receives:
+            if receive.task.cancelled():
+                continue
+            exc = receive.task.exception()
+            if exc is not None:
+                logger.debug("sqs: a long poll in flight at the stop failed: %s", exc)
+                continue
+            batches.extend(self._batches(receive.queue, receive.task.result()))
+        return batches
+
     async def close(self) -> None:
-        """Cancel receives in flight; messages they took come back after their timeout."""
+        """Cancel receives in flight (a stop awaited them in :meth:`hand_over` unless its
+        timeout ended first): messages they took come back after their timeout."""
         receives, self._receives = self._receives, []
         for receive in receives:
             receive.task.cancel()
