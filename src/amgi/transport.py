@@ -163,7 +163,8 @@ class Transport(abc.ABC):
     broker message id ...): the runtime's crash ledger can then recognise it."""
     counts_deliveries: bool = False
     """The broker counts every delivery, crashes included, so :attr:`Message.attempt`
-    rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues).
+    rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues,
+    NATS JetStream).
     A server where it depends on the options (AMQP: the queue type) sets it per instance."""
     outlives_process: ClassVar[bool] = True
     """Messages survive the consuming process (false only for the in-memory broker)."""

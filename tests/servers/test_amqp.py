@@ -20,6 +20,7 @@ from amgi.servers.amqp import (
     table_to_headers,
 )
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
+from tests.apps import attempts_app, serve_in_stops
 from tests.net import TlsFront, free_port, port_open, self_signed
 from tests.races import STEPS, cancel_after_completion
 from tests.servers.private_brokers import private_rabbitmq
@@ -428,31 +429,9 @@ async def test_a_stop_uses_up_no_attempt_of_the_messages_prefetched_from_a_quoru
         await asyncio.gather(*(sender.publish(queue, [], b"%d" % i, {}) for i in range(30)))
     finally:
         await sender.close()
-    seen: list[tuple[bytes, int]] = []
-    first_call = asyncio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            event = await receive()
-            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
-            await send({"type": "message.ack", "id": event["id"]})
-            more = event.get("more_messages", False)
-        first_call.set()
-        await asyncio.sleep(0.05)
-
     config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
-    runs = 0
-    while len(seen) < 30 and runs < 10:  # each stops while more is delivered than taken
-        runs += 1
-        first_call.clear()
-        runtime = Runtime(app, AmqpTransport([queue], options), config)
-        serving = asyncio.create_task(runtime.serve())
-        await asyncio.wait_for(first_call.wait(), 10)
-        runtime.request_stop()
-        assert await asyncio.wait_for(serving, 20) == 0
+    # Each run stops while more is delivered than taken.
+    seen, runs = await serve_in_stops(lambda: AmqpTransport([queue], options), 30, config)
     assert {attempt for _, attempt in seen} == {1}
     assert sorted(p for p, _ in seen) == sorted(b"%d" % i for i in range(30))
     assert runs == 2, "the first stop took all or only its first batch"
@@ -478,17 +457,7 @@ async def test_a_stop_whose_deadline_ends_the_hand_over_returns_the_rest_and_los
     seen: list[tuple[bytes, int]] = []
     first_call = asyncio.Event()
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            event = await receive()
-            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
-            await send({"type": "message.ack", "id": event["id"]})
-            more = event.get("more_messages", False)
-        first_call.set()
-        await asyncio.sleep(0.3)
+    app = attempts_app(seen, called=first_call, linger=0.3)
 
     slow = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=0.5)
     runtime = Runtime(app, AmqpTransport([queue], options), slow)

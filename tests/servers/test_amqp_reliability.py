@@ -12,6 +12,7 @@ import pytest
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
 from amgi.transport import Batch, Settlement
+from tests.apps import attempts_app
 from tests.servers.crash_loop import CrashLoop
 from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
 
@@ -44,19 +45,7 @@ async def test_a_refused_retry_is_dead_lettered_at_once_not_requeued(
     await declare(f"{queue}.retry.100", {"x-message-ttl": 99999})
     seen: list[tuple[bytes, int]] = []
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            event = await receive()
-            more = event.get("more_messages", False)
-            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
-            if event["payload"] == b"bad":
-                await send({"type": "message.nack", "id": event["id"], "message": "no"})
-            else:
-                await send({"type": "message.ack", "id": event["id"]})
-
+    app = attempts_app(seen, nack=b"bad")
     transport = AmqpTransport([queue], AmqpOptions(url=URL))
     runtime = Runtime(app, transport, RuntimeConfig(max_attempts=5, retry_delay=0.1))
     task = asyncio.create_task(runtime.serve())
@@ -72,7 +61,7 @@ async def test_a_refused_retry_is_dead_lettered_at_once_not_requeued(
         assert await task == 0
     assert dead.body == b"bad"
     reason = dead.header.properties.headers["amgi-dead-letter-reason"]
-    assert reason.startswith("no (its retry could not be published: ")
+    assert reason.startswith("bad payload (its retry could not be published: ")
     assert "retry.100" in reason
     assert dead.header.properties.headers["amgi-attempt"] == "1"
     assert sorted(seen) == [(b"bad", 1), (b"fine", 1)]

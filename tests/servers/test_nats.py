@@ -13,6 +13,7 @@ from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
+from tests.apps import attempts_app, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
@@ -109,6 +110,61 @@ async def test_a_retry_keeps_the_stream_sequence_and_counts_the_delivery(subject
         await t.settle(Batch(subject, [again]), Settlement(acked=[again]))
     finally:
         await t.close()
+
+
+async def test_a_stop_uses_up_no_attempt_of_the_messages_already_pulled(subject: str) -> None:
+    """A stop used to give back (``-NAK``) what its pull request had brought and no batch
+    had taken: each came again with its delivery count, the attempt, raised. Now the
+    stop processes them, so every message reaches the app on its first attempt."""
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, batch_size=5, fetch_expiry=2)
+    sender = NatsTransport([], NatsOptions(servers=URL))
+    await sender.connect()
+    try:
+        for i in range(30):
+            await sender.publish(subject, [], b"%d" % i, {})
+    finally:
+        await sender.close()
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
+    # Each run stops with a pull request answered and not yet taken.
+    seen, runs = await serve_in_stops(lambda: NatsTransport([subject], options), 30, config)
+    assert sorted(p for p, _ in seen) == sorted(b"%d" % i for i in range(30))
+    assert {attempt for _, attempt in seen} == {1}, f"{runs} {seen}"
+    assert runs >= 2, "the first stop took every message"
+    state = await consumer_state(STREAM, durable)
+    assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
+
+
+async def test_a_stop_processes_what_the_open_pull_request_brings(subject: str) -> None:
+    """JetStream cannot call a pull request off: the stop waits for the open one to end
+    (at most ``fetch_expiry``) and processes what it brings. Unsubscribed while it was
+    open, a message it was sending could reach the stopped inbox: lost to the process,
+    it came again with its delivery count raised."""
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=2, ack_wait=30)
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    sender = NatsTransport([], NatsOptions(servers=URL))
+    await sender.connect()
+    try:
+        transport = NatsTransport([subject], options)
+        app = attempts_app(seen, called=called, linger=0.05)
+        runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
+        serving = asyncio.create_task(runtime.serve())
+        await sender.publish(subject, [], b"first", {})
+        await asyncio.wait_for(called.wait(), 10)
+        await asyncio.sleep(0.3)  # the next pull request is open
+        started = asyncio.get_running_loop().time()
+        runtime.request_stop()
+        await sender.publish(subject, [], b"late", {})
+        assert await asyncio.wait_for(serving, 20) == 0
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await sender.close()
+    assert seen == [(b"first", 1), (b"late", 1)]
+    assert took < 4
+    state = await consumer_state(STREAM, durable)
+    assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
 
 
 async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject: str) -> None:

@@ -17,6 +17,7 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
+from tests.apps import attempts_app
 from tests.moto_env import ENDPOINT, private_moto, use_moto_credentials
 
 
@@ -467,25 +468,6 @@ async def test_bad_options_are_rejected(field: str, value: int) -> None:
 # -- with the runtime ------------------------------------------------------------------
 
 
-def recording_app(seen: list[tuple[bytes, int]], nack: bytes | None = None) -> Any:
-    """An app that records (payload, attempt) and acks every message (nacks ``nack``)."""
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        while True:
-            event = await receive()
-            seen.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
-            if event["payload"] == nack:
-                await send({"type": "message.nack", "id": event["id"], "message": "bad payload"})
-            else:
-                await send({"type": "message.ack", "id": event["id"]})
-            if not event.get("more_messages"):
-                return
-
-    return app
-
-
 async def test_runtime_acks_retries_and_dead_letters(
     admin: SqsTransport, new_queue: NewQueue
 ) -> None:
@@ -496,7 +478,7 @@ async def test_runtime_acks_retries_and_dead_letters(
 
     transport = SqsTransport([name], options())
     config = RuntimeConfig(max_attempts=3, retry_delay=0.2, retry_delay_max=1.0)
-    runtime = Runtime(recording_app(seen, nack=b"bad"), transport, config)
+    runtime = Runtime(attempts_app(seen, nack=b"bad"), transport, config)
     task = asyncio.create_task(runtime.serve())
     try:
         async with asyncio.timeout(30):
@@ -586,7 +568,7 @@ async def test_a_stop_processes_what_the_long_polls_in_flight_bring(
     name = await new_queue()
     seen: list[tuple[bytes, int]] = []
     transport = SqsTransport([name], options(wait_time=3))
-    runtime = Runtime(recording_app(seen), transport, RuntimeConfig(lifespan="off"))
+    runtime = Runtime(attempts_app(seen), transport, RuntimeConfig(lifespan="off"))
     took = await stop_while_polling(admin, name, runtime, seen)
     assert seen == [(b"first", 1), (b"late", 1)]
     assert await counts(admin, name) == (0, 0)
@@ -603,7 +585,7 @@ async def test_a_stop_whose_timeout_ends_first_cuts_the_polls_off_and_loses_noth
     seen: list[tuple[bytes, int]] = []
     transport = SqsTransport([name], options(wait_time=10, visibility_timeout=2))
     config = RuntimeConfig(lifespan="off", shutdown_timeout=0.5)
-    runtime = Runtime(recording_app(seen), transport, config)
+    runtime = Runtime(attempts_app(seen), transport, config)
     took = await stop_while_polling(admin, name, runtime, seen)
     assert took < 5
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
@@ -612,7 +594,7 @@ async def test_a_stop_whose_timeout_ends_first_cuts_the_polls_off_and_loses_noth
     ]
     later: list[tuple[bytes, int]] = []
     again = Runtime(
-        recording_app(later),
+        attempts_app(later),
         SqsTransport([name], options(wait_time=1, visibility_timeout=2)),
         RuntimeConfig(lifespan="off"),
     )

@@ -23,6 +23,8 @@ send               JetStream publish, its ack awaited; headers as in ``_headers`
                    binding ``msgId`` becomes ``Nats-Msg-Id`` (de-duplication)
 bindings in        ``nats``: ``subject``, ``stream``, ``sequence`` (``msgId`` if set)
 backlog (metrics)  the pending count in the last fetched message's ack subject
+stop               no new pull request; the open ones are awaited (at most
+                   ``--fetch-expiry``) and what arrived is processed before the stop ends
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
 dead letters       read from the stream capturing the dead-letter subject (a stream
@@ -120,6 +122,8 @@ class NatsTransport(DeadLetters, Transport):
         self._subscriptions: Subscriptions | None = None
         if self.config.mode == "jetstream" and addresses:
             self.lease_interval = self.config.ack_wait / 3
+        self.counts_deliveries = self.config.mode == "jetstream"
+        """JetStream's delivery count (the attempt) rises on every delivery."""
 
     def dead_letter_subject(self, subject: str) -> str:
         return self.config.dead_letter_subject.replace("{subject}", subject)
@@ -176,6 +180,15 @@ class NatsTransport(DeadLetters, Transport):
             return await self._subscriptions.read()
         await asyncio.Event().wait()  # nothing to consume: wait until cancelled
         return []
+
+    async def hand_over(self) -> Sequence[Batch]:
+        """JetStream: wait for the open pull requests to end (at most ``--fetch-expiry``)
+        and return the messages that arrived but were not fetched, for the runtime to
+        process before it stops; given back, each would come again with its delivery
+        count (the attempt) raised by one."""
+        if self._consumers is None:
+            return []
+        return await self._consumers.hand_over()
 
     def _dead(self, message: Message, address: str, reason: str) -> tuple[Message, str, Any]:
         subject = message.bindings.get("nats", {}).get("subject", address)

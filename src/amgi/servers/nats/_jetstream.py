@@ -118,11 +118,17 @@ class Consumers:
         await self._puller.stop()
 
     async def read(self) -> list[Batch]:
-        index, msgs = await self._puller.take()
+        return [self._batch(*await self._puller.take())]
+
+    async def hand_over(self) -> list[Batch]:
+        """At the stop: no more pull requests; what arrived, for the runtime to process."""
+        return [self._batch(index, msgs) for index, msgs in await self._puller.hand_over()]
+
+    def _batch(self, index: int, msgs: list[Any]) -> Batch:
         subject = self._subjects_by_index[index]
         if msgs:
             self.backlog[subject] = int(_ack_fields(msgs[-1].reply)[6])
-        return [Batch(subject, [_message(m) for m in msgs], key=subject)]
+        return Batch(subject, [_message(m) for m in msgs], key=subject)
 
     async def settle(
         self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]]

@@ -73,6 +73,33 @@ class Puller:
         for index, request in enumerate(self._requests):
             self._subs.append(await self.client.subscribe(request.reply, cb=self._receiver(index)))
 
+    async def hand_over(self) -> list[tuple[int, list[Any]]]:
+        """Stop asking, wait for the open pull requests to end (at most ``expires``
+        seconds), and return what arrived but was never handed out, per consumer in runs
+        of ``batch``.
+
+        JetStream cannot call a pull request off. Unsubscribed while it is open, the
+        message it is sending at that moment can reach the inbox after the unsubscribe:
+        lost to this process, it comes again with its delivery count, the attempt, raised
+        by one. So can every message given back at :meth:`stop` (``-NAK``).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            open_until = max((r.open_until for r in self._requests), default=0.0)
+            if open_until <= now:
+                break
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(open_until - now):
+                    await self._ready.wait()
+        taken: list[tuple[int, list[Any]]] = []
+        for index, arrived in enumerate(self._arrived):
+            while arrived:
+                n = min(self.batch, len(arrived))
+                taken.append((index, [arrived.popleft() for _ in range(n)]))
+        return taken
+
     async def stop(self) -> None:
         """Unsubscribe; messages that arrived but were never handed out go back at once."""
         subs, self._subs = self._subs, []
