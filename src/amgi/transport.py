@@ -164,7 +164,7 @@ class Transport(abc.ABC):
     counts_deliveries: bool = False
     """The broker counts every delivery, crashes included, so :attr:`Message.attempt`
     rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues,
-    NATS JetStream).
+    NATS JetStream, Redis Streams).
     A server where it depends on the options (AMQP: the queue type) sets it per instance."""
     outlives_process: ClassVar[bool] = True
     """Messages survive the consuming process (false only for the in-memory broker)."""

@@ -833,6 +833,57 @@ async def test_a_stop_runs_the_batches_handed_over_within_the_shutdown_timeout(
     assert "every delivered message was processed" in caplog.text
 
 
+class ThreeAtOnce(HandingOver):
+    """One fetch returns three batches; ``counts`` says whether the broker counts
+    deliveries."""
+
+    def __init__(self, counts: bool, error: Exception | None = None) -> None:
+        super().__init__(batch("a", b"first"), [], error)
+        self.counts_deliveries = counts
+        self.pending = []
+        self.given = False
+
+    async def fetch(self) -> Sequence[Batch]:
+        if not self.given:
+            self.given = True
+            return [batch("a", b"first"), batch("b", b"second"), batch("c", b"third")]
+        await asyncio.sleep(3600)
+        return []
+
+
+@pytest.mark.parametrize(
+    ("counts", "error"), [(True, None), (True, OSError("channel closed")), (False, None)]
+)
+async def test_a_stop_runs_the_fetched_batches_still_waiting_for_a_slot_where_deliveries_count(
+    counts: bool, error: Exception | None
+) -> None:
+    """A fetch returned more batches than slots; the stop comes while the first runs.
+    Handed back, the others would come again counted: where the broker counts, the stop
+    runs them (even when the hand-over fails); elsewhere they go back uncounted."""
+    started = asyncio.Event()
+    seen: list[bytes | None] = []
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        seen.append(m["payload"])  # type: ignore[typeddict-item]
+        started.set()
+        await asyncio.sleep(0.05)
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+    t = ThreeAtOnce(counts, error)
+    runtime = Runtime(app, t, RuntimeConfig(lifespan="off", concurrency=1))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(started.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 5) == 0
+    expected = [b"first", b"second", b"third"] if counts else [b"first"]
+    assert seen == expected
+    assert [b.messages[0].payload for b, s in t.settled if s.acked] == expected
+    assert t.handed == 1
+
+
 async def test_a_failed_hand_over_is_one_warning_and_the_stop_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -14,6 +14,7 @@ from amgi.servers.redis._client import execute_packed, open_client, pack
 from amgi.servers.redis._fields import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
+from tests.apps import serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
@@ -186,6 +187,31 @@ async def test_a_stream_is_read_ahead_by_one_batch_and_others_keep_flowing() -> 
         assert await pending(one, group) == 2
     finally:
         await t.close()
+
+
+async def test_a_stop_runs_the_batches_read_and_still_waiting_for_a_slot() -> None:
+    """One read brings a batch of each of three streams, one slot runs them: at the
+    stop, the two still waiting are processed. Left pending on the stopped consumer,
+    they would be claimed by the next one with their delivery counter raised."""
+    streams, group = [fresh("wait1"), fresh("wait2"), fresh("wait3")], fresh("g")
+    options = RedisOptions(url=URL, group=group, batch_size=5, block=0.1, claim_idle=0.5)
+    sender = RedisTransport([], RedisOptions(url=URL))
+    await sender.connect()
+    try:
+        for stream in streams:
+            for i in range(5):
+                await sender.publish(stream, [], f"{stream}-{i}".encode(), {})
+    finally:
+        await sender.close()
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
+    seen, runs = await serve_in_stops(lambda: RedisTransport(streams, options), 15, config)
+    assert sorted(p for p, _ in seen) == sorted(
+        f"{s}-{i}".encode() for s in streams for i in range(5)
+    )
+    assert {attempt for _, attempt in seen} == {1}
+    assert runs == 1, "one read brought every stream's batch and the stop ran them"
+    for stream in streams:
+        assert await pending(stream, group) == 0
 
 
 async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_count() -> None:

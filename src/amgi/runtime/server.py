@@ -111,6 +111,8 @@ class Runtime:
         """Batches in flight, by the task that processes them (the lease loop extends them)."""
         self._tails: dict[Hashable, asyncio.Future[None]] = {}
         self._capacity = asyncio.Event()
+        self._unstarted: list[Batch] = []
+        """Batches a fetch returned that were waiting for a slot when the stop came."""
         self._fatal: BaseException | None = None
         self._exit_code = 0
 
@@ -336,13 +338,26 @@ class Runtime:
     async def _run_handed_over(self, deadline: float) -> None:
         """Start the batches the transport hands over at the stop (see
         :meth:`Transport.hand_over`), as slots free up, until ``deadline``; those not
-        started by then go back to the broker at close."""
+        started by then go back to the broker at close.
+
+        Where the broker counts deliveries, the batches a fetch returned that were still
+        waiting for a slot go first: handed back, each of their messages would come again
+        with one attempt used up. Elsewhere they go back at close, uncounted.
+        """
         if self._fatal is not None:
             return
         limit = self.config.concurrency
+        unstarted, self._unstarted = self._unstarted, []
+        if not self.transport.counts_deliveries:
+            unstarted = []
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                batches = [b for b in await self.transport.hand_over() if b.messages]
+                try:
+                    handed = [b for b in await self.transport.hand_over() if b.messages]
+                except Exception as exc:
+                    logger.warning("taking the delivered messages at the stop failed: %s", exc)
+                    handed = []
+                batches = unstarted + handed
                 if not batches:
                     return
                 count = sum(len(b.messages) for b in batches)
@@ -356,8 +371,6 @@ class Runtime:
                 "the shutdown timeout ended before every delivered message was processed: "
                 "the rest goes back to the broker"
             )
-        except Exception as exc:
-            logger.warning("taking the delivered messages at the stop failed: %s", exc)
 
     async def _drain(self, deadline: float) -> None:
         """Let in-flight batches finish until ``deadline`` (the shutdown timeout), then
@@ -432,18 +445,19 @@ class Runtime:
                 self.metrics.broker_reachable(True)
                 failing = False
                 backoff.reset()
-            for batch in batches:
-                if not batch.messages:
-                    continue
-                # One fetch may return more batches than there are free slots (a batch
-                # per topic, per partition ...): start each only when a slot is free.
-                # Batches not started when a stop cancels this wait stay unacknowledged
-                # on the broker and come back by redelivery.
-                if len(tasks) >= limit:
-                    await self._free_slot(limit)
-                if stop.is_set():
-                    return
-                self._start(batch)
+            waiting = [b for b in batches if b.messages]
+            # One fetch may return more batches than there are free slots (a batch per
+            # topic, per partition ...): start each only when a slot is free. Batches not
+            # started when the stop comes are kept for it (_run_handed_over).
+            try:
+                while waiting:
+                    if len(tasks) >= limit:
+                        await self._free_slot(limit)
+                    if stop.is_set():
+                        break
+                    self._start(waiting.pop(0))
+            finally:
+                self._unstarted += waiting
 
     async def _free_slot(self, limit: int) -> None:
         """Wait until fewer than ``limit`` batches are in flight."""

@@ -19,6 +19,9 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
                    a ``--consumer`` named again after a restart reads its own
                    pending entries first (``XREADGROUP ... 0``)
+stop               batches read and still waiting for a slot are processed (the
+                   runtime, as ``counts_deliveries`` is true): claimed later, their
+                   delivery counter would rise
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
 backlog (metrics)  the group's ``lag`` plus ``pending`` from ``XINFO GROUPS``, read
@@ -118,6 +121,8 @@ class RedisTransport(DeadLetters, Transport):
         self._streams: Streams | None = None
         self._pubsub: PubSub | None = None
         self._backlog: Refreshed[dict[str, int]] | None = None
+        self.counts_deliveries = c.mode == "streams"
+        """An entry's delivery counter (the attempt) rises when another consumer claims it."""
         if c.mode == "streams" and addresses:
             self.lease_interval = c.claim_idle / 3
 
