@@ -778,6 +778,25 @@ async def test_a_fetch_that_ignores_cancellation_is_left_behind(
     assert not runtime.abandoned, "closing the transport ended the fetch"
 
 
+def one_by_one(
+    seen: list[bytes | None], started: asyncio.Event, sleeps: dict[bytes, float], pause: float = 0
+) -> Any:
+    """An app taking one message per call: records its payload, sets ``started``, sleeps
+    ``sleeps[payload]`` (else ``pause``) seconds, then acks it."""
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        payload = m["payload"]  # type: ignore[typeddict-item]
+        seen.append(payload)
+        started.set()
+        await asyncio.sleep(sleeps.get(payload or b"", pause))
+        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+
+    return app
+
+
 class HandingOver(Scripted):
     """Hands ``held`` over at the stop (or raises ``error``)."""
 
@@ -801,16 +820,7 @@ async def test_a_stop_runs_the_batches_handed_over_within_the_shutdown_timeout(
     cancelled like any batch in flight, and the deadline is one for both steps."""
     started = asyncio.Event()
     seen: list[bytes | None] = []
-
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        if scope["type"] != "message":
-            return
-        m = await receive()
-        seen.append(m["payload"])  # type: ignore[typeddict-item]
-        started.set()
-        if m["payload"] == b"slow":  # type: ignore[typeddict-item]
-            await asyncio.sleep(60)
-        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+    app = one_by_one(seen, started, {b"slow": 60.0})
 
     held = [batch("a", b"held"), batch("b", b"slow"), batch("c", b"never")]
     t = HandingOver(batch("a", b"first"), held)
@@ -862,15 +872,7 @@ async def test_a_stop_runs_the_fetched_batches_still_waiting_for_a_slot_where_de
     runs them (even when the hand-over fails); elsewhere they go back uncounted."""
     started = asyncio.Event()
     seen: list[bytes | None] = []
-
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        if scope["type"] != "message":
-            return
-        m = await receive()
-        seen.append(m["payload"])  # type: ignore[typeddict-item]
-        started.set()
-        await asyncio.sleep(0.05)
-        await send({"type": "message.ack", "id": m["id"]})  # type: ignore[typeddict-item]
+    app = one_by_one(seen, started, {}, pause=0.05)
 
     t = ThreeAtOnce(counts, error)
     runtime = Runtime(app, t, RuntimeConfig(lifespan="off", concurrency=1))
