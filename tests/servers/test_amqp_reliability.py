@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
-from amgi.servers.amqp import AmqpOptions, AmqpTransport
+from amgi.servers.amqp import AmqpOptions, AmqpSendError, AmqpTransport
 from amgi.transport import Batch, Settlement
 from tests.apps import attempts_app
 from tests.servers.crash_loop import CrashLoop
@@ -330,3 +330,81 @@ async def test_a_dead_letter_the_broker_refuses_fails_no_send_of_the_application
         await delete_exchange(dlx)
     # the refused dead letter stayed unacked (it went back at close), the send landed
     assert sorted(m.body for m in await drain(queue, 2, timeout=10)) == [b"after", b"doomed"]
+
+
+async def send_around(
+    transport: AmqpTransport, queue: str, bad: dict[str, Any]
+) -> list[BaseException | None]:
+    """Ten sends to ``queue`` with one of ``bad`` bindings in their midst, all at once."""
+    sends = [transport.publish(queue, [], b"%d" % i, {}) for i in range(10)]
+    sends.insert(5, transport.publish(queue, [], b"bad", bad))
+    return await asyncio.gather(*sends, return_exceptions=True)
+
+
+async def test_a_send_to_a_missing_exchange_fails_alone_and_the_consumer_keeps_its_channel() -> (
+    None
+):
+    """The broker answers a publish to a missing exchange by closing the channel: every
+    send waiting there failed with that error, and a publish written as it closed could
+    make the broker close the whole connection, the consumer's deliveries with it. The
+    exchange is asked about first (once), on a channel of its own."""
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"held", {})
+        async with asyncio.timeout(10):
+            batches: list[Batch] = []
+            while not batches:
+                batches = list(await transport.fetch())
+        consumer = transport._consumers[queue].channel
+        sends = await transport._channel()
+        for _ in range(3):
+            results = await send_around(transport, queue, {"amqp": {"exchange": f"no-{queue}"}})
+            failed = [r for r in results if r is not None]
+            assert len(failed) == 1, results
+            assert f"no exchange 'no-{queue}'" in str(failed[0])
+            assert results.index(failed[0]) == 5
+        assert not sends.is_closed
+        assert not consumer.is_closed
+        [held] = batches[0].messages
+        await transport.settle(batches[0], Settlement(acked=[held]))
+    finally:
+        await transport.close()
+    assert sorted(m.body for m in await drain(queue, 30, timeout=10)) == sorted(
+        b"%d" % i for _ in range(3) for i in range(10)
+    )
+
+
+async def test_sends_the_broker_fails_over_another_ones_refusal_go_out_again() -> None:
+    """An exchange deleted after it was found: the send to it closes the channel (at
+    times the broker closes the whole connection), and the sends waiting there go out
+    again on a new one (only the culprit fails); the next send to it is asked about
+    again and fails alone."""
+    from tests.servers.test_amqp_support import delete_exchange
+
+    queue = new_queue()
+    exchange = f"amgi-test-gone-{queue}"
+    await declare(queue, {})
+    await declare_exchange_bound(exchange, queue, "k")
+    transport = AmqpTransport([], AmqpOptions(url=URL))
+    await transport.connect()
+    try:
+        await transport.publish("k", [], b"found", {"amqp": {"exchange": exchange}})
+        await delete_exchange(exchange)
+        results = await send_around(transport, queue, {"amqp": {"exchange": exchange}})
+        failed = [r for r in results if r is not None]
+        assert len(failed) == 1, results
+        assert f"no exchange '{exchange}'" in str(failed[0])
+        sends = await transport._channel()
+        with pytest.raises(AmqpSendError, match="no exchange"):
+            await transport.publish("k", [], b"again", {"amqp": {"exchange": exchange}})
+        assert await transport._channel() is sends
+    finally:
+        await transport.close()
+    # A send the broker had taken before it closed the channel, unconfirmed, went out
+    # twice (at least once); none is missing.
+    bodies = [m.body for m in await drain(queue, 21, timeout=1)]
+    assert set(bodies) == {b"found"} | {b"%d" % i for i in range(10)}
+    assert bodies.count(b"found") == 1
+    assert max(bodies.count(b) for b in bodies) <= 2

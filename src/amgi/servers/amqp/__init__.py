@@ -52,6 +52,7 @@ from amgi.servers.amqp._client import (
     AmqpSendError,
     _Channel,
     _check_confirm,
+    _refused_another,
     _reply_text,
 )
 from amgi.servers.amqp._codec import (
@@ -289,15 +290,30 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             raise AmqpSendError(f"amqp: bad amqp bindings for {address!r}: {exc}") from None
         where = f"exchange {exchange!r}" if exchange else "the default exchange"
         try:
-            channel = await self._channel()
-            result = await channel.basic_publish(
-                payload or b"",
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=bool(binding.get("mandatory", True)),
-                timeout=self.config.confirm_timeout,
-            )
+            if exchange and exchange not in self._exchanges:
+                await self._channel()  # connected, or one clear error
+                refused = await self._probe_exchange(exchange)
+                if refused is not None:
+                    raise AmqpSendError(f"amqp: cannot publish to {where}: {refused}")
+            for again in (False, True):
+                channel = await self._channel()
+                try:
+                    result = await channel.basic_publish(
+                        payload or b"",
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=bool(binding.get("mandatory", True)),
+                        timeout=self.config.confirm_timeout,
+                    )
+                    break
+                except (amqp_errors.ChannelClosed, amqp_errors.ChannelInvalidStateError) as exc:
+                    # Closed over another send: this one was not refused, so it goes out
+                    # once more on a new channel (unconfirmed: at least once).
+                    if again or not _refused_another(exc, exchange):
+                        if isinstance(exc, amqp_errors.ChannelNotFoundEntity):
+                            self._exchanges.discard(exchange)  # deleted since the probe
+                        raise
         except amqp_errors.PublishError:
             raise AmqpSendError(
                 f"amqp: message to {where} with routing key {routing_key!r} is unroutable "

@@ -26,6 +26,8 @@ logger = logging.getLogger("amgi.servers.amqp")
 
 
 _RECONNECT_FIRST = 0.1
+_CLOSING_POLL = 0.05
+"""Seconds between looks at a closing connection while a send waits for the next one."""
 
 
 class AmqpSendError(SendError):
@@ -63,6 +65,25 @@ def _reply_text(exc: BaseException) -> str:
     return str(text) if text else str(exc)
 
 
+_MAX_KNOWN_EXCHANGES = 1000
+
+
+def _refused_another(exc: BaseException, exchange: str) -> bool:
+    """Whether a publish to ``exchange`` failed only because the broker closed its channel
+    over another publish: the channel was closed already, or the broker's reply names
+    another exchange (``NOT_FOUND - no exchange 'x'``, ``ACCESS_REFUSED - access to
+    exchange 'x' ...``). A reply that names no exchange (a message too large) cannot be
+    told apart: no."""
+    from aiormq import exceptions as amqp_errors
+
+    if isinstance(exc, amqp_errors.ChannelInvalidStateError):
+        return True
+    if not isinstance(exc, amqp_errors.ChannelClosed):
+        return False
+    text = _reply_text(exc)
+    return "exchange '" in text and f"exchange '{exchange}'" not in text
+
+
 class AmqpClient:
     """The connection, its consuming and publishing channels, and the delivery buffer."""
 
@@ -83,6 +104,9 @@ class AmqpClient:
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._retry_queues: set[str] = set()
+        self._exchanges: set[str] = set()
+        """Exchanges a passive declare found (:meth:`_probe_exchange`)."""
+        self._probe_lock = asyncio.Lock()
         self._closed = False
 
     async def _open(self) -> None:
@@ -299,6 +323,39 @@ class AmqpClient:
                 await channel.close()
         self._retry_queues.add(retry_queue)
 
+    async def _probe_exchange(self, exchange: str) -> str | None:
+        """``None`` when ``exchange`` exists, else the broker's answer: a passive declare,
+        once per name, on a channel of its own.
+
+        A publish to a missing exchange makes the broker close the publishing channel,
+        failing every send waiting there for its confirmation; and a publish aiormq
+        writes as that channel closes can make the broker close the whole connection
+        (consumers included). Asked here first, such a send fails alone."""
+        from aiormq import exceptions as amqp_errors
+
+        async with self._probe_lock:
+            if exchange in self._exchanges:
+                return None
+            connection = self._connection
+            if connection is None:
+                raise AmqpSendError("amqp: not connected to the broker")
+            channel = await connection.channel()
+            try:
+                async with asyncio.timeout(self.config.confirm_timeout):
+                    await channel.exchange_declare(exchange, passive=True)
+            except amqp_errors.ChannelClosed as exc:
+                return _reply_text(exc)
+            except TimeoutError:
+                raise AmqpSendError(f"amqp: the broker did not answer about {exchange!r}") from None
+            finally:
+                if not channel.is_closed:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            if len(self._exchanges) >= _MAX_KNOWN_EXCHANGES:
+                self._exchanges.clear()
+            self._exchanges.add(exchange)
+            return None
+
     async def _channel(self, moves: bool = False) -> AbstractChannel:
         """A confirm-mode publishing channel, reopened if the broker closed it.
 
@@ -314,18 +371,33 @@ class AmqpClient:
             raise AmqpSendError("amqp: the server is closed")
         try:
             async with asyncio.timeout(self.config.confirm_timeout):
-                await self._ready.wait()
+                while True:
+                    await self._ready.wait()
+                    publisher = await self._open_publisher(moves)
+                    if publisher is not None:
+                        return publisher
+                    # The connection is closing: wait until the supervisor has noticed
+                    # (it clears _ready) and connected again.
+                    await asyncio.sleep(_CLOSING_POLL)
         except TimeoutError:
             raise AmqpSendError("amqp: not connected to the broker") from None
+
+    async def _open_publisher(self, moves: bool) -> AbstractChannel | None:
+        """The publishing channel, opened when closed; ``None`` if the connection closes."""
         async with self._publisher_lock:
             publisher = self._mover if moves else self._publisher
-            if publisher is None or publisher.is_closed:
-                connection = self._connection
-                if connection is None:
-                    raise AmqpSendError("amqp: not connected to the broker")
+            if publisher is not None and not publisher.is_closed:
+                return publisher
+            connection = self._connection
+            if connection is None or connection.is_closed:
+                return None
+            try:
                 publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                if moves:
-                    self._mover = publisher
-                else:
-                    self._publisher = publisher
+            except Exception as exc:
+                logger.debug("amqp: opening a publishing channel failed: %s", exc)
+                return None
+            if moves:
+                self._mover = publisher
+            else:
+                self._publisher = publisher
             return publisher
