@@ -364,3 +364,38 @@ async def test_headers_that_trickle_in_for_longer_than_the_read_timeout_get_408(
     assert answer[0] == 408
     assert b"request headers not complete within 1 s" in answer[2]
     assert app.received == []
+
+
+async def test_a_connection_over_max_connections_is_answered_503_and_the_next_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each connection holds a file descriptor: past ``--max-connections`` a new one is
+    answered 503 (its sender keeps the message and tries again) and closed; once one
+    closes, a new connection is served. One warning, not one per refusal."""
+    app = Recorder()
+    options = HttpOptions(max_connections=2)
+    async with serving("own", app, options, config=FAST) as served:
+        held = [await connect(served) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(request(b"held"))
+            assert (await read_answer(reader))[0] == 204
+        for _ in range(2):
+            reader, writer = await connect(served)
+            writer.write(request(b"refused"))
+            status, headers, body = await read_answer(reader)
+            assert (status, headers["connection"]) == (503, "close")
+            assert b"too many connections" in body
+            assert await closed(reader)
+            writer.close()
+        held[0][1].close()
+        await asyncio.sleep(0.2)
+        reader, writer = await connect(served)
+        writer.write(request(b"after"))
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+        held[1][1].close()
+    assert [m["payload"] for m in app.received] == [b"held", b"held", b"after"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "max-connections" in w] == [
+        "http: 2 connections open (--max-connections): answering new ones 503"
+    ]

@@ -93,6 +93,9 @@ class HttpOptions:
     close_timeout: float = option(30.0, "seconds open connections get to close at shutdown", ge=0)
     keep_alive: float = option(5.0, "seconds an idle connection stays open", gt=0)
     read_timeout: float = option(30.0, "seconds a request may pause before its end (408)", gt=0)
+    max_connections: int = option(
+        1000, "open connections at most; one more is answered 503 and closed", ge=1
+    )
     send_url: str | None = option(
         None, "URL message.send POSTs CloudEvents to ({address} ok)", secret=True
     )
@@ -176,6 +179,7 @@ class HttpTransport(Transport):
             keep_alive=o.keep_alive,
             read_timeout=o.read_timeout,
             close_timeout=o.close_timeout,
+            max_connections=o.max_connections,
         )
         await listener.start()
         self._listener = listener

@@ -56,6 +56,7 @@ _NO_UPGRADE = text_answer(400, "protocol upgrades are not supported")
 _TOO_LARGE = text_answer(
     431, f"request line and headers over {MAX_HEAD} bytes, or over {MAX_HEADERS} fields"
 )
+_TOO_MANY = text_answer(503, "too many connections: try again later")
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -146,10 +147,13 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.listener.connections.add(self)
-        if self.listener.stopping:
+        listener = self.listener
+        if listener.stopping:
             self.closing = True
             transport.close()
+        elif listener.full():
+            self._finish(_TOO_MANY)  # answered at once; closes once the client is quiet
+        listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Requests in flight stay with the runtime; their answers have nowhere to go

@@ -42,6 +42,7 @@ class Listener:
         keep_alive: float = 5.0,
         read_timeout: float = 30.0,
         close_timeout: float = 30.0,
+        max_connections: int = 1000,
     ) -> None:
         self.front = front
         self.host = host
@@ -50,6 +51,10 @@ class Listener:
         self.keep_alive = max(1, math.ceil(keep_alive))
         self.read_timeout = max(1, math.ceil(read_timeout))
         self.close_timeout = close_timeout
+        self.max_connections = max_connections
+        """Open connections at most: one more is answered 503 and closed (its sender
+        keeps its messages and tries again), before it runs out of file descriptors."""
+        self._refused_since_log = 0
         self.port: int | None = None
         self.connections: set[Connection] = set()
         self.stopping = False
@@ -91,6 +96,18 @@ class Listener:
             raise BrokerUnavailable(f"http: cannot start the listener: {exc}") from None
         self._sweeper = asyncio.create_task(self._sweep(), name="amgi-http-sweep")
         logger.info("http: listening on %s:%d", self.host, self.port)
+
+    def full(self) -> bool:
+        """Whether a new connection is one too many (counted, logged once a minute)."""
+        if len(self.connections) < self.max_connections:
+            return False
+        if not self._refused_since_log:
+            logger.warning(
+                "http: %d connections open (--max-connections): answering new ones 503",
+                len(self.connections),
+            )
+        self._refused_since_log += 1
+        return True
 
     def lost(self) -> None:
         """A connection closed (called by it)."""
@@ -141,8 +158,19 @@ class Listener:
         self.acked = b"HTTP/1.1 204 No Content\r\n" + self.date + b"\r\n"
 
     async def _sweep(self) -> None:
+        seconds = 0
         while True:
             await asyncio.sleep(1)
+            seconds += 1
+            if seconds % 60 == 0 and self._refused_since_log:
+                if self._refused_since_log > 1:
+                    logger.warning(
+                        "http: %d more connection(s) answered 503 in the last minute "
+                        "(--max-connections %d)",
+                        self._refused_since_log - 1,
+                        self.max_connections,
+                    )
+                self._refused_since_log = 0
             self._refresh_date()
             for connection in list(self.connections):
                 connection.sweep(self.keep_alive, self.read_timeout)
