@@ -220,10 +220,16 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             remaining = await loop.run_in_executor(None, producer.flush, timeout)
             if remaining:
                 logger.warning("%d Kafka record(s) were not delivered before close", remaining)
+                producer.purge()  # their sends fail now; close must not wait for them
         self._stopping.set()
         if self._delivery_thread is not None:
             await loop.run_in_executor(None, self._delivery_thread.join)
             self._delivery_thread = None
+        # The client's threads end now, not when its last reference goes (a traceback
+        # of a failed connect holds one). Older confluent-kafka releases lack close().
+        close = getattr(producer, "close", None)
+        if close is not None:
+            await loop.run_in_executor(None, close)
 
     # -- consuming (the consumer thread) -------------------------------------------------
 
