@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from amgi.servers.redis._client import execute_packed, open_client, pack
 from amgi.servers.redis._fields import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
-from tests.apps import serve_in_stops
+from tests.apps import attempts_app, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
@@ -212,6 +213,42 @@ async def test_a_stop_runs_the_batches_read_and_still_waiting_for_a_slot() -> No
     assert runs == 1, "one read brought every stream's batch and the stop ran them"
     for stream in streams:
         assert await pending(stream, group) == 0
+
+
+async def test_a_stop_as_a_read_answers_processes_what_it_read() -> None:
+    """The stop comes while a read's answer is on its way (here: held back 0.5 s once it
+    came). Cut off, the read left its entries pending on the stopped consumer, and the
+    next one claimed them with their delivery counter raised. The read now runs on,
+    and the stop processes what it brought."""
+    stream, group = fresh("answer"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=0.5, claim_idle=0.5)
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    answered = asyncio.Event()
+    transport = RedisTransport([stream], options)
+    runtime = Runtime(attempts_app(seen, called=called), transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        assert transport._client is not None
+        real = transport._client.execute_command
+
+        async def slow_answer(*args: Any, **kwargs: Any) -> Any:
+            reply = await real(*args, **kwargs)
+            if args[0] == "XREADGROUP" and reply:
+                answered.set()
+                await asyncio.sleep(0.5)
+            return reply
+
+        transport._client.execute_command = slow_answer
+        await transport.publish(stream, [], b"one", {})
+        await asyncio.wait_for(answered.wait(), 10)
+        runtime.request_stop()
+        assert await asyncio.wait_for(serving, 20) == 0
+    finally:
+        runtime.request_stop()
+    assert seen == [(b"one", 1)]
+    assert await pending(stream, group) == 0
 
 
 async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_count() -> None:

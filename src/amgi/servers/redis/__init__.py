@@ -19,9 +19,10 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
                    a ``--consumer`` named again after a restart reads its own
                    pending entries first (``XREADGROUP ... 0``)
-stop               batches read and still waiting for a slot are processed (the
-                   runtime, as ``counts_deliveries`` is true): claimed later, their
-                   delivery counter would rise
+stop               the read in flight ends (at most ``--block`` seconds; a fetch cancelled
+                   leaves it running) and what it brought is processed, as are batches
+                   still waiting for a slot (``counts_deliveries``): left pending and
+                   claimed later, their delivery counter would rise
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
 backlog (metrics)  the group's ``lag`` plus ``pending`` from ``XINFO GROUPS``, read
@@ -119,6 +120,8 @@ class RedisTransport(DeadLetters, Transport):
         self.consumer = c.consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self._client: Any = None  # redis.asyncio.Redis (its commands are untyped)
         self._streams: Streams | None = None
+        self._reading: asyncio.Future[list[Batch]] | None = None
+        """The read in flight (streams): it outlives a cancelled fetch."""
         self._pubsub: PubSub | None = None
         self._backlog: Refreshed[dict[str, int]] | None = None
         self.counts_deliveries = c.mode == "streams"
@@ -172,6 +175,10 @@ class RedisTransport(DeadLetters, Transport):
             raise
 
     async def close(self) -> None:
+        reading, self._reading = self._reading, None
+        if reading is not None:  # not handed over: what it read is claimed later
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
         streams, self._streams = self._streams, None
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
@@ -191,17 +198,45 @@ class RedisTransport(DeadLetters, Transport):
     async def fetch(self) -> Sequence[Batch]:
         streams = self._streams
         if streams is not None:
-            batches = [
-                self._batch(s, entries, attempts) for s, entries, attempts in await streams.read()
-            ]
-            for batch in batches:
-                if batch.messages:  # the runtime settles every batch it is given but an empty one
-                    streams.taken(batch.address)
-            return batches
+            # A task of its own, shielded: a cancelled fetch leaves its read running, for
+            # the next fetch or the hand-over. Cut off, a read whose answer was on its way
+            # would leave its entries pending here, to be claimed with an attempt more.
+            reading = self._reading
+            if reading is None:
+                reading = self._reading = asyncio.ensure_future(self._read(streams))
+            try:
+                return await asyncio.shield(reading)
+            finally:
+                if reading.done():
+                    self._reading = None
         if self._pubsub is not None:
             return await self._pubsub.read()
         await asyncio.Event().wait()  # nothing to consume: wait until cancelled
         return []
+
+    async def _read(self, streams: Streams) -> list[Batch]:
+        batches = [
+            self._batch(s, entries, attempts) for s, entries, attempts in await streams.read()
+        ]
+        for batch in batches:
+            if batch.messages:  # the runtime settles every batch it is given but an empty one
+                streams.taken(batch.address)
+        return batches
+
+    async def hand_over(self) -> Sequence[Batch]:
+        """Streams: let the read in flight end (at most ``--block`` seconds) and return
+        what it brought, for the runtime to process before it stops."""
+        streams, reading = self._streams, self._reading
+        if streams is None:
+            return []
+        streams.stopping = True
+        if reading is None:
+            return []
+        try:
+            return await asyncio.shield(reading)
+        finally:
+            if reading.done():
+                self._reading = None
 
     @staticmethod
     def _batch(stream: str, entries: list[Any], attempts: dict[bytes, int] | None) -> Batch:

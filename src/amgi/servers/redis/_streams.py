@@ -56,6 +56,8 @@ class Streams:
         self._next_touch = 0.0
         # A consumer named on the command line may be a restart of itself: what is
         # pending on that name was left by its previous run and is taken back at once.
+        self.stopping = False
+        """Set at the stop: :meth:`read` returns after the read in flight, entries or not."""
         self._history: dict[str, bytes] = (
             dict.fromkeys(self.streams, b"0") if options.consumer else {}
         )
@@ -110,7 +112,7 @@ class Streams:
                 logger.warning("a stream or its group vanished (%s); creating it again", exc)
                 await self.start()
                 continue
-            if replies:
+            if replies or self.stopping:
                 return replies
             raise_if_cancelled()
 
