@@ -339,18 +339,20 @@ class AmqpClient:
             connection = self._connection
             if connection is None:
                 raise AmqpSendError("amqp: not connected to the broker")
-            channel = await connection.channel()
+            channel: AbstractChannel | None = None
             try:
                 async with asyncio.timeout(self.config.confirm_timeout):
+                    channel = await connection.channel()
                     await channel.exchange_declare(exchange, passive=True)
             except amqp_errors.ChannelClosed as exc:
                 return _reply_text(exc)
             except TimeoutError:
                 raise AmqpSendError(f"amqp: the broker did not answer about {exchange!r}") from None
             finally:
-                if not channel.is_closed:
+                if channel is not None and not channel.is_closed:
                     with contextlib.suppress(Exception):
-                        await channel.close()
+                        async with asyncio.timeout(self.config.confirm_timeout):
+                            await channel.close()
             if len(self._exchanges) >= _MAX_KNOWN_EXCHANGES:
                 self._exchanges.clear()
             self._exchanges.add(exchange)
