@@ -229,6 +229,52 @@ async def test_shutdown_finishes_in_flight_requests_and_answers_new_ones_503(way
     assert [m["payload"] for m in app.received] == [b1]
 
 
+class Stepped(Recorder):
+    """Each call waits for a release of ``go`` before it reads its messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Semaphore(0)
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":
+            self.calls += 1
+            await self.go.acquire()
+        await super().__call__(scope, receive, send)
+
+
+async def test_a_stop_answers_the_requests_of_a_batch_still_waiting_for_a_slot(way: str) -> None:
+    """One fetch took the requests of two addresses and the one slot ran the first: the
+    stop runs the other batch too, and every sender gets its 204. Before, that batch was
+    dropped and its sender got no answer until its connection was closed."""
+    app = Stepped()
+    config = RuntimeConfig(concurrency=1, shutdown_timeout=10.0)
+    async with serving(way, app, config=config) as served, httpx.AsyncClient() as client:
+
+        def post(type_: str, n: int) -> asyncio.Task[httpx.Response]:
+            headers, body = binary(cloud_event(type_, n))
+            return asyncio.create_task(client.post(served.url + "/", headers=headers, content=body))
+
+        first = post("orders", 0)
+        while app.calls < 1:
+            await asyncio.sleep(0.01)
+        queued = [post("orders", 1), post("invoices", 2)]
+        while served.transport.inbox.waiting < 2:
+            await asyncio.sleep(0.01)
+        app.go.release()  # the first call ends; one fetch takes both, one slot runs one
+        while app.calls < 2:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(served.stop())
+        await asyncio.sleep(0.2)
+        for _ in range(2):
+            app.go.release()
+        answers = await asyncio.wait_for(asyncio.gather(first, *queued), 20)
+        assert await stopping == 0
+    assert [a.status_code for a in answers] == [204, 204, 204]
+    assert sorted(s["address"] for s in app.scopes) == ["invoices", "orders", "orders"]
+
+
 # -- bad input: the app is never called ------------------------------------------------------------
 
 

@@ -340,16 +340,15 @@ class Runtime:
         :meth:`Transport.hand_over`), as slots free up, until ``deadline``; those not
         started by then go back to the broker at close.
 
-        Where the broker counts deliveries, the batches a fetch returned that were still
-        waiting for a slot go first: handed back, each of their messages would come again
-        with one attempt used up. Elsewhere they go back at close, uncounted.
+        The batches a fetch returned that were still waiting for a slot go first: the
+        broker delivered them to this process. Handed back, each of their messages would
+        come again with one attempt used up where the broker counts deliveries, and a
+        push server's senders would wait for an answer until their connections closed.
         """
         if self._fatal is not None:
             return
         limit = self.config.concurrency
         unstarted, self._unstarted = self._unstarted, []
-        if not self.transport.counts_deliveries:
-            unstarted = []
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 try:
@@ -423,7 +422,8 @@ class Runtime:
         tasks = self._tasks
         # A client library may swallow the cancellation that ends this loop (on 3.11,
         # asyncio.wait_for does when its inner future completes at the same moment):
-        # the stop flag is checked too, and nothing fetched after a stop is started.
+        # the stop flag is checked too: nothing more is fetched, and what such a fetch
+        # returned is kept for the stop (_run_handed_over), like batches waiting for a slot.
         while not stop.is_set():
             if len(tasks) >= limit:
                 await self._free_slot(limit)

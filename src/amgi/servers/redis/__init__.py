@@ -21,7 +21,7 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    pending entries first (``XREADGROUP ... 0``)
 stop               the read in flight ends (at most ``--block`` seconds; a fetch cancelled
                    leaves it running) and what it brought is processed, as are batches
-                   still waiting for a slot (``counts_deliveries``): left pending and
+                   still waiting for a slot (the runtime): left pending and
                    claimed later, their delivery counter would rise
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
 bindings in        ``redis``: ``stream``, ``id``
