@@ -251,6 +251,32 @@ async def test_a_stop_as_a_read_answers_processes_what_it_read() -> None:
     assert await pending(stream, group) == 0
 
 
+async def test_a_stop_waits_no_longer_than_the_block_for_a_read_that_never_answers() -> None:
+    """Redis answers a read within ``--block``: one still open after that (Redis gone, a
+    reconnect) is cancelled, and the stop does not wait out the shutdown timeout."""
+    stream, group = fresh("silent"), fresh("g")
+    transport = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.5))
+    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        assert transport._client is not None
+        real = transport._client.execute_command
+
+        async def silent(*args: Any, **kwargs: Any) -> Any:
+            if args[0] == "XREADGROUP":
+                await asyncio.Event().wait()
+            return await real(*args, **kwargs)
+
+        transport._client.execute_command = silent
+        await asyncio.sleep(1.0)  # the read in flight before has ended: only a silent one
+    finally:
+        started = asyncio.get_running_loop().time()
+        runtime.request_stop()
+    assert await asyncio.wait_for(serving, 30) == 0
+    assert asyncio.get_running_loop().time() - started < 6  # 0.5 s and a little, not 30 s
+
+
 async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_count() -> None:
     stream, group = fresh("claim"), fresh("g")
     options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)

@@ -576,6 +576,31 @@ async def test_a_stop_processes_what_the_long_polls_in_flight_bring(
     assert "long poll(s) in flight" in caplog.text
 
 
+async def test_a_stop_waits_no_longer_than_the_wait_time_for_a_poll_that_never_answers(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    """SQS answers a long poll within its wait time: one still open after that (an
+    endpoint gone, its retries) is cut off, and the stop does not wait out the whole
+    shutdown timeout for it."""
+    name = await new_queue()
+    transport = SqsTransport([name], options(wait_time=1))
+    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+
+        async def silent(**_: Any) -> Any:
+            await asyncio.Event().wait()
+
+        transport.client.receive_message = silent  # type: ignore[method-assign]
+        await asyncio.sleep(1.5)  # the polls in flight before have ended: only silent ones
+    finally:
+        started = time.monotonic()
+        runtime.request_stop()
+    assert await asyncio.wait_for(serving, 30) == 0
+    assert time.monotonic() - started < 8  # 1 s and a little, not the 30 s shutdown timeout
+
+
 async def test_a_stop_whose_timeout_ends_first_cuts_the_polls_off_and_loses_nothing(
     admin: SqsTransport, new_queue: NewQueue, caplog: pytest.LogCaptureFixture
 ) -> None:

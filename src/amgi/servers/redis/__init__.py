@@ -60,6 +60,9 @@ from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Tra
 
 __all__ = ["RedisOptions", "RedisSendError", "RedisTransport"]
 
+_ANSWER_SLACK = 2.0
+"""Seconds past ``--block`` that a stop waits for the read in flight."""
+
 
 class RedisSendError(SendError):
     """Redis did not take a message (connection lost, wrong key type, headers on Pub/Sub)."""
@@ -224,19 +227,21 @@ class RedisTransport(DeadLetters, Transport):
         return batches
 
     async def hand_over(self) -> Sequence[Batch]:
-        """Streams: let the read in flight end (at most ``--block`` seconds) and return
-        what it brought, for the runtime to process before it stops."""
+        """Streams: let the read in flight end (at most ``--block`` seconds and a little)
+        and return what it brought, for the runtime to process before it stops."""
         streams, reading = self._streams, self._reading
         if streams is None:
             return []
         streams.stopping = True
         if reading is None:
             return []
-        try:
-            return await asyncio.shield(reading)
-        finally:
-            if reading.done():
-                self._reading = None
+        # Redis answers a read within --block; one still open after that (Redis gone,
+        # a reconnect) is left to close, which cancels it.
+        await asyncio.wait([reading], timeout=self.config.block + _ANSWER_SLACK)
+        if not reading.done():
+            return []
+        self._reading = None
+        return reading.result()
 
     @staticmethod
     def _batch(stream: str, entries: list[Any], attempts: dict[bytes, int] | None) -> Batch:

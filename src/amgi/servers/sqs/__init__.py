@@ -91,6 +91,9 @@ logger = logging.getLogger("amgi.servers.sqs")
 # -- the transport -----------------------------------------------------------------------
 
 
+_ANSWER_SLACK = 2.0
+"""Seconds past ``wait_time`` that a stop waits for a long poll's answer."""
+
 _WIRE_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
 """The loggers that write signed requests (headers and canonical request) at DEBUG."""
 
@@ -169,8 +172,8 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
                 raise ConfigurationError("sqs: an address must be a queue name")
 
     async def hand_over(self) -> Sequence[Batch]:
-        """Wait for the long polls in flight (at most ``wait_time`` seconds), then return
-        what they received, for the runtime to process before it stops.
+        """Wait for the long polls in flight (at most ``wait_time`` seconds and a little),
+        then return what they received, for the runtime to process before it stops.
 
         SQS cannot call a ReceiveMessage off: cut off at the client, it goes on waiting on
         the service's side and the messages it then takes are hidden for the visibility
@@ -188,10 +191,13 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
                 self.config.wait_time,
                 len(pending),
             )
-            await asyncio.wait(pending)
-        self._receives = [r for r in self._receives if r not in receives]
+            # SQS answers a poll within its wait time; one still open after that (an
+            # unreachable endpoint, its retries) is left to close, which cuts it off.
+            await asyncio.wait(pending, timeout=self.config.wait_time + _ANSWER_SLACK)
+        done = [r for r in receives if r.task.done()]
+        self._receives = [r for r in self._receives if r not in done]
         batches: list[Batch] = []
-        for receive in receives:
+        for receive in done:
             if receive.task.cancelled():
                 continue
             exc = receive.task.exception()
