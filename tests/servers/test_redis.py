@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,18 @@ async def test_a_stop_runs_the_batches_read_and_still_waiting_for_a_slot() -> No
         assert await pending(stream, group) == 0
 
 
+async def serving_commands(
+    transport: RedisTransport, app: Any
+) -> tuple[Runtime, asyncio.Task[int], Callable[..., Awaitable[Any]]]:
+    """Serve ``app`` on ``transport`` until started; the runtime, its task, and the
+    client's own ``execute_command`` (for a test to wrap)."""
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    assert transport._client is not None
+    return runtime, serving, transport._client.execute_command
+
+
 async def test_a_stop_as_a_read_answers_processes_what_it_read() -> None:
     """The stop comes while a read's answer is on its way (here: held back 0.5 s once it
     came). Cut off, the read left its entries pending on the stopped consumer, and the
@@ -226,12 +239,8 @@ async def test_a_stop_as_a_read_answers_processes_what_it_read() -> None:
     called = asyncio.Event()
     answered = asyncio.Event()
     transport = RedisTransport([stream], options)
-    runtime = Runtime(attempts_app(seen, called=called), transport, RuntimeConfig(lifespan="off"))
-    serving = asyncio.create_task(runtime.serve())
+    runtime, serving, real = await serving_commands(transport, attempts_app(seen, called=called))
     try:
-        await asyncio.wait_for(runtime.started.wait(), 10)
-        assert transport._client is not None
-        real = transport._client.execute_command
 
         async def slow_answer(*args: Any, **kwargs: Any) -> Any:
             reply = await real(*args, **kwargs)
@@ -256,12 +265,8 @@ async def test_a_stop_waits_no_longer_than_the_block_for_a_read_that_never_answe
     reconnect) is cancelled, and the stop does not wait out the shutdown timeout."""
     stream, group = fresh("silent"), fresh("g")
     transport = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.5))
-    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
-    serving = asyncio.create_task(runtime.serve())
+    runtime, serving, real = await serving_commands(transport, attempts_app([]))
     try:
-        await asyncio.wait_for(runtime.started.wait(), 10)
-        assert transport._client is not None
-        real = transport._client.execute_command
 
         async def silent(*args: Any, **kwargs: Any) -> Any:
             if args[0] == "XREADGROUP":
