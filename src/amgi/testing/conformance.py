@@ -447,7 +447,9 @@ class ConformanceSuite:
 class _Process:
     """A ``python -m amgi run`` server process with the recorder app."""
 
-    def __init__(self, harness: Harness, address: str, record: Path, delay: float) -> None:
+    def __init__(
+        self, harness: Harness, address: str, record: Path, delay: float, *extra: str
+    ) -> None:
         env = dict(os.environ, AMGI_TEST_RECORD=str(record), AMGI_TEST_DELAY=str(delay))
         argv = [
             sys.executable,
@@ -461,6 +463,7 @@ class _Process:
             "0.05",
             "--shutdown-timeout",
             "10",
+            *extra,
         ]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -513,8 +516,8 @@ class _Run:
     record: Path
     procs: list[_Process] = field(default_factory=list)
 
-    def start(self, delay: float) -> _Process:
-        proc = _Process(self.harness, self.address, self.record, delay)
+    def start(self, delay: float, *extra: str) -> _Process:
+        proc = _Process(self.harness, self.address, self.record, delay, *extra)
         self.procs.append(proc)
         return proc
 
@@ -577,6 +580,33 @@ class DurabilitySuite:
         assert await proc2.wait(30) == 0
         again = [p for p in r.received() if p in before]
         assert len(again) == len(before), f"acked messages were redelivered: {sorted(set(again))}"
+
+    async def test_sigterm_uses_up_no_attempt(self, harness: Harness, run: Any) -> None:
+        """What the broker delivered to a process that stops gracefully is processed
+        there, or goes back uncounted: across a stop mid-stream (one slot, more
+        delivered than taken), every message reaches the app on its first attempt."""
+        r: _Run = await run()
+        n = 30
+        expected = {p.decode() for p in _payloads("attempt", n)}
+        await harness.produce(r.address, _payloads("attempt", n))
+        proc = r.start(0.05, "--concurrency", "1")
+        await _until(lambda: len(r.acked()) >= 1, harness.startup_timeout, "a first ack", proc)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await proc.wait(30) == 0, proc.output()
+        if r.acked() < expected:
+            proc2 = r.start(0.0)
+            await _until(
+                lambda: r.acked() >= expected,
+                harness.redelivery_timeout + harness.startup_timeout,
+                "the rest",
+                proc2,
+            )
+            proc2.proc.send_signal(signal.SIGTERM)
+            assert await proc2.wait(30) == 0
+        attempts = [
+            (x["payload"], x["attempt"]) for x in _records(r.record) if x["event"] == "receive"
+        ]
+        assert [p for p, a in attempts if a != 1] == [], f"a stop used up attempts: {attempts}"
 
     async def test_sigkill_mid_stream_loses_nothing(self, harness: Harness, run: Any) -> None:
         r: _Run = await run()
