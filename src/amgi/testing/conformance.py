@@ -530,6 +530,22 @@ class _Run:
     def received(self) -> list[str]:
         return [r["payload"] for r in _records(self.record) if r["event"] == "receive"]
 
+    async def finish(self, expected: set[str]) -> None:
+        """Start one more process, wait until it started and every one of ``expected``
+        is acked, then stop it gracefully (exit code 0)."""
+        starts = self.startups() + 1
+        proc = self.start(0.0)
+        h = self.harness
+        await _until(lambda: self.startups() >= starts, h.startup_timeout, "the next start", proc)
+        await _until(
+            lambda: self.acked() >= expected,
+            h.redelivery_timeout + h.startup_timeout,
+            "the rest",
+            proc,
+        )
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await proc.wait(30) == 0, proc.output()
+
 
 class DurabilitySuite:
     """Shutdown and crash behaviour of real ``amgi run`` processes."""
@@ -568,16 +584,7 @@ class DurabilitySuite:
         assert started <= r.acked(), "a message in flight at SIGTERM was not finished"
         # The rest is delivered to the next process; nothing acked comes back.
         before = r.acked()
-        proc2 = r.start(delay=0.0)
-        await _until(lambda: r.startups() >= 2, harness.startup_timeout, "the second start", proc2)
-        await _until(
-            lambda: r.acked() >= expected,
-            harness.redelivery_timeout + harness.startup_timeout,
-            "the rest",
-            proc2,
-        )
-        proc2.proc.send_signal(signal.SIGTERM)
-        assert await proc2.wait(30) == 0
+        await r.finish(expected)
         again = [p for p in r.received() if p in before]
         assert len(again) == len(before), f"acked messages were redelivered: {sorted(set(again))}"
 
@@ -594,15 +601,7 @@ class DurabilitySuite:
         proc.proc.send_signal(signal.SIGTERM)
         assert await proc.wait(30) == 0, proc.output()
         if r.acked() < expected:
-            proc2 = r.start(0.0)
-            await _until(
-                lambda: r.acked() >= expected,
-                harness.redelivery_timeout + harness.startup_timeout,
-                "the rest",
-                proc2,
-            )
-            proc2.proc.send_signal(signal.SIGTERM)
-            assert await proc2.wait(30) == 0
+            await r.finish(expected)
         attempts = [
             (x["payload"], x["attempt"]) for x in _records(r.record) if x["event"] == "receive"
         ]
