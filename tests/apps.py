@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from amgi.runtime import Runtime, RuntimeConfig
@@ -60,3 +60,13 @@ async def serve_in_stops(
         runtime.request_stop()
         assert await asyncio.wait_for(serving, 20) == 0
     return seen, runs
+
+
+async def send_all(sender: Transport, messages: Iterable[tuple[str, bytes]]) -> None:
+    """Connect the send-only ``sender``, send each ``(address, payload)`` in order, close."""
+    await sender.connect()
+    try:
+        for address, payload in messages:
+            await sender.publish(address, [], payload, {})
+    finally:
+        await sender.close()

@@ -25,6 +25,7 @@ from amgi.ops.semconv import messaging_system
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
 from amgi.transport import Transport
+from tests.apps import send_all
 from tests.net import free_port
 from tests.ops.helpers import ROOT, amgi, get, until, write_app
 
@@ -258,12 +259,7 @@ async def test_redis_consumer_lag_is_reported_and_drains_to_zero() -> None:
     ensure_broker()
     stream = fresh("lag")
     sender = RedisTransport([], RedisOptions(url=URL))
-    await sender.connect()
-    try:
-        for i in range(30):
-            await sender.publish(stream, [], b"%d" % i, {})
-    finally:
-        await sender.close()
+    await send_all(sender, ((stream, b"%d" % i) for i in range(30)))
     transport = RedisTransport([stream], RedisOptions(url=URL, batch_size=2, block=0.1))
     await lag_shows_and_drains(transport, stream, 30)
 
@@ -276,12 +272,7 @@ async def test_nats_consumer_lag_is_reported_and_drains_to_zero() -> None:
     await ensure_stream()
     subject = f"{PREFIX}.{fresh('lag')}"
     sender = NatsTransport([], NatsOptions(servers=URL))
-    await sender.connect()
-    try:
-        for i in range(30):
-            await sender.publish(subject, [], b"%d" % i, {})
-    finally:
-        await sender.close()
+    await send_all(sender, ((subject, b"%d" % i) for i in range(30)))
     options = NatsOptions(servers=URL, durable=fresh("lag"), batch_size=2, fetch_expiry=0.2)
     await lag_shows_and_drains(NatsTransport([subject], options), subject, 30)
 

@@ -399,16 +399,16 @@ async def test_poison_message_is_dead_lettered_after_max_attempts(queue: str) ->
     assert await queue_depth(queue) == 0
 
 
-async def publish_to_quorum_queue(queue: str, options: AmqpOptions, payload: bytes) -> None:
-    """Declare ``queue`` (a consumer that takes nothing), then send from a send-only
-    transport: a consuming one would hold the message and hand it back, counted."""
+async def publish_to_quorum_queue(queue: str, options: AmqpOptions, *payloads: bytes) -> None:
+    """Declare ``queue`` (a consumer that takes nothing), then send ``payloads`` from a
+    send-only transport: a consuming one would hold them and hand them back, counted."""
     declaring = AmqpTransport([queue], options)
     await declaring.connect()
     await declaring.close()
     sender = AmqpTransport([], AmqpOptions(url=options.url))
     await sender.connect()
     try:
-        await sender.publish(queue, [], payload, {})
+        await asyncio.gather(*(sender.publish(queue, [], p, {}) for p in payloads))
     finally:
         await sender.close()
 
@@ -420,15 +420,7 @@ async def test_a_stop_uses_up_no_attempt_of_the_messages_prefetched_from_a_quoru
     at the stop the transport cancels its consumer and the runtime processes what the
     broker had delivered, so every message reaches the app on its first attempt."""
     options = AmqpOptions(url=URL, queue_type="quorum", batch_size=5, prefetch=20)
-    declaring = AmqpTransport([queue], options)
-    await declaring.connect()
-    await declaring.close()
-    sender = AmqpTransport([], AmqpOptions(url=URL))
-    await sender.connect()
-    try:
-        await asyncio.gather(*(sender.publish(queue, [], b"%d" % i, {}) for i in range(30)))
-    finally:
-        await sender.close()
+    await publish_to_quorum_queue(queue, options, *(b"%d" % i for i in range(30)))
     config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
     # Each run stops while more is delivered than taken.
     seen, runs = await serve_in_stops(lambda: AmqpTransport([queue], options), 30, config)
@@ -445,15 +437,7 @@ async def test_a_stop_whose_deadline_ends_the_hand_over_returns_the_rest_and_los
     stop still ends in time, the messages not started go back to the quorum queue
     (counted, as after a crash) and the next consumer gets every one of them."""
     options = AmqpOptions(url=URL, queue_type="quorum", batch_size=5, prefetch=20)
-    declaring = AmqpTransport([queue], options)
-    await declaring.connect()
-    await declaring.close()
-    sender = AmqpTransport([], AmqpOptions(url=URL))
-    await sender.connect()
-    try:
-        await asyncio.gather(*(sender.publish(queue, [], b"%d" % i, {}) for i in range(30)))
-    finally:
-        await sender.close()
+    await publish_to_quorum_queue(queue, options, *(b"%d" % i for i in range(30)))
     seen: list[tuple[bytes, int]] = []
     first_call = asyncio.Event()
 

@@ -13,7 +13,7 @@ from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
-from tests.apps import attempts_app, serve_in_stops
+from tests.apps import attempts_app, send_all, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
@@ -119,12 +119,7 @@ async def test_a_stop_uses_up_no_attempt_of_the_messages_already_pulled(subject:
     durable = fresh("d")
     options = NatsOptions(servers=URL, durable=durable, batch_size=5, fetch_expiry=2)
     sender = NatsTransport([], NatsOptions(servers=URL))
-    await sender.connect()
-    try:
-        for i in range(30):
-            await sender.publish(subject, [], b"%d" % i, {})
-    finally:
-        await sender.close()
+    await send_all(sender, ((subject, b"%d" % i) for i in range(30)))
     config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
     # Each run stops with a pull request answered and not yet taken.
     seen, runs = await serve_in_stops(lambda: NatsTransport([subject], options), 30, config)

@@ -16,7 +16,7 @@ from amgi.servers.redis._client import execute_packed, open_client, pack
 from amgi.servers.redis._fields import decode, encode
 from amgi.testing.conformance import Received, Recorder
 from amgi.transport import Batch, Message, Retry, Settlement
-from tests.apps import attempts_app, serve_in_stops
+from tests.apps import attempts_app, send_all, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
@@ -198,13 +198,7 @@ async def test_a_stop_runs_the_batches_read_and_still_waiting_for_a_slot() -> No
     streams, group = [fresh("wait1"), fresh("wait2"), fresh("wait3")], fresh("g")
     options = RedisOptions(url=URL, group=group, batch_size=5, block=0.1, claim_idle=0.5)
     sender = RedisTransport([], RedisOptions(url=URL))
-    await sender.connect()
-    try:
-        for stream in streams:
-            for i in range(5):
-                await sender.publish(stream, [], f"{stream}-{i}".encode(), {})
-    finally:
-        await sender.close()
+    await send_all(sender, ((st, f"{st}-{i}".encode()) for st in streams for i in range(5)))
     config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
     seen, runs = await serve_in_stops(lambda: RedisTransport(streams, options), 15, config)
     assert sorted(p for p, _ in seen) == sorted(
