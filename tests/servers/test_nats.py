@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,6 +161,35 @@ async def test_a_stop_processes_what_the_open_pull_request_brings(subject: str) 
     assert took < 4
     state = await consumer_state(STREAM, durable)
     assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
+
+
+async def test_a_stop_waits_no_longer_than_the_expiry_for_a_pull_request_never_answered(
+    subject: str,
+) -> None:
+    """A pull request JetStream never answers (the request lost on its way, a server
+    gone) counts as ended at its expiry: the stop waits that long at most, not the
+    whole shutdown timeout."""
+    options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=1)
+    transport = NatsTransport([subject], options)
+    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        client = transport._client
+        real = client.publish
+
+        async def lost(to: str, *args: Any, **kwargs: Any) -> Any:
+            if to.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+                return None  # never reaches JetStream
+            return await real(to, *args, **kwargs)
+
+        client.publish = lost
+        await asyncio.sleep(1.6)  # the request open before has ended: only a lost one
+    finally:
+        started = asyncio.get_running_loop().time()
+        runtime.request_stop()
+    assert await asyncio.wait_for(serving, 30) == 0
+    assert asyncio.get_running_loop().time() - started < 5  # 1.5 s at most, not 30 s
 
 
 async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject: str) -> None:
