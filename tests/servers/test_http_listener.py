@@ -366,6 +366,57 @@ async def test_headers_that_trickle_in_for_longer_than_the_read_timeout_get_408(
     assert app.received == []
 
 
+async def _head_only(
+    served: Served, payload: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Connect and send the head of a request for ``payload``; its body is the caller's."""
+    reader, writer = await connect(served)
+    head, _, body = request(payload).partition(b"\r\n\r\n")
+    writer.write(head + b"\r\n\r\n")
+    return reader, writer, body
+
+
+async def test_a_body_that_trickles_in_slower_than_min_body_rate_gets_408() -> None:
+    """A byte every 0.2 s is never silent for the read timeout; the body's rate bound
+    ends it instead of letting the sender hold the connection for as long as it likes."""
+    app = Recorder()
+    options = HttpOptions(read_timeout=1, min_body_rate=100)
+    async with serving("own", app, options, config=FAST) as served:
+        reader, writer, body = await _head_only(served, b"x" * 1000)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        answer = None
+        for i in range(len(body)):
+            writer.write(body[i : i + 1])
+            await asyncio.sleep(0.2)
+            if reader._buffer:  # type: ignore[attr-defined]
+                answer = await read_answer(reader)
+                break
+        took = loop.time() - began
+        assert await closed(reader)
+        writer.close()
+    assert answer is not None, "the server waited for the whole trickle"
+    assert answer[0] == 408
+    assert b"request body slower than 100 bytes/s after its first 1 s" in answer[2]
+    assert took < 4, took
+    assert app.received == []
+
+
+async def test_a_slow_body_above_min_body_rate_is_served_past_the_read_timeout() -> None:
+    """The rate bound extends the time a body may take with what it has sent: 300 bytes/s
+    against a bound of 100 gets there although it takes twice the read timeout."""
+    app = Recorder()
+    options = HttpOptions(read_timeout=1, min_body_rate=100)
+    async with serving("own", app, options, config=FAST) as served:
+        reader, writer, body = await _head_only(served, b"y" * 600)
+        for i in range(0, len(body), 60):
+            await asyncio.sleep(0.2)
+            writer.write(body[i : i + 60])
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+    assert [m["payload"] for m in app.received] == [b"y" * 600]
+
+
 async def test_a_connection_over_max_connections_is_answered_503_and_the_next_is_served(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

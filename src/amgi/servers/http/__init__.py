@@ -93,6 +93,9 @@ class HttpOptions:
     close_timeout: float = option(30.0, "seconds open connections get to close at shutdown", ge=0)
     keep_alive: float = option(5.0, "seconds an idle connection stays open", gt=0)
     read_timeout: float = option(30.0, "seconds a request may pause before its end (408)", gt=0)
+    min_body_rate: int = option(
+        500, "bytes/s a body must average after its first --read-timeout s (408); 0: any", ge=0
+    )
     max_connections: int = option(
         1000, "open connections at most; one more is answered 503 and closed", ge=1
     )
@@ -178,6 +181,7 @@ class HttpTransport(Transport):
             tls=tls,
             keep_alive=o.keep_alive,
             read_timeout=o.read_timeout,
+            min_body_rate=o.min_body_rate,
             close_timeout=o.close_timeout,
             max_connections=o.max_connections,
         )

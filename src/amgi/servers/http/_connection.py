@@ -137,8 +137,8 @@ class Connection(asyncio.Protocol):
         self._keep_alive = True
         self._old = False
         self._bodiless = False
-        self._head_sweeps = 0
-        """Sweeps since the request began, while its headers are not complete."""
+        self._request_sweeps = 0
+        """Sweeps since the request began."""
         self._unread = False
         self.lingering: int | None = None
         """Sweeps since the last answer was written, while waiting to close."""
@@ -199,7 +199,7 @@ class Connection(asyncio.Protocol):
         self._head_size = 0
         self._expect = False
         self._bodiless = False
-        self._head_sweeps = 0
+        self._request_sweeps = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -339,9 +339,12 @@ class Connection(asyncio.Protocol):
         if not self.reading and not self.slots and self.transport is not None:
             self.transport.close()
 
-    def sweep(self, keep_alive: int, read_timeout: int) -> None:
-        """Once a second: close a connection idle too long (408 when mid-request, or
-        when a request's headers take longer than ``read_timeout`` in all)."""
+    def sweep(self, keep_alive: int, read_timeout: int, min_body_rate: int) -> None:
+        """Once a second: close a connection idle too long (408 when mid-request), or
+        with a request that trickles in: headers not complete within ``read_timeout``,
+        or a body slower than that plus a second per ``min_body_rate`` bytes (0: no
+        bound). Each byte may come just before the idle bound, so without these a
+        sender could hold the connection for as long as it liked."""
         self.idle += 1
         if self.lingering is not None and self.transport is not None:
             self.lingering += 1
@@ -351,13 +354,22 @@ class Connection(asyncio.Protocol):
         if self.slots or self.transport is None:
             return  # the app has its requests: the sender's timeout governs
         if self.reading:
-            if self._head is None and self._refusal is None:
-                self._head_sweeps += 1  # its headers are not complete yet
+            self._request_sweeps += 1
+            took = self._request_sweeps
             if self.idle > read_timeout:  # (a sweep may come just after the last bytes)
                 self._finish(text_answer(408, f"no bytes of the request for {read_timeout} s"))
-            elif self._head_sweeps > read_timeout:  # bytes trickle in, never a whole head
+            elif self._head is None and self._refusal is None:  # headers not complete yet
+                if took > read_timeout:
+                    self._finish(
+                        text_answer(408, f"request headers not complete within {read_timeout} s")
+                    )
+            elif min_body_rate and took > read_timeout + self._size // min_body_rate:
                 self._finish(
-                    text_answer(408, f"request headers not complete within {read_timeout} s")
+                    text_answer(
+                        408,
+                        f"request body slower than {min_body_rate} bytes/s"
+                        f" after its first {read_timeout} s",
+                    )
                 )
         elif self.idle > keep_alive:
             self.closing = True

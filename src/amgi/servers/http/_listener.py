@@ -41,6 +41,7 @@ class Listener:
         tls: ssl.SSLContext | None = None,
         keep_alive: float = 5.0,
         read_timeout: float = 30.0,
+        min_body_rate: int = 500,
         close_timeout: float = 30.0,
         max_connections: int = 1000,
     ) -> None:
@@ -50,6 +51,7 @@ class Listener:
         self.tls = tls
         self.keep_alive = max(1, math.ceil(keep_alive))
         self.read_timeout = max(1, math.ceil(read_timeout))
+        self.min_body_rate = min_body_rate
         self.close_timeout = close_timeout
         self.max_connections = max_connections
         """Open connections at most: one more is answered 503 and closed (its sender
@@ -173,7 +175,7 @@ class Listener:
                 self._refused_since_log = 0
             self._refresh_date()
             for connection in list(self.connections):
-                connection.sweep(self.keep_alive, self.read_timeout)
+                connection.sweep(self.keep_alive, self.read_timeout, self.min_body_rate)
 
 
 def server_tls(certfile: str, keyfile: str | None, ca_certs: str | None) -> ssl.SSLContext:
