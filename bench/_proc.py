@@ -12,13 +12,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_seconds", "stat_seconds", "stop"]
+__all__ = ["cpu_seconds", "stat_seconds", "stop", "system_seconds"]
 
 
 def stat_seconds(stat: str) -> float:
     """User + system CPU seconds in the text of a ``/proc/.../stat`` file."""
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_seconds(stat: str) -> float:
+    """System (kernel) CPU seconds in the text of a ``/proc/.../stat`` file."""
+    return int(stat.rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -56,7 +56,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _proc import cpu_seconds, stat_seconds, stop
+from _proc import cpu_seconds, stat_seconds, stop, system_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench"
@@ -480,9 +480,10 @@ and any other library's), and librdkafka's own (named ``rdk:...``)."""
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of process ``pid`` so far, by :data:`THREAD_KINDS` (threads that
-    ended are not counted: none end during a drain)."""
-    seconds = dict.fromkeys(THREAD_KINDS, 0.0)
+    """CPU seconds of process ``pid`` so far, by :data:`THREAD_KINDS`, and the system
+    (kernel) part of the main and other threads' as ``system`` (threads that ended are
+    not counted: none end during a drain)."""
+    seconds = dict.fromkeys((*THREAD_KINDS, "system"), 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             raw = (task / "stat").read_text()
@@ -496,7 +497,16 @@ def _thread_cpu(pid: int) -> dict[str, float]:
         else:
             kind = "other"
         seconds[kind] += stat_seconds(raw)
+        if kind != "librdkafka":
+            seconds["system"] += system_seconds(raw)
     return seconds
+
+
+def _steal_seconds() -> float:
+    """Seconds the hypervisor ran something else while this machine's CPUs had work
+    (``steal`` of ``/proc/stat``, all CPUs together); 0 on a machine that is not a guest."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def measure(
@@ -522,6 +532,7 @@ def measure(
     cpu_first = cpu_end = None
     threads_first: dict[str, float] = {}
     threads_end: dict[str, float] = {}
+    steal_first = steal_end = math.nan
     with log.open("w") as out:
         started = time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -531,11 +542,13 @@ def measure(
                 if cpu_first is None and first_file.exists():
                     cpu_first = cpu_seconds(proc.pid)
                     threads_first = _thread_cpu(proc.pid)
+                    steal_first = _steal_seconds()
                 committed = _committed(watcher, partitions)
                 if committed and all(committed.get(p, -1) >= e for p, e in ends.items()):
                     end = time.time()
                     cpu_end = cpu_seconds(proc.pid)
                     threads_end = _thread_cpu(proc.pid)
+                    steal_end = _steal_seconds()
                     break
                 time.sleep(WATCH_EVERY)
         finally:
@@ -551,7 +564,8 @@ def measure(
     first = float(first_file.read_text())
     cpu = cpu_end - cpu_first if cpu_end is not None and cpu_first is not None else float("nan")
     result = {"first": first - started, "drain": end - first, "cpu": cpu}
-    for kind in THREAD_KINDS:
+    result["steal"] = (steal_end - steal_first) / result["drain"]
+    for kind in (*THREAD_KINDS, "system"):
         result[kind] = threads_end.get(kind, math.nan) - threads_first.get(kind, math.nan)
     return result
 
@@ -596,6 +610,14 @@ def report(results: dict[str, list[dict[str, float]]], count: int, loads: list[f
             "/".join(f"{r[kind] / count * 1e6:.1f}" for kind in THREAD_KINDS) for r in results[name]
         ]
         print(f"  {name:<24}" + "".join(f"{s:>16}" for s in split))
+    print("\nof which system (kernel) CPU µs/msg in the main and other threads, per round:")
+    for name in sorted(medians, key=lambda n: -medians[n]):
+        print(
+            f"  {name:<24}" + "".join(f"{r['system'] / count * 1e6:>10.2f}" for r in results[name])
+        )
+    print("\nCPU stolen by the hypervisor during the drain, % of one CPU, per round:")
+    for name in sorted(medians, key=lambda n: -medians[n]):
+        print(f"  {name:<24}" + "".join(f"{r['steal']:>10.1%}" for r in results[name]))
 
 
 def main() -> None:
