@@ -333,12 +333,40 @@ async def test_a_dead_letter_the_broker_refuses_fails_no_send_of_the_application
 
 
 async def send_around(
-    transport: AmqpTransport, queue: str, bad: dict[str, Any]
+    transport: AmqpTransport, queue: str, bad: dict[str, Any], payload: bytes = b"bad"
 ) -> list[BaseException | None]:
-    """Ten sends to ``queue`` with one of ``bad`` bindings in their midst, all at once."""
+    """Ten sends to ``queue`` with one of ``bad`` bindings (or ``payload``) in their
+    midst, all at once."""
     sends = [transport.publish(queue, [], b"%d" % i, {}) for i in range(10)]
-    sends.insert(5, transport.publish(queue, [], b"bad", bad))
+    sends.insert(5, transport.publish(queue, [], payload, bad))
     return await asyncio.gather(*sends, return_exceptions=True)
+
+
+def the_bad_one_alone(results: list[BaseException | None]) -> str:
+    """The error of the bad send of :func:`send_around`, which failed alone."""
+    failed = [r for r in results if r is not None]
+    assert len(failed) == 1, results
+    assert results.index(failed[0]) == 5
+    return str(failed[0])
+
+
+async def ack_on_open_channels(
+    transport: AmqpTransport, batches: list[Batch], *channels: Any
+) -> None:
+    """Check that ``channels`` stayed open, then ack the message :func:`hold_one` held."""
+    assert not any(channel.is_closed for channel in channels)
+    [held] = batches[0].messages
+    await transport.settle(batches[0], Settlement(acked=[held]))
+
+
+async def hold_one(transport: AmqpTransport, queue: str) -> list[Batch]:
+    """Send one message to ``queue`` and fetch it (unsettled: its delivery is held)."""
+    await transport.publish(queue, [], b"held", {})
+    async with asyncio.timeout(10):
+        batches: list[Batch] = []
+        while not batches:
+            batches = list(await transport.fetch())
+    return batches
 
 
 async def test_a_send_to_a_missing_exchange_fails_alone_and_the_consumer_keeps_its_channel() -> (
@@ -352,23 +380,13 @@ async def test_a_send_to_a_missing_exchange_fails_alone_and_the_consumer_keeps_i
     transport = AmqpTransport([queue], AmqpOptions(url=URL))
     await transport.connect()
     try:
-        await transport.publish(queue, [], b"held", {})
-        async with asyncio.timeout(10):
-            batches: list[Batch] = []
-            while not batches:
-                batches = list(await transport.fetch())
+        batches = await hold_one(transport, queue)
         consumer = transport._consumers[queue].channel
         sends = await transport._channel()
         for _ in range(3):
             results = await send_around(transport, queue, {"amqp": {"exchange": f"no-{queue}"}})
-            failed = [r for r in results if r is not None]
-            assert len(failed) == 1, results
-            assert f"no exchange 'no-{queue}'" in str(failed[0])
-            assert results.index(failed[0]) == 5
-        assert not sends.is_closed
-        assert not consumer.is_closed
-        [held] = batches[0].messages
-        await transport.settle(batches[0], Settlement(acked=[held]))
+            assert f"no exchange 'no-{queue}'" in the_bad_one_alone(results)
+        await ack_on_open_channels(transport, batches, sends, consumer)
     finally:
         await transport.close()
     assert sorted(m.body for m in await drain(queue, 30, timeout=10)) == sorted(
@@ -393,9 +411,7 @@ async def test_sends_the_broker_fails_over_another_ones_refusal_go_out_again() -
         await transport.publish("k", [], b"found", {"amqp": {"exchange": exchange}})
         await delete_exchange(exchange)
         results = await send_around(transport, queue, {"amqp": {"exchange": exchange}})
-        failed = [r for r in results if r is not None]
-        assert len(failed) == 1, results
-        assert f"no exchange '{exchange}'" in str(failed[0])
+        assert f"no exchange '{exchange}'" in the_bad_one_alone(results)
         sends = await transport._channel()
         with pytest.raises(AmqpSendError, match="no exchange"):
             await transport.publish("k", [], b"again", {"amqp": {"exchange": exchange}})
@@ -407,4 +423,66 @@ async def test_sends_the_broker_fails_over_another_ones_refusal_go_out_again() -
     bodies = [m.body for m in await drain(queue, 21, timeout=1)]
     assert set(bodies) == {b"found"} | {b"%d" % i for i in range(10)}
     assert bodies.count(b"found") == 1
+    assert max(bodies.count(b) for b in bodies) <= 2
+
+
+RABBITMQ_MAX_MESSAGE = 128 * 1024 * 1024
+"""RabbitMQ's default ``max_message_size`` (the test broker keeps it)."""
+
+
+async def test_a_message_over_the_brokers_size_limit_fails_alone_and_the_next_fails_here(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker refuses a message over its size limit by closing the channel, and its
+    reply names no exchange. Large sends have a channel of their own, so the others
+    (and the consumer's deliveries) are not on the channel that closes; the limit the
+    reply gives is kept, so the next message over it fails without reaching the broker."""
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL))
+    await transport.connect()
+    too_large = b"x" * (RABBITMQ_MAX_MESSAGE + 1)
+    try:
+        batches = await hold_one(transport, queue)
+        consumer = transport._consumers[queue].channel
+        sends = await transport._channel()
+        results = await send_around(transport, queue, {}, too_large)
+        assert "is larger than configured max size" in the_bad_one_alone(results)
+        large = await transport._channel("large")
+        with pytest.raises(AmqpSendError, match="larger than the broker's max size 134217728"):
+            await transport.publish(queue, [], too_large, {})
+        assert await transport._channel("large") is large
+        assert await transport._channel() is sends
+        await ack_on_open_channels(transport, batches, sends, consumer)
+    finally:
+        await transport.close()
+        del too_large
+    assert "lost the connection" not in caplog.text
+    learned = [r.getMessage() for r in caplog.records if "refuses messages over" in r.getMessage()]
+    assert learned == [
+        "amqp: the broker refuses messages over 134217728 bytes: sends larger than that "
+        "fail here from now on (restart the server to pick up a raised limit)"
+    ]
+    bodies = sorted(m.body for m in await drain(queue, 10, timeout=10))
+    assert bodies == sorted(b"%d" % i for i in range(10))
+
+
+async def test_large_sends_failed_over_anothers_size_refusal_go_out_again() -> None:
+    """Large sends share their channel: when the broker closes it over one message too
+    large, the others, whose refusal names another size, go out once more."""
+    queue = new_queue()
+    await declare(queue, {})
+    transport = AmqpTransport([], AmqpOptions(url=URL))
+    await transport.connect()
+    large = [b"%d" % i + b"y" * (2 * 1024 * 1024) for i in range(4)]
+    try:
+        sends = [transport.publish(queue, [], body, {}) for body in large]
+        sends.insert(2, transport.publish(queue, [], b"x" * (RABBITMQ_MAX_MESSAGE + 1), {}))
+        results = await asyncio.gather(*sends, return_exceptions=True)
+    finally:
+        await transport.close()
+    failed = [r for r in results if r is not None]
+    assert len(failed) == 1, results
+    assert results.index(failed[0]) == 2
+    bodies = [m.body for m in await drain(queue, 8, timeout=1)]
+    assert set(bodies) == set(large)
     assert max(bodies.count(b) for b in bodies) <= 2

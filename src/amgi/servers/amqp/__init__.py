@@ -48,8 +48,10 @@ from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
 from amgi.servers.amqp._client import (
+    LARGE,
     AmqpClient,
     AmqpSendError,
+    Publisher,
     _Channel,
     _check_confirm,
     _refused_another,
@@ -153,7 +155,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         self._ready.clear()
         connection, self._connection = self._connection, None
         self._consumers = {}
-        self._publisher = self._mover = None
+        self._publishers = {}
         self._buffer.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -257,7 +259,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         retry_queue = f"{queue}.retry.{delay_ms}"
         if retry_queue not in self._retry_queues:
             await self._declare_retry_queue(retry_queue, queue, delay_ms)
-        channel = await self._channel(moves=True)
+        channel = await self._channel("moves")
         headers = retry_headers(message.headers, attempt=message.attempt + 1)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 
@@ -265,7 +267,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=queue, reason=reason
         )
-        channel = await self._channel(moves=True)
+        channel = await self._channel("moves")
         await self._confirm(
             channel, message.token, self.config.dead_letter_exchange, queue, headers
         )
@@ -289,14 +291,21 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         except (TypeError, ValueError) as exc:
             raise AmqpSendError(f"amqp: bad amqp bindings for {address!r}: {exc}") from None
         where = f"exchange {exchange!r}" if exchange else "the default exchange"
+        size = len(payload or b"")
+        if self._max_size is not None and size > self._max_size:
+            raise AmqpSendError(
+                f"amqp: cannot publish to {where}: message size {size} is larger than the "
+                f"broker's max size {self._max_size} (from its refusal of an earlier one)"
+            )
         try:
             if exchange and exchange not in self._exchanges:
                 await self._channel()  # connected, or one clear error
                 refused = await self._probe_exchange(exchange)
                 if refused is not None:
                     raise AmqpSendError(f"amqp: cannot publish to {where}: {refused}")
+            kind: Publisher = "large" if size >= LARGE else "sends"
             for again in (False, True):
-                channel = await self._channel()
+                channel = await self._channel(kind)
                 try:
                     result = await channel.basic_publish(
                         payload or b"",
@@ -310,9 +319,10 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
                 except (amqp_errors.ChannelClosed, amqp_errors.ChannelInvalidStateError) as exc:
                     # Closed over another send: this one was not refused, so it goes out
                     # once more on a new channel (unconfirmed: at least once).
-                    if again or not _refused_another(exc, exchange):
+                    if again or not _refused_another(exc, exchange, size):
                         if isinstance(exc, amqp_errors.ChannelNotFoundEntity):
                             self._exchanges.discard(exchange)  # deleted since the probe
+                        self._learn_limit(exc)
                         raise
         except amqp_errors.PublishError:
             raise AmqpSendError(

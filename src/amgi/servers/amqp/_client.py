@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.amqp._codec import headers_to_table
@@ -67,13 +68,23 @@ def _reply_text(exc: BaseException) -> str:
 
 _MAX_KNOWN_EXCHANGES = 1000
 
+Publisher = Literal["sends", "large", "moves"]
+"""The kinds of publishing channel (see :meth:`AmqpClient._channel`)."""
 
-def _refused_another(exc: BaseException, exchange: str) -> bool:
-    """Whether a publish to ``exchange`` failed only because the broker closed its channel
-    over another publish: the channel was closed already, or the broker's reply names
-    another exchange (``NOT_FOUND - no exchange 'x'``, ``ACCESS_REFUSED - access to
-    exchange 'x' ...``). A reply that names no exchange (a message too large) cannot be
-    told apart: no."""
+LARGE = 1024 * 1024
+"""Body size from which an application's send goes on the ``large`` channel: brokers'
+size limits are above it (RabbitMQ's ``max_message_size``: 128 MiB on 3.x, 16 MiB on 4.x)."""
+
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+"""RabbitMQ's refusal of a message over its ``max_message_size``."""
+
+
+def _refused_another(exc: BaseException, exchange: str, size: int) -> bool:
+    """Whether a publish of ``size`` body bytes to ``exchange`` failed only because the
+    broker closed its channel over another publish: the channel was closed already, or
+    the broker's reply names another exchange (``NOT_FOUND - no exchange 'x'``,
+    ``ACCESS_REFUSED - access to exchange 'x' ...``) or a message of another size
+    (``message size N is larger than ...``). Any other reply cannot be told apart: no."""
     from aiormq import exceptions as amqp_errors
 
     if isinstance(exc, amqp_errors.ChannelInvalidStateError):
@@ -81,7 +92,16 @@ def _refused_another(exc: BaseException, exchange: str) -> bool:
     if not isinstance(exc, amqp_errors.ChannelClosed):
         return False
     text = _reply_text(exc)
+    too_large = _TOO_LARGE.search(text)
+    if too_large is not None:
+        return int(too_large[1]) != size
     return "exchange '" in text and f"exchange '{exchange}'" not in text
+
+
+def _size_limit(exc: BaseException) -> int | None:
+    """The broker's largest message, when ``exc`` is its refusal of a larger one."""
+    too_large = _TOO_LARGE.search(_reply_text(exc))
+    return int(too_large[2]) if too_large is not None else None
 
 
 class AmqpClient:
@@ -94,8 +114,7 @@ class AmqpClient:
         """Set up the state (called by the transport's ``__init__``)."""
         self._connection: AbstractConnection | None = None
         self._consumers: dict[str, _Channel] = {}
-        self._publisher: AbstractChannel | None = None
-        self._mover: AbstractChannel | None = None
+        self._publishers: dict[Publisher, AbstractChannel] = {}
         self._publisher_lock = asyncio.Lock()
         self._generation = 0
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
@@ -107,6 +126,10 @@ class AmqpClient:
         self._exchanges: set[str] = set()
         """Exchanges a passive declare found (:meth:`_probe_exchange`)."""
         self._probe_lock = asyncio.Lock()
+        self._max_size: int | None = None
+        """The broker's largest message body, once it refused a larger one: a send over
+        it fails here instead of closing the channel again (kept until the server
+        stops: the refusal itself may have cost the connection, see :meth:`_learn_limit`)."""
         self._closed = False
 
     async def _open(self) -> None:
@@ -140,9 +163,9 @@ class AmqpClient:
                 await channel.basic_qos(prefetch_count=c.prefetch)
                 channels.append(channel)
             self._connection = connection
-            self._publisher = await connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
+            self._publishers = {
+                "sends": await connection.channel(publisher_confirms=True, on_return_raises=True)
+            }
             if self.addresses:
                 self._generation += 1
                 self._buffer.clear()
@@ -155,7 +178,7 @@ class AmqpClient:
                     consumer.tag = str(ok.consumer_tag)
         except BaseException:
             self._consumers = {}
-            self._publisher = self._mover = None
+            self._publishers = {}
             self._connection = None
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -216,7 +239,7 @@ class AmqpClient:
                 logger.warning("amqp: lost the connection to the broker; reconnecting")
             self._ready.clear()
             self._consumers = {}
-            self._publisher = self._mover = None
+            self._publishers = {}
             self._buffer.clear()
             old, self._connection = self._connection, None
             if old is not None:
@@ -358,15 +381,30 @@ class AmqpClient:
             self._exchanges.add(exchange)
             return None
 
-    async def _channel(self, moves: bool = False) -> AbstractChannel:
-        """A confirm-mode publishing channel, reopened if the broker closed it.
+    def _learn_limit(self, exc: BaseException) -> None:
+        """Keep the size limit a refusal names. Its channel closed; at times the broker
+        closes the whole connection too (a publish written after the channel closed),
+        so it is kept across reconnects: the next message over it fails here."""
+        limit = _size_limit(exc)
+        if limit is not None and limit != self._max_size:
+            self._max_size = limit
+            logger.warning(
+                "amqp: the broker refuses messages over %d bytes: sends larger than that "
+                "fail here from now on (restart the server to pick up a raised limit)",
+                limit,
+            )
 
-        The application's sends and the server's own moves (retry copies, dead letters)
-        have one each: a publish the broker refuses at channel level (an exchange gone)
-        closes its channel, and every publish waiting there for its confirmation fails
-        with that error, so a move the broker refuses never fails an application's send.
+    async def _channel(self, kind: Publisher = "sends") -> AbstractChannel:
+        """A confirm-mode publishing channel of ``kind``, reopened if the broker closed it.
+
+        A publish the broker refuses at channel level (an exchange gone, a message over
+        its size limit) closes its channel, every publish waiting there for its
+        confirmation fails with that error, and a publish written as it closes can make
+        the broker close the whole connection. So each kind has its own: the server's
+        moves (retry copies, dead letters), the application's sends, and of those the
+        large ones (:data:`LARGE`), which alone can be over the broker's size limit.
         """
-        publisher = self._mover if moves else self._publisher
+        publisher = self._publishers.get(kind)
         if publisher is not None and not publisher.is_closed:
             return publisher
         if self._closed:
@@ -375,7 +413,7 @@ class AmqpClient:
             async with asyncio.timeout(self.config.confirm_timeout):
                 while True:
                     await self._ready.wait()
-                    publisher = await self._open_publisher(moves)
+                    publisher = await self._open_publisher(kind)
                     if publisher is not None:
                         return publisher
                     # The connection is closing: wait until the supervisor has noticed
@@ -384,10 +422,10 @@ class AmqpClient:
         except TimeoutError:
             raise AmqpSendError("amqp: not connected to the broker") from None
 
-    async def _open_publisher(self, moves: bool) -> AbstractChannel | None:
+    async def _open_publisher(self, kind: Publisher) -> AbstractChannel | None:
         """The publishing channel, opened when closed; ``None`` if the connection closes."""
         async with self._publisher_lock:
-            publisher = self._mover if moves else self._publisher
+            publisher = self._publishers.get(kind)
             if publisher is not None and not publisher.is_closed:
                 return publisher
             connection = self._connection
@@ -398,8 +436,5 @@ class AmqpClient:
             except Exception as exc:
                 logger.debug("amqp: opening a publishing channel failed: %s", exc)
                 return None
-            if moves:
-                self._mover = publisher
-            else:
-                self._publisher = publisher
+            self._publishers[kind] = publisher
             return publisher
