@@ -13,7 +13,9 @@ to a file; time to first message is counted from the process start (interpreter 
 imports and group join included) and throughput from the first message to the end.
 Every consumer gets ``session.timeout.ms`` 1000 and ``heartbeat.interval.ms`` 200.
 CPU per message is read from ``/proc`` over the same span, in all and per round split by
-thread: the main thread, the process's other threads and librdkafka's.
+thread: the main thread, the process's other threads and librdkafka's; per round also the
+kernel part of the Python threads' CPU, and the CPU the hypervisor stole from this machine
+(``/proc/stat``; 0 outside a virtual machine).
 
 Contenders:
 
