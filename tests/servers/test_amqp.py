@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from amgi.servers.amqp import (
     AmqpOptions,
     AmqpSendError,
     AmqpTransport,
+    _check_user_id,
     headers_to_table,
+    publish_properties,
     table_to_headers,
 )
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
@@ -77,6 +80,58 @@ def test_attempt_and_broker_headers_are_split_off() -> None:
 
 
 # -- the transport ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("binding", "error"),
+    [
+        ({"expiration": "abc"}, "expiration must be a TTL in whole ms, 0 to 315360000000"),
+        ({"expiration": -5}, "expiration must be a TTL"),
+        ({"expiration": 1.5}, "expiration must be a TTL"),
+        ({"expiration": True}, "expiration must be a TTL"),
+        ({"expiration": "315360000001"}, "expiration must be a TTL"),
+        ({"priority": 300}, "priority must be an int from 0 to 255, not 300"),
+        ({"priority": True}, "priority must be an int from 0 to 255, not True"),
+        ({"deliveryMode": "2"}, "deliveryMode must be an int from 0 to 255"),
+        ({"contentType": 5}, "contentType must be a str, not int"),
+        ({"messageId": "é" * 128}, "messageId must be at most 255 bytes (UTF-8), not 256"),
+        ({"timestamp": 1e20}, "timestamp 1e+20 is out of range"),
+        ({"timestamp": "now"}, "timestamp must be seconds since the epoch, not 'now'"),
+    ],
+)
+def test_bindings_the_broker_would_refuse_are_refused_before_sending(
+    binding: dict[str, Any], error: str
+) -> None:
+    """Each of these made the broker close the channel, or the client fail mid-frame
+    with a bare struct or type error."""
+    with pytest.raises(ValueError, match=re.escape(error)):
+        publish_properties([], binding)
+
+
+def test_bindings_at_their_limits_are_sent() -> None:
+    props = publish_properties(
+        [],
+        {"expiration": 315_360_000_000, "priority": 255, "messageId": "é" * 127, "timestamp": 0},
+    )
+    assert (props.expiration, props.priority) == ("315360000000", 255)
+
+
+@pytest.mark.parametrize(
+    ("url", "user_id", "refused"),
+    [
+        ("amqp://127.0.0.1/", "guest", False),  # no user in the URL: the client logs in as guest
+        ("amqp://127.0.0.1/", "bob", True),
+        ("amqp://b%40b:pw@127.0.0.1/", "b@b", False),
+        ("amqp://bob:pw@127.0.0.1/", "alice", True),
+        ("amqps://127.0.0.1/?auth=external", "anyone", False),  # the certificate's user
+    ],
+)
+def test_user_id_must_be_the_login_of_the_connection(url: str, user_id: str, refused: bool) -> None:
+    if refused:
+        with pytest.raises(ValueError, match="is not the user this server logs in as"):
+            _check_user_id(user_id, url)
+    else:
+        _check_user_id(user_id, url)
 
 
 async def test_publish_fetch_ack_with_headers_and_bindings(

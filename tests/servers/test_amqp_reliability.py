@@ -369,13 +369,23 @@ async def hold_one(transport: AmqpTransport, queue: str) -> list[Batch]:
     return batches
 
 
-async def test_a_send_to_a_missing_exchange_fails_alone_and_the_consumer_keeps_its_channel() -> (
-    None
-):
-    """The broker answers a publish to a missing exchange by closing the channel: every
-    send waiting there failed with that error, and a publish written as it closed could
-    make the broker close the whole connection, the consumer's deliveries with it. The
-    exchange is asked about first (once), on a channel of its own."""
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"exchange": "amgi-test-no-such-x"}, "no exchange 'amgi-test-no-such-x'"),
+        ({"expiration": "abc"}, "bad amqp bindings for '{queue}': expiration must be a TTL"),
+        ({"userId": "someone-else"}, "bad amqp bindings for '{queue}': userId 'someone-else'"),
+        ({"priority": 300}, "bad amqp bindings for '{queue}': priority must be an int"),
+    ],
+)
+async def test_a_send_the_broker_would_refuse_fails_alone_and_the_consumer_keeps_its_channel(
+    bad: dict[str, Any], error: str
+) -> None:
+    """The broker answers a publish to a missing exchange, with a bad TTL or with a
+    user-id that is not the login by closing the channel: every send waiting there
+    failed with that error, and a publish written as it closed could make the broker
+    close the whole connection, the consumer's deliveries with it. The exchange is
+    asked about first (once, on a channel of its own), the values checked here."""
     queue = new_queue()
     transport = AmqpTransport([queue], AmqpOptions(url=URL))
     await transport.connect()
@@ -384,8 +394,9 @@ async def test_a_send_to_a_missing_exchange_fails_alone_and_the_consumer_keeps_i
         consumer = transport._consumers[queue].channel
         sends = await transport._channel()
         for _ in range(3):
-            results = await send_around(transport, queue, {"amqp": {"exchange": f"no-{queue}"}})
-            assert f"no exchange 'no-{queue}'" in the_bad_one_alone(results)
+            results = await send_around(transport, queue, {"amqp": bad})
+            assert error.format(queue=queue) in the_bad_one_alone(results)
+        assert await transport._channel() is sends
         await ack_on_open_channels(transport, batches, sends, consumer)
     finally:
         await transport.close()

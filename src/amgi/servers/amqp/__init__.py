@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,21 @@ _CANCEL_TIMEOUT = 5.0
 
 
 # -- the transport ------------------------------------------------------------------------
+
+
+def _check_user_id(user_id: str | None, url: str) -> None:
+    """RabbitMQ closes the channel over a ``user-id`` property other than the user the
+    connection logged in as: refuse it here (unless the login is not the URL's, e.g.
+    ``auth=external``, where the user is the certificate's)."""
+    if user_id is None:
+        return
+    parsed = urllib.parse.urlsplit(url)
+    auth = urllib.parse.parse_qs(parsed.query).get("auth", ["plain"])[0]
+    if auth.upper() != "PLAIN":
+        return
+    login = urllib.parse.unquote(parsed.username or "") or "guest"
+    if user_id != login:
+        raise ValueError(f"userId {user_id!r} is not the user this server logs in as ({login!r})")
 
 
 class AmqpTransport(DeadLetters, AmqpClient, Transport):
@@ -288,6 +304,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         routing_key = binding.get("routingKey", address)
         try:
             properties = publish_properties(headers, binding)
+            _check_user_id(binding.get("userId"), self.config.url)
         except (TypeError, ValueError) as exc:
             raise AmqpSendError(f"amqp: bad amqp bindings for {address!r}: {exc}") from None
         where = f"exchange {exchange!r}" if exchange else "the default exchange"

@@ -138,6 +138,13 @@ def _attempt_value(value: Any) -> int:
         return 1
 
 
+_MAX_TTL_MS = 315_360_000_000
+"""The longest per-message TTL RabbitMQ takes (ten years, in ms)."""
+
+_OCTETS = frozenset({"priority", "delivery_mode"})
+"""Properties that are one octet on the wire (the rest of ``_PROPERTY_BINDINGS`` are
+short strings, at most 255 bytes)."""
+
 _PROPERTY_BINDINGS = (
     ("content_type", "contentType"),
     ("content_encoding", "contentEncoding"),
@@ -183,15 +190,37 @@ def publish_properties(
     kwargs: dict[str, Any] = {"delivery_mode": 2}
     for attr, key in _PROPERTY_BINDINGS:
         value = binding.get(key)
-        if value is not None:
-            kwargs[attr] = value
+        if value is None:
+            continue
+        if attr in _OCTETS:
+            if type(value) is not int or not 0 <= value <= 255:
+                raise ValueError(f"{key} must be an int from 0 to 255, not {value!r:.60}")
+        elif type(value) is not str:
+            raise ValueError(f"{key} must be a str, not {type(value).__name__}")
+        elif len(value.encode()) > 255:
+            raise ValueError(f"{key} must be at most 255 bytes (UTF-8), not {len(value.encode())}")
+        kwargs[attr] = value
     expiration = binding.get("expiration")
     if expiration is not None:
-        kwargs["expiration"] = str(expiration)
+        # The broker closes the channel over any other TTL: check it here instead.
+        text = str(expiration) if type(expiration) in (int, str) else ""
+        if not (text.isascii() and text.isdigit() and int(text) <= _MAX_TTL_MS):
+            raise ValueError(
+                f"expiration must be a TTL in whole ms, 0 to {_MAX_TTL_MS} (ten years), "
+                f"not {expiration!r:.60}"
+            )
+        kwargs["expiration"] = text
     timestamp = binding.get("timestamp")
     if timestamp is not None:
         if not isinstance(timestamp, datetime.datetime):
-            timestamp = datetime.datetime.fromtimestamp(float(timestamp), datetime.UTC)
+            if type(timestamp) not in (int, float):
+                raise ValueError(
+                    f"timestamp must be seconds since the epoch, not {timestamp!r:.60}"
+                )
+            try:
+                timestamp = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError(f"timestamp {timestamp!r} is out of range") from None
         kwargs["timestamp"] = timestamp
     table = headers_to_table(headers)
     if table:
