@@ -409,6 +409,35 @@ async def test_send_to_wildcard_raises_send_error(options: MqttOptions) -> None:
         await sender.publish("a/b", [], b"x", {})
 
 
+@pytest.mark.parametrize(
+    ("bindings", "headers", "error"),
+    [
+        ({"payloadFormatIndicator": 5}, [], "binding payloadFormatIndicator must be 0 or 1"),
+        ({"contentType": "x" * 70_000}, [], "binding contentType is 70000 bytes, over"),
+        ({"correlationData": b"x" * 70_000}, [], "binding correlationData is 70000 bytes"),
+        ({"responseTopic": "replies/#"}, [], "binding responseTopic a topic to publish to must"),
+        ({}, [(b"big", b"x" * 70_000)], "header 'big' or its value is over 65535 bytes"),
+    ],
+)
+async def test_property_values_mqtt_cannot_carry_fail_that_send_alone(
+    options: MqttOptions, bindings: dict[str, Any], headers: list[Any], error: str
+) -> None:
+    """paho failed these half-way with a bare struct error or MQTTException, and a
+    strict broker disconnects a client whose response topic holds a wildcard; now one
+    clear error, and the connection goes on."""
+    address = topic()
+    async with connected([address], options) as transport:
+        generation = transport._generation
+        with pytest.raises(MqttSendError) as info:
+            await transport.publish(address, headers, b"bad", {"mqtt": bindings})
+        assert f"mqtt: cannot send to {address!r}: {error}" in str(info.value)
+        await transport.publish(address, [], b"good", {})
+        [batch] = await fetch_n(transport, 1)
+        assert [m.payload for m in batch.messages] == [b"good"]
+        await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        assert transport._generation == generation  # never reconnected
+
+
 def test_cli_unreachable_broker_gives_one_clear_error(tmp_path: Path) -> None:
     port = broker_module.free_port()
     result = subprocess.run(

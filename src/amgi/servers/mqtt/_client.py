@@ -28,7 +28,7 @@ from amgi.servers.mqtt._codec import (
     decode_publish,
 )
 from amgi.servers.mqtt._linger import linger_until_peer_closes
-from amgi.servers.mqtt.options import MqttOptions
+from amgi.servers.mqtt.options import MqttOptions, _topic_problem
 from amgi.transport import HeaderList, Message
 
 if TYPE_CHECKING:
@@ -97,6 +97,36 @@ _RECONNECT_FIRST = 0.1
 
 class MqttSendError(SendError):
     """The MQTT broker did not take a message (not connected, refused, timed out)."""
+
+
+_MAX_FIELD = 65535
+"""The longest string or binary field of an MQTT packet, in bytes."""
+
+
+def _property_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the MQTT 5 property of binding ``key``: paho
+    would fail half-way with a bare struct error, or a strict broker disconnect (and a
+    response topic with wildcards is a protocol error)."""
+    kind = _BINDING_TYPES[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return f"must be {_BINDING_TYPE_NAMES[key]}, not {value!r:.60}"
+    if isinstance(value, int):
+        if key == "payloadFormatIndicator" and value not in (0, 1):
+            return f"must be 0 or 1, not {value}"
+        if not 0 <= value < 2**32:
+            return "is out of range"
+        return None
+    if isinstance(value, str):
+        size = len(value.encode())
+    elif isinstance(value, bytes | bytearray):
+        size = len(value)
+    else:
+        return None
+    if size > _MAX_FIELD:
+        return f"is {size} bytes, over MQTT's {_MAX_FIELD}"
+    if key == "responseTopic" and isinstance(value, str):
+        return _topic_problem(value)
+    return None
 
 
 class MqttClient:
@@ -486,21 +516,23 @@ class MqttClient:
 
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         if headers:
-            props.UserProperty = _user_properties(headers)
+            pairs = _user_properties(headers)
+            for field_name, field_value in pairs:
+                if max(len(field_name.encode()), len(field_value.encode())) > _MAX_FIELD:
+                    raise MqttSendError(
+                        f"mqtt: cannot send to {address!r}: header {field_name!r:.40} or its value "
+                        f"is over {_MAX_FIELD} bytes, MQTT's limit for a user property"
+                    )
+            props.UserProperty = pairs
         for prop, key in _PROPERTY_BINDINGS:
             value = binding.get(key)
             if value is None:
                 continue
             if key == "correlationData" and isinstance(value, str):
                 value = value.encode()
-            kind = _BINDING_TYPES[key]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise MqttSendError(
-                    f"mqtt: cannot send to {address!r}: binding {key} must be "
-                    f"{_BINDING_TYPE_NAMES[key]}, not {value!r}"
-                )
-            if isinstance(value, int) and not 0 <= value < 2**32:
-                raise MqttSendError(f"mqtt: cannot send to {address!r}: {key} is out of range")
+            problem = _property_problem(key, value)
+            if problem:
+                raise MqttSendError(f"mqtt: cannot send to {address!r}: binding {key} {problem}")
             setattr(props, prop, value)
         return props
 

@@ -131,4 +131,6 @@ def _topic_problem(topic: str) -> str | None:
         return "a topic to publish to must not contain '+' or '#'"
     if "\x00" in topic:
         return "a topic must not contain NUL"
+    if len(topic.encode()) > 65535:
+        return "a topic must be at most 65535 bytes (UTF-8)"
     return None
