@@ -422,8 +422,8 @@ async def test_send_to_wildcard_raises_send_error(options: MqttOptions) -> None:
 async def test_property_values_mqtt_cannot_carry_fail_that_send_alone(
     options: MqttOptions, bindings: dict[str, Any], headers: list[Any], error: str
 ) -> None:
-    """paho failed these half-way with a bare struct error or MQTTException, and a
-    strict broker disconnects a client whose response topic holds a wildcard; now one
+    """paho failed these half-way with a bare struct error or MQTTException, and MQTT 5
+    lets a broker disconnect a client whose response topic holds a wildcard; now one
     clear error, and the connection goes on."""
     address = topic()
     async with connected([address], options) as transport:

@@ -105,8 +105,8 @@ _MAX_FIELD = 65535
 
 def _property_problem(key: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the MQTT 5 property of binding ``key``: paho
-    would fail half-way with a bare struct error, or a strict broker disconnect (and a
-    response topic with wildcards is a protocol error)."""
+    would fail half-way with a bare struct error, or the broker may disconnect (MQTT 5
+    forbids wildcards in a response topic; Mosquitto lets them through)."""
     kind = _BINDING_TYPES[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         return f"must be {_BINDING_TYPE_NAMES[key]}, not {value!r:.60}"
