@@ -15,15 +15,21 @@ from typing import Any
 __all__ = ["cpu_seconds", "stat_seconds", "stop", "system_seconds"]
 
 
+def _ticks(stat: str) -> tuple[int, int]:
+    """User and system clock ticks in the text of a ``/proc/.../stat`` file (the fields
+    after the command name, which may itself hold spaces and parentheses)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def stat_seconds(stat: str) -> float:
     """User + system CPU seconds in the text of a ``/proc/.../stat`` file."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(_ticks(stat)) / os.sysconf("SC_CLK_TCK")
 
 
 def system_seconds(stat: str) -> float:
     """System (kernel) CPU seconds in the text of a ``/proc/.../stat`` file."""
-    return int(stat.rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+    return _ticks(stat)[1] / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:

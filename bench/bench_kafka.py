@@ -603,23 +603,33 @@ def report(results: dict[str, list[dict[str, float]]], count: int, loads: list[f
             f"{max(rates[name]) / min(rates[name]):>9.2f}{statistics.median(firsts):>15.2f}"
             f"{_span(firsts, '.2f'):>15}{share:>13}{cpu:>12.2f}{len(rates[name]):>6}"
         )
-    print("\nmsgs/s per round:")
-    for name in sorted(medians, key=lambda n: -medians[n]):
-        print(f"  {name:<24}" + "".join(f"{r:>10,.0f}" for r in rates[name]))
-    print("\nCPU µs/msg by thread, per round (main thread / other threads / librdkafka's):")
-    for name in sorted(medians, key=lambda n: -medians[n]):
-        split = [
-            "/".join(f"{r[kind] / count * 1e6:.1f}" for kind in THREAD_KINDS) for r in results[name]
-        ]
-        print(f"  {name:<24}" + "".join(f"{s:>16}" for s in split))
-    print("\nof which system (kernel) CPU µs/msg in the main and other threads, per round:")
-    for name in sorted(medians, key=lambda n: -medians[n]):
-        print(
-            f"  {name:<24}" + "".join(f"{r['system'] / count * 1e6:>10.2f}" for r in results[name])
-        )
-    print("\nCPU stolen by the hypervisor during the drain, % of one CPU, per round:")
-    for name in sorted(medians, key=lambda n: -medians[n]):
-        print(f"  {name:<24}" + "".join(f"{r['steal']:>10.1%}" for r in results[name]))
+    order = sorted(medians, key=lambda n: -medians[n])
+    _per_round("msgs/s per round:", {n: [f"{r:>10,.0f}" for r in rates[n]] for n in order})
+    _per_round(
+        "CPU µs/msg by thread, per round (main thread / other threads / librdkafka's):",
+        {
+            n: [
+                format("/".join(f"{r[k] / count * 1e6:.1f}" for k in THREAD_KINDS), ">16")
+                for r in results[n]
+            ]
+            for n in order
+        },
+    )
+    _per_round(
+        "of which system (kernel) CPU µs/msg in the main and other threads, per round:",
+        {n: [f"{r['system'] / count * 1e6:>10.2f}" for r in results[n]] for n in order},
+    )
+    _per_round(
+        "CPU stolen by the hypervisor during the drain, % of one CPU, per round:",
+        {n: [f"{r['steal']:>10.1%}" for r in results[n]] for n in order},
+    )
+
+
+def _per_round(title: str, rows: dict[str, list[str]]) -> None:
+    """One block of the report: a line per contender, its rounds' cells side by side."""
+    print(f"\n{title}")
+    for name, cells in rows.items():
+        print(f"  {name:<24}" + "".join(cells))
 
 
 def main() -> None:
