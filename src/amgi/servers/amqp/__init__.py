@@ -110,13 +110,20 @@ def _check_user_id(user_id: str | None, url: str) -> None:
     ``auth=external``, where the user is the certificate's)."""
     if user_id is None:
         return
+    login = _url_login(url)
+    if login is not None and user_id != login:
+        raise ValueError(f"userId {user_id!r} is not the user this server logs in as ({login!r})")
+
+
+@functools.lru_cache(maxsize=16)
+def _url_login(url: str) -> str | None:
+    """The user ``url`` logs in as (the client's default, ``guest``, without one);
+    ``None`` when the login is not a user name (``auth=external``). Parsed once per URL."""
     parsed = urllib.parse.urlsplit(url)
     auth = urllib.parse.parse_qs(parsed.query).get("auth", ["plain"])[0]
     if auth.upper() != "PLAIN":
-        return
-    login = urllib.parse.unquote(parsed.username or "") or "guest"
-    if user_id != login:
-        raise ValueError(f"userId {user_id!r} is not the user this server logs in as ({login!r})")
+        return None
+    return urllib.parse.unquote(parsed.username or "") or "guest"
 
 
 class AmqpTransport(DeadLetters, AmqpClient, Transport):

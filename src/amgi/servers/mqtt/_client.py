@@ -28,7 +28,7 @@ from amgi.servers.mqtt._codec import (
     decode_publish,
 )
 from amgi.servers.mqtt._linger import linger_until_peer_closes
-from amgi.servers.mqtt.options import MqttOptions, _topic_problem
+from amgi.servers.mqtt.options import MqttOptions, _topic_problem, _utf8_over
 from amgi.transport import HeaderList, Message
 
 if TYPE_CHECKING:
@@ -117,13 +117,13 @@ def _property_problem(key: str, value: Any) -> str | None:
             return "is out of range"
         return None
     if isinstance(value, str):
-        size = len(value.encode())
+        if _utf8_over(value, _MAX_FIELD):
+            return f"is {len(value.encode())} bytes, over MQTT's {_MAX_FIELD}"
     elif isinstance(value, bytes | bytearray):
-        size = len(value)
+        if len(value) > _MAX_FIELD:
+            return f"is {len(value)} bytes, over MQTT's {_MAX_FIELD}"
     else:
         return None
-    if size > _MAX_FIELD:
-        return f"is {size} bytes, over MQTT's {_MAX_FIELD}"
     if key == "responseTopic" and isinstance(value, str):
         return _topic_problem(value)
     return None
@@ -518,7 +518,7 @@ class MqttClient:
         if headers:
             pairs = _user_properties(headers)
             for field_name, field_value in pairs:
-                if max(len(field_name.encode()), len(field_value.encode())) > _MAX_FIELD:
+                if _utf8_over(field_name, _MAX_FIELD) or _utf8_over(field_value, _MAX_FIELD):
                     raise MqttSendError(
                         f"mqtt: cannot send to {address!r}: header {field_name!r:.40} or its value "
                         f"is over {_MAX_FIELD} bytes, MQTT's limit for a user property"

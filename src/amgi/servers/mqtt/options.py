@@ -124,6 +124,15 @@ def validate_filter(topic_filter: str) -> str | None:
     return None
 
 
+def _utf8_over(text: str, limit: int) -> bool:
+    """Whether ``text`` is over ``limit`` bytes in UTF-8; encoded only when its length
+    alone cannot tell (a character is 1 to 4 bytes), so a send's short strings cost
+    no copy."""
+    if len(text) * 4 <= limit:
+        return False
+    return len(text) > limit or len(text.encode()) > limit
+
+
 def _topic_problem(topic: str) -> str | None:
     if not topic:
         return "a topic must not be empty"
@@ -131,6 +140,6 @@ def _topic_problem(topic: str) -> str | None:
         return "a topic to publish to must not contain '+' or '#'"
     if "\x00" in topic:
         return "a topic must not contain NUL"
-    if len(topic.encode()) > 65535:
+    if _utf8_over(topic, 65535):
         return "a topic must be at most 65535 bytes (UTF-8)"
     return None
