@@ -55,6 +55,11 @@ FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
 
+Stopping (:mod:`.handover`)
+    ``await await_answers(reads, wait_time)``: a transport's ``hand_over`` waits for the
+    long polls in flight, which the broker answers within ``wait_time``, and
+    :data:`ANSWER_SLACK` seconds more (SQS, Redis Streams).
+
 Options (:mod:`amgi.options`) - declared once, checked before startup
     ``option(default, help, ge=, gt=, le=, lt=, secret=, factory=)`` declares a field
     with its bounds; ``Literal[...]`` types give choices; floats must be finite. An
@@ -90,6 +95,7 @@ from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, bind
 from amgi.servers.kit.dead_letters import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
 from amgi.servers.kit.due import DueList
 from amgi.servers.kit.fifo import held_behind
+from amgi.servers.kit.handover import ANSWER_SLACK, await_answers
 from amgi.servers.kit.headers import (
     ATTEMPT_HEADER,
     DEAD_LETTER_REASON_HEADER,
@@ -107,6 +113,7 @@ from amgi.servers.kit.tls import untrusted_certificate
 from amgi.servers.kit.watermark import Watermark
 
 __all__ = [
+    "ANSWER_SLACK",
     "ATTEMPT_HEADER",
     "BINDINGS",
     "DEAD_LETTER_REASON_HEADER",
@@ -121,6 +128,7 @@ __all__ = [
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",
+    "await_answers",
     "binding_key",
     "bounds_text",
     "check_options",

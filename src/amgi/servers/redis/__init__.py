@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers.kit import Refreshed, dead_letter_headers, invalid, option
+from amgi.servers.kit import Refreshed, await_answers, dead_letter_headers, invalid, option
 from amgi.servers.redis._client import open_client
 from amgi.servers.redis._dead_letters import DeadLetters
 from amgi.servers.redis._fields import decode, encode
@@ -59,9 +59,6 @@ from amgi.servers.redis._streams import Streams
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = ["RedisOptions", "RedisSendError", "RedisTransport"]
-
-_ANSWER_SLACK = 2.0
-"""Seconds past ``--block`` that a stop waits for the read in flight."""
 
 
 class RedisSendError(SendError):
@@ -237,7 +234,7 @@ class RedisTransport(DeadLetters, Transport):
             return []
         # Redis answers a read within --block; one still open after that (Redis gone,
         # a reconnect) is left to close, which cancels it.
-        await asyncio.wait([reading], timeout=self.config.block + _ANSWER_SLACK)
+        await await_answers([reading], self.config.block)
         if not reading.done():
             return []
         self._reading = None

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
-from amgi.servers.kit import Refreshed, redact_client_logs
+from amgi.servers.kit import Refreshed, await_answers, redact_client_logs
 from amgi.servers.sqs._client import (
     DEPTH_EVERY,
     SqsClient,
@@ -90,9 +90,6 @@ logger = logging.getLogger("amgi.servers.sqs")
 
 # -- the transport -----------------------------------------------------------------------
 
-
-_ANSWER_SLACK = 2.0
-"""Seconds past ``wait_time`` that a stop waits for a long poll's answer."""
 
 _WIRE_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
 """The loggers that write signed requests (headers and canonical request) at DEBUG."""
@@ -193,7 +190,7 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
             )
             # SQS answers a poll within its wait time; one still open after that (an
             # unreachable endpoint, its retries) is left to close, which cuts it off.
-            await asyncio.wait(pending, timeout=self.config.wait_time + _ANSWER_SLACK)
+            await await_answers(pending, self.config.wait_time)
         done = [r for r in receives if r.task.done()]
         self._receives = [r for r in self._receives if r not in done]
         batches: list[Batch] = []
