@@ -226,10 +226,11 @@ def _parser(
         "--binding",
         action="append",
         default=[],
-        metavar="PROTOCOL.KEY=JSON",
-        help="a binding value, e.g. kafka.key=k1 or amqp.priority=5 (repeatable; the value "
-        "is JSON if it parses, else text; text of a bytes key such as kafka.key or "
-        "mqtt.correlationData is UTF-8 encoded); the keys are listed in docs/spec.md",
+        metavar="PROTOCOL.KEY=VALUE",
+        help="a binding value, e.g. kafka.key=k1 or amqp.priority=5 (repeatable; a text "
+        "or bytes key such as amqp.messageId or kafka.key takes the text as written, "
+        "unquoted if it is a JSON string, bytes UTF-8 encoded; other keys take JSON if it "
+        "parses, else text); the keys are listed in docs/spec.md",
     )
     common(send)
     add_dead_letter_commands(commands, common, _ENV_NOTE, _SERVERS_EPILOG)
@@ -396,7 +397,7 @@ def _parse_bindings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         path, sep, raw = item.partition("=")
         protocol, dot, key = path.partition(".")
         if not sep or not dot or not protocol or not key:
-            raise UsageError(f"--binding takes PROTOCOL.KEY=JSON, got {item!r}")
+            raise UsageError(f"--binding takes PROTOCOL.KEY=VALUE, got {item!r}")
         try:
             value = parse_binding(protocol, key, raw)
         except UnknownBinding as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +23,7 @@ from amgi.servers.kit import (
     doubling_delay,
     retry_headers,
 )
-from amgi.servers.kit.bindings import markdown_table, parse
+from amgi.servers.kit.bindings import BadBinding, markdown_table, parse, text_value, whole_number
 
 # -- headers -------------------------------------------------------------------------------
 
@@ -209,6 +210,48 @@ def test_binding_values_parse_as_json_and_bytes_keys_take_text() -> None:
     assert parse("kafka", "partition", "3") == 3
     assert parse("mqtt", "correlationData", "abc") == b"abc"
     assert parse("amqp", "routingKey", "rk") == "rk"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "key", "text", "value"),
+    [
+        # A text or bytes key takes the text as written: a number, true or {...} is text.
+        ("amqp", "messageId", "123", "123"),
+        ("amqp", "correlationId", "true", "true"),
+        ("nats", "msgId", '{"a": 1}', '{"a": 1}'),
+        ("kafka", "key", "123", b"123"),
+        ("kafka", "key", "[1, 2]", b"[1, 2]"),
+        # ... unless it is a JSON string (its quotes dropped) or null (no value).
+        ("amqp", "messageId", '"123"', "123"),
+        ("amqp", "messageId", '" padded "', " padded "),
+        ("kafka", "key", "null", None),
+        # Other keys take JSON when it parses.
+        ("amqp", "expiration", "60000", 60000),
+        ("mqtt", "retain", "true", True),
+        ("sqs", "attribute_types", '{"n": "Number"}', {"n": "Number"}),
+        ("redis", "maxlen", "abc", "abc"),
+    ],
+)
+def test_text_and_bytes_keys_take_what_was_written(
+    protocol: str, key: str, text: str, value: object
+) -> None:
+    assert parse(protocol, key, text) == value
+
+
+def test_a_sent_binding_value_is_checked_with_one_message_naming_key_and_rule() -> None:
+    assert whole_number("p", "n", 5, 0, 9) == 5
+    for bad in (True, 5.0, "5", -1, 10, None):
+        with pytest.raises(BadBinding, match=r"^p\.n must be a whole number from 0 to 9, not "):
+            whole_number("p", "n", bad, 0, 9)
+    pattern = re.compile("[a-z]+")
+    assert text_value("p", "t", "abc", pattern=pattern, rule="lower case") == "abc"
+    with pytest.raises(BadBinding, match=r"^p\.t must be lower case, not 'aBc'$"):
+        text_value("p", "t", "aBc", pattern=pattern, rule="lower case")
+    with pytest.raises(BadBinding, match=r"^p\.t must be lower case, not bytes$"):
+        text_value("p", "t", b"abc", pattern=pattern, rule="lower case")
+    with pytest.raises(BadBinding, match=r"^p\.t must be lower case, not a text of 61 char"):
+        text_value("p", "t", "A" * 61, pattern=pattern, rule="lower case")
+    assert issubclass(BadBinding, ValueError)
 
 
 @pytest.mark.parametrize(

@@ -206,12 +206,22 @@ async def test_send_failure_raises_kafka_send_error() -> None:
     kafka = transport([], delivery_timeout_ms=2000)
     await kafka.connect()
     try:
-        with pytest.raises(KafkaSendError, match="partition"):
-            await kafka.publish("t", [], b"x", {"kafka": {"partition": "two"}})
         topic = create_topic(fresh("one"), partitions=1)
-        with pytest.raises(KafkaSendError) as info:
+        for bad in ("two", True, 1.0, -1, 2**31):
+            with pytest.raises(
+                KafkaSendError,
+                match=f"cannot send to {topic!r}: kafka.partition must be a whole number "
+                f"from 0 to 2147483647, not {bad!r}",
+            ):
+                await kafka.publish(topic, [], b"x", {"kafka": {"partition": bad}})
+        with pytest.raises(KafkaSendError, match=r"kafka\.key must be bytes or str, not int"):
+            await kafka.publish(topic, [], b"x", {"kafka": {"key": 7}})
+        with pytest.raises(KafkaSendError, match=f"{topic!r}: .*Unknown partition$") as info:
             await kafka.publish(topic, [], b"x", {"kafka": {"partition": 7}})
         assert isinstance(info.value, OSError)
+        await kafka.publish(topic, [], b"good", {"kafka": {"partition": 0, "key": "k"}})
+        [record] = read_all(topic, 1)
+        assert (record.key(), record.value()) == (b"k", b"good")
     finally:
         await kafka.close()
 

@@ -361,6 +361,26 @@ async def test_send_to_a_subject_no_stream_captures_raises_the_send_error() -> N
         await t.close()
 
 
+@pytest.mark.parametrize(
+    "msg_id", ["a\r\nNats-Expected-Stream: other", " padded", "", "tab\there", 5, {"a": 1}]
+)
+async def test_a_msg_id_no_header_can_carry_fails_that_send_alone(
+    subject: str, msg_id: Any
+) -> None:
+    """A line break would end the header early (the rest read as a header of its own),
+    outer whitespace would not survive, and a non-str was once sent as its str()."""
+    t = NatsTransport([], NatsOptions(servers=URL, publish_timeout=2))
+    await t.connect()
+    try:
+        with pytest.raises(NatsSendError, match=r"nats\.msgId must be non-empty text without"):
+            await t.publish(subject, [], b"bad", {"nats": {"msgId": msg_id}})
+        await t.publish(subject, [], b"good", {"nats": {"msgId": fresh("id")}})
+        ((_, payload, _),) = await read_subject(subject, 1, 5)
+        assert payload == b"good"
+    finally:
+        await t.close()
+
+
 # -- processes ----------------------------------------------------------------------------
 
 

@@ -533,6 +533,28 @@ def test_unreachable_server_and_wrong_password_are_one_line_each(tmp_path: Path)
         assert not (tmp_path / "started").exists()
 
 
+async def test_the_maxlen_binding_trims_and_a_bad_one_fails_that_send_alone() -> None:
+    """``True`` was once taken as 1 (trimming the stream to about one entry), 1.5 rounded
+    and ``"5"`` parsed; each is now refused before anything is written."""
+    stream = fresh("maxlen")
+    t = RedisTransport([], RedisOptions(url=URL))
+    await t.connect()
+    try:
+        for i in range(250):
+            await t.publish(stream, [], b"%d" % i, {"redis": {"maxlen": 10}})
+        kept = await entries(stream)
+        assert 10 <= len(kept) <= 150, "MAXLEN ~ trims whole nodes, keeping at least 10"
+        assert kept[-1][2] == b"249"
+        for bad in (True, 1.5, "5", -1, 2**63):
+            with pytest.raises(RedisSendError, match=r"redis\.maxlen must be a whole number"):
+                await t.publish(stream, [], b"bad", {"redis": {"maxlen": bad}})
+        assert await entries(stream) == kept
+        await t.publish(stream, [], b"after", {"redis": {"maxlen": None}})
+        assert len(await entries(stream)) == len(kept) + 1
+    finally:
+        await t.close()
+
+
 async def test_a_key_that_is_not_a_stream_is_a_configuration_error() -> None:
     key = fresh("string")
     c = await client()

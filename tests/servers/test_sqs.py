@@ -176,8 +176,50 @@ async def test_send_errors_are_send_errors(admin: SqsTransport, new_queue: NewQu
     with pytest.raises(SqsSendError, match="does not exist"):
         await admin.publish(f"missing-{uuid.uuid4().hex[:8]}", [], b"x", {})
     with pytest.raises(SqsSendError, match="could not send"):
-        await admin.publish(name, [], b"x", {"sqs": {"delay_seconds": 9999}})
+        # Over the largest message SQS takes (1 MiB): the broker's own error.
+        await admin.publish(name, [], b"x" * 1_100_000, {})
     assert await counts(admin, name) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("sqs", "error"),
+    [
+        ({"delay_seconds": 9999}, "delay_seconds must be a whole number from 0 to 900, not 9999"),
+        ({"delay_seconds": 1.5}, "delay_seconds must be a whole number from 0 to 900, not 1.5"),
+        ({"delay_seconds": -1}, "delay_seconds must be a whole number from 0 to 900, not -1"),
+        ({"delay_seconds": "5"}, "delay_seconds must be a whole number"),
+        ({"message_group_id": {"a": 1}}, "message_group_id must be 1 to 128 ASCII .* not dict"),
+        ({"message_group_id": 42}, "message_group_id must be 1 to 128 ASCII .* not int"),
+        ({"message_group_id": "a b"}, "message_group_id must be 1 to 128 ASCII .* not 'a b'"),
+        ({"message_group_id": "g" * 129}, "message_group_id must be .* not a text of 129 char"),
+        ({"message_deduplication_id": ""}, "message_deduplication_id must be 1 to 128"),
+        ({"message_deduplication_id": "é"}, "message_deduplication_id must be 1 to 128"),
+        ({"attribute_types": "Number"}, "attribute_types must be a dict of header name"),
+        ({"attribute_types": {"a": 5}}, r"attribute_types\['a'\] must be String, Number or"),
+        ({"attribute_types": {"a": "Nope"}}, r"attribute_types\['a'\] must be String, Number"),
+        ({"attribute_types": {1: "Number"}}, "attribute_types names must be str, not 1"),
+    ],
+)
+async def test_a_send_binding_sqs_would_refuse_or_we_would_coerce_fails_before_sending(
+    admin: SqsTransport, new_queue: NewQueue, sqs: dict[str, Any], error: str
+) -> None:
+    """Each was once rounded, str()-ed, passed to SQS as is, or raised a bare error."""
+    name = await new_queue()
+    with pytest.raises(SqsSendError, match=f"cannot send to {name!r}: sqs.{error}"):
+        await admin.publish(name, [(b"a", b"1")], b"x", {"sqs": sqs})
+    assert await counts(admin, name) == (0, 0)
+
+
+async def test_a_fifo_queue_takes_no_delay_per_message(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    name = await new_queue(fifo=True)
+    with pytest.raises(SqsSendError, match="delay_seconds cannot be set per message on a FIFO"):
+        await admin.publish(name, [], b"x", {"sqs": {"delay_seconds": 5}})
+    await admin.publish(name, [], b"no delay", {"sqs": {"delay_seconds": 0}})
+    transport = await consumer(name)
+    (batch,) = await fetch_n(transport, 1)
+    assert [m.payload for m in batch.messages] == [b"no delay"]
 
 
 async def test_send_bindings_delay_and_fifo_ids(

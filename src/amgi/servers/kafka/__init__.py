@@ -59,11 +59,14 @@ from amgi.servers.kafka._consumer import Consuming
 from amgi.servers.kafka._dead_letters import DeadLetters
 from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.options import KafkaOptions
-from amgi.servers.kit import DelayedRepublisher, redact, unmoved
+from amgi.servers.kit import DelayedRepublisher, redact, unmoved, whole_number
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 """What a Kafka broker accepts as a topic name."""
+
+_MAX_PARTITION = 2**31 - 1
+"""Partitions are numbered by a signed 32-bit int on the wire."""
 
 __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
 
@@ -300,9 +303,13 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         key = kafka.get("key")
         partition = kafka.get("partition")
         if key is not None and not isinstance(key, (bytes, str)):
-            raise KafkaSendError(f"kafka.key must be bytes or str, got {type(key).__name__}")
-        if partition is not None and (
-            isinstance(partition, bool) or not isinstance(partition, int)
-        ):
-            raise KafkaSendError(f"kafka.partition must be an int, got {partition!r}")
+            raise KafkaSendError(
+                f"cannot send to {address!r}: kafka.key must be bytes or str, "
+                f"not {type(key).__name__}"
+            )
+        if partition is not None:
+            try:
+                whole_number("kafka", "partition", partition, 0, _MAX_PARTITION)
+            except ValueError as exc:
+                raise KafkaSendError(f"cannot send to {address!r}: {exc}") from None
         await self._produce(address, list(headers), payload, key, partition)

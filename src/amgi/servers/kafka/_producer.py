@@ -72,7 +72,10 @@ class Producing(KafkaClient):
                 KafkaSendError(f"Kafka producer queue is full (sending to {topic!r})")
             )
         except Exception as exc:
-            done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {exc}"))
+            # A KafkaException carries a KafkaError, whose str() is the readable part.
+            error: Any = exc.args[0] if exc.args else None
+            text = error.str() if hasattr(error, "str") else str(exc)
+            done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {text}"))
         return done
 
     async def _republish(self, address: str, settlement: Settlement, give_up: Any) -> list[Message]:

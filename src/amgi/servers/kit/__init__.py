@@ -78,7 +78,10 @@ Bindings (:mod:`.bindings`) - the binding keys of each protocol
     ``BINDINGS[protocol][key]`` is a ``BindingKey(name, type, direction, doc)``, named
     after AsyncAPI's message bindings; a server emits and reads only keys listed there
     (add yours when writing a server); ``parse(protocol, key, text)`` is what ``amgi
-    send --binding`` uses.
+    send --binding`` uses. A server checks the values of a send before the client
+    library sees them: ``whole_number(protocol, key, value, low, high)`` and
+    ``text_value(protocol, key, value, pattern=, rule=)`` return the value or raise
+    ``BadBinding`` (a ``ValueError``) naming the key and the rule.
 
 Logging: a server logs to ``logging.getLogger("amgi.servers.<name>")`` and does not
 repeat its name in the text (the logger name says it).
@@ -91,7 +94,15 @@ from amgi.options import check as check_options
 from amgi.secrets import mask_url, masked, redact, redact_client_logs
 from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
-from amgi.servers.kit.bindings import BINDINGS, BindingKey, UnknownBinding, binding_key
+from amgi.servers.kit.bindings import (
+    BINDINGS,
+    BadBinding,
+    BindingKey,
+    UnknownBinding,
+    binding_key,
+    text_value,
+    whole_number,
+)
 from amgi.servers.kit.dead_letters import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
 from amgi.servers.kit.due import DueList
 from amgi.servers.kit.fifo import held_behind
@@ -119,6 +130,7 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "ORIGINAL_ADDRESS_HEADER",
     "Backoff",
+    "BadBinding",
     "BindingKey",
     "ChunkedDeadLetters",
     "DeadLetterChunk",
@@ -147,6 +159,8 @@ __all__ = [
     "retry_headers",
     "split_dead_letter_headers",
     "stored_dead_letter",
+    "text_value",
     "unmoved",
     "untrusted_certificate",
+    "whole_number",
 ]

@@ -14,18 +14,22 @@ received, ``"out"`` for keys only read on a send, ``"both"`` otherwise).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
     "BINDINGS",
+    "BadBinding",
     "BindingKey",
     "UnknownBinding",
     "binding_key",
     "markdown_table",
     "parse",
+    "text_value",
     "unknown_keys",
+    "whole_number",
 ]
 
 Direction = Literal["in", "out", "both"]
@@ -140,10 +144,13 @@ def binding_key(protocol: str, key: str) -> BindingKey:
 
 
 def parse(protocol: str, key: str, raw: str) -> Any:
-    """The value of ``protocol.key`` written as text: JSON if it parses, else the text.
+    """The value of ``protocol.key`` written as text (``amgi send --binding``).
 
-    A text value of a bytes key is encoded UTF-8. Raises :class:`UnknownBinding` for a
-    key that is not in the table or one only ever received (``in``).
+    A ``str`` or ``bytes`` key takes the text as it is (``messageId=123`` is the text
+    ``"123"``), unless it is a JSON string (``'"a b"'``, unquoted) or ``null`` (no value);
+    bytes are the text encoded UTF-8. Any other key takes JSON if the text parses, else
+    the text. Raises :class:`UnknownBinding` for a key that is not in the table or one
+    only ever received (``in``).
     """
     entry = binding_key(protocol, key)
     if entry.direction == "in":
@@ -152,8 +159,42 @@ def parse(protocol: str, key: str, raw: str) -> Any:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    if entry.type in ("str", "bytes") and value is not None and not isinstance(value, str):
+        value = raw
     if entry.is_bytes and isinstance(value, str):
         value = value.encode()
+    return value
+
+
+class BadBinding(ValueError):
+    """A sent binding value its protocol cannot carry; the message names key and rule."""
+
+
+def whole_number(protocol: str, key: str, value: Any, low: int, high: int) -> int:
+    """``value`` if it is an int from ``low`` to ``high`` (not a bool, float or text).
+
+    Raises :class:`BadBinding` otherwise: a server checks a sent binding before any of
+    it reaches the client library, so a bad value fails that one send with one clear
+    message instead of being rounded, coerced or refused half-way.
+    """
+    if type(value) is not int or not low <= value <= high:
+        raise BadBinding(
+            f"{protocol}.{key} must be a whole number from {low} to {high}, not {value!r:.60}"
+        )
+    return value
+
+
+def text_value(protocol: str, key: str, value: Any, *, pattern: re.Pattern[str], rule: str) -> str:
+    """``value`` if it is a str that ``pattern`` matches whole; else :class:`BadBinding`
+    saying ``{protocol}.{key} must be {rule}``."""
+    if type(value) is not str or not pattern.fullmatch(value):
+        if not isinstance(value, str):
+            shown = type(value).__name__
+        elif len(value) > 60:
+            shown = f"a text of {len(value)} characters"
+        else:
+            shown = repr(value)
+        raise BadBinding(f"{protocol}.{key} must be {rule}, not {shown}")
     return value
 
 

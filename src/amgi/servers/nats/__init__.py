@@ -43,20 +43,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers.kit import dead_letter_headers, invalid, option
+from amgi.servers.kit import dead_letter_headers, invalid, option, text_value
 from amgi.servers.nats._client import open_connection
 from amgi.servers.nats._core import Subscriptions
 from amgi.servers.nats._dead_letters import DeadLetters
-from amgi.servers.nats._headers import encode
+from amgi.servers.nats._headers import PLAIN_VALUE, encode
 from amgi.servers.nats._jetstream import Consumers
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = ["NatsOptions", "NatsSendError", "NatsTransport"]
+
+
+_MSG_ID = re.compile("(?=.)" + PLAIN_VALUE.pattern)
+_MSG_ID_RULE = "non-empty text without control characters or outer whitespace (a header value)"
 
 
 class NatsSendError(SendError):
@@ -225,7 +230,12 @@ class NatsTransport(DeadLetters, Transport):
         if client is None:
             raise NatsSendError("nats: the server is not connected")
         msg_id = (bindings.get("nats") or {}).get("msgId")
-        header = encode(headers, None if msg_id is None else str(msg_id))
+        if msg_id is not None:
+            try:
+                text_value("nats", "msgId", msg_id, pattern=_MSG_ID, rule=_MSG_ID_RULE)
+            except ValueError as exc:
+                raise NatsSendError(f"nats: cannot send to {address!r}: {exc}") from None
+        header = encode(headers, msg_id)
         try:
             if self.config.mode == "core":
                 await client.publish(address, payload or b"", headers=header or None)

@@ -18,14 +18,13 @@ from collections.abc import Iterable, Mapping
 
 from amgi.transport import HeaderList
 
-__all__ = ["MSG_ID", "decode", "encode"]
+__all__ = ["MSG_ID", "PLAIN_VALUE", "decode", "encode"]
 
 MSG_ID = "Nats-Msg-Id"
 _ENCODED = "Amgi-H-"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_PLAIN_VALUE = re.compile(
-    r"(?:[^\x00-\x20\x7f]|[^\x00-\x20\x7f][^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?"
-)
+PLAIN_VALUE = re.compile(r"(?:[^\x00-\x20\x7f]|[^\x00-\x20\x7f][^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?")
+"""A header value that travels as it is: no control characters, no outer whitespace."""
 
 
 def _b64(data: bytes) -> str:
@@ -52,7 +51,7 @@ def encode(headers: Iterable[tuple[bytes, bytes]], msg_id: str | None = None) ->
             and _TOKEN.fullmatch(name)
             and not key.startswith(_ENCODED)
             and key.lower() != MSG_ID.lower()
-            and _PLAIN_VALUE.fullmatch(text)
+            and PLAIN_VALUE.fullmatch(text)
         ):
             out[key] = text
         else:

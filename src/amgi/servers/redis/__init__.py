@@ -50,7 +50,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers.kit import Refreshed, await_answers, dead_letter_headers, invalid, option
+from amgi.servers.kit import (
+    Refreshed,
+    await_answers,
+    dead_letter_headers,
+    invalid,
+    option,
+    whole_number,
+)
 from amgi.servers.redis._client import open_client
 from amgi.servers.redis._dead_letters import DeadLetters
 from amgi.servers.redis._fields import decode, encode
@@ -59,6 +66,10 @@ from amgi.servers.redis._streams import Streams
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = ["RedisOptions", "RedisSendError", "RedisTransport"]
+
+
+_MAX_MAXLEN = 2**63 - 1
+"""The largest ``MAXLEN`` Redis takes (a signed 64-bit count)."""
 
 
 class RedisSendError(SendError):
@@ -298,6 +309,14 @@ class RedisTransport(DeadLetters, Transport):
     ) -> None:
         from redis import exceptions as redis_errors
 
+        maxlen = (bindings.get("redis") or {}).get("maxlen")
+        if maxlen is None:
+            maxlen = self.config.maxlen
+        else:
+            try:
+                whole_number("redis", "maxlen", maxlen, 0, _MAX_MAXLEN)
+            except ValueError as exc:
+                raise RedisSendError(f"redis: cannot send to {address!r}: {exc}") from None
         client = self._client
         if client is None:
             raise RedisSendError("redis: the server is not connected")
@@ -310,13 +329,10 @@ class RedisTransport(DeadLetters, Transport):
                     )
                 await client.execute_command("PUBLISH", address, payload or b"")
                 return
-            maxlen = (bindings.get("redis") or {}).get("maxlen", self.config.maxlen)
-            trim = self._trim(int(maxlen))
+            trim = self._trim(maxlen)
             await client.execute_command("XADD", address, *trim, "*", *encode(headers, payload))
         except redis_errors.RedisError as exc:
             raise RedisSendError(f"redis: could not send to {address!r}: {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise RedisSendError(f"redis: bad redis bindings for {address!r}: {exc}") from None
 
     def _trim(self, maxlen: int) -> tuple[Any, ...]:
         """The ``XADD`` arguments that trim a stream to about ``maxlen`` entries (0: none)."""

@@ -65,6 +65,8 @@ from amgi.servers.sqs.options import AWS_DEFAULT_ENDPOINT, SqsOptions
 from amgi.servers.sqs.records import (
     encode_body,
     headers_to_attributes,
+    send_attribute_types,
+    send_parameters,
 )
 from amgi.transport import (
     Batch,
@@ -324,7 +326,10 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         sqs = bindings.get("sqs") or {}
         body, encoding = encode_body(payload)
         try:
-            attributes = headers_to_attributes(headers, sqs.get("attribute_types"), encoding)
+            # SQS requires a FIFO queue's name (and so its URL) to end in .fifo.
+            given = send_parameters(sqs, fifo=address.endswith(".fifo"))
+            types = send_attribute_types(sqs)
+            attributes = headers_to_attributes(headers, types, encoding)
         except ValueError as exc:
             raise SqsSendError(f"sqs: cannot send to {address!r}: {exc}") from None
         try:
@@ -334,18 +339,11 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         params: dict[str, Any] = {"QueueUrl": queue.url, "MessageBody": body}
         if attributes:
             params["MessageAttributes"] = attributes
-        if sqs.get("delay_seconds") is not None:
-            params["DelaySeconds"] = int(sqs["delay_seconds"])
-        group = sqs.get("message_group_id")
-        dedup = sqs.get("message_deduplication_id")
+        params |= given
         if queue.fifo:
-            group = group or "default"
-            if dedup is None and not queue.content_deduplication:
-                dedup = uuid.uuid4().hex
-        if group is not None:
-            params["MessageGroupId"] = str(group)
-        if dedup is not None:
-            params["MessageDeduplicationId"] = str(dedup)
+            params.setdefault("MessageGroupId", "default")
+            if "MessageDeduplicationId" not in params and not queue.content_deduplication:
+                params["MessageDeduplicationId"] = uuid.uuid4().hex
         try:
             await self.client.send_message(**params)
         except Exception as exc:

@@ -14,9 +14,12 @@ from typing import Any, Final
 
 from amgi.servers.kit import (
     ATTEMPT_HEADER,
+    BadBinding,
     attempt_from_headers,
     dead_letter_headers,
     split_dead_letter_headers,
+    text_value,
+    whole_number,
 )
 from amgi.transport import HeaderList, Message, StoredDeadLetter
 
@@ -35,6 +38,8 @@ __all__ = [
     "headers_to_attributes",
     "message_bindings",
     "pack_headers",
+    "send_attribute_types",
+    "send_parameters",
     "unpack_headers",
 ]
 
@@ -52,6 +57,72 @@ _NOT_SQS_TEXT: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U
 
 
 _ATTRIBUTE_NAME: Final = re.compile(r"[A-Za-z0-9_\-.]{1,256}")
+
+
+_SEND_ID: Final = re.compile(r"[!-~]{1,128}")
+"""A message group or deduplication id: 1-128 ASCII letters, digits or punctuation."""
+
+
+_DATA_TYPE: Final = re.compile(r"(?=.{1,256}$)(?:String|Number|Binary)(?:\.[A-Za-z0-9_\-.]+)?")
+"""An attribute data type: ``String``, ``Number`` or ``Binary``, with an optional
+``.label`` (``Number.float``)."""
+
+
+_MAX_DELAY: Final = 900
+
+
+def send_parameters(sqs: Mapping[str, Any], *, fifo: bool) -> dict[str, Any]:
+    """The ``SendMessage`` parameters the ``sqs`` bindings of a send set, checked.
+
+    Raises :class:`~amgi.servers.kit.BadBinding` for a value SQS would refuse or this
+    server would have to round or coerce: a delay that is not a whole number of seconds
+    from 0 to 900 (or any delay on a FIFO queue, which SQS delays as a whole), an id
+    that is not 1-128 ASCII letters, digits or punctuation.
+    """
+    out: dict[str, Any] = {}
+    delay = sqs.get("delay_seconds")
+    if delay is not None:
+        whole_number("sqs", "delay_seconds", delay, 0, _MAX_DELAY)
+        if fifo and delay:
+            raise BadBinding(
+                "sqs.delay_seconds cannot be set per message on a FIFO queue "
+                "(SQS delays a FIFO queue as a whole: its DelaySeconds attribute)"
+            )
+        if not fifo:
+            out["DelaySeconds"] = delay
+    for key, parameter in (
+        ("message_group_id", "MessageGroupId"),
+        ("message_deduplication_id", "MessageDeduplicationId"),
+    ):
+        value = sqs.get(key)
+        if value is not None:
+            rule = "1 to 128 ASCII letters, digits or punctuation"
+            out[parameter] = text_value("sqs", key, value, pattern=_SEND_ID, rule=rule)
+    return out
+
+
+def send_attribute_types(sqs: Mapping[str, Any]) -> dict[str, str]:
+    """The ``attribute_types`` binding of a send (header name -> SQS data type), checked
+    (:class:`~amgi.servers.kit.BadBinding`)."""
+    types = sqs.get("attribute_types")
+    if types is None:
+        return {}
+    if not isinstance(types, Mapping):
+        raise BadBinding(
+            "sqs.attribute_types must be a dict of header name -> SQS data type, "
+            f"not {type(types).__name__}"
+        )
+    for name, data_type in types.items():
+        if type(name) is not str:
+            raise BadBinding(f"sqs.attribute_types names must be str, not {name!r:.60}")
+        text_value(
+            "sqs",
+            f"attribute_types[{name!r:.60}]",
+            data_type,
+            pattern=_DATA_TYPE,
+            rule="String, Number or Binary, optionally with a .label (Number.int)",
+        )
+    return dict(types)
 
 
 def encode_body(payload: bytes | None) -> tuple[str, str | None]:
