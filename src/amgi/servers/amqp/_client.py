@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("amgi.servers.amqp")
 
 
+def _not_reported_by_us(record: logging.LogRecord) -> bool:
+    """aiormq logs a failed connect at ERROR before raising it; the startup error and
+    the reconnect warning already say it, once, with the URL's password masked."""
+    return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_not_reported_by_us)
+
+
 _RECONNECT_FIRST = 0.1
 _CLOSING_POLL = 0.05
 """Seconds between looks at a closing connection while a send waits for the next one."""
