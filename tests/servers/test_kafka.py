@@ -226,11 +226,12 @@ async def test_send_failure_raises_kafka_send_error() -> None:
         await kafka.close()
 
 
-async def test_unreachable_broker_is_one_clear_error() -> None:
+async def test_unreachable_broker_is_one_clear_error(caplog: pytest.LogCaptureFixture) -> None:
     kafka = transport(["t"], bootstrap_servers="127.0.0.1:1", connect_timeout=1.0)
     with pytest.raises(BrokerUnavailable, match=r"cannot reach Kafka at 127\.0\.0\.1:1"):
         await kafka.connect()
     await kafka.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def _client_thread_ids() -> set[str]:

@@ -26,6 +26,7 @@ def test_repeated_errors_are_logged_once_and_the_latest_is_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     errors = ClientErrors(logging.getLogger("test.kafka"))
+    errors.connecting = False
     for ms in (1, 2, 7):
         errors(Err(-181, f"b/bootstrap: SSL handshake failed (after {ms}ms in state CONNECT)"))
     errors(Err(-187, "1/1 brokers are down"))
@@ -35,6 +36,22 @@ def test_repeated_errors_are_logged_once_and_the_latest_is_kept(
         "kafka client: 1/1 brokers are down",
     ]
     assert errors.latest == "b/bootstrap: SSL handshake failed"  # not "brokers are down"
+
+
+def test_errors_while_connecting_are_kept_for_the_connect_error_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connect that fails says why in its own error: a warning before it said it twice."""
+    errors = ClientErrors(logging.getLogger("test.kafka"))
+    errors(Err(-195, "b/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"))
+    errors(Err(-187, "1/1 brokers are down"))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert errors.latest == "b/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
+    errors.connecting = False
+    errors(Err(-187, "1/1 brokers are down"))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "kafka client: 1/1 brokers are down"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,7 @@ class KafkaClient:
         while True:
             slice_ = min(_METADATA_SLICE, max(deadline - loop.time(), 0.01))
             try:
-                return await loop.run_in_executor(
+                metadata = await loop.run_in_executor(
                     None, functools.partial(client.list_topics, timeout=slice_)
                 )
             except KafkaException as exc:
@@ -196,6 +196,9 @@ class KafkaClient:
                         f"cannot reach Kafka at {self.config.bootstrap_servers} "
                         f"within {timeout:g} s: {why}"
                     ) from None
+            else:
+                self._client_errors.connecting = False
+                return metadata
 
     async def _create_topics(self, metadata: Any, topics: list[str]) -> None:
         from confluent_kafka import KafkaException

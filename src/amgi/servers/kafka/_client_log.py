@@ -79,6 +79,9 @@ class ClientErrors:
     def __init__(self, log: logging.Logger) -> None:
         self._log = log
         self._repeats = _Repeats()
+        self.connecting = True
+        """While True, errors are kept but logged at DEBUG only: a connect that fails
+        raises them as its own error, once (set to False once connected)."""
         self.latest: str | None = None
         self._all_down = False
         self._refused: str | None = None
@@ -93,7 +96,9 @@ class ClientErrors:
             self.latest = reason
             refused = code == _AUTHENTICATION or "certificate verify failed" in reason
             self._refused = reason if refused else None
-        if self._repeats.fresh(reason):
+        if self.connecting:
+            self._log.debug("kafka client, connecting: %s", reason)
+        elif self._repeats.fresh(reason):
             self._log.warning("kafka client: %s", reason)
 
     def hopeless(self) -> str | None:
