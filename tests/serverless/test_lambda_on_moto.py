@@ -148,7 +148,11 @@ async def test_a_failed_send_raises_the_send_error_into_the_app() -> None:
             await send({"type": "message.nack", "id": event["id"], "message": str(exc)})
 
     event = json.loads((FIXTURES / "sqs_standard.json").read_text())
-    result = await SqsHandler(app, handle_sigterm=False).handle(event)
+    handler = SqsHandler(app, handle_sigterm=False)
+    try:
+        result = await handler.handle(event)
+    finally:
+        await handler.aclose()  # its publisher, kept for the next invocation
     assert len(result["batchItemFailures"]) == 3
     assert "does not exist" in str(errors[0])
 
