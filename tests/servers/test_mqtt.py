@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +418,10 @@ async def test_send_to_wildcard_raises_send_error(options: MqttOptions) -> None:
         ({"correlationData": b"x" * 70_000}, [], "binding correlationData is 70000 bytes"),
         ({"responseTopic": "replies/#"}, [], "binding responseTopic a topic to publish to must"),
         ({}, [(b"big", b"x" * 70_000)], "header 'big' or its value is over 65535 bytes"),
+        # Mosquitto disconnected the client for each of these, and paho sent the message
+        # again on every reconnect: a reconnect loop every 0.1 s, for good.
+        ({"contentType": "text/plain\n"}, [], "binding contentType must not contain control"),
+        ({"responseTopic": "re/\x7f"}, [], "binding responseTopic must not contain control"),
     ],
 )
 async def test_property_values_mqtt_cannot_carry_fail_that_send_alone(
@@ -436,6 +441,63 @@ async def test_property_values_mqtt_cannot_carry_fail_that_send_alone(
         assert [m.payload for m in batch.messages] == [b"good"]
         await transport.settle(batch, Settlement(acked=list(batch.messages)))
         assert transport._generation == generation  # never reconnected
+
+
+@pytest.mark.parametrize("bad", ["\n", "\x7f", "\x85", "\ufdd0", "\U0001ffff"])
+async def test_a_topic_with_a_character_mqtt_text_forbids_fails_that_send_alone(
+    options: MqttOptions, bad: str
+) -> None:
+    address = topic()
+    async with connected([address], options) as transport:
+        generation = transport._generation
+        with pytest.raises(MqttSendError, match="must not contain control characters"):
+            await transport.publish(f"{address}/a{bad}b", [], b"bad", {})
+        await transport.publish(address, [], b"good", {})
+        [batch] = await fetch_n(transport, 1)
+        assert [m.payload for m in batch.messages] == [b"good"]
+        await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        assert transport._generation == generation  # never reconnected
+
+
+async def test_headers_mqtt_text_cannot_hold_arrive_byte_exact(options: MqttOptions) -> None:
+    """Control characters and noncharacters in a header travel packed (``amgi-b64``): as
+    user properties, Mosquitto disconnected the client (and paho sent them again on each
+    reconnect)."""
+    headers = [
+        (b"line", b"a\r\nb"),
+        (b"tab", b"a\tb"),
+        (b"del", b"a\x7fb"),
+        (b"c1", "a\x85b".encode()),
+        (b"nonchar", "\ufdd0".encode()),
+        (b"name\nbreak", b"v"),
+        (b"plain", b"text"),
+    ]
+    address = topic()
+    async with connected([address], options) as transport:
+        generation = transport._generation
+        await transport.publish(address, headers, b"x", {})
+        [batch] = await fetch_n(transport, 1)
+        assert batch.messages[0].headers == headers
+        await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        assert transport._generation == generation  # never reconnected
+
+
+async def test_a_connection_the_broker_keeps_dropping_is_retried_ever_more_slowly(
+    options: MqttOptions, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two servers given the same client id take the session from each other on every
+    connect. Each loss used to start the delays afresh: a reconnect every 0.1 s for good.
+    Now a connection that lasted under 10 s keeps doubling them."""
+    shared = replace(options, client_id=f"same-{uuid.uuid4().hex[:8]}")
+    address = topic()
+    async with connected([address], shared), connected([address], shared):
+        await asyncio.sleep(4)
+    lost = [r for r in caplog.records if "lost after" in r.getMessage()]
+    # Doubling from 0.1 s, each side reconnects at most ~6 times in 4 s (0.1+0.2+...+1.6),
+    # so together ~12; with fresh delays it was about 40 per side.
+    assert 2 <= len(lost) <= 16, [r.getMessage() for r in lost]
+    delays = [float(r.getMessage().rsplit(" in ", 1)[1].rstrip("s")) for r in lost]
+    assert max(delays) >= 0.8, delays
 
 
 def test_cli_unreachable_broker_gives_one_clear_error(tmp_path: Path) -> None:

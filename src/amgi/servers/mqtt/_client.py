@@ -28,7 +28,7 @@ from amgi.servers.mqtt._codec import (
     decode_publish,
 )
 from amgi.servers.mqtt._linger import linger_until_peer_closes
-from amgi.servers.mqtt.options import MqttOptions, _topic_problem, _utf8_over
+from amgi.servers.mqtt.options import NOT_MQTT_TEXT, MqttOptions, _topic_problem, _utf8_over
 from amgi.transport import HeaderList, Message
 
 if TYPE_CHECKING:
@@ -93,6 +93,9 @@ _CLOSE_WAIT = 2.0
 
 
 _RECONNECT_FIRST = 0.1
+_STABLE: Final = 10.0
+"""Seconds a connection must last before its loss starts the reconnect delays afresh;
+a shorter one (a broker that drops each new connection) keeps doubling them."""
 
 
 class MqttSendError(SendError):
@@ -105,8 +108,9 @@ _MAX_FIELD = 65535
 
 def _property_problem(key: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the MQTT 5 property of binding ``key``: paho
-    would fail half-way with a bare struct error, or the broker may disconnect (MQTT 5
-    forbids wildcards in a response topic; Mosquitto lets them through)."""
+    would fail half-way with a bare struct error, or the broker may disconnect (a
+    control character in a string: Mosquitto does; a wildcard in a response topic,
+    which MQTT 5 forbids: Mosquitto lets it through)."""
     kind = _BINDING_TYPES[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         return f"must be {_BINDING_TYPE_NAMES[key]}, not {value!r:.60}"
@@ -119,6 +123,8 @@ def _property_problem(key: str, value: Any) -> str | None:
     if isinstance(value, str):
         if _utf8_over(value, _MAX_FIELD):
             return f"is {len(value.encode())} bytes, over MQTT's {_MAX_FIELD}"
+        if NOT_MQTT_TEXT.search(value):
+            return "must not contain control characters or Unicode noncharacters"
     elif isinstance(value, bytes | bytearray):
         if len(value) > _MAX_FIELD:
             return f"is {len(value)} bytes, over MQTT's {_MAX_FIELD}"
@@ -156,6 +162,9 @@ class MqttClient:
         self._puback: dict[int, asyncio.Future[Any]] = {}
         self._retries = DelayedRepublisher("mqtt")
         self._reconnector: asyncio.Task[None] | None = None
+        self._reconnect_delays: Backoff | None = None
+        self._up_since = 0.0
+        """Loop time the current connection was made (first connect or reconnect)."""
         self._misc: asyncio.Task[None] | None = None
         self._closing = False
         self._v5 = True
@@ -247,6 +256,7 @@ class MqttClient:
         if self.addresses:
             # Always (re)subscribe: the filters may have changed since the session began.
             await self._subscribe(client, paho)
+        self._up_since = self._loop.time()
         self._connected.set()
 
     def _start_client(self) -> None:
@@ -317,11 +327,25 @@ class MqttClient:
         self._count = 0
         if self._closing or self._reconnector is not None or self._misc is None:
             return  # closing, already reconnecting, or still in the first connect
-        logger.warning("mqtt: connection to %s lost (%s); reconnecting", self._where(), why)
-        self._reconnector = asyncio.create_task(self._reconnect(), name="amgi-mqtt-reconnect")
+        assert self._loop is not None
+        lasted = self._loop.time() - self._up_since
+        backoff = self._reconnect_delays
+        if backoff is None or lasted >= _STABLE:
+            backoff = self._reconnect_delays = Backoff(
+                _RECONNECT_FIRST, self.config.reconnect_delay_max
+            )
+        logger.warning(
+            "mqtt: connection to %s lost after %.1fs (%s); reconnecting in %.1fs",
+            self._where(),
+            lasted,
+            why,
+            backoff.delay,
+        )
+        self._reconnector = asyncio.create_task(
+            self._reconnect(backoff), name="amgi-mqtt-reconnect"
+        )
 
-    async def _reconnect(self) -> None:
-        backoff = Backoff(_RECONNECT_FIRST, self.config.reconnect_delay_max)
+    async def _reconnect(self, backoff: Backoff) -> None:
         try:
             while not self._closing:
                 await backoff.sleep()

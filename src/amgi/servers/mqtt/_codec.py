@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from amgi.servers.mqtt.options import NOT_MQTT_TEXT
 from amgi.transport import HeaderList
 
 if TYPE_CHECKING:
@@ -100,19 +101,22 @@ def decode_publish(command: int, packet: bytes | bytearray, v5: bool) -> Publish
 
 
 def _user_properties(headers: HeaderList) -> list[tuple[str, str]]:
-    """Headers as MQTT 5 user properties, which are UTF-8 strings without NUL.
+    """Headers as MQTT 5 user properties, which are UTF-8 strings without NUL, control
+    characters or noncharacters (:data:`~amgi.servers.mqtt.options.NOT_MQTT_TEXT`).
 
     A header that is not such a string on both sides travels as a ``amgi-b64`` property
     whose value is ``base64(name).base64(value)``; :func:`_headers` turns it back.
     """
     out: list[tuple[str, str]] = []
     for name, value in headers:
-        if b"\x00" not in name and b"\x00" not in value:
-            try:
-                out.append((name.decode(), value.decode()))
+        try:
+            text_name, text_value = name.decode(), value.decode()
+        except UnicodeDecodeError:
+            pass
+        else:
+            if not (NOT_MQTT_TEXT.search(text_name) or NOT_MQTT_TEXT.search(text_value)):
+                out.append((text_name, text_value))
                 continue
-            except UnicodeDecodeError:
-                pass
         packed = b".".join((base64.b64encode(name), base64.b64encode(value)))
         out.append((_BINARY_HEADER, packed.decode()))
     return out

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from amgi.servers.kit import (
     invalid,
 )
 
-__all__ = ["MqttOptions", "validate_filter"]
+__all__ = ["NOT_MQTT_TEXT", "MqttOptions", "validate_filter"]
 
 
 @dataclass(slots=True)
@@ -124,6 +125,15 @@ def validate_filter(topic_filter: str) -> str | None:
     return None
 
 
+_NONCHARACTERS: Final = "\ufdd0-\ufdef" + "".join(
+    chr(plane + 0xFFFE) + chr(plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)
+)
+NOT_MQTT_TEXT: Final = re.compile(f"[\x00-\x1f\x7f-\x9f{_NONCHARACTERS}]")
+"""What an MQTT string must not hold: NUL, and what MQTT 5 (1.5.4) lets a receiver
+treat as a malformed packet: the control characters U+0001-U+001F and U+007F-U+009F
+and the Unicode noncharacters. Mosquitto does, and disconnects the client."""
+
+
 def _utf8_over(text: str, limit: int) -> bool:
     """Whether ``text`` is over ``limit`` bytes in UTF-8; encoded only when its length
     alone cannot tell (a character is 1 to 4 bytes), so a send's short strings cost
@@ -138,8 +148,8 @@ def _topic_problem(topic: str) -> str | None:
         return "a topic must not be empty"
     if "+" in topic or "#" in topic:
         return "a topic to publish to must not contain '+' or '#'"
-    if "\x00" in topic:
-        return "a topic must not contain NUL"
+    if NOT_MQTT_TEXT.search(topic):
+        return "a topic must not contain control characters or Unicode noncharacters"
     if _utf8_over(topic, 65535):
         return "a topic must be at most 65535 bytes (UTF-8)"
     return None
