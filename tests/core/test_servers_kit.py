@@ -13,6 +13,7 @@ from amgi.servers.kit import (
     BINDINGS,
     DEAD_LETTER_REASON_HEADER,
     ORIGINAL_ADDRESS_HEADER,
+    PACKED_HEADER,
     Backoff,
     DelayedRepublisher,
     Refreshed,
@@ -21,7 +22,9 @@ from amgi.servers.kit import (
     attempt_from_headers,
     dead_letter_headers,
     doubling_delay,
+    pack_header,
     retry_headers,
+    unpack_header,
 )
 from amgi.servers.kit.bindings import BadBinding, markdown_table, parse, text_value, whole_number
 
@@ -236,6 +239,15 @@ def test_text_and_bytes_keys_take_what_was_written(
     protocol: str, key: str, text: str, value: object
 ) -> None:
     assert parse(protocol, key, text) == value
+
+
+def test_a_packed_header_unpacks_to_itself_and_other_values_stay_headers() -> None:
+    for name, value in [(b"\xff\xfe", b"v"), (b"", b""), (b"a\nb", b"\x00\x85"), (b"n" * 300, b"")]:
+        assert unpack_header(pack_header(name, value)) == (name, value)
+        assert unpack_header(pack_header(name, value).encode()) == (name, value)
+    for other in ("plain text", "no.base64!", "YQ==", "YQ==.%%%", ""):
+        assert unpack_header(other) is None
+    assert PACKED_HEADER == "amgi-b64"
 
 
 def test_a_sent_binding_value_is_checked_with_one_message_naming_key_and_rule() -> None:

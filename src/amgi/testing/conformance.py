@@ -302,6 +302,29 @@ class ConformanceSuite:
         ends = [r for r in app.received if not r.more_messages]
         assert len(ends) == len(app.scopes)
 
+    async def test_headers_a_broker_cannot_hold_as_text_arrive_byte_exact(
+        self, harness: Harness
+    ) -> None:
+        """A header name that is not UTF-8 or longer than 255 bytes, control characters,
+        an empty name or value, repeated names and names differing only in case: each
+        message's headers arrive exactly as sent, in order."""
+        address = await harness.new_address()
+        cases: list[HeaderList] = [
+            [(b"\xff\xfename", b"v"), (b"plain", b"after")],
+            [(b"", b"empty name"), (b"e", b"")],
+            [(b"dup", b"1"), (b"other", b"x"), (b"dup", b"2")],
+            [(b"sp ace:colon", b"a\r\nb\x00c\x7f")],
+            [(b"Content-Type", b"x"), (b"content-type", b"y")],
+            [(b"n" * 300, b"long name")],
+        ]
+        for i, headers in enumerate(cases):
+            await harness.produce(address, [b"%d" % i], headers)
+        app = Recorder()
+        async with serving(harness, app, [address]):
+            await app.wait_for(lambda: len(app.acked) >= len(cases), 30, "every message")
+        got = {r.payload: r.headers for r in app.received}
+        assert got == {b"%d" % i: headers for i, headers in enumerate(cases)}
+
     async def test_ack_removes(self, harness: Harness) -> None:
         address = await harness.new_address()
         await harness.produce(address, _payloads("acked", 5))

@@ -10,9 +10,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from amgi.servers.kit import (
-    ATTEMPT_HEADER,
-)
+from amgi.servers.kit import ATTEMPT_HEADER, PACKED_HEADER, pack_header, unpack_header
 from amgi.transport import HeaderList, Message
 
 if TYPE_CHECKING:
@@ -29,6 +27,12 @@ _DELIVERY_COUNT_KEY = "x-delivery-count"
 
 
 _ORDER_KEY = "amgi-header-order"
+
+
+_PACKED = PACKED_HEADER.encode()
+
+
+_MAX_KEY = 255
 
 
 _BROKER_KEYS = frozenset(
@@ -76,8 +80,17 @@ def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     names: list[str] = []
     for name, value in headers:
-        key = name.decode("utf-8", "replace")
-        item = _table_value(value)
+        item: str | bytearray
+        key: str | None
+        try:
+            key = name.decode()
+        except UnicodeDecodeError:
+            key = None
+        if key is None or len(name) > _MAX_KEY:
+            # A table key is a short string: UTF-8 of at most 255 bytes.
+            key, item = PACKED_HEADER, pack_header(name, value)
+        else:
+            item = _table_value(value)
         if key not in _BROKER_KEYS:
             names.append(key)
         if key in table:
@@ -111,6 +124,8 @@ def table_to_headers(table: dict[str, Any] | None) -> tuple[int, HeaderList]:
     order = table.get(_ORDER_KEY)
     if isinstance(order, list):
         headers = _reorder(headers, order)
+    if PACKED_HEADER in table:
+        headers = [(unpack_header(v) or (n, v)) if n == _PACKED else (n, v) for n, v in headers]
     return attempt, headers
 
 

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from amgi.servers.kafka._client import KafkaClient, KafkaSendError
-from amgi.servers.kafka.records import RETRY_DUE_HEADER
+from amgi.servers.kafka.records import RETRY_DUE_HEADER, record_headers
 from amgi.servers.kit import (
     ORIGINAL_ADDRESS_HEADER,
     dead_letter_headers,
@@ -57,9 +57,7 @@ class Producing(KafkaClient):
             loop.call_soon_threadsafe(settle_future, err, record)
 
         # Kafka header names are strings; the client would str() a bytes name.
-        names = [
-            (n.decode("utf-8", "replace") if isinstance(n, bytes) else n, v) for n, v in headers
-        ]
+        names = record_headers(headers)
         kwargs: dict[str, Any] = {"value": payload, "headers": names, "on_delivery": on_delivery}
         if key is not None:
             kwargs["key"] = key.encode() if isinstance(key, str) else key

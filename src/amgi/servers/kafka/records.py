@@ -22,7 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from amgi.servers.kit import ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER
+from amgi.servers.kit import (
+    ATTEMPT_HEADER,
+    ORIGINAL_ADDRESS_HEADER,
+    PACKED_HEADER,
+    pack_header,
+    unpack_header,
+)
 from amgi.transport import HeaderList, Message
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "InternalHeaders",
     "message_from_record",
     "messages_from_records",
+    "record_headers",
     "split_internal_headers",
 ]
 
@@ -84,12 +91,15 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
                     due = int(v)
                 except ValueError:
                     due = None
+            elif n == _PACKED and (unpacked := unpack_header(v)) is not None:
+                headers.append(unpacked)
             else:
                 headers.append((n, v))
     return InternalHeaders(headers, attempt, original, due)
 
 
-_INTERNAL = frozenset({ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER})
+_PACKED = PACKED_HEADER.encode()
+_INTERNAL = frozenset({ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER, _PACKED})
 _PAIRS: dict[str | bytes, tuple[bytes, bytes]] = {}
 """Per header name seen before (AMGI's own names never): the last ``(name, value)`` pair
 made for it. Tuples are immutable, so records whose header repeats the value (a content
@@ -124,6 +134,21 @@ def _pairs(headers: RawHeaders) -> tuple[HeaderList, int]:
     except KeyError:
         return _learn_headers(headers)
     return hdrs, 1
+
+
+def record_headers(headers: Iterable[tuple[str | bytes, bytes]]) -> list[tuple[str, bytes]]:
+    """AMGI headers as Kafka record headers, whose names are UTF-8 text: a name that is
+    not travels packed (:data:`~amgi.servers.kit.PACKED_HEADER`), not mangled."""
+    out: list[tuple[str, bytes]] = []
+    for name, value in headers:
+        if isinstance(name, str):
+            out.append((name, value))
+            continue
+        try:
+            out.append((name.decode(), value))
+        except UnicodeDecodeError:
+            out.append((PACKED_HEADER, pack_header(name, value).encode()))
+    return out
 
 
 def message_from_record(

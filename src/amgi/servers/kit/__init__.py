@@ -11,7 +11,9 @@ Headers (:mod:`.headers`) - what a republished retry or dead letter carries
     splits the attempt off a received message; ``headers_with_attempt``;
     ``split_dead_letter_headers(headers)`` undoes ``dead_letter_headers`` for ``amgi
     dead-letters`` (the message's headers, reason, original address); the names
-    ``ATTEMPT_HEADER``, ``ORIGINAL_ADDRESS_HEADER``, ``DEAD_LETTER_REASON_HEADER``.
+    ``ATTEMPT_HEADER``, ``ORIGINAL_ADDRESS_HEADER``, ``DEAD_LETTER_REASON_HEADER``. A
+    header the broker cannot carry as it is travels as ``PACKED_HEADER`` with the value
+    ``pack_header(name, value)``; ``unpack_header(value)`` turns it back.
 
 Dead letters for ``amgi dead-letters`` (:mod:`.dead_letters`)
     ``stored_dead_letter(id, headers, payload, address=, dead_at=)`` reads back a dead
@@ -111,12 +113,15 @@ from amgi.servers.kit.headers import (
     ATTEMPT_HEADER,
     DEAD_LETTER_REASON_HEADER,
     ORIGINAL_ADDRESS_HEADER,
+    PACKED_HEADER,
     attempt_from_headers,
     dead_letter_headers,
     encode_text,
     headers_with_attempt,
+    pack_header,
     retry_headers,
     split_dead_letter_headers,
+    unpack_header,
 )
 from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.kit.republisher import DelayedRepublisher
@@ -129,6 +134,7 @@ __all__ = [
     "BINDINGS",
     "DEAD_LETTER_REASON_HEADER",
     "ORIGINAL_ADDRESS_HEADER",
+    "PACKED_HEADER",
     "Backoff",
     "BadBinding",
     "BindingKey",
@@ -154,6 +160,7 @@ __all__ = [
     "masked",
     "move_aside",
     "option",
+    "pack_header",
     "redact",
     "redact_client_logs",
     "retry_headers",
@@ -161,6 +168,7 @@ __all__ = [
     "stored_dead_letter",
     "text_value",
     "unmoved",
+    "unpack_header",
     "untrusted_certificate",
     "whole_number",
 ]

@@ -8,18 +8,23 @@ be encoded (lone surrogates) is encoded with replacement characters rather than 
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable
 
 __all__ = [
     "ATTEMPT_HEADER",
     "DEAD_LETTER_REASON_HEADER",
     "ORIGINAL_ADDRESS_HEADER",
+    "PACKED_HEADER",
     "attempt_from_headers",
     "dead_letter_headers",
     "encode_text",
     "headers_with_attempt",
+    "pack_header",
     "retry_headers",
     "split_dead_letter_headers",
+    "unpack_header",
 ]
 
 ATTEMPT_HEADER = b"amgi-attempt"
@@ -29,7 +34,31 @@ DEAD_LETTER_REASON_HEADER = b"amgi-dead-letter-reason"
 ORIGINAL_ADDRESS_HEADER = b"amgi-original-address"
 """Header carrying the address a retried or dead-lettered message was first consumed from."""
 
+PACKED_HEADER = "amgi-b64"
+"""Name of a header that carries another whose name (or value) the broker's headers cannot
+hold as it is (not UTF-8, control characters, too long): its value is
+:func:`pack_header` of that header. MQTT, AMQP and Kafka use it."""
+
 _Headers = list[tuple[bytes, bytes]]
+
+
+def pack_header(name: bytes, value: bytes) -> str:
+    """``base64(name).base64(value)``, the value of a :data:`PACKED_HEADER` header."""
+    return f"{base64.b64encode(name).decode()}.{base64.b64encode(value).decode()}"
+
+
+def unpack_header(packed: str | bytes) -> tuple[bytes, bytes] | None:
+    """The header :func:`pack_header` packed, or None when ``packed`` is not one (a
+    header of that name from another client stays as it is)."""
+    if isinstance(packed, str):
+        packed = packed.encode("ascii", "replace")
+    name, dot, value = packed.partition(b".")
+    if not dot:
+        return None
+    try:
+        return base64.b64decode(name, validate=True), base64.b64decode(value, validate=True)
+    except binascii.Error:
+        return None
 
 
 def encode_text(text: str) -> bytes:

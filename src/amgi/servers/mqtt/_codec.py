@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from amgi.servers.kit import PACKED_HEADER, pack_header, unpack_header
 from amgi.servers.mqtt.options import NOT_MQTT_TEXT
 from amgi.transport import HeaderList
 
@@ -117,8 +117,7 @@ def _user_properties(headers: HeaderList) -> list[tuple[str, str]]:
             if not (NOT_MQTT_TEXT.search(text_name) or NOT_MQTT_TEXT.search(text_value)):
                 out.append((text_name, text_value))
                 continue
-        packed = b".".join((base64.b64encode(name), base64.b64encode(value)))
-        out.append((_BINARY_HEADER, packed.decode()))
+        out.append((PACKED_HEADER, pack_header(name, value)))
     return out
 
 
@@ -126,18 +125,13 @@ def _headers(pairs: Sequence[tuple[str, str]]) -> HeaderList:
     """MQTT 5 user properties as headers (see :func:`_user_properties`)."""
     out: HeaderList = []
     for name, value in pairs:
-        if name == _BINARY_HEADER:
-            encoded_name, _, encoded_value = value.partition(".")
-            try:
-                out.append((base64.b64decode(encoded_name), base64.b64decode(encoded_value)))
+        if name == PACKED_HEADER:
+            unpacked = unpack_header(value)
+            if unpacked is not None:
+                out.append(unpacked)
                 continue
-            except ValueError:
-                pass
         out.append((name.encode(), value.encode()))
     return out
-
-
-_BINARY_HEADER = "amgi-b64"
 
 
 _PROPERTY_BINDINGS: tuple[tuple[str, str], ...] = (
