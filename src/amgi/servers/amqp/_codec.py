@@ -32,7 +32,8 @@ _ORDER_KEY = "amgi-header-order"
 _PACKED = PACKED_HEADER.encode()
 
 
-_MAX_KEY = 255
+_MAX_KEY = 128
+"""The longest table key, in bytes (AMQP 0-9-1's field names; pamqp cuts longer ones)."""
 
 
 _BROKER_KEYS = frozenset(
@@ -87,7 +88,7 @@ def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
         except UnicodeDecodeError:
             key = None
         if key is None or len(name) > _MAX_KEY:
-            # A table key is a short string: UTF-8 of at most 255 bytes.
+            # A table key is UTF-8 of at most 128 bytes.
             key, item = PACKED_HEADER, pack_header(name, value)
         else:
             item = _table_value(value)
