@@ -52,6 +52,12 @@ def sending(event: Any) -> Any:
         ),
         ({"type": "message.send", "address": "x", "headers": [(b"a",)]}, "got 1 item(s)"),
         ({"type": "message.send", "address": "x", "headers": b"ab"}, "not bytes"),
+        # Kafka, AMQP, MQTT and SQS consumers took it as the attempt (dead-lettering an
+        # innocent message early); the others showed it as a header.
+        (
+            {"type": "message.send", "address": "x", "headers": [(b"Amgi-Attempt", b"9")]},
+            "header 'amgi-attempt' is the server's",
+        ),
     ],
 )
 async def test_bad_send_events_get_a_specific_invalid_event(event: Any, match: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol
 
 from amgi.errors import InvalidEvent
 from amgi.runtime.config import RuntimeConfig
+from amgi.servers.kit.headers import ATTEMPT_HEADER
 from amgi.transport import Batch, DeadLetter, HeaderList, Message, Retry, Settlement
 from amgi.types import (
     AMGIApplication,
@@ -330,6 +331,11 @@ def validate_send(
             raise InvalidEvent(
                 "message.send 'headers' must hold (bytes, bytes) pairs, "
                 f"got ({type(name).__name__}, {type(value).__name__})"
+            )
+        if name.lower() == ATTEMPT_HEADER:
+            raise InvalidEvent(
+                "message.send header 'amgi-attempt' is the server's: it carries a retried "
+                "message's attempt, and a receiving server would take it as one"
             )
         headers.append((name, value))
     payload = event.get("payload")
