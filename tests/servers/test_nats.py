@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from amgi.errors import BrokerUnavailable
+from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
@@ -359,6 +359,41 @@ async def test_send_to_a_subject_no_stream_captures_raises_the_send_error() -> N
             await t.publish(f"nowhere.{fresh('x')}", [], b"x", {})
     finally:
         await t.close()
+
+
+@pytest.mark.parametrize("mode", ["core", "jetstream"])
+@pytest.mark.parametrize(
+    ("suffix", "problem"),
+    [
+        ("..x", "empty token"),
+        (".", "empty token"),
+        (".*", "wildcards"),
+        (".>", "wildcards"),
+        (".a b", "whitespace"),
+    ],
+)
+async def test_a_send_to_what_is_no_subject_fails_alone(
+    subject: str, mode: str, suffix: str, problem: str
+) -> None:
+    """Core NATS took a send to ``a..b`` and dropped it without a word (the send
+    returned as if it had gone out), and a wildcard subject went out as a literal."""
+    t = NatsTransport([], NatsOptions(servers=URL, mode=mode, publish_timeout=2))  # type: ignore[arg-type]
+    await t.connect()
+    try:
+        with pytest.raises(NatsSendError, match=f"not a subject: .*{problem}"):
+            await t.publish(subject + suffix, [], b"bad", {})
+        await t.publish(subject, [], b"good", {})
+    finally:
+        await t.close()
+    if mode == "jetstream":
+        ((_, payload, _),) = await read_subject(subject, 1, 5)
+        assert payload == b"good"
+
+
+@pytest.mark.parametrize("address", [".a", "a.", "a..b", "a.>.b", "a b", ""])
+def test_a_consumed_address_that_is_no_subject_is_refused(address: str) -> None:
+    with pytest.raises(ConfigurationError, match="is not a subject: "):
+        NatsTransport([address], NatsOptions(servers=URL)).check()
 
 
 @pytest.mark.parametrize(

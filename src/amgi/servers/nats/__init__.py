@@ -64,6 +64,27 @@ _MSG_ID = re.compile("(?=.)" + PLAIN_VALUE.pattern)
 _MSG_ID_RULE = "non-empty text without control characters or outer whitespace (a header value)"
 
 
+_NOT_IN_SUBJECT = re.compile(r"[\x00-\x20\x7f]")
+
+
+def subject_problem(subject: str, *, wildcards: bool) -> str | None:
+    """What makes ``subject`` unusable (None if nothing): NATS drops a message published
+    to ``a..b`` or ``.a`` without a word, and ``*``/``>`` match subjects only when
+    subscribing (``wildcards``)."""
+    if not subject:
+        return "it is empty"
+    if _NOT_IN_SUBJECT.search(subject):
+        return "it holds whitespace or a control character"
+    tokens = subject.split(".")
+    if "" in tokens:
+        return "it has an empty token (a leading, trailing or doubled '.')"
+    if not wildcards and ("*" in tokens or ">" in tokens):
+        return "wildcards ('*', '>') match subjects when consuming; a send needs a whole subject"
+    if wildcards and ">" in tokens[:-1]:
+        return "'>' may only be its last token"
+    return None
+
+
 class NatsSendError(SendError):
     """NATS did not take a message (no stream for the subject, no ack, connection lost)."""
 
@@ -136,8 +157,9 @@ class NatsTransport(DeadLetters, Transport):
     def check(self) -> None:
         super().check()
         for address in self.addresses:
-            if not address or " " in address or ".." in address:
-                raise ConfigurationError(f"nats: {address!r} is not a subject")
+            problem = subject_problem(address, wildcards=True)
+            if problem:
+                raise ConfigurationError(f"nats: {address!r} is not a subject: {problem}")
             if ">" in address and self.config.dead_letter_subject.startswith("{subject}"):
                 raise ConfigurationError(
                     f"nats: the dead letters of {address!r} would match it again; "
@@ -226,6 +248,9 @@ class NatsTransport(DeadLetters, Transport):
         from nats import errors as nats_errors
         from nats.js import errors as js_errors
 
+        problem = subject_problem(address, wildcards=False)
+        if problem:
+            raise NatsSendError(f"nats: cannot send to {address!r}: not a subject: {problem}")
         client = self._client
         if client is None:
             raise NatsSendError("nats: the server is not connected")
