@@ -355,6 +355,34 @@ async def test_wrong_credentials_give_one_clear_error() -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("address", "binding", "error"),
+    [
+        ("r" * 256, {}, "the routing key must be a str of at most 255 bytes .* not 256 bytes"),
+        ("q", {"routingKey": "é" * 128}, "the routing key must be a str .* not 256 bytes"),
+        ("q", {"exchange": "x" * 300}, "the exchange must be a str .* not 300 bytes"),
+        ("q", {"exchange": 5}, "the exchange must be a str .* not 5"),
+        ("q", {"routingKey": None}, "the routing key must be a str .* not None"),
+    ],
+)
+async def test_a_routing_key_or_exchange_amqp_cannot_carry_fails_that_send_alone(
+    address: str, binding: dict[str, Any], error: str
+) -> None:
+    """The client raised a bare ValueError (``Routing key too long``) or TypeError."""
+    queue = new_queue()
+    t = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=10, linger=0.01))
+    await t.connect()
+    try:
+        with pytest.raises(AmqpSendError, match=f"cannot send to {address!r}: {error}"):
+            await t.publish(address, [], b"bad", {"amqp": binding})
+        await t.publish(queue, [], b"good", {})
+        (batch,) = await fetch_n(t, 1)
+        assert [m.payload for m in batch.messages] == [b"good"]
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+
+
 async def test_unreachable_broker_gives_one_clear_error(caplog: pytest.LogCaptureFixture) -> None:
     t = AmqpTransport([new_queue()], AmqpOptions(url="amqp://guest:guest@127.0.0.1:1/"))
     with (

@@ -309,6 +309,13 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         binding = bindings.get("amqp") or {}
         exchange = binding.get("exchange", self.config.exchange)
         routing_key = binding.get("routingKey", address)
+        for what, name in (("exchange", exchange), ("routing key", routing_key)):
+            if type(name) is not str or (len(name) > 63 and len(name.encode()) > 255):
+                shown = f"{len(name.encode())} bytes" if type(name) is str else repr(name)
+                raise AmqpSendError(
+                    f"amqp: cannot send to {address!r}: the {what} must be a str of at most "
+                    f"255 bytes (UTF-8), not {shown:.60}"
+                )
         try:
             properties = publish_properties(headers, binding)
             _check_user_id(binding.get("userId"), self.config.url)
