@@ -67,7 +67,7 @@ _MSG_ID_RULE = "non-empty text without control characters or outer whitespace (a
 _NOT_IN_SUBJECT = re.compile(r"[\x00-\x20\x7f]")
 
 
-def subject_problem(subject: str, *, wildcards: bool) -> str | None:
+def _subject_problem(subject: str, *, wildcards: bool) -> str | None:
     """What makes ``subject`` unusable (None if nothing): NATS drops a message published
     to ``a..b`` or ``.a`` without a word, and ``*``/``>`` match subjects only when
     subscribing (``wildcards``)."""
@@ -157,7 +157,7 @@ class NatsTransport(DeadLetters, Transport):
     def check(self) -> None:
         super().check()
         for address in self.addresses:
-            problem = subject_problem(address, wildcards=True)
+            problem = _subject_problem(address, wildcards=True)
             if problem:
                 raise ConfigurationError(f"nats: {address!r} is not a subject: {problem}")
             if ">" in address and self.config.dead_letter_subject.startswith("{subject}"):
@@ -248,7 +248,7 @@ class NatsTransport(DeadLetters, Transport):
         from nats import errors as nats_errors
         from nats.js import errors as js_errors
 
-        problem = subject_problem(address, wildcards=False)
+        problem = _subject_problem(address, wildcards=False)
         if problem:
             raise NatsSendError(f"nats: cannot send to {address!r}: not a subject: {problem}")
         client = self._client
