@@ -380,6 +380,40 @@ async def test_bad_credentials_refused(tmp_path: Path) -> None:
         broker.stop()
 
 
+async def test_a_send_over_the_brokers_maximum_packet_size_fails_alone(tmp_path: Path) -> None:
+    """Mosquitto disconnected the client for it ("Packet too large"), dropping the
+    deliveries on hand, and the send failed only after --send-timeout. Now the limit from
+    the CONNACK refuses it first; a packet of exactly the limit still goes out."""
+    broker = Mosquitto(tmp_path / "small", extra="max_packet_size 2000")
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, send_timeout=5)
+        address = topic()
+        headers = [(b"trace", b"t-1")]
+        async with connected([address], options) as transport:
+            generation = transport._generation
+            with pytest.raises(MqttSendError, match="over the broker's maximum packet size"):
+                await transport.publish(address, headers, b"x" * 5000, {})
+            assert transport._generation == generation
+            props = transport._publish_properties(address, headers, {})
+            size = 1000  # the largest payload whose packet fits: found by the check itself
+            while True:
+                try:
+                    transport._check_packet_size(address, b"x" * (size + 1), 1, props)
+                except MqttSendError:
+                    break
+                size += 1
+            with pytest.raises(MqttSendError, match="would be 2001 bytes, over the broker's"):
+                await transport.publish(address, headers, b"x" * (size + 1), {})
+            await transport.publish(address, headers, b"x" * size, {})
+            [batch] = await fetch_n(transport, 1)
+            assert [len(m.payload or b"") for m in batch.messages] == [size]
+            await transport.settle(batch, Settlement(acked=list(batch.messages)))
+            assert transport._generation == generation  # never disconnected
+    finally:
+        broker.stop()
+
+
 async def test_unreachable_broker() -> None:
     port = broker_module.free_port()
     with pytest.raises(BrokerUnavailable, match=f"cannot reach 127.0.0.1:{port}"):

@@ -102,6 +102,9 @@ class MqttSendError(SendError):
     """The MQTT broker did not take a message (not connected, refused, timed out)."""
 
 
+_VARINT_SIZES: Final = ((1, 2**7), (2, 2**14), (3, 2**21), (4, 2**28))
+"""Bytes of MQTT's variable byte integer, by the value it must stay under."""
+
 _MAX_FIELD = 65535
 """The longest string or binary field of an MQTT packet, in bytes."""
 
@@ -163,6 +166,8 @@ class MqttClient:
         self._retries = DelayedRepublisher("mqtt")
         self._reconnector: asyncio.Task[None] | None = None
         self._reconnect_delays: Backoff | None = None
+        self._max_packet: int | None = None
+        """The broker's Maximum Packet Size from its last CONNACK (MQTT 5), if it set one."""
         self._up_since = 0.0
         """Loop time the current connection was made (first connect or reconnect)."""
         self._misc: asyncio.Task[None] | None = None
@@ -418,6 +423,9 @@ class MqttClient:
     ) -> None:
         if not flags.session_present:
             self._unsent_acks.clear()  # a new session: nothing will be sent again
+        # MQTT 5: the broker's limit, when it has one; it disconnects a client that
+        # sends a larger packet (and paho would send it again after each reconnect).
+        self._max_packet = getattr(props, "MaximumPacketSize", None)
         waiter = self._connack
         if waiter is not None and not waiter.done():
             failed = getattr(reason, "is_failure", False)
@@ -559,6 +567,21 @@ class MqttClient:
                 raise MqttSendError(f"mqtt: cannot send to {address!r}: binding {key} {problem}")
             setattr(props, prop, value)
         return props
+
+    def _check_packet_size(self, topic: str, payload: bytes, qos: int, props: Any) -> None:
+        """Refuse a PUBLISH over the broker's Maximum Packet Size before it is written."""
+        limit = self._max_packet
+        if limit is None:
+            return
+        remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+        if props is not None:
+            remaining += len(props.pack())
+        size = 1 + next(n for n, top in _VARINT_SIZES if remaining < top) + remaining
+        if size > limit:
+            raise MqttSendError(
+                f"mqtt: cannot send to {topic!r}: the packet would be {size} bytes, over the "
+                f"broker's maximum packet size of {limit} bytes"
+            )
 
     def _ack(self, message: Message) -> None:
         generation, mid, qos = message.token
