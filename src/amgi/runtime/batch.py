@@ -332,7 +332,7 @@ def validate_send(
                 "message.send 'headers' must hold (bytes, bytes) pairs, "
                 f"got ({type(name).__name__}, {type(value).__name__})"
             )
-        if name.lower() == ATTEMPT_HEADER:
+        if len(name) == len(ATTEMPT_HEADER) and name.lower() == ATTEMPT_HEADER:
             raise InvalidEvent(
                 "message.send header 'amgi-attempt' is the server's: it carries a retried "
                 "message's attempt, and a receiving server would take it as one"
