@@ -306,8 +306,10 @@ class ConformanceSuite:
         self, harness: Harness
     ) -> None:
         """A header name that is not UTF-8 or longer than 128 bytes, control characters,
-        an empty name or value, repeated names and names differing only in case: each
-        message's headers arrive exactly as sent, in order."""
+        an empty name or value, repeated names, names differing only in case, and the
+        name servers pack such headers under (``amgi-b64``, with a value that reads as a
+        packed one and one that does not): each message's headers arrive exactly as sent,
+        in order."""
         address = await harness.new_address()
         cases: list[HeaderList] = [
             [(b"\xff\xfename", b"v"), (b"plain", b"after")],
@@ -316,6 +318,7 @@ class ConformanceSuite:
             [(b"sp ace:colon", b"a\r\nb\x00c\x7f")],
             [(b"Content-Type", b"x"), (b"content-type", b"y")],
             [(b"n" * 300, b"long name"), (b"m" * 200, b"200"), (b"k" * 128, b"128")],
+            [(b"amgi-b64", b"YQ==.Yg=="), (b"amgi-b64", b"not packed"), (b"a", b"b")],
         ]
         for i, headers in enumerate(cases):
             await harness.produce(address, [b"%d" % i], headers)

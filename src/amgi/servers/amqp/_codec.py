@@ -10,7 +10,13 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from amgi.servers.kit import ATTEMPT_HEADER, PACKED_HEADER, pack_header, unpack_header
+from amgi.servers.kit import (
+    ATTEMPT_HEADER,
+    PACKED_HEADER,
+    PACKED_HEADER_BYTES,
+    pack_header,
+    unpack_header,
+)
 from amgi.transport import HeaderList, Message
 
 if TYPE_CHECKING:
@@ -27,9 +33,6 @@ _DELIVERY_COUNT_KEY = "x-delivery-count"
 
 
 _ORDER_KEY = "amgi-header-order"
-
-
-_PACKED = PACKED_HEADER.encode()
 
 
 _MAX_KEY = 128
@@ -87,8 +90,9 @@ def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
             key = name.decode()
         except UnicodeDecodeError:
             key = None
-        if key is None or len(name) > _MAX_KEY:
-            # A table key is UTF-8 of at most 128 bytes.
+        if key is None or len(name) > _MAX_KEY or key == PACKED_HEADER:
+            # A table key is UTF-8 of at most 128 bytes; the packed name itself is packed
+            # so that an application's header of that name arrives as it was sent.
             key, item = PACKED_HEADER, pack_header(name, value)
         else:
             item = _table_value(value)
@@ -126,7 +130,9 @@ def table_to_headers(table: dict[str, Any] | None) -> tuple[int, HeaderList]:
     if isinstance(order, list):
         headers = _reorder(headers, order)
     if PACKED_HEADER in table:
-        headers = [(unpack_header(v) or (n, v)) if n == _PACKED else (n, v) for n, v in headers]
+        headers = [
+            (unpack_header(v) or (n, v)) if n == PACKED_HEADER_BYTES else (n, v) for n, v in headers
+        ]
     return attempt, headers
 
 

@@ -26,6 +26,7 @@ from amgi.servers.kit import (
     ATTEMPT_HEADER,
     ORIGINAL_ADDRESS_HEADER,
     PACKED_HEADER,
+    PACKED_HEADER_BYTES,
     pack_header,
     unpack_header,
 )
@@ -91,15 +92,16 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
                     due = int(v)
                 except ValueError:
                     due = None
-            elif n == _PACKED and (unpacked := unpack_header(v)) is not None:
+            elif n == PACKED_HEADER_BYTES and (unpacked := unpack_header(v)) is not None:
                 headers.append(unpacked)
             else:
                 headers.append((n, v))
     return InternalHeaders(headers, attempt, original, due)
 
 
-_PACKED = PACKED_HEADER.encode()
-_INTERNAL = frozenset({ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER, _PACKED})
+_INTERNAL = frozenset(
+    {ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER, PACKED_HEADER_BYTES}
+)
 _PAIRS: dict[str | bytes, tuple[bytes, bytes]] = {}
 """Per header name seen before (AMGI's own names never): the last ``(name, value)`` pair
 made for it. Tuples are immutable, so records whose header repeats the value (a content
@@ -138,16 +140,23 @@ def _pairs(headers: RawHeaders) -> tuple[HeaderList, int]:
 
 def record_headers(headers: Iterable[tuple[str | bytes, bytes]]) -> list[tuple[str, bytes]]:
     """AMGI headers as Kafka record headers, whose names are UTF-8 text: a name that is
-    not travels packed (:data:`~amgi.servers.kit.PACKED_HEADER`), not mangled."""
+    not travels packed (:data:`~amgi.servers.kit.PACKED_HEADER`), not mangled, and so does
+    a header named like the packed one."""
     out: list[tuple[str, bytes]] = []
     for name, value in headers:
+        text: str | None
         if isinstance(name, str):
-            out.append((name, value))
-            continue
-        try:
-            out.append((name.decode(), value))
-        except UnicodeDecodeError:
-            out.append((PACKED_HEADER, pack_header(name, value).encode()))
+            text = name
+        else:
+            try:
+                text = name.decode()
+            except UnicodeDecodeError:
+                text = None
+        if text is None or text == PACKED_HEADER:
+            raw = name.encode() if isinstance(name, str) else name
+            out.append((PACKED_HEADER, pack_header(raw, value).encode()))
+        else:
+            out.append((text, value))
     return out
 
 

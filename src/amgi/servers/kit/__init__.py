@@ -12,8 +12,9 @@ Headers (:mod:`.headers`) - what a republished retry or dead letter carries
     ``split_dead_letter_headers(headers)`` undoes ``dead_letter_headers`` for ``amgi
     dead-letters`` (the message's headers, reason, original address); the names
     ``ATTEMPT_HEADER``, ``ORIGINAL_ADDRESS_HEADER``, ``DEAD_LETTER_REASON_HEADER``. A
-    header the broker cannot carry as it is travels as ``PACKED_HEADER`` with the value
-    ``pack_header(name, value)``; ``unpack_header(value)`` turns it back.
+    header the broker cannot carry as it is (and one of that name) travels as
+    ``PACKED_HEADER`` with the value ``pack_header(name, value)``; ``unpack_header(value)``
+    turns it back.
 
 Dead letters for ``amgi dead-letters`` (:mod:`.dead_letters`)
     ``stored_dead_letter(id, headers, payload, address=, dead_at=)`` reads back a dead
@@ -114,6 +115,7 @@ from amgi.servers.kit.headers import (
     DEAD_LETTER_REASON_HEADER,
     ORIGINAL_ADDRESS_HEADER,
     PACKED_HEADER,
+    PACKED_HEADER_BYTES,
     attempt_from_headers,
     dead_letter_headers,
     encode_text,
@@ -135,6 +137,7 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "ORIGINAL_ADDRESS_HEADER",
     "PACKED_HEADER",
+    "PACKED_HEADER_BYTES",
     "Backoff",
     "BadBinding",
     "BindingKey",

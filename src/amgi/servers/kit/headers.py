@@ -17,6 +17,7 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "ORIGINAL_ADDRESS_HEADER",
     "PACKED_HEADER",
+    "PACKED_HEADER_BYTES",
     "attempt_from_headers",
     "dead_letter_headers",
     "encode_text",
@@ -37,7 +38,10 @@ ORIGINAL_ADDRESS_HEADER = b"amgi-original-address"
 PACKED_HEADER = "amgi-b64"
 """Name of a header that carries another whose name (or value) the broker's headers cannot
 hold as it is (not UTF-8, control characters, too long): its value is
-:func:`pack_header` of that header. MQTT, AMQP and Kafka use it."""
+:func:`pack_header` of that header. MQTT, AMQP and Kafka use it, and pack an application's
+own header of this name too, so that it arrives as it was sent."""
+PACKED_HEADER_BYTES = PACKED_HEADER.encode()
+""":data:`PACKED_HEADER` as a header name."""
 
 _Headers = list[tuple[bytes, bytes]]
 

@@ -104,8 +104,9 @@ def _user_properties(headers: HeaderList) -> list[tuple[str, str]]:
     """Headers as MQTT 5 user properties, which are UTF-8 strings without NUL, control
     characters or noncharacters (:data:`~amgi.servers.mqtt.options.NOT_MQTT_TEXT`).
 
-    A header that is not such a string on both sides travels as a ``amgi-b64`` property
-    whose value is ``base64(name).base64(value)``; :func:`_headers` turns it back.
+    A header that is not such a string on both sides, or is named ``amgi-b64`` itself,
+    travels as a ``amgi-b64`` property whose value is ``base64(name).base64(value)``;
+    :func:`_headers` turns it back.
     """
     out: list[tuple[str, str]] = []
     for name, value in headers:
@@ -114,7 +115,11 @@ def _user_properties(headers: HeaderList) -> list[tuple[str, str]]:
         except UnicodeDecodeError:
             pass
         else:
-            if not (NOT_MQTT_TEXT.search(text_name) or NOT_MQTT_TEXT.search(text_value)):
+            if not (
+                NOT_MQTT_TEXT.search(text_name)
+                or NOT_MQTT_TEXT.search(text_value)
+                or text_name == PACKED_HEADER
+            ):
                 out.append((text_name, text_value))
                 continue
         out.append((PACKED_HEADER, pack_header(name, value)))
