@@ -904,3 +904,27 @@ async def test_a_failed_hand_over_is_one_warning_and_the_stop_goes_on(
     assert t.closed
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert lines == ["taking the delivered messages at the stop failed: channel closed"]
+
+
+async def test_a_close_that_never_ends_is_given_up_after_the_shutdown_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that stops reading can hold a transport's close forever (seen on AMP): the
+    stop goes on after ``shutdown_timeout``, says so, and exits non-zero."""
+    release = asyncio.Event()
+
+    class Stuck(Scripted):
+        async def close(self) -> None:
+            await release.wait()
+
+    runtime = Runtime(lifespan_app([]), Stuck([]), RuntimeConfig(shutdown_timeout=0.3))
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 5)
+    runtime.request_stop()
+    started = time.monotonic()
+    code = await asyncio.wait_for(serving, 5)
+    assert 0.25 < time.monotonic() - started < 3
+    assert code == 1
+    assert "the scripted transport did not close within 0.3s" in caplog.text
+    assert not runtime.abandoned  # the close took its cancellation
+    release.set()

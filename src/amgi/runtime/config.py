@@ -32,7 +32,10 @@ class RuntimeConfig:
     retry_delay: float = option(1.0, "seconds before the first retry of a nacked message", ge=0)
     retry_delay_max: float = option(60.0, "upper bound of the doubling retry delay, seconds", ge=0)
     shutdown_timeout: float = option(
-        30.0, "seconds in-flight batches get to finish at shutdown", ge=0
+        30.0,
+        "seconds in-flight batches get to finish at shutdown (and, after them, closing the "
+        "connections)",
+        ge=0,
     )
     startup_timeout: float = option(
         60.0, "seconds the application gets to complete lifespan startup", ge=0

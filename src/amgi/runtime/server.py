@@ -217,15 +217,31 @@ class Runtime:
 
     async def _close_connections(self) -> None:
         """Close the transport and the send routes; a failure is logged, never raised."""
-        try:
-            await self.transport.close()
-        except Exception:
-            logger.exception("error while closing the %s transport", self.transport.name)
+        await self._close_within(self.transport.close(), f"the {self.transport.name} transport")
         if self.routes is not None:
-            try:
-                await self.routes.close()
-            except Exception:
-                logger.exception("error while closing the send routes")
+            await self._close_within(self.routes.close(), "the send routes")
+
+    async def _close_within(self, closing: Coroutine[Any, Any, None], what: str) -> None:
+        """Await ``closing`` for at most ``shutdown_timeout`` seconds (a broker that stops
+        reading can hold a close forever); past that, log it, cancel it and go on."""
+        task = asyncio.create_task(closing)
+        timeout = self.config.shutdown_timeout
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()  # cancelled ourselves: the close is cut short, as it was awaited
+            raise
+        if not done:
+            logger.error("%s did not close within %gs: exiting without it", what, timeout)
+            task.cancel()
+            _, stuck = await asyncio.wait({task}, timeout=self.config.cancel_grace)
+            self._abandoned.update(stuck)
+            self._exit_code = 1
+            return
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            if not isinstance(exc, Exception):
+                raise exc
+            logger.error("error while closing %s", what, exc_info=exc)
 
     async def _startup(self) -> bool:
         """Lifespan startup, given up when a stop is requested meanwhile; False if stopped."""
