@@ -731,6 +731,7 @@ async def connect_unix(
 async def serve_unix(
     protocol_factory: Callable[[], AMP], path: str | os.PathLike[str]
 ) -> UnixServer:
-    """Listen on the UNIX socket ``path`` (created; must not exist); each connection
-    gets ``protocol_factory()`` and can pass file descriptors."""
+    """Listen on the UNIX socket ``path`` (created; must not exist; ``close()`` removes
+    it while it is still this server's); each connection gets ``protocol_factory()``
+    and can pass file descriptors."""
     return await start_unix_server(protocol_factory, path)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -240,11 +242,16 @@ class UnixServer:
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
+        path: str | None = None,
     ) -> None:
         self._loop = loop
         self._sock: socket.socket | None = sock
         self._factory = protocol_factory
         self.sockets = [sock]
+        # The socket file we created, and its identity, so close() removes it only
+        # while it is still ours (not one another server bound there since).
+        self._path = path
+        self._identity = _identity(path) if path is not None else None
         loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -266,11 +273,17 @@ class UnixServer:
                 conn.close()
 
     def close(self) -> None:
-        """Stop accepting (connections already made stay open)."""
+        """Stop accepting (connections already made stay open) and remove the socket
+        file, if it is still the one this server created."""
         sock, self._sock = self._sock, None
-        if sock is not None:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
+        if sock is None:
+            return
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
+        path, self._path = self._path, None
+        if path is not None and self._identity is not None and _identity(path) == self._identity:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def wait_closed(self) -> None:
         """For symmetry with :class:`asyncio.Server`; closing is immediate."""
@@ -304,13 +317,26 @@ async def open_unix_connection(
 async def start_unix_server(
     protocol_factory: Callable[[], asyncio.BaseProtocol], path: str | os.PathLike[str]
 ) -> UnixServer:
-    """Listen on the UNIX socket ``path`` (created; it must not exist)."""
+    """Listen on the UNIX socket ``path`` (created; it must not exist; the server's
+    ``close()`` removes it)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = os.fspath(path)
     try:
-        sock.bind(os.fspath(path))
+        sock.bind(name)
         sock.listen(100)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return UnixServer(asyncio.get_running_loop(), sock, protocol_factory)
+    return UnixServer(asyncio.get_running_loop(), sock, protocol_factory, name)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Device and inode of the socket file at ``path`` (None if there is none)."""
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(found.st_mode):
+        return None
+    return found.st_dev, found.st_ino
