@@ -289,6 +289,25 @@ async def test_connection_that_never_authenticates_is_closed(
             assert not conn.is_closed
 
 
+async def test_deliver_before_authenticate_in_one_write_is_refused() -> None:
+    # The check happens in order of arrival: an Authenticate written right behind the
+    # Deliver (same segment) must not let the Deliver through.
+    app = Recorder()
+    async with serving(AmpHarness(auth_token="t"), app, ["orders"]) as runtime:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(runtime))
+        deliver = {b"_command": b"Deliver", b"_ask": b"1", b"address": b"orders"}
+        deliver |= {b"headers": b"", b"payload": b"early"}
+        authenticate = {b"_command": b"Authenticate", b"_ask": b"2", b"token": b"t"}
+        writer.write(amp.encode_box(deliver) + amp.encode_box(authenticate))
+        received = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        writer.close()
+        answers = amp.parse_boxes(received)
+        assert answers[0][b"_error"] == b"1"
+        assert answers[0][b"_error_code"] == b"UNAUTHENTICATED"
+        await asyncio.sleep(0.05)
+    assert app.received == []
+
+
 async def test_authenticate_without_a_server_token_is_refused() -> None:
     async with serving(AmpHarness(), Recorder(), ["orders"]) as runtime:
         conn = await amp.connect("127.0.0.1", port_of(runtime))

@@ -31,7 +31,7 @@ import ipaddress
 import itertools
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,11 +214,13 @@ class _Peer(amp.AMP):
             self._deadline.cancel()
 
     @Deliver.responder
-    async def deliver(
+    def deliver(
         self, address: str, headers: list[dict[str, Any]], payload: bytes | None
-    ) -> None:
+    ) -> Awaitable[None]:
+        # Checked here, when the call is dispatched in order of arrival, not in the
+        # coroutine: an Authenticate right behind it would have run by then.
         self._check_authenticated("Deliver")
-        await self.owner._received(address, [(h["name"], h["value"]) for h in headers], payload)
+        return self.owner._received(address, [(h["name"], h["value"]) for h in headers], payload)
 
     @Subscribe.responder
     def subscribe(self, address: str) -> None:
