@@ -257,6 +257,7 @@ class AmpTransport(Transport):
         self.config: AmpOptions
         self._server: asyncio.Server | None = None
         self._client: amp.AMP | None = None
+        self._client_lock = asyncio.Lock()  # concurrent sends share one connection
         self._peers: set[_Peer] = set()
         self._subscribers: dict[str, set[_Peer]] = {}
         self._ready: asyncio.Queue[Message] = asyncio.Queue()
@@ -397,26 +398,30 @@ class AmpTransport(Transport):
         await target.call_remote(Deliver, timeout=self.config.call_timeout, **values)
 
     async def _client_connection(self) -> amp.AMP:
-        if self._client is None or self._client.is_closed:
-            c = self.config
-            context = self._ssl_context(server_side=False)
+        client = self._client
+        if client is not None and not client.is_closed:
+            return client
+        async with self._client_lock:
+            if self._client is None or self._client.is_closed:
+                self._client = await self._open_client()
+            return self._client
+
+    async def _open_client(self) -> amp.AMP:
+        """Connect to --host/--port (and authenticate, with a token)."""
+        c = self.config
+        context = self._ssl_context(server_side=False)
+        try:
+            client: amp.AMP = await amp.connect(c.host, c.port, ssl=context)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise BrokerUnavailable(f"amp: cannot connect to {c.host}:{c.port}: {reason}") from None
+        if self._token is not None:
             try:
-                client: amp.AMP = await amp.connect(c.host, c.port, ssl=context)
-            except (OSError, ssl.SSLError) as exc:
-                reason = getattr(exc, "strerror", None) or exc
-                raise BrokerUnavailable(
-                    f"amp: cannot connect to {c.host}:{c.port}: {reason}"
-                ) from None
-            if self._token is not None:
-                try:
-                    await client.call_remote(
-                        Authenticate, token=self._token, timeout=c.call_timeout
-                    )
-                except (amp.AmpError, Unauthenticated, OSError, TimeoutError) as exc:
-                    client.close()
-                    raise AmpSendError(f"amp: authentication refused: {exc}") from None
-            self._client = client
-        return self._client
+                await client.call_remote(Authenticate, token=self._token, timeout=c.call_timeout)
+            except (amp.AmpError, Unauthenticated, OSError, TimeoutError) as exc:
+                client.close()
+                raise AmpSendError(f"amp: authentication refused: {exc}") from None
+        return client
 
     async def close(self) -> None:
         if self._client is not None:

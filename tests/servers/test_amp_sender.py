@@ -1,0 +1,50 @@
+"""The sending side of AmpTransport (amgi send, an app's sends without a listener)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from amgi import amp
+from amgi.servers.amp import AmpOptions, AmpTransport, Authenticate, Deliver
+
+
+class Receiver(amp.AMP):
+    """Counts connections and Authenticate calls; acks every Deliver."""
+
+    made: list[Receiver] = []
+    authenticated = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.made.append(self)
+
+    @Authenticate.responder
+    def authenticate(self, token: bytes) -> None:
+        type(self).authenticated += 1
+
+    @Deliver.responder
+    async def deliver(self, **message: Any) -> None:
+        await asyncio.sleep(0.01)
+
+
+async def test_concurrent_sends_share_one_connection_that_close_closes() -> None:
+    Receiver.made = []
+    Receiver.authenticated = 0
+    server = await amp.serve(Receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = AmpTransport([], AmpOptions(port=port, auth_token="t"))
+    try:
+        async with asyncio.timeout(10):
+            sends = (sender.publish("orders", [], b"m%d" % i, {}) for i in range(10))
+            await asyncio.gather(*sends)
+            await sender.publish("orders", [], b"later", {})
+            assert len(Receiver.made) == 1
+            assert Receiver.authenticated == 1
+    finally:
+        async with asyncio.timeout(10):
+            await sender.close()
+            (peer,) = Receiver.made
+            await peer.wait_closed()  # the sender closed the one connection it had
+            server.close()
+            await server.wait_closed()
