@@ -6,10 +6,10 @@ import asyncio
 import dataclasses
 import json
 import threading
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional, Union
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from amgi.app import (
@@ -588,3 +588,110 @@ async def test_concurrent_handler_publishes_each_result() -> None:
         results = await client.publish_batch("in", [1, 2, 3])
     assert all(r.acked for r in results)
     assert sorted(json.loads(s.payload or b"") for s in client.sent) == [10, 20, 30]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "payload", "expected"),
+    [
+        (str | None, b"hello world", "hello world"),
+        (Optional[str], b"caf\xc3\xa9", "caf\u00e9"),  # noqa: UP045 - the form under test
+        (Union[bytes, None], b"\x00raw", b"\x00raw"),  # noqa: UP007
+        (Annotated[str, Field(max_length=5)], b"short", "short"),
+        (Annotated[bytes | None, Field(min_length=1)], b"\x01", b"\x01"),
+        (Optional[Annotated[str, Field(min_length=1)]], None, None),  # noqa: UP045
+    ],
+)
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
+async def test_raw_payloads_in_optional_and_annotated_forms(
+    annotation: Any, payload: bytes | None, expected: Any, content_type: str | None
+) -> None:
+    app = App()
+    got: list[Any] = []
+
+    async def handler(value: Any) -> None:
+        got.append(value)
+
+    handler.__annotations__["value"] = annotation
+    app.subscriber("in")(handler)
+    headers = {"content-type": content_type} if content_type else None
+    async with TestClient(app) as client:
+        result = await client.publish("in", payload, headers=headers)
+    assert result.acked, result.reason
+    assert got == [expected]
+
+
+async def test_raw_payload_constraints_are_checked() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(text: Annotated[str, Field(max_length=5)]) -> None: ...
+
+    async with TestClient(app) as client:
+        long = await client.publish("in", b"far too long")
+    assert long.dead_lettered
+    assert (long.reason or "").endswith(
+        "parameter 'text': (root): String should have at most 5 characters"
+    )
+
+
+async def test_a_content_type_header_of_the_user_replaces_the_layers() -> None:
+    def parse_csv(data: bytes) -> dict[str, str]:
+        name, city = data.decode().split(",")
+        return {"name": name, "city": city}
+
+    app = App(decoders={"text/csv": parse_csv})
+    rows: list[dict[str, str]] = []
+
+    @app.subscriber("in", publish_to="rows")
+    async def on_in(body: bytes, publisher: Publisher) -> Outgoing[bytes]:
+        await publisher.publish("rows", body, headers={"Content-Type": "text/csv"})
+        return Outgoing(body, headers={"content-type": "text/csv", "x": "1"})
+
+    @app.subscriber("rows")
+    async def on_row(row: dict[str, str]) -> None:
+        rows.append(row)
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", b"ada,paris")
+        for sent in result.sent:
+            assert (await client.publish("rows", sent.payload, headers=sent.headers)).acked
+    assert [s.headers for s in result.sent] == [
+        [(b"Content-Type", b"text/csv")],
+        [(b"content-type", b"text/csv"), (b"x", b"1")],
+    ]
+    assert rows == [{"name": "ada", "city": "paris"}] * 2
+
+
+async def test_publisher_takes_bytearray_and_memoryview() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(body: bytes, publisher: Publisher) -> None:
+        await publisher.publish("a", bytearray(body))
+        await publisher.publish("b", memoryview(body))
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", b"\x00ab")
+    assert result.acked, result.reason
+    assert [(s.payload, s.headers) for s in result.sent] == [
+        (b"\x00ab", [(b"content-type", b"application/octet-stream")])
+    ] * 2
+
+
+async def test_a_result_that_validates_into_the_declared_type_is_published() -> None:
+    app = App()
+
+    @app.subscriber("in", publish_to="out")
+    async def on_in(spec: dict[str, Any]) -> Invoice:
+        return spec  # type: ignore[return-value]
+
+    async with TestClient(app) as client:
+        ok = await client.publish("in", {"order_id": 1, "total": 2, "region": "eu"})
+        bad = await client.publish("in", {"order_id": 1, "wrong": [1, 2]})
+    assert ok.acked, ok.reason
+    assert ok.sent[0].payload == b'{"order_id":1,"total":2.0,"region":"eu"}'
+    assert not bad.acked
+    assert (bad.reason or "").endswith(
+        "its result could not be serialized, nothing was published: "
+        "ValidationError: total: Field required; region: Field required"
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AppDefinitionError", "DeadLetter", "PayloadError", "first_line"]
+__all__ = ["AppDefinitionError", "DeadLetter", "PayloadError", "first_line", "one_line"]
 
 
 class AppDefinitionError(TypeError):
@@ -25,3 +25,8 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (pydantic's run over several)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of blanks folded into single spaces."""
+    return " ".join(text.split())

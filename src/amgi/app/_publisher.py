@@ -15,11 +15,19 @@ __all__ = ["Publisher", "encode_headers"]
 def encode_headers(
     headers: Mapping[str, str | bytes] | None, content_type: str
 ) -> list[tuple[bytes, bytes]]:
-    """AMGI header pairs: ``content-type`` first, then ``headers`` (str values UTF-8 encoded)."""
+    """AMGI header pairs: ``content-type`` first, then ``headers`` (str values UTF-8 encoded).
+
+    A ``content-type`` in ``headers`` (any case) replaces the one of the encoder.
+    """
     pairs = [(b"content-type", content_type.encode())]
     if headers:
         for name, value in headers.items():
-            pairs.append((name.encode(), value if isinstance(value, bytes) else value.encode()))
+            key = name.encode()
+            encoded = value if isinstance(value, bytes) else value.encode()
+            if len(key) == 12 and key.lower() == b"content-type":
+                pairs[0] = (key, encoded)
+            else:
+                pairs.append((key, encoded))
     return pairs
 
 
