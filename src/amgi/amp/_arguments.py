@@ -7,6 +7,7 @@ import decimal as _decimal
 import keyword
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -71,10 +72,17 @@ class Argument(Generic[T]):
 
 
 class Integer(Argument[int]):
-    """An integer of any size, in decimal: ``123`` is ``b"123"``."""
+    """An integer in decimal: ``123`` is ``b"123"``; at most as many digits as Python
+    converts (``sys.get_int_max_str_digits()``, 4,300 by default), as in Twisted."""
 
     def to_bytes(self, value: int) -> bytes:
-        return b"%d" % (value,)
+        try:
+            return b"%d" % (value,)
+        except ValueError:
+            raise ValueError(
+                f"more than {sys.get_int_max_str_digits()} digits (Python's int/str "
+                "conversion limit, sys.set_int_max_str_digits)"
+            ) from None
 
     def from_bytes(self, data: bytes) -> int:
         return int(data)
@@ -343,12 +351,20 @@ def encode_arguments(specs: Sequence[Spec], values: Mapping[str, Any]) -> Box:
         except (TypeError, ValueError, AttributeError, OverflowError) as exc:
             if isinstance(exc, TooLong | ArgumentError):
                 raise
-            raise ArgumentError(f"cannot encode {name!r}={value!r:.80}: {exc}") from exc
+            raise ArgumentError(f"cannot encode {name!r}={brief(value)}: {exc}") from exc
     if used != len(values):
         known = {name for _, name, _ in specs}
         extra = sorted(set(values) - known)
         raise ArgumentError(f"unexpected argument(s): {', '.join(extra)}")
     return box
+
+
+def brief(value: Any, width: int = 80) -> str:
+    """The start of ``repr(value)`` for an error message (repr itself may fail)."""
+    try:
+        return f"{value!r:.{width}}"
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def decode_arguments(specs: Sequence[Spec], box: Mapping[bytes, bytes]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar, cast
 
+from ._arguments import brief
 from ._box import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS_PER_BOX
 from ._command import RESPONDER_ATTRIBUTE, Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
@@ -507,20 +508,25 @@ class AMP(asyncio.Protocol):
             self._core.send_answer(event.tag, event.command, result or {})
         except Exception:
             log.exception(
-                "responder for %s returned a response that cannot be encoded: %.200r",
+                "responder for %s returned a response that cannot be encoded: %s",
                 event.command.__name__,
-                result,
+                brief(result, 200),
             )
             self._core.send_error(event.tag, UNKNOWN_ERROR_CODE, "Unknown Error")
 
     def _respond_error(self, event: CallReceived, exc: BaseException) -> None:
         found = event.command.code_for(exc)
-        if found is None:
+        description = None
+        if found is not None:
+            try:
+                description = str(exc)
+            except Exception:
+                found = None  # no description can be made: answered as undeclared
+        if found is None or description is None:
             log.error("responder for %s failed", event.command.__name__, exc_info=exc)
             code, fatal, description = UNKNOWN_ERROR_CODE, False, "Unknown Error"
         else:
             code, fatal = found
-            description = str(exc)
             if event.tag is None:
                 log.warning(
                     "responder for %s raised %s (%s: %.200s); the call asked no answer, so "
