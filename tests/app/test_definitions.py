@@ -198,3 +198,53 @@ def test_amgi_run_stops_with_one_line_naming_function_and_parameter(tmp_path: Pa
         "State or Depends"
     )
     assert "Traceback" not in run.stderr
+
+
+async def test_sync_functions_cannot_take_a_publisher() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    def on_in(order: Order, publisher: Publisher) -> None: ...
+
+    assert await startup_error(app) == (
+        "test_sync_functions_cannot_take_a_publisher.<locals>.on_in, parameter 'publisher': "
+        "a sync (def) function cannot await Publisher.publish; make "
+        "test_sync_functions_cannot_take_a_publisher.<locals>.on_in an async def"
+    )
+
+    def audit(publisher: Publisher) -> None: ...
+
+    app = App()
+
+    @app.subscriber("in")
+    async def on_other(order: Order, a: None = Depends(audit)) -> None: ...
+
+    assert "audit, parameter 'publisher': a sync (def) function cannot await" in (
+        await startup_error(app)
+    )
+
+
+async def test_an_address_parameter_must_fit_in_one_segment() -> None:
+    app = App()
+
+    @app.subscriber("orders.{order}")
+    async def on_order(order: Order) -> None: ...
+
+    assert (await startup_error(app)).endswith(
+        "on_order, parameter 'order': {order} of the address 'orders.{order}' is one segment "
+        "of text and cannot be Order; give it a scalar type (str, int, an Enum ...), or "
+        "rename the parameter if it is the payload"
+    )
+
+
+def test_publish_to_placeholders_must_be_address_parameters() -> None:
+    app = App()
+    with pytest.raises(AppDefinitionError) as info:
+
+        @app.subscriber("orders.{region}", publish_to="invoices.{country}")
+        async def on_order(order: Order) -> Order: ...
+
+    assert str(info.value).endswith(
+        "on_order, publish_to='invoices.{country}': {country} is not a parameter of the "
+        "address 'orders.{region}'"
+    )

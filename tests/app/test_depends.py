@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
@@ -179,3 +180,151 @@ async def test_lifespan_that_yields_no_mapping_fails_startup() -> None:
     with pytest.raises(StartupFailed, match=r"the lifespan must yield a mapping .* not list"):
         async with TestClient(App(lifespan=lifespan)):
             pass
+
+
+async def test_cleanup_sees_a_failed_publish_and_a_swallowed_error_still_nacks() -> None:
+    from amgi.runtime.batch import call_app
+    from amgi.runtime.config import RuntimeConfig
+    from amgi.transport import Batch, Message
+
+    log: list[str] = []
+
+    async def transaction() -> AsyncIterator[str]:
+        try:
+            yield "tx"
+        except Exception as exc:
+            log.append(f"rollback {type(exc).__name__}")  # and forgets to re-raise
+        else:
+            log.append("commit")
+
+    app = App()
+    calls = {"n": 0}
+
+    @app.subscriber("orders", publish_to="invoices")
+    async def on_order(order: Order, tx: Annotated[str, Depends(transaction)]) -> Order:
+        calls["n"] += 1
+        if order.id == 0:
+            raise ValueError("zero")
+        return order
+
+    async def broker_down(*args: Any) -> None:
+        raise ConnectionRefusedError("broker down")
+
+    async with TestClient(app) as client:
+        settlement = await call_app(
+            app,
+            Batch("orders", [Message("1", [], b'{"id": 1}', {}, 1)]),
+            broker_down,
+            RuntimeConfig(),
+        )
+        assert settlement.retry[0].reason.endswith("raised ConnectionRefusedError: broker down")
+        assert log == ["rollback ConnectionRefusedError"]
+        failed = await client.publish("orders", Order(id=0))
+        assert (failed.reason or "").endswith("raised ValueError: zero")  # not acked
+        assert calls["n"] == 2  # the handler ran once per message
+        ok = await client.publish("orders", Order(id=2))
+    assert ok.acked
+    assert log == ["rollback ConnectionRefusedError", "rollback ValueError", "commit"]
+
+
+async def test_each_call_next_gets_fresh_dependencies() -> None:
+    log: list[str] = []
+    opened = {"n": 0}
+
+    async def connection() -> AsyncIterator[int]:
+        opened["n"] += 1
+        n = opened["n"]
+        log.append(f"open {n}")
+        try:
+            yield n
+        except Exception as exc:
+            log.append(f"rollback {n}: {exc}")
+            raise
+        log.append(f"close {n}")
+
+    def settings() -> dict[str, int]:
+        return {"calls": opened["n"]}
+
+    async def retry_once(call: Any, call_next: Any) -> Any:
+        try:
+            return await call_next()
+        except ConnectionError:
+            log.append("retry")
+            return await call_next()
+
+    app = App(middleware=[retry_once])
+
+    @app.subscriber("orders", publish_to="out")
+    async def on_order(
+        order: Order,
+        conn: Annotated[int, Depends(connection)],
+        s: Annotated[dict[str, int], Depends(settings)],
+    ) -> int:
+        log.append(f"handler with {conn}, settings {s}")
+        if conn == 1:
+            raise ConnectionError("deadlock")
+        return conn
+
+    async with TestClient(app) as client:
+        result = await client.publish("orders", Order(id=1))
+    assert result.acked, result.reason
+    assert [s.payload for s in result.sent] == [b"2"]
+    assert log == [
+        "open 1",
+        "handler with 1, settings {'calls': 1}",
+        "rollback 1: deadlock",
+        "retry",
+        "open 2",
+        "handler with 2, settings {'calls': 2}",
+        "close 2",
+    ]
+
+
+async def test_conflicting_address_parameter_types_fail_at_startup() -> None:
+    def shard_db(shard: int) -> str:
+        return f"db{shard}"
+
+    app = App()
+
+    @app.subscriber("events.{shard}")
+    async def on_event(body: bytes, shard: str, db: Annotated[str, Depends(shard_db)]) -> None: ...
+
+    with pytest.raises(StartupFailed) as info:
+        async with TestClient(app):
+            pass
+    assert str(info.value) == (
+        "test_conflicting_address_parameter_types_fail_at_startup.<locals>.on_event: "
+        "address parameter {shard} is str in "
+        "test_conflicting_address_parameter_types_fail_at_startup.<locals>.on_event but int in "
+        "test_conflicting_address_parameter_types_fail_at_startup.<locals>.shard_db; "
+        "declare one type"
+    )
+
+
+class Tenant:
+    def __init__(self, tenant: Annotated[str, Header("tenant")], region: str) -> None:
+        self.name = f"{tenant}@{region}"
+
+
+@dataclasses.dataclass
+class Paging:
+    limit: Annotated[int, Header("limit")] = 10
+
+
+async def test_classes_and_dataclasses_are_dependencies() -> None:
+    app = App()
+    seen: list[Any] = []
+
+    @app.subscriber("orders.{region}")
+    async def on_order(
+        order: Order,
+        tenant: Annotated[Tenant, Depends(Tenant)],
+        paging: Paging = Depends(Paging),
+    ) -> None:
+        seen.append((tenant.name, paging))
+
+    async with TestClient(app) as client:
+        assert (await client.publish("orders.eu", Order(id=1), headers={"tenant": "acme"})).acked
+        got = await client.publish("orders.eu", Order(id=1), headers={"tenant": "b", "limit": "5"})
+        assert got.acked, got.reason
+    assert seen == [("acme@eu", Paging(10)), ("b@eu", Paging(5))]

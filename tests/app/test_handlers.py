@@ -89,8 +89,11 @@ async def test_typed_address_parameter_and_mismatch() -> None:
         assert (await client.publish("shard.12", b"x")).acked
         bad = await client.publish("shard.abc", b"x")
     assert seen == [12]
-    assert not bad.acked
-    assert "address parameter 'n'='abc'" in (bad.reason or "")
+    assert bad.dead_lettered  # at once: it can never be handled
+    assert (bad.reason or "").endswith(
+        "on_shard: address parameter 'n'='abc': (root): Input should be a valid integer, "
+        "unable to parse string as an integer"
+    )
 
 
 async def test_no_handler_for_address_nacks_with_reason() -> None:
@@ -662,6 +665,19 @@ async def test_a_content_type_header_of_the_user_replaces_the_layers() -> None:
     assert rows == [{"name": "ada", "city": "paris"}] * 2
 
 
+async def test_publish_to_placeholders_take_the_consumed_address_parameters() -> None:
+    app = App()
+
+    @app.subscriber("orders.{region}.{n}", publish_to="invoices.{region}.{n}")
+    async def on_order(order: Order, n: int) -> Order:
+        return order
+
+    async with TestClient(app) as client:
+        result = await client.publish("orders.eu.007", Order(id=1, amount=1))
+    assert result.acked, result.reason
+    assert [s.address for s in result.sent] == ["invoices.eu.007"]
+
+
 async def test_publisher_takes_bytearray_and_memoryview() -> None:
     app = App()
 
@@ -695,3 +711,15 @@ async def test_a_result_that_validates_into_the_declared_type_is_published() -> 
         "its result could not be serialized, nothing was published: "
         "ValidationError: total: Field required; region: Field required"
     )
+
+
+async def test_nack_reasons_are_one_line() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(body: bytes) -> None:
+        raise RuntimeError("first line\n  second line")
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", b"")
+    assert (result.reason or "").endswith("raised RuntimeError: first line second line")

@@ -8,8 +8,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
-from amgi.app import App
+from pydantic import BaseModel
+
+from amgi.app import App, Depends
 from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.server import Runtime
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
@@ -46,6 +49,32 @@ def new_broker() -> tuple[str, MemoryBroker]:
     return name, MemoryBroker.reset(name)
 
 
+async def test_a_dependency_gets_the_address_parameter_in_its_declared_type() -> None:
+    name, broker = new_broker()
+    app = App()
+    seen: list[str] = []
+
+    def shard_db(shard: int) -> str:
+        return f"db{shard + 1}"
+
+    @app.subscriber("events.{shard}")
+    async def on_event(payload: dict[str, int], db: Annotated[str, Depends(shard_db)]) -> None:
+        seen.append(db)
+
+    broker.put("events.7", JSON, b"{}")
+    broker.put("events.abc", JSON, b"{}")
+    async with serving(app, name, ["events.7", "events.abc"]):
+        await until(lambda: bool(seen) and bool(broker.dead.get("events.abc")), "both")
+    assert seen == ["db8"]
+    ((message, reason),) = broker.dead["events.abc"]
+    assert message.attempt == 1  # never worth a retry: dead-lettered at once
+    assert reason == (
+        "test_a_dependency_gets_the_address_parameter_in_its_declared_type.<locals>.on_event: "
+        "address parameter 'shard'='abc': (root): Input should be a valid integer, "
+        "unable to parse string as an integer"
+    )
+
+
 async def test_a_decoder_that_raises_dead_letters_that_message_only() -> None:
     name, broker = new_broker()
     app = App(decoders={"application/x-j": json.loads})
@@ -72,3 +101,41 @@ async def test_a_decoder_that_raises_dead_letters_that_message_only() -> None:
         "line 1 column 2 (char 1)"
     )
     assert broker.pending("batch") == 0
+
+
+class Invoice(BaseModel):
+    total: float
+
+
+async def test_yield_cleanup_runs_after_the_result_is_published() -> None:
+    name, broker = new_broker()
+    app = App()
+    log: list[str] = []
+
+    async def transaction() -> AsyncIterator[str]:
+        log.append("begin")
+        try:
+            yield "tx"
+        except Exception as exc:
+            log.append(f"rollback {type(exc).__name__}")
+            raise
+        log.append(f"commit with {broker.pending('invoices')} invoice(s) published")
+
+    @app.subscriber("orders", publish_to="invoices")
+    async def on_order(order: dict[str, Any], tx: Annotated[str, Depends(transaction)]) -> Invoice:
+        return order["result"]  # type: ignore[no-any-return]
+
+    broker.put("orders", JSON, b'{"result": {"total": 2}}')
+    async with serving(app, name, ["orders"]):
+        await until(lambda: len(log) == 2, "the first order")
+        broker.put("orders", JSON, b'{"result": {"wrong": 1}}')
+        await until(lambda: bool(broker.dead.get("orders")), "the dead letter")
+    assert log[:2] == ["begin", "commit with 1 invoice(s) published"]
+    assert log[2:] == ["begin", "rollback ValidationError"] * 3  # each attempt rolls back
+    ((message, reason),) = broker.dead["orders"]
+    assert message.attempt == 3
+    assert reason.endswith(
+        "its result could not be serialized, nothing was published: "
+        "ValidationError: total: Field required"
+    )
+    assert [m.payload for m in broker.queue("invoices")] == [b'{"total":2.0}']

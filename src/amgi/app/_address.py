@@ -11,10 +11,11 @@ separators of Kafka, AMQP and MQTT names). Routing rule, checked at startup:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["AddressPattern", "Router"]
+__all__ = ["AddressPattern", "Router", "fill"]
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CACHE_LIMIT = 4096
@@ -69,6 +70,11 @@ class AddressPattern:
             return {} if address == self.text else None
         m = self.regex.fullmatch(address)
         return m.groupdict() if m else None
+
+
+def fill(pattern: AddressPattern, values: Mapping[str, str]) -> str:
+    """``pattern`` with each ``{name}`` replaced by ``values[name]``."""
+    return _PARAM.sub(lambda m: values[m.group(1)], pattern.text)
 
 
 class Router(Generic[H]):

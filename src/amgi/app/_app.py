@@ -134,14 +134,18 @@ class App:
                 self.prepare()
             address = scope["address"]
             found = self._router.route(address)
+            dead_letter_ok = NACK_RETRY in (scope.get("extensions") or {})
             if found is None:
-                await self._reject_all(receive, send, f"no handler for address {address!r}")
+                known = ", ".join(self.addresses) or "none"
+                reason = f"no handler for address {address!r} (handlers: {known})"
+                await _reject_all(receive, send, reason, False)
                 return
             handler, raw = found
             try:
                 params = handler.convert_address(raw)
             except PayloadError as exc:
-                await self._reject_all(receive, send, f"{handler.name}: {exc}")
+                # It can never be handled: dead-lettered at once, like an invalid payload.
+                await _reject_all(receive, send, f"{handler.name}: {exc}", dead_letter_ok)
                 return
             await handler.serve(
                 receive,
@@ -149,23 +153,11 @@ class App:
                 address,
                 params,
                 scope.get("state") or {},
-                NACK_RETRY in (scope.get("extensions") or {}),
+                dead_letter_ok,
+                raw,
             )
         elif scope["type"] == "lifespan":
             await self._run_lifespan(scope, receive, send)
-
-    async def _reject_all(
-        self, receive: AMGIReceiveCallable, send: AMGISendCallable, reason: str
-    ) -> None:
-        known = ", ".join(self.addresses) or "none"
-        more = True
-        while more:
-            event = await receive()
-            mid: str = event["id"]  # type: ignore[typeddict-item]
-            await send(
-                {"type": "message.nack", "id": mid, "message": f"{reason} (handlers: {known})"}
-            )
-            more = bool(event.get("more_messages", False))
 
     async def _run_lifespan(
         self, scope: Any, receive: AMGIReceiveCallable, send: AMGISendCallable
@@ -195,6 +187,21 @@ class App:
             await send({"type": "lifespan.shutdown.failed", "message": _one_line(exc)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+async def _reject_all(
+    receive: AMGIReceiveCallable, send: AMGISendCallable, reason: str, dead: bool
+) -> None:
+    """Nack every message of the call (``dead``: without retries)."""
+    more = True
+    while more:
+        event = await receive()
+        mid: str = event["id"]  # type: ignore[typeddict-item]
+        nack: dict[str, Any] = {"type": "message.nack", "id": mid, "message": reason}
+        if dead:
+            nack["retry"] = False
+        await send(nack)  # type: ignore[arg-type]
+        more = bool(event.get("more_messages", False))
 
 
 @contextlib.asynccontextmanager

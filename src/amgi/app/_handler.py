@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from amgi.app._address import AddressPattern
+from amgi.app._address import AddressPattern, fill
 from amgi.app._codec import (
     Decoder,
     Encoder,
@@ -26,7 +26,7 @@ from amgi.app._codec import (
     make_encoder,
     strip_none,
 )
-from amgi.app._errors import AppDefinitionError, DeadLetter, PayloadError, first_line
+from amgi.app._errors import AppDefinitionError, DeadLetter, PayloadError, first_line, one_line
 from amgi.app._inject import (
     Context,
     Parameter,
@@ -37,6 +37,7 @@ from amgi.app._inject import (
     message_info,
     name_of,
     type_hints,
+    type_name,
     unwrap_annotated,
 )
 from amgi.app._params import Failures, MessageInfo, Outgoing
@@ -93,6 +94,18 @@ class Handler:
         if function_kind(func) in ("asyncgen", "gen"):
             raise AppDefinitionError(f"{self.name}: a handler cannot be a generator")
         self.publish_to = publish_to
+        self.output_pattern: AddressPattern | None = None
+        if publish_to is not None:
+            try:
+                self.output_pattern = AddressPattern.parse(publish_to)
+            except ValueError as exc:
+                raise AppDefinitionError(f"{self.name}, publish_to: {exc}") from None
+            unknown = [n for n in self.output_pattern.params if n not in self.pattern.params]
+            if unknown:
+                raise AppDefinitionError(
+                    f"{self.name}, publish_to={publish_to!r}: {{{unknown[0]}}} is not a "
+                    f"parameter of the address {address!r}"
+                )
         self.batch = batch
         self.concurrency = concurrency
         self.summary = summary
@@ -147,14 +160,7 @@ class Handler:
                     f"{self.name}, parameter {payload.name!r}: cannot decode payloads into "
                     f"{item!r}: {first_line(exc)}"
                 ) from None
-        for p in plan.parameters:
-            if p.kind == "address":
-                self.address_types[p.name] = p.annotation
-        for name in self.pattern.params:
-            annotation = self.address_types.setdefault(name, str)
-            if annotation is not str:
-                where = f"{self.name}, parameter {name!r}"
-                self._converters[name] = checked_adapter(annotation, where).validate_strings
+        self._prepare_address(plan)
         self._prepare_output()
         simple = (
             payload is not None
@@ -179,6 +185,38 @@ class Handler:
         kinds = {p.kind for p in plan.parameters}
         self._needs_infos = "info" in kinds
         self._needs_failures = "failures" in kinds
+
+    def _prepare_address(self, plan: Plan) -> None:
+        """One type per address parameter, shared by the handler and its dependencies."""
+        declared: dict[str, Parameter] = {}
+        for p in plan.all_parameters():
+            if p.kind != "address" or p.annotation is inspect.Parameter.empty:
+                continue
+            first = declared.setdefault(p.name, p)
+            if first.annotation != p.annotation:
+                raise AppDefinitionError(
+                    f"{self.name}: address parameter {{{p.name}}} is "
+                    f"{type_name(first.annotation)} in {first.owner} but "
+                    f"{type_name(p.annotation)} in {p.owner}; declare one type"
+                )
+        self.address_types = {}
+        self._converters = {}
+        for name in self.pattern.params:
+            p_or_none = declared.get(name)
+            annotation = str if p_or_none is None else p_or_none.annotation
+            self.address_types[name] = annotation
+            if annotation is str:
+                continue
+            assert p_or_none is not None
+            where = f"{p_or_none.owner}, parameter {name!r}"
+            adapter = checked_adapter(annotation, where)
+            if _structured(adapter):
+                raise AppDefinitionError(
+                    f"{where}: {{{name}}} of the address {self.pattern.text!r} is one "
+                    f"segment of text and cannot be {type_name(annotation)}; give it a scalar type "
+                    "(str, int, an Enum ...), or rename the parameter if it is the payload"
+                )
+            self._converters[name] = adapter.validate_strings
 
     def _prepare_output(self) -> None:
         hints = type_hints(self.func, self.localns)
@@ -235,9 +273,15 @@ class Handler:
         params: dict[str, Any],
         state: Mapping[str, Any],
         dead_letter_ok: bool,
+        raw: Mapping[str, str] | None = None,
     ) -> None:
-        """Handle every message of one AMGI message call."""
+        """Handle every message of one AMGI message call.
+
+        ``raw``: the address parameters as matched (they fill ``publish_to``).
+        """
         call = _BatchState(self, send, address, params, state, dead_letter_ok)
+        if self.output_pattern is not None and self.output_pattern.params:
+            call.output_address = fill(self.output_pattern, raw or params)
         if self._fast:
             await call.run_fast(receive)
         elif self.batch:
@@ -272,15 +316,29 @@ class Handler:
             call = self._call
             if call is not None:
                 return await call(value)
-        plan = self.plan
-        assert plan is not None
         assert ctx is not None
         ctx.event = event
-        if plan.needs_stack:
-            async with contextlib.AsyncExitStack() as stack:
-                ctx.stack = stack
-                return await self._run(await self._kwargs(plan, ctx, value))
-        return await self._run(await self._kwargs(plan, ctx, value))
+        return await self._invoke(ctx, value)
+
+    async def _invoke(self, ctx: Context, value: Any) -> Any:
+        """One call of the function, with dependencies resolved afresh.
+
+        The cleanup of yield dependencies runs at once if the call raises (they see the
+        exception); after a return it is kept in ``ctx`` until the result is published.
+        """
+        plan = self.plan
+        assert plan is not None
+        ctx.cache = None
+        if not plan.needs_stack:
+            return await self._run(await self._kwargs(plan, ctx, value))
+        stack = ctx.stack = contextlib.AsyncExitStack()
+        try:
+            result = await self._run(await self._kwargs(plan, ctx, value))
+        except BaseException as exc:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        ctx.keep(stack)
+        return result
 
     async def _kwargs(self, plan: Plan, ctx: Context, value: Any) -> dict[str, Any]:
         try:
@@ -290,16 +348,6 @@ class Handler:
         if self.payload is not None:
             kwargs[self.payload.name] = value
         return kwargs
-
-    async def _invoke_batch(self, values: list[Any], ctx: Context | None) -> Any:
-        plan = self.plan
-        assert plan is not None
-        assert ctx is not None
-        if plan.needs_stack:
-            async with contextlib.AsyncExitStack() as stack:
-                ctx.stack = stack
-                return await self._run(await self._kwargs(plan, ctx, values))
-        return await self._run(await self._kwargs(plan, ctx, values))
 
     async def _run(self, kwargs: dict[str, Any]) -> Any:
         if self._is_async:
@@ -313,22 +361,24 @@ class Handler:
         return f"invalid payload for {where}: {exc}"
 
     def encode_output(
-        self, result: Any
+        self, result: Any, address: str
     ) -> tuple[str, list[tuple[bytes, bytes]], bytes, dict[str, Any]]:
-        """The ``message.send`` parts of a returned value (raises if it cannot be serialized)."""
+        """The ``message.send`` parts of a returned value (raises if it cannot be serialized).
+
+        ``address``: where it goes unless it is an Outgoing with its own.
+        """
         assert self._encode is not None
-        assert self.publish_to is not None
         if isinstance(result, Outgoing):
             data, ctype = self._encode(result.payload)
             bindings = {k: dict(v) for k, v in (result.bindings or {}).items()}
             return (
-                result.address or self.publish_to,
+                result.address or address,
                 encode_headers(result.headers, ctype),
                 data,
                 bindings,
             )
         data, ctype = self._encode(result)
-        return self.publish_to, [(b"content-type", ctype.encode())], data, {}
+        return address, [(b"content-type", ctype.encode())], data, {}
 
     def with_middleware(
         self, invoke: Callable[[], Awaitable[Any]], call: Callable[[], HandlerCall]
@@ -341,6 +391,18 @@ class Handler:
         for mw in reversed(self._middleware):
             wrapped = _bind(mw, info, wrapped)
         return wrapped
+
+
+def _structured(adapter: Any) -> bool:
+    """True when values of ``adapter``'s type are JSON objects or arrays (not one segment)."""
+    try:
+        schema = adapter.json_schema()
+    except Exception:
+        return False  # not describable: let the conversion decide per message
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        schema = schema.get("$defs", {}).get(ref[len("#/$defs/") :], schema)
+    return schema.get("type") in ("object", "array")
 
 
 def _bind(
@@ -365,7 +427,16 @@ async def _receive_all(receive: AMGIReceiveCallable) -> list[Any]:
 class _BatchState:
     """One AMGI call's shared state: send, address, parameters, lifespan state."""
 
-    __slots__ = ("address", "dead_letter_ok", "handler", "params", "publisher", "send", "state")
+    __slots__ = (
+        "address",
+        "dead_letter_ok",
+        "handler",
+        "output_address",
+        "params",
+        "publisher",
+        "send",
+        "state",
+    )
 
     def __init__(
         self,
@@ -383,6 +454,8 @@ class _BatchState:
         self.state = state
         self.dead_letter_ok = dead_letter_ok
         self.publisher = Publisher(send)
+        self.output_address = handler.publish_to or ""
+        """``publish_to`` with the address parameters filled in."""
 
     def context(self, event: Any) -> Context:
         return Context(event, self.address, self.params, self.state, self.publisher)
@@ -439,33 +512,55 @@ class _BatchState:
                     await send({"type": "message.ack", "id": mid})
             more = event.get("more_messages", False)
 
+    def encode_outputs(
+        self, results: Sequence[Any]
+    ) -> list[tuple[str, list[tuple[bytes, bytes]], bytes, dict[str, Any]]]:
+        """The sends of the handler's results (None: nothing); _OutputError if one fails."""
+        handler = self.handler
+        try:
+            return [handler.encode_output(r, self.output_address) for r in results if r is not None]
+        except Exception as exc:
+            raise _OutputError(
+                f"{handler.name}: its result could not be serialized, nothing was "
+                f"published: {_describe(exc)}",
+                exc,
+            ) from None
+
+    async def publish_all(self, results: Sequence[Any]) -> None:
+        if self.handler.publish_to is None:
+            return
+        for address, headers, payload, bindings in self.encode_outputs(results):
+            await self.publish(address, headers, payload, bindings)
+
+    async def handle_one(self, event: Any) -> None:
+        """Decode, call, publish the result, then run the dependencies' cleanup."""
+        handler = self.handler
+        if handler._call is not None:
+            await self.publish_all([await handler._invoke_one(event, None)])
+            return
+        ctx = self.context(event)
+        invoke = handler._invoke_one
+        try:
+            if handler._middleware:
+                result = await handler.with_middleware(
+                    lambda: invoke(event, ctx),
+                    lambda: HandlerCall(
+                        handler.name, self.address, [message_info(event, self.address)]
+                    ),
+                )()
+            else:
+                result = await invoke(event, ctx)
+            await self.publish_all([result])
+        except BaseException as exc:
+            await ctx.close(_seen(exc))
+            raise
+        await ctx.close(None)
+
     async def run_one(self, event: Any) -> None:
         handler = self.handler
         mid = event["id"]
         try:
-            if handler._call is not None:
-                result = await handler._invoke_one(event, None)
-            else:
-                ctx = self.context(event)
-                invoke = handler._invoke_one
-                if handler._middleware:
-                    result = await handler.with_middleware(
-                        lambda: invoke(event, ctx),
-                        lambda: HandlerCall(
-                            handler.name, self.address, [message_info(event, self.address)]
-                        ),
-                    )()
-                else:
-                    result = await invoke(event, ctx)
-            if result is not None and handler.publish_to is not None:
-                try:
-                    address, headers, payload, bindings = handler.encode_output(result)
-                except Exception as exc:
-                    raise _OutputError(
-                        f"{handler.name}: its result could not be serialized, nothing was "
-                        f"published: {_describe(exc)}"
-                    ) from None
-                await self.publish(address, headers, payload, bindings)
+            await self.handle_one(event)
         except _Invalid as exc:
             await self.nack(mid, str(exc), True)
         except DeadLetter as exc:
@@ -506,26 +601,21 @@ class _BatchState:
         failures = ctx.failures = Failures(len(ids)) if handler._needs_failures else None
         if keep:
             ctx.infos = [message_info(e, self.address) for e in kept]
-        invoke = handler._invoke_batch
+        invoke = handler._invoke
         try:
-            if handler._middleware:
-                result = await handler.with_middleware(
-                    lambda: invoke(values, ctx),
-                    lambda: HandlerCall(handler.name, self.address, list(ctx.infos or ())),
-                )()
-            else:
-                result = await invoke(values, ctx)
-            outputs = []
-            if result is not None and handler.publish_to is not None:
-                try:
-                    outputs = [handler.encode_output(r) for r in result if r is not None]
-                except Exception as exc:
-                    raise _OutputError(
-                        f"{handler.name}: its result could not be serialized, nothing was "
-                        f"published: {_describe(exc)}"
-                    ) from None
-            for address, headers, payload, bindings in outputs:
-                await self.publish(address, headers, payload, bindings)
+            try:
+                if handler._middleware:
+                    result = await handler.with_middleware(
+                        lambda: invoke(ctx, values),
+                        lambda: HandlerCall(handler.name, self.address, list(ctx.infos or ())),
+                    )()
+                else:
+                    result = await invoke(ctx, values)
+                await self.publish_all(result or ())
+            except BaseException as exc:
+                await ctx.close(_seen(exc))
+                raise
+            await ctx.close(None)
         except DeadLetter as exc:
             for mid in ids:
                 await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
@@ -553,10 +643,19 @@ class _BatchState:
 
 
 class _OutputError(Exception):
-    pass
+    """The result could not be serialized; ``error`` is what the serializer raised."""
+
+    def __init__(self, reason: str, error: Exception) -> None:
+        super().__init__(reason)
+        self.error = error
+
+
+def _seen(exc: BaseException) -> BaseException:
+    """The exception the dependencies' cleanup is given for ``exc``."""
+    return exc.error if isinstance(exc, _OutputError) else exc
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return f"{type(exc).__name__}: {describe_validation_error(exc)}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {one_line(str(exc))}"

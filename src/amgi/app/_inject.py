@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -29,6 +30,7 @@ __all__ = [
     "Plan",
     "analyse",
     "checked_adapter",
+    "type_name",
     "unwrap_annotated",
 ]
 
@@ -42,6 +44,7 @@ class Context:
         "address",
         "cache",
         "event",
+        "exits",
         "failures",
         "infos",
         "params",
@@ -66,8 +69,27 @@ class Context:
         self.publisher = publisher
         self.cache: dict[Any, Any] | None = None
         self.stack: contextlib.AsyncExitStack | None = None
+        self.exits: contextlib.AsyncExitStack | None = None
         self.failures: Failures | None = None
         self.infos: list[MessageInfo] | None = None
+
+    def keep(self, stack: contextlib.AsyncExitStack) -> None:
+        """Hold the cleanup of a call that returned until :meth:`close`."""
+        if self.exits is None:
+            self.exits = contextlib.AsyncExitStack()
+        self.exits.push_async_exit(stack)
+
+    async def close(self, error: BaseException | None) -> None:
+        """Run the kept cleanups (last call first); ``error`` is thrown into them."""
+        exits, self.exits = self.exits, None
+        if exits is None:
+            return
+        if error is None:
+            await exits.aclose()
+        else:
+            # A cleanup that swallows the error does not turn the failure into success:
+            # the caller raises it anyway.
+            await exits.__aexit__(type(error), error, error.__traceback__)
 
 
 def message_info(event: Mapping[str, Any], address: str) -> MessageInfo:
@@ -92,6 +114,7 @@ class Parameter:
     annotation: Any
     source: Any = None  # the Header / Binding / ... marker
     default: Any = _MISSING
+    owner: str = ""  # the function that declares it
 
 
 @dataclass(slots=True)
@@ -173,12 +196,31 @@ def unwrap_annotated(annotation: Any) -> tuple[Any, list[Any]]:
     return annotation, []
 
 
+def type_name(annotation: Any) -> str:
+    """A short readable name: ``Order``, ``Order | None``, ``list[Order]``."""
+    base, _ = unwrap_annotated(annotation)
+    origin = typing.get_origin(base)
+    args = typing.get_args(base)
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if base is type(None):
+        return "None"
+    if origin is not None:
+        name = getattr(origin, "__name__", None) or str(origin).removeprefix("typing.")
+        return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
+    return getattr(base, "__name__", None) or str(base).removeprefix("typing.")
+
+
 def function_kind(func: Callable[..., Any]) -> str:
     """async, sync, asyncgen or gen."""
     if inspect.isasyncgenfunction(func):
         return "asyncgen"
     if inspect.isgeneratorfunction(func):
         return "gen"
+    if inspect.isclass(func):
+        return "sync"  # Depends(SomeClass): calling it builds an instance
     if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)  # noqa: B004 - an object with an async __call__
     ):
@@ -198,7 +240,14 @@ def type_hints(
 
     ``localns``: the names of the scope that declared it (for classes defined in a function).
     """
-    target = func if inspect.isfunction(func) or inspect.ismethod(func) else func.__call__  # type: ignore[operator]
+    target: Any = func
+    if inspect.isclass(func):
+        # A class dependency is called with the parameters of its __init__.
+        target = func.__init__
+        if target is object.__init__:
+            return {}
+    elif not (inspect.isfunction(func) or inspect.ismethod(func)):
+        target = func.__call__  # type: ignore[operator]
     try:
         return typing.get_type_hints(target, localns=dict(localns or {}), include_extras=True)
     except Exception as exc:
@@ -231,6 +280,7 @@ def analyse(
         raise AppDefinitionError(f"{owner}: cannot read its signature: {exc}") from None
     plan = Plan(owner)
     payload: Parameter | None = None
+    sync = function_kind(func) in ("sync", "gen")
     for p in signature.parameters.values():
         where = f"{owner}, parameter {p.name!r}"
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -286,10 +336,14 @@ def analyse(
         elif p.name in address_params:
             name = p.name
             getter = _address_getter(name)
-            plan.parameters.append(
-                Parameter(name, "address", str if annotation is _MISSING else base)
-            )
+            # The annotation as written (constraints kept); _MISSING: no type declared.
+            plan.parameters.append(Parameter(name, "address", annotation))
         elif base is Publisher:
+            if sync:
+                raise AppDefinitionError(
+                    f"{where}: a sync (def) function cannot await Publisher.publish; "
+                    f"make {owner} an async def"
+                )
             getter = _get_publisher
             plan.needs_publisher = True
             plan.parameters.append(Parameter(p.name, "publisher", base))
@@ -323,6 +377,8 @@ def analyse(
             plan.parameters.append(payload)
             continue
         plan.getters.append((p.name, getter))
+    for parameter in plan.parameters:
+        parameter.owner = owner
     return plan, payload
 
 
