@@ -14,6 +14,7 @@ from typing_extensions import TypedDict
 
 from amgi.app import (
     App,
+    AppDefinitionError,
     Binding,
     DeadLetter,
     Failures,
@@ -133,6 +134,33 @@ async def test_routing_rule_exact_then_most_literal_then_error() -> None:
 
         @app.subscriber("a.{q}.c")
         async def other(body: bytes) -> None: ...
+
+
+def test_patterns_of_equal_weight_that_share_an_address_are_refused() -> None:
+    app = App()
+
+    @app.subscriber("eu.{region}")
+    async def by_region(body: bytes, region: str) -> None: ...
+
+    @app.subscriber("{a}.x.{b}")
+    async def middle_x(body: bytes, a: str, b: str) -> None: ...
+
+    @app.subscriber("{a}.y.{b}")  # as many literal characters, but never the same address
+    async def middle_y(body: bytes, a: str, b: str) -> None: ...
+
+    @app.subscriber("{topic}.eu.{x}")  # more literal characters: it wins, no ambiguity
+    async def longer(body: bytes, topic: str, x: str) -> None: ...
+
+    with pytest.raises(AppDefinitionError) as info:
+
+        @app.subscriber("{topic}.eu")
+        async def by_topic(body: bytes, topic: str) -> None: ...
+
+    assert str(info.value).endswith(
+        "by_topic: address pattern '{topic}.eu' of "
+        "test_patterns_of_equal_weight_that_share_an_address_are_refused.<locals>.by_topic "
+        "overlaps 'eu.{region}': both match 'eu.eu' and neither has more literal characters"
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ separators of Kafka, AMQP and MQTT names). Routing rule, checked at startup:
 
 1. an address without parameters that equals the message's address wins;
 2. otherwise the matching pattern with the most literal characters wins;
-3. two patterns with the same literal skeleton (``a.{x}`` and ``a.{y}``) are an error.
+3. two patterns with as many literal characters that can match one address are an error
+   (``a.{x}`` and ``a.{y}``; ``eu.{region}`` and ``{topic}.eu``, which both match ``eu.eu``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,75 @@ class AddressPattern:
         return m.groupdict() if m else None
 
 
+def _tokens(pattern: AddressPattern) -> list[str | None]:
+    """The pattern as characters, None standing for a parameter."""
+    tokens: list[str | None] = []
+    pos = 0
+    for m in _PARAM.finditer(pattern.text):
+        tokens.extend(pattern.text[pos : m.start()])
+        tokens.append(None)
+        pos = m.end()
+    tokens.extend(pattern.text[pos:])
+    return tokens
+
+
+def common_address(a: AddressPattern, b: AddressPattern) -> str | None:
+    """An address both patterns match, or None if there is none.
+
+    A breadth-first walk over pairs of positions in the two patterns, one character at a
+    time; a position inside a parameter that already took a character may also leave it.
+    """
+    ta, tb = _tokens(a), _tokens(b)
+    # A state: (index in ta, inside a parameter of a, index in tb, inside one of b).
+    State = tuple[int, bool, int, bool]
+
+    def leave(state: State) -> list[State]:
+        i, in_a, j, in_b = state
+        found = [state]
+        if in_a:
+            found.append((i + 1, False, j, in_b))
+        if in_b:
+            found += [(k, f, j + 1, False) for k, f, _, _ in list(found)]
+        return found
+
+    def step(tokens: list[str | None], i: int, inside: bool, c: str) -> tuple[int, bool] | None:
+        if i >= len(tokens):
+            return None
+        token = tokens[i]
+        if token is None:
+            return (i, True) if c not in "./" else None
+        return (i + 1, False) if token == c and not inside else None
+
+    start: State = (0, False, 0, False)
+    came_from: dict[State, tuple[State, str] | None] = {start: None}
+    queue = [start]
+    for state in queue:
+        for s in leave(state):
+            i, in_a, j, in_b = s
+            if i == len(ta) and j == len(tb) and not in_a and not in_b:
+                text = []
+                at: State = state
+                while (back := came_from[at]) is not None:
+                    at, c = back
+                    text.append(c)
+                return "".join(reversed(text))
+            # The literal either side wants next, or any character two parameters take.
+            chars = {"x"}
+            for tokens, k in ((ta, i), (tb, j)):
+                token = tokens[k] if k < len(tokens) else None
+                if token is not None:
+                    chars.add(token)
+            for c in chars:
+                na, nb = step(ta, i, in_a, c), step(tb, j, in_b, c)
+                if na is None or nb is None:
+                    continue
+                target = (na[0], na[1], nb[0], nb[1])
+                if target not in came_from:
+                    came_from[target] = (state, c)
+                    queue.append(target)
+    return None
+
+
 def fill(pattern: AddressPattern, values: Mapping[str, str]) -> str:
     """``pattern`` with each ``{name}`` replaced by ``values[name]``."""
     return _PARAM.sub(lambda m: values[m.group(1)], pattern.text)
@@ -93,10 +163,13 @@ class Router(Generic[H]):
             self._exact[pattern.text] = handler
         else:
             for other, _ in self._patterns:
-                if other.skeleton == pattern.skeleton:
+                if other.literal_length != pattern.literal_length:
+                    continue  # the one with more literal characters wins
+                both = common_address(other, pattern)
+                if both is not None:
                     raise ValueError(
                         f"address pattern {pattern.text!r} of {owner} overlaps {other.text!r}: "
-                        "both match the same addresses"
+                        f"both match {both!r} and neither has more literal characters"
                     )
             self._patterns.append((pattern, handler))
             self._patterns.sort(key=lambda item: -item[0].literal_length)
