@@ -7,15 +7,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Optional
 
 import jsonschema
 import pytest
 import yaml
 from examples.orders import app as orders_app
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic_core import core_schema
 
-from amgi.app import App, Binding, Header
+from amgi.app import App, AppDefinitionError, Binding, Depends, Header
 from amgi.app._docs import DocsServer, render_page
 from amgi.app._yaml import to_yaml
 from tests.cli import amgi as amgi_cli
@@ -114,6 +115,128 @@ def test_parameters_headers_bindings_examples() -> None:
     assert document["operations"]["on_batch"]["x-amgi-batch"] is True
     sent = document["operations"]["on_reading.publish"]
     assert sent["channel"] == {"$ref": "#/channels/alerts"}
+
+
+class Cat(BaseModel):
+    kind: Literal["cat"]
+    meow: bool
+
+
+class Dog(BaseModel):
+    kind: Literal["dog"]
+    bark: bool
+
+
+Pet = Annotated[Cat | Dog, Field(discriminator="kind")]
+
+
+class Shelter(BaseModel):
+    discriminator: str  # a field of that name is not the keyword
+    pets: list[Pet]
+
+
+def test_discriminated_unions_validate_and_titles_read_well() -> None:
+    app = App()
+
+    @app.subscriber("pets")
+    async def on_pet(pet: Pet) -> None: ...
+
+    @app.subscriber("shelters", publish_to="maybe")
+    async def on_shelter(shelter: Shelter) -> Optional[Shelter]: ...  # noqa: UP045
+
+    @app.subscriber("lists")
+    async def on_list(cats: list[Cat] | None) -> None: ...
+
+    document = app.asyncapi()
+    assert errors_of(document) == []
+    messages = document["components"]["messages"]
+    assert messages["on_pet.message"]["payload"] == {
+        "oneOf": [{"$ref": "#/components/schemas/Cat"}, {"$ref": "#/components/schemas/Dog"}],
+        "discriminator": "kind",
+    }
+    shelter = document["components"]["schemas"]["Shelter"]
+    assert shelter["properties"]["discriminator"] == {"title": "Discriminator", "type": "string"}
+    assert shelter["properties"]["pets"]["items"]["discriminator"] == "kind"
+    titles = {k: m["title"] for k, m in messages.items()}
+    assert titles == {
+        "on_pet.message": "Cat | Dog",
+        "on_shelter.message": "Shelter",
+        "on_shelter.result": "Shelter",
+        "on_list.message": "list[Cat] | None",
+    }
+
+
+def test_content_type_of_raw_payloads_and_results() -> None:
+    app = App()
+
+    @app.subscriber("images", publish_to="thumbnails")
+    async def on_image(image: bytes | None) -> bytes: ...
+
+    @app.subscriber("text", publish_to="lines")
+    async def on_text(text: Annotated[str, Field(max_length=9)]) -> str | None: ...
+
+    @app.subscriber("orders", publish_to="out")
+    async def on_order(order: Reading) -> Reading: ...
+
+    document = app.asyncapi()
+    assert errors_of(document) == []
+    types = {k: m["contentType"] for k, m in document["components"]["messages"].items()}
+    assert types == {
+        "on_image.message": "application/octet-stream",
+        "on_image.result": "application/octet-stream",
+        "on_text.message": "text/plain",
+        "on_text.result": "text/plain",
+        "on_order.message": "application/json",
+        "on_order.result": "application/json",
+    }
+
+
+def test_address_parameters_of_dependencies_and_publish_to() -> None:
+    def shard_db(shard: int) -> str:
+        return f"db{shard}"
+
+    app = App()
+
+    @app.subscriber("events.{region}.{shard}", publish_to="done.{region}")
+    async def on_event(body: bytes, db: Annotated[str, Depends(shard_db)]) -> bytes: ...
+
+    document = app.asyncapi()
+    assert errors_of(document) == []
+    channels = {c["address"]: c.get("parameters") for c in document["channels"].values()}
+    assert channels == {
+        "events.{region}.{shard}": {
+            "region": {"description": "address parameter region (str)"},
+            "shard": {"description": "address parameter shard (int)"},
+        },
+        "done.{region}": {"region": {"description": "address parameter region (str)"}},
+    }
+
+
+class Money:
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return core_schema.no_info_plain_validator_function(lambda v: v)
+
+
+class Priced(BaseModel):
+    total: Money
+
+
+def test_a_type_without_json_schema_is_named_with_its_handler() -> None:
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(order: Reading, price: Annotated[Priced, Header("price")]) -> None: ...
+
+    with pytest.raises(AppDefinitionError) as info:
+        app.asyncapi()
+    message = str(info.value)
+    assert message.startswith(
+        "test_a_type_without_json_schema_is_named_with_its_handler.<locals>.on_in, parameter "
+        "'price': Priced has no JSON Schema for the AsyncAPI document "
+        "(PydanticInvalidForJsonSchema: Cannot generate a JsonSchema for "
+    )
+    assert message.endswith("; describe it with pydantic's WithJsonSchema")
 
 
 def test_yaml_is_the_same_document() -> None:

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import TypeAdapter
 
-from amgi.app._codec import strip_none
+from amgi.app._codec import content_type_of, raw_type, strip_none
+from amgi.app._errors import AppDefinitionError, first_line
 from amgi.app._handler import Handler
-from amgi.app._inject import Parameter
+from amgi.app._inject import Parameter, type_name
 
 if TYPE_CHECKING:
     from amgi.app._app import App
@@ -32,19 +33,48 @@ def _key(text: str) -> str:
 Mode = Literal["validation", "serialization"]
 
 
+# Keywords whose value maps names to schemas (the names are not keywords).
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+
+
+def _asyncapi_schema(node: Any, names: bool = False) -> Any:
+    """A pydantic JSON Schema as an AsyncAPI 3.0 Schema Object.
+
+    The one difference that matters: AsyncAPI's ``discriminator`` is the property name
+    (a string), where pydantic writes OpenAPI's ``{"propertyName": ..., "mapping": ...}``.
+    """
+    if isinstance(node, list):
+        return [_asyncapi_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    converted: dict[str, Any] = {}
+    for key, value in node.items():
+        if names:
+            converted[key] = _asyncapi_schema(value)
+        elif key == "discriminator" and isinstance(value, dict) and "propertyName" in value:
+            converted[key] = value["propertyName"]
+        else:
+            converted[key] = _asyncapi_schema(value, key in _SCHEMA_MAPS)
+    return converted
+
+
 class _Builder:
-    def __init__(self, types: list[tuple[Any, Mode]]) -> None:
+    def __init__(self, types: list[tuple[Any, Mode, str]]) -> None:
         # One pydantic pass over every type, so a model used both ways gets two names
         # (Invoice-Input, Invoice-Output) and shared models are defined once.
         self._index: dict[tuple[int, Mode], int] = {}
         inputs: list[tuple[int, Mode, TypeAdapter[Any]]] = []
-        for annotation, mode in types:
+        for annotation, mode, _ in types:
             if (id(annotation), mode) not in self._index:
                 self._index[(id(annotation), mode)] = len(inputs)
                 inputs.append((len(inputs), mode, TypeAdapter(annotation)))
-        mapping, definitions = TypeAdapter.json_schemas(inputs, ref_template=_REF)
-        self._mapping = mapping
-        self.schemas: dict[str, Any] = dict(definitions.get("$defs", {}))
+        try:
+            mapping, definitions = TypeAdapter.json_schemas(inputs, ref_template=_REF)
+        except Exception:
+            _name_the_culprit(types)
+            raise
+        self._mapping = _asyncapi_schema(mapping)
+        self.schemas: dict[str, Any] = _asyncapi_schema(definitions.get("$defs", {}), True)
         self.messages: dict[str, Any] = {}
         self.channels: dict[str, Any] = {}
         self.operations: dict[str, Any] = {}
@@ -82,6 +112,7 @@ class _Builder:
         cid: str,
         wanted: str,
         title: str,
+        content_type: str,
         payload: dict[str, Any] | None,
         headers: list[Parameter],
         bindings: list[Parameter],
@@ -89,7 +120,7 @@ class _Builder:
         summary: str | None,
     ) -> str:
         mid = self.unique(self.messages, wanted)
-        message: dict[str, Any] = {"name": title, "title": title, "contentType": "application/json"}
+        message: dict[str, Any] = {"name": title, "title": title, "contentType": content_type}
         if summary:
             message["summary"] = summary
         if payload is not None:
@@ -126,15 +157,24 @@ class _Builder:
 
 def _parameter(name: str, annotation: Any) -> dict[str, Any]:
     parameter: dict[str, Any] = {
-        "description": f"address parameter {name} ({_type_name(annotation)})"
+        "description": f"address parameter {name} ({type_name(annotation)})"
     }
     if typing.get_origin(annotation) is typing.Literal:
         parameter["enum"] = [str(v) for v in typing.get_args(annotation)]
     return parameter
 
 
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation)
+def _name_the_culprit(types: list[tuple[Any, Mode, str]]) -> None:
+    """Raise one AppDefinitionError naming the first type pydantic cannot describe."""
+    for annotation, mode, where in types:
+        try:
+            TypeAdapter(annotation).json_schema(mode=mode)
+        except Exception as exc:
+            raise AppDefinitionError(
+                f"{where}: {type_name(annotation)} has no JSON Schema for the AsyncAPI "
+                f"document ({type(exc).__name__}: {first_line(exc)}); describe it with "
+                "pydantic's WithJsonSchema"
+            ) from None
 
 
 def _example(value: Any) -> Any:
@@ -156,20 +196,31 @@ def _kafka_key(params: list[Parameter]) -> Parameter | None:
     )
 
 
-def _types(handlers: list[Handler]) -> list[tuple[Any, Mode]]:
-    """Every type the document describes, with the direction it travels."""
-    found: list[tuple[Any, Mode]] = []
+def _output_type(handler: Handler) -> Any:
+    # bytearray and memoryview results travel as bytes (pydantic describes only bytes).
+    return bytes if raw_type(handler.output_type) is bytes else handler.output_type
+
+
+def _types(handlers: list[Handler]) -> list[tuple[Any, Mode, str]]:
+    """Every type the document describes, with the direction it travels and its owner."""
+    found: list[tuple[Any, Mode, str]] = []
     for handler in handlers:
         assert handler.plan is not None
         params = handler.plan.all_parameters()
         if handler.payload is not None:
-            found.append((handler.payload_type, "validation"))
-        found.extend((p.annotation, "validation") for p in params if p.kind == "header")
+            where = f"{handler.name}, parameter {handler.payload.name!r}"
+            found.append((handler.payload_type, "validation", where))
+        found.extend(
+            (p.annotation, "validation", f"{p.owner or handler.name}, parameter {p.name!r}")
+            for p in params
+            if p.kind == "header"
+        )
         key = _kafka_key(params)
         if key is not None:
-            found.append((strip_none(key.annotation), "validation"))
+            where = f"{key.owner or handler.name}, parameter {key.name!r}"
+            found.append((strip_none(key.annotation), "validation", where))
         if handler.publish_to is not None:
-            found.append((handler.output_type, "serialization"))
+            found.append((_output_type(handler), "serialization", f"{handler.name}, return"))
     return found
 
 
@@ -183,15 +234,18 @@ def document(app: App) -> dict[str, Any]:
         cid = b.channel(handler.pattern.text, handler.address_types)
         payload = None
         title = "Message"
+        content_type = "application/json"
         if handler.payload is not None:
             payload = b.schema(handler.payload_type)
-            title = _type_name(handler.payload_type)
+            title = type_name(handler.payload_type)
+            content_type = content_type_of(handler.payload_type)
         examples = [{"payload": _example(e)} for e in handler.examples]
         op = b.unique(b.operations, _operation_name(handler))
         mid = b.message(
             cid,
             f"{op}.message",
             title,
+            content_type,
             payload,
             [p for p in params if p.kind == "header"],
             [p for p in params if p.kind == "binding"],
@@ -211,12 +265,15 @@ def document(app: App) -> dict[str, Any]:
             operation["x-amgi-batch"] = True
         b.operations[op] = operation
         if handler.publish_to is not None:
-            out_cid = b.channel(handler.publish_to, {})
-            out_payload = b.schema(handler.output_type, "serialization")
+            assert handler.output_pattern is not None
+            out_params = {n: handler.address_types[n] for n in handler.output_pattern.params}
+            out_cid = b.channel(handler.publish_to, out_params)
+            out_payload = b.schema(_output_type(handler), "serialization")
             out_mid = b.message(
                 out_cid,
                 f"{op}.result",
-                _type_name(handler.output_type),
+                type_name(handler.output_type),
+                content_type_of(handler.output_type),
                 out_payload,
                 [],
                 [],
