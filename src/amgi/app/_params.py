@@ -58,10 +58,12 @@ class State:
 class Depends:
     """A dependency: ``Annotated[Session, Depends(session)]`` or ``session=Depends(session)``.
 
-    ``dependency`` is a sync or async function, or a sync or async generator function
-    whose code after ``yield`` runs once the handler is done (it sees the handler's
-    exception). Its own parameters are injected like a handler's. Within one message the
-    value is computed once and shared (``use_cache=False`` computes it per use).
+    ``dependency`` is a sync or async function, a class (called with its ``__init__``
+    parameters injected), or a sync or async generator function whose code after
+    ``yield`` runs once the handler's result is published (it sees the exception of the
+    handler, or of serializing or publishing its result). Its own parameters are injected
+    like a handler's. Within one handler call the value is computed once and shared
+    (``use_cache=False`` computes it per use).
     """
 
     __slots__ = ("dependency", "use_cache")
