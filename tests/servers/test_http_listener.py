@@ -450,3 +450,37 @@ async def test_a_connection_over_max_connections_is_answered_503_and_the_next_is
     assert [w for w in warnings if "max-connections" in w] == [
         "http: 2 connections open (--max-connections): answering new ones 503"
     ]
+
+
+@pytest.mark.parametrize(
+    ("start", "status", "says"),
+    [
+        (b"POST / HTTP/1.1\r\nhost: x\r\nx-flood: ", 431, "request line and headers over"),
+        (
+            request(b"", chunked=True).replace(b"0\r\n\r\n", b"1\r\na\r\n0\r\nx-trailer: "),
+            400,
+            "chunk framing or trailers over",
+        ),
+    ],
+)
+async def test_a_header_line_that_never_ends_is_refused_once_past_the_head_limit(
+    start: bytes, status: int, says: str
+) -> None:
+    """httptools gathers a header (or trailer) line until it ends: the bytes are counted
+    as they arrive, so a line without its end is refused soon after 64 KiB instead of
+    being buffered (and copied over and over) until the read timeout."""
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(start)
+        sent = 0
+        while sent < 4 * 1024 * 1024 and not reader._buffer:  # type: ignore[attr-defined]
+            writer.write(b"a" * 16384)
+            sent += 16384
+            await asyncio.sleep(0.002)
+        answer = await read_answer(reader)
+        writer.close()
+    assert sent < 4 * MAX_HEAD, sent
+    assert answer[0] == status
+    assert says in answer[2].decode()
+    assert app.received == []

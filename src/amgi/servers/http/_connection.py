@@ -56,6 +56,7 @@ _NO_UPGRADE = text_answer(400, "protocol upgrades are not supported")
 _TOO_LARGE = text_answer(
     431, f"request line and headers over {MAX_HEAD} bytes, or over {MAX_HEADERS} fields"
 )
+_FRAMING_TOO_LARGE = text_answer(400, f"chunk framing or trailers over {MAX_HEAD} bytes")
 _TOO_MANY = text_answer(503, "too many connections: try again later")
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -139,6 +140,12 @@ class Connection(asyncio.Protocol):
         self._bodiless = False
         self._request_sweeps = 0
         """Sweeps since the request began."""
+        self._framing = True
+        """The parser reads no body bytes: a request's head, a chunk size line, trailers."""
+        self._framed = 0
+        """Bytes fed in the current stretch of :attr:`_framing` (see :meth:`_feed`)."""
+        self._turns = 0
+        """Changes of :attr:`_framing` so far (a feed that saw none stayed in one stretch)."""
         self._unread = False
         self.lingering: int | None = None
         """Sweeps since the last answer was written, while waiting to close."""
@@ -168,7 +175,7 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return  # dropped: the connection closes after its last answer
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Stop):
                 logger.exception("http: a request failed in the server", exc_info=exc.__context__)
@@ -177,6 +184,48 @@ class Connection(asyncio.Protocol):
             self.closing = True  # the request was refused (see on_headers_complete)
         except httptools.HttpParserError as exc:
             self._finish(text_answer(400, f"malformed HTTP request: {exc}"))
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``, bounding a head (or a chunk's framing and trailers) as it arrives.
+
+        httptools gathers a header line across feeds and hands it over only once it ends,
+        so the bound of :data:`MAX_HEAD` is enforced here, on the bytes fed while the
+        parser reads no body: a feed that stays in one such stretch counts whole, and a
+        long one is cut where the stretch would pass the bound. A stretch that begins
+        inside a feed (a pipelined request after a body) counts from the next feed on, so
+        it may pass the bound by one read of the transport (256 KiB) at most.
+        """
+        feed = self.parser.feed_data
+        framing = self._framing  # (not narrowed: the feeds below change it)
+        if not framing:
+            feed(data)  # a body (and what follows it in this read)
+            return
+        rest: bytes | memoryview = data
+        if len(data) > MAX_HEAD + 1 - self._framed:
+            rest = memoryview(data)  # cut below without copies (httptools reads views)
+        while rest:
+            room = MAX_HEAD + 1 - self._framed
+            piece, rest = (rest[:room], rest[room:]) if len(rest) > room else (rest, b"")
+            turns = self._turns
+            feed(piece)
+            if self.closing:
+                return
+            if self._turns == turns:
+                self._framed += len(piece)
+                if self._framed > MAX_HEAD:
+                    headers_done = self._head is not None or self._refusal is not None
+                    self._finish(_FRAMING_TOO_LARGE if headers_done else _TOO_LARGE)
+                    return
+            elif not self._framing:
+                if rest:
+                    feed(rest)
+                return
+
+    def _turn(self, framing: bool) -> None:
+        """The parser begins (``framing``) or ends a stretch without body bytes."""
+        self._framing = framing
+        self._framed = 0
+        self._turns += 1
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -219,6 +268,7 @@ class Connection(asyncio.Protocol):
             self._expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
+        self._turn(False)
         parser = self.parser
         self._keep_alive = keep_alive = parser.should_keep_alive()
         self._old = keep_alive and parser.get_http_version() == "1.0"
@@ -246,7 +296,15 @@ class Connection(asyncio.Protocol):
             self._finish(self._refusal)  # declared over the limit: its body is not read
             raise _Stop
 
+    def on_chunk_header(self) -> None:
+        self._turn(True)  # the chunk's data follows, or (the last chunk) trailers
+
+    def on_chunk_complete(self) -> None:
+        self._turn(True)  # the next chunk's size line follows
+
     def on_body(self, body: bytes) -> None:
+        if self._framing:
+            self._turn(False)
         self._size += len(body)
         if self._size > self.front.max_body:
             self._finish(self._refusal or over_limit(self.front.max_body))
@@ -256,6 +314,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.reading = False
+        self._turn(True)
         slot = _Slot(self, self._keep_alive, self._old, self._bodiless)
         self.slots.append(slot)
         head = self._head
@@ -273,6 +332,7 @@ class Connection(asyncio.Protocol):
                 outcome = text_answer(500, "internal server error")
             if isinstance(outcome, tuple):
                 slot.refuse(outcome)
+        self._head = self._refusal = None
         if len(self.slots) > MAX_PENDING and not self._paused_pending:
             self._paused_pending = True
             self._pause_or_resume()
