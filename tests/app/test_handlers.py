@@ -97,6 +97,20 @@ async def test_typed_address_parameter_and_mismatch() -> None:
     )
 
 
+async def test_address_parameter_constraints_are_kept() -> None:
+    app = App()
+
+    @app.subscriber("shard.{n}")
+    async def on_shard(body: bytes, n: Annotated[int, Field(gt=0)]) -> None: ...
+
+    async with TestClient(app) as client:
+        zero = await client.publish("shard.0", b"")
+    assert zero.dead_lettered
+    assert (zero.reason or "").endswith(
+        "address parameter 'n'='0': (root): Input should be greater than 0"
+    )
+
+
 async def test_no_handler_for_address_nacks_with_reason() -> None:
     app = App()
 
