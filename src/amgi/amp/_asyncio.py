@@ -60,7 +60,8 @@ class AMP(asyncio.Protocol):
     ``tls_context`` lets the peer switch this connection to TLS with
     ``StartTLS`` (this side acts as the TLS server); ``max_box_size`` and
     ``max_keys_per_box`` bound each box received (a peer exceeding them is
-    disconnected with a WARNING).
+    disconnected with a WARNING); ``close_timeout`` bounds how long closing waits for
+    the peer to read what is still queued before the connection is aborted.
 
     Writing is flow-controlled: while the transport asks to pause writing, the
     peer's calls are not run but queued (reading pauses once
@@ -89,6 +90,7 @@ class AMP(asyncio.Protocol):
         tls_context: ssl.SSLContext | None = None,
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
+        close_timeout: float = 5.0,
     ) -> None:
         if max_outstanding_calls < 1 or max_concurrent_responders < 1:
             raise ValueError("limits must be at least 1")
@@ -100,6 +102,9 @@ class AMP(asyncio.Protocol):
         self.tls_context = tls_context
         self.call_timeout = call_timeout
         self.max_concurrent_responders = max_concurrent_responders
+        self.close_timeout = close_timeout
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._end_reason: str | None = None  # why we ended the connection ourselves
         self.transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
@@ -145,8 +150,7 @@ class AMP(asyncio.Protocol):
         except Exception:
             # A bug here must not escape into the event loop; the stream is now unusable.
             log.exception("internal error while processing AMP data; closing")
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
 
     def _handle(self, events: list[Event]) -> None:
         waiters = self._waiters
@@ -188,9 +192,7 @@ class AMP(asyncio.Protocol):
             else:
                 reason = cast(ProtocolViolation, event).reason
                 log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
-                self._flush()
-                if self.transport is not None:
-                    self.transport.close()
+                self._close_transport()
         self._flush()
 
     def _peer_name(self) -> str:
@@ -251,6 +253,9 @@ class AMP(asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
 
@@ -298,7 +303,7 @@ class AMP(asyncio.Protocol):
     def _gone(self) -> AmpError:
         if self._switched_to is not None:
             return ProtocolSwitched("the connection switched to another protocol")
-        return ConnectionLost("not connected")
+        return ConnectionLost(self._end_reason or "not connected")
 
     async def switch_protocol(
         self,
@@ -354,7 +359,7 @@ class AMP(asyncio.Protocol):
             log.error("protocol factory of a switch failed; closing", exc_info=exc)
             self._finish(ProtocolSwitched("the protocol factory failed"))
             if self.transport is not None:
-                self.transport.close()
+                self.transport.abort()
             if not fut.done():
                 fut.set_exception(exc)
             return
@@ -542,9 +547,7 @@ class AMP(asyncio.Protocol):
             self._core.send_error(event.tag, code, description)
         if fatal:
             log.warning("closing AMP connection after fatal error %r", code)
-            self._flush()
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
 
     def _update_reading(self) -> None:
         """Pause reading while ``max_concurrent_responders`` calls wait to be run.
@@ -589,17 +592,35 @@ class AMP(asyncio.Protocol):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Send ``StartTLS`` and, once answered, handshake as the TLS client."""
+        """Send ``StartTLS`` and, once answered, handshake as the TLS client.
+
+        If it times out, is cancelled or fails before TLS is up, the connection is
+        closed (its state is unknown): pending and later calls raise
+        :class:`ConnectionLost` saying so.
+        """
         if self._tls_started:
             raise AmpError("TLS already started on this connection")
         try:
             async with asyncio.timeout(timeout):
                 await self._call(StartTLS, {}, tls=True)
                 await self._switch_to_tls(ssl_context, False, server_hostname)
-        except BaseException:
-            if self._hold_input and self.transport is not None:
-                self.transport.close()
+        except BaseException as exc:
+            if self._hold_output or self._hold_input:  # the TLS switch is half done
+                what = "failed"
+                if isinstance(exc, TimeoutError | asyncio.CancelledError):
+                    what = "timed out" if isinstance(exc, TimeoutError) else "was cancelled"
+                self._abort(f"start_tls {what} before TLS was up; the connection is closed")
             raise
+
+    def _abort(self, reason: str) -> None:
+        """End the connection now: pending and later calls fail with ``reason``."""
+        if self._lost:
+            return
+        transport = self.transport
+        self._end_reason = reason
+        self._finish(ConnectionLost(reason))
+        if transport is not None:
+            transport.abort()
 
     def _begin_tls_switch(self) -> None:
         self._tls_started = True
@@ -629,8 +650,7 @@ class AMP(asyncio.Protocol):
             raise
         except Exception as exc:
             log.warning("TLS handshake failed: %s", exc)
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
 
     async def _switch_to_tls(
         self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None
@@ -666,10 +686,30 @@ class AMP(asyncio.Protocol):
         return self._lost
 
     def close(self) -> None:
-        """Close the connection (queued bytes are still sent)."""
-        if self.transport is not None and not self._lost:
-            self._flush()
-            self.transport.close()
+        """Close the connection: queued bytes are still sent, for at most
+        ``close_timeout`` seconds (a peer that stops reading), then it is aborted."""
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        self._flush()
+        transport.close()
+        if self._abort_handle is None and not self._lost and self._loop is not None:
+            self._abort_handle = self._loop.call_later(self.close_timeout, self._abort_stalled)
+
+    def _abort_stalled(self) -> None:
+        self._abort_handle = None
+        if self._lost or self.transport is None:
+            return
+        log.warning(
+            "aborting AMP connection with %s: %d bytes still unsent %ss after close",
+            self._peer_name(),
+            self.transport.get_write_buffer_size(),
+            self.close_timeout,
+        )
+        self.transport.abort()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is lost and its responder tasks have finished."""

@@ -54,6 +54,10 @@ __all__ = [
 
 log = logging.getLogger("amgi.servers.amp")
 
+_CLOSE_TIMEOUT = 2.0
+"""Seconds a closing connection gets to send what is queued before it is aborted (a
+peer that stopped reading); well within the runtime's shortest close (5 s)."""
+
 
 class AmpSendError(SendError):
     """A message could not be delivered over AMP."""
@@ -174,6 +178,7 @@ class _Peer(amp.AMP):
             max_concurrent_responders=config.batch_size * 10,
             max_box_size=config.max_box_size,
             max_keys_per_box=config.max_keys_per_box,
+            close_timeout=_CLOSE_TIMEOUT,
         )
         self.owner = transport
         self.subscriptions: set[str] = set()
@@ -411,7 +416,9 @@ class AmpTransport(Transport):
         c = self.config
         context = self._ssl_context(server_side=False)
         try:
-            client: amp.AMP = await amp.connect(c.host, c.port, ssl=context)
+            client = await amp.connect(
+                c.host, c.port, lambda: amp.AMP(close_timeout=_CLOSE_TIMEOUT), ssl=context
+            )
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise BrokerUnavailable(f"amp: cannot connect to {c.host}:{c.port}: {reason}") from None

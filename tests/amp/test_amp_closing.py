@@ -1,0 +1,91 @@
+"""Closing against a peer that stopped reading or answering: bounded, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from amp_commands import Peer, Ping
+
+from amgi import amp
+
+
+class Drop(amp.Command):
+    arguments = [(b"data", amp.BigBytes())]
+    requires_answer = False
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A TCP server that accepts, then neither reads nor writes (a stalled peer)."""
+    held: list[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        held.append(conn)
+
+    loop.add_reader(listener.fileno(), accept)
+    yield listener.getsockname()[1]
+    loop.remove_reader(listener.fileno())
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+async def test_close_aborts_after_close_timeout_when_the_peer_stopped_reading(
+    silent_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = await amp.connect("127.0.0.1", silent_port, lambda: amp.AMP(close_timeout=0.3))
+    await conn.call_remote(Drop, data=b"x" * 8_000_000)
+    await asyncio.sleep(0.05)
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() > 1_000_000  # the peer reads nothing
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+        async with asyncio.timeout(5):
+            async with conn:  # close() and wait_closed()
+                pass
+    assert 0.25 < time.monotonic() - started < 3
+    assert conn.is_closed
+    assert "bytes still unsent 0.3s after close" in caplog.text
+
+
+async def test_start_tls_timeout_closes_the_connection_and_fails_calls_clearly(
+    silent_port: int,
+) -> None:
+    conn = await amp.connect("127.0.0.1", silent_port, Peer)
+    pending = asyncio.ensure_future(conn.call_remote(Ping, text="before"))
+    await asyncio.sleep(0.01)
+    context = ssl.create_default_context()
+    async with asyncio.timeout(5):
+        with pytest.raises(TimeoutError):
+            await conn.start_tls(context, server_hostname="localhost", timeout=0.2)
+        assert conn.is_closed
+        with pytest.raises(amp.ConnectionLost, match="start_tls timed out"):
+            await pending
+        with pytest.raises(amp.ConnectionLost, match="start_tls timed out"):
+            await conn.call_remote(Ping, text="after")
+        await conn.wait_closed()
+
+
+async def test_cancelled_start_tls_closes_the_connection(silent_port: int) -> None:
+    conn = await amp.connect("127.0.0.1", silent_port, Peer)
+    context = ssl.create_default_context()
+    switching = asyncio.ensure_future(conn.start_tls(context, server_hostname="localhost"))
+    await asyncio.sleep(0.05)
+    switching.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await switching
+        with pytest.raises(amp.ConnectionLost, match="start_tls was cancelled"):
+            await conn.call_remote(Ping, text="after")
+        await conn.wait_closed()
