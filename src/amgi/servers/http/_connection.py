@@ -131,7 +131,9 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: Head | None = None
         self._refusal: Answer | None = None
-        self._body: list[bytes] = []
+        self._body: bytes | bytearray = b""
+        """The body so far: the first part as httptools gave it, then one bytearray (a
+        body of tiny chunks costs its size, not an object per chunk)."""
         self._size = 0
         self._head_size = 0
         self._expect = False
@@ -243,7 +245,7 @@ class Connection(asyncio.Protocol):
         self._headers = []
         self._head = None
         self._refusal = None
-        self._body = []
+        self._body = b""
         self._size = 0
         self._head_size = 0
         self._expect = False
@@ -310,7 +312,13 @@ class Connection(asyncio.Protocol):
             self._finish(self._refusal or over_limit(self.front.max_body))
             raise _Stop
         if self._refusal is None:
-            self._body.append(body)
+            gathered = self._body
+            if not gathered:
+                self._body = body
+            elif type(gathered) is bytes:
+                self._body = bytearray(gathered) + body
+            else:
+                gathered += body
 
     def on_message_complete(self) -> None:
         self.reading = False
@@ -322,7 +330,7 @@ class Connection(asyncio.Protocol):
             slot.refuse(self._refusal or METHOD_NOT_ALLOWED)
         else:
             body = self._body
-            whole = body[0] if len(body) == 1 else b"".join(body)
+            whole = bytes(body) if isinstance(body, bytearray) else body
             front = self.front
             path = self._path() if front.needs_path else ""
             try:
