@@ -511,3 +511,21 @@ async def test_a_body_of_tiny_chunks_costs_about_its_size_in_memory() -> None:
     assert used < 2 * size, used
     assert status == 204
     assert app.received[0]["payload"] == b"z" * size
+
+
+async def test_keep_alive_counts_from_the_answer_not_from_the_request() -> None:
+    """An app slower than --keep-alive: the connection stays open for --keep-alive seconds
+    after the answer (it used to close at the next sweep, racing the sender's next POST)."""
+    app = Paced()
+    async with serving("own", app, HttpOptions(keep_alive=2), config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"slow", type_="slow"))
+        await asyncio.wait_for(app.holding.wait(), 10)
+        await asyncio.sleep(3)
+        app.release.set()
+        assert (await read_answer(reader))[0] == 204
+        await asyncio.sleep(1.2)
+        writer.write(request(b"next"))
+        assert (await read_answer(reader))[0] == 204
+        writer.close()
+    assert [m["payload"] for m in app.received] == [b"slow", b"next"]

@@ -122,7 +122,7 @@ class Connection(asyncio.Protocol):
         self.reading = False
         """Inside a request (its first bytes came, its end did not)."""
         self.idle = 0
-        """Sweeps of the listener since the last bytes came."""
+        """Sweeps of the listener since the last bytes came or the last answer left."""
         self.closing = False
         """No request is read any more; the connection closes after the last answer."""
         self._paused_writing = False
@@ -357,6 +357,7 @@ class Connection(asyncio.Protocol):
             slot = slots.popleft()
             if transport is None:
                 continue  # the client went away: nobody to answer
+            self.idle = 0  # --keep-alive counts from the last answer
             last = not slot.keep_alive or inbox.closed or (self.closing and not slots)
             answer = slot.answer
             if answer is None:
