@@ -6,6 +6,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from amgi import amp
+
 HERE = Path(__file__).parent
 TWISTED_PEER = HERE / "twisted_peer.py"
 
@@ -24,3 +26,10 @@ class Cert:
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.cert))
         return context
+
+
+class Drop(amp.Command):
+    """A large call without answer (fills the write buffer towards a stalled peer)."""
+
+    arguments = [(b"data", amp.BigBytes())]
+    requires_answer = False

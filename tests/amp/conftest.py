@@ -1,11 +1,13 @@
-"""Fixtures: a self-signed certificate and a Twisted AMP server in a subprocess."""
+"""Fixtures: a self-signed certificate, Twisted AMP servers in a subprocess, a stalled peer."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from amp_helpers import TWISTED_PEER, Cert
@@ -60,3 +62,19 @@ def twisted_unix_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """Port of a TCP server that accepts, then neither reads nor writes (a stalled peer)."""
+    held: list[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(listener.fileno(), lambda: held.append(listener.accept()[0]))
+    yield listener.getsockname()[1]
+    loop.remove_reader(listener.fileno())
+    listener.close()
+    for conn in held:
+        conn.close()

@@ -4,41 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from amp_commands import Peer, Ping
+from amp_helpers import Drop
 
 from amgi import amp
-
-
-class Drop(amp.Command):
-    arguments = [(b"data", amp.BigBytes())]
-    requires_answer = False
-
-
-@pytest.fixture
-async def silent_port() -> AsyncIterator[int]:
-    """A TCP server that accepts, then neither reads nor writes (a stalled peer)."""
-    held: list[socket.socket] = []
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited
-    listener.setblocking(False)
-    loop = asyncio.get_running_loop()
-
-    def accept() -> None:
-        conn, _ = listener.accept()
-        held.append(conn)
-
-    loop.add_reader(listener.fileno(), accept)
-    yield listener.getsockname()[1]
-    loop.remove_reader(listener.fileno())
-    listener.close()
-    for conn in held:
-        conn.close()
 
 
 async def test_close_aborts_after_close_timeout_when_the_peer_stopped_reading(

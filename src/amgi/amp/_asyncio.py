@@ -44,6 +44,10 @@ P = TypeVar("P", bound="AMP")
 
 Responder = Callable[..., Any]
 
+# Queued calls are written at once when they reach this many bytes (asyncio's default
+# high-water mark), instead of at the end of the loop iteration.
+_WRITE_NOW = 64 * 1024
+
 
 class AMP(asyncio.Protocol):
     """One AMP connection: it calls the peer and answers the peer's calls.
@@ -285,14 +289,16 @@ class AMP(asyncio.Protocol):
             if command.switches_protocol:
                 raise TypeError(f"{command.__name__} switches protocols: use switch_protocol()")
             self._check_fds(command, command.argument_descriptors)
-        if self._write_paused:
-            await self._drain()
+        if not command.requires_answer:
+            if self._write_paused:
+                await self._drain()
+            if self._lost or self.transport is None:
+                raise self._gone()
+            self._core.send_call(command, kwargs)
+            self._sent()
+            return None
         if self._lost or self.transport is None:
             raise self._gone()
-        if not command.requires_answer:
-            self._core.send_call(command, kwargs)
-            self._flush_soon()
-            return None
         if timeout is None:
             timeout = self.call_timeout
         if timeout is None:
@@ -392,8 +398,12 @@ class AMP(asyncio.Protocol):
         slots = self._slots
         await slots.acquire()
         try:
+            # Checked here, right before sending: callers that got a slot or arrived
+            # before writing paused wait as well as those arriving after.
+            if self._write_paused:
+                await self._drain()
             if self._lost:
-                raise ConnectionLost("connection closed")
+                raise self._gone()
             tag = self._core.send_call(command, kwargs)
             assert tag is not None
             fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()  # type: ignore[union-attr]
@@ -402,7 +412,7 @@ class AMP(asyncio.Protocol):
                 self._flush()
                 self._hold_output = True
             else:
-                self._flush_soon()
+                self._sent()
             try:
                 return await fut
             except BaseException:
@@ -568,6 +578,14 @@ class AMP(asyncio.Protocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------- output
+
+    def _sent(self) -> None:
+        """A call was queued: write it this loop iteration, or now once the queued
+        bytes reach the high-water mark, so the transport can pause the next caller."""
+        if self._core.bytes_to_send >= _WRITE_NOW:
+            self._flush()
+        else:
+            self._flush_soon()
 
     def _flush_soon(self) -> None:
         if self._flush_handle is None and self._loop is not None:

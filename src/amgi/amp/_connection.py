@@ -160,6 +160,7 @@ class Connection:
         self._pending: dict[bytes, type[Command]] = {}
         self._abandoned: dict[bytes, None] = {}
         self._outbox: list[bytes] = []
+        self.bytes_to_send = 0  # the length of what data_to_send() would return
         self.failed = False
 
     def add_command(self, command: type[Command]) -> None:
@@ -215,6 +216,7 @@ class Connection:
         if fds:
             self._queue_fds(fds)
         self._outbox.append(data)
+        self.bytes_to_send += len(data)
         return tag
 
     def send_answer(self, tag: bytes, command: type[Command], values: Mapping[str, Any]) -> None:
@@ -241,13 +243,16 @@ class Connection:
         if fds:
             self._queue_fds(fds)
         self._outbox.append(data)
+        self.bytes_to_send += len(data)
 
     def send_error(self, tag: bytes, code: bytes, description: str) -> None:
         """Queue an error answer to call ``tag`` (dropped while our switch is pending)."""
         if self._locked:
             return
         desc = description.encode("utf-8", "replace")[:0xFFFF]
-        self._outbox.append(encode_box({ERROR: tag, ERROR_CODE: code, ERROR_DESCRIPTION: desc}))
+        data = encode_box({ERROR: tag, ERROR_CODE: code, ERROR_DESCRIPTION: desc})
+        self._outbox.append(data)
+        self.bytes_to_send += len(data)
 
     # ---------------------------------------------------------- file descriptors
 
@@ -329,6 +334,7 @@ class Connection:
         if not out:
             return b""
         self._outbox = []
+        self.bytes_to_send = 0
         return out[0] if len(out) == 1 else b"".join(out)
 
     # --------------------------------------------------------------- bookkeeping
