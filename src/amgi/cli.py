@@ -26,7 +26,7 @@ from amgi.errors import AMGIError, ConfigurationError, StartupFailed
 from amgi.ops.config import OpsConfig
 from amgi.ops.dead_letters import add_dead_letter_commands, run_dead_letters
 from amgi.ops.env import annotate_help, apply_environment, env_name
-from amgi.ops.logs import LOG_FORMATS, configure_logging
+from amgi.ops.logs import LOG_FORMATS, JsonFormatter, configure_logging
 from amgi.ops.run import check_workers, prepare, serve
 from amgi.ops.workers import Supervisor, follow_supervisor, worker_index
 from amgi.options import add_flags, build, flag_name
@@ -366,19 +366,44 @@ def _app_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(cls: type[Any], values: dict[str, Any], prefix: str, env: dict[str, str]) -> Any:
+    """``build`` of ``cls``; a bad value is a :class:`UsageError` naming its flag (and the
+    environment variable that set it, if one did)."""
+    try:
+        return build(cls, values, dest_prefix=prefix)
+    except ConfigurationError as exc:
+        text = str(exc)
+        flag = text.partition(" ")[0]
+        if flag in env:
+            text += f" (set by {env[flag]})"
+        raise UsageError(text) from None
+
+
+def _fail(text: str, code: int, log_format: str) -> int:
+    """Print the one ``amgi: error:`` line (a JSON record under ``--log-format json``, the
+    line a log pipeline gets); return ``code``."""
+    line = f"amgi: error: {text}"
+    if log_format == "json":
+        line = JsonFormatter().format(
+            logging.LogRecord("amgi", logging.ERROR, "", 0, line, None, None)
+        )
+    print(line, file=sys.stderr)
+    return code
+
+
 def _transport(
     name: str,
     transport_cls: type[Transport],
     values: dict[str, Any],
     addresses: Sequence[str],
+    env: dict[str, str],
 ) -> Transport:
     missing = missing_requirements(transport_cls)
     if missing:
         raise ConfigurationError(
             f"server {name!r} needs {', '.join(missing)}: pip install 'amgi[{transport_cls.extra}]'"
         )
-    options = build(transport_cls.options, values, dest_prefix=_SERVER_PREFIX)
-    return transport_cls(addresses, options)
+    return transport_cls(addresses, _options(transport_cls.options, values, _SERVER_PREFIX, env))
 
 
 def _parse_headers(items: Sequence[str]) -> list[tuple[bytes, bytes]]:
@@ -445,6 +470,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level, args.log_format)
     values = vars(args)
+    env = {  # the flags an AMGI_* variable set, for error messages
+        flag: env_name(flag)
+        for flag in (t.partition("=")[0] for t in full_argv if t not in argv)
+        if flag.startswith("--")
+    }
+
+    def fail(text: str, code: int) -> int:
+        return _fail(text, code, args.log_format)
+
     try:
         if args.command in ("asyncapi", "docs"):
             return _app_command(args)
@@ -454,9 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = import_app(args.app)
             if not args.addresses and not getattr(transport_cls, "addresses_optional", False):
                 raise UsageError("amgi run needs at least one ADDRESS to consume")
-            config = build(RuntimeConfig, values, dest_prefix=_RUNTIME_PREFIX)
-            ops_config: OpsConfig = build(OpsConfig, values, dest_prefix=_OPS_PREFIX)
-            transport = _transport(server, transport_cls, values, args.addresses)
+            config = _options(RuntimeConfig, values, _RUNTIME_PREFIX, env)
+            ops_config: OpsConfig = _options(OpsConfig, values, _OPS_PREFIX, env)
+            transport = _transport(server, transport_cls, values, args.addresses, env)
             routes = _send_routes(values)
             worker = worker_index()
             if ops_config.workers > 1 and worker is None:
@@ -476,28 +510,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             tune_for_server()
             return runtime.run(serve(runtime, ops))
         if args.command == "dead-letters":
-            transport = _transport(server, transport_cls, values, [])
+            transport = _transport(server, transport_cls, values, [], env)
             return asyncio.run(run_dead_letters(transport, args))
-        transport = _transport(server, transport_cls, values, [])
+        transport = _transport(server, transport_cls, values, [], env)
         asyncio.run(_send(transport, args))
         print(f"sent 1 message to {args.address!r} ({server})")
         return 0
     except UsageError as exc:
-        print(f"amgi: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
     except StartupFailed as exc:
-        print(f"amgi: error: application startup failed: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"application startup failed: {exc}", 1)
     except (AMGIError, OSError) as exc:
-        print(f"amgi: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         logger.debug("unexpected error", exc_info=True)
-        print(
-            f"amgi: error: unexpected {type(exc).__name__}: {exc} "
+        return fail(
+            f"unexpected {type(exc).__name__}: {exc} "
             "(run with --log-level debug for the traceback)",
-            file=sys.stderr,
+            1,
         )
-        return 1

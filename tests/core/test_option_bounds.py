@@ -7,6 +7,7 @@ failed", and ``--visibility-timeout inf`` hid leased rows for good.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def project(tmp_path: Path) -> Path:
         ("sqlite", ["--poll-interval=-inf"], "--poll-interval must be a finite number"),
         ("sqlite", ["--busy-timeout", "nan"], "--busy-timeout must be a finite number"),
         ("sqlite", ["--batch-size", "0"], "--batch-size must be at least 1"),
+        # 0 s failed every app, even one whose startup completes at once
+        ("memory", ["--startup-timeout", "0"], "--startup-timeout must be above 0"),
+        ("memory", ["--lifespan-shutdown-timeout", "0"], "--lifespan-shutdown-timeout must be"),
     ],
 )
 def test_amgi_run_refuses_bad_values_before_the_apps_startup(
@@ -69,6 +73,7 @@ def test_amgi_run_refuses_bad_values_before_the_apps_startup(
         cwd=project, env={"STARTED": str(started)},
     )  # fmt: skip
     assert expected in one_line_error(result)
+    assert result.returncode == 2  # a usage error, like a value of the wrong type
     assert not started.exists(), "the app's lifespan startup ran before the options were checked"
     queue = SqliteQueue(str(project / "amgi.db"))
     assert queue.count("q") == 1  # nothing consumed, nothing leased away
@@ -120,3 +125,25 @@ async def test_the_python_api_refuses_bad_options_before_startup(
 def test_a_runtime_config_with_nan_cannot_be_built() -> None:
     with pytest.raises(ConfigurationError, match="--retry-delay must be a finite number"):
         RuntimeConfig(retry_delay=math.nan)
+
+
+def test_a_bad_value_from_the_environment_names_its_variable(project: Path) -> None:
+    result = amgi(
+        "run", "startup:app", "q", cwd=project,
+        env={"STARTED": str(project / "started"), "AMGI_WORKERS": "0"},
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert "--workers must be 1 to 1024" in line
+    assert line.endswith("(set by AMGI_WORKERS)")
+    assert result.returncode == 2
+
+
+def test_the_error_line_is_json_under_log_format_json(project: Path) -> None:
+    """With ``--log-format json`` the one line a failed start prints is a JSON record too
+    (a log pipeline got a plain-text line it could not parse)."""
+    result = amgi("run", "nosuch:app", "q", "--log-format", "json", cwd=project)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "error"
+    assert record["message"].startswith("amgi: error: cannot import module 'nosuch'")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from amgi.errors import ConfigurationError, InvalidEvent, SendError, StartupFailed
-from amgi.runtime import BatchStats, MetricsHook, Runtime, RuntimeConfig
+from amgi.runtime import BatchStats, MetricsHook, Runtime, RuntimeConfig, server
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
@@ -907,17 +907,19 @@ async def test_a_failed_hand_over_is_one_warning_and_the_stop_goes_on(
 
 
 async def test_a_close_that_never_ends_is_given_up_after_the_shutdown_timeout(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A broker that stops reading can hold a transport's close forever (seen on AMP): the
-    stop goes on after ``shutdown_timeout``, says so, and exits non-zero."""
+    stop goes on after ``shutdown_timeout`` (or the minimum a close gets, when that is
+    longer), says so, and exits non-zero."""
     release = asyncio.Event()
 
     class Stuck(Scripted):
         async def close(self) -> None:
             await release.wait()
 
-    runtime = Runtime(lifespan_app([]), Stuck([]), RuntimeConfig(shutdown_timeout=0.3))
+    monkeypatch.setattr(server, "_MIN_CLOSE", 0.3)
+    runtime = Runtime(lifespan_app([]), Stuck([]), RuntimeConfig(shutdown_timeout=0.1))
     serving = asyncio.create_task(runtime.serve())
     await asyncio.wait_for(runtime.started.wait(), 5)
     runtime.request_stop()
@@ -928,3 +930,24 @@ async def test_a_close_that_never_ends_is_given_up_after_the_shutdown_timeout(
     assert "the scripted transport did not close within 0.3s" in caplog.text
     assert not runtime.abandoned  # the close took its cancellation
     release.set()
+
+
+async def test_a_zero_shutdown_timeout_still_lets_a_close_finish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``--shutdown-timeout 0`` is about the application's calls: a close that takes a
+    moment (final commits) still completes, and the stop exits 0."""
+    closed: list[bool] = []
+
+    class Slow(Scripted):
+        async def close(self) -> None:
+            await asyncio.sleep(0.2)
+            closed.append(True)
+
+    runtime = Runtime(lifespan_app([]), Slow([]), RuntimeConfig(shutdown_timeout=0))
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(serving, 5) == 0
+    assert closed == [True]
+    assert "did not close" not in caplog.text

@@ -38,10 +38,10 @@ class RuntimeConfig:
         ge=0,
     )
     startup_timeout: float = option(
-        60.0, "seconds the application gets to complete lifespan startup", ge=0
+        60.0, "seconds the application gets to complete lifespan startup", gt=0
     )
     lifespan_shutdown_timeout: float = option(
-        30.0, "seconds the application gets to complete lifespan shutdown", ge=0
+        30.0, "seconds the application gets to complete lifespan shutdown", gt=0
     )
     cancel_grace: float = option(
         5.0,

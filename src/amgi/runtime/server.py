@@ -54,6 +54,11 @@ def _failure_fields(address: str, mid: str, attempt: int, reason: str) -> dict[s
     return {"amgi": {"address": address, "id": mid, "attempt": attempt, "reason": reason}}
 
 
+_MIN_CLOSE = 5.0
+"""Seconds a close always gets, even with a shorter ``shutdown_timeout`` (which is about
+the application's calls: a ``--shutdown-timeout 0`` must not cut off final commits)."""
+
+
 class Runtime:
     """Runs one AMGI application on one transport until asked to stop.
 
@@ -222,10 +227,11 @@ class Runtime:
             await self._close_within(self.routes.close(), "the send routes")
 
     async def _close_within(self, closing: Coroutine[Any, Any, None], what: str) -> None:
-        """Await ``closing`` for at most ``shutdown_timeout`` seconds (a broker that stops
-        reading can hold a close forever); past that, log it, cancel it and go on."""
+        """Await ``closing`` for at most ``shutdown_timeout`` seconds, and at least
+        :data:`_MIN_CLOSE` (a broker that stops reading can hold a close forever); past
+        that, log it, cancel it and go on."""
         task = asyncio.create_task(closing)
-        timeout = self.config.shutdown_timeout
+        timeout = max(self.config.shutdown_timeout, _MIN_CLOSE)
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:
