@@ -529,3 +529,27 @@ async def test_keep_alive_counts_from_the_answer_not_from_the_request() -> None:
         assert (await read_answer(reader))[0] == 204
         writer.close()
     assert [m["payload"] for m in app.received] == [b"slow", b"next"]
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    """A sender that shuts its sending side after the request (``nc -N``) reads the answer,
+    from a fast app or a slow one, and then the connection closes; a request cut short by
+    the half-close gets 400 and never reaches the app. Before, asyncio closed the
+    connection at the client's end of stream: no answer, yet the app got the message."""
+    app = Paced()
+    async with serving("own", app, config=FAST) as served:
+        answers = []
+        for raw in (request(b"fast"), request(b"slow", type_="slow"), request(b"cut")[:-2]):
+            reader, writer = await connect(served)
+            writer.write(raw)
+            writer.write_eof()
+            if raw.endswith(b"slow"):
+                await asyncio.wait_for(app.holding.wait(), 10)
+                await asyncio.sleep(0.2)
+                app.release.set()
+            answers.append(await read_answer(reader))
+            assert await closed(reader)
+            writer.close()
+    assert [a[0] for a in answers] == [204, 204, 400]
+    assert b"before the request's end" in answers[2][2]
+    assert [m["payload"] for m in app.received] == [b"fast", b"slow"]

@@ -172,6 +172,18 @@ class Connection(asyncio.Protocol):
         self.listener.connections.discard(self)
         self.listener.lost()
 
+    def eof_received(self) -> bool:
+        """The client shut its sending side (a half-close, as ``nc -N`` and some senders
+        do): what it sent is still answered, then the connection closes; a request cut
+        short by it is answered 400. Over TLS asyncio has no half-close and closes the
+        connection: requests in flight then lose their answers, as when a client goes."""
+        if self.reading:
+            self._finish(text_answer(400, "the client ended its side before the request's end"))
+        self.closing = True
+        if not self.slots:
+            return False  # nothing left to answer: asyncio closes the connection
+        return self.listener.tls is None
+
     def data_received(self, data: bytes) -> None:
         self.idle = 0
         if self.closing:
