@@ -553,3 +553,49 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
     assert [a[0] for a in answers] == [204, 204, 400]
     assert b"before the request's end" in answers[2][2]
     assert [m["payload"] for m in app.received] == [b"fast", b"slow"]
+
+
+async def test_a_request_still_arriving_at_shutdown_gets_503_at_once() -> None:
+    """Its headers and part of its body came before the stop: 503 at once, and the
+    connection closes once the client is quiet. Before, the rest of the request was
+    ignored, it got no answer, and the stop waited the whole --close-timeout."""
+    app = Recorder()
+    async with serving("own", app, HttpOptions(close_timeout=20), config=FAST) as served:
+        reader, writer = await connect(served)
+        whole = request(b"x" * 1000)
+        writer.write(whole[:-500])
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopping = asyncio.create_task(served.stop())
+        status, headers, body = await read_answer(reader)
+        writer.write(whole[-500:])
+        assert await closed(reader)
+        assert await asyncio.wait_for(stopping, 10) == 0
+        took = loop.time() - began
+        writer.close()
+    assert (status, headers["connection"]) == (503, "close")
+    assert b"shutting down" in body
+    assert took < 5, took
+    assert app.received == []
+
+
+async def test_pipelined_requests_in_flight_at_shutdown_are_all_answered() -> None:
+    """Two requests of one connection in the app when the stop comes: both answers are
+    written, the last with ``connection: close`` (the first answer used to close the
+    connection, and the second, processed by the app, was never answered)."""
+    app = Paced()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"one", type_="slow") + request(b"two", type_="slow"))
+        await asyncio.wait_for(app.holding.wait(), 10)
+        assert served.transport.inbox.waiting == 0  # one batch has both
+        stopping = asyncio.create_task(served.stop())
+        await asyncio.sleep(0.2)
+        app.release.set()
+        first, second = await read_answer(reader), await read_answer(reader)
+        assert await closed(reader)
+        assert await asyncio.wait_for(stopping, 10) == 0
+        writer.close()
+    assert (first[0], "connection" in first[1]) == (204, False)
+    assert (second[0], second[1]["connection"]) == (204, "close")

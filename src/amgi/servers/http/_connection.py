@@ -27,6 +27,7 @@ import httptools
 
 from amgi.servers.http._front import (
     METHOD_NOT_ALLOWED,
+    UNAVAILABLE,
     Answer,
     Front,
     Head,
@@ -252,6 +253,8 @@ class Connection(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Stop  # no request is read any more (nobody would get its answer)
         self.reading = True
         self._url = b""
         self._headers = []
@@ -370,7 +373,7 @@ class Connection(asyncio.Protocol):
             if transport is None:
                 continue  # the client went away: nobody to answer
             self.idle = 0  # --keep-alive counts from the last answer
-            last = not slot.keep_alive or inbox.closed or (self.closing and not slots)
+            last = not slot.keep_alive or (not slots and (self.closing or inbox.closed))
             answer = slot.answer
             if answer is None:
                 outcome = slot.outcome
@@ -385,7 +388,8 @@ class Connection(asyncio.Protocol):
             transport.write(encode(answer, listener.date, connection, not slot.bodiless))
             if last:
                 self.closing = True
-                if self._unread:
+                if self._unread or self.reading:  # the client may be sending
+                    self.reading = False
                     self._linger(transport)
                 else:
                     transport.close()
@@ -415,9 +419,16 @@ class Connection(asyncio.Protocol):
             transport.write_eof()
 
     def close_when_idle(self) -> None:
-        """At shutdown: close now if no request is open, else after its answer."""
+        """At shutdown: close now if no request is open, else after the last answer; a
+        request still arriving is answered 503 at once (after the answers before it),
+        and the connection closes once its client is quiet (see :meth:`_linger`)."""
+        if self.closing:
+            return
+        if self.reading:
+            self._finish(UNAVAILABLE)
+            return
         self.closing = True
-        if not self.reading and not self.slots and self.transport is not None:
+        if not self.slots and self.transport is not None:
             self.transport.close()
 
     def sweep(self, keep_alive: int, read_timeout: int, min_body_rate: int) -> None:
