@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,3 +35,20 @@ class Drop(amp.Command):
 
     arguments = [(b"data", amp.BigBytes())]
     requires_answer = False
+
+
+async def twisted_peer_output(*args: str, timeout: float = 20) -> str:
+    """Run ``twisted_peer.py ARGS`` to its end and return its output (killed after
+    ``timeout`` seconds)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(TWISTED_PEER), *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return out.decode()

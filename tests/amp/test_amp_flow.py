@@ -4,9 +4,12 @@ on for answers to our own calls while the peer's calls are held back."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
-from amp_helpers import Drop
+from amp_commands import Peer, Ping
+from amp_helpers import Drop, twisted_peer_output
 
 from amgi import amp
 
@@ -40,3 +43,61 @@ async def test_every_caller_waits_while_writing_is_paused(
             call.cancel()
         conn.close()
         await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+async def serve_limited(**limits: int) -> tuple[asyncio.Server, int]:
+    server = await amp.serve(lambda: Peer(**limits), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(("count", "queued"), [(8, 16), (40, 64)])
+async def test_responders_calling_back_at_the_responder_limit(count: int, queued: int) -> None:
+    # Each Ping responder awaits a Pong call to the caller: with the responders at
+    # their limit and calls waiting, the Pong answers must still be read.
+    server, port = await serve_limited(max_concurrent_responders=4, max_queued_calls=queued)
+    try:
+        async with asyncio.timeout(5), await amp.connect("127.0.0.1", port, Peer) as conn:
+            texts = [str(i) for i in range(count)]
+            answers = await asyncio.gather(*(conn.call_remote(Ping, text=t) for t in texts))
+            assert answers == [{"text": f"ping:pong:{t}"} for t in texts]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_twisted_client_calling_a_responder_that_calls_back() -> None:
+    server, port = await serve_limited(max_concurrent_responders=4, max_queued_calls=64)
+    try:
+        out = await twisted_peer_output("pings", str(port), "40")
+        assert json.loads(out) == [f"ping:pong:{i}" for i in range(40)]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_calls_held_back_while_ours_await_answers_are_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A peer that floods calls and never answers the server's Pong calls: reading goes
+    # on (the Pong answers could come), so the calls held back are bounded instead.
+    server, port = await serve_limited(max_concurrent_responders=4, max_queued_calls=8)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        pings = [amp.encode_box({b"_command": b"Ping", b"_ask": b"%x" % i, b"text": b"x"})
+                 for i in range(1, 41)]  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+            async with asyncio.timeout(5):
+                writer.write(b"".join(pings[:8]))  # 4 responders call Pong back, 4 wait
+                parser = amp.BoxParser()
+                pongs: list[dict[bytes, bytes]] = []
+                while len(pongs) < 4:
+                    pongs += parser.feed(await reader.read(65536))
+                writer.write(b"".join(pings[8:]))
+                while await reader.read(65536):  # until the server closes
+                    pass
+        writer.close()
+        assert [box[b"_command"] for box in pongs] == [b"Pong"] * 4
+        assert "over max_queued_calls (8), while 4 of ours await answers" in caplog.text
+    finally:
+        server.close()
+        await server.wait_closed()

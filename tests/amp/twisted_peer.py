@@ -4,6 +4,7 @@
     python twisted_peer.py client PORT           runs the scenario, prints a JSON report
     python twisted_peer.py unix-server PATH      prints "READY", serves on a UNIX socket
     python twisted_peer.py unix-client PATH      passes descriptors to PATH, prints JSON
+    python twisted_peer.py pings PORT N          N Pings at once to PORT, prints the answers
 
 Only Twisted is imported here: these are Twisted's own declarations of the
 commands in commands.py, so the two sides meet only on the wire.
@@ -328,6 +329,16 @@ async def tags_scenario(reactor_: Any, port: int) -> None:
     proto.transport.loseConnection()
 
 
+async def pings_scenario(reactor_: Any, port: int, count: int) -> None:
+    """``count`` Ping calls at once; the server's responders call Pong back on us."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor_, "127.0.0.1", port)
+    proto = await endpoints.connectProtocol(endpoint, Peer())
+    calls = [proto.callRemote(Ping, text=str(i)) for i in range(count)]
+    answers = await defer.gatherResults(calls)
+    print(json.dumps([answer["text"] for answer in answers]), flush=True)
+    proto.transport.loseConnection()
+
+
 class Collect(protocol.Protocol):
     """The client side after a switch: sends ``xyz`` and collects what comes back."""
 
@@ -402,6 +413,10 @@ if __name__ == "__main__":
         task.react(lambda r: defer.ensureDeferred(unix_scenario(r, sys.argv[2])))
     elif sys.argv[1] == "switch":
         task.react(lambda r: defer.ensureDeferred(switch_scenario(r, int(sys.argv[2]))))
+    elif sys.argv[1] == "pings":
+        task.react(
+            lambda r: defer.ensureDeferred(pings_scenario(r, int(sys.argv[2]), int(sys.argv[3])))
+        )
     elif sys.argv[1] == "tags":
         task.react(lambda r: defer.ensureDeferred(tags_scenario(r, int(sys.argv[2]))))
     else:

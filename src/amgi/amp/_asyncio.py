@@ -59,7 +59,10 @@ class AMP(asyncio.Protocol):
 
     ``max_outstanding_calls`` bounds calls awaiting an answer (more callers
     wait for a slot); ``max_concurrent_responders`` bounds running async
-    responders (reading from the peer pauses while the limit is reached);
+    responders: the peer's calls beyond it wait, and reading pauses once as many
+    wait, unless some call of ours awaits its answer (which must be read); then
+    reading goes on and a peer with more than ``max_queued_calls`` calls waiting
+    (default 4 x ``max_concurrent_responders``) is disconnected with a WARNING;
     ``call_timeout`` is the default timeout of :meth:`call_remote`;
     ``tls_context`` lets the peer switch this connection to TLS with
     ``StartTLS`` (this side acts as the TLS server); ``max_box_size`` and
@@ -90,6 +93,7 @@ class AMP(asyncio.Protocol):
         *,
         max_outstanding_calls: int = 1024,
         max_concurrent_responders: int = 256,
+        max_queued_calls: int | None = None,
         call_timeout: float | None = None,
         tls_context: ssl.SSLContext | None = None,
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
@@ -98,6 +102,10 @@ class AMP(asyncio.Protocol):
     ) -> None:
         if max_outstanding_calls < 1 or max_concurrent_responders < 1:
             raise ValueError("limits must be at least 1")
+        if max_queued_calls is None:
+            max_queued_calls = 4 * max_concurrent_responders
+        if max_queued_calls < max_concurrent_responders:
+            raise ValueError("max_queued_calls must be at least max_concurrent_responders")
         self._core = Connection(max_box_size=max_box_size, max_keys_per_box=max_keys_per_box)
         self._handlers: dict[bytes, Responder] = {}
         for command, attr in self._responders.values():
@@ -106,6 +114,7 @@ class AMP(asyncio.Protocol):
         self.tls_context = tls_context
         self.call_timeout = call_timeout
         self.max_concurrent_responders = max_concurrent_responders
+        self.max_queued_calls = max_queued_calls
         self.close_timeout = close_timeout
         self._abort_handle: asyncio.TimerHandle | None = None
         self._end_reason: str | None = None  # why we ended the connection ourselves
@@ -197,6 +206,8 @@ class AMP(asyncio.Protocol):
                 reason = cast(ProtocolViolation, event).reason
                 log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
                 self._close_transport()
+        if self._queue:
+            self._held_back()
         self._flush()
 
     def _peer_name(self) -> str:
@@ -408,6 +419,8 @@ class AMP(asyncio.Protocol):
             assert tag is not None
             fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()  # type: ignore[union-attr]
             self._waiters[tag] = fut
+            if self._paused:
+                self._update_reading()  # its answer must be read
             if tls:
                 self._flush()
                 self._hold_output = True
@@ -418,6 +431,8 @@ class AMP(asyncio.Protocol):
             except BaseException:
                 if self._waiters.pop(tag, None) is not None:
                     self._core.abandon(tag)
+                    if self._queue:
+                        self._update_reading()
                 raise
         finally:
             slots.release()
@@ -425,6 +440,8 @@ class AMP(asyncio.Protocol):
     # ---------------------------------------------------------------- dispatching
 
     def _dispatch(self, event: CallReceived) -> None:
+        if self._lost:
+            return
         command = event.command
         if not command.plain:
             if command is StartTLS:
@@ -559,14 +576,33 @@ class AMP(asyncio.Protocol):
             log.warning("closing AMP connection after fatal error %r", code)
             self._close_transport()
 
-    def _update_reading(self) -> None:
-        """Pause reading while ``max_concurrent_responders`` calls wait to be run.
+    def _held_back(self) -> None:
+        """After a read that left calls waiting: pause reading, or (reading on for
+        answers to our calls) disconnect a peer with too many calls waiting."""
+        if len(self._queue) > self.max_queued_calls and self._waiters:
+            reason = (
+                f"{len(self._queue)} of its calls wait for a responder, over "
+                f"max_queued_calls ({self.max_queued_calls}), while "
+                f"{len(self._waiters)} of ours await answers"
+            )
+            log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
+            self._abort(f"the peer sent too many calls: {reason}")
+        else:
+            self._update_reading()  # answers may have ended our wait for them
 
-        Calls wait while the responders are at their limit or writing is paused;
-        reading goes on until then, so answers to our own calls still arrive (two
-        peers that both stopped writing must not stop reading each other).
+    def _update_reading(self) -> None:
+        """Pause reading while ``max_concurrent_responders`` calls wait to be run and
+        no call of ours awaits an answer.
+
+        Calls wait while the responders are at their limit or writing is paused.
+        Answers to our own calls are always read: a responder may be waiting for
+        one (it called the peer back), and two peers that both stopped writing must
+        not stop reading each other; meanwhile ``max_queued_calls`` bounds the calls
+        held back (see :meth:`_dispatch`).
         """
-        pause = len(self._queue) >= self.max_concurrent_responders or self._core.switch_pending
+        pause = (
+            len(self._queue) >= self.max_concurrent_responders and not self._waiters
+        ) or self._core.switch_pending
         if pause is self._paused or self.transport is None or self._lost:
             return
         self._paused = pause
