@@ -1,12 +1,16 @@
-"""UNIX-socket connections: the listening socket file, and descriptor traffic."""
+"""UNIX-socket connections: the listening socket file, and descriptors in numbers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
 
-from amp_commands import Peer, Ping
+import pytest
+from amp_commands import Hand, Peer, Ping
 
 from amgi import amp
 
@@ -33,3 +37,70 @@ async def test_close_leaves_a_socket_file_that_is_no_longer_ours(tmp_path: Path)
         server.close()
         assert path.exists()
         assert os.stat(path).st_ino == identity
+
+
+async def hand_many(conn: amp.AMP, count: int) -> None:
+    """``count`` Hand calls at once (one flush), each passing a pipe's write end."""
+    pipes = [os.pipe() for _ in range(count)]
+    try:
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(
+                *(conn.call_remote(Hand, fd=w, text=f"{i:03d}") for i, (_, w) in enumerate(pipes))
+            )
+        assert results == [{"written": 3}] * count
+        for i, (read, write) in enumerate(pipes):
+            os.close(write)
+            assert os.read(read, 10) == b"%03d" % i
+    finally:
+        for read, write in pipes:
+            os.close(read)
+            with contextlib.suppress(OSError):
+                os.close(write)
+
+
+async def test_many_descriptors_in_one_flush_to_our_server(tmp_path: Path) -> None:
+    path = tmp_path / "amp.sock"
+    async with await amp.serve_unix(Peer, path), await amp.connect_unix(path, Peer) as conn:
+        await hand_many(conn, 100)  # more than a read takes (64) and in one flush
+
+
+async def test_many_descriptors_in_one_flush_to_twisted(twisted_unix_server: str) -> None:
+    async with await amp.connect_unix(twisted_unix_server, Peer) as conn:
+        await hand_many(conn, 300)  # more than Linux passes in one message (253)
+
+
+async def test_descriptors_no_box_claims_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "amp.sock"
+    peers: list[Peer] = []
+
+    def factory() -> Peer:
+        peers.append(Peer(max_unclaimed_fds=100))
+        return peers[-1]
+
+    read, write = os.pipe()
+    try:
+        async with await amp.serve_unix(factory, path):
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, str(path))
+                with caplog.at_level(logging.WARNING, logger="amgi.amp"):
+                    # 50 copies of one descriptor at a time, beside an unfinished box.
+                    for part in (b"\x00", b"\x08", b"_"):
+                        await loop.run_in_executor(
+                            None, socket.send_fds, sock, [part], [write] * 50
+                        )
+                    async with asyncio.timeout(5):
+                        assert await loop.sock_recv(sock, 100) == b""  # closed by the server
+                        await peers[0].wait_closed()
+            assert "over max_unclaimed_fds (100)" in caplog.text
+        # Every copy the server got is closed: ours was the last write end.
+        os.close(write)
+        write = -1
+        assert os.read(read, 10) == b""
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)

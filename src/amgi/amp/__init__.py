@@ -33,6 +33,7 @@ from ._box import (
 )
 from ._command import Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
+    DEFAULT_MAX_UNCLAIMED_FDS,
     AnswerDropped,
     AnswerReceived,
     CallReceived,
@@ -64,6 +65,7 @@ __all__ = [
     "AMP",
     "DEFAULT_MAX_BOX_SIZE",
     "DEFAULT_MAX_KEYS_PER_BOX",
+    "DEFAULT_MAX_UNCLAIMED_FDS",
     "MAX_KEY_LENGTH",
     "MAX_VALUE_LENGTH",
     "TLS_ERROR_CODE",

@@ -17,6 +17,7 @@ from ._arguments import brief
 from ._box import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS_PER_BOX
 from ._command import RESPONDER_ATTRIBUTE, Command, ProtocolSwitchCommand, StartTLS
 from ._connection import (
+    DEFAULT_MAX_UNCLAIMED_FDS,
     AnswerDropped,
     AnswerReceived,
     CallReceived,
@@ -67,8 +68,10 @@ class AMP(asyncio.Protocol):
     ``tls_context`` lets the peer switch this connection to TLS with
     ``StartTLS`` (this side acts as the TLS server); ``max_box_size`` and
     ``max_keys_per_box`` bound each box received (a peer exceeding them is
-    disconnected with a WARNING); ``close_timeout`` bounds how long closing waits for
-    the peer to read what is still queued before the connection is aborted.
+    disconnected with a WARNING), and ``max_unclaimed_fds`` the descriptors a UNIX
+    peer sent that no argument claimed yet (likewise); ``close_timeout`` bounds how
+    long closing waits for the peer to read what is still queued before the
+    connection is aborted.
 
     Writing is flow-controlled: while the transport asks to pause writing, the
     peer's calls are not run but queued (reading pauses once
@@ -98,6 +101,7 @@ class AMP(asyncio.Protocol):
         tls_context: ssl.SSLContext | None = None,
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
+        max_unclaimed_fds: int = DEFAULT_MAX_UNCLAIMED_FDS,
         close_timeout: float = 5.0,
     ) -> None:
         if max_outstanding_calls < 1 or max_concurrent_responders < 1:
@@ -106,7 +110,11 @@ class AMP(asyncio.Protocol):
             max_queued_calls = 4 * max_concurrent_responders
         if max_queued_calls < max_concurrent_responders:
             raise ValueError("max_queued_calls must be at least max_concurrent_responders")
-        self._core = Connection(max_box_size=max_box_size, max_keys_per_box=max_keys_per_box)
+        self._core = Connection(
+            max_box_size=max_box_size,
+            max_keys_per_box=max_keys_per_box,
+            max_unclaimed_fds=max_unclaimed_fds,
+        )
         self._handlers: dict[bytes, Responder] = {}
         for command, attr in self._responders.values():
             self.add_responder(command, getattr(self, attr))
@@ -218,7 +226,15 @@ class AMP(asyncio.Protocol):
 
     def fds_received(self, fds: list[int]) -> None:
         """File descriptors from the peer (UNIX connections), for Descriptor arguments."""
-        self._core.receive_fds(fds)
+        events = self._core.receive_fds(fds)
+        if events:  # too many held: the connection closes, and they are closed now
+            self._handle(events)
+            self._close_unclaimed_fds()
+
+    def _close_unclaimed_fds(self) -> None:
+        for fd in self._core.unclaimed_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _check_fds(self, command: type[Command], names: tuple[str, ...]) -> None:
         if names and not hasattr(self.transport, "send_fds"):
@@ -253,9 +269,7 @@ class AMP(asyncio.Protocol):
         self._lost = True
         self._wake_drain_waiters()
         self._core.connection_lost()
-        for fd in self._core.unclaimed_fds():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._close_unclaimed_fds()
         waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():

@@ -49,6 +49,9 @@ ERROR = b"_error"
 ERROR_CODE = b"_error_code"
 ERROR_DESCRIPTION = b"_error_description"
 
+# Received descriptors held at most until an argument claims them.
+DEFAULT_MAX_UNCLAIMED_FDS = 256
+
 # How many tags of abandoned (cancelled or timed-out) calls are remembered, so a
 # late answer to one of them is recognised and dropped quietly.
 ABANDONED_LIMIT = 65_536
@@ -129,7 +132,8 @@ class Connection:
 
     ``commands`` maps command names to the classes this side answers;
     ``max_box_size`` and ``max_keys_per_box`` bound each received box (see
-    :class:`BoxParser`).
+    :class:`BoxParser`); ``max_unclaimed_fds`` bounds the received descriptors held
+    until an argument claims them.
     """
 
     def __init__(
@@ -138,8 +142,10 @@ class Connection:
         *,
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys_per_box: int = DEFAULT_MAX_KEYS_PER_BOX,
+        max_unclaimed_fds: int = DEFAULT_MAX_UNCLAIMED_FDS,
     ) -> None:
         self.commands: dict[bytes, type[Command]] = {}
+        self.max_unclaimed_fds = max_unclaimed_fds
         self._switch_commands = False  # some command we answer switches protocols
         self._parser = BoxParser(max_box_size, max_keys_per_box)
         self._switch_tag: bytes | None = None  # our pending protocol switch call
@@ -287,12 +293,26 @@ class Connection:
         self.fds_waiting = False
         return fds
 
-    def receive_fds(self, fds: list[int]) -> None:
+    def receive_fds(self, fds: list[int]) -> list[Event]:
         """Descriptors received from the peer, in order; the connection owns them
-        until an argument claims them (see :meth:`unclaimed_fds`)."""
+        until an argument claims them (see :meth:`unclaimed_fds`).
+
+        Returns ``[ProtocolViolation]`` once more than ``max_unclaimed_fds`` are held
+        (close the connection and the descriptors), else ``[]``.
+        """
+        held = self._fds_in
         for fd in fds:
-            self._fds_in[self._fds_received] = fd
+            held[self._fds_received] = fd
             self._fds_received += 1
+        if len(held) <= self.max_unclaimed_fds or self.failed:
+            return []
+        self.failed = True
+        return [
+            ProtocolViolation(
+                f"{len(held)} file descriptors received that no box claimed, over "
+                f"max_unclaimed_fds ({self.max_unclaimed_fds})"
+            )
+        ]
 
     def unclaimed_fds(self) -> list[int]:
         """Return (and forget) received descriptors no argument claimed; close them."""

@@ -2,9 +2,11 @@
 
 asyncio's own transports cannot pass descriptors, so ``connect_unix``/``serve_unix``
 use this small one: a non-blocking stream socket read with ``recvmsg`` and written with
-``send`` (``sendmsg`` for the first byte after descriptors were queued, which carries
-them, as Twisted does). It keeps asyncio's flow control (``pause_writing`` above the
-high-water mark, ``pause_reading``) and close semantics (queued bytes are sent first).
+``send``; queued descriptors ride one per byte on the next bytes written (``sendmsg``),
+as Twisted sends them, so no receiver gets more than one per message (Linux takes at
+most 253 in one, and a receiver reads a bounded number at a time). It keeps asyncio's
+flow control (``pause_writing`` above the high-water mark, ``pause_reading``) and close
+semantics (queued bytes are sent first).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +54,7 @@ class FdTransport(asyncio.Transport):
         self._fileno = sock.fileno()
         self._protocol = protocol
         self._buffer = bytearray()
-        self._fds: list[int] = []
+        self._fds: deque[int] = deque()
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._writing_paused = False
@@ -125,7 +128,8 @@ class FdTransport(asyncio.Transport):
     # ------------------------------------------------------------------ writing
 
     def send_fds(self, fds: list[int]) -> None:
-        """Send ``fds`` with the next byte written (write at least one byte after)."""
+        """Send ``fds``, one per byte, with the next bytes written (write at least as
+        many bytes after)."""
         if self._closing:
             return
         self._fds.extend(fds)
@@ -146,12 +150,12 @@ class FdTransport(asyncio.Transport):
         while buffer:
             try:
                 if self._fds:
-                    rights = array.array("i", self._fds).tobytes()
+                    rights = array.array("i", (self._fds[0],)).tobytes()
                     sent = self._sock.sendmsg(
                         [bytes(buffer[:1])], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
                     )
                     if sent:
-                        self._fds = []
+                        self._fds.popleft()
                 else:
                     sent = self._sock.send(buffer)
             except (BlockingIOError, InterruptedError):
@@ -222,7 +226,7 @@ class FdTransport(asyncio.Transport):
             return
         self._lost = self._closing = True
         self._buffer.clear()
-        self._fds = []
+        self._fds.clear()
         self.pause_reading()
         self._loop.remove_writer(self._fileno)
         self._loop.call_soon(self._connection_lost, exc)
