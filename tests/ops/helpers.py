@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,23 +93,34 @@ def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-async def dead_letter_all(
-    transport: Transport, n: int, *, with_id: bool = False, **config: Any
-) -> None:
-    """Serve ``transport`` with an app that nacks every message (reason ``refused``, plus
-    `` <id>`` when ``with_id``) until the runtime dead-lettered ``n`` of them.
+class Nacking(MetricsHook):
+    """The dead letters a :func:`nacking` runtime made so far."""
+
+    def __init__(self) -> None:
+        self.dead = 0
+        self.changed = asyncio.Event()
+
+    def batch_settled(self, stats: BatchStats) -> None:
+        self.dead += stats.dead_lettered
+        self.changed.set()
+
+    async def reach(self, n: int, timeout: float) -> None:
+        """Wait until ``n`` were dead-lettered; fail after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while self.dead < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@contextlib.asynccontextmanager
+async def nacking(
+    transport: Transport, *, with_id: bool = False, **config: Any
+) -> AsyncIterator[Nacking]:
+    """Serve ``transport``, while in the block, with an app that nacks every message
+    (reason ``refused``, plus `` <id>`` when ``with_id``).
 
     ``config`` goes to :class:`RuntimeConfig` (default: one attempt, no lifespan).
     """
-    done = asyncio.Event()
-    dead = 0
-
-    class Count(MetricsHook):
-        def batch_settled(self, stats: BatchStats) -> None:
-            nonlocal dead
-            dead += stats.dead_lettered
-            if dead >= n:
-                done.set()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "message":
@@ -120,14 +132,51 @@ async def dead_letter_all(
             await send({"type": "message.nack", "id": m["id"], "message": reason})
             more = m.get("more_messages", False)
 
+    count = Nacking()
     settings = RuntimeConfig(**{"lifespan": "off", "max_attempts": 1, **config})
-    runtime = Runtime(app, transport, settings, metrics=Count())
+    runtime = Runtime(app, transport, settings, metrics=count)
     served = asyncio.create_task(runtime.serve())
+    started = asyncio.create_task(runtime.started.wait())
+    await asyncio.wait({served, started}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    if served.done():
+        raise AssertionError(f"the runtime ended before it started: {served.result()}")
     try:
-        await asyncio.wait_for(done.wait(), 60)
+        assert runtime.started.is_set(), "the runtime did not start within 60 s"
+        yield count
     finally:
         runtime.request_stop()
         assert await asyncio.wait_for(served, 60) == 0
+
+
+async def dead_letter_all(
+    transport: Transport, n: int, *, with_id: bool = False, **config: Any
+) -> None:
+    """Serve ``transport`` with :func:`nacking`'s app until the runtime dead-lettered
+    ``n`` messages."""
+    async with nacking(transport, with_id=with_id, **config) as count:
+        await count.reach(n, 60)
+
+
+async def replay_beside_a_failing_consumer(
+    replayer: Transport, consumer: Transport, address: str, n: int
+) -> int:
+    """Replay every dead letter of ``address`` (``n`` of them) with ``replayer`` while
+    ``consumer`` runs an app that dead-letters each replayed message again; return how
+    many the replay moved (it must end: 60 s at most).
+
+    The replay starts once the consumer has dead-lettered a first message of its own
+    (one more dead letter: ``n + 1`` in all), so it is consuming by then."""
+    await replayer.connect()
+    try:
+        async with nacking(consumer) as count:
+            await replayer.publish(address, [], b"warm-up", {})
+            await count.reach(1, 60)
+            moved = await asyncio.wait_for(replayer.replay_dead_letters(address, 10**9), 60)
+            await count.reach(1 + moved, 60)  # every replayed message failed again
+    finally:
+        await replayer.close()
+    return moved
 
 
 async def kill_replay_when(

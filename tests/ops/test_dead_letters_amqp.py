@@ -12,7 +12,14 @@ from collections.abc import Callable
 import pytest
 
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
-from tests.ops.helpers import ROOT, amgi, dead_letter_all, kill_replay_when, one_line_error
+from tests.ops.helpers import (
+    ROOT,
+    amgi,
+    dead_letter_all,
+    kill_replay_when,
+    one_line_error,
+    replay_beside_a_failing_consumer,
+)
 from tests.servers.test_amqp_support import URL, drain, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
@@ -90,3 +97,22 @@ async def test_replay_killed_half_way_loses_no_dead_letter(
     seen = {m.body for m in back} | {m.body for m in still}
     assert seen == {b"%d" % i for i in range(n)}
     assert len(back) + len(still) <= n + 100, "more duplicates than one unconfirmed chunk"
+
+
+async def test_a_replay_beside_a_consumer_that_fails_them_again_ends(
+    amqp_queue: Callable[[], str],
+) -> None:
+    """The replay moves the dead letters there when it started, once each. It took the
+    copies a running consumer dead-lettered again, and never ended (3,000 dead letters:
+    67,915 dead-letterings in 60 s)."""
+    queue = amqp_queue()
+    n = 500
+    await dead_letter(queue, n)
+    moved = await replay_beside_a_failing_consumer(
+        AmqpTransport([], AmqpOptions(url=URL)),
+        AmqpTransport([queue], AmqpOptions(url=URL, batch_size=100)),
+        queue,
+        n,
+    )
+    assert moved == n + 1
+    assert await queue_depth(queue + ".dead-letter") == n + 1  # failed again: for the next

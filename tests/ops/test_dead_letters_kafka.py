@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from tests.cli import amgi as amgi_cli
-from tests.ops.helpers import dead_letter_all, one_line_error
+from tests.ops.helpers import dead_letter_all, one_line_error, replay_beside_a_failing_consumer
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     ROOT,
@@ -144,3 +144,21 @@ def test_replay_killed_half_way_loses_no_dead_letter() -> None:
     replayed = records_after(topic, originals)
     assert set(values(replayed)) == {b"%d" % i for i in range(n)}
     assert len(replayed) <= n + 500, "more duplicates than one unconfirmed chunk"
+
+
+async def test_a_replay_beside_a_consumer_that_fails_them_again_ends() -> None:
+    """The replay moves the dead letters there when it started, once each, and ends,
+    though a running consumer dead-letters each replayed record again at once."""
+    ensure_broker()
+    topic = create_topic(fresh("dl"), partitions=2)
+    n = 1000
+    group = options()  # one consumer group: the consumer goes on where the first stopped
+    produce(topic, ((b"k%d" % (i % 4), b"%d" % i, []) for i in range(n)))
+    await dead_letter_all(KafkaTransport([topic], KafkaOptions(**group)), n)
+    moved = await replay_beside_a_failing_consumer(
+        KafkaTransport([], KafkaOptions(**options())),
+        KafkaTransport([topic], KafkaOptions(**group)),
+        topic,
+        n,
+    )
+    assert moved == n + 1

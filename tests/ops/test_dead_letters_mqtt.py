@@ -17,7 +17,15 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.mqtt import MqttOptions, MqttTransport
 from amgi.servers.mqtt._dead_letters import _REPLAY_CHUNK, DeadLetterSession
 from amgi.transport import Message
-from tests.ops.helpers import ROOT, amgi, dead_letter_all, kill_replay_when, one_line_error, take
+from tests.ops.helpers import (
+    ROOT,
+    amgi,
+    dead_letter_all,
+    kill_replay_when,
+    one_line_error,
+    replay_beside_a_failing_consumer,
+    take,
+)
 from tests.servers.mosquitto.broker import Mosquitto
 
 pytestmark = pytest.mark.timeout(120)
@@ -336,3 +344,32 @@ async def test_a_replay_the_broker_refuses_is_one_line_and_keeps_the_dead_letter
         assert [d.payload for d in left] == [b"0", b"1", b"2"]
     finally:
         broker.stop()
+
+
+async def test_a_replay_beside_a_consumer_that_fails_them_again_ends(
+    mosquitto: Mosquitto,
+) -> None:
+    """The replay moves the dead letters there when it started, once each, and ends at
+    the first one dead-lettered after it started (MQTT 5 dead letters carry that time),
+    though a running consumer dead-letters each replayed message again at once."""
+    address = topic()
+    n = 300
+    await sessions(mosquitto, address)
+    await publish(mosquitto, address, n)
+    await dead_letter_all(MqttTransport([address], options(mosquitto)), n)
+    moved = await replay_beside_a_failing_consumer(
+        MqttTransport([], options(mosquitto)),
+        MqttTransport([address], options(mosquitto)),
+        address,
+        n,
+    )
+    assert moved == n + 1
+    transport = MqttTransport([], options(mosquitto))
+    await transport.connect()
+    try:
+        left = await transport.list_dead_letters(address, 10_000)
+    finally:
+        await transport.close()
+    assert len(left) == n + 1  # each failed again: for the next replay
+    assert all(d.dead_at is not None for d in left)
+    assert {name for d in left for name, _ in d.headers} == {b"n"}  # the time is not shown

@@ -19,6 +19,7 @@ from tests.ops.helpers import (
     dead_letter_all,
     kill_replay_when,
     one_line_error,
+    replay_beside_a_failing_consumer,
     take,
 )
 from tests.servers.nats_helpers import (
@@ -270,3 +271,15 @@ async def test_a_wildcard_address_lists_and_replays_the_dead_letters_of_each_sub
         await transport.close()
         await nc.jsm().delete_stream(name)
         await nc.close()
+
+
+async def test_a_replay_beside_a_consumer_that_fails_them_again_ends() -> None:
+    """The replay moves the messages stored when it started, once each, and ends, though
+    a running consumer dead-letters each replayed message again at once."""
+    n = 300
+    subject, durable = await dead_letter(n)
+    moved = await replay_beside_a_failing_consumer(
+        NatsTransport([], options()), NatsTransport([subject], options(durable)), subject, n
+    )
+    assert moved == n + 1
+    assert await count(subject + ".dlq") == n + 1  # each failed again: for the next

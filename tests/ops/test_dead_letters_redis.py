@@ -18,6 +18,7 @@ from tests.ops.helpers import (
     dead_letter_all,
     kill_replay_when,
     one_line_error,
+    replay_beside_a_failing_consumer,
     take,
 )
 from tests.servers.redis_helpers import PORT, URL, client, ensure_broker, entries, fresh
@@ -194,3 +195,15 @@ async def test_a_server_that_stops_answering_is_one_line() -> None:
         )  # fmt: skip
     line = one_line_error(result)
     assert f"cannot read {stream + '.dlq'!r}: no answer within 1 s" in line
+
+
+async def test_a_replay_beside_a_consumer_that_fails_them_again_ends() -> None:
+    """The replay moves the entries there when it started, once each, and ends, though a
+    running consumer dead-letters each replayed entry again at once."""
+    n = 300
+    stream = await dead_letter(n)
+    moved = await replay_beside_a_failing_consumer(
+        RedisTransport([], options()), RedisTransport([stream], options()), stream, n
+    )
+    assert moved == n + 1
+    assert len(await entries(stream + ".dlq")) == n + 1  # each failed again: for the next

@@ -15,7 +15,15 @@ import pytest
 
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from tests.moto_env import ENDPOINT, use_moto_credentials
-from tests.ops.helpers import ROOT, amgi, dead_letter_all, kill_replay_when, one_line_error, take
+from tests.ops.helpers import (
+    ROOT,
+    amgi,
+    dead_letter_all,
+    kill_replay_when,
+    one_line_error,
+    replay_beside_a_failing_consumer,
+    take,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -218,3 +226,14 @@ async def test_a_replay_says_how_many_dead_letters_another_reader_holds() -> Non
     assert f"replayed 2 dead letter(s) to {queue!r}" in replay.stdout
     assert "about 1 dead letter(s)" in replay.stderr
     assert "held by another reader" in replay.stderr
+
+
+async def test_a_replay_beside_a_consumer_that_fails_them_again_ends() -> None:
+    """The replay moves as many dead letters as were there when it started, and ends,
+    though a running consumer dead-letters each replayed message again at once."""
+    n = 40
+    queue = await dead_letter(n)
+    consumer = SqsTransport([queue], replace(options(), receivers=1, wait_time=0))
+    moved = await replay_beside_a_failing_consumer(SqsTransport([], options()), consumer, queue, n)
+    assert moved == n + 1
+    assert await depths(queue + "-dlq") == (n + 1, 0)  # each failed again: for the next

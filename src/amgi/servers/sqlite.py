@@ -300,8 +300,16 @@ class SqliteQueue:
             for i, a, h, p, b, n, r, t in rows
         ]
 
-    def replay_dead_letters(self, address: str, limit: int) -> int:
-        """Move up to ``limit`` dead letters of ``address`` back into its queue.
+    def newest_dead_letter(self, address: str) -> int:
+        """The row id of the newest dead letter of ``address`` (0 when there is none)."""
+        (newest,) = self.db.execute(
+            "SELECT coalesce(max(id), 0) FROM amgi_dead_letters WHERE address = ?", (address,)
+        ).fetchone()
+        return int(newest)
+
+    def replay_dead_letters(self, address: str, limit: int, up_to: int) -> int:
+        """Move up to ``limit`` dead letters of ``address`` with row ids up to ``up_to``
+        back into its queue.
 
         Each move is one transaction (insert and delete together), so a crash leaves every
         dead letter exactly once: still dead, or back in the queue as a first attempt.
@@ -311,8 +319,9 @@ class SqliteQueue:
             ids = [
                 i
                 for (i,) in self.db.execute(
-                    "SELECT id FROM amgi_dead_letters WHERE address = ? ORDER BY id LIMIT ?",
-                    (address, limit),
+                    "SELECT id FROM amgi_dead_letters WHERE address = ? AND id <= ?"
+                    " ORDER BY id LIMIT ?",
+                    (address, up_to, limit),
                 )
             ]
             self.db.executemany(
@@ -456,12 +465,15 @@ class SqliteTransport(Transport):
         return await self._run(self._queue.stored_dead_letters, address, limit)
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
-        """Move rows back into ``amgi_messages``, a chunk per transaction."""
+        """Move rows back into ``amgi_messages``, a chunk per transaction; only the rows
+        there when the replay started (a replayed message that a consumer dead-letters
+        again meanwhile waits for the next replay)."""
         assert self._queue is not None
+        up_to = await self._run(self._queue.newest_dead_letter, address)
         moved = 0
         while moved < limit:
             n = await self._run(
-                self._queue.replay_dead_letters, address, min(_REPLAY_CHUNK, limit - moved)
+                self._queue.replay_dead_letters, address, min(_REPLAY_CHUNK, limit - moved), up_to
             )
             if n == 0:
                 break

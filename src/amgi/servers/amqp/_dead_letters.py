@@ -26,8 +26,9 @@ _REPLAY_CHUNK = 100
 class DeadLetters(AmqpClient):
     """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on AMQP."""
 
-    async def _dead_letter_channel(self, queue: str) -> AbstractChannel:
-        """A channel on which ``queue`` and its dead-letter queue were found to exist."""
+    async def _dead_letter_channel(self, queue: str) -> tuple[AbstractChannel, int]:
+        """A channel on which ``queue`` and its dead-letter queue were found to exist, and
+        the number of messages ready in the dead-letter queue."""
         from aiormq import exceptions as amqp_errors
 
         connection = self._connection
@@ -36,11 +37,11 @@ class DeadLetters(AmqpClient):
         for name in (queue, queue + ".dead-letter"):
             channel = await connection.channel()
             try:
-                await channel.queue_declare(name, passive=True)
+                declared = await channel.queue_declare(name, passive=True)
             except amqp_errors.ChannelNotFoundEntity:
                 raise ConfigurationError(f"amqp: queue {name!r} does not exist") from None
             if name != queue:
-                return channel
+                return channel, declared.message_count or 0
             await channel.close()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -57,15 +58,18 @@ class DeadLetters(AmqpClient):
 
     async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
         """Taken with basic.get and put back (the channel closes without acking)."""
-        channel = await self._dead_letter_channel(address)
+        channel, _ = await self._dead_letter_channel(address)
         try:
             return [_stored_dead_letter(d) for d in await self._get_dead(channel, address, limit)]
         finally:
             await channel.close()
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
-        """Republish each to the queue (confirmed), then ack it off the dead-letter queue."""
-        channel = await self._dead_letter_channel(address)
+        """Republish each to the queue (confirmed), then ack it off the dead-letter queue;
+        only as many as were there when the replay started (the queue is FIFO: a replayed
+        message that a consumer dead-letters again meanwhile waits for the next replay)."""
+        channel, ready = await self._dead_letter_channel(address)
+        limit = min(limit, ready)
         moved = 0
         try:
             while moved < limit:

@@ -15,6 +15,7 @@ the transport) runs them in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class DeadLetterReader:
 
         self.topic = topic
         self._timeout = timeout
+        self._opened = time.time()
         self._consumer = Consumer(
             {
                 **conf,
@@ -68,6 +70,7 @@ class DeadLetterReader:
             committed = self._consumer.committed(parts, timeout=timeout)
             self._next: dict[int, int] = {}
             self._end: dict[int, int] = {}
+            self._done: set[int] = set()
             starts = []
             for tp in committed:
                 low, high = self._consumer.get_watermark_offsets(
@@ -89,8 +92,13 @@ class DeadLetterReader:
 
         Reads until every partition reached the end it had when the reader was opened and
         then one poll brings nothing more (some brokers report the end of a partition as
-        the start of its last record batch, so the end alone is not trusted).
+        the start of its last record batch, so the end alone is not trusted). A record past
+        that end and written after the reader was opened ends its partition: what a
+        consumer dead-letters meanwhile (a replayed message failing again, say) is left
+        for the next reader, so a replay always ends.
         """
+        from confluent_kafka import TopicPartition
+
         out: list[ReadDeadLetter] = []
         idle = 0.0
         while len(out) < limit:
@@ -110,6 +118,13 @@ class DeadLetterReader:
                 if error is not None:
                     raise ConfigurationError(f"reading {self.topic!r} failed: {error.str()}")
                 p, offset = int(r.partition() or 0), int(r.offset() or 0)
+                if p in self._done:
+                    continue
+                if offset >= self._end.get(p, 0) and _written_after(r, self._opened):
+                    self._done.add(p)
+                    self._next[p] = max(self._next.get(p, 0), self._end.get(p, 0))
+                    self._consumer.pause([TopicPartition(self.topic, p)])
+                    continue
                 self._next[p] = max(self._next.get(p, 0), offset + 1)
                 out.append(_dead_letter(r, p, offset))
         return out
@@ -126,6 +141,12 @@ class DeadLetterReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def _written_after(record: Any, moment: float) -> bool:
+    """Whether ``record``'s timestamp is later than ``moment`` (seconds)."""
+    kind, ts = record.timestamp()
+    return bool(kind) and ts / 1000 > moment
 
 
 def _dead_letter(record: Any, partition: int, offset: int) -> ReadDeadLetter:

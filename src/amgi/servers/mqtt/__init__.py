@@ -58,7 +58,7 @@ from amgi.servers.kit import (
 )
 from amgi.servers.mqtt._client import MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
-from amgi.servers.mqtt._dead_letters import DeadLetters
+from amgi.servers.mqtt._dead_letters import DeadLetters, dead_at_header
 from amgi.servers.mqtt.options import MqttOptions, _topic_problem, validate_filter
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
@@ -244,6 +244,7 @@ class MqttTransport(DeadLetters, Transport):
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=topic, reason=reason
         )
+        headers.append(dead_at_header())
         # Not retained, and no expiry: a dead letter waits until someone looks at it.
         binding = {
             k: v

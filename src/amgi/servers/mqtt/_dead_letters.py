@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -41,7 +42,14 @@ if TYPE_CHECKING:
 
     from amgi.servers.mqtt._codec import Publish
 
-__all__ = ["DeadLetterSession", "DeadLetters", "dead_letter_client_id", "dead_letter_filter"]
+__all__ = [
+    "DEAD_AT_HEADER",
+    "DeadLetterSession",
+    "DeadLetters",
+    "dead_at_header",
+    "dead_letter_client_id",
+    "dead_letter_filter",
+]
 
 _NEVER = 0xFFFFFFFF
 """MQTT 5 session expiry interval of a session that never expires."""
@@ -49,6 +57,14 @@ _MOST = 65535
 """The largest Receive Maximum: what one listing can show at most."""
 _REPLAY_CHUNK = 100
 _NO_REASON = "(not recorded: MQTT 3.1.1 carries no user properties)"
+DEAD_AT_HEADER = b"amgi-dead-at"
+"""When the server dead-lettered the message, in milliseconds since the epoch (MQTT
+messages carry no time of their own; MQTT 5 only): what ends a replay."""
+
+
+def dead_at_header() -> tuple[bytes, bytes]:
+    """The :data:`DEAD_AT_HEADER` of a dead letter published now."""
+    return DEAD_AT_HEADER, str(round(time.time() * 1000)).encode()
 
 
 def dead_letter_client_id(prefix: str, address: str) -> str:
@@ -257,17 +273,23 @@ class DeadLetters(MqttClient):
         Chunk by chunk; the next chunk is published only once the broker has handled the
         acknowledgements of the last (a PINGREQ round trip): a killed process's
         connection is reset, and a broker drops what it had not read of it yet, so a
-        killed replay sends at most one chunk twice.
+        killed replay sends at most one chunk twice. The replay ends at the first dead
+        letter dead-lettered after it started (a replayed message failing again, say):
+        that one and the rest wait for the next replay.
         """
+        started = time.time()
         session = await self._dead_letter_session(address, min(limit, _REPLAY_CHUNK))
         moved = 0
         try:
             await session.all_sent()
             while moved < limit:
                 chunk = session.take(min(_REPLAY_CHUNK, limit - moved))
+                letters = [self._stored(m) for m in chunk]
+                late = next((i for i, d in enumerate(letters) if (d.dead_at or 0) > started), None)
+                if late is not None:
+                    chunk, letters = chunk[:late], letters[:late]
                 if not chunk:
                     break
-                letters = [self._stored(m) for m in chunk]
                 await asyncio.gather(
                     *(
                         self.publish(
@@ -281,6 +303,8 @@ class DeadLetters(MqttClient):
                 )
                 session.ack(chunk)
                 moved += len(chunk)
+                if late is not None:
+                    break
                 await session.all_sent()
         finally:
             await session.close()
@@ -293,14 +317,27 @@ class DeadLetters(MqttClient):
             binding.pop(key, None)
         prefix = self.config.dead_letter_prefix + "/"
         # The server removed amgi-attempt already (it is message.attempt).
+        headers, dead_at = _without_dead_at(message.headers)
         stored = stored_dead_letter(
             message.id,
-            message.headers,
+            headers,
             message.payload,
             address=topic.removeprefix(prefix),
-            dead_at=None,
+            dead_at=dead_at,
         )
         stored.bindings = {"mqtt": binding} if binding else {}
         stored.attempts = message.attempt if stored.reason else 0
         stored.reason = stored.reason or _NO_REASON
         return stored
+
+
+def _without_dead_at(headers: HeaderList) -> tuple[HeaderList, float | None]:
+    """``headers`` less :data:`DEAD_AT_HEADER`, and the time it gives (seconds)."""
+    dead_at: float | None = None
+    rest: HeaderList = []
+    for name, value in headers:
+        if name == DEAD_AT_HEADER and value.isdigit():
+            dead_at = int(value) / 1000
+        else:
+            rest.append((name, value))
+    return rest, dead_at

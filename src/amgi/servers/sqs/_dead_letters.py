@@ -55,11 +55,14 @@ class DeadLetters(SqsClient):
         return [stored_dead_letter(raw, address) for raw in taken]
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
-        """Send each back to the queue, then delete it from the dead-letter queue."""
+        """Send each back to the queue, then delete it from the dead-letter queue; at most
+        as many as the dead-letter queue held when the replay started (a replayed message
+        that a consumer dead-letters again meanwhile waits for the next replay)."""
         queue, dlq = await self._queues_of(address)
+        ready = min(limit, await self._visible_count(dlq))
         moved = 0
-        while moved < limit:
-            chunk = await self._take_dead(dlq, min(_MAX_BATCH, limit - moved))
+        while moved < ready:
+            chunk = await self._take_dead(dlq, min(_MAX_BATCH, ready - moved))
             if not chunk:
                 break
             await asyncio.gather(*(self._send_back(queue, raw) for raw in chunk))
@@ -68,6 +71,16 @@ class DeadLetters(SqsClient):
         if moved < limit:
             await self._report_held(dlq)
         return moved
+
+    async def _visible_count(self, dlq: _Queue) -> int:
+        """SQS's (approximate) count of the messages ready in ``dlq``."""
+        try:
+            found = await self.client.get_queue_attributes(
+                QueueUrl=dlq.url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+        except Exception as exc:
+            raise SqsSendError(f"sqs: could not read the size of {dlq.name!r}: {exc}") from exc
+        return int(found["Attributes"]["ApproximateNumberOfMessages"])
 
     async def _report_held(self, dlq: _Queue) -> None:
         """Warn about dead letters another reader holds (in flight): a replay cannot see
