@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -47,7 +48,9 @@ MAX_HEAD = 65_536
 MAX_HEADERS = 200
 """The most header fields a request may have (431 beyond)."""
 MAX_PENDING = 32
-"""Unanswered pipelined requests after which the connection stops reading."""
+"""Unanswered pipelined requests after which the connection stops reading (it also
+stops once their bodies hold over ``max_body`` bytes: a connection holds about twice
+``max_body`` at most, the queue about that per connection)."""
 LINGER = 5
 """The most seconds a refused request's connection stays open for the rest of it."""
 
@@ -81,12 +84,21 @@ def encode(answer: Answer, date: bytes, connection: bytes | None, body: bool = T
 class _Slot:
     """One request's place in the connection's answer order; the inbox's reply."""
 
-    __slots__ = ("answer", "bodiless", "connection", "keep_alive", "old", "outcome", "settled")
+    __slots__ = (
+        "answer", "bodiless", "connection", "keep_alive", "old", "outcome", "settled", "size",
+    )  # fmt: skip
 
     def __init__(
-        self, connection: Connection, keep_alive: bool, old: bool = False, bodiless: bool = False
+        self,
+        connection: Connection,
+        keep_alive: bool,
+        old: bool = False,
+        bodiless: bool = False,
+        size: int = 0,
     ) -> None:
         self.connection = connection
+        self.size = size
+        """The bytes of the request's body (held until it is answered)."""
         self.keep_alive = keep_alive
         self.old = old
         """An HTTP/1.0 request kept alive: its answer says so (``connection: keep-alive``)."""
@@ -128,6 +140,12 @@ class Connection(asyncio.Protocol):
         """No request is read any more; the connection closes after the last answer."""
         self._paused_writing = False
         self._paused_pending = False
+        self._held = 0
+        """Body bytes of the requests read and not answered yet."""
+        self._version = "1.1"
+        """The HTTP version of the last request."""
+        self._probed = False
+        """The client ended its side and was sent ``100 Continue`` (see :meth:`eof_received`)."""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: Head | None = None
@@ -167,11 +185,18 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Requests in flight stay with the runtime; their answers have nowhere to go
-        # and the sender, having no answer, pushes them again.
+        # and the sender, having no answer, pushes them again. Requests still queued are
+        # dropped: the app would process them for nobody, and the queue holds only
+        # requests of open connections (bounded by --max-connections).
         self.transport = None
         self.closing = True
         self.listener.connections.discard(self)
         self.listener.lost()
+        slots = self.slots
+        if slots:
+            unanswered = [slot for slot in slots if not slot.settled]
+            slots.clear()
+            self.front.inbox.withdraw(unanswered)
 
     def eof_received(self) -> bool:
         """The client shut its sending side (a half-close, as ``nc -N`` and some senders
@@ -181,9 +206,17 @@ class Connection(asyncio.Protocol):
         if self.reading:
             self._finish(text_answer(400, "the client ended its side before the request's end"))
         self.closing = True
-        if not self.slots:
-            return False  # nothing left to answer: asyncio closes the connection
-        return self.listener.tls is None
+        transport = self.transport
+        if not self.slots or self.listener.tls is not None or transport is None:
+            return False  # nothing left to answer (or TLS): asyncio closes the connection
+        if self._version == "1.1":
+            # A half-close and a client gone look alike until something is written: a
+            # 1xx, which every HTTP/1.1 client reads past (RFC 9110, 15.2), makes a gone
+            # client's host reset the connection; the sweep sees that and drops its
+            # queued requests (see connection_lost).
+            transport.write(_CONTINUE)
+            self._probed = True
+        return True
 
     def data_received(self, data: bytes) -> None:
         self.idle = 0
@@ -288,7 +321,8 @@ class Connection(asyncio.Protocol):
         self._turn(False)
         parser = self.parser
         self._keep_alive = keep_alive = parser.should_keep_alive()
-        self._old = keep_alive and parser.get_http_version() == "1.0"
+        self._version = version = parser.get_http_version()
+        self._old = keep_alive and version == "1.0"
         method = parser.get_method()
         if method != b"POST":
             self._refusal = METHOD_NOT_ALLOWED
@@ -338,8 +372,10 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.reading = False
         self._turn(True)
-        slot = _Slot(self, self._keep_alive, self._old, self._bodiless)
+        size = self._size if self._head is not None else 0
+        slot = _Slot(self, self._keep_alive, self._old, self._bodiless, size)
         self.slots.append(slot)
+        self._held += size
         head = self._head
         if head is None:
             slot.refuse(self._refusal or METHOD_NOT_ALLOWED)
@@ -356,7 +392,9 @@ class Connection(asyncio.Protocol):
             if isinstance(outcome, tuple):
                 slot.refuse(outcome)
         self._head = self._refusal = None
-        if len(self.slots) > MAX_PENDING and not self._paused_pending:
+        if not self._paused_pending and (
+            len(self.slots) > MAX_PENDING or self._held > self.front.max_body
+        ):
             self._paused_pending = True
             self._pause_or_resume()
 
@@ -370,6 +408,7 @@ class Connection(asyncio.Protocol):
         inbox = self.front.inbox  # closed at shutdown: answers then close their connection
         while slots and slots[0].settled:
             slot = slots.popleft()
+            self._held -= slot.size
             if transport is None:
                 continue  # the client went away: nobody to answer
             self.idle = 0  # --keep-alive counts from the last answer
@@ -394,7 +433,11 @@ class Connection(asyncio.Protocol):
                 else:
                     transport.close()
                 transport = None
-        if self._paused_pending and len(slots) <= MAX_PENDING // 2:
+        if (
+            self._paused_pending
+            and len(slots) <= MAX_PENDING // 2
+            and self._held <= self.front.max_body // 2
+        ):
             self._paused_pending = False
             self._pause_or_resume()
 
@@ -438,6 +481,11 @@ class Connection(asyncio.Protocol):
         bound). Each byte may come just before the idle bound, so without these a
         sender could hold the connection for as long as it liked."""
         self.idle += 1
+        if self._probed and self.slots and self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.transport.abort()  # reset after the 1xx: the client is gone
+                return
         if self.lingering is not None and self.transport is not None:
             self.lingering += 1
             if self.idle > 1 or self.lingering >= LINGER:  # a whole quiet second, as above

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement
@@ -177,6 +177,26 @@ class Inbox:
                     token.future.set_result(token.reasons)
             elif not token.done():
                 token.set_result([reason])
+
+    def withdraw(self, replies: Collection[Reply]) -> None:
+        """Drop the waiting messages of the requests answered through ``replies`` (their
+        client went away: nobody would get the answer, and the sender pushes them again).
+        Messages a batch already took stay with the runtime."""
+        if not self._waiting:
+            return
+        gone = set(replies)
+        for address, messages in list(self._waiting.items()):
+            kept = [
+                m
+                for m in messages
+                if (m.token.future if type(m.token) is _Request else m.token) not in gone
+            ]
+            if len(kept) == len(messages):
+                continue
+            if kept:
+                self._waiting[address] = kept
+            else:
+                del self._waiting[address]
 
     def close(self) -> None:
         """Refuse new requests and answer the queued ones "unavailable"."""
