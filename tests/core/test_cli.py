@@ -235,10 +235,13 @@ def app(scope, receive, send):
 """
 
 
-def test_a_sync_app_is_refused_before_lifespan_with_one_line(project: Path) -> None:
+@pytest.mark.parametrize("tracing", ["off", "on"])  # on: the check saw the tracing wrapper
+def test_a_sync_app_is_refused_before_lifespan_with_one_line(
+    project: Path, tracing: str
+) -> None:
     (project / "syncapp.py").write_text(SYNC_APP)
     assert amgi("send", "q", "work", cwd=project).returncode == 0
-    result = amgi("run", "syncapp:app", "q", cwd=project)
+    result = amgi("run", "syncapp:app", "q", "--tracing", tracing, cwd=project)
     assert result.returncode == 1
     line = one_line_error(result)
     assert "syncapp:app is a plain function ('def'), not an async callable" in line

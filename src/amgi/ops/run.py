@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from amgi.errors import ConfigurationError
 from amgi.ops.config import OpsConfig, TracingMode
+from amgi.runtime.app import check_app
 from amgi.runtime.metrics import MetricsHook
 from amgi.runtime.server import Runtime
 from amgi.transport import Transport
@@ -57,6 +58,7 @@ def prepare(
     """Check and set up everything ``config`` asks for; raise ``ConfigurationError``."""
     metrics: MetricsHook | None = None
     sock: socket.socket | None = None
+    check_app(app)  # the app itself: the runtime would only see the tracing wrapper
     if tracing_enabled(config.tracing):
         from amgi.ops.tracing import instrument
 
