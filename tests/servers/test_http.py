@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import ssl
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from amgi.http import PushApp
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.routing import Router
 from amgi.servers.http import HttpOptions, HttpSendError, HttpTransport
+from amgi.servers.http._sender import encode_structured
 from tests.net import self_signed
 from tests.servers.http_helpers import (
     WAYS,
@@ -349,6 +351,41 @@ async def test_malformed_events_and_wrong_content_types_never_reach_the_app(
     assert answer.status_code == status
     assert says in answer.text
     assert app.received == []
+
+
+_STRUCTURED = {"content-type": "application/cloudevents+json"}
+_EVENT = '{"specversion":"1.0","id":"1","source":"s","type":"t","data":%s}'
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "says"),
+    [
+        (_STRUCTURED, b"[" * 100_000, "structured event: body is not JSON (nested too deeply)"),
+        (
+            {"content-type": "application/cloudevents-batch+json"},
+            b"[" * 100_000,
+            "event batch: body is not JSON (nested too deeply)",
+        ),
+        ({"content-type": "application/json"}, b"[" * 100_000, "Pub/Sub push: body is not"),
+        (_STRUCTURED, (_EVENT % ("[" * 5000 + "]" * 5000)).encode(), "nested too deeply"),
+        (_STRUCTURED, (_EVENT % "NaN").encode(), "NaN is not a JSON number"),
+        (_STRUCTURED, (_EVENT % "[Infinity]").encode(), "Infinity is not a JSON number"),
+        (_STRUCTURED, (_EVENT % "-Infinity").encode(), "-Infinity is not a JSON number"),
+        (_STRUCTURED, (_EVENT % "1e400").encode(), "data holds a number out of range"),
+    ],
+)
+async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(
+    headers: dict[str, str], body: bytes, says: str, way: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deeply nested body used to be a 500 (a retry for the pusher) with a traceback
+    logged each time; NaN and Infinity (not JSON) reached the app labelled JSON."""
+    app = Recorder()
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", headers=headers, content=body)
+    assert answer.status_code == 400
+    assert says in answer.text
+    assert app.received == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_oversize_bodies_get_413_declared_or_streamed(way: str) -> None:
@@ -728,3 +765,15 @@ async def test_a_failed_app_startup_fails_the_asgi_lifespan() -> None:
     await asyncio.wait_for(push({"type": "lifespan"}, events.get, send), 10)
     assert sent[0]["type"] == "lifespan.startup.failed"
     assert "no database" in sent[0]["message"]
+
+
+@pytest.mark.parametrize("payload", [b"NaN", b"[Infinity]", b"[" * 5000 + b"]" * 5000])
+def test_the_structured_sender_sends_a_payload_that_is_not_strict_json_as_data_base64(
+    payload: bytes,
+) -> None:
+    """It used to parse NaN as JSON and write it back (not JSON), and to raise a bare
+    RecursionError into the app for a deeply nested payload."""
+    _, body = encode_structured("t", [(b"content-type", b"application/json")], payload, "s")
+    event = json.loads(body)
+    assert "data" not in event
+    assert base64.b64decode(event["data_base64"]) == payload

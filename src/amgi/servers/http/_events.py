@@ -30,6 +30,7 @@ __all__ = [
     "BadRequest",
     "Parsed",
     "binary_event",
+    "load_json",
     "media_type",
     "pubsub_envelope",
     "structured_batch",
@@ -49,7 +50,14 @@ _CONTENT_TYPE = b"content-type"
 _PERCENT = ord("%")
 """``_PERCENT in value`` searches bytes for ``%`` (CPython tries a bytes needle as an int
 first, and that failure costs more than the search)."""
-_json_loads = json.loads
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_decode_json = json.JSONDecoder(parse_constant=_no_constant).decode
+"""Strict JSON (``NaN`` and ``Infinity`` refused, as RFC 8259 has them not)."""
 
 
 class BadRequest(ValueError):
@@ -149,26 +157,40 @@ def _from_object(event: Any, address_from: str, where: str) -> Parsed:
         if type(data) is str and not _is_json_type(content_type):
             payload = data.encode("utf-8")
         elif data is not None:
-            payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            payload = _compact(data, where)
     address = event[address_from] if address_from in ("type", "source") else None
     return address, headers, payload, {}, 1
 
 
-def _load_json(body: bytes, what: str) -> Any:
+def load_json(body: bytes, what: str) -> Any:
+    """``body`` as strict JSON (UTF-8, -16 or -32 as :func:`json.loads` reads it);
+    :class:`BadRequest` naming ``what`` when it is not, or nests too deeply to read."""
     try:
-        return _json_loads(body)
+        return _decode_json(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what}: body is not JSON ({exc})") from None
+    except RecursionError:
+        raise BadRequest(f"{what}: body is not JSON (nested too deeply)") from None
+
+
+def _compact(data: Any, where: str) -> bytes:
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise BadRequest(f"{where}: data holds a number out of range") from None
+    except RecursionError:
+        raise BadRequest(f"{where}: data is nested too deeply") from None
+    return text.encode("utf-8")
 
 
 def structured_event(body: bytes, address_from: str) -> Parsed:
     """A structured-mode event: one JSON object (``application/cloudevents+json``)."""
-    return _from_object(_load_json(body, "structured event"), address_from, "structured event")
+    return _from_object(load_json(body, "structured event"), address_from, "structured event")
 
 
 def structured_batch(body: bytes, address_from: str) -> list[Parsed]:
     """A batched-mode request: a JSON array of structured events."""
-    events = _load_json(body, "event batch")
+    events = load_json(body, "event batch")
     if type(events) is not list:
         raise BadRequest("event batch: body is not a JSON array")
     return [_from_object(e, address_from, f"event batch[{i}]") for i, e in enumerate(events)]
@@ -183,7 +205,7 @@ def pubsub_envelope(body: bytes, address_from: str) -> Parsed:
     ``orderingKey`` when given; ``deliveryAttempt`` (set when the subscription has a
     dead-letter policy) is the attempt. The address is the subscription's short name.
     """
-    envelope = _load_json(body, "Pub/Sub push")
+    envelope = load_json(body, "Pub/Sub push")
     message = envelope.get("message") if type(envelope) is dict else None
     if type(message) is not dict:
         raise BadRequest("Pub/Sub push: body has no 'message' object")

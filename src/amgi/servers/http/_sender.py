@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit
 
 from amgi.errors import SendError
+from amgi.servers.http._events import load_json
 from amgi.servers.kit import mask_url
 from amgi.transport import HeaderList
 
@@ -87,13 +88,19 @@ def encode_structured(
         data: Any = None
         if base == "application/json" or base.endswith("+json"):
             try:
-                data = json.loads(payload)
+                data = load_json(payload, "payload")
                 event["data"] = data
-            except ValueError:
+            except ValueError:  # (not strict JSON, or nested too deeply)
                 data = None
         if "data" not in event:
             event["data_base64"] = binascii.b2a_base64(payload, newline=False).decode()
-    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:  # read, but too deep to write: sent as it is
+        del event["data"]
+        event["data_base64"] = binascii.b2a_base64(payload or b"", newline=False).decode()
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    body = text.encode("utf-8")
     return [(b"content-type", b"application/cloudevents+json; charset=utf-8")], body
 
 
