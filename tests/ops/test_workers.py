@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from amgi.runtime.server import SIGNAL_DEBOUNCE
 from tests.ops.helpers import until
 from tests.servers.kafka_helpers import BOOTSTRAP, ROOT, create_topic, ensure_broker, fresh, produce
 
@@ -120,6 +122,7 @@ def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
             if "SIGTERM received: stopping 2 worker(s)" in line:
                 break
         # the workers now drain batches that never end; a second signal ends them all
+        time.sleep(SIGNAL_DEBOUNCE + 0.1)  # sooner, it is the same signal sent twice
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(20) == 1
     finally:
@@ -136,6 +139,90 @@ def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
     queue = SqliteQueue(str(tmp_path / "amgi.db"))
     assert queue.count("q") == 2
     queue.close()
+
+
+SLOW_APP = """
+import asyncio, os
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    message = await receive()
+    with open(os.environ["SEEN"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    await asyncio.sleep(1.5)
+    await send({"type": "message.ack", "id": message["id"]})
+"""
+
+
+def test_a_signal_delivered_twice_at_once_is_one_graceful_stop(tmp_path: Path) -> None:
+    """What a launcher does that signals both the supervisor and its group (GNU
+    ``timeout``): the two arrive together and count as one, as in a single process. They
+    made the supervisor kill every worker mid-batch and exit 1."""
+    (tmp_path / "slow.py").write_text(SLOW_APP)
+    seen = tmp_path / "seen"
+    env = {**os.environ, "SEEN": str(seen)}
+    for i in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+        )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "slow:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
+        supervisor.send_signal(signal.SIGTERM)
+        time.sleep(0.02)  # apart enough that the kernel does not merge them into one
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(20) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert supervisor.stderr is not None
+    assert "received again" not in supervisor.stderr.read()
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 0  # both batches finished and were acked
+    queue.close()
+
+
+SLOW_IMPORT_APP = """
+import os, time
+if os.environ.get("AMGI_WORKER_INDEX"):
+    time.sleep(5)
+async def app(scope, receive, send):
+    pass
+"""
+
+
+def test_a_stop_while_the_workers_still_import_the_app_exits_0(tmp_path: Path) -> None:
+    """A worker killed by the SIGTERM it was forwarded before it could handle one served
+    nothing: the stop is clean (it made the supervisor exit 1, 'killed by SIGTERM')."""
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT_APP)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "slowimport:app", "q", "--workers", "2"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert supervisor.stderr is not None
+        err = ""
+        for line in supervisor.stderr:
+            err += line
+            if "worker 1 started" in line:
+                break
+        time.sleep(0.5)  # the workers are importing the app now
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(20) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    err += supervisor.stderr.read()
+    assert err.count("stopped before it started serving") == 2
+    assert "killed by SIGTERM" not in err
 
 
 def _alive(pid: int) -> bool:

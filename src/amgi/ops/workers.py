@@ -11,7 +11,11 @@ supervisor:
   others and exits 1) instead of restarting forever;
 * forwards SIGINT and SIGTERM to every worker and waits for all of them to drain; it
   exits 0 when every worker exited 0;
-* on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1.
+* on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1; one
+  arriving within :data:`~amgi.runtime.server.SIGNAL_DEBOUNCE` of the first is the same
+  signal sent to the supervisor and to its group, and is ignored, as a single process
+  does. A worker that the forwarded signal killed before it could handle one (while it
+  imported the app) served nothing, and stopped cleanly.
 
 Workers run in their own process groups (a terminal's Ctrl-C reaches only the supervisor,
 which forwards it once) and are sent SIGTERM by the kernel if the supervisor dies
@@ -31,6 +35,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
+
+from amgi.runtime.server import SIGNAL_DEBOUNCE
 
 __all__ = [
     "MAX_QUICK_FAILURES",
@@ -106,7 +112,8 @@ class Supervisor:
         self.argv = list(argv)
         self.workers = [_Worker(i) for i in range(workers)]
         self._signals: list[signal.Signals] = []
-        self._stopping = False
+        self._first_signal = 0.0
+        self._stopping: signal.Signals | None = None
         self._failed = False
 
     def _spawn(self, worker: _Worker) -> None:
@@ -123,6 +130,11 @@ class Supervisor:
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self._signals and now - self._first_signal < SIGNAL_DEBOUNCE:
+            return  # the same signal, delivered to the supervisor and to its group
+        if not self._signals:
+            self._first_signal = now
         self._signals.append(signal.Signals(signum))
 
     def run(self) -> int:
@@ -148,7 +160,7 @@ class Supervisor:
             while handled < len(self._signals):
                 sig = self._signals[handled]
                 handled += 1
-                if not self._stopping:
+                if self._stopping is None:
                     logger.info(
                         "%s received: stopping %d worker(s) gracefully (again to kill them)",
                         sig.name,
@@ -164,7 +176,7 @@ class Supervisor:
             for worker in self.workers:
                 if worker.process is None:
                     due = worker.restart_at
-                    if not self._stopping and due is not None and now >= due:
+                    if self._stopping is None and due is not None and now >= due:
                         self._spawn(worker)
                         alive += 1
                     continue
@@ -174,12 +186,17 @@ class Supervisor:
                     continue
                 worker.process = None
                 worker.exit_code = code
-                if self._stopping:
-                    if code != 0:
+                if self._stopping is not None:
+                    if code in (-self._stopping, 128 + self._stopping):
+                        # Killed by the signal it was forwarded: it had not set up its
+                        # handlers yet (still importing), so it served nothing.
+                        logger.info("worker %d stopped before it started serving", worker.index)
+                        worker.exit_code = 0
+                    elif code != 0:
                         logger.warning("worker %d %s while stopping", worker.index, _describe(code))
                     continue
                 self._restart_later(worker, code, now)
-            if self._stopping and alive == 0:
+            if self._stopping is not None and alive == 0:
                 if self._failed:
                     return 1
                 return 0 if all(w.exit_code == 0 for w in self.workers) else 1
@@ -210,7 +227,7 @@ class Supervisor:
         worker.restart_at = now + delay
 
     def _stop(self, sig: signal.Signals) -> None:
-        self._stopping = True
+        self._stopping = sig
         for worker in self.workers:
             if worker.process is not None and worker.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

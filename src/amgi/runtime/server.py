@@ -45,7 +45,9 @@ logger = logging.getLogger("amgi.runtime")
 
 _FETCH_BACKOFF_FIRST = 0.1
 _FETCH_BACKOFF_MAX = 5.0
-_SIGNAL_DEBOUNCE = 0.2
+SIGNAL_DEBOUNCE = 0.2
+"""Seconds within which a repeated stop signal is the same one, delivered to the process
+and to its group (GNU ``timeout``, a shell): it does not count as a second signal."""
 _attempt = attrgetter("attempt")
 
 
@@ -292,7 +294,7 @@ class Runtime:
     def _on_signal_now(self, signum: int, frame: FrameType | None) -> None:
         """Counts signals as they arrive; the second one ends the process at once."""
         now = time.monotonic()
-        if self._signals and now - self._first_signal < _SIGNAL_DEBOUNCE:
+        if self._signals and now - self._first_signal < SIGNAL_DEBOUNCE:
             return  # the same signal delivered to the process and to its group
         self._signals += 1
         if self._signals == 1:
