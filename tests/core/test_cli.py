@@ -236,9 +236,7 @@ def app(scope, receive, send):
 
 
 @pytest.mark.parametrize("tracing", ["off", "on"])  # on: the check saw the tracing wrapper
-def test_a_sync_app_is_refused_before_lifespan_with_one_line(
-    project: Path, tracing: str
-) -> None:
+def test_a_sync_app_is_refused_before_lifespan_with_one_line(project: Path, tracing: str) -> None:
     (project / "syncapp.py").write_text(SYNC_APP)
     assert amgi("send", "q", "work", cwd=project).returncode == 0
     result = amgi("run", "syncapp:app", "q", "--tracing", tracing, cwd=project)

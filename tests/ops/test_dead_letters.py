@@ -181,3 +181,34 @@ def test_a_server_without_dead_letter_support_says_so(tmp_path: Path) -> None:
     assert "the amp server cannot list its dead letters" in one_line_error(result)
     limit = amgi("dead-letters", "replay", "q", "--limit", "-1", cwd=tmp_path)
     assert "--limit must not be negative" in one_line_error(limit)
+
+
+def test_list_escapes_what_a_terminal_would_act_on(tmp_path: Path) -> None:
+    """A producer's header or reason with a line break forged a whole fake entry in the
+    listing, and escape sequences reached the operator's terminal."""
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    try:
+        forged = b"x\n2  attempts=1  dead-lettered=unknown\n    reason:  forged entry"
+        queue.put_many("q", [([(b"h\x1b[2J", forged)], b"payload", {})])
+        token, messages = queue.lease("q", 1, 30.0)
+        queue.settle(token, 1, [], [], [(messages[0].token, "bad\r\n\x1b]0;title\x07 \\ end")])
+    finally:
+        queue.close()
+    listed = amgi("dead-letters", "list", "q", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 5, listed.stdout  # one entry of four lines, then the count
+    assert "\x1b" not in listed.stdout
+    assert "\r" not in listed.stdout
+    assert lines[1] == "    reason:  bad\\r\\n\\x1b]0;title\\x07 \\\\ end"
+    assert lines[2].startswith("    headers: h\\x1b[2J=x\\n2  attempts=1")
+
+
+def test_dead_letters_of_a_database_file_that_does_not_exist_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --database listed '0 dead letter(s)' and exited 0."""
+    for command in ("list", "replay"):
+        result = amgi("dead-letters", command, "q", "--database", "typo.db", cwd=tmp_path)
+        assert "there was no database file 'typo.db'" in one_line_error(result)
+        assert list(tmp_path.iterdir()) == [], "the connect's new file is not left behind"

@@ -66,19 +66,29 @@ def _preview(payload: bytes | None) -> str:
     return shown + more
 
 
+def _shown(text: str) -> str:
+    """``text`` with backslashes and what a terminal would act on (line breaks, escape
+    sequences, other control characters) written as escapes: one dead letter's header or
+    reason cannot forge lines of the listing or drive the operator's terminal."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
 def format_dead_letter(d: StoredDeadLetter) -> str:
-    """A few indented lines describing one dead letter."""
+    """A few indented lines describing one dead letter (text escaped by :func:`_shown`)."""
     when = (
         datetime.fromtimestamp(d.dead_at, UTC).isoformat(timespec="seconds")
         if d.dead_at is not None
         else "unknown"
     )
     headers = ", ".join(
-        f"{n.decode(errors='replace')}={v.decode(errors='replace')}" for n, v in d.headers
+        f"{_shown(n.decode(errors='replace'))}={_shown(v.decode(errors='replace'))}"
+        for n, v in d.headers
     )
     return (
-        f"{d.id}  attempts={d.attempts or 'unknown'}  dead-lettered={when}\n"
-        f"    reason:  {d.reason}\n"
+        f"{_shown(d.id)}  attempts={d.attempts or 'unknown'}  dead-lettered={when}\n"
+        f"    reason:  {_shown(d.reason)}\n"
         f"    headers: {headers or '(none)'}\n"
         f"    payload: {_preview(d.payload)}"
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import sqlite3
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from amgi.errors import BrokerUnavailable, SendError
+from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.options import option
 from amgi.transport import (
     Batch,
@@ -379,6 +380,8 @@ class SqliteTransport(Transport):
         self.config: SqliteOptions
         self._executor: ThreadPoolExecutor | None = None
         self._queue: SqliteQueue | None = None
+        self._new_file = False
+        self._discard = False
         self._leases: set[str] = set()
         self._next = 0
         self.lease_interval = max(0.05, self.config.visibility_timeout / 3)
@@ -396,6 +399,7 @@ class SqliteTransport(Transport):
         folder = os.path.dirname(os.path.abspath(c.database))  # noqa: ASYNC240
         if not os.path.isdir(folder):  # noqa: ASYNC240 - one stat at startup
             raise BrokerUnavailable(f"sqlite: folder of --database {c.database!r} does not exist")
+        self._new_file = not os.path.exists(c.database)  # noqa: ASYNC240 - one stat
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="amgi-sqlite")
         try:
             self._queue = await self._run(SqliteQueue, c.database, c.busy_timeout)
@@ -462,13 +466,25 @@ class SqliteTransport(Transport):
     async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
         """Rows of ``amgi_dead_letters`` of ``address``."""
         assert self._queue is not None
+        self._check_file()
         return await self._run(self._queue.stored_dead_letters, address, limit)
+
+    def _check_file(self) -> None:
+        """Dead letters come from a database file that existed: a mistyped ``--database``
+        is an error, not "0 dead letters"."""
+        if self._new_file:
+            self._discard = True
+            raise ConfigurationError(
+                f"sqlite: there was no database file {self.config.database!r} "
+                "(--database): no dead letters can be there"
+            )
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Move rows back into ``amgi_messages``, a chunk per transaction; only the rows
         there when the replay started (a replayed message that a consumer dead-letters
         again meanwhile waits for the next replay)."""
         assert self._queue is not None
+        self._check_file()
         up_to = await self._run(self._queue.newest_dead_letter, address)
         moved = 0
         while moved < limit:
@@ -495,3 +511,7 @@ class SqliteTransport(Transport):
             self._queue = None
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._discard:  # the file this connect created for a mistyped --database
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.config.database + suffix)
