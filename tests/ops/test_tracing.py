@@ -242,3 +242,76 @@ def test_amgi_run_traces_when_the_app_configures_a_provider(tmp_path: Path) -> N
     assert len(consumer) == 1, recorded
     assert consumer[0][1] == "CONSUMER"
     assert consumer[0][2] == int(trace_id, 16)
+
+
+async def test_a_relay_forwards_one_trace_context_and_the_baggage() -> None:
+    """An app that forwards what it received (a relay) sends one traceparent, its own
+    producer span's, whatever the case or pair type of the one it forwarded (the stale
+    one stayed beside the new one, and came first); the incoming W3C baggage is the
+    app's current baggage and travels on (it was dropped)."""
+    from opentelemetry import baggage
+
+    from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("sender").start_as_current_span("request"):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+    stale = carrier["traceparent"].encode()
+    name = "tracing-relay"
+    broker = MemoryBroker.reset(name)
+    broker.put("in", [(b"Traceparent", stale), (b"baggage", b"tenant=acme")], b"upper")
+    broker.put("in", [(b"traceparent", stale), (b"BAGGAGE", b"tenant=beta")], b"list")
+    seen: list[object] = []
+
+    async def relay(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            m = await receive()
+            seen.append(baggage.get_baggage("tenant"))
+            headers = m["headers"]
+            if m["payload"] == b"list":
+                headers = [[n, v] for n, v in headers]  # what JSON-decoded headers look like
+            await send(
+                {"type": "message.send", "address": "out", "headers": headers, "payload": b"x"}
+            )
+            await send({"type": "message.ack", "id": m["id"]})
+            more = m.get("more_messages", False)
+
+    transport = MemoryTransport(["in"], MemoryOptions(broker=name, batch_size=1))
+    runtime = Runtime(
+        instrument(relay, "memory", tracer_provider=provider),
+        transport,
+        RuntimeConfig(lifespan="off"),
+    )
+    served = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(10):
+            while len(broker.queue("out")) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 10) == 0
+    assert seen == ["acme", "beta"]
+    producers = {
+        hexed(s.context.span_id): s
+        for s in exporter.get_finished_spans()
+        if s.kind is SpanKind.PRODUCER and s.context is not None
+    }
+    for message in broker.queue("out"):
+        names = [n.lower() for n, _ in message.headers]
+        assert names.count(b"traceparent") == 1, message.headers
+        assert names.count(b"baggage") == 1, message.headers
+        parent = dict((n.lower(), v) for n, v in message.headers)[b"traceparent"]
+        assert parent != stale
+        assert parent.decode().split("-")[2] in producers
+    assert sorted(
+        dict((n.lower(), v) for n, v in m.headers)[b"baggage"] for m in broker.queue("out")
+    ) == [
+        b"tenant=acme",
+        b"tenant=beta",
+    ]

@@ -124,6 +124,8 @@ class _TracedCall:
             if remote.is_valid:
                 self._batch.add_link(remote)
                 parent = extracted
+            else:  # no trace, but what else came with it (baggage) goes on
+                parent = trace.set_span_in_context(self._batch, extracted)
         attributes: dict[str, Any] = {
             **self._attributes,
             "messaging.operation.type": "process",
@@ -145,7 +147,8 @@ class _TracedCall:
         self._open[event["id"]] = span
         # The message's span is current in the app until the next receive() or the end
         # of the call: the app's own spans and sends become its children.
-        token = otel_context.attach(trace.set_span_in_context(span))
+        # The message's context (its baggage included) is the app's, with its span.
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
         if self._token is None:
             self._token = token
         received: AMGIReceiveEvent = event
@@ -179,17 +182,24 @@ class _TracedCall:
                 "messaging.operation.name": "send",
             },
         )
-        try:
+        injected: list[tuple[bytes, bytes]] = []
+        propagate.inject(injected, trace.set_span_in_context(span), setter=_SETTER)
+        names = {n for n, _ in injected}
+        try:  # what the propagators set replaces the app's, whatever its case or pair type
             headers = [
                 h
                 for h in event.get("headers", ())
-                if not (isinstance(h, tuple) and len(h) == 2 and h[0] in TRACE_HEADERS)
+                if not (
+                    isinstance(h, tuple | list)
+                    and len(h) == 2
+                    and isinstance(h[0], bytes)
+                    and h[0].lower() in names
+                )
             ]
         except TypeError:  # malformed headers: the runtime explains what is wrong
             headers = None
         if headers is not None:
-            propagate.inject(headers, trace.set_span_in_context(span), setter=_SETTER)
-            event = {**event, "headers": headers}
+            event = {**event, "headers": headers + injected}
         try:
             await self._send(event)
         except BaseException as exc:
