@@ -140,6 +140,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"amgi: error: {message} (see '{self.prog} --help')\n")
 
 
+def _port(text: str) -> int:
+    """A TCP port number (0: any free port), for argparse."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {port}")
+    return port
+
+
 def _log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """``--log-level`` and ``--log-format``, before the command (``top``) or after it."""
     parser.add_argument(
@@ -242,6 +253,7 @@ def _parser(
     )
     asyncapi.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
     asyncapi.add_argument("--yaml", action="store_true", help="print YAML instead of JSON")
+    _log_options(asyncapi, top=False)
     docs = commands.add_parser(
         "docs",
         help="serve the documentation page of an amgi.app App",
@@ -249,7 +261,8 @@ def _parser(
     )
     docs.add_argument("app", metavar="MODULE:APP", help="the application, e.g. myapp:app")
     docs.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    docs.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    docs.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    _log_options(docs, top=False)
     annotate_help(parser)
     return parser, transport
 
@@ -360,7 +373,12 @@ def _app_command(args: argparse.Namespace) -> int:
         return 0
     from amgi.app._docs import DocsServer
 
-    server = DocsServer(document, args.host, args.port)
+    try:
+        server = DocsServer(document, args.host, args.port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"amgi docs cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
     print(f"amgi docs: serving {server.url} (Ctrl-C to stop)", flush=True)
     server.serve_forever()
     return 0

@@ -59,10 +59,17 @@ def masked(value: Any) -> str:
     return MASK
 
 
+_SECRET_NAME: Final = re.compile(r"pass|secret|token|jaas|key|cred|oauth|auth", re.IGNORECASE)
+"""What the NAME of a secret option's ``NAME=VALUE`` item holds when its VALUE is secret
+(``sasl.password``, ``ssl.key.pem``, ``sasl.jaas.config`` ...)."""
+
+
 def _secret_values(options: Any) -> list[str]:
-    """The texts that give away a secret option of ``options``: each value, each
-    ``NAME=VALUE`` item's value and the parts of a comma-separated one (librdkafka
-    quotes the bad part of a list), each URL's password; longest first."""
+    """The texts that give away a secret option of ``options``: each value; the value of
+    each ``NAME=VALUE`` item whose NAME looks secret (:data:`_SECRET_NAME`: the others,
+    ``linger.ms=5`` say, would mask every ``5`` of a message) and the parts of a
+    comma-separated one (librdkafka quotes the bad part of a list); each URL's password;
+    longest first."""
     found: set[str] = set()
     for f in dataclasses.fields(options):
         if not f.metadata.get("secret"):
@@ -72,8 +79,10 @@ def _secret_values(options: Any) -> list[str]:
             if not isinstance(item, str) or not item:
                 continue
             found.add(item)
-            found.update(item.partition("=")[2].split(","))
-            found.add(item.partition("=")[2])
+            name, equals, rest = item.partition("=")
+            if equals and _SECRET_NAME.search(name):
+                found.update(rest.split(","))
+                found.add(rest)
             with contextlib.suppress(ValueError):  # not a URL
                 found.add(urlsplit(item).password or "")
     found.discard("")

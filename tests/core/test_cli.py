@@ -247,3 +247,34 @@ def test_a_sync_app_is_refused_before_lifespan_with_one_line(project: Path, trac
     queue = SqliteQueue(str(project / "amgi.db"))
     assert queue.count("q") == 1
     queue.close()
+
+
+def test_docs_port_errors_are_one_line() -> None:
+    """``--port 99999`` was 'unexpected OverflowError'; a port in use did not say which."""
+    import socket
+
+    bad = amgi("docs", "examples.orders:app", "--port", "99999")
+    assert result_code_and_line(bad) == (
+        2,
+        "amgi: error: argument --port: a port is 0 to 65535, not 99999 (see 'amgi docs --help')",
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = amgi("docs", "examples.orders:app", "--port", str(port), "--log-level", "debug")
+    code, line = result_code_and_line(busy)
+    assert code == 1
+    assert f"amgi docs cannot listen on 127.0.0.1:{port}: Address already in use" in line
+
+
+def test_log_options_are_taken_after_every_command() -> None:
+    """'run with --log-level debug' is what an unexpected error suggests: asyncapi and
+    docs refused it after the command."""
+    for command in ("asyncapi", "docs"):
+        result = amgi(command, "nosuch:app", "--log-level", "debug", "--log-format", "text")
+        assert "cannot import module 'nosuch'" in one_line_error(result)
+
+
+def result_code_and_line(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
+    return result.returncode, one_line_error(result)
