@@ -393,3 +393,34 @@ async def test_readyz_is_not_ready_while_the_broker_cannot_be_reached(tmp_path: 
     finally:
         runtime.request_stop()
         assert await asyncio.wait_for(served, 30) == 0
+
+
+def test_destination_names_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A wildcard consumer over many topics, or sends to a reply address per request,
+    made one set of series per address without end (300 topics: 13,201 sample lines)."""
+    from amgi.ops.metrics import MAX_DESTINATIONS, OTHER_DESTINATION, PrometheusMetrics
+    from amgi.runtime.metrics import BatchStats
+
+    metrics = PrometheusMetrics("mqtt")
+    extra = 50
+    for i in range(MAX_DESTINATIONS + extra):
+        metrics.batch_settled(BatchStats(f"devices/{i}/temp", 2, 2, 0, 0, 0.01))
+        metrics.message_sent(f"reply.{i}", True)
+    metrics.batch_settled(BatchStats("devices/0/temp", 1, 1, 0, 0, 0.01))  # a known one
+    text = metrics.exposition().decode()
+
+    def samples(name: str) -> dict[str, float]:
+        found = re.findall(
+            rf'^{name}\{{.*messaging_destination_name="([^"]*)".*\}} (\S+)$', text, re.M
+        )
+        return {label: float(value) for label, value in found}
+
+    consumed = samples("messaging_client_consumed_messages_total")
+    assert len(consumed) == MAX_DESTINATIONS + 1
+    assert consumed[OTHER_DESTINATION] == 2 * extra
+    assert consumed["devices/0/temp"] == 3
+    assert sum(consumed.values()) == 2 * (MAX_DESTINATIONS + extra) + 1
+    sent = samples("messaging_client_sent_messages_total")
+    assert len(sent) == MAX_DESTINATIONS + 1
+    assert sent[OTHER_DESTINATION] == extra
+    assert caplog.text.count("the others are counted as") == 2  # once per kind

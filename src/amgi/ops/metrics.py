@@ -5,7 +5,8 @@ Names follow OpenTelemetry's messaging semantic conventions where they define on
 ``messaging.client.sent.messages``), exported the way OpenTelemetry's Prometheus exporter
 spells them (dots become underscores, counters end in ``_total``, units are suffixed);
 the settlement counters AMGI adds are prefixed ``amgi_``. Every series carries
-``messaging_system`` and ``messaging_destination_name``.
+``messaging_system`` and ``messaging_destination_name`` (at most :data:`MAX_DESTINATIONS`
+names each for the consumed and the sent metrics).
 
 Counts are updated once per settled batch; the in-flight gauge and the consumer lag
 (``amgi_consumer_lag_messages``, for servers whose :meth:`~amgi.transport.Transport.backlog`
@@ -26,11 +27,17 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import Counter, Histogram
 
-__all__ = ["PrometheusMetrics"]
+__all__ = ["MAX_DESTINATIONS", "OTHER_DESTINATION", "PrometheusMetrics"]
 
 logger = logging.getLogger("amgi.ops")
 
 _LABELS = ("messaging_system", "messaging_destination_name")
+MAX_DESTINATIONS = 200
+"""Distinct ``messaging_destination_name`` values kept for the consumed and for the sent
+metrics each; past them (a wildcard subscription over many topics, sends to a reply
+address per request) the rest are counted under :data:`OTHER_DESTINATION`, so neither
+the process nor a scrape grows without bound."""
+OTHER_DESTINATION = "(other)"
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -97,20 +104,34 @@ class PrometheusMetrics(MetricsHook):
         """False while fetching from the broker fails (the readiness probe reports it)."""
         self._children: dict[str, tuple[Counter, ...]] = {}
         self._histograms: dict[str, tuple[Histogram, Histogram]] = {}
+        self._consumed_names: dict[str, None] = {}
+        self._sent_names: dict[str, None] = {}
+        self._warned: set[str] = set()
+
+    def _bounded(self, address: str, seen: dict[str, None], what: str) -> str:
+        """``address``, or :data:`OTHER_DESTINATION` once ``seen`` is full."""
+        if address in seen:
+            return address
+        if len(seen) < MAX_DESTINATIONS:
+            seen[address] = None
+            return address
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(
+                "metrics: more than %d %s addresses; the others are counted as "
+                "messaging_destination_name=%r",
+                MAX_DESTINATIONS,
+                what,
+                OTHER_DESTINATION,
+            )
+        return OTHER_DESTINATION
 
     def batch_settled(self, stats: BatchStats) -> None:
         address = stats.address
         children = self._children.get(address)
         if children is None:
-            labels = (self.system, address)
-            children = self._children[address] = tuple(
-                c.labels(*labels)
-                for c in (self._consumed, self._acked, self._nacked, self._retried, self._dead)
-            )
-            self._histograms[address] = (
-                self._batch.labels(*labels),
-                self._duration.labels(*labels),
-            )
+            address = self._bounded(address, self._consumed_names, "consumed")
+            children = self._children.get(address) or self._add_children(address)
         consumed, acked, nacked, retried, dead = children
         consumed.inc(stats.received)
         if stats.acked:
@@ -123,10 +144,20 @@ class PrometheusMetrics(MetricsHook):
         size.observe(stats.received)
         duration.observe(stats.duration)
 
+    def _add_children(self, address: str) -> tuple[Counter, ...]:
+        labels = (self.system, address)
+        children = self._children[address] = tuple(
+            c.labels(*labels)
+            for c in (self._consumed, self._acked, self._nacked, self._retried, self._dead)
+        )
+        self._histograms[address] = (self._batch.labels(*labels), self._duration.labels(*labels))
+        return children
+
     def broker_reachable(self, ok: bool) -> None:
         self.broker_ok = ok
 
     def message_sent(self, address: str, ok: bool) -> None:
+        address = self._bounded(address, self._sent_names, "sent-to")
         self._sent.labels(self.system, address, "" if ok else "send_error").inc()
 
     def track_backlog(self, read: Callable[[], dict[str, int] | None]) -> None:
