@@ -354,7 +354,8 @@ async def test_malformed_events_and_wrong_content_types_never_reach_the_app(
 
 
 _STRUCTURED = {"content-type": "application/cloudevents+json"}
-_EVENT = '{"specversion":"1.0","id":"1","source":"s","type":"t","data":%s}'
+_BASE = '{"specversion":"1.0","id":"1","source":"s","type":"t"'
+_EVENT = _BASE + ',"data":%s}'
 
 
 @pytest.mark.parametrize(
@@ -372,13 +373,20 @@ _EVENT = '{"specversion":"1.0","id":"1","source":"s","type":"t","data":%s}'
         (_STRUCTURED, (_EVENT % "[Infinity]").encode(), "Infinity is not a JSON number"),
         (_STRUCTURED, (_EVENT % "-Infinity").encode(), "-Infinity is not a JSON number"),
         (_STRUCTURED, (_EVENT % "1e400").encode(), "data holds a number out of range"),
+        # names are lower-case a-z and 0-9, strings hold no control character (such
+        # attributes reached the app as headers; CR LF then went out with message.send)
+        (_STRUCTURED, (_BASE + ',"Tenant":"a"}').encode(), "name 'Tenant' is not lower-case"),
+        (_STRUCTURED, (_BASE + ',"a\\r\\nb":"a"}').encode(), "name 'a\\r\\nb' is not"),
+        (_STRUCTURED, (_BASE + ',"datacontenttype":"a\\nb: c"}').encode(), "control character"),
+        (_STRUCTURED, (_BASE + ',"subject":"a\\u0000"}').encode(), "'subject' holds a control"),
     ],
 )
 async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(
     headers: dict[str, str], body: bytes, says: str, way: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A deeply nested body used to be a 500 (a retry for the pusher) with a traceback
-    logged each time; NaN and Infinity (not JSON) reached the app labelled JSON."""
+    logged each time; NaN and Infinity (not JSON) reached the app labelled JSON; so did
+    attributes that are no CloudEvents attribute."""
     app = Recorder()
     async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
         answer = await client.post(served.url + "/", headers=headers, content=body)
@@ -386,6 +394,35 @@ async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(
     assert says in answer.text
     assert app.received == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+_BINARY = "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: 1\r\nce-source: s\r\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ("ce-type: t\r\nce-tenant: a%0D%0Ab\r\n", "ce-tenant holds a control character"),
+        ("ce-type: t\r\nce-specversion: 0.3\r\n", "ce-specversion given more than once"),
+        ("ce-type: %FF\r\n", "ce-type is not UTF-8"),
+    ],
+)
+async def test_binary_headers_that_are_no_attribute_text_are_400(extra: str, says: str) -> None:
+    """Percent-decoding gave CR LF, a repeated ce-specversion was read as the last one,
+    and an address that is not UTF-8 became U+FFFD."""
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((_BINARY + extra + "content-length: 1\r\n\r\nx").encode())
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+            text = (await reader.readexactly(length)).decode()
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert says in text
+    assert app.received == []
 
 
 async def test_oversize_bodies_get_413_declared_or_streamed(way: str) -> None:
@@ -614,6 +651,7 @@ class _Sink:
         self.events: list[Any] = []
         self.paths: list[str] = []
         self.authorization: list[bytes] = []
+        self.clients: list[Any] = []
         self.status = status
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -629,6 +667,7 @@ class _Sink:
         self.events.append(from_http(HTTPMessage(headers, body), JSONFormat()))
         self.paths.append(scope["path"])
         self.authorization.append(dict(scope["headers"]).get(b"authorization", b""))
+        self.clients.append(scope["client"])
         await send({"type": "http.response.start", "status": self.status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -777,3 +816,36 @@ def test_the_structured_sender_sends_a_payload_that_is_not_strict_json_as_data_b
     event = json.loads(body)
     assert "data" not in event
     assert base64.b64decode(event["data_base64"]) == payload
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        (b"ce-a\r\nx-injected", b"1", "is not an HTTP field name"),
+        (b"ce-a b", b"1", "is not an HTTP field name"),
+        (b"ce-tenant", b"a\r\nx-injected: 1", "ce-tenant holds a control character"),
+        (b"ce-tenant", b"a\x00", "ce-tenant holds a control character"),
+        (b"content-type", b"text/plain\r\nx-injected: 1", "content-type holds a control"),
+    ],
+)
+async def test_a_header_http_cannot_carry_fails_that_send_alone(
+    mode: str, name: bytes, value: bytes, says: str
+) -> None:
+    """Such headers (a Pub/Sub attribute can be any text) went out verbatim: CR LF
+    injected headers towards --send-url. The send fails before anything is written, and
+    the next send goes out on the same connection."""
+    sink = _Sink()
+    async with uvicorn_serving(sink) as sink_url:
+        sender = HttpTransport([], HttpOptions(send_url=sink_url + "/", send_mode=mode))
+        await sender.connect()
+        try:
+            await sender.publish("a", [], b"1", {})
+            with pytest.raises(HttpSendError, match=says) as refused:
+                await sender.publish("b", [(name, value)], b"2", {})
+            await sender.publish("c", [], b"3", {})
+        finally:
+            await sender.close()
+    assert isinstance(refused.value, OSError)
+    assert [e.get_type() for e in sink.events] == ["a", "c"]
+    assert sink.clients[0] == sink.clients[1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -50,6 +51,11 @@ _CONTENT_TYPE = b"content-type"
 _PERCENT = ord("%")
 """``_PERCENT in value`` searches bytes for ``%`` (CPython tries a bytes needle as an int
 first, and that failure costs more than the search)."""
+_ATTRIBUTE_NAME = re.compile("[a-z0-9]+").fullmatch
+"""A CloudEvents attribute name: lower-case ASCII letters and digits (spec 1.0, 3.1.1)."""
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]").search
+"""The control characters a CloudEvents String must not hold (spec 1.0, 3.2)."""
+_CONTROL_BYTE = re.compile(b"[\x00-\x1f\x7f]").search
 
 
 def _no_constant(name: str) -> Any:
@@ -84,8 +90,16 @@ def binary_event(
     if _PERCENT in b"".join(attributes.values()):  # rare: percent-encoded values
         for i, (name, value) in enumerate(kept):
             if _PERCENT in value and name != _CONTENT_TYPE:
-                kept[i] = (name, unquote_to_bytes(value))
+                value = unquote_to_bytes(value)
+                if _CONTROL_BYTE(value):
+                    shown = name.decode("latin-1")
+                    raise BadRequest(f"binary event: {shown} holds a control character")
+                kept[i] = (name, value)
         attributes = dict(kept)
+    if len(attributes) != len(kept):
+        twice = sorted({n for n, _ in kept if sum(1 for m, _ in kept if m == n) > 1})
+        shown = ", ".join(n.decode("latin-1") for n in twice)
+        raise BadRequest(f"binary event: header(s) {shown} given more than once")
     get = attributes.get
     if get(b"ce-specversion") != b"1.0" or not (
         get(b"ce-id") and get(b"ce-source") and get(b"ce-type")
@@ -97,12 +111,19 @@ def binary_event(
         missing = [f"ce-{a}" for a in _REQUIRED[1:] if not get(f"ce-{a}".encode())]
         raise BadRequest(f"binary event: missing or empty header(s) {', '.join(missing)}")
     address = get(want)
-    return (address.decode("utf-8", "replace") if address is not None else None), kept
+    if address is None:
+        return None, kept
+    try:
+        return address.decode("utf-8"), kept
+    except UnicodeDecodeError:
+        raise BadRequest(f"binary event: {want.decode()} is not UTF-8") from None
 
 
 def _attribute_value(name: str, value: Any) -> bytes:
     kind = type(value)
     if kind is str:
+        if _CONTROL(value):
+            raise BadRequest(f"structured event: attribute {name!r} holds a control character")
         return value.encode("utf-8")  # type: ignore[no-any-return]
     if kind is bool:
         return b"true" if value else b"false"
@@ -142,13 +163,17 @@ def _from_object(event: Any, address_from: str, where: str) -> Parsed:
                 payload = binascii.a2b_base64(value, strict_mode=True)
             except binascii.Error:
                 raise BadRequest(f"{where}: data_base64 is not valid base64") from None
+        elif not _ATTRIBUTE_NAME(name):
+            raise BadRequest(
+                f"{where}: attribute name {name!r} is not lower-case letters a-z and digits"
+            )
         elif value is None:
             continue
         elif name == "datacontenttype":
             if type(value) is not str:
                 raise BadRequest(f"{where}: datacontenttype is not a string")
             content_type = value
-            headers.append((_CONTENT_TYPE, value.encode("utf-8")))
+            headers.append((_CONTENT_TYPE, _attribute_value(name, value)))
         else:
             headers.append((b"ce-" + name.encode("utf-8"), _attribute_value(name, value)))
     if has_data:

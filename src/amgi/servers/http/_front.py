@@ -213,6 +213,7 @@ class Front:
                     or version != b"1.0"
                     or not (get(b"ce-id") and get(b"ce-source") and get(b"ce-type"))
                     or _PERCENT in b"".join(attributes.values())
+                    or len(attributes) != len(kept)  # a header given twice
                 ):
                     address = self._binary_address(kept, attributes, path)
                 return inbox.submit_one(address, kept, body, reply=reply)

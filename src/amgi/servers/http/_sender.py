@@ -19,6 +19,7 @@ import asyncio
 import binascii
 import contextlib
 import json
+import re
 import ssl
 import uuid
 from typing import Any
@@ -38,6 +39,20 @@ class HttpSendError(SendError):
     """A CloudEvent could not be delivered over HTTP (no answer, or not a 2xx)."""
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+"""An HTTP field name (RFC 9110, 5.1)."""
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]").search
+
+
+def _sendable(name: bytes, value: bytes) -> None:
+    """Refuse, before anything is written, a header HTTP cannot carry as it is (CR, LF,
+    NUL would end or split it): the send fails alone, the connection is untouched."""
+    if not _TOKEN(name):
+        raise HttpSendError(f"http: header name {name!r} is not an HTTP field name")
+    if _CONTROL(value):
+        raise HttpSendError(f"http: header {name.decode()} holds a control character")
+
+
 def _percent(value: bytes) -> bytes:
     return quote_from_bytes(value, safe=_SAFE).encode("ascii")
 
@@ -51,9 +66,11 @@ def encode_binary(
     for name, value in headers:
         lower = name.lower()
         if lower.startswith(b"ce-"):
+            _sendable(lower, value)
             seen.add(lower)
             out.append((lower, _percent(value)))
         elif lower == b"content-type":
+            _sendable(lower, value)
             out.append((b"content-type", value))
     for name, default in (
         (b"ce-specversion", b"1.0"),
@@ -62,6 +79,7 @@ def encode_binary(
         (b"ce-type", address.encode("utf-8")),
     ):
         if name not in seen:
+            _sendable(name, default)
             out.append((name, _percent(default)))
     return out, payload or b""
 
@@ -75,10 +93,14 @@ def encode_structured(
     for name, value in headers:
         lower = name.lower()
         if lower.startswith(b"ce-"):
+            _sendable(lower, value)
             event[lower[3:].decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         elif lower == b"content-type":
+            _sendable(lower, value)
             content_type = value.decode("utf-8", "replace")
             event["datacontenttype"] = content_type
+    if "type" not in event:
+        _sendable(b"ce-type", address.encode("utf-8"))
     event.setdefault("specversion", "1.0")
     event.setdefault("id", str(uuid.uuid4()))
     event.setdefault("source", source)
@@ -117,12 +139,15 @@ class _Response:
         self.done = False
         self.keep_alive = True
         self.body: list[bytes] = []
+        self.parser: Any = None
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
         self.done = True
+        # read here: once the answer is complete, the parser has forgotten
+        self.keep_alive = self.parser.should_keep_alive()
 
 
 class CloudEventSender:
@@ -181,14 +206,14 @@ class CloudEventSender:
             connection.writer.write(request)
             await connection.writer.drain()
             response = _Response()
-            parser = httptools.HttpResponseParser(response)
+            parser = response.parser = httptools.HttpResponseParser(response)
             while not response.done:
                 data = await connection.reader.read(65536)
                 if not data:
                     raise ConnectionResetError("the server closed the connection")
                 parser.feed_data(data)
             status = parser.get_status_code()
-            keep = parser.should_keep_alive()
+            keep = response.keep_alive
         except (OSError, httptools.HttpParserError) as exc:
             connection.writer.close()
             if reused and isinstance(exc, ConnectionResetError | BrokenPipeError):
