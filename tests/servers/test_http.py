@@ -616,6 +616,39 @@ async def test_own_listener_requires_client_certificates_from_its_ca(tmp_path: P
     assert len(app.received) == 1
 
 
+async def test_tls_connections_count_from_accept_and_a_silent_handshake_is_closed(
+    tmp_path: Path,
+) -> None:
+    """Connections that never begin the TLS handshake count toward --max-connections (one
+    more is answered 503 after its handshake) and are closed after --read-timeout; they
+    used to escape the count and stay open 60 s, and a few hundred used up the file
+    descriptors."""
+    cert, key = self_signed(tmp_path)
+    app = Recorder()
+    options = HttpOptions(
+        port=0, ssl_certfile=str(cert), ssl_keyfile=str(key), max_connections=2, read_timeout=1
+    )
+    headers, body = binary(cloud_event("orders", "over tls"))
+    verify = ssl.create_default_context(cafile=cert)
+    async with serving("own", app, options, config=FAST) as served:
+        url = served.url.replace("http:", "https:") + "/"
+        port = int(served.url.rsplit(":", 1)[1])
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(verify=verify) as client:
+            refused = await client.post(url, headers=headers, content=body)
+        for reader, writer in silent:
+            async with asyncio.timeout(4):
+                assert await reader.read() == b""  # closed by the server
+            writer.close()
+        async with httpx.AsyncClient(verify=verify) as client:
+            served_now = await client.post(url, headers=headers, content=body)
+    assert refused.status_code == 503
+    assert "too many connections" in refused.text
+    assert served_now.status_code == 204
+    assert len(app.received) == 1
+
+
 async def test_an_open_listener_without_checks_says_so(caplog: pytest.LogCaptureFixture) -> None:
     for host, checked, warned in (
         ("0.0.0.0", {}, True),

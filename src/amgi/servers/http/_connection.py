@@ -131,6 +131,8 @@ class Connection(asyncio.Protocol):
         self.front: Front = listener.front
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.handshaking = False
+        """In the TLS handshake (``transport`` is the plain one; see Listener.secure)."""
         self.slots: deque[_Slot] = deque()
         self.reading = False
         """Inside a request (its first bytes came, its end did not)."""
@@ -179,9 +181,21 @@ class Connection(asyncio.Protocol):
         if listener.stopping:
             self.closing = True
             transport.close()
+        elif listener.tls is not None:  # counted now; served once the handshake is done
+            self.handshaking = True
+            transport.pause_reading()  # type: ignore[attr-defined]
+            listener.secure(self, self.transport, listener.full())  # type: ignore[arg-type]
         elif listener.full():
             self._finish(_TOO_MANY)  # answered at once; closes once the client is quiet
         listener.connections.add(self)
+
+    def secured(self, transport: asyncio.Transport, over: bool) -> None:
+        """The TLS handshake is done: ``transport`` carries the requests from now on."""
+        self.transport = transport
+        self.handshaking = False
+        self.idle = 0
+        if over:
+            self._finish(_TOO_MANY)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Requests in flight stay with the runtime; their answers have nowhere to go
@@ -481,6 +495,8 @@ class Connection(asyncio.Protocol):
         bound). Each byte may come just before the idle bound, so without these a
         sender could hold the connection for as long as it liked."""
         self.idle += 1
+        if self.handshaking:
+            return  # bounded by the handshake's own timeout
         if self._probed and self.slots and self.transport is not None:
             sock = self.transport.get_extra_info("socket")
             if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):

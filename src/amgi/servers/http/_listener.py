@@ -27,6 +27,9 @@ __all__ = ["Listener"]
 logger = logging.getLogger("amgi.servers.http")
 
 _BACKLOG = 2048
+_OVER_HANDSHAKE = 1
+"""Seconds the TLS handshake of a connection over --max-connections may take (then its
+503): about as long as a plain one stays open for its 503."""
 
 
 class Listener:
@@ -68,6 +71,7 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Bind and start serving; :class:`BrokerUnavailable` if that fails."""
@@ -90,14 +94,49 @@ class Listener:
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         try:
+            # No ssl= here: asyncio would count nothing and give the protocol nothing
+            # before the handshake ends, so a client that never completes it escaped
+            # --max-connections. A connection is accepted plain, counted at once, and
+            # upgraded by :meth:`secure` within --read-timeout.
             self._server = await loop.create_server(
-                lambda: Connection(self), sock=sock, backlog=_BACKLOG, ssl=self.tls
+                lambda: Connection(self), sock=sock, backlog=_BACKLOG
             )
         except OSError as exc:
             sock.close()
             raise BrokerUnavailable(f"http: cannot start the listener: {exc}") from None
         self._sweeper = asyncio.create_task(self._sweep(), name="amgi-http-sweep")
         logger.info("http: listening on %s:%d", self.host, self.port)
+
+    def secure(self, connection: Connection, transport: asyncio.Transport, over: bool) -> None:
+        """Run the TLS handshake of a connection just accepted (see :meth:`start`): it
+        must end within ``read_timeout`` seconds (:data:`_OVER_HANDSHAKE` for one over
+        ``max_connections``, which then gets its 503), else the connection closes."""
+        timeout = min(self.read_timeout, _OVER_HANDSHAKE) if over else self.read_timeout
+        task = asyncio.get_running_loop().create_task(
+            self._handshake(connection, transport, timeout, over)
+        )
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(
+        self, connection: Connection, transport: asyncio.Transport, timeout: float, over: bool
+    ) -> None:
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        secured: asyncio.Transport | None = None
+        try:
+            secured = await loop.start_tls(
+                transport, connection, self.tls, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except Exception as exc:  # failed, or not done in time: start_tls closed it
+            logger.debug("http: TLS handshake failed: %r", exc)
+        finally:
+            if secured is None or transport.is_closing():
+                transport.close()
+                connection.connection_lost(None)  # (asyncio tells it nothing)
+        if secured is None or transport.is_closing():
+            return
+        connection.secured(secured, over)
 
     def full(self) -> bool:
         """Whether a new connection is one too many (counted, logged once a minute)."""
@@ -146,6 +185,10 @@ class Listener:
                 for connection in list(self.connections):
                     if connection.transport is not None:
                         connection.transport.abort()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.wait(self._handshakes)
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
             sweeper.cancel()
