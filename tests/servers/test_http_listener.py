@@ -191,6 +191,15 @@ async def test_http_1_0_closes_unless_it_asks_for_keep_alive() -> None:
             400,
             "upgrades are not supported",
         ),
+        # the next four used to be served (the app got a gzipped body as the payload)
+        (
+            request(b"x", chunked=True).replace(b"encoding: chunked", b"encoding: gzip, chunked"),
+            501,
+            "transfer coding 'gzip, chunked' is not supported",
+        ),
+        (request(b"x", version=b"HTTP/2.0"), 505, "HTTP/2.0 is not served"),
+        (request(b"x").replace(b"host: test\r\n", b""), 400, "needs one Host header"),
+        (request(b"x", extra=b"host: other\r\n"), 400, "needs one Host header"),
     ],
 )
 async def test_a_request_the_server_cannot_read_is_refused_and_closed(
@@ -661,3 +670,25 @@ async def test_a_connection_stops_reading_once_its_unanswered_bodies_pass_max_bo
     assert queued == 2
     assert statuses == [204] * 10
     assert len(app.received) == 11
+
+
+async def test_a_100_continue_waits_for_the_answers_before_it() -> None:
+    """A pipelined request asks for 100 Continue while the one before it is in the app:
+    the 100 comes after that one's answer (written at once, it read as an interim
+    answer to the first request)."""
+    app = Paced()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        second = request(b"second", extra=b"expect: 100-continue\r\n")
+        head, body = second.split(b"\r\n\r\n", 1)
+        writer.write(request(b"first", type_="slow") + head + b"\r\n\r\n")
+        await asyncio.wait_for(app.holding.wait(), 10)
+        await asyncio.sleep(0.2)
+        assert len(reader._buffer) == 0  # type: ignore[attr-defined]
+        app.release.set()
+        statuses = [(await read_answer(reader))[0] for _ in range(2)]
+        writer.write(body)
+        statuses.append((await read_answer(reader))[0])
+        writer.close()
+    assert statuses == [204, 100, 204]
+    assert [m["payload"] for m in app.received] == [b"first", b"second"]

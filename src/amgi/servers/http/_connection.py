@@ -146,6 +146,12 @@ class Connection(asyncio.Protocol):
         """Body bytes of the requests read and not answered yet."""
         self._version = "1.1"
         """The HTTP version of the last request."""
+        self._continue_due = False
+        """The request waits for its ``100 Continue`` until the answers before it left."""
+        self._coding: bytes | None = None
+        """Its Transfer-Encoding (several headers joined with commas)."""
+        self._hosts = 0
+        """How many Host headers it has."""
         self._probed = False
         """The client ended its side and was sent ``100 Continue`` (see :meth:`eof_received`)."""
         self._url = b""
@@ -311,6 +317,9 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._head_size = 0
         self._expect = False
+        self._continue_due = False
+        self._coding = None
+        self._hosts = 0
         self._bodiless = False
         self._request_sweeps = 0
 
@@ -330,6 +339,11 @@ class Connection(asyncio.Protocol):
             raise _Stop
         if name == b"expect":
             self._expect = value.lower() == b"100-continue"
+        elif name == b"host":
+            self._hosts += 1
+        elif name == b"transfer-encoding":
+            coding = self._coding
+            self._coding = value if coding is None else coding + b"," + value
 
     def on_headers_complete(self) -> None:
         self._turn(False)
@@ -337,6 +351,10 @@ class Connection(asyncio.Protocol):
         self._keep_alive = keep_alive = parser.should_keep_alive()
         self._version = version = parser.get_http_version()
         self._old = keep_alive and version == "1.0"
+        refused = self._refused_framing(version)
+        if refused is not None:
+            self._finish(refused)
+            raise _Stop
         method = parser.get_method()
         if method != b"POST":
             self._refusal = METHOD_NOT_ALLOWED
@@ -356,10 +374,29 @@ class Connection(asyncio.Protocol):
                 self._finish(self._refusal)
                 raise _Stop
             assert self.transport is not None
-            self.transport.write(_CONTINUE)
+            if self.slots:  # a 100 now would read as an interim answer to those
+                self._continue_due = True  # written by flush, after their answers
+            else:
+                self.transport.write(_CONTINUE)
         elif self._refusal is not None and self._refusal[0] == 413:
             self._finish(self._refusal)  # declared over the limit: its body is not read
             raise _Stop
+
+    def _refused_framing(self, version: str) -> Answer | None:
+        """The answer refusing a request this server cannot read as HTTP/1.1 (RFC 9112):
+        another version, no Host or two, a transfer coding other than chunked (its
+        bytes would reach the app still encoded)."""
+        if version not in ("1.1", "1.0"):
+            return text_answer(505, f"HTTP/{version} is not served (HTTP/1.1 and 1.0 are)")
+        if self._hosts > 1 or (not self._hosts and version == "1.1"):
+            return text_answer(400, "a request needs one Host header")
+        coding = self._coding
+        if coding is not None and coding.strip().lower() != b"chunked":
+            codings = [c.strip().lower() for c in coding.split(b",")]
+            if codings != [b"chunked"]:
+                shown = coding.decode("latin-1")
+                return text_answer(501, f"transfer coding {shown!r} is not supported (chunked is)")
+        return None
 
     def on_chunk_header(self) -> None:
         self._turn(True)  # the chunk's data follows, or (the last chunk) trailers
@@ -370,6 +407,8 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._framing:
             self._turn(False)
+        if self._continue_due:
+            self._continue_due = False  # the body comes without it
         self._size += len(body)
         if self._size > self.front.max_body:
             self._finish(self._refusal or over_limit(self.front.max_body))
@@ -447,6 +486,9 @@ class Connection(asyncio.Protocol):
                 else:
                     transport.close()
                 transport = None
+        if self._continue_due and not slots and transport is not None:
+            self._continue_due = False
+            transport.write(_CONTINUE)
         if (
             self._paused_pending
             and len(slots) <= MAX_PENDING // 2
