@@ -354,6 +354,7 @@ async def test_malformed_events_and_wrong_content_types_never_reach_the_app(
 
 
 _STRUCTURED = {"content-type": "application/cloudevents+json"}
+_JSON = {"content-type": "application/json"}
 _BASE = '{"specversion":"1.0","id":"1","source":"s","type":"t"'
 _EVENT = _BASE + ',"data":%s}'
 
@@ -379,6 +380,10 @@ _EVENT = _BASE + ',"data":%s}'
         (_STRUCTURED, (_BASE + ',"a\\r\\nb":"a"}').encode(), "name 'a\\r\\nb' is not"),
         (_STRUCTURED, (_BASE + ',"datacontenttype":"a\\nb: c"}').encode(), "control character"),
         (_STRUCTURED, (_BASE + ',"subject":"a\\u0000"}').encode(), "'subject' holds a control"),
+        # Pub/Sub fields of the wrong type (an empty list was taken as no attributes,
+        # a messageId object went into the bindings)
+        (_JSON, b'{"message":{"attributes":[]},"subscription":"s"}', "attributes is not an"),
+        (_JSON, b'{"message":{"messageId":{}},"subscription":"s"}', "messageId is not a string"),
     ],
 )
 async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(

@@ -234,8 +234,10 @@ def pubsub_envelope(body: bytes, address_from: str) -> Parsed:
     message = envelope.get("message") if type(envelope) is dict else None
     if type(message) is not dict:
         raise BadRequest("Pub/Sub push: body has no 'message' object")
-    attributes = message.get("attributes") or {}
-    if type(attributes) is not dict:
+    attributes = message.get("attributes")
+    if attributes is None:
+        attributes = {}
+    elif type(attributes) is not dict:
         raise BadRequest("Pub/Sub push: message.attributes is not an object")
     headers: HeaderList = []
     for name, value in attributes.items():
@@ -262,6 +264,8 @@ def pubsub_envelope(body: bytes, address_from: str) -> Parsed:
     ):
         value = message.get(key, message.get(alias))
         if value is not None:
+            if type(value) is not str:
+                raise BadRequest(f"Pub/Sub push: message.{key} is not a string")
             binding[key] = value
     if subscription is not None:
         binding["subscription"] = subscription
