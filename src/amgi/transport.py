@@ -91,11 +91,17 @@ class Batch:
 
 @dataclass(slots=True)
 class Retry:
-    """A nacked message to deliver again after ``delay`` seconds."""
+    """A nacked message to deliver again after ``delay`` seconds.
+
+    ``uncounted``: the application never had the message (its call ended first, or the
+    stop came before it): a server that keeps the attempt count itself does not count
+    this delivery.
+    """
 
     message: Message
     reason: str
     delay: float
+    uncounted: bool = False
 
 
 @dataclass(slots=True)

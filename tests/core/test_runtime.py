@@ -951,3 +951,30 @@ async def test_a_zero_shutdown_timeout_still_lets_a_close_finish(
     assert await asyncio.wait_for(serving, 5) == 0
     assert closed == [True]
     assert "did not close" not in caplog.text
+
+
+async def test_messages_a_cancelled_call_never_received_keep_their_attempt() -> None:
+    """Handed back at a stop, they are no delivery: Retry.uncounted, and the memory server
+    (like SQLite and the servers that republish retries) does not count them."""
+    name = uuid.uuid4().hex
+    broker = MemoryBroker.reset(name)
+    for i in range(3):
+        broker.put("q", [], b"%d" % i)
+    got_one = asyncio.Event()
+
+    async def slow(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        await receive()
+        got_one.set()
+        await asyncio.sleep(30)
+
+    transport = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=3))
+    runtime = Runtime(slow, transport, RuntimeConfig(lifespan="off", shutdown_timeout=0.2))
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(got_one.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 10) == 0
+    waiting = [*broker.queues.get("q", ()), *(m for _, _, _, m in broker._delayed)]
+    back = sorted((m.payload, m.attempt) for m in waiting)
+    assert back == [(b"0", 2), (b"1", 1), (b"2", 1)]  # only the one the app had counts

@@ -95,22 +95,28 @@ async def app(scope, receive, send):
 """
 
 
-def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
-    (tmp_path / "stuck.py").write_text(STUCK_APP)
-    seen = tmp_path / "seen"
+def two_busy_workers(
+    folder: Path, module: str, source: str, *args: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """Two messages on ``q``, and ``amgi run MODULE:app q --workers 2`` (a batch of one
+    each) whose app writes its pid to the returned file as it takes one."""
+    (folder / f"{module}.py").write_text(source)
+    seen = folder / "seen"
     env = {**os.environ, "SEEN": str(seen)}
     for i in range(2):
         subprocess.run(
-            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
+            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=folder, env=env, check=True
         )
     supervisor = subprocess.Popen(
-        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
-         "--batch-size", "1", "--concurrency", "1", "--shutdown-timeout", "60"],
-        cwd=tmp_path,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "amgi", "run", f"{module}:app", "q", "--workers", "2",
+         "--batch-size", "1", "--concurrency", "1", *args],
+        cwd=folder, env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    return supervisor, seen
+
+
+def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
+    supervisor, seen = two_busy_workers(tmp_path, "stuck", STUCK_APP, "--shutdown-timeout", "60")
     try:
         until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
         workers = [int(p) for p in seen.read_text().split()]
@@ -158,18 +164,7 @@ def test_a_signal_delivered_twice_at_once_is_one_graceful_stop(tmp_path: Path) -
     """What a launcher does that signals both the supervisor and its group (GNU
     ``timeout``): the two arrive together and count as one, as in a single process. They
     made the supervisor kill every worker mid-batch and exit 1."""
-    (tmp_path / "slow.py").write_text(SLOW_APP)
-    seen = tmp_path / "seen"
-    env = {**os.environ, "SEEN": str(seen)}
-    for i in range(2):
-        subprocess.run(
-            [sys.executable, "-m", "amgi", "send", "q", str(i)], cwd=tmp_path, env=env, check=True
-        )
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "amgi", "run", "slow:app", "q", "--workers", "2",
-         "--batch-size", "1", "--concurrency", "1"],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    supervisor, seen = two_busy_workers(tmp_path, "slow", SLOW_APP)
     try:
         until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
         supervisor.send_signal(signal.SIGTERM)

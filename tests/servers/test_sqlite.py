@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from amgi.servers.sqlite import (
     SqliteOptions,
@@ -123,3 +124,86 @@ async def test_another_process_sends_while_this_one_consumes(tmp_path: Path) -> 
         assert got == [str(i).encode() for i in range(200)]
     finally:
         await t.close()
+
+
+async def test_a_binding_that_looks_like_a_tag_round_trips_and_blocks_nothing(
+    tmp_path: Path,
+) -> None:
+    """A dict whose one key is ``$bytes`` read back as bytes (or failed to: every fetch
+    then raised, the queue was stuck for good and nothing was ever dead-lettered)."""
+    odd: dict[str, dict[str, object]] = {
+        "sqs": {"attribute_types": {"$bytes": "Binary"}},
+        "x": {"y": {"$dict": [1]}, "z": {"$bytes": "YQ=="}},
+    }
+    assert decode_bindings(encode_bindings(odd)) == odd
+    t = SqliteTransport(["q"], SqliteOptions(database=str(tmp_path / "q.db")))
+    await t.connect()
+    try:
+        await t.publish("q", [], b"before", {})
+        await t.publish("q", [], b"odd", odd)
+        await t.publish("q", [], b"after", {})
+        (batch,) = await asyncio.wait_for(t.fetch(), 5)
+        assert [m.payload for m in batch.messages] == [b"before", b"odd", b"after"]
+        assert batch.messages[1].bindings == odd
+    finally:
+        await t.close()
+
+
+async def test_a_stored_message_that_cannot_be_read_is_dead_lettered_alone(
+    tmp_path: Path,
+) -> None:
+    """Given to no app and retried for ever, it would never leave; the others go on."""
+    db = str(tmp_path / "q.db")
+    queue = SqliteQueue(db)
+    queue.put("q", [], b"good 1", {})
+    bad_bindings = queue.put("q", [], b"bad bindings", {})
+    bad_headers = queue.put("q", [(b"h", b"v")], b"bad headers", {})
+    queue.put("q", [], b"good 2", {})
+    queue.db.execute("UPDATE amgi_messages SET bindings = ? WHERE id = ?", (b"{", bad_bindings))
+    queue.db.execute("UPDATE amgi_messages SET headers = ? WHERE id = ?", (b"\0\0", bad_headers))
+    t = SqliteTransport(["q"], SqliteOptions(database=db))
+    await t.connect()
+    try:
+        (batch,) = await asyncio.wait_for(t.fetch(), 5)
+        assert [m.payload for m in batch.messages] == [b"good 1", b"good 2"]
+    finally:
+        await t.close()
+    dead = queue.stored_dead_letters("q", 10)
+    queue.close()
+    assert [(d.payload, d.attempts) for d in dead] == [(b"bad bindings", 1), (b"bad headers", 1)]
+    assert dead[0].reason.startswith("sqlite: the stored message cannot be read: its bindings")
+    assert dead[1].reason.startswith("sqlite: the stored message cannot be read: its headers")
+
+
+async def test_messages_the_app_never_had_keep_their_attempts_at_a_stop(tmp_path: Path) -> None:
+    """Spec guarantee: a stop uses up no attempt of what the app never received. The
+    lease counted one and nothing gave it back: three stops dead-lettered such messages
+    before any app saw them."""
+    from amgi.runtime import Runtime, RuntimeConfig
+
+    db = str(tmp_path / "q.db")
+    queue = SqliteQueue(db)
+    queue.put_many("q", (([], b"%d" % i, {}) for i in range(6)))
+    received: list[bytes] = []
+    got_one = asyncio.Event()
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        received.append(m["payload"])
+        got_one.set()
+        await asyncio.sleep(30)  # cancelled at the stop, with two of its batch not received
+
+    options = SqliteOptions(database=db, batch_size=3, poll_interval=0.01)
+    config = RuntimeConfig(lifespan="off", concurrency=2, shutdown_timeout=0.3, crash_ledger="")
+    runtime = Runtime(slow, SqliteTransport(["q"], options), config)
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(got_one.wait(), 10)
+    await asyncio.sleep(0.2)  # the second batch is fetched, waiting behind the first (same key)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 20) == 0
+    attempts = dict(queue.db.execute("SELECT payload, attempts FROM amgi_messages").fetchall())
+    queue.close()
+    assert received == [b"0"]
+    assert attempts == {b"0": 1, b"1": 0, b"2": 0, b"3": 0, b"4": 0, b"5": 0}

@@ -290,7 +290,7 @@ def place(settlement: Settlement, message: Message, reason: str, config: Runtime
 
 def _release(settlement: Settlement, messages: Sequence[Message], reason: str) -> None:
     """Hand back messages the application never had: redelivered at once, never dead here."""
-    settlement.retry.extend(Retry(m, reason, 0.0) for m in messages)
+    settlement.retry.extend(Retry(m, reason, 0.0, uncounted=True) for m in messages)
 
 
 def validate_send(

@@ -193,7 +193,8 @@ class MemoryTransport(Transport):
             in_flight.pop(m.id, None)
         for r in settlement.retry:
             if in_flight.pop(r.message.id, None) is not None:
-                r.message.attempt += 1
+                if not r.uncounted:
+                    r.message.attempt += 1
                 self.broker.put_later(batch.address, r.message, r.delay)
         for d in settlement.dead:
             if in_flight.pop(d.message.id, None) is not None:

@@ -109,27 +109,43 @@ def decode_headers(data: bytes) -> HeaderList:
     return out
 
 
-def _json_default(value: Any) -> Any:
+_TAGS = frozenset({"$bytes", "$dict"})
+
+
+def _tagged(value: Any) -> Any:
+    """``value`` as JSON can hold it: bytes as ``{"$bytes": base64}``, and a dict whose one
+    key is a tag as ``{"$dict": [[key, value]]}``, so that no dict reads back as a tag."""
+    if isinstance(value, dict):
+        items = {k: _tagged(v) for k, v in value.items()}
+        if len(items) == 1 and next(iter(items)) in _TAGS:
+            return {"$dict": [[k, v] for k, v in items.items()]}
+        return items
+    if isinstance(value, list | tuple):
+        return [_tagged(v) for v in value]
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bytes": base64.b64encode(bytes(value)).decode()}
-    raise TypeError(f"binding value of type {type(value).__name__} cannot be stored")
+    return value
 
 
 def _json_hook(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1 and "$bytes" in obj:
-        return base64.b64decode(obj["$bytes"])
+    if len(obj) == 1:
+        if "$bytes" in obj:
+            return base64.b64decode(obj["$bytes"], validate=True)
+        if "$dict" in obj:
+            return dict(obj["$dict"])
     return obj
 
 
 def encode_bindings(bindings: Bindings) -> bytes | None:
-    """Bindings as JSON, bytes values tagged so they come back as bytes."""
+    """Bindings as JSON, bytes values tagged so they come back as bytes (and dicts that
+    look like a tag escaped); ``TypeError`` for a value JSON cannot hold."""
     if not bindings:
         return None
-    return json.dumps(bindings, default=_json_default, separators=(",", ":")).encode()
+    return json.dumps(_tagged(bindings), separators=(",", ":")).encode()
 
 
 def decode_bindings(data: bytes | None) -> Bindings:
-    """Inverse of :func:`encode_bindings`."""
+    """Inverse of :func:`encode_bindings`; ``ValueError`` when ``data`` is not that."""
     if not data:
         return {}
     decoded: Bindings = json.loads(data, object_hook=_json_hook)
@@ -209,21 +225,56 @@ class SqliteQueue:
             (token, now + visibility, address, now, limit),
         ).fetchall()
         rows.sort()
-        messages = [
-            Message(str(rid), decode_headers(h), p, decode_bindings(b), attempts, rid)
-            for rid, h, p, b, attempts in rows
-        ]
+        messages: list[Message] = []
+        unreadable: list[tuple[str, bytes, bytes | None, int]] = []
+        for rid, h, p, b, attempts in rows:
+            try:
+                headers = decode_headers(h)
+            except (ValueError, struct.error) as exc:
+                unreadable.append((f"its headers ({exc})", b"", b, rid))
+                continue
+            try:
+                bindings = decode_bindings(b)
+            except (ValueError, TypeError) as exc:
+                unreadable.append((f"its bindings ({exc})", h, None, rid))
+                continue
+            messages.append(Message(str(rid), headers, p, bindings, attempts, rid))
+        if unreadable:
+            self._dead_letter_unreadable(token, unreadable)
         return token, messages
+
+    def _dead_letter_unreadable(
+        self, token: str, rows: Sequence[tuple[str, bytes, bytes | None, int]]
+    ) -> None:
+        """Dead-letter leased rows that cannot be read (``(what, headers, bindings, id)``,
+        with what can be kept of them) at once: given to no app, retried for ever, they
+        would block nothing else but never leave."""
+        now = time.time()
+        with self._transaction():
+            self.db.executemany(
+                "INSERT INTO amgi_dead_letters (message_id, address, headers, payload,"
+                " bindings, attempts, reason, dead_at) SELECT id, address, ?, payload,"
+                " ?, attempts, ?, ? FROM amgi_messages WHERE id = ? AND lease = ?",
+                [
+                    (h, b, f"sqlite: the stored message cannot be read: {what}", now, rid, token)
+                    for what, h, b, rid in rows
+                ],
+            )
+            self.db.executemany(
+                "DELETE FROM amgi_messages WHERE id = ? AND lease = ?",
+                [(rid, token) for _, _, _, rid in rows],
+            )
 
     def settle(
         self,
         token: str,
         total: int,
         acked: Sequence[int],
-        retry: Sequence[tuple[int, float]],
+        retry: Sequence[tuple[int, float, bool]],
         dead: Sequence[tuple[int, str]],
     ) -> None:
-        """Apply a batch's settlement in one transaction (only rows still under ``token``)."""
+        """Apply a batch's settlement in one transaction (only rows still under ``token``);
+        ``retry`` holds ``(id, delay, uncounted)``: an uncounted one gets its attempt back."""
         now = time.time()
         db = self.db
         with self._transaction():
@@ -236,9 +287,9 @@ class SqliteQueue:
                 )
             if retry:
                 db.executemany(
-                    "UPDATE amgi_messages SET visible_at = ?, lease = NULL"
-                    " WHERE id = ? AND lease = ?",
-                    [(now + delay, rid, token) for rid, delay in retry],
+                    "UPDATE amgi_messages SET visible_at = ?, lease = NULL,"
+                    " attempts = max(attempts - ?, 0) WHERE id = ? AND lease = ?",
+                    [(now + delay, int(uncounted), rid, token) for rid, delay, uncounted in retry],
                 )
             if dead:
                 db.executemany(
@@ -262,11 +313,13 @@ class SqliteQueue:
             )
 
     def release(self, tokens: Sequence[str]) -> None:
-        """Make rows leased under ``tokens`` visible again now (clean shutdown)."""
+        """Make rows leased under ``tokens`` visible again now, with their attempt given
+        back (clean shutdown: the application never had them)."""
         now = time.time()
         with self._transaction():
             self.db.executemany(
-                "UPDATE amgi_messages SET visible_at = ?, lease = NULL WHERE lease = ?",
+                "UPDATE amgi_messages SET visible_at = ?, lease = NULL,"
+                " attempts = max(attempts - 1, 0) WHERE lease = ?",
                 [(now, t) for t in tokens],
             )
 
@@ -443,7 +496,7 @@ class SqliteTransport(Transport):
             token,
             len(batch.messages),
             [m.token for m in settlement.acked],
-            [(r.message.token, r.delay) for r in settlement.retry],
+            [(r.message.token, r.delay, r.uncounted) for r in settlement.retry],
             [(d.message.token, d.reason) for d in settlement.dead],
         )
         self._leases.discard(token)

@@ -76,7 +76,7 @@ from amgi.servers.kit import (
     retry_headers,
     unmoved,
 )
-from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+from amgi.transport import Batch, Bindings, HeaderList, Message, Retry, Settlement, Transport
 
 if TYPE_CHECKING:
     pass
@@ -257,7 +257,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     ) -> list[Message]:
         return await move_aside(
             settlement,
-            retry=lambda r: self._publish_retry(queue, r.message, r.delay),
+            retry=lambda r: self._publish_retry(queue, r),
             dead=lambda d: self._publish_dead(queue, d.message, d.reason),
             address=queue,
             give_up=give_up,
@@ -277,13 +277,15 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
             await consumer.channel.basic_ack(mark, multiple=True)
 
-    async def _publish_retry(self, queue: str, message: Message, delay: float) -> None:
-        delay_ms = max(1, round(delay * 1000))
+    async def _publish_retry(self, queue: str, retry: Retry) -> None:
+        message = retry.message
+        delay_ms = max(1, round(retry.delay * 1000))
         retry_queue = f"{queue}.retry.{delay_ms}"
         if retry_queue not in self._retry_queues:
             await self._declare_retry_queue(retry_queue, queue, delay_ms)
         channel = await self._channel("moves")
-        headers = retry_headers(message.headers, attempt=message.attempt + 1)
+        attempt = message.attempt + (not retry.uncounted)
+        headers = retry_headers(message.headers, attempt=attempt)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 
     async def _publish_dead(self, queue: str, message: Message, reason: str) -> None:

@@ -85,7 +85,7 @@ class Producing(KafkaClient):
             due = str(int(time.time() * 1000) + int(r.delay * 1000)).encode()
             headers = retry_headers(
                 m.headers,
-                attempt=m.attempt + 1,
+                attempt=m.attempt + (not r.uncounted),
                 extra=[(ORIGINAL_ADDRESS_HEADER, original), (RETRY_DUE_HEADER, due)],
             )
             key = m.bindings.get("kafka", {}).get("key")

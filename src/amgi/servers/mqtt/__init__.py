@@ -196,7 +196,7 @@ class MqttTransport(DeadLetters, Transport):
         try:
             stranded = await move_aside(
                 settlement,
-                retry=lambda r: self._retry(topic, r.message),
+                retry=lambda r: self._retry(topic, r.message, r.uncounted),
                 dead=lambda d: self._dead_letter(topic, d.message, d.reason),
                 address=topic,
                 give_up=(lambda: True) if inline else (lambda: self._closing),
@@ -224,9 +224,9 @@ class MqttTransport(DeadLetters, Transport):
                 topic,
             )
 
-    async def _retry(self, topic: str, message: Message) -> None:
-        """Republish ``message`` as its next attempt."""
-        attempt = message.attempt + 1
+    async def _retry(self, topic: str, message: Message, uncounted: bool) -> None:
+        """Republish ``message`` as its next attempt (the same, when ``uncounted``)."""
+        attempt = message.attempt + (not uncounted)
         bindings = {"mqtt": {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}}
         if self._v5:
             headers = retry_headers(message.headers, attempt=attempt)

@@ -283,8 +283,9 @@ class Streams:
     ) -> None:
         if settlement.retry:  # they stay pending on this consumer until they are due
             now = asyncio.get_running_loop().time()
-            for r in settlement.retry:
-                self._retries.add(now + r.delay, (stream, r.message.token, r.message.attempt))
+            for r in settlement.retry:  # reclaimed as attempt + 1: uncounted ones as the same
+                attempt = r.message.attempt - r.uncounted
+                self._retries.add(now + r.delay, (stream, r.message.token, attempt))
         ids = [m.token for m in settlement.acked]
         if dead:
             ids += [d.message.token for d in settlement.dead]
