@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from amgi.servers.sqlite import (
     SqliteOptions,
     SqliteQueue,
@@ -207,3 +209,33 @@ async def test_messages_the_app_never_had_keep_their_attempts_at_a_stop(tmp_path
     queue.close()
     assert received == [b"0"]
     assert attempts == {b"0": 1, b"1": 0, b"2": 0, b"3": 0, b"4": 0, b"5": 0}
+
+
+async def test_idle_addresses_cost_a_read_not_a_write_per_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every poll tried a lease (a write) on every address: 500 idle queues took about
+    half a core. Now one read finds the addresses with a message ready."""
+    leases: list[str] = []
+    real = SqliteQueue.lease
+
+    def counted(self: SqliteQueue, address: str, *args: Any) -> Any:
+        leases.append(address)
+        return real(self, address, *args)
+
+    monkeypatch.setattr(SqliteQueue, "lease", counted)
+    addresses = [f"q{i}" for i in range(600)]  # more than one read's parameters
+    t = SqliteTransport(
+        addresses, SqliteOptions(database=str(tmp_path / "q.db"), poll_interval=0.01)
+    )
+    await t.connect()
+    try:
+        fetching = asyncio.create_task(t.fetch())
+        await asyncio.sleep(0.3)  # about 30 polls of 600 idle addresses
+        assert leases == []
+        await t.publish("q555", [], b"m", {})
+        (batch,) = await asyncio.wait_for(fetching, 5)
+        assert batch.address == "q555"
+        assert leases == ["q555"]
+    finally:
+        await t.close()

@@ -323,6 +323,24 @@ class SqliteQueue:
                 [(now, t) for t in tokens],
             )
 
+    def ready(self, addresses: Sequence[str]) -> set[str]:
+        """Which of ``addresses`` have a message visible now (a read: no write lock)."""
+        now = time.time()
+        found: set[str] = set()
+        for start in range(0, len(addresses), 500):  # below SQLite's bound on parameters
+            part = addresses[start : start + 500]
+            rows = ",".join(["(?)"] * len(part))
+            found.update(
+                a
+                for (a,) in self.db.execute(
+                    f"WITH wanted(address) AS (VALUES {rows}) SELECT address FROM wanted"
+                    " WHERE EXISTS (SELECT 1 FROM amgi_messages m"
+                    " WHERE m.address = wanted.address AND m.visible_at <= ?)",
+                    (*part, now),
+                )
+            )
+        return found
+
     def count(self, address: str) -> int:
         """Messages of ``address`` not yet acked or dead-lettered (leased ones included)."""
         (n,) = self.db.execute(
@@ -467,10 +485,15 @@ class SqliteTransport(Transport):
         c = self.config
         addresses = self.addresses
         while True:
+            # Only the addresses with a message ready get a lease (a write) tried: one read
+            # instead of a write per address per poll (500 idle queues took half a core).
+            ready = await self._run(queue.ready, addresses) if len(addresses) > 1 else addresses
             # Round-robin over the addresses so that one busy queue cannot starve others.
-            for _ in range(len(addresses)):
+            for _ in range(len(addresses) if ready else 0):
                 address = addresses[self._next % len(addresses)]
                 self._next += 1
+                if address not in ready:
+                    continue
                 # The token is recorded before the lease runs: if this fetch is cancelled
                 # while the worker thread still waits for the write lock, the lease may
                 # commit afterwards, and close() must release it.
