@@ -15,7 +15,8 @@ __all__ = ["Refused", "RequestCheck"]
 
 
 class Refused(Exception):
-    """The request failed a check: ``status`` is 401 or 403, ``reason`` has no secret."""
+    """The request failed a check: ``status`` is 401 or 403 (400 for a credential header
+    given twice), ``reason`` has no secret."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -56,8 +57,12 @@ class RequestCheck:
         authorization: bytes | None = None
         for name, value in headers:
             if name == b"authorization":
+                if authorization is not None:  # which one would be checked is a guess
+                    raise Refused(400, "header authorization given twice")
                 authorization = value
             elif name == self._header:
+                if signature is not None:
+                    raise Refused(400, f"header {name.decode('latin-1')} given twice")
                 signature = value
         if bearer is not None:
             if authorization is None or authorization[:7].lower() != b"bearer ":
