@@ -46,3 +46,41 @@ async def test_declared_error_without_a_description_is_answered_unknown(
     finally:
         server.close()
         await server.wait_closed()
+
+
+class Noting(Peer):
+    @Ping.responder
+    def ping(self, text: str) -> dict[str, Any]:
+        self.notes.append(text)
+        return {"text": text}
+
+
+async def test_calls_after_a_fatal_error_in_the_same_read_are_not_run() -> None:
+    """A fatal error closes the connection: the calls the peer wrote behind it, read in
+    the same chunk, ran all the same (an Authenticate behind a refused Deliver did)."""
+    from amp_commands import Fail
+
+    from amgi.amp._box import encode_box
+
+    peers: list[Noting] = []
+
+    def factory() -> Noting:
+        peers.append(Noting())
+        return peers[-1]
+
+    server = await amp.serve(factory, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            fail = encode_box({b"_command": Fail.name, b"_ask": b"1", b"mode": b"fatal"})
+            ping = encode_box({b"_command": Ping.name, b"_ask": b"2", b"text": b"x"})
+            writer.write(fail + ping)
+            answered = await reader.read()  # until the server closes the connection
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"FATAL" in answered
+    assert b"_answer" not in answered  # the Ping was not answered ...
+    assert peers[0].notes == []  # ... nor run

@@ -188,6 +188,8 @@ class AMP(asyncio.Protocol):
                 if fut is not None and not fut.done():
                     fut.set_result(answer.response)
             elif kind is CallReceived:
+                if self.transport is not None and self.transport.is_closing():
+                    continue  # closing (a fatal error): later calls of the read are not run
                 self._dispatch(cast(CallReceived, event))
             elif kind is ErrorReceived:
                 error = cast(ErrorReceived, event)
