@@ -48,3 +48,29 @@ async def test_concurrent_sends_share_one_connection_that_close_closes() -> None
             await peer.wait_closed()  # the sender closed the one connection it had
             server.close()
             await server.wait_closed()
+
+
+async def test_a_send_racing_close_leaves_no_connection_open() -> None:
+    """close() waits for a connect in progress and closes it; a send after close() fails
+    at once (the connect of a send in flight finished after close() and was left open)."""
+    import pytest
+
+    from amgi.errors import SendError
+
+    Receiver.made = []
+    server = await amp.serve(Receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = AmpTransport([], AmpOptions(port=port, auth_token="t"))
+    try:
+        async with asyncio.timeout(10):
+            sending = asyncio.create_task(sender.publish("orders", [], b"m", {}))
+            await asyncio.sleep(0)  # the send is connecting
+            await sender.close()
+            await asyncio.gather(sending, return_exceptions=True)
+            with pytest.raises(SendError, match="the transport is closed"):
+                await sender.publish("orders", [], b"after", {})
+            for peer in Receiver.made:
+                await peer.wait_closed()  # every connection the sender made was closed
+    finally:
+        server.close()
+        await server.wait_closed()

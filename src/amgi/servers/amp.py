@@ -263,6 +263,7 @@ class AmpTransport(Transport):
         self._server: asyncio.Server | None = None
         self._client: amp.AMP | None = None
         self._client_lock = asyncio.Lock()  # concurrent sends share one connection
+        self._closed = False
         self._peers: set[_Peer] = set()
         self._subscribers: dict[str, set[_Peer]] = {}
         self._ready: asyncio.Queue[Message] = asyncio.Queue()
@@ -275,6 +276,7 @@ class AmpTransport(Transport):
 
     async def connect(self) -> None:
         self.check()
+        self._closed = False
         if self.addresses:
             await self._listen()
 
@@ -407,6 +409,8 @@ class AmpTransport(Transport):
         if client is not None and not client.is_closed:
             return client
         async with self._client_lock:
+            if self._closed:  # a send racing close() opens nothing close() would not see
+                raise AmpSendError("amp: cannot send: the transport is closed")
             if self._client is None or self._client.is_closed:
                 self._client = await self._open_client()
             return self._client
@@ -431,10 +435,12 @@ class AmpTransport(Transport):
         return client
 
     async def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            await self._client.wait_closed()
-            self._client = None
+        self._closed = True
+        async with self._client_lock:  # a connect in progress finishes first
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+            await client.wait_closed()
         if self._server is not None:
             self._server.close()
             peers = list(self._peers)
