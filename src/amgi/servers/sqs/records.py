@@ -33,6 +33,7 @@ __all__ = [
     "MAX_ATTRIBUTES",
     "PACKED_HEADERS_ATTRIBUTE",
     "decode_body",
+    "decode_content",
     "encode_body",
     "headers_from_attributes",
     "headers_to_attributes",
@@ -154,12 +155,14 @@ def decode_body(body: str, encoding: str | None) -> bytes | None:
 
 
 def headers_from_attributes(
-    attributes: Iterable[tuple[str, str, bytes]],
+    attributes: Iterable[tuple[str, str, bytes]], problems: list[str] | None = None
 ) -> tuple[HeaderList, str | None, dict[str, str]]:
     """Split ``(name, data type, value)`` message attributes into the app's view.
 
     Returns the headers, the body encoding (see :func:`decode_body`) and the data type of
-    each header (``String``, ``Number``, ``Binary``, possibly with a custom suffix).
+    each header (``String``, ``Number``, ``Binary``, possibly with a custom suffix). An
+    ``amgi-headers`` attribute that is not packed headers raises ``ValueError``, unless
+    ``problems`` is given: then it is kept as an ordinary header and the reason appended.
     """
     headers: HeaderList = []
     types: dict[str, str] = {}
@@ -168,14 +171,47 @@ def headers_from_attributes(
     for name, data_type, value in attributes:
         if name == BODY_ENCODING_ATTRIBUTE:
             encoding = value.decode("utf-8", "replace")
-        elif name == PACKED_HEADERS_ATTRIBUTE:
-            packed = unpack_headers(value)
-        else:
-            headers.append((name.encode("utf-8"), value))
-            types[name] = data_type
+            continue
+        if name == PACKED_HEADERS_ATTRIBUTE:
+            try:
+                packed = unpack_headers(value)
+                continue
+            except ValueError as exc:
+                if problems is None:
+                    raise
+                problems.append(f"{name} is not packed headers ({exc})")
+        headers.append((name.encode("utf-8"), value))
+        types[name] = data_type
     if packed is not None:
         headers = packed + headers
     return headers, encoding, types
+
+
+def decode_content(
+    body: str, attributes: Iterable[tuple[str, str, bytes]]
+) -> tuple[HeaderList, bytes | None, dict[str, str], str | None]:
+    """The headers, payload and header data types of a received message, and why a part
+    of it did not decode (``None`` when all did).
+
+    A part this mapping cannot decode (an unknown or broken ``amgi-body-encoding``, an
+    ``amgi-headers`` attribute that is not packed headers: another producer's, or
+    damaged) is not ours to judge: it comes back as it arrived, the body as its text and
+    the attribute as an ordinary header of its name. The SQS server delivers that; the
+    Lambda adapter fails the record without delivering it.
+    """
+    attributes = list(attributes)
+    problems: list[str] = []
+    headers, encoding, types = headers_from_attributes(attributes, problems)
+    try:
+        payload = decode_body(body, encoding)
+    except ValueError as exc:  # binascii.Error included
+        problems.append(f"the body does not decode ({exc})")
+        payload = body.encode("utf-8")
+        for name, data_type, value in attributes:
+            if name == BODY_ENCODING_ATTRIBUTE:
+                headers.append((name.encode("utf-8"), value))
+                types[name] = data_type
+    return headers, payload, types, "; ".join(problems) or None
 
 
 def pack_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -303,18 +339,14 @@ def _api_attributes(raw: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
 
 def _message(raw: Mapping[str, Any]) -> Message:
     system = raw.get("Attributes") or {}
-    headers, encoding, types = headers_from_attributes(
-        _api_attributes(raw.get("MessageAttributes") or {})
+    headers, payload, types, problem = decode_content(
+        raw["Body"], _api_attributes(raw.get("MessageAttributes") or {})
     )
+    if problem is not None:
+        logger.warning("message %s: %s; delivering it as it arrived", raw["MessageId"], problem)
     # A dead letter carries its last attempt: the later of that and SQS's receive count.
     attempt, headers = attempt_from_headers(headers)
     received = max(1, int(system.get("ApproximateReceiveCount", "1")))
-    try:
-        payload = decode_body(raw["Body"], encoding)
-    except ValueError as exc:
-        # Not ours to judge: hand the app the body as it is.
-        logger.warning("message %s: %s; delivering the raw body", raw["MessageId"], exc)
-        payload = raw["Body"].encode("utf-8")
     return Message(
         id=raw["MessageId"],
         headers=headers,
