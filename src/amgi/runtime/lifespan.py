@@ -45,7 +45,8 @@ class Lifespan:
         """Run the app until it reports startup; raise ``StartupFailed`` if it failed.
 
         An app that has not answered within ``timeout`` seconds has failed to start (its
-        call is cancelled). Cancelling ``startup`` cancels the app's call as well.
+        call is cancelled), and so has one that answered ``lifespan.startup.failed`` (its
+        call is cancelled too). Cancelling ``startup`` cancels the app's call as well.
         """
         if self._mode == "off":
             return
@@ -64,12 +65,14 @@ class Lifespan:
         except asyncio.CancelledError:
             await self.cancel()
             raise
-        if reply is None:
+        if reply is None or reply["type"] == "lifespan.startup.complete":
             return
+        # A failed startup ends the call: an app still waiting in receive() (for a
+        # shutdown that will never come) is cancelled, so its cleanup runs now.
+        await self.cancel()
         if reply["type"] == "lifespan.startup.failed":
             raise StartupFailed(reply.get("message") or "application startup failed")
-        if reply["type"] != "lifespan.startup.complete":
-            raise StartupFailed(f"application answered lifespan.startup with {reply['type']!r}")
+        raise StartupFailed(f"application answered lifespan.startup with {reply['type']!r}")
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Tell the app to shut down; True when it completed (or does not speak lifespan)."""
