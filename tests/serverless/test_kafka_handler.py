@@ -12,7 +12,7 @@ import pytest
 
 from amgi.serverless import BatchFailed, KafkaHandler, MalformedEvent
 from amgi.testing.conformance import Recorder
-from amgi.transport import Bindings, HeaderList, Transport
+from tests.serverless.helpers import Capture, Context, settling_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,35 +20,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def load(name: str) -> dict[str, Any]:
     event: dict[str, Any] = json.loads((FIXTURES / name).read_text())
     return event
-
-
-class Capture(Transport):
-    """A publisher that keeps what it was given."""
-
-    name = "capture"
-    options = dict
-
-    def __init__(self) -> None:
-        super().__init__([], {})
-        self.sent: list[tuple[str, HeaderList, bytes | None, Bindings]] = []
-        self.connected = 0
-
-    async def connect(self) -> None:
-        self.connected += 1
-
-    async def fetch(self) -> Any:
-        raise NotImplementedError
-
-    async def settle(self, batch: Any, settlement: Any) -> None:
-        raise NotImplementedError
-
-    async def publish(
-        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
-    ) -> None:
-        self.sent.append((address, headers, payload, bindings))
-
-    async def close(self) -> None:
-        pass
 
 
 async def test_msk_records_are_decoded_partition_by_partition() -> None:
@@ -164,6 +135,52 @@ async def test_unfinished_partitions_at_the_deadline_fail_the_invocation() -> No
     handler = KafkaHandler(app, handle_sigterm=False, deadline_margin=0.2)
     with pytest.raises(BatchFailed, match="cancelled"):
         await handler.handle(load("msk.json"), Context())
+
+
+async def test_records_cut_by_the_deadline_are_retried_never_dead_lettered() -> None:
+    seen: list[bytes | None] = []
+    app = settling_app(stall=b"p0-0", seen=seen)  # one slow downstream call
+    capture = Capture()
+    handler = KafkaHandler(
+        app,
+        handle_sigterm=False,
+        publisher=capture,
+        dead_letter_address="mytopic-dlq",
+        deadline_margin=0.3,
+    )
+    with pytest.raises(BatchFailed, match=r"4 record.* not finished before the invocation's"):
+        await handler.handle(load("msk.json"), Context(0.8))
+    assert capture.sent == [], "neither the slow record nor those never received"
+    assert b"p0-1" not in seen
+    assert sorted(seen, key=repr) == sorted([b"p0-0", b"p1-0", b"p1-1", None], key=repr)
+
+
+def nacking_for_good(extensions: list[Any]) -> Any:
+    """An app that nacks p0-2 with ``retry: False`` and acks the rest."""
+    return settling_app(final=lambda payload: payload == b"p0-2", extensions=extensions)
+
+
+async def test_retry_false_is_advertised_only_with_a_dead_letter_address() -> None:
+    extensions: list[Any] = []
+    with pytest.raises(BatchFailed, match="bad schema"):
+        await KafkaHandler(nacking_for_good(extensions), handle_sigterm=False).handle(
+            load("msk.json")
+        )
+    assert extensions == [None, None]
+
+    extensions.clear()
+    capture = Capture()
+    handler = KafkaHandler(
+        nacking_for_good(extensions),
+        handle_sigterm=False,
+        publisher=capture,
+        dead_letter_address="mytopic-dlq",
+    )
+    assert await handler.handle(load("msk.json")) == {"processed": 7, "dead_lettered": 1}
+    assert extensions == [{"message.nack.retry": {}}] * 2
+    ((address, headers, payload, _),) = capture.sent
+    assert (address, payload) == ("mytopic-dlq", b"p0-2")
+    assert (b"amgi-dead-letter-reason", b"bad schema") in headers
 
 
 @pytest.mark.parametrize(

@@ -201,3 +201,74 @@ def test_sigterm_runs_lifespan_shutdown_once(tmp_path: Path) -> None:
         "message",
         "lifespan.shutdown",
     ]
+
+
+async def test_content_that_does_not_decode_stops_neither_the_server_nor_lambda(
+    sqs: SqsTransport,
+) -> None:
+    name, url = await new_queue(sqs)
+    for i in range(3):
+        attributes = {}
+        if i == 1:  # another producer's attribute of our name, not packed headers
+            attributes = {"amgi-headers": {"DataType": "String", "StringValue": "hello"}}
+        await sqs.client.send_message(
+            QueueUrl=url, MessageBody=f"m{i}", MessageAttributes=attributes
+        )
+    # Lambda fails that record alone; the others reach the app.
+    raw = await receive_all(sqs, url, 3)
+    arn = f"arn:aws:sqs:us-east-1:123456789012:{name}"
+    app = Recorder()
+    handler = SqsHandler(app, handle_sigterm=False)
+    result = await handler.handle({"Records": [lambda_record(m, arn) for m in raw]})
+    bad = next(m["MessageId"] for m in raw if m["Body"] == "m1")
+    assert result == {"batchItemFailures": [{"itemIdentifier": bad}]}
+    assert sorted(app.payloads()) == [b"m0", b"m2"]  # type: ignore[type-var]
+    # The SQS server delivers it as it arrived (its fetch used to fail on it, every time).
+    for m in raw:
+        await sqs.client.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+        )
+    server = SqsTransport([name], SqsOptions(endpoint_url=ENDPOINT, wait_time=1))
+    await server.connect()
+    try:
+        delivered = []
+        deadline = time.monotonic() + 15
+        while len(delivered) < 3 and time.monotonic() < deadline:
+            for batch in await server.fetch():
+                delivered.extend(batch.messages)
+    finally:
+        await server.close()
+    by_body = {m.payload: m for m in delivered}
+    assert set(by_body) == {b"m0", b"m1", b"m2"}
+    assert by_body[b"m1"].headers == [(b"amgi-headers", b"hello")]
+
+
+async def test_retry_false_sends_the_message_to_the_dead_letter_queue_at_once(
+    sqs: SqsTransport,
+) -> None:
+    name, url = await new_queue(sqs)
+    dlq, dlq_url = await new_queue(sqs)
+    await sqs.publish(name, [(b"n", b"7")], b"bad", {"sqs": {"attribute_types": {"n": "Number"}}})
+    (raw,) = await receive_all(sqs, url, 1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        assert "message.nack.retry" in scope["extensions"]
+        event = await receive()
+        nack = {"type": "message.nack", "id": event["id"], "message": "bad schema"}
+        await send(nack | {"retry": False})
+
+    handler = SqsHandler(app, handle_sigterm=False, dead_letter_address=dlq)
+    arn = f"arn:aws:sqs:us-east-1:123456789012:{name}"
+    try:
+        result = await handler.handle({"Records": [lambda_record(raw, arn)]})
+    finally:
+        await handler.aclose()
+    assert result == {"batchItemFailures": []}, "not redelivered: Lambda deletes it"
+    (dead,) = await receive_all(sqs, dlq_url, 1)
+    assert dead["Body"] == "bad"
+    attributes = dead["MessageAttributes"]
+    assert attributes["amgi-dead-letter-reason"]["StringValue"] == "bad schema"
+    assert attributes["amgi-original-address"]["StringValue"] == name
+    assert attributes["n"] == {"DataType": "Number", "StringValue": "7"}

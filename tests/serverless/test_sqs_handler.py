@@ -13,6 +13,7 @@ import pytest
 from amgi.runtime import RuntimeConfig
 from amgi.serverless import MalformedEvent, SqsHandler
 from amgi.testing.conformance import Received, Recorder
+from tests.serverless.helpers import Capture, Context, settling_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,18 +21,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def load(name: str) -> dict[str, Any]:
     event: dict[str, Any] = json.loads((FIXTURES / name).read_text())
     return event
-
-
-class Context:
-    """A Lambda context whose deadline is ``seconds`` from now."""
-
-    def __init__(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._end = loop.time() + seconds
-        self._loop = loop
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int((self._end - self._loop.time()) * 1000)
 
 
 def failures(result: dict[str, Any]) -> list[str]:
@@ -182,3 +171,89 @@ def test_sync_entry_point_keeps_one_event_loop_across_invocations() -> None:
     assert app.lifespan == ["lifespan.startup"]
     handler.close()
     assert app.lifespan == ["lifespan.startup", "lifespan.shutdown"]
+
+
+def app_nacking_for_good(extensions: list[Any]) -> Any:
+    """An app that nacks every message with ``retry: False``."""
+    return settling_app(final=lambda _: True, extensions=extensions)
+
+
+async def test_retry_false_is_not_advertised_without_a_dead_letter_address() -> None:
+    event = load("sqs_standard.json")
+    extensions: list[Any] = []
+    result = await handler_for(app_nacking_for_good(extensions)).handle(event)
+    assert extensions == [None], "retry False cannot be honoured: not advertised"
+    assert len(failures(result)) == 3  # ordinary failures: the redrive policy acts
+
+
+async def test_retry_false_goes_to_the_dead_letter_address_at_once() -> None:
+    event = load("sqs_standard.json")
+    ids = [r["messageId"] for r in event["Records"]]
+    capture = Capture()
+    extensions: list[Any] = []
+    handler = handler_for(
+        app_nacking_for_good(extensions), publisher=capture, dead_letter_address="my-queue-dlq"
+    )
+    result = await handler.handle(event)
+    assert extensions == [{"message.nack.retry": {}}]
+    assert failures(result) == [], "dead-lettered at once: Lambda deletes them"
+    assert [payload for _, _, payload, _ in capture.sent] == [
+        b"Test message.",
+        b"Test message 2.",
+        b"\xff\xfe binary payload",
+    ]
+    address, headers, _, bindings = capture.sent[1]
+    assert address == "my-queue-dlq"
+    assert (b"amgi-dead-letter-reason", b"bad schema") in headers
+    assert (b"amgi-original-address", b"my-queue") in headers
+    assert (b"amgi-attempt", b"2") in headers
+    assert bindings["sqs"]["attribute_types"] == {"count": "Number", "blob": "Binary"}
+
+    capture.fail = True  # a dead letter that cannot be sent comes back through SQS
+    assert failures(await handler.handle(event)) == ids
+
+
+@pytest.mark.parametrize(
+    ("attributes", "why"),
+    [
+        ({"amgi-body-encoding": {"stringValue": "gzip", "dataType": "String"}}, "gzip"),
+        (
+            {"amgi-headers": {"binaryValue": "AAAACWFiYw==", "dataType": "Binary"}},
+            "amgi-headers is not packed headers",
+        ),
+        (
+            {"amgi-headers": {"stringValue": "hello", "dataType": "String"}},
+            "amgi-headers is not packed headers",
+        ),
+    ],
+)
+async def test_content_that_does_not_decode_fails_that_record_only(
+    attributes: dict[str, Any], why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = load("sqs_standard.json")
+    bad = event["Records"][0]
+    bad["messageAttributes"] = attributes
+    app = Recorder()
+    result = await handler_for(app).handle(event)
+    assert failures(result) == [bad["messageId"]]
+    assert [r.id for r in app.received] == [r["messageId"] for r in event["Records"][1:]]
+    (logged,) = [r.getMessage() for r in caplog.records if bad["messageId"] in r.getMessage()]
+    assert why in logged
+
+
+@pytest.mark.parametrize("damage", ["md5", "content"])
+async def test_fifo_a_record_failed_before_the_app_holds_its_group_back(damage: str) -> None:
+    event = load("sqs_fifo.json")
+    records = event["Records"]  # groups: a0 b0 a1 a2 b1 a3
+    a1 = next(r for r in records if r["body"] == "a1")
+    if damage == "md5":
+        a1["md5OfBody"] = "0" * 32
+    else:
+        a1["messageAttributes"] = {
+            "amgi-body-encoding": {"stringValue": "zz", "dataType": "String"}
+        }
+    app = Recorder()
+    result = await handler_for(app).handle(event)
+    by_id = {r["messageId"]: r["body"] for r in records}
+    assert app.payloads() == [b"a0", b"b0", b"b1"], "a2 and a3 never reach the app before a1"
+    assert [by_id[i] for i in failures(result)] == ["a1", "a2", "a3"]

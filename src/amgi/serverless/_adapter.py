@@ -15,17 +15,25 @@ import logging
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from amgi.errors import AMGIError, SendError
+from amgi.errors import AMGIError, SendError, StartupFailed
 from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig
 from amgi.runtime.app import check_app
 from amgi.runtime.batch import NACK_RETRY_EXTENSION, Delivery
 from amgi.runtime.routing import Router
-from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
+from amgi.servers.kit import dead_letter_headers
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 from amgi.types import AMGIApplication
 
-__all__ = ["BatchFailed", "LambdaAdapter", "LambdaContext", "MalformedEvent", "is_object"]
+__all__ = [
+    "BatchFailed",
+    "BatchResult",
+    "LambdaAdapter",
+    "LambdaContext",
+    "MalformedEvent",
+    "is_object",
+]
 
 logger = logging.getLogger("amgi.serverless")
 
@@ -53,6 +61,14 @@ PublisherFactory = Callable[[Mapping[str, Any]], Transport]
 """Makes the transport ``message.send`` goes through, from the first event that needs it."""
 
 
+class BatchResult(NamedTuple):
+    """How one batch of an invocation ended."""
+
+    settlement: Settlement
+    in_time: bool
+    """False when the call was still running at the deadline (cancelled or abandoned)."""
+
+
 class LambdaAdapter:
     """Base of the Lambda handlers: call it as ``handler(event, context)``.
 
@@ -62,6 +78,9 @@ class LambdaAdapter:
     addresses its patterns match elsewhere (e.g. to Kafka), connected on the first send
     that needs them and closed at shutdown. ``deadline_margin`` is the
     time kept back from the invocation's remaining time to report the outcome.
+    ``dead_letter_address``: where a message the app nacks with ``"retry": False`` (or
+    on its last attempt) is sent at once, through the publisher (or ``routes``); the
+    ``message.nack.retry`` extension is advertised only when it is set.
     """
 
     def __init__(
@@ -73,6 +92,7 @@ class LambdaAdapter:
         deadline_margin: float = 1.0,
         handle_sigterm: bool = True,
         routes: Router | None = None,
+        dead_letter_address: str | None = None,
     ) -> None:
         check_app(app)
         self.app = app
@@ -81,6 +101,7 @@ class LambdaAdapter:
         self.config = config or RuntimeConfig()
         self.deadline_margin = deadline_margin
         self.handle_sigterm = handle_sigterm
+        self.dead_letter_address = dead_letter_address
         self._publisher_spec = publisher
         self._publisher: Transport | None = None
         self._publisher_lock: asyncio.Lock | None = None
@@ -117,9 +138,22 @@ class LambdaAdapter:
             return
         try:
             loop.run_until_complete(self.aclose())
+            loop.run_until_complete(self._cancel_leftovers())
         finally:
             loop.close()
             self._loop = None
+
+    async def _cancel_leftovers(self) -> None:
+        """Cancel what is still running on the loop (calls abandoned at a deadline, tasks
+        the app started), so that nothing is destroyed pending when the loop closes."""
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=self.config.cancel_grace)
+        if pending:
+            logger.error("%d task(s) ignored cancellation at close: abandoned", len(pending))
 
     async def aclose(self) -> None:
         """The asynchronous part of :meth:`close`, for use on a loop you own."""
@@ -152,52 +186,87 @@ class LambdaAdapter:
 
     # -- one invocation ----------------------------------------------------------------
 
-    async def _startup(self) -> None:
-        if self._lifespan is None:
-            lifespan = Lifespan(
-                self.app, self.config.lifespan, cancel_grace=self.config.cancel_grace
-            )
-            # Raises StartupFailed (also after startup_timeout); tried again next time.
-            await lifespan.startup(self.config.startup_timeout)
-            self._lifespan = lifespan
-
-    def _deadline(self, context: LambdaContext | None) -> float | None:
-        """Seconds this invocation may spend in the application, or None (no limit)."""
+    def _time_left(self, context: LambdaContext | None) -> float | None:
+        """Seconds the application may still use in this invocation, or None (no limit):
+        the context's remaining time now, less ``deadline_margin``."""
         if context is None:
             return None
         remaining = context.get_remaining_time_in_millis() / 1000.0
         return max(0.0, remaining - self.deadline_margin)
 
-    async def run_batches(
-        self, batches: Sequence[Batch], event: Mapping[str, Any], timeout: float | None
-    ) -> list[Settlement]:
-        """Call the app once per batch, concurrently, within ``timeout`` seconds.
+    def _grace(self, context: LambdaContext | None) -> float:
+        """How long a cancelled call may take to end: half the margin, within Lambda."""
+        if context is None:
+            return self.config.cancel_grace
+        return min(self.config.cancel_grace, self.deadline_margin / 2)
 
-        Batches still running at the deadline are cancelled: what their app acked stays
-        acked, the rest is nacked ("cancelled (shutdown or deadline)").
+    async def _startup(self, context: LambdaContext | None) -> None:
+        """Lifespan startup (a cold start), within the invocation's time as well.
+
+        Raises ``StartupFailed`` (tried again on the next invocation): the app failed,
+        did not answer within ``startup_timeout``, or not within the invocation's
+        remaining time less ``deadline_margin``, so that the invocation still fails in
+        time rather than being killed by Lambda.
         """
-        await self._startup()
+        if self._lifespan is not None:
+            return
+        timeout = self.config.startup_timeout
+        left = self._time_left(context)
+        cut = False
+        if left is not None and left < timeout:
+            cut, timeout = True, left
+        lifespan = Lifespan(self.app, self.config.lifespan, cancel_grace=self._grace(context))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await lifespan.startup(timeout)
+        except StartupFailed as exc:
+            if cut and loop.time() - started >= timeout:
+                raise StartupFailed(
+                    f"lifespan startup did not complete within the {timeout:.3g}s this "
+                    f"invocation had left (its remaining time less deadline_margin "
+                    f"{self.deadline_margin:g}s): no record was delivered, the batch is "
+                    "retried"
+                ) from exc
+            raise
+        self._lifespan = lifespan
+
+    def extensions(self) -> dict[str, dict[str, Any]] | None:
+        """What the scope advertises: ``message.nack.retry`` when ``retry: False`` can
+        be honoured, that is with a ``dead_letter_address`` to send such a message to."""
+        if self.dead_letter_address is None:
+            return None
+        return {NACK_RETRY_EXTENSION: {}}
+
+    async def run_batches(
+        self,
+        batches: Sequence[Batch],
+        event: Mapping[str, Any],
+        context: LambdaContext | None,
+    ) -> list[BatchResult]:
+        """Call the app once per batch, concurrently, within the invocation's time.
+
+        Lifespan startup runs first (on a cold start); the batches then have the
+        context's remaining time less ``deadline_margin``, measured after it. Batches
+        still running at the deadline are cancelled: what their app acked stays acked,
+        what it had in hand is nacked ("cancelled (shutdown or deadline)"), what it never
+        received is handed back uncounted.
+        """
+        await self._startup(context)
+        timeout = self._time_left(context)
         self._event = event
         lifespan = self._lifespan
         state = lifespan.state if lifespan is not None and lifespan.supported else None
+        extensions = self.extensions()
         deliveries = [
-            Delivery(
-                self.app,
-                b,
-                self._publish,
-                self.config,
-                state=state,
-                extensions={NACK_RETRY_EXTENSION: {}},
-            )
+            Delivery(self.app, b, self._publish, self.config, state=state, extensions=extensions)
             for b in batches
         ]
         tasks = [asyncio.create_task(d.run()) for d in deliveries]
         if not tasks:
             return []
         _, pending = await asyncio.wait(tasks, timeout=timeout)
-        grace = self.config.cancel_grace
-        if timeout is not None:
-            grace = min(grace, self.deadline_margin / 2)
+        grace = self._grace(context)
         if pending:
             logger.warning(
                 "%d batch(es) still running at the invocation deadline: cancelling them",
@@ -206,17 +275,30 @@ class LambdaAdapter:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=grace)
-        settlements = []
+        results = []
         for task, delivery in zip(tasks, deliveries, strict=True):
+            in_time = task not in pending
             if not task.done():
                 logger.error("a call ignored cancellation for %gs: abandoned", grace)
-                settlements.append(delivery.abandon("the application ignored cancellation"))
-                continue
-            try:
-                settlements.append(task.result())
-            except CallCancelled as exc:
-                settlements.append(exc.settlement)
-        return settlements
+                settlement = delivery.abandon("the application ignored cancellation")
+            else:
+                try:
+                    settlement = task.result()
+                except CallCancelled as exc:
+                    settlement = exc.settlement
+            results.append(BatchResult(settlement, in_time))
+        return results
+
+    async def dead_letter(
+        self, source: str, message: Message, reason: str, bindings: Bindings
+    ) -> None:
+        """Send ``message`` to ``dead_letter_address`` with the dead-letter headers
+        (attempt, original address, reason); a failed send raises the send error."""
+        assert self.dead_letter_address is not None
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=source, reason=reason
+        )
+        await self._publish(self.dead_letter_address, headers, message.payload, bindings)
 
     # -- message.send --------------------------------------------------------------------
 

@@ -12,8 +12,12 @@ ack                    nothing to do: Lambda commits the batch when the invocati
 nack / unsettled       :class:`BatchFailed` is raised so that Lambda retries the batch,
                        unless ``dead_letter_address`` is set: then each one is sent there
                        (with the reason header and the record's key, never its
-                       partition) and the invocation succeeds
-deadline               batches not finished in time fail the invocation (Lambda retries)
+                       partition) and the invocation succeeds (Lambda can only retry a
+                       whole batch, so a record's nack is its last attempt)
+``retry: False``       advertised (``message.nack.retry``) only with
+                       ``dead_letter_address``, where such a record goes at once
+deadline               batches not finished in time fail the invocation (Lambda retries);
+                       nothing of it is dead-lettered, whether or not the app received it
 malformed event        :class:`MalformedEvent`, nothing processed
 =====================  ================================================================
 """
@@ -27,25 +31,16 @@ from operator import attrgetter
 from typing import Any
 
 from amgi.options import build
-from amgi.runtime import RuntimeConfig
-from amgi.runtime.routing import Router
 from amgi.serverless._adapter import (
     BatchFailed,
     LambdaAdapter,
     LambdaContext,
     MalformedEvent,
-    PublisherFactory,
     is_object,
 )
 from amgi.servers import load
 from amgi.servers.kafka.records import message_from_record
-from amgi.servers.kit import dead_letter_headers
-from amgi.transport import (
-    Batch,
-    Message,
-    Transport,
-)
-from amgi.types import AMGIApplication
+from amgi.transport import Batch, Message, Transport
 
 __all__ = ["KafkaHandler", "kafka_batches"]
 
@@ -157,28 +152,9 @@ class KafkaHandler(LambdaAdapter):
     ``message.send`` goes to the event's Kafka cluster (``bootstrapServers``) by default;
     pass ``publisher=`` another transport (e.g. SQS) to send elsewhere, or ``routes=``
     (:class:`amgi.runtime.routing.Router`) to send some addresses elsewhere.
+    ``dead_letter_address=`` (a topic) takes the records the app nacked or left
+    unsettled, so that one poison record does not block its partition.
     """
-
-    def __init__(
-        self,
-        app: AMGIApplication,
-        *,
-        config: RuntimeConfig | None = None,
-        publisher: Transport | PublisherFactory | None = None,
-        deadline_margin: float = 1.0,
-        handle_sigterm: bool = True,
-        dead_letter_address: str | None = None,
-        routes: Router | None = None,
-    ) -> None:
-        super().__init__(
-            app,
-            config=config,
-            publisher=publisher,
-            deadline_margin=deadline_margin,
-            handle_sigterm=handle_sigterm,
-            routes=routes,
-        )
-        self.dead_letter_address = dead_letter_address
 
     def default_publisher(self, event: Mapping[str, Any]) -> Transport:
         servers = event.get("bootstrapServers")
@@ -189,28 +165,37 @@ class KafkaHandler(LambdaAdapter):
 
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
         batches = kafka_batches(event)
-        settlements = await self.run_batches(batches, event, self._deadline(context))
+        results = await self.run_batches(batches, event, context)
         failures: list[tuple[str, Message, str]] = []
-        for batch, settlement in zip(batches, settlements, strict=True):
-            failures.extend((batch.address, r.message, r.reason) for r in settlement.retry)
-            failures.extend((batch.address, d.message, d.reason) for d in settlement.dead)
+        unfinished: list[tuple[str, Message, str]] = []
+        for batch, (settlement, in_time) in zip(batches, results, strict=True):
+            # Cut at the deadline, a partition is not done: what the app never received,
+            # or had in hand, has used up no attempt and must not be dead-lettered.
+            into = failures if in_time else unfinished
+            into.extend((batch.address, r.message, r.reason) for r in settlement.retry)
+            into.extend((batch.address, d.message, d.reason) for d in settlement.dead)
         processed = sum(len(b.messages) for b in batches)
+        if unfinished:
+            address, m, reason = unfinished[0]
+            raise BatchFailed(
+                f"{len(unfinished)} record(s) not finished before the invocation's deadline "
+                f"(first: {address} offset {m.id}: {reason}); failing the invocation so "
+                "Lambda retries the batch"
+                + (", nothing dead-lettered" if self.dead_letter_address is not None else "")
+            )
         if not failures:
             return {"processed": processed, "dead_lettered": 0}
         if self.dead_letter_address is None:
-            first = failures[0]
+            address, m, reason = failures[0]
             raise BatchFailed(
-                f"{len(failures)} record(s) nacked or unfinished (first: {first[0]} offset "
-                f"{first[1].id}: {first[2]}); failing the invocation so Lambda retries"
+                f"{len(failures)} record(s) nacked or unfinished (first: {address} offset "
+                f"{m.id}: {reason}); failing the invocation so Lambda retries"
             )
         for address, m, reason in failures:
-            headers = dead_letter_headers(
-                m.headers, attempt=m.attempt, address=address, reason=reason
-            )
             # Only the key goes along: the source's partition need not exist in the
             # dead-letter topic, which partitions by key like any producer would.
             bindings = {"kafka": {"key": m.bindings.get("kafka", {}).get("key")}}
             # A send error propagates: the invocation fails and Lambda retries the batch.
-            await self._publish(self.dead_letter_address, headers, m.payload, bindings)
+            await self.dead_letter(address, m, reason, bindings)
         logger.warning("%d record(s) dead-lettered to %r", len(failures), self.dead_letter_address)
         return {"processed": processed, "dead_lettered": len(failures)}

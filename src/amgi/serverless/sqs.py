@@ -9,8 +9,14 @@ record                 a message mapped as the SQS server maps it (same headers,
 ack                    the record is not reported: Lambda deletes it
 nack / unsettled       ``batchItemFailures`` (partial batch response): SQS redelivers it
                        after the visibility timeout; the queue's redrive policy dead-letters
-body md5 mismatch      reported as a failure without reaching the application
-FIFO queue             after a group's first failure the rest of that group fails too
+nack ``retry: False``  with ``dead_letter_address`` (a queue): sent there at once and not
+                       reported (Lambda deletes it); so is a nack on the last attempt.
+                       Without it ``message.nack.retry`` is not advertised
+body md5 mismatch,     reported as a failure without reaching the application (content
+undecodable content    that does not decode: a bad ``amgi-body-encoding`` or
+                       ``amgi-headers``); the other records are processed
+FIFO queue             after a group's first failure the rest of that group fails too; a
+                       record failed before the app holds the rest of its group back
 deadline               records not settled before the invocation's remaining time (less
                        ``deadline_margin``) are reported as failures
 malformed event        :class:`MalformedEvent`, nothing processed (the whole batch returns)
@@ -21,6 +27,7 @@ The function's event source mapping must have ``ReportBatchItemFailures`` turned
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import hashlib
 import logging
@@ -31,8 +38,8 @@ from amgi.options import build
 from amgi.serverless._adapter import LambdaAdapter, LambdaContext, MalformedEvent, is_object
 from amgi.servers import load
 from amgi.servers.kit.fifo import held_behind
-from amgi.servers.sqs.records import decode_body, headers_from_attributes, message_bindings
-from amgi.transport import Batch, Message, Transport
+from amgi.servers.sqs.records import decode_content, message_bindings
+from amgi.transport import Batch, DeadLetter, Message, Transport
 
 __all__ = ["SqsHandler", "sqs_message"]
 
@@ -69,8 +76,15 @@ def _record_attributes(raw: Mapping[str, Any], where: str | int) -> list[tuple[s
 def sqs_message(record: Any, where: str | int = "record") -> Message:
     """The message an app sees for one SQS event record; :class:`MalformedEvent` if bad.
 
-    ``where`` names the record in errors; an int ``i`` stands for ``Records[i]``.
+    ``where`` names the record in errors; an int ``i`` stands for ``Records[i]``. Content
+    that does not decode comes as it arrived, as the SQS server delivers it
+    (:func:`amgi.servers.sqs.records.decode_content`); the handler fails such a record.
     """
+    return _mapped(record, where)[0]
+
+
+def _mapped(record: Any, where: str | int) -> tuple[Message, str | None]:
+    """The message of one record, and why its content does not decode (None: it does)."""
     if not is_object(record):
         raise MalformedEvent(f"{_name(where)} is not an object")
     message_id = record.get("messageId")
@@ -83,25 +97,30 @@ def sqs_message(record: Any, where: str | int = "record") -> Message:
     if not is_object(system) or not is_object(raw_attributes):
         raise MalformedEvent(f"{_name(where)}: attributes and messageAttributes must be objects")
     if raw_attributes:
-        headers, encoding, types = headers_from_attributes(
-            _record_attributes(raw_attributes, where)
+        headers, payload, types, problem = decode_content(
+            body, _record_attributes(raw_attributes, where)
         )
     else:
-        headers, encoding, types = [], None, {}
-    if encoding is None:
-        payload: bytes | None = body.encode("utf-8")
-    else:
-        try:
-            payload = decode_body(body, encoding)
-        except (ValueError, binascii.Error) as exc:
-            raise MalformedEvent(f"{_name(where)}: body does not decode: {exc}") from None
+        headers, payload, types, problem = [], body.encode("utf-8"), {}, None
     count = system.get("ApproximateReceiveCount", "1")
     try:
         attempt = int(count)
     except (TypeError, ValueError):
         raise MalformedEvent(f"{_name(where)}: ApproximateReceiveCount is not a number") from None
     bindings = {"sqs": message_bindings(message_id, system, types)}
-    return Message(message_id, headers, payload, bindings, attempt if attempt > 1 else 1, record)
+    message = Message(message_id, headers, payload, bindings, attempt if attempt > 1 else 1, record)
+    return message, problem
+
+
+def _rejection(m: Message, problem: str | None) -> str | None:
+    """Why a record fails before reaching the app (content, md5), or None."""
+    if problem is not None:
+        return f"its content does not decode: {problem}"
+    expected = m.token.get("md5OfBody")
+    body = m.token["body"].encode("utf-8")
+    if expected is not None and hashlib.md5(body, usedforsecurity=False).hexdigest() != expected:
+        return "body md5 does not match md5OfBody"
+    return None
 
 
 class SqsHandler(LambdaAdapter):
@@ -118,49 +137,98 @@ class SqsHandler(LambdaAdapter):
         return cls([], build(cls.options, {"endpoint_url": "aws"}))
 
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
-        records = self._records(event)
+        parsed = self._parse(event)
+        records = [m for m, _ in parsed]
+        fifo = any(_is_fifo(m) for m in records)
         failed: set[str] = set()
-        messages: list[Message] = []
-        md5 = hashlib.md5
-        for m in records:
-            expected = m.token.get("md5OfBody")
-            if (
-                expected is not None
-                and md5(m.token["body"].encode("utf-8"), usedforsecurity=False).hexdigest()
-                != expected
-            ):
-                logger.error("record %s: body md5 does not match md5OfBody; failing it", m.id)
+        for m, problem in parsed:
+            why = _rejection(m, problem)
+            if why is not None:
+                logger.error("record %s: %s; failing it without delivering it", m.id, why)
                 failed.add(m.id)
-            else:
-                messages.append(m)
+        if failed and fifo:
+            # The rest of such a record's group must not reach the app before it does.
+            failed = _stop_groups(records, failed)
+        messages = [m for m in records if m.id not in failed]
         if messages:
             address = _queue_name(str(messages[0].token.get("eventSourceARN", "")))
             batch = Batch(address, messages)
-            (settlement,) = await self.run_batches([batch], event, self._deadline(context))
+            ((settlement, _),) = await self.run_batches([batch], event, context)
             failed.update(r.message.id for r in settlement.retry)
-            failed.update(d.message.id for d in settlement.dead)
-        if failed and any(_is_fifo(m) for m in records):
-            failed = _stop_groups(records, failed)
+            dead = settlement.dead
+            if self.dead_letter_address is None:
+                failed.update(d.message.id for d in dead)  # the redrive policy's
+                dead = []
+            if failed and fifo:
+                failed = _stop_groups(records, failed)
+            # Held behind a failure of its group (FIFO), a dead one comes back with it.
+            unsent = await self._dead_letter_all(
+                address, [d for d in dead if d.message.id not in failed]
+            )
+            failed.update(unsent)
+            if unsent and fifo:
+                failed = _stop_groups(records, failed)
         return {"batchItemFailures": [{"itemIdentifier": m.id} for m in records if m.id in failed]}
+
+    async def _dead_letter_all(self, source: str, dead: list[DeadLetter]) -> list[str]:
+        """Send ``dead`` to the dead-letter queue at once; the ids whose send failed."""
+
+        if not dead:
+            return []
+
+        async def send(d: DeadLetter) -> None:
+            m = d.message
+            sqs = m.bindings["sqs"]
+            binding: dict[str, Any] = {"attribute_types": sqs["attribute_types"]}
+            if str(self.dead_letter_address).endswith(".fifo"):
+                binding["message_group_id"] = sqs.get("message_group_id") or "dead-letters"
+                binding["message_deduplication_id"] = m.id
+            await self.dead_letter(source, m, d.reason, {"sqs": binding})
+
+        sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
+        unsent = []
+        for d, outcome in zip(dead, sent, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                logger.error(
+                    "record %s: not dead-lettered to %r (%s); failing it so SQS redelivers it",
+                    d.message.id,
+                    self.dead_letter_address,
+                    outcome,
+                )
+                unsent.append(d.message.id)
+        if len(unsent) < len(dead):
+            logger.warning(
+                "%d record(s) dead-lettered to %r",
+                len(dead) - len(unsent),
+                self.dead_letter_address,
+            )
+        return unsent
 
     @staticmethod
     def _records(event: Any) -> list[Message]:
+        """The messages of an SQS event (their content mapped as the SQS server does)."""
+        return [m for m, _ in SqsHandler._parse(event)]
+
+    @staticmethod
+    def _parse(event: Any) -> list[tuple[Message, str | None]]:
         if not isinstance(event, Mapping) or not isinstance(event.get("Records"), list):
             raise MalformedEvent("not an SQS event: expected an object with a 'Records' list")
-        messages = []
+        parsed = []
         sources = set()
         for i, record in enumerate(event["Records"]):
-            m = sqs_message(record, i)
+            mapped = _mapped(record, i)
             if record.get("eventSource") not in (None, "aws:sqs"):
                 source = record.get("eventSource")
                 raise MalformedEvent(f"Records[{i}] is not from SQS ({source!r})")
             sources.add(record.get("eventSourceARN"))
-            messages.append(m)
+            parsed.append(mapped)
         if len(sources) > 1:
             raise MalformedEvent("records of one SQS event come from more than one queue")
-        if len({m.id for m in messages}) != len(messages):
+        if len({m.id for m, _ in parsed}) != len(parsed):
             raise MalformedEvent("an SQS event repeats a messageId")
-        return messages
+        return parsed
 
 
 def _is_fifo(m: Message) -> bool:
