@@ -64,12 +64,17 @@ _SECRET_NAME: Final = re.compile(r"pass|secret|token|jaas|key|cred|oauth|auth", 
 (``sasl.password``, ``ssl.key.pem``, ``sasl.jaas.config`` ...)."""
 
 
+_LONG = 10
+"""A ``NAME=VALUE`` item's value (or part) this long is masked whatever its NAME: it may
+be a secret under a name :data:`_SECRET_NAME` does not know."""
+
+
 def _secret_values(options: Any) -> list[str]:
     """The texts that give away a secret option of ``options``: each value; the value of
-    each ``NAME=VALUE`` item whose NAME looks secret (:data:`_SECRET_NAME`: the others,
-    ``linger.ms=5`` say, would mask every ``5`` of a message) and the parts of a
-    comma-separated one (librdkafka quotes the bad part of a list); each URL's password;
-    longest first."""
+    each ``NAME=VALUE`` item, and the parts of a comma-separated one (librdkafka quotes
+    the bad part of a list), when its NAME looks secret (:data:`_SECRET_NAME`) or it is
+    at least :data:`_LONG` characters long (short values of other names, ``linger.ms=5``
+    say, would mask every ``5`` of a message); each URL's password; longest first."""
     found: set[str] = set()
     for f in dataclasses.fields(options):
         if not f.metadata.get("secret"):
@@ -80,9 +85,11 @@ def _secret_values(options: Any) -> list[str]:
                 continue
             found.add(item)
             name, equals, rest = item.partition("=")
-            if equals and _SECRET_NAME.search(name):
-                found.update(rest.split(","))
-                found.add(rest)
+            if equals:
+                secret_name = bool(_SECRET_NAME.search(name))
+                found.update(
+                    part for part in (rest, *rest.split(",")) if secret_name or len(part) >= _LONG
+                )
             with contextlib.suppress(ValueError):  # not a URL
                 found.add(urlsplit(item).password or "")
     found.discard("")

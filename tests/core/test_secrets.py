@@ -149,9 +149,12 @@ def test_redact_masks_every_form_of_a_secret_option_value() -> None:
     )
     text = 'bad "pw1", "tok2", "part3", "sasl.oauthbearer.config=tok2,part3"; a part: part3'
     assert redact(text, options) == (f'bad "{MASK}", "{MASK}", "{MASK}", "{MASK}"; a part: {MASK}')
-    # The value of an item whose name is not a secret's is left alone: it masked every
-    # 5 of a message, and turned librdkafka's error code -186 into -*****86.
+    # A short value of an item whose name is not a secret's is left alone: it masked
+    # every 5 of a message, and turned librdkafka's error code -186 into -*****86. A long
+    # one may be a secret under a name we do not know.
     text = "linger.ms=5 failed: val=-186, 5 brokers; debug=broker"
     assert redact(text, options) == f"{MASK} failed: val=-186, 5 brokers; {MASK}"
+    unknown = KafkaOptions(config=["some.new.property=0123456789abcdef,short"])
+    assert redact('bad "0123456789abcdef" and short', unknown) == f'bad "{MASK}" and short'
     url = AmqpOptions(url="amqp://u:pw4@h/")
     assert redact("at amqp://u:pw4@h/ and pw4", url) == f"at {MASK} and {MASK}"

@@ -369,7 +369,8 @@ _EVENT = _BASE + ',"data":%s}'
             "event batch: body is not JSON (nested too deeply)",
         ),
         ({"content-type": "application/json"}, b"[" * 100_000, "Pub/Sub push: body is not"),
-        (_STRUCTURED, (_EVENT % ("[" * 5000 + "]" * 5000)).encode(), "nested too deeply"),
+        # deeper than any interpreter reads (3.13 reads 5,000 levels; 3.11 and 3.12 do not)
+        (_STRUCTURED, (_EVENT % ("[" * 100_000 + "]" * 100_000)).encode(), "nested too deeply"),
         (_STRUCTURED, (_EVENT % "NaN").encode(), "NaN is not a JSON number"),
         (_STRUCTURED, (_EVENT % "[Infinity]").encode(), "Infinity is not a JSON number"),
         (_STRUCTURED, (_EVENT % "-Infinity").encode(), "-Infinity is not a JSON number"),
@@ -855,7 +856,7 @@ async def test_a_failed_app_startup_fails_the_asgi_lifespan() -> None:
     assert "no database" in sent[0]["message"]
 
 
-@pytest.mark.parametrize("payload", [b"NaN", b"[Infinity]", b"[" * 5000 + b"]" * 5000])
+@pytest.mark.parametrize("payload", [b"NaN", b"[Infinity]", b"[" * 100_000 + b"]" * 100_000])
 def test_the_structured_sender_sends_a_payload_that_is_not_strict_json_as_data_base64(
     payload: bytes,
 ) -> None:
