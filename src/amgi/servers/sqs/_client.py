@@ -209,16 +209,19 @@ class SqsClient:
         self._lease: asyncio.Future[Any] | None = None
         """The lease extension on its way to SQS, if any (``extend``)."""
 
+    async def _queue_count(self, queue: _Queue, attribute: str) -> int:
+        """One of SQS's (approximate) counts of ``queue``: ``ApproximateNumberOfMessages``
+        (visible), ``...NotVisible`` (in flight) ..."""
+        found = await self.client.get_queue_attributes(
+            QueueUrl=queue.url, AttributeNames=[attribute]
+        )
+        return int(found["Attributes"][attribute])
+
     async def _read_depths(self) -> dict[str, int]:
         """One GetQueueAttributes per consumed queue; a queue that fails is left out."""
         queues = self._consumed
         answers = await asyncio.gather(
-            *(
-                self.client.get_queue_attributes(
-                    QueueUrl=q.url, AttributeNames=["ApproximateNumberOfMessages"]
-                )
-                for q in queues
-            ),
+            *(self._queue_count(q, "ApproximateNumberOfMessages") for q in queues),
             return_exceptions=True,
         )
         depths: dict[str, int] = {}
@@ -226,7 +229,7 @@ class SqsClient:
             if isinstance(answer, BaseException):
                 logger.debug("reading the depth of %r failed: %s", queue.name, answer)
                 continue
-            depths[queue.name] = int(answer["Attributes"]["ApproximateNumberOfMessages"])
+            depths[queue.name] = answer
         return depths
 
     @property

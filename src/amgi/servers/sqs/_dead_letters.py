@@ -59,7 +59,10 @@ class DeadLetters(SqsClient):
         as many as the dead-letter queue held when the replay started (a replayed message
         that a consumer dead-letters again meanwhile waits for the next replay)."""
         queue, dlq = await self._queues_of(address)
-        ready = min(limit, await self._visible_count(dlq))
+        try:
+            ready = min(limit, await self._queue_count(dlq, "ApproximateNumberOfMessages"))
+        except Exception as exc:
+            raise SqsSendError(f"sqs: could not read the size of {dlq.name!r}: {exc}") from exc
         moved = 0
         while moved < ready:
             chunk = await self._take_dead(dlq, min(_MAX_BATCH, ready - moved))
@@ -72,24 +75,11 @@ class DeadLetters(SqsClient):
             await self._report_held(dlq)
         return moved
 
-    async def _visible_count(self, dlq: _Queue) -> int:
-        """SQS's (approximate) count of the messages ready in ``dlq``."""
-        try:
-            found = await self.client.get_queue_attributes(
-                QueueUrl=dlq.url, AttributeNames=["ApproximateNumberOfMessages"]
-            )
-        except Exception as exc:
-            raise SqsSendError(f"sqs: could not read the size of {dlq.name!r}: {exc}") from exc
-        return int(found["Attributes"]["ApproximateNumberOfMessages"])
-
     async def _report_held(self, dlq: _Queue) -> None:
         """Warn about dead letters another reader holds (in flight): a replay cannot see
         them until their visibility timeout ends."""
         try:
-            found = await self.client.get_queue_attributes(
-                QueueUrl=dlq.url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
-            )
-            held = int(found["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+            held = await self._queue_count(dlq, "ApproximateNumberOfMessagesNotVisible")
         except Exception as exc:
             logger.debug("reading the in-flight count of %r failed: %s", dlq.name, exc)
             return
