@@ -295,6 +295,57 @@ async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_coun
         await other.close()
 
 
+async def test_an_entry_handed_back_uncounted_keeps_its_count_across_a_crash() -> None:
+    """The app never had it, so that delivery does not count: not when this consumer takes
+    it back, and not when another consumer claims it after this one dies."""
+    stream, group = fresh("uncounted"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)
+    crashed = RedisTransport([stream], options)
+    await crashed.connect()
+    await crashed.publish(stream, [], b"one", {})
+    (first,) = await fetch_all(crashed, 1)
+    await crashed.settle(
+        Batch(stream, [first]), Settlement(retry=[Retry(first, "not had", 0.0, uncounted=True)])
+    )
+    (again,) = await fetch_all(crashed, 1)
+    assert (again.id, again.attempt) == (first.id, 1)
+    await crashed.close()  # never settled: left pending on that consumer
+    other = RedisTransport([stream], options)
+    await other.connect()
+    try:
+        (claimed,) = await fetch_all(other, 1)
+        assert (claimed.id, claimed.attempt) == (first.id, 2)
+    finally:
+        await other.close()
+
+
+async def test_a_refused_counter_reset_is_one_warning_and_the_retry_stands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream, group = fresh("uncounted"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    await t.connect()
+    try:
+        await t.publish(stream, [], b"one", {})
+        (first,) = await fetch_all(t, 1)
+        c = await client()
+        try:
+            await c.execute_command("XGROUP", "DESTROY", stream, group)
+        finally:
+            await c.aclose()
+        await t.settle(
+            Batch(stream, [first]),
+            Settlement(retry=[Retry(first, "not had", 60.0, uncounted=True)]),
+        )
+        (warning,) = [r for r in caplog.records if "delivery counter" in r.getMessage()]
+        assert warning.levelname == "WARNING"
+        assert "NOGROUP" in warning.getMessage()
+        assert t._streams is not None
+        assert len(t._streams._retries) == 1
+    finally:
+        await t.close()
+
+
 async def test_a_deleted_stream_and_group_are_created_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

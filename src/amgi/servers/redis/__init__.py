@@ -10,7 +10,8 @@ ordering key       the stream
 message id         the stream entry id (the same on every redelivery)
 ack                one ``XACK`` per batch with every acked id
 nack (retry)       the entry stays pending; after the retry delay it is ``XCLAIM``-ed
-                   again (the delivery counter goes up)
+                   again (the delivery counter goes up; one the app never had has it
+                   set back first, ``XCLAIM ... RETRYCOUNT n JUSTID``)
 nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream added as
                    fields) and ``XACK``, in one ``MULTI``/``EXEC``
 attempt            the entry's delivery counter

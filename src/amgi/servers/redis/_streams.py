@@ -283,9 +283,14 @@ class Streams:
     ) -> None:
         if settlement.retry:  # they stay pending on this consumer until they are due
             now = asyncio.get_running_loop().time()
+            uncounted: dict[int, list[bytes]] = {}
             for r in settlement.retry:  # reclaimed as attempt + 1: uncounted ones as the same
                 attempt = r.message.attempt - r.uncounted
                 self._retries.add(now + r.delay, (stream, r.message.token, attempt))
+                if r.uncounted:
+                    uncounted.setdefault(attempt, []).append(r.message.token)
+            if uncounted:
+                await self._set_counters(stream, uncounted)
         ids = [m.token for m in settlement.acked]
         if dead:
             ids += [d.message.token for d in settlement.dead]
@@ -296,6 +301,29 @@ class Streams:
                 await pipe.execute()
         elif ids:
             await execute_packed(self.client, pack((*self._xack[stream], *ids)))
+
+    async def _set_counters(self, stream: str, counters: Mapping[int, list[bytes]]) -> None:
+        """Set the delivery counters of entries handed back uncounted to what they were
+        before that delivery, so that any later one (a reclaim here, a read of this
+        consumer's history after a restart, another consumer's claim) counts right.
+
+        Should Redis refuse, the counters stay one too high, as Redis counts them, and
+        the entries are retried all the same."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for count, ids in counters.items():
+                    pipe.execute_command(
+                        "XCLAIM", stream, self.group, self.consumer, 0, *ids,
+                        "RETRYCOUNT", count, "JUSTID",
+                    )  # fmt: skip
+                await pipe.execute()
+        except Exception as exc:
+            raise_if_cancelled()
+            logger.warning(
+                "could not set the delivery counter of %d entries of %s handed back "
+                "unprocessed (%s); their next attempt counts one more",
+                sum(map(len, counters.values())), stream, exc,
+            )  # fmt: skip
 
 
 def _among(stream: str, ids: set[bytes]) -> Callable[[tuple[str, bytes, int]], bool]:
