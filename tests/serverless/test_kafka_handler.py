@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from amgi.runtime import RuntimeConfig
 from amgi.serverless import BatchFailed, KafkaHandler, MalformedEvent
 from amgi.testing.conformance import Recorder
 from tests.serverless.helpers import Capture, Context, settling_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
+QUICK = RuntimeConfig(max_attempts=3, retry_delay=0.01)
+"""Three attempts with short retry delays, so that the in-invocation retries run quickly."""
 
 
 def load(name: str) -> dict[str, Any]:
@@ -78,11 +82,114 @@ async def test_partitions_run_concurrently_and_in_order_within() -> None:
     assert [o for p, o in seen if p == 1] == [7, 8, 9]
 
 
-async def test_a_nack_fails_the_invocation_so_lambda_retries() -> None:
+def attempts_of(app: Recorder, payload: bytes) -> list[int]:
+    return [r.attempt for r in app.received if r.payload == payload]
+
+
+async def test_a_nack_on_every_attempt_fails_the_invocation_so_lambda_retries() -> None:
     app = Recorder(lambda r: "nack:bad record" if r.payload == b"p0-2" else "ack")
-    handler = KafkaHandler(app, handle_sigterm=False)
+    handler = KafkaHandler(app, handle_sigterm=False, config=QUICK)
     with pytest.raises(BatchFailed, match="bad record"):
         await handler.handle(load("msk.json"))
+    assert attempts_of(app, b"p0-2") == [1, 2, 3], "retried within the invocation first"
+    assert attempts_of(app, b"p0-3") == [1], "the records after it go on, once"
+
+
+async def test_a_nack_is_retried_within_the_invocation_after_the_retry_delay() -> None:
+    """A passing failure costs neither a whole-batch retry nor a dead letter."""
+    failing = {b"p0-2": 1, b"p1-0": 2}  # nacks left, then acks
+
+    def decide(r: Any) -> str:
+        if failing.get(r.payload, 0) > 0:
+            failing[r.payload] -= 1
+            return "nack:database away"
+        return "ack"
+
+    app = Recorder(decide)
+    capture = Capture()
+    config = RuntimeConfig(max_attempts=3, retry_delay=0.2)
+    handler = KafkaHandler(
+        app, handle_sigterm=False, config=config, publisher=capture, dead_letter_address="dlq"
+    )
+    started = time.monotonic()
+    assert await handler.handle(load("msk.json"), Context(30)) == {
+        "processed": 7,
+        "dead_lettered": 0,
+    }
+    elapsed = time.monotonic() - started
+    assert attempts_of(app, b"p0-2") == [1, 2]
+    assert attempts_of(app, b"p1-0") == [1, 2, 3]
+    assert capture.sent == []
+    assert 0.2 + 0.4 <= elapsed < 5, "the doubling delays 0.2 s and 0.4 s, no more"
+    retried = [s for s in app.scopes[2:] if s["type"] == "message"]
+    assert len(retried) == 3, "a retry round is one call per partition with retries"
+
+
+async def test_a_retry_that_would_not_fit_the_invocation_is_its_last_attempt() -> None:
+    app = Recorder(lambda r: "nack:bad record" if r.payload == b"p0-2" else "ack")
+    capture = Capture()
+    config = RuntimeConfig(max_attempts=5, retry_delay=5.0)
+    handler = KafkaHandler(
+        app,
+        handle_sigterm=False,
+        config=config,
+        publisher=capture,
+        dead_letter_address="dlq",
+        deadline_margin=0.2,
+    )
+    started = time.monotonic()
+    assert (await handler.handle(load("msk.json"), Context(3)))["dead_lettered"] == 1
+    assert time.monotonic() - started < 1, "no wait for a retry that cannot happen"
+    ((_, headers, payload, _),) = capture.sent
+    assert payload == b"p0-2"
+    assert (b"amgi-attempt", b"1") in headers
+
+
+async def test_records_a_call_never_received_are_given_to_the_next_call() -> None:
+    """An app that takes one record per call and returns: the rest are handed back
+    uncounted and run again at once, never dead-lettered, never a failed invocation."""
+    received: list[tuple[bytes | None, int]] = []
+
+    async def one_per_call(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":
+            event = await receive()
+            received.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            await send({"type": "message.ack", "id": event["id"]})
+
+    capture = Capture()
+    handler = KafkaHandler(
+        one_per_call, handle_sigterm=False, publisher=capture, dead_letter_address="dlq"
+    )
+    assert await handler.handle(load("msk.json"), Context(30)) == {
+        "processed": 7,
+        "dead_lettered": 0,
+    }
+    p0 = [p for p, _ in received if p is not None and p.startswith(b"p0")]
+    assert p0 == [b"p0-0", b"p0-1", b"p0-2", b"p0-3"], "in offset order"
+    assert len(received) == 7
+    assert {a for _, a in received} == {1}
+    assert capture.sent == []
+
+
+async def test_a_call_that_receives_nothing_is_retried_a_bounded_number_of_times() -> None:
+    calls = 0
+
+    async def returns_at_once(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        if scope["type"] == "message":
+            calls += 1
+
+    capture = Capture()
+    handler = KafkaHandler(
+        returns_at_once,
+        handle_sigterm=False,
+        config=QUICK,
+        publisher=capture,
+        dead_letter_address="dlq",
+    )
+    assert (await handler.handle(load("msk.json"), Context(30)))["dead_lettered"] == 7
+    assert calls == 2 * 3, "one call per partition and attempt"
+    assert {dict(h)[b"amgi-attempt"] for _, h, _, _ in capture.sent} == {b"3"}
 
 
 async def test_a_nack_is_dead_lettered_by_sending_when_configured() -> None:
@@ -97,16 +204,22 @@ async def test_a_nack_is_dead_lettered_by_sending_when_configured() -> None:
         )
     )
     handler = KafkaHandler(
-        app, handle_sigterm=False, publisher=capture, dead_letter_address="mytopic-dlq"
+        app,
+        handle_sigterm=False,
+        config=QUICK,
+        publisher=capture,
+        dead_letter_address="mytopic-dlq",
     )
     result = await handler.handle(load("msk.json"))
     assert result == {"processed": 7, "dead_lettered": 2}
+    assert attempts_of(app, b"p1-0") == [1, 2, 3], "unsettled is a nack, retried alike"
     sent = {payload: (address, headers) for address, headers, payload, _ in capture.sent}
     assert set(sent) == {b"p0-2", b"p1-0"}
     address, headers = sent[b"p0-2"]
     assert address == "mytopic-dlq"
     assert (b"amgi-dead-letter-reason", b"bad record") in headers
     assert (b"amgi-original-address", b"mytopic") in headers
+    assert (b"amgi-attempt", b"3") in headers, "dead on its last attempt"
     assert capture.connected == 1
 
 
@@ -148,7 +261,7 @@ async def test_records_cut_by_the_deadline_are_retried_never_dead_lettered() -> 
         dead_letter_address="mytopic-dlq",
         deadline_margin=0.3,
     )
-    with pytest.raises(BatchFailed, match=r"4 record.* not finished before the invocation's"):
+    with pytest.raises(BatchFailed, match=r"4 record.* not finished in this invocation"):
         await handler.handle(load("msk.json"), Context(0.8))
     assert capture.sent == [], "neither the slow record nor those never received"
     assert b"p0-1" not in seen
@@ -163,7 +276,7 @@ def nacking_for_good(extensions: list[Any]) -> Any:
 async def test_retry_false_is_advertised_only_with_a_dead_letter_address() -> None:
     extensions: list[Any] = []
     with pytest.raises(BatchFailed, match="bad schema"):
-        await KafkaHandler(nacking_for_good(extensions), handle_sigterm=False).handle(
+        await KafkaHandler(nacking_for_good(extensions), handle_sigterm=False, config=QUICK).handle(
             load("msk.json")
         )
     assert extensions == [None, None]

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from amgi.runtime import RuntimeConfig
 from amgi.serverless import KafkaHandler
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 
@@ -105,7 +106,8 @@ def test_a_dead_letter_does_not_inherit_the_source_partition() -> None:
         message: Any = await receive()
         await send({"type": "message.nack", "id": message["id"], "message": "bad"})
 
-    handler = KafkaHandler(app, handle_sigterm=False, dead_letter_address=dead)
+    config = RuntimeConfig(max_attempts=1)  # its first nack is its last
+    handler = KafkaHandler(app, handle_sigterm=False, config=config, dead_letter_address=dead)
     try:
         result = handler(event, None)
     finally:

@@ -9,11 +9,14 @@ record                 mapped by :mod:`amgi.servers.kafka.records`, as the Kafka
                        does: base64 ``key``/``value`` decoded, header byte arrays joined,
                        ``bindings["kafka"]``: key, partition, offset, timestamp
 ack                    nothing to do: Lambda commits the batch when the invocation succeeds
-nack / unsettled       :class:`BatchFailed` is raised so that Lambda retries the batch,
-                       unless ``dead_letter_address`` is set: then each one is sent there
-                       (with the reason header and the record's key, never its
-                       partition) and the invocation succeeds (Lambda can only retry a
-                       whole batch, so a record's nack is its last attempt)
+nack / unsettled       retried within the invocation (Lambda can only retry a whole
+                       batch): after the runtime's retry delay the partition's nacked
+                       records go to the app again, attempt + 1, up to ``max_attempts``
+                       or until the next delay no longer fits in the time left. What is
+                       still nacked then raises :class:`BatchFailed` so that Lambda
+                       retries the batch, unless ``dead_letter_address`` is set: then
+                       each one is sent there (with the reason header and the record's
+                       key, never its partition) and the invocation succeeds
 ``retry: False``       advertised (``message.nack.retry``) only with
                        ``dead_letter_address``, where such a record goes at once
 deadline               batches not finished in time fail the invocation (Lambda retries);
@@ -24,9 +27,11 @@ malformed event        :class:`MalformedEvent`, nothing processed
 
 from __future__ import annotations
 
+import asyncio
 import binascii
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -40,13 +45,16 @@ from amgi.serverless._adapter import (
 )
 from amgi.servers import load
 from amgi.servers.kafka.records import message_from_record
-from amgi.transport import Batch, Message, Transport
+from amgi.transport import Batch, DeadLetter, Message, Retry, Transport
 
 __all__ = ["KafkaHandler", "kafka_batches"]
 
 logger = logging.getLogger("amgi.serverless")
 
 _SOURCES = ("aws:kafka", "SelfManagedKafka", None)
+
+Failed = tuple[str, Message, str]
+"""A record that did not succeed: its topic, the record, the reason."""
 
 
 def _where(group: str, index: int) -> str:
@@ -165,22 +173,14 @@ class KafkaHandler(LambdaAdapter):
 
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
         batches = kafka_batches(event)
-        results = await self.run_batches(batches, event, context)
-        failures: list[tuple[str, Message, str]] = []
-        unfinished: list[tuple[str, Message, str]] = []
-        for batch, (settlement, in_time) in zip(batches, results, strict=True):
-            # Cut at the deadline, a partition is not done: what the app never received,
-            # or had in hand, has used up no attempt and must not be dead-lettered.
-            into = failures if in_time else unfinished
-            into.extend((batch.address, r.message, r.reason) for r in settlement.retry)
-            into.extend((batch.address, d.message, d.reason) for d in settlement.dead)
+        failures, unfinished = await self._run_with_retries(batches, event, context)
         processed = sum(len(b.messages) for b in batches)
         if unfinished:
             address, m, reason = unfinished[0]
             raise BatchFailed(
-                f"{len(unfinished)} record(s) not finished before the invocation's deadline "
-                f"(first: {address} offset {m.id}: {reason}); failing the invocation so "
-                "Lambda retries the batch"
+                f"{len(unfinished)} record(s) not finished in this invocation (first: "
+                f"{address} offset {m.id}: {reason}); failing the invocation so Lambda "
+                "retries the batch"
                 + (", nothing dead-lettered" if self.dead_letter_address is not None else "")
             )
         if not failures:
@@ -199,3 +199,64 @@ class KafkaHandler(LambdaAdapter):
             await self.dead_letter(address, m, reason, bindings)
         logger.warning("%d record(s) dead-lettered to %r", len(failures), self.dead_letter_address)
         return {"processed": processed, "dead_lettered": len(failures)}
+
+    async def _run_with_retries(
+        self, batches: Sequence[Batch], event: Mapping[str, Any], context: LambdaContext | None
+    ) -> tuple[list[Failed], list[Failed]]:
+        """Run the batches, then the records the app nacked again, within the invocation.
+
+        Lambda can only retry a whole batch and Kafka counts no deliveries, so retries
+        happen here: after the runtime's retry delay, each partition's nacked records go
+        to the app again as one call, with the next attempt, until they are settled or
+        on their last attempt (``max_attempts``) dead. Returns ``(failures, unfinished)``:
+        the records nacked for good, or whose next delay does not fit in the time left;
+        and those cut at the deadline, which must not be dead-lettered. Each round retries
+        only what the one before nacked, so there are at most ``max_attempts`` rounds.
+        """
+        failures: list[Failed] = []
+        unfinished: list[Failed] = []
+        while batches:
+            results = await self.run_batches(batches, event, context)
+            again: list[tuple[Batch, list[Retry]]] = []
+            for batch, (settlement, in_time) in zip(batches, results, strict=True):
+                if not in_time:
+                    # Cut at the deadline, a partition is not done: what the app never
+                    # received, or had in hand, has used up no attempt.
+                    unfinished.extend(_failed(batch.address, settlement.retry))
+                    unfinished.extend(_failed(batch.address, settlement.dead))
+                    continue
+                failures.extend(_failed(batch.address, settlement.dead))
+                if settlement.retry:
+                    again.append((batch, settlement.retry))
+            if not again:
+                break
+            delay = max(r.delay for _, retries in again for r in retries)
+            left = self._time_left(context)
+            if left is not None and delay >= left:
+                # Waiting would run into the deadline: the nacked records have used up
+                # this invocation's attempts (an uncounted one was never the app's).
+                for batch, retries in again:
+                    for r in retries:
+                        into = unfinished if r.uncounted else failures
+                        into.append((batch.address, r.message, r.reason))
+                break
+            count = sum(len(retries) for _, retries in again)
+            logger.info("retrying %d nacked record(s) in %gs, within the invocation", count, delay)
+            await asyncio.sleep(delay)
+            batches = [_next_attempt(batch, retries) for batch, retries in again]
+        return failures, unfinished
+
+
+def _failed(address: str, failed: Sequence[Retry | DeadLetter]) -> list[Failed]:
+    return [(address, f.message, f.reason) for f in failed]
+
+
+def _next_attempt(batch: Batch, retries: list[Retry]) -> Batch:
+    """The retried records of ``batch`` as one batch, in offset order, each with its next
+    attempt (an uncounted one keeps its attempt: the app never had it)."""
+    messages = [
+        dataclasses.replace(r.message, attempt=r.message.attempt + (not r.uncounted))
+        for r in retries
+    ]
+    messages.sort(key=_TOKEN)
+    return Batch(batch.address, messages, batch.key)
