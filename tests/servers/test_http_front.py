@@ -30,6 +30,8 @@ async def _post(
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
+        if read:  # as an ASGI server does after the body: wait for a disconnect
+            await asyncio.Event().wait()
         read.append("body")
         return {"type": "http.request", "body": body, "more_body": False}
 

@@ -14,7 +14,7 @@ import pytest
 from amgi.runtime import RuntimeConfig
 from amgi.servers.http import HttpOptions
 from amgi.servers.http._connection import MAX_HEAD
-from tests.servers.http_helpers import Recorder, Served, serving
+from tests.servers.http_helpers import WAYS, Recorder, Served, serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -616,14 +616,16 @@ async def test_pipelined_requests_in_flight_at_shutdown_are_all_answered() -> No
 ONE_AT_A_TIME = RuntimeConfig(concurrency=1, shutdown_timeout=5.0)
 
 
-async def test_requests_queued_when_their_client_goes_away_never_reach_the_app() -> None:
+@pytest.mark.parametrize("way", WAYS)
+async def test_requests_queued_when_their_client_goes_away_never_reach_the_app(way: str) -> None:
     """The app is busy: requests wait in the queue. Their clients give up (as a pusher
     does at its deadline): the requests are dropped, not processed for nobody (the
     pusher, without a 2xx, pushes each again) nor held in memory meanwhile. (A client
     that closes looks like one that half-closes until the server writes: its queued
-    requests go at the next sweep after its reset.)"""
+    requests go at the next sweep after its reset. Under uvicorn, ``PushApp`` hears of it
+    as ASGI's ``http.disconnect``.)"""
     app = Paced()
-    async with serving("own", app, config=ONE_AT_A_TIME) as served:
+    async with serving(way, app, config=ONE_AT_A_TIME) as served:
         busy_reader, busy_writer = await connect(served)
         busy_writer.write(request(b"busy", type_="slow"))
         await asyncio.wait_for(app.holding.wait(), 10)

@@ -11,6 +11,7 @@ otherwise, 503 when the server shut down before the app took them.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -107,6 +108,38 @@ class Front:
         """Address header values of valid binary events -> the served address they name."""
         self.needs_path = "path" in (address_from, pubsub_address_from)
         """Whether :meth:`complete` reads the request path (an address may come from it)."""
+        self._unanswered: dict[asyncio.Future[list[str] | None], Receive] = {}
+        """ASGI requests waiting for their outcome, and their ``receive``."""
+        self._old: set[asyncio.Future[list[str] | None]] = set()
+        """Those already waiting at the last sweep."""
+        self._listening: dict[asyncio.Future[Any], asyncio.Future[Any]] = {}
+        """Requests listened for (their client may go away), and the listening task."""
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def _listen(self) -> None:
+        """The sweep, every :data:`LISTEN_AFTER` seconds while ASGI requests wait: one
+        still waiting since the last sweep listens for its client to go away (ASGI's
+        ``http.disconnect``); then its messages still queued are withdrawn (nobody would
+        get the answer, and the sender pushes them again). A task per request costs, so
+        the many answered sooner never listen."""
+        self._sweep = None
+        unanswered = self._unanswered
+        for future in self._old:
+            receive = unanswered.get(future)
+            if receive is not None and future not in self._listening and not future.done():
+                listening = asyncio.ensure_future(receive())
+                listening.add_done_callback(functools.partial(self._heard, future))
+                self._listening[future] = listening
+        self._old = set(unanswered)
+        if unanswered:
+            self._sweep = asyncio.get_running_loop().call_later(LISTEN_AFTER, self._listen)
+
+    def _heard(self, future: asyncio.Future[Any], listening: asyncio.Future[Any]) -> None:
+        if future.done() or listening.cancelled() or listening.exception() is not None:
+            return
+        if listening.result()["type"] == "http.disconnect":
+            self.inbox.withdraw((future,))
+            future.set_exception(_Gone())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one HTTP request (the app runs meanwhile, through the inbox).
@@ -141,7 +174,20 @@ class Front:
         if isinstance(outcome, tuple):
             return await _respond(send, outcome)
         future: asyncio.Future[list[str] | None] = outcome  # type: ignore[assignment]
-        reasons = await future  # (complete made the future: no reply was given)
+        unanswered = self._unanswered  # (complete made the future: no reply was given)
+        unanswered[future] = receive
+        if self._sweep is None:
+            self._sweep = future.get_loop().call_later(LISTEN_AFTER, self._listen)
+        try:
+            reasons = await future
+        except _Gone:
+            return
+        finally:
+            del unanswered[future]
+            if self._listening:
+                listening = self._listening.pop(future, None)
+                if listening is not None:
+                    listening.cancel()
         if reasons is not None and not reasons:  # the hot path: all acked, two constant events
             await send(_ACKED_START)
             await send(_EMPTY_BODY)
@@ -334,6 +380,12 @@ async def _respond(send: Send, answer: Answer) -> None:
     status, body, headers = answer
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+LISTEN_AFTER = 0.5
+"""Seconds between the sweeps that make ASGI requests still waiting for their outcome
+listen for their client going away (so after 0.5-1 s; a pusher's own deadline is seconds
+to minutes: Pub/Sub's is 10 s by default)."""
 
 
 class _Gone(Exception):
