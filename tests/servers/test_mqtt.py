@@ -426,6 +426,16 @@ async def test_invalid_topic_filter(options: MqttOptions, bad: str) -> None:
         await MqttTransport([bad], options).connect()
 
 
+@pytest.mark.parametrize(("option", "value"), [("keepalive", 65536), ("session_expiry", 2**32)])
+async def test_options_over_what_mqtt_can_carry_are_refused_before_connecting(
+    options: MqttOptions, option: str, value: int
+) -> None:
+    """CONNECT holds the keepalive in 2 bytes and the session expiry in 4: paho failed
+    with a bare struct error ("unexpected error: 'H' format requires ...")."""
+    with pytest.raises(ConfigurationError, match=option.replace("_", "-")):
+        await MqttTransport([topic()], replace(options, **{option: value})).connect()
+
+
 async def test_shared_subscription_needs_a_client_id(options: MqttOptions) -> None:
     with pytest.raises(ConfigurationError, match="needs --client-id"):
         await MqttTransport(["$share/g/a"], options).connect()
@@ -456,6 +466,8 @@ async def test_send_to_wildcard_raises_send_error(options: MqttOptions) -> None:
         # again on every reconnect: a reconnect loop every 0.1 s, for good.
         ({"contentType": "text/plain\n"}, [], "binding contentType must not contain control"),
         ({"responseTopic": "re/\x7f"}, [], "binding responseTopic must not contain control"),
+        # bool("false") is True: the message was published retained.
+        ({"retain": "false"}, [], "binding retain must be a bool"),
     ],
 )
 async def test_property_values_mqtt_cannot_carry_fail_that_send_alone(

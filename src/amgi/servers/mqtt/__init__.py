@@ -266,6 +266,12 @@ class MqttTransport(DeadLetters, Transport):
         qos = binding.get("qos", 1)
         if type(qos) is not int or qos not in (0, 1, 2):
             raise MqttSendError(f"mqtt: cannot send to {address!r}: qos must be 0, 1 or 2")
+        retain = binding.get("retain", False)
+        if type(retain) is not bool and retain is not None:
+            raise MqttSendError(
+                f"mqtt: cannot send to {address!r}: binding retain must be a bool, not "
+                f"{retain!r:.60}"
+            )
         props = self._publish_properties(address, headers, binding)
         if not self._connected.is_set():
             if self._client is None or self._closing:
@@ -285,7 +291,7 @@ class MqttTransport(DeadLetters, Transport):
             address,
             payload if payload is not None else b"",
             qos=qos,
-            retain=bool(binding.get("retain", False)),
+            retain=bool(retain),
             properties=props,
         )
         if info.rc not in (0, 4):  # success, or queued while reconnecting (NO_CONN)

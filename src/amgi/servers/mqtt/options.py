@@ -36,6 +36,7 @@ class MqttOptions:
         default=3600,
         metadata={
             "ge": 0,
+            "le": 2**32 - 1,
             "help": "seconds the broker keeps the session while disconnected (MQTT 5)",
         },
     )
@@ -77,7 +78,9 @@ class MqttOptions:
     tls_insecure: bool = field(
         default=False, metadata={"help": "do not check the broker's certificate host name"}
     )
-    keepalive: int = field(default=60, metadata={"ge": 0, "help": "keepalive interval, seconds"})
+    keepalive: int = field(
+        default=60, metadata={"ge": 0, "le": 65535, "help": "keepalive interval, seconds"}
+    )
     connect_timeout: float = field(
         default=10.0,
         metadata={"gt": 0, "help": "seconds to wait for the broker to accept a connection"},
