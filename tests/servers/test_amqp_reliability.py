@@ -11,7 +11,7 @@ import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.amqp import AmqpOptions, AmqpSendError, AmqpTransport
-from amgi.transport import Batch, Settlement
+from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.apps import attempts_app
 from tests.servers.crash_loop import CrashLoop
 from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
@@ -497,3 +497,59 @@ async def test_large_sends_failed_over_anothers_size_refusal_go_out_again() -> N
     bodies = [m.body for m in await drain(queue, 8, timeout=1)]
     assert set(bodies) == set(large)
     assert max(bodies.count(b) for b in bodies) <= 2
+
+
+async def test_a_message_another_user_published_with_its_user_id_is_retried_and_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ``user-id`` property names the user who published; RabbitMQ refuses a publish
+    that claims another user than the connection's. The server's copies of such a
+    message (retry, dead letter) carried it: every copy was refused, the message stayed
+    unacked for good (its channel's later acks waiting behind it) and each refusal closed
+    the channel of the server's moves."""
+    import aiormq
+    from pamqp.commands import Basic
+
+    from tests.servers.test_amqp_support import rabbitmqctl
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    user = f"amgi-test-user-{queue[-12:]}"
+    await rabbitmqctl("add_user", user, "secret")
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.05))
+    try:
+        await rabbitmqctl("set_permissions", user, ".*", ".*", ".*")
+        await transport.connect()
+        other = await aiormq.connect(f"amqp://{user}:secret@127.0.0.1:5672/")
+        try:
+            channel = await other.channel()
+            for body in (b"retry me", b"bury me"):
+                properties = Basic.Properties(user_id=user, app_id="theirs")
+                await channel.basic_publish(body, routing_key=queue, properties=properties)
+        finally:
+            await other.close()
+        batches: list[Batch] = []
+        async with asyncio.timeout(5):
+            while sum(len(b.messages) for b in batches) < 2:
+                batches.extend(await transport.fetch())
+        [batch] = batches
+        retried, buried = batch.messages
+        assert retried.bindings["amqp"]["userId"] == user
+        settlement = Settlement(
+            retry=[Retry(retried, "again", 0.05)], dead=[DeadLetter(buried, "no")]
+        )
+        async with asyncio.timeout(5):
+            await transport.settle(batch, settlement)
+            [back] = await transport.fetch()
+        [message] = back.messages
+        assert (message.payload, message.attempt) == (b"retry me", 2)
+        assert message.bindings["amqp"]["appId"] == "theirs"  # the other properties stay
+        await transport.settle(back, Settlement(acked=[message]))
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=5)
+        assert dead.body == b"bury me"
+        assert dead.header.properties.app_id == "theirs"
+    finally:
+        await transport.close()
+        await rabbitmqctl("delete_user", user)
+    assert await queue_depth(queue) == 0
+    assert not caplog.records

@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -57,6 +56,7 @@ from amgi.servers.amqp._client import (
     _check_confirm,
     _refused_another,
     _reply_text,
+    _url_login,
 )
 from amgi.servers.amqp._codec import (
     _message,
@@ -113,17 +113,6 @@ def _check_user_id(user_id: str | None, url: str) -> None:
     login = _url_login(url)
     if login is not None and user_id != login:
         raise ValueError(f"userId {user_id!r} is not the user this server logs in as ({login!r})")
-
-
-@functools.lru_cache(maxsize=16)
-def _url_login(url: str) -> str | None:
-    """The user ``url`` logs in as (the client's default, ``guest``, without one);
-    ``None`` when the login is not a user name (``auth=external``). Parsed once per URL."""
-    parsed = urllib.parse.urlsplit(url)
-    auth = urllib.parse.parse_qs(parsed.query).get("auth", ["plain"])[0]
-    if auth.upper() != "PLAIN":
-        return None
-    return urllib.parse.unquote(parsed.username or "") or "guest"
 
 
 class AmqpTransport(DeadLetters, AmqpClient, Transport):

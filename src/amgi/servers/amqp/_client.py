@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -67,6 +69,17 @@ def _check_confirm(result: object) -> None:
 
     if not isinstance(result, Basic.Ack):
         raise AmqpSendError("the broker did not confirm the message (basic.nack)")
+
+
+@functools.lru_cache(maxsize=16)
+def _url_login(url: str) -> str | None:
+    """The user ``url`` logs in as (the client's default, ``guest``, without one);
+    ``None`` when the login is not a user name (``auth=external``). Parsed once per URL."""
+    parsed = urllib.parse.urlsplit(url)
+    auth = urllib.parse.parse_qs(parsed.query).get("auth", ["plain"])[0]
+    if auth.upper() != "PLAIN":
+        return None
+    return urllib.parse.unquote(parsed.username or "") or "guest"
 
 
 def _reply_text(exc: BaseException) -> str:
@@ -306,6 +319,9 @@ class AmqpClient:
         from pamqp.commands import Basic
 
         props = delivered.header.properties
+        # The broker refuses a user-id other than the connection's (PRECONDITION_FAILED,
+        # closing the channel): a message another user published would never move.
+        user_id = props.user_id if props.user_id == _url_login(self.config.url) else None
         properties = Basic.Properties(
             content_type=props.content_type,
             content_encoding=props.content_encoding,
@@ -317,7 +333,7 @@ class AmqpClient:
             message_id=props.message_id,
             timestamp=props.timestamp,
             message_type=props.message_type,
-            user_id=props.user_id,
+            user_id=user_id,
             app_id=props.app_id,
         )
         result = await channel.basic_publish(
