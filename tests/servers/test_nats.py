@@ -569,3 +569,67 @@ async def test_tls_against_a_server_that_does_not_require_it_sends_no_credential
         await asyncio.wait_for(server.wait_closed(), 10)
     assert marker.encode() not in received
     assert b"CONNECT" not in received
+
+
+# -- pull requests are bounded ------------------------------------------------------------
+
+
+async def pull_requests_in(seconds: float, transport: NatsTransport) -> int:
+    """How many pull requests ``transport`` makes in ``seconds`` of an idle fetch."""
+    import nats
+
+    watcher = await nats.connect(URL)
+    asked = 0
+
+    async def count(msg: Any) -> None:
+        nonlocal asked
+        asked += 1
+
+    try:
+        await watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=count)
+        await watcher.flush()
+        await transport.connect()
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await transport.fetch()
+        finally:
+            await transport.close()
+        await watcher.flush()
+    finally:
+        await watcher.close()
+    return asked
+
+
+async def test_a_short_fetch_expiry_asks_no_faster_than_it_says(subject: str) -> None:
+    """The pull request's expiry was ``--fetch-expiry`` less 10 ms, at least 1 ns: an
+    expiry of 10 ms or less asked JetStream thousands of times a second while idle."""
+    options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.01)
+    asked = await pull_requests_in(1.0, NatsTransport([subject], options))
+    assert 10 <= asked <= 300, asked  # one per 10 ms is 100
+
+
+async def test_a_pull_request_the_consumer_refuses_is_asked_again_after_the_expiry(
+    subject: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer (used as it is) whose max_batch is below ``--batch-size`` answers each
+    pull request at once with 409; the server asked again at once, thousands of times a
+    second with a warning each. Now it waits for the expiry before asking again."""
+    import json
+
+    import nats
+
+    durable = fresh("d")
+    admin = await nats.connect(URL)
+    try:
+        config = {"durable_name": durable, "ack_policy": "explicit", "filter_subject": subject}
+        request = {"stream_name": STREAM, "config": {**config, "max_batch": 10}}
+        await admin.request(
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{durable}", json.dumps(request).encode()
+        )
+    finally:
+        await admin.close()
+    options = NatsOptions(servers=URL, durable=durable, batch_size=50, fetch_expiry=0.2)
+    asked = await pull_requests_in(1.0, NatsTransport([subject], options))
+    assert 1 <= asked <= 5, asked
+    assert "Exceeded MaxRequestBatch of 10" in caplog.text

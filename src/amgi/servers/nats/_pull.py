@@ -3,8 +3,9 @@
 Each consumer has at most one open pull request (``batch`` messages, ``expires``); the
 messages land in its inbox subscription, whose callback queues them, so taking a batch touches no
 per-message task. A request closes when its last message arrived or JetStream ends it
-with a status (404 no messages, 408 expired, 409 e.g. consumer deleted); one that the
-server never ends counts as closed after its expiry, and is reported to ``unanswered``
+with a status (404 no messages, 408 expired); one refused or cut short (409, e.g. a batch
+above the consumer's max_batch, the consumer deleted) and one that the server never ends
+count as closed after its expiry, and the latter is reported to ``unanswered``
 (JetStream answers every request, so silence means a lost connection or a deleted
 consumer). The next read opens a new one, so at most ``batch`` messages wait here
 unasked-for.
@@ -57,9 +58,11 @@ class Puller:
         self._arrived: list[deque[Any]] = []
         self._ready = asyncio.Event()
         self._subs: list[Any] = []
-        self._payload = json.dumps(
-            {"batch": batch, "expires": max(1, int(expires * 1e9) - 10_000_000)}
-        ).encode()
+        # A little under ``expires``, so JetStream's answer comes before our deadline; but
+        # never close to nothing: a request that expires at once is asked again at once.
+        nanoseconds = int(expires * 1e9)
+        expires_ns = max(1, nanoseconds - min(10_000_000, nanoseconds // 10))
+        self._payload = json.dumps({"batch": batch, "expires": expires_ns}).encode()
 
     def add(self, stream: str, consumer: str) -> int:
         """Register a consumer; returns its index."""
@@ -128,12 +131,16 @@ class Puller:
             self._ready.set()
             return
         status = (msg.headers or {}).get("Status", "")
-        if status in ("404", "408", "409"):
+        if status in ("404", "408"):
             request.open_until = 0.0
             self._ready.set()
-            if status == "409":
-                description = (msg.headers or {}).get("Description", "")
-                logger.warning("pull request on %s ended: %s", request.api, description)
+        elif status == "409":
+            # Refused or cut short (a batch above the consumer's max_batch, too many
+            # waiting requests, the consumer deleted): asked again at once, a refusal would
+            # be asked again thousands of times a second. The next request waits for this
+            # one's expiry instead.
+            description = (msg.headers or {}).get("Description", "")
+            logger.warning("pull request on %s ended: %s", request.api, description)
 
     async def take(self) -> tuple[int, list[Any]]:
         """Wait until a consumer has messages; return its index and up to ``batch`` of them."""
