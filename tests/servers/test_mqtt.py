@@ -528,6 +528,38 @@ async def test_headers_mqtt_text_cannot_hold_arrive_byte_exact(options: MqttOpti
         assert transport._generation == generation  # never reconnected
 
 
+async def test_a_connection_lost_while_connect_keeps_dead_letters_is_made_again(
+    options: MqttOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost after the SUBACK but before connect() returned (while it set up
+    the dead-letter sessions) was never made again: the server ran on, deaf for good."""
+    address = topic()
+    own = replace(options, client_id=f"early-{uuid.uuid4().hex[:8]}")
+    server = MqttTransport([address], own)
+    keep = server._keep_dead_letters
+
+    async def taken_over_first() -> None:
+        generation = server._generation
+        async with connected([], own):  # the broker hands the session over: server dropped
+            pass
+        async with asyncio.timeout(5):
+            while server._generation == generation:
+                await asyncio.sleep(0.01)
+        await keep()
+
+    monkeypatch.setattr(server, "_keep_dead_letters", taken_over_first)
+    await server.connect()
+    try:
+        async with asyncio.timeout(5):
+            await server._connected.wait()
+        await publish(options, address, [b"after"])
+        [batch] = await fetch_n(server, 1, timeout=5)
+        assert [m.payload for m in batch.messages] == [b"after"]
+        await server.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await server.close()
+
+
 async def test_a_connection_the_broker_keeps_dropping_is_retried_ever_more_slowly(
     options: MqttOptions, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -123,11 +123,13 @@ class MqttTransport(DeadLetters, Transport):
         self._start_client()
         try:
             await self._open()
+            # From here a lost connection is made again (the dead-letter sessions below
+            # take a connection each, long enough for it to drop meanwhile).
+            self._misc = asyncio.create_task(self._misc_loop(), name="amgi-mqtt-misc")
             await self._keep_dead_letters()
         except BaseException:
             await self.close()
             raise
-        self._misc = asyncio.create_task(self._misc_loop(), name="amgi-mqtt-misc")
 
     # -- the contract -------------------------------------------------------------------
 
