@@ -553,3 +553,34 @@ async def test_a_message_another_user_published_with_its_user_id_is_retried_and_
         await rabbitmqctl("delete_user", user)
     assert await queue_depth(queue) == 0
     assert not caplog.records
+
+
+async def test_a_send_whose_headers_overflow_a_frame_fails_alone_and_the_connection_stays() -> None:
+    """The headers and properties travel in one frame, at most the connection's
+    ``frame_max`` (128 KiB on RabbitMQ). A larger header frame made the broker close the
+    whole connection (FRAME_ERROR): the consumers' deliveries went back with it."""
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.05))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"held", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        generation = transport._generation
+        headers = [(b"h%d" % i, b"v" * 1000) for i in range(200)]
+        with pytest.raises(AmqpSendError, match=r"headers and properties take \d+ bytes"):
+            await transport.publish(queue, headers, b"too many headers", {})
+        await asyncio.sleep(0.3)  # time for a close to arrive
+        assert transport._generation == generation  # no reconnect
+        await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        fits = [(b"h%d" % i, b"v" * 1000) for i in range(120)]
+        await transport.publish(queue, fits, b"fits", {})
+        async with asyncio.timeout(5):
+            [back] = await transport.fetch()
+        assert [m.payload for m in back.messages] == [b"fits"]
+        assert back.messages[0].headers == fits
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+    assert await queue_depth(queue) == 0

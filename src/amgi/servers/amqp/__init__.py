@@ -54,6 +54,7 @@ from amgi.servers.amqp._client import (
     Publisher,
     _Channel,
     _check_confirm,
+    _header_overflow,
     _refused_another,
     _reply_text,
     _url_login,
@@ -328,6 +329,9 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             kind: Publisher = "large" if size >= LARGE else "sends"
             for again in (False, True):
                 channel = await self._channel(kind)
+                overflow = _header_overflow(channel, properties)
+                if overflow is not None:
+                    raise AmqpSendError(f"amqp: cannot publish to {where}: {overflow}")
                 try:
                     result = await channel.basic_publish(
                         payload or b"",

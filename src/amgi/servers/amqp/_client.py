@@ -24,6 +24,7 @@ from amgi.transport import HeaderList
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+    from pamqp.commands import Basic
 
 logger = logging.getLogger("amgi.servers.amqp")
 
@@ -118,6 +119,24 @@ def _refused_another(exc: BaseException, exchange: str, size: int) -> bool:
     if too_large is not None:
         return int(too_large[1]) != size
     return "exchange '" in text and f"exchange '{exchange}'" not in text
+
+
+def _header_overflow(channel: AbstractChannel, properties: Basic.Properties) -> str | None:
+    """Why the content header of ``properties`` cannot go out on ``channel``, or ``None``.
+
+    The header (12 bytes, then the properties and headers table) travels in one frame of
+    at most the connection's ``frame_max``; the broker answers a larger one by closing
+    the whole connection (``FRAME_ERROR``), the consumers' deliveries with it."""
+    size = 12 + len(properties.marshal())
+    if not properties.message_id:
+        size += 33  # aiormq sets one: a length octet and 32 hex digits
+    limit = channel.connection.connection_tune.frame_max - 8  # frame header and end
+    if size <= limit:
+        return None
+    return (
+        f"the headers and properties take {size} bytes, more than one frame of the "
+        f"broker holds ({limit} bytes)"
+    )
 
 
 def _size_limit(exc: BaseException) -> int | None:
