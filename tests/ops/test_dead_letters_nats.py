@@ -192,6 +192,19 @@ async def test_a_replayed_dead_letter_is_a_first_attempt_with_only_its_own_heade
         assert m.headers == headers
 
 
+async def test_a_replay_does_not_repeat_the_jetstream_checks_of_the_first_publish() -> None:
+    """A message sent with ``Nats-Expected-Last-Subject-Sequence: 0`` (its subject was new)
+    is replayed with that header encoded: sent as it is, the stream refused the replay
+    (the subject holds the message by then) and the dead letter could never go back."""
+    expected = [(b"Nats-Expected-Last-Subject-Sequence", b"0")]
+    subject, durable = await dead_letter(1, expected)
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", subject)
+    assert replay.returncode == 0, replay.stderr
+    (message,) = await take(NatsTransport([subject], options(durable)), 1)
+    assert (message.payload, message.headers) == (b"0", expected)
+    assert await count(subject + ".dlq") == 0
+
+
 def test_a_replay_in_core_mode_is_one_line() -> None:
     result = run("dead-letters", "replay", f"{PREFIX}.{fresh('core')}", "--mode", "core")
     assert "cannot be replayed in core mode" in one_line_error(result)

@@ -13,7 +13,7 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
 from amgi.testing.conformance import Received, Recorder
-from amgi.transport import Batch, Message, Retry, Settlement
+from amgi.transport import Batch, DeadLetter, Message, Retry, Settlement
 from tests.apps import attempts_app, send_all, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
@@ -248,6 +248,38 @@ async def test_dead_letters_carry_reason_and_attempt_and_are_terminated(subject:
     info = await consumer_state(STREAM, durable)
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
+
+
+async def test_a_dead_letter_does_not_repeat_the_jetstream_checks_of_its_first_publish(
+    subject: str,
+) -> None:
+    """A message published with ``Nats-Expected-Last-Subject-Sequence`` (optimistic
+    concurrency) carried the header into its dead-letter publish, where the stream
+    refused it (wrong last sequence): -NAKed after the ack wait, for ever. Republished,
+    ``Nats-`` headers travel encoded and come back byte-exact."""
+    import nats
+
+    producer = await nats.connect(URL)
+    try:
+        js = producer.jetstream()
+        first = await js.publish(subject, b"first")
+        expected = (b"Nats-Expected-Last-Subject-Sequence", b"%d" % first.seq)
+        await js.publish(subject, b"second", headers={expected[0].decode(): expected[1].decode()})
+    finally:
+        await producer.close()
+    options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2, ack_wait=1)
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        ok, poison = await fetch_all(t, 2)
+        assert poison.headers == [expected]
+        settlement = Settlement(acked=[ok], dead=[DeadLetter(poison, "no")])
+        await t.settle(Batch(subject, [ok, poison]), settlement)
+        ((headers, payload, _),) = await read_subject(f"{subject}.dlq", 1, 3)
+    finally:
+        await t.close()
+    assert payload == b"second"
+    assert headers[0] == expected
 
 
 async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> None:

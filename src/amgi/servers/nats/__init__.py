@@ -222,7 +222,7 @@ class NatsTransport(DeadLetters, Transport):
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=subject, reason=reason
         )
-        return message, self.dead_letter_subject(subject), encode(headers)
+        return message, self.dead_letter_subject(subject), encode(headers, republish=True)
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         dead = [self._dead(d.message, batch.address, d.reason) for d in settlement.dead]

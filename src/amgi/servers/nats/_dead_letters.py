@@ -58,7 +58,11 @@ class DeadLetters(ChunkedDeadLetters):
         async for chunk in self._dead_letter_chunks(address, limit, replay=True):
             sent = await asyncio.gather(
                 *(
-                    js.publish(d.address, d.payload or b"", headers=encode(d.headers) or None)
+                    js.publish(
+                        d.address,
+                        d.payload or b"",
+                        headers=encode(d.headers, republish=True) or None,
+                    )
                     for _, d in chunk
                 ),
                 return_exceptions=True,

@@ -7,7 +7,8 @@ So a header goes out as it is when its name is a token not used before in the me
 characters or outer whitespace. Any other header, the ``i``-th of the message, goes out
 as ``Amgi-H-<i>: <base64url(name)>.<base64url(value)>`` (no padding) at its place, so
 order, repeated names and binary values come back exactly. ``Nats-Msg-Id`` is the
-``msgId`` binding, not a header.
+``msgId`` binding, not a header. A dead letter or a replay carries its ``Nats-`` headers
+encoded too, so JetStream does not act on them again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = ["MSG_ID", "PLAIN_VALUE", "decode", "encode"]
 
 MSG_ID = "Nats-Msg-Id"
 _ENCODED = "Amgi-H-"
+_JETSTREAM = "nats-"
+"""The prefix of the headers JetStream acts on."""
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 PLAIN_VALUE = re.compile(r"(?:[^\x00-\x20\x7f]|[^\x00-\x20\x7f][^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?")
 """A header value that travels as it is: no control characters, no outer whitespace."""
@@ -35,8 +38,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def encode(headers: Iterable[tuple[bytes, bytes]], msg_id: str | None = None) -> dict[str, str]:
-    """The NATS header dict (insertion order is wire order) of AMGI ``headers``."""
+def encode(
+    headers: Iterable[tuple[bytes, bytes]], msg_id: str | None = None, *, republish: bool = False
+) -> dict[str, str]:
+    """The NATS header dict (insertion order is wire order) of AMGI ``headers``.
+
+    ``republish``: the headers of a message published again (a dead letter, a replay).
+    Its ``Nats-`` headers told JetStream what to do with its first publish (an expected
+    last sequence, a rollup, a TTL); they go encoded, so they do nothing a second time.
+    """
     out: dict[str, str] = {}
     for i, (name, value) in enumerate(headers):
         key = name.decode("ascii", "replace")
@@ -51,6 +61,7 @@ def encode(headers: Iterable[tuple[bytes, bytes]], msg_id: str | None = None) ->
             and _TOKEN.fullmatch(name)
             and not key.startswith(_ENCODED)
             and key.lower() != MSG_ID.lower()
+            and not (republish and key.lower().startswith(_JETSTREAM))
             and PLAIN_VALUE.fullmatch(text)
         ):
             out[key] = text
