@@ -584,3 +584,32 @@ async def test_a_send_whose_headers_overflow_a_frame_fails_alone_and_the_connect
     finally:
         await transport.close()
     assert await queue_depth(queue) == 0
+
+
+async def test_a_dead_letter_with_a_reason_too_long_for_a_frame_lands_with_the_reason_cut() -> None:
+    """A nack reason is the application's text (an exception's message may hold a whole
+    payload). It travels in a header of the dead letter, and a header frame over
+    ``frame_max`` made the broker close the connection: the message came back, was
+    nacked again, and closed the connection again, without end."""
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.05))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [(b"k", b"v")], b"doomed", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        generation = transport._generation
+        reason = "ValueError: " + "x" * 200_000
+        async with asyncio.timeout(5):
+            await transport.settle(batch, Settlement(dead=[DeadLetter(batch.messages[0], reason)]))
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=5)
+        assert transport._generation == generation  # no reconnect
+    finally:
+        await transport.close()
+    assert dead.body == b"doomed"
+    headers = dead.header.properties.headers
+    assert headers["k"] == "v"
+    cut = headers["amgi-dead-letter-reason"]
+    assert cut == "ValueError: " + "x" * 3988 + " ... (196012 more characters cut)"
+    assert len(cut) < 4100
+    assert await queue_depth(queue) == 0

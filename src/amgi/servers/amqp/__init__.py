@@ -97,6 +97,10 @@ logger = logging.getLogger("amgi.servers.amqp")
 _CANCEL_TIMEOUT = 5.0
 """Seconds a ``basic.cancel`` at the stop may take."""
 
+_REASON_MAX = 4000
+"""Characters of a nack reason a dead letter's header keeps: the headers travel in one
+frame (``frame_max``, 128 KiB), and a larger one made the broker close the connection."""
+
 # Headers the broker adds when our retry queues dead-letter a message back: bookkeeping
 # of the retry mechanism, not part of the message the app sent.
 # -- headers and bindings -----------------------------------------------------------------
@@ -279,6 +283,8 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         await self._confirm(channel, message.token, "", retry_queue, headers)
 
     async def _publish_dead(self, queue: str, message: Message, reason: str) -> None:
+        if len(reason) > _REASON_MAX:
+            reason = f"{reason[:_REASON_MAX]} ... ({len(reason) - _REASON_MAX} more characters cut)"
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=queue, reason=reason
         )
