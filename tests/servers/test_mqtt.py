@@ -414,6 +414,40 @@ async def test_a_send_over_the_brokers_maximum_packet_size_fails_alone(tmp_path:
         broker.stop()
 
 
+@pytest.mark.parametrize(
+    ("extra", "binding", "error"),
+    [
+        ("max_qos 1", {"qos": 2}, "qos 2 is over the broker's maximum QoS of 1"),
+        ("retain_available false", {"retain": True}, "the broker does not take retained"),
+    ],
+)
+async def test_a_send_the_brokers_connack_rules_out_fails_alone(
+    tmp_path: Path, extra: str, binding: dict[str, Any], error: str
+) -> None:
+    """MQTT 5 brokers announce a Maximum QoS and Retain Available in their CONNACK and
+    disconnect a client that publishes beyond them (Mosquitto: "QoS not supported",
+    "Retain not supported"), dropping the deliveries on hand; the send failed only after
+    --send-timeout, as unacknowledged. Now it fails at once and the connection stays."""
+    broker = Mosquitto(tmp_path / "limited", extra=extra)
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, send_timeout=5)
+        address = topic()
+        async with connected([address], options) as transport:
+            generation = transport._generation
+            started = time.monotonic()
+            with pytest.raises(MqttSendError, match=error):
+                await transport.publish(address, [], b"bad", {"mqtt": binding})
+            assert time.monotonic() - started < 1
+            await transport.publish(address, [], b"good", {})
+            [batch] = await fetch_n(transport, 1)
+            assert [m.payload for m in batch.messages] == [b"good"]
+            await transport.settle(batch, Settlement(acked=list(batch.messages)))
+            assert transport._generation == generation  # never disconnected
+    finally:
+        broker.stop()
+
+
 async def test_unreachable_broker() -> None:
     port = broker_module.free_port()
     with pytest.raises(BrokerUnavailable, match=f"cannot reach 127.0.0.1:{port}"):

@@ -285,6 +285,7 @@ class MqttTransport(DeadLetters, Transport):
                 raise MqttSendError(
                     f"mqtt: cannot send to {address!r}: not connected to {self._where()}"
                 ) from None
+        self._check_connack_limits(address, qos, bool(retain))
         self._check_packet_size(address, payload or b"", qos, props)
         client = self._client
         assert client is not None

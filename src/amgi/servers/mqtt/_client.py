@@ -168,6 +168,9 @@ class MqttClient:
         self._reconnect_delays: Backoff | None = None
         self._max_packet: int | None = None
         """The broker's Maximum Packet Size from its last CONNACK (MQTT 5), if it set one."""
+        self._max_qos = 2
+        self._retain_available = True
+        """The broker's Maximum QoS and Retain Available from its last CONNACK (MQTT 5)."""
         self._up_since = 0.0
         """Loop time the current connection was made (first connect or reconnect)."""
         self._misc: asyncio.Task[None] | None = None
@@ -426,6 +429,9 @@ class MqttClient:
         # MQTT 5: the broker's limit, when it has one; it disconnects a client that
         # sends a larger packet (and paho would send it again after each reconnect).
         self._max_packet = getattr(props, "MaximumPacketSize", None)
+        # Likewise for a QoS above its Maximum QoS, or a retained message it cannot keep.
+        self._max_qos = getattr(props, "MaximumQoS", 2)
+        self._retain_available = bool(getattr(props, "RetainAvailable", 1))
         waiter = self._connack
         if waiter is not None and not waiter.done():
             failed = getattr(reason, "is_failure", False)
@@ -567,6 +573,18 @@ class MqttClient:
                 raise MqttSendError(f"mqtt: cannot send to {address!r}: binding {key} {problem}")
             setattr(props, prop, value)
         return props
+
+    def _check_connack_limits(self, topic: str, qos: int, retain: bool) -> None:
+        """Refuse a PUBLISH the broker's CONNACK ruled out (it would disconnect)."""
+        if qos > self._max_qos:
+            raise MqttSendError(
+                f"mqtt: cannot send to {topic!r}: qos {qos} is over the broker's maximum "
+                f"QoS of {self._max_qos}"
+            )
+        if retain and not self._retain_available:
+            raise MqttSendError(
+                f"mqtt: cannot send to {topic!r}: the broker does not take retained messages"
+            )
 
     def _check_packet_size(self, topic: str, payload: bytes, qos: int, props: Any) -> None:
         """Refuse a PUBLISH over the broker's Maximum Packet Size before it is written."""
