@@ -357,6 +357,31 @@ async def test_a_deleted_consumer_is_created_again(
     assert "was gone; created it again" in caplog.text
 
 
+async def test_two_subjects_whose_consumer_names_meet_each_get_their_own() -> None:
+    """Consumer names replace ``.``, ``*`` and ``>`` by ``_``: ``x.y`` and ``x_y`` both
+    made ``{durable}_x_y``, and the second address pulled from the first one's consumer
+    (its own messages never came). The second now gets a name of its own."""
+    await ensure_stream()
+    base = f"{PREFIX}.{fresh('meet')}"
+    dotted, underscored = f"{base}.y", f"{base}_y"
+    options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2)
+    for order in ([dotted, underscored], [underscored, dotted]):  # and again, found
+        t = NatsTransport(order, options)
+        await t.connect()
+        try:
+            await t.publish(dotted, [], b"dotted", {})
+            await t.publish(underscored, [], b"underscored", {})
+            got: dict[str, list[bytes | None]] = {}
+            async with asyncio.timeout(5):
+                while sum(map(len, got.values())) < 2:
+                    for batch in await t.fetch():
+                        got.setdefault(batch.address, []).extend(m.payload for m in batch.messages)
+                        await t.settle(batch, Settlement(acked=list(batch.messages)))
+        finally:
+            await t.close()
+        assert got == {dotted: [b"dotted"], underscored: [b"underscored"]}
+
+
 async def test_core_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
     with private_nats(tmp_path / "nats") as broker:
         url = f"nats://127.0.0.1:{broker.port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -38,18 +39,23 @@ class Consumers:
         """Per subject, the consumer's pending count carried by the last message fetched."""
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
-        """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``."""
+        """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``
+        (``.``, ``*``, ``>`` and whitespace as ``_``), and when that one filters another
+        subject too (``a.b`` and ``a_b`` meet there), ``{durable}_{subject}_{hash}``."""
         from nats.js import errors as js_errors
 
         durable = self.options.durable
-        if len(self.subjects) == 1:
+        named = f"{durable}_{_NAME_UNSAFE.sub('_', subject)}"
+        digest = hashlib.sha256(subject.encode()).hexdigest()[:8]
+        names = [durable] if len(self.subjects) == 1 else []
+        for name in [*names, named]:
             try:
-                info = await jsm.consumer_info(stream, durable)
+                info = await jsm.consumer_info(stream, name)
             except js_errors.NotFoundError:
-                return durable
+                return name
             if info.config.filter_subject in (None, "", subject):
-                return durable
-        return f"{durable}_{_NAME_UNSAFE.sub('_', subject)}"
+                return name
+        return f"{named}_{digest}"
 
     async def start(self) -> None:
         from nats.js import api
