@@ -412,6 +412,44 @@ async def test_bad_options_are_configuration_errors(field: str, value: Any) -> N
         await AmqpTransport([new_queue()], options).connect()
 
 
+async def test_an_exchange_type_the_broker_does_not_know_is_a_configuration_error() -> None:
+    """The broker answers an unknown exchange type by closing the connection
+    (COMMAND_INVALID): that reached the caller as the client's own exception."""
+    exchange = f"amgi-test-x-{new_queue()[-12:]}"
+    options = AmqpOptions(url=URL, exchange=exchange, exchange_type="no-such-type")
+    with pytest.raises(ConfigurationError) as caught:
+        await AmqpTransport([new_queue()], options).connect()
+    assert re.fullmatch(
+        f"amqp: cannot declare exchange {exchange!r}: "
+        "COMMAND_INVALID - (invalid|unknown) exchange type 'no-such-type'",
+        str(caught.value),
+    )
+
+
+@pytest.mark.parametrize("length", [244, 255])
+async def test_a_queue_name_with_no_room_for_its_dead_letter_queue_is_refused(length: int) -> None:
+    """``<queue>.dead-letter`` must be a queue name too (at most 255 bytes): a longer
+    queue name failed at start with the client's bare ``ValueError``."""
+    name = new_queue()
+    name += "q" * (length - len(name))
+    with pytest.raises(ConfigurationError, match="at most 243 bytes"):
+        await AmqpTransport([name], AmqpOptions(url=URL)).connect()
+
+
+async def test_a_queue_name_of_243_bytes_is_consumed() -> None:
+    name = new_queue()
+    name += "q" * (243 - len(name))
+    t = AmqpTransport([name], AmqpOptions(url=URL, linger=0.01))
+    await t.connect()
+    try:
+        await t.publish(name, [], b"long", {})
+        async with asyncio.timeout(5):
+            [batch] = await t.fetch()
+        assert [m.payload for m in batch.messages] == [b"long"]
+    finally:
+        await t.close()
+
+
 # -- the runtime on top -------------------------------------------------------------------
 
 

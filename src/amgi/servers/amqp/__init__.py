@@ -97,6 +97,9 @@ logger = logging.getLogger("amgi.servers.amqp")
 _CANCEL_TIMEOUT = 5.0
 """Seconds a ``basic.cancel`` at the stop may take."""
 
+_QUEUE_MAX = 255 - len(".dead-letter")
+"""The longest queue name consumed, in bytes: its dead-letter queue's name is 255 at most."""
+
 _REASON_MAX = 4000
 """Characters of a nack reason a dead letter's header keeps: the headers travel in one
 frame (``frame_max``, 128 KiB), and a larger one made the broker close the connection."""
@@ -148,11 +151,15 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     # -- lifecycle ------------------------------------------------------------------------
 
     def check(self) -> None:
-        """The options, then the addresses: queue names of 1 to 255 bytes."""
+        """The options, then the addresses: queue names of 1 to 243 bytes (their
+        ``<queue>.dead-letter`` queue needs a name of at most 255 bytes too)."""
         super().check()
         for address in self.addresses:
-            if not address or len(address.encode()) > 255:
-                raise ConfigurationError(f"amqp: {address!r} is not a queue name (1-255 bytes)")
+            if not address or len(address.encode()) > _QUEUE_MAX:
+                raise ConfigurationError(
+                    f"amqp: {address!r:.300} is not a queue name of 1 to {_QUEUE_MAX} bytes "
+                    f"(at most {_QUEUE_MAX} bytes leaves room for its '.dead-letter' queue)"
+                )
 
     async def connect(self) -> None:
         self.check()

@@ -261,7 +261,11 @@ class AmqpClient:
                 )
         except amqp_errors.ChannelNotFoundEntity:
             raise ConfigurationError(f"amqp: {what} does not exist (passive mode)") from None
-        except (amqp_errors.ChannelPreconditionFailed, amqp_errors.ChannelAccessRefused) as exc:
+        except (
+            amqp_errors.ChannelPreconditionFailed,
+            amqp_errors.ChannelAccessRefused,
+            amqp_errors.ConnectionCommandInvalid,  # an exchange type the broker lacks
+        ) as exc:
             raise ConfigurationError(f"amqp: cannot declare {what}: {_reply_text(exc)}") from None
 
     async def _supervise(self) -> None:
