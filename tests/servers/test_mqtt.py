@@ -363,6 +363,31 @@ async def test_shared_subscription_splits_without_duplicates(options: MqttOption
     assert second.seen, "the first server got everything"
 
 
+async def test_servers_of_a_shared_subscription_start_together(options: MqttOptions) -> None:
+    """The servers of a group keep their dead letters in one session, which each creates
+    at connect: one starting took that connection over from another before its SUBACK,
+    and the other waited out --connect-timeout and failed to start (every time, with
+    three starting at once). Now each gets its SUBACK, and the session keeps them."""
+    address = topic()
+    shared = f"$share/g/{address}"
+    servers = [
+        MqttTransport(
+            [shared], replace(options, client_id=f"s{i}-{uuid.uuid4().hex}", connect_timeout=3)
+        )
+        for i in range(3)
+    ]
+    try:
+        async with asyncio.timeout(6):
+            outcomes = await asyncio.gather(*(s.connect() for s in servers), return_exceptions=True)
+        assert outcomes == [None, None, None]
+        await publish(options, f"{options.dead_letter_prefix}/{address}", [b"kept"])
+        [letter] = await servers[0].list_dead_letters(shared, 10)
+        assert letter.payload == b"kept"
+    finally:
+        for server in servers:
+            await server.close()
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 

@@ -102,6 +102,11 @@ class MqttSendError(SendError):
     """The MQTT broker did not take a message (not connected, refused, timed out)."""
 
 
+class SubscriptionLost(BrokerUnavailable):
+    """The connection ended before the broker confirmed the subscription (another
+    connection with the client id took the session over, say)."""
+
+
 _VARINT_SIZES: Final = ((1, 2**7), (2, 2**14), (3, 2**21), (4, 2**28))
 """Bytes of MQTT's variable byte integer, by the value it must stay under."""
 
@@ -333,6 +338,14 @@ class MqttClient:
         self._generation += 1
         self._on_hand.clear()
         self._count = 0
+        for waiter in self._suback.values():
+            if not waiter.done():
+                waiter.set_exception(
+                    SubscriptionLost(
+                        f"mqtt: {self._where()} closed the connection before confirming the "
+                        f"subscription ({why})"
+                    )
+                )
         if self._closing or self._reconnector is not None or self._misc is None:
             return  # closing, already reconnecting, or still in the first connect
         assert self._loop is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import socket
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import stored_dead_letter
-from amgi.servers.mqtt._client import MqttClient
+from amgi.servers.mqtt._client import MqttClient, SubscriptionLost
 from amgi.servers.mqtt.options import MqttOptions, validate_filter
 from amgi.transport import Bindings, HeaderList, Message, StoredDeadLetter
 
@@ -56,6 +57,8 @@ _NEVER = 0xFFFFFFFF
 _MOST = 65535
 """The largest Receive Maximum: what one listing can show at most."""
 _REPLAY_CHUNK = 100
+_TAKEOVER_TRIES = 10
+"""Connections a server makes to create a dead-letter session that others take over."""
 _NO_REASON = "(not recorded: MQTT 3.1.1 carries no user properties)"
 DEAD_AT_HEADER = b"amgi-dead-at"
 """When the server dead-lettered the message, in milliseconds since the epoch (MQTT
@@ -238,7 +241,16 @@ class DeadLetters(MqttClient):
     async def _keep_dead_letters_of(self, address: str) -> None:
         session = DeadLetterSession(address, self.config, receive_maximum=1, create=True)
         try:
-            await session.open()
+            for tries_left in reversed(range(_TAKEOVER_TRIES)):
+                try:
+                    await session.open()
+                    return
+                except SubscriptionLost:
+                    # Another server of the filter (a shared subscription's group) took
+                    # the session over to create it too: try again, out of its way.
+                    if not tries_left:
+                        raise
+                await asyncio.sleep(random.uniform(0.05, 0.25))
         except (ConfigurationError, BrokerUnavailable) as exc:
             raise type(exc)(
                 f"{exc} (session {session.config.client_id}, which keeps the dead letters of "
