@@ -304,6 +304,40 @@ async def test_send_to_a_missing_exchange_raises_and_consuming_goes_on(
     assert await queue_depth(queue) == 0
 
 
+async def test_a_consumer_the_broker_cancels_consumes_again(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queue deleted under the server: the broker cancels its consumer (basic.cancel)
+    but keeps the channel open. The server went on with no consumer, silent for good;
+    now it declares the queue again and consumes it, as after a channel loss."""
+    import aiormq
+
+    caplog.set_level(logging.WARNING, "amgi.servers.amqp")
+    t = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await t.connect()
+    try:
+        connection = await aiormq.connect(URL)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+        finally:
+            await connection.close()
+        async with asyncio.timeout(5):
+            while True:  # unroutable until the queue is back
+                try:
+                    await t.publish(queue, [], b"after", {})
+                    break
+                except AmqpSendError:
+                    await asyncio.sleep(0.05)
+            [batch] = await t.fetch()
+        assert [m.payload for m in batch.messages] == [b"after"]
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+    assert any("cancelled the consumer" in r.getMessage() for r in caplog.records)
+    assert await queue_depth(queue) == 0
+
+
 async def test_exchange_topology_and_send_routing(queue: str) -> None:
     exchange = queue + "-x"
     options = AmqpOptions(url=URL, exchange=exchange, exchange_type="topic", routing_keys=["o.*"])

@@ -63,6 +63,16 @@ class _Channel:
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
     tag: str = ""
     """The consumer tag of its ``basic.consume``."""
+    cancelled: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    """Done when the broker cancelled the consumer (its queue deleted): the channel stays
+    open, so the supervisor watches this too."""
+
+    def on_cancel(self, _frame: object) -> None:
+        """aiormq's callback of a ``basic.cancel`` from the broker."""
+        if not self.cancelled.done():
+            self.cancelled.set_result(None)
 
 
 def _check_confirm(result: object) -> None:
@@ -213,6 +223,7 @@ class AmqpClient:
                 self._consumers = {}
                 for queue, channel in zip(self.addresses, channels, strict=True):
                     consumer = self._consumers[queue] = _Channel(channel, self._generation, queue)
+                    channel.on_consumer_cancel_callbacks.add(consumer.on_cancel)
                     ok = await channel.basic_consume(
                         queue, self._consumer_for(queue, self._generation)
                     )
@@ -275,13 +286,25 @@ class AmqpClient:
             waits: list[asyncio.Future[Any]] = []
             if self._connection is not None:
                 waits.append(self._connection.closing)
-            waits.extend(c.channel.closing for c in self._consumers.values())
+            consumers = list(self._consumers.values())
+            waits.extend(c.channel.closing for c in consumers)
+            waits.extend(c.cancelled for c in consumers)
             if waits:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for future in waits:
                     if future.done() and not future.cancelled():
                         future.exception()  # mark retrieved
-                logger.warning("amqp: lost the connection to the broker; reconnecting")
+                gone = [c.queue for c in consumers if c.cancelled.done()]
+                if gone:
+                    # Consuming again on this connection would need the queue declared
+                    # again: a reconnect does both.
+                    logger.warning(
+                        "amqp: the broker cancelled the consumer of %s (queue deleted?); "
+                        "reconnecting",
+                        ", ".join(map(repr, gone)),
+                    )
+                else:
+                    logger.warning("amqp: lost the connection to the broker; reconnecting")
             self._ready.clear()
             self._consumers = {}
             self._publishers = {}
