@@ -473,6 +473,41 @@ async def test_a_send_the_brokers_connack_rules_out_fails_alone(
         broker.stop()
 
 
+async def test_a_retry_the_broker_is_slow_to_acknowledge_is_not_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """A retry copy whose PUBACK came later than --send-timeout was taken for refused and
+    the message dead-lettered on its first attempt, though the broker took the copy too
+    (processed and dead-lettered). A slow broker refuses nothing: the copy is waited for."""
+    import signal
+
+    broker = Mosquitto(tmp_path / "slow")
+    broker.start()
+    assert broker.process is not None
+    try:
+        options = MqttOptions(port=broker.port, send_timeout=0.5)
+        address = topic()
+        reader = replace(options, client_id=f"reader-{uuid.uuid4().hex[:8]}")
+        dead_topic = f"{options.dead_letter_prefix}/{address}"
+        async with connected([dead_topic], reader) as dead:
+            async with connected([address], options) as server:
+                await publish(options, address, [b"innocent"])
+                [batch] = await fetch_n(server, 1)
+                broker.process.send_signal(signal.SIGSTOP)
+                try:
+                    retry = Retry(batch.messages[0], "later", 0.0)
+                    await server.settle(batch, Settlement(retry=[retry]))
+                    await asyncio.sleep(0.8)  # the copy's PUBACK is overdue
+                finally:
+                    broker.process.send_signal(signal.SIGCONT)
+                [again] = await fetch_n(server, 1)
+                assert [(m.payload, m.attempt) for m in again.messages] == [(b"innocent", 2)]
+                await server.settle(again, Settlement(acked=list(again.messages)))
+            await nothing_more(dead, 1.0)
+    finally:
+        broker.stop()
+
+
 async def test_unreachable_broker() -> None:
     port = broker_module.free_port()
     with pytest.raises(BrokerUnavailable, match=f"cannot reach 127.0.0.1:{port}"):

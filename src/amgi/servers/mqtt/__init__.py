@@ -232,12 +232,12 @@ class MqttTransport(DeadLetters, Transport):
         bindings = {"mqtt": {k: v for k, v in message.bindings["mqtt"].items() if k != "retain"}}
         if self._v5:
             headers = retry_headers(message.headers, attempt=attempt)
-            await self.publish(topic, headers, message.payload, bindings)
+            await self._publish(topic, headers, message.payload, bindings, None)
             return
         key = (topic, message.payload or b"")
         self._retry_attempts[key] = attempt
         try:
-            await self.publish(topic, [], message.payload, bindings)
+            await self._publish(topic, [], message.payload, bindings, None)
         except MqttSendError:
             self._retry_attempts.pop(key, None)
             raise
@@ -261,6 +261,22 @@ class MqttTransport(DeadLetters, Transport):
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
     ) -> None:
         """PUBLISH to topic ``address``; for QoS 1 and 2 wait until the broker has it."""
+        await self._publish(address, headers, payload, bindings, self.config.send_timeout)
+
+    async def _publish(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings,
+        timeout: float | None,
+    ) -> None:
+        """:meth:`publish`, waiting up to ``timeout`` for a connection and for the PUBACK.
+
+        A retry copy waits as long as it takes (``None``; close() cancels it): a broker
+        that is slow or away has not refused it, and a copy it takes late must not have
+        been dead-lettered meanwhile (paho sends it again after a reconnect).
+        """
         problem = _topic_problem(address)
         if problem:
             raise MqttSendError(f"mqtt: cannot send to {address!r}: {problem}")
@@ -279,7 +295,7 @@ class MqttTransport(DeadLetters, Transport):
             if self._client is None or self._closing:
                 raise MqttSendError(f"mqtt: cannot send to {address!r}: the server is closed")
             try:
-                async with asyncio.timeout(self.config.send_timeout):
+                async with asyncio.timeout(timeout):
                     await self._connected.wait()
             except TimeoutError:
                 raise MqttSendError(
@@ -305,7 +321,7 @@ class MqttTransport(DeadLetters, Transport):
             return
         waiter = self._puback[info.mid] = self._loop.create_future()
         try:
-            async with asyncio.timeout(self.config.send_timeout):
+            async with asyncio.timeout(timeout):
                 reason = await waiter
         except TimeoutError:
             raise MqttSendError(
