@@ -613,3 +613,36 @@ async def test_a_dead_letter_with_a_reason_too_long_for_a_frame_lands_with_the_r
     assert cut == "ValueError: " + "x" * 3988 + " ... (196012 more characters cut)"
     assert len(cut) < 4100
     assert await queue_depth(queue) == 0
+
+
+async def test_a_retry_met_by_a_connection_loss_is_delivered_again_not_dead_lettered() -> None:
+    """The connection drops as a batch settles with a retry: the broker puts the message
+    back (its channel is gone), so no copy is due. The retry failed (no connection), the
+    copy fell through to the dead letters, which went out on the new connection: an
+    innocent message in the dead letters, and delivered again as well."""
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"again", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        declare = transport._declare_retry_queue
+
+        async def lost_meanwhile(*args: Any) -> None:
+            assert transport._connection is not None
+            await transport._connection.close()  # as a connection loss would
+            await declare(*args)
+
+        transport._declare_retry_queue = lost_meanwhile  # type: ignore[method-assign]
+        [message] = batch.messages
+        async with asyncio.timeout(10):
+            await transport.settle(batch, Settlement(retry=[Retry(message, "later", 0.05)]))
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"again", 1)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.3)
+    finally:
+        await transport.close()
+    assert await queue_depth(f"{queue}.dead-letter") == 0
+    assert await queue_depth(queue) == 0

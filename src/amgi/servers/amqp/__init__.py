@@ -238,8 +238,8 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             return  # the channel is gone: the broker redelivers every message of the batch
 
         if settlement.retry or settlement.dead:
-            stranded = await self._move(queue, settlement, lambda: True)
-            if stranded:
+            stranded = await self._move(consumer, settlement, lambda: True)
+            if stranded and not self._gone(consumer):
                 # Tried again in the background: the queue's later batches go on (their
                 # acks wait behind this batch's delivery tags, the watermark sees to it).
                 move = functools.partial(
@@ -253,19 +253,29 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         """The channel closed: the broker redelivers its unacked messages."""
         return self._closed or self._consumers.get(consumer.queue) is not consumer
 
+    def _check_held(self, consumer: _Channel) -> None:
+        """Refuse a copy of a delivery whose channel closed: the broker delivers the
+        original again (a copy too would be a duplicate, and a retry failing over the
+        lost connection would fall through to the dead letters)."""
+        if self._gone(consumer):
+            raise AmqpSendError(
+                f"amqp: the channel that delivered it from {consumer.queue!r} closed; "
+                "the broker delivers it again"
+            )
+
     async def _move(
-        self, queue: str, settlement: Settlement, give_up: Callable[[], bool]
+        self, consumer: _Channel, settlement: Settlement, give_up: Callable[[], bool]
     ) -> list[Message]:
         return await move_aside(
             settlement,
-            retry=lambda r: self._publish_retry(queue, r),
-            dead=lambda d: self._publish_dead(queue, d.message, d.reason),
-            address=queue,
+            retry=lambda r: self._publish_retry(consumer, r),
+            dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
+            address=consumer.queue,
             give_up=give_up,
         )
 
     async def _move_later(self, batch: Batch, consumer: _Channel, left: Settlement) -> None:
-        stranded = await self._move(batch.address, left, lambda: self._gone(consumer))
+        stranded = await self._move(consumer, left, lambda: self._gone(consumer))
         if not stranded:
             await self._ack_batch(batch, consumer)
 
@@ -278,24 +288,28 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
             await consumer.channel.basic_ack(mark, multiple=True)
 
-    async def _publish_retry(self, queue: str, retry: Retry) -> None:
+    async def _publish_retry(self, consumer: _Channel, retry: Retry) -> None:
+        queue = consumer.queue
         message = retry.message
         delay_ms = max(1, round(retry.delay * 1000))
         retry_queue = f"{queue}.retry.{delay_ms}"
         if retry_queue not in self._retry_queues:
             await self._declare_retry_queue(retry_queue, queue, delay_ms)
         channel = await self._channel("moves")
+        self._check_held(consumer)
         attempt = message.attempt + (not retry.uncounted)
         headers = retry_headers(message.headers, attempt=attempt)
         await self._confirm(channel, message.token, "", retry_queue, headers)
 
-    async def _publish_dead(self, queue: str, message: Message, reason: str) -> None:
+    async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
+        queue = consumer.queue
         if len(reason) > _REASON_MAX:
             reason = f"{reason[:_REASON_MAX]} ... ({len(reason) - _REASON_MAX} more characters cut)"
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=queue, reason=reason
         )
         channel = await self._channel("moves")
+        self._check_held(consumer)
         await self._confirm(
             channel, message.token, self.config.dead_letter_exchange, queue, headers
         )
