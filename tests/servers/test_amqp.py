@@ -288,6 +288,15 @@ async def test_unroutable_send_raises_the_send_error(transport: AmqpTransport) -
         await transport.publish(new_queue(), [], b"x", {})
 
 
+async def test_mandatory_must_be_a_bool(transport: AmqpTransport, queue: str) -> None:
+    """``"mandatory": "false"`` was read as true (a non-empty string): the send the
+    application meant to let go unrouted failed as unroutable."""
+    binding = {"amqp": {"mandatory": "false", "routingKey": "nowhere"}}
+    with pytest.raises(AmqpSendError, match="mandatory must be a bool, not str"):
+        await transport.publish(queue, [], b"x", binding)
+    await transport.publish(queue, [], b"x", {"amqp": {"mandatory": False, "routingKey": "no"}})
+
+
 async def test_send_to_a_missing_exchange_raises_and_consuming_goes_on(
     transport: AmqpTransport, queue: str
 ) -> None:

@@ -338,6 +338,9 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         try:
             properties = publish_properties(headers, binding)
             _check_user_id(binding.get("userId"), self.config.url)
+            mandatory = binding.get("mandatory", True)
+            if type(mandatory) is not bool:
+                raise ValueError(f"mandatory must be a bool, not {type(mandatory).__name__}")
         except (TypeError, ValueError) as exc:
             raise AmqpSendError(f"amqp: bad amqp bindings for {address!r}: {exc}") from None
         where = f"exchange {exchange!r}" if exchange else "the default exchange"
@@ -365,7 +368,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
                         exchange=exchange,
                         routing_key=routing_key,
                         properties=properties,
-                        mandatory=bool(binding.get("mandatory", True)),
+                        mandatory=mandatory,
                         timeout=self.config.confirm_timeout,
                     )
                     break
