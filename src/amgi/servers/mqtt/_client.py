@@ -132,7 +132,7 @@ def _property_problem(key: str, value: Any) -> str | None:
         if _utf8_over(value, _MAX_FIELD):
             return f"is {len(value.encode())} bytes, over MQTT's {_MAX_FIELD}"
         if NOT_MQTT_TEXT.search(value):
-            return "must not contain control characters or Unicode noncharacters"
+            return "must not contain control characters, surrogates or Unicode noncharacters"
     elif isinstance(value, bytes | bytearray):
         if len(value) > _MAX_FIELD:
             return f"is {len(value)} bytes, over MQTT's {_MAX_FIELD}"

@@ -106,6 +106,11 @@ class MqttOptions:
 def validate_filter(topic_filter: str) -> str | None:
     """Why ``topic_filter`` is not a valid MQTT topic filter, or ``None`` when it is."""
     text = topic_filter
+    if NOT_MQTT_TEXT.search(text):
+        return (
+            "a topic filter must not contain control characters, surrogates or Unicode "
+            "noncharacters"
+        )
     if text.startswith("$share/"):
         parts = text.split("/", 2)
         if len(parts) < 3 or not parts[1] or not parts[2]:
@@ -115,8 +120,6 @@ def validate_filter(topic_filter: str) -> str | None:
         text = parts[2]
     if not text:
         return "a topic filter must not be empty"
-    if "\x00" in text:
-        return "a topic filter must not contain NUL"
     if len(text.encode()) > 65535:
         return "a topic filter is at most 65535 bytes"
     levels = text.split("/")
@@ -131,10 +134,12 @@ def validate_filter(topic_filter: str) -> str | None:
 _NONCHARACTERS: Final = "\ufdd0-\ufdef" + "".join(
     chr(plane + 0xFFFE) + chr(plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)
 )
-NOT_MQTT_TEXT: Final = re.compile(f"[\x00-\x1f\x7f-\x9f{_NONCHARACTERS}]")
-"""What an MQTT string must not hold: NUL, and what MQTT 5 (1.5.4) lets a receiver
-treat as a malformed packet: the control characters U+0001-U+001F and U+007F-U+009F
-and the Unicode noncharacters. Mosquitto does, and disconnects the client."""
+NOT_MQTT_TEXT: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ud800-\udfff{_NONCHARACTERS}]")
+"""What an MQTT string must not hold: NUL and surrogates (U+D800-U+DFFF, which UTF-8
+cannot encode: Python reads a byte of the command line that is not UTF-8 as one), and
+what MQTT 5 (1.5.4) lets a receiver treat as a malformed packet: the control characters
+U+0001-U+001F and U+007F-U+009F and the Unicode noncharacters. Mosquitto does, and
+disconnects the client."""
 
 
 def _utf8_over(text: str, limit: int) -> bool:
@@ -152,7 +157,7 @@ def _topic_problem(topic: str) -> str | None:
     if "+" in topic or "#" in topic:
         return "a topic to publish to must not contain '+' or '#'"
     if NOT_MQTT_TEXT.search(topic):
-        return "a topic must not contain control characters or Unicode noncharacters"
+        return "a topic must not contain control characters, surrogates or Unicode noncharacters"
     if _utf8_over(topic, 65535):
         return "a topic must be at most 65535 bytes (UTF-8)"
     return None
