@@ -646,3 +646,36 @@ async def test_a_retry_met_by_a_connection_loss_is_delivered_again_not_dead_lett
         await transport.close()
     assert await queue_depth(f"{queue}.dead-letter") == 0
     assert await queue_depth(queue) == 0
+
+
+async def test_a_retry_queue_deleted_while_the_server_runs_is_declared_again() -> None:
+    """The server declares ``<queue>.retry.<ms>`` once. Deleted since (an operator
+    tidying up), every retry of that delay came back unroutable and was dead-lettered at
+    once, an innocent message on its second attempt of five."""
+    import aiormq
+
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"twice", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+            await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)]))
+            [batch] = await transport.fetch()
+        connection = await aiormq.connect(URL)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(f"{queue}.retry.50")
+        finally:
+            await connection.close()
+        async with asyncio.timeout(5):
+            await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "b", 0.05)]))
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"twice", 3)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+    assert await queue_depth(f"{queue}.dead-letter") == 0
+    assert await queue_depth(queue) == 0

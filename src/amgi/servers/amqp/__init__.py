@@ -289,17 +289,26 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             await consumer.channel.basic_ack(mark, multiple=True)
 
     async def _publish_retry(self, consumer: _Channel, retry: Retry) -> None:
+        from aiormq import exceptions as amqp_errors
+
         queue = consumer.queue
         message = retry.message
         delay_ms = max(1, round(retry.delay * 1000))
         retry_queue = f"{queue}.retry.{delay_ms}"
-        if retry_queue not in self._retry_queues:
-            await self._declare_retry_queue(retry_queue, queue, delay_ms)
-        channel = await self._channel("moves")
-        self._check_held(consumer)
         attempt = message.attempt + (not retry.uncounted)
         headers = retry_headers(message.headers, attempt=attempt)
-        await self._confirm(channel, message.token, "", retry_queue, headers)
+        for again in (False, True):
+            if retry_queue not in self._retry_queues:
+                await self._declare_retry_queue(retry_queue, queue, delay_ms)
+            channel = await self._channel("moves")
+            self._check_held(consumer)
+            try:
+                await self._confirm(channel, message.token, "", retry_queue, headers)
+                return
+            except amqp_errors.PublishError:  # unroutable: the queue was deleted since
+                if again:
+                    raise
+                self._retry_queues.discard(retry_queue)
 
     async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
         queue = consumer.queue
