@@ -528,14 +528,30 @@ async def test_invalid_topic_filter(options: MqttOptions, bad: str) -> None:
         await MqttTransport([bad], options).connect()
 
 
-@pytest.mark.parametrize(("option", "value"), [("keepalive", 65536), ("session_expiry", 2**32)])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("keepalive", 65536),
+        ("session_expiry", 2**32),
+        ("client_id", "amgi-\udcff"),
+        ("client_id", "amgi-\x01"),
+        ("client_id", "x" * 65536),
+        ("username", "user-\udcff"),
+        ("password", "secret-\udcff"),
+    ],
+)
 async def test_options_over_what_mqtt_can_carry_are_refused_before_connecting(
-    options: MqttOptions, option: str, value: int
+    options: MqttOptions, option: str, value: Any
 ) -> None:
     """CONNECT holds the keepalive in 2 bytes and the session expiry in 4: paho failed
-    with a bare struct error ("unexpected error: 'H' format requires ...")."""
-    with pytest.raises(ConfigurationError, match=option.replace("_", "-")):
-        await MqttTransport([topic()], replace(options, **{option: value})).connect()
+    with a bare struct error ("unexpected error: 'H' format requires ..."). A client id or
+    user name MQTT text cannot hold, or a password that is not UTF-8 (a command-line byte
+    that is not, read as a surrogate), failed with a bare UnicodeEncodeError, or as a
+    broker that "closed the connection before answering CONNECT"."""
+    bad = replace(options, **{"username": "user", option: value})
+    with pytest.raises(ConfigurationError, match=option.replace("_", "-")) as info:
+        await MqttTransport([topic()], bad).connect()
+    assert "secret" not in str(info.value)
 
 
 async def test_shared_subscription_needs_a_client_id(options: MqttOptions) -> None:

@@ -95,12 +95,27 @@ class MqttOptions:
     )
 
     def check_together(self) -> None:
-        """A password needs a user name; the dead-letter prefix must be a topic."""
+        """A password needs a user name; the dead-letter prefix must be a topic; the
+        client id, user name and password must fit in CONNECT."""
         if self.password is not None and self.username is None:
             raise invalid(self, "password", "needs --username")
         problem = _topic_problem(self.dead_letter_prefix)
         if problem:
             raise invalid(self, "dead_letter_prefix", f"is not a topic: {problem}")
+        # CONNECT's strings: MQTT text of at most 65535 bytes (the password is binary
+        # data, sent as UTF-8; a surrogate, a command-line byte that is not, cannot be).
+        for name in ("client_id", "username", "password"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "password" and _SURROGATE.search(value):
+                raise invalid(self, name, "must not contain surrogates (bytes not UTF-8)")
+            if name != "password" and NOT_MQTT_TEXT.search(value):
+                raise invalid(
+                    self, name, "must not contain control characters, surrogates or noncharacters"
+                )
+            if _utf8_over(value, 65535):
+                raise invalid(self, name, "must be at most 65535 bytes (UTF-8)")
 
 
 def validate_filter(topic_filter: str) -> str | None:
@@ -140,6 +155,9 @@ cannot encode: Python reads a byte of the command line that is not UTF-8 as one)
 what MQTT 5 (1.5.4) lets a receiver treat as a malformed packet: the control characters
 U+0001-U+001F and U+007F-U+009F and the Unicode noncharacters. Mosquitto does, and
 disconnects the client."""
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def _utf8_over(text: str, limit: int) -> bool:
