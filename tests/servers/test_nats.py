@@ -577,6 +577,22 @@ def test_a_wildcard_address_whose_dead_letters_it_would_consume_is_refused(
     assert not started
 
 
+@pytest.mark.parametrize(
+    ("address", "dead_letter_subject"),
+    [("amgi-test.x.*", "amgi-test.x.dead"), ("amgi-test.>", "amgi-test.dlq.{subject}")],
+)
+def test_an_address_that_would_consume_its_chosen_dead_letter_subject_is_refused(
+    address: str, dead_letter_subject: str
+) -> None:
+    """Only the default dead-letter subject was checked: a chosen one the address
+    matches took each dead letter in again, to fail and be dead-lettered again, for ever.
+    (``check`` is what ``amgi run`` calls before the lifespan, as the test above shows.)"""
+    options = NatsOptions(servers=URL, dead_letter_subject=dead_letter_subject)
+    with pytest.raises(ConfigurationError, match="would match it again"):
+        NatsTransport([address], options).check()
+    NatsTransport(["amgi-test.x.*"], NatsOptions(dead_letter_subject="{subject}.dlq")).check()
+
+
 def test_unreachable_server_wrong_credentials_and_missing_streams(tmp_path: Path) -> None:
     line, started = run_startup_app(tmp_path, "s", "--servers", f"nats://127.0.0.1:{free_port()}")
     assert "nats: cannot connect to nats://127.0.0.1:" in line

@@ -52,7 +52,7 @@ from amgi.errors import ConfigurationError, SendError
 from amgi.servers.kit import dead_letter_headers, invalid, option, text_value
 from amgi.servers.nats._client import open_connection
 from amgi.servers.nats._core import Subscriptions
-from amgi.servers.nats._dead_letters import DeadLetters
+from amgi.servers.nats._dead_letters import DeadLetters, subject_matches
 from amgi.servers.nats._headers import PLAIN_VALUE, encode
 from amgi.servers.nats._jetstream import Consumers
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
@@ -160,7 +160,8 @@ class NatsTransport(DeadLetters, Transport):
             problem = _subject_problem(address, wildcards=True)
             if problem:
                 raise ConfigurationError(f"nats: {address!r} is not a subject: {problem}")
-            if ">" in address and self.config.dead_letter_subject.startswith("{subject}"):
+            # The address's own wildcards stand in for the subject: "a.>" makes "a.>.dlq".
+            if subject_matches(self.dead_letter_subject(address), address):
                 raise ConfigurationError(
                     f"nats: the dead letters of {address!r} would match it again; "
                     "set --dead-letter-subject, e.g. dlq.{subject}"
