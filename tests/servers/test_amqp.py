@@ -455,6 +455,14 @@ async def test_bad_options_are_configuration_errors(field: str, value: Any) -> N
         await AmqpTransport([new_queue()], options).connect()
 
 
+def test_routing_keys_without_an_exchange_are_a_configuration_error() -> None:
+    """Queues cannot be bound to the default exchange: the keys were ignored, silently,
+    and the messages published with them never arrived."""
+    t = AmqpTransport([new_queue()], AmqpOptions(url=URL, routing_keys=["orders.*"]))
+    with pytest.raises(ConfigurationError, match="--routing-keys needs --exchange"):
+        t.check()
+
+
 async def test_an_exchange_type_the_broker_does_not_know_is_a_configuration_error() -> None:
     """The broker answers an unknown exchange type by closing the connection
     (COMMAND_INVALID): that reached the caller as the client's own exception."""

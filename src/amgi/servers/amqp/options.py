@@ -62,6 +62,9 @@ class AmqpOptions:
     )
 
     def check_together(self) -> None:
-        """Quorum queues exist only durable."""
+        """Quorum queues exist only durable; binding keys need an exchange (queues cannot
+        be bound to the default exchange)."""
         if self.queue_type == "quorum" and not self.durable:
             raise invalid(self, "durable", "cannot be off for quorum queues")
+        if self.routing_keys and not self.exchange:
+            raise invalid(self, "routing_keys", "needs --exchange (the default exchange has none)")
