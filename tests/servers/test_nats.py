@@ -94,6 +94,30 @@ async def fetch_all(t: NatsTransport, n: int) -> list[Message]:
     return got
 
 
+async def test_values_with_unicode_whitespace_at_their_ends_come_back_exactly(
+    subject: str,
+) -> None:
+    """nats-py strips a header value with ``str.strip()``, which takes Unicode whitespace
+    too (NBSP, NEL, U+2028, ideographic space): such a value went out as it was and came
+    back shortened. Now it travels encoded."""
+    headers = [
+        (b"nbsp", "\u00a0x".encode()),
+        (b"nel", "x\u0085".encode()),
+        (b"line", "x\u2028".encode()),
+        (b"wide", "\u3000x\u3000".encode()),
+        (b"inside", "a\u00a0b\u2028c".encode()),
+    ]
+    options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2)
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await t.publish(subject, headers, b"x", {})
+        (message,) = await fetch_all(t, 1)
+    finally:
+        await t.close()
+    assert message.headers == headers
+
+
 async def test_a_retry_keeps_the_stream_sequence_and_counts_the_delivery(subject: str) -> None:
     t = NatsTransport(
         [subject], NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2, ack_wait=5)

@@ -26,8 +26,11 @@ _ENCODED = "Amgi-H-"
 _JETSTREAM = "nats-"
 """The prefix of the headers JetStream acts on."""
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-PLAIN_VALUE = re.compile(r"(?:[^\x00-\x20\x7f]|[^\x00-\x20\x7f][^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?")
-"""A header value that travels as it is: no control characters, no outer whitespace."""
+_END = r"[^\s\x00-\x20\x7f]"
+PLAIN_VALUE = re.compile(rf"(?:{_END}|{_END}[^\x00-\x1f\x7f]*{_END})?")
+"""A header value that travels as it is: no control characters, no outer whitespace
+(Unicode whitespace too, such as NBSP or U+2028: nats-py strips a value with
+``str.strip()``)."""
 
 
 def _b64(data: bytes) -> str:
