@@ -306,6 +306,42 @@ async def test_a_dead_letter_does_not_repeat_the_jetstream_checks_of_its_first_p
     assert headers[0] == expected
 
 
+@pytest.mark.parametrize("mode", ["jetstream", "core"])
+async def test_a_dead_letter_publish_waits_no_longer_than_the_publish_timeout(
+    subject: str, mode: str
+) -> None:
+    """The dead-letter publish waited nats-py's 5 s for the stream's ack whatever
+    ``--publish-timeout`` said. Here something listens on the dead-letter subject and
+    never acks: the publish gives up after the publish timeout."""
+    import nats
+
+    silent = await nats.connect(URL)
+    dead_subject = f"{PREFIX}-silent.{fresh('dl')}"
+
+    async def never_ack(msg: Any) -> None:
+        pass
+
+    await silent.subscribe(dead_subject, cb=never_ack)
+    await silent.flush()
+    options = NatsOptions(
+        servers=URL, mode=mode, durable=fresh("d"), queue=fresh("q"), fetch_expiry=0.2,
+        dead_letter_subject=dead_subject, publish_timeout=0.5,
+    )  # fmt: skip
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"poison", {})
+        (message,) = await fetch_all(t, 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await t.settle(Batch(subject, [message]), Settlement(dead=[DeadLetter(message, "no")]))
+        took = loop.time() - started
+    finally:
+        await t.close()
+        await silent.close()
+    assert took < 2.5, took
+
+
 async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> None:
     def decide(r: Received) -> str:
         return "ack" if r.payload == b"fine" else "nack:no"

@@ -101,7 +101,7 @@ class Subscriptions:
             self._arrived.set()  # the reader sleeps until its next due time: wake it
         if not dead:
             return
-        js = self.client.jetstream()
+        js = self.client.jetstream(timeout=self.options.publish_timeout)
         for m, target, headers in dead:
             try:  # stored if a stream captures the subject, otherwise lost: say so
                 await js.publish(target, m.payload or b"", headers=headers)

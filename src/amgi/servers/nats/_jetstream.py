@@ -29,7 +29,7 @@ class Consumers:
 
     def __init__(self, client: Any, subjects: Sequence[str], options: NatsOptions) -> None:
         self.client = client
-        self.js = client.jetstream()
+        self.js = client.jetstream(timeout=options.publish_timeout)
         self.subjects = list(subjects)
         self.options = options
         self._subjects_by_index: list[str] = []
