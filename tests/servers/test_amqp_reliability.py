@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -679,3 +680,42 @@ async def test_a_retry_queue_deleted_while_the_server_runs_is_declared_again() -
         await transport.close()
     assert await queue_depth(f"{queue}.dead-letter") == 0
     assert await queue_depth(queue) == 0
+
+
+async def test_a_message_with_the_largest_headers_a_send_takes_can_be_retried_and_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retry or dead letter adds headers to the message's own. A message whose headers
+    filled the frame made each copy overflow it: the broker closed the connection, the
+    message came back at the same attempt, for good, and every other delivery in flight
+    went back with it each time. A send keeps room for them now, and a dead letter's
+    reason is cut to the room there is."""
+    caplog.set_level(logging.WARNING, "amgi.servers")
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await transport.connect()
+    try:
+        with pytest.raises(AmqpSendError) as caught:
+            await transport.publish(queue, [(b"z", b"last"), (b"h", b"v" * 140_000)], b"", {})
+        size, limit = map(int, re.findall(r"\d+", str(caught.value))[:2])
+        headers = [(b"z", b"last"), (b"h", b"v" * (140_000 - (size - limit)))]
+        await transport.publish(queue, headers, b"full", {})
+        generation = transport._generation
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+            await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)]))
+            [batch] = await transport.fetch()
+        [message] = batch.messages
+        assert (message.payload, message.attempt, message.headers) == (b"full", 2, headers)
+        dead = DeadLetter(message, "é" * 3000)
+        async with asyncio.timeout(5):
+            await transport.settle(batch, Settlement(dead=[dead]))
+        [stored] = await drain(f"{queue}.dead-letter", 1, timeout=5)
+        assert transport._generation == generation  # the connection never dropped
+    finally:
+        await transport.close()
+    reason = stored.header.properties.headers["amgi-dead-letter-reason"]
+    assert reason.startswith("éé")
+    assert reason.endswith(" more characters cut)")
+    assert stored.header.properties.headers["h"] == headers[1][1].decode()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

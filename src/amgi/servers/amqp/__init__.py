@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from amgi.errors import ConfigurationError
 from amgi.servers.amqp._client import (
+    COPY_ROOM,
     LARGE,
     AmqpClient,
     AmqpSendError,
@@ -55,6 +56,7 @@ from amgi.servers.amqp._client import (
     _Channel,
     _check_confirm,
     _header_overflow,
+    _header_room,
     _refused_another,
     _reply_text,
     _url_login,
@@ -72,6 +74,7 @@ from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
     DelayedRepublisher,
     dead_letter_headers,
+    encode_text,
     mask_url,
     move_aside,
     retry_headers,
@@ -319,6 +322,14 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         )
         channel = await self._channel("moves")
         self._check_held(consumer)
+        room = _header_room(channel, self._copy_properties(message.token, headers))
+        if room < 0:  # the message's own headers fill the frame: the reason gets the rest
+            text = encode_text(reason)
+            kept = text[: max(0, len(text) + room - 40)].decode("utf-8", "ignore")
+            reason = f"{kept} ... ({len(reason) - len(kept)} more characters cut)"
+            headers = dead_letter_headers(
+                message.headers, attempt=message.attempt, address=queue, reason=reason
+            )
         await self._confirm(
             channel, message.token, self.config.dead_letter_exchange, queue, headers
         )
@@ -368,7 +379,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             kind: Publisher = "large" if size >= LARGE else "sends"
             for again in (False, True):
                 channel = await self._channel(kind)
-                overflow = _header_overflow(channel, properties)
+                overflow = _header_overflow(channel, properties, COPY_ROOM)
                 if overflow is not None:
                     raise AmqpSendError(f"amqp: cannot publish to {where}: {overflow}")
                 try:

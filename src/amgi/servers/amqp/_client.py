@@ -131,8 +131,14 @@ def _refused_another(exc: BaseException, exchange: str, size: int) -> bool:
     return "exchange '" in text and f"exchange '{exchange}'" not in text
 
 
-def _header_overflow(channel: AbstractChannel, properties: Basic.Properties) -> str | None:
-    """Why the content header of ``properties`` cannot go out on ``channel``, or ``None``.
+COPY_ROOM = 1024
+"""Bytes of a frame an application's send leaves free, so that its retry and dead-letter
+copies, which add headers (attempt, original address, reason), fit in a frame too."""
+
+
+def _header_room(channel: AbstractChannel, properties: Basic.Properties) -> int:
+    """Bytes left in the frame of the content header of ``properties`` on ``channel``
+    (negative when it overflows).
 
     The header (12 bytes, then the properties and headers table) travels in one frame of
     at most the connection's ``frame_max``; the broker answers a larger one by closing
@@ -140,12 +146,22 @@ def _header_overflow(channel: AbstractChannel, properties: Basic.Properties) -> 
     size = 12 + len(properties.marshal())
     if not properties.message_id:
         size += 33  # aiormq sets one: a length octet and 32 hex digits
-    limit = channel.connection.connection_tune.frame_max - 8  # frame header and end
-    if size <= limit:
+    return channel.connection.connection_tune.frame_max - 8 - size  # frame header, end
+
+
+def _header_overflow(
+    channel: AbstractChannel, properties: Basic.Properties, keep: int = 0
+) -> str | None:
+    """Why the content header of ``properties`` cannot go out on ``channel`` leaving
+    ``keep`` bytes of its frame free, or ``None``."""
+    room = _header_room(channel, properties) - keep
+    if room >= 0:
         return None
+    limit = channel.connection.connection_tune.frame_max - 8 - keep
     return (
-        f"the headers and properties take {size} bytes, more than one frame of the "
-        f"broker holds ({limit} bytes)"
+        f"the headers and properties take {limit - room} bytes, more than one frame of the "
+        f"broker holds ({limit} bytes"
+        + (f", less {keep} for the headers of a retry or dead letter)" if keep else ")")
     )
 
 
@@ -362,13 +378,31 @@ class AmqpClient:
         routing_key: str,
         headers: HeaderList,
     ) -> None:
+        properties = self._copy_properties(delivered, headers)
+        overflow = _header_overflow(channel, properties)
+        if overflow is not None:
+            raise AmqpSendError(f"amqp: {overflow}")
+        result = await channel.basic_publish(
+            delivered.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=True,
+            timeout=self.config.confirm_timeout,
+        )
+        _check_confirm(result)
+
+    def _copy_properties(
+        self, delivered: DeliveredMessage, headers: HeaderList
+    ) -> Basic.Properties:
+        """The properties of a copy of ``delivered`` (retry, dead letter, replay)."""
         from pamqp.commands import Basic
 
         props = delivered.header.properties
         # The broker refuses a user-id other than the connection's (PRECONDITION_FAILED,
         # closing the channel): a message another user published would never move.
         user_id = props.user_id if props.user_id == _url_login(self.config.url) else None
-        properties = Basic.Properties(
+        return Basic.Properties(
             content_type=props.content_type,
             content_encoding=props.content_encoding,
             headers=headers_to_table(headers),
@@ -382,15 +416,6 @@ class AmqpClient:
             user_id=user_id,
             app_id=props.app_id,
         )
-        result = await channel.basic_publish(
-            delivered.body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=True,
-            timeout=self.config.confirm_timeout,
-        )
-        _check_confirm(result)
 
     async def _declare_retry_queue(self, retry_queue: str, queue: str, delay_ms: int) -> None:
         """Declare a retry queue on a channel of its own: a refusal closes only that one."""
