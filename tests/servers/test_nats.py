@@ -442,6 +442,35 @@ async def test_two_subjects_whose_consumer_names_meet_each_get_their_own() -> No
         assert got == {dotted: [b"dotted"], underscored: [b"underscored"]}
 
 
+@pytest.mark.parametrize("ack_policy", ["none", "all"])
+async def test_an_existing_consumer_without_explicit_acks_is_refused(
+    subject: str, ack_policy: str
+) -> None:
+    """A durable found is used as it is: one made with ack policy ``none`` took every
+    message as acked when delivered (a nack was never redelivered: at most once), and one
+    with ``all`` acked past a nacked message. Both now stop the start with one line."""
+    import nats
+    from nats.js import api
+
+    durable = fresh("d")
+    admin = await nats.connect(URL)
+    try:
+        await admin.jsm().add_consumer(
+            STREAM,
+            api.ConsumerConfig(
+                durable_name=durable,
+                ack_policy=api.AckPolicy(ack_policy),
+                filter_subject=subject,
+            ),
+        )
+    finally:
+        await admin.close()
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
+    with pytest.raises(ConfigurationError, match=f"acks {ack_policy!r}"):
+        await t.connect()
+    assert t._client is None, "closed again"
+
+
 async def test_core_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
     with private_nats(tmp_path / "nats") as broker:
         url = f"nats://127.0.0.1:{broker.port}"

@@ -101,15 +101,24 @@ class Consumers:
         await self._puller.start()
 
     async def _ensure_consumer(self, stream: str, config: Any) -> bool:
-        """Create the consumer if it is missing (an existing one is used as it is)."""
+        """Create the consumer if it is missing (an existing one is used as it is, if it
+        takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack)."""
+        from nats.js import api
         from nats.js import errors as js_errors
 
         jsm = self.client.jsm()
         try:
-            await jsm.consumer_info(stream, config.durable_name)
+            info = await jsm.consumer_info(stream, config.durable_name)
         except js_errors.NotFoundError:
             await jsm.add_consumer(stream, config)
             return True
+        policy = info.config.ack_policy
+        if policy is not None and policy != api.AckPolicy.EXPLICIT:
+            raise ConfigurationError(
+                f"nats: consumer {config.durable_name!r} of stream {stream!r} acks "
+                f"{api.AckPolicy(policy).value!r}, not 'explicit' (a message would count as "
+                "acked before the app acked it); delete it or pick another --durable"
+            )
         return False
 
     async def _unanswered(self, index: int) -> None:
