@@ -487,6 +487,29 @@ async def test_a_queue_name_with_no_room_for_its_dead_letter_queue_is_refused(le
         await AmqpTransport([name], AmqpOptions(url=URL)).connect()
 
 
+async def test_dead_letters_of_a_name_that_is_no_queue_of_this_server_are_one_clear_error() -> None:
+    """``amgi dead-letters list NAME``: a name too long to have a dead-letter queue ended
+    in the client's bare ``ValueError`` ("unexpected ValueError")."""
+    import aiormq
+
+    name = new_queue()
+    name += "q" * (250 - len(name))
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(name)  # another client's queue
+    finally:
+        await connection.close()
+    t = AmqpTransport([], AmqpOptions(url=URL))
+    await t.connect()
+    try:
+        for method in (t.list_dead_letters, t.replay_dead_letters):
+            with pytest.raises(ConfigurationError, match="not a queue name of 1 to 243 bytes"):
+                await method(name, 10)
+    finally:
+        await t.close()
+
+
 async def test_a_queue_name_of_243_bytes_is_consumed() -> None:
     name = new_queue()
     name += "q" * (243 - len(name))

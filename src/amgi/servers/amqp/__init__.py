@@ -46,7 +46,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from amgi.errors import ConfigurationError
 from amgi.servers.amqp._client import (
     COPY_ROOM,
     LARGE,
@@ -55,6 +54,7 @@ from amgi.servers.amqp._client import (
     Publisher,
     _Channel,
     _check_confirm,
+    _check_queue_name,
     _header_overflow,
     _header_room,
     _refused_another,
@@ -99,9 +99,6 @@ logger = logging.getLogger("amgi.servers.amqp")
 
 _CANCEL_TIMEOUT = 5.0
 """Seconds a ``basic.cancel`` at the stop may take."""
-
-_QUEUE_MAX = 255 - len(".dead-letter")
-"""The longest queue name consumed, in bytes: its dead-letter queue's name is 255 at most."""
 
 _REASON_MAX = 4000
 """Characters of a nack reason a dead letter's header keeps: the headers travel in one
@@ -158,11 +155,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         ``<queue>.dead-letter`` queue needs a name of at most 255 bytes too)."""
         super().check()
         for address in self.addresses:
-            if not address or len(address.encode()) > _QUEUE_MAX:
-                raise ConfigurationError(
-                    f"amqp: {address!r:.300} is not a queue name of 1 to {_QUEUE_MAX} bytes "
-                    f"(at most {_QUEUE_MAX} bytes leaves room for its '.dead-letter' queue)"
-                )
+            _check_queue_name(address)
 
     async def connect(self) -> None:
         self.check()

@@ -75,6 +75,19 @@ class _Channel:
             self.cancelled.set_result(None)
 
 
+_QUEUE_MAX = 255 - len(".dead-letter")
+"""The longest queue name consumed, in bytes: its dead-letter queue's name is 255 at most."""
+
+
+def _check_queue_name(queue: str) -> None:
+    """Refuse a name that cannot be a queue of this server (1 to 243 bytes)."""
+    if not queue or len(queue.encode()) > _QUEUE_MAX:
+        raise ConfigurationError(
+            f"amqp: {queue!r:.300} is not a queue name of 1 to {_QUEUE_MAX} bytes "
+            f"(at most {_QUEUE_MAX} bytes leaves room for its '.dead-letter' queue)"
+        )
+
+
 def _check_confirm(result: object) -> None:
     from pamqp.commands import Basic
 

@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from amgi.errors import ConfigurationError
-from amgi.servers.amqp._client import AmqpClient, AmqpSendError
+from amgi.servers.amqp._client import AmqpClient, AmqpSendError, _check_queue_name
 from amgi.servers.amqp._codec import table_to_headers
 from amgi.servers.kit import split_dead_letter_headers
 from amgi.transport import StoredDeadLetter
@@ -31,6 +31,7 @@ class DeadLetters(AmqpClient):
         the number of messages ready in the dead-letter queue."""
         from aiormq import exceptions as amqp_errors
 
+        _check_queue_name(queue)
         connection = self._connection
         if connection is None:
             raise AmqpSendError("amqp: not connected to the broker")
