@@ -647,6 +647,7 @@ def run_startup_app(tmp_path: Path, address: str, *extra: str) -> tuple[str, boo
         (["--batch-size", "0"], "--batch-size must be 1 to 100000 (got batch_size=0)"),
         (["--ack-wait", "inf"], "--ack-wait must be a finite number"),
         (["--durable", "a.b"], "--durable must be a name without"),
+        (["--mode", "core", "--queue", ""], "--queue must be a name without whitespace"),
         (["--password", "secret"], "--password needs --user (got password=*****)"),
     ],
 )
@@ -656,6 +657,16 @@ def test_bad_options_fail_before_the_apps_startup(
     line, started = run_startup_app(tmp_path, "amgi-test.x", "--servers", URL, *extra)
     assert expected in line
     assert not started
+
+
+@pytest.mark.parametrize("queue", ["", "a b", "a\tb"])
+def test_a_queue_group_that_is_no_name_is_refused(queue: str) -> None:
+    """``--queue ""`` subscribed without a queue group: every process got every message
+    (each processed it); one with whitespace failed the connect with nats-py's "invalid
+    subject". Both are now a bad option, found before the lifespan."""
+    transport = NatsTransport(["amgi-test.x"], NatsOptions(servers=URL, mode="core", queue=queue))
+    with pytest.raises(ConfigurationError, match="--queue must be a name without"):
+        transport.check()
 
 
 def test_a_wildcard_address_whose_dead_letters_it_would_consume_is_refused(

@@ -120,6 +120,9 @@ class NatsOptions:
     def check_together(self) -> None:
         if not self.durable or any(c in self.durable for c in ".*> "):
             raise invalid(self, "durable", "must be a name without . * > or spaces")
+        if not self.queue or any(c.isspace() for c in self.queue):
+            # Empty, core NATS would subscribe without a group: every process gets all.
+            raise invalid(self, "queue", "must be a name without whitespace")
         if self.stream and any(c in self.stream for c in ".*> "):
             raise invalid(self, "stream", "must be a name without . * > or spaces")
         if not self.dead_letter_subject:
