@@ -631,6 +631,20 @@ async def test_a_stop_uses_up_no_attempt_of_the_messages_prefetched_from_a_quoru
     assert await queue_depth(queue) == 0
 
 
+async def test_a_stop_uses_up_no_attempt_of_a_quorum_queue_consumed_passively(queue: str) -> None:
+    """``--passive`` declares nothing, so ``--queue-type`` is left at its default: the
+    server did not know the queue counts deliveries and handed its prefetched messages
+    back at each stop, counted (enough stops dead-letter them, never seen)."""
+    quorum = AmqpOptions(url=URL, queue_type="quorum")
+    await publish_to_quorum_queue(queue, quorum, *(b"%d" % i for i in range(30)))
+    options = AmqpOptions(url=URL, passive=True, batch_size=5, prefetch=20)
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=10)
+    seen, _ = await serve_in_stops(lambda: AmqpTransport([queue], options), 30, config)
+    assert {attempt for _, attempt in seen} == {1}
+    assert sorted(p for p, _ in seen) == sorted(b"%d" % i for i in range(30))
+    assert await queue_depth(queue) == 0
+
+
 async def test_a_stop_whose_deadline_ends_the_hand_over_returns_the_rest_and_loses_none(
     queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:

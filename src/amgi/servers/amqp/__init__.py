@@ -211,8 +211,10 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         """On a quorum queue, where a delivery handed back counts as an attempt: cancel
         the consumers (``basic.cancel``: nothing more is delivered), then return every
         delivery received so far, for the runtime to process before it stops. On a
-        classic queue nothing (they go back uncounted at close, which is quicker)."""
-        if not self.counts_deliveries or self._closed:
+        classic queue nothing (they go back uncounted at close, which is quicker). With
+        ``passive`` the queues' type is not known (``queue_type`` is for declaring):
+        they may be quorum queues, so hand over."""
+        if not (self.counts_deliveries or self.config.passive) or self._closed:
             return []
         for consumer in list(self._consumers.values()):
             try:
