@@ -719,3 +719,33 @@ async def test_a_message_with_the_largest_headers_a_send_takes_can_be_retried_an
     assert reason.endswith(" more characters cut)")
     assert stored.header.properties.headers["h"] == headers[1][1].decode()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_send_asking_for_direct_reply_to_fails_alone() -> None:
+    """``replyTo: amq.rabbitmq.reply-to`` needs a consumer of that pseudo-queue on the
+    publishing channel. The broker closed the channel of the sends over it (failing the
+    sends waiting there) and at times the whole connection."""
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"first", {})
+        generation = transport._generation
+
+        async def send(i: int) -> str | None:
+            binding = {"amqp": {"replyTo": "amq.rabbitmq.reply-to"}} if i == 5 else {}
+            try:
+                await transport.publish(queue, [], b"%d" % i, binding)
+            except AmqpSendError as exc:
+                return str(exc)
+            return None
+
+        results = await asyncio.gather(*(send(i) for i in range(20)))
+        await asyncio.sleep(0.3)
+        assert transport._generation == generation
+    finally:
+        await transport.close()
+    assert [i for i, r in enumerate(results) if r is not None] == [5]
+    assert "bad amqp bindings" in (results[5] or "")
+    assert "amq.rabbitmq.reply-to" in (results[5] or "")
+    assert await queue_depth(queue) == 20

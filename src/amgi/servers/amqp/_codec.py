@@ -163,6 +163,9 @@ def _attempt_value(value: Any) -> int:
 _MAX_TTL_MS = 315_360_000_000
 """The longest per-message TTL RabbitMQ takes (ten years, in ms)."""
 
+_DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's direct reply-to pseudo-queue: a ``reply-to`` the publisher must consume."""
+
 _OCTETS = frozenset({"priority", "delivery_mode"})
 """Properties that are one octet on the wire (the rest of ``_PROPERTY_BINDINGS`` are
 short strings, at most 255 bytes)."""
@@ -222,6 +225,12 @@ def publish_properties(
         elif len(value.encode()) > 255:
             raise ValueError(f"{key} must be at most 255 bytes (UTF-8), not {len(value.encode())}")
         kwargs[attr] = value
+    if kwargs.get("reply_to") == _DIRECT_REPLY_TO:
+        # The broker closes the channel (at times the connection) over it.
+        raise ValueError(
+            f"replyTo {_DIRECT_REPLY_TO!r} (direct reply-to) needs a consumer of it on the "
+            "publishing channel, which this server does not have"
+        )
     expiration = binding.get("expiration")
     if expiration is not None:
         # The broker closes the channel over any other TTL: check it here instead.
