@@ -669,6 +669,15 @@ def test_a_queue_group_that_is_no_name_is_refused(queue: str) -> None:
         transport.check()
 
 
+@pytest.mark.parametrize("dead_letter_subject", ["{subject}..dlq", "dlq.", "{subject}.*", "a b"])
+def test_a_dead_letter_subject_that_is_no_subject_is_refused(dead_letter_subject: str) -> None:
+    """Unchecked, every dead-letter publish to such a subject failed (no ack: -NAKed and
+    back after the ack wait, for ever), or one with a wildcard was stored under it."""
+    options = NatsOptions(servers=URL, dead_letter_subject=dead_letter_subject)
+    with pytest.raises(ConfigurationError, match="--dead-letter-subject is not a subject"):
+        NatsTransport(["amgi-test.x"], options).check()
+
+
 def test_a_wildcard_address_whose_dead_letters_it_would_consume_is_refused(
     tmp_path: Path,
 ) -> None:

@@ -127,6 +127,12 @@ class NatsOptions:
             raise invalid(self, "stream", "must be a name without . * > or spaces")
         if not self.dead_letter_subject:
             raise invalid(self, "dead_letter_subject", "must not be empty")
+        # A dead letter goes to one whole subject: no empty token, wildcard or whitespace.
+        problem = _subject_problem(
+            self.dead_letter_subject.replace("{subject}", "s"), wildcards=False
+        )
+        if problem:
+            raise invalid(self, "dead_letter_subject", f"is not a subject: {problem}")
         if self.password and not self.user:
             raise invalid(self, "password", "needs --user")
         if self.tls_key and not self.tls_cert:
