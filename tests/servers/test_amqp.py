@@ -167,6 +167,31 @@ async def test_publish_fetch_ack_with_headers_and_bindings(
     assert await queue_depth(queue) == 0
 
 
+async def test_headers_named_cc_and_bcc_arrive_as_sent_and_route_nothing(
+    transport: AmqpTransport, queue: str
+) -> None:
+    """RabbitMQ reads ``CC`` and ``BCC`` headers as more routing keys (sender-selected
+    distribution): one value closed the channel of the sends (PRECONDITION_FAILED, an
+    array was expected), several sent copies to the queues they named, and ``BCC`` was
+    removed from the message."""
+    other = new_queue()
+    declaring = AmqpTransport([other], AmqpOptions(url=URL))
+    await declaring.connect()
+    await declaring.close()
+    headers = [(b"CC", b"bob@example.com"), (b"BCC", other.encode()), (b"BCC", b"x")]
+    await transport.publish(queue, headers, b"mail", {})
+    await transport.publish(queue, [(b"CC", other.encode()), (b"CC", b"y")], b"two", {})
+    batches = await fetch_n(transport, 2)
+    got = [m for b in batches for m in b.messages]
+    assert [m.headers for m in got] == [headers, [(b"CC", other.encode()), (b"CC", b"y")]]
+    [batch] = batches
+    await transport.settle(batch, Settlement(retry=[Retry(got[0], "again", 0.01)], acked=got[1:]))
+    [back] = await fetch_n(transport, 1)
+    assert back.messages[0].headers == headers
+    await transport.settle(back, Settlement(acked=list(back.messages)))
+    assert await queue_depth(other) == 0
+
+
 async def test_batches_respect_size_and_order(transport: AmqpTransport, queue: str) -> None:
     for i in range(25):
         await transport.publish(queue, [], b"%d" % i, {})

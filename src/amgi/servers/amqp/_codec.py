@@ -55,6 +55,12 @@ _BROKER_KEYS = frozenset(
 )
 
 
+_ROUTES = frozenset({"CC", "BCC"})
+"""Headers RabbitMQ reads as more routing keys (sender-selected distribution): it routes
+copies to the queues they name, removes ``BCC``, and closes the channel over a value
+that is not an array."""
+
+
 def _header_value(value: Any) -> Iterable[bytes]:
     """The AMGI header values of one AMQP table value (an array repeats the name)."""
     if isinstance(value, str):
@@ -90,9 +96,10 @@ def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
             key = name.decode()
         except UnicodeDecodeError:
             key = None
-        if key is None or len(name) > _MAX_KEY or key == PACKED_HEADER:
+        if key is None or len(name) > _MAX_KEY or key == PACKED_HEADER or key in _ROUTES:
             # A table key is UTF-8 of at most 128 bytes; the packed name itself is packed
-            # so that an application's header of that name arrives as it was sent.
+            # so that an application's header of that name arrives as it was sent, and
+            # so are the names RabbitMQ routes by.
             key, item = PACKED_HEADER, pack_header(name, value)
         else:
             item = _table_value(value)
