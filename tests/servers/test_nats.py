@@ -659,6 +659,18 @@ def test_bad_options_fail_before_the_apps_startup(
     assert not started
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("durable", "a/b"), ("durable", "a\\b"), ("durable", "a\tb"), ("stream", "A/B")],
+)
+def test_a_durable_or_stream_name_nats_cannot_take_is_refused(field: str, value: str) -> None:
+    """JetStream names take no ``/``, ``\\`` or whitespace either: such a name passed the
+    check and failed the connect as "unexpected ValueError: nats: invalid consumer name"."""
+    options = NatsOptions(servers=URL, **{field: value})
+    with pytest.raises(ConfigurationError, match=f"--{field} must be a name without"):
+        NatsTransport(["amgi-test.x"], options).check()
+
+
 @pytest.mark.parametrize("queue", ["", "a b", "a\tb"])
 def test_a_queue_group_that_is_no_name_is_refused(queue: str) -> None:
     """``--queue ""`` subscribed without a queue group: every process got every message

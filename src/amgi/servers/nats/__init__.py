@@ -65,6 +65,8 @@ _MSG_ID_RULE = "non-empty text without control characters or outer whitespace (a
 
 
 _NOT_IN_SUBJECT = re.compile(r"[\x00-\x20\x7f]")
+_NOT_IN_NAME = re.compile(r"[.*>/\\\s]")
+"""What a JetStream stream or consumer name cannot hold."""
 
 
 def _subject_problem(subject: str, *, wildcards: bool) -> str | None:
@@ -118,13 +120,13 @@ class NatsOptions:
     connect_timeout: float = option(5.0, "seconds to reach a server", gt=0)
 
     def check_together(self) -> None:
-        if not self.durable or any(c in self.durable for c in ".*> "):
-            raise invalid(self, "durable", "must be a name without . * > or spaces")
+        if not self.durable or _NOT_IN_NAME.search(self.durable):
+            raise invalid(self, "durable", "must be a name without . * > / \\ or whitespace")
         if not self.queue or any(c.isspace() for c in self.queue):
             # Empty, core NATS would subscribe without a group: every process gets all.
             raise invalid(self, "queue", "must be a name without whitespace")
-        if self.stream and any(c in self.stream for c in ".*> "):
-            raise invalid(self, "stream", "must be a name without . * > or spaces")
+        if self.stream and _NOT_IN_NAME.search(self.stream):
+            raise invalid(self, "stream", "must be a name without . * > / \\ or whitespace")
         if not self.dead_letter_subject:
             raise invalid(self, "dead_letter_subject", "must not be empty")
         # A dead letter goes to one whole subject: no empty token, wildcard or whitespace.
