@@ -480,6 +480,24 @@ async def test_bad_options_are_configuration_errors(field: str, value: Any) -> N
         await AmqpTransport([new_queue()], options).connect()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("exchange", "x" * 256),
+        ("dead_letter_exchange", "é" * 128),
+        ("routing_keys", ["ok", "k" * 256]),
+    ],
+)
+async def test_names_amqp_cannot_carry_are_configuration_errors(field: str, value: Any) -> None:
+    """Exchange names and routing keys are at most 255 bytes: longer ones failed at start
+    with the client's bare ``ValueError``."""
+    options = AmqpOptions(url=URL, exchange="amgi-test-long-names")
+    setattr(options, field, value)
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ConfigurationError, match=f"{flag} must be at most 255 bytes"):
+        await AmqpTransport([new_queue()], options).connect()
+
+
 def test_routing_keys_without_an_exchange_are_a_configuration_error() -> None:
     """Queues cannot be bound to the default exchange: the keys were ignored, silently,
     and the messages published with them never arrived."""

@@ -63,8 +63,15 @@ class AmqpOptions:
 
     def check_together(self) -> None:
         """Quorum queues exist only durable; binding keys need an exchange (queues cannot
-        be bound to the default exchange)."""
+        be bound to the default exchange); names and keys are AMQP short strings."""
         if self.queue_type == "quorum" and not self.durable:
             raise invalid(self, "durable", "cannot be off for quorum queues")
         if self.routing_keys and not self.exchange:
             raise invalid(self, "routing_keys", "needs --exchange (the default exchange has none)")
+        for name, values in (
+            ("exchange", [self.exchange]),
+            ("dead_letter_exchange", [self.dead_letter_exchange]),
+            ("routing_keys", self.routing_keys),
+        ):
+            if any(len(v.encode()) > 255 for v in values):
+                raise invalid(self, name, "must be at most 255 bytes (UTF-8)")
