@@ -224,10 +224,17 @@ class AmqpClient:
             raise BrokerUnavailable(
                 f"amqp: the broker at {mask_url(c.url)} refused the credentials"
             ) from None
-        except amqp_errors.ConnectionNotAllowed:
-            raise BrokerUnavailable(
-                f"amqp: access to the virtual host of {mask_url(c.url)} was refused"
-            ) from None
+        except (amqp_errors.ConnectionNotAllowed, amqp_errors.InvalidFrameError) as exc:
+            # RabbitMQ answers connection.open for a virtual host that does not exist (or
+            # that the user may not use) with connection.close, which aiormq reports as
+            # an unexpected frame, the reply's text lost.
+            refused = "Connection.OpenOk" in str(exc)
+            if isinstance(exc, amqp_errors.ConnectionNotAllowed) or refused:
+                raise BrokerUnavailable(
+                    f"amqp: access to the virtual host of {mask_url(c.url)} was refused (it "
+                    "does not exist, or the user may not use it)"
+                ) from None
+            raise BrokerUnavailable(f"amqp: cannot connect to {mask_url(c.url)}: {exc}") from None
         except (OSError, amqp_errors.AMQPError, TimeoutError) as exc:
             raise BrokerUnavailable(
                 f"amqp: cannot connect to {mask_url(c.url)}: {exc or type(exc).__name__}"
