@@ -98,13 +98,18 @@ def test_attempt_and_broker_headers_are_split_off() -> None:
         ({"messageId": "é" * 128}, "messageId must be at most 255 bytes (UTF-8), not 256"),
         ({"timestamp": 1e20}, "timestamp 1e+20 is out of range"),
         ({"timestamp": "now"}, "timestamp must be seconds since the epoch, not 'now'"),
+        ({"timestamp": -1}, "timestamp -1 is out of range (0 to 4294967295 seconds"),
+        ({"timestamp": 2**32}, "timestamp 4294967296 is out of range"),
+        ({"timestamp": datetime.datetime(1969, 12, 31)}, "timestamp -86400 is out of range"),
+        ({"timestamp": datetime.datetime(2200, 1, 1)}, "timestamp 7258118400 is out of range"),
     ],
 )
 def test_bindings_the_broker_would_refuse_are_refused_before_sending(
     binding: dict[str, Any], error: str
 ) -> None:
     """Each of these made the broker close the channel, or the client fail mid-frame
-    with a bare struct or type error."""
+    with a bare struct or type error (a timestamp before 1970), or arrive changed (one
+    after 2106 was read back as milliseconds)."""
     with pytest.raises(ValueError, match=re.escape(error)):
         publish_properties([], binding)
 
@@ -115,6 +120,8 @@ def test_bindings_at_their_limits_are_sent() -> None:
         {"expiration": 315_360_000_000, "priority": 255, "messageId": "é" * 127, "timestamp": 0},
     )
     assert (props.expiration, props.priority) == ("315360000000", 255)
+    latest = publish_properties([], {"timestamp": 2**32 - 1}).timestamp
+    assert latest == datetime.datetime(2106, 2, 7, 6, 28, 15, tzinfo=datetime.UTC)
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,10 @@ def _attempt_value(value: Any) -> int:
 _MAX_TTL_MS = 315_360_000_000
 """The longest per-message TTL RabbitMQ takes (ten years, in ms)."""
 
+_MAX_TIMESTAMP = 2**32 - 1
+"""The latest ``timestamp`` property that reads back as sent (pamqp takes a larger value
+for milliseconds)."""
+
 _DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 """RabbitMQ's direct reply-to pseudo-queue: a ``reply-to`` the publisher must consume."""
 
@@ -259,6 +263,16 @@ def publish_properties(
                 timestamp = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
             except (OverflowError, OSError, ValueError):
                 raise ValueError(f"timestamp {timestamp!r} is out of range") from None
+        if timestamp.utcoffset() is None:
+            timestamp = timestamp.replace(tzinfo=datetime.UTC)  # as the client reads it
+        seconds = int(timestamp.timestamp())
+        if not 0 <= seconds <= _MAX_TIMESTAMP:
+            # The client cannot write one before 1970 (a bare struct.error), and reads one
+            # after 2106 back as milliseconds.
+            raise ValueError(
+                f"timestamp {seconds} is out of range (0 to {_MAX_TIMESTAMP} seconds since "
+                "the epoch: 1970 to 2106)"
+            )
         kwargs["timestamp"] = timestamp
     table = headers_to_table(headers)
     if table:
