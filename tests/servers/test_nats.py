@@ -342,6 +342,32 @@ async def test_a_dead_letter_publish_waits_no_longer_than_the_publish_timeout(
     assert took < 2.5, took
 
 
+@pytest.mark.parametrize("mode", ["jetstream", "core"])
+async def test_a_dead_letter_over_the_max_payload_keeps_the_connection(
+    subject: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message near max_payload grows past it with the dead-letter headers: published,
+    the server closed the connection and nats-py the client, for good (nothing fetched,
+    acked or sent any more). Now that dead letter fails alone (JetStream: -NAKed), with
+    one line."""
+    options = NatsOptions(
+        servers=URL, mode=mode, durable=fresh("d"), queue=fresh("q"), fetch_expiry=0.2,
+        ack_wait=5,
+    )  # fmt: skip
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"x" * (t._client.max_payload - 100), {})
+        (big,) = await fetch_all(t, 1)
+        await t.settle(Batch(subject, [big]), Settlement(dead=[DeadLetter(big, "too big")]))
+        await t.publish(subject, [], b"after", {})
+        (after,) = await fetch_all(t, 1)
+        assert after.payload == b"after"
+    finally:
+        await t.close()
+    assert "over the server's max_payload" in caplog.text
+
+
 async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> None:
     def decide(r: Received) -> str:
         return "ack" if r.payload == b"fine" else "nack:no"
@@ -503,6 +529,25 @@ async def test_send_to_a_subject_no_stream_captures_raises_the_send_error() -> N
     try:
         with pytest.raises(NatsSendError, match="no JetStream stream captures"):
             await t.publish(f"nowhere.{fresh('x')}", [], b"x", {})
+    finally:
+        await t.close()
+
+
+@pytest.mark.parametrize("mode", ["jetstream", "core"])
+async def test_a_send_over_the_max_payload_with_its_headers_fails_alone(
+    subject: str, mode: str
+) -> None:
+    """nats-py checks the payload alone against the server's max_payload, the server the
+    payload and headers: a send under it with headers over it made the server close the
+    connection ('Maximum Payload Violation'), and nats-py closed the client for good.
+    Now that send fails alone, before anything is written."""
+    t = NatsTransport([], NatsOptions(servers=URL, mode=mode))
+    await t.connect()
+    try:
+        max_payload = t._client.max_payload
+        with pytest.raises(NatsSendError, match="over the server's max_payload"):
+            await t.publish(subject, [(b"h", b"v" * 200)], b"x" * (max_payload - 100), {})
+        await t.publish(subject, [(b"h", b"v")], b"still connected", {})
     finally:
         await t.close()
 

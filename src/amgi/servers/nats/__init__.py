@@ -53,7 +53,7 @@ from amgi.servers.kit import dead_letter_headers, invalid, option, text_value
 from amgi.servers.nats._client import open_connection
 from amgi.servers.nats._core import Subscriptions
 from amgi.servers.nats._dead_letters import DeadLetters, subject_matches
-from amgi.servers.nats._headers import PLAIN_VALUE, encode
+from amgi.servers.nats._headers import PLAIN_VALUE, encode, over_max_payload
 from amgi.servers.nats._jetstream import Consumers
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
@@ -273,6 +273,9 @@ class NatsTransport(DeadLetters, Transport):
             except ValueError as exc:
                 raise NatsSendError(f"nats: cannot send to {address!r}: {exc}") from None
         header = encode(headers, msg_id)
+        too_big = over_max_payload(client.max_payload, payload or b"", header)
+        if too_big:
+            raise NatsSendError(f"nats: cannot send to {address!r}: {too_big}")
         try:
             if self.config.mode == "core":
                 await client.publish(address, payload or b"", headers=header or None)

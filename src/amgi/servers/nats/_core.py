@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.servers.kit import DueList
-from amgi.servers.nats._headers import decode
+from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.transport import Batch, Message
 
 if TYPE_CHECKING:
@@ -104,6 +104,9 @@ class Subscriptions:
         js = self.client.jetstream(timeout=self.options.publish_timeout)
         for m, target, headers in dead:
             try:  # stored if a stream captures the subject, otherwise lost: say so
+                too_big = over_max_payload(self.client.max_payload, m.payload or b"", headers)
+                if too_big:  # published, the server would close the connection
+                    raise ValueError(too_big)
                 await js.publish(target, m.payload or b"", headers=headers)
             except Exception as exc:
                 logger.error("could not dead-letter message %s to %r: %s", m.id, target, exc)

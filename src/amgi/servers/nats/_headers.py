@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from amgi.transport import HeaderList
 
-__all__ = ["MSG_ID", "PLAIN_VALUE", "decode", "encode"]
+__all__ = ["MSG_ID", "PLAIN_VALUE", "decode", "encode", "over_max_payload"]
 
 MSG_ID = "Nats-Msg-Id"
 _ENCODED = "Amgi-H-"
@@ -94,3 +94,18 @@ def decode(header: Mapping[str, str] | None) -> tuple[HeaderList, str | None]:
             continue
         headers.append((key.encode(), value.encode()))
     return headers, msg_id
+
+
+def over_max_payload(max_payload: int, payload: bytes, header: Mapping[str, str] | None) -> str:
+    """Why a message is too big for the server ("" when it is not).
+
+    The server holds payload and headers to its max_payload, nats-py the payload alone: a
+    message over it with its headers makes the server close the connection, and nats-py
+    then closes the client for good. The header block is sized as nats-py writes it.
+    """
+    size = len(payload)
+    if header:
+        size += 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in header.items())
+    if size <= max_payload:
+        return ""
+    return f"{size} bytes with its headers, over the server's max_payload of {max_payload}"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
-from amgi.servers.nats._headers import decode
+from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.servers.nats._pull import Puller
 from amgi.transport import Batch, Message
 
@@ -154,7 +154,7 @@ class Consumers:
             await r.message.token.nak(delay=r.delay)
         if dead:
             results = await asyncio.gather(
-                *(self.js.publish(subject, m.payload or b"", headers=h) for m, subject, h in dead),
+                *(self._dead_letter(subject, m.payload or b"", h) for m, subject, h in dead),
                 return_exceptions=True,
             )
             for (m, subject, _), result in zip(dead, results, strict=True):
@@ -169,6 +169,12 @@ class Consumers:
                 else:
                     await m.token.term()
         await self.client.flush(self.options.ack_wait)
+
+    async def _dead_letter(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        too_big = over_max_payload(self.client.max_payload, payload, headers)
+        if too_big:  # published, the server would close the connection
+            raise ValueError(too_big)
+        await self.js.publish(subject, payload, headers=headers)
 
     async def touch(self, messages: list[Message]) -> None:
         for m in messages:
