@@ -749,3 +749,49 @@ async def test_a_send_asking_for_direct_reply_to_fails_alone() -> None:
     assert "bad amqp bindings" in (results[5] or "")
     assert "amq.rabbitmq.reply-to" in (results[5] or "")
     assert await queue_depth(queue) == 20
+
+
+async def test_a_message_the_client_cannot_read_does_not_make_the_server_reconnect_in_a_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A header name that is not UTF-8 (another client's; RabbitMQ passes it on) makes
+    the client fail the delivery's frame and drop the connection. The broker delivers it
+    again on the next one: the server reconnected hundreds of times a second, without
+    end. Now a connection lost soon after it was made waits the reconnect backoff."""
+    import struct
+
+    import aiormq
+    from pamqp import encode
+    from pamqp.commands import Basic
+
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, reconnect_delay_max=1.0))
+    await transport.connect()  # declares the queue
+    plain = encode.field_table
+
+    def not_utf8(value: Any) -> bytes:
+        if value and "not-utf8" in value:
+            entry = b"\x02k\xff" + b"S" + struct.pack(">I", 1) + b"v"
+            return struct.pack(">I", len(entry)) + entry
+        return plain(value)
+
+    try:
+        await transport.close()
+        connection = await aiormq.connect(URL)
+        try:
+            channel = await connection.channel()
+            with monkeypatch.context() as patch:
+                patch.setitem(encode.METHODS, "table", not_utf8)
+                patch.setattr(encode, "field_table", not_utf8)
+                properties = Basic.Properties(headers={"not-utf8": "v"})
+                await channel.basic_publish(b"unreadable", routing_key=queue, properties=properties)
+            await transport.connect()
+            first = transport._generation
+            await asyncio.sleep(2.5)
+            reconnects = transport._generation - first
+        finally:
+            await channel.queue_purge(queue)
+            await connection.close()
+    finally:
+        await transport.close()
+    assert 1 <= reconnects <= 6  # 0.1 + 0.2 + 0.4 + 0.8 + 1 ... s apart

@@ -318,6 +318,8 @@ class AmqpClient:
     async def _supervise(self) -> None:
         """Reconnect with backoff whenever the connection or the consuming channel closes."""
         backoff = Backoff(_RECONNECT_FIRST, self.config.reconnect_delay_max)
+        loop = asyncio.get_running_loop()
+        connected_at = loop.time()
         while True:
             waits: list[asyncio.Future[Any]] = []
             if self._connection is not None:
@@ -349,6 +351,17 @@ class AmqpClient:
             if old is not None:
                 with contextlib.suppress(Exception):
                     await old.close()
+            if loop.time() - connected_at < self.config.reconnect_delay_max:
+                # Lost again soon after connecting (a delivery the client cannot read
+                # drops the connection each time it comes): wait before the next try.
+                logger.warning(
+                    "amqp: the connection was lost %.1fs after it was made; next try in %.1fs",
+                    loop.time() - connected_at,
+                    backoff.delay,
+                )
+                await backoff.sleep()
+            else:
+                backoff.reset()
             while True:
                 try:
                     await self._open()
@@ -362,7 +375,7 @@ class AmqpClient:
                     await backoff.sleep()
                     continue
                 logger.info("amqp: reconnected; consuming again")
-                backoff.reset()
+                connected_at = loop.time()
                 break
 
     def _consumer_for(self, queue: str, generation: int) -> Any:
