@@ -517,7 +517,7 @@ async def test_a_message_another_user_published_with_its_user_id_is_retried_and_
     queue = new_queue()
     user = f"amgi-test-user-{queue[-12:]}"
     await rabbitmqctl("add_user", user, "secret")
-    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.05))
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.3))
     try:
         await rabbitmqctl("set_permissions", user, ".*", ".*", ".*")
         await transport.connect()
