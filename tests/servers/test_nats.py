@@ -497,6 +497,31 @@ async def test_an_existing_consumer_without_explicit_acks_is_refused(
     assert t._client is None, "closed again"
 
 
+@pytest.mark.parametrize(("mode", "subscriptions"), [("jetstream", 2), ("core", 1)])
+async def test_a_connection_nats_py_closed_for_good_ends_the_run(
+    tmp_path: Path, mode: str, subscriptions: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py closes the client for good on a server error it does not know (here the
+    server's 'maximum subscriptions exceeded' as the second address subscribes): the run
+    went on for ever, each fetch failing on the closed connection, and a stop then exited
+    0. Now the run ends with an error."""
+    config = f"max_subscriptions: {subscriptions}\n"
+    with private_nats(tmp_path / "nats", config=config) as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        await ensure_stream(url, "LIMITED", ["limited.>"])
+        options = NatsOptions(servers=url, mode=mode, fetch_expiry=0.2)
+        transport = NatsTransport(["limited.a", "limited.b"], options)
+        runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+        serving = asyncio.create_task(runtime.serve())
+        try:
+            code = await asyncio.wait_for(asyncio.shield(serving), 8)
+        finally:
+            runtime.request_stop()
+            await asyncio.wait_for(serving, 20)
+    assert code != 0
+    assert "closed the connection for good" in caplog.text
+
+
 async def test_core_mode_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
     with private_nats(tmp_path / "nats") as broker:
         url = f"nats://127.0.0.1:{broker.port}"

@@ -213,6 +213,14 @@ class NatsTransport(DeadLetters, Transport):
     # -- consuming ------------------------------------------------------------------------
 
     async def fetch(self) -> Sequence[Batch]:
+        client = self._client
+        if client is not None and client.is_closed:
+            # nats-py closes the client for good on a server error it does not know (e.g.
+            # 'maximum subscriptions exceeded'): fetching again would fail for ever.
+            raise ConfigurationError(
+                "nats: the server closed the connection for good "
+                f"({client.last_error or 'no reason given'}); nats-py does not reconnect"
+            )
         if self._consumers is not None:
             return await self._consumers.read()
         if self._subscriptions is not None:

@@ -21,6 +21,9 @@ __all__ = ["Subscriptions"]
 
 logger = logging.getLogger("amgi.servers.nats")
 
+_CHECK = 1.0
+"""Seconds an idle read waits before it looks whether the connection is still open."""
+
 
 class Subscriptions:
     """Subscriptions in one queue group; a nacked message waits here for its retry."""
@@ -77,9 +80,12 @@ class Subscriptions:
                 grouped.setdefault(subject, []).append(self._message(msg))
             if grouped:
                 return [Batch(s, msgs, key=s) for s, msgs in grouped.items()]
+            if self.client.is_closed:  # closed for good: nothing arrives any more
+                raise ConnectionError("nats: the connection is closed")
             self._arrived.clear()
             next_due = self._retries.next_due()
-            timeout = None if next_due is None else max(0.0, next_due - now)
+            # At most a second: a connection closed for good wakes nothing.
+            timeout = _CHECK if next_due is None else min(_CHECK, max(0.0, next_due - now))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._arrived.wait()
