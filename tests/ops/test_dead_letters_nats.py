@@ -205,6 +205,32 @@ async def test_a_replay_does_not_repeat_the_jetstream_checks_of_the_first_publis
     assert await count(subject + ".dlq") == 0
 
 
+async def test_a_dead_letter_without_its_address_header_goes_back_to_its_own_subject() -> None:
+    """A dead letter stored by another producer has no amgi-original-address: under a
+    wildcard address it was replayed to the pattern itself ('orders.*', a literal subject
+    no consumer of orders.a sees). Its subject less the dead-letter suffix names it."""
+    import nats
+
+    await ensure_stream()
+    base = f"{PREFIX}.{fresh('foreign')}"
+    nc = await nats.connect(URL)
+    try:
+        await nc.jetstream().publish(f"{base}.a.dlq", b"foreign", headers={"k": "v"})
+    finally:
+        await nc.close()
+    replayer = NatsTransport([], options())
+    await replayer.connect()
+    try:
+        (listed,) = await replayer.list_dead_letters(f"{base}.*", 10)
+        assert listed.address == f"{base}.a"
+        assert await replayer.replay_dead_letters(f"{base}.*", 10) == 1
+    finally:
+        await replayer.close()
+    assert await count(f"{base}.*") == 0, "published to the pattern"
+    (message,) = await take(NatsTransport([f"{base}.a"], options(fresh("d"))), 1)
+    assert (message.payload, message.headers) == (b"foreign", [(b"k", b"v")])
+
+
 def test_a_replay_in_core_mode_is_one_line() -> None:
     result = run("dead-letters", "replay", f"{PREFIX}.{fresh('core')}", "--mode", "core")
     assert "cannot be replayed in core mode" in one_line_error(result)

@@ -134,7 +134,7 @@ class DeadLetters(ChunkedDeadLetters):
                     if meta.sequence.stream > last:
                         pending = 0  # stored after we started: left for the next run
                         break
-                    d = _stored(m, address)
+                    d = _stored(m, self._consumed_from(m.subject, address))
                     if subject_matches(d.address, address):
                         chunk.append(((stream, meta.sequence.stream), d))
                 chunk = chunk[:left]
@@ -186,6 +186,18 @@ class DeadLetters(ChunkedDeadLetters):
             ) from None
         except (nats_errors.Error, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"nats: cannot look up {subject!r}: {_text(exc)}") from None
+
+    def _consumed_from(self, stored: str, address: str) -> str:
+        """The subject a dead letter stored on ``stored`` came from, for one without the
+        amgi-original-address header (another producer's): ``stored`` less what
+        ``--dead-letter-subject`` puts around ``{subject}``, if ``address`` matches it;
+        otherwise ``address``."""
+        before, found, after = self.config.dead_letter_subject.partition("{subject}")
+        if found and stored.startswith(before) and stored.endswith(after):
+            inner = stored[len(before) : len(stored) - len(after)]
+            if inner and subject_matches(inner, address):
+                return inner
+        return address
 
     def _jsm(self) -> Any:
         """The JetStream API, its requests bounded by ``--publish-timeout``."""
