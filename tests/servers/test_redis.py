@@ -366,6 +366,72 @@ async def test_a_deleted_stream_and_group_are_created_again(
     assert "creating it again" in caplog.text
 
 
+async def destroy_group(stream: str, group: str) -> None:
+    c = await client()
+    try:
+        await c.execute_command("XGROUP", "DESTROY", stream, group)
+    finally:
+        await c.aclose()
+
+
+async def fetch_payload(t: RedisTransport, payload: bytes, timeout: float) -> Message:
+    """Fetch (and drop whatever else comes) until the message with ``payload`` arrives."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for batch in await t.fetch():
+                for m in batch.messages:
+                    if m.payload == payload:
+                        return m
+
+
+@pytest.mark.parametrize("gone_first", [False, True])
+async def test_retries_of_other_streams_survive_a_retry_claim_that_meets_a_lost_group(
+    gone_first: bool,
+) -> None:
+    """Two streams' retries fall due together and one's group was destroyed meanwhile.
+    The other's entry, claimed before the failure, was dropped (claimed again after
+    --claim-idle, its attempt one too high), or, due after it, its retry was forgotten
+    (back only after --claim-idle); it now comes back at once with its next attempt."""
+    gone, kept, group = fresh("gone"), fresh("kept"), fresh("g")
+    t = RedisTransport([gone, kept], RedisOptions(url=URL, group=group, block=0.1))
+    await t.connect()
+    try:
+        await t.publish(gone, [], b"a", {})
+        await t.publish(kept, [], b"b", {})
+        got = {m.payload: m for m in await fetch_all(t, 2)}
+        order = [(gone, got[b"a"]), (kept, got[b"b"])]
+        for stream, m in order if gone_first else order[::-1]:
+            await t.settle(Batch(stream, [m]), Settlement(retry=[Retry(m, "later", 0.1)]))
+        await asyncio.sleep(0.2)
+        await destroy_group(gone, group)
+        again = await fetch_payload(t, b"b", 5)
+        assert (again.id, again.attempt) == (got[b"b"].id, 2)
+    finally:
+        await t.close()
+
+
+async def test_entries_a_sweep_claimed_survive_another_streams_lost_group() -> None:
+    """The sweep claimed a silent consumer's entry of one stream, then met a destroyed
+    group on the next: the claimed entry was dropped and claimed again later, its attempt
+    one too high (3, after one delivery to a consumer that died)."""
+    gone, kept, group = fresh("gone"), fresh("kept"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)
+    crashed = RedisTransport([kept], options)
+    await crashed.connect()
+    await crashed.publish(kept, [], b"left", {})
+    (first,) = await fetch_all(crashed, 1)
+    await crashed.close()  # never settled: pending on that consumer
+    await asyncio.sleep(0.35)
+    other = RedisTransport([kept, gone], options)
+    await other.connect()
+    try:
+        await destroy_group(gone, group)
+        again = await fetch_payload(other, b"left", 5)
+        assert (again.id, again.attempt) == (first.id, 2)
+    finally:
+        await other.close()
+
+
 async def test_dead_letters_carry_reason_attempt_and_stream_and_are_acked() -> None:
     stream, group = fresh("dead"), fresh("g")
 

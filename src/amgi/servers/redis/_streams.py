@@ -51,6 +51,9 @@ class Streams:
         """Per stream, batches handed to the runtime and not settled yet."""
         self._released = asyncio.Event()
         self._retries: DueList[tuple[str, bytes, int]] = DueList()
+        self._claimed: list[Reply] = []
+        """Entries taken (their delivery counted) and not handed out yet: a later step of
+        the same read that fails (a lost group, a lost connection) leaves them for the next."""
         self._cursors = dict.fromkeys(self.streams, b"0-0")
         self._next_sweep = 0.0
         self._next_touch = 0.0
@@ -119,18 +122,18 @@ class Streams:
     async def _read_once(self) -> list[Reply]:
         now = asyncio.get_running_loop().time()
         options = self.options
-        replies: list[Reply] = []
         if now >= self._next_touch:
             await self._touch_waiting()
             self._next_touch = now + options.claim_idle / 3
         if self._history:
-            replies += await self._own_pending()
+            await self._own_pending()
         due = self._retries.pop_due(now)
         if due:
-            replies += await self._reclaim(due)
+            await self._reclaim(due)
         if now >= self._next_sweep:
-            replies += await self._sweep(now)
-        if replies:
+            await self._sweep(now)
+        if self._claimed:
+            replies, self._claimed = self._claimed, []
             return replies
         wake = min(self._next_sweep, self._next_touch)
         next_retry = self._retries.next_due()
@@ -178,13 +181,12 @@ class Streams:
             self._held[stream] -= 1
         self._released.set()
 
-    async def _own_pending(self) -> list[Reply]:
+    async def _own_pending(self) -> None:
         """Entries pending on this consumer's name from before it started, batch by batch."""
         history = self._history
         reply = await self.client.execute_command(
             *self._read_args, "STREAMS", *history, *history.values()
         )
-        replies: list[Reply] = []
         done = set(history)
         for raw_stream, entries in reply or ():
             stream = raw_stream.decode()
@@ -195,36 +197,35 @@ class Streams:
             entries = [e for e in entries if e[1] is not None]
             if entries:
                 attempts = await self._attempts(stream, {e[0] for e in entries})
-                replies.append((stream, entries, attempts))
+                self._claimed.append((stream, entries, attempts))
         for stream in done:
             del history[stream]
-        return replies
 
-    async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> list[Reply]:
+    async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> None:
         """Take back entries whose retry delay is over; their delivery counter goes up."""
         by_stream: dict[str, dict[bytes, int]] = {}
         for stream, entry_id, attempt in due:
             by_stream.setdefault(stream, {})[entry_id] = attempt + 1
-        replies: list[Reply] = []
-        for stream, attempts in by_stream.items():
+        while by_stream:
+            stream, attempts = next(iter(by_stream.items()))
             try:
                 entries = await self.client.execute_command(
                     "XCLAIM", stream, self.group, self.consumer, 0, *attempts
                 )
             except Exception:
-                for entry_id, attempt in attempts.items():  # try again a little later
-                    self._retries.add(
-                        asyncio.get_running_loop().time() + 1.0, (stream, entry_id, attempt - 1)
-                    )
+                later = asyncio.get_running_loop().time() + 1.0
+                for s, left in by_stream.items():  # this stream's and the next: a little later
+                    for entry_id, attempt in left.items():
+                        self._retries.add(later, (s, entry_id, attempt - 1))
                 raise
+            del by_stream[stream]
             if entries:
-                replies.append((stream, entries, attempts))
-        return replies
+                self._claimed.append((stream, entries, attempts))
 
-    async def _sweep(self, now: float) -> list[Reply]:
+    async def _sweep(self, now: float) -> None:
         """``XAUTOCLAIM`` entries left pending on silent consumers (a crash, a lost ack)."""
         idle = round(self.options.claim_idle * 1000)
-        replies: list[Reply] = []
+        claimed = False
         again = False
         for stream in self.streams:
             cursor, entries, *_ = await self.client.execute_command(
@@ -236,11 +237,11 @@ class Streams:
             entries = [e for e in entries if e[1] is not None]
             if not entries:
                 continue
-            claimed = {e[0] for e in entries}
-            self._retries.discard(_among(stream, claimed))
-            replies.append((stream, entries, await self._attempts(stream, claimed)))
-        self._next_sweep = now if again and replies else now + self.options.claim_idle / 2
-        return replies
+            ids = {e[0] for e in entries}
+            self._retries.discard(_among(stream, ids))
+            self._claimed.append((stream, entries, await self._attempts(stream, ids)))
+            claimed = True
+        self._next_sweep = now if again and claimed else now + self.options.claim_idle / 2
 
     async def _attempts(self, stream: str, ids: set[bytes]) -> dict[bytes, int]:
         """The delivery counters of ``ids``, from the group's pending list."""
@@ -267,10 +268,13 @@ class Streams:
             await pipe.execute()
 
     async def _touch_waiting(self, held: Mapping[str, list[bytes]] | None = None) -> None:
-        """Touch the entries waiting for their retry, and ``held`` (in flight) with them."""
+        """Touch the entries waiting for their retry or to be handed out, and ``held`` (in
+        flight) with them."""
         entries: dict[str, list[bytes]] = {s: list(ids) for s, ids in (held or {}).items()}
         for stream, entry_id, _ in self._retries.items():
             entries.setdefault(stream, []).append(entry_id)
+        for stream, claimed, _ in self._claimed:
+            entries.setdefault(stream, []).extend(e[0] for e in claimed)
         await self.touch(entries)
 
     async def hold(self, in_flight: Mapping[str, list[bytes]]) -> None:
