@@ -839,15 +839,18 @@ async def test_tls_against_a_server_that_does_not_require_it_sends_no_credential
 
 
 async def pull_requests_in(seconds: float, transport: NatsTransport) -> int:
-    """How many pull requests ``transport`` makes in ``seconds`` of an idle fetch."""
+    """How many pull requests ``transport`` makes in ``seconds`` of an idle fetch (to its
+    own consumers only: other test runs may share the broker)."""
     import nats
 
     watcher = await nats.connect(URL)
     asked = 0
+    durable = transport.config.durable
 
     async def count(msg: Any) -> None:
         nonlocal asked
-        asked += 1
+        if msg.subject.rsplit(".", 1)[-1].startswith(durable):
+            asked += 1
 
     try:
         await watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=count)
