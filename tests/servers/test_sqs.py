@@ -167,6 +167,45 @@ async def test_headers_sqs_cannot_carry_one_by_one_travel_packed(
     assert got == {b"%d" % i: headers for i, headers in enumerate(cases)}
 
 
+def empty_attributes(raw: dict[str, Any]) -> list[str]:
+    """The message attributes of a raw SQS message that have an empty value."""
+    return [
+        name
+        for name, a in (raw.get("MessageAttributes") or {}).items()
+        if not a.get("StringValue", a.get("BinaryValue"))
+    ]
+
+
+async def test_an_empty_header_value_travels_packed(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    """SQS refuses an attribute whose value is empty ("Message (user) attribute 'e' must
+    contain a non-empty value of type 'String'"); moto takes it, so what moto stored is
+    checked. Before, such a header (or an empty nack reason on a dead letter) was sent
+    as an empty attribute: every send of it failed, and the dead letter was never sent."""
+    name = await new_queue()
+    headers = [(b"empty", b""), (b"k", b"v")]
+    await admin.publish(name, headers, b"x", {})
+    await admin.publish(
+        name, [(b"bin", b"")], b"y", {"sqs": {"attribute_types": {"bin": "Binary"}}}
+    )
+    raw = await receive_raw(admin, name, 2)
+    assert [empty_attributes(r) for r in raw] == [[], []]
+    await admin._change_visibility(
+        await admin._queue(name, create=False), [(r["ReceiptHandle"], 0) for r in raw]
+    )
+    transport = await consumer(name)
+    batches = await fetch_n(transport, 2)
+    got = {m.payload: m.headers for b in batches for m in b.messages}
+    assert got == {b"x": headers, b"y": [(b"bin", b"")]}
+    (first,) = [m for b in batches for m in b.messages if m.payload == b"x"]
+    (batch,) = [b for b in batches if first in b.messages]
+    rest = [m for m in batch.messages if m is not first]
+    await transport.settle(batch, Settlement(acked=rest, dead=[DeadLetter(first, "")]))
+    (dead,) = await receive_raw(admin, f"{name}-dlq", 1)
+    assert empty_attributes(dead) == []
+
+
 async def test_send_errors_are_send_errors(admin: SqsTransport, new_queue: NewQueue) -> None:
     name = await new_queue()
     with pytest.raises(SqsSendError, match="not valid SQS text"):

@@ -21,7 +21,7 @@ long batches         ChangeMessageVisibilityBatch every third of the visibility 
                      free slot, or taken by a background long poll
 headers              message attributes: String, Number (value as text) and Binary; all
                      packed in one ``amgi-headers`` attribute when SQS cannot carry them
-                     one by one (a repeated name, more than ten)
+                     one by one (a repeated name, an empty value, more than ten)
 body                 text as is; other payloads base64 with ``amgi-body-encoding``
 send                 SendMessage; bindings ``sqs``: message_group_id,
                      message_deduplication_id, delay_seconds, attribute_types

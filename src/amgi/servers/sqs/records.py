@@ -251,8 +251,9 @@ def headers_to_attributes(
 
     Each header becomes one attribute: String when its value is SQS text, otherwise
     Binary; ``types`` may name another data type per header (e.g. ``{"count": "Number"}``).
-    Headers SQS cannot carry that way (a repeated or invalid name, more than ten) travel
-    together in the :data:`PACKED_HEADERS_ATTRIBUTE` attribute instead, unchanged.
+    Headers SQS cannot carry that way (a repeated or invalid name, an empty value, more
+    than ten) travel together in the :data:`PACKED_HEADERS_ATTRIBUTE` attribute instead,
+    unchanged.
     """
     pairs = list(headers)
     attributes = _native_attributes(pairs, types or {})
@@ -281,6 +282,7 @@ def _native_attributes(
             or name.startswith((".", "AWS.", "Amazon.", "amgi-headers", "amgi-body"))
             or name.endswith(".")
             or ".." in name
+            or not value  # SQS refuses an empty attribute value
         ):
             return None
         data_type = types.get(name)
