@@ -459,3 +459,50 @@ def test_repeated_header_values_share_one_pair_and_new_values_get_their_own() ->
     assert fast[1].headers[0] is fast[2].headers[0]  # the same value again: one tuple
     single = message_from_record("t", 0, 9, None, None, b"", [("ctype", b"json")])
     assert single.headers == [(b"ctype", b"json")]
+
+
+@pytest.mark.parametrize(
+    ("addresses", "overrides", "message"),
+    [
+        (["^orders-("], {}, r"'\^orders-\(' is not a valid topic pattern: missing \)"),
+        (["t"], {"topics": ["^[a-"]}, r"'\^\[a-' is not a valid topic pattern"),
+        (["^orders-.*"], {"retry_topic": "retry:{topic}"}, "--retry-topic .* a-z A-Z 0-9"),
+        (["^orders-.*"], {"dead_letter_topic": "{topic} dlq"}, "--dead-letter-topic .* a-z"),
+        (["t"], {"dead_letter_topic": "{topic}"}, "--dead-letter-topic must name another topic"),
+        (["t"], {"retry_topic": "{topic}"}, "--retry-topic must name another topic"),
+        (
+            ["t"],
+            {"retry_topic": "{topic}.x", "dead_letter_topic": "{topic}.x"},
+            "--dead-letter-topic must differ from --retry-topic",
+        ),
+        (["t"], {"session_timeout_ms": 1000, "heartbeat_interval_ms": 1000}, "lower than"),
+    ],
+)
+async def test_bad_address_or_topic_template_is_refused_before_connecting(
+    addresses: list[str], overrides: dict[str, Any], message: str
+) -> None:
+    """Refused by ``check`` (before the lifespan), not left to fail later: a bad pattern
+    raised the regex module's bare error; a retry or dead-letter template a pattern's
+    topics cannot take dead-lettered each nack at once (its retry copy refused) or kept
+    it for ever; a template equal to ``{topic}`` or to the other paused the topic or
+    its retries for good; a heartbeat not under the session timeout lost the group again
+    and again and consumed nothing."""
+    kafka = KafkaTransport(addresses, KafkaOptions(**options(**overrides)))
+    with pytest.raises(ConfigurationError, match=message):
+        kafka.check()
+    with pytest.raises(ConfigurationError, match=message):
+        await kafka.connect()
+    await kafka.close()
+
+
+@pytest.mark.parametrize("group", ["", " "])
+def test_cli_run_with_a_blank_group_id_is_one_clear_line(group: str) -> None:
+    """The client library aborted the whole process (an assertion in its C code, exit
+    134, no message) on a consumer group id that is empty or blank."""
+    out = amgi_cli(
+        "run", "tests.servers.kafka_app:app", "orders", "--server", "kafka",
+        "--bootstrap-servers", BOOTSTRAP, "--group-id", group,
+    )  # fmt: skip
+    assert out.returncode == 2, out  # a bad option, as argparse reports one
+    assert "--group-id is empty" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -97,6 +97,18 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         """The cluster and the consumer group: each group consumes every record."""
         return f"kafka {self.config.bootstrap_servers} {self.config.group_id}"
 
+    def check(self) -> None:
+        """The options, then the topic patterns (``^regex``) of the addresses and topics."""
+        super().check()
+        for source in [*self.addresses, *self.config.topics]:
+            if source.startswith("^"):
+                try:
+                    re.compile(source)
+                except re.error as exc:
+                    raise ConfigurationError(
+                        f"{source!r} is not a valid topic pattern: {exc}"
+                    ) from None
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def connect(self) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from amgi.servers.kit import invalid
 
 __all__ = ["KafkaOptions"]
+
+_TOPIC_CHARACTERS = re.compile(r"[a-zA-Z0-9._-]*")
+"""What a Kafka topic name may hold."""
 
 
 @dataclass
@@ -114,9 +118,21 @@ class KafkaOptions:
     )
 
     def check_together(self) -> None:
-        """Some broker to reach; retry and dead-letter topic templates with ``{topic}``."""
+        """Some broker to reach, a group id, a heartbeat under the session timeout; retry
+        and dead-letter topic templates with ``{topic}``, two other valid topic names."""
         if not self.bootstrap_servers.strip():
             raise invalid(self, "bootstrap_servers", "is empty")
+        if not self.group_id.strip():  # the client library aborts the process on it
+            raise invalid(self, "group_id", "is empty")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise invalid(self, "heartbeat_interval_ms", "must be lower than --session-timeout-ms")
         for name in ("retry_topic", "dead_letter_topic"):
-            if "{topic}" not in getattr(self, name):
+            template = getattr(self, name)
+            if "{topic}" not in template:
                 raise invalid(self, name, "must contain {topic}")
+            if template == "{topic}":
+                raise invalid(self, name, "must name another topic than {topic} itself")
+            if not _TOPIC_CHARACTERS.fullmatch(template.replace("{topic}", "")):
+                raise invalid(self, name, "may hold only a-z A-Z 0-9 . _ - besides {topic}")
+        if self.dead_letter_topic == self.retry_topic:
+            raise invalid(self, "dead_letter_topic", "must differ from --retry-topic")
