@@ -15,7 +15,7 @@ from amgi.servers.redis import RedisOptions, RedisSendError, RedisTransport
 from amgi.servers.redis._client import execute_packed, open_client, pack
 from amgi.servers.redis._fields import decode, encode
 from amgi.testing.conformance import Received, Recorder
-from amgi.transport import Batch, Message, Retry, Settlement
+from amgi.transport import Batch, DeadLetter, Message, Retry, Settlement
 from tests.apps import attempts_app, send_all, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
@@ -464,6 +464,33 @@ async def test_dead_letters_carry_reason_attempt_and_stream_and_are_acked() -> N
     assert [r.attempt for r in app.received] == [1, 2]
     assert len({r.id for r in app.received}) == 1, "the entry id changed between deliveries"
     assert await pending(stream, group) == 0
+
+
+async def test_a_dead_letter_redis_refuses_leaves_its_entry_pending_not_acked() -> None:
+    """The dead-letter stream's key is not a stream: its XADD fails. In one MULTI the
+    XACK ran all the same (Redis aborts nothing on a command's runtime error), and the
+    entry was acknowledged and lost. It now stays pending (claimed again later); the
+    others of the batch are settled."""
+    stream, group = fresh("deadfail"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    c = await client()
+    await c.set(f"{stream}.dlq", b"not a stream")
+    await t.connect()
+    try:
+        await t.publish(stream, [], b"poison", {})
+        await t.publish(stream, [], b"fine", {})
+        poison, fine = await fetch_all(t, 2)
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await t.settle(
+                Batch(stream, [poison, fine]),
+                Settlement(acked=[fine], dead=[DeadLetter(poison, "bad")]),
+            )
+        rows = await c.execute_command("XPENDING", stream, group, "-", "+", 10)
+        assert [row[0].decode() for row in rows] == [poison.id]
+    finally:
+        await t.close()
+        await c.delete(stream, f"{stream}.dlq")
+        await c.aclose()
 
 
 async def test_pubsub_mode_delivers_retries_in_memory_then_dead_letters() -> None:

@@ -13,7 +13,7 @@ nack (retry)       the entry stays pending; after the retry delay it is ``XCLAIM
                    again (the delivery counter goes up; one the app never had has it
                    set back first, ``XCLAIM ... RETRYCOUNT n JUSTID``)
 nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream added as
-                   fields) and ``XACK``, in one ``MULTI``/``EXEC``
+                   fields), then ``XACK`` of those Redis confirmed
 attempt            the entry's delivery counter
 crash recovery     entries idle longer than ``--claim-idle`` on any consumer are taken
                    over with ``XAUTOCLAIM``; entries this process holds (in flight or

@@ -295,16 +295,27 @@ class Streams:
                     uncounted.setdefault(attempt, []).append(r.message.token)
             if uncounted:
                 await self._set_counters(stream, uncounted)
+        from redis.exceptions import ResponseError
+
         ids = [m.token for m in settlement.acked]
+        refused: ResponseError | None = None
         if dead:
-            ids += [d.message.token for d in settlement.dead]
-            async with self.client.pipeline(transaction=True) as pipe:
+            # Written first, and only those Redis confirmed are acked (in a MULTI, the XACK
+            # ran even when an XADD failed, e.g. on a key that is no stream): an entry whose
+            # dead letter was refused stays pending and is claimed again later.
+            async with self.client.pipeline(transaction=False) as pipe:
                 for target, fields in dead:
                     pipe.execute_command("XADD", target, "*", *fields)
-                pipe.execute_command("XACK", stream, self.group, *ids)
-                await pipe.execute()
-        elif ids:
+                results = await pipe.execute(raise_on_error=False)
+            for d, (target, _), result in zip(settlement.dead, dead, results, strict=True):
+                if not isinstance(result, Exception):
+                    ids.append(d.message.token)
+                elif refused is None:
+                    refused = ResponseError(f"dead letter to {target!r} refused: {result}")
+        if ids:
             await execute_packed(self.client, pack((*self._xack[stream], *ids)))
+        if refused is not None:
+            raise refused
 
     async def _set_counters(self, stream: str, counters: Mapping[int, list[bytes]]) -> None:
         """Set the delivery counters of entries handed back uncounted to what they were
