@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from amgi.errors import BrokerUnavailable
+from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.redis import RedisOptions, RedisSendError, RedisTransport
 from amgi.servers.redis._client import execute_packed, open_client, pack
@@ -707,6 +707,24 @@ async def test_a_key_that_is_not_a_stream_is_a_configuration_error() -> None:
     t = RedisTransport([key], RedisOptions(url=URL))
     with pytest.raises(Exception, match="exists and is not a stream"):
         await t.connect()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # redis-py took a database that is no number as 0: the wrong database, silently.
+        ("redis://127.0.0.1:6379/abc", "the database (the URL's path) must be a number"),
+        ("redis://:secret@127.0.0.1:6379/1x", "the database (the URL's path) must be a number"),
+        # urlsplit's ValueError escaped as an unexpected error.
+        ("redis://:secret@[::1/0", "bad url redis://:*****@[::1/0: Invalid IPv6 URL"),
+    ],
+)
+async def test_a_bad_url_is_a_configuration_error(url: str, expected: str) -> None:
+    t = RedisTransport(["s"], RedisOptions(url=url, connect_timeout=2))
+    with pytest.raises(ConfigurationError) as raised:
+        await t.connect()
+    assert expected in str(raised.value)
+    assert "secret" not in str(raised.value)
 
 
 async def test_connect_to_nothing_raises_broker_unavailable() -> None:

@@ -65,9 +65,20 @@ TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 """``rediss://`` query arguments that name files: the CA, the client certificate and key."""
 
 
-def check_tls_files(url: str, shown: str) -> None:
-    """Fail before connecting when a TLS file named in ``url``'s query cannot be read."""
-    query = parse_qs(urlsplit(url).query)
+def check_url(url: str, shown: str) -> None:
+    """Fail before connecting on what redis-py would fail on unclearly or take silently:
+    a URL that does not parse, a database that is no number (redis-py uses 0), a TLS file
+    named in the query that cannot be read."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"redis: bad url {shown}: {exc}") from None
+    db = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and db and not (db.isascii() and db.isdigit()):
+        raise ConfigurationError(
+            f"redis: bad url {shown}: the database (the URL's path) must be a number"
+        )
+    query = parse_qs(parts.query)
     for name in TLS_FILES:
         for value in query.get(name, []):
             if not Path(value).is_file():
@@ -91,7 +102,7 @@ async def open_client(url: str, connect_timeout: float) -> Redis:
     from redis import exceptions as redis_errors
 
     shown = mask_url(url)
-    check_tls_files(url, shown)
+    check_url(url, shown)
     try:
         client = aioredis.Redis.from_url(
             url, protocol=2, socket_connect_timeout=connect_timeout, health_check_interval=0
