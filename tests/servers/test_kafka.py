@@ -316,6 +316,8 @@ async def test_failed_connect_leaves_no_client_running(
         ({"config": ["no.such.setting=1"]}, "invalid Kafka producer option"),
         ({"compression_type": "rar"}, "invalid Kafka producer option"),
         ({"dead_letter_topic": "dead"}, "must contain"),
+        # The client takes at most 1M records per consume: every fetch failed, for ever.
+        ({"max_batch_size": 1_000_001}, "--max-batch-size must be 1 to 1000000"),
     ],
 )
 async def test_bad_option_is_a_configuration_error(overrides: dict[str, Any], message: str) -> None:

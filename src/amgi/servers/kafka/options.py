@@ -32,7 +32,12 @@ class KafkaOptions:
     )
     client_id: str = field(default="amgi", metadata={"help": "client id sent to the broker"})
     max_batch_size: int = field(
-        default=1000, metadata={"ge": 1, "help": "most records taken by one fetch (all partitions)"}
+        default=1000,
+        metadata={
+            "ge": 1,
+            "le": 1_000_000,
+            "help": "most records taken by one fetch (all partitions)",
+        },
     )
     fetch_wait_max_ms: int = field(
         default=100, metadata={"ge": 0, "help": "longest wait of the broker for fetch_min_bytes"}
