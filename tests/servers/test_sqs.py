@@ -206,6 +206,27 @@ async def test_an_empty_header_value_travels_packed(
     assert empty_attributes(dead) == []
 
 
+@pytest.mark.parametrize("name", [b"aws.trace", b"amazon.id", b"Aws.x", b"AMAZON.y"])
+async def test_a_header_named_with_a_reserved_prefix_in_any_case_travels_packed(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any, name: bytes
+) -> None:
+    """SQS refuses attribute names that start with AWS. or Amazon. in any casing; moto
+    takes them, so the names moto stored are checked. Before, only the exact casings
+    were packed: a header aws.trace failed every send on SQS."""
+    queue = await new_queue()
+    headers = [(name, b"1"), (b"k", b"v")]
+    await admin.publish(queue, headers, b"x", {})
+    (raw,) = await receive_raw(admin, queue, 1)
+    stored = [n.lower() for n in raw.get("MessageAttributes") or {}]
+    assert not [n for n in stored if n.startswith(("aws.", "amazon."))]
+    await admin._change_visibility(
+        await admin._queue(queue, create=False), [(raw["ReceiptHandle"], 0)]
+    )
+    transport = await consumer(queue)
+    (batch,) = await fetch_n(transport, 1)
+    assert batch.messages[0].headers == headers
+
+
 async def test_send_errors_are_send_errors(admin: SqsTransport, new_queue: NewQueue) -> None:
     name = await new_queue()
     with pytest.raises(SqsSendError, match="not valid SQS text"):

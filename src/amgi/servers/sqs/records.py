@@ -279,7 +279,8 @@ def _native_attributes(
         if (
             name in attributes
             or not _ATTRIBUTE_NAME.fullmatch(name)
-            or name.startswith((".", "AWS.", "Amazon.", "amgi-headers", "amgi-body"))
+            or name.startswith((".", "amgi-headers", "amgi-body"))
+            or name.lower().startswith(("aws.", "amazon."))  # reserved in any casing
             or name.endswith(".")
             or ".." in name
             or not value  # SQS refuses an empty attribute value
