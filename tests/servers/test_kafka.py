@@ -508,3 +508,61 @@ def test_cli_run_with_a_blank_group_id_is_one_clear_line(group: str) -> None:
     assert out.returncode == 2, out  # a bad option, as argparse reports one
     assert "--group-id is empty" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+async def test_cooperative_rebalancing_consumes_and_hands_partitions_over() -> None:
+    """With librdkafka's cooperative assignor partitions come and go incrementally: the
+    assign callback's full ``assign()`` was refused ('must be made using
+    incremental_assign()'), which killed the consumer thread: nothing was consumed and
+    the stop waited 30 s for a transport that never closed."""
+    topic = create_topic(fresh("coop"), partitions=2)
+    produce(topic, [(b"k%d" % i, b"a%d" % i, []) for i in range(20)])
+    group = options(config=["partition.assignment.strategy=cooperative-sticky"])
+    seen: dict[str, list[bytes]] = {"first": [], "second": []}
+
+    def app_of(name: str) -> App:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            more = True
+            while more:
+                event = await receive()
+                more = event.get("more_messages", False)
+                seen[name].append(event["payload"])
+                await send({"type": "message.ack", "id": event["id"]})
+
+        return app
+
+    def everything() -> set[bytes]:
+        return set(seen["first"]) | set(seen["second"])
+
+    first = KafkaTransport([topic], KafkaOptions(**group))
+    runtimes = [Runtime(app_of("first"), first, RuntimeConfig(lifespan="off"))]
+    servers = [asyncio.create_task(runtimes[0].serve())]
+    try:
+        deadline = time.monotonic() + 20
+        while len(everything()) < 20:
+            assert not servers[0].done(), servers[0].result()
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.02)
+        second = KafkaTransport([topic], KafkaOptions(**group))
+        runtimes.append(Runtime(app_of("second"), second, RuntimeConfig(lifespan="off")))
+        servers.append(asyncio.create_task(runtimes[1].serve()))
+        # The second member gets partitions the first gives up, without a full revoke.
+        while not any(key[0] == topic for key in second._partitions):
+            assert not any(s.done() for s in servers), [s.result() for s in servers if s.done()]
+            assert time.monotonic() < deadline, "the second member got no partition"
+            await asyncio.sleep(0.02)
+        produce(topic, [(b"k%d" % i, b"b%d" % i, []) for i in range(20)])
+        while len(everything()) < 40:
+            assert not any(s.done() for s in servers), [s.result() for s in servers if s.done()]
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.02)
+    finally:
+        for runtime in runtimes:
+            runtime.request_stop()
+        stopped = time.monotonic()
+        assert await asyncio.wait_for(asyncio.gather(*servers), 30) == [0] * len(servers)
+    assert time.monotonic() - stopped < 10
+    assert seen["second"], "the second member consumed nothing"
+    assert everything() == {b"%s%d" % (w, i) for w in (b"a", b"b") for i in range(20)}
+    # 40 records in all: committed to the end of both partitions (nothing past it).
+    assert sum(committed(group["group_id"], topic).values()) == 40

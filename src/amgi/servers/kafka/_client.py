@@ -98,6 +98,9 @@ class KafkaClient:
         self._retry_topics: dict[str, str] = {}
         self._retry_re: re.Pattern[str] | None = None
         self._dead_re: re.Pattern[str] | None = None
+        self._cooperative = False
+        """A cooperative assignor (``--config partition.assignment.strategy``, which
+        cannot mix it with eager ones) hands partitions out and back incrementally."""
 
     def _common_config(self) -> dict[str, Any]:
         o = self.config
@@ -126,6 +129,7 @@ class KafkaClient:
             if not sep or not name.strip():
                 raise invalid(o, "config", "expects NAME=VALUE items")  # values are secret
             conf[name.strip()] = value
+        self._cooperative = "cooperative" in conf.get("partition.assignment.strategy", "")
         return conf
 
     def _consumer_config(self) -> dict[str, Any]:

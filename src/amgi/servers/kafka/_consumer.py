@@ -35,8 +35,13 @@ class Consuming(KafkaClient):
         # A retry partition paused under an earlier assignment must not stay paused.
         live = [tp for tp in partitions if not self._is_dead_letter_topic(tp.topic)]
         dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
-        # Now, so that pause and resume apply to them; with explicit start offsets.
-        consumer.assign(self._start_offsets(consumer, partitions))
+        # Now, so that pause and resume apply to them; with explicit start offsets. A
+        # cooperative assignor hands out only the partitions added to the assignment.
+        starts = self._start_offsets(consumer, partitions)
+        if self._cooperative:
+            consumer.incremental_assign(starts)
+        else:
+            consumer.assign(starts)
         if live:
             consumer.resume(live)
         if dead:
