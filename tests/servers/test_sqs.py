@@ -559,9 +559,13 @@ async def test_unknown_profile_is_one_clear_error(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("wait_time", 21), ("max_messages", 11), ("receivers", 0)]
+    ("field", "value"),
+    [("wait_time", 21), ("max_messages", 11), ("receivers", 0), ("visibility_timeout", 0)],
 )
 async def test_bad_options_are_rejected(field: str, value: int) -> None:
+    """A visibility timeout of 0 hid nothing: every long poll took the messages in the
+    app's hands again, so a message the app held for 3 s was delivered 9 times in 6 s,
+    its attempt (SQS's receive count) rising past max_attempts."""
     transport = SqsTransport(["orders"], options(**{field: value}))
     with pytest.raises(ConfigurationError, match=field):
         await transport.connect()

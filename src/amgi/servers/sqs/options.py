@@ -42,7 +42,7 @@ class SqsOptions:
     visibility_timeout: int = field(
         default=30,
         metadata={
-            "ge": 0,
+            "ge": 1,  # 0 hides nothing: every poll would take the messages in flight
             "le": 43200,
             "help": "seconds a received message stays hidden; extended while in flight",
         },
