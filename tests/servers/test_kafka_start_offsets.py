@@ -185,3 +185,53 @@ def test_start_offsets_leave_the_lookup_to_librdkafka_when_committed_fails(answe
     kafka = KafkaTransport(["t"], KafkaOptions(**options()))
     asked = [TP("t", 0), TP("t", 1)]
     assert kafka._start_offsets(_Consumer(answer), asked) is asked
+
+
+async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest() -> None:
+    """A retry topic holds only records the group owes: a partition of it without a
+    committed offset starts at its log start whatever ``--auto-offset-reset`` says. With
+    ``latest`` it started at its end, so a retry copy made before a restart (the
+    original already committed, the copy not yet due, nothing of the retry topic
+    committed) was skipped: the message was lost."""
+    topic = create_topic(fresh("late"), partitions=1)
+    group = options(auto_offset_reset="latest")
+    attempts: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        event = await receive()
+        attempts.append(event["bindings"]["amgi"]["attempt"])
+        kind = "message.nack" if len(attempts) == 1 else "message.ack"
+        await send({"type": kind, "id": event["id"], "message": "later"})
+
+    def runtime() -> Runtime:
+        kafka = KafkaTransport([topic], KafkaOptions(**group))
+        config = RuntimeConfig(lifespan="off", crash_ledger="", retry_delay=1.5)
+        return Runtime(app, kafka, config)
+
+    first = runtime()
+    server = asyncio.create_task(first.serve())
+    deadline = time.monotonic() + 20
+    while not first.transport._partitions:  # assigned: a record now is seen
+        assert not server.done(), server.result()
+        assert time.monotonic() < deadline, "never assigned"
+        await asyncio.sleep(0.02)
+    produce(topic, [(b"k", b"once", [])])
+    while not attempts:
+        assert time.monotonic() < deadline, "never delivered"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the copy is on the broker, the original committed
+    first.request_stop()
+    assert await asyncio.wait_for(server, 30) == 0
+    assert attempts == [1]  # stopped before the retry was due
+
+    second = runtime()
+    server = asyncio.create_task(second.serve())
+    try:
+        while len(attempts) < 2:
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, f"the retry never came back: {attempts}"
+            await asyncio.sleep(0.02)
+    finally:
+        second.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
+    assert attempts == [1, 2]

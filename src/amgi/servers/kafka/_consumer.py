@@ -69,8 +69,13 @@ class Consuming(KafkaClient):
             return partitions
         if any(tp.error is not None for tp in committed):
             return partitions
-        reset = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
-        missing = [TP(tp.topic, tp.partition, reset) for tp in committed if tp.offset < 0]
+        given = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+
+        def reset(topic: str) -> int:
+            # A retry topic holds only what the group owes: all of it, whatever the option.
+            return OFFSET_BEGINNING if self._is_retry_topic(topic) else given
+
+        missing = [TP(tp.topic, tp.partition, reset(tp.topic)) for tp in committed if tp.offset < 0]
         found: dict[TopicPartition, int] = {}
         if missing:
             # A ListOffsets "timestamp" of -2 asks for the log start, -1 for its end.
@@ -86,7 +91,7 @@ class Consuming(KafkaClient):
             }
         for tp in committed:
             if tp.offset < 0:
-                tp.offset = found.get((tp.topic, tp.partition), reset)
+                tp.offset = found.get((tp.topic, tp.partition), reset(tp.topic))
         return list(committed)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
