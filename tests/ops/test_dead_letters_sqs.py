@@ -237,3 +237,47 @@ async def test_a_replay_beside_a_consumer_that_fails_them_again_ends() -> None:
     moved = await replay_beside_a_failing_consumer(SqsTransport([], options()), consumer, queue, n)
     assert moved == n + 1
     assert await depths(queue + "-dlq") == (n + 1, 0)  # each failed again: for the next
+
+
+async def test_a_dead_letter_of_another_producer_whose_amgi_headers_do_not_decode() -> None:
+    """The queue's own redrive policy moves another producer's message as it arrived;
+    the server delivers one whose ``amgi-headers`` is not packed headers as it arrived,
+    and so do list and replay. Before, such a dead letter failed both ("unexpected
+    ValueError"): nothing was listed or replayed, and what they took stayed hidden."""
+    queue = f"t-{uuid.uuid4().hex[:12]}"
+    foreign = {"amgi-headers": {"DataType": "Binary", "BinaryValue": b"not packed"}}
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        await admin.client.create_queue(QueueName=queue)
+        dlq = (await admin.client.create_queue(QueueName=queue + "-dlq"))["QueueUrl"]
+        await admin.client.send_message(
+            QueueUrl=dlq, MessageBody="foreign", MessageAttributes=foreign
+        )
+        await admin.client.send_message(QueueUrl=dlq, MessageBody="plain")
+    finally:
+        await admin.close()
+    listed = await asyncio.to_thread(run, "dead-letters", "list", queue)
+    assert listed.returncode == 0, listed.stderr
+    assert f"2 dead letter(s) of {queue!r} shown" in listed.stdout
+    assert "amgi-headers=" in listed.stdout
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
+    assert replay.returncode == 0, replay.stderr
+    assert f"replayed 2 dead letter(s) to {queue!r}" in replay.stdout
+    assert await depths(queue + "-dlq") == (0, 0)
+    reader = SqsTransport([], options())
+    await reader.connect()
+    try:
+        url = (await reader.client.get_queue_url(QueueName=queue))["QueueUrl"]
+        got = (
+            await reader.client.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=1,
+                MessageAttributeNames=["All"],
+            )
+        ).get("Messages", [])
+    finally:
+        await reader.close()
+    back = {m["Body"]: m.get("MessageAttributes") for m in got}
+    assert back == {"foreign": foreign, "plain": None}, "sent back as it arrived"

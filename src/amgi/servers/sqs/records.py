@@ -373,8 +373,9 @@ def stored_dead_letter(raw: Mapping[str, Any], address: str) -> StoredDeadLetter
     """What ``amgi dead-letters list`` shows of a message received from the dead-letter
     queue of ``address``: the app's headers, the reason, the last attempt (0: unknown,
     when SQS's own redrive policy moved it) and when it was sent there."""
+    # Another producer's amgi-headers that is not packed headers: shown as it arrived.
     headers, encoding, _ = headers_from_attributes(
-        _api_attributes(raw.get("MessageAttributes") or {})
+        _api_attributes(raw.get("MessageAttributes") or {}), problems=[]
     )
     counted = any(name == ATTEMPT_HEADER for name, _ in headers)
     attempt, headers = attempt_from_headers(headers)
@@ -399,10 +400,21 @@ def stored_dead_letter(raw: Mapping[str, Any], address: str) -> StoredDeadLetter
 def replay_attributes(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The ``MessageAttributes`` that send a dead letter back as a first attempt: its
     headers with their data types and its body encoding, less AMGI's attempt, reason and
-    original address (wherever they travel, one by one or packed)."""
-    headers, encoding, types = headers_from_attributes(
-        _api_attributes(raw.get("MessageAttributes") or {})
-    )
+    original address (wherever they travel, one by one or packed).
+
+    Attributes that do not decode (another producer's ``amgi-headers`` that is not packed
+    headers, moved by the queue's own redrive policy) are sent back as they arrived.
+    """
+    attributes = _api_attributes(raw.get("MessageAttributes") or {})
+    try:
+        headers, encoding, types = headers_from_attributes(attributes)
+    except ValueError:
+        return {
+            name: {"DataType": data_type, "BinaryValue": value}
+            if data_type.startswith("Binary")
+            else {"DataType": data_type, "StringValue": value.decode("utf-8")}
+            for name, data_type, value in attributes
+        }
     _, headers = attempt_from_headers(headers)
     headers, _, _ = split_dead_letter_headers(headers)
     return headers_to_attributes(headers, types, encoding)
