@@ -148,3 +148,62 @@ async def test_a_topic_whose_retry_topic_name_is_invalid_is_refused_at_connect()
             await kafka.connect()
     finally:
         await kafka.close()
+
+
+async def test_two_groups_on_one_topic_get_only_their_own_retries() -> None:
+    """Every consumer group of a topic shares its retry topic (``{topic}.retry``): a
+    copy one group made of a record it nacked went to the other group too, which had
+    acked that record and got it again as attempt 2 (its failures counted against the
+    first group's attempts). A group passes over the other groups' copies and commits
+    past them."""
+    topic = create_topic(fresh("groups"), partitions=1)
+    seen: dict[str, list[int]] = {"billing": [], "shipping": []}
+
+    def app_of(name: str) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            more = True
+            while more:
+                event = await receive()
+                more = event.get("more_messages", False)
+                attempt = event["bindings"]["amgi"]["attempt"]
+                seen[name].append(attempt)
+                if name == "billing" and attempt == 1:
+                    await send({"type": "message.nack", "id": event["id"], "message": "later"})
+                else:
+                    await send({"type": "message.ack", "id": event["id"]})
+
+        return app
+
+    groups = {name: options() for name in seen}
+    runtimes = [
+        Runtime(
+            app_of(name),
+            KafkaTransport([topic], KafkaOptions(**groups[name])),
+            RuntimeConfig(lifespan="off", crash_ledger="", retry_delay=0.1),
+        )
+        for name in seen
+    ]
+    servers = [asyncio.create_task(r.serve()) for r in runtimes]
+    try:
+        deadline = time.monotonic() + 20
+        while not all(r.transport._partitions for r in runtimes):  # both assigned
+            assert not any(s.done() for s in servers), [s.result() for s in servers if s.done()]
+            assert time.monotonic() < deadline, "never assigned"
+            await asyncio.sleep(0.02)
+        produce(topic, [(b"k", b"once", [])])
+        retry = f"{topic}.retry"
+        while seen["billing"] != [1, 2] or committed(groups["shipping"]["group_id"], retry) != {
+            0: 1
+        }:
+            assert len(seen["shipping"]) < 2, seen
+            assert time.monotonic() < deadline, (
+                seen,
+                committed(groups["shipping"]["group_id"], retry),
+            )
+            await asyncio.sleep(0.05)
+    finally:
+        for r in runtimes:
+            r.request_stop()
+        assert await asyncio.wait_for(asyncio.gather(*servers), 30) == [0, 0]
+    assert seen == {"billing": [1, 2], "shipping": [1]}
+    assert [r.value() for r in read_all(retry, 1)] == [b"once"]

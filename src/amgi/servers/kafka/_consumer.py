@@ -280,14 +280,21 @@ class Consuming(KafkaClient):
                     self._rewind[key] = committed if committed >= 0 else records[0].offset()
             return None
         address = topic
+        first = records[0].offset()
+        next_offset = records[-1].offset() + 1
         if self._is_retry_topic(topic):
-            records, address = self._due_records(consumer, key, state, records)
+            records, address, next_offset = self._due_records(consumer, key, state, records)
             if not records:
+                if next_offset > first:  # only other groups' copies: passed over, settled
+                    with self._lock:
+                        state.settled.add(next_offset)
+                        commit = state.settled.settle([next_offset])
+                        if commit is not None and self._partitions.get(key) is state:
+                            state.commit_to = commit
                 return None
         elif self._is_dead_letter_topic(topic):
             return None
         messages = messages_from_records(topic, partition, records)
-        next_offset = records[-1].offset() + 1
         with self._lock:
             if self._partitions.get(key) is not state:
                 return None
@@ -298,29 +305,36 @@ class Consuming(KafkaClient):
 
     def _due_records(
         self, consumer: Any, key: TopicPartition, state: _Partition, records: list[Any]
-    ) -> tuple[list[Any], str]:
-        """Keep a retry partition's records that are due; pause it at the first that is not."""
+    ) -> tuple[list[Any], str, int]:
+        """Keep a retry partition's records that are due and this group's (another group's
+        copies are passed over); pause it at the first that is not due. Returns them,
+        their address and the offset the partition goes on from."""
         from confluent_kafka import TopicPartition as TP
 
         from amgi.servers.kafka.records import split_internal_headers
 
         now_ms = time.time() * 1000
-        address = key[0]
-        for i, record in enumerate(records):
+        group = self.config.group_id.encode()
+        address: str | None = None
+        kept: list[Any] = []
+        for record in records:
             info = split_internal_headers(record.headers())
-            if i == 0:
+            if info.group is not None and info.group != group:
+                continue
+            if address is None:
                 address = info.original_address or self._retry_topics.get(key[0], key[0])
             elif (info.original_address or address) != address:
                 # One address per batch: the rest comes again with the next fetch.
                 consumer.seek(TP(key[0], key[1], record.offset()))
-                return records[:i], address
+                return kept, address, record.offset()
             if info.due_ms is not None and info.due_ms > now_ms:
                 consumer.seek(TP(key[0], key[1], record.offset()))
                 consumer.pause([TP(key[0], key[1])])
                 with self._lock:
                     state.resume_at = time.monotonic() + (info.due_ms - now_ms) / 1000
-                return records[:i], address
-        return records, address
+                return kept, address, record.offset()
+            kept.append(record)
+        return kept, address or key[0], records[-1].offset() + 1
 
     def _send_commits(self, consumer: Any, *, final: bool = False) -> None:
         """Commit every partition whose settled offset moved, in one request (consumer thread).

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from amgi.servers.kafka._client import KafkaClient, KafkaSendError
-from amgi.servers.kafka.records import RETRY_DUE_HEADER, record_headers
+from amgi.servers.kafka.records import RETRY_DUE_HEADER, RETRY_GROUP_HEADER, record_headers
 from amgi.servers.kit import (
     ORIGINAL_ADDRESS_HEADER,
     dead_letter_headers,
@@ -79,6 +79,7 @@ class Producing(KafkaClient):
     async def _republish(self, address: str, settlement: Settlement, give_up: Any) -> list[Message]:
         """Copy retries and dead letters (kit rule); the messages that could not be moved."""
         original = address.encode()
+        group = self.config.group_id.encode()
 
         async def retry(r: Retry) -> None:
             m = r.message
@@ -86,7 +87,11 @@ class Producing(KafkaClient):
             headers = retry_headers(
                 m.headers,
                 attempt=m.attempt + (not r.uncounted),
-                extra=[(ORIGINAL_ADDRESS_HEADER, original), (RETRY_DUE_HEADER, due)],
+                extra=[
+                    (ORIGINAL_ADDRESS_HEADER, original),
+                    (RETRY_DUE_HEADER, due),
+                    (RETRY_GROUP_HEADER, group),
+                ],
             )
             key = m.bindings.get("kafka", {}).get("key")
             await self._produce(self._retry_name(address), headers, m.payload, key, None)

@@ -34,6 +34,7 @@ from amgi.transport import HeaderList, Message
 
 __all__ = [
     "RETRY_DUE_HEADER",
+    "RETRY_GROUP_HEADER",
     "ClientRecord",
     "InternalHeaders",
     "message_from_record",
@@ -45,21 +46,31 @@ __all__ = [
 RETRY_DUE_HEADER = b"amgi-retry-due"
 """On a record of a retry topic: when (ms since the epoch) it may be delivered again."""
 
+RETRY_GROUP_HEADER = b"amgi-retry-group"
+"""On a record of a retry topic: the consumer group that made it. Every group of a topic
+shares its retry topic; each group takes only its own copies."""
+
 RawHeaders = Iterable[tuple[str | bytes, bytes | None]] | None
 
 
 class InternalHeaders:
     """AMGI's own headers found on a record, split off what the application sees."""
 
-    __slots__ = ("attempt", "due_ms", "headers", "original_address")
+    __slots__ = ("attempt", "due_ms", "group", "headers", "original_address")
 
     def __init__(
-        self, headers: HeaderList, attempt: int, original_address: str | None, due_ms: int | None
+        self,
+        headers: HeaderList,
+        attempt: int,
+        original_address: str | None,
+        due_ms: int | None,
+        group: bytes | None = None,
     ) -> None:
         self.headers = headers
         self.attempt = attempt
         self.original_address = original_address
         self.due_ms = due_ms
+        self.group = group
 
 
 def _as_bytes(value: str | bytes | None) -> bytes:
@@ -76,6 +87,7 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
     attempt = 1
     original: str | None = None
     due: int | None = None
+    group: bytes | None = None
     if raw:
         for name, value in raw:
             n = _as_bytes(name)
@@ -92,15 +104,23 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
                     due = int(v)
                 except ValueError:
                     due = None
+            elif n == RETRY_GROUP_HEADER:
+                group = v
             elif n == PACKED_HEADER_BYTES and (unpacked := unpack_header(v)) is not None:
                 headers.append(unpacked)
             else:
                 headers.append((n, v))
-    return InternalHeaders(headers, attempt, original, due)
+    return InternalHeaders(headers, attempt, original, due, group)
 
 
 _INTERNAL = frozenset(
-    {ATTEMPT_HEADER, ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER, PACKED_HEADER_BYTES}
+    {
+        ATTEMPT_HEADER,
+        ORIGINAL_ADDRESS_HEADER,
+        RETRY_DUE_HEADER,
+        RETRY_GROUP_HEADER,
+        PACKED_HEADER_BYTES,
+    }
 )
 _PAIRS: dict[str | bytes, tuple[bytes, bytes]] = {}
 """Per header name seen before (AMGI's own names never): the last ``(name, value)`` pair
