@@ -210,6 +210,41 @@ async def test_a_stop_runs_the_batches_read_and_still_waiting_for_a_slot() -> No
         assert await pending(stream, group) == 0
 
 
+@pytest.mark.parametrize("stop", [False, True])
+async def test_a_batch_waiting_for_a_slot_is_kept_from_other_consumers(stop: bool) -> None:
+    """One read brings a batch of each of two streams; one slot runs the first (slowly)
+    while the second waits, also when the stop comes meanwhile. The waiting batch's
+    entries went untouched, and after --claim-idle another consumer claimed them (attempt
+    2, a duplicate; dead-lettered there with --max-attempts 1) though this one was about
+    to process them."""
+    slow, waiting, group = fresh("slow"), fresh("waiting"), fresh("g")
+    await send_all(RedisTransport([], RedisOptions(url=URL)), [(slow, b"s"), (waiting, b"w")])
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.6)
+    transport = RedisTransport([slow, waiting], options)
+    runtime = Runtime(
+        attempts_app(seen, called=called, linger=1.5),
+        transport,
+        RuntimeConfig(lifespan="off", concurrency=1),
+    )
+    serving = asyncio.create_task(runtime.serve())
+    c = await client()
+    try:
+        await asyncio.wait_for(called.wait(), 10)
+        assert seen == [(b"s", 1)], "the slow stream's batch runs first, the other waits"
+        if stop:
+            runtime.request_stop()
+        await asyncio.sleep(1.0)  # the first call lingers on, past --claim-idle
+        _, stolen, *_ = await c.execute_command("XAUTOCLAIM", waiting, group, "thief", 600, "0-0")
+        assert stolen == [], "another consumer took entries this one holds"
+    finally:
+        await c.aclose()
+        runtime.request_stop()
+        assert await asyncio.wait_for(serving, 20) == 0
+    assert sorted(seen) == [(b"s", 1), (b"w", 1)]
+
+
 async def serving_commands(
     transport: RedisTransport, app: Any
 ) -> tuple[Runtime, asyncio.Task[int], Callable[..., Awaitable[Any]]]:

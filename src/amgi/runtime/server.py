@@ -120,6 +120,9 @@ class Runtime:
         self._capacity = asyncio.Event()
         self._unstarted: list[Batch] = []
         """Batches a fetch returned that were waiting for a slot when the stop came."""
+        self._waiting: list[Batch] = []
+        """Batches the last fetch returned that wait for a slot (the lease loop extends
+        them too: the broker delivered them to this process)."""
         self._fatal: BaseException | None = None
         self._exit_code = 0
 
@@ -373,6 +376,7 @@ class Runtime:
             return
         limit = self.config.concurrency
         unstarted, self._unstarted = self._unstarted, []
+        self._waiting = unstarted  # leased while they wait, as in the fetch loop
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 try:
@@ -380,20 +384,22 @@ class Runtime:
                 except Exception as exc:
                     logger.warning("taking the delivered messages at the stop failed: %s", exc)
                     handed = []
-                batches = unstarted + handed
+                batches = self._waiting = unstarted + handed
                 if not batches:
                     return
                 count = sum(len(b.messages) for b in batches)
                 logger.info("processing %d message(s) the broker delivered before the stop", count)
-                for batch in batches:
+                while batches:
                     if len(self._tasks) >= limit:
                         await self._free_slot(limit)
-                    self._start(batch)
+                    self._start(batches.pop(0))
         except TimeoutError:
             logger.warning(
                 "the shutdown timeout ended before every delivered message was processed: "
                 "the rest goes back to the broker"
             )
+        finally:
+            self._waiting = []
 
     async def _drain(self, deadline: float) -> None:
         """Let in-flight batches finish until ``deadline`` (the shutdown timeout), then
@@ -469,7 +475,7 @@ class Runtime:
                 self.metrics.broker_reachable(True)
                 failing = False
                 backoff.reset()
-            waiting = [b for b in batches if b.messages]
+            waiting = self._waiting = [b for b in batches if b.messages]
             # One fetch may return more batches than there are free slots (a batch per
             # topic, per partition ...): start each only when a slot is free. Batches not
             # started when the stop comes are kept for it (_run_handed_over).
@@ -482,6 +488,7 @@ class Runtime:
                     self._start(waiting.pop(0))
             finally:
                 self._unstarted += waiting
+                self._waiting = []
 
     async def _free_slot(self, limit: int) -> None:
         """Wait until fewer than ``limit`` batches are in flight."""
@@ -686,7 +693,7 @@ class Runtime:
         assert interval
         while True:
             await asyncio.sleep(interval)
-            batches = list(self._tasks.values())
+            batches = [*self._tasks.values(), *self._waiting]
             if not batches:
                 continue
             try:
