@@ -205,7 +205,7 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest() -> 
 
     def runtime() -> Runtime:
         kafka = KafkaTransport([topic], KafkaOptions(**group))
-        config = RuntimeConfig(lifespan="off", crash_ledger="", retry_delay=1.5)
+        config = RuntimeConfig(lifespan="off", crash_ledger="", retry_delay=2.0)
         return Runtime(app, kafka, config)
 
     first = runtime()
