@@ -330,6 +330,37 @@ async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_coun
         await other.close()
 
 
+async def test_a_named_consumer_restarted_late_gets_each_pending_entry_once() -> None:
+    """Restarted after --claim-idle, a named consumer reads its earlier pending entries
+    batch by batch while the sweep claims idle ones (to itself): the history read then
+    handed out again what the sweep had handed out already (a duplicate, attempt 3)."""
+    stream, group = fresh("late"), fresh("g")
+    first = RedisTransport(
+        [stream], RedisOptions(url=URL, group=group, consumer="n1", block=0.1, batch_size=10)
+    )
+    await first.connect()
+    for i in range(6):
+        await first.publish(stream, [], b"%d" % i, {})
+    taken = await fetch_all(first, 6)
+    await first.close()  # never settled: pending on n1
+    await asyncio.sleep(0.4)
+    again = RedisTransport(
+        [stream],
+        RedisOptions(url=URL, group=group, consumer="n1", block=0.1, batch_size=2, claim_idle=0.3),
+    )
+    await again.connect()
+    got: list[tuple[str, int]] = []
+    try:
+        # Nothing settled yet: the batches are in the application's hands meanwhile.
+        async with asyncio.timeout(10):
+            while len({i for i, _ in got}) < 6:
+                for batch in await again.fetch():
+                    got += [(m.id, m.attempt) for m in batch.messages]
+    finally:
+        await again.close()
+    assert sorted(got) == sorted((m.id, 2) for m in taken)
+
+
 async def test_an_entry_handed_back_uncounted_keeps_its_count_across_a_crash() -> None:
     """The app never had it, so that delivery does not count: not when this consumer takes
     it back, and not when another consumer claims it after this one dies."""

@@ -127,6 +127,11 @@ class Streams:
             self._next_touch = now + options.claim_idle / 3
         if self._history:
             await self._own_pending()
+            if self._history:
+                # Nothing else is taken onto this name until its history is read: an
+                # entry claimed by the sweep (or read) meanwhile would be read again.
+                replies, self._claimed = self._claimed, []
+                return replies
         due = self._retries.pop_due(now)
         if due:
             await self._reclaim(due)
