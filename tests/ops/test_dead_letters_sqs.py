@@ -281,3 +281,26 @@ async def test_a_dead_letter_of_another_producer_whose_amgi_headers_do_not_decod
         await reader.close()
     back = {m["Body"]: m.get("MessageAttributes") for m in got}
     assert back == {"foreign": foreign, "plain": None}, "sent back as it arrived"
+
+
+async def test_a_replay_keeps_the_order_of_a_fifo_group() -> None:
+    """SQS orders a FIFO group by when each SendMessage lands: before, a replay sent the
+    dead letters it took (up to 10) all at once, and the group came back in any order."""
+    queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
+    fifo = {"FifoQueue": "true"}
+    sent = [str(i) for i in range(10)]
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        await admin.client.create_queue(QueueName=queue, Attributes=fifo)
+        dlq = queue.removesuffix(".fifo") + "-dlq.fifo"
+        url = (await admin.client.create_queue(QueueName=dlq, Attributes=fifo))["QueueUrl"]
+        for body in sent:
+            await admin.client.send_message(
+                QueueUrl=url, MessageBody=body, MessageGroupId="g", MessageDeduplicationId=body
+            )
+    finally:
+        await admin.close()
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
+    assert replay.returncode == 0, replay.stderr
+    assert await bodies(queue) == sent

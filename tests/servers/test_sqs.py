@@ -428,6 +428,25 @@ async def test_fifo_keeps_group_order_and_stops_a_group_at_its_first_failure(
     assert await counts(admin, name) == (0, 0)
 
 
+async def test_dead_letters_of_a_fifo_group_keep_its_order(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    """SQS orders a FIFO group by when each SendMessage lands: before, the dead letters
+    of one settlement were sent all at once and reached the dead-letter queue in any
+    order (e.g. 0 1 3 2 ...)."""
+    name = await new_queue(fifo=True)
+    sent = [b"%d" % i for i in range(10)]
+    for payload in sent:
+        await admin.publish(name, [], payload, {"sqs": {"message_group_id": "g"}})
+    transport = await consumer(name)
+    for b in await fetch_n(transport, len(sent)):
+        await transport.settle(b, Settlement(dead=[DeadLetter(m, "no") for m in b.messages]))
+    dlq = name.removesuffix(".fifo") + "-dlq.fifo"
+    reader = await consumer(dlq)
+    dead = [m.payload for b in await fetch_n(reader, len(sent)) for m in b.messages]
+    assert dead == sent
+
+
 async def test_extend_keeps_a_long_batch_invisible(
     admin: SqsTransport, new_queue: NewQueue, consumer: Any
 ) -> None:

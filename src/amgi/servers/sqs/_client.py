@@ -395,7 +395,18 @@ class SqsClient:
             token: str = m.token
             return token
 
-        sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
+        sent: list[str | BaseException] = []
+        if target.fifo:
+            # SQS orders a group by when each send lands: one after another, and none
+            # after one that failed (it comes back, and would land behind them).
+            for d in dead:
+                try:
+                    sent.append(await send(d))
+                except Exception as exc:
+                    sent.append(exc)
+                    break
+        else:
+            sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
         handles = [h for h in sent if isinstance(h, str)]
         if handles:
             await self._delete(queue, handles)

@@ -68,7 +68,11 @@ class DeadLetters(SqsClient):
             chunk = await self._take_dead(dlq, min(_MAX_BATCH, ready - moved))
             if not chunk:
                 break
-            await asyncio.gather(*(self._send_back(queue, raw) for raw in chunk))
+            if queue.fifo:  # SQS orders a group by when each send lands
+                for raw in chunk:
+                    await self._send_back(queue, raw)
+            else:
+                await asyncio.gather(*(self._send_back(queue, raw) for raw in chunk))
             await self._delete(dlq, [raw["ReceiptHandle"] for raw in chunk])
             moved += len(chunk)
         if moved < limit:
