@@ -432,6 +432,48 @@ async def test_a_deleted_stream_and_group_are_created_again(
     assert "creating it again" in caplog.text
 
 
+async def test_a_stream_deleted_under_a_blocked_read_is_created_again() -> None:
+    """Redis ends a blocked XREADGROUP on a deleted stream with an UNBLOCKED error: the
+    fetch failed with it (an error line, the broker marked unreachable) instead of
+    creating the stream and its group again like NOGROUP does."""
+    stream, group = fresh("unblocked"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=2))
+    await t.connect()
+    c = await client()
+    try:
+        reading = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(0.2)  # the read is blocked in Redis
+        await c.delete(stream)
+        await c.execute_command("XADD", stream, "*", "payload", b"after")
+        async with asyncio.timeout(5):
+            batches = await reading
+            while not batches:
+                batches = await t.fetch()
+        assert [m.payload for b in batches for m in b.messages] == [b"after"]
+    finally:
+        await t.close()
+        await c.delete(stream)
+        await c.aclose()
+
+
+async def test_a_group_created_again_reads_the_stream_from_its_start() -> None:
+    """--start places a new group; one created again after its stream was deleted was
+    placed there too, and with $ the entries written since the deletion were lost."""
+    stream, group = fresh("again"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1, start="$"))
+    await t.connect()
+    c = await client()
+    try:
+        await c.delete(stream)
+        await c.execute_command("XADD", stream, "*", "payload", b"after")
+        (got,) = await fetch_all(t, 1)
+        assert got.payload == b"after"
+    finally:
+        await t.close()
+        await c.delete(stream)
+        await c.aclose()
+
+
 async def destroy_group(stream: str, group: str) -> None:
     c = await client()
     try:

@@ -66,16 +66,19 @@ class Streams:
         )
         """Per stream, the id after which this consumer's earlier pending entries are read."""
 
-    async def start(self) -> None:
+    async def start(self, again: bool = False) -> None:
+        """Create the groups missing: at ``--start``, or ``again`` (one vanished while
+        running) at the stream's start: entries written since a deletion are new, and
+        those a destroyed group held would be lost."""
         for stream in self.streams:
-            await self._create_group(stream)
+            await self._create_group(stream, "0" if again else self.options.start)
 
-    async def _create_group(self, stream: str) -> None:
+    async def _create_group(self, stream: str, start: str) -> None:
         from redis import exceptions as redis_errors
 
         try:
             await self.client.execute_command(
-                "XGROUP CREATE", stream, self.group, self.options.start, "MKSTREAM"
+                "XGROUP CREATE", stream, self.group, start, "MKSTREAM"
             )
         except redis_errors.ResponseError as exc:
             text = str(exc)
@@ -110,10 +113,11 @@ class Streams:
             try:
                 replies = await self._read_once()
             except redis_errors.ResponseError as exc:
-                if not str(exc).startswith("NOGROUP"):
+                # UNBLOCKED: the stream was deleted under a blocked read.
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
                 logger.warning("a stream or its group vanished (%s); creating it again", exc)
-                await self.start()
+                await self.start(again=True)
                 continue
             if replies or self.stopping:
                 return replies
