@@ -518,6 +518,26 @@ async def test_retries_of_other_streams_survive_a_retry_claim_that_meets_a_lost_
         await t.close()
 
 
+async def test_retries_of_a_vanished_group_are_dropped_with_it() -> None:
+    """A retry waiting when its group vanished: the group created again delivers the
+    entry anew, and the retry then claimed that new delivery too (a second copy in
+    flight, attempt 2)."""
+    stream, group = fresh("vanished"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    await t.connect()
+    try:
+        await t.publish(stream, [], b"e", {})
+        (first,) = await fetch_all(t, 1)
+        await t.settle(Batch(stream, [first]), Settlement(retry=[Retry(first, "later", 0.5)]))
+        await destroy_group(stream, group)
+        (anew,) = await fetch_all(t, 1)  # in flight from here on
+        assert (anew.id, anew.attempt) == (first.id, 1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fetch_all(t, 1), 1.0)
+    finally:
+        await t.close()
+
+
 async def test_entries_a_sweep_claimed_survive_another_streams_lost_group() -> None:
     """The sweep claimed a silent consumer's entry of one stream, then met a destroyed
     group on the next: the claimed entry was dropped and claimed again later, its attempt

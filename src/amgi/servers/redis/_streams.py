@@ -69,11 +69,14 @@ class Streams:
     async def start(self, again: bool = False) -> None:
         """Create the groups missing: at ``--start``, or ``again`` (one vanished while
         running) at the stream's start: entries written since a deletion are new, and
-        those a destroyed group held would be lost."""
+        those a destroyed group held would be lost. The retries of a group created again
+        went with the old one: the new group delivers their entries anew."""
         for stream in self.streams:
-            await self._create_group(stream, "0" if again else self.options.start)
+            if await self._create_group(stream, "0" if again else self.options.start):
+                self._retries.discard(_of(stream))
 
-    async def _create_group(self, stream: str, start: str) -> None:
+    async def _create_group(self, stream: str, start: str) -> bool:
+        """Create the group of ``stream`` unless it exists; whether it was created."""
         from redis import exceptions as redis_errors
 
         try:
@@ -83,12 +86,13 @@ class Streams:
         except redis_errors.ResponseError as exc:
             text = str(exc)
             if text.startswith("BUSYGROUP"):
-                return
+                return False
             if text.startswith("WRONGTYPE"):
                 raise ConfigurationError(
                     f"redis: key {stream!r} exists and is not a stream"
                 ) from None
             raise ConfigurationError(f"redis: cannot create group on {stream!r}: {text}") from None
+        return True
 
     async def stop(self) -> None:
         """Forget this consumer in its groups when nothing is pending on it."""
@@ -348,6 +352,13 @@ class Streams:
                 "unprocessed (%s); their next attempt counts one more",
                 sum(map(len, counters.values())), stream, exc,
             )  # fmt: skip
+
+
+def _of(stream: str) -> Callable[[tuple[str, bytes, int]], bool]:
+    def test(item: tuple[str, bytes, int]) -> bool:
+        return item[0] == stream
+
+    return test
 
 
 def _among(stream: str, ids: set[bytes]) -> Callable[[tuple[str, bytes, int]], bool]:
