@@ -784,6 +784,15 @@ def test_bad_options_fail_before_the_apps_startup(
     assert not started.exists()
 
 
+@pytest.mark.parametrize("start", ["1700-", "\u0661\u0662\u0663", "18446744073709551616", "1-x"])
+def test_a_start_redis_would_refuse_names_the_flag(start: str) -> None:
+    """Taken as entry ids, these failed only at the group's creation, in a line that
+    did not name --start (and not at all when the group existed)."""
+    with pytest.raises(ConfigurationError, match="start must be 0, \\$ or an entry id"):
+        RedisTransport(["s"], RedisOptions(start=start)).check()
+    RedisTransport(["s"], RedisOptions(start="18446744073709551615-18446744073709551615")).check()
+
+
 def test_unreachable_server_and_wrong_password_are_one_line_each(tmp_path: Path) -> None:
     (tmp_path / "startup.py").write_text(STARTUP_APP)
     result = amgi(

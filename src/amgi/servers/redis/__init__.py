@@ -111,8 +111,12 @@ class RedisOptions:
 
 
 def _is_entry_id(text: str) -> bool:
-    ms, _, seq = text.partition("-")
-    return ms.isdigit() and (not seq or seq.isdigit())
+    """``ms`` or ``ms-seq``, each a number Redis takes (ASCII digits, 64 bits unsigned)."""
+    ms, dash, seq = text.partition("-")
+    return all(
+        part.isascii() and part.isdigit() and int(part) < 2**64
+        for part in ((ms, seq) if dash else (ms,))
+    )
 
 
 class RedisTransport(DeadLetters, Transport):
