@@ -447,6 +447,22 @@ async def test_dead_letters_of_a_fifo_group_keep_its_order(
     assert dead == sent
 
 
+async def test_content_deduplication_takes_no_distinct_payloads_for_duplicates(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    """Content-based deduplication hashes the body alone. Before, payloads whose bodies
+    are alike were dropped as duplicates: b"", None and b"-" (all "-"), b"\\x00\\x01\\x02"
+    and the text b"AAEC" (its base64). A payload sent twice is still dropped."""
+    name = await new_queue(fifo=True, ContentBasedDeduplication="true")
+    sent = [b"", None, b"-", b"AAEC", b"\x00\x01\x02"]
+    for payload in [*sent, b"AAEC", b"", b"\x00\x01\x02"]:
+        await admin.publish(name, [], payload, {})
+    assert await counts(admin, name) == (len(sent), 0), "one of each payload, no repeat"
+    transport = await consumer(name)
+    got = [m.payload for b in await fetch_n(transport, len(sent)) for m in b.messages]
+    assert got == sent
+
+
 async def test_extend_keeps_a_long_batch_invisible(
     admin: SqsTransport, new_queue: NewQueue, consumer: Any
 ) -> None:

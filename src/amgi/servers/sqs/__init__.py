@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -342,8 +343,14 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         params |= given
         if queue.fifo:
             params.setdefault("MessageGroupId", "default")
-            if "MessageDeduplicationId" not in params and not queue.content_deduplication:
-                params["MessageDeduplicationId"] = uuid.uuid4().hex
+            if "MessageDeduplicationId" not in params:
+                if not queue.content_deduplication:
+                    params["MessageDeduplicationId"] = uuid.uuid4().hex
+                elif encoding is not None:
+                    # SQS hashes the body alone, which no longer tells payloads apart
+                    # (b"", None and "-" are all "-"; base64 text is someone's text).
+                    marked = f"{encoding}:{body}".encode()
+                    params["MessageDeduplicationId"] = hashlib.sha256(marked).hexdigest()
         try:
             await self.client.send_message(**params)
         except Exception as exc:
