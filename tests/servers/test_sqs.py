@@ -606,6 +606,17 @@ async def test_bad_options_are_rejected(field: str, value: int) -> None:
         await transport.connect()
 
 
+@pytest.mark.parametrize("suffix", ["", ".dlq", "-dlq.fifo", "/dlq"])
+async def test_a_dead_letter_suffix_that_names_no_other_queue_is_rejected(suffix: str) -> None:
+    """An empty suffix named the queue itself: each dead letter went back to the queue it
+    came from and was dead-lettered again at once, for ever (470 deliveries of one
+    message in 5 s). Characters SQS refuses in a queue name failed only at the first
+    dead letter, and again at every one after."""
+    transport = SqsTransport(["orders"], options(dead_letter_suffix=suffix))
+    with pytest.raises(ConfigurationError, match="--dead-letter-suffix must be 1 to 80 letters"):
+        await transport.connect()
+
+
 # -- with the runtime ------------------------------------------------------------------
 
 

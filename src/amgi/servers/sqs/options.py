@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from amgi.options import invalid
 
 logger = logging.getLogger("amgi.servers.sqs")
 
@@ -55,5 +58,17 @@ class SqsOptions:
         default=5.0, metadata={"gt": 0, "help": "seconds to wait for a connection to the endpoint"}
     )
 
+    def check_together(self) -> None:
+        """The dead-letter suffix names another queue: not empty (the queue itself, whose
+        dead letters would come straight back), only characters SQS takes in a name."""
+        if not _QUEUE_NAME_PART.fullmatch(self.dead_letter_suffix):
+            raise invalid(
+                self,
+                "dead_letter_suffix",
+                "must be 1 to 80 letters, digits, hyphens or underscores",
+            )
+
+
+_QUEUE_NAME_PART: Final = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 AWS_DEFAULT_ENDPOINT: Final = ("", "aws")
