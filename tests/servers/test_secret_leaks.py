@@ -234,7 +234,7 @@ async def test_kafka_sasl_password_never_shown(
          "--kafka-sasl-password", marker, "--kafka-connect-timeout", "3"],
     )  # fmt: skip
     joined = "".join(texts)
-    assert "--max-batch-size must be at least 1" in joined
+    assert "--max-batch-size must be 1 to 1000000" in joined
     assert "--config expects NAME=VALUE items" in joined
     assert_hidden(marker, texts)
 
