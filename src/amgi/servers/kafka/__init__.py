@@ -291,14 +291,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     def _commit(self, ctx: _BatchContext) -> None:
         """Mark the batch settled; commit what is contiguous (before the next consume)."""
         with self._lock:
-            commit = ctx.state.settled.settle([ctx.next_offset])
-            if (
-                commit is not None
-                and self._partitions.get(ctx.tp) is ctx.state
-                and ctx.tp not in self._rewind
-            ):
-                # Sent by the consumer thread before its next consume (_send_commits).
-                ctx.state.commit_to = commit
+            self._settle_to(ctx.tp, ctx.state, ctx.next_offset)
             self._lock.notify_all()
 
     # -- producing -----------------------------------------------------------------------

@@ -288,9 +288,7 @@ class Consuming(KafkaClient):
                 if next_offset > first:  # only other groups' copies: passed over, settled
                     with self._lock:
                         state.settled.add(next_offset)
-                        commit = state.settled.settle([next_offset])
-                        if commit is not None and self._partitions.get(key) is state:
-                            state.commit_to = commit
+                        self._settle_to(key, state, next_offset)
                 return None
         elif self._is_dead_letter_topic(topic):
             return None
@@ -302,6 +300,13 @@ class Consuming(KafkaClient):
         context = _BatchContext(key, state, state.epoch, next_offset, records[0].offset())
         batch_key: Hashable = key
         return Batch(address, messages, batch_key, context)
+
+    def _settle_to(self, key: TopicPartition, state: _Partition, next_offset: int) -> None:
+        """Mark the records of ``key`` below ``next_offset`` settled and commit what is
+        contiguous (sent by the consumer thread before its next consume). Holds the lock."""
+        commit = state.settled.settle([next_offset])
+        if commit is not None and self._partitions.get(key) is state and key not in self._rewind:
+            state.commit_to = commit
 
     def _due_records(
         self, consumer: Any, key: TopicPartition, state: _Partition, records: list[Any]
