@@ -16,6 +16,7 @@ import pytest
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
+from amgi.servers.kafka._client import _BatchContext
 from amgi.servers.kafka.records import message_from_record, messages_from_records
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
 from tests.cli import amgi as amgi_cli
@@ -566,3 +567,125 @@ async def test_cooperative_rebalancing_consumes_and_hands_partitions_over() -> N
     assert everything() == {b"%s%d" % (w, i) for w in (b"a", b"b") for i in range(20)}
     # 40 records in all: committed to the end of both partitions (nothing past it).
     assert sum(committed(group["group_id"], topic).values()) == 40
+
+
+def _recorded_polls(kafka: KafkaTransport) -> list[tuple[bool, bool, int]]:
+    """Record each ``consume`` round: on the event loop?, a batch unsettled then?, batches."""
+    calls: list[tuple[bool, bool, int]] = []
+    poll = kafka._poll
+    loop_thread = threading.get_ident()
+
+    def recorded(wait: bool = True) -> Any:
+        on_loop = threading.get_ident() == loop_thread
+        unsettled = kafka._unsettled()
+        batches = poll(wait)
+        calls.append((on_loop, unsettled, len(batches)))
+        return batches
+
+    kafka._poll = recorded  # type: ignore[method-assign]
+    return calls
+
+
+async def test_records_on_hand_are_fetched_on_the_event_loop_only_when_all_is_settled() -> None:
+    """A busy application's next records are taken on the event loop, between its batches
+    (one Python thread: up to twice the throughput on some machines), never while a batch
+    is unsettled (a rebalance callback run there could not wait for it)."""
+    topic = create_topic(fresh("inline"), partitions=3)
+    n = 300
+    produce(topic, ((b"k%d" % (i % 6), b"%d" % i, []) for i in range(n)))
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        event = {"more_messages": True}
+        while event["more_messages"]:
+            event = await receive()
+            seen.append(event["id"])  # topic/partition/offset
+            await send({"type": "message.ack", "id": event["id"]})
+
+    kafka = transport([topic], max_batch_size=10)
+    polls = _recorded_polls(kafka)
+    await run_until(app, kafka, lambda: len(seen) >= n)
+    assert len(set(seen)) == len(seen) == n  # each once
+    assert [c for c in polls if c[0] and c[1]] == [], "fetched on the loop with batches unsettled"
+    assert any(on_loop and batches for on_loop, _, batches in polls), polls
+    assert committed(kafka.config.group_id, topic) == end_offsets(topic)
+
+
+async def test_an_application_awaiting_io_gets_its_next_records_from_the_consumer_thread() -> None:
+    """While the batches handed out wait on I/O, the consumer thread fetches the next ones."""
+    topic = create_topic(fresh("awaiting"), partitions=2)
+    n = 80
+    produce(topic, ((b"k%d" % (i % 4), b"%d" % i, []) for i in range(n)))
+    seen: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0.05)  # the application's I/O
+        more = True
+        while more:
+            event = await receive()
+            more = event["more_messages"]
+            seen.append(event["payload"])
+            await send({"type": "message.ack", "id": event["id"]})
+
+    kafka = transport([topic], max_batch_size=10)
+    polls = _recorded_polls(kafka)
+    await run_until(app, kafka, lambda: len(seen) >= n)
+    assert sorted(seen) == sorted(b"%d" % i for i in range(n))
+    assert [c for c in polls if c[0] and c[1]] == [], "fetched on the loop with batches unsettled"
+    assert any(not on_loop and unsettled and b for on_loop, unsettled, b in polls), polls
+
+
+async def test_waiting_for_settled_batches_gives_up_when_the_loop_idles() -> None:
+    from amgi.servers.kafka._client import _Partition
+
+    kafka = transport(["t"])  # not opened: only its partition state is used
+    state = _Partition(1)
+    state.settled.add(10)
+    kafka._partitions[("t", 0)] = state
+    started = time.monotonic()
+    assert await kafka._settled_while_busy() is False  # the loop idles: the thread fetches
+    assert time.monotonic() - started < 1
+
+    async def busy_then_settle() -> None:
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:  # the application's work, no await
+            pass
+        kafka._commit(_BatchContext(("t", 0), state, 1, 10, 0))
+
+    task = asyncio.create_task(busy_then_settle())
+    assert await kafka._settled_while_busy() is True
+    await task
+    assert state.commit_to == 10
+    assert await kafka._settled_while_busy() is True  # nothing unsettled: at once
+    state.settled.add(20)
+    kafka._closing = True
+    assert await kafka._settled_while_busy() is False
+
+
+async def test_a_long_busy_batch_lets_the_consumer_thread_fetch_after_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka leaves the group when ``consume`` is not called for
+    ``max.poll.interval.ms``: a long CPU-bound batch must not stop the fetching."""
+    from amgi.servers.kafka import _consumer
+    from amgi.servers.kafka._client import _Partition
+
+    monkeypatch.setattr(_consumer, "_BUSY_SHARE", 0.0)  # a loaded machine counts as busy
+
+    kafka = transport(["t"])  # not opened: only its partition state is used
+    state = _Partition(1)
+    state.settled.add(10)
+    kafka._partitions[("t", 0)] = state
+
+    async def busy() -> None:
+        for _ in range(300):  # 1.5 s of work, yielding now and then
+            end = time.perf_counter() + 0.005
+            while time.perf_counter() < end:
+                pass
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(busy())
+    started = time.monotonic()
+    assert await kafka._settled_while_busy() is False
+    assert 0.9 < time.monotonic() - started < 3
+    task.cancel()

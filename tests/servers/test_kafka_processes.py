@@ -34,8 +34,12 @@ def _broker() -> None:
 class Server:
     """One ``python -m amgi run`` process of the logging app."""
 
-    def __init__(self, topic: str, group: str, log: Path, delay: float, batch: int = 40) -> None:
+    def __init__(
+        self, topic: str, group: str, log: Path, delay: float, batch: int = 40, spin: bool = False
+    ) -> None:
         env = {**os.environ, "KAFKA_TEST_LOG": str(log), "KAFKA_TEST_DELAY": str(delay)}
+        if spin:  # the delay keeps the CPU busy: the event loop drives the consumer
+            env["KAFKA_TEST_SPIN"] = "1"
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "amgi", "run", "tests.servers.kafka_app:app", topic,
@@ -85,15 +89,21 @@ def until(condition: Callable[[], bool], timeout: float, what: str, *procs: Serv
         time.sleep(0.05)
 
 
+# An application awaiting I/O (the consumer thread fetches while its batches run) and a
+# CPU-bound one (the event loop fetches, between batches).
+KINDS = pytest.mark.parametrize("spin", [False, True], ids=["awaiting", "cpu-bound"])
+
+
+@KINDS
 def test_sigkill_mid_stream_then_restart_loses_nothing(
-    tmp_path: Path, servers: list[Server]
+    tmp_path: Path, servers: list[Server], spin: bool
 ) -> None:
     topic = create_topic(fresh("crash"), partitions=4)
     group = fresh("group")
     log = tmp_path / "processed.log"
     n = 400
     produce(topic, ((b"k%d" % (i % 16), b"%d" % i, []) for i in range(n)))
-    first = Server(topic, group, log, delay=0.02)
+    first = Server(topic, group, log, delay=0.02, spin=spin)
     servers.append(first)
     until(lambda: len(lines(log)) >= 60, 30, "the first messages", first)
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -106,17 +116,18 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     assert {p for _, p in lines(log)} == {str(i) for i in range(n)}
 
 
+@KINDS
 def test_two_processes_rebalance_without_loss_or_duplicates(
-    tmp_path: Path, servers: list[Server]
+    tmp_path: Path, servers: list[Server], spin: bool
 ) -> None:
     topic = create_topic(fresh("shared"), partitions=4)
     group = fresh("group")
     log = tmp_path / "processed.log"
     produce(topic, ((b"k%d" % (i % 16), b"%d" % i, []) for i in range(300)))
-    a = Server(topic, group, log, delay=0.2, batch=20)
+    a = Server(topic, group, log, delay=0.2, batch=20, spin=spin)
     servers.append(a)
     until(lambda: len(lines(log)) >= 40, 30, "the first process to consume", a)
-    b = Server(topic, group, log, delay=0.2, batch=20)
+    b = Server(topic, group, log, delay=0.2, batch=20, spin=spin)
     servers.append(b)
     # Keep the topic fed until the second process has taken part (however long its start
     # and the rebalance take on a loaded machine), then let both drain.

@@ -27,13 +27,16 @@ dead letters (CLI)      list: the dead-letter topic from the ``amgi-dead-letters
 backlog (metrics)       high watermark as last fetched minus the offset processed up to
 ======================  ===============================================================
 
-librdkafka calls block, so the consumer lives on one dedicated thread (fetch, seek,
-pause, rebalance callbacks) and producer delivery reports are served by a second; the
-event loop awaits their results once per fetch, never once per message. Commits are
-sent from the consumer thread too, before each ``consume``: one asynchronous request for
-every partition whose settled offset moved. librdkafka blocks commits from other threads
-while a rebalance callback runs and lets them land after the callback's own commit, so
-committing from that one thread is what keeps a revoked partition's last commit last.
+librdkafka calls block. One thread at a time drives the consumer (fetch, seek, pause,
+rebalance callbacks, commits): the event loop takes the records on hand once every batch
+handed out is settled (a busy application's records are then made and read on one thread),
+a dedicated consumer thread waits for records, and fetches while the application awaits
+something; producer delivery reports are served by a second thread. The event loop awaits
+their results once per fetch, never once per message. Commits are sent by the driving
+thread before each ``consume``: one asynchronous request for every partition whose settled
+offset moved. librdkafka blocks commits from other threads while a rebalance callback
+runs and lets them land after the callback's own commit, so committing only from the
+thread driving the consumer is what keeps a revoked partition's last commit last.
 """
 
 from __future__ import annotations
@@ -254,6 +257,14 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             raise ConfigurationError("no Kafka topic to consume: give an ADDRESS or --topics")
         loop = asyncio.get_running_loop()
         while True:
+            # Records on hand are taken on the event loop, once every batch handed out is
+            # settled: a rebalance callback run by that consume then has nothing to wait
+            # for. Waiting for records, or while the application awaits something, the
+            # consumer thread drives the consumer. Never both at once.
+            if self._poll_future is None and await self._settled_while_busy():
+                batches = self._poll(wait=False)
+                if batches:
+                    return batches
             if self._poll_future is None:
                 self._poll_future = loop.run_in_executor(self._poll_thread, self._poll)
             # Shielded: a cancelled fetch leaves the consume call's batches for the next one.
@@ -293,6 +304,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         with self._lock:
             self._settle_to(ctx.tp, ctx.state, ctx.next_offset)
             self._lock.notify_all()
+        self._wake_settled()
 
     # -- producing -----------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class KafkaClient:
         self._stopping = threading.Event()
         self._closing = False
         self._poll_future: asyncio.Future[list[Batch]] | None = None
+        self._settled_waiter: asyncio.Future[bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Partition state is shared by the consumer thread and the event loop.
         self._lock = threading.Condition()

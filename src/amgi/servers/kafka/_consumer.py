@@ -1,7 +1,12 @@
-"""The consumer thread: assignment, rebalance, fetching batches, commits (private)."""
+"""Driving the consumer: assignment, rebalance, fetching batches, commits (private).
+
+One thread at a time drives it (see the transport's ``fetch``): the event loop while
+records are on hand and no batch is unsettled, the consumer thread otherwise.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Hashable
@@ -17,13 +22,23 @@ logger = logging.getLogger("amgi.servers.kafka")
 _IDLE_SLICE = 0.02
 """Seconds of one wait for records when none are on hand; commits go out between them."""
 _IDLE_SLICES = 5
+_BUSY_CHECK = 0.002
+"""Seconds between checks, while waiting for batches to settle, that the event loop is
+busy running them (else the consumer thread fetches meanwhile)."""
+_BUSY_SHARE = 0.5
+"""The share of those seconds the event loop must spend on the CPU to count as busy."""
+_BUSY_WAIT_MAX = 1.0
+"""Seconds a fetch waits at most for busy batches to settle before the consumer thread
+fetches meanwhile: librdkafka leaves the group when ``consume`` is not called for
+``max.poll.interval.ms``, and a long CPU-bound batch must not make it."""
 _START_OFFSETS_TIMEOUT = 5.0
 """Seconds each lookup at assignment (committed offsets, then log start or end) may take
 before librdkafka's own lookup takes over."""
 
 
 class Consuming(KafkaClient):
-    """What runs on the consumer thread (librdkafka's consumer calls block)."""
+    """What runs on the thread driving the consumer (the consumer thread, or the event
+    loop when no batch is unsettled)."""
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         with self._lock:
@@ -97,9 +112,11 @@ class Consuming(KafkaClient):
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
 
-        Commits are only sent from this thread (``_send_commits``, between ``consume``
-        calls) and only for partitions not yet forgotten, so this commit is the last one
-        of each revoked partition.
+        Commits are only sent by the thread driving the consumer (``_send_commits``,
+        between ``consume`` calls), which is the one running this callback, and only for
+        partitions not yet forgotten, so this commit is the last one of each revoked
+        partition. On the event loop there is nothing to wait for: it drives the consumer
+        only while no batch is unsettled.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
@@ -182,7 +199,7 @@ class Consuming(KafkaClient):
         return self._retry_re is not None and self._retry_re.match(topic) is not None
 
     def _prepare_poll(self, consumer: Any) -> None:
-        """Apply rewinds and resume retry partitions that are due (consumer thread)."""
+        """Apply rewinds and resume retry partitions that are due (the driving thread)."""
         from confluent_kafka import TopicPartition as TP
 
         now = time.monotonic()
@@ -204,8 +221,12 @@ class Consuming(KafkaClient):
         if due:
             consumer.resume([TP(t, p) for t, p in due])
 
-    def _poll(self) -> list[Batch]:
-        """One ``consume`` call turned into batches, one per partition (consumer thread)."""
+    def _poll(self, wait: bool = True) -> list[Batch]:
+        """One ``consume`` call turned into batches, one per partition.
+
+        Runs on whichever thread drives the consumer now (see ``fetch``): with ``wait``
+        on the consumer thread, without it on the event loop (what is on hand only).
+        """
         consumer = self._consumer
         if consumer is None or self._closing:
             return []
@@ -217,7 +238,7 @@ class Consuming(KafkaClient):
         # a trickle is handed out at once instead of after the whole timeout. The wait is
         # cut in short slices so that offsets settled meanwhile are committed promptly.
         records = consumer.consume(limit, 0)
-        if not records:
+        if not records and wait:
             for _ in range(_IDLE_SLICES):
                 records = consumer.consume(1, _IDLE_SLICE)
                 if records or self._closing:
@@ -303,7 +324,7 @@ class Consuming(KafkaClient):
 
     def _settle_to(self, key: TopicPartition, state: _Partition, next_offset: int) -> None:
         """Mark the records of ``key`` below ``next_offset`` settled and commit what is
-        contiguous (sent by the consumer thread before its next consume). Holds the lock."""
+        contiguous (sent before the next consume). Holds the lock."""
         commit = state.settled.settle([next_offset])
         if commit is not None and self._partitions.get(key) is state and key not in self._rewind:
             state.commit_to = commit
@@ -341,8 +362,49 @@ class Consuming(KafkaClient):
             kept.append(record)
         return kept, address or key[0], records[-1].offset() + 1
 
+    def _unsettled(self) -> bool:
+        """Whether a batch handed out is not settled yet (in any partition)."""
+        with self._lock:
+            return any(s.settled.outstanding for s in self._partitions.values())
+
+    async def _settled_while_busy(self) -> bool:
+        """Wait until every batch handed out is settled, while the event loop is busy
+        running them: True once they are, False as soon as the loop is mostly idle (the
+        application awaits something), after ``_BUSY_WAIT_MAX`` or when the transport closes.
+
+        A CPU-bound application then fetches on the event loop, in one thread with the
+        application (records made on one core and read on another, and two Python threads
+        taking turns, cost up to half the throughput on some machines); one that waits on
+        I/O gets its next batches from the consumer thread meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + _BUSY_WAIT_MAX
+        while self._unsettled():
+            if self._closing or time.monotonic() > deadline:
+                return False
+            waiter = self._settled_waiter = loop.create_future()
+            timer = loop.call_later(_BUSY_CHECK, _wake, waiter)
+            start, cpu = time.monotonic(), time.thread_time()
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._settled_waiter = None
+            if waiter.result():  # every batch settled
+                return True
+            if time.thread_time() - cpu < _BUSY_SHARE * (time.monotonic() - start):
+                return False
+        return True
+
+    def _wake_settled(self) -> None:
+        """Tell ``_settled_while_busy`` that the last unsettled batch settled (event loop)."""
+        waiter = self._settled_waiter
+        if waiter is not None and not waiter.done() and not self._unsettled():
+            waiter.set_result(True)
+
     def _send_commits(self, consumer: Any, *, final: bool = False) -> None:
-        """Commit every partition whose settled offset moved, in one request (consumer thread).
+        """Commit every partition whose settled offset moved, in one request (by the
+        thread driving the consumer).
 
         Nothing waits for the broker's answer: each offset is the highest contiguous
         settled one, so a commit that fails or is lost in a crash only means redelivery,
@@ -366,3 +428,8 @@ class Consuming(KafkaClient):
             consumer.commit(offsets=offsets, asynchronous=not final)
         except KafkaException as exc:
             logger.warning("kafka commit%s failed: %s", " at close" if final else "", exc)
+
+
+def _wake(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
