@@ -689,3 +689,39 @@ async def test_a_long_busy_batch_lets_the_consumer_thread_fetch_after_a_second(
     assert await kafka._settled_while_busy() is False
     assert 0.9 < time.monotonic() - started < 3
     task.cancel()
+
+
+async def test_after_two_idle_waits_fetches_go_to_the_consumer_thread_without_waiting() -> None:
+    """An application awaiting I/O: waiting for its batches to settle would only delay the
+    next fetch, so after two waits that ended idle the next fetches do not wait."""
+    from amgi.servers.kafka import _consumer
+    from amgi.servers.kafka._client import _Partition
+
+    kafka = transport(["t"])  # not opened: only its partition state is used
+    state = _Partition(1)
+    state.settled.add(10)
+    kafka._partitions[("t", 0)] = state
+    for _ in range(2):  # the loop idles: each wait ends after one check
+        started = time.monotonic()
+        assert await kafka._settled_while_busy() is False
+        assert time.monotonic() - started >= _consumer._BUSY_CHECK
+    for _ in range(_consumer._SKIPS_AFTER_IDLE):
+        waiting = kafka._settled_while_busy()
+        with pytest.raises(StopIteration) as returned:
+            waiting.send(None)  # no wait at all: done without suspending
+        assert returned.value.value is False
+    assert kafka._skip_waits == 0  # the next one waits and checks again
+
+    async def busy_then_settle() -> None:
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:  # CPU-bound now
+            pass
+        kafka._commit(_BatchContext(("t", 0), state, 1, 10, 0))
+
+    task = asyncio.create_task(busy_then_settle())
+    assert await kafka._settled_while_busy() is True
+    await task
+    assert kafka._idle_waits == 0  # one idle wait no longer skips the next ones
+    state.settled.add(20)
+    assert await kafka._settled_while_busy() is False
+    assert kafka._skip_waits == 0

@@ -31,6 +31,9 @@ _BUSY_WAIT_MAX = 1.0
 """Seconds a fetch waits at most for busy batches to settle before the consumer thread
 fetches meanwhile: librdkafka leaves the group when ``consume`` is not called for
 ``max.poll.interval.ms``, and a long CPU-bound batch must not make it."""
+_SKIPS_AFTER_IDLE = 15
+"""After two waits in a row that ended with the event loop idle (the application awaits
+I/O), the next this many fetches go to the consumer thread at once; then one waits again."""
 _START_OFFSETS_TIMEOUT = 5.0
 """Seconds each lookup at assignment (committed offsets, then log start or end) may take
 before librdkafka's own lookup takes over."""
@@ -370,13 +373,19 @@ class Consuming(KafkaClient):
     async def _settled_while_busy(self) -> bool:
         """Wait until every batch handed out is settled, while the event loop is busy
         running them: True once they are, False as soon as the loop is mostly idle (the
-        application awaits something), after ``_BUSY_WAIT_MAX`` or when the transport closes.
+        application awaits something), after ``_BUSY_WAIT_MAX`` or when the transport
+        closes. After two idle ends in a row, ``_SKIPS_AFTER_IDLE`` fetches do not wait.
 
         A CPU-bound application then fetches on the event loop, in one thread with the
         application (records made on one core and read on another, and two Python threads
         taking turns, cost up to half the throughput on some machines); one that waits on
         I/O gets its next batches from the consumer thread meanwhile.
         """
+        if not self._unsettled():
+            return True
+        if self._skip_waits:  # the application awaited I/O the last times: no wait
+            self._skip_waits -= 1
+            return False
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + _BUSY_WAIT_MAX
         while self._unsettled():
@@ -391,9 +400,13 @@ class Consuming(KafkaClient):
                 timer.cancel()
                 self._settled_waiter = None
             if waiter.result():  # every batch settled
-                return True
+                break
             if time.thread_time() - cpu < _BUSY_SHARE * (time.monotonic() - start):
+                self._idle_waits += 1
+                if self._idle_waits >= 2:
+                    self._skip_waits = _SKIPS_AFTER_IDLE
                 return False
+        self._idle_waits = 0
         return True
 
     def _wake_settled(self) -> None:
