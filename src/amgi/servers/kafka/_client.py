@@ -88,8 +88,6 @@ class KafkaClient:
         self._closing = False
         self._poll_future: asyncio.Future[list[Batch]] | None = None
         self._settled_waiter: asyncio.Future[bool] | None = None
-        self._idle_waits = 0
-        self._skip_waits = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         # Partition state is shared by the consumer thread and the event loop.
         self._lock = threading.Condition()

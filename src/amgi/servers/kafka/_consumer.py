@@ -22,18 +22,13 @@ logger = logging.getLogger("amgi.servers.kafka")
 _IDLE_SLICE = 0.02
 """Seconds of one wait for records when none are on hand; commits go out between them."""
 _IDLE_SLICES = 5
-_BUSY_CHECK = 0.002
-"""Seconds between checks, while waiting for batches to settle, that the event loop is
-busy running them (else the consumer thread fetches meanwhile)."""
-_BUSY_SHARE = 0.5
-"""The share of those seconds the event loop must spend on the CPU to count as busy."""
+_IDLE_PASS_CPU = 100e-6
+"""Seconds of CPU under which a pass of the event loop counts as idle: it ran nothing but
+its own bookkeeping (the batches handed out await something)."""
 _BUSY_WAIT_MAX = 1.0
 """Seconds a fetch waits at most for busy batches to settle before the consumer thread
 fetches meanwhile: librdkafka leaves the group when ``consume`` is not called for
 ``max.poll.interval.ms``, and a long CPU-bound batch must not make it."""
-_SKIPS_AFTER_IDLE = 15
-"""After two waits in a row that ended with the event loop idle (the application awaits
-I/O), the next this many fetches go to the consumer thread at once; then one waits again."""
 _START_OFFSETS_TIMEOUT = 5.0
 """Seconds each lookup at assignment (committed offsets, then log start or end) may take
 before librdkafka's own lookup takes over."""
@@ -372,42 +367,43 @@ class Consuming(KafkaClient):
 
     async def _settled_while_busy(self) -> bool:
         """Wait until every batch handed out is settled, while the event loop is busy
-        running them: True once they are, False as soon as the loop is mostly idle (the
-        application awaits something), after ``_BUSY_WAIT_MAX`` or when the transport
-        closes. After two idle ends in a row, ``_SKIPS_AFTER_IDLE`` fetches do not wait.
+        running them: True once they are; False after two idle passes of the loop in a
+        row (the application awaits something), after ``_BUSY_WAIT_MAX`` or when the
+        transport closes.
 
         A CPU-bound application then fetches on the event loop, in one thread with the
         application (records made on one core and read on another, and two Python threads
         taking turns, cost up to half the throughput on some machines); one that waits on
-        I/O gets its next batches from the consumer thread meanwhile.
+        I/O gets its next batches from the consumer thread as soon as the loop idles.
+        Each pass is measured in the event loop's own CPU time, so a pass in which the OS
+        ran another thread instead does not count as idle.
         """
         if not self._unsettled():
             return True
-        if self._skip_waits:  # the application awaited I/O the last times: no wait
-            self._skip_waits -= 1
-            return False
         loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._settled_waiter = waiter
         deadline = time.monotonic() + _BUSY_WAIT_MAX
-        while self._unsettled():
-            if self._closing or time.monotonic() > deadline:
-                return False
-            waiter = self._settled_waiter = loop.create_future()
-            timer = loop.call_later(_BUSY_CHECK, _wake, waiter)
-            start, cpu = time.monotonic(), time.thread_time()
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._settled_waiter = None
-            if waiter.result():  # every batch settled
-                break
-            if time.thread_time() - cpu < _BUSY_SHARE * (time.monotonic() - start):
-                self._idle_waits += 1
-                if self._idle_waits >= 2:
-                    self._skip_waits = _SKIPS_AFTER_IDLE
-                return False
-        self._idle_waits = 0
-        return True
+        idle = 0
+        last = time.thread_time()
+
+        def after_pass() -> None:  # runs once per pass of the loop until the wait ends
+            nonlocal idle, last
+            if waiter.done():
+                return
+            cpu = time.thread_time()
+            idle = idle + 1 if cpu - last < _IDLE_PASS_CPU else 0
+            last = cpu
+            if idle >= 2 or self._closing or time.monotonic() > deadline:
+                waiter.set_result(False)
+            else:
+                loop.call_soon(after_pass)
+
+        loop.call_soon(after_pass)
+        try:
+            return await waiter
+        finally:
+            self._settled_waiter = None
 
     def _wake_settled(self) -> None:
         """Tell ``_settled_while_busy`` that the last unsettled batch settled (event loop)."""
@@ -441,8 +437,3 @@ class Consuming(KafkaClient):
             consumer.commit(offsets=offsets, asynchronous=not final)
         except KafkaException as exc:
             logger.warning("kafka commit%s failed: %s", " at close" if final else "", exc)
-
-
-def _wake(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
