@@ -497,6 +497,45 @@ async def test_an_existing_consumer_without_explicit_acks_is_refused(
     assert t._client is None, "closed again"
 
 
+@pytest.mark.parametrize("max_deliver", [2, 10])
+async def test_an_existing_consumer_with_a_delivery_limit_is_refused(
+    subject: str, max_deliver: int
+) -> None:
+    """A durable found with max_deliver 2 was used as it is: with --max-attempts 3, a
+    message nacked twice was never delivered again and never dead-lettered (JetStream
+    gives up on it without a word). Any limit strands a message whose dead letter cannot
+    be stored (it is handed back and comes again), so every limit stops the start with one
+    line. A consumer the server creates has none."""
+    import nats
+    from nats.js import api
+
+    durable = fresh("d")
+    admin = await nats.connect(URL)
+    try:
+        await admin.jsm().add_consumer(
+            STREAM,
+            api.ConsumerConfig(
+                durable_name=durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                max_deliver=max_deliver,
+                filter_subject=subject,
+            ),
+        )
+    finally:
+        await admin.close()
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
+    with pytest.raises(ConfigurationError, match=f"max_deliver {max_deliver}:") as caught:
+        await t.connect()
+    assert "\n" not in str(caught.value)
+    assert "set its max_deliver to -1" in str(caught.value)
+    assert t._client is None, "closed again"
+    created = fresh("d")
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=created, fetch_expiry=0.2))
+    await t.connect()
+    await t.close()
+    assert (await consumer_state(STREAM, created)).config.max_deliver == -1
+
+
 @pytest.mark.parametrize(("mode", "subscriptions"), [("jetstream", 2), ("core", 1)])
 async def test_a_connection_nats_py_closed_for_good_ends_the_run(
     tmp_path: Path, mode: str, subscriptions: int, caplog: pytest.LogCaptureFixture

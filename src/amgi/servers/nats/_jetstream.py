@@ -102,7 +102,8 @@ class Consumers:
 
     async def _ensure_consumer(self, stream: str, config: Any) -> bool:
         """Create the consumer if it is missing (an existing one is used as it is, if it
-        takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack)."""
+        takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack; and if it
+        has no delivery limit: JetStream drops a message from delivery at ``max_deliver``)."""
         from nats.js import api
         from nats.js import errors as js_errors
 
@@ -118,6 +119,19 @@ class Consumers:
                 f"nats: consumer {config.durable_name!r} of stream {stream!r} acks "
                 f"{api.AckPolicy(policy).value!r}, not 'explicit' (a message would count as "
                 "acked before the app acked it); delete it or pick another --durable"
+            )
+        limit = info.config.max_deliver
+        if limit is not None and limit > 0:
+            # JetStream stops delivering a message after max_deliver deliveries without a
+            # word to the client: one the runtime had not dead-lettered by then (a lower
+            # --max-attempts, a dead letter that could not be stored and came back, a stop
+            # or crash that raised its count) stays in the stream, never processed again.
+            raise ConfigurationError(
+                f"nats: consumer {config.durable_name!r} of stream {stream!r} has "
+                f"max_deliver {limit}: JetStream stops delivering a message after {limit} "
+                "deliveries, and one not dead-lettered by then (--max-attempts, or a dead "
+                "letter that could not be stored) would stay stuck; set its max_deliver to "
+                "-1 (unlimited) or pick another --durable"
             )
         return False
 
