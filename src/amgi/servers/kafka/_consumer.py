@@ -14,7 +14,7 @@ from typing import Any
 
 from amgi.errors import BrokerUnavailable
 from amgi.servers.kafka._client import KafkaClient, TopicPartition, _BatchContext, _Partition
-from amgi.servers.kafka.records import messages_from_records
+from amgi.servers.kafka.records import messages_from_records, retry_messages_from_records
 from amgi.transport import Batch
 
 logger = logging.getLogger("amgi.servers.kafka")
@@ -301,7 +301,9 @@ class Consuming(KafkaClient):
         address = topic
         first = records[0].offset()
         next_offset = records[-1].offset() + 1
+        to_messages = messages_from_records
         if self._is_retry_topic(topic):
+            to_messages = retry_messages_from_records
             records, address, next_offset = self._due_records(consumer, key, state, records)
             if not records:
                 if next_offset > first:  # only other groups' copies: passed over, settled
@@ -311,7 +313,7 @@ class Consuming(KafkaClient):
                 return None
         elif self._is_dead_letter_topic(topic):
             return None
-        messages = messages_from_records(topic, partition, records)
+        messages = to_messages(topic, partition, records)
         with self._lock:
             if self._partitions.get(key) is not state:
                 return None

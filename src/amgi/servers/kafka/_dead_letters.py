@@ -21,8 +21,7 @@ from typing import Any
 
 from amgi.errors import ConfigurationError
 from amgi.servers.kafka._producer import Producing
-from amgi.servers.kafka.records import split_internal_headers
-from amgi.servers.kit import split_dead_letter_headers
+from amgi.servers.kafka.records import split_dead_letter
 from amgi.transport import StoredDeadLetter
 
 __all__ = ["REPLAY_GROUP", "DeadLetterReader", "DeadLetters", "ReadDeadLetter"]
@@ -150,13 +149,12 @@ def _written_after(record: Any, moment: float) -> bool:
 
 
 def _dead_letter(record: Any, partition: int, offset: int) -> ReadDeadLetter:
-    split = split_internal_headers(record.headers())
-    headers, reason, _ = split_dead_letter_headers(split.headers)
+    split, reason = split_dead_letter(record.headers())
     kind, ts = record.timestamp()
     stored = StoredDeadLetter(
         id=f"{partition}:{offset}",
         address=split.original_address or "",
-        headers=headers,
+        headers=split.headers,
         payload=record.value(),
         bindings={"kafka": {"key": record.key()}} if record.key() is not None else {},
         attempts=split.attempt,

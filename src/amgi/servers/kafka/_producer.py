@@ -8,7 +8,12 @@ import time
 from typing import Any
 
 from amgi.servers.kafka._client import KafkaClient, KafkaSendError
-from amgi.servers.kafka.records import RETRY_DUE_HEADER, RETRY_GROUP_HEADER, record_headers
+from amgi.servers.kafka.records import (
+    RETRY_DUE_HEADER,
+    RETRY_GROUP_HEADER,
+    SERVER_HEADERS,
+    record_headers,
+)
 from amgi.servers.kit import (
     ORIGINAL_ADDRESS_HEADER,
     dead_letter_headers,
@@ -35,7 +40,11 @@ class Producing(KafkaClient):
         payload: bytes | None,
         key: Any,
         partition: int | None,
+        server_headers: HeaderList | None = None,
     ) -> asyncio.Future[None]:
+        """Produce one record. ``server_headers`` (a retry copy's or dead letter's) go
+        after ``headers`` as they are, and then an application's header named like one
+        of them travels packed."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         producer = self._producer
@@ -57,7 +66,11 @@ class Producing(KafkaClient):
             loop.call_soon_threadsafe(settle_future, err, record)
 
         # Kafka header names are strings; the client would str() a bytes name.
-        names = record_headers(headers)
+        if server_headers is None:
+            names = record_headers(headers)
+        else:
+            names = record_headers(headers, SERVER_HEADERS)
+            names.extend((n.decode(), v) for n, v in server_headers)
         kwargs: dict[str, Any] = {"value": payload, "headers": names, "on_delivery": on_delivery}
         if key is not None:
             kwargs["key"] = key.encode() if isinstance(key, str) else key
@@ -84,8 +97,8 @@ class Producing(KafkaClient):
         async def retry(r: Retry) -> None:
             m = r.message
             due = str(int(time.time() * 1000) + int(r.delay * 1000)).encode()
-            headers = retry_headers(
-                m.headers,
+            own = retry_headers(
+                [],
                 attempt=m.attempt + (not r.uncounted),
                 extra=[
                     (ORIGINAL_ADDRESS_HEADER, original),
@@ -94,15 +107,15 @@ class Producing(KafkaClient):
                 ],
             )
             key = m.bindings.get("kafka", {}).get("key")
-            await self._produce(self._retry_name(address), headers, m.payload, key, None)
+            await self._produce(self._retry_name(address), m.headers, m.payload, key, None, own)
 
         async def dead(d: DeadLetter) -> None:
             m = d.message
-            headers = dead_letter_headers(
-                m.headers, attempt=m.attempt, address=address, reason=d.reason
-            )
+            # The kit's order (the message's headers, then the server's), with none of
+            # the message's left out: they travel packed when named like the server's.
+            own = dead_letter_headers([], attempt=m.attempt, address=address, reason=d.reason)
             key = m.bindings.get("kafka", {}).get("key")
-            await self._produce(self._dead_name(address), headers, m.payload, key, None)
+            await self._produce(self._dead_name(address), m.headers, m.payload, key, None, own)
 
         return await move_aside(
             settlement, retry=retry, dead=dead, address=address, give_up=give_up

@@ -9,12 +9,20 @@ topic, partition,    ``Message.id`` as ``topic/partition/offset`` (the topic the
 offset               was read from: a retry topic's own for a retry copy), the same on
                      every redelivery; the offset is ``Message.token``
 value                ``payload`` (``None`` for a tombstone)
-headers              ``headers`` as ``(bytes, bytes)`` pairs, minus AMGI's own
+headers              ``headers`` as ``(bytes, bytes)`` pairs, minus ``amgi-attempt``
+                     (and on a retry topic the retry copy's own, below); ``amgi-b64``
+                     unpacked
 key                  ``bindings["kafka"]["key"]`` (bytes or ``None``)
 partition, offset    ``bindings["kafka"]["partition"]``, ``["offset"]``
 timestamp            ``bindings["kafka"]["timestamp"]`` (ms since the epoch)
 ``amgi-attempt``     ``Message.attempt`` (1 when absent)
 ===================  ==========================================================
+
+``amgi-original-address``, ``amgi-retry-due`` and ``amgi-retry-group`` are the server's only
+on the records of a retry topic (:func:`retry_messages_from_records`); on any other topic
+they are headers like the rest. The server's retry copies and dead letters carry an
+application's own header of such a name (or ``amgi-attempt``, ``amgi-dead-letter-reason``)
+packed (:func:`record_headers` with ``reserved``), so it arrives back as it was sent.
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ from typing import Any, Protocol
 
 from amgi.servers.kit import (
     ATTEMPT_HEADER,
+    DEAD_LETTER_REASON_HEADER,
     ORIGINAL_ADDRESS_HEADER,
     PACKED_HEADER,
     PACKED_HEADER_BYTES,
     pack_header,
+    split_dead_letter_headers,
     unpack_header,
 )
 from amgi.transport import HeaderList, Message
@@ -35,11 +45,14 @@ from amgi.transport import HeaderList, Message
 __all__ = [
     "RETRY_DUE_HEADER",
     "RETRY_GROUP_HEADER",
+    "SERVER_HEADERS",
     "ClientRecord",
     "InternalHeaders",
     "message_from_record",
     "messages_from_records",
     "record_headers",
+    "retry_messages_from_records",
+    "split_dead_letter",
     "split_internal_headers",
 ]
 
@@ -49,6 +62,18 @@ RETRY_DUE_HEADER = b"amgi-retry-due"
 RETRY_GROUP_HEADER = b"amgi-retry-group"
 """On a record of a retry topic: the consumer group that made it. Every group of a topic
 shares its retry topic; each group takes only its own copies."""
+
+SERVER_HEADERS = frozenset(
+    {
+        ATTEMPT_HEADER,
+        ORIGINAL_ADDRESS_HEADER,
+        RETRY_DUE_HEADER,
+        RETRY_GROUP_HEADER,
+        DEAD_LETTER_REASON_HEADER,
+    }
+)
+"""The names the server gives a meaning to on its retry copies and dead letters: an
+application's own header of such a name travels packed on them."""
 
 RawHeaders = Iterable[tuple[str | bytes, bytes | None]] | None
 
@@ -81,8 +106,11 @@ def _as_bytes(value: str | bytes | None) -> bytes:
     return value
 
 
-def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
-    """Normalise ``raw`` headers to bytes and split off the attempt/retry headers."""
+def split_internal_headers(raw: RawHeaders, *, retry: bool = True) -> InternalHeaders:
+    """Normalise ``raw`` headers to bytes and split off the attempt/retry headers, and
+    unpack packed ones. ``retry=False`` (a record of a topic that is no retry topic):
+    only the attempt is the server's; a header named like a retry header is the
+    application's."""
     headers: HeaderList = []
     attempt = 1
     original: str | None = None
@@ -97,6 +125,8 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
                     attempt = max(1, int(v))
                 except ValueError:
                     attempt = 1
+            elif not retry and n in _RETRY:
+                headers.append((n, v))
             elif n == ORIGINAL_ADDRESS_HEADER:
                 original = v.decode("utf-8", "replace")
             elif n == RETRY_DUE_HEADER:
@@ -113,24 +143,18 @@ def split_internal_headers(raw: RawHeaders) -> InternalHeaders:
     return InternalHeaders(headers, attempt, original, due, group)
 
 
-_INTERNAL = frozenset(
-    {
-        ATTEMPT_HEADER,
-        ORIGINAL_ADDRESS_HEADER,
-        RETRY_DUE_HEADER,
-        RETRY_GROUP_HEADER,
-        PACKED_HEADER_BYTES,
-    }
-)
+_RETRY = frozenset({ORIGINAL_ADDRESS_HEADER, RETRY_DUE_HEADER, RETRY_GROUP_HEADER})
+_INTERNAL = frozenset({ATTEMPT_HEADER, PACKED_HEADER_BYTES})
+"""The names a record of a topic that is no retry topic gives a meaning to."""
 _PAIRS: dict[str | bytes, tuple[bytes, bytes]] = {}
-"""Per header name seen before (AMGI's own names never): the last ``(name, value)`` pair
+"""Per header name seen before (``_INTERNAL`` names never): the last ``(name, value)`` pair
 made for it. Tuples are immutable, so records whose header repeats the value (a content
 type, say) share one pair instead of allocating one each; a new value makes a new pair."""
 
 
 def _learn_headers(headers: Iterable[tuple[str | bytes, bytes | None]]) -> tuple[HeaderList, int]:
-    """Slow path of the mapping: new names, or AMGI's own headers."""
-    split = split_internal_headers(headers)
+    """Slow path of the mapping: new names, or ``_INTERNAL`` ones."""
+    split = split_internal_headers(headers, retry=False)
     if len(_PAIRS) < 10_000:
         for name, _ in headers:
             n = _as_bytes(name)
@@ -158,10 +182,12 @@ def _pairs(headers: RawHeaders) -> tuple[HeaderList, int]:
     return hdrs, 1
 
 
-def record_headers(headers: Iterable[tuple[str | bytes, bytes]]) -> list[tuple[str, bytes]]:
+def record_headers(
+    headers: Iterable[tuple[str | bytes, bytes]], reserved: frozenset[bytes] = frozenset()
+) -> list[tuple[str, bytes]]:
     """AMGI headers as Kafka record headers, whose names are UTF-8 text: a name that is
     not travels packed (:data:`~amgi.servers.kit.PACKED_HEADER`), not mangled, and so does
-    a header named like the packed one."""
+    a header named like the packed one, or one of ``reserved`` (bytes names)."""
     out: list[tuple[str, bytes]] = []
     for name, value in headers:
         text: str | None
@@ -172,8 +198,8 @@ def record_headers(headers: Iterable[tuple[str | bytes, bytes]]) -> list[tuple[s
                 text = name.decode()
             except UnicodeDecodeError:
                 text = None
-        if text is None or text == PACKED_HEADER:
-            raw = name.encode() if isinstance(name, str) else name
+        raw = name.encode() if isinstance(name, str) else name
+        if text is None or text == PACKED_HEADER or raw in reserved:
             out.append((PACKED_HEADER, pack_header(raw, value).encode()))
         else:
             out.append((text, value))
@@ -199,6 +225,17 @@ def message_from_record(
         "kafka": {"key": key, "partition": partition, "offset": offset, "timestamp": timestamp}
     }
     return Message(f"{topic}/{partition}/{offset}", hdrs, value, bindings, attempt, offset)
+
+
+def split_dead_letter(raw: RawHeaders) -> tuple[InternalHeaders, str]:
+    """A dead letter's headers: the application's (unpacked), its attempt and original
+    address, and the reason. The server's headers are taken before the packed ones are
+    unpacked, so an application's own header of such a name stays the application's."""
+    pairs = [(_as_bytes(n), _as_bytes(v)) for n, v in raw or ()]
+    own, reason, address = split_dead_letter_headers(pairs)
+    split = split_internal_headers(own, retry=False)
+    split.original_address = address or None
+    return split, reason
 
 
 class ClientRecord(Protocol):
@@ -247,4 +284,35 @@ def messages_from_records(
             }
         }
         append(Message(f"{prefix}{offset}", hdrs, r.value(), bindings, attempt, offset))
+    return out
+
+
+def retry_messages_from_records(
+    topic: str, partition: int, records: Sequence[ClientRecord]
+) -> list[Message]:
+    """:func:`messages_from_records` for the records of a retry topic (the server's own
+    copies), whose retry headers are the server's: split off, never the application's."""
+    out: list[Message] = []
+    for r in records:
+        offset = r.offset()
+        kind, ts = r.timestamp()
+        split = split_internal_headers(r.headers())
+        bindings = {
+            "kafka": {
+                "key": r.key(),
+                "partition": partition,
+                "offset": offset,
+                "timestamp": ts if kind else None,
+            }
+        }
+        out.append(
+            Message(
+                f"{topic}/{partition}/{offset}",
+                split.headers,
+                r.value(),
+                bindings,
+                split.attempt,
+                offset,
+            )
+        )
     return out

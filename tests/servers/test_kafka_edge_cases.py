@@ -1,0 +1,125 @@
+"""Kafka edge cases against the real test broker: application headers named like the
+server's own, retry and dead-letter topics of ``^regex`` addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.servers.kafka_helpers import (
+    create_topic,
+    ensure_broker,
+    fresh,
+    options,
+    produce,
+    read_all,
+    wait_committed,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+# Every name the Kafka server or the kit gives a meaning to, and two plain ones.
+LOOKALIKES = [
+    (b"trace", b"t1"),
+    (b"amgi-original-address", b"somewhere-else"),
+    (b"amgi-retry-due", b"99999999999999"),
+    (b"amgi-retry-group", b"not-this-group"),
+    (b"amgi-dead-letter-reason", b"app's own reason"),
+    (b"amgi-b64", b"not.packed"),
+    (b"trace", b"t2"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+def transport(topics: list[str], **overrides: Any) -> KafkaTransport:
+    return KafkaTransport(topics, KafkaOptions(**options(**overrides)))
+
+
+async def run_until(
+    app: App, kafka: KafkaTransport, done: Callable[[], bool], timeout: float = 30.0, **cfg: Any
+) -> None:
+    """Serve ``app`` until ``done()`` holds (polled), then stop gracefully."""
+    runtime = Runtime(app, kafka, RuntimeConfig(lifespan="off", **cfg))
+    server = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
+
+
+async def test_headers_named_like_the_servers_own_arrive_as_sent() -> None:
+    """Through a retry copy and into the dead letters too, and another client's raw
+    ones on an ordinary topic are headers, never retry metadata."""
+    source = create_topic(fresh("hdr-in"), partitions=1)
+    topic = create_topic(fresh("hdr"), partitions=1)
+    produce(source, [(None, b"go", [])])
+    # Another client's record on an ordinary topic with a raw `amgi-retry-due` far ahead
+    # and another group's `amgi-retry-group`: headers like any other, not retry metadata.
+    produce(topic, [(None, b"raw", [(k.decode(), v) for k, v in LOOKALIKES[:4]])])
+    received: list[tuple[bytes, int, list[tuple[bytes, bytes]]]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            if scope["address"] == source:
+                await send(
+                    {
+                        "type": "message.send",
+                        "address": topic,
+                        "headers": LOOKALIKES,
+                        "payload": b"sent",
+                    }
+                )
+                await send({"type": "message.ack", "id": event["id"]})
+                continue
+            assert scope["address"] == topic
+            attempt = event["bindings"]["amgi"]["attempt"]
+            received.append((event["payload"], attempt, list(event["headers"])))
+            if event["payload"] == b"sent":
+                await send({"type": "message.nack", "id": event["id"], "message": "no"})
+            else:
+                await send({"type": "message.ack", "id": event["id"]})
+
+    kafka = transport([source, topic])
+    await run_until(
+        app,
+        kafka,
+        lambda: sum(p == b"sent" for p, _, _ in received) >= 2,
+        max_attempts=2,
+        retry_delay=0.1,
+        retry_delay_max=0.2,
+    )
+    raw = [(p, a, h) for p, a, h in received if p == b"raw"]
+    assert raw == [(b"raw", 1, LOOKALIKES[:4])]
+    sent = [(a, h) for p, a, h in received if p == b"sent"]
+    assert sent == [(1, LOOKALIKES), (2, LOOKALIKES)]
+    # The dead letter keeps them too, and its reason and address are the server's.
+    wait_committed(kafka.config.group_id, f"{topic}.retry")
+    reader = transport([topic])
+    await reader.connect()
+    try:
+        [letter] = await reader.list_dead_letters(topic, 10)
+    finally:
+        await reader.close()
+    assert (letter.address, letter.reason, letter.attempts) == (topic, "no", 2)
+    assert letter.headers == LOOKALIKES
+    assert len(read_all(f"{topic}.dlq", 1)) == 1
