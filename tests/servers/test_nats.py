@@ -368,6 +368,68 @@ async def test_a_dead_letter_over_the_max_payload_keeps_the_connection(
     assert "over the server's max_payload" in caplog.text
 
 
+@pytest.mark.parametrize("limit", ["stream max_msg_size", "server max_payload"])
+async def test_a_dead_letter_refused_for_good_waits_long_with_one_line_and_is_not_lost(
+    subject: str, limit: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead letter the broker refuses for what it is (over the dead-letter stream's
+    max_msg_size: 400; over max_payload: never published) was -NAKed with --ack-wait as
+    delay: tried again and refused every ack wait, with error lines, for ever. Now it is
+    -NAKed with a long delay (an hour; shortened here) and one line saying where it stays;
+    once the limit is raised, it comes back and is dead-lettered."""
+    import nats
+    from nats.js import api
+
+    from amgi.servers.nats import _jetstream
+
+    monkeypatch.setattr(_jetstream, "_REFUSED_DELAY", 3.0, raising=False)
+    tag = fresh("dl")
+    dead_stream = f"AMGI_TEST_{tag.replace('-', '_')}"
+    admin = await nats.connect(URL)
+    jsm = admin.jsm()
+    config = api.StreamConfig(
+        name=dead_stream,
+        subjects=[f"{PREFIX}-{tag}.>"],
+        storage=api.StorageType.MEMORY,
+        max_msg_size=64,
+        max_age=600,
+    )
+    await jsm.add_stream(config)
+    durable = fresh("d")
+    options = NatsOptions(
+        servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=1,
+        dead_letter_subject=f"{PREFIX}-{tag}.{{subject}}",
+    )  # fmt: skip
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        size = t._client.max_payload - 100 if limit == "server max_payload" else 10
+        await t.publish(subject, [], b"x" * size, {})
+        (poison,) = await fetch_all(t, 1)
+        await t.settle(Batch(subject, [poison]), Settlement(dead=[DeadLetter(poison, "no")]))
+        with pytest.raises(TimeoutError):  # it came back after the 1 s ack wait
+            await asyncio.wait_for(fetch_all(t, 1), 2.0)
+        info = await consumer_state(STREAM, durable)
+        assert (info.num_ack_pending, info.num_redelivered) == (1, 0), "not acked, not lost"
+        lines = [r.getMessage() for r in caplog.records if "cannot be dead-lettered" in r.message]
+        assert len(lines) == 1, lines
+        assert f"in stream {STREAM!r} (sequence {poison.id})" in lines[0]
+        assert ("exceeds maximum" if limit == "stream max_msg_size" else "max_payload") in lines[0]
+        if limit == "stream max_msg_size":
+            config.max_msg_size = -1
+            await jsm.update_stream(config)
+            (again,) = await fetch_all(t, 1)
+            assert (again.id, again.attempt) == (poison.id, 2)
+            await t.settle(Batch(subject, [again]), Settlement(dead=[DeadLetter(again, "no")]))
+            ((_, payload, _),) = await read_subject(f"{PREFIX}-{tag}.{subject}", 1, 3)
+            assert payload == b"x" * size
+            assert (await consumer_state(STREAM, durable)).num_ack_pending == 0
+    finally:
+        await t.close()
+        await jsm.delete_stream(dead_stream)
+        await admin.close()
+
+
 async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> None:
     def decide(r: Received) -> str:
         return "ack" if r.payload == b"fine" else "nack:no"

@@ -23,6 +23,15 @@ logger = logging.getLogger("amgi.servers.nats")
 
 _NAME_UNSAFE = re.compile(r"[.*>\s/\\]")
 
+_REFUSED_DELAY = 3600.0
+"""Seconds before a message whose dead letter the broker refused for good comes back (at
+least ``--ack-wait``): each try would fail the same way until someone raises the limit."""
+
+
+class _Refused(Exception):
+    """A dead letter the broker will never store as it is (over a size limit, or another
+    request it refuses as bad: 400)."""
+
 
 class Consumers:
     """One durable pull consumer per subject, read one fetch at a time."""
@@ -172,7 +181,22 @@ class Consumers:
                 return_exceptions=True,
             )
             for (m, subject, _), result in zip(dead, results, strict=True):
-                if isinstance(result, BaseException):
+                if isinstance(result, _Refused):
+                    delay = max(_REFUSED_DELAY, self.options.ack_wait)
+                    where = m.bindings["nats"]
+                    logger.error(
+                        "message %s cannot be dead-lettered to %r: %s; it stays unacknowledged "
+                        "in stream %r (sequence %s) and is tried again in %gs (raise the "
+                        "limit, or take it out of the stream)",
+                        m.id,
+                        subject,
+                        result,
+                        where["stream"],
+                        where["sequence"],
+                        delay,
+                    )
+                    await m.token.nak(delay=delay)
+                elif isinstance(result, BaseException):
                     logger.error(
                         "could not dead-letter message %s to %r (%s); it comes back later",
                         m.id,
@@ -185,10 +209,19 @@ class Consumers:
         await self.client.flush(self.options.ack_wait)
 
     async def _dead_letter(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        from nats.js import errors as js_errors
+
         too_big = over_max_payload(self.client.max_payload, payload, headers)
         if too_big:  # published, the server would close the connection
-            raise ValueError(too_big)
-        await self.js.publish(subject, payload, headers=headers)
+            raise _Refused(too_big)
+        try:
+            await self.js.publish(subject, payload, headers=headers)
+        except js_errors.APIError as exc:
+            # 400: refused for what it is (e.g. over the stream's max_msg_size), not for
+            # the stream's state (full: 503) or a missing stream; the same every time.
+            if exc.code == 400:
+                raise _Refused(f"the stream refused it: {exc.description or exc}") from None
+            raise
 
     async def touch(self, messages: list[Message]) -> None:
         for m in messages:
