@@ -795,3 +795,133 @@ async def test_a_message_the_client_cannot_read_does_not_make_the_server_reconne
     finally:
         await transport.close()
     assert 1 <= reconnects <= 6  # 0.1 + 0.2 + 0.4 + 0.8 + 1 ... s apart
+
+
+class _PausableProxy:
+    """A TCP relay to the broker whose client-to-broker direction can be paused: the
+    broker reads nothing of that connection meanwhile, as when it blocks a publisher
+    (a memory or disk alarm), without blocking the other tests' connections."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", 5672)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gated: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if gated:
+                        await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, upstream_writer, True)),
+            asyncio.create_task(pipe(upstream_reader, writer, False)),
+        ):
+            self._pipes.add(task)
+
+    async def close(self) -> None:
+        self.flowing.set()
+        if self._server is not None:
+            self._server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+async def test_a_retry_the_broker_nacks_stays_unacked_and_is_retried_not_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The retry queue refuses new messages for a while (a policy of max-length 0 with
+    overflow reject-publish: the broker nacks the copy). The broker's refusal is not
+    the message's fault: it used to fall through to the dead letters at its first
+    attempt. It stays unacked and its retry is published once the broker takes it."""
+    from tests.servers.test_amqp_support import rabbitmqctl
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    policy = f"{queue}-full"
+    definition = '{"max-length":0,"overflow":"reject-publish"}'
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"innocent", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        pattern = "^" + re.escape(f"{queue}.retry.")
+        await rabbitmqctl("set_policy", "--apply-to", "queues", policy, pattern, definition)
+        try:
+            async with asyncio.timeout(5):
+                await transport.settle(
+                    batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)])
+                )
+            await asyncio.sleep(0.7)  # the first try in the background was nacked too
+        finally:
+            await rabbitmqctl("clear_policy", policy)
+        assert await queue_depth(f"{queue}.dead-letter") == 0
+        async with asyncio.timeout(10):
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"innocent", 2)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+    assert await queue_depth(f"{queue}.dead-letter") == 0
+    assert await queue_depth(queue) == 0
+    assert any("could not be published for now" in r.getMessage() for r in caplog.records)
+    assert not any("dead-lettering it" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lettered() -> None:
+    """The broker reads nothing of the connection for a while (as when it blocks
+    publishers in a memory or disk alarm): the retry copy's confirm timed out and the
+    message fell through to the dead letters, which landed once the broker read on,
+    with the retry copy beside them. Now it stays unacked, and the next tries wait for
+    the confirm of the copy already sent instead of sending another."""
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=url, linger=0.01, confirm_timeout=0.3))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"innocent", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+            # A first retry declares the retry queue while the broker still reads.
+            await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)]))
+            [batch] = await transport.fetch()
+        assert [m.attempt for m in batch.messages] == [2]
+        proxy.flowing.clear()
+        try:
+            async with asyncio.timeout(5):
+                await transport.settle(
+                    batch, Settlement(retry=[Retry(batch.messages[0], "b", 0.05)])
+                )
+            await asyncio.sleep(1.5)  # two tries in the background time out too
+        finally:
+            proxy.flowing.set()
+        async with asyncio.timeout(10):
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"innocent", 3)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(1.0)  # time for a second copy to show
+        assert not transport._buffer
+    finally:
+        await transport.close()
+        await proxy.close()
+    assert await queue_depth(f"{queue}.dead-letter") == 0
+    assert await queue_depth(queue) == 0

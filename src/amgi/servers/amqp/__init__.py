@@ -18,7 +18,9 @@ nack (retry)       republished (confirmed) to ``<queue>.retry.<ms>``, a queue wi
 nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the queue as
                    routing key (bound to ``<queue>.dead-letter``) and the reason header
 refused copy       a retry the broker refuses (its retry queue exists with another
-                   TTL, access refused ...) is dead-lettered instead; a refused dead
+                   TTL, access refused ...) is dead-lettered instead; one it cannot take
+                   for now (no confirm in time, a nack, a channel closed over another
+                   copy) stays unacked and is tried again with backoff; a refused dead
                    letter stays unacked and is tried again with backoff in the
                    background
                    (``amgi.servers.kit.move_aside``)
@@ -57,6 +59,7 @@ from amgi.servers.amqp._client import (
     _check_queue_name,
     _header_overflow,
     _header_room,
+    _Nacked,
     _refused_another,
     _reply_text,
     _url_login,
@@ -83,7 +86,7 @@ from amgi.servers.kit import (
 from amgi.transport import Batch, Bindings, HeaderList, Message, Retry, Settlement, Transport
 
 if TYPE_CHECKING:
-    pass
+    from aiormq.abc import AbstractChannel
 
 __all__ = [
     "AmqpOptions",
@@ -112,6 +115,12 @@ frame (``frame_max``, 128 KiB), and a larger one made the broker close the conne
 # -- the transport ------------------------------------------------------------------------
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark the outcome of a copy's confirm seen (no try may be left to wait for it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _check_user_id(user_id: str | None, url: str) -> None:
     """RabbitMQ closes the channel over a ``user-id`` property other than the user the
     connection logged in as: refuse it here (unless the login is not the URL's, e.g.
@@ -121,6 +130,37 @@ def _check_user_id(user_id: str | None, url: str) -> None:
     login = _url_login(url)
     if login is not None and user_id != login:
         raise ValueError(f"userId {user_id!r} is not the user this server logs in as ({login!r})")
+
+
+class _NotYet(AmqpSendError):
+    """A retry copy the broker could not take for now: not the message's fault."""
+
+
+def _for_now(exc: Exception, size: int) -> bool:
+    """Whether a retry copy of ``size`` body bytes failed with ``exc`` for a reason that
+    may pass: no confirm (or declaration) in time, a ``basic.nack``, a channel closed
+    over another copy, a lost connection. Not: a refusal of this copy (its retry queue
+    exists with another TTL, access refused, too large)."""
+    from aiormq import exceptions as amqp_errors
+
+    if isinstance(exc, AmqpSendError):
+        return isinstance(exc, _Nacked)
+    if isinstance(exc, amqp_errors.PublishError):  # unroutable even once declared again
+        return False
+    if isinstance(exc, amqp_errors.ChannelClosed):
+        text = _reply_text(exc)
+        ours = "exchange ''" in text or "exchange 'amq.default'" in text
+        return not ours and _refused_another(exc, "amq.default", size)
+    return isinstance(
+        exc,
+        (
+            TimeoutError,
+            amqp_errors.DeliveryError,  # basic.nack
+            amqp_errors.ChannelInvalidStateError,
+            amqp_errors.AMQPConnectionError,
+            ConnectionError,
+        ),
+    )
 
 
 class AmqpTransport(DeadLetters, AmqpClient, Transport):
@@ -140,6 +180,9 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         self._init_client()
         self._moves = DelayedRepublisher("amqp")
         """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
+        self._unconfirmed: dict[Message, asyncio.Task[None]] = {}
+        """Retry copies published but not confirmed in time: the next try of one waits
+        for its confirm again instead of publishing a second copy."""
         self.counts_deliveries = self.config.queue_type == "quorum"
         """Quorum queues count every delivery (``x-delivery-count``), crashes included;
         classic queues only flag a redelivery, so there the crash ledger bounds a loop."""
@@ -167,6 +210,9 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     async def close(self) -> None:
         self._closed = True
         await self._moves.close(timeout=1.0)  # their messages stay unacked
+        for task in self._unconfirmed.values():
+            task.cancel()
+        self._unconfirmed.clear()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -270,10 +316,13 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
             address=consumer.queue,
             give_up=give_up,
+            transient=lambda exc: isinstance(exc, _NotYet),
         )
 
     async def _move_later(self, batch: Batch, consumer: _Channel, left: Settlement) -> None:
         stranded = await self._move(consumer, left, lambda: self._gone(consumer))
+        for message in stranded:  # the channel closed: the broker redelivers them
+            self._unconfirmed.pop(message, None)
         if not stranded:
             await self._ack_batch(batch, consumer)
 
@@ -295,18 +344,51 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
         retry_queue = f"{queue}.retry.{delay_ms}"
         attempt = message.attempt + (not retry.uncounted)
         headers = retry_headers(message.headers, attempt=attempt)
-        for again in (False, True):
-            if retry_queue not in self._retry_queues:
-                await self._declare_retry_queue(retry_queue, queue, delay_ms)
-            channel = await self._channel("moves")
-            self._check_held(consumer)
-            try:
-                await self._confirm(channel, message.token, "", retry_queue, headers)
-                return
-            except amqp_errors.PublishError:  # unroutable: the queue was deleted since
-                if again:
-                    raise
-                self._retry_queues.discard(retry_queue)
+        try:
+            for again in (False, True):
+                if retry_queue not in self._retry_queues:
+                    await self._declare_retry_queue(retry_queue, queue, delay_ms)
+                channel = await self._channel("moves")
+                self._check_held(consumer)
+                try:
+                    await self._confirm_retry(channel, message, retry_queue, headers)
+                    return
+                except amqp_errors.PublishError:  # unroutable: the queue was deleted since
+                    if again:
+                        raise
+                    self._retry_queues.discard(retry_queue)
+        except Exception as exc:
+            if not (self._gone(consumer) or _for_now(exc, len(message.token.body))):
+                raise  # refused: the message goes to the dead letters
+            if isinstance(exc, TimeoutError):
+                raise _NotYet(
+                    f"amqp: no answer from the broker about the copy for {retry_queue!r} "
+                    f"within {self.config.confirm_timeout}s (is it blocking publishers: a "
+                    "memory or disk alarm?)"
+                ) from None
+            raise _NotYet(
+                f"amqp: the broker did not take the copy for {retry_queue!r}: "
+                f"{str(exc) or type(exc).__name__}"
+            ) from None
+
+    async def _confirm_retry(
+        self, channel: AbstractChannel, message: Message, retry_queue: str, headers: HeaderList
+    ) -> None:
+        """Publish the retry copy of ``message`` and wait up to ``confirm_timeout`` for
+        its confirm. A copy not confirmed in time may still reach the queue (a broker
+        blocking publishers reads it once the alarm clears): the next try waits for that
+        confirm again rather than publishing another copy."""
+        task = self._unconfirmed.get(message)
+        if task is None:
+            copy = self._confirm(channel, message.token, "", retry_queue, headers, forever=True)
+            task = self._unconfirmed[message] = asyncio.ensure_future(copy)
+            task.add_done_callback(_retrieved)
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout):
+                await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._unconfirmed.pop(message, None)
 
     async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
         queue = consumer.queue

@@ -47,6 +47,11 @@ class AmqpSendError(SendError):
     """A publish was not confirmed by the broker (unroutable, nacked, connection lost)."""
 
 
+class _Nacked(AmqpSendError):
+    """The broker answered a publish with ``basic.nack`` (a queue full with overflow
+    ``reject-publish``, an internal error): it may take the same message later."""
+
+
 @dataclass(slots=True, eq=False)
 class _Channel:
     """The consuming channel of one queue, with its acknowledgement watermark.
@@ -92,7 +97,7 @@ def _check_confirm(result: object) -> None:
     from pamqp.commands import Basic
 
     if not isinstance(result, Basic.Ack):
-        raise AmqpSendError("the broker did not confirm the message (basic.nack)")
+        raise _Nacked("the broker did not confirm the message (basic.nack)")
 
 
 @functools.lru_cache(maxsize=16)
@@ -410,7 +415,11 @@ class AmqpClient:
         exchange: str,
         routing_key: str,
         headers: HeaderList,
+        *,
+        forever: bool = False,
     ) -> None:
+        """Publish a copy of ``delivered`` and wait for its confirm: up to the
+        ``confirm_timeout``, or with ``forever`` until it comes (or the channel closes)."""
         properties = self._copy_properties(delivered, headers)
         overflow = _header_overflow(channel, properties)
         if overflow is not None:
@@ -421,7 +430,7 @@ class AmqpClient:
             routing_key=routing_key,
             properties=properties,
             mandatory=True,
-            timeout=self.config.confirm_timeout,
+            timeout=None if forever else self.config.confirm_timeout,
         )
         _check_confirm(result)
 
@@ -451,28 +460,36 @@ class AmqpClient:
         )
 
     async def _declare_retry_queue(self, retry_queue: str, queue: str, delay_ms: int) -> None:
-        """Declare a retry queue on a channel of its own: a refusal closes only that one."""
+        """Declare a retry queue on a channel of its own: a refusal closes only that one
+        (:class:`AmqpSendError`). No answer within ``confirm_timeout`` (a broker blocking
+        the connection) raises ``TimeoutError``, a lost connection the client's error."""
+        from aiormq import exceptions as amqp_errors
+
         connection = self._connection
         if connection is None:
             raise AmqpSendError("amqp: not connected to the broker")
-        channel = await connection.channel(publisher_confirms=False)
+        channel: AbstractChannel | None = None
         try:
-            await channel.queue_declare(
-                retry_queue,
-                durable=True,
-                arguments={
-                    "x-message-ttl": delay_ms,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue,
-                },
-            )
-        except Exception as exc:
+            async with asyncio.timeout(self.config.confirm_timeout):
+                channel = await connection.channel(publisher_confirms=False)
+                await channel.queue_declare(
+                    retry_queue,
+                    durable=True,
+                    arguments={
+                        "x-message-ttl": delay_ms,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": queue,
+                    },
+                )
+        except amqp_errors.ChannelClosed as exc:
             raise AmqpSendError(
                 f"amqp: cannot declare the retry queue {retry_queue!r}: {_reply_text(exc)}"
             ) from None
         finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self.config.confirm_timeout):
+                        await channel.close()
         self._retry_queues.add(retry_queue)
 
     async def _probe_exchange(self, exchange: str) -> str | None:

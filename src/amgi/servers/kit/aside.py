@@ -7,7 +7,11 @@ a hot loop: the attempt number travels only in the copy, so the message would co
 back at the same attempt, forever. One rule for every such server:
 
 * A retry whose copy the broker refuses goes to the dead letters instead, at its
-  current attempt, with a reason that says the retry could not be published.
+  current attempt, with a reason that says the retry could not be published. But a
+  copy the broker could not take for the moment (``transient(exc)``: no confirm in
+  time, a broker nack, a channel closed over another copy) is no fault of the
+  message: it stays unacknowledged and its retry is tried again, like a refused dead
+  letter below.
 * A dead letter the broker refuses stays unacknowledged and is tried again (the retry
   copy first when it was a retry) after a doubling delay, with an ERROR line per try,
   until it is published or the server gives up on it (connection, partition or server
@@ -41,13 +45,16 @@ async def move_aside(
     address: str,
     give_up: Callable[[], bool] = lambda: False,
     backoff: Backoff | None = None,
+    transient: Callable[[Exception], bool] = lambda exc: False,
 ) -> list[Message]:
     """Publish the copies of ``settlement.retry`` and ``settlement.dead``.
 
     ``retry(r)`` and ``dead(d)`` publish one copy and raise an ``Exception`` (the
     server's send error) when the broker did not take it. Returns once every message is
     moved; returns the messages not moved only when ``give_up()`` turned true between
-    tries (acknowledge none of them). Cancellation leaves them unmoved too.
+    tries (acknowledge none of them). Cancellation leaves them unmoved too. A retry
+    whose ``retry(r)`` raised an exception ``transient`` accepts is not dead-lettered:
+    it stays pending, its retry tried again after the backoff.
     """
     pending: list[tuple[Retry | None, DeadLetter]] = [
         (r, DeadLetter(r.message, r.reason)) for r in settlement.retry
@@ -57,7 +64,9 @@ async def move_aside(
         return []
     backoff = backoff or Backoff(FIRST_DELAY, MAX_DELAY)
     while True:
-        results = await asyncio.gather(*(_move(r, d, retry, dead, address) for r, d in pending))
+        results = await asyncio.gather(
+            *(_move(r, d, retry, dead, address, transient) for r, d in pending)
+        )
         pending = [p for p, moved in zip(pending, results, strict=True) if not moved]
         if not pending:
             return []
@@ -82,12 +91,22 @@ async def _move(
     retry: Callable[[Retry], Awaitable[None]],
     dead: Callable[[DeadLetter], Awaitable[None]],
     address: str,
+    transient: Callable[[Exception], bool],
 ) -> bool:
     if r is not None:
         try:
             await retry(r)
             return True
         except Exception as exc:
+            if transient(exc):
+                logger.error(
+                    "message %s of %r: its retry could not be published for now (%s); "
+                    "it stays unacknowledged",
+                    r.message.id,
+                    address,
+                    exc,
+                )
+                return False
             d.reason = f"{r.reason} (its retry could not be published: {exc})"
             logger.error(
                 "message %s of %r: its retry could not be published (%s); dead-lettering it",
