@@ -9,10 +9,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from tests.servers.kafka_helpers import (
+    BOOTSTRAP,
     create_topic,
     ensure_broker,
     fresh,
@@ -123,3 +125,34 @@ async def test_headers_named_like_the_servers_own_arrive_as_sent() -> None:
     assert (letter.address, letter.reason, letter.attempts) == (topic, "no", 2)
     assert letter.headers == LOOKALIKES
     assert len(read_all(f"{topic}.dlq", 1)) == 1
+
+
+def partitions_of(topic: str) -> int:
+    metadata = AdminClient({"bootstrap.servers": BOOTSTRAP}).list_topics(timeout=10)
+    found = metadata.topics.get(topic)
+    return 0 if found is None or found.error is not None else len(found.partitions)
+
+
+async def test_a_pattern_address_gets_retry_and_dead_letter_topics_for_matching_topics() -> None:
+    """Made when a matching topic is first assigned, with its partitions, and the retry
+    copies arrive at once (the pattern subscription took in the retry topic only at
+    librdkafka's next metadata refresh, 5 minutes on: the copies were stuck till then)."""
+    stem = fresh("rx")
+    topic = create_topic(f"{stem}-a", partitions=2)
+    produce(topic, [(b"k", b"bad", [])])
+    attempts: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        event = await receive()
+        assert scope["address"] == topic
+        attempts.append(event["bindings"]["amgi"]["attempt"])
+        await send({"type": "message.nack", "id": event["id"], "message": "no"})
+
+    kafka = transport([f"^{stem}-.*"])
+    await run_until(
+        app, kafka, lambda: len(attempts) >= 2, timeout=15, max_attempts=2, retry_delay=0.1
+    )
+    assert attempts == [1, 2]
+    [dead] = read_all(f"{topic}.dlq", 1)
+    assert dead.value() == b"bad"
+    assert (partitions_of(f"{topic}.retry"), partitions_of(f"{topic}.dlq")) == (2, 2)

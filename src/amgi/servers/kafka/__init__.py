@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 
 from amgi.errors import ConfigurationError, SendError
 from amgi.servers.kafka._client import (
+    _TOPIC_NAME,
     KafkaSendError,
     _BatchContext,
     _escape,
@@ -64,9 +65,6 @@ from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.options import KafkaOptions
 from amgi.servers.kit import DelayedRepublisher, redact, unmoved, whole_number
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
-
-_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
-"""What a Kafka broker accepts as a topic name."""
 
 _MAX_PARTITION = 2**31 - 1
 """Partitions are numbered by a signed 32-bit int on the wire."""
@@ -193,6 +191,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                         "set --retry-topic / --dead-letter-topic"
                     )
         self._retry_topics = {self._retry_name(t): t for t in literal}
+        self._prepared = set(literal)
         self._dead_re = re.compile(
             "|".join(_template_regex(self.config.dead_letter_topic, _escape(t)) for t in literal)
             or "(?!)"
@@ -216,6 +215,11 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         with self._lock:
             self._lock.notify_all()
         await self._moves.close(timeout=1.0)  # their records stay uncommitted
+        preparing = set(self._preparing.values())
+        for task in preparing:
+            task.cancel()
+        if preparing:
+            await asyncio.wait(preparing)
         loop = asyncio.get_running_loop()
         if self._poll_future is not None:
             await asyncio.wait([self._poll_future])

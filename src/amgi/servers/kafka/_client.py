@@ -27,6 +27,9 @@ TopicPartition = tuple[str, int]
 _METADATA_SLICE = 0.5
 """Seconds per metadata request while connecting (see ``_metadata``)."""
 
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+"""What a Kafka broker accepts as a topic name."""
+
 
 class KafkaSendError(SendError):
     """A record could not be produced to Kafka."""
@@ -99,6 +102,12 @@ class KafkaClient:
         self._retry_topics: dict[str, str] = {}
         self._retry_re: re.Pattern[str] | None = None
         self._dead_re: re.Pattern[str] | None = None
+        self._prepared: set[str] = set()
+        """Topics whose retry and dead-letter topics were seen to (a pattern address's
+        matching topics join when first assigned: ``_prepare_matched``)."""
+        self._preparing: dict[str, asyncio.Task[None]] = {}
+        """The ``_prepare_matched`` under way, by topic: a retry copy or dead letter of
+        the topic waits for it (``_republish``)."""
         self._cooperative = False
         """A cooperative assignor (``--config partition.assignment.strategy``, which
         cannot mix it with eager ones) hands partitions out and back incrementally."""
@@ -205,7 +214,9 @@ class KafkaClient:
                 self._client_errors.connecting = False
                 return metadata
 
-    async def _create_topics(self, metadata: Any, topics: list[str]) -> None:
+    async def _create_topics(self, metadata: Any, topics: list[str]) -> bool:
+        """Create the missing retry and dead-letter topics of ``topics``, each with its
+        topic's partitions; whether one was created."""
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
         from confluent_kafka.cimpl import NewTopic
@@ -218,16 +229,92 @@ class KafkaClient:
                 if derived not in metadata.topics:
                     wanted[derived] = partitions
         if not wanted:
-            return
+            return False
         admin = AdminClient(self._common_config())
         futures = admin.create_topics([NewTopic(t, n) for t, n in wanted.items()])
+        created = False
         for topic, fut in futures.items():
             try:
                 await asyncio.wrap_future(fut)
             except KafkaException as exc:
                 if exc.args and exc.args[0].name() == "TOPIC_ALREADY_EXISTS":
+                    created = True  # perhaps just now, by another member of the group
                     continue
                 logger.warning("could not create Kafka topic %r: %s", topic, exc)
+            else:
+                created = True
+        return created
+
+    def _prepare_matched_soon(self, topics: list[str]) -> None:
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._prepare_matched(topics))
+        for topic in topics:
+            self._preparing[topic] = task
+
+        def done(_: object) -> None:
+            for topic in topics:
+                if self._preparing.get(topic) is task:
+                    del self._preparing[topic]
+
+        task.add_done_callback(done)
+
+    async def _prepare_matched(self, topics: list[str]) -> None:
+        """Create the retry and dead-letter topics of ``topics`` (matched by a pattern
+        address, first assigned now) unless ``--no-create-topics``, then have the consumer
+        ask for the topics at once: its pattern subscription takes in a retry topic
+        created after it subscribed only then (else at librdkafka's next metadata
+        refresh, 5 minutes by default), and until then retry copies were stuck there.
+        A topic whose retry or dead-letter name is no topic name, or that is missing with
+        ``--no-create-topics``, is an error in the log."""
+        usable = []
+        for topic in topics:
+            names = (self._retry_name(topic), self._dead_name(topic))
+            bad = [n for n in names if not _TOPIC_NAME.fullmatch(n)]
+            if bad:
+                logger.error(
+                    "the retry or dead-letter topic of %r would be %r, not a valid Kafka "
+                    "topic name: its nacked records cannot be retried or dead-lettered "
+                    "(set --retry-topic / --dead-letter-topic)",
+                    topic,
+                    bad[0][:60],
+                )
+            else:
+                usable.append(topic)
+        if not usable or self._producer is None:
+            return
+        try:
+            metadata = await self._metadata(self._producer)
+            usable = [t for t in usable if t in metadata.topics]
+            if not self.config.create_topics:
+                for topic in usable:
+                    missing = [
+                        n
+                        for n in (self._retry_name(topic), self._dead_name(topic))
+                        if n not in metadata.topics
+                    ]
+                    if missing:
+                        logger.error(
+                            "Kafka topic %s of %r (matched by a pattern address) does not "
+                            "exist and --no-create-topics is set: its nacked records wait "
+                            "until it is created",
+                            " and ".join(repr(n) for n in missing),
+                            topic,
+                        )
+                return
+            if await self._create_topics(metadata, usable) and self._consumer is not None:
+                consumer = self._consumer
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(
+                    None,
+                    functools.partial(consumer.list_topics, timeout=self.config.connect_timeout),
+                )
+        except Exception as exc:  # the log is where this can fail loudly
+            logger.error(
+                "could not make the retry and dead-letter topics of %s: %s",
+                ", ".join(repr(t) for t in usable),
+                exc,
+            )
 
     def _retry_name(self, topic: str) -> str:
         return self.config.retry_topic.replace("{topic}", topic)

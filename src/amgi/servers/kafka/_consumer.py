@@ -7,6 +7,7 @@ records are on hand and no batch is unsettled, the consumer thread otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Hashable
@@ -59,6 +60,26 @@ class Consuming(KafkaClient):
             consumer.resume(live)
         if dead:
             consumer.pause(dead)
+        if self._retry_re is not None:  # a pattern address: topics may join at any time
+            self._matched_assigned([tp.topic for tp in partitions])
+
+    def _matched_assigned(self, topics: list[str]) -> None:
+        """Partitions of ``topics`` were assigned (the thread driving the consumer): the
+        source topics among them that a pattern address matched and that are new get
+        their retry and dead-letter topics made, on the event loop."""
+        new = [
+            t
+            for t in dict.fromkeys(topics)
+            if t not in self._prepared
+            and not self._is_retry_topic(t)
+            and not self._is_dead_letter_topic(t)
+        ]
+        loop = self._loop
+        if not new or loop is None:
+            return
+        self._prepared.update(new)
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing is consumed now
+            loop.call_soon_threadsafe(self._prepare_matched_soon, new)
 
     def _start_offsets(self, consumer: Any, partitions: list[Any]) -> list[Any]:
         """The partitions at their committed offsets, else at the reset end, as numbers.

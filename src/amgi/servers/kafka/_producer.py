@@ -93,6 +93,9 @@ class Producing(KafkaClient):
         """Copy retries and dead letters (kit rule); the messages that could not be moved."""
         original = address.encode()
         group = self.config.group_id.encode()
+        preparing = self._preparing.get(address)
+        if preparing is not None:  # a topic matched by a pattern, its topics being made
+            await asyncio.wait([preparing])
 
         async def retry(r: Retry) -> None:
             m = r.message
