@@ -45,8 +45,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from amgi.servers.amqp._client import (
     COPY_ROOM,
@@ -58,8 +57,6 @@ from amgi.servers.amqp._client import (
     _check_confirm,
     _check_queue_name,
     _header_overflow,
-    _header_room,
-    _Nacked,
     _refused_another,
     _reply_text,
     _url_login,
@@ -73,20 +70,10 @@ from amgi.servers.amqp._codec import (
     unique_ids,
 )
 from amgi.servers.amqp._dead_letters import DeadLetters
+from amgi.servers.amqp._moves import Moves
 from amgi.servers.amqp.options import AmqpOptions
-from amgi.servers.kit import (
-    DelayedRepublisher,
-    dead_letter_headers,
-    encode_text,
-    mask_url,
-    move_aside,
-    retry_headers,
-    unmoved,
-)
-from amgi.transport import Batch, Bindings, HeaderList, Message, Retry, Settlement, Transport
-
-if TYPE_CHECKING:
-    from aiormq.abc import AbstractChannel
+from amgi.servers.kit import mask_url, unmoved
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = [
     "AmqpOptions",
@@ -103,22 +90,7 @@ logger = logging.getLogger("amgi.servers.amqp")
 _CANCEL_TIMEOUT = 5.0
 """Seconds a ``basic.cancel`` at the stop may take."""
 
-_REASON_MAX = 4000
-"""Characters of a nack reason a dead letter's header keeps: the headers travel in one
-frame (``frame_max``, 128 KiB), and a larger one made the broker close the connection."""
-
-# Headers the broker adds when our retry queues dead-letter a message back: bookkeeping
-# of the retry mechanism, not part of the message the app sent.
-# -- headers and bindings -----------------------------------------------------------------
-
-
 # -- the transport ------------------------------------------------------------------------
-
-
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """Mark the outcome of a copy's confirm seen (no try may be left to wait for it)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _check_user_id(user_id: str | None, url: str) -> None:
@@ -132,40 +104,9 @@ def _check_user_id(user_id: str | None, url: str) -> None:
         raise ValueError(f"userId {user_id!r} is not the user this server logs in as ({login!r})")
 
 
-class _NotYet(AmqpSendError):
-    """A retry copy the broker could not take for now: not the message's fault."""
-
-
-def _for_now(exc: Exception, size: int) -> bool:
-    """Whether a retry copy of ``size`` body bytes failed with ``exc`` for a reason that
-    may pass: no confirm (or declaration) in time, a ``basic.nack``, a channel closed
-    over another copy, a lost connection. Not: a refusal of this copy (its retry queue
-    exists with another TTL, access refused, too large)."""
-    from aiormq import exceptions as amqp_errors
-
-    if isinstance(exc, AmqpSendError):
-        return isinstance(exc, _Nacked)
-    if isinstance(exc, amqp_errors.PublishError):  # unroutable even once declared again
-        return False
-    if isinstance(exc, amqp_errors.ChannelClosed):
-        text = _reply_text(exc)
-        ours = "exchange ''" in text or "exchange 'amq.default'" in text
-        return not ours and _refused_another(exc, "amq.default", size)
-    return isinstance(
-        exc,
-        (
-            TimeoutError,
-            amqp_errors.DeliveryError,  # basic.nack
-            amqp_errors.ChannelInvalidStateError,
-            amqp_errors.AMQPConnectionError,
-            ConnectionError,
-        ),
-    )
-
-
-class AmqpTransport(DeadLetters, AmqpClient, Transport):
-    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ); lists and replays dead
-    letters (:mod:`._dead_letters`)."""
+class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
+    """The AMGI transport of an AMQP 0-9-1 broker (RabbitMQ); moves nacked messages aside
+    (:mod:`._moves`), lists and replays dead letters (:mod:`._dead_letters`)."""
 
     name = "amqp"
     options = AmqpOptions
@@ -178,11 +119,7 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     def __init__(self, addresses: Sequence[str], options: AmqpOptions | None = None) -> None:
         super().__init__(addresses, options or AmqpOptions())
         self._init_client()
-        self._moves = DelayedRepublisher("amqp")
-        """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
-        self._unconfirmed: dict[Message, asyncio.Task[None]] = {}
-        """Retry copies published but not confirmed in time: the next try of one waits
-        for its confirm again instead of publishing a second copy."""
+        self._init_moves()
         self.counts_deliveries = self.config.queue_type == "quorum"
         """Quorum queues count every delivery (``x-delivery-count``), crashes included;
         classic queues only flag a redelivery, so there the crash ledger bounds a loop."""
@@ -203,16 +140,13 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
     async def connect(self) -> None:
         self.check()
         self._closed = False
-        self._moves = DelayedRepublisher("amqp")
+        self._init_moves()
         await self._open()
         self._supervisor = asyncio.create_task(self._supervise(), name="amgi-amqp-reconnect")
 
     async def close(self) -> None:
         self._closed = True
-        await self._moves.close(timeout=1.0)  # their messages stay unacked
-        for task in self._unconfirmed.values():
-            task.cancel()
-        self._unconfirmed.clear()
+        await self._close_moves()  # their messages stay unacked
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -293,32 +227,6 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
                 return
         await self._ack_batch(batch, consumer)
 
-    def _gone(self, consumer: _Channel) -> bool:
-        """The channel closed: the broker redelivers its unacked messages."""
-        return self._closed or self._consumers.get(consumer.queue) is not consumer
-
-    def _check_held(self, consumer: _Channel) -> None:
-        """Refuse a copy of a delivery whose channel closed: the broker delivers the
-        original again (a copy too would be a duplicate, and a retry failing over the
-        lost connection would fall through to the dead letters)."""
-        if self._gone(consumer):
-            raise AmqpSendError(
-                f"amqp: the channel that delivered it from {consumer.queue!r} closed; "
-                "the broker delivers it again"
-            )
-
-    async def _move(
-        self, consumer: _Channel, settlement: Settlement, give_up: Callable[[], bool]
-    ) -> list[Message]:
-        return await move_aside(
-            settlement,
-            retry=lambda r: self._publish_retry(consumer, r),
-            dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
-            address=consumer.queue,
-            give_up=give_up,
-            transient=lambda exc: isinstance(exc, _NotYet),
-        )
-
     async def _move_later(self, batch: Batch, consumer: _Channel, left: Settlement) -> None:
         stranded = await self._move(consumer, left, lambda: self._gone(consumer))
         for message in stranded:  # the channel closed: the broker redelivers them
@@ -334,82 +242,6 @@ class AmqpTransport(DeadLetters, AmqpClient, Transport):
             return
         with contextlib.suppress(Exception):  # channel lost: the broker redelivers them
             await consumer.channel.basic_ack(mark, multiple=True)
-
-    async def _publish_retry(self, consumer: _Channel, retry: Retry) -> None:
-        from aiormq import exceptions as amqp_errors
-
-        queue = consumer.queue
-        message = retry.message
-        delay_ms = max(1, round(retry.delay * 1000))
-        retry_queue = f"{queue}.retry.{delay_ms}"
-        attempt = message.attempt + (not retry.uncounted)
-        headers = retry_headers(message.headers, attempt=attempt)
-        try:
-            for again in (False, True):
-                if retry_queue not in self._retry_queues:
-                    await self._declare_retry_queue(retry_queue, queue, delay_ms)
-                channel = await self._channel("moves")
-                self._check_held(consumer)
-                try:
-                    await self._confirm_retry(channel, message, retry_queue, headers)
-                    return
-                except amqp_errors.PublishError:  # unroutable: the queue was deleted since
-                    if again:
-                        raise
-                    self._retry_queues.discard(retry_queue)
-        except Exception as exc:
-            if not (self._gone(consumer) or _for_now(exc, len(message.token.body))):
-                raise  # refused: the message goes to the dead letters
-            if isinstance(exc, TimeoutError):
-                raise _NotYet(
-                    f"amqp: no answer from the broker about the copy for {retry_queue!r} "
-                    f"within {self.config.confirm_timeout}s (is it blocking publishers: a "
-                    "memory or disk alarm?)"
-                ) from None
-            raise _NotYet(
-                f"amqp: the broker did not take the copy for {retry_queue!r}: "
-                f"{str(exc) or type(exc).__name__}"
-            ) from None
-
-    async def _confirm_retry(
-        self, channel: AbstractChannel, message: Message, retry_queue: str, headers: HeaderList
-    ) -> None:
-        """Publish the retry copy of ``message`` and wait up to ``confirm_timeout`` for
-        its confirm. A copy not confirmed in time may still reach the queue (a broker
-        blocking publishers reads it once the alarm clears): the next try waits for that
-        confirm again rather than publishing another copy."""
-        task = self._unconfirmed.get(message)
-        if task is None:
-            copy = self._confirm(channel, message.token, "", retry_queue, headers, forever=True)
-            task = self._unconfirmed[message] = asyncio.ensure_future(copy)
-            task.add_done_callback(_retrieved)
-        try:
-            async with asyncio.timeout(self.config.confirm_timeout):
-                await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._unconfirmed.pop(message, None)
-
-    async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
-        queue = consumer.queue
-        if len(reason) > _REASON_MAX:
-            reason = f"{reason[:_REASON_MAX]} ... ({len(reason) - _REASON_MAX} more characters cut)"
-        headers = dead_letter_headers(
-            message.headers, attempt=message.attempt, address=queue, reason=reason
-        )
-        channel = await self._channel("moves")
-        self._check_held(consumer)
-        room = _header_room(channel, self._copy_properties(message.token, headers))
-        if room < 0:  # the message's own headers fill the frame: the reason gets the rest
-            text = encode_text(reason)
-            kept = text[: max(0, len(text) + room - 40)].decode("utf-8", "ignore")
-            reason = f"{kept} ... ({len(reason) - len(kept)} more characters cut)"
-            headers = dead_letter_headers(
-                message.headers, attempt=message.attempt, address=queue, reason=reason
-            )
-        await self._confirm(
-            channel, message.token, self.config.dead_letter_exchange, queue, headers
-        )
 
     # -- publishing -----------------------------------------------------------------------
 

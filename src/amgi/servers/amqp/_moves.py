@@ -1,0 +1,200 @@
+"""Copies of nacked messages (private): retry copies to ``<queue>.retry.<ms>`` and dead
+letters to the dead-letter exchange, published on the ``moves`` channel with publisher
+confirms (kit ``move_aside`` decides what a failed copy becomes).
+
+A copy of a delivery whose channel closed is refused (the broker delivers the original
+again). A retry copy the broker refuses (its retry queue exists with another TTL, access
+refused, too large) fails for good: the message goes to the dead letters. One it cannot
+take for now (no confirm in time, a ``basic.nack``, a channel closed over another copy)
+raises :class:`_NotYet`: the message stays unacked and its retry is tried again, waiting
+for the confirm of a copy already sent rather than sending another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from amgi.servers.amqp._client import (
+    AmqpClient,
+    AmqpSendError,
+    _Channel,
+    _header_room,
+    _Nacked,
+    _refused_another,
+    _reply_text,
+)
+from amgi.servers.kit import (
+    DelayedRepublisher,
+    dead_letter_headers,
+    encode_text,
+    move_aside,
+    retry_headers,
+)
+from amgi.transport import HeaderList, Message, Retry, Settlement
+
+if TYPE_CHECKING:
+    from aiormq.abc import AbstractChannel
+
+_REASON_MAX = 4000
+"""Characters of a nack reason a dead letter's header keeps: the headers travel in one
+frame (``frame_max``, 128 KiB), and a larger one made the broker close the connection."""
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark the outcome of a copy's confirm seen (no try may be left to wait for it)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _NotYet(AmqpSendError):
+    """A retry copy the broker could not take for now: not the message's fault."""
+
+
+def _for_now(exc: Exception, size: int) -> bool:
+    """Whether a retry copy of ``size`` body bytes failed with ``exc`` for a reason that
+    may pass: no confirm (or declaration) in time, a ``basic.nack``, a channel closed
+    over another copy, a lost connection. Not: a refusal of this copy (its retry queue
+    exists with another TTL, access refused, too large)."""
+    from aiormq import exceptions as amqp_errors
+
+    if isinstance(exc, AmqpSendError):
+        return isinstance(exc, _Nacked)
+    if isinstance(exc, amqp_errors.PublishError):  # unroutable even once declared again
+        return False
+    if isinstance(exc, amqp_errors.ChannelClosed):
+        text = _reply_text(exc)
+        ours = "exchange ''" in text or "exchange 'amq.default'" in text
+        return not ours and _refused_another(exc, "amq.default", size)
+    return isinstance(
+        exc,
+        (
+            TimeoutError,
+            amqp_errors.DeliveryError,  # basic.nack
+            amqp_errors.ChannelInvalidStateError,
+            amqp_errors.AMQPConnectionError,
+            ConnectionError,
+        ),
+    )
+
+
+class Moves(AmqpClient):
+    """The transport's retry copies and dead letters on AMQP."""
+
+    def _init_moves(self) -> None:
+        """Set up the state (called by the transport's ``__init__`` and ``connect``)."""
+        self._moves = DelayedRepublisher("amqp")
+        """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
+        self._unconfirmed: dict[Message, asyncio.Task[None]] = {}
+        """Retry copies published but not confirmed in time: the next try of one waits
+        for its confirm again instead of publishing a second copy."""
+
+    async def _close_moves(self) -> None:
+        """Stop the copies in the background; their messages stay unacked."""
+        await self._moves.close(timeout=1.0)
+        for task in self._unconfirmed.values():
+            task.cancel()
+        self._unconfirmed.clear()
+
+    def _gone(self, consumer: _Channel) -> bool:
+        """The channel closed: the broker redelivers its unacked messages."""
+        return self._closed or self._consumers.get(consumer.queue) is not consumer
+
+    def _check_held(self, consumer: _Channel) -> None:
+        """Refuse a copy of a delivery whose channel closed: the broker delivers the
+        original again (a copy too would be a duplicate, and a retry failing over the
+        lost connection would fall through to the dead letters)."""
+        if self._gone(consumer):
+            raise AmqpSendError(
+                f"amqp: the channel that delivered it from {consumer.queue!r} closed; "
+                "the broker delivers it again"
+            )
+
+    async def _move(
+        self, consumer: _Channel, settlement: Settlement, give_up: Callable[[], bool]
+    ) -> list[Message]:
+        return await move_aside(
+            settlement,
+            retry=lambda r: self._publish_retry(consumer, r),
+            dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
+            address=consumer.queue,
+            give_up=give_up,
+            transient=lambda exc: isinstance(exc, _NotYet),
+        )
+
+    async def _publish_retry(self, consumer: _Channel, retry: Retry) -> None:
+        from aiormq import exceptions as amqp_errors
+
+        queue = consumer.queue
+        message = retry.message
+        delay_ms = max(1, round(retry.delay * 1000))
+        retry_queue = f"{queue}.retry.{delay_ms}"
+        attempt = message.attempt + (not retry.uncounted)
+        headers = retry_headers(message.headers, attempt=attempt)
+        try:
+            for again in (False, True):
+                if retry_queue not in self._retry_queues:
+                    await self._declare_retry_queue(retry_queue, queue, delay_ms)
+                channel = await self._channel("moves")
+                self._check_held(consumer)
+                try:
+                    await self._confirm_retry(channel, message, retry_queue, headers)
+                    return
+                except amqp_errors.PublishError:  # unroutable: the queue was deleted since
+                    if again:
+                        raise
+                    self._retry_queues.discard(retry_queue)
+        except Exception as exc:
+            if not (self._gone(consumer) or _for_now(exc, len(message.token.body))):
+                raise  # refused: the message goes to the dead letters
+            if isinstance(exc, TimeoutError):
+                raise _NotYet(
+                    f"amqp: no answer from the broker about the copy for {retry_queue!r} "
+                    f"within {self.config.confirm_timeout}s (is it blocking publishers: a "
+                    "memory or disk alarm?)"
+                ) from None
+            raise _NotYet(
+                f"amqp: the broker did not take the copy for {retry_queue!r}: "
+                f"{str(exc) or type(exc).__name__}"
+            ) from None
+
+    async def _confirm_retry(
+        self, channel: AbstractChannel, message: Message, retry_queue: str, headers: HeaderList
+    ) -> None:
+        """Publish the retry copy of ``message`` and wait up to ``confirm_timeout`` for
+        its confirm. A copy not confirmed in time may still reach the queue (a broker
+        blocking publishers reads it once the alarm clears): the next try waits for that
+        confirm again rather than publishing another copy."""
+        task = self._unconfirmed.get(message)
+        if task is None:
+            copy = self._confirm(channel, message.token, "", retry_queue, headers, forever=True)
+            task = self._unconfirmed[message] = asyncio.ensure_future(copy)
+            task.add_done_callback(_retrieved)
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout):
+                await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._unconfirmed.pop(message, None)
+
+    async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
+        queue = consumer.queue
+        if len(reason) > _REASON_MAX:
+            reason = f"{reason[:_REASON_MAX]} ... ({len(reason) - _REASON_MAX} more characters cut)"
+        headers = dead_letter_headers(
+            message.headers, attempt=message.attempt, address=queue, reason=reason
+        )
+        channel = await self._channel("moves")
+        self._check_held(consumer)
+        room = _header_room(channel, self._copy_properties(message.token, headers))
+        if room < 0:  # the message's own headers fill the frame: the reason gets the rest
+            text = encode_text(reason)
+            kept = text[: max(0, len(text) + room - 40)].decode("utf-8", "ignore")
+            reason = f"{kept} ... ({len(reason) - len(kept)} more characters cut)"
+            headers = dead_letter_headers(
+                message.headers, attempt=message.attempt, address=queue, reason=reason
+            )
+        await self._confirm(
+            channel, message.token, self.config.dead_letter_exchange, queue, headers
+        )
