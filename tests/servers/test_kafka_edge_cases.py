@@ -4,6 +4,7 @@ server's own, retry and dead-letter topics of ``^regex`` addresses."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -156,3 +157,49 @@ async def test_a_pattern_address_gets_retry_and_dead_letter_topics_for_matching_
     [dead] = read_all(f"{topic}.dlq", 1)
     assert dead.value() == b"bad"
     assert (partitions_of(f"{topic}.retry"), partitions_of(f"{topic}.dlq")) == (2, 2)
+
+
+async def test_a_revoke_does_not_wait_for_a_dead_letter_the_broker_refuses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The refused dead letter is tried again in the background and nothing past its
+    record is committed, so its records go to the next owner anyway: the revoke hands
+    the partition over at once, not after ``--rebalance-timeout`` (20 s here)."""
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    topic = create_topic(fresh("stuck"), partitions=1)
+    produce(topic, [(b"k", b"x" * 3000, [])])
+    group = fresh("group")
+
+    async def refusing(scope: Any, receive: Any, send: Any) -> None:
+        event = await receive()
+        await send({"type": "message.nack", "id": event["id"], "message": "no"})
+
+    first = KafkaTransport(
+        [topic],
+        KafkaOptions(
+            **options(group_id=group, rebalance_timeout=20.0, config=["message.max.bytes=1000"])
+        ),
+    )
+    runtime = Runtime(refusing, first, RuntimeConfig(lifespan="off", max_attempts=1))
+    server = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + 20
+        while not any("tried again in" in r.getMessage() for r in caplog.records):
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, "the dead letter was not refused"
+            await asyncio.sleep(0.05)
+        taken: list[float] = []
+
+        async def taking(scope: Any, receive: Any, send: Any) -> None:
+            event = await receive()
+            taken.append(time.monotonic())
+            await send({"type": "message.ack", "id": event["id"]})
+
+        joined = time.monotonic()
+        second = transport([topic], group_id=group)
+        await run_until(taking, second, lambda: bool(taken), timeout=30)
+        assert taken[0] - joined < 10
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
+    assert read_all(f"{topic}.dlq", 1, timeout=1) == []

@@ -288,6 +288,9 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                 # Tried again in the background; the partition's later batches go on, but
                 # nothing is committed past this batch until its copies are on the broker.
                 left = unmoved(settlement, stranded)
+                with self._lock:
+                    ctx.state.moving += 1
+                    self._lock.notify_all()  # a revoke waits for this partition no more
                 self._moves.schedule(0, functools.partial(self._move_later, batch, left))
                 return
         self._commit(ctx)
@@ -300,7 +303,12 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                 current = self._partitions.get(ctx.tp) is ctx.state
                 return self._closing or not current or ctx.state.epoch != ctx.epoch
 
-        if not await self._republish(batch.address, left, gone):
+        try:
+            moved = not await self._republish(batch.address, left, gone)
+        finally:
+            with self._lock:
+                ctx.state.moving -= 1
+        if moved:
             self._commit(ctx)
 
     def _commit(self, ctx: _BatchContext) -> None:

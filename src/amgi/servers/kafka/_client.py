@@ -47,6 +47,9 @@ class _Partition:
     """The offset to commit: every batch before it is settled."""
     committed: int | None = None
     """The last offset queued for commit."""
+    moving: int = 0
+    """Batches settled but for copies tried again in the background: nothing past the
+    first is committed, so a revoke does not wait for the partition's batches."""
 
 
 @dataclass(slots=True)

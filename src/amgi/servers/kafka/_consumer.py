@@ -144,10 +144,14 @@ class Consuming(KafkaClient):
         deadline = time.monotonic() + self.config.rebalance_timeout
         with self._lock:
             while not self._closing:
+                # A partition with a batch whose copies are tried again in the background
+                # commits nothing past it: its records go to the next owner anyway.
                 busy = [
                     k
                     for k in keys
-                    if k in self._partitions and self._partitions[k].settled.outstanding
+                    if (s := self._partitions.get(k)) is not None
+                    and s.settled.outstanding
+                    and not s.moving
                 ]
                 remaining = deadline - time.monotonic()
                 if not busy or remaining <= 0:
