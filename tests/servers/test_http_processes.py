@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -204,7 +205,12 @@ async def test_no_secret_reaches_the_output_or_an_answer(
 ) -> None:
     marker = new_marker()
     token, key = f"tok-{marker}", f"key-{marker}"
-    closed = free_port()
+    # A port bound here and never listened on refuses connections, and no other test run
+    # can start a server on it meanwhile (a free port could be taken and answer).
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    request.addfinalizer(refusing.close)
+    closed = refusing.getsockname()[1]
     server = Server(
         tmp_path,
         "--log-level", "debug",
