@@ -665,6 +665,9 @@ async def test_waiting_for_settled_batches_gives_up_when_the_loop_idles() -> Non
     assert state.commit_to == 10
     assert await kafka._settled_while_busy() is True  # nothing unsettled: at once
     state.settled.add(20)
+    state.moving = 1  # its copies are tried again in the background: a revoke would not wait
+    assert await kafka._settled_while_busy() is True
+    state.moving = 0
     kafka._closing = True
     assert await kafka._settled_while_busy() is False
 

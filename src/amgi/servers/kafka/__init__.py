@@ -291,6 +291,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                 with self._lock:
                     ctx.state.moving += 1
                     self._lock.notify_all()  # a revoke waits for this partition no more
+                self._wake_settled()  # nor does a fetch
                 self._moves.schedule(0, functools.partial(self._move_later, batch, left))
                 return
         self._commit(ctx)

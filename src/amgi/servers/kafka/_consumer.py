@@ -388,9 +388,10 @@ class Consuming(KafkaClient):
         return kept, address or key[0], records[-1].offset() + 1
 
     def _unsettled(self) -> bool:
-        """Whether a batch handed out is not settled yet (in any partition)."""
+        """Whether a batch handed out is not settled yet, in a partition a revoke would
+        wait for (one whose copies are tried again in the background it does not)."""
         with self._lock:
-            return any(s.settled.outstanding for s in self._partitions.values())
+            return any(s.settled.outstanding and not s.moving for s in self._partitions.values())
 
     async def _settled_while_busy(self) -> bool:
         """Wait until every batch handed out is settled, while the event loop is busy
