@@ -221,10 +221,24 @@ def message_from_record(
     return them). ``topic`` is not part of the message: it is the scope address.
     """
     hdrs, attempt = _pairs(headers)
+    return _message(topic, partition, offset, timestamp, key, value, hdrs, attempt)
+
+
+def _message(
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    headers: HeaderList,
+    attempt: int,
+) -> Message:
+    """The :class:`Message` of one record whose headers are already mapped."""
     bindings = {
         "kafka": {"key": key, "partition": partition, "offset": offset, "timestamp": timestamp}
     }
-    return Message(f"{topic}/{partition}/{offset}", hdrs, value, bindings, attempt, offset)
+    return Message(f"{topic}/{partition}/{offset}", headers, value, bindings, attempt, offset)
 
 
 def split_dead_letter(raw: RawHeaders) -> tuple[InternalHeaders, str]:
@@ -294,25 +308,18 @@ def retry_messages_from_records(
     copies), whose retry headers are the server's: split off, never the application's."""
     out: list[Message] = []
     for r in records:
-        offset = r.offset()
         kind, ts = r.timestamp()
         split = split_internal_headers(r.headers())
-        bindings = {
-            "kafka": {
-                "key": r.key(),
-                "partition": partition,
-                "offset": offset,
-                "timestamp": ts if kind else None,
-            }
-        }
         out.append(
-            Message(
-                f"{topic}/{partition}/{offset}",
-                split.headers,
+            _message(
+                topic,
+                partition,
+                r.offset(),
+                ts if kind else None,
+                r.key(),
                 r.value(),
-                bindings,
+                split.headers,
                 split.attempt,
-                offset,
             )
         )
     return out
