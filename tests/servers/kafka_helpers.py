@@ -1,12 +1,14 @@
-"""Helpers for the Kafka server tests: the test broker, topics, records, committed offsets."""
+"""Helpers for the Kafka server tests: the test broker, topics, records, committed offsets,
+a transport and serving an app until a condition holds."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from tests.net import port_open
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +52,31 @@ def options(**overrides: Any) -> dict[str, Any]:
     }
     values.update(overrides)
     return values
+
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+def transport(topics: list[str], **overrides: Any) -> KafkaTransport:
+    """A Kafka transport of ``topics`` with the test :func:`options`."""
+    return KafkaTransport(topics, KafkaOptions(**options(**overrides)))
+
+
+async def run_until(
+    app: App, kafka: KafkaTransport, done: Callable[[], bool], timeout: float = 30.0, **cfg: Any
+) -> None:
+    """Serve ``app`` until ``done()`` holds (polled), then stop gracefully."""
+    runtime = Runtime(app, kafka, RuntimeConfig(lifespan="off", **cfg))
+    server = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
 
 
 def create_topic(name: str, partitions: int = 3) -> str:

@@ -7,7 +7,6 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tests.cli import amgi as amgi_cli
 from tests.net import free_port
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
+    App,
     committed,
     create_topic,
     end_offsets,
@@ -31,38 +31,17 @@ from tests.servers.kafka_helpers import (
     options,
     produce,
     read_all,
+    run_until,
+    transport,
     wait_committed,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
-App = Callable[[Any, Any, Any], Awaitable[None]]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _broker() -> None:
     ensure_broker()
-
-
-def transport(topics: list[str], **overrides: Any) -> KafkaTransport:
-    return KafkaTransport(topics, KafkaOptions(**options(**overrides)))
-
-
-async def run_until(
-    app: App, kafka: KafkaTransport, done: Callable[[], bool], timeout: float = 30.0, **cfg: Any
-) -> None:
-    """Serve ``app`` until ``done()`` holds (polled), then stop gracefully."""
-    runtime = Runtime(app, kafka, RuntimeConfig(lifespan="off", **cfg))
-    server = asyncio.create_task(runtime.serve())
-    try:
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert not server.done(), server.result()
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.02)
-    finally:
-        runtime.request_stop()
-        assert await asyncio.wait_for(server, 30) == 0
 
 
 def test_message_from_record_maps_key_headers_and_attempt() -> None:

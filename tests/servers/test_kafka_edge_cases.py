@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,12 +21,12 @@ from tests.servers.kafka_helpers import (
     options,
     produce,
     read_all,
+    run_until,
+    transport,
     wait_committed,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-App = Callable[[Any, Any, Any], Awaitable[None]]
 
 # Every name the Kafka server or the kit gives a meaning to, and two plain ones.
 LOOKALIKES = [
@@ -44,27 +43,6 @@ LOOKALIKES = [
 @pytest.fixture(scope="module", autouse=True)
 def _broker() -> None:
     ensure_broker()
-
-
-def transport(topics: list[str], **overrides: Any) -> KafkaTransport:
-    return KafkaTransport(topics, KafkaOptions(**options(**overrides)))
-
-
-async def run_until(
-    app: App, kafka: KafkaTransport, done: Callable[[], bool], timeout: float = 30.0, **cfg: Any
-) -> None:
-    """Serve ``app`` until ``done()`` holds (polled), then stop gracefully."""
-    runtime = Runtime(app, kafka, RuntimeConfig(lifespan="off", **cfg))
-    server = asyncio.create_task(runtime.serve())
-    try:
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert not server.done(), server.result()
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.02)
-    finally:
-        runtime.request_stop()
-        assert await asyncio.wait_for(server, 30) == 0
 
 
 async def test_headers_named_like_the_servers_own_arrive_as_sent() -> None:

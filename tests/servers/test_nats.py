@@ -530,13 +530,9 @@ async def test_two_subjects_whose_consumer_names_meet_each_get_their_own() -> No
         assert got == {dotted: [b"dotted"], underscored: [b"underscored"]}
 
 
-@pytest.mark.parametrize("ack_policy", ["none", "all"])
-async def test_an_existing_consumer_without_explicit_acks_is_refused(
-    subject: str, ack_policy: str
-) -> None:
-    """A durable found is used as it is: one made with ack policy ``none`` took every
-    message as acked when delivered (a nack was never redelivered: at most once), and one
-    with ``all`` acked past a nacked message. Both now stop the start with one line."""
+async def existing_durable(subject: str, **config: Any) -> str:
+    """A fresh durable consumer of ``subject`` on the test stream, made by another
+    client with ``config`` (nats-py ``ConsumerConfig`` fields); its name."""
     import nats
     from nats.js import api
 
@@ -544,15 +540,23 @@ async def test_an_existing_consumer_without_explicit_acks_is_refused(
     admin = await nats.connect(URL)
     try:
         await admin.jsm().add_consumer(
-            STREAM,
-            api.ConsumerConfig(
-                durable_name=durable,
-                ack_policy=api.AckPolicy(ack_policy),
-                filter_subject=subject,
-            ),
+            STREAM, api.ConsumerConfig(durable_name=durable, filter_subject=subject, **config)
         )
     finally:
         await admin.close()
+    return durable
+
+
+@pytest.mark.parametrize("ack_policy", ["none", "all"])
+async def test_an_existing_consumer_without_explicit_acks_is_refused(
+    subject: str, ack_policy: str
+) -> None:
+    """A durable found is used as it is: one made with ack policy ``none`` took every
+    message as acked when delivered (a nack was never redelivered: at most once), and one
+    with ``all`` acked past a nacked message. Both now stop the start with one line."""
+    from nats.js import api
+
+    durable = await existing_durable(subject, ack_policy=api.AckPolicy(ack_policy))
     t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
     with pytest.raises(ConfigurationError, match=f"acks {ack_policy!r}"):
         await t.connect()
@@ -568,23 +572,11 @@ async def test_an_existing_consumer_with_a_delivery_limit_is_refused(
     gives up on it without a word). Any limit strands a message whose dead letter cannot
     be stored (it is handed back and comes again), so every limit stops the start with one
     line. A consumer the server creates has none."""
-    import nats
     from nats.js import api
 
-    durable = fresh("d")
-    admin = await nats.connect(URL)
-    try:
-        await admin.jsm().add_consumer(
-            STREAM,
-            api.ConsumerConfig(
-                durable_name=durable,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                max_deliver=max_deliver,
-                filter_subject=subject,
-            ),
-        )
-    finally:
-        await admin.close()
+    durable = await existing_durable(
+        subject, ack_policy=api.AckPolicy.EXPLICIT, max_deliver=max_deliver
+    )
     t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
     with pytest.raises(ConfigurationError, match=f"max_deliver {max_deliver}:") as caught:
         await t.connect()
