@@ -754,16 +754,23 @@ async def test_a_send_asking_for_direct_reply_to_fails_alone() -> None:
 async def test_a_message_the_client_cannot_read_does_not_make_the_server_reconnect_in_a_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A header name that is not UTF-8 (another client's; RabbitMQ passes it on) makes
-    the client fail the delivery's frame and drop the connection. The broker delivers it
-    again on the next one: the server reconnected hundreds of times a second, without
-    end. Now a connection lost soon after it was made waits the reconnect backoff."""
+    """A delivery the client fails to read makes it drop the connection. The broker
+    delivers it again on the next one: the server reconnected hundreds of times a
+    second, without end. Now a connection lost soon after it was made waits the
+    reconnect backoff. (A header name that is not UTF-8 was such a delivery: it is read
+    now, see below; here the lenient reader is made to fail too.)"""
     import struct
 
     import aiormq
     from pamqp import encode
     from pamqp.commands import Basic
 
+    from amgi.servers.amqp import _frames
+
+    def unreadable(payload: bytes, odd: Any) -> Any:
+        raise ValueError("unreadable")
+
+    monkeypatch.setattr(_frames, "_content_header", unreadable)
     queue = new_queue()
     transport = AmqpTransport([queue], AmqpOptions(url=URL, reconnect_delay_max=1.0))
     await transport.connect()  # declares the queue
@@ -925,3 +932,122 @@ async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lett
         await proxy.close()
     assert await queue_depth(f"{queue}.dead-letter") == 0
     assert await queue_depth(queue) == 0
+
+
+def _raw_table(*entries: tuple[bytes, bytes, bytes]) -> bytes:
+    """An AMQP field table of ``(name, type tag, encoded value)`` entries, as another
+    client may write it (pamqp writes only UTF-8 names and in-range timestamps)."""
+    import struct
+
+    data = b"".join(bytes([len(n)]) + n + tag + raw for n, tag, raw in entries)
+    return struct.pack(">I", len(data)) + data
+
+
+async def _publish_raw(
+    monkeypatch: pytest.MonkeyPatch, queue: str, body: bytes, table: bytes | None, **props: Any
+) -> None:
+    """Publish ``body`` to ``queue`` with the headers table ``table`` written as given
+    and properties written as they are (``bytes`` short strings, an ``int`` timestamp)."""
+    import aiormq
+    from pamqp import encode
+
+    from amgi.servers.amqp._frames import CopyProperties
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        with monkeypatch.context() as patch:
+            if table is not None:
+                patch.setitem(encode.METHODS, "table", lambda _value: table)
+                props["headers"] = {"placeholder": ""}
+            properties = CopyProperties(**props)
+            await channel.basic_publish(body, routing_key=queue, properties=properties)
+    finally:
+        await connection.close()
+
+
+async def test_a_header_the_client_cannot_read_reaches_the_app_as_bytes_and_blocks_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header name that is not UTF-8, a timestamp after the year 9999 (a header's or
+    the property's), a content type that is not UTF-8: RabbitMQ passes them on, pamqp
+    failed the content header and aiormq dropped the connection. The broker delivered
+    the message again on the next connection, and again: the queue was blocked for
+    good, the messages behind it with it. Now they are read as bytes (numbers), reach
+    the app, and a retry or dead-letter copy keeps them."""
+    import struct
+
+    import aiormq
+    from pamqp.commands import Basic
+
+    from amgi.servers.amqp._frames import lenient
+
+    caplog.set_level(logging.WARNING, "amgi.servers.amqp")
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.05))
+    await transport.connect()
+    try:
+        year_10000_ms = struct.pack(">Q", 253402300800 * 1000)
+        name_table = _raw_table((b"k\xff", b"S", b"\x00\x00\x00\x01v"))
+        value_table = _raw_table(
+            (b"nested", b"F", _raw_table((b"\xfe", b"V", b""))), (b"when", b"T", year_10000_ms)
+        )
+        await _publish_raw(monkeypatch, queue, b"name", name_table)
+        await _publish_raw(monkeypatch, queue, b"value", value_table)
+        await _publish_raw(
+            monkeypatch, queue, b"props", None, content_type=b"\xff\xfe", timestamp=2**63
+        )
+        await transport.publish(queue, [], b"innocent", {})
+        generation = transport._generation
+        got: dict[bytes | None, Any] = {}
+        async with asyncio.timeout(5):
+            while len(got) < 4:
+                for batch in await transport.fetch():
+                    got.update((m.payload, (batch, m)) for m in batch.messages)
+        assert transport._generation == generation  # the connection never dropped
+        name, value, props = got[b"name"][1], got[b"value"][1], got[b"props"][1]
+        assert name.headers == [(b"k\xff", b"v")]
+        assert value.headers == [(b"nested", b"{b'\\xfe': None}"), (b"when", b"253402300800000")]
+        assert props.bindings["amqp"]["contentType"] == b"\xff\xfe"
+        assert props.bindings["amqp"]["timestamp"] == 2**63
+        for payload, (batch, message) in got.items():
+            if payload == b"innocent":
+                await transport.settle(batch, Settlement(acked=[message]))
+            else:
+                await transport.settle(batch, Settlement(retry=[Retry(message, "a", 0.05)]))
+        back: dict[bytes | None, Any] = {}
+        async with asyncio.timeout(5):
+            while len(back) < 3:
+                for batch in await transport.fetch():
+                    back.update((m.payload, (batch, m)) for m in batch.messages)
+        for payload, (_batch, message) in back.items():
+            first = got[payload][1]
+            assert (message.headers, message.attempt) == (first.headers, 2)
+            assert message.bindings["amqp"].get("contentType") == first.bindings["amqp"].get(
+                "contentType"
+            )
+        batch, message = back[b"props"]
+        await transport.settle(batch, Settlement(dead=[DeadLetter(message, "bad")]))
+        for payload in (b"name", b"value"):
+            batch, message = back[payload]
+            await transport.settle(batch, Settlement(acked=[message]))
+        await asyncio.sleep(0.2)
+        assert transport._generation == generation
+    finally:
+        await transport.close()
+    assert await queue_depth(queue) == 0
+    with lenient():
+        connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        dead = await channel.basic_get(f"{queue}.dead-letter", no_ack=True)
+        assert isinstance(dead.delivery, Basic.GetOk)
+    finally:
+        await connection.close()
+    assert dead.body == b"props"
+    assert dead.header.properties.content_type == b"\xff\xfe"
+    assert dead.header.properties.timestamp == 2**63
+    assert dead.header.properties.headers["amgi-dead-letter-reason"] == "bad"
+    warnings = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+    assert any("the header name b'k\\xff' is not UTF-8" in w for w in warnings)
+    assert any("the content-type property b'\\xff\\xfe' is not UTF-8" in w for w in warnings)

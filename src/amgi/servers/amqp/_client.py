@@ -222,9 +222,13 @@ class AmqpClient:
         import aiormq
         from aiormq import exceptions as amqp_errors
 
+        from amgi.servers.amqp._frames import install, lenient
+
         c = self.config
+        install()
         try:
-            connection = await aiormq.connect(c.url)
+            with lenient():  # the connection's reader reads any content header
+                connection = await aiormq.connect(c.url)
         except (amqp_errors.AuthenticationError, amqp_errors.ProbableAuthenticationError):
             raise BrokerUnavailable(
                 f"amqp: the broker at {mask_url(c.url)} refused the credentials"
@@ -437,14 +441,15 @@ class AmqpClient:
     def _copy_properties(
         self, delivered: DeliveredMessage, headers: HeaderList
     ) -> Basic.Properties:
-        """The properties of a copy of ``delivered`` (retry, dead letter, replay)."""
-        from pamqp.commands import Basic
+        """The properties of a copy of ``delivered`` (retry, dead letter, replay): the
+        values the client could not read go out as they came (:mod:`._frames`)."""
+        from amgi.servers.amqp._frames import CopyProperties
 
         props = delivered.header.properties
         # The broker refuses a user-id other than the connection's (PRECONDITION_FAILED,
         # closing the channel): a message another user published would never move.
         user_id = props.user_id if props.user_id == _url_login(self.config.url) else None
-        return Basic.Properties(
+        return CopyProperties(
             content_type=props.content_type,
             content_encoding=props.content_encoding,
             headers=headers_to_table(headers),

@@ -118,8 +118,9 @@ def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
     return table
 
 
-def table_to_headers(table: dict[str, Any] | None) -> tuple[int, HeaderList]:
-    """Split an AMQP headers table into ``(attempt, AMGI headers)``."""
+def table_to_headers(table: dict[Any, Any] | None) -> tuple[int, HeaderList]:
+    """Split an AMQP headers table into ``(attempt, AMGI headers)``; a name that is not
+    UTF-8 (read by :mod:`._frames`) is a ``bytes`` key and stays as it came."""
     if not table:
         return 1, []
     headers: HeaderList = []
@@ -131,7 +132,7 @@ def table_to_headers(table: dict[str, Any] | None) -> tuple[int, HeaderList]:
             elif key == _DELIVERY_COUNT_KEY and isinstance(value, int):
                 attempt += value
             continue
-        name = key.encode()
+        name = key if isinstance(key, bytes) else key.encode()
         headers.extend((name, v) for v in _header_value(value))
     order = table.get(_ORDER_KEY)
     if isinstance(order, list):
@@ -207,13 +208,14 @@ def delivery_bindings(delivered: DeliveredMessage) -> dict[str, Any]:
     for attr, key in _PROPERTY_BINDINGS:
         value = getattr(props, attr)
         if value is not None:
-            out[key] = value
+            out[key] = value  # bytes when not UTF-8 (another client's)
     if props.expiration is not None:
         out["expiration"] = (
             int(props.expiration) if props.expiration.isdigit() else props.expiration
         )
     if props.timestamp is not None:
-        out["timestamp"] = int(props.timestamp.timestamp())
+        stamp: datetime.datetime | int = props.timestamp  # int: after the year 9999
+        out["timestamp"] = stamp if isinstance(stamp, int) else int(stamp.timestamp())
     return out
 
 
@@ -293,7 +295,7 @@ def _message(delivered: DeliveredMessage) -> Message:
     )
 
 
-def stable_id(message_id: str | None, headers: HeaderList, body: bytes) -> str:
+def stable_id(message_id: str | bytes | None, headers: HeaderList, body: bytes) -> str:
     """The id of a delivery that stays the same when the broker delivers it again.
 
     A hash of the ``message-id`` property (when the publisher set one), the headers and
@@ -305,7 +307,9 @@ def stable_id(message_id: str | None, headers: HeaderList, body: bytes) -> str:
     for name, value in headers:
         digest.update(b"\0%d:%b=%d:%b" % (len(name), name, len(value), value))
     if message_id:
-        digest.update(b"\0id=" + message_id.encode("utf-8", "replace"))
+        if isinstance(message_id, str):
+            message_id = message_id.encode("utf-8", "replace")
+        digest.update(b"\0id=" + message_id)
     return digest.hexdigest()
 
 
