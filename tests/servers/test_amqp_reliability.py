@@ -1051,3 +1051,43 @@ async def test_a_header_the_client_cannot_read_reaches_the_app_as_bytes_and_bloc
     warnings = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
     assert any("the header name b'k\\xff' is not UTF-8" in w for w in warnings)
     assert any("the content-type property b'\\xff\\xfe' is not UTF-8" in w for w in warnings)
+
+
+async def test_a_dead_letter_not_confirmed_in_time_is_published_once() -> None:
+    """The broker reads nothing of the connection for a while (as when it blocks
+    publishers in a memory or disk alarm): the dead letter's confirm timed out, and
+    each try in the background published another copy, all of which landed in the
+    dead letters once the broker read on. Now the tries wait for the confirm of the
+    copy already sent, as a retry copy's do."""
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=url, linger=0.01, confirm_timeout=0.3))
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"first", {})
+        await transport.publish(queue, [], b"second", {})
+        async with asyncio.timeout(5):
+            batches = await transport.fetch()
+            while sum(len(b.messages) for b in batches) < 2:
+                batches += await transport.fetch()
+        messages = [(b, m) for b in batches for m in b.messages]
+        (b1, first), (b2, second) = messages
+        # A first dead letter opens the moves channel while the broker still reads.
+        await transport.settle(b1, Settlement(dead=[DeadLetter(first, "bad")]))
+        proxy.flowing.clear()
+        try:
+            async with asyncio.timeout(5):
+                await transport.settle(b2, Settlement(dead=[DeadLetter(second, "bad")]))
+            await asyncio.sleep(1.5)  # two tries in the background time out too
+        finally:
+            proxy.flowing.set()
+        dead = await drain(f"{queue}.dead-letter", 2, timeout=10)
+        await asyncio.sleep(1.5)  # time for a later try to land another copy
+        dead += await drain(f"{queue}.dead-letter", 5, timeout=0)
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+        await proxy.close()
+    assert sorted(d.body for d in dead) == [b"first", b"second"]
+    assert await queue_depth(queue) == 0

@@ -6,8 +6,10 @@ A copy of a delivery whose channel closed is refused (the broker delivers the or
 again). A retry copy the broker refuses (its retry queue exists with another TTL, access
 refused, too large) fails for good: the message goes to the dead letters. One it cannot
 take for now (no confirm in time, a ``basic.nack``, a channel closed over another copy)
-raises :class:`_NotYet`: the message stays unacked and its retry is tried again, waiting
-for the confirm of a copy already sent rather than sending another.
+raises :class:`_NotYet`: the message stays unacked and its retry is tried again. A dead
+letter the broker does not take stays unacked and is tried again too. Either way a
+copy sent but not confirmed in time is not sent again: the next try waits for its
+confirm.
 """
 
 from __future__ import annotations
@@ -86,14 +88,15 @@ class Moves(AmqpClient):
         """Set up the state (called by the transport's ``__init__`` and ``connect``)."""
         self._moves = DelayedRepublisher("amqp")
         """Copies the broker refused, tried again in the background (kit ``move_aside``)."""
-        self._unconfirmed: dict[Message, asyncio.Task[None]] = {}
-        """Retry copies published but not confirmed in time: the next try of one waits
-        for its confirm again instead of publishing a second copy."""
+        self._unconfirmed: dict[Message, tuple[tuple[str, str], asyncio.Task[None]]] = {}
+        """Copies (retry copies, dead letters) published but not confirmed in time, with
+        their exchange and routing key: the next try of one waits for its confirm again
+        instead of publishing a second copy."""
 
     async def _close_moves(self) -> None:
         """Stop the copies in the background; their messages stay unacked."""
         await self._moves.close(timeout=1.0)
-        for task in self._unconfirmed.values():
+        for _target, task in self._unconfirmed.values():
             task.cancel()
         self._unconfirmed.clear()
 
@@ -139,7 +142,7 @@ class Moves(AmqpClient):
                 channel = await self._channel("moves")
                 self._check_held(consumer)
                 try:
-                    await self._confirm_retry(channel, message, retry_queue, headers)
+                    await self._confirm_once(channel, message, "", retry_queue, headers)
                     return
                 except amqp_errors.PublishError:  # unroutable: the queue was deleted since
                     if again:
@@ -159,24 +162,36 @@ class Moves(AmqpClient):
                 f"{str(exc) or type(exc).__name__}"
             ) from None
 
-    async def _confirm_retry(
-        self, channel: AbstractChannel, message: Message, retry_queue: str, headers: HeaderList
+    async def _confirm_once(
+        self,
+        channel: AbstractChannel,
+        message: Message,
+        exchange: str,
+        routing_key: str,
+        headers: HeaderList,
     ) -> None:
-        """Publish the retry copy of ``message`` and wait up to ``confirm_timeout`` for
-        its confirm. A copy not confirmed in time may still reach the queue (a broker
-        blocking publishers reads it once the alarm clears): the next try waits for that
-        confirm again rather than publishing another copy."""
-        task = self._unconfirmed.get(message)
-        if task is None:
-            copy = self._confirm(channel, message.token, "", retry_queue, headers, forever=True)
-            task = self._unconfirmed[message] = asyncio.ensure_future(copy)
+        """Publish a copy of ``message`` (a retry copy, a dead letter) and wait up to
+        ``confirm_timeout`` for its confirm. A copy not confirmed in time may still reach
+        its queue (a broker blocking publishers reads it once the alarm clears): the
+        next try of the same copy waits for that confirm again rather than publishing
+        another."""
+        target = (exchange, routing_key)
+        pending = self._unconfirmed.get(message)
+        if pending is not None and pending[0] == target:
+            task = pending[1]
+        else:
+            copy = self._confirm(
+                channel, message.token, exchange, routing_key, headers, forever=True
+            )
+            task = asyncio.ensure_future(copy)
             task.add_done_callback(_retrieved)
+            self._unconfirmed[message] = (target, task)
         try:
             async with asyncio.timeout(self.config.confirm_timeout):
                 await asyncio.shield(task)
         finally:
-            if task.done():
-                self._unconfirmed.pop(message, None)
+            if task.done() and self._unconfirmed.get(message, (None, None))[1] is task:
+                del self._unconfirmed[message]
 
     async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
         queue = consumer.queue
@@ -195,6 +210,4 @@ class Moves(AmqpClient):
             headers = dead_letter_headers(
                 message.headers, attempt=message.attempt, address=queue, reason=reason
             )
-        await self._confirm(
-            channel, message.token, self.config.dead_letter_exchange, queue, headers
-        )
+        await self._confirm_once(channel, message, self.config.dead_letter_exchange, queue, headers)
