@@ -19,7 +19,10 @@ Rules every transport keeps:
   redelivery after its delay (natively where possible, otherwise by republishing with the
   attempt header), and moves ``dead`` to the dead-letter destination with the reason.
   It must never acknowledge past a message that is neither acked nor safely retried or
-  dead-lettered (e.g. Kafka commits only the highest contiguous settled offset).
+  dead-lettered (e.g. Kafka commits only the highest contiguous settled offset). A
+  transport that could not store a dead letter says so with :meth:`DeadLetter.not_stored`
+  (and one that could not schedule a retry, with :meth:`Retry.not_scheduled`): the
+  runtime's log line and metrics then tell what happened, not what was asked.
 * ``publish`` raises the transport's :attr:`Transport.send_error` (a subclass of
   :class:`amgi.errors.SendError`, itself an ``OSError``) when the broker did not take it.
 * ``connect`` raises :class:`amgi.errors.BrokerUnavailable` or
@@ -32,6 +35,7 @@ Rules every transport keeps:
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,6 +48,7 @@ __all__ = [
     "Bindings",
     "DeadLetter",
     "DeadLettersUnsupported",
+    "Fate",
     "HeaderList",
     "Message",
     "Retry",
@@ -89,6 +94,39 @@ class Batch:
     context: Any = None
 
 
+class Fate(enum.Enum):
+    """What a transport did with a dead letter it was asked to store."""
+
+    STORED = "stored"
+    """The dead-letter destination took it."""
+    KEPT = "kept"
+    """Not stored: the message stays unacknowledged on the broker and comes back (by
+    redelivery, or its dead letter is tried again in the background)."""
+    LOST = "lost"
+    """Not stored, and the broker cannot deliver the message again (core NATS, Redis
+    pub/sub: at most once)."""
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A nacked message that used up its attempts, with the last nack reason.
+
+    ``fate`` is set by the transport in ``settle``; ``None`` (a transport that does not
+    tell) is reported as stored. ``error`` says why it was not stored.
+    """
+
+    message: Message
+    reason: str
+    fate: Fate | None = None
+    error: str = ""
+
+    def not_stored(self, error: object, *, lost: bool = False) -> None:
+        """The dead letter was not stored: the message stays unacknowledged (or, with
+        ``lost``, is gone)."""
+        self.fate = Fate.LOST if lost else Fate.KEPT
+        self.error = str(error)
+
+
 @dataclass(slots=True)
 class Retry:
     """A nacked message to deliver again after ``delay`` seconds.
@@ -96,20 +134,24 @@ class Retry:
     ``uncounted``: the application never had the message (its call ended first, or the
     stop came before it): a server that keeps the attempt count itself does not count
     this delivery.
+
+    Set by the transport in ``settle`` when the retry could not be scheduled
+    (:meth:`not_scheduled`): ``error`` says why, and ``dead`` is the dead letter it made
+    of the message instead, if any (its ``fate`` tells whether it was stored); without
+    one, the message stays unacknowledged and comes back.
     """
 
     message: Message
     reason: str
     delay: float
     uncounted: bool = False
+    error: str = ""
+    dead: DeadLetter | None = None
 
-
-@dataclass(slots=True)
-class DeadLetter:
-    """A nacked message that used up its attempts, with the last nack reason."""
-
-    message: Message
-    reason: str
+    def not_scheduled(self, error: object, dead: DeadLetter | None = None) -> None:
+        """The retry could not be scheduled; ``dead``: dead-lettered instead."""
+        self.error = str(error)
+        self.dead = dead
 
 
 @dataclass(slots=True)

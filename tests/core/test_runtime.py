@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -83,14 +83,22 @@ async def serve_until_settled(
     return runtime
 
 
-async def ack_all(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-    if scope["type"] != "message":
-        return
-    more = True
-    while more:
-        m = await receive()
-        await send({"type": "message.ack", "id": m["id"]})
-        more = m.get("more_messages", False)
+def per_message(handle: Callable[[Any, AMGISendCallable], Awaitable[None]]) -> Any:
+    """An app that receives every message of its call and hands each to ``handle``."""
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            m: Any = await receive()
+            await handle(m, send)
+            more = m.get("more_messages", False)
+
+    return app
+
+
+ack_all = per_message(lambda m, send: send({"type": "message.ack", "id": m["id"]}))
 
 
 async def test_receive_hands_out_in_order_with_more_messages() -> None:
@@ -215,19 +223,13 @@ async def test_retry_policy_backoff_then_dead_letter() -> None:
 async def test_exhausted_messages_are_dead_lettered_before_the_app_sees_them() -> None:
     seen: list[bytes | None] = []
 
-    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
-        if scope["type"] != "message":
-            return
-        more = True
-        while more:
-            m: Any = await receive()
-            seen.append(m["payload"])
-            await send({"type": "message.ack", "id": m["id"]})
-            more = m["more_messages"]
+    async def ack(m: Any, send: AMGISendCallable) -> None:
+        seen.append(m["payload"])
+        await send({"type": "message.ack", "id": m["id"]})
 
     b = Batch("a", [Message("1", [], b"ok", {}, 1), Message("2", [], b"crashy", {}, 9)])
     t = Scripted([b])
-    await serve_until_settled(app, t, 1, max_attempts=5)
+    await serve_until_settled(per_message(ack), t, 1, max_attempts=5)
     settlement = t.settled[0][1]
     assert seen == [b"ok"]
     assert [m.payload for m in settlement.acked] == [b"ok"]
@@ -516,6 +518,64 @@ async def test_failures_are_logged_one_line_per_message(caplog: pytest.LogCaptur
     assert len(lines) == 1
     assert "a-0" in lines[0]
     assert "why not" in lines[0]
+
+
+class Refusing(Scripted):
+    """Stores no dead letter of a payload starting with ``kept`` or ``lost`` and schedules
+    no retry of ``busy``; says nothing of the others."""
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        for d in settlement.dead:
+            payload = d.message.payload or b""
+            if payload.startswith((b"kept", b"lost")):
+                d.not_stored("the store is full", lost=payload.startswith(b"lost"))
+        for r in settlement.retry:
+            if r.message.payload == b"busy":
+                r.not_scheduled("no confirm in time")
+        await super().settle(batch, settlement)
+
+
+async def test_a_dead_letter_the_transport_did_not_store_is_reported_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dead letter the transport could not store was logged "dead-lettered" and counted
+    as such; now the line and the metrics say what the transport did."""
+    stats: list[BatchStats] = []
+
+    class Hook(MetricsHook):
+        def batch_settled(self, s: BatchStats) -> None:
+            stats.append(s)
+
+    async def nack(m: Any, send: AMGISendCallable) -> None:
+        retry = m["payload"] == b"busy"
+        await send({"type": "message.nack", "id": m["id"], "message": "bad", "retry": retry})
+
+    caplog.set_level(logging.WARNING, "amgi.runtime")
+    t = Refusing([batch("a", b"kept", b"lost", b"busy", b"fine")])
+    config = RuntimeConfig(lifespan="off", max_attempts=5)
+    runtime = Runtime(per_message(nack), t, config, metrics=Hook())
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(t.all_settled.wait(), 5)
+    runtime.request_stop()
+    assert await task == 0
+    lines = {r.getMessage().split()[1]: r.getMessage() for r in caplog.records}
+    assert lines["a-0"] == (
+        "message a-0 from 'a': its dead letter (after attempt 1: bad) could not be stored: "
+        "the store is full; the message stays unacknowledged and is tried again later"
+    )
+    assert lines["a-1"].endswith(
+        "could not be stored: the store is full; the message is lost "
+        "(the broker cannot deliver it again)"
+    )
+    assert lines["a-2"] == (
+        "message a-2 from 'a' nacked (attempt 1 of 5): bad; its retry could not be scheduled: "
+        "no confirm in time; the message stays unacknowledged and is tried again later"
+    )
+    assert lines["a-3"] == "message a-3 from 'a' dead-lettered after attempt 1: bad"
+    (s,) = stats
+    assert (s.retried, s.dead_lettered, s.kept, s.lost, s.nacked) == (0, 1, 2, 1, 4)
+    (record,) = [r for r in caplog.records if "a-0" in r.getMessage()]
+    assert record.amgi["error"] == "the store is full"  # type: ignore[attr-defined]
 
 
 # -- lifespan ------------------------------------------------------------------------

@@ -68,10 +68,11 @@ class PrometheusMetrics(MetricsHook):
         )
         self._acked = counter("amgi_messages_acked", "Messages the application acked")
         self._nacked = counter(
-            "amgi_messages_nacked", "Messages nacked or left unsettled (retried + dead-lettered)"
+            "amgi_messages_nacked",
+            "Messages nacked or left unsettled (retried, dead-lettered or not moved yet)",
         )
         self._retried = counter("amgi_messages_retried", "Nacked messages scheduled for a retry")
-        self._dead = counter("amgi_messages_dead_lettered", "Messages moved to the dead letters")
+        self._dead = counter("amgi_messages_dead_lettered", "Messages stored in the dead letters")
         self._sent = prom.Counter(
             "messaging_client_sent_messages",
             "Messages the application sent (messaging.client.sent.messages); "
@@ -136,8 +137,8 @@ class PrometheusMetrics(MetricsHook):
         consumed.inc(stats.received)
         if stats.acked:
             acked.inc(stats.acked)
-        if stats.retried or stats.dead_lettered:
-            nacked.inc(stats.retried + stats.dead_lettered)
+        if stats.nacked:
+            nacked.inc(stats.nacked)
             retried.inc(stats.retried)
             dead.inc(stats.dead_lettered)
         size, duration = self._histograms[address]

@@ -16,12 +16,18 @@ class BatchStats:
     acked: int
     retried: int
     dead_lettered: int
+    """Dead letters stored (or that the transport did not say it failed to store)."""
     duration: float
     """Seconds from the start of the application call to the end of settlement."""
+    kept: int = 0
+    """Nacked messages whose retry or dead letter the transport could not move: they stay
+    unacknowledged and are tried again later."""
+    lost: int = 0
+    """Dead letters not stored whose message the broker cannot deliver again."""
 
     @property
     def nacked(self) -> int:
-        return self.retried + self.dead_lettered
+        return self.retried + self.dead_lettered + self.kept + self.lost
 
 
 class MetricsHook:

@@ -26,6 +26,7 @@ from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.ledger import CallGuard, CrashLedger
 from amgi.runtime.lifespan import Lifespan
 from amgi.runtime.metrics import BatchStats, MetricsHook
+from amgi.runtime.report import report_nacks
 from amgi.runtime.routing import Router
 from amgi.servers.kit.backoff import Backoff
 from amgi.transport import (
@@ -49,11 +50,6 @@ SIGNAL_DEBOUNCE = 0.2
 """Seconds within which a repeated stop signal is the same one, delivered to the process
 and to its group (GNU ``timeout``, a shell): it does not count as a second signal."""
 _attempt = attrgetter("attempt")
-
-
-def _failure_fields(address: str, mid: str, attempt: int, reason: str) -> dict[str, object]:
-    """Structured fields of a message-failure log record (shown by ``--log-format json``)."""
-    return {"amgi": {"address": address, "id": mid, "attempt": attempt, "reason": reason}}
 
 
 _MIN_CLOSE = 5.0
@@ -637,26 +633,9 @@ class Runtime:
         self._report(batch, settlement, time.monotonic() - started)
 
     def _report(self, batch: Batch, settlement: Settlement, duration: float) -> None:
-        for r in settlement.retry:
-            logger.warning(
-                "message %s from %r nacked (attempt %d of %d): %s; retrying in %.3gs",
-                r.message.id,
-                batch.address,
-                r.message.attempt,
-                self.config.max_attempts,
-                r.reason,
-                r.delay,
-                extra=_failure_fields(batch.address, r.message.id, r.message.attempt, r.reason),
-            )
-        for d in settlement.dead:
-            logger.error(
-                "message %s from %r dead-lettered after attempt %d: %s",
-                d.message.id,
-                batch.address,
-                d.message.attempt,
-                d.reason,
-                extra=_failure_fields(batch.address, d.message.id, d.message.attempt, d.reason),
-            )
+        retried, dead_lettered, kept, lost = report_nacks(
+            batch.address, settlement, self.config.max_attempts
+        )
         if not self._reports_batches:
             return
         self.metrics.batch_settled(
@@ -664,9 +643,11 @@ class Runtime:
                 address=batch.address,
                 received=len(batch.messages),
                 acked=len(settlement.acked),
-                retried=len(settlement.retry),
-                dead_lettered=len(settlement.dead),
+                retried=retried,
+                dead_lettered=dead_lettered,
                 duration=duration,
+                kept=kept,
+                lost=lost,
             )
         )
 
