@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -348,6 +350,69 @@ async def test_move_aside_dead_letters_a_refused_retry_and_backs_off_a_refused_d
         backoff=Backoff(0.01, 0.02),
     )
     assert left == [c]
+
+
+async def test_move_aside_keeps_a_transiently_refused_retry_and_reports_each_outcome(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retry refused for the moment (``transient``) is not dead-lettered: it stays
+    pending and its retry is tried again. Each try records on the settlement what became
+    of the copy (the runtime's report reads it), and a later success says so."""
+    from amgi.servers.kit import Backoff, move_aside, unmoved
+    from amgi.transport import DeadLetter, Fate, Message, Retry, Settlement
+
+    class NotYet(OSError):
+        pass
+
+    a, b, c = (Message(x, [], b"") for x in "abc")
+    settlement = Settlement(retry=[Retry(a, "slow", 1.0), Retry(b, "big", 1.0)])
+    settlement.dead.append(DeadLetter(c, "bad"))
+    refusals = {"a": NotYet("no confirm"), "b": OSError("too large"), "c": OSError("full")}
+    retried: list[str] = []
+    dead: list[str] = []
+
+    async def retry(r: Retry) -> None:
+        if r.message.id in refusals:
+            raise refusals[r.message.id]
+        retried.append(r.message.id)
+
+    async def dead_letter(d: DeadLetter) -> None:
+        if d.message.id in refusals and d.message.id != "b":
+            raise refusals[d.message.id]
+        dead.append(d.message.id)
+
+    def moved(part: Settlement, give_up: bool) -> Any:
+        return move_aside(
+            part,
+            retry=retry,
+            dead=dead_letter,
+            address="q",
+            give_up=lambda: give_up,
+            backoff=Backoff(0.01, 0.02),
+            transient=lambda exc: isinstance(exc, NotYet),
+        )
+
+    assert await moved(settlement, give_up=True) == [a, c]
+    assert (retried, dead) == ([], ["b"]), "a transient refusal is no dead letter"
+    r_a, r_b = settlement.retry
+    assert (r_a.error, r_a.dead) == ("no confirm", None)
+    assert r_b.error == "too large"
+    assert r_b.dead is not None
+    assert r_b.dead.fate is Fate.STORED
+    assert r_b.dead.reason == "big (its retry could not be published: too large)"
+    (d_c,) = settlement.dead
+    assert (d_c.fate, d_c.error) == (Fate.KEPT, "full")
+
+    del refusals["a"], refusals["c"]
+    caplog.clear()
+    caplog.set_level(logging.WARNING, "amgi.servers.kit")
+    assert await moved(unmoved(settlement, [a, c]), give_up=False) == []
+    assert (retried, dead) == (["a"], ["b", "c"])
+    assert (r_a.error, r_a.dead, d_c.fate) == ("", None, Fate.STORED)
+    assert [r.getMessage() for r in caplog.records] == [
+        "message a of 'q': its retry is published",
+        "message c of 'q': its dead letter is stored",
+    ]
 
 
 async def test_refreshed_reads_only_once_asked_keeps_the_last_value_and_stops_on_close() -> None:

@@ -17,6 +17,10 @@ back at the same attempt, forever. One rule for every such server:
   until it is published or the server gives up on it (connection, partition or server
   gone: the broker then redelivers the original). Its batch-mates are never copied
   again.
+
+Each try records its outcome on the settlement for the runtime's report
+(:meth:`~amgi.transport.Retry.not_scheduled`, :meth:`~amgi.transport.DeadLetter.not_stored`),
+and a copy stored at a later try says so with a WARNING line.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from amgi.servers.kit.backoff import Backoff
-from amgi.transport import DeadLetter, Message, Retry, Settlement
+from amgi.transport import DeadLetter, Fate, Message, Retry, Settlement
 
 __all__ = ["move_aside", "unmoved"]
 
@@ -57,7 +61,7 @@ async def move_aside(
     it stays pending, its retry tried again after the backoff.
     """
     pending: list[tuple[Retry | None, DeadLetter]] = [
-        (r, DeadLetter(r.message, r.reason)) for r in settlement.retry
+        (r, r.dead or DeadLetter(r.message, r.reason)) for r in settlement.retry
     ]
     pending += [(None, d) for d in settlement.dead]
     if not pending:
@@ -96,7 +100,6 @@ async def _move(
     if r is not None:
         try:
             await retry(r)
-            return True
         except Exception as exc:
             if transient(exc):
                 logger.error(
@@ -106,7 +109,9 @@ async def _move(
                     address,
                     exc,
                 )
+                r.not_scheduled(exc)
                 return False
+            r.not_scheduled(exc, d)
             d.reason = f"{r.reason} (its retry could not be published: {exc})"
             logger.error(
                 "message %s of %r: its retry could not be published (%s); dead-lettering it",
@@ -114,12 +119,21 @@ async def _move(
                 address,
                 exc,
             )
+        else:
+            if r.error:
+                logger.warning("message %s of %r: its retry is published", r.message.id, address)
+                r.error, r.dead = "", None
+            return True
     try:
         await dead(d)
-        return True
     except Exception as exc:
         logger.error("message %s of %r could not be dead-lettered: %s", d.message.id, address, exc)
+        d.not_stored(exc)
         return False
+    if d.fate is Fate.KEPT:
+        logger.warning("message %s of %r: its dead letter is stored", d.message.id, address)
+    d.fate = Fate.STORED
+    return True
 
 
 def unmoved(settlement: Settlement, stranded: list[Message]) -> Settlement:
