@@ -621,6 +621,40 @@ async def test_a_dead_letter_redis_refuses_leaves_its_entry_pending_not_acked() 
         await c.aclose()
 
 
+async def test_a_refused_dead_letter_is_logged_as_not_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The runtime said "dead-lettered after attempt 1" of a dead letter Redis refused
+    (the entry stays pending): now its line says it was not stored and stays."""
+    stream, group = fresh("deadlog"), fresh("g")
+    c = await client()
+    await c.set(f"{stream}.dlq", b"not a stream")
+    app = Recorder(lambda r: "nack:bad")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    runtime = Runtime(app, t, RuntimeConfig(max_attempts=1))
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        await t.publish(stream, [], b"poison", {})
+        async with asyncio.timeout(10):
+            while not (lines := [r.getMessage() for r in caplog.records if "dead" in r.message]):
+                await asyncio.sleep(0.05)
+        assert await pending(stream, group) == 1
+    finally:
+        runtime.request_stop()
+        assert await task == 0
+        await c.delete(stream, f"{stream}.dlq")
+        await c.aclose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "amgi.runtime"]
+    assert not [line for line in lines if "dead-lettered after" in line]
+    (mid,) = {r.id for r in app.received}
+    assert (
+        f"message {mid} from {stream!r}: its dead letter (after attempt 1: bad) could not be "
+        "stored: WRONGTYPE Operation against a key holding the wrong kind of value; the "
+        "message stays unacknowledged and is tried again later"
+    ) in lines
+
+
 async def test_pubsub_mode_delivers_retries_in_memory_then_dead_letters() -> None:
     channel = fresh("channel")
     attempts: list[int] = []

@@ -199,6 +199,8 @@ class MemoryTransport(Transport):
         for d in settlement.dead:
             if in_flight.pop(d.message.id, None) is not None:
                 self.broker.dead.setdefault(batch.address, []).append((d.message, d.reason))
+            else:
+                d.not_stored("the server closed and gave the message back to its queue")
 
     async def publish(
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings

@@ -514,14 +514,19 @@ class SqliteTransport(Transport):
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         assert self._queue is not None
         token: str = batch.context
-        await self._run(
-            self._queue.settle,
-            token,
-            len(batch.messages),
-            [m.token for m in settlement.acked],
-            [(r.message.token, r.delay, r.uncounted) for r in settlement.retry],
-            [(d.message.token, d.reason) for d in settlement.dead],
-        )
+        try:
+            await self._run(
+                self._queue.settle,
+                token,
+                len(batch.messages),
+                [m.token for m in settlement.acked],
+                [(r.message.token, r.delay, r.uncounted) for r in settlement.retry],
+                [(d.message.token, d.reason) for d in settlement.dead],
+            )
+        except Exception as exc:  # one transaction: none of it was stored
+            for d in settlement.dead:
+                d.not_stored(exc)
+            raise
         self._leases.discard(token)
 
     async def extend(self, batches: Sequence[Batch]) -> None:

@@ -108,7 +108,7 @@ class Subscriptions:
         if not dead:
             return
         js = self.client.jetstream(timeout=self.options.publish_timeout)
-        for m, target, headers in dead:
+        for d, (m, target, headers) in zip(settlement.dead, dead, strict=True):
             try:  # stored if a stream captures the subject, otherwise lost: say so
                 too_big = over_max_payload(self.client.max_payload, m.payload or b"", headers)
                 if too_big:  # published, the server would close the connection
@@ -116,3 +116,4 @@ class Subscriptions:
                 await js.publish(target, m.payload or b"", headers=headers)
             except Exception as exc:
                 logger.error("could not dead-letter message %s to %r: %s", m.id, target, exc)
+                d.not_stored(exc, lost=True)

@@ -180,7 +180,9 @@ class Consumers:
                 *(self._dead_letter(subject, m.payload or b"", h) for m, subject, h in dead),
                 return_exceptions=True,
             )
-            for (m, subject, _), result in zip(dead, results, strict=True):
+            for d, (m, subject, _), result in zip(settlement.dead, dead, results, strict=True):
+                if isinstance(result, BaseException):
+                    d.not_stored(result)
                 if isinstance(result, _Refused):
                     delay = max(_REFUSED_DELAY, self.options.ack_wait)
                     where = m.bindings["nats"]

@@ -85,7 +85,13 @@ class PubSub:
         for r in settlement.retry:
             self._retries.add(now + r.delay, (channel, r.message))
         if dead:
-            async with self.client.pipeline(transaction=True) as pipe:
-                for target, fields in dead:
-                    pipe.execute_command("XADD", target, "*", *fields)
-                await pipe.execute()
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    for target, fields in dead:
+                        pipe.execute_command("XADD", target, "*", *fields)
+                    results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                results = [exc] * len(dead)
+            for d, result in zip(settlement.dead, results, strict=True):
+                if isinstance(result, Exception):  # a channel message cannot come back
+                    d.not_stored(result, lost=True)

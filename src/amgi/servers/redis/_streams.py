@@ -316,14 +316,21 @@ class Streams:
             # Written first, and only those Redis confirmed are acked (in a MULTI, the XACK
             # ran even when an XADD failed, e.g. on a key that is no stream): an entry whose
             # dead letter was refused stays pending and is claimed again later.
-            async with self.client.pipeline(transaction=False) as pipe:
-                for target, fields in dead:
-                    pipe.execute_command("XADD", target, "*", *fields)
-                results = await pipe.execute(raise_on_error=False)
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for target, fields in dead:
+                        pipe.execute_command("XADD", target, "*", *fields)
+                    results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # not one of them known stored: all stay pending
+                for d in settlement.dead:
+                    d.not_stored(exc)
+                raise
             for d, (target, _), result in zip(settlement.dead, dead, results, strict=True):
                 if not isinstance(result, Exception):
                     ids.append(d.message.token)
-                elif refused is None:
+                    continue
+                d.not_stored(result)
+                if refused is None:
                     refused = ResponseError(f"dead letter to {target!r} refused: {result}")
         if ids:
             await execute_packed(self.client, pack((*self._xack[stream], *ids)))

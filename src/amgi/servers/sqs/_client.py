@@ -103,7 +103,10 @@ def _stop_group_at_first_failure(
         key = id(m)
         if key in blocked:
             held = retries[id(blocked[key])]
-            retry.append(Retry(m, f"held behind {held.message.id} (FIFO group)", held.delay))
+            behind = f"held behind {held.message.id} (FIFO group)"
+            retry.append(Retry(m, behind, held.delay))
+            if key in deads:
+                deads[key].not_stored(behind)
         elif key in retries:
             retry.append(retries[key])
         elif key in acked_ids:
@@ -376,7 +379,12 @@ class SqsClient:
 
     async def _dead_letter(self, queue: _Queue, dead: list[DeadLetter]) -> None:
         """Send each message to the dead-letter queue with its reason, then delete it."""
-        target = await self._dead_letter_queue(queue)
+        try:
+            target = await self._dead_letter_queue(queue)
+        except Exception as exc:
+            for d in dead:
+                d.not_stored(exc)
+            raise
 
         async def send(d: DeadLetter) -> str:
             m = d.message
@@ -407,6 +415,11 @@ class SqsClient:
                     break
         else:
             sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
+        for i, d in enumerate(dead):
+            if i >= len(sent):  # not sent: after one that failed
+                d.not_stored(f"held behind {dead[i - 1].message.id} (FIFO group)")
+            elif not isinstance(sent[i], str):
+                d.not_stored(sent[i])
         handles = [h for h in sent if isinstance(h, str)]
         if handles:
             await self._delete(queue, handles)
