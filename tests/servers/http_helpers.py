@@ -102,6 +102,21 @@ class Recorder:
             more = message.get("more_messages", False)
 
 
+class Stepped(Recorder):
+    """Each call waits for a release of ``go`` before it reads its messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Semaphore(0)
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":
+            self.calls += 1
+            await self.go.acquire()
+        await super().__call__(scope, receive, send)
+
+
 @contextlib.asynccontextmanager
 async def uvicorn_serving(app: Any, **options: Any) -> AsyncIterator[str]:
     """Serve the ASGI ``app`` with uvicorn on a free loopback port; yield its base URL."""

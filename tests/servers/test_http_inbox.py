@@ -4,21 +4,51 @@ batch size, a multi-message request never split, answers when the last message s
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from amgi.servers.http._inbox import Inbox
 from amgi.transport import DeadLetter, Retry, Settlement
 
 
-async def test_waiting_messages_become_one_batch_per_address_in_arrival_order() -> None:
+async def test_one_batch_a_take_the_address_waiting_longest_first() -> None:
+    """One batch a take (the runtime takes one only with a free slot, so what is not
+    taken stays here, where a client that goes away can withdraw it); the address
+    waiting longest goes first, and what one over the batch size left waits behind the
+    others."""
     inbox = Inbox()
-    for i, address in enumerate(["a", "b", "a", "a"]):
+    for i, address in enumerate(["a", "b", "a", "a", "c"]):
         inbox.submit_one(address, [], str(i).encode())
-    batches = await asyncio.wait_for(inbox.take(100), 1)
-    assert {b.address: [m.payload for m in b.messages] for b in batches} == {
-        "a": [b"0", b"2", b"3"],
-        "b": [b"1"],
-    }
+    taken = []
+    for _ in range(4):
+        (batch,) = await asyncio.wait_for(inbox.take(2), 1)
+        taken.append((batch.address, [m.payload for m in batch.messages]))
+    assert taken == [("a", [b"0", b"2"]), ("b", [b"1"]), ("c", [b"4"]), ("a", [b"3"])]
     assert inbox.waiting == 0
+
+
+async def test_withdrawn_requests_are_never_taken_and_a_multi_message_one_still_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inbox = Inbox()
+    many = inbox.submit([("a", [], b"1", {}, 1), ("b", [], b"2", {}, 1)])
+    one = inbox.submit_one("b", [], b"3")
+    kept = inbox.submit_one("b", [], b"4")
+    (a,) = await inbox.take(10)
+    with caplog.at_level(logging.WARNING, "amgi.servers.http"):
+        assert inbox.withdraw([many, one]) == 2  # the client of both went away
+    for future in (many, one):
+        future.cancel()  # as its listener does: nobody to answer
+    (b,) = await inbox.take(10)
+    assert [m.payload for m in b.messages] == [b"4"]
+    with caplog.at_level(logging.WARNING, "amgi.servers.http"):
+        inbox.settle(Settlement(acked=[*a.messages, *b.messages]), "a")
+    assert kept.result() == []
+    assert inbox.waiting == 0
+    dropped, settled = [r.getMessage() for r in caplog.records]
+    assert dropped.startswith("http: 2 message(s) dropped before the app took them")
+    assert "1 request(s) of 'a' settled after their client went away" in settled  # "many"
 
 
 async def test_the_batch_size_holds_except_inside_one_request() -> None:
@@ -36,7 +66,7 @@ async def test_a_request_is_answered_when_its_last_message_settles() -> None:
     inbox = Inbox()
     many = inbox.submit([("a", [], b"1", {}, 1), ("b", [], b"2", {}, 1)])
     one = inbox.submit_one("a", [], b"3")
-    batches = {b.address: b for b in await inbox.take(10)}
+    batches = {b.address: b for _ in range(2) for b in await inbox.take(10)}
     a1, a3 = batches["a"].messages
     (b2,) = batches["b"].messages
     inbox.settle(Settlement(acked=[a1, a3]))

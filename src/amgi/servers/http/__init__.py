@@ -211,7 +211,7 @@ class HttpTransport(Transport):
             self._listener.begin_stop()
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
-        self.inbox.settle(settlement)
+        self.inbox.settle(settlement, batch.address)
 
     async def publish(
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings

@@ -204,10 +204,11 @@ class Connection(asyncio.Protocol):
             self._finish(_TOO_MANY)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Requests in flight stay with the runtime; their answers have nowhere to go
-        # and the sender, having no answer, pushes them again. Requests still queued are
-        # dropped: the app would process them for nobody, and the queue holds only
-        # requests of open connections (bounded by --max-connections).
+        # Requests still queued (waiting for a slot) are dropped: the app would process
+        # them for nobody, and the queue holds only requests of open connections
+        # (bounded by --max-connections). Requests in flight stay with the runtime;
+        # marked done, their outcome finds nobody and the inbox says so (see
+        # Inbox.settle): no answer, and the sender, having none, pushes them again.
         self.transport = None
         self.closing = True
         self.listener.connections.discard(self)
@@ -217,6 +218,8 @@ class Connection(asyncio.Protocol):
             unanswered = [slot for slot in slots if not slot.settled]
             slots.clear()
             self.front.inbox.withdraw(unanswered)
+            for slot in unanswered:
+                slot.settled = True
 
     def eof_received(self) -> bool:
         """The client shut its sending side (a half-close, as ``nc -N`` and some senders
