@@ -20,7 +20,6 @@ from ._arguments import (
     String,
     Unicode,
 )
-from ._asyncio import AMP, connect, connect_unix, serve, serve_unix
 from ._box import (
     DEFAULT_MAX_BOX_SIZE,
     DEFAULT_MAX_KEYS_PER_BOX,
@@ -44,6 +43,7 @@ from ._connection import (
     ProtocolViolation,
     Switched,
 )
+from ._endpoints import connect, connect_unix, serve, serve_unix
 from ._errors import (
     TLS_ERROR_CODE,
     UNHANDLED_ERROR_CODE,
@@ -59,6 +59,7 @@ from ._errors import (
     UnhandledCommand,
     UnknownRemoteError,
 )
+from ._protocol import AMP
 from ._unix import UnixServer
 
 __all__ = [
