@@ -373,3 +373,25 @@ async def test_a_replay_beside_a_consumer_that_fails_them_again_ends(
     assert len(left) == n + 1  # each failed again: for the next replay
     assert all(d.dead_at is not None for d in left)
     assert {name for d in left for name, _ in d.headers} == {b"n"}  # the time is not shown
+
+
+async def test_an_mqtt_311_replay_beside_a_consumer_that_fails_them_again_ends(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MQTT 3.1.1 dead letters carry no time: the replay moves each dead letter once
+    and ends, with a warning, at the first one it had moved already (a copy the consumer
+    dead-lettered again). It went on taking the copies: 501 dead letters, 1309 moved."""
+    address = topic()
+    n = 500
+    await sessions(mosquitto, address, "3.1.1")
+    await publish(mosquitto, address, n)
+    await dead_letter_all(MqttTransport([address], options(mosquitto, "3.1.1")), n)
+    moved = await replay_beside_a_failing_consumer(
+        MqttTransport([], options(mosquitto, "3.1.1")),
+        MqttTransport([address], options(mosquitto, "3.1.1")),
+        address,
+        n,
+    )
+    assert moved == n + 1
+    stops = [r for r in caplog.records if "the replay of" in r.getMessage()]
+    assert all(r.levelname == "WARNING" for r in stops)

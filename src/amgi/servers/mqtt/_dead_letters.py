@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import socket
 import time
@@ -51,6 +52,8 @@ __all__ = [
     "dead_letter_client_id",
     "dead_letter_filter",
 ]
+
+logger = logging.getLogger("amgi.servers.mqtt")
 
 _NEVER = 0xFFFFFFFF
 """MQTT 5 session expiry interval of a session that never expires."""
@@ -292,13 +295,26 @@ class DeadLetters(MqttClient):
         started = time.time()
         session = await self._dead_letter_session(address, min(limit, _REPLAY_CHUNK))
         moved = 0
+        # MQTT 3.1.1 dead letters carry no time: a copy failing again is known by being
+        # one this replay moved already (its topic and payload), and ends the replay.
+        seen: set[bytes] | None = set() if self.config.protocol == "3.1.1" else None
         try:
             await session.all_sent()
             while moved < limit:
                 chunk = session.take(min(_REPLAY_CHUNK, limit - moved))
                 letters = [self._stored(m) for m in chunk]
                 late = next((i for i, d in enumerate(letters) if (d.dead_at or 0) > started), None)
+                if seen is not None:
+                    late = _first_seen_again(letters, seen)
                 if late is not None:
+                    logger.warning(
+                        "mqtt: the replay of %r stopped after %d dead letter(s) at one %s "
+                        "after it started (a replayed copy that failed again): it and the "
+                        "rest wait for the next replay",
+                        address,
+                        moved + late,
+                        "it had moved already" if seen is not None else "dead-lettered",
+                    )
                     chunk, letters = chunk[:late], letters[:late]
                 if not chunk:
                     break
@@ -341,6 +357,21 @@ class DeadLetters(MqttClient):
         stored.attempts = message.attempt if stored.reason else 0
         stored.reason = stored.reason or _NO_REASON
         return stored
+
+
+def _first_seen_again(letters: list[StoredDeadLetter], seen: set[bytes]) -> int | None:
+    """The index of the first of ``letters`` whose topic and payload are in ``seen`` (or
+    earlier in ``letters``); the others up to it are added to ``seen``."""
+    for i, letter in enumerate(letters):
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(letter.address.encode())
+        digest.update(b"\0")
+        digest.update(letter.payload or b"")
+        key = digest.digest()
+        if key in seen:
+            return i
+        seen.add(key)
+    return None
 
 
 def _without_dead_at(headers: HeaderList) -> tuple[HeaderList, float | None]:
