@@ -23,7 +23,7 @@ from amgi.servers.amqp import (
     publish_properties,
     table_to_headers,
 )
-from amgi.transport import Batch, DeadLetter, Retry, Settlement
+from amgi.transport import Batch, DeadLetter, Fate, Retry, Settlement
 from tests.apps import attempts_app, serve_in_stops
 from tests.net import TlsFront, free_port, port_open, self_signed
 from tests.races import STEPS, cancel_after_completion
@@ -316,6 +316,36 @@ async def test_dead_letter_lands_in_the_dead_letter_queue_with_the_reason(
     assert props.headers["amgi-original-address"] == queue
     assert props.headers["k"] == "v"
     assert await queue_depth(queue) == 0
+
+
+async def test_copies_settled_after_the_channel_closed_are_reported_not_made(
+    queue: str,
+) -> None:
+    """A batch settled after its channel closed (a stop, a lost connection) moves nothing:
+    the broker delivers its messages again. Its retry and dead letter say so, so that the
+    runtime does not log them as retried and dead-lettered."""
+    t = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=10, linger=0.05))
+    await t.connect()
+    try:
+        for payload in (b"retry-me", b"dead"):
+            await t.publish(queue, [], payload, {})
+        [batch] = await fetch_n(t, 2)
+    finally:
+        await t.close()
+    first, second = batch.messages
+    retry, dead = Retry(first, "later", 0.0), DeadLetter(second, "bad")
+    await t.settle(batch, Settlement(retry=[retry], dead=[dead]))
+    assert (retry.error, retry.dead) == ("its channel closed", None)
+    assert (dead.fate, dead.error) == (Fate.KEPT, "its channel closed")
+    t = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=10, linger=0.05))
+    await t.connect()
+    try:
+        [again] = await fetch_n(t, 2)
+        assert sorted(m.payload or b"" for m in again.messages) == [b"dead", b"retry-me"]
+        await t.settle(again, Settlement(acked=list(again.messages)))
+    finally:
+        await t.close()
+    assert await queue_depth(f"{queue}.dead-letter") == 0
 
 
 async def test_unroutable_send_raises_the_send_error(transport: AmqpTransport) -> None:

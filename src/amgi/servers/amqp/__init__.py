@@ -213,7 +213,12 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
         queue = batch.address
         consumer = self._consumers.get(queue)
         if consumer is None or consumer.generation != batch.context:
-            return  # the channel is gone: the broker redelivers every message of the batch
+            # The channel is gone: the broker redelivers every message of the batch.
+            for r in settlement.retry:
+                r.not_scheduled("its channel closed")
+            for d in settlement.dead:
+                d.not_stored("its channel closed")
+            return
 
         if settlement.retry or settlement.dead:
             stranded = await self._move(consumer, settlement, lambda: True)
