@@ -590,6 +590,48 @@ async def test_an_existing_consumer_with_a_delivery_limit_is_refused(
     assert (await consumer_state(STREAM, created)).config.max_deliver == -1
 
 
+async def edit_consumer(durable: str, **changes: Any) -> None:
+    """Change the test stream's consumer ``durable`` as an operator would (``nats
+    consumer edit``): its config as it is, with ``changes``."""
+    import nats
+
+    admin = await nats.connect(URL)
+    try:
+        jsm = admin.jsm()
+        config = (await jsm.consumer_info(STREAM, durable)).config
+        for field, value in changes.items():
+            setattr(config, field, value)
+        await jsm.add_consumer(STREAM, config)
+    finally:
+        await admin.close()
+
+
+async def test_an_existing_consumer_with_a_backoff_is_refused_with_a_fix_the_server_takes(
+    subject: str,
+) -> None:
+    """JetStream's backoff replaces the ack wait of an unacked message (a message still
+    being processed, its lease every --ack-wait / 3, came again with its attempt raised)
+    and needs max_deliver above its length. Such a consumer was refused for its
+    max_deliver, with a fix the server refuses ('max deliver is required to be > length
+    of backoff values'). Now the line names the backoff, and its fix is taken."""
+    from nats.js import api
+
+    durable = await existing_durable(
+        subject, ack_policy=api.AckPolicy.EXPLICIT, max_deliver=5, backoff=[1, 2.5]
+    )
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2)
+    t = NatsTransport([subject], options)
+    with pytest.raises(ConfigurationError, match=r"has backoff \[1s, 2\.5s\]:") as caught:
+        await t.connect()
+    assert "\n" not in str(caught.value)
+    assert "remove the backoff and set max_deliver to -1" in str(caught.value)
+    assert t._client is None, "closed again"
+    await edit_consumer(durable, backoff=None, max_deliver=-1)
+    t = NatsTransport([subject], options)
+    await t.connect()
+    await t.close()
+
+
 @pytest.mark.parametrize(("mode", "subscriptions"), [("jetstream", 2), ("core", 1)])
 async def test_a_connection_nats_py_closed_for_good_ends_the_run(
     tmp_path: Path, mode: str, subscriptions: int, caplog: pytest.LogCaptureFixture

@@ -8,7 +8,8 @@ address            a subject (wildcards allowed), captured by a stream that must
 consume            a durable pull consumer per address (``--durable``; with several
                    addresses ``{durable}_{subject}``), filtered on the address,
                    explicit acks, no delivery limit (the runtime counts attempts);
-                   an existing one with another ack policy or a limit is refused
+                   an existing one with another ack policy, a limit or a backoff is
+                   refused
 batch              one fetch of up to ``--batch-size`` messages (``--fetch-expiry``)
 ordering key       the address
 message id         the stream sequence (the same on every redelivery)

@@ -111,8 +111,9 @@ class Consumers:
 
     async def _ensure_consumer(self, stream: str, config: Any) -> bool:
         """Create the consumer if it is missing (an existing one is used as it is, if it
-        takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack; and if it
-        has no delivery limit: JetStream drops a message from delivery at ``max_deliver``)."""
+        takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack; if it has
+        no backoff: it would redeliver a message still being processed; and if it has no
+        delivery limit: JetStream drops a message from delivery at ``max_deliver``)."""
         from nats.js import api
         from nats.js import errors as js_errors
 
@@ -128,6 +129,19 @@ class Consumers:
                 f"nats: consumer {config.durable_name!r} of stream {stream!r} acks "
                 f"{api.AckPolicy(policy).value!r}, not 'explicit' (a message would count as "
                 "acked before the app acked it); delete it or pick another --durable"
+            )
+        backoff = info.config.backoff
+        if backoff:
+            # JetStream redelivers an unacked message after backoff[delivery - 1] instead
+            # of its ack_wait (the lease, +WPI, comes every --ack-wait / 3), and a backoff
+            # needs a delivery limit; our -NAK delays time the retries already.
+            shown = ", ".join(f"{b:g}s" for b in backoff)
+            raise ConfigurationError(
+                f"nats: consumer {config.durable_name!r} of stream {stream!r} has backoff "
+                f"[{shown}]: JetStream would redeliver a message still being processed after "
+                "those delays (raising its attempt) and stop at its delivery limit "
+                "(max_deliver); the server times retries itself: remove the backoff and set "
+                "max_deliver to -1, or pick another --durable"
             )
         limit = info.config.max_deliver
         if limit is not None and limit > 0:
