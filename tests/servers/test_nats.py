@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +428,60 @@ async def test_a_dead_letter_refused_for_good_waits_long_with_one_line_and_is_no
     finally:
         await t.close()
         await jsm.delete_stream(dead_stream)
+        await admin.close()
+
+
+async def test_a_dead_letter_no_stream_captures_waits_long_with_one_line_and_is_not_lost(
+    subject: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No stream captured the dead-letter subject: the message was -NAKed with --ack-wait
+    as delay and failed again every ack wait, for ever (measured with --ack-wait 1: an
+    error line a second). Now, once a look-up confirms no stream captures the subject, it
+    is -NAKed with a long delay (an hour; shortened here) and one line naming the
+    subject and the fix; once a stream captures it, the dead letter is stored."""
+    import nats
+    from nats.js import api
+
+    from amgi.servers.nats import _jetstream
+
+    monkeypatch.setattr(_jetstream, "_REFUSED_DELAY", 3.0)
+    tag = fresh("nostream")
+    durable = fresh("d")
+    options = NatsOptions(
+        servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=1,
+        dead_letter_subject=f"{PREFIX}-{tag}.{{subject}}",
+    )  # fmt: skip
+    dead_stream = f"AMGI_TEST_{tag.replace('-', '_')}"
+    admin = await nats.connect(URL)
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"poison", {})
+        (poison,) = await fetch_all(t, 1)
+        await t.settle(Batch(subject, [poison]), Settlement(dead=[DeadLetter(poison, "no")]))
+        with pytest.raises(TimeoutError):  # it came back after the 1 s ack wait
+            await asyncio.wait_for(fetch_all(t, 1), 2.0)
+        info = await consumer_state(STREAM, durable)
+        assert (info.num_ack_pending, info.num_redelivered) == (1, 0), "not acked, not lost"
+        lines = [r.getMessage() for r in caplog.records if "cannot be dead-lettered" in r.message]
+        assert len(lines) == 1, lines
+        assert f"to '{PREFIX}-{tag}.{subject}': no JetStream stream captures it" in lines[0]
+        assert f"in stream {STREAM!r} (sequence {poison.id})" in lines[0]
+        assert "create a stream capturing the subject" in lines[0]
+        config = api.StreamConfig(
+            name=dead_stream, subjects=[f"{PREFIX}-{tag}.>"], storage=api.StorageType.MEMORY
+        )
+        await admin.jsm().add_stream(config)
+        (again,) = await fetch_all(t, 1)
+        assert (again.id, again.attempt) == (poison.id, 2)
+        await t.settle(Batch(subject, [again]), Settlement(dead=[DeadLetter(again, "no")]))
+        ((_, payload, _),) = await read_subject(f"{PREFIX}-{tag}.{subject}", 1, 3)
+        assert payload == b"poison"
+        assert (await consumer_state(STREAM, durable)).num_ack_pending == 0
+    finally:
+        await t.close()
+        with contextlib.suppress(Exception):
+            await admin.jsm().delete_stream(dead_stream)
         await admin.close()
 
 

@@ -18,7 +18,8 @@ ack                one ``+ACK`` per message, published without waiting, flushed 
 nack (retry)       ``-NAK`` with the retry delay; JetStream redelivers it
 attempt            the delivery count in the message metadata
 nack (dead)        published (ack awaited) to ``{subject}.dlq`` with the reason, attempt
-                   and address headers, then ``+TERM``
+                   and address headers, then ``+TERM``; refused for good (no stream
+                   captures it, too big): ``-NAK`` with an hour's delay, one error line
 lease              ``+WPI`` (in progress) for batches still running, every
                    ``--ack-wait`` / 3 seconds
 send               JetStream publish, its ack awaited; headers as in ``_headers``;

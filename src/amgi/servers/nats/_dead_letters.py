@@ -4,7 +4,7 @@ A dead letter is published to ``{subject}.dlq`` with a JetStream publish whose a
 server awaits; only then is the original terminated. So dead letters live in whichever
 stream captures that subject (the test setup's ``amgi-test.>`` stream holds both), and
 when no stream does, no dead letter is ever stored or lost: each stays unacknowledged on
-its own subject and comes back after ``--ack-wait``, with an error line per try.
+its own subject and comes back after an hour, with an error line per try.
 
 ``list`` and replay read that stream through a short-lived ephemeral consumer filtered on
 the dead-letter subject (no acks, nothing changes; it is deleted at the end and expires by

@@ -30,7 +30,11 @@ least ``--ack-wait``): each try would fail the same way until someone raises the
 
 class _Refused(Exception):
     """A dead letter the broker will never store as it is (over a size limit, or another
-    request it refuses as bad: 400)."""
+    request it refuses as bad: 400; or no stream captures its subject)."""
+
+    def __init__(self, text: str, fix: str = "raise the limit, or take it out of the stream"):
+        super().__init__(text)
+        self.fix = fix
 
 
 class Consumers:
@@ -194,6 +198,7 @@ class Consumers:
                 *(self._dead_letter(subject, m.payload or b"", h) for m, subject, h in dead),
                 return_exceptions=True,
             )
+            results = await self._no_stream(dead, results)
             for d, (m, subject, _), result in zip(settlement.dead, dead, results, strict=True):
                 if isinstance(result, BaseException):
                     d.not_stored(result)
@@ -202,14 +207,14 @@ class Consumers:
                     where = m.bindings["nats"]
                     logger.error(
                         "message %s cannot be dead-lettered to %r: %s; it stays unacknowledged "
-                        "in stream %r (sequence %s) and is tried again in %gs (raise the "
-                        "limit, or take it out of the stream)",
+                        "in stream %r (sequence %s) and is tried again in %gs (%s)",
                         m.id,
                         subject,
                         result,
                         where["stream"],
                         where["sequence"],
                         delay,
+                        result.fix,
                     )
                     await m.token.nak(delay=delay)
                 elif isinstance(result, BaseException):
@@ -223,6 +228,39 @@ class Consumers:
                 else:
                     await m.token.term()
         await self.client.flush(self.options.ack_wait)
+
+    async def _no_stream(
+        self, dead: list[tuple[Message, str, dict[str, str]]], results: list[Any]
+    ) -> list[Any]:
+        """``results`` with each publish that found no stream made :class:`_Refused` when
+        no stream captures its subject (one look-up per subject): until someone creates
+        one, every try fails the same way. A stream found after all (its leader away, say)
+        leaves the failure as it is: it passes."""
+        from nats import errors as nats_errors
+        from nats.js import errors as js_errors
+
+        unanswered = (nats_errors.NoRespondersError, js_errors.NoStreamResponseError)
+        subjects = {
+            s for (_, s, _), r in zip(dead, results, strict=True) if isinstance(r, unanswered)
+        }
+        missing = set()
+        jsm = self.client.jsm(timeout=self.options.publish_timeout)
+        for subject in subjects:
+            try:
+                await jsm.find_stream_name_by_subject(subject)
+            except js_errors.NotFoundError:
+                missing.add(subject)
+            except (nats_errors.Error, OSError, TimeoutError):
+                pass  # not known: it may pass
+        return [
+            _Refused(
+                "no JetStream stream captures it",
+                fix="create a stream capturing the subject, or widen a stream's subjects",
+            )
+            if s in missing and isinstance(r, unanswered)
+            else r
+            for (_, s, _), r in zip(dead, results, strict=True)
+        ]
 
     async def _dead_letter(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
         from nats.js import errors as js_errors
