@@ -14,6 +14,7 @@ import pytest
 from amgi.servers.redis._fields import decode
 from amgi.transport import HeaderList
 from tests.net import port_open
+from tests.ops.helpers import HoldingFront
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 6379
@@ -79,3 +80,57 @@ async def pending(stream: str, group: str, url: str = URL) -> int:
     finally:
         await c.aclose()
     return int(summary[0])
+
+
+class Cutter(HoldingFront):
+    """A TCP relay to the shared Redis that breaks the connection of a command naming a
+    word: ``cut`` times before the command reaches Redis, ``lose`` times after Redis ran it
+    (its reply never reaches the client). ``url`` is the relay's."""
+
+    def __init__(self) -> None:
+        super().__init__(PORT, b"", 0)
+        self.cut: dict[bytes, int] = {}
+        self.lose: dict[bytes, int] = {}
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _take(self, rule: dict[bytes, int], data: bytes) -> bool:
+        for word, left in rule.items():
+            if left and word in data:
+                rule[word] = left - 1
+                return True
+        return False
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", PORT)
+        muted = False
+
+        async def up() -> None:
+            nonlocal muted
+            while data := await reader.read(65536):
+                lose = self._take(self.lose, data)
+                if self._take(self.cut, data):
+                    return
+                muted = lose
+                up_writer.write(data)
+                await up_writer.drain()
+                if lose:
+                    await asyncio.sleep(0.05)  # Redis runs it; its reply goes nowhere
+                    return
+
+        async def down() -> None:
+            while (data := await up_reader.read(65536)) and not muted:
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            ends = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for task in ends:
+                task.cancel()
+            await asyncio.gather(*ends, return_exceptions=True)
+        finally:
+            writer.close()
+            up_writer.close()

@@ -29,7 +29,15 @@ from tests.servers.amgi_process import (
     until,
 )
 from tests.servers.private_brokers import private_redis
-from tests.servers.redis_helpers import URL, client, ensure_broker, entries, fresh, pending
+from tests.servers.redis_helpers import (
+    URL,
+    Cutter,
+    client,
+    ensure_broker,
+    entries,
+    fresh,
+    pending,
+)
 
 __all__ = ["processes"]
 
@@ -330,6 +338,97 @@ async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_coun
         await other.close()
 
 
+async def fetch_through(t: RedisTransport, n: int) -> list[Message]:
+    """``fetch_all``, a fetch that fails (a lost connection) tried again."""
+    from redis.exceptions import RedisError
+
+    got: list[Message] = []
+    async with asyncio.timeout(5):
+        while len(got) < n:
+            try:
+                batches = await t.fetch()
+            except RedisError:
+                await asyncio.sleep(0.05)
+                continue
+            for batch in batches:
+                got.extend(batch.messages)
+    return got
+
+
+@pytest.mark.parametrize(
+    ("rule", "word", "times"),
+    [
+        ("lose", b"XAUTOCLAIM", 1),
+        ("cut", b"XPENDING", 4),
+        ("lose", b"XPENDING", 4),
+        ("lose", b"RETRYCOUNT", 4),
+    ],
+)
+async def test_a_claim_cut_off_by_a_lost_connection_counts_one_delivery(
+    rule: str, word: bytes, times: int
+) -> None:
+    """The sweep claimed a silent consumer's entry (its counter went up), then the
+    connection went before the attempt was known (XPENDING), or the claim's reply was lost
+    (redis-py sent the claim again, which found nothing idle): the entry stayed pending on
+    this consumer unseen, and was claimed again after --claim-idle, attempt 3 for 2."""
+    stream, group = fresh("cutclaim"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)
+    first = await left_pending(stream, options)
+    async with Cutter() as cutter:
+        other = RedisTransport([stream], RedisOptions(**{**vars_of(options), "url": cutter.url}))
+        await other.connect()
+        getattr(cutter, rule)[word] = times
+        try:
+            (again,) = await fetch_through(other, 1)
+            assert (again.id, again.attempt) == (first.id, 2)
+            await other.settle(Batch(stream, [again]), Settlement(acked=[again]))
+            assert await pending(stream, group) == 0
+        finally:
+            await other.close()
+
+
+@pytest.mark.parametrize(
+    ("rule", "word", "times"),
+    [("lose", b"XREADGROUP", 1), ("cut", b"XPENDING", 4), ("lose", b"RETRYCOUNT", 4)],
+)
+async def test_a_history_read_cut_off_by_a_lost_connection_counts_one_delivery(
+    rule: str, word: bytes, times: int
+) -> None:
+    """A named consumer restarted reads what it left pending; that read counts a delivery,
+    and one whose reply was lost counted it twice (attempt 3 for 2)."""
+    stream, group = fresh("cuthistory"), fresh("g")
+    options = RedisOptions(url=URL, group=group, consumer="n1", block=0.1)
+    before = RedisTransport([stream], options)
+    await before.connect()
+    await before.publish(stream, [], b"left", {})
+    (first,) = await fetch_all(before, 1)
+    await before.close()  # never settled: pending on n1
+    async with Cutter() as cutter:
+        getattr(cutter, rule)[word] = times
+        again = RedisTransport([stream], RedisOptions(**{**vars_of(options), "url": cutter.url}))
+        await again.connect()
+        try:
+            (taken,) = await fetch_through(again, 1)
+            assert (taken.id, taken.attempt) == (first.id, 2)
+        finally:
+            await again.close()
+
+
+async def left_pending(stream: str, options: RedisOptions) -> Message:
+    """An entry ``left`` delivered to a consumer that dies, idle for ``--claim-idle``."""
+    crashed = RedisTransport([stream], options)
+    await crashed.connect()
+    await crashed.publish(stream, [], b"left", {})
+    (first,) = await fetch_all(crashed, 1)
+    await crashed.close()  # never settled: pending on that consumer
+    await asyncio.sleep(options.claim_idle + 0.05)
+    return first
+
+
+def vars_of(options: RedisOptions) -> dict[str, Any]:
+    return {f: getattr(options, f) for f in options.__dataclass_fields__}
+
+
 async def test_a_named_consumer_restarted_late_gets_each_pending_entry_once() -> None:
     """Restarted after --claim-idle, a named consumer reads its earlier pending entries
     batch by batch while the sweep claims idle ones (to itself): the history read then
@@ -544,12 +643,7 @@ async def test_entries_a_sweep_claimed_survive_another_streams_lost_group() -> N
     one too high (3, after one delivery to a consumer that died)."""
     gone, kept, group = fresh("gone"), fresh("kept"), fresh("g")
     options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3)
-    crashed = RedisTransport([kept], options)
-    await crashed.connect()
-    await crashed.publish(kept, [], b"left", {})
-    (first,) = await fetch_all(crashed, 1)
-    await crashed.close()  # never settled: pending on that consumer
-    await asyncio.sleep(0.35)
+    first = await left_pending(kept, options)
     other = RedisTransport([kept, gone], options)
     await other.connect()
     try:

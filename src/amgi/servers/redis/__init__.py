@@ -16,10 +16,12 @@ nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream 
                    fields), then ``XACK`` of those Redis confirmed
 attempt            the entry's delivery counter
 crash recovery     entries idle longer than ``--claim-idle`` on any consumer are taken
-                   over with ``XAUTOCLAIM``; entries this process holds (in flight or
+                   over with ``XAUTOCLAIM ... JUSTID``, then counted once with ``XCLAIM
+                   ... RETRYCOUNT n`` (their counter read plus one: a step cut off is
+                   made again, never counting twice); entries this process holds (in flight or
                    waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
                    a ``--consumer`` named again after a restart reads its own
-                   pending entries first (``XREADGROUP ... 0``)
+                   pending entries first (``XPENDING ... consumer``, counted so)
 stop               the read in flight ends (at most ``--block`` seconds; a fetch cancelled
                    leaves it running) and what it brought is processed, as are batches
                    still waiting for a slot (the runtime): left pending and

@@ -54,6 +54,9 @@ class Streams:
         self._claimed: list[Reply] = []
         """Entries taken (their delivery counted) and not handed out yet: a later step of
         the same read that fails (a lost group, a lost connection) leaves them for the next."""
+        self._counting: dict[str, dict[bytes, int | None]] = {}
+        """Per stream, entries taken onto this consumer whose delivery is not counted yet
+        (:meth:`_count`), with the attempt to count (``None``: not read yet)."""
         self._cursors = dict.fromkeys(self.streams, b"0-0")
         self._next_sweep = 0.0
         self._next_touch = 0.0
@@ -62,9 +65,9 @@ class Streams:
         self.stopping = False
         """Set at the stop: :meth:`read` returns after the read in flight, entries or not."""
         self._history: dict[str, bytes] = (
-            dict.fromkeys(self.streams, b"0") if options.consumer else {}
+            dict.fromkeys(self.streams, b"-") if options.consumer else {}
         )
-        """Per stream, the id after which this consumer's earlier pending entries are read."""
+        """Per stream, where this consumer's earlier pending entries are read on from."""
 
     async def start(self, again: bool = False) -> None:
         """Create the groups missing: at ``--start``, or ``again`` (one vanished while
@@ -133,6 +136,8 @@ class Streams:
         if now >= self._next_touch:
             await self._touch_waiting()
             self._next_touch = now + options.claim_idle / 3
+        for stream in list(self._counting):  # left by a lost connection: finished first
+            await self._count(stream, {})
         if self._history:
             await self._own_pending()
             if self._history:
@@ -195,24 +200,22 @@ class Streams:
         self._released.set()
 
     async def _own_pending(self) -> None:
-        """Entries pending on this consumer's name from before it started, batch by batch."""
+        """Entries pending on this consumer's name from before it started, batch by batch:
+        their counters read (``XPENDING ... consumer``), then one more delivery counted."""
         history = self._history
-        reply = await self.client.execute_command(
-            *self._read_args, "STREAMS", *history, *history.values()
-        )
-        done = set(history)
-        for raw_stream, entries in reply or ():
-            stream = raw_stream.decode()
-            if not entries:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, start in history.items():
+                pipe.execute_command(
+                    "XPENDING", stream, self.group, start, "+", self.options.batch_size,
+                    self.consumer,
+                )  # fmt: skip
+            results = await pipe.execute()
+        for stream, rows in zip(list(history), results, strict=True):
+            if not rows:
+                del history[stream]
                 continue
-            done.discard(stream)
-            history[stream] = entries[-1][0]
-            entries = [e for e in entries if e[1] is not None]
-            if entries:
-                attempts = await self._attempts(stream, {e[0] for e in entries})
-                self._claimed.append((stream, entries, attempts))
-        for stream in done:
-            del history[stream]
+            history[stream] = b"(" + rows[-1][0]
+            await self._count(stream, {row[0]: int(row[3]) + 1 for row in rows})
 
     async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> None:
         """Take back entries whose retry delay is over; their delivery counter goes up."""
@@ -236,37 +239,68 @@ class Streams:
                 self._claimed.append((stream, entries, attempts))
 
     async def _sweep(self, now: float) -> None:
-        """``XAUTOCLAIM`` entries left pending on silent consumers (a crash, a lost ack)."""
+        """``XAUTOCLAIM`` entries left pending on silent consumers (a crash, a lost ack).
+
+        ``JUSTID`` takes them without counting a delivery: :meth:`_count` counts it."""
         idle = round(self.options.claim_idle * 1000)
         claimed = False
         again = False
         for stream in self.streams:
-            cursor, entries, *_ = await self.client.execute_command(
+            cursor, ids, *_ = await self.client.execute_command(
                 "XAUTOCLAIM", stream, self.group, self.consumer, idle, self._cursors[stream],
-                "COUNT", self.options.batch_size,
+                "COUNT", self.options.batch_size, "JUSTID",
             )  # fmt: skip
             self._cursors[stream] = cursor
             again = again or cursor != b"0-0"
-            entries = [e for e in entries if e[1] is not None]
-            if not entries:
+            if not ids:
                 continue
-            ids = {e[0] for e in entries}
-            self._retries.discard(_among(stream, ids))
-            self._claimed.append((stream, entries, await self._attempts(stream, ids)))
+            self._retries.discard(_among(stream, set(ids)))
+            await self._count(stream, dict.fromkeys(ids))
             claimed = True
         self._next_sweep = now if again and claimed else now + self.options.claim_idle / 2
 
-    async def _attempts(self, stream: str, ids: set[bytes]) -> dict[bytes, int]:
-        """The delivery counters of ``ids``, from the group's pending list."""
+    async def _count(self, stream: str, taken: Mapping[bytes, int | None]) -> None:
+        """Count one delivery of entries pending on this consumer and queue them to be
+        handed out: ``taken`` maps each to its attempt (``None``: its counter plus one).
+
+        Every step may be made twice: ``XPENDING`` reads counters, ``XCLAIM ... RETRYCOUNT``
+        sets them. Until Redis answered, the entries wait in ``_counting``, and a lost
+        connection (or a lost reply, which redis-py sends again) leaves them for the next
+        read to finish, counted once (counting as a claim or a read does, a second claim
+        or read would count the delivery the application never had)."""
+        counting = self._counting.setdefault(stream, {})
+        leftover = len(counting) > 0
+        for entry_id, attempt in taken.items():
+            counting.setdefault(entry_id, attempt)
+        check = [i for i, a in counting.items() if a is None or leftover]
+        if check:  # left over: still ours? (another consumer may have claimed them since)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for entry_id in check:
+                    pipe.execute_command("XPENDING", stream, self.group, entry_id, entry_id, 1)
+                results = await pipe.execute()
+            owner = self.consumer.encode()
+            for entry_id, rows in zip(check, results, strict=True):
+                if not rows or rows[0][1] != owner:
+                    del counting[entry_id]  # acknowledged, deleted, or taken by another
+                elif counting[entry_id] is None:
+                    counting[entry_id] = int(rows[0][3]) + 1
+        counted = {i: a for i, a in counting.items() if a is not None}  # every one, now
+        if not counted:
+            del self._counting[stream]
+            return
+        by_attempt: dict[int, list[bytes]] = {}
+        for entry_id, attempt in counted.items():
+            by_attempt.setdefault(attempt, []).append(entry_id)
         async with self.client.pipeline(transaction=False) as pipe:
-            for entry_id in ids:
-                pipe.execute_command("XPENDING", stream, self.group, entry_id, entry_id, 1)
+            for attempt, ids in by_attempt.items():
+                pipe.execute_command(
+                    "XCLAIM", stream, self.group, self.consumer, 0, *ids, "RETRYCOUNT", attempt
+                )
             results = await pipe.execute()
-        attempts: dict[bytes, int] = {}
-        for rows in results:
-            for entry_id, _consumer, _idle, count in rows:
-                attempts[entry_id] = int(count)
-        return attempts
+        del self._counting[stream]
+        entries = [e for claimed in results for e in claimed if e[1] is not None]
+        if entries:
+            self._claimed.append((stream, entries, {e[0]: counted[e[0]] for e in entries}))
 
     # -- holding and settling -------------------------------------------------------------
 
@@ -288,6 +322,8 @@ class Streams:
             entries.setdefault(stream, []).append(entry_id)
         for stream, claimed, _ in self._claimed:
             entries.setdefault(stream, []).extend(e[0] for e in claimed)
+        for stream, counting in self._counting.items():
+            entries.setdefault(stream, []).extend(counting)
         await self.touch(entries)
 
     async def hold(self, in_flight: Mapping[str, list[bytes]]) -> None:
