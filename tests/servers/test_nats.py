@@ -369,6 +369,27 @@ async def test_a_dead_letter_over_the_max_payload_keeps_the_connection(
     assert "over the server's max_payload" in caplog.text
 
 
+async def dead_letter_kept(
+    t: NatsTransport, durable: str, caplog: pytest.LogCaptureFixture
+) -> tuple[Message, str]:
+    """Fetch the one message waiting, dead-letter it (a dead letter the broker refuses)
+    and check it is kept: not back after the 1 s ack wait, neither acked nor lost, one
+    error line naming where it stays. The message and that line."""
+    (poison,) = await fetch_all(t, 1)
+    await t.settle(
+        Batch(poison.bindings["nats"]["subject"], [poison]),
+        Settlement(dead=[DeadLetter(poison, "no")]),
+    )
+    with pytest.raises(TimeoutError):  # it came back after the 1 s ack wait
+        await asyncio.wait_for(fetch_all(t, 1), 2.0)
+    info = await consumer_state(STREAM, durable)
+    assert (info.num_ack_pending, info.num_redelivered) == (1, 0), "not acked, not lost"
+    lines = [r.getMessage() for r in caplog.records if "cannot be dead-lettered" in r.message]
+    assert len(lines) == 1, lines
+    assert f"in stream {STREAM!r} (sequence {poison.id})" in lines[0]
+    return poison, lines[0]
+
+
 @pytest.mark.parametrize("limit", ["stream max_msg_size", "server max_payload"])
 async def test_a_dead_letter_refused_for_good_waits_long_with_one_line_and_is_not_lost(
     subject: str, limit: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -406,16 +427,8 @@ async def test_a_dead_letter_refused_for_good_waits_long_with_one_line_and_is_no
     try:
         size = t._client.max_payload - 100 if limit == "server max_payload" else 10
         await t.publish(subject, [], b"x" * size, {})
-        (poison,) = await fetch_all(t, 1)
-        await t.settle(Batch(subject, [poison]), Settlement(dead=[DeadLetter(poison, "no")]))
-        with pytest.raises(TimeoutError):  # it came back after the 1 s ack wait
-            await asyncio.wait_for(fetch_all(t, 1), 2.0)
-        info = await consumer_state(STREAM, durable)
-        assert (info.num_ack_pending, info.num_redelivered) == (1, 0), "not acked, not lost"
-        lines = [r.getMessage() for r in caplog.records if "cannot be dead-lettered" in r.message]
-        assert len(lines) == 1, lines
-        assert f"in stream {STREAM!r} (sequence {poison.id})" in lines[0]
-        assert ("exceeds maximum" if limit == "stream max_msg_size" else "max_payload") in lines[0]
+        poison, line = await dead_letter_kept(t, durable, caplog)
+        assert ("exceeds maximum" if limit == "stream max_msg_size" else "max_payload") in line
         if limit == "stream max_msg_size":
             config.max_msg_size = -1
             await jsm.update_stream(config)
@@ -457,17 +470,9 @@ async def test_a_dead_letter_no_stream_captures_waits_long_with_one_line_and_is_
     await t.connect()
     try:
         await t.publish(subject, [], b"poison", {})
-        (poison,) = await fetch_all(t, 1)
-        await t.settle(Batch(subject, [poison]), Settlement(dead=[DeadLetter(poison, "no")]))
-        with pytest.raises(TimeoutError):  # it came back after the 1 s ack wait
-            await asyncio.wait_for(fetch_all(t, 1), 2.0)
-        info = await consumer_state(STREAM, durable)
-        assert (info.num_ack_pending, info.num_redelivered) == (1, 0), "not acked, not lost"
-        lines = [r.getMessage() for r in caplog.records if "cannot be dead-lettered" in r.message]
-        assert len(lines) == 1, lines
-        assert f"to '{PREFIX}-{tag}.{subject}': no JetStream stream captures it" in lines[0]
-        assert f"in stream {STREAM!r} (sequence {poison.id})" in lines[0]
-        assert "create a stream capturing the subject" in lines[0]
+        poison, line = await dead_letter_kept(t, durable, caplog)
+        assert f"to '{PREFIX}-{tag}.{subject}': no JetStream stream captures it" in line
+        assert "create a stream capturing the subject" in line
         config = api.StreamConfig(
             name=dead_stream, subjects=[f"{PREFIX}-{tag}.>"], storage=api.StorageType.MEMORY
         )
