@@ -666,6 +666,66 @@ async def edit_consumer(durable: str, **changes: Any) -> None:
         await admin.close()
 
 
+async def test_a_delivery_limit_set_while_running_ends_the_run_before_it_strands(
+    subject: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A max_deliver given to the consumer while the server ran went unnoticed (JetStream
+    announces no consumer edit): the run went on, and a message nacked up to the limit
+    was never delivered again. Now the consumers are looked at again every few seconds
+    (shortened here), and the run ends with one line before anything is stranded."""
+    from amgi.servers.nats import _jetstream
+
+    monkeypatch.setattr(_jetstream, "_RECHECK", 0.3, raising=False)
+    durable = fresh("d")
+    transport = NatsTransport(
+        [subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2)
+    )
+    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        await edit_consumer(durable, max_deliver=5)
+        code = await asyncio.wait_for(asyncio.shield(serving), 3)
+    finally:
+        runtime.request_stop()
+        await asyncio.wait_for(serving, 10)
+    assert code != 0
+    lines = [r.getMessage() for r in caplog.records if "max_deliver 5:" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0]
+    assert "set its max_deliver to -1" in lines[0]
+
+
+async def test_a_message_stranded_by_a_delivery_limit_ends_the_fetch_naming_it(
+    subject: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set between two looks, a limit strands a message without a word to the client
+    (measured: consumer at ack pending 0, ack floor 0, the message never delivered again,
+    even once the limit is removed). JetStream's max-deliveries advisory now ends the fetch
+    at once with one line naming the message's stream sequence."""
+    from amgi.servers.nats import _jetstream
+
+    monkeypatch.setattr(_jetstream, "_RECHECK", 60.0, raising=False)  # the advisory, not the look
+    durable = fresh("d")
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"nacked", {})
+        for delay in (0, 1):  # the second comes back after the edit
+            (message,) = await fetch_all(t, 1)
+            retry = Retry(message, "no", delay)
+            await t.settle(Batch(subject, [message]), Settlement(retry=[retry]))
+        await edit_consumer(durable, max_deliver=2)
+        with pytest.raises(ConfigurationError) as caught:
+            await asyncio.wait_for(fetch_all(t, 1), 3)
+    finally:
+        await t.close()
+    text = str(caught.value)
+    assert f"message {message.id} of stream {STREAM!r} after 2 deliveries" in text
+    assert "\n" not in text
+    assert "max_deliver to -1" in text
+
+
 async def test_an_existing_consumer_with_a_backoff_is_refused_with_a_fix_the_server_takes(
     subject: str,
 ) -> None:

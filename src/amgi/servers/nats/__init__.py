@@ -9,7 +9,7 @@ consume            a durable pull consumer per address (``--durable``; with seve
                    addresses ``{durable}_{subject}``), filtered on the address,
                    explicit acks, no delivery limit (the runtime counts attempts);
                    an existing one with another ack policy, a limit or a backoff is
-                   refused
+                   refused, at the start and when it is looked at again while running
 batch              one fetch of up to ``--batch-size`` messages (``--fetch-expiry``)
 ordering key       the address
 message id         the stream sequence (the same on every redelivery)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -28,6 +30,15 @@ _REFUSED_DELAY = 3600.0
 least ``--ack-wait``): each try would fail the same way until someone raises the limit."""
 
 
+_RECHECK = 5.0
+"""Seconds between two looks at the consumers' configs while running (and at once after a
+reconnect): an operator may give a consumer in use a delivery limit or a backoff (``nats
+consumer edit``), and JetStream announces no edit."""
+
+_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}"
+"""What JetStream publishes when it stops delivering a message at the consumer's limit."""
+
+
 class _Refused(Exception):
     """A dead letter the broker will never store as it is (over a size limit, or another
     request it refuses as bad: 400; or no stream captures its subject)."""
@@ -46,8 +57,15 @@ class Consumers:
         self.subjects = list(subjects)
         self.options = options
         self._subjects_by_index: list[str] = []
-        self._puller = Puller(client, options.batch_size, options.fetch_expiry, self._unanswered)
+        self._puller = Puller(
+            client, options.batch_size, options.fetch_expiry, self._unanswered, self._recheck
+        )
         self._configs: list[tuple[str, Any]] = []
+        self._advisories: list[Any] = []
+        self._stranded: list[str] = []
+        """Messages JetStream stopped delivering at a delivery limit (from its advisories)."""
+        self._next_check = 0.0
+        self._reconnects = 0
         self.backlog: dict[str, int] = {}
         """Per subject, the consumer's pending count carried by the last message fetched."""
 
@@ -111,7 +129,11 @@ class Consumers:
             self._puller.add(stream, name)
             self._subjects_by_index.append(subject)
             self._configs.append((stream, config))
+            advisory = _MAX_DELIVERIES.format(stream, name)
+            self._advisories.append(await self.client.subscribe(advisory, cb=self._on_stranded))
         await self._puller.start()
+        self._reconnects = self.client.stats["reconnects"]
+        self._next_check = asyncio.get_running_loop().time() + _RECHECK
 
     async def _ensure_consumer(self, stream: str, config: Any) -> bool:
         """Create the consumer if it is missing (an existing one is used as it is, if it
@@ -170,7 +192,50 @@ class Consumers:
                 "consumer %r of stream %r was gone; created it again", config.durable_name, stream
             )
 
+    async def _on_stranded(self, msg: Any) -> None:
+        """JetStream's advisory: it stopped delivering a message at the delivery limit."""
+        try:
+            event = json.loads(msg.data)
+        except ValueError:
+            event = {}
+        *_, stream, consumer = msg.subject.split(".")
+        self._stranded.append(
+            f"message {event.get('stream_seq', '?')} of stream {stream!r} after "
+            f"{event.get('deliveries', '?')} deliveries to consumer {consumer!r}"
+        )
+        self._puller.wake()
+
+    async def _recheck(self) -> None:
+        """Stop at a message JetStream stranded; every ``_RECHECK`` seconds (and after a
+        reconnect) look at the consumers again, as at the start."""
+        if self._stranded:
+            raise ConfigurationError(
+                f"nats: JetStream stopped delivering {self._stranded[0]}"
+                + (f" (and {len(self._stranded) - 1} more)" if len(self._stranded) > 1 else "")
+                + ": the consumer was given a delivery limit (max_deliver) while the server "
+                "ran; the message is still in the stream but the consumer never delivers it "
+                "again: set its max_deliver to -1 and publish the message again (nats stream "
+                "get), or delete the consumer to start it over"
+            )
+        now = asyncio.get_running_loop().time()
+        reconnects = self.client.stats["reconnects"]
+        if now < self._next_check and reconnects == self._reconnects:
+            return
+        self._next_check, self._reconnects = now + _RECHECK, reconnects
+        results = await asyncio.gather(
+            *(self._unanswered(index) for index in range(len(self._configs))),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, ConfigurationError):
+                raise result
+            # Any other failure (no answer, connection lost): looked at again next time.
+
     async def stop(self) -> None:
+        advisories, self._advisories = self._advisories, []
+        for sub in advisories:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         await self._puller.stop()
 
     async def read(self) -> list[Batch]:

@@ -49,9 +49,13 @@ class Puller:
         batch: int,
         expires: float,
         unanswered: Callable[[int], Awaitable[None]],
+        check: Callable[[], Awaitable[None]],
     ) -> None:
         self.client = client
         self.unanswered = unanswered
+        self.check = check
+        """Awaited on every turn of :meth:`take` (before asking and handing out); it may
+        raise to end the fetch."""
         self.batch = batch
         self.expires = expires
         self._requests: list[_Request] = []
@@ -148,6 +152,7 @@ class Puller:
         count = len(self._requests)
         turn = 0
         while True:
+            await self.check()
             now = loop.time()
             for index, request in enumerate(self._requests):
                 if request.open_until <= now:
@@ -168,6 +173,10 @@ class Puller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.001, wait)):
                     await self._ready.wait()
+
+    def wake(self) -> None:
+        """Make :meth:`take` run its next turn (and :attr:`check`) now."""
+        self._ready.set()
 
     async def _ask(self, request: _Request, now: float) -> None:
         request.remaining = self.batch
