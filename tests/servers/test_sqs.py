@@ -16,6 +16,7 @@ import pytest
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
+from amgi.servers.sqs._client import send_each
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.apps import attempts_app
 from tests.moto_env import ENDPOINT, private_moto, use_moto_credentials
@@ -445,6 +446,33 @@ async def test_dead_letters_of_a_fifo_group_keep_its_order(
     reader = await consumer(dlq)
     dead = [m.payload for b in await fetch_n(reader, len(sent)) for m in b.messages]
     assert dead == sent
+
+
+@pytest.mark.parametrize("fifo", [True, False])
+async def test_send_each_sends_a_fifo_queue_in_order_and_stops_at_its_first_failure(
+    fifo: bool,
+) -> None:
+    """The one rule of dead letters and replays: to a FIFO queue one send at a time and
+    none after a failure; to a standard queue all at once, each outcome kept."""
+    started: list[int] = []
+    gate = asyncio.Event()
+
+    async def send(i: int) -> int:
+        started.append(i)
+        if not fifo:
+            await gate.wait()  # all at once: every send starts before any ends
+        if i == 1:
+            raise SqsSendError("refused")
+        return i
+
+    sending = asyncio.ensure_future(send_each(fifo, send, [0, 1, 2]))
+    await asyncio.sleep(0)
+    gate.set()
+    outcomes = await sending
+    assert started == ([0, 1] if fifo else [0, 1, 2])
+    assert [o if isinstance(o, int) else "failed" for o in outcomes] == (
+        [0, "failed"] if fifo else [0, "failed", 2]
+    )
 
 
 async def test_content_deduplication_takes_no_distinct_payloads_for_duplicates(

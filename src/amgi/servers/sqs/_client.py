@@ -8,9 +8,9 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.kit.fifo import held_behind
@@ -114,6 +114,30 @@ def _stop_group_at_first_failure(
         elif key in deads:
             dead.append(deads[key])
     return acked, retry, dead
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def send_each(
+    fifo: bool, send: Callable[[T], Awaitable[R]], items: Sequence[T]
+) -> list[R | BaseException]:
+    """``send`` each item and return each outcome (its result or exception), in order.
+
+    To a FIFO queue one after another, since SQS orders a group by when each send lands,
+    and none after one that failed (it comes back, and would land behind them): the list
+    is then shorter than ``items``. To a standard queue all at once."""
+    if not fifo:
+        return await asyncio.gather(*map(send, items), return_exceptions=True)
+    outcomes: list[R | BaseException] = []
+    for item in items:
+        try:
+            outcomes.append(await send(item))
+        except Exception as exc:
+            outcomes.append(exc)
+            break
+    return outcomes
 
 
 def _chunks(items: list[Any]) -> list[list[Any]]:
@@ -403,18 +427,7 @@ class SqsClient:
             token: str = m.token
             return token
 
-        sent: list[str | BaseException] = []
-        if target.fifo:
-            # SQS orders a group by when each send lands: one after another, and none
-            # after one that failed (it comes back, and would land behind them).
-            for d in dead:
-                try:
-                    sent.append(await send(d))
-                except Exception as exc:
-                    sent.append(exc)
-                    break
-        else:
-            sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
+        sent = await send_each(target.fifo, send, dead)
         for i, d in enumerate(dead):
             if i >= len(sent):  # not sent: after one that failed
                 d.not_stored(f"held behind {dead[i - 1].message.id} (FIFO group)")

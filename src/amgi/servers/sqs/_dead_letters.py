@@ -8,11 +8,11 @@ killed replay held reappears after ``visibility_timeout``: at least once.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from typing import Any
 
-from amgi.servers.sqs._client import _MAX_BATCH, SqsClient, SqsSendError, _Queue
+from amgi.servers.sqs._client import _MAX_BATCH, SqsClient, SqsSendError, _Queue, send_each
 from amgi.servers.sqs.records import replay_attributes, stored_dead_letter
 from amgi.transport import StoredDeadLetter
 
@@ -68,13 +68,14 @@ class DeadLetters(SqsClient):
             chunk = await self._take_dead(dlq, min(_MAX_BATCH, ready - moved))
             if not chunk:
                 break
-            if queue.fifo:  # SQS orders a group by when each send lands
-                for raw in chunk:
-                    await self._send_back(queue, raw)
-            else:
-                await asyncio.gather(*(self._send_back(queue, raw) for raw in chunk))
-            await self._delete(dlq, [raw["ReceiptHandle"] for raw in chunk])
-            moved += len(chunk)
+            sent = await send_each(queue.fifo, functools.partial(self._send_back, queue), chunk)
+            handles = [h for h in sent if isinstance(h, str)]
+            if handles:  # sent back: not to be sent again
+                await self._delete(dlq, handles)
+            moved += len(handles)
+            for failure in sent:
+                if isinstance(failure, BaseException):
+                    raise failure
         if moved < limit:
             await self._report_held(dlq)
         return moved
@@ -95,7 +96,8 @@ class DeadLetters(SqsClient):
                 dlq.name,
             )
 
-    async def _send_back(self, queue: _Queue, raw: dict[str, Any]) -> None:
+    async def _send_back(self, queue: _Queue, raw: dict[str, Any]) -> str:
+        """Send ``raw`` back to ``queue``; its receipt handle in the dead-letter queue."""
         params: dict[str, Any] = {"QueueUrl": queue.url, "MessageBody": raw["Body"]}
         attributes = replay_attributes(raw)
         if attributes:
@@ -108,3 +110,5 @@ class DeadLetters(SqsClient):
             await self.client.send_message(**params)
         except Exception as exc:
             raise SqsSendError(f"sqs: could not send back to {queue.name!r}: {exc}") from exc
+        handle: str = raw["ReceiptHandle"]
+        return handle
