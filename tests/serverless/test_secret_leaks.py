@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from amgi.runtime import RuntimeConfig
 from amgi.runtime.routing import Router
 from amgi.serverless import BatchFailed, KafkaHandler, SqsHandler
 from amgi.servers.amqp import AmqpOptions, AmqpTransport
@@ -70,6 +71,9 @@ async def test_publisher_secrets_never_shown(
             publisher=KafkaTransport([], sasl),
             routes=Router([("amqp-*", AmqpTransport([], wrong))]),
             handle_sigterm=False,
+            # Two attempts show the retry path; each Kafka one waits out the SASL
+            # connect timeout, and the default delays would add 15 s per address.
+            config=RuntimeConfig(max_attempts=2, retry_delay=0.01),
         )
         try:
             with pytest.raises(BatchFailed) as failed:
