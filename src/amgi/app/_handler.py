@@ -122,6 +122,7 @@ class Handler:
         self._converters: dict[str, Callable[[str], Any]] = {}
         self._call: Callable[[Any], Awaitable[Any]] | None = None
         self._middleware: Sequence[Middleware] = ()
+        self._middleware_names: Sequence[str] = ()
         self._is_async = function_kind(func) == "async"
         self._fast = False
         self._needs_infos = False
@@ -142,6 +143,7 @@ class Handler:
         )
         self.plan, self.payload = plan, payload
         self._middleware = tuple(middleware)
+        self._middleware_names = tuple(name_of(mw) for mw in self._middleware)
         if payload is not None:
             item = payload.annotation
             if self.batch:
@@ -383,14 +385,25 @@ class Handler:
     def with_middleware(
         self, invoke: Callable[[], Awaitable[Any]], call: Callable[[], HandlerCall]
     ) -> Callable[[], Awaitable[Any]]:
-        """``invoke`` wrapped in the app's middleware, first declared outermost."""
+        """``invoke`` wrapped in the app's middleware, first declared outermost.
+
+        Each middleware's ``call_next`` may be called again once the previous call
+        returned or raised (a retry); a call while another is running, or once the
+        handler call ended, raises RuntimeError naming the middleware.
+        """
         if not self._middleware:
             return invoke
         info = call()
+        chain = _Chain(self.name)
         wrapped = invoke
-        for mw in reversed(self._middleware):
-            wrapped = _bind(mw, info, wrapped)
-        return wrapped
+        for mw, owner in zip(
+            reversed(self._middleware), reversed(self._middleware_names), strict=True
+        ):
+            step = _Step(chain, wrapped, owner)
+            chain.steps.append(step)
+            wrapped = _bind(mw, info, step)
+        outer = wrapped
+        return lambda: chain.run(outer)
 
 
 def _structured(adapter: Any) -> bool:
@@ -412,6 +425,87 @@ def _bind(
         return await mw(info, call_next)
 
     return step
+
+
+class _Chain:
+    """The middleware chain of one handler call (one message, or one batch).
+
+    It owns every ``call_next()`` made in it: when the outermost middleware is done, a
+    call still running (in a task the middleware started and did not wait for) is
+    cancelled and waited for before the message is settled, and later calls are refused.
+    """
+
+    __slots__ = ("ended", "handler", "steps")
+
+    def __init__(self, handler: str) -> None:
+        self.handler = handler
+        self.ended = False
+        self.steps: list[_Step] = []
+
+    async def run(self, outer: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            result = await outer()
+        except BaseException:
+            self.ended = True
+            await self._stop_left()
+            raise
+        self.ended = True
+        left = await self._stop_left()
+        if left:
+            raise RuntimeError(
+                f"middleware {left[0].owner} returned while its call_next() was still "
+                "running; await call_next() before returning"
+            )
+        return result
+
+    async def _stop_left(self) -> list[_Step]:
+        """Cancel the calls still running and wait for them; the steps they were in."""
+        left = [s for s in self.steps if s.done is not None]
+        if not left:
+            return left
+        current = asyncio.current_task()
+        for task in {s.task for s in left}:
+            if task is not None and task is not current:
+                task.cancel()
+        for s in left:
+            if s.task is not current and s.done is not None:
+                await s.done.wait()
+        return left
+
+
+class _Step:
+    """The ``call_next`` one middleware is given: one call at a time, within the chain."""
+
+    __slots__ = ("chain", "done", "inner", "owner", "task")
+
+    def __init__(self, chain: _Chain, inner: Callable[[], Awaitable[Any]], owner: str) -> None:
+        self.chain = chain
+        self.inner = inner
+        self.owner = owner
+        self.task: asyncio.Task[Any] | None = None
+        self.done: asyncio.Event | None = None
+        """Set while a call runs; set (the event) when it ends."""
+
+    async def __call__(self) -> Any:
+        if self.chain.ended:
+            raise RuntimeError(
+                f"middleware {self.owner} called call_next() after the handler call of "
+                f"{self.chain.handler} had ended (its message was settled)"
+            )
+        if self.done is not None:
+            raise RuntimeError(
+                f"middleware {self.owner} called call_next() while its previous call_next() "
+                "was still running; call it again only after the previous call returned or "
+                "raised"
+            )
+        done = self.done = asyncio.Event()
+        self.task = asyncio.current_task()
+        try:
+            return await self.inner()
+        finally:
+            self.done = None
+            self.task = None
+            done.set()
 
 
 async def _receive_all(receive: AMGIReceiveCallable) -> list[Any]:
@@ -605,8 +699,18 @@ class _BatchState:
         try:
             try:
                 if handler._middleware:
+
+                    async def attempt() -> Any:
+                        # Each call_next() fails items afresh; the last call that
+                        # returned decides which items are nacked.
+                        nonlocal failures
+                        mine = ctx.failures = Failures(len(ids)) if failures is not None else None
+                        outcome = await invoke(ctx, values)
+                        failures = mine
+                        return outcome
+
                     result = await handler.with_middleware(
-                        lambda: invoke(ctx, values),
+                        attempt,
                         lambda: HandlerCall(handler.name, self.address, list(ctx.infos or ())),
                     )()
                 else:
@@ -656,6 +760,16 @@ def _seen(exc: BaseException) -> BaseException:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        # A TaskGroup's error: what its tasks raised.
+        return "; ".join(_describe(e) for e in _leaves(exc))
     if isinstance(exc, ValidationError):
         return f"{type(exc).__name__}: {describe_validation_error(exc)}"
     return f"{type(exc).__name__}: {one_line(str(exc))}"
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for e in group.exceptions:
+        found.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return found
