@@ -498,7 +498,7 @@ async def test_extend_keeps_a_long_batch_invisible(
     url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
     await admin.publish(name, [], b"slow", {})
     transport = await consumer(name, visibility_timeout=2)
-    assert transport.lease_interval == 1.0
+    assert transport.lease_interval == 2 / 3
     (batch,) = await fetch_n(transport, 1)
     for _ in range(4):  # 4 s in all: twice the visibility timeout
         await asyncio.sleep(1)  # time passing is what is under test
@@ -718,6 +718,39 @@ async def test_a_slow_app_gets_no_message_twice(
     assert sorted(seen) == [(b"m%02d" % i, 1) for i in range(20)]
     assert not [r for r in caplog.records if "ReceiptHandle" in r.getMessage()]
     assert await counts(admin, name) == (0, 0)
+
+
+async def test_a_one_second_visibility_timeout_keeps_a_message_from_others(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    """--visibility-timeout 1: the lease was renewed every second (a floor of 1 s), as the
+    message became visible again, and another consumer took it while the app had it."""
+    name = await new_queue()
+    url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
+    await admin.publish(name, [], b"slow", {})
+    had = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":
+            event = await receive()
+            had.set()
+            await asyncio.sleep(3)
+            await send({"type": "message.ack", "id": event["id"]})
+
+    transport = SqsTransport([name], options(visibility_timeout=1, wait_time=1))
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
+    task = asyncio.create_task(runtime.serve())
+    stolen: list[Any] = []
+    try:
+        await asyncio.wait_for(had.wait(), 15)
+        for _ in range(50):  # the 3 s the app has it
+            got = await admin.client.receive_message(QueueUrl=url, WaitTimeSeconds=0)
+            stolen += got.get("Messages", [])
+            await asyncio.sleep(0.05)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    assert stolen == []
 
 
 async def stop_while_polling(

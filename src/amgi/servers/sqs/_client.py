@@ -222,7 +222,9 @@ class SqsClient:
 
     def _init_client(self) -> None:
         """Set up the state (called by the transport's ``__init__``)."""
-        self.lease_interval = max(1.0, self.config.visibility_timeout / 3)
+        # A third of the timeout, with no floor: a floor of 1 s renewed a 1 s timeout as
+        # it ran out, and another consumer took the message while the app had it.
+        self.lease_interval = self.config.visibility_timeout / 3
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: SQSClient | None = None
         self._queues: dict[str, _Queue] = {}
