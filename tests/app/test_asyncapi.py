@@ -16,7 +16,7 @@ from examples.orders import app as orders_app
 from pydantic import BaseModel, Field
 from pydantic_core import core_schema
 
-from amgi.app import App, AppDefinitionError, Binding, Depends, Header
+from amgi.app import App, AppDefinitionError, Binding, Depends, Header, Outgoing
 from amgi.app._docs import DocsServer, render_page
 from amgi.app._yaml import to_yaml
 from tests.cli import amgi as amgi_cli
@@ -209,6 +209,24 @@ def test_address_parameters_of_dependencies_and_publish_to() -> None:
             "shard": {"description": "address parameter shard (int)"},
         },
         "done.{region}": {"region": {"description": "address parameter region (str)"}},
+    }
+
+
+def test_publish_to_parameters_given_by_the_result() -> None:
+    app = App()
+
+    @app.subscriber("readings.{region}", publish_to="alerts.{region}.{sensor}")
+    async def on_reading(reading: Reading) -> Outgoing[Reading]:
+        return Outgoing(reading, params={"sensor": reading.sensor})
+
+    document = app.asyncapi()
+    assert errors_of(document) == []
+    channels = {c["address"]: c.get("parameters") for c in document["channels"].values()}
+    assert channels["alerts.{region}.{sensor}"] == {
+        "region": {"description": "address parameter region (str)"},
+        "sensor": {
+            "description": "address parameter sensor (given by the result's Outgoing params)"
+        },
     }
 
 

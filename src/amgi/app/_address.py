@@ -11,12 +11,14 @@ separators of Kafka, AMQP and MQTT names). Routing rule, checked at startup:
 
 from __future__ import annotations
 
+import enum
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["AddressPattern", "Router", "fill"]
+__all__ = ["AddressPattern", "Router", "fill", "fill_template"]
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _CACHE_LIMIT = 4096
@@ -145,6 +147,61 @@ def common_address(a: AddressPattern, b: AddressPattern) -> str | None:
 def fill(pattern: AddressPattern, values: Mapping[str, str]) -> str:
     """``pattern`` with each ``{name}`` replaced by ``values[name]``."""
     return _PARAM.sub(lambda m: values[m.group(1)], pattern.text)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(template: str) -> AddressPattern:
+    return AddressPattern.parse(template)
+
+
+def fill_template(
+    template: str, consumed: Mapping[str, str], given: Mapping[str, object] | None
+) -> str:
+    """The address ``template`` names once its ``{name}`` parameters are filled.
+
+    A value comes from ``given`` (an Outgoing's or a publish call's ``params``), else from
+    ``consumed`` (the parameters of the address being handled). Raises ValueError on a
+    malformed template, a missing value, a given name the template lacks, or a value
+    that is not one segment (what a subscriber's ``{name}`` would match).
+    """
+    if template and not given and "{" not in template and "}" not in template:
+        return template
+    pattern = _parsed(template)
+    if given:
+        for name in given:
+            if name not in pattern.params:
+                known = ", ".join(pattern.params) or "none"
+                raise ValueError(
+                    f"address {template!r} has no parameter {{{name}}} (its parameters: {known})"
+                )
+    values: dict[str, str] = {}
+    for name in pattern.params:
+        if given and name in given:
+            values[name] = _segment(template, name, given[name])
+        elif name in consumed:
+            values[name] = consumed[name]
+        else:
+            raise ValueError(
+                f"address {template!r}: no value for {{{name}}}; give it in "
+                f"params={{{name!r}: ...}}"
+            )
+    return fill(pattern, values)
+
+
+def _segment(template: str, name: str, value: object) -> str:
+    raw = value.value if isinstance(value, enum.Enum) else value
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise ValueError(
+            f"address {template!r}: {{{name}}} must be a str, an int or an Enum, "
+            f"not {type(value).__name__}"
+        )
+    text = str(raw)
+    if not text or "." in text or "/" in text:
+        raise ValueError(
+            f"address {template!r}: {{{name}}}={text!r} is not one segment "
+            "(one or more characters, neither '.' nor '/')"
+        )
+    return text
 
 
 class Router(Generic[H]):

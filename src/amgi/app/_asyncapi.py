@@ -155,7 +155,13 @@ class _Builder:
         return mid
 
 
+_GIVEN = object()
+"""The type of a ``publish_to`` parameter each result gives (``Outgoing(params=...)``)."""
+
+
 def _parameter(name: str, annotation: Any) -> dict[str, Any]:
+    if annotation is _GIVEN:
+        return {"description": f"address parameter {name} (given by the result's Outgoing params)"}
     parameter: dict[str, Any] = {
         "description": f"address parameter {name} ({type_name(annotation)})"
     }
@@ -266,7 +272,9 @@ def document(app: App) -> dict[str, Any]:
         b.operations[op] = operation
         if handler.publish_to is not None:
             assert handler.output_pattern is not None
-            out_params = {n: handler.address_types[n] for n in handler.output_pattern.params}
+            out_params = {
+                n: handler.address_types.get(n, _GIVEN) for n in handler.output_pattern.params
+            }
             out_cid = b.channel(handler.publish_to, out_params)
             out_payload = b.schema(_output_type(handler), "serialization")
             out_mid = b.message(

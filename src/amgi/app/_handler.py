@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from amgi.app._address import AddressPattern, fill
+from amgi.app._address import AddressPattern, fill, fill_template
 from amgi.app._codec import (
     Decoder,
     Encoder,
@@ -95,17 +95,16 @@ class Handler:
             raise AppDefinitionError(f"{self.name}: a handler cannot be a generator")
         self.publish_to = publish_to
         self.output_pattern: AddressPattern | None = None
+        self.output_extra: tuple[str, ...] = ()
+        """Parameters of ``publish_to`` each result gives (``Outgoing(params=...)``)."""
         if publish_to is not None:
             try:
                 self.output_pattern = AddressPattern.parse(publish_to)
             except ValueError as exc:
                 raise AppDefinitionError(f"{self.name}, publish_to: {exc}") from None
-            unknown = [n for n in self.output_pattern.params if n not in self.pattern.params]
-            if unknown:
-                raise AppDefinitionError(
-                    f"{self.name}, publish_to={publish_to!r}: {{{unknown[0]}}} is not a "
-                    f"parameter of the address {address!r}"
-                )
+            self.output_extra = tuple(
+                n for n in self.output_pattern.params if n not in self.pattern.params
+            )
         self.batch = batch
         self.concurrency = concurrency
         self.summary = summary
@@ -242,6 +241,13 @@ class Handler:
             (base,) = typing.get_args(base) or (Any,)
         if typing.get_origin(base) is Outgoing or base is Outgoing:
             (base,) = typing.get_args(base) or (Any,)
+        elif self.output_extra:
+            name = self.output_extra[0]
+            raise AppDefinitionError(
+                f"{self.name}, publish_to={self.publish_to!r}: {{{name}}} is not a parameter "
+                f"of the address {self.pattern.text!r}; return Outgoing[...] with "
+                f"params={{{name!r}: ...}} to give it per result"
+            )
         try:
             self._encode = make_encoder(base)
         except Exception as exc:
@@ -281,9 +287,11 @@ class Handler:
 
         ``raw``: the address parameters as matched (they fill ``publish_to``).
         """
-        call = _BatchState(self, send, address, params, state, dead_letter_ok)
-        if self.output_pattern is not None and self.output_pattern.params:
-            call.output_address = fill(self.output_pattern, raw or params)
+        consumed = raw if raw is not None else {k: str(v) for k, v in params.items()}
+        call = _BatchState(self, send, address, params, state, dead_letter_ok, consumed)
+        pattern = self.output_pattern
+        if pattern is not None and pattern.params and not self.output_extra:
+            call.output_address = fill(pattern, consumed)
         if self._fast:
             await call.run_fast(receive)
         elif self.batch:
@@ -363,22 +371,26 @@ class Handler:
         return f"invalid payload for {where}: {exc}"
 
     def encode_output(
-        self, result: Any, address: str
+        self, result: Any, address: str, consumed: Mapping[str, str]
     ) -> tuple[str, list[tuple[bytes, bytes]], bytes, dict[str, Any]]:
         """The ``message.send`` parts of a returned value (raises if it cannot be serialized).
 
-        ``address``: where it goes unless it is an Outgoing with its own.
+        ``address``: ``publish_to`` filled from ``consumed`` (the consumed address's
+        parameters), where it goes unless the result is an Outgoing with its own address
+        or parameters; _AddressError if an address cannot be filled.
         """
         assert self._encode is not None
         if isinstance(result, Outgoing):
+            if result.address is not None or result.params or self.output_extra:
+                template = result.address if result.address is not None else self.publish_to
+                assert template is not None
+                address = _fill(template, consumed, result.params)
             data, ctype = self._encode(result.payload)
             bindings = {k: dict(v) for k, v in (result.bindings or {}).items()}
-            return (
-                result.address or address,
-                encode_headers(result.headers, ctype),
-                data,
-                bindings,
-            )
+            return address, encode_headers(result.headers, ctype), data, bindings
+        if self.output_extra:
+            assert self.publish_to is not None
+            address = _fill(self.publish_to, consumed, None)
         data, ctype = self._encode(result)
         return address, [(b"content-type", ctype.encode())], data, {}
 
@@ -404,6 +416,17 @@ class Handler:
             wrapped = _bind(mw, info, step)
         outer = wrapped
         return lambda: chain.run(outer)
+
+
+class _AddressError(ValueError):
+    """A result's address cannot be filled (a parameter missing or invalid)."""
+
+
+def _fill(template: str, consumed: Mapping[str, str], given: Mapping[str, Any] | None) -> str:
+    try:
+        return fill_template(template, consumed, given)
+    except ValueError as exc:
+        raise _AddressError(str(exc)) from None
 
 
 def _structured(adapter: Any) -> bool:
@@ -523,6 +546,7 @@ class _BatchState:
 
     __slots__ = (
         "address",
+        "consumed",
         "dead_letter_ok",
         "handler",
         "output_address",
@@ -540,6 +564,7 @@ class _BatchState:
         params: dict[str, Any],
         state: Mapping[str, Any],
         dead_letter_ok: bool,
+        consumed: Mapping[str, str],
     ) -> None:
         self.handler = handler
         self.send = send
@@ -547,7 +572,9 @@ class _BatchState:
         self.params = params
         self.state = state
         self.dead_letter_ok = dead_letter_ok
-        self.publisher = Publisher(send)
+        self.consumed = consumed
+        """The consumed address's parameters as matched (they fill outgoing addresses)."""
+        self.publisher = Publisher(send, consumed)
         self.output_address = handler.publish_to or ""
         """``publish_to`` with the address parameters filled in."""
 
@@ -611,8 +638,14 @@ class _BatchState:
     ) -> list[tuple[str, list[tuple[bytes, bytes]], bytes, dict[str, Any]]]:
         """The sends of the handler's results (None: nothing); _OutputError if one fails."""
         handler = self.handler
+        address, consumed = self.output_address, self.consumed
         try:
-            return [handler.encode_output(r, self.output_address) for r in results if r is not None]
+            return [handler.encode_output(r, address, consumed) for r in results if r is not None]
+        except _AddressError as exc:
+            raise _OutputError(
+                f"{handler.name}: its result could not be published, nothing was published: {exc}",
+                exc,
+            ) from None
         except Exception as exc:
             raise _OutputError(
                 f"{handler.name}: its result could not be serialized, nothing was "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Generic, Literal, TypeVar
 
 __all__ = [
@@ -102,13 +103,17 @@ class MessageInfo:
 class Outgoing(Generic[T]):
     """A message to publish, with headers and bindings: return it, or give it to a Publisher.
 
-    ``address`` overrides the handler's ``publish_to``.
+    ``address`` overrides the handler's ``publish_to``. Either may hold ``{name}``
+    parameters (``"invoices.{region}"``): each is filled from ``params``, else from the
+    parameter of that name of the consumed address. A value must be one segment of text
+    (``str``, ``int`` or an ``Enum`` of them, without ``.`` or ``/``).
     """
 
     payload: T
     headers: Mapping[str, str | bytes] | None = None
     bindings: Mapping[str, Mapping[str, Any]] | None = None
     address: str | None = None
+    params: Mapping[str, str | int | Enum] | None = None
 
 
 class Failures:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
+from amgi.app._address import fill_template
 from amgi.app._codec import encode_any
 from amgi.app._params import Outgoing
 from amgi.types import AMGISendCallable
@@ -38,12 +40,17 @@ class Publisher:
     serialized from its type (pydantic models, dataclasses, TypedDicts, primitives as
     JSON; ``bytes`` and ``str`` as they are) and the call returns once the server has
     handed it to the broker (a failure raises the server's ``OSError``).
+
+    The address may hold ``{name}`` parameters, filled from ``params``, else from the
+    consumed address (``publish("audit.{region}", ...)`` handling ``orders.eu`` sends to
+    ``audit.eu``); a missing or invalid value raises ValueError.
     """
 
-    __slots__ = ("_send",)
+    __slots__ = ("_consumed", "_send")
 
-    def __init__(self, send: AMGISendCallable) -> None:
+    def __init__(self, send: AMGISendCallable, consumed: Mapping[str, str] | None = None) -> None:
         self._send = send
+        self._consumed: Mapping[str, str] = consumed or {}
 
     async def publish(
         self,
@@ -52,17 +59,20 @@ class Publisher:
         *,
         headers: Mapping[str, str | bytes] | None = None,
         bindings: Mapping[str, Mapping[str, Any]] | None = None,
+        params: Mapping[str, str | int | Enum] | None = None,
     ) -> None:
-        """Serialize ``payload`` and send it to ``address``."""
+        """Serialize ``payload`` and send it to ``address`` (its ``{name}`` filled in)."""
         if isinstance(payload, Outgoing):
             headers = {**(payload.headers or {}), **(headers or {})}
             bindings = {**(payload.bindings or {}), **(bindings or {})}
+            params = {**(payload.params or {}), **(params or {})}
             payload = payload.payload
+        target = fill_template(address, self._consumed, params)
         data, content_type = encode_any(payload)
         await self._send(
             {
                 "type": "message.send",
-                "address": address,
+                "address": target,
                 "headers": encode_headers(headers, content_type),
                 "payload": data,
                 "bindings": {k: dict(v) for k, v in (bindings or {}).items()},
