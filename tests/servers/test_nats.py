@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +219,44 @@ async def test_a_stop_waits_no_longer_than_the_expiry_for_a_pull_request_never_a
     assert asyncio.get_running_loop().time() - started < 5  # 1.5 s at most, not 30 s
 
 
-async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject: str) -> None:
-    durable = fresh("d")
-    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=1.0)
+@contextlib.asynccontextmanager
+async def running(transport: NatsTransport) -> AsyncIterator[asyncio.Task[int]]:
+    """The server serving ``transport`` (started), stopped at the end; its task."""
+    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        yield serving
+    finally:
+        runtime.request_stop()
+        await asyncio.wait_for(serving, 10)
+
+
+@contextlib.asynccontextmanager
+async def silent_subject() -> AsyncIterator[str]:
+    """A fresh subject no stream captures, on which a subscriber listens and never
+    answers: a JetStream publish to it waits for an ack that never comes."""
+    import nats
+
+    silent = await nats.connect(URL)
+
+    async def never_ack(msg: Any) -> None:
+        pass
+
+    try:
+        dead_subject = f"{PREFIX}-silent.{fresh('dl')}"
+        await silent.subscribe(dead_subject, cb=never_ack)
+        await silent.flush()
+        yield dead_subject
+    finally:
+        await silent.close()
+
+
+async def hold_one_message(subject: str, options: NatsOptions, hold: float) -> Recorder:
+    """Run the server with an app that holds one message ``hold`` seconds before it acks;
+    the app's recorder."""
     app = Recorder()
-    app.delay = 2.5  # longer than the ack wait
+    app.delay = hold
     runtime = Runtime(app, NatsTransport([subject], options), RuntimeConfig(lifespan="off"))
     task = asyncio.create_task(runtime.serve())
     try:
@@ -231,13 +266,101 @@ async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject
         await producer.publish(subject, [], b"slow", {})
         await producer.close()
         await app.wait_for(lambda: len(app.acked) >= 1, 15, "the slow message")
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2)  # a redelivery would come by then
     finally:
         runtime.request_stop()
         assert await task == 0
+    return app
+
+
+async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject: str) -> None:
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=1.0)
+    app = await hold_one_message(subject, options, hold=2.5)  # longer than the ack wait
     assert [r.attempt for r in app.received] == [1], "redelivered while still in progress"
     info = await consumer_state(STREAM, durable)
     assert info.num_ack_pending == 0
+
+
+@pytest.mark.parametrize(("consumer_ack_wait", "ack_wait"), [(1, 30), (60, 1)])
+async def test_the_lease_follows_an_existing_consumers_own_ack_wait(
+    subject: str, caplog: pytest.LogCaptureFixture, consumer_ack_wait: int, ack_wait: int
+) -> None:
+    """An existing consumer is used with its own ack_wait, and the lease (+WPI) came every
+    --ack-wait / 3: with ack_wait 1 s and --ack-wait 30, a message held 2.5 s was
+    delivered again while in the app's hands, its attempt raised (measured: attempts
+    [1, 2, 3]). Now the lease comes every third of the shorter of the two, with one line
+    saying so; a consumer's longer ack_wait changes nothing wrong."""
+    from nats.js import api
+
+    durable = await existing_durable(
+        subject, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=consumer_ack_wait
+    )
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=ack_wait)
+    with caplog.at_level(logging.INFO, logger="amgi.servers.nats"):
+        app = await hold_one_message(subject, options, hold=2.5)
+    assert [r.attempt for r in app.received] == [1], "redelivered while still in progress"
+    info = await consumer_state(STREAM, durable)
+    assert (info.num_ack_pending, info.num_redelivered) == (0, 0)
+    said = f"ack_wait {consumer_ack_wait}s, not --ack-wait {ack_wait}s"
+    lines = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"comes every {min(ack_wait, consumer_ack_wait) / 3:.3g}s" in lines[0]
+
+
+async def test_an_ack_wait_lowered_while_running_below_the_lease_ends_the_run(
+    subject: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime keeps the lease interval set at the start (here 1 s, --ack-wait 3). A
+    consumer's ack_wait lowered to 2.5 s while running is followed (its dead letters come
+    back after it; one line says so); lowered to 1 s, the lease would come too rarely and
+    JetStream would deliver a held message again: the run ends with one line (it went on,
+    each held message delivered again, its attempt raised)."""
+    from amgi.servers.nats import _jetstream
+
+    monkeypatch.setattr(_jetstream, "_RECHECK", 0.3, raising=False)
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=3)
+    caplog.set_level(logging.INFO, logger="amgi.servers.nats")
+    async with running(NatsTransport([subject], options)) as serving:
+        await edit_consumer(durable, ack_wait=2.5)
+        await asyncio.sleep(1)
+        assert not serving.done()
+        await edit_consumer(durable, ack_wait=1)
+        code = await asyncio.wait_for(asyncio.shield(serving), 3)
+    assert code != 0
+    followed = [r.getMessage() for r in caplog.records if "has ack_wait 2.5s" in r.getMessage()]
+    assert len(followed) == 1, followed
+    lines = [r.getMessage() for r in caplog.records if "given ack_wait 1s" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0]
+    assert "comes every 1s" in lines[0]
+
+
+async def test_a_dead_letter_not_stored_comes_back_after_the_consumers_own_ack_wait(
+    subject: str,
+) -> None:
+    """A message whose dead letter could not be stored for now was -NAKed with --ack-wait
+    as delay: with a consumer of ack_wait 1 s and --ack-wait 30 it came back after 30 s,
+    not after the ack wait of the consumer it lives on. Now after 1 s."""
+    from nats.js import api
+
+    durable = await existing_durable(subject, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=1)
+    async with silent_subject() as dead_subject:
+        options = NatsOptions(
+            servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=30,
+            dead_letter_subject=dead_subject, publish_timeout=0.3,
+        )  # fmt: skip
+        t = NatsTransport([subject], options)
+        await t.connect()
+        try:
+            await t.publish(subject, [], b"poison", {})
+            (first,) = await fetch_all(t, 1)
+            await t.settle(Batch(subject, [first]), Settlement(dead=[DeadLetter(first, "no")]))
+            (again,) = await asyncio.wait_for(fetch_all(t, 1), 3)
+        finally:
+            await t.close()
+    assert (again.id, again.attempt) == (first.id, 2)
 
 
 async def test_dead_letters_carry_reason_and_attempt_and_are_terminated(subject: str) -> None:
@@ -314,32 +437,23 @@ async def test_a_dead_letter_publish_waits_no_longer_than_the_publish_timeout(
     """The dead-letter publish waited nats-py's 5 s for the stream's ack whatever
     ``--publish-timeout`` said. Here something listens on the dead-letter subject and
     never acks: the publish gives up after the publish timeout."""
-    import nats
-
-    silent = await nats.connect(URL)
-    dead_subject = f"{PREFIX}-silent.{fresh('dl')}"
-
-    async def never_ack(msg: Any) -> None:
-        pass
-
-    await silent.subscribe(dead_subject, cb=never_ack)
-    await silent.flush()
-    options = NatsOptions(
-        servers=URL, mode=mode, durable=fresh("d"), queue=fresh("q"), fetch_expiry=0.2,
-        dead_letter_subject=dead_subject, publish_timeout=0.5,
-    )  # fmt: skip
-    t = NatsTransport([subject], options)
-    await t.connect()
-    try:
-        await t.publish(subject, [], b"poison", {})
-        (message,) = await fetch_all(t, 1)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await t.settle(Batch(subject, [message]), Settlement(dead=[DeadLetter(message, "no")]))
-        took = loop.time() - started
-    finally:
-        await t.close()
-        await silent.close()
+    async with silent_subject() as dead_subject:
+        options = NatsOptions(
+            servers=URL, mode=mode, durable=fresh("d"), queue=fresh("q"), fetch_expiry=0.2,
+            dead_letter_subject=dead_subject, publish_timeout=0.5,
+        )  # fmt: skip
+        t = NatsTransport([subject], options)
+        await t.connect()
+        try:
+            await t.publish(subject, [], b"poison", {})
+            (message,) = await fetch_all(t, 1)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            dead = Settlement(dead=[DeadLetter(message, "no")])
+            await t.settle(Batch(subject, [message]), dead)
+            took = loop.time() - started
+        finally:
+            await t.close()
     assert took < 2.5, took
 
 
@@ -677,18 +791,10 @@ async def test_a_delivery_limit_set_while_running_ends_the_run_before_it_strands
 
     monkeypatch.setattr(_jetstream, "_RECHECK", 0.3, raising=False)
     durable = fresh("d")
-    transport = NatsTransport(
-        [subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2)
-    )
-    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
-    serving = asyncio.create_task(runtime.serve())
-    try:
-        await asyncio.wait_for(runtime.started.wait(), 10)
+    options = NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2)
+    async with running(NatsTransport([subject], options)) as serving:
         await edit_consumer(durable, max_deliver=5)
         code = await asyncio.wait_for(asyncio.shield(serving), 3)
-    finally:
-        runtime.request_stop()
-        await asyncio.wait_for(serving, 10)
     assert code != 0
     lines = [r.getMessage() for r in caplog.records if "max_deliver 5:" in r.getMessage()]
     assert len(lines) == 1, lines

@@ -20,8 +20,10 @@ attempt            the delivery count in the message metadata
 nack (dead)        published (ack awaited) to ``{subject}.dlq`` with the reason, attempt
                    and address headers, then ``+TERM``; refused for good (no stream
                    captures it, too big): ``-NAK`` with an hour's delay, one error line
-lease              ``+WPI`` (in progress) for batches still running, every
-                   ``--ack-wait`` / 3 seconds
+lease              ``+WPI`` (in progress) for batches still running, every third of
+                   the shortest ack wait (the consumers' own, read at the start, and
+                   ``--ack-wait``); an ack_wait lowered below twice that while running
+                   ends the run
 send               JetStream publish, its ack awaited; headers as in ``_headers``;
                    binding ``msgId`` becomes ``Nats-Msg-Id`` (de-duplication)
 bindings in        ``nats``: ``subject``, ``stream``, ``sequence`` (``msgId`` if set)
@@ -192,6 +194,8 @@ class NatsTransport(DeadLetters, Transport):
             if self.config.mode == "jetstream":
                 self._consumers = Consumers(self._client, self.addresses, self.config)
                 await self._consumers.start()
+                # Existing consumers keep their own ack_wait: the lease follows the shortest.
+                self.lease_interval = self._consumers.lease_interval
             else:
                 self._subscriptions = Subscriptions(self._client, self.addresses, self.config)
                 await self._subscriptions.start()
@@ -250,7 +254,7 @@ class NatsTransport(DeadLetters, Transport):
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         dead = [self._dead(d.message, batch.address, d.reason) for d in settlement.dead]
         if self._consumers is not None:
-            await self._consumers.settle(settlement, dead)
+            await self._consumers.settle(settlement, dead, batch.address)
         elif self._subscriptions is not None:
             await self._subscriptions.settle(settlement, dead, batch.address)
 

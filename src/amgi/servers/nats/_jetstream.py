@@ -27,7 +27,8 @@ _NAME_UNSAFE = re.compile(r"[.*>\s/\\]")
 
 _REFUSED_DELAY = 3600.0
 """Seconds before a message whose dead letter the broker refused for good comes back (at
-least ``--ack-wait``): each try would fail the same way until someone raises the limit."""
+least the consumer's ack_wait): each try would fail the same way until someone raises
+the limit."""
 
 
 _RECHECK = 5.0
@@ -61,6 +62,11 @@ class Consumers:
             client, options.batch_size, options.fetch_expiry, self._unanswered, self._recheck
         )
         self._configs: list[tuple[str, Any]] = []
+        self.ack_waits: list[float] = []
+        """Per consumer, its ack_wait as last read (an existing one keeps its own)."""
+        self.lease_interval = options.ack_wait / 3
+        """Seconds between two leases (``+WPI``), set at the start: a third of the shortest
+        ack_wait of the consumers and ``--ack-wait``. The runtime's lease keeps it."""
         self._advisories: list[Any] = []
         self._stranded: list[str] = []
         """Messages JetStream stopped delivering at a delivery limit (from its advisories)."""
@@ -121,7 +127,7 @@ class Consumers:
                 filter_subject=subject,
             )
             try:
-                await self._ensure_consumer(stream, config)
+                _, ack_wait = await self._ensure_consumer(stream, config)
             except js_errors.APIError as exc:
                 raise ConfigurationError(
                     f"nats: cannot create consumer {name!r} on {stream!r}: {exc.description or exc}"
@@ -129,17 +135,37 @@ class Consumers:
             self._puller.add(stream, name)
             self._subjects_by_index.append(subject)
             self._configs.append((stream, config))
+            self.ack_waits.append(ack_wait)
             advisory = _MAX_DELIVERIES.format(stream, name)
             self._advisories.append(await self.client.subscribe(advisory, cb=self._on_stranded))
+        self.lease_interval = min(o.ack_wait, *self.ack_waits) / 3
+        for (stream, config), ack_wait in zip(self._configs, self.ack_waits, strict=True):
+            if ack_wait != o.ack_wait:
+                self._own_ack_wait(stream, config.durable_name, ack_wait)
         await self._puller.start()
         self._reconnects = self.client.stats["reconnects"]
         self._next_check = asyncio.get_running_loop().time() + _RECHECK
 
-    async def _ensure_consumer(self, stream: str, config: Any) -> bool:
+    def _own_ack_wait(self, stream: str, name: str, ack_wait: float) -> None:
+        logger.info(
+            "consumer %r of stream %r has ack_wait %gs, not --ack-wait %gs (which only a "
+            "consumer the server creates takes): JetStream redelivers its unacked messages "
+            "after %gs, a dead letter that could not be stored comes back then, and the "
+            "lease (+WPI) comes every %.3gs",
+            name,
+            stream,
+            ack_wait,
+            self.options.ack_wait,
+            ack_wait,
+            self.lease_interval,
+        )
+
+    async def _ensure_consumer(self, stream: str, config: Any) -> tuple[bool, float]:
         """Create the consumer if it is missing (an existing one is used as it is, if it
         takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack; if it has
         no backoff: it would redeliver a message still being processed; and if it has no
-        delivery limit: JetStream drops a message from delivery at ``max_deliver``)."""
+        delivery limit: JetStream drops a message from delivery at ``max_deliver``).
+        Whether it was created, and its ack_wait in seconds."""
         from nats.js import api
         from nats.js import errors as js_errors
 
@@ -148,7 +174,7 @@ class Consumers:
             info = await jsm.consumer_info(stream, config.durable_name)
         except js_errors.NotFoundError:
             await jsm.add_consumer(stream, config)
-            return True
+            return True, config.ack_wait
         policy = info.config.ack_policy
         if policy is not None and policy != api.AckPolicy.EXPLICIT:
             raise ConfigurationError(
@@ -182,15 +208,33 @@ class Consumers:
                 "letter that could not be stored) would stay stuck; set its max_deliver to "
                 "-1 (unlimited) or pick another --durable"
             )
-        return False
+        ack_wait = info.config.ack_wait
+        return False, config.ack_wait if ack_wait is None else float(ack_wait)
 
     async def _unanswered(self, index: int) -> None:
-        """A pull request got no answer at all: a deleted consumer is created again."""
+        """A pull request got no answer at all: a deleted consumer is created again. Its
+        ack_wait is taken as it is now, unless the lease set at the start comes too
+        rarely for it (less than twice per ack wait): that ends the run."""
         stream, config = self._configs[index]
-        if await self._ensure_consumer(stream, config):
+        created, ack_wait = await self._ensure_consumer(stream, config)
+        if created:
             logger.warning(
                 "consumer %r of stream %r was gone; created it again", config.durable_name, stream
             )
+        if ack_wait == self.ack_waits[index]:
+            return
+        if ack_wait < 2 * self.lease_interval:
+            raise ConfigurationError(
+                f"nats: consumer {config.durable_name!r} of stream {stream!r} was given "
+                f"ack_wait {ack_wait:g}s while the server ran: the lease (+WPI) set at the "
+                f"start comes every {self.lease_interval:.3g}s, too rarely for it (JetStream "
+                "would deliver a message again while the app holds it, its attempt raised); "
+                "start the server again (it reads ack_wait at the start) or set its ack_wait "
+                f"to {2 * self.lease_interval:.3g}s or more"
+            )
+        self.ack_waits[index] = ack_wait
+        if ack_wait != self.options.ack_wait:
+            self._own_ack_wait(stream, config.durable_name, ack_wait)
 
     async def _on_stranded(self, msg: Any) -> None:
         """JetStream's advisory: it stopped delivering a message at the delivery limit."""
@@ -252,8 +296,9 @@ class Consumers:
         return Batch(subject, [_message(m) for m in msgs], key=subject)
 
     async def settle(
-        self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]]
+        self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]], subject: str
     ) -> None:
+        ack_wait = self.ack_waits[self._subjects_by_index.index(subject)]
         for m in settlement.acked:
             await m.token.ack()
         for r in settlement.retry:
@@ -268,7 +313,7 @@ class Consumers:
                 if isinstance(result, BaseException):
                     d.not_stored(result)
                 if isinstance(result, _Refused):
-                    delay = max(_REFUSED_DELAY, self.options.ack_wait)
+                    delay = max(_REFUSED_DELAY, ack_wait)
                     where = m.bindings["nats"]
                     logger.error(
                         "message %s cannot be dead-lettered to %r: %s; it stays unacknowledged "
@@ -289,7 +334,7 @@ class Consumers:
                         subject,
                         result,
                     )
-                    await m.token.nak(delay=self.options.ack_wait)
+                    await m.token.nak(delay=ack_wait)
                 else:
                     await m.token.term()
         await self.client.flush(self.options.ack_wait)
