@@ -126,7 +126,27 @@ class Consuming(KafkaClient):
         for tp in committed:
             if tp.offset < 0:
                 tp.offset = found.get((tp.topic, tp.partition), reset(tp.topic))
+        self._commit_retry_starts(consumer, found)
         return list(committed)
+
+    def _commit_retry_starts(self, consumer: Any, found: dict[TopicPartition, int]) -> None:
+        """Commit the log start of the retry partitions the group has no offset for.
+
+        Should a later assignment's lookup fail, librdkafka resolves the start itself:
+        from the committed offset, else from ``auto.offset.reset``, which with ``latest``
+        is the end of the retry partition, past the copies waiting there (lost). Once
+        this commit is on the broker, it finds the start instead.
+        """
+        from confluent_kafka import KafkaException
+        from confluent_kafka import TopicPartition as TP
+
+        starts = [TP(t, p, offset) for (t, p), offset in found.items() if self._is_retry_topic(t)]
+        if not starts:
+            return
+        try:
+            consumer.commit(offsets=starts, asynchronous=True)
+        except KafkaException as exc:  # the next assignment's lookup tries again
+            logger.debug("kafka: retry partitions' start offsets not committed: %s", exc)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
