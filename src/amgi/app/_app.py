@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from amgi.app._address import Router
+from amgi.app._asyncapi import document
 from amgi.app._errors import AppDefinitionError, PayloadError
 from amgi.app._handler import Handler, Middleware
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
@@ -121,10 +122,10 @@ class App:
 
     def asyncapi(self) -> dict[str, Any]:
         """The AsyncAPI 3.0 document of this application."""
-        from amgi.app._asyncapi import document
-
         self.prepare()
-        return document(self)
+        return document(
+            self.handlers, title=self.title, version=self.version, description=self.description
+        )
 
     async def __call__(
         self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable

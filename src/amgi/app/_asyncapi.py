@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
@@ -14,9 +14,6 @@ from amgi.app._codec import content_type_of, raw_type, strip_none
 from amgi.app._errors import AppDefinitionError, first_line
 from amgi.app._handler import Handler
 from amgi.app._inject import Parameter, type_name
-
-if TYPE_CHECKING:
-    from amgi.app._app import App
 
 __all__ = ["ASYNCAPI_VERSION", "document"]
 
@@ -207,7 +204,7 @@ def _output_type(handler: Handler) -> Any:
     return bytes if raw_type(handler.output_type) is bytes else handler.output_type
 
 
-def _types(handlers: list[Handler]) -> list[tuple[Any, Mode, str]]:
+def _types(handlers: Sequence[Handler]) -> list[tuple[Any, Mode, str]]:
     """Every type the document describes, with the direction it travels and its owner."""
     found: list[tuple[Any, Mode, str]] = []
     for handler in handlers:
@@ -230,27 +227,29 @@ def _types(handlers: list[Handler]) -> list[tuple[Any, Mode, str]]:
     return found
 
 
-def document(app: App) -> dict[str, Any]:
-    """Build the AsyncAPI 3.0 document of ``app`` (its handlers must be prepared)."""
-    b = _Builder(_types(app.handlers))
-    for handler in app.handlers:
+def document(
+    handlers: Sequence[Handler], *, title: str, version: str, description: str | None
+) -> dict[str, Any]:
+    """Build the AsyncAPI 3.0 document of an application (its handlers must be prepared)."""
+    b = _Builder(_types(handlers))
+    for handler in handlers:
         plan = handler.plan
         assert plan is not None
         params = plan.all_parameters()
         cid = b.channel(handler.pattern.text, handler.address_types)
         payload = None
-        title = "Message"
+        message_title = "Message"
         content_type = "application/json"
         if handler.payload is not None:
             payload = b.schema(handler.payload_type)
-            title = type_name(handler.payload_type)
+            message_title = type_name(handler.payload_type)
             content_type = content_type_of(handler.payload_type)
         examples = [{"payload": _example(e)} for e in handler.examples]
         op = b.unique(b.operations, _operation_name(handler))
         mid = b.message(
             cid,
             f"{op}.message",
-            title,
+            message_title,
             content_type,
             payload,
             [p for p in params if p.kind == "header"],
@@ -295,9 +294,9 @@ def document(app: App) -> dict[str, Any]:
                 "summary": f"the result of {op}",
                 "messages": [{"$ref": f"#/channels/{out_cid}/messages/{out_mid}"}],
             }
-    info: dict[str, Any] = {"title": app.title, "version": app.version}
-    if app.description:
-        info["description"] = app.description
+    info: dict[str, Any] = {"title": title, "version": version}
+    if description:
+        info["description"] = description
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": info,
