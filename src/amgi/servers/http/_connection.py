@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -36,10 +37,7 @@ from amgi.servers.http._front import (
     text_answer,
 )
 
-if TYPE_CHECKING:
-    from amgi.servers.http._listener import Listener
-
-__all__ = ["MAX_HEAD", "Connection", "encode"]
+__all__ = ["MAX_HEAD", "Acceptor", "Connection", "encode"]
 
 logger = logging.getLogger("amgi.servers.http")
 
@@ -123,10 +121,34 @@ class _Slot:
         self.connection.flush()
 
 
+class Acceptor(Protocol):
+    """What a connection needs of the listener that accepted it (the ``Listener``)."""
+
+    front: Front
+    tls: ssl.SSLContext | None
+    stopping: bool
+    """Shutdown began: a new connection is closed as it comes."""
+    date: bytes
+    """The ``date`` header line of answers."""
+    acked: bytes
+    """The whole answer to an acked request kept alive."""
+    connections: set[Connection]
+    """The open connections: each adds itself when made and leaves when lost."""
+
+    def full(self) -> bool:
+        """Whether a new connection is one too many."""
+
+    def lost(self) -> None:
+        """A connection closed (called by it)."""
+
+    def secure(self, connection: Connection, transport: asyncio.Transport, over: bool) -> None:
+        """Run the TLS handshake of a connection just accepted."""
+
+
 class Connection(asyncio.Protocol):
     """The protocol of one accepted connection (see the module docstring)."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Acceptor) -> None:
         self.listener = listener
         self.front: Front = listener.front
         self.parser = httptools.HttpRequestParser(self)
