@@ -134,3 +134,13 @@ class Cutter(HoldingFront):
         finally:
             writer.close()
             up_writer.close()
+
+
+async def delivery_count(stream: str, group: str, entry_id: bytes | str, url: str = URL) -> int:
+    """The delivery counter Redis keeps for a pending entry (0: not pending)."""
+    c = await client(url)
+    try:
+        rows = await c.execute_command("XPENDING", stream, group, entry_id, entry_id, 1)
+    finally:
+        await c.aclose()
+    return int(rows[0][3]) if rows else 0

@@ -33,6 +33,7 @@ from tests.servers.redis_helpers import (
     URL,
     Cutter,
     client,
+    delivery_count,
     ensure_broker,
     entries,
     fresh,
@@ -412,6 +413,25 @@ async def test_a_history_read_cut_off_by_a_lost_connection_counts_one_delivery(
             assert (taken.id, taken.attempt) == (first.id, 2)
         finally:
             await again.close()
+
+
+async def test_a_retry_whose_claim_lost_its_reply_counts_one_delivery() -> None:
+    """The retry's XCLAIM counted a delivery, its reply was lost, and redis-py sent it
+    again, which counted another: the application was told attempt 2, Redis kept 3."""
+    stream, group = fresh("lostretry"), fresh("g")
+    async with Cutter() as cutter:
+        t = RedisTransport([stream], RedisOptions(url=cutter.url, group=group, block=0.1))
+        await t.connect()
+        try:
+            await t.publish(stream, [], b"again", {})
+            (first,) = await fetch_through(t, 1)
+            await t.settle(Batch(stream, [first]), Settlement(retry=[Retry(first, "x", 0.05)]))
+            cutter.lose[b"XCLAIM"] = 1
+            (again,) = await fetch_through(t, 1)
+            assert (again.id, again.attempt) == (first.id, 2)
+            assert await delivery_count(stream, group, again.token) == 2
+        finally:
+            await t.close()
 
 
 async def left_pending(stream: str, options: RedisOptions) -> Message:

@@ -9,9 +9,10 @@ batch              one ``XREADGROUP GROUP group consumer COUNT batch_size BLOCK 
 ordering key       the stream
 message id         the stream entry id (the same on every redelivery)
 ack                one ``XACK`` per batch with every acked id
-nack (retry)       the entry stays pending; after the retry delay it is ``XCLAIM``-ed
-                   again (the delivery counter goes up; one the app never had has it
-                   set back first, ``XCLAIM ... RETRYCOUNT n JUSTID``)
+nack (retry)       the entry stays pending; after the retry delay it is taken back with
+                   ``XCLAIM ... RETRYCOUNT n`` (n: the attempt handed out, so a claim
+                   sent again counts once; one the app never had has its counter set
+                   back first, ``XCLAIM ... RETRYCOUNT n JUSTID``)
 nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream added as
                    fields), then ``XACK`` of those Redis confirmed
 attempt            the entry's delivery counter

@@ -218,25 +218,43 @@ class Streams:
             await self._count(stream, {row[0]: int(row[3]) + 1 for row in rows})
 
     async def _reclaim(self, due: list[tuple[str, bytes, int]]) -> None:
-        """Take back entries whose retry delay is over; their delivery counter goes up."""
-        by_stream: dict[str, dict[bytes, int]] = {}
+        """Take back entries whose retry delay is over, their delivery counted: ``XCLAIM
+        ... RETRYCOUNT n`` (pipelined, one per stream and attempt) sets the counter to the
+        attempt handed out, so a claim whose reply was lost, which redis-py sends again,
+        counts once (a plain ``XCLAIM`` counted twice: attempt 2 handed out, 3 in Redis)."""
+        by_stream: dict[str, dict[int, list[bytes]]] = {}
         for stream, entry_id, attempt in due:
-            by_stream.setdefault(stream, {})[entry_id] = attempt + 1
-        while by_stream:
-            stream, attempts = next(iter(by_stream.items()))
-            try:
-                entries = await self.client.execute_command(
-                    "XCLAIM", stream, self.group, self.consumer, 0, *attempts
-                )
-            except Exception:
-                later = asyncio.get_running_loop().time() + 1.0
-                for s, left in by_stream.items():  # this stream's and the next: a little later
-                    for entry_id, attempt in left.items():
-                        self._retries.add(later, (s, entry_id, attempt - 1))
-                raise
-            del by_stream[stream]
+            by_stream.setdefault(stream, {}).setdefault(attempt + 1, []).append(entry_id)
+        later = asyncio.get_running_loop().time() + 1.0
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for stream, by_attempt in by_stream.items():
+                    for attempt, ids in by_attempt.items():
+                        pipe.execute_command(
+                            "XCLAIM", stream, self.group, self.consumer, 0, *ids,
+                            "RETRYCOUNT", attempt,
+                        )  # fmt: skip
+                results = iter(await pipe.execute(raise_on_error=False))
+        except Exception:  # all tried again a little later, counted as the same attempt
+            for item in due:
+                self._retries.add(later, item)
+            raise
+        failed: Exception | None = None
+        for stream, by_attempt in by_stream.items():
+            replies = [next(results) for _ in by_attempt]
+            error = next((r for r in replies if isinstance(r, Exception)), None)
+            if error is not None:  # a lost group (the read creates it again), ...
+                failed = failed or error
+                for attempt, ids in by_attempt.items():
+                    for entry_id in ids:
+                        self._retries.add(later, (stream, entry_id, attempt - 1))
+                continue
+            entries = [e for reply in replies for e in reply]
             if entries:
+                attempts = {i: a for a, ids in by_attempt.items() for i in ids}
                 self._claimed.append((stream, entries, attempts))
+        if failed is not None:
+            raise failed
 
     async def _sweep(self, now: float) -> None:
         """``XAUTOCLAIM`` entries left pending on silent consumers (a crash, a lost ack).
