@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -258,12 +259,12 @@ async def serving_commands(
     transport: RedisTransport, app: Any
 ) -> tuple[Runtime, asyncio.Task[int], Callable[..., Awaitable[Any]]]:
     """Serve ``app`` on ``transport`` until started; the runtime, its task, and the
-    client's own ``execute_command`` (for a test to wrap)."""
+    streams' own read of new entries (``XREADGROUP ... >``, for a test to wrap)."""
     runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
     serving = asyncio.create_task(runtime.serve())
     await asyncio.wait_for(runtime.started.wait(), 10)
-    assert transport._client is not None
-    return runtime, serving, transport._client.execute_command
+    assert transport._streams is not None
+    return runtime, serving, transport._streams._read_new
 
 
 async def test_a_stop_as_a_read_answers_processes_what_it_read() -> None:
@@ -282,12 +283,13 @@ async def test_a_stop_as_a_read_answers_processes_what_it_read() -> None:
 
         async def slow_answer(*args: Any, **kwargs: Any) -> Any:
             reply = await real(*args, **kwargs)
-            if args[0] == "XREADGROUP" and reply:
+            if reply:
                 answered.set()
                 await asyncio.sleep(0.5)
             return reply
 
-        transport._client.execute_command = slow_answer
+        assert transport._streams is not None
+        transport._streams._read_new = slow_answer  # type: ignore[method-assign]
         await transport.publish(stream, [], b"one", {})
         await asyncio.wait_for(answered.wait(), 10)
         runtime.request_stop()
@@ -307,11 +309,11 @@ async def test_a_stop_waits_no_longer_than_the_block_for_a_read_that_never_answe
     try:
 
         async def silent(*args: Any, **kwargs: Any) -> Any:
-            if args[0] == "XREADGROUP":
-                await asyncio.Event().wait()
+            await asyncio.Event().wait()
             return await real(*args, **kwargs)
 
-        transport._client.execute_command = silent
+        assert transport._streams is not None
+        transport._streams._read_new = silent  # type: ignore[method-assign]
         await asyncio.sleep(1.0)  # the read in flight before has ended: only a silent one
     finally:
         started = asyncio.get_running_loop().time()
@@ -399,11 +401,7 @@ async def test_a_history_read_cut_off_by_a_lost_connection_counts_one_delivery(
     and one whose reply was lost counted it twice (attempt 3 for 2)."""
     stream, group = fresh("cuthistory"), fresh("g")
     options = RedisOptions(url=URL, group=group, consumer="n1", block=0.1)
-    before = RedisTransport([stream], options)
-    await before.connect()
-    await before.publish(stream, [], b"left", {})
-    (first,) = await fetch_all(before, 1)
-    await before.close()  # never settled: pending on n1
+    first = await left_by_a_run(stream, options)
     async with Cutter() as cutter:
         getattr(cutter, rule)[word] = times
         again = RedisTransport([stream], RedisOptions(**{**vars_of(options), "url": cutter.url}))
@@ -413,6 +411,82 @@ async def test_a_history_read_cut_off_by_a_lost_connection_counts_one_delivery(
             assert (taken.id, taken.attempt) == (first.id, 2)
         finally:
             await again.close()
+
+
+@pytest.mark.parametrize("consumer", ["", "n1"])
+async def test_entries_of_a_read_whose_reply_was_lost_come_as_first_attempts(
+    consumer: str,
+) -> None:
+    """Redis ran an XREADGROUP ... > whose reply was lost (redis-py sent it again, which
+    found nothing new): its entries stayed pending on this consumer unseen, and the sweep
+    claimed them after --claim-idle as attempt 2 (dead letters at --max-attempts 1)."""
+    stream, group = fresh("lostread"), fresh("g")
+    async with Cutter() as cutter:
+        options = RedisOptions(
+            url=cutter.url, group=group, consumer=consumer, block=0.1, claim_idle=0.3
+        )
+        t = RedisTransport([stream], options)
+        await t.connect()
+        try:
+            cutter.lose[b"XREADGROUP"] = 1
+            await t.publish(stream, [], b"lost", {})
+            (got,) = await fetch_through(t, 1)
+            assert (got.payload, got.attempt) == (b"lost", 1)
+            assert await delivery_count(stream, group, got.token) == 1
+            await t.settle(Batch(stream, [got]), Settlement(acked=[got]))
+            assert await pending(stream, group) == 0
+        finally:
+            await t.close()
+
+
+async def test_a_lost_read_brings_back_only_the_entries_it_read() -> None:
+    """After a read whose reply was lost, this consumer's own pending entries of delivery
+    count 1 are the candidates: one in the application's hands and one waiting for its
+    retry are not among them; the lost read's two entries come at once, first attempts."""
+    stream, group = fresh("lostonly"), fresh("g")
+    async with Cutter() as cutter:
+        t = RedisTransport([stream], RedisOptions(url=cutter.url, group=group, block=0.1))
+        await t.connect()
+        try:
+            for payload in (b"held", b"waits"):
+                await t.publish(stream, [], payload, {})
+            held, waits = await fetch_through(t, 2)
+            await t.settle(Batch(stream, [waits]), Settlement(retry=[Retry(waits, "later", 60)]))
+            cutter.lose[b"XREADGROUP"] = 1
+            for payload in (b"lost1", b"lost2"):
+                await t.publish(stream, [], payload, {})
+            got = await fetch_through(t, 2)
+            assert [(m.payload, m.attempt) for m in got] == [(b"lost1", 1), (b"lost2", 1)]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    assert await fetch_through(t, 1) == []
+            assert [await delivery_count(stream, group, m.token) for m in (held, waits)] == [1, 1]
+        finally:
+            await t.close()
+
+
+async def test_a_lost_read_leaves_a_claimed_entry_in_flight_alone() -> None:
+    """A named consumer's history read took back an entry handed back uncounted (its
+    counter 0, now 1): pending here with delivery count 1 and an id past every read of new
+    entries, it is in the application's hands, not one a lost read left."""
+    stream, group = fresh("lostclaimed"), fresh("g")
+    options = RedisOptions(url=URL, group=group, consumer="n1", block=0.1)
+    first = await left_by_a_run(stream, options, handed_back=True)
+    async with Cutter() as cutter:
+        t = RedisTransport([stream], RedisOptions(**{**vars_of(options), "url": cutter.url}))
+        await t.connect()
+        try:
+            (held,) = await fetch_through(t, 1)
+            assert (held.id, held.attempt) == (first.id, 1)
+            cutter.lose[b"XREADGROUP"] = 1
+            await t.publish(stream, [], b"lost", {})
+            (got,) = await fetch_through(t, 1)
+            assert (got.payload, got.attempt) == (b"lost", 1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    assert await fetch_through(t, 1) == []
+        finally:
+            await t.close()
 
 
 async def test_a_retry_whose_claim_lost_its_reply_counts_one_delivery() -> None:
@@ -432,6 +506,20 @@ async def test_a_retry_whose_claim_lost_its_reply_counts_one_delivery() -> None:
             assert await delivery_count(stream, group, again.token) == 2
         finally:
             await t.close()
+
+
+async def left_by_a_run(stream: str, options: RedisOptions, handed_back: bool = False) -> Message:
+    """An entry a run of the named consumer of ``options`` left pending on its name,
+    ``handed_back`` uncounted (its delivery counter set back to 0) or never settled."""
+    before = RedisTransport([stream], options)
+    await before.connect()
+    await before.publish(stream, [], b"left", {})
+    (first,) = await fetch_all(before, 1)
+    if handed_back:
+        retry = Retry(first, "not had", 60, uncounted=True)
+        await before.settle(Batch(stream, [first]), Settlement(retry=[retry]))
+    await before.close()
+    return first
 
 
 async def left_pending(stream: str, options: RedisOptions) -> Message:

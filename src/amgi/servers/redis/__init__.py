@@ -23,6 +23,10 @@ crash recovery     entries idle longer than ``--claim-idle`` on any consumer are
                    waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
                    a ``--consumer`` named again after a restart reads its own
                    pending entries first (``XPENDING ... consumer``, counted so)
+lost read          a read of new entries whose reply a failed connection lost: this
+                   consumer's pending entries after the last id read, of delivery
+                   count 1 and not held here, are taken (``XCLAIM`` of their idle
+                   time, ``RETRYCOUNT 1``) and handed out as first attempts
 stop               the read in flight ends (at most ``--block`` seconds; a fetch cancelled
                    leaves it running) and what it brought is processed, as are batches
                    still waiting for a slot (the runtime): left pending and
@@ -294,7 +298,7 @@ class RedisTransport(DeadLetters, Transport):
             try:
                 await self._streams.settle(batch.address, settlement, dead)
             finally:
-                self._streams.settled(batch.address)
+                self._streams.settled(batch.address, (m.token for m in batch.messages))
         elif self._pubsub is not None:
             await self._pubsub.settle(batch.address, settlement, dead)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -34,12 +34,15 @@ def pack(args: Sequence[bytes]) -> bytes:
     )
 
 
-async def execute_packed(client: Redis, command: bytes) -> Any:
+async def execute_packed(
+    client: Redis, command: bytes, lost: Callable[[], None] | None = None
+) -> Any:
     """Send a ``pack``-ed command and return its raw reply.
 
     redis-py packs a command argument by argument in Python, about a microsecond each: an
     ``XACK`` of a thousand ids is packed here in one join instead. The connection pool,
-    reconnect-and-retry and the error types stay redis-py's.
+    reconnect-and-retry and the error types stay redis-py's. ``lost`` is called when a
+    connection fails under the command: Redis may have run it without its reply coming.
     """
     pool: Any = client.connection_pool
     conn = await pool.get_connection()
@@ -49,6 +52,8 @@ async def execute_packed(client: Redis, command: bytes) -> Any:
         return await conn.read_response()
 
     async def failed(_: Exception) -> None:
+        if lost is not None:
+            lost()
         await conn.disconnect()
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
@@ -43,9 +43,19 @@ class Streams:
         self.consumer = consumer
         self.options = options
         self._read_args = (
-            "XREADGROUP", "GROUP", self.group, consumer, "COUNT", options.batch_size,
+            b"XREADGROUP", b"GROUP", self.group.encode(), consumer.encode(),
+            b"COUNT", b"%d" % options.batch_size,
         )  # fmt: skip
-        self._tail = ("STREAMS", *self.streams, *(">" for _ in self.streams))
+        self._names = {s: s.encode() for s in self.streams}
+        self._seen = dict.fromkeys(self.streams, b"0-0")
+        """Per stream, the last entry id a read of new entries (``>``) brought here: those
+        a read whose reply was lost brought come after it."""
+        self._unseen: dict[str, tuple[bytes, bytes]] = {}
+        """Per stream, the range of ids (``XPENDING`` start and end) where entries a read
+        whose reply was lost left pending here are looked for (:meth:`_find_unseen`)."""
+        self._out: dict[str, set[bytes]] = {}
+        """Per stream, entries taken by a claim (not a read of new entries) handed to the
+        runtime and not settled: pending here, and no read's that was lost."""
         self._xack = {s: (b"XACK", s.encode(), self.group.encode()) for s in self.streams}
         self._held = dict.fromkeys(self.streams, 0)
         """Per stream, batches handed to the runtime and not settled yet."""
@@ -77,6 +87,8 @@ class Streams:
         for stream in self.streams:
             if await self._create_group(stream, "0" if again else self.options.start):
                 self._retries.discard(_of(stream))
+                self._seen[stream] = b"0-0"  # the new group delivers from the start
+                self._unseen.pop(stream, None)
 
     async def _create_group(self, stream: str, start: str) -> bool:
         """Create the group of ``stream`` unless it exists; whether it was created."""
@@ -126,6 +138,11 @@ class Streams:
                 logger.warning("a stream or its group vanished (%s); creating it again", exc)
                 await self.start(again=True)
                 continue
+            for stream, entries, attempts in replies:
+                if attempts is not None:  # taken by a claim: known as this process's
+                    self._out.setdefault(stream, set()).update(
+                        e[0] for e in entries if e[1] is not None
+                    )
             if replies or self.stopping:
                 return replies
             raise_if_cancelled()
@@ -138,6 +155,11 @@ class Streams:
             self._next_touch = now + options.claim_idle / 3
         for stream in list(self._counting):  # left by a lost connection: finished first
             await self._count(stream, {})
+        if self._unseen:  # a read lost its reply: what it brought first, nothing new before
+            await self._find_unseen()
+            if self._unseen:
+                replies, self._claimed = self._claimed, []
+                return replies
         if self._history:
             await self._own_pending()
             if self._history:
@@ -166,12 +188,41 @@ class Streams:
                 async with asyncio.timeout(max(wait, 0.001)):
                     await self._released.wait()
             return []
-        tail = self._tail if len(ready) == len(held) else ("STREAMS", *ready, *(">",) * len(ready))
         raise_if_cancelled()
-        reply = await self.client.execute_command(
-            *self._read_args, "BLOCK", max(1, round(wait * 1000)), *tail
-        )
-        return [(stream.decode(), entries, None) for stream, entries in reply or ()]
+        return await self._read_new(ready, max(1, round(wait * 1000)))
+
+    async def _read_new(self, ready: list[str], block: int) -> list[Reply]:
+        """``XREADGROUP ... >``: new entries, counted as delivered by Redis as it answers.
+
+        Should the reply be lost (the connection fails under it, or redis-py sends it again
+        and that finds nothing), those entries are pending here unseen: until the read has
+        answered at first go, where they would be is kept for :meth:`_find_unseen`."""
+        seen, names = self._seen, self._names
+        for stream in ready:
+            self._unseen[stream] = (b"(" + seen[stream], b"+")
+        lost = False
+
+        def failed() -> None:
+            nonlocal lost
+            lost = True
+
+        command = pack(
+            (*self._read_args, b"BLOCK", b"%d" % block, b"STREAMS",
+             *(names[s] for s in ready), *(b">" for _ in ready))
+        )  # fmt: skip
+        reply = await execute_packed(self.client, command, failed)
+        replies: list[Reply] = []
+        for name, entries in reply or ():
+            stream = name.decode()
+            if lost and entries:  # those of a read sent again come after the lost ones
+                self._unseen[stream] = (self._unseen[stream][0], b"(" + entries[0][0])
+            if entries:
+                seen[stream] = entries[-1][0]
+            replies.append((stream, entries, None))
+        if not lost:
+            for stream in ready:
+                del self._unseen[stream]
+        return replies
 
     async def backlog(self) -> dict[str, int]:
         """The group's ``lag`` (entries not yet delivered to it) plus ``pending`` (delivered,
@@ -193,11 +244,74 @@ class Streams:
         """A batch of ``stream`` went to the runtime."""
         self._held[stream] += 1
 
-    def settled(self, stream: str) -> None:
+    def settled(self, stream: str, tokens: Iterable[bytes] = ()) -> None:
         """A batch of ``stream`` was settled: its stream may be read ahead again."""
         if self._held.get(stream):
             self._held[stream] -= 1
+        out = self._out.get(stream)
+        if out:
+            out.difference_update(tokens)
         self._released.set()
+
+    def _known(self, stream: str) -> set[bytes]:
+        """Entries of ``stream`` pending here that this process knows of, but for those
+        a read of new entries brought (ids up to ``_seen``): taken by a claim and in the
+        runtime's hands, claimed and not handed out, being counted, waiting for a retry."""
+        known = set(self._out.get(stream, ()))
+        known.update(self._counting.get(stream, ()))
+        for s, entries, _ in self._claimed:
+            if s == stream:
+                known.update(e[0] for e in entries)
+        known.update(i for s, i, _ in self._retries.items() if s == stream)
+        return known
+
+    async def _find_unseen(self) -> None:
+        """Hand out, as first attempts, the entries a read whose reply was lost left
+        pending here: this consumer's entries (``XPENDING ... consumer``) in the range
+        where they would be, of delivery count 1, that this process does not know of.
+
+        Each is taken with ``XCLAIM`` of its idle time as the least idle time and
+        ``RETRYCOUNT 1``: one another consumer claimed in between (its idle time reset)
+        stays with it, and a claim whose reply was lost, sent again, finds it too fresh
+        and leaves it for the next look, which finds it again. Once a page shows no such
+        entry left (none in it, or each claimed), the look moves on, and ends with a
+        short page."""
+        unseen, size = self._unseen, self.options.batch_size
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, (start, end) in unseen.items():
+                pipe.execute_command(
+                    "XPENDING", stream, self.group, start, end, size, self.consumer
+                )
+            pages = await pipe.execute()
+        found: dict[str, list[tuple[bytes, int]]] = {}
+        after: dict[str, tuple[bytes, bytes] | None] = {}  # where the next look starts
+        for (stream, (_, end)), rows in zip(list(unseen.items()), pages, strict=True):
+            known = self._known(stream)
+            lost = [(r[0], int(r[2])) for r in rows if int(r[3]) == 1 and r[0] not in known]
+            if lost:
+                found[stream] = lost
+            after[stream] = (b"(" + rows[-1][0], end) if len(rows) == size else None
+        if found:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for stream, lost in found.items():
+                    for entry_id, idle in lost:
+                        pipe.execute_command(
+                            "XCLAIM", stream, self.group, self.consumer, idle, entry_id,
+                            "RETRYCOUNT", 1,
+                        )  # fmt: skip
+                results = iter(await pipe.execute())
+            for stream, lost in found.items():
+                claimed = [e for _ in lost for e in next(results)]
+                entries = [e for e in claimed if e[1] is not None]  # not deleted meanwhile
+                if entries:
+                    self._claimed.append((stream, entries, {e[0]: 1 for e in entries}))
+                if len(claimed) < len(lost):  # one was not claimed: this page again
+                    after[stream] = unseen[stream]
+        for stream, where in after.items():
+            if where is None:
+                del unseen[stream]
+            else:
+                unseen[stream] = where
 
     async def _own_pending(self) -> None:
         """Entries pending on this consumer's name from before it started, batch by batch:
