@@ -415,6 +415,73 @@ async def test_move_aside_keeps_a_transiently_refused_retry_and_reports_each_out
     ]
 
 
+async def test_move_aside_dead_letters_a_retry_refused_for_now_longer_than_transient_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retry refused for now, try after try (a retry queue that never takes a copy),
+    stays unacknowledged only until ``transient_for`` seconds after ``since``: then it
+    is dead-lettered once, with a reason that says for how long; a dead letter refused
+    then is kept and tried again as usual. Not before the bound."""
+    import functools
+    import time
+
+    from amgi.servers.kit import Backoff, move_aside
+    from amgi.transport import DeadLetter, Fate, Message, Retry, Settlement
+
+    class NotYet(OSError):
+        pass
+
+    a = Message("a", [], b"")
+    tries: list[float] = []
+    dead: list[tuple[float, str]] = []
+    dead_refusals = 1
+
+    async def retry(r: Retry) -> None:
+        tries.append(time.monotonic())
+        raise NotYet("queue full")
+
+    async def dead_letter(d: DeadLetter) -> None:
+        nonlocal dead_refusals
+        if dead_refusals:
+            dead_refusals -= 1
+            raise OSError("dead letters full")
+        dead.append((time.monotonic(), d.reason))
+
+    moved = functools.partial(
+        move_aside,
+        retry=retry,
+        dead=dead_letter,
+        address="q",
+        backoff=Backoff(0.01, 0.02),
+        transient=lambda exc: isinstance(exc, NotYet),
+        transient_for=0.2,
+    )
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    settlement = Settlement(retry=[Retry(a, "slow", 1.0)])
+    started = time.monotonic()
+    assert await moved(settlement, since=started) == []
+    assert len(tries) > 3, "refused for now: tried again, not dead-lettered at once"
+    ((when, reason),) = dead
+    assert when - started >= 0.2
+    assert re.fullmatch(r"slow \(its retry was refused for 0\.\ds: queue full\)", reason)
+    (r,) = settlement.retry
+    assert r.dead is not None
+    assert r.dead.fate is Fate.STORED
+    lines = [r.getMessage() for r in caplog.records]
+    pattern = r"message a of 'q': its retry was refused for 0\.\ds \(queue full\); dead-"
+    assert any(re.fullmatch(pattern + "lettering it", line) for line in lines)
+    assert "message a of 'q' could not be dead-lettered: dead letters full" in lines
+    assert lines[0].endswith("it stays unacknowledged (dead-lettered if still refused after 0.2s)")
+
+    # A try in the background after the bound dead-letters at its first try.
+    tries.clear()
+    dead.clear()
+    assert await moved(Settlement(retry=[Retry(a, "slow", 1.0)]), since=time.monotonic() - 1) == []
+    assert len(tries) == 1
+    assert [reason for _, reason in dead] == ["slow (its retry was refused for 1.0s: queue full)"]
+
+
 async def test_refreshed_reads_only_once_asked_keeps_the_last_value_and_stops_on_close() -> None:
     current: int | Exception = 1
     count = 0

@@ -893,25 +893,33 @@ async def test_a_retry_the_broker_nacks_stays_unacked_and_is_retried_not_dead_le
     assert not any("dead-lettering it" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lettered() -> None:
+@pytest.mark.parametrize(("refused_for", "declared"), [(3.0, True), (0.5, True), (0.5, False)])
+async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lettered(
+    refused_for: float, declared: bool
+) -> None:
     """The broker reads nothing of the connection for a while (as when it blocks
     publishers in a memory or disk alarm): the retry copy's confirm timed out and the
     message fell through to the dead letters, which landed once the broker read on,
     with the retry copy beside them. Now it stays unacked, and the next tries wait for
-    the confirm of the copy already sent instead of sending another."""
+    the confirm of the copy already sent instead of sending another. An alarm longer
+    than ``--retry-refused-for`` dead-letters nothing either: a dead letter would be a
+    second copy while the retry copy is on its way, or wait for the broker as well while
+    the retry queue's declaration does (``declared`` false: the pause comes first)."""
     proxy = _PausableProxy()
     url = await proxy.start()
     queue = new_queue()
-    transport = AmqpTransport([queue], AmqpOptions(url=url, linger=0.01, confirm_timeout=0.3))
+    options = AmqpOptions(url=url, linger=0.01, confirm_timeout=0.3, retry_refused_for=refused_for)
+    transport = AmqpTransport([queue], options)
     await transport.connect()
     try:
         await transport.publish(queue, [], b"innocent", {})
         async with asyncio.timeout(5):
             [batch] = await transport.fetch()
-            # A first retry declares the retry queue while the broker still reads.
-            await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)]))
-            [batch] = await transport.fetch()
-        assert [m.attempt for m in batch.messages] == [2]
+            if declared:  # a first retry declares the retry queue while the broker reads
+                retry = Retry(batch.messages[0], "a", 0.05)
+                await transport.settle(batch, Settlement(retry=[retry]))
+                [batch] = await transport.fetch()
+        assert [m.attempt for m in batch.messages] == [1 + declared]
         proxy.flowing.clear()
         try:
             async with asyncio.timeout(5):
@@ -923,7 +931,7 @@ async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lett
             proxy.flowing.set()
         async with asyncio.timeout(10):
             [back] = await transport.fetch()
-        assert [(m.payload, m.attempt) for m in back.messages] == [(b"innocent", 3)]
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"innocent", 2 + declared)]
         await transport.settle(back, Settlement(acked=list(back.messages)))
         await asyncio.sleep(1.0)  # time for a second copy to show
         assert not transport._buffer
@@ -1091,3 +1099,49 @@ async def test_a_dead_letter_not_confirmed_in_time_is_published_once() -> None:
         await proxy.close()
     assert sorted(d.body for d in dead) == [b"first", b"second"]
     assert await queue_depth(queue) == 0
+
+
+async def test_a_retry_queue_that_refuses_for_longer_than_the_bound_dead_letters_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The retry queue refuses every copy for good (a policy of max-length 0 with
+    overflow reject-publish: the broker nacks each one). The message stayed unacked
+    for ever, an ERROR every 30 s, holding a place of the prefetch. After
+    ``--retry-refused-for`` it is dead-lettered once, not before, with a reason that
+    names the retry queue and the likely cause."""
+    from tests.servers.test_amqp_support import rabbitmqctl
+
+    caplog.set_level(logging.ERROR, "amgi.servers.kit")
+    queue = new_queue()
+    policy = f"{queue}-full"
+    definition = '{"max-length":0,"overflow":"reject-publish"}'
+    options = AmqpOptions(url=URL, linger=0.01, retry_refused_for=1.0)
+    transport = AmqpTransport([queue], options)
+    await transport.connect()
+    pattern = "^" + re.escape(f"{queue}.retry.")
+    await rabbitmqctl("set_policy", "--apply-to", "queues", policy, pattern, definition)
+    try:
+        await transport.publish(queue, [], b"innocent", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):
+            await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)]))
+        await asyncio.sleep(0.8)
+        assert await queue_depth(f"{queue}.dead-letter") == 0, "dead-lettered before the bound"
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=5)
+        assert asyncio.get_running_loop().time() - started >= 1.0
+        await asyncio.sleep(0.6)  # time for a second dead letter to show
+        assert await queue_depth(f"{queue}.dead-letter") == 0
+    finally:
+        await rabbitmqctl("clear_policy", policy)
+        await transport.close()
+    assert await queue_depth(queue) == 0  # acked once dead-lettered
+    assert dead.body == b"innocent"
+    reason = dead.header.properties.headers["amgi-dead-letter-reason"]
+    assert reason.startswith("a (its retry was refused for ")
+    assert f"{queue}.retry.50" in reason
+    assert "reject-publish" in reason
+    lines = [r.getMessage() for r in caplog.records if "dead-lettering it" in r.getMessage()]
+    assert len(lines) == 1
+    assert "refused for" in lines[0]

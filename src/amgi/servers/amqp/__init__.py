@@ -20,9 +20,9 @@ nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the 
 refused copy       a retry the broker refuses (its retry queue exists with another
                    TTL, access refused ...) is dead-lettered instead; one it cannot take
                    for now (no confirm in time, a nack, a channel closed over another
-                   copy) stays unacked and is tried again with backoff; a refused dead
-                   letter stays unacked and is tried again with backoff in the
-                   background
+                   copy) stays unacked and is tried again with backoff, dead-lettered
+                   once refused for ``retry_refused_for``; a refused dead letter stays
+                   unacked and is tried again with backoff in the background
                    (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header (our retries), plus the broker's
                    ``x-delivery-count`` on quorum queues (deliveries handed back by a
@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Sequence
 
 from amgi.servers.amqp._client import (
@@ -221,19 +222,22 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
             return
 
         if settlement.retry or settlement.dead:
-            stranded = await self._move(consumer, settlement, lambda: True)
+            since = time.monotonic()
+            stranded = await self._move(consumer, settlement, lambda: True, since)
             if stranded and not self._gone(consumer):
                 # Tried again in the background: the queue's later batches go on (their
                 # acks wait behind this batch's delivery tags, the watermark sees to it).
                 move = functools.partial(
-                    self._move_later, batch, consumer, unmoved(settlement, stranded)
+                    self._move_later, batch, consumer, unmoved(settlement, stranded), since
                 )
                 self._moves.schedule(0, move)
                 return
         await self._ack_batch(batch, consumer)
 
-    async def _move_later(self, batch: Batch, consumer: _Channel, left: Settlement) -> None:
-        stranded = await self._move(consumer, left, lambda: self._gone(consumer))
+    async def _move_later(
+        self, batch: Batch, consumer: _Channel, left: Settlement, since: float
+    ) -> None:
+        stranded = await self._move(consumer, left, lambda: self._gone(consumer), since)
         for message in stranded:  # the channel closed: the broker redelivers them
             self._unconfirmed.pop(message, None)
         if not stranded:

@@ -92,6 +92,9 @@ class Moves(AmqpClient):
         """Copies (retry copies, dead letters) published but not confirmed in time, with
         their exchange and routing key: the next try of one waits for its confirm again
         instead of publishing a second copy."""
+        self._unanswered: set[Message] = set()
+        """Messages whose retry's last try got no answer from the broker (no confirm or
+        declaration in time): no dead letter is made of them meanwhile."""
 
     async def _close_moves(self) -> None:
         """Stop the copies in the background; their messages stay unacked."""
@@ -99,6 +102,7 @@ class Moves(AmqpClient):
         for _target, task in self._unconfirmed.values():
             task.cancel()
         self._unconfirmed.clear()
+        self._unanswered.clear()
 
     def _gone(self, consumer: _Channel) -> bool:
         """The channel closed: the broker redelivers its unacked messages."""
@@ -115,16 +119,27 @@ class Moves(AmqpClient):
             )
 
     async def _move(
-        self, consumer: _Channel, settlement: Settlement, give_up: Callable[[], bool]
+        self,
+        consumer: _Channel,
+        settlement: Settlement,
+        give_up: Callable[[], bool],
+        since: float,
     ) -> list[Message]:
-        return await move_aside(
-            settlement,
-            retry=lambda r: self._publish_retry(consumer, r),
-            dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
-            address=consumer.queue,
-            give_up=give_up,
-            transient=lambda exc: isinstance(exc, _NotYet),
-        )
+        """Move the copies of ``settlement`` (first tried at ``since``, monotonic): a
+        retry refused for now longer than ``retry_refused_for`` is dead-lettered."""
+        try:
+            return await move_aside(
+                settlement,
+                retry=lambda r: self._publish_retry(consumer, r),
+                dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
+                address=consumer.queue,
+                give_up=give_up,
+                transient=lambda exc: isinstance(exc, _NotYet),
+                transient_for=self.config.retry_refused_for,
+                since=since,
+            )
+        finally:
+            self._unanswered.difference_update(r.message for r in settlement.retry)
 
     async def _publish_retry(self, consumer: _Channel, retry: Retry) -> None:
         from aiormq import exceptions as amqp_errors
@@ -135,6 +150,7 @@ class Moves(AmqpClient):
         retry_queue = f"{queue}.retry.{delay_ms}"
         attempt = message.attempt + (not retry.uncounted)
         headers = retry_headers(message.headers, attempt=attempt)
+        self._unanswered.discard(message)
         try:
             for again in (False, True):
                 if retry_queue not in self._retry_queues:
@@ -152,10 +168,16 @@ class Moves(AmqpClient):
             if not (self._gone(consumer) or _for_now(exc, len(message.token.body))):
                 raise  # refused: the message goes to the dead letters
             if isinstance(exc, TimeoutError):
+                self._unanswered.add(message)
                 raise _NotYet(
                     f"amqp: no answer from the broker about the copy for {retry_queue!r} "
                     f"within {self.config.confirm_timeout}s (is it blocking publishers: a "
                     "memory or disk alarm?)"
+                ) from None
+            if isinstance(exc, (_Nacked, amqp_errors.DeliveryError)):
+                raise _NotYet(
+                    f"amqp: the broker nacked the copy for {retry_queue!r} (basic.nack: is "
+                    "the queue full, a max-length policy with overflow reject-publish?)"
                 ) from None
             raise _NotYet(
                 f"amqp: the broker did not take the copy for {retry_queue!r}: "
@@ -200,6 +222,14 @@ class Moves(AmqpClient):
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=queue, reason=reason
         )
+        if message in self._unanswered:
+            # Its retry got no answer (a broker blocking publishers): this is no refusal,
+            # and a dead letter now would wait for the broker too, then land beside the
+            # retry copy already sent.
+            raise AmqpSendError(
+                "amqp: the broker has not answered its retry (no confirm or declaration "
+                f"within {self.config.confirm_timeout}s): not dead-lettered meanwhile"
+            )
         channel = await self._channel("moves")
         self._check_held(consumer)
         room = _header_room(channel, self._copy_properties(message.token, headers))

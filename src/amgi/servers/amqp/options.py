@@ -56,6 +56,14 @@ class AmqpOptions:
     confirm_timeout: float = field(
         default=30.0, metadata={"gt": 0, "help": "seconds to wait for a publish confirm"}
     )
+    retry_refused_for: float = field(
+        default=300.0,
+        metadata={
+            "ge": 0,
+            "help": "seconds a retry queue may refuse a message's retry copy (basic.nack: "
+            "full with overflow reject-publish) before the message is dead-lettered",
+        },
+    )
     reconnect_delay_max: float = field(
         default=5.0,
         metadata={"gt": 0, "help": "longest pause between reconnection attempts, seconds"},

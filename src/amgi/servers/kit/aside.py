@@ -11,7 +11,10 @@ back at the same attempt, forever. One rule for every such server:
   copy the broker could not take for the moment (``transient(exc)``: no confirm in
   time, a broker nack, a channel closed over another copy) is no fault of the
   message: it stays unacknowledged and its retry is tried again, like a refused dead
-  letter below.
+  letter below. For a while: one still refused ``transient_for`` seconds after its
+  first try (a retry queue that never takes a copy would hold the message, and a
+  place of the prefetch, for good) goes to the dead letters too, with a reason that
+  says for how long its retry was refused. Off (``None``) by default.
 * A dead letter the broker refuses stays unacknowledged and is tried again (the retry
   copy first when it was a retry) after a doubling delay, with an ERROR line per try,
   until it is published or the server gives up on it (connection, partition or server
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from amgi.servers.kit.backoff import Backoff
@@ -50,6 +54,8 @@ async def move_aside(
     give_up: Callable[[], bool] = lambda: False,
     backoff: Backoff | None = None,
     transient: Callable[[Exception], bool] = lambda exc: False,
+    transient_for: float | None = None,
+    since: float | None = None,
 ) -> list[Message]:
     """Publish the copies of ``settlement.retry`` and ``settlement.dead``.
 
@@ -58,7 +64,10 @@ async def move_aside(
     moved; returns the messages not moved only when ``give_up()`` turned true between
     tries (acknowledge none of them). Cancellation leaves them unmoved too. A retry
     whose ``retry(r)`` raised an exception ``transient`` accepts is not dead-lettered:
-    it stays pending, its retry tried again after the backoff.
+    it stays pending, its retry tried again after the backoff, until ``transient_for``
+    seconds (if not ``None``) have passed since ``since`` (``time.monotonic()`` of the
+    first try, for a server that tries once in ``settle`` and again in the background;
+    default: now): then it is dead-lettered as if refused for good.
     """
     pending: list[tuple[Retry | None, DeadLetter]] = [
         (r, r.dead or DeadLetter(r.message, r.reason)) for r in settlement.retry
@@ -67,9 +76,10 @@ async def move_aside(
     if not pending:
         return []
     backoff = backoff or Backoff(FIRST_DELAY, MAX_DELAY)
+    patience = _Patience(transient, transient_for, time.monotonic() if since is None else since)
     while True:
         results = await asyncio.gather(
-            *(_move(r, d, retry, dead, address, transient) for r, d in pending)
+            *(_move(r, d, retry, dead, address, patience) for r, d in pending)
         )
         pending = [p for p, moved in zip(pending, results, strict=True) if not moved]
         if not pending:
@@ -89,36 +99,80 @@ async def move_aside(
             return [d.message for _, d in pending]
 
 
+def _span(seconds: float) -> str:
+    """``seconds`` as an operator reads it: ``1.5s``, ``5 min``."""
+    return f"{seconds:.1f}s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+class _Patience:
+    """How long a retry refused for now stays unacknowledged (``move_aside``)."""
+
+    __slots__ = ("bound", "since", "transient")
+
+    def __init__(
+        self, transient: Callable[[Exception], bool], bound: float | None, since: float
+    ) -> None:
+        self.transient = transient
+        self.bound = bound
+        self.since = since
+
+    def waited(self) -> float:
+        return time.monotonic() - self.since
+
+    def lasts(self, exc: Exception) -> bool:
+        """Whether ``exc`` is a refusal for now whose bound has not passed yet."""
+        return self.transient(exc) and (self.bound is None or self.waited() < self.bound)
+
+    def until(self) -> str:
+        return (
+            ""
+            if self.bound is None
+            else f" (dead-lettered if still refused after {_span(self.bound)})"
+        )
+
+
 async def _move(
     r: Retry | None,
     d: DeadLetter,
     retry: Callable[[Retry], Awaitable[None]],
     dead: Callable[[DeadLetter], Awaitable[None]],
     address: str,
-    transient: Callable[[Exception], bool],
+    patience: _Patience,
 ) -> bool:
     if r is not None:
         try:
             await retry(r)
         except Exception as exc:
-            if transient(exc):
+            if patience.lasts(exc):
                 logger.error(
                     "message %s of %r: its retry could not be published for now (%s); "
-                    "it stays unacknowledged",
+                    "it stays unacknowledged%s",
                     r.message.id,
                     address,
                     exc,
+                    patience.until(),
                 )
                 r.not_scheduled(exc)
                 return False
             r.not_scheduled(exc, d)
-            d.reason = f"{r.reason} (its retry could not be published: {exc})"
-            logger.error(
-                "message %s of %r: its retry could not be published (%s); dead-lettering it",
-                r.message.id,
-                address,
-                exc,
-            )
+            if patience.transient(exc):  # refused for now, but for longer than the bound
+                waited = _span(patience.waited())
+                d.reason = f"{r.reason} (its retry was refused for {waited}: {exc})"
+                logger.error(
+                    "message %s of %r: its retry was refused for %s (%s); dead-lettering it",
+                    r.message.id,
+                    address,
+                    waited,
+                    exc,
+                )
+            else:
+                d.reason = f"{r.reason} (its retry could not be published: {exc})"
+                logger.error(
+                    "message %s of %r: its retry could not be published (%s); dead-lettering it",
+                    r.message.id,
+                    address,
+                    exc,
+                )
         else:
             if r.error:
                 logger.warning("message %s of %r: its retry is published", r.message.id, address)
