@@ -282,6 +282,72 @@ async def test_in_progress_acks_keep_a_long_batch_from_being_redelivered(subject
     assert info.num_ack_pending == 0
 
 
+@contextlib.asynccontextmanager
+async def one_slot_busy(
+    subject: str, options: NatsOptions, later: int, linger: float, shutdown_timeout: float = 10
+) -> AsyncIterator[list[tuple[bytes, int]]]:
+    """Serve ``subject`` one call at a time with an app that takes ``linger`` seconds per
+    call; send ``0``, and ``1`` to ``later`` once the first call runs (the open pull
+    request brings some of them while it does). Yields the ``(payload, attempt)`` seen;
+    stopped at the end."""
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    app = attempts_app(seen, called=called, linger=linger)
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=shutdown_timeout)
+    runtime = Runtime(app, NatsTransport([subject], options), config)
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"0")])
+        await asyncio.wait_for(called.wait(), 10)
+        payloads = ((subject, b"%d" % i) for i in range(1, later + 1))
+        await send_all(NatsTransport([], NatsOptions(servers=URL)), payloads)
+        yield seen
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_messages_pulled_while_every_slot_is_busy_are_leased_too(subject: str) -> None:
+    """What a pull request brings after the runtime took its batch waits in the inbox
+    until a slot is free, and was not leased: with ack wait 0.5 s, one call at a time
+    and an app taking 1 s per call, JetStream delivered those messages again, their
+    attempt raised, although the app never had them (and a low --max-attempts
+    dead-lettered them unseen; measured: 7 messages, 13 deliveries). Now each comes
+    once, on its first attempt."""
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, batch_size=3, fetch_expiry=2, ack_wait=0.5)
+    async with one_slot_busy(subject, options, later=6, linger=1.0) as seen:
+        async with asyncio.timeout(15):
+            while len({p for p, _ in seen}) < 7:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.8)  # a message delivered again would be here by now
+    assert sorted(seen) == [(b"%d" % i, 1) for i in range(7)], f"{seen}"
+    state = await consumer_state(STREAM, durable)
+    assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
+
+
+async def test_messages_the_shutdown_timeout_leaves_unstarted_go_back_at_once(
+    subject: str,
+) -> None:
+    """Messages pulled that the stop had no time to run (one call at a time, an app
+    slower than --shutdown-timeout) stayed unacknowledged until the ack wait (here 30 s)
+    before anyone could have them. Now they go back (``-NAK``) as the server closes:
+    their delivery counted, as JetStream counts every delivery."""
+    options = NatsOptions(servers=URL, durable=fresh("d"), batch_size=3, fetch_expiry=2)
+    async with one_slot_busy(subject, options, later=3, linger=3, shutdown_timeout=0.5) as seen:
+        await asyncio.sleep(0.2)  # two of them wait in the inbox
+    assert seen == [(b"0", 1)]
+    again = NatsTransport([subject], options)
+    await again.connect()
+    try:
+        got = await asyncio.wait_for(fetch_all(again, 3), 3)  # not after 30 s
+        await again.settle(Batch(subject, got), Settlement(acked=got))
+    finally:
+        await again.close()
+    assert sorted((m.payload, m.attempt) for m in got) == [(b"1", 2), (b"2", 2), (b"3", 1)]
+
+
 @pytest.mark.parametrize(("consumer_ack_wait", "ack_wait"), [(1, 30), (60, 1)])
 async def test_the_lease_follows_an_existing_consumers_own_ack_wait(
     subject: str, caplog: pytest.LogCaptureFixture, consumer_ack_wait: int, ack_wait: int

@@ -20,7 +20,8 @@ attempt            the delivery count in the message metadata
 nack (dead)        published (ack awaited) to ``{subject}.dlq`` with the reason, attempt
                    and address headers, then ``+TERM``; refused for good (no stream
                    captures it, too big): ``-NAK`` with an hour's delay, one error line
-lease              ``+WPI`` (in progress) for batches still running, every third of
+lease              ``+WPI`` (in progress) for batches running or waiting for a slot
+                   and for messages pulled that no batch took yet, every third of
                    the shortest ack wait (the consumers' own, read at the start, and
                    ``--ack-wait``); an ack_wait lowered below twice that while running
                    ends the run
@@ -29,7 +30,8 @@ send               JetStream publish, its ack awaited; headers as in ``_headers`
 bindings in        ``nats``: ``subject``, ``stream``, ``sequence`` (``msgId`` if set)
 backlog (metrics)  the pending count in the last fetched message's ack subject
 stop               no new pull request; the open ones are awaited (at most
-                   ``--fetch-expiry``) and what arrived is processed before the stop ends
+                   ``--fetch-expiry``) and what arrived is processed before the stop ends;
+                   what the shutdown timeout leaves unstarted is ``-NAK``ed at close
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
 dead letters       read from the stream capturing the dead-letter subject (a stream

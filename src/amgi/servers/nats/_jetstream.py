@@ -74,6 +74,10 @@ class Consumers:
         self._reconnects = 0
         self.backlog: dict[str, int] = {}
         """Per subject, the consumer's pending count carried by the last message fetched."""
+        self._held: dict[int, Any] = {}
+        """The messages handed to the runtime and not settled yet, by ``id()``: those the
+        runtime never started (the shutdown timeout, a run that ends) go back at the
+        stop, not after the ack wait."""
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``
@@ -281,6 +285,10 @@ class Consumers:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await self._puller.stop()
+        held, self._held = self._held, {}
+        for msg in held.values():  # never started: handed back now, not after the ack wait
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
     async def read(self) -> list[Batch]:
         return [self._batch(*await self._puller.take())]
@@ -293,12 +301,20 @@ class Consumers:
         subject = self._subjects_by_index[index]
         if msgs:
             self.backlog[subject] = int(_ack_fields(msgs[-1].reply)[6])
+        self._held.update((id(msg), msg) for msg in msgs)
         return Batch(subject, [_message(m) for m in msgs], key=subject)
 
     async def settle(
         self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]], subject: str
     ) -> None:
         ack_wait = self.ack_waits[self._subjects_by_index.index(subject)]
+        held = self._held
+        for m in settlement.acked:
+            held.pop(id(m.token), None)
+        for r in settlement.retry:
+            held.pop(id(r.message.token), None)
+        for d in settlement.dead:
+            held.pop(id(d.message.token), None)
         for m in settlement.acked:
             await m.token.ack()
         for r in settlement.retry:
@@ -388,8 +404,14 @@ class Consumers:
             raise
 
     async def touch(self, messages: list[Message]) -> None:
+        """``+WPI`` for each of ``messages`` and each message pulled that no batch took
+        yet: JetStream's ack wait runs from the delivery, and while every slot is busy
+        those wait in the inbox (they were delivered again, their attempt raised, before
+        the app ever had them). One flush for all."""
         for m in messages:
             await m.token.in_progress()
+        for msg in self._puller.waiting():
+            await msg.in_progress()
         await self.client.flush(self.options.ack_wait)
 
 

@@ -8,7 +8,8 @@ above the consumer's max_batch, the consumer deleted) and one that the server ne
 count as closed after its expiry, and the latter is reported to ``unanswered``
 (JetStream answers every request, so silence means a lost connection or a deleted
 consumer). The next read opens a new one, so at most ``batch`` messages wait here
-unasked-for.
+unasked-for: JetStream's ack wait runs for them from their delivery, so they are leased
+with the batches the runtime holds (:meth:`Puller.waiting`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class Puller:
             while arrived:
                 with contextlib.suppress(Exception):
                     await arrived.popleft().nak()
+
+    def waiting(self) -> list[Any]:
+        """The messages that arrived and no batch took yet (the runtime leases them)."""
+        return [msg for arrived in self._arrived for msg in arrived]
 
     def _receiver(self, index: int) -> Any:
         async def on_message(msg: Any) -> None:
