@@ -19,7 +19,7 @@ if not pydantic.VERSION.startswith("2."):  # pragma: no cover
 
 from amgi.app._app import NACK_RETRY, App, Lifespan
 from amgi.app._errors import AppDefinitionError, DeadLetter, PayloadError
-from amgi.app._handler import HandlerCall, Middleware
+from amgi.app._middleware import HandlerCall, Middleware
 from amgi.app._params import (
     Binding,
     Depends,

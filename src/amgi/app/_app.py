@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 from amgi.app._address import Router
 from amgi.app._asyncapi import document
 from amgi.app._errors import AppDefinitionError, PayloadError
-from amgi.app._handler import Handler, Middleware
+from amgi.app._handler import Handler
+from amgi.app._middleware import Middleware
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 
 __all__ = ["NACK_RETRY", "App", "Lifespan"]

@@ -12,7 +12,6 @@ import contextlib
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 from pydantic import ValidationError
@@ -40,24 +39,12 @@ from amgi.app._inject import (
     type_name,
     unwrap_annotated,
 )
-from amgi.app._params import Failures, MessageInfo, Outgoing
+from amgi.app._middleware import HandlerCall, Middleware, wrap
+from amgi.app._params import Failures, Outgoing
 from amgi.app._publisher import Publisher, encode_headers
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, MessageNackEvent
 
-__all__ = ["Handler", "HandlerCall", "Middleware"]
-
-
-@dataclass(slots=True)
-class HandlerCall:
-    """What a middleware sees of one handler call."""
-
-    handler: str
-    address: str
-    messages: list[MessageInfo]
-
-
-Middleware = Callable[[HandlerCall, Callable[[], Awaitable[Any]]], Awaitable[Any]]
-"""``async def mw(call, call_next): ...; return await call_next()`` (first declared: outermost)."""
+__all__ = ["Handler"]
 
 
 class _Invalid(Exception):
@@ -397,25 +384,11 @@ class Handler:
     def with_middleware(
         self, invoke: Callable[[], Awaitable[Any]], call: Callable[[], HandlerCall]
     ) -> Callable[[], Awaitable[Any]]:
-        """``invoke`` wrapped in the app's middleware, first declared outermost.
-
-        Each middleware's ``call_next`` may be called again once the previous call
-        returned or raised (a retry); a call while another is running, or once the
-        handler call ended, raises RuntimeError naming the middleware.
-        """
+        """``invoke`` wrapped in the app's middleware, first declared outermost
+        (:func:`amgi.app._middleware.wrap`)."""
         if not self._middleware:
             return invoke
-        info = call()
-        chain = _Chain(self.name)
-        wrapped = invoke
-        for mw, owner in zip(
-            reversed(self._middleware), reversed(self._middleware_names), strict=True
-        ):
-            step = _Step(chain, wrapped, owner)
-            chain.steps.append(step)
-            wrapped = _bind(mw, info, step)
-        outer = wrapped
-        return lambda: chain.run(outer)
+        return wrap(invoke, self._middleware, self._middleware_names, self.name, call())
 
 
 class _AddressError(ValueError):
@@ -439,96 +412,6 @@ def _structured(adapter: Any) -> bool:
     if ref.startswith("#/$defs/"):
         schema = schema.get("$defs", {}).get(ref[len("#/$defs/") :], schema)
     return schema.get("type") in ("object", "array")
-
-
-def _bind(
-    mw: Middleware, info: HandlerCall, call_next: Callable[[], Awaitable[Any]]
-) -> Callable[[], Awaitable[Any]]:
-    async def step() -> Any:
-        return await mw(info, call_next)
-
-    return step
-
-
-class _Chain:
-    """The middleware chain of one handler call (one message, or one batch).
-
-    It owns every ``call_next()`` made in it: when the outermost middleware is done, a
-    call still running (in a task the middleware started and did not wait for) is
-    cancelled and waited for before the message is settled, and later calls are refused.
-    """
-
-    __slots__ = ("ended", "handler", "steps")
-
-    def __init__(self, handler: str) -> None:
-        self.handler = handler
-        self.ended = False
-        self.steps: list[_Step] = []
-
-    async def run(self, outer: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            result = await outer()
-        except BaseException:
-            self.ended = True
-            await self._stop_left()
-            raise
-        self.ended = True
-        left = await self._stop_left()
-        if left:
-            raise RuntimeError(
-                f"middleware {left[0].owner} returned while its call_next() was still "
-                "running; await call_next() before returning"
-            )
-        return result
-
-    async def _stop_left(self) -> list[_Step]:
-        """Cancel the calls still running and wait for them; the steps they were in."""
-        left = [s for s in self.steps if s.done is not None]
-        if not left:
-            return left
-        current = asyncio.current_task()
-        for task in {s.task for s in left}:
-            if task is not None and task is not current:
-                task.cancel()
-        for s in left:
-            if s.task is not current and s.done is not None:
-                await s.done.wait()
-        return left
-
-
-class _Step:
-    """The ``call_next`` one middleware is given: one call at a time, within the chain."""
-
-    __slots__ = ("chain", "done", "inner", "owner", "task")
-
-    def __init__(self, chain: _Chain, inner: Callable[[], Awaitable[Any]], owner: str) -> None:
-        self.chain = chain
-        self.inner = inner
-        self.owner = owner
-        self.task: asyncio.Task[Any] | None = None
-        self.done: asyncio.Event | None = None
-        """Set while a call runs; set (the event) when it ends."""
-
-    async def __call__(self) -> Any:
-        if self.chain.ended:
-            raise RuntimeError(
-                f"middleware {self.owner} called call_next() after the handler call of "
-                f"{self.chain.handler} had ended (its message was settled)"
-            )
-        if self.done is not None:
-            raise RuntimeError(
-                f"middleware {self.owner} called call_next() while its previous call_next() "
-                "was still running; call it again only after the previous call returned or "
-                "raised"
-            )
-        done = self.done = asyncio.Event()
-        self.task = asyncio.current_task()
-        try:
-            return await self.inner()
-        finally:
-            self.done = None
-            self.task = None
-            done.set()
 
 
 async def _receive_all(receive: AMGIReceiveCallable) -> list[Any]:
