@@ -156,23 +156,13 @@ async def _move(
                 return False
             r.not_scheduled(exc, d)
             if patience.transient(exc):  # refused for now, but for longer than the bound
-                waited = _span(patience.waited())
-                d.reason = f"{r.reason} (its retry was refused for {waited}: {exc})"
-                logger.error(
-                    "message %s of %r: its retry was refused for %s (%s); dead-lettering it",
-                    r.message.id,
-                    address,
-                    waited,
-                    exc,
-                )
+                why = f"its retry was refused for {_span(patience.waited())}"
             else:
-                d.reason = f"{r.reason} (its retry could not be published: {exc})"
-                logger.error(
-                    "message %s of %r: its retry could not be published (%s); dead-lettering it",
-                    r.message.id,
-                    address,
-                    exc,
-                )
+                why = "its retry could not be published"
+            d.reason = f"{r.reason} ({why}: {exc})"
+            logger.error(
+                "message %s of %r: %s (%s); dead-lettering it", r.message.id, address, why, exc
+            )
         else:
             if r.error:
                 logger.warning("message %s of %r: its retry is published", r.message.id, address)

@@ -307,19 +307,17 @@ class Consumers:
     async def settle(
         self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]], subject: str
     ) -> None:
-        ack_wait = self.ack_waits[self._subjects_by_index.index(subject)]
         held = self._held
         for m in settlement.acked:
             held.pop(id(m.token), None)
-        for r in settlement.retry:
-            held.pop(id(r.message.token), None)
-        for d in settlement.dead:
-            held.pop(id(d.message.token), None)
-        for m in settlement.acked:
             await m.token.ack()
         for r in settlement.retry:
+            held.pop(id(r.message.token), None)
             await r.message.token.nak(delay=r.delay)
+        for d in settlement.dead:
+            held.pop(id(d.message.token), None)
         if dead:
+            ack_wait = self.ack_waits[self._subjects_by_index.index(subject)]
             results = await asyncio.gather(
                 *(self._dead_letter(subject, m.payload or b"", h) for m, subject, h in dead),
                 return_exceptions=True,

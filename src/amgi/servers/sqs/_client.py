@@ -430,11 +430,11 @@ class SqsClient:
             return token
 
         sent = await send_each(target.fifo, send, dead)
-        for i, d in enumerate(dead):
-            if i >= len(sent):  # not sent: after one that failed
-                d.not_stored(f"held behind {dead[i - 1].message.id} (FIFO group)")
-            elif not isinstance(sent[i], str):
-                d.not_stored(sent[i])
+        for d, outcome in zip(dead, sent, strict=False):  # sent may stop short (FIFO)
+            if not isinstance(outcome, str):
+                d.not_stored(outcome)
+        for d in dead[len(sent) :]:  # not sent: after the one that failed
+            d.not_stored(f"held behind {dead[len(sent) - 1].message.id} (FIFO group)")
         handles = [h for h in sent if isinstance(h, str)]
         if handles:
             await self._delete(queue, handles)
