@@ -17,6 +17,8 @@ import pytest
 from tests.net import free_port
 
 ENDPOINT = "http://127.0.0.1:5000"
+MOTO_SERVER = Path(__file__).parents[1] / "scripts" / "brokers" / "moto_server.py"
+"""moto's server with its SQS backend made thread-safe (as scripts/brokers/moto.sh starts it)."""
 
 
 def use_moto_credentials(
@@ -51,7 +53,7 @@ def private_moto(*, check_credentials: bool = False) -> Iterator[str]:
     if check_credentials:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

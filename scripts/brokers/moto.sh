@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start moto's server (an SQS stand-in for tests) on 127.0.0.1:5000, in the background.
+# Start moto's server (an SQS stand-in for tests) on 127.0.0.1:5000, in the background,
+# through moto_server.py beside this script (which makes moto's SQS backend thread-safe).
 # Idempotent: does nothing when it already answers. Run from the repository root.
 set -euo pipefail
 
@@ -39,7 +40,7 @@ if [ ! -x "$VENV/bin/moto_server" ]; then
 fi
 
 mkdir -p "$LOG_DIR"
-nohup "$VENV/bin/moto_server" -H "$HOST" -p "$PORT" >"$LOG_DIR/moto.log" 2>&1 &
+nohup "$VENV/bin/python" "$(dirname "$0")/moto_server.py" -H "$HOST" -p "$PORT" >"$LOG_DIR/moto.log" 2>&1 &
 echo $! >"$LOG_DIR/moto.pid"
 
 deadline=$((SECONDS + WAIT_SECONDS))
