@@ -9,7 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # the small test files below need no plugin: pytest starts in a fraction of the time
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+    "AMGI_TEST_WORKERS": "0",  # no xdist: it is a plugin
+}
 
 
 def find_python(version: str, pyenv_root: Path) -> subprocess.CompletedProcess[str]:
