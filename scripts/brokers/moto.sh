@@ -31,6 +31,11 @@ fi
 
 if answers; then
     echo "moto: already running on ${HOST}:${PORT}"
+    pid=$(cat "$LOG_DIR/moto.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && ! grep -q moto_server.py "/proc/$pid/cmdline" 2>/dev/null; then
+        echo "moto: that server may predate moto_server.py (its SQS receives race);" \
+            "stop it (kill $pid) and run this script again" >&2
+    fi
     exit 0
 fi
 
