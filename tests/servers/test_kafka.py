@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -298,6 +299,7 @@ async def test_failed_connect_leaves_no_client_running(
         ({"dead_letter_topic": "dead"}, "must contain"),
         # The client takes at most 1M records per consume: every fetch failed, for ever.
         ({"max_batch_size": 1_000_001}, "--max-batch-size must be 1 to 1000000"),
+        ({"commit_interval_ms": -1}, "--commit-interval-ms must be 0 to 60000"),
     ],
 )
 async def test_bad_option_is_a_configuration_error(overrides: dict[str, Any], message: str) -> None:
@@ -649,6 +651,69 @@ async def test_waiting_for_settled_batches_gives_up_when_the_loop_idles() -> Non
     state.moving = 0
     kafka._closing = True
     assert await kafka._settled_while_busy() is False
+
+
+class _CommitSpy:
+    """A consumer whose ``commit`` calls are recorded: (time, offsets, asynchronous)."""
+
+    def __init__(self, consumer: Any, calls: list[tuple[float, dict[int, int], bool]]) -> None:
+        self._consumer = consumer
+        self._calls = calls
+
+    def commit(self, *, offsets: list[Any], asynchronous: bool) -> Any:
+        parts = {tp.partition: tp.offset for tp in offsets}
+        self._calls.append((time.monotonic(), parts, asynchronous))
+        return self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+
+
+def _spy_commits(kafka: KafkaTransport) -> list[tuple[float, dict[int, int], bool]]:
+    calls: list[tuple[float, dict[int, int], bool]] = []
+    send = kafka._send_commits
+
+    def spied(consumer: Any, *, final: bool = False) -> None:
+        send(_CommitSpy(consumer, calls), final=final)  # type: ignore[arg-type]
+
+    kafka._send_commits = spied  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("interval_ms", [0, 300])
+async def test_commits_go_out_at_most_every_commit_interval_and_soon_once_idle(
+    interval_ms: int,
+) -> None:
+    """A backlog drained in small fetches commits once per ``commit_interval_ms`` (0: once
+    per fetch), and the last settled offset is committed while the server idles, not
+    only at close."""
+    topic = create_topic(fresh("interval"), partitions=1)
+    n = 40
+    produce(topic, ((None, b"%d" % i, []) for i in range(n)))
+    acked: list[float] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0.03)  # each batch of 2 takes a while: the drain takes > 0.6 s
+        more = True
+        while more:
+            event = await receive()
+            more = event["more_messages"]
+            await send({"type": "message.ack", "id": event["id"]})
+        acked.append(time.monotonic())
+
+    kafka = transport([topic], max_batch_size=2, commit_interval_ms=interval_ms)
+    calls = _spy_commits(kafka)
+    await run_until(app, kafka, lambda: any(c[1] == {0: n} and c[2] for c in calls))
+    running = [c for c in calls if c[2]]  # asynchronous: sent while consuming
+    last_ack = acked[-1]
+    done_at = next(t for t, parts, _ in running if parts == {0: n})
+    assert done_at - last_ack < interval_ms / 1000 + 0.2  # committed soon after the last ack
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(running)]
+    offsets = [c[1][0] for c in running]
+    assert offsets == sorted(offsets)  # contiguous settled offsets only move forward
+    if interval_ms:
+        assert min(gaps) >= interval_ms / 1000 - 0.01, gaps
+        assert 2 <= len(running) <= (running[-1][0] - running[0][0]) / 0.3 + 1
+    else:
+        assert len(running) >= n // 2 - 2  # about one per batch of 2
+    assert committed(kafka.config.group_id, topic) == {0: n}
 
 
 async def test_a_long_busy_batch_lets_the_consumer_thread_fetch_after_a_second() -> None:

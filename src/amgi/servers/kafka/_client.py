@@ -94,6 +94,8 @@ class KafkaClient:
         self._closing = False
         self._poll_future: asyncio.Future[list[Batch]] | None = None
         self._settled_waiter: asyncio.Future[bool] | None = None
+        self._commit_due = 0.0
+        """Monotonic time before which ``_send_commits`` sends nothing (but the final)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         # Partition state is shared by the consumer thread and the event loop.
         self._lock = threading.Condition()

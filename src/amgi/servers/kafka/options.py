@@ -32,11 +32,19 @@ class KafkaOptions:
     )
     client_id: str = field(default="amgi", metadata={"help": "client id sent to the broker"})
     max_batch_size: int = field(
-        default=1000,
+        default=250,
         metadata={
             "ge": 1,
             "le": 1_000_000,
             "help": "most records taken by one fetch (all partitions)",
+        },
+    )
+    commit_interval_ms: int = field(
+        default=20,
+        metadata={
+            "ge": 0,
+            "le": 60_000,
+            "help": "least milliseconds between two offset commits (0: one before every fetch)",
         },
     )
     fetch_wait_max_ms: int = field(
