@@ -161,7 +161,8 @@ def test_start_offsets_ask_the_log_for_partitions_without_a_commit(
         committed=[TP("t", 0, 7), TP("t", 1, -1001), TP("t", 2, -1001)],
         ends=[_Offset(1, 40), _Offset(2, -1, KafkaError(KafkaError._TIMED_OUT))],
     )
-    got = kafka._start_offsets(consumer, asked)
+    got = kafka._start_offsets(consumer, asked, 5.0)
+    assert got is not None
     # Partition 1 from the log; partition 2's answer failed, so librdkafka resolves it.
     assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, 40), (2, logical)]
     assert consumer.asked_ends == [(1, logical), (2, logical)]  # -2: log start, -1: end
@@ -170,7 +171,8 @@ def test_start_offsets_ask_the_log_for_partitions_without_a_commit(
 def test_start_offsets_fall_back_to_the_logical_end_when_the_log_lookup_fails() -> None:
     kafka = KafkaTransport(["t"], KafkaOptions(**options()))
     consumer = _Consumer(committed=[TP("t", 0, 7), TP("t", 1, -1001)], ends=_TIMED_OUT)
-    got = kafka._start_offsets(consumer, [TP("t", 0), TP("t", 1)])
+    got = kafka._start_offsets(consumer, [TP("t", 0), TP("t", 1)], 5.0)
+    assert got is not None
     assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, OFFSET_BEGINNING)]
 
 
@@ -182,15 +184,14 @@ def test_start_offsets_fall_back_to_the_logical_end_when_the_log_lookup_fails() 
     ],
     ids=["lookup-failed", "partition-error"],
 )
-def test_start_offsets_leave_the_lookup_to_librdkafka_when_committed_fails(answer: Any) -> None:
+def test_start_offsets_say_so_when_committed_fails(answer: Any) -> None:
     kafka = KafkaTransport(["t"], KafkaOptions(**options()))
-    asked = [TP("t", 0), TP("t", 1)]
-    assert kafka._start_offsets(_Consumer(answer), asked) is asked
+    assert kafka._start_offsets(_Consumer(answer), [TP("t", 0), TP("t", 1)], 5.0) is None
 
 
-@pytest.mark.parametrize("lookup", ["answered", "failed"])
+@pytest.mark.parametrize("lookup", ["answered", "failed", "failed-twice", "failed-for-a-while"])
 async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
-    lookup: str, monkeypatch: pytest.MonkeyPatch
+    lookup: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A retry topic holds only records the group owes: a partition of it without a
     committed offset starts at its log start whatever ``--auto-offset-reset`` says. With
@@ -201,7 +202,14 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     ``failed``: the restarted server's lookup at assignment fails (a broker slow to
     answer), so librdkafka resolves the start itself, from the committed offset, else
     from ``latest``: the retry partition's start is committed when it is first assigned,
-    so that it finds one."""
+    so that it finds one.
+
+    ``failed-twice``: the lookups at assignment fail in both runs, so nothing of the
+    retry topic was ever committed and librdkafka would resolve its start from ``latest``
+    (the copy was skipped): a retry partition whose start the assignment could not tell
+    is held paused at its log start until a later lookup (on the consumer thread) does.
+    ``failed-for-a-while``: those later lookups fail too for a second and a half: the
+    copy waits, paused, and comes once one answers."""
     topic = create_topic(fresh("late"), partitions=1)
     group = options(auto_offset_reset="latest")
     attempts: list[int] = []
@@ -217,6 +225,8 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
         config = RuntimeConfig(lifespan="off", crash_ledger="", retry_delay=2.0)
         return Runtime(app, kafka, config)
 
+    if lookup in ("failed-twice", "failed-for-a-while"):  # from the first assignment on
+        monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
     first = runtime()
     server = asyncio.create_task(first.serve())
     deadline = time.monotonic() + 20
@@ -224,6 +234,10 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
         assert not server.done(), server.result()
         assert time.monotonic() < deadline, "never assigned"
         await asyncio.sleep(0.02)
+    if lookup in ("failed-twice", "failed-for-a-while"):
+        # librdkafka resolves the topic's start itself (latest): a record produced before
+        # it has would be skipped, as latest asks. It takes about 0.1 s.
+        await asyncio.sleep(1.0)
     produce(topic, [(b"k", b"once", [])])
     while not attempts:
         assert time.monotonic() < deadline, "never delivered"
@@ -233,11 +247,20 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     assert await asyncio.wait_for(server, 30) == 0
     assert attempts == [1]  # stopped before the retry was due
 
-    if lookup == "failed":  # every lookup times out at once
+    if lookup == "failed":  # every lookup at assignment times out at once
         monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
+    if lookup == "failed-for-a-while":
+        monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_RETRY_TIMEOUT", 0.0)
     second = runtime()
     server = asyncio.create_task(second.serve())
     try:
+        if lookup == "failed-for-a-while":
+            await asyncio.sleep(1.5)  # the copy is due after 2 s: held by the lookups only
+            assert attempts == [1]
+            assert [k for k, s in second.transport._partitions.items() if s.start_unknown]
+            held = [r.getMessage() for r in caplog.records if "held until" in r.getMessage()]
+            assert held and f"{topic}.retry[0]" in held[-1], held
+            monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_RETRY_TIMEOUT", 2.0)
         while len(attempts) < 2:
             assert not server.done(), server.result()
             assert time.monotonic() < deadline, f"the retry never came back: {attempts}"

@@ -50,6 +50,9 @@ class _Partition:
     moving: int = 0
     """Batches settled but for copies tried again in the background: nothing past the
     first is committed, so a revoke does not wait for the partition's batches."""
+    start_unknown: bool = False
+    """A retry partition whose start the lookup at assignment could not tell: paused
+    until a later lookup does (``_resolve_starts``); its records are not handed out."""
 
 
 @dataclass(slots=True)
@@ -95,6 +98,9 @@ class KafkaClient:
         self._poll_future: asyncio.Future[list[Batch]] | None = None
         self._settled_waiter: asyncio.Future[bool] | None = None
         self._commit_due = 0.0
+        self._starts_unknown = False
+        """Whether a partition may have ``start_unknown`` set (the lock guards it)."""
+        self._next_start_lookup = 0.0
         """Monotonic time before which ``_send_commits`` sends nothing (but the final)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         # Partition state is shared by the consumer thread and the event loop.

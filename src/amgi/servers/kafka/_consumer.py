@@ -33,6 +33,10 @@ fetches meanwhile: librdkafka leaves the group when ``consume`` is not called fo
 _START_OFFSETS_TIMEOUT = 5.0
 """Seconds each lookup at assignment (committed offsets, then log start or end) may take
 before librdkafka's own lookup takes over."""
+_START_RETRY_TIMEOUT = 2.0
+_START_RETRY_INTERVAL = 1.0
+"""Seconds each later lookup of a retry partition's start may take (on the consumer
+thread), and seconds between two of them."""
 
 
 class Consuming(KafkaClient):
@@ -40,6 +44,8 @@ class Consuming(KafkaClient):
     loop when no batch is unsettled)."""
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        from confluent_kafka import OFFSET_BEGINNING
+
         with self._lock:
             for tp in partitions:
                 self._epoch += 1
@@ -51,15 +57,37 @@ class Consuming(KafkaClient):
         dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
         # Now, so that pause and resume apply to them; with explicit start offsets. A
         # cooperative assignor hands out only the partitions added to the assignment.
-        starts = self._start_offsets(consumer, partitions)
+        starts = self._start_offsets(consumer, partitions, _START_OFFSETS_TIMEOUT)
+        unknown: list[Any] = []
+        if starts is None:
+            # librdkafka resolves the starts itself: the committed offset, else the
+            # --auto-offset-reset end, which is wrong for a retry partition the group
+            # never committed on (with latest, its end: the copies waiting there would be
+            # skipped). Those are held paused at their log start (no lookup of its own by
+            # librdkafka, which a later seek could race) until a lookup tells where.
+            starts = partitions
+            unknown = [tp for tp in live if self._is_retry_topic(tp.topic)]
+            with self._lock:
+                for tp in unknown:
+                    tp.offset = OFFSET_BEGINNING
+                    self._partitions[(tp.topic, tp.partition)].start_unknown = True
+                self._starts_unknown = self._starts_unknown or bool(unknown)
+            live = [tp for tp in live if not self._is_retry_topic(tp.topic)]
+            if unknown:
+                logger.warning(
+                    "kafka: the committed offsets of %d assigned partition(s) could not be "
+                    "looked up; retry partitions %s are held until a lookup answers",
+                    len(partitions),
+                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in unknown),
+                )
         if self._cooperative:
             consumer.incremental_assign(starts)
         else:
             consumer.assign(starts)
         if live:
             consumer.resume(live)
-        if dead:
-            consumer.pause(dead)
+        if dead or unknown:
+            consumer.pause(dead + unknown)
         if self._retry_re is not None:  # a pattern address: topics may join at any time
             self._matched_assigned([tp.topic for tp in partitions])
 
@@ -81,8 +109,11 @@ class Consuming(KafkaClient):
         with contextlib.suppress(RuntimeError):  # a closed loop: nothing is consumed now
             loop.call_soon_threadsafe(self._prepare_matched_soon, new)
 
-    def _start_offsets(self, consumer: Any, partitions: list[Any]) -> list[Any]:
-        """The partitions at their committed offsets, else at the reset end, as numbers.
+    def _start_offsets(
+        self, consumer: Any, partitions: list[Any], timeout: float
+    ) -> list[Any] | None:
+        """The partitions at their committed offsets, else at the reset end, as numbers;
+        ``None`` when the committed offsets could not be had within ``timeout``.
 
         Left to itself, librdkafka assigns a partition without a committed offset, then
         waits ~0.1 s before it asks for the reset offset, and it resolves each partition's
@@ -90,19 +121,21 @@ class Consuming(KafkaClient):
         retry topic's) then holds the others back for ``fetch.wait.max.ms``. Asked here,
         in two requests (the committed offsets, then the log start or end of the rest in
         one ListOffsets), every partition starts at a number and the first fetch goes out
-        at once for all. Should the first question fail, librdkafka's own lookup (the same
-        rule) takes over; should the second, the logical start or end does.
+        at once for all. Should the first question fail, the caller decides (see
+        ``_on_assign``); should the second, the logical start or end is the start.
         """
-        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException
+        from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
         try:
-            committed = consumer.committed(partitions, timeout=_START_OFFSETS_TIMEOUT)
+            committed = consumer.committed(partitions, timeout=timeout)
         except KafkaException as exc:
-            logger.debug("kafka: committed offsets not fetched at assignment: %s", exc)
-            return partitions
+            logger.debug("kafka: committed offsets not fetched: %s", exc)
+            return None
         if any(tp.error is not None for tp in committed):
-            return partitions
+            return None
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
+
         given = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
 
         def reset(topic: str) -> int:
@@ -114,7 +147,7 @@ class Consuming(KafkaClient):
         if missing:
             # A ListOffsets "timestamp" of -2 asks for the log start, -1 for its end.
             try:
-                ends = consumer.offsets_for_times(missing, timeout=_START_OFFSETS_TIMEOUT)
+                ends = consumer.offsets_for_times(missing, timeout=timeout)
             except KafkaException as exc:
                 logger.debug("kafka: start offsets not fetched at assignment: %s", exc)
                 ends = []
@@ -241,11 +274,20 @@ class Consuming(KafkaClient):
             return True
         return self._retry_re is not None and self._retry_re.match(topic) is not None
 
-    def _prepare_poll(self, consumer: Any) -> None:
-        """Apply rewinds and resume retry partitions that are due (the driving thread)."""
+    def _prepare_poll(self, consumer: Any, *, lookups: bool = False) -> None:
+        """Apply rewinds and resume retry partitions that are due (the driving thread);
+        with ``lookups`` (the consumer thread: it may wait on the broker), look up the
+        starts of retry partitions the assignment could not tell."""
         from confluent_kafka import TopicPartition as TP
 
         now = time.monotonic()
+        if lookups and self._starts_unknown and now >= self._next_start_lookup:
+            with self._lock:
+                unknown = [k for k, s in self._partitions.items() if s.start_unknown]
+                self._starts_unknown = bool(unknown)  # none left: revoked, or told
+            if unknown:
+                self._next_start_lookup = now + _START_RETRY_INTERVAL
+                self._resolve_starts(consumer, unknown)
         with self._lock:
             rewinds = list(self._rewind.items())
             self._rewind.clear()
@@ -264,6 +306,39 @@ class Consuming(KafkaClient):
         if due:
             consumer.resume([TP(t, p) for t, p in due])
 
+    def _resolve_starts(self, consumer: Any, keys: list[TopicPartition]) -> None:
+        """Look up where the retry partitions ``keys`` start (their committed offset, else
+        their log start), seek them there and resume them. A lookup that fails leaves
+        them paused for the next one."""
+        from confluent_kafka import TopicPartition as TP
+
+        starts = self._start_offsets(consumer, [TP(t, p) for t, p in keys], _START_RETRY_TIMEOUT)
+        if starts is None:
+            logger.debug("kafka: retry partitions %s still wait for their start", keys)
+            return
+        resumed = []
+        for tp in starts:
+            key = (tp.topic, tp.partition)
+            with self._lock:
+                state = self._partitions.get(key)
+                if state is None or not state.start_unknown:
+                    continue  # revoked meanwhile
+                state.start_unknown = False
+            try:
+                consumer.seek(tp)
+            except Exception as exc:  # asked again by the next poll
+                logger.warning("kafka seek %s[%d] to %d failed: %s", *key, tp.offset, exc)
+                with self._lock:
+                    state.start_unknown = True
+                continue
+            resumed.append(TP(*key))
+        if resumed:
+            consumer.resume(resumed)
+            logger.info(
+                "kafka: retry partitions %s resumed at their start",
+                ", ".join(f"{tp.topic}[{tp.partition}]" for tp in resumed),
+            )
+
     def _poll(self, wait: bool = True) -> list[Batch]:
         """One ``consume`` call turned into batches, one per partition.
 
@@ -273,7 +348,7 @@ class Consuming(KafkaClient):
         consumer = self._consumer
         if consumer is None or self._closing:
             return []
-        self._prepare_poll(consumer)
+        self._prepare_poll(consumer, lookups=wait)
         self._revoked_in_call.clear()
         self._send_commits(consumer)
         limit = self.config.max_batch_size
@@ -335,6 +410,8 @@ class Consuming(KafkaClient):
         with self._lock:
             state = self._partitions.get(key)
             revoked = key in self._revoked_in_call
+        if state is not None and state.start_unknown:
+            return None  # fetched before the pause took hold: fetched again after the seek
         if state is None or revoked:
             if state is not None:
                 # Revoked and assigned again within one consume call: the records seen
