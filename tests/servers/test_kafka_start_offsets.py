@@ -189,6 +189,49 @@ def test_start_offsets_say_so_when_committed_fails(answer: Any) -> None:
     assert kafka._start_offsets(_Consumer(answer), [TP("t", 0), TP("t", 1)], 5.0) is None
 
 
+class _Assigning(_Consumer):
+    """A :class:`_Consumer` that also records what the assign callback does with it."""
+
+    def __init__(self, committed: Any) -> None:
+        super().__init__(committed)
+        self.looked_up = 0
+        self.assigned: list[tuple[str, int, int]] = []
+        self.paused: list[tuple[str, int]] = []
+        self.resumed: list[tuple[str, int]] = []
+
+    def committed(self, partitions: list[Any], timeout: float) -> list[Any]:
+        self.looked_up += 1
+        return super().committed(partitions, timeout)
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
+
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused += [(tp.topic, tp.partition) for tp in partitions]
+
+    def resume(self, partitions: list[Any]) -> None:
+        self.resumed += [(tp.topic, tp.partition) for tp in partitions]
+
+
+@pytest.mark.parametrize("driver", ["consumer-thread", "event-loop"])
+def test_an_assignment_without_its_lookup_holds_the_retry_partitions(driver: str) -> None:
+    """The committed offsets could not be looked up (``consumer-thread``: the lookup timed
+    out), or were not asked for (``event-loop``: the loop never waits on the broker, so a
+    rebalance its ``consume`` serves leaves the lookup to the consumer thread): the
+    topic's partitions start where librdkafka says, the retry partitions are held at
+    their log start, paused, for a later lookup."""
+    kafka = KafkaTransport(["t"], KafkaOptions(**options(auto_offset_reset="latest")))
+    kafka._retry_topics = {"t.retry": "t"}
+    consumer = _Assigning(committed=_TIMED_OUT)
+    kafka._driver_is_loop = driver == "event-loop"
+    kafka._on_assign(consumer, [TP("t", 0), TP("t.retry", 0)])
+    assert consumer.looked_up == (0 if driver == "event-loop" else 1)
+    assert consumer.assigned == [("t", 0, -1001), ("t.retry", 0, OFFSET_BEGINNING)]
+    assert (consumer.resumed, consumer.paused) == ([("t", 0)], [("t.retry", 0)])
+    assert [k for k, s in kafka._partitions.items() if s.start_unknown] == [("t.retry", 0)]
+    assert kafka._starts_unknown
+
+
 @pytest.mark.parametrize("lookup", ["answered", "failed", "failed-twice", "failed-for-a-while"])
 async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     lookup: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -259,7 +302,8 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
             assert attempts == [1]
             assert [k for k, s in second.transport._partitions.items() if s.start_unknown]
             held = [r.getMessage() for r in caplog.records if "held until" in r.getMessage()]
-            assert held and f"{topic}.retry[0]" in held[-1], held
+            assert held
+            assert f"{topic}.retry[0]" in held[-1], held
             monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_RETRY_TIMEOUT", 2.0)
         while len(attempts) < 2:
             assert not server.done(), server.result()

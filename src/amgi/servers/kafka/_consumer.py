@@ -57,7 +57,12 @@ class Consuming(KafkaClient):
         dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
         # Now, so that pause and resume apply to them; with explicit start offsets. A
         # cooperative assignor hands out only the partitions added to the assignment.
-        starts = self._start_offsets(consumer, partitions, _START_OFFSETS_TIMEOUT)
+        # The event loop never waits on the broker: a rebalance served by its consume
+        # (records on hand, nothing unsettled) leaves the lookups to the consumer thread.
+        on_loop = self._driver_is_loop
+        starts = (
+            None if on_loop else self._start_offsets(consumer, partitions, _START_OFFSETS_TIMEOUT)
+        )
         unknown: list[Any] = []
         if starts is None:
             # librdkafka resolves the starts itself: the committed offset, else the
@@ -73,7 +78,7 @@ class Consuming(KafkaClient):
                     self._partitions[(tp.topic, tp.partition)].start_unknown = True
                 self._starts_unknown = self._starts_unknown or bool(unknown)
             live = [tp for tp in live if not self._is_retry_topic(tp.topic)]
-            if unknown:
+            if unknown and not on_loop:
                 logger.warning(
                     "kafka: the committed offsets of %d assigned partition(s) could not be "
                     "looked up; retry partitions %s are held until a lookup answers",
@@ -348,6 +353,7 @@ class Consuming(KafkaClient):
         consumer = self._consumer
         if consumer is None or self._closing:
             return []
+        self._driver_is_loop = not wait
         self._prepare_poll(consumer, lookups=wait)
         self._revoked_in_call.clear()
         self._send_commits(consumer)
