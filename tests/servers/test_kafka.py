@@ -8,6 +8,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +551,24 @@ async def test_cooperative_rebalancing_consumes_and_hands_partitions_over() -> N
     assert sum(committed(group["group_id"], topic).values()) == 40
 
 
+def _busy_app(seen: list[str], after_batch: Callable[[], None] = lambda: None) -> App:
+    """An app busy 2 ms per batch (each pass of the loop runs real work, so the next
+    records are fetched on the event loop) that acks each message and notes its id."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
+        event = {"more_messages": True}
+        while event["more_messages"]:
+            event = await receive()
+            seen.append(event["id"])  # topic/partition/offset
+            await send({"type": "message.ack", "id": event["id"]})
+        after_batch()
+
+    return app
+
+
 def _recorded_polls(kafka: KafkaTransport) -> list[tuple[bool, bool, int]]:
     """Record each ``consume`` round: on the event loop?, a batch unsettled then?, batches."""
     calls: list[tuple[bool, bool, int]] = []
@@ -575,17 +594,7 @@ async def test_records_on_hand_are_fetched_on_the_event_loop_only_when_all_is_se
     n = 300
     produce(topic, ((b"k%d" % (i % 6), b"%d" % i, []) for i in range(n)))
     seen: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        end = time.perf_counter() + 0.002
-        while time.perf_counter() < end:  # busy: each pass of the loop runs real work
-            pass
-        event = {"more_messages": True}
-        while event["more_messages"]:
-            event = await receive()
-            seen.append(event["id"])  # topic/partition/offset
-            await send({"type": "message.ack", "id": event["id"]})
-
+    app = _busy_app(seen)
     kafka = transport([topic], max_batch_size=10)
     polls = _recorded_polls(kafka)
     await run_until(app, kafka, lambda: len(seen) >= n)
@@ -593,6 +602,42 @@ async def test_records_on_hand_are_fetched_on_the_event_loop_only_when_all_is_se
     assert [c for c in polls if c[0] and c[1]] == [], "fetched on the loop with batches unsettled"
     assert any(on_loop and batches for on_loop, _, batches in polls), polls
     assert committed(kafka.config.group_id, topic) == end_offsets(topic)
+
+
+async def test_a_due_start_lookup_moves_the_next_fetch_to_the_consumer_thread() -> None:
+    """A retry partition whose start is unknown waits for a lookup on the consumer thread
+    (the event loop never waits on the broker). A busy application with records on hand
+    keeps the fetching on the event loop: a due lookup sends the next fetch to the
+    consumer thread anyway, instead of leaving the retries held until the backlog ends."""
+    topic = create_topic(fresh("held"), partitions=1)
+    n = 300
+    produce(topic, ((b"k", b"%d" % i, []) for i in range(n)))
+    seen: list[str] = []
+    resolved: list[tuple[bool, int]] = []  # (on the event loop?, messages seen by then)
+    kafka = transport([topic], max_batch_size=10)
+    retry = (f"{topic}.retry", 0)
+    resolve = kafka._resolve_starts
+    loop_thread = threading.get_ident()
+
+    def recorded(consumer: Any, keys: list[Any]) -> None:
+        resolved.append((threading.get_ident() == loop_thread, len(seen)))
+        resolve(consumer, keys)
+
+    kafka._resolve_starts = recorded  # type: ignore[method-assign]
+
+    def leave_start_open() -> None:  # as if a rebalance on the loop had left it open
+        if len(seen) == 50:
+            with kafka._lock:
+                kafka._partitions[retry].start_unknown = True
+                kafka._starts_unknown = True
+
+    await run_until(_busy_app(seen, leave_start_open), kafka, lambda: len(seen) >= n)
+    assert len(set(seen)) == n
+    assert resolved, "the start was never looked up"
+    on_loop, by = resolved[0]
+    assert not on_loop
+    assert by < n - 100, f"looked up only after {by} of {n} messages"
+    assert not kafka._starts_unknown
 
 
 async def test_an_application_awaiting_io_gets_its_next_records_from_the_consumer_thread() -> None:

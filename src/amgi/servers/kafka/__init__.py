@@ -47,6 +47,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -265,7 +266,9 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             # settled: a rebalance callback run by that consume then has nothing to wait
             # for. Waiting for records, or while the application awaits something, the
             # consumer thread drives the consumer. Never both at once.
-            if self._poll_future is None and await self._settled_while_busy():
+            # A lookup of retry partitions' starts is due: the consumer thread makes it.
+            lookup = self._starts_unknown and time.monotonic() >= self._next_start_lookup
+            if self._poll_future is None and not lookup and await self._settled_while_busy():
                 batches = self._poll(wait=False)
                 if batches:
                     return batches

@@ -337,6 +337,8 @@ class Consuming(KafkaClient):
                     state.start_unknown = True
                 continue
             resumed.append(TP(*key))
+        with self._lock:  # none left: the event loop may fetch again
+            self._starts_unknown = any(s.start_unknown for s in self._partitions.values())
         if resumed:
             consumer.resume(resumed)
             logger.info(
