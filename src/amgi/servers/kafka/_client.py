@@ -98,12 +98,13 @@ class KafkaClient:
         self._poll_future: asyncio.Future[list[Batch]] | None = None
         self._settled_waiter: asyncio.Future[bool] | None = None
         self._commit_due = 0.0
+        """Monotonic time before which ``_send_commits`` sends nothing (but the final)."""
         self._driver_is_loop = False
         """Whether the event loop drives the consumer now (see ``Consuming._poll``)."""
         self._starts_unknown = False
         """Whether a partition may have ``start_unknown`` set (the lock guards it)."""
         self._next_start_lookup = 0.0
-        """Monotonic time before which ``_send_commits`` sends nothing (but the final)."""
+        """Monotonic time before which no lookup of unknown starts is made."""
         self._loop: asyncio.AbstractEventLoop | None = None
         # Partition state is shared by the consumer thread and the event loop.
         self._lock = threading.Condition()
