@@ -267,7 +267,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             # for. Waiting for records, or while the application awaits something, the
             # consumer thread drives the consumer. Never both at once.
             # A lookup of retry partitions' starts is due: the consumer thread makes it.
-            lookup = self._starts_unknown and time.monotonic() >= self._next_start_lookup
+            lookup = self._start_lookup_due(time.monotonic())
             if self._poll_future is None and not lookup and await self._settled_while_busy():
                 batches = self._poll(wait=False)
                 if batches:

@@ -286,7 +286,7 @@ class Consuming(KafkaClient):
         from confluent_kafka import TopicPartition as TP
 
         now = time.monotonic()
-        if lookups and self._starts_unknown and now >= self._next_start_lookup:
+        if lookups and self._start_lookup_due(now):
             with self._lock:
                 unknown = [k for k, s in self._partitions.items() if s.start_unknown]
                 self._starts_unknown = bool(unknown)  # none left: revoked, or told
@@ -311,6 +311,10 @@ class Consuming(KafkaClient):
         if due:
             consumer.resume([TP(t, p) for t, p in due])
 
+    def _start_lookup_due(self, now: float) -> bool:
+        """Whether a retry partition waits for its start and a lookup may be made now."""
+        return self._starts_unknown and now >= self._next_start_lookup
+
     def _resolve_starts(self, consumer: Any, keys: list[TopicPartition]) -> None:
         """Look up where the retry partitions ``keys`` start (their committed offset, else
         their log start), seek them there and resume them. A lookup that fails leaves
@@ -326,16 +330,16 @@ class Consuming(KafkaClient):
             key = (tp.topic, tp.partition)
             with self._lock:
                 state = self._partitions.get(key)
-                if state is None or not state.start_unknown:
-                    continue  # revoked meanwhile
-                state.start_unknown = False
+                waiting = state is not None and state.start_unknown
+            if state is None or not waiting:
+                continue  # revoked meanwhile
             try:
                 consumer.seek(tp)
             except Exception as exc:  # asked again by the next poll
                 logger.warning("kafka seek %s[%d] to %d failed: %s", *key, tp.offset, exc)
-                with self._lock:
-                    state.start_unknown = True
                 continue
+            with self._lock:
+                state.start_unknown = False
             resumed.append(TP(*key))
         with self._lock:  # none left: the event loop may fetch again
             self._starts_unknown = any(s.start_unknown for s in self._partitions.values())
