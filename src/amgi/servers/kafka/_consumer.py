@@ -33,6 +33,10 @@ fetches meanwhile: librdkafka leaves the group when ``consume`` is not called fo
 _START_OFFSETS_TIMEOUT = 5.0
 """Seconds each lookup at assignment (committed offsets, then log start or end) may take
 before librdkafka's own lookup takes over."""
+_START_LOOP_TIMEOUT = 0.5
+"""Seconds each lookup at assignment may take when the event loop drives the consumer:
+about a millisecond with a broker that answers, and the loop waits no longer than this
+on one that does not (the retry partitions are then held as when a lookup fails)."""
 _START_RETRY_TIMEOUT = 2.0
 _START_RETRY_INTERVAL = 1.0
 """Seconds each later lookup of a retry partition's start may take (on the consumer
@@ -57,12 +61,11 @@ class Consuming(KafkaClient):
         dead = [tp for tp in partitions if self._is_dead_letter_topic(tp.topic)]
         # Now, so that pause and resume apply to them; with explicit start offsets. A
         # cooperative assignor hands out only the partitions added to the assignment.
-        # The event loop never waits on the broker: a rebalance served by its consume
-        # (records on hand, nothing unsettled) leaves the lookups to the consumer thread.
-        on_loop = self._driver_is_loop
-        starts = (
-            None if on_loop else self._start_offsets(consumer, partitions, _START_OFFSETS_TIMEOUT)
-        )
+        # The event loop waits on the broker only briefly: a rebalance served by its
+        # consume (records on hand, nothing unsettled) whose lookup takes longer leaves the
+        # retry partitions' starts to the consumer thread.
+        timeout = _START_LOOP_TIMEOUT if self._driver_is_loop else _START_OFFSETS_TIMEOUT
+        starts = self._start_offsets(consumer, partitions, timeout)
         unknown: list[Any] = []
         if starts is None:
             # librdkafka resolves the starts itself: the committed offset, else the
@@ -78,7 +81,7 @@ class Consuming(KafkaClient):
                     self._partitions[(tp.topic, tp.partition)].start_unknown = True
                 self._starts_unknown = self._starts_unknown or bool(unknown)
             live = [tp for tp in live if not self._is_retry_topic(tp.topic)]
-            if unknown and not on_loop:
+            if unknown:
                 logger.warning(
                     "kafka: the committed offsets of %d assigned partition(s) could not be "
                     "looked up; retry partitions %s are held until a lookup answers",
