@@ -22,6 +22,7 @@ from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
+from amgi.servers.mqtt._dead_letters import DeadLetterSession, dead_letter_client_id
 from amgi.transport import Batch, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 from tests.races import STEPS, cancel_after_completion
@@ -386,6 +387,39 @@ async def test_servers_of_a_shared_subscription_start_together(options: MqttOpti
     finally:
         for server in servers:
             await server.close()
+
+
+async def test_a_dead_letter_session_taken_over_before_its_subscribe_is_tried_again(
+    options: MqttOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another server of the group may take the dead-letter session over between this
+    one's CONNACK and its SUBSCRIBE: paho then refuses the SUBSCRIBE (not connected), and
+    the server failed to start with "could not subscribe: rc=4" (seen once in a full run
+    with three servers starting at once). Now that is a takeover like one before the
+    SUBACK: the server connects again and starts."""
+    address = topic()
+    original = DeadLetterSession._subscribe
+    takeovers: list[str] = []
+
+    async def taken_over_first(self: DeadLetterSession, client: Any, paho_module: Any) -> None:
+        if not takeovers:
+            takeovers.append(self.config.client_id)
+            taker = DeadLetterSession(address, options, receive_maximum=1, create=True)
+            await taker.open()  # the same client id: the broker drops this connection
+            try:
+                async with asyncio.timeout(5):
+                    while client.socket() is not None:
+                        await asyncio.sleep(0.01)
+            finally:
+                await taker.close()
+        await original(self, client, paho_module)
+
+    monkeypatch.setattr(DeadLetterSession, "_subscribe", taken_over_first)
+    async with connected([address], replace(options, connect_timeout=3)) as server:
+        assert takeovers == [dead_letter_client_id(options.dead_letter_prefix, address)]
+        await publish(options, f"{options.dead_letter_prefix}/{address}", [b"kept"])
+        [letter] = await server.list_dead_letters(address, 10)
+        assert letter.payload == b"kept"
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -103,8 +103,8 @@ class MqttSendError(SendError):
 
 
 class SubscriptionLost(BrokerUnavailable):
-    """The connection ended before the broker confirmed the subscription (another
-    connection with the client id took the session over, say)."""
+    """The connection ended before the broker confirmed the subscription, or before it
+    went out (another connection with the client id took the session over, say)."""
 
 
 _VARINT_SIZES: Final = ((1, 2**7), (2, 2**14), (3, 2**21), (4, 2**28))
@@ -313,6 +313,10 @@ class MqttClient:
         else:
             topics = [(a, qos) for a in self.addresses]
         rc, mid = client.subscribe(topics)
+        if rc == paho_module.MQTT_ERR_NO_CONN:
+            raise SubscriptionLost(
+                f"mqtt: {self._where()} closed the connection before the subscription went out"
+            )
         if rc != paho_module.MQTT_ERR_SUCCESS or mid is None:
             raise BrokerUnavailable(f"mqtt: could not subscribe at {self._where()}: rc={rc}")
         waiter = self._suback[mid] = self._loop.create_future()
