@@ -749,7 +749,9 @@ async def test_commits_go_out_at_most_every_commit_interval_and_soon_once_idle(
     running = [c for c in calls if c[2]]  # asynchronous: sent while consuming
     last_ack = acked[-1]
     done_at = next(t for t, parts, _ in running if parts == {0: n})
-    assert done_at - last_ack < interval_ms / 1000 + 0.2  # committed soon after the last ack
+    # Committed while idle, soon after the last ack (without the idle commit, only the
+    # close would commit it and run_until would time out); the slack is for a busy machine.
+    assert done_at - last_ack < interval_ms / 1000 + 1.0
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(running)]
     offsets = [c[1][0] for c in running]
     assert offsets == sorted(offsets)  # contiguous settled offsets only move forward
