@@ -231,6 +231,43 @@ def test_an_assignment_without_its_lookup_holds_the_retry_partitions(driver: str
     assert kafka._starts_unknown
 
 
+class _SlowCommitted(_Consumer):
+    """A :class:`_Consumer` whose committed-offset lookup takes ``slow`` seconds to answer;
+    records the timeout each lookup was given."""
+
+    def __init__(self, slow: float, **answers: Any) -> None:
+        super().__init__(**answers)
+        self.slow = slow
+        self.timeouts: dict[str, float] = {}
+
+    def committed(self, partitions: list[Any], timeout: float) -> list[Any]:
+        self.timeouts["committed"] = timeout
+        time.sleep(self.slow)
+        return super().committed(partitions, timeout)
+
+    def offsets_for_times(self, partitions: list[Any], timeout: float) -> list[Any]:
+        self.timeouts["ends"] = timeout
+        return super().offsets_for_times(partitions, timeout)
+
+
+@pytest.mark.parametrize("slow", [0.3, 0.6])
+def test_the_two_lookups_at_assignment_share_one_timeout(slow: float) -> None:
+    """On the event loop the lookups at assignment may take 0.5 s together (each had 0.5 s,
+    so the loop could wait a second): the log-end lookup gets what the committed one left,
+    and none once that is spent, and the partition starts at its logical reset end."""
+    kafka = KafkaTransport(["t"], KafkaOptions(**options(auto_offset_reset="latest")))
+    consumer = _SlowCommitted(slow, committed=[TP("t", 0, -1001)], ends=[_Offset(0, 40)])
+    got = kafka._start_offsets(consumer, [TP("t", 0)], 0.5)
+    assert got is not None
+    assert consumer.timeouts["committed"] == 0.5
+    if slow < 0.5:
+        assert 0 < consumer.timeouts["ends"] <= 0.5 - slow
+        assert [(tp.partition, tp.offset) for tp in got] == [(0, 40)]
+    else:
+        assert "ends" not in consumer.timeouts
+        assert [(tp.partition, tp.offset) for tp in got] == [(0, OFFSET_END)]
+
+
 @pytest.mark.parametrize("lookup", ["answered", "failed", "failed-twice", "failed-for-a-while"])
 async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     lookup: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

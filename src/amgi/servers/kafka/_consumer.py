@@ -31,12 +31,13 @@ _BUSY_WAIT_MAX = 1.0
 fetches meanwhile: librdkafka leaves the group when ``consume`` is not called for
 ``max.poll.interval.ms``, and a long CPU-bound batch must not make it."""
 _START_OFFSETS_TIMEOUT = 5.0
-"""Seconds each lookup at assignment (committed offsets, then log start or end) may take
-before librdkafka's own lookup takes over."""
+"""Seconds the lookups at assignment (committed offsets, then log start or end) may take
+together before librdkafka's own lookup takes over."""
 _START_LOOP_TIMEOUT = 0.5
-"""Seconds each lookup at assignment may take when the event loop drives the consumer:
-about a millisecond with a broker that answers, and the loop waits no longer than this
-on one that does not (the retry partitions are then held as when a lookup fails)."""
+"""Seconds the lookups at assignment may take together when the event loop drives the
+consumer: about a millisecond each with a broker that answers, and the loop waits no
+longer than this on one that does not (the retry partitions are then held as when a
+lookup fails)."""
 _START_RETRY_TIMEOUT = 2.0
 _START_RETRY_INTERVAL = 1.0
 """Seconds each later lookup of a retry partition's start may take (on the consumer
@@ -121,7 +122,8 @@ class Consuming(KafkaClient):
         self, consumer: Any, partitions: list[Any], timeout: float
     ) -> list[Any] | None:
         """The partitions at their committed offsets, else at the reset end, as numbers;
-        ``None`` when the committed offsets could not be had within ``timeout``.
+        ``None`` when the committed offsets could not be had within ``timeout``, which
+        both lookups share.
 
         Left to itself, librdkafka assigns a partition without a committed offset, then
         waits ~0.1 s before it asks for the reset offset, and it resolves each partition's
@@ -135,6 +137,7 @@ class Consuming(KafkaClient):
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
+        deadline = time.monotonic() + timeout
         try:
             committed = consumer.committed(partitions, timeout=timeout)
         except KafkaException as exc:
@@ -152,10 +155,11 @@ class Consuming(KafkaClient):
 
         missing = [TP(tp.topic, tp.partition, reset(tp.topic)) for tp in committed if tp.offset < 0]
         found: dict[TopicPartition, int] = {}
-        if missing:
+        left = deadline - time.monotonic()
+        if missing and left > 0:
             # A ListOffsets "timestamp" of -2 asks for the log start, -1 for its end.
             try:
-                ends = consumer.offsets_for_times(missing, timeout=timeout)
+                ends = consumer.offsets_for_times(missing, timeout=left)
             except KafkaException as exc:
                 logger.debug("kafka: log start or end offsets not fetched: %s", exc)
                 ends = []
