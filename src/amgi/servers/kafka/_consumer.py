@@ -38,10 +38,14 @@ _START_LOOP_TIMEOUT = 0.5
 consumer: about a millisecond each with a broker that answers, and the loop waits no
 longer than this on one that does not (the retry partitions are then held as when a
 lookup fails)."""
+_START_LOOKUP_FLOOR = 0.1
+"""Seconds the second lookup at assignment is given at least, whatever the first left: a
+partition whose log end is not looked up starts where librdkafka resolves ``latest`` some
+0.1 s later, past the records produced meanwhile."""
 _START_RETRY_TIMEOUT = 2.0
 _START_RETRY_INTERVAL = 1.0
-"""Seconds each later lookup of a retry partition's start may take (on the consumer
-thread), and seconds between two of them."""
+"""Seconds a later lookup of a retry partition's start may take (both requests, on the
+consumer thread), and seconds between two of them."""
 
 
 class Consuming(KafkaClient):
@@ -123,7 +127,7 @@ class Consuming(KafkaClient):
     ) -> list[Any] | None:
         """The partitions at their committed offsets, else at the reset end, as numbers;
         ``None`` when the committed offsets could not be had within ``timeout``, which
-        both lookups share.
+        both lookups share (the second gets at least ``_START_LOOKUP_FLOOR``).
 
         Left to itself, librdkafka assigns a partition without a committed offset, then
         waits ~0.1 s before it asks for the reset offset, and it resolves each partition's
@@ -155,8 +159,8 @@ class Consuming(KafkaClient):
 
         missing = [TP(tp.topic, tp.partition, reset(tp.topic)) for tp in committed if tp.offset < 0]
         found: dict[TopicPartition, int] = {}
-        left = deadline - time.monotonic()
-        if missing and left > 0:
+        if missing:
+            left = max(deadline - time.monotonic(), min(timeout, _START_LOOKUP_FLOOR))
             # A ListOffsets "timestamp" of -2 asks for the log start, -1 for its end.
             try:
                 ends = consumer.offsets_for_times(missing, timeout=left)
