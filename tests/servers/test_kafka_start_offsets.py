@@ -8,6 +8,7 @@ partition (librdkafka's own lookup waits ~0.1 s, then resolves partitions one by
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -229,6 +230,33 @@ def test_an_assignment_without_its_lookup_holds_the_retry_partitions(driver: str
     assert (consumer.resumed, consumer.paused) == ([("t", 0)], [("t.retry", 0)])
     assert [k for k, s in kafka._partitions.items() if s.start_unknown] == [("t.retry", 0)]
     assert kafka._starts_unknown
+
+
+def test_retry_partitions_held_for_long_are_warned_about_with_the_lookups_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held retry partitions were named once, at the assignment, and then only at DEBUG
+    while the lookups kept failing (an offset fetch the broker refuses, say): a stall
+    without a word. Now each warning says why, and one comes again every minute."""
+    kafka = KafkaTransport(["t"], KafkaOptions(**options()))
+    kafka._retry_topics = {"t.retry": "t"}
+    refused = [_Offset(0, -1001, KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))]
+    consumer = _Assigning(committed=refused)
+    with caplog.at_level(logging.WARNING, "amgi.servers.kafka"):
+        kafka._on_assign(consumer, [TP("t", 0), TP("t.retry", 0)])
+        [assigned] = [r.getMessage() for r in caplog.records]
+        assert "t[0]: Broker: Group authorization failed" in assigned
+        assert "t.retry[0] are held" in assigned
+        caplog.clear()
+        consumer.answers["committed"] = _TIMED_OUT
+        kafka._resolve_starts(consumer, [("t.retry", 0)])
+        assert caplog.records == []  # within a minute of the last warning
+        monkeypatch.setattr(amgi.servers.kafka._consumer, "_HELD_WARN_INTERVAL", 0.0)
+        kafka._resolve_starts(consumer, [("t.retry", 0)])
+        [again] = [r.getMessage() for r in caplog.records]
+    assert "t.retry[0] are still held" in again
+    assert "(Local: Timed out)" in again
+    assert kafka._partitions[("t.retry", 0)].start_unknown
 
 
 class _SlowCommitted(_Consumer):

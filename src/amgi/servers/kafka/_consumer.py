@@ -42,6 +42,8 @@ _START_LOOKUP_FLOOR = 0.1
 """Seconds the second lookup at assignment is given at least, whatever the first left: a
 partition whose log end is not looked up starts where librdkafka resolves ``latest`` some
 0.1 s later, past the records produced meanwhile."""
+_HELD_WARN_INTERVAL = 60.0
+"""Seconds between two warnings that retry partitions are still held (lookups failing)."""
 _START_RETRY_TIMEOUT = 2.0
 _START_RETRY_INTERVAL = 1.0
 """Seconds a later lookup of a retry partition's start may take (both requests, on the
@@ -87,10 +89,12 @@ class Consuming(KafkaClient):
                 self._starts_unknown = self._starts_unknown or bool(unknown)
             live = [tp for tp in live if not self._is_retry_topic(tp.topic)]
             if unknown:
+                self._held_warned = time.monotonic()
                 logger.warning(
                     "kafka: the committed offsets of %d assigned partition(s) could not be "
-                    "looked up; retry partitions %s are held until a lookup answers",
+                    "looked up (%s); retry partitions %s are held until a lookup answers",
                     len(partitions),
+                    self._start_lookup_error,
                     ", ".join(f"{tp.topic}[{tp.partition}]" for tp in unknown),
                 )
         if self._cooperative:
@@ -138,7 +142,7 @@ class Consuming(KafkaClient):
         at once for all. Should the first question fail, the caller decides (see
         ``_on_assign``); should the second, the logical start or end is the start.
         """
-        from confluent_kafka import KafkaException
+        from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka import TopicPartition as TP
 
         deadline = time.monotonic() + timeout
@@ -146,8 +150,14 @@ class Consuming(KafkaClient):
             committed = consumer.committed(partitions, timeout=timeout)
         except KafkaException as exc:
             logger.debug("kafka: committed offsets not fetched: %s", exc)
+            error = exc.args[0] if exc.args else None
+            self._start_lookup_error = error.str() if isinstance(error, KafkaError) else str(exc)
             return None
-        if any(tp.error is not None for tp in committed):
+        failed = [tp for tp in committed if tp.error is not None]
+        if failed:
+            self._start_lookup_error = (
+                f"{failed[0].topic}[{failed[0].partition}]: {failed[0].error.str()}"
+            )
             return None
         from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
@@ -335,6 +345,17 @@ class Consuming(KafkaClient):
         starts = self._start_offsets(consumer, [TP(t, p) for t, p in keys], _START_RETRY_TIMEOUT)
         if starts is None:
             logger.debug("kafka: retry partitions %s still wait for their start", keys)
+            now = time.monotonic()
+            if now - self._held_warned >= _HELD_WARN_INTERVAL:
+                self._held_warned = now
+                logger.warning(
+                    "kafka: retry partitions %s are still held: their committed offsets "
+                    "cannot be looked up (%s); their copies wait on the broker, and a "
+                    "lookup is tried every %.0fs",
+                    ", ".join(f"{t}[{p}]" for t, p in keys),
+                    self._start_lookup_error,
+                    _START_RETRY_INTERVAL,
+                )
             return
         resumed = []
         for tp in starts:
