@@ -104,11 +104,11 @@ class KafkaClient:
         self._starts_unknown = False
         """Whether a partition may have ``start_unknown`` set (the lock guards it)."""
         self._next_start_lookup = 0.0
+        """Monotonic time before which no lookup of unknown starts is made."""
         self._start_lookup_error = ""
         """Why the last lookup of committed offsets failed (for the warnings)."""
         self._held_warned = 0.0
         """Monotonic time of the last warning that retry partitions are held."""
-        """Monotonic time before which no lookup of unknown starts is made."""
         self._loop: asyncio.AbstractEventLoop | None = None
         # Partition state is shared by the consumer thread and the event loop.
         self._lock = threading.Condition()
