@@ -290,7 +290,7 @@ def test_the_two_lookups_at_assignment_share_one_timeout(slow: float) -> None:
     assert got is not None
     assert consumer.timeouts["committed"] == 0.5
     if slow < 0.4:
-        assert 0.1 < consumer.timeouts["ends"] <= 0.5 - slow
+        assert 0.1 <= consumer.timeouts["ends"] <= 0.5 - slow
     else:
         assert consumer.timeouts["ends"] == 0.1
     assert [(tp.partition, tp.offset) for tp in got] == [(0, 40)]
