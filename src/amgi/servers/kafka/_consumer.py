@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from amgi.errors import BrokerUnavailable
@@ -48,6 +48,21 @@ _START_RETRY_TIMEOUT = 2.0
 _START_RETRY_INTERVAL = 1.0
 """Seconds a later lookup of a retry partition's start may take (both requests, on the
 consumer thread), and seconds between two of them."""
+
+
+def _names(keys: Iterable[TopicPartition]) -> str:
+    """``topic[partition], ...`` for a log line."""
+    return ", ".join(f"{topic}[{partition}]" for topic, partition in keys)
+
+
+def _seek(consumer: Any, tp: Any) -> bool:
+    """Seek partition ``tp`` to its offset; a failure is a warning (``False``)."""
+    try:
+        consumer.seek(tp)
+    except Exception as exc:
+        logger.warning("kafka seek %s[%d] to %d failed: %s", tp.topic, tp.partition, tp.offset, exc)
+        return False
+    return True
 
 
 class Consuming(KafkaClient):
@@ -95,7 +110,7 @@ class Consuming(KafkaClient):
                     "looked up (%s); retry partitions %s are held until a lookup answers",
                     len(partitions),
                     self._start_lookup_error,
-                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in unknown),
+                    _names((tp.topic, tp.partition) for tp in unknown),
                 )
         if self._cooperative:
             consumer.incremental_assign(starts)
@@ -325,10 +340,7 @@ class Consuming(KafkaClient):
                 self._epoch += 1
                 self._partitions[key] = _Partition(self._epoch)
         for (topic, partition), offset in rewinds:
-            try:
-                consumer.seek(TP(topic, partition, offset))
-            except Exception as exc:
-                logger.warning("kafka seek %s[%d] to %d failed: %s", topic, partition, offset, exc)
+            _seek(consumer, TP(topic, partition, offset))
         if due:
             consumer.resume([TP(t, p) for t, p in due])
 
@@ -352,7 +364,7 @@ class Consuming(KafkaClient):
                     "kafka: retry partitions %s are still held: their committed offsets "
                     "cannot be looked up (%s); their copies wait on the broker, and a "
                     "lookup is tried every %.0fs",
-                    ", ".join(f"{t}[{p}]" for t, p in keys),
+                    _names(keys),
                     self._start_lookup_error,
                     _START_RETRY_INTERVAL,
                 )
@@ -365,11 +377,8 @@ class Consuming(KafkaClient):
                 waiting = state is not None and state.start_unknown
             if state is None or not waiting:
                 continue  # revoked meanwhile
-            try:
-                consumer.seek(tp)
-            except Exception as exc:  # asked again by the next poll
-                logger.warning("kafka seek %s[%d] to %d failed: %s", *key, tp.offset, exc)
-                continue
+            if not _seek(consumer, tp):
+                continue  # asked again by the next poll
             with self._lock:
                 state.start_unknown = False
             resumed.append(TP(*key))
@@ -379,7 +388,7 @@ class Consuming(KafkaClient):
             consumer.resume(resumed)
             logger.info(
                 "kafka: retry partitions %s resumed at their start",
-                ", ".join(f"{tp.topic}[{tp.partition}]" for tp in resumed),
+                _names((tp.topic, tp.partition) for tp in resumed),
             )
 
     def _poll(self, wait: bool = True) -> list[Batch]:
