@@ -205,7 +205,8 @@ class Transport(abc.ABC):
     extensions: ClassVar[dict[str, dict[str, Any]]] = {}
     """Extensions advertised in every message scope."""
     lease_interval: float | None = None
-    """When set, the runtime calls :meth:`extend` this often for batches still in flight."""
+    """When set, the runtime calls :meth:`extend` this often (with the batches in flight,
+    or none)."""
     stable_ids: ClassVar[bool] = False
     """A message redelivered after a crash keeps its :attr:`Message.id` (row id, offset,
     broker message id ...): the runtime's crash ledger can then recognise it."""
@@ -286,7 +287,10 @@ class Transport(abc.ABC):
         return ()
 
     async def extend(self, batches: Sequence[Batch]) -> None:  # noqa: B027
-        """Keep the given in-flight batches from being redelivered (visibility, lease)."""
+        """Keep the given in-flight batches from being redelivered (visibility, lease).
+
+        Called every :attr:`lease_interval`, with no batch too: messages the transport
+        took from the broker and has not handed out yet need the same lease."""
 
     @abc.abstractmethod
     async def close(self) -> None:

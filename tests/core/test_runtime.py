@@ -764,8 +764,35 @@ async def test_leases_of_running_batches_are_renewed() -> None:
         await ack_all(scope, receive, send)
 
     await serve_until_settled(slow, Leasing([batch("long", b"x")]), 1)
-    assert len(extended) >= 3
-    assert all(e == ["long"] for e in extended)
+    running = [e for e in extended if e]  # (with none in flight it is called too)
+    assert len(running) >= 3
+    assert all(e == ["long"] for e in running)
+
+
+async def test_the_lease_goes_on_while_the_fetch_backs_off_with_nothing_in_flight() -> None:
+    """A transport holds what it fetched and has not handed out yet; while its fetch fails
+    and nothing runs, ``extend`` is still called (with no batch), every interval."""
+    extended: list[list[Batch]] = []
+
+    class FailingLeasing(Scripted):
+        lease_interval = 0.05
+
+        async def fetch(self) -> Sequence[Batch]:
+            self.fetches += 1
+            raise OSError("connection reset")
+
+        async def extend(self, batches: Sequence[Batch]) -> None:
+            extended.append(list(batches))
+
+    transport = FailingLeasing([])
+    runtime = Runtime(ack_all, transport, RuntimeConfig(lifespan="off"))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.sleep(0.5)  # backing off: 0.1, 0.2, 0.4 s
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    assert 1 < transport.fetches <= 4
+    assert len(extended) >= 5
+    assert all(e == [] for e in extended)
 
 
 async def test_concurrency_holds_when_one_fetch_returns_many_batches() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,62 @@ async def test_messages_pulled_while_every_slot_is_busy_are_leased_too(subject: 
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.8)  # a message delivered again would be here by now
     assert sorted(seen) == [(b"%d" % i, 1) for i in range(7)], f"{seen}"
+    state = await consumer_state(STREAM, durable)
+    assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
+
+
+async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_leased_too(
+    subject: str,
+) -> None:
+    """A fetch that fails (a consumer check without an answer, say) makes the runtime
+    back off (0.1 s, doubling), and with nothing in flight its lease loop extended
+    nothing: the messages the open pull request had brought meanwhile waited in the inbox
+    unleased, and after the ack wait (0.5 s) JetStream gave them to the next pull
+    request, their attempt raised, before the app ever had them. Now the lease covers
+    them while no batch runs: a rival pull on the same consumer gets nothing."""
+    import nats
+    from nats import errors as nats_errors
+
+    failing = False
+
+    class Failing(NatsTransport):
+        async def fetch(self) -> Sequence[Batch]:
+            if failing:
+                raise OSError("no answer to the consumer check")
+            return await super().fetch()
+
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    app = attempts_app(seen, called=called)
+    durable = fresh("d")
+    options = NatsOptions(servers=URL, durable=durable, batch_size=3, fetch_expiry=4, ack_wait=0.5)
+    runtime = Runtime(app, Failing([subject], options), RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    rival = await nats.connect(URL)
+    taken: list[Any] = []
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        failing = True  # from the fetch after the one that brings "0"
+        await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"0")])
+        await asyncio.wait_for(called.wait(), 10)
+        # The pull request that brought "0" asked for 3: it brings these into the inbox.
+        later = [(subject, b"1"), (subject, b"2")]
+        await send_all(NatsTransport([], NatsOptions(servers=URL)), later)
+        await asyncio.sleep(1.2)  # over two ack waits with no fetch, and so no batch
+        pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
+        with contextlib.suppress(nats_errors.TimeoutError):
+            taken = await pull.fetch(2, timeout=0.5)
+        failing = False
+        async with asyncio.timeout(10):
+            while len(seen) < 3:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.8)  # a message delivered again would be here by now
+    finally:
+        await rival.close()
+        runtime.request_stop()
+        assert await asyncio.wait_for(serving, 10) == 0
+    assert [m.data for m in taken] == [], "the ack wait ran out in the inbox"
+    assert sorted(seen) == [(b"0", 1), (b"1", 1), (b"2", 1)], f"{seen}"
     state = await consumer_state(STREAM, durable)
     assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
 

@@ -670,13 +670,15 @@ class Runtime:
         self.metrics.message_sent(address, True)
 
     async def _lease_loop(self) -> None:
+        """Call the transport's ``extend`` every ``lease_interval``, also with no batch in
+        flight: what a transport took and has not handed out yet (a NATS inbox, an SQS
+        long poll, Redis retries waiting for their time) needs its lease while the fetch
+        loop backs off after a failed fetch (up to 5 s), when nothing runs."""
         interval = self.transport.lease_interval
         assert interval
         while True:
             await asyncio.sleep(interval)
             batches = [*self._tasks.values(), *self._waiting]
-            if not batches:
-                continue
             try:
                 await self.transport.extend(batches)
             except Exception as exc:

@@ -532,6 +532,8 @@ class SqliteTransport(Transport):
     async def extend(self, batches: Sequence[Batch]) -> None:
         assert self._queue is not None
         tokens = [b.context for b in batches]
+        if not tokens:  # nothing leased waits outside a batch here
+            return
         await self._run(self._queue.extend, tokens, self.config.visibility_timeout)
 
     async def publish(

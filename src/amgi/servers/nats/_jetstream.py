@@ -405,10 +405,14 @@ class Consumers:
         """``+WPI`` for each of ``messages`` and each message pulled that no batch took
         yet: JetStream's ack wait runs from the delivery, and while every slot is busy
         those wait in the inbox (they were delivered again, their attempt raised, before
-        the app ever had them). One flush for all."""
+        the app ever had them; so do they while the fetch backs off after a failure).
+        One flush for all, none when there is nothing to lease."""
+        waiting = self._puller.waiting()
+        if not messages and not waiting:
+            return
         for m in messages:
             await m.token.in_progress()
-        for msg in self._puller.waiting():
+        for msg in waiting:
             await msg.in_progress()
         await self.client.flush(self.options.ack_wait)
 
