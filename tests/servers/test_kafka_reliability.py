@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.apps import attempts_app
 from tests.servers.crash_loop import CrashLoop
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
@@ -22,6 +24,7 @@ from tests.servers.kafka_helpers import (
     options,
     produce,
     read_all,
+    run_until,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -207,3 +210,95 @@ async def test_two_groups_on_one_topic_get_only_their_own_retries() -> None:
         assert await asyncio.wait_for(asyncio.gather(*servers), 30) == [0, 0]
     assert seen == {"billing": [1, 2], "shipping": [1]}
     assert [r.value() for r in read_all(retry, 1)] == [b"once"]
+
+
+class _ErrorEvent:
+    """An error event as ``consume`` returns it among the records."""
+
+    def __init__(self, error: Any) -> None:
+        self._error = error
+
+    def error(self) -> Any:
+        return self._error
+
+
+class _ErrorMidway:
+    """The real consumer, but the first ``consume`` call that brings records on each
+    driver (the consumer thread, the event loop) has an error event in the middle, as
+    librdkafka mixes them in (a topic refused, say)."""
+
+    def __init__(self, real: Any, error: Any) -> None:
+        self._real = real
+        self._error = error
+        self.met: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        records: list[Any] = self._real.consume(num_messages, timeout)
+        driver = "loop" if threading.current_thread() is threading.main_thread() else "thread"
+        if len(records) >= 2 and driver not in self.met:
+            self.met.add(driver)
+            records.insert(1, _ErrorEvent(self._error))
+        return records
+
+
+class _FailingTake(KafkaTransport):
+    """Fault injection around the real client: ``consume`` meets an error event among its
+    records (``event``), or the work on a fetched partition fails (``take``: a lookup,
+    seek or pause the broker did not answer), once on each driver."""
+
+    how = "event"
+    midway: _ErrorMidway | None = None
+    met: set[str]
+
+    async def connect(self) -> None:
+        from confluent_kafka import KafkaError
+
+        await super().connect()
+        self.met = set()
+        if self.how == "event":
+            error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+            self.midway = _ErrorMidway(self._consumer, error)
+            self._consumer = self.midway
+
+    def _make_batch(self, consumer: Any, key: Any, records: list[Any]) -> Any:
+        from confluent_kafka import KafkaError, KafkaException
+
+        driver = "loop" if threading.current_thread() is threading.main_thread() else "thread"
+        if self.how == "take" and len(records) >= 2 and driver not in self.met:
+            self.met.add(driver)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return super()._make_batch(consumer, key, records)
+
+
+@pytest.mark.parametrize("how", ["event", "take"])
+async def test_a_fetch_that_fails_among_its_records_loses_none_and_fetching_goes_on(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error event among the records of one ``consume`` call (or a failed lookup, seek
+    or pause while taking them) raised at once: the records of that call already taken
+    off the consumer were never handed out, and the partition's next batch committed past
+    them (on the event loop); on the consumer thread the failed poll was awaited again
+    by every later fetch, which never consumed again. Now the records come (fetched
+    again, or handed out before the error is raised), every offset is committed, and
+    the error is one line."""
+    caplog.set_level(logging.ERROR, "amgi.runtime")
+    topic = create_topic(fresh("midway"), partitions=1)
+    count = 40
+    produce(topic, [(None, b"%d" % i, []) for i in range(count)], partition=0)
+    group = fresh("group")
+    kafka = _FailingTake([topic], KafkaOptions(**options(group_id=group, max_batch_size=4)))
+    kafka.how = how
+    seen: list[tuple[bytes, int]] = []
+    app = attempts_app(seen)
+    await run_until(app, kafka, lambda: len(set(seen)) == count, timeout=30, crash_ledger="")
+    assert sorted(set(seen)) == sorted((b"%d" % i, 1) for i in range(count))
+    met = kafka.midway.met if kafka.midway is not None else kafka.met
+    assert met == {"loop", "thread"}, "each driver met the failure"
+    assert committed(group, topic) == {0: count}
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) >= 1
+    reason = "Kafka refused access" if how == "event" else "could not take the records"
+    assert all(reason in line for line in failed), failed

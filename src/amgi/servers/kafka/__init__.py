@@ -275,7 +275,11 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             if self._poll_future is None:
                 self._poll_future = loop.run_in_executor(self._poll_thread, self._poll)
             # Shielded: a cancelled fetch leaves the consume call's batches for the next one.
-            batches = await asyncio.shield(self._poll_future)
+            try:
+                batches = await asyncio.shield(self._poll_future)
+            except Exception:  # not a cancellation: the poll failed, the next one polls again
+                self._poll_future = None
+                raise
             self._poll_future = None
             if batches:
                 return batches

@@ -96,6 +96,9 @@ class KafkaClient:
         self._stopping = threading.Event()
         self._closing = False
         self._poll_future: asyncio.Future[list[Batch]] | None = None
+        self._poll_error: Exception | None = None
+        """An error the last ``consume`` call met, raised by the next ``_poll`` (the
+        records of that call were handed out first)."""
         self._settled_waiter: asyncio.Future[bool] | None = None
         self._commit_due = 0.0
         """Monotonic time before which ``_send_commits`` sends nothing (but the final)."""

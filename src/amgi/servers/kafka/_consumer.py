@@ -400,6 +400,9 @@ class Consuming(KafkaClient):
         consumer = self._consumer
         if consumer is None or self._closing:
             return []
+        error, self._poll_error = self._poll_error, None
+        if error is not None:  # met by the last call, which handed its records out first
+            raise error
         self._driver_is_loop = not wait
         self._prepare_poll(consumer, lookups=wait)
         self._revoked_in_call.clear()
@@ -419,12 +422,18 @@ class Consuming(KafkaClient):
                 return []
             if limit > 1:
                 records += consumer.consume(limit - 1, 0)
+        # An error event among the records (librdkafka mixes them in) is raised after
+        # the records of this call are handed out: they are off the consumer already,
+        # and a later batch of their partition would commit past them.
         groups: dict[TopicPartition, list[Any]] = {}
         group: list[Any] = []
         last: tuple[Any, Any] = (None, None)
         for record in records:
             if record.error() is not None:
-                self._record_error(record)
+                try:
+                    self._record_error(record)
+                except BrokerUnavailable as exc:
+                    error = error or exc
                 continue
             # Records come in runs of one partition: look the group up once per run.
             partition = record.partition()
@@ -435,10 +444,34 @@ class Consuming(KafkaClient):
             group.append(record)
         batches: list[Batch] = []
         for key, group in groups.items():
-            batch = self._make_batch(consumer, key, group)
+            try:
+                batch = self._make_batch(consumer, key, group)
+            except Exception as exc:  # a lookup, seek or pause the broker failed
+                self._take_again(consumer, key, group[0].offset())
+                error = error or BrokerUnavailable(
+                    f"kafka: could not take the records of {_names([key])}: {exc}"
+                )
+                continue
             if batch is not None:
                 batches.append(batch)
+        if error is not None:
+            if not batches:
+                raise error
+            self._poll_error = error
         return batches
+
+    def _take_again(self, consumer: Any, key: TopicPartition, offset: int) -> None:
+        """Records of ``key`` from ``offset`` were taken off the consumer and no batch made
+        of them: seek back so they are fetched again. Should the seek fail too, the
+        partition commits nothing from there on (a position that never settles): its
+        next owner gets them, after a rebalance or a restart."""
+        from confluent_kafka import TopicPartition as TP
+
+        if not _seek(consumer, TP(key[0], key[1], offset)):
+            with self._lock:
+                state = self._partitions.get(key)
+                if state is not None:
+                    state.settled.add(offset)
 
     def _record_error(self, record: Any) -> None:
         from confluent_kafka import KafkaError, KafkaException
