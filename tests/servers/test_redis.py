@@ -95,7 +95,7 @@ async def test_a_packed_xack_acks_and_reconnects_over_a_killed_connection() -> N
     from redis.exceptions import ResponseError
 
     stream, group = fresh("packed"), fresh("g")
-    c = await open_client(URL, 5)
+    c = await open_client(URL, 5, 5)
     other = await client()
     try:
         await c.execute_command("XGROUP CREATE", stream, group, "0", "MKSTREAM")
@@ -169,6 +169,52 @@ async def test_a_stop_that_meets_a_settlement_wake_is_not_lost(steps: int) -> No
         for batch in held:
             await t.settle(batch, Settlement(acked=list(batch.messages)))
         assert await pending(stream, group) == 0
+    finally:
+        await t.close()
+
+
+async def test_a_fetch_cancelled_as_its_read_ends_leaves_the_batch_for_the_hand_over() -> None:
+    """The stop cancels the fetch in the loop turn its read ends: the read's batch was
+    dropped with the cancelled fetch (never handed out, pending on this consumer until
+    another claimed it with an attempt more). Now the hand-over returns it."""
+    stream, group = fresh("cancelled"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=2))
+    await t.connect()
+    try:
+        fetching = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(0.2)  # the read waits in XREADGROUP
+        reading = t._reading
+        assert reading is not None
+        reading.add_done_callback(lambda _: fetching.cancel())  # the stop, in that turn
+        await t.publish(stream, [], b"x", {})
+        with pytest.raises(asyncio.CancelledError):
+            await fetching
+        handed = await t.hand_over()
+        assert [m.payload for b in handed for m in b.messages] == [b"x"]
+        for batch in handed:
+            await t.settle(batch, Settlement(acked=list(batch.messages)))
+        assert await pending(stream, group) == 0
+    finally:
+        await t.close()
+
+
+async def test_a_block_of_5_s_or_more_is_waited_out_not_cut_short() -> None:
+    """redis-py 8 waits 5 s for a reply by default: an idle ``XREADGROUP BLOCK 5500``
+    failed after 5 s (``Timeout reading from ...``, a fetch error and a reconnect every
+    time). The client now waits ``--block`` and some for a reply."""
+    stream, group = fresh("block"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=5.5, claim_idle=60)
+    t = RedisTransport([stream], options)
+    await t.connect()
+    try:
+        fetching = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(5.2)  # the read waits in XREADGROUP, past redis-py's 5 s
+        assert not fetching.done(), fetching.exception()
+        await t.publish(stream, [], b"x", {})
+        async with asyncio.timeout(10):
+            (batch,) = await fetching
+        assert [m.payload for m in batch.messages] == [b"x"]
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
     finally:
         await t.close()
 

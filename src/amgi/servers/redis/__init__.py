@@ -117,6 +117,11 @@ class RedisOptions:
             raise invalid(self, "dead_letter_stream", "must not be empty")
 
 
+_REPLY_SLACK = 5.0
+"""Seconds a reply may take beyond ``--block`` (the longest a command waits at Redis)
+before the connection counts as lost."""
+
+
 def _is_entry_id(text: str) -> bool:
     """``ms`` or ``ms-seq``, each a number Redis takes (ASCII digits, 64 bits unsigned)."""
     ms, dash, seq = text.partition("-")
@@ -182,7 +187,7 @@ class RedisTransport(DeadLetters, Transport):
     async def connect(self) -> None:
         self.check()
         c = self.config
-        self._client = await open_client(c.url, c.connect_timeout)
+        self._client = await open_client(c.url, c.connect_timeout, c.block + _REPLY_SLACK)
         try:
             if not self.addresses:
                 return
@@ -228,10 +233,14 @@ class RedisTransport(DeadLetters, Transport):
             if reading is None:
                 reading = self._reading = asyncio.ensure_future(self._read(streams))
             try:
-                return await asyncio.shield(reading)
-            finally:
-                if reading.done():
-                    self._reading = None
+                batches = await asyncio.shield(reading)
+            except Exception:  # the read failed: the next fetch reads again
+                self._reading = None
+                raise
+            # (Cancelled as the read ended, its batches stay for the next fetch or the
+            # hand-over: cleared then, they were never handed out.)
+            self._reading = None
+            return batches
         if self._pubsub is not None:
             return await self._pubsub.read()
         await asyncio.Event().wait()  # nothing to consume: wait until cancelled

@@ -101,8 +101,11 @@ def _connect_failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def open_client(url: str, connect_timeout: float) -> Redis:
-    """A connected client for ``url`` (RESP2, bytes replies), checked with PING."""
+async def open_client(url: str, connect_timeout: float, read_timeout: float) -> Redis:
+    """A connected client for ``url`` (RESP2, bytes replies), checked with PING, that waits
+    at most ``read_timeout`` seconds for a reply (longer than any blocking read: redis-py
+    8 waits 5 s by default, which cut an ``XREADGROUP BLOCK`` of 5 s or more short, and
+    older ones without end, which hung on a server that went silent)."""
     import redis.asyncio as aioredis
     from redis import exceptions as redis_errors
 
@@ -110,7 +113,11 @@ async def open_client(url: str, connect_timeout: float) -> Redis:
     check_url(url, shown)
     try:
         client = aioredis.Redis.from_url(
-            url, protocol=2, socket_connect_timeout=connect_timeout, health_check_interval=0
+            url,
+            protocol=2,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=read_timeout,
+            health_check_interval=0,
         )
     except ValueError as exc:
         raise ConfigurationError(f"redis: bad url {shown}: {exc}") from None
