@@ -21,6 +21,7 @@ from tests.apps import attempts_app, send_all, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
+from tests.ops.helpers import HoldingFront
 from tests.races import STEPS, cancel_after_completion
 from tests.servers.amgi_process import (
     STARTUP_APP,
@@ -381,6 +382,114 @@ async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_lea
     assert sorted(seen) == [(b"0", 1), (b"1", 1), (b"2", 1)], f"{seen}"
     state = await consumer_state(STREAM, durable)
     assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
+
+
+async def test_a_lease_that_comes_after_a_retry_nak_keeps_the_retry_delay(subject: str) -> None:
+    """The runtime leases the batches it lists, and a batch stays listed until its settle
+    returns: a lease right after the ``-NAK`` of a retry (delay 0.3 s) sent ``+WPI`` for
+    it, and JetStream then redelivered it after the ack wait (3 s) instead. Settled
+    messages are left out of the lease now."""
+    options = NatsOptions(servers=URL, durable=fresh("d"), ack_wait=3)
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"x")])
+        (m,) = await fetch_all(t, 1)
+        batch = Batch(subject, [m])
+        await t.settle(batch, Settlement(retry=[Retry(m, "again", 0.3)]))
+        naked = asyncio.get_running_loop().time()
+        await t.extend([batch])  # a lease that listed the batch before its settle ended
+        (again,) = await fetch_all(t, 1)
+        waited = asyncio.get_running_loop().time() - naked
+        await t.settle(Batch(subject, [again]), Settlement(acked=[again]))
+    finally:
+        await t.close()
+    assert (again.payload, again.attempt) == (b"x", 2)
+    assert waited < 2, f"redelivered after {waited:.2f}s: the ack wait, not the retry delay"
+
+
+class _StallingRelay(HoldingFront):
+    """A relay to the shared nats-server that can stall what the client sends (dropped,
+    as on a link that went dead) and then drop every connection (nats-py reconnects
+    through it, and everything passes again). ``leased`` is set when a lease (``+WPI``)
+    passes, ``lost_lease`` when one is dropped by the stall."""
+
+    def __init__(self) -> None:
+        super().__init__(int(URL.rsplit(":", 1)[1]), b"", 0)
+        self.stalled = False
+        self.leased = asyncio.Event()
+        self.lost_lease = asyncio.Event()
+
+    async def _up(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            lease = b"+WPI" in data
+            if self.stalled:
+                if lease:
+                    self.lost_lease.set()
+                continue
+            if lease:
+                self.leased.set()
+            dst.write(data)
+            await dst.drain()
+
+    async def drop(self) -> None:
+        relays = list(self._relays)
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        self.stalled = False
+
+
+async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str) -> None:
+    """A connection lost while a lease (``+WPI``, then a flush) waits for its answer:
+    nats-py forgets that answer across the reconnect, and the flush waited out its whole
+    timeout (the ack wait), which held the next lease back. Measured with a 4 s ack wait:
+    a rival pull on the consumer got the message the app still held, its attempt raised.
+    Now the lease is sent again as soon as the client has reconnected."""
+    import nats
+    from nats import errors as nats_errors
+
+    durable = fresh("d")
+    seen: list[tuple[bytes, int]] = []
+    async with _StallingRelay() as relay:
+        options = NatsOptions(servers=f"nats://127.0.0.1:{relay.port}", durable=durable, ack_wait=4)
+        app = attempts_app(seen, linger=0)
+        held = asyncio.Event()
+
+        async def holding(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "message":
+                await asyncio.wait_for(held.wait(), 20)
+            await app(scope, receive, send)
+
+        runtime = Runtime(holding, NatsTransport([subject], options), RuntimeConfig(lifespan="off"))
+        serving = asyncio.create_task(runtime.serve())
+        rival = await nats.connect(URL)
+        taken: list[Any] = []
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 10)
+            await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"x")])
+            await asyncio.wait_for(relay.leased.wait(), 10)
+            await asyncio.sleep(0.3)
+            relay.stalled = True  # the next lease and its flush's PING go nowhere
+            await asyncio.wait_for(relay.lost_lease.wait(), 10)
+            await asyncio.sleep(0.3)
+            await relay.drop()
+            pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
+            with contextlib.suppress(nats_errors.TimeoutError):
+                taken = await pull.fetch(1, timeout=4.5)  # past the ack wait
+            for msg in taken:
+                await msg.nak()
+            held.set()
+            async with asyncio.timeout(10):
+                while not seen:
+                    await asyncio.sleep(0.05)
+        finally:
+            held.set()
+            await rival.close()
+            runtime.request_stop()
+            assert await asyncio.wait_for(serving, 10) == 0
+    assert [m.data for m in taken] == [], "the message was redelivered while the app held it"
+    assert seen == [(b"x", 1)]
 
 
 async def test_messages_the_shutdown_timeout_leaves_unstarted_go_back_at_once(

@@ -78,6 +78,8 @@ class Consumers:
         """The messages handed to the runtime and not settled yet, by ``id()``: those the
         runtime never started (the shutdown timeout, a run that ends) go back at the
         stop, not after the ack wait."""
+        self._stale_flushes: set[asyncio.Task[None]] = set()
+        """Flushes a reconnect cut off (see :meth:`_flush`), left to end by their timeout."""
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``
@@ -280,6 +282,10 @@ class Consumers:
             # Any other failure (no answer, connection lost): looked at again next time.
 
     async def stop(self) -> None:
+        stale, self._stale_flushes = self._stale_flushes, set()
+        for task in stale:
+            task.cancel()
+        await asyncio.gather(*stale, return_exceptions=True)
         advisories, self._advisories = self._advisories, []
         for sub in advisories:
             with contextlib.suppress(Exception):
@@ -308,6 +314,7 @@ class Consumers:
         self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]], subject: str
     ) -> None:
         held = self._held
+        reconnects = self.client.stats["reconnects"]
         for m in settlement.acked:
             held.pop(id(m.token), None)
             await m.token.ack()
@@ -351,7 +358,9 @@ class Consumers:
                     await m.token.nak(delay=ack_wait)
                 else:
                     await m.token.term()
-        await self.client.flush(self.options.ack_wait)
+        # Cut off by a reconnect, the acks went with the old connection or not; either
+        # way JetStream redelivers what it did not get, and the next batches go on.
+        await self._flush(reconnects)
 
     async def _no_stream(
         self, dead: list[tuple[Message, str, dict[str, str]]], results: list[Any]
@@ -406,15 +415,52 @@ class Consumers:
         yet: JetStream's ack wait runs from the delivery, and while every slot is busy
         those wait in the inbox (they were delivered again, their attempt raised, before
         the app ever had them; so do they while the fetch backs off after a failure).
-        One flush for all, none when there is nothing to lease."""
-        waiting = self._puller.waiting()
-        if not messages and not waiting:
-            return
-        for m in messages:
-            await m.token.in_progress()
-        for msg in waiting:
-            await msg.in_progress()
-        await self.client.flush(self.options.ack_wait)
+        One flush for all, none when there is nothing to lease. A message already settled
+        (its batch still settling, or settled since the runtime listed it) is left out:
+        a ``+WPI`` after a ``-NAK`` with a delay makes JetStream redeliver it after the
+        ack wait instead of that delay."""
+        held = [*(m.token for m in messages), *self._puller.waiting()]
+        for _ in range(2):  # sent again once should a reconnect cut the first off
+            reconnects = self.client.stats["reconnects"]
+            touched = False
+            for msg in held:
+                if not msg.is_acked:  # (checked as each goes: a settle may run between)
+                    await msg.in_progress()
+                    touched = True
+            if not touched or await self._flush(reconnects):
+                return
+
+    async def _flush(self, reconnects: int) -> bool:
+        """Wait until what was sent since the client's reconnect count was ``reconnects``
+        reached the server (``flush``, at most the ack wait): True; False as soon as a
+        reconnect is seen instead, as what was sent may have gone with the old connection.
+
+        nats-py forgets a flush's ``PONG`` across a reconnect, and such a flush would wait
+        out its whole timeout: a lease's held the next lease back for the ack wait, by
+        which time JetStream had redelivered the messages it was to keep (measured through
+        a relay that drops the connection). That flush is left to end by its timeout: cut
+        off, its ``PING`` answered on the new connection would find its future cancelled,
+        which breaks nats-py's reading loop."""
+        client = self.client
+        flushing = asyncio.ensure_future(client.flush(self.options.ack_wait))
+        while True:
+            done, _ = await asyncio.wait({flushing}, timeout=_RECONNECT_LOOK)
+            if done:
+                flushing.result()
+                return bool(client.stats["reconnects"] == reconnects)
+            if client.stats["reconnects"] != reconnects:
+                self._stale_flushes.add(flushing)
+                flushing.add_done_callback(self._stale_done)
+                return False
+
+    def _stale_done(self, task: asyncio.Task[None]) -> None:
+        self._stale_flushes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a flush cut off by a reconnect ended: %r", task.exception())
+
+
+_RECONNECT_LOOK = 0.1
+"""Seconds between two looks, while a flush waits, at whether the client reconnected."""
 
 
 def _ack_fields(reply: str) -> list[str]:
