@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -189,3 +190,51 @@ async def test_a_revoke_does_not_wait_for_a_dead_letter_the_broker_refuses(
         runtime.request_stop()
         assert await asyncio.wait_for(server, 30) == 0
     assert read_all(f"{topic}.dlq", 1, timeout=1) == []
+
+
+class _SlowListing:
+    """The real consumer, with a ``list_topics`` that takes 1 s and a record of when
+    calls start and end (``close`` included)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.calls: list[str] = []
+        self.listing = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def list_topics(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("list_topics")
+        self.listing.set()
+        time.sleep(1.0)
+        try:
+            return self._real.list_topics(*args, **kwargs)
+        finally:
+            self.calls.append("list_topics done")
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self._real.close()
+
+
+async def test_a_close_waits_for_the_topic_lookup_of_a_new_matching_topic() -> None:
+    """A topic a pattern address matches, first assigned: its retry and dead-letter topics
+    are made, then the consumer asks for the topics (``list_topics``, in a thread). A
+    close meanwhile cancelled the task, not the call, and closed the consumer while the
+    call still ran in another thread (the client's handle freed under it). Now the
+    consumer's close waits for the call."""
+    stem = fresh("rxclose")
+    create_topic(f"{stem}-a", partitions=1)
+    kafka = transport([f"^{stem}-.*"])
+    await kafka.connect()
+    slow = _SlowListing(kafka._consumer)
+    kafka._consumer = slow
+    fetching = asyncio.ensure_future(kafka.fetch())
+    try:
+        await asyncio.wait_for(asyncio.to_thread(slow.listing.wait, 20), 25)
+    finally:
+        fetching.cancel()
+        await asyncio.gather(fetching, return_exceptions=True)
+        await kafka.close()
+    assert slow.calls == ["list_topics", "list_topics done", "close"]

@@ -326,8 +326,11 @@ class KafkaClient:
             if await self._create_topics(metadata, usable) and self._consumer is not None:
                 consumer = self._consumer
                 loop = asyncio.get_running_loop()
+                # On the consumer thread: a close queues the consumer's close behind it
+                # (cancelling this task does not stop the call, and a consumer closed
+                # under a call still running in another thread is freed under it).
                 await loop.run_in_executor(
-                    None,
+                    self._poll_thread,
                     functools.partial(consumer.list_topics, timeout=self.config.connect_timeout),
                 )
         except Exception as exc:  # the log is where this can fail loudly
