@@ -41,6 +41,7 @@ __all__ = [
     "failure_reason",
     "message_scope",
     "place",
+    "release",
     "validate_send",
 ]
 
@@ -288,7 +289,7 @@ def place(settlement: Settlement, message: Message, reason: str, config: Runtime
         settlement.dead.append(DeadLetter(message, reason))
 
 
-def _release(settlement: Settlement, messages: Sequence[Message], reason: str) -> None:
+def release(settlement: Settlement, messages: Sequence[Message], reason: str) -> None:
     """Hand back messages the application never had: redelivered at once, never dead here."""
     settlement.retry.extend(Retry(m, reason, 0.0, uncounted=True) for m in messages)
 
@@ -368,10 +369,13 @@ class CallHooks(Protocol):
 
 async def call_once(
     app: AMGIApplication, scope: MessageScope, call: BatchCall, *, log_level: int = logging.ERROR
-) -> Exception | None:
+) -> BaseException | None:
     """Run one application call; return the exception it raised (logged), or None.
 
-    Cancellation propagates. The call is ended (``call.end()``) whatever happens.
+    Cancellation, ``KeyboardInterrupt`` and ``SystemExit`` propagate; any other
+    ``BaseException`` (a ``BaseExceptionGroup`` of a task group, say) is a failed call
+    like an ``Exception``: escaping, it left the batch unsettled. The call is ended
+    (``call.end()``) whatever happens.
     """
     try:
         result = app(scope, call.receive, call.send)
@@ -381,9 +385,9 @@ async def call_once(
                 "(is it an 'async def'?)"
             )
         await result
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:
         logger.log(
             log_level,
             "application raised on a batch of %d message(s) from %r",
@@ -533,10 +537,10 @@ class Delivery:
                 elif i < received:
                     place(settlement, m, reason, self._config)
                 else:
-                    _release(settlement, [m], f"{_NOT_RECEIVED} ({reason})")
+                    release(settlement, [m], f"{_NOT_RECEIVED} ({reason})")
             self._finish()
         for messages, _ in self._groups:
-            _release(settlement, messages, f"{_NOT_RECEIVED} ({reason})")
+            release(settlement, messages, f"{_NOT_RECEIVED} ({reason})")
         self._groups.clear()
         return settlement
 

@@ -21,6 +21,7 @@ from amgi.runtime.batch import (
     CallHooks,
     Delivery,
     place,
+    release,
 )
 from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.ledger import CallGuard, CrashLedger
@@ -121,6 +122,9 @@ class Runtime:
         them too: the broker delivered them to this process)."""
         self._fatal: BaseException | None = None
         self._exit_code = 0
+        self._leasing = True
+        self._settling: set[asyncio.Task[Any]] = set()
+        """Tasks in a transport's ``settle``: a stop lets them end (bounded), not cut off."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -330,8 +334,17 @@ class Runtime:
             await self._run_handed_over(deadline)
             await self._drain(deadline)
             if leaser is not None:
+                self._leasing = False
                 leaser.cancel()
-                await asyncio.gather(leaser, return_exceptions=True)
+                _, stuck = await asyncio.wait({leaser}, timeout=self.config.cancel_grace)
+                if stuck:
+                    logger.warning(
+                        "a lease extension on %s ignored cancellation for %gs: stopping "
+                        "without it",
+                        self.transport.name,
+                        self.config.cancel_grace,
+                    )
+                    self._abandoned.update(stuck)
             ok = await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
             await self._close_connections()
             if fetching is not None:
@@ -418,9 +431,26 @@ class Runtime:
             config.shutdown_timeout,
         )
         for task in pending:
-            task.cancel()
+            # A settle under way goes on: cut off, the app's acks would be lost (and the
+            # messages delivered again) although its call ended in time.
+            if task not in self._settling:
+                task.cancel()
         _, stuck = await asyncio.wait(pending, timeout=config.cancel_grace)
-        for task in stuck:
+        settling = {t for t in stuck if t not in self._deliveries}
+        if settling:  # settles (a settle under way, or of a call just cancelled): bounded
+            _, late = await asyncio.wait(settling, timeout=_MIN_CLOSE)
+            if late:
+                logger.error(
+                    "%d settle(s) on %s did not end within %gs: stopping without them "
+                    "(their unacknowledged messages come back)",
+                    len(late),
+                    self.transport.name,
+                    _MIN_CLOSE,
+                )
+            for task in late:
+                task.cancel()
+                self._abandoned.add(task)
+        for task in stuck - settling:
             self._abandoned.add(task)
             entry = self._deliveries.get(task)
             if entry is None:
@@ -435,7 +465,17 @@ class Runtime:
             settlement = delivery.abandon(reason)
             if exhausted is not None:
                 settlement.dead.extend(exhausted.dead)
-            await self._settle(batch, settlement, time.monotonic())
+            settle = asyncio.ensure_future(self._settle(batch, settlement, time.monotonic()))
+            done, _ = await asyncio.wait({settle}, timeout=_MIN_CLOSE)
+            if not done:
+                logger.error(
+                    "settling the batch of that call on %s did not end within %gs: "
+                    "stopping without it (its unacknowledged messages come back)",
+                    self.transport.name,
+                    _MIN_CLOSE,
+                )
+                settle.cancel()
+                self._abandoned.add(settle)
 
     # -- fetching and dispatch ---------------------------------------------------------
 
@@ -518,11 +558,21 @@ class Runtime:
     ) -> None:
         try:
             if previous is not None:
-                await previous
+                try:
+                    # Shielded: cancelled here, this task must not cancel the turn of
+                    # the batch before it (which sets it when it ends).
+                    await asyncio.shield(previous)
+                except asyncio.CancelledError:
+                    # Stopped before its turn: the app never had these messages.
+                    settlement = Settlement()
+                    release(settlement, batch.messages, "the server stopped before its turn")
+                    await self._settle(batch, settlement, time.monotonic())
+                    raise
             await self._process(batch)
         finally:
             if turn is not None:
-                turn.set_result(None)
+                if not turn.done():
+                    turn.set_result(None)
                 if self._tails.get(batch.key) is turn:
                     del self._tails[batch.key]
 
@@ -619,6 +669,9 @@ class Runtime:
         return exhausted, groups, suspects
 
     async def _settle(self, batch: Batch, settlement: Settlement, started: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._settling.add(task)
         try:
             await self.transport.settle(batch, settlement)
         except Exception as exc:
@@ -630,6 +683,8 @@ class Runtime:
                 self.transport.name,
                 exc,
             )
+        finally:
+            self._settling.discard(task)
         self._report(batch, settlement, time.monotonic() - started)
 
     def _report(self, batch: Batch, settlement: Settlement, duration: float) -> None:
@@ -676,7 +731,7 @@ class Runtime:
         loop backs off after a failed fetch (up to 5 s), when nothing runs."""
         interval = self.transport.lease_interval
         assert interval
-        while True:
+        while self._leasing:  # (an extend that swallows the cancel ends the loop anyway)
             await asyncio.sleep(interval)
             batches = [*self._tasks.values(), *self._waiting]
             try:

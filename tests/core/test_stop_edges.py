@@ -1,0 +1,220 @@
+"""The stop at its edges: batches waiting for their ordering key, settles under way or
+hanging, lease extensions and application calls that do not end the usual way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from amgi.runtime import Runtime, RuntimeConfig, server
+from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class OneBatch(Transport):
+    """Hands out one batch of one message, then waits; records what was settled."""
+
+    name = "one-batch"
+    options = MemoryOptions
+
+    def __init__(self) -> None:
+        super().__init__(["a"], MemoryOptions())
+        self.given = False
+        self.acked: list[str] = []
+        self.settling = asyncio.Event()
+        self.closed = False
+
+    async def connect(self) -> None:
+        pass
+
+    async def fetch(self) -> Sequence[Batch]:
+        if not self.given:
+            self.given = True
+            return [Batch("a", [Message("1", [], b"x")])]
+        await asyncio.sleep(3600)
+        return []
+
+    async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        self.settling.set()
+        await asyncio.sleep(0.5)  # one slow broker round trip
+        self.acked += [m.id for m in settlement.acked]
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def acking(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "message":
+        event = await receive()
+        await send({"type": "message.ack", "id": event["id"]})
+
+
+async def test_batches_waiting_for_their_key_at_a_stop_go_back_uncounted() -> None:
+    """Three batches of one ordering key; the first holds the app past the shutdown
+    timeout. The two waiting for their turn were cancelled unsettled: handed back at
+    close with an attempt used up (the app never had them), and the cancel reached the
+    turn of the batch before them (an ``InvalidStateError`` logged as a failed task).
+    Now they go back uncounted, and nothing fails."""
+    name = uuid.uuid4().hex
+    broker = MemoryBroker.reset(name)
+    for i in range(3):
+        broker.put("q", [], b"%d" % i)
+    holding = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        seen.append((await receive())["payload"])
+        holding.set()
+        await asyncio.sleep(30)
+
+    transport = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=1))
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, concurrency=8)
+    runtime = Runtime(slow, transport, config)
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(holding.wait(), 5)
+    while runtime.in_flight < 3:  # the other two wait for their turn
+        await asyncio.sleep(0.01)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 10) == 0
+    back = [*broker.queues.get("q", ()), *(m for _, _, _, m in broker._delayed)]
+    assert seen == [b"0"]
+    assert sorted((m.payload, m.attempt) for m in back) == [(b"0", 2), (b"1", 1), (b"2", 1)]
+
+
+async def test_a_settle_under_way_at_the_shutdown_deadline_is_not_cut_off() -> None:
+    """The app acked in time; its settle (a slow broker round trip) was still running
+    when the shutdown timeout ended, and was cancelled with the calls: the ack never
+    reached the broker, the message came again. Now a settle under way ends."""
+    transport = OneBatch()
+    runtime = Runtime(acking, transport, RuntimeConfig(lifespan="off", shutdown_timeout=0.2))
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(transport.settling.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 10) == 0
+    assert transport.acked == ["1"]
+
+
+async def test_a_settle_that_never_ends_after_an_abandoned_call_does_not_hang_the_stop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app ignores cancellation, so the stop settles its batch itself, and that settle
+    never ends (a broker that stopped answering): the stop waited for it forever. Now it
+    gives up after the time a close gets (here 0.5 s), says so, and exits with 1."""
+    monkeypatch.setattr(server, "_MIN_CLOSE", 0.5)
+
+    class Stuck(OneBatch):
+        async def settle(self, batch: Batch, settlement: Settlement) -> None:
+            await asyncio.Event().wait()
+
+    holding = asyncio.Event()
+    let_go = asyncio.Event()  # (at the end of the test: the event loop's close cancels it)
+
+    async def stubborn(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        await receive()
+        holding.set()
+        while not let_go.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    transport = Stuck()
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, cancel_grace=0.2)
+    runtime = Runtime(stubborn, transport, config)
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(holding.wait(), 5)
+    runtime.request_stop()
+    try:
+        assert await asyncio.wait_for(served, 5) == 1
+    finally:
+        let_go.set()
+    assert transport.closed
+    assert any("did not end within 0.5s" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_lease_extension_that_swallows_the_cancel_does_not_hang_the_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client library may swallow the cancel that ends the lease loop (as the fetch
+    loop's comment says of ``asyncio.wait_for`` on 3.11): the loop went on leasing and
+    the stop waited for it forever. Now the loop ends, or is left after the grace."""
+    inside = asyncio.Event()
+    extends = 0
+
+    class Leasing(OneBatch):
+        lease_interval = 0.05
+
+        async def fetch(self) -> Sequence[Batch]:
+            await asyncio.sleep(3600)
+            return []
+
+        async def extend(self, batches: Sequence[Batch]) -> None:
+            nonlocal extends
+            extends += 1
+            inside.set()
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed
+                await asyncio.sleep(0.01)  # a broker round trip
+
+    transport = Leasing()
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.5, cancel_grace=0.5)
+    runtime = Runtime(acking, transport, config)
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(inside.wait(), 5)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 5) == 0
+    assert transport.closed
+    count = extends
+    await asyncio.sleep(0.2)
+    assert extends == count, "the lease loop went on after the stop"
+
+
+class Stop(BaseException):
+    pass
+
+
+async def test_an_app_raising_a_base_exception_fails_its_call_and_loses_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``BaseExceptionGroup`` (a task group whose child raised a ``BaseException``)
+    escaped the call: no settlement, the message unacked in the server's hands with no
+    lease and no word but "batch task failed". Now it is a failed call like any other:
+    retried, then dead-lettered."""
+    caplog.set_level(logging.ERROR, "amgi.runtime")
+    name = uuid.uuid4().hex
+    broker = MemoryBroker.reset(name)
+    broker.put("q", [], b"x")
+    calls = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        if scope["type"] != "message":
+            return
+        calls += 1
+        await receive()
+        raise BaseExceptionGroup("group", [Stop()])
+
+    transport = MemoryTransport(["q"], MemoryOptions(broker=name))
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off", retry_delay=0, max_attempts=2))
+    served = asyncio.create_task(runtime.serve())
+    async with asyncio.timeout(10):
+        while not broker.dead.get("q"):
+            await asyncio.sleep(0.02)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 10) == 0
+    assert calls == 2
+    assert not any("batch task failed" in r.getMessage() for r in caplog.records)
