@@ -80,6 +80,36 @@ def test_attempt_and_broker_headers_are_split_off() -> None:
     assert headers == [(b"k", b"7")]
 
 
+def test_an_attempt_header_that_is_no_whole_number_counts_as_the_first() -> None:
+    for value in (float("inf"), float("nan"), "many", b"\xff"):
+        assert table_to_headers({"amgi-attempt": value})[0] == 1
+
+
+def test_a_table_the_codec_cannot_read_still_makes_a_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delivery whose headers table no AMGI server wrote and the codec cannot read (here
+    a name that is neither text nor bytes) comes without its headers, with a warning:
+    raising, it took the deliveries fetched with it down."""
+    from types import SimpleNamespace
+
+    from pamqp.commands import Basic
+
+    from amgi.servers.amqp._codec import _message
+
+    properties = Basic.Properties()
+    properties.headers = {5: "x"}
+    delivered: Any = SimpleNamespace(
+        header=SimpleNamespace(properties=properties),
+        body=b"body",
+        delivery=SimpleNamespace(exchange="", routing_key="q", redelivered=False),
+    )
+    with caplog.at_level(logging.WARNING, "amgi.servers.amqp"):
+        message = _message(delivered)
+    assert (message.payload, message.headers, message.attempt) == (b"body", [], 1)
+    assert any("could not be read" in r.getMessage() for r in caplog.records)
+
+
 # -- the transport ------------------------------------------------------------------------
 
 
@@ -409,6 +439,37 @@ async def test_a_consumer_the_broker_cancels_consumes_again(
     finally:
         await t.close()
     assert any("cancelled the consumer" in r.getMessage() for r in caplog.records)
+    assert await queue_depth(queue) == 0
+
+
+async def test_headers_another_publisher_wrote_oddly_lose_no_message(queue: str) -> None:
+    """``amgi-header-order`` holding a number (another publisher's array) made the fetch
+    raise after it took the deliveries off its buffer: those never came to the app nor
+    back from the broker while the channel lived, and no later message of the queue was
+    acked (the acks stop below the first tag not settled). Now each comes, the odd entry
+    left out of the order."""
+    import aiormq
+    from pamqp.commands import Basic
+
+    odd = [{"amgi-header-order": [-1, "b", 1.5, "a"], "a": "1", "b": "2"}, None]
+    t = AmqpTransport([queue], AmqpOptions(url=URL, linger=0.01))
+    await t.connect()  # (declares the queue)
+    try:
+        connection = await aiormq.connect(URL)
+        try:
+            channel = await connection.channel()
+            for i, table in enumerate(odd):
+                properties = Basic.Properties(headers=table)
+                await channel.basic_publish(b"%d" % i, routing_key=queue, properties=properties)
+        finally:
+            await connection.close()
+        got = await fetch_n(t, 2)
+        for batch in got:
+            await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+    received = {m.payload: m.headers for b in got for m in b.messages}
+    assert received == {b"0": [(b"b", b"2"), (b"a", b"1")], b"1": []}
     assert await queue_depth(queue) == 0
 
 

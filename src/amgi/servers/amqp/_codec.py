@@ -151,7 +151,12 @@ def _reorder(headers: HeaderList, order: list[Any]) -> HeaderList:
         by_name.setdefault(name, deque()).append(value)
     out: HeaderList = []
     for item in order:
-        name = item.encode() if isinstance(item, str) else bytes(item)
+        if isinstance(item, str):
+            name = item.encode()
+        elif isinstance(item, bytes | bytearray):
+            name = bytes(item)
+        else:  # not a name (another publisher's array): bytes(-1) raised, bytes(10**9) ...
+            continue
         values = by_name.get(name)
         if values:
             out.append((name, values.popleft()))
@@ -164,7 +169,7 @@ def _attempt_value(value: Any) -> int:
         value = bytes(value).decode("ascii", "replace")
     try:
         return max(1, int(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: an infinite float)
         return 1
 
 
@@ -284,7 +289,11 @@ def publish_properties(
 
 def _message(delivered: DeliveredMessage) -> Message:
     props = delivered.header.properties
-    attempt, headers = table_to_headers(props.headers)
+    try:
+        attempt, headers = table_to_headers(props.headers)
+    except Exception as exc:  # a table no AMGI server wrote: the message comes all the same
+        logger.warning("the headers of a delivery could not be read (%s): it comes without", exc)
+        attempt, headers = 1, []
     return Message(
         stable_id(props.message_id, headers, delivered.body),
         headers,
