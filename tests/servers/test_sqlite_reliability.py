@@ -16,6 +16,7 @@ import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
+from amgi.transport import Settlement
 from tests.core.test_isolation import PoisonApp, payloads_with_poison
 from tests.servers.crash_loop import KILLER_APP
 
@@ -132,6 +133,44 @@ def test_sigterm_while_the_lease_waits_for_the_write_lock_releases_it(tmp_path: 
     lease, visible_at = rows[0]
     assert lease is None, "the lease taken after the stop was not released"
     assert visible_at <= time.time()
+
+
+async def test_a_lease_taken_after_its_fetch_was_cancelled_goes_back_at_once(
+    tmp_path: Path,
+) -> None:
+    """A fetch cancelled (a stop) while its lease waits for the write lock another
+    process holds: the lease commits after, and its rows stayed hidden until the close
+    released them, or until the visibility timeout let another process take them with an
+    attempt counted that no application had. Now it is released right behind it."""
+    db = str(tmp_path / "q.db")
+    queue = SqliteQueue(db)
+    queue.put_many("q", (([], b"%d" % i, {}) for i in range(3)))
+    queue.close()
+    options = SqliteOptions(database=db, visibility_timeout=30, poll_interval=0.01, busy_timeout=5)
+    stopping, other = SqliteTransport(["q"], options), SqliteTransport(["q"], options)
+    await stopping.connect()
+    await other.connect()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        fetch = asyncio.ensure_future(stopping.fetch())
+        await asyncio.sleep(0.2)  # its lease waits for the lock
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        holder.execute("COMMIT")  # the lease goes on and takes the rows
+        await stopping._run(lambda: None)  # (its worker thread did what was queued)
+        async with asyncio.timeout(5):  # not after the 30 s visibility timeout
+            (batch,) = await other.fetch()
+        await other.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        holder.close()
+        await stopping.close()
+        await other.close()
+    assert sorted((m.payload, m.attempt) for m in batch.messages) == [
+        (b"0", 1),
+        (b"1", 1),
+        (b"2", 1),
+    ]
 
 
 NO_COUNTER_SERVER = """

@@ -27,13 +27,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import struct
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +51,8 @@ from amgi.transport import (
 )
 
 __all__ = ["DeadLetterRow", "SqliteOptions", "SqliteQueue", "SqliteSendError", "SqliteTransport"]
+
+logger = logging.getLogger("amgi.servers.sqlite")
 
 T = TypeVar("T")
 
@@ -503,6 +506,9 @@ class SqliteTransport(Transport):
                     _, messages = await self._run(
                         queue.lease, address, c.batch_size, c.visibility_timeout, token
                     )
+                except asyncio.CancelledError:
+                    self._release_soon(token)
+                    raise
                 except Exception:
                     self._leases.discard(token)  # the lease failed: nothing was taken
                     raise
@@ -510,6 +516,25 @@ class SqliteTransport(Transport):
                     return [Batch(address, messages, key=address, context=token)]
                 self._leases.discard(token)
             await asyncio.sleep(c.poll_interval)
+
+    def _release_soon(self, token: str) -> None:
+        """A fetch cancelled while its lease runs in the worker thread: the lease may still
+        commit there. Release it right behind it (same thread, in order, awaited by
+        :meth:`close`), so its rows neither wait hidden for the visibility timeout nor
+        come to another process meanwhile with an attempt no application had."""
+        assert self._executor is not None
+        assert self._queue is not None
+        released = self._executor.submit(self._queue.release, [token])
+
+        def done(future: Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                logger.warning(
+                    "releasing the lease of a cancelled fetch failed (%s): it is released "
+                    "at close, or runs out after --visibility-timeout",
+                    future.exception(),
+                )
+
+        released.add_done_callback(done)
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
         assert self._queue is not None
@@ -532,7 +557,7 @@ class SqliteTransport(Transport):
     async def extend(self, batches: Sequence[Batch]) -> None:
         assert self._queue is not None
         tokens = [b.context for b in batches]
-        if not tokens:  # nothing leased waits outside a batch here
+        if not tokens:  # (a cancelled fetch's lease is released at once, not kept)
             return
         await self._run(self._queue.extend, tokens, self.config.visibility_timeout)
 
