@@ -173,6 +173,44 @@ async def test_a_lease_taken_after_its_fetch_was_cancelled_goes_back_at_once(
     ]
 
 
+async def test_a_close_given_up_on_does_not_freeze_the_event_loop_and_still_releases(
+    tmp_path: Path,
+) -> None:
+    """The close queues its release behind a lease that waits for another process's write
+    lock; the runtime gives up on a close after a while and cancels it. Its cleanup then
+    waited for the worker thread on the event loop (frozen up to --busy-timeout), and the
+    release never ran: the rows stayed leased with an attempt counted. Now the loop goes
+    on, and the release runs once the lock is free."""
+    db = str(tmp_path / "q.db")
+    queue = SqliteQueue(db)
+    queue.put_many("q", (([], b"x", {}),))
+    queue.close()
+    options = SqliteOptions(database=db, poll_interval=0.01, busy_timeout=10)
+    transport = SqliteTransport(["q"], options)
+    await transport.connect()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        fetch = asyncio.ensure_future(transport.fetch())
+        await asyncio.sleep(0.2)  # its lease waits for the lock
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        closing = asyncio.ensure_future(transport.close())
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        closing.cancel()  # given up on
+        await asyncio.gather(closing, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        assert time.monotonic() - started < 1, "the event loop waited for the worker thread"
+        holder.execute("COMMIT")
+        state = "SELECT attempts, lease FROM amgi_messages"
+        async with asyncio.timeout(5):
+            while holder.execute(state).fetchall() != [(0, None)]:
+                await asyncio.sleep(0.02)
+    finally:
+        holder.close()
+
+
 NO_COUNTER_SERVER = """
 import sys
 from amgi.runtime import Runtime, RuntimeConfig

@@ -440,6 +440,13 @@ class SqliteOptions:
     busy_timeout: float = option(5.0, "seconds to wait for another process's write lock", ge=0)
 
 
+def _log_late_failure(finished: asyncio.Future[None]) -> None:
+    """A close's last work failed after the close itself was given up on (it raised to
+    nobody): say so."""
+    if not finished.cancelled() and (exc := finished.exception()) is not None:
+        logger.warning("closing the sqlite queue failed: %s", exc)
+
+
 class SqliteTransport(Transport):
     """The AMGI transport of :class:`SqliteQueue`."""
 
@@ -605,20 +612,34 @@ class SqliteTransport(Transport):
         return moved
 
     async def close(self) -> None:
-        """Release leases still held (the runtime settled all it could) and close the file."""
-        if self._executor is None:
+        """Release leases still held (the runtime settled all it could) and close the file.
+
+        Both run on the worker thread behind what is queued there (a lease may wait for
+        another process's write lock, up to ``--busy-timeout``), and run even when this
+        close is cancelled (given up on): the event loop never waits for that thread."""
+        executor, queue = self._executor, self._queue
+        if executor is None:
             return
-        queue = self._queue
+        self._executor = self._queue = None
+        tokens = sorted(self._leases)
+        self._leases.clear()
+
+        def finish() -> None:
+            if queue is None:
+                return
+            try:
+                if tokens:
+                    queue.release(tokens)
+            finally:
+                queue.close()
+
+        finished = asyncio.wrap_future(executor.submit(finish))
+        executor.shutdown(wait=False)  # the thread ends once its queue is done
         try:
-            if queue is not None:
-                if self._leases:
-                    await self._run(queue.release, sorted(self._leases))
-                    self._leases.clear()
-                await self._run(queue.close)
-        finally:
-            self._queue = None
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            finished.add_done_callback(_log_late_failure)
+            raise
         if self._discard:  # the file this connect created for a mistyped --database
             for suffix in ("", "-wal", "-shm", "-journal"):
                 with contextlib.suppress(FileNotFoundError):
