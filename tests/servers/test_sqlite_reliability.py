@@ -135,6 +135,25 @@ def test_sigterm_while_the_lease_waits_for_the_write_lock_releases_it(tmp_path: 
     assert visible_at <= time.time()
 
 
+async def cancel_a_fetch_behind_a_lock(
+    db: str, payloads: list[bytes], options: SqliteOptions
+) -> tuple[SqliteTransport, sqlite3.Connection]:
+    """A queue of ``payloads``, a connected transport, and a fetch of it cancelled while
+    its lease waits for the write lock of the returned connection (another process)."""
+    queue = SqliteQueue(db)
+    queue.put_many("q", (([], p, {}) for p in payloads))
+    queue.close()
+    transport = SqliteTransport(["q"], options)
+    await transport.connect()
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    fetch = asyncio.ensure_future(transport.fetch())
+    await asyncio.sleep(0.2)  # its lease waits for the lock
+    fetch.cancel()
+    await asyncio.gather(fetch, return_exceptions=True)
+    return transport, holder
+
+
 async def test_a_lease_taken_after_its_fetch_was_cancelled_goes_back_at_once(
     tmp_path: Path,
 ) -> None:
@@ -143,20 +162,12 @@ async def test_a_lease_taken_after_its_fetch_was_cancelled_goes_back_at_once(
     released them, or until the visibility timeout let another process take them with an
     attempt counted that no application had. Now it is released right behind it."""
     db = str(tmp_path / "q.db")
-    queue = SqliteQueue(db)
-    queue.put_many("q", (([], b"%d" % i, {}) for i in range(3)))
-    queue.close()
     options = SqliteOptions(database=db, visibility_timeout=30, poll_interval=0.01, busy_timeout=5)
-    stopping, other = SqliteTransport(["q"], options), SqliteTransport(["q"], options)
-    await stopping.connect()
+    payloads = [b"0", b"1", b"2"]
+    stopping, holder = await cancel_a_fetch_behind_a_lock(db, payloads, options)
+    other = SqliteTransport(["q"], options)
     await other.connect()
-    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     try:
-        holder.execute("BEGIN IMMEDIATE")
-        fetch = asyncio.ensure_future(stopping.fetch())
-        await asyncio.sleep(0.2)  # its lease waits for the lock
-        fetch.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
         holder.execute("COMMIT")  # the lease goes on and takes the rows
         await stopping._run(lambda: None)  # (its worker thread did what was queued)
         async with asyncio.timeout(5):  # not after the 30 s visibility timeout
@@ -182,19 +193,9 @@ async def test_a_close_given_up_on_does_not_freeze_the_event_loop_and_still_rele
     release never ran: the rows stayed leased with an attempt counted. Now the loop goes
     on, and the release runs once the lock is free."""
     db = str(tmp_path / "q.db")
-    queue = SqliteQueue(db)
-    queue.put_many("q", (([], b"x", {}),))
-    queue.close()
     options = SqliteOptions(database=db, poll_interval=0.01, busy_timeout=10)
-    transport = SqliteTransport(["q"], options)
-    await transport.connect()
-    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    transport, holder = await cancel_a_fetch_behind_a_lock(db, [b"x"], options)
     try:
-        holder.execute("BEGIN IMMEDIATE")
-        fetch = asyncio.ensure_future(transport.fetch())
-        await asyncio.sleep(0.2)  # its lease waits for the lock
-        fetch.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
         closing = asyncio.ensure_future(transport.close())
         await asyncio.sleep(0.3)
         started = time.monotonic()
