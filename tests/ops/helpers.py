@@ -293,3 +293,37 @@ class HoldingFront:
 
     async def _down(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         await pipe(src, dst)
+
+
+class CuttingFront(HoldingFront):
+    """A relay to 127.0.0.1:``upstream`` whose connections :meth:`cut` closes (a network
+    blip: the client reconnects through it, and everything passes again), and whose
+    client-to-broker bytes can be ``stalled`` until then (dropped, as on a link gone
+    dead). ``marker`` (optional): :attr:`sent` is set when a read holding it passes,
+    :attr:`lost` when one is dropped by the stall."""
+
+    def __init__(self, upstream: int, marker: bytes = b"") -> None:
+        super().__init__(upstream, b"", 0)
+        self.mark = marker
+        self.stalled = False
+        self.sent = asyncio.Event()
+        self.lost = asyncio.Event()
+
+    async def _up(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            marked = bool(self.mark) and self.mark in data
+            if self.stalled:
+                if marked:
+                    self.lost.set()
+                continue
+            if marked:
+                self.sent.set()
+            dst.write(data)
+            await dst.drain()
+
+    async def cut(self) -> None:
+        relays = list(self._relays)
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        self.stalled = False

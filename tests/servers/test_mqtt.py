@@ -25,6 +25,7 @@ from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_
 from amgi.servers.mqtt._dead_letters import DeadLetterSession, dead_letter_client_id
 from amgi.transport import Batch, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.ops.helpers import CuttingFront
 from tests.races import STEPS, cancel_after_completion
 from tests.servers.crash_loop import CrashLoop
 from tests.servers.mosquitto import broker as broker_module
@@ -713,6 +714,33 @@ async def test_a_connection_lost_while_connect_keeps_dead_letters_is_made_again(
         await server.settle(batch, Settlement(acked=list(batch.messages)))
     finally:
         await server.close()
+
+
+async def test_a_resend_while_a_retry_waits_its_delay_starts_no_second_retry_chain(
+    options: MqttOptions,
+) -> None:
+    """A nacked message waits its retry delay unacknowledged; the connection drops
+    meanwhile, and the broker sends it again (same packet id, DUP) on the next one. That
+    resend reached the app at the same attempt, so one message made two retry chains
+    (two copies, two dead letters in the end). Now it waits for the retry's copy and is
+    acknowledged once that is on the broker: the app gets the message, then its copy."""
+    address = topic()
+    async with CuttingFront(options.port) as front:
+        own = replace(options, port=front.port, client_id=f"resend-{uuid.uuid4().hex[:8]}")
+        async with connected([address], replace(own, reconnect_delay_max=0.5)) as server:
+            await publish(options, address, [b"M"])
+            [batch] = await fetch_n(server, 1)
+            [message] = batch.messages
+            await server.settle(batch, Settlement(retry=[Retry(message, "boom", delay=1.5)]))
+            await front.cut()  # the connection drops during the delay
+            seen = [(message.payload, message.attempt)]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(4):
+                    while True:
+                        for got in await server.fetch():
+                            seen += [(m.payload, m.attempt) for m in got.messages]
+                            await server.settle(got, Settlement(acked=list(got.messages)))
+    assert seen == [(b"M", 1), (b"M", 2)]
 
 
 async def test_a_connection_the_broker_keeps_dropping_is_retried_ever_more_slowly(

@@ -21,7 +21,7 @@ from tests.apps import attempts_app, send_all, serve_in_stops
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 from tests.net import free_port
-from tests.ops.helpers import HoldingFront
+from tests.ops.helpers import CuttingFront
 from tests.races import STEPS, cancel_after_completion
 from tests.servers.amgi_process import (
     STARTUP_APP,
@@ -408,38 +408,6 @@ async def test_a_lease_that_comes_after_a_retry_nak_keeps_the_retry_delay(subjec
     assert waited < 2, f"redelivered after {waited:.2f}s: the ack wait, not the retry delay"
 
 
-class _StallingRelay(HoldingFront):
-    """A relay to the shared nats-server that can stall what the client sends (dropped,
-    as on a link that went dead) and then drop every connection (nats-py reconnects
-    through it, and everything passes again). ``leased`` is set when a lease (``+WPI``)
-    passes, ``lost_lease`` when one is dropped by the stall."""
-
-    def __init__(self) -> None:
-        super().__init__(int(URL.rsplit(":", 1)[1]), b"", 0)
-        self.stalled = False
-        self.leased = asyncio.Event()
-        self.lost_lease = asyncio.Event()
-
-    async def _up(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(65536):
-            lease = b"+WPI" in data
-            if self.stalled:
-                if lease:
-                    self.lost_lease.set()
-                continue
-            if lease:
-                self.leased.set()
-            dst.write(data)
-            await dst.drain()
-
-    async def drop(self) -> None:
-        relays = list(self._relays)
-        for task in relays:
-            task.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
-        self.stalled = False
-
-
 async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str) -> None:
     """A connection lost while a lease (``+WPI``, then a flush) waits for its answer:
     nats-py forgets that answer across the reconnect, and the flush waited out its whole
@@ -451,7 +419,7 @@ async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str
 
     durable = fresh("d")
     seen: list[tuple[bytes, int]] = []
-    async with _StallingRelay() as relay:
+    async with CuttingFront(int(URL.rsplit(":", 1)[1]), b"+WPI") as relay:
         options = NatsOptions(servers=f"nats://127.0.0.1:{relay.port}", durable=durable, ack_wait=4)
         app = attempts_app(seen, linger=0)
         held = asyncio.Event()
@@ -468,12 +436,12 @@ async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str
         try:
             await asyncio.wait_for(runtime.started.wait(), 10)
             await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"x")])
-            await asyncio.wait_for(relay.leased.wait(), 10)
+            await asyncio.wait_for(relay.sent.wait(), 10)  # a lease went through
             await asyncio.sleep(0.3)
             relay.stalled = True  # the next lease and its flush's PING go nowhere
-            await asyncio.wait_for(relay.lost_lease.wait(), 10)
+            await asyncio.wait_for(relay.lost.wait(), 10)
             await asyncio.sleep(0.3)
-            await relay.drop()
+            await relay.cut()
             pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
             with contextlib.suppress(nats_errors.TimeoutError):
                 taken = await pull.fetch(1, timeout=4.5)  # past the ack wait

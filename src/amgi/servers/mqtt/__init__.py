@@ -169,6 +169,10 @@ class MqttTransport(DeadLetters, Transport):
         for message in settlement.acked:
             self._ack(message)
         for retry in settlement.retry:
+            # Marked as moving from now: a resend of it while its delay runs (a reconnect:
+            # same packet id, DUP) waits for the copy instead of reaching the app again,
+            # which started a second retry chain for one message.
+            self._moving_entry(batch.address, retry.message)
             move = functools.partial(self._move, batch.address, Settlement(retry=[retry]))
             self._retries.schedule(retry.delay, move)
         if settlement.dead:
@@ -184,15 +188,11 @@ class MqttTransport(DeadLetters, Transport):
         which tries again with backoff until the server closes.
         """
         messages = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
-        loop = asyncio.get_running_loop()
         outcomes: dict[int, tuple[str, asyncio.Future[bool]]] = {}
         for m in messages:
-            _, mid, qos = m.token
-            if qos:
-                entry = self._moving.get(mid)
-                if entry is None or entry[0] != topic or entry[1].done():
-                    entry = self._moving[mid] = (topic, loop.create_future())
-                outcomes[mid] = entry
+            entry = self._moving_entry(topic, m)
+            if entry is not None:
+                outcomes[m.token[1]] = entry
         stranded: list[Message] = messages
         later = False
         try:
@@ -225,6 +225,19 @@ class MqttTransport(DeadLetters, Transport):
                 len(stranded),
                 topic,
             )
+
+    def _moving_entry(
+        self, topic: str, message: Message
+    ) -> tuple[str, asyncio.Future[bool]] | None:
+        """The record that ``message`` (QoS 1 or 2) is being moved aside, made if need be;
+        its future tells a resend's wait whether the copy got to the broker."""
+        _, mid, qos = message.token
+        if not qos:
+            return None
+        entry = self._moving.get(mid)
+        if entry is None or entry[0] != topic or entry[1].done():
+            entry = self._moving[mid] = (topic, asyncio.get_running_loop().create_future())
+        return entry
 
     async def _retry(self, topic: str, message: Message, uncounted: bool) -> None:
         """Republish ``message`` as its next attempt (the same, when ``uncounted``)."""
