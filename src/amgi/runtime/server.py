@@ -339,8 +339,7 @@ class Runtime:
                 _, stuck = await asyncio.wait({leaser}, timeout=self.config.cancel_grace)
                 if stuck:
                     logger.warning(
-                        "a lease extension on %s ignored cancellation for %gs: stopping "
-                        "without it",
+                        "a lease extension on %s ignored cancellation for %gs: stopping without it",
                         self.transport.name,
                         self.config.cancel_grace,
                     )
