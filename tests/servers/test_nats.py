@@ -340,26 +340,34 @@ async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_lea
     import nats
     from nats import errors as nats_errors
 
-    failing = False
-
     class Failing(NatsTransport):
+        """Every fetch after the one that brings a message fails, until ``failing`` is
+        cleared."""
+
+        failing = False
+        armed = True
+
         async def fetch(self) -> Sequence[Batch]:
-            if failing:
+            if self.failing:
                 raise OSError("no answer to the consumer check")
-            return await super().fetch()
+            batches = await super().fetch()
+            if self.armed and any(b.messages for b in batches):
+                self.armed = False
+                self.failing = True
+            return batches
 
     seen: list[tuple[bytes, int]] = []
     called = asyncio.Event()
     app = attempts_app(seen, called=called)
     durable = fresh("d")
     options = NatsOptions(servers=URL, durable=durable, batch_size=3, fetch_expiry=4, ack_wait=0.5)
-    runtime = Runtime(app, Failing([subject], options), RuntimeConfig(lifespan="off"))
+    transport = Failing([subject], options)
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
     serving = asyncio.create_task(runtime.serve())
     rival = await nats.connect(URL)
     taken: list[Any] = []
     try:
         await asyncio.wait_for(runtime.started.wait(), 10)
-        failing = True  # from the fetch after the one that brings "0"
         await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"0")])
         await asyncio.wait_for(called.wait(), 10)
         # The pull request that brought "0" asked for 3: it brings these into the inbox.
@@ -369,7 +377,8 @@ async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_lea
         pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
         with contextlib.suppress(nats_errors.TimeoutError):
             taken = await pull.fetch(2, timeout=0.5)
-        failing = False
+        assert transport.failing, "the fetch was to fail meanwhile"
+        transport.failing = False
         async with asyncio.timeout(10):
             while len(seen) < 3:
                 await asyncio.sleep(0.05)
@@ -458,6 +467,36 @@ async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str
             assert await asyncio.wait_for(serving, 10) == 0
     assert [m.data for m in taken] == [], "the message was redelivered while the app held it"
     assert seen == [(b"x", 1)]
+
+
+async def test_a_lease_cancelled_while_its_flush_waits_leaves_the_flush_to_the_stop(
+    subject: str,
+) -> None:
+    """A lease (``+WPI`` and a flush) cancelled while the flush waits for its ``PONG``:
+    the flush is kept, not cancelled (a ``PONG`` that comes for a cancelled flush breaks
+    nats-py's reading loop), and the stop cancels it."""
+    async with CuttingFront(int(URL.rsplit(":", 1)[1])) as relay:
+        options = NatsOptions(servers=f"nats://127.0.0.1:{relay.port}", durable=fresh("d"))
+        t = NatsTransport([subject], options)
+        await t.connect()
+        try:
+            await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"x")])
+            (m,) = await fetch_all(t, 1)
+            relay.stalled = True  # no PONG comes back now
+            leasing = asyncio.ensure_future(t.extend([Batch(subject, [m])]))
+            await asyncio.sleep(0.3)
+            leasing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leasing
+            consumers = t._consumers
+            assert consumers is not None
+            [flush] = consumers._stale_flushes
+            assert not flush.done()
+            await relay.cut()
+        finally:
+            await t.close()
+        assert flush.done()
+        assert not consumers._stale_flushes
 
 
 async def test_messages_the_shutdown_timeout_leaves_unstarted_go_back_at_once(

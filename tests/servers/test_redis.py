@@ -198,6 +198,29 @@ async def test_a_fetch_cancelled_as_its_read_ends_leaves_the_batch_for_the_hand_
         await t.close()
 
 
+async def test_a_read_that_was_itself_cancelled_is_read_again_by_the_next_fetch() -> None:
+    """The read in flight is cancelled itself (as the hand-over cuts off a read Redis did
+    not answer): a later fetch reads anew instead of raising the old cancellation."""
+    stream, group = fresh("recancel"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=2))
+    await t.connect()
+    try:
+        fetching = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(0.2)  # the read waits in XREADGROUP
+        reading = t._reading
+        assert reading is not None
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fetching
+        await t.publish(stream, [], b"x", {})
+        async with asyncio.timeout(10):
+            (batch,) = await t.fetch()
+        assert [m.payload for m in batch.messages] == [b"x"]
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+
+
 async def test_a_block_of_5_s_or_more_is_waited_out_not_cut_short() -> None:
     """redis-py 8 waits 5 s for a reply by default: an idle ``XREADGROUP BLOCK 5500``
     failed after 5 s (``Timeout reading from ...``, a fetch error and a reconnect every

@@ -79,7 +79,8 @@ class Consumers:
         runtime never started (the shutdown timeout, a run that ends) go back at the
         stop, not after the ack wait."""
         self._stale_flushes: set[asyncio.Task[None]] = set()
-        """Flushes a reconnect cut off (see :meth:`_flush`), left to end by their timeout."""
+        """Flushes a reconnect (or a cancel) cut off (see :meth:`_flush`), left to end by
+        their timeout."""
 
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``
@@ -443,15 +444,24 @@ class Consumers:
         which breaks nats-py's reading loop."""
         client = self.client
         flushing = asyncio.ensure_future(client.flush(self.options.ack_wait))
-        while True:
-            done, _ = await asyncio.wait({flushing}, timeout=_RECONNECT_LOOK)
-            if done:
-                flushing.result()
-                return bool(client.stats["reconnects"] == reconnects)
-            if client.stats["reconnects"] != reconnects:
-                self._stale_flushes.add(flushing)
-                flushing.add_done_callback(self._stale_done)
-                return False
+        try:
+            while True:
+                done, _ = await asyncio.wait({flushing}, timeout=_RECONNECT_LOOK)
+                if done:
+                    flushing.result()
+                    return bool(client.stats["reconnects"] == reconnects)
+                if client.stats["reconnects"] != reconnects:
+                    self._leave(flushing)
+                    return False
+        except asyncio.CancelledError:
+            if not flushing.done():  # (this wait was cancelled: the flush is left, owned)
+                self._leave(flushing)
+            raise
+
+    def _leave(self, flushing: asyncio.Task[None]) -> None:
+        """Leave ``flushing`` to end by its own timeout (owned: cancelled at the stop)."""
+        self._stale_flushes.add(flushing)
+        flushing.add_done_callback(self._stale_done)
 
     def _stale_done(self, task: asyncio.Task[None]) -> None:
         self._stale_flushes.discard(task)

@@ -234,6 +234,10 @@ class RedisTransport(DeadLetters, Transport):
                 reading = self._reading = asyncio.ensure_future(self._read(streams))
             try:
                 batches = await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                if reading.cancelled():  # (the read itself, not this fetch)
+                    self._reading = None
+                raise
             except Exception:  # the read failed: the next fetch reads again
                 self._reading = None
                 raise
