@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,17 @@ async def test_a_stop_that_meets_a_settlement_wake_is_not_lost(steps: int) -> No
         await t.close()
 
 
+async def a_read_waiting(
+    t: RedisTransport,
+) -> tuple[asyncio.Future[Sequence[Batch]], asyncio.Future[Any]]:
+    """A fetch of ``t`` started, and its read, once that waits in ``XREADGROUP``."""
+    fetching = asyncio.ensure_future(t.fetch())
+    await asyncio.sleep(0.2)
+    reading = t._reading
+    assert reading is not None
+    return fetching, reading
+
+
 async def test_a_fetch_cancelled_as_its_read_ends_leaves_the_batch_for_the_hand_over() -> None:
     """The stop cancels the fetch in the loop turn its read ends: the read's batch was
     dropped with the cancelled fetch (never handed out, pending on this consumer until
@@ -181,10 +192,7 @@ async def test_a_fetch_cancelled_as_its_read_ends_leaves_the_batch_for_the_hand_
     t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=2))
     await t.connect()
     try:
-        fetching = asyncio.ensure_future(t.fetch())
-        await asyncio.sleep(0.2)  # the read waits in XREADGROUP
-        reading = t._reading
-        assert reading is not None
+        fetching, reading = await a_read_waiting(t)
         reading.add_done_callback(lambda _: fetching.cancel())  # the stop, in that turn
         await t.publish(stream, [], b"x", {})
         with pytest.raises(asyncio.CancelledError):
@@ -205,10 +213,7 @@ async def test_a_read_that_was_itself_cancelled_is_read_again_by_the_next_fetch(
     t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=2))
     await t.connect()
     try:
-        fetching = asyncio.ensure_future(t.fetch())
-        await asyncio.sleep(0.2)  # the read waits in XREADGROUP
-        reading = t._reading
-        assert reading is not None
+        fetching, reading = await a_read_waiting(t)
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
             await fetching
