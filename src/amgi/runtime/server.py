@@ -336,14 +336,8 @@ class Runtime:
             if leaser is not None:
                 self._leasing = False
                 leaser.cancel()
-                _, stuck = await asyncio.wait({leaser}, timeout=self.config.cancel_grace)
-                if stuck:
-                    logger.warning(
-                        "a lease extension on %s ignored cancellation for %gs: stopping without it",
-                        self.transport.name,
-                        self.config.cancel_grace,
-                    )
-                    self._abandoned.update(stuck)
+                if await self._ignored_cancel(leaser, "a lease extension on"):
+                    self._abandoned.add(leaser)
             ok = await self._lifespan.shutdown(self.config.lifespan_shutdown_timeout)
             await self._close_connections()
             if fetching is not None:
@@ -355,16 +349,23 @@ class Runtime:
         if self._fatal is not None:
             self._exit_code = 1
 
-    async def _end_fetching(self, fetcher: asyncio.Task[None]) -> asyncio.Task[None] | None:
-        """Wait for the cancelled fetch loop; a fetch that ignores the cancellation for
-        ``cancel_grace`` seconds is returned, the stop goes on without it."""
-        _, stuck = await asyncio.wait({fetcher}, timeout=self.config.cancel_grace)
+    async def _ignored_cancel(self, task: asyncio.Task[None], what: str) -> bool:
+        """Wait up to ``cancel_grace`` for the cancelled ``task`` (``what`` the transport
+        was doing); True, and a warning, when it is still running then."""
+        _, stuck = await asyncio.wait({task}, timeout=self.config.cancel_grace)
         if stuck:
             logger.warning(
-                "a fetch from %s ignored cancellation for %gs: stopping without it",
+                "%s %s ignored cancellation for %gs: stopping without it",
+                what,
                 self.transport.name,
                 self.config.cancel_grace,
             )
+        return bool(stuck)
+
+    async def _end_fetching(self, fetcher: asyncio.Task[None]) -> asyncio.Task[None] | None:
+        """Wait for the cancelled fetch loop; a fetch that ignores the cancellation for
+        ``cancel_grace`` seconds is returned, the stop goes on without it."""
+        if await self._ignored_cancel(fetcher, "a fetch from"):
             return fetcher
         if not fetcher.cancelled() and fetcher.exception() is not None:
             logger.error("the fetch loop failed", exc_info=fetcher.exception())
@@ -435,26 +436,12 @@ class Runtime:
             if task not in self._settling:
                 task.cancel()
         _, stuck = await asyncio.wait(pending, timeout=config.cancel_grace)
-        settling = {t for t in stuck if t not in self._deliveries}
-        if settling:  # settles (a settle under way, or of a call just cancelled): bounded
-            _, late = await asyncio.wait(settling, timeout=_MIN_CLOSE)
-            if late:
-                logger.error(
-                    "%d settle(s) on %s did not end within %gs: stopping without them "
-                    "(their unacknowledged messages come back)",
-                    len(late),
-                    self.transport.name,
-                    _MIN_CLOSE,
-                )
-            for task in late:
-                task.cancel()
-                self._abandoned.add(task)
-        for task in stuck - settling:
+        # Settles (one under way, or of a call just cancelled), and below those the stop
+        # makes for calls that ignored the cancel: all bounded together.
+        settles = {t for t in stuck if t not in self._deliveries}
+        for task in stuck - settles:  # calls that ignored the cancel
             self._abandoned.add(task)
-            entry = self._deliveries.get(task)
-            if entry is None:
-                continue
-            delivery, batch, exhausted = entry
+            delivery, batch, exhausted = self._deliveries[task]
             logger.error(
                 "a call on %r ignored cancellation for %gs: settling its batch without it",
                 batch.address,
@@ -464,17 +451,21 @@ class Runtime:
             settlement = delivery.abandon(reason)
             if exhausted is not None:
                 settlement.dead.extend(exhausted.dead)
-            settle = asyncio.ensure_future(self._settle(batch, settlement, time.monotonic()))
-            done, _ = await asyncio.wait({settle}, timeout=_MIN_CLOSE)
-            if not done:
-                logger.error(
-                    "settling the batch of that call on %s did not end within %gs: "
-                    "stopping without it (its unacknowledged messages come back)",
-                    self.transport.name,
-                    _MIN_CLOSE,
-                )
-                settle.cancel()
-                self._abandoned.add(settle)
+            settles.add(asyncio.create_task(self._settle(batch, settlement, time.monotonic())))
+        if not settles:
+            return
+        _, late = await asyncio.wait(settles, timeout=_MIN_CLOSE)
+        if late:
+            logger.error(
+                "%d settle(s) on %s did not end within %gs: stopping without them "
+                "(their unacknowledged messages come back)",
+                len(late),
+                self.transport.name,
+                _MIN_CLOSE,
+            )
+        for task in late:
+            task.cancel()
+            self._abandoned.add(task)
 
     # -- fetching and dispatch ---------------------------------------------------------
 
