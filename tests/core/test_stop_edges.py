@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -56,6 +56,15 @@ class OneBatch(Transport):
         self.closed = True
 
 
+async def stop_when(runtime: Runtime, ready: Awaitable[object], within: float = 10) -> int:
+    """Serve ``runtime`` until ``ready`` is done, then stop it; its exit code (the stop
+    must end within ``within`` seconds)."""
+    served = asyncio.create_task(runtime.serve())
+    await ready
+    runtime.request_stop()
+    return await asyncio.wait_for(served, within)
+
+
 async def acking(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "message":
         event = await receive()
@@ -85,12 +94,13 @@ async def test_batches_waiting_for_their_key_at_a_stop_go_back_uncounted() -> No
     transport = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=1))
     config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, concurrency=8)
     runtime = Runtime(slow, transport, config)
-    served = asyncio.create_task(runtime.serve())
-    await asyncio.wait_for(holding.wait(), 5)
-    while runtime.in_flight < 3:  # the other two wait for their turn
-        await asyncio.sleep(0.01)
-    runtime.request_stop()
-    assert await asyncio.wait_for(served, 10) == 0
+
+    async def three_in_flight() -> None:
+        await asyncio.wait_for(holding.wait(), 5)
+        while runtime.in_flight < 3:  # the other two wait for their turn
+            await asyncio.sleep(0.01)
+
+    assert await stop_when(runtime, three_in_flight()) == 0
     back = [*broker.queues.get("q", ()), *(m for _, _, _, m in broker._delayed)]
     assert seen == [b"0"]
     assert sorted((m.payload, m.attempt) for m in back) == [(b"0", 2), (b"1", 1), (b"2", 1)]
@@ -102,10 +112,7 @@ async def test_a_settle_under_way_at_the_shutdown_deadline_is_not_cut_off() -> N
     reached the broker, the message came again. Now a settle under way ends."""
     transport = OneBatch()
     runtime = Runtime(acking, transport, RuntimeConfig(lifespan="off", shutdown_timeout=0.2))
-    served = asyncio.create_task(runtime.serve())
-    await asyncio.wait_for(transport.settling.wait(), 5)
-    runtime.request_stop()
-    assert await asyncio.wait_for(served, 10) == 0
+    assert await stop_when(runtime, asyncio.wait_for(transport.settling.wait(), 5)) == 0
     assert transport.acked == ["1"]
 
 
@@ -136,11 +143,8 @@ async def test_a_settle_that_never_ends_after_an_abandoned_call_does_not_hang_th
     transport = Stuck()
     config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, cancel_grace=0.2)
     runtime = Runtime(stubborn, transport, config)
-    served = asyncio.create_task(runtime.serve())
-    await asyncio.wait_for(holding.wait(), 5)
-    runtime.request_stop()
     try:
-        assert await asyncio.wait_for(served, 5) == 1
+        assert await stop_when(runtime, asyncio.wait_for(holding.wait(), 5), within=5) == 1
     finally:
         let_go.set()
     assert transport.closed
@@ -173,10 +177,7 @@ async def test_a_lease_extension_that_swallows_the_cancel_does_not_hang_the_stop
     transport = Leasing()
     config = RuntimeConfig(lifespan="off", shutdown_timeout=0.5, cancel_grace=0.5)
     runtime = Runtime(acking, transport, config)
-    served = asyncio.create_task(runtime.serve())
-    await asyncio.wait_for(inside.wait(), 5)
-    runtime.request_stop()
-    assert await asyncio.wait_for(served, 5) == 0
+    assert await stop_when(runtime, asyncio.wait_for(inside.wait(), 5), within=5) == 0
     assert transport.closed
     count = extends
     await asyncio.sleep(0.2)
@@ -210,11 +211,12 @@ async def test_an_app_raising_a_base_exception_fails_its_call_and_loses_nothing(
 
     transport = MemoryTransport(["q"], MemoryOptions(broker=name))
     runtime = Runtime(app, transport, RuntimeConfig(lifespan="off", retry_delay=0, max_attempts=2))
-    served = asyncio.create_task(runtime.serve())
-    async with asyncio.timeout(10):
-        while not broker.dead.get("q"):
-            await asyncio.sleep(0.02)
-    runtime.request_stop()
-    assert await asyncio.wait_for(served, 10) == 0
+
+    async def dead_lettered() -> None:
+        async with asyncio.timeout(10):
+            while not broker.dead.get("q"):
+                await asyncio.sleep(0.02)
+
+    assert await stop_when(runtime, dead_lettered()) == 0
     assert calls == 2
     assert not any("batch task failed" in r.getMessage() for r in caplog.records)

@@ -221,9 +221,10 @@ async def test_a_stop_waits_no_longer_than_the_expiry_for_a_pull_request_never_a
 
 
 @contextlib.asynccontextmanager
-async def running(transport: NatsTransport) -> AsyncIterator[asyncio.Task[int]]:
-    """The server serving ``transport`` (started), stopped at the end; its task."""
-    runtime = Runtime(attempts_app([]), transport, RuntimeConfig(lifespan="off"))
+async def running(transport: NatsTransport, app: Any = None) -> AsyncIterator[asyncio.Task[int]]:
+    """The server serving ``transport`` with ``app`` (by default one that acks all),
+    started, stopped at the end; its task."""
+    runtime = Runtime(app or attempts_app([]), transport, RuntimeConfig(lifespan="off"))
     serving = asyncio.create_task(runtime.serve())
     try:
         await asyncio.wait_for(runtime.started.wait(), 10)
@@ -328,6 +329,26 @@ async def test_messages_pulled_while_every_slot_is_busy_are_leased_too(subject: 
     assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
 
 
+async def rival_pull(durable: str, count: int, timeout: float) -> list[bytes]:
+    """The payloads a pull of ``count`` on consumer ``durable`` by another client gets
+    within ``timeout`` (handed back with ``-NAK``)."""
+    import nats
+    from nats import errors as nats_errors
+
+    rival = await nats.connect(URL)
+    try:
+        pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
+        try:
+            taken = await pull.fetch(count, timeout=timeout)
+        except nats_errors.TimeoutError:
+            return []
+        for msg in taken:
+            await msg.nak()
+        return [msg.data for msg in taken]
+    finally:
+        await rival.close()
+
+
 async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_leased_too(
     subject: str,
 ) -> None:
@@ -337,8 +358,6 @@ async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_lea
     unleased, and after the ack wait (0.5 s) JetStream gave them to the next pull
     request, their attempt raised, before the app ever had them. Now the lease covers
     them while no batch runs: a rival pull on the same consumer gets nothing."""
-    import nats
-    from nats import errors as nats_errors
 
     class Failing(NatsTransport):
         """Every fetch after the one that brings a message fails, until ``failing`` is
@@ -362,32 +381,22 @@ async def test_messages_pulled_while_the_fetch_backs_off_after_a_failure_are_lea
     durable = fresh("d")
     options = NatsOptions(servers=URL, durable=durable, batch_size=3, fetch_expiry=4, ack_wait=0.5)
     transport = Failing([subject], options)
-    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
-    serving = asyncio.create_task(runtime.serve())
-    rival = await nats.connect(URL)
-    taken: list[Any] = []
-    try:
-        await asyncio.wait_for(runtime.started.wait(), 10)
+    async with running(transport, app) as serving:
         await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"0")])
         await asyncio.wait_for(called.wait(), 10)
         # The pull request that brought "0" asked for 3: it brings these into the inbox.
         later = [(subject, b"1"), (subject, b"2")]
         await send_all(NatsTransport([], NatsOptions(servers=URL)), later)
         await asyncio.sleep(1.2)  # over two ack waits with no fetch, and so no batch
-        pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
-        with contextlib.suppress(nats_errors.TimeoutError):
-            taken = await pull.fetch(2, timeout=0.5)
+        taken = await rival_pull(durable, 2, timeout=0.5)
         assert transport.failing, "the fetch was to fail meanwhile"
         transport.failing = False
         async with asyncio.timeout(10):
             while len(seen) < 3:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.8)  # a message delivered again would be here by now
-    finally:
-        await rival.close()
-        runtime.request_stop()
-        assert await asyncio.wait_for(serving, 10) == 0
-    assert [m.data for m in taken] == [], "the ack wait ran out in the inbox"
+    assert serving.result() == 0
+    assert taken == [], "the ack wait ran out in the inbox"
     assert sorted(seen) == [(b"0", 1), (b"1", 1), (b"2", 1)], f"{seen}"
     state = await consumer_state(STREAM, durable)
     assert (state.num_ack_pending, state.num_redelivered, state.num_pending) == (0, 0, 0)
@@ -423,8 +432,6 @@ async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str
     timeout (the ack wait), which held the next lease back. Measured with a 4 s ack wait:
     a rival pull on the consumer got the message the app still held, its attempt raised.
     Now the lease is sent again as soon as the client has reconnected."""
-    import nats
-    from nats import errors as nats_errors
 
     durable = fresh("d")
     seen: list[tuple[bytes, int]] = []
@@ -438,34 +445,24 @@ async def test_a_lease_cut_off_by_a_reconnect_is_sent_again_at_once(subject: str
                 await asyncio.wait_for(held.wait(), 20)
             await app(scope, receive, send)
 
-        runtime = Runtime(holding, NatsTransport([subject], options), RuntimeConfig(lifespan="off"))
-        serving = asyncio.create_task(runtime.serve())
-        rival = await nats.connect(URL)
-        taken: list[Any] = []
-        try:
-            await asyncio.wait_for(runtime.started.wait(), 10)
-            await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"x")])
-            await asyncio.wait_for(relay.sent.wait(), 10)  # a lease went through
-            await asyncio.sleep(0.3)
-            relay.stalled = True  # the next lease and its flush's PING go nowhere
-            await asyncio.wait_for(relay.lost.wait(), 10)
-            await asyncio.sleep(0.3)
-            await relay.cut()
-            pull = await rival.jetstream().pull_subscribe_bind(durable, STREAM)
-            with contextlib.suppress(nats_errors.TimeoutError):
-                taken = await pull.fetch(1, timeout=4.5)  # past the ack wait
-            for msg in taken:
-                await msg.nak()
-            held.set()
-            async with asyncio.timeout(10):
-                while not seen:
-                    await asyncio.sleep(0.05)
-        finally:
-            held.set()
-            await rival.close()
-            runtime.request_stop()
-            assert await asyncio.wait_for(serving, 10) == 0
-    assert [m.data for m in taken] == [], "the message was redelivered while the app held it"
+        async with running(NatsTransport([subject], options), holding) as serving:
+            try:
+                await send_all(NatsTransport([], NatsOptions(servers=URL)), [(subject, b"x")])
+                await asyncio.wait_for(relay.sent.wait(), 10)  # a lease went through
+                await asyncio.sleep(0.3)
+                relay.stalled = True  # the next lease and its flush's PING go nowhere
+                await asyncio.wait_for(relay.lost.wait(), 10)
+                await asyncio.sleep(0.3)
+                await relay.cut()
+                taken = await rival_pull(durable, 1, timeout=4.5)  # past the ack wait
+                held.set()
+                async with asyncio.timeout(10):
+                    while not seen:
+                        await asyncio.sleep(0.05)
+            finally:
+                held.set()
+    assert serving.result() == 0
+    assert taken == [], "the message was redelivered while the app held it"
     assert seen == [(b"x", 1)]
 
 
