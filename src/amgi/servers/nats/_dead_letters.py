@@ -113,7 +113,7 @@ class DeadLetters(ChunkedDeadLetters):
             while left > 0 and pending > 0:
                 try:
                     msgs = await sub.fetch(min(_CHUNK, left), timeout=1.0)
-                except nats_errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own and, late in a fetch, asyncio's
                     stalls += 1
                     try:
                         pending = (await sub.consumer_info()).num_pending
