@@ -460,6 +460,25 @@ async def test_protocol_switch_between_our_peers(serve: Any) -> None:
         new.transport.close()
 
 
+async def test_protocol_switch_from_a_side_whose_reading_is_paused(serve: Any) -> None:
+    # The server's one responder is busy and a call waits, so it paused reading; its
+    # switch must read the answer (call_remote did so, switch_protocol timed out).
+    server = await serve(lambda: Counting(max_concurrent_responders=1))
+    conn = await amp.connect("127.0.0.1", server.port, Peer)
+    async with conn:
+        slow = [asyncio.ensure_future(conn.call_remote(Slow, delay=30.0)) for _ in range(2)]
+        async with asyncio.timeout(5):
+            while not server.peers or not server.peers[0]._paused:
+                await asyncio.sleep(0.02)
+        new = await server.peers[0].switch_protocol(SwitchToEcho, Collect, greeting="hi", timeout=5)
+        assert await new.until(b"hi\n") == b"hi\n"
+        for call in slow:
+            call.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+        assert new.transport is not None
+        new.transport.close()
+
+
 async def test_descriptors_between_our_peers_with_big_boxes(tmp_path: Path) -> None:
     path = tmp_path / "amp.sock"
     peers: list[Peer] = []

@@ -89,6 +89,15 @@ def test_unknown_command_answers_unhandled() -> None:
     assert conn.data_to_send() == b""
 
 
+def test_a_long_unknown_command_name_is_quoted_clipped() -> None:
+    # The refusal quotes 64 bytes of the name: a long name does not make it larger.
+    conn = amp.Connection()
+    (event,) = conn.receive_data(box(_command=b"N" * 20_000, _ask=b"7"))
+    assert isinstance(event, amp.CallRejected)
+    assert event.description == f"Unhandled Command: {b'N' * 64!r}..."
+    assert len(conn.data_to_send()) < 200
+
+
 @pytest.mark.parametrize(
     ("items", "reason"),
     [
@@ -463,6 +472,21 @@ def test_descriptors_travel_as_ordinals() -> None:
     assert "no file descriptor #5 received for 'fd'" in rejected.description
     assert receiver.unclaimed_fds() == [32]
     assert receiver.unclaimed_fds() == []
+
+
+class HandTwo(amp.Command):
+    arguments = [(b"a", amp.Descriptor()), (b"b", amp.Descriptor())]
+
+
+def test_a_call_refused_for_its_second_descriptor_leaves_the_first_unclaimed() -> None:
+    # The first was claimed before the second was found missing: it must be handed back
+    # with the unclaimed (to be closed), not dropped with the refused call.
+    receiver = amp.Connection({b"HandTwo": HandTwo})
+    receiver.receive_fds([30])
+    (rejected,) = receiver.receive_data(box(_command=b"HandTwo", _ask=b"1", a=b"0", b=b"1"))
+    assert isinstance(rejected, amp.CallRejected)
+    assert "no file descriptor #1 received for 'b'" in rejected.description
+    assert receiver.unclaimed_fds() == [30]
 
 
 def test_descriptor_in_an_answer() -> None:

@@ -69,6 +69,28 @@ async def test_many_descriptors_in_one_flush_to_twisted(twisted_unix_server: str
         await hand_many(conn, 300)  # more than Linux passes in one message (253)
 
 
+class Pipe:
+    """A pipe whose write end a test hands out: :meth:`copies_closed` tells whether
+    every copy the other side got was closed (ours was then the last write end)."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+        os.set_blocking(self.read, False)
+
+    def copies_closed(self) -> bool:
+        os.close(self.write)
+        self.write = -1
+        try:
+            return os.read(self.read, 10) == b""
+        except BlockingIOError:  # a copy is still open somewhere
+            return False
+
+    def close(self) -> None:
+        os.close(self.read)
+        if self.write >= 0:
+            os.close(self.write)
+
+
 async def test_descriptors_no_box_claims_are_bounded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -79,7 +101,8 @@ async def test_descriptors_no_box_claims_are_bounded(
         peers.append(Peer(max_unclaimed_fds=100))
         return peers[-1]
 
-    read, write = os.pipe()
+    pipe = Pipe()
+    write = pipe.write
     try:
         async with await amp.serve_unix(factory, path):
             loop = asyncio.get_running_loop()
@@ -96,11 +119,52 @@ async def test_descriptors_no_box_claims_are_bounded(
                         assert await loop.sock_recv(sock, 100) == b""  # closed by the server
                         await peers[0].wait_closed()
             assert "over max_unclaimed_fds (100)" in caplog.text
-        # Every copy the server got is closed: ours was the last write end.
-        os.close(write)
-        write = -1
-        assert os.read(read, 10) == b""
+        assert pipe.copies_closed()
     finally:
-        os.close(read)
-        if write >= 0:
-            os.close(write)
+        pipe.close()
+
+
+class Hold(amp.Command):
+    """The responder keeps the descriptor until it is cancelled, then closes it."""
+
+    arguments = [(b"fd", amp.Descriptor())]
+
+
+class Holder(amp.AMP):
+    def __init__(self) -> None:
+        super().__init__(max_concurrent_responders=1)
+
+    @Hold.responder
+    async def hold(self, fd: int) -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            os.close(fd)
+
+
+async def test_descriptors_of_calls_still_queued_are_closed_when_the_connection_ends(
+    tmp_path: Path,
+) -> None:
+    # One call runs, nine wait in the queue with their descriptors claimed; the server
+    # closes. The queued calls' descriptors were dropped with the queue, never closed.
+    path = tmp_path / "amp.sock"
+    peers: list[Holder] = []
+
+    def factory() -> Holder:
+        peers.append(Holder())
+        return peers[-1]
+
+    pipe = Pipe()
+    try:
+        async with await amp.serve_unix(factory, path), await amp.connect_unix(path) as conn:
+            hold = (conn.call_remote(Hold, fd=pipe.write) for _ in range(10))
+            calls = [asyncio.ensure_future(call) for call in hold]
+            async with asyncio.timeout(5):
+                while not peers or len(peers[0]._queue) < 9:
+                    await asyncio.sleep(0.02)
+            peers[0].close()
+            await asyncio.wait_for(peers[0].wait_closed(), 5)
+            await asyncio.gather(*calls, return_exceptions=True)
+        assert pipe.copies_closed()
+    finally:
+        pipe.close()

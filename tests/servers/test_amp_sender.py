@@ -74,3 +74,29 @@ async def test_a_send_racing_close_leaves_no_connection_open() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_send_cancelled_while_it_authenticates_leaves_no_connection_open() -> None:
+    """The connection of a send cancelled during its Authenticate was neither closed nor
+    kept for close() to see: it stayed open."""
+    hung_up = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        hung_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = AmpTransport([], AmpOptions(port=port, auth_token="t", call_timeout=30))
+    try:
+        sending = asyncio.create_task(sender.publish("orders", [], b"m", {}))
+        await asyncio.sleep(0.3)  # connected; Authenticate awaits its answer
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        await sender.close()
+        await asyncio.wait_for(hung_up.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -271,15 +271,24 @@ async def test_token_refuses_twisted_clients_without_it(caplog: pytest.LogCaptur
     assert b"twisted" in [r.payload for r in app.received]
 
 
+async def until_closed(runtime: Runtime, data: bytes) -> bytes:
+    """Write ``data`` on a new raw connection; return what comes back until the server
+    closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(runtime))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
 async def test_connection_that_never_authenticates_is_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     harness = AmpHarness(auth_token="t", auth_timeout=0.3)
     async with serving(harness, Recorder(), ["orders"]) as runtime:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(runtime))
         with caplog.at_level(logging.WARNING, logger="amgi"):
-            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
-        writer.close()
+            assert await until_closed(runtime, b"") == b""
         assert "no Authenticate within 0.3s" in caplog.text
         # Authenticated in time: stays open past the deadline.
         conn = await amp.connect("127.0.0.1", port_of(runtime))
@@ -294,18 +303,44 @@ async def test_deliver_before_authenticate_in_one_write_is_refused() -> None:
     # Deliver (same segment) must not let the Deliver through.
     app = Recorder()
     async with serving(AmpHarness(auth_token="t"), app, ["orders"]) as runtime:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(runtime))
         deliver = {b"_command": b"Deliver", b"_ask": b"1", b"address": b"orders"}
         deliver |= {b"headers": b"", b"payload": b"early"}
         authenticate = {b"_command": b"Authenticate", b"_ask": b"2", b"token": b"t"}
-        writer.write(amp.encode_box(deliver) + amp.encode_box(authenticate))
-        received = await asyncio.wait_for(reader.read(), 10)  # until the server closes
-        writer.close()
+        received = await until_closed(
+            runtime, amp.encode_box(deliver) + amp.encode_box(authenticate)
+        )
         answers = amp.parse_boxes(received)
         assert answers[0][b"_error"] == b"1"
         assert answers[0][b"_error_code"] == b"UNAUTHENTICATED"
         await asyncio.sleep(0.05)
     assert app.received == []
+
+
+async def test_a_refused_call_before_authenticate_closes_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An unknown command is refused by the AMP core itself, before any responder could
+    # check the token: an unauthenticated peer could make the server answer such calls
+    # until the auth timeout. Now the first one closes its connection (the calls read
+    # with it are still answered).
+    harness = AmpHarness(auth_token="t", auth_timeout=60)
+    async with serving(harness, Recorder(), ["orders"]) as runtime:
+        with caplog.at_level(logging.WARNING, logger="amgi"):
+            nope = (amp.encode_box({b"_command": b"Nope", b"_ask": b"%d" % i}) for i in range(50))
+            received = await until_closed(runtime, b"".join(nope))
+        assert "a refused call before Authenticate" in caplog.text
+        assert {box[b"_error_code"] for box in amp.parse_boxes(received)} == {b"UNHANDLED"}
+        # Authenticated, a refused call is only answered.
+        conn = await amp.connect("127.0.0.1", port_of(runtime))
+        async with conn:
+            await conn.call_remote(Authenticate, token=b"t")
+
+            class Nope(amp.Command):
+                pass
+
+            with pytest.raises(amp.UnhandledCommand):
+                await conn.call_remote(Nope)
+            assert not conn.is_closed
 
 
 async def test_authenticate_without_a_server_token_is_refused() -> None:

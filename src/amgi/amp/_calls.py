@@ -126,6 +126,8 @@ class Caller(Link):
         self._waiters[tag] = fut
         self._switch_factory = protocol_factory
         self._switch_waiter = fut
+        if self._paused:
+            self._update_reading()  # its answer must be read
         self._flush()
         try:
             async with asyncio.timeout(timeout if timeout is not None else self.call_timeout):

@@ -56,6 +56,10 @@ DEFAULT_MAX_UNCLAIMED_FDS = 256
 # late answer to one of them is recognised and dropped quietly.
 ABANDONED_LIMIT = 65_536
 
+# Bytes of an unknown command's name quoted back in the error (and in the log): a
+# long name must not make the refusal larger than the call.
+_SHOWN_NAME = 64
+
 
 @dataclass(slots=True)
 class CallReceived:
@@ -321,13 +325,17 @@ class Connection:
         return fds
 
     def _claim(self, names: tuple[str, ...], values: dict[str, Any]) -> None:
+        claimed: list[tuple[int, int]] = []
         for name in names:
             ordinal = values.get(name)
             if ordinal is None:
                 continue
             fd = self._fds_in.pop(ordinal, None)
             if fd is None:
+                # Those claimed before stay unclaimed: closed with the rest, not leaked.
+                self._fds_in.update(claimed)
                 raise ArgumentError(f"no file descriptor #{ordinal} received for {name!r}")
+            claimed.append((ordinal, fd))
             values[name] = fd
 
     def switch_accepted(self) -> bytes:
@@ -491,7 +499,8 @@ class Connection:
         ask = box.get(ASK)
         command = self.commands.get(name)
         if command is None:
-            return self._reject(ask, name, UNHANDLED_ERROR_CODE, f"Unhandled Command: {name!r}")
+            shown = repr(name[:_SHOWN_NAME]) + ("..." if len(name) > _SHOWN_NAME else "")
+            return self._reject(ask, name, UNHANDLED_ERROR_CODE, f"Unhandled Command: {shown}")
         try:
             arguments = command.decode_arguments(box)
             if not command.plain and command.argument_descriptors:

@@ -28,6 +28,9 @@ from ._errors import TLS_ERROR_CODE, UNKNOWN_ERROR_CODE
 
 log = logging.getLogger("amgi.amp")
 
+# Refused calls of one connection logged as warnings; the rest are logged at debug.
+_LOGGED_REFUSALS = 5
+
 
 class Dispatcher(Caller):
     """What the peer sends: answers, errors, calls and switches."""
@@ -58,13 +61,7 @@ class Dispatcher(Caller):
                 if fut is not None and not fut.done():
                     fut.set_exception(error.error)
             elif kind is CallRejected:
-                rejected = cast(CallRejected, event)
-                log.warning(
-                    "rejected call %r: %s %s",
-                    rejected.name,
-                    rejected.code.decode("ascii", "replace"),
-                    rejected.description,
-                )
+                self._refused(cast(CallRejected, event))
             elif kind is AnswerDropped:
                 tag = cast(AnswerDropped, event).tag
                 log.debug("dropped late answer for abandoned call %r", tag)
@@ -75,9 +72,41 @@ class Dispatcher(Caller):
                 reason = cast(ProtocolViolation, event).reason
                 log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
                 self._close_transport()
-        if self._queue:
+        if self._queue or self._refused_unsent:
             self._held_back()
         self._flush()
+
+    def _refused(self, rejected: CallRejected) -> None:
+        """A call the core refused (unknown command, bad arguments) and answered itself.
+
+        Its error answer is output like any other: while writing is paused it counts
+        towards the calls held back (see :meth:`_held_back`). The first few of a
+        connection are logged as warnings, the rest at debug level (a peer cannot fill
+        the log).
+        """
+        if self._write_paused and rejected.tag is not None:
+            self._refused_unsent += 1
+        self._refusals += 1
+        level, note = logging.WARNING, ""
+        if self._refusals > _LOGGED_REFUSALS:
+            level = logging.DEBUG
+        elif self._refusals == _LOGGED_REFUSALS:
+            note = "; further refused calls of this connection are logged at debug level"
+        log.log(
+            level,
+            "rejected call %.80r from %s: %s %.200s%s",
+            rejected.name,
+            self._peer_name(),
+            rejected.code.decode("ascii", "replace"),
+            rejected.description,
+            note,
+        )
+        self.call_rejected(rejected.name, rejected.code, rejected.description)
+
+    def call_rejected(self, name: bytes, code: bytes, description: str) -> None:
+        """Called after a call of the peer was refused without a responder (an unknown
+        command, or arguments that do not decode); its error answer is already queued.
+        Override it to act on such a peer (a server may close an unauthenticated one)."""
 
     # ---------------------------------------------------------------- dispatching
 
@@ -192,12 +221,14 @@ class Dispatcher(Caller):
             self._close_transport()
 
     def _held_back(self) -> None:
-        """After a read that left calls waiting: pause reading, or (reading on for
-        answers to our calls) disconnect a peer with too many calls waiting."""
-        if len(self._queue) > self.max_queued_calls and self._waiters:
+        """After a read that left calls waiting (or refusals unsent while writing is
+        paused): pause reading, or (reading on for answers to our calls) disconnect a
+        peer with too many calls waiting."""
+        held = len(self._queue) + self._refused_unsent
+        if held > self.max_queued_calls and self._waiters:
             reason = (
-                f"{len(self._queue)} of its calls wait for a responder, over "
-                f"max_queued_calls ({self.max_queued_calls}), while "
+                f"{held} of its calls wait for a responder or for their answer to be "
+                f"sent, over max_queued_calls ({self.max_queued_calls}), while "
                 f"{len(self._waiters)} of ours await answers"
             )
             log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)

@@ -91,6 +91,8 @@ class Link(asyncio.Protocol):
         self._running = 0
         self._paused = False  # reading is paused (responders busy or writing paused)
         self._write_paused = False
+        self._refused_unsent = 0  # refused calls answered while writing was paused
+        self._refusals = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._hold_output = False
@@ -143,8 +145,9 @@ class Link(asyncio.Protocol):
         not stop reading each other; meanwhile ``max_queued_calls`` bounds the calls
         held back (see :meth:`_dispatch`).
         """
+        held = len(self._queue) + self._refused_unsent
         pause = (
-            len(self._queue) >= self.max_concurrent_responders and not self._waiters
+            held >= self.max_concurrent_responders and not self._waiters
         ) or self._core.switch_pending
         if pause is self._paused or self.transport is None or self._lost:
             return
@@ -209,7 +212,14 @@ class Link(asyncio.Protocol):
         for fut in waiters.values():
             if not fut.done():
                 fut.set_exception(error)
-        self._queue.clear()
+        queued, self._queue = self._queue, deque()
+        for event in queued:  # their descriptors were claimed: nobody else closes them
+            if not event.command.plain:
+                for name in event.command.argument_descriptors:
+                    fd = event.arguments.get(name)
+                    if type(fd) is int:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
         for task in self._tasks:
             task.cancel()
         if self._tls_task is not None:

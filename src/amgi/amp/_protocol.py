@@ -80,6 +80,7 @@ class AMP(Dispatcher):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._refused_unsent = 0
         self._run_queued()
         self._update_reading()
         self._wake_drain_waiters()

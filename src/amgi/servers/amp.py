@@ -59,6 +59,9 @@ _CLOSE_TIMEOUT = 2.0
 peer that stopped reading); well within the runtime's shortest close (5 s)."""
 
 
+_STOPPING = "the server is shutting down: send it again later"
+
+
 class AmpSendError(SendError):
     """A message could not be delivered over AMP."""
 
@@ -205,6 +208,20 @@ class _Peer(amp.AMP):
             log.warning("amp: refused %s from %s: not authenticated", command, self._peer_name())
             raise Unauthenticated("authenticate first")
 
+    def call_rejected(self, name: bytes, code: bytes, description: str) -> None:
+        if not self.authenticated and not self.is_closed:
+            log.warning(
+                "amp: closing the connection from %s: a refused call before Authenticate",
+                self._peer_name(),
+            )
+            self.close()
+
+    async def answered(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the responders whose answer is decided to queue it."""
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
     @Authenticate.responder
     def authenticate(self, token: bytes) -> None:
         expected = self.owner._token
@@ -269,6 +286,8 @@ class AmpTransport(Transport):
         self._ready: asyncio.Queue[Message] = asyncio.Queue()
         self._ids = itertools.count(1)
         self._address_of: dict[str, str] = {}
+        self._unanswered: dict[str, asyncio.Future[None]] = {}
+        self._stopping = False
         token = self.config.auth_token
         self._token = token.encode("utf-8") if token is not None else None
 
@@ -276,7 +295,7 @@ class AmpTransport(Transport):
 
     async def connect(self) -> None:
         self.check()
-        self._closed = False
+        self._closed = self._stopping = False
         if self.addresses:
             await self._listen()
 
@@ -340,14 +359,27 @@ class AmpTransport(Transport):
     async def _received(self, address: str, headers: HeaderList, payload: bytes | None) -> None:
         if self.addresses and address not in self.addresses:
             raise Nacked(f"address {address!r} is not served here")
+        if self._stopping:
+            raise Nacked(_STOPPING)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         message = Message(str(next(self._ids)), headers, payload, token=done)
         self._address_of[message.id] = address
+        self._unanswered[message.id] = done
         self._ready.put_nowait(message)
         try:
             await done
         finally:
             self._address_of.pop(message.id, None)
+            self._unanswered.pop(message.id, None)
+
+    def stop_fetching(self) -> None:
+        # Shutdown: deliveries no batch took, and new ones, are nacked now (their
+        # senders still own them and learn at once); batches in flight are answered.
+        self._stopping = True
+        while not self._ready.empty():
+            message = self._ready.get_nowait()
+            if not message.token.done():
+                message.token.set_exception(Nacked(_STOPPING))
 
     async def fetch(self) -> Sequence[Batch]:
         await self._listen()
@@ -429,8 +461,10 @@ class AmpTransport(Transport):
         if self._token is not None:
             try:
                 await client.call_remote(Authenticate, token=self._token, timeout=c.call_timeout)
-            except (amp.AmpError, Unauthenticated, OSError, TimeoutError) as exc:
-                client.close()
+            except BaseException as exc:
+                client.close()  # a cancelled send leaves no connection behind either
+                if not isinstance(exc, amp.AmpError | Unauthenticated | OSError | TimeoutError):
+                    raise
                 raise AmpSendError(f"amp: authentication refused: {exc}") from None
         return client
 
@@ -443,17 +477,21 @@ class AmpTransport(Transport):
             await client.wait_closed()
         if self._server is not None:
             self._server.close()
+            # What the app settled is answered before the connections close, and what
+            # it did not is nacked (the sender still owns it) rather than dropped.
+            for done in list(self._unanswered.values()):
+                if not done.done():
+                    done.set_exception(Nacked(_STOPPING))
             peers = list(self._peers)
+            await asyncio.gather(*(peer.answered(_CLOSE_TIMEOUT) for peer in peers))
             for peer in peers:
                 peer.close()
             for peer in peers:
                 await peer.wait_closed()
             await self._server.wait_closed()
             self._server = None
-        while not self._ready.empty():
-            message = self._ready.get_nowait()
-            if not message.token.done():
-                message.token.cancel()
+        while not self._ready.empty():  # all nacked above
+            self._ready.get_nowait()
 
 
 def _is_loopback(host: str) -> bool:
