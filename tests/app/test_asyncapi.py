@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import subprocess
 import sys
 import tempfile
@@ -257,11 +259,49 @@ def test_a_type_without_json_schema_is_named_with_its_handler() -> None:
     assert message.endswith("; describe it with pydantic's WithJsonSchema")
 
 
+class Limits(BaseModel):
+    high: float = math.inf
+    low: float = -math.inf
+    unset: float = math.nan
+
+
+def test_infinite_and_nan_numbers_are_strings_in_valid_json() -> None:
+    app = App()
+
+    @app.subscriber("limits", examples=[Limits(high=1)])
+    async def on_limits(limits: Limits) -> None: ...
+
+    document = app.asyncapi()
+    text = json.dumps(document, allow_nan=False)  # raises on a number JSON cannot hold
+    assert errors_of(json.loads(text)) == []
+    schema = document["components"]["schemas"]["Limits"]["properties"]
+    defaults = {name: field["default"] for name, field in schema.items()}
+    assert defaults == {"high": "Infinity", "low": "-Infinity", "unset": "NaN"}
+    # Pydantic reads the strings back as the declared defaults.
+    back = Limits.model_validate_json(json.dumps(defaults))
+    assert (back.high, back.low, math.isnan(back.unset)) == (math.inf, -math.inf, True)
+    (example,) = document["components"]["messages"]["on_limits.message"]["examples"]
+    assert example == {"payload": {"high": 1.0, "low": "-Infinity", "unset": "NaN"}}
+    assert yaml.safe_load(to_yaml(document)) == json.loads(text)
+
+
 def test_yaml_is_the_same_document() -> None:
     document = sensor_app().asyncapi()
     assert yaml.safe_load(to_yaml(document)) == json.loads(json.dumps(document))
     tricky = {"a": ["yes", "x: y", "", "#", "1.0", None, True, [], {}], "b": {"c": [{"d": [1]}]}}
     assert yaml.safe_load(to_yaml(tricky)) == tricky
+
+
+def test_yaml_reads_back_every_string() -> None:
+    # Line breaks at the end, YAML indicators, and what JSON leaves raw but YAML refuses.
+    alphabet = "aZ09_ /$#{}.-:?&*!|>'%@`[],\"\\\t\n\r~=<+\x7f\x85\u2028\ufeff\ud800\U0001f600"
+    cases = ["a\n", "a\n\n", "\n", "key\n", "x \n", "Yes", "-1", "1e3", "é"]
+    rng = random.Random(0)
+    cases += ["".join(rng.choices(alphabet, k=rng.randint(0, 6))) for _ in range(1000)]
+    for text in cases:
+        document = {text: text, "list": [text, {"k": text}]}
+        assert yaml.safe_load(to_yaml(document)) == document, repr(text)
+    assert yaml.safe_load(to_yaml("a\n")) == "a\n"
 
 
 def test_cli_prints_the_document() -> None:

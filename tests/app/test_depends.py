@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import threading
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel
 
-from amgi.app import App, Depends, Header, State
+from amgi.app import App, Depends, Failures, Header, MessageInfo, State
 from amgi.app.testing import TestClient
 from amgi.errors import StartupFailed
 
@@ -328,3 +329,61 @@ async def test_classes_and_dataclasses_are_dependencies() -> None:
         got = await client.publish("orders.eu", Order(id=1), headers={"tenant": "b", "limit": "5"})
         assert got.acked, got.reason
     assert seen == [("acme@eu", Paging(10)), ("b@eu", Paging(5))]
+
+
+async def test_a_batch_dependency_gets_the_infos_and_failures() -> None:
+    app = App()
+
+    def ids(infos: list[MessageInfo]) -> list[str]:
+        return [info.id for info in infos]
+
+    def fail_first(failures: Failures) -> Failures:
+        failures.fail(0, "first item refused")
+        return failures
+
+    seen: list[list[str]] = []
+
+    @app.subscriber("many", batch=True)
+    async def on_many(
+        items: list[int],
+        got: Annotated[list[str], Depends(ids)],
+        failures: Annotated[Failures, Depends(fail_first)],
+    ) -> None:
+        seen.append(got)
+
+    async with TestClient(app) as client:
+        results = await client.publish_batch("many", [1, 2])
+    assert seen == [[r.id for r in results]]
+    assert [r.acked for r in results] == [False, True]
+    assert (results[0].reason or "").endswith("on_many: first item refused")
+    assert not results[0].dead_lettered
+
+
+async def test_a_cancelled_sync_generator_setup_is_still_cleaned_up() -> None:
+    log: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def connection() -> Iterator[str]:
+        started.set()
+        release.wait(5)
+        log.append("acquired")
+        try:
+            yield "conn"
+        except BaseException as exc:  # not GeneratorExit: the exit stack, not the GC
+            log.append(f"released after {type(exc).__name__}")
+            raise
+
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(body: bytes, conn: Annotated[str, Depends(connection)]) -> None:
+        log.append("handler")
+
+    async with TestClient(app) as client:
+        call = asyncio.create_task(client.publish("in"))
+        assert await asyncio.to_thread(started.wait, 5)
+        call.cancel()  # while the setup runs in its thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert log == ["acquired", "released after CancelledError"]

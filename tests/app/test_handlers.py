@@ -9,7 +9,7 @@ import threading
 from typing import Annotated, Any, Optional, Union
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from typing_extensions import TypedDict
 
 from amgi.app import (
@@ -109,6 +109,44 @@ async def test_address_parameter_constraints_are_kept() -> None:
     assert (zero.reason or "").endswith(
         "address parameter 'n'='0': (root): Input should be greater than 0"
     )
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+async def test_header_and_binding_constraints_are_kept() -> None:
+    app = App()
+    seen: list[Any] = []
+
+    @app.subscriber("in")
+    async def on_in(
+        body: bytes,
+        prio: Annotated[PositiveInt, Header("prio")],
+        region: Annotated[str, Field(max_length=2), Header("region")],
+        raw: Annotated[bytes | None, Field(max_length=1), Header("raw")] = None,
+        key: Annotated[str, Field(pattern="^k"), Binding("kafka", "key")] = "k0",
+    ) -> None:
+        seen.append((prio, region, raw, key))
+
+    ok = {"prio": "1", "region": "eu"}
+    async with TestClient(app) as client:
+        good = await client.publish("in", headers={**ok, "raw": b"x"})
+        prio = await client.publish("in", headers={**ok, "prio": "-5"})
+        region = await client.publish("in", headers={**ok, "region": "eur"})
+        raw = await client.publish("in", headers={**ok, "raw": b"xy"})
+        key = await client.publish("in", headers=ok, bindings={"kafka": {"key": "z"}})
+    assert good.acked, good.reason
+    assert seen == [(1, "eu", b"x", "k0")]
+    assert "header 'prio': (root): Input should be greater than 0" in (prio.reason or "")
+    assert "header 'region': (root): String should have at most 2 characters" in (
+        region.reason or ""
+    )
+    assert "header 'raw': (root): Data should have at most 1 byte" in (raw.reason or "")
+    assert "binding kafka.key: (root): String should match pattern '^k'" in (key.reason or "")
+    assert all(r.dead_lettered for r in (prio, region, raw, key))
+    headers = app.asyncapi()["components"]["messages"]["on_in.message"]["headers"]
+    assert headers["properties"]["prio"] == {"type": "integer", "exclusiveMinimum": 0}
+    assert headers["properties"]["region"] == {"type": "string", "maxLength": 2}
 
 
 async def test_no_handler_for_address_nacks_with_reason() -> None:
@@ -250,6 +288,42 @@ async def test_validation_error_names_the_field_path_and_dead_letters_now() -> N
     assert result.dead_lettered
     assert broken.dead_lettered
     assert "Invalid JSON" in (broken.reason or "")
+
+
+class Coded(BaseModel):
+    code: str
+
+    @field_validator("code")
+    @classmethod
+    def known(cls, code: str) -> str:
+        return {"a": "A", "b": "B"}[code]  # KeyError for an unknown code
+
+
+async def test_a_validator_that_raises_nacks_its_message_only_on_every_path() -> None:
+    app = App()
+    calls: list[list[str]] = []
+
+    @app.subscriber("fast")
+    async def fast(item: Coded) -> None: ...
+
+    @app.subscriber("injected")
+    async def injected(item: Coded, mid: Annotated[str, Meta("id")]) -> None: ...
+
+    @app.subscriber("batch", batch=True)
+    async def batch(items: list[Coded]) -> None:
+        calls.append([i.code for i in items])
+
+    payloads = [{"code": c} for c in "azb"]
+    async with TestClient(app) as client:
+        for address in ("fast", "injected", "batch"):
+            results = await client.publish_batch(address, payloads)
+            assert [r.acked for r in results] == [True, False, True], address
+            assert not results[1].dead_lettered  # retried, like an error of the handler
+            assert (results[1].reason or "").endswith(
+                f"{address}, parameter {'items' if address == 'batch' else 'item'!r}: "
+                "decoding the payload raised KeyError: 'z'"
+            )
+    assert calls == [["A", "B"]]  # one call: the batch was not split
 
 
 async def test_without_the_extension_a_poison_message_is_a_plain_nack() -> None:

@@ -235,3 +235,22 @@ async def test_two_returned_calls_publish_the_result_the_middleware_returns() ->
     assert [m.payload for m in result.sent] == [b"12"]
     # Both calls' cleanups run once the result is published, the last call's first.
     assert log == ["open 1", "open 2", "results 11 12", "close 2", "close 1"]
+
+
+async def test_middleware_added_after_the_app_was_prepared_runs() -> None:
+    seen: list[str] = []
+
+    async def audit(call: HandlerCall, call_next: CallNext) -> Any:
+        seen.append(call.handler.rsplit(".", 1)[-1])
+        return await call_next()
+
+    app = App()
+
+    @app.subscriber("in")
+    async def on_in(n: int) -> None: ...
+
+    app.asyncapi()  # prepares the app: its only handler takes just the payload
+    app.add_middleware(audit)
+    async with TestClient(app) as client:
+        assert (await client.publish("in", 1)).acked
+    assert seen == ["on_in"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -297,7 +298,7 @@ def document(
     info: dict[str, Any] = {"title": title, "version": version}
     if description:
         info["description"] = description
-    return {
+    built = {
         "asyncapi": ASYNCAPI_VERSION,
         "info": info,
         "defaultContentType": "application/json",
@@ -305,3 +306,20 @@ def document(
         "operations": b.operations,
         "components": {"schemas": b.schemas, "messages": b.messages},
     }
+    safe: dict[str, Any] = _json_safe(built)
+    return safe
+
+
+def _json_safe(node: Any) -> Any:
+    """``node`` with each infinite or NaN number (a default, an example) as a string.
+
+    JSON has no such numbers. The strings are those pydantic writes and reads back as
+    floats (``ser_json_inf_nan="strings"``): "Infinity", "-Infinity", "NaN".
+    """
+    if isinstance(node, dict):
+        return {key: _json_safe(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_json_safe(item) for item in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return "NaN" if math.isnan(node) else "Infinity" if node > 0 else "-Infinity"
+    return node

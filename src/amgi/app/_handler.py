@@ -48,7 +48,11 @@ __all__ = ["Handler"]
 
 
 class _Invalid(Exception):
-    """The message does not fit the handler: nacked at once, never worth a retry."""
+    """The message could not be given to the handler; ``dead``: never worth a retry."""
+
+    def __init__(self, reason: str, dead: bool = True) -> None:
+        super().__init__(reason)
+        self.dead = dead
 
 
 class Handler:
@@ -157,22 +161,26 @@ class Handler:
             and not self._middleware
             and not self.batch
         )
-        func = self.func
-        if simple and self._is_async:
-            assert payload is not None
-            name = payload.name
-            if inspect.signature(func).parameters[name].kind is inspect.Parameter.KEYWORD_ONLY:
-
-                async def call_simple(value: Any) -> Any:
-                    return await func(**{name: value})
-
-                self._call = call_simple
-            else:
-                self._call = func  # the payload is its only parameter
+        # Decided afresh each time: middleware added since the last prepare() must not be
+        # bypassed by a fast path chosen without it.
+        self._call = self._simple_call(payload) if simple and self._is_async else None
         self._fast = self._call is not None and self.publish_to is None and self.concurrency == 1
-        kinds = {p.kind for p in plan.parameters}
+        # A dependency may ask for the batch's infos or failures as well as the handler.
+        kinds = {p.kind for p in plan.all_parameters()}
         self._needs_infos = "info" in kinds
         self._needs_failures = "failures" in kinds
+
+    def _simple_call(self, payload: Parameter | None) -> Callable[[Any], Awaitable[Any]]:
+        """The call of an async function whose only parameter is its payload."""
+        assert payload is not None
+        func, name = self.func, payload.name
+        if inspect.signature(func).parameters[name].kind is not inspect.Parameter.KEYWORD_ONLY:
+            return cast(Callable[[Any], Awaitable[Any]], func)
+
+        async def call_simple(value: Any) -> Any:
+            return await func(**{name: value})
+
+        return call_simple
 
     def _prepare_address(self, plan: Plan) -> None:
         """One type per address parameter, shared by the handler and its dependencies."""
@@ -308,8 +316,8 @@ class Handler:
         if decode is not None:
             try:
                 value = decode(event.get("payload"), event.get("headers"))
-            except (ValidationError, PayloadError) as exc:
-                raise _Invalid(self._invalid_reason(exc)) from None
+            except Exception as exc:
+                raise self._undecodable(exc) from None
             call = self._call
             if call is not None:
                 return await call(value)
@@ -351,11 +359,18 @@ class Handler:
             return await self.func(**kwargs)
         return await asyncio.to_thread(self.func, **kwargs)
 
-    def _invalid_reason(self, exc: Exception) -> str:
+    def _undecodable(self, exc: Exception) -> _Invalid:
+        """How a message whose payload could not be decoded is nacked (every path).
+
+        An invalid payload is dead-lettered at once. Anything else a validator raises
+        (a bug, a lookup that failed) is retried, like an exception of the handler.
+        """
         where = f"{self.name}, parameter {self.payload.name!r}" if self.payload else self.name
         if isinstance(exc, ValidationError):
-            return f"invalid payload for {where}: {describe_validation_error(exc)}"
-        return f"invalid payload for {where}: {exc}"
+            return _Invalid(f"invalid payload for {where}: {describe_validation_error(exc)}")
+        if isinstance(exc, PayloadError):
+            return _Invalid(f"invalid payload for {where}: {exc}")
+        return _Invalid(f"{where}: decoding the payload raised {_describe(exc)}", dead=False)
 
     def encode_output(
         self, result: Any, address: str, consumed: Mapping[str, str]
@@ -503,8 +518,9 @@ class _BatchState:
             mid = event["id"]
             try:
                 value = decode(event.get("payload"), event.get("headers"))
-            except (ValidationError, PayloadError) as exc:
-                await self.nack(mid, handler._invalid_reason(exc), True)
+            except Exception as exc:
+                invalid = handler._undecodable(exc)
+                await self.nack(mid, str(invalid), invalid.dead)
             else:
                 try:
                     await call(value)
@@ -572,7 +588,7 @@ class _BatchState:
         try:
             await self.handle_one(event)
         except _Invalid as exc:
-            await self.nack(mid, str(exc), True)
+            await self.nack(mid, str(exc), exc.dead)
         except DeadLetter as exc:
             await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
         except _OutputError as exc:
@@ -598,8 +614,9 @@ class _BatchState:
             if decode is not None:
                 try:
                     value = decode(event.get("payload"), event.get("headers"))
-                except (ValidationError, PayloadError) as exc:
-                    await self.nack(event["id"], handler._invalid_reason(exc), True)
+                except Exception as exc:
+                    invalid = handler._undecodable(exc)
+                    await self.nack(event["id"], str(invalid), invalid.dead)
                     continue
                 values.append(value)
             ids.append(event["id"])

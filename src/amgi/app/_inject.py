@@ -176,12 +176,19 @@ async def resolve(dep: Dependency, ctx: Context) -> Any:
             )
         else:
             manager = contextlib.contextmanager(dep.func)(**kwargs)
-            value = await asyncio.to_thread(manager.__enter__)
+            # A thread cannot be cancelled: a call cancelled during the setup still waits
+            # for it to finish, then cleans up what it acquired.
+            entered = asyncio.ensure_future(asyncio.to_thread(manager.__enter__))
 
             async def leave(*exc: Any) -> bool | None:
+                if not entered.done():
+                    await asyncio.wait({entered})
+                if entered.cancelled() or entered.exception() is not None:
+                    return None  # the setup failed: nothing to clean up
                 return await asyncio.to_thread(manager.__exit__, *exc)
 
             stack.push_async_exit(leave)
+            value = await asyncio.shield(entered)
     if dep.use_cache:
         assert ctx.cache is not None
         ctx.cache[dep.func] = value
@@ -321,12 +328,16 @@ def analyse(
         if annotation is _MISSING and marker is None and p.name not in address_params:
             raise AppDefinitionError(f"{where}: has no type annotation")
         getter: Callable[[Context], Any]
-        if isinstance(marker, Header):
-            getter = _header_getter(marker, base, default, where)
-            plan.parameters.append(Parameter(p.name, "header", base, marker, default))
-        elif isinstance(marker, Binding):
-            getter = _binding_getter(marker, base, default, where)
-            plan.parameters.append(Parameter(p.name, "binding", base, marker, default))
+        if isinstance(marker, Header | Binding):
+            # The type with its constraints (Annotated extras other than the marker).
+            kept = [e for e in extras if e is not marker]
+            checked = Annotated[(base, *kept)] if kept else base
+            if isinstance(marker, Header):
+                getter = _header_getter(marker, checked, default, where)
+                plan.parameters.append(Parameter(p.name, "header", checked, marker, default))
+            else:
+                getter = _binding_getter(marker, checked, default, where)
+                plan.parameters.append(Parameter(p.name, "binding", checked, marker, default))
         elif isinstance(marker, Meta):
             getter = _meta_getter(marker, batch, where)
             plan.parameters.append(Parameter(p.name, "meta", base, marker))
@@ -406,18 +417,23 @@ def _header_getter(
     marker: Header, annotation: Any, default: Any, where: str
 ) -> Callable[[Context], Any]:
     wanted = marker.name.lower().encode()
-    raw = annotation is bytes or annotation == bytes | None
-    convert = _identity if raw else _converter(strip_none(annotation), where)
+    base, constraints = unwrap_annotated(annotation)
+    base = strip_none(base)
+    raw = base is bytes  # taken as it came; other headers are UTF-8 text
+    checked = Annotated[(base, *constraints)] if constraints else base
+    convert: Callable[[Any], Any]
+    if raw:
+        convert = checked_adapter(checked, where).validate_python if constraints else _identity
+    else:
+        convert = _converter(checked, where)
     missing_ok = default is not _MISSING
 
     def get(ctx: Context) -> Any:
         assert ctx.event is not None
         for name, value in ctx.event.get("headers", ()):
             if name == wanted or name.lower() == wanted:
-                if raw:
-                    return value
                 try:
-                    return convert(value.decode("utf-8"))
+                    return convert(value if raw else value.decode("utf-8"))
                 except Exception as exc:
                     raise PayloadError(f"header {marker.name!r}: {_short(exc)}") from None
         if missing_ok:

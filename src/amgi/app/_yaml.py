@@ -8,8 +8,10 @@ from typing import Any
 
 __all__ = ["to_yaml"]
 
-_PLAIN = re.compile(r"^[A-Za-z_/$#][A-Za-z0-9_ .\-/$#{}]*$")
+_PLAIN = re.compile(r"[A-Za-z_/$#][A-Za-z0-9_ .\-/$#{}]*")
 _RESERVED = {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"}
+# What JSON leaves raw but YAML reads as a line break or refuses (non-printable).
+_ESCAPE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\ufffe\uffff]")
 
 
 def _scalar(value: Any) -> str:
@@ -23,7 +25,7 @@ def _scalar(value: Any) -> str:
         return json.dumps(value)
     text = str(value)
     if (
-        _PLAIN.match(text)
+        _PLAIN.fullmatch(text)
         and text.lower() not in _RESERVED
         and not text.endswith(" ")
         and " #" not in text
@@ -31,7 +33,9 @@ def _scalar(value: Any) -> str:
         and "{" not in text
     ):
         return text
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
+    # A JSON string is a YAML double-quoted scalar, once YAML's special characters are escaped.
+    quoted = json.dumps(text, ensure_ascii=False)
+    return _ESCAPE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)
 
 
 def _lines(value: Any, indent: int) -> list[str]:
