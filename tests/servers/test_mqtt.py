@@ -23,7 +23,7 @@ from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kit import DEAD_LETTER_REASON_HEADER, ORIGINAL_ADDRESS_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError, MqttTransport, decode_publish
 from amgi.servers.mqtt._dead_letters import DeadLetterSession, dead_letter_client_id
-from amgi.transport import Batch, Retry, Settlement
+from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 from tests.ops.helpers import CuttingFront
 from tests.races import STEPS, cancel_after_completion
@@ -508,39 +508,67 @@ async def test_a_send_the_brokers_connack_rules_out_fails_alone(
         broker.stop()
 
 
+@contextlib.asynccontextmanager
+async def settling_on_a_stopped_broker(
+    tmp_path: Path, payload: bytes
+) -> AsyncIterator[tuple[MqttTransport, MqttTransport, Batch, Callable[[Settlement], Any]]]:
+    """A private broker, a server (``--send-timeout`` 0.3 s) holding one message of
+    ``payload`` and a reader of its dead letters; the function yielded settles the batch
+    while the broker is stopped (SIGSTOP) for 2 s: every PUBACK is overdue meanwhile."""
+    import signal
+
+    broker = Mosquitto(tmp_path / "slow")
+    broker.start()
+    process = broker.process
+    assert process is not None
+    try:
+        options = MqttOptions(port=broker.port, send_timeout=0.3)
+        address = topic()
+        reader = replace(options, client_id=f"reader-{uuid.uuid4().hex[:8]}")
+        dead_topic = f"{options.dead_letter_prefix}/{address}"
+        async with connected([dead_topic], reader) as dead, connected([address], options) as server:
+            await publish(options, address, [payload])
+            [batch] = await fetch_n(server, 1)
+
+            async def settle_stopped(settlement: Settlement) -> None:
+                process.send_signal(signal.SIGSTOP)
+                try:
+                    await server.settle(batch, settlement)
+                    await asyncio.sleep(2.0)  # the first try, and later ones
+                finally:
+                    process.send_signal(signal.SIGCONT)
+
+            yield server, dead, batch, settle_stopped
+    finally:
+        broker.stop()
+
+
 async def test_a_retry_the_broker_is_slow_to_acknowledge_is_not_dead_lettered(
     tmp_path: Path,
 ) -> None:
     """A retry copy whose PUBACK came later than --send-timeout was taken for refused and
     the message dead-lettered on its first attempt, though the broker took the copy too
     (processed and dead-lettered). A slow broker refuses nothing: the copy is waited for."""
-    import signal
+    async with settling_on_a_stopped_broker(tmp_path, b"innocent") as (server, dead, batch, stop):
+        await stop(Settlement(retry=[Retry(batch.messages[0], "later", 0.0)]))
+        [again] = await fetch_n(server, 1)
+        assert [(m.payload, m.attempt) for m in again.messages] == [(b"innocent", 2)]
+        await server.settle(again, Settlement(acked=list(again.messages)))
+        await nothing_more(dead, 1.0)
 
-    broker = Mosquitto(tmp_path / "slow")
-    broker.start()
-    assert broker.process is not None
-    try:
-        options = MqttOptions(port=broker.port, send_timeout=0.5)
-        address = topic()
-        reader = replace(options, client_id=f"reader-{uuid.uuid4().hex[:8]}")
-        dead_topic = f"{options.dead_letter_prefix}/{address}"
-        async with connected([dead_topic], reader) as dead:
-            async with connected([address], options) as server:
-                await publish(options, address, [b"innocent"])
-                [batch] = await fetch_n(server, 1)
-                broker.process.send_signal(signal.SIGSTOP)
-                try:
-                    retry = Retry(batch.messages[0], "later", 0.0)
-                    await server.settle(batch, Settlement(retry=[retry]))
-                    await asyncio.sleep(0.8)  # the copy's PUBACK is overdue
-                finally:
-                    broker.process.send_signal(signal.SIGCONT)
-                [again] = await fetch_n(server, 1)
-                assert [(m.payload, m.attempt) for m in again.messages] == [(b"innocent", 2)]
-                await server.settle(again, Settlement(acked=list(again.messages)))
-            await nothing_more(dead, 1.0)
-    finally:
-        broker.stop()
+
+async def test_a_dead_letter_the_broker_is_slow_to_acknowledge_is_stored_once(
+    tmp_path: Path,
+) -> None:
+    """A dead letter whose PUBACK came later than --send-timeout was published again on
+    each later try, and paho sent the first copy again too: one dead letter per try (3
+    here). Now a later try waits for the copy already sent."""
+    async with settling_on_a_stopped_broker(tmp_path, b"poison") as (_, dead, batch, stop):
+        await stop(Settlement(dead=[DeadLetter(batch.messages[0], "bad")]))
+        [stored] = await fetch_n(dead, 1)
+        assert [m.payload for m in stored.messages] == [b"poison"]
+        await dead.settle(stored, Settlement(acked=list(stored.messages)))
+        await nothing_more(dead, 1.5)
 
 
 async def test_unreachable_broker() -> None:

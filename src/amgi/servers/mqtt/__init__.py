@@ -59,7 +59,7 @@ from amgi.servers.kit import (
 from amgi.servers.mqtt._client import MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
 from amgi.servers.mqtt._dead_letters import DeadLetters, dead_at_header
-from amgi.servers.mqtt.options import MqttOptions, _topic_problem, validate_filter
+from amgi.servers.mqtt.options import MqttOptions, validate_filter
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = [
@@ -268,83 +268,27 @@ class MqttTransport(DeadLetters, Transport):
         }
         binding["qos"] = max(1, int(binding.get("qos", 1)))
         target = f"{self.config.dead_letter_prefix}/{topic}"
-        await self.publish(target, headers, message.payload, {"mqtt": binding})
+        # Sent once: a copy whose PUBACK is late is waited for again on the next try
+        # (paho sends it again itself after a reconnect), not published once more.
+        key = (topic, message.token[1])
+        timeout = self.config.send_timeout
+        sent = self._dead_sent.get(key)
+        if sent is None:
+            sent = await self._send(target, headers, message.payload, {"mqtt": binding}, timeout)
+            self._dead_sent[key] = sent
+        try:
+            await self._confirmed(sent, target, timeout)
+        except MqttSendError:
+            if sent.done():  # refused: the next try publishes anew
+                del self._dead_sent[key]
+            raise
+        del self._dead_sent[key]
 
     async def publish(
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
     ) -> None:
         """PUBLISH to topic ``address``; for QoS 1 and 2 wait until the broker has it."""
         await self._publish(address, headers, payload, bindings, self.config.send_timeout)
-
-    async def _publish(
-        self,
-        address: str,
-        headers: HeaderList,
-        payload: bytes | None,
-        bindings: Bindings,
-        timeout: float | None,
-    ) -> None:
-        """:meth:`publish`, waiting up to ``timeout`` for a connection and for the PUBACK.
-
-        A retry copy waits as long as it takes (``None``; close() cancels it): a broker
-        that is slow or away has not refused it, and a copy it takes late must not have
-        been dead-lettered meanwhile (paho sends it again after a reconnect).
-        """
-        problem = _topic_problem(address)
-        if problem:
-            raise MqttSendError(f"mqtt: cannot send to {address!r}: {problem}")
-        binding = bindings.get("mqtt") or {}
-        qos = binding.get("qos", 1)
-        if type(qos) is not int or qos not in (0, 1, 2):
-            raise MqttSendError(f"mqtt: cannot send to {address!r}: qos must be 0, 1 or 2")
-        retain = binding.get("retain", False)
-        if type(retain) is not bool and retain is not None:
-            raise MqttSendError(
-                f"mqtt: cannot send to {address!r}: binding retain must be a bool, not "
-                f"{retain!r:.60}"
-            )
-        props = self._publish_properties(address, headers, binding)
-        if not self._connected.is_set():
-            if self._client is None or self._closing:
-                raise MqttSendError(f"mqtt: cannot send to {address!r}: the server is closed")
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._connected.wait()
-            except TimeoutError:
-                raise MqttSendError(
-                    f"mqtt: cannot send to {address!r}: not connected to {self._where()}"
-                ) from None
-        self._check_connack_limits(address, qos, bool(retain))
-        self._check_packet_size(address, payload or b"", qos, props)
-        client = self._client
-        assert client is not None
-        assert self._loop is not None
-        info = client.publish(
-            address,
-            payload if payload is not None else b"",
-            qos=qos,
-            retain=bool(retain),
-            properties=props,
-        )
-        if info.rc not in (0, 4):  # success, or queued while reconnecting (NO_CONN)
-            raise MqttSendError(f"mqtt: could not send to {address!r}: error code {info.rc}")
-        if qos == 0:
-            return
-        if info.is_published():
-            return
-        waiter = self._puback[info.mid] = self._loop.create_future()
-        try:
-            async with asyncio.timeout(timeout):
-                reason = await waiter
-        except TimeoutError:
-            raise MqttSendError(
-                f"mqtt: {self._where()} did not acknowledge the send to {address!r} "
-                f"within {self.config.send_timeout}s"
-            ) from None
-        finally:
-            self._puback.pop(info.mid, None)
-        if getattr(reason, "is_failure", False):
-            raise MqttSendError(f"mqtt: broker refused the send to {address!r}: {reason}")
 
     async def close(self) -> None:
         """Disconnect, keeping the session (and every unacknowledged message) on the broker."""
@@ -365,6 +309,7 @@ class MqttTransport(DeadLetters, Transport):
                 waiter.cancel()
         self._puback.clear()
         self._suback.clear()
+        self._dead_sent.clear()
 
 
 """MQTT 5 PUBLISH properties carried as ``mqtt`` bindings, by AsyncAPI's names."""

@@ -29,7 +29,7 @@ from amgi.servers.mqtt._codec import (
 )
 from amgi.servers.mqtt._linger import linger_until_peer_closes
 from amgi.servers.mqtt.options import NOT_MQTT_TEXT, MqttOptions, _topic_problem, _utf8_over
-from amgi.transport import HeaderList, Message
+from amgi.transport import Bindings, HeaderList, Message
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -193,6 +193,9 @@ class MqttClient:
         self._moving: dict[int, tuple[str, asyncio.Future[bool]]] = {}
         """Packet id -> (topic, outcome) of messages whose retry or dead-letter copy is
         being published: a resend of one waits for the outcome."""
+        self._dead_sent: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        """(topic, packet id) of an original -> the PUBACK of its dead letter, published
+        and not confirmed yet: a later try waits for that copy instead of sending another."""
 
     def _client_id(self) -> str:
         if self.config.client_id:
@@ -557,6 +560,98 @@ class MqttClient:
             queue.append(message)
         self._count += 1
         self._arrived.set()
+
+    async def _publish(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings,
+        timeout: float | None,
+    ) -> None:
+        """:meth:`publish`, waiting up to ``timeout`` for a connection and for the PUBACK.
+
+        A retry copy waits as long as it takes (``None``; close() cancels it): a broker
+        that is slow or away has not refused it, and a copy it takes late must not have
+        been dead-lettered meanwhile (paho sends it again after a reconnect).
+        """
+        sent = await self._send(address, headers, payload, bindings, timeout)
+        try:
+            await self._confirmed(sent, address, timeout)
+        finally:
+            if not sent.done():
+                sent.cancel()  # its PUBACK, if it comes, is for nobody
+
+    async def _confirmed(
+        self, sent: asyncio.Future[Any], address: str, timeout: float | None
+    ) -> None:
+        """Wait up to ``timeout`` for the outcome of a :meth:`_send` (it goes on after);
+        raise :class:`MqttSendError` if it is late or a refusal."""
+        try:
+            async with asyncio.timeout(timeout):
+                reason = await asyncio.shield(sent)
+        except TimeoutError:
+            raise MqttSendError(
+                f"mqtt: {self._where()} did not acknowledge the send to {address!r} "
+                f"within {timeout}s"
+            ) from None
+        if getattr(reason, "is_failure", False):
+            raise MqttSendError(f"mqtt: broker refused the send to {address!r}: {reason}")
+
+    async def _send(
+        self,
+        address: str,
+        headers: HeaderList,
+        payload: bytes | None,
+        bindings: Bindings,
+        timeout: float | None,
+    ) -> asyncio.Future[Any]:
+        """PUBLISH once (waiting up to ``timeout`` for a connection); return the future
+        of its PUBACK's reason code (done at once for QoS 0)."""
+        problem = _topic_problem(address)
+        if problem:
+            raise MqttSendError(f"mqtt: cannot send to {address!r}: {problem}")
+        binding = bindings.get("mqtt") or {}
+        qos = binding.get("qos", 1)
+        if type(qos) is not int or qos not in (0, 1, 2):
+            raise MqttSendError(f"mqtt: cannot send to {address!r}: qos must be 0, 1 or 2")
+        retain = binding.get("retain", False)
+        if type(retain) is not bool and retain is not None:
+            raise MqttSendError(
+                f"mqtt: cannot send to {address!r}: binding retain must be a bool, not "
+                f"{retain!r:.60}"
+            )
+        props = self._publish_properties(address, headers, binding)
+        if not self._connected.is_set():
+            if self._client is None or self._closing:
+                raise MqttSendError(f"mqtt: cannot send to {address!r}: the server is closed")
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._connected.wait()
+            except TimeoutError:
+                raise MqttSendError(
+                    f"mqtt: cannot send to {address!r}: not connected to {self._where()}"
+                ) from None
+        self._check_connack_limits(address, qos, bool(retain))
+        self._check_packet_size(address, payload or b"", qos, props)
+        client = self._client
+        assert client is not None
+        assert self._loop is not None
+        info = client.publish(
+            address,
+            payload if payload is not None else b"",
+            qos=qos,
+            retain=bool(retain),
+            properties=props,
+        )
+        if info.rc not in (0, 4):  # success, or queued while reconnecting (NO_CONN)
+            raise MqttSendError(f"mqtt: could not send to {address!r}: error code {info.rc}")
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        if qos == 0 or info.is_published():
+            waiter.set_result(None)
+        else:
+            self._puback[info.mid] = waiter
+        return waiter
 
     def _publish_properties(
         self, address: str, headers: HeaderList, binding: dict[str, Any]
