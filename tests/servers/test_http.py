@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import re
 import ssl
 import sys
 from pathlib import Path
@@ -346,6 +348,8 @@ _STRUCTURED = {"content-type": "application/cloudevents+json"}
 _JSON = {"content-type": "application/json"}
 _BASE = '{"specversion":"1.0","id":"1","source":"s","type":"t"'
 _EVENT = _BASE + ',"data":%s}'
+_BATCH = {"content-type": "application/cloudevents-batch+json"}
+_LONE = "body is not Unicode text (a lone surrogate"
 
 
 @pytest.mark.parametrize(
@@ -374,6 +378,17 @@ _EVENT = _BASE + ',"data":%s}'
         # a messageId object went into the bindings)
         (_JSON, b'{"message":{"attributes":[]},"subscription":"s"}', "attributes is not an"),
         (_JSON, b'{"message":{"messageId":{}},"subscription":"s"}', "messageId is not a string"),
+        # a lone surrogate is no Unicode text: as an escape (an attribute, an extension,
+        # data, a key), or as bytes (UTF-8 has none)
+        (_JSON, b'{"message":{"attributes":{"k":"\\ud800"}},"subscription":"s"}', _LONE),
+        (_STRUCTURED, (_BASE + ',"x":"a\\udfff"}').encode(), _LONE),
+        (_STRUCTURED, (_EVENT % '{"\\udc00":1}').encode(), _LONE),
+        (_BATCH, ("[" + _EVENT % '[[1,"\\uD800"]]' + "]").encode(), "event batch: " + _LONE),
+        (
+            _STRUCTURED,
+            (_BASE + ',"x":"\udfff"}').encode("utf-8", "surrogatepass"),
+            "body is not JSON ('utf-8' codec can't decode",
+        ),
     ],
 )
 async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(
@@ -381,7 +396,8 @@ async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(
 ) -> None:
     """A deeply nested body used to be a 500 (a retry for the pusher) with a traceback
     logged each time; NaN and Infinity (not JSON) reached the app labelled JSON; so did
-    attributes that are no CloudEvents attribute."""
+    attributes that are no CloudEvents attribute. A lone surrogate was a 500 with a
+    traceback (the own listener) or an exception into the ASGI server (PushApp)."""
     app = Recorder()
     async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
         answer = await client.post(served.url + "/", headers=headers, content=body)
@@ -389,6 +405,19 @@ async def test_json_too_deep_or_not_strict_is_400_without_a_traceback(
     assert says in answer.text
     assert app.received == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_surrogate_pair_escape_is_the_character_it_encodes(way: str) -> None:
+    """Only a lone surrogate is refused: a pair (JSON's escape of a character past
+    U+FFFF) is that character, in the headers and in the payload, as UTF-8."""
+    app = Recorder()
+    body = (_BASE + ',"x":"\\ud83d\\ude00","data":{"e":"\\uD83D\\uDE00"}}').encode()
+    async with serving(way, app, config=FAST) as served, httpx.AsyncClient() as client:
+        answer = await client.post(served.url + "/", headers=_STRUCTURED, content=body)
+    assert answer.status_code == 204, answer.text
+    (message,) = app.received
+    assert (b"ce-x", "\U0001f600".encode()) in message["headers"]
+    assert message["payload"] == '{"e":"\U0001f600"}'.encode()
 
 
 _BINARY = "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: 1\r\nce-source: s\r\n"
@@ -855,6 +884,80 @@ def test_the_structured_sender_sends_a_payload_that_is_not_strict_json_as_data_b
     event = json.loads(body)
     assert "data" not in event
     assert base64.b64decode(event["data_base64"]) == payload
+
+
+_KEPT = (b"HTTP/1.1 204 No Content\r\n\r\n", False)
+
+
+@pytest.mark.parametrize(
+    ("answers", "fails"),
+    [
+        ([(b"HTTP/1.0 200 OK\r\nserver: stdlib\r\n\r\n", True)], None),  # http.server's
+        ([_KEPT, (b"HTTP/1.1 200 OK\r\n\r\nok", True)], None),
+        ([_KEPT, (b"HTTP/1.1 503 Busy\r\n\r\nbusy", True)], "answered 503 for 'e1': 'busy'"),
+        (
+            [_KEPT, (b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nok", True)],
+            "closed the connection before the end of its answer",
+        ),
+    ],
+)
+async def test_an_answer_without_framing_ends_with_its_connection(
+    answers: list[tuple[bytes, bool]], fails: str | None
+) -> None:
+    """An answer with neither Content-Length nor chunking ends when the server closes
+    the connection (RFC 9112, 6.3). The sender took that close for a failure: an event
+    delivered was reported failed, and POSTed again at once on a reused connection. A
+    framed answer cut short is a failure, not sent again (the server has the event)."""
+    got: list[bytes] = []
+
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:  # a request more than scripted gets the last answer again
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                got.append(await reader.readexactly(length))
+                answer, close = answers[min(len(got), len(answers)) - 1]
+                writer.write(answer)
+                if close:
+                    break
+        writer.close()
+
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    sender = HttpTransport([], HttpOptions(send_url=url, send_timeout=10))
+    await sender.connect()
+    try:
+        for i in range(len(answers) - 1):
+            await sender.publish(f"e{i}", [], b"%d" % i, {})
+        last = len(answers) - 1
+        if fails is None:
+            await sender.publish(f"e{last}", [], b"%d" % last, {})
+        else:
+            with pytest.raises(HttpSendError, match=re.escape(fails)):
+                await sender.publish(f"e{last}", [], b"%d" % last, {})
+    finally:
+        await sender.close()
+        server.close()
+    assert got == [b"%d" % i for i in range(len(answers))]  # each once
+
+
+@pytest.mark.parametrize("payload", [b'{"a":"\\ud800"}', b'["\xed\xa0\x80"]'])
+async def test_the_structured_sender_sends_json_with_a_lone_surrogate_as_data_base64(
+    payload: bytes,
+) -> None:
+    """An escaped lone surrogate is JSON syntax but no text UTF-8 encodes (its bytes are
+    not UTF-8 at all): the send raised a bare UnicodeEncodeError into the app."""
+    sink = _Sink()
+    async with uvicorn_serving(sink) as sink_url:
+        options = HttpOptions(send_url=sink_url + "/", send_mode="structured")
+        sender = HttpTransport([], options)
+        await sender.connect()
+        try:
+            await sender.publish("a", [(b"content-type", b"application/json")], payload, {})
+        finally:
+            await sender.close()
+    (event,) = sink.events
+    assert event.get_data() == payload
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import tracemalloc
 from typing import Any
 
@@ -65,6 +66,28 @@ async def closed(reader: asyncio.StreamReader, within: float = 10) -> bool:
 async def connect(served: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     port = int(served.url.rsplit(":", 1)[1])
     return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def reading_nothing(served: Served) -> socket.socket:
+    """A client that sends requests (each answered 405 at once) and reads none of the
+    answers, until the server stops reading from it: the answers it left unread fill the
+    buffers between them, and the server holds the rest."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.transport.port))
+    requests = b"GET / HTTP/1.1\r\nhost: test\r\n\r\n" * 2048
+    left = b""
+    refused = 0
+    async with asyncio.timeout(30):
+        while refused < 20:  # the server (in this loop) read nothing for twenty turns
+            try:
+                left = left[sock.send(left or requests) :]  # (whole requests, in order)
+                refused = 0
+            except BlockingIOError:
+                refused += 1
+            await asyncio.sleep(0.01 if refused else 0)
+    return sock
 
 
 class Paced(Recorder):
@@ -198,6 +221,11 @@ async def test_http_1_0_closes_unless_it_asks_for_keep_alive() -> None:
             "transfer coding 'gzip, chunked' is not supported",
         ),
         (request(b"x", version=b"HTTP/2.0"), 505, "HTTP/2.0 is not served"),
+        (
+            request(b"x", version=b"HTTP/1.0", chunked=True),
+            400,
+            "an HTTP/1.0 request has no Transfer-Encoding",
+        ),
         (request(b"x").replace(b"host: test\r\n", b""), 400, "needs one Host header"),
         (request(b"x", extra=b"host: other\r\n"), 400, "needs one Host header"),
     ],
@@ -440,6 +468,58 @@ async def test_a_connection_over_max_connections_is_answered_503_and_the_next_is
     ]
 
 
+async def test_a_client_that_reads_no_answer_is_aborted_once_its_close_stalls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its connection closed after --keep-alive (or its 408), but asyncio's close waits
+    until the answers are sent: it stayed open for good, holding them, and counted
+    against --max-connections. It is aborted when its close has not ended within
+    --read-timeout, with a warning naming it."""
+    app = Recorder()
+    options = HttpOptions(max_connections=1, keep_alive=1, read_timeout=1)
+    async with serving("own", app, options, config=FAST) as served:
+        sock = await reading_nothing(served)
+        port = sock.getsockname()[1]
+        statuses = []
+        try:
+            async with asyncio.timeout(20):
+                while 204 not in statuses:  # 503 while it holds the only place
+                    reader, writer = await connect(served)
+                    writer.write(request(b"next"))
+                    statuses.append((await read_answer(reader))[0])
+                    writer.close()
+                    await asyncio.sleep(0.2)
+        finally:
+            sock.close()
+    assert set(statuses[:-1]) <= {503}
+    assert [m["payload"] for m in app.received] == [b"next"]
+    aborted = [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()]
+    assert len(aborted) == 1, aborted
+    assert "whose client read no answer in the 1 s after their close" in aborted[0]
+    assert f"127.0.0.1:{port} (" in aborted[0]
+
+
+async def test_a_stop_aborts_a_connection_whose_client_reads_no_answer_and_exits_0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the default --close-timeout (30 s then) the runtime's bound on closing the
+    transport (max(--shutdown-timeout, 5) s) ended first: the run exited 1, and the
+    listener never aborted the connection nor said which it was."""
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        sock = await reading_nothing(served)
+        port = sock.getsockname()[1]
+        try:
+            assert await asyncio.wait_for(served.stop(), 20) == 0
+        finally:
+            sock.close()
+    aborted = [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()]
+    assert len(aborted) == 1, aborted
+    assert "still open 3 s into the stop" in aborted[0]
+    assert f"127.0.0.1:{port} (" in aborted[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize(
     ("start", "status", "says"),
     [
@@ -550,7 +630,7 @@ async def test_a_request_still_arriving_at_shutdown_gets_503_at_once() -> None:
     connection closes once the client is quiet. Before, the rest of the request was
     ignored, it got no answer, and the stop waited the whole --close-timeout."""
     app = Recorder()
-    async with serving("own", app, HttpOptions(close_timeout=20), config=FAST) as served:
+    async with serving("own", app, HttpOptions(close_timeout=3), config=FAST) as served:
         reader, writer = await connect(served)
         whole = request(b"x" * 1000)
         writer.write(whole[:-500])

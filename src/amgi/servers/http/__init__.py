@@ -46,7 +46,7 @@ from amgi.options import check, invalid, option
 from amgi.servers.http._auth import RequestCheck
 from amgi.servers.http._front import Front
 from amgi.servers.http._inbox import Inbox
-from amgi.servers.http._listener import Listener, server_tls
+from amgi.servers.http._listener import CLOSE_MOST, Listener, server_tls
 from amgi.servers.http._sender import CloudEventSender, HttpSendError
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
@@ -90,7 +90,12 @@ class HttpOptions:
     ssl_certfile: str | None = option(None, "TLS certificate (PEM)")
     ssl_keyfile: str | None = option(None, "TLS private key (PEM)")
     ssl_ca_certs: str | None = option(None, "CA bundle: require client certificates it signed")
-    close_timeout: float = option(30.0, "seconds open connections get to close at shutdown", ge=0)
+    close_timeout: float = option(
+        CLOSE_MOST,
+        "seconds open connections get to close at shutdown; then they are aborted",
+        ge=0,
+        le=CLOSE_MOST,
+    )
     keep_alive: float = option(5.0, "seconds an idle connection stays open", gt=0)
     read_timeout: float = option(30.0, "seconds a request may pause before its end (408)", gt=0)
     min_body_rate: int = option(

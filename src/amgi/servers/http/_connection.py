@@ -200,6 +200,8 @@ class Connection(asyncio.Protocol):
         self._unread = False
         self.lingering: int | None = None
         """Sweeps since the last answer was written, while waiting to close."""
+        self._unclosed = 0
+        """Sweeps since its close began (asyncio ends it once the answers are sent)."""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -410,12 +412,15 @@ class Connection(asyncio.Protocol):
     def _refused_framing(self, version: str) -> Answer | None:
         """The answer refusing a request this server cannot read as HTTP/1.1 (RFC 9112):
         another version, no Host or two, a transfer coding other than chunked (its
-        bytes would reach the app still encoded)."""
+        bytes would reach the app still encoded), any in HTTP/1.0 (which has none: its
+        framing is faulty, 6.1)."""
         if version not in ("1.1", "1.0"):
             return text_answer(505, f"HTTP/{version} is not served (HTTP/1.1 and 1.0 are)")
         if self._hosts > 1 or (not self._hosts and version == "1.1"):
             return text_answer(400, "a request needs one Host header")
         coding = self._coding
+        if coding is not None and version == "1.0":
+            return text_answer(400, "an HTTP/1.0 request has no Transfer-Encoding")
         if coding is not None and coding.strip().lower() != b"chunked":
             codings = [c.strip().lower() for c in coding.split(b",")]
             if codings != [b"chunked"]:
@@ -555,27 +560,37 @@ class Connection(asyncio.Protocol):
         if not self.slots and self.transport is not None:
             self.transport.close()
 
-    def sweep(self, keep_alive: int, read_timeout: int, min_body_rate: int) -> None:
+    def sweep(self, keep_alive: int, read_timeout: int, min_body_rate: int) -> bool:
         """Once a second: close a connection idle too long (408 when mid-request), or
         with a request that trickles in: headers not complete within ``read_timeout``,
         or a body slower than that plus a second per ``min_body_rate`` bytes (0: no
         bound). Each byte may come just before the idle bound, so without these a
-        sender could hold the connection for as long as it liked."""
+        sender could hold the connection for as long as it liked.
+
+        True when its close has not ended ``read_timeout`` seconds after it began: the
+        client reads none of its answers (the close waits until they are sent), and
+        the listener aborts it, else it would stay open (and counted) for good."""
         self.idle += 1
         if self.handshaking:
-            return  # bounded by the handshake's own timeout
-        if self._probed and self.slots and self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
+            return False  # bounded by the handshake's own timeout
+        transport = self.transport
+        if transport is None:
+            return False
+        if transport.is_closing():
+            self._unclosed += 1
+            return self._unclosed > read_timeout
+        if self._probed and self.slots:
+            sock = transport.get_extra_info("socket")
             if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                self.transport.abort()  # reset after the 1xx: the client is gone
-                return
-        if self.lingering is not None and self.transport is not None:
+                transport.abort()  # reset after the 1xx: the client is gone
+                return False
+        if self.lingering is not None:
             self.lingering += 1
             if self.idle > 1 or self.lingering >= LINGER:  # a whole quiet second, as above
-                self.transport.close()
-            return
-        if self.slots or self.transport is None:
-            return  # the app has its requests: the sender's timeout governs
+                transport.close()
+            return False
+        if self.slots:
+            return False  # the app has its requests: the sender's timeout governs
         if self.reading:
             self._request_sweeps += 1
             took = self._request_sweeps
@@ -596,7 +611,24 @@ class Connection(asyncio.Protocol):
                 )
         elif self.idle > keep_alive:
             self.closing = True
-            self.transport.close()
+            transport.close()
+        return False
+
+    def describe(self) -> str:
+        """Its client's address, and how many bytes of answers it has not read yet."""
+        transport = self.transport
+        if transport is None:
+            return "(closed)"
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+            peer = f"{host}:{peer[1]}"
+        return f"{peer} ({transport.get_write_buffer_size()} bytes of answers unsent)"
+
+    def abort(self) -> None:
+        """Close at once, dropping what is not sent yet."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def _pause_or_resume(self) -> None:
         transport = self.transport

@@ -56,6 +56,9 @@ _ATTRIBUTE_NAME = re.compile("[a-z0-9]+").fullmatch
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]").search
 """The control characters a CloudEvents String must not hold (spec 1.0, 3.2)."""
 _CONTROL_BYTE = re.compile(b"[\x00-\x1f\x7f]").search
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]").search
+"""A JSON escape of a UTF-16 surrogate: of a pair (read as one character) or lone."""
+_SURROGATE = re.compile("[\ud800-\udfff]").search
 
 
 def _no_constant(name: str) -> Any:
@@ -189,13 +192,37 @@ def _from_object(event: Any, address_from: str, where: str) -> Parsed:
 
 def load_json(body: bytes, what: str) -> Any:
     """``body`` as strict JSON (UTF-8, -16 or -32 as :func:`json.loads` reads it);
-    :class:`BadRequest` naming ``what`` when it is not, or nests too deeply to read."""
+    :class:`BadRequest` naming ``what`` when it is not, nests too deeply to read, or
+    holds a string that is not Unicode text: a lone surrogate escape (``"\\ud800"``,
+    which no UTF-8 encodes; as bytes, the strict decoding refuses it)."""
     try:
-        return _decode_json(body.decode(json.detect_encoding(body), "surrogatepass"))
+        text = body.decode(json.detect_encoding(body))
+        document = _decode_json(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what}: body is not JSON ({exc})") from None
     except RecursionError:
         raise BadRequest(f"{what}: body is not JSON (nested too deeply)") from None
+    if _SURROGATE_ESCAPE(text) and _holds_lone_surrogate(document):
+        raise BadRequest(f"{what}: body is not Unicode text (a lone surrogate \\ud800-\\udfff)")
+    return document
+
+
+def _holds_lone_surrogate(document: Any) -> bool:
+    """Whether a string of ``document``, or a key, holds a lone surrogate (iterative: the
+    document may nest as deeply as the decoder reads)."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if _SURROGATE(item):
+                return True
+        elif kind is dict:
+            stack += item
+            stack += item.values()
+        elif kind is list:
+            stack += item
+    return False
 
 
 def _compact(data: Any, where: str) -> bytes:

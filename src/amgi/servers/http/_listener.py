@@ -4,7 +4,8 @@ The socket is bound here (so a busy port is a one-line error, and port 0 works);
 accepted connection is a :class:`~amgi.servers.http._connection.Connection`, parsing
 with httptools and answering through the front. A sweep once a second refreshes the
 ``Date`` header and closes connections idle for ``keep_alive`` seconds (and, with 408,
-those silent mid-request for ``read_timeout``). Signals belong to the runtime, which
+those silent mid-request for ``read_timeout``), and aborts those whose close has not
+ended within ``read_timeout`` (their client reads no answer). Signals belong to the runtime, which
 stops fetching, finishes in-flight batches and then calls :meth:`Listener.stop`.
 """
 
@@ -22,11 +23,18 @@ from amgi.errors import BrokerUnavailable
 from amgi.servers.http._connection import Connection
 from amgi.servers.http._front import Front
 
-__all__ = ["Listener"]
+__all__ = ["CLOSE_MOST", "Listener"]
 
 logger = logging.getLogger("amgi.servers.http")
 
 _BACKLOG = 2048
+CLOSE_MOST = 3.0
+"""The longest ``close_timeout``: the runtime bounds a transport's close by
+``max(--shutdown-timeout, 5)`` seconds, and the listener's own bound must end first (with
+a second to spare for what follows it), so that it aborts what is still open, says
+which, and the close ends in time (else the runtime gives up on it and exits 1)."""
+_SHOWN_MOST = 10
+"""The most connections a log line names."""
 _OVER_HANDSHAKE = 1
 """Seconds the TLS handshake of a connection over --max-connections may take (then its
 503): about as long as a plain one stays open for its 503."""
@@ -165,7 +173,7 @@ class Listener:
 
     async def stop(self) -> None:
         """Stop accepting, close connections as :meth:`begin_stop` does; after
-        ``close_timeout`` seconds, drop what is still open."""
+        ``close_timeout`` seconds (:data:`CLOSE_MOST` at most), abort what is still open."""
         server, self._server = self._server, None
         if server is None:
             return
@@ -177,14 +185,9 @@ class Listener:
                 async with asyncio.timeout(self.close_timeout):
                     await self._all_closed.wait()
             except TimeoutError:
-                logger.warning(
-                    "http: %d connection(s) still open after %.0f s; closing them",
-                    len(self.connections),
-                    self.close_timeout,
+                self._abort(
+                    list(self.connections), f"still open {self.close_timeout:g} s into the stop"
                 )
-                for connection in list(self.connections):
-                    if connection.transport is not None:
-                        connection.transport.abort()
         for task in list(self._handshakes):
             task.cancel()
         if self._handshakes:
@@ -217,8 +220,26 @@ class Listener:
                     )
                 self._refused_since_log = 0
             self._refresh_date()
-            for connection in list(self.connections):
-                connection.sweep(self.keep_alive, self.read_timeout, self.min_body_rate)
+            stalled = [
+                connection
+                for connection in list(self.connections)
+                if connection.sweep(self.keep_alive, self.read_timeout, self.min_body_rate)
+            ]
+            if stalled:
+                why = f"whose client read no answer in the {self.read_timeout} s after their close"
+                self._abort(stalled, why)
+
+    def _abort(self, connections: list[Connection], why: str) -> None:
+        """Abort ``connections`` (their answers not sent yet are dropped), with one
+        warning that names them."""
+        shown = [connection.describe() for connection in connections[:_SHOWN_MOST]]
+        if len(connections) > _SHOWN_MOST:
+            shown.append(f"{len(connections) - _SHOWN_MOST} more")
+        for connection in connections:
+            connection.abort()
+        logger.warning(
+            "http: aborted %d connection(s) %s: %s", len(connections), why, ", ".join(shown)
+        )
 
 
 def server_tls(certfile: str, keyfile: str | None, ca_certs: str | None) -> ssl.SSLContext:

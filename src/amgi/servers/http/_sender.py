@@ -9,8 +9,9 @@ sequential sends reuse them. Message -> CloudEvent:
   ``content-type`` is ``datacontenttype``; other headers are not sent;
 * missing required attributes are filled in: ``specversion`` 1.0, ``id`` a random UUID,
   ``source`` the ``send_source`` option, ``type`` the send address;
-* structured mode puts a JSON payload (``datacontenttype`` JSON or absent, payload valid
-  JSON) in ``data`` and any other payload in ``data_base64``.
+* structured mode puts a JSON payload (``datacontenttype`` JSON or absent, payload strict
+  JSON of Unicode text, as :func:`load_json` reads it) in ``data`` and any other payload
+  in ``data_base64``.
 """
 
 from __future__ import annotations
@@ -138,8 +139,25 @@ class _Response:
     def __init__(self) -> None:
         self.done = False
         self.keep_alive = True
+        self.received = False
+        """Bytes of it came (a send is tried again only on a reused connection that
+        closed before any: the request may have been processed otherwise)."""
+        self.headed = False
+        self.framed = False
+        """It has a Content-Length or ends chunked: else its body ends with the
+        connection (RFC 9112, 6.3), and so the answer does."""
         self.body: list[bytes] = []
         self.parser: Any = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length":
+            self.framed = True
+        elif name == b"transfer-encoding":
+            self.framed = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+
+    def on_headers_complete(self) -> None:
+        self.headed = True
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -202,21 +220,29 @@ class CloudEventSender:
 
         reused = bool(self._idle)
         connection = self._idle.pop() if reused else await self._open()
+        response = _Response()
         try:
             connection.writer.write(request)
             await connection.writer.drain()
-            response = _Response()
             parser = response.parser = httptools.HttpResponseParser(response)
             while not response.done:
                 data = await connection.reader.read(65536)
                 if not data:
-                    raise ConnectionResetError("the server closed the connection")
+                    if response.headed and not response.framed:
+                        break  # its body ended with the connection: it is complete
+                    ended = " before the end of its answer" if response.received else ""
+                    raise ConnectionResetError(f"the server closed the connection{ended}")
+                response.received = True
                 parser.feed_data(data)
             status = parser.get_status_code()
-            keep = response.keep_alive
+            keep = response.done and response.keep_alive
         except (OSError, httptools.HttpParserError) as exc:
             connection.writer.close()
-            if reused and isinstance(exc, ConnectionResetError | BrokenPipeError):
+            if (
+                reused
+                and not response.received
+                and isinstance(exc, ConnectionResetError | BrokenPipeError)
+            ):
                 return await self._exchange(request)  # an idle connection the peer had closed
             raise OSError(str(exc) or type(exc).__name__) from None
         except BaseException:
