@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             routes = _send_routes(values)
             worker = worker_index()
             if ops_config.workers > 1 and worker is None:
-                check_workers(transport, ops_config)
+                check_workers(transport, ops_config, app, server)
                 return Supervisor(argv, ops_config.workers).run()
             if worker is not None:
                 follow_supervisor()

@@ -245,8 +245,124 @@ def test_a_worker_that_keeps_failing_at_startup_is_given_up_on(tmp_path: Path) -
         timeout=60,
     )
     assert result.returncode == 1
-    assert "exited with code 1 5 times within 5s of starting: giving up" in result.stderr
+    assert "exited with code 1 5 times in a row before serving" in result.stderr
     assert result.stderr.count("application startup failed: no database") >= 5
+
+
+QUICK_SUPERVISOR = """
+import sys
+import amgi.ops.workers as workers
+workers._QUICK = 0.2
+workers._BACKOFF_FIRST = 0.1
+workers.MAX_QUICK_FAILURES = 3
+from amgi.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""``amgi`` whose supervisor counts a death 0.2s after a start as late and gives up
+after 3 failures, backing off from 0.1s: the cases below without waiting 5s each."""
+
+LATE_FAILURE_APP = """
+import asyncio
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        await asyncio.sleep(0.5)  # longer than the supervisor's _QUICK
+        await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
+"""
+
+
+def test_a_worker_that_fails_at_startup_after_a_while_is_given_up_on(tmp_path: Path) -> None:
+    """Failing late (an unreachable broker's connect timeout) is still failing at startup:
+    the worker never served. Such a worker was restarted at once, forever."""
+    (tmp_path / "late.py").write_text(LATE_FAILURE_APP)
+    result = subprocess.run(
+        [sys.executable, "-c", QUICK_SUPERVISOR, "run", "late:app", "q", "--workers", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "exited with code 1 3 times in a row before serving" in result.stderr
+    assert "exited with code 1: restarting it in 0.2s" in result.stderr, "backing off"
+    assert "restarting it in 0.0s" not in result.stderr
+
+
+def test_a_worker_that_served_is_restarted_at_once(tmp_path: Path) -> None:
+    """A worker reports when it serves: its death later is no failure to start."""
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", QUICK_SUPERVISOR, "run", "stuck:app", "q", "--workers", "2",
+         "--log-level", "debug"],
+        cwd=tmp_path, env={**os.environ, "SEEN": str(tmp_path / "seen")},
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert supervisor.stderr is not None
+        err = ""
+        for line in supervisor.stderr:
+            err += line
+            if "amgi.workers: worker 0 serving" in line:
+                break
+        victim = int(err.split("worker 0 started (pid ")[1].split(")")[0])
+        time.sleep(0.3)  # a death no longer within the (patched) 0.2s of its start
+        os.kill(victim, signal.SIGKILL)
+        for line in supervisor.stderr:
+            err += line
+            if err.count("amgi.workers: worker 0 serving") == 2:  # restarted
+                break
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    err += supervisor.stderr.read()
+    assert "worker 0 killed by SIGKILL: restarting it in 0.0s" in err, err
+
+
+def test_an_option_each_worker_would_refuse_is_one_error_before_any_starts(
+    tmp_path: Path,
+) -> None:
+    """``--tracing on`` without OpenTelemetry: the supervisor's check finds it, as a single
+    process does, instead of each worker failing and being restarted."""
+    shim = tmp_path / "nootel" / "opentelemetry"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('not installed')\n")
+    path = os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")]))
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    result = subprocess.run(
+        [sys.executable, "-m", "amgi", "run", "stuck:app", "q", "--workers", "2",
+         "--tracing", "on"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": path},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("amgi: error: --tracing on needs the OpenTelemetry API") == 1
+    assert "started (pid" not in result.stderr, result.stderr
+
+
+USAGE_ERROR_APP = """
+import os, sys
+if os.environ.get("AMGI_WORKER_INDEX") == "0":
+    sys.exit(2)  # as a worker that finds its command line wrong does
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+"""
+
+
+def test_a_worker_usage_error_is_not_restarted(tmp_path: Path) -> None:
+    (tmp_path / "usage.py").write_text(USAGE_ERROR_APP)
+    result = subprocess.run(
+        [sys.executable, "-m", "amgi", "run", "usage:app", "q", "--workers", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "worker 0 exited with code 2 (a usage or configuration error): not restarting" in (
+        result.stderr
+    )
+    assert result.stderr.count("worker 0 started") == 1
 
 
 def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:

@@ -233,6 +233,42 @@ async def test_self_managed_kafka_event_and_sends_from_the_app() -> None:
     assert capture.sent == [("out", [(b"h", b"v")], b"reply", {"kafka": {"key": b"k"}})]
 
 
+class SlowCapture(Capture):
+    """A capturing publisher whose connect takes a moment: concurrent sends wait for it."""
+
+    async def connect(self) -> None:
+        await asyncio.sleep(0.05)
+        await super().connect()
+
+
+def test_a_handler_used_again_after_close_sends_on_its_new_loop() -> None:
+    """Both partitions send while the publisher connects, so they contend for the lock
+    that guards it; after close() a new loop must not meet the old loop's lock."""
+    capture = SlowCapture()
+    errors: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        event = await receive()
+        try:
+            await send({"type": "message.send", "address": "out", "headers": [], "payload": b"x"})
+        except Exception as exc:
+            errors.append(exc)
+        await send({"type": "message.ack", "id": event["id"]})
+
+    event = load("msk.json")
+    for records in event["records"].values():
+        del records[1:]  # one record per partition: one send each
+    handler = KafkaHandler(app, handle_sigterm=False, publisher=capture)
+    for _ in range(2):
+        assert handler(event, None) == {"processed": 2, "dead_lettered": 0}
+        handler.close()
+    assert errors == []
+    assert len(capture.sent) == 4
+    assert capture.connected == 2, "connected once on each loop"
+
+
 async def test_unfinished_partitions_at_the_deadline_fail_the_invocation() -> None:
     never = asyncio.Event()
 

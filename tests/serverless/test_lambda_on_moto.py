@@ -203,6 +203,57 @@ def test_sigterm_runs_lifespan_shutdown_once(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_during_an_invocation_waits_for_its_end(tmp_path: Path, signals: int) -> None:
+    """One SIGTERM during an invocation: it ends, lifespan shutdown runs, exit 0 (it used
+    to exit at once, the lifespan call destroyed pending). A second one exits at once."""
+    script = tmp_path / "container.py"
+    record = tmp_path / "record.txt"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, json, os, signal
+            from amgi.serverless import SqsHandler
+
+            def note(line):
+                with open({str(record)!r}, "a") as f:
+                    f.write(line + "\\n")
+
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    await send({{"type": "lifespan.startup.complete"}})
+                    await receive()
+                    note("shutdown")
+                    await send({{"type": "lifespan.shutdown.complete"}})
+                    return
+                event = await receive()
+                for _ in range({signals}):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                await send({{"type": "message.ack", "id": event["id"]}})
+                note("acked")
+
+            handler = SqsHandler(app)
+            event = json.load(open({str(FIXTURES / "sqs_standard.json")!r}))
+            event["Records"] = event["Records"][:1]
+            handler(event, None)
+            print("not reached")
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not reached" not in done.stdout
+    if signals == 1:
+        assert record.read_text().split() == ["acked", "shutdown"]
+        assert "destroyed but it is pending" not in done.stderr
+    else:
+        assert not record.exists(), "a second SIGTERM waits for nothing"
+
+
 async def test_content_that_does_not_decode_stops_neither_the_server_nor_lambda(
     sqs: SqsTransport,
 ) -> None:

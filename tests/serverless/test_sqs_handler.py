@@ -86,6 +86,19 @@ async def test_fifo_stops_a_group_at_its_first_failure() -> None:
     assert app.received[0].bindings["sqs"]["message_group_id"] == "a"
 
 
+async def test_a_fair_queue_group_is_not_held_behind_a_failure() -> None:
+    """A standard queue's records may carry a MessageGroupId (fair queues): not FIFO, so
+    a nack fails that record alone, never the ones the app acked after it."""
+    event = load("sqs_standard.json")
+    for record in event["Records"]:
+        record["attributes"]["MessageGroupId"] = "tenant-1"
+    first = event["Records"][0]["messageId"]
+    app = Recorder(lambda r: "nack:poison" if r.id == first else "ack")
+    result = await handler_for(app).handle(event)
+    assert failures(result) == [first]
+    assert app.received[1].bindings["sqs"]["message_group_id"] == "tenant-1"
+
+
 async def test_records_unfinished_at_the_deadline_are_failures() -> None:
     event = load("sqs_standard.json")
     ids = [r["messageId"] for r in event["Records"]]

@@ -4,6 +4,7 @@ the event loop starts (so that bad options fail before the application's lifespa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from amgi.errors import ConfigurationError
 from amgi.ops.config import OpsConfig, TracingMode
+from amgi.ops.workers import report_serving
 from amgi.runtime.app import check_app
 from amgi.runtime.metrics import MetricsHook
 from amgi.runtime.server import Runtime
@@ -74,7 +76,16 @@ def prepare(
 
 
 async def serve(runtime: Runtime, ops: Operations) -> int:
-    """Run ``runtime`` with the probe listener (when there is one) beside it."""
+    """Run ``runtime`` with the probe listener (when there is one) beside it; in a worker,
+    tell the supervisor once it serves (:func:`~amgi.ops.workers.report_serving`)."""
+    reporter = asyncio.create_task(report_serving(runtime.started))
+    try:
+        return await _serve(runtime, ops)
+    finally:
+        reporter.cancel()
+
+
+async def _serve(runtime: Runtime, ops: Operations) -> int:
     if ops.sock is None:
         return await runtime.serve()
     from amgi.ops.listener import OpsListener
@@ -107,15 +118,21 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
         await listener.close()
 
 
-def check_workers(transport: Transport, config: OpsConfig) -> None:
-    """Refuse ``--workers N`` where N processes cannot work: before any worker starts."""
+def check_workers(
+    transport: Transport, config: OpsConfig, app: AMGIApplication, server: str
+) -> None:
+    """Refuse ``--workers N`` where N processes cannot work, and what each worker's
+    :func:`prepare` would refuse: once, before any worker starts."""
     why = transport.workers_refusal()
     if why is not None:
         raise ConfigurationError(
             f"--workers: the {transport.name} server runs in one process: {why}"
         )
+    ops = prepare(config, app, server)
+    if ops.sock is not None:
+        ops.sock.close()
     if config.metrics_port:
         from amgi.ops.listener import bind
 
-        for i in range(config.workers):
+        for i in range(1, config.workers):  # worker 0's port: prepare bound it
             bind(config.metrics_host, config.metrics_port + i).close()

@@ -5,10 +5,14 @@ Each worker is the same ``amgi run`` command run as ``python -m amgi`` with
 (one consumer group, competing consumers on a queue, leases on the SQLite file). The
 supervisor:
 
-* restarts a worker that exits while it is not shutting down; a worker that keeps dying
-  within a few seconds of its start is restarted after a doubling delay and, after
+* restarts a worker that exits while it is not shutting down. A death counts as a failure
+  to start when the worker never reported that it serves (connected, lifespan started: a
+  byte on a pipe, :func:`report_serving`) or died within a few seconds of its start; a
+  worker that keeps failing so is restarted after a doubling delay and, after
   :data:`MAX_QUICK_FAILURES` such deaths in a row, the supervisor gives up (stops the
-  others and exits 1) instead of restarting forever;
+  others and exits 1) instead of restarting forever. A worker that exits with code 2 (a
+  usage or configuration error) is not restarted: the supervisor stops the others and
+  exits 2;
 * forwards SIGINT and SIGTERM to every worker and waits for all of them to drain; it
   exits 0 when every worker exited 0;
 * on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1; one
@@ -24,6 +28,7 @@ which forwards it once) and are sent SIGTERM by the kernel if the supervisor die
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -43,6 +48,7 @@ __all__ = [
     "WORKER_INDEX_ENV",
     "Supervisor",
     "follow_supervisor",
+    "report_serving",
     "worker_index",
 ]
 
@@ -50,9 +56,12 @@ logger = logging.getLogger("amgi.workers")
 
 WORKER_INDEX_ENV = "AMGI_WORKER_INDEX"
 SUPERVISOR_PID_ENV = "AMGI_SUPERVISOR_PID"
+SERVING_FD_ENV = "AMGI_SERVING_FD"
 MAX_QUICK_FAILURES = 5
 _QUICK = 5.0
-"""A worker that dies sooner than this after its start counts as failing at startup."""
+"""A worker that dies sooner than this after its start counts as failing at startup,
+even if it reported that it serves."""
+_USAGE_ERROR = 2
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 10.0
 _POLL = 0.05
@@ -86,11 +95,31 @@ def follow_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+async def report_serving(started: asyncio.Event) -> None:
+    """In a worker: once ``started`` is set, write a byte on the pipe the supervisor
+    passed down, so that it no longer counts this worker's death as a failure to start."""
+    raw = os.environ.pop(SERVING_FD_ENV, None)
+    if raw is None:
+        return
+    fd = int(raw)
+    try:
+        os.set_inheritable(fd, False)  # not for the application's own subprocesses
+        await started.wait()
+        os.write(fd, b"1")
+    except OSError:
+        pass  # the supervisor is gone: follow_supervisor stops this worker
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    serving: bool = False
+    ready: int | None = None
+    """The read end of the pipe the worker reports serving on, until it did or exited."""
     quick_failures: int = 0
     restart_at: float | None = None
     exit_code: int | None = None
@@ -114,17 +143,32 @@ class Supervisor:
         self._signals: list[signal.Signals] = []
         self._first_signal = 0.0
         self._stopping: signal.Signals | None = None
-        self._failed = False
+        self._failed = 0
+        """The exit code when the supervisor gave up on a worker (0: it did not)."""
 
     def _spawn(self, worker: _Worker) -> None:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
         env = {
             **os.environ,
             WORKER_INDEX_ENV: str(worker.index),
             SUPERVISOR_PID_ENV: str(os.getpid()),
+            SERVING_FD_ENV: str(write),
         }
-        worker.process = subprocess.Popen(
-            [sys.executable, "-m", "amgi", *self.argv], env=env, process_group=0
-        )
+        try:
+            worker.process = subprocess.Popen(
+                [sys.executable, "-m", "amgi", *self.argv],
+                env=env,
+                process_group=0,
+                pass_fds=(write,),
+            )
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        worker.ready = read
+        worker.serving = False
         worker.started = time.monotonic()
         worker.restart_at = None
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
@@ -153,6 +197,7 @@ class Supervisor:
                 if worker.process is not None and worker.process.poll() is None:
                     worker.process.kill()
                     worker.process.wait()
+                self._close_pipe(worker)
 
     def _loop(self) -> int:
         handled = 0
@@ -181,9 +226,11 @@ class Supervisor:
                         alive += 1
                     continue
                 code = worker.process.poll()
+                self._check_serving(worker)
                 if code is None:
                     alive += 1
                     continue
+                self._close_pipe(worker)
                 worker.process = None
                 worker.exit_code = code
                 if self._stopping is not None:
@@ -198,25 +245,52 @@ class Supervisor:
                 self._restart_later(worker, code, now)
             if self._stopping is not None and alive == 0:
                 if self._failed:
-                    return 1
+                    return self._failed
                 return 0 if all(w.exit_code == 0 for w in self.workers) else 1
             time.sleep(_POLL)
 
+    def _check_serving(self, worker: _Worker) -> None:
+        """Read whether the worker reported that it serves (polled, never waits)."""
+        if worker.ready is None:
+            return
+        try:
+            said = os.read(worker.ready, 1)
+        except BlockingIOError:
+            return  # not yet
+        self._close_pipe(worker)  # it said so, or closed the pipe without saying it
+        if said:
+            worker.serving = True
+            logger.debug("worker %d serving", worker.index)
+
+    def _close_pipe(self, worker: _Worker) -> None:
+        if worker.ready is not None:
+            os.close(worker.ready)
+            worker.ready = None
+
     def _restart_later(self, worker: _Worker, code: int, now: float) -> None:
-        if now - worker.started < _QUICK:
-            worker.quick_failures += 1
-        else:
+        if code == _USAGE_ERROR:
+            logger.error(
+                "worker %d %s (a usage or configuration error): not restarting it, "
+                "stopping the others",
+                worker.index,
+                _describe(code),
+            )
+            self._give_up(_USAGE_ERROR)
+            return
+        if worker.serving and now - worker.started >= _QUICK:
             worker.quick_failures = 0
+        else:
+            worker.quick_failures += 1
         if worker.quick_failures >= MAX_QUICK_FAILURES:
             logger.error(
-                "worker %d %s %d times within %.0fs of starting: giving up, stopping the others",
+                "worker %d %s %d times in a row before serving (or within %.0fs of its "
+                "start): giving up, stopping the others",
                 worker.index,
                 _describe(code),
                 worker.quick_failures,
                 _QUICK,
             )
-            self._failed = True
-            self._stop(signal.SIGTERM)
+            self._give_up(1)
             return
         delay = (
             min(_BACKOFF_FIRST * 2 ** (worker.quick_failures - 1), _BACKOFF_MAX)
@@ -225,6 +299,10 @@ class Supervisor:
         )
         logger.warning("worker %d %s: restarting it in %.1fs", worker.index, _describe(code), delay)
         worker.restart_at = now + delay
+
+    def _give_up(self, code: int) -> None:
+        self._failed = code
+        self._stop(signal.SIGTERM)
 
     def _stop(self, sig: signal.Signals) -> None:
         self._stopping = sig

@@ -109,6 +109,9 @@ class LambdaAdapter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lifespan: Lifespan | None = None
         self._closing = False
+        self._sigterm_installed = False
+        self._exit: Callable[[], None] | None = None
+        """What a SIGTERM that came during an invocation does once :meth:`close` ran."""
 
     # -- the Lambda entry point ------------------------------------------------------
 
@@ -117,31 +120,38 @@ class LambdaAdapter:
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.new_event_loop()
-            if self.handle_sigterm:
+            if self.handle_sigterm and not self._sigterm_installed:
                 self._install_sigterm()
-        result = loop.run_until_complete(self.handle(event, context))
-        if self._closing:
-            self.close()
-        return result
+        try:
+            return loop.run_until_complete(self.handle(event, context))
+        finally:
+            if self._closing:
+                self.close()
 
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
         """Handle one invocation (the coroutine behind ``__call__``)."""
         raise NotImplementedError
 
     def close(self) -> None:
-        """Run lifespan shutdown, close the publisher and the event loop (container end)."""
+        """Run lifespan shutdown, close the publisher and the event loop (container end);
+        then exit if a SIGTERM asked for it while the loop was busy."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        if loop.is_running():
+        if loop is not None and loop.is_running():
             self._closing = True  # at the end of the invocation in progress
             return
         try:
-            loop.run_until_complete(self.aclose())
-            loop.run_until_complete(self._cancel_leftovers())
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.run_until_complete(self.aclose())
+                    loop.run_until_complete(self._cancel_leftovers())
+                finally:
+                    loop.close()
+                    self._loop = None
+                    self._closing = False
         finally:
-            loop.close()
-            self._loop = None
+            end, self._exit = self._exit, None
+            if end is not None:
+                end()
 
     async def _cancel_leftovers(self) -> None:
         """Cancel what is still running on the loop (calls abandoned at a deadline, tasks
@@ -156,7 +166,9 @@ class LambdaAdapter:
             logger.error("%d task(s) ignored cancellation at close: abandoned", len(pending))
 
     async def aclose(self) -> None:
-        """The asynchronous part of :meth:`close`, for use on a loop you own."""
+        """The asynchronous part of :meth:`close`, for use on a loop you own: ends what is
+        bound to this loop, so that the handler may run again on another one."""
+        self._publisher_lock = None
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
             await lifespan.shutdown(self.config.lifespan_shutdown_timeout)
@@ -171,18 +183,39 @@ class LambdaAdapter:
                 logger.exception("closing the %s publisher failed", publisher.name)
 
     def _install_sigterm(self) -> None:
+        """On SIGTERM: :meth:`close`, then the previous handler or exit 0. During an
+        invocation, after it: the loop is busy; a second SIGTERM exits at once."""
+
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            def end() -> None:
+                if previous not in (signal.SIG_DFL, signal.SIG_IGN, None) and callable(previous):
+                    previous(signum, frame)
+                else:
+                    raise SystemExit(0)
+
+            if self._exit is not None:
+                logger.warning("SIGTERM received again: exiting now")
+                self._exit, self._closing = None, False
+                end()
+                return
+            self._exit = end
+            loop = self._loop
+            if loop is not None and loop.is_running():
+                logger.info(
+                    "SIGTERM: shutting the application down after the invocation in progress "
+                    "(again to exit now)"
+                )
+                self._closing = True
+                return
             logger.info("SIGTERM: shutting the application down")
             self.close()
-            if previous not in (signal.SIG_DFL, signal.SIG_IGN, None) and callable(previous):
-                previous(signum, frame)
-            else:
-                raise SystemExit(0)
 
         try:
             previous = signal.signal(signal.SIGTERM, on_sigterm)
         except ValueError:  # not the main thread: the host shuts us down itself
             logger.debug("not on the main thread: SIGTERM left to the host")
+            return
+        self._sigterm_installed = True
 
     # -- one invocation ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ body md5 mismatch,     reported as a failure without reaching the application (c
 undecodable content    that does not decode: a bad ``amgi-body-encoding`` or
                        ``amgi-headers``); the other records are processed
 FIFO queue             after a group's first failure the rest of that group fails too; a
-                       record failed before the app holds the rest of its group back
+(a ``.fifo`` name)     record failed before the app holds the rest of its group back
 deadline               records not settled before the invocation's remaining time (less
                        ``deadline_margin``) are reported as failures
 malformed event        :class:`MalformedEvent`, nothing processed (the whole batch returns)
@@ -139,7 +139,7 @@ class SqsHandler(LambdaAdapter):
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
         parsed = self._parse(event)
         records = [m for m, _ in parsed]
-        fifo = any(_is_fifo(m) for m in records)
+        fifo = bool(records) and _is_fifo(records[0])
         failed: set[str] = set()
         for m, problem in parsed:
             why = _rejection(m, problem)
@@ -232,7 +232,12 @@ class SqsHandler(LambdaAdapter):
 
 
 def _is_fifo(m: Message) -> bool:
-    return "message_group_id" in m.bindings["sqs"]
+    """Whether ``m`` comes from a FIFO queue: its name ends in ``.fifo``, as SQS requires.
+
+    Not from ``MessageGroupId``: standard queues carry it too (fair queues), and there a
+    group's failure must not fail the records after it.
+    """
+    return _queue_name(str(m.token.get("eventSourceARN", ""))).endswith(".fifo")
 
 
 def _stop_groups(records: list[Message], failed: set[str]) -> set[str]:
