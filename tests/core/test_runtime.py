@@ -220,6 +220,20 @@ async def test_retry_policy_backoff_then_dead_letter() -> None:
     assert [(d.message.payload, d.reason) for d in last.dead] == [(b"y", "no")]
 
 
+async def test_a_nack_at_a_very_high_attempt_is_retried_after_the_longest_delay() -> None:
+    # The doubling delay overflowed past attempt 1025: the batch failed and its message
+    # was settled neither way until the stop.
+    async def nack(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] == "message":
+            m = await receive()
+            await send({"type": "message.nack", "id": m["id"], "message": "no"})  # type: ignore[typeddict-item]
+
+    t = Scripted([batch("a", b"x", attempt=1030)])
+    await serve_until_settled(nack, t, 1, max_attempts=5000, retry_delay=0.5, retry_delay_max=3.0)
+    ((_, settlement),) = t.settled
+    assert [(r.reason, r.delay) for r in settlement.retry] == [("no", 3.0)]
+
+
 async def test_exhausted_messages_are_dead_lettered_before_the_app_sees_them() -> None:
     seen: list[bytes | None] = []
 

@@ -123,6 +123,8 @@ def test_backoff_refuses_a_zero_delay_and_caps_the_first_by_the_maximum() -> Non
 
 def test_doubling_delay_per_attempt() -> None:
     assert [doubling_delay(1.0, a, 5.0) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    # 2.0 ** 1029 overflowed: a nack at attempt 1030 (--max-attempts 5000) failed its batch.
+    assert [doubling_delay(0.5, a, 30.0) for a in (1030, 10**9)] == [30.0, 30.0]
 
 
 async def test_backoff_sleep_waits_then_doubles() -> None:

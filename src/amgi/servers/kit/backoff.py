@@ -11,8 +11,15 @@ def doubling_delay(first: float, attempt: int, maximum: float) -> float:
     """``first`` doubled per attempt after the first, capped at ``maximum``.
 
     ``attempt`` counts from 1: ``doubling_delay(1, 1, 60) == 1``, ``(1, 3, 60) == 4``.
+    Any attempt count is fine (``--max-attempts`` has no upper bound, and a foreign
+    producer may write any count): the exponent stops where the delay is long capped.
     """
-    return float(min(first * 2.0 ** max(0, attempt - 1), maximum))
+    doublings = min(max(0, attempt - 1), _MOST_DOUBLINGS)
+    return float(min(first * 2.0**doublings, maximum))
+
+
+_MOST_DOUBLINGS = 1000
+"""Past this many, 2.0 ** n overflows (1024) while any real ``maximum`` was reached long before."""
 
 
 class Backoff:
