@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from dataclasses import replace
 
 import pytest
 
+from amgi.errors import ConfigurationError
 from amgi.servers.nats import NatsOptions, NatsTransport
 from amgi.servers.nats._dead_letters import subject_matches
 from tests.ops.helpers import (
@@ -30,6 +32,7 @@ from tests.servers.nats_helpers import (
     ensure_broker,
     ensure_stream,
     fresh,
+    retention_stream,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -134,6 +137,54 @@ async def test_dead_letters_no_stream_captures_are_one_line() -> None:
     )
     line = one_line_error(result)
     assert f"no JetStream stream captures the dead-letter subject 'nowhere.{subject}'" in line
+
+
+async def test_dead_letters_in_a_work_queue_stream_are_listed_and_replayed() -> None:
+    """A work-queue stream keeps a dead letter no consumer reads, and takes only consumers
+    with explicit acks: ``list`` failed there (its consumer acked nothing). It now reads
+    it with explicit acks it never sends, so the dead letters stay until replayed."""
+    import nats
+
+    await ensure_stream()
+    subject = f"{PREFIX}.{fresh('wq')}"
+    async with retention_stream("workqueue") as (name, dead_subject):
+        opts = replace(options(fresh("d")), dead_letter_subject=dead_subject)
+        admin = NatsTransport([], opts)
+        await admin.connect()
+        nc = await nats.connect(URL)
+        try:
+            for i in range(2):
+                await admin.publish(subject, [], b"%d" % i, {})
+            await dead_letter_all(NatsTransport([subject], opts), 2, retry_delay=0)
+            for _ in range(2):  # listing leaves them
+                listed = await admin.list_dead_letters(subject, 10)
+                assert [d.payload for d in listed] == [b"0", b"1"]
+            assert await admin.replay_dead_letters(subject, 10) == 2
+            assert (await nc.jsm().stream_info(name)).state.messages == 0
+        finally:
+            await admin.close()
+            await nc.close()
+
+
+async def test_dead_letters_in_an_interest_stream_are_one_line() -> None:
+    """A stream with interest retention keeps no dead letter no consumer wants, so the
+    server stores none there: ``list`` showed none without a word."""
+    await ensure_stream()
+    subject = f"{PREFIX}.{fresh('interest')}"
+    async with retention_stream("interest") as (_, dead_subject):
+        result = await asyncio.to_thread(
+            run, "dead-letters", "list", subject, "--dead-letter-subject", dead_subject
+        )
+        line = one_line_error(result)
+        assert "has interest retention" in line
+        assert "limits or workqueue retention" in line
+        replayer = NatsTransport([], replace(options(), dead_letter_subject=dead_subject))
+        await replayer.connect()
+        try:
+            with pytest.raises(ConfigurationError, match="has interest retention"):
+                await replayer.replay_dead_letters(subject, 10)
+        finally:
+            await replayer.close()
 
 
 def test_subject_patterns() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -103,4 +105,29 @@ async def consumer_state(stream: str, durable: str, url: str = URL, **connect: A
     try:
         return await nc.jsm().consumer_info(stream, durable)
     finally:
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def retention_stream(retention: str, tag: str = "") -> AsyncIterator[tuple[str, str]]:
+    """A fresh in-memory stream with ``retention`` (limits, interest, workqueue) that
+    captures ``amgi-test-{tag}.>`` (a fresh tag by default), deleted at the end: its
+    name, and the ``--dead-letter-subject`` that goes there."""
+    import nats
+    from nats.js import api
+
+    tag = tag or fresh("dl")
+    name = f"AMGI_TEST_{tag.replace('-', '_')}"
+    nc = await nats.connect(URL)
+    try:
+        await nc.jsm().add_stream(
+            api.StreamConfig(
+                name=name, subjects=[f"{PREFIX}-{tag}.>"], storage=api.StorageType.MEMORY,
+                retention=api.RetentionPolicy(retention), max_age=600,
+            )
+        )  # fmt: skip
+        yield name, f"{PREFIX}-{tag}.{{subject}}"
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.jsm().delete_stream(name)
         await nc.close()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from tests.servers.nats_helpers import (
     ensure_stream,
     fresh,
     read_subject,
+    retention_stream,
 )
 from tests.servers.private_brokers import private_nats
 
@@ -836,6 +838,35 @@ async def test_a_dead_letter_no_stream_captures_waits_long_with_one_line_and_is_
         with contextlib.suppress(Exception):
             await admin.jsm().delete_stream(dead_stream)
         await admin.close()
+
+
+async def test_a_dead_letter_stream_with_interest_retention_is_refused_and_loses_nothing(
+    subject: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream with interest retention acked the dead letter, then dropped it (no
+    consumer's filter covered its subject), and the original was terminated: both gone
+    (3 of 3 nacked messages, measured). Such a stream now stops the start with one line;
+    one that appears while the server runs keeps the message unacknowledged, one line."""
+    durable, tag = fresh("d"), fresh("interest")
+    options = NatsOptions(
+        servers=URL, durable=durable, fetch_expiry=0.2, ack_wait=1,
+        dead_letter_subject=f"{PREFIX}-{tag}.{{subject}}",
+    )  # fmt: skip
+    t = NatsTransport([subject], options)
+    await t.connect()  # no stream captures the dead-letter subject yet
+    try:
+        async with retention_stream("interest", tag):
+            for mode in ("jetstream", "core"):
+                refused = NatsTransport([subject], replace(options, mode=mode, queue=fresh("q")))
+                with pytest.raises(ConfigurationError, match="has interest retention") as info:
+                    await refused.connect()
+                assert "limits or workqueue retention" in str(info.value)
+            await t.publish(subject, [], b"poison", {})
+            _, line = await dead_letter_kept(t, durable, caplog)
+    finally:
+        await t.close()
+    assert "has interest retention" in line
+    assert "(give the dead-letter subject a stream with limits or workqueue retention)" in line
 
 
 async def test_core_mode_retries_in_memory_then_dead_letters(subject: str) -> None:

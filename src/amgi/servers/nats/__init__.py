@@ -19,7 +19,9 @@ nack (retry)       ``-NAK`` with the retry delay; JetStream redelivers it
 attempt            the delivery count in the message metadata
 nack (dead)        published (ack awaited) to ``{subject}.dlq`` with the reason, attempt
                    and address headers, then ``+TERM``; refused for good (no stream
-                   captures it, too big): ``-NAK`` with an hour's delay, one error line
+                   captures it, its stream has interest retention, too big): ``-NAK``
+                   with an hour's delay, one error line; an interest stream found at
+                   the start stops it
 lease              ``+WPI`` (in progress) for batches running or waiting for a slot
                    and for messages pulled that no batch took yet, every third of
                    the shortest ack wait (the consumers' own, read at the start, and
@@ -35,8 +37,9 @@ stop               no new pull request; the open ones are awaited (at most
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
 dead letters       read from the stream capturing the dead-letter subject (a stream
-(CLI)              must: none means none stored); replay: JetStream publish (ack
-                   awaited), then delete from that stream
+(CLI)              must, with limits or workqueue retention: otherwise none is
+                   stored); replay: JetStream publish (ack awaited), then delete from
+                   that stream
 =================  ==================================================================
 
 ``--mode core``: addresses are subjects subscribed in queue group ``--queue``; a batch
@@ -193,6 +196,7 @@ class NatsTransport(DeadLetters, Transport):
         try:
             if not self.addresses:
                 return
+            await self.check_dead_letter_streams()
             if self.config.mode == "jetstream":
                 self._consumers = Consumers(self._client, self.addresses, self.config)
                 await self._consumers.start()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.servers.kit import DueList
+from amgi.servers.nats._dead_letters import dead_letter_subjects
 from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.transport import Batch, Message
 
@@ -108,8 +109,13 @@ class Subscriptions:
         if not dead:
             return
         js = self.client.jetstream(timeout=self.options.publish_timeout)
+        jsm = self.client.jsm(timeout=self.options.publish_timeout)
+        unfit = await dead_letter_subjects(jsm, (t for _, t, _ in dead))
         for d, (m, target, headers) in zip(settlement.dead, dead, strict=True):
-            try:  # stored if a stream captures the subject, otherwise lost: say so
+            try:  # stored if a stream captures the subject and keeps it, otherwise lost: say so
+                problem = unfit[target]
+                if problem is not None:
+                    raise problem
                 too_big = over_max_payload(self.client.max_payload, m.payload or b"", headers)
                 if too_big:  # published, the server would close the connection
                     raise ValueError(too_big)

@@ -4,16 +4,18 @@ A dead letter is published to ``{subject}.dlq`` with a JetStream publish whose a
 server awaits; only then is the original terminated. So dead letters live in whichever
 stream captures that subject (the test setup's ``amgi-test.>`` stream holds both), and
 when no stream does, no dead letter is ever stored or lost: each stays unacknowledged on
-its own subject and comes back after an hour, with an error line per try.
+its own subject and comes back after an hour, with an error line per try. The same holds
+for a stream whose retention would not keep it (:func:`dead_letter_stream`), and such a
+stream found at the start stops it.
 
 ``list`` and replay read that stream through a short-lived ephemeral consumer filtered on
-the dead-letter subject (no acks, nothing changes; it is deleted at the end and expires by
-itself if the process dies). A replay publishes each message back to the subject it was
-consumed from (JetStream publish, ack awaited), then deletes exactly the confirmed ones
-from the stream: a replay killed between the two leaves those in both places (at least
-once). Messages stored after the command started are left for the next run, so a replay
-always ends. Where several subjects share one dead-letter subject, an address sees only
-its own dead letters.
+the dead-letter subject (no acks, or on a work queue explicit acks never sent: nothing
+changes; it is deleted at the end and expires by itself if the process dies). A replay
+publishes each message back to the subject it was consumed from (JetStream publish, ack
+awaited), then deletes exactly the confirmed ones from the stream: a replay killed
+between the two leaves those in both places (at least once). Messages stored after the
+command started are left for the next run, so a replay always ends. Where several
+subjects share one dead-letter subject, an address sees only its own dead letters.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
@@ -32,23 +34,96 @@ from amgi.transport import StoredDeadLetter
 if TYPE_CHECKING:
     from amgi.servers.nats import NatsOptions
 
-__all__ = ["DeadLetters", "subject_matches"]
+__all__ = [
+    "KEEP_FIX",
+    "DeadLetters",
+    "Unkept",
+    "dead_letter_stream",
+    "dead_letter_subjects",
+    "subject_matches",
+]
 
 _CHUNK = 100
 """Messages fetched (and replayed) at a time."""
 _STALLS = 5
 """Fetches in a row that may bring nothing while the consumer still reports messages."""
+_KEEPING = ("limits", "workqueue")
+"""Retentions that keep a message no consumer wants: until a limit drops it, until acked."""
+_ACK_WAIT = 3600.0
+"""Seconds a work-queue listing consumer holds what it read (it never acks)."""
+
+KEEP_FIX = "give the dead-letter subject a stream with limits or workqueue retention"
+
+
+class Unkept(Exception):
+    """The stream capturing a dead-letter subject would not keep a dead letter."""
+
+
+async def dead_letter_stream(jsm: Any, subject: str) -> tuple[str, str] | None:
+    """The stream capturing dead-letter ``subject`` and its retention (None: no stream
+    does). :class:`Unkept` when that retention would not keep a dead letter: with
+    interest retention JetStream acks the publish, then drops the message unless a
+    consumer's filter covers it, and the original was terminated by then."""
+    from nats.js import errors as js_errors
+
+    try:
+        stream = await jsm.find_stream_name_by_subject(subject)
+    except js_errors.NotFoundError:
+        return None
+    found = (await jsm.stream_info(stream)).config.retention or "limits"
+    retention = str(getattr(found, "value", found))  # nats-py leaves it a str
+    if retention not in _KEEPING:
+        raise Unkept(
+            f"stream {stream!r} has {retention} retention: it keeps a message only while "
+            "a consumer is interested in it"
+        )
+    return stream, retention
+
+
+async def dead_letter_subjects(
+    jsm: Any, subjects: Iterable[str]
+) -> dict[str, BaseException | None]:
+    """Per dead-letter subject, what stops a dead letter from being published there:
+    :class:`Unkept`, or the look-up's failure; None if nothing (no stream included: the
+    publish says so). One look-up per subject, before the publishes."""
+    wanted = list(set(subjects))
+    found = await asyncio.gather(
+        *(dead_letter_stream(jsm, s) for s in wanted), return_exceptions=True
+    )
+    return {
+        s: r if isinstance(r, BaseException) else None for s, r in zip(wanted, found, strict=True)
+    }
 
 
 class DeadLetters(ChunkedDeadLetters):
     """The transport's ``list_dead_letters`` and ``replay_dead_letters`` on JetStream."""
 
     config: NatsOptions
+    addresses: list[str]
     _client: Any
     send_error: ClassVar[type[SendError]]
 
     def dead_letter_subject(self, subject: str) -> str:
         raise NotImplementedError  # pragma: no cover - the transport's
+
+    async def check_dead_letter_streams(self) -> None:
+        """At the start: a :class:`ConfigurationError` when the stream capturing an
+        address's dead-letter subject would not keep them. Anything else (no stream, no
+        answer) is left to each dead letter, which is looked up again as it goes."""
+        from nats import errors as nats_errors
+
+        jsm = self._jsm()
+        for address in self.addresses:
+            subject = self.dead_letter_subject(address)
+            try:
+                await dead_letter_stream(jsm, subject)
+            except Unkept as exc:
+                raise ConfigurationError(
+                    f"nats: the dead letters of {address!r} would be lost in {subject!r}: "
+                    f"{exc}; {KEEP_FIX}"
+                ) from None
+            except (nats_errors.Error, OSError, TimeoutError):
+                pass
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Publish each back (ack awaited), then delete the confirmed ones from the stream."""
@@ -88,9 +163,11 @@ class DeadLetters(ChunkedDeadLetters):
         from nats import errors as nats_errors
         from nats.js import api
 
-        stream, subject = await self._dead_letter_stream(address, replay=replay)
+        stream, retention, subject = await self._dead_letter_stream(address, replay=replay)
         jsm = self._jsm()
         name = f"amgi-dead-letters-{secrets.token_hex(6)}"
+        # A work queue takes only explicit acks; never sent, they change nothing either.
+        queue = retention == "workqueue"
         try:
             last = (await jsm.stream_info(stream)).state.last_seq
             await jsm.add_consumer(
@@ -98,7 +175,9 @@ class DeadLetters(ChunkedDeadLetters):
                 api.ConsumerConfig(
                     name=name,
                     filter_subject=subject,
-                    ack_policy=api.AckPolicy.NONE,
+                    ack_policy=api.AckPolicy.EXPLICIT if queue else api.AckPolicy.NONE,
+                    ack_wait=_ACK_WAIT if queue else None,
+                    max_ack_pending=-1 if queue else None,
                     deliver_policy=api.DeliverPolicy.ALL,
                     inactive_threshold=30.0,
                     mem_storage=True,
@@ -147,8 +226,9 @@ class DeadLetters(ChunkedDeadLetters):
             with contextlib.suppress(Exception):
                 await jsm.delete_consumer(stream, name)
 
-    async def _dead_letter_stream(self, address: str, *, replay: bool) -> tuple[str, str]:
-        """The stream holding the dead letters of ``address``, and their subject."""
+    async def _dead_letter_stream(self, address: str, *, replay: bool) -> tuple[str, str, str]:
+        """The stream holding the dead letters of ``address``, its retention, and their
+        subject."""
         from nats import errors as nats_errors
         from nats.js import errors as js_errors
 
@@ -177,15 +257,21 @@ class DeadLetters(ChunkedDeadLetters):
         except (nats_errors.Error, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"nats: cannot look up {address!r}: {_text(exc)}") from None
         try:
-            return await jsm.find_stream_name_by_subject(subject), subject
-        except js_errors.NotFoundError:
+            found = await dead_letter_stream(jsm, subject)
+        except Unkept as exc:
+            raise ConfigurationError(
+                f"nats: {exc}, so the server stores no dead letter of {address!r} in "
+                f"{subject!r} (they wait unacknowledged on their subject); {KEEP_FIX}"
+            ) from None
+        except (nats_errors.Error, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats: cannot look up {subject!r}: {_text(exc)}") from None
+        if found is None:
             raise ConfigurationError(
                 f"nats: no JetStream stream captures the dead-letter subject {subject!r}, so "
                 f"no dead letter of {address!r} was stored (they wait unacknowledged on "
                 "their subject); create a stream covering it"
-            ) from None
-        except (nats_errors.Error, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"nats: cannot look up {subject!r}: {_text(exc)}") from None
+            )
+        return *found, subject
 
     def _consumed_from(self, stored: str, address: str) -> str:
         """The subject a dead letter stored on ``stored`` came from, for one without the

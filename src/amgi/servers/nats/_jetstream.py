@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
+from amgi.servers.nats._dead_letters import KEEP_FIX, Unkept, dead_letter_subjects
 from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.servers.nats._pull import Puller
 from amgi.transport import Batch, Message
@@ -42,7 +43,8 @@ _MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}"
 
 class _Refused(Exception):
     """A dead letter the broker will never store as it is (over a size limit, or another
-    request it refuses as bad: 400; or no stream captures its subject)."""
+    request it refuses as bad: 400; or no stream captures its subject, or one that would
+    not keep it)."""
 
     def __init__(self, text: str, fix: str = "raise the limit, or take it out of the stream"):
         super().__init__(text)
@@ -326,8 +328,13 @@ class Consumers:
             held.pop(id(d.message.token), None)
         if dead:
             ack_wait = self.ack_waits[self._subjects_by_index.index(subject)]
+            jsm = self.client.jsm(timeout=self.options.publish_timeout)
+            unfit = await dead_letter_subjects(jsm, (s for _, s, _ in dead))
             results = await asyncio.gather(
-                *(self._dead_letter(subject, m.payload or b"", h) for m, subject, h in dead),
+                *(
+                    self._dead_letter(subject, m.payload or b"", h, unfit[subject])
+                    for m, subject, h in dead
+                ),
                 return_exceptions=True,
             )
             results = await self._no_stream(dead, results)
@@ -396,9 +403,17 @@ class Consumers:
             for (_, s, _), r in zip(dead, results, strict=True)
         ]
 
-    async def _dead_letter(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    async def _dead_letter(
+        self, subject: str, payload: bytes, headers: dict[str, str], unfit: BaseException | None
+    ) -> None:
+        """Publish it, unless ``unfit`` (its stream would not keep it, or that look-up
+        failed: never published blind, as the original is terminated after)."""
         from nats.js import errors as js_errors
 
+        if isinstance(unfit, Unkept):
+            raise _Refused(str(unfit), fix=KEEP_FIX)
+        if unfit is not None:
+            raise unfit
         too_big = over_max_payload(self.client.max_payload, payload, headers)
         if too_big:  # published, the server would close the connection
             raise _Refused(too_big)
