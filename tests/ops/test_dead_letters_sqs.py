@@ -5,11 +5,13 @@ queue); a replay killed with SIGKILL half-way loses none."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -304,3 +306,129 @@ async def test_a_replay_keeps_the_order_of_a_fifo_group() -> None:
     replay = await asyncio.to_thread(run, "dead-letters", "replay", queue)
     assert replay.returncode == 0, replay.stderr
     assert await bodies(queue) == sent
+
+
+async def shared_redrive_target(*sources: str) -> tuple[str, dict[str, str]]:
+    """A new dead-letter queue and new queues (one per name in ``sources``) whose redrive
+    policy names it: its name, and each source's queue name and ARN."""
+    tag = uuid.uuid4().hex[:12]
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        url = (await admin.client.create_queue(QueueName=f"t-{tag}-shared"))["QueueUrl"]
+        arn = await admin.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+        policy = {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": "10"}
+        queues = {}
+        for source in sources:
+            name = f"t-{tag}-{source}"
+            made = await admin.client.create_queue(
+                QueueName=name, Attributes={"RedrivePolicy": json.dumps(policy)}
+            )
+            found = await admin.client.get_queue_attributes(
+                QueueUrl=made["QueueUrl"], AttributeNames=["QueueArn"]
+            )
+            queues[name] = found["Attributes"]["QueueArn"]
+    finally:
+        await admin.close()
+    return f"t-{tag}-shared", queues
+
+
+async def test_a_shared_redrive_target_lists_and_replays_only_the_queues_own() -> None:
+    """Queues ``a`` and ``b`` redrive to one dead-letter queue. Before, ``list a`` showed
+    b's dead letters (labelled ``b``) and ``replay a`` sent them into ``a``, where a's app
+    consumed them and ``b`` never saw them again. Now a's list and replay skip them
+    (saying so), and leave them visible at once."""
+    dlq, queues = await shared_redrive_target("b", "a")
+    b, a = queues
+    for queue, n in ((b, 3), (a, 2)):  # b's first: a's scan must get past them
+        admin = SqsTransport([], options())
+        await admin.connect()
+        try:
+            for i in range(n):
+                await admin.publish(queue, [], f"{queue[-1]}{i}".encode(), {})
+        finally:
+            await admin.close()
+        dead_lettering = SqsTransport([queue], replace(options(), receivers=1, wait_time=0))
+        await dead_letter_all(dead_lettering, n, max_attempts=1, retry_delay=0)
+    assert await depths(dlq) == (5, 0)
+    listed = await asyncio.to_thread(run, "dead-letters", "list", a)
+    assert listed.returncode == 0, listed.stderr
+    assert f"2 dead letter(s) of {a!r} shown" in listed.stdout
+    assert "payload: b'a" in listed.stdout
+    assert "payload: b'b" not in listed.stdout
+    assert f"skipped 3 message(s) in {dlq!r} that came from other queues" in listed.stderr
+    assert await depths(dlq) == (5, 0), "visible again at once"
+    replay = await asyncio.to_thread(run, "dead-letters", "replay", a)
+    assert replay.returncode == 0, replay.stderr
+    assert f"replayed 2 dead letter(s) to {a!r}" in replay.stdout
+    assert "skipped 3 message(s)" in replay.stderr
+    assert sorted(await bodies(a)) == ["a0", "a1"]
+    assert await depths(dlq) == (3, 0), "b's stay, visible at once"
+    replay_b = await asyncio.to_thread(run, "dead-letters", "replay", b)
+    assert f"replayed 3 dead letter(s) to {b!r}" in replay_b.stdout
+    assert sorted(await bodies(b)) == ["b0", "b1", "b2"]
+
+
+async def test_a_dead_letter_sqs_redrove_belongs_to_its_source_queue() -> None:
+    """SQS's own redrive policy marks what it moves with ``DeadLetterQueueSourceArn``
+    (moto 5 does not: the test adds it to what the transport receives, as AWS would)."""
+    dlq, queues = await shared_redrive_target("a", "b")
+    a, b = queues
+    transport = SqsTransport([], options())
+    await transport.connect()
+    try:
+        url = (await transport.client.get_queue_url(QueueName=dlq))["QueueUrl"]
+        for body in ("from-b", "from-a"):
+            await transport.client.send_message(QueueUrl=url, MessageBody=body)
+        receive = transport.client.receive_message
+        source = {"from-a": queues[a], "from-b": queues[b]}
+
+        async def as_aws(**params: Any) -> dict[str, Any]:
+            response: dict[str, Any] = await receive(**params)
+            for m in response.get("Messages", []):
+                m["Attributes"]["DeadLetterQueueSourceArn"] = source[m["Body"]]
+            return response
+
+        transport.client.receive_message = as_aws
+        listed = await transport.list_dead_letters(a, 10)
+        assert [(d.payload, d.address) for d in listed] == [(b"from-a", a)]
+        listed = await transport.list_dead_letters(b, 10)
+        assert [(d.payload, d.address) for d in listed] == [(b"from-b", b)]
+        assert await transport.replay_dead_letters(a, 10) == 1
+    finally:
+        await transport.close()
+    assert await bodies(a) == ["from-a"]
+    assert await bodies(dlq) == ["from-b"]
+
+
+async def test_a_listing_of_a_fifo_dead_letter_queue_says_it_is_partial() -> None:
+    """SQS hands out no more of a FIFO group while some of it is received, and a listing
+    deletes nothing: it can show only the first 10 of a group. Before, it said "10 dead
+    letter(s) shown" of 28 without a word; now it says how many it did not reach, and
+    why. Each is shown once, and all are visible again at once."""
+    queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
+    fifo = {"FifoQueue": "true"}
+    admin = SqsTransport([], options())
+    await admin.connect()
+    try:
+        await admin.client.create_queue(QueueName=queue, Attributes=fifo)
+        dlq = queue.removesuffix(".fifo") + "-dlq.fifo"
+        url = (await admin.client.create_queue(QueueName=dlq, Attributes=fifo))["QueueUrl"]
+        for group, n in (("g", 25), ("h", 3)):
+            for i in range(n):
+                await admin.client.send_message(
+                    QueueUrl=url,
+                    MessageBody=f"{group}{i}",
+                    MessageGroupId=group,
+                    MessageDeduplicationId=f"{group}{i}",
+                )
+    finally:
+        await admin.close()
+    listed = await asyncio.to_thread(run, "dead-letters", "list", queue, "--limit", "20")
+    assert listed.returncode == 0, listed.stderr
+    assert f"13 dead letter(s) of {queue!r} shown" in listed.stdout
+    shown = [line.split()[0] for line in listed.stdout.splitlines() if "attempts=" in line]
+    assert len(set(shown)) == 13
+    assert "the listing is partial: about 15 message(s)" in listed.stderr
+    assert "a listing deletes nothing" in listed.stderr
+    assert await depths(dlq) == (28, 0)

@@ -33,7 +33,9 @@ close / crash        unsettled messages come back when their visibility timeout 
 backlog (metrics)    ``ApproximateNumberOfMessages`` per queue, read every 5 s by an owned
                      task, once metrics asked for it
 dead letters (CLI)   list: received from the dead-letter queue, made visible again at
-                     once; replay: sent back (attributes less AMGI's), then deleted
+                     once; replay: sent back (attributes less AMGI's), then deleted; of a
+                     shared redrive target only the queue's own (the source ARN or AMGI's
+                     original address), the others' made visible again at once
 ===================  ==================================================================
 
 Credentials come from the standard AWS chain (environment, profile, instance role) and

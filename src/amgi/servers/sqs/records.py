@@ -372,7 +372,11 @@ def _dead_letter_attributes(
 def stored_dead_letter(raw: Mapping[str, Any], address: str) -> StoredDeadLetter:
     """What ``amgi dead-letters list`` shows of a message received from the dead-letter
     queue of ``address``: the app's headers, the reason, the last attempt (0: unknown,
-    when SQS's own redrive policy moved it) and when it was sent there."""
+    when SQS's own redrive policy moved it) and when it was sent there.
+
+    Its ``address`` is the queue it came from: the one SQS's redrive policy moved it from
+    (``DeadLetterQueueSourceArn``), else AMGI's original address, else ``address``.
+    """
     # Another producer's amgi-headers that is not packed headers: shown as it arrived.
     headers, encoding, _ = headers_from_attributes(
         _api_attributes(raw.get("MessageAttributes") or {}), problems=[]
@@ -384,10 +388,12 @@ def stored_dead_letter(raw: Mapping[str, Any], address: str) -> StoredDeadLetter
         payload = decode_body(raw["Body"], encoding)
     except ValueError:
         payload = raw["Body"].encode("utf-8")
-    sent = (raw.get("Attributes") or {}).get("SentTimestamp")
+    system = raw.get("Attributes") or {}
+    source = system.get("DeadLetterQueueSourceArn")
+    sent = system.get("SentTimestamp")
     return StoredDeadLetter(
         id=raw["MessageId"],
-        address=original or address,
+        address=source.rsplit(":", 1)[-1] if source else original or address,
         headers=headers,
         payload=payload,
         bindings={},
