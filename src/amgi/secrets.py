@@ -2,7 +2,9 @@
 
 * :func:`masked` is how the value of a ``secret=True`` option appears in help texts and
   errors: a URL keeps everything but its password, any other value is :data:`MASK`;
-* :func:`mask_url` takes the password out of a URL (``amqp://user:*****@host/``);
+* :func:`mask_url` takes the password out of a URL (``amqp://user:*****@host/``), and
+  secret-looking query values (``?password=*****``); :func:`userinfo_problem` refuses
+  a URL whose password would be split by its client (an unencoded ``/``);
 * :func:`redact` masks the secret option values of an options object wherever they
   occur in a text (a client library's error that quotes a setting's value);
 * :func:`hide_flag_values` and :func:`unrecognized_flags` keep the values of
@@ -13,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
@@ -29,23 +30,90 @@ __all__ = [
     "redact",
     "redact_client_logs",
     "unrecognized_flags",
+    "url_secrets",
+    "userinfo_problem",
 ]
 
 MASK: Final = "*****"
 
 
-def mask_url(url: str) -> str:
-    """``url`` with the password of its user information replaced by :data:`MASK`."""
+def _url_parts(url: str) -> tuple[str, str | None, str] | None:
+    """``(scheme, userinfo, rest)`` of a ``scheme://...`` URL, else None.
+
+    The user information ends at the last ``@``, not at the first ``/``, ``?`` or
+    ``#`` as RFC 3986 has it: a password holding one of those unencoded (clients take
+    it so) would otherwise leave the whole URL unmasked. An ``@`` in the path or query
+    makes more of the URL masked, never less.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
+        return None
+    userinfo, at, after = rest.rpartition("@")
+    return (scheme, userinfo, after) if at else (scheme, None, rest)
+
+
+def _secret_query(rest: str) -> list[tuple[int, int]]:
+    """Spans (start, end) in ``rest`` of the query values whose name looks secret
+    (``?password=...``: redis-py takes the password so)."""
+    start = rest.find("?")
+    if start < 0:
+        return []
+    spans = []
+    end_of_query = rest.find("#", start)
+    query_end = len(rest) if end_of_query < 0 else end_of_query
+    pos = start + 1
+    while pos <= query_end:
+        amp = rest.find("&", pos, query_end)
+        item_end = query_end if amp < 0 else amp
+        name, equals, _ = rest[pos:item_end].partition("=")
+        if equals and _SECRET_NAME.search(name):
+            spans.append((pos + len(name) + 1, item_end))
+        pos = item_end + 1
+    return spans
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user information, and the values of query
+    parameters whose name looks secret, replaced by :data:`MASK`."""
+    parts = _url_parts(url)
+    if parts is None:
         return url
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return url
-    userinfo, _, host = authority.rpartition("@")
+    scheme, userinfo, rest = parts
+    for start, end in reversed(_secret_query(rest)):
+        rest = f"{rest[:start]}{MASK}{rest[end:]}"
+    if userinfo is None:
+        return f"{scheme}://{rest}"
     user, colon, _ = userinfo.partition(":")
     shown = f"{user}:{MASK}" if colon else MASK  # no colon: the user part may be a token
-    return f"{scheme}://{shown}@{host}{slash}{path}"
+    return f"{scheme}://{shown}@{rest}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret texts of ``url``: its password (or the whole user information when it
+    has no colon: a token) and the values of secret-looking query parameters."""
+    parts = _url_parts(url)
+    if parts is None:
+        return []
+    _, userinfo, rest = parts
+    found = [rest[start:end] for start, end in _secret_query(rest)]
+    if userinfo is not None:
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    return [f for f in found if f]
+
+
+def userinfo_problem(url: str) -> str | None:
+    """Why the user information of broker URL ``url`` cannot be read as meant: a ``/``,
+    ``?``, ``#`` or ``@`` in it that is not percent-encoded (clients split the URL there
+    and quote a piece of the password in their errors); None if it is fine."""
+    parts = _url_parts(url)
+    userinfo = parts[1] if parts else None
+    if userinfo is None or not any(c in userinfo for c in "/?#@"):
+        return None
+    return (
+        "its user name or password holds '/', '?', '#' or '@': percent-encode them "
+        "(%2F, %3F, %23, %40)"
+    )
 
 
 def masked(value: Any) -> str:
@@ -90,8 +158,7 @@ def _secret_values(options: Any) -> list[str]:
                 found.update(
                     part for part in (rest, *rest.split(",")) if secret_name or len(part) >= _LONG
                 )
-            with contextlib.suppress(ValueError):  # not a URL
-                found.add(urlsplit(item).password or "")
+            found.update(url_secrets(item))
     found.discard("")
     return sorted(found, key=len, reverse=True)
 

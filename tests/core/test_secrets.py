@@ -99,10 +99,18 @@ def test_a_secret_default_is_shown_masked_in_help(capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("amqp://guest:pw@127.0.0.1:5672/vh?cafile=a@b", f"amqp://guest:{MASK}@127.0.0.1:5672/vh?cafile=a@b"),
+        ("amqp://guest:pw@127.0.0.1:5672/vh?heartbeat=5", f"amqp://guest:{MASK}@127.0.0.1:5672/vh?heartbeat=5"),
         ("https://token@example.test/hook", f"https://{MASK}@example.test/hook"),
         ("http://u:p:q@[::1]:80/", f"http://u:{MASK}@[::1]:80/"),
-        ("http://127.0.0.1:80/a@b", "http://127.0.0.1:80/a@b"),
+        # A password with an unencoded / ? or # left the URL unmasked (the user
+        # information ended at it); now it ends at the last @, so an @ in a path or
+        # query masks more than needed, never less.
+        ("amqp://guest:se/cret@127.0.0.1:5672/", f"amqp://guest:{MASK}@127.0.0.1:5672/"),
+        ("redis://u:pa?ss#w@h:6379/0", f"redis://u:{MASK}@h:6379/0"),
+        ("http://127.0.0.1:80/a@b", f"http://127.0.0.1:{MASK}@b"),
+        # Query values whose name looks secret (redis-py takes ?password=).
+        ("redis://h:6379/0?password=pw&db=1", f"redis://h:6379/0?password={MASK}&db=1"),
+        ("http://h/p?x=1&token=t#f", f"http://h/p?x=1&token={MASK}#f"),
         ("not a url", "not a url"),
     ],
 )  # fmt: skip
@@ -158,3 +166,30 @@ def test_redact_masks_every_form_of_a_secret_option_value() -> None:
     assert redact('bad "0123456789abcdef" and short', unknown) == f'bad "{MASK}" and short'
     url = AmqpOptions(url="amqp://u:pw4@h/")
     assert redact("at amqp://u:pw4@h/ and pw4", url) == f"at {MASK} and {MASK}"
+    split = AmqpOptions(url="amqp://u:pw/5@h/")  # the password a client split at its /
+    assert redact("at amqp://u:pw/5@h/: pw/5", split) == f"at {MASK}: {MASK}"
+
+
+@pytest.mark.parametrize(
+    ("server", "flag", "url"),
+    [
+        ("amqp", "--url", "amqp://guest:{}/x@127.0.0.1:5672/"),
+        ("redis", "--url", "redis://u:{}?x@127.0.0.1:6379/0"),
+        ("nats", "--servers", "nats://u:{}#x@127.0.0.1:4222"),
+    ],
+)
+def test_a_broker_url_whose_password_its_client_would_split_is_refused(
+    server: str, flag: str, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A password with an unencoded / ? # or @: the client split the URL there, quoting
+    a piece of the password in its error (and the URL went unmasked). Now it is one
+    error naming the fix, before connecting, with the password masked."""
+    marker = new_marker()
+    address = "q" if server != "nats" else "s"
+    argv = ["run", "tests.servers.http_app:app", address, "--server", server]
+    code = main([*argv, flag, url.format(marker)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{flag} its user name or password holds" in err
+    assert "percent-encode" in err
+    assert_hidden(marker, [err])

@@ -991,3 +991,17 @@ async def test_a_header_http_cannot_carry_fails_that_send_alone(
     assert isinstance(refused.value, OSError)
     assert [e.get_type() for e in sink.events] == ["a", "c"]
     assert sink.clients[0] == sink.clients[1]
+
+
+async def test_a_send_url_whose_password_splits_it_shows_no_piece_of_it() -> None:
+    """An unencoded / in the password: urlsplit took what follows the first : for the
+    port and quoted it ('Port could not be cast to integer value as 'se''), and the
+    URL went unmasked."""
+    sender = HttpTransport([], HttpOptions(send_url="http://u:se/cret@127.0.0.1:1/"))
+    await sender.connect()
+    try:
+        with pytest.raises(HttpSendError, match="percent-encoded") as refused:
+            await sender.publish("e", [], b"x", {})
+        assert "se" not in str(refused.value).replace("send_url", "")
+    finally:
+        await sender.close()

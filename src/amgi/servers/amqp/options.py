@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from amgi.servers.kit import (
-    invalid,
-)
+from amgi.servers.kit import invalid, userinfo_problem
 
 __all__ = ["AmqpOptions"]
 
@@ -72,6 +70,9 @@ class AmqpOptions:
     def check_together(self) -> None:
         """Quorum queues exist only durable; binding keys need an exchange (queues cannot
         be bound to the default exchange); names and keys are AMQP short strings."""
+        problem = userinfo_problem(self.url)
+        if problem:
+            raise invalid(self, "url", problem)
         if self.queue_type == "quorum" and not self.durable:
             raise invalid(self, "durable", "cannot be off for quorum queues")
         if self.routing_keys and not self.exchange:

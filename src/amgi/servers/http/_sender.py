@@ -172,14 +172,21 @@ class CloudEventSender:
     """POSTs CloudEvents to ``url`` (``{address}`` in it is replaced by the address)."""
 
     def __init__(self, url: str, mode: str, source: str, token: str | None, timeout: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"send_url must be an http:// or https:// URL, not {mask_url(url)!r}")
-        self.url = url
         self.shown = mask_url(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # its error quotes what stands for the port: not shown
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "send_url must be an http:// or https:// URL (a password percent-encoded), "
+                f"not {self.shown!r}"
+            )
+        self.url = url
         self._https = parts.scheme == "https"
         self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
+        self._port = port or (443 if self._https else 80)
         self._authority = (parts.netloc.rsplit("@", 1)[-1]).encode("idna")
         self._path_template = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._encode = encode_structured if mode == "structured" else encode_binary

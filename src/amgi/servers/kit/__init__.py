@@ -72,7 +72,8 @@ Options (:mod:`amgi.options`) - declared once, checked before startup
     startup); every message reads ``--flag problem (got field=value)``.
 
 Secrets (:mod:`amgi.secrets`) - never shown
-    ``mask_url(url)`` for a URL in a message (its password masked); ``masked(value)`` is
+    ``mask_url(url)`` for a URL in a message (its password masked); ``userinfo_problem(url)``
+    refuses a broker URL whose password its client would split; ``masked(value)`` is
     how a ``secret=True`` option value appears; ``redact(text, options)`` masks the
     secret option values a client library's error quotes; ``redact_client_logs(*names)``
     masks credentials a client library writes to its loggers.
@@ -94,7 +95,7 @@ from __future__ import annotations
 
 from amgi.options import bounds_text, invalid, option
 from amgi.options import check as check_options
-from amgi.secrets import mask_url, masked, redact, redact_client_logs
+from amgi.secrets import mask_url, masked, redact, redact_client_logs, userinfo_problem
 from amgi.servers.kit.aside import move_aside, unmoved
 from amgi.servers.kit.backoff import Backoff, doubling_delay
 from amgi.servers.kit.bindings import (
@@ -173,5 +174,6 @@ __all__ = [
     "unmoved",
     "unpack_header",
     "untrusted_certificate",
+    "userinfo_problem",
     "whole_number",
 ]

@@ -59,7 +59,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
-from amgi.servers.kit import dead_letter_headers, invalid, option, text_value
+from amgi.servers.kit import (
+    dead_letter_headers,
+    invalid,
+    mask_url,
+    option,
+    text_value,
+    userinfo_problem,
+)
 from amgi.servers.nats._client import open_connection
 from amgi.servers.nats._core import Subscriptions
 from amgi.servers.nats._dead_letters import DeadLetters, subject_matches
@@ -130,6 +137,10 @@ class NatsOptions:
     connect_timeout: float = option(5.0, "seconds to reach a server", gt=0)
 
     def check_together(self) -> None:
+        for server in self.servers.split(","):
+            problem = userinfo_problem(server.strip())
+            if problem:  # not through invalid(): --servers is shown, and may hold a password
+                raise ConfigurationError(f"--servers {problem} (got {mask_url(server.strip())})")
         if not self.durable or _NOT_IN_NAME.search(self.durable):
             raise invalid(self, "durable", "must be a name without . * > / \\ or whitespace")
         if not self.queue or any(c.isspace() for c in self.queue):

@@ -64,6 +64,7 @@ from amgi.servers.kit import (
     dead_letter_headers,
     invalid,
     option,
+    userinfo_problem,
     whole_number,
 )
 from amgi.servers.redis._client import open_client
@@ -109,6 +110,9 @@ class RedisOptions:
     connect_timeout: float = option(10.0, "seconds to reach the server", gt=0)
 
     def check_together(self) -> None:
+        problem = userinfo_problem(self.url)
+        if problem:
+            raise invalid(self, "url", problem)
         if not self.group:
             raise invalid(self, "group", "must not be empty")
         if self.start not in ("0", "$") and not _is_entry_id(self.start):
