@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from amgi import __version__
-from amgi.errors import AMGIError, ConfigurationError, StartupFailed
+from amgi.errors import AMGIError, ConfigurationError, InvalidEvent, StartupFailed
 from amgi.ops.config import OpsConfig
 from amgi.ops.dead_letters import add_dead_letter_commands, run_dead_letters
 from amgi.ops.env import annotate_help, apply_environment, env_name
@@ -31,6 +31,7 @@ from amgi.ops.run import check_workers, prepare, serve
 from amgi.ops.workers import Supervisor, follow_supervisor, worker_index
 from amgi.options import add_flags, build, flag_name
 from amgi.runtime import Runtime, RuntimeConfig
+from amgi.runtime.batch import validate_send
 from amgi.runtime.gc import tune_for_server
 from amgi.runtime.routing import Router, parse_route
 from amgi.secrets import hide_flag_values, unrecognized_flags
@@ -320,7 +321,7 @@ def _add_send_routing(run: argparse.ArgumentParser, targets: Sequence[str]) -> N
         )
 
 
-def _send_routes(values: dict[str, Any]) -> Router | None:
+def _send_routes(values: dict[str, Any], env: dict[str, str]) -> Router | None:
     routes = [parse_route(text) for text in _route_texts(values.get("send_to", []))]
     if not routes:
         return None
@@ -334,7 +335,7 @@ def _send_routes(values: dict[str, Any]) -> Router | None:
                     f"send target {name!r} needs {', '.join(missing)}: "
                     f"pip install 'amgi[{cls.extra}]'"
                 )
-            options = build(cls.options, values, dest_prefix=f"{_SEND_PREFIX}{name}__")
+            options = _options(cls.options, values, f"{_SEND_PREFIX}{name}__", env, name)
             transports[name] = cls([], options)
     return Router((pattern, transports[name]) for pattern, name in routes)
 
@@ -384,14 +385,27 @@ def _app_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(cls: type[Any], values: dict[str, Any], prefix: str, env: dict[str, str]) -> Any:
+def _options(
+    cls: type[Any],
+    values: dict[str, Any],
+    prefix: str,
+    env: dict[str, str],
+    target: str | None = None,
+) -> Any:
     """``build`` of ``cls``; a bad value is a :class:`UsageError` naming its flag (and the
-    environment variable that set it, if one did)."""
+    environment variable that set it, if one did). For the options of send ``target``
+    the flag is its prefixed one (``--redis-connect-timeout``)."""
     try:
         return build(cls, values, dest_prefix=prefix)
     except ConfigurationError as exc:
         text = str(exc)
-        flag = text.partition(" ")[0]
+        flag, space, rest = text.partition(" ")
+        if target is not None:
+            if flag.startswith("--"):
+                flag = f"--{target}-{flag[2:]}"
+                text = f"{flag}{space}{rest}"
+            else:
+                text = f"send target {target!r}: {text}"
         if flag in env:
             text += f" (set by {env[flag]})"
         raise UsageError(text) from None
@@ -430,7 +444,7 @@ def _parse_headers(items: Sequence[str]) -> list[tuple[bytes, bytes]]:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise UsageError(f"--header takes NAME=VALUE, got {item!r}")
-        headers.append((name.encode(), value.encode()))
+        headers.append((os.fsencode(name), os.fsencode(value)))  # the bytes as given
     return headers
 
 
@@ -460,14 +474,27 @@ async def _send(transport: Transport, args: argparse.Namespace) -> None:
         except OSError as exc:
             raise UsageError(f"cannot read --file {args.file!r}: {exc.strerror}") from None
     elif args.payload is not None:
-        payload = args.payload.encode()
+        payload = os.fsencode(args.payload)  # the bytes as given, whatever their encoding
     else:
         payload = None
-    headers = _parse_headers(args.header)
-    bindings = _parse_bindings(args.binding)
+    try:
+        args.address.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"ADDRESS must be UTF-8 text, got {args.address!r:.100}") from None
+    event = {
+        "type": "message.send",
+        "address": args.address,
+        "headers": _parse_headers(args.header),
+        "payload": payload,
+        "bindings": _parse_bindings(args.binding),
+    }
+    try:  # the rules an app's message.send follows (no amgi-attempt header, say)
+        address, headers, payload, bindings = validate_send(event)
+    except InvalidEvent as exc:
+        raise UsageError(f"cannot send: {exc}") from None
     await transport.connect()
     try:
-        await transport.publish(args.address, headers, payload, bindings)
+        await transport.publish(address, headers, payload, bindings)
     finally:
         await transport.close()
 
@@ -509,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _options(RuntimeConfig, values, _RUNTIME_PREFIX, env)
             ops_config: OpsConfig = _options(OpsConfig, values, _OPS_PREFIX, env)
             transport = _transport(server, transport_cls, values, args.addresses, env)
-            routes = _send_routes(values)
+            routes = _send_routes(values, env)
             worker = worker_index()
             if ops_config.workers > 1 and worker is None:
                 check_workers(transport, ops_config, app, server)

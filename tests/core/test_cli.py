@@ -117,6 +117,41 @@ def test_send_from_file_and_stdin(project: Path) -> None:
     assert [m.payload for m in messages] == [b"\x00\xffraw", b"from stdin"]
 
 
+@pytest.mark.parametrize("by_env", [False, True])
+def test_a_bad_send_target_option_names_its_own_flag(project: Path, by_env: bool) -> None:
+    """It named --connect-timeout, a flag that does not exist, and exited 1 (a usage
+    error of the consuming server's own options exits 2)."""
+    route = ["run", "myapp:app", "q", "--send-to", "out.*=redis"]
+    if by_env:
+        result = amgi(*route, cwd=project, env={"AMGI_REDIS_CONNECT_TIMEOUT": "0"})
+    else:
+        result = amgi(*route, "--redis-connect-timeout", "0", cwd=project)
+    line = one_line_error(result)
+    assert result.returncode == 2
+    assert "--redis-connect-timeout must be above 0" in line
+    assert ("(set by AMGI_REDIS_CONNECT_TIMEOUT)" in line) is by_env
+
+
+def test_send_takes_argument_bytes_as_given(project: Path) -> None:
+    """Bytes that are not UTF-8 (the shell passes them so) were an 'unexpected
+    UnicodeEncodeError'; a payload or header value is sent as given, and an address,
+    which is text, is one clear error."""
+
+    def send(*words: bytes) -> subprocess.CompletedProcess[bytes]:
+        command = [sys.executable.encode(), b"-m", b"amgi", b"send", *words]
+        return subprocess.run(command, cwd=project, capture_output=True, timeout=30)
+
+    assert send(b"q", b"\xff\xfe raw", b"--header", b"h=\xfe").returncode == 0
+    refused = send(b"q\xff", b"x")
+    assert refused.returncode == 2
+    assert b"ADDRESS must be UTF-8 text" in refused.stderr
+    assert b"Traceback" not in refused.stderr
+    queue = SqliteQueue(str(project / "amgi.db"))
+    _, messages = queue.lease("q", 10, 30)
+    queue.close()
+    assert [(m.payload, m.headers) for m in messages] == [(b"\xff\xfe raw", [(b"h", b"\xfe")])]
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -133,6 +168,10 @@ def test_send_from_file_and_stdin(project: Path) -> None:
         (["send", "q", "--file", "nothere"], "cannot read --file"),
         (["send", "q", "p", "--file", "x"], "not both"),
         (["send", "q", "--header", "novalue"], "NAME=VALUE"),
+        # The rules of an app's message.send: a message sent with an attempt header was
+        # dead-lettered unseen by a server that read it; an empty address was sent to.
+        (["send", "q", "x", "--header", "amgi-attempt=9"], "'amgi-attempt' is the server's"),
+        (["send", "", "x"], "needs 'address': a non-empty str"),
     ],
 )
 def test_bad_input_gives_one_clear_line(project: Path, args: list[str], expected: str) -> None:

@@ -315,3 +315,25 @@ async def test_a_relay_forwards_one_trace_context_and_the_baggage() -> None:
         b"tenant=acme",
         b"tenant=beta",
     ]
+
+
+async def test_a_send_without_headers_is_refused_traced_or_not() -> None:
+    """Tracing filled in the headers of a message.send that had none, so the send the
+    spec refuses went through when tracing was on."""
+    from amgi.testing import message, run_batch
+
+    outcomes: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        m = await receive()
+        try:
+            await send({"type": "message.send", "address": "a", "payload": b"x"})
+            outcomes.append("sent")
+        except Exception as exc:  # the runtime's InvalidEvent
+            outcomes.append(type(exc).__name__)
+        await send({"type": "message.ack", "id": m["id"]})
+
+    for candidate in (app, instrument(app, "memory", tracer_provider=TracerProvider())):
+        result = await run_batch(candidate, [message(b"x")])
+        assert result.sent == []
+    assert outcomes == ["InvalidEvent", "InvalidEvent"]

@@ -188,7 +188,7 @@ class _TracedCall:
         try:  # what the propagators set replaces the app's, whatever its case or pair type
             headers = [
                 h
-                for h in event.get("headers", ())
+                for h in event["headers"]
                 if not (
                     isinstance(h, tuple | list)
                     and len(h) == 2
@@ -196,7 +196,7 @@ class _TracedCall:
                     and h[0].lower() in names
                 )
             ]
-        except TypeError:  # malformed headers: the runtime explains what is wrong
+        except (KeyError, TypeError):  # none or malformed: the runtime explains what is wrong
             headers = None
         if headers is not None:
             event = {**event, "headers": headers + injected}
