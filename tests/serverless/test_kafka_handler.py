@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from amgi import servers
 from amgi.runtime import RuntimeConfig
 from amgi.serverless import BatchFailed, KafkaHandler, MalformedEvent
 from amgi.testing.conformance import Recorder
 from tests.serverless.helpers import Capture, Context, settling_app
+from tests.serverless.sending_app import SendingApp
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUICK = RuntimeConfig(max_attempts=3, retry_delay=0.01)
@@ -358,3 +360,30 @@ async def test_a_malformed_event_is_a_clear_error_and_nothing_is_processed(
     with pytest.raises(MalformedEvent, match=message):
         await KafkaHandler(app, handle_sigterm=False).handle(event)
     assert app.received == []
+
+
+async def test_a_send_without_bootstrap_servers_is_a_kafka_send_error_in_the_app() -> None:
+    event = copy.deepcopy(load("msk.json"))
+    del event["bootstrapServers"]
+    app = SendingApp("out")
+    handler = KafkaHandler(app, handle_sigterm=False, config=RuntimeConfig(max_attempts=1))
+    with pytest.raises(BatchFailed):
+        await handler.handle(event)
+    assert len(app.errors) == 7
+    assert all(type(e) is servers.load("kafka").send_error for e in app.errors)
+    assert all("names no bootstrapServers" in str(e) for e in app.errors)
+
+
+async def test_a_publisher_factory_that_fails_is_a_send_error_in_the_app() -> None:
+    def factory(event: Any) -> Capture:
+        raise KeyError("no PUBLISHER_URL")
+
+    app = SendingApp("out")
+    config = RuntimeConfig(max_attempts=1)
+    handler = KafkaHandler(app, handle_sigterm=False, config=config, publisher=factory)
+    with pytest.raises(BatchFailed):
+        await handler.handle(load("msk.json"))
+    assert len(app.errors) == 7
+    assert all(
+        "cannot make the publisher to send: 'no PUBLISHER_URL'" in str(e) for e in app.errors
+    )

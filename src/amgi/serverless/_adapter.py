@@ -75,8 +75,9 @@ class LambdaAdapter:
     ``config`` supplies ``max_attempts`` (a nacked message on its last attempt counts as
     dead) and ``lifespan``. ``publisher`` is the transport that ``message.send`` uses;
     it is connected on the first send and closed at shutdown. ``routes`` sends the
-    addresses its patterns match elsewhere (e.g. to Kafka), connected on the first send
-    that needs them and closed at shutdown. ``deadline_margin`` is the
+    addresses its patterns match elsewhere (e.g. to Kafka): each route's transport is
+    connected on the first send to it (again on the next one if that failed) and closed
+    at shutdown. ``deadline_margin`` is the
     time kept back from the invocation's remaining time to report the outcome.
     ``dead_letter_address``: where a message the app nacks with ``"retry": False`` (or
     on its last attempt) is sent at once, through the publisher (or ``routes``); the
@@ -97,7 +98,10 @@ class LambdaAdapter:
         check_app(app)
         self.app = app
         self.routes = routes
-        self._routes_connected = False
+        self._routed: dict[int, Transport] = {}
+        """The route transports connected, by id, in the order they connected."""
+        self._route_locks: dict[int, asyncio.Lock] = {}
+        """One per route transport, so that concurrent first sends connect it once."""
         self.config = config or RuntimeConfig()
         self.deadline_margin = deadline_margin
         self.handle_sigterm = handle_sigterm
@@ -169,12 +173,16 @@ class LambdaAdapter:
         """The asynchronous part of :meth:`close`, for use on a loop you own: ends what is
         bound to this loop, so that the handler may run again on another one."""
         self._publisher_lock = None
+        self._route_locks.clear()
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
             await lifespan.shutdown(self.config.lifespan_shutdown_timeout)
-        if self.routes is not None and self._routes_connected:
-            self._routes_connected = False
-            await self.routes.close()
+        routed, self._routed = self._routed, {}
+        for transport in reversed(routed.values()):
+            try:
+                await transport.close()
+            except Exception:
+                logger.exception("closing the %s send route failed", transport.name)
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             try:
@@ -344,7 +352,8 @@ class LambdaAdapter:
     ) -> None:
         routed = self.routes.target(address) if self.routes is not None else None
         if routed is not None:
-            publisher = routed if self._routes_connected else await self._connect_routes(routed)
+            connected = self._routed.get(id(routed))
+            publisher = connected if connected is not None else await self._connect_route(routed)
         else:
             publisher = self._publisher or await self._connect_publisher()
         try:
@@ -356,19 +365,13 @@ class LambdaAdapter:
                 f"{publisher.name}: could not send to {address!r}: {exc}"
             ) from exc
 
-    async def _connect_routes(self, target: Transport) -> Transport:
-        assert self.routes is not None
-        if self._publisher_lock is None:
-            self._publisher_lock = asyncio.Lock()
-        async with self._publisher_lock:
-            if not self._routes_connected:
-                try:
-                    await self.routes.connect()
-                except Exception as exc:
-                    raise target.send_error(
-                        f"{target.name}: cannot connect to send: {exc}"
-                    ) from exc
-                self._routes_connected = True
+    async def _connect_route(self, target: Transport) -> Transport:
+        """Connect one route's transport, once however many sends wait for it."""
+        lock = self._route_locks.setdefault(id(target), asyncio.Lock())
+        async with lock:
+            if id(target) not in self._routed:
+                await _connect(target)
+                self._routed[id(target)] = target
         return target
 
     async def _connect_publisher(self) -> Transport:
@@ -378,19 +381,27 @@ class LambdaAdapter:
             if self._publisher is not None:
                 return self._publisher
             spec = self._publisher_spec
-            if spec is None:
-                publisher = self.default_publisher(self._event)
-            elif isinstance(spec, Transport):
+            if isinstance(spec, Transport):
                 publisher = spec
             else:
-                publisher = spec(self._event)
-            try:
-                await publisher.connect()
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await publisher.close()
-                raise publisher.send_error(
-                    f"{publisher.name}: cannot connect to send: {exc}"
-                ) from exc
+                try:
+                    publisher = (
+                        self.default_publisher(self._event) if spec is None else spec(self._event)
+                    )
+                except SendError:
+                    raise
+                except Exception as exc:
+                    raise SendError(f"cannot make the publisher to send: {exc}") from exc
+            await _connect(publisher)
             self._publisher = publisher
             return publisher
+
+
+async def _connect(transport: Transport) -> None:
+    """Connect ``transport`` to send; on failure close it and raise its send error."""
+    try:
+        await transport.connect()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await transport.close()
+        raise transport.send_error(f"{transport.name}: cannot connect to send: {exc}") from exc

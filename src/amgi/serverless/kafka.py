@@ -165,10 +165,10 @@ class KafkaHandler(LambdaAdapter):
     """
 
     def default_publisher(self, event: Mapping[str, Any]) -> Transport:
+        cls = load("kafka")
         servers = event.get("bootstrapServers")
         if not isinstance(servers, str) or not servers:
-            raise MalformedEvent("the Kafka event names no bootstrapServers to send to")
-        cls = load("kafka")
+            raise cls.send_error("kafka: the Kafka event names no bootstrapServers to send to")
         return cls([], build(cls.options, {"bootstrap_servers": servers}))
 
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
