@@ -207,9 +207,10 @@ class Transport(abc.ABC):
     lease_interval: float | None = None
     """When set, the runtime calls :meth:`extend` this often (with the batches in flight,
     or none)."""
-    stable_ids: ClassVar[bool] = False
+    stable_ids: bool = False
     """A message redelivered after a crash keeps its :attr:`Message.id` (row id, offset,
-    broker message id ...): the runtime's crash ledger can then recognise it."""
+    broker message id ...): the runtime's crash ledger can then recognise it. A server
+    where it depends on the options (NATS, Redis: the mode) sets it per instance."""
     counts_deliveries: bool = False
     """The broker counts every delivery, crashes included, so :attr:`Message.attempt`
     rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues,

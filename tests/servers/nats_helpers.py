@@ -131,3 +131,21 @@ async def retention_stream(retention: str, tag: str = "") -> AsyncIterator[tuple
         with contextlib.suppress(Exception):
             await nc.jsm().delete_stream(name)
         await nc.close()
+
+
+async def stored(subject: str, url: str = URL) -> list[bytes]:
+    """The payloads of every message stored on ``subject`` now (nothing is acked)."""
+    import nats
+
+    nc = await nats.connect(url)
+    payloads: list[bytes] = []
+    try:
+        sub = await nc.jetstream().pull_subscribe(subject, durable=None)
+        while True:
+            try:
+                msgs = await sub.fetch(100, timeout=0.5)
+            except TimeoutError:  # (nats-py's own is one too)
+                return payloads
+            payloads += [m.data for m in msgs]
+    finally:
+        await nc.close()

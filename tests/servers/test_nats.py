@@ -14,6 +14,7 @@ import pytest
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
+from amgi.secrets import MASK
 from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.servers.nats._headers import decode, encode
 from amgi.testing.conformance import Received, Recorder
@@ -31,6 +32,7 @@ from tests.servers.amgi_process import (
     share_without_duplicates,
     until,
 )
+from tests.servers.crash_loop import CrashLoop
 from tests.servers.nats_helpers import (
     PREFIX,
     STREAM,
@@ -41,6 +43,7 @@ from tests.servers.nats_helpers import (
     fresh,
     read_subject,
     retention_stream,
+    stored,
 )
 from tests.servers.private_brokers import private_nats
 
@@ -1322,6 +1325,51 @@ async def test_broker_restart_mid_stream_loses_nothing(
         info = await consumer_state("RESTART", "restart", url)
         assert info.num_ack_pending == 0
         assert info.num_pending == 0
+
+
+async def test_the_crash_ledger_names_servers_durable_and_the_stream_of_each_subject(
+    subject: str,
+) -> None:
+    """JetStream ids (stream sequences) are stable, so the crash ledger is kept, in a
+    namespace that holds no password and names each subject's stream as found: a
+    wildcard may be captured by another stream in the next run. Core ids are not."""
+    secret = NatsOptions(servers=f"nats://app:s3cret@127.0.0.1:1, {URL}", durable="d")
+    unconnected = NatsTransport([subject], secret).ledger_namespace()
+    assert "s3cret" not in unconnected
+    assert unconnected == f"nats nats://app:{MASK}@127.0.0.1:1,{URL} user= durable=d {subject}@"
+    options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2)
+    t = NatsTransport([subject], options)
+    assert t.stable_ids
+    assert not NatsTransport([subject], replace(options, mode="core")).stable_ids
+    await t.connect()
+    try:
+        namespace = t.ledger_namespace()
+    finally:
+        await t.close()
+    assert namespace == f"nats {URL} user= durable={options.durable} {subject}@{STREAM}"
+
+
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(
+    tmp_path: Path, subject: str
+) -> None:
+    """JetStream counts a delivery of every message a killed process had pulled (those
+    the app acked, the ack never sent, and those it never had): without the crash ledger,
+    three kills dead-lettered the killer and 9 innocents of 19, two of them acked. The
+    stream sequence survives a redelivery, so the ledger convicts the killer alone."""
+    payloads = ["kill" if i == 7 else f"m{i:02d}" for i in range(20)]
+    asyncio.run(produce(URL, subject, payloads))
+    loop = CrashLoop(
+        tmp_path, subject, *flags(URL, fresh("d"), "--batch-size", "5", "--ack-wait", "1")
+    )
+
+    def dead_lettered() -> int:
+        logs = tmp_path.glob("run-*.err")
+        return sum(p.read_text().count(" dead-lettered after ") for p in logs)
+
+    kills = loop.run(lambda: len(set(loop.acked())) + dead_lettered() >= len(payloads))
+    dead = asyncio.run(stored(f"{subject}.dlq"))
+    assert (dead, set(loop.acked())) == ([b"kill"], set(payloads) - {"kill"}), f"{loop}"
+    assert kills == loop.max_attempts, f"{loop}"
 
 
 # -- bad input ----------------------------------------------------------------------------

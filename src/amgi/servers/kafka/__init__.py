@@ -84,7 +84,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
     send_error: ClassVar[type[SendError]] = KafkaSendError
     requires: ClassVar[tuple[str, ...]] = ("confluent_kafka",)
     extra: ClassVar[str] = "kafka"
-    stable_ids: ClassVar[bool] = True
+    stable_ids = True
     """``topic/partition/offset``: the crash ledger bounds a record that kills the process."""
 
     config: KafkaOptions

@@ -12,7 +12,8 @@ consume            a durable pull consumer per address (``--durable``; with seve
                    refused, at the start and when it is looked at again while running
 batch              one fetch of up to ``--batch-size`` messages (``--fetch-expiry``)
 ordering key       the address
-message id         the stream sequence (the same on every redelivery)
+message id         the stream sequence (the same on every redelivery): the crash ledger
+                   is kept, so a message that kills the process is dead-lettered alone
 ack                one ``+ACK`` per message, published without waiting, flushed once
                    per batch; never AckAll (it would ack past a nacked message)
 nack (retry)       ``-NAK`` with the retry delay; JetStream redelivers it
@@ -182,6 +183,24 @@ class NatsTransport(DeadLetters, Transport):
             self.lease_interval = self.config.ack_wait / 3
         self.counts_deliveries = self.config.mode == "jetstream"
         """JetStream's delivery count (the attempt) rises on every delivery."""
+        # Transport declares it a ClassVar; here it depends on the mode.
+        self.stable_ids = self.config.mode == "jetstream"
+        """JetStream: the stream sequence comes again with every redelivery, so the crash
+        ledger keeps a message that kills the process from taking the others it held
+        along (core ids count this process's messages, and nothing comes again)."""
+
+    def ledger_namespace(self) -> str:
+        """The servers (no password), user and durable, and each address with its stream
+        (found at the connection): a message id is a sequence of that stream, and which
+        stream captures a wildcard address may change between runs."""
+        c = self.config
+        servers = ",".join(mask_url(s.strip()) for s in c.servers.split(","))
+        if self._consumers is not None:
+            streams = self._consumers.streams
+        else:
+            streams = [(address, c.stream) for address in self.addresses]
+        read = " ".join(f"{address}@{stream}" for address, stream in sorted(streams))
+        return f"nats {servers} user={c.user} durable={c.durable} {read}"
 
     def dead_letter_subject(self, subject: str) -> str:
         return self.config.dead_letter_subject.replace("{subject}", subject)

@@ -84,6 +84,12 @@ class Consumers:
         """Flushes a reconnect (or a cancel) cut off (see :meth:`_flush`), left to end by
         their timeout."""
 
+    @property
+    def streams(self) -> list[tuple[str, str]]:
+        """``(subject, stream)`` of each consumer started."""
+        pairs = zip(self._subjects_by_index, self._configs, strict=True)
+        return [(subject, stream) for subject, (stream, _) in pairs]
+
     async def durable_name(self, jsm: Any, stream: str, subject: str) -> str:
         """``--durable`` itself, unless it filters another subject: then ``{durable}_{subject}``
         (``.``, ``*``, ``>`` and whitespace as ``_``), and when that one filters another
