@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.servers.amgi_process import (
     share_without_duplicates,
     until,
 )
+from tests.servers.crash_loop import CrashLoop
 from tests.servers.private_brokers import private_redis
 from tests.servers.redis_helpers import (
     URL,
@@ -819,6 +821,36 @@ async def test_retries_of_a_vanished_group_are_dropped_with_it() -> None:
         await t.close()
 
 
+@pytest.mark.parametrize("lost", ["destroyed", "deleted"])
+async def test_a_retry_waiting_when_its_group_is_lost_does_not_stop_the_reads(lost: str) -> None:
+    """The waiting retry's touch (every --claim-idle/3) met NOGROUP first, which redis-py's
+    pipeline reworded (``Command # 1 (XCLAIM ...) of pipeline caused error``): the group
+    was never created again, and every fetch failed on that touch for good."""
+    stream, group = fresh("lostwait"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.3))
+    await t.connect()
+    c = await client()
+    try:
+        await t.publish(stream, [], b"first", {})
+        (first,) = await fetch_all(t, 1)
+        await t.settle(Batch(stream, [first]), Settlement(retry=[Retry(first, "later", 60)]))
+        if lost == "destroyed":
+            await destroy_group(stream, group)
+        else:
+            await c.delete(stream)
+        await asyncio.sleep(0.2)  # the touch is due
+        await c.execute_command("XADD", stream, "*", "payload", b"after")
+        expected = [(b"first", 1), (b"after", 1)] if lost == "destroyed" else [(b"after", 1)]
+        got = await fetch_all(t, len(expected))
+        assert [(m.payload, m.attempt) for m in got] == expected
+        assert t._streams is not None
+        assert not t._streams._retries, "the retry went with the old group"
+    finally:
+        await t.close()
+        await c.delete(stream)
+        await c.aclose()
+
+
 async def test_entries_a_sweep_claimed_survive_another_streams_lost_group() -> None:
     """The sweep claimed a silent consumer's entry of one stream, then met a destroyed
     group on the next: the claimed entry was dropped and claimed again later, its attempt
@@ -1045,6 +1077,41 @@ async def test_a_named_consumer_takes_back_its_own_pending_entries_at_restart(
     attempts = [r["attempt"] for r in second.records() if r["event"] == "receive"]
     assert max(attempts) == 2, "entries taken back must count their earlier delivery"
     assert await pending(stream, group) == 0
+
+
+def all_settled(stream: str, group: str) -> Callable[[], bool]:
+    """Whether ``group`` has read every entry of ``stream`` and holds none pending."""
+    import redis
+
+    def check() -> bool:
+        with redis.Redis.from_url(URL, protocol=2) as c:
+            groups = c.xinfo_groups(stream)
+        return any(g["name"] == group.encode() and g["lag"] == g["pending"] == 0 for g in groups)
+
+    return check
+
+
+def test_streams_keep_a_crash_ledger_named_without_the_password_and_pubsub_none() -> None:
+    """Pub/Sub ids are a count of each process: a ledger would take them for suspects."""
+    options = RedisOptions(url="redis://amgi:s3cret@10.0.0.7:6380/3", group="billing")
+    t = RedisTransport(["s"], options)
+    assert t.stable_ids
+    assert t.ledger_namespace() == "redis redis://amgi:*****@10.0.0.7:6380/3 billing"
+    assert not RedisTransport(["s"], replace(options, mode="pubsub")).stable_ids
+
+
+def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:
+    """Without the crash ledger each crash counted a delivery of everything pending on the
+    dead consumer: entries the app acked (their XACK never sent) and entries read ahead
+    that it never had reached the dead letters beside the killer."""
+    stream, group = fresh("killer"), fresh("g")
+    payloads = ["kill" if i == 4 else f"m{i:02d}" for i in range(20)]
+    asyncio.run(produce(URL, stream, payloads))
+    loop = CrashLoop(tmp_path, stream, *flags(URL, group, "--batch-size", "5", "--claim-idle", "1"))
+    kills = loop.run(all_settled(stream, group), timeout=90)
+    assert kills == loop.max_attempts, loop
+    assert set(loop.acked()) == set(payloads) - {"kill"}, loop
+    assert [p for _, _, p in asyncio.run(entries(f"{stream}.dlq"))] == [b"kill"], loop
 
 
 async def test_broker_restart_mid_stream_loses_nothing(

@@ -7,7 +7,8 @@ address            a stream; its consumer group is created if missing (``--start
 batch              one ``XREADGROUP GROUP group consumer COUNT batch_size BLOCK block``
                    answer for one stream
 ordering key       the stream
-message id         the stream entry id (the same on every redelivery)
+message id         the stream entry id (the same on every redelivery: the crash ledger
+                   knows a message by its stream and id)
 ack                one ``XACK`` per batch with every acked id
 nack (retry)       the entry stays pending; after the retry delay it is taken back with
                    ``XCLAIM ... RETRYCOUNT n`` (n: the attempt handed out, so a claim
@@ -63,6 +64,7 @@ from amgi.servers.kit import (
     await_answers,
     dead_letter_headers,
     invalid,
+    mask_url,
     option,
     userinfo_problem,
     whole_number,
@@ -158,8 +160,16 @@ class RedisTransport(DeadLetters, Transport):
         self._backlog: Refreshed[dict[str, int]] | None = None
         self.counts_deliveries = c.mode == "streams"
         """An entry's delivery counter (the attempt) rises when another consumer claims it."""
+        self.stable_ids = c.mode == "streams"  # per instance
+        """An entry id is the same on every delivery: the crash ledger recognises it (the
+        ids of Pub/Sub messages are a count of this process's)."""
         if c.mode == "streams" and addresses:
             self.lease_interval = c.claim_idle / 3
+
+    def ledger_namespace(self) -> str:
+        """The server and database (the URL without its password) and the group: entry
+        ids are unique within a stream, and each group delivers every entry."""
+        return f"redis {mask_url(self.config.url)} {self.config.group}"
 
     def workers_refusal(self) -> str | None:
         """Pub/Sub hands every process every message; one ``--consumer`` name shared by

@@ -86,9 +86,20 @@ class Streams:
         went with the old one: the new group delivers their entries anew."""
         for stream in self.streams:
             if await self._create_group(stream, "0" if again else self.options.start):
-                self._retries.discard(_of(stream))
-                self._seen[stream] = b"0-0"  # the new group delivers from the start
-                self._unseen.pop(stream, None)
+                self._forget(stream)
+
+    def _forget(self, stream: str) -> None:
+        """Drop what this consumer held of ``stream`` in a group that is new: retries,
+        claims, counts and history of the old one, whose entries are gone with the stream
+        or delivered anew by the new group (kept, they failed on it, or came twice)."""
+        self._retries.discard(_of(stream))
+        self._claimed = [reply for reply in self._claimed if reply[0] != stream]
+        self._counting.pop(stream, None)
+        self._out.pop(stream, None)
+        self._history.pop(stream, None)
+        self._unseen.pop(stream, None)
+        self._seen[stream] = b"0-0"  # the new group delivers from the start
+        self._cursors[stream] = b"0-0"
 
     async def _create_group(self, stream: str, start: str) -> bool:
         """Create the group of ``stream`` unless it exists; whether it was created."""
@@ -121,6 +132,19 @@ class Streams:
                     await self.client.execute_command(
                         "XGROUP", "DELCONSUMER", stream, self.group, self.consumer
                     )
+
+    async def _pipelined(self, commands: Iterable[Sequence[Any]]) -> list[Any]:
+        """The replies of ``commands``, sent in one round trip; the first error Redis
+        answered is raised as it came (redis-py's raise rewrites it as ``Command # 1 (...)
+        of pipeline caused error: ...``, which hid a ``NOGROUP`` from :meth:`read`)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     # -- reading --------------------------------------------------------------------------
 
@@ -277,12 +301,10 @@ class Streams:
         entry left (none in it, or each claimed), the look moves on, and ends with a
         short page."""
         unseen, size = self._unseen, self.options.batch_size
-        async with self.client.pipeline(transaction=False) as pipe:
-            for stream, (start, end) in unseen.items():
-                pipe.execute_command(
-                    "XPENDING", stream, self.group, start, end, size, self.consumer
-                )
-            pages = await pipe.execute()
+        pages = await self._pipelined(
+            ("XPENDING", stream, self.group, start, end, size, self.consumer)
+            for stream, (start, end) in unseen.items()
+        )
         found: dict[str, list[tuple[bytes, int]]] = {}
         after: dict[str, tuple[bytes, bytes] | None] = {}  # where the next look starts
         for (stream, (_, end)), rows in zip(list(unseen.items()), pages, strict=True):
@@ -292,14 +314,12 @@ class Streams:
                 found[stream] = lost
             after[stream] = (b"(" + rows[-1][0], end) if len(rows) == size else None
         if found:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for stream, lost in found.items():
-                    for entry_id, idle in lost:
-                        pipe.execute_command(
-                            "XCLAIM", stream, self.group, self.consumer, idle, entry_id,
-                            "RETRYCOUNT", 1,
-                        )  # fmt: skip
-                results = iter(await pipe.execute())
+            claims = await self._pipelined(
+                ("XCLAIM", stream, self.group, self.consumer, idle, entry_id, "RETRYCOUNT", 1)
+                for stream, lost in found.items()
+                for entry_id, idle in lost
+            )
+            results = iter(claims)
             for stream, lost in found.items():
                 claimed = [e for _ in lost for e in next(results)]
                 entries = [e for e in claimed if e[1] is not None]  # not deleted meanwhile
@@ -316,14 +336,11 @@ class Streams:
     async def _own_pending(self) -> None:
         """Entries pending on this consumer's name from before it started, batch by batch:
         their counters read (``XPENDING ... consumer``), then one more delivery counted."""
-        history = self._history
-        async with self.client.pipeline(transaction=False) as pipe:
-            for stream, start in history.items():
-                pipe.execute_command(
-                    "XPENDING", stream, self.group, start, "+", self.options.batch_size,
-                    self.consumer,
-                )  # fmt: skip
-            results = await pipe.execute()
+        history, size = self._history, self.options.batch_size
+        results = await self._pipelined(
+            ("XPENDING", stream, self.group, start, "+", size, self.consumer)
+            for stream, start in history.items()
+        )
         for stream, rows in zip(list(history), results, strict=True):
             if not rows:
                 del history[stream]
@@ -406,10 +423,9 @@ class Streams:
             counting.setdefault(entry_id, attempt)
         check = [i for i, a in counting.items() if a is None or leftover]
         if check:  # left over: still ours? (another consumer may have claimed them since)
-            async with self.client.pipeline(transaction=False) as pipe:
-                for entry_id in check:
-                    pipe.execute_command("XPENDING", stream, self.group, entry_id, entry_id, 1)
-                results = await pipe.execute()
+            results = await self._pipelined(
+                ("XPENDING", stream, self.group, entry_id, entry_id, 1) for entry_id in check
+            )
             owner = self.consumer.encode()
             for entry_id, rows in zip(check, results, strict=True):
                 if not rows or rows[0][1] != owner:
@@ -423,12 +439,10 @@ class Streams:
         by_attempt: dict[int, list[bytes]] = {}
         for entry_id, attempt in counted.items():
             by_attempt.setdefault(attempt, []).append(entry_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for attempt, ids in by_attempt.items():
-                pipe.execute_command(
-                    "XCLAIM", stream, self.group, self.consumer, 0, *ids, "RETRYCOUNT", attempt
-                )
-            results = await pipe.execute()
+        results = await self._pipelined(
+            ("XCLAIM", stream, self.group, self.consumer, 0, *ids, "RETRYCOUNT", attempt)
+            for attempt, ids in by_attempt.items()
+        )
         del self._counting[stream]
         entries = [e for claimed in results for e in claimed if e[1] is not None]
         if entries:
@@ -441,10 +455,10 @@ class Streams:
         held = {s: ids for s, ids in held.items() if ids}
         if not held:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for stream, ids in held.items():
-                pipe.execute_command("XCLAIM", stream, self.group, self.consumer, 0, *ids, "JUSTID")
-            await pipe.execute()
+        await self._pipelined(
+            ("XCLAIM", stream, self.group, self.consumer, 0, *ids, "JUSTID")
+            for stream, ids in held.items()
+        )
 
     async def _touch_waiting(self, held: Mapping[str, list[bytes]] | None = None) -> None:
         """Touch the entries waiting for their retry or to be handed out, and ``held`` (in
