@@ -1,11 +1,16 @@
 """Helpers for the Kafka server tests: the test broker, topics, records, committed offsets,
-a transport and serving an app until a condition holds."""
+a transport, serving an app until a condition holds, a private broker and a relay in front
+of it that holds requests back."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -18,7 +23,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
-from tests.net import port_open
+from tests.net import pipe, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("KAFKA_PORT", "9092"))
@@ -79,8 +84,8 @@ async def run_until(
         assert await asyncio.wait_for(server, 30) == 0
 
 
-def create_topic(name: str, partitions: int = 3) -> str:
-    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+def create_topic(name: str, partitions: int = 3, bootstrap: str = BOOTSTRAP) -> str:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(name, partitions)])[name].result(timeout=10)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -95,9 +100,10 @@ def produce(
     topic: str,
     records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
     partition: int | None = None,
+    bootstrap: str = BOOTSTRAP,
 ) -> int:
     """Produce ``(key, value, headers)`` records and wait until all are acknowledged."""
-    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     errors: list[Any] = []
     count = 0
     for key, value, headers in records:
@@ -226,3 +232,90 @@ def start_private_broker(port: int, advertised_port: int, log: Path) -> subproce
             raise RuntimeError(f"private tansu did not start: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     return broker
+
+
+class KafkaFront:
+    """A relay on 127.0.0.1:``port`` to a broker on 127.0.0.1:``upstream`` that holds back
+    the client's requests of the API keys in :attr:`delays` (key: seconds) for that long
+    before passing them on, as a broker slow to answer them would. Counts the requests
+    held (:attr:`held`) and passed on late (:attr:`passed`), by key. Runs its own event
+    loop in a thread (the loop of the test may be the one held up); a context manager."""
+
+    def __init__(self, port: int, upstream: int) -> None:
+        self.port = port
+        self.upstream = upstream
+        self.delays: dict[int, float] = {}
+        self.held: collections.Counter[int] = collections.Counter()
+        self.passed: collections.Counter[int] = collections.Counter()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="kafka-front", daemon=True)
+
+    def __enter__(self) -> KafkaFront:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError(f"Kafka front on port {self.port} did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        relays: set[asyncio.Task[None]] = set()
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.ensure_future(self._relay(reader, writer))
+            relays.add(task)
+            task.add_done_callback(relays.discard)
+
+        server = await asyncio.start_server(accepted, "127.0.0.1", self.port)
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+            server.close()
+            for task in list(relays):
+                task.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._requests(reader, up_writer), pipe(up_reader, writer))
+
+    async def _requests(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        """Pass each request frame (a 4-byte size, then the API key first) on, whole."""
+        loop = asyncio.get_running_loop()
+
+        def late(key: int, frame: bytes) -> None:
+            if not dst.is_closing():
+                dst.write(frame)
+                self.passed[key] += 1
+
+        try:
+            while True:
+                head = await src.readexactly(4)
+                body = await src.readexactly(struct.unpack(">i", head)[0])
+                key = struct.unpack(">h", body[:2])[0]
+                delay = self.delays.get(key)
+                if delay is None:
+                    dst.write(head + body)
+                    await dst.drain()
+                else:
+                    self.held[key] += 1
+                    loop.call_later(delay, late, key, head + body)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                dst.close()

@@ -1,5 +1,6 @@
 """Kafka edge cases against the real test broker: application headers named like the
-server's own, retry and dead-letter topics of ``^regex`` addresses."""
+server's own, retry and dead-letter topics of ``^regex`` addresses, revokes with a broker
+that refuses a dead letter or answers commits late."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from tests.net import free_port
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
+    KafkaFront,
     create_topic,
     ensure_broker,
     fresh,
@@ -23,6 +28,7 @@ from tests.servers.kafka_helpers import (
     produce,
     read_all,
     run_until,
+    start_private_broker,
     transport,
     wait_committed,
 )
@@ -238,3 +244,118 @@ async def test_a_close_waits_for_the_topic_lookup_of_a_new_matching_topic() -> N
         await asyncio.gather(fetching, return_exceptions=True)
         await kafka.close()
     assert slow.calls == ["list_topics", "list_topics done", "close"]
+
+
+_OFFSET_COMMIT = 8
+"""The API key of Kafka's OffsetCommit request."""
+
+
+def _member(bootstrap: str, group: str, topic: str, leave: threading.Event) -> None:
+    """Another member of ``group``: joins, takes its share, commits nothing, leaves."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "session.timeout.ms": 1000,
+            "heartbeat.interval.ms": 200,
+        }
+    )
+    try:
+        consumer.subscribe([topic])
+        while not leave.is_set():
+            consumer.poll(0.05)
+    finally:
+        consumer.close()
+
+
+async def test_a_revoke_on_the_event_loop_does_not_wait_for_its_commit(tmp_path: Path) -> None:
+    """A busy application's records are taken on the event loop, so a rebalance's revoke
+    may run there: it waited for its commit's answer, and a coordinator that stopped
+    answering commits froze the loop (183 s seen: every batch stalled, SIGTERM unheeded).
+    Here the broker answers commits only 3 s late: the loop must not wait for it, and the
+    commit still goes out."""
+    port, front_port = free_port(), free_port()
+    broker = start_private_broker(port, front_port, tmp_path / "tansu.log")
+    try:
+        with KafkaFront(front_port, port) as front:
+            await _revoke_on_the_loop(front, f"127.0.0.1:{front_port}")
+    finally:
+        broker.kill()
+        broker.wait()
+
+
+async def _revoke_on_the_loop(front: KafkaFront, bootstrap: str) -> None:
+    topic = create_topic(fresh("held"), partitions=2, bootstrap=bootstrap)
+    produce(topic, ((b"k%d" % (i % 8), b"%d" % i, []) for i in range(5000)), bootstrap=bootstrap)
+    group = fresh("group")
+    kafka = transport([topic], bootstrap_servers=bootstrap, group_id=group, max_batch_size=10)
+    loop_thread = threading.get_ident()
+    on_loop: list[float] = []  # how long each revoke run by the event loop took
+    revoke = kafka._on_revoke
+
+    def held_revoke(consumer: Any, partitions: list[Any]) -> None:
+        if threading.get_ident() != loop_thread:
+            return revoke(consumer, partitions)
+        front.delays[_OFFSET_COMMIT] = 3.0  # this revoke's commit on
+        started = time.monotonic()
+        revoke(consumer, partitions)
+        on_loop.append(time.monotonic() - started)
+
+    kafka._on_revoke = held_revoke  # type: ignore[method-assign]
+    seen: list[str] = []
+
+    async def busy(scope: Any, receive: Any, send: Any) -> None:  # the loop drives: see _poll
+        end = time.perf_counter() + 0.005
+        while time.perf_counter() < end:
+            pass
+        more = True
+        while more:
+            event = await receive()
+            more = event["more_messages"]
+            seen.append(event["id"])
+            await send({"type": "message.ack", "id": event["id"]})
+
+    stalls: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            stalls.append(time.monotonic() - started - 0.01)
+
+    watching = asyncio.create_task(watch())
+    runtime = Runtime(busy, kafka, RuntimeConfig(lifespan="off", crash_ledger=""))
+    server = asyncio.create_task(runtime.serve())
+    leave = threading.Event()
+    other: asyncio.Future[None] | None = None
+    try:
+        deadline = time.monotonic() + 40
+        while not on_loop:  # the other member joins, or leaves: each time a revoke
+            assert not server.done(), server.result()
+            assert time.monotonic() < deadline, "no revoke ran on the event loop"
+            if len(seen) >= 100 and other is None:
+                leave.clear()
+                other = asyncio.ensure_future(
+                    asyncio.to_thread(_member, bootstrap, group, topic, leave)
+                )
+                joined = time.monotonic()
+            elif other is not None and time.monotonic() - joined > 3:
+                leave.set()
+                await other
+                other = None
+            await asyncio.sleep(0.05)
+        while not front.held[_OFFSET_COMMIT]:  # the revoke's commit went out
+            assert time.monotonic() < deadline, "the revoke's commit was never sent"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the watch measures the last stall
+        assert on_loop[0] < 1.0, on_loop
+        assert max(stalls) < 2.0, max(stalls)
+    finally:
+        front.delays.clear()
+        leave.set()
+        if other is not None:
+            await other
+        runtime.request_stop()
+        assert await asyncio.wait_for(server, 30) == 0
+        watching.cancel()

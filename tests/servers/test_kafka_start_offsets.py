@@ -132,6 +132,7 @@ class _Consumer:
     def __init__(self, committed: Any, ends: Any = ()) -> None:
         self.answers = {"committed": committed, "ends": ends}
         self.asked_ends: list[tuple[int, int]] = []
+        self.commits: list[tuple[int, int]] = []
 
     def _answer(self, which: str) -> list[Any]:
         answer = self.answers[which]
@@ -145,6 +146,9 @@ class _Consumer:
     def offsets_for_times(self, partitions: list[Any], timeout: float) -> list[Any]:
         self.asked_ends += [(tp.partition, tp.offset) for tp in partitions]
         return self._answer("ends")
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> None:
+        self.commits += [(tp.partition, tp.offset) for tp in offsets]
 
 
 _TIMED_OUT = KafkaException(KafkaError(KafkaError._TIMED_OUT))
@@ -167,6 +171,8 @@ def test_start_offsets_ask_the_log_for_partitions_without_a_commit(
     # Partition 1 from the log; partition 2's answer failed, so librdkafka resolves it.
     assert [(tp.partition, tp.offset) for tp in got] == [(0, 7), (1, 40), (2, logical)]
     assert consumer.asked_ends == [(1, logical), (2, logical)]  # -2: log start, -1: end
+    # With latest a later owner would start at the end as it is then: the start is kept.
+    assert consumer.commits == ([(1, 40)] if reset == "latest" else [])
 
 
 def test_start_offsets_fall_back_to_the_logical_end_when_the_log_lookup_fails() -> None:
@@ -381,3 +387,53 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
         second.request_stop()
         assert await asyncio.wait_for(server, 30) == 0
     assert attempts == [1, 2]
+
+
+async def fetch_while_producing(kafka: KafkaTransport, topic: str, sent: list[int]) -> list[int]:
+    """The offsets of ``kafka``'s first fetch, made while a record is produced every 0.2 s
+    until it returns (a partition without a commit starts at the end with ``latest``,
+    which is not observable from outside); ``sent`` gets the payload number of each."""
+    fetch = asyncio.ensure_future(kafka.fetch())
+    deadline = time.monotonic() + 30
+    try:
+        while not fetch.done():
+            assert time.monotonic() < deadline, "nothing fetched"
+            produce(topic, records(0, len(sent), 1))
+            sent.append(len(sent))
+            await asyncio.wait([fetch], timeout=0.2)
+    finally:
+        fetch.cancel()  # done unless the wait failed
+    return sorted(m.bindings["kafka"]["offset"] for b in fetch.result() for m in b.messages)
+
+
+async def test_a_member_gone_before_its_first_commit_leaves_the_next_its_start() -> None:
+    """With ``latest`` a partition the group has no offset for starts at its log end. A
+    member gone before its first commit (killed, dropped from the group, closed with
+    nothing settled) left no offset, so the next owner started at the end as it was then:
+    every record produced since the group first got the partition was never processed.
+    The start is committed at assignment now, and the next owner starts there."""
+    topic = create_topic(fresh("gone"), partitions=1)
+    produce(topic, records(0, 0, 1))  # before the group: skipped, as latest asks
+    group = KafkaOptions(**options(auto_offset_reset="latest"))
+    sent = [0]
+    first = KafkaTransport([topic], group)
+    await first.connect()
+    try:
+        handed_out = await fetch_while_producing(first, topic, sent)
+    finally:
+        await first.close()  # nothing settled: it commits nothing
+    produce(topic, records(0, len(sent), 2))  # while the group has no member
+    sent += [len(sent), len(sent) + 1]
+    second = KafkaTransport([topic], group)
+    await second.connect()
+    try:
+        got = await fetch_while_producing(second, topic, sent)
+        deadline = time.monotonic() + 20
+        while got[-1] < len(sent) - 1:  # a fresh topic: record i is at offset i
+            assert time.monotonic() < deadline, f"got {got} of {len(sent)}"
+            batches = await asyncio.wait_for(second.fetch(), 20)
+            got += [m.bindings["kafka"]["offset"] for b in batches for m in b.messages]
+    finally:
+        await second.close()
+    assert got[0] <= handed_out[0], (handed_out, got)  # where the group first started
+    assert got == list(range(got[0], len(sent)))

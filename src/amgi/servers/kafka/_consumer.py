@@ -200,27 +200,35 @@ class Consuming(KafkaClient):
         for tp in committed:
             if tp.offset < 0:
                 tp.offset = found.get((tp.topic, tp.partition), reset(tp.topic))
-        self._commit_retry_starts(consumer, found)
+        self._commit_starts(consumer, found)
         return list(committed)
 
-    def _commit_retry_starts(self, consumer: Any, found: dict[TopicPartition, int]) -> None:
-        """Commit the log start of the retry partitions the group has no offset for.
+    def _commit_starts(self, consumer: Any, found: dict[TopicPartition, int]) -> None:
+        """Commit where the partitions the group has no offset for start, when a later
+        owner would not find it by itself: a retry partition's log start, and with
+        ``--auto-offset-reset latest`` a topic partition's log end as it is now.
 
-        Should a later assignment's lookup fail, librdkafka resolves the start itself:
-        from the committed offset, else from ``auto.offset.reset``, which with ``latest``
-        is the end of the retry partition, past the copies waiting there (lost). Once
-        this commit is on the broker, it finds the start instead.
+        Nothing else is committed before a batch settles. A member killed or dropped from
+        the group before then left no offset, and with ``latest`` the next owner started
+        at the end as it was by then, past every record produced meanwhile (lost); so did
+        librdkafka's own lookup (when the one at assignment fails) for a retry partition,
+        past the copies waiting there.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
 
-        starts = [TP(t, p, offset) for (t, p), offset in found.items() if self._is_retry_topic(t)]
+        latest = self.config.auto_offset_reset == "latest"
+        starts = [
+            TP(t, p, offset)
+            for (t, p), offset in found.items()
+            if self._is_retry_topic(t) or (latest and not self._is_dead_letter_topic(t))
+        ]
         if not starts:
             return
         try:
             consumer.commit(offsets=starts, asynchronous=True)
         except KafkaException as exc:  # the next assignment's lookup tries again
-            logger.debug("kafka: retry partitions' start offsets not committed: %s", exc)
+            logger.debug("kafka: start offsets not committed: %s", exc)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Let the revoked partitions' batches settle, commit them here, then forget them.
@@ -229,7 +237,10 @@ class Consuming(KafkaClient):
         between ``consume`` calls), which is the one running this callback, and only for
         partitions not yet forgotten, so this commit is the last one of each revoked
         partition. On the event loop there is nothing to wait for: it drives the consumer
-        only while no batch is unsettled.
+        only while no batch is unsettled; nor does it wait for the broker's answer, which
+        may never come (a coordinator that stops answering froze the loop for minutes):
+        the commit is sent asynchronously, still the last one (a commit lost means only
+        redelivery to the next owner).
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
@@ -262,7 +273,7 @@ class Consuming(KafkaClient):
             self._forget(keys)
         if offsets and not self._closing:
             try:
-                consumer.commit(offsets=offsets, asynchronous=False)
+                consumer.commit(offsets=offsets, asynchronous=self._driver_is_loop)
             except KafkaException as exc:
                 logger.warning("kafka commit on revoke failed: %s", exc)
 
