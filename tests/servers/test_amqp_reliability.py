@@ -221,9 +221,9 @@ async def _declared(queue: str) -> bool:
 async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Retry queue refused and dead-letter exchange gone: the message waits, unacked,
-    tried again with a doubling delay (logged) while the queue goes on; once the
-    exchange is back it lands."""
+    """Retry queue refused and dead-letter exchange refusing (internal): the message
+    waits, unacked, tried again with a doubling delay (logged) while the queue goes on;
+    once the exchange takes messages again it lands."""
     from tests.servers.test_amqp_support import delete_exchange
 
     caplog.set_level(logging.ERROR, "amgi.servers.kit")
@@ -256,7 +256,7 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
     try:
         async with asyncio.timeout(15):
             await runtime.started.wait()
-        await delete_exchange(dlx)
+        await internal_exchange(dlx)
         await sender.publish(queue, [], b"bad", {})
         async with asyncio.timeout(20):
             while not _tried_again(caplog):
@@ -266,6 +266,7 @@ async def test_a_refused_dead_letter_backs_off_then_lands_once_the_broker_takes_
                 await asyncio.sleep(0.05)
         assert calls == [1]  # not delivered again while it waits
         assert await queue_depth(f"{queue}.dead-letter") == 0
+        await delete_exchange(dlx)
         await declare_exchange_bound(dlx, f"{queue}.dead-letter", queue)
         [dead] = await drain(f"{queue}.dead-letter", 1, timeout=15)
     finally:
@@ -296,13 +297,29 @@ async def declare_exchange_bound(exchange: str, queue: str, routing_key: str) ->
         await connection.close()
 
 
+async def internal_exchange(name: str) -> None:
+    """Make ``name`` an internal exchange: the broker refuses a publish to it (closing the
+    channel, ACCESS_REFUSED), and declaring it again mends nothing."""
+    import aiormq
+
+    from tests.servers.test_amqp_support import delete_exchange
+
+    await delete_exchange(name)
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_declare(name, exchange_type="direct", durable=True, internal=True)
+    finally:
+        await connection.close()
+
+
 async def test_a_dead_letter_the_broker_refuses_fails_no_send_of_the_application(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The dead-letter exchange is gone: the broker closes the channel the dead letter
-    went out on. The application's sends have a channel of their own: it stays open and
-    a send goes through (on one shared channel, a send waiting for its confirmation
-    failed with the dead letter's error)."""
+    """The dead-letter exchange refuses messages (internal): the broker closes the
+    channel the dead letter went out on. The application's sends have a channel of their
+    own: it stays open and a send goes through (on one shared channel, a send waiting
+    for its confirmation failed with the dead letter's error)."""
     from amgi.transport import DeadLetter
     from tests.servers.test_amqp_support import delete_exchange
 
@@ -311,7 +328,7 @@ async def test_a_dead_letter_the_broker_refuses_fails_no_send_of_the_application
     transport = AmqpTransport([queue], AmqpOptions(url=URL, dead_letter_exchange=dlx))
     await transport.connect()
     try:
-        await delete_exchange(dlx)
+        await internal_exchange(dlx)
         await transport.publish(queue, [], b"doomed", {})
         sends = await transport._channel()
         batches: list[Batch] = []
@@ -679,6 +696,52 @@ async def test_a_retry_queue_deleted_while_the_server_runs_is_declared_again() -
     finally:
         await transport.close()
     assert await queue_depth(f"{queue}.dead-letter") == 0
+    assert await queue_depth(queue) == 0
+
+
+@pytest.mark.parametrize("deleted", ["queue", "exchange"])
+async def test_dead_letters_deleted_while_the_server_runs_are_declared_again(deleted: str) -> None:
+    """The server declares the dead-letter exchange and ``<queue>.dead-letter`` once.
+    Deleted since, every dead letter was refused (unroutable, or no exchange) for good:
+    it stayed unacked, held back the acks of every later message of the queue, and
+    consumption stopped once they filled the prefetch."""
+    from tests.servers.test_amqp_support import delete_exchange
+
+    queue = new_queue()
+    dlx = f"amgi-test-dlx-{queue}"
+    options = AmqpOptions(url=URL, batch_size=1, linger=0, prefetch=3, dead_letter_exchange=dlx)
+    transport = AmqpTransport([queue], options)
+    await transport.connect()
+    try:
+        if deleted == "queue":
+            import aiormq
+
+            connection = await aiormq.connect(URL)
+            try:
+                channel = await connection.channel()
+                await channel.queue_delete(f"{queue}.dead-letter")
+            finally:
+                await connection.close()
+        else:
+            await delete_exchange(dlx)
+        await transport.publish(queue, [], b"poison", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        await transport.settle(batch, Settlement(dead=[DeadLetter(batch.messages[0], "bad")]))
+        for i in range(5):  # more than the prefetch
+            await transport.publish(queue, [], b"fine %d" % i, {})
+        acked = 0
+        async with asyncio.timeout(10):
+            while acked < 5:
+                for batch in await transport.fetch():
+                    await transport.settle(batch, Settlement(acked=list(batch.messages)))
+                    acked += len(batch.messages)
+        [dead] = await drain(f"{queue}.dead-letter", 1, timeout=5)
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+        await delete_exchange(dlx)
+    assert dead.body == b"poison"
     assert await queue_depth(queue) == 0
 
 
@@ -1145,3 +1208,135 @@ async def test_a_retry_queue_that_refuses_for_longer_than_the_bound_dead_letters
     lines = [r.getMessage() for r in caplog.records if "dead-lettering it" in r.getMessage()]
     assert len(lines) == 1
     assert "refused for" in lines[0]
+
+
+async def test_a_message_held_past_the_consumer_timeout_comes_back_at_its_next_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The application holds a message longer than the broker's ``consumer_timeout``:
+    the broker closes the channel (PRECONDITION_FAILED). The server logged only "lost the
+    connection", and on a classic queue the message came back at the same attempt, for
+    good: a too slow message was never dead-lettered."""
+    from tests.servers.test_amqp_support import rabbit_settings
+
+    caplog.set_level(logging.WARNING, "amgi.servers.amqp")
+    queue = new_queue()
+    transport = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=1, linger=0))
+    # Channels take the timeout as they open; the broker looks at it every tick.
+    before = await rabbit_settings(consumer_timeout=1000, channel_tick_interval=500)
+    try:
+        try:
+            await transport.connect()
+        finally:
+            await rabbit_settings(consumer_timeout=before["consumer_timeout"])
+        await transport.publish(queue, [], b"slow", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+        async with asyncio.timeout(15):
+            while "consumer_timeout" not in caplog.text:
+                await asyncio.sleep(0.05)
+        await transport.settle(batch, Settlement(acked=list(batch.messages)))  # too late
+        async with asyncio.timeout(10):
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"slow", 2)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await rabbit_settings(channel_tick_interval=before["channel_tick_interval"])
+        await transport.close()
+    assert "PRECONDITION_FAILED - delivery acknowledgement" in caplog.text
+    assert await queue_depth(queue) == 0
+
+
+async def test_deliveries_a_quorum_queue_takes_back_unseen_use_up_no_attempt() -> None:
+    """The connection closes while the server has deliveries buffered that the
+    application never had: the quorum queue counts each return in x-delivery-count, so
+    they came back at a higher attempt, one more per lost connection. The message the
+    application held is counted, the others are not."""
+    from tests.servers.test_amqp_support import close_connections
+
+    queue = new_queue()
+    name = f"amgi-test-{queue}"
+    options = AmqpOptions(
+        url=f"{URL}?name={name}", queue_type="quorum", batch_size=1, linger=0, prefetch=10
+    )
+    transport = AmqpTransport([queue], options)
+    await transport.connect()
+    try:
+        for i in range(4):
+            await transport.publish(queue, [], b"%d" % i, {})
+        async with asyncio.timeout(5):
+            [held] = await transport.fetch()  # in the application's hands
+        for unseen in (3, 4):  # all of them buffered: none left in flight
+            async with asyncio.timeout(10):
+                while len(transport._buffer) < unseen or not transport._ready.is_set():
+                    await asyncio.sleep(0.02)
+            generation = transport._generation
+            assert await close_connections(name)
+            async with asyncio.timeout(10):
+                while transport._generation == generation:
+                    await asyncio.sleep(0.02)
+        got: dict[bytes | None, int] = {}
+        async with asyncio.timeout(10):
+            while len(got) < 4:
+                for batch in await transport.fetch():
+                    got.update((m.payload, m.attempt) for m in batch.messages)
+                    await transport.settle(batch, Settlement(acked=list(batch.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+    assert held.messages[0].payload == b"0"
+    assert got == {b"0": 2, b"1": 1, b"2": 1, b"3": 1}
+    assert await queue_depth(queue) == 0
+
+
+async def _memory_alarm_on() -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", "eval", "rabbit_alarm:get_alarms().",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return b"memory" in out
+
+
+async def test_acks_go_on_while_a_memory_alarm_blocks_the_publishing_connection() -> None:
+    """In a memory alarm RabbitMQ stops reading a connection once it publishes. One retry
+    copy of queue A, on the connection the consumers shared, stopped the acks of queue B
+    too (and of every queue) until the alarm cleared: the consumers that could relieve
+    the broker held their messages. Publishing has a connection of its own now."""
+    from tests.servers.test_amqp_support import rabbitmqctl
+
+    a, b = new_queue(), new_queue()
+    options = AmqpOptions(url=URL, batch_size=10, linger=0.05, confirm_timeout=1)
+    transport = AmqpTransport([a, b], options)
+    await transport.connect()
+    try:
+        await transport.publish(a, [], b"a", {})
+        for i in range(3):
+            await transport.publish(b, [], b"b%d" % i, {})
+        batches: dict[str, Batch] = {}
+        async with asyncio.timeout(5):
+            while sum(len(x.messages) for x in batches.values()) < 4:
+                batches.update((x.address, x) for x in await transport.fetch())
+        try:
+            await rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
+            async with asyncio.timeout(30):
+                while not await _memory_alarm_on():
+                    await asyncio.sleep(0.2)
+            retry = Retry(batches[a].messages[0], "later", 0.05)
+            await transport.settle(batches[a], Settlement(retry=[retry]))  # not confirmed
+            await transport.settle(batches[b], Settlement(acked=list(batches[b].messages)))
+            async with asyncio.timeout(10):
+                while await unacked(b) != 0:
+                    await asyncio.sleep(0.2)
+        finally:
+            await rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+        async with asyncio.timeout(15):
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"a", 2)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+    assert await queue_depth(a) == 0
+    assert await queue_depth(b) == 0

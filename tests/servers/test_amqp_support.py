@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -122,3 +123,46 @@ def rabbitmq() -> Iterator[str]:
     ensure_broker()
     yield URL
     asyncio.run(delete_test_queues())
+
+
+async def close_connections(name: str) -> int:
+    """Close (as an operator would) the broker's connections named ``name`` (the URL's
+    ``?name=``); returns how many."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        "list_connections",
+        "pid",
+        "client_properties",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await listing.communicate()
+    tag = f'{{"connection_name","{name}"}}'
+    pids = [line.split("\t")[0] for line in out.decode().splitlines() if tag in line]
+    for pid in pids:
+        await rabbitmqctl("close_connection", pid, "amgi test")
+    return len(pids)
+
+
+async def rabbit_settings(**values: int | None) -> dict[str, int | None]:
+    """Set settings of the broker's ``rabbit`` application (``None``: unset); returns
+    the values before, to put back the same way. Broker-wide: restore them at once."""
+    before: dict[str, int | None] = {}
+    for key, value in values.items():
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "-q",
+            "eval",
+            f"application:get_env(rabbit, {key}).",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+        found = re.fullmatch(r"\{ok,(\d+)\}", out.decode().strip())
+        before[key] = int(found[1]) if found else None
+        if value is None:
+            await rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
+        else:
+            await rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value:d}).")
+    return before

@@ -16,7 +16,8 @@ nack (retry)       republished (confirmed) to ``<queue>.retry.<ms>``, a queue wi
                    message TTL whose dead-letter target is the queue, attempt + 1 in the
                    ``amgi-attempt`` header; then the original is acked
 nack (dead)        republished (confirmed) to ``dead_letter_exchange`` with the queue as
-                   routing key (bound to ``<queue>.dead-letter``) and the reason header
+                   routing key (bound to ``<queue>.dead-letter``) and the reason header;
+                   unroutable or no exchange: both declared again, tried once more
 refused copy       a retry the broker refuses (its retry queue exists with another
                    TTL, access refused ...) is dead-lettered instead; one it cannot take
                    for now (no confirm in time, a nack, a channel closed over another
@@ -26,14 +27,20 @@ refused copy       a retry the broker refuses (its retry queue exists with anoth
                    (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header (our retries), plus the broker's
                    ``x-delivery-count`` on quorum queues (deliveries handed back by a
-                   consumer that died, closed or requeued): ``counts_deliveries``
+                   consumer that died, closed or requeued): ``counts_deliveries``; put
+                   right by stable id for deliveries dropped unseen (quorum: one less)
+                   and held on a channel the broker closed (classic: one more)
+                   (:mod:`._recount`)
 message id         a hash of the ``message-id`` property (if set), headers and body, the
                    same on every delivery (the crash ledger bounds a message that kills
                    the process on classic queues too); ``#2`` ... tells identical
                    messages of one batch apart
-send               ``basic.publish`` with publisher confirms, mandatory by default
-connection loss    reconnect with backoff and consume again on a new channel; batches of
-                   the old channel are not acked (the broker redelivers them)
+send               ``basic.publish`` with publisher confirms, mandatory by default, on
+                   a connection of its own (a broker in an alarm stops reading a
+                   publishing connection: the consumers' acks go on)
+connection loss    either connection or a consuming channel: log the broker's reason,
+                   reconnect both with backoff and consume again on new channels;
+                   batches of the old channels are not acked (the broker redelivers them)
 dead letters       list: ``basic.get`` from ``<queue>.dead-letter``, put back unacked;
 (CLI)              replay: republished (confirmed) to the queue, then acked off it
 =================  ==================================================================
@@ -63,7 +70,6 @@ from amgi.servers.amqp._client import (
     _url_login,
 )
 from amgi.servers.amqp._codec import (
-    _message,
     delivery_bindings,
     headers_to_table,
     publish_properties,
@@ -154,13 +160,10 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
                 await self._supervisor
             self._supervisor = None
         self._ready.clear()
-        connection, self._connection = self._connection, None
         self._consumers = {}
         self._publishers = {}
         self._buffer.clear()
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        await self._close_connections()
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -182,7 +185,7 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
         grouped: dict[str, list[Message]] = {}
         for _ in range(min(size, len(buffer))):
             queue, delivered = buffer.popleft()
-            grouped.setdefault(queue, []).append(_message(delivered))
+            grouped.setdefault(queue, []).append(self._hand_out(queue, delivered))
         return [
             Batch(queue, unique_ids(msgs), key=queue, context=generation)
             for queue, msgs in grouped.items()
@@ -220,6 +223,8 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
             for d in settlement.dead:
                 d.not_stored("its channel closed")
             return
+        for m in batch.messages:  # out of the application's hands
+            consumer.held.pop(m.token.delivery.delivery_tag, None)
 
         if settlement.retry or settlement.dead:
             since = time.monotonic()
@@ -246,6 +251,7 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
     async def _ack_batch(self, batch: Batch, consumer: _Channel) -> None:
         if self._gone(consumer):
             return
+        self._recount.forget(batch.messages)
         mark = consumer.acked.settle(m.token.delivery.delivery_tag for m in batch.messages)
         if mark is None:
             return

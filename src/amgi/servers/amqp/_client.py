@@ -9,18 +9,20 @@ import logging
 import re
 import urllib.parse
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
-from amgi.servers.amqp._codec import headers_to_table
+from amgi.servers.amqp._codec import _message, headers_to_table
+from amgi.servers.amqp._recount import Recount
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
     Backoff,
     Watermark,
     mask_url,
 )
-from amgi.transport import HeaderList
+from amgi.transport import HeaderList, Message
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
@@ -68,6 +70,8 @@ class _Channel:
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
     tag: str = ""
     """The consumer tag of its ``basic.consume``."""
+    held: dict[int | None, str] = field(default_factory=dict)
+    """The stable ids of the deliveries in the application's hands, by delivery tag."""
     cancelled: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -118,6 +122,9 @@ def _reply_text(exc: BaseException) -> str:
 
 
 _MAX_KNOWN_EXCHANGES = 1000
+
+_TIMED_OUT = re.compile(r"delivery acknowledgement .* timed out")
+"""RabbitMQ's reply as it closes a channel over a delivery unacked for ``consumer_timeout``."""
 
 Publisher = Literal["sends", "large", "moves"]
 """The kinds of publishing channel (see :meth:`AmqpClient._channel`)."""
@@ -198,6 +205,10 @@ class AmqpClient:
     def _init_client(self) -> None:
         """Set up the state (called by the transport's ``__init__``)."""
         self._connection: AbstractConnection | None = None
+        """The connection of the consumers (and of declarations)."""
+        self._publishing: AbstractConnection | None = None
+        """The connection of the publishing channels: the consumers' own when there are
+        none (a sender only)."""
         self._consumers: dict[str, _Channel] = {}
         self._publishers: dict[Publisher, AbstractChannel] = {}
         self._publisher_lock = asyncio.Lock()
@@ -216,9 +227,51 @@ class AmqpClient:
         it fails here instead of closing the channel again (kept until the server
         stops: the refusal itself may have cost the connection, see :meth:`_learn_limit`)."""
         self._closed = False
+        self._recount = Recount()
 
     async def _open(self) -> None:
-        """Connect, declare the topology, open the publisher and start consuming."""
+        """Connect, declare the topology, open the publisher and start consuming.
+
+        The publishing channels (sends, moves) have a connection of their own: a broker
+        in a memory or disk alarm stops reading every connection that publishes, and
+        the acknowledgements of the consumers would stop with it."""
+        c = self.config
+        connection = await self._connect()
+        publishing: AbstractConnection | None = None
+        try:
+            channels = []
+            for i, _ in enumerate(self.addresses):
+                channel = await connection.channel(publisher_confirms=False)
+                if i == 0:
+                    await self._declare(channel)
+                await channel.basic_qos(prefetch_count=c.prefetch)
+                channels.append(channel)
+            publishing = await self._connect() if self.addresses else connection
+            self._connection, self._publishing = connection, publishing
+            self._publishers = {
+                "sends": await publishing.channel(publisher_confirms=True, on_return_raises=True)
+            }
+            if self.addresses:
+                self._generation += 1
+                self._buffer.clear()
+                self._consumers = {}
+                for queue, channel in zip(self.addresses, channels, strict=True):
+                    consumer = self._consumers[queue] = _Channel(channel, self._generation, queue)
+                    channel.on_consumer_cancel_callbacks.add(consumer.on_cancel)
+                    ok = await channel.basic_consume(
+                        queue, self._consumer_for(queue, self._generation)
+                    )
+                    consumer.tag = str(ok.consumer_tag)
+        except BaseException:
+            self._consumers = {}
+            self._publishers = {}
+            self._connection, self._publishing = connection, publishing
+            await self._close_connections()
+            raise
+        self._ready.set()
+
+    async def _connect(self) -> AbstractConnection:
+        """A new connection to the broker, or one clear error."""
         import aiormq
         from aiormq import exceptions as amqp_errors
 
@@ -250,37 +303,7 @@ class AmqpClient:
             ) from None
         except ValueError as exc:
             raise ConfigurationError(f"amqp: bad url {mask_url(c.url)}: {exc}") from None
-        try:
-            channels = []
-            for i, _ in enumerate(self.addresses):
-                channel = await connection.channel(publisher_confirms=False)
-                if i == 0:
-                    await self._declare(channel)
-                await channel.basic_qos(prefetch_count=c.prefetch)
-                channels.append(channel)
-            self._connection = connection
-            self._publishers = {
-                "sends": await connection.channel(publisher_confirms=True, on_return_raises=True)
-            }
-            if self.addresses:
-                self._generation += 1
-                self._buffer.clear()
-                self._consumers = {}
-                for queue, channel in zip(self.addresses, channels, strict=True):
-                    consumer = self._consumers[queue] = _Channel(channel, self._generation, queue)
-                    channel.on_consumer_cancel_callbacks.add(consumer.on_cancel)
-                    ok = await channel.basic_consume(
-                        queue, self._consumer_for(queue, self._generation)
-                    )
-                    consumer.tag = str(ok.consumer_tag)
-        except BaseException:
-            self._consumers = {}
-            self._publishers = {}
-            self._connection = None
-            with contextlib.suppress(Exception):
-                await connection.close()
-            raise
-        self._ready.set()
+        return connection
 
     async def _declare(self, channel: AbstractChannel) -> None:
         """Declare (or, when passive, check) the queues, exchange, bindings and dead letters."""
@@ -331,8 +354,7 @@ class AmqpClient:
         connected_at = loop.time()
         while True:
             waits: list[asyncio.Future[Any]] = []
-            if self._connection is not None:
-                waits.append(self._connection.closing)
+            waits.extend(c.closing for c in self._connections())
             consumers = list(self._consumers.values())
             waits.extend(c.channel.closing for c in consumers)
             waits.extend(c.cancelled for c in consumers)
@@ -351,15 +373,12 @@ class AmqpClient:
                         ", ".join(map(repr, gone)),
                     )
                 else:
-                    logger.warning("amqp: lost the connection to the broker; reconnecting")
+                    logger.warning("amqp: %s; reconnecting", self._record_loss(consumers))
             self._ready.clear()
             self._consumers = {}
             self._publishers = {}
-            self._buffer.clear()
-            old, self._connection = self._connection, None
-            if old is not None:
-                with contextlib.suppress(Exception):
-                    await old.close()
+            self._drop_buffer()
+            await self._close_connections()
             if loop.time() - connected_at < self.config.reconnect_delay_max:
                 # Lost again soon after connecting (a delivery the client cannot read
                 # drops the connection each time it comes): wait before the next try.
@@ -387,12 +406,75 @@ class AmqpClient:
                 connected_at = loop.time()
                 break
 
+    def _connections(self) -> list[AbstractConnection]:
+        """The connections open: the consumers' and the publishing one (once if one)."""
+        found = [c for c in (self._connection, self._publishing) if c is not None]
+        return found[:1] if len(found) == 2 and found[0] is found[1] else found
+
+    async def _close_connections(self) -> None:
+        """Close both connections (their unacked deliveries go back to the queues)."""
+        connections = self._connections()
+        self._connection = self._publishing = None
+        for connection in connections:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _record_loss(self, consumers: list[_Channel]) -> str:
+        """Record the deliveries in the application's hands on a consuming channel the
+        broker closed (each counts an attempt, :mod:`._recount`); return what the broker
+        said as it closed that channel or a connection."""
+        from aiormq import exceptions as amqp_errors
+
+        for what, connection in (("", self._connection), ("publishing ", self._publishing)):
+            if connection is not None and connection.closing.done():
+                closing = connection.closing
+                exc = None if closing.cancelled() else closing.exception()
+                return f"lost the {what}connection to the broker ({exc or 'closed'})"
+        for consumer in consumers:
+            closing = consumer.channel.closing
+            if not closing.done() or closing.cancelled():
+                continue
+            exc = closing.exception()
+            if not isinstance(exc, amqp_errors.ChannelClosed) or not exc.args:
+                continue
+            self._recount.lost(consumer.held.values())
+            text = _reply_text(exc)
+            why = f"the broker closed the channel of {consumer.queue!r}: {text}"
+            if _TIMED_OUT.search(text):
+                why += (
+                    " (the application held a message longer than the broker's "
+                    "consumer_timeout: raise consumer_timeout in rabbitmq.conf, or make "
+                    "calls shorter with a smaller --batch-size; the messages it held come "
+                    "back, each at its next attempt)"
+                )
+            return why
+        return "lost the connection to the broker"
+
+    def _drop_buffer(self) -> None:
+        """Drop the deliveries not handed out (the broker puts them back)."""
+        if self._buffer:
+            self._recount.dropped(_message(d).id for _, d in self._buffer)
+            self._buffer.clear()
+
+    def _hand_out(self, queue: str, delivered: DeliveredMessage) -> Message:
+        """The message of a buffered delivery, its attempt put right, recorded as held."""
+        message = _message(delivered)
+        deliver = cast("Basic.Deliver", delivered.delivery)
+        if deliver.redelivered:
+            self._recount.correct(message, delivered)
+        consumer = self._consumers.get(queue)
+        if consumer is not None:
+            consumer.held[deliver.delivery_tag] = message.id
+        return message
+
     def _consumer_for(self, queue: str, generation: int) -> Any:
         buffer = self._buffer
 
         async def on_message(delivered: DeliveredMessage) -> None:
             if generation != self._generation:
-                return  # a late delivery of a closed channel: the broker redelivers it
+                # A late delivery of a closed channel: the broker redelivers it.
+                self._recount.dropped([_message(delivered).id])
+                return
             buffer.append((queue, delivered))
             waiter = self._waiter
             if waiter is not None and len(buffer) >= self._want and not waiter.done():
@@ -464,10 +546,13 @@ class AmqpClient:
             app_id=props.app_id,
         )
 
-    async def _declare_retry_queue(self, retry_queue: str, queue: str, delay_ms: int) -> None:
-        """Declare a retry queue on a channel of its own: a refusal closes only that one
-        (:class:`AmqpSendError`). No answer within ``confirm_timeout`` (a broker blocking
-        the connection) raises ``TimeoutError``, a lost connection the client's error."""
+    async def _declare_apart(
+        self, what: str, declare: Callable[[AbstractChannel], Awaitable[object]]
+    ) -> None:
+        """Run ``declare`` on a channel of its own: a refusal closes only that one
+        (:class:`AmqpSendError` naming ``what``). No answer within ``confirm_timeout`` (a
+        broker blocking the connection) raises ``TimeoutError``, a lost connection the
+        client's error."""
         from aiormq import exceptions as amqp_errors
 
         connection = self._connection
@@ -477,25 +562,40 @@ class AmqpClient:
         try:
             async with asyncio.timeout(self.config.confirm_timeout):
                 channel = await connection.channel(publisher_confirms=False)
-                await channel.queue_declare(
-                    retry_queue,
-                    durable=True,
-                    arguments={
-                        "x-message-ttl": delay_ms,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": queue,
-                    },
-                )
+                await declare(channel)
         except amqp_errors.ChannelClosed as exc:
-            raise AmqpSendError(
-                f"amqp: cannot declare the retry queue {retry_queue!r}: {_reply_text(exc)}"
-            ) from None
+            raise AmqpSendError(f"amqp: cannot declare {what}: {_reply_text(exc)}") from None
         finally:
             if channel is not None:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.config.confirm_timeout):
                         await channel.close()
+
+    async def _declare_retry_queue(self, retry_queue: str, queue: str, delay_ms: int) -> None:
+        """Declare a retry queue (:meth:`_declare_apart`)."""
+        arguments: dict[str, Any] = {
+            "x-message-ttl": delay_ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+        }
+        await self._declare_apart(
+            f"the retry queue {retry_queue!r}",
+            lambda ch: ch.queue_declare(retry_queue, durable=True, arguments=arguments),
+        )
         self._retry_queues.add(retry_queue)
+
+    async def _declare_dead_letters(self, queue: str) -> None:
+        """Declare the dead-letter exchange, ``<queue>.dead-letter`` and their binding
+        again, as at the start (:meth:`_declare_apart`): deleted while the server runs,
+        every dead letter of ``queue`` was refused."""
+        exchange = self.config.dead_letter_exchange
+
+        async def declare(channel: AbstractChannel) -> None:
+            await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+            await channel.queue_declare(queue + ".dead-letter", durable=True)
+            await channel.queue_bind(queue + ".dead-letter", exchange, routing_key=queue)
+
+        await self._declare_apart(f"the dead letters of {queue!r}", declare)
 
     async def _probe_exchange(self, exchange: str) -> str | None:
         """``None`` when ``exchange`` exists, else the broker's answer: a passive declare,
@@ -510,7 +610,7 @@ class AmqpClient:
         async with self._probe_lock:
             if exchange in self._exchanges:
                 return None
-            connection = self._connection
+            connection = self._publishing
             if connection is None:
                 raise AmqpSendError("amqp: not connected to the broker")
             channel: AbstractChannel | None = None
@@ -579,7 +679,7 @@ class AmqpClient:
             publisher = self._publishers.get(kind)
             if publisher is not None and not publisher.is_closed:
                 return publisher
-            connection = self._connection
+            connection = self._publishing
             if connection is None or connection.is_closed:
                 return None
             try:

@@ -7,14 +7,16 @@ again). A retry copy the broker refuses (its retry queue exists with another TTL
 refused, too large) fails for good: the message goes to the dead letters. One it cannot
 take for now (no confirm in time, a ``basic.nack``, a channel closed over another copy)
 raises :class:`_NotYet`: the message stays unacked and its retry is tried again. A dead
-letter the broker does not take stays unacked and is tried again too. Either way a
-copy sent but not confirmed in time is not sent again: the next try waits for its
-confirm.
+letter the broker does not take stays unacked and is tried again too; one unroutable or
+refused for want of its exchange is tried once more at once, its exchange, queue and
+binding declared again (deleted while the server runs). Either way a copy sent but not
+confirmed in time is not sent again: the next try waits for its confirm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,8 @@ from amgi.transport import HeaderList, Message, Retry, Settlement
 
 if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel
+
+logger = logging.getLogger("amgi.servers.amqp")
 
 _REASON_MAX = 4000
 """Characters of a nack reason a dead letter's header keeps: the headers travel in one
@@ -216,6 +220,8 @@ class Moves(AmqpClient):
                 del self._unconfirmed[message]
 
     async def _publish_dead(self, consumer: _Channel, message: Message, reason: str) -> None:
+        from aiormq import exceptions as amqp_errors
+
         queue = consumer.queue
         if len(reason) > _REASON_MAX:
             reason = f"{reason[:_REASON_MAX]} ... ({len(reason) - _REASON_MAX} more characters cut)"
@@ -230,14 +236,32 @@ class Moves(AmqpClient):
                 "amqp: the broker has not answered its retry (no confirm or declaration "
                 f"within {self.config.confirm_timeout}s): not dead-lettered meanwhile"
             )
-        channel = await self._channel("moves")
-        self._check_held(consumer)
-        room = _header_room(channel, self._copy_properties(message.token, headers))
-        if room < 0:  # the message's own headers fill the frame: the reason gets the rest
-            text = encode_text(reason)
-            kept = text[: max(0, len(text) + room - 40)].decode("utf-8", "ignore")
-            reason = f"{kept} ... ({len(reason) - len(kept)} more characters cut)"
-            headers = dead_letter_headers(
-                message.headers, attempt=message.attempt, address=queue, reason=reason
-            )
-        await self._confirm_once(channel, message, self.config.dead_letter_exchange, queue, headers)
+        exchange = self.config.dead_letter_exchange
+        for again in (False, True):
+            channel = await self._channel("moves")
+            self._check_held(consumer)
+            room = _header_room(channel, self._copy_properties(message.token, headers))
+            if room < 0:  # the message's own headers fill the frame: the reason gets the rest
+                text = encode_text(reason)
+                kept = text[: max(0, len(text) + room - 40)].decode("utf-8", "ignore")
+                reason = f"{kept} ... ({len(reason) - len(kept)} more characters cut)"
+                headers = dead_letter_headers(
+                    message.headers, attempt=message.attempt, address=queue, reason=reason
+                )
+            try:
+                await self._confirm_once(channel, message, exchange, queue, headers)
+                return
+            except (amqp_errors.PublishError, amqp_errors.ChannelNotFoundEntity) as exc:
+                # Unroutable (``<queue>.dead-letter`` deleted) or no exchange: declared
+                # again, as at the start, then tried once more.
+                if again:
+                    raise
+                logger.warning(
+                    "amqp: the dead letter of a message of %r was refused (%s): declaring "
+                    "the dead-letter exchange %r and queue %r again",
+                    queue,
+                    _reply_text(exc) if isinstance(exc, amqp_errors.ChannelClosed) else "NO_ROUTE",
+                    exchange,
+                    queue + ".dead-letter",
+                )
+                await self._declare_dead_letters(queue)
