@@ -368,9 +368,14 @@ def _app_command(args: argparse.Namespace) -> int:
         if args.yaml:
             from amgi.app._yaml import to_yaml
 
-            sys.stdout.write(to_yaml(document))
+            text = to_yaml(document)
         else:
-            print(json.dumps(document, indent=2))
+            text = json.dumps(document, indent=2) + "\n"
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `amgi asyncapi app:app | head`: the reader had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from amgi.app._docs import DocsServer
 

@@ -14,7 +14,7 @@ import pytest
 
 from amgi.servers import installed
 from amgi.servers.sqlite import SqliteQueue
-from tests.cli import amgi
+from tests.cli import ROOT, amgi
 
 APP = """
 import os
@@ -268,6 +268,46 @@ def test_a_server_whose_client_is_missing_is_listed_and_refused_clearly(
     assert "pip install 'amgi[memoryx]'" in err
 
 
+_BLOCKING = """
+import importlib.abc, sys
+
+BLOCKED = set(sys.argv[1:])
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocked())
+from amgi.cli import main
+main(["send", "q", "x", "--server", "http"])
+main(["run", "--help"])
+"""
+
+
+def test_every_server_loads_without_its_client_library(project: Path) -> None:
+    """The http server imported httptools at module level: without the [http] extra,
+    any run or send with it was a traceback, and --help printed load errors."""
+    from amgi.servers import SERVERS, load
+
+    clients = sorted({m.split(".")[0] for name in SERVERS for m in load(name).requires})
+    assert "httptools" in clients
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCKING, *clients],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "cannot be loaded" not in result.stderr, result.stderr
+    assert "server 'http' needs httptools: pip install 'amgi[http]'" in result.stderr
+    for name in SERVERS:
+        if load(name).requires:
+            assert f"{name}  [not installed: pip install" in result.stdout, name
+
+
 SYNC_APP = """
 def app(scope, receive, send):
     open("called", "w").write("called")
@@ -286,6 +326,17 @@ def test_a_sync_app_is_refused_before_lifespan_with_one_line(project: Path, trac
     queue = SqliteQueue(str(project / "amgi.db"))
     assert queue.count("q") == 1
     queue.close()
+
+
+def test_asyncapi_into_a_pipe_closed_early_is_quiet() -> None:
+    """`amgi asyncapi app | head`: '[Errno 32] Broken pipe' as an error, exit 1."""
+    command = f"{sys.executable} -m amgi asyncapi examples.orders:app | true"
+    command += '; echo "status=${PIPESTATUS[0]}"'
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stderr == ""
+    assert result.stdout == "status=0\n"
 
 
 def test_docs_port_errors_are_one_line() -> None:

@@ -22,10 +22,8 @@ import socket
 import ssl
 from collections import deque
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote
-
-import httptools
 
 from amgi.servers.http._front import (
     METHOD_NOT_ALLOWED,
@@ -38,6 +36,12 @@ from amgi.servers.http._front import (
 )
 
 __all__ = ["MAX_HEAD", "Acceptor", "Connection", "encode"]
+
+httptools: Any
+try:
+    import httptools
+except ModuleNotFoundError:  # no [http] extra: the CLI says so before a listener starts
+    httptools = None
 
 logger = logging.getLogger("amgi.servers.http")
 
