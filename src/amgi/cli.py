@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import importlib
 import json
 import logging
@@ -124,8 +125,19 @@ class _Parser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, extras = super().parse_known_args(args, namespace)
         if extras and self.prog == "amgi":  # the top parser reports them, without values
-            self.error(f"unrecognized arguments: {unrecognized_flags(extras)}")
+            self.error(f"unrecognized arguments: {unrecognized_flags(extras)}{self._guess(extras)}")
         return parsed, extras
+
+    def _guess(self, extras: Sequence[str]) -> str:
+        """``; did you mean --max-attempts?`` for an unknown flag close to a known one."""
+        known: set[str] = set()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    known.update(s for s in parser._option_string_actions if s.startswith("--"))
+        flags = [word.split("=", 1)[0] for word in extras if word.startswith("--")]
+        guesses = [g for f in flags for g in difflib.get_close_matches(f, known, n=1, cutoff=0.8)]
+        return f"; did you mean {' or '.join(guesses)}?" if guesses else ""
 
     def format_help(self) -> str:
         if self.epilog == _SERVERS_EPILOG:

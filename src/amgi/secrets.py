@@ -191,7 +191,9 @@ def unrecognized_flags(words: Sequence[str]) -> str:
         else:
             shown.append(word)
     text = " ".join(shown)
-    return f"{text} (and {hidden} value(s) not shown)" if hidden else text
+    if not hidden:
+        return text
+    return f"{text} (and {hidden} more word(s) not shown: they may be secret values)"
 
 
 # Credential headers as botocore writes them at DEBUG: the canonical request

@@ -168,6 +168,7 @@ def test_send_takes_argument_bytes_as_given(project: Path) -> None:
         (["send", "q", "--file", "nothere"], "cannot read --file"),
         (["send", "q", "p", "--file", "x"], "not both"),
         (["send", "q", "--header", "novalue"], "NAME=VALUE"),
+        (["run", "myapp:app", "q", "--max-attemps", "3"], "; did you mean --max-attempts?"),
         # The rules of an app's message.send: a message sent with an attempt header was
         # dead-lettered unseen by a server that read it; an empty address was sent to.
         (["send", "q", "x", "--header", "amgi-attempt=9"], "'amgi-attempt' is the server's"),

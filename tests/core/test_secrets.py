@@ -87,7 +87,11 @@ def test_secret_values_are_masked_in_help_and_usage_errors(
         out = capsys.readouterr()
         texts += [out.out, out.err]
     assert_hidden(marker, texts)
-    assert "unrecognized arguments: " + f"{flags[0]}x (and 1 value(s) not shown)" in "".join(texts)
+    assert (
+        "unrecognized arguments: "
+        + f"{flags[0]}x (and 1 more word(s) not shown: they may be secret values)"
+        in "".join(texts)
+    )
 
 
 def test_a_secret_default_is_shown_masked_in_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,7 +134,7 @@ def test_usage_errors_show_flags_not_values() -> None:
     )
     assert unrecognized_flags(["a", "b"]) == "a b"
     assert unrecognized_flags(["--pasword", "pw", "--x=pw"]) == (
-        "--pasword --x (and 1 value(s) not shown)"
+        "--pasword --x (and 1 more word(s) not shown: they may be secret values)"
     )
 
 

@@ -256,6 +256,9 @@ def test_no_secret_in_option_errors_or_help() -> None:
         texts += [done.stdout, done.stderr]
         assert done.returncode in (0, 1, 2)
     assert "--nack-status must be" in "".join(texts)
-    assert "--send-url must start with" in "".join(texts)
-    assert "unrecognized arguments: --tokn (and 1 value(s) not shown)" in "".join(texts)
+    assert "--http-send-url must start with" in "".join(texts)
+    assert (
+        "unrecognized arguments: --tokn (and 1 more word(s) not shown: they may be secret values)"
+        in "".join(texts)
+    )
     assert_hidden(marker, texts)
