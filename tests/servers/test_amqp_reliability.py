@@ -15,6 +15,7 @@ from amgi.servers.amqp import AmqpOptions, AmqpSendError, AmqpTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.apps import attempts_app
 from tests.servers.crash_loop import CrashLoop
+from tests.servers.private_brokers import PrivateRabbitMQ, private_rabbitmq
 from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
@@ -1211,41 +1212,44 @@ async def test_a_retry_queue_that_refuses_for_longer_than_the_bound_dead_letters
 
 
 async def test_a_message_held_past_the_consumer_timeout_comes_back_at_its_next_attempt(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """The application holds a message longer than the broker's ``consumer_timeout``:
     the broker closes the channel (PRECONDITION_FAILED). The server logged only "lost the
     connection", and on a classic queue the message came back at the same attempt, for
-    good: a too slow message was never dead-lettered."""
-    from tests.servers.test_amqp_support import rabbit_settings
-
+    good: a too slow message was never dead-lettered. On a private node: the timeout is
+    a setting of the whole broker."""
     caplog.set_level(logging.WARNING, "amgi.servers.amqp")
     queue = new_queue()
-    transport = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=1, linger=0))
-    # Channels take the timeout as they open; the broker looks at it every tick.
-    before = await rabbit_settings(consumer_timeout=1000, channel_tick_interval=500)
-    try:
+    with private_rabbitmq(tmp_path / "rabbitmq") as broker:
+        # Channels take the timeout as they open; the broker looks at it every tick.
+        for key, value in (("consumer_timeout", 1000), ("channel_tick_interval", 500)):
+            await asyncio.to_thread(
+                broker.ctl, "eval", f"application:set_env(rabbit, {key}, {value})."
+            )
+        options = AmqpOptions(url=broker.url, batch_size=1, linger=0)
+        transport = AmqpTransport([queue], options)
+        await transport.connect()
         try:
-            await transport.connect()
+            await transport.publish(queue, [], b"slow", {})
+            async with asyncio.timeout(5):
+                [batch] = await transport.fetch()
+            async with asyncio.timeout(15):
+                while "consumer_timeout" not in caplog.text:
+                    await asyncio.sleep(0.05)
+            await transport.settle(batch, Settlement(acked=list(batch.messages)))  # too late
+            await asyncio.to_thread(
+                broker.ctl, "eval", "application:set_env(rabbit, consumer_timeout, 1800000)."
+            )
+            async with asyncio.timeout(10):
+                [back] = await transport.fetch()
+            assert [(m.payload, m.attempt) for m in back.messages] == [(b"slow", 2)]
+            await transport.settle(back, Settlement(acked=list(back.messages)))
+            await asyncio.sleep(0.2)
         finally:
-            await rabbit_settings(consumer_timeout=before["consumer_timeout"])
-        await transport.publish(queue, [], b"slow", {})
-        async with asyncio.timeout(5):
-            [batch] = await transport.fetch()
-        async with asyncio.timeout(15):
-            while "consumer_timeout" not in caplog.text:
-                await asyncio.sleep(0.05)
-        await transport.settle(batch, Settlement(acked=list(batch.messages)))  # too late
-        async with asyncio.timeout(10):
-            [back] = await transport.fetch()
-        assert [(m.payload, m.attempt) for m in back.messages] == [(b"slow", 2)]
-        await transport.settle(back, Settlement(acked=list(back.messages)))
-        await asyncio.sleep(0.2)
-    finally:
-        await rabbit_settings(channel_tick_interval=before["channel_tick_interval"])
-        await transport.close()
-    assert "PRECONDITION_FAILED - delivery acknowledgement" in caplog.text
-    assert await queue_depth(queue) == 0
+            await transport.close()
+        assert "PRECONDITION_FAILED - delivery acknowledgement" in caplog.text
+        assert await queue_depth(queue, url=broker.url) == 0
 
 
 async def test_deliveries_a_quorum_queue_takes_back_unseen_use_up_no_attempt() -> None:
@@ -1290,53 +1294,56 @@ async def test_deliveries_a_quorum_queue_takes_back_unseen_use_up_no_attempt() -
     assert await queue_depth(queue) == 0
 
 
-async def _memory_alarm_on() -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", "eval", "rabbit_alarm:get_alarms().",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return b"memory" in out
-
-
-async def test_acks_go_on_while_a_memory_alarm_blocks_the_publishing_connection() -> None:
+async def test_acks_go_on_while_a_memory_alarm_blocks_the_publishing_connection(
+    tmp_path: Path,
+) -> None:
     """In a memory alarm RabbitMQ stops reading a connection once it publishes. One retry
     copy of queue A, on the connection the consumers shared, stopped the acks of queue B
     too (and of every queue) until the alarm cleared: the consumers that could relieve
-    the broker held their messages. Publishing has a connection of its own now."""
-    from tests.servers.test_amqp_support import rabbitmqctl
+    the broker held their messages. Publishing has a connection of its own now. On a
+    private node: an alarm blocks every publisher of the broker."""
+
+    def unacked_on(broker: PrivateRabbitMQ, queue: str) -> int | None:
+        for line in broker.ctl("list_queues", "name", "messages_unacknowledged").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return int(parts[1])
+        return None
 
     a, b = new_queue(), new_queue()
-    options = AmqpOptions(url=URL, batch_size=10, linger=0.05, confirm_timeout=1)
-    transport = AmqpTransport([a, b], options)
-    await transport.connect()
-    try:
-        await transport.publish(a, [], b"a", {})
-        for i in range(3):
-            await transport.publish(b, [], b"b%d" % i, {})
-        batches: dict[str, Batch] = {}
-        async with asyncio.timeout(5):
-            while sum(len(x.messages) for x in batches.values()) < 4:
-                batches.update((x.address, x) for x in await transport.fetch())
+    with private_rabbitmq(tmp_path / "rabbitmq") as broker:
+        options = AmqpOptions(url=broker.url, batch_size=10, linger=0.05, confirm_timeout=1)
+        transport = AmqpTransport([a, b], options)
+        await transport.connect()
         try:
-            await rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
-            async with asyncio.timeout(30):
-                while not await _memory_alarm_on():
-                    await asyncio.sleep(0.2)
-            retry = Retry(batches[a].messages[0], "later", 0.05)
-            await transport.settle(batches[a], Settlement(retry=[retry]))  # not confirmed
-            await transport.settle(batches[b], Settlement(acked=list(batches[b].messages)))
-            async with asyncio.timeout(10):
-                while await unacked(b) != 0:
-                    await asyncio.sleep(0.2)
+            await transport.publish(a, [], b"a", {})
+            for i in range(3):
+                await transport.publish(b, [], b"b%d" % i, {})
+            batches: dict[str, Batch] = {}
+            async with asyncio.timeout(5):
+                while sum(len(x.messages) for x in batches.values()) < 4:
+                    batches.update((x.address, x) for x in await transport.fetch())
+            try:
+                await asyncio.to_thread(broker.ctl, "set_vm_memory_high_watermark", "0.0000001")
+                async with asyncio.timeout(30):
+                    while "memory" not in await asyncio.to_thread(
+                        broker.ctl, "eval", "rabbit_alarm:get_alarms()."
+                    ):
+                        await asyncio.sleep(0.2)
+                retry = Retry(batches[a].messages[0], "later", 0.05)
+                await transport.settle(batches[a], Settlement(retry=[retry]))  # not confirmed
+                await transport.settle(batches[b], Settlement(acked=list(batches[b].messages)))
+                async with asyncio.timeout(10):
+                    while await asyncio.to_thread(unacked_on, broker, b) != 0:
+                        await asyncio.sleep(0.2)
+            finally:
+                await asyncio.to_thread(broker.ctl, "set_vm_memory_high_watermark", "0.4")
+            async with asyncio.timeout(15):
+                [back] = await transport.fetch()
+            assert [(m.payload, m.attempt) for m in back.messages] == [(b"a", 2)]
+            await transport.settle(back, Settlement(acked=list(back.messages)))
+            await asyncio.sleep(0.2)
         finally:
-            await rabbitmqctl("set_vm_memory_high_watermark", "0.4")
-        async with asyncio.timeout(15):
-            [back] = await transport.fetch()
-        assert [(m.payload, m.attempt) for m in back.messages] == [(b"a", 2)]
-        await transport.settle(back, Settlement(acked=list(back.messages)))
-        await asyncio.sleep(0.2)
-    finally:
-        await transport.close()
-    assert await queue_depth(a) == 0
-    assert await queue_depth(b) == 0
+            await transport.close()
+        assert await queue_depth(a, url=broker.url) == 0
+        assert await queue_depth(b, url=broker.url) == 0

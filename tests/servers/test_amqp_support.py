@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -143,26 +142,3 @@ async def close_connections(name: str) -> int:
     for pid in pids:
         await rabbitmqctl("close_connection", pid, "amgi test")
     return len(pids)
-
-
-async def rabbit_settings(**values: int | None) -> dict[str, int | None]:
-    """Set settings of the broker's ``rabbit`` application (``None``: unset); returns
-    the values before, to put back the same way. Broker-wide: restore them at once."""
-    before: dict[str, int | None] = {}
-    for key, value in values.items():
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "-q",
-            "eval",
-            f"application:get_env(rabbit, {key}).",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        out, _ = await proc.communicate()
-        found = re.fullmatch(r"\{ok,(\d+)\}", out.decode().strip())
-        before[key] = int(found[1]) if found else None
-        if value is None:
-            await rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
-        else:
-            await rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value:d}).")
-    return before
