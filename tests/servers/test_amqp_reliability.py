@@ -15,7 +15,7 @@ from amgi.servers.amqp import AmqpOptions, AmqpSendError, AmqpTransport
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.apps import attempts_app
 from tests.servers.crash_loop import CrashLoop
-from tests.servers.private_brokers import PrivateRabbitMQ, private_rabbitmq
+from tests.servers.private_brokers import private_rabbitmq
 from tests.servers.test_amqp_support import URL, drain, new_queue, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
@@ -1292,58 +1292,3 @@ async def test_deliveries_a_quorum_queue_takes_back_unseen_use_up_no_attempt() -
     assert held.messages[0].payload == b"0"
     assert got == {b"0": 2, b"1": 1, b"2": 1, b"3": 1}
     assert await queue_depth(queue) == 0
-
-
-async def test_acks_go_on_while_a_memory_alarm_blocks_the_publishing_connection(
-    tmp_path: Path,
-) -> None:
-    """In a memory alarm RabbitMQ stops reading a connection once it publishes. One retry
-    copy of queue A, on the connection the consumers shared, stopped the acks of queue B
-    too (and of every queue) until the alarm cleared: the consumers that could relieve
-    the broker held their messages. Publishing has a connection of its own now. On a
-    private node: an alarm blocks every publisher of the broker."""
-
-    def unacked_on(broker: PrivateRabbitMQ, queue: str) -> int | None:
-        for line in broker.ctl("list_queues", "name", "messages_unacknowledged").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == queue:
-                return int(parts[1])
-        return None
-
-    a, b = new_queue(), new_queue()
-    with private_rabbitmq(tmp_path / "rabbitmq") as broker:
-        options = AmqpOptions(url=broker.url, batch_size=10, linger=0.05, confirm_timeout=1)
-        transport = AmqpTransport([a, b], options)
-        await transport.connect()
-        try:
-            await transport.publish(a, [], b"a", {})
-            for i in range(3):
-                await transport.publish(b, [], b"b%d" % i, {})
-            batches: dict[str, Batch] = {}
-            async with asyncio.timeout(5):
-                while sum(len(x.messages) for x in batches.values()) < 4:
-                    batches.update((x.address, x) for x in await transport.fetch())
-            try:
-                await asyncio.to_thread(broker.ctl, "set_vm_memory_high_watermark", "0.0000001")
-                async with asyncio.timeout(30):
-                    while "memory" not in await asyncio.to_thread(
-                        broker.ctl, "eval", "rabbit_alarm:get_alarms()."
-                    ):
-                        await asyncio.sleep(0.2)
-                retry = Retry(batches[a].messages[0], "later", 0.05)
-                await transport.settle(batches[a], Settlement(retry=[retry]))  # not confirmed
-                await transport.settle(batches[b], Settlement(acked=list(batches[b].messages)))
-                async with asyncio.timeout(10):
-                    while await asyncio.to_thread(unacked_on, broker, b) != 0:
-                        await asyncio.sleep(0.2)
-            finally:
-                await asyncio.to_thread(broker.ctl, "set_vm_memory_high_watermark", "0.4")
-            async with asyncio.timeout(15):
-                [back] = await transport.fetch()
-            assert [(m.payload, m.attempt) for m in back.messages] == [(b"a", 2)]
-            await transport.settle(back, Settlement(acked=list(back.messages)))
-            await asyncio.sleep(0.2)
-        finally:
-            await transport.close()
-        assert await queue_depth(a, url=broker.url) == 0
-        assert await queue_depth(b, url=broker.url) == 0

@@ -35,11 +35,9 @@ message id         a hash of the ``message-id`` property (if set), headers and b
                    same on every delivery (the crash ledger bounds a message that kills
                    the process on classic queues too); ``#2`` ... tells identical
                    messages of one batch apart
-send               ``basic.publish`` with publisher confirms, mandatory by default, on
-                   a connection of its own (a broker in an alarm stops reading a
-                   publishing connection: the consumers' acks go on)
-connection loss    either connection or a consuming channel: log the broker's reason,
-                   reconnect both with backoff and consume again on new channels;
+send               ``basic.publish`` with publisher confirms, mandatory by default
+connection loss    the connection or a consuming channel: log the broker's reason,
+                   reconnect with backoff and consume again on new channels;
                    batches of the old channels are not acked (the broker redelivers them)
 dead letters       list: ``basic.get`` from ``<queue>.dead-letter``, put back unacked;
 (CLI)              replay: republished (confirmed) to the queue, then acked off it

@@ -232,9 +232,10 @@ class AmqpClient:
     async def _open(self) -> None:
         """Connect, declare the topology, open the publisher and start consuming.
 
-        The publishing channels (sends, moves) have a connection of their own: a broker
-        in a memory or disk alarm stops reading every connection that publishes, and
-        the acknowledgements of the consumers would stop with it."""
+        One connection carries the consumers and the publishing channels. (A broker in a
+        memory or disk alarm stops reading a connection that publishes, so a retry copy
+        sent then holds the consumers' acks until the alarm clears; a publishing
+        connection of its own is the remedy, not taken yet: see docs/servers/amqp.md.)"""
         c = self.config
         connection = await self._connect()
         publishing: AbstractConnection | None = None
@@ -246,7 +247,7 @@ class AmqpClient:
                     await self._declare(channel)
                 await channel.basic_qos(prefetch_count=c.prefetch)
                 channels.append(channel)
-            publishing = await self._connect() if self.addresses else connection
+            publishing = connection
             self._connection, self._publishing = connection, publishing
             self._publishers = {
                 "sends": await publishing.channel(publisher_confirms=True, on_return_raises=True)
