@@ -161,7 +161,7 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
         self._consumers = {}
         self._publishers = {}
         self._buffer.clear()
-        await self._close_connections()
+        await self._close_connection()
 
     # -- consuming ------------------------------------------------------------------------
 

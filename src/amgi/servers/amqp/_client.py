@@ -205,10 +205,6 @@ class AmqpClient:
     def _init_client(self) -> None:
         """Set up the state (called by the transport's ``__init__``)."""
         self._connection: AbstractConnection | None = None
-        """The connection of the consumers (and of declarations)."""
-        self._publishing: AbstractConnection | None = None
-        """The connection of the publishing channels: the consumers' own when there are
-        none (a sender only)."""
         self._consumers: dict[str, _Channel] = {}
         self._publishers: dict[Publisher, AbstractChannel] = {}
         self._publisher_lock = asyncio.Lock()
@@ -238,7 +234,6 @@ class AmqpClient:
         connection of its own is the remedy, not taken yet: see docs/servers/amqp.md.)"""
         c = self.config
         connection = await self._connect()
-        publishing: AbstractConnection | None = None
         try:
             channels = []
             for i, _ in enumerate(self.addresses):
@@ -247,10 +242,9 @@ class AmqpClient:
                     await self._declare(channel)
                 await channel.basic_qos(prefetch_count=c.prefetch)
                 channels.append(channel)
-            publishing = connection
-            self._connection, self._publishing = connection, publishing
+            self._connection = connection
             self._publishers = {
-                "sends": await publishing.channel(publisher_confirms=True, on_return_raises=True)
+                "sends": await connection.channel(publisher_confirms=True, on_return_raises=True)
             }
             if self.addresses:
                 self._generation += 1
@@ -266,8 +260,8 @@ class AmqpClient:
         except BaseException:
             self._consumers = {}
             self._publishers = {}
-            self._connection, self._publishing = connection, publishing
-            await self._close_connections()
+            self._connection = connection
+            await self._close_connection()
             raise
         self._ready.set()
 
@@ -355,7 +349,8 @@ class AmqpClient:
         connected_at = loop.time()
         while True:
             waits: list[asyncio.Future[Any]] = []
-            waits.extend(c.closing for c in self._connections())
+            if self._connection is not None:
+                waits.append(self._connection.closing)
             consumers = list(self._consumers.values())
             waits.extend(c.channel.closing for c in consumers)
             waits.extend(c.cancelled for c in consumers)
@@ -379,7 +374,7 @@ class AmqpClient:
             self._consumers = {}
             self._publishers = {}
             self._drop_buffer()
-            await self._close_connections()
+            await self._close_connection()
             if loop.time() - connected_at < self.config.reconnect_delay_max:
                 # Lost again soon after connecting (a delivery the client cannot read
                 # drops the connection each time it comes): wait before the next try.
@@ -407,30 +402,24 @@ class AmqpClient:
                 connected_at = loop.time()
                 break
 
-    def _connections(self) -> list[AbstractConnection]:
-        """The connections open: the consumers' and the publishing one (once if one)."""
-        found = [c for c in (self._connection, self._publishing) if c is not None]
-        return found[:1] if len(found) == 2 and found[0] is found[1] else found
-
-    async def _close_connections(self) -> None:
-        """Close both connections (their unacked deliveries go back to the queues)."""
-        connections = self._connections()
-        self._connection = self._publishing = None
-        for connection in connections:
+    async def _close_connection(self) -> None:
+        """Close the connection (its unacked deliveries go back to the queues)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
 
     def _record_loss(self, consumers: list[_Channel]) -> str:
         """Record the deliveries in the application's hands on a consuming channel the
         broker closed (each counts an attempt, :mod:`._recount`); return what the broker
-        said as it closed that channel or a connection."""
+        said as it closed that channel or the connection."""
         from aiormq import exceptions as amqp_errors
 
-        for what, connection in (("", self._connection), ("publishing ", self._publishing)):
-            if connection is not None and connection.closing.done():
-                closing = connection.closing
-                exc = None if closing.cancelled() else closing.exception()
-                return f"lost the {what}connection to the broker ({exc or 'closed'})"
+        connection = self._connection
+        if connection is not None and connection.closing.done():
+            closing = connection.closing
+            exc = None if closing.cancelled() else closing.exception()
+            return f"lost the connection to the broker ({exc or 'closed'})"
         for consumer in consumers:
             closing = consumer.channel.closing
             if not closing.done() or closing.cancelled():
@@ -611,7 +600,7 @@ class AmqpClient:
         async with self._probe_lock:
             if exchange in self._exchanges:
                 return None
-            connection = self._publishing
+            connection = self._connection
             if connection is None:
                 raise AmqpSendError("amqp: not connected to the broker")
             channel: AbstractChannel | None = None
@@ -680,7 +669,7 @@ class AmqpClient:
             publisher = self._publishers.get(kind)
             if publisher is not None and not publisher.is_closed:
                 return publisher
-            connection = self._publishing
+            connection = self._connection
             if connection is None or connection.is_closed:
                 return None
             try:
