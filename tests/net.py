@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Any, Self
 
 __all__ = ["TlsFront", "free_port", "pipe", "port_open", "self_signed"]
 
@@ -103,35 +104,26 @@ def self_signed(directory: Path, stem: str = "cert") -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-class TlsFront:
-    """Accept TLS on 127.0.0.1:``port`` and relay each connection, in plaintext, to
-    127.0.0.1:``upstream``; with ``client_ca`` set, clients must show a certificate it
-    signed. Runs its own event loop in a thread; use as a context manager."""
+class ThreadedFront:
+    """A relay on 127.0.0.1:``port`` to 127.0.0.1:``upstream``, on its own event loop in a
+    thread (the loop of the test may be the one held up); a context manager. Subclasses
+    say how the listening socket is made (:meth:`_listen_options`) and how the client's
+    bytes go upstream (:meth:`_forward`)."""
 
-    def __init__(
-        self,
-        port: int,
-        upstream: int,
-        cert: Path,
-        key: Path,
-        client_ca: Path | None = None,
-    ) -> None:
+    name = "front"
+
+    def __init__(self, port: int, upstream: int) -> None:
         self.port = port
         self.upstream = upstream
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, key)
-        if client_ca is not None:
-            self.context.verify_mode = ssl.CERT_REQUIRED
-            self.context.load_verify_locations(client_ca)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="tls-front", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def __enter__(self) -> TlsFront:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError(f"TLS front on port {self.port} did not start")
+            raise RuntimeError(f"{self.name} on port {self.port} did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -139,6 +131,12 @@ class TlsFront:
         if stop is not None:
             self._loop.call_soon_threadsafe(stop.set)
         self._thread.join(10)
+
+    def _listen_options(self) -> dict[str, Any]:
+        return {}
+
+    async def _forward(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        await pipe(src, dst)
 
     def _run(self) -> None:
         self._loop.run_until_complete(self._serve())
@@ -154,7 +152,7 @@ class TlsFront:
             task.add_done_callback(relays.discard)
 
         server = await asyncio.start_server(
-            accepted, "127.0.0.1", self.port, ssl=self.context, ssl_handshake_timeout=5
+            accepted, "127.0.0.1", self.port, **self._listen_options()
         )
         self._ready.set()
         async with server:
@@ -170,5 +168,30 @@ class TlsFront:
         except OSError:
             writer.close()
             return
+        await asyncio.gather(self._forward(reader, up_writer), pipe(up_reader, writer))
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+class TlsFront(ThreadedFront):
+    """Accept TLS on 127.0.0.1:``port`` and relay each connection, in plaintext, to
+    127.0.0.1:``upstream``; with ``client_ca`` set, clients must show a certificate it
+    signed. Runs its own event loop in a thread; use as a context manager."""
+
+    name = "TLS front"
+
+    def __init__(
+        self,
+        port: int,
+        upstream: int,
+        cert: Path,
+        key: Path,
+        client_ca: Path | None = None,
+    ) -> None:
+        super().__init__(port, upstream)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+            self.context.load_verify_locations(client_ca)
+
+    def _listen_options(self) -> dict[str, Any]:
+        return {"ssl": self.context, "ssl_handshake_timeout": 5}

@@ -10,7 +10,6 @@ import contextlib
 import os
 import struct
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,7 +22,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
-from tests.net import pipe, port_open
+from tests.net import ThreadedFront, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("KAFKA_PORT", "9092"))
@@ -234,66 +233,22 @@ def start_private_broker(port: int, advertised_port: int, log: Path) -> subproce
     return broker
 
 
-class KafkaFront:
+class KafkaFront(ThreadedFront):
     """A relay on 127.0.0.1:``port`` to a broker on 127.0.0.1:``upstream`` that holds back
     the client's requests of the API keys in :attr:`delays` (key: seconds) for that long
     before passing them on, as a broker slow to answer them would. Counts the requests
     held (:attr:`held`) and passed on late (:attr:`passed`), by key. Runs its own event
     loop in a thread (the loop of the test may be the one held up); a context manager."""
 
+    name = "Kafka front"
+
     def __init__(self, port: int, upstream: int) -> None:
-        self.port = port
-        self.upstream = upstream
+        super().__init__(port, upstream)
         self.delays: dict[int, float] = {}
         self.held: collections.Counter[int] = collections.Counter()
         self.passed: collections.Counter[int] = collections.Counter()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="kafka-front", daemon=True)
 
-    def __enter__(self) -> KafkaFront:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError(f"Kafka front on port {self.port} did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        relays: set[asyncio.Task[None]] = set()
-
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.ensure_future(self._relay(reader, writer))
-            relays.add(task)
-            task.add_done_callback(relays.discard)
-
-        server = await asyncio.start_server(accepted, "127.0.0.1", self.port)
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-            server.close()
-            for task in list(relays):
-                task.cancel()
-            await asyncio.gather(*relays, return_exceptions=True)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(self._requests(reader, up_writer), pipe(up_reader, writer))
-
-    async def _requests(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _forward(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         """Pass each request frame (a 4-byte size, then the API key first) on, whole."""
         loop = asyncio.get_running_loop()
 
