@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,17 @@ def processed(log: Path) -> list[tuple[int, str]]:
         pid, _, payload = line.partition(" ")
         out.append((int(pid), payload))
     return out
+
+
+def read_until(supervisor: subprocess.Popen[str], done: Callable[[str], bool]) -> str:
+    """The supervisor's stderr lines, read until ``done(what was read)`` is true."""
+    assert supervisor.stderr is not None
+    err = ""
+    for line in supervisor.stderr:
+        err += line
+        if done(err):
+            break
+    return err
 
 
 def test_two_workers_split_partitions_survive_sigkill_and_drain(tmp_path: Path) -> None:
@@ -121,12 +133,7 @@ def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
         until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
         workers = [int(p) for p in seen.read_text().split()]
         supervisor.send_signal(signal.SIGTERM)
-        assert supervisor.stderr is not None
-        err = ""
-        for line in supervisor.stderr:  # until the supervisor took the first signal
-            err += line
-            if "SIGTERM received: stopping 2 worker(s)" in line:
-                break
+        err = read_until(supervisor, lambda e: "SIGTERM received: stopping 2 worker(s)" in e)
         # the workers now drain batches that never end; a second signal ends them all
         time.sleep(SIGNAL_DEBOUNCE + 0.1)  # sooner, it is the same signal sent twice
         supervisor.send_signal(signal.SIGTERM)
@@ -202,12 +209,7 @@ def test_a_stop_while_the_workers_still_import_the_app_exits_0(tmp_path: Path) -
         cwd=tmp_path, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert supervisor.stderr is not None
-        err = ""
-        for line in supervisor.stderr:
-            err += line
-            if "worker 1 started" in line:
-                break
+        err = read_until(supervisor, lambda e: "worker 1 started" in e)
         time.sleep(0.5)  # the workers are importing the app now
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(20) == 0
@@ -295,19 +297,13 @@ def test_a_worker_that_served_is_restarted_at_once(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert supervisor.stderr is not None
-        err = ""
-        for line in supervisor.stderr:
-            err += line
-            if "amgi.workers: worker 0 serving" in line:
-                break
+        err = read_until(supervisor, lambda e: "amgi.workers: worker 0 serving" in e)
         victim = int(err.split("worker 0 started (pid ")[1].split(")")[0])
         time.sleep(0.3)  # a death no longer within the (patched) 0.2s of its start
         os.kill(victim, signal.SIGKILL)
-        for line in supervisor.stderr:
-            err += line
-            if err.count("amgi.workers: worker 0 serving") == 2:  # restarted
-                break
+        err += read_until(  # restarted
+            supervisor, lambda e: (err + e).count("amgi.workers: worker 0 serving") == 2
+        )
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(30) == 0
     finally:
