@@ -285,18 +285,25 @@ async def test_a_dead_letter_of_another_producer_whose_amgi_headers_do_not_decod
     assert back == {"foreign": foreign, "plain": None}, "sent back as it arrived"
 
 
+async def fifo_with_dead_letters(admin: SqsTransport) -> tuple[str, str, str]:
+    """A new FIFO queue and its dead-letter queue (``<name>-dlq.fifo``): their names, and
+    the dead-letter queue's URL."""
+    queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
+    fifo = {"FifoQueue": "true"}
+    await admin.client.create_queue(QueueName=queue, Attributes=fifo)
+    dlq = queue.removesuffix(".fifo") + "-dlq.fifo"
+    url = (await admin.client.create_queue(QueueName=dlq, Attributes=fifo))["QueueUrl"]
+    return queue, dlq, url
+
+
 async def test_a_replay_keeps_the_order_of_a_fifo_group() -> None:
     """SQS orders a FIFO group by when each SendMessage lands: before, a replay sent the
     dead letters it took (up to 10) all at once, and the group came back in any order."""
-    queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
-    fifo = {"FifoQueue": "true"}
     sent = [str(i) for i in range(10)]
     admin = SqsTransport([], options())
     await admin.connect()
     try:
-        await admin.client.create_queue(QueueName=queue, Attributes=fifo)
-        dlq = queue.removesuffix(".fifo") + "-dlq.fifo"
-        url = (await admin.client.create_queue(QueueName=dlq, Attributes=fifo))["QueueUrl"]
+        queue, _, url = await fifo_with_dead_letters(admin)
         for body in sent:
             await admin.client.send_message(
                 QueueUrl=url, MessageBody=body, MessageGroupId="g", MessageDeduplicationId=body
@@ -406,14 +413,10 @@ async def test_a_listing_of_a_fifo_dead_letter_queue_says_it_is_partial() -> Non
     deletes nothing: it can show only the first 10 of a group. Before, it said "10 dead
     letter(s) shown" of 28 without a word; now it says how many it did not reach, and
     why. Each is shown once, and all are visible again at once."""
-    queue = f"t-{uuid.uuid4().hex[:12]}.fifo"
-    fifo = {"FifoQueue": "true"}
     admin = SqsTransport([], options())
     await admin.connect()
     try:
-        await admin.client.create_queue(QueueName=queue, Attributes=fifo)
-        dlq = queue.removesuffix(".fifo") + "-dlq.fifo"
-        url = (await admin.client.create_queue(QueueName=dlq, Attributes=fifo))["QueueUrl"]
+        queue, dlq, url = await fifo_with_dead_letters(admin)
         for group, n in (("g", 25), ("h", 3)):
             for i in range(n):
                 await admin.client.send_message(
