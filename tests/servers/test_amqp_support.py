@@ -55,17 +55,19 @@ async def delete_test_queues() -> None:
         await connection.close()
 
 
-async def rabbitmqctl(*args: str, timeout: float = 60) -> None:
+async def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """``rabbitmqctl -q ARGS`` on the shared node; returns what it printed."""
     proc = await asyncio.create_subprocess_exec(
         "rabbitmqctl",
         "-q",
         *args,
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode().strip()}")
+    return out.decode()
 
 
 async def delete_exchange(name: str) -> None:
@@ -127,18 +129,9 @@ def rabbitmq() -> Iterator[str]:
 async def close_connections(name: str) -> int:
     """Close (as an operator would) the broker's connections named ``name`` (the URL's
     ``?name=``); returns how many."""
-    listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "-q",
-        "list_connections",
-        "pid",
-        "client_properties",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await listing.communicate()
+    listing = await rabbitmqctl("list_connections", "pid", "client_properties")
     tag = f'{{"connection_name","{name}"}}'
-    pids = [line.split("\t")[0] for line in out.decode().splitlines() if tag in line]
+    pids = [line.split("\t")[0] for line in listing.splitlines() if tag in line]
     for pid in pids:
         await rabbitmqctl("close_connection", pid, "amgi test")
     return len(pids)
