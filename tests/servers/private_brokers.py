@@ -171,8 +171,8 @@ class PrivateRabbitMQ(PrivateBroker):
         )
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
 
-    def ctl(self, *args: str, timeout: float = 60) -> str:
-        """``rabbitmqctl -n NODE ARGS`` against this node only; returns what it printed."""
+    def ctl(self, *args: str, timeout: float = 60) -> None:
+        """``rabbitmqctl -n NODE ARGS`` against this node only."""
         done = subprocess.run(
             [str(_RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", self.node, *args],
             env=self.env,
@@ -183,7 +183,6 @@ class PrivateRabbitMQ(PrivateBroker):
         )
         if done.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
-        return done.stdout
 
 
 @contextlib.contextmanager
