@@ -302,6 +302,15 @@ def test_the_two_lookups_at_assignment_share_one_timeout(slow: float) -> None:
     assert [(tp.partition, tp.offset) for tp in got] == [(0, 40)]
 
 
+def fail_lookups_at_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every lookup at assignment time out at once, whichever thread runs the assign
+    callback: the consumer thread, or the event loop's consume of records on hand (which
+    has a timeout of its own; a test patching only the first passed or failed by which
+    thread the join happened to land on)."""
+    monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
+    monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_LOOP_TIMEOUT", 0.0)
+
+
 @pytest.mark.parametrize("lookup", ["answered", "failed", "failed-twice", "failed-for-a-while"])
 async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     lookup: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -330,8 +339,10 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     async def app(scope: Any, receive: Any, send: Any) -> None:
         event = await receive()
         attempts.append(event["bindings"]["amgi"]["attempt"])
-        kind = "message.nack" if len(attempts) == 1 else "message.ack"
-        await send({"type": kind, "id": event["id"], "message": "later"})
+        if len(attempts) == 1:
+            await send({"type": "message.nack", "id": event["id"], "message": "later"})
+        else:
+            await send({"type": "message.ack", "id": event["id"]})
 
     def runtime() -> Runtime:
         kafka = KafkaTransport([topic], KafkaOptions(**group))
@@ -339,7 +350,7 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
         return Runtime(app, kafka, config)
 
     if lookup in ("failed-twice", "failed-for-a-while"):  # from the first assignment on
-        monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
+        fail_lookups_at_assignment(monkeypatch)
     first = runtime()
     server = asyncio.create_task(first.serve())
     deadline = time.monotonic() + 20
@@ -361,7 +372,7 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     assert attempts == [1]  # stopped before the retry was due
 
     if lookup == "failed":  # every lookup at assignment times out at once
-        monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
+        fail_lookups_at_assignment(monkeypatch)
     if lookup == "failed-for-a-while":
         monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_RETRY_TIMEOUT", 0.0)
     second = runtime()
@@ -387,6 +398,9 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
         second.request_stop()
         assert await asyncio.wait_for(server, 30) == 0
     assert attempts == [1, 2]
+    held = [r for r in caplog.records if "held until a lookup answers" in r.getMessage()]
+    failed_runs = {"answered": 0, "failed": 1, "failed-twice": 2, "failed-for-a-while": 2}
+    assert len(held) == failed_runs[lookup], [r.getMessage() for r in held]
 
 
 async def fetch_while_producing(kafka: KafkaTransport, topic: str, sent: list[int]) -> list[int]:
