@@ -216,6 +216,10 @@ class Transport(abc.ABC):
     rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues,
     NATS JetStream, Redis Streams).
     A server where it depends on the options (AMQP: the queue type) sets it per instance."""
+    close_needs: float = 0.0
+    """Seconds :meth:`close` may take by the server's own settings (an HTTP listener's
+    ``--close-timeout``): the runtime gives a close at least this, plus a second for what
+    follows it, besides its own bound."""
     outlives_process: ClassVar[bool] = True
     """Messages survive the consuming process (false only for the in-memory broker)."""
     single_process_reason: ClassVar[str | None] = None

@@ -520,6 +520,31 @@ async def test_a_stop_aborts_a_connection_whose_client_reads_no_answer_and_exits
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_close_timeout_past_the_runtimes_own_bound_is_waited_for_then_aborts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A --close-timeout longer than the runtime's bound on a close (5 s here) was refused
+    (3 s at most): the runtime gave up on the close before the listener's abort. The
+    transport now tells the runtime how long its close may take: the connection gets the
+    whole 6 s, is aborted and named, and the run exits 0."""
+    app = Recorder()
+    options = HttpOptions(close_timeout=6)
+    async with serving("own", app, options, config=FAST) as served:
+        sock = await reading_nothing(served)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            assert await asyncio.wait_for(served.stop(), 30) == 0
+        finally:
+            sock.close()
+        took = loop.time() - began
+    assert took >= 6, took
+    aborted = [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()]
+    assert len(aborted) == 1, aborted
+    assert "still open 6 s into the stop" in aborted[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize(
     ("start", "status", "says"),
     [

@@ -227,16 +227,20 @@ class Runtime:
 
     async def _close_connections(self) -> None:
         """Close the transport and the send routes; a failure is logged, never raised."""
-        await self._close_within(self.transport.close(), f"the {self.transport.name} transport")
+        transport = self.transport
+        needs = transport.close_needs + 1.0 if transport.close_needs > 0 else 0.0
+        await self._close_within(transport.close(), f"the {transport.name} transport", needs)
         if self.routes is not None:
             await self._close_within(self.routes.close(), "the send routes")
 
-    async def _close_within(self, closing: Coroutine[Any, Any, None], what: str) -> None:
+    async def _close_within(
+        self, closing: Coroutine[Any, Any, None], what: str, needs: float = 0.0
+    ) -> None:
         """Await ``closing`` for at most ``shutdown_timeout`` seconds, and at least
-        :data:`_MIN_CLOSE` (a broker that stops reading can hold a close forever); past
-        that, log it, cancel it and go on."""
+        :data:`_MIN_CLOSE` or what the closing thing ``needs`` (a broker that stops
+        reading can hold a close forever); past that, log it, cancel it and go on."""
         task = asyncio.create_task(closing)
-        timeout = max(self.config.shutdown_timeout, _MIN_CLOSE)
+        timeout = max(self.config.shutdown_timeout, _MIN_CLOSE, needs)
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:

@@ -46,7 +46,7 @@ from amgi.options import check, invalid, option
 from amgi.servers.http._auth import RequestCheck
 from amgi.servers.http._front import Front
 from amgi.servers.http._inbox import Inbox
-from amgi.servers.http._listener import CLOSE_MOST, Listener, server_tls
+from amgi.servers.http._listener import Listener, server_tls
 from amgi.servers.http._sender import CloudEventSender, HttpSendError
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
@@ -91,10 +91,7 @@ class HttpOptions:
     ssl_keyfile: str | None = option(None, "TLS private key (PEM)")
     ssl_ca_certs: str | None = option(None, "CA bundle: require client certificates it signed")
     close_timeout: float = option(
-        CLOSE_MOST,
-        "seconds open connections get to close at shutdown; then they are aborted",
-        ge=0,
-        le=CLOSE_MOST,
+        3.0, "seconds open connections get to close at shutdown; then they are aborted", ge=0
     )
     keep_alive: float = option(5.0, "seconds an idle connection stays open", gt=0)
     read_timeout: float = option(30.0, "seconds a request may pause before its end (408)", gt=0)
@@ -142,6 +139,7 @@ class HttpTransport(Transport):
         super().__init__(addresses, options or HttpOptions())
         self.config: HttpOptions
         o = self.config
+        self.close_needs = o.close_timeout  # the runtime waits for the listener's abort
         check(o)
         try:
             request_check = RequestCheck(o.token, o.hmac_secret, o.hmac_header, o.hmac_algorithm)

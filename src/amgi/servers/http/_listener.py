@@ -23,16 +23,11 @@ from amgi.errors import BrokerUnavailable
 from amgi.servers.http._connection import Connection
 from amgi.servers.http._front import Front
 
-__all__ = ["CLOSE_MOST", "Listener"]
+__all__ = ["Listener"]
 
 logger = logging.getLogger("amgi.servers.http")
 
 _BACKLOG = 2048
-CLOSE_MOST = 3.0
-"""The longest ``close_timeout``: the runtime bounds a transport's close by
-``max(--shutdown-timeout, 5)`` seconds, and the listener's own bound must end first (with
-a second to spare for what follows it), so that it aborts what is still open, says
-which, and the close ends in time (else the runtime gives up on it and exits 1)."""
 _SHOWN_MOST = 10
 """The most connections a log line names."""
 _OVER_HANDSHAKE = 1
@@ -173,7 +168,7 @@ class Listener:
 
     async def stop(self) -> None:
         """Stop accepting, close connections as :meth:`begin_stop` does; after
-        ``close_timeout`` seconds (:data:`CLOSE_MOST` at most), abort what is still open."""
+        ``close_timeout`` seconds, abort what is still open."""
         server, self._server = self._server, None
         if server is None:
             return
