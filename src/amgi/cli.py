@@ -26,7 +26,7 @@ from amgi import __version__
 from amgi.errors import AMGIError, ConfigurationError, InvalidEvent, StartupFailed
 from amgi.ops.config import OpsConfig
 from amgi.ops.dead_letters import add_dead_letter_commands, run_dead_letters
-from amgi.ops.env import annotate_help, apply_environment, env_name
+from amgi.ops.env import annotate_help, apply_environment, env_name, unread_variables
 from amgi.ops.logs import LOG_FORMATS, JsonFormatter, configure_logging
 from amgi.ops.run import check_workers, prepare, serve
 from amgi.ops.workers import Supervisor, follow_supervisor, worker_index
@@ -531,6 +531,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level, args.log_format)
+    unread = unread_variables(parser, os.environ)
+    if unread:
+        logger.warning(
+            "environment: %s set(s) no option of amgi --server %s: ignored",
+            ", ".join(unread),
+            server,
+        )
     values = vars(args)
     env = {  # the flags an AMGI_* variable set, for error messages
         flag: env_name(flag)

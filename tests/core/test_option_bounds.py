@@ -138,6 +138,35 @@ def test_a_bad_value_from_the_environment_names_its_variable(project: Path) -> N
     assert result.returncode == 2
 
 
+def test_a_variable_no_option_reads_is_named_in_one_warning(project: Path) -> None:
+    """A misspelt ``AMGI_*`` name, or an option of another server, was ignored without a
+    word: the run went on with the default the user meant to change."""
+    result = amgi(
+        "run", "startup:app", "q", "--server", "sqlite", "--database", "q.db",
+        cwd=project,
+        env={
+            "STARTED": str(project / "started"), "AMGI_MAX_ATEMPTS": "3",
+            "AMGI_GROUP_ID": "billing", "AMGI_WORKER_INDEX": "", "AMGI_WORKERS": "0",
+        },
+    )  # fmt: skip
+    assert result.returncode == 2  # AMGI_WORKERS is read: its bad value still fails the run
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].endswith(
+        "environment: AMGI_GROUP_ID, AMGI_MAX_ATEMPTS (did you mean AMGI_MAX_ATTEMPTS?) "
+        "set(s) no option of amgi --server sqlite: ignored"
+    )
+
+
+def test_variables_every_option_reads_give_no_warning(project: Path) -> None:
+    result = amgi(
+        "send", "q", "x", "--server", "sqlite", cwd=project,
+        env={"AMGI_DATABASE": "q.db", "AMGI_LOG_LEVEL": "info", "AMGI_PORT": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr
+
+
 def test_the_error_line_is_json_under_log_format_json(project: Path) -> None:
     """With ``--log-format json`` the one line a failed start prints is a JSON record too
     (a log pipeline got a plain-text line it could not parse)."""

@@ -10,17 +10,22 @@ that one takes one item per line; an on/off option takes 1/0, true/false, yes/no
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
 
 from amgi.errors import ConfigurationError
 from amgi.options import AppendWhole
 
-__all__ = ["ENV_PREFIX", "annotate_help", "apply_environment", "env_name"]
+__all__ = ["ENV_PREFIX", "annotate_help", "apply_environment", "env_name", "unread_variables"]
 
 ENV_PREFIX = "AMGI_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _SKIP = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+_NOT_OPTIONS = frozenset({"AMGI_SERVING_FD", "AMGI_SUPERVISOR_PID", "AMGI_WORKER_INDEX"})
+"""Variables that are no option: ``amgi run --workers`` sets them for its workers."""
+_NOT_OPTIONS_PREFIX = "AMGI_TEST_"
+"""Variables of the apps in ``amgi.testing`` (what they record, how long they wait)."""
 
 
 def env_name(flag: str) -> str:
@@ -128,3 +133,29 @@ def apply_environment(
         out[position:position] = added
         position += len(added)
     return out
+
+
+def _names(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """The variable name of every option of ``parser`` and of its subcommands."""
+    for action in parser._actions:
+        flag = _flag(action)
+        if flag is not None:
+            yield env_name(flag)
+    for sub in _subparsers(parser).values():
+        yield from _names(sub)
+
+
+def unread_variables(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list[str]:
+    """A line for each ``AMGI_*`` variable that no option of ``parser`` (this server's
+    ``amgi`` command, every subcommand) reads: a misspelt name, or another server's option,
+    would otherwise be ignored without a word."""
+    known = set(_names(parser))
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name in _NOT_OPTIONS:
+            continue
+        if name.startswith(_NOT_OPTIONS_PREFIX):
+            continue
+        guess = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        lines.append(name + (f" (did you mean {guess[0]}?)" if guess else ""))
+    return lines
