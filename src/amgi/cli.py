@@ -237,7 +237,13 @@ def _parser(
         epilog=_SERVERS_EPILOG,
     )
     send.add_argument("address", metavar="ADDRESS")
-    send.add_argument("payload", metavar="PAYLOAD", nargs="?", help="payload text (UTF-8)")
+    send.add_argument(
+        "payload",
+        metavar="PAYLOAD",
+        nargs="?",
+        help="payload text (UTF-8); without it and --file the message has no payload "
+        "(None: on Kafka a tombstone, which deletes its key from a compacted topic)",
+    )
     send.add_argument("--file", metavar="F", help="read the payload from file F ('-': stdin)")
     send.add_argument(
         "--header",
@@ -583,7 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_dead_letters(transport, args))
         transport = _transport(server, transport_cls, values, [], env)
         asyncio.run(_send(transport, args))
-        print(f"sent 1 message to {args.address!r} ({server})")
+        empty = " without payload" if args.payload is None and args.file is None else ""
+        print(f"sent 1 message{empty} to {args.address!r} ({server})")
         return 0
     except UsageError as exc:
         return fail(str(exc), 2)

@@ -132,6 +132,19 @@ def test_a_bad_send_target_option_names_its_own_flag(project: Path, by_env: bool
     assert ("(set by AMGI_REDIS_CONNECT_TIMEOUT)" in line) is by_env
 
 
+def test_send_without_a_payload_says_so(project: Path) -> None:
+    """A message without payload (a tombstone on Kafka) is sent when PAYLOAD and --file
+    are left out: the line printed says so, an empty payload given does not."""
+    bare = amgi("send", "q", cwd=project)
+    given = amgi("send", "q", "", cwd=project)
+    assert bare.stdout == "sent 1 message without payload to 'q' (sqlite)\n"
+    assert given.stdout == "sent 1 message to 'q' (sqlite)\n"
+    queue = SqliteQueue(str(project / "amgi.db"))
+    _, messages = queue.lease("q", 10, 30)
+    queue.close()
+    assert [m.payload for m in messages] == [None, b""]
+
+
 def test_send_takes_argument_bytes_as_given(project: Path) -> None:
     """Bytes that are not UTF-8 (the shell passes them so) were an 'unexpected
     UnicodeEncodeError'; a payload or header value is sent as given, and an address,
