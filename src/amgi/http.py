@@ -11,7 +11,9 @@ with uvicorn (``uvicorn myapp:asgi``) or mount it in Starlette or FastAPI::
 Served on its own, it runs the AMGI lifespan and the runtime from the ASGI lifespan.
 Mounted where no lifespan reaches it, it starts on the first request; then call
 :meth:`PushApp.shutdown` (or use :meth:`PushApp.lifespan_context`) to stop it
-gracefully: in-flight requests finish, new ones get 503.
+gracefully: in-flight requests finish, new ones get 503. A startup that fails there is
+not run again: that request and every later one get 503 with its reason (the pusher
+keeps its messages) until the process is restarted.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from amgi.errors import StartupFailed
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.routing import Router
 from amgi.servers.http import HttpOptions, HttpTransport
-from amgi.servers.http._front import Receive, Scope, Send
+from amgi.servers.http._front import Receive, Scope, Send, respond, text_answer
 from amgi.types import AMGIApplication
 
 __all__ = ["HttpOptions", "PushApp"]
@@ -52,12 +55,17 @@ class PushApp:
         self._front = self.transport.front
         self._task: asyncio.Task[int] | None = None
         self._starting: asyncio.Lock | None = None
+        self._failed: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             if self._task is None:
-                await self.startup()
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    reason = f"application startup failed: {exc}"
+                    return await respond(send, text_answer(503, reason))
             await self._front(scope, receive, send)
         elif kind == "lifespan":
             while True:
@@ -75,12 +83,15 @@ class PushApp:
                     return
 
     async def startup(self) -> None:
-        """Run the AMGI lifespan startup and start the runtime (once)."""
+        """Run the AMGI lifespan startup and start the runtime (once: a startup that
+        failed raises :class:`~amgi.errors.StartupFailed` again, without running)."""
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._task is not None:
                 return
+            if self._failed is not None:
+                raise StartupFailed(self._failed)
             runtime = self.runtime
             task = asyncio.create_task(runtime.serve(), name="amgi-http-runtime")
             started = asyncio.create_task(runtime.started.wait())
@@ -88,8 +99,13 @@ class PushApp:
             if not started.done():
                 started.cancel()
                 await asyncio.gather(started, return_exceptions=True)
-                task.result()  # raises why it could not start
-                raise RuntimeError("the AMGI runtime stopped before it started")
+                try:
+                    task.result()  # raises why it could not start
+                except Exception as exc:
+                    self._failed = str(exc)
+                    raise
+                self._failed = "the AMGI runtime stopped before it started"
+                raise StartupFailed(self._failed)
             self._task = task
 
     async def shutdown(self) -> int:

@@ -874,6 +874,39 @@ async def test_a_failed_app_startup_fails_the_asgi_lifespan() -> None:
     assert "no database" in sent[0]["message"]
 
 
+async def test_a_mounted_push_app_whose_startup_failed_answers_503_without_running_it_again() -> (
+    None
+):
+    """Mounted where no ASGI lifespan reaches it, a PushApp starts on the first request. A
+    startup that failed ran again for each request (the app's startup hook once per
+    request) and each ended in a bare 500; now it runs once, and that request and every
+    later one get 503 with its reason (the pusher keeps the message and sends it again)."""
+    startups = 0
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal startups
+        if scope["type"] == "lifespan":
+            await receive()
+            startups += 1
+            await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    push = PushApp(failing, config=RuntimeConfig(lifespan="on"))
+    asgi = Starlette(routes=[Mount("/events", push)])  # no lifespan reaches the PushApp
+    transport = httpx.ASGITransport(app=asgi, raise_app_exceptions=False)
+    headers = {"ce-specversion": "1.0", "ce-type": "orders", "ce-source": "s"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answers = [
+            await client.post("/events/", headers={**headers, "ce-id": str(i)}, content=b"{}")
+            for i in range(3)
+        ]
+    assert [a.status_code for a in answers] == [503, 503, 503]
+    assert {a.text for a in answers} == {"application startup failed: no database\n"}
+    assert startups == 1
+    with pytest.raises(StartupFailed, match="no database"):
+        await push.startup()
+    assert startups == 1
+
+
 @pytest.mark.parametrize("payload", [b"NaN", b"[Infinity]", b"[" * 100_000 + b"]" * 100_000])
 def test_the_structured_sender_sends_a_payload_that_is_not_strict_json_as_data_base64(
     payload: bytes,

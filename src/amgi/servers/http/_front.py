@@ -36,6 +36,7 @@ __all__ = [
     "Front",
     "Head",
     "over_limit",
+    "respond",
     "text_answer",
 ]
 
@@ -150,10 +151,10 @@ class Front:
         if scope["type"] != "http":
             return
         if scope["method"] != "POST":
-            return await _respond(send, METHOD_NOT_ALLOWED)
+            return await respond(send, METHOD_NOT_ALLOWED)
         head = self.head(scope["headers"])
         if not isinstance(head, Head):
-            return await _respond(send, head)
+            return await respond(send, head)
         event = await receive()
         if event["type"] != "http.request":
             return  # the client went away before its body arrived: nobody to answer
@@ -165,14 +166,14 @@ class Front:
             except _Gone:
                 return
             if whole is None:
-                return await _respond(send, over_limit(limit))
+                return await respond(send, over_limit(limit))
             body = whole
         elif len(body) > limit:
-            return await _respond(send, over_limit(limit))
+            return await respond(send, over_limit(limit))
         path = _scope_path(scope) if self.needs_path else ""
         outcome = self.complete(head, body, path)
         if isinstance(outcome, tuple):
-            return await _respond(send, outcome)
+            return await respond(send, outcome)
         future: asyncio.Future[list[str] | None] = outcome  # type: ignore[assignment]
         unanswered = self._unanswered  # (complete made the future: no reply was given)
         unanswered[future] = receive
@@ -192,7 +193,7 @@ class Front:
             await send(_ACKED_START)
             await send(_EMPTY_BODY)
         else:
-            await _respond(send, self.settled(reasons))
+            await respond(send, self.settled(reasons))
 
     def head(self, headers: list[tuple[bytes, bytes]]) -> Head | Answer:
         """What a POST's headers decide before its body is read: a refusal (shutdown
@@ -376,7 +377,8 @@ def over_limit(limit: int) -> Answer:
     return text_answer(413, f"body is over the limit of {limit} bytes")
 
 
-async def _respond(send: Send, answer: Answer) -> None:
+async def respond(send: Send, answer: Answer) -> None:
+    """Send ``answer`` as the ASGI response."""
     status, body, headers = answer
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
