@@ -24,7 +24,7 @@ from cloudevents.core.formats.json import JSONFormat
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from amgi.errors import StartupFailed
+from amgi.errors import ConfigurationError, StartupFailed
 from amgi.http import PushApp
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.runtime.routing import Router
@@ -762,6 +762,23 @@ async def test_sends_routed_to_the_cloudevents_sender(mode: str) -> None:
     assert (data if isinstance(data, bytes) else str(data).encode()) == b"echo:" + body
     assert sink.paths == ["/in/audit.orders"]
     assert sink.authorization == [b"Bearer t0ken"]
+
+
+async def test_the_user_and_password_of_the_send_url_are_sent_as_basic_auth() -> None:
+    """They were masked in every log line but never sent: the sink answered 401."""
+    sink = _Sink()
+    async with uvicorn_serving(sink) as sink_url:
+        host = sink_url.removeprefix("http://")
+        sender = HttpTransport([], HttpOptions(send_url=f"http://us%40er:p%3Ass%C3%A9@{host}/"))
+        await sender.publish("audit", [], b"x", {})
+        await sender.close()
+    user_pass = base64.b64decode(sink.authorization[0].removeprefix(b"Basic "))
+    assert user_pass == "us@er:p:ssé".encode()
+
+
+def test_a_send_url_with_a_user_and_a_send_token_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="no --send-token too"):
+        HttpTransport([], HttpOptions(send_url="https://u:p@sink.example/", send_token="t"))
 
 
 async def test_a_refused_send_is_an_error_in_the_app_and_a_retry_for_the_pusher() -> None:

@@ -40,6 +40,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.options import check, invalid, option
@@ -117,8 +118,19 @@ class HttpOptions:
             raise invalid(self, "nack_status", "must be a 5xx, 408 or 429 (a retry status)")
         if self.ssl_keyfile and not self.ssl_certfile:
             raise invalid(self, "ssl_keyfile", "needs --ssl-certfile")
-        if self.send_url is not None and not self.send_url.startswith(("http://", "https://")):
-            raise invalid(self, "send_url", "must start with http:// or https://")
+        if self.send_url is not None:
+            if not self.send_url.startswith(("http://", "https://")):
+                raise invalid(self, "send_url", "must start with http:// or https://")
+            if self.send_token and _has_user(self.send_url):
+                raise invalid(self, "send_url", "holds a user and password: no --send-token too")
+
+
+def _has_user(url: str) -> bool:
+    """Whether ``url`` holds a user name (sent as Basic auth)."""
+    try:
+        return urlsplit(url).username is not None
+    except ValueError:  # the sender's own check says what is wrong with it
+        return False
 
 
 class HttpTransport(Transport):

@@ -17,6 +17,7 @@ sequential sends reuse them. Message -> CloudEvent:
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import contextlib
 import json
@@ -24,7 +25,7 @@ import re
 import ssl
 import uuid
 from typing import Any
-from urllib.parse import quote_from_bytes, urlsplit
+from urllib.parse import quote_from_bytes, unquote, urlsplit
 
 from amgi.errors import SendError
 from amgi.servers.http._events import load_json
@@ -169,7 +170,8 @@ class _Response:
 
 
 class CloudEventSender:
-    """POSTs CloudEvents to ``url`` (``{address}`` in it is replaced by the address)."""
+    """POSTs CloudEvents to ``url`` (``{address}`` in it is replaced by the address), with
+    ``token`` as a bearer token, or the user and password of ``url`` as Basic auth."""
 
     def __init__(self, url: str, mode: str, source: str, token: str | None, timeout: float) -> None:
         self.shown = mask_url(url)
@@ -191,7 +193,13 @@ class CloudEventSender:
         self._path_template = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._encode = encode_structured if mode == "structured" else encode_binary
         self._source = source
-        self._token = b"Bearer " + token.encode() if token else None
+        if parts.username is not None and token:
+            raise ValueError("give the credentials in send_url or a send token, not both")
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._token: bytes | None = b"Basic " + base64.b64encode(pair.encode())
+        else:
+            self._token = b"Bearer " + token.encode() if token else None
         self.timeout = timeout
         self._idle: list[_Connection] = []
 
