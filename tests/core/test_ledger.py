@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig
-from amgi.runtime.ledger import CrashLedger
+from amgi.runtime import ledger as ledger_module
+from amgi.runtime.ledger import CallGuard, CrashLedger
 from amgi.servers.sqlite import SqliteOptions, SqliteQueue, SqliteTransport
 from amgi.transport import Message
 
@@ -111,3 +114,118 @@ async def test_an_unusable_ledger_folder_is_one_warning_and_no_ledger(
     assert any(
         "crash ledger" in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records
     )
+
+
+class Killed(BaseException):
+    """The process dies here (a SIGKILL, a second signal's ``os._exit``)."""
+
+
+def fail_writes(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, after: int, error: BaseException
+) -> None:
+    """Writes to files in ``folder`` succeed ``after`` times, then raise ``error``."""
+    real = os.write
+    left = [after]
+
+    def write(fd: int, data: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+            if left[0] <= 0:
+                raise error
+            left[0] -= 1
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_a_crash_during_compaction_keeps_the_crash_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = CrashLedger(str(tmp_path), "src")
+    first.open()
+    first.begin("q", msgs("poison"), exclusive=True)
+    die(first)
+    second = CrashLedger(str(tmp_path), "src")
+    second.open()
+    assert second.known("q", "poison") == (1, 1)
+    monkeypatch.setattr(ledger_module, "_COMPACT_AT", 0)
+    call = second.begin("q", msgs("other"), exclusive=False)
+    with monkeypatch.context() as patch:
+        fail_writes(patch, tmp_path, 0, Killed())
+        with pytest.raises(Killed):
+            second.end(call)  # compaction: the process dies in the middle of it
+    die(second)
+    # What a process killed while writing aside leaves (the old file stays whole).
+    (tmp_path / "0123456789abcdef-1-dead.ledger.new").write_bytes(b'["N", "sr')
+    heir = CrashLedger(str(tmp_path), "src")
+    heir.open()
+    assert heir.known("q", "poison") == (1, 1), "a crash mid-compaction lost the counts"
+    heir.forget("q", ["poison", "other"])
+    heir.close()
+    assert os.listdir(tmp_path) == [], "the half-written file of the crash was left"
+
+
+def test_a_full_disk_neither_fails_a_call_nor_convicts_a_live_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "_COMPACT_AT", 0)
+    live = CrashLedger(str(tmp_path), "src")
+    live.open()
+    guard = CallGuard(live)
+
+    async def calls() -> None:
+        token = await guard.enter("q", msgs("a"), exclusive=False)
+        waiter = asyncio.create_task(guard.enter("q", msgs("b"), exclusive=True))
+        await asyncio.sleep(0)
+        with monkeypatch.context() as patch:
+            fail_writes(patch, tmp_path, 0, OSError(errno.ENOSPC, "No space left on device"))
+            guard.leave(token)  # the compaction at the call's end finds the disk full
+            guard.leave(await asyncio.wait_for(waiter, 5))
+            guard.leave(await guard.enter("q", msgs("c"), exclusive=False))
+
+    asyncio.run(calls())
+    other = CrashLedger(str(tmp_path), "src")
+    other.open()
+    assert other.suspects == {}, "the calls of a live process were taken for a crash"
+    other.close()
+    live.close()
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_full_disk_at_a_compaction_still_settles_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = str(tmp_path / "q.db")
+    folder = tmp_path / "ledger"
+    queue = SqliteQueue(db)
+    queue.put_many("q", [([], b"x", {})] * 3)
+    monkeypatch.setattr(ledger_module, "_COMPACT_AT", 0)
+    # Room for the file's first line and one call's: the compaction at its end fails.
+    fail_writes(monkeypatch, folder, 2, OSError(errno.ENOSPC, "No space left on device"))
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "message":
+            while True:
+                m = await receive()
+                await send({"type": "message.ack", "id": m["id"]})
+                if not m["more_messages"]:
+                    break
+
+    options = SqliteOptions(database=db, poll_interval=0.01, batch_size=1)
+    runtime = Runtime(
+        app,
+        SqliteTransport(["q"], options),
+        RuntimeConfig(lifespan="off", crash_ledger=str(folder)),
+    )
+    task = asyncio.create_task(runtime.serve())
+    try:
+        for _ in range(500):
+            if not queue.count("q"):
+                break
+            await asyncio.sleep(0.01)
+        assert queue.count("q") == 0, "a batch was left unsettled"
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        queue.close()
+    assert not any(r.getMessage() == "batch task failed" for r in caplog.records)
+    assert any("ledger turned off" in r.getMessage() for r in caplog.records)

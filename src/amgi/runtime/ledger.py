@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - not a POSIX system
     fcntl = None  # type: ignore[assignment]
 
 _SUFFIX = ".ledger"
+_TMP = ".new"
+"""Suffix of the file a compaction writes aside before renaming it over the ledger."""
 _MAX_AGE = 24 * 3600.0
 """Suspects not seen again for this long are forgotten (settled by another process)."""
 _COMPACT_AT = 256 * 1024
@@ -70,6 +72,8 @@ class CrashLedger:
         self._calls: dict[int, bytes] = {}
         self._next_call = 0
         self._size = 0
+        self._off = False
+        """True once a write failed: the file stays empty (and locked) until close."""
 
     @staticmethod
     def available() -> bool:
@@ -79,24 +83,44 @@ class CrashLedger:
     # -- life ------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Take over the files of dead processes, then create and lock this one's."""
+        """Take over the files of dead processes, then create and lock this one's.
+
+        This one's file is whole on disk before the files taken over are removed: a
+        crash at any point leaves their counts in one file or the other."""
         assert fcntl is not None
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         now = time.time()
-        for name in sorted(os.listdir(self.directory)):
-            if not name.endswith(_SUFFIX):
-                continue
-            path = os.path.join(self.directory, name)
-            if name.startswith(self._prefix + "-"):
-                self._inherit(path, now)
-            else:
-                _remove_if_stale(path, now)
-        name = f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
-        self._path = os.path.join(self.directory, name)
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._fd = fd
-        self._rewrite()
+        taken: list[tuple[str, int]] = []
+        try:
+            asides = []
+            for name in sorted(os.listdir(self.directory)):
+                path = os.path.join(self.directory, name)
+                if name.endswith(_SUFFIX + _TMP):
+                    asides.append(path)
+                elif not name.endswith(_SUFFIX):
+                    continue
+                elif name.startswith(self._prefix + "-"):
+                    if (fd := self._inherit(path, now)) is not None:
+                        taken.append((path, fd))
+                else:
+                    _remove_if_stale(path, now)
+            dead = {path for path, _ in taken}
+            for path in asides:
+                _remove_orphan(path, dead)
+            name = f"{self._prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
+            self._path = os.path.join(self.directory, name)
+            self._fd = _locked(self._path)
+            try:
+                self._rewrite()
+            except OSError:
+                self._drop()
+                raise
+            for path, _ in taken:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        finally:
+            for _, fd in taken:
+                os.close(fd)
         if self.suspects:
             logger.warning(
                 "crash ledger: %d message(s) were in the hands of a process that died; "
@@ -106,41 +130,66 @@ class CrashLedger:
 
     def close(self) -> None:
         """Release the file: removed when nothing is suspect, else left for the next process."""
-        fd, self._fd = self._fd, None
-        if fd is None:
+        if self._fd is None:
             return
-        try:
-            if not self.suspects:
-                with contextlib.suppress(OSError):
-                    os.unlink(self._path)
+        self._calls.clear()
+        if self.suspects:
+            try:
+                self._rewrite()
+            except OSError as exc:
+                logger.error(
+                    "crash ledger %s: saving %d suspect(s) failed (%s): their counts are lost",
+                    self._path,
+                    len(self.suspects),
+                    exc,
+                )
             else:
-                self._calls.clear()
-                self._rewrite_fd(fd)
-        finally:
+                self._release()
+                return
+        self._drop()
+
+    def _release(self) -> None:
+        """Close the file, keeping it (and so dropping the lock)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
             os.close(fd)
 
-    def _inherit(self, path: str, now: float) -> None:
+    def _drop(self) -> None:
+        """Remove the file and close it: no call of this process is counted as a crash."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+        self._release()
+
+    def _inherit(self, path: str, now: float) -> int | None:
+        """Merge the file of a dead process; return its locked descriptor (the caller
+        removes the file once its counts are safe), or None when it is not to be taken."""
         assert fcntl is not None
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            return
+            return None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                return  # its process is alive
+                os.close(fd)
+                return None  # its process is alive
             try:
                 if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                    return  # taken over and removed by another process meanwhile
+                    os.close(fd)
+                    return None  # taken over and removed by another process meanwhile
             except FileNotFoundError:
-                return
+                os.close(fd)
+                return None
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
-            self._merge(data, now)
-            os.unlink(path)
-        finally:
-            os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        self._merge(data, now)
+        return fd
 
     def _merge(self, data: bytes, now: float) -> None:
         suspects: dict[Key, list[float]] = {}
@@ -199,7 +248,7 @@ class CrashLedger:
         """Record that call ``call`` is over (its messages are settled or handed back)."""
         del self._calls[call]
         if self._size > (_COMPACT_BUSY_AT if self._calls else _COMPACT_AT):
-            self._rewrite()
+            self._compact()
         else:
             self._write(b'["E",%d]\n' % call)
 
@@ -211,21 +260,22 @@ class CrashLedger:
         self._write((json.dumps(["F", address, list(ids)]) + "\n").encode())
 
     def _write(self, data: bytes) -> None:
-        fd = self._fd
-        if fd is None:
+        if self._fd is None or self._off:
             return
         try:
-            self._size += os.write(fd, data)
+            _write_all(self._fd, data)
         except OSError as exc:
-            logger.error("crash ledger %s: write failed (%s); ledger turned off", self._path, exc)
-            self._fd = None
-            os.close(fd)
+            self._turn_off(exc)
+        else:
+            self._size += len(data)
 
     def _rewrite(self) -> None:
-        if self._fd is not None:
-            self._rewrite_fd(self._fd)
+        """Replace the file with one holding the suspects and the calls in progress.
 
-    def _rewrite_fd(self, fd: int) -> None:
+        The new file is written aside (locked) and renamed over the old one: a crash at
+        any point leaves one whole file, never an emptied one."""
+        if self._fd is None:
+            return
         parts = [(json.dumps(["N", self.namespace]) + "\n").encode()]
         parts += [
             (json.dumps(["S", a, mid, *entry]) + "\n").encode()
@@ -233,9 +283,87 @@ class CrashLedger:
         ]
         parts += self._calls.values()
         data = b"".join(parts)
-        os.ftruncate(fd, 0)
-        os.write(fd, data)
+        aside = self._path + _TMP
+        fd = _locked(aside)
+        try:
+            _write_all(fd, data)
+            os.rename(aside, self._path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            os.close(fd)
+            raise
+        old, self._fd = self._fd, fd
+        os.close(old)
         self._size = len(data)
+
+    def _compact(self) -> None:
+        if self._off:
+            return
+        try:
+            self._rewrite()
+        except OSError as exc:
+            self._turn_off(exc)
+
+    def _turn_off(self, exc: OSError) -> None:
+        """A write failed (a full disk): stop keeping the ledger.
+
+        The file is emptied but kept locked until :meth:`close`: with calls of this
+        live process in it, it would convict their messages of a crash (the next
+        process's, or another process's on the same folder). The suspects known so far
+        are still delivered alone."""
+        logger.error("crash ledger %s: write failed (%s); ledger turned off", self._path, exc)
+        fd = self._fd
+        assert fd is not None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            self._drop()
+            return
+        self._off = True
+
+
+def _locked(path: str) -> int:
+    """Create (or empty) ``path`` and return it opened for appends, under this process's lock."""
+    assert fcntl is not None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a full disk ends a short write with an ``OSError``)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _remove_orphan(path: str, dead: set[str]) -> None:
+    """Remove a file written aside by a process that died before renaming it (its own
+    file stayed whole); ``dead``: the files of dead processes taken over just now."""
+    assert fcntl is not None
+    own = path.removesuffix(_TMP)
+    if own not in dead:
+        try:
+            fd = os.open(own, os.O_RDONLY)
+        except FileNotFoundError:
+            pass  # its process's file was taken over and removed: the process is dead
+        except OSError:
+            return
+        else:
+            try:
+                # Its process holds this lock while it writes aside: alive, leave it.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return
+            finally:
+                os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _remove_if_stale(path: str, now: float) -> None:
@@ -293,8 +421,10 @@ class CallGuard:
         self._active -= 1
         if exclusive:
             self._exclusive = False
-        self.ledger.end(call)
-        self._wake()
+        try:
+            self.ledger.end(call)
+        finally:
+            self._wake()  # whatever happens to the file, waiting calls must go on
 
     def _wake(self) -> None:
         if self._waiters:
