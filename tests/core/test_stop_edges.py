@@ -220,3 +220,35 @@ async def test_an_app_raising_a_base_exception_fails_its_call_and_loses_nothing(
     assert await stop_when(runtime, dead_lettered()) == 0
     assert calls == 2
     assert not any("batch task failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_batches_waiting_for_a_slot_at_the_shutdown_deadline_go_back_uncounted() -> None:
+    """One fetch returns batches of two queues; the one slot is held by the first past
+    the shutdown timeout. The other batch, never started, was left to the transport's
+    close, which hands back what was not settled as a delivery: an attempt used up that
+    no application had. Now it is released uncounted, like a batch waiting for its key."""
+    name = uuid.uuid4().hex
+    broker = MemoryBroker.reset(name)
+    broker.put("a", [], b"held")
+    broker.put("b", [], b"waiting")
+    holding = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        seen.append((await receive())["payload"])
+        holding.set()
+        await asyncio.sleep(30)
+
+    transport = MemoryTransport(["a", "b"], MemoryOptions(broker=name))
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, concurrency=1)
+    runtime = Runtime(slow, transport, config)
+    assert await stop_when(runtime, asyncio.wait_for(holding.wait(), 5)) == 0
+    back = [
+        m
+        for q in ("a", "b")
+        for m in [*broker.queues.get(q, ())] + [m for _, _, a, m in broker._delayed if a == q]
+    ]
+    assert seen == [b"held"]
+    assert sorted((m.payload, m.attempt) for m in back) == [(b"held", 2), (b"waiting", 1)]

@@ -388,8 +388,8 @@ class Runtime:
         if self._fatal is not None:
             return
         limit = self.config.concurrency
-        unstarted, self._unstarted = self._unstarted, []
-        self._waiting = unstarted  # leased while they wait, as in the fetch loop
+        batches, self._unstarted = self._unstarted, []
+        self._waiting = batches  # leased while they wait, as in the fetch loop
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 try:
@@ -397,7 +397,7 @@ class Runtime:
                 except Exception as exc:
                     logger.warning("taking the delivered messages at the stop failed: %s", exc)
                     handed = []
-                batches = self._waiting = unstarted + handed
+                batches += handed
                 if not batches:
                     return
                 count = sum(len(b.messages) for b in batches)
@@ -411,8 +411,23 @@ class Runtime:
                 "the shutdown timeout ended before every delivered message was processed: "
                 "the rest goes back to the broker"
             )
+            if self.transport.counts_deliveries:
+                for batch in batches:
+                    self._hand_back(batch)
         finally:
             self._waiting = []
+
+    def _hand_back(self, batch: Batch) -> None:
+        """Settle a batch the application never had as released (no attempt used up).
+
+        Left to the transport's close, its messages would come back as a delivery: the
+        broker counts deliveries (elsewhere the close hands them back for free). Run as a
+        batch task: the drain bounds it like the rest."""
+        settlement = Settlement()
+        release(settlement, batch.messages, "the server stopped before it was started")
+        task = asyncio.create_task(self._settle(batch, settlement, time.monotonic()))
+        self._tasks[task] = batch
+        task.add_done_callback(self._batch_done)
 
     async def _drain(self, deadline: float) -> None:
         """Let in-flight batches finish until ``deadline`` (the shutdown timeout), then
