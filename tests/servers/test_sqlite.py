@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import time
@@ -239,3 +240,22 @@ async def test_idle_addresses_cost_a_read_not_a_write_per_poll(
         assert leases == ["q555"]
     finally:
         await t.close()
+
+
+def test_a_full_database_is_named_as_the_cause_of_a_failed_write(tmp_path: Path) -> None:
+    """A transaction's insert finds the database full and SQLite rolls the transaction
+    back itself: the ROLLBACK that followed raised "cannot rollback - no transaction is
+    active" in place of the cause. Now the error says the database is full, and the
+    connection goes on."""
+    queue = SqliteQueue(str(tmp_path / "q.db"))
+    try:
+        (pages,) = queue.db.execute("PRAGMA page_count").fetchone()
+        queue.db.execute(f"PRAGMA max_page_count={pages + 2}")
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            queue.put_many("q", [([], b"x" * 5000, {})] * 10)
+        assert queue.count("q") == 0, "part of the transaction was kept"
+        queue.db.execute(f"PRAGMA max_page_count={2**30}")
+        queue.put_many("q", [([], b"x", {})] * 2)
+        assert queue.count("q") == 2
+    finally:
+        queue.close()

@@ -286,3 +286,43 @@ def test_a_message_that_kills_the_process_is_the_only_dead_letter(
     assert kills == 5
     acked = set(acks.read_text().split())
     assert acked == {p.decode() for p in payloads if p != b"kill"}
+
+
+async def test_an_ack_whose_settle_meets_a_locked_database_is_not_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the write lock longer than --busy-timeout while a batch
+    settles: the settle failed, the acked rows came back after the visibility timeout
+    with an attempt counted, and at the last attempt were dead-lettered although the
+    application acked them. Now the settle is tried again while the lease lasts."""
+    db = str(tmp_path / "q.db")
+    queue = SqliteQueue(db)
+    queue.put("q", [], b"x", {})
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    seen: list[int] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "message":
+            m = await receive()
+            seen.append(m["bindings"]["amgi"]["attempt"])
+            holder.execute("BEGIN IMMEDIATE")  # another process takes the write lock
+            asyncio.get_running_loop().call_later(0.6, holder.execute, "COMMIT")
+            await send({"type": "message.ack", "id": m["id"]})
+
+    options = SqliteOptions(database=db, poll_interval=0.01, busy_timeout=0.1, visibility_timeout=3)
+    config = RuntimeConfig(**{**CONFIG, "max_attempts": 1}, crash_ledger="")
+    runtime = Runtime(app, SqliteTransport(["q"], options), config)
+    task = asyncio.create_task(runtime.serve())
+    try:
+        deadline = time.monotonic() + 10
+        while queue.count("q") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        holder.close()
+    dead = queue.dead_letters("q")
+    queue.close()
+    assert dead == [], f"an acked message was dead-lettered: {dead[0].reason}"
+    assert seen == [1]

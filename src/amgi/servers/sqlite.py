@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.options import option
+from amgi.servers.kit.backoff import Backoff
 from amgi.transport import (
     Batch,
     Bindings,
@@ -86,6 +87,8 @@ CREATE INDEX IF NOT EXISTS amgi_dead_letters_address ON amgi_dead_letters (addre
 
 _U32 = struct.Struct(">I")
 _REPLAY_CHUNK = 100
+_SETTLE_RETRY_FIRST = 0.05
+_SETTLE_RETRY_MAX = 1.0
 
 
 def encode_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -420,7 +423,21 @@ class _Transaction:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        db = self.db
+        try:
+            if kind is None:
+                db.execute("COMMIT")
+                return
+        except BaseException:
+            # A COMMIT refused (busy) leaves the transaction open: every later BEGIN
+            # would fail. Rolled back, the next try starts clean.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        # An error may have rolled back already (a full disk): a ROLLBACK then would
+        # hide it behind "no transaction is active".
+        if db.in_transaction:
+            db.execute("ROLLBACK")
 
 
 class SqliteSendError(SendError):
@@ -463,7 +480,8 @@ class SqliteTransport(Transport):
         self._queue: SqliteQueue | None = None
         self._new_file = False
         self._discard = False
-        self._leases: set[str] = set()
+        self._leases: dict[str, float] = {}
+        """Lease tokens held, each with the (monotonic) time its rows are ours until."""
         self._next = 0
         self.lease_interval = max(0.05, self.config.visibility_timeout / 3)
 
@@ -508,7 +526,7 @@ class SqliteTransport(Transport):
                 # while the worker thread still waits for the write lock, the lease may
                 # commit afterwards, and close() must release it.
                 token = uuid.uuid4().hex
-                self._leases.add(token)
+                self._leases[token] = time.monotonic() + c.visibility_timeout
                 try:
                     _, messages = await self._run(
                         queue.lease, address, c.batch_size, c.visibility_timeout, token
@@ -517,11 +535,11 @@ class SqliteTransport(Transport):
                     self._release_soon(token)
                     raise
                 except Exception:
-                    self._leases.discard(token)  # the lease failed: nothing was taken
+                    self._leases.pop(token, None)  # the lease failed: nothing was taken
                     raise
                 if messages:
                     return [Batch(address, messages, key=address, context=token)]
-                self._leases.discard(token)
+                self._leases.pop(token, None)
             await asyncio.sleep(c.poll_interval)
 
     def _release_soon(self, token: str) -> None:
@@ -544,29 +562,62 @@ class SqliteTransport(Transport):
         released.add_done_callback(done)
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        """Apply the settlement in one transaction, tried again while the lease lasts.
+
+        Another process may hold the write lock longer than ``--busy-timeout``. Given up
+        at once, the settlement was lost: the rows came back after the visibility timeout
+        with one more attempt counted, and an ack of the app could end in the dead
+        letters. Each try only touches rows still under this lease, so trying again is
+        safe; past the lease the rows come back anyway."""
         assert self._queue is not None
         token: str = batch.context
-        try:
-            await self._run(
-                self._queue.settle,
-                token,
-                len(batch.messages),
-                [m.token for m in settlement.acked],
-                [(r.message.token, r.delay, r.uncounted) for r in settlement.retry],
-                [(d.message.token, d.reason) for d in settlement.dead],
-            )
-        except Exception as exc:  # one transaction: none of it was stored
-            for d in settlement.dead:
-                d.not_stored(exc)
-            raise
-        self._leases.discard(token)
+        args = (
+            token,
+            len(batch.messages),
+            [m.token for m in settlement.acked],
+            [(r.message.token, r.delay, r.uncounted) for r in settlement.retry],
+            [(d.message.token, d.reason) for d in settlement.dead],
+        )
+        backoff = Backoff(_SETTLE_RETRY_FIRST, _SETTLE_RETRY_MAX)
+        while True:
+            try:
+                await self._run(self._queue.settle, *args)
+                break
+            except sqlite3.OperationalError as exc:  # locked, busy, an I/O error
+                until = self._leases.get(token, 0.0)
+                if time.monotonic() + backoff.delay < until:
+                    if backoff.delay == backoff.first:  # said once, not at every try
+                        logger.warning(
+                            "settling a batch of %r failed: %s (trying again while its "
+                            "lease lasts)",
+                            batch.address,
+                            exc,
+                        )
+                    await backoff.sleep()
+                    continue
+                self._not_stored(settlement, exc)
+                raise
+            except Exception as exc:  # one transaction: none of it was stored
+                self._not_stored(settlement, exc)
+                raise
+        self._leases.pop(token, None)
+
+    @staticmethod
+    def _not_stored(settlement: Settlement, exc: Exception) -> None:
+        for d in settlement.dead:
+            d.not_stored(exc)
 
     async def extend(self, batches: Sequence[Batch]) -> None:
         assert self._queue is not None
         tokens = [b.context for b in batches]
         if not tokens:  # (a cancelled fetch's lease is released at once, not kept)
             return
+        started = time.monotonic()
         await self._run(self._queue.extend, tokens, self.config.visibility_timeout)
+        leases = self._leases
+        for token in tokens:
+            if token in leases:
+                leases[token] = started + self.config.visibility_timeout
 
     async def publish(
         self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
