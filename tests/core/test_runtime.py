@@ -505,6 +505,46 @@ async def test_metrics_hook_counts_per_batch() -> None:
     assert sends == [("o", True)]
 
 
+async def test_a_settle_that_raises_is_not_reported_as_retried_or_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The transport's settle raised: nothing reached the broker, yet the log said
+    "retrying in 5s" and the dead letter was counted as stored. Both stay unacknowledged
+    on the broker: the log and the metrics say so."""
+    stats: list[BatchStats] = []
+
+    class Hook(MetricsHook):
+        def batch_settled(self, s: BatchStats) -> None:
+            stats.append(s)
+
+    class Refusing(Scripted):
+        async def settle(self, batch: Batch, settlement: Settlement) -> None:
+            await super().settle(batch, settlement)
+            raise OSError("the broker went away")
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        a: Any = await receive()
+        b: Any = await receive()
+        await send({"type": "message.nack", "id": a["id"], "message": "later"})
+        await send({"type": "message.nack", "id": b["id"], "message": "bad", "retry": False})
+
+    t = Refusing([batch("a", b"1", b"2")])
+    runtime = Runtime(app, t, RuntimeConfig(lifespan="off", max_attempts=5), metrics=Hook())
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(t.all_settled.wait(), 5)
+    runtime.request_stop()
+    await task
+    assert (stats[0].retried, stats[0].dead_lettered, stats[0].kept) == (0, 0, 2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "retrying in" in line]
+    assert any(
+        "its retry could not be scheduled: the settle failed: the broker went away" in line
+        for line in lines
+    )
+
+
 async def test_a_batch_settled_set_on_the_hook_instance_is_called() -> None:
     # The runtime skips building BatchStats only for the base class's no-op.
     stats: list[BatchStats] = []

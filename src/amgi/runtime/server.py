@@ -58,6 +58,18 @@ _MIN_CLOSE = 5.0
 the application's calls: a ``--shutdown-timeout 0`` must not cut off final commits)."""
 
 
+def _unmoved(settlement: Settlement, exc: Exception) -> None:
+    """A settle raised: the retries and dead letters it did not say it moved stay
+    unacknowledged (so the log and the metrics say, not "retrying" or "dead-lettered")."""
+    error = f"the settle failed: {exc}"
+    for r in settlement.retry:
+        if not r.error and r.dead is None:
+            r.not_scheduled(error)
+    for d in settlement.dead:
+        if d.fate is None:
+            d.not_stored(error)
+
+
 class Runtime:
     """Runs one AMGI application on one transport until asked to stop.
 
@@ -692,6 +704,7 @@ class Runtime:
                 self.transport.name,
                 exc,
             )
+            _unmoved(settlement, exc)
         finally:
             self._settling.discard(task)
         self._report(batch, settlement, time.monotonic() - started)
