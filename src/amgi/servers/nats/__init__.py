@@ -8,8 +8,9 @@ address            a subject (wildcards allowed), captured by a stream that must
 consume            a durable pull consumer per address (``--durable``; with several
                    addresses ``{durable}_{subject}``), filtered on the address,
                    explicit acks, no delivery limit (the runtime counts attempts);
-                   an existing one with another ack policy, a limit or a backoff is
-                   refused, at the start and when it is looked at again while running
+                   an existing push consumer, or one with another ack policy, a
+                   limit or a backoff is refused, at the start and when it is looked
+                   at again while running
 batch              one fetch of up to ``--batch-size`` messages (``--fetch-expiry``)
 ordering key       the address
 message id         the stream sequence (the same on every redelivery): the crash ledger
@@ -22,7 +23,8 @@ nack (dead)        published (ack awaited) to ``{subject}.dlq`` with the reason,
                    and address headers, then ``+TERM``; refused for good (no stream
                    captures it, its stream has interest retention, too big): ``-NAK``
                    with an hour's delay, one error line; an interest stream found at
-                   the start stops it
+                   the start stops it; the stream found is remembered and asked
+                   for alone (one request) at the next dead letter
 lease              ``+WPI`` (in progress) for batches running or waiting for a slot
                    and for messages pulled that no batch took yet, every third of
                    the shortest ack wait (the consumers' own, read at the start, and
@@ -35,6 +37,7 @@ backlog (metrics)  the pending count in the last fetched message's ack subject
 stop               no new pull request; the open ones are awaited (at most
                    ``--fetch-expiry``) and what arrived is processed before the stop ends;
                    what the shutdown timeout leaves unstarted is ``-NAK``ed at close
+stream deleted     the run ends (one error line naming it)
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
 dead letters       read from the stream capturing the dead-letter subject (a stream
@@ -46,8 +49,10 @@ dead letters       read from the stream capturing the dead-letter subject (a str
 ``--mode core``: addresses are subjects subscribed in queue group ``--queue``; a batch
 is the messages on hand; acks do nothing; a nack is retried in memory, then
 dead-lettered with a JetStream publish (stored only if a stream captures the subject).
-A message published while no server listens, or held when it stops, is lost: core NATS
-delivers at most once. ``message.send`` is a core publish.
+A message published while no server listens, waiting for its retry when it stops, or
+arriving while a slow app leaves too many waiting (dropped, counted in a warning), is
+lost: core NATS delivers at most once. What arrived is processed before a stop ends.
+``message.send`` is a core publish.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from amgi.servers.kit import (
 )
 from amgi.servers.nats._client import open_connection
 from amgi.servers.nats._core import Subscriptions
+from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._dead_letters import DeadLetters, subject_matches
 from amgi.servers.nats._headers import PLAIN_VALUE, encode, over_max_payload
 from amgi.servers.nats._jetstream import Consumers
@@ -227,13 +233,16 @@ class NatsTransport(DeadLetters, Transport):
             if not self.addresses:
                 return
             await self.check_dead_letter_streams()
+            streams = DeadLetterStreams(self._client, self.config.publish_timeout)
             if self.config.mode == "jetstream":
-                self._consumers = Consumers(self._client, self.addresses, self.config)
+                self._consumers = Consumers(self._client, self.addresses, self.config, streams)
                 await self._consumers.start()
                 # Existing consumers keep their own ack_wait: the lease follows the shortest.
                 self.lease_interval = self._consumers.lease_interval
             else:
-                self._subscriptions = Subscriptions(self._client, self.addresses, self.config)
+                self._subscriptions = Subscriptions(
+                    self._client, self.addresses, self.config, streams
+                )
                 await self._subscriptions.start()
         except BaseException:
             await self.close()
@@ -275,7 +284,10 @@ class NatsTransport(DeadLetters, Transport):
         """JetStream: wait for the open pull requests to end (at most ``--fetch-expiry``)
         and return the messages that arrived but were not fetched, for the runtime to
         process before it stops; given back, each would come again with its delivery
-        count (the attempt) raised by one."""
+        count (the attempt) raised by one. Core: unsubscribe and return what arrived
+        (it would be lost)."""
+        if self._subscriptions is not None:
+            return await self._subscriptions.hand_over()
         if self._consumers is None:
             return []
         return await self._consumers.hand_over()

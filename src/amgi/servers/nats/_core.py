@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.servers.kit import DueList
-from amgi.servers.nats._dead_letters import dead_letter_subjects
+from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.transport import Batch, Message
 
@@ -25,16 +25,37 @@ logger = logging.getLogger("amgi.servers.nats")
 _CHECK = 1.0
 """Seconds an idle read waits before it looks whether the connection is still open."""
 
+_MAX_BUFFERED = 512 * 1024
+_MAX_BUFFERED_BYTES = 128 * 1024 * 1024
+"""Messages (and payload bytes) received and not fetched yet that are held at most
+(nats-py's own limits per subscription): beyond, an app slower than the publishers would
+grow the process without bound, so a message that arrives then is dropped, as NATS drops
+a slow consumer's."""
+
+_DROPS_EVERY = 10.0
+"""Seconds between two lines counting the messages dropped."""
+
 
 class Subscriptions:
     """Subscriptions in one queue group; a nacked message waits here for its retry."""
 
-    def __init__(self, client: Any, subjects: Sequence[str], options: NatsOptions) -> None:
+    def __init__(
+        self,
+        client: Any,
+        subjects: Sequence[str],
+        options: NatsOptions,
+        dead_letter_streams: DeadLetterStreams,
+    ) -> None:
         self.client = client
+        self.dead_letter_streams = dead_letter_streams
         self.subjects = list(subjects)
         self.options = options
         self._subs: list[Any] = []
         self._buffer: deque[tuple[str, Any]] = deque()
+        self._buffered_bytes = 0
+        self._dropped = 0
+        """Messages dropped since the last line said so."""
+        self._dropped_said = float("-inf")
         self._arrived = asyncio.Event()
         self._retries: DueList[tuple[str, Message]] = DueList()
         self._ids = itertools.count(1)
@@ -48,18 +69,57 @@ class Subscriptions:
             )
 
     def _receiver(self, subject: str) -> Any:
-        buffer, arrived = self._buffer, self._arrived
-
         async def on_message(msg: Any) -> None:
-            buffer.append((subject, msg))
-            arrived.set()
+            size = len(msg.data)
+            if (
+                len(self._buffer) >= _MAX_BUFFERED
+                or self._buffered_bytes + size > _MAX_BUFFERED_BYTES
+            ):
+                self._dropped += 1
+                return
+            self._buffer.append((subject, msg))
+            self._buffered_bytes += size
+            self._arrived.set()
 
         return on_message
 
+    def _say_dropped(self, now: float) -> None:
+        """One line, at most every ``_DROPS_EVERY`` seconds, counting the drops since."""
+        if not self._dropped or now < self._dropped_said + _DROPS_EVERY:
+            return
+        logger.warning(
+            "%d message(s) dropped: the app is slower than they arrive and %d already wait "
+            "in memory (a slow consumer; core NATS delivers at most once)",
+            self._dropped,
+            len(self._buffer),
+        )
+        self._dropped, self._dropped_said = 0, now
+
+    async def hand_over(self) -> list[Batch]:
+        """At the stop: unsubscribe, letting what the server sent before arrive (drain),
+        and return the messages received that no batch took, for the runtime to process
+        (core NATS never delivers them again)."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            try:
+                await sub.drain()
+            except Exception as exc:
+                logger.debug("draining a subscription failed: %s", exc)
+        return self._take(len(self._buffer))
+
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
+        lost = len(self._buffer) + len(self._retries)
         self._retries.clear()
         self._buffer.clear()
+        self._buffered_bytes = 0
+        self._say_dropped(float("inf"))
+        if lost:
+            logger.warning(
+                "%d message(s) received or waiting in memory for a retry are lost as the "
+                "server stops (core NATS delivers at most once)",
+                lost,
+            )
         for sub in subs:
             try:
                 await sub.unsubscribe()
@@ -70,15 +130,14 @@ class Subscriptions:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
+            self._say_dropped(now)
             due = self._retries.pop_due(now)
             grouped: dict[str, list[Message]] = {}
             for subject, message in due:
                 message.attempt += 1
                 grouped.setdefault(subject, []).append(message)
-            buffer = self._buffer
-            for _ in range(min(len(buffer), self.options.batch_size)):
-                subject, msg = buffer.popleft()
-                grouped.setdefault(subject, []).append(self._message(msg))
+            for subject, messages in self._grouped(self.options.batch_size).items():
+                grouped.setdefault(subject, []).extend(messages)
             if grouped:
                 return [Batch(s, msgs, key=s) for s, msgs in grouped.items()]
             if self.client.is_closed:  # closed for good: nothing arrives any more
@@ -90,6 +149,25 @@ class Subscriptions:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._arrived.wait()
+
+    def _grouped(self, count: int) -> dict[str, list[Message]]:
+        """The next ``count`` messages received (at most), per subject."""
+        grouped: dict[str, list[Message]] = {}
+        buffer = self._buffer
+        for _ in range(min(len(buffer), count)):
+            subject, msg = buffer.popleft()
+            self._buffered_bytes -= len(msg.data)
+            grouped.setdefault(subject, []).append(self._message(msg))
+        return grouped
+
+    def _take(self, count: int) -> list[Batch]:
+        """The next ``count`` messages received (at most) as batches of ``--batch-size``."""
+        size = self.options.batch_size
+        return [
+            Batch(subject, messages[i : i + size], key=subject)
+            for subject, messages in self._grouped(count).items()
+            for i in range(0, len(messages), size)
+        ]
 
     def _message(self, msg: Any) -> Message:
         headers, msg_id = decode(msg.headers)
@@ -109,8 +187,8 @@ class Subscriptions:
         if not dead:
             return
         js = self.client.jetstream(timeout=self.options.publish_timeout)
-        jsm = self.client.jsm(timeout=self.options.publish_timeout)
-        unfit = await dead_letter_subjects(jsm, (t for _, t, _ in dead))
+        streams = self.dead_letter_streams
+        unfit = await streams.check(t for _, t, _ in dead)
         for d, (m, target, headers) in zip(settlement.dead, dead, strict=True):
             try:  # stored if a stream captures the subject and keeps it, otherwise lost: say so
                 problem = unfit[target]
@@ -121,5 +199,6 @@ class Subscriptions:
                     raise ValueError(too_big)
                 await js.publish(target, m.payload or b"", headers=headers)
             except Exception as exc:
+                streams.forget(target)
                 logger.error("could not dead-letter message %s to %r: %s", m.id, target, exc)
                 d.not_stored(exc, lost=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
@@ -39,7 +39,7 @@ __all__ = [
     "DeadLetters",
     "Unkept",
     "dead_letter_stream",
-    "dead_letter_subjects",
+    "keeping",
     "subject_matches",
 ]
 
@@ -70,29 +70,20 @@ async def dead_letter_stream(jsm: Any, subject: str) -> tuple[str, str] | None:
         stream = await jsm.find_stream_name_by_subject(subject)
     except js_errors.NotFoundError:
         return None
-    found = (await jsm.stream_info(stream)).config.retention or "limits"
+    return stream, keeping(stream, await jsm.stream_info(stream))
+
+
+def keeping(stream: str, info: Any) -> str:
+    """The retention of ``stream`` (its nats-py ``StreamInfo``), :class:`Unkept` when it
+    would not keep a dead letter."""
+    found = info.config.retention or "limits"
     retention = str(getattr(found, "value", found))  # nats-py leaves it a str
     if retention not in _KEEPING:
         raise Unkept(
             f"stream {stream!r} has {retention} retention: it keeps a message only while "
             "a consumer is interested in it"
         )
-    return stream, retention
-
-
-async def dead_letter_subjects(
-    jsm: Any, subjects: Iterable[str]
-) -> dict[str, BaseException | None]:
-    """Per dead-letter subject, what stops a dead letter from being published there:
-    :class:`Unkept`, or the look-up's failure; None if nothing (no stream included: the
-    publish says so). One look-up per subject, before the publishes."""
-    wanted = list(set(subjects))
-    found = await asyncio.gather(
-        *(dead_letter_stream(jsm, s) for s in wanted), return_exceptions=True
-    )
-    return {
-        s: r if isinstance(r, BaseException) else None for s, r in zip(wanted, found, strict=True)
-    }
+    return retention
 
 
 class DeadLetters(ChunkedDeadLetters):

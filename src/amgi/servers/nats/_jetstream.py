@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
-from amgi.servers.nats._dead_letters import KEEP_FIX, Unkept, dead_letter_subjects
+from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
+from amgi.servers.nats._dead_letters import KEEP_FIX, Unkept
 from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.servers.nats._pull import Puller
 from amgi.transport import Batch, Message
@@ -37,6 +38,9 @@ _RECHECK = 5.0
 reconnect): an operator may give a consumer in use a delivery limit or a backoff (``nats
 consumer edit``), and JetStream announces no edit."""
 
+_STREAM_NOT_FOUND = 10059
+"""JetStream's error code of a request naming a stream that does not exist."""
+
 _MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}"
 """What JetStream publishes when it stops delivering a message at the consumer's limit."""
 
@@ -54,8 +58,15 @@ class _Refused(Exception):
 class Consumers:
     """One durable pull consumer per subject, read one fetch at a time."""
 
-    def __init__(self, client: Any, subjects: Sequence[str], options: NatsOptions) -> None:
+    def __init__(
+        self,
+        client: Any,
+        subjects: Sequence[str],
+        options: NatsOptions,
+        dead_letter_streams: DeadLetterStreams,
+    ) -> None:
         self.client = client
+        self.dead_letter_streams = dead_letter_streams
         self.js = client.jetstream(timeout=options.publish_timeout)
         self.subjects = list(subjects)
         self.options = options
@@ -177,10 +188,11 @@ class Consumers:
 
     async def _ensure_consumer(self, stream: str, config: Any) -> tuple[bool, float]:
         """Create the consumer if it is missing (an existing one is used as it is, if it
-        takes explicit acks: ``none`` acks on delivery, ``all`` acks past a nack; if it has
-        no backoff: it would redeliver a message still being processed; and if it has no
-        delivery limit: JetStream drops a message from delivery at ``max_deliver``).
-        Whether it was created, and its ack_wait in seconds."""
+        is a pull consumer: a push consumer answers no pull request; if it takes explicit
+        acks: ``none`` acks on delivery, ``all`` acks past a nack; if it has no backoff:
+        it would redeliver a message still being processed; and if it has no delivery
+        limit: JetStream drops a message from delivery at ``max_deliver``). Whether it
+        was created, and its ack_wait in seconds."""
         from nats.js import api
         from nats.js import errors as js_errors
 
@@ -190,6 +202,14 @@ class Consumers:
         except js_errors.NotFoundError:
             await jsm.add_consumer(stream, config)
             return True, config.ack_wait
+        if info.config.deliver_subject:
+            # It answers each pull request with 409 and pushes the messages to that
+            # subject, to whoever listens there: the run would consume nothing, for ever.
+            raise ConfigurationError(
+                f"nats: consumer {config.durable_name!r} of stream {stream!r} is a push "
+                f"consumer (it delivers to {info.config.deliver_subject!r}) and the server "
+                "pulls; delete it or pick another --durable"
+            )
         policy = info.config.ack_policy
         if policy is not None and policy != api.AckPolicy.EXPLICIT:
             raise ConfigurationError(
@@ -227,11 +247,26 @@ class Consumers:
         return False, config.ack_wait if ack_wait is None else float(ack_wait)
 
     async def _unanswered(self, index: int) -> None:
-        """A pull request got no answer at all: a deleted consumer is created again. Its
-        ack_wait is taken as it is now, unless the lease set at the start comes too
-        rarely for it (less than twice per ack wait): that ends the run."""
+        """A pull request got no answer at all: a deleted consumer is created again, a
+        deleted stream ends the run. Its ack_wait is taken as it is now, unless the lease
+        set at the start comes too rarely for it (less than twice per ack wait): that
+        ends the run too."""
+        from nats.js import errors as js_errors
+
         stream, config = self._configs[index]
-        created, ack_wait = await self._ensure_consumer(stream, config)
+        try:
+            created, ack_wait = await self._ensure_consumer(stream, config)
+        except js_errors.NotFoundError as exc:
+            if exc.err_code != _STREAM_NOT_FOUND:
+                raise
+            # Retried, every fetch would fail the same way until someone creates it again
+            # (and with no --stream, another stream may capture the subject by then).
+            raise ConfigurationError(
+                f"nats: stream {stream!r}, which held subject "
+                f"{self._subjects_by_index[index]!r}, was deleted while the server ran (the "
+                "messages it held are gone); create a stream capturing the subject and start "
+                "the server again"
+            ) from None
         if created:
             logger.warning(
                 "consumer %r of stream %r was gone; created it again", config.durable_name, stream
@@ -334,8 +369,8 @@ class Consumers:
             held.pop(id(d.message.token), None)
         if dead:
             ack_wait = self.ack_waits[self._subjects_by_index.index(subject)]
-            jsm = self.client.jsm(timeout=self.options.publish_timeout)
-            unfit = await dead_letter_subjects(jsm, (s for _, s, _ in dead))
+            streams = self.dead_letter_streams
+            unfit = await streams.check(s for _, s, _ in dead)
             results = await asyncio.gather(
                 *(
                     self._dead_letter(subject, m.payload or b"", h, unfit[subject])
@@ -346,6 +381,7 @@ class Consumers:
             results = await self._no_stream(dead, results)
             for d, (m, subject, _), result in zip(settlement.dead, dead, results, strict=True):
                 if isinstance(result, BaseException):
+                    streams.forget(subject)
                     d.not_stored(result)
                 if isinstance(result, _Refused):
                     delay = max(_REFUSED_DELAY, ack_wait)

@@ -1,0 +1,348 @@
+"""The NATS server's unhappy paths against a real nats-server: stops, deleted streams,
+slow apps in core mode, the dead-letter stream look-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.errors import ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.nats import NatsOptions, NatsTransport
+from amgi.transport import Batch, DeadLetter, Fate, Message, Retry, Settlement
+from tests.apps import attempts_app
+from tests.servers.nats_helpers import (
+    PREFIX,
+    STREAM,
+    URL,
+    consumer_state,
+    ensure_broker,
+    ensure_stream,
+    fresh,
+    read_subject,
+)
+from tests.servers.private_brokers import private_nats
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _broker() -> None:
+    ensure_broker()
+
+
+@pytest.fixture
+async def subject() -> str:
+    await ensure_stream()
+    return f"{PREFIX}.{fresh('subject')}"
+
+
+async def until(condition: object, timeout: float, what: str) -> None:
+    """Poll ``condition()`` until it holds, at most ``timeout`` seconds."""
+    assert callable(condition)
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+    assert condition(), what
+
+
+async def fetch_all(t: NatsTransport, n: int) -> list[Message]:
+    got: list[Message] = []
+    async with asyncio.timeout(10):
+        while len(got) < n:
+            for batch in await t.fetch():
+                got.extend(batch.messages)
+    return got
+
+
+async def core_publish(subject: str, payloads: list[bytes]) -> None:
+    import nats
+
+    nc = await nats.connect(URL)
+    try:
+        for payload in payloads:
+            await nc.publish(subject, payload)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+# -- core NATS: at most once, and no more lost than that ------------------------------------
+
+
+async def test_core_mode_a_stop_processes_the_messages_received_and_not_yet_fetched(
+    subject: str,
+) -> None:
+    """Core NATS delivers once, into the process's memory: a stop dropped what had
+    arrived while the app was busy (measured: 4 of 5 messages gone without a word, exit
+    0). Now the stop unsubscribes and the runtime processes what arrived."""
+    options = NatsOptions(servers=URL, mode="core", queue=fresh("q"))
+    transport = NatsTransport([subject], options)
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    app = attempts_app(seen, called=called, linger=0.5)
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off", concurrency=1))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        await core_publish(subject, [b"0"])
+        await asyncio.wait_for(called.wait(), 10)
+        await core_publish(subject, [b"1", b"2", b"3", b"4"])
+        subscriptions = transport._subscriptions
+        assert subscriptions is not None
+        await until(lambda: len(subscriptions._buffer) == 4, 5, "the four in memory")
+    finally:
+        runtime.request_stop()
+    assert await asyncio.wait_for(serving, 20) == 0
+    assert sorted(seen) == [(b"%d" % i, 1) for i in range(5)]
+
+
+async def test_core_mode_retries_a_stop_drops_are_said_lost(
+    subject: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A nacked message waits in memory for its retry; a stop dropped it without a word."""
+    options = NatsOptions(servers=URL, mode="core", queue=fresh("q"))
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await core_publish(subject, [b"later"])
+        async with asyncio.timeout(5):
+            (batch,) = await t.fetch()
+        (message,) = batch.messages
+        await t.settle(batch, Settlement(retry=[Retry(message, "not now", 60)]))
+    finally:
+        await t.close()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(
+        "1 message(s) received or waiting in memory for a retry are lost" in x for x in lines
+    ), lines
+
+
+# -- the pull loop when what it reads is deleted --------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def own_stream() -> AsyncIterator[tuple[str, str]]:
+    """A fresh in-memory stream capturing ``amgi-test-{tag}.>``, deleted at the end if
+    still there: its name and a subject it captures."""
+    import nats
+    from nats.js import api
+
+    tag = fresh("own")
+    name = f"AMGI_TEST_{tag.replace('-', '_')}"
+    nc = await nats.connect(URL)
+    try:
+        await nc.jsm().add_stream(
+            api.StreamConfig(
+                name=name, subjects=[f"{PREFIX}-{tag}.>"], storage=api.StorageType.MEMORY,
+                max_age=600,
+            )
+        )  # fmt: skip
+        yield name, f"{PREFIX}-{tag}.a"
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.jsm().delete_stream(name)
+        await nc.close()
+
+
+async def delete_stream(name: str) -> None:
+    import nats
+
+    nc = await nats.connect(URL)
+    try:
+        await nc.jsm().delete_stream(name)
+    finally:
+        await nc.close()
+
+
+async def test_a_stream_deleted_while_running_ends_the_run_with_one_line_naming_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stream deleted under a running server: each fetch failed on "stream not
+    found" (the consumer could not be created again), retried for ever with a line that
+    named neither the stream nor the subject. Now the run ends with one line saying so."""
+    async with own_stream() as (stream, subject):
+        options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2)
+        runtime = Runtime(
+            attempts_app([]), NatsTransport([subject], options), RuntimeConfig(lifespan="off")
+        )
+        serving = asyncio.create_task(runtime.serve())
+        try:
+            await asyncio.wait_for(runtime.started.wait(), 10)
+            await delete_stream(stream)
+            code = await asyncio.wait_for(asyncio.shield(serving), 10)
+        finally:
+            runtime.request_stop()
+            await asyncio.wait_for(serving, 10)
+    assert code != 0
+    lines = [r.getMessage() for r in caplog.records if "was deleted" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert f"stream {stream!r}" in lines[0]
+    assert repr(subject) in lines[0]
+    assert "\n" not in lines[0]
+
+
+async def test_core_mode_holds_a_bounded_number_of_messages_for_a_slow_app(
+    subject: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core mode took every message the server sent into memory, however far behind the
+    app was: an app slower than the publishers grew the process without bound (until
+    killed, with everything it held). Now it holds a bounded number (shortened here to
+    5) and drops the rest as NATS drops a slow consumer's, with one line counting them."""
+    from amgi.servers.nats import _core
+
+    monkeypatch.setattr(_core, "_MAX_BUFFERED", 5, raising=False)
+    options = NatsOptions(servers=URL, mode="core", queue=fresh("q"))
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await core_publish(subject, [b"%d" % i for i in range(20)])
+        held = t._subscriptions
+        assert held is not None
+        await until(lambda: len(held._buffer) + getattr(held, "_dropped", 0) == 20, 5, "20")
+        async with asyncio.timeout(5):
+            batches = await t.fetch()
+        await core_publish(subject, [b"after"])
+        async with asyncio.timeout(5):
+            (after,) = await t.fetch()
+    finally:
+        await t.close()
+    assert [m.payload for b in batches for m in b.messages] == [b"%d" % i for i in range(5)]
+    assert [m.payload for m in after.messages] == [b"after"]
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "15 message(s) dropped" in lines[0]
+    assert "at most once" in lines[0]
+
+
+# -- the dead-letter stream is looked up when something may have changed -------------------
+
+
+@contextlib.asynccontextmanager
+async def stream_lookups(url: str, stream: str) -> AsyncIterator[list[str]]:
+    """The JetStream API requests that look a stream up (by subject, or ``stream`` by
+    name) made while inside, as they come."""
+    import nats
+
+    watcher = await nats.connect(url)
+    seen: list[str] = []
+
+    async def count(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    try:
+        await watcher.subscribe("$JS.API.STREAM.NAMES", cb=count)
+        await watcher.subscribe(f"$JS.API.STREAM.INFO.{stream}", cb=count)
+        await watcher.flush()
+        yield seen
+    finally:
+        await watcher.close()
+
+
+async def recreate(url: str, old: str, new: str, subjects: list[str], retention: str) -> None:
+    """Delete stream ``old``, then make ``new`` capturing ``subjects`` with ``retention``."""
+    import nats
+    from nats.js import api
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jsm().delete_stream(old)
+        await nc.jsm().add_stream(
+            api.StreamConfig(
+                name=new, subjects=subjects, storage=api.StorageType.MEMORY,
+                retention=api.RetentionPolicy(retention),
+            )
+        )  # fmt: skip
+    finally:
+        await nc.close()
+
+
+async def dead_letter(t: NatsTransport, message: Message) -> DeadLetter:
+    dead = DeadLetter(message, "no")
+    await t.settle(Batch("work.a", [message]), Settlement(dead=[dead]))
+    return dead
+
+
+@pytest.mark.parametrize("change", ["interest", "another stream"])
+async def test_a_dead_letter_stream_found_is_asked_for_alone_and_its_changes_are_seen(
+    tmp_path: Path, change: str
+) -> None:
+    """Each settle with dead letters looked their stream up by subject, then asked for
+    its retention: two API requests per subject, to refuse one with interest retention.
+    Now the stream found is remembered and asked for alone (one request), which sees it
+    deleted and made again with interest retention (the message kept), or deleted with
+    another stream capturing the subject (looked up whole again: stored there)."""
+    with private_nats(tmp_path / "nats") as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        await ensure_stream(url, "WORK", ["work.>"])
+        await ensure_stream(url, "DEAD", ["dead.>"])
+        options = NatsOptions(
+            servers=url, durable="d", fetch_expiry=0.2, ack_wait=2,
+            dead_letter_subject="dead.{subject}",
+        )  # fmt: skip
+        t = NatsTransport(["work.a"], options)
+        await t.connect()
+        try:
+            for i in range(3):
+                await t.publish("work.a", [], b"%d" % i, {})
+            messages = await fetch_all(t, 3)
+            async with stream_lookups(url, "DEAD") as looked:
+                stored = [(await dead_letter(t, m)).fate for m in messages[:2]]
+                await t._client.flush()
+                lookups = list(looked)
+            if change == "interest":
+                await recreate(url, "DEAD", "DEAD", ["dead.>"], "interest")
+            else:
+                await recreate(url, "DEAD", "MOVED", ["dead.>"], "limits")
+            last = await dead_letter(t, messages[2])
+            state = await consumer_state("WORK", "d", url)
+            moved = await read_subject("dead.work.a", 1, 5, url) if change != "interest" else []
+        finally:
+            await t.close()
+    assert stored == [None, None]
+    assert sorted(lookups) == sorted(["$JS.API.STREAM.NAMES", *["$JS.API.STREAM.INFO.DEAD"] * 2])
+    if change == "interest":
+        assert last.fate is Fate.KEPT
+        assert "has interest retention" in last.error
+        assert state.num_ack_pending == 1
+    else:
+        assert last.fate is None
+        assert [payload for _, payload, _ in moved] == [b"2"]
+        assert state.num_ack_pending == 0
+
+
+# -- an existing consumer the server cannot pull from ----------------------------------------
+
+
+async def test_an_existing_push_consumer_is_refused_at_the_start(subject: str) -> None:
+    """A durable found is used as it is: a push consumer (one with a deliver subject)
+    answered every pull request with 409 "Consumer is push based", so the run consumed
+    nothing, for ever, with a warning every --fetch-expiry, while JetStream pushed the
+    messages to its deliver subject, to whoever listens there. Now the start stops with
+    one line."""
+    import nats
+    from nats.js import api
+
+    durable = fresh("d")
+    admin = await nats.connect(URL)
+    try:
+        await admin.jsm().add_consumer(
+            STREAM,
+            api.ConsumerConfig(
+                durable_name=durable, filter_subject=subject, deliver_subject=f"to.{durable}",
+                ack_policy=api.AckPolicy.EXPLICIT,
+            ),
+        )  # fmt: skip
+    finally:
+        await admin.close()
+    t = NatsTransport([subject], NatsOptions(servers=URL, durable=durable, fetch_expiry=0.2))
+    with pytest.raises(ConfigurationError, match="is a push consumer") as caught:
+        await t.connect()
+    assert "\n" not in str(caught.value)
+    assert f"to.{durable}" in str(caught.value)
+    assert "pick another --durable" in str(caught.value)
+    assert t._client is None, "closed again"
