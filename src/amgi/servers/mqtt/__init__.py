@@ -56,7 +56,7 @@ from amgi.servers.kit import (
     retry_headers,
     unmoved,
 )
-from amgi.servers.mqtt._client import MqttSendError
+from amgi.servers.mqtt._client import HungUpOnSend, MqttSendError
 from amgi.servers.mqtt._codec import Publish, decode_publish
 from amgi.servers.mqtt._dead_letters import DeadLetters, dead_at_header
 from amgi.servers.mqtt.options import MqttOptions, validate_filter
@@ -168,6 +168,7 @@ class MqttTransport(DeadLetters, Transport):
         """PUBACK the acked; republish retries (later) and dead letters, then PUBACK them."""
         for message in settlement.acked:
             self._ack(message)
+        settlement = self._without_resent(settlement)
         for retry in settlement.retry:
             # Marked as moving from now: a resend of it while its delay runs (a reconnect:
             # same packet id, DUP) waits for the copy instead of reaching the app again,
@@ -202,6 +203,9 @@ class MqttTransport(DeadLetters, Transport):
                 dead=lambda d: self._dead_letter(topic, d.message, d.reason),
                 address=topic,
                 give_up=(lambda: True) if inline else (lambda: self._closing),
+                # Two lost connections may be the network's doing: the retry waits and
+                # is tried again, it is not dead-lettered for them.
+                transient=lambda exc: isinstance(exc, HungUpOnSend),
             )
             later = bool(stranded) and inline and not self._closing
         finally:
@@ -308,6 +312,7 @@ class MqttTransport(DeadLetters, Transport):
             if not waiter.done():
                 waiter.cancel()
         self._puback.clear()
+        self._hung_up_on.clear()
         self._suback.clear()
         self._dead_sent.clear()
 

@@ -29,7 +29,7 @@ from amgi.servers.mqtt._codec import (
 )
 from amgi.servers.mqtt._linger import linger_until_peer_closes
 from amgi.servers.mqtt.options import NOT_MQTT_TEXT, MqttOptions, _topic_problem, _utf8_over
-from amgi.transport import Bindings, HeaderList, Message
+from amgi.transport import Bindings, DeadLetter, HeaderList, Message, Retry, Settlement
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -45,7 +45,7 @@ def _client_class() -> type[paho.Client]:
     lose it), then PUBCOMP when the broker answers with PUBREL.
     """
     import paho.mqtt.client as paho
-    from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+    from paho.mqtt.enums import MessageState, MQTTErrorCode, MQTTProtocolVersion
 
     class Client(paho.Client):
         on_publish_packet: Any = None
@@ -68,9 +68,49 @@ def _client_class() -> type[paho.Client]:
                 self.on_pingresp()
             return rc
 
+        def _handle_pubrec(self) -> MQTTErrorCode:
+            # MQTT 5: a PUBREC with a failure code is the broker refusing a QoS 2 PUBLISH,
+            # which ends the exchange there. paho ignores the code and sends PUBREL, which
+            # the broker answers with a PUBCOMP (success) whether it holds the message or
+            # not: a refused copy read as taken, and its original was acknowledged.
+            # Read here (packet id, then the reason code, absent for success): paho's own
+            # decoder is a private module that moved between versions.
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+            from paho.mqtt.reasoncodes import ReasonCode
+
+            packet = self._in_packet["packet"]
+            if self._protocol != MQTTProtocolVersion.MQTTv5 or len(packet) < 3:
+                return super()._handle_pubrec()
+            code = packet[2]
+            if code < 0x80:  # success (0x00) or no matching subscribers (0x10)
+                return super()._handle_pubrec()
+            (mid,) = struct.unpack_from("!H", packet, 0)
+            reason = ReasonCode(PacketTypes.PUBREC, identifier=code)
+            with self._out_message_mutex:
+                if mid not in self._out_messages:
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+                properties = Properties(PacketTypes.PUBREC)  # type: ignore[no-untyped-call]
+                return self._do_on_publish(mid, reason, properties)
+
         def _handle_pubrel(self) -> MQTTErrorCode:
             (mid,) = struct.unpack_from("!H", self._in_packet["packet"], 0)
             return self._send_pubcomp(mid)
+
+        def withdraw(self, mid: int) -> bool:
+            """Forget outgoing PUBLISH ``mid`` so that no reconnect sends it again, unless
+            the broker has it already (QoS 2 past PUBREC): whether it is gone. Called
+            between connections: the reconnect counts the messages in flight afresh."""
+            with self._out_message_mutex:
+                message = self._out_messages.get(mid)
+                if message is not None:
+                    if message.state in (
+                        MessageState.MQTT_MS_WAIT_FOR_PUBCOMP,
+                        MessageState.MQTT_MS_RESEND_PUBREL,
+                    ):
+                        return False
+                    del self._out_messages[mid]
+            return True
 
         def ack(self, mid: int, qos: int) -> MQTTErrorCode:
             if qos == 1:
@@ -83,6 +123,14 @@ def _client_class() -> type[paho.Client]:
 
 
 _CLOSED_BEFORE_CONNACK: Final = object()
+
+
+_HUNG_UP: Final = object()
+"""The outcome of a send the broker hung up on twice (``_fail_sends_hung_up_on``)."""
+
+_HUNG_UP_AT_ONCE = 2.0
+"""Seconds after a CONNACK within which a connection that ends has ended on what paho
+sent again at once."""
 
 
 _MISC_INTERVAL = 1.0
@@ -100,6 +148,11 @@ a shorter one (a broker that drops each new connection) keeps doubling them."""
 
 class MqttSendError(SendError):
     """The MQTT broker did not take a message (not connected, refused, timed out)."""
+
+
+class HungUpOnSend(MqttSendError):
+    """The broker ended the connections a send went out on (``_fail_sends_hung_up_on``):
+    it cannot take the message, or the network failed twice in a row."""
 
 
 class SubscriptionLost(BrokerUnavailable):
@@ -193,6 +246,16 @@ class MqttClient:
         self._moving: dict[int, tuple[str, asyncio.Future[bool]]] = {}
         """Packet id -> (topic, outcome) of messages whose retry or dead-letter copy is
         being published: a resend of one waits for the outcome."""
+        self._sent_out = False
+        """A CONNACK came on the current connection: paho has sent every PUBLISH not
+        acknowledged yet (again, after a reconnect)."""
+        self._connack_at = 0.0
+        """Loop time of the last CONNACK."""
+        self._session_began = 0
+        """Generation of the connection whose CONNACK began the current session: the
+        broker forgot the deliveries of older ones."""
+        self._hung_up_on: set[int] = set()
+        """Packet ids of sends outstanding when a connection that had them out ended."""
         self._dead_sent: dict[tuple[str, int], asyncio.Future[Any]] = {}
         """(topic, packet id) of an original -> the PUBACK of its dead letter, published
         and not confirmed yet: a later try waits for that copy instead of sending another."""
@@ -341,10 +404,12 @@ class MqttClient:
 
     def _lost(self, why: str) -> None:
         """The connection is gone: forget deliveries on hand and reconnect in the background."""
+        if self._sent_out:
+            self._sent_out = False
+            self._fail_sends_hung_up_on()
         self._connected.clear()
         self._generation += 1
-        self._on_hand.clear()
-        self._count = 0
+        self._forget_resent()
         for waiter in self._suback.values():
             if not waiter.done():
                 waiter.set_exception(
@@ -372,6 +437,35 @@ class MqttClient:
         self._reconnector = asyncio.create_task(
             self._reconnect(backoff), name="amgi-mqtt-reconnect"
         )
+
+    def _forget_resent(self) -> None:
+        """Drop the QoS 1 and 2 messages on hand: the broker sends them again. A QoS 0
+        one it never does stays (acknowledging it sends nothing)."""
+        kept = {t: [m for m in q if not m.token[2]] for t, q in self._on_hand.items()}
+        self._on_hand = {t: q for t, q in kept.items() if q}
+        self._count = sum(len(q) for q in self._on_hand.values())
+
+    def _fail_sends_hung_up_on(self) -> None:
+        """Fail the sends outstanding when a connection that had them out ends, and the
+        next, which sent them again, ends at once.
+
+        A broker hangs up, without an answer, on a PUBLISH it cannot take (over its packet
+        size, which MQTT 3.1.1 does not announce); paho sends it again after each
+        reconnect, and the broker ended each connection before the subscription: the
+        server never heard again.
+        """
+        assert self._loop is not None
+        client = self._client
+        at_once = self._loop.time() - self._connack_at < _HUNG_UP_AT_ONCE
+        for mid, waiter in list(self._puback.items()):
+            if waiter.done():  # given up on (timed out): its PUBACK is for nobody
+                self._hung_up_on.discard(mid)
+            elif mid not in self._hung_up_on or not at_once:
+                self._hung_up_on.add(mid)  # a loss the network may have caused
+            elif client is None or client.withdraw(mid):  # type: ignore[attr-defined]
+                self._hung_up_on.discard(mid)
+                del self._puback[mid]
+                waiter.set_result(_HUNG_UP)
 
     async def _reconnect(self, backoff: Backoff) -> None:
         try:
@@ -446,15 +540,19 @@ class MqttClient:
     ) -> None:
         if not flags.session_present:
             self._unsent_acks.clear()  # a new session: nothing will be sent again
+            self._session_began = self._generation
         # MQTT 5: the broker's limit, when it has one; it disconnects a client that
         # sends a larger packet (and paho would send it again after each reconnect).
         self._max_packet = getattr(props, "MaximumPacketSize", None)
         # Likewise for a QoS above its Maximum QoS, or a retained message it cannot keep.
         self._max_qos = getattr(props, "MaximumQoS", 2)
         self._retain_available = bool(getattr(props, "RetainAvailable", 1))
+        failed = getattr(reason, "is_failure", False)
+        self._sent_out = not failed  # paho sends what is outstanding once this returns
+        if self._loop is not None:
+            self._connack_at = self._loop.time()
         waiter = self._connack
         if waiter is not None and not waiter.done():
-            failed = getattr(reason, "is_failure", False)
             waiter.set_result((bool(flags.session_present), reason if failed else None))
 
     def _on_disconnect(
@@ -476,6 +574,7 @@ class MqttClient:
         self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
         waiter = self._puback.pop(mid, None)
+        self._hung_up_on.discard(mid)
         if waiter is not None and not waiter.done():
             waiter.set_result(reason)
 
@@ -595,6 +694,12 @@ class MqttClient:
                 f"mqtt: {self._where()} did not acknowledge the send to {address!r} "
                 f"within {timeout}s"
             ) from None
+        if reason is _HUNG_UP:
+            raise HungUpOnSend(
+                f"mqtt: {self._where()} did not acknowledge the send to {address!r}: it "
+                "hung up each time the send went out (twice), so it does not take it (over "
+                "its maximum packet size, say)"
+            )
         if getattr(reason, "is_failure", False):
             raise MqttSendError(f"mqtt: broker refused the send to {address!r}: {reason}")
 
@@ -712,6 +817,34 @@ class MqttClient:
                 f"mqtt: cannot send to {topic!r}: the packet would be {size} bytes, over the "
                 f"broker's maximum packet size of {limit} bytes"
             )
+
+    def _resent_since(self, message: Message) -> bool:
+        """Whether the broker has sent ``message`` again since this delivery: a newer one
+        took its packet id in the same session (which holds the id until the message is
+        acknowledged), and that resend is the app's to settle."""
+        generation, mid, qos = message.token
+        return bool(qos) and self._session_began <= generation < self._arrivals.get(mid, -1)
+
+    def _without_resent(self, settlement: Settlement) -> Settlement:
+        """``settlement`` less the nacks of deliveries sent again since: moving them aside
+        as well started a second retry chain for one message (two dead letters in the end).
+        """
+        if not settlement.retry and not settlement.dead:
+            return settlement
+        why = "the broker has sent the message again since; that delivery settles it"
+        retry: list[Retry] = []
+        for r in settlement.retry:
+            if self._resent_since(r.message):
+                r.not_scheduled(why)
+            else:
+                retry.append(r)
+        dead: list[DeadLetter] = []
+        for d in settlement.dead:
+            if self._resent_since(d.message):
+                d.not_stored(why)
+            else:
+                dead.append(d)
+        return Settlement(settlement.acked, retry, dead)
 
     def _ack(self, message: Message) -> None:
         generation, mid, qos = message.token
