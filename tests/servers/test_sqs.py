@@ -348,6 +348,34 @@ async def test_ack_deletes_and_retry_comes_back_with_the_next_attempt(
     assert await counts(admin, name) == (0, 0)
 
 
+async def test_a_delete_sqs_fails_for_its_own_reasons_is_sent_again(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DeleteMessageBatch may fail an entry on SQS's side (``SenderFault`` false:
+    InternalError, ServiceUnavailable). Before, that acked message was left in the queue
+    with a warning and delivered again; the entry is now sent once more."""
+    name = await new_queue()
+    for i in range(3):
+        await admin.publish(name, [], b"%d" % i, {})
+    transport = await consumer(name)
+    batches = await fetch_n(transport, 3)
+    client = transport.client
+    real = client.delete_message_batch
+
+    async def first_entry_fails_once(**kwargs: Any) -> Any:
+        client.delete_message_batch = real  # the next calls go straight through
+        first, *rest = kwargs["Entries"]
+        answer = await real(**{**kwargs, "Entries": rest})
+        failed = {"Id": first["Id"], "SenderFault": False, "Code": "InternalError"}
+        return {**answer, "Failed": [*answer.get("Failed", []), failed]}
+
+    client.delete_message_batch = first_entry_fails_once
+    batch = Batch(name, [m for b in batches for m in b.messages], None, batches[0].context)
+    await transport.settle(batch, Settlement(acked=list(batch.messages)))
+    assert await counts(admin, name) == (0, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
 async def test_dead_letter_without_redrive_goes_to_the_dlq_with_reason(
     admin: SqsTransport, new_queue: NewQueue, consumer: Any
 ) -> None:
@@ -568,6 +596,53 @@ async def test_a_retry_settled_while_a_lease_is_on_its_way_keeps_its_delay(
     await transport.settle(again, Settlement(acked=list(again.messages)))
 
 
+async def test_a_retry_delay_past_sqss_twelve_hours_is_cut_to_the_time_left(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQS hides a message at most 12 hours from its receive and refuses a visibility
+    past that. Before, a longer delay was cut to 43200 s, always past it: the call was
+    refused (moto: all of it, so the other retry of the batch lost its 1 s delay too) and
+    both came back after the visibility timeout, their delays ignored."""
+    name = await new_queue()
+    for payload in (b"later", b"soon"):
+        await admin.publish(name, [], payload, {})
+    transport = await consumer(name, visibility_timeout=30)
+    batches = await fetch_n(transport, 2)  # one receive or two: settled as one batch
+    batch = Batch(name, [m for b in batches for m in b.messages], None, batches[0].context)
+    by_payload = {m.payload: m for m in batch.messages}
+    retries = [Retry(by_payload[b"later"], "a day", 86400.0), Retry(by_payload[b"soon"], "x", 1.0)]
+    await transport.settle(batch, Settlement(retry=retries))
+    (again,) = await fetch_n(transport, 1, timeout=10)  # 30 s had the delay been lost
+    assert [m.payload for m in again.messages] == [b"soon"]
+    await transport.settle(again, Settlement(acked=list(again.messages)))
+    assert await counts(admin, name) == (0, 1)  # "later" stays hidden
+    assert [r.error for r in retries] == ["", ""]
+    assert "12 hours" in caplog.text
+
+
+async def test_a_retry_sqs_refuses_is_reported_as_not_scheduled(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    """A retry delay SQS refuses for one message (its receipt handle went stale: another
+    consumer received or deleted it) is not scheduled, and the runtime's report says so.
+    Before, it was only a warning of the transport's, and the report said "retrying in
+    5s"; the other retry of the call is scheduled."""
+    name = await new_queue()
+    for payload in (b"gone", b"kept"):
+        await admin.publish(name, [], payload, {})
+    transport = await consumer(name)
+    batches = await fetch_n(transport, 2)  # one receive or two: settled as one batch
+    batch = Batch(name, [m for b in batches for m in b.messages], None, batches[0].context)
+    by_payload = {m.payload: m for m in batch.messages}
+    url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
+    await admin.client.delete_message(QueueUrl=url, ReceiptHandle=by_payload[b"gone"].token)
+    retries = [Retry(by_payload[p], "later", 5.0) for p in (b"gone", b"kept")]
+    await transport.settle(batch, Settlement(retry=retries))
+    assert "ReceiptHandleIsInvalid" in retries[0].error
+    assert retries[1].error == ""
+    assert await counts(admin, name) == (0, 1)  # "kept" waits for its delay
+
+
 # -- bad input -------------------------------------------------------------------------
 
 
@@ -753,6 +828,49 @@ async def test_a_one_second_visibility_timeout_keeps_a_message_from_others(
     assert stolen == []
 
 
+async def test_a_lease_extension_that_hangs_does_not_let_the_lease_lapse(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    """An extension whose answer does not come (a half-open connection: botocore waits
+    out its read timeout, wait time + 15 s) is given up after a lease interval, and the
+    next one goes out on time. Before, the lease loop waited for it, the visibility
+    timeout ran out and another consumer received the message while the app had it."""
+    name = await new_queue()
+    url = (await admin.client.get_queue_url(QueueName=name))["QueueUrl"]
+    had = asyncio.Event()
+    calls = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        if scope["type"] == "message":
+            calls += 1
+            event = await receive()
+            had.set()
+            await asyncio.sleep(5)
+            await send({"type": "message.ack", "id": event["id"]})
+
+    transport = SqsTransport([name], options(visibility_timeout=3, wait_time=1))
+    runtime = Runtime(app, transport, RuntimeConfig(lifespan="off"))
+    task = asyncio.create_task(runtime.serve())
+    stolen: list[Any] = []
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 15)
+        _, release = hold_the_lease(transport)  # the first extension hangs
+        await admin.publish(name, [], b"slow", {})
+        await asyncio.wait_for(had.wait(), 15)
+        deadline = time.monotonic() + 5  # the app has it for 5 s
+        while time.monotonic() < deadline:
+            got = await admin.client.receive_message(QueueUrl=url, WaitTimeSeconds=0)
+            stolen += got.get("Messages", [])
+            await asyncio.sleep(0.1)
+    finally:
+        release.set()
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    assert (stolen, calls) == ([], 1)
+    assert await counts(admin, name) == (0, 0)
+
+
 async def stop_while_polling(
     admin: SqsTransport, name: str, runtime: Runtime, seen: list[tuple[bytes, int]]
 ) -> float:
@@ -848,6 +966,40 @@ async def test_a_stop_whose_timeout_ends_first_cuts_the_polls_off_and_loses_noth
         assert await asyncio.wait_for(task, 30) == 0
     assert [p for p, _ in later] == [b"late"]
     assert await counts(admin, name) == (0, 0)
+
+
+async def test_batches_a_stop_leaves_unstarted_are_visible_again_at_once(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    """Batches the shutdown timeout leaves unstarted go back to the queue at close. Before,
+    they stayed hidden for the rest of the visibility timeout (60 s here, up to 12 h)."""
+    name = await new_queue()
+    for i in range(2):
+        await admin.publish(name, [], b"m%d" % i, {})
+    started = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":
+            started.set()
+            await asyncio.Event().wait()  # holds the one slot until the stop cancels it
+
+    transport = SqsTransport([name], options(wait_time=1, max_messages=1, visibility_timeout=60))
+    config = RuntimeConfig(lifespan="off", concurrency=1, shutdown_timeout=0.5, retry_delay=0)
+    runtime = Runtime(app, transport, config)
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(started.wait(), 15)
+        deadline = time.monotonic() + 15
+        while await counts(admin, name) != (0, 2):  # the second taken, waiting for the slot
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    deadline = time.monotonic() + 10
+    while (found := await counts(admin, name)) != (2, 0):
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.2)
 
 
 def test_a_message_that_kills_the_process_is_the_only_dead_letter(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ batch                the messages of one receive; on a FIFO queue, those of one 
 ordering key         none on standard queues; ``(queue, MessageGroupId)`` on FIFO queues
 attempt              the broker's ``ApproximateReceiveCount``
 ack                  DeleteMessageBatch, one call per 10 messages
-nack (retry)         ChangeMessageVisibilityBatch to the runtime's delay (native redelivery)
+nack (retry)         ChangeMessageVisibilityBatch to the runtime's delay (native redelivery),
+                     cut to the 12 hours SQS hides a message for from its receive
 nack (dead)          SendMessage to the queue's redrive target (or ``<queue>-dlq``) with
                      the reason attribute, then delete; the queue's own redrive policy
                      also applies when it triggers first
@@ -29,7 +30,8 @@ stop                 the long polls in flight are awaited (at most ``wait_time``
                      within the shutdown timeout) and what they bring is processed: a
                      poll cut off would still take messages, hidden for the visibility
                      timeout with one receive counted
-close / crash        unsettled messages come back when their visibility timeout ends
+close                messages received and not settled are made visible again at once
+crash                unsettled messages come back when their visibility timeout ends
 backlog (metrics)    ``ApproximateNumberOfMessages`` per queue, read every 5 s by an owned
                      task, once metrics asked for it
 dead letters (CLI)   list: received from the dead-letter queue, made visible again at
@@ -49,9 +51,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import Refreshed, await_answers, redact_client_logs
@@ -59,6 +62,7 @@ from amgi.servers.sqs._client import (
     DEPTH_EVERY,
     SqsClient,
     SqsSendError,
+    _Held,
     _Queue,
     _Receive,
     _stop_group_at_first_failure,
@@ -75,6 +79,7 @@ from amgi.transport import (
     Batch,
     Bindings,
     HeaderList,
+    Retry,
     Settlement,
     Transport,
 )
@@ -95,6 +100,38 @@ logger = logging.getLogger("amgi.servers.sqs")
 
 # -- the transport -----------------------------------------------------------------------
 
+
+def _retry_delays(
+    queue: _Queue, retry: Sequence[Retry], taken: dict[str, _Held | None]
+) -> list[tuple[str, float]]:
+    """The visibility timeout that delays each retry: its delay in whole seconds, cut to
+    the time SQS still lets the message be hidden for (12 hours from its receive; SQS
+    refuses a change past that, and the message came back after the visibility timeout)."""
+    entries: list[tuple[str, float]] = []
+    cut = 0
+    for r in retry:
+        seconds = math.ceil(r.delay)
+        held = taken.get(r.message.token)
+        if held is not None and seconds > held.time_left():
+            seconds = held.time_left()
+            cut += 1
+        entries.append((r.message.token, seconds))
+    if cut:
+        logger.warning(
+            "SQS hides a message for at most 12 hours from its receive: %d retry delay(s) "
+            "on %r cut to the time left",
+            cut,
+            queue.name,
+        )
+    return entries
+
+
+_RELEASE_TIMEOUT: Final = 5.0
+"""Seconds the close gives SQS to make the unsettled messages of one queue visible."""
+
+_CANCELLED_WAIT: Final = 1.0
+"""Seconds to wait for a cancelled lease extension to end (it takes no time: it sits
+in a network read)."""
 
 _WIRE_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint")
 """The loggers that write signed requests (headers and canonical request) at DEBUG."""
@@ -211,22 +248,34 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
 
     async def close(self) -> None:
         """Cancel receives in flight (a stop awaited them in :meth:`hand_over` unless its
-        timeout ended first): messages they took come back after their timeout."""
+        timeout ended first): messages they took on the service's side after the cut come
+        back after their timeout. Every message received and never settled (handed out or
+        not) is made visible again at once."""
         receives, self._receives = self._receives, []
         for receive in receives:
             receive.task.cancel()
-        results = await asyncio.gather(*(r.task for r in receives), return_exceptions=True)
-        # Messages received but never handed out: make them visible again at once.
-        unclaimed: dict[str, tuple[_Queue, list[str]]] = {}
-        for receive, result in zip(receives, results, strict=True):
-            if isinstance(result, list) and result:
-                entry = unclaimed.setdefault(receive.queue.url, (receive.queue, []))
-                entry[1].extend(m["ReceiptHandle"] for m in result)
-        if self._client is not None:
+        await asyncio.gather(*(r.task for r in receives), return_exceptions=True)
+        # A finished receive put its messages in _held: with the batches the stop left
+        # unstarted, none of them reached the app, and they go back now, not after the
+        # visibility timeout (up to 12 hours).
+        unsettled: dict[str, tuple[_Queue, list[tuple[str, float]]]] = {}
+        for handle, held in self._held.items():
+            unsettled.setdefault(held.queue.url, (held.queue, []))[1].append((handle, 0))
+        if self._client is not None and unsettled:
             await self._after_lease()
-            for queue, handles in unclaimed.values():
-                with contextlib.suppress(Exception):
-                    await self._change_visibility(queue, [(h, 0) for h in handles])
+            for queue, entries in unsettled.values():
+                try:
+                    # Bounded: an endpoint gone would hold the close for botocore's retries.
+                    async with asyncio.timeout(_RELEASE_TIMEOUT):
+                        await self._change_visibility(queue, entries)
+                except Exception as exc:
+                    logger.warning(
+                        "could not make %d unprocessed message(s) of %r visible again (%s): "
+                        "they come back after the visibility timeout",
+                        len(entries),
+                        queue.name,
+                        exc or f"no answer in {_RELEASE_TIMEOUT:g}s",
+                    )
         self._held.clear()
         depths, self._depths = self._depths, None
         if depths is not None:
@@ -275,8 +324,7 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         """Delete acked, delay retried, dead-letter dead: concurrently, 10 per call."""
         queue: _Queue = batch.context
         held = self._held
-        for m in batch.messages:
-            held.pop(m.token, None)
+        taken = {m.token: held.pop(m.token, None) for m in batch.messages}
         acked, retry, dead = settlement.acked, settlement.retry, settlement.dead
         if queue.fifo and retry:
             acked, retry, dead = _stop_group_at_first_failure(batch, settlement)
@@ -284,16 +332,33 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         if acked:
             steps.append(self._delete(queue, [m.token for m in acked]))
         if retry:
-            await self._after_lease()  # which may still hold these messages back
-            steps.append(
-                self._change_visibility(queue, [(r.message.token, r.delay) for r in retry])
-            )
+            steps.append(self._retry(queue, retry, taken))
         if dead:
             steps.append(self._dead_letter(queue, dead))
         results = await asyncio.gather(*steps, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    async def _retry(
+        self, queue: _Queue, retry: list[Retry], taken: dict[str, _Held | None]
+    ) -> None:
+        """Hide each message for its retry delay; one SQS refuses (a stale receipt handle:
+        another consumer received or deleted the message) or a failed call is marked not
+        scheduled, for the runtime's report."""
+        await self._after_lease()  # which may still hold these messages back
+        try:
+            refused = await self._change_visibility(
+                queue, _retry_delays(queue, retry, taken), quiet=True
+            )
+        except Exception as exc:
+            for r in retry:
+                r.not_scheduled(f"SQS did not take its delay: {exc}")
+            raise
+        for r in retry:
+            error = refused.get(r.message.token)
+            if error is not None:
+                r.not_scheduled(f"SQS refused its delay: {error}")
 
     async def extend(self, batches: Sequence[Batch]) -> None:
         """Push back the visibility timeout of every message the server holds.
@@ -303,22 +368,60 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         A message settled while the extension is on its way is not extended any more:
         SQS refusing it is expected and not reported, and a retry delay or a release at
         close waits for the extension so that it lands last.
+
+        The runtime calls this again a lease interval after it returns, so it waits for
+        the extension a quarter of an interval at most: one that hangs (a half-open
+        connection, which botocore waits out for its read timeout and retries) must not
+        hold the next one back until the messages come back to other consumers. It goes
+        on meanwhile, and the next call cancels it if it is still on its way.
         """
+        previous = self._lease
+        if previous is not None and not previous.done():
+            previous.cancel()
+            logger.warning(
+                "a lease extension on %s got no answer within %gs: sending a new one",
+                self.config.endpoint_url or "AWS",
+                self.lease_interval,
+            )
+            await asyncio.wait([previous], timeout=_CANCELLED_WAIT)
         by_queue: dict[str, tuple[_Queue, list[tuple[str, float]]]] = {}
         timeout = self.config.visibility_timeout
-        for handle, queue in list(self._held.items()):
-            entry = by_queue.setdefault(queue.url, (queue, []))
-            entry[1].append((handle, timeout))
-        lease = self._lease = asyncio.ensure_future(
-            asyncio.gather(
-                *(self._change_visibility(q, e, lease=True) for q, e in by_queue.values())
-            )
+        for handle, held in list(self._held.items()):
+            seconds = min(timeout, held.time_left())
+            if seconds < timeout and not held.cut:
+                held.cut = True
+                logger.warning(
+                    "a message of %r has been held for almost 12 hours, the most SQS hides "
+                    "a message for: it is visible again in %ds and may be delivered twice",
+                    held.queue.name,
+                    seconds,
+                )
+            if seconds >= 1:  # 0 would make it visible at once
+                entry = by_queue.setdefault(held.queue.url, (held.queue, []))
+                entry[1].append((handle, seconds))
+        if not by_queue:
+            return
+        lease = self._lease = asyncio.ensure_future(self._extend_all(list(by_queue.values())))
+        assert self.lease_interval is not None
+        await asyncio.wait([lease], timeout=self.lease_interval / 4)
+        if lease.done() and self._lease is lease:
+            self._lease = None
+
+    async def _extend_all(self, queues: list[tuple[_Queue, list[tuple[str, float]]]]) -> None:
+        """One extension: every queue's at once; a failure is logged here, since the
+        caller may have returned before it comes."""
+        results = await asyncio.gather(
+            *(self._change_visibility(q, e, lease=True) for q, e in queues),
+            return_exceptions=True,
         )
-        try:
-            await lease
-        finally:
-            if self._lease is lease:
-                self._lease = None
+        for (queue, entries), result in zip(queues, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning(
+                    "extending the lease of %d message(s) of %r failed: %s",
+                    len(entries),
+                    queue.name,
+                    result,
+                )
 
     # -- sending ---------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -40,7 +41,15 @@ DEPTH_EVERY: Final = 5.0
 
 
 _MAX_VISIBILITY: Final = 43200
+"""SQS hides a message for at most 12 hours from its receive: it refuses a visibility
+change that would end later (not only a value over this)."""
 
+_LIMIT_MARGIN: Final = 10.0
+"""Seconds kept short of that limit: the receive's way back and the change's way there."""
+
+
+_DELETE_AGAIN_AFTER: Final = 0.2
+"""Seconds before a delete SQS failed on its own side is sent again (once)."""
 
 _MISSING_QUEUE_CODES: Final = frozenset(
     {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
@@ -77,6 +86,23 @@ class _Queue:
     fifo: bool
     content_deduplication: bool
     redrive_target: str | None  # the ARN of the queue's dead-letter queue, if any
+
+
+@dataclass(slots=True, eq=False)
+class _Held:
+    """A message received and not settled yet."""
+
+    queue: _Queue
+    since: float
+    """``time.monotonic()`` when the receive that took it was sent (SQS's 12 hours start
+    at the receive, a little later)."""
+    cut: bool = False
+    """Its lease was cut to SQS's limit (warned once)."""
+
+    def time_left(self) -> int:
+        """Whole seconds SQS still lets it be hidden for."""
+        left = _MAX_VISIBILITY - _LIMIT_MARGIN - (time.monotonic() - self.since)
+        return max(0, math.floor(left))
 
 
 @dataclass(slots=True, eq=False)
@@ -230,9 +256,10 @@ class SqsClient:
         self._queues: dict[str, _Queue] = {}
         self._consumed: list[_Queue] = []
         self._receives: list[_Receive] = []
-        self._held: dict[str, _Queue] = {}
-        """Receipt handle -> queue of every message received and not yet settled: in the
-        app's hands, waiting for a free slot, or taken by a long poll not yet fetched."""
+        self._held: dict[str, _Held] = {}
+        """Receipt handle -> queue and receive time of every message received and not yet
+        settled: in the app's hands, waiting for a free slot, or taken by a long poll not
+        yet fetched."""
         self._depths: Refreshed[dict[str, int]] | None = None
         """Per consumed queue, ``ApproximateNumberOfMessages`` (metrics)."""
         self._lease: asyncio.Future[Any] | None = None
@@ -326,6 +353,7 @@ class SqsClient:
 
     async def _receive(self, queue: _Queue) -> list[dict[str, Any]]:
         c = self.config
+        since = time.monotonic()
         try:
             response = await self.client.receive_message(
                 QueueUrl=queue.url,
@@ -343,7 +371,7 @@ class SqsClient:
             raise BrokerUnavailable(f"sqs: receive from {queue.name!r} failed: {exc}") from exc
         messages: list[dict[str, Any]] = response.get("Messages", [])
         for m in messages:
-            self._held[m["ReceiptHandle"]] = queue
+            self._held[m["ReceiptHandle"]] = _Held(queue, since)
         return messages
 
     def _batches(self, queue: _Queue, raw: list[dict[str, Any]]) -> list[Batch]:
@@ -360,29 +388,57 @@ class SqsClient:
 
     async def _after_lease(self) -> None:
         """Wait for the lease extension on its way, if any: a visibility change sent now
-        (a retry delay, visible again at close) must land after it, not be undone by it."""
+        (a retry delay, visible again at close) must land after it, not be undone by it.
+        One with no answer after a lease interval more is hung: it is cancelled (no new
+        extension does it once the runtime stopped extending)."""
         lease = self._lease
-        if lease is not None:
-            await asyncio.wait([lease])
+        if lease is not None and not lease.done():
+            assert self.lease_interval is not None
+            await asyncio.wait([lease], timeout=self.lease_interval)
+            if not lease.done():
+                lease.cancel()
+                await asyncio.wait([lease], timeout=1.0)
 
     async def _delete(self, queue: _Queue, handles: list[str]) -> None:
-        async def one(chunk: list[str]) -> None:
+        """DeleteMessageBatch, 10 per call, concurrently. An entry SQS failed on its own
+        side (``SenderFault`` false: InternalError ...) is sent once more, since that acked
+        message would be delivered again; what stays refused is warned about."""
+
+        async def call(chunk: list[str]) -> list[Mapping[str, Any]]:
             response = await self.client.delete_message_batch(
                 QueueUrl=queue.url,
                 Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)],
             )
-            _log_failed(response.get("Failed") or [], "delete", queue)
+            failed: list[Mapping[str, Any]] = response.get("Failed") or []
+            return failed
+
+        async def one(chunk: list[str]) -> None:
+            failed = await call(chunk)
+            again = [chunk[int(f["Id"])] for f in failed if f.get("SenderFault") is False]
+            if again:
+                await asyncio.sleep(_DELETE_AGAIN_AFTER)
+                failed = [f for f in failed if f.get("SenderFault") is not False]
+                failed += await call(again)
+            _log_failed(failed, "delete", queue)
 
         await asyncio.gather(*(one(c) for c in _chunks(handles)))
 
     async def _change_visibility(
-        self, queue: _Queue, entries: list[tuple[str, float]], *, lease: bool = False
-    ) -> None:
-        """ChangeMessageVisibilityBatch, 10 entries per call, concurrently.
+        self,
+        queue: _Queue,
+        entries: list[tuple[str, float]],
+        *,
+        lease: bool = False,
+        quiet: bool = False,
+    ) -> dict[str, str]:
+        """ChangeMessageVisibilityBatch, 10 entries per call, concurrently; returns why
+        SQS refused an entry, by receipt handle (a failed call raises).
 
         ``lease``: the entries extend held messages; one settled while the call was on its
         way (deleted, or given its retry delay) may be refused, and that is not reported.
+        ``quiet``: the caller reports the refusals (no warning here).
         """
+        refused: dict[str, str] = {}
 
         async def one(chunk: list[tuple[str, float]]) -> None:
             response = await self.client.change_message_visibility_batch(
@@ -399,9 +455,13 @@ class SqsClient:
             failed = response.get("Failed") or []
             if lease:  # a message settled since the call left is refused, as expected
                 failed = [f for f in failed if chunk[int(f["Id"])][0] in self._held]
-            _log_failed(failed, "change the visibility of", queue)
+            for f in failed:
+                refused[chunk[int(f["Id"])][0]] = f"{f.get('Code')} {f.get('Message', '')}"
+            if not quiet:
+                _log_failed(failed, "change the visibility of", queue)
 
         await asyncio.gather(*(one(c) for c in _chunks(entries)))
+        return refused
 
     async def _dead_letter(self, queue: _Queue, dead: list[DeadLetter]) -> None:
         """Send each message to the dead-letter queue with its reason, then delete it."""
