@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -821,6 +822,29 @@ async def test_leases_of_running_batches_are_renewed() -> None:
     running = [e for e in extended if e]  # (with none in flight it is called too)
     assert len(running) >= 3
     assert all(e == ["long"] for e in running)
+
+
+async def test_a_slow_extension_does_not_stretch_the_lease_rhythm() -> None:
+    """The interval was slept after each ``extend`` returned: an extension taking most
+    of an interval (a broker slow to answer) made the renewals come at nearly twice the
+    interval, and a lease sized on it lapsed. They are timed from each one's start now."""
+    starts: list[float] = []
+
+    class SlowLeasing(Scripted):
+        lease_interval = 0.2
+
+        async def extend(self, batches: Sequence[Batch]) -> None:
+            starts.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(0.15)
+
+    runtime = Runtime(ack_all, SlowLeasing([]), RuntimeConfig(lifespan="off"))
+    task = asyncio.create_task(runtime.serve())
+    await asyncio.sleep(2.1)
+    runtime.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(starts) >= 8, gaps  # 10 due; one every 0.35 s before (6 at most)
+    assert sorted(gaps)[len(gaps) // 2] < 0.25, gaps
 
 
 async def test_the_lease_goes_on_while_the_fetch_backs_off_with_nothing_in_flight() -> None:

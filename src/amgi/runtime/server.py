@@ -753,8 +753,13 @@ class Runtime:
         loop backs off after a failed fetch (up to 5 s), when nothing runs."""
         interval = self.transport.lease_interval
         assert interval
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
         while self._leasing:  # (an extend that swallows the cancel ends the loop anyway)
-            await asyncio.sleep(interval)
+            # Timed from the start of each extension, not its end: a slow one (a broker
+            # slow to answer) must not stretch the rhythm until a lease lapses.
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = max(due + interval, loop.time())
             batches = [*self._tasks.values(), *self._waiting]
             try:
                 await self.transport.extend(batches)
