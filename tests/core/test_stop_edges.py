@@ -71,6 +71,22 @@ async def acking(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "message.ack", "id": event["id"]})
 
 
+class Holding:
+    """An app whose calls receive one message (recorded in ``seen``), set ``holding``,
+    and then hold on past any shutdown timeout."""
+
+    def __init__(self) -> None:
+        self.holding = asyncio.Event()
+        self.seen: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        self.seen.append((await receive())["payload"])
+        self.holding.set()
+        await asyncio.sleep(30)
+
+
 async def test_batches_waiting_for_their_key_at_a_stop_go_back_uncounted() -> None:
     """Three batches of one ordering key; the first holds the app past the shutdown
     timeout. The two waiting for their turn were cancelled unsettled: handed back at
@@ -81,28 +97,19 @@ async def test_batches_waiting_for_their_key_at_a_stop_go_back_uncounted() -> No
     broker = MemoryBroker.reset(name)
     for i in range(3):
         broker.put("q", [], b"%d" % i)
-    holding = asyncio.Event()
-    seen: list[bytes] = []
-
-    async def slow(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        seen.append((await receive())["payload"])
-        holding.set()
-        await asyncio.sleep(30)
-
+    app = Holding()
     transport = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=1))
     config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, concurrency=8)
-    runtime = Runtime(slow, transport, config)
+    runtime = Runtime(app, transport, config)
 
     async def three_in_flight() -> None:
-        await asyncio.wait_for(holding.wait(), 5)
+        await asyncio.wait_for(app.holding.wait(), 5)
         while runtime.in_flight < 3:  # the other two wait for their turn
             await asyncio.sleep(0.01)
 
     assert await stop_when(runtime, three_in_flight()) == 0
     back = [*broker.queues.get("q", ()), *(m for _, _, _, m in broker._delayed)]
-    assert seen == [b"0"]
+    assert app.seen == [b"0"]
     assert sorted((m.payload, m.attempt) for m in back) == [(b"0", 2), (b"1", 1), (b"2", 1)]
 
 
@@ -231,24 +238,15 @@ async def test_batches_waiting_for_a_slot_at_the_shutdown_deadline_go_back_uncou
     broker = MemoryBroker.reset(name)
     broker.put("a", [], b"held")
     broker.put("b", [], b"waiting")
-    holding = asyncio.Event()
-    seen: list[bytes] = []
-
-    async def slow(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "message":
-            return
-        seen.append((await receive())["payload"])
-        holding.set()
-        await asyncio.sleep(30)
-
+    app = Holding()
     transport = MemoryTransport(["a", "b"], MemoryOptions(broker=name))
     config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, concurrency=1)
-    runtime = Runtime(slow, transport, config)
-    assert await stop_when(runtime, asyncio.wait_for(holding.wait(), 5)) == 0
+    runtime = Runtime(app, transport, config)
+    assert await stop_when(runtime, asyncio.wait_for(app.holding.wait(), 5)) == 0
     back = [
         m
         for q in ("a", "b")
         for m in [*broker.queues.get(q, ())] + [m for _, _, a, m in broker._delayed if a == q]
     ]
-    assert seen == [b"held"]
+    assert app.seen == [b"held"]
     assert sorted((m.payload, m.attempt) for m in back) == [(b"held", 2), (b"waiting", 1)]
