@@ -26,7 +26,7 @@ refused copy       a retry the broker refuses (its retry queue exists with anoth
                    unacked and is tried again with backoff in the background
                    (``amgi.servers.kit.move_aside``)
 attempt            the ``amgi-attempt`` header (our retries), plus the broker's
-                   ``x-delivery-count`` on quorum queues (deliveries handed back by a
+                   ``x-delivery-count`` on a quorum queue's redeliveries (handed back by a
                    consumer that died, closed or requeued): ``counts_deliveries``; put
                    right by stable id for deliveries dropped unseen (quorum: one less)
                    and held on a channel the broker closed (classic: one more)
@@ -305,11 +305,12 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
                 if overflow is not None:
                     raise AmqpSendError(f"amqp: cannot publish to {where}: {overflow}")
                 try:
-                    result = await channel.basic_publish(
+                    result = await self._publish(
+                        channel,
                         payload or b"",
+                        properties,
                         exchange=exchange,
                         routing_key=routing_key,
-                        properties=properties,
                         mandatory=mandatory,
                         timeout=self.config.confirm_timeout,
                     )

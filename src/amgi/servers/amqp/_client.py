@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import re
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
-from amgi.servers.amqp._codec import _message, headers_to_table
+from amgi.servers.amqp._codec import _message, broker_counted, headers_to_table
 from amgi.servers.amqp._recount import Recount
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
@@ -31,10 +32,25 @@ if TYPE_CHECKING:
 logger = logging.getLogger("amgi.servers.amqp")
 
 
+_REPORTED_BY_US = (
+    "error when creating transport",
+    "Unexpected connection close from remote",
+    "Cancelling cause reader exited abnormally",
+)
+"""How aiormq's records begin of a failed connect (ERROR, before it raises) and of a lost
+connection (ERROR, then WARNING with a traceback)."""
+
+
 def _not_reported_by_us(record: logging.LogRecord) -> bool:
-    """aiormq logs a failed connect at ERROR before raising it; the startup error and
-    the reconnect warning already say it, once, with the URL's password masked."""
-    return not str(record.msg).startswith("error when creating transport")
+    """Whether to keep a record of aiormq's: not one of :data:`_REPORTED_BY_US` about a
+    connection of the server's (the startup error, the reconnect warnings and the loss
+    warning with the broker's reason say those once, the URL's password masked). The
+    connections of the process that are not the server's keep every record."""
+    if not str(record.msg).startswith(_REPORTED_BY_US):
+        return True
+    from amgi.servers.amqp._frames import ours
+
+    return not ours()
 
 
 logging.getLogger("aiormq.connection").addFilter(_not_reported_by_us)
@@ -70,8 +86,9 @@ class _Channel:
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
     tag: str = ""
     """The consumer tag of its ``basic.consume``."""
-    held: dict[int | None, str] = field(default_factory=dict)
-    """The stable ids of the deliveries in the application's hands, by delivery tag."""
+    held: dict[int | None, tuple[str, float]] = field(default_factory=dict)
+    """The stable ids of the deliveries in the application's hands, by delivery tag,
+    with when it took each (``time.monotonic()``)."""
     cancelled: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -123,8 +140,13 @@ def _reply_text(exc: BaseException) -> str:
 
 _MAX_KNOWN_EXCHANGES = 1000
 
-_TIMED_OUT = re.compile(r"delivery acknowledgement .* timed out")
-"""RabbitMQ's reply as it closes a channel over a delivery unacked for ``consumer_timeout``."""
+_TIMED_OUT = re.compile(r"delivery acknowledgement .* timed out(?:.*?value used: (\d+) ms)?")
+"""RabbitMQ's reply as it closes a channel over a delivery unacked for ``consumer_timeout``
+(the timeout it used, in ms, when the reply names it)."""
+
+_TIMEOUT_SLACK = 1.0
+"""Most seconds between the broker's delivery and the application taking it that still
+count a timeout as the application's (a tenth of shorter timeouts)."""
 
 Publisher = Literal["sends", "large", "moves"]
 """The kinds of publishing channel (see :meth:`AmqpClient._channel`)."""
@@ -224,6 +246,9 @@ class AmqpClient:
         stops: the refusal itself may have cost the connection, see :meth:`_learn_limit`)."""
         self._closed = False
         self._recount = Recount()
+        self._same_id: dict[tuple[int, str | bytes], tuple[asyncio.Lock, list[int]]] = {}
+        """A lock and its user count per channel and message id being published there
+        (:meth:`_publish`)."""
 
     async def _open(self) -> None:
         """Connect, declare the topology, open the publisher and start consuming.
@@ -427,18 +452,47 @@ class AmqpClient:
             exc = closing.exception()
             if not isinstance(exc, amqp_errors.ChannelClosed) or not exc.args:
                 continue
-            self._recount.lost(consumer.held.values())
             text = _reply_text(exc)
             why = f"the broker closed the channel of {consumer.queue!r}: {text}"
-            if _TIMED_OUT.search(text):
-                why += (
-                    " (the application held a message longer than the broker's "
-                    "consumer_timeout: raise consumer_timeout in rabbitmq.conf, or make "
-                    "calls shorter with a smaller --batch-size; the messages it held come "
-                    "back, each at its next attempt)"
-                )
+            timed_out = _TIMED_OUT.search(text)
+            if timed_out is None:
+                self._recount.lost(i for i, _ in consumer.held.values())
+            else:
+                limit = int(timed_out[1]) / 1000 if timed_out[1] else None
+                why += self._record_timeout(consumer, limit)
             return why
         return "lost the connection to the broker"
+
+    def _record_timeout(self, consumer: _Channel, limit: float | None) -> str:
+        """Record the deliveries held on ``consumer`` as the broker closed its channel
+        over ``consumer_timeout`` (``limit`` seconds, when its reply names it); return
+        the explanation for the log.
+
+        The timeout runs from the delivery, and deliveries wait in the buffer behind
+        slow calls: only a message the application itself held about that long counts
+        an attempt; one that waited comes back uncounted (also on a quorum queue)."""
+        now = time.monotonic()
+        slack = _TIMEOUT_SLACK if limit is None else min(_TIMEOUT_SLACK, limit / 10)
+        slow: list[str] = []
+        waited: list[str] = []
+        for message_id, taken in consumer.held.values():
+            late = limit is None or now - taken >= limit - slack
+            (slow if late else waited).append(message_id)
+        self._recount.lost(slow)
+        self._recount.dropped(waited)
+        if slow:
+            return (
+                " (the application held a message longer than the broker's "
+                "consumer_timeout: raise consumer_timeout in rabbitmq.conf, or make calls "
+                "shorter with a smaller --batch-size; the messages it held come back, each "
+                "at its next attempt)"
+            )
+        return (
+            " (a delivery waited in the server's buffer behind slow calls until the "
+            "broker's consumer_timeout ran out: lower --prefetch to what the application "
+            "gets through within that time, or raise consumer_timeout in rabbitmq.conf; "
+            "the messages come back at the same attempt)"
+        )
 
     def _drop_buffer(self) -> None:
         """Drop the deliveries not handed out (the broker puts them back)."""
@@ -448,14 +502,21 @@ class AmqpClient:
 
     def _hand_out(self, queue: str, delivered: DeliveredMessage) -> Message:
         """The message of a buffered delivery, its attempt put right, recorded as held."""
-        message = _message(delivered)
+        counts = self._queues_count()
+        message = _message(delivered, counts)
         deliver = cast("Basic.Deliver", delivered.delivery)
         if deliver.redelivered:
-            self._recount.correct(message, delivered)
+            self._recount.correct(message, delivered, broker_counted(delivered, counts))
         consumer = self._consumers.get(queue)
         if consumer is not None:
-            consumer.held[deliver.delivery_tag] = message.id
+            consumer.held[deliver.delivery_tag] = (message.id, time.monotonic())
         return message
+
+    def _queues_count(self) -> bool:
+        """Whether the queues may count deliveries (``x-delivery-count``): quorum queues,
+        and with ``passive`` any (their type is not known). A classic queue counts none:
+        the header there is a publisher's, no attempt of this server's."""
+        return self.config.queue_type == "quorum" or self.config.passive
 
     def _consumer_for(self, queue: str, generation: int) -> Any:
         buffer = self._buffer
@@ -484,6 +545,53 @@ class AmqpClient:
         finally:
             self._waiter = None
 
+    async def _publish(
+        self,
+        channel: AbstractChannel,
+        body: bytes,
+        properties: Basic.Properties,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool,
+        timeout: float | None,
+    ) -> object:
+        """``channel.basic_publish``, one publish of a ``message-id`` at a time on
+        ``channel``, all within ``timeout``.
+
+        The client matches a ``basic.return`` to its publish by the message id: of two
+        publishes of one id awaiting their confirms, the return of the one that went
+        nowhere failed the other, and the returned one was confirmed (reported sent).
+        A publish without an id gets a unique one from the client."""
+        publish = functools.partial(
+            channel.basic_publish,
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+        )
+        message_id = properties.message_id
+        if not message_id:
+            return await publish(timeout=timeout)
+        key = (id(channel), message_id)
+        lock, users = self._same_id.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with asyncio.timeout(timeout):
+                await lock.acquire()
+            try:
+                left = None if timeout is None else max(0.0, timeout - (loop.time() - start))
+                return await publish(timeout=left)
+            finally:
+                lock.release()
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._same_id[key]
+
     async def _confirm(
         self,
         channel: AbstractChannel,
@@ -500,11 +608,12 @@ class AmqpClient:
         overflow = _header_overflow(channel, properties)
         if overflow is not None:
             raise AmqpSendError(f"amqp: {overflow}")
-        result = await channel.basic_publish(
+        result = await self._publish(
+            channel,
             delivered.body,
+            properties,
             exchange=exchange,
             routing_key=routing_key,
-            properties=properties,
             mandatory=True,
             timeout=None if forever else self.config.confirm_timeout,
         )

@@ -118,9 +118,13 @@ def headers_to_table(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
     return table
 
 
-def table_to_headers(table: dict[Any, Any] | None) -> tuple[int, HeaderList]:
+def table_to_headers(
+    table: dict[Any, Any] | None, *, delivery_count: bool = True
+) -> tuple[int, HeaderList]:
     """Split an AMQP headers table into ``(attempt, AMGI headers)``; a name that is not
-    UTF-8 (read by :mod:`._frames`) is a ``bytes`` key and stays as it came."""
+    UTF-8 (read by :mod:`._frames`) is a ``bytes`` key and stays as it came. With
+    ``delivery_count`` false, ``x-delivery-count`` adds nothing to the attempt (it is no
+    count of the broker's there)."""
     if not table:
         return 1, []
     headers: HeaderList = []
@@ -129,7 +133,7 @@ def table_to_headers(table: dict[Any, Any] | None) -> tuple[int, HeaderList]:
         if key in _BROKER_KEYS:
             if key == _ATTEMPT_KEY:
                 attempt += _attempt_value(value) - 1
-            elif key == _DELIVERY_COUNT_KEY and isinstance(value, int):
+            elif key == _DELIVERY_COUNT_KEY and delivery_count and isinstance(value, int):
                 attempt += value
             continue
         name = key if isinstance(key, bytes) else key.encode()
@@ -287,10 +291,21 @@ def publish_properties(
     return Basic.Properties(**kwargs)
 
 
-def _message(delivered: DeliveredMessage) -> Message:
+def broker_counted(delivered: DeliveredMessage, counts: bool) -> bool:
+    """Whether the ``x-delivery-count`` of ``delivered`` is the broker's: its queue may
+    count deliveries (``counts``: a quorum queue, or one of unknown type) and this is a
+    redelivery (a quorum queue counts from 0, and flags every later delivery). Else a
+    publisher wrote it (a message forwarded with its headers from a quorum queue)."""
+    return counts and bool(getattr(delivered.delivery, "redelivered", False))
+
+
+def _message(delivered: DeliveredMessage, counts: bool = True) -> Message:
+    """The message of ``delivered``; ``counts``: whether its queue may count deliveries."""
     props = delivered.header.properties
     try:
-        attempt, headers = table_to_headers(props.headers)
+        attempt, headers = table_to_headers(
+            props.headers, delivery_count=broker_counted(delivered, counts)
+        )
     except Exception as exc:  # a table no AMGI server wrote: the message comes all the same
         logger.warning("the headers of a delivery could not be read (%s): it comes without", exc)
         attempt, headers = 1, []

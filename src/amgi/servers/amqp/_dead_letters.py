@@ -8,6 +8,7 @@ queue through the default exchange, then acks it off the dead-letter queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any, cast
 
 from amgi.errors import ConfigurationError
@@ -77,18 +78,42 @@ class DeadLetters(AmqpClient):
                 chunk = await self._get_dead(channel, address, min(_REPLAY_CHUNK, limit - moved))
                 if not chunk:
                     break
-                publisher = await self._channel()
-                await asyncio.gather(
-                    *(
-                        self._confirm(publisher, d, "", address, _stored_dead_letter(d).headers)
-                        for d in chunk
-                    )
-                )
+                await self._republish(address, chunk)
                 await channel.basic_ack(chunk[-1].delivery.delivery_tag, multiple=True)
                 moved += len(chunk)
         finally:
-            await channel.close()
+            # Bounded: a broker blocking publishers reads nothing of the connection,
+            # not even this close (the dead letters not acked go back all the same).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.config.confirm_timeout):
+                    await channel.close()
         return moved
+
+    async def _republish(self, address: str, chunk: list[Any]) -> None:
+        """Publish the dead letters of ``chunk`` to ``address``, each confirmed, or raise
+        one clear :class:`AmqpSendError`."""
+        from aiormq import exceptions as amqp_errors
+
+        publisher = await self._channel()
+        try:
+            await asyncio.gather(
+                *(
+                    self._confirm(publisher, d, "", address, _stored_dead_letter(d).headers)
+                    for d in chunk
+                )
+            )
+        except TimeoutError:
+            raise AmqpSendError(
+                f"amqp: no publish confirm from the broker within {self.config.confirm_timeout}s "
+                f"for a dead letter replayed to {address!r} (is it blocking publishers: a "
+                "memory or disk alarm?); the dead letters not acked stay (a copy of some may be in "
+                "the queue already)"
+            ) from None
+        except amqp_errors.PublishError:
+            raise AmqpSendError(
+                f"amqp: a dead letter replayed to {address!r} is unroutable (the queue was "
+                "deleted?); the dead letters not acked stay"
+            ) from None
 
 
 def _stored_dead_letter(delivered: DeliveredMessage) -> StoredDeadLetter:

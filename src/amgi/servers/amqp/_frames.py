@@ -47,6 +47,12 @@ def lenient() -> Iterator[None]:
         _LENIENT.reset(token)
 
 
+def ours() -> bool:
+    """Whether this runs for one of the server's connections (made in :func:`lenient`:
+    its tasks and their callbacks)."""
+    return _LENIENT.get()
+
+
 class _Odd:
     """What a lenient read found that pamqp could not read (for the warning)."""
 

@@ -63,12 +63,13 @@ class Recount:
                 self.unseen.pop(base_id(m), None)
                 self.held.pop(base_id(m), None)
 
-    def correct(self, message: Message, delivered: DeliveredMessage) -> None:
-        """Put the attempt of a redelivered ``message`` right."""
+    def correct(self, message: Message, delivered: DeliveredMessage, counts: bool) -> None:
+        """Put the attempt of a redelivered ``message`` right (``counts``: whether an
+        ``x-delivery-count`` header is the broker's count, :func:`._codec.broker_counted`)."""
         if not (self.unseen or self.held):
             return
         headers = delivered.header.properties.headers or {}
-        counted = headers.get(_DELIVERY_COUNT)
+        counted = headers.get(_DELIVERY_COUNT) if counts else None
         if isinstance(counted, int) and counted > 0:  # the broker counts returns
             message.attempt -= min(self.unseen.get(message.id, 0), counted)
         else:
