@@ -86,3 +86,51 @@ def test_client_log_drops_connection_failures_and_repeats(
     assert [r.getMessage() for r in caplog.records if r.name == CLIENT_LOGGER.name] == [
         "CONFWARN [amgi#consumer-2] property ignored (unique-1)"
     ]
+
+
+def test_reports_that_differ_only_in_counts_are_one(caplog: pytest.LogCaptureFixture) -> None:
+    """librdkafka's lines for requests a slow broker did not answer, as logged (each
+    timeout a line of its own): every one was new to the repeat filter, a line per
+    request timed out for as long as the broker stayed slow."""
+    caplog.set_level(logging.DEBUG, logger=CLIENT_LOGGER.name)
+    line = "%s [%s] %s"
+    who = "amgi#producer-2"
+    thread = "[thrd:127.0.0.1:24210/111]"
+    for ms, count in ((6001, 3), (6998, 5), (5999, 2)):
+        for n in range(count):
+            CLIENT_LOGGER.info(
+                line,
+                "REQTMOUT",
+                who,
+                f"{thread}: 127.0.0.1:24210/111: Timed out ProduceRequest in flight "
+                f"(after {ms}ms, timeout #{n})",
+            )
+        CLIENT_LOGGER.warning(
+            line,
+            "REQTMOUT",
+            who,
+            f"{thread}: 127.0.0.1:24210/111: Timed out {count} in-flight, "
+            f"0 retry-queued, {count % 2} out-queue, 0 partially-sent requests",
+        )
+    CLIENT_LOGGER.warning(
+        line, "REQTMOUT", who, "[thrd:b/112]: 127.0.0.1:24211/112: Timed out 1 in-flight"
+    )
+    assert [r.getMessage().split("]: ", 1)[1] for r in caplog.records] == [
+        "127.0.0.1:24210/111: Timed out ProduceRequest in flight (after 6001ms, timeout #0)",
+        "127.0.0.1:24210/111: Timed out 3 in-flight, 0 retry-queued, 1 out-queue, "
+        "0 partially-sent requests",
+        "127.0.0.1:24211/112: Timed out 1 in-flight",  # another broker's: its own line
+    ]
+
+
+def test_a_flood_of_distinct_errors_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """More distinct errors in a minute than the filter keeps: it forgot them all and
+    logged every one again, a line per error for as long as the flood lasted."""
+    errors = ClientErrors(logging.getLogger("test.kafka"))
+    errors.connecting = False
+    for _ in range(3):
+        for broker in range(150):
+            errors(Err(-195, f"10.0.{broker}.1:9092/{broker}: Connect failed: refused"))
+    logged = [r for r in caplog.records if r.name == "test.kafka"]
+    assert len(logged) == 100
+    assert errors.latest == "10.0.149.1:9092/149: Connect failed: refused"

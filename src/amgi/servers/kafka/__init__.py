@@ -70,6 +70,13 @@ from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 _MAX_PARTITION = 2**31 - 1
 """Partitions are numbered by a signed 32-bit int on the wire."""
 
+_CLOSE_FLUSH = 3.0
+"""Most seconds a close waits for the records still queued. Every send is awaited by its
+caller, and a caller the shutdown cut off settled nothing (its records come back), so a
+record still queued is no one's to count: waiting --delivery-timeout-ms (30 s) for a
+broker that is gone only held the close past the runtime's bound, which then left the
+client running and the process exiting 1."""
+
 __all__ = ["KafkaOptions", "KafkaSendError", "KafkaTransport"]
 
 logger = logging.getLogger("amgi.servers.kafka")
@@ -239,11 +246,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             self._poll_thread = None
         producer, self._producer = self._producer, None
         if producer is not None:
-            timeout = self.config.delivery_timeout_ms / 1000
-            remaining = await loop.run_in_executor(None, producer.flush, timeout)
-            if remaining:
-                logger.warning("%d Kafka record(s) were not delivered before close", remaining)
-                producer.purge()  # their sends fail now; close must not wait for them
+            await self._flush_at_close(producer)
         self._stopping.set()
         if self._delivery_thread is not None:
             await loop.run_in_executor(None, self._delivery_thread.join)
@@ -253,6 +256,22 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         close = getattr(producer, "close", None)
         if close is not None:
             await loop.run_in_executor(None, close)
+
+    async def _flush_at_close(self, producer: Any) -> None:
+        """Wait a little for the records still queued, then fail their sends."""
+        loop = asyncio.get_running_loop()
+        given = self.config.delivery_timeout_ms / 1000  # 0: librdkafka waits for ever
+        timeout = min(given, _CLOSE_FLUSH) if given else _CLOSE_FLUSH
+        remaining = await loop.run_in_executor(None, producer.flush, timeout)
+        if remaining:
+            why = self._client_errors.latest
+            logger.warning(
+                "%d Kafka record(s) were not delivered before close%s: their sends fail",
+                remaining,
+                f" (the client's latest error: {why})" if why else "",
+            )
+            producer.purge()
+            producer.poll(0)  # their delivery reports: a send still awaited fails now
 
     # -- consuming (the consumer thread) -------------------------------------------------
 
@@ -344,6 +363,14 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                 f"cannot send to {address!r}: kafka.key must be bytes or str, "
                 f"not {type(key).__name__}"
             )
+        if isinstance(key, str):
+            try:
+                key = key.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate, as from a file name
+                raise KafkaSendError(
+                    f"cannot send to {address!r}: kafka.key is not valid text "
+                    f"({exc.reason} at character {exc.start})"
+                ) from None
         if partition is not None:
             try:
                 whole_number("kafka", "partition", partition, 0, _MAX_PARTITION)

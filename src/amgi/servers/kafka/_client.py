@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, SendError
-from amgi.servers.kafka._client_log import CLIENT_LOGGER, ClientErrors
+from amgi.servers.kafka._client_log import CLIENT_LOGGER, ClientErrors, Repeats
 from amgi.servers.kafka.options import KafkaOptions
 from amgi.servers.kit import Watermark, invalid
 from amgi.transport import Batch
@@ -91,6 +91,9 @@ class KafkaClient:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._client_errors = ClientErrors(logger)
+        self._commit_failures = Repeats()
+        """Commit failures logged in the last minute: a coordinator that stops answering
+        fails every commit alike, one a fetch."""
         self._poll_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._delivery_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -347,12 +350,16 @@ class KafkaClient:
         return self.config.dead_letter_topic.replace("{topic}", topic)
 
     def _on_commit(self, err: Any, partitions: list[Any]) -> None:
-        """The broker's answer to a commit (consumer thread)."""
+        """The broker's answer to a commit (consumer thread): a failure is a warning,
+        each alike once a minute (a partition's by topic and error)."""
         if err is not None:
-            logger.warning("kafka commit failed: %s", err)
+            if self._commit_failures.fresh(str(err)):
+                logger.warning("kafka commit failed: %s", err)
             return
         for tp in partitions:
-            if tp.error is not None:
+            if tp.error is not None and self._commit_failures.fresh(
+                f"{tp.topic}[{tp.partition}] {tp.error}"
+            ):
                 logger.warning(
                     "kafka commit of %s[%d]@%d failed: %s",
                     tp.topic,

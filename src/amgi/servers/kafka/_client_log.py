@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any, Final
 
-__all__ = ["CLIENT_LOGGER", "ClientErrors"]
+__all__ = ["CLIENT_LOGGER", "ClientErrors", "Repeats"]
 
 _REPEAT_AFTER: Final = 60.0
 # "(after 1ms in state SSL_HANDSHAKE)": differs between otherwise equal reports.
@@ -24,19 +24,31 @@ _TIMING: Final = re.compile(
 )
 
 
-class _Repeats:
-    """Says whether a text was already reported in the last minute."""
+_MAX_DISTINCT: Final = 100
+"""Most distinct texts reported in a minute; the rest wait for a place."""
+# "timeout #3", "Timed out 5 in-flight, 0 retry-queued": counts that differ between
+# reports of one event (not a number of an address, a broker id or a version).
+_COUNT: Final = re.compile(r"(?<![\w.:/-])\d+(?![\w.:/-])|\(after \d+ms")
+
+
+class Repeats:
+    """Says whether a text was already reported in the last minute (counts in it aside)."""
 
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
 
     def fresh(self, text: str) -> bool:
         now = time.monotonic()
-        if now - self._seen.get(text, -_REPEAT_AFTER) < _REPEAT_AFTER:
+        key = _COUNT.sub("#", text)
+        if now - self._seen.get(key, -_REPEAT_AFTER) < _REPEAT_AFTER:
             return False
-        if len(self._seen) > 100:
-            self._seen.clear()
-        self._seen[text] = now
+        if len(self._seen) >= _MAX_DISTINCT:
+            # Only texts reported over a minute ago are forgotten: forgetting them all
+            # made a flood of more distinct texts than that a line per error again.
+            self._seen = {k: t for k, t in self._seen.items() if now - t < _REPEAT_AFTER}
+            if len(self._seen) >= _MAX_DISTINCT:
+                return False
+        self._seen[key] = now
         return True
 
 
@@ -45,7 +57,7 @@ class _ClientLogFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._repeats = _Repeats()
+        self._repeats = Repeats()
 
     def filter(self, record: logging.LogRecord) -> bool:
         # confluent-kafka logs ("%s [%s] %s", facility, client name, text).
@@ -78,7 +90,7 @@ class ClientErrors:
 
     def __init__(self, log: logging.Logger) -> None:
         self._log = log
-        self._repeats = _Repeats()
+        self._repeats = Repeats()
         self.connecting = True
         """While True, errors are kept but logged at DEBUG only: a connect that fails
         raises them as its own error, once (set to False once connected)."""

@@ -13,6 +13,36 @@ __all__ = ["KafkaOptions"]
 _TOPIC_CHARACTERS = re.compile(r"[a-zA-Z0-9._-]*")
 """What a Kafka topic name may hold."""
 
+_SERVER_COMMITS = "the server commits only what the application settled"
+_OWNED_SETTINGS: dict[str, str] = {
+    "enable.auto.commit": _SERVER_COMMITS,
+    "auto.commit.enable": _SERVER_COMMITS,
+    "enable.auto.offset.store": _SERVER_COMMITS,
+    "auto.commit.interval.ms": _SERVER_COMMITS,
+    "enable.partition.eof": "the server sets it",
+    "group.id": "use --group-id",
+    "auto.offset.reset": "use --auto-offset-reset",
+    "session.timeout.ms": "use --session-timeout-ms",
+    "heartbeat.interval.ms": "use --heartbeat-interval-ms",
+    "max.poll.interval.ms": "use --max-poll-interval-ms",
+    "fetch.wait.max.ms": "use --fetch-wait-max-ms",
+    "fetch.min.bytes": "use --fetch-min-bytes",
+    "fetch.queue.backoff.ms": "use --fetch-queue-backoff-ms",
+    "fetch.max.bytes": "use --fetch-max-bytes",
+    "max.partition.fetch.bytes": "use --max-partition-fetch-bytes",
+    "acks": "use --acks",
+    "request.required.acks": "use --acks",
+    "compression.type": "use --compression-type",
+    "compression.codec": "use --compression-type",
+    "linger.ms": "use --linger-ms",
+    "queue.buffering.max.ms": "use --linger-ms",
+    "enable.idempotence": "use --enable-idempotence",
+    "delivery.timeout.ms": "use --delivery-timeout-ms",
+    "message.timeout.ms": "use --delivery-timeout-ms",
+}
+"""librdkafka settings (and their aliases) the server sets itself, over a ``--config``
+of the same name: why one cannot be given there."""
+
 
 @dataclass
 class KafkaOptions:
@@ -149,3 +179,14 @@ class KafkaOptions:
                 raise invalid(self, name, "may hold only a-z A-Z 0-9 . _ - besides {topic}")
         if self.dead_letter_topic == self.retry_topic:
             raise invalid(self, "dead_letter_topic", "must differ from --retry-topic")
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """No ``--config`` of a setting the server sets itself: it was overridden without
+        a word, so auto-commit, ``acks=0`` or another group id asked for there never
+        applied. The value is never shown (``--config`` is secret)."""
+        for item in self.config:
+            name = item.partition("=")[0].strip()
+            why = _OWNED_SETTINGS.get(name)
+            if why is not None:
+                raise invalid(self, "config", f"{name} cannot be given: {why}")

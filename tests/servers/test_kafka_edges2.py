@@ -1,0 +1,187 @@
+"""Kafka unhappy paths of the producer side and the options: ``--config`` settings the
+server owns, a close with the broker gone, a flood of client errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.errors import ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
+from tests.net import free_port
+from tests.servers.kafka_helpers import (
+    KafkaFront,
+    create_topic,
+    fresh,
+    options,
+    produce,
+    read_all,
+    start_private_broker,
+    transport,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(
+    ("setting", "instead"),
+    [
+        ("enable.auto.commit=true", "commits only what the application settled"),
+        ("auto.commit.enable=true", "commits only what the application settled"),
+        ("enable.auto.offset.store=true", "commits only what the application settled"),
+        ("enable.partition.eof=true", "the server sets it"),
+        ("acks=0", "--acks"),
+        ("request.required.acks=1", "--acks"),
+        ("enable.idempotence=false", "--enable-idempotence"),
+        ("message.timeout.ms=100", "--delivery-timeout-ms"),
+        (" group.id =other", "--group-id"),
+        ("session.timeout.ms=6000", "--session-timeout-ms"),
+    ],
+)
+def test_a_config_setting_the_server_owns_is_refused(setting: str, instead: str) -> None:
+    """The server set these itself over ``--config`` without a word (the producer even
+    logged that the consumer's would be 'ignored by this producer instance'): a user who
+    asked for auto-commit, acks=0 or another group got something else. One error now,
+    naming the setting and what to use, never its value (``--config`` is secret)."""
+    kafka = KafkaTransport(["t"], KafkaOptions(**options(config=["debug=broker", setting])))
+    with pytest.raises(ConfigurationError) as caught:
+        kafka.check()
+    text = str(caught.value)
+    name = setting.partition("=")[0].strip()
+    assert f"--config {name}" in text
+    assert instead in text
+    assert "=" + setting.partition("=")[2] not in text
+
+
+def test_config_settings_the_server_leaves_alone_pass() -> None:
+    kafka = KafkaTransport(
+        ["t"],
+        KafkaOptions(
+            **options(config=["partition.assignment.strategy=cooperative-sticky", "debug=all"])
+        ),
+    )
+    kafka.check()
+
+
+async def test_a_stop_with_the_broker_gone_closes_in_bounds_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker dies under an application awaiting a send; the stop cuts the
+    application off (``--shutdown-timeout 1``). The close flushed the records nobody
+    awaits any more (the send, the cut-off batch's retry copy) for the whole
+    --delivery-timeout-ms (30 s): past the runtime's bound, so the stop logged 'the kafka
+    transport did not close within 5s', exited 1 for it and left the client's threads
+    running. Now the close ends in a few seconds with one warning that says why. (The
+    retry copy's settle is cut off by the runtime's own bound, which says so.)"""
+    caplog.set_level(logging.WARNING)
+    port = free_port()
+    broker = start_private_broker(port, port, tmp_path / "broker.log")
+    bootstrap = f"127.0.0.1:{port}"
+    try:
+        topic = create_topic(fresh("gone"), partitions=1, bootstrap=bootstrap)
+        produce(topic, [(None, b"x", [])], bootstrap=bootstrap)
+        kafka = transport([topic], bootstrap_servers=bootstrap)
+        started = asyncio.Event()
+
+        async def sending(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            started.set()
+            await send({"type": "message.send", "address": topic, "headers": [], "payload": b"y"})
+
+        config = RuntimeConfig(lifespan="off", shutdown_timeout=1.0)
+        runtime = Runtime(sending, kafka, config)
+        server = asyncio.create_task(runtime.serve())
+        await asyncio.wait_for(started.wait(), 30)
+    finally:
+        broker.kill()
+        broker.wait()
+    await asyncio.sleep(0.5)  # the send is queued for a broker that is gone
+    stopped = time.monotonic()
+    runtime.request_stop()
+    await asyncio.wait_for(server, 60)
+    assert time.monotonic() - stopped < 20  # 1 s for the app, 5 for settles, 3 to close
+    assert "did not close" not in caplog.text
+    [warning] = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert "Kafka record(s) were not delivered before close" in warning
+    assert "the client's latest error: " in warning  # the broker refused the connection
+    assert [t.name for t in threading.enumerate() if t.name.startswith("amgi-kafka")] == []
+
+
+async def test_a_key_that_is_no_valid_text_is_a_send_error() -> None:
+    """A str key with a lone surrogate (``"\\udcff"`` from JSON or a file name) raised a
+    bare UnicodeEncodeError out of ``message.send`` (``amgi send``: 'unexpected
+    UnicodeEncodeError'); the application could not catch it as the server's send error."""
+    topic = create_topic(fresh("badkey"), partitions=1)
+    kafka = transport([])
+    await kafka.connect()
+    try:
+        with pytest.raises(KafkaSendError, match=r"kafka\.key is not valid text"):
+            await kafka.publish(topic, [], b"x", {"kafka": {"key": "ok\udcff"}})
+        await kafka.publish(topic, [], b"y", {"kafka": {"key": "ok"}})
+    finally:
+        await kafka.close()
+    [record] = read_all(topic, 1)
+    assert (record.key(), record.value()) == (b"ok", b"y")
+
+
+async def test_commits_a_coordinator_does_not_answer_are_not_a_line_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The group coordinator stops answering commits (a relay holds them back) while
+    records keep coming and are acked: each commit timed out into a warning of its own,
+    the same 'kafka commit failed: ... Local: Timed out' once per commit (up to 50 a
+    second at the default --commit-interval-ms). Each distinct failure is a line a
+    minute now."""
+    caplog.set_level(logging.WARNING, "amgi.servers.kafka")
+    broker_port, front_port = free_port(), free_port()
+    broker = start_private_broker(broker_port, front_port, tmp_path / "broker.log")
+    bootstrap = f"127.0.0.1:{front_port}"
+    try:
+        with KafkaFront(front_port, broker_port) as front:
+            topic = create_topic(fresh("commits"), partitions=1, bootstrap=bootstrap)
+            produce(topic, [(None, b"first", [])], bootstrap=bootstrap)
+            seen: list[bytes] = []
+
+            async def acking(scope: Any, receive: Any, send: Any) -> None:
+                event = await receive()
+                seen.append(event["payload"])
+                await send({"type": "message.ack", "id": event["id"]})
+
+            kafka = transport(
+                [topic], bootstrap_servers=bootstrap, config=["socket.timeout.ms=1000"]
+            )
+            runtime = Runtime(acking, kafka, RuntimeConfig(lifespan="off"))
+            server = asyncio.create_task(runtime.serve())
+            try:
+                deadline = time.monotonic() + 30
+                while not seen:
+                    assert not server.done(), server.result()
+                    assert time.monotonic() < deadline, "nothing consumed"
+                    await asyncio.sleep(0.05)
+                front.delays[8] = 30.0  # OffsetCommit: held past the 1 s socket timeout
+                for n in range(12):
+                    await asyncio.to_thread(
+                        produce, topic, [(None, b"%d" % n, [])], bootstrap=bootstrap
+                    )
+                    await asyncio.sleep(0.1)
+                deadline = time.monotonic() + 30
+                while len(seen) < 13 or front.held[8] < 8:
+                    assert time.monotonic() < deadline, (len(seen), front.held)
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.5)  # the last commits time out too
+            finally:
+                runtime.request_stop()
+                assert await asyncio.wait_for(server, 30) == 0
+    finally:
+        broker.kill()
+        broker.wait()
+    failed = [r.getMessage() for r in caplog.records if "commit failed" in r.getMessage()]
+    assert failed  # the failure is said
+    assert len(failed) == len(set(failed)), failed
