@@ -37,7 +37,7 @@ from amgi.runtime.gc import tune_for_server
 from amgi.runtime.routing import Router, parse_route
 from amgi.secrets import hide_flag_values, unrecognized_flags
 from amgi.servers import DEFAULT_SERVER, SERVERS, installed, load, missing_requirements
-from amgi.servers.kit.bindings import UnknownBinding
+from amgi.servers.kit.bindings import BadBinding, UnknownBinding
 from amgi.servers.kit.bindings import parse as parse_binding
 from amgi.transport import Transport
 from amgi.types import AMGIApplication
@@ -480,7 +480,7 @@ def _parse_bindings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             raise UsageError(f"--binding takes PROTOCOL.KEY=VALUE, got {item!r}")
         try:
             value = parse_binding(protocol, key, raw)
-        except UnknownBinding as exc:
+        except (UnknownBinding, BadBinding) as exc:
             raise UsageError(f"--binding {path}: {exc}") from None
         bindings.setdefault(protocol, {})[key] = value
     return bindings

@@ -7,12 +7,13 @@ maps, the spec's table and the command line.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from amgi.servers.kit.bindings import BINDINGS, markdown_table
+from amgi.servers.kit.bindings import BINDINGS, BadBinding, markdown_table, parse
 from tests.cli import amgi
 from tests.core.test_cli import one_line_error
 
@@ -93,3 +94,18 @@ def test_amgi_send_encodes_text_of_bytes_keys(tmp_path: Path) -> None:
     assert message.bindings["kafka"] == {"key": b"k1"}
     assert message.bindings["mqtt"] == {"correlationData": b"c"}
     assert message.bindings["amqp"] == {"priority": 5}
+
+
+def test_a_bytes_binding_sent_from_the_shell_takes_its_bytes_as_given() -> None:
+    """Bytes the shell passed that are not UTF-8 (``kafka.key=$'\\xff'``) reach Python as
+    escapes, and a JSON escape of a lone surrogate is no text at all: both were an
+    'unexpected UnicodeEncodeError'."""
+    assert parse("kafka", "key", os.fsdecode(b"k\xff")) == b"k\xff"
+    with pytest.raises(BadBinding, match=r"kafka.key is no valid text \(surrogates"):
+        parse("kafka", "key", '"\\ud800"')
+
+
+def test_a_binding_that_is_no_valid_text_is_one_usage_error(tmp_path: Path) -> None:
+    result = amgi("send", "q", "x", "--binding", 'kafka.key="\\ud800"', cwd=tmp_path)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith("amgi: error: --binding kafka.key: kafka.key is no")

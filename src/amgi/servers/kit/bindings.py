@@ -150,7 +150,7 @@ def parse(protocol: str, key: str, raw: str) -> Any:
     ``"123"``), unless it is a JSON string (``'"a b"'``, unquoted) or ``null`` (no value);
     bytes are the text encoded UTF-8. Any other key takes JSON if the text parses, else
     the text. Raises :class:`UnknownBinding` for a key that is not in the table or one
-    only ever received (``in``).
+    only ever received (``in``), :class:`BadBinding` for bytes that are no valid text.
     """
     entry = binding_key(protocol, key)
     if entry.direction == "in":
@@ -162,7 +162,12 @@ def parse(protocol: str, key: str, raw: str) -> Any:
     if entry.type in ("str", "bytes") and value is not None and not isinstance(value, str):
         value = raw
     if entry.is_bytes and isinstance(value, str):
-        value = value.encode()
+        try:  # bytes the shell passed that are not UTF-8 stand for themselves
+            value = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:  # a lone surrogate written as a JSON escape
+            raise BadBinding(
+                f"{protocol}.{key} is no valid text ({exc.reason} at character {exc.start})"
+            ) from None
     return value
 
 
