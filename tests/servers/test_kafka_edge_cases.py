@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from amgi.runtime import Runtime, RuntimeConfig
@@ -359,3 +359,38 @@ async def _revoke_on_the_loop(front: KafkaFront, bootstrap: str) -> None:
         runtime.request_stop()
         assert await asyncio.wait_for(server, 30) == 0
         watching.cancel()
+
+
+async def test_a_retry_copy_stamped_by_a_clock_ahead_waits_no_longer_than_its_delay() -> None:
+    """A copy's due time comes from the clock of the server that made it. One made on a
+    host whose clock ran an hour ahead paused the retry partition, and every copy behind
+    it (one due now, here), for that hour. It now waits at most the delay it was given:
+    its due time less its own timestamp, both from that clock."""
+    topic = create_topic(fresh("skew"), partitions=1)
+    kafka = transport([topic])
+    retry = create_topic(kafka.config.retry_topic.replace("{topic}", topic), partitions=1)
+    group = kafka.config.group_id.encode()
+    now = int(time.time() * 1000)
+    ahead = now + 3_600_000
+    producer = Producer({"bootstrap.servers": BOOTSTRAP})
+    for payload, stamp, due in ((b"ahead", ahead, ahead + 300), (b"due", now, now)):
+        headers = [
+            ("amgi-attempt", b"2"),
+            ("amgi-original-address", topic.encode()),
+            ("amgi-retry-group", group),
+            ("amgi-retry-due", str(due).encode()),
+        ]
+        producer.produce(retry, value=payload, headers=headers, timestamp=stamp)
+    assert producer.flush(10) == 0
+    received: list[tuple[bytes, int]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            event = await receive()
+            more = event.get("more_messages", False)
+            received.append((event["payload"], event["bindings"]["amgi"]["attempt"]))
+            await send({"type": "message.ack", "id": event["id"]})
+
+    await run_until(app, kafka, lambda: len(received) >= 2, timeout=20)
+    assert received == [(b"ahead", 2), (b"due", 2)]

@@ -43,6 +43,9 @@ class _Partition:
     settled: Watermark = field(default_factory=Watermark)
     """The offset after each batch handed out; its high mark is the offset to commit."""
     resume_at: float | None = None
+    waited: tuple[int, float] | None = None
+    """A retry copy this partition paused at: its offset and the time (monotonic) its
+    wait ends, which a clock ahead of this one cannot push back (``_wait_ms``)."""
     commit_to: int | None = None
     """The offset to commit: every batch before it is settled."""
     committed: int | None = None

@@ -50,6 +50,22 @@ _START_RETRY_INTERVAL = 1.0
 consumer thread), and seconds between two of them."""
 
 
+def _wait_ms(record: Any, due_ms: int | None, now_ms: float) -> float:
+    """Milliseconds a retry copy still waits: until its due time, and never longer than
+    the delay it was given (its due time less its own timestamp, both from the clock of
+    the server that made it). A due time set by a clock ahead of this one (another host,
+    or this one before it was set back) paused its partition, and every copy behind it,
+    for as long as that clock was ahead. (Read again after its pause, the copy waits no
+    more than what was left of it: ``_Partition.waited``.)"""
+    if due_ms is None or due_ms <= now_ms:
+        return 0.0
+    wait = due_ms - now_ms
+    kind, stamp = record.timestamp()
+    if kind and stamp > 0:
+        wait = min(wait, due_ms - stamp)
+    return wait
+
+
 def _names(keys: Iterable[TopicPartition]) -> str:
     """``topic[partition], ...`` for a log line."""
     return ", ".join(f"{topic}[{partition}]" for topic, partition in keys)
@@ -572,12 +588,18 @@ class Consuming(KafkaClient):
                 # One address per batch: the rest comes again with the next fetch.
                 consumer.seek(TP(key[0], key[1], record.offset()))
                 return kept, address, record.offset()
-            if info.due_ms is not None and info.due_ms > now_ms:
-                consumer.seek(TP(key[0], key[1], record.offset()))
+            wait_ms = _wait_ms(record, info.due_ms, now_ms)
+            offset, now = record.offset(), time.monotonic()
+            waited = state.waited
+            if wait_ms > 0 and waited is not None and waited[0] == offset:
+                wait_ms = min(wait_ms, (waited[1] - now) * 1000)  # read again: not longer
+            if wait_ms > 0:
+                consumer.seek(TP(key[0], key[1], offset))
                 consumer.pause([TP(key[0], key[1])])
                 with self._lock:
-                    state.resume_at = time.monotonic() + (info.due_ms - now_ms) / 1000
-                return kept, address, record.offset()
+                    state.resume_at = now + wait_ms / 1000
+                    state.waited = (offset, state.resume_at)
+                return kept, address, offset
             kept.append(record)
         return kept, address or key[0], records[-1].offset() + 1
 
