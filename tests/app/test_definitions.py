@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -247,4 +250,49 @@ async def test_publish_to_placeholders_are_address_parameters_or_given_by_an_out
         "on_order, publish_to='invoices.{country}': {country} is not a parameter of the "
         "address 'orders.{region}'; return Outgoing[...] with params={'country': ...} to "
         "give it per result"
+    )
+
+
+async def test_a_handler_the_lifespan_adds_is_checked_at_startup() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[None]:
+        @app.subscriber("late")
+        async def on_late(a: Order, b: Order) -> None: ...
+
+        yield None
+
+    # Checked only at its first message before: every message failed, then was
+    # dead-lettered, for a handler the app could never serve.
+    assert (await startup_error(App(lifespan=lifespan))).endswith(
+        "lifespan.<locals>.on_late, parameter 'b': a second payload parameter (the payload "
+        "is 'a'); mark one with Header, Binding, Meta, State or Depends"
+    )
+
+
+async def test_a_handler_added_after_the_start_is_named_as_missing_from_documents(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[None]:
+        @app.subscriber("late")
+        async def on_late(order: Order) -> None: ...
+
+        yield None
+
+    app = App(lifespan=lifespan)
+    with caplog.at_level(logging.WARNING, logger="amgi.app"):
+        assert app.asyncapi()["channels"] == {}
+        async with TestClient(app) as client:
+            assert (await client.publish("late", b'{"id": 1}')).acked
+            assert list(app.asyncapi()["channels"]) == ["late"]  # known once started
+    empty, late = (r.getMessage() for r in caplog.records)
+    assert empty == (
+        "App 'AMGI application' has no handler: its AsyncAPI document lists no channel "
+        "(handlers added once the app starts, in its lifespan, are not known before)"
+    )
+    assert late.endswith(
+        "lifespan.<locals>.on_late was subscribed to 'late' once the app had started: "
+        "an AsyncAPI document made without starting the app (amgi asyncapi, amgi docs) "
+        "does not list it; declare the handler when the module is imported (its address "
+        "may come from settings read then)"
     )

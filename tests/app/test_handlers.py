@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import threading
 from typing import Annotated, Any, Optional, Union
 
 import pytest
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from typing_extensions import TypedDict
 
 from amgi.app import (
@@ -188,6 +189,26 @@ async def test_routing_rule_exact_then_most_literal_then_error() -> None:
         async def other(body: bytes) -> None: ...
 
 
+async def test_a_filters_messages_are_routed_by_their_own_address() -> None:
+    app = App()
+    hits: list[tuple[str, str]] = []
+
+    @app.subscriber("a.{x}")
+    async def by_pattern(body: bytes, x: str) -> None:
+        hits.append(("a.{x}", x))
+
+    @app.subscriber("b.*")
+    async def by_filter(body: bytes, address: Annotated[str, Meta("address")]) -> None:
+        hits.append(("b.*", address))
+
+    async with TestClient(app) as client:
+        for filter_, subject in (("a.*", "a.eu"), ("a.>", "a.us"), ("b.*", "b.eu")):
+            bindings = {"nats": {"subject": subject}}
+            assert (await client.publish(filter_, b"", bindings=bindings)).acked
+    # A filter's own handler still takes what no handler of the subject does.
+    assert hits == [("a.{x}", "eu"), ("a.{x}", "us"), ("b.*", "b.eu")]
+
+
 def test_patterns_of_equal_weight_that_share_an_address_are_refused() -> None:
     app = App()
 
@@ -326,6 +347,40 @@ async def test_a_validator_that_raises_nacks_its_message_only_on_every_path() ->
     assert calls == [["A", "B"]]  # one call: the batch was not split
 
 
+def tenant_of(code: str) -> str:
+    return {"a": "tenant-a"}[code]  # KeyError: a lookup that failed, not a bad message
+
+
+Tenant = Annotated[str, AfterValidator(tenant_of)]
+
+
+async def test_a_header_binding_or_address_validator_that_raises_is_retried() -> None:
+    app = App()
+
+    @app.subscriber("h")
+    async def by_header(body: bytes, tenant: Annotated[Tenant, Header("tenant")]) -> None: ...
+
+    @app.subscriber("b")
+    async def by_binding(body: bytes, tenant: Annotated[Tenant, Binding("x", "t")]) -> None: ...
+
+    @app.subscriber("p.{tenant}")
+    async def by_address(body: bytes, tenant: Tenant) -> None: ...
+
+    async with TestClient(app) as client:
+        header = await client.publish("h", headers={"tenant": "z"})
+        binding = await client.publish("b", bindings={"x": {"t": "z"}})
+        address = await client.publish("p.z")
+        assert (await client.publish("p.a")).acked
+    for result, where in (
+        (header, "by_header: header 'tenant'"),
+        (binding, "by_binding: binding x.t"),
+        (address, "by_address: address parameter 'tenant'='z'"),
+    ):
+        assert not result.acked
+        assert not result.dead_lettered, where  # the message is not at fault: retried
+        assert (result.reason or "").endswith(f"{where}: its validator raised KeyError: 'z'")
+
+
 async def test_without_the_extension_a_poison_message_is_a_plain_nack() -> None:
     app = App()
 
@@ -440,6 +495,55 @@ async def test_sync_handler_does_not_block_the_loop() -> None:
         await asyncio.sleep(0)  # the loop still runs while the handler blocks its thread
         release.set()
         assert (await task).acked
+
+
+async def test_an_outgoing_with_its_address_is_published_without_publish_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = App()
+
+    @app.subscriber("fast")
+    async def fast(order: Order) -> Outgoing[Order]:
+        return Outgoing(order, address="audit.fast")
+
+    @app.subscriber("untyped.{region}")
+    async def untyped(order: Order, region: str):  # type: ignore[no-untyped-def]
+        return Outgoing(order, address="audit.{region}")
+
+    @app.subscriber("many", batch=True)
+    async def many(orders: list[Order]) -> list[Outgoing[Order]]:
+        return [Outgoing(o, address="audit.many") for o in orders]
+
+    @app.subscriber("nowhere")
+    async def nowhere(order: Order) -> Outgoing[Order]:
+        return Outgoing(order)
+
+    with caplog.at_level(logging.WARNING, logger="amgi.app"):
+
+        @app.subscriber("dropped")
+        async def dropped(order: Order) -> Invoice:
+            return Invoice(order_id=order.id, total=order.amount, region="eu")
+
+        order = {"id": 1, "amount": 2.0}
+        async with TestClient(app) as client:
+            for address in ("fast", "untyped.eu", "many"):
+                assert (await client.publish(address, order)).acked, address
+            lost = await client.publish("nowhere", order)
+            assert (await client.publish("dropped", order)).acked
+    # They were acked with nothing published: the messages they returned were lost.
+    assert [m.address for m in client.sent] == ["audit.fast", "audit.eu", "audit.many"]
+    assert not lost.acked
+    assert not lost.dead_lettered
+    assert (lost.reason or "").endswith(
+        "nowhere: its result could not be published, nothing was published: the Outgoing "
+        "has no address and the handler no publish_to; give Outgoing(..., address=...) or "
+        "publish_to=..."
+    )
+    (warning,) = (r.getMessage() for r in caplog.records)
+    assert warning.endswith(
+        "dropped returns Invoice but has no publish_to: what it returns is not published "
+        "(give publish_to=..., return Outgoing(..., address=...), or annotate -> None)"
+    )
 
 
 async def test_outgoing_sets_headers_bindings_and_address() -> None:

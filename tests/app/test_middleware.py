@@ -6,8 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
+import pytest
+
 from amgi.app import App, Depends, Failures, HandlerCall, Publisher
 from amgi.app.testing import TestClient
+from amgi.errors import StartupFailed
 
 CallNext = Callable[[], Awaitable[Any]]
 
@@ -254,3 +257,35 @@ async def test_middleware_added_after_the_app_was_prepared_runs() -> None:
     async with TestClient(app) as client:
         assert (await client.publish("in", 1)).acked
     assert seen == ["on_in"]
+
+
+async def test_a_middleware_that_cannot_be_called_so_fails_the_startup() -> None:
+    def factory(app: Any) -> Any:  # an ASGI-style middleware factory
+        return app
+
+    def sync_and_done(call: HandlerCall, call_next: CallNext) -> None:
+        return None  # no awaitable: the handler call cannot go on
+
+    app = App(middleware=[factory])
+
+    @app.subscriber("in")
+    async def on_in(body: bytes) -> None: ...
+
+    # Each message failed, then was dead-lettered, for a middleware it could not be served by.
+    with pytest.raises(StartupFailed) as info:
+        async with TestClient(app):
+            pass
+    assert str(info.value).endswith(
+        "middleware test_a_middleware_that_cannot_be_called_so_fails_the_startup.<locals>."
+        "factory cannot be called as middleware(call, call_next): too many positional "
+        "arguments"
+    )
+    other = App(middleware=[sync_and_done])
+    other.subscriber("in")(on_in)
+    async with TestClient(other) as client:
+        result = await client.publish("in", b"")
+    assert not result.acked
+    assert (result.reason or "").endswith(
+        "sync_and_done returned NoneType, not an awaitable; make it an async def "
+        "that returns await call_next()"
+    )

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from amgi.app._address import Router
 from amgi.app._asyncapi import document
-from amgi.app._errors import AppDefinitionError, PayloadError
+from amgi.app._errors import AppDefinitionError, PayloadError, ValidatorFailed
 from amgi.app._handler import Handler
-from amgi.app._middleware import Middleware
+from amgi.app._inject import name_of
+from amgi.app._middleware import Middleware, check
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 
 __all__ = ["NACK_RETRY", "App", "Lifespan"]
+
+logger = logging.getLogger("amgi.app")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Lifespan = Callable[["App"], contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None]]
@@ -53,6 +57,8 @@ class App:
         self._decoders = {k.lower(): v for k, v in (decoders or {}).items()}
         self._router: Router[Handler] = Router()
         self._prepared = False
+        self._started = False
+        """The app has started (lifespan startup, or a first message without lifespan)."""
 
     def subscriber(
         self,
@@ -96,6 +102,17 @@ class App:
                 raise AppDefinitionError(f"{handler.name}: {exc}") from None
             self.handlers.append(handler)
             self._prepared = False
+            if self._started:
+                # Documents are made from the handlers declared at import (amgi asyncapi
+                # and amgi docs do not start the app): say that this one is missing there.
+                logger.warning(
+                    "%s was subscribed to %r once the app had started: an AsyncAPI "
+                    "document made without starting the app (amgi asyncapi, amgi docs) "
+                    "does not list it; declare the handler when the module is imported "
+                    "(its address may come from settings read then)",
+                    handler.name,
+                    address,
+                )
             return func
 
         return register
@@ -112,6 +129,8 @@ class App:
         """
         if self._prepared:
             return
+        for middleware in self._middleware:
+            check(middleware, name_of(middleware))
         for handler in self.handlers:
             handler.prepare(self._decoders, self._middleware)
         self._prepared = True
@@ -124,6 +143,12 @@ class App:
     def asyncapi(self) -> dict[str, Any]:
         """The AsyncAPI 3.0 document of this application."""
         self.prepare()
+        if not self.handlers:
+            logger.warning(
+                "App %r has no handler: its AsyncAPI document lists no channel (handlers "
+                "added once the app starts, in its lifespan, are not known before)",
+                self.title,
+            )
         return document(
             self.handlers, title=self.title, version=self.version, description=self.description
         )
@@ -132,50 +157,107 @@ class App:
         self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable
     ) -> None:
         if scope["type"] == "message":
+            self._started = True
             if not self._prepared:
                 self.prepare()
             address = scope["address"]
-            found = self._router.route(address)
+            state = scope.get("state") or {}
             dead_letter_ok = NACK_RETRY in (scope.get("extensions") or {})
-            if found is None:
-                known = ", ".join(self.addresses) or "none"
-                reason = f"no handler for address {address!r} (handlers: {known})"
-                await _reject_all(receive, send, reason, False)
-                return
-            handler, raw = found
-            try:
-                params = handler.convert_address(raw)
-            except PayloadError as exc:
-                # It can never be handled: dead-lettered at once, like an invalid payload.
-                await _reject_all(receive, send, f"{handler.name}: {exc}", dead_letter_ok)
-                return
-            await handler.serve(
-                receive,
-                send,
-                address,
-                params,
-                scope.get("state") or {},
-                dead_letter_ok,
-                raw,
-            )
+            if _is_filter(address):
+                await self._serve_filtered(address, receive, send, state, dead_letter_ok)
+            else:
+                await self._serve(address, receive, send, state, dead_letter_ok)
         elif scope["type"] == "lifespan":
             await self._run_lifespan(scope, receive, send)
+
+    async def _serve(
+        self,
+        address: str,
+        receive: AMGIReceiveCallable,
+        send: AMGISendCallable,
+        state: Mapping[str, Any],
+        dead_letter_ok: bool,
+        fallback: str | None = None,
+    ) -> None:
+        """Route the messages of ``receive`` by ``address`` to their handler.
+
+        ``fallback``: the subscription filter they came through, whose own handler (one
+        declared with the filter as its literal address) takes what ``address`` does not.
+        """
+        found = self._router.route(address)
+        if found is None and fallback is not None:
+            by_filter = self._router.route(fallback)
+            if by_filter is not None and not by_filter[1]:
+                found = by_filter
+        if found is None:
+            known = ", ".join(self.addresses) or "none"
+            reason = f"no handler for address {address!r} (handlers: {known})"
+            await _reject_all(receive, send, reason, False)
+            return
+        handler, raw = found
+        try:
+            params = handler.convert_address(raw)
+        except PayloadError as exc:
+            # It can never be handled: dead-lettered at once, like an invalid payload.
+            await _reject_all(receive, send, f"{handler.name}: {exc}", dead_letter_ok)
+            return
+        except ValidatorFailed as exc:
+            await _reject_all(receive, send, f"{handler.name}: {exc}", False)
+            return
+        await handler.serve(receive, send, address, params, state, dead_letter_ok, raw)
+
+    async def _serve_filtered(
+        self,
+        address: str,
+        receive: AMGIReceiveCallable,
+        send: AMGISendCallable,
+        state: Mapping[str, Any],
+        dead_letter_ok: bool,
+    ) -> None:
+        """Serve a call whose address is a subscription filter (NATS ``orders.*``).
+
+        Its messages were published to several addresses: each is routed by its own
+        (``bindings["nats"]["subject"]``), so that ``orders.{region}`` gets ``eu``, not
+        ``*``. Runs of messages with one address are served in turn, in broker order.
+        """
+        events = []
+        more = True
+        while more:
+            event = await receive()
+            events.append(event)
+            more = bool(event.get("more_messages", False))
+        start = 0
+        while start < len(events):
+            own = _own_address(events[start], address)
+            end = start + 1
+            while end < len(events) and _own_address(events[end], address) == own:
+                end += 1
+            run = _replay(events[start:end], receive)
+            await self._serve(own, run, send, state, dead_letter_ok, fallback=address)
+            start = end
 
     async def _run_lifespan(
         self, scope: Any, receive: AMGIReceiveCallable, send: AMGISendCallable
     ) -> None:
         await receive()  # lifespan.startup
+        self._started = True
         try:
             self.prepare()
             manager = self._lifespan(self) if self._lifespan else _no_lifespan()
             stack = contextlib.AsyncExitStack()
             state: Any = await stack.enter_async_context(manager)
-            if state is not None and not isinstance(state, Mapping):
+            try:
+                if state is not None and not isinstance(state, Mapping):
+                    raise TypeError(
+                        f"the lifespan must yield a mapping (the state) or None, "
+                        f"not {type(state).__name__}"
+                    )
+                # Handlers the lifespan added are checked now, not at their first message
+                # (each message would fail, then be dead-lettered, for the app's fault).
+                self.prepare()
+            except BaseException:
                 await stack.aclose()
-                raise TypeError(
-                    f"the lifespan must yield a mapping (the state) or None, "
-                    f"not {type(state).__name__}"
-                )
+                raise
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": _one_line(exc)})
             return
@@ -204,6 +286,42 @@ async def _reject_all(
             nack["retry"] = False
         await send(nack)  # type: ignore[arg-type]
         more = bool(event.get("more_messages", False))
+
+
+def _is_filter(address: str) -> bool:
+    """True when ``address`` is a subscription filter with wildcards, not one address:
+    a NATS ``*`` or ``>`` token, an MQTT ``+`` or ``#`` level."""
+    nats = ("*" in address or ">" in address) and any(
+        token in ("*", ">") for token in address.split(".")
+    )
+    mqtt = ("+" in address or "#" in address) and any(
+        level in ("+", "#") for level in address.split("/")
+    )
+    return nats or mqtt
+
+
+def _own_address(event: Any, address: str) -> str:
+    """The address a message of a filter's call was published to (``address`` if unknown)."""
+    bindings = event.get("bindings") or {}
+    for protocol, key in (("nats", "subject"), ("mqtt", "topic")):
+        own = (bindings.get(protocol) or {}).get(key)
+        if isinstance(own, str) and own:
+            return own
+    return address
+
+
+def _replay(events: list[Any], rest: AMGIReceiveCallable) -> AMGIReceiveCallable:
+    """A ``receive`` handing out ``events`` (received already) as one call's messages,
+    then what ``rest`` does past the last (the runtime's: wait for the call's end)."""
+    pending = iter(range(len(events)))
+
+    async def receive() -> Any:
+        i = next(pending, None)
+        if i is None:
+            return await rest()
+        return {**events[i], "more_messages": i < len(events) - 1}
+
+    return receive
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["AppDefinitionError", "DeadLetter", "PayloadError", "first_line", "one_line"]
+__all__ = [
+    "AppDefinitionError",
+    "DeadLetter",
+    "PayloadError",
+    "ValidatorFailed",
+    "first_line",
+    "one_line",
+    "validator_failed",
+]
 
 
 class AppDefinitionError(TypeError):
@@ -19,6 +27,18 @@ class DeadLetter(Exception):
 
 class PayloadError(ValueError):
     """A payload (or header, binding, address parameter) that does not fit its type."""
+
+
+class ValidatorFailed(Exception):
+    """A validator of a header, binding or address parameter raised something other than
+    a validation error (a lookup that failed, a bug): not the message's fault, retried."""
+
+
+def validator_failed(what: str, exc: BaseException) -> ValidatorFailed:
+    """The :class:`ValidatorFailed` of ``what`` (``header 'tenant'``) for ``exc``."""
+    return ValidatorFailed(
+        f"{what}: its validator raised {type(exc).__name__}: {one_line(str(exc))}"
+    )
 
 
 def first_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
@@ -21,11 +22,20 @@ from amgi.app._codec import (
     Decoder,
     Encoder,
     describe_validation_error,
+    encode_any,
     make_decoder,
     make_encoder,
     strip_none,
 )
-from amgi.app._errors import AppDefinitionError, DeadLetter, PayloadError, first_line, one_line
+from amgi.app._errors import (
+    AppDefinitionError,
+    DeadLetter,
+    PayloadError,
+    ValidatorFailed,
+    first_line,
+    one_line,
+    validator_failed,
+)
 from amgi.app._inject import (
     Context,
     Parameter,
@@ -45,6 +55,8 @@ from amgi.app._publisher import Publisher, encode_headers
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, MessageNackEvent
 
 __all__ = ["Handler"]
+
+logger = logging.getLogger("amgi.app")
 
 
 class _Invalid(Exception):
@@ -219,6 +231,8 @@ class Handler:
         returned = hints.get("return", None)
         if self.publish_to is None:
             self.output_type = None
+            self._encode = None
+            self._prepare_addressed_output(returned)
             return
         if "return" not in hints or returned is None or returned is type(None):
             raise AppDefinitionError(
@@ -252,8 +266,35 @@ class Handler:
             ) from None
         self.output_type = base
 
+    def _prepare_addressed_output(self, returned: Any) -> None:
+        """Without ``publish_to``: an ``Outgoing`` returned goes to its own address; any
+        other result has nowhere to go (a warning names a return type that says one)."""
+        if returned in (None, type(None), Any, object):
+            return
+        base = strip_none(unwrap_annotated(returned)[0])
+        if self.batch and typing.get_origin(base) in (list, Sequence, typing.Sequence):
+            (base,) = typing.get_args(base) or (Any,)
+        if typing.get_origin(base) is Outgoing or base is Outgoing:
+            (item,) = typing.get_args(base) or (Any,)
+            if item is not Any:
+                try:
+                    self._encode = make_encoder(item)
+                except Exception as exc:
+                    raise AppDefinitionError(
+                        f"{self.name}, return: cannot serialize {item!r}: "
+                        f"{type(exc).__name__}: {first_line(exc)}"
+                    ) from None
+            return
+        logger.warning(
+            "%s returns %s but has no publish_to: what it returns is not published "
+            "(give publish_to=..., return Outgoing(..., address=...), or annotate -> None)",
+            self.name,
+            type_name(returned),
+        )
+
     def convert_address(self, raw: dict[str, str]) -> dict[str, Any]:
-        """Address parameter values in their annotated types; PayloadError if one does not fit."""
+        """Address parameter values in their annotated types; PayloadError if one does not fit,
+        ValidatorFailed if a validator raised anything else."""
         if not self._converters:
             return raw
         values = dict(raw)
@@ -264,6 +305,8 @@ class Handler:
                 raise PayloadError(
                     f"address parameter {name!r}={raw[name]!r}: {describe_validation_error(exc)}"
                 ) from None
+            except Exception as exc:
+                raise validator_failed(f"address parameter {name!r}={raw[name]!r}", exc) from None
         return values
 
     # -- one call ------------------------------------------------------------------------
@@ -350,6 +393,8 @@ class Handler:
             kwargs = await plan.kwargs(ctx)
         except PayloadError as exc:
             raise _Invalid(f"{self.name}: {exc}") from None
+        except ValidatorFailed as exc:
+            raise _Invalid(f"{self.name}: {exc}", dead=False) from None
         if self.payload is not None:
             kwargs[self.payload.name] = value
         return kwargs
@@ -381,19 +426,23 @@ class Handler:
         parameters), where it goes unless the result is an Outgoing with its own address
         or parameters; _AddressError if an address cannot be filled.
         """
-        assert self._encode is not None
+        encode = self._encode or encode_any  # no publish_to: an Outgoing of any type
         if isinstance(result, Outgoing):
+            template = result.address if result.address is not None else self.publish_to
+            if template is None:
+                raise _AddressError(
+                    "the Outgoing has no address and the handler no publish_to; give "
+                    "Outgoing(..., address=...) or publish_to=..."
+                )
             if result.address is not None or result.params or self.output_extra:
-                template = result.address if result.address is not None else self.publish_to
-                assert template is not None
                 address = _fill(template, consumed, result.params)
-            data, ctype = self._encode(result.payload)
+            data, ctype = encode(result.payload)
             bindings = {k: dict(v) for k, v in (result.bindings or {}).items()}
             return address, encode_headers(result.headers, ctype), data, bindings
         if self.output_extra:
             assert self.publish_to is not None
             address = _fill(self.publish_to, consumed, None)
-        data, ctype = self._encode(result)
+        data, ctype = encode(result)
         return address, [(b"content-type", ctype.encode())], data, {}
 
     def with_middleware(
@@ -523,7 +572,12 @@ class _BatchState:
                 await self.nack(mid, str(invalid), invalid.dead)
             else:
                 try:
-                    await call(value)
+                    if (result := await call(value)) is not None:
+                        # The one kind of result it publishes: an Outgoing naming its
+                        # address (the fast path has no publish_to).
+                        await self.publish_all([result])
+                except _OutputError as exc:
+                    await self.nack(mid, str(exc), False)
                 except DeadLetter as exc:
                     await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
                 except Exception as exc:
@@ -552,9 +606,15 @@ class _BatchState:
                 exc,
             ) from None
 
-    async def publish_all(self, results: Sequence[Any]) -> None:
+    async def publish_all(self, results: Any) -> None:
+        """Publish what the handler returned (a list of results for a batch handler)."""
         if self.handler.publish_to is None:
-            return
+            # Only an Outgoing has somewhere to go: it names its address.
+            if not isinstance(results, list | tuple):
+                results = [results]
+            results = [r for r in results if isinstance(r, Outgoing)]
+            if not results:
+                return
         for address, headers, payload, bindings in self.encode_outputs(results):
             await self.publish(address, headers, payload, bindings)
 

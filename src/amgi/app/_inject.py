@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from amgi.app._codec import describe_validation_error, strip_none
-from amgi.app._errors import AppDefinitionError, PayloadError, first_line
+from amgi.app._errors import AppDefinitionError, PayloadError, first_line, validator_failed
 from amgi.app._params import Binding, Depends, Failures, Header, MessageInfo, Meta, State
 from amgi.app._publisher import Publisher
 
@@ -434,8 +434,10 @@ def _header_getter(
             if name == wanted or name.lower() == wanted:
                 try:
                     return convert(value if raw else value.decode("utf-8"))
-                except Exception as exc:
+                except (ValidationError, UnicodeDecodeError) as exc:
                     raise PayloadError(f"header {marker.name!r}: {_short(exc)}") from None
+                except Exception as exc:
+                    raise validator_failed(f"header {marker.name!r}", exc) from None
         if missing_ok:
             return default
         raise PayloadError(f"missing header {marker.name!r}")
@@ -460,8 +462,10 @@ def _binding_getter(
         if values is not None and key in values:
             try:
                 return check(values[key])
-            except Exception as exc:
+            except ValidationError as exc:
                 raise PayloadError(f"binding {protocol}.{key}: {_short(exc)}") from None
+            except Exception as exc:
+                raise validator_failed(f"binding {protocol}.{key}", exc) from None
         if missing_ok:
             return default
         raise PayloadError(f"missing binding {protocol}.{key}")

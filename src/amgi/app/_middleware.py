@@ -10,13 +10,15 @@ message is settled.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from amgi.app._errors import AppDefinitionError
 from amgi.app._params import MessageInfo
 
-__all__ = ["HandlerCall", "Middleware", "wrap"]
+__all__ = ["HandlerCall", "Middleware", "check", "wrap"]
 
 
 @dataclass(slots=True)
@@ -32,6 +34,25 @@ Middleware = Callable[[HandlerCall, Callable[[], Awaitable[Any]]], Awaitable[Any
 """``async def mw(call, call_next): ...; return await call_next()`` (first declared: outermost)."""
 
 
+def check(middleware: Any, name: str) -> None:
+    """Raise AppDefinitionError if ``middleware`` cannot be called as ``mw(call, call_next)``
+    (at startup: each message would fail for it, then be dead-lettered)."""
+    if not callable(middleware):
+        raise AppDefinitionError(
+            f"middleware {name} is not callable (a {type(middleware).__name__})"
+        )
+    try:
+        signature = inspect.signature(middleware)
+    except (TypeError, ValueError):
+        return  # a callable without a signature to read: its first call tells
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        raise AppDefinitionError(
+            f"middleware {name} cannot be called as middleware(call, call_next): {exc}"
+        ) from None
+
+
 def wrap(
     invoke: Callable[[], Awaitable[Any]],
     middleware: Sequence[Middleware],
@@ -45,16 +66,22 @@ def wrap(
     for mw, owner in zip(reversed(middleware), reversed(names), strict=True):
         step = _Step(chain, wrapped, owner)
         chain.steps.append(step)
-        wrapped = _bind(mw, info, step)
+        wrapped = _bind(mw, info, step, owner)
     outer = wrapped
     return lambda: chain.run(outer)
 
 
 def _bind(
-    mw: Middleware, info: HandlerCall, call_next: Callable[[], Awaitable[Any]]
+    mw: Middleware, info: HandlerCall, call_next: Callable[[], Awaitable[Any]], owner: str
 ) -> Callable[[], Awaitable[Any]]:
     async def step() -> Any:
-        return await mw(info, call_next)
+        outcome = mw(info, call_next)
+        if not inspect.isawaitable(outcome):
+            raise TypeError(
+                f"middleware {owner} returned {type(outcome).__name__}, not an awaitable; "
+                "make it an async def that returns await call_next()"
+            )
+        return await outcome
 
     return step
 
