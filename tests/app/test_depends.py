@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel
 
-from amgi.app import App, Depends, Failures, Header, MessageInfo, State
+from amgi.app import App, Depends, Failures, Header, MessageInfo, PayloadError, State
 from amgi.app.testing import TestClient
 from amgi.errors import StartupFailed
 
@@ -357,6 +357,36 @@ async def test_a_batch_dependency_gets_the_infos_and_failures() -> None:
     assert [r.acked for r in results] == [False, True]
     assert (results[0].reason or "").endswith("on_many: first item refused")
     assert not results[0].dead_lettered
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_dependency_raising_payload_error_dead_letters_alike_in_batches(
+    batch: bool,
+) -> None:
+    """A dependency that finds the message unusable raises ``PayloadError``: dead-lettered
+    at once with its reason. A batch handler retried it instead, with an internal class
+    name for the reason (``on_b raised _Invalid: ...``)."""
+    app = App()
+
+    def tenant() -> int:
+        raise PayloadError("bad tenant")
+
+    if batch:
+
+        @app.subscriber("b", batch=True)
+        async def on_b(items: list[dict[str, Any]], t: Annotated[int, Depends(tenant)]) -> None:
+            pass
+
+    else:
+
+        @app.subscriber("b")
+        async def on_b(item: dict[str, Any], t: Annotated[int, Depends(tenant)]) -> None:
+            pass
+
+    async with TestClient(app) as client:
+        result = await client.publish("b", {})
+    assert (result.acked, result.dead_lettered) == (False, True)
+    assert (result.reason or "").endswith(".on_b: bad tenant"), result.reason
 
 
 async def test_a_cancelled_sync_generator_setup_is_still_cleaned_up() -> None:

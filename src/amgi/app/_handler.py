@@ -717,6 +717,10 @@ class _BatchState:
             for mid in ids:
                 await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
             return
+        except _Invalid as exc:  # a dependency found the messages unusable (PayloadError)
+            for mid in ids:
+                await self.nack(mid, str(exc), exc.dead)
+            return
         except Exception as exc:
             reason = (
                 str(exc)
