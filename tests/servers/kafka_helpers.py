@@ -176,9 +176,9 @@ def end_offsets(topic: str, idle: float = 1.0) -> dict[int, int]:
     return ends
 
 
-def committed(group: str, topic: str) -> dict[int, int]:
+def committed(group: str, topic: str, bootstrap: str = BOOTSTRAP) -> dict[int, int]:
     """The group's committed offsets of every partition (negative: none)."""
-    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         md = consumer.list_topics(topic, timeout=10)
         parts = [TopicPartition(topic, p) for p in md.topics[topic].partitions]

@@ -18,6 +18,7 @@ from amgi.servers.kafka import KafkaOptions, KafkaSendError, KafkaTransport
 from tests.net import free_port
 from tests.servers.kafka_helpers import (
     KafkaFront,
+    committed,
     create_topic,
     fresh,
     options,
@@ -185,3 +186,56 @@ async def test_commits_a_coordinator_does_not_answer_are_not_a_line_each(
     failed = [r.getMessage() for r in caplog.records if "commit failed" in r.getMessage()]
     assert failed  # the failure is said
     assert len(failed) == len(set(failed)), failed
+
+
+async def test_a_commit_that_failed_is_sent_again_without_a_new_settle(tmp_path: Path) -> None:
+    """The server marks a commit done when it goes out; one the coordinator does not
+    answer (timed out) must still land once it answers again, with nothing settled
+    after it, or the group's offset stays behind until the close and a crash meanwhile
+    redelivers every record since. (librdkafka sends a timed-out commit again itself.)"""
+    broker_port, front_port = free_port(), free_port()
+    broker = start_private_broker(broker_port, front_port, tmp_path / "broker.log")
+    bootstrap = f"127.0.0.1:{front_port}"
+    direct = f"127.0.0.1:{broker_port}"
+    try:
+        with KafkaFront(front_port, broker_port) as front:
+            topic = create_topic(fresh("recommit"), partitions=1, bootstrap=bootstrap)
+            produce(topic, [(None, b"first", [])], bootstrap=bootstrap)
+            seen: list[bytes] = []
+
+            async def acking(scope: Any, receive: Any, send: Any) -> None:
+                event = await receive()
+                seen.append(event["payload"])
+                await send({"type": "message.ack", "id": event["id"]})
+
+            kafka = transport(
+                [topic], bootstrap_servers=bootstrap, config=["socket.timeout.ms=1000"]
+            )
+            group = kafka.config.group_id
+            runtime = Runtime(acking, kafka, RuntimeConfig(lifespan="off"))
+            server = asyncio.create_task(runtime.serve())
+            try:
+                deadline = time.monotonic() + 30
+                while not seen:
+                    assert not server.done(), server.result()
+                    assert time.monotonic() < deadline, "nothing consumed"
+                    await asyncio.sleep(0.05)
+                front.delays[8] = 60.0  # OffsetCommit: held past the 1 s socket timeout
+                await asyncio.to_thread(produce, topic, [(None, b"last", [])], bootstrap=bootstrap)
+                while len(seen) < 2 or not front.held[8]:
+                    assert time.monotonic() < deadline, (seen, front.held)
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.5)  # that commit times out
+                del front.delays[8]  # the coordinator answers again; nothing more settles
+                got: dict[int, int] = {}
+                while got.get(0) != 2:
+                    assert not server.done(), server.result()
+                    assert time.monotonic() < deadline + 10, f"committed {got}, want 2"
+                    got = await asyncio.to_thread(committed, group, topic, direct)
+                    await asyncio.sleep(0.2)
+            finally:
+                runtime.request_stop()
+                assert await asyncio.wait_for(server, 30) == 0
+    finally:
+        broker.kill()
+        broker.wait()
