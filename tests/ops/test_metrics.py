@@ -4,10 +4,12 @@ server, and ``/readyz`` flipping to not-ready while the runtime drains."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,14 @@ pytestmark = pytest.mark.timeout(90)
 def _ensure_prometheus() -> None:
     if shutil.which("promtool") is None or shutil.which("prometheus") is None:
         subprocess.run(["bash", "scripts/brokers/prometheus.sh"], cwd=ROOT, check=True)
+
+
+def _promtool_check(text: str) -> subprocess.CompletedProcess[str]:
+    """``promtool check metrics`` of an exposition."""
+    _ensure_prometheus()
+    return subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -424,3 +434,143 @@ def test_destination_names_are_bounded(caplog: pytest.LogCaptureFixture) -> None
     assert len(sent) == MAX_DESTINATIONS + 1
     assert sent[OTHER_DESTINATION] == extra
     assert caplog.text.count("the others are counted as") == 2  # once per kind
+
+
+async def test_an_address_that_is_not_unicode_text_does_not_break_the_scrape() -> None:
+    """A send to an address holding a lone surrogate (bytes that were not UTF-8) made
+    every later scrape fail: the label could not be encoded, and /metrics never answered."""
+    broker = MemoryBroker.reset("surrogate")
+    broker.put("q", [], b"x")
+    sent = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        await send({"type": "message.send", "address": "reply.\udcff", "headers": [],
+                    "payload": b"y"})  # fmt: skip
+        await send({"type": "message.ack", "id": m["id"]})
+        sent.set()
+
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "memory")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/metrics"
+    transport = MemoryTransport(["q"], MemoryOptions(broker="surrogate"))
+    runtime = Runtime(ops.app, transport, RuntimeConfig(lifespan="off"), metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+    try:
+        await asyncio.wait_for(sent.wait(), 10)
+        status, text = await asyncio.to_thread(get, url)
+        assert status == 200
+        # The surrogate is written as an escape, whose backslash the exposition escapes.
+        labels = {"messaging_destination_name": r"reply.\\udcff"}
+        assert sample(text, "messaging_client_sent_messages_total", **labels) == 1
+        check = await asyncio.to_thread(_promtool_check, text)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert sample(text, "messaging_client_consumed_messages_total") == 1
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 10) == 0
+
+
+async def test_listener_drops_a_client_that_does_not_read_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that asked for /metrics and never read the answer held the connection (and
+    its copy of the exposition) for ever."""
+    from amgi.ops.listener import OpsListener, bind
+
+    monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 0.2)
+    body = b"# more than the kernel buffers hold\n" * 500_000
+    sock = bind("127.0.0.1", 0)
+    listener = OpsListener(sock, lambda: None, lambda: body)
+    await listener.start()
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    try:
+        await loop.sock_connect(client, sock.getsockname())
+        await loop.sock_sendall(client, b"GET /metrics HTTP/1.1\r\n\r\n")  # then reads nothing
+        await asyncio.sleep(1.0)  # well past the timeout: the server gave up on it
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 10):
+                got += len(chunk)
+        assert got < len(body), "the answer was dropped, not kept waiting for the client"
+        await asyncio.wait_for(listener.close(), 10)
+    finally:
+        client.close()
+        await listener.close()
+
+
+FD_LIMITED_LISTENER = """
+import asyncio, resource, socket, sys
+from amgi.ops.listener import OpsListener, bind
+
+async def main():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+    sock = bind("127.0.0.1", 0)
+    listener = OpsListener(sock, lambda: None)
+    await listener.start()
+    print(sock.getsockname()[1], flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # the clients are connected
+    try:
+        socket.socket().close()  # what a broker connection needs
+        print("ok", flush=True)
+    except OSError as exc:
+        print(exc.strerror, flush=True)
+    await listener.close()
+
+asyncio.run(main())
+"""
+
+
+def test_idle_clients_cannot_use_up_the_servers_file_descriptors() -> None:
+    """Every connection was kept until its request came or 5s passed, however many there
+    were: clients that connect and send nothing used up the process's file descriptors,
+    and the server could open no broker connection, no file."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", FD_LIMITED_LISTENER],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        assert server.stdin is not None
+        port = int(server.stdout.readline())
+        for _ in range(200):  # more than the server's descriptors
+            with contextlib.suppress(OSError):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.5)  # let the server accept what it can
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        assert server.stdout.readline().strip() == "ok"
+        assert server.wait(10) == 0
+    finally:
+        for client in clients:
+            client.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+async def test_closing_the_listener_does_not_wait_for_idle_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From Python 3.12 the server's wait_closed() waits for every connection: a client
+    that connected and sent nothing held up the stop of the process."""
+    from amgi.ops.listener import OpsListener, bind
+
+    monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 600)
+    sock = bind("127.0.0.1", 0)
+    listener = OpsListener(sock, lambda: None)
+    await listener.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    try:
+        await asyncio.sleep(0.2)  # accepted: its request is awaited
+        await asyncio.wait_for(listener.close(), 10)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()

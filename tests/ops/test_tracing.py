@@ -337,3 +337,52 @@ async def test_a_send_without_headers_is_refused_traced_or_not() -> None:
         result = await run_batch(candidate, [message(b"x")])
         assert result.sent == []
     assert outcomes == ["InvalidEvent", "InvalidEvent"]
+
+
+def _memory_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+async def test_an_app_that_receives_in_its_own_tasks_logs_no_context_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The end of the call detached the context attached by the first receive(), made in
+    the app's child task: OpenTelemetry logged "Failed to detach context" on every batch."""
+    from amgi.testing import message, run_batch
+
+    async def handle(receive: Any, send: Any) -> None:
+        m = await receive()
+        await send({"type": "message.ack", "id": m["id"]})
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(handle(receive, send))
+            tasks.create_task(handle(receive, send))
+
+    provider, exporter = _memory_provider()
+    result = await run_batch(instrument(app, "memory", provider), [message(b"x"), message(b"y")])
+    assert sorted(result.acked) == ["1", "2"]
+    assert "Failed to detach context" not in caplog.text
+    statuses = [s.status.status_code for s in exporter.get_finished_spans()]
+    assert statuses == [StatusCode.UNSET] * 3, "two message spans and the batch span"
+
+
+async def test_an_app_that_raises_marks_its_batch_span_failed() -> None:
+    """The batch span of a call that raised ended as if all went well: the exception was
+    on no span at all."""
+    from amgi.testing import message, run_batch
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("boom")
+
+    provider, exporter = _memory_provider()
+    await run_batch(instrument(app, "memory", provider), [message(b"x")])
+    batch = [s for s in exporter.get_finished_spans() if s.parent is None]
+    assert len(batch) == 1
+    assert batch[0].status.status_code == StatusCode.ERROR
+    assert batch[0].status.description == "RuntimeError: boom"
+    assert [e.name for e in batch[0].events] == ["exception"]

@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from amgi.errors import ConfigurationError
 
@@ -26,6 +27,10 @@ Readiness = Callable[[], str | None]
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
+_MAX_CONNECTIONS = 32
+"""Connections served at once; more are dropped as they come, so that clients that connect
+and send nothing cannot use up the process's file descriptors (its broker connections and
+files need them)."""
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -67,6 +72,9 @@ class OpsListener:
         self._readiness = readiness
         self._exposition = exposition
         self._server: asyncio.Server | None = None
+        self._clients: dict[asyncio.StreamWriter, asyncio.Task[Any] | None] = {}
+        """The connections being served, with the task serving each."""
+        self._warned = False
 
     @property
     def port(self) -> int:
@@ -78,9 +86,15 @@ class OpsListener:
         self._server = await asyncio.start_server(self._handle, sock=self._sock, limit=_MAX_REQUEST)
 
     async def close(self) -> None:
-        """Stop listening (connections in progress finish within their timeout)."""
+        """Stop listening and drop the connections in progress (a scrape or probe of a
+        process that stops has no use)."""
         if self._server is not None:
             self._server.close()
+            for writer in self._clients:
+                writer.transport.abort()
+            serving = [task for task in self._clients.values() if task is not None]
+            if serving:  # each ends on its next step, once it sees its connection lost
+                await asyncio.wait(serving, timeout=_REQUEST_TIMEOUT)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
@@ -88,30 +102,55 @@ class OpsListener:
             self._sock.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= _MAX_CONNECTIONS:
+            writer.transport.abort()
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "the metrics listener drops connections beyond %d at once", _MAX_CONNECTIONS
+                )
+            return
+        self._clients[writer] = asyncio.current_task()
         try:
-            try:
-                async with asyncio.timeout(_REQUEST_TIMEOUT):
-                    head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                await self._reply(writer, 431, "request header too large\n")
-                return
-            except (asyncio.IncompleteReadError, TimeoutError):
-                return
-            method, _, rest = head.partition(b" ")
-            target = rest.partition(b" ")[0].partition(b"?")[0]
-            if method not in (b"GET", b"HEAD"):
-                await self._reply(writer, 405, "only GET\n", head_only=False)
-                return
-            status, body, kind = self._route(target)
-            await self._reply(writer, status, body, kind, head_only=method == b"HEAD")
-        except ConnectionError:
+            await self._serve(reader, writer)
+        finally:
+            del self._clients[writer]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = False
+        try:
+            answer = await self._answer(reader)
+            if answer is not None:
+                writer.write(answer)
+            # A client that does not read its answer is dropped, not waited for: it would
+            # hold the connection and its copy of the answer for ever.
+            async with asyncio.timeout(_REQUEST_TIMEOUT):
+                writer.close()
+                await writer.wait_closed()
+            answered = True
+        except (ConnectionError, TimeoutError):
             pass
         except Exception:
             logger.exception("the metrics listener failed to answer a request")
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if not answered:
+                writer.transport.abort()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The response to the request ``reader`` brings; ``None`` for no request."""
+        try:
+            async with asyncio.timeout(_REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            return self._reply(431, "request header too large\n")
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return None
+        method, _, rest = head.partition(b" ")
+        target = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return self._reply(405, "only GET\n")
+        status, body, kind = self._route(target)
+        return self._reply(status, body, kind, head_only=method == b"HEAD")
 
     def _route(self, target: bytes) -> tuple[int, str | bytes, str]:
         plain = "text/plain; charset=utf-8"
@@ -125,14 +164,13 @@ class OpsListener:
         return 404, "not found\n", plain
 
     @staticmethod
-    async def _reply(
-        writer: asyncio.StreamWriter,
+    def _reply(
         status: int,
         body: str | bytes,
         kind: str = "text/plain; charset=utf-8",
         *,
         head_only: bool = False,
-    ) -> None:
+    ) -> bytes:
         data = body.encode() if isinstance(body, str) else body
         reason = {
             200: "OK",
@@ -141,10 +179,8 @@ class OpsListener:
             431: "Request Header Fields Too Large",
             503: "Service Unavailable",
         }[status]
-        writer.write(
+        head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
         )
-        if not head_only:
-            writer.write(data)
-        await writer.drain()
+        return head if head_only else head + data

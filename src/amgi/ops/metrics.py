@@ -42,6 +42,17 @@ _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+def _label(address: str) -> str:
+    """``address`` as a label value the exposition can encode: what is not Unicode text (a
+    lone surrogate, from bytes that were not UTF-8) is written as an escape, as one such
+    label would make every scrape fail."""
+    try:
+        address.encode()
+    except UnicodeEncodeError:
+        return address.encode(errors="backslashreplace").decode()
+    return address
+
+
 class PrometheusMetrics(MetricsHook):
     """A :class:`MetricsHook` that keeps Prometheus metrics in its own registry.
 
@@ -105,17 +116,19 @@ class PrometheusMetrics(MetricsHook):
         """False while fetching from the broker fails (the readiness probe reports it)."""
         self._children: dict[str, tuple[Counter, ...]] = {}
         self._histograms: dict[str, tuple[Histogram, Histogram]] = {}
-        self._consumed_names: dict[str, None] = {}
-        self._sent_names: dict[str, None] = {}
+        self._consumed_names: dict[str, str] = {}
+        self._sent_names: dict[str, str] = {}
         self._warned: set[str] = set()
 
-    def _bounded(self, address: str, seen: dict[str, None], what: str) -> str:
-        """``address``, or :data:`OTHER_DESTINATION` once ``seen`` is full."""
-        if address in seen:
-            return address
+    def _bounded(self, address: str, seen: dict[str, str], what: str) -> str:
+        """The label of ``address`` (:func:`_label`), or :data:`OTHER_DESTINATION` once
+        ``seen`` (address -> label) is full."""
+        label = seen.get(address)
+        if label is not None:
+            return label
         if len(seen) < MAX_DESTINATIONS:
-            seen[address] = None
-            return address
+            label = seen[address] = _label(address)
+            return label
         if what not in self._warned:
             self._warned.add(what)
             logger.warning(
@@ -184,7 +197,7 @@ class PrometheusMetrics(MetricsHook):
                     logger.warning("reading the consumer lag failed", exc_info=True)
                     values = None
                 for address, lag in sorted((values or {}).items()):
-                    family.add_metric([system, address], lag)
+                    family.add_metric([system, _label(address)], lag)
                 yield family
 
         self.registry.register(Backlog())

@@ -2,7 +2,8 @@
 
 :func:`instrument` wraps an application; the runtime never sees the difference. Per
 application call it opens a batch span (``process ADDRESS``, kind consumer) that links
-the trace context of every message received. Each received message gets its own
+the trace context of every message received, and ends in error, with the exception, when
+the app raises. Each received message gets its own
 consumer span, whose parent is the W3C trace context in its headers (``traceparent``,
 ``tracestate``; the batch span when it has none); the span is current in the app while it
 handles that message and ends when the app acks (ok) or nacks it (error, with the
@@ -15,6 +16,7 @@ when tracing is on, so tracing that is off costs nothing at all.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -75,6 +77,9 @@ def instrument(
         call = _TracedCall(tracer, system, scope["address"], receive, send)
         try:
             await app(scope, call.receive, call.send)
+        except Exception as exc:
+            call.failed(exc)
+            raise
         finally:
             call.end()
 
@@ -110,6 +115,9 @@ class _TracedCall:
         self._open: dict[str, trace.Span] = {}
         self._count = 0
         self._token: object | None = None
+        self._task = asyncio.current_task()
+        """The task of the call: a context attached in another task (the app's own) is
+        that task's, and goes with it."""
 
     async def receive(self) -> AMGIReceiveEvent:
         event: Any = await self._receive()
@@ -149,7 +157,7 @@ class _TracedCall:
         # of the call: the app's own spans and sends become its children.
         # The message's context (its baggage included) is the app's, with its span.
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        if self._token is None:
+        if self._token is None and asyncio.current_task() is self._task:
             self._token = token
         received: AMGIReceiveEvent = event
         return received
@@ -208,6 +216,11 @@ class _TracedCall:
             raise
         finally:
             span.end()
+
+    def failed(self, exc: Exception) -> None:
+        """Mark the batch span failed with the exception the app raised."""
+        self._batch.record_exception(exc)
+        self._batch.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
     def end(self) -> None:
         """Close every span of the call; messages left unsettled end in error."""
