@@ -147,6 +147,41 @@ def test_sqlite_replay_killed_half_way_keeps_every_dead_letter_exactly_once(
     assert payloads(db, "amgi_dead_letters") == []
 
 
+def test_an_interrupted_replay_says_what_it_leaves(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a replay exited 130 without a word, part of the dead
+    letters moved back and the rest not: the operator is told now."""
+    db = tmp_path / "amgi.db"
+    n = 20_000
+    dead_letter(db, "q", n)
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the replay waits for this writer
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "dead-letters", "replay", "q", "--busy-timeout", "30"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # started, and waiting behind the lock
+        replay.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        lock.execute("COMMIT")
+        out, err = replay.communicate(timeout=30)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+        lock.close()
+    assert replay.returncode == 130, err
+    assert "replayed" not in out
+    assert err.strip().endswith(
+        "amgi: replay interrupted: the dead letters it moved are back on 'q', the rest are "
+        "still dead letters (replay again to move them)"
+    ), err
+    assert len(payloads(db, "amgi_messages")) + len(payloads(db, "amgi_dead_letters")) == n
+
+
 async def test_sqlite_replay_leaves_dead_letters_made_after_it_started(tmp_path: Path) -> None:
     """A replay moves the dead letters there when it started, once each, and ends. It
     took those a running consumer dead-lettered meanwhile, its own copies failing again

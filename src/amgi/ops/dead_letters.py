@@ -9,6 +9,7 @@ with one error line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -111,7 +112,16 @@ async def run_dead_letters(transport: Transport, args: argparse.Namespace) -> in
                 print(format_dead_letter(d))
             print(f"{len(found)} dead letter(s) of {args.address!r} shown ({transport.name})")
             return 0
-        moved = await transport.replay_dead_letters(args.address, limit)
+        try:
+            moved = await transport.replay_dead_letters(args.address, limit)
+        except asyncio.CancelledError:  # Ctrl-C: part of it may be done, say so
+            print(
+                f"amgi: replay interrupted: the dead letters it moved are back on "
+                f"{args.address!r}, the rest are still dead letters (replay again to move "
+                "them)",
+                file=sys.stderr,
+            )
+            raise
         print(f"replayed {moved} dead letter(s) to {args.address!r} ({transport.name})")
         return 0
     finally:
