@@ -146,6 +146,33 @@ async def test_a_retry_keeps_the_stream_sequence_and_counts_the_delivery(subject
         await t.close()
 
 
+async def test_a_message_handed_back_unseen_uses_up_no_attempt(subject: str) -> None:
+    """JetStream counts every delivery: a message the runtime handed back uncounted (the
+    app never had it) came back one attempt further each time, and enough of them
+    dead-lettered it for nothing it did. The server takes its releases off the count."""
+    t = NatsTransport(
+        [subject], NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2, ack_wait=5)
+    )
+    await t.connect()
+    try:
+        await t.publish(subject, [], b"waiting", {})
+        attempts = []
+        for _ in range(3):
+            (message,) = await fetch_all(t, 1)
+            attempts.append(message.attempt)
+            released = Retry(message, "stopped before its turn", 0.0, uncounted=True)
+            await t.settle(Batch(subject, [message]), Settlement(retry=[released]))
+        (message,) = await fetch_all(t, 1)
+        attempts.append(message.attempt)
+        await t.settle(Batch(subject, [message]), Settlement(retry=[Retry(message, "no", 0.0)]))
+        (message,) = await fetch_all(t, 1)
+        attempts.append(message.attempt)
+        await t.settle(Batch(subject, [message]), Settlement(acked=[message]))
+    finally:
+        await t.close()
+    assert attempts == [1, 1, 1, 1, 2]
+
+
 async def test_a_stop_uses_up_no_attempt_of_the_messages_already_pulled(subject: str) -> None:
     """A stop used to give back (``-NAK``) what its pull request had brought and no batch
     had taken: each came again with its delivery count, the attempt, raised. Now the

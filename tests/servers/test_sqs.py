@@ -457,6 +457,29 @@ async def test_fifo_keeps_group_order_and_stops_a_group_at_its_first_failure(
     assert await counts(admin, name) == (0, 0)
 
 
+async def test_messages_held_behind_a_fifo_failure_or_released_use_up_no_attempt(
+    admin: SqsTransport, new_queue: NewQueue, consumer: Any
+) -> None:
+    """SQS counts every receive. A message held behind its group's failure (acked by the
+    app) or handed back unseen came back one attempt further each time, and at
+    --max-attempts was delivered alone and dead-lettered at its first failure, or with
+    the crash ledger off dead-lettered unseen: for another message's failure. Its
+    releases are taken off the count now."""
+    name = await new_queue(fifo=True)
+    for payload in (b"bad", b"held", b"unseen"):
+        await admin.publish(name, [], payload, {"sqs": {"message_group_id": "g"}})
+    transport = await consumer(name)
+    seen: list[tuple[bytes | None, int]] = []
+    for _ in range(3):
+        (batch,) = await fetch_n(transport, 3)
+        bad, held, unseen = batch.messages
+        seen += [(m.payload, m.attempt) for m in batch.messages]
+        retry = [Retry(bad, "bad", 0.0), Retry(unseen, "stopped", 0.0, uncounted=True)]
+        await transport.settle(batch, Settlement(acked=[held], retry=retry))
+    assert [a for p, a in seen if p == b"bad"] == [1, 2, 3]
+    assert [a for p, a in seen if p != b"bad"] == [1, 1, 1, 1, 1, 1], seen
+
+
 async def test_dead_letters_of_a_fifo_group_keep_its_order(
     admin: SqsTransport, new_queue: NewQueue, consumer: Any
 ) -> None:

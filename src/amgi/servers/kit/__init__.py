@@ -58,6 +58,11 @@ FIFO groups (:mod:`.fifo`)
     ``held_behind(messages, failed, group)``: the messages held back behind the first
     failure of their group (SQS FIFO, server and Lambda adapter).
 
+Uncounted deliveries (:mod:`.uncounted`) - brokers that count every delivery
+    ``Uncounted()``: ``release(ids)`` at a settle for the retries marked ``uncounted``,
+    ``correct(message)`` as each message arrives, ``forget(ids)`` once settled for good
+    (JetStream, SQS).
+
 Stopping (:mod:`.handover`)
     ``await await_answers(reads, wait_time)``: a transport's ``hand_over`` waits for the
     long polls in flight, which the broker answers within ``wait_time``, and
@@ -129,6 +134,7 @@ from amgi.servers.kit.headers import (
 from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.kit.republisher import DelayedRepublisher
 from amgi.servers.kit.tls import untrusted_certificate
+from amgi.servers.kit.uncounted import Uncounted
 from amgi.servers.kit.watermark import Watermark
 
 __all__ = [
@@ -147,6 +153,7 @@ __all__ = [
     "DelayedRepublisher",
     "DueList",
     "Refreshed",
+    "Uncounted",
     "UnknownBinding",
     "Watermark",
     "attempt_from_headers",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
+from amgi.servers.kit import Uncounted
 from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._dead_letters import KEEP_FIX, Unkept
 from amgi.servers.nats._headers import decode, over_max_payload
@@ -67,6 +68,8 @@ class Consumers:
     ) -> None:
         self.client = client
         self.dead_letter_streams = dead_letter_streams
+        self._uncounted = Uncounted()
+        """Deliveries JetStream counted that were no attempt (:class:`Uncounted`)."""
         self.js = client.jetstream(timeout=options.publish_timeout)
         self.subjects = list(subjects)
         self.options = options
@@ -352,13 +355,19 @@ class Consumers:
         if msgs:
             self.backlog[subject] = int(_ack_fields(msgs[-1].reply)[6])
         self._held.update((id(msg), msg) for msg in msgs)
-        return Batch(subject, [_message(m) for m in msgs], key=subject)
+        messages = [_message(m) for m in msgs]
+        for m in messages:
+            self._uncounted.correct(m)
+        return Batch(subject, messages, key=subject)
 
     async def settle(
         self, settlement: Any, dead: list[tuple[Message, str, dict[str, str]]], subject: str
     ) -> None:
         held = self._held
         reconnects = self.client.stats["reconnects"]
+        uncounted = self._uncounted
+        uncounted.release(r.message.id for r in settlement.retry if r.uncounted)
+        uncounted.forget(m.id for m in settlement.acked)
         for m in settlement.acked:
             held.pop(id(m.token), None)
             await m.token.ack()
@@ -407,6 +416,7 @@ class Consumers:
                     )
                     await m.token.nak(delay=ack_wait)
                 else:
+                    uncounted.forget([m.id])
                     await m.token.term()
         # Cut off by a reconnect, the acks went with the old connection or not; either
         # way JetStream redelivers what it did not get, and the next batches go on.

@@ -328,6 +328,9 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         acked, retry, dead = settlement.acked, settlement.retry, settlement.dead
         if queue.fifo and retry:
             acked, retry, dead = _stop_group_at_first_failure(batch, settlement)
+        uncounted = self._uncounted
+        uncounted.release(r.message.id for r in retry if r.uncounted)
+        uncounted.forget([*(m.id for m in acked), *(d.message.id for d in dead)])
         steps = []
         if acked:
             steps.append(self._delete(queue, [m.token for m in acked]))

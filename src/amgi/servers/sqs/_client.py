@@ -16,6 +16,7 @@ from typing import Any, Final, TypeVar
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.kit.fifo import held_behind
 from amgi.servers.kit.refreshed import Refreshed
+from amgi.servers.kit.uncounted import Uncounted
 from amgi.servers.sqs.options import SqsOptions
 from amgi.servers.sqs.records import (
     _dead_letter_attributes,
@@ -130,7 +131,8 @@ def _stop_group_at_first_failure(
         if key in blocked:
             held = retries[id(blocked[key])]
             behind = f"held behind {held.message.id} (FIFO group)"
-            retry.append(Retry(m, behind, held.delay))
+            # Not its failure: the delivery that brings it back uses up no attempt.
+            retry.append(Retry(m, behind, held.delay, uncounted=True))
             if key in deads:
                 deads[key].not_stored(behind)
         elif key in retries:
@@ -256,6 +258,8 @@ class SqsClient:
         self._queues: dict[str, _Queue] = {}
         self._consumed: list[_Queue] = []
         self._receives: list[_Receive] = []
+        self._uncounted = Uncounted()
+        """Receives SQS counted that were no attempt (:class:`Uncounted`)."""
         self._held: dict[str, _Held] = {}
         """Receipt handle -> queue and receive time of every message received and not yet
         settled: in the app's hands, waiting for a free slot, or taken by a long poll not
@@ -378,6 +382,8 @@ class SqsClient:
         if not raw:
             return []
         messages = [_message(m) for m in raw]
+        for m in messages:
+            self._uncounted.correct(m)
         if not queue.fifo:
             return [Batch(queue.name, messages, None, queue)]
         groups: dict[str, list[Message]] = {}
