@@ -41,10 +41,12 @@ dead letters       list: ``XRANGE`` of the dead-letter stream; replay: ``XADD`` 
 =================  ==================================================================
 
 ``--mode pubsub``: addresses are channels (``SUBSCRIBE``); a batch is the messages on
-hand; acks do nothing; a nack is retried in memory, then dead-lettered with ``XADD``. A
-message published while the server is not subscribed, or held when it stops, is lost:
-this is Redis Pub/Sub's at-most-once delivery. ``message.send`` is ``PUBLISH`` of the
-payload (a channel message has no headers: sending headers raises).
+hand; acks do nothing; a nack is retried in memory, then dead-lettered with ``XADD``. At
+the stop the server unsubscribes and hands what Redis sent before it confirmed to the
+runtime. A message published while the server is not subscribed, or waiting for a retry
+when it stops (a warning counts those), is lost: this is Redis Pub/Sub's at-most-once
+delivery. ``message.send`` is ``PUBLISH`` of the payload (a channel message has no
+headers: sending headers raises).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from typing import Any, Literal
 
 from amgi.errors import ConfigurationError, SendError
 from amgi.servers.kit import (
+    ANSWER_SLACK,
     Refreshed,
     await_answers,
     dead_letter_headers,
@@ -275,8 +278,11 @@ class RedisTransport(DeadLetters, Transport):
 
     async def hand_over(self) -> Sequence[Batch]:
         """Streams: let the read in flight end (at most ``--block`` seconds and a little)
-        and return what it brought, for the runtime to process before it stops."""
+        and return what it brought, for the runtime to process before it stops. Pub/Sub:
+        unsubscribe and return what Redis sent before it confirmed."""
         streams, reading = self._streams, self._reading
+        if self._pubsub is not None:  # Redis sends a channel's message once: take it
+            return await self._pubsub.hand_over(ANSWER_SLACK)
         if streams is None:
             return []
         streams.stopping = True

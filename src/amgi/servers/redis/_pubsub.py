@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from amgi.transport import Settlement
 
 __all__ = ["PubSub"]
+
+logger = logging.getLogger("amgi.servers.redis")
 
 
 class PubSub:
@@ -33,9 +36,42 @@ class PubSub:
         self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.subscribe(*self.channels)
 
+    async def hand_over(self, wait: float) -> list[Batch]:
+        """At the stop: unsubscribe, and return the messages Redis sent before it
+        confirmed that no read took yet (Redis never sends them again), in batches of
+        ``batch_size``; the confirmation is waited for at most ``wait`` seconds."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return []
+        received: dict[str, list[Message]] = {}
+        try:
+            async with asyncio.timeout(wait):
+                await pubsub.unsubscribe()
+                while pubsub.subscribed:  # until every channel's confirmation came
+                    self._add(received, await pubsub.get_message(timeout=wait) or {})
+        except Exception as exc:
+            logger.warning(
+                "unsubscribing at the stop failed (%s): messages Redis sent meanwhile are "
+                "lost (Pub/Sub delivers at most once)",
+                exc or type(exc).__name__,
+            )
+        size = self.batch_size
+        return [
+            Batch(channel, messages[i : i + size], key=channel)
+            for channel, messages in received.items()
+            for i in range(0, len(messages), size)
+        ]
+
     async def stop(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        lost = len(self._retries)
         self._retries.clear()
+        if lost:
+            logger.warning(
+                "%d message(s) waiting in memory for a retry are lost as the server stops "
+                "(Pub/Sub delivers at most once)",
+                lost,
+            )
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from amgi.errors import ConfigurationError
+from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import DueList
 from amgi.servers.redis._client import execute_packed, pack, raise_if_cancelled
 
@@ -24,6 +24,15 @@ Entries = list[Any]
 """``[[entry_id, [field, value, ...]], ...]`` as Redis sends it."""
 Reply = tuple[str, Entries, "dict[bytes, int] | None"]
 """One stream's entries and their attempts (``None``: all first deliveries)."""
+
+_DELETE_IF_IDLE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+    return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+"""Delete the consumer ``ARGV[2]`` of group ``ARGV[1]`` on stream ``KEYS[1]`` only when
+nothing is pending on it (-1 otherwise)."""
 
 READ_AHEAD = 2
 """Batches of one stream in the runtime's hands before new entries of it are read again:
@@ -117,21 +126,44 @@ class Streams:
                 raise ConfigurationError(
                     f"redis: key {stream!r} exists and is not a stream"
                 ) from None
+            # A full Redis (maxmemory, noeviction) or a replica refuses the command before
+            # it looks for the group: one that exists is used (reads and acks need no room).
+            if await self._has_group(stream):
+                return False
+            if _refused_for_now(exc):
+                raise BrokerUnavailable(
+                    f"redis: the server refused to create group {self.group!r} on "
+                    f"{stream!r} for now: {text}"
+                ) from None
             raise ConfigurationError(f"redis: cannot create group on {stream!r}: {text}") from None
         return True
 
+    async def _has_group(self, stream: str) -> bool:
+        """Whether the group exists on ``stream`` (``XINFO GROUPS``, which writes nothing)."""
+        from redis import exceptions as redis_errors
+
+        try:
+            rows = await self.client.execute_command("XINFO GROUPS", stream)
+        except redis_errors.ResponseError:  # no such key
+            return False
+        group = self.group.encode()
+        return any(
+            dict(zip(row[::2], row[1::2], strict=True)).get(b"name") == group for row in rows
+        )
+
     async def stop(self) -> None:
-        """Forget this consumer in its groups when nothing is pending on it."""
+        """Forget this consumer in its groups when nothing is pending on it.
+
+        The look and the deletion are one script, one step at Redis: ``XGROUP
+        DELCONSUMER`` drops the consumer's pending entries from the group for good, and
+        a process that shares the name (a restart overlapping the old run) could read
+        entries onto it between two commands."""
         self._retries.clear()
         for stream in self.streams:
             with contextlib.suppress(Exception):
-                pending = await self.client.execute_command(
-                    "XPENDING", stream, self.group, "-", "+", 1, self.consumer
+                await self.client.execute_command(
+                    "EVAL", _DELETE_IF_IDLE, 1, stream, self.group, self.consumer
                 )
-                if not pending:
-                    await self.client.execute_command(
-                        "XGROUP", "DELCONSUMER", stream, self.group, self.consumer
-                    )
 
     async def _pipelined(self, commands: Iterable[Sequence[Any]]) -> list[Any]:
         """The replies of ``commands``, sent in one round trip; the first error Redis
@@ -381,8 +413,16 @@ class Streams:
                         self._retries.add(later, (stream, entry_id, attempt - 1))
                 continue
             entries = [e for reply in replies for e in reply]
+            attempts = {i: a for a, ids in by_attempt.items() for i in ids}
+            gone = attempts.keys() - {e[0] for e in entries if e[1] is not None}
+            if gone:
+                logger.warning(
+                    "%s of %s gone while waiting for a retry: deleted from the stream "
+                    "(trimmed by MAXLEN or XTRIM, or XDEL), or acknowledged by another "
+                    "consumer; not retried; e.g. %s",
+                    _entries(len(gone)), stream, min(gone).decode(),
+                )  # fmt: skip
             if entries:
-                attempts = {i: a for a, ids in by_attempt.items() for i in ids}
                 self._claimed.append((stream, entries, attempts))
         if failed is not None:
             raise failed
@@ -395,11 +435,17 @@ class Streams:
         claimed = False
         again = False
         for stream in self.streams:
-            cursor, ids, *_ = await self.client.execute_command(
+            cursor, ids, *deleted = await self.client.execute_command(
                 "XAUTOCLAIM", stream, self.group, self.consumer, idle, self._cursors[stream],
                 "COUNT", self.options.batch_size, "JUSTID",
             )  # fmt: skip
             self._cursors[stream] = cursor
+            if deleted and deleted[0]:  # Redis 7 drops them from the group and says which
+                logger.warning(
+                    "%s of %s deleted while pending on a consumer that went silent "
+                    "(trimmed by MAXLEN or XTRIM, or XDEL): lost unprocessed; e.g. %s",
+                    _entries(len(deleted[0])), stream, deleted[0][0].decode(),
+                )  # fmt: skip
             again = again or cursor != b"0-0"
             if not ids:
                 continue
@@ -541,6 +587,22 @@ class Streams:
                 "unprocessed (%s); their next attempt counts one more",
                 sum(map(len, counters.values())), stream, exc,
             )  # fmt: skip
+
+
+def _entries(count: int) -> str:
+    return "1 entry" if count == 1 else f"{count} entries"
+
+
+def _refused_for_now(exc: Exception) -> bool:
+    """Whether Redis refused a write for a passing reason: full (``OOM``), a replica
+    (``READONLY``), a failover, a background save that failed (``MISCONF``), a script."""
+    from redis import exceptions as redis_errors
+
+    passing = (
+        redis_errors.OutOfMemoryError, redis_errors.ReadOnlyError, redis_errors.MasterDownError,
+        redis_errors.TryAgainError, redis_errors.ClusterDownError,
+    )  # fmt: skip
+    return isinstance(exc, passing) or str(exc).startswith(("MISCONF", "BUSY ", "NOREPLICAS"))
 
 
 def _of(stream: str) -> Callable[[tuple[str, bytes, int]], bool]:

@@ -1,0 +1,287 @@
+"""The Redis server at the edges of a Redis that refuses writes (maxmemory) and of Pub/Sub."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.runtime import Runtime, RuntimeConfig
+from amgi.servers.redis import RedisOptions, RedisTransport
+from amgi.testing.conformance import Recorder
+from amgi.transport import Batch, Retry, Settlement
+from tests.net import free_port
+from tests.servers.private_brokers import PrivateBroker, private_redis
+from tests.servers.redis_helpers import URL, client, ensure_broker, fresh
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_broker() -> None:
+    ensure_broker()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    with private_redis(tmp_path / "redis") as broker:
+        yield broker
+
+
+async def fill_up(c: Any) -> None:
+    """Let Redis refuse every write that may grow it (maxmemory below what it uses, with
+    the default noeviction): ``OOM command not allowed``."""
+    used = int((await c.info("memory"))["used_memory"])
+    await c.config_set("maxmemory-policy", "noeviction")
+    await c.config_set("maxmemory", max(1, used - 100_000))
+
+
+async def read_some(t: RedisTransport) -> list[Batch]:
+    async with asyncio.timeout(10):
+        while True:
+            batches = [b for b in await t.fetch() if b.messages]
+            if batches:
+                return batches
+
+
+async def test_a_full_redis_still_lets_a_consumer_of_an_existing_group_start(
+    broker: PrivateBroker,
+) -> None:
+    """``XGROUP CREATE`` is refused by a full Redis even when the group exists (Redis
+    checks memory before it runs a command): the server could not start, with a
+    configuration error, when its consumers were most needed. Reads and acks need no
+    memory: it starts and drains the stream."""
+    url = f"redis://127.0.0.1:{broker.port}/0"
+    c = await client(url)
+    t = RedisTransport(["s"], RedisOptions(url=url, group="g", block=0.1))
+    try:
+        await c.execute_command("XGROUP", "CREATE", "s", "g", "0", "MKSTREAM")
+        await c.execute_command("XADD", "s", "*", "payload", "kept")
+        await fill_up(c)
+        await t.connect()
+        [batch] = await read_some(t)
+        assert [m.payload for m in batch.messages] == [b"kept"]
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+        assert (await c.execute_command("XPENDING", "s", "g"))[0] == 0
+    finally:
+        await t.close()
+        await c.aclose()
+
+
+async def test_a_group_lost_while_redis_is_full_is_a_passing_failure_not_a_fatal_one(
+    broker: PrivateBroker,
+) -> None:
+    """A group lost while Redis refuses writes cannot be created again yet: the fetch
+    failed with a configuration error, which stops the whole server. It is now a broker
+    refusal (the runtime fetches again, backing off), and once Redis has room the group
+    is created again and its stream read."""
+    url = f"redis://127.0.0.1:{broker.port}/0"
+    c = await client(url)
+    t = RedisTransport(["s"], RedisOptions(url=url, group="g", block=0.1))
+    try:
+        await t.connect()
+        await c.execute_command("XADD", "s", "*", "payload", "first")
+        await c.execute_command("XGROUP", "DESTROY", "s", "g")
+        await fill_up(c)
+        with pytest.raises(BrokerUnavailable, match="maxmemory") as raised:
+            await t.fetch()
+        assert not isinstance(raised.value, ConfigurationError)
+        await c.config_set("maxmemory", 0)
+        [batch] = await read_some(t)
+        assert [m.payload for m in batch.messages] == [b"first"]
+    finally:
+        await t.close()
+        await c.aclose()
+
+
+async def test_a_replica_refusing_to_create_the_group_is_no_configuration_error(
+    broker: PrivateBroker,
+) -> None:
+    """A replica (a failover under way) refuses ``XGROUP CREATE``: a passing refusal
+    (the runtime fetches again), not a configuration error that stops the server."""
+    url = f"redis://127.0.0.1:{broker.port}/0"
+    c = await client(url)
+    t = RedisTransport(["s"], RedisOptions(url=url, group="g", block=0.1))
+    try:
+        await c.execute_command("REPLICAOF", "127.0.0.1", free_port())  # no primary: read-only
+        with pytest.raises(BrokerUnavailable, match="read only replica") as raised:
+            await t.connect()
+        assert not isinstance(raised.value, ConfigurationError)
+    finally:
+        await t.close()
+        await c.aclose()
+
+
+# -- Pub/Sub at the stop ------------------------------------------------------------------
+
+
+async def test_pubsub_messages_redis_sent_before_the_stop_are_handed_over() -> None:
+    """Messages Redis pushed to the subscription that no fetch read yet (the app busy)
+    were dropped unseen at the stop: Redis never sends them again. The stop unsubscribes
+    and hands over what came before Redis confirmed, for the runtime to process."""
+    channel = fresh("ps-stop")
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub", batch_size=2))
+    sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+    await t.connect()
+    await sender.connect()
+    try:
+        for n in range(3):
+            await sender.publish(channel, [], b"m%d" % n, {})
+        batches = await t.hand_over()
+        assert [m.payload for b in batches for m in b.messages] == [b"m0", b"m1", b"m2"]
+        assert [len(b.messages) for b in batches] == [2, 1]  # in batches of --batch-size
+    finally:
+        await sender.close()
+        await t.close()
+
+
+async def test_a_pubsub_stop_processes_what_redis_sent_while_the_app_was_busy() -> None:
+    channel = fresh("ps-busy")
+    app = Recorder()
+    app.delay = 0.2
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub", batch_size=1))
+    runtime = Runtime(app, t, RuntimeConfig(lifespan="off", concurrency=1))
+    serving = asyncio.create_task(runtime.serve())
+    sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        await sender.connect()
+        sent = [b"m%d" % n for n in range(5)]
+        for payload in sent:
+            await sender.publish(channel, [], payload, {})
+        async with asyncio.timeout(10):
+            while not app.received:  # the first is in the app's hands, the rest arrived
+                await asyncio.sleep(0.01)
+    finally:
+        await sender.close()
+        runtime.request_stop()
+        assert await serving == 0
+    assert sorted(m.payload for m in app.acked) == sent
+
+
+async def test_pubsub_retries_lost_at_the_stop_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Retries wait in memory: a stop drops them, as at-most-once allows, but it did so
+    without a word (the report had counted them as retried)."""
+    channel = fresh("ps-retry")
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub"))
+    sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+    await t.connect()
+    await sender.connect()
+    try:
+        await sender.publish(channel, [], b"again", {})
+        [batch] = await read_some(t)
+        retry = Retry(batch.messages[0], "later", delay=60)
+        await t.settle(batch, Settlement(retry=[retry]))
+    finally:
+        await sender.close()
+        await t.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(s.startswith("1 message(s) waiting") and "at most once" in s for s in said), said
+
+
+# -- a consumer name two processes share -------------------------------------------------
+
+
+async def test_a_stop_never_deletes_entries_another_process_took_under_the_same_name() -> None:
+    """The stop deleted its consumer when ``XPENDING`` showed nothing pending on it, in a
+    second command: a process sharing the name (a restart that overlaps the old one) that
+    read an entry in between lost it, as ``XGROUP DELCONSUMER`` drops the consumer's
+    pending entries from the group (never delivered again). The check and the deletion
+    are now one step at Redis."""
+    stream, group = fresh("delconsumer"), fresh("g")
+    options = RedisOptions(url=URL, group=group, consumer="shared", block=0.1)
+    old, new = RedisTransport([stream], options), RedisTransport([stream], options)
+    c = await client()
+    await old.connect()
+    await new.connect()
+    try:
+        real = old._client.execute_command
+        answered = 0
+
+        async def meanwhile(*args: Any, **kwargs: Any) -> Any:
+            nonlocal answered
+            result = await real(*args, **kwargs)
+            answered += 1
+            if answered == 1:  # the stop's first command answered: the other one reads
+                await new.publish(stream, [], b"taken", {})
+                [batch] = await read_some(new)  # the entry is pending on "shared" now
+                assert batch.messages[0].payload == b"taken"
+            return result
+
+        old._client.execute_command = meanwhile
+        await old.close()
+        assert (await c.execute_command("XPENDING", stream, group))[0] == 1
+    finally:
+        await old.close()
+        await new.close()
+        await c.delete(stream)
+        await c.aclose()
+
+
+async def test_a_stop_deletes_its_consumer_only_when_nothing_is_pending_on_it() -> None:
+    stream, group = fresh("delconsumer"), fresh("g")
+    c = await client()
+    c.set_response_callback("XINFO CONSUMERS", lambda response, **_: response)
+
+    async def consumers() -> list[bytes]:
+        rows = await c.execute_command("XINFO CONSUMERS", stream, group)
+        return [dict(zip(r[::2], r[1::2], strict=True))[b"name"] for r in rows]
+
+    idle = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    busy = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1))
+    try:
+        await idle.connect()
+        await idle.publish(stream, [], b"done", {})
+        [batch] = await read_some(idle)  # a read names the consumer in the group
+        await idle.settle(batch, Settlement(acked=list(batch.messages)))
+        await busy.connect()
+        await busy.publish(stream, [], b"held", {})
+        await read_some(busy)
+        await idle.close()
+        await busy.close()  # its entry is still pending: it stays, to be claimed
+        assert await consumers() == [busy.consumer.encode()]
+    finally:
+        await idle.close()
+        await busy.close()
+        await c.delete(stream)
+        await c.aclose()
+
+
+# -- entries deleted while pending (MAXLEN, XDEL) ----------------------------------------
+
+
+async def test_entries_deleted_while_pending_are_said_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream trimmed (``MAXLEN``, ``XTRIM``, ``XDEL``) under entries still pending
+    deletes messages no application finished: those of a consumer that died, whose claim
+    finds them gone, and one waiting here for its retry. They vanished without a word."""
+    stream, group = fresh("trimmed"), fresh("g")
+    c = await client()
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.1))
+    try:
+        await t.connect()
+        for n in range(2):
+            await c.execute_command("XADD", stream, "*", "payload", b"dead%d" % n)
+        await c.execute_command("XREADGROUP", "GROUP", group, "dead", "STREAMS", stream, ">")
+        await c.execute_command("XADD", stream, "*", "payload", b"retried")
+        await c.execute_command("XTRIM", stream, "MAXLEN", 1)  # the dead one's two go
+        [batch] = await read_some(t)
+        [retried] = batch.messages
+        assert retried.payload == b"retried"
+        await t.settle(batch, Settlement(retry=[Retry(retried, "later", delay=0.05)]))
+        await c.execute_command("XDEL", stream, retried.id)
+        await c.execute_command("XADD", stream, "*", "payload", b"next")
+        await asyncio.sleep(0.2)  # the retry is due, the dead one's entries idle enough
+        [batch] = await read_some(t)
+        assert [m.payload for m in batch.messages] == [b"next"]
+    finally:
+        await t.close()
+        await c.delete(stream)
+        await c.aclose()
+    said = " | ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert f"2 entries of {stream} deleted while pending" in said, said
+    assert f"1 entry of {stream} gone while waiting for a retry" in said, said
