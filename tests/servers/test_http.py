@@ -164,6 +164,31 @@ async def test_pubsub_push_envelope(way: str) -> None:
     assert message["bindings"]["amgi"]["attempt"] == 2
 
 
+async def test_a_pubsub_push_past_its_attempts_is_answered_a_retry_and_logged_as_kept(
+    way: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server has no dead-letter destination: the sender keeps what the runtime
+    # dead-letters (Pub/Sub moves it to its own dead-letter topic), and the log said
+    # "dead-lettered" as if it were stored somewhere.
+    app = Recorder()
+    config = RuntimeConfig(shutdown_timeout=5.0, max_attempts=2)
+    answers = []
+    async with serving(way, app, config=config) as served, httpx.AsyncClient() as client:
+        for attempt, data in ((2, b"nack: last try"), (3, b"over the attempts")):
+            envelope = {
+                "message": {"data": base64.b64encode(data).decode(), "messageId": "1"},
+                "subscription": "projects/demo/subscriptions/billing",
+                "deliveryAttempt": attempt,
+            }
+            answers.append(await client.post(served.url + "/", json=envelope))
+    assert [a.status_code for a in answers] == [500, 500]
+    assert [m["payload"] for m in app.received] == [b"nack: last try"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("amgi")]
+    assert not [line for line in lines if "dead-lettered after" in line]
+    kept = [line for line in lines if "no dead-letter destination" in line]
+    assert len(kept) == 2, lines
+
+
 # -- settlement, retries, batching -----------------------------------------------------------------
 
 
@@ -429,15 +454,23 @@ _BINARY = "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: 1\r\nce-s
         ("ce-type: t\r\nce-tenant: a%0D%0Ab\r\n", "ce-tenant holds a control character"),
         ("ce-type: t\r\nce-specversion: 0.3\r\n", "ce-specversion given more than once"),
         ("ce-type: %FF\r\n", "ce-type is not UTF-8"),
+        # the next three reached the app (structured mode refused the same event)
+        ("ce-type: t\r\nce-foo_bar: 1\r\n", "header ce-foo_bar names no attribute"),
+        ("ce-type: t\r\nce-: 1\r\n", "header ce- names no attribute"),
+        ("ce-type: t\r\nce-tenant: a\tb\r\n", "ce-tenant holds a control character"),
     ],
 )
 async def test_binary_headers_that_are_no_attribute_text_are_400(extra: str, says: str) -> None:
     """Percent-decoding gave CR LF, a repeated ce-specversion was read as the last one,
-    and an address that is not UTF-8 became U+FFFD."""
+    and an address that is not UTF-8 became U+FFFD. A valid event of the same address
+    comes first, so that the refused one takes the path of an address already known."""
     app = Recorder()
     async with serving("own", app, config=FAST) as served:
         port = int(served.url.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((_BINARY + "ce-type: t\r\ncontent-length: 2\r\n\r\nok").encode())
+        async with asyncio.timeout(10):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 204 ")
         writer.write((_BINARY + extra + "content-length: 1\r\n\r\nx").encode())
         async with asyncio.timeout(10):
             head = await reader.readuntil(b"\r\n\r\n")
@@ -446,7 +479,7 @@ async def test_binary_headers_that_are_no_attribute_text_are_400(extra: str, say
         writer.close()
     assert head.startswith(b"HTTP/1.1 400 ")
     assert says in text
-    assert app.received == []
+    assert [m["payload"] for m in app.received] == [b"ok"]
 
 
 async def test_oversize_bodies_get_413_declared_or_streamed(way: str) -> None:
@@ -989,6 +1022,45 @@ async def test_an_answer_without_framing_ends_with_its_connection(
         await sender.close()
         server.close()
     assert got == [b"%d" % i for i in range(len(answers))]  # each once
+
+
+async def test_the_sender_reads_past_interim_answers_to_the_final_one() -> None:
+    """A receiver may send 1xx answers (100 Continue, 103 Early Hints) before the final
+    one (RFC 9110, 15.2). The sender took the 1xx for the answer: a delivered event was
+    reported failed, and the next send on the connection read the stale 204 as its
+    own answer (its 500 was never seen)."""
+    got: list[bytes] = []
+    answers = [
+        (b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n", b"HTTP/1.1 500 Oops\r\n"
+         b"content-length: 4\r\n\r\nfull"),
+    ]  # fmt: skip
+
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while len(got) < len(answers):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                got.append(await reader.readexactly(length))
+                interim, final = answers[len(got) - 1]
+                writer.write(interim)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # (the final answer in a read of its own)
+                writer.write(final)
+        writer.close()
+
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    sender = HttpTransport([], HttpOptions(send_url=url, send_timeout=10))
+    await sender.connect()
+    try:
+        await sender.publish("e0", [], b"0", {})
+        with pytest.raises(HttpSendError, match="answered 500 for 'e1': 'full'"):
+            await sender.publish("e1", [], b"1", {})
+    finally:
+        await sender.close()
+        server.close()
+    assert got == [b"0", b"1"]
 
 
 @pytest.mark.parametrize("payload", [b'{"a":"\\ud800"}', b'["\xed\xa0\x80"]'])

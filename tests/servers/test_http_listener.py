@@ -181,6 +181,20 @@ async def test_expect_100_continue_is_answered_before_the_body() -> None:
     assert [m["payload"] for m in app.received] == [b"later"]
 
 
+async def test_an_http_1_0_request_that_expects_100_continue_gets_only_its_answer() -> None:
+    """A server must not send a 1xx to an HTTP/1.0 client (RFC 9110, 15.2), which takes
+    the first answer for the final one: it read ``100 Continue`` as its answer."""
+    app = Recorder()
+    async with serving("own", app, config=FAST) as served:
+        reader, writer = await connect(served)
+        writer.write(request(b"a", version=b"HTTP/1.0", extra=b"expect: 100-continue\r\n"))
+        status, headers, _ = await read_answer(reader)
+        assert await closed(reader)
+        writer.close()
+    assert (status, headers["connection"]) == (204, "close")
+    assert [m["payload"] for m in app.received] == [b"a"]
+
+
 async def test_http_1_0_closes_unless_it_asks_for_keep_alive() -> None:
     app = Recorder()
     async with serving("own", app, config=FAST) as served:

@@ -216,8 +216,7 @@ async def test_no_secret_reaches_the_output_or_an_answer(
         "--log-level", "debug",
         "--token", token, "--hmac-secret", key,
         "--send-to", "out-*=http",
-        "--http-send-url", f"http://user:{marker}@127.0.0.1:{closed}/",
-        "--http-send-token", f"send-{marker}",
+        "--http-send-url", f"http://user:{marker}@127.0.0.1:{closed}/",  # sent as Basic
     )  # fmt: skip
     request.addfinalizer(server.kill)
     headers, _ = binary(cloud_event("orders", None, target="out-1"))

@@ -226,6 +226,15 @@ class HttpTransport(Transport):
             self._listener.begin_stop()
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
+        # No dead-letter destination here: a dead letter is answered a retry status like
+        # any nack, so its sender keeps it (Pub/Sub moves it to its own dead-letter
+        # topic); the runtime's log and metrics then say "kept", not "dead-lettered".
+        for dead in settlement.dead:
+            dead.not_stored(
+                f"the http server has no dead-letter destination: its request is answered "
+                f"{self.config.nack_status} and its sender keeps it (see the sender's own "
+                "dead letters)"
+            )
         self.inbox.settle(settlement, batch.address)
 
     async def publish(

@@ -386,6 +386,8 @@ class Connection(asyncio.Protocol):
         if refused is not None:
             self._finish(refused)
             raise _Stop
+        if version != "1.1":
+            self._expect = False  # an HTTP/1.0 client takes a 1xx for its answer (RFC 9110, 15.2)
         method = parser.get_method()
         if method != b"POST":
             self._refusal = METHOD_NOT_ALLOWED

@@ -28,6 +28,8 @@ from urllib.parse import unquote_to_bytes
 from amgi.transport import Bindings, HeaderList
 
 __all__ = [
+    "BINARY_NAMES",
+    "BINARY_SUSPECT",
     "BadRequest",
     "Parsed",
     "binary_event",
@@ -56,6 +58,13 @@ _ATTRIBUTE_NAME = re.compile("[a-z0-9]+").fullmatch
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]").search
 """The control characters a CloudEvents String must not hold (spec 1.0, 3.2)."""
 _CONTROL_BYTE = re.compile(b"[\x00-\x1f\x7f]").search
+_ATTRIBUTE_NAME_BYTES = re.compile(b"[a-z0-9]+").fullmatch
+"""The same, as bytes (matched from position 3 of a ``ce-`` header name)."""
+BINARY_SUSPECT = re.compile(b"[%\x00-\x1f\x7f]").search
+"""What sends a binary event's header values to :func:`binary_event`'s checks: a
+percent-encoding to decode, or a control character to refuse."""
+BINARY_NAMES = re.compile(b"(?:(?:ce-[a-z0-9]+|content-type) )*").fullmatch
+"""Names of a binary event's headers, each followed by a space, that name attributes."""
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]").search
 """A JSON escape of a UTF-16 surrogate: of a pair (read as one character) or lone."""
 _SURROGATE = re.compile("[\ud800-\udfff]").search
@@ -90,15 +99,19 @@ def binary_event(
     ``kept`` holds the request's ``ce-`` headers and its Content-Type, in order, and
     ``attributes`` the same as a dict; ``want`` names the address header.
     """
-    if _PERCENT in b"".join(attributes.values()):  # rare: percent-encoded values
-        for i, (name, value) in enumerate(kept):
-            if _PERCENT in value and name != _CONTENT_TYPE:
-                value = unquote_to_bytes(value)
-                if _CONTROL_BYTE(value):
-                    shown = name.decode("latin-1")
-                    raise BadRequest(f"binary event: {shown} holds a control character")
-                kept[i] = (name, value)
-        attributes = dict(kept)
+    for i, (name, value) in enumerate(kept):
+        if name != _CONTENT_TYPE and not _ATTRIBUTE_NAME_BYTES(name, 3):
+            shown = name.decode("latin-1")
+            raise BadRequest(
+                f"binary event: header {shown} names no attribute (ce- and lower-case "
+                "letters a-z and digits)"
+            )
+        if _PERCENT in value and name != _CONTENT_TYPE:  # rare: percent-encoded
+            value = unquote_to_bytes(value)
+            kept[i] = (name, value)
+        if _CONTROL_BYTE(value):  # (a tab comes as it is; the rest percent-encoded)
+            raise BadRequest(f"binary event: {name.decode('latin-1')} holds a control character")
+    attributes = dict(kept)
     if len(attributes) != len(kept):
         twice = sorted({n for n, _ in kept if sum(1 for m, _ in kept if m == n) > 1})
         shown = ", ".join(n.decode("latin-1") for n in twice)

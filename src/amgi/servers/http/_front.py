@@ -18,6 +18,8 @@ from typing import Any
 from amgi.servers.http._auth import Refused, RequestCheck
 from amgi.servers.http._events import (
     BATCH,
+    BINARY_NAMES,
+    BINARY_SUSPECT,
     JSON,
     STRUCTURED,
     BadRequest,
@@ -259,7 +261,8 @@ class Front:
                     address is None
                     or version != b"1.0"
                     or not (get(b"ce-id") and get(b"ce-source") and get(b"ce-type"))
-                    or _PERCENT in b"".join(attributes.values())
+                    or BINARY_SUSPECT(b"".join(attributes.values()))  # % or control
+                    or not BINARY_NAMES(b" ".join(attributes) + b" ")
                     or len(attributes) != len(kept)  # a header given twice
                 ):
                     address = self._binary_address(kept, attributes, path)

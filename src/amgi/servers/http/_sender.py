@@ -164,6 +164,14 @@ class _Response:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints ...; RFC 9110, 15.2): the
+            # final one follows. Taken for the answer, it failed a delivered event and
+            # left the final one to be read as the next send's answer.
+            self.headed = self.framed = False
+            self.body.clear()
+            return
         self.done = True
         # read here: once the answer is complete, the parser has forgotten
         self.keep_alive = self.parser.should_keep_alive()
