@@ -78,8 +78,9 @@ class RequestCheck:
         if self._secret is None:
             return
         assert signature is not None
-        if signature.startswith(self._prefix):
-            signature = signature[len(self._prefix) :]
+        prefix = self._prefix
+        if signature[: len(prefix)].lower() == prefix:  # sha256=, or SHA256=
+            signature = signature[len(prefix) :]
         expected = hmac.new(self._secret, body, self._algorithm).hexdigest().encode()
         if not hmac.compare_digest(signature.strip().lower(), expected):
             raise Refused(403, "body signature does not match")
