@@ -287,6 +287,20 @@ def test_start_tls_followed_by_data_is_a_violation() -> None:
         assert conn.failed
 
 
+def test_start_tls_without_ask_followed_by_data_is_fine() -> None:
+    """No answer, so no TLS follows (nor in Twisted): it was a violation, but only when
+    the next box came in the same read, so the outcome hung on TCP segmentation."""
+    conn = amp.Connection({b"StartTLS": amp.StartTLS, b"Ping": Ping})
+    events = conn.receive_data(
+        box(_command=b"StartTLS") + box(_command=b"Ping", _ask=b"1", text=b"x")
+    )
+    assert events == [
+        amp.CallReceived(None, amp.StartTLS, {}),
+        amp.CallReceived(b"1", Ping, {"text": "x"}),
+    ]
+    assert not conn.failed
+
+
 def test_start_tls_refusal_followed_by_data_is_fine() -> None:
     conn = amp.Connection()
     conn.send_call(amp.StartTLS, {})

@@ -168,3 +168,32 @@ async def test_descriptors_of_calls_still_queued_are_closed_when_the_connection_
         assert pipe.copies_closed()
     finally:
         pipe.close()
+
+
+async def test_connect_unix_cancelled_while_starting_leaves_nothing_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The socket was closed under a transport still starting: its protocol was made
+    and never told the end, and the loop kept watching the closed descriptor (a socket
+    given that number next could not be watched: "Exception in callback")."""
+    path = tmp_path / "amp.sock"
+    made: list[amp.AMP] = []
+
+    def factory() -> amp.AMP:
+        made.append(amp.AMP())
+        return made[-1]
+
+    async with await amp.serve_unix(Peer, path):
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for _ in range(3):
+                connecting = asyncio.ensure_future(amp.connect_unix(path, factory))
+                await asyncio.sleep(0)  # connected: the transport starts next
+                connecting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await connecting
+                async with asyncio.timeout(5), await amp.connect_unix(path, Peer) as conn:
+                    assert await conn.call_remote(Ping, text="x") == {"text": "ping:pong:x"}
+            async with asyncio.timeout(5):
+                for protocol in made:
+                    await protocol.wait_closed()
+        assert "Exception in callback" not in caplog.text

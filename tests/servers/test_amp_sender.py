@@ -100,3 +100,40 @@ async def test_a_send_cancelled_while_it_authenticates_leaves_no_connection_open
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_message_over_max_box_size_fails_alone_with_a_clear_error() -> None:
+    """It was sent anyway: the receiver closed the connection at its box limit, so every
+    send in flight on it failed too, all with a bare "connection closed"."""
+    import pytest
+
+    from amgi.servers.amp import AmpSendError
+
+    limit = 100_000
+    Receiver.made = []
+    server = await amp.serve(lambda: Receiver(max_box_size=limit), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = AmpTransport([], AmpOptions(port=port, max_box_size=limit))
+    try:
+        async with asyncio.timeout(10):
+            small = asyncio.create_task(sender.publish("orders", [], b"small", {}))
+            with pytest.raises(AmpSendError, match="over --max-box-size"):
+                await sender.publish("orders", [(b"h", b"v")], b"x" * limit, {})
+            await small  # its connection stayed up
+            await sender.publish("orders", [], b"y" * (limit - 100), {})  # fits
+    finally:
+        await sender.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_message_over_max_keys_per_box_fails_before_connecting() -> None:
+    import pytest
+
+    from amgi.servers.amp import AmpSendError
+
+    sender = AmpTransport([], AmpOptions(port=1, max_keys_per_box=5))  # nothing listens
+    big = b"x" * (2 * amp.BigBytes.chunk_size)  # 2 payload keys, 6 in all
+    with pytest.raises(AmpSendError, match=r"6 keys, over --max-keys-per-box \(5\)"):
+        await sender.publish("orders", [], big, {})
+    await sender.close()

@@ -47,12 +47,12 @@ class Caller(Link):
         if not command.requires_answer:
             if self._write_paused:
                 await self._drain()
-            if self._lost or self.transport is None:
+            if self._ended:
                 raise self._gone()
             self._core.send_call(command, kwargs)
             self._sent()
             return None
-        if self._lost or self.transport is None:
+        if self._ended:
             raise self._gone()
         if timeout is None:
             timeout = self.call_timeout
@@ -71,7 +71,7 @@ class Caller(Link):
             # before writing paused wait as well as those arriving after.
             if self._write_paused:
                 await self._drain()
-            if self._lost:
+            if self._ended:
                 raise self._gone()
             tag = self._core.send_call(command, kwargs)
             assert tag is not None
@@ -118,7 +118,7 @@ class Caller(Link):
             raise TypeError(f"{command.__name__} is not a ProtocolSwitchCommand")
         if self._write_paused:
             await self._drain()
-        if self._lost or self.transport is None:
+        if self._ended:
             raise self._gone()
         tag = self._core.send_call(command, kwargs)
         assert tag is not None

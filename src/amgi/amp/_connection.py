@@ -434,10 +434,12 @@ class Connection:
         command: type[Command] = event.command  # type: ignore[union-attr]
         if command is StartTLS:
             # After a StartTLS call or answer the next bytes are TLS (an error answer
-            # leaves the connection as it was).
-            if kind is not ErrorReceived and (
-                more_boxes or parser.buffered or parser.error is not None
-            ):
+            # leaves the connection as it was, and so does a call without _ask: no
+            # answer is sent, so TLS never starts, as in Twisted).
+            tls_follows = kind is not ErrorReceived and not (
+                kind is CallReceived and event.tag is None  # type: ignore[union-attr]
+            )
+            if tls_follows and (more_boxes or parser.buffered or parser.error is not None):
                 self.failed = True
                 events.append(ProtocolViolation("data received after StartTLS"))
                 return True

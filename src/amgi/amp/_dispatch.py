@@ -71,7 +71,7 @@ class Dispatcher(Caller):
             else:
                 reason = cast(ProtocolViolation, event).reason
                 log.warning("closing AMP connection with %s: %s", self._peer_name(), reason)
-                self._close_transport()
+                self._close_transport(f"the peer broke the AMP protocol: {reason}")
         if self._queue or self._refused_unsent:
             self._held_back()
         self._flush()
@@ -218,7 +218,7 @@ class Dispatcher(Caller):
             self._core.send_error(event.tag, code, description)
         if fatal:
             log.warning("closing AMP connection after fatal error %r", code)
-            self._close_transport()
+            self._close_transport(f"closed after the fatal error {code!r} answered to the peer")
 
     def _held_back(self) -> None:
         """After a read that left calls waiting (or refusals unsent while writing is
@@ -286,4 +286,4 @@ class Dispatcher(Caller):
             raise
         except Exception as exc:
             log.warning("TLS handshake failed: %s", exc)
-            self._close_transport()
+            self._close_transport(f"the TLS handshake failed: {exc}")

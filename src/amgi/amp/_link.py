@@ -197,6 +197,14 @@ class Link(asyncio.Protocol):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def _ended(self) -> bool:
+        """No new call may be written: the connection is lost, not made, or closing
+        (what is written after close() may still reach a peer that runs it, while its
+        answer would never be read)."""
+        transport = self.transport
+        return self._lost or transport is None or transport.is_closing()
+
     def _gone(self) -> AmpError:
         if self._switched_to is not None:
             return ProtocolSwitched("the connection switched to another protocol")
@@ -250,13 +258,17 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the connection: queued bytes are still sent, for at most
-        ``close_timeout`` seconds (a peer that stops reading), then it is aborted."""
-        self._close_transport()
+        ``close_timeout`` seconds (a peer that stops reading), then it is aborted.
+        Pending and later calls fail with :class:`ConnectionLost`."""
+        self._close_transport("the connection was closed by this side")
 
-    def _close_transport(self) -> None:
+    def _close_transport(self, reason: str) -> None:
+        """Close gracefully; ``reason`` is what pending and later calls fail with."""
         transport = self.transport
         if transport is None or self._lost:
             return
+        if self._end_reason is None:  # the first reason is the cause
+            self._end_reason = reason
         self._flush()
         transport.close()
         if self._abort_handle is None and not self._lost and self._loop is not None:

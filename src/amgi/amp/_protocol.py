@@ -65,7 +65,7 @@ class AMP(Dispatcher):
         except Exception:
             # A bug here must not escape into the event loop; the stream is now unusable.
             log.exception("internal error while processing AMP data; closing")
-            self._close_transport()
+            self._close_transport("internal error while processing AMP data")
 
     def fds_received(self, fds: list[int]) -> None:
         """File descriptors from the peer (UNIX connections), for Descriptor arguments."""
@@ -87,5 +87,7 @@ class AMP(Dispatcher):
         self._flush_soon()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        reason = f"connection lost: {exc}" if exc else "connection closed"
+        reason = self._end_reason  # why we closed it ourselves, if we did
+        if reason is None:
+            reason = f"connection lost: {exc}" if exc else "connection closed"
         self._finish(ConnectionLost(reason))

@@ -305,6 +305,7 @@ async def open_unix_connection(
     """Connect to ``path``; return the transport and the protocol, once connected."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    transport: FdTransport | None = None
     try:
         sock.setblocking(False)
         await loop.sock_connect(sock, os.fspath(path))
@@ -313,7 +314,12 @@ async def open_unix_connection(
         transport = FdTransport(loop, sock, protocol, waiter)
         await waiter
     except BaseException:
-        sock.close()
+        if transport is None:
+            sock.close()
+        else:
+            # Cancelled while it starts: the transport owns the socket now; aborting it
+            # tells the protocol and stops watching the descriptor before closing it.
+            transport.abort()
         raise
     return transport, protocol
 

@@ -420,6 +420,7 @@ class AmpTransport(Transport):
             "headers": [{"name": bytes(n), "value": bytes(v)} for n, v in headers],
             "payload": payload,
         }
+        self._check_size(values)
         if self._server is not None:
             targets: list[amp.AMP] = list(self._subscribers.get(address, ()))
             if not targets:
@@ -432,6 +433,25 @@ class AmpTransport(Transport):
         for result in results:
             if isinstance(result, BaseException):
                 raise AmpSendError(f"amp: could not deliver to {address!r}: {result}") from result
+
+    def _check_size(self, values: dict[str, Any]) -> None:
+        """Refuse a Deliver box over --max-box-size or --max-keys-per-box: a receiver
+        with those limits closes the connection at it, failing every other send in
+        flight there, each time."""
+        try:
+            size, keys = _deliver_size(values)
+        except amp.AmpError as exc:  # an argument that cannot be encoded at all
+            raise AmpSendError(f"amp: cannot send to {values['address']!r}: {exc}") from None
+        c = self.config
+        over = f"an AMP box of {size} bytes, over --max-box-size ({c.max_box_size})"
+        if size <= c.max_box_size:
+            if keys <= c.max_keys_per_box:
+                return
+            over = f"an AMP box of {keys} keys, over --max-keys-per-box ({c.max_keys_per_box})"
+        raise AmpSendError(
+            f"amp: the message to {values['address']!r} makes {over}: a receiver with "
+            "that limit would close the connection"
+        )
 
     async def _call(self, target: amp.AMP, values: dict[str, Any]) -> None:
         await target.call_remote(Deliver, timeout=self.config.call_timeout, **values)
@@ -492,6 +512,26 @@ class AmpTransport(Transport):
             self._server = None
         while not self._ready.empty():  # all nacked above
             self._ready.get_nowait()
+
+
+# The pairs a Deliver call adds to its arguments: _command, and _ask with a tag of at
+# most 16 hex digits; each pair is a key and a value, each with a 2-byte length.
+_CALL_KEYS_SIZE = (4 + len(b"_command") + len(Deliver.name)) + (4 + len(b"_ask") + 16)
+
+
+def _deliver_size(values: dict[str, Any]) -> tuple[int, int]:
+    """Bytes of the pairs of a Deliver box and their number (what a receiver's
+    max_box_size and max_keys_per_box bound), without copying the payload into chunks."""
+    box = Deliver.encode_arguments({**values, "payload": None})
+    size = _CALL_KEYS_SIZE + sum(4 + len(key) + len(value) for key, value in box.items())
+    keys = len(box) + 2
+    payload: bytes | None = values["payload"]
+    if payload is not None:
+        chunks = max(1, -(-len(payload) // amp.BigBytes.chunk_size))
+        names = len(b"payload") + sum(len(b"payload.%d" % n) for n in range(2, chunks + 1))
+        size += 4 * chunks + names + len(payload)
+        keys += chunks
+    return size, keys
 
 
 def _is_loopback(host: str) -> bool:
