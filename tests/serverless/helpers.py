@@ -84,3 +84,14 @@ def settling_app(
                 await send({"type": "message.ack", "id": event["id"]})
 
     return app
+
+
+class Stuck(Capture):
+    """A publisher whose sends never complete (an endpoint that accepts and never answers)."""
+
+    name = "stuck"
+
+    async def publish(
+        self, address: str, headers: HeaderList, payload: bytes | None, bindings: Bindings
+    ) -> None:
+        await asyncio.Event().wait()

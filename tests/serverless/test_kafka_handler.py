@@ -15,7 +15,7 @@ from amgi import servers
 from amgi.runtime import RuntimeConfig
 from amgi.serverless import BatchFailed, KafkaHandler, MalformedEvent
 from amgi.testing.conformance import Recorder
-from tests.serverless.helpers import Capture, Context, settling_app
+from tests.serverless.helpers import Capture, Context, Stuck, settling_app
 from tests.serverless.sending_app import SendingApp
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -55,6 +55,17 @@ async def test_header_bytes_may_be_signed_as_java_writes_them() -> None:
     await KafkaHandler(app, handle_sigterm=False).handle(event)
     first = next(r for r in app.received if r.bindings["kafka"]["offset"] == 15)
     assert first.headers == [(b"sig", bytes([0xFF, 0x80, 0x00, 0x7F]))]
+
+
+async def test_a_null_header_value_is_an_empty_value_as_on_the_kafka_server() -> None:
+    # Kafka allows a header without a value; refusing the event would block the partition.
+    event = copy.deepcopy(load("msk.json"))
+    event["records"]["mytopic-0"][0]["headers"] = [{"trace": None}, {"k": [104, 105]}]
+    app = Recorder()
+    result = await KafkaHandler(app, handle_sigterm=False).handle(event)
+    assert result == {"processed": 7, "dead_lettered": 0}
+    first = next(r for r in app.received if r.bindings["kafka"]["offset"] == 15)
+    assert first.headers == [(b"trace", b""), (b"k", b"hi")]
 
 
 async def test_partitions_run_concurrently_and_in_order_within() -> None:
@@ -387,3 +398,51 @@ async def test_a_publisher_factory_that_fails_is_a_send_error_in_the_app() -> No
     assert all(
         "cannot make the publisher to send: 'no PUBLISHER_URL'" in str(e) for e in app.errors
     )
+
+
+async def test_a_dead_letter_send_that_never_ends_fails_the_invocation_in_time() -> None:
+    app = Recorder(lambda r: "nack:bad record" if r.payload == b"p0-2" else "ack")
+    handler = KafkaHandler(
+        app,
+        handle_sigterm=False,
+        config=QUICK,
+        publisher=Stuck(),
+        dead_letter_address="mytopic-dlq",
+        deadline_margin=0.5,
+    )
+    with pytest.raises(BatchFailed, match="dead-letter"):
+        await asyncio.wait_for(handler.handle(load("msk.json"), Context(3)), 10)
+
+
+async def test_a_retry_cut_by_the_deadline_leaves_its_record_nacked_not_looping() -> None:
+    # Nacked on attempt 1; its retry is slow (a downstream timeout) and the deadline cuts
+    # it. Failing the invocation would start the batch over at attempt 1, every time.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        more = True
+        while more:
+            event = await receive()
+            more = event["more_messages"]
+            if event["payload"] != b"p0-2":
+                await send({"type": "message.ack", "id": event["id"]})
+            elif event["bindings"]["amgi"]["attempt"] == 1:
+                await send({"type": "message.nack", "id": event["id"], "message": "bad record"})
+            else:
+                await asyncio.sleep(30)
+
+    capture = Capture()
+    handler = KafkaHandler(
+        app,
+        handle_sigterm=False,
+        config=QUICK,
+        publisher=capture,
+        dead_letter_address="mytopic-dlq",
+        deadline_margin=0.3,
+    )
+    result = await handler.handle(load("msk.json"), Context(1.5))
+    assert result == {"processed": 7, "dead_lettered": 1}
+    ((address, headers, payload, _),) = capture.sent
+    assert (address, payload) == ("mytopic-dlq", b"p0-2")
+    assert (b"amgi-dead-letter-reason", b"bad record") in headers
+    assert (b"amgi-attempt", b"1") in headers, "the attempt the app nacked"

@@ -13,7 +13,8 @@ import pytest
 from amgi.runtime import RuntimeConfig
 from amgi.serverless import MalformedEvent, SqsHandler
 from amgi.testing.conformance import Received, Recorder
-from tests.serverless.helpers import Capture, Context, settling_app
+from tests.serverless.helpers import Capture, Context, Stuck, settling_app
+from tests.serverless.sending_app import SendingApp
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -270,3 +271,62 @@ async def test_fifo_a_record_failed_before_the_app_holds_its_group_back(damage: 
     by_id = {r["messageId"]: r["body"] for r in records}
     assert app.payloads() == [b"a0", b"b0", b"b1"], "a2 and a3 never reach the app before a1"
     assert [by_id[i] for i in failures(result)] == ["a1", "a2", "a3"]
+
+
+async def test_a_dead_letter_send_that_never_ends_fails_the_record_in_time() -> None:
+    event = load("sqs_standard.json")
+    ids = [r["messageId"] for r in event["Records"]]
+    handler = handler_for(
+        app_nacking_for_good([]),
+        publisher=Stuck(),
+        dead_letter_address="my-queue-dlq",
+        deadline_margin=0.5,
+    )
+    # Within the invocation's time, not killed by Lambda: SQS redelivers them.
+    result = await asyncio.wait_for(handler.handle(event, Context(1.5)), 10)
+    assert failures(result) == ids
+
+
+async def test_fifo_dead_letters_of_a_group_stop_at_the_first_that_cannot_be_sent() -> None:
+    # What comes back behind an unsent dead letter must not already be in the DLQ: it
+    # would be there twice, and ahead of the one before it in its group.
+    event = load("sqs_fifo.json")
+    ids = [r["messageId"] for r in event["Records"]]
+
+    class RefusingA1(Capture):
+        async def publish(self, address: str, headers: Any, payload: Any, bindings: Any) -> None:
+            if payload == b"a1":
+                raise ConnectionError("throttled")
+            await super().publish(address, headers, payload, bindings)
+
+    capture = RefusingA1()
+    handler = handler_for(
+        app_nacking_for_good([]), publisher=capture, dead_letter_address="dlq.fifo"
+    )
+    result = await handler.handle(event)
+    assert failures(result) == [ids[2], ids[3], ids[5]], "a1 and the rest of group a"
+    assert sorted(payload for _, _, payload, _ in capture.sent) == [b"a0", b"b0", b"b1"]
+
+
+async def test_a_connect_cut_by_the_deadline_closes_the_half_connected_publisher() -> None:
+    class SlowToConnect(Capture):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed = 0
+
+        async def connect(self) -> None:
+            self.connected += 1
+            if self.connected == 1:
+                await asyncio.sleep(30)  # a broker that accepts and never answers
+
+        async def close(self) -> None:
+            self.closed += 1
+
+    publisher = SlowToConnect()
+    handler = handler_for(SendingApp("replies"), publisher=publisher, deadline_margin=0.4)
+    event = load("sqs_standard.json")
+    result = await handler.handle(event, Context(1.0))
+    assert len(failures(result)) == 3
+    assert publisher.closed == 1, "what the cut connect opened is closed, not leaked"
+    assert failures(await handler.handle(event, Context(5))) == []
+    assert len(publisher.sent) == 3

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, NamedTuple, Protocol
 
@@ -330,6 +330,33 @@ class LambdaAdapter:
             results.append(BatchResult(settlement, in_time))
         return results
 
+    async def in_time(
+        self, sends: Sequence[Awaitable[None]], context: LambdaContext | None
+    ) -> list[Exception | None]:
+        """Run ``sends`` concurrently within the invocation's time left; the outcome of
+        each: None when done, else its error. One still running at the deadline is
+        cancelled and fails with a ``TimeoutError``: an endpoint that never answers must
+        not run the invocation into Lambda's timeout, which retries the whole batch."""
+        tasks = [asyncio.ensure_future(send) for send in sends]
+        if not tasks:
+            return []
+        left = self._time_left(context)
+        _, pending = await asyncio.wait(tasks, timeout=left)
+        if pending:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=self._grace(context))
+        outcomes: list[Exception | None] = []
+        for task in tasks:
+            if task in pending:
+                outcomes.append(TimeoutError(f"not done within the {left or 0:.3g}s left"))
+                continue
+            error = task.exception()
+            if error is not None and not isinstance(error, Exception):
+                raise error
+            outcomes.append(error)
+        return outcomes
+
     async def dead_letter(
         self, source: str, message: Message, reason: str, bindings: Bindings
     ) -> None:
@@ -398,9 +425,15 @@ class LambdaAdapter:
 
 
 async def _connect(transport: Transport) -> None:
-    """Connect ``transport`` to send; on failure close it and raise its send error."""
+    """Connect ``transport`` to send; on failure close it and raise its send error. Cut
+    by the deadline, it is closed as well: what the connect opened would leak otherwise,
+    and the next send connects it afresh."""
     try:
         await transport.connect()
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await transport.close()
+        raise
     except Exception as exc:
         with contextlib.suppress(Exception):
             await transport.close()

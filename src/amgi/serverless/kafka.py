@@ -6,7 +6,8 @@ How a Kafka event maps onto AMGI:
 ``records[topic-N]``   one batch per partition, its records in offset order; partitions
                        run concurrently (address: the topic)
 record                 mapped by :mod:`amgi.servers.kafka.records`, as the Kafka server
-                       does: base64 ``key``/``value`` decoded, header byte arrays joined,
+                       does: base64 ``key``/``value`` decoded, header byte arrays joined
+                       (a null header value: empty),
                        ``bindings["kafka"]``: key, partition, offset, timestamp
 ack                    nothing to do: Lambda commits the batch when the invocation succeeds
 nack / unsettled       retried within the invocation (Lambda can only retry a whole
@@ -20,7 +21,9 @@ nack / unsettled       retried within the invocation (Lambda can only retry a wh
 ``retry: False``       advertised (``message.nack.retry``) only with
                        ``dead_letter_address``, where such a record goes at once
 deadline               batches not finished in time fail the invocation (Lambda retries);
-                       nothing of it is dead-lettered, whether or not the app received it
+                       nothing of it is dead-lettered, whether or not the app received it,
+                       except a record whose in-invocation retry was cut: the attempt the
+                       app nacked was its last (else every invocation would start over)
 malformed event        :class:`MalformedEvent`, nothing processed
 =====================  ================================================================
 """
@@ -45,7 +48,7 @@ from amgi.serverless._adapter import (
 )
 from amgi.servers import load
 from amgi.servers.kafka.records import message_from_record
-from amgi.transport import Batch, DeadLetter, Message, Retry, Transport
+from amgi.transport import Batch, DeadLetter, Message, Retry, Settlement, Transport
 
 __all__ = ["KafkaHandler", "kafka_batches"]
 
@@ -68,15 +71,19 @@ def _b64(value: Any, group: str, index: int, field: str) -> bytes:
         raise MalformedEvent(f"{_where(group, index)}.{field} is not a base64 string") from None
 
 
-def _headers(raw: Any, group: str, index: int) -> list[tuple[str, bytes]]:
-    """``[{"name": [byte, ...]}, ...]`` as (name, value) pairs, in order."""
+def _headers(raw: Any, group: str, index: int) -> list[tuple[str, bytes | None]]:
+    """``[{"name": [byte, ...]}, ...]`` as (name, value) pairs, in order; a null value
+    (Kafka allows a header without one) stays None, as the Kafka server maps it."""
     if type(raw) is not list:
         raise MalformedEvent(f"{_where(group, index)}.headers is not a list")
-    out = []
+    out: list[tuple[str, bytes | None]] = []
     for j, item in enumerate(raw):
         if not is_object(item):
             raise MalformedEvent(f"{_where(group, index)}.headers[{j}] is not an object")
         for name, value in item.items():
+            if value is None:
+                out.append((str(name), None))
+                continue
             try:
                 if type(value) is not list:
                     raise TypeError
@@ -191,12 +198,25 @@ class KafkaHandler(LambdaAdapter):
                 f"{len(failures)} record(s) nacked or unfinished (first: {address} offset "
                 f"{m.id}: {reason}); failing the invocation so Lambda retries"
             )
-        for address, m, reason in failures:
-            # Only the key goes along: the source's partition need not exist in the
-            # dead-letter topic, which partitions by key like any producer would.
-            bindings = {"kafka": {"key": m.bindings.get("kafka", {}).get("key")}}
-            # A send error propagates: the invocation fails and Lambda retries the batch.
-            await self.dead_letter(address, m, reason, bindings)
+        sent: list[Failed] = []
+
+        async def send_in_order() -> None:
+            for address, m, reason in failures:
+                # Only the key goes along: the source's partition need not exist in the
+                # dead-letter topic, which partitions by key like any producer would.
+                await self.dead_letter(address, m, reason, {"kafka": {"key": _key(m)}})
+                sent.append((address, m, reason))
+
+        # Within the invocation's time: a send that never ends fails it in time instead.
+        (error,) = await self.in_time([send_in_order()], context)
+        if error is not None:
+            address, m, _ = failures[len(sent)]
+            # Lambda retries the batch: nothing of it is lost, some dead letters repeat.
+            raise BatchFailed(
+                f"{len(failures) - len(sent)} of {len(failures)} record(s) not dead-lettered "
+                f"to {self.dead_letter_address!r} (first: {address} offset {m.id}: {error}); "
+                "failing the invocation so Lambda retries the batch"
+            ) from error
         logger.warning("%d record(s) dead-lettered to %r", len(failures), self.dead_letter_address)
         return {"processed": processed, "dead_lettered": len(failures)}
 
@@ -209,25 +229,29 @@ class KafkaHandler(LambdaAdapter):
         happen here: after the runtime's retry delay, each partition's nacked records go
         to the app again as one call, with the next attempt, until they are settled or
         on their last attempt (``max_attempts``) dead. Returns ``(failures, unfinished)``:
-        the records nacked for good, or whose next delay does not fit in the time left;
-        and those cut at the deadline, which must not be dead-lettered. Each round retries
+        the records nacked for good, or whose next delay does not fit in the time left,
+        or whose retry the deadline cut (as the app last nacked them); and the others cut
+        at the deadline, which must not be dead-lettered. Each round retries
         only what the one before nacked, so there are at most ``max_attempts`` rounds.
         """
         failures: list[Failed] = []
         unfinished: list[Failed] = []
+        nacked: dict[str, Failed] = {}  # the app's latest nack of each record retried
         while batches:
             results = await self.run_batches(batches, event, context)
             again: list[tuple[Batch, list[Retry]]] = []
             for batch, (settlement, in_time) in zip(batches, results, strict=True):
                 if not in_time:
-                    # Cut at the deadline, a partition is not done: what the app never
-                    # received, or had in hand, has used up no attempt.
-                    unfinished.extend(_failed(batch.address, settlement.retry))
-                    unfinished.extend(_failed(batch.address, settlement.dead))
+                    _cut(batch.address, settlement, nacked, failures, unfinished)
                     continue
                 failures.extend(_failed(batch.address, settlement.dead))
                 if settlement.retry:
                     again.append((batch, settlement.retry))
+                    nacked.update(
+                        (r.message.id, (batch.address, r.message, r.reason))
+                        for r in settlement.retry
+                        if not r.uncounted
+                    )
             if not again:
                 break
             delay = max(r.delay for _, retries in again for r in retries)
@@ -245,6 +269,32 @@ class KafkaHandler(LambdaAdapter):
             await asyncio.sleep(delay)
             batches = [_next_attempt(batch, retries) for batch, retries in again]
         return failures, unfinished
+
+
+def _cut(
+    address: str,
+    settlement: Settlement,
+    nacked: Mapping[str, Failed],
+    failures: list[Failed],
+    unfinished: list[Failed],
+) -> None:
+    """Place the records of a partition cut at the deadline. What the app never received,
+    or had in hand, has used up no attempt: unfinished. But a retry the deadline cut
+    leaves its record as the app last nacked it (that attempt was its last): failing the
+    invocation would start the batch over at attempt 1, every time."""
+    cut: list[Retry | DeadLetter] = [*settlement.retry, *settlement.dead]
+    for f in cut:
+        earlier = nacked.get(f.message.id)
+        if earlier is None:
+            unfinished.append((address, f.message, f.reason))
+        elif isinstance(f, DeadLetter):
+            failures.append((address, f.message, f.reason))  # the app's own verdict
+        else:
+            failures.append(earlier)
+
+
+def _key(m: Message) -> Any:
+    return m.bindings.get("kafka", {}).get("key")
 
 
 def _failed(address: str, failed: Sequence[Retry | DeadLetter]) -> list[Failed]:

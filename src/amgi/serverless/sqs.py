@@ -27,7 +27,6 @@ The function's event source mapping must have ``ReportBatchItemFailures`` turned
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import hashlib
 import logging
@@ -162,16 +161,24 @@ class SqsHandler(LambdaAdapter):
             if failed and fifo:
                 failed = _stop_groups(records, failed)
             # Held behind a failure of its group (FIFO), a dead one comes back with it.
-            unsent = await self._dead_letter_all(
-                address, [d for d in dead if d.message.id not in failed]
+            order = {m.id: i for i, m in enumerate(records)}
+            dead = sorted(
+                (d for d in dead if d.message.id not in failed), key=lambda d: order[d.message.id]
             )
+            unsent = await self._dead_letter_all(address, dead, fifo, context)
             failed.update(unsent)
             if unsent and fifo:
                 failed = _stop_groups(records, failed)
         return {"batchItemFailures": [{"itemIdentifier": m.id} for m in records if m.id in failed]}
 
-    async def _dead_letter_all(self, source: str, dead: list[DeadLetter]) -> list[str]:
-        """Send ``dead`` to the dead-letter queue at once; the ids whose send failed."""
+    async def _dead_letter_all(
+        self, source: str, dead: list[DeadLetter], fifo: bool, context: LambdaContext | None
+    ) -> list[str]:
+        """Send ``dead`` to the dead-letter queue at once, within the invocation's time;
+        the ids whose send failed or did not end in time. FIFO: a group's dead letters go
+        one after another and stop at the first that fails, since the rest of the group
+        comes back behind it (sent already, they would be dead-lettered twice, and ahead
+        of it)."""
 
         if not dead:
             return []
@@ -185,12 +192,20 @@ class SqsHandler(LambdaAdapter):
                 binding["message_deduplication_id"] = m.id
             await self.dead_letter(source, m, d.reason, {"sqs": binding})
 
-        sent = await asyncio.gather(*(send(d) for d in dead), return_exceptions=True)
+        sent: set[str] = set()
+
+        async def send_in_order(lane: list[DeadLetter]) -> None:
+            for d in lane:
+                await send(d)
+                sent.add(d.message.id)
+
+        lanes = _lanes(dead) if fifo else [[d] for d in dead]
+        outcomes = await self.in_time([send_in_order(lane) for lane in lanes], context)
         unsent = []
-        for d, outcome in zip(dead, sent, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
+        for lane, outcome in zip(lanes, outcomes, strict=True):
+            for d in lane:
+                if d.message.id in sent:
+                    continue
                 logger.error(
                     "record %s: not dead-lettered to %r (%s); failing it so SQS redelivers it",
                     d.message.id,
@@ -238,6 +253,14 @@ def _is_fifo(m: Message) -> bool:
     group's failure must not fail the records after it.
     """
     return _queue_name(str(m.token.get("eventSourceARN", ""))).endswith(".fifo")
+
+
+def _lanes(dead: list[DeadLetter]) -> list[list[DeadLetter]]:
+    """FIFO: the dead letters of each message group, in their order."""
+    lanes: dict[Any, list[DeadLetter]] = {}
+    for d in dead:
+        lanes.setdefault(d.message.bindings["sqs"].get("message_group_id"), []).append(d)
+    return list(lanes.values())
 
 
 def _stop_groups(records: list[Message], failed: set[str]) -> set[str]:
