@@ -4,9 +4,11 @@ server owns, a close with the broker gone, a flood of client errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,61 @@ async def test_a_key_that_is_no_valid_text_is_a_send_error() -> None:
     assert (record.key(), record.value()) == (b"ok", b"y")
 
 
+class _Acking:
+    """A server of one topic on a private broker behind a :class:`KafkaFront`, whose app
+    acks every message (``seen``: their payloads), serving its first record."""
+
+    front: KafkaFront
+    topic: str
+    bootstrap: str
+    direct: str
+    kafka: KafkaTransport
+    server: asyncio.Task[int]
+    seen: list[bytes]
+
+
+@contextlib.asynccontextmanager
+async def acking_behind_a_front(tmp_path: Path, name: str) -> AsyncIterator[_Acking]:
+    """Yield an :class:`_Acking` once its app acked the topic's first record; stop it
+    after (exit code 0), then the broker. The client's requests time out after 1 s."""
+    broker_port, front_port = free_port(), free_port()
+    broker = start_private_broker(broker_port, front_port, tmp_path / "broker.log")
+    served = _Acking()
+    served.bootstrap = f"127.0.0.1:{front_port}"
+    served.direct = f"127.0.0.1:{broker_port}"
+    served.seen = []
+    try:
+        with KafkaFront(front_port, broker_port) as served.front:
+            served.topic = create_topic(fresh(name), partitions=1, bootstrap=served.bootstrap)
+            produce(served.topic, [(None, b"first", [])], bootstrap=served.bootstrap)
+
+            async def acking(scope: Any, receive: Any, send: Any) -> None:
+                event = await receive()
+                served.seen.append(event["payload"])
+                await send({"type": "message.ack", "id": event["id"]})
+
+            served.kafka = transport(
+                [served.topic],
+                bootstrap_servers=served.bootstrap,
+                config=["socket.timeout.ms=1000"],
+            )
+            runtime = Runtime(acking, served.kafka, RuntimeConfig(lifespan="off"))
+            served.server = asyncio.create_task(runtime.serve())
+            try:
+                deadline = time.monotonic() + 30
+                while not served.seen:
+                    assert not served.server.done(), served.server.result()
+                    assert time.monotonic() < deadline, "nothing consumed"
+                    await asyncio.sleep(0.05)
+                yield served
+            finally:
+                runtime.request_stop()
+                assert await asyncio.wait_for(served.server, 30) == 0
+    finally:
+        broker.kill()
+        broker.wait()
+
+
 async def test_commits_a_coordinator_does_not_answer_are_not_a_line_each(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,48 +198,18 @@ async def test_commits_a_coordinator_does_not_answer_are_not_a_line_each(
     second at the default --commit-interval-ms). Each distinct failure is a line a
     minute now."""
     caplog.set_level(logging.WARNING, "amgi.servers.kafka")
-    broker_port, front_port = free_port(), free_port()
-    broker = start_private_broker(broker_port, front_port, tmp_path / "broker.log")
-    bootstrap = f"127.0.0.1:{front_port}"
-    try:
-        with KafkaFront(front_port, broker_port) as front:
-            topic = create_topic(fresh("commits"), partitions=1, bootstrap=bootstrap)
-            produce(topic, [(None, b"first", [])], bootstrap=bootstrap)
-            seen: list[bytes] = []
-
-            async def acking(scope: Any, receive: Any, send: Any) -> None:
-                event = await receive()
-                seen.append(event["payload"])
-                await send({"type": "message.ack", "id": event["id"]})
-
-            kafka = transport(
-                [topic], bootstrap_servers=bootstrap, config=["socket.timeout.ms=1000"]
+    async with acking_behind_a_front(tmp_path, "commits") as served:
+        served.front.delays[8] = 30.0  # OffsetCommit: held past the 1 s socket timeout
+        for n in range(12):
+            await asyncio.to_thread(
+                produce, served.topic, [(None, b"%d" % n, [])], bootstrap=served.bootstrap
             )
-            runtime = Runtime(acking, kafka, RuntimeConfig(lifespan="off"))
-            server = asyncio.create_task(runtime.serve())
-            try:
-                deadline = time.monotonic() + 30
-                while not seen:
-                    assert not server.done(), server.result()
-                    assert time.monotonic() < deadline, "nothing consumed"
-                    await asyncio.sleep(0.05)
-                front.delays[8] = 30.0  # OffsetCommit: held past the 1 s socket timeout
-                for n in range(12):
-                    await asyncio.to_thread(
-                        produce, topic, [(None, b"%d" % n, [])], bootstrap=bootstrap
-                    )
-                    await asyncio.sleep(0.1)
-                deadline = time.monotonic() + 30
-                while len(seen) < 13 or front.held[8] < 8:
-                    assert time.monotonic() < deadline, (len(seen), front.held)
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.5)  # the last commits time out too
-            finally:
-                runtime.request_stop()
-                assert await asyncio.wait_for(server, 30) == 0
-    finally:
-        broker.kill()
-        broker.wait()
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while len(served.seen) < 13 or served.front.held[8] < 8:
+            assert time.monotonic() < deadline, (len(served.seen), served.front.held)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # the last commits time out too
     failed = [r.getMessage() for r in caplog.records if "commit failed" in r.getMessage()]
     assert failed  # the failure is said
     assert len(failed) == len(set(failed)), failed
@@ -193,49 +220,20 @@ async def test_a_commit_that_failed_is_sent_again_without_a_new_settle(tmp_path:
     answer (timed out) must still land once it answers again, with nothing settled
     after it, or the group's offset stays behind until the close and a crash meanwhile
     redelivers every record since. (librdkafka sends a timed-out commit again itself.)"""
-    broker_port, front_port = free_port(), free_port()
-    broker = start_private_broker(broker_port, front_port, tmp_path / "broker.log")
-    bootstrap = f"127.0.0.1:{front_port}"
-    direct = f"127.0.0.1:{broker_port}"
-    try:
-        with KafkaFront(front_port, broker_port) as front:
-            topic = create_topic(fresh("recommit"), partitions=1, bootstrap=bootstrap)
-            produce(topic, [(None, b"first", [])], bootstrap=bootstrap)
-            seen: list[bytes] = []
-
-            async def acking(scope: Any, receive: Any, send: Any) -> None:
-                event = await receive()
-                seen.append(event["payload"])
-                await send({"type": "message.ack", "id": event["id"]})
-
-            kafka = transport(
-                [topic], bootstrap_servers=bootstrap, config=["socket.timeout.ms=1000"]
-            )
-            group = kafka.config.group_id
-            runtime = Runtime(acking, kafka, RuntimeConfig(lifespan="off"))
-            server = asyncio.create_task(runtime.serve())
-            try:
-                deadline = time.monotonic() + 30
-                while not seen:
-                    assert not server.done(), server.result()
-                    assert time.monotonic() < deadline, "nothing consumed"
-                    await asyncio.sleep(0.05)
-                front.delays[8] = 60.0  # OffsetCommit: held past the 1 s socket timeout
-                await asyncio.to_thread(produce, topic, [(None, b"last", [])], bootstrap=bootstrap)
-                while len(seen) < 2 or not front.held[8]:
-                    assert time.monotonic() < deadline, (seen, front.held)
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.5)  # that commit times out
-                del front.delays[8]  # the coordinator answers again; nothing more settles
-                got: dict[int, int] = {}
-                while got.get(0) != 2:
-                    assert not server.done(), server.result()
-                    assert time.monotonic() < deadline + 10, f"committed {got}, want 2"
-                    got = await asyncio.to_thread(committed, group, topic, direct)
-                    await asyncio.sleep(0.2)
-            finally:
-                runtime.request_stop()
-                assert await asyncio.wait_for(server, 30) == 0
-    finally:
-        broker.kill()
-        broker.wait()
+    async with acking_behind_a_front(tmp_path, "recommit") as served:
+        front, topic = served.front, served.topic
+        front.delays[8] = 60.0  # OffsetCommit: held past the 1 s socket timeout
+        await asyncio.to_thread(produce, topic, [(None, b"last", [])], bootstrap=served.bootstrap)
+        deadline = time.monotonic() + 30
+        while len(served.seen) < 2 or not front.held[8]:
+            assert time.monotonic() < deadline, (served.seen, front.held)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # that commit times out
+        del front.delays[8]  # the coordinator answers again; nothing more settles
+        got: dict[int, int] = {}
+        while got.get(0) != 2:
+            assert not served.server.done(), served.server.result()
+            assert time.monotonic() < deadline + 10, f"committed {got}, want 2"
+            group = served.kafka.config.group_id
+            got = await asyncio.to_thread(committed, group, topic, served.direct)
+            await asyncio.sleep(0.2)
