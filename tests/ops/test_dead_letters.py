@@ -105,20 +105,29 @@ def test_sqlite_list_and_replay_from_the_command_line(tmp_path: Path) -> None:
     assert messages[0].headers == [(b"i", b"0")]
 
 
+def replay_behind_a_writer(db: Path, n: int) -> tuple[sqlite3.Connection, subprocess.Popen[str]]:
+    """``n`` dead letters of ``q`` in ``db``, a writer holding its lock (the connection
+    returned: ``COMMIT`` lets the replay go on), and ``amgi dead-letters replay q``
+    started in ``db``'s folder, waiting for that writer."""
+    dead_letter(db, "q", n)
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "dead-letters", "replay", "q", "--busy-timeout", "30"],
+        cwd=db.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return lock, replay
+
+
 def test_sqlite_replay_killed_half_way_keeps_every_dead_letter_exactly_once(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "amgi.db"
     n = 20_000
-    dead_letter(db, "q", n)
-    lock = sqlite3.connect(db, isolation_level=None)
-    lock.execute("BEGIN IMMEDIATE")  # the replay waits for this writer
-    replay = subprocess.Popen(
-        [sys.executable, "-m", "amgi", "dead-letters", "replay", "q", "--busy-timeout", "30"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    lock, replay = replay_behind_a_writer(db, n)
     try:
         reader = sqlite3.connect(db)
         time.sleep(0.5)  # let the replay start and queue up behind the lock
@@ -152,16 +161,7 @@ def test_an_interrupted_replay_says_what_it_leaves(tmp_path: Path) -> None:
     letters moved back and the rest not: the operator is told now."""
     db = tmp_path / "amgi.db"
     n = 20_000
-    dead_letter(db, "q", n)
-    lock = sqlite3.connect(db, isolation_level=None)
-    lock.execute("BEGIN IMMEDIATE")  # the replay waits for this writer
-    replay = subprocess.Popen(
-        [sys.executable, "-m", "amgi", "dead-letters", "replay", "q", "--busy-timeout", "30"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    lock, replay = replay_behind_a_writer(db, n)
     try:
         time.sleep(1.0)  # started, and waiting behind the lock
         replay.send_signal(signal.SIGINT)
