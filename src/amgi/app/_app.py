@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from amgi.app._address import Router
 from amgi.app._asyncapi import document
 from amgi.app._errors import AppDefinitionError, PayloadError, ValidatorFailed
-from amgi.app._handler import Handler
+from amgi.app._handler import Handler, receive_all
 from amgi.app._inject import name_of
 from amgi.app._middleware import Middleware, check
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
@@ -220,12 +220,7 @@ class App:
         (``bindings["nats"]["subject"]``), so that ``orders.{region}`` gets ``eu``, not
         ``*``. Runs of messages with one address are served in turn, in broker order.
         """
-        events = []
-        more = True
-        while more:
-            event = await receive()
-            events.append(event)
-            more = bool(event.get("more_messages", False))
+        events = await receive_all(receive)
         start = 0
         while start < len(events):
             own = _own_address(events[start], address)

@@ -54,7 +54,7 @@ from amgi.app._params import Failures, Outgoing
 from amgi.app._publisher import Publisher, encode_headers
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, MessageNackEvent
 
-__all__ = ["Handler"]
+__all__ = ["Handler", "receive_all"]
 
 logger = logging.getLogger("amgi.app")
 
@@ -335,7 +335,7 @@ class Handler:
         elif self.batch:
             await call.run_batch(receive)
         elif self.concurrency > 1:
-            events = await _receive_all(receive)
+            events = await receive_all(receive)
             limit = asyncio.Semaphore(self.concurrency)
 
             async def one(event: Mapping[str, Any]) -> None:
@@ -478,7 +478,8 @@ def _structured(adapter: Any) -> bool:
     return schema.get("type") in ("object", "array")
 
 
-async def _receive_all(receive: AMGIReceiveCallable) -> list[Any]:
+async def receive_all(receive: AMGIReceiveCallable) -> list[Any]:
+    """Every message event of the call, up to the one without ``more_messages``."""
     events = []
     more = True
     while more:
