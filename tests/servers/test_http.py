@@ -13,6 +13,7 @@ import logging
 import re
 import ssl
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -974,6 +975,22 @@ def test_the_structured_sender_sends_a_payload_that_is_not_strict_json_as_data_b
     assert base64.b64decode(event["data_base64"]) == payload
 
 
+@contextlib.asynccontextmanager
+async def sending_to(
+    answering: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[HttpTransport]:
+    """A connected CloudEvents sender to a raw TCP server that answers with ``answering``."""
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    sender = HttpTransport([], HttpOptions(send_url=url, send_timeout=10))
+    await sender.connect()
+    try:
+        yield sender
+    finally:
+        await sender.close()
+        server.close()
+
+
 _KEPT = (b"HTTP/1.1 204 No Content\r\n\r\n", False)
 
 
@@ -1010,11 +1027,7 @@ async def test_an_answer_without_framing_ends_with_its_connection(
                     break
         writer.close()
 
-    server = await asyncio.start_server(answering, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    sender = HttpTransport([], HttpOptions(send_url=url, send_timeout=10))
-    await sender.connect()
-    try:
+    async with sending_to(answering) as sender:
         for i in range(len(answers) - 1):
             await sender.publish(f"e{i}", [], b"%d" % i, {})
         last = len(answers) - 1
@@ -1023,9 +1036,6 @@ async def test_an_answer_without_framing_ends_with_its_connection(
         else:
             with pytest.raises(HttpSendError, match=re.escape(fails)):
                 await sender.publish(f"e{last}", [], b"%d" % last, {})
-    finally:
-        await sender.close()
-        server.close()
     assert got == [b"%d" % i for i in range(len(answers))]  # each once
 
 
@@ -1054,17 +1064,10 @@ async def test_the_sender_reads_past_interim_answers_to_the_final_one() -> None:
                 writer.write(final)
         writer.close()
 
-    server = await asyncio.start_server(answering, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    sender = HttpTransport([], HttpOptions(send_url=url, send_timeout=10))
-    await sender.connect()
-    try:
+    async with sending_to(answering) as sender:
         await sender.publish("e0", [], b"0", {})
         with pytest.raises(HttpSendError, match="answered 500 for 'e1': 'full'"):
             await sender.publish("e1", [], b"1", {})
-    finally:
-        await sender.close()
-        server.close()
     assert got == [b"0", b"1"]
 
 
