@@ -4,6 +4,8 @@ and SQLite servers, including a replay killed with SIGKILL half-way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -118,8 +120,24 @@ def replay_behind_a_writer(db: Path, n: int) -> tuple[sqlite3.Connection, subpro
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a shell: a test worker may run with SIGINT ignored, which the
+        # child would inherit (Python then installs no KeyboardInterrupt for it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     return lock, replay
+
+
+def wait_until_open(process: subprocess.Popen[str], path: Path, timeout: float = 30) -> None:
+    """Wait until ``process`` has ``path`` open (it started and reached the database)."""
+    deadline = time.monotonic() + timeout
+    fds = Path(f"/proc/{process.pid}/fd")
+    while True:
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == str(path) for fd in fds.iterdir()):
+                return
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never opened"
+        time.sleep(0.05)
 
 
 def test_sqlite_replay_killed_half_way_keeps_every_dead_letter_exactly_once(
@@ -163,7 +181,8 @@ def test_an_interrupted_replay_says_what_it_leaves(tmp_path: Path) -> None:
     n = 20_000
     lock, replay = replay_behind_a_writer(db, n)
     try:
-        time.sleep(1.0)  # started, and waiting behind the lock
+        wait_until_open(replay, db)
+        time.sleep(0.3)  # and waiting behind the lock
         replay.send_signal(signal.SIGINT)
         time.sleep(0.2)
         lock.execute("COMMIT")

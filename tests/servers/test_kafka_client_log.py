@@ -6,7 +6,17 @@ import logging
 
 import pytest
 
-from amgi.servers.kafka._client_log import CLIENT_LOGGER, ClientErrors
+from amgi.servers.kafka._client_log import CLIENT_LOGGER, ClientErrors, Repeats
+
+
+@pytest.fixture(autouse=True)
+def _fresh_repeats() -> None:
+    """The client logger's repeat filter is one per process: the real clients of other
+    tests in this worker fill its table of recent lines (then a new line waits up to a
+    minute), so each test here starts from an empty one."""
+    for log_filter in CLIENT_LOGGER.filters:
+        if isinstance(getattr(log_filter, "_repeats", None), Repeats):
+            log_filter._repeats = Repeats()  # type: ignore[attr-defined]
 
 
 class Err:
