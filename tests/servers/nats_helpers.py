@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import time
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from amgi.servers.nats._headers import decode
-from amgi.transport import HeaderList
+from amgi.transport import HeaderList, Message, Transport
 from tests.net import port_open
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +97,16 @@ async def read_subject(
     finally:
         await nc.close()
     return found
+
+
+async def fetch_all(t: Transport, n: int, timeout: float = 15) -> list[Message]:
+    """Fetch from ``t`` until ``n`` messages came (or fail after ``timeout`` seconds)."""
+    got: list[Message] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < n:
+            for batch in await t.fetch():
+                got.extend(batch.messages)
+    return got
 
 
 async def consumer_state(stream: str, durable: str, url: str = URL, **connect: Any) -> Any:

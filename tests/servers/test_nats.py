@@ -40,6 +40,7 @@ from tests.servers.nats_helpers import (
     consumer_state,
     ensure_broker,
     ensure_stream,
+    fetch_all,
     fresh,
     read_subject,
     retention_stream,
@@ -92,15 +93,6 @@ def test_headers_from_other_clients_read_as_they_are() -> None:
 
 
 # -- the transport ------------------------------------------------------------------------
-
-
-async def fetch_all(t: NatsTransport, n: int) -> list[Message]:
-    got: list[Message] = []
-    async with asyncio.timeout(15):
-        while len(got) < n:
-            for batch in await t.fetch():
-                got.extend(batch.messages)
-    return got
 
 
 async def test_values_with_unicode_whitespace_at_their_ends_come_back_exactly(

@@ -24,8 +24,10 @@ from tests.servers.nats_helpers import (
     consumer_state,
     ensure_broker,
     ensure_stream,
+    fetch_all,
     fresh,
     read_subject,
+    retention_stream,
 )
 from tests.servers.private_brokers import private_nats
 
@@ -48,15 +50,6 @@ async def until(condition: object, timeout: float, what: str) -> None:
         while not condition():
             await asyncio.sleep(0.02)
     assert condition(), what
-
-
-async def fetch_all(t: NatsTransport, n: int) -> list[Message]:
-    got: list[Message] = []
-    async with asyncio.timeout(10):
-        while len(got) < n:
-            for batch in await t.fetch():
-                got.extend(batch.messages)
-    return got
 
 
 async def core_publish(subject: str, payloads: list[bytes]) -> None:
@@ -125,30 +118,6 @@ async def test_core_mode_retries_a_stop_drops_are_said_lost(
 # -- the pull loop when what it reads is deleted --------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def own_stream() -> AsyncIterator[tuple[str, str]]:
-    """A fresh in-memory stream capturing ``amgi-test-{tag}.>``, deleted at the end if
-    still there: its name and a subject it captures."""
-    import nats
-    from nats.js import api
-
-    tag = fresh("own")
-    name = f"AMGI_TEST_{tag.replace('-', '_')}"
-    nc = await nats.connect(URL)
-    try:
-        await nc.jsm().add_stream(
-            api.StreamConfig(
-                name=name, subjects=[f"{PREFIX}-{tag}.>"], storage=api.StorageType.MEMORY,
-                max_age=600,
-            )
-        )  # fmt: skip
-        yield name, f"{PREFIX}-{tag}.a"
-    finally:
-        with contextlib.suppress(Exception):
-            await nc.jsm().delete_stream(name)
-        await nc.close()
-
-
 async def delete_stream(name: str) -> None:
     import nats
 
@@ -165,7 +134,8 @@ async def test_a_stream_deleted_while_running_ends_the_run_with_one_line_naming_
     """The stream deleted under a running server: each fetch failed on "stream not
     found" (the consumer could not be created again), retried for ever with a line that
     named neither the stream nor the subject. Now the run ends with one line saying so."""
-    async with own_stream() as (stream, subject):
+    async with retention_stream("limits") as (stream, subjects):
+        subject = subjects.replace("{subject}", "a")
         options = NatsOptions(servers=URL, durable=fresh("d"), fetch_expiry=0.2)
         runtime = Runtime(
             attempts_app([]), NatsTransport([subject], options), RuntimeConfig(lifespan="off")
@@ -289,7 +259,7 @@ async def test_a_dead_letter_stream_found_is_asked_for_alone_and_its_changes_are
         try:
             for i in range(3):
                 await t.publish("work.a", [], b"%d" % i, {})
-            messages = await fetch_all(t, 3)
+            messages = await fetch_all(t, 3, timeout=10)
             async with stream_lookups(url, "DEAD") as looked:
                 stored = [(await dead_letter(t, m)).fate for m in messages[:2]]
                 await t._client.flush()
