@@ -7,6 +7,7 @@ that needs them, from the binaries the broker scripts installed, and stopped at 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -170,6 +171,15 @@ class PrivateRabbitMQ(PrivateBroker):
             [str(_RABBITMQ_BIN / "rabbitmq-server")], port, folder, env=env, boot_timeout=120
         )
         self.url = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    async def consumer_timeout_of_a_second(self) -> None:
+        """Make the node close a channel whose delivery stays unacked for a second
+        (``consumer_timeout``), looked at every half second. Channels take the timeout
+        as they open."""
+        for key, value in (("consumer_timeout", 1000), ("channel_tick_interval", 500)):
+            await asyncio.to_thread(
+                self.ctl, "eval", f"application:set_env(rabbit, {key}, {value})."
+            )
 
     def ctl(self, *args: str, timeout: float = 60) -> None:
         """``rabbitmqctl -n NODE ARGS`` against this node only."""

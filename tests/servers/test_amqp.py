@@ -23,7 +23,7 @@ from amgi.servers.amqp import (
     publish_properties,
     table_to_headers,
 )
-from amgi.transport import Batch, DeadLetter, Fate, Retry, Settlement
+from amgi.transport import DeadLetter, Fate, Retry, Settlement
 from tests.apps import attempts_app, serve_in_stops
 from tests.net import TlsFront, free_port, port_open, self_signed
 from tests.races import STEPS, cancel_after_completion
@@ -32,6 +32,7 @@ from tests.servers.test_amqp_support import (
     URL,
     delete_exchange,
     drain,
+    fetch_n,
     new_queue,
     queue_depth,
     rabbitmq,
@@ -53,14 +54,6 @@ async def transport(queue: str) -> AsyncIterator[AmqpTransport]:
     await t.connect()
     yield t
     await t.close()
-
-
-async def fetch_n(t: AmqpTransport, n: int, timeout: float = 10) -> list[Batch]:
-    batches: list[Batch] = []
-    async with asyncio.timeout(timeout):
-        while sum(len(b.messages) for b in batches) < n:
-            batches.extend(await t.fetch())
-    return batches
 
 
 # -- pure conversions ---------------------------------------------------------------------

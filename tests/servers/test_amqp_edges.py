@@ -10,21 +10,13 @@ from typing import Any
 import pytest
 
 from amgi.servers.amqp import AmqpOptions, AmqpSendError, AmqpTransport
-from amgi.transport import Batch, DeadLetter, Settlement
+from amgi.transport import DeadLetter, Settlement
 from tests.servers.private_brokers import private_rabbitmq
-from tests.servers.test_amqp_support import URL, new_queue, queue_depth, rabbitmq
+from tests.servers.test_amqp_support import URL, fetch_n, new_queue, queue_depth, rabbitmq
 
 __all__ = ["rabbitmq"]
 
 pytestmark = pytest.mark.usefixtures("rabbitmq")
-
-
-async def fetch_n(t: AmqpTransport, n: int, timeout: float = 10) -> list[Batch]:
-    batches: list[Batch] = []
-    async with asyncio.timeout(timeout):
-        while sum(len(b.messages) for b in batches) < n:
-            batches.extend(await t.fetch())
-    return batches
 
 
 async def publish_raw(queue: str, body: bytes, headers: dict[str, object]) -> None:
@@ -100,11 +92,7 @@ async def test_a_delivery_that_waited_in_the_buffer_past_the_consumer_timeout_is
     caplog.set_level(logging.WARNING, "amgi.servers.amqp")
     queue = new_queue()
     with private_rabbitmq(tmp_path / "rabbitmq") as broker:
-        # Channels take the timeout as they open; the broker looks at it every tick.
-        for key, value in (("consumer_timeout", 1000), ("channel_tick_interval", 500)):
-            await asyncio.to_thread(
-                broker.ctl, "eval", f"application:set_env(rabbit, {key}, {value})."
-            )
+        await broker.consumer_timeout_of_a_second()
         options = AmqpOptions(url=broker.url, batch_size=1, linger=0, prefetch=10)
         transport = AmqpTransport([queue], options)
         await transport.connect()

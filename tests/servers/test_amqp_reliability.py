@@ -1222,11 +1222,7 @@ async def test_a_message_held_past_the_consumer_timeout_comes_back_at_its_next_a
     caplog.set_level(logging.WARNING, "amgi.servers.amqp")
     queue = new_queue()
     with private_rabbitmq(tmp_path / "rabbitmq") as broker:
-        # Channels take the timeout as they open; the broker looks at it every tick.
-        for key, value in (("consumer_timeout", 1000), ("channel_tick_interval", 500)):
-            await asyncio.to_thread(
-                broker.ctl, "eval", f"application:set_env(rabbit, {key}, {value})."
-            )
+        await broker.consumer_timeout_of_a_second()
         options = AmqpOptions(url=broker.url, batch_size=1, linger=0)
         transport = AmqpTransport([queue], options)
         await transport.connect()

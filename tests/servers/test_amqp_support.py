@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from amgi.transport import Batch, Transport
 from tests.net import port_open
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,15 @@ def ensure_broker() -> None:
     if port_open(5672):
         return
     subprocess.run(["bash", "scripts/brokers/rabbitmq.sh"], cwd=ROOT, check=True, timeout=300)
+
+
+async def fetch_n(t: Transport, n: int, timeout: float = 10) -> list[Batch]:
+    """Fetch from ``t`` until ``n`` messages came (or fail after ``timeout`` seconds)."""
+    batches: list[Batch] = []
+    async with asyncio.timeout(timeout):
+        while sum(len(b.messages) for b in batches) < n:
+            batches.extend(await t.fetch())
+    return batches
 
 
 def new_queue() -> str:
