@@ -999,18 +999,22 @@ class AclBroker:
         self.dead_topic = f"amgi/dead-letter/{self.address}"
 
 
-async def test_a_refused_retry_is_dead_lettered_not_left_to_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("qos", [1, 2])
+async def test_a_refused_retry_is_dead_lettered_not_left_to_loop(tmp_path: Path, qos: int) -> None:
     """The broker refuses the retry copy (not authorised): the message is dead-lettered.
 
     Before, the original stayed unacknowledged and came back at the same attempt after
-    every reconnect, never reaching the dead letters.
+    every reconnect, never reaching the dead letters. At QoS 2 (the refusal comes in the
+    PUBREC) the copy was taken for published and the original acknowledged: lost.
     """
     acl = AclBroker(tmp_path / "acl", "topic write amgi/dead-letter/#\n")
     try:
         app = Collector(lambda payload, attempt: payload != b"bad")
+        server = replace(acl.server, qos=qos)
         async with connected([acl.dead_topic], acl.reader) as dead:
-            async with serving(app, [acl.address], acl.server, max_attempts=5):
-                await publish(acl.sender, acl.address, [b"bad", b"good"])
+            async with serving(app, [acl.address], server, max_attempts=5):
+                bindings = {"mqtt": {"qos": qos}}
+                await publish(acl.sender, acl.address, [b"bad", b"good"], bindings=bindings)
                 (batch,) = await fetch_n(dead, 1)
                 await nothing_more(dead, 1.0)  # dead-lettered once, not after every resend
             await dead.settle(batch, Settlement(acked=list(batch.messages)))

@@ -5,25 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from amgi.servers.kit import DEAD_LETTER_REASON_HEADER
 from amgi.servers.mqtt import MqttOptions, MqttSendError
 from amgi.transport import Retry, Settlement
 from tests.ops.helpers import CuttingFront
 from tests.servers.mosquitto.broker import Mosquitto
 from tests.servers.test_mqtt import (
-    AclBroker,
-    Collector,
     connected,
     fetch_n,
-    nothing_more,
     publish,
-    serving,
     topic,
 )
 
@@ -33,33 +27,11 @@ async def test_a_qos2_send_the_broker_refuses_raises(mosquitto: Any) -> None:
     (Mosquitto: a client may not publish to $SYS) and hangs up. paho ignored the code:
     on a clean session (here) it sent the PUBLISH again on every reconnect, each one
     hung up on, until the send timed out; on a persistent one it sent PUBREL, which the
-    broker answers with a PUBCOMP whether it holds the message or not (next test)."""
+    broker answers with a PUBCOMP whether it holds the message or not (test_mqtt.py: the refused retry at QoS 2)."""
     options = MqttOptions(port=mosquitto.port, send_timeout=5)
     async with connected([], options) as sender:
         with pytest.raises(MqttSendError, match="refused the send to '\\$SYS/amgi'"):
             await sender.publish("$SYS/amgi", [], b"x", {"mqtt": {"qos": 2}})
-
-
-async def test_a_refused_qos2_retry_is_dead_lettered_not_lost(tmp_path: Path) -> None:
-    """A QoS 2 message whose retry copy the broker refuses: taken for published, the
-    original was acknowledged and the message lost (no copy, no dead letter)."""
-    acl = AclBroker(tmp_path / "acl", "topic write amgi/dead-letter/#\n")
-    try:
-        app = Collector(lambda payload, attempt: payload != b"bad")
-        server = replace(acl.server, qos=2)
-        async with connected([acl.dead_topic], acl.reader) as dead:
-            async with serving(app, [acl.address], server, max_attempts=5):
-                await publish(acl.sender, acl.address, [b"bad"], bindings={"mqtt": {"qos": 2}})
-                (batch,) = await fetch_n(dead, 1)
-                await nothing_more(dead, 1.0)
-            await dead.settle(batch, Settlement(acked=list(batch.messages)))
-    finally:
-        acl.broker.stop()
-    [letter] = batch.messages
-    assert letter.payload == b"bad"
-    reason = dict(letter.headers)[DEAD_LETTER_REASON_HEADER]
-    assert reason.startswith(b"no thanks (its retry could not be published: ")
-    assert app.seen == [(b"bad", 1)]
 
 
 async def test_a_send_that_makes_the_broker_hang_up_fails_and_the_server_hears_again(
