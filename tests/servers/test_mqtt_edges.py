@@ -27,7 +27,8 @@ async def test_a_qos2_send_the_broker_refuses_raises(mosquitto: Any) -> None:
     (Mosquitto: a client may not publish to $SYS) and hangs up. paho ignored the code:
     on a clean session (here) it sent the PUBLISH again on every reconnect, each one
     hung up on, until the send timed out; on a persistent one it sent PUBREL, which the
-    broker answers with a PUBCOMP whether it holds the message or not (test_mqtt.py: the refused retry at QoS 2)."""
+    broker answers with a PUBCOMP whether it holds the message or not (the refused retry
+    at QoS 2 in test_mqtt.py)."""
     options = MqttOptions(port=mosquitto.port, send_timeout=5)
     async with connected([], options) as sender:
         with pytest.raises(MqttSendError, match="refused the send to '\\$SYS/amgi'"):
