@@ -80,6 +80,9 @@ async def test_sends_of_one_message_id_at_once_each_get_their_own_return() -> No
     assert await queue_depth(queue) == 1
 
 
+# A node of its own: starting it may take up to 120 s on a loaded machine and stopping
+# it 30 s (private_rabbitmq's own bounds), more than the file's limit per test.
+@pytest.mark.timeout(180)
 async def test_a_delivery_that_waited_in_the_buffer_past_the_consumer_timeout_is_not_counted(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

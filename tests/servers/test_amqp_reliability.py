@@ -1211,6 +1211,9 @@ async def test_a_retry_queue_that_refuses_for_longer_than_the_bound_dead_letters
     assert "refused for" in lines[0]
 
 
+# A node of its own: starting it may take up to 120 s on a loaded machine and stopping
+# it 30 s (private_rabbitmq's own bounds), more than the file's limit per test.
+@pytest.mark.timeout(180)
 async def test_a_message_held_past_the_consumer_timeout_comes_back_at_its_next_attempt(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
