@@ -10,25 +10,41 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import os
 import random
 import socket
 import ssl
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Self
 
 __all__ = ["TlsFront", "free_port", "pipe", "port_open", "self_signed"]
 
 
+_RESERVED = Path(tempfile.gettempdir()) / "amgi-test-ports"
+_RESERVED_FOR = 15 * 60  # seconds: longer than any test that stops and restarts a server
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that no other
+    caller of this function (any worker, any Python version run beside this one) was
+    given in the last 15 minutes.
 
     Taken below the kernel's ephemeral range (32768 and up), so that the client sockets
-    of tests running meanwhile cannot take it before the server binds it.
+    of tests running meanwhile cannot take it before the server binds it. The reservation
+    (a file per port) covers a test that kills its server and starts another on the same
+    port: meanwhile the port is free, and a test in another run could otherwise be given
+    it and talk to the wrong server.
     """
+    _RESERVED.mkdir(exist_ok=True)
     rng = random.SystemRandom()
-    for _ in range(200):
+    now = time.time()
+    for _ in range(400):
         port = rng.randrange(20000, 32000)
+        if not _reserve(_RESERVED / str(port), now):
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -36,6 +52,25 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port found between 20000 and 32000")
+
+
+def _reserve(marker: Path, now: float) -> bool:
+    """Create ``marker``, or take it over when its reservation has run out."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        pass
+    try:
+        if now - marker.stat().st_mtime < _RESERVED_FOR:
+            return False
+        # Expired: whoever renames it first takes it over (rename is atomic).
+        taken = marker.with_name(f"{marker.name}.{os.getpid()}.{time.monotonic_ns()}")
+        marker.rename(taken)
+    except OSError:
+        return False
+    taken.unlink(missing_ok=True)
+    return _reserve(marker, now)
 
 
 def port_open(port: int) -> bool:

@@ -22,6 +22,7 @@ from amgi.app import App, AppDefinitionError, Binding, Depends, Header, Outgoing
 from amgi.app._docs import DocsServer, render_page
 from amgi.app._yaml import to_yaml
 from tests.cli import amgi as amgi_cli
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / ".brokers/npm/node_modules/@asyncapi/specs/schemas/3.0.0.json"
@@ -319,12 +320,9 @@ def test_cli_prints_the_document() -> None:
 
 
 def test_cli_docs_serves_the_page() -> None:
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "amgi", "docs", "examples.orders:app", "--port", str(port)],
         cwd=ROOT,
