@@ -66,6 +66,19 @@ def test_environment_reaches_runtime_and_server_options(project: Path) -> None:
     assert "AMGI_LOG_FORMAT='xml': must be one of text, json" in one_line_error(switch)
 
 
+@pytest.mark.parametrize(
+    ("value", "why"), [("99999", "a port is 0 to 65535, not 99999"), ("x", "not a port number")]
+)
+def test_a_bad_value_of_an_option_with_its_own_check_is_one_line(
+    project: Path, value: str, why: str
+) -> None:
+    """``amgi docs --port`` checks its value itself (argparse's ArgumentTypeError): from
+    ``AMGI_PORT`` that was a bare traceback, exit 1."""
+    bad = amgi("docs", "opsapp:app", cwd=project, env={"AMGI_PORT": value}, timeout=15)
+    assert bad.returncode == 2
+    assert f"environment variable AMGI_PORT={value!r}: {why}" in one_line_error(bad)
+
+
 def test_server_from_environment_and_help_mentions_it(project: Path) -> None:
     shown = amgi("run", "--help", cwd=project, env={"AMGI_SERVER": "memory"}).stdout
     help_text = " ".join(shown.split())

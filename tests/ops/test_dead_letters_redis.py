@@ -207,3 +207,20 @@ async def test_a_replay_beside_a_consumer_that_fails_them_again_ends() -> None:
     )
     assert moved == n + 1
     assert len(await entries(stream + ".dlq")) == n + 1  # each failed again: for the next
+
+
+async def test_a_dead_letter_whose_time_is_out_of_range_is_still_listed() -> None:
+    """An entry id is any number a client gives ``XADD``: one whose time no date can hold
+    made ``list`` fail as a whole ('unexpected ValueError: year ... is out of range')."""
+    stream = await dead_letter(1)
+    c = await client()
+    try:
+        rows = await c.execute_command("XRANGE", stream + ".dlq", "-", "+")
+        fields = rows[0][1]
+        await c.execute_command("XADD", stream + ".dlq", "999999999999999-0", *fields)
+    finally:
+        await c.aclose()
+    listed = await asyncio.to_thread(run, "dead-letters", "list", stream)
+    assert listed.returncode == 0, listed.stderr
+    assert f"2 dead letter(s) of {stream!r} shown (redis)" in listed.stdout
+    assert "dead-lettered=999999999999.999 s since the epoch" in listed.stdout, listed.stdout

@@ -574,3 +574,62 @@ async def test_closing_the_listener_does_not_wait_for_idle_clients(
         assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
+
+
+async def test_consumer_lag_series_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A server consuming more addresses than :data:`MAX_DESTINATIONS` (a wildcard over
+    many topics) reported one lag series per address without end."""
+    from amgi.ops.metrics import MAX_DESTINATIONS, OTHER_DESTINATION
+
+    extra = 30
+    names = [f"q{i:03d}" for i in range(MAX_DESTINATIONS + extra)]
+    broker = MemoryBroker.reset("lagcap")
+    for name in names:
+        for _ in range(3):  # more than the runtime takes ahead of its app
+            broker.put(name, [], b"x")
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        m = await receive()
+        held.set()
+        await release.wait()
+        await send({"type": "message.ack", "id": m["id"]})
+
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "memory")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/metrics"
+    transport = MemoryTransport(names, MemoryOptions(broker="lagcap", batch_size=1))
+    config = RuntimeConfig(lifespan="off", concurrency=1)
+    runtime = Runtime(ops.app, transport, config, metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+
+    async def scrape() -> dict[str, float]:
+        text = (await asyncio.to_thread(get, url))[1]
+        found = re.findall(
+            r'^amgi_consumer_lag_messages\{.*messaging_destination_name="([^"]*)".*\} (\S+)$',
+            text,
+            re.M,
+        )
+        return {label: float(value) for label, value in found}
+
+    try:
+        await asyncio.wait_for(held.wait(), 10)
+        async with asyncio.timeout(10):
+            while True:  # until what the runtime fetches ahead of the held app is taken
+                lag = await scrape()
+                waiting = {name: broker.pending(name) for name in names}
+                if sum(lag.values()) == sum(waiting.values()):
+                    break
+                await asyncio.sleep(0.1)
+        await scrape()  # the warning comes once, not per scrape
+        assert len(lag) == MAX_DESTINATIONS + 1, len(lag)
+        assert lag[OTHER_DESTINATION] == sum(waiting[n] for n in names[MAX_DESTINATIONS:]) > 0
+        assert lag[names[0]] == waiting[names[0]]
+    finally:
+        release.set()
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 30) == 0
+    assert caplog.text.count("consumer-lag addresses") == 1

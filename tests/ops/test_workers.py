@@ -469,3 +469,95 @@ def test_workers_whose_app_ignores_cancellation_still_exit(tmp_path: Path) -> No
     queue = SqliteQueue(str(tmp_path / "amgi.db"))
     assert queue.count("q") == 2, "the abandoned batches were not acked"
     queue.close()
+
+
+CRASHING_WORKER_APP = """
+import os, sys
+if os.environ.get("AMGI_WORKER_INDEX") == "0":
+    sys.exit(1)  # worker 0 fails at startup; worker 1 serves
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+"""
+
+LONG_BACKOFF_SUPERVISOR = QUICK_SUPERVISOR.replace("0.1", "60.0")
+"""``amgi`` whose supervisor waits long (its 10s cap) to restart a worker that failed."""
+
+
+def test_a_stop_while_a_worker_waits_to_be_restarted_exits_0(tmp_path: Path) -> None:
+    """A worker that died earlier and waits out its restart delay has nothing to drain:
+    a stop then is clean (it made the supervisor exit 1)."""
+    (tmp_path / "crash.py").write_text(CRASHING_WORKER_APP)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", LONG_BACKOFF_SUPERVISOR, "run", "crash:app", "q", "--workers",
+         "2", "--log-level", "debug"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        err = read_until(
+            supervisor,
+            lambda e: "worker 1 serving" in e and "worker 0 exited with code 1: restarting" in e,
+        )
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    err += supervisor.stderr.read()
+    assert "restarting it in 10.0s" in err, err
+    assert err.count("worker 0 started") == 1, "restarted while stopping"
+
+
+GIVE_UP_APP = """
+import asyncio, os, sys, time
+from pathlib import Path
+if os.environ.get("AMGI_WORKER_INDEX") == "0":
+    deadline = time.monotonic() + 30
+    while not Path(os.environ["SEEN"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.exit(2)  # a usage error, once worker 1 is busy with a batch
+async def app(scope, receive, send):
+    if scope["type"] != "message":
+        return
+    message = await receive()
+    Path(os.environ["SEEN"]).write_text(str(os.getpid()))
+    await asyncio.sleep(3)
+    await send({"type": "message.ack", "id": message["id"]})
+"""
+
+
+def test_a_first_signal_while_the_supervisor_gives_up_lets_the_workers_drain(
+    tmp_path: Path,
+) -> None:
+    """The supervisor stops the others gracefully when it gives up on a worker; a first
+    SIGTERM then (a rollout, ``kubectl delete``) counted as a second one and killed them
+    mid-batch."""
+    (tmp_path / "giveup.py").write_text(GIVE_UP_APP)
+    env = {**os.environ, "SEEN": str(tmp_path / "seen")}
+    subprocess.run(
+        [sys.executable, "-m", "amgi", "send", "q", "x"], cwd=tmp_path, env=env, check=True
+    )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "amgi", "run", "giveup:app", "q", "--workers", "2"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        err = read_until(supervisor, lambda e: "stopping the others" in e)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(30) == 2
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    err += supervisor.stderr.read()
+    assert "killing every worker now" not in err, err
+    assert "SIGTERM received: already stopping" in err, err
+    from amgi.servers.sqlite import SqliteQueue
+
+    queue = SqliteQueue(str(tmp_path / "amgi.db"))
+    assert queue.count("q") == 0, "the batch in progress was not acked"
+    queue.close()

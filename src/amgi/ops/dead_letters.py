@@ -76,13 +76,20 @@ def _shown(text: str) -> str:
     return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
 
 
+def _when(dead_at: float | None) -> str:
+    """``dead_at`` as an ISO 8601 time; as seconds when no date holds it (a time the
+    broker took from a client, such as a Redis entry id given to ``XADD``)."""
+    if dead_at is None:
+        return "unknown"
+    try:
+        return datetime.fromtimestamp(dead_at, UTC).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return f"{dead_at} s since the epoch"
+
+
 def format_dead_letter(d: StoredDeadLetter) -> str:
     """A few indented lines describing one dead letter (text escaped by :func:`_shown`)."""
-    when = (
-        datetime.fromtimestamp(d.dead_at, UTC).isoformat(timespec="seconds")
-        if d.dead_at is not None
-        else "unknown"
-    )
+    when = _when(d.dead_at)
     headers = ", ".join(
         f"{_shown(n.decode(errors='replace'))}={_shown(v.decode(errors='replace'))}"
         for n, v in d.headers

@@ -91,6 +91,8 @@ def _tokens(action: argparse.Action, flag: str, name: str, value: str) -> list[s
     if callable(action.type):
         try:
             converted = action.type(value)
+        except argparse.ArgumentTypeError as exc:  # a check of the option's own: its words
+            raise ConfigurationError(f"environment variable {name}={value!r}: {exc}") from None
         except (TypeError, ValueError):
             kind = getattr(action.type, "__name__", "value")
             raise ConfigurationError(

@@ -6,7 +6,7 @@ Names follow OpenTelemetry's messaging semantic conventions where they define on
 spells them (dots become underscores, counters end in ``_total``, units are suffixed);
 the settlement counters AMGI adds are prefixed ``amgi_``. Every series carries
 ``messaging_system`` and ``messaging_destination_name`` (at most :data:`MAX_DESTINATIONS`
-names each for the consumed and the sent metrics).
+names each for the consumed metrics, the consumer lag included, and the sent metrics).
 
 Counts are updated once per settled batch; the in-flight gauge and the consumer lag
 (``amgi_consumer_lag_messages``, for servers whose :meth:`~amgi.transport.Transport.backlog`
@@ -180,6 +180,7 @@ class PrometheusMetrics(MetricsHook):
         from prometheus_client.registry import Collector
 
         system = self.system
+        bounded = self._bounded_lag
 
         class Backlog(Collector):
             def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -196,11 +197,21 @@ class PrometheusMetrics(MetricsHook):
                 except Exception:  # a failing probe must not break the scrape
                     logger.warning("reading the consumer lag failed", exc_info=True)
                     values = None
-                for address, lag in sorted((values or {}).items()):
-                    family.add_metric([system, _label(address)], lag)
+                for label, lag in bounded(values or {}).items():
+                    family.add_metric([system, label], lag)
                 yield family
 
         self.registry.register(Backlog())
+
+    def _bounded_lag(self, values: dict[str, int]) -> dict[str, int]:
+        """``values`` by label, sorted: the addresses past :data:`MAX_DESTINATIONS` (those
+        the consumed metrics already count, then the rest by name) summed under
+        :data:`OTHER_DESTINATION`."""
+        labels: dict[str, int] = {}
+        for address in sorted(values):
+            label = self._bounded(address, self._consumed_names, "consumer-lag")
+            labels[label] = labels.get(label, 0) + values[address]
+        return dict(sorted(labels.items()))
 
     def track_in_flight(self, read: Callable[[], float]) -> None:
         """Report ``read()`` (called at scrape time) as the batches-in-flight gauge."""

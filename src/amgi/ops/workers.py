@@ -14,8 +14,10 @@ supervisor:
   usage or configuration error) is not restarted: the supervisor stops the others and
   exits 2;
 * forwards SIGINT and SIGTERM to every worker and waits for all of them to drain; it
-  exits 0 when every worker exited 0;
-* on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1; one
+  exits 0 when every worker exited 0 (a worker waiting out its restart delay is not
+  restarted, and stopped cleanly);
+* on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1 (a
+  first one while it gives up lets the workers drain, as that stop does); one
   arriving within :data:`~amgi.runtime.server.SIGNAL_DEBOUNCE` of the first is the same
   signal sent to the supervisor and to its group, and is ignored, as a single process
   does. A worker that the forwarded signal killed before it could handle one (while it
@@ -212,6 +214,13 @@ class Supervisor:
                         len(self.workers),
                     )
                     self._stop(sig)
+                elif handled == 1:
+                    # The supervisor gave up and stops them already: only a second
+                    # signal from outside means that draining is not wanted.
+                    logger.info(
+                        "%s received: already stopping the workers gracefully (again to kill them)",
+                        sig.name,
+                    )
                 else:
                     logger.warning("%s received again: killing every worker now", sig.name)
                     self._kill()
@@ -307,7 +316,14 @@ class Supervisor:
     def _stop(self, sig: signal.Signals) -> None:
         self._stopping = sig
         for worker in self.workers:
-            if worker.process is not None and worker.process.poll() is None:
+            if worker.process is None:
+                if worker.restart_at is not None:
+                    # Its death was dealt with (a restart was due); it has nothing to
+                    # drain, so the stop is clean for it.
+                    logger.info("worker %d not restarted: stopping", worker.index)
+                    worker.restart_at = None
+                    worker.exit_code = 0
+            elif worker.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
 
