@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import decimal
 import sys
 from typing import Any
 
@@ -57,6 +58,32 @@ async def test_integers_up_to_the_limit_travel_and_beyond_it_fail_clearly(
         )
         assert ours[b"_error"] == twisted[b"_error"] == b"1"
         assert ours[b"_error_code"] == twisted[b"_error_code"] == b"UNKNOWN"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("value", [1.7, -0.5, float("inf"), decimal.Decimal("2.5"), "12"])
+async def test_a_value_that_is_no_integer_is_refused_not_truncated(value: object) -> None:
+    """``b"%d"`` wrote 1.7 as ``1`` and Decimal 2.5 as ``2`` (the receiver got another
+    number); infinity failed with "cannot convert float infinity to integer". Now each
+    is an ArgumentError that names the type, and nothing is sent."""
+    server = await amp.serve(Peer, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    try:
+        async with await amp.connect("127.0.0.1", port, Peer) as conn:
+            with pytest.raises(amp.ArgumentError, match=r"'i'=.*an integer") as info:
+                await conn.call_remote(AllTypes, **{**CASES[0], "i": value})
+            assert type(info.value.__cause__) is TypeError
+            # the connection is still usable, and an int subclass goes as its integer
+            answer = await asyncio.wait_for(conn.call_remote(AllTypes, **CASES[0]), 10)
+            assert answer is not None
+            assert answer["i"] == CASES[0]["i"]
+            answer = await asyncio.wait_for(
+                conn.call_remote(AllTypes, **{**CASES[0], "i": True}), 10
+            )
+            assert answer is not None
+            assert answer["i"] == 1
     finally:
         server.close()
         await server.wait_closed()

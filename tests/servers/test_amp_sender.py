@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
+import pytest
+
 from amgi import amp
+from amgi.errors import BrokerUnavailable
 from amgi.servers.amp import AmpOptions, AmpTransport, Authenticate, Deliver
 
 
@@ -137,3 +141,29 @@ async def test_a_message_over_max_keys_per_box_fails_before_connecting() -> None
     with pytest.raises(AmpSendError, match=r"6 keys, over --max-keys-per-box \(5\)"):
         await sender.publish("orders", [], big, {})
     await sender.close()
+
+
+@pytest.mark.parametrize("stalls", ["connect", "tls"])
+async def test_a_receiver_that_never_answers_fails_the_send_within_call_timeout(
+    stalls: str,
+) -> None:
+    """Opening the connection had no deadline: a receiver whose accept queue is full
+    (the SYN dropped) held the send, and every send behind it, for the kernel's two
+    minutes of SYN retries; one that never answered the TLS handshake, for 60 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0 if stalls == "connect" else 8)  # (never accepted)
+    port = listener.getsockname()[1]
+    filler = None
+    if stalls == "connect":  # the one connection the queue holds: the next SYN is dropped
+        _, filler = await asyncio.open_connection("127.0.0.1", port)
+    sender = AmpTransport([], AmpOptions(port=port, call_timeout=0.5, tls=stalls == "tls"))
+    try:
+        async with asyncio.timeout(20):
+            with pytest.raises(BrokerUnavailable, match=r"no answer within 0\.5s"):
+                await sender.publish("orders", [], b"m", {})
+    finally:
+        await sender.close()
+        if filler is not None:
+            filler.close()
+        listener.close()

@@ -556,3 +556,21 @@ async def test_token_never_reaches_a_log_an_exception_or_the_cli(
 
 async def never_called(scope: Any, receive: Any, send: Any) -> None:
     raise AssertionError("the app must not be called")
+
+
+async def test_listening_at_the_first_fetch_on_a_busy_port_is_fatal() -> None:
+    """Without addresses the server listens at the first fetch; a busy port there was a
+    BrokerUnavailable, which the runtime retries: it logged once and ran on, serving
+    nothing. Now a ConfigurationError, as at connect with addresses (and over HTTP)."""
+    blocker = await amp.serve(amp.AMP, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    transport = AmpTransport([], AmpOptions(port=port))
+    try:
+        await transport.connect()
+        async with asyncio.timeout(10):
+            with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port}"):
+                await transport.fetch()
+    finally:
+        await transport.close()
+        blocker.close()
+        await blocker.wait_closed()

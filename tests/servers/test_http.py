@@ -459,6 +459,11 @@ _BINARY = "POST / HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nce-id: 1\r\nce-s
         ("ce-type: t\r\nce-foo_bar: 1\r\n", "header ce-foo_bar names no attribute"),
         ("ce-type: t\r\nce-: 1\r\n", "header ce- names no attribute"),
         ("ce-type: t\r\nce-tenant: a\tb\r\n", "ce-tenant holds a control character"),
+        # C1 controls (U+0080-U+009F), percent-encoded or as UTF-8, and bytes that are no
+        # UTF-8 reached the app (structured mode refused the same attribute)
+        ("ce-type: t\r\nce-tenant: a%C2%85b\r\n", "ce-tenant holds a control character"),
+        ("ce-type: t\r\nce-tenant: a\x9fb\r\n", "ce-tenant holds a control character"),
+        ("ce-type: t\r\nce-tenant: a%FFb\r\n", "ce-tenant is not UTF-8"),
     ],
 )
 async def test_binary_headers_that_are_no_attribute_text_are_400(extra: str, says: str) -> None:
@@ -1099,6 +1104,10 @@ async def test_the_structured_sender_sends_json_with_a_lone_surrogate_as_data_ba
         (b"ce-tenant", b"a\r\nx-injected: 1", "ce-tenant holds a control character"),
         (b"ce-tenant", b"a\x00", "ce-tenant holds a control character"),
         (b"content-type", b"text/plain\r\nx-injected: 1", "content-type holds a control"),
+        # no CloudEvents String: a C1 control went out (refused by a receiver that checks,
+        # after the message was sent), bytes that are no UTF-8 went out as U+FFFD
+        (b"ce-tenant", "a\x85".encode(), "ce-tenant holds a control character"),
+        (b"ce-tenant", b"a\xff", "ce-tenant is not UTF-8"),
     ],
 )
 async def test_a_header_http_cannot_carry_fails_that_send_alone(
@@ -1135,3 +1144,18 @@ async def test_a_send_url_whose_password_splits_it_shows_no_piece_of_it() -> Non
         assert "se" not in str(refused.value).replace("send_url", "")
     finally:
         await sender.close()
+
+
+async def test_a_send_url_path_with_non_ascii_or_spaces_is_percent_encoded() -> None:
+    """A non-ASCII path raised a bare UnicodeEncodeError from every send (no
+    HttpSendError), and a space split the request line (the receiver answered 400)."""
+    sink = _Sink()
+    async with uvicorn_serving(sink) as sink_url:
+        options = HttpOptions(send_url=sink_url + "/évents in%2Fq/{address}")
+        sender = HttpTransport([], options)
+        await sender.connect()
+        try:
+            await sender.publish("a b", [], b"1", {})
+        finally:
+            await sender.close()
+    assert sink.paths == ["/évents in/q/a b"]

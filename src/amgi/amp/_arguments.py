@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import decimal as _decimal
 import keyword
+import operator
 import os
 import pathlib
 import sys
@@ -73,11 +74,19 @@ class Argument(Generic[T]):
 
 class Integer(Argument[int]):
     """An integer in decimal: ``123`` is ``b"123"``; at most as many digits as Python
-    converts (``sys.get_int_max_str_digits()``, 4,300 by default), as in Twisted."""
+    converts (``sys.get_int_max_str_digits()``, 4,300 by default), as in Twisted.
+
+    Sends an ``int`` or any type with ``__index__``; a float or Decimal is refused
+    rather than truncated (Twisted's ``b"%d"`` writes 1.7 as ``1``).
+    """
 
     def to_bytes(self, value: int) -> bytes:
         try:
-            return b"%d" % (value,)
+            number = operator.index(value)
+        except TypeError:
+            raise TypeError(f"Integer needs an integer, not {type(value).__name__}") from None
+        try:
+            return b"%d" % (number,)
         except ValueError:
             raise ValueError(
                 f"more than {sys.get_int_max_str_digits()} digits (Python's int/str "

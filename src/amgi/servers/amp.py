@@ -121,7 +121,10 @@ class AmpOptions:
     batch_size: int = field(default=100, metadata={"ge": 1, "help": "most messages per batch"})
     call_timeout: float = field(
         default=30.0,
-        metadata={"gt": 0, "help": "seconds to wait for a Deliver answer when sending"},
+        metadata={
+            "gt": 0,
+            "help": "seconds to wait for a Deliver answer (or to connect) when sending",
+        },
     )
     tls: bool = field(
         default=False,
@@ -382,7 +385,13 @@ class AmpTransport(Transport):
                 message.token.set_exception(Nacked(_STOPPING))
 
     async def fetch(self) -> Sequence[Batch]:
-        await self._listen()
+        if self._server is None:
+            try:
+                await self._listen()
+            except BrokerUnavailable as exc:
+                # Fatal, as at connect: the runtime retries a fetch's errors, and would
+                # run on serving nothing until the port is free.
+                raise ConfigurationError(str(exc)) from None
         ready = self._ready
         first = await ready.get()
         messages = [first]
@@ -472,9 +481,16 @@ class AmpTransport(Transport):
         c = self.config
         context = self._ssl_context(server_side=False)
         try:
-            client = await amp.connect(
-                c.host, c.port, lambda: amp.AMP(close_timeout=_CLOSE_TIMEOUT), ssl=context
-            )
+            # Bounded like the call: a host that drops the SYN, or a TLS handshake never
+            # answered, held this send (and every send behind the lock) for minutes.
+            async with asyncio.timeout(c.call_timeout):
+                client = await amp.connect(
+                    c.host, c.port, lambda: amp.AMP(close_timeout=_CLOSE_TIMEOUT), ssl=context
+                )
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"amp: cannot connect to {c.host}:{c.port}: no answer within {c.call_timeout:g}s"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise BrokerUnavailable(f"amp: cannot connect to {c.host}:{c.port}: {reason}") from None

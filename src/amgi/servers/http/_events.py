@@ -58,11 +58,13 @@ _ATTRIBUTE_NAME = re.compile("[a-z0-9]+").fullmatch
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]").search
 """The control characters a CloudEvents String must not hold (spec 1.0, 3.2)."""
 _CONTROL_BYTE = re.compile(b"[\x00-\x1f\x7f]").search
+_NON_ASCII = re.compile(b"[\x80-\xff]").search
 _ATTRIBUTE_NAME_BYTES = re.compile(b"[a-z0-9]+").fullmatch
 """The same, as bytes (matched from position 3 of a ``ce-`` header name)."""
-BINARY_SUSPECT = re.compile(b"[%\x00-\x1f\x7f]").search
+BINARY_SUSPECT = re.compile(b"[%\x00-\x1f\x7f-\xff]").search
 """What sends a binary event's header values to :func:`binary_event`'s checks: a
-percent-encoding to decode, or a control character to refuse."""
+percent-encoding to decode, a control character to refuse, or a non-ASCII byte (of
+UTF-8 text to check for C1 controls, or of no UTF-8 at all)."""
 BINARY_NAMES = re.compile(b"(?:(?:ce-[a-z0-9]+|content-type) )*").fullmatch
 """Names of a binary event's headers, each followed by a space, that name attributes."""
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]").search
@@ -91,6 +93,21 @@ def _decode_header(value: bytes) -> bytes:
     return unquote_to_bytes(value) if _PERCENT in value else value
 
 
+def _check_text(name: bytes, value: bytes) -> None:
+    """Refuse a decoded binary-mode header value that is no CloudEvents String: not
+    UTF-8, or holding a control character, C0 or C1 (as structured mode refuses)."""
+    shown = name.decode("latin-1")
+    if _CONTROL_BYTE(value):  # (a tab comes as it is; the rest percent-encoded)
+        raise BadRequest(f"binary event: {shown} holds a control character")
+    if _NON_ASCII(value):  # rare: only then can it hold C1 controls or be no UTF-8
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"binary event: {shown} is not UTF-8") from None
+        if _CONTROL(text):
+            raise BadRequest(f"binary event: {shown} holds a control character")
+
+
 def binary_event(
     kept: HeaderList, attributes: dict[bytes, bytes], want: bytes
 ) -> tuple[str | None, HeaderList]:
@@ -109,8 +126,7 @@ def binary_event(
         if _PERCENT in value and name != _CONTENT_TYPE:  # rare: percent-encoded
             value = unquote_to_bytes(value)
             kept[i] = (name, value)
-        if _CONTROL_BYTE(value):  # (a tab comes as it is; the rest percent-encoded)
-            raise BadRequest(f"binary event: {name.decode('latin-1')} holds a control character")
+        _check_text(name, value)
     attributes = dict(kept)
     if len(attributes) != len(kept):
         twice = sorted({n for n, _ in kept if sum(1 for m, _ in kept if m == n) > 1})

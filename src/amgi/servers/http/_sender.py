@@ -34,7 +34,8 @@ from amgi.transport import HeaderList
 
 __all__ = ["CloudEventSender", "HttpSendError"]
 
-_SAFE = bytes(range(0x21, 0x7F)).replace(b'"', b"").replace(b"%", b"")
+_VISIBLE = bytes(range(0x21, 0x7F))
+_SAFE = _VISIBLE.replace(b'"', b"").replace(b"%", b"")
 
 
 class HttpSendError(SendError):
@@ -44,15 +45,26 @@ class HttpSendError(SendError):
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 """An HTTP field name (RFC 9110, 5.1)."""
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]").search
+_C1_CONTROL = re.compile("[\x80-\x9f]").search
+_NON_ASCII = re.compile(rb"[\x80-\xff]").search
 
 
 def _sendable(name: bytes, value: bytes) -> None:
     """Refuse, before anything is written, a header HTTP cannot carry as it is (CR, LF,
-    NUL would end or split it): the send fails alone, the connection is untouched."""
+    NUL would end or split it) or that is no CloudEvents String (not UTF-8, or with a C1
+    control: a receiver refuses it, structured mode would mangle it): the send fails
+    alone, the connection is untouched."""
     if not _TOKEN(name):
         raise HttpSendError(f"http: header name {name!r} is not an HTTP field name")
     if _CONTROL(value):
         raise HttpSendError(f"http: header {name.decode()} holds a control character")
+    if _NON_ASCII(value):  # rare: only then can it be no UTF-8 or hold a C1 control
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpSendError(f"http: header {name.decode()} is not UTF-8") from None
+        if _C1_CONTROL(text):
+            raise HttpSendError(f"http: header {name.decode()} holds a control character")
 
 
 def _percent(value: bytes) -> bytes:
@@ -198,7 +210,10 @@ class CloudEventSender:
         self._host = parts.hostname
         self._port = port or (443 if self._https else 80)
         self._authority = (parts.netloc.rsplit("@", 1)[-1]).encode("idna")
-        self._path_template = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # A request target is visible ASCII: other characters (a space would split the
+        # request line) go percent-encoded, the ones already encoded as they are.
+        self._path_template = quote_from_bytes(target.encode("utf-8"), safe=_VISIBLE)
         self._encode = encode_structured if mode == "structured" else encode_binary
         self._source = source
         if parts.username is not None and token:
