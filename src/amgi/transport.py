@@ -216,6 +216,10 @@ class Transport(abc.ABC):
     rises when a consumer dies holding the message (sqlite, SQS, AMQP quorum queues,
     NATS JetStream, Redis Streams).
     A server where it depends on the options (AMQP: the queue type) sets it per instance."""
+    at_most_once: bool = False
+    """The broker delivers each message at most once (core NATS, Redis Pub/Sub): what a
+    stop leaves unprocessed is lost, not sent again, and the runtime's log says so. A
+    server where it depends on the options (NATS, Redis: the mode) sets it per instance."""
     close_needs: float = 0.0
     """Seconds :meth:`close` may take by the server's own settings (an HTTP listener's
     ``--close-timeout``): the runtime gives a close at least this, plus a second for what

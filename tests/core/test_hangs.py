@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +18,11 @@ import pytest
 
 from amgi.errors import StartupFailed
 from amgi.runtime import Runtime, RuntimeConfig
+from amgi.runtime.ledger import CrashLedger
 from amgi.servers.memory import MemoryOptions, MemoryTransport
 from amgi.servers.sqlite import SqliteQueue
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
+from tests.net import free_port
 
 APPS = """
 import asyncio, os, time
@@ -186,6 +189,47 @@ def test_a_second_signal_ends_a_process_whose_loop_is_blocked(project: Path) -> 
     assert time.monotonic() - started < 5, "the second signal did not end the blocked process"
     assert code != 0
     assert "exiting now" in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_a_second_signal_does_not_count_a_crash_in_the_ledger(project: Path) -> None:
+    """The user, not the message, ended the call: the next start must not make its
+    message a suspect (delivered alone, an attempt used up)."""
+    ledger = project / "ledger"
+    proc = start(project, "blocking", "--shutdown-timeout", "30", "--crash-ledger", str(ledger))
+    wait_for_mark(project, "in batch", proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(20) != 0
+    finally:
+        proc.kill()
+    assert os.listdir(ledger), "the call in progress was not in the ledger"
+    heir = CrashLedger(str(ledger), f"sqlite:{project / 'amgi.db'}")
+    heir.open()
+    assert heir.suspects == {}, "a second signal was counted as a crash"
+    heir.close()
+
+
+@pytest.mark.parametrize("server", ["amqp", "mqtt"])
+def test_a_stop_while_connecting_to_a_broker_that_never_answers_ends_at_once(
+    project: Path, server: str
+) -> None:
+    """A broker that takes the connection and never answers: the stop waited for the
+    client's own connect timeout (MQTT: 10 s), or for ever (AMQP)."""
+    listener = socket.create_server(("127.0.0.1", free_port()))
+    port = listener.getsockname()[1]
+    url = ["--url", f"amqp://127.0.0.1:{port}/"] if server == "amqp" else ["--port", str(port)]
+    proc = start(project, "blocking", "--server", server, *url)
+    try:
+        listener.settimeout(30)
+        accepted, _ = listener.accept()  # the client is connecting now
+        code, stderr = stop(proc, 5)
+        accepted.close()
+    finally:
+        listener.close()
+    assert code == 0, stderr
+    assert "stopped while connecting" in stderr
 
 
 async def test_lifespan_startup_timeout_fails_startup() -> None:

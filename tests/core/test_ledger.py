@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,31 @@ async def test_an_unusable_ledger_folder_is_one_warning_and_no_ledger(
     )
 
 
+@pytest.mark.parametrize("whose", ["writable by all", "another user's"])
+def test_a_folder_others_can_write_to_is_refused(tmp_path: Path, whose: str) -> None:
+    """The default folder is in the shared temporary directory: another user could
+    create it first and plant a file there that convicts an innocent message of
+    crashes (dead-lettered before delivery). Such a folder is refused, not read."""
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    planter = CrashLedger(str(folder), "src")
+    (folder / f"{planter._prefix}-1-planted.ledger").write_text(
+        f'["N", "src"]\n["S", "q", "1", 99, 99, {time.time()}]\n'
+    )
+    if whose == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        os.chown(folder, 65534, 65534)
+        folder.chmod(0o755)
+    else:
+        folder.chmod(0o777)
+    ledger = CrashLedger(str(folder), "src")
+    with pytest.raises(PermissionError, match=r"another user|others can write"):
+        ledger.open()
+    assert ledger.known("q", "1") is None, "a planted file was believed"
+    assert ledger._fd is None
+
+
 class Killed(BaseException):
     """The process dies here (a SIGKILL, a second signal's ``os._exit``)."""
 
@@ -162,6 +188,45 @@ def test_a_crash_during_compaction_keeps_the_crash_counts(
     heir.forget("q", ["poison", "other"])
     heir.close()
     assert os.listdir(tmp_path) == [], "the half-written file of the crash was left"
+
+
+@pytest.mark.parametrize("during", [False, True], ids=["between calls", "mid-compaction"])
+def test_a_stop_signal_counts_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during: bool
+) -> None:
+    """A second signal ends the calls in progress (``stopped``, then ``os._exit``): the
+    next process must not count them, even when it came as a compaction renamed its new
+    file over the old one and had not yet swapped descriptors."""
+    ledger = CrashLedger(str(tmp_path), "src")
+    ledger.open()
+    ledger.begin("q", msgs("a", "b"), exclusive=False)
+    call = ledger.begin("q", msgs("c"), exclusive=False)
+    if during:
+        monkeypatch.setattr(ledger_module, "_COMPACT_BUSY_AT", 0)
+        real = os.rename
+
+        def rename(src: str, dst: str) -> None:
+            real(src, dst)
+            ledger.stopped()
+            raise Killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "rename", rename)
+            with pytest.raises(Killed):
+                ledger.end(call)
+    else:
+        ledger.stopped()
+    die(ledger)
+    heir = CrashLedger(str(tmp_path), "src")
+    heir.open()
+    assert heir.suspects == {}, "a stop was counted as a crash"
+    heir.begin("q", msgs("d"), exclusive=False)
+    die(heir)
+    last = CrashLedger(str(tmp_path), "src")
+    last.open()
+    assert set(last.suspects) == {("q", "d")}, "a call begun after the stop must count"
+    last.forget("q", ["d"])
+    last.close()
 
 
 def test_a_full_disk_neither_fails_a_call_nor_convicts_a_live_process(
@@ -229,3 +294,41 @@ async def test_a_full_disk_at_a_compaction_still_settles_the_batch(
         queue.close()
     assert not any(r.getMessage() == "batch task failed" for r in caplog.records)
     assert any("ledger turned off" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stop_keeps_the_counts_of_suspects_it_cut_off(tmp_path: Path) -> None:
+    """Two suspects of a crash, delivered alone one after the other; a stop cancels the
+    first's call and hands the second back unseen. Both were forgotten, as if settled:
+    the next start delivered them as ordinary messages, beside others, with no count."""
+    db = str(tmp_path / "q.db")
+    folder = str(tmp_path / "ledger")
+    queue = SqliteQueue(db)
+    queue.put_many("q", [([], b"x", {})] * 2)
+    queue.close()
+    namespace = f"sqlite:{db}"
+    dead = CrashLedger(folder, namespace)
+    dead.open()
+    dead.begin("q", msgs("1", "2"), exclusive=False)
+    die(dead)
+    holding = asyncio.Event()
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "message":
+            await receive()
+            holding.set()
+            await asyncio.sleep(60)
+
+    options = SqliteOptions(database=db, poll_interval=0.01)
+    config = RuntimeConfig(lifespan="off", crash_ledger=folder, shutdown_timeout=0.1)
+    runtime = Runtime(app, SqliteTransport(["q"], options), config)
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(holding.wait(), 10)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    heir = CrashLedger(folder, namespace)
+    heir.open()
+    assert heir.known("q", "1") == (1, 0), "the suspect whose call the stop cut lost its count"
+    assert heir.known("q", "2") == (1, 0), "the suspect never delivered lost its count"
+    heir.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from amgi.runtime import Runtime, RuntimeConfig, server
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
+from amgi.servers.nats import NatsOptions, NatsTransport
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 pytestmark = pytest.mark.timeout(30)
@@ -250,3 +252,84 @@ async def test_batches_waiting_for_a_slot_at_the_shutdown_deadline_go_back_uncou
     ]
     assert app.seen == [b"held"]
     assert sorted((m.payload, m.attempt) for m in back) == [(b"held", 2), (b"waiting", 1)]
+
+
+class HandsOver(OneBatch):
+    """One batch in flight, one more handed over at the stop; at-most-once or not."""
+
+    def __init__(self, at_most_once: bool) -> None:
+        super().__init__()
+        self.at_most_once = at_most_once
+
+    async def hand_over(self) -> Sequence[Batch]:
+        return [Batch("a", [Message("2", [], b"y")])]
+
+
+@pytest.mark.parametrize("at_most_once", [False, True])
+async def test_the_line_at_the_shutdown_deadline_says_where_the_rest_goes(
+    caplog: pytest.LogCaptureFixture, at_most_once: bool
+) -> None:
+    """A batch handed over at the stop never gets the one slot before the deadline: an
+    at-most-once server (core NATS, Redis Pub/Sub) never sends it again, and the line
+    said it "goes back to the broker"."""
+    app = Holding()
+    transport = HandsOver(at_most_once)
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.2, concurrency=1)
+    runtime = Runtime(app, transport, config)
+    assert await stop_when(runtime, asyncio.wait_for(app.holding.wait(), 5)) == 0
+    said = [r.getMessage() for r in caplog.records if "shutdown timeout ended" in r.getMessage()]
+    if at_most_once:
+        assert said == [
+            "the shutdown timeout ended before 1 delivered message(s) were processed: "
+            "they are lost (one-batch delivers at most once)"
+        ]
+    else:
+        assert said == [
+            "the shutdown timeout ended before every delivered message was processed: "
+            "1 not started go back to the broker"
+        ]
+
+
+async def test_on_core_nats_the_messages_the_deadline_leaves_are_said_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Core NATS never sends again what a stop leaves unprocessed: the message held past
+    the shutdown timeout and the four waiting for the one slot are lost, and said to be
+    (the runtime said the four "go back to the broker")."""
+    import nats
+
+    from tests.servers.nats_helpers import URL, ensure_broker, fresh
+
+    ensure_broker()
+    subject = fresh("stop-core")
+    transport = NatsTransport(
+        [subject], NatsOptions(servers=URL, mode="core", queue="q", batch_size=1)
+    )
+    app = Holding()
+    config = RuntimeConfig(lifespan="off", shutdown_timeout=0.3, concurrency=1)
+    runtime = Runtime(app, transport, config)
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        nc = await nats.connect(URL)
+        try:
+            for payload in (b"0", b"1", b"2", b"3", b"4"):
+                await nc.publish(subject, payload)
+            await nc.flush()
+        finally:
+            await nc.close()
+        await asyncio.wait_for(app.holding.wait(), 10)
+    finally:
+        runtime.request_stop()
+    assert await asyncio.wait_for(serving, 20) == 0
+    assert app.seen == [b"0"]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("back to the broker" in line for line in said), said
+    assert (
+        sum(
+            int(n)
+            for line in said
+            for n in re.findall(r"(\d+) (?:delivered |)message\(s\)[^:]*(?:: they)? are lost", line)
+        )
+        == 5
+    ), said

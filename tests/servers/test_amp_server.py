@@ -574,3 +574,31 @@ async def test_listening_at_the_first_fetch_on_a_busy_port_is_fatal() -> None:
         await transport.close()
         blocker.close()
         await blocker.wait_closed()
+
+
+async def test_a_busy_port_at_the_first_fetch_ends_the_run_with_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The runtime leads a fatal fetch error with the server's name, which the AMP error
+    already began with ('amp: amp: cannot listen ...')."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+    blocker = await amp.serve(amp.AMP, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    runtime = Runtime(app, AmpTransport([], AmpOptions(port=port)))
+    try:
+        with caplog.at_level(logging.ERROR, logger="amgi"):
+            async with asyncio.timeout(20):
+                code = await runtime.serve()
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+    assert code != 0
+    lines = [r.getMessage() for r in caplog.records if "cannot listen" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"amp: cannot listen on 127.0.0.1:{port}: "), lines

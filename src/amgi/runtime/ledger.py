@@ -6,7 +6,8 @@ appends one line naming the call's messages, and one line when the call is over.
 whose lock can be taken belongs to a process that is gone: a new process reads it at
 startup, and every message of a call that had not ended is a *suspect*. Suspects are
 carried into the new process's own file until they are settled, so crash counts survive
-any number of restarts.
+any number of restarts. A process told to exit at once (a second stop signal) appends
+one line that ends its calls in progress: the user stopped them, their messages did not.
 
 The runtime delivers a suspect alone, with no other call in the application's hands
 (:class:`CallGuard`), so a process that dies during that call convicts the one message
@@ -74,6 +75,9 @@ class CrashLedger:
         self._size = 0
         self._off = False
         """True once a write failed: the file stays empty (and locked) until close."""
+        self._aside: int | None = None
+        """The file a compaction wrote aside, from when it is whole until it replaces
+        this one's descriptor: a stop (:meth:`stopped`) is recorded in both meanwhile."""
 
     @staticmethod
     def available() -> bool:
@@ -89,6 +93,7 @@ class CrashLedger:
         crash at any point leaves their counts in one file or the other."""
         assert fcntl is not None
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        _check_private(self.directory)
         now = time.time()
         taken: list[tuple[str, int]] = []
         try:
@@ -206,6 +211,8 @@ class CrashLedger:
                     calls[call] = (bool(exclusive), address, ids)
                 elif kind == "E":
                     calls.pop(record[1], None)
+                elif kind == "X":
+                    calls.clear()  # ended by a stop signal, not by a crash
                 elif kind == "F":
                     for mid in record[2]:
                         suspects.pop((record[1], mid), None)
@@ -259,6 +266,17 @@ class CrashLedger:
             suspects.pop((address, mid), None)
         self._write((json.dumps(["F", address, list(ids)]) + "\n").encode())
 
+    def stopped(self) -> None:
+        """Record that the calls in progress end because the process is told to exit now
+        (a second stop signal), not because it crashed: the next process counts none of
+        them. Safe in a signal handler: two small appends, no lock, no logging, no raise."""
+        if self._off:
+            return
+        for fd in {self._fd, self._aside}:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(fd, b'["X"]\n')
+
     def _write(self, data: bytes) -> None:
         if self._fd is None or self._off:
             return
@@ -287,13 +305,16 @@ class CrashLedger:
         fd = _locked(aside)
         try:
             _write_all(fd, data)
+            self._aside = fd
             os.rename(aside, self._path)
         except BaseException:
+            self._aside = None
             with contextlib.suppress(OSError):
                 os.unlink(aside)
             os.close(fd)
             raise
         old, self._fd = self._fd, fd
+        self._aside = None
         os.close(old)
         self._size = len(data)
 
@@ -321,6 +342,20 @@ class CrashLedger:
             self._drop()
             return
         self._off = True
+
+
+def _check_private(directory: str) -> None:
+    """Refuse a folder another user owns or can write to: a file planted there would
+    convict messages of crashes that never happened (the default folder is in the shared
+    temporary directory, where anyone can create it first)."""
+    info = os.stat(directory)
+    if info.st_uid != os.geteuid():
+        raise PermissionError(f"{directory!r} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & 0o002:
+        raise PermissionError(
+            f"others can write to {directory!r} (mode {info.st_mode & 0o7777:o}); "
+            "make it private (chmod o-w) or name another folder"
+        )
 
 
 def _locked(path: str) -> int:

@@ -58,6 +58,12 @@ _MIN_CLOSE = 5.0
 the application's calls: a ``--shutdown-timeout 0`` must not cut off final commits)."""
 
 
+def _named(name: str, exc: Exception) -> str:
+    """``exc``'s text led by the server's name, unless the server put it there itself."""
+    text = str(exc)
+    return text if text.startswith(f"{name}:") else f"{name}: {text}"
+
+
 def _unmoved(settlement: Settlement, exc: Exception) -> None:
     """A settle raised: the retries and dead letters it did not say it moved stay
     unacknowledged (so the log and the metrics say, not "retrying" or "dead-lettered")."""
@@ -68,6 +74,14 @@ def _unmoved(settlement: Settlement, exc: Exception) -> None:
     for d in settlement.dead:
         if d.fate is None:
             d.not_stored(error)
+
+
+def _cleared(suspects: list[str], settlement: Settlement, cancelled: bool) -> list[str]:
+    """The crash ledger's suspects a batch cleared: all but those a stop handed back
+    unseen and, when it cancelled the call, those it left to come again. They keep their
+    crash counts: the stop, not the message, ended their turn."""
+    kept = {r.message.id for r in settlement.retry if r.uncounted or cancelled}
+    return [mid for mid in suspects if mid not in kept]
 
 
 class Runtime:
@@ -204,12 +218,13 @@ class Runtime:
             # Connect first, so that an unreachable broker, refused credentials or a
             # missing stream fail before the application's lifespan startup runs.
             try:
-                await self.transport.connect()
-                if self.routes is not None:
-                    await self.routes.connect()
+                connected = await self._connect()
             except BaseException:
                 await self._close_connections()
                 raise
+            if not connected:
+                await self._close_connections()
+                return self._exit_code
             try:
                 started = await self._startup()
             except BaseException:
@@ -270,6 +285,36 @@ class Runtime:
                 raise exc
             logger.error("error while closing %s", what, exc_info=exc)
 
+    async def _connect(self) -> bool:
+        """Connect the transport and the send routes, given up when a stop is requested
+        meanwhile (a broker that takes the connection and never answers held the stop
+        until the client's own timeout, or for ever); False if stopped."""
+        assert self._stop is not None
+        connecting = asyncio.create_task(self._connect_all())
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({connecting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            if not connecting.done():
+                connecting.cancel()
+            await asyncio.gather(stop_wait, return_exceptions=True)
+            if await self._ignored_cancel(connecting, "connecting to"):
+                self._abandoned.add(connecting)
+                self._exit_code = 1
+        if connecting.cancelled() or not connecting.done():
+            logger.info(
+                "stopped while connecting to %s: nothing was delivered", self.transport.name
+            )
+            return False
+        connecting.result()  # raises what the connect raised
+        return True
+
+    async def _connect_all(self) -> None:
+        await self.transport.connect()
+        if self.routes is not None:
+            await self.routes.connect()
+
     async def _startup(self) -> bool:
         """Lifespan startup, given up when a stop is requested meanwhile; False if stopped."""
         assert self._stop is not None
@@ -320,6 +365,8 @@ class Runtime:
             self._first_signal = now
             return  # the graceful stop is started by _on_signal, on the loop
         name = signal.Signals(signum).name
+        if self._ledger is not None:
+            self._ledger.stopped()  # the calls cut off here are no crash of their messages
         # No logging here: a lock held by the interrupted code would deadlock it.
         os.write(2, f"amgi: {name} received again: exiting now, settling nothing more\n".encode())
         os._exit(1)
@@ -419,15 +466,33 @@ class Runtime:
                         await self._free_slot(limit)
                     self._start(batches.pop(0))
         except TimeoutError:
-            logger.warning(
-                "the shutdown timeout ended before every delivered message was processed: "
-                "the rest goes back to the broker"
-            )
-            if self.transport.counts_deliveries:
-                for batch in batches:
-                    self._hand_back(batch)
+            self._left_at_deadline(batches)
         finally:
             self._waiting = []
+
+    def _left_at_deadline(self, batches: list[Batch]) -> None:
+        """Say what becomes of the delivered batches the shutdown timeout left unstarted
+        (and release them where the broker would count their return as a delivery)."""
+        transport = self.transport
+        count = sum(len(b.messages) for b in batches)
+        if transport.at_most_once:
+            if count:  # (what a hand-over cut short still held, the server counts)
+                logger.error(
+                    "the shutdown timeout ended before %d delivered message(s) were "
+                    "processed: they are lost (%s delivers at most once)",
+                    count,
+                    transport.name,
+                )
+            return
+        logger.warning(
+            "the shutdown timeout ended before every delivered message was processed: %s",
+            f"{count} not started go back to the broker"
+            if count
+            else "the rest goes back to the broker",
+        )
+        if transport.counts_deliveries:
+            for batch in batches:
+                self._hand_back(batch)
 
     def _hand_back(self, batch: Batch) -> None:
         """Settle a batch the application never had as released (no attempt used up).
@@ -489,10 +554,11 @@ class Runtime:
         if late:
             logger.error(
                 "%d settle(s) on %s did not end within %gs: stopping without them "
-                "(their unacknowledged messages come back)",
+                "(their unacknowledged messages %s)",
                 len(late),
                 self.transport.name,
                 _MIN_CLOSE,
+                "are lost" if self.transport.at_most_once else "come back",
             )
         for task in late:
             task.cancel()
@@ -517,7 +583,7 @@ class Runtime:
             try:
                 batches = await self.transport.fetch()
             except ConfigurationError as exc:
-                logger.error("%s: %s", self.transport.name, exc)
+                logger.error("%s", _named(self.transport.name, exc))
                 self._fatal = exc
                 return
             except Exception as exc:
@@ -640,7 +706,7 @@ class Runtime:
             batch = fetched
         await self._settle(batch, settlement, started)
         if suspects and ledger is not None:
-            ledger.forget(batch.address, suspects)
+            ledger.forget(batch.address, _cleared(suspects, settlement, cancelled))
         if cancelled:
             raise asyncio.CancelledError
 

@@ -187,6 +187,7 @@ class NatsTransport(DeadLetters, Transport):
         self._subscriptions: Subscriptions | None = None
         if self.config.mode == "jetstream" and addresses:
             self.lease_interval = self.config.ack_wait / 3
+        self.at_most_once = self.config.mode == "core"
         self.counts_deliveries = self.config.mode == "jetstream"
         """JetStream's delivery count (the attempt) rises on every delivery."""
         # Transport declares it a ClassVar; here it depends on the mode.
