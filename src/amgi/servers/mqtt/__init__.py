@@ -20,7 +20,9 @@ refused copy       a retry the broker refuses (MQTT 5 PUBACK failure, e.g. not
                    authorised) is dead-lettered instead; a refused dead letter is tried
                    again with backoff in the background; resends of the original
                    wait meanwhile and are acknowledged once the copy is taken
-                   (``amgi.servers.kit.move_aside``)
+                   (``amgi.servers.kit.move_aside``); a copy the connection rules out
+                   (over the broker's maximum packet size or QoS) is given up on, the
+                   original left for the next connection
 message id         the packet id (QoS 1 and 2): a resend after a reconnect or a crash keeps
                    it (MQTT 3.1.1 and 5 alike), so the crash ledger bounds a message that
                    kills the process; QoS 0 messages get a counter (never redelivered)
@@ -56,7 +58,7 @@ from amgi.servers.kit import (
     retry_headers,
     unmoved,
 )
-from amgi.servers.mqtt._client import HungUpOnSend, MqttSendError
+from amgi.servers.mqtt._client import HungUpOnSend, MqttSendError, Refusals, RuledOut
 from amgi.servers.mqtt._codec import Publish, decode_publish
 from amgi.servers.mqtt._dead_letters import DeadLetters, dead_at_header
 from amgi.servers.mqtt.options import MqttOptions, validate_filter
@@ -109,6 +111,8 @@ class MqttTransport(DeadLetters, Transport):
             problem = validate_filter(address)
             if problem:
                 raise ConfigurationError(f"mqtt: invalid topic filter {address!r}: {problem}")
+        if c.tls:
+            self._tls_context()  # its files, before the lifespan starts
         if not c.client_id and any(a.startswith("$share/") for a in self.addresses):
             # The default id comes from the filters: every server of the group would get
             # the same one and take the session over from the others, again and again.
@@ -186,7 +190,8 @@ class MqttTransport(DeadLetters, Transport):
         while its copy is being published waits for the outcome instead of reaching the
         app, and is acknowledged once the copy is on the broker. ``inline`` (from
         ``settle``) tries once and leaves what the broker refused to a background task,
-        which tries again with backoff until the server closes.
+        which tries again with backoff until the server closes, or until every copy left
+        is one the connection rules out (then the originals wait for the next one).
         """
         messages = [r.message for r in settlement.retry] + [d.message for d in settlement.dead]
         outcomes: dict[int, tuple[str, asyncio.Future[bool]]] = {}
@@ -196,18 +201,25 @@ class MqttTransport(DeadLetters, Transport):
                 outcomes[m.token[1]] = entry
         stranded: list[Message] = messages
         later = False
+        # A copy this connection rules out (over the broker's maximum QoS or packet size)
+        # is refused at every try until the next one: trying on would go on for ever.
+        refusals = Refusals()
         try:
             stranded = await move_aside(
                 settlement,
-                retry=lambda r: self._retry(topic, r.message, r.uncounted),
-                dead=lambda d: self._dead_letter(topic, d.message, d.reason),
+                retry=lambda r: refusals.watch(
+                    r.message, self._retry(topic, r.message, r.uncounted)
+                ),
+                dead=lambda d: refusals.watch(
+                    d.message, self._dead_letter(topic, d.message, d.reason)
+                ),
                 address=topic,
-                give_up=(lambda: True) if inline else (lambda: self._closing),
+                give_up=(lambda: True) if inline else (lambda: self._closing or refusals.certain()),
                 # Two lost connections may be the network's doing: the retry waits and
                 # is tried again, it is not dead-lettered for them.
                 transient=lambda exc: isinstance(exc, HungUpOnSend),
             )
-            later = bool(stranded) and inline and not self._closing
+            later = bool(stranded) and inline and not self._closing and not refusals.certain()
         finally:
             for m in messages:
                 moved = m not in stranded
@@ -224,11 +236,11 @@ class MqttTransport(DeadLetters, Transport):
             again = functools.partial(self._move, topic, unmoved(settlement, stranded))
             self._retries.schedule(0, again)
         elif stranded:
-            logger.error(
-                "mqtt: %d message(s) of %r stay unacknowledged until the server reconnects",
-                len(stranded),
-                topic,
-            )
+            for m in stranded:
+                # A later try (after a reconnect) publishes anew: by then this packet id
+                # may name another message, which a stale copy's PUBACK must not ack.
+                self._dead_sent.pop((topic, m.token[1]), None)
+            self._report_stranded(topic, stranded, refusals.certain())
 
     def _moving_entry(
         self, topic: str, message: Message
@@ -251,13 +263,14 @@ class MqttTransport(DeadLetters, Transport):
             headers = retry_headers(message.headers, attempt=attempt)
             await self._publish(topic, headers, message.payload, bindings, None)
             return
-        key = (topic, message.payload or b"")
-        self._retry_attempts[key] = attempt
+        payload = message.payload or b""
+        note = self._retry_attempts.expect(topic, payload, attempt)
         try:
             await self._publish(topic, [], message.payload, bindings, None)
-        except MqttSendError:
-            self._retry_attempts.pop(key, None)
+        except BaseException:
+            self._retry_attempts.unsent(topic, payload, note)
             raise
+        self._retry_attempts.sent(topic, note)
 
     async def _dead_letter(self, topic: str, message: Message, reason: str) -> None:
         headers = dead_letter_headers(
@@ -272,6 +285,14 @@ class MqttTransport(DeadLetters, Transport):
         }
         binding["qos"] = max(1, int(binding.get("qos", 1)))
         target = f"{self.config.dead_letter_prefix}/{topic}"
+        why = self._no_qos1()
+        if why:
+            # Not even tried: a QoS 1 PUBLISH gets the connection dropped (MQTT 3.1.1) or
+            # refused, and one at QoS 0 is not kept for the dead-letter session.
+            raise RuledOut(
+                f"mqtt: cannot dead-letter to {target!r}: the broker takes nothing at QoS 1 "
+                f"({why}; Mosquitto: max_qos), and a dead letter at QoS 0 is not kept"
+            )
         # Sent once: a copy whose PUBACK is late is waited for again on the next try
         # (paho sends it again itself after a reconnect), not published once more.
         key = (topic, message.token[1])
@@ -315,6 +336,7 @@ class MqttTransport(DeadLetters, Transport):
         self._hung_up_on.clear()
         self._suback.clear()
         self._dead_sent.clear()
+        self._retry_attempts.clear()
 
 
 """MQTT 5 PUBLISH properties carried as ``mqtt`` bindings, by AsyncAPI's names."""

@@ -10,6 +10,7 @@ import ssl
 import struct
 import threading
 import uuid
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
@@ -18,6 +19,7 @@ from amgi.servers.kit import (
     DelayedRepublisher,
     attempt_from_headers,
 )
+from amgi.servers.mqtt._attempts import RetryAttempts
 from amgi.servers.mqtt._codec import (
     _BINDING_TYPE_NAMES,
     _BINDING_TYPES,
@@ -155,6 +157,31 @@ class HungUpOnSend(MqttSendError):
     it cannot take the message, or the network failed twice in a row."""
 
 
+class RuledOut(MqttSendError):
+    """A send the connection rules out (the broker's Maximum QoS or Packet Size, Retain
+    Available; no QoS 1 for a dead letter): refused again at every try until the next."""
+
+
+class Refusals:
+    """Whether the last try of each message's copy was :class:`RuledOut` (``move_aside``)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, bool] = {}
+
+    async def watch(self, message: Message, send: Awaitable[None]) -> None:
+        """Await ``send``, the copy of ``message``, noting how it failed."""
+        try:
+            await send
+        except BaseException as exc:
+            self._last[message.id] = isinstance(exc, RuledOut)
+            raise
+        self._last.pop(message.id, None)
+
+    def certain(self) -> bool:
+        """Whether every copy not published yet was ruled out at its last try."""
+        return bool(self._last) and all(self._last.values())
+
+
 class SubscriptionLost(BrokerUnavailable):
     """The connection ended before the broker confirmed the subscription, or before it
     went out (another connection with the client id took the session over, say)."""
@@ -196,6 +223,13 @@ def _property_problem(key: str, value: Any) -> str | None:
     return None
 
 
+def _unloadable(exc: OSError) -> str:
+    """Why ssl could not load a certificate or key file, in words."""
+    if isinstance(exc, ssl.SSLError):
+        return f"not a PEM certificate (and key) that matches ({exc.reason or exc})"
+    return exc.strerror or str(exc)
+
+
 class MqttClient:
     """The paho client driven by the event loop, its callbacks and connection state."""
 
@@ -229,13 +263,19 @@ class MqttClient:
         self._max_qos = 2
         self._retain_available = True
         """The broker's Maximum QoS and Retain Available from its last CONNACK (MQTT 5)."""
+        self._granted_qos = 2
+        """The lowest QoS the last SUBACK granted (MQTT 3.1.1 announces no maximum QoS:
+        a broker that grants 0 for QoS 1 hangs up on a QoS 1 PUBLISH)."""
+        self._warned_granted = False
+        self._dead_letters_at_qos0 = False
+        """A dead-letter session made at connect was granted QoS 0: no dead letter is kept."""
         self._up_since = 0.0
         """Loop time the current connection was made (first connect or reconnect)."""
         self._misc: asyncio.Task[None] | None = None
         self._closing = False
         self._v5 = True
         self._warned_headers = False
-        self._retry_attempts: dict[tuple[str, bytes], int] = {}
+        self._retry_attempts = RetryAttempts(self.addresses)
         """MQTT 3.1.1 only: attempts of republished retries, by topic and payload."""
         self._unsent_acks: dict[int, str] = {}
         """Packet id -> topic of messages settled after their connection was lost: the
@@ -401,6 +441,66 @@ class MqttClient:
                     f"mqtt: broker at {self._where()} refused the subscription to "
                     f"{address!r}: {code}"
                 )
+        self._note_granted(codes)
+
+    def _note_granted(self, codes: list[Any]) -> None:
+        """Record the lowest QoS the SUBACK granted; warn (once) if below the one asked."""
+        qos = self.config.qos
+        granted = [int(getattr(code, "value", qos)) for code in codes]
+        self._granted_qos = min(granted, default=qos)
+        lower = [(a, g) for a, g in zip(self.addresses, granted, strict=False) if g < qos]
+        if not lower or self._warned_granted:
+            return
+        self._warned_granted = True
+        address, lowest = min(lower, key=lambda pair: pair[1])
+        if lowest == 0:
+            means = (
+                "its messages come at most once (QoS 0: never acknowledged, never sent "
+                "again), so a crash or a lost connection loses them: at-least-once is NOT "
+                "kept, and no dead letter can be stored (Mosquitto: max_qos)"
+            )
+        else:
+            means = "its messages come at least once, not exactly once"
+        logger.warning(
+            "mqtt: broker at %s granted QoS %d for %r, not the QoS %d asked: %s",
+            self._where(),
+            lowest,
+            address,
+            qos,
+            means,
+        )
+
+    def _no_qos1(self) -> str | None:
+        """Why the broker takes no QoS 1 PUBLISH on this connection (None if it does):
+        a dead letter sent at QoS 0 would not be kept."""
+        if self._max_qos < 1:
+            return "its CONNACK's maximum QoS is 0"
+        if self._granted_qos < 1 <= self.config.qos:
+            return f"it granted QoS 0 for a subscription at QoS {self.config.qos}"
+        if self._dead_letters_at_qos0:
+            return "it granted the dead-letter session QoS 0"
+        return None
+
+    def _report_stranded(self, topic: str, stranded: list[Message], ruled_out: bool) -> None:
+        """The one ERROR line for nacked messages left where they are, and why."""
+        cause = " (this connection rules their copies out, as said above)" if ruled_out else ""
+        kept = sum(1 for m in stranded if m.token[2])
+        if kept:
+            logger.error(
+                "mqtt: %d nacked message(s) of %r stay unacknowledged until the server "
+                "reconnects%s",
+                kept,
+                topic,
+                cause,
+            )
+        if len(stranded) > kept:
+            logger.error(
+                "mqtt: %d nacked QoS 0 message(s) of %r are dropped: they could not be moved "
+                "aside%s, and the broker never sends a QoS 0 message again",
+                len(stranded) - kept,
+                topic,
+                cause,
+            )
 
     def _lost(self, why: str) -> None:
         """The connection is gone: forget deliveries on hand and reconnect in the background."""
@@ -636,7 +736,7 @@ class MqttClient:
         if publish.user_properties:
             attempt, headers = attempt_from_headers(_headers(publish.user_properties))
         elif self._retry_attempts and not self._v5:
-            attempt = self._retry_attempts.pop((topic, publish.payload), 1)
+            attempt = self._retry_attempts.take(topic, publish.payload)
         if publish.qos:
             # The session keeps the packet id until the message is acknowledged, and a
             # resend (after a reconnect or a crash) carries it again: a stable id.
@@ -697,11 +797,22 @@ class MqttClient:
         if reason is _HUNG_UP:
             raise HungUpOnSend(
                 f"mqtt: {self._where()} did not acknowledge the send to {address!r}: it "
-                "hung up each time the send went out (twice), so it does not take it (over "
-                "its maximum packet size, say)"
+                f"hung up each time the send went out (twice), so it does not take it "
+                f"({self._why_hung_up()})"
             )
         if getattr(reason, "is_failure", False):
             raise MqttSendError(f"mqtt: broker refused the send to {address!r}: {reason}")
+
+    def _why_hung_up(self) -> str:
+        """The likely reason a broker hangs up on a PUBLISH (MQTT 3.1.1 announces no
+        limits: Mosquitto does it for a packet over its size, or a QoS over its maximum)."""
+        if not self._v5 and self._granted_qos < 1:
+            return (
+                "at QoS 1 or 2: it granted QoS 0 for a subscription, as a broker that takes "
+                "nothing above QoS 0 does (Mosquitto: max_qos), which MQTT 3.1.1 does not "
+                "announce; send at qos 0"
+            )
+        return "over its maximum packet size or its maximum QoS, say"
 
     async def _send(
         self,
@@ -794,12 +905,12 @@ class MqttClient:
     def _check_connack_limits(self, topic: str, qos: int, retain: bool) -> None:
         """Refuse a PUBLISH the broker's CONNACK ruled out (it would disconnect)."""
         if qos > self._max_qos:
-            raise MqttSendError(
+            raise RuledOut(
                 f"mqtt: cannot send to {topic!r}: qos {qos} is over the broker's maximum "
                 f"QoS of {self._max_qos}"
             )
         if retain and not self._retain_available:
-            raise MqttSendError(
+            raise RuledOut(
                 f"mqtt: cannot send to {topic!r}: the broker does not take retained messages"
             )
 
@@ -813,7 +924,7 @@ class MqttClient:
             remaining += len(props.pack())
         size = 1 + next(n for n, top in _VARINT_SIZES if remaining < top) + remaining
         if size > limit:
-            raise MqttSendError(
+            raise RuledOut(
                 f"mqtt: cannot send to {topic!r}: the packet would be {size} bytes, over the "
                 f"broker's maximum packet size of {limit} bytes"
             )
@@ -858,6 +969,28 @@ class MqttClient:
             # unless it already did and that resend was delivered (a newer arrival).
             self._unsent_acks[mid] = message.bindings["mqtt"]["topic"]
 
+    def _tls_context(self) -> ssl.SSLContext:
+        """The TLS context of the options; a file it cannot load is one clear error
+        (ssl names neither the option nor the file: ``[SSL] PEM lib``)."""
+        c = self.config
+        try:
+            context = ssl.create_default_context(cafile=c.ca_file)
+        except OSError as exc:  # ssl.SSLError included
+            raise ConfigurationError(
+                f"mqtt: cannot load --ca-file {c.ca_file!r}: {_unloadable(exc)}"
+            ) from None
+        if c.cert_file:
+            try:
+                context.load_cert_chain(c.cert_file, c.key_file)
+            except OSError as exc:
+                key = f" with --key-file {c.key_file!r}" if c.key_file else ""
+                raise ConfigurationError(
+                    f"mqtt: cannot load --cert-file {c.cert_file!r}{key}: {_unloadable(exc)}"
+                ) from None
+        if c.tls_insecure:
+            context.check_hostname = False
+        return context
+
     def _new_client(self) -> paho.Client:
         """A paho client set up from the options, its callbacks pointing here."""
         import paho.mqtt.client as paho
@@ -878,12 +1011,7 @@ class MqttClient:
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.tls:
-            context = ssl.create_default_context(cafile=c.ca_file)
-            if c.cert_file:
-                context.load_cert_chain(c.cert_file, c.key_file)
-            if c.tls_insecure:
-                context.check_hostname = False
-            client.tls_set_context(context)
+            client.tls_set_context(self._tls_context())
             client.tls_insecure_set(c.tls_insecure)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close

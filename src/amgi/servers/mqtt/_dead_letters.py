@@ -247,6 +247,8 @@ class DeadLetters(MqttClient):
             for tries_left in reversed(range(_TAKEOVER_TRIES)):
                 try:
                     await session.open()
+                    if session._granted_qos < 1:
+                        self._dead_letters_at_qos0 = True
                     return
                 except SubscriptionLost:
                     # Another server of the filter (a shared subscription's group) took
