@@ -395,3 +395,29 @@ async def test_an_mqtt_311_replay_beside_a_consumer_that_fails_them_again_ends(
     assert moved == n + 1
     stops = [r for r in caplog.records if "the replay of" in r.getMessage()]
     assert all(r.levelname == "WARNING" for r in stops)
+
+
+@pytest.mark.parametrize("digits", [5000, 400])
+async def test_a_dead_letter_whose_time_no_number_holds_is_still_listed(
+    mosquitto: Mosquitto, digits: int
+) -> None:
+    """Any client can publish to the dead-letter topic: an ``amgi-dead-at`` of 5,000 digits
+    was over Python's int conversion limit and one of 400 over a float's range; either
+    failed the whole listing (ValueError, OverflowError). It is kept as a header."""
+    address = topic()
+    await sessions(mosquitto, address)
+    sender = MqttTransport([], options(mosquitto))
+    await sender.connect()
+    try:
+        prefix = sender.config.dead_letter_prefix
+        await sender.publish(f"{prefix}/{address}", [(b"amgi-dead-at", b"9" * digits)], b"x", {})
+    finally:
+        await sender.close()
+    reader = MqttTransport([], options(mosquitto))
+    await reader.connect()
+    try:
+        letters = await reader.list_dead_letters(address, 10)
+    finally:
+        await reader.close()
+    assert [(d.payload, d.dead_at) for d in letters] == [(b"x", None)]
+    assert letters[0].headers == [(b"amgi-dead-at", b"9" * digits)]

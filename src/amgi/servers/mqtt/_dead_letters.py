@@ -377,11 +377,14 @@ def _first_seen_again(letters: list[StoredDeadLetter], seen: set[bytes]) -> int 
 
 
 def _without_dead_at(headers: HeaderList) -> tuple[HeaderList, float | None]:
-    """``headers`` less :data:`DEAD_AT_HEADER`, and the time it gives (seconds)."""
+    """``headers`` less :data:`DEAD_AT_HEADER`, and the time it gives (seconds). A value
+    that is no time in milliseconds (any client can publish to a dead-letter topic; more
+    than 16 digits is past the year 300,000, and too many for an int or a float) stays a
+    header."""
     dead_at: float | None = None
     rest: HeaderList = []
     for name, value in headers:
-        if name == DEAD_AT_HEADER and value.isdigit():
+        if name == DEAD_AT_HEADER and value.isdigit() and len(value) <= 16:
             dead_at = int(value) / 1000
         else:
             rest.append((name, value))
