@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from amgi.runtime.ledger import CrashLedger
 from amgi.runtime.server import SIGNAL_DEBOUNCE
 from tests.ops.helpers import until
 from tests.servers.kafka_helpers import BOOTSTRAP, ROOT, create_topic, ensure_broker, fresh, produce
@@ -128,7 +129,12 @@ def two_busy_workers(
 
 
 def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
-    supervisor, seen = two_busy_workers(tmp_path, "stuck", STUCK_APP, "--shutdown-timeout", "60")
+    """Nothing is acked, and the calls the second signal cut off count as no crash in the
+    workers' crash ledger (SIGKILL left them open: each message became a suspect)."""
+    ledger = tmp_path / "ledger"
+    supervisor, seen = two_busy_workers(
+        tmp_path, "stuck", STUCK_APP, "--shutdown-timeout", "60", "--crash-ledger", str(ledger)
+    )
     try:
         until(lambda: seen.exists() and len(seen.read_text().split()) == 2, 30, "both batches")
         workers = [int(p) for p in seen.read_text().split()]
@@ -152,6 +158,13 @@ def test_second_signal_kills_every_worker_at_once(tmp_path: Path) -> None:
     queue = SqliteQueue(str(tmp_path / "amgi.db"))
     assert queue.count("q") == 2
     queue.close()
+    assert len(os.listdir(ledger)) == 2, "each worker's calls were not in its ledger"
+    heir = CrashLedger(str(ledger), f"sqlite:{tmp_path / 'amgi.db'}")
+    heir.open()
+    try:
+        assert heir.suspects == {}, "the second signal was counted as a crash"
+    finally:
+        heir.close()
 
 
 SLOW_APP = """

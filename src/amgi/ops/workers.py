@@ -16,7 +16,8 @@ supervisor:
 * forwards SIGINT and SIGTERM to every worker and waits for all of them to drain; it
   exits 0 when every worker exited 0 (a worker waiting out its restart delay is not
   restarted, and stopped cleanly);
-* on a second SIGINT or SIGTERM kills every worker at once (SIGKILL) and exits 1 (a
+* on a second SIGINT or SIGTERM passes it on, so that every worker exits at once (a
+  second signal to it), SIGKILLs one still alive :data:`KILL_GRACE` later, and exits 1 (a
   first one while it gives up lets the workers drain, as that stop does); one
   arriving within :data:`~amgi.runtime.server.SIGNAL_DEBOUNCE` of the first is the same
   signal sent to the supervisor and to its group, and is ignored, as a single process
@@ -67,6 +68,8 @@ _USAGE_ERROR = 2
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 10.0
 _POLL = 0.05
+KILL_GRACE = 2.0
+"""Seconds a worker has to exit on the second signal before it is killed (SIGKILL)."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -223,7 +226,7 @@ class Supervisor:
                     )
                 else:
                     logger.warning("%s received again: killing every worker now", sig.name)
-                    self._kill()
+                    self._kill(sig)
                     return 1
             now = time.monotonic()
             alive = 0
@@ -327,10 +330,23 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
 
-    def _kill(self) -> None:
-        for worker in self.workers:
-            if worker.process is not None and worker.process.poll() is None:
-                worker.process.kill()
+    def _kill(self, sig: signal.Signals) -> None:
+        """The second signal: each worker gets it too, and exits at once, having written in
+        its crash ledger that the stop (not a crash) cut its calls off (SIGKILL would have
+        counted a crash against their messages); one still alive after
+        :data:`KILL_GRACE` seconds is killed."""
+        alive = [
+            w.process for w in self.workers if w.process is not None and w.process.poll() is None
+        ]
+        for process in alive:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+        deadline = time.monotonic() + KILL_GRACE
+        for process in alive:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
         for worker in self.workers:
             if worker.process is not None:
                 worker.process.wait()
