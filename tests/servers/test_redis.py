@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
+from amgi.options import check
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.redis import RedisOptions, RedisSendError, RedisTransport
 from amgi.servers.redis._client import execute_packed, open_client, pack
@@ -414,6 +415,57 @@ async def test_entries_of_a_silent_consumer_are_claimed_with_their_delivery_coun
         assert [m.id for m in again] == [m.id for m in taken]
         assert [m.attempt for m in again] == [2, 2]
     finally:
+        await other.close()
+
+
+async def test_the_sweep_never_claims_an_entry_this_process_holds() -> None:
+    """The lease of an entry in the application's hands lapsed past --claim-idle (the
+    event loop held up): this process's own sweep took it back and handed it out again
+    while the first delivery was still running, attempt 2 alongside attempt 1."""
+    stream, group = fresh("ownsweep"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.2))
+    await t.connect()
+    try:
+        await t.publish(stream, [], b"one", {})
+        (held,) = await fetch_all(t, 1)
+        await asyncio.sleep(0.4)  # no lease renewed: the entry is idle past --claim-idle
+        again = asyncio.ensure_future(fetch_all(t, 1))
+        await asyncio.wait([again], timeout=0.6)  # the sweeps run meanwhile
+        assert not again.done(), "handed out again while in the application's hands"
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+        assert await delivery_count(stream, group, held.token) == 1
+        await t.extend([Batch(stream, [held])])  # the lapsed lease is renewed
+        await t.settle(Batch(stream, [held]), Settlement(acked=[held]))
+        assert await pending(stream, group) == 0
+    finally:
+        await t.close()
+
+
+async def test_a_lapsed_lease_is_not_taken_back_from_the_consumer_that_claimed_it() -> None:
+    """Past --claim-idle without a renewal, another process rightly claimed the entry
+    (this one looked gone). The late renewal (``XCLAIM`` of idle time 0) took it back
+    from that consumer while it ran there; only what is still this consumer's is renewed."""
+    stream, group = fresh("lapsed"), fresh("g")
+    options = RedisOptions(url=URL, group=group, block=0.1, claim_idle=0.2)
+    late, other = RedisTransport([stream], options), RedisTransport([stream], options)
+    await late.connect()
+    await other.connect()
+    try:
+        await late.publish(stream, [], b"one", {})
+        (held,) = await fetch_all(late, 1)
+        await asyncio.sleep(0.3)  # the lease lapsed: the other consumer takes the entry
+        (taken,) = await fetch_all(other, 1)
+        assert (taken.id, taken.attempt) == (held.id, 2)
+        await late.extend([Batch(stream, [held])])
+        c = await client()
+        try:
+            rows = await c.execute_command("XPENDING", stream, group, held.id, held.id, 1)
+        finally:
+            await c.aclose()
+        assert rows[0][1] == other.consumer.encode(), "the late renewal took the entry back"
+    finally:
+        await late.close()
         await other.close()
 
 
@@ -1009,8 +1061,11 @@ async def test_pubsub_mode_subscribes_again_after_a_broker_restart(tmp_path: Pat
         try:
             await asyncio.wait_for(runtime.started.wait(), 10)
             await asyncio.to_thread(broker.restart)
-            await sender.connect()
             async with asyncio.timeout(20):
+                while sender._client is None:  # (refused while Redis loads its data)
+                    with contextlib.suppress(BrokerUnavailable):
+                        await sender.connect()
+                    await asyncio.sleep(0.05)
                 # Pub/Sub keeps nothing: publish until the server is subscribed again.
                 while not app.acked:
                     await sender.publish("ch", [], b"after", {})
@@ -1159,6 +1214,13 @@ def test_bad_options_fail_before_the_apps_startup(
     )  # fmt: skip
     assert expected in one_line_error(result)
     assert not started.exists()
+
+
+def test_a_claim_idle_redis_would_refuse_names_the_flag() -> None:
+    """Taken as it was, every sweep failed ('Invalid min-idle-time argument for
+    XAUTOCLAIM'): no message was ever read, the fetch retried for good."""
+    with pytest.raises(ConfigurationError, match=r"--claim-idle must be 0\.1 to 31536000"):
+        check(RedisOptions(url=URL, claim_idle=1e20))
 
 
 @pytest.mark.parametrize("start", ["1700-", "\u0661\u0662\u0663", "18446744073709551616", "1-x"])

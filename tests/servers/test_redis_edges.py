@@ -285,3 +285,63 @@ async def test_entries_deleted_while_pending_are_said_lost(
     said = " | ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert f"2 entries of {stream} deleted while pending" in said, said
     assert f"1 entry of {stream} gone while waiting for a retry" in said, said
+
+
+async def test_a_pubsub_retry_falling_due_during_a_read_is_handed_out_on_time() -> None:
+    """A retry settled while a read waited for messages was handed out only when that
+    wait ended (up to 1 s later): nothing woke the read when the retry fell due."""
+    channel = fresh("ps-due")
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub"))
+    sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+    await t.connect()
+    await sender.connect()
+    try:
+        await sender.publish(channel, [], b"again", {})
+        [batch] = await read_some(t)
+        reading = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(0.05)  # the read waits for new messages
+        retry = Retry(batch.messages[0], "later", delay=0.05)
+        await t.settle(batch, Settlement(retry=[retry]))
+        [again] = await asyncio.wait_for(reading, 0.7)
+        assert [(m.payload, m.attempt) for m in again.messages] == [(b"again", 2)]
+    finally:
+        await sender.close()
+        await t.close()
+
+
+async def test_leases_are_renewed_where_an_acl_denies_scripts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lease renewal is a script; a user denied ``EVAL`` renews with ``XCLAIM``."""
+    rule = "worker on >pw ~* &* +@all -@scripting"
+    with private_redis(tmp_path / "redis", users=[rule]) as broker:
+        url = f"redis://worker:pw@127.0.0.1:{broker.port}/0"
+        t = RedisTransport(["s"], RedisOptions(url=url, group="g", block=0.1, claim_idle=0.3))
+        await t.connect()
+        try:
+            await t.publish("s", [], b"one", {})
+            [batch] = await read_some(t)
+            for _ in range(2):
+                await t.extend([batch])
+            await t.settle(batch, Settlement(acked=list(batch.messages)))
+        finally:
+            await t.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("refused the lease renewal script" in s for s in said) == 1, said
+
+
+async def test_an_unsubscribe_cut_off_at_the_stop_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis silent at the stop (here: the unsubscribe never answered): a timeout has no
+    message of its own, and the warning read 'failed ()'."""
+    t = RedisTransport([fresh("ps-cut")], RedisOptions(url=URL, mode="pubsub"))
+    await t.connect()
+    try:
+        assert t._pubsub is not None
+        t._pubsub._pubsub.unsubscribe = asyncio.Event().wait
+        assert await t._pubsub.hand_over(0.05) == []
+    finally:
+        await t.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(s.startswith("unsubscribing at the stop failed (TimeoutError)") for s in said), said

@@ -20,8 +20,9 @@ attempt            the entry's delivery counter
 crash recovery     entries idle longer than ``--claim-idle`` on any consumer are taken
                    over with ``XAUTOCLAIM ... JUSTID``, then counted once with ``XCLAIM
                    ... RETRYCOUNT n`` (their counter read plus one: a step cut off is
-                   made again, never counting twice); entries this process holds (in flight or
-                   waiting for a retry) are kept fresh with ``XCLAIM ... JUSTID``;
+                   made again, never counting twice), but for those this process holds
+                   (in flight or waiting for a retry): kept fresh with ``XCLAIM ...
+                   JUSTID`` in a script, while still pending on this consumer;
                    a ``--consumer`` named again after a restart reads its own
                    pending entries first (``XPENDING ... consumer``, counted so)
 lost read          a read of new entries whose reply a failed connection lost: this
@@ -86,6 +87,10 @@ _MAX_MAXLEN = 2**63 - 1
 """The largest ``MAXLEN`` Redis takes (a signed 64-bit count)."""
 
 
+_YEAR = 365 * 86400
+"""The longest ``--claim-idle``, in seconds: longer is never, in effect."""
+
+
 class RedisSendError(SendError):
     """Redis did not take a message (connection lost, wrong key type, headers on Pub/Sub)."""
 
@@ -107,7 +112,10 @@ class RedisOptions:
     batch_size: int = option(1000, "most entries per batch (XREADGROUP COUNT)", ge=1, le=100_000)
     block: float = option(1.0, "seconds one XREADGROUP waits for entries", ge=0.001, le=3600)
     claim_idle: float = option(
-        30.0, "seconds an entry is pending on a silent consumer before it is taken", ge=0.1
+        30.0,
+        "seconds an entry is pending on a silent consumer before it is taken",
+        ge=0.1,
+        le=_YEAR,  # (Redis refuses a min-idle-time past 64 bits of milliseconds)
     )
     start: str = option("0", "where a new group starts: 0 (whole stream), $ (new only), an id")
     dead_letter_stream: str = option("{address}.dlq", "stream of dead letters ({address})")
@@ -161,6 +169,7 @@ class RedisTransport(DeadLetters, Transport):
         """The read in flight (streams): it outlives a cancelled fetch."""
         self._pubsub: PubSub | None = None
         self._backlog: Refreshed[dict[str, int]] | None = None
+        self.at_most_once = c.mode == "pubsub"
         self.counts_deliveries = c.mode == "streams"
         """An entry's delivery counter (the attempt) rises when another consumer claims it."""
         self.stable_ids = c.mode == "streams"  # per instance

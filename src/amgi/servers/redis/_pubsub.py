@@ -31,6 +31,9 @@ class PubSub:
         self._pubsub: Any = None  # redis.asyncio.client.PubSub
         self._retries: DueList[tuple[str, Message]] = DueList()
         self._ids = itertools.count(1)
+        self._waiting: asyncio.Timeout | None = None
+        """The deadline of the wait for messages in flight: a retry due sooner brings it
+        forward (:meth:`settle`)."""
 
     async def start(self) -> None:
         self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
@@ -53,7 +56,7 @@ class PubSub:
             logger.warning(
                 "unsubscribing at the stop failed (%s): messages Redis sent meanwhile are "
                 "lost (Pub/Sub delivers at most once)",
-                exc or type(exc).__name__,
+                str(exc) or type(exc).__name__,
             )
         size = self.batch_size
         return [
@@ -90,9 +93,8 @@ class PubSub:
                     grouped.setdefault(channel, []).append(message)
                 return [Batch(c, msgs, key=c) for c, msgs in grouped.items()]
             next_due = self._retries.next_due()
-            timeout = 1.0 if next_due is None else max(0.0, min(1.0, next_due - now))
             raise_if_cancelled()
-            first = await pubsub.get_message(timeout=timeout)
+            first = await self._first(pubsub, now + 1.0 if next_due is None else next_due)
             if first is None:
                 continue
             batches: dict[str, list[Message]] = {}
@@ -103,6 +105,23 @@ class PubSub:
                     break
                 self._add(batches, more)
             return [Batch(c, msgs, key=c) for c, msgs in batches.items() if msgs]
+
+    async def _first(self, pubsub: Any, until: float) -> dict[str, Any] | None:
+        """The next message Redis sends, or ``None`` at ``until`` (redis-py's read timeout)
+        or as soon as a retry settled meanwhile falls due (:meth:`settle` sets a deadline
+        on the wait; cut short there, redis-py's parser keeps a message half read for the
+        next read, as its own read timeouts need)."""
+        wait = max(0.0, until - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(None) as self._waiting:
+                message: dict[str, Any] | None = await pubsub.get_message(timeout=wait)
+                return message
+        except TimeoutError:
+            if self._waiting is None or not self._waiting.expired():
+                raise  # not the deadline's
+            return None
+        finally:
+            self._waiting = None
 
     def _add(self, batches: dict[str, list[Message]], raw: dict[str, Any]) -> None:
         if raw.get("type") != "message":
@@ -120,6 +139,11 @@ class PubSub:
         now = asyncio.get_running_loop().time()
         for r in settlement.retry:
             self._retries.add(now + r.delay, (channel, r.message))
+        waiting, due = self._waiting, self._retries.next_due()
+        if waiting is not None and due is not None:
+            when = waiting.when()
+            if when is None or due < when:  # the read waiting for messages ends when it is due
+                waiting.reschedule(due)
         if dead:
             try:
                 async with self.client.pipeline(transaction=True) as pipe:

@@ -34,6 +34,22 @@ return -1
 """Delete the consumer ``ARGV[2]`` of group ``ARGV[1]`` on stream ``KEYS[1]`` only when
 nothing is pending on it (-1 otherwise)."""
 
+_RENEW_OWN = """
+local lost = {}
+for i = 3, #ARGV do
+    local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+    if row and row[2] == ARGV[2] then
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    else
+        lost[#lost + 1] = ARGV[i]
+    end
+end
+return lost
+"""
+"""Reset the idle time of the entries ``ARGV[3:]`` of stream ``KEYS[1]`` that are pending
+on consumer ``ARGV[2]`` of group ``ARGV[1]``; return the others (acknowledged, or taken by
+another consumer)."""
+
 READ_AHEAD = 2
 """Batches of one stream in the runtime's hands before new entries of it are read again:
 one in the application's call, one waiting for it (the stream is the ordering key, so a
@@ -63,8 +79,8 @@ class Streams:
         """Per stream, the range of ids (``XPENDING`` start and end) where entries a read
         whose reply was lost left pending here are looked for (:meth:`_find_unseen`)."""
         self._out: dict[str, set[bytes]] = {}
-        """Per stream, entries taken by a claim (not a read of new entries) handed to the
-        runtime and not settled: pending here, and no read's that was lost."""
+        """Per stream, entries handed to the runtime and not settled: pending here, in
+        flight (the sweep leaves them be, should their lease lapse), no lost read's."""
         self._xack = {s: (b"XACK", s.encode(), self.group.encode()) for s in self.streams}
         self._held = dict.fromkeys(self.streams, 0)
         """Per stream, batches handed to the runtime and not settled yet."""
@@ -79,6 +95,8 @@ class Streams:
         self._cursors = dict.fromkeys(self.streams, b"0-0")
         self._next_sweep = 0.0
         self._next_touch = 0.0
+        self._scripts = True
+        """Whether Redis runs the renewal script (an ACL may deny ``EVAL``)."""
         # A consumer named on the command line may be a restart of itself: what is
         # pending on that name was left by its previous run and is taken back at once.
         self.stopping = False
@@ -194,11 +212,10 @@ class Streams:
                 logger.warning("a stream or its group vanished (%s); creating it again", exc)
                 await self.start(again=True)
                 continue
-            for stream, entries, attempts in replies:
-                if attempts is not None:  # taken by a claim: known as this process's
-                    self._out.setdefault(stream, set()).update(
-                        e[0] for e in entries if e[1] is not None
-                    )
+            for stream, entries, _ in replies:  # known as this process's until settled
+                self._out.setdefault(stream, set()).update(
+                    e[0] for e in entries if e[1] is not None
+                )
             if replies or self.stopping:
                 return replies
             raise_if_cancelled()
@@ -310,8 +327,7 @@ class Streams:
         self._released.set()
 
     def _known(self, stream: str) -> set[bytes]:
-        """Entries of ``stream`` pending here that this process knows of, but for those
-        a read of new entries brought (ids up to ``_seen``): taken by a claim and in the
+        """Entries of ``stream`` pending here that this process knows of: in the
         runtime's hands, claimed and not handed out, being counted, waiting for a retry."""
         known = set(self._out.get(stream, ()))
         known.update(self._counting.get(stream, ()))
@@ -447,6 +463,11 @@ class Streams:
                     _entries(len(deleted[0])), stream, deleted[0][0].decode(),
                 )  # fmt: skip
             again = again or cursor != b"0-0"
+            # XAUTOCLAIM takes this consumer's own entries too: one this process holds
+            # (its lease lapsed, the event loop held up) would run twice at once. Taken
+            # onto this consumer again, it is only renewed.
+            known = self._known(stream)
+            ids = [i for i in ids if i not in known]
             if not ids:
                 continue
             self._retries.discard(_among(stream, set(ids)))
@@ -497,10 +518,35 @@ class Streams:
     # -- holding and settling -------------------------------------------------------------
 
     async def touch(self, held: Mapping[str, list[bytes]]) -> None:
-        """Reset the idle time of entries this consumer holds, so no one else claims them."""
+        """Reset the idle time of entries this consumer holds, so no one else claims them.
+
+        Only those still pending on this consumer: one whose lease lapsed may have been
+        claimed by another consumer since (this one looked gone), and a plain ``XCLAIM``
+        took it back from there while it ran. A retry of an entry no longer this
+        consumer's is dropped: its new holder settles it."""
+        from redis import exceptions as redis_errors
+
         held = {s: ids for s, ids in held.items() if ids}
         if not held:
             return
+        if self._scripts:
+            try:
+                replies = await self._pipelined(
+                    ("EVAL", _RENEW_OWN, 1, stream, self.group, self.consumer, *ids)
+                    for stream, ids in held.items()
+                )
+            except redis_errors.NoPermissionError as exc:
+                self._scripts = False
+                logger.warning(
+                    "Redis refused the lease renewal script (%s): entries are renewed with "
+                    "XCLAIM, which takes back one another consumer claimed meanwhile",
+                    exc,
+                )
+            else:
+                for stream, lost in zip(held, replies, strict=True):
+                    if lost:
+                        self._retries.discard(_among(stream, set(lost)))
+                return
         await self._pipelined(
             ("XCLAIM", stream, self.group, self.consumer, 0, *ids, "JUSTID")
             for stream, ids in held.items()
