@@ -3,6 +3,7 @@ built from messages the SQS server sent, sends from inside a handler, and SIGTER
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -18,10 +19,12 @@ from typing import Any
 
 import pytest
 
+from amgi.runtime import RuntimeConfig
 from amgi.serverless import KafkaHandler, SqsHandler
 from amgi.servers.sqs import SqsOptions, SqsTransport
 from amgi.testing.conformance import Recorder
 from tests.moto_env import ENDPOINT, use_moto_credentials
+from tests.serverless.helpers import Context
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -323,3 +326,194 @@ async def test_retry_false_sends_the_message_to_the_dead_letter_queue_at_once(
     assert attributes["amgi-dead-letter-reason"]["StringValue"] == "bad schema"
     assert attributes["amgi-original-address"]["StringValue"] == name
     assert attributes["n"] == {"DataType": "Number", "StringValue": "7"}
+
+
+def failing_startup_app(received: list[bytes]) -> Any:
+    """An app whose lifespan startup fails (its database is down); it acks messages."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "database down"})
+            return
+        event = await receive()
+        received.append(event["payload"])
+        await send({"type": "message.ack", "id": event["id"]})
+
+    return app
+
+
+async def invoke_like_lambda(
+    sqs: SqsTransport, url: str, arn: str, handler: SqsHandler, n: int, context: Any = None
+) -> None:
+    """One receive of ``n`` messages and one invocation, settled as Lambda does: a raised
+    error returns the whole batch, else the records not reported are deleted; what
+    returns is made visible at once (its visibility timeout, cut short)."""
+    raw = sorted(await receive_all(sqs, url, n), key=lambda m: m["Body"])
+    assert len(raw) == n
+    try:
+        event = {"Records": [lambda_record(m, arn) for m in raw]}
+        result = await handler.handle(event, context)
+        failed = {f["itemIdentifier"] for f in result["batchItemFailures"]}
+    except Exception:
+        failed = {m["MessageId"] for m in raw}
+    for m in raw:
+        if m["MessageId"] in failed:
+            await sqs.client.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+            )
+        else:
+            await sqs.client.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+
+async def queue_with_redrive(sqs: SqsTransport, max_receives: int) -> tuple[str, str, str]:
+    """A queue (name, URL) whose redrive policy dead-letters to another (URL)."""
+    dlq, dlq_url = await new_queue(sqs)
+    name = f"lambda-{uuid.uuid4().hex[:10]}"
+    redrive = json.dumps(
+        {
+            "deadLetterTargetArn": f"arn:aws:sqs:us-east-1:123456789012:{dlq}",
+            "maxReceiveCount": max_receives,
+        }
+    )
+    attributes = {"RedrivePolicy": redrive}
+    url = (await sqs.client.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
+    return name, url, dlq_url
+
+
+async def test_a_record_the_app_never_had_is_not_dead_lettered_at_the_deadline(
+    sqs: SqsTransport,
+) -> None:
+    """The app hangs on its first record until the deadline, so it never receives the
+    second: that one goes back to the queue uncharged, not to the redrive policy's
+    dead-letter queue with the culprit (it used to, on its last receive)."""
+    name, url, dlq_url = await queue_with_redrive(sqs, 1)
+    arn = f"arn:aws:sqs:us-east-1:123456789012:{name}"
+    for body in ("1-slow", "2-innocent"):
+        await sqs.client.send_message(QueueUrl=url, MessageBody=body)
+    received: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "message":
+            return
+        while True:
+            event = await receive()
+            received.append(event["payload"])
+            if event["payload"] == b"1-slow":
+                await asyncio.sleep(30)  # only the deadline ends this call
+            await send({"type": "message.ack", "id": event["id"]})
+
+    config = RuntimeConfig(retry_delay_max=1)  # the copy's delay
+    # A wide margin: half of it sends the copy back (a client is made first), under load.
+    handler = SqsHandler(app, handle_sigterm=False, deadline_margin=4.0, config=config)
+    try:
+        await invoke_like_lambda(sqs, url, arn, handler, 2, Context(5.0))
+        assert received == [b"1-slow"]
+        # The next receive: the culprit is dead-lettered, the innocent one comes back.
+        (again,) = await receive_all(sqs, url, 1)
+        assert again["Body"] == "2-innocent"
+    finally:
+        await handler.aclose()
+    dead = await receive_all(sqs, dlq_url, 1)
+    assert [m["Body"] for m in dead] == ["1-slow"]
+
+
+async def test_a_failing_startup_dead_letters_nothing(sqs: SqsTransport) -> None:
+    """Startup fails on every invocation: the messages, which never reached the app, do
+    not end in the redrive policy's dead-letter queue (they used to after
+    maxReceiveCount invocations), and reach the app once it starts."""
+    name, url, dlq_url = await queue_with_redrive(sqs, 2)
+    arn = f"arn:aws:sqs:us-east-1:123456789012:{name}"
+    for payload in (b"a", b"\xff"):  # the copy keeps its headers and encoding
+        await sqs.publish(name, [(b"k", b"v")], payload, {})
+    received: list[bytes] = []
+    handler = SqsHandler(
+        failing_startup_app(received),
+        handle_sigterm=False,
+        config=RuntimeConfig(retry_delay_max=1),  # the copies' delay
+    )
+    try:
+        for _ in range(4):
+            await invoke_like_lambda(sqs, url, arn, handler, 2)
+    finally:
+        await handler.aclose()
+    assert received == []
+    dead = await sqs.client.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=0)
+    assert dead.get("Messages", []) == [], "dead-lettered for the app's startup failure"
+    app = Recorder()
+    handler = SqsHandler(app, handle_sigterm=False)
+    await invoke_like_lambda(sqs, url, arn, handler, 2)
+    await handler.aclose()
+    assert sorted(app.payloads()) == [b"a", b"\xff"]  # type: ignore[type-var]
+    assert [r.headers for r in app.received] == [[(b"k", b"v")]] * 2
+
+
+@pytest.mark.parametrize("kind", ["sqs", "kafka"])
+def test_sigterm_gives_a_running_invocation_shutdown_timeout(tmp_path: Path, kind: str) -> None:
+    """A SIGTERM during an invocation gives what runs ``shutdown_timeout``, then cancels
+    it: nothing is acked after that, lifespan shutdown runs, exit 0 (the container used
+    to wait for the slow call to end, far past the host's kill). On Kafka, a record the
+    app nacked is not dead-lettered for the shutdown: the invocation fails instead."""
+    script = tmp_path / "container.py"
+    record = tmp_path / "record.txt"
+    fixture = FIXTURES / ("sqs_standard.json" if kind == "sqs" else "self_managed_kafka.json")
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, json, os, signal
+            from amgi.runtime import RuntimeConfig
+            from amgi.serverless import KafkaHandler, SqsHandler
+            from tests.serverless.helpers import Capture
+
+            def note(line):
+                with open({str(record)!r}, "a") as f:
+                    f.write(line + "\\n")
+
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    await send({{"type": "lifespan.startup.complete"}})
+                    await receive()
+                    note("shutdown")
+                    await send({{"type": "lifespan.shutdown.complete"}})
+                    return
+                event = await receive()
+                if event["bindings"]["amgi"]["attempt"] == 1:
+                    await send({{"type": "message.nack", "id": event["id"], "message": "x"}})
+                    return
+                os.kill(os.getpid(), signal.SIGTERM)
+                try:
+                    await asyncio.sleep(20)
+                except asyncio.CancelledError:
+                    note("cancelled")
+                    raise
+                await send({{"type": "message.ack", "id": event["id"]}})
+                note("acked")
+
+            dead = Capture()
+            config = RuntimeConfig(shutdown_timeout=0.5, retry_delay=0.1)
+            handler = {"SqsHandler" if kind == "sqs" else "KafkaHandler"}(
+                app, config=config, publisher=dead, dead_letter_address="dead"
+            )
+            event = json.load(open({str(fixture)!r}))
+            if {kind == "sqs"}:
+                event["Records"] = event["Records"][:1]
+                event["Records"][0]["attributes"]["ApproximateReceiveCount"] = "2"
+            try:
+                handler(event, None)
+            finally:
+                note("dead-lettered" if dead.sent else "nothing dead-lettered")
+            """
+        )
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert record.read_text().split() == ["cancelled", "shutdown", "nothing", "dead-lettered"]
+    assert time.monotonic() - start < 15, "not held until the call's own end"

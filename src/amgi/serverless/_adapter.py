@@ -116,6 +116,10 @@ class LambdaAdapter:
         self._sigterm_installed = False
         self._exit: Callable[[], None] | None = None
         """What a SIGTERM that came during an invocation does once :meth:`close` ran."""
+        self._stop_at: float | None = None
+        """The loop time by which a SIGTERM wants the invocation in progress over."""
+        self._stop_signal: asyncio.Future[None] | None = None
+        """Done at that SIGTERM: wakes what waits for the invocation's calls."""
 
     # -- the Lambda entry point ------------------------------------------------------
 
@@ -152,6 +156,7 @@ class LambdaAdapter:
                     loop.close()
                     self._loop = None
                     self._closing = False
+                    self._stop_at = None
         finally:
             end, self._exit = self._exit, None
             if end is not None:
@@ -173,6 +178,7 @@ class LambdaAdapter:
         """The asynchronous part of :meth:`close`, for use on a loop you own: ends what is
         bound to this loop, so that the handler may run again on another one."""
         self._publisher_lock = None
+        self._stop_signal = None
         self._route_locks.clear()
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
@@ -214,6 +220,7 @@ class LambdaAdapter:
                     "(again to exit now)"
                 )
                 self._closing = True
+                loop.call_soon_threadsafe(self._stop_soon)
                 return
             logger.info("SIGTERM: shutting the application down")
             self.close()
@@ -225,15 +232,67 @@ class LambdaAdapter:
             return
         self._sigterm_installed = True
 
+    def _stop_soon(self) -> None:
+        """A SIGTERM came during the invocation: what runs gets ``shutdown_timeout`` to
+        end (the host kills the container soon), then it is cancelled like at a deadline."""
+        self._stop_at = asyncio.get_running_loop().time() + self.config.shutdown_timeout
+        if self._stop_signal is not None and not self._stop_signal.done():
+            self._stop_signal.set_result(None)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a SIGTERM cut the invocation in progress short."""
+        return self._stop_at is not None
+
+    async def stopped_within(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if a SIGTERM comes: whether one came."""
+        if not self.stopping:
+            await asyncio.wait([self._stop_future()], timeout=seconds)
+        return self.stopping
+
+    def _stop_future(self) -> asyncio.Future[None]:
+        """The future a SIGTERM completes, on the running loop."""
+        loop = asyncio.get_running_loop()
+        if self._stop_signal is None or self._stop_signal.get_loop() is not loop:
+            self._stop_signal = loop.create_future()
+            if self._stop_at is not None:
+                self._stop_signal.set_result(None)
+        return self._stop_signal
+
     # -- one invocation ----------------------------------------------------------------
 
-    def _time_left(self, context: LambdaContext | None) -> float | None:
+    def _time_left(self, context: LambdaContext | None, keep: float | None = None) -> float | None:
         """Seconds the application may still use in this invocation, or None (no limit):
-        the context's remaining time now, less ``deadline_margin``."""
-        if context is None:
-            return None
-        remaining = context.get_remaining_time_in_millis() / 1000.0
-        return max(0.0, remaining - self.deadline_margin)
+        the context's remaining time now, less ``keep`` (``deadline_margin``); after a
+        SIGTERM, at most what is left of ``shutdown_timeout``."""
+        left = None
+        if context is not None:
+            remaining = context.get_remaining_time_in_millis() / 1000.0
+            left = max(0.0, remaining - (self.deadline_margin if keep is None else keep))
+        if self._stop_at is not None:
+            until_stop = max(0.0, self._stop_at - asyncio.get_running_loop().time())
+            left = until_stop if left is None else min(left, until_stop)
+        return left
+
+    async def _wait(
+        self,
+        tasks: Sequence[asyncio.Future[Any]],
+        context: LambdaContext | None,
+        keep: float | None = None,
+    ) -> set[asyncio.Future[Any]]:
+        """Wait for ``tasks`` within the invocation's time (shortened by a SIGTERM that
+        comes meanwhile); those still pending then."""
+        pending = set(tasks)
+        stop = self._stop_future()
+        while pending:
+            watch = pending if stop.done() else pending | {stop}
+            done, _ = await asyncio.wait(
+                watch, timeout=self._time_left(context, keep), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            pending -= done
+        return pending
 
     def _grace(self, context: LambdaContext | None) -> float:
         """How long a cancelled call may take to end: half the margin, within Lambda."""
@@ -294,7 +353,6 @@ class LambdaAdapter:
         received is handed back uncounted.
         """
         await self._startup(context)
-        timeout = self._time_left(context)
         self._event = event
         lifespan = self._lifespan
         state = lifespan.state if lifespan is not None and lifespan.supported else None
@@ -306,7 +364,7 @@ class LambdaAdapter:
         tasks = [asyncio.create_task(d.run()) for d in deliveries]
         if not tasks:
             return []
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        pending = await self._wait(tasks, context)
         grace = self._grace(context)
         if pending:
             logger.warning(
@@ -331,17 +389,21 @@ class LambdaAdapter:
         return results
 
     async def in_time(
-        self, sends: Sequence[Awaitable[None]], context: LambdaContext | None
+        self,
+        sends: Sequence[Awaitable[None]],
+        context: LambdaContext | None,
+        keep: float | None = None,
     ) -> list[Exception | None]:
-        """Run ``sends`` concurrently within the invocation's time left; the outcome of
-        each: None when done, else its error. One still running at the deadline is
-        cancelled and fails with a ``TimeoutError``: an endpoint that never answers must
-        not run the invocation into Lambda's timeout, which retries the whole batch."""
+        """Run ``sends`` concurrently within the invocation's time left (less ``keep``,
+        by default ``deadline_margin``); the outcome of each: None when done, else its
+        error. One still running at the deadline is cancelled and fails with a
+        ``TimeoutError``: an endpoint that never answers must not run the invocation
+        into Lambda's timeout, which retries the whole batch."""
         tasks = [asyncio.ensure_future(send) for send in sends]
         if not tasks:
             return []
-        left = self._time_left(context)
-        _, pending = await asyncio.wait(tasks, timeout=left)
+        left = self._time_left(context, keep)
+        pending = await self._wait(tasks, context, keep)
         if pending:
             for task in pending:
                 task.cancel()

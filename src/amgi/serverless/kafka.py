@@ -30,7 +30,6 @@ malformed event        :class:`MalformedEvent`, nothing processed
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import dataclasses
 import logging
@@ -242,7 +241,9 @@ class KafkaHandler(LambdaAdapter):
             again: list[tuple[Batch, list[Retry]]] = []
             for batch, (settlement, in_time) in zip(batches, results, strict=True):
                 if not in_time:
-                    _cut(batch.address, settlement, nacked, failures, unfinished)
+                    # Cut by a SIGTERM, nothing has used up its attempts: not the last.
+                    last = {} if self.stopping else nacked
+                    _cut(batch.address, settlement, last, failures, unfinished)
                     continue
                 failures.extend(_failed(batch.address, settlement.dead))
                 if settlement.retry:
@@ -258,15 +259,21 @@ class KafkaHandler(LambdaAdapter):
             left = self._time_left(context)
             if left is not None and delay >= left:
                 # Waiting would run into the deadline: the nacked records have used up
-                # this invocation's attempts (an uncounted one was never the app's).
+                # this invocation's attempts (an uncounted one was never the app's). Not
+                # so when a SIGTERM shortened the time: Lambda retries the batch elsewhere.
                 for batch, retries in again:
                     for r in retries:
-                        into = unfinished if r.uncounted else failures
+                        into = unfinished if r.uncounted or self.stopping else failures
                         into.append((batch.address, r.message, r.reason))
                 break
             count = sum(len(retries) for _, retries in again)
             logger.info("retrying %d nacked record(s) in %gs, within the invocation", count, delay)
-            await asyncio.sleep(delay)
+            if await self.stopped_within(delay):
+                # The container is shutting down: Lambda retries the batch elsewhere.
+                unfinished.extend(
+                    (batch.address, r.message, r.reason) for batch, rs in again for r in rs
+                )
+                break
             batches = [_next_attempt(batch, retries) for batch, retries in again]
         return failures, unfinished
 

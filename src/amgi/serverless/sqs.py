@@ -20,6 +20,9 @@ FIFO queue             after a group's first failure the rest of that group fail
 deadline               records not settled before the invocation's remaining time (less
                        ``deadline_margin``) are reported as failures
 malformed event        :class:`MalformedEvent`, nothing processed (the whole batch returns)
+startup fails          ``StartupFailed`` (the whole batch returns); a record on its last
+                       receive is sent back to the queue instead, so that it is not
+                       dead-lettered for the app's failure (not on a FIFO queue)
 =====================  ================================================================
 
 The function's event source mapping must have ``ReportBatchItemFailures`` turned on.
@@ -29,10 +32,13 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from amgi.errors import StartupFailed
 from amgi.options import build
 from amgi.serverless._adapter import LambdaAdapter, LambdaContext, MalformedEvent, is_object
 from amgi.servers import load
@@ -131,6 +137,11 @@ class SqsHandler(LambdaAdapter):
     (:class:`amgi.runtime.routing.Router`) to send some addresses elsewhere.
     """
 
+    _source: Transport | None = None
+    """An SQS client for the source queue, connected when a record must go back to it."""
+    _source_queue: tuple[str, str, int | None] | None = None
+    """The source queue's ARN, URL and the receive count that dead-letters, looked up once."""
+
     def default_publisher(self, event: Mapping[str, Any]) -> Transport:
         cls = load("sqs")
         return cls([], build(cls.options, {"endpoint_url": "aws"}))
@@ -151,9 +162,29 @@ class SqsHandler(LambdaAdapter):
         messages = [m for m in records if m.id not in failed]
         if messages:
             address = _queue_name(str(messages[0].token.get("eventSourceARN", "")))
+            try:
+                await self._startup(context)
+            except StartupFailed:
+                why = "lifespan startup failed"
+                kept = await self._requeue_uncharged(messages, fifo, context, why)
+                if not kept:
+                    raise
+                # The copies are in the queue: Lambda deletes these records.
+                failed.update(m.id for m in records if m.id not in kept)
+                return {
+                    "batchItemFailures": [
+                        {"itemIdentifier": m.id} for m in records if m.id in failed
+                    ]
+                }
             batch = Batch(address, messages)
             ((settlement, _),) = await self.run_batches([batch], event, context)
             failed.update(r.message.id for r in settlement.retry)
+            uncounted = [r.message for r in settlement.retry if r.uncounted]
+            if uncounted and not fifo:
+                # After a deadline's cut the time left is in the margin: use half of it.
+                why = f"{len(uncounted)} record(s) never reached the app"
+                keep = self.deadline_margin / 2
+                failed -= await self._requeue_uncharged(uncounted, fifo, context, why, keep)
             dead = settlement.dead
             if self.dead_letter_address is None:
                 failed.update(d.message.id for d in dead)  # the redrive policy's
@@ -170,6 +201,105 @@ class SqsHandler(LambdaAdapter):
             if unsent and fifo:
                 failed = _stop_groups(records, failed)
         return {"batchItemFailures": [{"itemIdentifier": m.id} for m in records if m.id in failed]}
+
+    async def aclose(self) -> None:
+        """Close the source queue's client too (see :meth:`LambdaAdapter.aclose`)."""
+        self._source_queue = None
+        source, self._source = self._source, None
+        if source is not None:
+            try:
+                await source.close()
+            except Exception:
+                logger.exception("closing the SQS client of the source queue failed")
+        await super().aclose()
+
+    async def _requeue_uncharged(
+        self,
+        messages: list[Message],
+        fifo: bool,
+        context: LambdaContext | None,
+        why: str,
+        keep: float | None = None,
+    ) -> set[str]:
+        """``messages`` never reached the app (``why``), yet SQS counted this receive.
+
+        Those whose next failed receive would dead-letter them (the source queue's
+        ``maxReceiveCount``, or ``max_attempts`` with ``dead_letter_address``) are sent
+        back to the queue as they are, delayed by ``retry_delay_max``, so that they are
+        not dead-lettered for someone else's failure; the ids of those sent (Lambda must
+        delete them), within the invocation's time less ``keep``. Not on a FIFO queue:
+        a copy would go behind the rest of its group.
+        """
+        if fifo:
+            logger.error("%s: on a FIFO queue they come back, their receive counted", why)
+            return set()
+        if self._time_left(context, keep) == 0:
+            logger.error("%s, with no time left: they come back, their receive counted", why)
+            return set()
+        sent: set[str] = set()
+        (outcome,) = await self.in_time([self._requeue(messages, sent)], context, keep)
+        if outcome is not None:
+            logger.error(
+                "%s, and the source queue could not take back those on their last receive "
+                "(%s): they come back, their receive counted",
+                why,
+                outcome,
+            )
+        if sent:
+            logger.error(
+                "%s: %d record(s) on their last receive sent back to the queue as new "
+                "messages (visible in %ds) instead of being dead-lettered",
+                why,
+                len(sent),
+                self._requeue_delay(),
+            )
+        return sent
+
+    def _requeue_delay(self) -> int:
+        """Seconds a copy waits in the queue: a startup failing at once must not turn
+        into a loop of receives (SQS allows at most 900)."""
+        return min(900, math.ceil(self.config.retry_delay_max))
+
+    async def _requeue(self, messages: list[Message], sent: set[str]) -> None:
+        """Send back a copy of each record on its last receive; add its id to ``sent``."""
+        arn = str(messages[0].token.get("eventSourceARN", ""))
+        client = await self._source_client()
+        queue = self._source_queue
+        if queue is None or queue[0] != arn:
+            found = await client.get_queue_url(QueueName=_queue_name(arn), **_owner(arn))
+            url = found["QueueUrl"]
+            queue = self._source_queue = (arn, url, await self._last_attempt(client, url))
+        _, url, last = queue
+        for m in messages:
+            if last is not None and m.attempt >= last:
+                copy = _copy(m.token)
+                await client.send_message(QueueUrl=url, DelaySeconds=self._requeue_delay(), **copy)
+                sent.add(m.id)
+
+    async def _last_attempt(self, client: Any, url: str) -> int | None:
+        """The receive count on which a failure dead-letters a record, if any."""
+        found = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+        redrive = found.get("Attributes", {}).get("RedrivePolicy")
+        limits = []
+        if redrive:
+            limits.append(int(json.loads(redrive)["maxReceiveCount"]))
+        if self.dead_letter_address is not None:
+            limits.append(self.config.max_attempts)
+        return min(limits) if limits else None
+
+    async def _source_client(self) -> Any:
+        """An SQS client from the function's environment, for the source queue."""
+        source = self._source
+        if source is None:
+            cls = load("sqs")
+            source = cls([], build(cls.options, {"endpoint_url": "aws"}))
+            try:
+                await source.connect()
+            except BaseException:
+                await source.close()
+                raise
+            self._source = source
+        return source.client  # type: ignore[attr-defined]
 
     async def _dead_letter_all(
         self, source: str, dead: list[DeadLetter], fifo: bool, context: LambdaContext | None
@@ -244,6 +374,32 @@ class SqsHandler(LambdaAdapter):
         if len({m.id for m, _ in parsed}) != len(parsed):
             raise MalformedEvent("an SQS event repeats a messageId")
         return parsed
+
+
+def _owner(arn: str) -> dict[str, str]:
+    """GetQueueUrl's owner parameter from a queue ARN (``arn:aws:sqs:region:account:name``):
+    the queue may belong to another account than the function."""
+    parts = arn.split(":")
+    return {"QueueOwnerAWSAccountId": parts[4]} if len(parts) == 6 and parts[4] else {}
+
+
+def _copy(record: Mapping[str, Any]) -> dict[str, Any]:
+    """SendMessage parameters that make the message of ``record`` again, as it arrived."""
+    params: dict[str, Any] = {"MessageBody": record["body"]}
+    attributes = {}
+    for name, a in (record.get("messageAttributes") or {}).items():
+        value: dict[str, Any] = {"DataType": str(a.get("dataType", "String"))}
+        if a.get("binaryValue") is not None:
+            value["BinaryValue"] = binascii.a2b_base64(a["binaryValue"])
+        else:
+            value["StringValue"] = str(a.get("stringValue", ""))
+        attributes[name] = value
+    if attributes:
+        params["MessageAttributes"] = attributes
+    group = (record.get("attributes") or {}).get("MessageGroupId")
+    if group:  # a fair queue's tenant
+        params["MessageGroupId"] = group
+    return params
 
 
 def _is_fifo(m: Message) -> bool:
