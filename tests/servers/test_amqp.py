@@ -519,14 +519,15 @@ async def test_wrong_credentials_give_one_clear_error() -> None:
 
 async def test_a_virtual_host_that_does_not_exist_gives_one_clear_error() -> None:
     """The broker refuses ``connection.open``: the client's error showed the object repr
-    of the broker's answer (``got <Connection.Close object at 0x...>``), not what it was."""
+    of the broker's answer (``got <Connection.Close object at 0x...>``), not what it was;
+    now the broker's reply is said."""
     url = "amqp://guest:guest@127.0.0.1:5672/amgi-no-such-vhost"
     t = AmqpTransport([new_queue()], AmqpOptions(url=url))
     with pytest.raises(BrokerUnavailable) as info:
         await t.connect()
     assert str(info.value) == (
         "amqp: access to the virtual host of amqp://guest:*****@127.0.0.1:5672/"
-        "amgi-no-such-vhost was refused (it does not exist, or the user may not use it)"
+        "amgi-no-such-vhost was refused: NOT_ALLOWED - vhost amgi-no-such-vhost not found"
     )
 
 

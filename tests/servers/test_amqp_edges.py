@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from amgi.errors import BrokerUnavailable
 from amgi.servers.amqp import AmqpOptions, AmqpSendError, AmqpTransport
 from amgi.transport import DeadLetter, Settlement
 from tests.servers.private_brokers import private_rabbitmq
@@ -184,3 +186,256 @@ async def test_a_replay_the_broker_does_not_confirm_fails_with_one_clear_error()
             await t.close()
         await proxy.close()
     assert await queue_depth(f"{queue}.dead-letter") == 1
+
+
+class _SilentFront:
+    """A TCP front on a port of its own that relays to the broker, or, while ``silent``,
+    accepts connections and never answers (a broker hung, a firewall eating replies)."""
+
+    def __init__(self) -> None:
+        self.silent = False
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.silent:
+            return  # held open, never answered
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        self._writers.append(up_writer)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        self._pipes.add(asyncio.ensure_future(pipe(reader, up_writer)))
+        self._pipes.add(asyncio.ensure_future(pipe(up_reader, writer)))
+
+    def cut(self) -> None:
+        """Drop every connection made so far (both sides)."""
+        for writer in self._writers:
+            writer.close()
+        self._writers = []
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.cut()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+async def test_a_broker_that_never_answers_the_connect_is_one_clear_error_in_time() -> None:
+    """A socket that accepts the connection and says nothing (a hung broker): the
+    connect waited for ever, with no error; every other server gives up after its
+    ``--connect-timeout`` saying so."""
+    front = _SilentFront()
+    front.silent = True
+    url = await front.start()
+    t = AmqpTransport([new_queue()], AmqpOptions(url=url, connect_timeout=0.5))
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"no answer from .* within 0\.5 ?s"):
+            async with asyncio.timeout(10):
+                await t.connect()
+    finally:
+        await t.close()
+        await front.close()
+
+
+async def test_a_broker_that_stops_answering_the_declarations_is_one_clear_error_in_time() -> None:
+    """The connection is made, then the broker reads nothing more (as when it hangs):
+    the declarations waited for ever. Each answer is bounded by ``--connect-timeout``."""
+    from tests.servers.test_amqp_reliability import _PausableProxy
+
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    t = AmqpTransport([new_queue()], AmqpOptions(url=url))
+    connect = t._connect
+
+    async def then_silence() -> Any:
+        connection = await connect()
+        t.config.connect_timeout = 0.5  # (the connect itself had the default: load)
+        proxy.flowing.clear()
+        return connection
+
+    t._connect = then_silence  # type: ignore[method-assign]
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"no answer from .* within 0\.5 s"):
+            async with asyncio.timeout(15):
+                await t.connect()
+    finally:
+        async with asyncio.timeout(15):
+            await t.close()
+        await proxy.close()
+
+
+async def test_a_reconnect_to_a_broker_that_never_answers_is_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection is lost, and the next one is accepted but never answered: the
+    reconnect waited for ever, consuming nothing even once the broker answered again.
+    Now each try ends after ``--connect-timeout`` and the next one gets through."""
+    caplog.set_level(logging.WARNING, "amgi.servers.amqp")
+    front = _SilentFront()
+    url = await front.start()
+    queue = new_queue()
+    options = AmqpOptions(url=url, linger=0.01, reconnect_delay_max=0.2)
+    t = AmqpTransport([queue], options)
+    await t.connect()
+    try:
+        t.config.connect_timeout = 0.5
+        front.silent = True
+        front.cut()
+        async with asyncio.timeout(15):
+            while "reconnect failed" not in caplog.text:
+                await asyncio.sleep(0.05)
+        assert "within 0.5" in caplog.text
+        t.config.connect_timeout = 10  # (a loaded broker may take longer than 0.5 s)
+        front.silent = False
+        async with asyncio.timeout(15):
+            await t.publish(queue, [], b"after", {})
+            [batch] = await fetch_n(t, 1)
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+        await front.close()
+    assert await queue_depth(queue) == 0
+
+
+async def _declare_quorum(*queues: str) -> None:
+    declaring = AmqpTransport(list(queues), AmqpOptions(url=URL, queue_type="quorum"))
+    await declaring.connect()
+    await declaring.close()
+
+
+async def test_a_deleted_quorum_queue_costs_another_queues_acked_message_no_attempt() -> None:
+    """One of two quorum queues is deleted: the server rebuilds its connection, and the
+    message the application held from the other queue goes back, counted by the broker.
+    The application acked it (too late: its channel had closed), yet it came back at its
+    next attempt, as if it had failed; enough of these dead-letter it unseen."""
+    from tests.servers.test_amqp_reliability import delete_queue
+
+    kept, deleted = new_queue(), new_queue()
+    await _declare_quorum(kept, deleted)
+    options = AmqpOptions(url=URL, queue_type="quorum", linger=0.01, reconnect_delay_max=0.2)
+    t = AmqpTransport([kept, deleted], options)
+    await t.connect()
+    try:
+        await t.publish(kept, [], b"held", {})
+        [batch] = await fetch_n(t, 1)
+        generation = t._generation
+        await delete_queue(deleted)
+        async with asyncio.timeout(15):
+            while t._generation == generation:
+                await asyncio.sleep(0.05)
+        await t.settle(batch, Settlement(acked=list(batch.messages)))  # its channel is gone
+        [back] = await fetch_n(t, 1)
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"held", 1)]
+        await t.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await t.close()
+    assert await queue_depth(kept) == 0
+
+
+async def test_a_connection_lost_during_a_stop_consumes_nothing_more_from_a_quorum_queue(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At a stop the server cancels its consumers and hands over what it has; the
+    connection is then lost and rebuilt before the close. The server consumed again, and
+    the messages it was sent went back at the close, counted by the broker: each came
+    back at its next attempt without the application having seen it."""
+    from tests.servers.test_amqp_support import close_connections
+
+    caplog.set_level(logging.INFO, "amgi.servers.amqp")
+    queue = new_queue()
+    await _declare_quorum(queue)
+    name = f"amgi-test-{queue}"
+    url = f"{URL}?name={name}"
+    options = AmqpOptions(url=url, queue_type="quorum", prefetch=1, reconnect_delay_max=0.2)
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    await sender.connect()
+    for body in (b"held", b"waiting"):
+        await sender.publish(queue, [], body, {})
+    await sender.close()
+    t = AmqpTransport([queue], options)
+    await t.connect()
+    try:
+        [batch] = await fetch_n(t, 1)
+        assert await t.hand_over() == []  # (prefetch 1: "waiting" is still in the queue)
+        assert await close_connections(name) == 1
+        async with asyncio.timeout(15):
+            while "reconnected" not in caplog.text:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # time for deliveries to come
+        await t.settle(batch, Settlement(acked=list(batch.messages)))
+    finally:
+        await t.close()
+    t = AmqpTransport([queue], AmqpOptions(url=URL, queue_type="quorum", linger=0.05))
+    await t.connect()
+    try:
+        back = await fetch_n(t, 2)
+        got = {m.payload: m.attempt for b in back for m in b.messages}
+        # "held" went back once while the app had it (the loss; the new process cannot
+        # know its ack came too late), never again unseen.
+        assert got == {b"held": 2, b"waiting": 1}
+        for b in back:
+            await t.settle(b, Settlement(acked=list(b.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await t.close()
+
+
+async def test_a_virtual_host_at_its_connection_limit_says_so() -> None:
+    """The broker refuses ``connection.open`` over the virtual host's connection limit
+    (``max-connections``): the error said the virtual host did not exist or the user
+    may not use it, the broker's reason lost. Now it is the broker's reason."""
+    from tests.servers.test_amqp_support import rabbitmqctl
+
+    vhost = new_queue()  # a name of this session's own
+    await rabbitmqctl("add_vhost", vhost)
+    try:
+        await rabbitmqctl("set_vhost_limits", "-p", vhost, '{"max-connections": 0}')
+        t = AmqpTransport([new_queue()], AmqpOptions(url=f"{URL}{vhost}"))
+        with pytest.raises(BrokerUnavailable) as info:
+            await t.connect()
+        assert "connection limit (0) is reached" in str(info.value)
+        assert "does not exist" not in str(info.value)
+    finally:
+        await rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.mark.parametrize("verb", ["list", "replay"])
+async def test_dead_letters_of_a_broker_that_stops_answering_fail_in_time(verb: str) -> None:
+    """``amgi dead-letters`` connected, then the broker read nothing more (as when it
+    hangs): the look for the queues, or the ``basic.get``, waited for ever. Each answer
+    is bounded by ``--connect-timeout``."""
+    from tests.servers.test_amqp_reliability import _PausableProxy
+
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    queue = new_queue()
+    t = AmqpTransport([queue], AmqpOptions(url=url))
+    await t.connect()
+    try:
+        t.config.connect_timeout = 0.5
+        proxy.flowing.clear()
+        call = t.list_dead_letters if verb == "list" else t.replay_dead_letters
+        with pytest.raises(BrokerUnavailable, match=r"no answer from .* within 0\.5 s"):
+            async with asyncio.timeout(15):
+                await call(queue, 10)
+    finally:
+        proxy.flowing.set()
+        async with asyncio.timeout(15):
+            await t.close()
+        await proxy.close()

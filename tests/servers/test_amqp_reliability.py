@@ -1006,6 +1006,54 @@ async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lett
     assert await queue_depth(queue) == 0
 
 
+async def test_a_retry_copy_unconfirmed_as_its_channel_goes_is_not_kept_for_good() -> None:
+    """The broker reads nothing of the connection and the queue is deleted meanwhile
+    (its consumer cancelled: the server drops the channel and reconnects): the retry
+    copy's confirm timed out after the channel went, and its entry (the message, body
+    and all, and the copy's task) stayed in the server's memory until it stopped."""
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    queue = new_queue()
+    options = AmqpOptions(url=url, linger=0.01, confirm_timeout=1.0, reconnect_delay_max=0.2)
+    transport = AmqpTransport([queue], options)
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"innocent", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+            retry = Retry(batch.messages[0], "a", 0.05)  # declares the retry queue
+            await transport.settle(batch, Settlement(retry=[retry]))
+            [batch] = await transport.fetch()
+        proxy.flowing.clear()
+        try:
+            settling = asyncio.create_task(
+                transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "b", 0.05)]))
+            )
+            await asyncio.sleep(0.1)
+            await delete_queue(queue)  # the broker cancels the consumer
+            async with asyncio.timeout(10):
+                await settling
+        finally:
+            proxy.flowing.set()
+        async with asyncio.timeout(15):
+            while transport._unconfirmed:
+                await asyncio.sleep(0.05)
+    finally:
+        await transport.close()
+        await proxy.close()
+
+
+async def delete_queue(queue: str) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+    finally:
+        await connection.close()
+
+
 def _raw_table(*entries: tuple[bytes, bytes, bytes]) -> bytes:
     """An AMQP field table of ``(name, type tag, encoded value)`` entries, as another
     client may write it (pamqp writes only UTF-8 names and in-range timestamps)."""

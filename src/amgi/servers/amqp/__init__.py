@@ -37,8 +37,9 @@ message id         a hash of the ``message-id`` property (if set), headers and b
                    messages of one batch apart
 send               ``basic.publish`` with publisher confirms, mandatory by default
 connection loss    the connection or a consuming channel: log the broker's reason,
-                   reconnect with backoff and consume again on new channels;
-                   batches of the old channels are not acked (the broker redelivers them)
+                   reconnect with backoff and consume again on new channels (not after
+                   ``hand_over``); batches of the old channels are not acked (the broker
+                   redelivers them); each connect and answer bounded by ``connect_timeout``
 dead letters       list: ``basic.get`` from ``<queue>.dead-letter``, put back unacked;
 (CLI)              replay: republished (confirmed) to the queue, then acked off it
 =================  ==================================================================
@@ -76,6 +77,7 @@ from amgi.servers.amqp._codec import (
 )
 from amgi.servers.amqp._dead_letters import DeadLetters
 from amgi.servers.amqp._moves import Moves
+from amgi.servers.amqp._recount import base_id
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import mask_url, unmoved
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
@@ -145,6 +147,7 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
     async def connect(self) -> None:
         self.check()
         self._closed = False
+        self._handed_over = False
         self._init_moves()
         await self._open()
         self._supervisor = asyncio.create_task(self._supervise(), name="amgi-amqp-reconnect")
@@ -179,13 +182,12 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
     def _take(self, size: int) -> list[Batch]:
         """Up to ``size`` buffered deliveries, one batch per queue."""
         buffer = self._buffer
-        generation = self._generation
         grouped: dict[str, list[Message]] = {}
         for _ in range(min(size, len(buffer))):
             queue, delivered = buffer.popleft()
             grouped.setdefault(queue, []).append(self._hand_out(queue, delivered))
-        return [
-            Batch(queue, unique_ids(msgs), key=queue, context=generation)
+        return [  # the context: the channel that delivered them
+            Batch(queue, unique_ids(msgs), key=queue, context=self._consumers.get(queue))
             for queue, msgs in grouped.items()
         ]
 
@@ -198,6 +200,7 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
         they may be quorum queues, so hand over."""
         if not (self.counts_deliveries or self.config.passive) or self._closed:
             return []
+        self._handed_over = True
         for consumer in list(self._consumers.values()):
             try:
                 async with asyncio.timeout(_CANCEL_TIMEOUT):
@@ -212,10 +215,15 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
     # -- settling -------------------------------------------------------------------------
 
     async def settle(self, batch: Batch, settlement: Settlement) -> None:
-        queue = batch.address
-        consumer = self._consumers.get(queue)
-        if consumer is None or consumer.generation != batch.context:
-            # The channel is gone: the broker redelivers every message of the batch.
+        consumer: _Channel | None = batch.context
+        if consumer is None or self._gone(consumer):
+            # The channel is gone: the broker redelivers every message of the batch. A
+            # quorum queue counts that return: for a message acked, or handed back
+            # before the application had it, it is no attempt. (Unless the loss counted
+            # the channel's messages already: the broker closed it over them.)
+            if consumer is not None and not consumer.accounted:
+                unseen = (r.message for r in settlement.retry if r.uncounted)
+                self._recount.dropped(base_id(m) for m in (*settlement.acked, *unseen))
             for r in settlement.retry:
                 r.not_scheduled("its channel closed")
             for d in settlement.dead:
@@ -235,14 +243,14 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
                 )
                 self._moves.schedule(0, move)
                 return
+            self._drop_unconfirmed(stranded)  # the channel closed: no next try
         await self._ack_batch(batch, consumer)
 
     async def _move_later(
         self, batch: Batch, consumer: _Channel, left: Settlement, since: float
     ) -> None:
         stranded = await self._move(consumer, left, lambda: self._gone(consumer), since)
-        for message in stranded:  # the channel closed: the broker redelivers them
-            self._unconfirmed.pop(message, None)
+        self._drop_unconfirmed(stranded)  # the channel closed: the broker redelivers them
         if not stranded:
             await self._ack_batch(batch, consumer)
 

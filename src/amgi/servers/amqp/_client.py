@@ -80,7 +80,6 @@ class _Channel:
     """
 
     channel: AbstractChannel
-    generation: int
     queue: str
     acked: Watermark = field(default_factory=lambda: Watermark(first=1))
     """Delivery tags settled (acked, moved aside or rejected): ack up to its high mark."""
@@ -89,6 +88,9 @@ class _Channel:
     held: dict[int | None, tuple[str, float]] = field(default_factory=dict)
     """The stable ids of the deliveries in the application's hands, by delivery tag,
     with when it took each (``time.monotonic()``)."""
+    accounted: bool = False
+    """The broker closed the channel and the loss recorded its held deliveries in the
+    recount (an attempt each, :meth:`AmqpClient._record_loss`)."""
     cancelled: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -245,50 +247,80 @@ class AmqpClient:
         it fails here instead of closing the channel again (kept until the server
         stops: the refusal itself may have cost the connection, see :meth:`_learn_limit`)."""
         self._closed = False
+        self._handed_over = False
+        """The consumers were cancelled for a stop: a reconnect consumes no more (what
+        it took would go back at the close, counted on a quorum queue)."""
         self._recount = Recount()
         self._same_id: dict[tuple[int, str | bytes], tuple[asyncio.Lock, list[int]]] = {}
         """A lock and its user count per channel and message id being published there
         (:meth:`_publish`)."""
 
     async def _open(self) -> None:
-        """Connect, declare the topology, open the publisher and start consuming.
+        """Connect, declare the topology, open the publisher and start consuming; each
+        answer of the broker within ``connect_timeout`` (a socket that accepts and never
+        answers, a broker that hangs, waited for ever).
 
         One connection carries the consumers and the publishing channels. (A broker in a
         memory or disk alarm stops reading a connection that publishes, so a retry copy
         sent then holds the consumers' acks until the alarm clears; a publishing
         connection of its own is the remedy, not taken yet: see docs/servers/amqp.md.)"""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout) as bound:
+                connection = await self._connect()
+        except TimeoutError:
+            if not bound.expired():
+                raise  # not the bound's
+            raise self._no_answer("to the connection") from None
+        await self._start(connection)
+        self._ready.set()
+
+    def _no_answer(self, what: str) -> BrokerUnavailable:
+        """The error of a broker that did not answer ``what`` within ``connect_timeout``."""
+        return BrokerUnavailable(
+            f"amqp: no answer from {mask_url(self.config.url)} {what} within "
+            f"{self.config.connect_timeout:g} s"
+        )
+
+    async def _start(self, connection: AbstractConnection) -> None:
+        """Declare, open the publisher and consume on ``connection`` (closed on failure),
+        each answer within ``connect_timeout``."""
         c = self.config
-        connection = await self._connect()
+        timeout = c.connect_timeout
+        what = "to the opening of a channel"
         try:
             channels = []
             for i, _ in enumerate(self.addresses):
-                channel = await connection.channel(publisher_confirms=False)
+                channel = await connection.channel(publisher_confirms=False, timeout=timeout)
                 if i == 0:
                     await self._declare(channel)
-                await channel.basic_qos(prefetch_count=c.prefetch)
+                await channel.basic_qos(prefetch_count=c.prefetch, timeout=timeout)
                 channels.append(channel)
             self._connection = connection
             self._publishers = {
-                "sends": await connection.channel(publisher_confirms=True, on_return_raises=True)
+                "sends": await connection.channel(
+                    publisher_confirms=True, on_return_raises=True, timeout=timeout
+                )
             }
-            if self.addresses:
+            if self.addresses and not self._handed_over:
                 self._generation += 1
                 self._buffer.clear()
                 self._consumers = {}
                 for queue, channel in zip(self.addresses, channels, strict=True):
-                    consumer = self._consumers[queue] = _Channel(channel, self._generation, queue)
+                    what = f"to the basic.consume of {queue!r}"
+                    consumer = self._consumers[queue] = _Channel(channel, queue)
                     channel.on_consumer_cancel_callbacks.add(consumer.on_cancel)
                     ok = await channel.basic_consume(
-                        queue, self._consumer_for(queue, self._generation)
+                        queue, self._consumer_for(queue, self._generation), timeout=timeout
                     )
                     consumer.tag = str(ok.consumer_tag)
-        except BaseException:
+        except BaseException as exc:
             self._consumers = {}
             self._publishers = {}
             self._connection = connection
             await self._close_connection()
+            if isinstance(exc, TimeoutError):
+                raise self._no_answer(what) from None
             raise
-        self._ready.set()
 
     async def _connect(self) -> AbstractConnection:
         """A new connection to the broker, or one clear error."""
@@ -300,7 +332,7 @@ class AmqpClient:
         c = self.config
         install()
         try:
-            with lenient():  # the connection's reader reads any content header
+            with lenient() as closed:  # the connection's reader reads any content header
                 connection = await aiormq.connect(c.url)
         except (amqp_errors.AuthenticationError, amqp_errors.ProbableAuthenticationError):
             raise BrokerUnavailable(
@@ -312,9 +344,12 @@ class AmqpClient:
             # an unexpected frame, the reply's text lost.
             refused = "Connection.OpenOk" in str(exc)
             if isinstance(exc, amqp_errors.ConnectionNotAllowed) or refused:
+                why = closed.reply  # the broker's reply, which the client's error lost
                 raise BrokerUnavailable(
-                    f"amqp: access to the virtual host of {mask_url(c.url)} was refused (it "
-                    "does not exist, or the user may not use it)"
+                    f"amqp: access to the virtual host of {mask_url(c.url)} was refused: {why}"
+                    if why
+                    else f"amqp: access to the virtual host of {mask_url(c.url)} was refused "
+                    "(it does not exist, or the user may not use it)"
                 ) from None
             raise BrokerUnavailable(f"amqp: cannot connect to {mask_url(c.url)}: {exc}") from None
         except (OSError, amqp_errors.AMQPError, TimeoutError) as exc:
@@ -330,6 +365,7 @@ class AmqpClient:
         from aiormq import exceptions as amqp_errors
 
         c = self.config
+        timeout = c.connect_timeout
         arguments: dict[str, Any] | None = (
             {"x-queue-type": "quorum"} if c.queue_type == "quorum" else None
         )
@@ -338,26 +374,41 @@ class AmqpClient:
             if c.exchange:
                 what = f"exchange {c.exchange!r}"
                 await channel.exchange_declare(
-                    c.exchange, exchange_type=c.exchange_type, durable=c.durable, passive=c.passive
+                    c.exchange,
+                    exchange_type=c.exchange_type,
+                    durable=c.durable,
+                    passive=c.passive,
+                    timeout=timeout,
                 )
             for queue in self.addresses:
                 what = f"queue {queue!r}"
                 await channel.queue_declare(
-                    queue, durable=c.durable, passive=c.passive, arguments=arguments
+                    queue,
+                    durable=c.durable,
+                    passive=c.passive,
+                    arguments=arguments,
+                    timeout=timeout,
                 )
                 if c.exchange and not c.passive:
                     for key in c.routing_keys or [queue]:
-                        await channel.queue_bind(queue, c.exchange, routing_key=key)
+                        await channel.queue_bind(
+                            queue, c.exchange, routing_key=key, timeout=timeout
+                        )
             what = f"dead-letter exchange {c.dead_letter_exchange!r}"
             await channel.exchange_declare(
-                c.dead_letter_exchange, exchange_type="direct", durable=True
+                c.dead_letter_exchange, exchange_type="direct", durable=True, timeout=timeout
             )
             for queue in self.addresses:
                 what = f"dead-letter queue {queue + '.dead-letter'!r}"
-                await channel.queue_declare(queue + ".dead-letter", durable=True)
+                await channel.queue_declare(queue + ".dead-letter", durable=True, timeout=timeout)
                 await channel.queue_bind(
-                    queue + ".dead-letter", c.dead_letter_exchange, routing_key=queue
+                    queue + ".dead-letter",
+                    c.dead_letter_exchange,
+                    routing_key=queue,
+                    timeout=timeout,
                 )
+        except TimeoutError:
+            raise self._no_answer(f"about the {what}") from None
         except amqp_errors.ChannelNotFoundEntity:
             raise ConfigurationError(f"amqp: {what} does not exist (passive mode)") from None
         except (
@@ -423,7 +474,7 @@ class AmqpClient:
                     )
                     await backoff.sleep()
                     continue
-                logger.info("amqp: reconnected; consuming again")
+                logger.info("amqp: reconnected%s", "" if self._handed_over else "; consuming again")
                 connected_at = loop.time()
                 break
 
@@ -454,6 +505,7 @@ class AmqpClient:
                 continue
             text = _reply_text(exc)
             why = f"the broker closed the channel of {consumer.queue!r}: {text}"
+            consumer.accounted = True
             timed_out = _TIMED_OUT.search(text)
             if timed_out is None:
                 self._recount.lost(i for i, _ in consumer.held.values())

@@ -36,23 +36,33 @@ class DeadLetters(AmqpClient):
         connection = self._connection
         if connection is None:
             raise AmqpSendError("amqp: not connected to the broker")
+        timeout = self.config.connect_timeout
         for name in (queue, queue + ".dead-letter"):
-            channel = await connection.channel()
             try:
-                declared = await channel.queue_declare(name, passive=True)
+                channel = await connection.channel(timeout=timeout)
+                declared = await channel.queue_declare(name, passive=True, timeout=timeout)
             except amqp_errors.ChannelNotFoundEntity:
                 raise ConfigurationError(f"amqp: queue {name!r} does not exist") from None
+            except TimeoutError:
+                raise self._no_answer(f"about the queue {name!r}") from None
             if name != queue:
                 return channel, declared.message_count or 0
-            await channel.close()
+            await _close(channel, timeout)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _get_dead(self, channel: AbstractChannel, queue: str, limit: int) -> list[Any]:
+        """Up to ``limit`` dead letters of ``queue``, each ``basic.get`` answered within
+        ``connect_timeout``."""
         from pamqp.commands import Basic
 
         got: list[Any] = []
         while len(got) < limit:
-            delivered = await channel.basic_get(queue + ".dead-letter", no_ack=False)
+            try:
+                delivered = await channel.basic_get(
+                    queue + ".dead-letter", no_ack=False, timeout=self.config.connect_timeout
+                )
+            except TimeoutError:
+                raise self._no_answer(f"to a basic.get of {queue + '.dead-letter'!r}") from None
             if not isinstance(delivered.delivery, Basic.GetOk):
                 break
             got.append(delivered)
@@ -64,7 +74,7 @@ class DeadLetters(AmqpClient):
         try:
             return [_stored_dead_letter(d) for d in await self._get_dead(channel, address, limit)]
         finally:
-            await channel.close()
+            await _close(channel, self.config.connect_timeout)
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Republish each to the queue (confirmed), then ack it off the dead-letter queue;
@@ -82,11 +92,9 @@ class DeadLetters(AmqpClient):
                 await channel.basic_ack(chunk[-1].delivery.delivery_tag, multiple=True)
                 moved += len(chunk)
         finally:
-            # Bounded: a broker blocking publishers reads nothing of the connection,
-            # not even this close (the dead letters not acked go back all the same).
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.config.confirm_timeout):
-                    await channel.close()
+            # A broker blocking publishers reads nothing of the connection, not even
+            # this close (the dead letters not acked go back all the same).
+            await _close(channel, self.config.confirm_timeout)
         return moved
 
     async def _republish(self, address: str, chunk: list[Any]) -> None:
@@ -114,6 +122,13 @@ class DeadLetters(AmqpClient):
                 f"amqp: a dead letter replayed to {address!r} is unroutable (the queue was "
                 "deleted?); the dead letters not acked stay"
             ) from None
+
+
+async def _close(channel: AbstractChannel, timeout: float) -> None:
+    """Close ``channel`` within ``timeout``: its unacked dead letters go back either way."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            await channel.close()
 
 
 def _stored_dead_letter(delivered: DeliveredMessage) -> StoredDeadLetter:

@@ -28,21 +28,37 @@ from typing import Any
 
 from pamqp import constants, decode, exceptions
 from pamqp import frame as pamqp_frame
-from pamqp.commands import Basic
+from pamqp.commands import Basic, Connection
 from pamqp.header import ContentHeader
 
 logger = logging.getLogger("amgi.servers.amqp")
 
-_LENIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("amgi_amqp_lenient", default=False)
+
+class Closed:
+    """What the broker said closing a connection made in :func:`lenient`: the client
+    reports a ``connection.close`` answering its ``connection.open`` (a virtual host
+    refused, its connection limit reached) as an unexpected frame, the reply lost."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self) -> None:
+        self.reply = ""
+
+
+_LENIENT: contextvars.ContextVar[Closed | None] = contextvars.ContextVar(
+    "amgi_amqp_lenient", default=None
+)
 
 
 @contextlib.contextmanager
-def lenient() -> Iterator[None]:
-    """Connections made inside read the content headers pamqp cannot (their reader task
-    copies this context when the connection starts it)."""
-    token = _LENIENT.set(True)
+def lenient() -> Iterator[Closed]:
+    """Connections made inside read the content headers pamqp cannot (their tasks copy
+    this context when the connection starts them); what the broker says as it closes
+    one is kept in the :class:`Closed` yielded (the tasks share that object)."""
+    closed = Closed()
+    token = _LENIENT.set(closed)
     try:
-        yield
+        yield closed
     finally:
         _LENIENT.reset(token)
 
@@ -50,7 +66,7 @@ def lenient() -> Iterator[None]:
 def ours() -> bool:
     """Whether this runs for one of the server's connections (made in :func:`lenient`:
     its tasks and their callbacks)."""
-    return _LENIENT.get()
+    return _LENIENT.get() is not None
 
 
 class _Odd:
@@ -172,10 +188,10 @@ def _unmarshal(data_in: bytes) -> tuple[int, int, pamqp_frame.FrameTypes]:
     """pamqp's ``frame.unmarshal``; on the server's connections, a content header it
     cannot read is read by :func:`_content_header` instead (else its error stands)."""
     try:
-        return _strict(data_in)
+        read = _strict(data_in)
     except (exceptions.UnmarshalingException, ArithmeticError):
         data = data_in
-        if not _LENIENT.get() or data[:1] != bytes([constants.FRAME_HEADER]):
+        if not ours() or data[:1] != bytes([constants.FRAME_HEADER]):
             raise
         channel, size = struct.unpack_from(">HI", data, 1)
         odd = _Odd()
@@ -191,6 +207,12 @@ def _unmarshal(data_in: bytes) -> tuple[int, int, pamqp_frame.FrameTypes]:
             "; ".join(odd.found) or "unknown cause",
         )
         return constants.FRAME_HEADER_SIZE + size + 1, channel, header
+    frame = read[2]
+    if isinstance(frame, Connection.Close):
+        closed = _LENIENT.get()
+        if closed is not None:
+            closed.reply = str(frame.reply_text or "")
+    return read
 
 
 def install() -> None:

@@ -108,6 +108,14 @@ class Moves(AmqpClient):
         self._unconfirmed.clear()
         self._unanswered.clear()
 
+    def _drop_unconfirmed(self, messages: list[Message]) -> None:
+        """Stop waiting for the copies of ``messages``, whose channel closed: no try of
+        theirs comes again (the broker delivers the originals again)."""
+        for message in messages:
+            pending = self._unconfirmed.pop(message, None)
+            if pending is not None:
+                pending[1].cancel()
+
     def _gone(self, consumer: _Channel) -> bool:
         """The channel closed: the broker redelivers its unacked messages."""
         return self._closed or self._consumers.get(consumer.queue) is not consumer

@@ -6,6 +6,9 @@ comes back at the same attempt, for good. A quorum queue counts every return in
 ``x-delivery-count``, also of deliveries the server had buffered and dropped unseen at a
 reconnect: they came back with an attempt the application never used. The server knows
 both sets of ids: it adds the first, and takes the second off, when they come back.
+Messages the application acked, or handed back unseen, after a lost or rebuilt connection
+took their channel come back counted too: they join the second set (not when the broker
+closed their channel over them, which is an attempt).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from amgi.servers.kit import Uncounted
 from amgi.transport import Message
 
 if TYPE_CHECKING:
@@ -37,19 +41,19 @@ def _add(counts: dict[str, int], ids: Iterable[str]) -> None:
 
 
 class Recount:
-    """Per stable id: returns the broker counted though the application never had the
-    delivery (``unseen``), and returns it did not count though the application had it
-    (``held``)."""
+    """Per stable id: returns the broker counted though they were no attempt of the
+    application (``unseen``, the kit's :class:`Uncounted`), and returns it did not count
+    though the application had the delivery (``held``)."""
 
     __slots__ = ("held", "unseen")
 
     def __init__(self) -> None:
-        self.unseen: dict[str, int] = {}
+        self.unseen = Uncounted(_LIMIT)
         self.held: dict[str, int] = {}
 
     def dropped(self, ids: Iterable[str]) -> None:
         """Deliveries the server dropped unseen (the broker puts them back)."""
-        _add(self.unseen, ids)
+        self.unseen.release(ids)
 
     def lost(self, ids: Iterable[str]) -> None:
         """Deliveries in the application's hands when the broker closed their channel."""
@@ -58,19 +62,19 @@ class Recount:
     def forget(self, messages: Iterable[Message]) -> None:
         """``messages`` are settled: a later delivery of the same id is another message
         (a retry copy carries the corrected attempt in its header)."""
-        if self.unseen or self.held:
-            for m in messages:
-                self.unseen.pop(base_id(m), None)
-                self.held.pop(base_id(m), None)
+        if not (self.unseen or self.held):
+            return  # the common case: nothing to look up per message
+        ids = [base_id(m) for m in messages]
+        self.unseen.forget(ids)
+        for i in ids:
+            self.held.pop(i, None)
 
     def correct(self, message: Message, delivered: DeliveredMessage, counts: bool) -> None:
         """Put the attempt of a redelivered ``message`` right (``counts``: whether an
         ``x-delivery-count`` header is the broker's count, :func:`._codec.broker_counted`)."""
-        if not (self.unseen or self.held):
-            return
         headers = delivered.header.properties.headers or {}
         counted = headers.get(_DELIVERY_COUNT) if counts else None
         if isinstance(counted, int) and counted > 0:  # the broker counts returns
-            message.attempt -= min(self.unseen.get(message.id, 0), counted)
-        else:
+            self.unseen.correct(message)
+        elif self.held:
             message.attempt += self.held.get(message.id, 0)

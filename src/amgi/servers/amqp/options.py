@@ -51,6 +51,14 @@ class AmqpOptions:
         default="amgi.dead-letter",
         metadata={"help": "exchange receiving dead letters, routed by their queue name"},
     )
+    connect_timeout: float = field(
+        default=10.0,
+        metadata={
+            "gt": 0,
+            "help": "seconds to connect, and for each answer of the broker while declaring "
+            "the queues and starting to consume (at each reconnect too)",
+        },
+    )
     confirm_timeout: float = field(
         default=30.0, metadata={"gt": 0, "help": "seconds to wait for a publish confirm"}
     )

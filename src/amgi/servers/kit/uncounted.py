@@ -30,6 +30,10 @@ class Uncounted:
         self._counts: dict[str, int] = {}
         self._most = most
 
+    def __bool__(self) -> bool:
+        """Whether any release is remembered (a cheap test for hot paths)."""
+        return bool(self._counts)
+
     def release(self, ids: Iterable[str]) -> None:
         """The messages ``ids`` were handed back uncounted: the broker counts the
         delivery that brings each back."""
