@@ -93,19 +93,27 @@ def _decode_header(value: bytes) -> bytes:
     return unquote_to_bytes(value) if _PERCENT in value else value
 
 
-def _check_text(name: bytes, value: bytes) -> None:
-    """Refuse a decoded binary-mode header value that is no CloudEvents String: not
-    UTF-8, or holding a control character, C0 or C1 (as structured mode refuses)."""
-    shown = name.decode("latin-1")
-    if _CONTROL_BYTE(value):  # (a tab comes as it is; the rest percent-encoded)
-        raise BadRequest(f"binary event: {shown} holds a control character")
+def string_problem(value: bytes) -> str | None:
+    """Why ``value`` is no CloudEvents String (spec 1.0, 3.2), or None: it holds a
+    control character (C0, DEL or C1), or it is not UTF-8."""
+    if _CONTROL_BYTE(value):
+        return "holds a control character"
     if _NON_ASCII(value):  # rare: only then can it hold C1 controls or be no UTF-8
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadRequest(f"binary event: {shown} is not UTF-8") from None
+            return "is not UTF-8"
         if _CONTROL(text):
-            raise BadRequest(f"binary event: {shown} holds a control character")
+            return "holds a control character"
+    return None
+
+
+def _check_text(name: bytes, value: bytes) -> None:
+    """Refuse a decoded binary-mode header value that is no CloudEvents String (as
+    structured mode refuses); a tab comes as it is, the rest percent-encoded."""
+    problem = string_problem(value)
+    if problem:
+        raise BadRequest(f"binary event: {name.decode('latin-1')} {problem}")
 
 
 def binary_event(

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote_from_bytes, unquote, urlsplit
 
 from amgi.errors import SendError
-from amgi.servers.http._events import load_json
+from amgi.servers.http._events import load_json, string_problem
 from amgi.servers.kit import mask_url
 from amgi.transport import HeaderList
 
@@ -44,9 +44,6 @@ class HttpSendError(SendError):
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 """An HTTP field name (RFC 9110, 5.1)."""
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]").search
-_C1_CONTROL = re.compile("[\x80-\x9f]").search
-_NON_ASCII = re.compile(rb"[\x80-\xff]").search
 
 
 def _sendable(name: bytes, value: bytes) -> None:
@@ -56,15 +53,9 @@ def _sendable(name: bytes, value: bytes) -> None:
     alone, the connection is untouched."""
     if not _TOKEN(name):
         raise HttpSendError(f"http: header name {name!r} is not an HTTP field name")
-    if _CONTROL(value):
-        raise HttpSendError(f"http: header {name.decode()} holds a control character")
-    if _NON_ASCII(value):  # rare: only then can it be no UTF-8 or hold a C1 control
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise HttpSendError(f"http: header {name.decode()} is not UTF-8") from None
-        if _C1_CONTROL(text):
-            raise HttpSendError(f"http: header {name.decode()} holds a control character")
+    problem = string_problem(value)
+    if problem:
+        raise HttpSendError(f"http: header {name.decode()} {problem}")
 
 
 def _percent(value: bytes) -> bytes:
