@@ -28,7 +28,13 @@ class BrokerUnavailable(AMGIError, OSError):
 
 
 class StartupFailed(AMGIError):
-    """The application reported ``lifespan.startup.failed`` or raised during startup."""
+    """The application reported ``lifespan.startup.failed`` or raised during startup.
+
+    An application may also raise it from a message call, before receiving anything, to
+    say that it cannot serve any message (a handler it cannot run, found at its first
+    message when there was no lifespan startup): the runtime then stops with this error
+    and hands the messages back without using up an attempt.
+    """
 
 
 class InvalidEvent(AMGIError, TypeError):

@@ -396,3 +396,36 @@ def test_docs_page_in_headless_chromium() -> None:
             driver.quit()
             server.stop()
     assert shot.stat().st_size > 10_000
+
+
+class Unknown:
+    """A class pydantic knows nothing about."""
+
+
+def test_an_example_that_does_not_fit_the_payload_type_is_named() -> None:
+    app = App()
+
+    @app.subscriber("limits", examples=[Limits(high=1), {"high": "very"}])
+    async def on_limits(limits: Limits) -> None: ...
+
+    with pytest.raises(AppDefinitionError) as info:
+        app.asyncapi()
+    assert str(info.value).endswith(
+        ".on_limits, examples[1]: not a valid Limits (the app would refuse it): "
+        "high: Input should be a valid number, unable to parse string as a number"
+    )
+
+
+def test_an_example_that_cannot_be_written_as_json_is_named() -> None:
+    app = App()
+
+    @app.subscriber("raw", examples=[Unknown()])
+    async def on_raw(meta: Annotated[str, Header("kind")]) -> None: ...
+
+    with pytest.raises(AppDefinitionError) as info:
+        app.asyncapi()
+    message = str(info.value)
+    assert ".on_raw, examples[0]: cannot be written as JSON (PydanticSchemaGenerationError: " in (
+        message
+    )
+    assert "\n" not in message

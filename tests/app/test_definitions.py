@@ -173,7 +173,8 @@ async def test_first_message_checks_the_app_when_lifespan_is_off() -> None:
     async def on_in(a: Order, b: Order, p: Publisher) -> None: ...
 
     result = await run_batch(app, [message(b"{}")], address="in")
-    assert isinstance(result.error, AppDefinitionError)
+    assert isinstance(result.error, StartupFailed)  # the runtime stops the run on it
+    assert isinstance(result.error.__cause__, AppDefinitionError)
     assert result.unsettled == ["1"]
 
 
@@ -201,6 +202,45 @@ def test_amgi_run_stops_with_one_line_naming_function_and_parameter(tmp_path: Pa
         "State or Depends"
     )
     assert "Traceback" not in run.stderr
+
+
+def test_amgi_run_without_lifespan_stops_at_the_first_message_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    from amgi.servers.sqlite import SqliteQueue
+
+    (tmp_path / "badapp.py").write_text(
+        "from amgi.app import App\n"
+        "app = App()\n"
+        "@app.subscriber('orders')\n"
+        "async def on_order(order: dict[str, int], other: dict[str, int]) -> None: ...\n"
+    )
+    database = str(tmp_path / "q.db")
+    queue = SqliteQueue(database)
+    queue.put_many("orders", [([], b'{"id": %d}' % n, {}) for n in range(3)])
+    command = ["run", "badapp:app", "orders", "--database", database, "--lifespan", "off"]
+    run = subprocess.run(
+        [sys.executable, "-m", "amgi", *command, "--crash-ledger", ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stderr
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "amgi: error: application startup failed: on_order, parameter 'other': a second "
+            "payload parameter"
+        )
+    )
+    assert "Traceback" not in run.stderr
+    assert queue.count("orders") == 3
+    assert queue.dead_letters("orders") == []
+    attempts = queue.db.execute("SELECT attempts FROM amgi_messages").fetchall()
+    queue.close()
+    assert attempts == [(0,)] * 3  # handed back: the app never had them
 
 
 async def test_sync_functions_cannot_take_a_publisher() -> None:

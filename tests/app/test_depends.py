@@ -12,7 +12,16 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel
 
-from amgi.app import App, Depends, Failures, Header, MessageInfo, PayloadError, State
+from amgi.app import (
+    App,
+    AppDefinitionError,
+    Depends,
+    Failures,
+    Header,
+    MessageInfo,
+    PayloadError,
+    State,
+)
 from amgi.app.testing import TestClient
 from amgi.errors import StartupFailed
 
@@ -149,15 +158,37 @@ async def test_lifespan_failure_fails_startup() -> None:
             pass
 
 
-async def test_missing_state_key_nacks() -> None:
+async def test_a_state_key_the_lifespan_does_not_yield_fails_startup() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[dict[str, Any]]:
+        yield {"rate": 3}
+
+    app = App(lifespan=lifespan)
+
+    async def session(pool: Annotated[Any, State("pool")]) -> Any:
+        return pool
+
+    @app.subscriber("in")
+    async def on_in(body: bytes, db: Annotated[Any, Depends(session)]) -> None: ...
+
+    with pytest.raises(StartupFailed) as info:
+        async with TestClient(app):
+            pass
+    assert str(info.value).endswith(
+        ".session, parameter 'pool': State('pool') is not in the lifespan state (it holds "
+        "'rate'); yield it from the App's lifespan, or give the parameter a default"
+    )
+
+
+async def test_a_state_key_with_a_default_may_be_missing() -> None:
     app = App()
 
     @app.subscriber("in")
-    async def on_in(body: bytes, pool: Annotated[Any, State("pool")]) -> None: ...
+    async def on_in(body: bytes, pool: Annotated[Any, State("pool")] = None) -> None:
+        assert pool is None
 
     async with TestClient(app) as client:
-        result = await client.publish("in", b"")
-    assert "the lifespan state has no 'pool'" in (result.reason or "")
+        assert (await client.publish("in", b"")).acked
 
 
 @pytest.fixture
@@ -417,3 +448,26 @@ async def test_a_cancelled_sync_generator_setup_is_still_cleaned_up() -> None:
         with pytest.raises(asyncio.CancelledError):
             await call
     assert log == ["acquired", "released after CancelledError"]
+
+
+async def test_a_lifespan_that_is_no_context_manager_gets_one_clear_error() -> None:
+    async def undecorated(app: App) -> AsyncIterator[dict[str, Any]]:
+        yield {"pool": 1}
+
+    with pytest.raises(AppDefinitionError) as info:
+        App(lifespan=undecorated)  # type: ignore[arg-type]
+    assert str(info.value).endswith(
+        ".undecorated is an async generator function: decorate it with "
+        "@contextlib.asynccontextmanager"
+    )
+
+    async def plain(app: App) -> dict[str, Any]:
+        return {"pool": 1}
+
+    with pytest.raises(StartupFailed) as failed:
+        async with TestClient(App(lifespan=plain)):  # type: ignore[arg-type]
+            pass
+    assert str(failed.value).endswith(
+        ".plain returned a coroutine, not an async context manager: make it an async "
+        "generator that yields the state, decorated with @contextlib.asynccontextmanager"
+    )

@@ -289,3 +289,48 @@ async def test_a_middleware_that_cannot_be_called_so_fails_the_startup() -> None
         "sync_and_done returned NoneType, not an awaitable; make it an async def "
         "that returns await call_next()"
     )
+
+
+async def test_an_error_of_a_middleware_names_the_middleware_not_the_handler() -> None:
+    log: list[str] = []
+    resource = tracked(log)
+
+    async def audit(call: HandlerCall, call_next: CallNext) -> Any:
+        result = await call_next()
+        raise ConnectionError("audit log unreachable")
+        return result
+
+    async def passes_on(call: HandlerCall, call_next: CallNext) -> Any:
+        try:
+            return await call_next()
+        except KeyError:
+            raise
+        except ConnectionError as exc:
+            log.append(f"seen {exc}")
+            raise
+
+    app = App(middleware=[passes_on, audit])
+
+    @app.subscriber("in")
+    async def on_in(n: int, r: Annotated[int, Depends(resource)]) -> None:
+        if n < 0:
+            raise KeyError(n)
+
+    @app.subscriber("batch", batch=True)
+    async def on_batch(items: list[int]) -> None: ...
+
+    async with TestClient(app) as client:
+        result = await client.publish("in", 1)
+        by_handler = await client.publish("in", -1)
+        (in_batch,) = await client.publish_batch("batch", [1])
+    where = "test_an_error_of_a_middleware_names_the_middleware_not_the_handler.<locals>"
+    assert result.reason == (
+        f"{where}.on_in: middleware {where}.audit raised ConnectionError: audit log unreachable"
+    )
+    assert not result.dead_lettered
+    # The outer middleware saw the error as it was raised; so did the cleanup, once done.
+    assert log[:3] == ["open 1", "seen audit log unreachable", "cleanup 1 after ConnectionError"]
+    assert by_handler.reason == f"{where}.on_in raised KeyError: -1"
+    assert in_batch.reason == (
+        f"{where}.on_batch: middleware {where}.audit raised ConnectionError: audit log unreachable"
+    )

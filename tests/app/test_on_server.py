@@ -10,9 +10,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
+import pytest
 from pydantic import BaseModel
 
-from amgi.app import App, Depends
+from amgi.app import App, Depends, State
+from amgi.errors import StartupFailed
 from amgi.runtime.config import RuntimeConfig
 from amgi.runtime.server import Runtime
 from amgi.servers.memory import MemoryBroker, MemoryOptions, MemoryTransport
@@ -139,3 +141,61 @@ async def test_yield_cleanup_runs_after_the_result_is_published() -> None:
         "ValidationError: total: Field required"
     )
     assert [m.payload for m in broker.queue("invoices")] == [b'{"total":2.0}']
+
+
+class Order(BaseModel):
+    id: int
+
+
+async def test_a_broken_handler_without_lifespan_stops_the_run_and_loses_nothing() -> None:
+    name, broker = new_broker()
+    app = App()
+
+    @app.subscriber("orders")
+    async def on_order(order: Order, other: Order) -> None: ...
+
+    for n in range(3):
+        broker.put("orders", JSON, b'{"id": %d}' % n)
+    broker.put("refunds", JSON, b'{"id": 9}')
+    config = RuntimeConfig(max_attempts=2, retry_delay=0, crash_ledger="", lifespan="off")
+    options = MemoryOptions(broker=name, batch_size=2)
+    runtime = Runtime(app, MemoryTransport(["orders", "refunds"], options), config)
+    with pytest.raises(StartupFailed) as info:
+        await asyncio.wait_for(runtime.serve(), 20)
+    assert ".on_order, parameter 'other': a second payload parameter" in str(info.value)
+    assert broker.dead == {}
+    await asyncio.sleep(0.01)
+    broker.promote_due()  # (handed back with no delay)
+    left = [*broker.queue("orders"), *broker.queue("refunds")]
+    assert sorted(m.payload or b"" for m in left) == [b'{"id": %d}' % n for n in (0, 1, 2, 9)]
+    assert {m.attempt for m in left} == {1}  # the app never had them
+
+
+async def test_a_handler_needing_the_lifespan_state_without_lifespan_stops_the_run() -> None:
+    name, broker = new_broker()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[dict[str, Any]]:
+        yield {"pool": "db"}
+
+    app = App(lifespan=lifespan)
+
+    async def session(pool: Annotated[str, State("pool")]) -> str:
+        return pool
+
+    @app.subscriber("orders")
+    async def on_order(order: Order, db: Annotated[str, Depends(session)]) -> None: ...
+
+    broker.put("orders", JSON, b'{"id": 1}')
+    config = RuntimeConfig(max_attempts=2, retry_delay=0, crash_ledger="", lifespan="off")
+    runtime = Runtime(app, MemoryTransport(["orders"], MemoryOptions(broker=name)), config)
+    with pytest.raises(StartupFailed) as info:
+        await asyncio.wait_for(runtime.serve(), 20)
+    assert str(info.value).endswith(
+        ".session, parameter 'pool': State('pool') is not in the lifespan state: the app "
+        "runs without lifespan (the server's lifespan is off), so its lifespan did not run"
+    )
+    assert broker.dead == {}
+    await asyncio.sleep(0.01)
+    broker.promote_due()
+    assert [(m.payload, m.attempt) for m in broker.queue("orders")] == [(b'{"id": 1}', 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -14,6 +15,7 @@ from amgi.app._errors import AppDefinitionError, PayloadError, ValidatorFailed
 from amgi.app._handler import Handler, receive_all
 from amgi.app._inject import name_of
 from amgi.app._middleware import Middleware, check
+from amgi.errors import StartupFailed
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, Scope
 
 __all__ = ["NACK_RETRY", "App", "Lifespan"]
@@ -52,7 +54,7 @@ class App:
         self.version = version
         self.description = description
         self.handlers: list[Handler] = []
-        self._lifespan = lifespan
+        self._lifespan = _checked_lifespan(lifespan)
         self._middleware = list(middleware)
         self._decoders = {k.lower(): v for k, v in (decoders or {}).items()}
         self._router: Router[Handler] = Router()
@@ -135,6 +137,32 @@ class App:
             handler.prepare(self._decoders, self._middleware)
         self._prepared = True
 
+    def _check_state(self, state: Mapping[str, Any] | None) -> None:
+        """Raise AppDefinitionError if a handler takes a ``State`` without default that
+        ``state`` (the lifespan state; None: no lifespan ran) does not hold: the state
+        is made once at startup, so each of its messages would fail until dead-lettered."""
+        for handler in self.handlers:
+            assert handler.plan is not None
+            for p in handler.plan.all_parameters():
+                if p.kind != "state" or p.default is not inspect.Parameter.empty:
+                    continue
+                key = p.source.key or p.name
+                if state is not None and key in state:
+                    continue
+                where = (
+                    f"{p.owner}, parameter {p.name!r}: State({key!r}) is not in the lifespan state"
+                )
+                if state is None:
+                    raise AppDefinitionError(
+                        f"{where}: the app runs without lifespan (the server's lifespan is "
+                        "off), so its lifespan did not run"
+                    )
+                held = ", ".join(map(repr, state)) or "nothing"
+                raise AppDefinitionError(
+                    f"{where} (it holds {held}); yield it from the App's lifespan, or give "
+                    "the parameter a default"
+                )
+
     @property
     def addresses(self) -> list[str]:
         """The subscribed addresses (patterns as written)."""
@@ -159,7 +187,7 @@ class App:
         if scope["type"] == "message":
             self._started = True
             if not self._prepared:
-                self.prepare()
+                self._prepare_at_message(scope)
             address = scope["address"]
             state = scope.get("state") or {}
             dead_letter_ok = NACK_RETRY in (scope.get("extensions") or {})
@@ -169,6 +197,18 @@ class App:
                 await self._serve(address, receive, send, state, dead_letter_ok)
         elif scope["type"] == "lifespan":
             await self._run_lifespan(scope, receive, send)
+
+    def _prepare_at_message(self, scope: Scope) -> None:
+        """Check the handlers at a message (no lifespan startup ran, or a handler was
+        added since): a broken one is the app's failure to start, not the message's."""
+        try:
+            self.prepare()
+            self._check_state(scope.get("state"))
+        except AppDefinitionError as exc:
+            # Raised before receiving anything: the runtime stops the run and hands the
+            # messages back unspent, where a plain exception would fail (and in the end
+            # dead-letter) every message it is given.
+            raise StartupFailed(str(exc)) from exc
 
     async def _serve(
         self,
@@ -238,7 +278,7 @@ class App:
         self._started = True
         try:
             self.prepare()
-            manager = self._lifespan(self) if self._lifespan else _no_lifespan()
+            manager = _entered(self._lifespan, self) if self._lifespan else _no_lifespan()
             stack = contextlib.AsyncExitStack()
             state: Any = await stack.enter_async_context(manager)
             try:
@@ -250,6 +290,7 @@ class App:
                 # Handlers the lifespan added are checked now, not at their first message
                 # (each message would fail, then be dead-lettered, for the app's fault).
                 self.prepare()
+                self._check_state({**scope.get("state", {}), **(state or {})})
             except BaseException:
                 await stack.aclose()
                 raise
@@ -322,6 +363,37 @@ def _replay(events: list[Any], rest: AMGIReceiveCallable) -> AMGIReceiveCallable
 @contextlib.asynccontextmanager
 async def _no_lifespan() -> AsyncIterator[None]:
     yield None
+
+
+def _checked_lifespan(lifespan: Lifespan | None) -> Lifespan | None:
+    """``lifespan``, or AppDefinitionError when it cannot make a context manager (each
+    startup would fail with a protocol error that does not say what to change)."""
+    if lifespan is None:
+        return None
+    if not callable(lifespan):
+        raise AppDefinitionError(
+            f"App(lifespan=...) takes a function of the app, not {type(lifespan).__name__}"
+        )
+    if inspect.isasyncgenfunction(lifespan):
+        raise AppDefinitionError(
+            f"App(lifespan=...): {name_of(lifespan)} is an async generator function: "
+            "decorate it with @contextlib.asynccontextmanager"
+        )
+    return lifespan
+
+
+def _entered(lifespan: Lifespan, app: App) -> Any:
+    """What ``lifespan(app)`` returned, checked to be an async context manager."""
+    manager: Any = lifespan(app)
+    if not (hasattr(manager, "__aenter__") and hasattr(manager, "__aexit__")):
+        if inspect.iscoroutine(manager):
+            manager.close()  # never awaited: no "was never awaited" warning
+        raise AppDefinitionError(
+            f"the lifespan {name_of(lifespan)} returned a {type(manager).__name__}, not an "
+            "async context manager: make it an async generator that yields the state, "
+            "decorated with @contextlib.asynccontextmanager"
+        )
+    return manager
 
 
 def _one_line(exc: BaseException) -> str:

@@ -9,9 +9,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
-from amgi.app._codec import content_type_of, raw_type, strip_none
+from amgi.app._codec import content_type_of, describe_validation_error, raw_type, strip_none
 from amgi.app._errors import AppDefinitionError, first_line
 from amgi.app._handler import Handler
 from amgi.app._inject import Parameter, type_name
@@ -181,8 +181,24 @@ def _name_the_culprit(types: list[tuple[Any, Mode, str]]) -> None:
             ) from None
 
 
-def _example(value: Any) -> Any:
-    return TypeAdapter(type(value)).dump_python(value, mode="json")
+def _example(handler: Handler, index: int, value: Any) -> Any:
+    """Example ``index`` of ``handler`` as JSON, checked against its payload type: an
+    example the app would refuse misleads whoever sends what the document shows."""
+    where = f"{handler.name}, examples[{index}]"
+    typed = handler.payload is not None
+    kind = handler.payload_type if typed else type(value)
+    try:
+        adapter = TypeAdapter(kind)
+        return adapter.dump_python(adapter.validate_python(value) if typed else value, mode="json")
+    except ValidationError as exc:
+        raise AppDefinitionError(
+            f"{where}: not a valid {type_name(kind)} (the app would refuse it): "
+            f"{describe_validation_error(exc)}"
+        ) from None
+    except Exception as exc:
+        raise AppDefinitionError(
+            f"{where}: cannot be written as JSON ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
 
 
 def _operation_name(handler: Handler) -> str:
@@ -245,7 +261,7 @@ def document(
             payload = b.schema(handler.payload_type)
             message_title = type_name(handler.payload_type)
             content_type = content_type_of(handler.payload_type)
-        examples = [{"payload": _example(e)} for e in handler.examples]
+        examples = [{"payload": _example(handler, i, e)} for i, e in enumerate(handler.examples)]
         op = b.unique(b.operations, _operation_name(handler))
         mid = b.message(
             cid,

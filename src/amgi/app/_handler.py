@@ -49,7 +49,7 @@ from amgi.app._inject import (
     type_name,
     unwrap_annotated,
 )
-from amgi.app._middleware import HandlerCall, Middleware, wrap
+from amgi.app._middleware import HandlerCall, Middleware, MiddlewareFailed, wrap
 from amgi.app._params import Failures, Outgoing
 from amgi.app._publisher import Publisher, encode_headers
 from amgi.types import AMGIReceiveCallable, AMGISendCallable, MessageNackEvent
@@ -655,7 +655,7 @@ class _BatchState:
         except _OutputError as exc:
             await self.nack(mid, str(exc), False)
         except Exception as exc:
-            await self.nack(mid, f"{handler.name} raised {_describe(exc)}", False)
+            await self.nack(mid, _raised(handler, exc), False)
         else:
             await self.send({"type": "message.ack", "id": mid})
 
@@ -723,11 +723,7 @@ class _BatchState:
                 await self.nack(mid, str(exc), exc.dead)
             return
         except Exception as exc:
-            reason = (
-                str(exc)
-                if isinstance(exc, _OutputError)
-                else f"{handler.name} raised {_describe(exc)}"
-            )
+            reason = str(exc) if isinstance(exc, _OutputError) else _raised(handler, exc)
             for mid in ids:
                 await self.nack(mid, reason, False)
             return
@@ -754,7 +750,14 @@ class _OutputError(Exception):
 
 def _seen(exc: BaseException) -> BaseException:
     """The exception the dependencies' cleanup is given for ``exc``."""
-    return exc.error if isinstance(exc, _OutputError) else exc
+    return exc.error if isinstance(exc, _OutputError | MiddlewareFailed) else exc
+
+
+def _raised(handler: Handler, exc: Exception) -> str:
+    """The nack reason of a handler call that raised ``exc``."""
+    if isinstance(exc, MiddlewareFailed):
+        return f"{handler.name}: middleware {exc.owner} raised {_describe(exc.error)}"
+    return f"{handler.name} raised {_describe(exc)}"
 
 
 def _describe(exc: BaseException) -> str:

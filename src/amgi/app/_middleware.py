@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from amgi.app._errors import AppDefinitionError
+from amgi.app._errors import AppDefinitionError, DeadLetter
 from amgi.app._params import MessageInfo
 
-__all__ = ["HandlerCall", "Middleware", "check", "wrap"]
+__all__ = ["HandlerCall", "Middleware", "MiddlewareFailed", "check", "wrap"]
 
 
 @dataclass(slots=True)
@@ -32,6 +32,16 @@ class HandlerCall:
 
 Middleware = Callable[[HandlerCall, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 """``async def mw(call, call_next): ...; return await call_next()`` (first declared: outermost)."""
+
+
+class MiddlewareFailed(Exception):
+    """What a handler call raises when a middleware raised ``error`` of its own (not one
+    its ``call_next()`` passed on): the nack reason names the middleware, not the handler."""
+
+    def __init__(self, owner: str, error: Exception) -> None:
+        super().__init__(owner, error)
+        self.owner = owner
+        self.error = error
 
 
 def check(middleware: Any, name: str) -> None:
@@ -66,13 +76,17 @@ def wrap(
     for mw, owner in zip(reversed(middleware), reversed(names), strict=True):
         step = _Step(chain, wrapped, owner)
         chain.steps.append(step)
-        wrapped = _bind(mw, info, step, owner)
+        wrapped = _bind(mw, info, step, owner, chain)
     outer = wrapped
     return lambda: chain.run(outer)
 
 
 def _bind(
-    mw: Middleware, info: HandlerCall, call_next: Callable[[], Awaitable[Any]], owner: str
+    mw: Middleware,
+    info: HandlerCall,
+    call_next: Callable[[], Awaitable[Any]],
+    owner: str,
+    chain: _Chain,
 ) -> Callable[[], Awaitable[Any]]:
     async def step() -> Any:
         outcome = mw(info, call_next)
@@ -81,7 +95,12 @@ def _bind(
                 f"middleware {owner} returned {type(outcome).__name__}, not an awaitable; "
                 "make it an async def that returns await call_next()"
             )
-        return await outcome
+        try:
+            return await outcome
+        except Exception as exc:
+            if not any(exc is passed for passed in chain.passed):
+                chain.culprit = (exc, owner)  # its own, not the handler's
+            raise
 
     return step
 
@@ -94,19 +113,26 @@ class _Chain:
     cancelled and waited for before the message is settled, and later calls are refused.
     """
 
-    __slots__ = ("ended", "handler", "steps")
+    __slots__ = ("culprit", "ended", "handler", "passed", "steps")
 
     def __init__(self, handler: str) -> None:
         self.handler = handler
         self.ended = False
         self.steps: list[_Step] = []
+        self.passed: list[BaseException] = []
+        """What came out of a ``call_next()``: the handler's (or an inner middleware's)."""
+        self.culprit: tuple[Exception, str] | None = None
+        """The last exception a middleware raised of its own, and that middleware."""
 
     async def run(self, outer: Callable[[], Awaitable[Any]]) -> Any:
         try:
             result = await outer()
-        except BaseException:
+        except BaseException as exc:
             self.ended = True
             await self._stop_left()
+            culprit = self.culprit
+            if culprit is not None and culprit[0] is exc and not isinstance(exc, DeadLetter):
+                raise MiddlewareFailed(culprit[1], culprit[0]) from exc
             raise
         self.ended = True
         left = await self._stop_left()
@@ -146,6 +172,14 @@ class _Step:
         """Set while a call runs; set (the event) when it ends."""
 
     async def __call__(self) -> Any:
+        try:
+            return await self._call()
+        except BaseException as exc:
+            # The handler's, an inner middleware's, or a refusal naming this middleware.
+            self.chain.passed.append(exc)
+            raise
+
+    async def _call(self) -> Any:
         if self.chain.ended:
             raise RuntimeError(
                 f"middleware {self.owner} called call_next() after the handler call of "

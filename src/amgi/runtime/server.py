@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Hashable
+from collections.abc import Awaitable, Coroutine, Hashable
 from operator import attrgetter
 from types import FrameType
 from typing import Any
 
-from amgi.errors import ConfigurationError, SendError
+from amgi.errors import ConfigurationError, SendError, StartupFailed
 from amgi.runtime.app import check_app
 from amgi.runtime.batch import (
     NACK_RETRY_EXTENSION,
@@ -39,7 +40,7 @@ from amgi.transport import (
     Settlement,
     Transport,
 )
-from amgi.types import AMGIApplication
+from amgi.types import AMGIApplication, AMGIReceiveCallable, AMGISendCallable, Scope
 
 __all__ = ["Runtime"]
 
@@ -245,6 +246,8 @@ class Runtime:
             finally:
                 if self._ledger is not None:
                     self._ledger.close()
+            if isinstance(self._fatal, StartupFailed):
+                raise self._fatal
             if self.abandoned and self._exit_code == 0:
                 self._exit_code = 1
             return self._exit_code
@@ -445,6 +448,10 @@ class Runtime:
         push server's senders would wait for an answer until their connections closed.
         """
         if self._fatal is not None:
+            if self.transport.counts_deliveries:
+                for batch in self._unstarted:  # not their fault: no attempt used up
+                    self._hand_back(batch)
+            self._unstarted = []
             return
         limit = self.config.concurrency
         batches, self._unstarted = self._unstarted, []
@@ -680,7 +687,7 @@ class Runtime:
         settlement = Settlement()
         if batch.messages:
             delivery = Delivery(
-                self.app,
+                self._call_app,
                 batch,
                 self._publish,
                 self.config,
@@ -709,6 +716,26 @@ class Runtime:
             ledger.forget(batch.address, _cleared(suspects, settlement, cancelled))
         if cancelled:
             raise asyncio.CancelledError
+
+    def _call_app(self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> Any:
+        """The application, for one call, watched by :meth:`_watch`."""
+        call: object = self.app(scope, receive, send)
+        if not inspect.isawaitable(call):
+            return call  # refused by the batch call, which says why
+        return self._watch(call)
+
+    async def _watch(self, call: Awaitable[None]) -> None:
+        """Await an application call: a :class:`StartupFailed` it raises means that the
+        app cannot serve at all (see there): the run stops with that error, and the call
+        counts as cancelled (what the app never received goes back unspent)."""
+        try:
+            await call
+        except StartupFailed as exc:
+            if self._fatal is None:
+                logger.info("the application cannot serve any message: stopping")
+                self._fatal = exc
+                self.request_stop()
+            raise asyncio.CancelledError from exc
 
     def _triage(
         self, batch: Batch
