@@ -418,19 +418,41 @@ async def test_a_record_the_app_never_had_is_not_dead_lettered_at_the_deadline(
     assert [m["Body"] for m in dead] == ["1-slow"]
 
 
-async def test_a_failing_startup_dead_letters_nothing(sqs: SqsTransport) -> None:
-    """Startup fails on every invocation: the messages, which never reached the app, do
-    not end in the redrive policy's dead-letter queue (they used to after
-    maxReceiveCount invocations), and reach the app once it starts."""
+def broken_handler_app(received: list[bytes]) -> Any:
+    """A typed app whose handler cannot be called (two payload parameters), which it
+    finds at its first message when there is no lifespan: it raises StartupFailed."""
+    from amgi.app import App
+
+    app = App()
+
+    @app.subscriber("orders")
+    async def handle(first: bytes, second: bytes) -> None:
+        received.append(first)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("make_app", "lifespan"),
+    [(failing_startup_app, "auto"), (broken_handler_app, "off")],
+    ids=["lifespan-startup", "first-message-without-lifespan"],
+)
+async def test_a_failing_startup_dead_letters_nothing(
+    sqs: SqsTransport, make_app: Any, lifespan: Any
+) -> None:
+    """Startup fails on every invocation (at the lifespan startup, or at the app's first
+    message when it has none): the messages, which never reached the app, do not end in
+    the redrive policy's dead-letter queue (they used to after maxReceiveCount
+    invocations), and reach the app once it starts."""
     name, url, dlq_url = await queue_with_redrive(sqs, 2)
     arn = f"arn:aws:sqs:us-east-1:123456789012:{name}"
     for payload in (b"a", b"\xff"):  # the copy keeps its headers and encoding
         await sqs.publish(name, [(b"k", b"v")], payload, {})
     received: list[bytes] = []
     handler = SqsHandler(
-        failing_startup_app(received),
+        make_app(received),
         handle_sigterm=False,
-        config=RuntimeConfig(retry_delay_max=1),  # the copies' delay
+        config=RuntimeConfig(retry_delay_max=1, lifespan=lifespan),  # the copies' delay
     )
     try:
         for _ in range(4):

@@ -1,14 +1,18 @@
-"""The check every entry point makes before calling an application: is it async?"""
+"""What every entry point does around an application: the check that it is async, and
+the watch of its message calls for a :class:`~amgi.errors.StartupFailed`."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amgi.errors import ConfigurationError
+from amgi.errors import ConfigurationError, StartupFailed
+from amgi.types import AMGIApplication, AMGIReceiveCallable, AMGISendCallable, Scope
 
-__all__ = ["check_app", "describe"]
+__all__ = ["check_app", "describe", "watched"]
 
 
 def describe(app: Any) -> str:
@@ -66,3 +70,26 @@ def check_app(app: Any) -> None:
         f"the application {describe(app)} is {problem}, not an async callable: "
         "define it with 'async def' (AMGI calls it as 'await app(scope, receive, send)')"
     )
+
+
+def watched(
+    app: AMGIApplication, cannot_serve: Callable[[StartupFailed], None]
+) -> Callable[[Scope, AMGIReceiveCallable, AMGISendCallable], Any]:
+    """``app`` for message calls, a :class:`StartupFailed` it raises (it cannot serve any
+    message: see there) passed to ``cannot_serve`` and the call ended as cancelled, so
+    that what it never received goes back without an attempt used up."""
+
+    async def watch(call: Awaitable[None]) -> None:
+        try:
+            await call
+        except StartupFailed as exc:
+            cannot_serve(exc)
+            raise asyncio.CancelledError from exc
+
+    def call_app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> Any:
+        call: object = app(scope, receive, send)
+        if not inspect.isawaitable(call):
+            return call  # refused by the batch call, which says why
+        return watch(call)
+
+    return call_app

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Coroutine, Hashable
+from collections.abc import Coroutine, Hashable
 from operator import attrgetter
 from types import FrameType
 from typing import Any
 
 from amgi.errors import ConfigurationError, SendError, StartupFailed
-from amgi.runtime.app import check_app
+from amgi.runtime.app import check_app, watched
 from amgi.runtime.batch import (
     NACK_RETRY_EXTENSION,
     CallCancelled,
@@ -40,7 +39,7 @@ from amgi.transport import (
     Settlement,
     Transport,
 )
-from amgi.types import AMGIApplication, AMGIReceiveCallable, AMGISendCallable, Scope
+from amgi.types import AMGIApplication
 
 __all__ = ["Runtime"]
 
@@ -113,6 +112,7 @@ class Runtime:
     ) -> None:
         check_app(app)
         self.app = app
+        self._watched_app = watched(app, self._cannot_serve)
         self.routes = routes
         """Send routing: sends whose address a route matches go to that route's transport."""
         self.transport = transport
@@ -687,7 +687,7 @@ class Runtime:
         settlement = Settlement()
         if batch.messages:
             delivery = Delivery(
-                self._call_app,
+                self._watched_app,
                 batch,
                 self._publish,
                 self.config,
@@ -717,25 +717,12 @@ class Runtime:
         if cancelled:
             raise asyncio.CancelledError
 
-    def _call_app(self, scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> Any:
-        """The application, for one call, watched by :meth:`_watch`."""
-        call: object = self.app(scope, receive, send)
-        if not inspect.isawaitable(call):
-            return call  # refused by the batch call, which says why
-        return self._watch(call)
-
-    async def _watch(self, call: Awaitable[None]) -> None:
-        """Await an application call: a :class:`StartupFailed` it raises means that the
-        app cannot serve at all (see there): the run stops with that error, and the call
-        counts as cancelled (what the app never received goes back unspent)."""
-        try:
-            await call
-        except StartupFailed as exc:
-            if self._fatal is None:
-                logger.info("the application cannot serve any message: stopping")
-                self._fatal = exc
-                self.request_stop()
-            raise asyncio.CancelledError from exc
+    def _cannot_serve(self, exc: StartupFailed) -> None:
+        """The application raised StartupFailed from a message call: stop with it."""
+        if self._fatal is None:
+            logger.info("the application cannot serve any message: stopping")
+            self._fatal = exc
+            self.request_stop()
 
     def _triage(
         self, batch: Batch

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 
 from amgi.errors import AMGIError, SendError, StartupFailed
 from amgi.runtime import CallCancelled, Lifespan, RuntimeConfig
-from amgi.runtime.app import check_app
+from amgi.runtime.app import check_app, watched
 from amgi.runtime.batch import NACK_RETRY_EXTENSION, Delivery
 from amgi.runtime.routing import Router
 from amgi.servers.kit import dead_letter_headers
@@ -357,8 +357,10 @@ class LambdaAdapter:
         lifespan = self._lifespan
         state = lifespan.state if lifespan is not None and lifespan.supported else None
         extensions = self.extensions()
+        cannot_serve: list[StartupFailed] = []
+        app = watched(self.app, cannot_serve.append)
         deliveries = [
-            Delivery(self.app, b, self._publish, self.config, state=state, extensions=extensions)
+            Delivery(app, b, self._publish, self.config, state=state, extensions=extensions)
             for b in batches
         ]
         tasks = [asyncio.create_task(d.run()) for d in deliveries]
@@ -386,6 +388,10 @@ class LambdaAdapter:
                 except CallCancelled as exc:
                     settlement = exc.settlement
             results.append(BatchResult(settlement, in_time))
+        if cannot_serve:
+            # The app cannot serve any record (a broken handler found at its first message,
+            # lifespan off): a failed startup, which no record is charged for.
+            raise StartupFailed(str(cannot_serve[0])) from cannot_serve[0]
         return results
 
     async def in_time(

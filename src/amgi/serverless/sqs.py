@@ -20,9 +20,10 @@ FIFO queue             after a group's first failure the rest of that group fail
 deadline               records not settled before the invocation's remaining time (less
                        ``deadline_margin``) are reported as failures
 malformed event        :class:`MalformedEvent`, nothing processed (the whole batch returns)
-startup fails          ``StartupFailed`` (the whole batch returns); a record on its last
-                       receive is sent back to the queue instead, so that it is not
-                       dead-lettered for the app's failure (not on a FIFO queue)
+startup fails          ``StartupFailed`` (at lifespan startup, or raised by the app's
+                       first message call), the whole batch returns; a record on its
+                       last receive is sent back to the queue instead, so that it is
+                       not dead-lettered for the app's failure (not on a FIFO queue)
 =====================  ================================================================
 
 The function's event source mapping must have ``ReportBatchItemFailures`` turned on.
@@ -162,10 +163,11 @@ class SqsHandler(LambdaAdapter):
         messages = [m for m in records if m.id not in failed]
         if messages:
             address = _queue_name(str(messages[0].token.get("eventSourceARN", "")))
+            batch = Batch(address, messages)
             try:
-                await self._startup(context)
-            except StartupFailed:
-                why = "lifespan startup failed"
+                ((settlement, _),) = await self.run_batches([batch], event, context)
+            except StartupFailed:  # at lifespan startup, or the app's first message
+                why = "the application failed to start"
                 kept = await self._requeue_uncharged(messages, fifo, context, why)
                 if not kept:
                     raise
@@ -176,8 +178,6 @@ class SqsHandler(LambdaAdapter):
                         {"itemIdentifier": m.id} for m in records if m.id in failed
                     ]
                 }
-            batch = Batch(address, messages)
-            ((settlement, _),) = await self.run_batches([batch], event, context)
             failed.update(r.message.id for r in settlement.retry)
             uncounted = [r.message for r in settlement.retry if r.uncounted]
             if uncounted and not fifo:
