@@ -533,3 +533,17 @@ def test_an_untrusted_certificate_is_found_in_the_chain_of_causes() -> None:
     assert untrusted_certificate(refused) == "self-signed certificate"
     assert untrusted_certificate(ConnectionError("refused")) is None
     assert untrusted_certificate("no server answered") is None
+
+
+def test_a_dead_letters_reason_is_bounded() -> None:
+    """An exception's text may hold a whole payload: a reason of 300,000 characters made
+    a dead letter SQS refuses (256 KiB with its attributes), which then came back for
+    ever. The start is kept, and how long it was."""
+    reason = "the application raised ValueError: bad " + "x" * 300_000
+    out = dict(dead_letter_headers([], attempt=3, address="q", reason=reason))
+    kept = out[DEAD_LETTER_REASON_HEADER].decode()
+    assert kept.startswith("the application raised ValueError: bad xxx")
+    assert kept.endswith(f"... (cut: {len(reason)} characters in all)")
+    assert len(kept) < 1100
+    short = dict(dead_letter_headers([], attempt=3, address="q", reason="bad input"))
+    assert short[DEAD_LETTER_REASON_HEADER] == b"bad input"

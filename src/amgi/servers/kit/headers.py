@@ -127,8 +127,20 @@ def dead_letter_headers(
     ]
     out.append((ATTEMPT_HEADER, str(attempt).encode()))
     out.append((ORIGINAL_ADDRESS_HEADER, encode_text(address)))
-    out.append((DEAD_LETTER_REASON_HEADER, encode_text(reason)))
+    out.append((DEAD_LETTER_REASON_HEADER, encode_text(_bounded(reason))))
     return out
+
+
+MOST_REASON = 1000
+"""Characters of a nack reason a dead letter keeps: an exception's text may hold a whole
+payload, and a broker's size limit (SQS: 256 KiB with the attributes) would refuse the
+dead letter, which then comes back for ever."""
+
+
+def _bounded(reason: str) -> str:
+    if len(reason) <= MOST_REASON:
+        return reason
+    return f"{reason[:MOST_REASON]}... (cut: {len(reason)} characters in all)"
 
 
 def split_dead_letter_headers(
