@@ -122,11 +122,13 @@ def produce(
     return count
 
 
-def read_all(topic: str, count: int, timeout: float = 20.0) -> list[Any]:
+def read_all(
+    topic: str, count: int, timeout: float = 20.0, bootstrap: str = BOOTSTRAP
+) -> list[Any]:
     """Read ``count`` records of ``topic`` from the beginning (no group commits)."""
     consumer = Consumer(
         {
-            "bootstrap.servers": BOOTSTRAP,
+            "bootstrap.servers": bootstrap,
             "group.id": fresh("reader"),
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -236,17 +238,22 @@ def start_private_broker(port: int, advertised_port: int, log: Path) -> subproce
 class KafkaFront(ThreadedFront):
     """A relay on 127.0.0.1:``port`` to a broker on 127.0.0.1:``upstream`` that holds back
     the client's requests of the API keys in :attr:`delays` (key: seconds) for that long
-    before passing them on, as a broker slow to answer them would. Counts the requests
-    held (:attr:`held`) and passed on late (:attr:`passed`), by key. Runs its own event
-    loop in a thread (the loop of the test may be the one held up); a context manager."""
+    before passing them on, as a broker slow to answer them would, and drops those of the
+    keys in :attr:`cuts` that hold its bytes (key: bytes, ``b""`` for all: a topic's name,
+    say) with the connection, as a broker dying as they come would. Counts
+    the requests held (:attr:`held`), passed on late (:attr:`passed`) and dropped
+    (:attr:`dropped`), by key. Runs its own event loop in a thread (the loop of the test
+    may be the one held up); a context manager."""
 
     name = "Kafka front"
 
     def __init__(self, port: int, upstream: int) -> None:
         super().__init__(port, upstream)
         self.delays: dict[int, float] = {}
+        self.cuts: dict[int, bytes] = {}
         self.held: collections.Counter[int] = collections.Counter()
         self.passed: collections.Counter[int] = collections.Counter()
+        self.dropped: collections.Counter[int] = collections.Counter()
 
     async def _forward(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         """Pass each request frame (a 4-byte size, then the API key first) on, whole."""
@@ -262,6 +269,10 @@ class KafkaFront(ThreadedFront):
                 head = await src.readexactly(4)
                 body = await src.readexactly(struct.unpack(">i", head)[0])
                 key = struct.unpack(">h", body[:2])[0]
+                needle = self.cuts.get(key)
+                if needle is not None and needle in body:
+                    self.dropped[key] += 1
+                    return  # the connection goes (finally), the request unanswered
                 delay = self.delays.get(key)
                 if delay is None:
                     dst.write(head + body)

@@ -32,6 +32,9 @@ from tests.servers.kafka_helpers import (
 
 pytestmark = pytest.mark.timeout(60)
 
+_CREATE_TOPICS = 19
+"""The API key of a CreateTopics request."""
+
 
 @pytest.mark.parametrize(
     ("setting", "instead"),
@@ -61,6 +64,21 @@ def test_a_config_setting_the_server_owns_is_refused(setting: str, instead: str)
     assert f"--config {name}" in text
     assert instead in text
     assert "=" + setting.partition("=")[2] not in text
+
+
+@pytest.mark.parametrize("acks", ["0", "1"])
+def test_acks_below_all_with_idempotence_is_one_clear_error(acks: str) -> None:
+    """librdkafka refuses the pair only when the producer is made, at connect, and the
+    error read ``invalid Kafka producer option: KafkaError{code=_INVALID_ARG,...}``: now
+    one line before anything starts, naming both options."""
+    kafka = KafkaTransport(["t"], KafkaOptions(**options(acks=acks)))
+    with pytest.raises(ConfigurationError) as caught:
+        kafka.check()
+    assert str(caught.value) == (
+        "--acks below all needs --no-enable-idempotence: an idempotent producer waits "
+        f"for every in-sync replica (got acks='{acks}')"
+    )
+    KafkaTransport(["t"], KafkaOptions(**options(acks=acks, enable_idempotence=False))).check()
 
 
 def test_config_settings_the_server_leaves_alone_pass() -> None:
@@ -115,6 +133,37 @@ async def test_a_stop_with_the_broker_gone_closes_in_bounds_and_says_why(
     assert "Kafka record(s) were not delivered before close" in warning
     assert "the client's latest error: " in warning  # the broker refused the connection
     assert [t.name for t in threading.enumerate() if t.name.startswith("amgi-kafka")] == []
+
+
+async def test_a_broker_slow_to_create_topics_holds_a_connect_no_longer_than_its_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Making the retry and dead-letter topics at connect waited for the broker's answer
+    as long as the client's request timeout (60 s), whatever ``--connect-timeout``: a
+    start held for a minute by a broker that does not answer. Now the request is given
+    ``--connect-timeout`` and the topic it could not make is a warning."""
+    port, front_port = free_port(), free_port()
+    broker = start_private_broker(port, front_port, tmp_path / "tansu.log")
+    try:
+        with KafkaFront(front_port, port) as front:
+            bootstrap = f"127.0.0.1:{front_port}"
+            topic = create_topic(fresh("slow"), partitions=1, bootstrap=bootstrap)
+            front.delays[_CREATE_TOPICS] = 30.0
+            kafka = transport([topic], bootstrap_servers=bootstrap, connect_timeout=1.0)
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(kafka.connect(), 25)
+            finally:
+                took = time.monotonic() - started
+                await kafka.close()
+            assert front.held[_CREATE_TOPICS] == 1
+            assert took < 15, took  # the delay is 30 s: never waited for
+            assert "could not create Kafka topic" in caplog.text
+            assert "Timed out" in caplog.text
+            assert "KafkaError{" not in caplog.text  # the client's words, not its repr
+    finally:
+        broker.kill()
+        broker.wait()
 
 
 async def test_a_key_that_is_no_valid_text_is_a_send_error() -> None:

@@ -31,12 +31,14 @@ librdkafka calls block. One thread at a time drives the consumer (fetch, seek, p
 rebalance callbacks, commits): the event loop takes the records on hand once every batch
 handed out is settled (a busy application's records are then made and read on one thread),
 a dedicated consumer thread waits for records, and fetches while the application awaits
-something; producer delivery reports are served by a second thread. The event loop awaits
-their results once per fetch, never once per message. Commits are sent by the driving
-thread before each ``consume``: one asynchronous request for every partition whose settled
-offset moved. librdkafka blocks commits from other threads while a rebalance callback
-runs and lets them land after the callback's own commit, so committing only from the
-thread driving the consumer is what keeps a revoked partition's last commit last.
+something; producer delivery reports are served by a second thread (a third serves the
+mover's: retry copies, dead letters and replays go with ``acks=all`` whatever
+``--acks``). The event loop awaits their results once per fetch, never once per message.
+Commits are sent by the driving thread before each ``consume``: one asynchronous request
+for every partition whose settled offset moved. librdkafka blocks commits from other
+threads while a rebalance callback runs and lets them land after the callback's own
+commit, so committing only from the thread driving the consumer is what keeps a revoked
+partition's last commit last.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ import concurrent.futures
 import functools
 import logging
 import re
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -138,18 +139,10 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             raise
 
     async def _open_clients(self) -> None:
-        from confluent_kafka import Consumer, KafkaException, Producer
+        from confluent_kafka import Consumer, KafkaException
 
         assert self._loop is not None
-        try:
-            self._producer = Producer(self._producer_config())
-        except (KafkaException, ValueError, TypeError) as exc:
-            why = redact(str(exc), self.config)  # librdkafka quotes a bad value
-            raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
-        self._delivery_thread = threading.Thread(
-            target=self._serve_deliveries, name="amgi-kafka-delivery", daemon=True
-        )
-        self._delivery_thread.start()
+        self._start_producers()
         self._sources = list(dict.fromkeys([*self.addresses, *self.config.topics]))
         if not self._sources:
             await self._prepare_subscription()
@@ -244,18 +237,19 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         if self._poll_thread is not None:
             self._poll_thread.shutdown(wait=True)
             self._poll_thread = None
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await self._flush_at_close(producer)
+        producers = [p for p in (self._producer, self._mover) if p is not None]
+        self._producer = self._mover = None
+        await asyncio.gather(*(self._flush_at_close(p) for p in producers))
         self._stopping.set()
-        if self._delivery_thread is not None:
-            await loop.run_in_executor(None, self._delivery_thread.join)
-            self._delivery_thread = None
+        threads, self._delivery_threads = self._delivery_threads, []
+        for thread in threads:
+            await loop.run_in_executor(None, thread.join)
         # The client's threads end now, not when its last reference goes (a traceback
         # of a failed connect holds one). Older confluent-kafka releases lack close().
-        close = getattr(producer, "close", None)
-        if close is not None:
-            await loop.run_in_executor(None, close)
+        for producer in producers:
+            close = getattr(producer, "close", None)
+            if close is not None:
+                await loop.run_in_executor(None, close)
 
     async def _flush_at_close(self, producer: Any) -> None:
         """Wait a little for the records still queued, then fail their sends."""
@@ -309,7 +303,8 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
         """Republish retries and dead letters, then commit what is contiguous."""
         ctx: _BatchContext = batch.context
         if settlement.retry or settlement.dead:
-            stranded = await self._republish(batch.address, settlement, lambda: True)
+            since = time.monotonic()
+            stranded = await self._republish(batch.address, settlement, lambda: True, since)
             if stranded:
                 # Tried again in the background; the partition's later batches go on, but
                 # nothing is committed past this batch until its copies are on the broker.
@@ -318,11 +313,12 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                     ctx.state.moving += 1
                     self._lock.notify_all()  # a revoke waits for this partition no more
                 self._wake_settled()  # nor does a fetch
-                self._moves.schedule(0, functools.partial(self._move_later, batch, left))
+                later = functools.partial(self._move_later, batch, left, since)
+                self._moves.schedule(0, later)
                 return
         self._commit(ctx)
 
-    async def _move_later(self, batch: Batch, left: Settlement) -> None:
+    async def _move_later(self, batch: Batch, left: Settlement, since: float) -> None:
         ctx: _BatchContext = batch.context
 
         def gone() -> bool:  # revoked, rewound or closing: the records come back anyway
@@ -331,7 +327,7 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
                 return self._closing or not current or ctx.state.epoch != ctx.epoch
 
         try:
-            moved = not await self._republish(batch.address, left, gone)
+            moved = not await self._republish(batch.address, left, gone, since)
         finally:
             with self._lock:
                 ctx.state.moving -= 1

@@ -34,6 +34,10 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 class KafkaSendError(SendError):
     """A record could not be produced to Kafka."""
 
+    for_now: bool = False
+    """Whether the broker could not take it for now (timed out, unreachable, no leader,
+    the producer's queue full), rather than refused it: no fault of the record's."""
+
 
 @dataclass(slots=True)
 class _Partition:
@@ -93,12 +97,16 @@ class KafkaClient:
         """Set up the state (called by the transport's ``__init__``)."""
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._mover: Producer | None = None
+        """The producer of retry copies, dead letters and replays when ``--acks`` is not
+        ``all`` (``None`` otherwise: ``_producer`` sends them)."""
         self._client_errors = ClientErrors(logger)
         self._commit_failures = Repeats()
         """Commit failures logged in the last minute: a coordinator that stops answering
         fails every commit alike, one a fetch."""
         self._poll_thread: concurrent.futures.ThreadPoolExecutor | None = None
-        self._delivery_thread: threading.Thread | None = None
+        self._delivery_threads: list[threading.Thread] = []
+        """One per producer: each serves its producer's delivery reports."""
         self._stopping = threading.Event()
         self._closing = False
         self._poll_future: asyncio.Future[list[Batch]] | None = None
@@ -194,12 +202,13 @@ class KafkaClient:
         )
         return conf
 
-    def _producer_config(self) -> dict[str, Any]:
+    def _producer_config(self, acks: str | None = None) -> dict[str, Any]:
+        """The producer's settings; ``acks`` over ``--acks`` (the mover's: ``all``)."""
         o = self.config
         conf = self._common_config()
         conf.update(
             {
-                "acks": o.acks,
+                "acks": acks or o.acks,
                 "compression.type": o.compression_type,
                 "linger.ms": o.linger_ms,
                 "enable.idempotence": o.enable_idempotence,
@@ -258,16 +267,23 @@ class KafkaClient:
         if not wanted:
             return False
         admin = AdminClient(self._common_config())
-        futures = admin.create_topics([NewTopic(t, n) for t, n in wanted.items()])
+        # Within --connect-timeout: the client's own request timeout (60 s) held a start
+        # for a minute on a broker that does not answer.
+        futures = admin.create_topics(
+            [NewTopic(t, n) for t, n in wanted.items()],
+            request_timeout=self.config.connect_timeout,
+        )
         created = False
         for topic, fut in futures.items():
             try:
                 await asyncio.wrap_future(fut)
             except KafkaException as exc:
-                if exc.args and exc.args[0].name() == "TOPIC_ALREADY_EXISTS":
+                error = exc.args[0] if exc.args else None
+                if error is not None and error.name() == "TOPIC_ALREADY_EXISTS":
                     created = True  # perhaps just now, by another member of the group
                     continue
-                logger.warning("could not create Kafka topic %r: %s", topic, exc)
+                why = error.str() if error is not None else str(exc)
+                logger.warning("could not create Kafka topic %r: %s", topic, why)
             else:
                 created = True
         return created

@@ -189,7 +189,9 @@ class DeadLetters(Producing):
                 for d in chunk:
                     target = d.stored.address or address
                     sends.append(
-                        self._produce(target, d.stored.headers, d.stored.payload, d.key, None)
+                        self._produce(
+                            target, d.stored.headers, d.stored.payload, d.key, None, move=True
+                        )
                     )
                 await asyncio.gather(*sends)
                 ends: dict[int, int] = {}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
+from amgi.errors import ConfigurationError
 from amgi.servers.kafka._client import KafkaClient, KafkaSendError
 from amgi.servers.kafka.records import (
     RETRY_DUE_HEADER,
@@ -18,6 +20,7 @@ from amgi.servers.kit import (
     ORIGINAL_ADDRESS_HEADER,
     dead_letter_headers,
     move_aside,
+    redact,
     retry_headers,
 )
 from amgi.transport import DeadLetter, HeaderList, Message, Retry, Settlement
@@ -28,10 +31,45 @@ logger = logging.getLogger("amgi.servers.kafka")
 class Producing(KafkaClient):
     """Produce records and await the broker's acknowledgement without blocking the loop."""
 
-    def _serve_deliveries(self) -> None:
-        producer = self._producer
-        while producer is not None and not self._stopping.is_set():
+    def _serve_deliveries(self, producer: Any) -> None:
+        """Serve ``producer``'s delivery reports until the transport stops (a thread)."""
+        while not self._stopping.is_set():
             producer.poll(0.1)
+
+    def _start_producers(self) -> None:
+        """The producer, and the mover when ``--acks`` is not ``all``, each with the
+        thread serving its delivery reports.
+
+        A move (retry copy, dead letter, replayed record) takes the place of a record
+        that is committed once the move is confirmed: with ``acks=0`` a producer counts a
+        record stored as soon as it is written to the socket, so one the broker never
+        took (a connection lost, a refusal) had its original committed and was lost; with
+        ``acks=1`` one the leader lost in a failover likewise. ``--acks`` is for the
+        application's own sends: moves are always confirmed by every in-sync replica.
+        """
+        from confluent_kafka import KafkaException, Producer
+
+        settings: list[tuple[str, str | None]] = [("producer", None)]
+        if self.config.acks not in ("all", "-1"):
+            settings.append(("mover", "all"))
+        for role, acks in settings:
+            try:
+                producer = Producer(self._producer_config(acks))
+            except (KafkaException, ValueError, TypeError) as exc:
+                why = redact(str(exc), self.config)  # librdkafka quotes a bad value
+                raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
+            if role == "mover":
+                self._mover = producer
+            else:
+                self._producer = producer
+            thread = threading.Thread(
+                target=self._serve_deliveries,
+                args=(producer,),
+                name=f"amgi-kafka-delivery-{role}",
+                daemon=True,
+            )
+            self._delivery_threads.append(thread)
+            thread.start()
 
     def _produce(
         self,
@@ -41,13 +79,17 @@ class Producing(KafkaClient):
         key: Any,
         partition: int | None,
         server_headers: HeaderList | None = None,
+        *,
+        move: bool = False,
     ) -> asyncio.Future[None]:
         """Produce one record. ``server_headers`` (a retry copy's or dead letter's) go
         after ``headers`` as they are, and then an application's header named like one
-        of them travels packed."""
+        of them travels packed. A ``move`` goes by the mover (``_start_producers``)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         producer = self._producer
+        if move and self._mover is not None:
+            producer = self._mover
         if producer is None:
             done.set_exception(KafkaSendError(f"cannot send to {topic!r}: not connected"))
             return done
@@ -58,9 +100,9 @@ class Producing(KafkaClient):
             if err is None:
                 done.set_result(None)
             else:
-                done.set_exception(
-                    KafkaSendError(f"Kafka did not take a record for {topic!r}: {err.str()}")
-                )
+                error = KafkaSendError(f"Kafka did not take a record for {topic!r}: {err.str()}")
+                error.for_now = _for_now(err)
+                done.set_exception(error)
 
         def on_delivery(err: Any, record: Any) -> None:
             loop.call_soon_threadsafe(settle_future, err, record)
@@ -79,9 +121,9 @@ class Producing(KafkaClient):
         try:
             producer.produce(topic, **kwargs)
         except BufferError:
-            done.set_exception(
-                KafkaSendError(f"Kafka producer queue is full (sending to {topic!r})")
-            )
+            full = KafkaSendError(f"Kafka producer queue is full (sending to {topic!r})")
+            full.for_now = True
+            done.set_exception(full)
         except Exception as exc:
             # A KafkaException carries a KafkaError, whose str() is the readable part.
             error: Any = exc.args[0] if exc.args else None
@@ -89,8 +131,18 @@ class Producing(KafkaClient):
             done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {text}"))
         return done
 
-    async def _republish(self, address: str, settlement: Settlement, give_up: Any) -> list[Message]:
-        """Copy retries and dead letters (kit rule); the messages that could not be moved."""
+    async def _republish(
+        self, address: str, settlement: Settlement, give_up: Any, since: float
+    ) -> list[Message]:
+        """Copy retries and dead letters (kit rule); the messages that could not be moved.
+
+        A retry copy the broker could not take for now (``KafkaSendError.for_now``) is
+        tried again, its record unacknowledged, for ``--retry-refused-for`` seconds from
+        ``since`` (``time.monotonic()`` of the first try) before it is dead-lettered:
+        dead-lettered at once, a record with attempts left went to the dead letters for a
+        broker away longer than ``--delivery-timeout-ms`` (the dead letter, sent next,
+        was taken once it was back).
+        """
         original = address.encode()
         group = self.config.group_id.encode()
         preparing = self._preparing.get(address)
@@ -110,7 +162,8 @@ class Producing(KafkaClient):
                 ],
             )
             key = m.bindings.get("kafka", {}).get("key")
-            await self._produce(self._retry_name(address), m.headers, m.payload, key, None, own)
+            target = self._retry_name(address)
+            await self._produce(target, m.headers, m.payload, key, None, own, move=True)
 
         async def dead(d: DeadLetter) -> None:
             m = d.message
@@ -118,8 +171,40 @@ class Producing(KafkaClient):
             # the message's left out: they travel packed when named like the server's.
             own = dead_letter_headers([], attempt=m.attempt, address=address, reason=d.reason)
             key = m.bindings.get("kafka", {}).get("key")
-            await self._produce(self._dead_name(address), m.headers, m.payload, key, None, own)
+            target = self._dead_name(address)
+            await self._produce(target, m.headers, m.payload, key, None, own, move=True)
 
         return await move_aside(
-            settlement, retry=retry, dead=dead, address=address, give_up=give_up
+            settlement,
+            retry=retry,
+            dead=dead,
+            address=address,
+            give_up=give_up,
+            transient=lambda exc: isinstance(exc, KafkaSendError) and exc.for_now,
+            transient_for=self.config.retry_refused_for,
+            since=since,
         )
+
+
+_FOR_NOW = frozenset(
+    {
+        "_MSG_TIMED_OUT",
+        "_TIMED_OUT",
+        "_TRANSPORT",
+        "_ALL_BROKERS_DOWN",
+        "_QUEUE_FULL",
+        "_PURGE_QUEUE",
+        "_PURGE_INFLIGHT",
+        "REQUEST_TIMED_OUT",
+        "NOT_ENOUGH_REPLICAS",
+        "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+        "LEADER_NOT_AVAILABLE",
+        "NOT_LEADER_FOR_PARTITION",
+    }
+)
+"""Delivery errors (librdkafka's names) of a broker that could not take a record for now."""
+
+
+def _for_now(err: Any) -> bool:
+    """Whether delivery error ``err`` may pass: no fault of the record's."""
+    return bool(err.retriable()) or err.name() in _FOR_NOW

@@ -117,6 +117,14 @@ class KafkaOptions:
     delivery_timeout_ms: int = field(
         default=30000, metadata={"ge": 0, "help": "how long a send may take before it fails"}
     )
+    retry_refused_for: float = field(
+        default=300.0,
+        metadata={
+            "ge": 0,
+            "help": "seconds a retry copy the broker cannot take for now (timed out, no "
+            "leader) is tried again before its record is dead-lettered",
+        },
+    )
     retry_topic: str = field(
         default="{topic}.retry", metadata={"help": "retry topic of a topic ({topic} is replaced)"}
     )
@@ -162,7 +170,8 @@ class KafkaOptions:
 
     def check_together(self) -> None:
         """Some broker to reach, a group id, a heartbeat under the session timeout; retry
-        and dead-letter topic templates with ``{topic}``, two other valid topic names."""
+        and dead-letter topic templates with ``{topic}``, two other valid topic names;
+        no ``--acks`` below all with an idempotent producer."""
         if not self.bootstrap_servers.strip():
             raise invalid(self, "bootstrap_servers", "is empty")
         if not self.group_id.strip():  # the client library aborts the process on it
@@ -179,6 +188,14 @@ class KafkaOptions:
                 raise invalid(self, name, "may hold only a-z A-Z 0-9 . _ - besides {topic}")
         if self.dead_letter_topic == self.retry_topic:
             raise invalid(self, "dead_letter_topic", "must differ from --retry-topic")
+        if self.enable_idempotence and self.acks not in ("all", "-1"):
+            # librdkafka refuses the pair only as the producer is made, in its own words.
+            raise invalid(
+                self,
+                "acks",
+                "below all needs --no-enable-idempotence: an idempotent producer waits "
+                "for every in-sync replica",
+            )
         self._check_config()
 
     def _check_config(self) -> None:
