@@ -30,7 +30,9 @@ from amgi.servers.amqp._client import (
     _reply_text,
 )
 from amgi.servers.kit import (
+    MOST_REASON,
     DelayedRepublisher,
+    bounded_reason,
     dead_letter_headers,
     encode_text,
     move_aside,
@@ -42,10 +44,6 @@ if TYPE_CHECKING:
     from aiormq.abc import AbstractChannel
 
 logger = logging.getLogger("amgi.servers.amqp")
-
-_REASON_MAX = 4000
-"""Characters of a nack reason a dead letter's header keeps: the headers travel in one
-frame (``frame_max``, 128 KiB), and a larger one made the broker close the connection."""
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -231,8 +229,7 @@ class Moves(AmqpClient):
         from aiormq import exceptions as amqp_errors
 
         queue = consumer.queue
-        if len(reason) > _REASON_MAX:
-            reason = f"{reason[:_REASON_MAX]} ... ({len(reason) - _REASON_MAX} more characters cut)"
+        reason = bounded_reason(reason)  # as the header holds it: the cut below works on it
         headers = dead_letter_headers(
             message.headers, attempt=message.attempt, address=queue, reason=reason
         )
@@ -252,6 +249,7 @@ class Moves(AmqpClient):
             if room < 0:  # the message's own headers fill the frame: the reason gets the rest
                 text = encode_text(reason)
                 kept = text[: max(0, len(text) + room - 40)].decode("utf-8", "ignore")
+                kept = kept[: MOST_REASON - 40]  # (so that the header's own cut keeps it)
                 reason = f"{kept} ... ({len(reason) - len(kept)} more characters cut)"
                 headers = dead_letter_headers(
                     message.headers, attempt=message.attempt, address=queue, reason=reason

@@ -127,7 +127,7 @@ def dead_letter_headers(
     ]
     out.append((ATTEMPT_HEADER, str(attempt).encode()))
     out.append((ORIGINAL_ADDRESS_HEADER, encode_text(address)))
-    out.append((DEAD_LETTER_REASON_HEADER, encode_text(_bounded(reason))))
+    out.append((DEAD_LETTER_REASON_HEADER, encode_text(bounded_reason(reason))))
     return out
 
 
@@ -137,10 +137,13 @@ payload, and a broker's size limit (SQS: 256 KiB with the attributes) would refu
 dead letter, which then comes back for ever."""
 
 
-def _bounded(reason: str) -> str:
+def bounded_reason(reason: str) -> str:
+    """``reason`` cut to at most :data:`MOST_REASON` characters, saying how long it was
+    (as :func:`dead_letter_headers` stores it; a reason that short is left as it is)."""
     if len(reason) <= MOST_REASON:
         return reason
-    return f"{reason[:MOST_REASON]}... (cut: {len(reason)} characters in all)"
+    said = f"... (cut: {len(reason)} characters in all)"
+    return reason[: MOST_REASON - len(said)] + said
 
 
 def split_dead_letter_headers(
