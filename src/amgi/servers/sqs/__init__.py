@@ -5,7 +5,7 @@ How AMGI maps onto SQS:
 ===================  ==================================================================
 address              a queue name (``orders``, ``orders.fifo``); URLs are looked up once
 fetch                long-polling ReceiveMessage (up to 10 messages), ``receivers`` calls
-                     in flight per queue
+                     in flight per queue; an empty short poll (wait time 0) waits 1 s
 batch                the messages of one receive; on a FIFO queue, those of one group
 ordering key         none on standard queues; ``(queue, MessageGroupId)`` on FIFO queues
 attempt              the broker's ``ApproximateReceiveCount``
@@ -59,6 +59,7 @@ from typing import Any, Final
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import Refreshed, await_answers, redact_client_logs
 from amgi.servers.sqs._client import (
+    _LEASE_LANDING,
     DEPTH_EVERY,
     SqsClient,
     SqsSendError,
@@ -127,7 +128,7 @@ def _retry_delays(
 
 
 _RELEASE_TIMEOUT: Final = 5.0
-"""Seconds the close gives SQS to make the unsettled messages of one queue visible."""
+"""Seconds the close gives SQS to make the unsettled messages visible (all queues at once)."""
 
 _CANCELLED_WAIT: Final = 1.0
 """Seconds to wait for a cancelled lease extension to end (it takes no time: it sits
@@ -261,21 +262,11 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         unsettled: dict[str, tuple[_Queue, list[tuple[str, float]]]] = {}
         for handle, held in self._held.items():
             unsettled.setdefault(held.queue.url, (held.queue, []))[1].append((handle, 0))
+        # The releases must land after an extension on its way (bounded); with none to
+        # send, nothing waits for it. Either way no extension outlives the client.
+        await self._after_lease(patience=_LEASE_LANDING if unsettled else 0)
         if self._client is not None and unsettled:
-            await self._after_lease()
-            for queue, entries in unsettled.values():
-                try:
-                    # Bounded: an endpoint gone would hold the close for botocore's retries.
-                    async with asyncio.timeout(_RELEASE_TIMEOUT):
-                        await self._change_visibility(queue, entries)
-                except Exception as exc:
-                    logger.warning(
-                        "could not make %d unprocessed message(s) of %r visible again (%s): "
-                        "they come back after the visibility timeout",
-                        len(entries),
-                        queue.name,
-                        exc or f"no answer in {_RELEASE_TIMEOUT:g}s",
-                    )
+            await asyncio.gather(*(self._release(q, e) for q, e in unsettled.values()))
         self._held.clear()
         depths, self._depths = self._depths, None
         if depths is not None:
@@ -283,6 +274,22 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
+
+    async def _release(self, queue: _Queue, entries: list[tuple[str, float]]) -> None:
+        """Make the unsettled messages of ``queue`` visible again, within
+        :data:`_RELEASE_TIMEOUT` (an endpoint gone would hold the close for botocore's
+        retries); a failure is a warning: they come back after the visibility timeout."""
+        try:
+            async with asyncio.timeout(_RELEASE_TIMEOUT):
+                await self._change_visibility(queue, entries)
+        except Exception as exc:
+            logger.warning(
+                "could not make %d unprocessed message(s) of %r visible again (%s): "
+                "they come back after the visibility timeout",
+                len(entries),
+                queue.name,
+                exc or f"no answer in {_RELEASE_TIMEOUT:g}s",
+            )
 
     # -- queues ----------------------------------------------------------------------
 
@@ -333,7 +340,7 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         uncounted.forget([*(m.id for m in acked), *(d.message.id for d in dead)])
         steps = []
         if acked:
-            steps.append(self._delete(queue, [m.token for m in acked]))
+            steps.append(self._delete_acked(queue, acked))
         if retry:
             steps.append(self._retry(queue, retry, taken))
         if dead:

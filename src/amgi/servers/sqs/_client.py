@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -48,6 +49,15 @@ change that would end later (not only a value over this)."""
 _LIMIT_MARGIN: Final = 10.0
 """Seconds kept short of that limit: the receive's way back and the change's way there."""
 
+
+_LEASE_LANDING: Final = 5.0
+"""Seconds a visibility change waits for the lease extension on its way to land first.
+An extension answers in milliseconds (a throttled one in a few seconds); one out longer
+is hung, and waiting a lease interval for it (200 s at a 600 s visibility timeout) held
+a retry's settlement, and the close past the runtime's shutdown timeout."""
+
+_SHORT_POLL_PAUSE: Final = 1.0
+"""Seconds a receiver waits after a short poll (``--wait-time 0``) that brought nothing."""
 
 _DELETE_AGAIN_AFTER: Final = 0.2
 """Seconds before a delete SQS failed on its own side is sent again (once)."""
@@ -376,6 +386,10 @@ class SqsClient:
         messages: list[dict[str, Any]] = response.get("Messages", [])
         for m in messages:
             self._held[m["ReceiptHandle"]] = _Held(queue, since)
+        if not messages and not c.wait_time:
+            # A short poll answers at once: polled again at once, an idle queue would be
+            # asked as fast as the endpoint answers (hundreds a second, each billed).
+            await asyncio.sleep(_SHORT_POLL_PAUSE)
         return messages
 
     def _batches(self, queue: _Queue, raw: list[dict[str, Any]]) -> list[Batch]:
@@ -392,42 +406,56 @@ class SqsClient:
             groups.setdefault(group, []).append(m)
         return [Batch(queue.name, ms, (queue.name, g), queue) for g, ms in groups.items()]
 
-    async def _after_lease(self) -> None:
+    async def _after_lease(self, patience: float = _LEASE_LANDING) -> None:
         """Wait for the lease extension on its way, if any: a visibility change sent now
         (a retry delay, visible again at close) must land after it, not be undone by it.
-        One with no answer after a lease interval more is hung: it is cancelled (no new
-        extension does it once the runtime stopped extending)."""
+        One with no answer after ``patience`` seconds (a lease interval at most) is hung:
+        it is cancelled (no new extension does it once the runtime stopped extending)."""
         lease = self._lease
         if lease is not None and not lease.done():
             assert self.lease_interval is not None
-            await asyncio.wait([lease], timeout=self.lease_interval)
+            await asyncio.wait([lease], timeout=min(patience, self.lease_interval))
             if not lease.done():
                 lease.cancel()
                 await asyncio.wait([lease], timeout=1.0)
 
-    async def _delete(self, queue: _Queue, handles: list[str]) -> None:
+    async def _delete(self, queue: _Queue, handles: list[str]) -> list[str]:
         """DeleteMessageBatch, 10 per call, concurrently. An entry SQS failed on its own
         side (``SenderFault`` false: InternalError ...) is sent once more, since that acked
-        message would be delivered again; what stays refused is warned about."""
+        message would be delivered again; what stays refused is warned about, and its
+        handle returned (a failed call raises)."""
 
-        async def call(chunk: list[str]) -> list[Mapping[str, Any]]:
+        async def call(chunk: list[str]) -> dict[str, Mapping[str, Any]]:
             response = await self.client.delete_message_batch(
                 QueueUrl=queue.url,
                 Entries=[{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)],
             )
-            failed: list[Mapping[str, Any]] = response.get("Failed") or []
-            return failed
+            return {chunk[int(f["Id"])]: f for f in response.get("Failed") or []}
 
-        async def one(chunk: list[str]) -> None:
+        async def one(chunk: list[str]) -> list[str]:
             failed = await call(chunk)
-            again = [chunk[int(f["Id"])] for f in failed if f.get("SenderFault") is False]
+            again = [h for h, f in failed.items() if f.get("SenderFault") is False]
             if again:
                 await asyncio.sleep(_DELETE_AGAIN_AFTER)
-                failed = [f for f in failed if f.get("SenderFault") is not False]
-                failed += await call(again)
-            _log_failed(failed, "delete", queue)
+                failed = {h: f for h, f in failed.items() if h not in again}
+                failed |= await call(again)
+            _log_failed(list(failed.values()), "delete", queue)
+            return list(failed)
 
-        await asyncio.gather(*(one(c) for c in _chunks(handles)))
+        refused = await asyncio.gather(*(one(c) for c in _chunks(handles)))
+        return [h for r in refused for h in r]
+
+    async def _delete_acked(self, queue: _Queue, acked: list[Message]) -> None:
+        """Delete what the app acked. A message SQS did not delete comes back with a
+        receive counted through no fault of its own (an ack must not lead to the dead
+        letters): that receive is taken off its attempt when it comes back here."""
+        ids = {m.token: m.id for m in acked}
+        try:
+            refused = await self._delete(queue, list(ids))
+        except Exception:
+            self._uncounted.release(ids.values())
+            raise
+        self._uncounted.release(ids[h] for h in refused)
 
     async def _change_visibility(
         self,
@@ -470,43 +498,67 @@ class SqsClient:
         return refused
 
     async def _dead_letter(self, queue: _Queue, dead: list[DeadLetter]) -> None:
-        """Send each message to the dead-letter queue with its reason, then delete it."""
+        """Send each message to the dead-letter queue with its reason, then delete it.
+
+        A dead-letter queue deleted since it was looked up is looked up again (and
+        ``<queue><suffix>`` made again) and takes what it refused; before, its URL stayed
+        cached and every dead letter failed until a restart."""
+        handles: list[str] = []  # of the messages sent
+        try:
+            gone = await self._send_dead_letters(queue, dead, handles, last=False)
+            if gone:
+                await self._send_dead_letters(queue, gone, handles, last=True)
+        finally:
+            if handles:
+                await self._delete(queue, handles)
+
+    async def _send_dead_letters(
+        self, queue: _Queue, dead: list[DeadLetter], handles: list[str], *, last: bool
+    ) -> list[DeadLetter]:
+        """Send ``dead`` to the dead-letter queue of ``queue``; add the receipt handles of
+        those sent to ``handles``. Unless ``last``, return those refused because that
+        queue no longer exists, forgotten to be looked up again. Mark the others that
+        failed not stored, and raise."""
         try:
             target = await self._dead_letter_queue(queue)
         except Exception as exc:
             for d in dead:
                 d.not_stored(exc)
             raise
-
-        async def send(d: DeadLetter) -> str:
-            m = d.message
-            body, encoding = encode_body(m.payload)
-            attributes = _dead_letter_attributes(m, queue.name, d.reason, encoding)
-            params: dict[str, Any] = {
-                "QueueUrl": target.url,
-                "MessageBody": body,
-                "MessageAttributes": attributes,
-            }
-            if target.fifo:
-                sqs = m.bindings.get("sqs", {})
-                params["MessageGroupId"] = sqs.get("message_group_id") or "dead-letters"
-                params["MessageDeduplicationId"] = m.id
-            await self.client.send_message(**params)
-            token: str = m.token
-            return token
-
+        send = functools.partial(self._send_dead_letter, queue, target)
         sent = await send_each(target.fifo, send, dead)
+        handles += [h for h in sent if isinstance(h, str)]
+        failures = [e for e in sent if isinstance(e, BaseException)]
+        if not last and any(_error_code(e) in _MISSING_QUEUE_CODES for e in failures):
+            self._queues.pop(target.name, None)
+            refused = [d for d, o in zip(dead, sent, strict=False) if not isinstance(o, str)]
+            return refused + dead[len(sent) :]  # in order: a FIFO send stops at a failure
         for d, outcome in zip(dead, sent, strict=False):  # sent may stop short (FIFO)
             if not isinstance(outcome, str):
                 d.not_stored(outcome)
         for d in dead[len(sent) :]:  # not sent: after the one that failed
             d.not_stored(f"held behind {dead[len(sent) - 1].message.id} (FIFO group)")
-        handles = [h for h in sent if isinstance(h, str)]
-        if handles:
-            await self._delete(queue, handles)
-        failures = [e for e in sent if isinstance(e, BaseException)]
         if failures:
             raise BrokerUnavailable(
                 f"sqs: {len(failures)} dead letter(s) of {queue.name!r} not sent to "
                 f"{target.name!r} ({failures[0]}); they will be redelivered"
             )
+        return []
+
+    async def _send_dead_letter(self, queue: _Queue, target: _Queue, d: DeadLetter) -> str:
+        """Send ``d`` to ``target`` with its reason; its receipt handle in ``queue``."""
+        m = d.message
+        body, encoding = encode_body(m.payload)
+        attributes = _dead_letter_attributes(m, queue.name, d.reason, encoding)
+        params: dict[str, Any] = {
+            "QueueUrl": target.url,
+            "MessageBody": body,
+            "MessageAttributes": attributes,
+        }
+        if target.fifo:
+            sqs = m.bindings.get("sqs", {})
+            params["MessageGroupId"] = sqs.get("message_group_id") or "dead-letters"
+            params["MessageDeduplicationId"] = m.id
+        await self.client.send_message(**params)
+        token: str = m.token
+        return token

@@ -34,7 +34,11 @@ class SqsOptions:
     )
     wait_time: int = field(
         default=20,
-        metadata={"ge": 0, "le": 20, "help": "long-poll seconds per ReceiveMessage (0-20)"},
+        metadata={
+            "ge": 0,
+            "le": 20,
+            "help": "long-poll seconds per receive (0-20; 0: short polls, 1 s apart while idle)",
+        },
     )
     max_messages: int = field(
         default=10, metadata={"ge": 1, "le": 10, "help": "messages per receive (1-10)"}
