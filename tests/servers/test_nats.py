@@ -92,6 +92,14 @@ def test_headers_from_other_clients_read_as_they_are() -> None:
     assert decode(None) == ([], None)
 
 
+@pytest.mark.parametrize("value", ["!!!.???", "aGVsbG8", "YQ.Yg.Yw", "YQ=.Yg", "a b.c"])
+def test_a_header_named_like_an_encoded_one_that_is_not_is_read_as_it_is(value: str) -> None:
+    """Another client's ``Amgi-H-0`` whose value is no ``<base64url>.<base64url>`` was
+    decoded anyway (the decoder skips what is not base64): ``!!!.???`` became an empty
+    name and value, ``aGVsbG8`` the header ``hello``. Now it is kept as it came."""
+    assert decode({"Amgi-H-0": value}) == ([(b"Amgi-H-0", value.encode())], None)
+
+
 # -- the transport ------------------------------------------------------------------------
 
 
@@ -1569,12 +1577,9 @@ async def test_a_short_fetch_expiry_asks_no_faster_than_it_says(subject: str) ->
     assert 10 <= asked <= 300, asked  # one per 10 ms is 100
 
 
-async def test_a_pull_request_the_consumer_refuses_is_asked_again_after_the_expiry(
-    subject: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A consumer (used as it is) whose max_batch is below ``--batch-size`` answers each
-    pull request at once with 409; the server asked again at once, thousands of times a
-    second with a warning each. Now it waits for the expiry before asking again."""
+async def consumer_with_limits(subject: str, **limits: int) -> str:
+    """A durable on ``subject`` with request ``limits`` nats-py's config does not carry
+    (``max_batch``, ``max_expires`` in nanoseconds): its name."""
     import json
 
     import nats
@@ -1583,13 +1588,41 @@ async def test_a_pull_request_the_consumer_refuses_is_asked_again_after_the_expi
     admin = await nats.connect(URL)
     try:
         config = {"durable_name": durable, "ack_policy": "explicit", "filter_subject": subject}
-        request = {"stream_name": STREAM, "config": {**config, "max_batch": 10}}
+        request = {"stream_name": STREAM, "config": {**config, **limits}}
         await admin.request(
             f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{durable}", json.dumps(request).encode()
         )
     finally:
         await admin.close()
-    options = NatsOptions(servers=URL, durable=durable, batch_size=50, fetch_expiry=0.2)
-    asked = await pull_requests_in(1.0, NatsTransport([subject], options))
-    assert 1 <= asked <= 5, asked
-    assert "Exceeded MaxRequestBatch of 10" in caplog.text
+    return durable
+
+
+@pytest.mark.parametrize(
+    ("limits", "refused", "fix"),
+    [
+        ({"max_batch": 10}, "Exceeded MaxRequestBatch of 10", "--batch-size"),
+        ({"max_expires": 100_000_000}, "Exceeded MaxRequestExpires", "--fetch-expiry"),
+    ],
+)
+async def test_a_pull_request_the_consumer_refuses_for_good_ends_the_run_with_one_line(
+    subject: str, limits: dict[str, int], refused: str, fix: str
+) -> None:
+    """A consumer (used as it is) whose max_batch is below ``--batch-size``, or whose
+    max_expires is below ``--fetch-expiry``, refuses every pull request with 409: the run
+    asked again every expiry, for ever, consuming nothing, with a warning each time.
+    Now the fetch ends the run with one line naming the limit and the option to lower."""
+    durable = await consumer_with_limits(subject, **limits)
+    options = NatsOptions(servers=URL, durable=durable, batch_size=50, fetch_expiry=0.5)
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            async with asyncio.timeout(10):
+                await t.fetch()
+    finally:
+        await t.close()
+    text = str(caught.value)
+    assert refused in text
+    assert durable in text
+    assert fix in text
+    assert "\n" not in text

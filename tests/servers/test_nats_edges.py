@@ -52,10 +52,10 @@ async def until(condition: object, timeout: float, what: str) -> None:
     assert condition(), what
 
 
-async def core_publish(subject: str, payloads: list[bytes]) -> None:
+async def core_publish(subject: str, payloads: list[bytes], url: str = URL) -> None:
     import nats
 
-    nc = await nats.connect(URL)
+    nc = await nats.connect(url)
     try:
         for payload in payloads:
             await nc.publish(subject, payload)
@@ -263,6 +263,8 @@ async def test_a_dead_letter_stream_found_is_asked_for_alone_and_its_changes_are
             async with stream_lookups(url, "DEAD") as looked:
                 stored = [(await dead_letter(t, m)).fate for m in messages[:2]]
                 await t._client.flush()
+                # Each subject watched has its own callback task: they come in any order.
+                await until(lambda: len(looked) >= 3, 10, "the three look-ups seen")
                 lookups = list(looked)
             if change == "interest":
                 await recreate(url, "DEAD", "DEAD", ["dead.>"], "interest")
@@ -316,3 +318,97 @@ async def test_an_existing_push_consumer_is_refused_at_the_start(subject: str) -
     assert f"to.{durable}" in str(caught.value)
     assert "pick another --durable" in str(caught.value)
     assert t._client is None, "closed again"
+
+
+# -- permissions the server refuses -----------------------------------------------------------
+
+_PERMISSIONS = """
+authorization {
+  users = [
+    {user: admin, password: a}
+    {user: nonext, password: a, permissions: {publish: {deny: "$JS.API.CONSUMER.MSG.NEXT.>"}}}
+    {user: noack, password: a, permissions: {publish: {deny: "$JS.ACK.>"}}}
+    {user: nosub, password: a, permissions: {subscribe: {deny: "work.>"}}}
+    {user: noinbox, password: a, permissions: {subscribe: {deny: "_INBOX.>"}}}
+    {user: nojs, password: a, permissions: {publish: {deny: "$JS.API.>"}}}
+  ]
+}
+"""
+
+
+async def serve_refused(url: str, user: str, mode: str, caplog: Any) -> tuple[int, list[str]]:
+    """Serve ``work.a`` as ``user`` until the run ends by itself: its exit code and the
+    error lines."""
+    options = NatsOptions(
+        servers=url, user=user, password="a", mode=mode,  # type: ignore[arg-type]
+        fetch_expiry=0.3, publish_timeout=2,
+    )  # fmt: skip
+    seen: list[tuple[bytes, int]] = []
+    runtime = Runtime(
+        attempts_app(seen), NatsTransport(["work.a"], options), RuntimeConfig(lifespan="off")
+    )
+    caplog.clear()
+    code = await asyncio.wait_for(runtime.serve(), 30)
+    return code, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def core_mode_needs_no_jetstream(url: str, admin: str) -> None:
+    """Core mode as a user JetStream's API is denied to: dead letters fail, the run goes on."""
+    options = NatsOptions(
+        servers=url, user="nojs", password="a", mode="core", queue="q", publish_timeout=0.5
+    )
+    seen: list[tuple[bytes, int]] = []
+    called = asyncio.Event()
+    app = attempts_app(seen, called=called)
+    runtime = Runtime(app, NatsTransport(["work.a"], options), RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        await core_publish("work.a", [b"core"], admin)
+        await asyncio.wait_for(called.wait(), 10)
+    finally:
+        runtime.request_stop()
+    assert await asyncio.wait_for(serving, 20) == 0
+    assert seen == [(b"core", 1)]
+
+
+async def test_a_permission_consuming_needs_refused_ends_the_run_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server drops a publish or a subscription the user may not make with an -ERR
+    line and keeps the connection: pull requests refused made a warning every
+    --fetch-expiry for ever, consuming nothing; acks refused made every message come
+    again after the ack wait, for ever; a refused subscription (core mode) received
+    nothing, without an end. Now each ends the run with one line naming what was
+    refused (or stops the start), and what was not acked stays in the stream. What
+    consuming does without (JetStream's API in core mode) refused, the run goes on."""
+    with private_nats(tmp_path / "nats", config=_PERMISSIONS) as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        admin = f"nats://admin:a@127.0.0.1:{broker.port}"
+        await ensure_stream(admin, "WORK", ["work.>"])
+        sender = NatsTransport([], NatsOptions(servers=admin))
+        await sender.connect()
+        try:
+            await sender.publish("work.a", [], b"m", {})
+        finally:
+            await sender.close()
+        for user, mode, refused in [
+            ("nonext", "jetstream", '"$js.api.consumer.msg.next.work.amgi"'),
+            ("noack", "jetstream", '"$js.ack.work.amgi.'),
+            ("nosub", "core", '"work.a"'),
+        ]:
+            code, lines = await serve_refused(url, user, mode, caplog)
+            assert code == 1, (user, lines)
+            assert len(lines) == 1, (user, lines)
+            assert "permissions violation" in lines[0], lines
+            assert refused in lines[0], lines
+            assert "\n" not in lines[0]
+        state = await consumer_state("WORK", "amgi", admin)
+        assert state.ack_floor.stream_seq == 0, "the ack never reached it"
+        await core_mode_needs_no_jetstream(url, admin)
+        options = NatsOptions(servers=url, user="noinbox", password="a", publish_timeout=1)
+        t = NatsTransport(["work.a"], options)
+        with pytest.raises(ConfigurationError, match="permissions violation") as caught:
+            await t.connect()
+        assert '"_inbox.' in str(caught.value)
+        assert t._client is None, "closed again"

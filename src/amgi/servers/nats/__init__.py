@@ -38,6 +38,8 @@ stop               no new pull request; the open ones are awaited (at most
                    ``--fetch-expiry``) and what arrived is processed before the stop ends;
                    what the shutdown timeout leaves unstarted is ``-NAK``ed at close
 stream deleted     the run ends (one error line naming it)
+permission refused one consuming needs (pull requests, acks, inboxes; the addresses
+                   in core mode) ends the run, or the start (one error line naming it)
 connection loss    nats-py reconnects by itself; acks of the lost connection are not
                    applied and JetStream redelivers after the ack wait
 dead letters       read from the stream capturing the dead-letter subject (a stream
@@ -73,7 +75,7 @@ from amgi.servers.kit import (
     text_value,
     userinfo_problem,
 )
-from amgi.servers.nats._client import open_connection
+from amgi.servers.nats._client import Refusals, open_connection
 from amgi.servers.nats._core import Subscriptions
 from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._dead_letters import DeadLetters, subject_matches
@@ -229,25 +231,39 @@ class NatsTransport(DeadLetters, Transport):
 
     async def connect(self) -> None:
         self.check()
-        self._client = await open_connection(self.config)
+        if self.config.mode == "jetstream":  # the pull requests, the acks, the inboxes
+            refusals = Refusals(publish=("$JS.API.", "$JS.ACK."), subscribe=("_INBOX.",))
+        else:  # the addresses alone: dead letters and sends fail alone
+            refusals = Refusals(subscribe=tuple(self.addresses))
+        self._client = await open_connection(self.config, refusals)
         try:
             if not self.addresses:
                 return
-            await self.check_dead_letter_streams()
-            streams = DeadLetterStreams(self._client, self.config.publish_timeout)
-            if self.config.mode == "jetstream":
-                self._consumers = Consumers(self._client, self.addresses, self.config, streams)
-                await self._consumers.start()
-                # Existing consumers keep their own ack_wait: the lease follows the shortest.
-                self.lease_interval = self._consumers.lease_interval
-            else:
-                self._subscriptions = Subscriptions(
-                    self._client, self.addresses, self.config, streams
-                )
-                await self._subscriptions.start()
+            await self._start(refusals)
+        except Exception:
+            await self.close()
+            # A request refused a permission times out: the refusal is the clearer line.
+            refusals.check()
+            raise
         except BaseException:
             await self.close()
             raise
+
+    async def _start(self, refusals: Refusals) -> None:
+        await self.check_dead_letter_streams()
+        streams = DeadLetterStreams(self._client, self.config.publish_timeout)
+        if self.config.mode == "jetstream":
+            consumers = Consumers(self._client, self.addresses, self.config, streams, refusals)
+            self._consumers = consumers
+            await consumers.start()
+            # Existing consumers keep their own ack_wait: the lease follows the shortest.
+            self.lease_interval = consumers.lease_interval
+        else:
+            subscriptions = Subscriptions(
+                self._client, self.addresses, self.config, streams, refusals
+            )
+            self._subscriptions = subscriptions
+            await subscriptions.start()
 
     async def close(self) -> None:
         consumers, self._consumers = self._consumers, None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
@@ -14,9 +16,59 @@ if TYPE_CHECKING:
 
     from amgi.servers.nats import NatsOptions
 
-__all__ = ["open_connection"]
+__all__ = ["Refusals", "open_connection"]
 
 logger = logging.getLogger("amgi.servers.nats")
+
+
+_REFUSED = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"')
+"""The server's line (lowercased by nats-py); a subscription's may end in ``using queue``."""
+
+
+class Refusals:
+    """Permission violations the server reported that consuming cannot go on without.
+
+    The server drops a publish or a subscription the user may not make with an ``-ERR``
+    line and keeps the connection; nats-py passes that line to the error callback alone.
+    Refused, a pull request or a subscription gets nothing, for ever, and an ack is
+    lost (the message comes again after the ack wait, for ever). Only the subjects
+    consuming needs are noted (``publish`` and ``subscribe``: whole subjects, or their
+    start when ending in ``.``): a refused send or dead letter fails that publish alone,
+    and JetStream's advisories only make a clearer error line.
+    """
+
+    def __init__(self, *, publish: tuple[str, ...] = (), subscribe: tuple[str, ...] = ()):
+        # nats-py lowercases the server's error line, subject included.
+        self._needed = {
+            "publish": tuple(s.lower() for s in publish),
+            "subscription": tuple(s.lower() for s in subscribe),
+        }
+        self.first = ""
+        """The first one noted (the server's line, lowercased), or ""."""
+        self.wake: Callable[[], None] = lambda: None
+        """Called when one is noted, for a reader waiting for messages to look."""
+
+    def note(self, error: object) -> None:
+        text = str(error).removeprefix("nats: ")
+        found = _REFUSED.match(text)
+        if found is None or self.first:
+            return
+        what, subject = found.groups()
+        for needed in self._needed[what]:
+            if subject == needed or (needed.endswith(".") and subject.startswith(needed)):
+                self.first = text
+                self.wake()
+                return
+
+    def check(self) -> None:
+        """Raise :class:`ConfigurationError` naming the first refusal noted, if any."""
+        if self.first:
+            raise ConfigurationError(
+                "nats: the NATS server refused this user a permission consuming needs "
+                f"({self.first}): allow the user to publish to $JS.API.> and $JS.ACK.> "
+                "and to subscribe to _INBOX.> (JetStream), or to subscribe to the "
+                "addresses (core)"
+            )
 
 
 def _tls(options: NatsOptions) -> ssl.SSLContext | None:
@@ -95,8 +147,9 @@ def _why(reason: object, otherwise: str) -> str:
     return otherwise
 
 
-async def open_connection(options: NatsOptions) -> Client:
-    """Connect to ``options.servers`` (reconnecting by itself afterwards, without limit)."""
+async def open_connection(options: NatsOptions, refusals: Refusals | None = None) -> Client:
+    """Connect to ``options.servers`` (reconnecting by itself afterwards, without limit);
+    the permission violations the server reports are noted in ``refusals``."""
     from nats import errors as nats_errors
     from nats.aio.client import Client as NatsClient
 
@@ -104,6 +157,8 @@ async def open_connection(options: NatsOptions) -> Client:
 
     async def on_error(exc: Exception) -> None:
         logger.warning("connection error: %s", exc or type(exc).__name__)
+        if refusals is not None:
+            refusals.note(exc)
 
     connected: list[Client] = []
 

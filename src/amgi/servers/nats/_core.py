@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amgi.servers.kit import DueList
+from amgi.servers.nats._client import Refusals
 from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._headers import decode, over_max_payload
 from amgi.transport import Batch, Message
@@ -45,9 +46,11 @@ class Subscriptions:
         subjects: Sequence[str],
         options: NatsOptions,
         dead_letter_streams: DeadLetterStreams,
+        refusals: Refusals,
     ) -> None:
         self.client = client
         self.dead_letter_streams = dead_letter_streams
+        self.refusals = refusals
         self.subjects = list(subjects)
         self.options = options
         self._subs: list[Any] = []
@@ -57,6 +60,7 @@ class Subscriptions:
         """Messages dropped since the last line said so."""
         self._dropped_said = float("-inf")
         self._arrived = asyncio.Event()
+        refusals.wake = self._arrived.set
         self._retries: DueList[tuple[str, Message]] = DueList()
         self._ids = itertools.count(1)
 
@@ -140,6 +144,7 @@ class Subscriptions:
                 grouped.setdefault(subject, []).extend(messages)
             if grouped:
                 return [Batch(s, msgs, key=s) for s, msgs in grouped.items()]
+            self.refusals.check()  # a subscription refused: nothing arrives any more
             if self.client.is_closed:  # closed for good: nothing arrives any more
                 raise ConnectionError("nats: the connection is closed")
             self._arrived.clear()

@@ -37,8 +37,24 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_ENCODED_VALUE = re.compile(r"([A-Za-z0-9_-]*)\.([A-Za-z0-9_-]*)")
+"""The value of an encoded header: ``<base64url(name)>.<base64url(value)>``, unpadded."""
+
+
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _decoded(value: str) -> tuple[bytes, bytes] | None:
+    """The header an ``Amgi-H-`` value encodes; None when it is no such value (another
+    client's header of that name: the decoder would skip what is not base64 in it)."""
+    found = _ENCODED_VALUE.fullmatch(value)
+    if found is None:
+        return None
+    try:
+        return _unb64(found[1]), _unb64(found[2])
+    except ValueError:  # a length no base64 text has
+        return None
 
 
 def encode(
@@ -83,12 +99,10 @@ def decode(header: Mapping[str, str] | None) -> tuple[HeaderList, str | None]:
     msg_id = None
     for key, value in header.items():
         if key.startswith(_ENCODED):
-            name, _, data = value.partition(".")
-            try:
-                headers.append((_unb64(name), _unb64(data)))
+            decoded = _decoded(value)
+            if decoded is not None:
+                headers.append(decoded)
                 continue
-            except ValueError:
-                pass
         elif key == MSG_ID:
             msg_id = value
             continue

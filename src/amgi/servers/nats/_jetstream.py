@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from amgi.errors import ConfigurationError
 from amgi.servers.kit import Uncounted
+from amgi.servers.nats._client import Refusals
 from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._dead_letters import KEEP_FIX, Unkept
 from amgi.servers.nats._headers import decode, over_max_payload
@@ -65,9 +66,11 @@ class Consumers:
         subjects: Sequence[str],
         options: NatsOptions,
         dead_letter_streams: DeadLetterStreams,
+        refusals: Refusals,
     ) -> None:
         self.client = client
         self.dead_letter_streams = dead_letter_streams
+        self.refusals = refusals
         self._uncounted = Uncounted()
         """Deliveries JetStream counted that were no attempt (:class:`Uncounted`)."""
         self.js = client.jetstream(timeout=options.publish_timeout)
@@ -77,6 +80,7 @@ class Consumers:
         self._puller = Puller(
             client, options.batch_size, options.fetch_expiry, self._unanswered, self._recheck
         )
+        refusals.wake = self._puller.wake
         self._configs: list[tuple[str, Any]] = []
         self.ack_waits: list[float] = []
         """Per consumer, its ack_wait as last read (an existing one keeps its own)."""
@@ -303,8 +307,10 @@ class Consumers:
         self._puller.wake()
 
     async def _recheck(self) -> None:
-        """Stop at a message JetStream stranded; every ``_RECHECK`` seconds (and after a
+        """Stop at a permission refused (:class:`Refusals`) and at a message JetStream
+        stranded; every ``_RECHECK`` seconds (and after a
         reconnect) look at the consumers again, as at the start."""
+        self.refusals.check()
         if self._stranded:
             raise ConfigurationError(
                 f"nats: JetStream stopped delivering {self._stranded[0]}"

@@ -3,9 +3,9 @@
 Each consumer has at most one open pull request (``batch`` messages, ``expires``); the
 messages land in its inbox subscription, whose callback queues them, so taking a batch touches no
 per-message task. A request closes when its last message arrived or JetStream ends it
-with a status (404 no messages, 408 expired); one refused or cut short (409, e.g. a batch
-above the consumer's max_batch, the consumer deleted) and one that the server never ends
-count as closed after its expiry, and the latter is reported to ``unanswered``
+with a status (404 no messages, 408 expired); one refused or cut short (409, e.g. too many
+waiting, the consumer deleted) and one that the server never ends count as closed after
+its expiry, and the latter is reported to ``unanswered``
 (JetStream answers every request, so silence means a lost connection or a deleted
 consumer). The next read opens a new one, so at most ``batch`` messages wait here
 unasked-for: JetStream's ack wait runs for them from their delivery, so they are leased
@@ -23,9 +23,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from amgi.errors import ConfigurationError
+
 __all__ = ["Puller"]
 
 logger = logging.getLogger("amgi.servers.nats")
+
+_FOR_GOOD = {
+    "Exceeded MaxRequestBatch": "--batch-size",
+    "Exceeded MaxRequestExpires": "--fetch-expiry",
+}
+"""409 answers to a request over the consumer's own limits, with the option that sizes
+it: asked again, every request would be refused the same way."""
 
 _SLACK = 0.5
 """Seconds after its expiry that an unanswered request counts as closed."""
@@ -63,6 +72,8 @@ class Puller:
         self._arrived: list[deque[Any]] = []
         self._ready = asyncio.Event()
         self._subs: list[Any] = []
+        self._refused = ""
+        """Why the consumer refuses every request as it is asked (``_FOR_GOOD``), or ""."""
         # A little under ``expires``, so JetStream's answer comes before our deadline; but
         # never close to nothing: a request that expires at once is asked again at once.
         nanoseconds = int(expires * 1e9)
@@ -144,11 +155,21 @@ class Puller:
             request.open_until = 0.0
             self._ready.set()
         elif status == "409":
-            # Refused or cut short (a batch above the consumer's max_batch, too many
-            # waiting requests, the consumer deleted): asked again at once, a refusal would
-            # be asked again thousands of times a second. The next request waits for this
-            # one's expiry instead.
+            # Refused or cut short (too many waiting requests, the consumer deleted):
+            # asked again at once, a refusal would be asked again thousands of times a
+            # second. The next request waits for this one's expiry instead; one over the
+            # consumer's own limits would be refused for ever: that ends the fetch.
             description = (msg.headers or {}).get("Description", "")
+            option = next((o for d, o in _FOR_GOOD.items() if description.startswith(d)), None)
+            if option is not None and not self._refused:
+                *_, stream, consumer = request.api.split(".")
+                self._refused = (
+                    f"nats: consumer {consumer!r} of stream {stream!r} refuses every pull "
+                    f"request ({description}); lower {option} or raise that limit of the "
+                    "consumer, or pick another --durable"
+                )
+                self._ready.set()
+                return
             logger.warning("pull request on %s ended: %s", request.api, description)
 
     async def take(self) -> tuple[int, list[Any]]:
@@ -158,6 +179,8 @@ class Puller:
         turn = 0
         while True:
             await self.check()
+            if self._refused:
+                raise ConfigurationError(self._refused)
             now = loop.time()
             for index, request in enumerate(self._requests):
                 if request.open_until <= now:
