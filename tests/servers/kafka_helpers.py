@@ -12,7 +12,7 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
-from tests.net import ThreadedFront, port_open
+from tests.net import ThreadedFront, free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("KAFKA_PORT", "9092"))
@@ -285,3 +285,18 @@ class KafkaFront(ThreadedFront):
         finally:
             with contextlib.suppress(OSError, RuntimeError):
                 dst.close()
+
+
+@contextlib.contextmanager
+def fronted_private_broker(folder: Path) -> Iterator[tuple[KafkaFront, str]]:
+    """A private tansu (its log in ``folder``) behind a :class:`KafkaFront`, to which it
+    sends its clients back: the front and the bootstrap address for clients. The broker
+    is killed on leaving."""
+    port, front_port = free_port(), free_port()
+    broker = start_private_broker(port, front_port, folder / "tansu.log")
+    try:
+        with KafkaFront(front_port, port) as front:
+            yield front, f"127.0.0.1:{front_port}"
+    finally:
+        broker.kill()
+        broker.wait()

@@ -17,18 +17,17 @@ from confluent_kafka.admin import AdminClient
 
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
-from tests.net import free_port
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     KafkaFront,
     create_topic,
     ensure_broker,
     fresh,
+    fronted_private_broker,
     options,
     produce,
     read_all,
     run_until,
-    start_private_broker,
     transport,
     wait_committed,
 )
@@ -275,14 +274,8 @@ async def test_a_revoke_on_the_event_loop_does_not_wait_for_its_commit(tmp_path:
     answering commits froze the loop (183 s seen: every batch stalled, SIGTERM unheeded).
     Here the broker answers commits only 3 s late: the loop must not wait for it, and the
     commit still goes out."""
-    port, front_port = free_port(), free_port()
-    broker = start_private_broker(port, front_port, tmp_path / "tansu.log")
-    try:
-        with KafkaFront(front_port, port) as front:
-            await _revoke_on_the_loop(front, f"127.0.0.1:{front_port}")
-    finally:
-        broker.kill()
-        broker.wait()
+    with fronted_private_broker(tmp_path) as (front, bootstrap):
+        await _revoke_on_the_loop(front, bootstrap)
 
 
 async def _revoke_on_the_loop(front: KafkaFront, bootstrap: str) -> None:

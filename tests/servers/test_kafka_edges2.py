@@ -23,6 +23,7 @@ from tests.servers.kafka_helpers import (
     committed,
     create_topic,
     fresh,
+    fronted_private_broker,
     options,
     produce,
     read_all,
@@ -142,28 +143,21 @@ async def test_a_broker_slow_to_create_topics_holds_a_connect_no_longer_than_its
     as long as the client's request timeout (60 s), whatever ``--connect-timeout``: a
     start held for a minute by a broker that does not answer. Now the request is given
     ``--connect-timeout`` and the topic it could not make is a warning."""
-    port, front_port = free_port(), free_port()
-    broker = start_private_broker(port, front_port, tmp_path / "tansu.log")
-    try:
-        with KafkaFront(front_port, port) as front:
-            bootstrap = f"127.0.0.1:{front_port}"
-            topic = create_topic(fresh("slow"), partitions=1, bootstrap=bootstrap)
-            front.delays[_CREATE_TOPICS] = 30.0
-            kafka = transport([topic], bootstrap_servers=bootstrap, connect_timeout=1.0)
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(kafka.connect(), 25)
-            finally:
-                took = time.monotonic() - started
-                await kafka.close()
-            assert front.held[_CREATE_TOPICS] == 1
-            assert took < 15, took  # the delay is 30 s: never waited for
-            assert "could not create Kafka topic" in caplog.text
-            assert "Timed out" in caplog.text
-            assert "KafkaError{" not in caplog.text  # the client's words, not its repr
-    finally:
-        broker.kill()
-        broker.wait()
+    with fronted_private_broker(tmp_path) as (front, bootstrap):
+        topic = create_topic(fresh("slow"), partitions=1, bootstrap=bootstrap)
+        front.delays[_CREATE_TOPICS] = 30.0
+        kafka = transport([topic], bootstrap_servers=bootstrap, connect_timeout=1.0)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(kafka.connect(), 25)
+        finally:
+            took = time.monotonic() - started
+            await kafka.close()
+        assert front.held[_CREATE_TOPICS] == 1
+        assert took < 15, took  # the delay is 30 s: never waited for
+        assert "could not create Kafka topic" in caplog.text
+        assert "Timed out" in caplog.text
+        assert "KafkaError{" not in caplog.text  # the client's words, not its repr
 
 
 async def test_a_key_that_is_no_valid_text_is_a_send_error() -> None:

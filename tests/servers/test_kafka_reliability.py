@@ -14,20 +14,18 @@ import pytest
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
 from tests.apps import attempts_app
-from tests.net import free_port
 from tests.servers.crash_loop import CrashLoop
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
-    KafkaFront,
     committed,
     create_topic,
     ensure_broker,
     fresh,
+    fronted_private_broker,
     options,
     produce,
     read_all,
     run_until,
-    start_private_broker,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -109,58 +107,51 @@ async def test_with_acks_0_a_dead_letter_is_on_the_broker_before_its_record_is_c
     letter the broker never took had its record committed (lost). Here the broker drops
     every produce request with its connection: nothing is committed until the dead letter
     is confirmed, after the broker takes produce requests again."""
-    port, front_port = free_port(), free_port()
-    broker = start_private_broker(port, front_port, tmp_path / "tansu.log")
-    try:
-        with KafkaFront(front_port, port) as front:
-            bootstrap = f"127.0.0.1:{front_port}"
-            topic = create_topic(fresh("acks0"), partitions=1, bootstrap=bootstrap)
-            produce(topic, [(None, b"poison", [])], bootstrap=bootstrap)
-            front.cuts[_PRODUCE] = b""
-            seen: list[bytes] = []
+    with fronted_private_broker(tmp_path) as (front, bootstrap):
+        topic = create_topic(fresh("acks0"), partitions=1, bootstrap=bootstrap)
+        produce(topic, [(None, b"poison", [])], bootstrap=bootstrap)
+        front.cuts[_PRODUCE] = b""
+        seen: list[bytes] = []
 
-            async def app(scope: Any, receive: Any, send: Any) -> None:
-                event = await receive()
-                seen.append(event["payload"])
-                await send({"type": "message.nack", "id": event["id"], "message": "bad"})
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            event = await receive()
+            seen.append(event["payload"])
+            await send({"type": "message.nack", "id": event["id"], "message": "bad"})
 
-            group = fresh("group")
-            kafka = KafkaTransport(
-                [topic],
-                KafkaOptions(
-                    **options(
-                        bootstrap_servers=bootstrap,
-                        group_id=group,
-                        acks="0",
-                        enable_idempotence=False,
-                    )
-                ),
-            )
-            config = RuntimeConfig(lifespan="off", max_attempts=1, shutdown_timeout=1)
-            runtime = Runtime(app, kafka, config)
-            server = asyncio.create_task(runtime.serve())
-            try:
-                deadline = time.monotonic() + 30
-                while not (seen and front.dropped[_PRODUCE]):
-                    assert not server.done(), server.result()
-                    assert time.monotonic() < deadline, (seen, front.dropped)
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.0)  # a commit would have gone out by now
-                assert committed(group, topic, bootstrap).get(0, -1) < 1
-                front.cuts.clear()
-                while committed(group, topic, bootstrap).get(0, -1) < 1:
-                    assert not server.done(), server.result()
-                    assert time.monotonic() < deadline, "the record was never committed"
-                    await asyncio.sleep(0.1)
-            finally:
-                runtime.request_stop()
-                assert await asyncio.wait_for(server, 30) == 0
-            dead = read_all(f"{topic}.dlq", 1, timeout=10, bootstrap=bootstrap)
-            assert [d.value() for d in dead] == [b"poison"]
-            assert seen == [b"poison"]
-    finally:
-        broker.kill()
-        broker.wait()
+        group = fresh("group")
+        kafka = KafkaTransport(
+            [topic],
+            KafkaOptions(
+                **options(
+                    bootstrap_servers=bootstrap,
+                    group_id=group,
+                    acks="0",
+                    enable_idempotence=False,
+                )
+            ),
+        )
+        config = RuntimeConfig(lifespan="off", max_attempts=1, shutdown_timeout=1)
+        runtime = Runtime(app, kafka, config)
+        server = asyncio.create_task(runtime.serve())
+        try:
+            deadline = time.monotonic() + 30
+            while not (seen and front.dropped[_PRODUCE]):
+                assert not server.done(), server.result()
+                assert time.monotonic() < deadline, (seen, front.dropped)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # a commit would have gone out by now
+            assert committed(group, topic, bootstrap).get(0, -1) < 1
+            front.cuts.clear()
+            while committed(group, topic, bootstrap).get(0, -1) < 1:
+                assert not server.done(), server.result()
+                assert time.monotonic() < deadline, "the record was never committed"
+                await asyncio.sleep(0.1)
+        finally:
+            runtime.request_stop()
+            assert await asyncio.wait_for(server, 30) == 0
+        dead = read_all(f"{topic}.dlq", 1, timeout=10, bootstrap=bootstrap)
+        assert [d.value() for d in dead] == [b"poison"]
+        assert seen == [b"poison"]
 
 
 async def test_a_retry_copy_the_broker_cannot_take_for_now_is_not_dead_lettered(
@@ -173,62 +164,55 @@ async def test_a_retry_copy_the_broker_cannot_take_for_now_is_not_dead_lettered(
     record stays uncommitted, its retry is tried again, and it is retried once the
     broker takes the copy."""
     caplog.set_level(logging.WARNING)
-    port, front_port = free_port(), free_port()
-    broker = start_private_broker(port, front_port, tmp_path / "tansu.log")
-    try:
-        with KafkaFront(front_port, port) as front:
-            bootstrap = f"127.0.0.1:{front_port}"
-            topic = create_topic(fresh("away"), partitions=1, bootstrap=bootstrap)
-            produce(topic, [(None, b"r", [])], bootstrap=bootstrap)
-            front.cuts[_PRODUCE] = f"{topic}.retry".encode()
-            attempts: list[int] = []
+    with fronted_private_broker(tmp_path) as (front, bootstrap):
+        topic = create_topic(fresh("away"), partitions=1, bootstrap=bootstrap)
+        produce(topic, [(None, b"r", [])], bootstrap=bootstrap)
+        front.cuts[_PRODUCE] = f"{topic}.retry".encode()
+        attempts: list[int] = []
 
-            async def app(scope: Any, receive: Any, send: Any) -> None:
-                event = await receive()
-                attempts.append(event["bindings"]["amgi"]["attempt"])
-                kind = "message.ack" if attempts[-1] > 1 else "message.nack"
-                await send({"type": kind, "id": event["id"], "message": "once"})
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            event = await receive()
+            attempts.append(event["bindings"]["amgi"]["attempt"])
+            kind = "message.ack" if attempts[-1] > 1 else "message.nack"
+            await send({"type": kind, "id": event["id"], "message": "once"})
 
-            kafka = KafkaTransport(
-                [topic],
-                KafkaOptions(
-                    **options(
-                        bootstrap_servers=bootstrap,
-                        delivery_timeout_ms=1000,
-                        # The test broker fences an idempotent producer that bumps its
-                        # epoch after a timeout, as librdkafka then does.
-                        enable_idempotence=False,
-                        config=["reconnect.backoff.max.ms=100"],
-                    )
-                ),
-            )
-            deadline = time.monotonic() + 40
+        kafka = KafkaTransport(
+            [topic],
+            KafkaOptions(
+                **options(
+                    bootstrap_servers=bootstrap,
+                    delivery_timeout_ms=1000,
+                    # The test broker fences an idempotent producer that bumps its
+                    # epoch after a timeout, as librdkafka then does.
+                    enable_idempotence=False,
+                    config=["reconnect.backoff.max.ms=100"],
+                )
+            ),
+        )
+        deadline = time.monotonic() + 40
 
-            async def away_then_back() -> None:
-                while "its retry could not be published" not in caplog.text:
-                    assert time.monotonic() < deadline, attempts
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.5)  # a dead letter sent next is taken meanwhile
-                assert not read_all(f"{topic}.dlq", 1, timeout=1, bootstrap=bootstrap)
-                front.cuts.clear()
-
-            outage = asyncio.create_task(away_then_back())
-
-            def done() -> bool:
-                if outage.done():
-                    outage.result()  # its assertion, should it fail
-                assert "dead-lettering it" not in caplog.text, attempts
-                return attempts == [1, 2]
-
-            try:
-                await run_until(app, kafka, done, max_attempts=3, retry_delay=0.1)
-            finally:
-                outage.cancel()
-            assert front.dropped[_PRODUCE] >= 1
+        async def away_then_back() -> None:
+            while "its retry could not be published" not in caplog.text:
+                assert time.monotonic() < deadline, attempts
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # a dead letter sent next is taken meanwhile
             assert not read_all(f"{topic}.dlq", 1, timeout=1, bootstrap=bootstrap)
-    finally:
-        broker.kill()
-        broker.wait()
+            front.cuts.clear()
+
+        outage = asyncio.create_task(away_then_back())
+
+        def done() -> bool:
+            if outage.done():
+                outage.result()  # its assertion, should it fail
+            assert "dead-lettering it" not in caplog.text, attempts
+            return attempts == [1, 2]
+
+        try:
+            await run_until(app, kafka, done, max_attempts=3, retry_delay=0.1)
+        finally:
+            outage.cancel()
+        assert front.dropped[_PRODUCE] >= 1
+        assert not read_all(f"{topic}.dlq", 1, timeout=1, bootstrap=bootstrap)
 
 
 def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
