@@ -292,16 +292,10 @@ class Runtime:
         """Connect the transport and the send routes, given up when a stop is requested
         meanwhile (a broker that takes the connection and never answers held the stop
         until the client's own timeout, or for ever); False if stopped."""
-        assert self._stop is not None
         connecting = asyncio.create_task(self._connect_all())
-        stop_wait = asyncio.create_task(self._stop.wait())
         try:
-            await asyncio.wait({connecting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            await self._until_stopped(connecting)
         finally:
-            stop_wait.cancel()
-            if not connecting.done():
-                connecting.cancel()
-            await asyncio.gather(stop_wait, return_exceptions=True)
             if await self._ignored_cancel(connecting, "connecting to"):
                 self._abandoned.add(connecting)
                 self._exit_code = 1
@@ -318,18 +312,26 @@ class Runtime:
         if self.routes is not None:
             await self.routes.connect()
 
-    async def _startup(self) -> bool:
-        """Lifespan startup, given up when a stop is requested meanwhile; False if stopped."""
+    async def _until_stopped(self, task: asyncio.Task[None]) -> None:
+        """Wait for ``task`` to end or for a stop request, whichever comes first; on a
+        stop (or when this wait is cancelled) ``task`` is cancelled, not waited for."""
         assert self._stop is not None
-        startup = asyncio.create_task(self._lifespan.startup(self.config.startup_timeout))
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
-            await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop_wait.cancel()
-            if not startup.done():
-                startup.cancel()
-            await asyncio.gather(startup, stop_wait, return_exceptions=True)
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(stop_wait, return_exceptions=True)
+
+    async def _startup(self) -> bool:
+        """Lifespan startup, given up when a stop is requested meanwhile; False if stopped."""
+        startup = asyncio.create_task(self._lifespan.startup(self.config.startup_timeout))
+        try:
+            await self._until_stopped(startup)
+        finally:
+            await asyncio.gather(startup, return_exceptions=True)
         if startup.cancelled():
             logger.info("stopped during application startup: nothing was delivered")
             return False
