@@ -144,8 +144,7 @@ class SqsHandler(LambdaAdapter):
     """The source queue's ARN, URL and the receive count that dead-letters, looked up once."""
 
     def default_publisher(self, event: Mapping[str, Any]) -> Transport:
-        cls = load("sqs")
-        return cls([], build(cls.options, {"endpoint_url": "aws"}))
+        return _sqs_transport()
 
     async def handle(self, event: Any, context: LambdaContext | None = None) -> Any:
         parsed = self._parse(event)
@@ -291,8 +290,7 @@ class SqsHandler(LambdaAdapter):
         """An SQS client from the function's environment, for the source queue."""
         source = self._source
         if source is None:
-            cls = load("sqs")
-            source = cls([], build(cls.options, {"endpoint_url": "aws"}))
+            source = _sqs_transport()
             try:
                 await source.connect()
             except BaseException:
@@ -374,6 +372,13 @@ class SqsHandler(LambdaAdapter):
         if len({m.id for m, _ in parsed}) != len(parsed):
             raise MalformedEvent("an SQS event repeats a messageId")
         return parsed
+
+
+def _sqs_transport() -> Transport:
+    """An SQS server sending only, set up from the function's environment (region,
+    credentials, endpoint), as AWS's own clients are."""
+    cls = load("sqs")
+    return cls([], build(cls.options, {"endpoint_url": "aws"}))
 
 
 def _owner(arn: str) -> dict[str, str]:
