@@ -134,6 +134,14 @@ def _url_login(url: str) -> str | None:
     return urllib.parse.unquote(parsed.username or "") or "guest"
 
 
+async def close_within(channel: AbstractChannel, timeout: float) -> None:
+    """Close ``channel`` within ``timeout``, whatever it answers (a broker blocking
+    publishers reads nothing of the connection, not even a close)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout):
+            await channel.close()
+
+
 def _reply_text(exc: BaseException) -> str:
     frame = exc.args[0] if exc.args else None
     text = getattr(frame, "reply_text", None)
@@ -718,9 +726,7 @@ class AmqpClient:
             raise AmqpSendError(f"amqp: cannot declare {what}: {_reply_text(exc)}") from None
         finally:
             if channel is not None:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self.config.confirm_timeout):
-                        await channel.close()
+                await close_within(channel, self.config.confirm_timeout)
 
     async def _declare_retry_queue(self, retry_queue: str, queue: str, delay_ms: int) -> None:
         """Declare a retry queue (:meth:`_declare_apart`)."""
@@ -775,9 +781,7 @@ class AmqpClient:
                 raise AmqpSendError(f"amqp: the broker did not answer about {exchange!r}") from None
             finally:
                 if channel is not None and not channel.is_closed:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(self.config.confirm_timeout):
-                            await channel.close()
+                    await close_within(channel, self.config.confirm_timeout)
             if len(self._exchanges) >= _MAX_KNOWN_EXCHANGES:
                 self._exchanges.clear()
             self._exchanges.add(exchange)

@@ -8,11 +8,15 @@ queue through the default exchange, then acks it off the dead-letter queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any, cast
 
 from amgi.errors import ConfigurationError
-from amgi.servers.amqp._client import AmqpClient, AmqpSendError, _check_queue_name
+from amgi.servers.amqp._client import (
+    AmqpClient,
+    AmqpSendError,
+    _check_queue_name,
+    close_within,
+)
 from amgi.servers.amqp._codec import table_to_headers
 from amgi.servers.kit import split_dead_letter_headers
 from amgi.transport import StoredDeadLetter
@@ -47,7 +51,7 @@ class DeadLetters(AmqpClient):
                 raise self._no_answer(f"about the queue {name!r}") from None
             if name != queue:
                 return channel, declared.message_count or 0
-            await _close(channel, timeout)
+            await close_within(channel, timeout)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _get_dead(self, channel: AbstractChannel, queue: str, limit: int) -> list[Any]:
@@ -74,7 +78,7 @@ class DeadLetters(AmqpClient):
         try:
             return [_stored_dead_letter(d) for d in await self._get_dead(channel, address, limit)]
         finally:
-            await _close(channel, self.config.connect_timeout)
+            await close_within(channel, self.config.connect_timeout)
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Republish each to the queue (confirmed), then ack it off the dead-letter queue;
@@ -94,7 +98,7 @@ class DeadLetters(AmqpClient):
         finally:
             # A broker blocking publishers reads nothing of the connection, not even
             # this close (the dead letters not acked go back all the same).
-            await _close(channel, self.config.confirm_timeout)
+            await close_within(channel, self.config.confirm_timeout)
         return moved
 
     async def _republish(self, address: str, chunk: list[Any]) -> None:
@@ -122,13 +126,6 @@ class DeadLetters(AmqpClient):
                 f"amqp: a dead letter replayed to {address!r} is unroutable (the queue was "
                 "deleted?); the dead letters not acked stay"
             ) from None
-
-
-async def _close(channel: AbstractChannel, timeout: float) -> None:
-    """Close ``channel`` within ``timeout``: its unacked dead letters go back either way."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(timeout):
-            await channel.close()
 
 
 def _stored_dead_letter(delivered: DeliveredMessage) -> StoredDeadLetter:
