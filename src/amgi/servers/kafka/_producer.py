@@ -47,29 +47,29 @@ class Producing(KafkaClient):
         ``acks=1`` one the leader lost in a failover likewise. ``--acks`` is for the
         application's own sends: moves are always confirmed by every in-sync replica.
         """
+        self._producer = self._new_producer(None, "producer")
+        if self.config.acks not in ("all", "-1"):
+            self._mover = self._new_producer("all", "mover")
+
+    def _new_producer(self, acks: str | None, role: str) -> Any:
+        """A producer (``acks`` in place of ``--acks`` unless None) and the thread serving
+        its delivery reports, named after its ``role``."""
         from confluent_kafka import KafkaException, Producer
 
-        settings: list[tuple[str, str | None]] = [("producer", None)]
-        if self.config.acks not in ("all", "-1"):
-            settings.append(("mover", "all"))
-        for role, acks in settings:
-            try:
-                producer = Producer(self._producer_config(acks))
-            except (KafkaException, ValueError, TypeError) as exc:
-                why = redact(str(exc), self.config)  # librdkafka quotes a bad value
-                raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
-            if role == "mover":
-                self._mover = producer
-            else:
-                self._producer = producer
-            thread = threading.Thread(
-                target=self._serve_deliveries,
-                args=(producer,),
-                name=f"amgi-kafka-delivery-{role}",
-                daemon=True,
-            )
-            self._delivery_threads.append(thread)
-            thread.start()
+        try:
+            producer = Producer(self._producer_config(acks))
+        except (KafkaException, ValueError, TypeError) as exc:
+            why = redact(str(exc), self.config)  # librdkafka quotes a bad value
+            raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
+        thread = threading.Thread(
+            target=self._serve_deliveries,
+            args=(producer,),
+            name=f"amgi-kafka-delivery-{role}",
+            daemon=True,
+        )
+        self._delivery_threads.append(thread)
+        thread.start()
+        return producer
 
     def _produce(
         self,
