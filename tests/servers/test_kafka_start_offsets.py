@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from confluent_kafka import TopicPartition as TP
 import amgi.servers.kafka._consumer
 from amgi.runtime import Runtime, RuntimeConfig
 from amgi.servers.kafka import KafkaOptions, KafkaTransport
+from amgi.servers.kafka._consumer import Consuming
 from tests.servers.kafka_helpers import (
     BOOTSTRAP,
     create_topic,
@@ -303,12 +305,31 @@ def test_the_two_lookups_at_assignment_share_one_timeout(slow: float) -> None:
 
 
 def fail_lookups_at_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every lookup at assignment time out at once, whichever thread runs the assign
-    callback: the consumer thread, or the event loop's consume of records on hand (which
-    has a timeout of its own; a test patching only the first passed or failed by which
-    thread the join happened to land on)."""
+    """Make every lookup at assignment fail, whichever thread runs the assign callback:
+    the consumer thread, or the event loop's consume of records on hand (which has a
+    timeout of its own; a test patching only the first passed or failed by which thread
+    the join happened to land on).
+
+    The lookup is asked with no time at all, and should librdkafka still answer (a CI
+    run once saw a second run's lookup at assignment succeed although both timeouts were
+    0), it is reported failed all the same: the tests below are about what follows a
+    failed lookup. Lookups made elsewhere (the consumer thread's later ones) are real."""
     monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
     monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_LOOP_TIMEOUT", 0.0)
+    real = Consuming._start_offsets
+
+    def at_assignment_fails(
+        self: Consuming, consumer: Any, partitions: list[Any], timeout: float
+    ) -> list[Any] | None:
+        starts = real(self, consumer, partitions, timeout)
+        if sys._getframe(1).f_code.co_name != "_on_assign":
+            return starts
+        if starts is not None:
+            logging.getLogger(__name__).warning("the lookup at assignment answered in 0 s")
+            self._start_lookup_error = "Local: Timed out"
+        return None
+
+    monkeypatch.setattr(Consuming, "_start_offsets", at_assignment_fails)
 
 
 @pytest.mark.parametrize("lookup", ["answered", "failed", "failed-twice", "failed-for-a-while"])
@@ -332,6 +353,7 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     is held paused at its log start until a later lookup (on the consumer thread) does.
     ``failed-for-a-while``: those later lookups fail too for a second and a half: the
     copy waits, paused, and comes once one answers."""
+    caplog.set_level(logging.DEBUG, "amgi.servers.kafka")  # the assignments, should it fail
     topic = create_topic(fresh("late"), partitions=1)
     group = options(auto_offset_reset="latest")
     attempts: list[int] = []
@@ -400,7 +422,7 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     assert attempts == [1, 2]
     held = [r for r in caplog.records if "held until a lookup answers" in r.getMessage()]
     failed_runs = {"answered": 0, "failed": 1, "failed-twice": 2, "failed-for-a-while": 2}
-    assert len(held) == failed_runs[lookup], [r.getMessage() for r in held]
+    assert len(held) == failed_runs[lookup], [r.getMessage() for r in caplog.records]
 
 
 async def fetch_while_producing(kafka: KafkaTransport, topic: str, sent: list[int]) -> list[int]:

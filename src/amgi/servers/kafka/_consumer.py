@@ -104,6 +104,11 @@ class Consuming(KafkaClient):
         # retry partitions' starts to the consumer thread.
         timeout = _START_LOOP_TIMEOUT if self._driver_is_loop else _START_OFFSETS_TIMEOUT
         starts = self._start_offsets(consumer, partitions, timeout)
+        logger.debug(
+            "kafka: assigned %s, %s",
+            _names((tp.topic, tp.partition) for tp in partitions) or "nothing",
+            "starts looked up" if starts is not None else "start lookup failed",
+        )
         unknown: list[Any] = []
         if starts is None:
             # librdkafka resolves the starts itself: the committed offset, else the
