@@ -1281,13 +1281,16 @@ async def test_a_message_held_past_the_consumer_timeout_comes_back_at_its_next_a
             await transport.publish(queue, [], b"slow", {})
             async with asyncio.timeout(5):
                 [batch] = await transport.fetch()
+            # A channel takes the broker's timeout when it opens: this one keeps its second,
+            # those of the reconnection get half an hour (set afterwards, one that opened
+            # meanwhile could close on the redelivery before the test acked it).
+            await asyncio.to_thread(
+                broker.ctl, "eval", "application:set_env(rabbit, consumer_timeout, 1800000)."
+            )
             async with asyncio.timeout(15):
                 while "consumer_timeout" not in caplog.text:
                     await asyncio.sleep(0.05)
             await transport.settle(batch, Settlement(acked=list(batch.messages)))  # too late
-            await asyncio.to_thread(
-                broker.ctl, "eval", "application:set_env(rabbit, consumer_timeout, 1800000)."
-            )
             async with asyncio.timeout(10):
                 [back] = await transport.fetch()
             assert [(m.payload, m.attempt) for m in back.messages] == [(b"slow", 2)]
