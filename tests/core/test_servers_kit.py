@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -553,3 +555,58 @@ def test_a_dead_letters_reason_is_bounded() -> None:
     ), "a reason cut once is kept as it is"
     short = dict(dead_letter_headers([], attempt=3, address="q", reason="bad input"))
     assert short[DEAD_LETTER_REASON_HEADER] == b"bad input"
+
+
+def test_tls_files_that_do_not_load_are_one_error_naming_the_option_and_the_file(
+    tmp_path: Path,
+) -> None:
+    """Each server built its TLS context its own way: MQTT named the option and file, AMP
+    said only "cannot load the TLS files", NATS and HTTP passed on ssl's ``[SSL] PEM lib``.
+    One kit function per side now, the same words for every server."""
+    from amgi.errors import ConfigurationError
+    from amgi.servers.kit import client_context, server_context
+    from tests.net import self_signed
+
+    cert, key = self_signed(tmp_path)
+    other_cert, other_key = self_signed(tmp_path, "other")
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    missing = str(tmp_path / "missing.pem")
+    no = ("--key", None)
+
+    def refused(build: Callable[[], object]) -> str:
+        with pytest.raises(ConfigurationError) as info:
+            build()
+        return str(info.value)
+
+    assert refused(lambda: client_context("x", ("--ca", missing), ("--cert", None), no)) == (
+        f"x: cannot load --ca {missing!r}: No such file or directory"
+    )
+    assert refused(
+        lambda: client_context("x", ("--ca", str(not_pem)), ("--cert", None), no)
+    ).startswith(f"x: cannot load --ca {str(not_pem)!r}: ")
+    wrong_key = refused(
+        lambda: client_context("x", ("--ca", ""), ("--cert", str(cert)), ("--key", str(other_key)))
+    )
+    assert wrong_key.startswith(
+        f"x: cannot load --cert {str(cert)!r} with --key {str(other_key)!r}: not a PEM certificate"
+    ), wrong_key
+    assert refused(lambda: server_context("y", ("--c", missing), ("--k", None), ("--a", None))) == (
+        f"y: cannot load --c {missing!r}: No such file or directory"
+    )
+    assert refused(
+        lambda: server_context("y", ("--c", str(cert)), ("--k", str(key)), ("--a", missing))
+    ) == (f"y: cannot load --a {missing!r}: No such file or directory")
+
+    client = client_context(
+        "x", ("--ca", str(cert)), ("--cert", str(other_cert)), ("--key", str(other_key))
+    )
+    assert client.verify_mode == ssl.CERT_REQUIRED
+    assert client.check_hostname
+    assert not client_context(
+        "x", ("--ca", None), ("--cert", None), no, check_hostname=False
+    ).check_hostname
+    listener = server_context("y", ("--c", str(cert)), ("--k", str(key)), ("--a", None))
+    assert listener.verify_mode == ssl.CERT_NONE
+    listener = server_context("y", ("--c", str(cert)), ("--k", str(key)), ("--a", str(other_cert)))
+    assert listener.verify_mode == ssl.CERT_REQUIRED

@@ -459,7 +459,10 @@ async def test_warning_when_listening_beyond_loopback_unprotected(
         ({"auth_token": ""}, "--auth-token must not be empty"),
         ({"max_box_size": 0}, "must be at least 1"),
         ({"auth_timeout": float("nan")}, "--auth-timeout must be a finite number"),
-        ({"tls": True, "cert_file": "/no.pem", "key_file": "/no.pem"}, "cannot load the TLS files"),
+        (
+            {"tls": True, "cert_file": "/no.pem", "key_file": "/no.pem"},
+            "amp: cannot load --cert-file '/no.pem' with --key-file '/no.pem': No such file",
+        ),
     ],
 )
 async def test_bad_security_options_refused_at_startup(
@@ -541,7 +544,7 @@ async def test_token_never_reaches_a_log_an_exception_or_the_cli(
             exceptions.append(refused.value)
         results = await cli_runs
     assert "authentication refused" in results[0][1]
-    assert "cannot load the TLS files" in results[3][1]
+    assert "amp: cannot load --cert-file" in results[3][1]
     assert all(code != 0 for code, _ in results[:5])
     assert results[5][0] == 0  # --help
     outputs += [out for _, out in results]

@@ -660,6 +660,23 @@ async def test_own_listener_over_tls(tmp_path: Path) -> None:
     assert app.received[0]["payload"] == body
 
 
+async def test_own_listener_names_the_tls_file_it_cannot_load(tmp_path: Path) -> None:
+    """A certificate file that does not load was ``BrokerUnavailable`` with ssl's words
+    (``[SSL] PEM lib``): now one configuration error naming the option and the file."""
+    cert, key = self_signed(tmp_path)
+    missing = str(tmp_path / "missing.pem")
+    for options, error in [
+        ({"ssl_certfile": missing}, f"--ssl-certfile {missing!r}: No such file"),
+        ({"ssl_certfile": str(key), "ssl_keyfile": str(key)}, "--ssl-certfile"),
+        ({"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_ca_certs": missing},
+         f"--ssl-ca-certs {missing!r}: No such file"),
+    ]:  # fmt: skip
+        transport = HttpTransport(["orders"], HttpOptions(port=0, **options))
+        with pytest.raises(ConfigurationError, match=f"http: cannot load {re.escape(error)}"):
+            await transport.connect()
+        await transport.close()
+
+
 async def test_own_listener_requires_client_certificates_from_its_ca(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     client_cert, client_key = self_signed(tmp_path, "client")

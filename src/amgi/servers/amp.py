@@ -38,6 +38,7 @@ from typing import Any
 from amgi import amp
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.options import invalid
+from amgi.servers.kit.tls import client_context, server_context
 from amgi.transport import Batch, Bindings, HeaderList, Message, Settlement, Transport
 
 __all__ = [
@@ -303,24 +304,16 @@ class AmpTransport(Transport):
             await self._listen()
 
     def _ssl_context(self, server_side: bool) -> ssl.SSLContext | None:
+        """The listener's (``server_side``) or the connector's TLS context; ``None``
+        without ``--tls``."""
         c = self.config
         if not c.tls:
             return None
-        try:
-            if server_side:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.load_cert_chain(c.cert_file or "", c.key_file)
-                if c.ca_file:
-                    context.verify_mode = ssl.CERT_REQUIRED
-                    context.load_verify_locations(c.ca_file)
-            else:
-                context = ssl.create_default_context(cafile=c.ca_file)
-                if c.cert_file:
-                    context.load_cert_chain(c.cert_file, c.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            reason = getattr(exc, "strerror", None) or exc
-            raise ConfigurationError(f"amp: cannot load the TLS files: {reason}") from None
-        return context
+        ca, cert = ("--ca-file", c.ca_file), ("--cert-file", c.cert_file)
+        key = ("--key-file", c.key_file)
+        if server_side:
+            return server_context("amp", cert, key, ca)
+        return client_context("amp", ca, cert, key)
 
     async def _listen(self) -> None:
         if self._server is not None:

@@ -47,8 +47,9 @@ from amgi.options import check, invalid, option
 from amgi.servers.http._auth import RequestCheck
 from amgi.servers.http._front import Front
 from amgi.servers.http._inbox import Inbox
-from amgi.servers.http._listener import Listener, server_tls
+from amgi.servers.http._listener import Listener
 from amgi.servers.http._sender import CloudEventSender, HttpSendError
+from amgi.servers.kit.tls import server_context
 from amgi.transport import Batch, Bindings, HeaderList, Settlement, Transport
 
 __all__ = ["HttpOptions", "HttpSendError", "HttpTransport"]
@@ -188,7 +189,12 @@ class HttpTransport(Transport):
         o = self.config
         tls = None
         if o.ssl_certfile:
-            tls = server_tls(o.ssl_certfile, o.ssl_keyfile, o.ssl_ca_certs)
+            tls = server_context(
+                "http",
+                ("--ssl-certfile", o.ssl_certfile),
+                ("--ssl-keyfile", o.ssl_keyfile),
+                ("--ssl-ca-certs", o.ssl_ca_certs),
+            )
         listener = Listener(
             self.front,
             o.host,

@@ -235,17 +235,3 @@ class Listener:
         logger.warning(
             "http: aborted %d connection(s) %s: %s", len(connections), why, ", ".join(shown)
         )
-
-
-def server_tls(certfile: str, keyfile: str | None, ca_certs: str | None) -> ssl.SSLContext:
-    """The TLS context of the listener; client certificates signed by ``ca_certs`` are
-    required when it is given. :class:`BrokerUnavailable` when a file does not load."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(certfile, keyfile)
-        if ca_certs:
-            context.load_verify_locations(ca_certs)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerUnavailable(f"http: cannot load the TLS files: {exc}") from None
-    return context

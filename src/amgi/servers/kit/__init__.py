@@ -135,7 +135,7 @@ from amgi.servers.kit.headers import (
 )
 from amgi.servers.kit.refreshed import Refreshed
 from amgi.servers.kit.republisher import DelayedRepublisher
-from amgi.servers.kit.tls import untrusted_certificate
+from amgi.servers.kit.tls import client_context, server_context, untrusted_certificate
 from amgi.servers.kit.uncounted import Uncounted
 from amgi.servers.kit.watermark import Watermark
 
@@ -165,6 +165,7 @@ __all__ = [
     "bounded_reason",
     "bounds_text",
     "check_options",
+    "client_context",
     "dead_letter_headers",
     "doubling_delay",
     "encode_text",
@@ -179,6 +180,7 @@ __all__ = [
     "redact",
     "redact_client_logs",
     "retry_headers",
+    "server_context",
     "split_dead_letter_headers",
     "stored_dead_letter",
     "text_value",

@@ -18,6 +18,7 @@ from amgi.servers.kit import (
     Backoff,
     DelayedRepublisher,
     attempt_from_headers,
+    client_context,
 )
 from amgi.servers.mqtt._attempts import RetryAttempts
 from amgi.servers.mqtt._codec import (
@@ -221,13 +222,6 @@ def _property_problem(key: str, value: Any) -> str | None:
     if key == "responseTopic" and isinstance(value, str):
         return _topic_problem(value)
     return None
-
-
-def _unloadable(exc: OSError) -> str:
-    """Why ssl could not load a certificate or key file, in words."""
-    if isinstance(exc, ssl.SSLError):
-        return f"not a PEM certificate (and key) that matches ({exc.reason or exc})"
-    return exc.strerror or str(exc)
 
 
 class MqttClient:
@@ -970,26 +964,15 @@ class MqttClient:
             self._unsent_acks[mid] = message.bindings["mqtt"]["topic"]
 
     def _tls_context(self) -> ssl.SSLContext:
-        """The TLS context of the options; a file it cannot load is one clear error
-        (ssl names neither the option nor the file: ``[SSL] PEM lib``)."""
+        """The TLS context of the options (a file it cannot load: one clear error)."""
         c = self.config
-        try:
-            context = ssl.create_default_context(cafile=c.ca_file)
-        except OSError as exc:  # ssl.SSLError included
-            raise ConfigurationError(
-                f"mqtt: cannot load --ca-file {c.ca_file!r}: {_unloadable(exc)}"
-            ) from None
-        if c.cert_file:
-            try:
-                context.load_cert_chain(c.cert_file, c.key_file)
-            except OSError as exc:
-                key = f" with --key-file {c.key_file!r}" if c.key_file else ""
-                raise ConfigurationError(
-                    f"mqtt: cannot load --cert-file {c.cert_file!r}{key}: {_unloadable(exc)}"
-                ) from None
-        if c.tls_insecure:
-            context.check_hostname = False
-        return context
+        return client_context(
+            "mqtt",
+            ("--ca-file", c.ca_file),
+            ("--cert-file", c.cert_file),
+            ("--key-file", c.key_file),
+            check_hostname=not c.tls_insecure,
+        )
 
     def _new_client(self) -> paho.Client:
         """A paho client set up from the options, its callbacks pointing here."""
