@@ -345,3 +345,189 @@ async def test_an_unsubscribe_cut_off_at_the_stop_says_why(
         await t.close()
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any(s.startswith("unsubscribing at the stop failed (TimeoutError)") for s in said), said
+
+
+async def test_pubsub_messages_a_hand_over_cut_off_had_read_are_counted_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The runtime's shutdown timeout cancels a hand-over still waiting for Redis to
+    confirm the unsubscribe: what it had read was dropped without a word, though the
+    runtime leaves counting those to the server."""
+    channel = fresh("ps-cut-read")
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub"))
+    sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+    await t.connect()
+    await sender.connect()
+    try:
+        assert t._pubsub is not None
+        pubsub = t._pubsub._pubsub
+        for n in range(3):
+            await sender.publish(channel, [], b"m%d" % n, {})
+        read = pubsub.get_message
+        got: list[Any] = []
+
+        async def then_silent(timeout: float) -> Any:
+            if len(got) == 3:  # Redis goes silent before it confirms the unsubscribe
+                await asyncio.Event().wait()
+            message = await read(timeout=timeout)
+            if message is not None:
+                got.append(message)
+            return message
+
+        async def unconfirmed() -> None:  # (sent, never confirmed)
+            pass
+
+        pubsub.unsubscribe = unconfirmed
+        pubsub.get_message = then_silent
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1):  # (the runtime's, before the server's own)
+                await t.hand_over()
+        assert [m["data"] for m in got] == [b"m0", b"m1", b"m2"]
+    finally:
+        await sender.close()
+        await t.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(s.startswith("3 message(s)") and "at most once" in s for s in said), said
+
+
+async def test_a_lease_renewal_is_one_xpending_and_one_xclaim_per_stream(
+    broker: PrivateBroker,
+) -> None:
+    """The renewal script looked up each held entry with an ``XPENDING`` and renewed it
+    with an ``XCLAIM`` of its own: 10 000 held entries kept Redis busy a quarter of a
+    second, every --claim-idle / 3, for every client. One another consumer took stays
+    there and is said lost, as before."""
+    url = f"redis://127.0.0.1:{broker.port}/0"
+    options = RedisOptions(url=url, group="g", block=0.1, claim_idle=0.2)
+    t, other = RedisTransport(["s"], options), RedisTransport(["s"], options)
+    await t.connect()
+    await other.connect()
+    c = await client(url)
+    c.set_response_callback("XCLAIM", lambda response, **_: response)
+    try:
+        for n in range(30):
+            await t.publish("s", [], b"m%d" % n, {})
+        [batch] = await read_some(t)
+        assert len(batch.messages) == 30
+        taken = batch.messages[7].id
+        await c.execute_command("XCLAIM", "s", "g", other.consumer, 0, taken, "JUSTID")
+        await c.config_resetstat()
+        assert t._streams is not None
+        t._streams._retries.add(1e12, ("s", taken.encode(), 1))  # dropped: not ours now
+        await t.extend([batch])
+        stats = await c.info("commandstats")
+        assert stats["cmdstat_xpending"]["calls"] == 1, stats
+        assert stats["cmdstat_xclaim"]["calls"] == 1, stats
+        assert len(t._streams._retries) == 0
+        rows = await c.execute_command("XPENDING", "s", "g", "-", "+", 100)
+        owners = {row[0].decode(): row[1].decode() for row in rows}
+        assert owners.pop(taken) == other.consumer
+        assert set(owners.values()) == {t.consumer}
+        assert all(row[2] < 1000 for row in rows if row[1] == t.consumer.encode())
+    finally:
+        await c.aclose()
+        await other.close()
+        await t.close()
+
+
+async def test_a_retry_settled_during_a_blocking_read_is_handed_out_when_due() -> None:
+    """A retry settled while ``XREADGROUP`` blocked was handed out only when the read
+    ended, up to --block late: the read now also waits on a private stream, into which
+    the settlement adds an entry. The stream goes with the consumer."""
+    stream, group = fresh("wake"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=5))
+    await t.connect()
+    c = await client()
+    wake = f"{stream}.wake.{t.consumer}"
+    try:
+        await t.publish(stream, [], b"again", {})
+        [batch] = await read_some(t)
+        reading = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(0.1)  # the read blocks, for 5 s
+        retry = Retry(batch.messages[0], "later", delay=0.05)
+        await t.settle(batch, Settlement(retry=[retry]))
+        async with asyncio.timeout(2.5):
+            again = [m for b in await reading for m in b.messages]
+            while not again:
+                again = [m for b in await t.fetch() for m in b.messages]
+        assert [(m.payload, m.attempt) for m in again] == [(b"again", 2)]
+        assert await c.exists(wake) == 1
+    finally:
+        await t.close()
+    try:
+        assert await c.exists(wake) == 0
+    finally:
+        await c.delete(stream)
+        await c.aclose()
+
+
+async def test_a_wake_up_stream_an_acl_denies_is_one_line_and_reads_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user whose key patterns leave out the wake-up stream consumes as before."""
+    caplog.set_level(logging.INFO, "amgi.servers.redis")
+    rule = "worker on >pw ~orders ~orders.dlq &* +@all"
+    with private_redis(tmp_path / "redis", users=[rule]) as broker:
+        url = f"redis://worker:pw@127.0.0.1:{broker.port}/0"
+        t = RedisTransport(["orders"], RedisOptions(url=url, group="g", block=0.1))
+        await t.connect()
+        try:
+            await t.publish("orders", [], b"one", {})
+            [batch] = await read_some(t)
+            retry = Retry(batch.messages[0], "later", delay=0.05)
+            await t.settle(batch, Settlement(retry=[retry]))
+            [again] = await read_some(t)
+            assert [(m.payload, m.attempt) for m in again.messages] == [(b"one", 2)]
+        finally:
+            await t.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert sum(s.startswith("no wake-up stream") for s in said) == 1, said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_pubsub_messages_a_cancelled_fetch_had_read_come_with_the_next() -> None:
+    """A fetch cancelled (the stop) while it gathered a batch dropped the messages it had
+    read: Redis never sends them again."""
+    channel = fresh("ps-cancel")
+    t = RedisTransport([channel], RedisOptions(url=URL, mode="pubsub"))
+    sender = RedisTransport([], RedisOptions(url=URL, mode="pubsub"))
+    await t.connect()
+    await sender.connect()
+    try:
+        assert t._pubsub is not None
+        pubsub = t._pubsub._pubsub
+        read = pubsub.get_message
+
+        async def slow_after_first(timeout: float) -> Any:
+            if timeout == 0.0:  # gathering more: the socket is slow
+                await asyncio.Event().wait()
+            return await read(timeout=timeout)
+
+        pubsub.get_message = slow_after_first
+        await sender.publish(channel, [], b"first", {})
+        fetching = asyncio.ensure_future(t.fetch())
+        await asyncio.sleep(0.3)  # the first is read, the read waits for more
+        fetching.cancel()
+        await asyncio.gather(fetching, return_exceptions=True)
+        pubsub.get_message = read
+        batches = await t.hand_over()
+        assert [m.payload for b in batches for m in b.messages] == [b"first"]
+    finally:
+        await sender.close()
+        await t.close()
+
+
+async def test_a_stop_wakes_the_blocked_read_instead_of_waiting_out_the_block() -> None:
+    """The stop waited for the read in flight to end by itself, up to --block: past the
+    shutdown timeout, the read was cut off and what it brought came back later with an
+    attempt used up. The wake-up stream ends it at once."""
+    stream, group = fresh("stop-wake"), fresh("g")
+    t = RedisTransport([stream], RedisOptions(url=URL, group=group, block=20, claim_idle=120))
+    runtime = Runtime(Recorder(), t, RuntimeConfig(lifespan="off"))
+    serving = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(runtime.started.wait(), 10)
+    await asyncio.sleep(0.3)  # a read blocks, for 20 s
+    started = asyncio.get_running_loop().time()
+    runtime.request_stop()
+    assert await asyncio.wait_for(serving, 30) == 0
+    assert asyncio.get_running_loop().time() - started < 8  # not 20 s

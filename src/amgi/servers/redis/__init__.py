@@ -13,7 +13,9 @@ ack                one ``XACK`` per batch with every acked id
 nack (retry)       the entry stays pending; after the retry delay it is taken back with
                    ``XCLAIM ... RETRYCOUNT n`` (n: the attempt handed out, so a claim
                    sent again counts once; one the app never had has its counter set
-                   back first, ``XCLAIM ... RETRYCOUNT n JUSTID``)
+                   back first, ``XCLAIM ... RETRYCOUNT n JUSTID``); a blocked read
+                   that would end after it is due is woken by an entry in this
+                   consumer's private stream (``_wake``: ``CLIENT UNBLOCK`` is admin)
 nack (dead)        ``XADD`` to ``{stream}.dlq`` (the reason, attempt and stream added as
                    fields), then ``XACK`` of those Redis confirmed
 attempt            the entry's delivery counter
@@ -29,8 +31,9 @@ lost read          a read of new entries whose reply a failed connection lost: t
                    consumer's pending entries after the last id read, of delivery
                    count 1 and not held here, are taken (``XCLAIM`` of their idle
                    time, ``RETRYCOUNT 1``) and handed out as first attempts
-stop               the read in flight ends (at most ``--block`` seconds; a fetch cancelled
-                   leaves it running) and what it brought is processed, as are batches
+stop               the read in flight is woken (its wake-up stream) and ends (at most
+                   ``--block`` seconds; a fetch cancelled leaves it running) and what
+                   it brought is processed, as are batches
                    still waiting for a slot (the runtime): left pending and
                    claimed later, their delivery counter would rise
 send               ``XADD`` (``MAXLEN ~ maxlen`` when set); fields as in ``_fields``
@@ -286,8 +289,8 @@ class RedisTransport(DeadLetters, Transport):
         return batches
 
     async def hand_over(self) -> Sequence[Batch]:
-        """Streams: let the read in flight end (at most ``--block`` seconds and a little)
-        and return what it brought, for the runtime to process before it stops. Pub/Sub:
+        """Streams: wake the read in flight, let it end (at most ``--block`` seconds and a
+        little) and return what it brought, for the runtime to process before it stops. Pub/Sub:
         unsubscribe and return what Redis sent before it confirmed."""
         streams, reading = self._streams, self._reading
         if self._pubsub is not None:  # Redis sends a channel's message once: take it
@@ -297,6 +300,7 @@ class RedisTransport(DeadLetters, Transport):
         streams.stopping = True
         if reading is None:
             return []
+        await streams.wake()  # (a read that starts from here on blocks not)
         # Redis answers a read within --block; one still open after that (Redis gone,
         # a reconnect) is left to close, which cancels it.
         await await_answers([reading], self.config.block)

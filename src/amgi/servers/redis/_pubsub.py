@@ -31,6 +31,9 @@ class PubSub:
         self._pubsub: Any = None  # redis.asyncio.client.PubSub
         self._retries: DueList[tuple[str, Message]] = DueList()
         self._ids = itertools.count(1)
+        self._received: dict[str, list[Message]] = {}
+        """Per channel, messages read from Redis and not returned yet: a read or hand-over
+        cancelled meanwhile leaves them to the next, or for :meth:`stop` to count lost."""
         self._waiting: asyncio.Timeout | None = None
         """The deadline of the wait for messages in flight: a retry due sooner brings it
         forward (:meth:`settle`)."""
@@ -46,18 +49,18 @@ class PubSub:
         pubsub = self._pubsub
         if pubsub is None:
             return []
-        received: dict[str, list[Message]] = {}
         try:
             async with asyncio.timeout(wait):
                 await pubsub.unsubscribe()
                 while pubsub.subscribed:  # until every channel's confirmation came
-                    self._add(received, await pubsub.get_message(timeout=wait) or {})
+                    self._add(await pubsub.get_message(timeout=wait) or {})
         except Exception as exc:
             logger.warning(
                 "unsubscribing at the stop failed (%s): messages Redis sent meanwhile are "
                 "lost (Pub/Sub delivers at most once)",
                 str(exc) or type(exc).__name__,
             )
+        received, self._received = self._received, {}
         size = self.batch_size
         return [
             Batch(channel, messages[i : i + size], key=channel)
@@ -67,13 +70,17 @@ class PubSub:
 
     async def stop(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
-        lost = len(self._retries)
+        retries = len(self._retries)
+        received = sum(map(len, self._received.values()))  # (a hand-over cut off)
         self._retries.clear()
-        if lost:
+        self._received.clear()
+        if retries + received:
             logger.warning(
-                "%d message(s) waiting in memory for a retry are lost as the server stops "
-                "(Pub/Sub delivers at most once)",
-                lost,
+                "%d message(s) waiting in memory (%d delivered, %d for a retry) are lost as "
+                "the server stops (Pub/Sub delivers at most once)",
+                retries + received,
+                received,
+                retries,
             )
         if pubsub is not None:
             with contextlib.suppress(Exception):
@@ -84,6 +91,8 @@ class PubSub:
         assert pubsub is not None
         loop = asyncio.get_running_loop()
         while True:
+            if self._received:  # read by a read that was cancelled: handed out first
+                return self._take()
             now = loop.time()
             due = self._retries.pop_due(now)
             if due:
@@ -97,14 +106,18 @@ class PubSub:
             first = await self._first(pubsub, now + 1.0 if next_due is None else next_due)
             if first is None:
                 continue
-            batches: dict[str, list[Message]] = {}
-            self._add(batches, first)
+            self._add(first)
             for _ in range(self.batch_size - 1):
                 more = await pubsub.get_message(timeout=0.0)
                 if more is None:
                     break
-                self._add(batches, more)
-            return [Batch(c, msgs, key=c) for c, msgs in batches.items() if msgs]
+                self._add(more)
+            return self._take()
+
+    def _take(self) -> list[Batch]:
+        """The messages read and not returned yet, a batch per channel."""
+        received, self._received = self._received, {}
+        return [Batch(c, msgs, key=c) for c, msgs in received.items()]
 
     async def _first(self, pubsub: Any, until: float) -> dict[str, Any] | None:
         """The next message Redis sends, or ``None`` at ``until`` (redis-py's read timeout)
@@ -123,13 +136,14 @@ class PubSub:
         finally:
             self._waiting = None
 
-    def _add(self, batches: dict[str, list[Message]], raw: dict[str, Any]) -> None:
+    def _add(self, raw: dict[str, Any]) -> None:
+        """Keep a message Redis sent (a confirmation is none) until it is returned."""
         if raw.get("type") != "message":
             return
         channel = raw["channel"].decode()
         data = raw["data"]
         mid = str(next(self._ids))
-        batches.setdefault(channel, []).append(
+        self._received.setdefault(channel, []).append(
             Message(mid, [], data, {"redis": {"channel": channel}}, 1, None)
         )
 

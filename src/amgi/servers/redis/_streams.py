@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import DueList
 from amgi.servers.redis._client import execute_packed, pack, raise_if_cancelled
+from amgi.servers.redis._wake import Wake
 
 if TYPE_CHECKING:
     from amgi.servers.redis import RedisOptions
@@ -35,20 +36,39 @@ return -1
 nothing is pending on it (-1 otherwise)."""
 
 _RENEW_OWN = """
-local lost = {}
-for i = 3, #ARGV do
-    local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-    if row and row[2] == ARGV[2] then
-        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+local mine = {}
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[2])
+for _, row in ipairs(rows) do
+    mine[row[1]] = true
+end
+local owned, lost = {}, {}
+for i = 6, #ARGV do
+    if mine[ARGV[i]] then
+        owned[#owned + 1] = ARGV[i]
     else
         lost[#lost + 1] = ARGV[i]
     end
 end
+for i = 1, #owned, 4000 do
+    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+    for j = i, math.min(i + 3999, #owned) do
+        claim[#claim + 1] = owned[j]
+    end
+    claim[#claim + 1] = 'JUSTID'
+    redis.call(unpack(claim))
+end
 return lost
 """
-"""Reset the idle time of the entries ``ARGV[3:]`` of stream ``KEYS[1]`` that are pending
+"""Reset the idle time of the entries ``ARGV[6:]`` of stream ``KEYS[1]`` that are pending
 on consumer ``ARGV[2]`` of group ``ARGV[1]``; return the others (acknowledged, or taken by
-another consumer)."""
+another consumer). One ``XPENDING`` of that consumer's entries between ``ARGV[3]`` and
+``ARGV[4]`` (at most ``ARGV[5]``) finds them, and an ``XCLAIM ... JUSTID`` per 4000
+renews them (Lua's ``unpack`` takes some 8000 values at most): looked up and renewed one
+by one, 10 000 held entries kept Redis busy for a quarter of a second."""
+
+_ALL = b"%d" % (2**62)
+"""An ``XPENDING`` count that no pending list reaches."""
+
 
 READ_AHEAD = 2
 """Batches of one stream in the runtime's hands before new entries of it are read again:
@@ -72,6 +92,9 @@ class Streams:
             b"COUNT", b"%d" % options.batch_size,
         )  # fmt: skip
         self._names = {s: s.encode() for s in self.streams}
+        self._wake = Wake(client, f"{self.streams[0]}.wake.{consumer}", self.group, consumer)
+        """Added to a blocking read: a retry settled meanwhile that falls due before the
+        read ends wakes it (before, it came up to --block late)."""
         self._seen = dict.fromkeys(self.streams, b"0-0")
         """Per stream, the last entry id a read of new entries (``>``) brought here: those
         a read whose reply was lost brought come after it."""
@@ -114,6 +137,7 @@ class Streams:
         for stream in self.streams:
             if await self._create_group(stream, "0" if again else self.options.start):
                 self._forget(stream)
+        await self._wake.look(asyncio.get_running_loop().time(), again=True)
 
     def _forget(self, stream: str) -> None:
         """Drop what this consumer held of ``stream`` in a group that is new: retries,
@@ -177,6 +201,7 @@ class Streams:
         a process that shares the name (a restart overlapping the old run) could read
         entries onto it between two commands."""
         self._retries.clear()
+        await self._wake.close()
         for stream in self.streams:
             with contextlib.suppress(Exception):
                 await self.client.execute_command(
@@ -226,6 +251,7 @@ class Streams:
         if now >= self._next_touch:
             await self._touch_waiting()
             self._next_touch = now + options.claim_idle / 3
+        await self._wake.look(now)
         for stream in list(self._counting):  # left by a lost connection: finished first
             await self._count(stream, {})
         if self._unseen:  # a read lost its reply: what it brought first, nothing new before
@@ -253,6 +279,8 @@ class Streams:
         if next_retry is not None:
             wake = min(wake, next_retry)
         wait = min(options.block, wake - now)
+        if self.stopping:  # the stop waits for this read: it takes what is there
+            wait = 0.0
         held = self._held
         ready = [s for s in self.streams if held[s] < READ_AHEAD]
         if not ready:  # every stream has a batch waiting already
@@ -261,8 +289,14 @@ class Streams:
                 async with asyncio.timeout(max(wait, 0.001)):
                     await self._released.wait()
             return []
-        raise_if_cancelled()
-        return await self._read_new(ready, max(1, round(wait * 1000)))
+        block = max(1, round(wait * 1000))
+        # Known before the read is sent: a retry settled from here on wakes it.
+        self._wake.reading(asyncio.get_running_loop().time() + block / 1000)
+        try:
+            raise_if_cancelled()
+            return await self._read_new(ready, block)
+        finally:
+            self._wake.reading(None)
 
     async def _read_new(self, ready: list[str], block: int) -> list[Reply]:
         """``XREADGROUP ... >``: new entries, counted as delivered by Redis as it answers.
@@ -279,13 +313,15 @@ class Streams:
             nonlocal lost
             lost = True
 
+        keys = (*(names[s] for s in ready), *self._wake.streams())
         command = pack(
-            (*self._read_args, b"BLOCK", b"%d" % block, b"STREAMS",
-             *(names[s] for s in ready), *(b">" for _ in ready))
+            (*self._read_args, b"BLOCK", b"%d" % block, b"STREAMS", *keys, *(b">" for _ in keys))
         )  # fmt: skip
         reply = await execute_packed(self.client, command, failed)
         replies: list[Reply] = []
         for name, entries in reply or ():
+            if name == self._wake.key:  # a wake-up: the read is over, nothing to hand out
+                continue
             stream = name.decode()
             if lost and entries:  # those of a read sent again come after the lost ones
                 self._unseen[stream] = (self._unseen[stream][0], b"(" + entries[0][0])
@@ -296,6 +332,10 @@ class Streams:
             for stream in ready:
                 del self._unseen[stream]
         return replies
+
+    async def wake(self) -> None:
+        """End the read in flight now (the stop): its reply comes at once, not at --block."""
+        await self._wake.ring(float("-inf"))
 
     async def backlog(self) -> dict[str, int]:
         """The group's ``lag`` (entries not yet delivered to it) plus ``pending`` (delivered,
@@ -532,9 +572,10 @@ class Streams:
         if self._scripts:
             try:
                 replies = await self._pipelined(
-                    ("EVAL", _RENEW_OWN, 1, stream, self.group, self.consumer, *ids)
+                    ("EVAL", _RENEW_OWN, 1, stream, self.group, self.consumer,
+                     *_span(ids), _ALL, *ids)
                     for stream, ids in held.items()
-                )
+                )  # fmt: skip
             except redis_errors.NoPermissionError as exc:
                 self._scripts = False
                 logger.warning(
@@ -582,6 +623,7 @@ class Streams:
                     uncounted.setdefault(attempt, []).append(r.message.token)
             if uncounted:
                 await self._set_counters(stream, uncounted)
+            await self._wake.ring(now + min(r.delay for r in settlement.retry))
         from redis.exceptions import ResponseError
 
         ids = [m.token for m in settlement.acked]
@@ -633,6 +675,12 @@ class Streams:
                 "unprocessed (%s); their next attempt counts one more",
                 sum(map(len, counters.values())), stream, exc,
             )  # fmt: skip
+
+
+def _span(ids: Iterable[bytes]) -> tuple[bytes, bytes]:
+    """The first and the last of entry ids (``ms-seq``), in the stream's order."""
+    order = sorted(ids, key=lambda i: tuple(map(int, i.split(b"-"))))
+    return order[0], order[-1]
 
 
 def _entries(count: int) -> str:
