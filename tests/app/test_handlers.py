@@ -943,3 +943,121 @@ async def test_nack_reasons_are_one_line() -> None:
     async with TestClient(app) as client:
         result = await client.publish("in", b"")
     assert (result.reason or "").endswith("raised RuntimeError: first line second line")
+
+
+async def test_a_handler_failure_logs_its_traceback_once_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = App()
+
+    def lookup(order: Order) -> float:
+        return {"eu": 1.0}[order.customer]
+
+    @app.subscriber("one")
+    async def on_one(order: Order) -> None:
+        lookup(order)
+
+    @app.subscriber("each")
+    async def on_each(order: Order, attempt: Annotated[int, Meta("attempt")]) -> None:
+        lookup(order)
+
+    @app.subscriber("all", batch=True)
+    async def on_all(orders: list[Order]) -> None:
+        lookup(orders[0])
+
+    with caplog.at_level(logging.DEBUG, logger="amgi.app"):
+        async with TestClient(app) as client:
+            for address in ("one", "each"):
+                assert not (await client.publish(address, Order(id=1, amount=1))).acked
+            batch = await client.publish_batch("all", [Order(id=2, amount=1)] * 2)
+            assert not any(r.acked for r in batch)
+            retried = await client.publish("one", Order(id=3, amount=1), attempt=2)
+    assert not retried.acked
+    records = [r for r in caplog.records if r.name == "amgi.app"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (
+            logging.ERROR,
+            f"message 1 from 'one' (attempt 1): {on_one.__qualname__} raised KeyError: 'anon'",
+        ),
+        (
+            logging.ERROR,
+            f"message 2 from 'each' (attempt 1): {on_each.__qualname__} raised KeyError: 'anon'",
+        ),
+        (
+            logging.ERROR,
+            f"a batch of 2 message(s) from 'all' (attempt 1): "
+            f"{on_all.__qualname__} raised KeyError: 'anon'",
+        ),
+        (
+            logging.DEBUG,
+            f"message 5 from 'one' (attempt 2): {on_one.__qualname__} raised KeyError: 'anon'",
+        ),
+    ]
+    for record in records:
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], KeyError)
+    assert "in lookup" in caplog.text  # the line that raised, not only its message
+
+
+async def test_a_cancelled_error_of_the_handler_is_its_failure_not_a_cancelled_call() -> None:
+    app = App()
+
+    async def cancelled() -> None:
+        task = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        task.cancel()
+        await task  # raises CancelledError here, in a call nobody cancelled
+
+    @app.subscriber("one")
+    async def on_one(order: Order) -> None:
+        await cancelled()
+
+    @app.subscriber("each")
+    async def on_each(order: Order, attempt: Annotated[int, Meta("attempt")]) -> None:
+        await cancelled()
+
+    @app.subscriber("all", batch=True)
+    async def on_all(orders: list[Order]) -> None:
+        await cancelled()
+
+    @app.subscriber("many", concurrency=2)
+    async def on_many(order: Order, attempt: Annotated[int, Meta("attempt")]) -> None:
+        await cancelled()
+
+    async with TestClient(app) as client:
+        results = [await client.publish(a, Order(id=1, amount=1)) for a in ("one", "each")]
+        results += await client.publish_batch("all", [Order(id=2, amount=1)] * 2)
+        results += await client.publish_batch("many", [Order(id=3, amount=1)] * 2)
+    handlers = [on_one, on_each, on_all, on_all, on_many, on_many]
+    for result, handler in zip(results, handlers, strict=True):
+        assert not result.acked
+        assert not result.dead_lettered  # retried, like any failure of the handler
+        assert result.reason == (
+            f"{handler.__qualname__} raised CancelledError, though its call was not "
+            "cancelled (it awaited a task or future that was cancelled)"
+        )
+
+
+async def test_a_header_value_neither_str_nor_bytes_is_named_in_the_nack() -> None:
+    app = App()
+
+    @app.subscriber("returned", publish_to="out")
+    async def on_returned(order: Order) -> Outgoing[Order]:
+        return Outgoing(order, headers={"retries": 3})  # type: ignore[dict-item]
+
+    @app.subscriber("published")
+    async def on_published(order: Order, publisher: Publisher) -> None:
+        await publisher.publish("out", order, headers={"retries": 3})  # type: ignore[dict-item]
+
+    async with TestClient(app) as client:
+        returned = await client.publish("returned", Order(id=1, amount=1))
+        published = await client.publish("published", Order(id=1, amount=1))
+    assert not client.sent
+    assert returned.reason == (
+        f"{on_returned.__qualname__}: its result could not be serialized, nothing was "
+        "published: TypeError: header 'retries': its value must be str or bytes, not int"
+    )
+    assert published.reason == (
+        f"{on_published.__qualname__} raised TypeError: header 'retries': its value must be "
+        "str or bytes, not int"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -199,3 +200,54 @@ async def test_a_handler_needing_the_lifespan_state_without_lifespan_stops_the_r
     await asyncio.sleep(0.01)
     broker.promote_due()
     assert [(m.payload, m.attempt) for m in broker.queue("orders")] == [(b'{"id": 1}', 1)]
+
+
+async def test_a_sync_handler_stuck_at_the_stop_is_abandoned_not_left_unowned() -> None:
+    name, broker = new_broker()
+    app = App()
+    release = threading.Event()
+    started = threading.Event()
+
+    @app.subscriber("orders")
+    def on_order(order: Order) -> None:
+        started.set()
+        release.wait(30)  # a blocking call without timeout: the thread cannot be cancelled
+
+    broker.put("orders", JSON, b'{"id": 1}')
+    config = RuntimeConfig(crash_ledger="", shutdown_timeout=0.2, cancel_grace=0.2)
+    transport = MemoryTransport(["orders"], MemoryOptions(broker=name))
+    runtime = Runtime(app, transport, config, handle_signals=False)
+    task = asyncio.create_task(runtime.serve())
+    try:
+        await until(started.is_set, "the handler")
+        runtime.request_stop()
+        # The call returned at the cancel, its thread still running: nothing owned the
+        # thread, and the process hung at exit waiting for it (asyncio's executor).
+        code = await asyncio.wait_for(task, 20)
+        assert runtime.abandoned
+        assert code == 1
+        assert broker.dead == {}
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("lifespan", ["on", "off"])
+async def test_an_app_without_handlers_does_not_start(lifespan: str) -> None:
+    name, broker = new_broker()
+    app = App(title="billing")  # its handlers sit in a module nothing imported
+    for n in range(3):
+        broker.put("orders", JSON, b'{"id": %d}' % n)
+    config = RuntimeConfig(max_attempts=2, retry_delay=0, crash_ledger="", lifespan=lifespan)
+    runtime = Runtime(app, MemoryTransport(["orders"], MemoryOptions(broker=name)), config)
+    with pytest.raises(StartupFailed) as info:
+        await asyncio.wait_for(runtime.serve(), 20)
+    assert str(info.value) == (
+        "App 'billing' has no handler, so it can handle no message: subscribe functions "
+        "with @app.subscriber(...) in the module of the app, or in one it imports"
+    )
+    assert broker.dead == {}
+    await asyncio.sleep(0.01)
+    broker.promote_due()
+    left = broker.queue("orders")
+    assert sorted(m.payload or b"" for m in left) == [b'{"id": %d}' % n for n in range(3)]
+    assert {m.attempt for m in left} == {1}

@@ -137,6 +137,17 @@ class App:
             handler.prepare(self._decoders, self._middleware)
         self._prepared = True
 
+    def _check_served(self) -> None:
+        """Raise AppDefinitionError if the app has no handler: served, every message it
+        is given would fail until dead-lettered (handlers declared in a module that
+        nothing imports are never subscribed)."""
+        if not self.handlers:
+            raise AppDefinitionError(
+                f"App {self.title!r} has no handler, so it can handle no message: subscribe "
+                "functions with @app.subscriber(...) in the module of the app, or in one it "
+                "imports"
+            )
+
     def _check_state(self, state: Mapping[str, Any] | None) -> None:
         """Raise AppDefinitionError if a handler takes a ``State`` without default that
         ``state`` (the lifespan state; None: no lifespan ran) does not hold: the state
@@ -203,6 +214,7 @@ class App:
         added since): a broken one is the app's failure to start, not the message's."""
         try:
             self.prepare()
+            self._check_served()
             self._check_state(scope.get("state"))
         except AppDefinitionError as exc:
             # Raised before receiving anything: the runtime stops the run and hands the
@@ -290,6 +302,7 @@ class App:
                 # Handlers the lifespan added are checked now, not at their first message
                 # (each message would fail, then be dead-lettered, for the app's fault).
                 self.prepare()
+                self._check_served()
                 self._check_state({**scope.get("state", {}), **(state or {})})
             except BaseException:
                 await stack.aclose()

@@ -43,6 +43,7 @@ from amgi.app._inject import (
     analyse,
     checked_adapter,
     function_kind,
+    in_thread,
     message_info,
     name_of,
     type_hints,
@@ -402,7 +403,7 @@ class Handler:
     async def _run(self, kwargs: dict[str, Any]) -> Any:
         if self._is_async:
             return await self.func(**kwargs)
-        return await asyncio.to_thread(self.func, **kwargs)
+        return await in_thread(self.func, **kwargs)
 
     def _undecodable(self, exc: Exception) -> _Invalid:
         """How a message whose payload could not be decoded is nacked (every path).
@@ -537,6 +538,31 @@ class _BatchState:
         else:
             await self.send({"type": "message.nack", "id": mid, "message": reason})
 
+    async def fail(self, event: Any, reason: str, exc: BaseException) -> None:
+        """Nack ``event`` for an exception of the handler call, and log its traceback."""
+        self.log_failure(reason, exc, 1, event)
+        await self.nack(event["id"], reason, False)
+
+    def log_failure(self, reason: str, exc: BaseException, count: int, first: Any) -> None:
+        """Log the traceback of a failed handler call (the nack reason is one line, with
+        no place in the code): at error on a first attempt, at debug on the retries,
+        which the runtime's line of each nack already reports."""
+        attempt = _attempt(first)
+        level = logging.ERROR if attempt <= 1 else logging.DEBUG
+        if not logger.isEnabledFor(level):
+            return
+        what = f"message {first['id']}" if count == 1 else f"a batch of {count} message(s)"
+        error = exc.error if isinstance(exc, MiddlewareFailed) else exc
+        logger.log(
+            level,
+            "%s from %r (attempt %d): %s",
+            what,
+            self.address,
+            attempt,
+            reason,
+            exc_info=error,
+        )
+
     async def publish(
         self,
         address: str,
@@ -582,7 +608,11 @@ class _BatchState:
                 except DeadLetter as exc:
                     await self.nack(mid, f"{handler.name}: dead-lettered: {exc}", True)
                 except Exception as exc:
-                    await self.nack(mid, f"{handler.name} raised {_describe(exc)}", False)
+                    await self.fail(event, _raised(handler, exc), exc)
+                except asyncio.CancelledError as exc:
+                    if _cancelling():
+                        raise
+                    await self.fail(event, _not_cancelled(handler), exc)
                 else:
                     await send({"type": "message.ack", "id": mid})
             more = event.get("more_messages", False)
@@ -655,7 +685,11 @@ class _BatchState:
         except _OutputError as exc:
             await self.nack(mid, str(exc), False)
         except Exception as exc:
-            await self.nack(mid, _raised(handler, exc), False)
+            await self.fail(event, _raised(handler, exc), exc)
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                raise
+            await self.fail(event, _not_cancelled(handler), exc)
         else:
             await self.send({"type": "message.ack", "id": mid})
 
@@ -668,6 +702,8 @@ class _BatchState:
         ids: list[str] = []
         kept: list[Any] = []
         values: list[Any] = []
+        first = None
+        """The first message handed to the handler (its attempt and id name the batch)."""
         more = True
         while more:
             event: Any = await receive()
@@ -681,6 +717,7 @@ class _BatchState:
                     continue
                 values.append(value)
             ids.append(event["id"])
+            first = first or event
             if keep:
                 kept.append(event)
         if not ids:
@@ -724,6 +761,16 @@ class _BatchState:
             return
         except Exception as exc:
             reason = str(exc) if isinstance(exc, _OutputError) else _raised(handler, exc)
+            if not isinstance(exc, _OutputError):
+                self.log_failure(reason, exc, len(ids), first)
+            for mid in ids:
+                await self.nack(mid, reason, False)
+            return
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                raise
+            reason = _not_cancelled(handler)
+            self.log_failure(reason, exc, len(ids), first)
             for mid in ids:
                 await self.nack(mid, reason, False)
             return
@@ -751,6 +798,28 @@ class _OutputError(Exception):
 def _seen(exc: BaseException) -> BaseException:
     """The exception the dependencies' cleanup is given for ``exc``."""
     return exc.error if isinstance(exc, _OutputError | MiddlewareFailed) else exc
+
+
+def _cancelling() -> bool:
+    """True when the running task is being cancelled (a shutdown, a deadline): a
+    CancelledError a handler raises otherwise came from something it awaited."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _not_cancelled(handler: Handler) -> str:
+    """The nack reason of a handler that raised CancelledError in a call not cancelled."""
+    return (
+        f"{handler.name} raised CancelledError, though its call was not cancelled "
+        "(it awaited a task or future that was cancelled)"
+    )
+
+
+def _attempt(event: Any) -> int:
+    """The attempt of a received message (1 when the server does not count them)."""
+    amgi = (event.get("bindings") or {}).get("amgi") or {}
+    attempt = amgi.get("attempt", 1)
+    return attempt if type(attempt) is int else 1
 
 
 def _raised(handler: Handler, exc: Exception) -> str:

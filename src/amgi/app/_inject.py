@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 _MISSING: Any = inspect.Parameter.empty
+
+logger = logging.getLogger("amgi.app")
+
+T = TypeVar("T")
 
 
 class Context:
@@ -166,7 +171,7 @@ async def resolve(dep: Dependency, ctx: Context) -> Any:
     if kind == "async":
         value = await dep.func(**kwargs)
     elif kind == "sync":
-        value = await asyncio.to_thread(dep.func, **kwargs)
+        value = await in_thread(dep.func, **kwargs)
     else:
         stack = ctx.stack
         assert stack is not None
@@ -185,7 +190,7 @@ async def resolve(dep: Dependency, ctx: Context) -> Any:
                     await asyncio.wait({entered})
                 if entered.cancelled() or entered.exception() is not None:
                     return None  # the setup failed: nothing to clean up
-                return await asyncio.to_thread(manager.__exit__, *exc)
+                return await in_thread(manager.__exit__, *exc)
 
             stack.push_async_exit(leave)
             value = await asyncio.shield(entered)
@@ -193,6 +198,30 @@ async def resolve(dep: Dependency, ctx: Context) -> Any:
         assert ctx.cache is not None
         ctx.cache[dep.func] = value
     return value
+
+
+async def in_thread(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` in a worker thread; cancelled, it waits for the thread.
+
+    A thread cannot be cancelled. Returning at the cancel would leave it running with no
+    owner (the process then hangs at its exit, waiting for the executor's threads);
+    waiting, the call outlives the cancel, and the runtime abandons it loudly once its
+    grace is over.
+    """
+    running = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if not running.done():
+            logger.warning(
+                "%s was cancelled while it runs in a thread, which cannot be cancelled: "
+                "its call ends when the function returns",
+                name_of(func),
+            )
+            await asyncio.wait({running})
+        if not running.cancelled():
+            running.exception()  # retrieved: the call ends cancelled whatever it did
+        raise
 
 
 def unwrap_annotated(annotation: Any) -> tuple[Any, list[Any]]:

@@ -24,13 +24,25 @@ def encode_headers(
     pairs = [(b"content-type", content_type.encode())]
     if headers:
         for name, value in headers.items():
+            if not isinstance(name, str):
+                raise TypeError(f"header name {name!r}: must be str, not {type(name).__name__}")
             key = name.encode()
-            encoded = value if isinstance(value, bytes) else value.encode()
+            encoded = value if isinstance(value, bytes) else _text(name, value).encode()
             if len(key) == 12 and key.lower() == b"content-type":
                 pairs[0] = (key, encoded)
             else:
                 pairs.append((key, encoded))
     return pairs
+
+
+def _text(name: str, value: object) -> str:
+    """``value`` of the header ``name``, or TypeError naming it (not the bare
+    AttributeError of ``5 .encode()``, which says neither which header nor why)."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"header {name!r}: its value must be str or bytes, not {type(value).__name__}"
+        )
+    return value
 
 
 class Publisher:
