@@ -506,6 +506,59 @@ async def test_metrics_hook_counts_per_batch() -> None:
     assert sends == [("o", True)]
 
 
+async def test_messages_handed_back_unseen_are_one_line_not_nacks_and_not_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop cut the call: the message the app never received was logged as "nacked
+    (attempt 1 of 5) ... retrying in 0s" (one warning per message) and counted as
+    retried, though nothing failed and no attempt was counted. And a real nack on the
+    memory server was logged at the attempt after it (the server counted it on the
+    settled message before the runtime reported)."""
+    caplog.set_level(logging.INFO, "amgi.runtime")
+    stats: list[BatchStats] = []
+
+    class Hook(MetricsHook):
+        def batch_settled(self, s: BatchStats) -> None:
+            stats.append(s)
+
+    holding = asyncio.Event()
+
+    async def app(scope: Scope, receive: AMGIReceiveCallable, send: AMGISendCallable) -> None:
+        if scope["type"] != "message":
+            return
+        m: Any = await receive()
+        await send({"type": "message.nack", "id": m["id"], "message": "later"})
+        await receive()
+        holding.set()
+        await asyncio.sleep(30)  # only the stop ends this call
+
+    name = f"handed-back-{uuid.uuid4().hex}"
+    broker = MemoryBroker.named(name)
+    for i in range(3):
+        broker.put("q", [], b"%d" % i)
+    transport = MemoryTransport(["q"], MemoryOptions(broker=name, batch_size=3))
+    config = RuntimeConfig(
+        lifespan="off", max_attempts=5, retry_delay=5, shutdown_timeout=0.2, crash_ledger=""
+    )
+    runtime = Runtime(app, transport, config, metrics=Hook())
+    served = asyncio.create_task(runtime.serve())
+    await asyncio.wait_for(holding.wait(), 10)
+    runtime.request_stop()
+    assert await asyncio.wait_for(served, 10) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    nacks = [line for line in lines if "nacked" in line]
+    assert len(nacks) == 2, lines
+    assert "nacked (attempt 1 of 5): later; retrying in 5s" in nacks[0], nacks
+    assert "nacked (attempt 1 of 5): the application call was cancelled" in nacks[1], nacks
+    handed_back = [line for line in lines if "handed back unspent" in line]
+    assert handed_back == [
+        "1 message(s) from 'q' handed back unspent, no attempt counted: not received by the "
+        "application before its call ended (the application call was cancelled (shutdown or "
+        "deadline)) (3)"
+    ], lines
+    assert stats[0].retried == 2, stats[0]
+
+
 async def test_a_settle_that_raises_is_not_reported_as_retried_or_dead_lettered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

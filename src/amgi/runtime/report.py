@@ -36,16 +36,21 @@ def failure_fields(
 def report_nacks(
     address: str, settlement: Settlement, max_attempts: int
 ) -> tuple[int, int, int, int]:
-    """Log one line per nacked message of a settled batch; return how many were retried,
+    """Log one line per nacked message of a settled batch, and one per reason for those
+    handed back unspent (the application never had them: a stop, a fatal error, a call
+    that ended first); return how many were retried (those not included),
     dead-lettered, kept unacknowledged (not moved) and lost."""
     if not settlement.retry and not settlement.dead:
         return NOTHING
     retried = 0
     dead = list(settlement.dead)
     kept = 0
+    handed_back: dict[str, list[str]] = {}
     for r in settlement.retry:
         m = r.message
-        if r.dead is not None:
+        if r.uncounted and r.dead is None and not r.error:
+            handed_back.setdefault(r.reason, []).append(m.id)
+        elif r.dead is not None:
             dead.append(r.dead)
         elif r.error:
             kept += 1
@@ -72,6 +77,14 @@ def report_nacks(
                 r.delay,
                 extra=failure_fields(address, m.id, m.attempt, r.reason),
             )
+    for reason, ids in handed_back.items():
+        logger.info(
+            "%d message(s) from %r handed back unspent, no attempt counted: %s (%s)",
+            len(ids),
+            address,
+            reason,
+            _first_ids(ids),
+        )
     stored = lost = 0
     for d in dead:
         if d.fate is Fate.KEPT:
@@ -82,6 +95,12 @@ def report_nacks(
             stored += 1
         _report_dead(address, d)
     return retried, stored, kept, lost
+
+
+def _first_ids(ids: list[str], shown: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 7 more``."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
 
 
 def _report_dead(address: str, d: DeadLetter) -> None:

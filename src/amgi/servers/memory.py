@@ -24,7 +24,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from amgi.errors import ConfigurationError, SendError
@@ -193,9 +193,10 @@ class MemoryTransport(Transport):
             in_flight.pop(m.id, None)
         for r in settlement.retry:
             if in_flight.pop(r.message.id, None) is not None:
-                if not r.uncounted:
-                    r.message.attempt += 1
-                self.broker.put_later(batch.address, r.message, r.delay)
+                # A copy: the runtime reports the settled message's attempt afterwards.
+                attempt = r.message.attempt + (0 if r.uncounted else 1)
+                again = replace(r.message, attempt=attempt)
+                self.broker.put_later(batch.address, again, r.delay)
         for d in settlement.dead:
             if in_flight.pop(d.message.id, None) is not None:
                 self.broker.dead.setdefault(batch.address, []).append((d.message, d.reason))
