@@ -51,6 +51,12 @@ __all__ = ["SqsHandler", "sqs_message"]
 
 logger = logging.getLogger("amgi.serverless")
 
+CLIENT_SETUP = 1.0
+"""Seconds the first send back to the source queue needs at least: making its client
+loads the SQS service model, which holds the event loop for about half a second (more on
+a small function), past any timeout. Started with less time left, it would run the
+invocation into Lambda's timeout, which retries every record, those acked included."""
+
 
 def _queue_name(arn: str) -> str:
     return arn.rsplit(":", 1)[-1]
@@ -232,8 +238,17 @@ class SqsHandler(LambdaAdapter):
         if fifo:
             logger.error("%s: on a FIFO queue they come back, their receive counted", why)
             return set()
-        if self._time_left(context, keep) == 0:
+        left = self._time_left(context, keep)
+        if left == 0:
             logger.error("%s, with no time left: they come back, their receive counted", why)
+            return set()
+        if self._source is None and left is not None and left < CLIENT_SETUP:
+            logger.error(
+                "%s, with %.3gs left, too little to make the source queue's client: they "
+                "come back, their receive counted",
+                why,
+                left,
+            )
             return set()
         sent: set[str] = set()
         (outcome,) = await self.in_time([self._requeue(messages, sent)], context, keep)
