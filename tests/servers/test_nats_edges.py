@@ -14,7 +14,7 @@ import pytest
 
 from amgi.errors import ConfigurationError
 from amgi.runtime import Runtime, RuntimeConfig
-from amgi.servers.nats import NatsOptions, NatsTransport
+from amgi.servers.nats import NatsOptions, NatsSendError, NatsTransport
 from amgi.transport import Batch, DeadLetter, Fate, Message, Retry, Settlement
 from tests.apps import attempts_app
 from tests.servers.nats_helpers import (
@@ -412,3 +412,178 @@ async def test_a_permission_consuming_needs_refused_ends_the_run_with_one_line(
             await t.connect()
         assert '"_inbox.' in str(caught.value)
         assert t._client is None, "closed again"
+
+
+async def test_jetstream_api_denied_makes_a_fast_start_or_one_clear_line(tmp_path: Path) -> None:
+    """JetStream's API denied to the user, each look-up at the start (the dead-letter
+    stream of every address, then the consumers) waited out --publish-timeout: a core
+    mode start took that long per address, and a JetStream one as long again before its
+    error. Now the refusal the server sends at once ends the looking."""
+    with private_nats(tmp_path / "nats", config=_PERMISSIONS) as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        loop = asyncio.get_running_loop()
+        for mode in ("core", "jetstream"):
+            options = NatsOptions(
+                servers=url, user="nojs", password="a", mode=mode, queue="q", publish_timeout=4
+            )
+            t = NatsTransport([f"work.{n}" for n in "abc"], options)
+            began = loop.time()
+            try:
+                if mode == "core":
+                    await t.connect()
+                else:
+                    with pytest.raises(ConfigurationError, match="permissions violation"):
+                        await t.connect()
+            finally:
+                await t.close()
+            # Under the timeout of one look-up: none was waited out.
+            assert loop.time() - began < 4, mode
+
+
+async def test_a_jetstream_api_that_never_answers_fails_the_start_by_the_publish_timeout(
+    tmp_path: Path,
+) -> None:
+    """JetStream's API taken but never answered (as by a server without its meta leader):
+    the consumers' look-ups at the start waited nats-py's own 5 s each and ended with its
+    bare 'nats: timeout'. Now --publish-timeout bounds each, and one line says what."""
+    import nats
+
+    from amgi.errors import BrokerUnavailable
+    from tests.net import free_port
+    from tests.servers.private_brokers import PrivateBroker
+
+    port = free_port()
+    (tmp_path / "nats").mkdir()
+    argv = ["nats-server", "--addr", "127.0.0.1", "--port", str(port)]  # no JetStream
+    broker = PrivateBroker(argv, port, tmp_path / "nats")
+    broker.start()
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        silent = await nats.connect(url)
+        await silent.subscribe("$JS.API.>")  # takes every request, answers none
+        await silent.flush()
+        loop = asyncio.get_running_loop()
+        for stream in ("", "WORK"):
+            options = NatsOptions(servers=url, stream=stream, publish_timeout=0.5)
+            t = NatsTransport(["work.a"], options)
+            began = loop.time()
+            with pytest.raises(BrokerUnavailable, match="--publish-timeout") as caught:
+                await t.connect()
+            assert loop.time() - began < 4, "bounded by --publish-timeout, not 5 s"
+            assert "work.a" in str(caught.value)
+            assert t._client is None, "closed again"
+        await silent.close()
+    finally:
+        broker.stop()
+
+
+async def test_core_mode_a_stop_with_the_server_hung_hands_over_what_arrived_at_once(
+    tmp_path: Path,
+) -> None:
+    """Each subscription was drained in turn, each drain's flush waiting nats-py's 10 s
+    for a server that had stopped answering: the stop's deadline ran out first and what
+    had already arrived in memory was lost. Now the drains share one bounded wait."""
+    import signal
+
+    with private_nats(tmp_path / "nats") as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        subjects = [f"work.{n}" for n in "abc"]
+        options = NatsOptions(servers=url, mode="core", queue="q", connect_timeout=1)
+        t = NatsTransport(subjects, options)
+        await t.connect()
+        assert broker.proc is not None
+        try:
+            for subject in subjects:
+                await core_publish(subject, [subject.encode()], url)
+            subscriptions = t._subscriptions
+            assert subscriptions is not None
+            await until(lambda: len(subscriptions._buffer) == 3, 5, "three in memory")
+            broker.proc.send_signal(signal.SIGSTOP)  # connected, and silent
+            async with asyncio.timeout(8):
+                batches = await t.hand_over()
+            assert sorted(m.payload or b"" for b in batches for m in b.messages) == [
+                s.encode() for s in subjects
+            ]
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+            await t.close()
+
+
+async def test_a_flush_that_times_out_on_a_hung_server_leaves_the_connection_reading(
+    tmp_path: Path,
+) -> None:
+    """A settle's flush waits at most the ack wait; nats-py cancelled its wait then, and
+    the server's late answer (once it woke) broke nats-py's reading: the connection
+    stayed up but nothing was read any more, no message consumed, until its pings ran out
+    minutes later. Now a late answer finds its wait still there."""
+    import signal
+
+    with private_nats(tmp_path / "nats") as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        await ensure_stream(url, "WORK", ["work.>"])
+        options = NatsOptions(servers=url, fetch_expiry=0.2, ack_wait=1, publish_timeout=2)
+        t = NatsTransport(["work.a"], options)
+        await t.connect()
+        assert broker.proc is not None
+        try:
+            await t.publish("work.a", [], b"first", {})
+            (first,) = await fetch_all(t, 1, timeout=10)
+            broker.proc.send_signal(signal.SIGSTOP)
+            try:
+                with contextlib.suppress(Exception):  # the flush times out
+                    await t.settle(Batch("work.a", [first]), Settlement(acked=[first]))
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            await t.publish("work.a", [], b"second", {})
+            got = await fetch_all(t, 2, timeout=10)
+            assert b"second" in [m.payload for m in got]
+        finally:
+            await t.close()
+
+
+_NO_DEAD_LETTERS = """
+authorization {
+  users = [
+    {user: admin, password: a}
+    {user: nodl, password: a, permissions: {publish: {deny: ["work.a.dlq", "work.b"]}}}
+  ]
+}
+"""
+
+
+async def test_a_publish_the_server_refuses_fails_at_once_naming_the_refusal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server drops a publish the user may not make and answers nothing: a send
+    failed after --publish-timeout with 'nats: timeout', and a dead letter waited as long
+    and came back after the ack wait to be refused again, for ever. Now both fail as the
+    refusal comes, naming it; the dead letter stays unacknowledged for long."""
+    with private_nats(tmp_path / "nats", config=_NO_DEAD_LETTERS) as broker:
+        url = f"nats://127.0.0.1:{broker.port}"
+        admin = f"nats://admin:a@127.0.0.1:{broker.port}"
+        await ensure_stream(admin, "WORK", ["work.>"])
+        options = NatsOptions(
+            servers=url, user="nodl", password="a", fetch_expiry=0.2, publish_timeout=5
+        )
+        t = NatsTransport(["work.a"], options)
+        await t.connect()
+        loop = asyncio.get_running_loop()
+        try:
+            began = loop.time()
+            with pytest.raises(NatsSendError, match="permissions violation"):
+                await t.publish("work.b", [], b"refused", {})
+            assert loop.time() - began < 5, "not waited out"
+            await t.publish("work.a", [], b"poison", {})
+            (poison,) = await fetch_all(t, 1)
+            caplog.clear()
+            began = loop.time()
+            await t.settle(Batch("work.a", [poison]), Settlement(dead=[DeadLetter(poison, "x")]))
+            assert loop.time() - began < 5, "not waited out"
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(lines) == 1, lines
+            assert "permissions violation" in lines[0], lines
+            assert "tried again in 3600s" in lines[0], lines
+        finally:
+            await t.close()
+        state = await consumer_state("WORK", "amgi", admin)
+        assert state.num_ack_pending == 1, "unacknowledged, not lost"

@@ -75,7 +75,7 @@ from amgi.servers.kit import (
     text_value,
     userinfo_problem,
 )
-from amgi.servers.nats._client import Refusals, open_connection
+from amgi.servers.nats._client import Refusals, Refused, open_connection
 from amgi.servers.nats._core import Subscriptions
 from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._dead_letters import DeadLetters, subject_matches
@@ -185,6 +185,7 @@ class NatsTransport(DeadLetters, Transport):
         super().__init__(addresses, options or NatsOptions())
         self.config: NatsOptions
         self._client: Any = None  # nats.aio.client.Client
+        self._refusals: Refusals | None = None
         self._consumers: Consumers | None = None
         self._subscriptions: Subscriptions | None = None
         if self.config.mode == "jetstream" and addresses:
@@ -236,10 +237,12 @@ class NatsTransport(DeadLetters, Transport):
         else:  # the addresses alone: dead letters and sends fail alone
             refusals = Refusals(subscribe=tuple(self.addresses))
         self._client = await open_connection(self.config, refusals)
+        self._refusals = refusals
         try:
             if not self.addresses:
                 return
-            await self._start(refusals)
+            # A request refused a permission gets no answer: stop at the refusal.
+            await refusals.unless_refused(self._start(refusals))
         except Exception:
             await self.close()
             # A request refused a permission times out: the refusal is the clearer line.
@@ -250,7 +253,7 @@ class NatsTransport(DeadLetters, Transport):
             raise
 
     async def _start(self, refusals: Refusals) -> None:
-        await self.check_dead_letter_streams()
+        await self.check_dead_letter_streams(refusals)
         streams = DeadLetterStreams(self._client, self.config.publish_timeout)
         if self.config.mode == "jetstream":
             consumers = Consumers(self._client, self.addresses, self.config, streams, refusals)
@@ -360,9 +363,13 @@ class NatsTransport(DeadLetters, Transport):
             if self.config.mode == "core":
                 await client.publish(address, payload or b"", headers=header or None)
                 return
-            await client.jetstream().publish(
+            sending = client.jetstream().publish(
                 address, payload or b"", timeout=self.config.publish_timeout, headers=header or None
             )
+            refusals = self._refusals
+            await (sending if refusals is None else refusals.publishing(address, sending))
+        except Refused as exc:
+            raise NatsSendError(f"nats: the server refused sending to {address!r}: {exc}") from None
         except (nats_errors.NoRespondersError, js_errors.NoStreamResponseError):
             raise NatsSendError(f"nats: no JetStream stream captures subject {address!r}") from None
         except js_errors.APIError as exc:

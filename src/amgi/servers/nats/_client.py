@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import mask_url, untrusted_certificate
@@ -16,13 +17,23 @@ if TYPE_CHECKING:
 
     from amgi.servers.nats import NatsOptions
 
-__all__ = ["Refusals", "open_connection"]
+__all__ = ["Refusals", "Refused", "flush", "open_connection"]
 
 logger = logging.getLogger("amgi.servers.nats")
+
+T = TypeVar("T")
 
 
 _REFUSED = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"')
 """The server's line (lowercased by nats-py); a subscription's may end in ``using queue``."""
+
+_API = "$js.api."
+"""Where JetStream's API requests go (lowercased, as the server's line has it)."""
+
+
+class Refused(Exception):
+    """The server refused a permission :class:`Refusals` was watching for (the server's
+    line, if one publish's)."""
 
 
 class Refusals:
@@ -47,18 +58,56 @@ class Refusals:
         """The first one noted (the server's line, lowercased), or ""."""
         self.wake: Callable[[], None] = lambda: None
         """Called when one is noted, for a reader waiting for messages to look."""
+        self._needed_refused = asyncio.Event()
+        self._api_refused = asyncio.Event()
+        """Set at a JetStream API request refused, needed or not."""
+        self._publishes: dict[str, set[asyncio.Future[str]]] = {}
+        """Per subject (lowercased), the publishes awaiting an answer (:meth:`publishing`)."""
 
     def note(self, error: object) -> None:
         text = str(error).removeprefix("nats: ")
         found = _REFUSED.match(text)
-        if found is None or self.first:
+        if found is None:
             return
         what, subject = found.groups()
+        if what == "publish" and subject.startswith(_API):
+            self._api_refused.set()
+        if what == "publish":
+            for waiter in self._publishes.get(subject, ()):
+                if not waiter.done():
+                    waiter.set_result(text)
+        if self.first:
+            return
         for needed in self._needed[what]:
             if subject == needed or (needed.endswith(".") and subject.startswith(needed)):
                 self.first = text
+                self._needed_refused.set()
                 self.wake()
                 return
+
+    async def unless_refused(self, work: Awaitable[T], *, api: bool = False) -> T:
+        """``work``'s result; :class:`Refused` (``work`` cancelled) as soon as a permission
+        consuming needs is refused (``api``: or any JetStream API request). The server
+        answers a refused request with nothing: it would wait out its whole timeout."""
+        refused = self._api_refused if api else self._needed_refused
+        return await _unless(work, refused.wait())
+
+    async def publishing(self, subject: str, work: Awaitable[T]) -> T:
+        """``work``'s result, a publish to ``subject`` that awaits an answer (a JetStream
+        publish); :class:`Refused` with the server's line as soon as it refuses this user
+        publishing to ``subject``: it answers nothing, and the publish would wait out its
+        timeout. (nats-py lowercases the line: a publish to a subject that differs from
+        a refused one in case alone, made at that moment, is taken as refused too.)"""
+        key = subject.lower()
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiters = self._publishes.setdefault(key, set())
+        waiters.add(refused)
+        try:
+            return await _unless(work, refused)
+        finally:
+            waiters.discard(refused)
+            if not waiters:
+                self._publishes.pop(key, None)
 
     def check(self) -> None:
         """Raise :class:`ConfigurationError` naming the first refusal noted, if any."""
@@ -69,6 +118,47 @@ class Refusals:
                 "and to subscribe to _INBOX.> (JetStream), or to subscribe to the "
                 "addresses (core)"
             )
+
+
+async def flush(client: Any, timeout: float) -> None:
+    """``client.flush(timeout)``, but a ``PONG`` that comes after the timeout is harmless.
+
+    nats-py cancels its flush's future at the timeout and leaves it queued: the server's
+    late ``PONG`` (a server that stalled for longer, then woke) then fails on it and ends
+    nats-py's reading loop for good, the connection up but deaf (no message, no ack,
+    no publish answer) until its pings run out, minutes later. Here the future is never
+    cancelled: the late ``PONG`` resolves it and nobody minds."""
+    from nats import errors as nats_errors
+
+    reading, flushing = client._reading_task, client._flusher_task
+    if client.is_closed or not reading or reading.done() or not flushing or flushing.done():
+        await client.flush(timeout)  # (no PING then: nats-py raises or writes out)
+        return
+    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    await client._send_ping(pong)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(pong)
+    except TimeoutError:
+        raise nats_errors.FlushTimeoutError from None
+
+
+async def _unless(work: Awaitable[T], refusal: Awaitable[object]) -> T:
+    """``work``'s result, unless ``refusal`` comes first: then ``work`` is cancelled and
+    :class:`Refused` raised (with ``refusal``'s result if it is a line)."""
+    working = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(refusal)
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+        done = working.done()
+    finally:
+        working.cancel()
+        watching.cancel()
+        await asyncio.gather(working, watching, return_exceptions=True)
+    if not done:
+        line = watching.result()
+        raise Refused(line if isinstance(line, str) else "")
+    return working.result()
 
 
 def _tls(options: NatsOptions) -> ssl.SSLContext | None:

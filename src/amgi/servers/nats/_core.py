@@ -54,6 +54,8 @@ class Subscriptions:
         self.subjects = list(subjects)
         self.options = options
         self._subs: list[Any] = []
+        self._draining: set[asyncio.Future[None]] = set()
+        """The drains :meth:`hand_over` started (cancelled at the stop if still going)."""
         self._buffer: deque[tuple[str, Any]] = deque()
         self._buffered_bytes = 0
         self._dropped = 0
@@ -102,16 +104,31 @@ class Subscriptions:
     async def hand_over(self) -> list[Batch]:
         """At the stop: unsubscribe, letting what the server sent before arrive (drain),
         and return the messages received that no batch took, for the runtime to process
-        (core NATS never delivers them again)."""
+        (core NATS never delivers them again).
+
+        The drains run together, waited for at most ``--connect-timeout``: each waits for
+        the server's answer (nats-py's flush, 10 s), and one after the other, from a
+        server that stopped answering, they outlasted the stop's deadline and what had
+        already arrived was lost. A drain still going is left to the stop."""
         subs, self._subs = self._subs, []
-        for sub in subs:
-            try:
-                await sub.drain()
-            except Exception as exc:
-                logger.debug("draining a subscription failed: %s", exc)
+        drains = [asyncio.ensure_future(self._drain(sub)) for sub in subs]
+        self._draining.update(drains)
+        if drains:
+            await asyncio.wait(drains, timeout=self.options.connect_timeout)
         return self._take(len(self._buffer))
 
+    @staticmethod
+    async def _drain(sub: Any) -> None:
+        try:
+            await sub.drain()
+        except Exception as exc:
+            logger.debug("draining a subscription failed: %s", exc)
+
     async def stop(self) -> None:
+        draining, self._draining = self._draining, set()
+        for task in draining:
+            task.cancel()
+        await asyncio.gather(*draining, return_exceptions=True)
         subs, self._subs = self._subs, []
         lost = len(self._buffer) + len(self._retries)
         self._retries.clear()
@@ -202,7 +219,8 @@ class Subscriptions:
                 too_big = over_max_payload(self.client.max_payload, m.payload or b"", headers)
                 if too_big:  # published, the server would close the connection
                     raise ValueError(too_big)
-                await js.publish(target, m.payload or b"", headers=headers)
+                publishing = js.publish(target, m.payload or b"", headers=headers)
+                await self.refusals.publishing(target, publishing)
             except Exception as exc:
                 streams.forget(target)
                 logger.error("could not dead-letter message %s to %r: %s", m.id, target, exc)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
 from amgi.servers.kit import ChunkedDeadLetters, DeadLetterChunk, stored_dead_letter
+from amgi.servers.nats._client import Refusals, Refused
 from amgi.servers.nats._headers import decode, encode
 from amgi.transport import StoredDeadLetter
 
@@ -42,6 +44,8 @@ __all__ = [
     "keeping",
     "subject_matches",
 ]
+
+logger = logging.getLogger("amgi.servers.nats")
 
 _CHUNK = 100
 """Messages fetched (and replayed) at a time."""
@@ -97,24 +101,34 @@ class DeadLetters(ChunkedDeadLetters):
     def dead_letter_subject(self, subject: str) -> str:
         raise NotImplementedError  # pragma: no cover - the transport's
 
-    async def check_dead_letter_streams(self) -> None:
+    async def check_dead_letter_streams(self, refusals: Refusals) -> None:
         """At the start: a :class:`ConfigurationError` when the stream capturing an
         address's dead-letter subject would not keep them. Anything else (no stream, no
-        answer) is left to each dead letter, which is looked up again as it goes."""
-        from nats import errors as nats_errors
+        answer) is left to each dead letter, which is looked up again as it goes.
 
+        The addresses are looked up together, and not at all once the server refuses
+        this user JetStream's API: each request would wait out ``--publish-timeout``
+        (core mode goes on without JetStream; JetStream mode stops at the refusal)."""
+        subjects = {self.dead_letter_subject(a): a for a in self.addresses}
         jsm = self._jsm()
-        for address in self.addresses:
-            subject = self.dead_letter_subject(address)
-            try:
-                await dead_letter_stream(jsm, subject)
-            except Unkept as exc:
+        looked_up = asyncio.gather(
+            *(dead_letter_stream(jsm, s) for s in subjects), return_exceptions=True
+        )
+        try:
+            found = await refusals.unless_refused(looked_up, api=True)
+        except Refused:
+            refusals.check()  # JetStream mode needs the API: this ends the start
+            logger.warning(
+                "the NATS server refuses this user JetStream's API: no dead letter can be "
+                "stored (allow publishing to $JS.API.> for them)"
+            )
+            return
+        for (subject, address), result in zip(subjects.items(), found, strict=True):
+            if isinstance(result, Unkept):
                 raise ConfigurationError(
                     f"nats: the dead letters of {address!r} would be lost in {subject!r}: "
-                    f"{exc}; {KEEP_FIX}"
-                ) from None
-            except (nats_errors.Error, OSError, TimeoutError):
-                pass
+                    f"{result}; {KEEP_FIX}"
+                )
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Publish each back (ack awaited), then delete the confirmed ones from the stream."""

@@ -11,9 +11,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from amgi.errors import ConfigurationError
+from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kit import Uncounted
-from amgi.servers.nats._client import Refusals
+from amgi.servers.nats._client import Refusals, Refused, flush
 from amgi.servers.nats._dead_letter_streams import DeadLetterStreams
 from amgi.servers.nats._dead_letters import KEEP_FIX, Unkept
 from amgi.servers.nats._headers import decode, over_max_payload
@@ -74,6 +74,8 @@ class Consumers:
         self._uncounted = Uncounted()
         """Deliveries JetStream counted that were no attempt (:class:`Uncounted`)."""
         self.js = client.jetstream(timeout=options.publish_timeout)
+        self.jsm = client.jsm(timeout=options.publish_timeout)
+        """JetStream's API, each request bounded by ``--publish-timeout`` (not nats-py's 5 s)."""
         self.subjects = list(subjects)
         self.options = options
         self._subjects_by_index: list[str] = []
@@ -128,49 +130,16 @@ class Consumers:
         return f"{named}_{digest}"
 
     async def start(self) -> None:
-        from nats.js import api
-        from nats.js import errors as js_errors
-
-        o = self.options
-        jsm = self.client.jsm()
         for subject in self.subjects:
             try:
-                if o.stream:
-                    await jsm.stream_info(o.stream)
-                    stream = o.stream
-                else:
-                    stream = await jsm.find_stream_name_by_subject(subject)
-            except js_errors.NotFoundError:
-                if o.stream:
-                    raise ConfigurationError(f"nats: stream {o.stream!r} does not exist") from None
-                raise ConfigurationError(
-                    f"nats: no JetStream stream captures subject {subject!r} "
-                    "(create one or pass --stream)"
+                await self._start_one(subject)
+            except TimeoutError:  # (nats-py's own is one too)
+                raise BrokerUnavailable(
+                    f"nats: JetStream did not answer within --publish-timeout "
+                    f"{self.options.publish_timeout:g}s while setting up the consumer of "
+                    f"{subject!r}; is JetStream up (its meta leader elected)?"
                 ) from None
-            except js_errors.ServiceUnavailableError:
-                raise ConfigurationError("nats: JetStream is not enabled on the server") from None
-            name = await self.durable_name(jsm, stream, subject)
-            config = api.ConsumerConfig(
-                durable_name=name,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                ack_wait=o.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=o.max_ack_pending,
-                filter_subject=subject,
-            )
-            try:
-                _, ack_wait = await self._ensure_consumer(stream, config)
-            except js_errors.APIError as exc:
-                raise ConfigurationError(
-                    f"nats: cannot create consumer {name!r} on {stream!r}: {exc.description or exc}"
-                ) from None
-            self._puller.add(stream, name)
-            self._subjects_by_index.append(subject)
-            self._configs.append((stream, config))
-            self.ack_waits.append(ack_wait)
-            advisory = _MAX_DELIVERIES.format(stream, name)
-            self._advisories.append(await self.client.subscribe(advisory, cb=self._on_stranded))
+        o = self.options
         self.lease_interval = min(o.ack_wait, *self.ack_waits) / 3
         for (stream, config), ack_wait in zip(self._configs, self.ack_waits, strict=True):
             if ack_wait != o.ack_wait:
@@ -178,6 +147,52 @@ class Consumers:
         await self._puller.start()
         self._reconnects = self.client.stats["reconnects"]
         self._next_check = asyncio.get_running_loop().time() + _RECHECK
+
+    async def _start_one(self, subject: str) -> None:
+        """Find the stream of ``subject``, make or check its consumer, and listen for its
+        delivery-limit advisories."""
+        from nats.js import api
+        from nats.js import errors as js_errors
+
+        o = self.options
+        jsm = self.jsm
+        try:
+            if o.stream:
+                await jsm.stream_info(o.stream)
+                stream = o.stream
+            else:
+                stream = await jsm.find_stream_name_by_subject(subject)
+        except js_errors.NotFoundError:
+            if o.stream:
+                raise ConfigurationError(f"nats: stream {o.stream!r} does not exist") from None
+            raise ConfigurationError(
+                f"nats: no JetStream stream captures subject {subject!r} "
+                "(create one or pass --stream)"
+            ) from None
+        except js_errors.ServiceUnavailableError:
+            raise ConfigurationError("nats: JetStream is not enabled on the server") from None
+        name = await self.durable_name(jsm, stream, subject)
+        config = api.ConsumerConfig(
+            durable_name=name,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=o.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=o.max_ack_pending,
+            filter_subject=subject,
+        )
+        try:
+            _, ack_wait = await self._ensure_consumer(stream, config)
+        except js_errors.APIError as exc:
+            raise ConfigurationError(
+                f"nats: cannot create consumer {name!r} on {stream!r}: {exc.description or exc}"
+            ) from None
+        self._puller.add(stream, name)
+        self._subjects_by_index.append(subject)
+        self._configs.append((stream, config))
+        self.ack_waits.append(ack_wait)
+        advisory = _MAX_DELIVERIES.format(stream, name)
+        self._advisories.append(await self.client.subscribe(advisory, cb=self._on_stranded))
 
     def _own_ack_wait(self, stream: str, name: str, ack_wait: float) -> None:
         logger.info(
@@ -203,7 +218,7 @@ class Consumers:
         from nats.js import api
         from nats.js import errors as js_errors
 
-        jsm = self.client.jsm()
+        jsm = self.jsm
         try:
             info = await jsm.consumer_info(stream, config.durable_name)
         except js_errors.NotFoundError:
@@ -476,7 +491,13 @@ class Consumers:
         if too_big:  # published, the server would close the connection
             raise _Refused(too_big)
         try:
-            await self.js.publish(subject, payload, headers=headers)
+            publishing = self.js.publish(subject, payload, headers=headers)
+            await self.refusals.publishing(subject, publishing)
+        except Refused as exc:  # the same every time, until someone changes the permissions
+            raise _Refused(
+                f"the server refused it ({exc})",
+                fix="allow the user to publish to the dead-letter subject",
+            ) from None
         except js_errors.APIError as exc:
             # 400: refused for what it is (e.g. over the stream's max_msg_size), not for
             # the stream's state (full: 503) or a missing stream; the same every time.
@@ -516,7 +537,7 @@ class Consumers:
         off, its ``PING`` answered on the new connection would find its future cancelled,
         which breaks nats-py's reading loop."""
         client = self.client
-        flushing = asyncio.ensure_future(client.flush(self.options.ack_wait))
+        flushing = asyncio.ensure_future(flush(client, self.options.ack_wait))
         try:
             while True:
                 done, _ = await asyncio.wait({flushing}, timeout=_RECONNECT_LOOK)
