@@ -358,8 +358,9 @@ async def test_copies_settled_after_the_channel_closed_are_reported_not_made(
     first, second = batch.messages
     retry, dead = Retry(first, "later", 0.0), DeadLetter(second, "bad")
     await t.settle(batch, Settlement(retry=[retry], dead=[dead]))
-    assert (retry.error, retry.dead) == ("its channel closed", None)
-    assert (dead.fate, dead.error) == (Fate.KEPT, "its channel closed")
+    comes_back = "its channel closed: the broker delivers it again"
+    assert (retry.error, retry.dead) == (comes_back, None)
+    assert (dead.fate, dead.error) == (Fate.KEPT, comes_back)
     t = AmqpTransport([queue], AmqpOptions(url=URL, batch_size=10, linger=0.05))
     await t.connect()
     try:
@@ -484,6 +485,49 @@ async def test_exchange_topology_and_send_routing(queue: str) -> None:
     finally:
         await t.close()
         await delete_exchange(exchange)
+
+
+async def test_a_retried_and_replayed_message_keeps_the_exchange_and_key_it_came_by(
+    queue: str,
+) -> None:
+    """A retry copy goes through ``<queue>.retry.<ms>`` and the default exchange, a
+    replayed dead letter through the default exchange: the message came back with the
+    exchange ``""`` and its queue's name as routing key, so an application telling
+    messages of a topic exchange apart by their key took it for another."""
+    exchange = queue + "-x"
+    options = AmqpOptions(
+        url=URL, exchange=exchange, exchange_type="topic", routing_keys=["o.#"], linger=0.01
+    )
+    t = AmqpTransport([queue], options)
+    await t.connect()
+    try:
+        await t.publish("o.created.eu", [(b"k", b"v")], b"routed", {})
+        await t.publish(queue, [], b"plain", {"amqp": {"exchange": ""}})  # default exchange
+        seen: list[tuple[bytes | None, str, str, int]] = []
+        for step in ("retry", "dead", "replayed"):
+            batches = await fetch_n(t, 2)
+            messages = [m for b in batches for m in b.messages]
+            for m in sorted(messages, key=lambda m: m.payload or b""):
+                amqp = m.bindings["amqp"]
+                seen.append((m.payload, amqp["exchange"], amqp["routingKey"], m.attempt))
+                assert m.headers == ([(b"k", b"v")] if m.payload == b"routed" else [])
+            for b in batches:
+                if step == "retry":
+                    settled = Settlement(retry=[Retry(m, "later", 0.05) for m in b.messages])
+                elif step == "dead":
+                    settled = Settlement(dead=[DeadLetter(m, "bad") for m in b.messages])
+                else:
+                    settled = Settlement(acked=list(b.messages))
+                await t.settle(b, settled)
+            if step == "dead":
+                assert await t.replay_dead_letters(queue, 10) == 2
+    finally:
+        await t.close()
+        await delete_exchange(exchange)
+    routed = (b"routed", exchange, "o.created.eu")
+    plain = (b"plain", "", queue)
+    # (a replay starts the attempts afresh)
+    assert seen == [(*plain, 1), (*routed, 1), (*plain, 2), (*routed, 2), (*plain, 1), (*routed, 1)]
 
 
 async def test_quorum_queue_counts_redeliveries_as_attempts(queue: str) -> None:

@@ -396,6 +396,49 @@ async def test_a_connection_lost_during_a_stop_consumes_nothing_more_from_a_quor
         await t.close()
 
 
+async def test_a_stop_as_a_reconnect_consumes_leaves_no_consumer_behind() -> None:
+    """The connection is lost; the reconnect consumes again, one queue after another
+    (each ``basic.consume`` answered slowly), and a stop hands over meanwhile. The stop
+    cancelled the consumers there were, the one in flight without its tag, and the loop
+    consumed the queues after it: their deliveries came to a server that had handed
+    over, held unacked (on a quorum queue, counted) until its close."""
+    from tests.servers.test_amqp_reliability import _PausableProxy, declare
+
+    queues = [new_queue() for _ in range(3)]
+    for queue in queues:
+        await declare(queue, {})
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    # passive: the queues may be quorum queues, so a stop hands over (as on quorum ones)
+    t = AmqpTransport(queues, AmqpOptions(url=url, passive=True, reconnect_delay_max=0.2))
+    await t.connect()
+    sender = AmqpTransport([], AmqpOptions(url=URL))
+    await sender.connect()
+    try:
+        first = t._generation
+        proxy.lag = 0.1
+        await proxy.drop()
+        async with asyncio.timeout(30):
+            while not (t._generation > first and t._consumers):
+                await asyncio.sleep(0.005)
+        assert len(t._consumers) < len(queues)  # the first basic.consume is in flight
+        async with asyncio.timeout(15):
+            assert await t.hand_over() == []
+        proxy.lag = 0.0
+        async with asyncio.timeout(15):
+            while not t._ready.is_set():  # the reconnect is done
+                await asyncio.sleep(0.05)
+        for queue in queues:
+            await sender.publish(queue, [], b"after the stop", {})
+        await asyncio.sleep(0.5)  # time for deliveries to come
+        assert not t._buffer
+        assert [await queue_depth(q) for q in queues] == [1, 1, 1]  # still ready
+    finally:
+        await sender.close()
+        await t.close()
+        await proxy.close()
+
+
 async def test_a_virtual_host_at_its_connection_limit_says_so() -> None:
     """The broker refuses ``connection.open`` over the virtual host's connection limit
     (``max-connections``): the error said the virtual host did not exist or the user
@@ -439,3 +482,45 @@ async def test_dead_letters_of_a_broker_that_stops_answering_fail_in_time(verb: 
         async with asyncio.timeout(15):
             await t.close()
         await proxy.close()
+
+
+@pytest.mark.parametrize("verb", ["list", "replay"])
+async def test_dead_letters_of_a_connection_lost_midway_are_one_clear_error(verb: str) -> None:
+    """``amgi dead-letters`` lost its connection half-way (a network cut, a broker
+    restart): the client's own error (``ChannelInvalidStateError``, a connection error
+    of aiormq's) reached the command, which printed a bare traceback. Now it is one
+    clear error, and the dead letters not acked stay."""
+    from tests.servers.test_amqp_reliability import _PausableProxy
+
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    queue = new_queue()
+    t = AmqpTransport([queue], AmqpOptions(url=url, linger=0.01, reconnect_delay_max=0.2))
+    await t.connect()
+    try:
+        for body in (b"one", b"two"):
+            await t.publish(queue, [], body, {})
+        batches = await fetch_n(t, 2)
+        for b in batches:
+            await t.settle(b, Settlement(dead=[DeadLetter(m, "bad") for m in b.messages]))
+        get_dead = t._get_dead
+
+        async def cut_first(channel: Any, *args: Any) -> Any:
+            await proxy.drop()
+            while not channel.is_closed:  # the client has seen the loss
+                await asyncio.sleep(0.01)
+            return await get_dead(channel, *args)
+
+        t._get_dead = cut_first  # type: ignore[method-assign]
+        call = t.list_dead_letters if verb == "list" else t.replay_dead_letters
+        with pytest.raises(BrokerUnavailable, match="lost the connection"):
+            async with asyncio.timeout(15):
+                await call(queue, 10)
+    finally:
+        async with asyncio.timeout(15):
+            await t.close()
+        await proxy.close()
+    async with asyncio.timeout(10):
+        while await queue_depth(f"{queue}.dead-letter") != 2:
+            await asyncio.sleep(0.05)
+    assert await queue_depth(queue) == 0

@@ -876,6 +876,8 @@ class _PausableProxy:
     def __init__(self) -> None:
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self.lag = 0.0
+        """Seconds each read of the client's is held before the broker gets it."""
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -892,6 +894,8 @@ class _PausableProxy:
                 while data := await src.read(65536):
                     if gated:
                         await self.flowing.wait()
+                        if self.lag:
+                            await asyncio.sleep(self.lag)
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.CancelledError):
@@ -904,6 +908,13 @@ class _PausableProxy:
             asyncio.create_task(pipe(upstream_reader, writer, False)),
         ):
             self._pipes.add(task)
+
+    async def drop(self) -> None:
+        """Cut the connections relayed so far, as a network loss would (new ones pass)."""
+        pipes, self._pipes = self._pipes, set()
+        for task in pipes:
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
 
     async def close(self) -> None:
         self.flowing.set()
@@ -1041,6 +1052,59 @@ async def test_a_retry_copy_unconfirmed_as_its_channel_goes_is_not_kept_for_good
     finally:
         await transport.close()
         await proxy.close()
+
+
+@pytest.mark.parametrize("later", [False, True])
+async def test_a_retry_whose_channel_goes_while_it_waits_is_said_to_come_back(
+    caplog: pytest.LogCaptureFixture, later: bool
+) -> None:
+    """The connection is lost while a retry copy waits for its confirm (in the settle,
+    or ``later`` in the background, its first wait timed out): the broker delivers the
+    message again. The log said that it stayed unacknowledged, to be dead-lettered if
+    still refused after 5 min; the settlement, that it was tried again."""
+    caplog.set_level(logging.INFO)
+    proxy = _PausableProxy()
+    url = await proxy.start()
+    queue = new_queue()
+    timeout = 1.0 if later else 5.0
+    options = AmqpOptions(url=url, linger=0.01, confirm_timeout=timeout, reconnect_delay_max=0.2)
+    transport = AmqpTransport([queue], options)
+    await transport.connect()
+    try:
+        await transport.publish(queue, [], b"innocent", {})
+        async with asyncio.timeout(5):
+            [batch] = await transport.fetch()
+            retry = Retry(batch.messages[0], "a", 0.05)  # declares the retry queue
+            await transport.settle(batch, Settlement(retry=[retry]))
+            [batch] = await transport.fetch()
+        proxy.flowing.clear()
+        retry = Retry(batch.messages[0], "b", 0.05)
+        settling = asyncio.create_task(transport.settle(batch, Settlement(retry=[retry])))
+        async with asyncio.timeout(5):
+            if later:  # tried again at once in the background, waiting for the confirm
+                await settling
+                caplog.clear()
+            while not transport._unconfirmed:  # the copy is out, waiting for its confirm
+                await asyncio.sleep(0.01)
+        await proxy.drop()
+        proxy.flowing.set()
+        async with asyncio.timeout(10):
+            await settling
+            [back] = await transport.fetch()
+        assert [(m.payload, m.attempt) for m in back.messages] == [(b"innocent", 2)]
+        await transport.settle(back, Settlement(acked=list(back.messages)))
+        await asyncio.sleep(0.2)
+    finally:
+        await transport.close()
+        await proxy.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [s for s in said if "stays unacknowledged" in s or "dead-letter" in s], said
+    if later:
+        assert [s for s in said if "the broker delivers them again" in s], said
+    else:
+        assert retry.error == "its channel closed: the broker delivers it again"
+        assert retry.dead is None
+    assert await queue_depth(f"{queue}.dead-letter") == 0
 
 
 async def delete_queue(queue: str) -> None:

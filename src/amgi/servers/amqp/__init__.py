@@ -4,7 +4,9 @@ How AMGI maps onto AMQP:
 
 =================  ==================================================================
 address            a queue name; ``message.send`` publishes to ``exchange`` (default:
-                   the default exchange) with the address as routing key
+                   the default exchange) with the address as routing key; a copy
+                   (retry, dead letter, replay) keeps the exchange and routing key
+                   its message came by (``amgi-original-*`` entries, :mod:`._codec`)
 consume            ``basic.consume`` on one channel per queue with ``basic.qos(prefetch)``;
                    deliveries are buffered until the runtime fetches them
 batch              the deliveries on hand, up to ``batch_size``, after ``linger``
@@ -76,7 +78,7 @@ from amgi.servers.amqp._codec import (
     unique_ids,
 )
 from amgi.servers.amqp._dead_letters import DeadLetters
-from amgi.servers.amqp._moves import Moves
+from amgi.servers.amqp._moves import COMES_BACK, Moves
 from amgi.servers.amqp._recount import base_id
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import mask_url, unmoved
@@ -201,6 +203,11 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
         if not (self.counts_deliveries or self.config.passive) or self._closed:
             return []
         self._handed_over = True
+        try:  # a reconnect consuming meanwhile stops at its next queue
+            async with asyncio.timeout(_CANCEL_TIMEOUT), self._consuming:
+                pass
+        except TimeoutError:
+            logger.debug("amqp: a reconnect's basic.consume did not end in time")
         for consumer in list(self._consumers.values()):
             try:
                 async with asyncio.timeout(_CANCEL_TIMEOUT):
@@ -225,9 +232,9 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
                 unseen = (r.message for r in settlement.retry if r.uncounted)
                 self._recount.dropped(base_id(m) for m in (*settlement.acked, *unseen))
             for r in settlement.retry:
-                r.not_scheduled("its channel closed")
+                r.not_scheduled(COMES_BACK)
             for d in settlement.dead:
-                d.not_stored("its channel closed")
+                d.not_stored(COMES_BACK)
             return
         for m in batch.messages:  # out of the application's hands
             consumer.held.pop(m.token.delivery.delivery_tag, None)
@@ -235,7 +242,7 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
         if settlement.retry or settlement.dead:
             since = time.monotonic()
             stranded = await self._move(consumer, settlement, lambda: True, since)
-            if stranded and not self._gone(consumer):
+            if stranded and not self._lost(consumer):
                 # Tried again in the background: the queue's later batches go on (their
                 # acks wait behind this batch's delivery tags, the watermark sees to it).
                 move = functools.partial(
@@ -249,9 +256,16 @@ class AmqpTransport(Moves, DeadLetters, AmqpClient, Transport):
     async def _move_later(
         self, batch: Batch, consumer: _Channel, left: Settlement, since: float
     ) -> None:
-        stranded = await self._move(consumer, left, lambda: self._gone(consumer), since)
+        stranded = await self._move(consumer, left, lambda: self._lost(consumer), since)
         self._drop_unconfirmed(stranded)  # the channel closed: the broker redelivers them
-        if not stranded:
+        if stranded:  # (the runtime reported these messages kept, to be tried again)
+            logger.warning(
+                "amqp: the channel of %r closed before %d nacked message(s) were moved to a "
+                "retry or the dead letters: the broker delivers them again",
+                consumer.queue,
+                len(stranded),
+            )
+        else:
             await self._ack_batch(batch, consumer)
 
     async def _ack_batch(self, batch: Batch, consumer: _Channel) -> None:

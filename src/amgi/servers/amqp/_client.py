@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from amgi.errors import BrokerUnavailable, ConfigurationError, SendError
-from amgi.servers.amqp._codec import _message, broker_counted, headers_to_table
+from amgi.servers.amqp._codec import (
+    ORIGIN_KEYS,
+    _message,
+    broker_counted,
+    headers_to_table,
+    origin,
+)
 from amgi.servers.amqp._recount import Recount
 from amgi.servers.amqp.options import AmqpOptions
 from amgi.servers.kit import (
@@ -258,6 +264,9 @@ class AmqpClient:
         self._handed_over = False
         """The consumers were cancelled for a stop: a reconnect consumes no more (what
         it took would go back at the close, counted on a quorum queue)."""
+        self._consuming = asyncio.Lock()
+        """Held by a (re)connect's ``basic.consume`` loop: a stop's hand-over waits for
+        it, so that it cancels every consumer the loop made."""
         self._recount = Recount()
         self._same_id: dict[tuple[int, str | bytes], tuple[asyncio.Lock, list[int]]] = {}
         """A lock and its user count per channel and message id being published there
@@ -309,18 +318,9 @@ class AmqpClient:
                     publisher_confirms=True, on_return_raises=True, timeout=timeout
                 )
             }
-            if self.addresses and not self._handed_over:
-                self._generation += 1
-                self._buffer.clear()
-                self._consumers = {}
-                for queue, channel in zip(self.addresses, channels, strict=True):
-                    what = f"to the basic.consume of {queue!r}"
-                    consumer = self._consumers[queue] = _Channel(channel, queue)
-                    channel.on_consumer_cancel_callbacks.add(consumer.on_cancel)
-                    ok = await channel.basic_consume(
-                        queue, self._consumer_for(queue, self._generation), timeout=timeout
-                    )
-                    consumer.tag = str(ok.consumer_tag)
+            async with self._consuming:  # a stop's hand-over waits for the loop
+                if self.addresses and not self._handed_over:
+                    await self._consume(channels)
         except BaseException as exc:
             self._consumers = {}
             self._publishers = {}
@@ -329,6 +329,26 @@ class AmqpClient:
             if isinstance(exc, TimeoutError):
                 raise self._no_answer(what) from None
             raise
+
+    async def _consume(self, channels: list[AbstractChannel]) -> None:
+        """``basic.consume`` each queue on its channel, one after another; stop at a
+        stop's hand-over (it then cancels the consumers made so far)."""
+        timeout = self.config.connect_timeout
+        self._generation += 1
+        self._buffer.clear()
+        self._consumers = {}
+        for queue, channel in zip(self.addresses, channels, strict=True):
+            if self._handed_over:
+                return
+            try:
+                consumer = self._consumers[queue] = _Channel(channel, queue)
+                channel.on_consumer_cancel_callbacks.add(consumer.on_cancel)
+                ok = await channel.basic_consume(
+                    queue, self._consumer_for(queue, self._generation), timeout=timeout
+                )
+            except TimeoutError:
+                raise self._no_answer(f"to the basic.consume of {queue!r}") from None
+            consumer.tag = str(ok.consumer_tag)
 
     async def _connect(self) -> AbstractConnection:
         """A new connection to the broker, or one clear error."""
@@ -661,10 +681,12 @@ class AmqpClient:
         headers: HeaderList,
         *,
         forever: bool = False,
+        consumed: bool = True,
     ) -> None:
         """Publish a copy of ``delivered`` and wait for its confirm: up to the
-        ``confirm_timeout``, or with ``forever`` until it comes (or the channel closes)."""
-        properties = self._copy_properties(delivered, headers)
+        ``confirm_timeout``, or with ``forever`` until it comes (or the channel closes);
+        ``consumed``: see :meth:`_copy_properties`."""
+        properties = self._copy_properties(delivered, headers, consumed=consumed)
         overflow = _header_overflow(channel, properties)
         if overflow is not None:
             raise AmqpSendError(f"amqp: {overflow}")
@@ -680,20 +702,34 @@ class AmqpClient:
         _check_confirm(result)
 
     def _copy_properties(
-        self, delivered: DeliveredMessage, headers: HeaderList
+        self, delivered: DeliveredMessage, headers: HeaderList, *, consumed: bool = True
     ) -> Basic.Properties:
         """The properties of a copy of ``delivered`` (retry, dead letter, replay): the
-        values the client could not read go out as they came (:mod:`._frames`)."""
+        values the client could not read go out as they came (:mod:`._frames`).
+
+        The copy keeps the exchange and routing key the message came by when they were
+        not the default exchange's (a copy reaches the queue through that one): those of
+        ``delivered`` if ``consumed`` (a delivery from the queue, not a dead letter's
+        own), else those its table carries."""
         from amgi.servers.amqp._frames import CopyProperties
 
         props = delivered.header.properties
+        table = headers_to_table(headers)
+        came_by = origin(delivered)
+        if came_by is None and consumed:
+            came_by = (
+                getattr(delivered.delivery, "exchange", ""),
+                getattr(delivered.delivery, "routing_key", ""),
+            )
+        if came_by is not None and came_by[0]:
+            table.update(zip(ORIGIN_KEYS, came_by, strict=True))
         # The broker refuses a user-id other than the connection's (PRECONDITION_FAILED,
         # closing the channel): a message another user published would never move.
         user_id = props.user_id if props.user_id == _url_login(self.config.url) else None
         return CopyProperties(
             content_type=props.content_type,
             content_encoding=props.content_encoding,
-            headers=headers_to_table(headers),
+            headers=table,
             delivery_mode=2,
             priority=props.priority,
             correlation_id=props.correlation_id,

@@ -35,6 +35,12 @@ _DELIVERY_COUNT_KEY = "x-delivery-count"
 _ORDER_KEY = "amgi-header-order"
 
 
+ORIGIN_KEYS = ("amgi-original-exchange", "amgi-original-routing-key")
+"""The exchange and routing key a message first came by, in the table of its copies
+(retries, dead letters, replays), which reach the queue through the default exchange:
+its bindings name them again, so the copy routes in the application as the message did."""
+
+
 _MAX_KEY = 128
 """The longest table key, in bytes (AMQP 0-9-1's field names; pamqp cuts longer ones)."""
 
@@ -44,6 +50,7 @@ _BROKER_KEYS = frozenset(
         _ATTEMPT_KEY,
         _DELIVERY_COUNT_KEY,
         _ORDER_KEY,
+        *ORIGIN_KEYS,
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",
@@ -209,9 +216,13 @@ def delivery_bindings(delivered: DeliveredMessage) -> dict[str, Any]:
     """The ``amqp`` bindings of a delivery: routing data and basic properties."""
     delivery = delivered.delivery
     props = delivered.header.properties
+    exchange, routing_key = origin(delivered) or (
+        getattr(delivery, "exchange", ""),
+        getattr(delivery, "routing_key", ""),
+    )
     out: dict[str, Any] = {
-        "exchange": getattr(delivery, "exchange", ""),
-        "routingKey": getattr(delivery, "routing_key", ""),
+        "exchange": exchange,
+        "routingKey": routing_key,
         "redelivered": bool(getattr(delivery, "redelivered", False)),
     }
     for attr, key in _PROPERTY_BINDINGS:
@@ -226,6 +237,16 @@ def delivery_bindings(delivered: DeliveredMessage) -> dict[str, Any]:
         stamp: datetime.datetime | int = props.timestamp  # int: after the year 9999
         out["timestamp"] = stamp if isinstance(stamp, int) else int(stamp.timestamp())
     return out
+
+
+def origin(delivered: DeliveredMessage) -> tuple[str, str] | None:
+    """The exchange and routing key ``delivered`` is a copy of a message sent by
+    (:data:`ORIGIN_KEYS`), or ``None``."""
+    table = delivered.header.properties.headers or {}
+    exchange, routing_key = (table.get(key) for key in ORIGIN_KEYS)
+    if isinstance(exchange, str) and isinstance(routing_key, str):
+        return exchange, routing_key
+    return None
 
 
 def publish_properties(

@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
-from amgi.errors import ConfigurationError
+from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.amqp._client import (
     AmqpClient,
     AmqpSendError,
     _check_queue_name,
+    _reply_text,
     close_within,
 )
 from amgi.servers.amqp._codec import table_to_headers
-from amgi.servers.kit import split_dead_letter_headers
+from amgi.servers.kit import mask_url, split_dead_letter_headers
 from amgi.transport import StoredDeadLetter
 
 if TYPE_CHECKING:
@@ -72,18 +73,45 @@ class DeadLetters(AmqpClient):
             got.append(delivered)
         return got
 
+    def _cut_off(self, verb: str, address: str, exc: BaseException) -> BrokerUnavailable:
+        """The error of a list or replay the broker's channel or connection ended midway
+        (the client's own errors would reach the command as a bare traceback)."""
+        from aiormq import exceptions as amqp_errors
+
+        if isinstance(exc, amqp_errors.ChannelClosed):
+            why = f"the broker closed the channel: {_reply_text(exc)}"
+        else:
+            why = (
+                f"lost the connection to {mask_url(self.config.url)} ({exc or type(exc).__name__})"
+            )
+        return BrokerUnavailable(
+            f"amqp: the {verb} of the dead letters of {address!r} was cut off: {why}; the "
+            "dead letters not acked stay"
+            + (" (a copy of some may be in the queue already)" if verb == "replay" else "")
+        )
+
     async def list_dead_letters(self, address: str, limit: int) -> list[StoredDeadLetter]:
         """Taken with basic.get and put back (the channel closes without acking)."""
-        channel, _ = await self._dead_letter_channel(address)
         try:
-            return [_stored_dead_letter(d) for d in await self._get_dead(channel, address, limit)]
-        finally:
-            await close_within(channel, self.config.connect_timeout)
+            channel, _ = await self._dead_letter_channel(address)
+            try:
+                got = await self._get_dead(channel, address, limit)
+            finally:
+                await close_within(channel, self.config.connect_timeout)
+        except _cut_off_errors() as exc:
+            raise self._cut_off("listing", address, exc) from None
+        return [_stored_dead_letter(d) for d in got]
 
     async def replay_dead_letters(self, address: str, limit: int) -> int:
         """Republish each to the queue (confirmed), then ack it off the dead-letter queue;
         only as many as were there when the replay started (the queue is FIFO: a replayed
         message that a consumer dead-letters again meanwhile waits for the next replay)."""
+        try:
+            return await self._replay(address, limit)
+        except _cut_off_errors() as exc:
+            raise self._cut_off("replay", address, exc) from None
+
+    async def _replay(self, address: str, limit: int) -> int:
         channel, ready = await self._dead_letter_channel(address)
         limit = min(limit, ready)
         moved = 0
@@ -110,7 +138,9 @@ class DeadLetters(AmqpClient):
         try:
             await asyncio.gather(
                 *(
-                    self._confirm(publisher, d, "", address, _stored_dead_letter(d).headers)
+                    self._confirm(
+                        publisher, d, "", address, _stored_dead_letter(d).headers, consumed=False
+                    )
                     for d in chunk
                 )
             )
@@ -126,6 +156,13 @@ class DeadLetters(AmqpClient):
                 f"amqp: a dead letter replayed to {address!r} is unroutable (the queue was "
                 "deleted?); the dead letters not acked stay"
             ) from None
+
+
+def _cut_off_errors() -> tuple[type[Exception], ...]:
+    """The client's errors of a channel or connection that ended under a command."""
+    from aiormq import exceptions as amqp_errors
+
+    return (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError)
 
 
 def _stored_dead_letter(delivered: DeliveredMessage) -> StoredDeadLetter:

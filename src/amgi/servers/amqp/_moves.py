@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from amgi.servers.amqp._client import (
@@ -83,6 +83,26 @@ def _for_now(exc: Exception, size: int) -> bool:
     )
 
 
+COMES_BACK = "its channel closed: the broker delivers it again"
+"""Why a nacked message was not moved aside when its channel went (the settlement's
+error, which the runtime reports)."""
+
+
+def _coming_back(settlement: Settlement, moved: set[Message]) -> list[Message]:
+    """Mark the messages of ``settlement`` not in ``moved`` as coming back from the
+    broker (their channel went); return them."""
+    back: list[Message] = []
+    for r in settlement.retry:
+        if r.message not in moved:
+            r.not_scheduled(COMES_BACK)
+            back.append(r.message)
+    for d in settlement.dead:
+        if d.message not in moved:
+            d.not_stored(COMES_BACK)
+            back.append(d.message)
+    return back
+
+
 class Moves(AmqpClient):
     """The transport's retry copies and dead letters on AMQP."""
 
@@ -128,6 +148,11 @@ class Moves(AmqpClient):
                 "the broker delivers it again"
             )
 
+    def _lost(self, consumer: _Channel) -> bool:
+        """The channel closed, or is closing (a lost connection the supervisor has not
+        seen yet): either way the broker redelivers its unacked messages."""
+        return self._gone(consumer) or consumer.channel.is_closed
+
     async def _move(
         self,
         consumer: _Channel,
@@ -136,20 +161,49 @@ class Moves(AmqpClient):
         since: float,
     ) -> list[Message]:
         """Move the copies of ``settlement`` (first tried at ``since``, monotonic): a
-        retry refused for now longer than ``retry_refused_for`` is dead-lettered."""
-        try:
-            return await move_aside(
+        retry refused for now longer than ``retry_refused_for`` is dead-lettered.
+
+        A try that fails because the channel went is no refusal: the broker delivers
+        every message of the batch again. Raised into the kit, it would be logged as a
+        message kept unacked to be tried again (or dead-lettered); instead the whole move
+        is cancelled and the messages not moved say that they come back."""
+        moved: set[Message] = set()
+        lost = asyncio.Event()
+
+        async def held(message: Message, copy: Awaitable[None]) -> None:
+            try:
+                await copy
+            except Exception:
+                if not self._lost(consumer):
+                    raise
+                lost.set()
+                await asyncio.get_running_loop().create_future()  # until cancelled below
+            moved.add(message)
+
+        moving = asyncio.ensure_future(
+            move_aside(
                 settlement,
-                retry=lambda r: self._publish_retry(consumer, r),
-                dead=lambda d: self._publish_dead(consumer, d.message, d.reason),
+                retry=lambda r: held(r.message, self._publish_retry(consumer, r)),
+                dead=lambda d: held(d.message, self._publish_dead(consumer, d.message, d.reason)),
                 address=consumer.queue,
                 give_up=give_up,
                 transient=lambda exc: isinstance(exc, _NotYet),
                 transient_for=self.config.retry_refused_for,
                 since=since,
             )
+        )
+        watch = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait((moving, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watch.cancel()
+            if not moving.done():
+                moving.cancel()
+                await asyncio.wait((moving,))
             self._unanswered.difference_update(r.message for r in settlement.retry)
+        if not moving.cancelled():
+            return moving.result()
+        return _coming_back(settlement, moved)
 
     async def _publish_retry(self, consumer: _Channel, retry: Retry) -> None:
         from aiormq import exceptions as amqp_errors
@@ -175,7 +229,7 @@ class Moves(AmqpClient):
                         raise
                     self._retry_queues.discard(retry_queue)
         except Exception as exc:
-            if not (self._gone(consumer) or _for_now(exc, len(message.token.body))):
+            if not _for_now(exc, len(message.token.body)):
                 raise  # refused: the message goes to the dead letters
             if isinstance(exc, TimeoutError):
                 self._unanswered.add(message)
