@@ -3,6 +3,7 @@ logs, and bad operations options failing in one line before lifespan startup."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from amgi.servers.sqlite import SqliteQueue
-from tests.ops.helpers import amgi, one_line_error, until, write_app
+from tests.ops.helpers import amgi, one_line_error, take, until, write_app
 
 
 @pytest.fixture
@@ -45,6 +46,26 @@ def test_environment_sets_options_and_the_command_line_wins(project: Path) -> No
     # --flag=value spelling also counts as given on the command line
     amgi("send", "q", "z", "--database=flag.db", cwd=project, env={"AMGI_DATABASE": "env.db"})
     assert count(project / "flag.db", "q") == 2
+
+
+async def test_an_abbreviated_flag_on_the_command_line_wins_too(project: Path) -> None:
+    """argparse takes ``--head`` for ``--header``, but the variable was added all the
+    same: the message carried the environment's header as well as the command line's, and
+    a bad value in the environment failed a command that gave the option."""
+    from amgi.servers.sqlite import SqliteOptions, SqliteTransport
+
+    sent = await asyncio.to_thread(
+        amgi, "send", "q", "x", "--head", "cmd=2", cwd=project, env={"AMGI_HEADER": "env=1"}
+    )
+    assert sent.returncode == 0, sent.stderr
+    options = SqliteOptions(database=str(project / "amgi.db"))
+    (message,) = await take(SqliteTransport(["q"], options), 1)
+    assert message.headers == [(b"cmd", b"2")]
+    run = await asyncio.to_thread(
+        amgi, "run", "opsapp:app", "q", "--concur", "0", cwd=project,
+        env={"AMGI_CONCURRENCY": "many"},
+    )  # fmt: skip
+    assert "--concurrency must be at least 1" in one_line_error(run), "the flag's value"
 
 
 def test_environment_reaches_runtime_and_server_options(project: Path) -> None:
@@ -181,7 +202,7 @@ def test_metrics_listener_binds_loopback_unless_told_otherwise() -> None:
     try:
         assert ops.sock.getsockname()[0] == "127.0.0.1"
     finally:
-        ops.sock.close()
+        ops.close()
 
 
 @pytest.mark.parametrize(

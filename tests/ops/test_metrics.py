@@ -314,9 +314,9 @@ async def test_sqs_queue_depth_is_reported_and_drains_to_zero(
 async def test_listener_answers_bad_requests_and_head() -> None:
     from amgi.ops.listener import OpsListener, bind
 
-    sock = bind("127.0.0.1", 0)
+    (sock,) = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    listener = OpsListener(sock, lambda: None)  # probes only: no /metrics
+    listener = OpsListener([sock], lambda: None)  # probes only: no /metrics
 
     async def ask(request: bytes) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -336,6 +336,8 @@ async def test_listener_answers_bad_requests_and_head() -> None:
         assert (await ask(b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
         huge = b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 10_000 + b"\r\n\r\n"
         assert (await ask(huge)).startswith(b"HTTP/1.1 431 ")
+        many = b"GET /healthz HTTP/1.1\r\n" + b"X: a\r\n" * 2000 + b"\r\n"
+        assert (await ask(many)).startswith(b"HTTP/1.1 431 "), "short lines, too many"
         assert await ask(b"GET /healthz") == b"", "a request cut short is dropped"
     finally:
         await listener.close()
@@ -347,8 +349,8 @@ async def test_listener_drops_a_client_that_never_finishes_its_request(
     from amgi.ops.listener import OpsListener, bind
 
     monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 0.2)
-    sock = bind("127.0.0.1", 0)
-    listener = OpsListener(sock, lambda: None)
+    (sock,) = bind("127.0.0.1", 0)
+    listener = OpsListener([sock], lambda: None)
     await listener.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
@@ -482,8 +484,8 @@ async def test_listener_drops_a_client_that_does_not_read_its_answer(
 
     monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 0.2)
     body = b"# more than the kernel buffers hold\n" * 500_000
-    sock = bind("127.0.0.1", 0)
-    listener = OpsListener(sock, lambda: None, lambda: body)
+    (sock,) = bind("127.0.0.1", 0)
+    listener = OpsListener([sock], lambda: None, lambda: body)
     await listener.start()
     loop = asyncio.get_running_loop()
     client = socket.socket()
@@ -510,8 +512,8 @@ from amgi.ops.listener import OpsListener, bind
 
 async def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-    sock = bind("127.0.0.1", 0)
-    listener = OpsListener(sock, lambda: None)
+    (sock,) = bind("127.0.0.1", 0)
+    listener = OpsListener([sock], lambda: None)
     await listener.start()
     print(sock.getsockname()[1], flush=True)
     loop = asyncio.get_running_loop()
@@ -564,8 +566,8 @@ async def test_closing_the_listener_does_not_wait_for_idle_clients(
     from amgi.ops.listener import OpsListener, bind
 
     monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 600)
-    sock = bind("127.0.0.1", 0)
-    listener = OpsListener(sock, lambda: None)
+    (sock,) = bind("127.0.0.1", 0)
+    listener = OpsListener([sock], lambda: None)
     await listener.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
     try:
@@ -633,3 +635,154 @@ async def test_consumer_lag_series_are_bounded(caplog: pytest.LogCaptureFixture)
         runtime.request_stop()
         assert await asyncio.wait_for(served, 30) == 0
     assert caplog.text.count("consumer-lag addresses") == 1
+
+
+async def refused_dead_letter_counts(mode: str) -> str:
+    """Serve a Redis address in ``mode`` whose dead-letter key is no stream (every dead
+    letter is refused) with an app that nacks, send one message; the exposition once the
+    nack is counted."""
+    from amgi.servers.redis import RedisOptions, RedisTransport
+    from tests.servers.redis_helpers import URL, client, ensure_broker, fresh
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "message":
+            m = await receive()
+            await send({"type": "message.nack", "id": m["id"], "message": "bad"})
+
+    ensure_broker()
+    address = fresh("refused")
+    redis = await client()
+    await redis.set(f"{address}.dlq", b"not a stream")
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="127.0.0.1"), app, "redis")
+    assert ops.sock is not None
+    url = f"http://127.0.0.1:{ops.sock.getsockname()[1]}/metrics"
+    transport = RedisTransport([address], RedisOptions(url=URL, mode=mode, block=0.1))
+    config = RuntimeConfig(lifespan="off", max_attempts=1)
+    runtime = Runtime(ops.app, transport, config, metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 30)
+        await transport.publish(address, [], b"poison", {})
+        async with asyncio.timeout(30):
+            while True:
+                text = (await asyncio.to_thread(get, url))[1]
+                with contextlib.suppress(AssertionError):
+                    if sample(text, "amgi_messages_nacked_total") >= 1:
+                        return text
+                await asyncio.sleep(0.05)
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 30) == 0
+        await redis.delete(address, f"{address}.dlq")
+        await redis.aclose()
+
+
+async def test_a_lost_dead_letter_has_a_counter_of_its_own() -> None:
+    """A dead letter Redis refused, of a Pub/Sub message (which cannot come back), was only
+    one more in amgi_messages_nacked_total: nothing told that a message was lost."""
+    text = await refused_dead_letter_counts("pubsub")
+    assert sample(text, "amgi_dead_letters_lost_total") == 1
+    assert sample(text, "amgi_messages_kept_total") == 0
+    assert sample(text, "amgi_messages_dead_lettered_total") == 0
+    check = await asyncio.to_thread(_promtool_check, text)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_a_dead_letter_kept_unacknowledged_has_a_counter_of_its_own() -> None:
+    """A refused dead letter of a stream entry (it stays pending, and comes back) has its
+    own counter too, apart from the lost ones."""
+    text = await refused_dead_letter_counts("streams")
+    assert sample(text, "amgi_messages_kept_total") >= 1
+    assert sample(text, "amgi_dead_letters_lost_total") == 0
+    assert sample(text, "amgi_messages_dead_lettered_total") == 0
+
+
+async def test_listener_answers_a_request_whose_lines_end_in_bare_newlines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A probe that ends its lines with "\\n" alone (no "\\r") was never answered: the
+    listener waited for "\\r\\n\\r\\n" until it dropped the connection."""
+    from amgi.ops.listener import OpsListener, bind
+
+    monkeypatch.setattr("amgi.ops.listener._REQUEST_TIMEOUT", 2.0)
+    (sock,) = bind("127.0.0.1", 0)
+    listener = OpsListener([sock], lambda: None)
+    await listener.start()
+    try:
+        for request in (b"GET /healthz HTTP/1.1\n\n", b"GET /readyz HTTP/1.0\nHost: x\r\n\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            writer.write(request)  # and the connection stays open for the answer
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (request, answer)
+    finally:
+        await listener.close()
+
+
+def resolving(monkeypatch: pytest.MonkeyPatch, name: str, *addresses: str) -> None:
+    """Make ``name`` resolve to ``addresses``, in that order (as a resolver may have it)."""
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return resolve(host, *args, **kwargs)
+        return [info for address in addresses for info in resolve(address, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+async def test_listener_binds_every_address_its_host_name_resolves_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--metrics-host localhost`` where the name resolves to ::1 and 127.0.0.1 (as most
+    systems have it) bound ::1 alone: a probe of 127.0.0.1 was refused."""
+    resolving(monkeypatch, "localhost", "::1", "127.0.0.1")
+    broker = MemoryBroker.reset("dual")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    ops = prepare(OpsConfig(metrics_port=0, metrics_host="localhost"), app, "memory")
+    assert ops.sock is not None
+    port = ops.sock.getsockname()[1]
+    transport = MemoryTransport(["q"], MemoryOptions(broker="dual"))
+    runtime = Runtime(ops.app, transport, RuntimeConfig(lifespan="off"), metrics=ops.metrics)
+    served = asyncio.create_task(serve(runtime, ops))
+    try:
+        await asyncio.wait_for(runtime.started.wait(), 10)
+        for host in ("[::1]", "127.0.0.1"):
+            assert await asyncio.to_thread(get, f"http://{host}:{port}/healthz") == (200, "ok\n")
+    finally:
+        runtime.request_stop()
+        assert await asyncio.wait_for(served, 10) == 0
+    assert broker.pending("q") == 0
+    for host in ("::1", "127.0.0.1"):
+        with pytest.raises(ConnectionRefusedError):  # closed with the runtime
+            socket.create_connection((host, port), timeout=5).close()
+
+
+def test_binding_every_address_keeps_one_port_and_one_line_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from amgi.errors import ConfigurationError
+    from amgi.ops.listener import bind
+
+    # An address the host does not have (::1 where IPv6 is off) is left out.
+    resolving(monkeypatch, "partly", "192.0.2.1", "127.0.0.1")
+    (sock,) = bind("partly", 0)
+    sock.close()
+    assert sock.family == socket.AF_INET
+    resolving(monkeypatch, "nowhere", "192.0.2.1")
+    with pytest.raises(ConfigurationError, match="cannot listen on nowhere: Cannot assign"):
+        bind("nowhere", 0)
+    # One address's port in use: one error line, and nothing left bound on the other.
+    resolving(monkeypatch, "both", "::1", "127.0.0.1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigurationError, match=f"--metrics-port {port}: the port is already"):
+            bind("both", port)
+    with socket.create_server(("::1", port), family=socket.AF_INET6):
+        pass  # free again

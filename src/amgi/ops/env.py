@@ -58,12 +58,23 @@ def annotate_help(parser: argparse.ArgumentParser) -> None:
         annotate_help(sub)
 
 
-def _given(action: argparse.Action, argv: Sequence[str]) -> bool:
+def _given(action: argparse.Action, argv: Sequence[str], parser: argparse.ArgumentParser) -> bool:
+    """Whether ``argv`` gives ``action``'s flag: whole, with ``=VALUE``, or shortened as
+    argparse takes it (``--head`` for ``--header``)."""
     for token in argv:
-        for option in action.option_strings:
-            if token == option or token.startswith(option + "="):
-                return True
+        name = token.partition("=")[0]
+        if name in action.option_strings:
+            return True
+        if name.startswith("--") and parser.allow_abbrev and _shortens(parser, name) is action:
+            return True
     return False
+
+
+def _shortens(parser: argparse.ArgumentParser, prefix: str) -> argparse.Action | None:
+    """The action whose flag ``prefix`` stands for: the one flag of ``parser`` it begins
+    (more than one is an error argparse reports)."""
+    matches = [a for o, a in parser._option_string_actions.items() if o.startswith(prefix)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _not_on_off(name: str, value: str) -> ConfigurationError:
@@ -129,7 +140,7 @@ def apply_environment(
                 continue
             name = env_name(flag)
             value = environ.get(name)
-            if value is None or _given(action, out):
+            if value is None or _given(action, out, current):
                 continue
             added += _tokens(action, flag, name, value)
         out[position:position] = added

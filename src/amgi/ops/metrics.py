@@ -80,10 +80,20 @@ class PrometheusMetrics(MetricsHook):
         self._acked = counter("amgi_messages_acked", "Messages the application acked")
         self._nacked = counter(
             "amgi_messages_nacked",
-            "Messages nacked or left unsettled (retried, dead-lettered or not moved yet)",
+            "Messages nacked or left unsettled (retried, dead-lettered, kept or lost)",
         )
         self._retried = counter("amgi_messages_retried", "Nacked messages scheduled for a retry")
         self._dead = counter("amgi_messages_dead_lettered", "Messages stored in the dead letters")
+        self._kept = counter(
+            "amgi_messages_kept",
+            "Nacked messages whose retry or dead letter the broker did not take: kept "
+            "unacknowledged, they come back",
+        )
+        self._lost = counter(
+            "amgi_dead_letters_lost",
+            "Dead letters the broker did not take, of messages it cannot deliver again "
+            "(core NATS, Redis Pub/Sub): lost",
+        )
         self._sent = prom.Counter(
             "messaging_client_sent_messages",
             "Messages the application sent (messaging.client.sent.messages); "
@@ -146,7 +156,7 @@ class PrometheusMetrics(MetricsHook):
         if children is None:
             address = self._bounded(address, self._consumed_names, "consumed")
             children = self._children.get(address) or self._add_children(address)
-        consumed, acked, nacked, retried, dead = children
+        consumed, acked, nacked, retried, dead, kept, lost = children
         consumed.inc(stats.received)
         if stats.acked:
             acked.inc(stats.acked)
@@ -154,6 +164,8 @@ class PrometheusMetrics(MetricsHook):
             nacked.inc(stats.nacked)
             retried.inc(stats.retried)
             dead.inc(stats.dead_lettered)
+            kept.inc(stats.kept)
+            lost.inc(stats.lost)
         size, duration = self._histograms[address]
         size.observe(stats.received)
         duration.observe(stats.duration)
@@ -162,7 +174,15 @@ class PrometheusMetrics(MetricsHook):
         labels = (self.system, address)
         children = self._children[address] = tuple(
             c.labels(*labels)
-            for c in (self._consumed, self._acked, self._nacked, self._retried, self._dead)
+            for c in (
+                self._consumed,
+                self._acked,
+                self._nacked,
+                self._retried,
+                self._dead,
+                self._kept,
+                self._lost,
+            )
         )
         self._histograms[address] = (self._batch.labels(*labels), self._duration.labels(*labels))
         return children

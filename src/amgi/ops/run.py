@@ -47,11 +47,22 @@ def tracing_enabled(mode: TracingMode) -> bool:
 
 @dataclass(slots=True)
 class Operations:
-    """The app as it runs (traced or not), the metrics hook and the bound probe socket."""
+    """The app as it runs (traced or not), the metrics hook and the bound probe sockets
+    (one per address of ``--metrics-host``, all on one port)."""
 
     app: AMGIApplication
     metrics: MetricsHook | None
-    sock: socket.socket | None
+    socks: list[socket.socket]
+
+    @property
+    def sock(self) -> socket.socket | None:
+        """The first probe socket (its port is every one's), ``None`` without probes."""
+        return self.socks[0] if self.socks else None
+
+    def close(self) -> None:
+        """Close the probe sockets (when they will not be served)."""
+        for sock in self.socks:
+            sock.close()
 
 
 def prepare(
@@ -59,7 +70,7 @@ def prepare(
 ) -> Operations:
     """Check and set up everything ``config`` asks for; raise ``ConfigurationError``."""
     metrics: MetricsHook | None = None
-    sock: socket.socket | None = None
+    socks: list[socket.socket] = []
     check_app(app)  # the app itself: the runtime would only see the tracing wrapper
     if tracing_enabled(config.tracing):
         from amgi.ops.tracing import instrument
@@ -71,8 +82,8 @@ def prepare(
 
         metrics = PrometheusMetrics(server)
         port = config.metrics_port + (worker or 0) if config.metrics_port else 0
-        sock = bind(config.metrics_host, port)
-    return Operations(app, metrics, sock)
+        socks = bind(config.metrics_host, port)
+    return Operations(app, metrics, socks)
 
 
 async def serve(runtime: Runtime, ops: Operations) -> int:
@@ -86,9 +97,9 @@ async def serve(runtime: Runtime, ops: Operations) -> int:
 
 
 async def _serve(runtime: Runtime, ops: Operations) -> int:
-    if ops.sock is None:
+    if not ops.socks:
         return await runtime.serve()
-    from amgi.ops.listener import OpsListener
+    from amgi.ops.listener import OpsListener, url
     from amgi.ops.metrics import PrometheusMetrics
 
     metrics = ops.metrics if isinstance(ops.metrics, PrometheusMetrics) else None
@@ -108,10 +119,10 @@ async def _serve(runtime: Runtime, ops: Operations) -> int:
             return "broker unreachable"
         return None
 
-    listener = OpsListener(ops.sock, readiness, exposition)
+    listener = OpsListener(ops.socks, readiness, exposition)
     await listener.start()
-    host, port = ops.sock.getsockname()[:2]
-    logger.info("probes%s on http://%s:%d", " and metrics" if exposition else "", host, port)
+    urls = ", ".join(url(sock) for sock in ops.socks)
+    logger.info("probes%s on %s", " and metrics" if exposition else "", urls)
     try:
         return await runtime.serve()
     finally:
@@ -128,11 +139,10 @@ def check_workers(
         raise ConfigurationError(
             f"--workers: the {transport.name} server runs in one process: {why}"
         )
-    ops = prepare(config, app, server)
-    if ops.sock is not None:
-        ops.sock.close()
+    prepare(config, app, server).close()
     if config.metrics_port:
         from amgi.ops.listener import bind
 
         for i in range(1, config.workers):  # worker 0's port: prepare bound it
-            bind(config.metrics_host, config.metrics_port + i).close()
+            for sock in bind(config.metrics_host, config.metrics_port + i):
+                sock.close()
