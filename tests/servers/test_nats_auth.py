@@ -117,6 +117,23 @@ async def test_tls_with_the_servers_ca_end_to_end(
     )
 
 
+async def test_tls_files_that_do_not_load_name_the_option_and_the_file(tmp_path: Path) -> None:
+    """ssl's own words reached the user (``nats: cannot load the TLS files: [Errno 2] No
+    such file or directory``, ``[SSL] PEM lib``), naming no option and no file."""
+    from amgi.errors import ConfigurationError
+
+    _, key = self_signed(tmp_path)
+    missing = str(tmp_path / "missing.pem")
+    for options, error in [
+        ({"tls_ca": missing}, f"nats: cannot load --tls-ca {missing!r}: No such file"),
+        ({"tls_cert": str(key), "tls_key": str(key)}, f"nats: cannot load --tls-cert {str(key)!r}"),
+    ]:
+        transport = NatsTransport(["a"], NatsOptions(servers="nats://127.0.0.1:1", **options))
+        with pytest.raises(ConfigurationError) as info:
+            await transport.connect()
+        assert str(info.value).startswith(error), info.value
+
+
 async def test_mutual_tls_with_a_client_certificate_end_to_end(
     tmp_path: Path, processes: list[AmgiProcess], verifying_server: str, certs: Certs
 ) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from amgi.errors import BrokerUnavailable, ConfigurationError
-from amgi.servers.kit import mask_url, untrusted_certificate
+from amgi.servers.kit import client_context, mask_url, untrusted_certificate
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -162,12 +162,16 @@ async def _unless(work: Awaitable[T], refusal: Awaitable[object]) -> T:
 
 
 def _tls(options: NatsOptions) -> ssl.SSLContext | None:
+    """The TLS context of the options, ``None`` without TLS; a file that does not load
+    is one :class:`ConfigurationError` naming it."""
     if not (options.tls or options.tls_ca or options.tls_cert):
         return None
-    context = ssl.create_default_context(cafile=options.tls_ca or None)
-    if options.tls_cert:
-        context.load_cert_chain(options.tls_cert, options.tls_key or None)
-    return context
+    return client_context(
+        "nats",
+        ("--tls-ca", options.tls_ca),
+        ("--tls-cert", options.tls_cert),
+        ("--tls-key", options.tls_key),
+    )
 
 
 def _check_credential_files(options: NatsOptions) -> None:
@@ -280,10 +284,7 @@ async def open_connection(options: NatsOptions, refusals: Refusals | None = None
     if options.nkey_seed:
         kwargs["nkeys_seed"] = options.nkey_seed
     _check_credential_files(options)
-    try:
-        kwargs["tls"] = _tls(options)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(f"nats: cannot load the TLS files: {exc}") from None
+    kwargs["tls"] = _tls(options)
     shown = ", ".join(mask_url(s) for s in servers)  # a server URL may hold user:password
     first_error: list[BaseException] = []
 
