@@ -237,6 +237,11 @@ class App:
         declared with the filter as its literal address) takes what ``address`` does not.
         """
         found = self._router.route(address)
+        if found is None and fallback is None:
+            # No handler for the call's address (an AMQP queue): each message is routed
+            # by the address it was sent to (its routing key), as a filter's are.
+            await self._serve_filtered(address, receive, send, state, dead_letter_ok)
+            return
         if found is None and fallback is not None:
             by_filter = self._router.route(fallback)
             if by_filter is not None and not by_filter[1]:
@@ -266,11 +271,13 @@ class App:
         state: Mapping[str, Any],
         dead_letter_ok: bool,
     ) -> None:
-        """Serve a call whose address is a subscription filter (NATS ``orders.*``).
+        """Serve a call whose address is a subscription filter (NATS ``orders.*``), or
+        one no handler takes (an AMQP queue bound to a topic exchange).
 
         Its messages were published to several addresses: each is routed by its own
-        (``bindings["nats"]["subject"]``), so that ``orders.{region}`` gets ``eu``, not
-        ``*``. Runs of messages with one address are served in turn, in broker order.
+        (``bindings["nats"]["subject"]``, ``bindings["amqp"]["routingKey"]``), so that
+        ``orders.{region}`` gets ``eu``, not ``*``. Runs of messages with one address are
+        served in turn, in broker order.
         """
         events = await receive_all(receive)
         start = 0
@@ -350,9 +357,10 @@ def _is_filter(address: str) -> bool:
 
 
 def _own_address(event: Any, address: str) -> str:
-    """The address a message of a filter's call was published to (``address`` if unknown)."""
+    """The address a message of a filter's (or a queue's) call was published to
+    (``address`` if unknown)."""
     bindings = event.get("bindings") or {}
-    for protocol, key in (("nats", "subject"), ("mqtt", "topic")):
+    for protocol, key in (("nats", "subject"), ("mqtt", "topic"), ("amqp", "routingKey")):
         own = (bindings.get(protocol) or {}).get(key)
         if isinstance(own, str) and own:
             return own
