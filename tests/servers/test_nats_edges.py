@@ -189,6 +189,41 @@ async def test_core_mode_holds_a_bounded_number_of_messages_for_a_slow_app(
     assert "at most once" in lines[0]
 
 
+async def test_core_mode_counts_retries_waiting_towards_what_it_holds(
+    subject: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries waiting in memory were not counted: an app nacking every message with a
+    long delay held arrivals x delay messages, without bound. Now they count towards the
+    limit (shortened here to 5): what arrives beyond it is dropped, with its line."""
+    from amgi.servers.nats import _core
+
+    monkeypatch.setattr(_core, "_MAX_BUFFERED", 5, raising=False)
+    options = NatsOptions(servers=URL, mode="core", queue=fresh("q"))
+    t = NatsTransport([subject], options)
+    await t.connect()
+    try:
+        await core_publish(subject, [b"%d" % i for i in range(4)])
+        batches: list[Batch] = []
+        async with asyncio.timeout(5):
+            while sum(len(b.messages) for b in batches) < 4:
+                batches += await t.fetch()
+        for b in batches:
+            await t.settle(b, Settlement(retry=[Retry(m, "later", 60) for m in b.messages]))
+        held = t._subscriptions
+        assert held is not None
+        await core_publish(subject, [b"%d" % i for i in range(4, 10)])
+        await until(lambda: len(held._buffer) + held._dropped == 6, 5, "the six")
+        assert len(held._buffer) == 1  # 4 retries waiting and 1 new: the limit
+        retry_bytes = held._retry_bytes
+    finally:
+        await t.close()
+    assert sum(len(b.messages) for b in batches) == 4
+    assert retry_bytes == 4
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "5 message(s) dropped" in lines[0]
+
+
 # -- the dead-letter stream is looked up when something may have changed -------------------
 
 

@@ -28,10 +28,10 @@ _CHECK = 1.0
 
 _MAX_BUFFERED = 512 * 1024
 _MAX_BUFFERED_BYTES = 128 * 1024 * 1024
-"""Messages (and payload bytes) received and not fetched yet that are held at most
-(nats-py's own limits per subscription): beyond, an app slower than the publishers would
-grow the process without bound, so a message that arrives then is dropped, as NATS drops
-a slow consumer's."""
+"""Messages (and payload bytes) received and not fetched yet, or waiting for their retry,
+that are held at most (nats-py's own limits per subscription): beyond, an app slower than
+the publishers (or nacking them all) would grow the process without bound, so a message
+that arrives then is dropped, as NATS drops a slow consumer's."""
 
 _DROPS_EVERY = 10.0
 """Seconds between two lines counting the messages dropped."""
@@ -64,6 +64,9 @@ class Subscriptions:
         self._arrived = asyncio.Event()
         refusals.wake = self._arrived.set
         self._retries: DueList[tuple[str, Message]] = DueList()
+        self._retry_bytes = 0
+        """The payload bytes of the retries waiting: they count towards the limits, or an
+        app that nacks everything would grow the process with arrivals x retry delay."""
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -78,8 +81,8 @@ class Subscriptions:
         async def on_message(msg: Any) -> None:
             size = len(msg.data)
             if (
-                len(self._buffer) >= _MAX_BUFFERED
-                or self._buffered_bytes + size > _MAX_BUFFERED_BYTES
+                len(self._buffer) + len(self._retries) >= _MAX_BUFFERED
+                or self._buffered_bytes + self._retry_bytes + size > _MAX_BUFFERED_BYTES
             ):
                 self._dropped += 1
                 return
@@ -132,6 +135,7 @@ class Subscriptions:
         subs, self._subs = self._subs, []
         lost = len(self._buffer) + len(self._retries)
         self._retries.clear()
+        self._retry_bytes = 0
         self._buffer.clear()
         self._buffered_bytes = 0
         self._say_dropped(float("inf"))
@@ -156,6 +160,7 @@ class Subscriptions:
             grouped: dict[str, list[Message]] = {}
             for subject, message in due:
                 message.attempt += 1
+                self._retry_bytes -= len(message.payload or b"")
                 grouped.setdefault(subject, []).append(message)
             for subject, messages in self._grouped(self.options.batch_size).items():
                 grouped.setdefault(subject, []).extend(messages)
@@ -204,6 +209,7 @@ class Subscriptions:
         now = asyncio.get_running_loop().time()
         for r in settlement.retry:
             self._retries.add(now + r.delay, (subject, r.message))
+            self._retry_bytes += len(r.message.payload or b"")
         if settlement.retry:
             self._arrived.set()  # the reader sleeps until its next due time: wake it
         if not dead:
