@@ -239,11 +239,14 @@ class KafkaTransport(Consuming, DeadLetters, Producing, Transport):
             self._poll_thread = None
         producers = [p for p in (self._producer, self._mover) if p is not None]
         self._producer = self._mover = None
+        if self._retiring:  # failed producers being closed: before their threads are joined
+            await asyncio.wait(set(self._retiring))
         await asyncio.gather(*(self._flush_at_close(p) for p in producers))
         self._stopping.set()
         threads, self._delivery_threads = self._delivery_threads, []
         for thread in threads:
             await loop.run_in_executor(None, thread.join)
+        self._producer_threads.clear()
         # The client's threads end now, not when its last reference goes (a traceback
         # of a failed connect holds one). Older confluent-kafka releases lack close().
         for producer in producers:

@@ -107,6 +107,12 @@ class KafkaClient:
         self._poll_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._delivery_threads: list[threading.Thread] = []
         """One per producer: each serves its producer's delivery reports."""
+        self._producer_threads: dict[int, tuple[threading.Event, threading.Thread]] = {}
+        """By ``id()`` of a producer: what retires its thread, and the thread."""
+        self._replace_due: dict[str, float] = {}
+        """By role: monotonic time before which a failed producer is not replaced again."""
+        self._retiring: set[asyncio.Task[None]] = set()
+        """Producers that failed for good being closed (``Producing._retire``)."""
         self._stopping = threading.Event()
         self._closing = False
         self._poll_future: asyncio.Future[list[Batch]] | None = None

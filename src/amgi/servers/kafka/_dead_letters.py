@@ -15,11 +15,13 @@ the transport) runs them in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from amgi.errors import ConfigurationError
+from amgi.errors import BrokerUnavailable, ConfigurationError
 from amgi.servers.kafka._producer import Producing
 from amgi.servers.kafka.records import split_dead_letter
 from amgi.transport import StoredDeadLetter
@@ -46,11 +48,14 @@ class DeadLetterReader:
     group's committed offsets on."""
 
     def __init__(self, conf: dict[str, Any], topic: str, timeout: float) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import Consumer
 
         self.topic = topic
         self._timeout = timeout
         self._opened = time.time()
+        self._next: dict[int, int] = {}
+        self._end: dict[int, int] = {}
+        self._done: set[int] = set()
         self._consumer = Consumer(
             {
                 **conf,
@@ -61,30 +66,34 @@ class DeadLetterReader:
             }
         )
         try:
-            metadata = self._consumer.list_topics(topic, timeout=timeout)
-            found = metadata.topics.get(topic)
-            if found is None or found.error is not None or not found.partitions:
-                raise ConfigurationError(f"there is no dead-letter topic {topic!r}")
-            parts = [TopicPartition(topic, p) for p in sorted(found.partitions)]
-            committed = self._consumer.committed(parts, timeout=timeout)
-            self._next: dict[int, int] = {}
-            self._end: dict[int, int] = {}
-            self._done: set[int] = set()
-            starts = []
-            for tp in committed:
-                low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, tp.partition), timeout=timeout
-                )
-                start = tp.offset if tp.offset >= 0 else low
-                self._next[tp.partition] = start
-                self._end[tp.partition] = high
-                starts.append(
-                    TopicPartition(topic, tp.partition, start if start >= 0 else OFFSET_BEGINNING)
-                )
-            self._consumer.assign(starts)
+            with _unavailable(f"cannot read the dead-letter topic {topic!r}"):
+                self._open(topic, timeout)
         except BaseException:
             self._consumer.close()
             raise
+
+    def _open(self, topic: str, timeout: float) -> None:
+        """Assign every partition of ``topic`` from the replay group's offsets on."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        metadata = self._consumer.list_topics(topic, timeout=timeout)
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise ConfigurationError(f"there is no dead-letter topic {topic!r}")
+        parts = [TopicPartition(topic, p) for p in sorted(found.partitions)]
+        committed = self._consumer.committed(parts, timeout=timeout)
+        starts = []
+        for tp in committed:
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, tp.partition), timeout=timeout
+            )
+            start = tp.offset if tp.offset >= 0 else low
+            self._next[tp.partition] = start
+            self._end[tp.partition] = high
+            starts.append(
+                TopicPartition(topic, tp.partition, start if start >= 0 else OFFSET_BEGINNING)
+            )
+        self._consumer.assign(starts)
 
     def read(self, limit: int) -> list[ReadDeadLetter]:
         """Up to ``limit`` more dead letters, in partition order; none when all are read.
@@ -101,7 +110,8 @@ class DeadLetterReader:
         out: list[ReadDeadLetter] = []
         idle = 0.0
         while len(out) < limit:
-            records = self._consumer.consume(min(500, limit - len(out)), timeout=_POLL)
+            with _unavailable(f"reading the dead-letter topic {self.topic!r} failed"):
+                records = self._consumer.consume(min(500, limit - len(out)), timeout=_POLL)
             if not records:
                 if all(self._next[p] >= end for p, end in self._end.items()):
                     break
@@ -133,13 +143,28 @@ class DeadLetterReader:
         from confluent_kafka import TopicPartition
 
         if offsets:
-            self._consumer.commit(
-                offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
-                asynchronous=False,
-            )
+            with _unavailable(f"cannot mark dead letters of {self.topic!r} replayed"):
+                self._consumer.commit(
+                    offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
+                    asynchronous=False,
+                )
 
     def close(self) -> None:
         self._consumer.close()
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """Raise a client error within as one readable :class:`BrokerUnavailable` (the CLI
+    showed ``unexpected KafkaException: KafkaError{code=_TIMED_OUT,val=-185,...}``)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    try:
+        yield
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        why = error.str() if isinstance(error, KafkaError) else str(exc)
+        raise BrokerUnavailable(f"{what}: {why}") from None
 
 
 def _written_after(record: Any, moment: float) -> bool:
@@ -197,7 +222,14 @@ class DeadLetters(Producing):
                 ends: dict[int, int] = {}
                 for d in chunk:
                     ends[d.partition] = max(ends.get(d.partition, 0), d.offset + 1)
-                await asyncio.to_thread(reader.commit, ends)
+                try:
+                    await asyncio.to_thread(reader.commit, ends)
+                except BrokerUnavailable as exc:
+                    raise BrokerUnavailable(
+                        f"{exc}; {moved + len(chunk)} dead letter(s) were sent back to "
+                        f"{address!r}, the last {len(chunk)} of them still listed: a next "
+                        "replay sends those again"
+                    ) from None
                 moved += len(chunk)
         finally:
             await asyncio.to_thread(reader.close)

@@ -27,13 +27,17 @@ from amgi.transport import DeadLetter, HeaderList, Message, Retry, Settlement
 
 logger = logging.getLogger("amgi.servers.kafka")
 
+_REPLACE_INTERVAL = 5.0
+"""Least seconds between two replacements of a producer that failed for good."""
+
 
 class Producing(KafkaClient):
     """Produce records and await the broker's acknowledgement without blocking the loop."""
 
-    def _serve_deliveries(self, producer: Any) -> None:
-        """Serve ``producer``'s delivery reports until the transport stops (a thread)."""
-        while not self._stopping.is_set():
+    def _serve_deliveries(self, producer: Any, retired: threading.Event) -> None:
+        """Serve ``producer``'s delivery reports until the transport stops or the
+        producer is ``retired`` (a thread)."""
+        while not self._stopping.is_set() and not retired.is_set():
             producer.poll(0.1)
 
     def _start_producers(self) -> None:
@@ -61,15 +65,69 @@ class Producing(KafkaClient):
         except (KafkaException, ValueError, TypeError) as exc:
             why = redact(str(exc), self.config)  # librdkafka quotes a bad value
             raise ConfigurationError(f"invalid Kafka producer option: {why}") from None
+        retired = threading.Event()
         thread = threading.Thread(
             target=self._serve_deliveries,
-            args=(producer,),
+            args=(producer, retired),
             name=f"amgi-kafka-delivery-{role}",
             daemon=True,
         )
         self._delivery_threads.append(thread)
+        self._producer_threads[id(producer)] = (retired, thread)
         thread.start()
         return producer
+
+    def _producer_failed(self, producer: Any, why: str) -> None:
+        """``producer`` failed for good (a fatal error: librdkafka takes no record from
+        it any more): put a new one in its place and retire it (the event loop).
+
+        Tansu fences an idempotent producer whose send timed out, and every later send,
+        retry copy and dead letter then failed alike, for ever. A new producer gets a new
+        producer id; the sends under way on the old one fail, for now (their senders and
+        ``move_aside`` send them again). Replaced at most once per ``_REPLACE_INTERVAL``:
+        a broker that fails every new producer at once is not asked in a loop.
+        """
+        if producer is self._producer:
+            role, acks = "producer", None
+        elif producer is self._mover:
+            role, acks = "mover", "all"
+        else:
+            return  # replaced already
+        now = time.monotonic()
+        if self._closing or now < self._replace_due.get(role, 0.0):
+            return
+        self._replace_due[role] = now + _REPLACE_INTERVAL
+        logger.warning(
+            "the Kafka %s failed for good (%s): replaced by a new one; its sends under way fail",
+            role,
+            why,
+        )
+        try:
+            new = self._new_producer(acks, role)
+        except ConfigurationError as exc:  # the options were taken once: unlikely
+            logger.error("the Kafka %s could not be replaced: %s", role, exc)
+            return
+        if role == "producer":
+            self._producer = new
+        else:
+            self._mover = new
+        task = asyncio.get_running_loop().create_task(self._retire(producer))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, producer: Any) -> None:
+        """Stop the thread of a failed producer, fail the sends it still holds, close it."""
+        retired, thread = self._producer_threads.pop(id(producer))
+        retired.set()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, thread.join)
+        if thread in self._delivery_threads:
+            self._delivery_threads.remove(thread)
+        producer.purge()
+        producer.poll(0)  # their delivery reports: a send still awaited fails now
+        close = getattr(producer, "close", None)  # older confluent-kafka releases lack it
+        if close is not None:
+            await loop.run_in_executor(None, close)
 
     def _produce(
         self,
@@ -99,10 +157,13 @@ class Producing(KafkaClient):
                 return
             if err is None:
                 done.set_result(None)
-            else:
-                error = KafkaSendError(f"Kafka did not take a record for {topic!r}: {err.str()}")
-                error.for_now = _for_now(err)
-                done.set_exception(error)
+                return
+            error = KafkaSendError(f"Kafka did not take a record for {topic!r}: {err.str()}")
+            error.for_now = _for_now(err)
+            if _failed_for_good(err):  # the producer's state, not the record's: replaced
+                error.for_now = True
+                self._producer_failed(producer, err.str())
+            done.set_exception(error)
 
         def on_delivery(err: Any, record: Any) -> None:
             loop.call_soon_threadsafe(settle_future, err, record)
@@ -128,7 +189,11 @@ class Producing(KafkaClient):
             # A KafkaException carries a KafkaError, whose str() is the readable part.
             error: Any = exc.args[0] if exc.args else None
             text = error.str() if hasattr(error, "str") else str(exc)
-            done.set_exception(KafkaSendError(f"cannot send to {topic!r}: {text}"))
+            refused = KafkaSendError(f"cannot send to {topic!r}: {text}")
+            if hasattr(error, "fatal") and _failed_for_good(error):  # as in settle_future
+                refused.for_now = True
+                self._producer_failed(producer, text)
+            done.set_exception(refused)
         return done
 
     async def _republish(
@@ -208,3 +273,14 @@ _FOR_NOW = frozenset(
 def _for_now(err: Any) -> bool:
     """Whether delivery error ``err`` may pass: no fault of the record's."""
     return bool(err.retriable()) or err.name() in _FOR_NOW
+
+
+_FOR_GOOD = frozenset({"_FATAL", "PRODUCER_FENCED"})
+"""Delivery errors (librdkafka's names) after which the producer takes no record again.
+librdkafka flags its own fatal errors (``fatal()``) on its error callback, not on the
+records' delivery reports, which carry the broker's: a fenced producer's."""
+
+
+def _failed_for_good(err: Any) -> bool:
+    """Whether error ``err`` leaves its producer unusable (replaced: ``_producer_failed``)."""
+    return bool(err.fatal()) or err.name() in _FOR_GOOD
