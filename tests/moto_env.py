@@ -1,9 +1,11 @@
 """moto's address, the dummy AWS environment the tests that talk to it run in, and
-private moto servers (one that checks credentials, one a test may stop)."""
+private moto servers (one that checks credentials, one that enforces IAM policies, one a
+test may stop)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +75,39 @@ def private_moto(*, check_credentials: bool = False) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def iam_user(url: str, name: str, deny: list[str]) -> tuple[str, str]:
+    """Make IAM user ``name`` of the moto at ``url``, allowed every SQS action but those
+    in ``deny``; its access key id and secret (for a moto that enforces IAM:
+    :func:`enforce_iam`). Made with the dummy credentials, before enforcing."""
+    import boto3
+
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    statements = [{"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}]
+    if deny:
+        statements.append({"Effect": "Deny", "Action": deny, "Resource": "*"})
+    policy = json.dumps({"Version": "2012-10-17", "Statement": statements})
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName="sqs", PolicyDocument=policy)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def enforce_iam(url: str) -> None:
+    """From now on the moto at ``url`` (a private one) checks every request against IAM:
+    only the keys of its IAM users pass, and only for what their policies allow."""
+    request = urllib.request.Request(
+        f"{url}/moto-api/reset-auth",
+        data=b"0",  # requests let through unchecked from now on
+        method="POST",
+        headers={"Content-Type": "text/plain"},  # a form body would be parsed away
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass

@@ -20,7 +20,7 @@ from amgi.servers.sqs import SqsOptions, SqsSendError, SqsTransport
 from amgi.servers.sqs._client import send_each
 from amgi.transport import Batch, DeadLetter, Retry, Settlement
 from tests.apps import attempts_app
-from tests.moto_env import ENDPOINT, private_moto, use_moto_credentials
+from tests.moto_env import ENDPOINT, enforce_iam, iam_user, private_moto, use_moto_credentials
 
 
 @pytest.fixture(autouse=True)
@@ -880,6 +880,138 @@ async def test_runtime_acks_retries_and_dead_letters(
     assert len({p for p, _ in seen}) == 20
     assert dead[0]["MessageAttributes"]["amgi-dead-letter-reason"]["StringValue"] == "bad payload"
     assert await counts(admin, name) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def iam_moto() -> Iterator[tuple[str, dict[str, tuple[str, str]]]]:
+    """A private moto enforcing IAM (its URL) and the keys of its users: ``admin`` may
+    make every SQS call, ``no-delete``, ``no-receive``, ``no-create`` and ``no-send``
+    all but those."""
+    with private_moto() as url:
+        users = {
+            "admin": iam_user(url, "admin", []),
+            "no-delete": iam_user(url, "no-delete", ["sqs:DeleteMessage*"]),
+            "no-receive": iam_user(url, "no-receive", ["sqs:ReceiveMessage"]),
+            "no-create": iam_user(url, "no-create", ["sqs:CreateQueue"]),
+            "no-send": iam_user(url, "no-send", ["sqs:SendMessage"]),
+        }
+        enforce_iam(url)
+        yield url, users
+
+
+async def denied(
+    monkeypatch: pytest.MonkeyPatch,
+    iam_moto: tuple[str, dict[str, tuple[str, str]]],
+    user: str,
+    *,
+    dead_letter_queue: bool = False,
+) -> str:
+    """A new queue of ``iam_moto`` holding one message ``b"a"`` (its name), and its
+    ``-dlq`` if ``dead_letter_queue``; the environment's credentials are from now on
+    those of ``user``."""
+    url, users = iam_moto
+
+    def as_user(name: str) -> None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", users[name][0])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", users[name][1])
+
+    as_user("admin")
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    setup = SqsTransport([], options(endpoint_url=url))
+    await setup.connect()
+    await setup.client.create_queue(QueueName=name)
+    if dead_letter_queue:
+        await setup.client.create_queue(QueueName=f"{name}-dlq")
+    await setup.publish(name, [], b"a", {})
+    await setup.close()
+    as_user(user)
+    return name
+
+
+async def run_until_it_ends(runtime: Runtime, timeout: float = 30) -> int:
+    """The exit code of ``runtime.serve()``, which must end by itself within ``timeout``."""
+    task = asyncio.create_task(runtime.serve())
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(task)
+    finally:
+        runtime.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_deletes_the_caller_may_not_make_end_the_run_with_one_error(
+    monkeypatch: pytest.MonkeyPatch, iam_moto: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials that may receive but not delete (an IAM deny on sqs:DeleteMessage):
+    every ack fails, for good. Before, the run went on, and each acked message came back
+    after every visibility timeout, was processed again and failed to delete again, for
+    ever; now the first refusal ends the run with one error naming the permission, and
+    the acked message is visible again at once (for credentials that may delete it)."""
+    url = iam_moto[0]
+    name = await denied(monkeypatch, iam_moto, "no-delete")
+    seen: list[tuple[bytes, int]] = []
+    transport = SqsTransport([name], options(endpoint_url=url, visibility_timeout=30))
+    runtime = Runtime(attempts_app(seen), transport, RuntimeConfig(lifespan="off"))
+    assert await run_until_it_ends(runtime) == 1
+    assert seen == [(b"a", 1)]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("allow sqs:DeleteMessage" in e for e in errors), errors
+    checker = SqsTransport([], options(endpoint_url=url))
+    await checker.connect()
+    try:
+        assert await counts(checker, name) == (1, 0)  # not hidden for 30 s
+    finally:
+        await checker.close()
+
+
+@pytest.mark.parametrize(
+    ("user", "allow"), [("no-create", "sqs:CreateQueue"), ("no-send", "sqs:SendMessage")]
+)
+async def test_dead_letters_the_caller_may_not_store_end_the_run_with_one_error(
+    monkeypatch: pytest.MonkeyPatch,
+    iam_moto: Any,
+    caplog: pytest.LogCaptureFixture,
+    user: str,
+    allow: str,
+) -> None:
+    """Credentials that may consume but not create the dead-letter queue (no redrive
+    policy), or not send to it. Before, every dead letter failed, and its message came
+    back after every visibility timeout and was delivered again, past --max-attempts,
+    for ever (14 deliveries in 15 s at a 1 s visibility timeout); now the first refusal
+    ends the run with one error naming the permission, the message visible again."""
+    url = iam_moto[0]
+    name = await denied(monkeypatch, iam_moto, user, dead_letter_queue=user == "no-send")
+    seen: list[tuple[bytes, int]] = []
+    transport = SqsTransport([name], options(endpoint_url=url, visibility_timeout=30))
+    config = RuntimeConfig(lifespan="off", max_attempts=1)
+    runtime = Runtime(attempts_app(seen, nack=b"a"), transport, config)
+    assert await run_until_it_ends(runtime) == 1
+    assert seen == [(b"a", 1)]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(allow in e and "dead" in e for e in errors), errors
+    checker = SqsTransport([], options(endpoint_url=url))
+    await checker.connect()
+    try:
+        assert await counts(checker, name) == (1, 0)  # not hidden for 30 s
+    finally:
+        await checker.close()
+
+
+async def test_receives_the_caller_may_not_make_end_the_run_with_one_error(
+    monkeypatch: pytest.MonkeyPatch, iam_moto: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials that may look the queue up but not receive from it (an IAM deny on
+    sqs:ReceiveMessage). Before, the run went
+    on for ever with one "fetch failed (retrying)" line, consuming nothing; now it ends
+    with one error naming the permission."""
+    name = await denied(monkeypatch, iam_moto, "no-receive")
+    seen: list[tuple[bytes, int]] = []
+    transport = SqsTransport([name], options(endpoint_url=iam_moto[0]))
+    runtime = Runtime(attempts_app(seen), transport, RuntimeConfig(lifespan="off"))
+    assert await run_until_it_ends(runtime) == 1
+    assert seen == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("allow sqs:ReceiveMessage" in e for e in errors), errors
 
 
 async def test_a_slow_app_gets_no_message_twice(

@@ -32,6 +32,8 @@ stop                 the long polls in flight are awaited (at most ``wait_time``
                      timeout with one receive counted
 close                messages received and not settled are made visible again at once
 crash                unsettled messages come back when their visibility timeout ends
+refused              a receive, a delete or a dead letter the credentials may not make
+                     (AccessDenied) ends the run; what it left is visible again at close
 backlog (metrics)    ``ApproximateNumberOfMessages`` per queue, read every 5 s by an owned
                      task, once metrics asked for it
 dead letters (CLI)   list: received from the dead-letter queue, made visible again at
@@ -260,14 +262,16 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         # unstarted, none of them reached the app, and they go back now, not after the
         # visibility timeout (up to 12 hours).
         unsettled: dict[str, tuple[_Queue, list[tuple[str, float]]]] = {}
-        for handle, held in self._held.items():
-            unsettled.setdefault(held.queue.url, (held.queue, []))[1].append((handle, 0))
+        held_queues = [(h, held.queue) for h, held in self._held.items()]
+        for handle, queue in [*held_queues, *self._undeleted.items()]:
+            unsettled.setdefault(queue.url, (queue, []))[1].append((handle, 0))
         # The releases must land after an extension on its way (bounded); with none to
         # send, nothing waits for it. Either way no extension outlives the client.
         await self._after_lease(patience=_LEASE_LANDING if unsettled else 0)
         if self._client is not None and unsettled:
             await asyncio.gather(*(self._release(q, e) for q, e in unsettled.values()))
         self._held.clear()
+        self._undeleted.clear()
         depths, self._depths = self._depths, None
         if depths is not None:
             await depths.close()
@@ -299,9 +303,14 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
         """Keep ``receivers`` long polls per queue in flight; return what the first bring."""
         if not self._consumed:
             raise ConfigurationError("sqs: no queue to consume (give at least one address)")
+        if self._refused is None:
+            self._refused = asyncio.get_running_loop().create_future()
         while True:
+            self._check_refusal()
             self._fill()
-            await asyncio.wait([r.task for r in self._receives], return_when="FIRST_COMPLETED")
+            waits: list[asyncio.Future[Any]] = [self._refused, *(r.task for r in self._receives)]
+            await asyncio.wait(waits, return_when="FIRST_COMPLETED")
+            self._check_refusal()
             batches: list[Batch] = []
             error: BaseException | None = None
             still: list[_Receive] = []

@@ -88,6 +88,14 @@ class SqsSendError(SendError):
     """SQS did not take a ``message.send``."""
 
 
+class _Rejected(BrokerUnavailable):
+    """A queue lookup SQS refused these credentials (``code``: why)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(slots=True, eq=False)
 class _Queue:
     """What the transport knows about one queue, looked up once."""
@@ -238,7 +246,7 @@ def _connect_error(exc: Exception, queue: str, endpoint: str) -> Exception:
         return ConfigurationError(f"sqs: queue {queue!r} does not exist at {where}")
     rejected = _rejected_credentials(exc, code)
     if rejected is not None:
-        return BrokerUnavailable(f"sqs: {where} rejected the AWS credentials ({rejected})")
+        return _Rejected(f"sqs: {where} rejected the AWS credentials ({rejected})", rejected)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return BrokerUnavailable(
             "sqs: no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
@@ -278,6 +286,14 @@ class SqsClient:
         """Per consumed queue, ``ApproximateNumberOfMessages`` (metrics)."""
         self._lease: asyncio.Future[Any] | None = None
         """The lease extension on its way to SQS, if any (``extend``)."""
+        self._refusal: ConfigurationError | None = None
+        """Why consuming cannot go on: SQS refused these credentials a call settling
+        messages (a delete, a dead letter's queue or send)."""
+        self._refused: asyncio.Future[None] | None = None
+        """Done once ``_refusal`` is set: wakes a fetch waiting for its long polls."""
+        self._undeleted: dict[str, _Queue] = {}
+        """Receipt handle -> queue of each message a refusal left unsettled (not
+        deleted): made visible again at close, with the messages held."""
 
     async def _queue_count(self, queue: _Queue, attribute: str) -> int:
         """One of SQS's (approximate) counts of ``queue``: ``ApproximateNumberOfMessages``
@@ -380,8 +396,18 @@ class SqsClient:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if _error_code(exc) in _MISSING_QUEUE_CODES:
+            code = _error_code(exc)
+            if code in _MISSING_QUEUE_CODES:
                 raise ConfigurationError(f"sqs: queue {queue.name!r} no longer exists") from None
+            denied = _rejected_credentials(exc, code)
+            if denied is not None:
+                # Refused for good (a policy): retried, the run would go on for ever
+                # consuming nothing, after one line.
+                raise ConfigurationError(
+                    f"sqs: {self.config.endpoint_url or 'AWS'} refused these credentials "
+                    f"receiving from {queue.name!r} ({denied}): allow sqs:ReceiveMessage on "
+                    "the queue"
+                ) from None
             raise BrokerUnavailable(f"sqs: receive from {queue.name!r} failed: {exc}") from exc
         messages: list[dict[str, Any]] = response.get("Messages", [])
         for m in messages:
@@ -433,7 +459,18 @@ class SqsClient:
             return {chunk[int(f["Id"])]: f for f in response.get("Failed") or []}
 
         async def one(chunk: list[str]) -> list[str]:
-            failed = await call(chunk)
+            try:
+                failed = await call(chunk)
+            except Exception as exc:
+                denied = _rejected_credentials(exc, _error_code(exc))
+                refusal = (
+                    f"the delete of messages of {queue.name!r} ({denied}): every ack would "
+                    "fail and its message come back for ever; allow sqs:DeleteMessage on it"
+                )
+                error = self._refuse(queue, chunk, refusal) if denied is not None else None
+                if error is not None:
+                    raise error from exc  # its line, not the endpoint's XML
+                raise
             again = [h for h, f in failed.items() if f.get("SenderFault") is False]
             if again:
                 await asyncio.sleep(_DELETE_AGAIN_AFTER)
@@ -444,6 +481,30 @@ class SqsClient:
 
         refused = await asyncio.gather(*(one(c) for c in _chunks(handles)))
         return [h for r in refused for h in r]
+
+    def _refuse(self, queue: _Queue, handles: list[str], refusal: str) -> ConfigurationError | None:
+        """SQS refused these credentials a call settling ``handles`` of ``queue``
+        (``refusal``: which, and what to allow). Every such settlement would fail the same
+        way, and its message come back after each visibility timeout, for ever:
+        consuming ends (the next fetch raises), and the messages are made visible again
+        at close. Returns the error that says so; None for a queue only read to replay
+        dead letters (the CLI reports its own failures)."""
+        if queue not in self._consumed:
+            return None
+        for handle in handles:
+            self._undeleted[handle] = queue
+        where = self.config.endpoint_url or "AWS"
+        error = ConfigurationError(f"sqs: {where} refused these credentials {refusal}")
+        if self._refusal is None:
+            self._refusal = error
+        if self._refused is not None and not self._refused.done():
+            self._refused.set_result(None)
+        return error
+
+    def _check_refusal(self) -> None:
+        """Raise the refusal consuming cannot go on after, if any."""
+        if self._refusal is not None:
+            raise self._refusal
 
     async def _delete_acked(self, queue: _Queue, acked: list[Message]) -> None:
         """Delete what the app acked. A message SQS did not delete comes back with a
@@ -522,9 +583,18 @@ class SqsClient:
         try:
             target = await self._dead_letter_queue(queue)
         except Exception as exc:
+            error: Exception = exc
+            if isinstance(exc, _Rejected):
+                refusal = (
+                    f"the dead-letter queue of {queue.name!r} ({exc.code}): every dead "
+                    "letter would fail and its message come back for ever; allow looking it "
+                    "up and creating it (sqs:GetQueueUrl, sqs:GetQueueAttributes, "
+                    "sqs:CreateQueue), or give the queue a redrive policy"
+                )
+                error = self._refuse(queue, [d.message.token for d in dead], refusal) or exc
             for d in dead:
-                d.not_stored(exc)
-            raise
+                d.not_stored(error)
+            raise error from None
         send = functools.partial(self._send_dead_letter, queue, target)
         sent = await send_each(target.fifo, send, dead)
         handles += [h for h in sent if isinstance(h, str)]
@@ -533,17 +603,40 @@ class SqsClient:
             self._queues.pop(target.name, None)
             refused = [d for d, o in zip(dead, sent, strict=False) if not isinstance(o, str)]
             return refused + dead[len(sent) :]  # in order: a FIFO send stops at a failure
+        denial = self._refuse_dead_letters(queue, target, dead, sent)
         for d, outcome in zip(dead, sent, strict=False):  # sent may stop short (FIFO)
             if not isinstance(outcome, str):
-                d.not_stored(outcome)
+                d.not_stored(denial or outcome)  # its line, not the endpoint's XML
         for d in dead[len(sent) :]:  # not sent: after the one that failed
             d.not_stored(f"held behind {dead[len(sent) - 1].message.id} (FIFO group)")
+        if denial is not None:
+            raise denial
         if failures:
             raise BrokerUnavailable(
                 f"sqs: {len(failures)} dead letter(s) of {queue.name!r} not sent to "
                 f"{target.name!r} ({failures[0]}); they will be redelivered"
             )
         return []
+
+    def _refuse_dead_letters(
+        self, queue: _Queue, target: _Queue, dead: list[DeadLetter], sent: list[str | BaseException]
+    ) -> ConfigurationError | None:
+        """Note the refusal (and return its error) if a send of ``dead`` failed for want
+        of permission."""
+        for failure in sent:
+            if not isinstance(failure, BaseException):
+                continue
+            denied = _rejected_credentials(failure, _error_code(failure))
+            if denied is not None:
+                refusal = (
+                    f"sending dead letters of {queue.name!r} to {target.name!r} ({denied}): "
+                    "every dead letter would fail and its message come back for ever; allow "
+                    f"sqs:SendMessage on {target.name!r}"
+                )
+                unsent = [d for d, o in zip(dead, sent, strict=False) if not isinstance(o, str)]
+                unsent += dead[len(sent) :]
+                return self._refuse(queue, [d.message.token for d in unsent], refusal)
+        return None
 
     async def _send_dead_letter(self, queue: _Queue, target: _Queue, d: DeadLetter) -> str:
         """Send ``d`` to ``target`` with its reason; its receipt handle in ``queue``."""
