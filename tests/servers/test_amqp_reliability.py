@@ -1017,6 +1017,17 @@ async def test_a_retry_not_confirmed_in_time_is_published_once_and_not_dead_lett
     assert await queue_depth(queue) == 0
 
 
+async def at_its_second_try(transport: AmqpTransport, queue: str) -> Batch:
+    """A message published to ``queue``, fetched again after one retry (which declared
+    the retry queue, so that the next retry copy is a plain publish)."""
+    await transport.publish(queue, [], b"innocent", {})
+    async with asyncio.timeout(5):
+        [batch] = await transport.fetch()
+        await transport.settle(batch, Settlement(retry=[Retry(batch.messages[0], "a", 0.05)]))
+        [batch] = await transport.fetch()
+    return batch
+
+
 async def test_a_retry_copy_unconfirmed_as_its_channel_goes_is_not_kept_for_good() -> None:
     """The broker reads nothing of the connection and the queue is deleted meanwhile
     (its consumer cancelled: the server drops the channel and reconnects): the retry
@@ -1029,12 +1040,7 @@ async def test_a_retry_copy_unconfirmed_as_its_channel_goes_is_not_kept_for_good
     transport = AmqpTransport([queue], options)
     await transport.connect()
     try:
-        await transport.publish(queue, [], b"innocent", {})
-        async with asyncio.timeout(5):
-            [batch] = await transport.fetch()
-            retry = Retry(batch.messages[0], "a", 0.05)  # declares the retry queue
-            await transport.settle(batch, Settlement(retry=[retry]))
-            [batch] = await transport.fetch()
+        batch = await at_its_second_try(transport, queue)
         proxy.flowing.clear()
         try:
             settling = asyncio.create_task(
@@ -1071,12 +1077,7 @@ async def test_a_retry_whose_channel_goes_while_it_waits_is_said_to_come_back(
     transport = AmqpTransport([queue], options)
     await transport.connect()
     try:
-        await transport.publish(queue, [], b"innocent", {})
-        async with asyncio.timeout(5):
-            [batch] = await transport.fetch()
-            retry = Retry(batch.messages[0], "a", 0.05)  # declares the retry queue
-            await transport.settle(batch, Settlement(retry=[retry]))
-            [batch] = await transport.fetch()
+        batch = await at_its_second_try(transport, queue)
         proxy.flowing.clear()
         retry = Retry(batch.messages[0], "b", 0.05)
         settling = asyncio.create_task(transport.settle(batch, Settlement(retry=[retry])))
