@@ -1233,6 +1233,32 @@ async def test_a_stop_whose_timeout_ends_first_cuts_the_polls_off_and_loses_noth
     assert await counts(admin, name) == (0, 0)
 
 
+async def test_a_close_with_polls_in_flight_gives_back_what_it_holds_for_good(
+    admin: SqsTransport, new_queue: NewQueue
+) -> None:
+    """A close without a hand-over (a run a refusal ended) cancelled the long polls in
+    flight, then made the messages it held visible: a poll cut off at the client goes on
+    at the service, took them, and hid them for the visibility timeout (seen in a full
+    run of the refusal tests). With messages to give back, the polls end first."""
+    name = await new_queue()
+    await admin.publish(name, [], b"held", {})
+    transport = SqsTransport([name], options(wait_time=2, visibility_timeout=60))
+    await transport.connect()
+    try:
+        async with asyncio.timeout(10):
+            (batch,) = await transport.fetch()
+            assert [m.payload for m in batch.messages] == [b"held"]
+            fetching = asyncio.ensure_future(transport.fetch())  # a poll goes out
+            while not [r for r in transport._receives if not r.task.done()]:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # at the service, waiting
+            fetching.cancel()
+    finally:
+        await transport.close()
+    await asyncio.sleep(2.5)  # a poll cut off would have taken it by now (its wait time)
+    assert await counts(admin, name) == (1, 0)
+
+
 async def test_batches_a_stop_leaves_unstarted_are_visible_again_at_once(
     admin: SqsTransport, new_queue: NewQueue
 ) -> None:

@@ -31,6 +31,7 @@ stop                 the long polls in flight are awaited (at most ``wait_time``
                      poll cut off would still take messages, hidden for the visibility
                      timeout with one receive counted
 close                messages received and not settled are made visible again at once
+                     (the long polls in flight awaited first: cut off, one would take them)
 crash                unsettled messages come back when their visibility timeout ends
 refused              a receive, a delete or a dead letter the credentials may not make
                      (AccessDenied) ends the run; what it left is visible again at close
@@ -251,10 +252,24 @@ class SqsTransport(DeadLetters, SqsClient, Transport):
 
     async def close(self) -> None:
         """Cancel receives in flight (a stop awaited them in :meth:`hand_over` unless its
-        timeout ended first): messages they took on the service's side after the cut come
-        back after their timeout. Every message received and never settled (handed out or
-        not) is made visible again at once."""
+        timeout ended first; with messages to give back they are awaited here first):
+        messages they took on the service's side after the cut come back after their
+        timeout. Every message received and never settled (handed out or not) is made
+        visible again at once."""
         receives, self._receives = self._receives, []
+        pending = [r.task for r in receives if not r.task.done()]
+        if pending and (self._held or self._undeleted):
+            # Cut off here, a poll goes on at the service and would take the messages
+            # released below, hiding them for the visibility timeout: they end first
+            # (a run a refusal ended has not handed over; a stop has, so none are left).
+            logger.info(
+                "waiting up to %ds for %d long poll(s) in flight before giving back %d "
+                "message(s) (--wait-time)",
+                self.config.wait_time,
+                len(pending),
+                len(self._held) + len(self._undeleted),
+            )
+            await await_answers(pending, self.config.wait_time)
         for receive in receives:
             receive.task.cancel()
         await asyncio.gather(*(r.task for r in receives), return_exceptions=True)
