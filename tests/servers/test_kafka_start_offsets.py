@@ -304,32 +304,30 @@ def test_the_two_lookups_at_assignment_share_one_timeout(slow: float) -> None:
     assert [(tp.partition, tp.offset) for tp in got] == [(0, 40)]
 
 
-def fail_lookups_at_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every lookup at assignment fail, whichever thread runs the assign callback:
-    the consumer thread, or the event loop's consume of records on hand (which has a
-    timeout of its own; a test patching only the first passed or failed by which thread
-    the join happened to land on).
+def fail_lookups(monkeypatch: pytest.MonkeyPatch, failing: set[str]) -> None:
+    """Make the lookups of committed offsets made by the transport's methods named in
+    ``failing`` fail (``_on_assign``: at assignment, whichever thread runs it;
+    ``_resolve_starts``: the consumer thread's later ones); the set may change as the
+    test goes. Others are real.
 
-    The lookup is asked with no time at all, and should librdkafka still answer (a CI
-    run once saw a second run's lookup at assignment succeed although both timeouts were
-    0), it is reported failed all the same: the tests below are about what follows a
-    failed lookup. Lookups made elsewhere (the consumer thread's later ones) are real."""
-    monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_OFFSETS_TIMEOUT", 0.0)
-    monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_LOOP_TIMEOUT", 0.0)
+    They are asked with no time at all, and should librdkafka still answer (it does, now
+    and then: full runs saw a lookup asked with 0 s succeed, at assignment and later),
+    they are reported failed all the same: these tests are about what follows a failed
+    lookup."""
     real = Consuming._start_offsets
 
-    def at_assignment_fails(
+    def failing_lookup(
         self: Consuming, consumer: Any, partitions: list[Any], timeout: float
     ) -> list[Any] | None:
-        starts = real(self, consumer, partitions, timeout)
-        if sys._getframe(1).f_code.co_name != "_on_assign":
-            return starts
+        if sys._getframe(1).f_code.co_name not in failing:
+            return real(self, consumer, partitions, timeout)
+        starts = real(self, consumer, partitions, 0.0)
         if starts is not None:
-            logging.getLogger(__name__).warning("the lookup at assignment answered in 0 s")
+            logging.getLogger(__name__).warning("a lookup asked with 0 s answered")
             self._start_lookup_error = "Local: Timed out"
         return None
 
-    monkeypatch.setattr(Consuming, "_start_offsets", at_assignment_fails)
+    monkeypatch.setattr(Consuming, "_start_offsets", failing_lookup)
 
 
 @pytest.mark.parametrize("lookup", ["answered", "failed", "failed-twice", "failed-for-a-while"])
@@ -371,8 +369,10 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
         config = RuntimeConfig(lifespan="off", crash_ledger="", retry_delay=2.0)
         return Runtime(app, kafka, config)
 
+    failing: set[str] = set()
+    fail_lookups(monkeypatch, failing)
     if lookup in ("failed-twice", "failed-for-a-while"):  # from the first assignment on
-        fail_lookups_at_assignment(monkeypatch)
+        failing.add("_on_assign")
     first = runtime()
     server = asyncio.create_task(first.serve())
     deadline = time.monotonic() + 20
@@ -393,10 +393,10 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
     assert await asyncio.wait_for(server, 30) == 0
     assert attempts == [1]  # stopped before the retry was due
 
-    if lookup == "failed":  # every lookup at assignment times out at once
-        fail_lookups_at_assignment(monkeypatch)
-    if lookup == "failed-for-a-while":
-        monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_RETRY_TIMEOUT", 0.0)
+    if lookup == "failed":  # every lookup at assignment fails
+        failing.add("_on_assign")
+    if lookup == "failed-for-a-while":  # the later ones too, for a while
+        failing.add("_resolve_starts")
     second = runtime()
     server = asyncio.create_task(second.serve())
     try:
@@ -411,7 +411,7 @@ async def test_retry_copies_waiting_at_a_restart_are_delivered_with_latest(
             held = [r.getMessage() for r in caplog.records if "held until" in r.getMessage()]
             assert held
             assert f"{topic}.retry[0]" in held[-1], held
-            monkeypatch.setattr(amgi.servers.kafka._consumer, "_START_RETRY_TIMEOUT", 2.0)
+            failing.discard("_resolve_starts")
         while len(attempts) < 2:
             assert not server.done(), server.result()
             assert time.monotonic() < deadline, f"the retry never came back: {attempts}"
