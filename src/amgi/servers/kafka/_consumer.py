@@ -262,12 +262,6 @@ class Consuming(KafkaClient):
         may never come (a coordinator that stops answering froze the loop for minutes):
         the commit is sent asynchronously, still the last one (a commit lost means only
         redelivery to the next owner).
-
-        A close under way waits for nothing more (the runtime drained the batches first)
-        but still commits what was not sent yet: the revoke forgets the partitions, so the
-        close's own commit no longer covers them, and a revoke run just as the last batch
-        settled (the stop's drain) left the acked records to the next owner. The revoke
-        run by the consumer's close after that commit sends nothing again.
         """
         from confluent_kafka import KafkaException
         from confluent_kafka import TopicPartition as TP
@@ -294,39 +288,19 @@ class Consuming(KafkaClient):
             offsets = [
                 TP(k[0], k[1], s.commit_to)
                 for k in keys
-                if (s := self._partitions.get(k)) is not None
-                and s.commit_to is not None
-                and not (self._closing and s.commit_to == s.committed)
+                if (s := self._partitions.get(k)) is not None and s.commit_to is not None
             ]
             # Forgotten under the lock: _send_commits sends nothing more for them.
             self._forget(keys)
-        if offsets:
+        if offsets and not self._closing:
             try:
                 consumer.commit(offsets=offsets, asynchronous=self._driver_is_loop)
             except KafkaException as exc:
                 logger.warning("kafka commit on revoke failed: %s", exc)
-        self._let_go(consumer, partitions)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         with self._lock:
             self._forget([(tp.topic, tp.partition) for tp in partitions])
-        self._let_go(consumer, partitions)
-
-    def _let_go(self, consumer: Any, partitions: list[Any]) -> None:
-        """Take the revoked or lost ``partitions`` out of the assignment, as a rebalance
-        callback must. Left to confluent-kafka, which does it after a callback that did
-        not, it first asks librdkafka for the rebalance protocol, a call that can hang for
-        ever in the revoke run by the consumer's close (librdkafka issue 4041): a test
-        run saw a close that never ended, stuck there."""
-        from confluent_kafka import KafkaException
-
-        try:
-            if self._cooperative:
-                consumer.incremental_unassign(partitions)
-            else:
-                consumer.unassign()
-        except KafkaException as exc:  # confluent-kafka then tries it itself
-            logger.warning("kafka: revoked partitions not unassigned: %s", exc)
 
     def backlog(self) -> dict[str, int] | None:
         """Per topic: the partitions' high watermarks (as last fetched, no broker call)
